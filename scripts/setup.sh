@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Installs what xlb needs on Debian 12, idempotently and without questions.
+# Each step checks before it acts and says what it did; a second run changes nothing.
+set -eu
+cd "$(dirname "$0")/.."
+
+say() { printf 'setup: %s\n' "$*"; }
+
+[ "$(id -u)" = 0 ] || { echo "setup: must run as root (apt-get, /lib/modules)" >&2; exit 1; }
+
+# Debian packages. bcc comes from Debian: PyPI's "bcc" is an unrelated project.
+PKGS="python3-bpfcc linux-headers-amd64 python3-venv iproute2 ethtool wrk curl"
+missing=""
+for p in $PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed' || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    say "installing Debian packages:$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null
+else
+    say "Debian packages present"
+fi
+
+# bcc compiles against /lib/modules/$(uname -r)/{build,source}. This kernel ships no
+# headers of its own; XDP only uses stable UAPI, so Debian's newest installed headers do.
+mod=/lib/modules/$(uname -r)
+hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+[ -n "$hdr" ] || { echo "setup: no /usr/src/linux-headers-*-amd64 after installing linux-headers-amd64" >&2; exit 1; }
+common=${hdr%-amd64}-common
+if [ -e "$mod/build/include/linux/kconfig.h" ] || [ -e "$mod/source/include/linux/kconfig.h" ]; then
+    say "kernel headers for $(uname -r) present ($(readlink -f "$mod/build"))"
+else
+    say "linking $mod/build -> $hdr and $mod/source -> $common (bcc needs headers; none exist for $(uname -r))"
+    mkdir -p "$mod"
+    ln -sfn "$hdr" "$mod/build"
+    ln -sfn "$common" "$mod/source"
+fi
+
+# The venv is made from Debian's own python3, with system site-packages, so that
+# Debian's bcc imports in it (the python3 first on PATH may be another build).
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then
+    say "creating .venv from /usr/bin/python3 with system site-packages"
+    rm -rf .venv
+    /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.xlb-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    say "installing xlb and its Python dependencies into .venv"
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    touch "$stamp"
+else
+    say "Python environment up to date"
+fi
+.venv/bin/python -c 'import bcc, pyroute2, click, prometheus_client' \
+    || { echo "setup: .venv cannot import its dependencies" >&2; exit 1; }
+say "ready: .venv/bin/xlb"
