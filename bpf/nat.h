@@ -1,0 +1,32 @@
+/* Address and port rewriting with the IP and L4 checksums kept correct. */
+#ifndef XLB_NAT_H
+#define XLB_NAT_H
+
+#include "csum.h"
+#include "parse.h"
+
+/* Replaces one endpoint of the packet: *addr and *port (both inside pkt) by
+ * new_addr and new_port. The address is in the IP header and the L4
+ * pseudo-header; the port only in the L4 header. */
+static __always_inline void nat_rewrite(struct packet *pkt, __be32 *addr, __be16 *port,
+					__be32 new_addr, __be16 new_port)
+{
+	__u32 addr_diff = xlb_csum_diff32(*addr, new_addr);
+
+	xlb_csum_apply(&pkt->ip->check, addr_diff);
+	xlb_l4_csum_apply(pkt->l4_csum, pkt->proto, addr_diff + xlb_csum_diff16(*port, new_port));
+	*addr = new_addr;
+	*port = new_port;
+}
+
+static __always_inline void nat_dest(struct packet *pkt, __be32 addr, __be16 port)
+{
+	nat_rewrite(pkt, &pkt->ip->daddr, &pkt->ports->dest, addr, port);
+}
+
+static __always_inline void nat_source(struct packet *pkt, __be32 addr, __be16 port)
+{
+	nat_rewrite(pkt, &pkt->ip->saddr, &pkt->ports->source, addr, port);
+}
+
+#endif

@@ -1,0 +1,99 @@
+/* Bounds-checked header parsing with a cursor, as in xdp-tutorial's
+ * parsing_helpers.h. Each parser checks `hdr + 1 > end` before any read. */
+#ifndef XLB_PARSE_H
+#define XLB_PARSE_H
+
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/in.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+
+/* From the kernel's net/ip.h, which is not UAPI. */
+#define XLB_IP_MF 0x2000
+#define XLB_IP_OFFSET 0x1fff
+
+struct cursor {
+	void *pos;
+	void *end;
+};
+
+/* TCP and UDP headers both start with the two ports. */
+struct l4ports {
+	__be16 source;
+	__be16 dest;
+};
+
+/* An IPv4 TCP or UDP packet whose headers are all inside the frame. */
+struct packet {
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	struct l4ports *ports;
+	__sum16 *l4_csum;
+	__u8 proto;
+};
+
+/* Returns the EtherType (network order) or -1 if the header is cut short. */
+static __always_inline int parse_ethhdr(struct cursor *c, struct ethhdr **eth)
+{
+	struct ethhdr *h = c->pos;
+
+	if ((void *)(h + 1) > c->end)
+		return -1;
+	c->pos = h + 1;
+	*eth = h;
+	return h->h_proto;
+}
+
+/* The fixed 20 bytes only: enough to know the addresses and protocol. */
+static __always_inline int parse_iphdr_fixed(struct cursor *c, struct iphdr **ip)
+{
+	struct iphdr *h = c->pos;
+
+	if ((void *)(h + 1) > c->end)
+		return -1;
+	*ip = h;
+	return h->protocol;
+}
+
+static __always_inline int ip_is_fragment(const struct iphdr *ip)
+{
+	return (ip->frag_off & bpf_htons(XLB_IP_MF | XLB_IP_OFFSET)) != 0;
+}
+
+/* Moves past the IPv4 header and its options to the TCP or UDP header and
+ * fills pkt. Returns 0, or -1 for a header that is bad or cut short, or a
+ * frame shorter than the IP total length. frame_len is data_end - data. */
+static __always_inline int parse_l4(struct cursor *c, struct iphdr *ip,
+				    __u32 frame_len, struct packet *pkt)
+{
+	__u32 hlen = ip->ihl * 4;
+	void *l4;
+
+	if (ip->version != 4 || hlen < sizeof(*ip))
+		return -1;
+	if (frame_len < sizeof(struct ethhdr) + bpf_ntohs(ip->tot_len))
+		return -1;
+	l4 = (void *)ip + hlen;
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+
+		if ((void *)(th + 1) > c->end)
+			return -1;
+		pkt->l4_csum = &th->check;
+		c->pos = th + 1;
+	} else {
+		struct udphdr *uh = l4;
+
+		if ((void *)(uh + 1) > c->end)
+			return -1;
+		pkt->l4_csum = &uh->check;
+		c->pos = uh + 1;
+	}
+	pkt->ip = ip;
+	pkt->ports = l4;
+	pkt->proto = ip->protocol;
+	return 0;
+}
+
+#endif
