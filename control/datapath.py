@@ -1,0 +1,179 @@
+"""The only code that touches the XDP program: compile and load it with bcc,
+attach and detach it, write its maps and read its counters.
+
+The rest of the control plane talks to a `Datapath` in plain Python values
+(ipaddress objects, ints); byte order and ctypes stay in here.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import os
+import socket
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from . import bpfsys, layout
+from .layout import BPF_DIR, MAPS
+
+
+class DatapathError(Exception):
+    """A problem loading, attaching or driving the XDP program, in one line."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Map sizes, passed to the C as -D flags: the one place they are set."""
+    max_services: int = 256
+    max_backends: int = 4096
+    ring_size: int = 1024
+    max_flows: int = 262144
+    max_arp: int = 256
+
+    def cflags(self) -> list[str]:
+        return [f"-DXLB_MAX_SERVICES={self.max_services}",
+                f"-DXLB_MAX_BACKENDS={self.max_backends}",
+                f"-DXLB_RING_SIZE={self.ring_size}",
+                f"-DXLB_MAX_FLOWS={self.max_flows}",
+                f"-DXLB_MAX_ARP={self.max_arp}"]
+
+
+@dataclass(frozen=True)
+class Attachment:
+    ifindex: int
+    ifname: str
+    mode: str  # "native" or "generic"
+
+
+def _be32(addr: IPv4Address) -> int:
+    """An IPv4 address as the u32 the C reads from the packet (network order)."""
+    return int.from_bytes(addr.packed, "little")
+
+
+def _be16(port: int) -> int:
+    return socket.htons(port)
+
+
+def _sum_percpu(values, ctype):
+    total = ctype()
+    for name, _ in ctype._fields_:
+        setattr(total, name, sum(getattr(v, name) for v in values))
+    return total
+
+
+class Datapath:
+    """One loaded instance of bpf/xlb.c and its maps."""
+
+    def __init__(self, limits: Limits = Limits()):
+        from bcc import BPF  # here, so that kernel-free modules never import bcc
+
+        self.limits = limits
+        try:
+            self._bpf = BPF(src_file=str(BPF_DIR / "xlb.c"),
+                            cflags=[f"-I{BPF_DIR}", "-w", *limits.cflags()])
+            self._prog = self._bpf.load_func("xlb_xdp", BPF.XDP)
+        except Exception as e:  # bcc raises bare Exception; it has printed the details
+            raise DatapathError(f"cannot load the XDP program: {e}") from None
+        self._maps = {name: self._bpf[name] for name in MAPS}
+        problems = [p for name, t in self._maps.items()
+                    for p in layout.check_mirror(name, t.Key, getattr(t, "sLeaf", t.Leaf))]
+        if problems:
+            self.close()
+            raise DatapathError("control/layout.py does not match bpf/xlb_shared.h: "
+                                + "; ".join(problems))
+        self._links: dict[int, tuple[int, Attachment]] = {}
+
+    @property
+    def prog_fd(self) -> int:
+        return self._prog.fd
+
+    # Attachments --------------------------------------------------------------
+
+    def attach(self, ifindex: int, ifname: str, generic: bool = False) -> Attachment:
+        """Attaches through a BPF link: it detaches when this process ends, however."""
+        try:
+            fd = bpfsys.xdp_link_create(self._prog.fd, ifindex, generic)
+        except OSError as e:
+            if e.errno in (errno.EBUSY, errno.EEXIST):
+                raise DatapathError(f"{ifname}: another XDP program is attached already") from None
+            raise DatapathError(f"{ifname}: cannot attach XDP "
+                                f"({'generic' if generic else 'native'}): {e.strerror}") from None
+        att = Attachment(ifindex, ifname, "generic" if generic else "native")
+        self._links[ifindex] = (fd, att)
+        return att
+
+    def attachments(self) -> list[Attachment]:
+        return [att for _, att in self._links.values()]
+
+    def detach_all(self) -> None:
+        for fd, _ in self._links.values():
+            os.close(fd)
+        self._links.clear()
+
+    def close(self) -> None:
+        self.detach_all()
+        self._bpf.cleanup()
+
+    # Map writes ---------------------------------------------------------------
+
+    def set_backend(self, backend_id: int, addr: IPv4Address, port: int) -> None:
+        self._maps["backends"][ct.c_int(backend_id)] = layout.Backend(_be32(addr), _be16(port), 0)
+
+    def write_ring(self, ring: int, backend_ids: list[int]) -> None:
+        if len(backend_ids) > self.limits.ring_size:
+            raise DatapathError(f"ring of {len(backend_ids)} slots exceeds {self.limits.ring_size}")
+        rings = self._maps["rings"]
+        base = ring * self.limits.ring_size
+        for slot, backend_id in enumerate(backend_ids):
+            rings[ct.c_int(base + slot)] = ct.c_uint32(backend_id)
+
+    def set_service(self, vip: IPv4Address, port: int, proto: int,
+                    service_id: int, ring: int, ring_len: int) -> None:
+        self._maps["services"][self._service_key(vip, port, proto)] = \
+            layout.Service(service_id, ring, ring_len, 0)
+
+    def del_service(self, vip: IPv4Address, port: int, proto: int) -> None:
+        del self._maps["services"][self._service_key(vip, port, proto)]
+
+    def set_vip(self, vip: IPv4Address) -> None:
+        self._maps["vips"][ct.c_uint32(_be32(vip))] = ct.c_uint32(1)
+
+    def del_vip(self, vip: IPv4Address) -> None:
+        del self._maps["vips"][ct.c_uint32(_be32(vip))]
+
+    def set_arp(self, ifindex: int, vip: IPv4Address, mac: bytes) -> None:
+        self._maps["arp_vips"][layout.ArpKey(ifindex, _be32(vip))] = \
+            layout.ArpMac((ct.c_uint8 * 6)(*mac), 0)
+
+    def del_arp(self, ifindex: int, vip: IPv4Address) -> None:
+        del self._maps["arp_vips"][layout.ArpKey(ifindex, _be32(vip))]
+
+    @staticmethod
+    def _service_key(vip: IPv4Address, port: int, proto: int) -> layout.ServiceKey:
+        return layout.ServiceKey(_be32(vip), _be16(port), proto, 0)
+
+    # Reads --------------------------------------------------------------------
+
+    def service_counters(self, service_id: int) -> layout.Counters:
+        return self._percpu_sum("service_stats", service_id)
+
+    def backend_counters(self, backend_id: int) -> layout.Counters:
+        return self._percpu_sum("backend_stats", backend_id)
+
+    def reason_counters(self) -> dict[str, layout.Tally]:
+        return {name: self._percpu_sum("reason_stats", i)
+                for i, name in enumerate(layout.REASON_NAMES)}
+
+    def flow_entries(self) -> int:
+        """Entries in the flow table (two per connection: forward and reply)."""
+        return sum(1 for _ in self._maps["flows"].keys())
+
+    def _percpu_sum(self, name: str, index: int):
+        table = self._maps[name]
+        return _sum_percpu(table[ct.c_int(index)], table.sLeaf)
+
+    # Testing without a network ------------------------------------------------
+
+    def test_run(self, frame: bytes, ingress_ifindex: int = 0) -> bpfsys.TestRunResult:
+        return bpfsys.prog_test_run(self._prog.fd, frame, ingress_ifindex)

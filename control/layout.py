@@ -1,0 +1,117 @@
+"""Python's view of bpf/xlb_shared.h, the one definition of what C and Python share.
+
+The structs are mirrored as ctypes classes; `check_mirror` compares them with the
+types bcc derives from the C itself (every load does, and so does a test), so a
+change on one side only fails loudly. The reasons and flow directions are read
+from the header text, so they cannot drift at all.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import re
+from pathlib import Path
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+SHARED_HEADER = BPF_DIR / "xlb_shared.h"
+
+u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
+
+
+class ServiceKey(ct.Structure):
+    _fields_ = [("vip", u32), ("port", u16), ("proto", u8), ("pad", u8)]
+
+
+class Service(ct.Structure):
+    _fields_ = [("id", u32), ("ring", u32), ("ring_len", u32), ("flags", u32)]
+
+
+class Backend(ct.Structure):
+    _fields_ = [("addr", u32), ("port", u16), ("flags", u16)]
+
+
+class FlowKey(ct.Structure):
+    _fields_ = [("saddr", u32), ("daddr", u32), ("sport", u16), ("dport", u16),
+                ("proto", u8), ("pad", u8 * 3)]
+
+
+class Flow(ct.Structure):
+    _fields_ = [("addr", u32), ("port", u16), ("dir", u8), ("pad", u8),
+                ("service_id", u32), ("backend_id", u32)]
+
+
+class ArpKey(ct.Structure):
+    _fields_ = [("ifindex", u32), ("addr", u32)]
+
+
+class ArpMac(ct.Structure):
+    _fields_ = [("mac", u8 * 6), ("pad", u16)]
+
+
+class Counters(ct.Structure):
+    _fields_ = [("packets_in", u64), ("bytes_in", u64), ("packets_out", u64),
+                ("bytes_out", u64), ("new_flows", u64)]
+
+
+class Tally(ct.Structure):
+    _fields_ = [("packets", u64), ("bytes", u64)]
+
+
+# map name -> (key mirror or None for array indexes, value mirror)
+MAPS: dict[str, tuple[type | None, type]] = {
+    "services": (ServiceKey, Service),
+    "backends": (None, Backend),
+    "rings": (None, u32),
+    "vips": (None, u32),
+    "arp_vips": (ArpKey, ArpMac),
+    "flows": (FlowKey, Flow),
+    "rr_cursor": (None, u32),
+    "service_stats": (None, Counters),
+    "backend_stats": (None, Counters),
+    "reason_stats": (None, Tally),
+}
+
+XDP_ACTIONS = {"XDP_ABORTED": 0, "XDP_DROP": 1, "XDP_PASS": 2, "XDP_TX": 3, "XDP_REDIRECT": 4}
+
+
+def read_reasons(header: Path = SHARED_HEADER) -> tuple[tuple[str, str], ...]:
+    """The XLB_REASONS list, in enum order: (name, action) pairs."""
+    text = header.read_text()
+    start = text.index("#define XLB_REASONS(X)")
+    body = text[start:text.index("#define XLB_REASON_ENUM")]
+    return tuple(re.findall(r"\bX\((\w+),\s*(XDP_\w+)\)", body))
+
+
+def read_flow_dirs(header: Path = SHARED_HEADER) -> dict[str, int]:
+    match = re.search(r"enum\s*\{\s*(FLOW_FORWARD[^}]*)\}", header.read_text())
+    return {k: int(v) for k, v in re.findall(r"(FLOW_\w+)\s*=\s*(\d+)", match.group(1))}
+
+
+REASONS = read_reasons()
+REASON_NAMES = tuple(name.lower() for name, _ in REASONS)
+REASON_ACTIONS = tuple(action for _, action in REASONS)
+FLOW_DIRS = read_flow_dirs()
+FLOW_FORWARD = FLOW_DIRS["FLOW_FORWARD"]
+FLOW_REPLY = FLOW_DIRS["FLOW_REPLY"]
+
+
+def describe(ctype) -> object:
+    """A comparable description of a ctypes type: size, and fields with offsets."""
+    if isinstance(ctype, type) and issubclass(ctype, ct.Array):
+        return ("array", describe(ctype._type_), ctype._length_)
+    fields = getattr(ctype, "_fields_", None)
+    if not fields:
+        return ("scalar", ct.sizeof(ctype))
+    return ("struct", ct.sizeof(ctype),
+            tuple((f[0], getattr(ctype, f[0]).offset, describe(f[1])) for f in fields))
+
+
+def check_mirror(name: str, bcc_key, bcc_leaf) -> list[str]:
+    """Differences between MAPS[name] and the key/leaf types bcc derived from the C."""
+    key, leaf = MAPS[name]
+    problems = []
+    if key is not None and describe(key) != describe(bcc_key):
+        problems.append(f"{name} key: python {describe(key)} != C {describe(bcc_key)}")
+    if describe(leaf) != describe(bcc_leaf):
+        problems.append(f"{name} value: python {describe(leaf)} != C {describe(bcc_leaf)}")
+    return problems
