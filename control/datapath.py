@@ -43,7 +43,8 @@ class Limits:
 class Attachment:
     ifindex: int
     ifname: str
-    mode: str  # "native" or "generic"
+    mode: str       # "native" or "generic"
+    note: str = ""  # why native was refused, when generic
 
 
 def _be32(addr: IPv4Address) -> int:
@@ -90,16 +91,20 @@ class Datapath:
 
     # Attachments --------------------------------------------------------------
 
-    def attach(self, ifindex: int, ifname: str, generic: bool = False) -> Attachment:
-        """Attaches through a BPF link: it detaches when this process ends, however."""
+    def attach(self, ifindex: int, ifname: str) -> Attachment:
+        """Attaches natively, or generically where the driver refuses native XDP.
+        Through a BPF link: it detaches when this process ends, however it ends."""
         try:
-            fd = bpfsys.xdp_link_create(self._prog.fd, ifindex, generic)
+            fd, att = bpfsys.xdp_link_create(self._prog.fd, ifindex, generic=False), None
         except OSError as e:
             if e.errno in (errno.EBUSY, errno.EEXIST):
                 raise DatapathError(f"{ifname}: another XDP program is attached already") from None
-            raise DatapathError(f"{ifname}: cannot attach XDP "
-                                f"({'generic' if generic else 'native'}): {e.strerror}") from None
-        att = Attachment(ifindex, ifname, "generic" if generic else "native")
+            try:
+                fd = bpfsys.xdp_link_create(self._prog.fd, ifindex, generic=True)
+            except OSError as e2:
+                raise DatapathError(f"{ifname}: cannot attach XDP: {e2.strerror}") from None
+            att = Attachment(ifindex, ifname, "generic", e.strerror)
+        att = att or Attachment(ifindex, ifname, "native")
         self._links[ifindex] = (fd, att)
         return att
 

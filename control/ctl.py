@@ -1,0 +1,87 @@
+"""The control socket: how `xlb status` and `xlb down` reach the instance that
+runs in this network namespace.
+
+It is an abstract Unix socket. Its name belongs to the network namespace, so
+each namespace has its own and instances in different namespaces never see
+each other; and it is no file, so neither the private /sys and mounts of
+`ip netns exec` nor a crash can hide it or leave it stale. Only root may use
+it: the server checks each peer's credentials.
+
+Protocol: one JSON object per line each way, one request per connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+import struct
+
+ADDRESS = "\0xlb/control"
+MAX_REQUEST = 1 << 20
+
+
+class NotRunning(Exception):
+    def __init__(self):
+        super().__init__("no xlb instance runs in this network namespace")
+
+
+class AlreadyRunning(Exception):
+    def __init__(self):
+        super().__init__("xlb is already running in this network namespace "
+                         "(see `xlb status`; stop it with `xlb down`)")
+
+
+class ControlError(Exception):
+    """The instance refused or failed a request; the message says why."""
+
+
+def bind() -> socket.socket:
+    """Claims this namespace's control address: the claim is the "one instance" lock."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(ADDRESS)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise AlreadyRunning() from None
+        raise
+    sock.listen(16)
+    return sock
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def request(cmd: str, timeout: float = 10.0, **args) -> object:
+    """Sends one request and returns its result; raises NotRunning or ControlError."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(ADDRESS)
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise NotRunning() from None
+        sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        buf = bytearray()
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ControlError("the instance closed the connection without answering")
+            buf += chunk
+    reply = json.loads(buf)
+    if not reply.get("ok"):
+        raise ControlError(reply.get("error", "request failed"))
+    return reply.get("result")
+
+
+def running() -> bool:
+    """False once nothing listens here; an instance that is shutting down still counts."""
+    try:
+        request("ping", timeout=2.0)
+    except NotRunning:
+        return False
+    except (ControlError, OSError):
+        pass
+    return True

@@ -1,0 +1,138 @@
+"""From a config to the map writes that make the data plane serve it.
+
+`desired` computes what the maps should hold (ids chosen stably, so that a
+later config keeps the ids of what it keeps); `plan` lists the writes that
+take the maps from one state to another in a safe order: a service's new ring
+is written beside the one in use, then the service is switched to it. Both
+are pure: `execute` is the only step that touches a Datapath.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from typing import Iterable, Protocol
+
+from . import scheduler
+from .model import Config
+
+ServiceKey = tuple[IPv4Address, int, int]       # vip, port, protocol number
+BackendKey = tuple[str, str]                    # pool, server
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    id: int
+    ring: int                       # 2*id or 2*id+1
+    slots: tuple[int, ...]          # backend ids, in ring order
+
+
+@dataclass(frozen=True)
+class BackendState:
+    id: int
+    address: IPv4Address
+    port: int
+
+
+@dataclass(frozen=True)
+class DataplaneState:
+    services: dict[ServiceKey, ServiceState] = field(default_factory=dict)
+    backends: dict[BackendKey, BackendState] = field(default_factory=dict)
+    vips: frozenset[IPv4Address] = frozenset()
+    arp: dict[tuple[int, IPv4Address], bytes] = field(default_factory=dict)
+
+
+class ArpLink(Protocol):
+    index: int
+    mac: bytes
+
+    def holds(self, addr: IPv4Address) -> bool: ...
+
+
+def _allocate(keys: Iterable, previous: dict, limit: int, what: str) -> dict:
+    """Ids for keys: kept from `previous` where the key was there, else the lowest free."""
+    ids = {k: previous[k] for k in keys if k in previous}
+    used = set(ids.values())
+    free = (i for i in range(limit) if i not in used)
+    for k in keys:
+        if k not in ids:
+            try:
+                ids[k] = next(free)
+            except StopIteration:
+                raise ValueError(f"more {what} than the data plane holds ({limit})") from None
+    return ids
+
+
+def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
+            max_services: int, max_backends: int, ring_size: int) -> DataplaneState:
+    backend_keys = [(p.name, s.name) for p in config.pools for s in p.servers]
+    backend_ids = _allocate(backend_keys,
+                            {k: b.id for k, b in previous.backends.items()},
+                            max_backends, "backends")
+    backends = {}
+    for pool in config.pools:
+        for s in pool.servers:
+            backends[(pool.name, s.name)] = BackendState(backend_ids[(pool.name, s.name)],
+                                                         s.address, s.port)
+
+    service_keys = [(f.vip, f.port, f.proto_number) for f in config.frontends]
+    service_ids = _allocate(service_keys,
+                            {k: s.id for k, s in previous.services.items()},
+                            max_services, "frontends")
+    services = {}
+    for fe, key in zip(config.frontends, service_keys):
+        pool = config.pool(fe.pool)
+        weighted = [(backends[(pool.name, s.name)].id, s.weight) for s in pool.servers]
+        slots = tuple(scheduler.ring(pool.algorithm, weighted, ring_size))
+        sid = service_ids[key]
+        old = previous.services.get(key)
+        if old is not None and old.id == sid and old.slots == slots:
+            ring = old.ring
+        elif old is not None and old.id == sid:
+            ring = old.ring ^ 1          # the ring not in use
+        else:
+            ring = 2 * sid
+        services[key] = ServiceState(sid, ring, slots)
+
+    links = list(links)
+    arp = {(link.index, fe.vip): link.mac
+           for fe in config.frontends for link in links if link.holds(fe.vip)}
+    return DataplaneState(services, backends, frozenset(f.vip for f in config.frontends), arp)
+
+
+# An operation is a Datapath method name and its arguments.
+Op = tuple
+
+
+def plan(current: DataplaneState, target: DataplaneState) -> list[Op]:
+    """Writes that take the maps from `current` to `target`. Everything a service
+    may point to is written before the service; removals come last."""
+    ops: list[Op] = []
+    current_backends = {b.id: b for b in current.backends.values()}
+    for b in target.backends.values():
+        if current_backends.get(b.id) != b:
+            ops.append(("set_backend", b.id, b.address, b.port))
+    for key, svc in target.services.items():
+        old = current.services.get(key)
+        if old is None or old.ring != svc.ring or old.slots != svc.slots:
+            ops.append(("write_ring", svc.ring, list(svc.slots)))
+    for vip in sorted(target.vips - current.vips):
+        ops.append(("set_vip", vip))
+    for (ifindex, vip), mac in target.arp.items():
+        if current.arp.get((ifindex, vip)) != mac:
+            ops.append(("set_arp", ifindex, vip, mac))
+    for key, svc in target.services.items():
+        if current.services.get(key) != svc:
+            ops.append(("set_service", *key, svc.id, svc.ring, len(svc.slots)))
+    for key in current.services.keys() - target.services.keys():
+        ops.append(("del_service", *key))
+    for ifindex, vip in current.arp.keys() - target.arp.keys():
+        ops.append(("del_arp", ifindex, vip))
+    for vip in sorted(current.vips - target.vips):
+        ops.append(("del_vip", vip))
+    return ops
+
+
+def execute(datapath, ops: list[Op]) -> None:
+    for name, *args in ops:
+        getattr(datapath, name)(*args)
