@@ -1,0 +1,200 @@
+#!/usr/bin/python3
+"""Backend servers of the netns lab (Python standard library only).
+
+    servers.py web --name WAS1 --port 8080 [--pidfile F]
+        HTTP/1.1 (keep-alive) on TCP PORT: every GET answers 200 "WAS1\\n";
+        UDP on the same port: every datagram is answered with "WAS1\\n".
+    servers.py db --name DB1 --port 5432 [--pidfile F]
+        TCP: sends "DB1\\n" to each connection, then closes it.
+    servers.py udp-probe HOST PORT [--timeout S]
+        Client helper: sends one datagram, prints the reply (exit 1 on timeout).
+
+The servers write their pidfile once their sockets listen, log nothing per
+request, and exit cleanly (exit status 0) on SIGTERM or SIGINT.
+"""
+
+import argparse
+import http.server
+import os
+import signal
+import socket
+import socketserver
+import sys
+import threading
+
+# Load tests open many connections at once: keep the accept queue long.
+BACKLOG = 1024
+# An idle keep-alive connection is dropped after this many seconds, so that
+# clients that vanish (e.g. flows the balancer dropped) do not pin threads forever.
+IDLE_TIMEOUT = 120
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def write_pidfile(path):
+    if not path:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.rename(tmp, path)  # atomic: readers never see a half-written file
+
+
+def remove_pidfile(path):
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            mine = f.read().strip() == str(os.getpid())
+        if mine:  # a newer instance may already own it
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _terminate(signum, _frame):
+    # Raised in the main thread, which sits in serve_forever(): unwinds to `finally`.
+    raise SystemExit(0)
+
+
+class QuietHTTPServer(http.server.ThreadingHTTPServer):
+    request_queue_size = BACKLOG
+    allow_reuse_address = True
+    daemon_threads = True
+    block_on_close = False
+
+    def server_bind(self):
+        # HTTPServer.server_bind() resolves the host name (socket.getfqdn), which
+        # can stall on DNS inside an isolated namespace; nothing here needs it.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
+def make_web_handler(body):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: needs Content-Length
+        timeout = IDLE_TIMEOUT
+
+        def _answer(self, with_body):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if with_body:
+                self.wfile.write(body)
+
+        def do_GET(self):
+            self._answer(True)
+
+        def do_HEAD(self):
+            self._answer(False)
+
+        def log_message(self, *args):  # quiet: no line per request
+            pass
+
+    return Handler
+
+
+def udp_echo_name(sock, body):
+    while True:
+        try:
+            _data, peer = sock.recvfrom(65535)
+            sock.sendto(body, peer)
+        except OSError:
+            if sock.fileno() < 0:
+                return
+
+
+def run_web(args):
+    body = f"{args.name}\n".encode()
+    # UDP first: once the TCP listener accepts (what lab.sh waits for), both are ready.
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    udp.bind((args.host, args.port))
+    threading.Thread(target=udp_echo_name, args=(udp, body), daemon=True).start()
+    httpd = QuietHTTPServer((args.host, args.port), make_web_handler(body))
+    serve(httpd, args, f"{args.name}: http+udp on {args.host}:{args.port}")
+    udp.close()
+
+
+class DBHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        sock = self.request
+        sock.settimeout(2)
+        try:
+            sock.sendall(self.server.body)
+            # Half-close, then drain: closing with unread input would send a RST,
+            # which can make the client lose the name it has not read yet.
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(4096):
+                pass
+        except OSError:
+            pass
+
+
+class DBServer(socketserver.ThreadingTCPServer):
+    request_queue_size = BACKLOG
+    allow_reuse_address = True
+    daemon_threads = True
+    block_on_close = False
+
+
+def run_db(args):
+    server = DBServer((args.host, args.port), DBHandler)
+    server.body = f"{args.name}\n".encode()
+    serve(server, args, f"{args.name}: tcp on {args.host}:{args.port}")
+
+
+def serve(server, args, what):
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    write_pidfile(args.pidfile)
+    log(f"{what} (pid {os.getpid()})")
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        remove_pidfile(args.pidfile)
+        log(f"{args.name}: stopped")
+
+
+def run_udp_probe(args):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(args.timeout)
+        try:
+            s.sendto(b"ping\n", (args.host, args.port))
+            data, _ = s.recvfrom(65535)
+        except OSError as e:  # socket.timeout is an OSError
+            print(f"udp-probe {args.host}:{args.port}: {e or 'timed out'}", file=sys.stderr)
+            return 1
+    sys.stdout.write(data.decode(errors="replace"))
+    return 0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for cmd in ("web", "db"):
+        p = sub.add_parser(cmd)
+        p.add_argument("--name", required=True)
+        p.add_argument("--port", type=int, required=True)
+        p.add_argument("--host", default="0.0.0.0")
+        p.add_argument("--pidfile")
+    p = sub.add_parser("udp-probe")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--timeout", type=float, default=2.0)
+    args = ap.parse_args(argv)
+    if args.cmd == "web":
+        run_web(args)
+    elif args.cmd == "db":
+        run_db(args)
+    else:
+        return run_udp_probe(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
