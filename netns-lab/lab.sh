@@ -207,11 +207,9 @@ make_fwex_remote() {
 make_lb() {
     plug lb eth0 br-ext
     plug lb eth1 br-int
-    # A veth only accepts XDP_TX / XDP_REDIRECT frames from its peer when it runs
-    # NAPI, which it does with GRO on (or an XDP program of its own). xlb answers
-    # ARP with XDP_TX, so the switch ports facing the balancer run GRO.
-    nsx sw ethtool -K lb-eth0 gro on >/dev/null
-    nsx sw ethtool -K lb-eth1 gro on >/dev/null
+    # A veth delivers its peer's XDP_TX frames only when it runs an XDP program
+    # of its own; xlb answers ARP for the VIP with XDP_TX (see xdp_pass.py).
+    nsx sw "$PY" "$HERE/xdp_pass.py" lb-eth0 lb-eth1
     addr lb eth0 10.1.1.1/24
     addr lb eth1 10.1.11.1/24
     sysctl_in lb net.ipv4.ip_forward=1

@@ -1,0 +1,116 @@
+"""Driving the lab from Python: the integration tests, the demo and the benchmark.
+
+    lab = Lab("xlbt"); lab.up()
+    with lab.xlb("--vip", "10.1.1.101:80", "--backend", ...) as x:
+        lab.client("client", "http", "10.1.1.101", "80", "--count", "10")
+    lab.down()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+XLB = ROOT / ".venv" / "bin" / "xlb"
+PY = "/usr/bin/python3"
+VIP = "10.1.1.101"
+WAS = {"WAS1": "10.1.11.101", "WAS2": "10.1.11.102"}
+SEED_ARGS = ("--vip", f"{VIP}:80", "--backend", f"{WAS['WAS1']}:8080",
+             "--backend", f"{WAS['WAS2']}:8080")
+
+
+class Lab:
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.env = {**os.environ, "XLB_LAB": prefix}
+
+    def ns(self, node: str) -> str:
+        return f"{self.prefix}-{node}"
+
+    def _lab(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(HERE / "lab.sh"), *args], env=self.env,
+                              check=check, capture_output=True, text=True, timeout=120)
+
+    def up(self) -> None:
+        self._lab("up")
+
+    def down(self) -> None:
+        self._lab("down", check=False)
+
+    def server(self, action: str, node: str) -> None:
+        self._lab("server", action, node)
+
+    def run(self, node: str, *cmd: str, check: bool = False, timeout: float = 60,
+            user: str | None = None) -> subprocess.CompletedProcess:
+        prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user else []
+        return subprocess.run(["ip", "netns", "exec", self.ns(node), *prefix, *cmd],
+                              check=check, capture_output=True, text=True, timeout=timeout)
+
+    def client(self, node: str, *args: str, timeout: float = 120) -> dict:
+        out = self.run(node, PY, str(HERE / "clients.py"), *args, check=True, timeout=timeout)
+        return json.loads(out.stdout)
+
+    def xlb_cmd(self, *args: str, node: str = "lb", **kw) -> subprocess.CompletedProcess:
+        return self.run(node, str(XLB), *args, **kw)
+
+    def status(self, node: str = "lb") -> dict:
+        return json.loads(self.xlb_cmd("status", "--json", node=node, check=True).stdout)
+
+    def xdp_attached(self, node: str) -> list[str]:
+        """Names of the links in node's namespace that have an XDP program."""
+        out = subprocess.run(["ip", "-n", self.ns(node), "-o", "link", "show"],
+                             capture_output=True, text=True, check=True).stdout
+        return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()
+                if " xdp" in line or "prog/xdp" in line]
+
+    def xlb(self, *args: str, node: str = "lb") -> "Xlb":
+        return Xlb(self, node, args)
+
+
+class Xlb:
+    """`xlb up` running in the background of a lab node, as a context manager:
+    started on enter (returns once it prints its serving line), SIGTERM on exit."""
+
+    START_TIMEOUT = 60  # compiling the program takes a few seconds
+
+    def __init__(self, lab: Lab, node: str, args: tuple[str, ...]):
+        self.lab, self.node, self.args = lab, node, args
+        self.proc: subprocess.Popen | None = None
+        self.serving_line = ""
+        self.stderr = ""
+        self.stdout_rest = ""
+
+    def __enter__(self) -> "Xlb":
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.lab.ns(self.node), str(XLB), "up", *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.START_TIMEOUT)
+        line = self.proc.stdout.readline() if ready else ""
+        if "serving" not in line:
+            self.stop()
+            raise RuntimeError(f"xlb up did not serve: {line}{self.stderr}")
+        self.serving_line = line.strip()
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr = self.proc.stderr.read()
+        self.stdout_rest = self.proc.stdout.read()
+        return self.proc.returncode
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

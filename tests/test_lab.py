@@ -1,0 +1,175 @@
+"""End to end in the namespace lab: real XDP on veth, real HTTP and UDP servers,
+real clients. The lab (prefix xlbt) is built once for this module and torn down
+afterwards, also when a test fails."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
+from labctl import SEED_ARGS, VIP, WAS, XLB, Lab  # noqa: E402
+
+pytestmark = [pytest.mark.lab,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
+
+BACKENDS = ("--backend", f"{WAS['WAS1']}:8080", "--backend", f"{WAS['WAS2']}:8080")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = Lab("xlbt")
+    lab.down()
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def xlb(lab):
+    """The seed service (TCP and UDP on the VIP), running in lb."""
+    with lab.xlb("--vip", f"{VIP}:80", "--vip", f"{VIP}:80/udp", *BACKENDS) as x:
+        yield x
+    assert lab.xdp_attached("lb") == []
+
+
+def backend_flows(status: dict) -> dict[str, int]:
+    return {s["address"]: s["new_flows"] for p in status["pools"] for s in p["servers"]}
+
+
+def test_new_connections_split_round_robin(lab, xlb):
+    out = lab.client("client", "http", VIP, "80", "--count", "100")
+    assert out["errors"] == []
+    counts = collections.Counter(out["names"])
+    assert set(counts) == {"WAS1", "WAS2"}
+    assert 40 <= counts["WAS1"] <= 60 and counts["WAS1"] + counts["WAS2"] == 100
+    # The data plane's own count agrees with what the servers answered.
+    st = lab.status()
+    tcp = next(f for f in st["frontends"] if f["protocol"] == "tcp")
+    assert tcp["new_flows"] == 100
+    flows = backend_flows(st)
+    assert flows[WAS["WAS1"]] == counts["WAS1"] and flows[WAS["WAS2"]] == counts["WAS2"]
+
+
+def test_keepalive_connection_stays_on_one_backend(lab, xlb):
+    out = lab.client("client", "http", VIP, "80", "--count", "30", "--keepalive")
+    assert out["errors"] == [] and len(out["names"]) == 30
+    assert len(set(out["names"])) == 1
+    assert lab.status()["frontends"][0]["new_flows"] == 1
+
+
+def test_udp_service_both_ways(lab, xlb):
+    out = lab.client("client", "udp", VIP, "80", "--count", "10")
+    assert out["errors"] == []
+    names = collections.Counter(name for name, _, _ in out["replies"])
+    assert names == {"WAS1": 5, "WAS2": 5}
+    # Replies come back from the VIP, not from the backend: reverse NAT worked.
+    assert {(src, port) for _, src, port in out["replies"]} == {(VIP, 80)}
+
+
+def test_routed_client_through_firewall(lab, xlb):
+    out = lab.client("remote", "http", VIP, "80", "--count", "10")
+    assert out["errors"] == []
+    assert collections.Counter(out["names"]) == {"WAS1": 5, "WAS2": 5}
+
+
+def test_on_subnet_client_resolves_vip_by_arp(lab, xlb):
+    lab.run("client", "ip", "neigh", "flush", "all", check=True)
+    out = lab.client("client", "http", VIP, "80", "--count", "2")
+    assert out["errors"] == [] and len(out["names"]) == 2
+    neigh = lab.run("client", "ip", "neigh", "show", VIP, check=True).stdout
+    lb_mac = lab.run("lb", "cat", "/sys/class/net/eth0/address", check=True).stdout.strip()
+    assert lb_mac in neigh
+    assert lab.status()["reasons"]["arp_reply"]["packets"] >= 1
+
+
+def test_status_is_per_namespace(lab, xlb):
+    assert lab.status()["pid"] > 0
+    other = lab.xlb_cmd("status", node="client")
+    assert other.returncode != 0
+    assert "no xlb instance runs in this network namespace" in other.stderr
+
+
+def test_sigterm_detaches_everything(lab):
+    x = lab.xlb(*SEED_ARGS)
+    with x:
+        assert set(lab.xdp_attached("lb")) == {"eth0", "eth1"}
+    assert x.proc.returncode == 0
+    assert lab.xdp_attached("lb") == []
+    assert lab.xlb_cmd("status").returncode != 0
+
+
+def test_sigkill_leaves_no_program_attached(lab):
+    """Attachments are BPF links owned by the process: even SIGKILL detaches."""
+    x = lab.xlb(*SEED_ARGS)
+    with x:
+        x.stop(signal.SIGKILL)
+    assert lab.xdp_attached("lb") == []
+
+
+def test_down_stops_the_instance(lab):
+    x = lab.xlb(*SEED_ARGS)
+    with x:
+        done = lab.xlb_cmd("down")
+        assert done.returncode == 0, done.stderr
+        assert x.proc.wait(10) == 0
+    assert lab.xdp_attached("lb") == []
+
+
+BAD_INPUT = [
+    ("malformed address", ["--vip", "10.1.1.300:80", *BACKENDS], "is not an IPv4 address"),
+    ("port 0", ["--vip", f"{VIP}:0", *BACKENDS], "port 0 is out of range"),
+    ("port over 65535", ["--vip", f"{VIP}:80", "--backend", "10.1.11.101:65536"],
+     "port 65536 is out of range"),
+    ("no backend", ["--vip", f"{VIP}:80"], "at least one backend is required"),
+    ("unknown protocol", ["--vip", f"{VIP}:80/sctp", *BACKENDS], "is not tcp or udp"),
+    ("unknown interface", [*SEED_ARGS, "--iface", "nosuch0"], "no interface 'nosuch0'"),
+    ("local VIP", ["--vip", "10.1.1.1:80", *BACKENDS], "is a local address"),
+]
+
+
+@pytest.mark.parametrize("args,message", [c[1:] for c in BAD_INPUT],
+                         ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_is_one_line_and_attaches_nothing(lab, args, message):
+    r = lab.xlb_cmd("up", *args, timeout=60)
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert r.stdout == ""
+    assert lab.xdp_attached("lb") == []
+
+
+NOBODY = "65534"
+
+
+def test_without_root_up_is_refused(lab):
+    r = lab.run("lb", str(XLB), "up", *SEED_ARGS, user=NOBODY)
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and "needs root" in r.stderr, r.stderr
+    assert lab.xdp_attached("lb") == []
+
+
+def test_control_socket_refuses_non_root(lab, xlb):
+    r = lab.run("lb", str(XLB), "status", user=NOBODY)
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and "root-only" in r.stderr, r.stderr
+    r = lab.run("lb", str(XLB), "down", user=NOBODY)
+    assert r.returncode != 0
+    assert lab.status()["pid"] > 0
+
+
+def test_second_up_is_refused_and_first_keeps_serving(lab, xlb):
+    before = lab.status()["pid"]
+    r = lab.xlb_cmd("up", *SEED_ARGS, timeout=60)
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and "already running" in r.stderr, r.stderr
+    assert lab.status()["pid"] == before
+    assert set(lab.xdp_attached("lb")) == {"eth0", "eth1"}
+    out = lab.client("client", "http", VIP, "80", "--count", "4")
+    assert out["errors"] == [] and sorted(out["names"]) == ["WAS1", "WAS1", "WAS2", "WAS2"]
