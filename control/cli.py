@@ -57,12 +57,13 @@ def up(vips, backends, ifaces) -> None:
         raise Failure("xlb up needs root, to load and attach XDP programs")
     from . import daemon               # imports bcc only when it is needed
     from .datapath import DatapathError
+    from .planner import CapacityError
     try:
         daemon.up(config)
     except ctl.AlreadyRunning as e:
         raise Failure(str(e)) from None
-    except LookupError as e:
-        raise BadInput(e.args[0]) from None
+    except (LookupError, CapacityError) as e:
+        raise BadInput(str(e.args[0])) from None
     except DatapathError as e:
         raise Failure(str(e)) from None
 

@@ -20,6 +20,10 @@ ServiceKey = tuple[IPv4Address, int, int]       # vip, port, protocol number
 BackendKey = tuple[str, str]                    # pool, server
 
 
+class CapacityError(ValueError):
+    """The config needs more than the data plane's maps hold."""
+
+
 @dataclass(frozen=True)
 class ServiceState:
     id: int
@@ -59,7 +63,7 @@ def _allocate(keys: Iterable, previous: dict, limit: int, what: str) -> dict:
             try:
                 ids[k] = next(free)
             except StopIteration:
-                raise ValueError(f"more {what} than the data plane holds ({limit})") from None
+                raise CapacityError(f"more {what} than the data plane holds ({limit})") from None
     return ids
 
 
@@ -83,7 +87,10 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
     for fe, key in zip(config.frontends, service_keys):
         pool = config.pool(fe.pool)
         weighted = [(backends[(pool.name, s.name)].id, s.weight) for s in pool.servers]
-        slots = tuple(scheduler.ring(pool.algorithm, weighted, ring_size))
+        try:
+            slots = tuple(scheduler.ring(pool.algorithm, weighted, ring_size))
+        except ValueError as e:
+            raise CapacityError(f"pool {pool.name}: {e}") from None
         sid = service_ids[key]
         old = previous.services.get(key)
         if old is not None and old.id == sid and old.slots == slots:

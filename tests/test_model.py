@@ -1,0 +1,68 @@
+"""The one-line form's model and its validation: no kernel, no root."""
+
+from ipaddress import IPv4Address
+
+import pytest
+
+from xlb.model import ConfigError, from_flags, parse_vip
+
+B = ["10.1.11.101:8080", "10.1.11.102:8080"]
+
+
+def test_seed_one_line_form():
+    cfg = from_flags(["10.1.1.101:80"], B)
+    (fe,) = cfg.frontends
+    assert (fe.vip, fe.port, fe.protocol, fe.pool) == (IPv4Address("10.1.1.101"), 80, "tcp", "default")
+    (pool,) = cfg.pools
+    assert [(s.address, s.port, s.weight) for s in pool.servers] == [
+        (IPv4Address("10.1.11.101"), 8080, 1), (IPv4Address("10.1.11.102"), 8080, 1)]
+    assert pool.algorithm == "roundrobin"
+
+
+def test_vips_share_the_backends():
+    cfg = from_flags(["10.1.1.101:80", "10.1.1.101:80/udp", "10.1.1.102:443/TCP"], B)
+    assert [f.endpoint for f in cfg.frontends] == [
+        "10.1.1.101:80/tcp", "10.1.1.101:80/udp", "10.1.1.102:443/tcp"]
+    assert {f.pool for f in cfg.frontends} == {"default"}
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("1.2.3.4:1", (IPv4Address("1.2.3.4"), 1, "tcp")),
+    ("1.2.3.4:65535/udp", (IPv4Address("1.2.3.4"), 65535, "udp")),
+])
+def test_parse_vip(text, expected):
+    assert parse_vip(text) == expected
+
+
+BAD = [
+    (["10.1.1.300:80"], B, "--vip 10.1.1.300:80: '10.1.1.300' is not an IPv4 address"),
+    (["10.1.1.101"], B, "--vip 10.1.1.101: '10.1.1.101' is not IP:PORT"),
+    ([":80"], B, "--vip :80: ':80' is not IP:PORT"),
+    (["10.1.1.101:0"], B, "--vip 10.1.1.101:0: port 0 is out of range 1-65535"),
+    (["10.1.1.101:65536"], B, "--vip 10.1.1.101:65536: port 65536 is out of range 1-65535"),
+    (["10.1.1.101:http"], B, "--vip 10.1.1.101:http: port 'http' is not a number"),
+    (["10.1.1.101:-1"], B, "--vip 10.1.1.101:-1: port '-1' is not a number"),
+    (["10.1.1.101:80/sctp"], B, "--vip 10.1.1.101:80/sctp: protocol 'sctp' is not tcp or udp"),
+    (["::1:80"], B, "--vip ::1:80: '::1' is not an IPv4 address"),
+    (["10.1.1.101:80"], [], "--backend: at least one backend is required"),
+    ([], B, "--vip: at least one VIP is required"),
+    (["10.1.1.101:80"], ["10.1.11.101:8080", "10.1.11.101:8080"],
+     "--backend 10.1.11.101:8080: given twice"),
+    (["10.1.1.101:80", "10.1.1.101:80/tcp"], B, "--vip 10.1.1.101:80/tcp: given twice"),
+    (["10.1.1.101:80"], ["10.1.1.101:8080"], "--backend 10.1.1.101:8080: a backend cannot be a VIP"),
+    (["10.1.1.101:80"], ["10.1.11.101:99999"],
+     "--backend 10.1.11.101:99999: port 99999 is out of range 1-65535"),
+]
+
+
+@pytest.mark.parametrize("vips,backends,message", BAD, ids=[b[2] for b in BAD])
+def test_bad_flags(vips, backends, message):
+    with pytest.raises(ConfigError) as e:
+        from_flags(vips, backends)
+    assert str(e.value) == message
+
+
+def test_all_problems_are_listed_at_once():
+    with pytest.raises(ConfigError) as e:
+        from_flags(["1.2.3.4:0", "x:1"], ["1.2.3.999:1"])
+    assert len(e.value.problems) == 3

@@ -1,0 +1,39 @@
+"""Rings of backend ids: pure functions, no kernel."""
+
+from collections import Counter
+
+import pytest
+
+from xlb import scheduler
+
+
+def test_round_robin_keeps_pool_order():
+    assert scheduler.ring("roundrobin", [(7, 1), (3, 5), (9, 1)], 1024) == [7, 3, 9]
+
+
+def test_smooth_weighted_matches_nginx_sequence():
+    # nginx's documented example: weights 5, 1, 1 give a a b a c a a.
+    assert scheduler.smooth_weighted([(0, 5), (1, 1), (2, 1)], 1024) == [0, 0, 1, 0, 2, 0, 0]
+
+
+def test_weighted_ring_proportions_and_gcd():
+    ring = scheduler.ring("weighted", [(1, 300), (2, 100)], 1024)
+    assert ring == [1, 1, 2, 1]          # reduced by the gcd, spread out
+
+
+def test_weighted_scaled_to_ring_size():
+    ring = scheduler.smooth_weighted([(1, 1000), (2, 1), (3, 500)], 64)
+    counts = Counter(ring)
+    assert len(ring) <= 64 and counts[2] == 1
+    assert abs(counts[1] / counts[3] - 2) < 0.1
+
+
+def test_zero_weight_is_left_out():
+    assert scheduler.smooth_weighted([(1, 0), (2, 3)], 16) == [2]
+
+
+def test_too_many_backends_for_the_ring():
+    with pytest.raises(ValueError, match="do not fit"):
+        scheduler.ring("roundrobin", [(i, 1) for i in range(5)], 4)
+    with pytest.raises(ValueError, match="do not fit"):
+        scheduler.ring("weighted", [(i, 1) for i in range(5)], 4)
