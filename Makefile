@@ -18,7 +18,7 @@ unit:
 	$(PY) -m pytest -ra -m "not kernel and not lab" tests
 
 bench: setup
-	$(PY) -m xlb.bench
+	$(PY) netns-lab/bench.py
 
 lab-up: setup
 	@bash netns-lab/lab.sh up

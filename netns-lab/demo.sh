@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# `make demo`: the seed topology in namespaces, xlb serving VIP 10.1.1.101:80
+# round-robin to WAS1 and WAS2, ten requests from the on-subnet client and four
+# from the routed one, `xlb status`, then everything torn down (also on failure).
+set -eu
+cd "$(dirname "$(readlink -f "$0")")/.."
+export XLB_LAB=${XLB_LAB:-xlb}
+P=$XLB_LAB
+LAB="bash netns-lab/lab.sh"
+LOG=$(mktemp /tmp/xlb-demo.XXXXXX)
+XLB_PID=""
+
+cleanup() {
+    if [ -n "$XLB_PID" ]; then
+        kill -TERM "$XLB_PID" 2>/dev/null || true
+        wait "$XLB_PID" 2>/dev/null || true
+        sed -n '2,$p' "$LOG"
+    fi
+    $LAB down >/dev/null
+    rm -f "$LOG"
+}
+trap cleanup EXIT
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "seed topology (netns-lab/lab.sh up)"
+$LAB up
+
+step "xlb up in $P-lb"
+echo "+ xlb up --vip 10.1.1.101:80 --backend 10.1.11.101:8080 --backend 10.1.11.102:8080"
+ip netns exec "$P-lb" .venv/bin/xlb up --vip 10.1.1.101:80 \
+    --backend 10.1.11.101:8080 --backend 10.1.11.102:8080 >"$LOG" 2>&1 &
+XLB_PID=$!
+for _ in $(seq 600); do     # compiling the program takes a few seconds
+    grep -q serving "$LOG" && break
+    kill -0 "$XLB_PID" 2>/dev/null || { cat "$LOG"; XLB_PID=""; exit 1; }
+    sleep 0.1
+done
+grep serving "$LOG" || { echo "xlb did not start within 60 s"; cat "$LOG"; exit 1; }
+
+step "10 requests from the client on the VIP's subnet (10.1.1.10, resolves the VIP by ARP)"
+for i in $(seq 10); do
+    printf 'request %2d -> %s\n' "$i" "$(ip netns exec "$P-client" curl -s -m 3 http://10.1.1.101/)"
+done
+
+step "4 requests from the routed client (198.51.100.10, through the external firewall)"
+for i in $(seq 4); do
+    printf 'request %2d -> %s\n' "$i" "$(ip netns exec "$P-remote" curl -s -m 3 http://10.1.1.101/)"
+done
+
+step "xlb status"
+ip netns exec "$P-lb" .venv/bin/xlb status
+
+step "stopping (SIGTERM) and tearing the lab down"
