@@ -62,8 +62,9 @@ static __always_inline int ip_is_fragment(const struct iphdr *ip)
 }
 
 /* Moves past the IPv4 header and its options to the TCP or UDP header and
- * fills pkt. Returns 0, or -1 for a header that is bad or cut short, or a
- * frame shorter than the IP total length. frame_len is data_end - data. */
+ * fills pkt. Returns 0, or -1 for a header that is bad or cut short, a frame
+ * shorter than the IP total length, or a total length too short for the
+ * headers. frame_len is data_end - data. */
 static __always_inline int parse_l4(struct cursor *c, struct iphdr *ip,
 				    __u32 frame_len, struct packet *pkt)
 {
@@ -78,14 +79,16 @@ static __always_inline int parse_l4(struct cursor *c, struct iphdr *ip,
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *th = l4;
 
-		if ((void *)(th + 1) > c->end)
+		/* The datagram, not just the frame, must hold the header: bytes
+		 * past tot_len are padding, not ports. */
+		if ((void *)(th + 1) > c->end || bpf_ntohs(ip->tot_len) < hlen + sizeof(*th))
 			return -1;
 		pkt->l4_csum = &th->check;
 		c->pos = th + 1;
 	} else {
 		struct udphdr *uh = l4;
 
-		if ((void *)(uh + 1) > c->end)
+		if ((void *)(uh + 1) > c->end || bpf_ntohs(ip->tot_len) < hlen + sizeof(*uh))
 			return -1;
 		pkt->l4_csum = &uh->check;
 		c->pos = uh + 1;

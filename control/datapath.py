@@ -70,20 +70,21 @@ class Datapath:
         from bcc import BPF  # here, so that kernel-free modules never import bcc
 
         self.limits = limits
+        self._links: dict[int, tuple[int, Attachment]] = {}
         try:
-            self._bpf = BPF(src_file=str(BPF_DIR / "xlb.c"),
+            # bcc 0.26 wants bytes for names and paths (str works, with a warning).
+            self._bpf = BPF(src_file=str(BPF_DIR / "xlb.c").encode(),
                             cflags=[f"-I{BPF_DIR}", "-w", *limits.cflags()])
-            self._prog = self._bpf.load_func("xlb_xdp", BPF.XDP)
+            self._prog = self._bpf.load_func(b"xlb_xdp", BPF.XDP)
         except Exception as e:  # bcc raises bare Exception; it has printed the details
             raise DatapathError(f"cannot load the XDP program: {e}") from None
-        self._maps = {name: self._bpf[name] for name in MAPS}
+        self._maps = {name: self._bpf[name.encode()] for name in MAPS}
         problems = [p for name, t in self._maps.items()
                     for p in layout.check_mirror(name, t.Key, getattr(t, "sLeaf", t.Leaf))]
         if problems:
             self.close()
             raise DatapathError("control/layout.py does not match bpf/xlb_shared.h: "
                                 + "; ".join(problems))
-        self._links: dict[int, tuple[int, Attachment]] = {}
 
     @property
     def prog_fd(self) -> int:

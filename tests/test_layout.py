@@ -1,0 +1,191 @@
+"""control/layout.py against bpf/: the ctypes mirrors, the reasons and their actions.
+
+The mirrors are compared with the types bcc derives from the C: for the real
+program (all must match), and for a copy of bpf/ with a changed header (the
+change must be reported), so the check is known to be able to fail.
+"""
+
+import ctypes as ct
+import re
+import shutil
+import socket
+from ipaddress import IPv4Address
+
+import pytest
+from scapy.layers.inet import TCP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import ARP, Ether
+from scapy.packet import raw
+
+from packets import BACKEND_MAC, CLIENT_MAC, LB_MAC, VIP_MAC, Harness, tcp_frame
+from xlb import layout
+from xlb.layout import BPF_DIR, MAPS, REASON_ACTIONS, REASON_NAMES, REASONS, XDP_ACTIONS
+
+pytestmark = pytest.mark.kernel
+
+
+def bcc_types(table):
+    """The key and the (per-CPU: one CPU's) value type bcc derived, as Datapath reads them."""
+    return table.Key, getattr(table, "sLeaf", table.Leaf)
+
+
+def declared_maps(source: str) -> set[str]:
+    """Names of the maps that bpf/xlb.c declares with bcc's macros."""
+    names = set(re.findall(r"^BPF_(?!TABLE)\w+\((\w+),", source, re.M))
+    names |= set(re.findall(r'^BPF_TABLE\("\w+",[^,]+,[^,]+,\s*(\w+),', source, re.M))
+    return names
+
+
+# Mirrors ---------------------------------------------------------------------------
+
+def test_every_map_has_a_mirror():
+    assert declared_maps((BPF_DIR / "xlb.c").read_text()) == set(MAPS)
+
+
+@pytest.mark.parametrize("name", list(MAPS))
+def test_mirror_matches_loaded_program(datapath, name):
+    table = datapath._bpf[name]  # the bcc object this Datapath loaded
+    assert layout.check_mirror(name, *bcc_types(table)) == []
+
+
+def test_drift_in_the_c_is_reported(root, tmp_path):
+    """A copy of bpf/ whose header gains a field in struct flow and renames one
+    in struct backend, compiled the way Datapath compiles bpf/."""
+    from bcc import BPF
+    from xlb.datapath import Limits
+
+    src = tmp_path / "bpf"
+    shutil.copytree(BPF_DIR, src)
+    header = src / "xlb_shared.h"
+    text = header.read_text()
+    flow_end = "\t__u32 service_id;\n\t__u32 backend_id;\n};"
+    backend_end = "\t__be16 port;\n\t__u16 flags;\n};"
+    assert text.count(flow_end) == 1 and text.count(backend_end) == 1
+    text = text.replace(flow_end, "\t__u32 service_id;\n\t__u32 backend_id;\n\t__u32 extra;\n};")
+    text = text.replace(backend_end, "\t__be16 port;\n\t__u16 weight;\n};")
+    header.write_text(text)
+
+    bpf = BPF(src_file=str(src / "xlb.c"), cflags=[f"-I{src}", "-w", *Limits().cflags()])
+    try:
+        problems = {name: layout.check_mirror(name, *bcc_types(bpf[name])) for name in MAPS}
+    finally:
+        bpf.cleanup()
+    assert {name for name, p in problems.items() if p} == {"flows", "backends"}
+    (flows,) = problems["flows"]
+    assert flows.startswith("flows value:") and "'extra'" in flows
+    (backends,) = problems["backends"]
+    assert backends.startswith("backends value:") and "'weight'" in backends
+
+
+class FlowPortWidened(ct.Structure):
+    _fields_ = [("addr", ct.c_uint32), ("port", ct.c_uint32), ("dir", ct.c_uint8),
+                ("pad", ct.c_uint8), ("service_id", ct.c_uint32), ("backend_id", ct.c_uint32)]
+
+
+class FlowKeyPortsSwapped(ct.Structure):
+    _fields_ = [("saddr", ct.c_uint32), ("daddr", ct.c_uint32), ("dport", ct.c_uint16),
+                ("sport", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+
+
+def test_drift_in_the_python_is_reported(datapath, monkeypatch):
+    key, leaf = bcc_types(datapath._bpf["flows"])
+    monkeypatch.setitem(MAPS, "flows", (layout.FlowKey, FlowPortWidened))
+    (problem,) = layout.check_mirror("flows", key, leaf)
+    assert problem.startswith("flows value:")
+    # Same sizes and offsets, other names: still a difference.
+    monkeypatch.setitem(MAPS, "flows", (FlowKeyPortsSwapped, layout.Flow))
+    (problem,) = layout.check_mirror("flows", key, leaf)
+    assert problem.startswith("flows key:")
+
+
+def test_datapath_refuses_to_load_with_a_drifted_mirror(root, monkeypatch):
+    from xlb.datapath import Datapath, DatapathError
+
+    monkeypatch.setitem(MAPS, "flows", (layout.FlowKey, FlowPortWidened))
+    with pytest.raises(DatapathError, match="flows value"):
+        Datapath()
+
+
+# Reasons ---------------------------------------------------------------------------
+
+def test_read_reasons_reads_the_whole_list():
+    text = layout.SHARED_HEADER.read_text()
+    block = text[text.index("#define XLB_REASONS(X)"):text.index("#define XLB_REASON_ENUM")]
+    assert len(REASONS) == block.count("X(") > 0
+    assert len(set(REASON_NAMES)) == len(REASON_NAMES)
+    assert set(REASON_ACTIONS) <= set(XDP_ACTIONS)
+    assert len(REASONS) <= 21  # stats.h: three bits a reason in a 64-bit constant
+    assert REASON_NAMES == tuple(name.lower() for name, _ in REASONS)
+
+
+def test_read_reasons_parses_a_header(tmp_path):
+    header = tmp_path / "h.h"
+    header.write_text("#define XLB_REASONS(X) \\\n"
+                      "\tX(ONE, XDP_PASS) /* a comment */ \\\n"
+                      "\tX(TWO,XDP_DROP) \\\n"
+                      "\tX(THREE,  XDP_TX)\n"
+                      "#define XLB_REASON_ENUM(name, action) XLB_##name,\n")
+    assert layout.read_reasons(header) == (("ONE", "XDP_PASS"), ("TWO", "XDP_DROP"),
+                                           ("THREE", "XDP_TX"))
+
+
+def test_reason_max_is_the_number_of_reasons(datapath):
+    # reason_stats has XLB_REASON_MAX entries: the enum's last value.
+    assert datapath._bpf["reason_stats"].max_entries == len(REASONS)
+    assert tuple(datapath.reason_counters()) == REASON_NAMES
+
+
+VIP = IPv4Address("10.1.1.101")
+CLIENT = IPv4Address("10.1.1.10")
+BACKEND = (IPv4Address("10.1.11.101"), 8080)
+
+
+def _arp_request(pdst):
+    return raw(Ether(dst="ff:ff:ff:ff:ff:ff", src=CLIENT_MAC)
+               / ARP(op=1, hwsrc=CLIENT_MAC, psrc=str(CLIENT), pdst=str(pdst)))
+
+
+# reason -> (frames to send first, the frame, ingress ifindex)
+TRIGGERS = {
+    "pass_not_ip": ((), raw(Ether(src=CLIENT_MAC, dst=LB_MAC) / IPv6() / TCP(dport=80)), 0),
+    "pass_arp": ((), _arp_request("10.1.1.200"), 1),
+    "pass_short": ((), tcp_frame(CLIENT, VIP, 30000, 80)[:14 + 19], 0),
+    "pass_not_vip": ((), tcp_frame(CLIENT, "10.1.1.200", 30001, 80), 0),
+    "forward": ((), tcp_frame(CLIENT, VIP, 30002, 80), 0),
+    "reply": ((tcp_frame(CLIENT, VIP, 30003, 80),),
+              tcp_frame(BACKEND[0], CLIENT, BACKEND[1], 30003, flags="SA", eth_src=BACKEND_MAC), 0),
+    "arp_reply": ((), _arp_request(VIP), 1),
+    "drop_malformed": ((), tcp_frame(CLIENT, VIP, 30004, 80)[:14 + 30], 0),
+    "drop_fragment": ((), tcp_frame(CLIENT, VIP, 30005, 80, ip_flags="MF"), 0),
+    "drop_no_backend": ((), tcp_frame(CLIENT, VIP, 30006, 443), 0),
+}
+
+
+@pytest.fixture(scope="module")
+def lb(datapath):
+    datapath.set_backend(1, *BACKEND)
+    datapath.write_ring(2, [1])
+    datapath.set_service(VIP, 80, socket.IPPROTO_TCP, 1, 2, 1)
+    datapath.set_service(VIP, 443, socket.IPPROTO_TCP, 2, 4, 0)
+    datapath.set_vip(VIP)
+    datapath.set_arp(1, VIP, bytes.fromhex(VIP_MAC.replace(":", "")))
+    return Harness(datapath, service_ids=(1, 2), backend_ids=(1,))
+
+
+def test_every_reason_has_a_trigger():
+    assert set(TRIGGERS) == set(REASON_NAMES)
+
+
+@pytest.mark.parametrize("reason", REASON_NAMES)
+def test_reason_action_agrees_with_the_program(lb, reason):
+    """The C's action for each reason (stats.h reason_action) is the one
+    layout.REASON_ACTIONS reads from the header, and the frame is counted under it."""
+    if reason not in TRIGGERS:
+        pytest.fail(f"no frame in TRIGGERS makes the program end in {reason}")
+    setup, frame, ifindex = TRIGGERS[reason]
+    for earlier in setup:
+        assert lb.send(earlier).action == XDP_ACTIONS["XDP_PASS"]
+    res = lb.send(frame, ifindex)
+    assert res.action == XDP_ACTIONS[REASON_ACTIONS[REASON_NAMES.index(reason)]]
+    reasons_moved = {k: v for k, v in lb.last_delta.items() if k.startswith("reason.")}
+    assert reasons_moved == {f"reason.{reason}.packets": 1, f"reason.{reason}.bytes": len(frame)}
