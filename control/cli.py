@@ -7,10 +7,11 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import click
 
-from . import __version__, ctl
+from . import __version__, config as configfile, ctl
 from .model import ConfigError, from_flags
 
 
@@ -41,31 +42,112 @@ def cli() -> None:
               help="A real server. Repeatable; new flows go round-robin.")
 @click.option("--iface", "ifaces", multiple=True, metavar="DEV",
               help="Attach to DEV. Repeatable. Default: every up, non-loopback interface.")
-def up(vips, backends, ifaces) -> None:
+@click.option("--config", "config_path", metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Serve the config file FILE instead of --vip/--backend "
+                   "(`xlb apply` persists into it).")
+def up(vips, backends, ifaces, config_path) -> None:
     """Load the XDP program and serve in the foreground until SIGINT or SIGTERM.
 
+    Either the one-line form (--vip, --backend, --iface) or --config FILE.
     Attaches natively (generic XDP, with a warning, where the driver refuses),
     prints one line when it serves, and on exit detaches everything it
-    attached. The VIP must not be an address of this host: xlb answers ARP for
+    attached. A VIP must not be an address of this host: xlb answers ARP for
     it on the links whose subnet holds it.
     """
-    try:
-        config = from_flags(list(vips), list(backends), list(ifaces))
-    except ConfigError as e:
-        raise BadInput(str(e)) from None
+    if config_path is not None:
+        if vips or backends or ifaces:
+            raise BadInput("--config FILE replaces --vip, --backend and --iface")
+        config = _load(config_path)
+    else:
+        try:
+            config = from_flags(list(vips), list(backends), list(ifaces))
+        except ConfigError as e:
+            raise BadInput(str(e)) from None
     if os.geteuid() != 0:
         raise Failure("xlb up needs root, to load and attach XDP programs")
     from . import daemon               # imports bcc only when it is needed
     from .datapath import DatapathError
     from .planner import CapacityError
     try:
-        daemon.up(config)
+        daemon.up(config, config_path.resolve() if config_path else None)
     except ctl.AlreadyRunning as e:
         raise Failure(str(e)) from None
     except (LookupError, CapacityError) as e:
         raise BadInput(str(e.args[0])) from None
     except DatapathError as e:
         raise Failure(str(e)) from None
+
+
+def _load(path: Path):
+    try:
+        return configfile.load_file(path)
+    except ConfigError as e:
+        raise BadInput(f"{path}: {e}") from None
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def check(file: Path) -> None:
+    """Validate a config file, like `haproxy -c`.
+
+    Lists every problem with its key path and exits 1, or says what the file
+    holds and exits 0. Needs no root and no running instance.
+    """
+    try:
+        cfg = configfile.load_file(file)
+    except ConfigError as e:
+        for path, reason in e.problems:
+            click.echo(f"{file}: {path}: {reason}", err=True)
+        raise click.exceptions.Exit(1) from None
+    servers = {(s.address, s.port) for p in cfg.pools for s in p.servers}
+    click.echo(f"{file}: ok: {len(cfg.frontends)} frontends, {len(cfg.pools)} pools, "
+               f"{len(servers)} servers, {len(cfg.monitors)} monitors")
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def apply(file: Path) -> None:
+    """Apply a config file to the running instance, without dropping a flow.
+
+    The file is validated first (as `xlb check`); an invalid file changes
+    nothing. The instance computes the difference and applies it: a service
+    switches to its new backend set in one step, established flows to servers
+    that remain are untouched, flows of removed servers follow their pool's
+    on_server_down. The applied file is persisted where the instance started
+    from (`xlb up --config FILE`).
+    """
+    try:
+        configfile.load_file(file)
+    except ConfigError as e:
+        for path, reason in e.problems:
+            click.echo(f"{file}: {path}: {reason}", err=True)
+        raise Failure("invalid config: nothing applied") from None
+    r = _request("apply", text=file.read_text())
+    click.echo(f"xlb: applied {file}: {r['frontends']} frontends, {r['pools']} pools, "
+               f"{r['servers']} servers; {r['flows_ended']} flows ended; {r['persisted']}")
+
+
+@cli.command()
+def show() -> None:
+    """Print the effective config of the running instance, as TOML."""
+    r = _request("show")
+    click.echo(r["text"], nl=False)
+
+
+@cli.command()
+@click.argument("action", type=click.Choice(["disable", "enable", "drain"]))
+@click.argument("pool")
+@click.argument("server")
+def server(action: str, pool: str, server: str) -> None:
+    """Take a server out of service, or back, at run time.
+
+    drain: no new flows, established ones continue. disable: no new flows,
+    and established ones end (their next packets are balanced anew). enable:
+    back to normal. The state survives `xlb apply`, not a restart.
+    """
+    r = _request("server", action=action, pool=pool, server=server)
+    click.echo(f"xlb: {pool}/{server} is {r['state']}; {r['flows_ended']} flows ended")
 
 
 @cli.command()
@@ -96,9 +178,9 @@ def down() -> None:
     raise Failure("the instance did not stop within 15 s")
 
 
-def _request(cmd: str):
+def _request(cmd: str, **args):
     try:
-        return ctl.request(cmd)
+        return ctl.request(cmd, **args)
     except (ctl.NotRunning, ctl.ControlError) as e:
         raise Failure(str(e)) from None
 
@@ -113,21 +195,27 @@ def _si(n: int) -> str:
 
 def format_status(s: dict) -> str:
     ifaces = ", ".join(f"{i['name']} ({i['mode']})" for i in s["interfaces"])
-    lines = [f"xlb {s['version']}, pid {s['pid']}, up {s['uptime_seconds']:.0f}s, on {ifaces}", ""]
-    lines.append(f"{'FRONTEND':<24} {'POOL':<12} {'FLOWS':>8} {'PKTS IN':>9} {'PKTS OUT':>9} "
-                 f"{'BYTES IN':>9} {'BYTES OUT':>9}")
+    source = f", config {s['config']}" if s.get("config") else ""
+    lines = [f"xlb {s['version']}, pid {s['pid']}, up {s['uptime_seconds']:.0f}s, on {ifaces}"
+             f"{source}", ""]
+    lines.append(f"{'FRONTEND':<14} {'VIP':<22} {'POOL':<12} {'TAKING':>6} {'CONNS':>7} "
+                 f"{'PKTS IN':>8} {'PKTS OUT':>8} {'BYTES IN':>8} {'BYTES OUT':>9}")
     for f in s["frontends"]:
-        lines.append(f"{f['name']:<24} {f['pool']:<12} {_si(f['new_flows']):>8} "
-                     f"{_si(f['packets_in']):>9} {_si(f['packets_out']):>9} "
-                     f"{_si(f['bytes_in']):>9} {_si(f['bytes_out']):>9}")
+        endpoint = f"{f['vip']}:{f['port']}/{f['protocol']}"
+        lines.append(f"{f['name']:<14} {endpoint:<22} {f['pool']:<12} "
+                     f"{f['servers_taking_flows']:>6} {_si(f['new_flows']):>7} "
+                     f"{_si(f['packets_in']):>8} {_si(f['packets_out']):>8} "
+                     f"{_si(f['bytes_in']):>8} {_si(f['bytes_out']):>9}")
     for p in s["pools"]:
-        lines += ["", f"pool {p['name']} ({p['algorithm']})",
-                  f"  {'SERVER':<22} {'STATE':<6} {'WEIGHT':>6} {'FLOWS':>8} {'PKTS IN':>9} "
-                  f"{'PKTS OUT':>9} {'BYTES IN':>9} {'BYTES OUT':>9}"]
+        lines += ["", f"pool {p['name']} ({p['algorithm']}, on_server_down {p['on_server_down']})",
+                  f"  {'SERVER':<12} {'ADDRESS':<22} {'STATE':<6} {'WEIGHT':>6} {'ACTIVE':>7} "
+                  f"{'CONNS':>7} {'PKTS IN':>8} {'PKTS OUT':>8} {'BYTES IN':>8} {'BYTES OUT':>9}"]
         for b in p["servers"]:
-            lines.append(f"  {b['name']:<22} {b['state']:<6} {b['weight']:>6} "
-                         f"{_si(b['new_flows']):>8} {_si(b['packets_in']):>9} "
-                         f"{_si(b['packets_out']):>9} {_si(b['bytes_in']):>9} "
+            name = b["name"] + (" (backup)" if b["backup"] else "")
+            lines.append(f"  {name:<12} {b['address'] + ':' + str(b['port']):<22} "
+                         f"{b['state']:<6} {b['weight']:>6} {_si(b['active_flows']):>7} "
+                         f"{_si(b['new_flows']):>7} {_si(b['packets_in']):>8} "
+                         f"{_si(b['packets_out']):>8} {_si(b['bytes_in']):>8} "
                          f"{_si(b['bytes_out']):>9}")
     a = s["actions"]
     drops = {k[5:]: v["packets"] for k, v in s["reasons"].items() if k.startswith("drop_")}

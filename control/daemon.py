@@ -4,7 +4,9 @@ Order matters for the promise that bad input or a failure leaves nothing
 behind: validate, claim the control socket (one instance per namespace),
 load the program, fill its maps, attach it; any failure on the way detaches
 what was attached. Attachments are BPF links, so even a killed process
-leaves no program behind.
+leaves no program behind. Later changes (`apply`, `server ...`) follow the
+same rule: everything that can be refused is checked before the first write,
+and a write that fails is undone.
 """
 
 from __future__ import annotations
@@ -15,29 +17,97 @@ import os
 import signal
 import sys
 import time
+import traceback
+from pathlib import Path
 
-from . import __version__, ctl, netif, planner
-from .datapath import Attachment, Datapath, Limits
+from . import __version__, config as configfile, ctl, netif, planner
+from .datapath import Datapath, DatapathError, Limits
 from .layout import REASON_ACTIONS, XDP_ACTIONS
-from .model import Config
+from .model import Config, ConfigError
+
+EMPTY = Config(frontends=(), pools=())
+ADMIN_ACTIONS = {"disable": "maint", "drain": "drain", "enable": None}
+
+Key = tuple[str, str]
 
 
 class Balancer:
-    """A running instance: the config it serves and the data path serving it."""
+    """A running instance: the config it serves, the runtime state of its
+    servers, and the data path serving them."""
 
-    def __init__(self, config: Config, datapath: Datapath, links: list[netif.Link]):
-        self.config = config
+    def __init__(self, datapath: Datapath, config_path: Path | None = None):
         self.datapath = datapath
-        self.links = links
-        self.state = planner.DataplaneState()
+        self.config_path = config_path
+        self.config = EMPTY
+        self.links: dict[str, netif.Link] = {}    # attached, by name
+        self.state = planner.DataplaneState()     # what the maps hold
+        self.states: dict[Key, str] = {}          # server states the maps reflect
+        self.admin: dict[Key, str] = {}           # `xlb server drain|disable`: drain, maint
+        self.health: dict[Key, str] = {}          # health checks: up, down
         self.started = time.time()
 
-    def apply(self, config: Config) -> None:
+    def _server_states(self, config: Config, admin: dict[Key, str]) -> dict[Key, str]:
+        return {(p.name, s.name): planner.server_state(s, admin.get((p.name, s.name)),
+                                                       self.health.get((p.name, s.name), "up"))
+                for p in config.pools for s in p.servers}
+
+    def apply(self, config: Config, admin: dict[Key, str] | None = None) -> dict:
+        """Takes the data plane to `config`. Raises (LookupError, CapacityError,
+        DatapathError) with nothing changed."""
+        links = netif.select(config.attach_names())
+        if not links:
+            raise LookupError("no up, non-loopback interface in this network namespace")
+        _check_host(config, links)
+        keys = {(p.name, s.name) for p in config.pools for s in p.servers}
+        admin = {k: v for k, v in (self.admin if admin is None else admin).items() if k in keys}
+        states = self._server_states(config, admin)
         lim = self.datapath.limits
-        target = planner.desired(config, self.links, self.state, lim.max_services,
-                                 lim.max_backends, lim.ring_size)
-        planner.execute(self.datapath, planner.plan(self.state, target))
-        self.state, self.config = target, config
+        target = planner.desired(config, links, self.state, lim.max_services, lim.max_backends,
+                                 lim.ring_size, states)
+        ends = planner.flows_to_end(self.config, self.states, self.state, config, states, target)
+
+        dp = self.datapath
+        planner.execute(dp, planner.plan(self.state, target))
+        attached = []
+        try:
+            for link in links:
+                if link.name not in self.links:
+                    attached.append(_attach(dp, link))
+        except DatapathError:
+            for att in attached:
+                dp.detach(att.ifindex)
+            planner.execute(dp, planner.plan(target, self.state))
+            raise
+        ended = dp.delete_flows(set(ends.backend_ids), set(ends.service_ids))
+        for name in self.links.keys() - {link.name for link in links}:
+            dp.detach(self.links[name].index)
+
+        self.config, self.state, self.states, self.admin = config, target, states, admin
+        self.links = {link.name: link for link in links}
+        return {"frontends": len(config.frontends), "pools": len(config.pools),
+                "servers": len(keys), "flows_ended": ended}
+
+    def set_admin(self, action: str, pool: str, server: str) -> dict:
+        if not any(p.name == pool for p in self.config.pools):
+            raise LookupError(f"no pool {pool!r}")
+        if not any(s.name == server for s in self.config.pool(pool).servers):
+            raise LookupError(f"no server {server!r} in pool {pool!r}")
+        admin = dict(self.admin)
+        admin.pop((pool, server), None)
+        if ADMIN_ACTIONS[action]:
+            admin[(pool, server)] = ADMIN_ACTIONS[action]
+        result = self.apply(self.config, admin)
+        return {"pool": pool, "server": server, "state": self.states[(pool, server)],
+                "flows_ended": result["flows_ended"]}
+
+    def persist(self, text: str) -> str:
+        """Writes an applied config where the instance started from, atomically."""
+        if self.config_path is None:
+            return "not persisted: this instance was started from flags, not --config"
+        tmp = self.config_path.with_name(f".{self.config_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.config_path)
+        return f"persisted to {self.config_path}"
 
     def status(self) -> dict:
         dp = self.datapath
@@ -46,27 +116,35 @@ class Balancer:
             svc = self.state.services[(fe.vip, fe.port, fe.proto_number)]
             frontends.append({"name": fe.name, "vip": str(fe.vip), "port": fe.port,
                               "protocol": fe.protocol, "pool": fe.pool,
+                              "servers_taking_flows": len(set(svc.slots)),
                               **_counters(dp.service_counters(svc.id))})
+        entries, active = dp.flow_table()
         pools = []
         for pool in self.config.pools:
             servers = []
             for s in pool.servers:
-                b = self.state.backends[(pool.name, s.name)]
+                key = (pool.name, s.name)
+                b = self.state.backends[key]
                 servers.append({"name": s.name, "address": str(s.address), "port": s.port,
-                                "weight": s.weight, "state": "up", "health": "up",
+                                "weight": s.weight, "backup": s.backup,
+                                "state": self.states[key],
+                                "health": self.health.get(key, "up"),
+                                "active_flows": active.get(b.id, 0),
                                 **_counters(dp.backend_counters(b.id))})
-            pools.append({"name": pool.name, "algorithm": pool.algorithm, "servers": servers})
+            pools.append({"name": pool.name, "algorithm": pool.algorithm,
+                          "on_server_down": pool.on_server_down, "servers": servers})
         reasons = dp.reason_counters()
         actions = dict.fromkeys(XDP_ACTIONS, 0)
-        for (name, tally), action in zip(reasons.items(), REASON_ACTIONS):
+        for tally, action in zip(reasons.values(), REASON_ACTIONS):
             actions[action] += tally.packets
         return {
             "version": __version__, "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started, 1),
+            "config": str(self.config_path) if self.config_path else None,
             "interfaces": [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode}
                            for a in dp.attachments()],
             "frontends": frontends, "pools": pools,
-            "flows": {"entries": dp.flow_entries(), "capacity": dp.limits.max_flows},
+            "flows": {"entries": entries, "capacity": dp.limits.max_flows},
             "actions": actions,
             "reasons": {name: {"packets": t.packets, "bytes": t.bytes}
                         for name, t in reasons.items()},
@@ -78,16 +156,13 @@ def _counters(c) -> dict:
             "bytes_out": c.bytes_out, "new_flows": c.new_flows}
 
 
-def _attach_all(datapath: Datapath, links: list[netif.Link]) -> list[Attachment]:
+def _attach(datapath: Datapath, link: netif.Link):
     """Native XDP where the driver takes it, generic with a warning elsewhere."""
-    attached = []
-    for link in links:
-        att = datapath.attach(link.index, link.name)
-        if att.mode != "native":
-            print(f"xlb: warning: {link.name}: native XDP refused ({att.note}); "
-                  f"using generic XDP, which is slower", file=sys.stderr)
-        attached.append(att)
-    return attached
+    att = datapath.attach(link.index, link.name)
+    if att.mode != "native":
+        print(f"xlb: warning: {link.name}: native XDP refused ({att.note}); "
+              f"using generic XDP, which is slower", file=sys.stderr)
+    return att
 
 
 def _check_host(config: Config, links: list[netif.Link]) -> None:
@@ -104,22 +179,18 @@ def _check_host(config: Config, links: list[netif.Link]) -> None:
                   file=sys.stderr)
 
 
-def up(config: Config) -> int:
+def up(config: Config, config_path: Path | None = None) -> int:
     """Runs the balancer in the foreground until SIGINT or SIGTERM (or `xlb down`)."""
     sock = ctl.bind()
     datapath = None
     try:
-        links = netif.select(config.interfaces)
-        if not links:
-            raise LookupError("no up, non-loopback interface in this network namespace")
-        _check_host(config, links)
         datapath = Datapath(Limits())
-        balancer = Balancer(config, datapath, links)
+        balancer = Balancer(datapath, config_path)
         balancer.apply(config)
-        attached = _attach_all(datapath, links)
         print(f"xlb: serving {', '.join(f.endpoint for f in config.frontends)} -> "
-              f"{', '.join(s.name for p in config.pools for s in p.servers)} on "
-              f"{', '.join(f'{a.ifname} ({a.mode})' for a in attached)}", flush=True)
+              f"{', '.join(f'{s.address}:{s.port}' for p in config.pools for s in p.servers)}"
+              f" on {', '.join(f'{a.ifname} ({a.mode})' for a in datapath.attachments())}",
+              flush=True)
         asyncio.run(_serve(balancer, sock))
     finally:
         if datapath is not None:
@@ -131,13 +202,19 @@ def up(config: Config) -> int:
 
 async def _serve(balancer: Balancer, sock) -> None:
     stop = asyncio.Event()
+    # One change at a time; each runs in a worker thread, because pyroute2's
+    # synchronous API runs an event loop of its own.
+    lock = asyncio.Lock()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    def request_stop() -> None:      # from the worker thread of a `down` request
+        loop.call_soon_threadsafe(stop.set)
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            reply = await _answer(balancer, stop, reader, writer)
+            reply = await _answer(balancer, request_stop, lock, reader, writer)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         finally:
@@ -148,7 +225,8 @@ async def _serve(balancer: Balancer, sock) -> None:
         await stop.wait()
 
 
-async def _answer(balancer, stop, reader, writer) -> dict:
+async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock,
+                  reader, writer) -> dict:
     if ctl.peer_uid(writer.get_extra_info("socket")) != 0:
         return {"ok": False, "error": "permission denied: the control socket is root-only"}
     try:
@@ -156,16 +234,43 @@ async def _answer(balancer, stop, reader, writer) -> dict:
         req = json.loads(line)
         cmd = req["cmd"]
     except (ValueError, asyncio.LimitOverrunError):
-        return {"ok": False, "error": f"malformed or oversized request (limit {ctl.MAX_REQUEST} bytes)"}
+        return {"ok": False,
+                "error": f"malformed or oversized request (limit {ctl.MAX_REQUEST} bytes)"}
     except (KeyError, TypeError):
         return {"ok": False, "error": "request has no \"cmd\""}
     except asyncio.TimeoutError:
         return {"ok": False, "error": "request timed out"}
+    try:
+        async with lock:
+            result = await asyncio.to_thread(_dispatch, balancer, request_stop, cmd, req)
+        return {"ok": True, "result": result}
+    except (ConfigError, LookupError, planner.CapacityError, DatapathError) as e:
+        return {"ok": False, "error": str(e.args[0]) if isinstance(e, LookupError) else str(e)}
+    except (KeyError, TypeError, AttributeError):
+        return {"ok": False, "error": f"malformed {cmd!r} request"}
+    except Exception as e:  # a bug: answer, log, and keep serving
+        traceback.print_exc()
+        return {"ok": False, "error": f"internal error: {e!r}"}
+
+
+def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
     if cmd == "ping":
-        return {"ok": True, "result": "pong"}
+        return "pong"
     if cmd == "status":
-        return {"ok": True, "result": balancer.status()}
+        return balancer.status()
+    if cmd == "show":
+        return {"text": configfile.dump(balancer.config),
+                "config": str(balancer.config_path) if balancer.config_path else None}
+    if cmd == "apply":
+        text = req["text"]
+        result = balancer.apply(configfile.load(text))
+        result["persisted"] = balancer.persist(text)
+        return result
+    if cmd == "server":
+        if req["action"] not in ADMIN_ACTIONS:
+            raise LookupError(f"unknown server action {req['action']!r}")
+        return balancer.set_admin(req["action"], req["pool"], req["server"])
     if cmd == "down":
-        stop.set()
-        return {"ok": True, "result": "stopping"}
-    return {"ok": False, "error": f"unknown command {cmd!r}"}
+        request_stop()
+        return "stopping"
+    raise LookupError(f"unknown command {cmd!r}")

@@ -26,7 +26,7 @@ class DatapathError(Exception):
 class Limits:
     """Map sizes, passed to the C as -D flags: the one place they are set."""
     max_services: int = 256
-    max_backends: int = 4096
+    max_backends: int = 16384
     ring_size: int = 1024
     max_flows: int = 262144
     max_arp: int = 256
@@ -112,6 +112,10 @@ class Datapath:
     def attachments(self) -> list[Attachment]:
         return [att for _, att in self._links.values()]
 
+    def detach(self, ifindex: int) -> None:
+        fd, _ = self._links.pop(ifindex)
+        os.close(fd)
+
     def detach_all(self) -> None:
         for fd, _ in self._links.values():
             os.close(fd)
@@ -129,10 +133,12 @@ class Datapath:
     def write_ring(self, ring: int, backend_ids: list[int]) -> None:
         if len(backend_ids) > self.limits.ring_size:
             raise DatapathError(f"ring of {len(backend_ids)} slots exceeds {self.limits.ring_size}")
-        rings = self._maps["rings"]
+        if not backend_ids:
+            return
         base = ring * self.limits.ring_size
-        for slot, backend_id in enumerate(backend_ids):
-            rings[ct.c_int(base + slot)] = ct.c_uint32(backend_id)
+        n = len(backend_ids)
+        keys = (ct.c_int * n)(*range(base, base + n))
+        self._maps["rings"].items_update_batch(keys, (ct.c_uint32 * n)(*backend_ids))
 
     def set_service(self, vip: IPv4Address, port: int, proto: int,
                     service_id: int, ring: int, ring_len: int) -> None:
@@ -173,7 +179,33 @@ class Datapath:
 
     def flow_entries(self) -> int:
         """Entries in the flow table (two per connection: forward and reply)."""
-        return sum(1 for _ in self._maps["flows"].keys())
+        return self.flow_table()[0]
+
+    def flow_table(self) -> tuple[int, dict[int, int]]:
+        """Entries in the flow table, and connections by backend id."""
+        entries, per_backend = 0, {}
+        for _, flow in self._flow_items():
+            entries += 1
+            if flow.dir == layout.FLOW_FORWARD:
+                per_backend[flow.backend_id] = per_backend.get(flow.backend_id, 0) + 1
+        return entries, per_backend
+
+    def delete_flows(self, backend_ids: set[int], service_ids: set[int]) -> int:
+        """Forgets the connections of these backends and services, both ways, so
+        that their next packets are balanced anew. Returns how many."""
+        doomed = [key for key, flow in self._flow_items()
+                  if flow.backend_id in backend_ids or flow.service_id in service_ids]
+        if doomed:
+            keys = (self._maps["flows"].Key * len(doomed))(*doomed)
+            self._maps["flows"].items_delete_batch(keys)
+        return len(doomed) // 2
+
+    def _flow_items(self):
+        # One syscall per batch instead of two per entry; an empty map yields nothing.
+        try:
+            yield from self._maps["flows"].items_lookup_batch()
+        except Exception as e:  # bcc raises bare Exception for a failed batch
+            raise DatapathError(f"cannot read the flow table: {e}") from None
 
     def _percpu_sum(self, name: str, index: int):
         table = self._maps[name]

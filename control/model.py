@@ -6,11 +6,14 @@ key path of what is wrong (`--vip`, `--backend[2]`, later `pools.web.servers`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address
 
 PROTOCOLS = {"tcp": 6, "udp": 17}
 ALGORITHMS = ("roundrobin", "weighted")
+MONITOR_TYPES = ("tcp", "http", "none")
+ON_SERVER_DOWN = ("keep", "reset")   # what happens to a gone server's established flows
+WEIGHT_RANGE = (1, 256)
 
 
 class ConfigError(ValueError):
@@ -22,11 +25,30 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Monitor:
+    """A health check. `port` None checks each server on its own port."""
+    name: str
+    type: str = "tcp"
+    port: int | None = None
+    path: str = "/"                 # http: the GET path
+    expect_status: int = 200        # http: the status that means healthy
+    expect_body: str | None = None  # http: a substring the body must contain
+    host: str | None = None         # http: the Host header (default: the address)
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+
+
+@dataclass(frozen=True)
 class Server:
     name: str
     address: IPv4Address
     port: int
     weight: int = 1
+    monitor: str | None = None      # overrides the pool's monitor
+    backup: bool = False            # serves only while no primary server is up
+    enabled: bool = True
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,8 @@ class Pool:
     name: str
     servers: tuple[Server, ...]
     algorithm: str = "roundrobin"
+    monitor: str | None = None      # None: the servers are not checked
+    on_server_down: str = "keep"
 
 
 @dataclass(frozen=True)
@@ -43,6 +67,7 @@ class Frontend:
     port: int
     protocol: str
     pool: str
+    interfaces: tuple[str, ...] = ()
 
     @property
     def proto_number(self) -> int:
@@ -55,12 +80,23 @@ class Frontend:
 
 @dataclass(frozen=True)
 class Config:
-    pools: tuple[Pool, ...]
     frontends: tuple[Frontend, ...]
-    interfaces: tuple[str, ...] = field(default=())
+    pools: tuple[Pool, ...]
+    monitors: tuple[Monitor, ...] = ()
+    interfaces: tuple[str, ...] = ()    # the one-line form's --iface
 
     def pool(self, name: str) -> Pool:
         return next(p for p in self.pools if p.name == name)
+
+    def monitor_for(self, pool: Pool, server: Server) -> Monitor | None:
+        """The server's own monitor, else its pool's; None when it is not checked."""
+        name = server.monitor or pool.monitor
+        return next((m for m in self.monitors if m.name == name), None)
+
+    def attach_names(self) -> tuple[str, ...]:
+        """Interfaces named anywhere; empty means every up, non-loopback one."""
+        names = [*self.interfaces, *(i for f in self.frontends for i in f.interfaces)]
+        return tuple(dict.fromkeys(names))
 
 
 def parse_port(text: str) -> int:
@@ -97,8 +133,10 @@ def parse_vip(text: str) -> tuple[IPv4Address, int, str]:
     return addr, port, proto
 
 
-def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = ()) -> Config:
-    """The one-line form: every --vip served by one pool of all --backend servers."""
+def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
+               monitor: Monitor | None = None) -> Config:
+    """The one-line form: every --vip served by one pool, "default", of all --backend
+    servers (named backend1, backend2, ...; the frontends vip1, vip2, ...)."""
     problems: list[tuple[str, str]] = []
     if not vips:
         problems.append(("--vip", "at least one VIP is required"))
@@ -106,17 +144,16 @@ def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = ())
         problems.append(("--backend", "at least one backend is required"))
 
     servers: list[Server] = []
-    for i, text in enumerate(backends):
+    for text in backends:
         try:
             addr, port = parse_endpoint(text)
         except ValueError as e:
             problems.append((f"--backend {text}", str(e)))
             continue
-        name = f"{addr}:{port}"
-        if any(s.name == name for s in servers):
+        if any((s.address, s.port) == (addr, port) for s in servers):
             problems.append((f"--backend {text}", "given twice"))
             continue
-        servers.append(Server(name=name, address=addr, port=port))
+        servers.append(Server(name=f"backend{len(servers) + 1}", address=addr, port=port))
 
     frontends: list[Frontend] = []
     for text in vips:
@@ -125,19 +162,20 @@ def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = ())
         except ValueError as e:
             problems.append((f"--vip {text}", str(e)))
             continue
-        fe = Frontend(name=f"{addr}:{port}/{proto}", vip=addr, port=port, protocol=proto,
-                      pool="default")
-        if any(f.name == fe.name for f in frontends):
+        if any(f.endpoint == f"{addr}:{port}/{proto}" for f in frontends):
             problems.append((f"--vip {text}", "given twice"))
             continue
-        frontends.append(fe)
+        frontends.append(Frontend(name=f"vip{len(frontends) + 1}", vip=addr, port=port,
+                                  protocol=proto, pool="default"))
 
     vip_set = {f.vip for f in frontends}
     for s in servers:
         if s.address in vip_set:
-            problems.append((f"--backend {s.name}", "a backend cannot be a VIP"))
+            problems.append((f"--backend {s.address}:{s.port}", "a backend cannot be a VIP"))
 
     if problems:
         raise ConfigError(problems)
-    return Config(pools=(Pool("default", tuple(servers)),), frontends=tuple(frontends),
+    return Config(frontends=tuple(frontends),
+                  pools=(Pool("default", tuple(servers), monitor=monitor and monitor.name),),
+                  monitors=(monitor,) if monitor else (),
                   interfaces=tuple(dict.fromkeys(interfaces)))

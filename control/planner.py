@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from typing import Iterable, Protocol
+from typing import Iterable, Mapping, Protocol
 
 from . import scheduler
-from .model import Config
+from .model import Config, Pool, Server
 
 ServiceKey = tuple[IPv4Address, int, int]       # vip, port, protocol number
 BackendKey = tuple[str, str]                    # pool, server
@@ -48,33 +48,65 @@ class DataplaneState:
 
 class ArpLink(Protocol):
     index: int
+    name: str
     mac: bytes
 
     def holds(self, addr: IPv4Address) -> bool: ...
 
 
 def _allocate(keys: Iterable, previous: dict, limit: int, what: str) -> dict:
-    """Ids for keys: kept from `previous` where the key was there, else the lowest free."""
+    """Ids for keys: kept from `previous` where the key was there; new keys take
+    ids that `previous` did not use first, so that flows still pointing at a
+    just-removed id are not counted for a newcomer."""
     ids = {k: previous[k] for k in keys if k in previous}
-    used = set(ids.values())
-    free = (i for i in range(limit) if i not in used)
+    prev_ids = set(previous.values())
+    unused = (i for i in range(limit) if i not in prev_ids)
+    released = iter(sorted(prev_ids - set(ids.values())))
     for k in keys:
         if k not in ids:
-            try:
-                ids[k] = next(free)
-            except StopIteration:
-                raise CapacityError(f"more {what} than the data plane holds ({limit})") from None
+            i = next(unused, None)
+            if i is None:
+                i = next(released, None)
+            if i is None:
+                raise CapacityError(f"more {what} than the data plane holds ({limit})")
+            ids[k] = i
     return ids
 
 
+STATES = ("up", "down", "drain", "maint")
+
+
+def server_state(server: Server, admin: str | None, health: str) -> str:
+    """What status shows and what decides new flows: maint (disabled in the config
+    or at run time) before drain before down (failed health checks) before up."""
+    if not server.enabled or admin == "maint":
+        return "maint"
+    if admin == "drain":
+        return "drain"
+    return "down" if health == "down" else "up"
+
+
+def _choose(pool: Pool, states: Mapping[BackendKey, str]) -> list[Server]:
+    """The servers that take new flows: the primaries that are up, or, while
+    none is, the backups that are up."""
+    up = [s for s in pool.servers if states.get((pool.name, s.name), "up") == "up"]
+    primaries = [s for s in up if not s.backup]
+    return primaries or [s for s in up if s.backup]
+
+
 def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
-            max_services: int, max_backends: int, ring_size: int) -> DataplaneState:
+            max_services: int, max_backends: int, ring_size: int,
+            states: Mapping[BackendKey, str] = {}) -> DataplaneState:
+    """`states` maps (pool, server) to server_state(); a missing key is "up"."""
     backend_keys = [(p.name, s.name) for p in config.pools for s in p.servers]
     backend_ids = _allocate(backend_keys,
                             {k: b.id for k, b in previous.backends.items()},
                             max_backends, "backends")
     backends = {}
     for pool in config.pools:
+        if len(pool.servers) > ring_size:
+            raise CapacityError(f"pool {pool.name}: {len(pool.servers)} servers do not fit "
+                                f"a ring of {ring_size}")
         for s in pool.servers:
             backends[(pool.name, s.name)] = BackendState(backend_ids[(pool.name, s.name)],
                                                          s.address, s.port)
@@ -86,11 +118,8 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
     services = {}
     for fe, key in zip(config.frontends, service_keys):
         pool = config.pool(fe.pool)
-        weighted = [(backends[(pool.name, s.name)].id, s.weight) for s in pool.servers]
-        try:
-            slots = tuple(scheduler.ring(pool.algorithm, weighted, ring_size))
-        except ValueError as e:
-            raise CapacityError(f"pool {pool.name}: {e}") from None
+        weighted = [(backends[(pool.name, s.name)].id, s.weight) for s in _choose(pool, states)]
+        slots = tuple(scheduler.ring(pool.algorithm, weighted, ring_size))
         sid = service_ids[key]
         old = previous.services.get(key)
         if old is not None and old.id == sid and old.slots == slots:
@@ -103,8 +132,37 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
 
     links = list(links)
     arp = {(link.index, fe.vip): link.mac
-           for fe in config.frontends for link in links if link.holds(fe.vip)}
+           for fe in config.frontends for link in links
+           if link.holds(fe.vip) and (not fe.interfaces or link.name in fe.interfaces)}
     return DataplaneState(services, backends, frozenset(f.vip for f in config.frontends), arp)
+
+
+@dataclass(frozen=True)
+class FlowsToEnd:
+    backend_ids: frozenset[int]
+    service_ids: frozenset[int]
+
+
+def flows_to_end(old: Config, old_states: Mapping[BackendKey, str], current: DataplaneState,
+                 new: Config, new_states: Mapping[BackendKey, str],
+                 target: DataplaneState) -> FlowsToEnd:
+    """Established flows that a change ends: those of a server put in maint
+    (disabled), those of a server that went down or away from a pool whose
+    policy is "reset", and those of a frontend that is gone. Drained servers,
+    and gone or down servers under "keep", keep their flows."""
+    policies = {p.name: p.on_server_down for p in old.pools}
+    policies.update({p.name: p.on_server_down for p in new.pools})
+    ended = set()
+    for key, b in current.backends.items():
+        before = old_states.get(key, "up")
+        after = new_states.get(key, "up") if key in target.backends else "gone"
+        if after == before:
+            continue
+        if after == "maint" or (after in ("down", "gone") and before != "maint"
+                                and policies[key[0]] == "reset"):
+            ended.add(b.id)
+    services = {s.id for k, s in current.services.items() if k not in target.services}
+    return FlowsToEnd(frozenset(ended), frozenset(services))
 
 
 # An operation is a Datapath method name and its arguments.

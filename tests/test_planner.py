@@ -6,7 +6,7 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from xlb import planner
-from xlb.model import from_flags
+from xlb.model import Config, Frontend, Pool, Server, from_flags
 
 LIMITS = dict(max_services=8, max_backends=16, ring_size=32)
 A = IPv4Address
@@ -15,6 +15,7 @@ A = IPv4Address
 @dataclass(frozen=True)
 class FakeLink:
     index: int
+    name: str
     mac: bytes
     net: IPv4Network
 
@@ -22,13 +23,13 @@ class FakeLink:
         return addr in self.net
 
 
-LINKS = [FakeLink(2, b"\x02" * 6, IPv4Network("10.1.1.0/24")),
-         FakeLink(3, b"\x03" * 6, IPv4Network("10.1.11.0/24"))]
+LINKS = [FakeLink(2, "eth0", b"\x02" * 6, IPv4Network("10.1.1.0/24")),
+         FakeLink(3, "eth1", b"\x03" * 6, IPv4Network("10.1.11.0/24"))]
 SEED = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080", "10.1.11.102:8080"])
 
 
-def desired(cfg, previous=planner.DataplaneState()):
-    return planner.desired(cfg, LINKS, previous, **LIMITS)
+def desired(cfg, previous=planner.DataplaneState(), states={}):
+    return planner.desired(cfg, LINKS, previous, **LIMITS, states=states)
 
 
 def test_seed_state():
@@ -36,8 +37,8 @@ def test_seed_state():
     svc = st.services[(A("10.1.1.101"), 80, 6)]
     assert (svc.id, svc.ring, svc.slots) == (0, 0, (0, 1))
     assert {k: (b.id, str(b.address), b.port) for k, b in st.backends.items()} == {
-        ("default", "10.1.11.101:8080"): (0, "10.1.11.101", 8080),
-        ("default", "10.1.11.102:8080"): (1, "10.1.11.102", 8080)}
+        ("default", "backend1"): (0, "10.1.11.101", 8080),
+        ("default", "backend2"): (1, "10.1.11.102", 8080)}
     # ARP is answered only on the link whose subnet holds the VIP.
     assert st.arp == {(2, A("10.1.1.101")): b"\x02" * 6}
     assert st.vips == {A("10.1.1.101")}
@@ -58,17 +59,114 @@ def test_same_config_plans_nothing():
 
 def test_changed_backends_go_to_the_other_ring_before_the_switch():
     st = desired(SEED)
-    cfg = from_flags(["10.1.1.101:80"], ["10.1.11.102:8080", "10.1.11.103:8080"])
+    cfg = from_flags(["10.1.1.101:80"], ["10.1.11.102:8080", "10.1.11.103:8080",
+                                         "10.1.11.104:8080"])
     new = desired(cfg, st)
     svc = new.services[(A("10.1.1.101"), 80, 6)]
     assert svc.ring == 1                      # beside ring 0, which is in use
-    # the kept server keeps its id; the new one takes the lowest free id
-    assert new.backends[("default", "10.1.11.102:8080")].id == 1
-    assert new.backends[("default", "10.1.11.103:8080")].id == 0
+    # kept names keep their ids; the new one takes an id the old state did not use
+    assert [new.backends[("default", f"backend{i}")].id for i in (1, 2, 3)] == [0, 1, 2]
     ops = planner.plan(st, new)
     names = [op[0] for op in ops]
     assert names.index("write_ring") < names.index("set_service")
-    assert ("write_ring", 1, [1, 0]) in ops
+    assert ("write_ring", 1, [0, 1, 2]) in ops
+    assert ("set_backend", 0, A("10.1.11.102"), 8080) in ops
+
+
+def test_new_ids_avoid_ids_just_released():
+    three = from_flags(["10.1.1.101:80"], ["10.1.11.1:80", "10.1.11.2:80", "10.1.11.3:80"])
+    st = desired(three)
+    cfg = Config(frontends=three.frontends,
+                 pools=(Pool("default", (three.pools[0].servers[0],
+                                         Server("new", A("10.1.11.9"), 80))),))
+    new = desired(cfg, st)
+    assert new.backends[("default", "backend1")].id == 0
+    assert new.backends[("default", "new")].id == 3      # not 1 or 2, just released
+
+
+def _pool(*servers, algorithm="roundrobin", on_server_down="keep"):
+    return Config(frontends=(Frontend("www", A("10.1.1.101"), 80, "tcp", "p"),),
+                  pools=(Pool("p", tuple(servers), algorithm, on_server_down=on_server_down),))
+
+
+def _slots(cfg, states):
+    return desired(cfg, states=states).services[(A("10.1.1.101"), 80, 6)].slots
+
+
+S1, S2 = Server("s1", A("10.1.11.1"), 80), Server("s2", A("10.1.11.2"), 80)
+B1 = Server("b1", A("10.1.11.3"), 80, backup=True)
+
+
+def test_only_servers_that_are_up_take_new_flows():
+    cfg = _pool(S1, S2, B1)
+    assert _slots(cfg, {}) == (0, 1)                               # backup idle
+    for state in ("down", "drain", "maint"):
+        assert _slots(cfg, {("p", "s1"): state}) == (1,)
+
+
+def test_backups_serve_only_while_no_primary_is_up():
+    cfg = _pool(S1, S2, B1)
+    both_out = {("p", "s1"): "maint", ("p", "s2"): "down"}
+    assert _slots(cfg, both_out) == (2,)
+    assert _slots(cfg, {**both_out, ("p", "b1"): "down"}) == ()    # nothing: drop new flows
+
+
+def test_weighted_pool_ring():
+    cfg = _pool(Server("a", A("10.1.11.1"), 80, weight=3), Server("b", A("10.1.11.2"), 80),
+                algorithm="weighted")
+    assert sorted(_slots(cfg, {})) == [0, 0, 0, 1]
+
+
+def test_server_state_precedence():
+    s = Server("s", A("10.1.11.1"), 80)
+    assert planner.server_state(s, None, "up") == "up"
+    assert planner.server_state(s, None, "down") == "down"
+    assert planner.server_state(s, "drain", "down") == "drain"
+    assert planner.server_state(s, "maint", "up") == "maint"
+    assert planner.server_state(Server("s", A("10.1.11.1"), 80, enabled=False),
+                                None, "up") == "maint"
+
+
+@pytest.mark.parametrize("policy,before,after,ended", [
+    ("keep", "up", "drain", False),      # drain keeps established flows
+    ("keep", "up", "maint", True),       # disable ends them
+    ("reset", "up", "maint", True),
+    ("keep", "up", "down", False),
+    ("reset", "up", "down", True),
+    ("reset", "drain", "down", True),
+    ("reset", "maint", "down", False),   # already ended when it went to maint
+    ("keep", "maint", "up", False),
+])
+def test_flows_to_end_by_state_change(policy, before, after, ended):
+    cfg = _pool(S1, S2, on_server_down=policy)
+    old_states, new_states = {("p", "s1"): before}, {("p", "s1"): after}
+    cur = desired(cfg, states=old_states)
+    tgt = desired(cfg, cur, new_states)
+    ends = planner.flows_to_end(cfg, old_states, cur, cfg, new_states, tgt)
+    assert ends.backend_ids == ({0} if ended else set())
+    assert ends.service_ids == set()
+
+
+@pytest.mark.parametrize("policy,ended", [("keep", set()), ("reset", {0})])
+def test_flows_of_a_removed_server_follow_the_policy(policy, ended):
+    old, new = _pool(S1, S2, on_server_down=policy), _pool(S2, on_server_down=policy)
+    cur = desired(old)
+    tgt = desired(new, cur)
+    assert planner.flows_to_end(old, {}, cur, new, {}, tgt).backend_ids == ended
+
+
+def test_flows_of_a_removed_frontend_end():
+    two = from_flags(["10.1.1.101:80", "10.1.1.102:80"], ["10.1.11.101:8080"])
+    one = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"])
+    cur = desired(two)
+    tgt = desired(one, cur)
+    assert planner.flows_to_end(two, {}, cur, one, {}, tgt).service_ids == {1}
+
+
+def test_arp_only_on_a_frontends_interfaces():
+    cfg = Config(frontends=(Frontend("www", A("10.1.1.101"), 80, "tcp", "p",
+                                     interfaces=("eth1",)),), pools=_pool(S1).pools)
+    assert desired(cfg).arp == {}        # eth1's subnet does not hold the VIP
 
 
 def test_removed_frontend_is_deleted_after_the_rest():
@@ -101,6 +199,6 @@ def test_too_many_frontends():
 
 def test_pool_larger_than_a_ring():
     cfg = from_flags(["10.1.1.101:80"], [f"10.1.11.{i}:80" for i in range(1, 34)])
-    with pytest.raises(planner.CapacityError, match="33 backends do not fit a ring of 32"):
+    with pytest.raises(planner.CapacityError, match="33 servers do not fit a ring of 32"):
         planner.desired(cfg, LINKS, planner.DataplaneState(), max_services=8, max_backends=64,
                         ring_size=32)
