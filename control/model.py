@@ -83,7 +83,6 @@ class Config:
     frontends: tuple[Frontend, ...]
     pools: tuple[Pool, ...]
     monitors: tuple[Monitor, ...] = ()
-    interfaces: tuple[str, ...] = ()    # the one-line form's --iface
 
     def pool(self, name: str) -> Pool:
         return next(p for p in self.pools if p.name == name)
@@ -95,8 +94,7 @@ class Config:
 
     def attach_names(self) -> tuple[str, ...]:
         """Interfaces named anywhere; empty means every up, non-loopback one."""
-        names = [*self.interfaces, *(i for f in self.frontends for i in f.interfaces)]
-        return tuple(dict.fromkeys(names))
+        return tuple(dict.fromkeys(i for f in self.frontends for i in f.interfaces))
 
 
 def parse_port(text: str) -> int:
@@ -136,7 +134,8 @@ def parse_vip(text: str) -> tuple[IPv4Address, int, str]:
 def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
                monitor: Monitor | None = None) -> Config:
     """The one-line form: every --vip served by one pool, "default", of all --backend
-    servers (named backend1, backend2, ...; the frontends vip1, vip2, ...)."""
+    servers (named backend1, backend2, ...; the frontends vip1, vip2, ...), each
+    frontend on the --iface interfaces."""
     problems: list[tuple[str, str]] = []
     if not vips:
         problems.append(("--vip", "at least one VIP is required"))
@@ -166,7 +165,8 @@ def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
             problems.append((f"--vip {text}", "given twice"))
             continue
         frontends.append(Frontend(name=f"vip{len(frontends) + 1}", vip=addr, port=port,
-                                  protocol=proto, pool="default"))
+                                  protocol=proto, pool="default",
+                                  interfaces=tuple(dict.fromkeys(interfaces))))
 
     vip_set = {f.vip for f in frontends}
     for s in servers:
@@ -177,5 +177,4 @@ def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
         raise ConfigError(problems)
     return Config(frontends=tuple(frontends),
                   pools=(Pool("default", tuple(servers), monitor=monitor and monitor.name),),
-                  monitors=(monitor,) if monitor else (),
-                  interfaces=tuple(dict.fromkeys(interfaces)))
+                  monitors=(monitor,) if monitor else ())

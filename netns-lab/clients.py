@@ -7,12 +7,21 @@
     clients.py udp HOST PORT [--count N] [--timeout S]
         N datagrams, each from a new socket (a new flow).
         {"replies": [[name, source_ip, source_port], ...], "errors": [...]}
+    clients.py load HOST PORT --seconds S [--concurrency C] [--keepalive]
+        C threads send GETs for S seconds, each on a new connection or on one
+        keep-alive connection per thread. {"ok": n, "names": {...}, "errors": [...]}
+    clients.py hold HOST PORT --count N --pause S
+        N GETs on ONE keep-alive connection, S seconds apart; prints a JSON
+        line per request as it completes: {"i": i, "name": ...} or {"i": i, "error": ...}
 """
 
 import argparse
+import collections
 import http.client
 import json
 import socket
+import threading
+import time
 
 
 def http_requests(host, port, count, keepalive, timeout):
@@ -52,22 +61,82 @@ def udp_requests(host, port, count, timeout):
     return {"replies": replies, "errors": errors}
 
 
+def load(host, port, seconds, concurrency, keepalive, timeout):
+    deadline = time.monotonic() + seconds
+    lock = threading.Lock()
+    names, errors = collections.Counter(), []
+
+    def worker():
+        conn = None
+        while time.monotonic() < deadline:
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+                conn.request("GET", "/", headers={} if keepalive else {"Connection": "close"})
+                resp = conn.getresponse()
+                body = resp.read().decode().strip()
+                with lock:
+                    names[body if resp.status == 200 else f"status {resp.status}"] += 1
+                if not keepalive:
+                    conn.close()
+                    conn = None
+            except OSError as e:
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ok = sum(n for name, n in names.items() if not name.startswith("status "))
+    return {"ok": ok, "names": dict(names), "errors": errors[:20], "error_count": len(errors)}
+
+
+def hold(host, port, count, pause, timeout):
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    for i in range(count):
+        if i:
+            time.sleep(pause)
+        try:
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            print(json.dumps({"i": i, "name": resp.read().decode().strip()}), flush=True)
+        except OSError as e:
+            print(json.dumps({"i": i, "error": f"{type(e).__name__}: {e}"}), flush=True)
+            conn.close()
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    conn.close()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for cmd in ("http", "udp"):
+    for cmd in ("http", "udp", "load", "hold"):
         p = sub.add_parser(cmd)
         p.add_argument("host")
         p.add_argument("port", type=int)
         p.add_argument("--count", type=int, default=1)
         p.add_argument("--timeout", type=float, default=3.0)
-        if cmd == "http":
-            p.add_argument("--keepalive", action="store_true")
+        p.add_argument("--keepalive", action="store_true")
+        p.add_argument("--seconds", type=float, default=5.0)
+        p.add_argument("--concurrency", type=int, default=8)
+        p.add_argument("--pause", type=float, default=0.5)
     a = ap.parse_args()
+    if a.cmd == "hold":
+        hold(a.host, a.port, a.count, a.pause, a.timeout)
+        return
     if a.cmd == "http":
         out = http_requests(a.host, a.port, a.count, a.keepalive, a.timeout)
-    else:
+    elif a.cmd == "udp":
         out = udp_requests(a.host, a.port, a.count, a.timeout)
+    else:
+        out = load(a.host, a.port, a.seconds, a.concurrency, a.keepalive, a.timeout)
     print(json.dumps(out))
 
 

@@ -13,6 +13,7 @@ import os
 import select
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -23,6 +24,15 @@ VIP = "10.1.1.101"
 WAS = {"WAS1": "10.1.11.101", "WAS2": "10.1.11.102"}
 SEED_ARGS = ("--vip", f"{VIP}:80", "--backend", f"{WAS['WAS1']}:8080",
              "--backend", f"{WAS['WAS2']}:8080")
+
+
+def even_split(counts: dict[str, int], names: set[str], total: int) -> bool:
+    """True if `total` new flows went to exactly `names`, evenly as round-robin
+    gives it: each CPU keeps its own cursor, so each CPU may be one off."""
+    if set(counts) != names or sum(counts.values()) != total:
+        return False
+    fair = total / len(names)
+    return all(abs(n - fair) <= os.cpu_count() for n in counts.values())
 
 
 class Lab:
@@ -51,6 +61,23 @@ class Lab:
         prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user else []
         return subprocess.run(["ip", "netns", "exec", self.ns(node), *prefix, *cmd],
                               check=check, capture_output=True, text=True, timeout=timeout)
+
+    def spawn(self, node: str, *cmd: str) -> subprocess.Popen:
+        """A background command in node; the caller ends it (lab.sh down also does)."""
+        return subprocess.Popen(["ip", "netns", "exec", self.ns(node), *cmd],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def web_server(self, node: str, name: str, port: int) -> subprocess.Popen:
+        """One more lab web server (answers `name`), listening when this returns."""
+        proc = self.spawn(node, PY, str(HERE / "servers.py"), "web", "--name", name,
+                          "--port", str(port))
+        for _ in range(100):
+            probe = self.run(node, "bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}")
+            if probe.returncode == 0:
+                return proc
+            time.sleep(0.05)
+        proc.kill()
+        raise RuntimeError(f"{name} did not listen on {node}:{port}")
 
     def client(self, node: str, *args: str, timeout: float = 120) -> dict:
         out = self.run(node, PY, str(HERE / "clients.py"), *args, check=True, timeout=timeout)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
-from labctl import SEED_ARGS, VIP, WAS, XLB, Lab  # noqa: E402
+from labctl import SEED_ARGS, VIP, WAS, XLB, Lab, even_split  # noqa: E402
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -69,7 +69,7 @@ def test_udp_service_both_ways(lab, xlb):
     out = lab.client("client", "udp", VIP, "80", "--count", "10")
     assert out["errors"] == []
     names = collections.Counter(name for name, _, _ in out["replies"])
-    assert names == {"WAS1": 5, "WAS2": 5}
+    assert even_split(names, {"WAS1", "WAS2"}, 10), names
     # Replies come back from the VIP, not from the backend: reverse NAT worked.
     assert {(src, port) for _, src, port in out["replies"]} == {(VIP, 80)}
 
@@ -77,7 +77,7 @@ def test_udp_service_both_ways(lab, xlb):
 def test_routed_client_through_firewall(lab, xlb):
     out = lab.client("remote", "http", VIP, "80", "--count", "10")
     assert out["errors"] == []
-    assert collections.Counter(out["names"]) == {"WAS1": 5, "WAS2": 5}
+    assert even_split(collections.Counter(out["names"]), {"WAS1", "WAS2"}, 10), out
 
 
 def test_on_subnet_client_resolves_vip_by_arp(lab, xlb):
@@ -172,4 +172,5 @@ def test_second_up_is_refused_and_first_keeps_serving(lab, xlb):
     assert lab.status()["pid"] == before
     assert set(lab.xdp_attached("lb")) == {"eth0", "eth1"}
     out = lab.client("client", "http", VIP, "80", "--count", "4")
-    assert out["errors"] == [] and sorted(out["names"]) == ["WAS1", "WAS1", "WAS2", "WAS2"]
+    assert out["errors"] == []
+    assert even_split(collections.Counter(out["names"]), {"WAS1", "WAS2"}, 4), out

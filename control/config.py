@@ -1,0 +1,451 @@
+"""The operator's config file: TOML in, a validated `Config` out, and back.
+
+    [monitors.NAME]   health checks          (optional)
+    [servers.NAME]    real servers
+    [pools.NAME]      backend pools of servers
+    [frontends.NAME]  virtual services (VIP:port/protocol) served by a pool
+
+`load` checks everything and raises one `ConfigError` listing every problem it
+found, each as (key path, reason): `servers.was1.port`, `pools.web.servers[1]`.
+`dump` writes the effective config back, every default spelled out, so that
+`load(dump(c)) == c`. No I/O except `load_file`, no kernel.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import re
+import tomllib
+from collections.abc import Callable, Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from .model import (ALGORITHMS, MONITOR_TYPES, ON_SERVER_DOWN, PROTOCOLS, WEIGHT_RANGE, Config,
+                    ConfigError, Frontend, Monitor, Pool, Server, parse_address)
+
+SECTIONS = ("monitors", "servers", "pools", "frontends")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+BAD_NAME = "bad name: use letters, digits, '_', '.' and '-', starting with a letter or digit"
+HTTP_ONLY = ("path", "expect_status", "expect_body", "host")
+IFNAMSIZ = 16                       # the kernel's limit, with the terminating NUL
+
+
+# --- load -------------------------------------------------------------------
+
+def load(text: str) -> Config:
+    """The Config the TOML `text` describes; ConfigError lists every problem."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([("toml", str(e))]) from None
+    return _Loader(doc).config()
+
+
+def load_file(path: str | Path) -> Config:
+    """`load` of a UTF-8 file; a file that cannot be read is one problem named by its path."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError([(str(path), e.strerror or str(e))]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([(str(path), f"not UTF-8 text ({e.reason} at byte {e.start})")]) from None
+    return load(text)
+
+
+class _Invalid(Exception):
+    """A value is wrong: (path suffix, reason) pairs, suffix "" for the value itself."""
+
+    def __init__(self, *problems: tuple[str, str]):
+        self.problems = problems
+
+
+def _bad(reason: str) -> _Invalid:
+    return _Invalid(("", reason))
+
+
+_KINDS = [(bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"),
+          (list, "array"), (dict, "table"), (datetime.datetime, "datetime"),
+          (datetime.date, "date"), (datetime.time, "time")]
+
+
+def _kind(value: Any) -> str:
+    """The TOML type of a value tomllib produced."""
+    return next((name for t, name in _KINDS if isinstance(value, t)), type(value).__name__)
+
+
+def _expected(what: str, value: Any) -> _Invalid:
+    return _bad(f"expected {what}, got {_kind(value)}")
+
+
+def _choices(allowed) -> str:
+    allowed = list(allowed)
+    return allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+
+
+# Checks take the raw TOML value and return the model's value or raise _Invalid.
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _expected("a string", value)
+    return value
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _expected("an integer", value)
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _expected("a boolean", value)
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _expected("a number", value)
+    if not (math.isfinite(value) and value > 0):
+        raise _bad(f"must be a positive number of seconds, got {value}")
+    return float(value)
+
+
+def _port(value: Any) -> int:
+    port = _integer(value)
+    if not 1 <= port <= 65535:
+        raise _bad(f"port {port} is out of range 1-65535")
+    return port
+
+
+def _weight(value: Any) -> int:
+    weight, (low, high) = _integer(value), WEIGHT_RANGE
+    if not low <= weight <= high:
+        raise _bad(f"weight {weight} is out of range {low}-{high}")
+    return weight
+
+
+def _at_least_one(value: Any) -> int:
+    n = _integer(value)
+    if n < 1:
+        raise _bad(f"must be at least 1, got {n}")
+    return n
+
+
+def _status(value: Any) -> int:
+    status = _integer(value)
+    if not 100 <= status <= 599:
+        raise _bad(f"status {status} is out of range 100-599")
+    return status
+
+
+def _address(value: Any) -> IPv4Address:
+    try:
+        return parse_address(_string(value))
+    except ValueError as e:
+        raise _bad(str(e)) from None
+
+
+def _one_of(allowed) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if _string(value) not in allowed:
+            raise _bad(f"expected {_choices(allowed)}, got {value!r}")
+        return value
+    return check
+
+
+def _has_space(text: str) -> bool:
+    return any(c.isspace() or not c.isprintable() for c in text)
+
+
+def _http_path(value: Any) -> str:
+    path = _string(value)
+    if not path.startswith("/"):
+        raise _bad(f"must start with '/', got {path!r}")
+    if _has_space(path):
+        raise _bad(f"{path!r} contains whitespace or control characters")
+    return path
+
+
+def _nonempty(value: Any) -> str:
+    text = _string(value)
+    if not text:
+        raise _bad("must not be empty (leave the key out instead)")
+    return text
+
+
+def _host(value: Any) -> str:
+    host = _nonempty(value)
+    if _has_space(host):
+        raise _bad(f"{host!r} contains whitespace or control characters")
+    return host
+
+
+def _only_http(value: Any) -> Any:
+    raise _bad('only for type "http"')
+
+
+def _interface(value: Any) -> str:
+    name = _string(value)
+    if not name:
+        raise _bad("an interface name cannot be empty")
+    if len(name) >= IFNAMSIZ:
+        raise _bad(f"{name!r} is longer than {IFNAMSIZ - 1} characters")
+    if "/" in name or _has_space(name):
+        raise _bad(f"{name!r} is not an interface name (no '/' or whitespace)")
+    return name
+
+
+def _items(check: Callable[[Any], Any], value: Any) -> list:
+    """An array whose items pass `check` and are not repeated; every bad item is reported."""
+    if not isinstance(value, list):
+        raise _expected("an array", value)
+    items, problems = [], []
+    for i, item in enumerate(value):
+        try:
+            item = check(item)
+        except _Invalid as e:
+            problems += [(f"[{i}]{suffix}", reason) for suffix, reason in e.problems]
+            continue
+        if item in items:
+            problems.append((f"[{i}]", f"{item!r} is listed twice"))
+        items.append(item)
+    if problems:
+        raise _Invalid(*problems)
+    return items
+
+
+class _Loader:
+    def __init__(self, doc: dict[str, Any]):
+        self.doc = doc
+        self.problems: list[tuple[str, str]] = []
+        # The names each section defines (valid or not, so that one bad object
+        # is not also reported as missing wherever it is used); None when the
+        # section itself is not a table and nothing can be said about names.
+        self.names: dict[str, set[str] | None] = {}
+        # What is known of the objects, valid or not, for the checks across them.
+        self.addresses: dict[str, IPv4Address] = {}                 # server -> address
+        self.services: list[tuple[str, IPv4Address, int, str]] = []  # frontend, vip, port, proto
+
+    def problem(self, path: str, reason: str) -> None:
+        self.problems.append((path, reason))
+
+    def config(self) -> Config:
+        for key in self.doc:
+            if key not in SECTIONS:
+                self.problem(key, "unknown section")
+        # Each section refers only to those before it: its names are known.
+        monitors = [self.monitor(*t) for t in self.section("monitors")]
+        servers = {t[1]: self.server(*t) for t in self.section("servers")}
+        pools = [self.pool(*t, servers) for t in self.section("pools")]
+        frontends = [self.frontend(*t) for t in self.section("frontends")]
+        if not self.doc.get("frontends") and self.names["frontends"] is not None:
+            self.problem("frontends", "at least one frontend is required")
+        self.check_services()
+
+        if self.problems:
+            raise ConfigError(self.problems)
+        return Config(frontends=tuple(frontends), pools=tuple(pools), monitors=tuple(monitors))
+
+    def section(self, section: str) -> Iterator[tuple[str, str, dict]]:
+        """(path, name, table) of the section's objects, in file order."""
+        raw = self.doc.get(section, {})
+        if not isinstance(raw, dict):
+            self.problem(section, f"expected a table, got {_kind(raw)}")
+            self.names[section] = None
+            return
+        self.names[section] = set(raw)
+        for name, obj in raw.items():
+            path = f"{section}.{name}"
+            if not NAME_RE.fullmatch(name):
+                self.problem(path, BAD_NAME)
+            if not isinstance(obj, dict):
+                self.problem(path, f"expected a table, got {_kind(obj)}")
+                continue
+            yield path, name, obj
+
+    def ref(self, section: str, what: str) -> Callable[[Any], str]:
+        """A check that the value names an object of `section`."""
+        def check(value: Any) -> str:
+            name = _string(value)
+            known = self.names[section]
+            if known is not None and name not in known:
+                raise _bad(f"no {what} {name!r}")
+            return name
+        return check
+
+    def fields(self, path: str, obj: dict, checks: dict[str, Callable],
+               defaults: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The object's values by key, defaults filled in; a key whose value is
+        wrong (or missing, if required) is reported and left out."""
+        values = {key: value for key, value in defaults.items() if key not in obj}
+        for key, raw in obj.items():
+            check = checks.get(key)
+            if check is None:
+                self.problem(f"{path}.{key}", "unknown key")
+                continue
+            try:
+                values[key] = check(raw)
+            except _Invalid as e:
+                for suffix, reason in e.problems:
+                    self.problem(f"{path}.{key}{suffix}", reason)
+        for key in required:
+            if key not in obj:
+                self.problem(f"{path}.{key}", "required")
+        return values
+
+    def monitor(self, path: str, name: str, obj: dict) -> Monitor | None:
+        before = len(self.problems)
+        mtype = obj.get("type", "tcp")
+        checks = {"type": _one_of(MONITOR_TYPES), "port": _port,
+                  "path": _http_path, "expect_status": _status,
+                  "expect_body": _nonempty, "host": _host,
+                  "interval": _seconds, "timeout": _seconds,
+                  "rise": _at_least_one, "fall": _at_least_one}
+        if mtype in MONITOR_TYPES and mtype != "http":
+            checks.update(dict.fromkeys(HTTP_ONLY, _only_http))
+        values = self.fields(path, obj, checks, defaults={"interval": 2.0, "timeout": 1.0})
+        timeout, interval = values.get("timeout"), values.get("interval")
+        if timeout is not None and interval is not None and timeout > interval:
+            default = "" if "timeout" in obj else " (the default)"
+            self.problem(f"{path}.timeout",
+                         f"{timeout}{default} is longer than the interval {interval}")
+        if len(self.problems) > before or not NAME_RE.fullmatch(name):
+            return None
+        return Monitor(name=name, **values)
+
+    def server(self, path: str, name: str, obj: dict) -> Server | None:
+        before = len(self.problems)
+        values = self.fields(path, obj, {
+            "address": _address, "port": _port, "weight": _weight,
+            "monitor": self.ref("monitors", "monitor"),
+            "backup": _boolean, "enabled": _boolean,
+        }, defaults={}, required=("address", "port"))
+        if "address" in values:
+            self.addresses[name] = values["address"]
+        if len(self.problems) > before or not NAME_RE.fullmatch(name):
+            return None
+        return Server(name=name, **values)
+
+    def pool(self, path: str, name: str, obj: dict,
+             servers: dict[str, Server | None]) -> Pool | None:
+        def members(value: Any) -> list[str]:
+            names = _items(self.ref("servers", "server"), value)
+            if not names:
+                raise _bad("a pool needs at least one server")
+            return names
+
+        before = len(self.problems)
+        values = self.fields(path, obj, {
+            "servers": members, "algorithm": _one_of(ALGORITHMS),
+            "monitor": self.ref("monitors", "monitor"), "on_server_down": _one_of(ON_SERVER_DOWN),
+        }, defaults={}, required=("servers",))
+        if len(self.problems) > before or not NAME_RE.fullmatch(name):
+            return None
+        members = tuple(servers.get(s) for s in values.pop("servers"))
+        if None in members:
+            return None                 # a server named is itself wrong, and reported
+        return Pool(name=name, servers=members, **values)
+
+    def frontend(self, path: str, name: str, obj: dict) -> Frontend | None:
+        before = len(self.problems)
+        values = self.fields(path, obj, {
+            "vip": _address, "port": _port, "protocol": _one_of(PROTOCOLS),
+            "pool": self.ref("pools", "pool"),
+            "interfaces": lambda value: tuple(_items(_interface, value)),
+        }, defaults={"protocol": "tcp"}, required=("vip", "port", "pool"))
+        if all(key in values for key in ("vip", "port", "protocol")):
+            self.services.append((name, values["vip"], values["port"], values["protocol"]))
+        if len(self.problems) > before or not NAME_RE.fullmatch(name):
+            return None
+        return Frontend(name=name, **values)
+
+    def check_services(self) -> None:
+        """No service twice; no server at a VIP."""
+        first: dict[tuple[IPv4Address, int, str], str] = {}
+        vips: dict[IPv4Address, str] = {}
+        for name, vip, port, protocol in self.services:
+            seen = first.setdefault((vip, port, protocol), name)
+            if seen != name:
+                self.problem(f"frontends.{name}",
+                             f"duplicate of frontends.{seen} ({vip}:{port}/{protocol})")
+            vips.setdefault(vip, name)
+        for name, address in self.addresses.items():
+            if address in vips:
+                self.problem(f"servers.{name}.address",
+                             f"{address} is the VIP of frontends.{vips[address]}")
+
+
+# --- dump -------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+            "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    def escape(c: str) -> str:
+        if c in _ESCAPES:
+            return _ESCAPES[c]
+        if c < " " or c == "\x7f":
+            return f"\\u{ord(c):04X}"
+        return c
+    return '"' + "".join(map(escape, text)) + '"'
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)              # always has a '.', an 'e', or is inf/nan: a TOML float
+    if isinstance(value, (str, IPv4Address)):
+        return _toml_string(str(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def dump(config: Config) -> str:
+    """The config as canonical TOML, defaults written out: `load(dump(c)) == c`.
+
+    Keys with no value (a monitor's port, a server's monitor, ...) are left out;
+    servers are those of the pools, each once, in order of first appearance.
+    """
+    servers: dict[str, Server] = {}
+    for pool in config.pools:
+        for server in pool.servers:
+            if servers.setdefault(server.name, server) != server:
+                raise ValueError(f"two different servers are named {server.name!r}")
+
+    lines: list[str] = []
+
+    def table(section: str, name: str, items: list[tuple[str, Any]]) -> None:
+        lines.append(f"[{section}.{_toml_key(name)}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in items if value is not None)
+        lines.append("")
+
+    for m in config.monitors:
+        http = [("path", m.path), ("expect_status", m.expect_status),
+                ("expect_body", m.expect_body), ("host", m.host)] if m.type == "http" else []
+        table("monitors", m.name, [("type", m.type), ("port", m.port), *http,
+                                   ("interval", float(m.interval)), ("timeout", float(m.timeout)),
+                                   ("rise", m.rise), ("fall", m.fall)])
+    for s in servers.values():
+        table("servers", s.name, [("address", s.address), ("port", s.port), ("weight", s.weight),
+                                  ("monitor", s.monitor), ("backup", s.backup),
+                                  ("enabled", s.enabled)])
+    for p in config.pools:
+        table("pools", p.name, [("servers", [s.name for s in p.servers]),
+                                ("algorithm", p.algorithm), ("monitor", p.monitor),
+                                ("on_server_down", p.on_server_down)])
+    for f in config.frontends:
+        table("frontends", f.name, [("vip", f.vip), ("port", f.port), ("protocol", f.protocol),
+                                    ("pool", f.pool), ("interfaces", list(f.interfaces))])
+    return "\n".join(lines)

@@ -1,0 +1,499 @@
+"""The config file: load, validation messages, dump. No kernel, no root."""
+
+import textwrap
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from xlb.config import dump, load, load_file
+from xlb.model import Config, ConfigError, Frontend, Monitor, Pool, Server, from_flags
+
+SEED = Path(__file__).resolve().parent.parent / "netns-lab" / "seed.toml"
+
+
+def test_seed_file():
+    was1 = Server("was1", IPv4Address("10.1.11.101"), 8080)
+    was2 = Server("was2", IPv4Address("10.1.11.102"), 8080)
+    expected = Config(
+        monitors=(Monitor("was-http", type="http", port=8080, path="/", expect_status=200,
+                          interval=2.0, timeout=1.0, rise=2, fall=3),),
+        pools=(Pool("was", (was1, was2), algorithm="roundrobin", monitor="was-http",
+                    on_server_down="keep"),),
+        frontends=(Frontend("www", IPv4Address("10.1.1.101"), 80, "tcp", "was"),),
+    )
+    cfg = load_file(SEED)
+    assert cfg == expected
+    assert load_file(str(SEED)) == expected
+    assert cfg.attach_names() == ()
+    pool = cfg.pool("was")
+    assert [cfg.monitor_for(pool, s).name for s in pool.servers] == ["was-http", "was-http"]
+
+
+FULL = r'''
+[monitors.web-http]
+type = "http"
+port = 8081
+path = "/health?full=1"
+expect_status = 204
+expect_body = "say \"OK\" \\ tab\there\nnext line é \u0001 \u007F"
+host = "www.example.com"
+interval = 5
+timeout = 2.5
+rise = 1
+fall = 10
+
+[monitors.tcp-only]
+type = "tcp"
+interval = 0.5
+timeout = 0.5
+
+[monitors.off]
+type = "none"
+port = 1
+
+[servers.was1]
+address = "10.1.11.101"
+port = 8080
+weight = 256
+monitor = "tcp-only"
+backup = false
+enabled = true
+
+[servers."was2.v2"]
+address = "10.1.11.102"
+port = 65535
+weight = 1
+backup = true
+enabled = false
+
+[servers.db_1]
+address = "10.1.12.201"
+port = 5432
+
+[servers.unused]
+address = "10.1.11.200"
+port = 1
+
+[pools."web.v2"]
+servers = ["was2.v2", "was1"]
+algorithm = "weighted"
+monitor = "web-http"
+on_server_down = "reset"
+
+[pools.db]
+servers = ["db_1", "was1"]
+
+[frontends.www]
+vip = "10.1.1.101"
+port = 80
+protocol = "tcp"
+pool = "web.v2"
+interfaces = ["eth0", "eth1.100", "br-ext_0"]
+
+[frontends.www-udp]
+vip = "10.1.1.101"
+port = 80
+protocol = "udp"
+pool = "web.v2"
+
+[frontends.0db]
+vip = "10.1.1.102"
+port = 5432
+pool = "db"
+'''
+
+
+def test_full_example():
+    cfg = load(FULL)
+    assert [m.name for m in cfg.monitors] == ["web-http", "tcp-only", "off"]
+    assert [p.name for p in cfg.pools] == ["web.v2", "db"]
+    assert [f.name for f in cfg.frontends] == ["www", "www-udp", "0db"]
+    m = cfg.monitors[0]
+    assert m.expect_body == 'say "OK" \\ tab\there\nnext line é \x01 \x7f'
+    assert (m.interval, m.timeout) == (5.0, 2.5) and type(m.interval) is float
+    assert cfg.monitors[2] == Monitor("off", type="none", port=1)
+    web, db = cfg.pools
+    was2, was1 = web.servers
+    assert db.servers[1] is was1           # one server, two pools
+    assert was2 == Server("was2.v2", IPv4Address("10.1.11.102"), 65535, backup=True,
+                          enabled=False)
+    assert (web.algorithm, web.on_server_down, db.algorithm, db.monitor) == (
+        "weighted", "reset", "roundrobin", None)
+    assert cfg.frontends[0].interfaces == ("eth0", "eth1.100", "br-ext_0")
+    assert cfg.frontends[2].protocol == "tcp"
+    assert cfg.attach_names() == ("eth0", "eth1.100", "br-ext_0")
+
+
+def test_full_example_round_trips():
+    cfg = load(FULL)
+    text = dump(cfg)
+    assert load(text) == cfg
+    assert dump(load(text)) == text
+    assert "unused" not in text            # only the pools' servers exist in a Config
+    assert text.index("[servers.\"was2.v2\"]") < text.index("[servers.was1]") < text.index(
+        "[servers.db_1]")
+    assert text.count("[servers.was1]") == 1
+
+
+def test_dump_is_canonical():
+    assert dump(load_file(SEED)) == textwrap.dedent('''\
+        [monitors.was-http]
+        type = "http"
+        port = 8080
+        path = "/"
+        expect_status = 200
+        interval = 2.0
+        timeout = 1.0
+        rise = 2
+        fall = 3
+
+        [servers.was1]
+        address = "10.1.11.101"
+        port = 8080
+        weight = 1
+        backup = false
+        enabled = true
+
+        [servers.was2]
+        address = "10.1.11.102"
+        port = 8080
+        weight = 1
+        backup = false
+        enabled = true
+
+        [pools.was]
+        servers = ["was1", "was2"]
+        algorithm = "roundrobin"
+        monitor = "was-http"
+        on_server_down = "keep"
+
+        [frontends.www]
+        vip = "10.1.1.101"
+        port = 80
+        protocol = "tcp"
+        pool = "was"
+        interfaces = []
+        ''')
+
+
+@pytest.mark.parametrize("body", [
+    '"', "\\", "'", "'''", '"""', "\\u0041", "\t\r\n\b\f", "\x00\x1f\x7f", "é中🙂", "#x", "a=b",
+    "\u2028\u0085",
+])
+def test_dump_escapes_strings(body):
+    cfg = load(textwrap.dedent('''\
+        [monitors.m]
+        type = "http"
+        [servers.s]
+        address = "10.0.0.1"
+        port = 1
+        [pools.p]
+        servers = ["s"]
+        monitor = "m"
+        [frontends.f]
+        vip = "10.0.0.2"
+        port = 1
+        pool = "p"
+        '''))
+    cfg = Config(frontends=cfg.frontends, pools=cfg.pools,
+                 monitors=(Monitor("m", type="http", expect_body=body),))
+    assert load(dump(cfg)) == cfg
+
+
+def test_dump_floats_read_back_as_floats():
+    cfg = load_file(SEED)
+    for interval, timeout in [(2, 1), (1e-5, 1e-6), (1e20, 3.0), (0.1, 0.1)]:
+        c = Config(frontends=cfg.frontends, pools=cfg.pools,
+                   monitors=(Monitor("was-http", interval=interval, timeout=timeout),))
+        back = load(dump(c)).monitors[0]
+        assert (back.interval, back.timeout) == (interval, timeout)
+        assert type(back.interval) is float and type(back.timeout) is float
+
+
+def test_the_one_line_form_dumps_to_a_file_that_loads_back():
+    cfg = from_flags(["10.1.1.101:80", "10.1.1.101:80/udp"],
+                     ["10.1.11.101:8080", "10.1.11.102:8080"], ["eth0"])
+    assert load(dump(cfg)) == cfg
+
+
+def test_same_vip_and_port_on_both_protocols():
+    cfg = load(doc(frontend=FE + "\n[frontends.udp]\n" + FE + '\nprotocol = "udp"'))
+    assert [f.endpoint for f in cfg.frontends] == ["10.1.1.101:80/tcp", "10.1.1.101:80/udp"]
+
+
+def test_load_file_missing(tmp_path):
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as e:
+        load_file(path)
+    assert e.value.problems == [(str(path), "No such file or directory")]
+    with pytest.raises(ConfigError) as e:
+        load_file(str(path))
+    assert e.value.problems == [(str(path), "No such file or directory")]
+
+
+def test_load_file_unreadable(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_file(tmp_path)
+    assert e.value.problems == [(str(tmp_path), "Is a directory")]
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'# caf\xe9\n')
+    with pytest.raises(ConfigError) as e:
+        load_file(path)
+    assert e.value.problems == [(str(path), "not UTF-8 text (invalid continuation byte at byte 5)")]
+
+
+def test_message():
+    with pytest.raises(ConfigError) as e:
+        load(doc(server=SERVER + "\nwieght = 2\nport = 0", extra="[x]"))
+    assert str(e.value) == ("x: unknown section; servers.was1.wieght: unknown key; "
+                            "servers.was1.port: port 0 is out of range 1-65535")
+
+
+# --- broken configs ----------------------------------------------------------
+
+SERVER = 'address = "10.1.11.101"'          # the port comes from doc()
+POOL = 'servers = ["was1"]'
+FE = 'vip = "10.1.1.101"\nport = 80\npool = "web"'
+
+
+def doc(monitors="", server=SERVER + "\nport = 8080", pool=POOL, frontend=FE, extra=""):
+    """A valid config (one server was1, pool web, frontend www) but for what is given."""
+    return "\n".join([monitors, "[servers.was1]", server, "[pools.web]", pool,
+                      "[frontends.www]", frontend, extra])
+
+
+def monitor(*lines):
+    return "\n".join(["[monitors.m]", *lines])
+
+
+BAD = [
+    # TOML itself
+    ("toml-syntax", '[servers.was1]\naddress = 10.1.11.101\n',
+     [("toml", "Expected newline or end of document after a statement (at line 2, column 15)")]),
+    ("toml-table-twice", doc(extra="[servers.was1]"),
+     [("toml", "Cannot declare ('servers', 'was1') twice (at line 11, column 14)")]),
+    # sections and objects
+    ("unknown-section", doc(extra='[server.was2]\naddress = "10.1.11.102"'),
+     [("server", "unknown section")]),
+    ("unknown-top-level-key", 'version = 2\n' + doc(),
+     [("version", "unknown section")]),
+    ("section-not-a-table", doc(extra="[[pools]]\nservers = []").replace("[pools.web]\n" + POOL, ""),
+     [("pools", "expected a table, got array")]),
+    ("object-not-a-table", doc(monitors='[monitors]\nm = "tcp"', server=SERVER + "\nport = 8080"
+                                                                        '\nmonitor = "m"'),
+     [("monitors.m", "expected a table, got string")]),
+    ("unknown-key", doc(server=SERVER + "\nport = 8080\nwieght = 2"),
+     [("servers.was1.wieght", "unknown key")]),
+    ("unknown-subtable", doc(extra="[frontends.www.tls]\ncert = 'x'"),
+     [("frontends.www.tls", "unknown key")]),
+    ("bad-names", doc(extra='[monitors."-m"]\n[monitors."a b"]\n[monitors."é"]\n[monitors.""]'),
+     [("monitors.-m", "bad name: use letters, digits, '_', '.' and '-', starting with a letter "
+                      "or digit"),
+      ("monitors.a b", "bad name: use letters, digits, '_', '.' and '-', starting with a letter "
+                       "or digit"),
+      ("monitors.é", "bad name: use letters, digits, '_', '.' and '-', starting with a letter "
+                     "or digit"),
+      ("monitors.", "bad name: use letters, digits, '_', '.' and '-', starting with a letter "
+                    "or digit")]),
+    ("bad-name-still-checked", doc(extra='[pools."_p"]\nservers = ["was9"]'),
+     [("pools._p", "bad name: use letters, digits, '_', '.' and '-', starting with a letter "
+                   "or digit"),
+      ("pools._p.servers[0]", "no server 'was9'")]),
+    # types
+    ("int-is-a-string", doc(server=SERVER + '\nport = "8080"'),
+     [("servers.was1.port", "expected an integer, got string")]),
+    ("int-is-a-bool", doc(server=SERVER + "\nport = true"),
+     [("servers.was1.port", "expected an integer, got boolean")]),
+    ("int-is-a-float", doc(server=SERVER + "\nport = 8080.0\nweight = 1.0"),
+     [("servers.was1.port", "expected an integer, got float"),
+      ("servers.was1.weight", "expected an integer, got float")]),
+    ("int-is-a-date", doc(server=SERVER + "\nport = 1979-05-27"),
+     [("servers.was1.port", "expected an integer, got date")]),
+    ("bool-types", doc(server=SERVER + '\nport = 8080\nbackup = "yes"\nenabled = 1'),
+     [("servers.was1.backup", "expected a boolean, got string"),
+      ("servers.was1.enabled", "expected a boolean, got integer")]),
+    ("number-types", doc(monitor("interval = '2s'", "timeout = true", "rise = [1]")),
+     [("monitors.m.interval", "expected a number, got string"),
+      ("monitors.m.timeout", "expected a number, got boolean"),
+      ("monitors.m.rise", "expected an integer, got array")]),
+    ("string-types", doc(monitor('type = 1', 'path = {}', 'host = 2024-01-01T00:00:00'),
+                         server="address = 10\nport = 8080"),
+     [("monitors.m.type", "expected a string, got integer"),
+      ("monitors.m.path", "expected a string, got table"),
+      ("monitors.m.host", "expected a string, got datetime"),
+      ("servers.was1.address", "expected a string, got integer")]),
+    # required keys
+    ("required", doc(server="weight = 2", pool='algorithm = "weighted"', frontend=""),
+     [("servers.was1.address", "required"), ("servers.was1.port", "required"),
+      ("pools.web.servers", "required"),
+      ("frontends.www.vip", "required"), ("frontends.www.port", "required"),
+      ("frontends.www.pool", "required")]),
+    # values
+    ("bad-addresses", doc(server='address = "10.1.11.300"\nport = 8080',
+                          frontend=FE.replace("10.1.1.101", "::1")),
+     [("servers.was1.address", "'10.1.11.300' is not an IPv4 address"),
+      ("frontends.www.vip", "'::1' is not an IPv4 address")]),
+    ("ports-out-of-range", doc(monitor("port = 70000"), server=SERVER + "\nport = 0",
+                               frontend=FE.replace("80", "65536")),
+     [("monitors.m.port", "port 70000 is out of range 1-65535"),
+      ("servers.was1.port", "port 0 is out of range 1-65535"),
+      ("frontends.www.port", "port 65536 is out of range 1-65535")]),
+    ("monitor-port-not-a-port", doc(monitor("port = 0")) + '\n[monitors.n]\nport = "x"',
+     [("monitors.m.port", "port 0 is out of range 1-65535"),
+      ("monitors.n.port", "expected an integer, got string")]),
+    ("weights-out-of-range", doc(server=SERVER + "\nport = 8080\nweight = 0",
+                                 extra='[servers.was2]\naddress = "10.1.11.102"\nport = 1\n'
+                                       'weight = 257'),
+     [("servers.was1.weight", "weight 0 is out of range 1-256"),
+      ("servers.was2.weight", "weight 257 is out of range 1-256")]),
+    ("rise-fall", doc(monitor("rise = 0", "fall = -1")),
+     [("monitors.m.rise", "must be at least 1, got 0"),
+      ("monitors.m.fall", "must be at least 1, got -1")]),
+    ("interval-timeout-not-positive", doc(monitor("interval = 0", "timeout = -0.5")),
+     [("monitors.m.interval", "must be a positive number of seconds, got 0"),
+      ("monitors.m.timeout", "must be a positive number of seconds, got -0.5")]),
+    ("interval-not-finite", doc(monitor("interval = inf", "timeout = nan")),
+     [("monitors.m.interval", "must be a positive number of seconds, got inf"),
+      ("monitors.m.timeout", "must be a positive number of seconds, got nan")]),
+    ("timeout-over-interval", doc(monitor("interval = 2", "timeout = 3")),
+     [("monitors.m.timeout", "3.0 is longer than the interval 2.0")]),
+    ("default-timeout-over-interval", doc(monitor("interval = 0.5")),
+     [("monitors.m.timeout", "1.0 (the default) is longer than the interval 0.5")]),
+    ("http-only-keys", doc(monitor('path = "/"', 'expect_status = 200', 'expect_body = "x"',
+                                   'host = "h"'))
+     + '\n[monitors.n]\ntype = "none"\npath = "/"',
+     [("monitors.m.path", 'only for type "http"'),
+      ("monitors.m.expect_status", 'only for type "http"'),
+      ("monitors.m.expect_body", 'only for type "http"'),
+      ("monitors.m.host", 'only for type "http"'),
+      ("monitors.n.path", 'only for type "http"')]),
+    ("http-values", doc(monitor('type = "http"', 'path = "health"', 'expect_status = 600',
+                                'expect_body = ""', 'host = "a b"'))
+     + '\n[monitors.n]\ntype = "http"\npath = "/a\\r\\nX: y"\nexpect_status = 99',
+     [("monitors.m.path", "must start with '/', got 'health'"),
+      ("monitors.m.expect_status", "status 600 is out of range 100-599"),
+      ("monitors.m.expect_body", "must not be empty (leave the key out instead)"),
+      ("monitors.m.host", "'a b' contains whitespace or control characters"),
+      ("monitors.n.path", "'/a\\r\\nX: y' contains whitespace or control characters"),
+      ("monitors.n.expect_status", "status 99 is out of range 100-599")]),
+    ("bad-choices", doc(monitor('type = "https"', 'path = "/"'),
+                        pool=POOL + '\nalgorithm = "rr"\non_server_down = "drop"',
+                        frontend=FE + '\nprotocol = "TCP"'),
+     [("monitors.m.type", "expected tcp, http or none, got 'https'"),
+      ("pools.web.algorithm", "expected roundrobin or weighted, got 'rr'"),
+      ("pools.web.on_server_down", "expected keep or reset, got 'drop'"),
+      ("frontends.www.protocol", "expected tcp or udp, got 'TCP'")]),
+    # pools
+    ("pool-without-servers", doc(pool="servers = []"),
+     [("pools.web.servers", "a pool needs at least one server")]),
+    ("pool-servers-not-an-array", doc(pool='servers = "was1"'),
+     [("pools.web.servers", "expected an array, got string")]),
+    ("pool-server-twice", doc(pool='servers = ["was1", 1, "was1"]'),
+     [("pools.web.servers[1]", "expected a string, got integer"),
+      ("pools.web.servers[2]", "'was1' is listed twice")]),
+    # references
+    ("dangling-references", doc(monitor('type = "tcp"'), server=SERVER + '\nport = 8080\n'
+                                'monitor = "n"', pool='servers = ["was1", "was3"]\nmonitor = "x"',
+                                frontend=FE.replace('"web"', '"webb"')),
+     [("servers.was1.monitor", "no monitor 'n'"),
+      ("pools.web.servers[1]", "no server 'was3'"),
+      ("pools.web.monitor", "no monitor 'x'"),
+      ("frontends.www.pool", "no pool 'webb'")]),
+    ("no-monitors-section", doc(pool=POOL + '\nmonitor = "m"'),
+     [("pools.web.monitor", "no monitor 'm'")]),
+    ("reference-to-a-bad-object-is-not-dangling", doc(server=SERVER + '\nport = "x"'),
+     [("servers.was1.port", "expected an integer, got string")]),
+    # frontends
+    ("duplicate-service", doc(extra="[frontends.b]\n" + FE.replace("pool", "protocol = 'tcp'\npool")
+                              + "\n[frontends.c]\n" + FE),
+     [("frontends.b", "duplicate of frontends.www (10.1.1.101:80/tcp)"),
+      ("frontends.c", "duplicate of frontends.www (10.1.1.101:80/tcp)")]),
+    ("server-at-a-vip", doc(server='address = "10.1.1.102"\nport = 8080',
+                            extra='[frontends.other]\nvip = "10.1.1.102"\nport = 443\n'
+                                  'pool = "web"'),
+     [("servers.was1.address", "10.1.1.102 is the VIP of frontends.other")]),
+    ("no-frontends", doc(frontend="").replace("[frontends.www]", ""),
+     [("frontends", "at least one frontend is required")]),
+    ("empty-frontends-table", doc(frontend="").replace("[frontends.www]", "[frontends]"),
+     [("frontends", "at least one frontend is required")]),
+    ("interfaces", doc(frontend=FE + '\ninterfaces = ["eth0", "", "veth/1", "a b", '
+                                     '"abcdefghijklmnop", 1, "eth0", "abcdefghijklmno"]'),
+     [("frontends.www.interfaces[1]", "an interface name cannot be empty"),
+      ("frontends.www.interfaces[2]", "'veth/1' is not an interface name (no '/' or whitespace)"),
+      ("frontends.www.interfaces[3]", "'a b' is not an interface name (no '/' or whitespace)"),
+      ("frontends.www.interfaces[4]", "'abcdefghijklmnop' is longer than 15 characters"),
+      ("frontends.www.interfaces[5]", "expected a string, got integer"),
+      ("frontends.www.interfaces[6]", "'eth0' is listed twice")]),
+    ("interfaces-not-an-array", doc(frontend=FE + '\ninterfaces = "eth0"'),
+     [("frontends.www.interfaces", "expected an array, got string")]),
+    # everything at once, in order: unknown sections; then the sections in schema order, their
+    # objects and keys in file order (an object's own checks after its keys'); then the
+    # checks across frontends and servers
+    ("several-problems", textwrap.dedent('''\
+        [frontends.a]
+        vip = "10.1.1.101"
+        port = 80
+        pool = "web"
+        interfaces = [""]
+
+        [frontends.b]
+        vip = "10.1.1.101"
+        port = 80
+        pool = "nope"
+
+        [pools.web]
+        servers = ["was1", "was3", "was1"]
+        algorithm = "rr"
+
+        [servers.was1]
+        address = "10.1.1.101"
+        port = true
+        wieght = 2
+
+        [servers."bad name"]
+        port = 1.5
+
+        [monitors.m]
+        type = "tcp"
+        path = "/x"
+        timeout = 5
+        rise = 0
+
+        [extra]
+        '''),
+     [("extra", "unknown section"),
+      ("monitors.m.path", 'only for type "http"'),
+      ("monitors.m.rise", "must be at least 1, got 0"),
+      ("monitors.m.timeout", "5.0 is longer than the interval 2.0"),
+      ("servers.was1.port", "expected an integer, got boolean"),
+      ("servers.was1.wieght", "unknown key"),
+      ("servers.bad name", "bad name: use letters, digits, '_', '.' and '-', starting with a "
+                           "letter or digit"),
+      ("servers.bad name.port", "expected an integer, got float"),
+      ("servers.bad name.address", "required"),
+      ("pools.web.servers[1]", "no server 'was3'"),
+      ("pools.web.servers[2]", "'was1' is listed twice"),
+      ("pools.web.algorithm", "expected roundrobin or weighted, got 'rr'"),
+      ("frontends.a.interfaces[0]", "an interface name cannot be empty"),
+      ("frontends.b.pool", "no pool 'nope'"),
+      ("frontends.b", "duplicate of frontends.a (10.1.1.101:80/tcp)"),
+      ("servers.was1.address", "10.1.1.101 is the VIP of frontends.a")]),
+]
+
+
+def test_base_doc_is_valid():
+    cfg = load(doc())
+    assert [f.endpoint for f in cfg.frontends] == ["10.1.1.101:80/tcp"]
+
+
+@pytest.mark.parametrize("text,problems", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_config(text, problems):
+    with pytest.raises(ConfigError) as e:
+        load(text)
+    assert e.value.problems == problems
+
+
+def test_enough_bad_configs():
+    assert len(BAD) >= 25
+    assert len({b[0] for b in BAD}) == len(BAD)

@@ -1,0 +1,223 @@
+"""The operator's model end to end in the lab: config files, apply under load,
+drain, disable, backups and weights, with real servers and clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
+from labctl import HERE, PY, VIP, Lab, even_split  # noqa: E402
+
+pytestmark = [pytest.mark.lab,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
+
+# name -> (address, port, answer)
+SERVERS = {"was1": ("10.1.11.101", 8080, "WAS1"), "was2": ("10.1.11.102", 8080, "WAS2"),
+           "was1b": ("10.1.11.101", 8081, "WAS1B"), "was2b": ("10.1.11.102", 8081, "WAS2B")}
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = Lab("xlbm")
+    lab.down()
+    try:
+        lab.up()
+        extra = [lab.web_server("was1", "WAS1B", 8081), lab.web_server("was2", "WAS2B", 8081)]
+        yield lab
+        for proc in extra:
+            proc.terminate()
+            proc.wait(10)
+    finally:
+        lab.down()
+
+
+def config(pools: dict, frontends: dict, servers: dict | None = None) -> str:
+    """TOML for pools {name: (algorithm, policy, [server or (server, weight, backup)])}
+    and frontends {name: (vip, port, pool)}."""
+    out = []
+    for name, (addr, port, _) in SERVERS.items():
+        weight, backup = (servers or {}).get(name, (1, False))
+        out.append(f'[servers.{name}]\naddress = "{addr}"\nport = {port}\n'
+                   f'weight = {weight}\nbackup = {str(backup).lower()}\n')
+    for name, (algorithm, policy, members) in pools.items():
+        out.append(f'[pools.{name}]\nservers = {json.dumps(members)}\n'
+                   f'algorithm = "{algorithm}"\non_server_down = "{policy}"\n')
+    for name, (vip, port, pool) in frontends.items():
+        out.append(f'[frontends.{name}]\nvip = "{vip}"\nport = {port}\npool = "{pool}"\n')
+    return "\n".join(out)
+
+
+SEED = config({"web": ("roundrobin", "keep", ["was1", "was2"])}, {"www": (VIP, 80, "web")})
+
+
+@pytest.fixture
+def xlb(lab, tmp_path):
+    path = tmp_path / "xlb.toml"
+    path.write_text(SEED)
+    with lab.xlb("--config", str(path)) as x:
+        x.path = path
+        yield x
+    assert lab.xdp_attached("lb") == []
+
+
+def xlb_ok(lab, *args) -> str:
+    r = lab.xlb_cmd(*args, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def apply(lab, tmp_path, text: str) -> str:
+    f = tmp_path / "next.toml"
+    f.write_text(text)
+    return xlb_ok(lab, "apply", str(f))
+
+
+def names(lab, count=40, port=80, vip=VIP) -> dict:
+    out = lab.client("client", "http", vip, str(port), "--count", str(count))
+    assert out["errors"] == []
+    return {n: out["names"].count(n) for n in set(out["names"])}
+
+
+def test_seed_config_serves_round_robin(lab):
+    with lab.xlb("--config", str(HERE / "seed.toml")):
+        assert even_split(names(lab, 20), {"WAS1", "WAS2"}, 20)
+        st = lab.status()
+        assert [f["name"] for f in st["frontends"]] == ["www"]
+        assert [s["name"] for s in st["pools"][0]["servers"]] == ["was1", "was2"]
+
+
+@pytest.mark.parametrize("keepalive", [False, True], ids=["close", "keepalive"])
+def test_twenty_applies_under_load_lose_no_request(lab, xlb, tmp_path, keepalive):
+    """Add, reweight and remove servers, add and remove a frontend, 20 times in
+    all, while clients keep sending: not one request fails."""
+    steps = [
+        config({"web": ("roundrobin", "keep", ["was1", "was2", "was1b"])},
+               {"www": (VIP, 80, "web")}),
+        config({"web": ("weighted", "keep", ["was1", "was2", "was1b"])},
+               {"www": (VIP, 80, "web")}, {"was1": (3, False)}),
+        config({"web": ("weighted", "keep", ["was1", "was2"])}, {"www": (VIP, 80, "web")},
+               {"was1": (3, False)}),
+        config({"web": ("roundrobin", "keep", ["was1", "was2"]),
+                "alt": ("roundrobin", "keep", ["was2b"])},
+               {"www": (VIP, 80, "web"), "alt": ("10.1.1.102", 80, "alt")}),
+        SEED,
+    ]
+    args = ["--seconds", "12", "--concurrency", "8"] + (["--keepalive"] if keepalive else [])
+    load = lab.spawn("client", PY, str(HERE / "clients.py"), "load", VIP, "80", *args)
+    try:
+        for i in range(20):
+            out = apply(lab, tmp_path, steps[i % len(steps)])
+            assert "applied" in out
+    finally:
+        stdout, stderr = load.communicate(timeout=60)
+    result = json.loads(stdout)
+    assert result["error_count"] == 0, result["errors"]
+    assert result["ok"] > 100
+    assert set(result["names"]) <= {"WAS1", "WAS2", "WAS1B"}
+    # The last apply was the seed again, and it was persisted.
+    assert xlb.path.read_text() == SEED
+
+
+def shape(status: dict) -> tuple:
+    """What a config decides, without the counters."""
+    return ([(f["name"], f["vip"], f["port"], f["pool"]) for f in status["frontends"]],
+            [(p["name"], p["algorithm"], [(s["name"], s["state"], s["weight"])
+                                          for s in p["servers"]]) for p in status["pools"]])
+
+
+def test_apply_of_an_invalid_file_changes_nothing(lab, xlb, tmp_path):
+    before = lab.status()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SEED.replace('pool = "web"', 'pool = "nosuch"'))
+    r = lab.xlb_cmd("apply", str(bad))
+    assert r.returncode != 0
+    assert "frontends.www.pool" in r.stderr and "nothing applied" in r.stderr
+    assert shape(lab.status()) == shape(before)
+    assert xlb.path.read_text() == SEED
+    assert even_split(names(lab, 10), {"WAS1", "WAS2"}, 10)
+
+
+def test_drain_lets_an_open_connection_finish(lab, xlb):
+    hold = lab.spawn("client", PY, str(HERE / "clients.py"), "hold", VIP, "80",
+                     "--count", "6", "--pause", "0.3")
+    first = json.loads(hold.stdout.readline())
+    server = {"WAS1": "was1", "WAS2": "was2"}[first["name"]]
+    other = "WAS2" if server == "was1" else "WAS1"
+    out = xlb_ok(lab, "server", "drain", "web", server)
+    assert f"web/{server} is drain" in out
+    # New connections go to the other server only...
+    assert names(lab, 10) == {other: 10}
+    # ...while the open one keeps its server to the end.
+    rest = [json.loads(line) for line in hold.communicate(timeout=30)[0].splitlines()]
+    assert [r.get("name") for r in rest] == [first["name"]] * 5
+    assert next(s for s in lab.status()["pools"][0]["servers"]
+                if s["name"] == server)["state"] == "drain"
+    xlb_ok(lab, "server", "enable", "web", server)
+    assert even_split(names(lab, 10), {"WAS1", "WAS2"}, 10)
+
+
+def test_disable_stops_new_flows_and_ends_open_ones(lab, xlb):
+    hold = lab.spawn("client", PY, str(HERE / "clients.py"), "hold", VIP, "80",
+                     "--count", "3", "--pause", "0.5", "--timeout", "2")
+    first = json.loads(hold.stdout.readline())
+    server = {"WAS1": "was1", "WAS2": "was2"}[first["name"]]
+    other = "WAS2" if server == "was1" else "WAS1"
+    out = xlb_ok(lab, "server", "disable", "web", server)
+    assert f"web/{server} is maint" in out
+    # The command returns once the maps are written: new flows avoid it at once.
+    assert names(lab, 10) == {other: 10}
+    rest = [json.loads(line) for line in hold.communicate(timeout=30)[0].splitlines()]
+    # The open connection's next packet is balanced anew, to a server that
+    # knows nothing of it: the connection ends instead of going on.
+    assert "error" in rest[0], rest
+    # The runtime state survives an apply.
+    xlb_ok(lab, "apply", str(xlb.path))
+    assert names(lab, 6) == {other: 6}
+    xlb_ok(lab, "server", "enable", "web", server)
+    assert even_split(names(lab, 10), {"WAS1", "WAS2"}, 10)
+
+
+def test_backups_take_over_when_every_primary_is_disabled(lab, tmp_path, xlb):
+    apply(lab, tmp_path, config({"web": ("roundrobin", "keep", ["was1", "was2", "was2b"])},
+                                {"www": (VIP, 80, "web")}, {"was2b": (1, True)}))
+    assert even_split(names(lab, 10), {"WAS1", "WAS2"}, 10)
+    xlb_ok(lab, "server", "disable", "web", "was1")
+    xlb_ok(lab, "server", "disable", "web", "was2")
+    assert names(lab, 10) == {"WAS2B": 10}
+    xlb_ok(lab, "server", "enable", "web", "was2")
+    assert names(lab, 10) == {"WAS2": 10}
+
+
+def test_weights_three_to_one(lab, tmp_path, xlb):
+    apply(lab, tmp_path, config({"web": ("weighted", "keep", ["was1", "was2"])},
+                                {"www": (VIP, 80, "web")}, {"was1": (3, False)}))
+    got = names(lab, 200)
+    assert 140 <= got["WAS1"] <= 160 and got["WAS1"] + got["WAS2"] == 200
+
+
+def test_many_frontends_each_with_its_own_pool(lab, tmp_path, xlb):
+    apply(lab, tmp_path, config(
+        {"a": ("roundrobin", "keep", ["was1"]), "b": ("roundrobin", "keep", ["was2"]),
+         "c": ("roundrobin", "keep", ["was1b", "was2b"])},
+        {"www": (VIP, 80, "a"), "alt": (VIP, 8080, "b"), "other": ("10.1.1.102", 80, "c")}))
+    assert names(lab, 4) == {"WAS1": 4}
+    assert names(lab, 4, port=8080) == {"WAS2": 4}
+    assert even_split(names(lab, 4, vip="10.1.1.102"), {"WAS1B", "WAS2B"}, 4)
+
+
+def test_show_prints_the_effective_config(lab, xlb):
+    shown = xlb_ok(lab, "show")
+    assert '[pools.web]' in shown and 'algorithm = "roundrobin"' in shown
+    assert 'on_server_down = "keep"' in shown      # defaults written out
+
+
+def test_server_command_errors(lab, xlb):
+    r = lab.xlb_cmd("server", "drain", "web", "nosuch")
+    assert r.returncode != 0 and "no server 'nosuch' in pool 'web'" in r.stderr
+    r = lab.xlb_cmd("server", "drain", "nosuch", "was1")
+    assert r.returncode != 0 and "no pool 'nosuch'" in r.stderr
