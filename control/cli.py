@@ -118,14 +118,20 @@ def apply(file: Path) -> None:
     from (`xlb up --config FILE`).
     """
     try:
-        configfile.load_file(file)
-    except ConfigError as e:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"{file}: {e.strerror if isinstance(e, OSError) else e}") from None
+    try:
+        r = ctl.request("apply", text=text, timeout=60)   # the instance validates
+    except ctl.ControlError as e:
         for path, reason in e.problems:
             click.echo(f"{file}: {path}: {reason}", err=True)
-        raise Failure("invalid config: nothing applied") from None
-    r = _request("apply", text=file.read_text())
-    click.echo(f"xlb: applied {file}: {r['frontends']} frontends, {r['pools']} pools, "
-               f"{r['servers']} servers; {r['flows_ended']} flows ended; {r['persisted']}")
+        raise Failure(str(e)) from None
+    except ctl.NotRunning as e:
+        raise Failure(str(e)) from None
+    click.echo(f"xlb: applied {file} in {r['validate_seconds'] + r['apply_seconds']:.3f}s: "
+               f"{r['frontends']} frontends, {r['pools']} pools, {r['servers']} servers; "
+               f"{r['flows_ended']} flows ended; {r['persisted']}")
 
 
 @cli.command()
@@ -220,7 +226,7 @@ def format_status(s: dict) -> str:
     a = s["actions"]
     drops = {k[5:]: v["packets"] for k, v in s["reasons"].items() if k.startswith("drop_")}
     lines += ["", f"flow table: {s['flows']['entries']}/{s['flows']['capacity']} entries "
-                  f"(two per connection)",
+                  f"(two per connection); maps hold {s['map_memory_bytes'] / 2**20:.1f} MiB",
               "xdp actions: " + ", ".join(f"{k[4:].lower()} {_si(v)}" for k, v in a.items()),
               "drops: " + ", ".join(f"{k} {_si(v)}" for k, v in drops.items())]
     return "\n".join(lines)

@@ -33,7 +33,12 @@ class AlreadyRunning(Exception):
 
 
 class ControlError(Exception):
-    """The instance refused or failed a request; the message says why."""
+    """The instance refused or failed a request; the message says why, and
+    `problems` lists (key path, reason) pairs for an invalid config."""
+
+    def __init__(self, message: str, problems: list | None = None):
+        super().__init__(message)
+        self.problems = problems or []
 
 
 def bind() -> socket.socket:
@@ -72,7 +77,7 @@ def request(cmd: str, timeout: float = 10.0, **args) -> object:
             buf += chunk
     reply = json.loads(buf)
     if not reply.get("ok"):
-        raise ControlError(reply.get("error", "request failed"))
+        raise ControlError(reply.get("error", "request failed"), reply.get("problems"))
     return reply.get("result")
 
 

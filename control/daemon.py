@@ -145,6 +145,7 @@ class Balancer:
                            for a in dp.attachments()],
             "frontends": frontends, "pools": pools,
             "flows": {"entries": entries, "capacity": dp.limits.max_flows},
+            "map_memory_bytes": sum(dp.map_memory().values()),
             "actions": actions,
             "reasons": {name: {"packets": t.packets, "bytes": t.bytes}
                         for name, t in reasons.items()},
@@ -167,8 +168,9 @@ def _attach(datapath: Datapath, link: netif.Link):
 
 def _check_host(config: Config, links: list[netif.Link]) -> None:
     """Refuses VIPs that are local addresses; warns where replies would be filtered."""
+    local = netif.local_addresses()
     for fe in config.frontends:
-        owner = netif.local_owner(fe.vip)
+        owner = local.get(fe.vip)
         if owner:
             raise LookupError(f"VIP {fe.vip} is a local address (on {owner}): reverse-NATed "
                               f"replies would look martian; remove it from the host")
@@ -187,9 +189,8 @@ def up(config: Config, config_path: Path | None = None) -> int:
         datapath = Datapath(Limits())
         balancer = Balancer(datapath, config_path)
         balancer.apply(config)
-        print(f"xlb: serving {', '.join(f.endpoint for f in config.frontends)} -> "
-              f"{', '.join(f'{s.address}:{s.port}' for p in config.pools for s in p.servers)}"
-              f" on {', '.join(f'{a.ifname} ({a.mode})' for a in datapath.attachments())}",
+        print(f"xlb: serving {_summary(config)} on "
+              f"{', '.join(f'{a.ifname} ({a.mode})' for a in datapath.attachments())}",
               flush=True)
         asyncio.run(_serve(balancer, sock))
     finally:
@@ -198,6 +199,16 @@ def up(config: Config, config_path: Path | None = None) -> int:
         sock.close()
     print("xlb: stopped, XDP detached", flush=True)
     return 0
+
+
+def _summary(config: Config, most: int = 4) -> str:
+    """"10.1.1.101:80/tcp -> 10.1.11.101:8080, 10.1.11.102:8080", shortened when long."""
+    def some(items):
+        items = list(dict.fromkeys(items))
+        return ", ".join(items[:most]) + (f" and {len(items) - most} more"
+                                          if len(items) > most else "")
+    return (some(f.endpoint for f in config.frontends) + " -> "
+            + some(f"{s.address}:{s.port}" for p in config.pools for s in p.servers))
 
 
 async def _serve(balancer: Balancer, sock) -> None:
@@ -244,7 +255,9 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock,
         async with lock:
             result = await asyncio.to_thread(_dispatch, balancer, request_stop, cmd, req)
         return {"ok": True, "result": result}
-    except (ConfigError, LookupError, planner.CapacityError, DatapathError) as e:
+    except ConfigError as e:
+        return {"ok": False, "error": "invalid config: nothing applied", "problems": e.problems}
+    except (LookupError, planner.CapacityError, DatapathError) as e:
         return {"ok": False, "error": str(e.args[0]) if isinstance(e, LookupError) else str(e)}
     except (KeyError, TypeError, AttributeError):
         return {"ok": False, "error": f"malformed {cmd!r} request"}
@@ -263,9 +276,13 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
                 "config": str(balancer.config_path) if balancer.config_path else None}
     if cmd == "apply":
         text = req["text"]
-        result = balancer.apply(configfile.load(text))
+        t0 = time.perf_counter()
+        cfg = configfile.load(text)
+        t1 = time.perf_counter()
+        result = balancer.apply(cfg)
+        t2 = time.perf_counter()
         result["persisted"] = balancer.persist(text)
-        return result
+        return {**result, "validate_seconds": t1 - t0, "apply_seconds": t2 - t1}
     if cmd == "server":
         if req["action"] not in ADMIN_ACTIONS:
             raise LookupError(f"unknown server action {req['action']!r}")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import os
+import re
 import socket
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from pathlib import Path
 
 from . import bpfsys, layout
 from .layout import BPF_DIR, MAPS
@@ -199,6 +201,14 @@ class Datapath:
             keys = (self._maps["flows"].Key * len(doomed))(*doomed)
             self._maps["flows"].items_delete_batch(keys)
         return len(doomed) // 2
+
+    def map_memory(self) -> dict[str, int]:
+        """Bytes of locked kernel memory each map holds, as the kernel reports them."""
+        sizes = {}
+        for name, table in self._maps.items():
+            info = Path(f"/proc/self/fdinfo/{table.map_fd}").read_text()
+            sizes[name] = int(re.search(r"^memlock:\s+(\d+)", info, re.M).group(1))
+        return sizes
 
     def _flow_items(self):
         # One syscall per batch instead of two per entry; an empty map yields nothing.

@@ -63,10 +63,9 @@ def select(names: list[str] | tuple[str, ...]) -> list[Link]:
     return [by_name[n] for n in dict.fromkeys(names)]
 
 
-def local_owner(addr: IPv4Address) -> str | None:
-    """The name of the link that has addr as a local address, if any."""
-    return next((link.name for link in links() if any(a.ip == addr for a in link.addresses)),
-                None)
+def local_addresses() -> dict[IPv4Address, str]:
+    """Every local IPv4 address of this namespace, and the link that has it."""
+    return {a.ip: link.name for link in links() for a in link.addresses}
 
 
 def strict_rp_filter(name: str) -> bool:

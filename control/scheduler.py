@@ -23,6 +23,8 @@ def smooth_weighted(weighted: list[tuple[int, int]], size: int) -> list[int]:
         raise ValueError(f"{len(weighted)} backends do not fit a ring of {size}")
     g = reduce(gcd, (w for _, w in weighted))
     weighted = [(i, w // g) for i, w in weighted]
+    if all(w == 1 for _, w in weighted):
+        return [i for i, _ in weighted]     # what the loop below gives, without its n² steps
     total = sum(w for _, w in weighted)
     if total > size:
         weighted = [(i, max(1, w * size // total)) for i, w in weighted]

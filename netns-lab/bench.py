@@ -10,22 +10,28 @@
 2. The lab: HTTP requests/s with wrk through the VIP and directly to WAS1 (the
    client reaches WAS1 routed through the balancer's kernel), same duration,
    same connections. The Python web servers bound this figure, not xlb.
+3. `xlb apply` of a config with 10,000 servers in 100 pools (100 frontends) to
+   a running instance: validation and apply time (target: under 1 s), then a
+   one-weight change of the same config, and the BPF maps' memory.
 
 Every load is bounded in time and stops by itself.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import statistics
-import subprocess
 import sys
+import tempfile
+import time
 from ipaddress import IPv4Address
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from labctl import SEED_ARGS, VIP, WAS, Lab  # noqa: E402
+from labctl import HERE, SEED_ARGS, VIP, WAS, Lab  # noqa: E402
 
 RUNS = 20000
 WRK_SECONDS = 5
@@ -88,19 +94,60 @@ def wrk(lab: Lab, url: str) -> float:
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
 
+def big_config(pools: int = 100, per_pool: int = 100, heavy: int = 1) -> str:
+    out = []
+    for p in range(pools):
+        names = [f"s{p}-{i}" for i in range(per_pool)]
+        for i, name in enumerate(names):
+            weight = heavy if (p, i) == (0, 0) else 1
+            out.append(f'[servers.{name}]\naddress = "10.2.{p}.{i + 1}"\nport = 8080\n'
+                       f"weight = {weight}\n")
+        out.append(f'[pools.p{p}]\nservers = {json.dumps(names)}\nalgorithm = "weighted"\n')
+        out.append(f'[frontends.f{p}]\nvip = "10.3.{p}.1"\nport = 80\npool = "p{p}"\n')
+    return "\n".join(out)
+
+
+def timed_apply(lab: Lab, path: Path) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    out = lab.xlb_cmd("apply", str(path), check=True, timeout=120).stdout.strip()
+    return time.perf_counter() - t0, out
+
+
 def bench_lab() -> None:
     lab = Lab("xlbb")
     lab.down()
+    tmp = Path(tempfile.mkdtemp(prefix="xlb-bench-"))
     try:
         lab.up()
         with lab.xlb(*SEED_ARGS):
             direct = wrk(lab, f"http://{WAS['WAS1']}:8080/")
             vip = wrk(lab, f"http://{VIP}/")
+        seed = tmp / "xlb.toml"
+        shutil.copy(HERE / "seed.toml", seed)
+        with lab.xlb("--config", str(seed)):
+            before = lab.status()["map_memory_bytes"]
+            (tmp / "big.toml").write_text(big_config())
+            (tmp / "big2.toml").write_text(big_config(heavy=3))
+            t_big, out_big = timed_apply(lab, tmp / "big.toml")
+            t_change, out_change = timed_apply(lab, tmp / "big2.toml")
+            status = lab.status()
     finally:
         lab.down()
+        shutil.rmtree(tmp)
     print(f"HTTP through the lab, wrk -t2 -c32 -d{WRK_SECONDS}s (keep-alive), requests/s:")
     print(f"  {'directly to WAS1 (routed by lb)':<34} {direct:9.0f}   1.00x")
     print(f"  {'through the VIP (XDP, 2 backends)':<34} {vip:9.0f}  {vip / direct:5.2f}x")
+    print()
+    servers = sum(len(p["servers"]) for p in status["pools"])
+    print(f"xlb apply, 100 frontends, 100 pools, {servers} servers (target: under 1 s):")
+    for name, t, out in (("first apply (from the seed)", t_big, out_big),
+                         ("one weight changed", t_change, out_change)):
+        inside = float(re.search(r" in ([\d.]+)s:", out).group(1))
+        print(f"  {name:<30} {inside:6.3f} s validate+apply in xlb, "
+              f"{t:6.3f} s for the whole `xlb apply` command")
+    after = status["map_memory_bytes"]
+    print(f"  BPF maps: {before / 2**20:.1f} MiB with the seed, {after / 2**20:.1f} MiB with "
+          f"{servers} servers (preallocated: sized by the limits, not the config)")
 
 
 if __name__ == "__main__":

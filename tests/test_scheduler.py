@@ -37,3 +37,27 @@ def test_too_many_backends_for_the_ring():
         scheduler.ring("roundrobin", [(i, 1) for i in range(5)], 4)
     with pytest.raises(ValueError, match="do not fit"):
         scheduler.ring("weighted", [(i, 1) for i in range(5)], 4)
+
+
+def nginx_reference(weighted):
+    """nginx's smooth weighted round-robin, step by step, for comparison."""
+    current = [0] * len(weighted)
+    total = sum(w for _, w in weighted)
+    out = []
+    for _ in range(total):
+        for k, (_, w) in enumerate(weighted):
+            current[k] += w
+        best = max(range(len(weighted)), key=lambda k: current[k])
+        current[best] -= total
+        out.append(weighted[best][0])
+    return out
+
+
+@pytest.mark.parametrize("weighted", [
+    [(5, 1), (3, 1), (9, 1)],            # equal: the shortcut
+    [(5, 2), (3, 2), (9, 3)],
+    [(0, 4), (1, 3), (2, 2), (3, 1)],
+    [(7, 1), (8, 5)],
+])
+def test_smooth_weighted_is_nginx(weighted):
+    assert scheduler.smooth_weighted(weighted, 1024) == nginx_reference(weighted)
