@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # `make demo`: the seed topology in namespaces, xlb serving VIP 10.1.1.101:80
-# round-robin to WAS1 and WAS2, ten requests from the on-subnet client and four
-# from the routed one, `xlb status`, then everything torn down (also on failure).
+# round-robin to WAS1 and WAS2 from netns-lab/seed.toml, ten requests from the
+# on-subnet client and four from the routed one, a drained server, `xlb status`,
+# then everything torn down (also on failure).
 set -eu
 cd "$(dirname "$(readlink -f "$0")")/.."
 export XLB_LAB=${XLB_LAB:-xlb}
 P=$XLB_LAB
 LAB="bash netns-lab/lab.sh"
 LOG=$(mktemp /tmp/xlb-demo.XXXXXX)
+CONFIG=$(mktemp /tmp/xlb-demo.XXXXXX.toml)   # `xlb apply` would persist into it
+cp netns-lab/seed.toml "$CONFIG"
 XLB_PID=""
 
 cleanup() {
@@ -17,7 +20,7 @@ cleanup() {
         sed -n '2,$p' "$LOG"
     fi
     $LAB down >/dev/null
-    rm -f "$LOG"
+    rm -f "$LOG" "$CONFIG"
 }
 trap cleanup EXIT
 
@@ -26,10 +29,14 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 step "seed topology (netns-lab/lab.sh up)"
 $LAB up
 
+step "the seed's configuration: health monitor, real servers, backend pool, frontend"
+grep -v '^#' netns-lab/seed.toml | grep -v '^$'
+echo "+ xlb check seed.toml"
+.venv/bin/xlb check "$CONFIG"
+
 step "xlb up in $P-lb"
-echo "+ xlb up --vip 10.1.1.101:80 --backend 10.1.11.101:8080 --backend 10.1.11.102:8080"
-ip netns exec "$P-lb" .venv/bin/xlb up --vip 10.1.1.101:80 \
-    --backend 10.1.11.101:8080 --backend 10.1.11.102:8080 >"$LOG" 2>&1 &
+echo "+ xlb up --config seed.toml"
+ip netns exec "$P-lb" .venv/bin/xlb up --config "$CONFIG" >"$LOG" 2>&1 &
 XLB_PID=$!
 for _ in $(seq 600); do     # compiling the program takes a few seconds
     grep -q serving "$LOG" && break
@@ -47,6 +54,15 @@ step "4 requests from the routed client (198.51.100.10, through the external fir
 for i in $(seq 4); do
     printf 'request %2d -> %s\n' "$i" "$(ip netns exec "$P-remote" curl -s -m 3 http://10.1.1.101/)"
 done
+
+step "drain WAS2: no new connections for it (open ones would finish)"
+echo "+ xlb server drain was was2"
+ip netns exec "$P-lb" .venv/bin/xlb server drain was was2
+for i in $(seq 4); do
+    printf 'request %2d -> %s\n' "$i" "$(ip netns exec "$P-client" curl -s -m 3 http://10.1.1.101/)"
+done
+echo "+ xlb server enable was was2"
+ip netns exec "$P-lb" .venv/bin/xlb server enable was was2
 
 step "xlb status"
 ip netns exec "$P-lb" .venv/bin/xlb status
