@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__, config as configfile, ctl
-from .model import ConfigError, from_flags
+from .model import ConfigError, from_flags, monitor_from_flags
 
 
 class Failure(click.ClickException):
@@ -42,26 +42,47 @@ def cli() -> None:
               help="A real server. Repeatable; new flows go round-robin.")
 @click.option("--iface", "ifaces", multiple=True, metavar="DEV",
               help="Attach to DEV. Repeatable. Default: every up, non-loopback interface.")
+@click.option("--check", "check_kind", default="tcp", show_default=True,
+              metavar="tcp|http:/PATH|none",
+              help="Health check of the --backend servers: a TCP connect, an HTTP GET "
+                   "of PATH expecting 200, or none.")
+@click.option("--check-port", type=int, metavar="N",
+              help="Port to check. Default: each backend's own port.")
+@click.option("--interval", type=float, default=2.0, show_default=True, metavar="SECONDS",
+              help="Seconds between checks (the timeout is 1 s, or the interval if shorter).")
+@click.option("--rise", type=int, default=2, show_default=True, metavar="N",
+              help="Passed checks in a row that bring a down server back.")
+@click.option("--fall", type=int, default=3, show_default=True, metavar="N",
+              help="Failed checks in a row that take a server out.")
 @click.option("--config", "config_path", metavar="FILE",
               type=click.Path(dir_okay=False, path_type=Path),
               help="Serve the config file FILE instead of --vip/--backend "
                    "(`xlb apply` persists into it).")
-def up(vips, backends, ifaces, config_path) -> None:
+def up(vips, backends, ifaces, check_kind, check_port, interval, rise, fall,
+       config_path) -> None:
     """Load the XDP program and serve in the foreground until SIGINT or SIGTERM.
 
-    Either the one-line form (--vip, --backend, --iface) or --config FILE.
-    Attaches natively (generic XDP, with a warning, where the driver refuses),
+    Either the one-line form (--vip, --backend, --iface, and the health check
+    options) or --config FILE. Servers count as up until their first check,
+    which decides at once; after that --fall failures take a server out and
+    --rise passes bring it back. Attaches natively (generic XDP, with a warning, where the driver refuses),
     prints one line when it serves, and on exit detaches everything it
     attached. A VIP must not be an address of this host: xlb answers ARP for
     it on the links whose subnet holds it.
     """
+    ctx = click.get_current_context()
+    flags = [p for p in ("vips", "backends", "ifaces", "check_kind", "check_port", "interval",
+                         "rise", "fall")
+             if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
     if config_path is not None:
-        if vips or backends or ifaces:
-            raise BadInput("--config FILE replaces --vip, --backend and --iface")
+        if flags:
+            raise BadInput("--config FILE replaces the one-line options "
+                           "(--vip, --backend, --iface and the health check options)")
         config = _load(config_path)
     else:
         try:
-            config = from_flags(list(vips), list(backends), list(ifaces))
+            monitor = monitor_from_flags(check_kind, check_port, interval, rise, fall)
+            config = from_flags(list(vips), list(backends), list(ifaces), monitor)
         except ConfigError as e:
             raise BadInput(str(e)) from None
     if os.geteuid() != 0:
@@ -199,6 +220,12 @@ def _si(n: int) -> str:
     return f"{n:.1f}P"
 
 
+def _last_check(check: dict | None) -> str:
+    if check is None:
+        return "not checked"
+    return f"{check['reason']} ({check['duration_seconds'] * 1000:.1f} ms)"
+
+
 def format_status(s: dict) -> str:
     ifaces = ", ".join(f"{i['name']} ({i['mode']})" for i in s["interfaces"])
     source = f", config {s['config']}" if s.get("config") else ""
@@ -215,14 +242,20 @@ def format_status(s: dict) -> str:
     for p in s["pools"]:
         lines += ["", f"pool {p['name']} ({p['algorithm']}, on_server_down {p['on_server_down']})",
                   f"  {'SERVER':<12} {'ADDRESS':<22} {'STATE':<6} {'WEIGHT':>6} {'ACTIVE':>7} "
-                  f"{'CONNS':>7} {'PKTS IN':>8} {'PKTS OUT':>8} {'BYTES IN':>8} {'BYTES OUT':>9}"]
+                  f"{'CONNS':>7} {'PKTS IN':>8} {'PKTS OUT':>8} {'BYTES IN':>8} {'BYTES OUT':>9}"
+                  f"  LAST CHECK"]
         for b in p["servers"]:
             name = b["name"] + (" (backup)" if b["backup"] else "")
             lines.append(f"  {name:<12} {b['address'] + ':' + str(b['port']):<22} "
                          f"{b['state']:<6} {b['weight']:>6} {_si(b['active_flows']):>7} "
                          f"{_si(b['new_flows']):>7} {_si(b['packets_in']):>8} "
                          f"{_si(b['packets_out']):>8} {_si(b['bytes_in']):>8} "
-                         f"{_si(b['bytes_out']):>9}")
+                         f"{_si(b['bytes_out']):>9}  {_last_check(b['last_check'])}")
+    for f in s["frontends"]:
+        if f["servers_taking_flows"] == 0:
+            lines += ["", f"! frontend {f['name']}: no server of pool {f['pool']} is up; new flows "
+                          f"are dropped (drop_no_backend: "
+                          f"{s['reasons']['drop_no_backend']['packets']} in all)"]
     a = s["actions"]
     drops = {k[5:]: v["packets"] for k, v in s["reasons"].items() if k.startswith("drop_")}
     lines += ["", f"flow table: {s['flows']['entries']}/{s['flows']['capacity']} entries "

@@ -15,13 +15,13 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import time
 import traceback
 from pathlib import Path
 
-from . import __version__, config as configfile, ctl, netif, planner
+from . import __version__, config as configfile, ctl, log, netif, planner
 from .datapath import Datapath, DatapathError, Limits
+from .health import HealthChecker, Target, Transition
 from .layout import REASON_ACTIONS, XDP_ACTIONS
 from .model import Config, ConfigError
 
@@ -44,7 +44,14 @@ class Balancer:
         self.states: dict[Key, str] = {}          # server states the maps reflect
         self.admin: dict[Key, str] = {}           # `xlb server drain|disable`: drain, maint
         self.health: dict[Key, str] = {}          # health checks: up, down
+        self.health_changes: dict[Key, int] = {}
+        self.checker: HealthChecker | None = None
         self.started = time.time()
+
+    def health_targets(self) -> list[Target]:
+        """Every server whose pool or own monitor checks it."""
+        return [Target.for_server(p.name, s, m) for p in self.config.pools for s in p.servers
+                if (m := self.config.monitor_for(p, s)) is not None and m.type != "none"]
 
     def _server_states(self, config: Config, admin: dict[Key, str]) -> dict[Key, str]:
         return {(p.name, s.name): planner.server_state(s, admin.get((p.name, s.name)),
@@ -83,6 +90,7 @@ class Balancer:
             dp.detach(self.links[name].index)
 
         self.config, self.state, self.states, self.admin = config, target, states, admin
+        self.health = {k: v for k, v in self.health.items() if k in keys}
         self.links = {link.name: link for link in links}
         return {"frontends": len(config.frontends), "pools": len(config.pools),
                 "servers": len(keys), "flows_ended": ended}
@@ -109,6 +117,13 @@ class Balancer:
         os.replace(tmp, self.config_path)
         return f"persisted to {self.config_path}"
 
+    def _last_check(self, key: Key) -> dict | None:
+        """The latest check of a checked server; None when it is not checked."""
+        try:
+            return _check_dict(self.checker.last_check(key))
+        except (AttributeError, KeyError):    # no checker, or a server it does not check
+            return None
+
     def status(self) -> dict:
         dp = self.datapath
         frontends = []
@@ -129,6 +144,8 @@ class Balancer:
                                 "weight": s.weight, "backup": s.backup,
                                 "state": self.states[key],
                                 "health": self.health.get(key, "up"),
+                                "last_check": self._last_check(key),
+                                "health_changes": self.health_changes.get(key, 0),
                                 "active_flows": active.get(b.id, 0),
                                 **_counters(dp.backend_counters(b.id))})
             pools.append({"name": pool.name, "algorithm": pool.algorithm,
@@ -152,6 +169,13 @@ class Balancer:
         }
 
 
+def _check_dict(last) -> dict | None:
+    if last is None:
+        return None
+    ok, reason, duration = last
+    return {"ok": ok, "reason": reason, "duration_seconds": round(duration, 6)}
+
+
 def _counters(c) -> dict:
     return {"packets_in": c.packets_in, "bytes_in": c.bytes_in, "packets_out": c.packets_out,
             "bytes_out": c.bytes_out, "new_flows": c.new_flows}
@@ -161,8 +185,8 @@ def _attach(datapath: Datapath, link: netif.Link):
     """Native XDP where the driver takes it, generic with a warning elsewhere."""
     att = datapath.attach(link.index, link.name)
     if att.mode != "native":
-        print(f"xlb: warning: {link.name}: native XDP refused ({att.note}); "
-              f"using generic XDP, which is slower", file=sys.stderr)
+        log.event("attach", level="warning", interface=link.name, mode="generic",
+                  reason=f"native XDP refused ({att.note}); generic XDP is slower")
     return att
 
 
@@ -176,9 +200,9 @@ def _check_host(config: Config, links: list[netif.Link]) -> None:
                               f"replies would look martian; remove it from the host")
     for link in links:
         if netif.strict_rp_filter(link.name):
-            print(f"xlb: warning: {link.name}: strict rp_filter drops reverse-NATed replies "
-                  f"(their source is the VIP); set net.ipv4.conf.{link.name}.rp_filter=0 or 2",
-                  file=sys.stderr)
+            log.event("rp_filter", level="warning", interface=link.name,
+                      reason=f"strict rp_filter drops reverse-NATed replies (their source is "
+                             f"the VIP); set net.ipv4.conf.{link.name}.rp_filter=0 or 2")
 
 
 def up(config: Config, config_path: Path | None = None) -> int:
@@ -192,11 +216,16 @@ def up(config: Config, config_path: Path | None = None) -> int:
         print(f"xlb: serving {_summary(config)} on "
               f"{', '.join(f'{a.ifname} ({a.mode})' for a in datapath.attachments())}",
               flush=True)
+        log.event("start", pid=os.getpid(), frontends=len(config.frontends),
+                  servers=sum(len(p.servers) for p in config.pools),
+                  interfaces=",".join(a.ifname for a in datapath.attachments()),
+                  config=config_path)
         asyncio.run(_serve(balancer, sock))
     finally:
         if datapath is not None:
             datapath.close()
         sock.close()
+    log.event("stop", pid=os.getpid())
     print("xlb: stopped, XDP detached", flush=True)
     return 0
 
@@ -223,20 +252,52 @@ async def _serve(balancer: Balancer, sock) -> None:
     def request_stop() -> None:      # from the worker thread of a `down` request
         loop.call_soon_threadsafe(stop.set)
 
+    async def health_changed(tr: Transition) -> None:
+        async with lock:
+            if balancer.health.get(tr.key, "up") == tr.new:
+                return
+            balancer.health[tr.key] = tr.new
+            balancer.health_changes[tr.key] = balancer.health_changes.get(tr.key, 0) + 1
+            await asyncio.to_thread(balancer.apply, balancer.config)
+
+    def on_change(tr: Transition) -> None:
+        log.event("health", pool=tr.key[0], server=tr.key[1], old=tr.old, new=tr.new,
+                  reason=tr.reason, check_duration=tr.duration)
+        loop.create_task(health_changed(tr))
+
+    checker = HealthChecker(on_change)
+    balancer.checker = checker
+
+    async def sync_targets() -> None:
+        """Gives the checker the config's targets; new or changed ones start as
+        up (provisionally, until their first check), as the checker sees them."""
+        checker.set_targets(balancer.health_targets())
+        health = checker.states()
+        if health != balancer.health:
+            balancer.health = health
+            await asyncio.to_thread(balancer.apply, balancer.config)
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            reply = await _answer(balancer, request_stop, lock, reader, writer)
+            reply = await _answer(balancer, request_stop, lock, sync_targets, reader, writer)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         finally:
             writer.close()
 
+    async with lock:
+        await sync_targets()
+    checks = loop.create_task(checker.run())
     server = await asyncio.start_unix_server(handle, sock=sock, limit=ctl.MAX_REQUEST)
-    async with server:
-        await stop.wait()
+    try:
+        async with server:
+            await stop.wait()
+    finally:
+        checker.stop()
+        await checks
 
 
-async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock,
+async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, sync_targets,
                   reader, writer) -> dict:
     if ctl.peer_uid(writer.get_extra_info("socket")) != 0:
         return {"ok": False, "error": "permission denied: the control socket is root-only"}
@@ -254,11 +315,17 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock,
     try:
         async with lock:
             result = await asyncio.to_thread(_dispatch, balancer, request_stop, cmd, req)
+            if cmd == "apply":
+                await sync_targets()
         return {"ok": True, "result": result}
     except ConfigError as e:
+        log.event(cmd, level="warning", error="invalid config: nothing applied",
+                  problems=len(e.problems))
         return {"ok": False, "error": "invalid config: nothing applied", "problems": e.problems}
     except (LookupError, planner.CapacityError, DatapathError) as e:
-        return {"ok": False, "error": str(e.args[0]) if isinstance(e, LookupError) else str(e)}
+        message = str(e.args[0]) if isinstance(e, LookupError) else str(e)
+        log.event(cmd, level="warning", error=message)
+        return {"ok": False, "error": message}
     except (KeyError, TypeError, AttributeError):
         return {"ok": False, "error": f"malformed {cmd!r} request"}
     except Exception as e:  # a bug: answer, log, and keep serving
@@ -282,11 +349,14 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
         result = balancer.apply(cfg)
         t2 = time.perf_counter()
         result["persisted"] = balancer.persist(text)
+        log.event("apply", result="ok", seconds=t2 - t0, **result)
         return {**result, "validate_seconds": t1 - t0, "apply_seconds": t2 - t1}
     if cmd == "server":
         if req["action"] not in ADMIN_ACTIONS:
             raise LookupError(f"unknown server action {req['action']!r}")
-        return balancer.set_admin(req["action"], req["pool"], req["server"])
+        result = balancer.set_admin(req["action"], req["pool"], req["server"])
+        log.event("server", action=req["action"], **result)
+        return result
     if cmd == "down":
         request_stop()
         return "stopping"

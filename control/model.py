@@ -131,6 +131,31 @@ def parse_vip(text: str) -> tuple[IPv4Address, int, str]:
     return addr, port, proto
 
 
+def monitor_from_flags(kind: str, port: int | None, interval: float, rise: int,
+                     fall: int) -> Monitor | None:
+    """The health monitor of the one-line form, or None for --check none."""
+    problems = []
+    if kind == "none":
+        return None
+    if kind == "tcp":
+        mtype, path = "tcp", "/"
+    elif kind.startswith("http:/"):
+        mtype, path = "http", kind[len("http:"):]
+    else:
+        problems.append(("--check", f"{kind!r} is not tcp, http:/PATH or none"))
+    if port is not None and not 1 <= port <= 65535:
+        problems.append(("--check-port", f"port {port} is out of range 1-65535"))
+    if not interval > 0:
+        problems.append(("--interval", f"must be a positive number of seconds, got {interval}"))
+    for name, n in (("--rise", rise), ("--fall", fall)):
+        if n < 1:
+            problems.append((name, f"must be at least 1, got {n}"))
+    if problems:
+        raise ConfigError(problems)
+    return Monitor(name="default", type=mtype, port=port, path=path, interval=interval,
+                   timeout=min(1.0, interval), rise=rise, fall=fall)
+
+
 def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
                monitor: Monitor | None = None) -> Config:
     """The one-line form: every --vip served by one pool, "default", of all --backend

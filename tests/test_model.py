@@ -4,7 +4,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from xlb.model import ConfigError, from_flags, parse_vip
+from xlb.model import ConfigError, from_flags, monitor_from_flags, parse_vip
 
 B = ["10.1.11.101:8080", "10.1.11.102:8080"]
 
@@ -66,3 +66,26 @@ def test_all_problems_are_listed_at_once():
     with pytest.raises(ConfigError) as e:
         from_flags(["1.2.3.4:0", "x:1"], ["1.2.3.999:1"])
     assert len(e.value.problems) == 3
+
+
+def test_one_line_monitor_defaults():
+    m = monitor_from_flags("tcp", None, 2.0, 2, 3)
+    assert (m.type, m.port, m.interval, m.timeout, m.rise, m.fall) == ("tcp", None, 2.0, 1.0, 2, 3)
+    cfg = from_flags(["10.1.1.101:80"], B, monitor=m)
+    assert cfg.monitor_for(cfg.pools[0], cfg.pools[0].servers[0]) == m
+
+
+def test_one_line_http_monitor_and_short_interval():
+    m = monitor_from_flags("http:/health", 9000, 0.5, 1, 1)
+    assert (m.type, m.path, m.port, m.timeout) == ("http", "/health", 9000, 0.5)
+    assert monitor_from_flags("none", None, 2.0, 2, 3) is None
+
+
+def test_one_line_monitor_errors():
+    with pytest.raises(ConfigError) as e:
+        monitor_from_flags("https", 0, 0, 0, 1)
+    assert e.value.problems == [
+        ("--check", "'https' is not tcp, http:/PATH or none"),
+        ("--check-port", "port 0 is out of range 1-65535"),
+        ("--interval", "must be a positive number of seconds, got 0"),
+        ("--rise", "must be at least 1, got 0")]

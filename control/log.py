@@ -1,0 +1,25 @@
+"""Structured log lines: logfmt on stderr, one line per event (start, stop,
+apply, server state and health changes, warnings and errors), so that an
+operator can grep them or ship them as they are."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+
+
+def _value(v) -> str:
+    if isinstance(v, float):
+        v = f"{v:.4f}".rstrip("0").rstrip(".")
+    s = str(v)
+    if not s or any(c in s for c in ' ="\\') or not s.isprintable():
+        return json.dumps(s)
+    return s
+
+
+def event(name: str, level: str = "info", **fields) -> None:
+    ts = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    parts = [f"ts={ts}", f"level={level}", f"event={name}"]
+    parts += [f"{k}={_value(v)}" for k, v in fields.items() if v is not None]
+    print(" ".join(parts), file=sys.stderr, flush=True)

@@ -1,0 +1,21 @@
+"""logfmt lines: one per event, values quoted only where they must be."""
+
+import re
+
+from xlb import log
+
+
+def test_event_line(capsys):
+    log.event("health", pool="was", server="was2", old="up", new="down",
+              reason="connect: connection refused", check_duration=0.00123, skipped=None)
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1
+    assert re.fullmatch(
+        r'ts=\S+Z level=info event=health pool=was server=was2 old=up new=down '
+        r'reason="connect: connection refused" check_duration=0.0012\n', line)
+
+
+def test_quoting(capsys):
+    log.event("x", level="warning", a='say "hi"', b="", c="k=v", d=3)
+    assert capsys.readouterr().err.split(" ", 1)[1] == \
+        'level=warning event=x a="say \\"hi\\"" b="" c="k=v" d=3\n'
