@@ -30,6 +30,7 @@ struct packet {
 	struct iphdr *ip;
 	struct l4ports *ports;
 	__sum16 *l4_csum;
+	struct tcphdr *tcp;	/* NULL for UDP */
 	__u8 proto;
 };
 
@@ -54,6 +55,12 @@ static __always_inline int parse_iphdr_fixed(struct cursor *c, struct iphdr **ip
 		return -1;
 	*ip = h;
 	return h->protocol;
+}
+
+/* A TCP SYN without ACK: the first packet of a new connection. */
+static __always_inline int packet_opens(const struct packet *pkt)
+{
+	return pkt->tcp && pkt->tcp->syn && !pkt->tcp->ack;
 }
 
 static __always_inline int ip_is_fragment(const struct iphdr *ip)
@@ -84,6 +91,7 @@ static __always_inline int parse_l4(struct cursor *c, struct iphdr *ip,
 		if ((void *)(th + 1) > c->end || bpf_ntohs(ip->tot_len) < hlen + sizeof(*th))
 			return -1;
 		pkt->l4_csum = &th->check;
+		pkt->tcp = th;
 		c->pos = th + 1;
 	} else {
 		struct udphdr *uh = l4;

@@ -143,6 +143,14 @@ static __always_inline int flow_create(struct flow_key *key, struct service *svc
 	return 0;
 }
 
+/* The flow's backend takes no new flows (see BACKEND_NO_NEW_FLOWS). */
+static __always_inline int backend_closed(struct flow *f)
+{
+	struct backend *be = backends.lookup(&f->backend_id);
+
+	return !be || (be->flags & BACKEND_NO_NEW_FLOWS);
+}
+
 static __always_inline enum xlb_reason balance(struct packet *pkt, __u32 bytes)
 {
 	struct flow_key key = {
@@ -158,7 +166,7 @@ static __always_inline enum xlb_reason balance(struct packet *pkt, __u32 bytes)
 	struct flow *f;
 
 	f = flows.lookup(&key);
-	if (f) {
+	if (f && !(f->dir == FLOW_FORWARD && packet_opens(pkt) && backend_closed(f))) {
 		count_flow(f, bytes, 0);
 		if (f->dir == FLOW_REPLY) {
 			nat_source(pkt, f->addr, f->port);

@@ -29,6 +29,12 @@ struct backend {
 	__u16 flags;
 };
 
+/* backend.flags. NO_NEW_FLOWS: the backend is not up (down, drained, disabled
+ * or removed). Its established flows follow the pool's policy, but a TCP SYN
+ * that hits one of its flow entries (a client reusing a port) is a new
+ * connection and is balanced anew. */
+enum { BACKEND_NO_NEW_FLOWS = 1 };
+
 /* flows: LRU hash keyed by the packet's own 5-tuple. A new connection adds two
  * entries: client->VIP (FLOW_FORWARD, NAT to the backend) and backend->client
  * (FLOW_REPLY, NAT back to the VIP). */

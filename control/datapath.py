@@ -129,8 +129,12 @@ class Datapath:
 
     # Map writes ---------------------------------------------------------------
 
-    def set_backend(self, backend_id: int, addr: IPv4Address, port: int) -> None:
-        self._maps["backends"][ct.c_int(backend_id)] = layout.Backend(_be32(addr), _be16(port), 0)
+    def set_backend(self, backend_id: int, addr: IPv4Address, port: int,
+                    closed: bool = False) -> None:
+        """closed: the backend takes no new flows (a SYN on one of its flows is rebalanced)."""
+        flags = layout.BACKEND_NO_NEW_FLOWS if closed else 0
+        self._maps["backends"][ct.c_int(backend_id)] = \
+            layout.Backend(_be32(addr), _be16(port), flags)
 
     def write_ring(self, ring: int, backend_ids: list[int]) -> None:
         if len(backend_ids) > self.limits.ring_size:

@@ -82,17 +82,19 @@ def read_reasons(header: Path = SHARED_HEADER) -> tuple[tuple[str, str], ...]:
     return tuple(re.findall(r"\bX\((\w+),\s*(XDP_\w+)\)", body))
 
 
-def read_flow_dirs(header: Path = SHARED_HEADER) -> dict[str, int]:
-    match = re.search(r"enum\s*\{\s*(FLOW_FORWARD[^}]*)\}", header.read_text())
-    return {k: int(v) for k, v in re.findall(r"(FLOW_\w+)\s*=\s*(\d+)", match.group(1))}
+def read_enum(prefix: str, header: Path = SHARED_HEADER) -> dict[str, int]:
+    """The NAME = value pairs of the anonymous enum whose names start with prefix."""
+    match = re.search(rf"enum\s*\{{\s*({prefix}[^}}]*)\}}", header.read_text())
+    return {k: int(v) for k, v in re.findall(rf"({prefix}\w+)\s*=\s*(\d+)", match.group(1))}
 
 
 REASONS = read_reasons()
 REASON_NAMES = tuple(name.lower() for name, _ in REASONS)
 REASON_ACTIONS = tuple(action for _, action in REASONS)
-FLOW_DIRS = read_flow_dirs()
+FLOW_DIRS = read_enum("FLOW_")
 FLOW_FORWARD = FLOW_DIRS["FLOW_FORWARD"]
 FLOW_REPLY = FLOW_DIRS["FLOW_REPLY"]
+BACKEND_NO_NEW_FLOWS = read_enum("BACKEND_")["BACKEND_NO_NEW_FLOWS"]
 
 
 def describe(ctype) -> object:

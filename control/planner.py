@@ -36,6 +36,7 @@ class BackendState:
     id: int
     address: IPv4Address
     port: int
+    closed: bool = False            # takes no new flows: its server is not up
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,9 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
             raise CapacityError(f"pool {pool.name}: {len(pool.servers)} servers do not fit "
                                 f"a ring of {ring_size}")
         for s in pool.servers:
-            backends[(pool.name, s.name)] = BackendState(backend_ids[(pool.name, s.name)],
-                                                         s.address, s.port)
+            key = (pool.name, s.name)
+            backends[key] = BackendState(backend_ids[key], s.address, s.port,
+                                         states.get(key, "up") != "up")
 
     service_keys = [(f.vip, f.port, f.proto_number) for f in config.frontends]
     service_ids = _allocate(service_keys,
@@ -174,9 +176,13 @@ def plan(current: DataplaneState, target: DataplaneState) -> list[Op]:
     may point to is written before the service; removals come last."""
     ops: list[Op] = []
     current_backends = {b.id: b for b in current.backends.values()}
+    target_ids = {b.id for b in target.backends.values()}
+    for b in current_backends.values():
+        if b.id not in target_ids and not b.closed:     # removed: closed to new flows
+            ops.append(("set_backend", b.id, b.address, b.port, True))
     for b in target.backends.values():
         if current_backends.get(b.id) != b:
-            ops.append(("set_backend", b.id, b.address, b.port))
+            ops.append(("set_backend", b.id, b.address, b.port, b.closed))
     for key, svc in target.services.items():
         old = current.services.get(key)
         if old is None or old.ring != svc.ring or old.slots != svc.slots:

@@ -49,8 +49,8 @@ def test_mirror_matches_loaded_program(datapath, name):
 
 
 def test_drift_in_the_c_is_reported(root, tmp_path):
-    """A copy of bpf/ whose header gains a field in struct flow and renames one
-    in struct backend, compiled the way Datapath compiles bpf/."""
+    """A copy of bpf/ whose header gains a field in struct flow and one in
+    struct backend, compiled the way Datapath compiles bpf/."""
     from bcc import BPF
     from xlb.datapath import Limits
 
@@ -62,7 +62,7 @@ def test_drift_in_the_c_is_reported(root, tmp_path):
     backend_end = "\t__be16 port;\n\t__u16 flags;\n};"
     assert text.count(flow_end) == 1 and text.count(backend_end) == 1
     text = text.replace(flow_end, "\t__u32 service_id;\n\t__u32 backend_id;\n\t__u32 extra;\n};")
-    text = text.replace(backend_end, "\t__be16 port;\n\t__u16 weight;\n};")
+    text = text.replace(backend_end, "\t__be16 port;\n\t__u16 flags;\n\t__u16 weight;\n};")
     header.write_text(text)
 
     bpf = BPF(src_file=str(src / "xlb.c"), cflags=[f"-I{src}", "-w", *Limits().cflags()])

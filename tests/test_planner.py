@@ -70,7 +70,7 @@ def test_changed_backends_go_to_the_other_ring_before_the_switch():
     names = [op[0] for op in ops]
     assert names.index("write_ring") < names.index("set_service")
     assert ("write_ring", 1, [0, 1, 2]) in ops
-    assert ("set_backend", 0, A("10.1.11.102"), 8080) in ops
+    assert ("set_backend", 0, A("10.1.11.102"), 8080, False) in ops
 
 
 def test_new_ids_avoid_ids_just_released():

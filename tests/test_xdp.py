@@ -566,3 +566,32 @@ def test_counters_match_what_was_sent(lb):
         assert read(dp.backend_counters(bid)) == totals(bid)
     assert end["reason.forward.packets"] - start["reason.forward.packets"] == 5
     assert end["reason.reply.packets"] - start["reason.reply.packets"] == 3
+
+
+def test_syn_on_a_closed_backends_flow_is_balanced_anew(lb):
+    """A client that reuses a port opens a new connection: when the remembered
+    backend takes no new flows, the SYN goes to a backend that does, while
+    the other packets of the old flow keep their backend."""
+    dp = lb.dp
+    syn = tcp_frame(CLIENT, VIP, 47100, 80)
+    res = lb.send(syn)
+    first = chosen_backend(res.data, SVC_TCP)
+    other = 2 if first == 1 else 1
+    addr, port = BACKENDS[first]
+    dp.set_backend(first, addr, port, closed=True)
+    try:
+        ack = tcp_frame(CLIENT, VIP, 47100, 80, flags="A", seq=1001, ack=1)
+        res = lb.send(ack)                               # established: kept
+        assert res.data == tcp_frame(CLIENT, addr, 47100, 8080, flags="A", seq=1001, ack=1)
+        lb.expect("forward", flow=("in", SVC_TCP, first, False))
+        for _ in range(2):                               # whatever the round-robin cursor
+            res = lb.send(syn)
+            if chosen_backend(res.data, SVC_TCP) == other:
+                break
+        assert res.data == tcp_frame(CLIENT, BACKENDS[other][0], 47100, 8080)
+        lb.expect("forward", flow=("in", SVC_TCP, other, True))
+        res = lb.send(ack)                               # the new flow's packets follow it
+        assert res.data == tcp_frame(CLIENT, BACKENDS[other][0], 47100, 8080, flags="A",
+                                     seq=1001, ack=1)
+    finally:
+        dp.set_backend(first, addr, port)
