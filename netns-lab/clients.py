@@ -9,7 +9,8 @@
         {"replies": [[name, source_ip, source_port], ...], "errors": [...]}
     clients.py load HOST PORT --seconds S [--concurrency C] [--keepalive]
         C threads send GETs for S seconds, each on a new connection or on one
-        keep-alive connection per thread. {"ok": n, "names": {...}, "errors": [...]}
+        keep-alive connection per thread. {"ok": n, "names": {...}, "errors": [...],
+        "error_count": n, "error_times": [unix time of each failure]}
     clients.py hold HOST PORT --count N --pause S
         N GETs on ONE keep-alive connection, S seconds apart; prints a JSON
         line per request as it completes: {"i": i, "name": ...} or {"i": i, "error": ...}
@@ -82,7 +83,7 @@ def load(host, port, seconds, concurrency, keepalive, timeout):
                     conn = None
             except OSError as e:
                 with lock:
-                    errors.append(f"{type(e).__name__}: {e}")
+                    errors.append((time.time(), f"{type(e).__name__}: {e}"))
                 if conn is not None:
                     conn.close()
                 conn = None
@@ -95,7 +96,8 @@ def load(host, port, seconds, concurrency, keepalive, timeout):
     for t in threads:
         t.join()
     ok = sum(n for name, n in names.items() if not name.startswith("status "))
-    return {"ok": ok, "names": dict(names), "errors": errors[:20], "error_count": len(errors)}
+    return {"ok": ok, "names": dict(names), "errors": [e for _, e in errors[:20]],
+            "error_count": len(errors), "error_times": sorted(t for t, _ in errors)}
 
 
 def hold(host, port, count, pause, timeout):

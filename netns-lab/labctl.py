@@ -67,10 +67,11 @@ class Lab:
         return subprocess.Popen(["ip", "netns", "exec", self.ns(node), *cmd],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def web_server(self, node: str, name: str, port: int) -> subprocess.Popen:
-        """One more lab web server (answers `name`), listening when this returns."""
-        proc = self.spawn(node, PY, str(HERE / "servers.py"), "web", "--name", name,
-                          "--port", str(port))
+    def web_server(self, node: str, name: str, port: int, *args: str,
+                   kind: str = "web") -> subprocess.Popen:
+        """One more lab server (servers.py KIND), listening when this returns."""
+        proc = self.spawn(node, PY, str(HERE / "servers.py"), kind, "--name", name,
+                          "--port", str(port), *args)
         for _ in range(100):
             probe = self.run(node, "bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}")
             if probe.returncode == 0:

@@ -6,6 +6,10 @@
         UDP on the same port: every datagram is answered with "WAS1\\n".
     servers.py db --name DB1 --port 5432 [--pidfile F]
         TCP: sends "DB1\\n" to each connection, then closes it.
+    servers.py web ... --status 500
+        The same web server, answering every GET with that status.
+    servers.py hang --name X --port N
+        Accepts TCP connections and never answers (a stuck server).
     servers.py udp-probe HOST PORT [--timeout S]
         Client helper: sends one datagram, prints the reply (exit 1 on timeout).
 
@@ -72,13 +76,13 @@ class QuietHTTPServer(http.server.ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
 
-def make_web_handler(body):
+def make_web_handler(body, status=200):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: needs Content-Length
         timeout = IDLE_TIMEOUT
 
         def _answer(self, with_body):
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -114,7 +118,7 @@ def run_web(args):
     udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     udp.bind((args.host, args.port))
     threading.Thread(target=udp_echo_name, args=(udp, body), daemon=True).start()
-    httpd = QuietHTTPServer((args.host, args.port), make_web_handler(body))
+    httpd = QuietHTTPServer((args.host, args.port), make_web_handler(body, args.status))
     serve(httpd, args, f"{args.name}: http+udp on {args.host}:{args.port}")
     udp.close()
 
@@ -173,15 +177,36 @@ def run_udp_probe(args):
     return 0
 
 
+def run_hang(args):
+    """Accepts connections and never answers: a server that is up but stuck."""
+    held = []
+    with socket.create_server((args.host, args.port), backlog=BACKLOG, reuse_port=False) as srv:
+        srv.settimeout(0.2)
+        write_pidfile(args.pidfile)
+        signal.signal(signal.SIGTERM, _terminate)
+        try:
+            while True:
+                try:
+                    held.append(srv.accept()[0])
+                except socket.timeout:
+                    pass
+        finally:
+            for conn in held:
+                conn.close()
+            remove_pidfile(args.pidfile)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for cmd in ("web", "db"):
+    for cmd in ("web", "db", "hang"):
         p = sub.add_parser(cmd)
         p.add_argument("--name", required=True)
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--host", default="0.0.0.0")
         p.add_argument("--pidfile")
+        if cmd == "web":
+            p.add_argument("--status", type=int, default=200)
     p = sub.add_parser("udp-probe")
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -191,6 +216,8 @@ def main(argv=None):
         run_web(args)
     elif args.cmd == "db":
         run_db(args)
+    elif args.cmd == "hang":
+        run_hang(args)
     else:
         return run_udp_probe(args)
     return 0

@@ -1,0 +1,191 @@
+"""Health checks end to end: real servers die, hang, answer 500 or lose their
+check listener, and the balancer takes them out within
+fall × interval + timeout + 100 ms, then brings them back after `rise` checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
+from labctl import HERE, PY, VIP, Lab  # noqa: E402
+
+pytestmark = [pytest.mark.lab,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
+
+INTERVAL, TIMEOUT, RISE, FALL = 0.5, 0.25, 2, 2
+BOUND = FALL * INTERVAL + TIMEOUT + 0.1
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = Lab("xlbh")
+    lab.down()
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+
+
+def seed(monitor: str, port: int | None = None, servers=(("was1", "10.1.11.101", 8080),
+                                                         ("was2", "10.1.11.102", 8080))) -> str:
+    out = [f'[monitors.m]\ntype = "{monitor}"\ninterval = {INTERVAL}\ntimeout = {TIMEOUT}\n'
+           f'rise = {RISE}\nfall = {FALL}\n' + (f"port = {port}\n" if port else "")]
+    for name, addr, p in servers:
+        out.append(f'[servers.{name}]\naddress = "{addr}"\nport = {p}\n')
+    names = json.dumps([n for n, _, _ in servers])
+    out.append(f'[pools.web]\nservers = {names}\nmonitor = "m"\n')
+    out.append(f'[frontends.www]\nvip = "{VIP}"\nport = 80\npool = "web"\n')
+    return "\n".join(out)
+
+
+def health(lab, server: str) -> str:
+    st = lab.status()
+    return next(s["health"] for s in st["pools"][0]["servers"] if s["name"] == server)
+
+
+def wait_health(lab, server: str, want: str, within: float) -> float:
+    """Polls until `server` has health `want`; returns when it was seen (monotonic)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if health(lab, server) == want:
+            return time.monotonic()
+        time.sleep(0.05)
+    raise AssertionError(f"{server} not {want} within {within:.2f}s")
+
+
+def transitions(stderr: str, server: str) -> list[tuple[float, str, str]]:
+    """(unix time, new state, reason) of each logged health change of server."""
+    out = []
+    for line in stderr.splitlines():
+        if "event=health" in line and f"server={server} " in line:
+            ts = re.search(r"ts=(\S+)Z", line).group(1)
+            t = datetime.fromisoformat(ts + "+00:00").timestamp()
+            new = re.search(r" new=(\w+)", line).group(1)
+            reason = re.search(r'reason=("[^"]*"|\S+)', line).group(1).strip('"')
+            out.append((t, new, reason))
+    return out
+
+
+def start_xlb(lab, tmp_path, text: str):
+    path = tmp_path / "xlb.toml"
+    path.write_text(text)
+    return lab.xlb("--config", str(path))
+
+
+def test_dead_server_leaves_within_the_bound_and_returns(lab, tmp_path):
+    with start_xlb(lab, tmp_path, seed("http")) as x:
+        wait_health(lab, "was2", "up", 2)
+        load = lab.spawn("client", PY, str(HERE / "clients.py"), "load", VIP, "80",
+                         "--seconds", "9", "--concurrency", "4", "--timeout", "2")
+        time.sleep(2)
+        t_stop = time.time()
+        lab.server("stop", "was2")
+        wait_health(lab, "was2", "down", BOUND + 2)
+        time.sleep(3)
+        lab.server("start", "was2")
+        wait_health(lab, "was2", "up", RISE * INTERVAL + TIMEOUT + 1.5)
+        result = json.loads(load.communicate(timeout=60)[0])
+        after = lab.client("client", "http", VIP, "80", "--count", "10")
+    changes = transitions(x.stderr, "was2")
+    assert [c[1] for c in changes] == ["down", "up"], changes
+    t_down, t_up = changes[0][0], changes[1][0]
+    # Detection: within fall × interval + timeout + 100 ms of the server's death.
+    assert t_down - t_stop <= BOUND, (t_down - t_stop, BOUND)
+    # Failures happen only inside the detection window, and are reported.
+    late = [t for t in result["error_times"] if t > t_down + 0.2]
+    print(f"\ndetected in {t_down - t_stop:.3f}s (bound {BOUND:.2f}s); "
+          f"{result['error_count']} requests failed inside that window, "
+          f"{result['ok']} succeeded")
+    assert late == [], result["errors"]
+    assert result["error_count"] == len([t for t in result["error_times"]
+                                         if t_stop - 0.1 <= t <= t_down + 0.2])
+    # Back after `rise` checks, and serving again.
+    assert after["errors"] == [] and set(after["names"]) == {"WAS1", "WAS2"}
+    assert changes[1][2] == "check passed"
+
+
+def test_http_500_with_port_open_is_down(lab, tmp_path):
+    proc = lab.web_server("was2", "WAS2", 8090, "--status", "500")
+    try:
+        text = seed("http", servers=(("was1", "10.1.11.101", 8080), ("was2", "10.1.11.102", 8090)))
+        with start_xlb(lab, tmp_path, text) as x:
+            wait_health(lab, "was2", "down", 2)
+            assert lab.client("client", "http", VIP, "80", "--count", "6")["names"] == ["WAS1"] * 6
+            st = lab.status()["pools"][0]["servers"][1]
+            assert "500" in st["last_check"]["reason"]
+        assert "500" in transitions(x.stderr, "was2")[0][2]
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def test_server_that_never_answers_is_down_by_timeout(lab, tmp_path):
+    proc = lab.web_server("was2", "stuck", 8091, kind="hang")
+    try:
+        text = seed("http", servers=(("was1", "10.1.11.101", 8080), ("was2", "10.1.11.102", 8091)))
+        with start_xlb(lab, tmp_path, text) as x:
+            wait_health(lab, "was2", "down", 2)
+        (t, new, reason), = transitions(x.stderr, "was2")
+        assert new == "down" and "timeout" in reason
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def test_separate_check_port(lab, tmp_path):
+    """The seed registers a health-check port of its own: losing only that
+    listener takes the server out, although its service port still answers."""
+    checks = [lab.web_server(node, f"{node}-check", 9000) for node in ("was1", "was2")]
+    try:
+        with start_xlb(lab, tmp_path, seed("tcp", port=9000)):
+            wait_health(lab, "was2", "up", 2)
+            checks[1].terminate()
+            checks[1].wait(5)
+            wait_health(lab, "was2", "down", BOUND + 1)
+            assert lab.client("client", "http", VIP, "80", "--count", "6")["names"] == ["WAS1"] * 6
+            # the service port itself still answers
+            direct = lab.client("client", "http", "10.1.11.102", "8080")
+            assert direct["names"] == ["WAS2"]
+    finally:
+        for proc in checks:
+            proc.terminate()
+            proc.wait(5)
+
+
+def test_all_down_drops_and_counts_then_resumes(lab, tmp_path):
+    with start_xlb(lab, tmp_path, seed("tcp")):
+        lab.server("stop", "was1")
+        lab.server("stop", "was2")
+        try:
+            wait_health(lab, "was1", "down", BOUND + 1)
+            wait_health(lab, "was2", "down", BOUND + 1)
+            out = lab.client("client", "http", VIP, "80", "--count", "3", "--timeout", "1")
+            assert len(out["errors"]) == 3
+            st = lab.status()
+            assert st["frontends"][0]["servers_taking_flows"] == 0
+            assert st["reasons"]["drop_no_backend"]["packets"] >= 3
+            assert "no server of pool web is up" in lab.xlb_cmd("status").stdout
+        finally:
+            lab.server("start", "was1")
+            lab.server("start", "was2")
+        wait_health(lab, "was1", "up", RISE * INTERVAL + TIMEOUT + 1.5)
+        out = lab.client("client", "http", VIP, "80", "--count", "4")
+        assert out["errors"] == [] and "WAS1" in out["names"]
+
+
+def test_one_line_form_checks_by_default(lab):
+    with lab.xlb("--vip", f"{VIP}:80", "--backend", "10.1.11.101:8080",
+                 "--backend", "10.1.11.102:9999", "--interval", "0.5"):
+        wait_health(lab, "backend2", "down", 2)
+        st = lab.status()["pools"][0]["servers"]
+        assert [s["health"] for s in st] == ["up", "down"]
+        assert lab.client("client", "http", VIP, "80", "--count", "4")["names"] == ["WAS1"] * 4
