@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__, config as configfile, ctl
+from . import __version__, config as configfile, ctl, metrics
 from .model import ConfigError, from_flags, monitor_from_flags
 
 
@@ -54,11 +54,14 @@ def cli() -> None:
               help="Passed checks in a row that bring a down server back.")
 @click.option("--fall", type=int, default=3, show_default=True, metavar="N",
               help="Failed checks in a row that take a server out.")
+@click.option("--metrics", "metrics_at", default="127.0.0.1:9717", show_default=True,
+              metavar="ADDR:PORT|off",
+              help="Serve Prometheus metrics at http://ADDR:PORT/metrics, or not.")
 @click.option("--config", "config_path", metavar="FILE",
               type=click.Path(dir_okay=False, path_type=Path),
               help="Serve the config file FILE instead of --vip/--backend "
                    "(`xlb apply` persists into it).")
-def up(vips, backends, ifaces, check_kind, check_port, interval, rise, fall,
+def up(vips, backends, ifaces, check_kind, check_port, interval, rise, fall, metrics_at,
        config_path) -> None:
     """Load the XDP program and serve in the foreground until SIGINT or SIGTERM.
 
@@ -85,13 +88,17 @@ def up(vips, backends, ifaces, check_kind, check_port, interval, rise, fall,
             config = from_flags(list(vips), list(backends), list(ifaces), monitor)
         except ConfigError as e:
             raise BadInput(str(e)) from None
+    try:
+        metrics_address = metrics.parse_address(metrics_at)
+    except ValueError as e:
+        raise BadInput(f"--metrics: {e}") from None
     if os.geteuid() != 0:
         raise Failure("xlb up needs root, to load and attach XDP programs")
     from . import daemon               # imports bcc only when it is needed
     from .datapath import DatapathError
     from .planner import CapacityError
     try:
-        daemon.up(config, config_path.resolve() if config_path else None)
+        daemon.up(config, config_path.resolve() if config_path else None, metrics_address)
     except ctl.AlreadyRunning as e:
         raise Failure(str(e)) from None
     except (LookupError, CapacityError) as e:

@@ -15,11 +15,12 @@ import asyncio
 import json
 import os
 import signal
+import threading
 import time
 import traceback
 from pathlib import Path
 
-from . import __version__, config as configfile, ctl, log, netif, planner
+from . import __version__, config as configfile, ctl, log, metrics, netif, planner
 from .datapath import Datapath, DatapathError, Limits
 from .health import HealthChecker, Target, Transition
 from .layout import REASON_ACTIONS, XDP_ACTIONS
@@ -46,7 +47,12 @@ class Balancer:
         self.health: dict[Key, str] = {}          # health checks: up, down
         self.health_changes: dict[Key, int] = {}
         self.checker: HealthChecker | None = None
-        self.started = time.time()
+        self.check_durations = metrics.CheckDurations()
+        self.applies = {"ok": 0, "error": 0}       # `xlb apply` requests, by result
+        self.started = self.last_apply = time.time()
+        # status() (the CLI, metrics scrapes) sees one applied state or the next,
+        # never half of each.
+        self.lock = threading.RLock()
 
     def health_targets(self) -> list[Target]:
         """Every server whose pool or own monitor checks it."""
@@ -89,9 +95,12 @@ class Balancer:
         for name in self.links.keys() - {link.name for link in links}:
             dp.detach(self.links[name].index)
 
-        self.config, self.state, self.states, self.admin = config, target, states, admin
-        self.health = {k: v for k, v in self.health.items() if k in keys}
-        self.links = {link.name: link for link in links}
+        with self.lock:
+            self.config, self.state, self.states, self.admin = config, target, states, admin
+            self.health = {k: v for k, v in self.health.items() if k in keys}
+            self.links = {link.name: link for link in links}
+            self.last_apply = time.time()
+        self.check_durations.forget_except(keys)
         return {"frontends": len(config.frontends), "pools": len(config.pools),
                 "servers": len(keys), "flows_ended": ended}
 
@@ -125,6 +134,10 @@ class Balancer:
             return None
 
     def status(self) -> dict:
+        with self.lock:
+            return self._status()
+
+    def _status(self) -> dict:
         dp = self.datapath
         frontends = []
         for fe in self.config.frontends:
@@ -163,6 +176,7 @@ class Balancer:
             "frontends": frontends, "pools": pools,
             "flows": {"entries": entries, "capacity": dp.limits.max_flows},
             "map_memory_bytes": sum(dp.map_memory().values()),
+            "applies": dict(self.applies), "last_apply": self.last_apply,
             "actions": actions,
             "reasons": {name: {"packets": t.packets, "bytes": t.bytes}
                         for name, t in reasons.items()},
@@ -205,23 +219,33 @@ def _check_host(config: Config, links: list[netif.Link]) -> None:
                              f"the VIP); set net.ipv4.conf.{link.name}.rp_filter=0 or 2")
 
 
-def up(config: Config, config_path: Path | None = None) -> int:
+def up(config: Config, config_path: Path | None = None,
+       metrics_address: tuple[str, int] | None = None) -> int:
     """Runs the balancer in the foreground until SIGINT or SIGTERM (or `xlb down`)."""
     sock = ctl.bind()
-    datapath = None
+    datapath = exporter = None
     try:
         datapath = Datapath(Limits())
         balancer = Balancer(datapath, config_path)
         balancer.apply(config)
+        if metrics_address is not None:
+            try:
+                exporter = metrics.serve(balancer, balancer.check_durations, metrics_address)
+            except OSError as e:
+                raise LookupError(f"--metrics {metrics_address[0]}:{metrics_address[1]}: "
+                                  f"{e.strerror}") from None
         print(f"xlb: serving {_summary(config)} on "
               f"{', '.join(f'{a.ifname} ({a.mode})' for a in datapath.attachments())}",
               flush=True)
         log.event("start", pid=os.getpid(), frontends=len(config.frontends),
                   servers=sum(len(p.servers) for p in config.pools),
                   interfaces=",".join(a.ifname for a in datapath.attachments()),
-                  config=config_path)
+                  config=config_path,
+                  metrics=metrics_address and f"{metrics_address[0]}:{metrics_address[1]}")
         asyncio.run(_serve(balancer, sock))
     finally:
+        if exporter is not None:
+            exporter.shutdown()
         if datapath is not None:
             datapath.close()
         sock.close()
@@ -265,7 +289,8 @@ async def _serve(balancer: Balancer, sock) -> None:
                   reason=tr.reason, check_duration=tr.duration)
         loop.create_task(health_changed(tr))
 
-    checker = HealthChecker(on_change)
+    checker = HealthChecker(on_change, lambda key, ok, seconds:
+                            balancer.check_durations.observe(key, seconds))
     balancer.checker = checker
 
     async def sync_targets() -> None:
@@ -314,8 +339,14 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, sync_tar
         return {"ok": False, "error": "request timed out"}
     try:
         async with lock:
-            result = await asyncio.to_thread(_dispatch, balancer, request_stop, cmd, req)
+            try:
+                result = await asyncio.to_thread(_dispatch, balancer, request_stop, cmd, req)
+            except Exception:
+                if cmd == "apply":
+                    balancer.applies["error"] += 1
+                raise
             if cmd == "apply":
+                balancer.applies["ok"] += 1
                 await sync_targets()
         return {"ok": True, "result": result}
     except ConfigError as e:
