@@ -179,6 +179,11 @@ class Datapath:
     def backend_counters(self, backend_id: int) -> layout.Counters:
         return self._percpu_sum("backend_stats", backend_id)
 
+    def all_backend_counters(self) -> dict[int, layout.Counters]:
+        """Every backend's counters, in one batched read of the map."""
+        table = self._maps["backend_stats"]
+        return {int(k): _sum_percpu(v, table.sLeaf) for k, v in table.items_lookup_batch()}
+
     def reason_counters(self) -> dict[str, layout.Tally]:
         return {name: self._percpu_sum("reason_stats", i)
                 for i, name in enumerate(layout.REASON_NAMES)}
