@@ -374,7 +374,10 @@ class HealthChecker:
     def _record(self, entry: _Entry, ok: bool, reason: str, duration: float) -> None:
         entry.last = (ok, reason, duration)
         if self._on_check is not None:
-            self._on_check(entry.target.key, ok, duration)
+            try:
+                self._on_check(entry.target.key, ok, duration)
+            except Exception:       # a metrics bug must not stop this target's checks
+                log.exception("health on_check callback failed for %s", entry.target.key)
         old = entry.state
         if ok:
             entry.successes += 1
