@@ -19,6 +19,7 @@ unit:
 
 bench: setup
 	$(PY) netns-lab/bench.py
+	$(PY) netns-lab/bench_health.py
 
 lab-up: setup
 	@bash netns-lab/lab.sh up
