@@ -147,7 +147,7 @@ class Balancer:
                               "servers_taking_flows": len(set(svc.slots)),
                               **_counters(dp.service_counters(svc.id))})
         entries, active = dp.flow_table()
-        counters = dp.all_backend_counters()
+        counters = dp.backend_counters_many({b.id for b in self.state.backends.values()})
         pools = []
         for pool in self.config.pools:
             servers = []
@@ -161,7 +161,7 @@ class Balancer:
                                 "last_check": self._last_check(key),
                                 "health_changes": self.health_changes.get(key, 0),
                                 "active_flows": active.get(b.id, 0),
-                                **_counters(counters[b.id])})
+                                **counters[b.id]})
             pools.append({"name": pool.name, "algorithm": pool.algorithm,
                           "on_server_down": pool.on_server_down, "servers": servers})
         reasons = dp.reason_counters()

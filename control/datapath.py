@@ -179,10 +179,18 @@ class Datapath:
     def backend_counters(self, backend_id: int) -> layout.Counters:
         return self._percpu_sum("backend_stats", backend_id)
 
-    def all_backend_counters(self) -> dict[int, layout.Counters]:
-        """Every backend's counters, in one batched read of the map."""
+    def backend_counters_many(self, ids: set[int]) -> dict[int, dict[str, int]]:
+        """The counters of these backends, in one batched read of the map."""
         table = self._maps["backend_stats"]
-        return {int(k): _sum_percpu(v, table.sLeaf) for k, v in table.items_lookup_batch()}
+        fields = [name for name, _ in layout.Counters._fields_]
+        n = len(fields)
+        result = {}
+        for key, percpu in table.items_lookup_batch():
+            if int(key) in ids:
+                # ncpu structs of n u64 each, summed field by field
+                words = (ct.c_uint64 * (n * len(percpu))).from_buffer(percpu)
+                result[int(key)] = dict(zip(fields, (sum(words[i::n]) for i in range(n))))
+        return result
 
     def reason_counters(self) -> dict[str, layout.Tally]:
         return {name: self._percpu_sum("reason_stats", i)
