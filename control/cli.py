@@ -199,6 +199,28 @@ def status(as_json: bool) -> None:
 
 
 @cli.command()
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              metavar="SECONDS", help="Seconds between samples.")
+@click.option("--once", is_flag=True,
+              help="Print one frame (rates over two samples INTERVAL apart) and exit.")
+def top(interval: float, once: bool) -> None:
+    """A live view of the instance running in this network namespace.
+
+    Redraws every INTERVAL seconds: per frontend and per server new
+    connections, packets and bytes per second, server states and last checks,
+    the flow table fill and drops by reason. q or Ctrl-C quits. Exits 1 when
+    none runs, or when the instance stops while top runs.
+    """
+    from . import top as view           # imports rich only when it is needed
+    try:
+        code = view.run(interval, once)
+    except (ctl.NotRunning, ctl.ControlError, view.Stopped) as e:
+        raise Failure(str(e)) from None
+    if code:
+        raise click.exceptions.Exit(code)
+
+
+@cli.command()
 def down() -> None:
     """Stop the instance running in this network namespace and wait until it
     has detached."""

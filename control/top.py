@@ -1,0 +1,318 @@
+"""`xlb top`: a live terminal view of the instance running in this network namespace.
+
+Two parts. `render` turns status dicts (what `xlb status --json` prints) into
+rich renderables: a pure function, with the rates computed from two samples
+and the time between them. `live` is the loop around it: it asks the instance
+for its status every `interval` seconds over the control socket, redraws, and
+reads keys from the terminal (in cbreak mode, restored on every way out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import sys
+import termios
+import time
+import tty
+from dataclasses import dataclass
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from . import ctl
+
+NO_RATE = "—"       # a rate needs two samples of the same counter
+STATE_STYLES = {"up": "bold green", "down": "bold red", "drain": "bold yellow",
+                "maint": "bold magenta"}
+HEALTH_STYLES = {"up": "green", "down": "red"}
+QUIT_KEYS = {b"q", b"Q", b"\x03"}   # \x03: Ctrl-C where the terminal does not signal it
+
+
+class Stopped(Exception):
+    def __init__(self):
+        super().__init__("the xlb instance in this network namespace stopped")
+
+
+@dataclass(frozen=True)
+class Sample:
+    at: float           # time.monotonic() when the status arrived
+    status: dict
+
+
+# --- rendering (pure) --------------------------------------------------------------
+
+def _si(x: float) -> str:
+    """0, 7.5, 42, 1.2k, 3.4M: short numbers for narrow columns (counts below
+    1000 exactly, rates below 10 to a tenth)."""
+    if isinstance(x, int) and abs(x) < 1000:
+        return str(x)
+    if abs(x) < 10:
+        return "0" if x == 0 else f"{x:.1f}"
+    if abs(x) < 1000:
+        return f"{x:.0f}"
+    for unit in ("k", "M", "G", "T", "P"):
+        x /= 1000
+        if abs(x) < 1000 or unit == "P":
+            return f"{x:.1f}{unit}"
+    raise AssertionError("unreachable")
+
+
+class _Rates:
+    """Per-second deltas of one counter dict against its previous sample."""
+
+    def __init__(self, cur: dict, prev: dict | None, seconds: float | None):
+        self.cur, self.prev, self.seconds = cur, prev, seconds
+
+    def value(self, key: str) -> float | None:
+        if self.prev is None or not self.seconds or self.seconds <= 0:
+            return None
+        a, b = self.prev.get(key), self.cur.get(key)
+        if a is None or b is None or b < a:     # new, or reset (e.g. re-created)
+            return None
+        return (b - a) / self.seconds
+
+    def text(self, key: str, style_if_nonzero: str = "") -> Text:
+        v = self.value(key)
+        if v is None:
+            return Text(NO_RATE, style="dim")
+        return Text(_si(v), style=style_if_nonzero if v > 0 else "")
+
+
+def _by_name(items: list[dict] | None) -> dict[str, dict]:
+    return {i["name"]: i for i in items or []}
+
+
+def _last_check(check: dict | None) -> Text:
+    if check is None:
+        return Text("not checked", style="dim")
+    reason = check.get("reason", "")
+    ms = check.get("duration_seconds")
+    text = f"{reason} ({ms * 1000:.1f} ms)" if ms is not None else reason
+    return Text(text, style="" if check.get("ok", True) else "red")
+
+
+def _header(s: dict, seconds: float | None) -> Text:
+    ifaces = ", ".join(f"{i['name']} ({i['mode']})" for i in s.get("interfaces", []))
+    t = Text()
+    t.append(f"xlb {s.get('version', '?')}", style="bold")
+    t.append(f"  pid {s.get('pid', '?')}  up {s.get('uptime_seconds', 0):.0f}s  on {ifaces}")
+    if s.get("config"):
+        t.append(f"  config {s['config']}")
+    t.append("\n")
+    t.append(f"rates per second over the last {seconds:.1f} s" if seconds
+             else "rates need a second sample", style="dim")
+    t.append("  ·  q quits", style="dim")
+    return t
+
+
+def _table(title: str) -> Table:
+    return Table(title=title, title_justify="left", title_style="bold", header_style="bold cyan",
+                 box=None, pad_edge=False, padding=(0, 1))
+
+
+def _frontends(s: dict, prev: dict | None, seconds: float | None) -> Table:
+    t = _table("frontends")
+    t.add_column("FRONTEND")
+    t.add_column("VIP")
+    t.add_column("POOL")
+    for col in ("TAKING", "CONN/S", "PKT/S IN", "PKT/S OUT", "BYTES/S IN", "BYTES/S OUT"):
+        t.add_column(col, justify="right")
+    old = _by_name(prev and prev.get("frontends"))
+    for f in s.get("frontends", []):
+        r = _Rates(f, old.get(f["name"]), seconds)
+        taking = f.get("servers_taking_flows", 0)
+        t.add_row(f["name"], f"{f['vip']}:{f['port']}/{f['protocol']}", f["pool"],
+                  Text(str(taking), style="" if taking else "bold red"),
+                  r.text("new_flows", "bold"), r.text("packets_in"), r.text("packets_out"),
+                  r.text("bytes_in"), r.text("bytes_out"))
+    if not s.get("frontends"):
+        t.add_row(Text("no frontend", style="dim"))
+    return t
+
+
+def _pool(p: dict, prev_pool: dict | None, seconds: float | None) -> Table:
+    t = _table(f"pool {p['name']} ({p.get('algorithm', '?')}, "
+               f"on_server_down {p.get('on_server_down', '?')})")
+    t.add_column("SERVER")
+    t.add_column("ADDRESS")
+    t.add_column("STATE")
+    t.add_column("HEALTH")
+    for col in ("WEIGHT", "ACTIVE", "CONN/S", "PKT/S IN", "PKT/S OUT"):
+        t.add_column(col, justify="right")
+    t.add_column("LAST CHECK", overflow="ellipsis", no_wrap=True)
+    old = _by_name(prev_pool and prev_pool.get("servers"))
+    for b in p.get("servers", []):
+        r = _Rates(b, old.get(b["name"]), seconds)
+        state, health = b.get("state", "?"), b.get("health", "?")
+        t.add_row(b["name"] + (" (backup)" if b.get("backup") else ""),
+                  f"{b['address']}:{b['port']}",
+                  Text(state, style=STATE_STYLES.get(state, "")),
+                  Text(health, style=HEALTH_STYLES.get(health, "")),
+                  str(b.get("weight", "")), _si(b.get("active_flows", 0)),
+                  r.text("new_flows", "bold"), r.text("packets_in"), r.text("packets_out"),
+                  _last_check(b.get("last_check")))
+    return t
+
+
+def _flows_and_drops(s: dict, prev: dict | None, seconds: float | None) -> Group:
+    flows = s.get("flows", {})
+    entries, capacity = flows.get("entries", 0), flows.get("capacity", 0)
+    fill = entries / capacity * 100 if capacity else 0.0
+    style = "bold red" if fill >= 90 else "yellow" if fill >= 75 else "green"
+    line = Text()
+    line.append("flow table ", style="bold")
+    line.append(f"{entries:,}/{capacity:,} entries ")
+    shown = "<0.1" if 0 < fill < 0.1 else f"{fill:.1f}"
+    line.append(f"({shown}% full)", style=style)
+    line.append("  two entries per connection", style="dim")
+
+    t = _table("drops")
+    t.add_column("REASON")
+    t.add_column("DROPS/S", justify="right")
+    t.add_column("TOTAL", justify="right")
+    reasons = s.get("reasons", {})
+    old = (prev or {}).get("reasons", {})
+    for name, tally in reasons.items():
+        if not name.startswith("drop_"):
+            continue
+        r = _Rates(tally, old.get(name), seconds)
+        t.add_row(name[len("drop_"):], r.text("packets", "bold red"), _si(tally["packets"]))
+    return Group(line, Text(), t)
+
+
+def render(current: dict, previous: dict | None = None,
+           seconds: float | None = None, note: str | None = None) -> RenderableType:
+    """One frame of `xlb top` from a status dict, and the status `seconds` earlier
+    for the rates (none: every rate shows as "—"). A sample from another instance
+    (another pid: the counters started anew) counts as no previous sample."""
+    if previous is not None and previous.get("pid") != current.get("pid"):
+        previous = None
+    if previous is None:
+        seconds = None
+    parts: list[RenderableType] = [_header(current, seconds), Text(),
+                                   _frontends(current, previous, seconds)]
+    old_pools = _by_name(previous and previous.get("pools"))
+    for p in current.get("pools", []):
+        parts += [Text(), _pool(p, old_pools.get(p["name"]), seconds)]
+    parts += [Text(), _flows_and_drops(current, previous, seconds)]
+    if note:
+        parts += [Text(), Text(note, style="bold red")]
+    return Group(*parts)
+
+
+# --- the loop ----------------------------------------------------------------------
+
+def sample(timeout: float = 5.0) -> Sample:
+    status = ctl.request("status", timeout=timeout)
+    return Sample(time.monotonic(), status)
+
+
+def frame(cur: Sample, prev: Sample | None, note: str | None = None) -> RenderableType:
+    if prev is None:
+        return render(cur.status, note=note)
+    return render(cur.status, prev.status, cur.at - prev.at, note=note)
+
+
+def once(interval: float, console: Console | None = None) -> None:
+    """Prints one frame, with rates over two samples `interval` apart; 160 columns
+    wide when stdout is no terminal and COLUMNS is not set."""
+    first = sample()
+    time.sleep(interval)
+    second = sample()
+    if console is None:
+        plain = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+        console = Console(width=160 if plain else None)
+    console.print(frame(second, first))
+
+
+@contextlib.contextmanager
+def _cbreak(fd: int | None):
+    """Keys arrive one by one, unechoed; the terminal is restored however we leave."""
+    if fd is None:
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+@contextlib.contextmanager
+def _signals():
+    """SIGINT, SIGTERM and SIGWINCH set flags and wake the loop's select through a
+    pipe, instead of raising in the middle of a request or a redraw."""
+    got: set[int] = set()
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGWINCH)
+    old = {s: signal.signal(s, lambda n, _f: got.add(n)) for s in sigs}
+    old_wakeup = signal.set_wakeup_fd(wake_w)
+    try:
+        yield got, wake_r
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        for s, h in old.items():
+            signal.signal(s, h)
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def live(interval: float, console: Console | None = None) -> int:
+    """Redraws every `interval` seconds until q or Ctrl-C (returns 0) or SIGTERM
+    (returns 143); raises NotRunning/ControlError if no instance answers at the
+    start, and Stopped if the instance goes away while it runs."""
+    cur = sample()
+    prev: Sample | None = None
+    note: str | None = None
+    console = console or Console()
+    keys = sys.stdin.fileno() if sys.stdin.isatty() else None
+    with _signals() as (got, wake), _cbreak(keys), \
+            Live(frame(cur, prev), console=console, screen=True, auto_refresh=False,
+                 redirect_stdout=False, redirect_stderr=False) as view:
+        due = cur.at + interval
+        while True:
+            while (left := due - time.monotonic()) > 0:
+                ready, _, _ = select.select([wake] + ([keys] if keys is not None else []),
+                                            [], [], left)
+                if wake in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(wake, 512)
+                if keys is not None and keys in ready:
+                    try:
+                        data = os.read(keys, 64)
+                    except OSError:         # the terminal hung up
+                        return 0
+                    if not data or any(bytes([c]) in QUIT_KEYS for c in data):
+                        return 0
+                if signal.SIGINT in got:
+                    return 0
+                if signal.SIGTERM in got:
+                    return 128 + signal.SIGTERM
+                if signal.SIGWINCH in got:
+                    got.discard(signal.SIGWINCH)
+                    view.refresh()
+            now = time.monotonic()
+            due = due + interval if due + interval > now else now + interval
+            try:
+                new = sample(timeout=max(2.0, interval))
+            except ctl.NotRunning:
+                raise Stopped() from None
+            except (ctl.ControlError, OSError) as e:
+                note = f"status request failed: {e}; showing the last sample"
+            else:
+                prev, cur, note = cur, new, None
+            view.update(frame(cur, prev, note), refresh=True)
+
+
+def run(interval: float, one_frame: bool = False) -> int:
+    """`xlb top`: the exit status to return (errors are raised)."""
+    if one_frame:
+        once(interval)
+        return 0
+    return live(interval)

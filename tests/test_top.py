@@ -1,0 +1,431 @@
+"""`xlb top`: the rendering (status dicts -> text, no terminal, no kernel), the
+loop against a fake control socket, and the real thing under a pseudo-terminal
+in the namespace lab (prefix xlbv)."""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import io
+import os
+import re
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from xlb import cli, ctl, top
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
+from labctl import HERE, PY, VIP, XLB, Lab  # noqa: E402
+
+NO_INSTANCE = "xlb: error: no xlb instance runs in this network namespace"
+
+# The shape of `xlb status --json` from the seed lab (netns-lab/seed.toml) after
+# 20 HTTP requests.
+STATUS = {
+    "version": "0.1.0", "pid": 15985, "uptime_seconds": 12.5, "config": "/tmp/xlbv-seed.toml",
+    "interfaces": [{"name": "eth0", "ifindex": 2, "mode": "native"},
+                   {"name": "eth1", "ifindex": 3, "mode": "native"}],
+    "frontends": [{"name": "www", "vip": "10.1.1.101", "port": 80, "protocol": "tcp",
+                   "pool": "was", "servers_taking_flows": 2, "packets_in": 120,
+                   "bytes_in": 9720, "packets_out": 120, "bytes_out": 10920, "new_flows": 20}],
+    "pools": [{"name": "was", "algorithm": "roundrobin", "on_server_down": "keep", "servers": [
+        {"name": "was1", "address": "10.1.11.101", "port": 8080, "weight": 1, "backup": False,
+         "state": "up", "health": "up", "last_check": None, "health_changes": 0,
+         "active_flows": 10, "packets_in": 60, "bytes_in": 4860, "packets_out": 60,
+         "bytes_out": 5460, "new_flows": 10},
+        {"name": "was2", "address": "10.1.11.102", "port": 8080, "weight": 1, "backup": False,
+         "state": "up", "health": "up",
+         "last_check": {"ok": True, "reason": "check passed", "duration_seconds": 0.001781},
+         "health_changes": 0, "active_flows": 10, "packets_in": 60, "bytes_in": 4860,
+         "packets_out": 60, "bytes_out": 5460, "new_flows": 10}]}],
+    "flows": {"entries": 40, "capacity": 262144},
+    "map_memory_bytes": 31031456,
+    "applies": {"ok": 0, "error": 0}, "last_apply": 1795614912.0826135,
+    "actions": {"XDP_ABORTED": 0, "XDP_DROP": 0, "XDP_PASS": 249, "XDP_TX": 1,
+                "XDP_REDIRECT": 0},
+    "reasons": {"pass_not_ip": {"packets": 0, "bytes": 0}, "pass_arp": {"packets": 3, "bytes": 126},
+                "pass_short": {"packets": 0, "bytes": 0},
+                "pass_not_vip": {"packets": 6, "bytes": 546},
+                "forward": {"packets": 120, "bytes": 9720},
+                "reply": {"packets": 120, "bytes": 10920},
+                "arp_reply": {"packets": 1, "bytes": 42},
+                "drop_malformed": {"packets": 0, "bytes": 0},
+                "drop_fragment": {"packets": 0, "bytes": 0},
+                "drop_no_backend": {"packets": 0, "bytes": 0}},
+}
+
+
+def later(status: dict = STATUS) -> dict:
+    """STATUS two seconds on: 40 more connections, 2400 packets in and 1200 out,
+    was1 drained, was2 down, 6 packets dropped for want of a backend."""
+    s = copy.deepcopy(status)
+    fe = s["frontends"][0]
+    fe["new_flows"] += 40
+    fe["packets_in"] += 2400
+    fe["packets_out"] += 1200
+    fe["bytes_in"] += 200_000
+    fe["bytes_out"] += 3_000_000
+    fe["servers_taking_flows"] = 0
+    was1, was2 = s["pools"][0]["servers"]
+    was1.update(state="drain", new_flows=was1["new_flows"] + 30,
+                packets_in=was1["packets_in"] + 1800, active_flows=31)
+    was2.update(state="down", health="down", new_flows=was2["new_flows"] + 10,
+                last_check={"ok": False, "reason": "connect: connection refused",
+                            "duration_seconds": 0.0002})
+    s["reasons"]["drop_no_backend"]["packets"] += 6
+    s["flows"]["entries"] = 131072
+    return s
+
+
+def text(renderable, styles: bool = False) -> str:
+    console = Console(record=True, width=160, force_terminal=styles, color_system="standard")
+    console.print(renderable)
+    return console.export_text(styles=styles)
+
+
+def row(out: str, first: str) -> list[str]:
+    """The cells of the line that starts with `first` (cells are 2+ spaces apart)."""
+    for line in out.splitlines():
+        if line.startswith(first + " "):
+            return re.split(r"\s{2,}", line.strip())
+    raise AssertionError(f"no row {first!r} in\n{out}")
+
+
+# --- rendering -----------------------------------------------------------------------
+
+def test_first_frame_has_no_rates():
+    out = text(top.render(STATUS))
+    assert "rates need a second sample" in out
+    assert row(out, "www") == ["www", "10.1.1.101:80/tcp", "was", "2"] + ["—"] * 5
+    # SERVER ADDRESS STATE HEALTH WEIGHT ACTIVE, then three rates, then the last check
+    assert row(out, "was1") == ["was1", "10.1.11.101:8080", "up", "up", "1", "10",
+                                "—", "—", "—", "not checked"]
+    assert row(out, "was2")[-1] == "check passed (1.8 ms)"
+    assert row(out, "no_backend") == ["no_backend", "—", "0"]
+    assert "flow table 40/262,144 entries (<0.1% full)" in out
+    assert "pool was (roundrobin, on_server_down keep)" in out
+
+
+def test_rates_are_deltas_per_second():
+    out = text(top.render(later(), STATUS, 2.0))
+    assert "rates per second over the last 2.0 s" in out
+    # TAKING 0, CONN/S 40/2, PKT/S IN 2400/2, OUT 1200/2, BYTES/S IN 200k/2, OUT 3M/2
+    assert row(out, "www") == ["www", "10.1.1.101:80/tcp", "was", "0",
+                               "20", "1.2k", "600", "100.0k", "1.5M"]
+    assert row(out, "was1") == ["was1", "10.1.11.101:8080", "drain", "up", "1", "31",
+                                "15", "900", "0", "not checked"]
+    assert row(out, "was2") == ["was2", "10.1.11.102:8080", "down", "down", "1", "10",
+                                "5.0", "0", "0", "connect: connection refused (0.2 ms)"]
+    assert row(out, "no_backend") == ["no_backend", "3.0", "6"]
+    assert row(out, "malformed") == ["malformed", "0", "0"]
+    assert "flow table 131,072/262,144 entries (50.0% full)" in out
+
+
+def test_states_are_coloured():
+    def styled(style: str, word: str, out: str) -> bool:   # a cell is padded in its style
+        return re.search(rf"\x1b\[{style}m{word} *\x1b\[0m", out) is not None
+
+    out = text(top.render(later(), STATUS, 2.0), styles=True)
+    assert styled("1;33", "drain", out)                          # bold yellow
+    assert styled("1;31", "down", out)                           # bold red
+    assert styled("31", "down", out)                             # health: red
+    assert styled("31", r"connect: connection refused \(0.2 ms\)", out)
+    assert styled("1;31", " *3.0", out)                          # drops
+    maint = later()
+    maint["pools"][0]["servers"][0]["state"] = "maint"
+    out = text(top.render(maint, STATUS, 1.0), styles=True)
+    assert styled("1;35", "maint", out)                          # bold magenta
+    assert styled("1;32", "up", text(top.render(STATUS), styles=True))
+
+
+def test_no_rate_for_a_counter_that_went_back_or_is_new():
+    cur = later()
+    cur["pools"][0]["servers"][0]["new_flows"] = 3           # re-created: counters anew
+    cur["pools"][0]["servers"].append({**cur["pools"][0]["servers"][1], "name": "was3"})
+    out = text(top.render(cur, STATUS, 2.0))
+    assert row(out, "was1")[6] == "—"
+    assert row(out, "was1")[7] == "900"                       # its other counters went on
+    assert row(out, "was3")[6:9] == ["—", "—", "—"]
+    assert row(out, "was2")[6] == "5.0"
+
+
+def test_another_instance_has_no_rates():
+    restarted = {**later(), "pid": 4242}
+    out = text(top.render(restarted, STATUS, 1.0))
+    assert "rates need a second sample" in out
+    assert row(out, "www")[4:] == ["—"] * 5
+
+
+def test_a_note_is_shown():
+    out = text(top.render(STATUS, note="status request failed: boom"))
+    assert "status request failed: boom" in out
+
+
+# --- the loop, against a fake control socket ------------------------------------------
+
+class FakeInstance:
+    """Answers "status" with the given dicts in turn, then raises NotRunning
+    (or calls `then`)."""
+
+    def __init__(self, monkeypatch, statuses, then=None):
+        self.statuses, self.then, self.calls = list(statuses), then, 0
+        monkeypatch.setattr(ctl, "request", self.request)
+
+    def request(self, cmd, timeout=10.0, **args):
+        assert cmd == "status"
+        self.calls += 1
+        if self.statuses:
+            return self.statuses.pop(0)
+        if self.then:
+            self.then()
+            return STATUS
+        raise ctl.NotRunning()
+
+
+def test_once_takes_two_samples_interval_apart(monkeypatch):
+    FakeInstance(monkeypatch, [STATUS, later()])
+    clock = iter([100.0, 102.0])
+    slept = []
+    monkeypatch.setattr(top.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(top.time, "sleep", slept.append)
+    console = Console(record=True, width=160, file=io.StringIO())
+    top.once(2.0, console)
+    out = console.export_text()
+    assert slept == [2.0]
+    assert out.count("frontends") == 1
+    assert row(out, "www")[4] == "20"
+
+
+def test_live_stops_when_the_instance_goes_away(monkeypatch):
+    fake = FakeInstance(monkeypatch, [STATUS, later()])
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(top.Stopped):
+        top.live(0.05, Console(file=io.StringIO(), width=160))
+    assert fake.calls == 3
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_live_quits_on_sigint(monkeypatch):
+    FakeInstance(monkeypatch, [STATUS], then=lambda: os.kill(os.getpid(), signal.SIGINT))
+    before = signal.getsignal(signal.SIGINT)
+    assert top.live(0.05, Console(file=io.StringIO(), width=160)) == 0
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("args", [["top"], ["top", "--once"]])
+def test_cli_without_instance(monkeypatch, capsys, args):
+    FakeInstance(monkeypatch, [])
+    monkeypatch.setattr(sys, "argv", ["xlb", *args])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 1
+    assert capsys.readouterr().err == NO_INSTANCE + "\n"
+
+
+# --- the lab ---------------------------------------------------------------------------
+
+CSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][0-9A-Za-z]|\x1b[=>78]")
+
+
+class Pty:
+    """A command in a lab node with a pseudo-terminal (160x50) as its controlling
+    terminal, so that typed keys reach it and Ctrl-C signals it."""
+
+    def __init__(self, lab: Lab, node: str, *args: str):
+        self.master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", lab.ns(node), str(XLB), *args],
+            stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            env={**os.environ, "TERM": "xterm-256color"})
+        os.close(slave)
+        self.raw = b""
+        self.modes = termios.tcgetattr(self.master)    # the slave's, as the command found them
+
+    def cbreak(self) -> bool:
+        """Whether the terminal is in cbreak mode now: no line editing, no echo."""
+        lflag = termios.tcgetattr(self.master)[3]
+        return not lflag & (termios.ICANON | termios.ECHO)
+
+    def restored(self) -> bool:
+        return termios.tcgetattr(self.master) == self.modes
+
+    def read(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.master], [], [], left)
+            if not ready:
+                continue
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:         # EIO: every copy of the slave side is closed
+                data = b""
+            if not data:
+                time.sleep(min(0.05, max(left, 0)))
+                if self.proc.poll() is not None:
+                    return
+                continue
+            self.raw += data
+
+    def read_until(self, needle: str, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if needle in self.text:
+                return True
+            self.read(0.1)
+        return needle in self.text
+
+    def send(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def wait(self, seconds: float) -> int | None:
+        """The exit status, or None if it still runs after `seconds`."""
+        deadline = time.monotonic() + seconds
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self.read(0.1)
+        self.read(0.1)
+        return self.proc.poll()
+
+    @property
+    def text(self) -> str:
+        return CSI.sub("", self.raw.decode(errors="replace"))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        os.close(self.master)
+
+
+def frontend_rates(out: str) -> list[str]:
+    """The CONN/S cell of every www row in the output, frame by frame."""
+    return re.findall(r"www +10\.1\.1\.101:80/tcp +was +\d+ +(\S+)", out)
+
+
+def lab_test(f):
+    return pytest.mark.lab(pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")(f))
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = Lab("xlbv")
+    lab.down()
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture(scope="module")
+def seeded(lab, tmp_path_factory):
+    """The seed config served in lb, with 20 connections made."""
+    config = tmp_path_factory.mktemp("top") / "xlb.toml"
+    shutil.copy(HERE / "seed.toml", config)
+    with lab.xlb("--config", str(config)) as x:
+        assert lab.client("client", "http", VIP, "80", "--count", "20")["errors"] == []
+        yield x
+
+
+@lab_test
+def test_lab_top_shows_rates_and_quits_on_q(lab, seeded):
+    def busy(rate: str) -> bool:
+        return rate != "—" and float(rate.rstrip("kM")) > 0
+
+    load = lab.spawn("client", PY, str(HERE / "clients.py"), "load", VIP, "80",
+                     "--seconds", "6", "--concurrency", "2")
+    term = Pty(lab, "lb", "top")
+    try:
+        deadline = time.monotonic() + 5     # a frame a second: the second one has rates
+        while time.monotonic() < deadline and not any(map(busy, frontend_rates(term.text))):
+            term.read(0.25)
+        out = term.text
+        assert "www" in out and "was1" in out and "was2" in out, out
+        rates = frontend_rates(out)
+        assert rates[0] == "—", rates                                  # the first frame
+        assert any(map(busy, rates[1:])), rates
+        assert term.cbreak()
+        term.send(b"q")
+        assert term.wait(3) == 0, term.text
+        assert term.restored()
+        assert b"\x1b[?25h" in term.raw                                # the cursor is back
+        assert b"\x1b[?1049l" in term.raw                              # the screen too
+        assert "Traceback" not in term.text
+    finally:
+        term.close()
+        load.kill()
+        load.communicate(timeout=10)
+
+
+@lab_test
+def test_lab_top_quits_on_ctrl_c(lab, seeded):
+    term = Pty(lab, "lb", "top", "--interval", "0.5")
+    try:
+        assert term.read_until("was2", 5), term.text
+        assert term.cbreak()
+        term.send(b"\x03")
+        assert term.wait(3) == 0, term.text
+        assert term.restored()
+        assert b"\x1b[?25h" in term.raw
+        assert "Traceback" not in term.text
+    finally:
+        term.close()
+
+
+@lab_test
+def test_lab_top_once(lab, seeded):
+    # An explicit environment: pytest's readline puts COLUMNS=80 into the process
+    # environment behind os.environ's back, and rich would follow it.
+    r = subprocess.run(["ip", "netns", "exec", lab.ns("lb"), str(XLB), "top", "--once",
+                        "--interval", "0.5"], env=dict(os.environ), capture_output=True,
+                       text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("frontends") == 1, r.stdout
+    assert row(r.stdout, "www")[:4] == ["www", "10.1.1.101:80/tcp", "was", "2"], r.stdout
+    assert row(r.stdout, "www")[4] != "—"
+    assert row(r.stdout, "was1")[2:4] == ["up", "up"]
+    assert row(r.stdout, "was2")[2:4] == ["up", "up"]
+    assert "\x1b[" not in r.stdout                     # no terminal: no colours
+
+
+@lab_test
+def test_lab_top_without_instance(lab):
+    r = lab.xlb_cmd("top", node="client", timeout=20)
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", NO_INSTANCE + "\n")
+    term = Pty(lab, "client", "top")
+    try:
+        assert term.wait(5) == 1
+        assert term.text.strip() == NO_INSTANCE
+    finally:
+        term.close()
+
+
+@lab_test
+def test_lab_top_exits_1_when_the_instance_stops(lab):
+    """An instance of its own, in remote (lb's may still serve the other tests)."""
+    x = lab.xlb("--vip", "198.51.100.200:80", "--backend", "198.51.100.10:8080",
+                "--check", "none", "--metrics", "off", node="remote")
+    with x:
+        term = Pty(lab, "remote", "top", "--interval", "0.3")
+        try:
+            assert term.read_until("198.51.100.10:8080", 5), term.text
+            assert x.stop() == 0
+            assert term.wait(5) == 1, term.text
+            assert term.restored()
+            last = term.text.splitlines()[-1].strip()    # after the last frame
+            assert last == "xlb: error: the xlb instance in this network namespace stopped"
+            assert b"\x1b[?25h" in term.raw
+            assert "Traceback" not in term.text
+        finally:
+            term.close()
