@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -24,6 +25,19 @@ VIP = "10.1.1.101"
 WAS = {"WAS1": "10.1.11.101", "WAS2": "10.1.11.102"}
 SEED_ARGS = ("--vip", f"{VIP}:80", "--backend", f"{WAS['WAS1']}:8080",
              "--backend", f"{WAS['WAS2']}:8080")
+
+
+@contextlib.contextmanager
+def running_lab(prefix: str):
+    """A fresh lab for a test module: torn down before (a leftover of a killed
+    run) and after, also when the tests fail."""
+    lab = Lab(prefix)
+    lab.down()
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
 
 
 def even_split(counts: dict[str, int], names: set[str], total: int) -> bool:

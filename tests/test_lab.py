@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
-from labctl import SEED_ARGS, VIP, WAS, XLB, Lab, even_split  # noqa: E402
+from labctl import SEED_ARGS, VIP, WAS, XLB, even_split, running_lab  # noqa: E402
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -23,13 +23,8 @@ BACKENDS = ("--backend", f"{WAS['WAS1']}:8080", "--backend", f"{WAS['WAS2']}:808
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab("xlbt")
-    lab.down()
-    try:
-        lab.up()
+    with running_lab("xlbt") as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 @pytest.fixture

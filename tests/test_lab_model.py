@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
-from labctl import HERE, PY, VIP, Lab, even_split  # noqa: E402
+from labctl import HERE, PY, VIP, even_split, running_lab  # noqa: E402
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -23,17 +23,11 @@ SERVERS = {"was1": ("10.1.11.101", 8080, "WAS1"), "was2": ("10.1.11.102", 8080, 
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab("xlbm")
-    lab.down()
-    try:
-        lab.up()
-        extra = [lab.web_server("was1", "WAS1B", 8081), lab.web_server("was2", "WAS2B", 8081)]
+    with running_lab("xlbm") as lab:
+        # WAS1B and WAS2B: more servers, on port 8081 of the WAS hosts (lab.down ends them)
+        lab.web_server("was1", "WAS1B", 8081)
+        lab.web_server("was2", "WAS2B", 8081)
         yield lab
-        for proc in extra:
-            proc.terminate()
-            proc.wait(10)
-    finally:
-        lab.down()
 
 
 def config(pools: dict, frontends: dict, servers: dict | None = None) -> str:

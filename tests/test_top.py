@@ -25,7 +25,7 @@ from rich.console import Console
 from xlb import cli, ctl, top
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
-from labctl import HERE, PY, VIP, XLB, Lab  # noqa: E402
+from labctl import HERE, PY, VIP, XLB, Lab, running_lab  # noqa: E402
 
 NO_INSTANCE = "xlb: error: no xlb instance runs in this network namespace"
 
@@ -319,13 +319,8 @@ def lab_test(f):
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab("xlbv")
-    lab.down()
-    try:
-        lab.up()
+    with running_lab("xlbv") as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 @pytest.fixture(scope="module")
