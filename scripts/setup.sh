@@ -9,7 +9,8 @@ say() { printf 'setup: %s\n' "$*"; }
 [ "$(id -u)" = 0 ] || { echo "setup: must run as root (apt-get, /lib/modules)" >&2; exit 1; }
 
 # Debian packages. bcc comes from Debian: PyPI's "bcc" is an unrelated project.
-PKGS="python3-bpfcc linux-headers-amd64 python3-venv iproute2 ethtool wrk curl"
+# prometheus (with promtool) is for the metrics tests only.
+PKGS="python3-bpfcc linux-headers-amd64 python3-venv iproute2 ethtool wrk curl prometheus"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed' || missing="$missing $p"
@@ -22,6 +23,27 @@ if [ -n "$missing" ]; then
 else
     say "Debian packages present"
 fi
+
+# The tests run their own Prometheus inside a lab namespace. The package's service
+# would listen on :9090 of the root namespace: stop and disable it, whether systemd
+# or (where there is no systemd) the postinst's sysvinit script started it.
+for svc in prometheus prometheus-node-exporter; do
+    if [ -d /run/systemd/system ]; then
+        { systemctl is-enabled --quiet "$svc" || systemctl is-active --quiet "$svc"; } 2>/dev/null || continue
+        say "stopping and disabling the $svc service"
+        systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    elif [ -x "/etc/init.d/$svc" ]; then
+        # The script stops only its own daemon (its pidfile and user), never a test's.
+        if "/etc/init.d/$svc" status >/dev/null 2>&1; then
+            say "stopping the $svc service"
+            "/etc/init.d/$svc" stop >/dev/null 2>&1 || true
+        fi
+        if ls /etc/rc[2-5].d/S*"$svc" >/dev/null 2>&1; then
+            say "disabling the $svc service at boot"
+            update-rc.d "$svc" disable >/dev/null 2>&1 || true
+        fi
+    fi
+done
 
 # bcc compiles against /lib/modules/$(uname -r)/{build,source}. This kernel ships no
 # headers of its own; XDP only uses stable UAPI, so Debian's newest installed headers do.

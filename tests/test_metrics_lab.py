@@ -1,0 +1,317 @@
+"""xlb's metrics end to end in the lab: the exposition passes promtool's lint,
+counters count exactly and never go back, and a real Prometheus scraping xlb
+answers every query of the dashboard (metrics/xlb-dashboard.json) with data,
+over metric names and labels that xlb really exposes, with the alerting rules
+(metrics/alerts.yml) loaded."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "netns-lab"))
+from labctl import HERE, PY, VIP, even_split, running_lab  # noqa: E402
+
+pytestmark = [pytest.mark.lab,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
+              pytest.mark.skipif(shutil.which("prometheus") is None
+                                 or shutil.which("promtool") is None,
+                                 reason="prometheus/promtool not installed (Debian package "
+                                        "prometheus; scripts/setup.sh installs it)")]
+
+SEED = HERE / "seed.toml"
+METRICS_URL = "http://127.0.0.1:9717/metrics"     # xlb up's default, inside lb
+PROM = "127.0.0.1:19090"                           # our Prometheus, inside lb too
+ALERTS = ROOT / "metrics" / "alerts.yml"
+# Labels Prometheus itself gives every series of a target.
+TARGET_LABELS = {"job", "instance"}
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with running_lab("xlbp") as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def xlb(lab, tmp_path_factory):
+    """`xlb up --config <copy of the seed>`, metrics on the default address."""
+    config = tmp_path_factory.mktemp("xlb") / "xlb.toml"
+    shutil.copy(SEED, config)
+    with lab.xlb("--config", str(config)) as x:
+        yield x
+
+
+# --- helpers --------------------------------------------------------------------
+
+def load_dashboard():
+    """metrics/dashboard.py (its expressions() reads the checked-in JSON; no SDK needed)."""
+    path = ROOT / "metrics" / "dashboard.py"
+    spec = importlib.util.spec_from_file_location("xlb_dashboard", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def curl(lab, *args: str) -> subprocess.CompletedProcess:
+    """curl inside lb, straight to the address (never through a proxy from the env)."""
+    return lab.run("lb", "curl", "--noproxy", "*", "-sS", "--max-time", "5", *args, timeout=10)
+
+
+def scrape(lab) -> str:
+    r = curl(lab, "-f", METRICS_URL)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """{(sample name, labels): value} of an exposition."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def counters(text: str) -> dict[tuple[str, frozenset], float]:
+    """The samples that must never decrease: counters, and histograms' buckets,
+    counts and sums (durations are not negative)."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text)
+            if fam.type in ("counter", "histogram") for s in fam.samples}
+
+
+def values(text: str, name: str, label: str) -> dict[str, float]:
+    """{value of `label`: value} of the samples called `name`."""
+    return {dict(labels)[label]: v for (n, labels), v in samples(text).items() if n == name}
+
+
+def prom_get(lab, path: str, **params: str) -> dict:
+    """GET Prometheus's HTTP API from inside lb; the decoded JSON answer."""
+    args = [a for k, v in params.items() for a in ("--data-urlencode", f"{k}={v}")]
+    r = curl(lab, "-G", *args, f"http://{PROM}{path}")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def query(lab, expr: str) -> list[dict]:
+    answer = prom_get(lab, "/api/v1/query", query=expr)
+    assert answer["status"] == "success", (expr, answer)
+    return answer["data"]["result"]
+
+
+def wait_for(what: str, seconds: float, probe, interval: float = 0.5):
+    """Calls probe() until it returns something true (returned), for at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            result = probe()
+        except (AssertionError, json.JSONDecodeError, subprocess.TimeoutExpired):
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {seconds} s")
+        time.sleep(interval)
+
+
+def for_prometheus(expr: str) -> str:
+    """A dashboard query as Prometheus itself can run it: Grafana's variables replaced."""
+    for var, value in (("$__rate_interval", "1m"), ("$__interval", "1m"), ("$__range", "1m"),
+                       ("${instance}", ".*"), ("$instance", ".*")):
+        expr = expr.replace(var, value)
+    assert "$" not in expr, f"a Grafana variable this test does not know: {expr}"
+    return expr
+
+
+TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\[[^\]]*\]|\d+(?:\.\d+)?(?:[eE][+-]?\d+)?'
+                   r'|[A-Za-z_:][A-Za-z0-9_:]*|=~|!~|!=|==|>=|<=|\S')
+IDENT = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+GROUPING = {"by", "without", "on", "ignoring", "group_left", "group_right"}
+AGGREGATIONS = {"sum", "min", "max", "avg", "count", "group", "stddev", "stdvar", "topk",
+                "bottomk", "quantile", "count_values"}
+KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
+
+
+def names_in(expr: str) -> tuple[set[str], set[str]]:
+    """(metric names, label names) a PromQL expression uses: labels in matchers
+    and in by/without/on/ignoring/group_left/group_right lists. Strings, range
+    brackets, numbers, functions and keywords are skipped. Enough for the
+    dashboard's queries; not a full PromQL parser."""
+    tokens = TOKEN.findall(expr)
+    metrics, labels = set(), set()
+    in_braces = False
+    i = 0
+    while i < len(tokens):
+        t, nxt = tokens[i], tokens[i + 1] if i + 1 < len(tokens) else ""
+        if t == "{":
+            in_braces = True
+        elif t == "}":
+            in_braces = False
+        elif IDENT.fullmatch(t):
+            if in_braces:
+                if nxt in ("=", "!=", "=~", "!~"):
+                    labels.add(t)
+            elif t in GROUPING:
+                if nxt == "(":
+                    i += 2
+                    while tokens[i] != ")":
+                        if IDENT.fullmatch(tokens[i]):
+                            labels.add(tokens[i])
+                        i += 1
+            elif nxt != "(" and t not in AGGREGATIONS and t.lower() not in KEYWORDS:
+                metrics.add(t)
+        i += 1
+    return metrics, labels
+
+
+def test_names_in_parses_the_dashboards_kind_of_query():
+    m, l = names_in('sum by (pool, server) (rate(a_total{instance=~"x", job="y"}[1m])) '
+                    '/ on (pool) group_left sum without (le) (b) > bool 0.9')
+    assert m == {"a_total", "b"} and l == {"pool", "server", "instance", "job", "le"}
+    m, l = names_in("histogram_quantile(0.99, sum by (le) (rate(c_bucket[5m]))) * 1000")
+    assert m == {"c_bucket"} and l == {"le"}
+
+
+# --- the tests ------------------------------------------------------------------
+
+def test_exposition_passes_promtool(lab, xlb):
+    text = scrape(lab)
+    assert "xlb_frontend_connections_total" in text
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", \
+        r.stdout + r.stderr
+
+
+def test_new_connections_are_counted_exactly(lab, xlb):
+    n = 100
+    before = scrape(lab)
+    out = lab.client("client", "http", VIP, "80", "--count", str(n))
+    after = scrape(lab)
+    assert out["errors"] == [] and len(out["names"]) == n, out["errors"]
+
+    fe = {k: values(after, "xlb_frontend_connections_total", "frontend")[k]
+          - values(before, "xlb_frontend_connections_total", "frontend").get(k, 0)
+          for k in values(after, "xlb_frontend_connections_total", "frontend")}
+    assert fe == {"www": n}
+    sv = {k: int(v - values(before, "xlb_server_connections_total", "server").get(k, 0))
+          for k, v in values(after, "xlb_server_connections_total", "server").items()}
+    assert sum(sv.values()) == n, sv
+    assert even_split(sv, {"was1", "was2"}, n), sv   # round-robin: one off per CPU at most
+    # The clients saw the same split as the counters.
+    assert {"was1": out["names"].count("WAS1"), "was2": out["names"].count("WAS2")} == sv
+
+
+def test_counters_never_decrease_under_load(lab, xlb):
+    load = lab.spawn("client", PY, str(HERE / "clients.py"), "load", VIP, "80",
+                     "--seconds", "5", "--concurrency", "4", "--timeout", "2")
+    try:
+        scrapes = []
+        for _ in range(8):
+            scrapes.append(counters(scrape(lab)))
+            time.sleep(0.5)
+        result = json.loads(load.communicate(timeout=30)[0])
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+    assert result["ok"] > 0 and result["error_count"] == 0, result["errors"]
+    for i, (earlier, later) in enumerate(zip(scrapes, scrapes[1:])):
+        assert set(earlier) <= set(later), f"series vanished at scrape {i + 1}"
+        went_back = {k: (earlier[k], later[k]) for k in earlier if later[k] < earlier[k]}
+        assert not went_back, f"scrape {i} -> {i + 1}: {went_back}"
+    grew = {key[0] for key, v in scrapes[-1].items() if v > scrapes[0].get(key, 0)}
+    assert {"xlb_frontend_connections_total", "xlb_server_connections_total",
+            "xlb_frontend_packets_total", "xlb_xdp_actions_total"} <= grew, grew
+
+
+def test_prometheus_answers_every_dashboard_query(lab, xlb, tmp_path):
+    exposition = scrape(lab)
+    exposed_metrics = {name for name, _ in samples(exposition)}
+    exposed_labels = {k for _, labels in samples(exposition) for k, _ in labels}
+    config = tmp_path / "prometheus.yml"
+    # scrape_timeout may not exceed scrape_interval (its default is 10 s).
+    config.write_text(f"""\
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+  evaluation_interval: 1s
+rule_files:
+  - {ALERTS}
+scrape_configs:
+  - job_name: xlb
+    static_configs:
+      - targets: ["127.0.0.1:9717"]
+""")
+    log = tmp_path / "prometheus.log"
+    cmd = ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+           f"--web.listen-address={PROM}", "--log.level=warn"]
+    # Its log goes to a file: a pipe nobody reads could fill up and stall it.
+    load = lab.spawn("client", PY, str(HERE / "clients.py"), "load", VIP, "80",
+                     "--seconds", "20", "--concurrency", "4", "--timeout", "2")
+    prom = lab.spawn("lb", "sh", "-c", f"exec {shlex.join(cmd)} >{shlex.quote(str(log))} 2>&1")
+    try:
+        wait_for("Prometheus ready", 20, lambda: prom.poll() is not None
+                 or curl(lab, "-f", f"http://{PROM}/-/ready").returncode == 0)
+        assert prom.poll() is None, log.read_text()
+        # Enough scrapes for rate() over 1m: at least two samples in the window.
+        wait_for("five scrapes of xlb", 20, lambda: any(
+            float(r["value"][1]) >= 5 for r in query(lab, 'count_over_time(up{job="xlb"}[1m])')))
+        assert [r["value"][1] for r in query(lab, 'up{job="xlb"}')] == ["1"]
+
+        dashboard = load_dashboard()
+        model = json.loads(dashboard.JSON_PATH.read_text())
+        targets = [(p["title"], t) for p in dashboard.panels(model) for t in p.get("targets", [])]
+        assert [t["expr"] for _, t in targets] == dashboard.expressions() and len(targets) >= 10
+        for title, target in targets:
+            expr = for_prometheus(target["expr"])
+            metrics, labels = names_in(expr)
+            assert metrics and metrics <= exposed_metrics, (title, metrics - exposed_metrics)
+            assert labels <= exposed_labels | TARGET_LABELS, (title, labels - exposed_labels)
+            result = query(lab, expr)
+            assert result, f"{title}: no data for {expr}"
+            # Every label the legend shows is on every series.
+            for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")):
+                assert all(label in r["metric"] for r in result), (title, label, result)
+
+        seed_servers = set(tomllib.loads(SEED.read_text())["servers"])
+        up = {r["metric"]["server"]: r["value"][1] for r in query(lab, "xlb_server_up")}
+        assert up == {s: "1" for s in seed_servers}
+
+        # The rules are loaded, and once evaluated every one of them is healthy.
+        def evaluated():
+            groups = prom_get(lab, "/api/v1/rules")["data"]["groups"]
+            rules = [r for g in groups if g["name"] == "xlb" for r in g["rules"]]
+            return rules if rules and all(r["health"] == "ok" for r in rules) else None
+        rules = wait_for("rules evaluated", 10, evaluated)
+        assert {r["name"] for r in rules} == {"XlbDown", "XlbServerDown", "XlbPoolAllServersDown",
+                                              "XlbFlowTableNearlyFull", "XlbDropsRising"}
+        assert all(r["state"] == "inactive" for r in rules), rules   # a healthy lab
+        for r in rules:   # the rules, too, read only what xlb (or the scrape: up) has
+            metrics, labels = names_in(r["query"])
+            assert metrics <= exposed_metrics | {"up"}, (r["name"], metrics - exposed_metrics)
+            assert labels <= exposed_labels | TARGET_LABELS, (r["name"], labels)
+
+        result = json.loads(load.communicate(timeout=40)[0])
+        assert result["ok"] > 0 and result["error_count"] == 0, result["errors"]
+    finally:
+        for proc in (prom, load):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
