@@ -21,7 +21,8 @@ import socketserver
 import threading
 from ipaddress import IPv4Address
 
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, ProcessCollector, generate_latest
+from prometheus_client.registry import CollectorRegistry
 
 from . import __version__
 
@@ -41,6 +42,8 @@ FAMILIES = {
     "xlb_frontend_connections": ("counter", "New flows (connections) balanced."),
     "xlb_pool_servers": ("gauge", "Servers in the pool."),
     "xlb_pool_servers_up": ("gauge", "Servers of the pool in state up."),
+    "xlb_server_info": ("gauge", "A server of a pool: its address, port and whether it is a "
+                                 "backup."),
     "xlb_server_packets": ("counter", "Packets of the server's flows."),
     "xlb_server_bytes": ("counter", "Bytes of the server's flows."),
     "xlb_server_connections": ("counter", "New flows sent to the server."),
@@ -142,6 +145,9 @@ def render(st: dict, durations: dict[tuple[str, str], tuple[list[int], float]]) 
         pool = _escape(p["name"])
         for s in p["servers"]:
             lv = f'pool="{pool}",server="{_escape(s["name"])}"'
+            sv["xlb_server_info"].append(
+                f'xlb_server_info{{{lv},address="{s["address"]}",port="{s["port"]}",'
+                f'backup="{str(s["backup"]).lower()}"}} 1\n')
             sv["xlb_server_packets"].append(
                 f'xlb_server_packets_total{{{lv},direction="in"}} {s["packets_in"]}\n'
                 f'xlb_server_packets_total{{{lv},direction="out"}} {s["packets_out"]}\n')
@@ -203,13 +209,16 @@ class _Server(http.server.ThreadingHTTPServer):
 
 def serve(balancer, durations: CheckDurations, address: tuple[str, int]):
     """Starts the /metrics endpoint in a thread; returns the server (call .shutdown())."""
+    process = CollectorRegistry(auto_describe=False)   # process_* (CPU, memory, start time)
+    ProcessCollector(registry=process)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             if self.path.split("?")[0] != "/metrics":
                 self.send_error(404, "see /metrics")
                 return
-            body = render(balancer.status(), durations.snapshot()).encode()
+            body = (render(balancer.status(), durations.snapshot()).encode()
+                    + generate_latest(process))
             self.send_response(200)
             self.send_header("Content-Type", CONTENT_TYPE_LATEST)
             self.send_header("Content-Length", str(len(body)))

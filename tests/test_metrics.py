@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from xlb import metrics
 
-SERVER = {"packets_in": 7, "packets_out": 5, "bytes_in": 544, "bytes_out": 480, "new_flows": 3,
+SERVER = {"address": "10.1.11.101", "port": 8080, "backup": False, "packets_in": 7, "packets_out": 5, "bytes_in": 544, "bytes_out": 480, "new_flows": 3,
           "active_flows": 1, "weight": 2, "health_changes": 4}
 STATUS = {
     "frontends": [{"name": "www", "vip": "10.1.1.101", "port": 80, "protocol": "tcp",
@@ -63,6 +63,8 @@ def test_values_and_types():
     assert got[("xlb_server_connections_total", srv)] == 3
     assert got[("xlb_server_packets_total", (("direction", "out"),) + srv)] == 5
     assert got[("xlb_server_up", srv)] == 0
+    assert got[("xlb_server_info", (("address", "10.1.11.101"), ("backup", "false"),
+                                    ("pool", "was"), ("port", "8080"), ("server", "was2")))] == 1
     assert got[("xlb_server_state", srv + (("state", "drain"),))] == 1
     assert got[("xlb_server_state", srv + (("state", "up"),))] == 0
     assert got[("xlb_pool_servers_up", (("pool", "was"),))] == 1
