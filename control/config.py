@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .model import (ALGORITHMS, MONITOR_TYPES, ON_SERVER_DOWN, PROTOCOLS, WEIGHT_RANGE, Config,
-                    ConfigError, Frontend, Monitor, Pool, Server, parse_address)
+                    ConfigError, Frontend, Monitor, Pool, Server, check_port, parse_address)
 
 SECTIONS = ("monitors", "servers", "pools", "frontends")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -113,10 +113,10 @@ def _seconds(value: Any) -> float:
 
 
 def _port(value: Any) -> int:
-    port = _integer(value)
-    if not 1 <= port <= 65535:
-        raise _bad(f"port {port} is out of range 1-65535")
-    return port
+    try:
+        return check_port(_integer(value))
+    except ValueError as e:
+        raise _bad(str(e)) from None
 
 
 def _weight(value: Any) -> int:

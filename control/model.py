@@ -97,13 +97,16 @@ class Config:
         return tuple(dict.fromkeys(i for f in self.frontends for i in f.interfaces))
 
 
-def parse_port(text: str) -> int:
-    if not text.isdigit():
-        raise ValueError(f"port {text!r} is not a number")
-    port = int(text)
+def check_port(port: int) -> int:
     if not 1 <= port <= 65535:
         raise ValueError(f"port {port} is out of range 1-65535")
     return port
+
+
+def parse_port(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"port {text!r} is not a number")
+    return check_port(int(text))
 
 
 def parse_address(text: str) -> IPv4Address:
@@ -143,8 +146,11 @@ def monitor_from_flags(kind: str, port: int | None, interval: float, rise: int,
         mtype, path = "http", kind[len("http:"):]
     else:
         problems.append(("--check", f"{kind!r} is not tcp, http:/PATH or none"))
-    if port is not None and not 1 <= port <= 65535:
-        problems.append(("--check-port", f"port {port} is out of range 1-65535"))
+    if port is not None:
+        try:
+            check_port(port)
+        except ValueError as e:
+            problems.append(("--check-port", str(e)))
     if not interval > 0:
         problems.append(("--interval", f"must be a positive number of seconds, got {interval}"))
     for name, n in (("--rise", rise), ("--fall", fall)):
