@@ -331,6 +331,8 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, sync_tar
         line = await asyncio.wait_for(reader.readline(), timeout=5)
         req = json.loads(line)
         cmd = req["cmd"]
+        if not isinstance(cmd, str):
+            raise TypeError
     except (ValueError, asyncio.LimitOverrunError):
         return {"ok": False,
                 "error": f"malformed or oversized request (limit {ctl.MAX_REQUEST} bytes)"}
@@ -354,15 +356,24 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, sync_tar
         log.event(cmd, level="warning", error="invalid config: nothing applied",
                   problems=len(e.problems))
         return {"ok": False, "error": "invalid config: nothing applied", "problems": e.problems}
-    except (LookupError, planner.CapacityError, DatapathError) as e:
+    except (BadRequest, LookupError, planner.CapacityError, DatapathError) as e:
         message = str(e.args[0]) if isinstance(e, LookupError) else str(e)
-        log.event(cmd, level="warning", error=message)
+        log.event(str(cmd), level="warning", error=message)
         return {"ok": False, "error": message}
-    except (KeyError, TypeError, AttributeError):
-        return {"ok": False, "error": f"malformed {cmd!r} request"}
     except Exception as e:  # a bug: answer, log, and keep serving
         traceback.print_exc()
         return {"ok": False, "error": f"internal error: {e!r}"}
+
+
+class BadRequest(Exception):
+    """A request that names no known command or lacks what its command needs."""
+
+
+def _field(req: dict, name: str) -> str:
+    value = req.get(name)
+    if not isinstance(value, str):
+        raise BadRequest(f"malformed {req['cmd']!r} request: {name!r} must be a string")
+    return value
 
 
 def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
@@ -374,7 +385,7 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
         return {"text": configfile.dump(balancer.config),
                 "config": str(balancer.config_path) if balancer.config_path else None}
     if cmd == "apply":
-        text = req["text"]
+        text = _field(req, "text")
         t0 = time.perf_counter()
         cfg = configfile.load(text)
         t1 = time.perf_counter()
@@ -384,12 +395,13 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
         log.event("apply", result="ok", seconds=t2 - t0, **result)
         return {**result, "validate_seconds": t1 - t0, "apply_seconds": t2 - t1}
     if cmd == "server":
-        if req["action"] not in ADMIN_ACTIONS:
-            raise LookupError(f"unknown server action {req['action']!r}")
-        result = balancer.set_admin(req["action"], req["pool"], req["server"])
-        log.event("server", action=req["action"], **result)
+        action = _field(req, "action")
+        if action not in ADMIN_ACTIONS:
+            raise BadRequest(f"unknown server action {action!r}")
+        result = balancer.set_admin(action, _field(req, "pool"), _field(req, "server"))
+        log.event("server", action=action, **result)
         return result
     if cmd == "down":
         request_stop()
         return "stopping"
-    raise LookupError(f"unknown command {cmd!r}")
+    raise BadRequest(f"unknown command {cmd!r}")

@@ -5,6 +5,7 @@ afterwards, also when a test fails."""
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import sys
@@ -169,3 +170,49 @@ def test_second_up_is_refused_and_first_keeps_serving(lab, xlb):
     out = lab.client("client", "http", VIP, "80", "--count", "4")
     assert out["errors"] == []
     assert even_split(collections.Counter(out["names"]), {"WAS1", "WAS2"}, 4), out
+
+
+PROBE = r"""
+import json, socket, sys, threading
+def ask(payload):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect("\0xlb/control")
+    threading.Thread(target=lambda: _send(s, payload), daemon=True).start()
+    data = b""
+    try:
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data.decode()
+def _send(s, payload):
+    try:
+        s.sendall(payload)
+    except OSError:
+        pass
+print(json.dumps([ask(b"not json\n"), ask(b'{"no": "cmd"}\n'), ask(b'{"cmd": "frobnicate"}\n'),
+                  ask(b'{"cmd": "apply"}\n'), ask(b"x" * (9 << 20))]))
+"""
+
+
+def test_control_socket_rejects_malformed_and_oversized_requests(lab, xlb):
+    before = lab.status()
+    out = lab.run("lb", "/usr/bin/python3", "-c", PROBE, check=True, timeout=60).stdout
+    replies = [json.loads(r) for r in json.loads(out)]
+    assert [r["ok"] for r in replies] == [False] * 5
+    assert "malformed or oversized request" in replies[0]["error"]
+    assert replies[1]["error"] == 'request has no "cmd"'
+    assert replies[2]["error"] == "unknown command 'frobnicate'"
+    assert replies[3]["error"] == "malformed 'apply' request: 'text' must be a string"
+    assert "oversized" in replies[4]["error"]
+    after = lab.status()
+    # Nothing changed: the same instance serves the same frontends and servers.
+    assert after["pid"] == before["pid"]
+    assert [f["name"] for f in after["frontends"]] == [f["name"] for f in before["frontends"]]
+    assert [(s["name"], s["state"]) for p in after["pools"] for s in p["servers"]] == \
+        [(s["name"], s["state"]) for p in before["pools"] for s in p["servers"]]
+    assert lab.client("client", "http", VIP, "80", "--count", "2")["errors"] == []
