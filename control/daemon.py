@@ -44,6 +44,7 @@ class Balancer:
         self.state = planner.DataplaneState()     # what the maps hold
         self.states: dict[Key, str] = {}          # server states the maps reflect
         self.admin: dict[Key, str] = {}           # `xlb server drain|disable`: drain, maint
+        self.server_rows: dict[Key, dict] = {}
         self.health: dict[Key, str] = {}          # health checks: up, down
         self.health_changes: dict[Key, int] = {}
         self.checker: HealthChecker | None = None
@@ -95,8 +96,12 @@ class Balancer:
         for name in self.links.keys() - {link.name for link in links}:
             dp.detach(self.links[name].index)
 
+        rows = {(p.name, s.name): {"name": s.name, "address": str(s.address), "port": s.port,
+                                   "weight": s.weight, "backup": s.backup}
+                for p in config.pools for s in p.servers}
         with self.lock:
             self.config, self.state, self.states, self.admin = config, target, states, admin
+            self.server_rows = rows         # what status shows of each server that only apply changes
             self.health = {k: v for k, v in self.health.items() if k in keys}
             self.links = {link.name: link for link in links}
             self.last_apply = time.time()
@@ -128,9 +133,11 @@ class Balancer:
 
     def _last_check(self, key: Key) -> dict | None:
         """The latest check of a checked server; None when it is not checked."""
+        if self.checker is None:
+            return None
         try:
             return _check_dict(self.checker.last_check(key))
-        except (AttributeError, KeyError):    # no checker, or a server it does not check
+        except KeyError:                      # a server it does not check
             return None
 
     def status(self) -> dict:
@@ -154,8 +161,7 @@ class Balancer:
             for s in pool.servers:
                 key = (pool.name, s.name)
                 b = self.state.backends[key]
-                servers.append({"name": s.name, "address": str(s.address), "port": s.port,
-                                "weight": s.weight, "backup": s.backup,
+                servers.append({**self.server_rows[key],
                                 "state": self.states[key],
                                 "health": self.health.get(key, "up"),
                                 "last_check": self._last_check(key),

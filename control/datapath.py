@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from bcc import BPF
+from bcc.libbcc import lib
+
 from . import bpfsys, layout
 from .layout import BPF_DIR, MAPS
 
@@ -69,8 +72,6 @@ class Datapath:
     """One loaded instance of bpf/xlb.c and its maps."""
 
     def __init__(self, limits: Limits = Limits()):
-        from bcc import BPF  # here, so that kernel-free modules never import bcc
-
         self.limits = limits
         self._links: dict[int, tuple[int, Attachment]] = {}
         try:
@@ -180,17 +181,28 @@ class Datapath:
         return self._percpu_sum("backend_stats", backend_id)
 
     def backend_counters_many(self, ids: set[int]) -> dict[int, dict[str, int]]:
-        """The counters of these backends, in one batched read of the map."""
+        """The counters of these backends, from one batched read of the whole map."""
         table = self._maps["backend_stats"]
         fields = [name for name, _ in layout.Counters._fields_]
-        n = len(fields)
-        result = {}
-        for key, percpu in table.items_lookup_batch():
-            if int(key) in ids:
-                # ncpu structs of n u64 each, summed field by field
-                words = (ct.c_uint64 * (n * len(percpu))).from_buffer(percpu)
-                result[int(key)] = dict(zip(fields, (sum(words[i::n]) for i in range(n))))
-        return result
+        nf, ncpu = len(fields), table.total_cpu
+        words = self._read_array(table)             # [key][cpu][field], all u64
+        stride = nf * ncpu
+        totals = []                                  # [field][key], summed over CPUs
+        for f in range(nf):
+            columns = [words[c * nf + f::stride] for c in range(ncpu)]
+            totals.append(list(map(sum, zip(*columns))))
+        return {i: {name: totals[f][i] for f, name in enumerate(fields)} for i in ids}
+
+    @staticmethod
+    def _read_array(table) -> list[int]:
+        """Every value of an array map, as its u64 words, in one BPF_MAP_LOOKUP_BATCH."""
+        n = table.max_entries
+        keys, values = (table.Key * n)(), (table.Leaf * n)()
+        count, out_batch = ct.c_uint32(n), ct.c_uint32(0)
+        if lib.bpf_lookup_batch(table.map_fd, None, ct.byref(out_batch), keys, values,
+                                ct.byref(count)) != 0 and ct.get_errno() != errno.ENOENT:
+            raise DatapathError(f"cannot read the counters: {os.strerror(ct.get_errno())}")
+        return memoryview(values).cast("B").cast("Q").tolist()
 
     def reason_counters(self) -> dict[str, layout.Tally]:
         return {name: self._percpu_sum("reason_stats", i)
