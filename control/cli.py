@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__, config as configfile, ctl, metrics
+from . import __version__, config as configfile, ctl
 from .model import ConfigError, from_flags, monitor_from_flags
 
 
@@ -88,6 +88,7 @@ def up(vips, backends, ifaces, check_kind, check_port, interval, rise, fall, met
             config = from_flags(list(vips), list(backends), list(ifaces), monitor)
         except ConfigError as e:
             raise BadInput(str(e)) from None
+    from . import metrics              # prometheus-client: only `up` needs it
     try:
         metrics_address = metrics.parse_address(metrics_at)
     except ValueError as e:
