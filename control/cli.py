@@ -13,6 +13,7 @@ import click
 
 from . import __version__, config as configfile, ctl
 from .model import ConfigError, from_flags, monitor_from_flags
+from .units import si
 
 
 class Failure(click.ClickException):
@@ -242,14 +243,6 @@ def _request(cmd: str, **args):
         raise Failure(str(e)) from None
 
 
-def _si(n: int) -> str:
-    for unit in ("", "k", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
-        n /= 1000
-    return f"{n:.1f}P"
-
-
 def _last_check(check: dict | None) -> str:
     if check is None:
         return "not checked"
@@ -266,9 +259,9 @@ def format_status(s: dict) -> str:
     for f in s["frontends"]:
         endpoint = f"{f['vip']}:{f['port']}/{f['protocol']}"
         lines.append(f"{f['name']:<14} {endpoint:<22} {f['pool']:<12} "
-                     f"{f['servers_taking_flows']:>6} {_si(f['new_flows']):>7} "
-                     f"{_si(f['packets_in']):>8} {_si(f['packets_out']):>8} "
-                     f"{_si(f['bytes_in']):>8} {_si(f['bytes_out']):>9}")
+                     f"{f['servers_taking_flows']:>6} {si(f['new_flows']):>7} "
+                     f"{si(f['packets_in']):>8} {si(f['packets_out']):>8} "
+                     f"{si(f['bytes_in']):>8} {si(f['bytes_out']):>9}")
     for p in s["pools"]:
         lines += ["", f"pool {p['name']} ({p['algorithm']}, on_server_down {p['on_server_down']})",
                   f"  {'SERVER':<12} {'ADDRESS':<22} {'STATE':<6} {'WEIGHT':>6} {'ACTIVE':>7} "
@@ -277,10 +270,10 @@ def format_status(s: dict) -> str:
         for b in p["servers"]:
             name = b["name"] + (" (backup)" if b["backup"] else "")
             lines.append(f"  {name:<12} {b['address'] + ':' + str(b['port']):<22} "
-                         f"{b['state']:<6} {b['weight']:>6} {_si(b['active_flows']):>7} "
-                         f"{_si(b['new_flows']):>7} {_si(b['packets_in']):>8} "
-                         f"{_si(b['packets_out']):>8} {_si(b['bytes_in']):>8} "
-                         f"{_si(b['bytes_out']):>9}  {_last_check(b['last_check'])}")
+                         f"{b['state']:<6} {b['weight']:>6} {si(b['active_flows']):>7} "
+                         f"{si(b['new_flows']):>7} {si(b['packets_in']):>8} "
+                         f"{si(b['packets_out']):>8} {si(b['bytes_in']):>8} "
+                         f"{si(b['bytes_out']):>9}  {_last_check(b['last_check'])}")
     for f in s["frontends"]:
         if f["servers_taking_flows"] == 0:
             lines += ["", f"! frontend {f['name']}: no server of pool {f['pool']} is up; new flows "
@@ -290,8 +283,8 @@ def format_status(s: dict) -> str:
     drops = {k[5:]: v["packets"] for k, v in s["reasons"].items() if k.startswith("drop_")}
     lines += ["", f"flow table: {s['flows']['entries']}/{s['flows']['capacity']} entries "
                   f"(two per connection); maps hold {s['map_memory_bytes'] / 2**20:.1f} MiB",
-              "xdp actions: " + ", ".join(f"{k[4:].lower()} {_si(v)}" for k, v in a.items()),
-              "drops: " + ", ".join(f"{k} {_si(v)}" for k, v in drops.items())]
+              "xdp actions: " + ", ".join(f"{k[4:].lower()} {si(v)}" for k, v in a.items()),
+              "drops: " + ", ".join(f"{k} {si(v)}" for k, v in drops.items())]
     return "\n".join(lines)
 
 

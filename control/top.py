@@ -25,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import ctl
+from .units import si
 
 NO_RATE = "—"       # a rate needs two samples of the same counter
 STATE_STYLES = {"up": "bold green", "down": "bold red", "drain": "bold yellow",
@@ -46,22 +47,6 @@ class Sample:
 
 # --- rendering (pure) --------------------------------------------------------------
 
-def _si(x: float) -> str:
-    """0, 7.5, 42, 1.2k, 3.4M: short numbers for narrow columns (counts below
-    1000 exactly, rates below 10 to a tenth)."""
-    if isinstance(x, int) and abs(x) < 1000:
-        return str(x)
-    if abs(x) < 10:
-        return "0" if x == 0 else f"{x:.1f}"
-    if abs(x) < 1000:
-        return f"{x:.0f}"
-    for unit in ("k", "M", "G", "T", "P"):
-        x /= 1000
-        if abs(x) < 1000 or unit == "P":
-            return f"{x:.1f}{unit}"
-    raise AssertionError("unreachable")
-
-
 class _Rates:
     """Per-second deltas of one counter dict against its previous sample."""
 
@@ -80,7 +65,7 @@ class _Rates:
         v = self.value(key)
         if v is None:
             return Text(NO_RATE, style="dim")
-        return Text(_si(v), style=style_if_nonzero if v > 0 else "")
+        return Text(si(v), style=style_if_nonzero if v > 0 else "")
 
 
 def _by_name(items: list[dict] | None) -> dict[str, dict]:
@@ -153,7 +138,7 @@ def _pool(p: dict, prev_pool: dict | None, seconds: float | None) -> Table:
                   f"{b['address']}:{b['port']}",
                   Text(state, style=STATE_STYLES.get(state, "")),
                   Text(health, style=HEALTH_STYLES.get(health, "")),
-                  str(b.get("weight", "")), _si(b.get("active_flows", 0)),
+                  str(b.get("weight", "")), si(b.get("active_flows", 0)),
                   r.text("new_flows", "bold"), r.text("packets_in"), r.text("packets_out"),
                   _last_check(b.get("last_check")))
     return t
@@ -181,7 +166,7 @@ def _flows_and_drops(s: dict, prev: dict | None, seconds: float | None) -> Group
         if not name.startswith("drop_"):
             continue
         r = _Rates(tally, old.get(name), seconds)
-        t.add_row(name[len("drop_"):], r.text("packets", "bold red"), _si(tally["packets"]))
+        t.add_row(name[len("drop_"):], r.text("packets", "bold red"), si(tally["packets"]))
     return Group(line, Text(), t)
 
 
