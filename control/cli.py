@@ -109,6 +109,12 @@ def up(vips, backends, ifaces, check_kind, check_port, interval, rise, fall, met
         raise Failure(str(e)) from None
 
 
+def _echo_problems(file: Path, problems) -> None:
+    """One line a problem, as `xlb check` and `xlb apply` report a config file."""
+    for path, reason in problems:
+        click.echo(f"{file}: {path}: {reason}", err=True)
+
+
 def _load(path: Path):
     try:
         return configfile.load_file(path)
@@ -127,8 +133,7 @@ def check(file: Path) -> None:
     try:
         cfg = configfile.load_file(file)
     except ConfigError as e:
-        for path, reason in e.problems:
-            click.echo(f"{file}: {path}: {reason}", err=True)
+        _echo_problems(file, e.problems)
         raise click.exceptions.Exit(1) from None
     servers = {(s.address, s.port) for p in cfg.pools for s in p.servers}
     click.echo(f"{file}: ok: {len(cfg.frontends)} frontends, {len(cfg.pools)} pools, "
@@ -154,8 +159,7 @@ def apply(file: Path) -> None:
     try:
         r = ctl.request("apply", text=text, timeout=60)   # the instance validates
     except ctl.ControlError as e:
-        for path, reason in e.problems:
-            click.echo(f"{file}: {path}: {reason}", err=True)
+        _echo_problems(file, e.problems)
         raise Failure(str(e)) from None
     except ctl.NotRunning as e:
         raise Failure(str(e)) from None

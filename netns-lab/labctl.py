@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import time
@@ -113,6 +114,12 @@ class Lab:
 
     def xlb(self, *args: str, node: str = "lb") -> "Xlb":
         return Xlb(self, node, args)
+
+    def xlb_seed(self, directory: Path) -> "Xlb":
+        """`xlb up --config` a copy of seed.toml in directory (`apply` would persist into it)."""
+        config = directory / "xlb.toml"
+        shutil.copy(HERE / "seed.toml", config)
+        return self.xlb("--config", str(config))
 
 
 class Xlb:

@@ -136,12 +136,19 @@ def test_apply_of_an_invalid_file_changes_nothing(lab, xlb, tmp_path):
     assert even_split(names(lab, 10), {"WAS1", "WAS2"}, 10)
 
 
-def test_drain_lets_an_open_connection_finish(lab, xlb):
-    hold = lab.spawn("client", PY, str(HERE / "clients.py"), "hold", VIP, "80",
-                     "--count", "6", "--pause", "0.3")
+def held_connection(lab, *args):
+    """A keep-alive connection making requests in the background (clients.py
+    hold ARGS), once its first answer is in: the process, that answer, the
+    server it came from, and the other server's answer."""
+    hold = lab.spawn("client", PY, str(HERE / "clients.py"), "hold", VIP, "80", *args)
     first = json.loads(hold.stdout.readline())
     server = {"WAS1": "was1", "WAS2": "was2"}[first["name"]]
     other = "WAS2" if server == "was1" else "WAS1"
+    return hold, first, server, other
+
+
+def test_drain_lets_an_open_connection_finish(lab, xlb):
+    hold, first, server, other = held_connection(lab, "--count", "6", "--pause", "0.3")
     out = xlb_ok(lab, "server", "drain", "web", server)
     assert f"web/{server} is drain" in out
     # New connections go to the other server only...
@@ -156,11 +163,8 @@ def test_drain_lets_an_open_connection_finish(lab, xlb):
 
 
 def test_disable_stops_new_flows_and_ends_open_ones(lab, xlb):
-    hold = lab.spawn("client", PY, str(HERE / "clients.py"), "hold", VIP, "80",
-                     "--count", "3", "--pause", "0.5", "--timeout", "2")
-    first = json.loads(hold.stdout.readline())
-    server = {"WAS1": "was1", "WAS2": "was2"}[first["name"]]
-    other = "WAS2" if server == "was1" else "WAS1"
+    hold, first, server, other = held_connection(lab, "--count", "3", "--pause", "0.5",
+                                                 "--timeout", "2")
     out = xlb_ok(lab, "server", "disable", "web", server)
     assert f"web/{server} is maint" in out
     # The command returns once the maps are written: new flows avoid it at once.

@@ -50,9 +50,7 @@ def lab():
 @pytest.fixture(scope="module")
 def xlb(lab, tmp_path_factory):
     """`xlb up --config <copy of the seed>`, metrics on the default address."""
-    config = tmp_path_factory.mktemp("xlb") / "xlb.toml"
-    shutil.copy(SEED, config)
-    with lab.xlb("--config", str(config)) as x:
+    with lab.xlb_seed(tmp_path_factory.mktemp("xlb")) as x:
         yield x
 
 

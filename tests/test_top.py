@@ -10,7 +10,6 @@ import io
 import os
 import re
 import select
-import shutil
 import signal
 import struct
 import subprocess
@@ -326,9 +325,7 @@ def lab():
 @pytest.fixture(scope="module")
 def seeded(lab, tmp_path_factory):
     """The seed config served in lb, with 20 connections made."""
-    config = tmp_path_factory.mktemp("top") / "xlb.toml"
-    shutil.copy(HERE / "seed.toml", config)
-    with lab.xlb("--config", str(config)) as x:
+    with lab.xlb_seed(tmp_path_factory.mktemp("top")) as x:
         assert lab.client("client", "http", VIP, "80", "--count", "20")["errors"] == []
         yield x
 
