@@ -25,6 +25,8 @@ import pytest
 from xlb.health import HealthChecker, Target, Transition
 from xlb.model import Monitor, Server
 
+pytestmark = pytest.mark.netns
+
 CLONE_NEWNET = 0x40000000
 LOCAL = IPv4Address("127.0.0.1")
 INTERVAL, TIMEOUT = 0.2, 0.15
