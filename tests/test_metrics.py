@@ -1,25 +1,40 @@
 """The /metrics text: what the parser of prometheus-client reads in it, and the
 same text as prometheus-client itself would write it. No kernel needed."""
 
+import itertools
+import re
+
 import pytest
 from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 from prometheus_client.parser import text_string_to_metric_families
 
+import xlb
 from xlb import metrics
 
-SERVER = {"address": "10.1.11.101", "port": 8080, "backup": False, "packets_in": 7, "packets_out": 5, "bytes_in": 544, "bytes_out": 480, "new_flows": 3,
-          "active_flows": 1, "weight": 2, "health_changes": 4}
 STATUS = {
-    "frontends": [{"name": "www", "vip": "10.1.1.101", "port": 80, "protocol": "tcp",
-                   "pool": "was", "packets_in": 21, "packets_out": 15, "bytes_in": 1632,
-                   "bytes_out": 1440, "new_flows": 3}],
+    "frontends": [
+        {"name": "www", "vip": "10.1.1.101", "port": 80, "protocol": "tcp", "pool": "was",
+         "packets_in": 21, "packets_out": 15, "bytes_in": 1632, "bytes_out": 1440,
+         "new_flows": 3},
+        {"name": "dns", "vip": "10.1.1.102", "port": 53, "protocol": "udp", "pool": "was",
+         "packets_in": 9, "packets_out": 8, "bytes_in": 700, "bytes_out": 900, "new_flows": 4}],
+    # Every number differs between the two servers, so a mix-up cannot pass.
     "pools": [{"name": "was", "servers": [
-        {**SERVER, "name": "was1", "state": "up", "health": "up"},
-        {**SERVER, "name": "was2", "state": "drain", "health": "down"}]}],
+        {"name": "was1", "address": "10.1.11.101", "port": 8080, "backup": False,
+         "state": "down", "health": "down", "packets_in": 7, "packets_out": 5, "bytes_in": 544,
+         "bytes_out": 480, "new_flows": 3, "active_flows": 1, "weight": 2,
+         "health_changes": 4},
+        {"name": "was2", "address": "10.1.11.102", "port": 8081, "backup": True,
+         "state": "drain", "health": "up", "packets_in": 70, "packets_out": 50,
+         "bytes_in": 5440, "bytes_out": 4800, "new_flows": 30, "active_flows": 10,
+         "weight": 20, "health_changes": 40}]}],
     "actions": {"XDP_ABORTED": 0, "XDP_DROP": 2, "XDP_PASS": 30, "XDP_TX": 1,
                 "XDP_REDIRECT": 0},
-    "reasons": {"forward": {"packets": 20, "bytes": 1}, "drop_no_backend": {"packets": 2,
-                                                                             "bytes": 2}},
+    "reasons": {"forward": {"packets": 20, "bytes": 1},
+                "drop_malformed": {"packets": 5, "bytes": 3},
+                "drop_no_backend": {"packets": 2, "bytes": 2}},
     "flows": {"entries": 6, "capacity": 262144},
     "map_memory_bytes": 31000000, "applies": {"ok": 3, "error": 1}, "last_apply": 1.7e9,
 }
@@ -41,6 +56,118 @@ def samples(text):
             for f in text_string_to_metric_families(text) for s in f.samples}
 
 
+class Library:
+    """The same families as prometheus-client's own objects, built from STATUS
+    independently of metrics.render (README's table of metrics, by hand)."""
+
+    def __init__(self, st, durations):
+        self.st, self.durations = st, durations
+
+    def collect(self):
+        # xlb leaves out a family without samples (no checked server, say), where
+        # the library would write its HELP and TYPE alone.
+        return (f for f in self._families() if f.samples)
+
+    def _families(self):
+        st = self.st
+        yield fam("xlb_build_info", GaugeMetricFamily, ["version"], [([xlb.__version__], 1)])
+        fes = st["frontends"]
+        yield fam("xlb_frontend_info", GaugeMetricFamily,
+                  ["frontend", "vip", "port", "protocol", "pool"],
+                  [([f["name"], f["vip"], str(f["port"]), f["protocol"], f["pool"]], 1)
+                   for f in fes])
+        for what in ("packets", "bytes"):
+            yield fam(f"xlb_frontend_{what}", CounterMetricFamily, ["frontend", "direction"],
+                      [([f["name"], d], f[f"{what}_{d}"]) for f in fes for d in ("in", "out")])
+        yield fam("xlb_frontend_connections", CounterMetricFamily, ["frontend"],
+                  [([f["name"]], f["new_flows"]) for f in fes])
+        pools = st["pools"]
+        yield fam("xlb_pool_servers", GaugeMetricFamily, ["pool"],
+                  [([p["name"]], len(p["servers"])) for p in pools])
+        yield fam("xlb_pool_servers_up", GaugeMetricFamily, ["pool"],
+                  [([p["name"]], sum(s["state"] == "up" for s in p["servers"])) for p in pools])
+        servers = [(p["name"], s) for p in pools for s in p["servers"]]
+        ps = ["pool", "server"]
+        yield fam("xlb_server_info", GaugeMetricFamily, ps + ["address", "port", "backup"],
+                  [([p, s["name"], s["address"], str(s["port"]), str(s["backup"]).lower()], 1)
+                   for p, s in servers])
+        for what in ("packets", "bytes"):
+            yield fam(f"xlb_server_{what}", CounterMetricFamily, ps + ["direction"],
+                      [([p, s["name"], d], s[f"{what}_{d}"]) for p, s in servers
+                       for d in ("in", "out")])
+        yield fam("xlb_server_connections", CounterMetricFamily, ps,
+                  [([p, s["name"]], s["new_flows"]) for p, s in servers])
+        yield fam("xlb_server_active_flows", GaugeMetricFamily, ps,
+                  [([p, s["name"]], s["active_flows"]) for p, s in servers])
+        yield fam("xlb_server_up", GaugeMetricFamily, ps,
+                  [([p, s["name"]], s["health"] == "up") for p, s in servers])
+        yield fam("xlb_server_state", GaugeMetricFamily, ps + ["state"],
+                  [([p, s["name"], state], s["state"] == state) for p, s in servers
+                   for state in ("up", "down", "drain", "maint")])
+        yield fam("xlb_server_weight", GaugeMetricFamily, ps,
+                  [([p, s["name"]], s["weight"]) for p, s in servers])
+        yield fam("xlb_server_health_changes", CounterMetricFamily, ps,
+                  [([p, s["name"]], s["health_changes"]) for p, s in servers])
+        name = "xlb_server_check_duration_seconds"
+        hist = HistogramMetricFamily(name, metrics.FAMILIES[name][1], labels=ps)
+        for p, s in servers:
+            if (p, s["name"]) in self.durations:
+                counts, total = self.durations[(p, s["name"])]
+                les = [floatToGoString(b) for b in metrics.CHECK_BUCKETS] + ["+Inf"]
+                hist.add_metric([p, s["name"]], list(zip(les, itertools.accumulate(counts))),
+                                total)
+        yield hist
+        yield fam("xlb_xdp_actions", CounterMetricFamily, ["action"],
+                  [([a[len("XDP_"):].lower()], n) for a, n in st["actions"].items()])
+        yield fam("xlb_packets", CounterMetricFamily, ["reason"],
+                  [([r], t["packets"]) for r, t in st["reasons"].items()])
+        yield fam("xlb_drops", CounterMetricFamily, ["reason"],
+                  [([r[len("drop_"):]], t["packets"]) for r, t in st["reasons"].items()
+                   if r.startswith("drop_")])
+        yield fam("xlb_flow_table_entries", GaugeMetricFamily, [], [([], st["flows"]["entries"])])
+        yield fam("xlb_flow_table_capacity", GaugeMetricFamily, [],
+                  [([], st["flows"]["capacity"])])
+        yield fam("xlb_bpf_map_memory_bytes", GaugeMetricFamily, [],
+                  [([], st["map_memory_bytes"])])
+        yield fam("xlb_config_applies", CounterMetricFamily, ["result"],
+                  [([r], st["applies"][r]) for r in ("ok", "error")])
+        yield fam("xlb_config_last_apply_timestamp_seconds", GaugeMetricFamily, [],
+                  [([], st["last_apply"])])
+
+
+def fam(name, cls, labels, rows):
+    f = cls(name, metrics.FAMILIES[name][1], labels=labels)
+    for values, value in rows:
+        f.add_metric(values, float(value))
+    return f
+
+
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def normalized(text: str) -> list[str]:
+    """The lines of an exposition with each sample's labels sorted (the library
+    sorts them, xlb writes them in a fixed order) and its value read as a float
+    (xlb writes 3.0 where the library writes 3); everything else as written."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            name, _, labels = series.partition("{")
+            labels = ",".join(sorted(f'{k}="{v}"' for k, v in LABEL.findall(labels)))
+            line = f"{name}{{{labels}}} {float(value)!r}"
+        out.append(line)
+    return out
+
+
+def test_the_exposition_is_what_the_library_writes():
+    """Line by line, HELP and TYPE included, what generate_latest writes for the
+    same families; nothing more, nothing less."""
+    text = metrics.render(STATUS, durations())
+    expected = generate_latest(Library(STATUS, durations())).decode()
+    assert normalized(text) == normalized(expected)
+
+
 def test_the_library_reads_what_it_would_write():
     text = metrics.render(STATUS, durations())
 
@@ -56,37 +183,84 @@ def test_the_library_reads_what_it_would_write():
 
 def test_values_and_types():
     fams = families(metrics.render(STATUS, durations()))
-    assert fams["xlb_server_connections"].type == "counter"
-    assert fams["xlb_server_check_duration_seconds"].type == "histogram"
+    assert set(fams) == {name for name in metrics.FAMILIES}   # every family is written
+    types = {n: f.type for n, f in fams.items()}
+    assert {n for n, t in types.items() if t == "counter"} == {
+        "xlb_frontend_packets", "xlb_frontend_bytes", "xlb_frontend_connections",
+        "xlb_server_packets", "xlb_server_bytes", "xlb_server_connections",
+        "xlb_server_health_changes", "xlb_xdp_actions", "xlb_packets", "xlb_drops",
+        "xlb_config_applies"}
+    assert {n for n, t in types.items() if t == "histogram"} == {
+        "xlb_server_check_duration_seconds"}
     got = samples(metrics.render(STATUS, durations()))
-    srv = (("pool", "was"), ("server", "was2"))
-    assert got[("xlb_server_connections_total", srv)] == 3
-    assert got[("xlb_server_packets_total", (("direction", "out"),) + srv)] == 5
-    assert got[("xlb_server_up", srv)] == 0
-    assert got[("xlb_server_info", (("address", "10.1.11.101"), ("backup", "false"),
-                                    ("pool", "was"), ("port", "8080"), ("server", "was2")))] == 1
-    assert got[("xlb_server_state", srv + (("state", "drain"),))] == 1
-    assert got[("xlb_server_state", srv + (("state", "up"),))] == 0
-    assert got[("xlb_pool_servers_up", (("pool", "was"),))] == 1
-    assert got[("xlb_frontend_connections_total", (("frontend", "www"),))] == 3
-    assert got[("xlb_drops_total", (("reason", "no_backend"),))] == 2
-    assert got[("xlb_xdp_actions_total", (("action", "tx"),))] == 1
-    assert got[("xlb_flow_table_entries", ())] == 6
-    assert got[("xlb_config_applies_total", (("result", "error"),))] == 1
+    www, dns = (("frontend", "www"),), (("frontend", "dns"),)
+    assert got[("xlb_build_info", (("version", xlb.__version__),))] == 1
+    assert got[("xlb_frontend_info", www + (("pool", "was"), ("port", "80"),
+                                            ("protocol", "tcp"), ("vip", "10.1.1.101")))] == 1
+    assert got[("xlb_frontend_info", dns + (("pool", "was"), ("port", "53"),
+                                            ("protocol", "udp"), ("vip", "10.1.1.102")))] == 1
+    assert got[("xlb_frontend_packets_total", (("direction", "in"),) + www)] == 21
+    assert got[("xlb_frontend_packets_total", (("direction", "out"),) + dns)] == 8
+    assert got[("xlb_frontend_bytes_total", (("direction", "out"),) + www)] == 1440
+    assert got[("xlb_frontend_bytes_total", (("direction", "in"),) + dns)] == 700
+    assert got[("xlb_frontend_connections_total", www)] == 3
+    assert got[("xlb_frontend_connections_total", dns)] == 4
+    assert got[("xlb_pool_servers", (("pool", "was"),))] == 2
+    assert got[("xlb_pool_servers_up", (("pool", "was"),))] == 0   # down, and drain
     one = (("pool", "was"), ("server", "was1"))
+    two = (("pool", "was"), ("server", "was2"))
+    assert got[("xlb_server_info", (("address", "10.1.11.101"), ("backup", "false"),
+                                    ("pool", "was"), ("port", "8080"), ("server", "was1")))] == 1
+    assert got[("xlb_server_info", (("address", "10.1.11.102"), ("backup", "true"),
+                                    ("pool", "was"), ("port", "8081"), ("server", "was2")))] == 1
+    assert got[("xlb_server_packets_total", (("direction", "in"),) + one)] == 7
+    assert got[("xlb_server_packets_total", (("direction", "out"),) + two)] == 50
+    assert got[("xlb_server_bytes_total", (("direction", "out"),) + one)] == 480
+    assert got[("xlb_server_bytes_total", (("direction", "in"),) + two)] == 5440
+    assert got[("xlb_server_connections_total", one)] == 3
+    assert got[("xlb_server_connections_total", two)] == 30
+    assert got[("xlb_server_active_flows", one)] == 1
+    assert got[("xlb_server_active_flows", two)] == 10
+    assert got[("xlb_server_up", one)] == 0 and got[("xlb_server_up", two)] == 1
+    assert {state: got[("xlb_server_state", two + (("state", state),))]
+            for state in ("up", "down", "drain", "maint")} == \
+        {"up": 0, "down": 0, "drain": 1, "maint": 0}
+    assert got[("xlb_server_state", one + (("state", "down"),))] == 1
+    assert got[("xlb_server_weight", one)] == 2 and got[("xlb_server_weight", two)] == 20
+    assert got[("xlb_server_health_changes_total", one)] == 4
+    assert got[("xlb_server_health_changes_total", two)] == 40
     assert got[("xlb_server_check_duration_seconds_bucket", (("le", "0.0005"),) + one)] == 1
     assert got[("xlb_server_check_duration_seconds_bucket", (("le", "0.0025"),) + one)] == 3
     assert got[("xlb_server_check_duration_seconds_bucket", (("le", "+Inf"),) + one)] == 4
     assert got[("xlb_server_check_duration_seconds_count", one)] == 4
     assert got[("xlb_server_check_duration_seconds_sum", one)] == pytest.approx(3.0042)
     # unchecked servers have no histogram
-    assert ("xlb_server_check_duration_seconds_count", srv) not in got
+    assert ("xlb_server_check_duration_seconds_count", two) not in got
+    assert {dict(k)["action"]: v for (n, k), v in got.items() if n == "xlb_xdp_actions_total"} \
+        == {"aborted": 0, "drop": 2, "pass": 30, "tx": 1, "redirect": 0}
+    assert {dict(k)["reason"]: v for (n, k), v in got.items() if n == "xlb_packets_total"} \
+        == {"forward": 20, "drop_malformed": 5, "drop_no_backend": 2}
+    assert {dict(k)["reason"]: v for (n, k), v in got.items() if n == "xlb_drops_total"} \
+        == {"malformed": 5, "no_backend": 2}
+    assert got[("xlb_flow_table_entries", ())] == 6
+    assert got[("xlb_flow_table_capacity", ())] == 262144
+    assert got[("xlb_bpf_map_memory_bytes", ())] == 31000000
+    assert got[("xlb_config_applies_total", (("result", "ok"),))] == 3
+    assert got[("xlb_config_applies_total", (("result", "error"),))] == 1
+    assert got[("xlb_config_last_apply_timestamp_seconds", ())] == 1.7e9
 
 
 def test_label_values_are_escaped():
-    status = {**STATUS, "frontends": [{**STATUS["frontends"][0], "name": 'a"b\\c'}]}
-    got = samples(metrics.render(status, {}))
-    assert got[("xlb_frontend_connections_total", (("frontend", 'a"b\\c'),))] == 3
+    name = 'a"b\\c\nd'
+    pool = STATUS["pools"][0]
+    status = {**STATUS, "frontends": [{**STATUS["frontends"][0], "name": name}],
+              "pools": [{"name": "p" + name, "servers": [{**pool["servers"][0],
+                                                           "name": "s" + name}]}]}
+    text = metrics.render(status, {})
+    got = samples(text)
+    assert got[("xlb_frontend_connections_total", (("frontend", name),))] == 3
+    assert got[("xlb_server_weight", (("pool", "p" + name), ("server", "s" + name)))] == 2
+    assert normalized(text) == normalized(generate_latest(Library(status, {})).decode())
 
 
 @pytest.mark.parametrize("text,expected", [
