@@ -1,0 +1,61 @@
+"""The `xlb` command as an operator runs it, for what needs no running instance:
+`xlb check FILE` (exit 0 or 1, what it prints) and input refused before
+anything else happens (exit 2). No root, no kernel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+XLB = Path(sys.executable).parent / "xlb"
+SEED = ROOT / "netns-lab" / "seed.toml"
+
+
+def xlb(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(XLB), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_check_of_a_valid_file_says_what_it_holds():
+    r = xlb("check", str(SEED))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{SEED}: ok: 1 frontends, 1 pools, 2 servers, 1 monitors\n"
+    assert r.stderr == ""
+
+
+def test_check_lists_every_problem_with_its_key_path(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SEED.read_text()
+                   .replace('address = "10.1.11.102"', 'address = "10.1.11.300"')
+                   .replace('servers = ["was1", "was2"]', 'servers = ["was1", "was2", "was3"]'))
+    r = xlb("check", str(bad))
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr.splitlines() == [
+        f"{bad}: servers.was2.address: '10.1.11.300' is not an IPv4 address",
+        f"{bad}: pools.was.servers[2]: no server 'was3'"]
+
+
+def test_check_of_a_file_that_is_not_toml_or_not_there(tmp_path):
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[pools.was\n")
+    r = xlb("check", str(broken))
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"{broken}: toml: "), r.stderr
+    r = xlb("check", str(tmp_path / "nope.toml"))
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "No such file or directory" in r.stderr, r.stderr
+
+
+def test_apply_of_a_file_it_cannot_read_is_bad_input(tmp_path):
+    r = xlb("apply", str(tmp_path / "nope.toml"))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == f"xlb: error: {tmp_path / 'nope.toml'}: No such file or directory\n"
+
+
+def test_unknown_command_or_option_is_bad_input():
+    r = xlb("frobnicate")
+    assert (r.returncode, r.stderr) == (2, "xlb: error: No such command 'frobnicate'.\n")
+    r = xlb("status", "--frobnicate")
+    assert (r.returncode, r.stderr) == (2, "xlb: error: No such option '--frobnicate'.\n")
