@@ -314,6 +314,8 @@ async def _serve(balancer: Balancer, sock) -> None:
             reply = await _answer(balancer, request_stop, lock, sync_targets, reader, writer)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
+        except ConnectionError:    # the client left (or reset) before its answer: its loss
+            pass
         finally:
             writer.close()
 

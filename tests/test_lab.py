@@ -216,3 +216,47 @@ def test_control_socket_rejects_malformed_and_oversized_requests(lab, xlb):
     assert [(s["name"], s["state"]) for p in after["pools"] for s in p["servers"]] == \
         [(s["name"], s["state"]) for p in before["pools"] for s in p["servers"]]
     assert lab.client("client", "http", VIP, "80", "--count", "2")["errors"] == []
+
+
+RUDE = r"""
+import json, os, socket, struct, sys, threading, time
+def conn():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(15)
+    s.connect("\0xlb/control")
+    return s
+def close_at_once():
+    conn().close()
+def garbage():
+    s = conn(); s.sendall(os.urandom(4096)); s.close()
+def half_a_line():
+    s = conn(); s.sendall(b'{"cmd": "sta'); s.close()
+def reset_after_asking():   # gone before the answer: the instance writes to no one
+    s = conn()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.sendall(b'{"cmd": "status"}\n'); s.close()
+def nothing():              # silent until the instance gives up on it
+    s = conn(); data = b""
+    while chunk := s.recv(4096):
+        data += chunk
+    s.close(); silent.append(data)
+silent = []
+rude = [close_at_once, garbage, half_a_line, reset_after_asking] * 10 + [nothing]
+threads = [threading.Thread(target=f) for f in rude]
+for t in threads:
+    t.start(); time.sleep(0.01)
+for t in threads:
+    t.join()
+print(json.dumps(silent[0].decode()))
+"""
+
+
+def test_control_socket_survives_rude_clients(lab, xlb):
+    """Clients that close at once, send garbage or half a line, reset the
+    connection before the answer, or stay silent: no traceback, still serving."""
+    out = lab.run("lb", "/usr/bin/python3", "-c", RUDE, check=True, timeout=60).stdout
+    assert json.loads(json.loads(out)) == {"ok": False, "error": "request timed out"}
+    assert lab.status()["pid"] > 0
+    assert lab.client("client", "http", VIP, "80", "--count", "2")["errors"] == []
+    assert xlb.stop() == 0
+    assert "Traceback" not in xlb.stderr and "exception" not in xlb.stderr.lower(), xlb.stderr
