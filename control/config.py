@@ -22,13 +22,16 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from .model import (ALGORITHMS, MONITOR_TYPES, ON_SERVER_DOWN, PROTOCOLS, WEIGHT_RANGE, Config,
-                    ConfigError, Frontend, Monitor, Pool, Server, check_port, parse_address)
+from .model import (ALGORITHMS, MAGLEV_SERVERS_MAX, MAGLEV_SIZE_MAX, MAGLEV_SLOTS_PER_SERVER,
+                    MONITOR_TYPES, ON_SERVER_DOWN, PROTOCOLS, TIMEOUT_RANGE, WEIGHT_RANGE, Config,
+                    ConfigError, Frontend, Monitor, Pool, Server, check_maglev_servers,
+                    check_maglev_size, check_port, parse_address)
 
 SECTIONS = ("monitors", "servers", "pools", "frontends")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 BAD_NAME = "bad name: use letters, digits, '_', '.' and '-', starting with a letter or digit"
 HTTP_ONLY = ("path", "expect_status", "expect_body", "host")
+TIMEOUTS = ("timeout_syn", "timeout_established", "timeout_closing", "timeout_udp")
 IFNAMSIZ = 16                       # the kernel's limit, with the terminating NUL
 
 
@@ -119,11 +122,24 @@ def _port(value: Any) -> int:
         raise _bad(str(e)) from None
 
 
-def _weight(value: Any) -> int:
-    weight, (low, high) = _integer(value), WEIGHT_RANGE
-    if not low <= weight <= high:
-        raise _bad(f"weight {weight} is out of range {low}-{high}")
-    return weight
+def _in_range(what: str, bounds: tuple[int, int], unit: str = "") -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        n, (low, high) = _integer(value), bounds
+        if not low <= n <= high:
+            raise _bad(f"{what} {n} is out of range {low}-{high}{unit}")
+        return n
+    return check
+
+
+_weight = _in_range("weight", WEIGHT_RANGE)
+_timeout = _in_range("timeout", TIMEOUT_RANGE, " seconds")
+
+
+def _maglev_size(value: Any) -> int:
+    try:
+        return check_maglev_size(_integer(value))
+    except ValueError as e:
+        raise _bad(str(e)) from None
 
 
 def _at_least_one(value: Any) -> int:
@@ -182,8 +198,10 @@ def _host(value: Any) -> str:
     return host
 
 
-def _only_http(value: Any) -> Any:
-    raise _bad('only for type "http"')
+def _only(what: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        raise _bad(f"only for {what}")
+    return check
 
 
 def _interface(value: Any) -> str:
@@ -304,7 +322,7 @@ class _Loader:
                   "interval": _seconds, "timeout": _seconds,
                   "rise": _at_least_one, "fall": _at_least_one}
         if mtype in MONITOR_TYPES and mtype != "http":
-            checks.update(dict.fromkeys(HTTP_ONLY, _only_http))
+            checks.update(dict.fromkeys(HTTP_ONLY, _only('type "http"')))
         values = self.fields(path, obj, checks, defaults={"interval": 2.0, "timeout": 1.0})
         timeout, interval = values.get("timeout"), values.get("interval")
         if timeout is not None and interval is not None and timeout > interval:
@@ -337,10 +355,15 @@ class _Loader:
             return names
 
         before = len(self.problems)
-        values = self.fields(path, obj, {
-            "servers": members, "algorithm": _one_of(ALGORITHMS),
-            "monitor": self.ref("monitors", "monitor"), "on_server_down": _one_of(ON_SERVER_DOWN),
-        }, defaults={}, required=("servers",))
+        algorithm = obj.get("algorithm", "roundrobin")
+        checks = {"servers": members, "algorithm": _one_of(ALGORITHMS),
+                  "monitor": self.ref("monitors", "monitor"),
+                  "on_server_down": _one_of(ON_SERVER_DOWN), "maglev_size": _maglev_size}
+        if algorithm in ALGORITHMS and algorithm != "maglev":
+            checks["maglev_size"] = _only('algorithm "maglev"')
+        values = self.fields(path, obj, checks, defaults={}, required=("servers",))
+        if algorithm == "maglev" and "servers" in values:
+            self.check_maglev(path, len(values["servers"]), values.get("maglev_size"))
         if len(self.problems) > before or not NAME_RE.fullmatch(name):
             return None
         members = tuple(servers.get(s) for s in values.pop("servers"))
@@ -348,12 +371,26 @@ class _Loader:
             return None                 # a server named is itself wrong, and reported
         return Pool(name=name, servers=members, **values)
 
+    def check_maglev(self, path: str, servers: int, size: int | None) -> None:
+        """Enough slots for the pool's servers; `size` None: the default, or wrong."""
+        if servers > MAGLEV_SERVERS_MAX:
+            self.problem(f"{path}.servers",
+                         f"{servers} servers are too many for a Maglev pool: at most "
+                         f"{MAGLEV_SERVERS_MAX} ({MAGLEV_SLOTS_PER_SERVER} slots each in "
+                         f"{MAGLEV_SIZE_MAX})")
+        elif size is not None:
+            try:
+                check_maglev_servers(size, servers)
+            except ValueError as e:
+                self.problem(f"{path}.maglev_size", str(e))
+
     def frontend(self, path: str, name: str, obj: dict) -> Frontend | None:
         before = len(self.problems)
         values = self.fields(path, obj, {
             "vip": _address, "port": _port, "protocol": _one_of(PROTOCOLS),
             "pool": self.ref("pools", "pool"),
             "interfaces": lambda value: tuple(_items(_interface, value)),
+            **dict.fromkeys(TIMEOUTS, _timeout),
         }, defaults={"protocol": "tcp"}, required=("vip", "port", "pool"))
         if all(key in values for key in ("vip", "port", "protocol")):
             self.services.append((name, values["vip"], values["port"], values["protocol"]))
@@ -444,8 +481,10 @@ def dump(config: Config) -> str:
     for p in config.pools:
         table("pools", p.name, [("servers", [s.name for s in p.servers]),
                                 ("algorithm", p.algorithm), ("monitor", p.monitor),
-                                ("on_server_down", p.on_server_down)])
+                                ("on_server_down", p.on_server_down),
+                                ("maglev_size", p.maglev_size if p.algorithm == "maglev" else None)])
     for f in config.frontends:
         table("frontends", f.name, [("vip", f.vip), ("port", f.port), ("protocol", f.protocol),
-                                    ("pool", f.pool), ("interfaces", list(f.interfaces))])
+                                    ("pool", f.pool), ("interfaces", list(f.interfaces)),
+                                    *((key, getattr(f, key)) for key in TIMEOUTS)])
     return "\n".join(lines)

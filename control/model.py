@@ -6,11 +6,18 @@ key path of what is wrong (`--vip`, `--backend[2]`, later `pools.web.servers`).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address
 
+from . import maglev
+
 PROTOCOLS = {"tcp": 6, "udp": 17}
-ALGORITHMS = ("roundrobin", "weighted")
+ALGORITHMS = ("roundrobin", "weighted", "maglev")
+MAGLEV_SIZE_MAX = maglev.DEFAULT_SIZE   # the data plane's table (datapath.Limits.maglev_size)
+MAGLEV_SLOTS_PER_SERVER = 100           # the paper's advice: M >= 100 N keeps shares within 1%
+MAGLEV_SERVERS_MAX = MAGLEV_SIZE_MAX // MAGLEV_SLOTS_PER_SERVER
+TIMEOUT_RANGE = (1, 7 * 86400)          # idle timeouts of flows, seconds
 MONITOR_TYPES = ("tcp", "http", "none")
 ON_SERVER_DOWN = ("keep", "reset")   # what happens to a gone server's established flows
 WEIGHT_RANGE = (1, 256)
@@ -58,6 +65,7 @@ class Pool:
     algorithm: str = "roundrobin"
     monitor: str | None = None      # None: the servers are not checked
     on_server_down: str = "keep"
+    maglev_size: int = maglev.DEFAULT_SIZE  # slots of the Maglev table (algorithm "maglev")
 
 
 @dataclass(frozen=True)
@@ -68,10 +76,21 @@ class Frontend:
     protocol: str
     pool: str
     interfaces: tuple[str, ...] = ()
+    # Idle timeouts of its flows, in seconds, by state (IPVS's defaults).
+    timeout_syn: int = 60
+    timeout_established: int = 900
+    timeout_closing: int = 120
+    timeout_udp: int = 300
 
     @property
     def proto_number(self) -> int:
         return PROTOCOLS[self.protocol]
+
+    @property
+    def timeouts(self) -> tuple[int, int, int, int]:
+        """(syn, established, closing, udp), as `Datapath.set_timeouts` takes them."""
+        return (self.timeout_syn, self.timeout_established, self.timeout_closing,
+                self.timeout_udp)
 
     @property
     def endpoint(self) -> str:
@@ -101,6 +120,29 @@ def check_port(port: int) -> int:
     if not 1 <= port <= 65535:
         raise ValueError(f"port {port} is out of range 1-65535")
     return port
+
+
+def check_maglev_size(size: int) -> int:
+    if size > MAGLEV_SIZE_MAX:
+        raise ValueError(f"{size} is larger than the data plane's tables ({MAGLEV_SIZE_MAX})")
+    if size < 2:
+        raise ValueError(f"must be a prime, got {size}")
+    if not maglev.is_prime(size):
+        below = next(n for n in range(size - 1, 1, -1) if maglev.is_prime(n))
+        above = next(n for n in itertools.count(size + 1) if maglev.is_prime(n))
+        raise ValueError(f"must be a prime, got {size} ({below} and {above} are)")
+    return size
+
+
+def check_maglev_servers(size: int, servers: int) -> None:
+    """At least MAGLEV_SLOTS_PER_SERVER slots per server: with fewer, a server's
+    share of new flows strays from its weight by more than 1%."""
+    need = MAGLEV_SLOTS_PER_SERVER * servers
+    if need > size:
+        fit = next(n for n in itertools.count(need) if maglev.is_prime(n))
+        raise ValueError(f"{size} slots are too few for {servers} servers: "
+                         f"{MAGLEV_SLOTS_PER_SERVER} per server needs a prime of at least "
+                         f"{need}, such as {fit}")
 
 
 def parse_port(text: str) -> int:

@@ -84,12 +84,21 @@ on_server_down = "reset"
 [pools.db]
 servers = ["db_1", "was1"]
 
+[pools.hashed]
+servers = ["was1", "db_1"]
+algorithm = "maglev"
+maglev_size = 211
+
 [frontends.www]
 vip = "10.1.1.101"
 port = 80
 protocol = "tcp"
 pool = "web.v2"
 interfaces = ["eth0", "eth1.100", "br-ext_0"]
+timeout_syn = 1
+timeout_established = 604800
+timeout_closing = 30
+timeout_udp = 5
 
 [frontends.www-udp]
 vip = "10.1.1.101"
@@ -107,20 +116,23 @@ pool = "db"
 def test_full_example():
     cfg = load(FULL)
     assert [m.name for m in cfg.monitors] == ["web-http", "tcp-only", "off"]
-    assert [p.name for p in cfg.pools] == ["web.v2", "db"]
+    assert [p.name for p in cfg.pools] == ["web.v2", "db", "hashed"]
     assert [f.name for f in cfg.frontends] == ["www", "www-udp", "0db"]
     m = cfg.monitors[0]
     assert m.expect_body == 'say "OK" \\ tab\there\nnext line é \x01 \x7f'
     assert (m.interval, m.timeout) == (5.0, 2.5) and type(m.interval) is float
     assert cfg.monitors[2] == Monitor("off", type="none", port=1)
-    web, db = cfg.pools
+    web, db, hashed = cfg.pools
     was2, was1 = web.servers
     assert db.servers[1] is was1           # one server, two pools
     assert was2 == Server("was2.v2", IPv4Address("10.1.11.102"), 65535, backup=True,
                           enabled=False)
     assert (web.algorithm, web.on_server_down, db.algorithm, db.monitor) == (
         "weighted", "reset", "roundrobin", None)
+    assert (hashed.algorithm, hashed.maglev_size, db.maglev_size) == ("maglev", 211, 65537)
     assert cfg.frontends[0].interfaces == ("eth0", "eth1.100", "br-ext_0")
+    assert cfg.frontends[0].timeouts == (1, 604800, 30, 5)
+    assert cfg.frontends[1].timeouts == (60, 900, 120, 300)
     assert cfg.frontends[2].protocol == "tcp"
     assert cfg.attach_names() == ("eth0", "eth1.100", "br-ext_0")
 
@@ -134,6 +146,13 @@ def test_full_example_round_trips():
     assert text.index("[servers.\"was2.v2\"]") < text.index("[servers.was1]") < text.index(
         "[servers.db_1]")
     assert text.count("[servers.was1]") == 1
+    assert text.count("maglev_size") == 1   # written for the maglev pool only
+
+
+def test_maglev_pool_default_size_round_trips():
+    cfg = load(doc(pool=POOL + '\nalgorithm = "maglev"'))
+    assert cfg.pools[0].maglev_size == 65537
+    assert 'maglev_size = 65537' in dump(cfg) and load(dump(cfg)) == cfg
 
 
 def test_dump_is_canonical():
@@ -174,6 +193,10 @@ def test_dump_is_canonical():
         protocol = "tcp"
         pool = "was"
         interfaces = []
+        timeout_syn = 60
+        timeout_established = 900
+        timeout_closing = 120
+        timeout_udp = 300
         ''')
 
 
@@ -261,6 +284,12 @@ def doc(monitors="", server=SERVER + "\nport = 8080", pool=POOL, frontend=FE, ex
     """A valid config (one server was1, pool web, frontend www) but for what is given."""
     return "\n".join([monitors, "[servers.was1]", server, "[pools.web]", pool,
                       "[frontends.www]", frontend, extra])
+
+
+def maglev_pools(*sizes):
+    """Maglev pools m0, m1, ... of was1, with these maglev_size values (TOML text)."""
+    return "\n".join(f'[pools.m{i}]\nservers = ["was1"]\nalgorithm = "maglev"\n'
+                     f'maglev_size = {size}' for i, size in enumerate(sizes))
 
 
 def monitor(*lines):
@@ -381,7 +410,7 @@ BAD = [
                         pool=POOL + '\nalgorithm = "rr"\non_server_down = "drop"',
                         frontend=FE + '\nprotocol = "TCP"'),
      [("monitors.m.type", "expected tcp, http or none, got 'https'"),
-      ("pools.web.algorithm", "expected roundrobin or weighted, got 'rr'"),
+      ("pools.web.algorithm", "expected roundrobin, weighted or maglev, got 'rr'"),
       ("pools.web.on_server_down", "expected keep or reset, got 'drop'"),
       ("frontends.www.protocol", "expected tcp or udp, got 'TCP'")]),
     # pools
@@ -427,6 +456,37 @@ BAD = [
       ("frontends.www.interfaces[6]", "'eth0' is listed twice")]),
     ("interfaces-not-an-array", doc(frontend=FE + '\ninterfaces = "eth0"'),
      [("frontends.www.interfaces", "expected an array, got string")]),
+    ("timeouts", doc(frontend=FE + '\ntimeout_syn = 0\ntimeout_established = 604801\n'
+                                   'timeout_closing = 1.5\ntimeout_udp = "300"'),
+     [("frontends.www.timeout_syn", "timeout 0 is out of range 1-604800 seconds"),
+      ("frontends.www.timeout_established", "timeout 604801 is out of range 1-604800 seconds"),
+      ("frontends.www.timeout_closing", "expected an integer, got float"),
+      ("frontends.www.timeout_udp", "expected an integer, got string")]),
+    # Maglev pools
+    ("maglev-size-values", doc(pool=POOL + '\nalgorithm = "maglev"\nmaglev_size = 65536',
+                               extra=maglev_pools(65539, 0, '"big"', 1.0)),
+     [("pools.web.maglev_size", "must be a prime, got 65536 (65521 and 65537 are)"),
+      ("pools.m0.maglev_size", "65539 is larger than the data plane's tables (65537)"),
+      ("pools.m1.maglev_size", "must be a prime, got 0"),
+      ("pools.m2.maglev_size", "expected an integer, got string"),
+      ("pools.m3.maglev_size", "expected an integer, got float")]),
+    ("maglev-size-too-small", doc(pool='servers = ["was1", "was2"]\nalgorithm = "maglev"\n'
+                                       'maglev_size = 101',
+                                  extra='[servers.was2]\naddress = "10.1.11.102"\nport = 1'),
+     [("pools.web.maglev_size", "101 slots are too few for 2 servers: 100 per server needs a "
+                                "prime of at least 200, such as 211")]),
+    ("maglev-size-only-for-maglev", doc(pool=POOL + '\nmaglev_size = 65537',
+                                        extra='[pools.w]\nservers = ["was1"]\n'
+                                              'algorithm = "weighted"\nmaglev_size = 4'),
+     [("pools.web.maglev_size", 'only for algorithm "maglev"'),
+      ("pools.w.maglev_size", 'only for algorithm "maglev"')]),
+    ("maglev-too-many-servers", doc(pool='algorithm = "maglev"\nservers = '
+                                         + str([f"s{i}" for i in range(656)]).replace("'", '"'),
+                                    extra="".join(f'[servers.s{i}]\naddress = "10.2.{i // 250}.'
+                                                  f'{i % 250 + 1}"\nport = 80\n'
+                                                  for i in range(656))),
+     [("pools.web.servers", "656 servers are too many for a Maglev pool: at most 655 "
+                            "(100 slots each in 65537)")]),
     # everything at once, in order: unknown sections; then the sections in schema order, their
     # objects and keys in file order (an object's own checks after its keys'); then the
     # checks across frontends and servers
@@ -474,7 +534,7 @@ BAD = [
       ("servers.bad name.address", "required"),
       ("pools.web.servers[1]", "no server 'was3'"),
       ("pools.web.servers[2]", "'was1' is listed twice"),
-      ("pools.web.algorithm", "expected roundrobin or weighted, got 'rr'"),
+      ("pools.web.algorithm", "expected roundrobin, weighted or maglev, got 'rr'"),
       ("frontends.a.interfaces[0]", "an interface name cannot be empty"),
       ("frontends.b.pool", "no pool 'nope'"),
       ("frontends.b", "duplicate of frontends.a (10.1.1.101:80/tcp)"),

@@ -4,7 +4,8 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from xlb.model import ConfigError, from_flags, monitor_from_flags, parse_vip
+from xlb.model import (MAGLEV_SERVERS_MAX, ConfigError, check_maglev_servers, check_maglev_size,
+                       from_flags, monitor_from_flags, parse_vip)
 
 B = ["10.1.11.101:8080", "10.1.11.102:8080"]
 
@@ -89,3 +90,31 @@ def test_one_line_monitor_errors():
         ("--check-port", "port 0 is out of range 1-65535"),
         ("--interval", "must be a positive number of seconds, got 0"),
         ("--rise", "must be at least 1, got 0")]
+
+
+def test_one_line_form_timeouts_are_ipvs_defaults():
+    (fe,) = from_flags(["10.1.1.101:80"], B).frontends
+    assert fe.timeouts == (60, 900, 120, 300)
+
+
+@pytest.mark.parametrize("size,message", [
+    (65536, "must be a prime, got 65536 (65521 and 65537 are)"),
+    (100, "must be a prime, got 100 (97 and 101 are)"),
+    (4, "must be a prime, got 4 (3 and 5 are)"),
+    (1, "must be a prime, got 1"),
+    (-7, "must be a prime, got -7"),
+    (65539, "65539 is larger than the data plane's tables (65537)"),
+])
+def test_bad_maglev_sizes(size, message):
+    with pytest.raises(ValueError) as e:
+        check_maglev_size(size)
+    assert str(e.value) == message
+
+
+def test_maglev_size_needs_100_slots_per_server():
+    assert check_maglev_size(65537) == 65537 and check_maglev_size(101) == 101
+    check_maglev_servers(101, 1)
+    check_maglev_servers(65537, MAGLEV_SERVERS_MAX)
+    with pytest.raises(ValueError, match="^101 slots are too few for 2 servers: 100 per server "
+                                         "needs a prime of at least 200, such as 211$"):
+        check_maglev_servers(101, 2)
