@@ -595,3 +595,18 @@ def test_syn_on_a_closed_backends_flow_is_balanced_anew(lb):
                                      seq=1001, ack=1)
     finally:
         dp.set_backend(first, addr, port)
+
+
+def test_repeated_syn_on_a_flow_whose_backend_is_up_keeps_it(lb):
+    """A SYN sent again (a retransmission, or a port reused while the server is
+    up) stays with the flow's backend, whatever the round-robin cursor says,
+    and is no new flow."""
+    syn = tcp_frame(CLIENT, VIP, 47200, 80, flags="S", seq=1000, options=SYN_OPTIONS)
+    first = chosen_backend(lb.send(syn).data, SVC_TCP)
+    lb.expect("forward", flow=("in", SVC_TCP, first, True))
+    addr, _ = BACKENDS[first]
+    for _ in range(2):               # the cursor now points at the other backend, then back
+        res = lb.send(syn)
+        assert res.data == tcp_frame(CLIENT, addr, 47200, 8080, flags="S", seq=1000,
+                                     options=SYN_OPTIONS)
+        lb.expect("forward", flow=("in", SVC_TCP, first, False))
