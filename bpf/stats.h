@@ -4,15 +4,20 @@
 
 #include "xlb_shared.h"
 
-/* Three bits a reason in one constant: a switch here would become a lookup
- * table in .rodata, which bcc cannot load. */
-#define XLB_REASON_ACTION_BITS(name, action) | ((__u64)(action) << (3 * XLB_##name))
-#define XLB_REASON_ACTIONS (0 XLB_REASONS(XLB_REASON_ACTION_BITS))
-_Static_assert(XLB_REASON_MAX <= 21, "three bits per reason must fit in 64");
+/* Three bits a reason, 21 reasons a 64-bit constant: a switch here would
+ * become a lookup table in .rodata, which bcc cannot load. */
+#define XLB_ACTION_BITS(name, action) | ((__u64)(action) << (3 * (XLB_##name % 21)))
+#define XLB_LOW(name, action) XLB_ACTION_BITS(name, (XLB_##name < 21 ? (action) : 0))
+#define XLB_HIGH(name, action) XLB_ACTION_BITS(name, (XLB_##name >= 21 ? (action) : 0))
+#define XLB_REASON_ACTIONS_LOW (0 XLB_REASONS(XLB_LOW))
+#define XLB_REASON_ACTIONS_HIGH (0 XLB_REASONS(XLB_HIGH))
+_Static_assert(XLB_REASON_MAX <= 42, "two 64-bit constants hold 42 reasons");
 
 static __always_inline int reason_action(enum xlb_reason reason)
 {
-	return (XLB_REASON_ACTIONS >> (3 * reason)) & 7;
+	__u64 bits = reason < 21 ? XLB_REASON_ACTIONS_LOW : XLB_REASON_ACTIONS_HIGH;
+
+	return (bits >> (3 * (reason % 21))) & 7;
 }
 
 #endif

@@ -1,13 +1,14 @@
 /* xlb: the XDP program.
  *
  * Pure packet helpers live in headers by concern: parse.h (headers), csum.h
- * and nat.h (rewrites), arp.h (ARP for VIPs), stats.h (reason -> action).
- * This file declares the maps and holds every function that touches them:
- * bcc rewrites map calls (.lookup, .update) in the main file only.
+ * and nat.h (rewrites), fwd.h (next hop, TTL), hash.h (flow hash, address
+ * filters), arp.h (ARP for VIPs), stats.h (reason -> action). This file
+ * declares the maps and holds every function that touches them: bcc rewrites
+ * map calls (.lookup, .update) in the main file only.
  *
  * Every packet ends in exactly one reason (xlb_shared.h), counted at the one
  * exit, which decides the action. Traffic that is neither for a service nor a
- * reply of one passes untouched.
+ * reply of one passes untouched, after one inlined array lookup.
  */
 #include <uapi/linux/bpf.h>
 
@@ -15,24 +16,34 @@
 #include "xlb_shared.h"
 #include "parse.h"
 #include "nat.h"
+#include "hash.h"
+#include "fwd.h"
 #include "arp.h"
 #include "stats.h"
+
+#define NSEC_PER_SEC 1000000000ULL
 
 BPF_HASH(services, struct service_key, struct service, XLB_MAX_SERVICES);
 BPF_ARRAY(backends, struct backend, XLB_MAX_BACKENDS);
 /* Backend ids, XLB_RING_SIZE slots a ring, two rings a service. */
 BPF_ARRAY(rings, __u32, XLB_MAX_RINGS * XLB_RING_SIZE);
+/* Backend ids, XLB_MAGLEV_SIZE slots a table, two tables a Maglev service. */
+BPF_ARRAY(maglev, __u32, XLB_MAX_MAGLEV_TABLES * XLB_MAGLEV_SIZE);
+BPF_ARRAY(timeouts, struct timeouts, XLB_MAX_SERVICES);
 /* Addresses that are the VIP of some service: fragments and malformed
  * packets to them are dropped, not passed to a kernel that does not own them. */
 BPF_HASH(vips, __be32, __u32, XLB_MAX_SERVICES);
 BPF_HASH(arp_vips, struct arp_key, struct arp_mac, XLB_MAX_ARP);
+BPF_ARRAY(config, struct xlb_config, 1);
 BPF_TABLE("lru_hash", struct flow_key, struct flow, flows, XLB_MAX_FLOWS);
+BPF_TABLE("lru_hash", struct flow_key, struct flow, flows_new, XLB_MAX_NEW_FLOWS);
 
 /* Round-robin position per service and CPU: no shared atomics on the fast path. */
 BPF_PERCPU_ARRAY(rr_cursor, __u32, XLB_MAX_SERVICES);
 BPF_PERCPU_ARRAY(service_stats, struct counters, XLB_MAX_SERVICES);
 BPF_PERCPU_ARRAY(backend_stats, struct counters, XLB_MAX_BACKENDS);
 BPF_PERCPU_ARRAY(reason_stats, struct tally, XLB_REASON_MAX);
+BPF_PERCPU_ARRAY(flow_stats, struct flow_counters, 1);
 
 static __always_inline int count_exit(enum xlb_reason reason, __u32 bytes)
 {
@@ -67,6 +78,13 @@ static __always_inline void count_flow(struct flow *f, __u32 bytes, __u32 is_new
 	counters_add(backend_stats.lookup(&f->backend_id), f->dir, bytes, is_new);
 }
 
+static __always_inline struct flow_counters *flow_counters(void)
+{
+	__u32 zero = 0;
+
+	return flow_stats.lookup(&zero);
+}
+
 static __always_inline enum xlb_reason answer_arp(struct xdp_md *ctx, struct cursor *c,
 						  struct ethhdr *eth)
 {
@@ -85,39 +103,92 @@ static __always_inline enum xlb_reason answer_arp(struct xdp_md *ctx, struct cur
 	return XLB_ARP_REPLY;
 }
 
-/* The next slot of the service's active ring, per CPU; the CPU number offsets
- * the start so that CPUs do not all begin with the ring's first backend. */
-static __always_inline struct backend *pick_backend(struct service *svc, __u32 *backend_id)
+/* Round-robin: the next slot of the service's active ring, per CPU; the CPU
+ * number offsets the start so that CPUs do not all begin with the ring's first
+ * backend. Maglev: the slot of the flow's hash in the active table. */
+static __always_inline struct backend *pick_backend(struct service *svc, struct flow_key *key,
+						     __u32 *backend_id)
 {
 	__u32 len = svc->ring_len;
 	__u32 *cursor, *id, slot, idx;
 
-	if (len == 0 || len > XLB_RING_SIZE)
-		return NULL;
-	cursor = rr_cursor.lookup(&svc->id);
-	if (!cursor)
-		return NULL;
-	slot = (*cursor + bpf_get_smp_processor_id()) % len;
-	*cursor += 1;
-	idx = svc->ring * XLB_RING_SIZE + slot;
-	id = rings.lookup(&idx);
+	if (svc->flags & SERVICE_MAGLEV) {
+		if (len == 0 || len > XLB_MAGLEV_SIZE || svc->ring >= XLB_MAX_MAGLEV_TABLES)
+			return NULL;
+		slot = xlb_flow_hash(key->saddr, key->daddr, key->sport, key->dport, key->proto) % len;
+		idx = svc->ring * XLB_MAGLEV_SIZE + slot;
+		id = maglev.lookup(&idx);
+	} else {
+		if (len == 0 || len > XLB_RING_SIZE)
+			return NULL;
+		cursor = rr_cursor.lookup(&svc->id);
+		if (!cursor)
+			return NULL;
+		slot = (*cursor + bpf_get_smp_processor_id()) % len;
+		*cursor += 1;
+		idx = svc->ring * XLB_RING_SIZE + slot;
+		id = rings.lookup(&idx);
+	}
 	if (!id)
 		return NULL;
 	*backend_id = *id;
 	return backends.lookup(id);
 }
 
+/* The idle timeout of a flow of this service in this state; 0: never. */
+static __always_inline __u32 state_timeout(__u32 service_id, __u8 proto, __u8 state)
+{
+	struct timeouts *t = timeouts.lookup(&service_id);
+
+	if (!t)
+		return 0;
+	if (proto == IPPROTO_UDP)
+		return t->udp;
+	if (state == FLOW_ESTABLISHED)
+		return t->established;
+	if (state == FLOW_CLOSING)
+		return t->closing;
+	return t->syn;
+}
+
+static __always_inline void flow_set_state(struct flow *f, __u8 proto, __u8 state)
+{
+	f->state = state;
+	f->timeout = state_timeout(f->service_id, proto, state);
+}
+
+/* The key of the other entry of f's connection (f is key's entry). */
+static __always_inline void partner_key(const struct flow_key *key, const struct flow *f,
+					struct flow_key *out)
+{
+	if (f->dir == FLOW_FORWARD) {
+		out->saddr = f->addr;
+		out->daddr = key->saddr;
+		out->sport = f->port;
+		out->dport = key->sport;
+	} else {
+		out->saddr = key->daddr;
+		out->daddr = f->addr;
+		out->sport = key->dport;
+		out->dport = f->port;
+	}
+	out->proto = key->proto;
+}
+
 /* Picks a backend for the new connection `key` (client -> VIP), stores the
- * forward entry and the reply entry (backend -> client), and fills *fwd with
- * the forward one. Returns 0, or -1 when the service has no backend. */
-static __always_inline int flow_create(struct flow_key *key, struct service *svc, struct flow *fwd)
+ * forward entry and the reply entry (backend -> client) in flows_new, and
+ * fills *fwd with the forward one. Returns 0, or -1 when the service has no
+ * backend. */
+static __always_inline int flow_create(struct flow_key *key, struct service *svc,
+				       struct flow *fwd, __u64 now)
 {
 	struct flow_key reply_key = {};
 	struct flow reply = {};
+	struct flow_counters *fc;
 	struct backend *be;
 	__u32 backend_id = 0;
 
-	be = pick_backend(svc, &backend_id);
+	be = pick_backend(svc, key, &backend_id);
 	if (!be)
 		return -1;
 
@@ -126,20 +197,20 @@ static __always_inline int flow_create(struct flow_key *key, struct service *svc
 	fwd->dir = FLOW_FORWARD;
 	fwd->service_id = svc->id;
 	fwd->backend_id = backend_id;
+	fwd->seen = now;
+	flow_set_state(fwd, key->proto, FLOW_NEW);
 
-	reply_key.saddr = be->addr;
-	reply_key.daddr = key->saddr;
-	reply_key.sport = be->port;
-	reply_key.dport = key->sport;
-	reply_key.proto = key->proto;
+	reply = *fwd;
 	reply.addr = key->daddr;
 	reply.port = key->dport;
 	reply.dir = FLOW_REPLY;
-	reply.service_id = svc->id;
-	reply.backend_id = backend_id;
+	partner_key(key, fwd, &reply_key);
 
-	flows.update(key, fwd);
-	flows.update(&reply_key, &reply);
+	flows_new.update(key, fwd);
+	flows_new.update(&reply_key, &reply);
+	fc = flow_counters();
+	if (fc)
+		fc->created += 1;
 	return 0;
 }
 
@@ -151,7 +222,151 @@ static __always_inline int backend_closed(struct flow *f)
 	return !be || (be->flags & BACKEND_NO_NEW_FLOWS);
 }
 
-static __always_inline enum xlb_reason balance(struct packet *pkt, __u32 bytes)
+enum { FLOW_ALIVE, FLOW_EXPIRED, FLOW_REOPENED };
+
+/* Whether the forward entry f still carries this packet. A SYN on a closing
+ * flow, or on one whose backend takes no new flows, opens a new connection
+ * (a client reusing its port); a flow idle past its timeout is dead. */
+static __always_inline int flow_fate(struct packet *pkt, struct flow *f, __u64 now)
+{
+	if (packet_opens(pkt) && (f->state == FLOW_CLOSING || backend_closed(f)))
+		return FLOW_REOPENED;
+	/* seen may be a moment ahead of now when another CPU just wrote it */
+	if (f->timeout && now > f->seen && now - f->seen > f->timeout * NSEC_PER_SEC)
+		return FLOW_EXPIRED;
+	return FLOW_ALIVE;
+}
+
+/* Removes a dead connection (both entries) from its table and counts why. */
+static __always_inline void flow_forget(struct flow_key *key, struct flow *f, int in_new, int fate)
+{
+	struct flow_key other = {};
+	struct flow_counters *fc = flow_counters();
+
+	partner_key(key, f, &other);
+	if (in_new) {
+		flows_new.delete(key);
+		flows_new.delete(&other);
+	} else {
+		flows.delete(key);
+		flows.delete(&other);
+	}
+	if (!fc)
+		return;
+	if (fate == FLOW_EXPIRED)
+		fc->expired += 1;
+	else
+		fc->reopened += 1;
+	fc->new_removed += in_new;
+}
+
+/* A FIN or RST, either way, closes the connection: both entries get the
+ * closing timeout. */
+static __always_inline void flow_track_close(struct flow_key *key, struct flow *f,
+					     struct packet *pkt, int in_new)
+{
+	struct flow_key other = {};
+	struct flow *o;
+
+	if (!pkt->tcp || !(pkt->tcp->fin || pkt->tcp->rst) || f->state == FLOW_CLOSING)
+		return;
+	flow_set_state(f, key->proto, FLOW_CLOSING);
+	partner_key(key, f, &other);
+	o = in_new ? flows_new.lookup(&other) : flows.lookup(&other);
+	if (o)
+		flow_set_state(o, key->proto, FLOW_CLOSING);
+}
+
+/* A connection in flows_new moves to flows once the client speaks (not a SYN)
+ * after its backend answered: a random-source flood never does. The reply
+ * entry marks the answer; a lost reply entry is rebuilt. */
+static __always_inline void flow_progress(struct flow_key *key, struct flow *f, struct packet *pkt)
+{
+	struct flow_key other = {};
+	struct flow fwd, reply;
+	struct flow_counters *fc;
+	struct flow *r;
+
+	if (f->dir == FLOW_REPLY) {
+		if (f->state == FLOW_NEW)
+			f->state = FLOW_ANSWERED;
+		return;
+	}
+	if (packet_opens(pkt) || f->state == FLOW_CLOSING)
+		return;
+	partner_key(key, f, &other);
+	r = flows_new.lookup(&other);
+	if (r && r->state != FLOW_ANSWERED)
+		return;
+	fwd = *f;
+	flow_set_state(&fwd, key->proto, FLOW_ESTABLISHED);
+	reply = fwd;
+	reply.addr = key->daddr;
+	reply.port = key->dport;
+	reply.dir = FLOW_REPLY;
+	if (r)
+		reply.seen = r->seen;
+	flows.update(key, &fwd);
+	flows.update(&other, &reply);
+	flows_new.delete(key);
+	flows_new.delete(&other);
+	fc = flow_counters();
+	if (fc) {
+		fc->established += 1;
+		fc->new_removed += 1;
+	}
+}
+
+/* Sends the rewritten packet on: to the kernel, or (fast path) straight to
+ * its next hop. */
+static __always_inline enum xlb_reason send(struct xdp_md *ctx, struct packet *pkt,
+					    struct xlb_config *cfg, int reply)
+{
+	__u32 ifindex = 0;
+	int rc;
+
+	if (!(cfg->flags & CONFIG_FAST_PATH))
+		return reply ? XLB_REPLY : XLB_FORWARD;
+	if (pkt->ip->ttl <= 1)
+		return XLB_TTL_EXPIRED;
+	rc = fib_next_hop(ctx, pkt, &ifindex);
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return XLB_FIB_NO_NEIGH;
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return XLB_FIB_FRAG_NEEDED;
+	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
+		return XLB_FIB_FWD_DISABLED;
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+		return XLB_FIB_NO_ROUTE;
+	ip_decrease_ttl(pkt->ip);
+	if (ifindex == ctx->ingress_ifindex)
+		return reply ? XLB_REPLY_TX : XLB_FORWARD_TX;
+	bpf_redirect(ifindex, 0);
+	return reply ? XLB_REPLY_REDIRECT : XLB_FORWARD_REDIRECT;
+}
+
+/* A packet of a known, live flow: state, counters, NAT, then on its way. */
+static __always_inline enum xlb_reason flow_continue(struct xdp_md *ctx, struct packet *pkt,
+						     struct xlb_config *cfg, struct flow_key *key,
+						     struct flow *f, int in_new, __u32 bytes,
+						     __u64 now)
+{
+	int reply = f->dir == FLOW_REPLY;
+
+	f->seen = now;
+	flow_track_close(key, f, pkt, in_new);
+	count_flow(f, bytes, 0);
+	if (reply)
+		nat_source(pkt, f->addr, f->port);
+	else
+		nat_dest(pkt, f->addr, f->port);
+	if (in_new)
+		flow_progress(key, f, pkt);	/* may move f: not used after this */
+	return send(ctx, pkt, cfg, reply);
+}
+
+static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet *pkt,
+					       struct xlb_config *cfg, int is_vip, __u32 bytes)
 {
 	struct flow_key key = {
 		.saddr = pkt->ip->saddr,
@@ -160,33 +375,41 @@ static __always_inline enum xlb_reason balance(struct packet *pkt, __u32 bytes)
 		.dport = pkt->ports->dest,
 		.proto = pkt->proto,
 	};
+	__u64 now = bpf_ktime_get_coarse_ns();
 	struct service_key skey = {};
 	struct flow fresh = {};
 	struct service *svc;
 	struct flow *f;
+	int in_new = 0, fate;
 
 	f = flows.lookup(&key);
-	if (f && !(f->dir == FLOW_FORWARD && packet_opens(pkt) && backend_closed(f))) {
-		count_flow(f, bytes, 0);
-		if (f->dir == FLOW_REPLY) {
-			nat_source(pkt, f->addr, f->port);
-			return XLB_REPLY;
-		}
-		nat_dest(pkt, f->addr, f->port);
-		return XLB_FORWARD;
+	if (!f) {
+		f = flows_new.lookup(&key);
+		in_new = 1;
 	}
+	if (f && f->dir == FLOW_FORWARD) {
+		fate = flow_fate(pkt, f, now);
+		if (fate != FLOW_ALIVE) {
+			flow_forget(&key, f, in_new, fate);
+			f = NULL;
+		}
+	}
+	if (f)
+		return flow_continue(ctx, pkt, cfg, &key, f, in_new, bytes, now);
 
+	if (!is_vip)
+		return XLB_PASS_NOT_VIP;
 	skey.vip = key.daddr;
 	skey.port = key.dport;
 	skey.proto = key.proto;
 	svc = services.lookup(&skey);
 	if (!svc)
 		return XLB_PASS_NOT_VIP;
-	if (flow_create(&key, svc, &fresh) < 0)
+	if (flow_create(&key, svc, &fresh, now) < 0)
 		return XLB_DROP_NO_BACKEND;
 	count_flow(&fresh, bytes, 1);
 	nat_dest(pkt, fresh.addr, fresh.port);
-	return XLB_FORWARD;
+	return send(ctx, pkt, cfg, 0);
 }
 
 /* For packets that cannot be balanced: dropped if addressed to a VIP (the
@@ -202,9 +425,11 @@ static __always_inline enum xlb_reason classify(struct xdp_md *ctx, __u32 frame_
 	void *data = (void *)(long)ctx->data;
 	struct cursor c = { .pos = data, .end = (void *)(long)ctx->data_end };
 	struct packet pkt = {};
+	struct xlb_config *cfg;
 	struct ethhdr *eth;
 	struct iphdr *ip;
-	int proto;
+	__u32 zero = 0;
+	int proto, is_vip;
 
 	proto = parse_ethhdr(&c, &eth);
 	if (proto < 0)
@@ -215,14 +440,22 @@ static __always_inline enum xlb_reason classify(struct xdp_md *ctx, __u32 frame_
 		return XLB_PASS_NOT_IP;
 	if (parse_iphdr_fixed(&c, &ip) < 0)
 		return XLB_PASS_SHORT;
+	cfg = config.lookup(&zero);
+	if (!cfg)
+		return XLB_PASS_NOT_VIP;
+	is_vip = xlb_filter_has(cfg->vip_bits, ip->daddr);
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return XLB_PASS_NOT_VIP;
 	if (ip_is_fragment(ip))
-		return vip_or_pass(ip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP);
+		return is_vip ? vip_or_pass(ip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP)
+			      : XLB_PASS_NOT_VIP;
 	if (parse_l4(&c, ip, frame_len, &pkt) < 0)
-		return vip_or_pass(ip, XLB_DROP_MALFORMED, XLB_PASS_SHORT);
+		return is_vip ? vip_or_pass(ip, XLB_DROP_MALFORMED, XLB_PASS_SHORT) : XLB_PASS_SHORT;
+	if (!is_vip && !xlb_filter_has(cfg->backend_bits,
+				       ip->saddr + ((__u32)pkt.ports->source << 16)))
+		return XLB_PASS_NOT_VIP;
 	pkt.eth = eth;
-	return balance(&pkt, frame_len);
+	return balance(ctx, &pkt, cfg, is_vip, frame_len);
 }
 
 int xlb_xdp(struct xdp_md *ctx)

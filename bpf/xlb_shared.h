@@ -16,10 +16,26 @@ struct service_key {
 };
 
 struct service {
-	__u32 id;		/* index into service_stats and rr_cursor */
-	__u32 ring;		/* active ring: 2*id or 2*id+1, so a new one is written beside it */
-	__u32 ring_len;		/* used slots of the ring; 0: no backend takes new flows */
+	__u32 id;		/* index into service_stats, rr_cursor and timeouts */
+	__u32 ring;		/* active ring (2*id or 2*id+1, so a new one is written beside
+				 * it), or with SERVICE_MAGLEV the active Maglev table */
+	__u32 ring_len;		/* used slots of the ring or table; 0: no backend takes new flows */
 	__u32 flags;
+};
+
+/* service.flags. MAGLEV: new flows pick maglev[ring][flow_hash % ring_len], so
+ * every node with the same table sends a flow to the same backend, even a flow
+ * it meets in the middle (a non-SYN packet it has no entry for). */
+enum { SERVICE_MAGLEV = 1 };
+
+/* timeouts: array indexed by service id. Idle seconds after which a flow in
+ * that state is dead (as IPVS: a new connection's first packet is a new flow
+ * again); 0 means never. */
+struct timeouts {
+	__u32 syn;		/* TCP, handshake not complete */
+	__u32 established;
+	__u32 closing;		/* TCP after a FIN or RST */
+	__u32 udp;
 };
 
 /* backends: array indexed by backend id. */
@@ -35,9 +51,12 @@ struct backend {
  * connection and is balanced anew. */
 enum { BACKEND_NO_NEW_FLOWS = 1 };
 
-/* flows: LRU hash keyed by the packet's own 5-tuple. A new connection adds two
- * entries: client->VIP (FLOW_FORWARD, NAT to the backend) and backend->client
- * (FLOW_REPLY, NAT back to the VIP). */
+/* Flow tables: LRU hashes keyed by the packet's own 5-tuple. A connection has
+ * two entries: client->VIP (FLOW_FORWARD, NAT to the backend) and
+ * backend->client (FLOW_REPLY, NAT back to the VIP). A new connection starts in
+ * flows_new; once the client has spoken after the backend answered (TCP: the
+ * handshake completed) both entries move to flows. So a flood of new flows
+ * (random-source SYNs) evicts only other new flows, never an established one. */
 struct flow_key {
 	__be32 saddr;
 	__be32 daddr;
@@ -49,13 +68,46 @@ struct flow_key {
 
 enum { FLOW_FORWARD = 1, FLOW_REPLY = 2 };
 
+/* flow.state. ANSWERED: the reply entry has seen the backend answer. */
+enum { FLOW_NEW = 1, FLOW_ANSWERED = 2, FLOW_ESTABLISHED = 3, FLOW_CLOSING = 4 };
+
 struct flow {
 	__be32 addr;		/* the address and port that replace ... */
 	__be16 port;		/* ... the destination (FORWARD) or the source (REPLY) */
 	__u8 dir;
-	__u8 pad;
+	__u8 state;
 	__u32 service_id;
 	__u32 backend_id;
+	__u32 timeout;		/* idle seconds of its state (struct timeouts); 0: never */
+	__u32 pad;
+	__u64 seen;		/* bpf_ktime_get_coarse_ns() of its last packet */
+};
+
+/* flow_stats: per-CPU, one entry. Connections (entry pairs) the program moved
+ * in and out of the tables; the LRU's evictions are what is missing. */
+struct flow_counters {
+	__u64 created;		/* into flows_new */
+	__u64 established;	/* flows_new -> flows */
+	__u64 expired;		/* found idle past their timeout, removed */
+	__u64 reopened;		/* a SYN on a closing flow or one whose backend takes
+				 * no new flows: removed, balanced anew */
+	__u64 new_removed;	/* of expired + reopened + established: those from flows_new */
+};
+
+/* config: array of one. Runtime settings, and two bit sets that let traffic
+ * which is neither to a VIP nor from a backend's service port leave after one
+ * inlined array lookup: bit filter_slot(daddr) of vip_bits, bit
+ * filter_slot(saddr + (sport << 16)) of backend_bits (saddr and sport as read
+ * from the packet, little-endian). A set bit may be another address's: the
+ * exact maps decide. */
+enum { XLB_FILTER_WORDS = 1024 };
+enum { CONFIG_FAST_PATH = 1 };
+
+struct xlb_config {
+	__u32 flags;		/* CONFIG_FAST_PATH: forward with bpf_fib_lookup + TX/REDIRECT */
+	__u32 pad;
+	__u64 vip_bits[XLB_FILTER_WORDS];
+	__u64 backend_bits[XLB_FILTER_WORDS];
 };
 
 /* arp_vips: (ingress ifindex, VIP) -> the MAC that answers ARP for it there. */
@@ -86,17 +138,26 @@ struct tally {
 
 /* Why the program returned what it did: one counter each, recorded at the one
  * exit. Each reason has exactly one action, so per-action counts are sums. */
-#define XLB_REASONS(X)                                                         \
-	X(PASS_NOT_IP, XDP_PASS)     /* not IPv4 nor ARP: IPv6, VLAN, ... */       \
-	X(PASS_ARP, XDP_PASS)        /* ARP that is not a request for a VIP here */ \
-	X(PASS_SHORT, XDP_PASS)      /* IPv4 header cut short: the kernel judges */ \
-	X(PASS_NOT_VIP, XDP_PASS)    /* IPv4 neither to a service nor a reply */   \
-	X(FORWARD, XDP_PASS)         /* to a service: DNAT to its backend */       \
-	X(REPLY, XDP_PASS)           /* from a backend: reverse NAT to the VIP */  \
-	X(ARP_REPLY, XDP_TX)         /* ARP request for a VIP: answered here */    \
-	X(DROP_MALFORMED, XDP_DROP)  /* to a VIP, headers cut short or bad */      \
-	X(DROP_FRAGMENT, XDP_DROP)   /* to a VIP, an IP fragment: no ports to NAT */ \
-	X(DROP_NO_BACKEND, XDP_DROP) /* new flow to a service with no backend up */
+#define XLB_REASONS(X)                                                          \
+	X(PASS_NOT_IP, XDP_PASS)      /* not IPv4 nor ARP: IPv6, VLAN, ... */       \
+	X(PASS_ARP, XDP_PASS)         /* ARP that is not a request for a VIP here */ \
+	X(PASS_SHORT, XDP_PASS)       /* IPv4 header cut short: the kernel judges */ \
+	X(PASS_NOT_VIP, XDP_PASS)     /* IPv4 neither to a service nor a reply */   \
+	X(FORWARD, XDP_PASS)          /* to a service: DNAT, the kernel routes it */ \
+	X(REPLY, XDP_PASS)            /* from a backend: reverse NAT, kernel routes */ \
+	X(ARP_REPLY, XDP_TX)          /* ARP request for a VIP: answered here */    \
+	X(DROP_MALFORMED, XDP_DROP)   /* to a VIP, headers cut short or bad */      \
+	X(DROP_FRAGMENT, XDP_DROP)    /* to a VIP, an IP fragment: no ports to NAT */ \
+	X(DROP_NO_BACKEND, XDP_DROP)  /* new flow to a service with no backend up */ \
+	X(FORWARD_TX, XDP_TX)         /* fast path: DNAT, out the port it came in */ \
+	X(FORWARD_REDIRECT, XDP_REDIRECT) /* fast path: DNAT, out another port */   \
+	X(REPLY_TX, XDP_TX)           /* fast path: reverse NAT, out the same port */ \
+	X(REPLY_REDIRECT, XDP_REDIRECT) /* fast path: reverse NAT, out another port */ \
+	X(FIB_NO_NEIGH, XDP_PASS)     /* NATed; next hop's MAC unknown: kernel ARPs */ \
+	X(FIB_NO_ROUTE, XDP_PASS)     /* NATed; no route (or blackhole, prohibit) */ \
+	X(FIB_FRAG_NEEDED, XDP_PASS)  /* NATed; over the egress MTU: kernel answers */ \
+	X(FIB_FWD_DISABLED, XDP_PASS) /* NATed; ip_forward off on the ingress link */ \
+	X(TTL_EXPIRED, XDP_PASS)      /* NATed; TTL <= 1: the kernel sends the ICMP */
 
 #define XLB_REASON_ENUM(name, action) XLB_##name,
 enum xlb_reason { XLB_REASONS(XLB_REASON_ENUM) XLB_REASON_MAX };

@@ -36,8 +36,18 @@ class FlowKey(ct.Structure):
 
 
 class Flow(ct.Structure):
-    _fields_ = [("addr", u32), ("port", u16), ("dir", u8), ("pad", u8),
-                ("service_id", u32), ("backend_id", u32)]
+    _fields_ = [("addr", u32), ("port", u16), ("dir", u8), ("state", u8),
+                ("service_id", u32), ("backend_id", u32), ("timeout", u32), ("pad", u32),
+                ("seen", u64)]
+
+
+class Timeouts(ct.Structure):
+    _fields_ = [("syn", u32), ("established", u32), ("closing", u32), ("udp", u32)]
+
+
+class FlowCounters(ct.Structure):
+    _fields_ = [("created", u64), ("established", u64), ("expired", u64), ("reopened", u64),
+                ("new_removed", u64)]
 
 
 class ArpKey(ct.Structure):
@@ -57,18 +67,39 @@ class Tally(ct.Structure):
     _fields_ = [("packets", u64), ("bytes", u64)]
 
 
+def read_enum(prefix: str, header: Path = SHARED_HEADER) -> dict[str, int]:
+    """The NAME = value pairs of the anonymous enums whose names start with prefix."""
+    found = {}
+    for body in re.findall(rf"enum\s*\{{\s*({prefix}[^}}]*)\}}", header.read_text()):
+        found.update({k: int(v) for k, v in re.findall(rf"({prefix}\w+)\s*=\s*(\d+)", body)})
+    return found
+
+
+FILTER_WORDS = read_enum("XLB_FILTER_")["XLB_FILTER_WORDS"]
+
+
+class Config(ct.Structure):
+    _fields_ = [("flags", u32), ("pad", u32), ("vip_bits", u64 * FILTER_WORDS),
+                ("backend_bits", u64 * FILTER_WORDS)]
+
+
 # map name -> (key mirror or None for array indexes, value mirror)
 MAPS: dict[str, tuple[type | None, type]] = {
     "services": (ServiceKey, Service),
     "backends": (None, Backend),
     "rings": (None, u32),
+    "maglev": (None, u32),
+    "timeouts": (None, Timeouts),
     "vips": (None, u32),
     "arp_vips": (ArpKey, ArpMac),
+    "config": (None, Config),
     "flows": (FlowKey, Flow),
+    "flows_new": (FlowKey, Flow),
     "rr_cursor": (None, u32),
     "service_stats": (None, Counters),
     "backend_stats": (None, Counters),
     "reason_stats": (None, Tally),
+    "flow_stats": (None, FlowCounters),
 }
 
 XDP_ACTIONS = {"XDP_ABORTED": 0, "XDP_DROP": 1, "XDP_PASS": 2, "XDP_TX": 3, "XDP_REDIRECT": 4}
@@ -82,19 +113,18 @@ def read_reasons(header: Path = SHARED_HEADER) -> tuple[tuple[str, str], ...]:
     return tuple(re.findall(r"\bX\((\w+),\s*(XDP_\w+)\)", body))
 
 
-def read_enum(prefix: str, header: Path = SHARED_HEADER) -> dict[str, int]:
-    """The NAME = value pairs of the anonymous enum whose names start with prefix."""
-    match = re.search(rf"enum\s*\{{\s*({prefix}[^}}]*)\}}", header.read_text())
-    return {k: int(v) for k, v in re.findall(rf"({prefix}\w+)\s*=\s*(\d+)", match.group(1))}
-
-
 REASONS = read_reasons()
 REASON_NAMES = tuple(name.lower() for name, _ in REASONS)
 REASON_ACTIONS = tuple(action for _, action in REASONS)
-FLOW_DIRS = read_enum("FLOW_")
+_FLOW = read_enum("FLOW_")
+FLOW_DIRS = {k: _FLOW[k] for k in ("FLOW_FORWARD", "FLOW_REPLY")}
 FLOW_FORWARD = FLOW_DIRS["FLOW_FORWARD"]
 FLOW_REPLY = FLOW_DIRS["FLOW_REPLY"]
+FLOW_STATES = {k[5:].lower(): _FLOW[k]
+               for k in ("FLOW_NEW", "FLOW_ANSWERED", "FLOW_ESTABLISHED", "FLOW_CLOSING")}
 BACKEND_NO_NEW_FLOWS = read_enum("BACKEND_")["BACKEND_NO_NEW_FLOWS"]
+SERVICE_MAGLEV = read_enum("SERVICE_")["SERVICE_MAGLEV"]
+CONFIG_FAST_PATH = read_enum("CONFIG_")["CONFIG_FAST_PATH"]
 
 
 def describe(ctype) -> object:
@@ -117,3 +147,21 @@ def check_mirror(name: str, bcc_key, bcc_leaf) -> list[str]:
     if describe(leaf) != describe(bcc_leaf):
         problems.append(f"{name} value: python {describe(leaf)} != C {describe(bcc_leaf)}")
     return problems
+
+
+_STRUCT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def struct_format(ctype) -> str:
+    """A `struct` format for a mirror made of unsigned integers, arrays of them
+    and padding (fields named "pad"), little-endian as the maps hold them: for
+    reading map dumps in bulk."""
+    fmt = "<"
+    for name, ftype in ctype._fields_:
+        if name == "pad":
+            fmt += f"{ct.sizeof(ftype)}x"
+        elif issubclass(ftype, ct.Array):
+            fmt += f"{ftype._length_}{_STRUCT_CODES[ct.sizeof(ftype._type_)]}"
+        else:
+            fmt += _STRUCT_CODES[ct.sizeof(ftype)]
+    return fmt

@@ -1,0 +1,111 @@
+"""The flow tables read in bulk: which connections are open, half-open or
+closing, and which are dead (idle past their state's timeout) and go.
+
+Pure: it works on the raw bytes that `Datapath.dump_flows` returns and a clock
+reading (the kernel's CLOCK_MONOTONIC, which the program's
+bpf_ktime_get_coarse_ns follows), so it is tested without a kernel.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from . import layout
+
+NSEC_PER_SEC = 1_000_000_000
+TABLES = ("flows", "flows_new")          # established, half-open (bpf/xlb_shared.h)
+
+_KEY = struct.Struct(layout.struct_format(layout.FlowKey))
+_VALUE = struct.Struct(layout.struct_format(layout.Flow))
+assert _KEY.size == layout.ct.sizeof(layout.FlowKey)
+assert _VALUE.size == layout.ct.sizeof(layout.Flow)
+
+_VALUE_FIELDS = [name for name, _ in layout.Flow._fields_ if name != "pad"]
+_KEY_FIELDS = [name for name, _ in layout.FlowKey._fields_ if name != "pad"]
+_STATE_NAMES = {v: k for k, v in layout.FLOW_STATES.items()}
+
+
+class Row(NamedTuple):
+    """One entry: its key's fields, then its value's (as the maps hold them)."""
+    saddr: int
+    daddr: int
+    sport: int
+    dport: int
+    proto: int
+    addr: int
+    port: int
+    dir: int
+    state: int
+    service_id: int
+    backend_id: int
+    timeout: int
+    seen: int
+
+    def key(self) -> bytes:
+        return _KEY.pack(self.saddr, self.daddr, self.sport, self.dport, self.proto)
+
+    def partner(self) -> bytes:
+        """The key of the other entry of its connection (bpf/xlb.c partner_key)."""
+        if self.dir == layout.FLOW_FORWARD:
+            return _KEY.pack(self.addr, self.saddr, self.port, self.sport, self.proto)
+        return _KEY.pack(self.daddr, self.addr, self.dport, self.port, self.proto)
+
+    def idle_past(self, now: int, seen: int) -> bool:
+        return self.timeout != 0 and now > seen and now - seen > self.timeout * NSEC_PER_SEC
+
+
+assert list(Row._fields) == _KEY_FIELDS + _VALUE_FIELDS
+
+
+def decode(keys: bytes, values: bytes) -> list[Row]:
+    return [Row(*k, *v) for k, v in zip(_KEY.iter_unpack(keys), _VALUE.iter_unpack(values))]
+
+
+def dead(rows: list[Row], now: int) -> tuple[list[bytes], int]:
+    """Keys to delete, and how many connections they are: a connection is dead
+    when both its entries have been idle past its timeout (one-way traffic
+    keeps it alive); an entry whose partner is gone is judged alone."""
+    by_key = {r.key(): r for r in rows}
+    doomed, connections = [], 0
+    for key, r in by_key.items():
+        other = by_key.get(r.partner())
+        if other is not None and r.dir != layout.FLOW_FORWARD:
+            continue                                # judged with its forward entry
+        seen = max(r.seen, other.seen) if other is not None else r.seen
+        if r.idle_past(now, seen):
+            doomed.append(key)
+            if other is not None:
+                doomed.append(r.partner())
+            connections += 1
+    return doomed, connections
+
+
+@dataclass
+class Census:
+    """Connections (forward entries) by what they are now."""
+    open: dict[int, int] = field(default_factory=dict)    # backend id -> established, live
+    established: int = 0
+    closing: int = 0
+    half_open: int = 0
+    entries: dict[str, int] = field(default_factory=dict)  # entries per table
+
+    def state_name(self, state: int) -> str:
+        return _STATE_NAMES.get(state, str(state))
+
+
+def census(tables: dict[str, list[Row]], now: int) -> Census:
+    c = Census(entries={name: len(rows) for name, rows in tables.items()})
+    for name, rows in tables.items():
+        for r in rows:
+            if r.dir != layout.FLOW_FORWARD or r.idle_past(now, r.seen):
+                continue
+            if name == "flows_new":
+                c.half_open += 1
+            elif r.state == layout.FLOW_STATES["closing"]:
+                c.closing += 1
+            else:
+                c.established += 1
+                c.open[r.backend_id] = c.open.get(r.backend_id, 0) + 1
+    return c
