@@ -58,12 +58,20 @@ def cli() -> None:
 @click.option("--metrics", "metrics_at", default="127.0.0.1:9717", show_default=True,
               metavar="ADDR:PORT|off",
               help="Serve Prometheus metrics at http://ADDR:PORT/metrics, or not.")
+@click.option("--forwarding", type=click.Choice(["fast", "kernel"]), default="fast",
+              show_default=True,
+              help="fast: send rewritten packets to their next hop from XDP (bpf_fib_lookup, "
+                   "XDP_TX/XDP_REDIRECT), leaving to the kernel only what it must resolve; "
+                   "kernel: hand them to the kernel's IP stack (XDP_PASS).")
+@click.option("--flow-table", "flow_table", type=click.IntRange(min=1), metavar="CONNECTIONS",
+              help="Established connections the flow table holds (two entries each; "
+                   "default 131072); half-open ones have a table of their own.")
 @click.option("--config", "config_path", metavar="FILE",
               type=click.Path(dir_okay=False, path_type=Path),
               help="Serve the config file FILE instead of --vip/--backend "
                    "(`xlb apply` persists into it).")
 def up(vips, backends, ifaces, check_kind, check_port, interval, rise, fall, metrics_at,
-       config_path) -> None:
+       forwarding, flow_table, config_path) -> None:
     """Load the XDP program and serve in the foreground until SIGINT or SIGTERM.
 
     Either the one-line form (--vip, --backend, --iface, and the health check
@@ -97,10 +105,12 @@ def up(vips, backends, ifaces, check_kind, check_port, interval, rise, fall, met
     if os.geteuid() != 0:
         raise Failure("xlb up needs root, to load and attach XDP programs")
     from . import daemon               # imports bcc only when it is needed
-    from .datapath import DatapathError
+    from .datapath import DatapathError, Limits
     from .planner import CapacityError
     try:
-        daemon.up(config, config_path.resolve() if config_path else None, metrics_address)
+        daemon.up(config, config_path.resolve() if config_path else None, metrics_address,
+                  Limits() if flow_table is None else Limits.for_connections(flow_table),
+                  forwarding == "fast")
     except ctl.AlreadyRunning as e:
         raise Failure(str(e)) from None
     except (LookupError, CapacityError) as e:

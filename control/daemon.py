@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import __version__, config as configfile, ctl, log, metrics, netif, planner
+from . import __version__, config as configfile, ctl, flowtable, log, metrics, netif, planner
 from .datapath import Datapath, DatapathError, Limits
 from .health import HealthChecker, Target, Transition
 from .layout import REASON_ACTIONS, XDP_ACTIONS
@@ -50,6 +50,11 @@ class Balancer:
         self.checker: HealthChecker | None = None
         self.check_durations = metrics.CheckDurations()
         self.applies = {"ok": 0, "error": 0}       # `xlb apply` requests, by result
+        # Connections removed from each flow table by this process (the program
+        # counts its own), and the largest LRU eviction count derived so far.
+        self.flows_removed = {"expired": dict.fromkeys(flowtable.TABLES, 0),
+                              "ended": dict.fromkeys(flowtable.TABLES, 0)}
+        self.evicted = dict.fromkeys(flowtable.TABLES, 0)
         self.started = self.last_apply = time.time()
         # status() (the CLI, metrics scrapes) sees one applied state or the next,
         # never half of each.
@@ -93,6 +98,8 @@ class Balancer:
             planner.execute(dp, planner.plan(target, self.state))
             raise
         ended = dp.delete_flows(set(ends.backend_ids), set(ends.service_ids))
+        for table, n in ended.items():
+            self.flows_removed["ended"][table] += n
         for name in self.links.keys() - {link.name for link in links}:
             dp.detach(self.links[name].index)
 
@@ -107,7 +114,7 @@ class Balancer:
             self.last_apply = time.time()
         self.check_durations.forget_except(keys)
         return {"frontends": len(config.frontends), "pools": len(config.pools),
-                "servers": len(keys), "flows_ended": ended}
+                "servers": len(keys), "flows_ended": sum(ended.values())}
 
     def set_admin(self, action: str, pool: str, server: str) -> dict:
         if not any(p.name == pool for p in self.config.pools):
@@ -153,7 +160,7 @@ class Balancer:
                               "protocol": fe.protocol, "pool": fe.pool,
                               "servers_taking_flows": len(set(svc.slots)),
                               **_counters(dp.service_counters(svc.id))})
-        entries, active = dp.flow_table()
+        census = dp.flow_census()
         counters = dp.backend_counters_many({b.id for b in self.state.backends.values()})
         pools = []
         for pool in self.config.pools:
@@ -166,7 +173,7 @@ class Balancer:
                                 "health": self.health.get(key, "up"),
                                 "last_check": self._last_check(key),
                                 "health_changes": self.health_changes.get(key, 0),
-                                "active_flows": active.get(b.id, 0),
+                                "active_flows": census.open.get(b.id, 0),
                                 **counters[b.id]})
             pools.append({"name": pool.name, "algorithm": pool.algorithm,
                           "on_server_down": pool.on_server_down, "servers": servers})
@@ -181,12 +188,51 @@ class Balancer:
             "interfaces": [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode}
                            for a in dp.attachments()],
             "frontends": frontends, "pools": pools,
-            "flows": {"entries": entries, "capacity": dp.limits.max_flows},
+            "flows": self._flows(census),
             "map_memory_bytes": sum(dp.map_memory().values()),
             "applies": dict(self.applies), "last_apply": self.last_apply,
             "actions": actions,
             "reasons": {name: {"packets": t.packets, "bytes": t.bytes}
                         for name, t in reasons.items()},
+        }
+
+
+    def sweep(self) -> dict[str, int]:
+        """Removes the flows idle past their timeouts; returns how many per table."""
+        expired = self.datapath.expire_flows()
+        with self.lock:
+            for table, n in expired.items():
+                self.flows_removed["expired"][table] += n
+        return expired
+
+    def _flows(self, census: flowtable.Census) -> dict:
+        """The flow tables: connections by state, what came and went, and the
+        LRU's evictions, derived as what went in minus what left and what is there."""
+        dp, lim = self.datapath, self.datapath.limits
+        fc = dp.flow_counters()
+        expired, ended = self.flows_removed["expired"], self.flows_removed["ended"]
+        left_new_in_dp = fc.new_removed          # established + expired/reopened there
+        left_est_in_dp = fc.expired + fc.reopened - (fc.new_removed - fc.established)
+        derived = {
+            "flows_new": fc.created - left_new_in_dp - expired["flows_new"]
+            - ended["flows_new"] - census.forward["flows_new"],
+            "flows": fc.established - left_est_in_dp - expired["flows"] - ended["flows"]
+            - census.forward["flows"],
+        }
+        for table, n in derived.items():
+            self.evicted[table] = max(self.evicted[table], n)
+        capacity = {"flows": lim.max_flows, "flows_new": lim.max_new_flows}
+        return {
+            "entries": sum(census.entries.values()), "capacity": sum(capacity.values()),
+            "connections_capacity": lim.connections,
+            "established": census.established, "closing": census.closing,
+            "half_open": census.half_open,
+            "tables": {t: {"entries": census.entries[t], "capacity": capacity[t]}
+                       for t in flowtable.TABLES},
+            "created": fc.created, "promoted": fc.established,
+            "removed": {"expired": fc.expired + sum(expired.values()),
+                        "reopened": fc.reopened, "ended": sum(ended.values()),
+                        "evicted": sum(self.evicted.values())},
         }
 
 
@@ -203,11 +249,18 @@ def _counters(c) -> dict:
 
 
 def _attach(datapath: Datapath, link: netif.Link):
-    """Native XDP where the driver takes it, generic with a warning elsewhere."""
+    """Native XDP where the driver takes it, generic with a warning elsewhere;
+    a warning too where a veth's peer would lose what xlb transmits."""
     att = datapath.attach(link.index, link.name)
     if att.mode != "native":
         log.event("attach", level="warning", interface=link.name, mode="generic",
                   reason=f"native XDP refused ({att.note}); generic XDP is slower")
+    elif (peer := netif.veth_peer_without_xdp(link.index)) is not None:
+        lost = "ARP replies for VIPs" + (" and fast-path packets" if datapath.fast_path else "")
+        log.event("attach", level="warning", interface=link.name, mode="native",
+                  reason=f"its veth peer {peer} runs no XDP program, so the {lost} that "
+                         f"xlb sends out of {link.name} are lost; attach one to {peer} "
+                         f"(one that passes everything will do)")
     return att
 
 
@@ -227,12 +280,14 @@ def _check_host(config: Config, links: list[netif.Link]) -> None:
 
 
 def up(config: Config, config_path: Path | None = None,
-       metrics_address: tuple[str, int] | None = None) -> int:
+       metrics_address: tuple[str, int] | None = None, limits: Limits = Limits(),
+       fast_path: bool = True) -> int:
     """Runs the balancer in the foreground until SIGINT or SIGTERM (or `xlb down`)."""
     sock = ctl.bind()
     datapath = exporter = None
     try:
-        datapath = Datapath(Limits())
+        datapath = Datapath(limits)
+        datapath.set_forwarding(fast_path)
         balancer = Balancer(datapath, config_path)
         balancer.apply(config)
         if metrics_address is not None:
@@ -322,13 +377,35 @@ async def _serve(balancer: Balancer, sock) -> None:
     async with lock:
         await sync_targets()
     checks = loop.create_task(checker.run())
+    sweeps = loop.create_task(_sweep_forever(balancer))
     server = await asyncio.start_unix_server(handle, sock=sock, limit=ctl.MAX_REQUEST)
     try:
         async with server:
             await stop.wait()
     finally:
         checker.stop()
+        sweeps.cancel()
         await checks
+
+
+SWEEP_COST = 20         # the sweep may take at most 1/SWEEP_COST of a CPU ...
+SWEEP_BOUNDS = (1.0, 30.0)  # ... at intervals of one to thirty seconds
+
+
+async def _sweep_forever(balancer: Balancer) -> None:
+    """Removes idle flows. The program already treats an idle flow as dead when
+    its next packet comes; this gives the memory back and counts them. A large
+    table takes longer to read, so the interval grows with the sweep's cost."""
+    while True:
+        t0 = time.monotonic()
+        try:
+            expired = await asyncio.to_thread(balancer.sweep)
+            if any(expired.values()):
+                log.event("sweep", level="debug", **{f"expired_{t}": n for t, n in expired.items()})
+        except DatapathError as e:
+            log.event("sweep", level="warning", error=str(e))
+        cost = time.monotonic() - t0
+        await asyncio.sleep(min(max(cost * SWEEP_COST, SWEEP_BOUNDS[0]), SWEEP_BOUNDS[1]))
 
 
 async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, sync_targets,

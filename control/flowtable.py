@@ -24,7 +24,6 @@ assert _VALUE.size == layout.ct.sizeof(layout.Flow)
 
 _VALUE_FIELDS = [name for name, _ in layout.Flow._fields_ if name != "pad"]
 _KEY_FIELDS = [name for name, _ in layout.FlowKey._fields_ if name != "pad"]
-_STATE_NAMES = {v: k for k, v in layout.FLOW_STATES.items()}
 
 
 class Row(NamedTuple):
@@ -90,13 +89,13 @@ class Census:
     closing: int = 0
     half_open: int = 0
     entries: dict[str, int] = field(default_factory=dict)  # entries per table
-
-    def state_name(self, state: int) -> str:
-        return _STATE_NAMES.get(state, str(state))
+    forward: dict[str, int] = field(default_factory=dict)  # forward entries per table, any age
 
 
 def census(tables: dict[str, list[Row]], now: int) -> Census:
-    c = Census(entries={name: len(rows) for name, rows in tables.items()})
+    c = Census(entries={name: len(rows) for name, rows in tables.items()},
+               forward={name: sum(r.dir == layout.FLOW_FORWARD for r in rows)
+                        for name, rows in tables.items()})
     for name, rows in tables.items():
         for r in rows:
             if r.dir != layout.FLOW_FORWARD or r.idle_past(now, r.seen):

@@ -75,3 +75,25 @@ def strict_rp_filter(name: str) -> bool:
     values = [int((conf / n / "rp_filter").read_text()) for n in ("all", name)
               if (conf / n / "rp_filter").exists()]
     return max(values, default=0) == 1
+
+
+def veth_peer_without_xdp(index: int) -> str | None:
+    """For a veth whose peer runs no XDP program, the peer's name: frames sent
+    into such a veth with XDP_TX or XDP_REDIRECT are lost (seen on 6.18; the
+    peer's XDP program, even one that passes everything, makes them arrive).
+    None for other links, a peer with a program, or a peer that cannot be seen."""
+    with IPRoute() as ipr:
+        (link,) = ipr.get_links(index)
+        info = link.get_attr("IFLA_LINKINFO")
+        if info is None or info.get_attr("IFLA_INFO_KIND") != "veth":
+            return None
+        peer, nsid = link.get_attr("IFLA_LINK"), link.get_attr("IFLA_LINK_NETNSID")
+        try:
+            (other,) = ipr.link("get", index=peer, **({} if nsid is None else
+                                                        {"if_netnsid": nsid}))
+        except Exception:          # NetlinkError, or the peer's namespace is gone
+            return None
+        xdp = other.get_attr("IFLA_XDP")
+        if xdp is not None and xdp.get_attr("IFLA_XDP_PROG_ID"):
+            return None
+        return other.get_attr("IFLA_IFNAME")
