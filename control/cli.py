@@ -295,8 +295,12 @@ def format_status(s: dict) -> str:
                           f"{s['reasons']['drop_no_backend']['packets']} in all)"]
     a = s["actions"]
     drops = {k[5:]: v["packets"] for k, v in s["reasons"].items() if k.startswith("drop_")}
-    lines += ["", f"flow table: {s['flows']['entries']}/{s['flows']['capacity']} entries "
-                  f"(two per connection); maps hold {s['map_memory_bytes'] / 2**20:.1f} MiB",
+    fl = s["flows"]
+    lines += ["", f"flows: {si(fl['established'])} established, {si(fl['closing'])} closing, "
+                  f"{si(fl['half_open'])} half-open; room for {si(fl['connections_capacity'])} "
+                  f"connections; {fl['entries']}/{fl['capacity']} entries (two per connection); "
+                  f"maps hold {s['map_memory_bytes'] / 2**20:.1f} MiB",
+              "flows removed: " + ", ".join(f"{k} {si(v)}" for k, v in fl["removed"].items()),
               "xdp actions: " + ", ".join(f"{k[4:].lower()} {si(v)}" for k, v in a.items()),
               "drops: " + ", ".join(f"{k} {si(v)}" for k, v in drops.items())]
     return "\n".join(lines)

@@ -47,7 +47,8 @@ FAMILIES = {
     "xlb_server_packets": ("counter", "Packets of the server's flows."),
     "xlb_server_bytes": ("counter", "Bytes of the server's flows."),
     "xlb_server_connections": ("counter", "New flows sent to the server."),
-    "xlb_server_active_flows": ("gauge", "The server's connections in the flow table."),
+    "xlb_server_active_flows": ("gauge", "The server's open connections: established, not "
+                                         "closing, not idle past their timeout."),
     "xlb_server_up": ("gauge", "1 if the server's health checks pass (or it is not checked), "
                                "else 0."),
     "xlb_server_state": ("gauge", "1 for the server's current state: up, down (failed checks), "
@@ -59,8 +60,19 @@ FAMILIES = {
     "xlb_xdp_actions": ("counter", "Packets by the XDP action taken."),
     "xlb_packets": ("counter", "Packets by why the program did what it did (see README)."),
     "xlb_drops": ("counter", "Packets dropped, by reason."),
-    "xlb_flow_table_entries": ("gauge", "Entries in the flow table (two per connection)."),
-    "xlb_flow_table_capacity": ("gauge", "Entries the flow table holds."),
+    "xlb_flow_table_entries": ("gauge", "Entries in the flow tables (two per connection)."),
+    "xlb_flow_table_capacity": ("gauge", "Entries the flow tables hold."),
+    "xlb_flow_table_pressure": ("gauge", "How full each flow table is, 0 to 1: flows (established) "
+                                         "and flows_new (half-open)."),
+    "xlb_flows": ("gauge", "Connections in the flow tables by state: established, closing, "
+                           "half_open."),
+    "xlb_flows_created": ("counter", "Connections that entered the half-open table."),
+    "xlb_flows_established": ("counter", "Connections that completed their handshake and moved "
+                                         "to the established table."),
+    "xlb_flows_removed": ("counter", "Connections that left the flow tables, by reason: expired "
+                                     "(idle past their timeout), reopened (a SYN on a closed "
+                                     "one), ended (by a server's state or a removed frontend), "
+                                     "evicted (by the LRU when full; derived)."),
     "xlb_bpf_map_memory_bytes": ("gauge", "Kernel memory the BPF maps hold."),
     "xlb_config_applies": ("counter", "Config applies, by result."),
     "xlb_config_last_apply_timestamp_seconds": ("gauge", "When the last successful apply (or "
@@ -181,8 +193,17 @@ def render(st: dict, durations: dict[tuple[str, str], tuple[list[int], float]]) 
         add("xlb_packets", _labels(reason=reason), t["packets"])
         if reason.startswith("drop_"):
             add("xlb_drops", _labels(reason=reason[5:]), t["packets"])
-    add("xlb_flow_table_entries", "", st["flows"]["entries"])
-    add("xlb_flow_table_capacity", "", st["flows"]["capacity"])
+    flows = st["flows"]
+    add("xlb_flow_table_entries", "", flows["entries"])
+    add("xlb_flow_table_capacity", "", flows["capacity"])
+    for table, t in flows["tables"].items():
+        add("xlb_flow_table_pressure", _labels(table=table), t["entries"] / t["capacity"])
+    for state in ("established", "closing", "half_open"):
+        add("xlb_flows", _labels(state=state), flows[state])
+    add("xlb_flows_created", "", flows["created"])
+    add("xlb_flows_established", "", flows["promoted"])
+    for reason, n in flows["removed"].items():
+        add("xlb_flows_removed", _labels(reason=reason), n)
     add("xlb_bpf_map_memory_bytes", "", st["map_memory_bytes"])
     for result in ("ok", "error"):
         add("xlb_config_applies", _labels(result=result), st["applies"][result])

@@ -1,0 +1,395 @@
+"""The XDP program's flow tables and fast path, under BPF_PROG_TEST_RUN.
+
+Runs inside a private network namespace (conftest.FibNet) so that
+bpf_fib_lookup sees known routes and neighbours: ext 10.1.1.0/24 (clients),
+int 10.1.11.0/24 (backends). Frames go in, exact bytes come out; the flow
+tables are read back through Datapath to check each connection's state.
+"""
+
+import random
+import socket
+from ipaddress import IPv4Address
+
+import pytest
+
+from packets import (BACKEND_MAC, CLIENT_MAC, LB_MAC, XDP_PASS, XDP_TX, Harness,
+                     assert_checksums, ip_of, tcp_frame, udp_frame)
+from xlb import layout
+from xlb.datapath import now_ns
+from xlb.maglev import flow_hash
+
+pytestmark = pytest.mark.kernel
+
+XDP_REDIRECT = layout.XDP_ACTIONS["XDP_REDIRECT"]
+TCP_P, UDP_P = socket.IPPROTO_TCP, socket.IPPROTO_UDP
+VIP = IPv4Address("10.1.1.101")
+MVIP = IPv4Address("10.1.1.102")          # the Maglev service's VIP
+CLIENT = IPv4Address("10.1.1.10")
+BACKENDS = {1: (IPv4Address("10.1.11.101"), 8080), 2: (IPv4Address("10.1.11.102"), 8080)}
+BY_ADDR = {addr: bid for bid, (addr, _) in BACKENDS.items()}
+SVC_TCP, SVC_UDP, SVC_MAGLEV = 1, 2, 3
+TIMEOUTS = {"syn": 60, "established": 900, "closing": 120, "udp": 300}
+MAGLEV_TABLE = 0
+MAGLEV_SLOTS = [1, 2, 2, 1, 1, 2, 1, 2, 2, 1, 2, 1, 1]    # a prime number of slots: 13
+STATE = layout.FLOW_STATES
+SEC = 1_000_000_000
+
+
+@pytest.fixture(scope="module")
+def lb(datapath, fibnet):
+    dp = datapath
+    for bid, (addr, port) in BACKENDS.items():
+        dp.set_backend(bid, addr, port)
+    dp.write_ring(2, [1, 2])
+    dp.write_ring(4, [1, 2])
+    dp.write_maglev(MAGLEV_TABLE, MAGLEV_SLOTS)
+    dp.set_service(VIP, 80, TCP_P, SVC_TCP, 2, 2)
+    dp.set_service(VIP, 80, UDP_P, SVC_UDP, 4, 2)
+    dp.set_service(MVIP, 80, TCP_P, SVC_MAGLEV, MAGLEV_TABLE, len(MAGLEV_SLOTS),
+                   layout.SERVICE_MAGLEV)
+    for sid in (SVC_TCP, SVC_UDP, SVC_MAGLEV):
+        dp.set_timeouts(sid, *TIMEOUTS.values())
+    for vip in (VIP, MVIP):
+        dp.set_vip(vip)
+    dp.set_forwarding(True)
+    return Harness(dp, service_ids=(SVC_TCP, SVC_UDP, SVC_MAGLEV), backend_ids=BACKENDS)
+
+
+def entries(dp, table: str) -> dict[tuple, object]:
+    """A flow table as {(saddr, daddr, sport, dport, proto): row}, addresses as
+    IPv4Address and ports as numbers."""
+    out = {}
+    for r in dp.flow_rows()[table]:
+        key = (IPv4Address(r.saddr.to_bytes(4, "little")), IPv4Address(r.daddr.to_bytes(4, "little")),
+               socket.ntohs(r.sport), socket.ntohs(r.dport), r.proto)
+        out[key] = r
+    return out
+
+
+def connection(dp, sport: int, proto: int = TCP_P, vip=VIP):
+    """(table, forward row, reply row) of the client's connection from sport."""
+    for table in ("flows", "flows_new"):
+        rows = entries(dp, table)
+        fwd = rows.get((CLIENT, vip, sport, 80, proto))
+        if fwd is not None:
+            be = BACKENDS[fwd.backend_id]
+            return table, fwd, rows.get((be[0], CLIENT, be[1], sport, proto))
+    return None, None, None
+
+
+def counters(dp) -> dict[str, int]:
+    c = dp.flow_counters()
+    return {name: getattr(c, name) for name, _ in c._fields_}
+
+
+def syn(sport, **kw):
+    return tcp_frame(CLIENT, VIP, sport, 80, flags="S", **kw)
+
+
+def from_backend(bid, sport, flags, **kw):
+    addr, port = BACKENDS[bid]
+    return tcp_frame(addr, CLIENT, port, sport, flags=flags, eth_src=BACKEND_MAC, **kw)
+
+
+def backend_of(frame: bytes) -> int:
+    return BY_ADDR[ip_of(frame, "dst")]
+
+
+def handshake(lb, fibnet, sport) -> int:
+    """SYN, SYN-ACK, ACK of a new connection; returns its backend."""
+    bid = backend_of(lb.send(syn(sport), fibnet.ifindex["ext"]).data)
+    lb.send(from_backend(bid, sport, "SA"), fibnet.ifindex["int"])
+    lb.send(tcp_frame(CLIENT, VIP, sport, 80, flags="A"), fibnet.ifindex["ext"])
+    return bid
+
+
+# The fast path --------------------------------------------------------------------
+
+def test_forward_is_redirected_to_the_backends_link_with_next_hop_macs(lb, fibnet):
+    res = lb.send(syn(50000), fibnet.ifindex["ext"])
+    assert res.action == XDP_REDIRECT
+    bid = backend_of(res.data)
+    be_addr, be_port = BACKENDS[bid]
+    # NAT, TTL 64 -> 63, the int link's MAC as source, the backend's as destination.
+    assert res.data == tcp_frame(CLIENT, be_addr, 50000, be_port, flags="S", ttl=63,
+                                 eth_src=fibnet.MACS["int"], eth_dst=BACKEND_MAC)
+    assert_checksums(res.data)
+    lb.expect("forward_redirect", flow=("in", SVC_TCP, bid, True))
+
+    res = lb.send(from_backend(bid, 50000, "SA"), fibnet.ifindex["int"])
+    assert res.action == XDP_REDIRECT
+    assert res.data == tcp_frame(VIP, CLIENT, 80, 50000, flags="SA", ttl=63,
+                                 eth_src=fibnet.MACS["ext"], eth_dst=CLIENT_MAC)
+    assert_checksums(res.data)
+    lb.expect("reply_redirect", flow=("out", SVC_TCP, bid, False))
+
+
+def test_out_the_link_it_came_in_is_xdp_tx(lb, fibnet):
+    res = lb.send(syn(50001), fibnet.ifindex["int"])
+    assert res.action == XDP_TX
+    bid = backend_of(res.data)
+    assert res.data == tcp_frame(CLIENT, BACKENDS[bid][0], 50001, 8080, flags="S", ttl=63,
+                                 eth_src=fibnet.MACS["int"], eth_dst=BACKEND_MAC)
+    lb.expect("forward_tx", flow=("in", SVC_TCP, bid, True))
+
+
+@pytest.mark.parametrize("client, ifname, ttl, reason", [
+    ("198.51.100.10", "ext", 64, "fib_no_neigh"),   # the reply's next hop 10.1.1.2 is unresolved
+    ("203.0.113.10", "ext", 64, "fib_no_route"),    # blackholed
+    ("10.1.1.10", "nofwd", 64, "fib_fwd_disabled"),
+    ("10.1.1.10", "ext", 1, "ttl_expired"),
+])
+def test_what_the_fib_cannot_resolve_goes_to_the_kernel_rewritten_only(lb, fibnet, client, ifname,
+                                                                       ttl, reason):
+    """The kernel gets the packet NATed and otherwise as it came (MACs, TTL):
+    it routes it, resolves the neighbour or answers with ICMP, as it would
+    without the fast path."""
+    sport = 50100 + ttl
+    fwd = tcp_frame(client, VIP, sport, 80, flags="S", ttl=ttl)
+    res = lb.send(fwd, fibnet.ifindex[ifname])
+    bid = backend_of(res.data)
+    be_addr, be_port = BACKENDS[bid]
+    if reason in ("fib_fwd_disabled", "ttl_expired"):
+        assert res.action == XDP_PASS
+        assert res.data == tcp_frame(client, be_addr, sport, be_port, flags="S", ttl=ttl)
+        lb.expect(reason, flow=("in", SVC_TCP, bid, True))
+        return
+    reply = tcp_frame(be_addr, client, be_port, sport, flags="SA", eth_src=BACKEND_MAC)
+    res = lb.send(reply, fibnet.ifindex["int"])
+    assert res.action == XDP_PASS
+    assert res.data == tcp_frame(VIP, client, 80, sport, flags="SA", eth_src=BACKEND_MAC)
+    assert_checksums(res.data)
+    lb.expect(reason, flow=("out", SVC_TCP, bid, False))
+
+
+def test_over_the_egress_mtu_goes_to_the_kernel(lb, fibnet):
+    client = "10.1.13.50"                               # behind the link of MTU 1280
+    bid = backend_of(lb.send(tcp_frame(client, VIP, 50200, 80, flags="S"),
+                             fibnet.ifindex["ext"]).data)
+    be_addr, be_port = BACKENDS[bid]
+    big = tcp_frame(be_addr, client, be_port, 50200, flags="A", payload=b"x" * 1300,
+                    eth_src=BACKEND_MAC)
+    res = lb.send(big, fibnet.ifindex["int"])
+    assert res.action == XDP_PASS
+    assert res.data == tcp_frame(VIP, client, 80, 50200, flags="A", payload=b"x" * 1300,
+                                 eth_src=BACKEND_MAC)
+    lb.expect("fib_frag_needed", flow=("out", SVC_TCP, bid, False))
+
+
+def test_kernel_forwarding_passes_rewritten_packets(lb, fibnet):
+    lb.dp.set_forwarding(False)
+    try:
+        res = lb.send(syn(50300), fibnet.ifindex["ext"])
+        assert res.action == XDP_PASS
+        bid = backend_of(res.data)
+        assert res.data == tcp_frame(CLIENT, BACKENDS[bid][0], 50300, 8080, flags="S")
+        lb.expect("forward", flow=("in", SVC_TCP, bid, True))
+    finally:
+        lb.dp.set_forwarding(True)
+
+
+# Connection states ---------------------------------------------------------------------
+
+def test_a_connection_moves_to_the_established_table_when_the_handshake_completes(lb, fibnet):
+    dp, ext, int_ = lb.dp, fibnet.ifindex["ext"], fibnet.ifindex["int"]
+    before = counters(dp)
+    bid = backend_of(lb.send(syn(51000), ext).data)
+    table, fwd, rep = connection(dp, 51000)
+    assert table == "flows_new"
+    assert (fwd.state, fwd.timeout, rep.state, rep.timeout) == (STATE["new"], 60, STATE["new"], 60)
+
+    lb.send(syn(51000), ext)                                 # a retransmitted SYN
+    assert backend_of(lb.send(syn(51000), ext).data) == bid  # keeps its backend
+    lb.send(from_backend(bid, 51000, "SA"), int_)
+    table, fwd, rep = connection(dp, 51000)
+    assert table == "flows_new" and (fwd.state, rep.state) == (STATE["new"], STATE["answered"])
+
+    res = lb.send(tcp_frame(CLIENT, VIP, 51000, 80, flags="A"), ext)
+    assert res.action == XDP_REDIRECT and backend_of(res.data) == bid
+    table, fwd, rep = connection(dp, 51000)
+    assert table == "flows"
+    assert (fwd.state, fwd.timeout, rep.state, rep.timeout) == \
+        (STATE["established"], 900, STATE["established"], 900)
+    assert connection(dp, 51000) and (CLIENT, VIP, 51000, 80, TCP_P) not in entries(dp, "flows_new")
+    after = counters(dp)
+    assert after["created"] - before["created"] == 1
+    assert after["established"] - before["established"] == 1
+
+    # Data both ways keep going through the established table.
+    res = lb.send(tcp_frame(CLIENT, VIP, 51000, 80, flags="PA", payload=b"GET /"), ext)
+    assert backend_of(res.data) == bid
+    lb.expect("forward_redirect", flow=("in", SVC_TCP, bid, False))
+    res = lb.send(from_backend(bid, 51000, "PA", payload=b"200 OK"), int_)
+    assert ip_of(res.data, "src") == VIP
+    lb.expect("reply_redirect", flow=("out", SVC_TCP, bid, False))
+
+
+def test_a_client_that_never_hears_the_backend_stays_half_open(lb, fibnet):
+    """A spoofed source sends its SYN and then data blindly: the backend's answer
+    went elsewhere, so the flow never reaches the established table."""
+    ext = fibnet.ifindex["ext"]
+    lb.send(syn(51100), ext)
+    for _ in range(3):
+        lb.send(tcp_frame(CLIENT, VIP, 51100, 80, flags="A"), ext)
+    table, fwd, rep = connection(lb.dp, 51100)
+    assert table == "flows_new" and fwd.state == STATE["new"]
+
+
+@pytest.mark.parametrize("closer", ["client", "backend"])
+@pytest.mark.parametrize("flag", ["F", "R"])
+def test_fin_or_rst_either_way_closes_both_entries(lb, fibnet, closer, flag):
+    sport = 51200 + (closer == "backend") * 10 + (flag == "R")
+    bid = handshake(lb, fibnet, sport)
+    if closer == "client":
+        lb.send(tcp_frame(CLIENT, VIP, sport, 80, flags=flag + "A"), fibnet.ifindex["ext"])
+    else:
+        lb.send(from_backend(bid, sport, flag + "A"), fibnet.ifindex["int"])
+    table, fwd, rep = connection(lb.dp, sport)
+    assert table == "flows"
+    assert (fwd.state, fwd.timeout, rep.state, rep.timeout) == \
+        (STATE["closing"], 120, STATE["closing"], 120)
+    assert lb.dp.flow_census().open.get(bid, 0) == sum(
+        1 for r in entries(lb.dp, "flows").values()
+        if r.dir == layout.FLOW_FORWARD and r.backend_id == bid and r.state == STATE["established"])
+
+
+def test_a_syn_on_a_closing_connection_opens_a_new_one(lb, fibnet):
+    """A client reusing its port after a close: balanced anew (round-robin may
+    pick the other backend), counted as reopened, the old entries gone."""
+    dp = lb.dp
+    bid = handshake(lb, fibnet, 51300)
+    lb.send(tcp_frame(CLIENT, VIP, 51300, 80, flags="FA"), fibnet.ifindex["ext"])
+    before = counters(dp)
+    res = lb.send(syn(51300), fibnet.ifindex["ext"])
+    new_bid = backend_of(res.data)
+    lb.expect("forward_redirect", flow=("in", SVC_TCP, new_bid, True))
+    assert counters(dp)["reopened"] - before["reopened"] == 1
+    table, fwd, rep = connection(dp, 51300)
+    assert table == "flows_new" and fwd.state == STATE["new"]
+    old_reply = (BACKENDS[bid][0], CLIENT, 8080, 51300, TCP_P)
+    assert old_reply not in entries(dp, "flows")
+    assert (CLIENT, VIP, 51300, 80, TCP_P) not in entries(dp, "flows")
+
+
+def test_udp_is_established_once_the_client_speaks_after_an_answer(lb, fibnet):
+    ext, int_ = fibnet.ifindex["ext"], fibnet.ifindex["int"]
+    res = lb.send(udp_frame(CLIENT, VIP, 52000, 80, payload=b"q1"), ext)
+    bid = backend_of(res.data)
+    lb.send(udp_frame(CLIENT, VIP, 52000, 80, payload=b"q2"), ext)   # no answer yet
+    assert connection(lb.dp, 52000, UDP_P)[0] == "flows_new"
+    be_addr, be_port = BACKENDS[bid]
+    lb.send(udp_frame(be_addr, CLIENT, be_port, 52000, payload=b"a1", eth_src=BACKEND_MAC), int_)
+    lb.send(udp_frame(CLIENT, VIP, 52000, 80, payload=b"q3"), ext)
+    table, fwd, rep = connection(lb.dp, 52000, UDP_P)
+    assert table == "flows" and (fwd.timeout, rep.timeout) == (300, 300)
+    assert fwd.state == rep.state == STATE["established"]
+
+
+# Idle timeouts ----------------------------------------------------------------------------
+
+def age(dp, table: str, key, seconds: int) -> None:
+    """Makes an entry look idle for `seconds` (its last packet that long ago)."""
+    t = dp._maps[table]
+    k = t.Key(*[int.from_bytes(v.packed, "little") if isinstance(v, IPv4Address) else
+                socket.htons(v) if i in (2, 3) else v for i, v in enumerate(key)])
+    value = t[k]
+    value.seen = max(1, value.seen - seconds * SEC)
+    t[k] = value
+
+
+@pytest.fixture
+def short_timeouts(lb):
+    """Timeouts of a few seconds: entries are aged by moving their last packet
+    back in time, which cannot go before the machine booted."""
+    lb.dp.set_timeouts(SVC_TCP, 3, 5, 3, 3)
+    yield
+    lb.dp.set_timeouts(SVC_TCP, *TIMEOUTS.values())
+
+
+def test_an_idle_connection_is_a_new_flow_at_its_next_packet(lb, fibnet, short_timeouts):
+    dp = lb.dp
+    bid = handshake(lb, fibnet, 53000)
+    assert connection(dp, 53000)[1].timeout == 5
+    age(dp, "flows", (CLIENT, VIP, 53000, 80, TCP_P), 4)
+    res = lb.send(tcp_frame(CLIENT, VIP, 53000, 80, flags="PA", payload=b"x"), fibnet.ifindex["ext"])
+    lb.expect("forward_redirect", flow=("in", SVC_TCP, bid, False))      # 4 s: alive
+    assert backend_of(res.data) == bid
+
+    age(dp, "flows", (CLIENT, VIP, 53000, 80, TCP_P), 6)
+    before = counters(dp)
+    res = lb.send(tcp_frame(CLIENT, VIP, 53000, 80, flags="PA", payload=b"x"), fibnet.ifindex["ext"])
+    new_bid = backend_of(res.data)
+    lb.expect("forward_redirect", flow=("in", SVC_TCP, new_bid, True))  # 6 s: a new flow
+    after = counters(dp)
+    assert (after["expired"] - before["expired"], after["created"] - before["created"]) == (1, 1)
+    assert connection(dp, 53000)[0] == "flows_new"
+    assert (BACKENDS[bid][0], CLIENT, 8080, 53000, TCP_P) not in entries(dp, "flows")
+
+
+def test_the_sweep_removes_connections_idle_on_both_sides(lb, fibnet, short_timeouts):
+    """A connection goes when both its entries are idle past its timeout: one-way
+    traffic (here the backend's) keeps it."""
+    dp = lb.dp
+    handshake(lb, fibnet, 53100)
+    age(dp, "flows", (CLIENT, VIP, 53100, 80, TCP_P), 10)
+    assert dp.expire_flows()["flows"] == 0
+    assert connection(dp, 53100)[0] == "flows"
+
+    handshake(lb, fibnet, 53101)
+    expired = dp.expire_flows(now_ns() + 6 * SEC)
+    assert expired["flows"] >= 2
+    assert connection(dp, 53100) == connection(dp, 53101) == (None, None, None)
+
+
+# Maglev ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", ["S", "A", "PA"])
+def test_maglev_picks_the_slot_of_the_flow_hash_even_mid_connection(lb, fibnet, flags):
+    """A packet of a flow this node never saw (another node's, or one it lost)
+    goes to table[flow_hash % size], the backend every node with the table picks."""
+    for sport in range(54000, 54012):
+        sport += {"S": 0, "A": 100, "PA": 200}[flags]
+        res = lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags=flags), fibnet.ifindex["ext"])
+        expected = MAGLEV_SLOTS[flow_hash(CLIENT, MVIP, sport, 80, TCP_P) % len(MAGLEV_SLOTS)]
+        assert backend_of(res.data) == expected
+        lb.expect("forward_redirect", flow=("in", SVC_MAGLEV, expected, True))
+
+
+# A flood of new flows -------------------------------------------------------------------
+
+def test_a_flood_of_new_flows_evicts_no_established_connection(root, fibnet, cpus):
+    """32 established connections, then 20,000 SYNs from random sources into a
+    half-open table of 4,096 entries: every established connection keeps its
+    backend, and the half-open table is what overflows."""
+    import os
+    from xlb.datapath import Datapath, Limits
+
+    dp = Datapath(Limits(max_flows=4096, max_new_flows=4096))
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        for bid, (addr, port) in BACKENDS.items():
+            dp.set_backend(bid, addr, port)
+        dp.write_ring(2, [1, 2])
+        dp.set_service(VIP, 80, TCP_P, SVC_TCP, 2, 2)
+        dp.set_timeouts(SVC_TCP, *TIMEOUTS.values())
+        dp.set_vip(VIP)
+        dp.set_forwarding(True)
+        flood = Harness(dp, service_ids=(SVC_TCP,), backend_ids=BACKENDS)
+        ext, int_ = fibnet.ifindex["ext"], fibnet.ifindex["int"]
+        kept = {sport: handshake(flood, fibnet, sport) for sport in range(55000, 55032)}
+        rng = random.Random(9)
+        for n in range(20000):
+            src = IPv4Address(rng.getrandbits(32) & 0x00ffffff | 0x0a000000)   # 10.x.y.z
+            dp.test_run(tcp_frame(src, VIP, 1024 + n % 60000, 80, flags="S"), ext)
+        census = dp.flow_census()
+        assert census.established == 32
+        assert len(dp.flow_rows()["flows_new"]) <= 4096
+        assert dp.flow_counters().created - dp.flow_counters().established > 4096
+        for sport, bid in kept.items():
+            res = dp.test_run(tcp_frame(CLIENT, VIP, sport, 80, flags="PA", payload=b"x"), ext)
+            assert (res.action, backend_of(res.data)) == (XDP_REDIRECT, bid)
+            assert ip_of(dp.test_run(from_backend(bid, sport, "PA"), int_).data, "src") == VIP
+    finally:
+        os.sched_setaffinity(0, allowed)
+        dp.close()
