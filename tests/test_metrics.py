@@ -35,7 +35,12 @@ STATUS = {
     "reasons": {"forward": {"packets": 20, "bytes": 1},
                 "drop_malformed": {"packets": 5, "bytes": 3},
                 "drop_no_backend": {"packets": 2, "bytes": 2}},
-    "flows": {"entries": 6, "capacity": 262144},
+    "flows": {"entries": 6, "capacity": 327680, "connections_capacity": 131072,
+              "established": 2, "closing": 1, "half_open": 3,
+              "tables": {"flows": {"entries": 4, "capacity": 262144},
+                         "flows_new": {"entries": 2, "capacity": 65536}},
+              "created": 40, "promoted": 30,
+              "removed": {"expired": 11, "reopened": 12, "ended": 13, "evicted": 14}},
     "map_memory_bytes": 31000000, "applies": {"ok": 3, "error": 1}, "last_apply": 1.7e9,
 }
 
@@ -127,6 +132,15 @@ class Library:
         yield fam("xlb_flow_table_entries", GaugeMetricFamily, [], [([], st["flows"]["entries"])])
         yield fam("xlb_flow_table_capacity", GaugeMetricFamily, [],
                   [([], st["flows"]["capacity"])])
+        yield fam("xlb_flow_table_pressure", GaugeMetricFamily, ["table"],
+                  [([t], v["entries"] / v["capacity"]) for t, v in st["flows"]["tables"].items()])
+        yield fam("xlb_flows", GaugeMetricFamily, ["state"],
+                  [([k], st["flows"][k]) for k in ("established", "closing", "half_open")])
+        yield fam("xlb_flows_created", CounterMetricFamily, [], [([], st["flows"]["created"])])
+        yield fam("xlb_flows_established", CounterMetricFamily, [],
+                  [([], st["flows"]["promoted"])])
+        yield fam("xlb_flows_removed", CounterMetricFamily, ["reason"],
+                  [([r], n) for r, n in st["flows"]["removed"].items()])
         yield fam("xlb_bpf_map_memory_bytes", GaugeMetricFamily, [],
                   [([], st["map_memory_bytes"])])
         yield fam("xlb_config_applies", CounterMetricFamily, ["result"],
@@ -189,7 +203,7 @@ def test_values_and_types():
         "xlb_frontend_packets", "xlb_frontend_bytes", "xlb_frontend_connections",
         "xlb_server_packets", "xlb_server_bytes", "xlb_server_connections",
         "xlb_server_health_changes", "xlb_xdp_actions", "xlb_packets", "xlb_drops",
-        "xlb_config_applies"}
+        "xlb_config_applies", "xlb_flows_created", "xlb_flows_established", "xlb_flows_removed"}
     assert {n for n, t in types.items() if t == "histogram"} == {
         "xlb_server_check_duration_seconds"}
     got = samples(metrics.render(STATUS, durations()))
@@ -243,7 +257,15 @@ def test_values_and_types():
     assert {dict(k)["reason"]: v for (n, k), v in got.items() if n == "xlb_drops_total"} \
         == {"malformed": 5, "no_backend": 2}
     assert got[("xlb_flow_table_entries", ())] == 6
-    assert got[("xlb_flow_table_capacity", ())] == 262144
+    assert got[("xlb_flow_table_capacity", ())] == 327680
+    assert got[("xlb_flow_table_pressure", (("table", "flows"),))] == 4 / 262144
+    assert got[("xlb_flow_table_pressure", (("table", "flows_new"),))] == 2 / 65536
+    assert {dict(k)["state"]: v for (n, k), v in got.items() if n == "xlb_flows"} \
+        == {"established": 2, "closing": 1, "half_open": 3}
+    assert got[("xlb_flows_created_total", ())] == 40
+    assert got[("xlb_flows_established_total", ())] == 30
+    assert {dict(k)["reason"]: v for (n, k), v in got.items() if n == "xlb_flows_removed_total"} \
+        == {"expired": 11, "reopened": 12, "ended": 13, "evicted": 14}
     assert got[("xlb_bpf_map_memory_bytes", ())] == 31000000
     assert got[("xlb_config_applies_total", (("result", "ok"),))] == 3
     assert got[("xlb_config_applies_total", (("result", "error"),))] == 1
