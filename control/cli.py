@@ -266,8 +266,8 @@ def _last_check(check: dict | None) -> str:
 def format_status(s: dict) -> str:
     ifaces = ", ".join(f"{i['name']} ({i['mode']})" for i in s["interfaces"])
     source = f", config {s['config']}" if s.get("config") else ""
-    lines = [f"xlb {s['version']}, pid {s['pid']}, up {s['uptime_seconds']:.0f}s, on {ifaces}"
-             f"{source}", ""]
+    lines = [f"xlb {s['version']}, pid {s['pid']}, up {s['uptime_seconds']:.0f}s, on {ifaces}, "
+             f"{s['forwarding']} forwarding{source}", ""]
     lines.append(f"{'FRONTEND':<14} {'VIP':<22} {'POOL':<12} {'TAKING':>6} {'CONNS':>7} "
                  f"{'PKTS IN':>8} {'PKTS OUT':>8} {'BYTES IN':>8} {'BYTES OUT':>9}")
     for f in s["frontends"]:

@@ -187,6 +187,7 @@ class Balancer:
             "config": str(self.config_path) if self.config_path else None,
             "interfaces": [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode}
                            for a in dp.attachments()],
+            "forwarding": "fast" if dp.fast_path else "kernel",
             "frontends": frontends, "pools": pools,
             "flows": self._flows(census),
             "map_memory_bytes": sum(dp.map_memory().values()),

@@ -393,3 +393,56 @@ def test_a_flood_of_new_flows_evicts_no_established_connection(root, fibnet, cpu
     finally:
         os.sched_setaffinity(0, allowed)
         dp.close()
+
+
+# Scale -------------------------------------------------------------------------------------
+
+def test_a_million_connections(root, fibnet, cpus):
+    """A table sized for 1,000,000 connections holds them all (written in
+    batches as the program would), the control plane reads and counts them,
+    and a packet of the last one still goes to its backend."""
+    import os
+    import struct
+    from xlb.datapath import Datapath, Limits, now_ns
+
+    n = 1_000_000
+    dp = Datapath(Limits.for_connections(n))
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        be_addr, be_port = BACKENDS[1]
+        dp.set_backend(1, be_addr, be_port)
+        dp.write_ring(2, [1])
+        dp.set_service(VIP, 80, TCP_P, SVC_TCP, 2, 1)
+        dp.set_vip(VIP)
+        dp.set_forwarding(True)
+        table = dp._maps["flows"]
+        key, value = struct.Struct(layout.struct_format(layout.FlowKey)), \
+            struct.Struct(layout.struct_format(layout.Flow))
+        le = lambda a: int.from_bytes(IPv4Address(a).packed, "little")    # noqa: E731
+        vip, be, seen = le(VIP), le(be_addr), now_ns()
+        est = STATE["established"]
+        keys, values = bytearray(), bytearray()
+        for i in range(n):
+            client = le(0x0b000000 + i)                       # 11.0.0.0 and up
+            keys += key.pack(client, vip, socket.htons(40000), socket.htons(80), TCP_P)
+            values += value.pack(be, socket.htons(be_port), layout.FLOW_FORWARD, est,
+                                 SVC_TCP, 1, 900, seen)
+            keys += key.pack(be, client, socket.htons(be_port), socket.htons(40000), TCP_P)
+            values += value.pack(vip, socket.htons(80), layout.FLOW_REPLY, est,
+                                 SVC_TCP, 1, 900, seen)
+        for start in range(0, 2 * n, 200_000):
+            k = (table.Key * 200_000).from_buffer_copy(keys, start * key.size)
+            v = (table.Leaf * 200_000).from_buffer_copy(values, start * value.size)
+            table.items_update_batch(k, v)
+        census = dp.flow_census()
+        assert census.entries["flows"] == 2 * n and census.established == n
+        assert census.open == {1: n}
+        last = IPv4Address(0x0b000000 + n - 1)
+        res = dp.test_run(tcp_frame(last, VIP, 40000, 80, flags="A"), fibnet.ifindex["ext"])
+        assert (res.action, ip_of(res.data, "dst")) == (XDP_REDIRECT, be_addr)
+        memory = sum(dp.map_memory().values())
+        print(f"\nmaps for {n} connections: {memory / 2**20:.0f} MiB")
+    finally:
+        os.sched_setaffinity(0, allowed)
+        dp.close()

@@ -1,0 +1,130 @@
+"""The fast path and the flow tables end to end in the lab (prefix xlbf): real
+clients on both sides of the balancer, real servers, XDP on veth."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
+from labctl import HERE, PY, VIP, WAS, running_lab  # noqa: E402
+
+pytestmark = [pytest.mark.lab,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
+
+BACKENDS = ("--backend", f"{WAS['WAS1']}:8080", "--backend", f"{WAS['WAS2']}:8080")
+REMOTE = "remote"        # 198.51.100.10, routed to the VIP through fwex
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with running_lab("xlbf") as lab:
+        yield lab
+
+
+def reasons(lab) -> dict[str, int]:
+    return {k: v["packets"] for k, v in lab.status()["reasons"].items()}
+
+
+def delta(after: dict, before: dict) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+
+def active(status: dict) -> int:
+    return sum(s["active_flows"] for p in status["pools"] for s in p["servers"])
+
+
+@pytest.mark.parametrize("forwarding, forward, reply", [
+    ("fast", "forward_redirect", "reply_redirect"),
+    ("kernel", "forward", "reply"),
+])
+def test_http_and_udp_from_both_clients(lab, forwarding, forward, reply):
+    with lab.xlb("--vip", f"{VIP}:80", "--vip", f"{VIP}:80/udp", *BACKENDS,
+                 "--forwarding", forwarding) as x:
+        assert lab.status()["forwarding"] == forwarding
+        before = reasons(lab)
+        for node in ("client", REMOTE):
+            http = lab.client(node, "http", VIP, "80", "--count", "20")
+            assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
+            udp = lab.client(node, "udp", VIP, "80", "--count", "10")
+            assert udp["errors"] == [] and len(udp["names"]) == 10
+        moved = delta(reasons(lab), before)
+        # Each TCP connection is at least SYN, ACK, request, FIN, ACK in, and as many out;
+        # a few may wait for the kernel to resolve a neighbour first.
+        assert moved.get(forward, 0) >= 0.9 * (2 * 20 * 5 + 2 * 10)
+        assert moved.get(reply, 0) >= 0.9 * (2 * 20 * 4 + 2 * 10)
+        assert not {k for k in moved if k.startswith(("drop_", "fib_no_route", "ttl_"))}
+        if forwarding == "kernel":
+            assert not {k for k in moved if k.endswith(("_tx", "_redirect"))}
+    assert "veth peer" not in x.stderr       # the lab's switch ports run XDP
+
+
+def test_a_veth_peer_without_xdp_is_warned_about(lab):
+    """The switch port facing lb's eth1 loses its XDP program: xlb says what
+    will be lost and where to attach one."""
+    lab.run("sw", "ip", "link", "set", "lb-eth1", "xdp", "off", check=True)
+    try:
+        with lab.xlb("--vip", f"{VIP}:80", *BACKENDS) as x:
+            pass
+    finally:
+        lab.run("sw", PY, str(HERE / "xdp_pass.py"), "lb-eth1", check=True)
+    warnings = [line for line in x.stderr.splitlines() if "veth peer" in line]
+    assert len(warnings) == 1, x.stderr
+    (line,) = warnings
+    assert "level=warning" in line and "interface=eth1" in line and "lb-eth1" in line
+    assert "fast-path packets" in line
+
+
+def hold(lab, count: int, pause: float, port: int = 80):
+    """A keep-alive HTTP connection from the client making `count` requests
+    `pause` seconds apart; returns the process once its first answer is in."""
+    proc = lab.spawn("client", PY, str(HERE / "clients.py"), "hold", VIP, str(port),
+                     "--count", str(count), "--pause", str(pause))
+    first = json.loads(proc.stdout.readline())
+    assert "name" in first, first
+    return proc
+
+
+def test_active_counts_open_connections_and_returns_to_zero(lab):
+    with lab.xlb("--vip", f"{VIP}:80", *BACKENDS):
+        held = [hold(lab, 3, 1.0) for _ in range(4)]
+        st = lab.status()
+        assert active(st) == 4
+        assert st["flows"]["established"] == 4
+        for proc in held:
+            rest = [json.loads(line) for line in proc.communicate(timeout=30)[0].splitlines()]
+            assert all("name" in r for r in rest), rest
+        deadline = time.monotonic() + 5
+        while active(lab.status()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        st = lab.status()
+        assert active(st) == 0
+        assert st["flows"]["established"] == 0 and st["flows"]["closing"] >= 4
+
+
+def test_an_idle_connection_expires_after_its_timeout(lab, tmp_path):
+    """timeout_established = 2: a keep-alive connection idle for 4 s is gone
+    from the table (ACTIVE 0, counted expired); its next request is a new flow
+    to the only server, which still knows the connection, so it is answered."""
+    config = tmp_path / "xlb.toml"
+    config.write_text(f'[servers.was1]\naddress = "{WAS["WAS1"]}"\nport = 8080\n\n'
+                      f'[pools.web]\nservers = ["was1"]\n\n'
+                      f'[frontends.www]\nvip = "{VIP}"\nport = 80\npool = "web"\n'
+                      f'timeout_established = 2\n')
+    with lab.xlb("--config", str(config)):
+        proc = hold(lab, 2, 4.0)
+        st = lab.status()
+        assert active(st) == 1 and st["frontends"][0]["new_flows"] == 1
+        time.sleep(3)
+        st = lab.status()
+        assert active(st) == 0                         # idle past its timeout
+        rest = [json.loads(line) for line in proc.communicate(timeout=30)[0].splitlines()]
+        assert rest == [{"i": 1, "name": "WAS1"}]
+        st = lab.status()
+        assert st["frontends"][0]["new_flows"] == 2    # balanced anew
+        assert st["flows"]["removed"]["expired"] >= 1
