@@ -52,7 +52,8 @@ def test_http_and_udp_from_both_clients(lab, forwarding, forward, reply):
             http = lab.client(node, "http", VIP, "80", "--count", "20")
             assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
             udp = lab.client(node, "udp", VIP, "80", "--count", "10")
-            assert udp["errors"] == [] and len(udp["names"]) == 10
+            assert udp["errors"] == [] and len(udp["replies"]) == 10
+            assert {(src, sport) for _, src, sport in udp["replies"]} == {(VIP, 80)}
         moved = delta(reasons(lab), before)
         # Each TCP connection is at least SYN, ACK, request, FIN, ACK in, and as many out;
         # a few may wait for the kernel to resolve a neighbour first.
