@@ -82,7 +82,7 @@ class Balancer:
         states = self._server_states(config, admin)
         lim = self.datapath.limits
         target = planner.desired(config, links, self.state, lim.max_services, lim.max_backends,
-                                 lim.ring_size, states)
+                                 lim.ring_size, lim.max_maglev, states)
         ends = planner.flows_to_end(self.config, self.states, self.state, config, states, target)
 
         dp = self.datapath

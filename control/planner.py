@@ -3,17 +3,19 @@
 `desired` computes what the maps should hold (ids chosen stably, so that a
 later config keeps the ids of what it keeps); `plan` lists the writes that
 take the maps from one state to another in a safe order: a service's new ring
-is written beside the one in use, then the service is switched to it. Both
-are pure: `execute` is the only step that touches a Datapath.
+(or Maglev table) is written beside the one in use, then the service is
+switched to it. Both are pure: `execute` is the only step that touches a
+Datapath.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from ipaddress import IPv4Address
 from typing import Iterable, Mapping, Protocol
 
-from . import scheduler
+from . import maglev, scheduler
 from .model import Config, Pool, Server
 
 ServiceKey = tuple[IPv4Address, int, int]       # vip, port, protocol number
@@ -24,11 +26,18 @@ class CapacityError(ValueError):
     """The config needs more than the data plane's maps hold."""
 
 
+# The set_service flag of a service whose `ring` indexes the Maglev tables.
+# TODO(lead): layout.SERVICE_MAGLEV, once bpf/xlb_shared.h defines it.
+SERVICE_MAGLEV = 1
+
+
 @dataclass(frozen=True)
 class ServiceState:
     id: int
-    ring: int                       # 2*id or 2*id+1
-    slots: tuple[int, ...]          # backend ids, in ring order
+    ring: int                       # 2*id or 2*id+1; Maglev: 2*k or 2*k+1, k its Maglev slot
+    slots: tuple[int, ...]          # backend ids, in ring order, or the Maglev table
+    maglev: bool
+    timeouts: tuple[int, int, int, int]     # syn, established, closing, udp: seconds
 
 
 @dataclass(frozen=True)
@@ -95,8 +104,15 @@ def _choose(pool: Pool, states: Mapping[BackendKey, str]) -> list[Server]:
     return primaries or [s for s in up if s.backup]
 
 
+@lru_cache(maxsize=32)
+def _maglev_table(backends: tuple[maglev.Backend, ...], size: int) -> tuple[int, ...]:
+    """Built once for each set of servers: every health change plans anew, and
+    pools it does not touch keep their tables."""
+    return tuple(maglev.table(list(backends), size))
+
+
 def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
-            max_services: int, max_backends: int, ring_size: int,
+            max_services: int, max_backends: int, ring_size: int, max_maglev: int,
             states: Mapping[BackendKey, str] = {}) -> DataplaneState:
     """`states` maps (pool, server) to server_state(); a missing key is "up"."""
     backend_keys = [(p.name, s.name) for p in config.pools for s in p.servers]
@@ -105,7 +121,7 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
                             max_backends, "backends")
     backends = {}
     for pool in config.pools:
-        if len(pool.servers) > ring_size:
+        if pool.algorithm != "maglev" and len(pool.servers) > ring_size:
             raise CapacityError(f"pool {pool.name}: {len(pool.servers)} servers do not fit "
                                 f"a ring of {ring_size}")
         for s in pool.servers:
@@ -117,20 +133,32 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
     service_ids = _allocate(service_keys,
                             {k: s.id for k, s in previous.services.items()},
                             max_services, "frontends")
+    maglev_keys = [key for f, key in zip(config.frontends, service_keys)
+                   if config.pool(f.pool).algorithm == "maglev"]
+    maglev_ids = _allocate(maglev_keys,
+                           {k: s.ring // 2 for k, s in previous.services.items() if s.maglev},
+                           max_maglev, "frontends with a Maglev pool")
     services = {}
     for fe, key in zip(config.frontends, service_keys):
         pool = config.pool(fe.pool)
-        weighted = [(backends[(pool.name, s.name)].id, s.weight) for s in _choose(pool, states)]
-        slots = tuple(scheduler.ring(pool.algorithm, weighted, ring_size))
-        sid = service_ids[key]
-        old = previous.services.get(key)
-        if old is not None and old.id == sid and old.slots == slots:
-            ring = old.ring
-        elif old is not None and old.id == sid:
-            ring = old.ring ^ 1          # the ring not in use
+        chosen = [(backends[(pool.name, s.name)].id, s) for s in _choose(pool, states)]
+        is_maglev = key in maglev_ids
+        if is_maglev:
+            slots = _maglev_table(tuple(maglev.Backend(i, s.address, s.port, s.weight)
+                                        for i, s in chosen), pool.maglev_size)
+            index = maglev_ids[key]       # tables 2*index and 2*index+1 are this service's
         else:
-            ring = 2 * sid
-        services[key] = ServiceState(sid, ring, slots)
+            slots = tuple(scheduler.ring(pool.algorithm, [(i, s.weight) for i, s in chosen],
+                                         ring_size))
+            index = service_ids[key]      # and so are rings 2*index and 2*index+1
+        old = previous.services.get(key)
+        if old is None or old.maglev != is_maglev or old.ring // 2 != index:
+            ring = 2 * index
+        elif old.slots == slots:
+            ring = old.ring
+        else:
+            ring = old.ring ^ 1          # the one not in use
+        services[key] = ServiceState(service_ids[key], ring, slots, is_maglev, fe.timeouts)
 
     links = list(links)
     arp = {(link.index, fe.vip): link.mac
@@ -185,16 +213,26 @@ def plan(current: DataplaneState, target: DataplaneState) -> list[Op]:
             ops.append(("set_backend", b.id, b.address, b.port, b.closed))
     for key, svc in target.services.items():
         old = current.services.get(key)
-        if old is None or old.ring != svc.ring or old.slots != svc.slots:
+        if old is not None and (old.maglev, old.ring, old.slots) == (svc.maglev, svc.ring,
+                                                                       svc.slots):
+            continue
+        if not svc.maglev:
             ops.append(("write_ring", svc.ring, list(svc.slots)))
+        elif svc.slots:                 # an empty table is never read: length 0 drops
+            ops.append(("write_maglev", svc.ring, list(svc.slots)))
     for vip in sorted(target.vips - current.vips):
         ops.append(("set_vip", vip))
     for (ifindex, vip), mac in target.arp.items():
         if current.arp.get((ifindex, vip)) != mac:
             ops.append(("set_arp", ifindex, vip, mac))
     for key, svc in target.services.items():
-        if current.services.get(key) != svc:
-            ops.append(("set_service", *key, svc.id, svc.ring, len(svc.slots)))
+        old = current.services.get(key)
+        if old is None or old.id != svc.id or old.timeouts != svc.timeouts:
+            ops.append(("set_timeouts", svc.id, *svc.timeouts))
+        if old is None or (old.id, old.ring, len(old.slots), old.maglev) != (
+                svc.id, svc.ring, len(svc.slots), svc.maglev):
+            ops.append(("set_service", *key, svc.id, svc.ring, len(svc.slots),
+                        SERVICE_MAGLEV if svc.maglev else 0))
     for key in current.services.keys() - target.services.keys():
         ops.append(("del_service", *key))
     for ifindex, vip in current.arp.keys() - target.arp.keys():

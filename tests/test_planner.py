@@ -5,10 +5,10 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from xlb import planner
+from xlb import maglev, planner
 from xlb.model import Config, Frontend, Pool, Server, from_flags
 
-LIMITS = dict(max_services=8, max_backends=16, ring_size=32)
+LIMITS = dict(max_services=8, max_backends=16, ring_size=32, max_maglev=2)
 A = IPv4Address
 
 
@@ -48,8 +48,9 @@ def test_first_plan_writes_the_service_last():
     ops = planner.plan(planner.DataplaneState(), desired(SEED))
     names = [op[0] for op in ops]
     assert names == ["set_backend", "set_backend", "write_ring", "set_vip", "set_arp",
-                     "set_service"]
-    assert ops[-1] == ("set_service", A("10.1.1.101"), 80, 6, 0, 0, 2)
+                     "set_timeouts", "set_service"]
+    assert ops[-2:] == [("set_timeouts", 0, 60, 900, 120, 300),
+                        ("set_service", A("10.1.1.101"), 80, 6, 0, 0, 2, 0)]
 
 
 def test_same_config_plans_nothing():
@@ -201,4 +202,128 @@ def test_pool_larger_than_a_ring():
     cfg = from_flags(["10.1.1.101:80"], [f"10.1.11.{i}:80" for i in range(1, 34)])
     with pytest.raises(planner.CapacityError, match="33 servers do not fit a ring of 32"):
         planner.desired(cfg, LINKS, planner.DataplaneState(), max_services=8, max_backends=64,
-                        ring_size=32)
+                        ring_size=32, max_maglev=2)
+
+
+# --- Maglev pools and timeouts -------------------------------------------------
+
+WWW = (A("10.1.1.101"), 80, 6)
+
+
+def _maglev(*servers, size=1009, frontends=(("www", "10.1.1.101"),)):
+    return Config(frontends=tuple(Frontend(name, A(vip), 80, "tcp", "p")
+                                  for name, vip in frontends),
+                  pools=(Pool("p", tuple(servers), "maglev", maglev_size=size),))
+
+
+def _table(size, *servers_ids):
+    return list(maglev.table([maglev.Backend(i, s.address, s.port, s.weight)
+                              for s, i in servers_ids], size))
+
+
+def test_maglev_pool_gets_a_table_written_before_the_service():
+    st = desired(_maglev(S1, S2))
+    svc = st.services[WWW]
+    assert (svc.id, svc.ring, svc.maglev, len(svc.slots)) == (0, 0, True, 1009)
+    assert list(svc.slots) == _table(1009, (S1, 0), (S2, 1))
+    ops = planner.plan(planner.DataplaneState(), st)
+    assert [op[0] for op in ops] == ["set_backend", "set_backend", "write_maglev", "set_vip",
+                                     "set_arp", "set_timeouts", "set_service"]
+    assert ops[2] == ("write_maglev", 0, list(svc.slots))
+    assert ops[-1] == ("set_service", *WWW, 0, 0, 1009, planner.SERVICE_MAGLEV)
+
+
+def test_changed_maglev_table_is_written_beside_and_switched_in_one_write():
+    cfg = _maglev(S1, S2)
+    st = desired(cfg)
+    down = desired(cfg, st, {("p", "s1"): "down"})
+    assert planner.plan(st, down) == [
+        ("set_backend", 0, S1.address, 80, True),
+        ("write_maglev", 1, _table(1009, (S2, 1))),
+        ("set_service", *WWW, 0, 1, 1009, planner.SERVICE_MAGLEV)]
+    up = desired(cfg, down)
+    assert planner.plan(down, up) == [
+        ("set_backend", 0, S1.address, 80, False),
+        ("write_maglev", 0, _table(1009, (S1, 0), (S2, 1))),
+        ("set_service", *WWW, 0, 0, 1009, planner.SERVICE_MAGLEV)]
+
+
+def test_unchanged_maglev_table_is_not_rewritten():
+    cfg = _maglev(S1, S2)
+    st = desired(cfg)
+    assert planner.plan(st, desired(cfg, st)) == []
+    # a change elsewhere (another pool's server) leaves the Maglev service alone
+    other = Config(frontends=cfg.frontends + (Frontend("rr", A("10.1.1.102"), 80, "tcp", "q"),),
+                   pools=cfg.pools + (Pool("q", (B1,)),))
+    st = desired(other)
+    ops = planner.plan(st, desired(other, st, {("q", "b1"): "drain"}))
+    assert [op[0] for op in ops] == ["set_backend", "write_ring", "set_service"]
+    assert ops[-1][1] == A("10.1.1.102")
+
+
+def test_maglev_pool_with_no_server_up_is_empty():
+    cfg = _maglev(S1, S2)
+    st = desired(cfg)
+    out = desired(cfg, st, {("p", "s1"): "maint", ("p", "s2"): "down"})
+    ops = planner.plan(st, out)
+    assert "write_maglev" not in [op[0] for op in ops]      # length 0 reads no table
+    assert ops[-1] == ("set_service", *WWW, 0, 1, 0, planner.SERVICE_MAGLEV)
+    back = desired(cfg, out)
+    assert planner.plan(out, back)[-2:] == [
+        ("write_maglev", 0, _table(1009, (S1, 0), (S2, 1))),
+        ("set_service", *WWW, 0, 0, 1009, planner.SERVICE_MAGLEV)]
+
+
+def test_maglev_table_of_the_backups_while_no_primary_is_up():
+    st = desired(_maglev(S1, S2, B1), states={("p", "s1"): "down", ("p", "s2"): "drain"})
+    assert set(st.services[WWW].slots) == {2}
+
+
+def test_switching_between_a_ring_and_a_maglev_table():
+    rr = _pool(S1, S2)
+    mg = _maglev(S1, S2)
+    st = desired(rr)
+    to_maglev = desired(mg, st)
+    assert planner.plan(st, to_maglev) == [
+        ("write_maglev", 0, _table(1009, (S1, 0), (S2, 1))),
+        ("set_service", *WWW, 0, 0, 1009, planner.SERVICE_MAGLEV)]
+    back = desired(rr, to_maglev)
+    assert planner.plan(to_maglev, back) == [("write_ring", 0, [0, 1]),
+                                            ("set_service", *WWW, 0, 0, 2, 0)]
+
+
+def test_each_maglev_frontend_has_its_pair_of_tables_and_their_number_is_limited():
+    two = _maglev(S1, S2, frontends=(("a", "10.1.1.101"), ("b", "10.1.1.102")))
+    st = desired(two)
+    assert [(s.id, s.ring) for s in st.services.values()] == [(0, 0), (1, 2)]
+    changed = desired(two, st, {("p", "s2"): "down"})
+    assert [s.ring for s in changed.services.values()] == [1, 3]
+    three = _maglev(S1, S2, frontends=(("a", "10.1.1.101"), ("b", "10.1.1.102"),
+                                       ("c", "10.1.1.103")))
+    with pytest.raises(planner.CapacityError,
+                       match=r"^more frontends with a Maglev pool than the data plane holds "
+                             r"\(2\)$"):
+        desired(three)
+    # frontends of other pools do not count
+    mixed = Config(frontends=two.frontends + (Frontend("c", A("10.1.1.103"), 80, "tcp", "q"),),
+                   pools=two.pools + (Pool("q", (B1,)),))
+    assert [s.maglev for s in desired(mixed).services.values()] == [True, True, False]
+
+
+def test_maglev_pool_is_not_held_to_the_ring_size():
+    servers = [Server(f"s{i}", A(f"10.1.12.{i}"), 80) for i in range(1, 41)]    # ring_size 32
+    st = planner.desired(_maglev(*servers, size=4001), LINKS, planner.DataplaneState(),
+                         **{**LIMITS, "max_backends": 64})
+    assert len(set(st.services[WWW].slots)) == 40
+
+
+def test_timeouts_are_set_before_the_service_and_again_only_when_changed():
+    fe = Frontend("www", A("10.1.1.101"), 80, "tcp", "p", timeout_syn=5, timeout_udp=30)
+    cfg = Config(frontends=(fe,), pools=_pool(S1).pools)
+    st = desired(cfg)
+    names = [op[0] for op in planner.plan(planner.DataplaneState(), st)]
+    assert names.index("set_timeouts") < names.index("set_service")
+    assert st.services[WWW].timeouts == (5, 900, 120, 30)
+    longer = Config(frontends=(Frontend("www", A("10.1.1.101"), 80, "tcp", "p",
+                                        timeout_established=3600),), pools=cfg.pools)
+    assert planner.plan(st, desired(longer, st)) == [("set_timeouts", 0, 60, 3600, 120, 300)]
