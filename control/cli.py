@@ -40,7 +40,11 @@ def cli() -> None:
               help="A virtual service to balance (tcp if no protocol). Repeatable; "
                    "all VIPs share the backends.")
 @click.option("--backend", "backends", multiple=True, metavar="IP:PORT",
-              help="A real server. Repeatable; new flows go round-robin.")
+              help="A real server. Repeatable.")
+@click.option("--algorithm", type=click.Choice(["roundrobin", "maglev"]), default="roundrobin",
+              show_default=True,
+              help="How new flows are spread over the backends: round-robin, or maglev "
+                   "(a consistent hash of the flow: every balancer picks the same backend).")
 @click.option("--iface", "ifaces", multiple=True, metavar="DEV",
               help="Attach to DEV. Repeatable. Default: every up, non-loopback interface.")
 @click.option("--check", "check_kind", default="tcp", show_default=True,
@@ -70,12 +74,12 @@ def cli() -> None:
               type=click.Path(dir_okay=False, path_type=Path),
               help="Serve the config file FILE instead of --vip/--backend "
                    "(`xlb apply` persists into it).")
-def up(vips, backends, ifaces, check_kind, check_port, interval, rise, fall, metrics_at,
-       forwarding, flow_table, config_path) -> None:
+def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise, fall,
+       metrics_at, forwarding, flow_table, config_path) -> None:
     """Load the XDP program and serve in the foreground until SIGINT or SIGTERM.
 
-    Either the one-line form (--vip, --backend, --iface, and the health check
-    options) or --config FILE. Servers count as up until their first check,
+    Either the one-line form (--vip, --backend, --algorithm, --iface, and the
+    health check options) or --config FILE. Servers count as up until their first check,
     which decides at once; after that --fall failures take a server out and
     --rise passes bring it back. Attaches natively (generic XDP, with a warning, where the driver refuses),
     prints one line when it serves, and on exit detaches everything it
@@ -83,18 +87,18 @@ def up(vips, backends, ifaces, check_kind, check_port, interval, rise, fall, met
     it on the links whose subnet holds it.
     """
     ctx = click.get_current_context()
-    flags = [p for p in ("vips", "backends", "ifaces", "check_kind", "check_port", "interval",
-                         "rise", "fall")
+    flags = [p for p in ("vips", "backends", "algorithm", "ifaces", "check_kind", "check_port",
+                         "interval", "rise", "fall")
              if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
     if config_path is not None:
         if flags:
             raise BadInput("--config FILE replaces the one-line options "
-                           "(--vip, --backend, --iface and the health check options)")
+                           "(--vip, --backend, --algorithm, --iface and the health check options)")
         config = _load(config_path)
     else:
         try:
             monitor = monitor_from_flags(check_kind, check_port, interval, rise, fall)
-            config = from_flags(list(vips), list(backends), list(ifaces), monitor)
+            config = from_flags(list(vips), list(backends), list(ifaces), monitor, algorithm)
         except ConfigError as e:
             raise BadInput(str(e)) from None
     from . import metrics              # prometheus-client: only `up` needs it

@@ -205,7 +205,7 @@ def monitor_from_flags(kind: str, port: int | None, interval: float, rise: int,
 
 
 def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
-               monitor: Monitor | None = None) -> Config:
+               monitor: Monitor | None = None, algorithm: str = "roundrobin") -> Config:
     """The one-line form: every --vip served by one pool, "default", of all --backend
     servers (named backend1, backend2, ...; the frontends vip1, vip2, ...), each
     frontend on the --iface interfaces."""
@@ -214,6 +214,9 @@ def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
         problems.append(("--vip", "at least one VIP is required"))
     if not backends:
         problems.append(("--backend", "at least one backend is required"))
+    if algorithm == "maglev" and len(backends) > MAGLEV_SERVERS_MAX:
+        problems.append(("--backend", f"{len(backends)} backends are too many for maglev: "
+                                      f"at most {MAGLEV_SERVERS_MAX}"))
 
     servers: list[Server] = []
     for text in backends:
@@ -249,5 +252,6 @@ def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
     if problems:
         raise ConfigError(problems)
     return Config(frontends=tuple(frontends),
-                  pools=(Pool("default", tuple(servers), monitor=monitor and monitor.name),),
+                  pools=(Pool("default", tuple(servers), algorithm,
+                              monitor=monitor and monitor.name),),
                   monitors=(monitor,) if monitor else ())

@@ -59,3 +59,12 @@ def test_unknown_command_or_option_is_bad_input():
     assert (r.returncode, r.stderr) == (2, "xlb: error: No such command 'frobnicate'.\n")
     r = xlb("status", "--frobnicate")
     assert (r.returncode, r.stderr) == (2, "xlb: error: No such option '--frobnicate'.\n")
+
+
+def test_up_algorithm_is_checked_before_anything_runs():
+    r = xlb("up", "--vip", "10.1.1.101:80", "--backend", "10.1.11.101:80", "--algorithm", "rr")
+    assert r.returncode == 2 and "'rr' is not one of 'roundrobin', 'maglev'" in r.stderr, r.stderr
+    r = xlb("up", "--algorithm", "maglev", "--config", str(SEED))
+    assert (r.returncode, r.stderr) == (2, "xlb: error: --config FILE replaces the one-line "
+                                           "options (--vip, --backend, --algorithm, --iface and "
+                                           "the health check options)\n")

@@ -118,3 +118,14 @@ def test_maglev_size_needs_100_slots_per_server():
     with pytest.raises(ValueError, match="^101 slots are too few for 2 servers: 100 per server "
                                          "needs a prime of at least 200, such as 211$"):
         check_maglev_servers(101, 2)
+
+
+def test_one_line_form_with_maglev():
+    (pool,) = from_flags(["10.1.1.101:80"], B, algorithm="maglev").pools
+    assert (pool.algorithm, pool.maglev_size) == ("maglev", 65537)
+    many = [f"10.1.{11 + i // 250}.{1 + i % 250}:80" for i in range(MAGLEV_SERVERS_MAX + 1)]
+    assert len(from_flags(["10.1.1.101:80"], many[:-1], algorithm="maglev").pools[0].servers) \
+        == MAGLEV_SERVERS_MAX
+    with pytest.raises(ConfigError) as e:
+        from_flags(["10.1.1.101:80"], many, algorithm="maglev")
+    assert e.value.problems == [("--backend", "656 backends are too many for maglev: at most 655")]
