@@ -36,8 +36,10 @@ class ServiceState:
     id: int
     ring: int                       # 2*id or 2*id+1; Maglev: 2*k or 2*k+1, k its Maglev slot
     slots: tuple[int, ...]          # backend ids, in ring order, or the Maglev table
-    maglev: bool
-    timeouts: tuple[int, int, int, int]     # syn, established, closing, udp: seconds
+    maglev: bool = False
+    # syn, established, closing, udp, in seconds; None when not known (maps read
+    # back by a control plane that adopts them): plan sets them again.
+    timeouts: tuple[int, int, int, int] | None = None
 
 
 @dataclass(frozen=True)

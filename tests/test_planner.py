@@ -327,3 +327,11 @@ def test_timeouts_are_set_before_the_service_and_again_only_when_changed():
     longer = Config(frontends=(Frontend("www", A("10.1.1.101"), 80, "tcp", "p",
                                         timeout_established=3600),), pools=cfg.pools)
     assert planner.plan(st, desired(longer, st)) == [("set_timeouts", 0, 60, 3600, 120, 300)]
+
+
+def test_unknown_timeouts_are_set_again():
+    st = desired(SEED)
+    svc = st.services[WWW]
+    adopted = planner.DataplaneState({WWW: planner.ServiceState(svc.id, svc.ring, svc.slots)},
+                                     st.backends, st.vips, st.arp)
+    assert planner.plan(adopted, st) == [("set_timeouts", 0, 60, 900, 120, 300)]
