@@ -16,6 +16,7 @@ from ipaddress import IPv4Address
 from typing import Iterable, Mapping, Protocol
 
 from . import maglev, scheduler
+from .layout import SERVICE_MAGLEV
 from .model import Config, Pool, Server
 
 ServiceKey = tuple[IPv4Address, int, int]       # vip, port, protocol number
@@ -26,9 +27,6 @@ class CapacityError(ValueError):
     """The config needs more than the data plane's maps hold."""
 
 
-# The set_service flag of a service whose `ring` indexes the Maglev tables.
-# TODO(lead): layout.SERVICE_MAGLEV, once bpf/xlb_shared.h defines it.
-SERVICE_MAGLEV = 1
 
 
 @dataclass(frozen=True)

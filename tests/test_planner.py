@@ -5,7 +5,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from xlb import maglev, planner
+from xlb import layout, maglev, planner
 from xlb.model import Config, Frontend, Pool, Server, from_flags
 
 LIMITS = dict(max_services=8, max_backends=16, ring_size=32, max_maglev=2)
@@ -230,7 +230,7 @@ def test_maglev_pool_gets_a_table_written_before_the_service():
     assert [op[0] for op in ops] == ["set_backend", "set_backend", "write_maglev", "set_vip",
                                      "set_arp", "set_timeouts", "set_service"]
     assert ops[2] == ("write_maglev", 0, list(svc.slots))
-    assert ops[-1] == ("set_service", *WWW, 0, 0, 1009, planner.SERVICE_MAGLEV)
+    assert ops[-1] == ("set_service", *WWW, 0, 0, 1009, layout.SERVICE_MAGLEV)
 
 
 def test_changed_maglev_table_is_written_beside_and_switched_in_one_write():
@@ -240,12 +240,12 @@ def test_changed_maglev_table_is_written_beside_and_switched_in_one_write():
     assert planner.plan(st, down) == [
         ("set_backend", 0, S1.address, 80, True),
         ("write_maglev", 1, _table(1009, (S2, 1))),
-        ("set_service", *WWW, 0, 1, 1009, planner.SERVICE_MAGLEV)]
+        ("set_service", *WWW, 0, 1, 1009, layout.SERVICE_MAGLEV)]
     up = desired(cfg, down)
     assert planner.plan(down, up) == [
         ("set_backend", 0, S1.address, 80, False),
         ("write_maglev", 0, _table(1009, (S1, 0), (S2, 1))),
-        ("set_service", *WWW, 0, 0, 1009, planner.SERVICE_MAGLEV)]
+        ("set_service", *WWW, 0, 0, 1009, layout.SERVICE_MAGLEV)]
 
 
 def test_unchanged_maglev_table_is_not_rewritten():
@@ -267,11 +267,11 @@ def test_maglev_pool_with_no_server_up_is_empty():
     out = desired(cfg, st, {("p", "s1"): "maint", ("p", "s2"): "down"})
     ops = planner.plan(st, out)
     assert "write_maglev" not in [op[0] for op in ops]      # length 0 reads no table
-    assert ops[-1] == ("set_service", *WWW, 0, 1, 0, planner.SERVICE_MAGLEV)
+    assert ops[-1] == ("set_service", *WWW, 0, 1, 0, layout.SERVICE_MAGLEV)
     back = desired(cfg, out)
     assert planner.plan(out, back)[-2:] == [
         ("write_maglev", 0, _table(1009, (S1, 0), (S2, 1))),
-        ("set_service", *WWW, 0, 0, 1009, planner.SERVICE_MAGLEV)]
+        ("set_service", *WWW, 0, 0, 1009, layout.SERVICE_MAGLEV)]
 
 
 def test_maglev_table_of_the_backups_while_no_primary_is_up():
@@ -286,7 +286,7 @@ def test_switching_between_a_ring_and_a_maglev_table():
     to_maglev = desired(mg, st)
     assert planner.plan(st, to_maglev) == [
         ("write_maglev", 0, _table(1009, (S1, 0), (S2, 1))),
-        ("set_service", *WWW, 0, 0, 1009, planner.SERVICE_MAGLEV)]
+        ("set_service", *WWW, 0, 0, 1009, layout.SERVICE_MAGLEV)]
     back = desired(rr, to_maglev)
     assert planner.plan(to_maglev, back) == [("write_ring", 0, [0, 1]),
                                             ("set_service", *WWW, 0, 0, 2, 0)]
