@@ -24,9 +24,10 @@ static __always_inline void ip_decrease_ttl(struct iphdr *ip)
 }
 
 /* Looks up the next hop of pkt (already rewritten) arriving on ifindex. Returns
- * a BPF_FIB_LKUP_RET_* code; on success fills *out_ifindex and the MACs. */
+ * a BPF_FIB_LKUP_RET_* code; on success fills *out_ifindex and the MACs, on
+ * BPF_FIB_LKUP_RET_FRAG_NEEDED *out_mtu. */
 static __always_inline int fib_next_hop(struct xdp_md *ctx, struct packet *pkt,
-					__u32 *out_ifindex)
+					__u32 *out_ifindex, __u16 *out_mtu)
 {
 	struct bpf_fib_lookup fib = {};
 	struct iphdr *ip = pkt->ip;
@@ -42,6 +43,8 @@ static __always_inline int fib_next_hop(struct xdp_md *ctx, struct packet *pkt,
 	fib.ipv4_dst = ip->daddr;
 	fib.ifindex = ctx->ingress_ifindex;
 	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		*out_mtu = fib.mtu_result;
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
 		return rc;
 	__builtin_memcpy(pkt->eth->h_dest, fib.dmac, ETH_ALEN);

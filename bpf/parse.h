@@ -10,6 +10,7 @@
 #include <linux/udp.h>
 
 /* From the kernel's net/ip.h, which is not UAPI. */
+#define XLB_IP_DF 0x4000
 #define XLB_IP_MF 0x2000
 #define XLB_IP_OFFSET 0x1fff
 

@@ -6,9 +6,8 @@
 
 /* Three bits a reason, 21 reasons a 64-bit constant: a switch here would
  * become a lookup table in .rodata, which bcc cannot load. */
-#define XLB_ACTION_BITS(name, action) | ((__u64)(action) << (3 * (XLB_##name % 21)))
-#define XLB_LOW(name, action) XLB_ACTION_BITS(name, (XLB_##name < 21 ? (action) : 0))
-#define XLB_HIGH(name, action) XLB_ACTION_BITS(name, (XLB_##name >= 21 ? (action) : 0))
+#define XLB_LOW(name, action) | ((__u64)(XLB_##name < 21 ? (action) : 0) << (3 * (XLB_##name % 21)))
+#define XLB_HIGH(name, action) | ((__u64)(XLB_##name >= 21 ? (action) : 0) << (3 * (XLB_##name % 21)))
 #define XLB_REASON_ACTIONS_LOW (0 XLB_REASONS(XLB_LOW))
 #define XLB_REASON_ACTIONS_HIGH (0 XLB_REASONS(XLB_HIGH))
 _Static_assert(XLB_REASON_MAX <= 42, "two 64-bit constants hold 42 reasons");

@@ -2,7 +2,8 @@
  *
  * Pure packet helpers live in headers by concern: parse.h (headers), csum.h
  * and nat.h (rewrites), fwd.h (next hop, TTL), hash.h (flow hash, address
- * filters), arp.h (ARP for VIPs), stats.h (reason -> action). This file
+ * filters), icmp.h (echo, errors), arp.h (ARP for VIPs), stats.h (reason ->
+ * action). This file
  * declares the maps and holds every function that touches them: bcc rewrites
  * map calls (.lookup, .update) in the main file only.
  *
@@ -18,6 +19,7 @@
 #include "nat.h"
 #include "hash.h"
 #include "fwd.h"
+#include "icmp.h"
 #include "arp.h"
 #include "stats.h"
 
@@ -175,6 +177,18 @@ static __always_inline void partner_key(const struct flow_key *key, const struct
 	out->proto = key->proto;
 }
 
+/* The entry of key: in the established table, else in the half-open one. */
+static __always_inline struct flow *flow_find(struct flow_key *key, int *in_new)
+{
+	struct flow *f = flows.lookup(key);
+
+	*in_new = 0;
+	if (f)
+		return f;
+	*in_new = 1;
+	return flows_new.lookup(key);
+}
+
 /* Picks a backend for the new connection `key` (client -> VIP), stores the
  * forward entry and the reply entry (backend -> client) in flows_new, and
  * fills *fwd with the forward one. Returns 0, or -1 when the service has no
@@ -317,23 +331,45 @@ static __always_inline void flow_progress(struct flow_key *key, struct flow *f, 
 	}
 }
 
-/* Sends the rewritten packet on: to the kernel, or (fast path) straight to
- * its next hop. */
+/* pkt (rewritten from `key`) is over its next hop's MTU. With DF set, xlb
+ * answers the sender as a router would, about the packet as the sender sent
+ * it, so that path MTU discovery works through the NAT; without, the kernel
+ * fragments it. */
+static __always_inline enum xlb_reason too_big(struct xdp_md *ctx, struct packet *pkt,
+					       struct flow_key *key, int reply, __u16 mtu)
+{
+	__be32 vip = reply ? pkt->ip->saddr : key->daddr;
+
+	if (!(pkt->ip->frag_off & bpf_htons(XLB_IP_DF)) || pkt->ip->ihl != 5 ||
+	    (void *)(long)ctx->data + XLB_FRAG_NEEDED_LEN > (void *)(long)ctx->data_end)
+		return XLB_FIB_FRAG_NEEDED;
+	if (reply)
+		nat_source(pkt, key->saddr, key->sport);
+	else
+		nat_dest(pkt, key->daddr, key->dport);
+	if (icmp_frag_needed(ctx, vip, mtu) < 0)
+		return XLB_FIB_FRAG_NEEDED;	/* cannot be: the frame was checked above */
+	return XLB_ICMP_TOO_BIG;
+}
+
+/* Sends the packet, rewritten from `key`, on: to the kernel, or (fast path)
+ * straight to its next hop. */
 static __always_inline enum xlb_reason send(struct xdp_md *ctx, struct packet *pkt,
-					    struct xlb_config *cfg, int reply)
+					    struct xlb_config *cfg, struct flow_key *key, int reply)
 {
 	__u32 ifindex = 0;
+	__u16 mtu = 0;
 	int rc;
 
 	if (!(cfg->flags & CONFIG_FAST_PATH))
 		return reply ? XLB_REPLY : XLB_FORWARD;
 	if (pkt->ip->ttl <= 1)
 		return XLB_TTL_EXPIRED;
-	rc = fib_next_hop(ctx, pkt, &ifindex);
+	rc = fib_next_hop(ctx, pkt, &ifindex, &mtu);
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		return XLB_FIB_NO_NEIGH;
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-		return XLB_FIB_FRAG_NEEDED;
+		return too_big(ctx, pkt, key, reply, mtu);
 	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
 		return XLB_FIB_FWD_DISABLED;
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
@@ -362,7 +398,7 @@ static __always_inline enum xlb_reason flow_continue(struct xdp_md *ctx, struct 
 		nat_dest(pkt, f->addr, f->port);
 	if (in_new)
 		flow_progress(key, f, pkt);	/* may move f: not used after this */
-	return send(ctx, pkt, cfg, reply);
+	return send(ctx, pkt, cfg, key, reply);
 }
 
 static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet *pkt,
@@ -382,11 +418,7 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 	struct flow *f;
 	int in_new = 0, fate;
 
-	f = flows.lookup(&key);
-	if (!f) {
-		f = flows_new.lookup(&key);
-		in_new = 1;
-	}
+	f = flow_find(&key, &in_new);
 	if (f && f->dir == FLOW_FORWARD) {
 		fate = flow_fate(pkt, f, now);
 		if (fate != FLOW_ALIVE) {
@@ -409,7 +441,7 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 		return XLB_DROP_NO_BACKEND;
 	count_flow(&fresh, bytes, 1);
 	nat_dest(pkt, fresh.addr, fresh.port);
-	return send(ctx, pkt, cfg, 0);
+	return send(ctx, pkt, cfg, &key, 0);
 }
 
 /* For packets that cannot be balanced: dropped if addressed to a VIP (the
@@ -418,6 +450,57 @@ static __always_inline enum xlb_reason vip_or_pass(struct iphdr *ip, enum xlb_re
 						   enum xlb_reason otherwise)
 {
 	return vips.lookup(&ip->daddr) ? if_vip : otherwise;
+}
+
+/* ICMP: pings of a VIP are answered; an error about a balanced flow is made
+ * to match the connection its receiver knows (the backend's for an error
+ * about a reply, the client's for one about a forwarded packet) and handed
+ * to the kernel to route. Found by the quoted packet, reversed: that is the
+ * key of the flow entry that rewrote it. */
+static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethhdr *eth,
+						   struct iphdr *ip, struct xlb_config *cfg,
+						   int is_vip, __u32 frame_len)
+{
+	struct icmphdr *icmp;
+	struct icmp_error err;
+	struct flow_key key = {};
+	struct flow *f;
+	int in_new;
+
+	if (ip_is_fragment(ip))
+		return is_vip ? vip_or_pass(ip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP)
+			      : XLB_PASS_NOT_VIP;
+	icmp = parse_icmp(c, ip, frame_len);
+	if (!icmp)
+		return is_vip ? vip_or_pass(ip, XLB_DROP_MALFORMED, XLB_PASS_SHORT) : XLB_PASS_SHORT;
+	if (is_vip && icmp->type == ICMP_ECHO && icmp->code == 0 && vips.lookup(&ip->daddr)) {
+		icmp_echo_reply(eth, ip, icmp);
+		return XLB_ICMP_ECHO_REPLY;
+	}
+	if (parse_icmp_error(c, ip, icmp, &err) < 0)
+		return XLB_PASS_NOT_VIP;
+	if (!is_vip && !xlb_filter_has(cfg->backend_bits,
+				       err.inner->daddr + ((__u32)err.ports->dest << 16)))
+		return XLB_PASS_NOT_VIP;
+	key.saddr = err.inner->daddr;
+	key.daddr = err.inner->saddr;
+	key.sport = err.ports->dest;
+	key.dport = err.ports->source;
+	key.proto = err.inner->protocol;
+	f = flow_find(&key, &in_new);
+	if (!f || f->dir != (is_vip ? FLOW_FORWARD : FLOW_REPLY))
+		return XLB_PASS_NOT_VIP;
+	if (is_vip) {
+		/* About a reply, VIP -> client: the backend sent it. */
+		icmp_nat_inner(&err, &err.inner->saddr, &err.ports->source, f->addr, f->port);
+		icmp_nat_outer(ip, &ip->daddr, f->addr);
+		return XLB_ICMP_TO_BACKEND;
+	}
+	/* About a forwarded packet, client -> backend: the client sent it to the VIP. */
+	if (ip->saddr == err.inner->daddr)
+		icmp_nat_outer(ip, &ip->saddr, f->addr);	/* the backend's own error */
+	icmp_nat_inner(&err, &err.inner->daddr, &err.ports->dest, f->addr, f->port);
+	return XLB_ICMP_TO_CLIENT;
 }
 
 static __always_inline enum xlb_reason classify(struct xdp_md *ctx, __u32 frame_len)
@@ -444,6 +527,8 @@ static __always_inline enum xlb_reason classify(struct xdp_md *ctx, __u32 frame_
 	if (!cfg)
 		return XLB_PASS_NOT_VIP;
 	is_vip = xlb_filter_has(cfg->vip_bits, ip->daddr);
+	if (ip->protocol == IPPROTO_ICMP)
+		return handle_icmp(&c, eth, ip, cfg, is_vip, frame_len);
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return XLB_PASS_NOT_VIP;
 	if (ip_is_fragment(ip))

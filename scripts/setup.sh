@@ -10,7 +10,7 @@ say() { printf 'setup: %s\n' "$*"; }
 
 # Debian packages. bcc comes from Debian: PyPI's "bcc" is an unrelated project.
 # prometheus (with promtool) is for the metrics tests only.
-PKGS="python3-bpfcc linux-headers-amd64 python3-venv iproute2 ethtool wrk curl prometheus"
+PKGS="python3-bpfcc linux-headers-amd64 python3-venv iproute2 iputils-ping ethtool wrk curl prometheus"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed' || missing="$missing $p"

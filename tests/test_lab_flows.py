@@ -129,3 +129,28 @@ def test_an_idle_connection_expires_after_its_timeout(lab, tmp_path):
         st = lab.status()
         assert st["frontends"][0]["new_flows"] == 2    # balanced anew
         assert st["flows"]["removed"]["expired"] >= 1
+
+
+def test_path_mtu_discovery_and_ping_through_xlb(lab):
+    """lb's link to the backends gets MTU 1000 while the backends keep 1500 (so
+    they offer MSS 1460): a client's large request does not fit, xlb tells the
+    client "fragmentation needed" about the packet it sent to the VIP, the
+    client's kernel lowers its path MTU to the VIP and resends in smaller
+    segments, and the request is answered."""
+    lab.run("lb", "ip", "link", "set", "eth1", "mtu", "1000", check=True)
+    try:
+        with lab.xlb("--vip", f"{VIP}:80", *BACKENDS):
+            before = reasons(lab)
+            ping = lab.run("client", "ping", "-c", "2", "-W", "2", VIP)
+            assert ping.returncode == 0, ping.stdout + ping.stderr
+            big = lab.run("client", "curl", "-sS", "--max-time", "15",
+                          "-H", "X-Pad: " + "x" * 3000, f"http://{VIP}/")
+            assert big.returncode == 0 and big.stdout.strip() in ("WAS1", "WAS2"), big.stderr
+            moved = delta(reasons(lab), before)
+            assert moved.get("icmp_echo_reply") == 2
+            assert moved.get("icmp_too_big", 0) >= 1
+            route = lab.run("client", "ip", "route", "get", VIP).stdout
+            assert "mtu 1000" in route, route
+    finally:
+        lab.run("lb", "ip", "link", "set", "eth1", "mtu", "1500", check=True)
+        lab.run("client", "ip", "route", "flush", "cache")

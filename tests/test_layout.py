@@ -12,10 +12,10 @@ import socket
 from ipaddress import IPv4Address
 
 import pytest
-from scapy.layers.inet import TCP
+from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
-from scapy.packet import raw
+from scapy.packet import Raw, raw
 
 from packets import BACKEND_MAC, CLIENT_MAC, LB_MAC, VIP_MAC, Harness, tcp_frame
 from xlb import layout
@@ -151,9 +151,15 @@ def _syn(src, sport, **kw):
     return tcp_frame(src, VIP, sport, 80, **kw)
 
 
-def _synack(dst, dport, payload=b""):
+def _synack(dst, dport, payload=b"", **kw):
     return tcp_frame(BACKEND[0], dst, BACKEND[1], dport, flags="SA", eth_src=BACKEND_MAC,
-                     payload=payload)
+                     payload=payload, **kw)
+
+
+def _icmp_error(src, dst, quoted: bytes) -> bytes:
+    """Port unreachable from src to dst, quoting the IP packet of a frame."""
+    return raw(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=str(src), dst=str(dst))
+               / ICMP(type=3, code=3) / Raw(quoted[14:14 + 28]))
 
 
 FAR_CLIENT = "198.51.100.10"    # FibNet: via 10.1.1.2, whose MAC is unknown
@@ -179,7 +185,16 @@ TRIGGERS = {
     "fib_no_neigh": ((_syn(FAR_CLIENT, 30011),), _synack(FAR_CLIENT, 30011), "int", True),
     "fib_no_route": ((_syn(LOST_CLIENT, 30012),), _synack(LOST_CLIENT, 30012), "int", True),
     "fib_frag_needed": ((_syn(SMALL_CLIENT, 30013),),
-                        _synack(SMALL_CLIENT, 30013, payload=b"x" * 1300), "int", True),
+                        _synack(SMALL_CLIENT, 30013, payload=b"x" * 1300, ip_flags=0), "int", True),
+    "icmp_too_big": ((_syn(SMALL_CLIENT, 30016),),
+                     _synack(SMALL_CLIENT, 30016, payload=b"x" * 1300), "int", True),
+    "icmp_echo_reply": ((), raw(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=str(CLIENT), dst=str(VIP))
+                                / ICMP(id=7, seq=1) / Raw(b"ping")), 0, False),
+    "icmp_to_backend": ((_syn(CLIENT, 30017),),
+                        _icmp_error(CLIENT, VIP, tcp_frame(VIP, CLIENT, 80, 30017)), 0, False),
+    "icmp_to_client": ((_syn(CLIENT, 30018),),
+                       _icmp_error(BACKEND[0], CLIENT, tcp_frame(CLIENT, BACKEND[0], 30018,
+                                                                 BACKEND[1])), 0, False),
     "fib_fwd_disabled": ((), _syn(CLIENT, 30014), "nofwd", True),
     "ttl_expired": ((), _syn(CLIENT, 30015, ttl=1), "ext", True),
 }

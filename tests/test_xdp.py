@@ -277,8 +277,12 @@ PASS_THROUGH = [
     ("tcp-to-other-address", tcp_frame(CLIENT, OTHER, 43000, 80), 0, "pass_not_vip"),
     ("vip-other-tcp-port", tcp_frame(CLIENT, VIP, 43001, 22), 0, "pass_not_vip"),
     ("vip-udp-port-of-a-tcp-service", udp_frame(CLIENT, VIP, 43002, 443), 0, "pass_not_vip"),
-    ("icmp-echo-to-vip", raw(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=str(CLIENT), dst=str(VIP))
-                             / ICMP(id=7, seq=1) / Raw(b"ping")), 0, "pass_not_vip"),
+    ("icmp-echo-to-other-address", raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
+                                       / IP(src=str(CLIENT), dst=str(OTHER))
+                                       / ICMP(id=7, seq=1) / Raw(b"ping")), 0, "pass_not_vip"),
+    ("icmp-timestamp-to-vip", raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
+                                  / IP(src=str(CLIENT), dst=str(VIP))
+                                  / ICMP(type=13) / Raw(b"t" * 12)), 0, "pass_not_vip"),
     ("ipv6-tcp-port-80", raw(Ether(src=CLIENT_MAC, dst=LB_MAC, type=0x86dd)
                              / IPv6(src="fd00::10", dst="fd00::101")
                              / TCP(sport=43003, dport=80, flags="S")), 0, "pass_not_ip"),
@@ -367,10 +371,14 @@ FRAGMENTS = [
      XDP_PASS, "pass_not_vip"),
     ("other-address-tcp-offset", tcp_frame(CLIENT, OTHER, 44005, 80, ip_flags=0, frag=185),
      XDP_PASS, "pass_not_vip"),
-    # Neither TCP nor UDP: passed, as the unfragmented ICMP to the VIP is.
+    # ICMP too: the VIP is no host's, nothing would reassemble them.
     ("vip-icmp-more-fragments", raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
                                     / IP(src=str(CLIENT), dst=str(VIP), flags="MF")
-                                    / ICMP() / Raw(b"b" * 16)), XDP_PASS, "pass_not_vip"),
+                                    / ICMP() / Raw(b"b" * 16)), XDP_DROP, "drop_fragment"),
+    ("other-address-icmp-more-fragments", raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
+                                              / IP(src=str(CLIENT), dst=str(OTHER), flags="MF")
+                                              / ICMP() / Raw(b"b" * 16)), XDP_PASS,
+     "pass_not_vip"),
 ]
 
 

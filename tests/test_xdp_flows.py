@@ -11,6 +11,9 @@ import socket
 from ipaddress import IPv4Address
 
 import pytest
+from scapy.layers.inet import ICMP, IP
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw, raw
 
 from packets import (BACKEND_MAC, CLIENT_MAC, LB_MAC, XDP_PASS, XDP_TX, Harness,
                      assert_checksums, ip_of, tcp_frame, udp_frame)
@@ -162,17 +165,17 @@ def test_what_the_fib_cannot_resolve_goes_to_the_kernel_rewritten_only(lb, fibne
     lb.expect(reason, flow=("out", SVC_TCP, bid, False))
 
 
-def test_over_the_egress_mtu_goes_to_the_kernel(lb, fibnet):
+def test_over_the_egress_mtu_without_df_goes_to_the_kernel_to_fragment(lb, fibnet):
     client = "10.1.13.50"                               # behind the link of MTU 1280
     bid = backend_of(lb.send(tcp_frame(client, VIP, 50200, 80, flags="S"),
                              fibnet.ifindex["ext"]).data)
     be_addr, be_port = BACKENDS[bid]
     big = tcp_frame(be_addr, client, be_port, 50200, flags="A", payload=b"x" * 1300,
-                    eth_src=BACKEND_MAC)
+                    eth_src=BACKEND_MAC, ip_flags=0)
     res = lb.send(big, fibnet.ifindex["int"])
     assert res.action == XDP_PASS
     assert res.data == tcp_frame(VIP, client, 80, 50200, flags="A", payload=b"x" * 1300,
-                                 eth_src=BACKEND_MAC)
+                                 eth_src=BACKEND_MAC, ip_flags=0)
     lb.expect("fib_frag_needed", flow=("out", SVC_TCP, bid, False))
 
 
@@ -446,3 +449,92 @@ def test_a_million_connections(root, fibnet, cpus):
     finally:
         os.sched_setaffinity(0, allowed)
         dp.close()
+
+
+# ICMP -------------------------------------------------------------------------------------
+
+def icmp_frame(src, dst, icmp, payload=b"", eth_src=CLIENT_MAC, eth_dst=LB_MAC, **ip):
+    return raw(Ether(src=eth_src, dst=eth_dst) / IP(src=str(src), dst=str(dst), **ip)
+               / icmp / Raw(payload))
+
+
+def test_a_ping_of_a_vip_is_answered(lb, fibnet):
+    frame = icmp_frame(CLIENT, VIP, ICMP(id=7, seq=3), b"ping" * 10, ttl=61, id=0x77)
+    res = lb.send(frame, fibnet.ifindex["ext"])
+    assert res.action == XDP_TX
+    assert res.data == icmp_frame(VIP, CLIENT, ICMP(type=0, id=7, seq=3), b"ping" * 10,
+                                  eth_src=LB_MAC, eth_dst=CLIENT_MAC, ttl=64, id=0x77)
+    lb.expect("icmp_echo_reply")
+
+
+def quote(frame: bytes, size: int = 28) -> bytes:
+    """What an ICMP error quotes of a frame: its IP header and `size` - 20 bytes."""
+    return frame[14:14 + size]
+
+
+@pytest.mark.parametrize("proto, size", [(UDP_P, 28), (TCP_P, 28), (TCP_P, 40)],
+                         ids=["udp", "tcp-8-bytes", "tcp-whole-header"])
+def test_an_error_about_a_reply_goes_to_the_backend(lb, fibnet, proto, size):
+    """A router on the client's side (10.1.1.2) cannot forward a reply of the
+    VIP: its error, to the VIP, is made the backend's, about the packet as the
+    backend sent it (outer destination, quoted source, every checksum)."""
+    sport = 56000 + size + proto
+    make = (lambda s, d, sp, dp: udp_frame(s, d, sp, dp, payload=b"r" * 40)) if proto == UDP_P \
+        else (lambda s, d, sp, dp: tcp_frame(s, d, sp, dp, flags="PA", payload=b"r" * 40))
+    opener = udp_frame(CLIENT, VIP, sport, 80) if proto == UDP_P else syn(sport)
+    bid = backend_of(lb.send(opener, fibnet.ifindex["ext"]).data)
+    be_addr, be_port = BACKENDS[bid]
+    too_big = ICMP(type=3, code=4, nexthopmtu=1200)
+    frame = icmp_frame("10.1.1.2", VIP, too_big, quote(make(VIP, CLIENT, 80, sport), size))
+    res = lb.send(frame, fibnet.ifindex["ext"])
+    assert res.action == XDP_PASS
+    assert res.data == icmp_frame("10.1.1.2", be_addr, too_big,
+                                  quote(make(be_addr, CLIENT, be_port, sport), size))
+    lb.expect("icmp_to_backend")
+
+
+def test_an_error_of_the_backend_goes_to_the_client(lb, fibnet):
+    """The backend has nothing on a UDP port: its port-unreachable reaches the
+    client from the VIP, about the datagram the client sent to the VIP."""
+    res = lb.send(udp_frame(CLIENT, VIP, 56100, 80, payload=b"q"), fibnet.ifindex["ext"])
+    bid = backend_of(res.data)
+    be_addr, be_port = BACKENDS[bid]
+    unreachable = ICMP(type=3, code=3)
+    frame = icmp_frame(be_addr, CLIENT, unreachable,
+                       quote(udp_frame(CLIENT, be_addr, 56100, be_port, payload=b"q")),
+                       eth_src=BACKEND_MAC)
+    res = lb.send(frame, fibnet.ifindex["int"])
+    assert res.action == XDP_PASS
+    assert res.data == icmp_frame(VIP, CLIENT, unreachable,
+                                  quote(udp_frame(CLIENT, VIP, 56100, 80, payload=b"q")),
+                                  eth_src=BACKEND_MAC)
+    lb.expect("icmp_to_client")
+
+
+def test_errors_about_unknown_flows_pass_unchanged(lb, fibnet):
+    for frame in (icmp_frame("10.1.1.2", VIP, ICMP(type=3, code=4),
+                             quote(tcp_frame(VIP, CLIENT, 80, 56999))),
+                  icmp_frame(BACKENDS[1][0], CLIENT, ICMP(type=3, code=3),
+                             quote(udp_frame(CLIENT, BACKENDS[1][0], 56998, 8080)),
+                             eth_src=BACKEND_MAC)):
+        res = lb.send(frame, fibnet.ifindex["ext"])
+        assert (res.action, res.data) == (XDP_PASS, frame)
+        lb.expect("pass_not_vip")
+
+
+def test_over_the_mtu_with_df_the_sender_learns_the_path_mtu(lb, fibnet):
+    """A backend's 1300-byte reply to a client behind the link of MTU 1280:
+    xlb answers the backend with "fragmentation needed" (MTU 1280) from the
+    VIP, quoting the reply as the backend sent it."""
+    client = "10.1.13.51"
+    bid = backend_of(lb.send(tcp_frame(client, VIP, 56200, 80, flags="S"),
+                             fibnet.ifindex["ext"]).data)
+    be_addr, be_port = BACKENDS[bid]
+    reply = tcp_frame(be_addr, client, be_port, 56200, flags="A", payload=b"x" * 1300,
+                      eth_src=BACKEND_MAC)
+    res = lb.send(reply, fibnet.ifindex["int"])
+    assert res.action == XDP_TX
+    assert res.data == icmp_frame(VIP, be_addr, ICMP(type=3, code=4, nexthopmtu=1280),
+                                  quote(reply), eth_src=LB_MAC, eth_dst=BACKEND_MAC,
+                                  tos=0xc0, id=0, flags=0, ttl=64)
+    lb.expect("icmp_too_big", flow=("out", SVC_TCP, bid, False))

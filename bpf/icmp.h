@@ -1,0 +1,181 @@
+/* ICMP for VIPs: echo replies, xlb's own "fragmentation needed", and the
+ * rewrite that makes an ICMP error about a balanced flow match the connection
+ * its receiver knows (outer and inner headers, every checksum kept right). */
+#ifndef XLB_ICMP_H
+#define XLB_ICMP_H
+
+#include <linux/icmp.h>
+#include "csum.h"
+#include "parse.h"
+
+#define XLB_ICMP_QUOTE 8	/* bytes of the offending packet's payload an error quotes */
+
+/* An ICMP error (destination unreachable, time exceeded) and the TCP or UDP
+ * packet it quotes: the inner IP header (no options) and its ports. */
+struct icmp_error {
+	struct iphdr *outer;
+	struct icmphdr *icmp;
+	struct iphdr *inner;
+	struct l4ports *ports;
+	__sum16 *inner_l4_csum;	/* NULL when the quote does not reach it */
+};
+
+/* The ICMP header of an IPv4 packet that is not a fragment and lies whole in
+ * the frame, or NULL. */
+static __always_inline struct icmphdr *parse_icmp(struct cursor *c, struct iphdr *ip,
+						 __u32 frame_len)
+{
+	__u32 hlen = ip->ihl * 4;
+	struct icmphdr *icmp = (void *)ip + hlen;
+
+	if (ip->version != 4 || hlen < sizeof(*ip) || ip_is_fragment(ip))
+		return NULL;
+	if (frame_len < sizeof(struct ethhdr) + bpf_ntohs(ip->tot_len) ||
+	    bpf_ntohs(ip->tot_len) < hlen + sizeof(*icmp))
+		return NULL;
+	if ((void *)(icmp + 1) > c->end)
+		return NULL;
+	c->pos = icmp + 1;
+	return icmp;
+}
+
+/* Fills *err for an error that quotes a TCP or UDP packet. Returns 0 or -1. */
+static __always_inline int parse_icmp_error(struct cursor *c, struct iphdr *outer,
+					    struct icmphdr *icmp, struct icmp_error *err)
+{
+	struct iphdr *inner = (void *)(icmp + 1);
+	struct l4ports *ports = (void *)(inner + 1);
+
+	if (icmp->type != ICMP_DEST_UNREACH && icmp->type != ICMP_TIME_EXCEEDED)
+		return -1;
+	if ((void *)ports + XLB_ICMP_QUOTE > c->end)
+		return -1;
+	if (inner->version != 4 || inner->ihl != 5 ||
+	    (inner->protocol != IPPROTO_TCP && inner->protocol != IPPROTO_UDP))
+		return -1;
+	err->outer = outer;
+	err->icmp = icmp;
+	err->inner = inner;
+	err->ports = ports;
+	err->inner_l4_csum = NULL;
+	if (inner->protocol == IPPROTO_UDP) {
+		err->inner_l4_csum = &((struct udphdr *)ports)->check;
+	} else {
+		struct tcphdr *th = (void *)ports;
+
+		if ((void *)(th + 1) <= c->end)
+			err->inner_l4_csum = &th->check;
+	}
+	return 0;
+}
+
+/* Replaces one endpoint of the quoted packet (*addr and *port inside it) and
+ * keeps its IP and L4 checksums and the ICMP checksum over all of it right. */
+static __always_inline void icmp_nat_inner(struct icmp_error *err, __be32 *addr, __be16 *port,
+					   __be32 new_addr, __be16 new_port)
+{
+	__u32 addr_diff = xlb_csum_diff32(*addr, new_addr);
+	__u32 port_diff = xlb_csum_diff16(*port, new_port);
+	__sum16 old = err->inner->check;
+	__u32 icmp_diff = addr_diff + port_diff;
+
+	xlb_csum_apply(&err->inner->check, addr_diff);
+	icmp_diff += xlb_csum_diff16(old, err->inner->check);
+	if (err->inner_l4_csum) {
+		old = *err->inner_l4_csum;
+		xlb_l4_csum_apply(err->inner_l4_csum, err->inner->protocol, addr_diff + port_diff);
+		icmp_diff += xlb_csum_diff16(old, *err->inner_l4_csum);
+	}
+	*addr = new_addr;
+	*port = new_port;
+	xlb_csum_apply(&err->icmp->checksum, icmp_diff);
+}
+
+/* Replaces an address of the outer header: ICMP has no pseudo-header. */
+static __always_inline void icmp_nat_outer(struct iphdr *ip, __be32 *addr, __be32 new_addr)
+{
+	xlb_csum_apply(&ip->check, xlb_csum_diff32(*addr, new_addr));
+	*addr = new_addr;
+}
+
+static __always_inline void swap_macs(struct ethhdr *eth)
+{
+	__u8 tmp[ETH_ALEN];
+
+	__builtin_memcpy(tmp, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, tmp, ETH_ALEN);
+}
+
+/* Turns an echo request in place into its reply, back where it came from. */
+static __always_inline void icmp_echo_reply(struct ethhdr *eth, struct iphdr *ip,
+					    struct icmphdr *icmp)
+{
+	__be32 addr = ip->saddr;
+	__be16 *word = (__be16 *)icmp, old = *word;
+	__be16 *ttl = (__be16 *)&ip->ttl, old_ttl = *ttl;
+
+	swap_macs(eth);
+	ip->saddr = ip->daddr;		/* a swap leaves the IP checksum as it is */
+	ip->daddr = addr;
+	ip->ttl = 64;
+	xlb_csum_apply(&ip->check, xlb_csum_diff16(old_ttl, *ttl));
+	icmp->type = ICMP_ECHOREPLY;
+	xlb_csum_apply(&icmp->checksum, xlb_csum_diff16(old, *word));
+}
+
+static __always_inline __sum16 csum_of(void *start, __u32 size)
+{
+	return xlb_csum_fold(bpf_csum_diff(NULL, 0, start, size, 0));
+}
+
+#define XLB_FRAG_NEEDED_LEN (sizeof(struct ethhdr) + 2 * sizeof(struct iphdr) + \
+			     sizeof(struct icmphdr) + XLB_ICMP_QUOTE)
+
+/* Turns the frame (an IPv4 packet without options, as its sender sent it)
+ * into ICMP "fragmentation needed" with next-hop MTU mtu, from `from` back to
+ * the sender, quoting its IP header and first 8 bytes. Returns 0, or -1 with
+ * the frame as it was if it cannot be done. */
+static __always_inline int icmp_frag_needed(struct xdp_md *ctx, __be32 from, __u16 mtu)
+{
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	__u8 quote[sizeof(struct iphdr) + XLB_ICMP_QUOTE];
+	struct icmphdr *icmp;
+	struct ethhdr *eth;
+	struct iphdr *ip;
+
+	if (data + XLB_FRAG_NEEDED_LEN > end || ((struct iphdr *)(data + sizeof(*eth)))->ihl != 5)
+		return -1;
+	/* Shrink first: what the error needs lies in the frame's first bytes. */
+	if (bpf_xdp_adjust_tail(ctx, (int)XLB_FRAG_NEEDED_LEN - (int)(end - data)))
+		return -1;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	eth = data;
+	ip = (void *)(eth + 1);
+	icmp = (void *)(ip + 1);
+	if ((void *)(icmp + 1) + sizeof(quote) > end)
+		return -1;
+	__builtin_memcpy(quote, ip, sizeof(quote));
+	__builtin_memcpy((void *)(icmp + 1), quote, sizeof(quote));
+	swap_macs(eth);
+	ip->daddr = ip->saddr;
+	ip->saddr = from;
+	ip->tos = 0xc0;				/* internetwork control, as the kernel sends it */
+	ip->tot_len = bpf_htons(XLB_FRAG_NEEDED_LEN - sizeof(struct ethhdr));
+	ip->id = 0;
+	ip->frag_off = 0;
+	ip->ttl = 64;
+	ip->protocol = IPPROTO_ICMP;
+	ip->check = 0;
+	ip->check = csum_of(ip, sizeof(*ip));
+	icmp->type = ICMP_DEST_UNREACH;
+	icmp->code = ICMP_FRAG_NEEDED;
+	icmp->checksum = 0;
+	icmp->un.frag.__unused = 0;
+	icmp->un.frag.mtu = bpf_htons(mtu);
+	icmp->checksum = csum_of(icmp, sizeof(*icmp) + sizeof(quote));
+	return 0;
+}
+
+#endif
