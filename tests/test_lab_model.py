@@ -86,9 +86,10 @@ def test_seed_config_serves_round_robin(lab):
 
 
 @pytest.mark.parametrize("keepalive", [False, True], ids=["close", "keepalive"])
-def test_twenty_applies_under_load_lose_no_request(lab, xlb, tmp_path, keepalive):
-    """Add, reweight and remove servers, add and remove a frontend, 20 times in
-    all, while clients keep sending: not one request fails."""
+def test_applies_under_load_lose_no_request(lab, xlb, tmp_path, keepalive):
+    """Add, reweight and remove servers, switch between a ring and a Maglev
+    table and between Maglev tables, add and remove a frontend, 21 times in
+    all (three rounds), while clients keep sending: not one request fails."""
     steps = [
         config({"web": ("roundrobin", "keep", ["was1", "was2", "was1b"])},
                {"www": (VIP, 80, "web")}),
@@ -96,6 +97,9 @@ def test_twenty_applies_under_load_lose_no_request(lab, xlb, tmp_path, keepalive
                {"www": (VIP, 80, "web")}, {"was1": (3, False)}),
         config({"web": ("weighted", "keep", ["was1", "was2"])}, {"www": (VIP, 80, "web")},
                {"was1": (3, False)}),
+        config({"web": ("maglev", "keep", ["was1", "was2", "was2b"])},   # to a Maglev table
+               {"www": (VIP, 80, "web")}, {"was1": (2, False)}),
+        config({"web": ("maglev", "keep", ["was1", "was2"])}, {"www": (VIP, 80, "web")}),
         config({"web": ("roundrobin", "keep", ["was1", "was2"]),
                 "alt": ("roundrobin", "keep", ["was2b"])},
                {"www": (VIP, 80, "web"), "alt": ("10.1.1.102", 80, "alt")}),
@@ -104,15 +108,15 @@ def test_twenty_applies_under_load_lose_no_request(lab, xlb, tmp_path, keepalive
     args = ["--seconds", "12", "--concurrency", "8"] + (["--keepalive"] if keepalive else [])
     load = lab.spawn("client", PY, str(HERE / "clients.py"), "load", VIP, "80", *args)
     try:
-        for i in range(20):
-            out = apply(lab, tmp_path, steps[i % len(steps)])
+        for step in steps * 3:
+            out = apply(lab, tmp_path, step)
             assert "applied" in out
     finally:
         stdout, stderr = load.communicate(timeout=60)
     result = json.loads(stdout)
     assert result["error_count"] == 0, result["errors"]
     assert result["ok"] > 100
-    assert set(result["names"]) <= {"WAS1", "WAS2", "WAS1B"}
+    assert set(result["names"]) <= {"WAS1", "WAS2", "WAS1B", "WAS2B"}
     # The last apply was the seed again, and it was persisted.
     assert xlb.path.read_text() == SEED
 
