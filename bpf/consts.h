@@ -5,8 +5,9 @@
 
 #if !defined(XLB_MAX_SERVICES) || !defined(XLB_MAX_BACKENDS) || \
     !defined(XLB_RING_SIZE) || !defined(XLB_MAX_FLOWS) || !defined(XLB_MAX_NEW_FLOWS) || \
-    !defined(XLB_MAX_ARP) || !defined(XLB_MAX_MAGLEV) || !defined(XLB_MAGLEV_SIZE)
-#error "build with -DXLB_MAX_SERVICES, _MAX_BACKENDS, _RING_SIZE, _MAX_FLOWS, _MAX_NEW_FLOWS, _MAX_ARP, _MAX_MAGLEV, _MAGLEV_SIZE"
+    !defined(XLB_MAX_ARP) || !defined(XLB_MAX_MAGLEV) || !defined(XLB_MAGLEV_SIZE) || \
+    !defined(XLB_MAX_HOPS)
+#error "build with -DXLB_MAX_SERVICES, _MAX_BACKENDS, _RING_SIZE, _MAX_FLOWS, _MAX_NEW_FLOWS, _MAX_ARP, _MAX_MAGLEV, _MAGLEV_SIZE, _MAX_HOPS"
 #endif
 
 #define XLB_MAX_RINGS (2 * XLB_MAX_SERVICES)

@@ -23,11 +23,11 @@ static __always_inline void ip_decrease_ttl(struct iphdr *ip)
 	xlb_csum_apply(&ip->check, xlb_csum_diff16(old, *word));
 }
 
-/* Looks up the next hop of pkt (already rewritten) arriving on ifindex. Returns
- * a BPF_FIB_LKUP_RET_* code; on success fills *out_ifindex and the MACs, on
- * BPF_FIB_LKUP_RET_FRAG_NEEDED *out_mtu. */
-static __always_inline int fib_next_hop(struct xdp_md *ctx, struct packet *pkt,
-					__u32 *out_ifindex, __u16 *out_mtu)
+/* Resolves the next hop of pkt (already rewritten) arriving on ifindex with
+ * bpf_fib_lookup into *hop. Returns a BPF_FIB_LKUP_RET_* code; *mtu is the
+ * route's MTU on success and on BPF_FIB_LKUP_RET_FRAG_NEEDED. */
+static __always_inline int fib_resolve(struct xdp_md *ctx, struct packet *pkt, struct hop *hop,
+				       __u16 *mtu)
 {
 	struct bpf_fib_lookup fib = {};
 	struct iphdr *ip = pkt->ip;
@@ -44,13 +44,26 @@ static __always_inline int fib_next_hop(struct xdp_md *ctx, struct packet *pkt,
 	fib.ifindex = ctx->ingress_ifindex;
 	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-		*out_mtu = fib.mtu_result;
+		*mtu = fib.mtu_result;
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
 		return rc;
-	__builtin_memcpy(pkt->eth->h_dest, fib.dmac, ETH_ALEN);
-	__builtin_memcpy(pkt->eth->h_source, fib.smac, ETH_ALEN);
-	*out_ifindex = fib.ifindex;
+	hop->ifindex = fib.ifindex;
+	__builtin_memcpy(hop->dmac, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(hop->smac, fib.smac, ETH_ALEN);
+	/* The MTU comes only with "too big" (checked before the neighbour): ask
+	 * again for the largest packet. */
+	fib.ifindex = ctx->ingress_ifindex;
+	fib.ipv4_dst = ip->daddr;
+	fib.tot_len = 0xffff;
+	*mtu = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) ==
+	       BPF_FIB_LKUP_RET_FRAG_NEEDED ? fib.mtu_result : 0xffff;
 	return rc;
+}
+
+static __always_inline void hop_apply(struct ethhdr *eth, const struct hop *hop)
+{
+	__builtin_memcpy(eth->h_dest, hop->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, hop->smac, ETH_ALEN);
 }
 
 #endif

@@ -39,6 +39,7 @@ BPF_HASH(arp_vips, struct arp_key, struct arp_mac, XLB_MAX_ARP);
 BPF_ARRAY(config, struct xlb_config, 1);
 BPF_TABLE("lru_hash", struct flow_key, struct flow, flows, XLB_MAX_FLOWS);
 BPF_TABLE("lru_hash", struct flow_key, struct flow, flows_new, XLB_MAX_NEW_FLOWS);
+BPF_TABLE("lru_hash", struct hop_key, struct hop, hops, XLB_MAX_HOPS);
 
 /* Round-robin position per service and CPU: no shared atomics on the fast path. */
 BPF_PERCPU_ARRAY(rr_cursor, __u32, XLB_MAX_SERVICES);
@@ -353,11 +354,14 @@ static __always_inline enum xlb_reason too_big(struct xdp_md *ctx, struct packet
 }
 
 /* Sends the packet, rewritten from `key`, on: to the kernel, or (fast path)
- * straight to its next hop. */
+ * straight to its next hop, resolved at most once a second per destination. */
 static __always_inline enum xlb_reason send(struct xdp_md *ctx, struct packet *pkt,
-					    struct xlb_config *cfg, struct flow_key *key, int reply)
+					    struct xlb_config *cfg, struct flow_key *key, int reply,
+					    __u64 now)
 {
-	__u32 ifindex = 0;
+	struct hop_key hkey = {};
+	struct hop fresh = {};
+	struct hop *hop;
 	__u16 mtu = 0;
 	int rc;
 
@@ -365,19 +369,31 @@ static __always_inline enum xlb_reason send(struct xdp_md *ctx, struct packet *p
 		return reply ? XLB_REPLY : XLB_FORWARD;
 	if (pkt->ip->ttl <= 1)
 		return XLB_TTL_EXPIRED;
-	rc = fib_next_hop(ctx, pkt, &ifindex, &mtu);
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return XLB_FIB_NO_NEIGH;
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-		return too_big(ctx, pkt, key, reply, mtu);
-	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
-		return XLB_FIB_FWD_DISABLED;
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
-		return XLB_FIB_NO_ROUTE;
+	hkey.daddr = pkt->ip->daddr;
+	hkey.ifindex = ctx->ingress_ifindex;
+	hop = hops.lookup(&hkey);
+	if (!hop || now < hop->checked || now - hop->checked > NSEC_PER_SEC) {
+		rc = fib_resolve(ctx, pkt, &fresh, &mtu);
+		if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+			return XLB_FIB_NO_NEIGH;
+		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+			return too_big(ctx, pkt, key, reply, mtu);
+		if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
+			return XLB_FIB_FWD_DISABLED;
+		if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+			return XLB_FIB_NO_ROUTE;
+		fresh.mtu = mtu;
+		fresh.checked = now;
+		hops.update(&hkey, &fresh);
+		hop = &fresh;
+	}
+	if (bpf_ntohs(pkt->ip->tot_len) > hop->mtu)
+		return too_big(ctx, pkt, key, reply, hop->mtu);
 	ip_decrease_ttl(pkt->ip);
-	if (ifindex == ctx->ingress_ifindex)
+	hop_apply(pkt->eth, hop);
+	if (hop->ifindex == ctx->ingress_ifindex)
 		return reply ? XLB_REPLY_TX : XLB_FORWARD_TX;
-	bpf_redirect(ifindex, 0);
+	bpf_redirect(hop->ifindex, 0);
 	return reply ? XLB_REPLY_REDIRECT : XLB_FORWARD_REDIRECT;
 }
 
@@ -398,7 +414,7 @@ static __always_inline enum xlb_reason flow_continue(struct xdp_md *ctx, struct 
 		nat_dest(pkt, f->addr, f->port);
 	if (in_new)
 		flow_progress(key, f, pkt);	/* may move f: not used after this */
-	return send(ctx, pkt, cfg, key, reply);
+	return send(ctx, pkt, cfg, key, reply, now);
 }
 
 static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet *pkt,
@@ -441,7 +457,7 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 		return XLB_DROP_NO_BACKEND;
 	count_flow(&fresh, bytes, 1);
 	nat_dest(pkt, fresh.addr, fresh.port);
-	return send(ctx, pkt, cfg, &key, 0);
+	return send(ctx, pkt, cfg, &key, 0, now);
 }
 
 /* For packets that cannot be balanced: dropped if addressed to a VIP (the

@@ -94,6 +94,23 @@ struct flow_counters {
 	__u64 new_removed;	/* of expired + reopened + established: those from flows_new */
 };
 
+/* hops: LRU hash of next hops the fast path resolved with bpf_fib_lookup,
+ * by destination and ingress link, so that a packet costs a hash lookup
+ * instead of a FIB lookup; an entry older than a second is resolved again. */
+struct hop_key {
+	__be32 daddr;
+	__u32 ifindex;		/* where the packet came in: routing may depend on it */
+};
+
+struct hop {
+	__u32 ifindex;		/* where it goes out */
+	__u16 mtu;		/* of the route: bigger packets are "too big" */
+	__u8 dmac[6];
+	__u8 smac[6];
+	__u8 pad[6];
+	__u64 checked;		/* bpf_ktime_get_coarse_ns() of the lookup */
+};
+
 /* config: array of one. Runtime settings, and two bit sets that let traffic
  * which is neither to a VIP nor from a backend's service port leave after one
  * inlined array lookup: bit filter_slot(daddr) of vip_bits, bit

@@ -42,6 +42,7 @@ class Limits:
     max_arp: int = 256
     max_maglev: int = 16                        # Maglev frontends (two tables each)
     maglev_size: int = 65537                    # slots of a Maglev table, at most
+    max_hops: int = 65536                       # next hops the fast path keeps resolved
 
     @classmethod
     def for_connections(cls, connections: int) -> "Limits":
@@ -63,7 +64,8 @@ class Limits:
                 f"-DXLB_MAX_NEW_FLOWS={self.max_new_flows}",
                 f"-DXLB_MAX_ARP={self.max_arp}",
                 f"-DXLB_MAX_MAGLEV={self.max_maglev}",
-                f"-DXLB_MAGLEV_SIZE={self.maglev_size}"]
+                f"-DXLB_MAGLEV_SIZE={self.maglev_size}",
+                f"-DXLB_MAX_HOPS={self.max_hops}"]
 
 
 @dataclass(frozen=True)

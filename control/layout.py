@@ -41,6 +41,15 @@ class Flow(ct.Structure):
                 ("seen", u64)]
 
 
+class HopKey(ct.Structure):
+    _fields_ = [("daddr", u32), ("ifindex", u32)]
+
+
+class Hop(ct.Structure):
+    _fields_ = [("ifindex", u32), ("mtu", u16), ("dmac", u8 * 6), ("smac", u8 * 6), ("pad", u8 * 6),
+                ("checked", u64)]
+
+
 class Timeouts(ct.Structure):
     _fields_ = [("syn", u32), ("established", u32), ("closing", u32), ("udp", u32)]
 
@@ -95,6 +104,7 @@ MAPS: dict[str, tuple[type | None, type]] = {
     "config": (None, Config),
     "flows": (FlowKey, Flow),
     "flows_new": (FlowKey, Flow),
+    "hops": (HopKey, Hop),
     "rr_cursor": (None, u32),
     "service_stats": (None, Counters),
     "backend_stats": (None, Counters),

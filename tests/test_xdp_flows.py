@@ -538,3 +538,28 @@ def test_over_the_mtu_with_df_the_sender_learns_the_path_mtu(lb, fibnet):
                                   quote(reply), eth_src=LB_MAC, eth_dst=BACKEND_MAC,
                                   tos=0xc0, id=0, flags=0, ttl=64)
     lb.expect("icmp_too_big", flow=("out", SVC_TCP, bid, False))
+
+
+def test_a_next_hop_is_resolved_again_after_a_second(lb, fibnet):
+    """The fast path keeps each destination's next hop for a second: a
+    neighbour whose MAC changed is followed once its entry is that old."""
+    res = lb.send(syn(57000), fibnet.ifindex["ext"])
+    bid = backend_of(res.data)
+    be_addr = str(BACKENDS[bid][0])
+    new_mac = "02:00:00:00:0b:0b"
+    fibnet.sh("ip", "neigh", "replace", be_addr, "lladdr", new_mac, "dev", "int",
+              "nud", "permanent")
+    try:
+        res = lb.send(tcp_frame(CLIENT, VIP, 57000, 80, flags="A"), fibnet.ifindex["ext"])
+        assert res.data[:6] == bytes.fromhex(BACKEND_MAC.replace(":", ""))   # still cached
+        hops = lb.dp._maps["hops"]
+        for key, hop in list(hops.items()):
+            if key.daddr == int.from_bytes(IPv4Address(be_addr).packed, "little"):
+                hop.checked -= 2 * SEC
+                hops[key] = hop
+        res = lb.send(tcp_frame(CLIENT, VIP, 57000, 80, flags="A"), fibnet.ifindex["ext"])
+        assert res.data[:6] == bytes.fromhex(new_mac.replace(":", ""))
+    finally:
+        fibnet.sh("ip", "neigh", "replace", be_addr, "lladdr", BACKEND_MAC, "dev", "int",
+                  "nud", "permanent")
+        lb.dp._maps["hops"].clear()
