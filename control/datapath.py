@@ -47,10 +47,10 @@ class Limits:
     @classmethod
     def for_connections(cls, connections: int) -> "Limits":
         """Limits whose established table holds `connections` connections; the
-        half-open table gets a quarter of its entries (at least 65,536)."""
+        half-open table gets a quarter of its entries (at least 1,024)."""
         if connections < 1:
             raise ValueError("the flow table needs room for at least one connection")
-        return cls(max_flows=2 * connections, max_new_flows=max(65536, connections // 2))
+        return cls(max_flows=2 * connections, max_new_flows=max(1024, connections // 2))
 
     @property
     def connections(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -154,3 +155,31 @@ def test_path_mtu_discovery_and_ping_through_xlb(lab):
     finally:
         lab.run("lb", "ip", "link", "set", "eth1", "mtu", "1500", check=True)
         lab.run("client", "ip", "route", "flush", "cache")
+
+
+def test_a_syn_flood_costs_no_established_connection(lab):
+    """32 idle keep-alive connections, then 5 s of random-source SYNs from
+    one sender CPU (several times the half-open table): every connection
+    still answers, and xlb counts what the flood did."""
+    lb_mac = json.loads(lab.run("lb", "ip", "-j", "link", "show", "eth0",
+                                check=True).stdout)[0]["address"]
+    with lab.xlb("--vip", f"{VIP}:80", *BACKENDS, "--flow-table", "4096"):
+        holder = lab.spawn("client", PY, str(HERE / "flood.py"), "hold", VIP, "80", "32")
+        ready = json.loads(holder.stdout.readline())["ready"]
+        assert sorted(set(ready)) == ["WAS1", "WAS2"] and len(ready) == 32
+        assert lab.status()["flows"]["established"] == 32
+        out = lab.run("client", PY, str(HERE / "flood.py"), "syn", "eth0", lb_mac, VIP, "80",
+                      "--seconds", "5", check=True, timeout=60)
+        sent = json.loads(out.stdout)["sent"]
+        st = lab.status()
+        flows = st["flows"]
+        capacity = flows["tables"]["flows_new"]["capacity"]
+        assert sent > 2 * capacity, f"only {sent} SYNs: the flood did not fill the table"
+        assert flows["established"] == 32
+        assert flows["created"] >= 0.9 * sent
+        assert flows["removed"]["evicted"] > 0
+        holder.send_signal(signal.SIGUSR1)
+        answers = json.loads(holder.stdout.readline())["answers"]
+        holder.kill()
+        holder.wait()
+        assert answers == ready
