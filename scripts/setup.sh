@@ -9,8 +9,9 @@ say() { printf 'setup: %s\n' "$*"; }
 [ "$(id -u)" = 0 ] || { echo "setup: must run as root (apt-get, /lib/modules)" >&2; exit 1; }
 
 # Debian packages. bcc comes from Debian: PyPI's "bcc" is an unrelated project.
-# prometheus (with promtool) is for the metrics tests only.
-PKGS="python3-bpfcc linux-headers-amd64 python3-venv iproute2 iputils-ping ethtool wrk curl prometheus"
+# prometheus (with promtool) is for the metrics tests only; keepalived and bird2 for the
+# high-availability lab (netns-lab/ha-*.sh), which runs its own instances.
+PKGS="python3-bpfcc linux-headers-amd64 python3-venv iproute2 iputils-ping ethtool wrk curl prometheus keepalived bird2"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed' || missing="$missing $p"
@@ -24,19 +25,27 @@ else
     say "Debian packages present"
 fi
 
-# The tests run their own Prometheus inside a lab namespace. The package's service
-# would listen on :9090 of the root namespace: stop and disable it, whether systemd
-# or (where there is no systemd) the postinst's sysvinit script started it.
-for svc in prometheus prometheus-node-exporter; do
+# The tests run their own Prometheus, keepalived and BIRD inside lab namespaces. The
+# packages' services would run in the root namespace (Prometheus on :9090, VRRP and BGP
+# on the host's links): stop and disable them, whether systemd or (where there is no
+# systemd) the postinst's sysvinit script started them. sysv_stop stops the service's
+# own daemon, never a test's (by the service's pidfile or user: keepalived's script has
+# no status and BIRD's would stop every bird), and succeeds only if it stopped one.
+sysv_stop() {
+    case $1 in
+        keepalived) start-stop-daemon --stop --quiet --pidfile /run/keepalived.pid --exec /usr/sbin/keepalived ;;
+        bird) start-stop-daemon --stop --quiet --user bird --exec /usr/sbin/bird ;;
+        *) "/etc/init.d/$1" status && "/etc/init.d/$1" stop ;;
+    esac
+}
+for svc in prometheus prometheus-node-exporter keepalived bird; do
     if [ -d /run/systemd/system ]; then
         { systemctl is-enabled --quiet "$svc" || systemctl is-active --quiet "$svc"; } 2>/dev/null || continue
         say "stopping and disabling the $svc service"
         systemctl disable --now "$svc" >/dev/null 2>&1 || true
     elif [ -x "/etc/init.d/$svc" ]; then
-        # The script stops only its own daemon (its pidfile and user), never a test's.
-        if "/etc/init.d/$svc" status >/dev/null 2>&1; then
-            say "stopping the $svc service"
-            "/etc/init.d/$svc" stop >/dev/null 2>&1 || true
+        if sysv_stop "$svc" >/dev/null 2>&1; then
+            say "stopped the $svc service"
         fi
         if ls /etc/rc[2-5].d/S*"$svc" >/dev/null 2>&1; then
             say "disabling the $svc service at boot"
