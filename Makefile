@@ -2,13 +2,17 @@
 VENV := .venv
 PY   := $(VENV)/bin/python
 
-.PHONY: setup demo test unit bench lab-up lab-down clean
+.PHONY: setup demo demo-ha test unit bench lab-up lab-down clean
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	@bash netns-lab/demo.sh
+
+# An active/backup pair (keepalived) failing over while a client runs.
+demo-ha: setup
+	@bash netns-lab/ha-demo.sh
 
 # Every test, and every one must run: a missing prerequisite (root, promtool,
 # prometheus, the dashboard SDK) fails the run instead of skipping (tests/conftest.py).

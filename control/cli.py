@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import sys
 import time
 from pathlib import Path
@@ -74,8 +75,15 @@ def cli() -> None:
               type=click.Path(dir_okay=False, path_type=Path),
               help="Serve the config file FILE instead of --vip/--backend "
                    "(`xlb apply` persists into it).")
+@click.option("--role", type=click.Choice(["active", "backup"]), default="active",
+              show_default=True,
+              help="backup: answer no ARP for the VIPs (and announce none) until "
+                   "`xlb ha role active`, as keepalived's backup node.")
+@click.option("--announce-table", type=int, metavar="TABLE",
+              help="Keep a /32 route for each VIP served (some server of its pools up) in "
+                   "kernel routing table TABLE, for BIRD to announce (`xlb ha bird`).")
 def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise, fall,
-       metrics_at, forwarding, flow_table, config_path) -> None:
+       metrics_at, forwarding, flow_table, config_path, role, announce_table) -> None:
     """Load the XDP program and serve in the foreground until SIGINT or SIGTERM.
 
     Either the one-line form (--vip, --backend, --algorithm, --iface, and the
@@ -106,6 +114,9 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
         metrics_address = metrics.parse_address(metrics_at)
     except ValueError as e:
         raise BadInput(f"--metrics: {e}") from None
+    if announce_table is not None:
+        from .ha import check_table
+        _valid("--announce-table", check_table, announce_table)
     if os.geteuid() != 0:
         raise Failure("xlb up needs root, to load and attach XDP programs")
     from . import daemon               # imports bcc only when it is needed
@@ -114,7 +125,7 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
     try:
         daemon.up(config, config_path.resolve() if config_path else None, metrics_address,
                   Limits() if flow_table is None else Limits.for_connections(flow_table),
-                  forwarding == "fast")
+                  forwarding == "fast", role, announce_table)
     except ctl.AlreadyRunning as e:
         raise Failure(str(e)) from None
     except (LookupError, CapacityError) as e:
@@ -254,6 +265,151 @@ def down() -> None:
     raise Failure("the instance did not stop within 15 s")
 
 
+@cli.group()
+def ha() -> None:
+    """High availability with keepalived (an active/backup pair) or BIRD (N nodes
+    announcing the VIPs over BGP to a router that spreads flows with ECMP).
+
+    The active node answers ARP for the VIPs; a backup is silent but keeps
+    checking health. The VIPs are never local addresses: keepalived elects,
+    and moves only the backends' gateway address.
+    """
+
+
+@ha.command()
+@click.argument("role", type=click.Choice(["active", "backup"]))
+def role(role: str) -> None:
+    """Make the running instance active or backup.
+
+    active: answer ARP for the VIPs, send a gratuitous ARP for each on
+    becoming active, and announce them (--announce-table). backup: none of
+    that; health checks go on and the XDP program still balances whatever
+    reaches it.
+    """
+    r = _request("role", role=role)
+    click.echo(f"xlb: {r['previous']} -> {r['role']}; {r['gratuitous_arps']} gratuitous ARPs sent")
+
+
+@ha.command()
+@click.option("--instance", default="xlb", show_default=True,
+              help="The vrrp_instance whose state xlb follows.")
+@click.argument("fifo", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def follow(instance: str, fifo: Path) -> None:
+    """Follow keepalived's notify FIFO: MASTER makes xlb active; BACKUP, FAULT
+    and STOP make it backup.
+
+    keepalived starts this as its vrrp_notify_fifo_script (see `xlb ha
+    keepalived`) and it runs as long as keepalived: one process for all
+    changes, where a notify script would start one per change. A role that
+    cannot be delivered (xlb not running) is retried every 0.5 s.
+    """
+    from .ha import keepalived_role
+    fd = os.open(fifo, os.O_RDWR)     # a reader that is also a writer never sees EOF
+    pending, buf = None, b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], 0.5 if pending else None)
+        if ready:
+            buf += os.read(fd, 4096)
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                pending = keepalived_role(line.decode(errors="replace"), instance) or pending
+        if pending:
+            try:
+                ctl.request("role", role=pending, timeout=2.0)
+                pending = None
+            except (ctl.NotRunning, ctl.ControlError, OSError) as e:
+                click.echo(f"xlb ha follow: role {pending} not delivered yet: {e}", err=True)
+
+
+def _valid(option: str, check, value):
+    """check(value), or bad input naming the option."""
+    try:
+        return check(value)
+    except ValueError as e:
+        raise BadInput(f"{option}: {e}") from None
+
+
+def _ha_config(path: Path):
+    cfg = _load(path)
+    if not cfg.frontends:
+        raise BadInput(f"{path}: no frontend, so no VIP to make highly available")
+    return cfg
+
+
+@ha.command()
+@click.option("--peer", required=True, metavar="IP", help="The other node's address on DEV.")
+@click.option("--interface", required=True, metavar="DEV", help="The link VRRP runs on.")
+@click.option("--priority", type=click.IntRange(1, 254), default=100, show_default=True,
+              help="The higher one is elected; the lower one waits about "
+                   "(256 - N)/256 of an advert interval longer before it takes over.")
+@click.option("--advert-int", type=click.FloatRange(0.01, 40.95), default=1.0,
+              show_default=True, metavar="SECONDS",
+              help="Seconds between adverts; a failure is seen after 3 missed ones.")
+@click.option("--vrid", type=click.IntRange(1, 255), default=51, show_default=True,
+              help="virtual_router_id: the same on both nodes, unique on the link.")
+@click.option("--gateway", "gateways", multiple=True, metavar="IP/PREFIX[@DEV]",
+              help="An address that moves with the active node: the backends' default "
+                   "gateway (on DEV; default: --interface). Repeatable.")
+@click.option("--fifo", default="/run/xlb-keepalived.fifo", show_default=True,
+              metavar="PATH", help="keepalived's notify FIFO, read by `xlb ha follow`.")
+@click.option("--xlb", "xlb_path", metavar="PATH",
+              help="The xlb that keepalived runs (default: this one).")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, xlb_path,
+               config) -> None:
+    """Print a keepalived config for one node of an active/backup pair serving
+    CONFIG's VIPs (CONFIG is read, never written).
+
+    Run both nodes with the same xlb config and `xlb up --role backup`, then
+    keepalived with this config (each node with its own --peer and
+    --priority). VRRPv3, unicast to the peer, no preemption; keepalived's
+    state reaches xlb through `xlb ha follow`.
+    """
+    from . import ha as hamod
+    from .model import parse_address
+    peer_ip = _valid("--peer", parse_address, peer)
+    gws = [_valid("--gateway", hamod.Gateway.parse, g) for g in gateways]
+    cfg = _ha_config(config)
+    vips = {f.vip for f in cfg.frontends}
+    for g in gws:
+        if g.address.ip in vips:
+            raise BadInput(f"--gateway {g.address}: a VIP must not be a local address "
+                           f"(xlb answers its ARP)")
+    click.echo(hamod.keepalived_conf(cfg, xlb=xlb_path or os.path.abspath(sys.argv[0]),
+                                     peer=peer_ip,
+                                     interface=interface, priority=priority,
+                                     advert_int=advert_int, vrid=vrid, fifo=fifo,
+                                     gateways=gws), nl=False)
+
+
+@ha.command()
+@click.option("--router", required=True, metavar="IP", help="The router's address (BGP peer).")
+@click.option("--as", "local_as", required=True, type=click.IntRange(1, 2**32 - 1),
+              metavar="N", help="This node's AS number.")
+@click.option("--peer-as", required=True, type=click.IntRange(1, 2**32 - 1), metavar="N",
+              help="The router's AS number.")
+@click.option("--table", type=int, default=100, show_default=True,
+              help="The routing table of `xlb up --announce-table`.")
+@click.option("--router-id", metavar="IP", help="BIRD's router id (default: BIRD picks one).")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+def bird(router, local_as, peer_as, table, router_id, config) -> None:
+    """Print a BIRD 2 config for one of N nodes announcing CONFIG's VIPs as /32
+    to a router that spreads them with ECMP (CONFIG is read, never written).
+
+    A VIP is announced while `xlb up --announce-table TABLE` serves it (some
+    server of its pools up, role active) and withdrawn when it stops serving
+    it, on `xlb down`, or, through BFD (100 ms x 3), when the node fails.
+    """
+    from . import ha as hamod
+    from .model import parse_address
+    router_ip = _valid("--router", parse_address, router)
+    rid = _valid("--router-id", parse_address, router_id) if router_id else None
+    _valid("--table", hamod.check_table, table)
+    cfg = _ha_config(config)
+    click.echo(hamod.bird_conf(cfg, router=router_ip, local_as=local_as, peer_as=peer_as,
+                               table=table, router_id=rid), nl=False)
+
+
 def _request(cmd: str, **args):
     try:
         return ctl.request(cmd, **args)
@@ -267,11 +423,20 @@ def _last_check(check: dict | None) -> str:
     return f"{check['reason']} ({check['duration_seconds'] * 1000:.1f} ms)"
 
 
+def _ha_line(h: dict) -> str:
+    line = f"role {h['role']}" + (" (answers ARP for the VIPs)" if h["role"] == "active"
+                                  else " (silent: answers no ARP, announces nothing)")
+    if h["announce_table"] is not None:
+        line += (f"; announcing {', '.join(h['announcing']) or 'nothing'} "
+                 f"(routing table {h['announce_table']})")
+    return line
+
+
 def format_status(s: dict) -> str:
     ifaces = ", ".join(f"{i['name']} ({i['mode']})" for i in s["interfaces"])
     source = f", config {s['config']}" if s.get("config") else ""
     lines = [f"xlb {s['version']}, pid {s['pid']}, up {s['uptime_seconds']:.0f}s, on {ifaces}, "
-             f"{s['forwarding']} forwarding{source}", ""]
+             f"{s['forwarding']} forwarding{source}", _ha_line(s["ha"]), ""]
     lines.append(f"{'FRONTEND':<14} {'VIP':<22} {'POOL':<12} {'TAKING':>6} {'CONNS':>7} "
                  f"{'PKTS IN':>8} {'PKTS OUT':>8} {'BYTES IN':>8} {'BYTES OUT':>9}")
     for f in s["frontends"]:

@@ -12,6 +12,7 @@ and a write that fails is undone.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import __version__, config as configfile, ctl, flowtable, log, metrics, netif, planner
+from . import __version__, config as configfile, ctl, flowtable, ha, log, metrics, netif, planner
 from .datapath import Datapath, DatapathError, Limits
 from .health import HealthChecker, Target, Transition
 from .layout import REASON_ACTIONS, XDP_ACTIONS
@@ -36,9 +37,12 @@ class Balancer:
     """A running instance: the config it serves, the runtime state of its
     servers, and the data path serving them."""
 
-    def __init__(self, datapath: Datapath, config_path: Path | None = None):
+    def __init__(self, datapath: Datapath, config_path: Path | None = None,
+                 role: str = "active", announcer: ha.Announcer | None = None):
         self.datapath = datapath
         self.config_path = config_path
+        self.role = role                          # ha.ROLES: a backup answers no ARP
+        self.announcer = announcer                # the VIP routes BIRD announces
         self.config = EMPTY
         self.links: dict[str, netif.Link] = {}    # attached, by name
         self.state = planner.DataplaneState()     # what the maps hold
@@ -83,6 +87,8 @@ class Balancer:
         lim = self.datapath.limits
         target = planner.desired(config, links, self.state, lim.max_services, lim.max_backends,
                                  lim.ring_size, lim.max_maglev, states)
+        if self.role == "backup":
+            target = dataclasses.replace(target, arp={})
         ends = planner.flows_to_end(self.config, self.states, self.state, config, states, target)
 
         dp = self.datapath
@@ -113,8 +119,34 @@ class Balancer:
             self.links = {link.name: link for link in links}
             self.last_apply = time.time()
         self.check_durations.forget_except(keys)
+        self._announce()
         return {"frontends": len(config.frontends), "pools": len(config.pools),
                 "servers": len(keys), "flows_ended": sum(ended.values())}
+
+    def _announce(self) -> None:
+        """Announces the VIPs served while active. A route that cannot be written
+        is a warning, not a failed apply: the maps already serve the config."""
+        if self.announcer is None:
+            return
+        taking = {fe.name: len(set(self.state.services[(fe.vip, fe.port, fe.proto_number)].slots))
+                  for fe in self.config.frontends}
+        _sync_routes(self.announcer,
+                     ha.served_vips(self.config, taking) if self.role == "active" else ())
+
+    def set_role(self, role: str) -> dict:
+        """active: answer ARP for the VIPs (a gratuitous ARP for each on becoming
+        active) and announce them; backup: silent, still checking health."""
+        if role not in ha.ROLES:
+            raise BadRequest(f"unknown role {role!r} (active or backup)")
+        was, self.role = self.role, role
+        try:
+            self.apply(self.config)
+        except Exception:
+            self.role = was
+            raise
+        garps = ha.send_garp(self.state.arp) if role == "active" and was != "active" else 0
+        log.event("role", old=was, new=role, gratuitous_arps=garps)
+        return {"role": role, "previous": was, "gratuitous_arps": garps}
 
     def set_admin(self, action: str, pool: str, server: str) -> dict:
         if not any(p.name == pool for p in self.config.pools):
@@ -192,6 +224,10 @@ class Balancer:
             "flows": self._flows(census),
             "map_memory_bytes": sum(dp.map_memory().values()),
             "applies": dict(self.applies), "last_apply": self.last_apply,
+            "ha": {"role": self.role,
+                   "announce_table": self.announcer and self.announcer.table,
+                   "announcing": sorted(map(str, self.announcer.announced))
+                   if self.announcer else []},
             "actions": actions,
             "reasons": {name: {"packets": t.packets, "bytes": t.bytes}
                         for name, t in reasons.items()},
@@ -235,6 +271,13 @@ class Balancer:
                         "reopened": fc.reopened, "ended": sum(ended.values()),
                         "evicted": sum(self.evicted.values())},
         }
+
+
+def _sync_routes(announcer: ha.Announcer, vips) -> None:
+    try:
+        announcer.sync(vips)
+    except OSError as e:
+        log.event("announce", level="warning", table=announcer.table, error=str(e))
 
 
 def _check_dict(last) -> dict | None:
@@ -282,14 +325,16 @@ def _check_host(config: Config, links: list[netif.Link]) -> None:
 
 def up(config: Config, config_path: Path | None = None,
        metrics_address: tuple[str, int] | None = None, limits: Limits = Limits(),
-       fast_path: bool = True) -> int:
+       fast_path: bool = True, role: str = "active",
+       announce_table: int | None = None) -> int:
     """Runs the balancer in the foreground until SIGINT or SIGTERM (or `xlb down`)."""
     sock = ctl.bind()
     datapath = exporter = None
+    announcer = ha.Announcer(announce_table) if announce_table is not None else None
     try:
         datapath = Datapath(limits)
         datapath.set_forwarding(fast_path)
-        balancer = Balancer(datapath, config_path)
+        balancer = Balancer(datapath, config_path, role, announcer)
         balancer.apply(config)
         if metrics_address is not None:
             try:
@@ -309,6 +354,8 @@ def up(config: Config, config_path: Path | None = None,
     finally:
         if exporter is not None:
             exporter.shutdown()
+        if announcer is not None:       # withdraw before the data path goes
+            _sync_routes(announcer, ())
         if datapath is not None:
             datapath.close()
         sock.close()
@@ -487,6 +534,8 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
         result = balancer.set_admin(action, _field(req, "pool"), _field(req, "server"))
         log.event("server", action=action, **result)
         return result
+    if cmd == "role":
+        return balancer.set_role(_field(req, "role"))
     if cmd == "down":
         request_stop()
         return "stopping"

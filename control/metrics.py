@@ -77,6 +77,10 @@ FAMILIES = {
     "xlb_config_applies": ("counter", "Config applies, by result."),
     "xlb_config_last_apply_timestamp_seconds": ("gauge", "When the last successful apply (or "
                                                          "the start) happened, Unix time."),
+    "xlb_node_role": ("gauge", "1 for the node's current role: active (answers ARP for the "
+                               "VIPs) or backup (silent)."),
+    "xlb_bgp_announcing": ("gauge", "1 while the VIP's route is in the announce table (BIRD "
+                                    "announces it), else 0; only with --announce-table."),
 }
 
 
@@ -208,6 +212,11 @@ def render(st: dict, durations: dict[tuple[str, str], tuple[list[int], float]]) 
     for result in ("ok", "error"):
         add("xlb_config_applies", _labels(result=result), st["applies"][result])
     add("xlb_config_last_apply_timestamp_seconds", "", st["last_apply"])
+    for role in ("active", "backup"):
+        add("xlb_node_role", _labels(role=role), int(st["ha"]["role"] == role))
+    if st["ha"]["announce_table"] is not None:
+        for vip in sorted({f["vip"] for f in st["frontends"]}, key=IPv4Address):
+            add("xlb_bgp_announcing", _labels(vip=vip), int(vip in st["ha"]["announcing"]))
 
     text = []
     for family, (kind, doc) in FAMILIES.items():

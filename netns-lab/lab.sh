@@ -176,6 +176,15 @@ plug() {
     ip -n "$P-$node" link set "$dev" up
 }
 
+# wire NODE DEV PEER PEER-DEV: a veth straight from NODE's DEV to PEER's PEER-DEV.
+wire() {
+    ip -n "$P-$1" link add "$2" type veth peer name "$4" netns "$P-$3"
+    tx_off "$1" "$2"
+    tx_off "$3" "$4"
+    ip -n "$P-$1" link set "$2" up
+    ip -n "$P-$3" link set "$4" up
+}
+
 addr() { ip -n "$P-$1" addr add "$3" dev "$2"; }
 route() { local n=$1; shift; ip -n "$P-$n" route add "$@"; }
 
@@ -189,11 +198,7 @@ make_client() {
 make_fwex_remote() {
     plug fwex eth0 br-ext
     addr fwex eth0 10.1.1.2/24
-    ip -n "$P-fwex" link add eth1 type veth peer name eth0 netns "$P-remote"
-    tx_off fwex eth1
-    tx_off remote eth0
-    ip -n "$P-fwex" link set eth1 up
-    ip -n "$P-remote" link set eth0 up
+    wire fwex eth1 remote eth0
     addr fwex eth1 198.51.100.1/24
     sysctl_in fwex net.ipv4.ip_forward=1
     # The balancer is the VIP's gateway for routed clients, and the way to the WAS
@@ -390,6 +395,16 @@ usage() {
     exit 2
 }
 
+cmd_exec() {   # cmd_exec NODE CMD...
+    [ $# -ge 2 ] || usage
+    is_node "$1" || die "unknown node '$1' (nodes: $NODES)"
+    ns_exists "$1" || die "namespace $P-$1 does not exist (up first)"
+    local node=$1; shift
+    exec ip netns exec "$P-$node" "$@"
+}
+
+# Sourced (by ha-pair.sh, ha-ecmp.sh): the helpers above, no command.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 [ "$(id -u)" = 0 ] || die "must run as root (network namespaces)"
 cmd=${1:-}
 [ $# -gt 0 ] && shift
@@ -398,12 +413,7 @@ case $cmd in
     down) cmd_down ;;
     status) cmd_status ;;
     check) cmd_check ;;
-    exec)
-        [ $# -ge 2 ] || usage
-        is_node "$1" || die "unknown node '$1' (nodes: $NODES)"
-        ns_exists "$1" || die "namespace $P-$1 does not exist (lab.sh up first)"
-        node=$1; shift
-        exec ip netns exec "$P-$node" "$@" ;;
+    exec) cmd_exec "$@" ;;
     server)
         [ $# -eq 2 ] || usage
         case $1 in

@@ -29,10 +29,10 @@ SEED_ARGS = ("--vip", f"{VIP}:80", "--backend", f"{WAS['WAS1']}:8080",
 
 
 @contextlib.contextmanager
-def running_lab(prefix: str):
+def running_lab(prefix: str, script: str = "lab.sh"):
     """A fresh lab for a test module: torn down before (a leftover of a killed
     run) and after, also when the tests fail."""
-    lab = Lab(prefix)
+    lab = Lab(prefix, script)
     lab.down()
     try:
         lab.up()
@@ -50,16 +50,45 @@ def even_split(counts: dict[str, int], names: set[str], total: int) -> bool:
     return all(abs(n - fair) <= os.cpu_count() for n in counts.values())
 
 
+def wait_for(predicate, seconds: float, what: str):
+    """predicate()'s first true result, polled every 0.1 s; AssertionError naming
+    what did not happen within the time."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"not within {seconds}s: {what}")
+
+
+def maglev_seed(directory: Path) -> tuple[Path, bool]:
+    """A copy of seed.toml in directory whose pool uses Maglev where `xlb check`
+    accepts it (every node of a pair or an ECMP group then sends a flow it never
+    saw to the same server), and whether it does."""
+    config = directory / "xlb.toml"
+    seed = (HERE / "seed.toml").read_text()
+    config.write_text(seed.replace('algorithm = "roundrobin"', 'algorithm = "maglev"'))
+    if subprocess.run([str(XLB), "check", str(config)], capture_output=True).returncode == 0:
+        return config, True
+    config.write_text(seed)
+    return config, False
+
+
 class Lab:
-    def __init__(self, prefix: str):
+    """The seed lab (lab.sh), or another topology built by a script with the same
+    commands (ha-pair.sh, ha-ecmp.sh)."""
+
+    def __init__(self, prefix: str, script: str = "lab.sh"):
         self.prefix = prefix
+        self.script = HERE / script
         self.env = {**os.environ, "XLB_LAB": prefix}
 
     def ns(self, node: str) -> str:
         return f"{self.prefix}-{node}"
 
     def _lab(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(HERE / "lab.sh"), *args], env=self.env,
+        return subprocess.run(["bash", str(self.script), *args], env=self.env,
                               check=check, capture_output=True, text=True, timeout=120)
 
     def up(self) -> None:

@@ -42,6 +42,7 @@ STATUS = {
               "created": 40, "promoted": 30,
               "removed": {"expired": 11, "reopened": 12, "ended": 13, "evicted": 14}},
     "map_memory_bytes": 31000000, "applies": {"ok": 3, "error": 1}, "last_apply": 1.7e9,
+    "ha": {"role": "active", "announce_table": 100, "announcing": ["10.1.1.101"]},
 }
 
 
@@ -147,6 +148,12 @@ class Library:
                   [([r], st["applies"][r]) for r in ("ok", "error")])
         yield fam("xlb_config_last_apply_timestamp_seconds", GaugeMetricFamily, [],
                   [([], st["last_apply"])])
+        yield fam("xlb_node_role", GaugeMetricFamily, ["role"],
+                  [([r], st["ha"]["role"] == r) for r in ("active", "backup")])
+        if st["ha"]["announce_table"] is not None:
+            yield fam("xlb_bgp_announcing", GaugeMetricFamily, ["vip"],
+                      [([v], v in st["ha"]["announcing"])
+                       for v in sorted({f["vip"] for f in st["frontends"]})])
 
 
 def fam(name, cls, labels, rows):

@@ -1,0 +1,234 @@
+"""High availability with existing engines, never a protocol of xlb's own.
+
+- An active/backup pair: keepalived (VRRP) elects the active node and tells
+  xlb its role. The active node answers ARP for the VIPs (and sends a
+  gratuitous ARP for each when it becomes active); a backup stays silent but
+  keeps checking health, and its XDP program still balances whatever reaches
+  it. keepalived moves only the backends' gateway address: a VIP is never a
+  local address of a balancer.
+- N active nodes behind a router's ECMP: each node's BIRD announces the VIPs
+  over BGP. xlb keeps a /32 route for each VIP it serves (some server of the
+  VIP's pools up, role active) in a dedicated kernel routing table; BIRD's
+  kernel protocol learns that table and exports it to BGP, so a VIP is
+  withdrawn as soon as xlb stops serving it, stops, or the node fails (BFD).
+
+`keepalived_conf` and `bird_conf` write those engines' configs for a config
+file's VIPs; they are pure functions of their arguments.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+from typing import Iterable, Mapping
+
+from .model import Config
+
+ROLES = ("active", "backup")
+# keepalived's FIFO lines name a state; MASTER makes xlb active, every other
+# state that means "not master" (BACKUP, FAULT, STOP) makes it silent.
+KEEPALIVED_STATES = {"MASTER": "active", "BACKUP": "backup", "FAULT": "backup",
+                     "STOP": "backup"}
+BFD_INTERVAL_MS = 100      # BFD between router and nodes: 100 ms x 3, a failure seen in 0.3 s
+BFD_MULTIPLIER = 3
+RTPROT_STATIC = 4          # the announce table's routes are the operator's (static), not BIRD's
+ETH_P_ARP = 0x0806
+
+
+# --- gratuitous ARP ----------------------------------------------------------------
+
+def garp_frame(mac: bytes, vip: IPv4Address) -> bytes:
+    """A broadcast ARP request for vip from vip at mac (RFC 5227's announcement):
+    every host on the link that knows vip points it at mac; Linux takes it even
+    within its neighbour lock time."""
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac, vip.packed,
+                      b"\0" * 6, vip.packed)
+    return b"\xff" * 6 + mac + struct.pack("!H", ETH_P_ARP) + arp
+
+
+def send_garp(arp: Mapping[tuple[int, IPv4Address], bytes]) -> int:
+    """Sends a gratuitous ARP for each (ifindex, VIP) -> link MAC, as the planner's
+    ARP entries list them; returns how many were sent."""
+    sent = 0
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        for (ifindex, vip), mac in arp.items():
+            s.sendto(garp_frame(mac, vip), (socket.if_indextoname(ifindex), ETH_P_ARP))
+            sent += 1
+    return sent
+
+
+# --- the routes BIRD announces -------------------------------------------------------
+
+def served_vips(config: Config, taking: Mapping[str, int]) -> frozenset[IPv4Address]:
+    """VIPs with at least one frontend whose pool has a server taking flows
+    (`taking`: frontend name -> servers taking new flows)."""
+    return frozenset(f.vip for f in config.frontends if taking.get(f.name, 0) > 0)
+
+
+def check_table(table: int) -> int:
+    """A routing table xlb may own: not 0 nor the kernel's default, main, local."""
+    if not 0 < table < 2**32 or table in (253, 254, 255):
+        raise ValueError(f"table {table}: give a routing table of xlb's own, 1 to 2^32-1 "
+                         f"except the kernel's 253-255 (default, main, local)")
+    return table
+
+
+class Announcer:
+    """/32 blackhole routes for the VIPs to announce, in kernel routing table
+    `table`, which xlb owns. No lookup uses the table (no rule points at it):
+    it only tells BIRD what to announce."""
+
+    def __init__(self, table: int):
+        self.table = table
+        self.announced: frozenset[IPv4Address] = frozenset()
+
+    def _held(self, ipr) -> set[IPv4Address]:
+        return {IPv4Address(r.get_attr("RTA_DST")) for r in ipr.get_routes(table=self.table)
+                if r["dst_len"] == 32 and r.get_attr("RTA_TABLE") == self.table}
+
+    def sync(self, vips: Iterable[IPv4Address]) -> None:
+        """Makes the table hold exactly vips/32."""
+        from pyroute2 import IPRoute, NetlinkError
+        want = set(vips)
+        try:
+            with IPRoute() as ipr:
+                held = self._held(ipr)
+                for vip in want - held:
+                    ipr.route("add", dst=f"{vip}/32", table=self.table, type="blackhole",
+                              proto=RTPROT_STATIC)
+                for vip in held - want:
+                    ipr.route("del", dst=f"{vip}/32", table=self.table, type="blackhole")
+        except NetlinkError as e:
+            raise OSError(e.code, f"routing table {self.table}: {e}") from None
+        self.announced = frozenset(want)
+
+
+# --- keepalived ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Gateway:
+    """An address keepalived moves with the active node (the backends' default
+    gateway), on `interface` (None: the VRRP interface)."""
+    address: IPv4Interface
+    interface: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Gateway":
+        """IP/PREFIX[@DEV]; raises ValueError naming the problem."""
+        addr, _, dev = text.partition("@")
+        if "/" not in addr:
+            raise ValueError(f"{text!r}: give the address with its prefix, IP/PREFIX[@DEV]")
+        try:
+            iface = IPv4Interface(addr)
+        except ValueError:
+            raise ValueError(f"{text!r} is not IP/PREFIX[@DEV]") from None
+        return cls(iface, dev or None)
+
+
+def keepalived_role(line: str, instance: str) -> str | None:
+    """The xlb role a keepalived FIFO line asks for, or None when the line is
+    about something else: `INSTANCE "xlb" MASTER 250`."""
+    parts = line.split()
+    if len(parts) >= 3 and parts[0] == "INSTANCE" and parts[1] == f'"{instance}"':
+        return KEEPALIVED_STATES.get(parts[2])
+    return None
+
+
+def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: str,
+                    priority: int, advert_int: float, vrid: int, fifo: str,
+                    gateways: Iterable[Gateway], instance: str = "xlb") -> str:
+    """A keepalived config for one node of a pair: VRRPv3 (fractional
+    advert_int), unicast to the peer, both nodes starting as BACKUP without
+    preemption (a node that comes back does not take over again); the
+    gateways move with the active node; the VIPs are NOT virtual addresses
+    (xlb answers their ARP). State changes reach xlb through keepalived's
+    notify FIFO, read by `xlb ha follow` for keepalived's whole lifetime: a
+    notify script would start a new process per change, which costs more
+    than a third of a 0.4 s failover."""
+    vips = sorted({str(f.vip) for f in config.frontends}, key=IPv4Address)
+    lines = [
+        f"# keepalived for xlb: VRRP elects the node that answers ARP for "
+        f"{', '.join(vips) or 'no VIP'}.",
+        "# Written by `xlb ha keepalived`. The VIPs are deliberately not virtual_ipaddress:",
+        "# xlb answers their ARP itself on the active node (`xlb ha role`).",
+        "global_defs {",
+        "    vrrp_version 3",
+        "    script_user root",
+        "    enable_script_security",
+        f"    vrrp_notify_fifo {fifo}",
+        f'    vrrp_notify_fifo_script "{xlb} ha follow --instance {instance}"',
+        "}",
+        "",
+        f"vrrp_instance {instance} {{",
+        "    state BACKUP",
+        "    nopreempt",
+        f"    interface {interface}",
+        f"    virtual_router_id {vrid}",
+        f"    priority {priority}",
+        f"    advert_int {advert_int:g}",
+        "    unicast_peer {",
+        f"        {peer}",
+        "    }",
+    ]
+    gateways = list(gateways)
+    if gateways:
+        lines.append("    virtual_ipaddress {")
+        lines += [f"        {g.address} dev {g.interface or interface}" for g in gateways]
+        lines.append("    }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+# --- BIRD ----------------------------------------------------------------------------
+
+def bird_conf(config: Config, *, router: IPv4Address, local_as: int, peer_as: int,
+              table: int, router_id: IPv4Address | None = None) -> str:
+    """A BIRD 2 config for one scale-out node: learn the /32 routes that `xlb up
+    --announce-table TABLE` keeps in kernel table TABLE and announce them over
+    eBGP to the router, with BFD so that a silent failure is seen in 0.3 s."""
+    vips = sorted({str(f.vip) for f in config.frontends}, key=IPv4Address)
+    ms = BFD_INTERVAL_MS
+    lines = [
+        f"# BIRD for xlb: announces {', '.join(vips) or 'no VIP'} as /32 to the router "
+        f"{router} while xlb serves them.",
+        f"# Written by `xlb ha bird`. Run xlb with `xlb up --announce-table {table}`.",
+    ]
+    if router_id is not None:
+        lines.append(f"router id {router_id};")
+    lines += [
+        "",
+        "protocol device {",
+        "}",
+        "",
+        "# The VIPs xlb serves: its own table, learned (xlb's routes are not BIRD's), never written.",
+        "protocol kernel xlb_vips {",
+        "    ipv4 {",
+        "        import all;",
+        "        export none;",
+        "    };",
+        f"    kernel table {table};",
+        "    learn;",
+        "}",
+        "",
+        "protocol bfd {",
+        '    interface "*" {',
+        f"        min rx interval {ms} ms;",
+        f"        min tx interval {ms} ms;",
+        f"        multiplier {BFD_MULTIPLIER};",
+        "    };",
+        "}",
+        "",
+        "protocol bgp uplink {",
+        f"    local as {local_as};",
+        f"    neighbor {router} as {peer_as};",
+        "    bfd on;",
+        "    ipv4 {",
+        "        import none;",
+        '        export where proto = "xlb_vips" && net.len = 32;',
+        "        next hop self;",
+        "    };",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,151 @@
+"""High availability without a kernel: the keepalived and BIRD configs xlb
+writes (checked by the engines' own parsers where they are installed), the
+FIFO lines it follows, the gratuitous ARP it sends, the role metrics, and the
+`xlb ha` commands' bad input."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from xlb import config as configfile, ha, metrics
+from xlb.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = ROOT / "netns-lab" / "seed.toml"
+EXAMPLES = ROOT / "netns-lab" / "ha-examples"
+
+
+def seed():
+    return configfile.load_file(SEED)
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args), standalone_mode=False, catch_exceptions=True)
+
+
+def test_gratuitous_arp_is_an_announcement_as_scapy_reads_it():
+    from scapy.layers.l2 import ARP, Ether
+    mac = bytes.fromhex("020000000b01")
+    pkt = Ether(ha.garp_frame(mac, IPv4Address("10.1.1.101")))
+    assert pkt.dst == "ff:ff:ff:ff:ff:ff" and pkt.src == "02:00:00:00:0b:01"
+    arp = pkt[ARP]
+    assert arp.op == 1 and arp.psrc == arp.pdst == "10.1.1.101"
+    assert arp.hwsrc == "02:00:00:00:0b:01" and arp.hwdst == "00:00:00:00:00:00"
+
+
+def test_keepalived_fifo_lines():
+    assert ha.keepalived_role('INSTANCE "xlb" MASTER 250', "xlb") == "active"
+    for state in ("BACKUP", "FAULT", "STOP"):
+        assert ha.keepalived_role(f'INSTANCE "xlb" {state} 250', "xlb") == "backup"
+    assert ha.keepalived_role('INSTANCE "other" MASTER 250', "xlb") is None
+    assert ha.keepalived_role('GROUP "xlb" MASTER', "xlb") is None
+    assert ha.keepalived_role("", "xlb") is None
+
+
+def test_served_vips_need_a_server_taking_flows():
+    cfg = seed()
+    assert ha.served_vips(cfg, {"www": 2}) == {IPv4Address("10.1.1.101")}
+    assert ha.served_vips(cfg, {"www": 0}) == frozenset()
+
+
+def test_gateways_and_tables():
+    assert ha.Gateway.parse("10.1.11.1/24@eth1") == ha.Gateway(IPv4Interface("10.1.11.1/24"),
+                                                               "eth1")
+    assert ha.Gateway.parse("10.1.11.1/24").interface is None
+    for bad in ("10.1.11.1", "10.1.11.300/24", "gw@eth1"):
+        with pytest.raises(ValueError):
+            ha.Gateway.parse(bad)
+    assert ha.check_table(100) == 100
+    for bad in (0, 253, 254, 255, 2**32):
+        with pytest.raises(ValueError):
+            ha.check_table(bad)
+
+
+def keepalived_text(**kw) -> str:
+    args = dict(xlb="/usr/local/bin/xlb", peer=IPv4Address("10.1.11.12"), interface="eth1",
+                priority=250, advert_int=0.1, vrid=51, fifo="/run/xlb-keepalived.fifo",
+                gateways=[ha.Gateway(IPv4Interface("10.1.11.1/24"))])
+    return ha.keepalived_conf(seed(), **{**args, **kw})
+
+
+def test_keepalived_config_elects_without_owning_the_vip():
+    text = keepalived_text()
+    assert "10.1.1.101" not in text.split("vrrp_instance")[1]    # the VIP is no address
+    assert "10.1.11.1/24 dev eth1" in text
+    assert 'vrrp_notify_fifo_script "/usr/local/bin/xlb ha follow --instance xlb"' in text
+    for line in ("vrrp_version 3", "state BACKUP", "nopreempt", "advert_int 0.1",
+                 "priority 250", "virtual_router_id 51", "interface eth1"):
+        assert f"    {line}\n" in text
+    assert "virtual_ipaddress {" not in keepalived_text(gateways=[])
+
+
+def test_bird_config_announces_the_table_with_bfd():
+    text = ha.bird_conf(seed(), router=IPv4Address("10.1.2.1"), local_as=65001, peer_as=65000,
+                        table=100)
+    assert "kernel table 100;" in text and "learn;" in text
+    assert "neighbor 10.1.2.1 as 65000;" in text and "local as 65001;" in text
+    assert "bfd on;" in text and "min rx interval 100 ms;" in text and "multiplier 3;" in text
+    assert 'export where proto = "xlb_vips" && net.len = 32;' in text
+
+
+@pytest.mark.skipif(shutil.which("bird") is None, reason="bird2 is not installed")
+def test_bird_parses_what_xlb_writes(tmp_path):
+    for conf in sorted(EXAMPLES.glob("bird-*.conf")):
+        r = subprocess.run(["bird", "-p", "-c", str(conf)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{conf.name}: {r.stderr}"
+
+
+def test_examples_are_what_the_commands_print():
+    """The configs in netns-lab/ha-examples/ are the commands' output for the seed."""
+    ka = ["ha", "keepalived", "--interface", "eth1", "--advert-int", "0.1",
+          "--gateway", "10.1.11.1/24", "--xlb", "/usr/local/bin/xlb"]
+    cases = {
+        "keepalived-lb1.conf": ka + ["--peer", "10.1.11.12", "--priority", "250", str(SEED)],
+        "keepalived-lb2.conf": ka + ["--peer", "10.1.11.11", "--priority", "240", str(SEED)],
+        "bird-node1.conf": ["ha", "bird", "--router", "10.1.2.1", "--as", "65001",
+                            "--peer-as", "65000", "--router-id", "10.1.2.11", str(SEED)],
+    }
+    for name, args in cases.items():
+        r = run(*args)
+        assert r.exit_code == 0, r.output
+        assert r.output == (EXAMPLES / name).read_text(), name
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ha", "keepalived", "--peer", "10.1.11", "--interface", "eth1", str(SEED)],
+     "--peer: '10.1.11' is not an IPv4 address"),
+    (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1", "--gateway",
+      "10.1.1.101/24", str(SEED)], "a VIP must not be a local address"),
+    (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1", "--gateway",
+      "10.1.11.1", str(SEED)], "--gateway: '10.1.11.1': give the address with its prefix"),
+    (["ha", "bird", "--router", "10.1.2.1", "--as", "65001", "--peer-as", "65000",
+      "--table", "254", str(SEED)], "--table: table 254"),
+    (["ha", "bird", "--router", "10.1.2.1", "--as", "65001", "--peer-as", "65000",
+      "/nonexistent.toml"], "/nonexistent.toml"),
+    (["up", "--vip", "10.1.1.101:80", "--backend", "10.1.11.101:8080",
+      "--announce-table", "255"], "--announce-table: table 255"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    r = subprocess.run([str(ROOT / ".venv" / "bin" / "xlb"), *args], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_role_metrics():
+    from test_metrics import STATUS, samples
+    st = {**STATUS, "ha": {"role": "backup", "announce_table": 100, "announcing": []}}
+    got = samples(metrics.render(st, {}))
+    assert got[("xlb_node_role", (("role", "backup"),))] == 1
+    assert got[("xlb_node_role", (("role", "active"),))] == 0
+    assert got[("xlb_bgp_announcing", (("vip", "10.1.1.101"),))] == 0
+    st["ha"] = {"role": "active", "announce_table": 100, "announcing": ["10.1.1.101"]}
+    assert samples(metrics.render(st, {}))[("xlb_bgp_announcing", (("vip", "10.1.1.101"),))] == 1
+    st["ha"] = {"role": "active", "announce_table": None, "announcing": []}
+    assert not any(k[0] == "xlb_bgp_announcing" for k in samples(metrics.render(st, {})))

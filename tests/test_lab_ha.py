@@ -1,0 +1,126 @@
+"""An active/backup pair in the namespace lab (netns-lab/ha-pair.sh, prefix xlbk):
+real keepalived electing, xlb answering ARP only on the active node, and a
+failover under load: the active node crashes while a client opens a new
+connection every 20 ms and holds long-lived ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
+from ha_client import describe, summary  # noqa: E402
+from labctl import HERE, PY, VIP, Lab, maglev_seed, running_lab, wait_for  # noqa: E402
+
+pytestmark = [pytest.mark.lab,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
+
+OUTAGE_BOUND = 0.4      # the issue's bound for advert_int 0.1: service resumes within 0.4 s
+
+
+def mac(lab: Lab, node: str, dev: str) -> str:
+    out = lab.run(node, "ip", "-j", "link", "show", dev, check=True).stdout
+    return json.loads(out)[0]["address"]
+
+
+def neighbour(lab: Lab, node: str, addr: str) -> str | None:
+    out = lab.run(node, "ip", "-j", "neigh", "show", addr, check=True).stdout
+    entries = [e for e in json.loads(out) if "lladdr" in e]
+    return entries[0]["lladdr"] if entries else None
+
+
+@pytest.fixture(scope="module")
+def pair():
+    with running_lab("xlbk", "ha-pair.sh") as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    return maglev_seed(tmp_path_factory.mktemp("pair"))
+
+
+def gateway_on(lab: Lab, node: str) -> None:
+    """The servers' gateway 10.1.11.1 on node only, as keepalived would move it."""
+    for lb in ("lb1", "lb2"):
+        lab.run(lb, "ip", "addr", "del", "10.1.11.1/24", "dev", "eth1")
+    lab.run(node, "ip", "addr", "add", "10.1.11.1/24", "dev", "eth1", check=True)
+    for was in ("was1", "was2"):
+        lab.run(was, "ip", "neigh", "flush", "dev", "eth0", check=True)
+
+
+def curl_ok(lab: Lab) -> bool:
+    r = lab.run("client", "curl", "-s", "--noproxy", "*", "-m", "1", f"http://{VIP}/")
+    return r.returncode == 0 and r.stdout.strip() in ("WAS1", "WAS2")
+
+
+def test_only_the_active_node_answers_arp_and_it_announces_itself(pair, config):
+    config, _ = config
+    with pair.xlb("--config", str(config), "--role", "backup", node="lb1"), \
+            pair.xlb("--config", str(config), "--role", "backup", node="lb2"):
+        pair.run("client", "ip", "neigh", "flush", "dev", "eth0")
+        gateway_on(pair, "lb2")
+        assert not curl_ok(pair)                     # two silent backups: nobody answers ARP
+        assert pair.status("lb1")["ha"]["role"] == "backup"
+        out = pair.xlb_cmd("ha", "role", "active", node="lb2", check=True).stdout
+        assert "backup -> active; 1 gratuitous ARPs sent" in out
+        assert curl_ok(pair)
+        assert neighbour(pair, "client", VIP) == mac(pair, "lb2", "eth0")
+        # The switch to lb1: its gratuitous ARP repoints the client at once, although
+        # the client's entry for the VIP is fresh (no ARP request is needed).
+        pair.xlb_cmd("ha", "role", "backup", node="lb2", check=True)
+        gateway_on(pair, "lb1")
+        pair.xlb_cmd("ha", "role", "active", node="lb1", check=True)
+        assert neighbour(pair, "client", VIP) == mac(pair, "lb1", "eth0")
+        assert curl_ok(pair)
+        st = pair.status("lb1")
+        assert st["ha"] == {"role": "active", "announce_table": None, "announcing": []}
+        assert pair.status("lb2")["ha"]["role"] == "backup"
+        text = pair.xlb_cmd("status", node="lb2", check=True).stdout
+        assert "role backup (silent" in text
+        bad = pair.xlb_cmd("ha", "role", "primary", node="lb1")
+        assert bad.returncode == 2 and pair.status("lb1")["ha"]["role"] == "active"
+    gateway_on(pair, "lb1")
+    pair.run("lb1", "ip", "addr", "del", "10.1.11.1/24", "dev", "eth1", check=True)
+
+
+def active_node(lab: Lab) -> str | None:
+    roles = {n: lab.status(n)["ha"]["role"] for n in ("lb1", "lb2")}
+    active = [n for n, r in roles.items() if r == "active"]
+    return active[0] if len(active) == 1 else None
+
+
+def test_failover_when_the_active_node_crashes(pair, config):
+    config, maglev = config
+    with pair.xlb("--config", str(config), "--role", "backup", node="lb1") as x1, \
+            pair.xlb("--config", str(config), "--role", "backup", node="lb2") as x2:
+        pair._lab("keepalived", "lb1", str(config))
+        pair._lab("keepalived", "lb2", str(config))
+        first = wait_for(lambda: active_node(pair), 10, "keepalived elects an active node")
+        other = "lb2" if first == "lb1" else "lb1"
+        assert curl_ok(pair)
+        client = pair.spawn("client", PY, str(HERE / "ha_client.py"), "load", VIP, "80",
+                            "--seconds", "4", "--every", "0.02", "--hold", "4",
+                            "--hold-every", "0.1", "--timeout", "3")
+        time.sleep(1.5)
+        killed_at = time.time()
+        pair._lab("crash", first)
+        out, err = client.communicate(timeout=30)
+        result = json.loads(out)
+        assert pair.status(other)["ha"]["role"] == "active"
+        (x1 if first == "lb1" else x2).stop()
+
+    seen = summary(result, killed_at)
+    print(f"\nfailover {first} -> {other}: {describe(seen)}")
+    assert seen["new"] >= 150 and seen["failed"] == 0
+    assert 0 < seen["outage"] <= OUTAGE_BOUND
+    if not maglev:
+        pytest.skip("long-lived connections survive a failover only with Maglev on both "
+                    "nodes: `xlb check` does not accept algorithm = \"maglev\" yet "
+                    "(the dataplane branch's Maglev lookup and the maglev helper's config)")
+    assert seen["held_survived"] == seen["held"]
