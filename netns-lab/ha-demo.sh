@@ -2,8 +2,8 @@
 # `make demo-ha`: an active/backup pair (netns-lab/ha-pair.sh) serving the seed's
 # VIP 10.1.1.101:80, elected by keepalived; a client opens a new connection every
 # 20 ms and holds four long-lived ones while the active node crashes (every
-# process killed, links down); prints what the client saw, then tears down (also
-# on failure).
+# process killed, the switch drops its frames); prints what the client saw, then
+# tears down (also on failure).
 set -eu
 cd "$(dirname "$(readlink -f "$0")")/.."
 export XLB_LAB=${XLB_LAB:-xlbk}
@@ -69,7 +69,7 @@ client=$!
 sleep 1.5
 killed=$(date +%s.%N)
 $PAIR crash "$active"
-echo "$(date +%T.%3N) $active crashed: every process killed, links down"
+echo "$(date +%T.%3N) $active crashed: every process killed, the switch drops its frames"
 wait "$client"
 echo "$other: $(role "$other")"
 

@@ -118,20 +118,6 @@ node_bird() {
     start_bird "$node" "$conf"
 }
 
-# silence NODE: the node dies silently: the switch drops every frame from and to
-# it, its links stay up (a hung machine, not a pulled cable).
-silence() {
-    nsx sw nft -f - <<EOF
-table bridge xlb_silence_$1 {
-    chain forward {
-        type filter hook forward priority 0; policy accept;
-        iifname { "$1-eth0", "$1-eth1" } drop
-        oifname { "$1-eth0", "$1-eth1" } drop
-    }
-}
-EOF
-}
-
 [ "$(id -u)" = 0 ] || die "must run as root (network namespaces)"
 cmd=${1:-}
 [ $# -gt 0 ] && shift
@@ -139,7 +125,8 @@ case $cmd in
     up) ecmp_up ;;
     down) cmd_down ;;
     bird) [ $# -eq 2 ] || usage; node_bird "$1" "$2" ;;
-    silence) [ $# -eq 1 ] || usage; silence "$1" ;;
+    # Prints when the drop took effect (Unix time), for measuring what follows.
+    silence) [ $# -eq 1 ] || usage; silence "$1"; date +%s.%N ;;
     exec) cmd_exec "$@" ;;
     *) usage ;;
 esac

@@ -77,16 +77,16 @@ start_keepalived() {
         </dev/null >>"$RUN/$node-keepalived.log" 2>&1 &
 }
 
-# crash NODE: the node dies at once, as a machine that loses power: every process
-# in it (keepalived, its VRRP child, xlb ha follow, xlb) is frozen, its links go
-# down, then everything is killed. Frozen first: keepalived's VRRP child gets
-# SIGTERM when its parent dies and would resign (priority 0) as in a clean stop.
+# crash NODE: the node dies at once: every process in it (keepalived, its VRRP
+# child, xlb ha follow, xlb) is frozen, the switch drops its frames (see silence
+# in lab.sh), then the processes are killed. Frozen first: keepalived's VRRP child
+# gets SIGTERM when its parent dies and would resign (priority 0) as in a clean stop.
 crash() {
-    local pids dev
+    local pids
     pids=$(ip netns pids "$P-$1")
     # shellcheck disable=SC2086
     [ -z "$pids" ] || kill -STOP $pids
-    for dev in eth0 eth1; do ip -n "$P-$1" link set "$dev" down; done
+    silence "$1"
     # shellcheck disable=SC2086
     [ -z "$pids" ] || kill -KILL $pids
 }

@@ -185,6 +185,22 @@ wire() {
     ip -n "$P-$3" link set "$4" up
 }
 
+# silence NODE: the switch drops every frame from and to NODE's ports, which stay
+# up: a hung machine, or, to the other nodes, a dead one (a veth has no MAC filter,
+# so a port that went down would have the bridge flood the dead node's frames to
+# every other node, whose XDP programs see them as a real NIC's would not).
+silence() {
+    nsx sw nft -f - <<EOF
+table bridge xlb_silence_$1 {
+    chain forward {
+        type filter hook forward priority 0; policy accept;
+        iifname "$1-*" drop
+        oifname "$1-*" drop
+    }
+}
+EOF
+}
+
 addr() { ip -n "$P-$1" addr add "$3" dev "$2"; }
 route() { local n=$1; shift; ip -n "$P-$n" route add "$@"; }
 

@@ -6,6 +6,7 @@ away; a node whose pool has no server up, or that stops, withdraws."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import sys
@@ -47,6 +48,18 @@ def nexthops(lab: Lab) -> set[str]:
                                                             else set())
 
 
+def route_without(monitor, hop: str, since: float) -> float | None:
+    """When the router's kernel first held the VIP's route without next hop
+    `hop` after `since` (Unix time), from `ip -ts -o monitor route`'s lines."""
+    monitor.terminate()
+    for line in monitor.communicate()[0].splitlines():
+        stamp, _, event = line.partition("] ")
+        at = datetime.datetime.fromisoformat(stamp.lstrip("[")).timestamp()
+        if at >= since and event.startswith(f"{VIP} ") and f"via {hop} " not in event:
+            return at
+    return None
+
+
 def test_every_node_announces_and_withdraws_when_it_cannot_serve(ecmp):
     lab, _ = ecmp
     wait_for(lambda: nexthops(lab) == set(NODES.values()), 30,
@@ -79,12 +92,11 @@ def test_a_silent_node_loses_its_route_by_bfd_and_flows_survive(ecmp):
     client = lab.spawn("client", PY, str(HERE / "ha_client.py"), "load", VIP, "80",
                        "--seconds", "5", "--every", "0.02", "--hold", "20",
                        "--hold-every", "0.1", "--timeout", "3")
+    monitor = lab.spawn("router", "ip", "-ts", "-o", "monitor", "route")
     time.sleep(2)
-    lab._lab("silence", "node3")
-    silenced, silenced_at = time.monotonic(), time.time()
-    while NODES["node3"] in nexthops(lab) and time.monotonic() - silenced < 3:
-        pass
-    gone = time.monotonic() - silenced
+    silenced_at = float(lab._lab("silence", "node3").stdout)     # when the drop took effect
+    wait_for(lambda: NODES["node3"] not in nexthops(lab), 3, "node3's route goes")
+    gone = route_without(monitor, NODES["node3"], silenced_at) - silenced_at
     out, _ = client.communicate(timeout=30)
     result = json.loads(out)
     seen = summary(result, silenced_at)
