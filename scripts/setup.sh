@@ -10,8 +10,10 @@ say() { printf 'setup: %s\n' "$*"; }
 
 # Debian packages. bcc comes from Debian: PyPI's "bcc" is an unrelated project.
 # prometheus (with promtool) is for the metrics tests only; keepalived and bird2 for the
-# high-availability lab (netns-lab/ha-*.sh), which runs its own instances.
-PKGS="python3-bpfcc linux-headers-amd64 python3-venv iproute2 iputils-ping ethtool wrk curl prometheus keepalived bird2"
+# high-availability lab (netns-lab/ha-*.sh), which runs its own instances; nginx, haproxy,
+# nftables and netsniff-ng (trafgen) for `make bench`'s backends and the balancers it compares.
+PKGS="python3-bpfcc linux-headers-amd64 python3-venv iproute2 iputils-ping ethtool wrk curl prometheus keepalived bird2
+      nginx haproxy nftables netsniff-ng"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed' || missing="$missing $p"
@@ -25,10 +27,11 @@ else
     say "Debian packages present"
 fi
 
-# The tests run their own Prometheus, keepalived and BIRD inside lab namespaces. The
-# packages' services would run in the root namespace (Prometheus on :9090, VRRP and BGP
-# on the host's links): stop and disable them, whether systemd or (where there is no
-# systemd) the postinst's sysvinit script started them. sysv_stop stops the service's
+# The tests run their own Prometheus, keepalived and BIRD, the bench its own nginx and
+# HAProxy, inside lab namespaces. The packages' services would run in the root namespace
+# (Prometheus on :9090, VRRP and BGP on the host's links, nginx on :80): stop and disable
+# them, whether systemd or (where there is no systemd) the postinst's sysvinit script
+# started them. sysv_stop stops the service's
 # own daemon, never a test's (by the service's pidfile or user: keepalived's script has
 # no status and BIRD's would stop every bird), and succeeds only if it stopped one.
 sysv_stop() {
@@ -38,7 +41,7 @@ sysv_stop() {
         *) "/etc/init.d/$1" status && "/etc/init.d/$1" stop ;;
     esac
 }
-for svc in prometheus prometheus-node-exporter keepalived bird; do
+for svc in prometheus prometheus-node-exporter keepalived bird nginx haproxy; do
     if [ -d /run/systemd/system ]; then
         { systemctl is-enabled --quiet "$svc" || systemctl is-active --quiet "$svc"; } 2>/dev/null || continue
         say "stopping and disabling the $svc service"

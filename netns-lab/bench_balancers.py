@@ -1,0 +1,481 @@
+"""The balancers side by side in the bench lab: what `make bench` measures with load.
+
+Scenarios, in turn in the same lab (client -> lb -> WAS1/WAS2):
+  direct    no balancer: wrk's two threads each talk to one backend, trafgen sends
+            to both; lb's kernel only routes (the limit any balancer is held to)
+  nftables  DNAT `numgen inc mod 2` (conntrack) in lb, the VIP an address of lb
+  haproxy   HAProxy `mode tcp`, `balance roundrobin`, default threads (one per
+            CPU), in lb, bound to the VIP (an address of lb); TCP only
+  xlb       `xlb up` in lb, the seed's VIP for tcp and udp, with kernel
+            forwarding (XDP_PASS) and with the fast path (XDP_TX/XDP_REDIRECT):
+            the two differ only by `--forwarding`.
+
+The backends are nginx (one worker process each: two backends for two vCPUs),
+answering every GET with a small static body, access log off. UDP needs no
+answer: an nftables rule in each WAS counts and drops what arrives for :8080.
+
+Three rounds over every scenario (each: wrk keep-alive, wrk `Connection: close`,
+trafgen UDP), medians printed. Every load is bounded in time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from labctl import VIP, WAS, XLB, Lab
+
+RUNS = 3
+WRK_SECONDS = 4
+WRK_ARGS = ("-t2", "-c32", f"-d{WRK_SECONDS}s", "--timeout", "2s", "--latency")
+UDP_WARMUP, UDP_SECONDS = 1.0, 3.0
+UDP_FLOWS = 1024            # source ports 1024.. per destination: steady flows, no churn
+PORT = 8080
+CLOCK_TICK = 100            # USER_HZ: the unit of /proc/<pid>/stat times
+
+
+@dataclass
+class Scenario:
+    name: str
+    setup: object = None          # a context manager factory (lab, run_dir); None: direct
+    direct: bool = False          # to the backends themselves rather than the VIP
+    udp: bool = True
+    unavailable: str = ""         # why there is no row
+
+    @property
+    def client_ports(self) -> str:
+        """The client's source ports. A backend keeps TIME_WAIT for 60 s after it closes,
+        and takes a SYN on that 4-tuple only if its TCP timestamp is newer; Linux offsets
+        timestamps per (source, destination) address, so a connection to the VIP that
+        reuses a port of a recent direct one is refused by half of all chances (PAWS) and
+        retries after 1 s. Disjoint ranges keep one scenario from slowing the next."""
+        return "1024 32767" if self.direct else "32768 65535"
+
+
+@dataclass
+class Figures:
+    rps: dict[str, list[float]] = field(default_factory=dict)       # per wrk mode, per run
+    p50: dict[str, list[float]] = field(default_factory=dict)
+    p99: dict[str, list[float]] = field(default_factory=dict)
+    errors: dict[str, list[int]] = field(default_factory=dict)
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)
+    pps: list[float] = field(default_factory=list)                  # counted at the backends
+    sent_pps: list[float] = field(default_factory=list)             # sent by the client
+    other_load: list[float] = field(default_factory=list)           # others' share of the CPUs
+
+
+# --- backends -------------------------------------------------------------------------
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {run}/{node}.nginx.pid;
+error_log {run}/{node}.nginx.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {run}/{node}.body;
+    proxy_temp_path {run}/{node}.proxy;
+    fastcgi_temp_path {run}/{node}.fastcgi;
+    uwsgi_temp_path {run}/{node}.uwsgi;
+    scgi_temp_path {run}/{node}.scgi;
+    server {{
+        listen {port} backlog=4096;
+        default_type text/plain;
+        location / {{ return 200 "{name}\\n"; }}
+    }}
+}}
+"""
+
+# Counts and drops UDP for the service port before anything else looks at it.
+UDP_SINK = f"""\
+table ip xlbbench {{
+    chain pre {{
+        type filter hook prerouting priority raw; policy accept;
+        udp dport {PORT} counter drop
+    }}
+}}
+"""
+
+
+def start_backends(lab: Lab, run: Path) -> list[subprocess.Popen]:
+    procs = []
+    for name, _ in WAS.items():
+        node = name.lower()
+        lab.server("stop", node)      # the lab's Python server holds :8080
+        conf = run / f"{node}.nginx.conf"
+        conf.write_text(NGINX_CONF.format(run=run, node=node, port=PORT, name=name))
+        procs.append(lab.spawn(node, "nginx", "-e", str(run / f"{node}.nginx.log"),
+                               "-c", str(conf)))
+        nft(lab, node, run, UDP_SINK)
+    for name, proc in zip(WAS, procs):
+        wait_listening(lab, name.lower(), "127.0.0.1", PORT, proc)
+    return procs
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def wait_listening(lab: Lab, node: str, addr: str, port: int, proc: subprocess.Popen,
+                   seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while lab.run(node, "bash", "-c", f"exec 3<>/dev/tcp/{addr}/{port}").returncode:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop([proc])
+            raise RuntimeError(f"{proc.args[4]} does not listen on {addr}:{port} in {node}: "
+                               f"{proc.stderr.read().strip()[-500:]}")
+        time.sleep(0.1)
+
+
+def nft(lab: Lab, node: str, run: Path, ruleset: str) -> None:
+    path = run / f"{node}.nft"
+    path.write_text(ruleset)
+    lab.run(node, "nft", "-f", str(path), check=True)
+
+
+def udp_sent(lab: Lab) -> int:
+    return int(lab.run("client", "cat", "/sys/class/net/eth0/statistics/tx_packets",
+                       check=True).stdout)
+
+
+def udp_counted(lab: Lab) -> int:
+    total = 0
+    for name in WAS:
+        out = json.loads(lab.run(name.lower(), "nft", "-j", "list", "table", "ip", "xlbbench",
+                                 check=True).stdout)
+        total += sum(x["counter"]["packets"] for e in out["nftables"] if "rule" in e
+                     for x in e["rule"]["expr"] if "counter" in x)
+    return total
+
+
+# --- balancers ------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def vip_on_lb(lab: Lab):
+    """The VIP as an address of lb (nftables and HAProxy need one; xlb must not have it)."""
+    lab.run("lb", "ip", "addr", "add", f"{VIP}/32", "dev", "eth0", check=True)
+    try:
+        yield
+    finally:
+        lab.run("lb", "ip", "addr", "del", f"{VIP}/32", "dev", "eth0")
+
+
+@contextlib.contextmanager
+def nftables_dnat(lab: Lab, run: Path):
+    backends = ", ".join(f"{i} : {a}" for i, a in enumerate(WAS.values()))
+    with vip_on_lb(lab):
+        nft(lab, "lb", run, f"""\
+table ip xlbbench {{
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        ip daddr {VIP} meta l4proto {{ tcp, udp }} th dport 80 \\
+            dnat to numgen inc mod {len(WAS)} map {{ {backends} }} : {PORT}
+    }}
+}}
+""")
+        try:
+            yield
+        finally:
+            lab.run("lb", "nft", "delete", "table", "ip", "xlbbench")
+
+
+@contextlib.contextmanager
+def haproxy(lab: Lab, run: Path):
+    servers = "\n".join(f"    server {n.lower()} {a}:{PORT}" for n, a in WAS.items())
+    conf = run / "haproxy.cfg"
+    conf.write_text(f"""\
+global
+    maxconn 8000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend vip
+    bind {VIP}:80
+    default_backend was
+backend was
+    balance roundrobin
+{servers}
+""")
+    with vip_on_lb(lab):
+        proc = lab.spawn("lb", "haproxy", "-db", "-f", str(conf))
+        try:
+            wait_listening(lab, "lb", VIP, 80, proc)
+            yield
+        finally:
+            stop([proc])
+
+
+def xlb_has(flag: str) -> bool:
+    """Whether this build's `xlb up` takes `flag` (some come with later work)."""
+    out = subprocess.run([str(XLB), "up", "--help"], capture_output=True, text=True).stdout
+    return flag in out
+
+
+def xlb_scenario(mode: str | None):
+    """xlb in lb with the seed's service for tcp and udp; `mode` is the --forwarding value,
+    None for a build without the flag (it forwards through the kernel)."""
+    args = ["--vip", f"{VIP}:80", "--vip", f"{VIP}:80/udp",
+            *[a for b in WAS.values() for a in ("--backend", f"{b}:{PORT}")]]
+    if mode is not None:
+        args += ["--forwarding", mode]
+
+    @contextlib.contextmanager
+    def setup(lab: Lab, run: Path):
+        with lab.xlb(*args):
+            yield
+    return setup
+
+
+def scenarios() -> list[Scenario]:
+    flag = xlb_has("--forwarding")
+    out = [Scenario("direct to the backends", direct=True),
+           Scenario("nftables DNAT (numgen, conntrack)", nftables_dnat),
+           Scenario("HAProxy mode tcp roundrobin", haproxy, udp=False),
+           Scenario("xlb, kernel forwarding", xlb_scenario("kernel" if flag else None))]
+    if flag:
+        out.append(Scenario("xlb, fast path", xlb_scenario("fast")))
+    else:
+        out.append(Scenario("xlb, fast path", unavailable="n/a (this build has no --forwarding)"))
+    return out
+
+
+# --- load and CPU ---------------------------------------------------------------------
+
+def lab_pids(lab: Lab) -> list[int]:
+    """Every process in the lab's namespaces, and the kernel's softirq threads."""
+    pids = []
+    for node in ("client", "lb", "was1", "was2", "sw"):
+        out = subprocess.run(["ip", "netns", "pids", lab.ns(node)], capture_output=True,
+                             text=True).stdout
+        pids += [int(p) for p in out.split()]
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (proc / "comm").read_text().startswith("ksoftirqd/"):
+                    pids.append(int(proc.name))
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICK   # utime, stime
+    return out
+
+
+def machine_busy() -> float:
+    """Seconds all CPUs spent on anything but idle and iowait."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / CLOCK_TICK
+
+
+class CpuMeter:
+    """CPU of the bench (the lab's processes, the load generator, ksoftirqd) over a span,
+    and of everything else on the machine over the same span."""
+
+    def __init__(self, lab: Lab):
+        self.pids = lab_pids(lab)
+
+    def __enter__(self):
+        self.t0 = time.monotonic()
+        self.busy0 = machine_busy()
+        self.cpu0 = cpu_seconds(self.pids)
+        self.children0 = _children_cpu()
+        return self
+
+    def __exit__(self, *exc):
+        cpu1 = cpu_seconds(self.pids)
+        self.seconds = time.monotonic() - self.t0
+        self.bench = (sum(cpu1[p] - self.cpu0[p] for p in cpu1 if p in self.cpu0)
+                      + _children_cpu() - self.children0)
+        self.others = max(0.0, machine_busy() - self.busy0 - self.bench)
+
+
+def _children_cpu() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+DIRECT_LUA = """\
+-- One backend per thread: the direct scenario spreads the load as a balancer would.
+local addrs = {%s}
+local n = 0
+function setup(thread)
+    n = n + 1
+    thread.addr = wrk.lookup(addrs[(n - 1) %% #addrs + 1], "%d")[1]
+end
+"""
+
+
+def wrk(lab: Lab, sc: Scenario, run: Path, close: bool, fig: Figures, mode: str) -> None:
+    if sc.direct:
+        script = run / "direct.lua"
+        script.write_text(DIRECT_LUA % (", ".join(f'"{a}"' for a in WAS.values()), PORT))
+        target = ["-s", str(script), f"http://{WAS['WAS1']}:{PORT}/"]
+    else:
+        target = [f"http://{VIP}/"]
+    header = ["-H", "Connection: close"] if close else []
+    lab.run("client", "sysctl", "-q", "-w", f"net.ipv4.ip_local_port_range={sc.client_ports}",
+            check=True)
+    with CpuMeter(lab) as meter:
+        out = lab.run("client", "wrk", *WRK_ARGS, *header, *target,
+                      timeout=WRK_SECONDS + 30, check=True).stdout
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    fig.rps.setdefault(mode, []).append(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)))
+    fig.p50.setdefault(mode, []).append(_latency(out, "50%"))
+    fig.p99.setdefault(mode, []).append(_latency(out, "99%"))
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    fig.errors.setdefault(mode, []).append(errors + (int(m.group(1)) if m else 0))
+    fig.cpu_us.setdefault(mode, []).append(meter.bench / max(requests, 1) * 1e6)
+    fig.other_load.append(meter.others / meter.seconds / os.cpu_count())
+
+
+def _latency(out: str, pct: str) -> float:
+    """wrk's percentile in milliseconds."""
+    value, unit = re.search(rf"^\s+{pct}\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def trafgen_conf(lab: Lab, sc: Scenario) -> str:
+    lb_mac = json.loads(lab.run("lb", "ip", "-j", "link", "show", "eth0", check=True).stdout)[0]
+    src_mac = json.loads(lab.run("client", "ip", "-j", "link", "show", "eth0",
+                                 check=True).stdout)[0]
+    dests = [(a, PORT) for a in WAS.values()] if sc.direct else [(VIP, 80)]
+    # One packet per destination, cycled; the source port walks UDP_FLOWS values.
+    return "\n".join(
+        f"{{ eth(da={lb_mac['address']}, sa={src_mac['address']}), "
+        f"ipv4(sa=10.1.1.10, da={dst}, ttl=64), "
+        f"udp(sp=dinc(1024, {1023 + UDP_FLOWS}), dp={dport}), fill(0x41, 18) }}"
+        for dst, dport in dests)
+
+
+def udp(lab: Lab, sc: Scenario, run: Path, fig: Figures) -> None:
+    conf = run / "udp.trafgen"
+    conf.write_text(trafgen_conf(lab, sc))
+    # One sender process (pinned to one CPU), leaving the machine's socket memory
+    # and IRQ settings alone. `timeout` bounds it if we fail to stop it.
+    proc = lab.spawn("client", "timeout", "-s", "INT", str(int(UDP_WARMUP + UDP_SECONDS + 10)),
+                     "trafgen", "--dev", "eth0", "--conf", str(conf), "--cpus", "1", "--no-sock-mem",
+                     "--notouch-irq")
+    try:
+        time.sleep(UDP_WARMUP)
+        s0, c0, t0 = udp_sent(lab), udp_counted(lab), time.monotonic()
+        time.sleep(UDP_SECONDS)
+        s1, c1, t1 = udp_sent(lab), udp_counted(lab), time.monotonic()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        stop([proc])
+    if proc.returncode not in (0, 130, -signal.SIGINT):
+        raise RuntimeError(f"trafgen failed: {proc.stderr.read()}")
+    fig.pps.append((c1 - c0) / (t1 - t0))
+    fig.sent_pps.append((s1 - s0) / (t1 - t0))
+
+
+def measure(lab: Lab, run: Path) -> list[tuple[Scenario, Figures | None]]:
+    # Connection: close opens tens of thousands of connections in a few seconds: HAProxy
+    # in lb may reuse its source ports while they are in TIME_WAIT.
+    lab.run("lb", "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65535",
+            "net.ipv4.tcp_tw_reuse=1", check=True)
+    backends = start_backends(lab, run)
+    plan = scenarios()
+    figures = {sc.name: Figures() for sc in plan if not sc.unavailable}
+    try:
+        # Round after round over every scenario, so that a change in the machine's other
+        # load (it is shared) falls on all of them alike.
+        for _ in range(RUNS):
+            for sc in plan:
+                if sc.unavailable:
+                    continue
+                fig = figures[sc.name]
+                lab.run("client", "ip", "neigh", "flush", "all")
+                with sc.setup(lab, run) if sc.setup else contextlib.nullcontext():
+                    wrk(lab, sc, run, False, fig, "keep-alive")
+                    wrk(lab, sc, run, True, fig, "close")
+                    if sc.udp:
+                        udp(lab, sc, run, fig)
+    finally:
+        stop(backends)
+        for name in WAS:
+            lab.server("start", name.lower())   # the lab as it was, for what follows
+    results = [(sc, figures.get(sc.name)) for sc in plan]
+    return results
+
+
+# --- report ---------------------------------------------------------------------------
+
+med = statistics.median
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:5.2f}x" if value and base else "    - "
+
+
+def report(results: list[tuple[Scenario, Figures | None]]) -> dict[str, float | None]:
+    """Prints the tables; returns the figures the targets are judged on."""
+    by_name = {sc.name: fig for sc, fig in results}
+    direct = by_name["direct to the backends"]
+    nft = by_name["nftables DNAT (numgen, conntrack)"]
+    print(f"Balancers side by side: client -> lb -> nginx on WAS1 and WAS2 (one worker each), "
+          f"{RUNS} rounds over every scenario, medians")
+    for mode, title in (("keep-alive", "keep-alive"), ("close", "Connection: close")):
+        print(f"\nHTTP {title}: wrk {' '.join(WRK_ARGS)}"
+              f"{' -H ' + repr('Connection: close') if mode == 'close' else ''}")
+        print(f"  {'':<36}{'req/s':>9} {'/direct':>7} {'/nft':>6} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'errors':>7} {'CPU µs/req':>11}")
+        for sc, fig in results:
+            if fig is None:
+                print(f"  {sc.name:<36}{sc.unavailable}")
+                continue
+            rps = med(fig.rps[mode])
+            print(f"  {sc.name:<36}{rps:9.0f} {ratio(rps, med(direct.rps[mode])):>7} "
+                  f"{ratio(rps, med(nft.rps[mode])):>6} {med(fig.p50[mode]):8.2f} "
+                  f"{med(fig.p99[mode]):8.2f} {sum(fig.errors[mode]):7d} "
+                  f"{med(fig.cpu_us[mode]):11.1f}")
+    print(f"\nUDP through the VIP: trafgen, 64-byte frames, {UDP_FLOWS} flows per destination, "
+          f"one sender process; counted at the backends over {UDP_SECONDS:.0f} s")
+    print(f"  {'':<36}{'packets/s':>10} {'/direct':>7} {'/nft':>6} {'sent/s':>10}")
+    for sc, fig in results:
+        if fig is None or not sc.udp:
+            print(f"  {sc.name:<36}{sc.unavailable or 'n/a (TCP only)'}")
+            continue
+        pps = med(fig.pps)
+        print(f"  {sc.name:<36}{pps:10.0f} {ratio(pps, med(direct.pps)):>7} "
+              f"{ratio(pps, med(nft.pps)):>6} {med(fig.sent_pps):10.0f}")
+    others = [x for _, fig in results if fig for x in fig.other_load]
+    print("\n  CPU µs/req: CPU time of every process in the lab (wrk, nginx, HAProxy, xlb) and of "
+          "the\n  kernel's ksoftirqd threads over the run, per request. Client, balancer and "
+          "servers share\n  the 2 vCPUs, and the kernel charges packet processing (softirq) to "
+          "the task it interrupts,\n  on this path almost always one of these: so this is the "
+          "cost of the whole path, and a\n  balancer's own cost is its difference from direct. "
+          "Other tenants of the machine are left\n  out: they used a median "
+          f"{med(others) * 100:.0f}% of the CPUs during these runs.")
+    xlb_name = "xlb, fast path" if by_name["xlb, fast path"] else "xlb, kernel forwarding"
+    xlb, haproxy_fig = by_name[xlb_name], by_name["HAProxy mode tcp roundrobin"]
+    return {"xlb": xlb_name,
+            "udp/nft": med(xlb.pps) / med(nft.pps),
+            "close/direct": med(xlb.rps["close"]) / med(direct.rps["close"]),
+            "close/haproxy": med(xlb.rps["close"]) / med(haproxy_fig.rps["close"])}
