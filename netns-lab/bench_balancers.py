@@ -456,7 +456,10 @@ def report(results: list[tuple[Scenario, Figures | None]]) -> dict[str, float | 
                   f"{med(fig.p99[mode]):8.2f} {sum(fig.errors[mode]):7d} "
                   f"{med(fig.cpu_us[mode]):11.1f}")
     print(f"\nUDP through the VIP: trafgen, 64-byte frames, {UDP_FLOWS} flows per destination, "
-          f"one sender process; counted at the backends over {UDP_SECONDS:.0f} s")
+          f"one sender process; counted at the backends over {UDP_SECONDS:.0f} s.\n"
+          "  A veth delivers in its sender's softirq, so the sender's CPU carries most of the "
+          "path:\n  packets/s follows the path's CPU cost per packet (sent/s = what left the "
+          "client)")
     print(f"  {'':<36}{'packets/s':>10} {'/direct':>7} {'/nft':>6} {'sent/s':>10}")
     for sc, fig in results:
         if fig is None or not sc.udp:
