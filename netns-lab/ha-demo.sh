@@ -24,13 +24,9 @@ role() { ip netns exec "$P-$1" "$XLB" status | sed -n 2p; }
 step "a pair: lb1 and lb2 on the client segment and the servers' segment (ha-pair.sh up)"
 $PAIR up
 
-# Maglev on both nodes, once `xlb check` accepts it: then the new active node sends
-# a flow it never saw to the same server, and long-lived connections survive.
+# Maglev on both nodes: the new active node sends a flow it never saw to the same
+# server, so long-lived connections survive.
 sed 's/algorithm = "roundrobin"/algorithm = "maglev"/' netns-lab/seed.toml >"$TMP/xlb.toml"
-if ! "$XLB" check "$TMP/xlb.toml" >/dev/null 2>&1; then
-    echo "(this xlb has no Maglev yet: round-robin, so long-lived connections will not survive)"
-    cp netns-lab/seed.toml "$TMP/xlb.toml"
-fi
 
 step "xlb up --config xlb.toml --role backup, on both nodes (silent until keepalived decides)"
 for n in lb1 lb2; do
@@ -67,9 +63,8 @@ ip netns exec "$P-client" /usr/bin/python3 netns-lab/ha_client.py load 10.1.1.10
     --seconds 4 --every 0.02 --hold 4 --hold-every 0.1 >"$TMP/client.json" &
 client=$!
 sleep 1.5
-killed=$(date +%s.%N)
-$PAIR crash "$active"
-echo "$(date +%T.%3N) $active crashed: every process killed, the switch drops its frames"
+killed=$($PAIR crash "$active")
+echo "$(date -d "@$killed" +%T.%3N) $active crashed: every process killed, the switch drops its frames"
 wait "$client"
 echo "$other: $(role "$other")"
 

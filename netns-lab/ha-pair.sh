@@ -81,11 +81,13 @@ start_keepalived() {
 # child, xlb ha follow, xlb) is frozen, the switch drops its frames (see silence
 # in lab.sh), then the processes are killed. Frozen first: keepalived's VRRP child
 # gets SIGTERM when its parent dies and would resign (priority 0) as in a clean stop.
+# Prints when the node froze (Unix time), for measuring what follows.
 crash() {
     local pids
     pids=$(ip netns pids "$P-$1")
     # shellcheck disable=SC2086
     [ -z "$pids" ] || kill -STOP $pids
+    date +%s.%N
     silence "$1"
     # shellcheck disable=SC2086
     [ -z "$pids" ] || kill -KILL $pids
