@@ -32,6 +32,7 @@ step "xlb up --config xlb.toml --role backup, on both nodes (silent until keepal
 for n in lb1 lb2; do
     ip netns exec "$P-$n" "$XLB" up --config "$TMP/xlb.toml" --role backup \
         >"$TMP/$n.log" 2>&1 &
+    disown    # the crash kills one: no "Killed" notice from this shell
 done
 for n in lb1 lb2; do
     for _ in $(seq 600); do      # compiling the program takes a few seconds
