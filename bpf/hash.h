@@ -27,7 +27,7 @@ static __always_inline __u32 xlb_flow_hash(__be32 saddr, __be32 daddr, __be16 sp
 /* The bit of a value in the config's address filters (struct xlb_config). */
 static __always_inline __u32 xlb_filter_slot(__u32 value)
 {
-	return (value * 0x9e3779b1u) >> 16;
+	return (value * 0x9e3779b1u) >> XLB_FILTER_SHIFT;
 }
 
 static __always_inline int xlb_filter_has(const __u64 *bits, __u32 value)

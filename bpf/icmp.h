@@ -8,7 +8,7 @@
 #include "csum.h"
 #include "parse.h"
 
-#define XLB_ICMP_QUOTE 8	/* bytes of the offending packet's payload an error quotes */
+#define XLB_ICMP_QUOTE 8	/* bytes of the offending packet's payload xlb's errors quote */
 
 /* An ICMP error (destination unreachable, time exceeded) and the TCP or UDP
  * packet it quotes: the inner IP header (no options) and its ports. */
@@ -39,31 +39,41 @@ static __always_inline struct icmphdr *parse_icmp(struct cursor *c, struct iphdr
 	return icmp;
 }
 
-/* Fills *err for an error that quotes a TCP or UDP packet. Returns 0 or -1. */
+/* Fills *err for an error that quotes a TCP or UDP packet, at least its
+ * ports, inside the outer datagram. The quoted L4 checksum is rewritten only
+ * where the quote holds it: bytes past the outer total length are no part of
+ * the message. Returns 0 or -1. */
 static __always_inline int parse_icmp_error(struct cursor *c, struct iphdr *outer,
 					    struct icmphdr *icmp, struct icmp_error *err)
 {
 	struct iphdr *inner = (void *)(icmp + 1);
 	struct l4ports *ports = (void *)(inner + 1);
+	__u32 quoted = sizeof(*icmp) + sizeof(*inner) + outer->ihl * 4;
+	__u32 room;	/* bytes of the quoted L4 header inside the outer datagram */
 
 	if (icmp->type != ICMP_DEST_UNREACH && icmp->type != ICMP_TIME_EXCEEDED)
 		return -1;
-	if ((void *)ports + XLB_ICMP_QUOTE > c->end)
+	if ((void *)(ports + 1) > c->end || bpf_ntohs(outer->tot_len) < quoted + sizeof(*ports))
 		return -1;
 	if (inner->version != 4 || inner->ihl != 5 ||
 	    (inner->protocol != IPPROTO_TCP && inner->protocol != IPPROTO_UDP))
 		return -1;
+	room = bpf_ntohs(outer->tot_len) - quoted;
 	err->outer = outer;
 	err->icmp = icmp;
 	err->inner = inner;
 	err->ports = ports;
 	err->inner_l4_csum = NULL;
 	if (inner->protocol == IPPROTO_UDP) {
-		err->inner_l4_csum = &((struct udphdr *)ports)->check;
+		struct udphdr *uh = (void *)ports;
+
+		if ((void *)(uh + 1) <= c->end && room >= sizeof(*uh))
+			err->inner_l4_csum = &uh->check;
 	} else {
 		struct tcphdr *th = (void *)ports;
+		__u32 end_of_check = offsetof(struct tcphdr, check) + sizeof(th->check);
 
-		if ((void *)(th + 1) <= c->end)
+		if ((void *)th + end_of_check <= c->end && room >= end_of_check)
 			err->inner_l4_csum = &th->check;
 	}
 	return 0;

@@ -136,7 +136,8 @@ struct hop {
  * filter_slot(saddr + (sport << 16)) of backend_bits (saddr and sport as read
  * from the packet, little-endian). A set bit may be another address's: the
  * exact maps decide. */
-enum { XLB_FILTER_WORDS = 1024 };
+enum { XLB_FILTER_SHIFT = 20 };		/* 4,096 bits a set: 512 bytes stay in cache */
+enum { XLB_FILTER_WORDS = 64 };		/* (1 << (32 - XLB_FILTER_SHIFT)) / 64 */
 enum { CONFIG_FAST_PATH = 1 };
 
 struct xlb_config {

@@ -87,7 +87,7 @@ def _be16(port: int) -> int:
 
 def filter_slot(value: int) -> int:
     """bpf/hash.h xlb_filter_slot: the bit of a u32 in an address filter."""
-    return ((value * 0x9e3779b1) & 0xffffffff) >> 16
+    return ((value * 0x9e3779b1) & 0xffffffff) >> layout.FILTER_SHIFT
 
 
 def _set_bit(words, value: int) -> None:

@@ -94,6 +94,8 @@ def read_enum(prefix: str, header: Path = SHARED_HEADER) -> dict[str, int]:
 
 
 FILTER_WORDS = read_enum("XLB_FILTER_")["XLB_FILTER_WORDS"]
+FILTER_SHIFT = read_enum("XLB_FILTER_")["XLB_FILTER_SHIFT"]
+assert FILTER_WORDS * 64 == 1 << (32 - FILTER_SHIFT), "xlb_shared.h: filter size and shift disagree"
 
 
 class Config(ct.Structure):

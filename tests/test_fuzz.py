@@ -722,16 +722,10 @@ def check_icmp_rewrite(world: World, frame: bytes, action: int, out: bytes) -> s
     proto = frame[inner + 9]
     inner_csum = inner + 20 + (16 if proto == TCP else 6)
     has_csum = inner_csum + 2 <= 14 + tot_len
-    # The program keeps a quoted TCP checksum only where the whole TCP header
-    # is quoted (see the xfail test below): 18 or 19 bytes hold it too.
-    keeps_csum = inner + 20 + (20 if proto == TCP else 8) <= 14 + tot_len
-    # It also rewrites a quoted checksum that lies past the IP total length,
-    # in bytes that are no part of the packet (the second xfail test below).
-    past_end = 14 + tot_len < inner_csum + 2 <= len(frame)
-    assert icmp_sum_kept or past_end, "the ICMP checksum is not as right (or as wrong) as before"
+    assert icmp_sum_kept, "the ICMP checksum is not as right (or as wrong) as before"
     allowed = {24, 25, l4 + 2, l4 + 3} | set(range(26, 34)) | {inner + 10, inner + 11}
     allowed |= set(range(inner + 12, inner + 20)) | set(range(inner + 20, inner + 24))
-    if has_csum or past_end:
+    if has_csum:
         allowed |= {inner_csum, inner_csum + 1}
     if sends:
         allowed |= set(range(12)) | {22}
@@ -739,7 +733,7 @@ def check_icmp_rewrite(world: World, frame: bytes, action: int, out: bytes) -> s
     assert changed <= allowed, f"changed bytes {sorted(changed - allowed)} of an ICMP error"
     assert residual(out[inner:inner + 20]) == residual(frame[inner:inner + 20]), \
         "the quoted IP header's checksum is not as right (or as wrong) as before"
-    if keeps_csum:
+    if has_csum:
         if proto == UDP and frame[inner_csum:inner_csum + 2] == b"\0\0":
             assert out[inner_csum:inner_csum + 2] == b"\0\0", "quoted UDP checksum 0 not kept"
         else:
@@ -881,9 +875,6 @@ def test_the_fuzzing_ran_and_reached_every_path():
         assert RAN[outcome] >= least, dict(RAN)
 
 
-@pytest.mark.xfail(strict=True, reason="bpf/icmp.h parse_icmp_error updates a quoted TCP "
-                   "checksum only when the whole TCP header is quoted; a quote of 18 or 19 "
-                   "bytes of it holds the checksum, which the rewrite leaves stale")
 def test_icmp_error_quoting_a_tcp_checksum_but_not_the_whole_header(datapath, world):
     """Time exceeded from a router on the backends' side to a client, quoting
     the client's packet as the backend got it, cut 19 bytes into its TCP
@@ -901,10 +892,6 @@ def test_icmp_error_quoting_a_tcp_checksum_but_not_the_whole_header(datapath, wo
     assert quoted_sum(res.data, inner) == quoted_sum(frame, inner)
 
 
-@pytest.mark.xfail(strict=True, reason="bpf/icmp.h parse_icmp_error finds the quoted UDP "
-                   "(or TCP) checksum by the end of the frame, not of the IP packet: bytes "
-                   "after the total length are rewritten and the ICMP checksum, which does "
-                   "not cover them, is changed by them and no longer verifies")
 def test_icmp_error_with_bytes_past_its_total_length(datapath, world):
     """Port unreachable from a backend's side to a client, quoting the UDP
     packet as the backend got it; the IP total length ends after the quoted
