@@ -1,0 +1,67 @@
+"""control/flowtable.py without a kernel: rows built as the maps hold them."""
+
+import socket
+from ipaddress import IPv4Address
+
+from xlb import flowtable, layout
+from xlb.flowtable import NSEC_PER_SEC as SEC, Row
+
+STATE = layout.FLOW_STATES
+CLIENT, VIP, BACKEND = (int.from_bytes(IPv4Address(a).packed, "little")
+                        for a in ("10.1.1.10", "10.1.1.101", "10.1.11.101"))
+NOW = 1000 * SEC
+
+
+def connection(sport: int, state: str = "established", timeout: int = 900,
+               seen_fwd: int = NOW, seen_reply: int = NOW, backend_id: int = 7):
+    """The forward and reply rows of one TCP connection, client port sport."""
+    sp, vp, bp = socket.htons(sport), socket.htons(80), socket.htons(8080)
+    fwd = Row(CLIENT, VIP, sp, vp, 6, BACKEND, bp, layout.FLOW_FORWARD, STATE[state], 1,
+              backend_id, timeout, seen_fwd)
+    reply = Row(BACKEND, CLIENT, bp, sp, 6, VIP, vp, layout.FLOW_REPLY, STATE[state], 1,
+                backend_id, timeout, seen_reply)
+    return fwd, reply
+
+
+def test_each_entry_names_its_partner():
+    fwd, reply = connection(40000)
+    assert fwd.partner() == reply.key() and reply.partner() == fwd.key()
+
+
+def test_decode_reads_what_the_maps_hold():
+    fwd, reply = connection(40001)
+    keys = b"".join(r.key() for r in (fwd, reply))
+    values = b"".join(flowtable._VALUE.pack(*r[5:]) for r in (fwd, reply))
+    assert flowtable.decode(keys, values) == [fwd, reply]
+
+
+def test_a_connection_is_dead_only_when_both_entries_are_idle_past_its_timeout():
+    idle = connection(40002, seen_fwd=NOW - 901 * SEC, seen_reply=NOW - 950 * SEC)
+    one_way = connection(40003, seen_fwd=NOW - 2000 * SEC, seen_reply=NOW - 10 * SEC)
+    young = connection(40004, seen_fwd=NOW - 899 * SEC, seen_reply=NOW - 899 * SEC)
+    never = connection(40005, timeout=0, seen_fwd=1, seen_reply=1)
+    keys, n = flowtable.dead([*idle, *one_way, *young, *never], NOW)
+    assert n == 1 and sorted(keys) == sorted(r.key() for r in idle)
+
+
+def test_an_entry_without_its_partner_is_judged_alone():
+    fwd, reply = connection(40006, seen_fwd=NOW - 901 * SEC, seen_reply=NOW - 901 * SEC)
+    assert flowtable.dead([reply], NOW) == ([reply.key()], 1)
+    assert flowtable.dead([fwd], NOW - 2 * SEC) == ([], 0)
+
+
+def test_a_clock_read_before_a_packet_on_another_cpu_is_no_idleness():
+    fwd, reply = connection(40007, timeout=1, seen_fwd=NOW + SEC, seen_reply=NOW + SEC)
+    assert flowtable.dead([fwd, reply], NOW) == ([], 0)
+
+
+def test_census_counts_connections_by_state_and_open_ones_by_backend():
+    rows = {"flows": [*connection(1, backend_id=1), *connection(2, backend_id=1),
+                      *connection(3, backend_id=2), *connection(4, "closing", 120),
+                      *connection(5, seen_fwd=NOW - 901 * SEC)],
+            "flows_new": [*connection(6, "new", 60), *connection(7, "answered", 60)]}
+    c = flowtable.census(rows, NOW)
+    assert (c.established, c.closing, c.half_open) == (3, 1, 2)
+    assert c.open == {1: 2, 2: 1}
+    assert c.entries == {"flows": 10, "flows_new": 4}
+    assert c.forward == {"flows": 5, "flows_new": 2}
