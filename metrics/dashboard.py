@@ -121,9 +121,10 @@ def build():
            (f"sum by (pool) (xlb_pool_servers_up{{{SEL}}})", "{{pool}} up"),
            (f"sum by (pool) (xlb_pool_servers{{{SEL}}})", "{{pool}} servers"))
         .min(0).decimals(0),
-        ts("Active flows per server", "short", "Each server's connections in the flow "
-           "table.", (f"sum by (pool, server) (xlb_server_active_flows{{{SEL}}})",
-                      "{{pool}} / {{server}}")).min(0),
+        ts("Active flows per server", "short", "Each server's open connections: "
+           "established, not closing, not idle past their timeout.",
+           (f"sum by (pool, server) (xlb_server_active_flows{{{SEL}}})",
+            "{{pool}} / {{server}}")).min(0),
         ts("Health-check duration", "s", "99th and 50th percentiles of each server's health "
            "check durations (a check that times out counts its timeout).",
            *[(f"histogram_quantile({q}, sum by (pool, server, le) "
@@ -134,20 +135,31 @@ def build():
 
     dataplane = [
         ts("XDP actions/s", "pps", "Packets per second by what the XDP program did with "
-           "them: pass (to the kernel, also after NAT), tx (ARP replies), drop.",
+           "them: redirect and tx (the fast path; tx also for ARP and ICMP answers), pass (to the "
+           "kernel: not xlb's, or NATed where the kernel must route), drop.",
            (_rate("xlb_xdp_actions_total", "action"), "{{action}}")),
         ts("Drops/s by reason", "pps", "Packets dropped per second: malformed, fragment "
            "(no ports to balance on), no_backend (no server of the pool is up).",
            (_rate("xlb_drops_total", "reason"), "{{reason}}")).min(0),
-        ts("Flow-table fill", "percentunit", "Entries in the flow table over its capacity "
-           "(two entries per connection). The alert XlbFlowTableNearlyFull fires above 90 %.",
-           (f"xlb_flow_table_entries{{{SEL}}} / xlb_flow_table_capacity{{{SEL}}}",
-            "{{instance}}"))
+        ts("Flow-table fill", "percentunit", "Each flow table's entries over its capacity: "
+           "flows (established connections) and flows_new (half-open: a SYN flood fills "
+           "this one only). The alert XlbFlowTableNearlyFull fires above 90 % of both.",
+           (f"max by (table) (xlb_flow_table_pressure{{{SEL}}})", "{{table}}"))
         .min(0).max(1)
         .thresholds(dashboard.ThresholdsConfig().mode(dm.ThresholdsMode.ABSOLUTE).steps([
             dm.Threshold(value=None, color="green"), dm.Threshold(value=0.9, color="red")]))
         .thresholds_style(common.GraphThresholdsStyleConfig()
                           .mode(cm.GraphThresholdsStyleMode.LINE)),
+    ]
+
+    flows = [
+        ts("Connections by state", "short", "Connections in the flow tables: established, "
+           "closing (after a FIN or RST), half-open (the handshake not complete).",
+           (f"sum by (state) (xlb_flows{{{SEL}}})", "{{state}}")).min(0),
+        ts("Connections removed/s by reason", "cps", "expired (idle past their timeout), "
+           "reopened (a SYN on a closed one), ended (a server's state, a removed "
+           "frontend), evicted (by the LRU when a table is full).",
+           (_rate("xlb_flows_removed_total", "reason"), "{{reason}}")).min(0),
     ]
 
     config = [
@@ -179,7 +191,7 @@ def build():
                             .sort(dm.VariableSort.ALPHABETICAL_ASC)
                             .multi(True).include_all(True).all_value(".*")))
     for title, panels in (("Traffic", traffic), ("Servers and health", servers),
-                          ("Data plane", dataplane), ("Config", config)):
+                          ("Data plane", dataplane), ("Flows", flows), ("Config", config)):
         board = board.with_row(dashboard.Row(title))
         for panel in panels:
             board = board.with_panel(panel)
