@@ -185,7 +185,7 @@ def apply(file: Path) -> None:
         r = ctl.request("apply", text=text, timeout=60)   # the instance validates
     except ctl.ControlError as e:
         _echo_problems(file, e.problems)
-        raise Failure(str(e)) from None
+        raise (BadInput if e.bad_input else Failure)(str(e)) from None
     except ctl.NotRunning as e:
         raise Failure(str(e)) from None
     click.echo(f"xlb: applied {file} in {r['validate_seconds'] + r['apply_seconds']:.3f}s: "
@@ -413,7 +413,9 @@ def bird(router, local_as, peer_as, table, router_id, config) -> None:
 def _request(cmd: str, **args):
     try:
         return ctl.request(cmd, **args)
-    except (ctl.NotRunning, ctl.ControlError) as e:
+    except ctl.ControlError as e:
+        raise (BadInput if e.bad_input else Failure)(str(e)) from None
+    except ctl.NotRunning as e:
         raise Failure(str(e)) from None
 
 

@@ -33,12 +33,14 @@ class AlreadyRunning(Exception):
 
 
 class ControlError(Exception):
-    """The instance refused or failed a request; the message says why, and
-    `problems` lists (key path, reason) pairs for an invalid config."""
+    """The instance refused or failed a request; the message says why,
+    `problems` lists (key path, reason) pairs for an invalid config, and
+    `bad_input` says the request was wrong (the CLI's exit 2), not the instance."""
 
-    def __init__(self, message: str, problems: list | None = None):
+    def __init__(self, message: str, problems: list | None = None, bad_input: bool = False):
         super().__init__(message)
         self.problems = problems or []
+        self.bad_input = bad_input
 
 
 def bind() -> socket.socket:
@@ -77,7 +79,8 @@ def request(cmd: str, timeout: float = 10.0, **args) -> object:
             buf += chunk
     reply = json.loads(buf)
     if not reply.get("ok"):
-        raise ControlError(reply.get("error", "request failed"), reply.get("problems"))
+        raise ControlError(reply.get("error", "request failed"), reply.get("problems"),
+                           reply.get("bad_input", False))
     return reply.get("result")
 
 

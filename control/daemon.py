@@ -488,11 +488,12 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, sync_tar
     except ConfigError as e:
         log.event(cmd, level="warning", error="invalid config: nothing applied",
                   problems=len(e.problems))
-        return {"ok": False, "error": "invalid config: nothing applied", "problems": e.problems}
+        return {"ok": False, "error": "invalid config: nothing applied", "problems": e.problems,
+                "bad_input": True}
     except (BadRequest, LookupError, planner.CapacityError, DatapathError) as e:
         message = str(e.args[0]) if isinstance(e, LookupError) else str(e)
         log.event(str(cmd), level="warning", error=message)
-        return {"ok": False, "error": message}
+        return {"ok": False, "error": message, "bad_input": not isinstance(e, DatapathError)}
     except Exception as e:  # a bug: answer, log, and keep serving
         traceback.print_exc()
         return {"ok": False, "error": f"internal error: {e!r}"}

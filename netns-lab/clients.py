@@ -7,6 +7,10 @@
     clients.py udp HOST PORT [--count N] [--timeout S]
         N datagrams, each from a new socket (a new flow).
         {"replies": [[name, source_ip, source_port], ...], "errors": [...]}
+    http and udp run on one CPU (the lowest allowed): a veth hands a packet to the
+    next namespace's XDP program on the CPU that sent it, and round-robin keeps one
+    cursor per CPU, so their new flows follow one cursor and split exactly evenly,
+    however many CPUs the host has.
     clients.py load HOST PORT --seconds S [--concurrency C] [--keepalive]
         C threads send GETs for S seconds, each on a new connection or on one
         keep-alive connection per thread. {"ok": n, "names": {...}, "errors": [...],
@@ -20,6 +24,7 @@ import argparse
 import collections
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -133,6 +138,8 @@ def main():
     if a.cmd == "hold":
         hold(a.host, a.port, a.count, a.pause, a.timeout)
         return
+    if a.cmd in ("http", "udp"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     if a.cmd == "http":
         out = http_requests(a.host, a.port, a.count, a.keepalive, a.timeout)
     elif a.cmd == "udp":

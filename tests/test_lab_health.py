@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import time
+import tomllib
 from datetime import datetime
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def test_dead_server_leaves_within_the_bound_and_returns(lab, tmp_path):
           f"{result['error_count']} requests failed inside that window, "
           f"{result['ok']} succeeded")
     assert late == [], result["errors"]
+    # The load ran all along: many requests, nearly all answered, by both servers.
+    assert result["ok"] > 100 and result["error_count"] < result["ok"] / 10, result
+    assert set(result["names"]) == {"WAS1", "WAS2"}, result
     assert result["error_count"] == len([t for t in result["error_times"]
                                          if t_stop - 0.1 <= t <= t_down + 0.2])
     # Back after `rise` checks, and serving again.
@@ -184,3 +188,68 @@ def test_one_line_form_checks_by_default(lab):
         st = lab.status()["pools"][0]["servers"]
         assert [s["health"] for s in st] == ["up", "down"]
         assert lab.client("client", "http", VIP, "80", "--count", "4")["names"] == ["WAS1"] * 4
+
+
+def test_one_line_check_options(lab, tmp_path):
+    """--check http:/PATH, --check-port, --interval, --rise and --fall reach the
+    checker: each WAS host gets a check server on port 9000 that has /health on
+    was1 only (404 on was2), while both service ports answer 200 to any path."""
+    checks = []
+    for node, files in (("was1", ["health"]), ("was2", [])):
+        root = tmp_path / node
+        root.mkdir()
+        for name in files:
+            (root / name).write_text("ok\n")
+        checks.append(lab.listening(node, 9000, PY, "-m", "http.server", "9000",
+                                    "--directory", str(root)))
+    try:
+        with lab.xlb("--vip", f"{VIP}:80", "--backend", "10.1.11.101:8080",
+                     "--backend", "10.1.11.102:8080", "--check", "http:/health",
+                     "--check-port", "9000", "--interval", "0.5", "--rise", "3",
+                     "--fall", "4"):
+            wait_health(lab, "backend2", "down", 2)
+            st = lab.status()["pools"][0]["servers"]
+            assert [s["health"] for s in st] == ["up", "down"]
+            assert "404" in st[1]["last_check"]["reason"], st[1]
+            assert lab.client("client", "http", VIP, "80", "--count", "4")["names"] == \
+                ["WAS1"] * 4
+            shown = tomllib.loads(lab.xlb_cmd("show", check=True).stdout)
+        (monitor,) = shown["monitors"].values()
+        assert {k: monitor[k] for k in ("type", "path", "port", "interval", "rise", "fall")} \
+            == {"type": "http", "path": "/health", "port": 9000, "interval": 0.5,
+                "rise": 3, "fall": 4}
+    finally:
+        for proc in checks:
+            proc.terminate()
+            proc.wait(5)
+
+
+@pytest.mark.parametrize("policy", ["keep", "reset"])
+def test_established_flows_of_a_server_that_goes_down_follow_on_server_down(
+        lab, tmp_path, policy):
+    """Only the check listener (port 9000) of the held connection's server
+    dies; the server itself still answers. keep: the connection goes on with
+    it. reset: its next packet is balanced anew, to a server that knows
+    nothing of it, and the connection ends."""
+    checks = {node: lab.web_server(node, f"{node}-check", 9000) for node in ("was1", "was2")}
+    try:
+        text = seed("tcp", port=9000).replace('monitor = "m"\n',
+                                              f'monitor = "m"\non_server_down = "{policy}"\n')
+        with start_xlb(lab, tmp_path, text):
+            wait_health(lab, "was2", "up", 2)
+            hold, first = lab.hold("--count", "12", "--pause", "0.4", "--timeout", "2")
+            server = {"WAS1": "was1", "WAS2": "was2"}[first]
+            checks[server].terminate()
+            checks[server].wait(5)
+            wait_health(lab, server, "down", BOUND + 1)
+            rest = [json.loads(line) for line in hold.communicate(timeout=30)[0].splitlines()]
+        if policy == "keep":
+            assert [r.get("name") for r in rest] == [first] * 11, rest
+        else:
+            assert any("error" in r for r in rest), rest
+            # after the reset, requests (on a new connection) go to the other server
+            assert rest[-1]["name"] != first, rest
+    finally:
+        for proc in checks.values():
+            proc.terminate()
+            proc.wait(5)
