@@ -313,3 +313,35 @@ scrape_configs:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def test_applies_and_health_changes_are_counted(lab, xlb, tmp_path):
+    """xlb_config_applies_total counts each `xlb apply` by result, and
+    xlb_server_health_changes_total each health change of that server only."""
+    before = scrape(lab)
+    applies = values(before, "xlb_config_applies_total", "result")
+    changes = values(before, "xlb_server_health_changes_total", "server")
+    assert lab.xlb_cmd("apply", str(SEED), timeout=60).returncode == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SEED.read_text().replace('pool = "was"', 'pool = "nosuch"'))
+    assert lab.xlb_cmd("apply", str(bad), timeout=60).returncode == 2
+    assert lab.xlb_cmd("apply", str(bad), timeout=60).returncode == 2
+    after = scrape(lab)
+    assert values(after, "xlb_config_applies_total", "result") == \
+        {"ok": applies["ok"] + 1, "error": applies["error"] + 2}
+    last = ("xlb_config_last_apply_timestamp_seconds", frozenset())
+    assert samples(after)[last] > samples(before)[last]     # moved by the apply that succeeded
+
+    # The seed's monitor: every 2 s, fall 3, rise 2.
+    lab.server("stop", "was2")
+    try:
+        wait_for("was2 down", 15, lambda: values(scrape(lab), "xlb_server_up", "server")
+                 == {"was1": 1, "was2": 0})
+        assert values(scrape(lab), "xlb_server_health_changes_total", "server") == \
+            {"was1": changes["was1"], "was2": changes["was2"] + 1}
+    finally:
+        lab.server("start", "was2")
+    wait_for("was2 up", 15, lambda: values(scrape(lab), "xlb_server_up", "server")
+             == {"was1": 1, "was2": 1})
+    assert values(scrape(lab), "xlb_server_health_changes_total", "server") == \
+        {"was1": changes["was1"], "was2": changes["was2"] + 2}
