@@ -70,7 +70,12 @@ def request(cmd: str, timeout: float = 10.0, **args) -> object:
             sock.connect(ADDRESS)
         except (ConnectionRefusedError, FileNotFoundError):
             raise NotRunning() from None
-        sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            # The instance may answer before it reads (a refusal) and close: its answer
+            # is still ours to read. (Left to click, EPIPE would exit 1 without a word.)
+            pass
         buf = bytearray()
         while not buf.endswith(b"\n"):
             chunk = sock.recv(65536)
