@@ -36,7 +36,6 @@ BPF_ARRAY(timeouts, struct timeouts, XLB_MAX_SERVICES);
  * packets to them are dropped, not passed to a kernel that does not own them. */
 BPF_HASH(vips, __be32, __u32, XLB_MAX_SERVICES);
 BPF_HASH(arp_vips, struct arp_key, struct arp_mac, XLB_MAX_ARP);
-BPF_HASH(owners, struct owner_key, struct owner, XLB_MAX_BACKENDS);
 BPF_ARRAY(config, struct xlb_config, 1);
 BPF_TABLE("lru_hash", struct flow_key, struct flow, flows, XLB_MAX_FLOWS);
 BPF_TABLE("lru_hash", struct flow_key, struct flow, flows_new, XLB_MAX_NEW_FLOWS);
@@ -418,53 +417,6 @@ static __always_inline enum xlb_reason flow_continue(struct xdp_md *ctx, struct 
 	return send(ctx, pkt, cfg, key, reply, now);
 }
 
-/* A backend's packet that no entry knows: if its endpoint serves one service,
- * the connection is that service's (balanced by another node, or lost here),
- * so it gets both entries, as a new flow to this backend would, and goes on
- * as a reply. */
-static __always_inline enum xlb_reason flow_from_reply(struct xdp_md *ctx, struct packet *pkt,
-						       struct xlb_config *cfg, struct flow_key *key,
-						       __u32 bytes, __u64 now)
-{
-	struct owner_key okey = {};
-	struct flow_key fkey = {};
-	struct flow fwd = {}, reply;
-	struct flow_counters *fc;
-	struct owner *o;
-
-	okey.addr = key->saddr;
-	okey.port = key->sport;
-	okey.proto = key->proto;
-	o = owners.lookup(&okey);
-	if (!o)
-		return XLB_PASS_NOT_VIP;
-	fwd.addr = key->saddr;
-	fwd.port = key->sport;
-	fwd.dir = FLOW_FORWARD;
-	fwd.service_id = o->service_id;
-	fwd.backend_id = o->backend_id;
-	fwd.seen = now;
-	flow_set_state(&fwd, key->proto, FLOW_NEW);
-	reply = fwd;
-	reply.addr = o->vip;
-	reply.port = o->port;
-	reply.dir = FLOW_REPLY;
-	reply.state = FLOW_ANSWERED;
-	fkey.saddr = key->daddr;
-	fkey.daddr = o->vip;
-	fkey.sport = key->dport;
-	fkey.dport = o->port;
-	fkey.proto = key->proto;
-	flows_new.update(&fkey, &fwd);
-	flows_new.update(key, &reply);
-	fc = flow_counters();
-	if (fc)
-		fc->created += 1;
-	count_flow(&reply, bytes, 0);
-	nat_source(pkt, reply.addr, reply.port);
-	return send(ctx, pkt, cfg, key, 1, now);
-}
-
 static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet *pkt,
 					       struct xlb_config *cfg, int is_vip, __u32 bytes)
 {
@@ -494,7 +446,7 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 		return flow_continue(ctx, pkt, cfg, &key, f, in_new, bytes, now);
 
 	if (!is_vip)
-		return flow_from_reply(ctx, pkt, cfg, &key, bytes, now);
+		return XLB_PASS_NOT_VIP;
 	skey.vip = key.daddr;
 	skey.port = key.dport;
 	skey.proto = key.proto;

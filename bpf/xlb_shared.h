@@ -51,25 +51,6 @@ struct backend {
  * connection and is balanced anew. */
 enum { BACKEND_NO_NEW_FLOWS = 1 };
 
-/* owners: a backend endpoint (address, port, protocol) that serves exactly
- * one service -> that service. A reply from it that no flow entry knows (a
- * connection another node balanced, or one this node lost) is still made the
- * VIP's, and its connection is remembered from then on. */
-struct owner_key {
-	__be32 addr;
-	__be16 port;
-	__u8 proto;
-	__u8 pad;
-};
-
-struct owner {
-	__be32 vip;
-	__be16 port;
-	__u16 pad;
-	__u32 service_id;
-	__u32 backend_id;
-};
-
 /* Flow tables: LRU hashes keyed by the packet's own 5-tuple. A connection has
  * two entries: client->VIP (FLOW_FORWARD, NAT to the backend) and
  * backend->client (FLOW_REPLY, NAT back to the VIP). A new connection starts in

@@ -254,15 +254,6 @@ class Datapath:
         if bytes(c) != before:
             self._maps["config"][ct.c_int(0)] = c
 
-    def set_owner(self, addr: IPv4Address, port: int, proto: int, vip: IPv4Address,
-                  vip_port: int, service_id: int, backend_id: int) -> None:
-        """A backend endpoint that serves only this service (see bpf/xlb_shared.h)."""
-        self._maps["owners"][layout.OwnerKey(_be32(addr), _be16(port), proto, 0)] = \
-            layout.Owner(_be32(vip), _be16(vip_port), 0, service_id, backend_id)
-
-    def del_owner(self, addr: IPv4Address, port: int, proto: int) -> None:
-        del self._maps["owners"][layout.OwnerKey(_be32(addr), _be16(port), proto, 0)]
-
     def set_arp(self, ifindex: int, vip: IPv4Address, mac: bytes) -> None:
         self._maps["arp_vips"][layout.ArpKey(ifindex, _be32(vip))] = \
             layout.ArpMac((ct.c_uint8 * 6)(*mac), 0)

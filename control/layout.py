@@ -30,15 +30,6 @@ class Backend(ct.Structure):
     _fields_ = [("addr", u32), ("port", u16), ("flags", u16)]
 
 
-class OwnerKey(ct.Structure):
-    _fields_ = [("addr", u32), ("port", u16), ("proto", u8), ("pad", u8)]
-
-
-class Owner(ct.Structure):
-    _fields_ = [("vip", u32), ("port", u16), ("pad", u16), ("service_id", u32),
-                ("backend_id", u32)]
-
-
 class FlowKey(ct.Structure):
     _fields_ = [("saddr", u32), ("daddr", u32), ("sport", u16), ("dport", u16),
                 ("proto", u8), ("pad", u8 * 3)]
@@ -112,7 +103,6 @@ MAPS: dict[str, tuple[type | None, type]] = {
     "timeouts": (None, Timeouts),
     "vips": (None, u32),
     "arp_vips": (ArpKey, ArpMac),
-    "owners": (OwnerKey, Owner),
     "config": (None, Config),
     "flows": (FlowKey, Flow),
     "flows_new": (FlowKey, Flow),

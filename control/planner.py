@@ -54,11 +54,6 @@ class DataplaneState:
     backends: dict[BackendKey, BackendState] = field(default_factory=dict)
     vips: frozenset[IPv4Address] = frozenset()
     arp: dict[tuple[int, IPv4Address], bytes] = field(default_factory=dict)
-    # (address, port, protocol) of a backend that serves one service -> (vip,
-    # port, service id, backend id): its replies without a flow entry are that
-    # service's
-    owners: dict[tuple[IPv4Address, int, int], tuple[IPv4Address, int, int, int]] = \
-        field(default_factory=dict)
 
 
 class ArpLink(Protocol):
@@ -169,20 +164,7 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
     arp = {(link.index, fe.vip): link.mac
            for fe in config.frontends for link in links
            if link.holds(fe.vip) and (not fe.interfaces or link.name in fe.interfaces)}
-    return DataplaneState(services, backends, frozenset(f.vip for f in config.frontends), arp,
-                          _owners(config, backends, services))
-
-
-def _owners(config: Config, backends: dict, services: dict) -> dict:
-    """Backend endpoints that serve exactly one frontend, and whose."""
-    claims: dict[tuple, list] = {}
-    for fe in config.frontends:
-        sid = services[(fe.vip, fe.port, fe.proto_number)].id
-        for s in config.pool(fe.pool).servers:
-            endpoint = (s.address, s.port, fe.proto_number)
-            claims.setdefault(endpoint, []).append(
-                (fe.vip, fe.port, sid, backends[(fe.pool, s.name)].id))
-    return {endpoint: owners[0] for endpoint, owners in claims.items() if len(owners) == 1}
+    return DataplaneState(services, backends, frozenset(f.vip for f in config.frontends), arp)
 
 
 @dataclass(frozen=True)
@@ -243,9 +225,6 @@ def plan(current: DataplaneState, target: DataplaneState) -> list[Op]:
     for (ifindex, vip), mac in target.arp.items():
         if current.arp.get((ifindex, vip)) != mac:
             ops.append(("set_arp", ifindex, vip, mac))
-    for endpoint, owner in target.owners.items():
-        if current.owners.get(endpoint) != owner:
-            ops.append(("set_owner", *endpoint, *owner))
     for key, svc in target.services.items():
         old = current.services.get(key)
         if old is None or old.id != svc.id or old.timeouts != svc.timeouts:
@@ -256,8 +235,6 @@ def plan(current: DataplaneState, target: DataplaneState) -> list[Op]:
                         SERVICE_MAGLEV if svc.maglev else 0))
     for key in current.services.keys() - target.services.keys():
         ops.append(("del_service", *key))
-    for endpoint in current.owners.keys() - target.owners.keys():
-        ops.append(("del_owner", *endpoint))
     for ifindex, vip in current.arp.keys() - target.arp.keys():
         ops.append(("del_arp", ifindex, vip))
     for vip in sorted(current.vips - target.vips):

@@ -58,10 +58,10 @@ def test_drift_in_the_c_is_reported(root, tmp_path):
     shutil.copytree(BPF_DIR, src)
     header = src / "xlb_shared.h"
     text = header.read_text()
-    flow_mid = "\t__u32 backend_id;\n\t__u32 timeout;"
+    flow_mid = "\t__u32 service_id;\n\t__u32 backend_id;\n"
     backend_end = "\t__be16 port;\n\t__u16 flags;\n};"
     assert text.count(flow_mid) == 1 and text.count(backend_end) == 1
-    text = text.replace(flow_mid, "\t__u32 backend_id;\n\t__u32 extra;\n\t__u32 timeout;")
+    text = text.replace(flow_mid, flow_mid + "\t__u32 extra;\n")
     text = text.replace(backend_end, "\t__be16 port;\n\t__u16 flags;\n\t__u16 weight;\n};")
     header.write_text(text)
 

@@ -48,7 +48,7 @@ def test_first_plan_writes_the_service_last():
     ops = planner.plan(planner.DataplaneState(), desired(SEED))
     names = [op[0] for op in ops]
     assert names == ["set_backend", "set_backend", "write_ring", "set_vip", "set_arp",
-                     "set_owner", "set_owner", "set_timeouts", "set_service"]
+                     "set_timeouts", "set_service"]
     assert ops[-2:] == [("set_timeouts", 0, 60, 900, 120, 300),
                         ("set_service", A("10.1.1.101"), 80, 6, 0, 0, 2, 0)]
 
@@ -175,11 +175,9 @@ def test_removed_frontend_is_deleted_after_the_rest():
     st = desired(two)
     one = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"])
     ops = planner.plan(st, desired(one, st))
-    # The backend now serves one frontend only: its replies are that one's.
-    assert ops[0][:6] == ("set_owner", A("10.1.11.101"), 8080, 6, A("10.1.1.101"), 80)
-    assert ops[1:] == [("del_service", A("10.1.1.102"), 80, 6),
-                       ("del_arp", 2, A("10.1.1.102")),
-                       ("del_vip", A("10.1.1.102"))]
+    assert ops == [("del_service", A("10.1.1.102"), 80, 6),
+                   ("del_arp", 2, A("10.1.1.102")),
+                   ("del_vip", A("10.1.1.102"))]
 
 
 def test_execute_calls_the_datapath_in_order():
@@ -230,8 +228,7 @@ def test_maglev_pool_gets_a_table_written_before_the_service():
     assert list(svc.slots) == _table(1009, (S1, 0), (S2, 1))
     ops = planner.plan(planner.DataplaneState(), st)
     assert [op[0] for op in ops] == ["set_backend", "set_backend", "write_maglev", "set_vip",
-                                     "set_arp", "set_owner", "set_owner", "set_timeouts",
-                                     "set_service"]
+                                     "set_arp", "set_timeouts", "set_service"]
     assert ops[2] == ("write_maglev", 0, list(svc.slots))
     assert ops[-1] == ("set_service", *WWW, 0, 0, 1009, layout.SERVICE_MAGLEV)
 
@@ -336,15 +333,5 @@ def test_unknown_timeouts_are_set_again():
     st = desired(SEED)
     svc = st.services[WWW]
     adopted = planner.DataplaneState({WWW: planner.ServiceState(svc.id, svc.ring, svc.slots)},
-                                     st.backends, st.vips, st.arp, st.owners)
+                                     st.backends, st.vips, st.arp)
     assert planner.plan(adopted, st) == [("set_timeouts", 0, 60, 900, 120, 300)]
-
-
-def test_a_backend_of_one_frontend_owns_its_replies_one_of_two_does_not():
-    two = from_flags(["10.1.1.101:80", "10.1.1.102:80"], ["10.1.11.101:8080"])
-    assert desired(two).owners == {}
-    st = desired(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080", "10.1.11.102:8080"]))
-    svc = st.services[WWW]
-    assert st.owners == {(A(f"10.1.11.10{i}"), 8080, 6):
-                         (A("10.1.1.101"), 80, svc.id, st.backends[("default", f"backend{i}")].id)
-                         for i in (1, 2)}

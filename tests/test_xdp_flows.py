@@ -563,29 +563,3 @@ def test_a_next_hop_is_resolved_again_after_a_second(lb, fibnet):
         fibnet.sh("ip", "neigh", "replace", be_addr, "lladdr", BACKEND_MAC, "dev", "int",
                   "nud", "permanent")
         lb.dp._maps["hops"].clear()
-
-
-def test_a_reply_no_entry_knows_is_its_owners_and_the_connection_follows(lb, fibnet):
-    """After a failover the new node may first see the backend speak: a packet
-    from a backend endpoint that serves one service is made that service's
-    reply, and the connection's next client packet goes to that backend."""
-    be_addr, be_port = BACKENDS[2]
-    lb.dp.set_owner(be_addr, be_port, TCP_P, MVIP, 80, SVC_MAGLEV, 2)
-    try:
-        frame = from_backend(2, 58000, "PA", payload=b"late data")
-        res = lb.send(frame, fibnet.ifindex["int"])
-        assert res.action == XDP_REDIRECT
-        assert res.data == tcp_frame(MVIP, CLIENT, 80, 58000, flags="PA", payload=b"late data",
-                                     ttl=63, eth_src=fibnet.MACS["ext"], eth_dst=CLIENT_MAC)
-        lb.expect("reply_redirect", flow=("out", SVC_MAGLEV, 2, False))
-        for _ in range(2):      # the client answers: same backend, and the connection is established
-            res = lb.send(tcp_frame(CLIENT, MVIP, 58000, 80, flags="A"), fibnet.ifindex["ext"])
-            assert backend_of(res.data) == 2
-            lb.expect("forward_redirect", flow=("in", SVC_MAGLEV, 2, False))
-        assert connection(lb.dp, 58000, vip=MVIP)[0] == "flows"
-        # A backend endpoint that owns nothing passes as before.
-        other = from_backend(1, 58001, "PA")
-        res = lb.send(other, fibnet.ifindex["int"])
-        assert (res.action, res.data) == (XDP_PASS, other)
-    finally:
-        lb.dp.del_owner(be_addr, be_port, TCP_P)
