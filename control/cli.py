@@ -137,14 +137,17 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
 def _echo_problems(file: Path, problems) -> None:
     """One line a problem, as `xlb check` and `xlb apply` report a config file."""
     for path, reason in problems:
-        click.echo(f"{file}: {path}: {reason}", err=True)
+        # a file that cannot be read is its own key path: named once
+        click.echo(f"{file}: {reason}" if path == str(file) else f"{file}: {path}: {reason}",
+                   err=True)
 
 
 def _load(path: Path):
     try:
         return configfile.load_file(path)
     except ConfigError as e:
-        raise BadInput(f"{path}: {e}") from None
+        raise BadInput(str(e) if [p for p, _ in e.problems] == [str(path)]
+                       else f"{path}: {e}") from None
 
 
 @cli.command()
