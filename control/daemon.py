@@ -80,7 +80,7 @@ class Balancer:
         links = netif.select(config.attach_names())
         if not links:
             raise LookupError("no up, non-loopback interface in this network namespace")
-        _check_host(config, links)
+        _check_host(config, [link for link in links if link.name not in self.links])
         keys = {(p.name, s.name) for p in config.pools for s in p.servers}
         admin = {k: v for k, v in (self.admin if admin is None else admin).items() if k in keys}
         states = self._server_states(config, admin)
@@ -308,15 +308,16 @@ def _attach(datapath: Datapath, link: netif.Link):
     return att
 
 
-def _check_host(config: Config, links: list[netif.Link]) -> None:
-    """Refuses VIPs that are local addresses; warns where replies would be filtered."""
+def _check_host(config: Config, new_links: list[netif.Link]) -> None:
+    """Refuses VIPs that are local addresses; warns, once per link it is about
+    to attach, where replies would be filtered."""
     local = netif.local_addresses()
     for fe in config.frontends:
         owner = local.get(fe.vip)
         if owner:
             raise LookupError(f"VIP {fe.vip} is a local address (on {owner}): reverse-NATed "
                               f"replies would look martian; remove it from the host")
-    for link in links:
+    for link in new_links:
         if netif.strict_rp_filter(link.name):
             log.event("rp_filter", level="warning", interface=link.name,
                       reason=f"strict rp_filter drops reverse-NATed replies (their source is "
