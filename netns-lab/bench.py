@@ -113,8 +113,9 @@ def bench_lab() -> dict[str, float]:
         if st is None:
             print(f"    {name:<40} n/a (this build has no --flow-table)")
             continue
-        print(f"    {name:<40} {st['map_memory_bytes'] / 2**20:7.1f} MiB, flow table "
-              f"{st['flows']['capacity']} entries")
+        print(f"    {name:<40} {st['map_memory_bytes'] / 2**20:7.1f} MiB, flow tables for "
+              f"{st['flows']['connections_capacity']} connections "
+              f"({st['flows']['capacity']} entries)")
     print()
     print("Prometheus scrape of /metrics, median of 5 (target: under 200 ms with 10,000 servers):")
     print(f"  {'seed, 2 servers':<30} {scrape_small[0] * 1000:7.1f} ms  {scrape_small[1]:6d} series")

@@ -48,6 +48,7 @@ class Scenario:
     setup: object = None          # a context manager factory (lab, run_dir); None: direct
     direct: bool = False          # to the backends themselves rather than the VIP
     udp: bool = True
+    xlb: bool = False             # read xlb's packets by reason after each round
     unavailable: str = ""         # why there is no row
 
     @property
@@ -70,6 +71,7 @@ class Figures:
     pps: list[float] = field(default_factory=list)                  # counted at the backends
     sent_pps: list[float] = field(default_factory=list)             # sent by the client
     other_load: list[float] = field(default_factory=list)           # others' share of the CPUs
+    reasons: dict[str, int] = field(default_factory=dict)          # xlb's, summed over rounds
 
 
 # --- backends -------------------------------------------------------------------------
@@ -251,9 +253,10 @@ def scenarios() -> list[Scenario]:
     out = [Scenario("direct to the backends", direct=True),
            Scenario("nftables DNAT (numgen, conntrack)", nftables_dnat),
            Scenario("HAProxy mode tcp roundrobin", haproxy, udp=False),
-           Scenario("xlb, kernel forwarding", xlb_scenario("kernel" if flag else None))]
+           Scenario("xlb, kernel forwarding", xlb_scenario("kernel" if flag else None),
+                    xlb=True)]
     if flag:
-        out.append(Scenario("xlb, fast path", xlb_scenario("fast")))
+        out.append(Scenario("xlb, fast path", xlb_scenario("fast"), xlb=True))
     else:
         out.append(Scenario("xlb, fast path", unavailable="n/a (this build has no --forwarding)"))
     return out
@@ -417,6 +420,9 @@ def measure(lab: Lab, run: Path) -> list[tuple[Scenario, Figures | None]]:
                     wrk(lab, sc, run, True, fig, "close")
                     if sc.udp:
                         udp(lab, sc, run, fig)
+                    if sc.xlb:
+                        for name, t in lab.status()["reasons"].items():
+                            fig.reasons[name] = fig.reasons.get(name, 0) + t["packets"]
     finally:
         stop(backends)
         for name in WAS:
@@ -468,6 +474,11 @@ def report(results: list[tuple[Scenario, Figures | None]]) -> dict[str, float | 
         pps = med(fig.pps)
         print(f"  {sc.name:<36}{pps:10.0f} {ratio(pps, med(direct.pps)):>7} "
               f"{ratio(pps, med(nft.pps)):>6} {med(fig.sent_pps):10.0f}")
+    for sc, fig in results:
+        if fig is not None and fig.reasons:
+            counts = sorted(((n, c) for n, c in fig.reasons.items() if c), key=lambda x: -x[1])
+            print(f"\n  {sc.name}, packets by reason (all rounds): "
+                  + ", ".join(f"{n} {c}" for n, c in counts))
     others = [x for _, fig in results if fig for x in fig.other_load]
     print("\n  CPU µs/req: CPU time of every process in the lab (wrk, nginx, HAProxy, xlb) and of "
           "the\n  kernel's ksoftirqd threads over the run, per request. Client, balancer and "
