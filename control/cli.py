@@ -74,7 +74,7 @@ def cli() -> None:
 @click.option("--config", "config_path", metavar="FILE",
               type=click.Path(dir_okay=False, path_type=Path),
               help="Serve the config file FILE instead of --vip/--backend "
-                   "(`xlb apply` persists into it).")
+                   "(xlb reads it, never writes it; `xlb apply` reads it again).")
 @click.option("--role", type=click.Choice(["active", "backup"]), default="active",
               show_default=True,
               help="backup: answer no ARP for the VIPs (and announce none) until "
@@ -123,7 +123,7 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
     from .datapath import DatapathError, Limits
     from .planner import CapacityError
     try:
-        daemon.up(config, config_path.resolve() if config_path else None, metrics_address,
+        daemon.up(config, config_path.absolute() if config_path else None, metrics_address,
                   Limits() if flow_table is None else Limits.for_connections(flow_table),
                   forwarding == "fast", role, announce_table)
     except ctl.AlreadyRunning as e:
@@ -169,31 +169,46 @@ def check(file: Path) -> None:
 
 
 @cli.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-def apply(file: Path) -> None:
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+def apply(file: Path | None) -> None:
     """Apply a config file to the running instance, without dropping a flow.
+
+    Without FILE, the file the instance serves is read again (edit it, then
+    `xlb apply`, as with `systemctl reload`). With FILE, FILE is applied and
+    from then on the instance serves FILE. xlb never writes the file.
 
     The file is validated first (as `xlb check`); an invalid file changes
     nothing. The instance computes the difference and applies it: a service
     switches to its new backend set in one step, established flows to servers
     that remain are untouched, flows of removed servers follow their pool's
-    on_server_down. The applied file is persisted where the instance started
-    from (`xlb up --config FILE`).
+    on_server_down. Drain and maint set with `xlb server` stay.
     """
+    if file is None:
+        served = _request("show")["config"]
+        if served is None:
+            raise BadInput("this instance serves no file (it was started from flags): "
+                           "name one, `xlb apply FILE`")
+        file = Path(served)
     try:
         text = file.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise BadInput(f"{file}: {e.strerror if isinstance(e, OSError) else e}") from None
     try:
-        r = ctl.request("apply", text=text, timeout=60)   # the instance validates
-    except ctl.ControlError as e:
+        r = ctl.request("apply", text=text, path=str(file.absolute()), timeout=60)
+    except ctl.ControlError as e:           # the instance validates
         _echo_problems(file, e.problems)
         raise (BadInput if e.bad_input else Failure)(str(e)) from None
     except ctl.NotRunning as e:
         raise Failure(str(e)) from None
+    _warn(r)
     click.echo(f"xlb: applied {file} in {r['validate_seconds'] + r['apply_seconds']:.3f}s: "
                f"{r['frontends']} frontends, {r['pools']} pools, {r['servers']} servers; "
-               f"{r['flows_ended']} flows ended; {r['persisted']}")
+               f"{r['flows_ended']} flows ended; serving {r['config']}")
+
+
+def _warn(reply: dict) -> None:
+    if reply.get("warning"):
+        click.echo(f"xlb: warning: {reply['warning']}", err=True)
 
 
 @cli.command()
@@ -212,9 +227,11 @@ def server(action: str, pool: str, server: str) -> None:
 
     drain: no new flows, established ones continue. disable: no new flows,
     and established ones end (their next packets are balanced anew). enable:
-    back to normal. The state survives `xlb apply`, not a restart.
+    back to normal. The state survives `xlb apply` and restarts of `xlb up`
+    (xlb keeps it in its state directory); `xlb down` forgets it.
     """
     r = _request("server", action=action, pool=pool, server=server)
+    _warn(r)
     click.echo(f"xlb: {pool}/{server} is {r['state']}; {r['flows_ended']} flows ended")
 
 

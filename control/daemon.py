@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__, config as configfile, ctl, flowtable, ha, log, metrics, netif, planner
+from . import state as saved
 from .datapath import Datapath, DatapathError, Limits
 from .health import HealthChecker, Target, Transition
 from .layout import REASON_ACTIONS, XDP_ACTIONS
@@ -161,14 +162,28 @@ class Balancer:
         return {"pool": pool, "server": server, "state": self.states[(pool, server)],
                 "flows_ended": result["flows_ended"]}
 
-    def persist(self, text: str) -> str:
-        """Writes an applied config where the instance started from, atomically."""
-        if self.config_path is None:
-            return "not persisted: this instance was started from flags, not --config"
-        tmp = self.config_path.with_name(f".{self.config_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.config_path)
-        return f"persisted to {self.config_path}"
+    def restore(self, config: Config) -> None:
+        """Takes back the server states set at run time before a restart (drain,
+        maint), for the servers still in `config`, the config about to run."""
+        kept = saved.load()
+        keys = {(p.name, s.name) for p in config.pools for s in p.servers}
+        self.admin = {k: v for k, v in (kept.admin if kept else {}).items() if k in keys}
+        if self.admin:
+            log.event("restore", servers=",".join(f"{p}/{s}={v}" for (p, s), v in
+                                                 sorted(self.admin.items())))
+
+    def remember(self) -> str | None:
+        """Saves in xlb's state directory what no file holds: the file served,
+        the config that runs, drain and maint. Returns a warning if it could not."""
+        try:
+            saved.save(saved.State(str(self.config_path) if self.config_path else None,
+                                   configfile.dump(self.config), dict(self.admin)))
+        except OSError as e:
+            warning = (f"state not saved in {saved.directory()} ({e.strerror}): a restart "
+                       f"would not find this change")
+            log.event("state", level="warning", error=warning)
+            return warning
+        return None
 
     def _last_check(self, key: Key) -> dict | None:
         """The latest check of a checked server; None when it is not checked."""
@@ -336,7 +351,9 @@ def up(config: Config, config_path: Path | None = None,
         datapath = Datapath(limits)
         datapath.set_forwarding(fast_path)
         balancer = Balancer(datapath, config_path, role, announcer)
+        balancer.restore(config)
         balancer.apply(config)
+        balancer.remember()
         if metrics_address is not None:
             try:
                 exporter = metrics.serve(balancer, balancer.check_durations, metrics_address)
@@ -384,9 +401,6 @@ async def _serve(balancer: Balancer, sock) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    def request_stop() -> None:      # from the worker thread of a `down` request
-        loop.call_soon_threadsafe(stop.set)
-
     async def health_changed(tr: Transition) -> None:
         async with lock:
             if balancer.health.get(tr.key, "up") == tr.new:
@@ -414,14 +428,17 @@ async def _serve(balancer: Balancer, sock) -> None:
             await asyncio.to_thread(balancer.apply, balancer.config)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        down = threading.Event()   # set by a `down` request: stop once it is answered
         try:
-            reply = await _answer(balancer, request_stop, lock, sync_targets, reader, writer)
+            reply = await _answer(balancer, down.set, lock, sync_targets, reader, writer)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except ConnectionError:    # the client left (or reset) before its answer: its loss
             pass
         finally:
             writer.close()
+            if down.is_set():
+                stop.set()
 
     async with lock:
         await sync_targets()
@@ -520,25 +537,29 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
         return {"text": configfile.dump(balancer.config),
                 "config": str(balancer.config_path) if balancer.config_path else None}
     if cmd == "apply":
-        text = _field(req, "text")
+        text, path = _field(req, "text"), _field(req, "path")
+        if not os.path.isabs(path):
+            raise BadRequest("malformed 'apply' request: 'path' must be absolute")
         t0 = time.perf_counter()
         cfg = configfile.load(text)
         t1 = time.perf_counter()
         result = balancer.apply(cfg)
         t2 = time.perf_counter()
-        result["persisted"] = balancer.persist(text)
-        log.event("apply", result="ok", seconds=t2 - t0, **result)
-        return {**result, "validate_seconds": t1 - t0, "apply_seconds": t2 - t1}
+        balancer.config_path = Path(path)    # from now on, the file this instance serves
+        log.event("apply", result="ok", seconds=t2 - t0, config=path, **result)
+        return {**result, "validate_seconds": t1 - t0, "apply_seconds": t2 - t1,
+                "config": path, "warning": balancer.remember()}
     if cmd == "server":
         action = _field(req, "action")
         if action not in ADMIN_ACTIONS:
             raise BadRequest(f"unknown server action {action!r}")
         result = balancer.set_admin(action, _field(req, "pool"), _field(req, "server"))
         log.event("server", action=action, **result)
-        return result
+        return {**result, "warning": balancer.remember()}
     if cmd == "role":
         return balancer.set_role(_field(req, "role"))
     if cmd == "down":
         request_stop()
+        saved.clear()     # the service ends here: the next `xlb up` starts afresh
         return "stopping"
     raise BadRequest(f"unknown command {cmd!r}")

@@ -153,7 +153,7 @@ class Lab:
         return Xlb(self, node, args)
 
     def xlb_seed(self, directory: Path) -> "Xlb":
-        """`xlb up --config` a copy of seed.toml in directory (`apply` would persist into it)."""
+        """`xlb up --config` a copy of seed.toml in directory (a test may edit it)."""
         config = directory / "xlb.toml"
         shutil.copy(HERE / "seed.toml", config)
         return self.xlb("--config", str(config))

@@ -33,6 +33,15 @@ def pytest_make_collect_report(collector):
     _skip_fails(outcome.get_result())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def state_root(tmp_path_factory):
+    """xlb's state directory root for this run (not /var/lib/xlb): every `xlb`
+    the tests start inherits it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XLB_STATE_DIR", str(tmp_path_factory.mktemp("xlb-state")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def root():
     if os.geteuid() != 0:

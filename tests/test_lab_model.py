@@ -53,7 +53,9 @@ SEED = config({"web": ("roundrobin", "keep", ["was1", "was2"])}, {"www": (VIP, 8
 
 
 @pytest.fixture
-def xlb(lab, tmp_path):
+def xlb(lab, tmp_path, monkeypatch):
+    # A fresh state directory: no drain or maint of an earlier test comes back.
+    monkeypatch.setenv("XLB_STATE_DIR", str(tmp_path / "state"))
     path = tmp_path / "xlb.toml"
     path.write_text(SEED)
     with lab.xlb("--config", str(path)) as x:
@@ -120,8 +122,6 @@ def test_applies_under_load_lose_no_request(lab, xlb, tmp_path, keepalive):
     assert result["error_count"] == 0, result["errors"]
     assert result["ok"] > 100
     assert set(result["names"]) <= {"WAS1", "WAS2", "WAS1B", "WAS2B"}
-    # The last apply was the seed again, and it was persisted.
-    assert xlb.path.read_text() == SEED
 
 
 def shape(status: dict) -> tuple:

@@ -1,0 +1,106 @@
+"""xlb's own state: what a restart of `xlb up` must find again and no file of
+the operator holds. Which file the instance serves, the config it runs (as
+canonical TOML), and the server states set at run time (`xlb server drain`,
+`disable`).
+
+One directory per network namespace, `/var/lib/xlb/netns-<inode of its
+/proc/self/ns/net>` (`$XLB_STATE_DIR` replaces `/var/lib/xlb`), holding one
+JSON file written atomically. The kernel reuses the inode numbers of deleted
+namespaces, so the file also records the namespace's cookie (unique while the
+machine runs) and the boot: a state left by an earlier namespace of this boot
+is not this namespace's, and load() ignores it. After a reboot the cookies are
+new; the state is taken (the root namespace keeps its inode across boots).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import log
+
+ROOT = "/var/lib/xlb"
+FILE = "state.json"
+SO_NETNS_COOKIE = 71      # Linux 5.14; Python's socket module does not name it
+
+
+@dataclass(frozen=True)
+class State:
+    config_path: str | None           # the file the instance serves; None: started from flags
+    config_text: str                  # the canonical TOML of the config it runs
+    admin: dict[tuple[str, str], str]  # (pool, server) -> "drain" | "maint"
+
+
+def directory() -> Path:
+    return Path(os.environ.get("XLB_STATE_DIR", ROOT)) / \
+        f"netns-{os.stat('/proc/self/ns/net').st_ino}"
+
+
+def _namespace() -> dict:
+    """What tells this network namespace from an earlier one with the same inode."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        cookie = struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+    return {"boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+            "cookie": cookie}
+
+
+def load() -> State | None:
+    """This namespace's state, or None when it has none. A file that cannot be
+    read or is no state is logged as a warning and taken as none: a damaged
+    state must not keep the balancer from starting."""
+    path = directory() / FILE
+    try:
+        raw = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.event("state", level="warning", file=path, error=e.strerror)
+        return None
+    try:
+        d = json.loads(raw)
+        ns = _namespace()
+        if d["namespace"]["boot_id"] == ns["boot_id"] and d["namespace"]["cookie"] != ns["cookie"]:
+            return None          # an earlier namespace's, with the same inode
+        admin = {(pool, server): value for pool, server, value in d["admin"]}
+        if not (isinstance(d["config_path"], (str, type(None)))
+                and isinstance(d["config_text"], str)
+                and all(v in ("drain", "maint") for v in admin.values())):
+            raise ValueError("a field has the wrong type")
+        return State(d["config_path"], d["config_text"], admin)
+    except (ValueError, KeyError, TypeError) as e:
+        log.event("state", level="warning", file=path, error=f"not an xlb state ({e!r}); ignored")
+        return None
+
+
+def save(state: State) -> None:
+    """Replaces the state atomically (a crash leaves the old one or the new one)."""
+    path = directory()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data = {"config_path": state.config_path, "config_text": state.config_text,
+            "admin": [[pool, server, value] for (pool, server), value in sorted(state.admin.items())],
+            "namespace": _namespace()}
+    tmp = path / f".{FILE}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / FILE)
+    dirfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def clear() -> None:
+    """Forgets this namespace's state."""
+    path = directory()
+    (path / FILE).unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:       # gone already, or holds more than the state
+        pass

@@ -1,0 +1,76 @@
+"""xlb's own state directory: no kernel, no root."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from xlb import state
+from xlb.state import State
+
+KEPT = State("/etc/xlb/xlb.toml", '[pools.web]\nservers = ["was1"]\n',
+             {("web", "was1"): "drain", ("web", "was2"): "maint"})
+
+
+@pytest.fixture(autouse=True)
+def root(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLB_STATE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_directory_is_per_network_namespace(root):
+    assert state.directory() == root / f"netns-{os.stat('/proc/self/ns/net').st_ino}"
+
+
+def test_save_then_load_gives_it_back_and_clear_forgets_it(root):
+    assert state.load() is None
+    state.save(KEPT)
+    assert state.load() == KEPT
+    assert os.listdir(state.directory()) == ["state.json"]      # no temporary file left
+    assert state.directory().stat().st_mode & 0o777 == 0o700
+    state.save(State(None, "", {}))
+    assert state.load() == State(None, "", {})
+    state.clear()
+    assert state.load() is None and not state.directory().exists()
+    state.clear()                                                # twice is fine
+
+
+def rewrite(**changes) -> None:
+    path = state.directory() / "state.json"
+    d = json.loads(path.read_text())
+    for key, value in changes.items():
+        if key in ("boot_id", "cookie"):
+            d["namespace"][key] = value
+        else:
+            d[key] = value
+    path.write_text(json.dumps(d))
+
+
+def test_an_earlier_namespace_with_the_same_inode_is_not_this_one(root):
+    state.save(KEPT)
+    cookie = json.loads((state.directory() / "state.json").read_text())["namespace"]["cookie"]
+    rewrite(cookie=cookie + 1)
+    assert state.load() is None
+
+
+def test_after_a_reboot_the_state_is_taken(root):
+    state.save(KEPT)
+    rewrite(boot_id="00000000-0000-0000-0000-000000000000", cookie=12345)
+    assert state.load() == KEPT
+
+
+@pytest.mark.parametrize("damage", ["", "{", "[]", '{"config_path": 1}'])
+def test_a_damaged_state_is_a_warning_not_a_failure(root, capsys, damage):
+    state.directory().mkdir()
+    (state.directory() / "state.json").write_text(damage)
+    assert state.load() is None
+    assert "level=warning event=state" in capsys.readouterr().err
+
+
+def test_a_state_with_an_unknown_server_state_is_refused(root, capsys):
+    state.save(KEPT)
+    rewrite(admin=[["web", "was1", "up"]])
+    assert state.load() is None
+    assert "not an xlb state" in capsys.readouterr().err
