@@ -12,6 +12,7 @@ and a write that fails is undone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -477,6 +478,9 @@ async def _sweep_forever(balancer: Balancer) -> None:
 async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, sync_targets,
                   reader, writer) -> dict:
     if ctl.peer_uid(writer.get_extra_info("socket")) != 0:
+        # Read first: refused unread, a client still sending gets a broken pipe, not the reason.
+        with contextlib.suppress(ValueError, asyncio.TimeoutError):
+            await asyncio.wait_for(reader.readline(), timeout=5)
         return {"ok": False, "error": "permission denied: the control socket is root-only"}
     try:
         line = await asyncio.wait_for(reader.readline(), timeout=5)
