@@ -1,25 +1,30 @@
-"""The two bpf(2) commands that bcc 0.26's Python API lacks.
+"""The bpf(2) commands that bcc 0.26's Python API lacks.
 
-- BPF_LINK_CREATE for XDP: the attachment lives as long as its file descriptor,
-  so a control plane that dies, even by SIGKILL, leaves no program attached.
+- Finding a running data path again from the kernel's own objects: a program
+  by id (the id netlink reports for an interface's XDP program), its info
+  (name, map ids), its maps by id and their info; pinning a map (into xlb's
+  private bpffs, so that a new program is built on the running one's maps).
 - BPF_PROG_TEST_RUN: runs the program on a crafted packet, without a network.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import os
+import tempfile
 from dataclasses import dataclass
 
 _libc = ct.CDLL(None, use_errno=True)
 _SYS_BPF = 321  # x86_64
 
+BPF_OBJ_PIN = 6
 BPF_PROG_TEST_RUN = 10
-BPF_LINK_CREATE = 28
-BPF_XDP = 37
-XDP_FLAGS_SKB_MODE = 1 << 1
-XDP_FLAGS_DRV_MODE = 1 << 2
-_ATTR_SIZE = 128  # larger than either command's part of union bpf_attr; the rest is zero
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
+BPF_OBJ_GET_INFO_BY_FD = 15
+_ATTR_SIZE = 128  # larger than any used command's part of union bpf_attr; the rest is zero
+_OBJ_NAME_LEN = 16
 
 
 class _TestRun(ct.Structure):
@@ -32,9 +37,33 @@ class _TestRun(ct.Structure):
                 ("flags", ct.c_uint32), ("cpu", ct.c_uint32), ("batch_size", ct.c_uint32)]
 
 
-class _LinkCreate(ct.Structure):
-    _fields_ = [("prog_fd", ct.c_uint32), ("target_ifindex", ct.c_uint32),
-                ("attach_type", ct.c_uint32), ("flags", ct.c_uint32)]
+class _GetFdById(ct.Structure):
+    _fields_ = [("id", ct.c_uint32), ("next_id", ct.c_uint32), ("open_flags", ct.c_uint32)]
+
+
+class _InfoByFd(ct.Structure):
+    _fields_ = [("bpf_fd", ct.c_uint32), ("info_len", ct.c_uint32), ("info", ct.c_uint64)]
+
+
+class _ObjPin(ct.Structure):
+    _fields_ = [("pathname", ct.c_uint64), ("bpf_fd", ct.c_uint32), ("file_flags", ct.c_uint32)]
+
+
+class _ProgInfo(ct.Structure):
+    """The head of struct bpf_prog_info (the kernel fills as much as we ask for)."""
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
+                ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
+                ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
+                ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32),
+                ("nr_map_ids", ct.c_uint32), ("map_ids", ct.c_uint64),
+                ("name", ct.c_char * _OBJ_NAME_LEN)]
+
+
+class _MapInfo(ct.Structure):
+    """The head of struct bpf_map_info."""
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
+                ("map_flags", ct.c_uint32), ("name", ct.c_char * _OBJ_NAME_LEN)]
 
 
 class XdpMd(ct.Structure):
@@ -54,11 +83,61 @@ def _bpf(cmd: int, attr: ct.Structure) -> int:
     return ret
 
 
-def xdp_link_create(prog_fd: int, ifindex: int, generic: bool) -> int:
-    """Attaches an XDP program to ifindex; returns the link's fd (close it to detach)."""
-    attr = _LinkCreate(prog_fd=prog_fd, target_ifindex=ifindex, attach_type=BPF_XDP,
-                       flags=XDP_FLAGS_SKB_MODE if generic else XDP_FLAGS_DRV_MODE)
-    return _bpf(BPF_LINK_CREATE, attr)
+def prog_fd_by_id(prog_id: int) -> int:
+    """A new fd of the program with this id (close it); OSError ENOENT if it is gone."""
+    return _bpf(BPF_PROG_GET_FD_BY_ID, _GetFdById(id=prog_id))
+
+
+def map_fd_by_id(map_id: int) -> int:
+    return _bpf(BPF_MAP_GET_FD_BY_ID, _GetFdById(id=map_id))
+
+
+@dataclass(frozen=True)
+class ProgInfo:
+    id: int
+    name: str           # the kernel keeps 15 characters of it
+    tag: str            # hash of the instructions: a changed program has another tag
+    load_time_ns: int   # since boot
+    map_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    id: int
+    name: str           # 15 characters at most, as the kernel keeps it
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+
+
+def _info(fd: int, info: ct.Structure) -> None:
+    _bpf(BPF_OBJ_GET_INFO_BY_FD,
+         _InfoByFd(bpf_fd=fd, info_len=ct.sizeof(info), info=ct.addressof(info)))
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = _ProgInfo()
+    _info(fd, info)
+    ids = (ct.c_uint32 * info.nr_map_ids)()
+    info = _ProgInfo(nr_map_ids=len(ids), map_ids=ct.addressof(ids))
+    _info(fd, info)
+    return ProgInfo(info.id, info.name.decode(), bytes(info.tag).hex(), info.load_time,
+                    tuple(ids[:min(len(ids), info.nr_map_ids)]))
+
+
+def map_info(fd: int) -> MapInfo:
+    info = _MapInfo()
+    _info(fd, info)
+    return MapInfo(info.id, info.name.decode(), info.type, info.key_size, info.value_size,
+                   info.max_entries, info.map_flags)
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pins a map or program at path, which must be in a bpffs."""
+    name = ct.create_string_buffer(path.encode())
+    _bpf(BPF_OBJ_PIN, _ObjPin(pathname=ct.addressof(name), bpf_fd=fd))
 
 
 @dataclass(frozen=True)
@@ -79,3 +158,40 @@ def prog_test_run(prog_fd: int, data: bytes, ingress_ifindex: int = 0,
                     ctx_size_in=ct.sizeof(ctx), ctx_in=ct.addressof(ctx))
     _bpf(BPF_PROG_TEST_RUN, attr)
     return TestRunResult(attr.retval, out.raw[:attr.data_size_out], attr.duration)
+
+
+_CLONE_NEWNS = 0x00020000
+_MS_REC, _MS_PRIVATE = 0x4000, 1 << 18
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ct.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def private_bpffs():
+    """A bpffs of this process's own, at a temporary directory, while the block runs.
+
+    The process enters a mount namespace of its own for the block (no one else
+    sees the mount, and it goes with the block, even on a crash) and returns to
+    its original one after. Needs a single-threaded process: a thread shares
+    the mount namespace, so the kernel refuses to unshare it.
+    """
+    original = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check(_libc.unshare(_CLONE_NEWNS), "unshare the mount namespace")
+        try:
+            _check(_libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None),
+                   "make mounts private")
+            with tempfile.TemporaryDirectory(prefix="xlb-bpffs-") as path:
+                _check(_libc.mount(b"bpf", path.encode(), b"bpf", 0, None), "mount a bpffs")
+                try:
+                    yield path
+                finally:
+                    _libc.umount2(path.encode(), 0)
+        finally:
+            _check(_libc.setns(original, _CLONE_NEWNS), "return to the mount namespace")
+    finally:
+        os.close(original)

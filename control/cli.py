@@ -90,9 +90,13 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
     health check options) or --config FILE. Servers count as up until their first check,
     which decides at once; after that --fall failures take a server out and
     --rise passes bring it back. Attaches natively (generic XDP, with a warning, where the driver refuses),
-    prints one line when it serves, and on exit detaches everything it
-    attached. A VIP must not be an address of this host: xlb answers ARP for
+    prints one line when it serves, and on SIGINT or SIGTERM detaches
+    everything. A VIP must not be an address of this host: xlb answers ARP for
     it on the links whose subnet holds it.
+
+    The data path outlives this process: if it dies any other way, the program
+    keeps forwarding, and the next `xlb up` adopts it (its flows and counters)
+    and applies its own config. Exits 75 after `xlb down --keep-datapath`.
     """
     ctx = click.get_current_context()
     flags = [p for p in ("vips", "backends", "algorithm", "ifaces", "check_kind", "check_port",
@@ -123,15 +127,18 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
     from .datapath import DatapathError, Limits
     from .planner import CapacityError
     try:
-        daemon.up(config, config_path.absolute() if config_path else None, metrics_address,
-                  Limits() if flow_table is None else Limits.for_connections(flow_table),
-                  forwarding == "fast", role, announce_table)
+        code = daemon.up(config, config_path.absolute() if config_path else None,
+                         metrics_address,
+                         Limits() if flow_table is None else Limits.for_connections(flow_table),
+                         forwarding == "fast", role, announce_table)
     except ctl.AlreadyRunning as e:
         raise Failure(str(e)) from None
     except (LookupError, CapacityError) as e:
         raise BadInput(str(e.args[0])) from None
     except DatapathError as e:
         raise Failure(str(e)) from None
+    if code:
+        raise click.exceptions.Exit(code)
 
 
 def _echo_problems(file: Path, problems) -> None:
@@ -240,9 +247,20 @@ def server(action: str, pool: str, server: str) -> None:
 def status(as_json: bool) -> None:
     """Describe the instance running in this network namespace.
 
-    Exits 1 when none runs.
+    Exits 1 when none runs, and 3 when its data path runs without its control
+    process (after a crash): it forwards with its last state, `xlb up` adopts
+    it, `xlb down` removes it.
     """
-    result = _request("status")
+    try:
+        result = ctl.request("status")
+    except ctl.NotRunning as e:
+        orphan = _orphan()
+        if orphan is None:
+            raise Failure(str(e)) from None
+        click.echo(json.dumps(orphan, indent=2) if as_json else format_orphan(orphan))
+        raise click.exceptions.Exit(3) from None
+    except ctl.ControlError as e:
+        raise Failure(str(e)) from None
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -272,14 +290,30 @@ def top(interval: float, once: bool) -> None:
 
 
 @cli.command()
-def down() -> None:
+@click.option("--keep-datapath", is_flag=True,
+              help="Stop only the control process: the data path keeps forwarding with "
+                   "its state, and the next `xlb up` (a new version, say) adopts it.")
+def down(keep_datapath: bool) -> None:
     """Stop the instance running in this network namespace and wait until it
-    has detached."""
-    _request("down")
+    has detached. A data path that runs without its control process (after a
+    crash) is removed too."""
+    try:
+        ctl.request("down", keep_datapath=keep_datapath)
+    except ctl.NotRunning as e:
+        orphan = None if keep_datapath else _orphan(detach=True)
+        if orphan is None:
+            raise Failure(str(e)) from None
+        click.echo(f"xlb: removed the data path that ran without its control process "
+                   f"(program {orphan['program']['id']} on "
+                   f"{', '.join(i['name'] for i in orphan['interfaces'])})")
+        return
+    except ctl.ControlError as e:
+        raise Failure(str(e)) from None
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if not ctl.running():
-            click.echo("xlb: stopped")
+            click.echo("xlb: stopped; the data path keeps running" if keep_datapath
+                       else "xlb: stopped")
             return
         time.sleep(0.1)
     raise Failure("the instance did not stop within 15 s")
@@ -437,6 +471,43 @@ def _request(cmd: str, **args):
         raise (BadInput if e.bad_input else Failure)(str(e)) from None
     except ctl.NotRunning as e:
         raise Failure(str(e)) from None
+
+
+def _orphan(detach: bool = False) -> dict | None:
+    """The data path of this namespace when no control process runs (found
+    through the kernel's objects), described; detached first if asked."""
+    if os.geteuid() != 0:
+        return None
+    from .datapath import find_running     # imports bcc only when it is needed
+    running = find_running()
+    if running is None:
+        return None
+    try:
+        info = running.info
+        described = {"control_process": None,
+                     "program": {"id": info.id, "name": info.name, "tag": info.tag,
+                                 "loaded_seconds_ago": round(
+                                     time.clock_gettime(time.CLOCK_BOOTTIME)
+                                     - info.load_time_ns / 1e9)},
+                     "interfaces": [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode}
+                                    for _, a in running.attached.values()],
+                     "flows": {"entries": running.flow_entries()}}
+        if detach:
+            running.detach()
+            from . import state
+            state.clear()       # as `xlb down` of a running instance: the next `up` starts afresh
+        return described
+    finally:
+        running.close()
+
+
+def format_orphan(o: dict) -> str:
+    ifaces = ", ".join(f"{i['name']} ({i['mode']})" for i in o["interfaces"])
+    p = o["program"]
+    return (f"xlb: the data path runs without its control process: program {p['id']} "
+            f"(tag {p['tag']}, loaded {p['loaded_seconds_ago']}s ago) on {ifaces}; "
+            f"{o['flows']['entries']} flow entries. It forwards with its last state; "
+            f"`xlb up` adopts it, `xlb down` removes it.")
 
 
 def _last_check(check: dict | None) -> str:

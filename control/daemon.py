@@ -1,12 +1,14 @@
 """`xlb up`: wires the parts together and serves until told to stop.
 
 Order matters for the promise that bad input or a failure leaves nothing
-behind: validate, claim the control socket (one instance per namespace),
-load the program, fill its maps, attach it; any failure on the way detaches
-what was attached. Attachments are BPF links, so even a killed process
-leaves no program behind. Later changes (`apply`, `server ...`) follow the
-same rule: everything that can be refused is checked before the first write,
-and a write that fails is undone.
+behind: claim the control socket (one instance per namespace), check
+everything that can refuse the input, compile the program (on the running
+one's maps, when a data path runs here already), fill its maps, attach it;
+a failed fresh start detaches what it attached. The program is attached
+through netlink, so it outlives this process: a crash leaves it forwarding
+with the last state, and the next `xlb up` adopts it. Later changes
+(`apply`, `server ...`) follow the same rule: everything that can be refused
+is checked before the first write, and a write that fails is undone.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from . import __version__, config as configfile, ctl, flowtable, ha, log, metrics, netif, planner
 from . import state as saved
-from .datapath import Datapath, DatapathError, Limits
+from .datapath import Datapath, DatapathError, Limits, find_running
 from .health import HealthChecker, Target, Transition
 from .layout import REASON_ACTIONS, XDP_ACTIONS
 from .model import Config, ConfigError
@@ -79,9 +81,7 @@ class Balancer:
     def apply(self, config: Config, admin: dict[Key, str] | None = None) -> dict:
         """Takes the data plane to `config`. Raises (LookupError, CapacityError,
         DatapathError) with nothing changed."""
-        links = netif.select(config.attach_names())
-        if not links:
-            raise LookupError("no up, non-loopback interface in this network namespace")
+        links = _select(config)
         _check_host(config, [link for link in links if link.name not in self.links])
         keys = {(p.name, s.name) for p in config.pools for s in p.servers}
         admin = {k: v for k, v in (self.admin if admin is None else admin).items() if k in keys}
@@ -111,12 +111,10 @@ class Balancer:
         for name in self.links.keys() - {link.name for link in links}:
             dp.detach(self.links[name].index)
 
-        rows = {(p.name, s.name): {"name": s.name, "address": str(s.address), "port": s.port,
-                                   "weight": s.weight, "backup": s.backup}
-                for p in config.pools for s in p.servers}
+        rows = _server_rows(config)
         with self.lock:
             self.config, self.state, self.states, self.admin = config, target, states, admin
-            self.server_rows = rows         # what status shows of each server that only apply changes
+            self.server_rows = rows
             self.health = {k: v for k, v in self.health.items() if k in keys}
             self.links = {link.name: link for link in links}
             self.last_apply = time.time()
@@ -149,6 +147,23 @@ class Balancer:
         garps = ha.send_garp(self.state.arp) if role == "active" and was != "active" else 0
         log.event("role", old=was, new=role, gratuitous_arps=garps)
         return {"role": role, "previous": was, "gratuitous_arps": garps}
+
+    def adopt(self, config: Config, admin: dict[Key, str] | None = None) -> None:
+        """Takes over maps that a previous control process filled for `config`
+        (with `admin` server states): reads back what they hold instead of
+        writing them anew, so every id, flow and counter stays. A server whose
+        backend is closed for no other reason was down by its health checks,
+        and starts down until its first check."""
+        state = planner.recover(config, *self.datapath.held())
+        keys = {(p.name, s.name) for p in config.pools for s in p.servers}
+        admin = {k: v for k, v in (admin or {}).items() if k in keys}
+        enabled = {(p.name, s.name) for p in config.pools for s in p.servers if s.enabled}
+        health = {k: "down" for k, b in state.backends.items()
+                  if b.closed and k in enabled and k not in admin}
+        with self.lock:
+            self.config, self.state, self.admin, self.health = config, state, admin, health
+            self.states = self._server_states(config, admin)
+            self.server_rows = _server_rows(config)
 
     def set_admin(self, action: str, pool: str, server: str) -> dict:
         if not any(p.name == pool for p in self.config.pools):
@@ -236,6 +251,7 @@ class Balancer:
             "interfaces": [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode}
                            for a in dp.attachments()],
             "forwarding": "fast" if dp.fast_path else "kernel",
+            "program": dp.program(),
             "frontends": frontends, "pools": pools,
             "flows": self._flows(census),
             "map_memory_bytes": sum(dp.map_memory().values()),
@@ -295,6 +311,12 @@ def _sync_routes(announcer: ha.Announcer, vips) -> None:
     except OSError as e:
         log.event("announce", level="warning", table=announcer.table, error=str(e))
 
+def _server_rows(config: Config) -> dict[Key, dict]:
+    """What status shows of each server that only apply changes."""
+    return {(p.name, s.name): {"name": s.name, "address": str(s.address), "port": s.port,
+                               "weight": s.weight, "backup": s.backup}
+            for p in config.pools for s in p.servers}
+
 
 def _check_dict(last) -> dict | None:
     if last is None:
@@ -324,6 +346,14 @@ def _attach(datapath: Datapath, link: netif.Link):
     return att
 
 
+def _select(config: Config) -> list[netif.Link]:
+    """The links a config attaches to (raises LookupError)."""
+    links = netif.select(config.attach_names())
+    if not links:
+        raise LookupError("no up, non-loopback interface in this network namespace")
+    return links
+
+
 def _check_host(config: Config, new_links: list[netif.Link]) -> None:
     """Refuses VIPs that are local addresses; warns, once per link it is about
     to attach, where replies would be filtered."""
@@ -340,47 +370,113 @@ def _check_host(config: Config, new_links: list[netif.Link]) -> None:
                              f"the VIP); set net.ipv4.conf.{link.name}.rp_filter=0 or 2")
 
 
+# The exit status of `xlb up` after `xlb down --keep-datapath` (EX_TEMPFAIL):
+# its data path still runs, and a supervisor that restarts on failure starts
+# the next `xlb up` (a new version, say), which adopts it.
+HANDED_OVER = 75
+
+
+class _Stop(Exception):
+    """SIGINT or SIGTERM before the serving loop takes the signals over."""
+
+
+def _raise_stop(signum, frame):
+    raise _Stop()
+
+
 def up(config: Config, config_path: Path | None = None,
        metrics_address: tuple[str, int] | None = None, limits: Limits = Limits(),
        fast_path: bool = True, role: str = "active",
        announce_table: int | None = None) -> int:
-    """Runs the balancer in the foreground until SIGINT or SIGTERM (or `xlb down`)."""
+    """Runs the balancer in the foreground until SIGINT or SIGTERM (or `xlb down`).
+
+    Everything that can refuse the input is checked before the program is
+    compiled. The data path outlives this process: only a clean stop (a
+    signal, `xlb down`) or a failed fresh start detaches it; after a crash it
+    keeps forwarding, and the next `xlb up` adopts it (see Datapath)."""
     sock = ctl.bind()
-    datapath = exporter = None
+    datapath = running = exporter = None
+    serving = stopping = False
     announcer = ha.Announcer(announce_table) if announce_table is not None else None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_stop)
     try:
-        datapath = Datapath(limits)
-        datapath.set_forwarding(fast_path)
-        balancer = Balancer(datapath, config_path, role, announcer)
-        balancer.restore(config)
-        balancer.apply(config)
-        balancer.remember()
+        links = _select(config)
+        _check_host(config, [])        # local VIPs; the warnings come with the attach
+        planner.desired(config, links, planner.DataplaneState(), limits.max_services,
+                        limits.max_backends, limits.ring_size, limits.max_maglev)  # capacity
         if metrics_address is not None:
             try:
-                exporter = metrics.serve(balancer, balancer.check_durations, metrics_address)
+                exporter = metrics.bind(metrics_address)
             except OSError as e:
                 raise LookupError(f"--metrics {metrics_address[0]}:{metrics_address[1]}: "
                                   f"{e.strerror}") from None
+        running = find_running()
+        if running is not None:
+            log.event("adopt", program=running.info.id, tag=running.info.tag,
+                      interfaces=",".join(a.ifname for _, a in running.attached.values()))
+        datapath = Datapath(limits, running)    # compiles: the old program serves meanwhile
+        datapath.set_forwarding(fast_path)
+        for name in datapath.fresh_maps:
+            log.event("adopt", level="warning", map=name,
+                      reason="its layout changed: the running map could not be kept")
+        balancer = Balancer(datapath, config_path, role, announcer)
+        if running is not None:
+            balancer.adopt(*_running_config(config))
+        balancer.restore(config)
+        balancer.apply(config)
+        datapath.settle()
+        balancer.remember()
+        if exporter is not None:
+            metrics.serve(exporter, balancer, balancer.check_durations)
+        serving = True
         print(f"xlb: serving {_summary(config)} on "
-              f"{', '.join(f'{a.ifname} ({a.mode})' for a in datapath.attachments())}",
-              flush=True)
+              f"{', '.join(f'{a.ifname} ({a.mode})' for a in datapath.attachments())}"
+              f"{' (adopted the running data path)' if running else ''}", flush=True)
         log.event("start", pid=os.getpid(), frontends=len(config.frontends),
                   servers=sum(len(p.servers) for p in config.pools),
                   interfaces=",".join(a.ifname for a in datapath.attachments()),
-                  config=config_path,
+                  config=config_path, adopted=running is not None,
                   metrics=metrics_address and f"{metrics_address[0]}:{metrics_address[1]}")
-        asyncio.run(_serve(balancer, sock))
+        kept = asyncio.run(_serve(balancer, sock))
+        stopping = not kept
+    except _Stop:
+        stopping = True
     finally:
         if exporter is not None:
-            exporter.shutdown()
-        if announcer is not None:       # withdraw before the data path goes
+            if serving:
+                exporter.shutdown()
+            exporter.server_close()
+        if announcer is not None and stopping:     # withdraw before the data path goes
             _sync_routes(announcer, ())
         if datapath is not None:
+            # A failed adoption leaves the running data path as it was found.
+            if stopping or (running is None and not serving):
+                datapath.detach_all()
             datapath.close()
+        elif running is not None:
+            running.close()
         sock.close()
-    log.event("stop", pid=os.getpid())
+    log.event("stop", pid=os.getpid(), datapath="detached" if stopping else "running")
+    if not stopping:
+        print("xlb: stopped; the data path keeps running, the next `xlb up` adopts it",
+              flush=True)
+        return HANDED_OVER
     print("xlb: stopped, XDP detached", flush=True)
     return 0
+
+
+def _running_config(given: Config) -> tuple[Config, dict[Key, str]]:
+    """The config a running data path was written for and its servers' run-time
+    states, as its control process saved them (the given config when none was)."""
+    kept = saved.load()
+    if kept is not None:
+        try:
+            return configfile.load(kept.config_text), kept.admin
+        except ConfigError:
+            log.event("adopt", level="warning", error="the saved config is not valid; "
+                      "the maps are read back by the given one")
+    return given, {}
 
 
 def _summary(config: Config, most: int = 4) -> str:
@@ -393,7 +489,9 @@ def _summary(config: Config, most: int = 4) -> str:
             + some(f"{s.address}:{s.port}" for p in config.pools for s in p.servers))
 
 
-async def _serve(balancer: Balancer, sock) -> None:
+async def _serve(balancer: Balancer, sock) -> bool:
+    """Serves until a signal or `xlb down`; returns True when the data path is
+    to keep running (`xlb down --keep-datapath`)."""
     stop = asyncio.Event()
     # One change at a time; each runs in a worker thread, because pyroute2's
     # synchronous API runs an event loop of its own.
@@ -401,6 +499,13 @@ async def _serve(balancer: Balancer, sock) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+    # `xlb down` (keep the data path or not): acted on once the request is
+    # answered, so that the answer is not lost with the loop.
+    downs: list[bool] = []
+
+    def request_stop(keep_datapath: bool) -> None:   # from the worker thread of a `down` request
+        downs.append(keep_datapath)
 
     async def health_changed(tr: Transition) -> None:
         async with lock:
@@ -422,23 +527,22 @@ async def _serve(balancer: Balancer, sock) -> None:
     async def sync_targets() -> None:
         """Gives the checker the config's targets; new or changed ones start as
         up (provisionally, until their first check), as the checker sees them."""
-        checker.set_targets(balancer.health_targets())
+        checker.set_targets(balancer.health_targets(), initial=balancer.health)
         health = checker.states()
         if health != balancer.health:
             balancer.health = health
             await asyncio.to_thread(balancer.apply, balancer.config)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        down = threading.Event()   # set by a `down` request: stop once it is answered
         try:
-            reply = await _answer(balancer, down.set, lock, sync_targets, reader, writer)
+            reply = await _answer(balancer, request_stop, lock, sync_targets, reader, writer)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except ConnectionError:    # the client left (or reset) before its answer: its loss
             pass
         finally:
             writer.close()
-            if down.is_set():
+            if downs:
                 stop.set()
 
     async with lock:
@@ -453,6 +557,7 @@ async def _serve(balancer: Balancer, sock) -> None:
         checker.stop()
         sweeps.cancel()
         await checks
+    return bool(downs) and downs[-1]
 
 
 SWEEP_COST = 20         # the sweep may take at most 1/SWEEP_COST of a CPU ...
@@ -563,7 +668,11 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
     if cmd == "role":
         return balancer.set_role(_field(req, "role"))
     if cmd == "down":
-        request_stop()
-        saved.clear()     # the service ends here: the next `xlb up` starts afresh
+        keep = req.get("keep_datapath", False)
+        if not isinstance(keep, bool):
+            raise BadRequest("malformed 'down' request: 'keep_datapath' must be true or false")
+        request_stop(keep)
+        if not keep:
+            saved.clear()     # the service ends here: the next `xlb up` starts afresh
         return "stopping"
     raise BadRequest(f"unknown command {cmd!r}")

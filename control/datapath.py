@@ -19,8 +19,9 @@ from pathlib import Path
 
 from bcc import BPF
 from bcc.libbcc import lib
+from bcc.utils import get_possible_cpus
 
-from . import bpfsys, flowtable, layout
+from . import bpfsys, flowtable, layout, netif
 from .layout import BPF_DIR, MAPS
 
 
@@ -68,6 +69,16 @@ class Limits:
                 f"-DXLB_MAX_HOPS={self.max_hops}"]
 
 
+_PERCPU_TYPES = {5, 6, 10}    # BPF_MAP_TYPE_PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH
+
+# bcc 0.26's Python bindings lack these (libbcc has them).
+for _fn, _args, _ret in (("bpf_num_tables", [ct.c_void_p], ct.c_size_t),
+                         ("bpf_table_name", [ct.c_void_p, ct.c_size_t], ct.c_char_p),
+                         ("bpf_table_key_size_id", [ct.c_void_p, ct.c_size_t], ct.c_size_t),
+                         ("bpf_table_leaf_size_id", [ct.c_void_p, ct.c_size_t], ct.c_size_t)):
+    getattr(lib, _fn).argtypes, getattr(lib, _fn).restype = _args, _ret
+
+
 @dataclass(frozen=True)
 class Attachment:
     ifindex: int
@@ -79,6 +90,10 @@ class Attachment:
 def _be32(addr: IPv4Address) -> int:
     """An IPv4 address as the u32 the C reads from the packet (network order)."""
     return int.from_bytes(addr.packed, "little")
+
+
+def _addr(be32: int) -> IPv4Address:
+    return IPv4Address(be32.to_bytes(4, "little"))
 
 
 def _be16(port: int) -> int:
@@ -100,6 +115,41 @@ def now_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
+def _layout(info: bpfsys.MapInfo) -> tuple[int, int, int, int]:
+    return info.type, info.key_size, info.value_size, info.max_entries
+
+
+def _tables(bpf: BPF) -> dict[str, tuple[int, int, int, int]]:
+    """Every table of a compiled program: type, key and value size, max entries."""
+    m = bpf.module
+    return {lib.bpf_table_name(m, i).decode(): (lib.bpf_table_type_id(m, i),
+                                                lib.bpf_table_key_size_id(m, i),
+                                                lib.bpf_table_leaf_size_id(m, i),
+                                                lib.bpf_table_max_entries_id(m, i))
+            for i in range(lib.bpf_num_tables(m))}
+
+
+def _value_bytes(info: bpfsys.MapInfo) -> int:
+    """Bytes of one value as a lookup returns it: a per-CPU map's holds one
+    8-byte-aligned copy per possible CPU."""
+    if info.type in _PERCPU_TYPES:
+        return (info.value_size + 7) // 8 * 8 * len(get_possible_cpus())
+    return info.value_size
+
+
+def _copy_map(src: int, info: bpfsys.MapInfo, dst: int, max_entries: int) -> None:
+    """Copies a map's entries into another of the same key and value (and as
+    many as fit): a table that changed only its size keeps its contents."""
+    key, nxt = ct.create_string_buffer(info.key_size), ct.create_string_buffer(info.key_size)
+    value = ct.create_string_buffer(_value_bytes(info))
+    first, copied = True, 0
+    while copied < max_entries and lib.bpf_get_next_key(src, None if first else key, nxt) == 0:
+        first = False
+        ct.memmove(key, nxt, info.key_size)
+        if lib.bpf_lookup_elem(src, key, value) == 0 and lib.bpf_update_elem(dst, key, value, 0) == 0:
+            copied += 1
+
+
 def _sum_percpu(values, ctype):
     total = ctype()
     for name, _ in ctype._fields_:
@@ -107,17 +157,141 @@ def _sum_percpu(values, ctype):
     return total
 
 
-class Datapath:
-    """One loaded instance of bpf/xlb.c and its maps."""
+PROG_NAME = "xlb_xdp"     # the entry function: bcc names the program after it
+_NAME_LEN = 15            # the kernel keeps this many characters of a map's name
+# The C sources to compile. XLB_BPF_DIR is a test-only hook: the upgrade test
+# builds a changed program from a copy of bpf/.
+_SOURCES = Path(os.environ.get("XLB_BPF_DIR", BPF_DIR))
+_REUSE_HEADER = "adopt.h"
 
-    def __init__(self, limits: Limits = Limits()):
-        self.limits = limits
-        self._links: dict[int, tuple[int, Attachment]] = {}
+
+@dataclass
+class Running:
+    """An xlb data path found in this network namespace through the kernel's
+    own objects: the XDP programs on its interfaces, and their maps by id."""
+    info: bpfsys.ProgInfo                       # the newest program
+    attached: dict[int, tuple[int, Attachment]]  # ifindex -> (program fd, attachment)
+    maps: dict[str, tuple[int, bpfsys.MapInfo]]  # by table name -> (fd, info)
+
+    def close(self) -> None:
+        for fd in {fd for fd, _ in self.attached.values()} | {fd for fd, _ in self.maps.values()}:
+            os.close(fd)
+
+    def flow_entries(self) -> int:
+        """Entries in its flow tables (two per connection)."""
+        return sum(_count_entries(*self.maps[name]) for name in flowtable.TABLES
+                   if name in self.maps)
+
+    def detach(self) -> None:
+        """Removes the programs from every interface (the maps go with the last fd)."""
+        for ifindex, (fd, att) in self.attached.items():
+            _detach(ifindex, fd, att.mode)
+
+
+def find_running() -> Running | None:
+    """The xlb data path attached in this network namespace, or None.
+
+    Found without any file: the XDP program id netlink reports for each
+    interface, the program by id (named after xlb's entry function), the maps
+    by the ids the program holds. After a crash in the middle of an upgrade
+    interfaces may run different programs; the newest one's maps are taken
+    (they are the ones a finished upgrade would have used)."""
+    attached, newest = {}, None
+    for link in netif.links():
+        if not link.xdp_prog_id:
+            continue
         try:
-            # bcc 0.26 wants bytes for names and paths (str works, with a warning).
-            self._bpf = BPF(src_file=str(BPF_DIR / "xlb.c").encode(),
-                            cflags=[f"-I{BPF_DIR}", "-w", *limits.cflags()])
-            self._prog = self._bpf.load_func(b"xlb_xdp", BPF.XDP)
+            fd = bpfsys.prog_fd_by_id(link.xdp_prog_id)
+        except OSError:                     # detached meanwhile
+            continue
+        info = bpfsys.prog_info(fd)
+        if info.name != PROG_NAME:
+            os.close(fd)
+            continue
+        attached[link.index] = (fd, Attachment(link.index, link.name, link.xdp_mode))
+        if newest is None or info.id > newest.id:
+            newest = info
+    if newest is None:
+        return None
+    return Running(newest, attached, maps_of(newest))
+
+
+def maps_of(program: bpfsys.ProgInfo) -> dict[str, tuple[int, bpfsys.MapInfo]]:
+    """The maps of a program, opened by id, by table name."""
+    maps = {}
+    for map_id in program.map_ids:
+        try:
+            fd = bpfsys.map_fd_by_id(map_id)
+        except OSError:
+            continue
+        info = bpfsys.map_info(fd)
+        maps[_table_name(info.name)] = (fd, info)
+    return maps
+
+
+def _table_name(kernel_name: str) -> str:
+    """The table a map was declared as: the kernel cuts names to 15 characters."""
+    if len(kernel_name) == _NAME_LEN:
+        full = [name for name in MAPS if name[:_NAME_LEN] == kernel_name]
+        if len(full) == 1:
+            return full[0]
+    return kernel_name
+
+
+def _count_entries(fd: int, info: bpfsys.MapInfo) -> int:
+    """Entries of a hash map, read in batches."""
+    chunk = 4096
+    keys = ct.create_string_buffer(chunk * info.key_size)
+    values = ct.create_string_buffer(chunk * _value_bytes(info))
+    total, batch, first = 0, ct.c_uint32(0), True
+    while True:
+        count = ct.c_uint32(chunk)
+        ret = lib.bpf_lookup_batch(fd, None if first else ct.byref(batch), ct.byref(batch),
+                                   keys, values, ct.byref(count))
+        total += count.value
+        if ret != 0:
+            if ct.get_errno() != errno.ENOENT:
+                raise DatapathError(f"cannot read the flow table: {os.strerror(ct.get_errno())}")
+            return total
+        first = False
+
+
+def _detach(ifindex: int, fd: int, mode: str) -> None:
+    """Removes program fd from ifindex, unless the interface is gone or runs
+    another program by now."""
+    try:
+        netif.xdp_set(ifindex, -1, mode, expected_fd=fd)
+    except OSError as e:
+        if e.errno not in (errno.ENODEV, errno.EEXIST):
+            raise DatapathError(f"ifindex {ifindex}: cannot detach XDP: {e.strerror}") from None
+
+
+class Datapath:
+    """One loaded instance of bpf/xlb.c and its maps.
+
+    With `running`, the new program is built on the running one's maps (its
+    flows, counters and services stay), and `attach` swaps it in for the old
+    program in one step on each interface."""
+
+    def __init__(self, limits: Limits = Limits(), running: Running | None = None):
+        self.limits = limits
+        cflags = [f"-I{_SOURCES}", "-w", *limits.cflags()]
+        # ifindex -> (fd of the program attached there, attachment): ours, or
+        # the running one's until it is replaced.
+        self._attached: dict[int, tuple[int, Attachment]] = {}
+        self._replaced: dict[int, tuple[int, Attachment]] = {}   # until settle()
+        self._running = running
+        self.fresh_maps: list[str] = []     # running maps that could not be kept
+        try:
+            if running is None:
+                self._bpf = self._compile(cflags)
+            else:
+                self._attached = dict(running.attached)
+                with bpfsys.private_bpffs() as pins:
+                    self._bpf = self._compile_onto(running, pins, cflags)
+            self._prog = self._bpf.load_func(PROG_NAME.encode(), BPF.XDP)
+        except DatapathError:
+            raise
         except Exception as e:  # bcc raises bare Exception; it has printed the details
             raise DatapathError(f"cannot load the XDP program: {e}") from None
         self._maps = {name: self._bpf[name.encode()] for name in MAPS}
@@ -128,44 +302,128 @@ class Datapath:
             raise DatapathError("control/layout.py does not match bpf/xlb_shared.h: "
                                 + "; ".join(problems))
 
+    @staticmethod
+    def _compile(cflags: list[str]) -> BPF:
+        # bcc 0.26 wants bytes for names and paths (str works, with a warning).
+        return BPF(src_file=str(_SOURCES / "xlb.c").encode(), cflags=cflags)
+
+    def _compile_onto(self, running: Running, pins: str, cflags: list[str]) -> BPF:
+        """Compiles the program so that each of its maps is the running map of
+        the same name and layout: bcc reuses a map pinned at the path a table
+        names (adopt.h gives every table one in `pins`) and creates and pins
+        the others. A map whose layout changed (key, value, type, size) cannot
+        be reused: it is unpinned, the program compiled again, and what can be
+        copied is copied (same key and value, another size); the rest starts
+        empty, and says so."""
+        for name, (fd, _) in running.maps.items():
+            bpfsys.obj_pin(fd, f"{pins}/{name}")
+        cflags = [*cflags, "-include", str(_SOURCES / _REUSE_HEADER),
+                  f'-DXLB_PIN_DIR="{pins}"']
+        bpf = self._compile(cflags)
+        changed = {name: info for name, (fd, info) in running.maps.items()
+                   if name in _tables(bpf) and _tables(bpf)[name] != _layout(info)}
+        if not changed:
+            return bpf
+        bpf.cleanup()
+        for name in changed:
+            os.unlink(f"{pins}/{name}")
+        bpf = self._compile(cflags)
+        tables = _tables(bpf)
+        for name, info in changed.items():
+            new = tables[name]
+            fd = running.maps[name][0]
+            if (new[0], new[1], new[2]) == (info.type, info.key_size, info.value_size):
+                _copy_map(fd, info, lib.bpf_table_fd(bpf.module, name.encode()), new[3])
+                self.fresh_maps.append(f"{name} (copied: {info.max_entries} -> {new[3]} entries)")
+            else:
+                self.fresh_maps.append(f"{name} (emptied: its layout changed)")
+        return bpf
+
     @property
     def prog_fd(self) -> int:
         return self._prog.fd
 
+    def program(self) -> dict:
+        """The loaded program's id and tag (a hash of its code: a new build, a new tag)."""
+        info = bpfsys.prog_info(self._prog.fd)
+        return {"id": info.id, "tag": info.tag}
+
     # Attachments --------------------------------------------------------------
 
     def attach(self, ifindex: int, ifname: str) -> Attachment:
-        """Attaches natively, or generically where the driver refuses native XDP.
-        Through a BPF link: it detaches when this process ends, however it ends."""
-        try:
-            fd, att = bpfsys.xdp_link_create(self._prog.fd, ifindex, generic=False), None
-        except OSError as e:
-            if e.errno in (errno.EBUSY, errno.EEXIST):
-                raise DatapathError(f"{ifname}: another XDP program is attached already") from None
+        """Attaches through netlink, so that the program outlives this process.
+        Where the running program is attached, swaps it for this one in one
+        step (in its mode); elsewhere natively, or generically where the driver
+        refuses native XDP."""
+        held = self._attached.get(ifindex)
+        if held is not None and held[0] == self._prog.fd:
+            return held[1]
+        if held is not None:
+            old_fd, old = held
             try:
-                fd = bpfsys.xdp_link_create(self._prog.fd, ifindex, generic=True)
-            except OSError as e2:
-                raise DatapathError(f"{ifname}: cannot attach XDP: {e2.strerror}") from None
-            att = Attachment(ifindex, ifname, "generic", e.strerror)
-        att = att or Attachment(ifindex, ifname, "native")
-        self._links[ifindex] = (fd, att)
+                netif.xdp_set(ifindex, self._prog.fd, old.mode, expected_fd=old_fd)
+            except OSError as e:
+                raise DatapathError(f"{ifname}: cannot replace the running XDP program: "
+                                    f"{e.strerror}") from None
+            att = Attachment(ifindex, ifname, old.mode)
+            self._replaced[ifindex] = held
+        else:
+            try:
+                netif.xdp_set(ifindex, self._prog.fd, "native")
+                att = Attachment(ifindex, ifname, "native")
+            except OSError as e:
+                if e.errno in (errno.EBUSY, errno.EEXIST):
+                    raise DatapathError(f"{ifname}: another XDP program is attached "
+                                        f"already") from None
+                try:
+                    netif.xdp_set(ifindex, self._prog.fd, "generic")
+                except OSError as e2:
+                    raise DatapathError(f"{ifname}: cannot attach XDP: {e2.strerror}") from None
+                att = Attachment(ifindex, ifname, "generic", e.strerror)
+        self._attached[ifindex] = (self._prog.fd, att)
         return att
 
     def attachments(self) -> list[Attachment]:
-        return [att for _, att in self._links.values()]
+        return [att for fd, att in self._attached.values() if fd == self._prog.fd]
 
     def detach(self, ifindex: int) -> None:
-        fd, _ = self._links.pop(ifindex)
-        os.close(fd)
+        """Detaches this program from ifindex; where it replaced the running one
+        (an adoption not settled yet), that one comes back, in one step."""
+        fd, att = self._attached.pop(ifindex)
+        old = self._replaced.pop(ifindex, None)
+        if old is None:
+            _detach(ifindex, fd, att.mode)
+            return
+        try:
+            netif.xdp_set(ifindex, old[0], att.mode, expected_fd=fd)
+        except OSError as e:
+            raise DatapathError(f"{att.ifname}: cannot restore the running XDP program: "
+                                f"{e.strerror}") from None
+        self._attached[ifindex] = old
+
+    def settle(self) -> None:
+        """Ends an adoption: the running program leaves the interfaces this one
+        did not take over (the config no longer names them) and is let go."""
+        self._replaced.clear()
+        for ifindex, (fd, _) in list(self._attached.items()):
+            if fd != self._prog.fd:
+                self.detach(ifindex)
+        if self._running is not None:
+            self._running.close()
+            self._running = None
 
     def detach_all(self) -> None:
-        for fd, _ in self._links.values():
-            os.close(fd)
-        self._links.clear()
+        """Detaches every program this one knows of: its own, and the running one's."""
+        self._replaced.clear()
+        for ifindex in list(self._attached):
+            self.detach(ifindex)
 
     def close(self) -> None:
-        self.detach_all()
+        """Lets go of the program and its maps; what is attached stays attached."""
         self._bpf.cleanup()
+        if self._running is not None:
+            self._running.close()
+            self._running = None
 
     # Map writes ---------------------------------------------------------------
 
@@ -278,7 +536,8 @@ class Datapath:
         table = self._maps["backend_stats"]
         fields = [name for name, _ in layout.Counters._fields_]
         nf, ncpu = len(fields), table.total_cpu
-        words = self._read_array(table)             # [key][cpu][field], all u64
+        # [key][cpu][field], all u64
+        words = memoryview(self._read_values(table)).cast("B").cast("Q").tolist()
         stride = nf * ncpu
         totals = []                                  # [field][key], summed over CPUs
         for f in range(nf):
@@ -287,15 +546,41 @@ class Datapath:
         return {i: {name: totals[f][i] for f, name in enumerate(fields)} for i in ids}
 
     @staticmethod
-    def _read_array(table) -> list[int]:
-        """Every value of an array map, as its u64 words, in one BPF_MAP_LOOKUP_BATCH."""
-        n = table.max_entries
+    def _read_values(table, start: int = 0, n: int | None = None):
+        """n values of an array map from index start (all by default), in one
+        BPF_MAP_LOOKUP_BATCH (an array's batch token is the index before the first)."""
+        n = table.max_entries - start if n is None else n
         keys, values = (table.Key * n)(), (table.Leaf * n)()
-        count, out_batch = ct.c_uint32(n), ct.c_uint32(0)
-        if lib.bpf_lookup_batch(table.map_fd, None, ct.byref(out_batch), keys, values,
-                                ct.byref(count)) != 0 and ct.get_errno() != errno.ENOENT:
-            raise DatapathError(f"cannot read the counters: {os.strerror(ct.get_errno())}")
-        return memoryview(values).cast("B").cast("Q").tolist()
+        token, count, out_batch = ct.c_uint32(start - 1), ct.c_uint32(n), ct.c_uint32(0)
+        if n and lib.bpf_lookup_batch(table.map_fd, ct.byref(token) if start else None,
+                                      ct.byref(out_batch), keys, values, ct.byref(count)) != 0 \
+                and ct.get_errno() != errno.ENOENT:
+            raise DatapathError(f"cannot read a map: {os.strerror(ct.get_errno())}")
+        return values
+
+    def held(self):
+        """What the maps hold, for a control plane that adopts them, as the
+        planner describes it (a DataplaneState whose backends are not named
+        yet), and the backend entries by id (entries never written are left
+        out: all zero)."""
+        from .planner import BackendState, DataplaneState, ServiceState
+        services = {}
+        for key, svc in self._maps["services"].items():
+            maglev = bool(svc.flags & layout.SERVICE_MAGLEV)
+            name, size = ("maglev", self.limits.maglev_size) if maglev \
+                else ("rings", self.limits.ring_size)
+            slots = tuple(self._read_values(self._maps[name], svc.ring * size, svc.ring_len))
+            t = self._maps["timeouts"][ct.c_int(svc.id)]
+            services[(_addr(key.vip), socket.ntohs(key.port), key.proto)] = ServiceState(
+                svc.id, svc.ring, slots, maglev,
+                (t.syn, t.established, t.closing, t.udp))
+        backends = {i: BackendState(i, _addr(b.addr), socket.ntohs(b.port),
+                                    bool(b.flags & layout.BACKEND_NO_NEW_FLOWS))
+                    for i, b in enumerate(self._read_values(self._maps["backends"]))
+                    if b.addr or b.port}
+        vips = frozenset(_addr(k.value) for k in self._maps["vips"].keys())
+        arp = {(k.ifindex, _addr(k.addr)): bytes(v.mac) for k, v in self._maps["arp_vips"].items()}
+        return DataplaneState(services, {}, vips, arp), backends
 
     def reason_counters(self) -> dict[str, layout.Tally]:
         return {name: self._percpu_sum("reason_stats", i)

@@ -61,7 +61,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
@@ -191,22 +191,27 @@ class HealthChecker:
 
     # -- control ---------------------------------------------------------------
 
-    def set_targets(self, targets: Iterable[Target]) -> None:
+    def set_targets(self, targets: Iterable[Target],
+                    initial: Mapping[tuple[str, str], str] = {}) -> None:
+        """`initial`: the state a new target starts in ("up" if not given), as
+        when a restarted control plane takes over servers found down; the first
+        check decides at once either way."""
         new: dict[tuple[str, str], Target] = {}
         for t in targets:
             _validate(t)
             if t.key in new:
                 raise ValueError(f"{t.key}: given twice")
             new[t.key] = t
+        initial = {k: initial[k] for k in new if initial.get(k) == "down"}
         with self._lock:
             loop = self._loop
             if loop is None:
-                self._apply(new)
+                self._apply(new, initial)
                 return
         if self._in_loop_thread(loop):
-            self._apply(new)
+            self._apply(new, initial)
         else:
-            loop.call_soon_threadsafe(self._apply, new)
+            loop.call_soon_threadsafe(self._apply, new, initial)
 
     def stop(self) -> None:
         with self._lock:
@@ -268,7 +273,8 @@ class HealthChecker:
         except RuntimeError:
             return False
 
-    def _apply(self, new: dict[tuple[str, str], Target]) -> None:
+    def _apply(self, new: dict[tuple[str, str], Target],
+               initial: Mapping[tuple[str, str], str]) -> None:
         for key in list(self._entries):
             entry = self._entries[key]
             if new.get(key) != entry.target:
@@ -277,6 +283,7 @@ class HealthChecker:
         for key, target in new.items():
             if key not in self._entries:
                 entry = self._entries[key] = _Entry(target)
+                entry.state = initial.get(key, "up")
                 if self._loop is not None:
                     self._start(entry)
 
@@ -382,7 +389,8 @@ class HealthChecker:
         if ok:
             entry.successes += 1
             entry.failures = 0
-            if old == "down" and entry.successes >= entry.target.monitor.rise:
+            if old == "down" and (not entry.checked or
+                                  entry.successes >= entry.target.monitor.rise):
                 entry.state = "up"
         else:
             entry.failures += 1

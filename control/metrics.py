@@ -237,8 +237,13 @@ class _Server(http.server.ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
 
-def serve(balancer, durations: CheckDurations, address: tuple[str, int]):
-    """Starts the /metrics endpoint in a thread; returns the server (call .shutdown())."""
+def bind(address: tuple[str, int]) -> _Server:
+    """Claims the /metrics address (raises OSError), before `serve` starts answering."""
+    return _Server(address, http.server.BaseHTTPRequestHandler)
+
+
+def serve(server: _Server, balancer, durations: CheckDurations) -> None:
+    """Answers /metrics on a bound server, in a thread (stop it with .shutdown())."""
     process = CollectorRegistry(auto_describe=False)   # process_* (CPU, memory, start time)
     ProcessCollector(registry=process)
 
@@ -258,6 +263,5 @@ def serve(balancer, durations: CheckDurations, address: tuple[str, int]):
         def log_message(self, *args):   # scrapes are not events worth a log line
             pass
 
-    server = _Server(address, Handler)
+    server.RequestHandlerClass = Handler
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    return server

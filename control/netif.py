@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
-from pyroute2 import IPRoute
+from pyroute2 import IPRoute, NetlinkError
 
 IFF_UP = 0x1
 IFF_LOOPBACK = 0x8
+# IFLA_XDP_ATTACHED as pyroute2 names it, and the XDP_FLAGS_* that ask for each mode.
+XDP_MODES = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload"}
+_XDP_MODE_FLAGS = {"generic": 1 << 1, "native": 1 << 2, "offload": 1 << 3}
+XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_FLAGS_REPLACE = 1 << 0, 1 << 4
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,8 @@ class Link:
     up: bool
     loopback: bool
     addresses: tuple[IPv4Interface, ...]
+    xdp_prog_id: int = 0    # the XDP program attached, if any
+    xdp_mode: str = ""      # its mode: native, generic, offload
 
     @property
     def networks(self) -> tuple[IPv4Network, ...]:
@@ -39,6 +46,8 @@ def links() -> list[Link]:
         result = []
         for msg in ipr.get_links():
             mac = msg.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00"
+            xdp = msg.get_attr("IFLA_XDP")
+            mode = xdp.get_attr("IFLA_XDP_ATTACHED") if xdp else None
             result.append(Link(
                 index=msg["index"],
                 name=msg.get_attr("IFLA_IFNAME"),
@@ -46,6 +55,8 @@ def links() -> list[Link]:
                 up=bool(msg["flags"] & IFF_UP),
                 loopback=bool(msg["flags"] & IFF_LOOPBACK),
                 addresses=tuple(addrs.get(msg["index"], ())),
+                xdp_prog_id=(xdp.get_attr("IFLA_XDP_PROG_ID") or 0) if mode else 0,
+                xdp_mode=XDP_MODES.get(mode, ""),
             ))
         return result
 
@@ -97,3 +108,23 @@ def veth_peer_without_xdp(index: int) -> str | None:
         if xdp is not None and xdp.get_attr("IFLA_XDP_PROG_ID"):
             return None
         return other.get_attr("IFLA_IFNAME")
+
+
+def xdp_set(ifindex: int, fd: int, mode: str, expected_fd: int | None = None) -> None:
+    """Attaches the XDP program fd to ifindex through netlink, so that it outlives
+    this process; fd -1 detaches. With expected_fd, the kernel swaps programs in
+    one step, and only if expected_fd is the one attached (XDP_FLAGS_REPLACE);
+    without, it refuses where a program is attached already. Raises OSError."""
+    flags = _XDP_MODE_FLAGS[mode]
+    attrs = [("IFLA_XDP_FD", fd)]
+    if expected_fd is None:
+        flags |= XDP_FLAGS_UPDATE_IF_NOEXIST
+    else:
+        flags |= XDP_FLAGS_REPLACE
+        attrs.append(("IFLA_XDP_EXPECTED_FD", expected_fd))
+    attrs.append(("IFLA_XDP_FLAGS", flags))
+    with IPRoute() as ipr:
+        try:
+            ipr.link("set", index=ifindex, xdp={"attrs": attrs})
+        except NetlinkError as e:
+            raise OSError(e.code, os.strerror(e.code)) from None

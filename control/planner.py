@@ -10,7 +10,7 @@ Datapath.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from ipaddress import IPv4Address
 from typing import Iterable, Mapping, Protocol
@@ -165,6 +165,35 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
            for fe in config.frontends for link in links
            if link.holds(fe.vip) and (not fe.interfaces or link.name in fe.interfaces)}
     return DataplaneState(services, backends, frozenset(f.vip for f in config.frontends), arp)
+
+
+def recover(config: Config, held: DataplaneState,
+            backends: dict[int, BackendState]) -> DataplaneState:
+    """The state that running maps hold (read back by a control plane that
+    adopts them), with their backends named after `config`, the config they
+    were written for, so that every id stays what it is. `held` is what the
+    maps hold with no backend named, `backends` their entries by id. The maps
+    know a backend by address and port only: a server that is in several pools is
+    told apart by the rings of each pool's frontends, then by id order (the
+    order `desired` gives ids in). Entries that no server matches stay
+    unnamed (removed servers, closed to new flows)."""
+    in_rings: dict[str, set[int]] = {}
+    for fe in config.frontends:
+        svc = held.services.get((fe.vip, fe.port, fe.proto_number))
+        if svc is not None:
+            in_rings.setdefault(fe.pool, set()).update(svc.slots)
+    named: dict[BackendKey, BackendState] = {}
+    taken: set[int] = set()
+    for pool in config.pools:
+        ringed = in_rings.get(pool.name, set())
+        for s in pool.servers:
+            candidates = [b for b in backends.values() if b.id not in taken
+                          and (b.address, b.port) == (s.address, s.port)]
+            if candidates:
+                b = min(candidates, key=lambda b: (b.id not in ringed, b.id))
+                taken.add(b.id)
+                named[(pool.name, s.name)] = b
+    return replace(held, backends=named)
 
 
 @dataclass(frozen=True)

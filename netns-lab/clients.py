@@ -11,9 +11,10 @@
     next namespace's XDP program on the CPU that sent it, and round-robin keeps one
     cursor per CPU, so their new flows follow one cursor and split exactly evenly,
     however many CPUs the host has.
-    clients.py load HOST PORT --seconds S [--concurrency C] [--keepalive]
+    clients.py load HOST PORT --seconds S [--concurrency C] [--keepalive] [--interval I]
         C threads send GETs for S seconds, each on a new connection or on one
-        keep-alive connection per thread. {"ok": n, "names": {...}, "errors": [...],
+        keep-alive connection per thread; with I, each thread starts one every I
+        seconds (as long as each takes less). {"ok": n, "names": {...}, "errors": [...],
         "error_count": n, "error_times": [unix time of each failure]}
     clients.py hold HOST PORT --count N --pause S
         N GETs on ONE keep-alive connection, S seconds apart; prints a JSON
@@ -67,14 +68,18 @@ def udp_requests(host, port, count, timeout):
     return {"replies": replies, "errors": errors}
 
 
-def load(host, port, seconds, concurrency, keepalive, timeout):
+def load(host, port, seconds, concurrency, keepalive, timeout, interval=0.0):
     deadline = time.monotonic() + seconds
     lock = threading.Lock()
     names, errors = collections.Counter(), []
 
     def worker():
         conn = None
+        due = time.monotonic()
         while time.monotonic() < deadline:
+            if interval:
+                time.sleep(max(0.0, due - time.monotonic()))
+                due += interval
             try:
                 if conn is None:
                     conn = http.client.HTTPConnection(host, port, timeout=timeout)
@@ -134,6 +139,7 @@ def main():
         p.add_argument("--seconds", type=float, default=5.0)
         p.add_argument("--concurrency", type=int, default=8)
         p.add_argument("--pause", type=float, default=0.5)
+        p.add_argument("--interval", type=float, default=0.0)
     a = ap.parse_args()
     if a.cmd == "hold":
         hold(a.host, a.port, a.count, a.pause, a.timeout)
@@ -145,7 +151,8 @@ def main():
     elif a.cmd == "udp":
         out = udp_requests(a.host, a.port, a.count, a.timeout)
     else:
-        out = load(a.host, a.port, a.seconds, a.concurrency, a.keepalive, a.timeout)
+        out = load(a.host, a.port, a.seconds, a.concurrency, a.keepalive, a.timeout,
+                   a.interval)
     print(json.dumps(out))
 
 

@@ -149,8 +149,8 @@ class Lab:
         return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()
                 if " xdp" in line or "prog/xdp" in line]
 
-    def xlb(self, *args: str, node: str = "lb") -> "Xlb":
-        return Xlb(self, node, args)
+    def xlb(self, *args: str, node: str = "lb", env: dict[str, str] | None = None) -> "Xlb":
+        return Xlb(self, node, args, env or {})
 
     def xlb_seed(self, directory: Path) -> "Xlb":
         """`xlb up --config` a copy of seed.toml in directory (a test may edit it)."""
@@ -165,8 +165,9 @@ class Xlb:
 
     START_TIMEOUT = 60  # compiling the program takes a few seconds
 
-    def __init__(self, lab: Lab, node: str, args: tuple[str, ...]):
+    def __init__(self, lab: Lab, node: str, args: tuple[str, ...], env: dict[str, str]):
         self.lab, self.node, self.args = lab, node, args
+        self.env = [f"{k}={v}" for k, v in env.items()]
         self.proc: subprocess.Popen | None = None
         self.serving_line = ""
         self.stderr = ""
@@ -174,7 +175,8 @@ class Xlb:
 
     def __enter__(self) -> "Xlb":
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.lab.ns(self.node), str(XLB), "up", *self.args],
+            ["ip", "netns", "exec", self.lab.ns(self.node), "env", *self.env, str(XLB), "up",
+             *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         ready, _, _ = select.select([self.proc.stdout], [], [], self.START_TIMEOUT)
         line = self.proc.stdout.readline() if ready else ""

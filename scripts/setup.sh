@@ -11,9 +11,10 @@ say() { printf 'setup: %s\n' "$*"; }
 # Debian packages. bcc comes from Debian: PyPI's "bcc" is an unrelated project.
 # prometheus (with promtool) is for the metrics tests only; keepalived and bird2 for the
 # high-availability lab (netns-lab/ha-*.sh), which runs its own instances; nginx, haproxy,
-# nftables and netsniff-ng (trafgen) for `make bench`'s backends and the balancers it compares.
+# nftables and netsniff-ng (trafgen) for `make bench`'s backends and the balancers it compares;
+# systemd (systemd-analyze) for the test of contrib/xlb.service.
 PKGS="python3-bpfcc linux-headers-amd64 python3-venv iproute2 iputils-ping ethtool wrk curl prometheus keepalived bird2
-      nginx haproxy nftables netsniff-ng"
+      nginx haproxy nftables netsniff-ng systemd"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed' || missing="$missing $p"

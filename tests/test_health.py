@@ -312,6 +312,33 @@ def test_first_check_failing_marks_down_at_once(netns):
     netns.run(main())
 
 
+def test_initial_down_is_decided_by_the_first_check(netns):
+    """A control plane that takes over servers it finds down starts them down;
+    the first passing check brings one up at once (rise is not waited for)."""
+    async def main():
+        m = tcp_monitor(rise=3)
+        alive, dead = ("web", "alive"), ("web", "dead")
+        srv = await Listener(8003).start()
+        transitions: list[tuple[float, Transition]] = []
+        hc = HealthChecker(lambda tr: transitions.append((time.monotonic(), tr)))
+        hc.set_targets([Target(alive, LOCAL, 8003, m), Target(dead, LOCAL, 8004, m)],
+                       initial={alive: "down", dead: "down"})
+        assert hc.states() == {alive: "down", dead: "down"}
+        task = asyncio.create_task(hc.run())
+        try:
+            await until(lambda: of(transitions, alive), m.interval + m.timeout + NOISE, "up")
+            (tr,) = of(transitions, alive)
+            assert (tr.old, tr.new, tr.reason) == ("down", "up", "check passed")
+            await until(lambda: hc.last_check(dead), m.interval + m.timeout + NOISE, "checked")
+            assert hc.state(dead) == "down" and of(transitions, dead) == []
+        finally:
+            hc.stop()
+            await asyncio.wait_for(task, 2)
+        await srv.close()
+
+    netns.run(main())
+
+
 def test_http_status_body_and_host(netns):
     async def main():
         behaviour = HttpBehaviour(hosts={"/a": "svc.example", "/b": "127.0.0.1"})

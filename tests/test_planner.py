@@ -335,3 +335,62 @@ def test_unknown_timeouts_are_set_again():
     adopted = planner.DataplaneState({WWW: planner.ServiceState(svc.id, svc.ring, svc.slots)},
                                      st.backends, st.vips, st.arp)
     assert planner.plan(adopted, st) == [("set_timeouts", 0, 60, 900, 120, 300)]
+
+
+class FakeMaps:
+    """What the maps hold after a series of plans: which services, and every
+    backend entry ever written (removed servers stay, closed). Rings, Maglev
+    tables and timeouts are not kept: the test takes them from the state."""
+
+    def __init__(self):
+        self.services, self.backends, self.arp, self.vips = set(), {}, {}, set()
+
+    def set_backend(self, i, addr, port, closed=False):
+        self.backends[i] = planner.BackendState(i, addr, port, closed)
+
+    def set_service(self, vip, port, proto, *args):
+        self.services.add((vip, port, proto))
+
+    def del_service(self, vip, port, proto):
+        self.services.discard((vip, port, proto))
+
+    def set_vip(self, vip):
+        self.vips.add(vip)
+
+    def del_vip(self, vip):
+        self.vips.discard(vip)
+
+    def set_arp(self, ifindex, vip, mac):
+        self.arp[(ifindex, vip)] = mac
+
+    def del_arp(self, ifindex, vip):
+        del self.arp[(ifindex, vip)]
+
+    def __getattr__(self, name):        # write_ring, write_maglev, set_timeouts
+        return lambda *args: None
+
+
+def test_recover_names_the_maps_after_their_config():
+    """An adopting control plane reads back what a series of applies left in the
+    maps and gets the ids the running one had: applying the same config again
+    writes nothing, counters and flows keep their ids."""
+    shared = Server("shared", A("10.1.11.50"), 80)
+    first = Config(frontends=(Frontend("a", A("10.1.1.101"), 80, "tcp", "pa"),
+                              Frontend("b", A("10.1.1.102"), 80, "tcp", "pb")),
+                   pools=(Pool("pa", (S1, shared)), Pool("pb", (shared, S2))))
+    # S1 removed, S2 back under a new id, a new server: ids no longer follow
+    # the order a fresh start would give.
+    second = Config(frontends=first.frontends,
+                    pools=(Pool("pa", (shared, Server("s3", A("10.1.11.3"), 80))),
+                           Pool("pb", (S2, shared))))
+    maps, st = FakeMaps(), planner.DataplaneState()
+    for cfg, states in ((first, {}), (second, {("pb", "s2"): "down"})):
+        target = desired(cfg, st, states)
+        planner.execute(maps, planner.plan(st, target))
+        st = target
+    held = planner.DataplaneState({k: st.services[k] for k in maps.services}, {},
+                                  frozenset(maps.vips), maps.arp)
+    got = planner.recover(second, held, maps.backends)
+    assert got == st
+    assert planner.plan(got, desired(second, got, {("pb", "s2"): "down"})) == []
+    assert desired(second) != st    # rebuilding from scratch would have moved ids

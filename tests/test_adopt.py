@@ -1,0 +1,92 @@
+"""A new program built on a running one's maps (no network: the maps are
+taken from a loaded program, as `xlb up` takes them from an attached one)."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+from ipaddress import IPv4Address
+
+import pytest
+
+from xlb import bpfsys, layout
+from xlb.planner import BackendState, ServiceState
+
+pytestmark = [pytest.mark.kernel,
+              pytest.mark.skipif(os.geteuid() != 0, reason="loads XDP programs: needs root")]
+
+
+VIP = IPv4Address("10.1.1.101")
+
+
+def running_of(dp):
+    from xlb.datapath import Running, maps_of
+    info = bpfsys.prog_info(dp.prog_fd)
+    return Running(info, {}, maps_of(info))
+
+
+def map_ids(running) -> dict[str, int]:
+    return {name: info.id for name, (_, info) in running.maps.items()}
+
+
+def add_flows(dp, n: int) -> None:
+    flows = dp._maps["flows"]
+    for i in range(n):
+        key = flows.Key()
+        key.saddr = i + 1
+        flows[key] = flows.Leaf()
+
+
+def test_a_new_program_keeps_every_running_map():
+    from xlb.datapath import Datapath
+    old = Datapath()
+    try:
+        old.set_backend(3, IPv4Address("10.1.11.101"), 8080)
+        old.write_ring(1, [3, 3])
+        old.set_timeouts(0, 1, 2, 3, 4)
+        old.set_service(VIP, 80, 6, 0, 1, 2)
+        old.write_maglev(3, [3] * 7)
+        old.set_timeouts(1, 5, 6, 7, 8)
+        old.set_service(VIP, 81, 17, 1, 3, 7, layout.SERVICE_MAGLEV)
+        add_flows(old, 5)
+        running = running_of(old)
+        before = map_ids(running)
+        new = Datapath(running=running)
+    finally:
+        old.close()
+    try:
+        assert new.fresh_maps == []
+        after = running_of(new)
+        assert map_ids(after) == before and set(before) == set(layout.MAPS)
+        after.close()
+        held, backends = new.held()
+        assert backends == {3: BackendState(3, IPv4Address("10.1.11.101"), 8080)}
+        assert held.services == {(VIP, 80, 6): ServiceState(0, 1, (3, 3), False, (1, 2, 3, 4)),
+                            (VIP, 81, 17): ServiceState(1, 3, (3,) * 7, True, (5, 6, 7, 8))}
+        assert new.flow_entries() == 5
+    finally:
+        new.close()
+
+
+def test_a_map_that_changed_size_is_copied_and_the_rest_kept():
+    from xlb.datapath import Datapath, Limits
+    old = Datapath(Limits(max_flows=1024))
+    try:
+        add_flows(old, 7)
+        running = running_of(old)
+        before = map_ids(running)
+        new = Datapath(Limits(max_flows=2048), running)
+    finally:
+        old.close()
+    try:
+        assert new.fresh_maps == ["flows (copied: 1024 -> 2048 entries)"]
+        after = running_of(new)
+        ids = map_ids(after)
+        after.close()
+        assert ids["flows"] != before["flows"]
+        assert {k: v for k, v in ids.items() if k != "flows"} == \
+            {k: v for k, v in before.items() if k != "flows"}
+        assert new.flow_entries() == 7
+        assert new._maps["flows"].max_entries == 2048
+    finally:
+        new.close()

@@ -1,0 +1,241 @@
+"""The data path outlives its control process (lab prefix xlba): a killed
+`xlb up` leaves the program forwarding, `xlb status` says so, `xlb down`
+removes it, and the next `xlb up` adopts it (or upgrades it to a changed
+program) with every flow and counter, while a new connection every 20 ms and
+keep-alive connections run through the VIP."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
+from labctl import HERE, PY, SEED_ARGS, VIP, XLB, running_lab  # noqa: E402
+
+pytestmark = [pytest.mark.lab,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
+
+TRAFFIC_SECONDS = 40      # spans the restart: compiling takes seconds on a busy machine
+HOLDERS = 4
+PAUSE = 0.5
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with running_lab("xlba") as lab:
+        yield lab
+
+
+@pytest.fixture(autouse=True)
+def nothing_left(lab):
+    """Each test starts and ends with no data path in lb, also when it fails."""
+    yield
+    lab.xlb_cmd("down")
+    assert lab.xdp_attached("lb") == []
+
+
+class Traffic:
+    """A new connection every 20 ms, and keep-alive connections that send a
+    request every PAUSE seconds, for TRAFFIC_SECONDS."""
+
+    def __init__(self, lab):
+        clients = str(HERE / "clients.py")
+        self.stopped = 0.0       # when the control process stopped (wall clock)
+        self.started = time.monotonic()
+        self.load = lab.spawn("client", PY, clients, "load", VIP, "80", "--concurrency", "1",
+                              "--interval", "0.02", "--seconds", str(TRAFFIC_SECONDS))
+        self.holders = [lab.spawn("client", PY, clients, "hold", VIP, "80", "--pause", str(PAUSE),
+                                  "--count", str(int(TRAFFIC_SECONDS / PAUSE)))
+                        for _ in range(HOLDERS)]
+
+    def left(self) -> float:
+        return self.started + TRAFFIC_SECONDS - time.monotonic()
+
+    def results(self) -> tuple[dict, list[list[dict]]]:
+        out, _ = self.load.communicate(timeout=TRAFFIC_SECONDS + 60)
+        held = [[json.loads(line) for line in h.communicate(timeout=60)[0].splitlines()]
+                for h in self.holders]
+        return json.loads(out), held
+
+    def kill(self) -> None:
+        for p in (self.load, *self.holders):
+            p.kill()
+            p.wait()
+
+
+def check_traffic(traffic: Traffic, status: dict) -> None:
+    """No connection failed, each keep-alive connection stayed on its backend,
+    and the data plane counted every connection, also those before the restart."""
+    load, held = traffic.results()
+    assert load["error_count"] == 0, (load["errors"], [round(t - traffic.stopped, 2)
+                                                       for t in load["error_times"]])
+    assert load["ok"] >= 1000
+    for replies in held:
+        assert [r for r in replies if "error" in r] == []
+        assert len(replies) == int(TRAFFIC_SECONDS / PAUSE)
+        assert len({r["name"] for r in replies}) == 1
+    # Never more new flows than connections (fewer: a client port that comes
+    # round again finds its old flow entry, which is not new).
+    assert new_flows(status) <= load["ok"] + HOLDERS
+
+
+def counted_on(before: dict, adopted: dict) -> None:
+    """The adopting instance reads the counters of before, and what the data
+    path counted while no control process ran (at least 1.5 s of 50 new
+    connections a second): a reset would show far fewer."""
+    assert new_flows(adopted) >= new_flows(before) + 50
+    assert adopted["flows"]["entries"] >= before["flows"]["entries"] >= 2 * HOLDERS
+
+
+def new_flows(status: dict) -> int:
+    return next(f for f in status["frontends"] if f["protocol"] == "tcp")["new_flows"]
+
+
+@contextlib.contextmanager
+def serving_under_traffic(lab):
+    """`xlb up` of the seed, traffic started 3 s ago; yields the instance, the
+    traffic and the status then. Ends both, however the test ends."""
+    first = lab.xlb(*SEED_ARGS)
+    first.__enter__()
+    traffic = Traffic(lab)
+    try:
+        time.sleep(3)
+        yield first, traffic, lab.status()
+    finally:
+        traffic.kill()
+        first.stop(signal.SIGKILL)
+
+
+def test_killed_control_process_leaves_the_data_path_and_a_restart_adopts_it(lab):
+    with serving_under_traffic(lab) as (first, traffic, before):
+        traffic.stopped = time.time()
+        first.stop(signal.SIGKILL)
+        assert set(lab.xdp_attached("lb")) == {"eth0", "eth1"}
+        orphan = lab.xlb_cmd("status")
+        assert orphan.returncode == 3, orphan.stderr
+        assert "the data path runs without its control process" in orphan.stdout
+        time.sleep(1.5)
+        with lab.xlb(*SEED_ARGS) as second:
+            assert "adopted the running data path" in second.serving_line
+            assert traffic.left() > 2, "the restart took longer than the traffic ran"
+            adopted = lab.status()
+            time.sleep(max(0.0, traffic.left()) + 1)
+            after = lab.status()
+            check_traffic(traffic, after)
+        counted_on(before, adopted)
+        assert after["program"]["id"] != before["program"]["id"]
+        assert after["program"]["tag"] == before["program"]["tag"]     # the same build
+
+
+def test_status_and_down_of_a_data_path_without_its_control_process(lab):
+    with lab.xlb(*SEED_ARGS) as x:
+        assert lab.client("client", "http", VIP, "80", "--count", "4",
+                          "--keepalive")["errors"] == []
+        program = lab.status()["program"]
+        x.stop(signal.SIGKILL)
+    # It keeps forwarding with its last state.
+    out = lab.client("client", "http", VIP, "80", "--count", "10")
+    assert out["errors"] == [] and set(out["names"]) == {"WAS1", "WAS2"}
+    st = lab.xlb_cmd("status", "--json")
+    assert st.returncode == 3, st.stderr
+    orphan = json.loads(st.stdout)
+    assert orphan["control_process"] is None
+    assert orphan["program"]["id"] == program["id"]
+    assert orphan["program"]["tag"] == program["tag"]
+    assert {i["name"]: i["mode"] for i in orphan["interfaces"]} == {"eth0": "native",
+                                                                    "eth1": "native"}
+    assert orphan["flows"]["entries"] >= 2 * 11     # two entries per connection
+    down = lab.xlb_cmd("down")
+    assert down.returncode == 0, down.stderr
+    assert f"removed the data path that ran without its control process (program " \
+           f"{program['id']}" in down.stdout
+    assert lab.xdp_attached("lb") == []
+    gone = lab.xlb_cmd("status")
+    assert gone.returncode == 1 and "no xlb instance runs" in gone.stderr
+
+
+def changed_program(directory: Path) -> Path:
+    """A copy of bpf/ whose program also counts its packets in a new map: another
+    build, as an upgrade brings (for the test-only XLB_BPF_DIR)."""
+    copy = directory / "bpf"
+    shutil.copytree(HERE.parent / "bpf", copy)
+    source = copy / "xlb.c"
+    entry = "int xlb_xdp(struct xdp_md *ctx)\n{\n"
+    text = source.read_text()
+    assert text.count(entry) == 1
+    source.write_text(text.replace(entry, "BPF_ARRAY(upgrade_probe, __u64, 1);\n\n" + entry
+                                   + "\t__u32 zero = 0;\n\t__u64 *n = upgrade_probe.lookup(&zero);\n"
+                                     "\n\tif (n)\n\t\t*n += 1;\n"))
+    return copy
+
+
+def map_names(program_id: int) -> set[str]:
+    from xlb import bpfsys
+    fd = bpfsys.prog_fd_by_id(program_id)
+    try:
+        names = set()
+        for map_id in bpfsys.prog_info(fd).map_ids:
+            mfd = bpfsys.map_fd_by_id(map_id)
+            names.add(bpfsys.map_info(mfd).name)
+            os.close(mfd)
+        return names
+    finally:
+        os.close(fd)
+
+
+def test_upgrade_to_a_changed_program_during_traffic(lab, tmp_path):
+    changed = changed_program(tmp_path)
+    with serving_under_traffic(lab) as (first, traffic, before):
+        traffic.stopped = time.time()
+        handover = lab.xlb_cmd("down", "--keep-datapath")
+        assert handover.returncode == 0, handover.stderr
+        assert first.proc.wait(15) == 75
+        assert set(lab.xdp_attached("lb")) == {"eth0", "eth1"}
+        with lab.xlb(*SEED_ARGS, env={"XLB_BPF_DIR": str(changed)}) as second:
+            assert "adopted the running data path" in second.serving_line
+            assert traffic.left() > 2, "the upgrade took longer than the traffic ran"
+            upgraded = lab.status()
+            assert "upgrade_probe" in map_names(upgraded["program"]["id"])
+            time.sleep(max(0.0, traffic.left()) + 1)
+            after = lab.status()
+            check_traffic(traffic, after)
+        assert upgraded["program"]["tag"] != before["program"]["tag"]
+        counted_on(before, upgraded)
+
+
+BAD_INPUT = [
+    ("unknown interface", [*SEED_ARGS, "--iface", "nosuch0"], "no interface 'nosuch0'", 2),
+    ("local VIP", ["--vip", "10.1.1.1:80", *SEED_ARGS[2:]], "is a local address", 2),
+    ("metrics address", [*SEED_ARGS, "--metrics", "10.9.9.9:9717"],
+     "--metrics 10.9.9.9:9717: Cannot assign requested address", 2),
+]
+
+
+@pytest.mark.parametrize("args,message,code", [c[1:] for c in BAD_INPUT],
+                         ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_is_refused_before_compiling(lab, tmp_path, args, message, code):
+    """With no program to compile (XLB_BPF_DIR names an empty directory), a
+    compile would fail with its own error: the input's error shows the checks
+    came first."""
+    out = lab.run("lb", "env", f"XLB_BPF_DIR={tmp_path}", str(XLB), "up", *args)
+    assert out.returncode == code
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("xlb: error: ") and message in last, out.stderr
+    assert "cannot load the XDP program" not in out.stderr
+    assert lab.xdp_attached("lb") == []
+
+
+def test_second_up_is_refused_before_compiling(lab, tmp_path):
+    with lab.xlb(*SEED_ARGS):
+        out = lab.run("lb", "env", f"XLB_BPF_DIR={tmp_path}", str(XLB), "up", *SEED_ARGS)
+        assert out.returncode == 1
+        assert "xlb is already running in this network namespace" in out.stderr
+        assert lab.client("client", "http", VIP, "80", "--count", "2")["errors"] == []
