@@ -880,7 +880,9 @@ def test_icmp_error_quoting_a_tcp_checksum_but_not_the_whole_header(datapath, wo
     the client's packet as the backend got it, cut 19 bytes into its TCP
     header: the quote is rewritten to the VIP, its TCP checksum must follow."""
     datapath.set_forwarding(False)
-    s = world.seeds[TCP][0]
+    # A connection of its own: the fuzzing may have closed or timed out the seeds'.
+    s0 = world.seeds[TCP][0]
+    s = _open_flow(datapath, world.links, TCP, (s0.client[0], 61001), s0.service)
     (client, cport), (backend, bport) = s.client, s.backend
     seg = tcp(flags=0x18, payload=b"x" * 20).with_ports(cport, bport)
     quote = ipv4(client, backend, TCP, l4_checksummed(client, backend, TCP, seg, 16))[:20 + 19]
@@ -897,7 +899,8 @@ def test_icmp_error_with_bytes_past_its_total_length(datapath, world):
     packet as the backend got it; the IP total length ends after the quoted
     ports, the frame holds the rest of the UDP header as trailing bytes."""
     datapath.set_forwarding(False)
-    s = world.seeds[UDP][0]
+    s0 = world.seeds[UDP][0]
+    s = _open_flow(datapath, world.links, UDP, (s0.client[0], 61002), s0.service)
     (client, cport), (backend, bport) = s.client, s.backend
     seg = udp(b"hello").with_ports(cport, bport)
     quote = ipv4(client, backend, UDP, l4_checksummed(client, backend, UDP, seg, 6))[:28]
