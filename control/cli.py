@@ -96,7 +96,8 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
 
     The data path outlives this process: if it dies any other way, the program
     keeps forwarding, and the next `xlb up` adopts it (its flows and counters)
-    and applies its own config. Exits 75 after `xlb down --keep-datapath`.
+    and applies its own config; with no option at all it takes over the config
+    the last instance ran. Exits 75 after `xlb down --keep-datapath`.
     """
     ctx = click.get_current_context()
     flags = [p for p in ("vips", "backends", "algorithm", "ifaces", "check_kind", "check_port",
@@ -107,6 +108,8 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
             raise BadInput("--config FILE replaces the one-line options "
                            "(--vip, --backend, --algorithm, --iface and the health check options)")
         config = _load(config_path)
+    elif not flags:
+        config, config_path = saved_config()
     else:
         try:
             monitor = monitor_from_flags(check_kind, check_port, interval, rise, fall)
@@ -139,6 +142,22 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
         raise Failure(str(e)) from None
     if code:
         raise click.exceptions.Exit(code)
+
+
+def saved_config():
+    """With neither --config nor a one-line option: the config that the last
+    instance of this network namespace ran, and the file it served, from xlb's
+    own state (so a bare `xlb up` takes over after a crash or an upgrade)."""
+    from . import state
+    saved = state.load()
+    if saved is None:
+        raise BadInput("nothing to serve: give --config FILE or --vip/--backend (no earlier "
+                       "instance of this network namespace left a config to take over)")
+    try:
+        config = configfile.load(saved.config_text)
+    except ConfigError as e:
+        raise BadInput(f"the config saved by the earlier instance is invalid: {e}") from None
+    return config, Path(saved.config_path) if saved.config_path else None
 
 
 def _echo_problems(file: Path, problems) -> None:

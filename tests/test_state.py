@@ -74,3 +74,28 @@ def test_a_state_with_an_unknown_server_state_is_refused(root, capsys):
     rewrite(admin=[["web", "was1", "up"]])
     assert state.load() is None
     assert "not an xlb state" in capsys.readouterr().err
+
+
+def test_a_bare_xlb_up_takes_over_the_saved_config(root):
+    """`xlb up` with no option: the config the last instance ran, and its file."""
+    import click
+    from click.testing import CliRunner
+
+    from xlb import cli, config
+
+    with pytest.raises(click.ClickException, match="nothing to serve") as e:
+        cli.saved_config()
+    assert e.value.exit_code == 2
+    r = CliRunner().invoke(cli.cli, ["up"])
+    assert r.exit_code == 2 and "nothing to serve" in r.output
+
+    text = ('[servers.was1]\naddress = "10.1.11.101"\nport = 8080\n\n'
+            '[pools.web]\nservers = ["was1"]\n\n'
+            '[frontends.www]\nvip = "10.1.1.101"\nport = 80\npool = "web"\n')
+    state.save(State("/etc/xlb/xlb.toml", text, {}))
+    cfg, path = cli.saved_config()
+    assert cfg == config.load(text) and str(path) == "/etc/xlb/xlb.toml"
+
+    state.save(State(None, text.replace('pool = "web"', 'pool = "nosuch"'), {}))
+    with pytest.raises(click.ClickException, match="saved by the earlier instance is invalid"):
+        cli.saved_config()
