@@ -9,7 +9,7 @@ export XLB_LAB=${XLB_LAB:-xlb}
 P=$XLB_LAB
 LAB="bash netns-lab/lab.sh"
 LOG=$(mktemp /tmp/xlb-demo.XXXXXX)
-CONFIG=$(mktemp /tmp/xlb-demo.XXXXXX.toml)   # `xlb apply` would persist into it
+CONFIG=$(mktemp /tmp/xlb-demo.XXXXXX.toml)   # a copy of the seed for xlb to serve (it never writes it)
 cp netns-lab/seed.toml "$CONFIG"
 XLB_PID=""
 
