@@ -24,6 +24,12 @@ static __always_inline __u32 xlb_flow_hash(__be32 saddr, __be32 daddr, __be16 sp
 	return xlb_mix(saddr ^ xlb_mix(daddr ^ xlb_mix(ports ^ xlb_mix(proto ^ 0x9e3779b9))));
 }
 
+/* The slot of a next hop in the hops cache (struct hop). */
+static __always_inline __u32 xlb_hop_slot(__be32 daddr, __u32 in_ifindex)
+{
+	return xlb_mix(daddr ^ (in_ifindex * 0x9e3779b9u)) & (XLB_MAX_HOPS - 1);
+}
+
 /* The bit of a value in the config's address filters (struct xlb_config). */
 static __always_inline __u32 xlb_filter_slot(__u32 value)
 {

@@ -3,7 +3,7 @@
  * Pure packet helpers live in headers by concern: parse.h (headers), csum.h
  * and nat.h (rewrites), fwd.h (next hop, TTL), hash.h (flow hash, address
  * filters), icmp.h (echo, errors), arp.h (ARP for VIPs), stats.h (reason ->
- * action). This file
+ * action), clock.h (time). This file
  * declares the maps and holds every function that touches them: bcc rewrites
  * map calls (.lookup, .update) in the main file only.
  *
@@ -14,6 +14,7 @@
 #include <uapi/linux/bpf.h>
 
 #include "consts.h"
+#include "clock.h"
 #include "xlb_shared.h"
 #include "parse.h"
 #include "nat.h"
@@ -22,8 +23,6 @@
 #include "icmp.h"
 #include "arp.h"
 #include "stats.h"
-
-#define NSEC_PER_SEC 1000000000ULL
 
 BPF_HASH(services, struct service_key, struct service, XLB_MAX_SERVICES);
 BPF_ARRAY(backends, struct backend, XLB_MAX_BACKENDS);
@@ -39,7 +38,6 @@ BPF_HASH(arp_vips, struct arp_key, struct arp_mac, XLB_MAX_ARP);
 BPF_ARRAY(config, struct xlb_config, 1);
 BPF_TABLE("lru_hash", struct flow_key, struct flow, flows, XLB_MAX_FLOWS);
 BPF_TABLE("lru_hash", struct flow_key, struct flow, flows_new, XLB_MAX_NEW_FLOWS);
-BPF_TABLE("lru_hash", struct hop_key, struct hop, hops, XLB_MAX_HOPS);
 
 /* Round-robin position per service and CPU: no shared atomics on the fast path. */
 BPF_PERCPU_ARRAY(rr_cursor, __u32, XLB_MAX_SERVICES);
@@ -47,6 +45,7 @@ BPF_PERCPU_ARRAY(service_stats, struct counters, XLB_MAX_SERVICES);
 BPF_PERCPU_ARRAY(backend_stats, struct counters, XLB_MAX_BACKENDS);
 BPF_PERCPU_ARRAY(reason_stats, struct tally, XLB_REASON_MAX);
 BPF_PERCPU_ARRAY(flow_stats, struct flow_counters, 1);
+BPF_PERCPU_ARRAY(hops, struct hop, XLB_MAX_HOPS);
 
 static __always_inline int count_exit(enum xlb_reason reason, __u32 bytes)
 {
@@ -359,8 +358,8 @@ static __always_inline enum xlb_reason send(struct xdp_md *ctx, struct packet *p
 					    struct xlb_config *cfg, struct flow_key *key, int reply,
 					    __u64 now)
 {
-	struct hop_key hkey = {};
-	struct hop fresh = {};
+	__be32 daddr = pkt->ip->daddr;
+	__u32 slot = xlb_hop_slot(daddr, ctx->ingress_ifindex);
 	struct hop *hop;
 	__u16 mtu = 0;
 	int rc;
@@ -369,11 +368,12 @@ static __always_inline enum xlb_reason send(struct xdp_md *ctx, struct packet *p
 		return reply ? XLB_REPLY : XLB_FORWARD;
 	if (pkt->ip->ttl <= 1)
 		return XLB_TTL_EXPIRED;
-	hkey.daddr = pkt->ip->daddr;
-	hkey.ifindex = ctx->ingress_ifindex;
-	hop = hops.lookup(&hkey);
-	if (!hop || now < hop->checked || now - hop->checked > NSEC_PER_SEC) {
-		rc = fib_resolve(ctx, pkt, &fresh, &mtu);
+	hop = hops.lookup(&slot);
+	if (!hop)
+		return XLB_FIB_NO_ROUTE;	/* cannot be: the slot is in range */
+	if (hop->daddr != daddr || hop->in_ifindex != ctx->ingress_ifindex || !hop->checked ||
+	    now < hop->checked || now - hop->checked > NSEC_PER_SEC) {
+		rc = fib_resolve(ctx, pkt, hop, &mtu);
 		if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 			return XLB_FIB_NO_NEIGH;
 		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
@@ -382,10 +382,10 @@ static __always_inline enum xlb_reason send(struct xdp_md *ctx, struct packet *p
 			return XLB_FIB_FWD_DISABLED;
 		if (rc != BPF_FIB_LKUP_RET_SUCCESS)
 			return XLB_FIB_NO_ROUTE;
-		fresh.mtu = mtu;
-		fresh.checked = now;
-		hops.update(&hkey, &fresh);
-		hop = &fresh;
+		hop->daddr = daddr;
+		hop->in_ifindex = ctx->ingress_ifindex;
+		hop->mtu = mtu;
+		hop->checked = now;
 	}
 	if (bpf_ntohs(pkt->ip->tot_len) > hop->mtu)
 		return too_big(ctx, pkt, key, reply, hop->mtu);
@@ -427,7 +427,7 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 		.dport = pkt->ports->dest,
 		.proto = pkt->proto,
 	};
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = xlb_now();
 	struct service_key skey = {};
 	struct flow fresh = {};
 	struct service *svc;
@@ -564,4 +564,17 @@ int xlb_xdp(struct xdp_md *ctx)
 	__u32 frame_len = ctx->data_end - ctx->data;
 
 	return count_exit(classify(ctx, frame_len), frame_len);
+}
+
+/* The program's clock for the control plane (BPF_PROG_TEST_RUN): xlb_now()
+ * in the first 8 bytes of the frame. */
+int xlb_clock(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	__u64 *now = data;
+
+	if ((void *)(now + 1) > (void *)(long)ctx->data_end)
+		return XDP_ABORTED;
+	*now = xlb_now();
+	return XDP_PASS;
 }

@@ -80,7 +80,7 @@ struct flow {
 	__u32 backend_id;
 	__u32 timeout;		/* idle seconds of its state (struct timeouts); 0: never */
 	__u32 pad;
-	__u64 seen;		/* bpf_ktime_get_coarse_ns() of its last packet */
+	__u64 seen;		/* xlb_now() (clock.h) of its last packet */
 };
 
 /* flow_stats: per-CPU, one entry. Connections (entry pairs) the program moved
@@ -94,21 +94,21 @@ struct flow_counters {
 	__u64 new_removed;	/* of expired + reopened + established: those from flows_new */
 };
 
-/* hops: LRU hash of next hops the fast path resolved with bpf_fib_lookup,
- * by destination and ingress link, so that a packet costs a hash lookup
- * instead of a FIB lookup; an entry older than a second is resolved again. */
-struct hop_key {
-	__be32 daddr;
-	__u32 ifindex;		/* where the packet came in: routing may depend on it */
-};
-
+/* hops: next hops the fast path resolved with bpf_fib_lookup, so that a packet
+ * costs an inlined array read instead of a FIB lookup. A per-CPU array used as
+ * a direct-mapped cache: slot xlb_hop_slot(daddr, in_ifindex) (hash.h), the
+ * destination and ingress link kept in the entry; a slot that holds another
+ * destination, or was resolved over a second ago, is resolved again. Per CPU,
+ * so no CPU reads a slot while another writes it. */
 struct hop {
+	__be32 daddr;		/* the destination ... */
+	__u32 in_ifindex;	/* ... and the link it came in on (routing may depend on it) */
 	__u32 ifindex;		/* where it goes out */
 	__u16 mtu;		/* of the route: bigger packets are "too big" */
 	__u8 dmac[6];
 	__u8 smac[6];
 	__u8 pad[6];
-	__u64 checked;		/* bpf_ktime_get_coarse_ns() of the lookup */
+	__u64 checked;		/* xlb_now() of the lookup; 0: empty */
 };
 
 /* config: array of one. Runtime settings, and two bit sets that let traffic

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import gzip
 import os
 import re
 import socket
-import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -43,7 +43,7 @@ class Limits:
     max_arp: int = 256
     max_maglev: int = 16                        # Maglev frontends (two tables each)
     maglev_size: int = 65537                    # slots of a Maglev table, at most
-    max_hops: int = 65536                       # next hops the fast path keeps resolved
+    max_hops: int = 16384                       # next-hop cache slots per CPU (a power of 2)
 
     @classmethod
     def for_connections(cls, connections: int) -> "Limits":
@@ -110,9 +110,29 @@ def _set_bit(words, value: int) -> None:
     words[slot >> 6] |= 1 << (slot & 63)
 
 
-def now_ns() -> int:
-    """The clock of the program's bpf_ktime_get_coarse_ns (CLOCK_MONOTONIC)."""
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+def kernel_hz() -> int:
+    """The running kernel's CONFIG_HZ (ticks a second), from its build config."""
+    release = os.uname().release
+    for path in (f"/boot/config-{release}", "/proc/config.gz"):
+        try:
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt") as f:
+                for line in f:
+                    if line.startswith("CONFIG_HZ="):
+                        return int(line.split("=", 1)[1])
+        except OSError:
+            continue
+    raise DatapathError(f"cannot tell the kernel's HZ: no CONFIG_HZ in /boot/config-{release} "
+                        "or /proc/config.gz")
+
+
+def defines(limits: Limits) -> list[str]:
+    """Every -D flag the C needs (bpf/consts.h): the limits, and bpf/clock.h's
+    tick in ns and the kernel's INITIAL_JIFFIES (jiffies start 300 s before
+    wrapping 32 bits, to catch wrap bugs early)."""
+    hz = kernel_hz()
+    return [*limits.cflags(), f"-DXLB_TICK_NS={1_000_000_000 // hz}ULL",
+            f"-DXLB_INITIAL_JIFFIES={(1 << 32) - 300 * hz}ULL"]
 
 
 def _layout(info: bpfsys.MapInfo) -> tuple[int, int, int, int]:
@@ -158,6 +178,7 @@ def _sum_percpu(values, ctype):
 
 
 PROG_NAME = "xlb_xdp"     # the entry function: bcc names the program after it
+CLOCK_PROG = "xlb_clock"  # reads the program's clock (bpf/clock.h)
 _NAME_LEN = 15            # the kernel keeps this many characters of a map's name
 # The C sources to compile. XLB_BPF_DIR is a test-only hook: the upgrade test
 # builds a changed program from a copy of bpf/.
@@ -275,7 +296,7 @@ class Datapath:
 
     def __init__(self, limits: Limits = Limits(), running: Running | None = None):
         self.limits = limits
-        cflags = [f"-I{_SOURCES}", "-w", *limits.cflags()]
+        cflags = [f"-I{_SOURCES}", "-w", *defines(limits)]
         # ifindex -> (fd of the program attached there, attachment): ours, or
         # the running one's until it is replaced.
         self._attached: dict[int, tuple[int, Attachment]] = {}
@@ -290,6 +311,7 @@ class Datapath:
                 with bpfsys.private_bpffs() as pins:
                     self._bpf = self._compile_onto(running, pins, cflags)
             self._prog = self._bpf.load_func(PROG_NAME.encode(), BPF.XDP)
+            self._clock = self._bpf.load_func(CLOCK_PROG.encode(), BPF.XDP)
         except DatapathError:
             raise
         except Exception as e:  # bcc raises bare Exception; it has printed the details
@@ -599,7 +621,7 @@ class Datapath:
         return sum(len(rows) for rows in self.flow_rows().values())
 
     def flow_census(self, now: int | None = None) -> flowtable.Census:
-        return flowtable.census(self.flow_rows(), now_ns() if now is None else now)
+        return flowtable.census(self.flow_rows(), self.now() if now is None else now)
 
     def delete_flows(self, backend_ids: set[int], service_ids: set[int]) -> dict[str, int]:
         """Forgets the connections of these backends and services, both ways, so
@@ -614,7 +636,7 @@ class Datapath:
 
     def expire_flows(self, now: int | None = None) -> dict[str, int]:
         """Removes the connections idle past their timeout; returns how many, per table."""
-        now = now_ns() if now is None else now
+        now = self.now() if now is None else now
         expired = {}
         for name, rows in self.flow_rows().items():
             keys, expired[name] = flowtable.dead(rows, now)
@@ -666,6 +688,10 @@ class Datapath:
         return _sum_percpu(table[ct.c_int(index)], table.sLeaf)
 
     # Testing without a network ------------------------------------------------
+
+    def now(self) -> int:
+        """The clock the program stamps flows and next hops with (bpf/clock.h), in ns."""
+        return int.from_bytes(bpfsys.prog_test_run(self._clock.fd, bytes(64)).data[:8], "little")
 
     def test_run(self, frame: bytes, ingress_ifindex: int = 0) -> bpfsys.TestRunResult:
         return bpfsys.prog_test_run(self._prog.fd, frame, ingress_ifindex)

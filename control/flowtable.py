@@ -2,8 +2,8 @@
 closing, and which are dead (idle past their state's timeout) and go.
 
 Pure: it works on the raw bytes that `Datapath.dump_flows` returns and a clock
-reading (the kernel's CLOCK_MONOTONIC, which the program's
-bpf_ktime_get_coarse_ns follows), so it is tested without a kernel.
+reading (the program's clock, `Datapath.now`), so it is tested without a
+kernel.
 """
 
 from __future__ import annotations

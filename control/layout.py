@@ -41,13 +41,9 @@ class Flow(ct.Structure):
                 ("seen", u64)]
 
 
-class HopKey(ct.Structure):
-    _fields_ = [("daddr", u32), ("ifindex", u32)]
-
-
 class Hop(ct.Structure):
-    _fields_ = [("ifindex", u32), ("mtu", u16), ("dmac", u8 * 6), ("smac", u8 * 6), ("pad", u8 * 6),
-                ("checked", u64)]
+    _fields_ = [("daddr", u32), ("in_ifindex", u32), ("ifindex", u32), ("mtu", u16),
+                ("dmac", u8 * 6), ("smac", u8 * 6), ("pad", u8 * 6), ("checked", u64)]
 
 
 class Timeouts(ct.Structure):
@@ -106,7 +102,7 @@ MAPS: dict[str, tuple[type | None, type]] = {
     "config": (None, Config),
     "flows": (FlowKey, Flow),
     "flows_new": (FlowKey, Flow),
-    "hops": (HopKey, Hop),
+    "hops": (None, Hop),
     "rr_cursor": (None, u32),
     "service_stats": (None, Counters),
     "backend_stats": (None, Counters),

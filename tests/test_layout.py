@@ -52,7 +52,7 @@ def test_drift_in_the_c_is_reported(root, tmp_path):
     """A copy of bpf/ whose header gains a field in struct flow and one in
     struct backend, compiled the way Datapath compiles bpf/."""
     from bcc import BPF
-    from xlb.datapath import Limits
+    from xlb.datapath import Limits, defines
 
     src = tmp_path / "bpf"
     shutil.copytree(BPF_DIR, src)
@@ -65,7 +65,7 @@ def test_drift_in_the_c_is_reported(root, tmp_path):
     text = text.replace(backend_end, "\t__be16 port;\n\t__u16 flags;\n\t__u16 weight;\n};")
     header.write_text(text)
 
-    bpf = BPF(src_file=str(src / "xlb.c"), cflags=[f"-I{src}", "-w", *Limits().cflags()])
+    bpf = BPF(src_file=str(src / "xlb.c"), cflags=[f"-I{src}", "-w", *defines(Limits())])
     try:
         problems = {name: layout.check_mirror(name, *bcc_types(bpf[name])) for name in MAPS}
     finally:

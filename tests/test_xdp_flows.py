@@ -8,6 +8,7 @@ tables are read back through Datapath to check each connection's state.
 
 import random
 import socket
+import time
 from ipaddress import IPv4Address
 
 import pytest
@@ -18,7 +19,6 @@ from scapy.packet import Raw, raw
 from packets import (BACKEND_MAC, CLIENT_MAC, LB_MAC, XDP_PASS, XDP_TX, Harness,
                      assert_checksums, ip_of, tcp_frame, udp_frame)
 from xlb import layout
-from xlb.datapath import now_ns
 from xlb.maglev import flow_hash
 
 pytestmark = pytest.mark.kernel
@@ -104,6 +104,21 @@ def handshake(lb, fibnet, sport) -> int:
     lb.send(from_backend(bid, sport, "SA"), fibnet.ifindex["int"])
     lb.send(tcp_frame(CLIENT, VIP, sport, 80, flags="A"), fibnet.ifindex["ext"])
     return bid
+
+
+def one_backend(limits):
+    """A Datapath of its own with these limits: the TCP service on VIP:80 with
+    backend 1 alone, fast path on."""
+    from xlb.datapath import Datapath
+
+    dp = Datapath(limits)
+    be_addr, be_port = BACKENDS[1]
+    dp.set_backend(1, be_addr, be_port)
+    dp.write_ring(2, [1])
+    dp.set_service(VIP, 80, TCP_P, SVC_TCP, 2, 1)
+    dp.set_vip(VIP)
+    dp.set_forwarding(True)
+    return dp
 
 
 # The fast path --------------------------------------------------------------------
@@ -339,7 +354,7 @@ def test_the_sweep_removes_connections_idle_on_both_sides(lb, fibnet, short_time
     assert connection(dp, 53100)[0] == "flows"
 
     handshake(lb, fibnet, 53101)
-    expired = dp.expire_flows(now_ns() + 6 * SEC)
+    expired = dp.expire_flows(dp.now() + 6 * SEC)
     assert expired["flows"] >= 2
     assert connection(dp, 53100) == connection(dp, 53101) == (None, None, None)
 
@@ -406,24 +421,19 @@ def test_a_million_connections(root, fibnet, cpus):
     and a packet of the last one still goes to its backend."""
     import os
     import struct
-    from xlb.datapath import Datapath, Limits, now_ns
+    from xlb.datapath import Limits
 
     n = 1_000_000
-    dp = Datapath(Limits.for_connections(n))
+    dp = one_backend(Limits.for_connections(n))
     allowed = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(cpus)})
     try:
         be_addr, be_port = BACKENDS[1]
-        dp.set_backend(1, be_addr, be_port)
-        dp.write_ring(2, [1])
-        dp.set_service(VIP, 80, TCP_P, SVC_TCP, 2, 1)
-        dp.set_vip(VIP)
-        dp.set_forwarding(True)
         table = dp._maps["flows"]
         key, value = struct.Struct(layout.struct_format(layout.FlowKey)), \
             struct.Struct(layout.struct_format(layout.Flow))
         le = lambda a: int.from_bytes(IPv4Address(a).packed, "little")    # noqa: E731
-        vip, be, seen = le(VIP), le(be_addr), now_ns()
+        vip, be, seen = le(VIP), le(be_addr), dp.now()
         est = STATE["established"]
         keys, values = bytearray(), bytearray()
         for i in range(n):
@@ -540,6 +550,52 @@ def test_over_the_mtu_with_df_the_sender_learns_the_path_mtu(lb, fibnet):
     lb.expect("icmp_too_big", flow=("out", SVC_TCP, bid, False))
 
 
+def test_next_hops_that_share_a_cache_slot_are_each_resolved(root, fibnet):
+    """The next-hop cache is direct-mapped: with a single slot, a connection's
+    forward packets and its replies evict each other's next hop, and each
+    still leaves by its own link with its own next hop's MACs."""
+    from xlb.datapath import Limits
+
+    dp = one_backend(Limits(max_hops=1))
+    try:
+        be_addr, be_port = BACKENDS[1]
+        ext, intf = fibnet.ifindex["ext"], fibnet.ifindex["int"]
+        for flags in ("S", "A", "PA"):
+            res = dp.test_run(tcp_frame(CLIENT, VIP, 57100, 80, flags=flags), ext)
+            assert (res.action, res.data) == (XDP_REDIRECT, tcp_frame(
+                CLIENT, be_addr, 57100, be_port, flags=flags, ttl=63,
+                eth_src=fibnet.MACS["int"], eth_dst=BACKEND_MAC))
+            res = dp.test_run(from_backend(1, 57100, "A"), intf)
+            assert (res.action, res.data) == (XDP_REDIRECT, tcp_frame(
+                VIP, CLIENT, 80, 57100, flags="A", ttl=63,
+                eth_src=fibnet.MACS["ext"], eth_dst=CLIENT_MAC))
+    finally:
+        dp.close()
+
+
+def test_the_clock_is_monotonic_time_counted_in_ticks(lb, fibnet):
+    """Flows are stamped with the program's clock (bpf/clock.h: jiffies as ns):
+    it keeps CLOCK_MONOTONIC's pace within a tick, and a flow's `seen` is a
+    reading of it."""
+    from xlb.datapath import kernel_hz
+
+    tick = 1_000_000_000 // kernel_hz()
+
+    def reading():
+        before = time.monotonic_ns()
+        now = lb.dp.now()
+        return before, now, time.monotonic_ns()
+
+    a0, c0, b0 = reading()
+    time.sleep(0.3)
+    a1, c1, b1 = reading()
+    assert (a1 - b0) - 2 * tick <= c1 - c0 <= (b1 - a0) + 2 * tick
+    assert abs(c0 - a0) < SEC, "jiffies and CLOCK_MONOTONIC both start at boot"
+    handshake(lb, fibnet, 57101)
+    _, fwd, reply = connection(lb.dp, 57101)
+    assert c1 <= fwd.seen <= lb.dp.now() and c1 <= reply.seen <= lb.dp.now()
+
+
 def test_a_next_hop_is_resolved_again_after_a_second(lb, fibnet):
     """The fast path keeps each destination's next hop for a second: a
     neighbour whose MAC changed is followed once its entry is that old."""
@@ -552,11 +608,12 @@ def test_a_next_hop_is_resolved_again_after_a_second(lb, fibnet):
     try:
         res = lb.send(tcp_frame(CLIENT, VIP, 57000, 80, flags="A"), fibnet.ifindex["ext"])
         assert res.data[:6] == bytes.fromhex(BACKEND_MAC.replace(":", ""))   # still cached
-        hops = lb.dp._maps["hops"]
-        for key, hop in list(hops.items()):
-            if key.daddr == int.from_bytes(IPv4Address(be_addr).packed, "little"):
-                hop.checked -= 2 * SEC
-                hops[key] = hop
+        hops, addr = lb.dp._maps["hops"], int.from_bytes(IPv4Address(be_addr).packed, "little")
+        for slot, per_cpu in list(hops.items()):
+            if any(hop.daddr == addr for hop in per_cpu):
+                for hop in per_cpu:
+                    hop.checked -= 2 * SEC
+                hops[slot] = per_cpu
         res = lb.send(tcp_frame(CLIENT, VIP, 57000, 80, flags="A"), fibnet.ifindex["ext"])
         assert res.data[:6] == bytes.fromhex(new_mac.replace(":", ""))
     finally:
