@@ -4,7 +4,8 @@ git history), and this build with kernel and with fast forwarding.
 
 Runs in a FibNet (netns-lab/fibnet.py), so the fast path resolves real next
 hops. Each packet is one test-run of a fresh frame (with repeat > 1 the kernel
-reuses one buffer, which a rewrite changes); the figure is the median.
+reuses one buffer, which a rewrite changes), each of another connection;
+the programs take turns in blocks; the figure is the median.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from fibnet import FibNet
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "8aea04d"        # the last build whose fast path was the kernel's (XDP_PASS)
 RUNS = 10000
+BLOCK = 250                 # packets a program runs before the next one takes its turn
+EMPTY = "empty program"
 CLIENT, VIP, OTHER = "10.1.1.10", "10.1.1.101", "10.1.1.50"
 BACKENDS = ("10.1.11.101", "10.1.11.102")
 CLIENT_MAC, LB_MAC, BACKEND_MAC = "02:00:00:00:00:0a", "02:00:00:00:00:01", "02:00:00:00:00:b1"
@@ -33,24 +36,38 @@ def frame(src, dst, sport, dport, flags, payload=b"", eth_src=CLIENT_MAC):
     return raw(pkt / Raw(payload)) if payload else raw(pkt)
 
 
-def costs(run, ext: int, intf: int) -> dict[str, float]:
-    """Median ns of: a new flow (SYN), an established one (data after the
-    handshake), a backend's reply, and a packet for no VIP."""
-    def median(frames, ifindex):
-        return statistics.median(run(f, ifindex).duration_ns for f in frames)
-
+def costs(runs: dict, ext: int, intf: int) -> dict[str, dict[str, float]]:
+    """Median ns, per program, of: a new flow (SYN), an established one (data
+    after the handshake), a backend's reply, and a packet for no VIP. The
+    programs take turns in blocks of BLOCK packets (the order reversed every
+    other block), so that a change in the machine's load falls on all alike."""
     ports = range(20000, 20000 + RUNS)
-    syns = [frame(CLIENT, VIP, p, 80, "S") for p in ports]
-    out = {"syn": median(syns, ext)}
-    backends = [str(IPv4Address(run(frame(CLIENT, VIP, p, 80, "A"), ext).data[30:34]))
-                for p in ports]
-    for p, be in zip(ports, backends):
-        run(frame(be, CLIENT, 8080, p, "SA", eth_src=BACKEND_MAC), intf)
-        run(frame(CLIENT, VIP, p, 80, "A"), ext)
-    out["established"] = median([frame(CLIENT, VIP, p, 80, "PA", b"x" * 64) for p in ports], ext)
-    out["reply"] = median([frame(be, CLIENT, 8080, p, "PA", b"y" * 64, BACKEND_MAC)
-                           for p, be in zip(ports, backends)], intf)
-    out["non-VIP"] = median([frame(CLIENT, OTHER, 40000, 80, "S")] * RUNS, ext)
+    out: dict[str, dict[str, float]] = {name: {} for name in runs}
+
+    def measure(column, frames, ifindex):
+        times = {name: [] for name in frames}
+        order = list(frames)
+        for start in range(0, RUNS, BLOCK):
+            for name in order:
+                run = runs[name]
+                times[name] += [run(f, ifindex).duration_ns for f in frames[name][start:start + BLOCK]]
+            order.reverse()
+        for name, t in times.items():
+            out[name][column] = statistics.median(t)
+
+    balancers = [name for name in runs if name != EMPTY]
+    measure("syn", {n: [frame(CLIENT, VIP, p, 80, "S") for p in ports] for n in balancers}, ext)
+    backends = {n: [str(IPv4Address(runs[n](frame(CLIENT, VIP, p, 80, "A"), ext).data[30:34]))
+                    for p in ports] for n in balancers}
+    for n in balancers:
+        for p, be in zip(ports, backends[n]):
+            runs[n](frame(be, CLIENT, 8080, p, "SA", eth_src=BACKEND_MAC), intf)
+            runs[n](frame(CLIENT, VIP, p, 80, "A"), ext)
+    measure("established", {n: [frame(CLIENT, VIP, p, 80, "PA", b"x" * 64) for p in ports]
+                            for n in balancers}, ext)
+    measure("reply", {n: [frame(be, CLIENT, 8080, p, "PA", b"y" * 64, BACKEND_MAC)
+                          for p, be in zip(ports, backends[n])] for n in balancers}, intf)
+    measure("non-VIP", {n: [frame(CLIENT, OTHER, 40000, 80, "S")] * RUNS for n in runs}, ext)
     return out
 
 
@@ -90,22 +107,17 @@ def bench() -> dict[str, float]:
 
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     neighbours = {CLIENT: (CLIENT_MAC, "ext"), **{b: (BACKEND_MAC, "int") for b in BACKENDS}}
-    rows = {}
+    runs, keep = {}, []
     with FibNet(f"xlbx-bench-{os.getpid()}").entered(neighbours) as net, \
             tempfile.TemporaryDirectory() as tmp:
         ext, intf = net.ifindex["ext"], net.ifindex["int"]
         empty = BPF(text="int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
         empty_fd = empty.load_func("xdp_pass", BPF.XDP).fd
-        other = frame(CLIENT, OTHER, 40000, 80, "S")
-        rows["empty program"] = {"non-VIP": statistics.median(
-            bpfsys.prog_test_run(empty_fd, other, ext).duration_ns for _ in range(RUNS))}
-        empty.cleanup()
+        runs[EMPTY] = lambda f, i: bpfsys.prog_test_run(empty_fd, f, i)
         old = baseline_program(Path(tmp))
         if old is not None:
-            bpf, fd = old
-            rows[f"before the fast path ({BASELINE})"] = costs(
-                lambda f, i: bpfsys.prog_test_run(fd, f, i), ext, intf)
-            bpf.cleanup()
+            runs[f"before the fast path ({BASELINE})"] = \
+                lambda f, i, fd=old[1]: bpfsys.prog_test_run(fd, f, i)
         for mode in ("kernel", "fast"):
             dp = Datapath()
             for i, addr in enumerate(BACKENDS):
@@ -115,13 +127,21 @@ def bench() -> dict[str, float]:
             dp.set_service(IPv4Address(VIP), 80, 6, 0, 0, 2)
             dp.set_timeouts(0, 60, 900, 120, 300)
             dp.set_forwarding(mode == "fast")
-            rows[f"this build, {mode} forwarding"] = costs(dp.test_run, ext, intf)
-            dp.close()
+            keep.append(dp)
+            runs[f"this build, {mode} forwarding"] = dp.test_run
+        try:
+            rows = costs(runs, ext, intf)
+        finally:
+            for dp in keep:
+                dp.close()
+            if old is not None:
+                old[0].cleanup()
+            empty.cleanup()
 
-    empty_ns = rows["empty program"]["non-VIP"]
+    empty_ns = rows[EMPTY]["non-VIP"]
     cols = ("syn", "established", "reply", "non-VIP")
-    print(f"XDP program, median ns/packet over {RUNS} test-runs (one CPU; ratio to the empty "
-          f"program's {empty_ns:.0f} ns):")
+    print(f"XDP program, median ns/packet over {RUNS} test-runs, the programs taking turns every "
+          f"{BLOCK} (one CPU; ratio to the empty program's {empty_ns:.0f} ns):")
     print(f"  {'':<36}" + "".join(f"{c:>17}" for c in cols))
     for name, r in rows.items():
         print(f"  {name:<36}" + "".join(
