@@ -8,6 +8,7 @@
 #include <linux/if_ether.h>
 #include "csum.h"
 #include "parse.h"
+#include "xlb_shared.h"
 
 #ifndef AF_INET
 #define AF_INET 2

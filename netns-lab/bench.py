@@ -139,6 +139,9 @@ def print_targets(test_run: dict[str, float], lab: dict) -> None:
         met = value >= goal if op == ">=" else value <= goal
         print(f"  {name:<58} {value:5.2f}x  target {op} {goal:.2f}x  "
               f"{'met' if met else 'not met'}")
+        if name.startswith("UDP"):
+            print(f"    (lb routing in XDP, with no balancing at all: {lab['udp xdp alone/nft']:.2f}x "
+                  "nftables: the most an XDP balancer gains in this lab)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 Scenarios, in turn in the same lab (client -> lb -> WAS1/WAS2):
   direct    no balancer: wrk's two threads each talk to one backend, trafgen sends
             to both; lb's kernel only routes (the limit any balancer is held to)
+  direct, lb routing in XDP
+            the same, with lb forwarding in XDP (netns-lab/xdp_fwd.py: the fast
+            path's forwarding alone, no balancing): what XDP is worth on these
+            veths, the most an XDP balancer can gain here
   nftables  DNAT `numgen inc mod 2` (conntrack) in lb, the VIP an address of lb
   haproxy   HAProxy `mode tcp`, `balance roundrobin`, default threads (one per
             CPU), in lb, bound to the VIP (an address of lb); TCP only
@@ -31,9 +35,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labctl import VIP, WAS, XLB, Lab
+from labctl import HERE, PY, VIP, WAS, XLB, Lab
 
 RUNS = 3
+XDP_ALONE = "direct, lb routing in XDP"
 WRK_SECONDS = 4
 WRK_ARGS = ("-t2", "-c32", f"-d{WRK_SECONDS}s", "--timeout", "2s", "--latency")
 UDP_WARMUP, UDP_SECONDS = 1.0, 3.0
@@ -227,6 +232,17 @@ backend was
             stop([proc])
 
 
+@contextlib.contextmanager
+def xdp_forwarding(lab: Lab, run: Path):
+    """lb routes in XDP (xdp_fwd.py: the fast path's forwarding alone) on both links."""
+    lab.run("lb", PY, str(HERE / "xdp_fwd.py"), "eth0", "eth1", check=True)
+    try:
+        yield
+    finally:
+        for dev in ("eth0", "eth1"):
+            lab.run("lb", "ip", "link", "set", "dev", dev, "xdp", "off")
+
+
 def xlb_has(flag: str) -> bool:
     """Whether this build's `xlb up` takes `flag` (some come with later work)."""
     out = subprocess.run([str(XLB), "up", "--help"], capture_output=True, text=True).stdout
@@ -251,6 +267,7 @@ def xlb_scenario(mode: str | None):
 def scenarios() -> list[Scenario]:
     flag = xlb_has("--forwarding")
     out = [Scenario("direct to the backends", direct=True),
+           Scenario(XDP_ALONE, xdp_forwarding, direct=True),
            Scenario("nftables DNAT (numgen, conntrack)", nftables_dnat),
            Scenario("HAProxy mode tcp roundrobin", haproxy, udp=False),
            Scenario("xlb, kernel forwarding", xlb_scenario("kernel" if flag else None),
@@ -491,5 +508,6 @@ def report(results: list[tuple[Scenario, Figures | None]]) -> dict[str, float | 
     xlb, haproxy_fig = by_name[xlb_name], by_name["HAProxy mode tcp roundrobin"]
     return {"xlb": xlb_name,
             "udp/nft": med(xlb.pps) / med(nft.pps),
+            "udp xdp alone/nft": med(by_name[XDP_ALONE].pps) / med(nft.pps),
             "close/direct": med(xlb.rps["close"]) / med(direct.rps["close"]),
             "close/haproxy": med(xlb.rps["close"]) / med(haproxy_fig.rps["close"])}
