@@ -560,7 +560,7 @@ async def _serve(balancer: Balancer, sock) -> bool:
     return bool(downs) and downs[-1]
 
 
-SWEEP_COST = 20         # the sweep may take at most 1/SWEEP_COST of a CPU ...
+SWEEP_COST = 100        # the sweep may take at most 1/SWEEP_COST of a CPU ...
 SWEEP_BOUNDS = (1.0, 30.0)  # ... at intervals of one to thirty seconds
 
 
