@@ -23,16 +23,17 @@ ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "8aea04d"        # the last build whose fast path was the kernel's (XDP_PASS)
 RUNS = 10000
 BLOCK = 250                 # packets a program runs before the next one takes its turn
+WARM_CALLS, WARM_REPEAT, WARM_PORT = 300, 200, 30000   # 200 repeats: a TTL of 255 stays above 1
 EMPTY = "empty program"
 CLIENT, VIP, OTHER = "10.1.1.10", "10.1.1.101", "10.1.1.50"
 BACKENDS = ("10.1.11.101", "10.1.11.102")
 CLIENT_MAC, LB_MAC, BACKEND_MAC = "02:00:00:00:00:0a", "02:00:00:00:00:01", "02:00:00:00:00:b1"
 
 
-def frame(src, dst, sport, dport, flags, payload=b"", eth_src=CLIENT_MAC):
+def frame(src, dst, sport, dport, flags, payload=b"", eth_src=CLIENT_MAC, ttl=64):
     from scapy.all import IP, TCP, Ether, Raw, raw
-    pkt = Ether(src=eth_src, dst=LB_MAC) / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport,
-                                                                     flags=flags)
+    pkt = Ether(src=eth_src, dst=LB_MAC) / IP(src=src, dst=dst, ttl=ttl) / TCP(
+        sport=sport, dport=dport, flags=flags)
     return raw(pkt / Raw(payload)) if payload else raw(pkt)
 
 
@@ -71,9 +72,10 @@ def costs(runs: dict, ext: int, intf: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def baseline_program(directory: Path):
-    """The C of BASELINE, loaded with bcc and filled through its own tables, or
-    None where git history is not at hand."""
+def baseline_program(directory: Path, backends: list[tuple[str, int]]):
+    """The C of BASELINE, loaded with bcc and filled through its own tables
+    (the VIP's service over these backends), or None where git history is not
+    at hand."""
     from bcc import BPF
     from xlb.datapath import Limits
     from xlb.datapath import _be16, _be32
@@ -89,54 +91,88 @@ def baseline_program(directory: Path):
     bpf = BPF(src_file=str(directory / "xlb.c").encode(),
               cflags=[f"-I{directory}", "-w", *Limits().cflags()])
     fn = bpf.load_func(b"xlb_xdp", BPF.XDP)
-    backends, rings, services, vips = (bpf[n] for n in (b"backends", b"rings", b"services",
-                                                        b"vips"))
-    for i, addr in enumerate(BACKENDS):
-        backends[backends.Key(i)] = backends.Leaf(_be32(IPv4Address(addr)), _be16(8080), 0)
+    table, rings, services, vips = (bpf[n] for n in (b"backends", b"rings", b"services",
+                                                     b"vips"))
+    for i, (addr, port) in enumerate(backends):
+        table[table.Key(i)] = table.Leaf(_be32(IPv4Address(addr)), _be16(port), 0)
         rings[rings.Key(i)] = rings.Leaf(i)
     services[services.Key(_be32(IPv4Address(VIP)), _be16(80), 6, 0)] = services.Leaf(0, 0, 2, 0)
     vips[vips.Key(_be32(IPv4Address(VIP)))] = vips.Leaf(1)
     return bpf, fn.fd
 
 
-def bench() -> dict[str, float]:
-    """Prints the table; returns the ratios issue 9 sets targets on."""
-    from bcc import BPF
+def programs(tmp: Path, backends: list[tuple[str, int]], keep: list) -> dict:
+    """The build before the fast path and this one with kernel and with fast
+    forwarding, each serving the VIP over `backends`: name -> run(frame, ifindex,
+    repeat). Their cleanups go into keep."""
     from xlb import bpfsys
     from xlb.datapath import Datapath
 
+    runs = {}
+    old = baseline_program(tmp, backends)
+    if old is not None:
+        keep.append(old[0].cleanup)
+        runs[f"before the fast path ({BASELINE})"] = \
+            lambda f, i, r=1, fd=old[1]: bpfsys.prog_test_run(fd, f, i, r)
+    for mode in ("kernel", "fast"):
+        dp = Datapath()
+        keep.append(dp.close)
+        for i, (addr, port) in enumerate(backends):
+            dp.set_backend(i, IPv4Address(addr), port)
+        dp.write_ring(0, list(range(len(backends))))
+        dp.set_vip(IPv4Address(VIP))
+        dp.set_service(IPv4Address(VIP), 80, 6, 0, 0, len(backends))
+        dp.set_timeouts(0, 60, 900, 120, 300)
+        dp.set_forwarding(mode == "fast")
+        runs[f"this build, {mode} forwarding"] = \
+            lambda f, i, r=1, fd=dp.prog_fd: bpfsys.prog_test_run(fd, f, i, r)
+    return runs
+
+
+def warm_costs(runs: dict, ext: int) -> dict[str, float]:
+    """ns per packet of one established flow whose backend is the VIP itself,
+    so that the NAT leaves the packet as it was and BPF_PROG_TEST_RUN can
+    repeat it WARM_REPEAT times on one buffer (only the TTL moves): the
+    program's own cost, every cache warm. Median of WARM_CALLS calls each."""
+    out = {}
+    for name, run in runs.items():
+        run(frame(CLIENT, VIP, WARM_PORT, 80, "S"), ext)
+        run(frame(VIP, CLIENT, 80, WARM_PORT, "SA", eth_src=BACKEND_MAC), ext)
+        run(frame(CLIENT, VIP, WARM_PORT, 80, "A"), ext)
+    data = frame(CLIENT, VIP, WARM_PORT, 80, "PA", b"x" * 64, ttl=255)
+    times = {name: [] for name in runs}
+    for _ in range(WARM_CALLS):
+        for name, run in runs.items():
+            times[name].append(run(data, ext, WARM_REPEAT).duration_ns)
+    for name, t in times.items():
+        out[name] = statistics.median(t)
+    return out
+
+
+def bench() -> dict[str, float]:
+    """Prints the tables; returns the ratios issue 9 sets targets on."""
+    from bcc import BPF
+    from xlb import bpfsys
+
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    neighbours = {CLIENT: (CLIENT_MAC, "ext"), **{b: (BACKEND_MAC, "int") for b in BACKENDS}}
-    runs, keep = {}, []
-    with FibNet(f"xlbx-bench-{os.getpid()}").entered(neighbours) as net, \
-            tempfile.TemporaryDirectory() as tmp:
+    # The VIP is a neighbour on ext for the warm flow, whose backend it is.
+    neighbours = {CLIENT: (CLIENT_MAC, "ext"), VIP: (BACKEND_MAC, "ext"),
+                  **{b: (BACKEND_MAC, "int") for b in BACKENDS}}
+    keep = []
+    with FibNet(f"xlbx-bench-{os.getpid()}").entered(neighbours) as net:
         ext, intf = net.ifindex["ext"], net.ifindex["int"]
-        empty = BPF(text="int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
-        empty_fd = empty.load_func("xdp_pass", BPF.XDP).fd
-        runs[EMPTY] = lambda f, i: bpfsys.prog_test_run(empty_fd, f, i)
-        old = baseline_program(Path(tmp))
-        if old is not None:
-            runs[f"before the fast path ({BASELINE})"] = \
-                lambda f, i, fd=old[1]: bpfsys.prog_test_run(fd, f, i)
-        for mode in ("kernel", "fast"):
-            dp = Datapath()
-            for i, addr in enumerate(BACKENDS):
-                dp.set_backend(i, IPv4Address(addr), 8080)
-            dp.write_ring(0, [0, 1])
-            dp.set_vip(IPv4Address(VIP))
-            dp.set_service(IPv4Address(VIP), 80, 6, 0, 0, 2)
-            dp.set_timeouts(0, 60, 900, 120, 300)
-            dp.set_forwarding(mode == "fast")
-            keep.append(dp)
-            runs[f"this build, {mode} forwarding"] = dp.test_run
         try:
-            rows = costs(runs, ext, intf)
+            empty = BPF(text="int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+            keep.append(empty.cleanup)
+            runs = {EMPTY: lambda f, i, r=1, fd=empty.load_func("xdp_pass", BPF.XDP).fd:
+                    bpfsys.prog_test_run(fd, f, i, r)}
+            with tempfile.TemporaryDirectory() as tmp:
+                runs.update(programs(Path(tmp), [(b, 8080) for b in BACKENDS], keep))
+                rows = costs(runs, ext, intf)
+                warm = warm_costs(programs(Path(tmp), [(VIP, 80)], keep), ext)
         finally:
-            for dp in keep:
-                dp.close()
-            if old is not None:
-                old[0].cleanup()
-            empty.cleanup()
+            for cleanup in keep:
+                cleanup()
 
     empty_ns = rows[EMPTY]["non-VIP"]
     cols = ("syn", "established", "reply", "non-VIP")
@@ -146,6 +182,10 @@ def bench() -> dict[str, float]:
     for name, r in rows.items():
         print(f"  {name:<36}" + "".join(
             f"{r[c]:8.0f} ns {r[c] / empty_ns:5.2f}x" if c in r else f"{'':>17}" for c in cols))
+    print(f"\n  warm, one established flow (NAT to the VIP itself), median of {WARM_CALLS} calls of "
+          f"{WARM_REPEAT} repeats:")
+    for name, ns in warm.items():
+        print(f"  {name:<36}{ns:8.0f} ns")
     fast = rows["this build, fast forwarding"]
     ratios = {"non-vip/empty": fast["non-VIP"] / empty_ns}
     base = rows.get(f"before the fast path ({BASELINE})")
