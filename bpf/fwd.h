@@ -24,6 +24,20 @@ static __always_inline void ip_decrease_ttl(struct iphdr *ip)
 	xlb_csum_apply(&ip->check, xlb_csum_diff16(old, *word));
 }
 
+/* The FIB query for an IPv4 packet that arrived on ctx's link, as routing
+ * sees it (no ports: those only matter to multipath hashing). */
+static __always_inline void fib_query(struct bpf_fib_lookup *fib, struct xdp_md *ctx,
+				      const struct iphdr *ip)
+{
+	fib->family = AF_INET;
+	fib->tos = ip->tos;
+	fib->l4_protocol = ip->protocol;
+	fib->tot_len = bpf_ntohs(ip->tot_len);
+	fib->ipv4_src = ip->saddr;
+	fib->ipv4_dst = ip->daddr;
+	fib->ifindex = ctx->ingress_ifindex;
+}
+
 /* Resolves the next hop of pkt (already rewritten) arriving on ifindex with
  * bpf_fib_lookup into *hop. Returns a BPF_FIB_LKUP_RET_* code; *mtu is the
  * route's MTU on success and on BPF_FIB_LKUP_RET_FRAG_NEEDED. */
@@ -34,15 +48,9 @@ static __always_inline int fib_resolve(struct xdp_md *ctx, struct packet *pkt, s
 	struct iphdr *ip = pkt->ip;
 	int rc;
 
-	fib.family = AF_INET;
-	fib.tos = ip->tos;
-	fib.l4_protocol = ip->protocol;
+	fib_query(&fib, ctx, ip);
 	fib.sport = pkt->ports->source;
 	fib.dport = pkt->ports->dest;
-	fib.tot_len = bpf_ntohs(ip->tot_len);
-	fib.ipv4_src = ip->saddr;
-	fib.ipv4_dst = ip->daddr;
-	fib.ifindex = ctx->ingress_ifindex;
 	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 		*mtu = fib.mtu_result;

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import functools
 import gzip
 import os
 import re
@@ -110,8 +111,10 @@ def _set_bit(words, value: int) -> None:
     words[slot >> 6] |= 1 << (slot & 63)
 
 
+@functools.cache
 def kernel_hz() -> int:
-    """The running kernel's CONFIG_HZ (ticks a second), from its build config."""
+    """The running kernel's CONFIG_HZ (ticks a second), from its build config:
+    read once a process, not at every compile."""
     release = os.uname().release
     for path in (f"/boot/config-{release}", "/proc/config.gz"):
         try:

@@ -32,13 +32,7 @@ int xdp_fwd(struct xdp_md *ctx)
 	if (parse_ethhdr(&c, &eth) != bpf_htons(ETH_P_IP) || parse_iphdr_fixed(&c, &ip) < 0 ||
 	    ip->ttl <= 1)
 		return XDP_PASS;
-	fib.family = AF_INET;
-	fib.tos = ip->tos;
-	fib.l4_protocol = ip->protocol;
-	fib.tot_len = bpf_ntohs(ip->tot_len);
-	fib.ipv4_src = ip->saddr;
-	fib.ipv4_dst = ip->daddr;
-	fib.ifindex = ctx->ingress_ifindex;
+	fib_query(&fib, ctx, ip);
 	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return XDP_PASS;
 	ip_decrease_ttl(ip);
