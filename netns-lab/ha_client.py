@@ -14,7 +14,7 @@ next), and keeps --hold long-lived keep-alive connections sending a GET every
                                                    took, the server's name or null,
                                                    the error or null
      "held": [{"requests": n, "names": [...], "error": null or "...",
-               "error_at": null or t}, ...]}
+               "error_at": null or t, "port": its local port}, ...]}
 
     ha_client.py summary FILE --since T
         what `load` wrote to FILE, in one line, with the outage after time T
@@ -50,6 +50,7 @@ def held(host, port, deadline, every, timeout, rec):
     while time.time() < deadline:
         try:
             conn.request("GET", "/")
+            rec["port"] = conn.sock.getsockname()[1]
             names.append(conn.getresponse().read().decode().strip())
         except OSError as e:
             rec["error"], rec["error_at"] = f"{type(e).__name__}: {e}", time.time()
@@ -70,15 +71,22 @@ def summary(result, since):
     stalled = [c for c in new if not c[3] and c[1] >= STALLED]
     slow = [c[0] for c in failed + stalled if c[0] >= since - STALLED]
     after = [c[0] for c in new if slow and c[0] > max(slow)]
+    lost = [h for h in held if h["error"] is not None or len(h["names"]) != 1]
+    # What went wrong, each with its time after `since`, so a failed run says why.
+    trouble = [f"new at {c[0] - since:+.3f} s: {c[3]}" for c in failed] + [
+        f"long-lived from port {h['port']} on {h['names']}: "
+        + (f"{h['error']} at {h['error_at'] - since:+.3f} s" if h["error"] else "changed server")
+        for h in lost]
     return {"new": len(new), "failed": len(failed), "stalled": len(stalled),
             "outage": after[0] - since if after else 0.0, "held": len(held),
-            "held_survived": sum(h["error"] is None and len(h["names"]) == 1 for h in held)}
+            "held_survived": len(held) - len(lost), "trouble": trouble}
 
 
 def describe(s):
     return (f"{s['new']} new connections: {s['failed']} failed, {s['stalled']} stalled "
             f"(a SYN lost, resent after 1 s); outage {s['outage']:.3f} s; long-lived "
-            f"connections: {s['held_survived']} of {s['held']} survived on their server")
+            f"connections: {s['held_survived']} of {s['held']} survived on their server"
+            + "".join(f"\n  {t}" for t in s["trouble"]))
 
 
 def main():
@@ -104,7 +112,7 @@ def main():
     lock = threading.Lock()
     new, holds, threads = [], [], []
     for _ in range(a.hold):
-        rec = {"requests": 0, "names": [], "error": None, "error_at": None}
+        rec = {"requests": 0, "names": [], "error": None, "error_at": None, "port": None}
         holds.append(rec)
         threads.append(threading.Thread(target=held, args=(a.host, a.port, deadline,
                                                             a.hold_every, a.timeout, rec)))
