@@ -80,6 +80,13 @@ def make_web_handler(body, status=200):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: needs Content-Length
         timeout = IDLE_TIMEOUT
+        # Buffered: the response leaves in one segment, as nginx sends a small
+        # one. Written unbuffered, the body waits (Nagle) for the ACK of the
+        # header; if a balancer node dies just then, the client waits silently
+        # and the server retransmits to the dead node until the client gives
+        # up (the HA labs' servers reply through the node that last delivered).
+        # handle_one_request flushes after every response.
+        wbufsize = -1
 
         def _answer(self, with_body):
             self.send_response(status)
