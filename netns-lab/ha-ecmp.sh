@@ -44,15 +44,8 @@ make_router() {
 }
 
 make_node() {   # make_node NODE N
-    plug "$1" eth0 br-ext
-    plug "$1" eth1 br-int
-    nsx sw "$PY" "$HERE/xdp_pass.py" "$1-eth0" "$1-eth1"   # XDP_TX delivery, see lab.sh
-    addr "$1" eth0 "10.1.2.1$2/24"
-    addr "$1" eth1 "10.1.11.1$2/24"
+    make_balancer "$1" "10.1.2.1$2/24" "10.1.11.1$2/24"
     route "$1" default via 10.1.2.1
-    sysctl_in "$1" net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 \
-        net.ipv4.conf.default.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0 \
-        net.ipv4.conf.eth1.rp_filter=0
 }
 
 node_mac() { ip -n "$P-$1" -br link show eth1 | awk '{print $3}'; }

@@ -27,17 +27,6 @@ SERVER_NODES="was1 was2"
 XLB=$(readlink -f "$HERE/..")/.venv/bin/xlb
 ADVERT_INT=${HA_ADVERT_INT:-0.1}
 
-make_pair_lb() {   # make_pair_lb NODE LAST-OCTET
-    plug "$1" eth0 br-ext
-    plug "$1" eth1 br-int
-    nsx sw "$PY" "$HERE/xdp_pass.py" "$1-eth0" "$1-eth1"   # XDP_TX delivery, see lab.sh
-    addr "$1" eth0 "10.1.1.$2/24"
-    addr "$1" eth1 "10.1.11.$2/24"
-    sysctl_in "$1" net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 \
-        net.ipv4.conf.default.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0 \
-        net.ipv4.conf.eth1.rp_filter=0
-}
-
 pair_up() {
     local n
     if lab_is_up; then say "already up"; return 0; fi
@@ -47,8 +36,8 @@ pair_up() {
     make_namespaces
     make_switch
     make_client
-    make_pair_lb lb1 11
-    make_pair_lb lb2 12
+    make_balancer lb1 10.1.1.11/24 10.1.11.11/24
+    make_balancer lb2 10.1.1.12/24 10.1.11.12/24
     make_was was1 101
     make_was was2 102
     for n in $SERVER_NODES; do server_start "$n"; done

@@ -225,19 +225,25 @@ make_fwex_remote() {
     route remote default via 198.51.100.1
 }
 
-make_lb() {
-    plug lb eth0 br-ext
-    plug lb eth1 br-int
+# A node that runs xlb (here and in ha-pair.sh, ha-ecmp.sh): eth0 on br-ext,
+# eth1 on br-int, forwarding.
+make_balancer() {   # make_balancer NODE ETH0-ADDR/LEN ETH1-ADDR/LEN
+    plug "$1" eth0 br-ext
+    plug "$1" eth1 br-int
     # A veth delivers its peer's XDP_TX frames only when it runs an XDP program
     # of its own; xlb answers ARP for the VIP with XDP_TX (see xdp_pass.py).
-    nsx sw "$PY" "$HERE/xdp_pass.py" lb-eth0 lb-eth1
-    addr lb eth0 10.1.1.1/24
-    addr lb eth1 10.1.11.1/24
-    sysctl_in lb net.ipv4.ip_forward=1
-    # Reverse-NATed replies leave with source 10.1.1.101 but arrive on eth1:
+    nsx sw "$PY" "$HERE/xdp_pass.py" "$1-eth0" "$1-eth1"
+    addr "$1" eth0 "$2"
+    addr "$1" eth1 "$3"
+    sysctl_in "$1" net.ipv4.ip_forward=1
+    # Reverse-NATed replies leave with the VIP as source but arrive on eth1:
     # strict reverse-path filtering would drop them.
-    sysctl_in lb net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 \
+    sysctl_in "$1" net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 \
         net.ipv4.conf.eth0.rp_filter=0 net.ipv4.conf.eth1.rp_filter=0
+}
+
+make_lb() {
+    make_balancer lb 10.1.1.1/24 10.1.11.1/24
     route lb 198.51.100.0/24 via 10.1.1.2
     # Deliberately no route to 10.1.12.0/24: the databases stay out of clients' reach.
 }
