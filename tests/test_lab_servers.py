@@ -13,7 +13,9 @@ from servers import make_web_handler  # noqa: E402
 class RecordingSocket(socket.socket):
     """A socket that keeps what each send call was given."""
 
-    writes: list[bytes] = []
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.writes: list[bytes] = []
 
     def send(self, data, *flags):
         self.writes.append(bytes(data))
@@ -35,7 +37,7 @@ def test_a_response_leaves_in_one_write():
     with conn, theirs:
         make_web_handler(b"WAS1\n")(conn, ("10.1.1.10", 40000), None)
         answer = theirs.recv(65536)
-    assert len(RecordingSocket.writes) == 2                 # one per request, keep-alive
-    for write in RecordingSocket.writes:
+    assert len(conn.writes) == 2                            # one per request, keep-alive
+    for write in conn.writes:
         assert write.startswith(b"HTTP/1.1 200 ") and write.endswith(b"\r\n\r\nWAS1\n")
     assert answer.count(b"WAS1\n") == 2
