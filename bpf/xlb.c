@@ -293,7 +293,9 @@ static __always_inline void flow_track_close(struct flow_key *key, struct flow *
 
 /* A connection in flows_new moves to flows once the client speaks (not a SYN)
  * after its backend answered: a random-source flood never does. The reply
- * entry marks the answer; a lost reply entry is rebuilt. */
+ * entry's first packet marks both entries answered, so that the client's
+ * packets before it (all of a one-way UDP flow's) need no look at the reply
+ * entry. A reply entry lost after the answer is rebuilt at the move. */
 static __always_inline void flow_progress(struct flow_key *key, struct flow *f, struct packet *pkt)
 {
 	struct flow_key other = {};
@@ -301,16 +303,17 @@ static __always_inline void flow_progress(struct flow_key *key, struct flow *f, 
 	struct flow_counters *fc;
 	struct flow *r;
 
+	partner_key(key, f, &other);
 	if (f->dir == FLOW_REPLY) {
-		if (f->state == FLOW_NEW)
-			f->state = FLOW_ANSWERED;
+		if (f->state != FLOW_NEW)
+			return;
+		f->state = FLOW_ANSWERED;
+		r = flows_new.lookup(&other);
+		if (r && r->state == FLOW_NEW)
+			r->state = FLOW_ANSWERED;
 		return;
 	}
-	if (packet_opens(pkt) || f->state == FLOW_CLOSING)
-		return;
-	partner_key(key, f, &other);
-	r = flows_new.lookup(&other);
-	if (r && r->state != FLOW_ANSWERED)
+	if (packet_opens(pkt) || f->state != FLOW_ANSWERED)
 		return;
 	fwd = *f;
 	flow_set_state(&fwd, key->proto, FLOW_ESTABLISHED);
@@ -318,6 +321,7 @@ static __always_inline void flow_progress(struct flow_key *key, struct flow *f, 
 	reply.addr = key->daddr;
 	reply.port = key->dport;
 	reply.dir = FLOW_REPLY;
+	r = flows_new.lookup(&other);
 	if (r)
 		reply.seen = r->seen;
 	flows.update(key, &fwd);

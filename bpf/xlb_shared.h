@@ -68,7 +68,8 @@ struct flow_key {
 
 enum { FLOW_FORWARD = 1, FLOW_REPLY = 2 };
 
-/* flow.state. ANSWERED: the reply entry has seen the backend answer. */
+/* flow.state. ANSWERED: the backend has answered (both entries, set by the
+ * reply entry's first packet). */
 enum { FLOW_NEW = 1, FLOW_ANSWERED = 2, FLOW_ESTABLISHED = 3, FLOW_CLOSING = 4 };
 
 struct flow {

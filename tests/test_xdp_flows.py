@@ -220,7 +220,8 @@ def test_a_connection_moves_to_the_established_table_when_the_handshake_complete
     assert backend_of(lb.send(syn(51000), ext).data) == bid  # keeps its backend
     lb.send(from_backend(bid, 51000, "SA"), int_)
     table, fwd, rep = connection(dp, 51000)
-    assert table == "flows_new" and (fwd.state, rep.state) == (STATE["new"], STATE["answered"])
+    # The reply entry's first packet marks both: the client's next one asks its own entry only.
+    assert table == "flows_new" and (fwd.state, rep.state) == (STATE["answered"], STATE["answered"])
 
     res = lb.send(tcp_frame(CLIENT, VIP, 51000, 80, flags="A"), ext)
     assert res.action == XDP_REDIRECT and backend_of(res.data) == bid
@@ -303,13 +304,33 @@ def test_udp_is_established_once_the_client_speaks_after_an_answer(lb, fibnet):
     assert fwd.state == rep.state == STATE["established"]
 
 
+
+def test_a_reply_entry_lost_after_the_answer_is_rebuilt_when_the_connection_moves(lb, fibnet):
+    ext, int_ = fibnet.ifindex["ext"], fibnet.ifindex["int"]
+    bid = backend_of(lb.send(syn(52100), ext).data)
+    lb.send(from_backend(bid, 52100, "SA"), int_)
+    be_addr, be_port = BACKENDS[bid]
+    t = lb.dp._maps["flows_new"]
+    del t[map_key(t, (be_addr, CLIENT, be_port, 52100, TCP_P))]   # evicted, say
+    lb.send(tcp_frame(CLIENT, VIP, 52100, 80, flags="A"), ext)
+    table, fwd, rep = connection(lb.dp, 52100)
+    assert table == "flows" and (fwd.state, rep.state) == (STATE["established"],) * 2
+    res = lb.send(from_backend(bid, 52100, "PA", payload=b"200 OK"), int_)
+    assert res.data == tcp_frame(VIP, CLIENT, 80, 52100, flags="PA", payload=b"200 OK", ttl=63,
+                                 eth_src=fibnet.MACS["ext"], eth_dst=CLIENT_MAC)
+
 # Idle timeouts ----------------------------------------------------------------------------
+
+def map_key(t, key):
+    """The flow table t's key for (saddr, daddr, sport, dport, proto) as `entries` gives it."""
+    return t.Key(*[int.from_bytes(v.packed, "little") if isinstance(v, IPv4Address) else
+                   socket.htons(v) if i in (2, 3) else v for i, v in enumerate(key)])
+
 
 def age(dp, table: str, key, seconds: int) -> None:
     """Makes an entry look idle for `seconds` (its last packet that long ago)."""
     t = dp._maps[table]
-    k = t.Key(*[int.from_bytes(v.packed, "little") if isinstance(v, IPv4Address) else
-                socket.htons(v) if i in (2, 3) else v for i, v in enumerate(key)])
+    k = map_key(t, key)
     value = t[k]
     value.seen = max(1, value.seen - seconds * SEC)
     t[k] = value
