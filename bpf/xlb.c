@@ -303,11 +303,11 @@ static __always_inline void flow_progress(struct flow_key *key, struct flow *f, 
 	struct flow_counters *fc;
 	struct flow *r;
 
-	partner_key(key, f, &other);
 	if (f->dir == FLOW_REPLY) {
 		if (f->state != FLOW_NEW)
 			return;
 		f->state = FLOW_ANSWERED;
+		partner_key(key, f, &other);
 		r = flows_new.lookup(&other);
 		if (r && r->state == FLOW_NEW)
 			r->state = FLOW_ANSWERED;
@@ -315,6 +315,7 @@ static __always_inline void flow_progress(struct flow_key *key, struct flow *f, 
 	}
 	if (packet_opens(pkt) || f->state != FLOW_ANSWERED)
 		return;
+	partner_key(key, f, &other);
 	fwd = *f;
 	flow_set_state(&fwd, key->proto, FLOW_ESTABLISHED);
 	reply = fwd;

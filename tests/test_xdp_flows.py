@@ -69,6 +69,12 @@ def entries(dp, table: str) -> dict[tuple, object]:
     return out
 
 
+def map_key(t, key):
+    """The flow table t's key for (saddr, daddr, sport, dport, proto) as `entries` gives it."""
+    return t.Key(*[int.from_bytes(v.packed, "little") if isinstance(v, IPv4Address) else
+                   socket.htons(v) if i in (2, 3) else v for i, v in enumerate(key)])
+
+
 def connection(dp, sport: int, proto: int = TCP_P, vip=VIP):
     """(table, forward row, reply row) of the client's connection from sport."""
     for table in ("flows", "flows_new"):
@@ -304,7 +310,6 @@ def test_udp_is_established_once_the_client_speaks_after_an_answer(lb, fibnet):
     assert fwd.state == rep.state == STATE["established"]
 
 
-
 def test_a_reply_entry_lost_after_the_answer_is_rebuilt_when_the_connection_moves(lb, fibnet):
     ext, int_ = fibnet.ifindex["ext"], fibnet.ifindex["int"]
     bid = backend_of(lb.send(syn(52100), ext).data)
@@ -319,13 +324,8 @@ def test_a_reply_entry_lost_after_the_answer_is_rebuilt_when_the_connection_move
     assert res.data == tcp_frame(VIP, CLIENT, 80, 52100, flags="PA", payload=b"200 OK", ttl=63,
                                  eth_src=fibnet.MACS["ext"], eth_dst=CLIENT_MAC)
 
+
 # Idle timeouts ----------------------------------------------------------------------------
-
-def map_key(t, key):
-    """The flow table t's key for (saddr, daddr, sport, dport, proto) as `entries` gives it."""
-    return t.Key(*[int.from_bytes(v.packed, "little") if isinstance(v, IPv4Address) else
-                   socket.htons(v) if i in (2, 3) else v for i, v in enumerate(key)])
-
 
 def age(dp, table: str, key, seconds: int) -> None:
     """Makes an entry look idle for `seconds` (its last packet that long ago)."""
