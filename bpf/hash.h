@@ -3,6 +3,8 @@
 #ifndef XLB_HASH_H
 #define XLB_HASH_H
 
+#include "xlb_shared.h"
+
 /* murmur3's finalizer: every input bit reaches every output bit. */
 static __always_inline __u32 xlb_mix(__u32 h)
 {
@@ -41,6 +43,13 @@ static __always_inline int xlb_filter_has(const __u64 *bits, __u32 value)
 	__u32 slot = xlb_filter_slot(value);
 
 	return (bits[(slot >> 6) & (XLB_FILTER_WORDS - 1)] >> (slot & 63)) & 1;
+}
+
+/* Whether addr:port may be a backend's (a set bit may be another's). */
+static __always_inline int xlb_may_be_backend(const struct xlb_config *cfg, __be32 addr,
+					      __be16 port)
+{
+	return xlb_filter_has(cfg->backend_bits, addr + ((__u32)port << 16));
 }
 
 #endif

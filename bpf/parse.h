@@ -58,6 +58,19 @@ static __always_inline int parse_iphdr_fixed(struct cursor *c, struct iphdr **ip
 	return h->protocol;
 }
 
+/* Where a TCP or UDP packet's ports are if its IP header length is right,
+ * checked only to lie inside the frame: enough to tell a backend's reply from
+ * traffic that is not xlb's, which leaves unvalidated (the kernel validates
+ * it). NULL past the frame. */
+static __always_inline struct l4ports *peek_ports(const struct cursor *c, struct iphdr *ip)
+{
+	struct l4ports *p = (void *)ip + ip->ihl * 4;
+
+	if ((void *)(p + 1) > c->end)
+		return NULL;
+	return p;
+}
+
 /* A TCP SYN without ACK: the first packet of a new connection. */
 static __always_inline int packet_opens(const struct packet *pkt)
 {

@@ -500,8 +500,7 @@ static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethh
 	}
 	if (parse_icmp_error(c, ip, icmp, &err) < 0)
 		return XLB_PASS_NOT_VIP;
-	if (!is_vip && !xlb_filter_has(cfg->backend_bits,
-				       err.inner->daddr + ((__u32)err.ports->dest << 16)))
+	if (!is_vip && !xlb_may_be_backend(cfg, err.inner->daddr, err.ports->dest))
 		return XLB_PASS_NOT_VIP;
 	key.saddr = err.inner->daddr;
 	key.daddr = err.inner->saddr;
@@ -530,6 +529,7 @@ static __always_inline enum xlb_reason classify(struct xdp_md *ctx, __u32 frame_
 	struct cursor c = { .pos = data, .end = (void *)(long)ctx->data_end };
 	struct packet pkt = {};
 	struct xlb_config *cfg;
+	struct l4ports *ports;
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	__u32 zero = 0;
@@ -552,14 +552,18 @@ static __always_inline enum xlb_reason classify(struct xdp_md *ctx, __u32 frame_
 		return handle_icmp(&c, eth, ip, cfg, is_vip, frame_len);
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return XLB_PASS_NOT_VIP;
+	if (!is_vip) {
+		ports = peek_ports(&c, ip);
+		if (!ports)
+			return XLB_PASS_SHORT;
+		if (!xlb_may_be_backend(cfg, ip->saddr, ports->source))
+			return XLB_PASS_NOT_VIP;
+	}
 	if (ip_is_fragment(ip))
 		return is_vip ? vip_or_pass(ip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP)
 			      : XLB_PASS_NOT_VIP;
 	if (parse_l4(&c, ip, frame_len, &pkt) < 0)
 		return is_vip ? vip_or_pass(ip, XLB_DROP_MALFORMED, XLB_PASS_SHORT) : XLB_PASS_SHORT;
-	if (!is_vip && !xlb_filter_has(cfg->backend_bits,
-				       ip->saddr + ((__u32)pkt.ports->source << 16)))
-		return XLB_PASS_NOT_VIP;
 	pkt.eth = eth;
 	return balance(ctx, &pkt, cfg, is_vip, frame_len);
 }

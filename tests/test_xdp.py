@@ -395,20 +395,40 @@ def test_fragments(lb, frame, action, reason):
 
 # 8. Truncated and malformed -----------------------------------------------------------
 
-@pytest.mark.parametrize("dst", [VIP, OTHER], ids=["vip", "other"])
+# Who sends the cut or malformed frame: a client to a VIP, a client to another
+# address, a backend from its service port (what a reply would be):
+# (src, dst, sport, dport).
+SENDERS = {"vip": (CLIENT, VIP, 46000, 80), "other": (CLIENT, OTHER, 46000, 80),
+           "backend": (BACKENDS[1][0], CLIENT, BACKENDS[1][1], 46000)}
+
+
+def judged(sender, ports):
+    """What the program does with a bad frame whose fixed IPv4 header is whole,
+    by where its ports are (where the IP header length puts them): "inside" the
+    frame, "past" it, or inside but "misplaced" (not the sender's). One to a
+    VIP is dropped; a backend's is passed for the kernel to judge (pass_short);
+    any other leaves as not xlb's before it is validated (pass_not_vip),
+    unless even its ports are past the frame."""
+    if sender == "vip":
+        return XDP_DROP, "drop_malformed"
+    if ports == "past" or (sender == "backend" and ports == "inside"):
+        return XDP_PASS, "pass_short"
+    return XDP_PASS, "pass_not_vip"
+
+
+@pytest.mark.parametrize("sender", SENDERS)
 @pytest.mark.parametrize("length", range(54))
-def test_truncated_syn(lb, dst, length):
+def test_truncated_syn(lb, sender, length):
     """The 54-byte SYN (Eth 14 + IPv4 20 + TCP 20) cut at every shorter length.
 
     Kernel behaviour, documented: BPF_PROG_TEST_RUN refuses XDP input shorter
     than ETH_HLEN (14) with EINVAL before the program runs (net/bpf/test_run.c,
     bpf_test_init), so the program's own check for a short Ethernet header
-    cannot be reached from here. From 14 bytes on, the program runs:
-    without the fixed IPv4 header it passes the frame to the kernel
-    (pass_short); with it but without the whole TCP header, a frame to a VIP
-    is dropped (drop_malformed) and any other passes (pass_short).
+    cannot be reached from here. From 14 bytes on, the program runs: without
+    the fixed IPv4 header it passes the frame to the kernel (pass_short); with
+    it, as `judged` says (the ports end at byte 38).
     """
-    full = tcp_frame(CLIENT, dst, 46000, 80)
+    full = tcp_frame(*SENDERS[sender])
     assert len(full) == 54
     frame = full[:length]
     flows = lb.dp.flow_entries()
@@ -420,38 +440,34 @@ def test_truncated_syn(lb, dst, length):
         return
     res = lb.send(frame)
     assert res.data == frame
-    if length < 14 + 20:
-        assert res.action == XDP_PASS
-        lb.expect("pass_short")
-    elif dst == VIP:
-        assert res.action == XDP_DROP
-        lb.expect("drop_malformed")
-    else:
-        assert res.action == XDP_PASS
-        lb.expect("pass_short")
+    action, reason = (XDP_PASS, "pass_short") if length < 14 + 20 else judged(
+        sender, "inside" if length >= 38 else "past")
+    assert res.action == action
+    lb.expect(reason)
     assert lb.dp.flow_entries() == flows
 
 
-def malformed_cases(dst):
+def malformed_cases(src, dst, sport, dport):
+    """name, frame, where its ports are (see `judged`)."""
     return [
-        ("tot-len-beyond-frame", tcp_frame(CLIENT, dst, 46100, 80, len=41)),
-        ("tcp-header-cut-within-tot-len", tcp_frame(CLIENT, dst, 46101, 80, len=30)[:14 + 30]),
+        ("tot-len-beyond-frame", tcp_frame(src, dst, sport, dport, len=41), "inside"),
+        ("tcp-header-cut-within-tot-len", tcp_frame(src, dst, sport, dport, len=30)[:14 + 30],
+         "inside"),
         ("udp-header-cut-within-tot-len",
-         raw(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=str(CLIENT), dst=str(dst), len=24)
-             / UDP(sport=46102, dport=80))[:14 + 24]),
-        ("ihl-below-5", tcp_frame(CLIENT, dst, 46103, 80, ihl=4)),
-        ("ihl-beyond-frame", tcp_frame(CLIENT, dst, 46104, 80, ihl=15)),
-        ("version-6-in-ipv4-ethertype", tcp_frame(CLIENT, dst, 46105, 80, version=6)),
+         raw(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=str(src), dst=str(dst), len=24)
+             / UDP(sport=sport, dport=dport))[:14 + 24], "inside"),
+        ("ihl-below-5", tcp_frame(src, dst, sport, dport, ihl=4), "misplaced"),
+        ("ihl-beyond-frame", tcp_frame(src, dst, sport, dport, ihl=15), "past"),
+        ("version-6-in-ipv4-ethertype", tcp_frame(src, dst, sport, dport, version=6), "inside"),
     ]
 
 
-@pytest.mark.parametrize("dst, action, reason", [(VIP, XDP_DROP, "drop_malformed"),
-                                                  (OTHER, XDP_PASS, "pass_short")],
-                         ids=["vip", "other"])
-@pytest.mark.parametrize("case", range(len(malformed_cases(VIP))),
-                         ids=[c[0] for c in malformed_cases(VIP)])
-def test_malformed(lb, case, dst, action, reason):
-    frame = malformed_cases(dst)[case][1]
+@pytest.mark.parametrize("sender", SENDERS)
+@pytest.mark.parametrize("case", range(len(malformed_cases(*SENDERS["vip"]))),
+                         ids=[c[0] for c in malformed_cases(*SENDERS["vip"])])
+def test_malformed(lb, case, sender):
+    _, frame, ports = malformed_cases(*SENDERS[sender])[case]
+    action, reason = judged(sender, ports)
     flows = lb.dp.flow_entries()
     res = lb.send(frame)
     assert (res.action, res.data) == (action, frame)
