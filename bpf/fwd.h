@@ -14,14 +14,18 @@
 #define AF_INET 2
 #endif
 
-/* TTL - 1, as a router does; the checksum word holds TTL and protocol. */
+/* TTL - 1, as a router does (the caller saw it above 1); the checksum word
+ * holds TTL (its first byte) and protocol. The new word is computed, not read
+ * back: a load of the word just after a store to its TTL byte waits for the
+ * store (no store-to-load forwarding), a tenth of an established packet. */
 static __always_inline void ip_decrease_ttl(struct iphdr *ip)
 {
 	__be16 *word = (__be16 *)&ip->ttl;
 	__be16 old = *word;
+	__be16 new = old - bpf_htons(0x0100);
 
-	ip->ttl -= 1;
-	xlb_csum_apply(&ip->check, xlb_csum_diff16(old, *word));
+	*word = new;
+	xlb_csum_apply(&ip->check, xlb_csum_diff16(old, new));
 }
 
 /* The FIB query for an IPv4 packet that arrived on ctx's link, as routing
