@@ -55,9 +55,19 @@ class FibNet:
         for addr, (mac, dev) in neighbours.items():
             self.sh("ip", "neigh", "replace", addr, "lladdr", mac, "dev", dev, "nud", "permanent")
         for dev in addrs:
-            out = subprocess.run(["ip", "-n", self.name, "-j", "link", "show", dev], check=True,
-                                 capture_output=True, text=True).stdout
-            self.ifindex[dev] = json.loads(out)[0]["ifindex"]
+            self.ifindex[dev] = self._ifindex(dev)
+
+    def spare_link(self, name: str) -> int:
+        """A new veth pair with no address (name and name-peer, both up): name's ifindex."""
+        self.sh("ip", "link", "add", name, "type", "veth", "peer", "name", f"{name}-peer")
+        self.sh("ip", "link", "set", f"{name}-peer", "up")
+        self.sh("ip", "link", "set", name, "up")
+        return self._ifindex(name)
+
+    def _ifindex(self, dev: str) -> int:
+        out = subprocess.run(["ip", "-n", self.name, "-j", "link", "show", dev], check=True,
+                             capture_output=True, text=True).stdout
+        return json.loads(out)[0]["ifindex"]
 
     def remove(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
