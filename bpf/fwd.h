@@ -17,7 +17,7 @@
 /* TTL - 1, as a router does (the caller saw it above 1); the checksum word
  * holds TTL (its first byte) and protocol. The new word is computed, not read
  * back: a load of the word just after a store to its TTL byte waits for the
- * store (no store-to-load forwarding), a tenth of an established packet. */
+ * store (perf put a tenth of an established packet's samples there). */
 static __always_inline void ip_decrease_ttl(struct iphdr *ip)
 {
 	__be16 *word = (__be16 *)&ip->ttl;

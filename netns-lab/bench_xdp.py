@@ -6,8 +6,8 @@ Runs in a FibNet (netns-lab/fibnet.py), so the fast path resolves real next
 hops. Each packet is one test-run of a fresh frame (with repeat > 1 the kernel
 reuses one buffer, which a rewrite changes), each of another connection;
 the programs take turns in blocks; the figure is the mean of the middle half
-(see `middle_mean`). Each program is
-attached to a veth of its own, as one at work is (see `dispatched`).
+(see `middle_mean`). Each program is attached to a veth of its own, as one at
+work is (see `dispatched`).
 """
 
 from __future__ import annotations
@@ -49,10 +49,11 @@ def middle_mean(times: list[int]) -> float:
 
 
 def costs(progs: dict[str, int], ext: int, intf: int) -> dict[str, dict[str, float]]:
-    """ns (see `middle_mean`), per program, of: a new flow (SYN), an established one (data
-    after the handshake), a backend's reply, and a packet for no VIP. The
-    programs take turns in blocks of BLOCK packets (the order reversed every
-    other block), so that a change in the machine's load falls on all alike."""
+    """ns (see `middle_mean`), per program, of: a new flow (SYN), an
+    established one (data after the handshake), a backend's reply, and a
+    packet for no VIP. The programs take turns in blocks of BLOCK packets
+    (the order reversed every other block), so that a change in the
+    machine's load falls on all alike."""
     from xlb.bpfsys import prog_test_run as run
 
     ports = range(20000, 20000 + RUNS)
