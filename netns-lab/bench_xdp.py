@@ -149,7 +149,7 @@ def dispatched(net: FibNet, progs: dict[str, int]) -> None:
     from xlb import netif
 
     for n, fd in enumerate(progs.values()):
-        netif.xdp_set(net.spare_link(f"bench{n}"), fd, "native")
+        netif.xdp_set(net.add_veth(f"bench{n}"), fd, "native")
 
 
 def warm_costs(progs: dict[str, int], ext: int) -> dict[str, float]:

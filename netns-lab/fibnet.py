@@ -43,29 +43,23 @@ class FibNet:
         addrs = {"ext": "10.1.1.1/24", "int": "10.1.11.1/24", "small": "10.1.13.1/24",
                  "nofwd": "10.1.14.1/24"}
         for dev, addr in addrs.items():
-            self.sh("ip", "link", "add", dev, "address", self.MACS[dev], "type", "veth",
-                    "peer", "name", f"{dev}-peer")
+            self.ifindex[dev] = self.add_veth(dev, self.MACS[dev])
             self.sh("ip", "addr", "add", addr, "dev", dev)
-            self.sh("ip", "link", "set", f"{dev}-peer", "up")
-            self.sh("ip", "link", "set", dev, "up")
         self.sh("ip", "link", "set", "small", "mtu", "1280")
         self.sh("sysctl", "-qw", "net.ipv4.conf.nofwd.forwarding=0")
         self.sh("ip", "route", "add", "198.51.100.0/24", "via", "10.1.1.2")
         self.sh("ip", "route", "add", "blackhole", "203.0.113.0/24")
         for addr, (mac, dev) in neighbours.items():
             self.sh("ip", "neigh", "replace", addr, "lladdr", mac, "dev", dev, "nud", "permanent")
-        for dev in addrs:
-            self.ifindex[dev] = self._ifindex(dev)
 
-    def spare_link(self, name: str) -> int:
-        """A new veth pair with no address (name and name-peer, both up): name's ifindex."""
-        self.sh("ip", "link", "add", name, "type", "veth", "peer", "name", f"{name}-peer")
+    def add_veth(self, name: str, mac: str | None = None) -> int:
+        """A new veth pair, name and name-peer, both up and without addresses
+        (name with this MAC, if given): name's ifindex."""
+        self.sh("ip", "link", "add", name, *(("address", mac) if mac else ()), "type", "veth",
+                "peer", "name", f"{name}-peer")
         self.sh("ip", "link", "set", f"{name}-peer", "up")
         self.sh("ip", "link", "set", name, "up")
-        return self._ifindex(name)
-
-    def _ifindex(self, dev: str) -> int:
-        out = subprocess.run(["ip", "-n", self.name, "-j", "link", "show", dev], check=True,
+        out = subprocess.run(["ip", "-n", self.name, "-j", "link", "show", name], check=True,
                              capture_output=True, text=True).stdout
         return json.loads(out)[0]["ifindex"]
 
