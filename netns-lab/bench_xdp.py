@@ -20,6 +20,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from fibnet import FibNet
+from xlb.bpfsys import prog_test_run as run
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "8aea04d"        # the last build whose fast path was the kernel's (XDP_PASS)
@@ -54,8 +55,6 @@ def costs(progs: dict[str, int], ext: int, intf: int) -> dict[str, dict[str, flo
     packet for no VIP. The programs take turns in blocks of BLOCK packets
     (the order reversed every other block), so that a change in the
     machine's load falls on all alike."""
-    from xlb.bpfsys import prog_test_run as run
-
     ports = range(20000, 20000 + RUNS)
     out: dict[str, dict[str, float]] = {name: {} for name in progs}
 
@@ -140,7 +139,7 @@ def programs(tmp: Path, backends: list[tuple[str, int]], keep: list) -> dict[str
     return progs
 
 
-def dispatched(net: FibNet, progs: dict[str, int]) -> None:
+def dispatched(net: FibNet, fds: list[int]) -> None:
     """Attaches each program to a veth of its own in net, natively, so that the
     kernel's XDP dispatcher holds it, as it does a program at work. A test-run
     of a program it does not hold patches the dispatcher's code and waits for
@@ -148,7 +147,7 @@ def dispatched(net: FibNet, progs: dict[str, int]) -> None:
     as the wait left them, more so the more memory a program touches."""
     from xlb import netif
 
-    for n, fd in enumerate(progs.values()):
+    for n, fd in enumerate(fds):
         netif.xdp_set(net.add_veth(f"bench{n}"), fd, "native")
 
 
@@ -157,8 +156,6 @@ def warm_costs(progs: dict[str, int], ext: int) -> dict[str, float]:
     so that the NAT leaves the packet as it was and BPF_PROG_TEST_RUN can
     repeat it WARM_REPEAT times on one buffer (only the TTL moves): the
     program's own cost, every cache warm. Median of WARM_CALLS calls each."""
-    from xlb.bpfsys import prog_test_run as run
-
     out = {}
     for fd in progs.values():
         run(fd, frame(CLIENT, VIP, WARM_PORT, 80, "S"), ext)
@@ -192,7 +189,7 @@ def bench() -> dict[str, float]:
             with tempfile.TemporaryDirectory() as tmp:
                 progs.update(programs(Path(tmp), [(b, 8080) for b in BACKENDS], keep))
                 warm_progs = programs(Path(tmp), [(VIP, 80)], keep)
-            dispatched(net, {**progs, **{f"warm {n}": fd for n, fd in warm_progs.items()}})
+            dispatched(net, [*progs.values(), *warm_progs.values()])
             rows = costs(progs, ext, intf)
             warm = warm_costs(warm_progs, ext)
         finally:
@@ -201,8 +198,8 @@ def bench() -> dict[str, float]:
 
     empty_ns = rows[EMPTY]["non-VIP"]
     cols = ("syn", "established", "reply", "non-VIP")
-    print(f"XDP program, ns/packet over {RUNS} test-runs (mean of the middle half), the programs taking turns every "
-          f"{BLOCK} (one CPU; ratio to the empty program's {empty_ns:.0f} ns):")
+    print(f"XDP program, ns/packet over {RUNS} test-runs (mean of the middle half), the programs "
+          f"taking turns every {BLOCK} (one CPU; ratio to the empty program's {empty_ns:.0f} ns):")
     print(f"  {'':<36}" + "".join(f"{c:>17}" for c in cols))
     for name, r in rows.items():
         print(f"  {name:<36}" + "".join(
