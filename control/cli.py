@@ -78,7 +78,8 @@ def cli() -> None:
 @click.option("--role", type=click.Choice(["active", "backup"]), default="active",
               show_default=True,
               help="backup: answer no ARP for the VIPs (and announce none) until "
-                   "`xlb ha role active`, as keepalived's backup node.")
+                   "`xlb ha role active`, as keepalived's backup node. A restart that "
+                   "adopts the running data path keeps its role.")
 @click.option("--announce-table", type=int, metavar="TABLE",
               help="Keep a /32 route for each VIP served (some server of its pools up) in "
                    "kernel routing table TABLE, for BIRD to announce (`xlb ha bird`).")
@@ -357,9 +358,11 @@ def role(role: str) -> None:
     active: answer ARP for the VIPs, send a gratuitous ARP for each on
     becoming active, and announce them (--announce-table). backup: none of
     that; health checks go on and the XDP program still balances whatever
-    reaches it.
+    reaches it. The role is kept across a restart of `xlb up` that adopts the
+    running data path.
     """
     r = _request("role", role=role)
+    _warn(r)
     click.echo(f"xlb: {r['previous']} -> {r['role']}; {r['gratuitous_arps']} gratuitous ARPs sent")
 
 

@@ -190,10 +190,11 @@ class Balancer:
 
     def remember(self) -> str | None:
         """Saves in xlb's state directory what no file holds: the file served,
-        the config that runs, drain and maint. Returns a warning if it could not."""
+        the config that runs, drain and maint, the role. Returns a warning if it
+        could not."""
         try:
             saved.save(saved.State(str(self.config_path) if self.config_path else None,
-                                   configfile.dump(self.config), dict(self.admin)))
+                                   configfile.dump(self.config), dict(self.admin), self.role))
         except OSError as e:
             warning = (f"state not saved in {saved.directory()} ({e.strerror}): a restart "
                        f"would not find this change")
@@ -420,9 +421,17 @@ def up(config: Config, config_path: Path | None = None,
         for name in datapath.fresh_maps:
             log.event("adopt", level="warning", map=name,
                       reason="its layout changed: the running map could not be kept")
+        if running is not None:
+            ran, admin, kept_role = _running_state(config)
+            if kept_role is not None and kept_role != role:
+                # keepalived says a role once, when it changes: a restart must
+                # not make an active node silent, or a backup answer too.
+                log.event("adopt", role=kept_role, given=role,
+                          reason="the running data path's role; --role is for a fresh start")
+            role = kept_role or role
         balancer = Balancer(datapath, config_path, role, announcer)
         if running is not None:
-            balancer.adopt(*_running_config(config))
+            balancer.adopt(ran, admin)
         balancer.restore(config)
         balancer.apply(config)
         datapath.settle()
@@ -466,17 +475,19 @@ def up(config: Config, config_path: Path | None = None,
     return 0
 
 
-def _running_config(given: Config) -> tuple[Config, dict[Key, str]]:
-    """The config a running data path was written for and its servers' run-time
-    states, as its control process saved them (the given config when none was)."""
+def _running_state(given: Config) -> tuple[Config, dict[Key, str], str | None]:
+    """The config a running data path was written for, its servers' run-time
+    states and its role, as its control process saved them (the given config,
+    none and None when it saved none)."""
     kept = saved.load()
-    if kept is not None:
-        try:
-            return configfile.load(kept.config_text), kept.admin
-        except ConfigError:
-            log.event("adopt", level="warning", error="the saved config is not valid; "
-                      "the maps are read back by the given one")
-    return given, {}
+    if kept is None:
+        return given, {}, None
+    try:
+        return configfile.load(kept.config_text), kept.admin, kept.role
+    except ConfigError:
+        log.event("adopt", level="warning", error="the saved config is not valid; "
+                  "the maps are read back by the given one")
+        return given, {}, kept.role
 
 
 def _summary(config: Config, most: int = 4) -> str:
@@ -666,7 +677,7 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
         log.event("server", action=action, **result)
         return {**result, "warning": balancer.remember()}
     if cmd == "role":
-        return balancer.set_role(_field(req, "role"))
+        return {**balancer.set_role(_field(req, "role")), "warning": balancer.remember()}
     if cmd == "down":
         keep = req.get("keep_datapath", False)
         if not isinstance(keep, bool):

@@ -1,7 +1,7 @@
 """xlb's own state: what a restart of `xlb up` must find again and no file of
 the operator holds. Which file the instance serves, the config it runs (as
-canonical TOML), and the server states set at run time (`xlb server drain`,
-`disable`).
+canonical TOML), the server states set at run time (`xlb server drain`,
+`disable`) and the HA role (`xlb ha role`).
 
 One directory per network namespace, `/var/lib/xlb/netns-<inode of its
 /proc/self/ns/net>` (`$XLB_STATE_DIR` replaces `/var/lib/xlb`), holding one
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import log
+from .ha import ROLES
 
 ROOT = "/var/lib/xlb"
 FILE = "state.json"
@@ -33,6 +34,7 @@ class State:
     config_path: str | None           # the file the instance serves; None: started from flags
     config_text: str                  # the canonical TOML of the config it runs
     admin: dict[tuple[str, str], str]  # (pool, server) -> "drain" | "maint"
+    role: str | None = None           # ha.ROLES; None in a state saved before xlb kept it
 
 
 def directory() -> Path:
@@ -66,11 +68,13 @@ def load() -> State | None:
         if d["namespace"]["boot_id"] == ns["boot_id"] and d["namespace"]["cookie"] != ns["cookie"]:
             return None          # an earlier namespace's, with the same inode
         admin = {(pool, server): value for pool, server, value in d["admin"]}
+        role = d.get("role")
         if not (isinstance(d["config_path"], (str, type(None)))
                 and isinstance(d["config_text"], str)
-                and all(v in ("drain", "maint") for v in admin.values())):
+                and all(v in ("drain", "maint") for v in admin.values())
+                and role in (None, *ROLES)):
             raise ValueError("a field has the wrong type")
-        return State(d["config_path"], d["config_text"], admin)
+        return State(d["config_path"], d["config_text"], admin, role)
     except (ValueError, KeyError, TypeError) as e:
         log.event("state", level="warning", file=path, error=f"not an xlb state ({e!r}); ignored")
         return None
@@ -82,6 +86,7 @@ def save(state: State) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     data = {"config_path": state.config_path, "config_text": state.config_text,
             "admin": [[pool, server, value] for (pool, server), value in sorted(state.admin.items())],
+            "role": state.role,
             "namespace": _namespace()}
     tmp = path / f".{FILE}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:

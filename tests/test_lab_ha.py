@@ -1,12 +1,14 @@
 """An active/backup pair in the namespace lab (netns-lab/ha-pair.sh, prefix xlbk):
 real keepalived electing, xlb answering ARP only on the active node, and a
 failover under load: the active node crashes while a client opens a new
-connection every 20 ms and holds long-lived ones."""
+connection every 20 ms and holds long-lived ones; a restarted `xlb up` keeps
+its node's role."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -87,6 +89,31 @@ def test_only_the_active_node_answers_arp_and_it_announces_itself(pair, config):
         bad = pair.xlb_cmd("ha", "role", "primary", node="lb1")
         assert bad.returncode == 2 and pair.status("lb1")["ha"]["role"] == "active"
     gateway_on(pair, None)           # keepalived's, in the next test
+
+
+def test_a_restart_keeps_the_role_of_the_running_data_path(pair, config):
+    """keepalived says a role once, when it changes: the active node, restarted
+    as the README starts it (`--role backup`, an upgrade), must stay active and
+    answer ARP; a backup restarted after a crash with the default role must stay
+    silent."""
+    with pair.xlb("--config", str(config), "--role", "backup", node="lb1") as x1, \
+            pair.xlb("--config", str(config), "--role", "backup", node="lb2") as x2:
+        gateway_on(pair, "lb2")
+        pair.xlb_cmd("ha", "role", "active", node="lb2", check=True)
+        handover = pair.xlb_cmd("down", "--keep-datapath", node="lb2")
+        assert handover.returncode == 0, handover.stderr
+        assert x2.proc.wait(15) == 75
+        x1.stop(signal.SIGKILL)
+        with pair.xlb("--config", str(config), "--role", "backup", node="lb2") as y2, \
+                pair.xlb("--config", str(config), node="lb1") as y1:
+            assert "adopted the running data path" in y2.serving_line
+            assert "adopted the running data path" in y1.serving_line
+            assert pair.status("lb2")["ha"]["role"] == "active"
+            assert pair.status("lb1")["ha"]["role"] == "backup"
+            pair.run("client", "ip", "neigh", "flush", "dev", "eth0")
+            assert curl_ok(pair)
+            assert neighbour(pair, "client", VIP) == mac(pair, "lb2", "eth0")
+    gateway_on(pair, None)
 
 
 def active_node(lab: Lab) -> str | None:

@@ -11,7 +11,7 @@ from xlb import state
 from xlb.state import State
 
 KEPT = State("/etc/xlb/xlb.toml", '[pools.web]\nservers = ["was1"]\n',
-             {("web", "was1"): "drain", ("web", "was2"): "maint"})
+             {("web", "was1"): "drain", ("web", "was2"): "maint"}, "backup")
 
 
 @pytest.fixture(autouse=True)
@@ -69,11 +69,22 @@ def test_a_damaged_state_is_a_warning_not_a_failure(root, capsys, damage):
     assert "level=warning event=state" in capsys.readouterr().err
 
 
-def test_a_state_with_an_unknown_server_state_is_refused(root, capsys):
+@pytest.mark.parametrize("field,value", [("admin", [["web", "was1", "up"]]),
+                                         ("role", "primary")])
+def test_a_state_with_an_unknown_server_state_or_role_is_refused(root, capsys, field, value):
     state.save(KEPT)
-    rewrite(admin=[["web", "was1", "up"]])
+    rewrite(**{field: value})
     assert state.load() is None
     assert "not an xlb state" in capsys.readouterr().err
+
+
+def test_a_state_saved_before_the_role_was_kept_has_none(root):
+    state.save(KEPT)
+    path = state.directory() / "state.json"
+    d = json.loads(path.read_text())
+    del d["role"]
+    path.write_text(json.dumps(d))
+    assert state.load() == State(KEPT.config_path, KEPT.config_text, KEPT.admin, None)
 
 
 def test_a_bare_xlb_up_takes_over_the_saved_config(root):
