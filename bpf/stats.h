@@ -12,8 +12,8 @@
 #define XLB_REASON_ACTIONS_HIGH (0 XLB_REASONS(XLB_HIGH))
 _Static_assert(XLB_REASON_MAX <= 42, "two 64-bit constants hold 42 reasons");
 
-/* No `% 21`: the JIT makes it a division, the costliest instruction on the
- * path of a packet that only passes. */
+/* No `% 21`: the JIT makes it a division, the costliest instruction on a
+ * packet's path. */
 static __always_inline int reason_action(enum xlb_reason reason)
 {
 	if (reason < 21)

@@ -7,9 +7,9 @@
  * declares the maps and holds every function that touches them: bcc rewrites
  * map calls (.lookup, .update) in the main file only.
  *
- * Every packet ends in exactly one reason (xlb_shared.h), counted at the one
- * exit, which decides the action. Traffic that is neither for a service nor a
- * reply of one passes untouched, after one inlined array lookup.
+ * Every packet ends in exactly one reason (xlb_shared.h), counted on its way
+ * out (count_exit), which decides the action. Traffic that is neither for a
+ * service nor a reply of one passes untouched, after one inlined array lookup.
  */
 #include <uapi/linux/bpf.h>
 
@@ -523,56 +523,79 @@ static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethh
 	return XLB_ICMP_TO_CLIENT;
 }
 
-static __always_inline enum xlb_reason classify(struct xdp_md *ctx, __u32 frame_len)
+/* An IPv4 packet that may be for xlb: to a VIP (is_vip), or from where a
+ * backend may be, or ICMP or another protocol. */
+static __always_inline enum xlb_reason classify(struct xdp_md *ctx, struct cursor *c,
+						struct ethhdr *eth, struct iphdr *ip,
+						struct xlb_config *cfg, int is_vip, __u32 frame_len)
+{
+	struct packet pkt = {};
+
+	if (ip->protocol == IPPROTO_ICMP)
+		return handle_icmp(c, eth, ip, cfg, is_vip, frame_len);
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return XLB_PASS_NOT_VIP;
+	if (!is_vip && !peek_ports(c, ip))
+		return XLB_PASS_SHORT;
+	if (ip_is_fragment(ip))
+		return is_vip ? vip_or_pass(ip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP)
+			      : XLB_PASS_NOT_VIP;
+	if (parse_l4(c, ip, frame_len, &pkt) < 0)
+		return is_vip ? vip_or_pass(ip, XLB_DROP_MALFORMED, XLB_PASS_SHORT) : XLB_PASS_SHORT;
+	pkt.eth = eth;
+	return balance(ctx, &pkt, cfg, is_vip, frame_len);
+}
+
+/* A frame that is not IPv4: ARP for a VIP is answered, the rest passes. */
+static __always_inline enum xlb_reason not_ipv4(struct xdp_md *ctx, struct cursor *c,
+						struct ethhdr *eth, int proto)
+{
+	if (proto < 0)
+		return XLB_PASS_SHORT;
+	if (proto == bpf_htons(ETH_P_ARP))
+		return answer_arp(ctx, c, eth);
+	return XLB_PASS_NOT_IP;
+}
+
+/* TCP or UDP not to a VIP whose source address and port are no backend's
+ * (ports read where the header length puts them, unvalidated): the traffic
+ * a gateway forwards, which must not pay for the balancer. */
+static __always_inline int passes_by(const struct cursor *c, struct iphdr *ip,
+				     const struct xlb_config *cfg)
+{
+	struct l4ports *ports;
+
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return 0;
+	ports = peek_ports(c, ip);
+	return ports && !xlb_may_be_backend(cfg, ip->saddr, ports->source);
+}
+
+int xlb_xdp(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	struct cursor c = { .pos = data, .end = (void *)(long)ctx->data_end };
-	struct packet pkt = {};
+	__u32 frame_len = c.end - c.pos;
 	struct xlb_config *cfg;
-	struct l4ports *ports;
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	__u32 zero = 0;
 	int proto, is_vip;
 
 	proto = parse_ethhdr(&c, &eth);
-	if (proto < 0)
-		return XLB_PASS_SHORT;
-	if (proto == bpf_htons(ETH_P_ARP))
-		return answer_arp(ctx, &c, eth);
 	if (proto != bpf_htons(ETH_P_IP))
-		return XLB_PASS_NOT_IP;
+		return count_exit(not_ipv4(ctx, &c, eth, proto), frame_len);
 	if (parse_iphdr_fixed(&c, &ip) < 0)
-		return XLB_PASS_SHORT;
+		return count_exit(XLB_PASS_SHORT, frame_len);
 	cfg = config.lookup(&zero);
 	if (!cfg)
-		return XLB_PASS_NOT_VIP;
+		return count_exit(XLB_PASS_NOT_VIP, frame_len);
 	is_vip = xlb_filter_has(cfg->vip_bits, ip->daddr);
-	if (ip->protocol == IPPROTO_ICMP)
-		return handle_icmp(&c, eth, ip, cfg, is_vip, frame_len);
-	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
-		return XLB_PASS_NOT_VIP;
-	if (!is_vip) {
-		ports = peek_ports(&c, ip);
-		if (!ports)
-			return XLB_PASS_SHORT;
-		if (!xlb_may_be_backend(cfg, ip->saddr, ports->source))
-			return XLB_PASS_NOT_VIP;
-	}
-	if (ip_is_fragment(ip))
-		return is_vip ? vip_or_pass(ip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP)
-			      : XLB_PASS_NOT_VIP;
-	if (parse_l4(&c, ip, frame_len, &pkt) < 0)
-		return is_vip ? vip_or_pass(ip, XLB_DROP_MALFORMED, XLB_PASS_SHORT) : XLB_PASS_SHORT;
-	pkt.eth = eth;
-	return balance(ctx, &pkt, cfg, is_vip, frame_len);
-}
-
-int xlb_xdp(struct xdp_md *ctx)
-{
-	__u32 frame_len = ctx->data_end - ctx->data;
-
-	return count_exit(classify(ctx, frame_len), frame_len);
+	/* An exit of its own with a constant reason, whose action folds away:
+	 * the path of a gateway's through traffic stays short. */
+	if (!is_vip && passes_by(&c, ip, cfg))
+		return count_exit(XLB_PASS_NOT_VIP, frame_len);
+	return count_exit(classify(ctx, &c, eth, ip, cfg, is_vip, frame_len), frame_len);
 }
 
 /* The program's clock for the control plane (BPF_PROG_TEST_RUN): xlb_now()
