@@ -5,7 +5,7 @@ git history), and this build with kernel and with fast forwarding.
 Runs in a FibNet (netns-lab/fibnet.py), so the fast path resolves real next
 hops. Each packet is one test-run of a fresh frame (with repeat > 1 the kernel
 reuses one buffer, which a rewrite changes), each of another connection;
-the programs take turns in blocks; the figure is the mean of the middle half
+the programs take turns in blocks (see `turns`); the figure is the mean of the middle half
 (see `middle_mean`). Each program is attached to a veth of its own, as one at
 work is (see `dispatched`).
 """
@@ -49,23 +49,32 @@ def middle_mean(times: list[int]) -> float:
     return statistics.fmean(times[quarter:len(times) - quarter])
 
 
+def turns(names: list[str], runs: int = RUNS, block: int = BLOCK) -> list[tuple[str, int]]:
+    """(program, first packet) of each block, in the order they run: every
+    program a block of packets in turn, so that a change in the machine's load
+    falls on all alike, the order turned by one each time. So each program
+    takes every place in the order as often; reversed instead, the programs at
+    its ends would run two blocks in a row, the second with warm caches, and
+    the one between never."""
+    order, out = list(names), []
+    for start in range(0, runs, block):
+        out += [(name, start) for name in order]
+        order = order[1:] + order[:1]
+    return out
+
+
 def costs(progs: dict[str, int], ext: int, intf: int) -> dict[str, dict[str, float]]:
     """ns (see `middle_mean`), per program, of: a new flow (SYN), an
     established one (data after the handshake), a backend's reply, and a
-    packet for no VIP. The programs take turns in blocks of BLOCK packets
-    (the order reversed every other block), so that a change in the
-    machine's load falls on all alike."""
+    packet for no VIP, the programs taking turns (see `turns`)."""
     ports = range(20000, 20000 + RUNS)
     out: dict[str, dict[str, float]] = {name: {} for name in progs}
 
     def measure(column, frames, ifindex):
         times = {name: [] for name in frames}
-        order = list(frames)
-        for start in range(0, RUNS, BLOCK):
-            for name in order:
-                times[name] += [run(progs[name], f, ifindex).duration_ns
-                                for f in frames[name][start:start + BLOCK]]
-            order.reverse()
+        for name, start in turns(list(frames)):
+            times[name] += [run(progs[name], f, ifindex).duration_ns
+                            for f in frames[name][start:start + BLOCK]]
         for name, t in times.items():
             out[name][column] = middle_mean(t)
 

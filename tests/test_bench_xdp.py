@@ -1,9 +1,14 @@
-"""The test-run benchmark's estimator (netns-lab/bench_xdp.py): finer than the
-kernel's clock steps, deaf to interrupts."""
+"""The test-run benchmark (netns-lab/bench_xdp.py): its estimator, finer than
+the kernel's clock steps and deaf to interrupts, and the order in which the
+programs take turns, the same for all."""
 
 from __future__ import annotations
 
-from bench_xdp import middle_mean
+import collections
+
+import pytest
+
+from bench_xdp import middle_mean, turns
 
 
 def test_middle_mean_resolves_between_clock_steps():
@@ -20,3 +25,18 @@ def test_middle_mean_ignores_the_outer_quarters():
 
 def test_middle_mean_of_any_order():
     assert middle_mean([3, 1, 2, 4]) == 2.5
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_no_program_runs_two_blocks_in_a_row_and_each_takes_every_place(n):
+    names = [f"p{i}" for i in range(n)]
+    order = turns(names, runs=1000, block=10)
+    assert sorted(order) == sorted((name, start) for name in names for start in range(0, 1000, 10))
+    assert all(a[0] != b[0] for a, b in zip(order, order[1:]))
+    places = collections.Counter((name, i % n) for i, (name, _) in enumerate(order))
+    assert set(places.values()) == {100 // n} | ({100 // n + 1} if 100 % n else set())
+
+
+def test_two_programs_run_two_blocks_in_a_row_alike():
+    order = [name for name, _ in turns(["a", "b"], runs=40, block=10)]
+    assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]
