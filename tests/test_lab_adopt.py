@@ -172,8 +172,9 @@ def changed_program(directory: Path) -> Path:
     text = source.read_text()
     assert text.count(entry) == 1
     source.write_text(text.replace(entry, "BPF_ARRAY(upgrade_probe, __u64, 1);\n\n" + entry
-                                   + "\t__u32 zero = 0;\n\t__u64 *n = upgrade_probe.lookup(&zero);\n"
-                                     "\n\tif (n)\n\t\t*n += 1;\n"))
+                                   + "\t{\n\t\t__u32 probe = 0;\n"
+                                     "\t\t__u64 *n = upgrade_probe.lookup(&probe);\n\n"
+                                     "\t\tif (n)\n\t\t\t*n += 1;\n\t}\n"))
     return copy
 
 
