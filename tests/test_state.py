@@ -37,9 +37,11 @@ def test_save_then_load_gives_it_back_and_clear_forgets_it(root):
     state.clear()                                                # twice is fine
 
 
-def rewrite(**changes) -> None:
+def rewrite(drop: tuple[str, ...] = (), **changes) -> None:
     path = state.directory() / "state.json"
     d = json.loads(path.read_text())
+    for key in drop:
+        del d[key]
     for key, value in changes.items():
         if key in ("boot_id", "cookie"):
             d["namespace"][key] = value
@@ -80,10 +82,7 @@ def test_a_state_with_an_unknown_server_state_or_role_is_refused(root, capsys, f
 
 def test_a_state_saved_before_the_role_was_kept_has_none(root):
     state.save(KEPT)
-    path = state.directory() / "state.json"
-    d = json.loads(path.read_text())
-    del d["role"]
-    path.write_text(json.dumps(d))
+    rewrite(drop=("role",))
     assert state.load() == State(KEPT.config_path, KEPT.config_text, KEPT.admin, None)
 
 
