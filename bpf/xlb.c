@@ -35,6 +35,7 @@ BPF_ARRAY(timeouts, struct timeouts, XLB_MAX_SERVICES);
  * packets to them are dropped, not passed to a kernel that does not own them. */
 BPF_HASH(vips, __be32, __u32, XLB_MAX_SERVICES);
 BPF_HASH(arp_vips, struct arp_key, struct arp_mac, XLB_MAX_ARP);
+BPF_HASH(owners, struct endpoint, struct service_key, XLB_MAX_BACKENDS);
 BPF_ARRAY(config, struct xlb_config, 1);
 BPF_TABLE("lru_hash", struct flow_key, struct flow, flows, XLB_MAX_FLOWS);
 BPF_TABLE("lru_hash", struct flow_key, struct flow, flows_new, XLB_MAX_NEW_FLOWS);
@@ -422,6 +423,77 @@ static __always_inline enum xlb_reason flow_continue(struct xdp_md *ctx, struct 
 	return send(ctx, pkt, cfg, key, reply, now);
 }
 
+/* Whether the kernel would forward ip (not deliver it here, nor drop it): a
+ * route of another host, next hop resolved or not. */
+static __always_inline int routed_elsewhere(struct xdp_md *ctx, const struct iphdr *ip)
+{
+	struct bpf_fib_lookup fib = {};
+	int rc;
+
+	fib_query(&fib, ctx, ip);
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	return rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ||
+	       rc == BPF_FIB_LKUP_RET_FRAG_NEEDED;
+}
+
+/* A backend's packet that no flow entry knows, from an endpoint of a frontend
+ * with adopt_replies (owners): the reply of a connection another node balanced
+ * (the pair's old active node, before a failover), if Maglev sends the client
+ * to this backend, as it did there. Such a connection gets both entries, as
+ * answered, and this packet its reverse NAT. The rest passes: a client that
+ * reaches the backend directly and that Maglev sends elsewhere, and what is
+ * for this host (its own connections, the health checks). */
+static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct packet *pkt,
+						  struct xlb_config *cfg, struct flow_key *key,
+						  __u32 bytes, __u64 now)
+{
+	struct endpoint ep = { .addr = key->saddr, .port = key->sport, .proto = key->proto };
+	struct flow_key fkey = {};
+	struct flow fwd = {}, reply;
+	struct flow_counters *fc;
+	struct service_key *skey;
+	struct service *svc;
+	struct backend *be;
+	__u32 backend_id = 0;
+
+	skey = owners.lookup(&ep);
+	if (!skey)
+		return XLB_PASS_NOT_VIP;
+	svc = services.lookup(skey);
+	if (!svc || !(svc->flags & SERVICE_MAGLEV))
+		return XLB_PASS_NOT_VIP;
+	fkey.saddr = key->daddr;
+	fkey.daddr = skey->vip;
+	fkey.sport = key->dport;
+	fkey.dport = skey->port;
+	fkey.proto = key->proto;
+	be = pick_backend(svc, &fkey, &backend_id);
+	if (!be || be->addr != key->saddr || be->port != key->sport ||
+	    !routed_elsewhere(ctx, pkt->ip))
+		return XLB_PASS_NOT_VIP;
+	fwd.addr = key->saddr;
+	fwd.port = key->sport;
+	fwd.dir = FLOW_FORWARD;
+	fwd.service_id = svc->id;
+	fwd.backend_id = backend_id;
+	fwd.seen = now;
+	flow_set_state(&fwd, key->proto, FLOW_ANSWERED);
+	reply = fwd;
+	reply.addr = skey->vip;
+	reply.port = skey->port;
+	reply.dir = FLOW_REPLY;
+	flows_new.update(&fkey, &fwd);
+	flows_new.update(key, &reply);
+	fc = flow_counters();
+	if (fc) {
+		fc->created += 1;
+		fc->adopted += 1;
+	}
+	count_flow(&reply, bytes, 0);
+	nat_source(pkt, reply.addr, reply.port);
+	return send(ctx, pkt, cfg, key, 1, now);
+}
+
 static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet *pkt,
 					       struct xlb_config *cfg, int is_vip, __u32 bytes)
 {
@@ -451,7 +523,7 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 		return flow_continue(ctx, pkt, cfg, &key, f, in_new, bytes, now);
 
 	if (!is_vip)
-		return XLB_PASS_NOT_VIP;
+		return flow_adopt(ctx, pkt, cfg, &key, bytes, now);
 	skey.vip = key.daddr;
 	skey.port = key.dport;
 	skey.proto = key.proto;

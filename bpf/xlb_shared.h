@@ -51,6 +51,18 @@ struct backend {
  * connection and is balanced anew. */
 enum { BACKEND_NO_NEW_FLOWS = 1 };
 
+/* owners: a backend endpoint (address, port, protocol) of a frontend with
+ * adopt_replies -> that frontend's service. A packet from the endpoint that no
+ * flow entry knows (a connection the other node of a pair balanced before a
+ * failover) is taken for that service's reply when Maglev sends its client to
+ * this endpoint. */
+struct endpoint {
+	__be32 addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
 /* Flow tables: LRU hashes keyed by the packet's own 5-tuple. A connection has
  * two entries: client->VIP (FLOW_FORWARD, NAT to the backend) and
  * backend->client (FLOW_REPLY, NAT back to the VIP). A new connection starts in
@@ -93,6 +105,8 @@ struct flow_counters {
 	__u64 reopened;		/* a SYN on a closing flow or one whose backend takes
 				 * no new flows: removed, balanced anew */
 	__u64 new_removed;	/* of expired + reopened + established: those from flows_new */
+	__u64 adopted;		/* of created: another node's, met at a backend's packet
+				 * (owners) */
 };
 
 /* hops: next hops the fast path resolved with bpf_fib_lookup, so that a packet

@@ -261,6 +261,7 @@ class _Loader:
         if not self.doc.get("frontends") and self.names["frontends"] is not None:
             self.problem("frontends", "at least one frontend is required")
         self.check_services()
+        self.check_adopt([f for f in frontends if f], {p.name: p for p in pools if p})
 
         if self.problems:
             raise ConfigError(self.problems)
@@ -390,7 +391,7 @@ class _Loader:
             "vip": _address, "port": _port, "protocol": _one_of(PROTOCOLS),
             "pool": self.ref("pools", "pool"),
             "interfaces": lambda value: tuple(_items(_interface, value)),
-            **dict.fromkeys(TIMEOUTS, _timeout),
+            **dict.fromkeys(TIMEOUTS, _timeout), "adopt_replies": _boolean,
         }, defaults={"protocol": "tcp"}, required=("vip", "port", "pool"))
         if all(key in values for key in ("vip", "port", "protocol")):
             self.services.append((name, values["vip"], values["port"], values["protocol"]))
@@ -412,6 +413,31 @@ class _Loader:
             if address in vips:
                 self.problem(f"servers.{name}.address",
                              f"{address} is the VIP of frontends.{vips[address]}")
+
+    def check_adopt(self, frontends: list[Frontend], pools: dict[str, Pool]) -> None:
+        """A frontend that adopts replies has a Maglev pool whose servers serve
+        no other frontend: a server's packet that no flow entry knows must be
+        this frontend's, and Maglev is what sends its client to that server on
+        every node."""
+        serving: dict[tuple, list[str]] = {}
+        for fe in frontends:
+            for s in pools[fe.pool].servers if fe.pool in pools else ():
+                serving.setdefault((s.address, s.port, fe.protocol), []).append(fe.name)
+        for fe in frontends:
+            pool = pools.get(fe.pool)
+            if not fe.adopt_replies or pool is None:
+                continue
+            path = f"frontends.{fe.name}.adopt_replies"
+            if pool.algorithm != "maglev":
+                self.problem(path, f'needs a pool with algorithm "maglev" (pools.{pool.name} '
+                                   f'is "{pool.algorithm}"): every node must send a client to '
+                                   'the same server')
+            for s in pool.servers:
+                others = [n for n in serving[(s.address, s.port, fe.protocol)] if n != fe.name]
+                if others:
+                    self.problem(path, f"servers.{s.name} ({s.address}:{s.port}/{fe.protocol}) "
+                                       f"also serves frontends.{others[0]}: its packets "
+                                       "could be either's replies")
 
 
 # --- dump -------------------------------------------------------------------
@@ -486,5 +512,6 @@ def dump(config: Config) -> str:
     for f in config.frontends:
         table("frontends", f.name, [("vip", f.vip), ("port", f.port), ("protocol", f.protocol),
                                     ("pool", f.pool), ("interfaces", list(f.interfaces)),
-                                    *((key, getattr(f, key)) for key in TIMEOUTS)])
+                                    *((key, getattr(f, key)) for key in TIMEOUTS),
+                                    ("adopt_replies", f.adopt_replies)])
     return "\n".join(lines)

@@ -299,7 +299,7 @@ class Balancer:
             "half_open": census.half_open,
             "tables": {t: {"entries": census.entries[t], "capacity": capacity[t]}
                        for t in flowtable.TABLES},
-            "created": fc.created, "promoted": fc.established,
+            "created": fc.created, "promoted": fc.established, "adopted": fc.adopted,
             "removed": {"expired": fc.expired + sum(expired.values()),
                         "reopened": fc.reopened, "ended": sum(ended.values()),
                         "evicted": sum(self.evicted.values())},

@@ -537,6 +537,17 @@ class Datapath:
         if bytes(c) != before:
             self._maps["config"][ct.c_int(0)] = c
 
+    def set_owner(self, addr: IPv4Address, port: int, proto: int, vip: IPv4Address,
+                  vip_port: int) -> None:
+        """Packets from backend endpoint (addr, port, proto) that no flow entry
+        knows may be replies of service (vip, vip_port, proto) (see owners in
+        bpf/xlb_shared.h)."""
+        self._maps["owners"][layout.Endpoint(_be32(addr), _be16(port), proto, 0)] = \
+            self._service_key(vip, vip_port, proto)
+
+    def del_owner(self, addr: IPv4Address, port: int, proto: int) -> None:
+        del self._maps["owners"][layout.Endpoint(_be32(addr), _be16(port), proto, 0)]
+
     def set_arp(self, ifindex: int, vip: IPv4Address, mac: bytes) -> None:
         self._maps["arp_vips"][layout.ArpKey(ifindex, _be32(vip))] = \
             layout.ArpMac((ct.c_uint8 * 6)(*mac), 0)
@@ -605,7 +616,9 @@ class Datapath:
                     if b.addr or b.port}
         vips = frozenset(_addr(k.value) for k in self._maps["vips"].keys())
         arp = {(k.ifindex, _addr(k.addr)): bytes(v.mac) for k, v in self._maps["arp_vips"].items()}
-        return DataplaneState(services, {}, vips, arp), backends
+        owners = {(_addr(k.addr), socket.ntohs(k.port), k.proto):
+                  (_addr(v.vip), socket.ntohs(v.port)) for k, v in self._maps["owners"].items()}
+        return DataplaneState(services, {}, vips, arp, owners), backends
 
     def reason_counters(self) -> dict[str, layout.Tally]:
         return {name: self._percpu_sum("reason_stats", i)

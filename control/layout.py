@@ -52,7 +52,11 @@ class Timeouts(ct.Structure):
 
 class FlowCounters(ct.Structure):
     _fields_ = [("created", u64), ("established", u64), ("expired", u64), ("reopened", u64),
-                ("new_removed", u64)]
+                ("new_removed", u64), ("adopted", u64)]
+
+
+class Endpoint(ct.Structure):
+    _fields_ = [("addr", u32), ("port", u16), ("proto", u8), ("pad", u8)]
 
 
 class ArpKey(ct.Structure):
@@ -99,6 +103,7 @@ MAPS: dict[str, tuple[type | None, type]] = {
     "timeouts": (None, Timeouts),
     "vips": (None, u32),
     "arp_vips": (ArpKey, ArpMac),
+    "owners": (Endpoint, ServiceKey),
     "config": (None, Config),
     "flows": (FlowKey, Flow),
     "flows_new": (FlowKey, Flow),

@@ -81,6 +81,10 @@ class Frontend:
     timeout_established: int = 900
     timeout_closing: int = 120
     timeout_udp: int = 300
+    # A packet from one of its servers that no flow entry knows is taken for
+    # its reply when Maglev sends the client there (another node's connection,
+    # after a failover); only for servers that clients reach through the VIP alone.
+    adopt_replies: bool = False
 
     @property
     def proto_number(self) -> int:

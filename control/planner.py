@@ -54,6 +54,10 @@ class DataplaneState:
     backends: dict[BackendKey, BackendState] = field(default_factory=dict)
     vips: frozenset[IPv4Address] = frozenset()
     arp: dict[tuple[int, IPv4Address], bytes] = field(default_factory=dict)
+    # (address, port, protocol) of a server of a frontend with adopt_replies ->
+    # (vip, port) of that frontend: its packets no flow entry knows may be replies
+    owners: dict[tuple[IPv4Address, int, int], tuple[IPv4Address, int]] = \
+        field(default_factory=dict)
 
 
 class ArpLink(Protocol):
@@ -164,7 +168,11 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
     arp = {(link.index, fe.vip): link.mac
            for fe in config.frontends for link in links
            if link.holds(fe.vip) and (not fe.interfaces or link.name in fe.interfaces)}
-    return DataplaneState(services, backends, frozenset(f.vip for f in config.frontends), arp)
+    owners = {(s.address, s.port, fe.proto_number): (fe.vip, fe.port)
+              for fe in config.frontends if fe.adopt_replies
+              for s in config.pool(fe.pool).servers}
+    return DataplaneState(services, backends, frozenset(f.vip for f in config.frontends), arp,
+                          owners)
 
 
 def recover(config: Config, held: DataplaneState,
@@ -254,6 +262,9 @@ def plan(current: DataplaneState, target: DataplaneState) -> list[Op]:
     for (ifindex, vip), mac in target.arp.items():
         if current.arp.get((ifindex, vip)) != mac:
             ops.append(("set_arp", ifindex, vip, mac))
+    for endpoint, owner in target.owners.items():
+        if current.owners.get(endpoint) != owner:
+            ops.append(("set_owner", *endpoint, *owner))
     for key, svc in target.services.items():
         old = current.services.get(key)
         if old is None or old.id != svc.id or old.timeouts != svc.timeouts:
@@ -264,6 +275,8 @@ def plan(current: DataplaneState, target: DataplaneState) -> list[Op]:
                         SERVICE_MAGLEV if svc.maglev else 0))
     for key in current.services.keys() - target.services.keys():
         ops.append(("del_service", *key))
+    for endpoint in sorted(current.owners.keys() - target.owners.keys()):
+        ops.append(("del_owner", *endpoint))
     for ifindex, vip in current.arp.keys() - target.arp.keys():
         ops.append(("del_arp", ifindex, vip))
     for vip in sorted(current.vips - target.vips):

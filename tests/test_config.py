@@ -197,6 +197,7 @@ def test_dump_is_canonical():
         timeout_established = 900
         timeout_closing = 120
         timeout_udp = 300
+        adopt_replies = false
         ''')
 
 
@@ -237,6 +238,14 @@ def test_dump_floats_read_back_as_floats():
 def test_the_one_line_form_dumps_to_a_file_that_loads_back():
     cfg = from_flags(["10.1.1.101:80", "10.1.1.101:80/udp"],
                      ["10.1.11.101:8080", "10.1.11.102:8080"], ["eth0"])
+    assert load(dump(cfg)) == cfg
+
+
+def test_adopt_replies_round_trips():
+    cfg = load(doc(pool=POOL + '\nalgorithm = "maglev"', frontend=FE + "\nadopt_replies = true",
+                   extra='[frontends.dns]\nvip = "10.1.1.101"\nport = 80\nprotocol = "udp"\n'
+                         'pool = "web"'))
+    assert [f.adopt_replies for f in cfg.frontends] == [True, False]   # udp: another endpoint
     assert load(dump(cfg)) == cfg
 
 
@@ -487,6 +496,17 @@ BAD = [
                                                   for i in range(656))),
      [("pools.web.servers", "656 servers are too many for a Maglev pool: at most 655 "
                             "(100 slots each in 65537)")]),
+    ("adopt-replies-not-maglev", doc(frontend=FE + "\nadopt_replies = true"),
+     [("frontends.www.adopt_replies", 'needs a pool with algorithm "maglev" (pools.web is '
+                                      '"roundrobin"): every node must send a client to the '
+                                      'same server')]),
+    ("adopt-replies-shared-server",
+     doc(pool=POOL + '\nalgorithm = "maglev"', frontend=FE + "\nadopt_replies = true",
+         extra='[frontends.www2]\nvip = "10.1.1.102"\nport = 80\npool = "web"'),
+     [("frontends.www.adopt_replies", "servers.was1 (10.1.11.101:8080/tcp) also serves "
+                                      "frontends.www2: its packets could be either's replies")]),
+    ("adopt-replies-not-boolean", doc(frontend=FE + '\nadopt_replies = "yes"'),
+     [("frontends.www.adopt_replies", "expected a boolean, got string")]),
     # everything at once, in order: unknown sections; then the sections in schema order, their
     # objects and keys in file order (an object's own checks after its keys'); then the
     # checks across frontends and servers

@@ -1,6 +1,6 @@
 """From config to map writes: ids, rings, ARP placement and the order of writes."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -231,6 +231,22 @@ def test_maglev_pool_gets_a_table_written_before_the_service():
                                      "set_arp", "set_timeouts", "set_service"]
     assert ops[2] == ("write_maglev", 0, list(svc.slots))
     assert ops[-1] == ("set_service", *WWW, 0, 0, 1009, layout.SERVICE_MAGLEV)
+
+
+def test_servers_of_a_frontend_that_adopts_replies_are_its_owners():
+    plain = _maglev(S1, S2)
+    adopting = Config(frontends=(replace(plain.frontends[0], adopt_replies=True),),
+                      pools=plain.pools)
+    assert desired(plain).owners == {}
+    st = desired(adopting, desired(plain))
+    assert st.owners == {(S1.address, 80, 6): (A("10.1.1.101"), 80),
+                         (S2.address, 80, 6): (A("10.1.1.101"), 80)}
+    assert planner.plan(desired(plain), st) == [
+        ("set_owner", S1.address, 80, 6, A("10.1.1.101"), 80),
+        ("set_owner", S2.address, 80, 6, A("10.1.1.101"), 80)]
+    assert planner.plan(st, desired(adopting, st)) == []
+    assert planner.plan(st, desired(plain, st)) == [("del_owner", S1.address, 80, 6),
+                                                    ("del_owner", S2.address, 80, 6)]
 
 
 def test_changed_maglev_table_is_written_beside_and_switched_in_one_write():

@@ -394,6 +394,74 @@ def test_maglev_picks_the_slot_of_the_flow_hash_even_mid_connection(lb, fibnet, 
         lb.expect("forward_redirect", flow=("in", SVC_MAGLEV, expected, True))
 
 
+def maglev_backend(client, sport) -> int:
+    """The backend every node's Maglev table picks for client:sport -> MVIP:80."""
+    return MAGLEV_SLOTS[flow_hash(client, MVIP, sport, 80, TCP_P) % len(MAGLEV_SLOTS)]
+
+
+@pytest.fixture
+def adopting(lb):
+    """The Maglev service adopts its backends' replies (owners), for one test."""
+    for addr, port in BACKENDS.values():
+        lb.dp.set_owner(addr, port, TCP_P, MVIP, 80)
+    yield lb
+    for addr, port in BACKENDS.values():
+        lb.dp.del_owner(addr, port, TCP_P)
+
+
+def test_a_backends_packet_no_entry_knows_is_adopted_where_maglev_sends_its_client(
+        adopting, fibnet):
+    """After a failover the backend may speak first (a response being
+    retransmitted to a silent client): its packet is the Maglev service's reply
+    when Maglev sends the client to that backend, and the connection is this
+    node's from then on; the other backend's packet for the same client passes."""
+    lb, dp = adopting, adopting.dp
+    ext, int_ = fibnet.ifindex["ext"], fibnet.ifindex["int"]
+    for sport in range(56000, 56008):
+        bid = maglev_backend(CLIENT, sport)
+        other = 3 - bid
+        before = counters(dp)["adopted"]
+        res = lb.send(from_backend(other, sport, "PA", payload=b"late"), int_)
+        assert (res.action, res.data) == (XDP_PASS, from_backend(other, sport, "PA",
+                                                                 payload=b"late"))
+        lb.expect("pass_not_vip")
+        res = lb.send(from_backend(bid, sport, "PA", payload=b"late"), int_)
+        assert res.action == XDP_REDIRECT
+        assert res.data == tcp_frame(MVIP, CLIENT, 80, sport, flags="PA", payload=b"late",
+                                     ttl=63, eth_src=fibnet.MACS["ext"], eth_dst=CLIENT_MAC)
+        assert_checksums(res.data)
+        lb.expect("reply_redirect", flow=("out", SVC_MAGLEV, bid, False))
+        assert counters(dp)["adopted"] == before + 1
+        table, fwd, reply = connection(dp, sport, vip=MVIP)
+        assert (table, fwd.backend_id, fwd.state, reply.state) == (
+            "flows_new", bid, STATE["answered"], STATE["answered"])
+        # The client's next packet goes to that backend and completes the move.
+        res = lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="A"), ext)
+        assert (res.action, backend_of(res.data)) == (XDP_REDIRECT, bid)
+        assert connection(dp, sport, vip=MVIP)[0] == "flows"
+
+
+def test_a_backends_packet_for_this_host_is_never_adopted(adopting, fibnet):
+    """The balancer's own connections to a backend (its health checks) are not
+    a service's, even where Maglev would send that address to the backend."""
+    lb = adopting
+    local = IPv4Address("10.1.11.1")              # fibnet's own address on int
+    sport = next(p for p in range(40000, 41000) if maglev_backend(local, p) == 1)
+    frame = tcp_frame(BACKENDS[1][0], local, BACKENDS[1][1], sport, flags="SA",
+                      eth_src=BACKEND_MAC)
+    res = lb.send(frame, fibnet.ifindex["int"])
+    assert (res.action, res.data) == (XDP_PASS, frame)
+    lb.expect("pass_not_vip")
+
+
+def test_without_owners_a_backends_packet_no_entry_knows_passes(lb, fibnet):
+    sport = 56100
+    frame = from_backend(maglev_backend(CLIENT, sport), sport, "PA", payload=b"late")
+    res = lb.send(frame, fibnet.ifindex["int"])
+    assert (res.action, res.data) == (XDP_PASS, frame)
+    lb.expect("pass_not_vip")
+
+
 # A flood of new flows -------------------------------------------------------------------
 
 def test_a_flood_of_new_flows_evicts_no_established_connection(root, fibnet, cpus):
