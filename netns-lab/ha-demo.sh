@@ -24,9 +24,9 @@ role() { ip netns exec "$P-$1" "$XLB" status | sed -n 2p; }
 step "a pair: lb1 and lb2 on the client segment and the servers' segment (ha-pair.sh up)"
 $PAIR up
 
-# Maglev on both nodes: the new active node sends a flow it never saw to the same
-# server, so long-lived connections survive.
-sed 's/algorithm = "roundrobin"/algorithm = "maglev"/' netns-lab/seed.toml >"$TMP/xlb.toml"
+# The seed's service with Maglev and adopt_replies on both nodes: the new active
+# node takes over the connections of the old one (ha-examples/xlb.toml says how).
+cp netns-lab/ha-examples/xlb.toml "$TMP/xlb.toml"
 
 step "xlb up --config xlb.toml --role backup, on both nodes (silent until keepalived decides)"
 for n in lb1 lb2; do

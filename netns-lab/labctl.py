@@ -63,12 +63,12 @@ def wait_for(predicate, seconds: float, what: str):
     raise AssertionError(f"not within {seconds}s: {what}")
 
 
-def maglev_seed(directory: Path) -> Path:
-    """A copy of seed.toml in directory whose pool uses Maglev: every node of a
-    pair or an ECMP group then sends a flow it never saw to the same server."""
+def pair_config(directory: Path) -> Path:
+    """A copy in directory of the pair's config (ha-examples/xlb.toml): the
+    seed's service with Maglev and adopt_replies, so that every node of a pair
+    or an ECMP group takes over the connections of another."""
     config = directory / "xlb.toml"
-    seed = (HERE / "seed.toml").read_text()
-    config.write_text(seed.replace('algorithm = "roundrobin"', 'algorithm = "maglev"'))
+    config.write_text((HERE / "ha-examples" / "xlb.toml").read_text())
     return config
 
 

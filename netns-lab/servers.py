@@ -2,7 +2,8 @@
 """Backend servers of the netns lab (Python standard library only).
 
     servers.py web --name WAS1 --port 8080 [--pidfile F]
-        HTTP/1.1 (keep-alive) on TCP PORT: every GET answers 200 "WAS1\\n";
+        HTTP/1.1 (keep-alive) on TCP PORT: every GET answers 200 "WAS1\\n",
+        GET /delay/S after S seconds (at most MAX_DELAY: a response in flight);
         UDP on the same port: every datagram is answered with "WAS1\\n".
     servers.py db --name DB1 --port 5432 [--pidfile F]
         TCP: sends "DB1\\n" to each connection, then closes it.
@@ -25,12 +26,14 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 
 # Load tests open many connections at once: keep the accept queue long.
 BACKLOG = 1024
 # An idle keep-alive connection is dropped after this many seconds, so that
 # clients that vanish (e.g. flows the balancer dropped) do not pin threads forever.
 IDLE_TIMEOUT = 120
+MAX_DELAY = 10.0
 
 
 def log(msg):
@@ -97,6 +100,12 @@ def make_web_handler(body, status=200):
                 self.wfile.write(body)
 
         def do_GET(self):
+            prefix, _, seconds = self.path.partition("/delay/")
+            if not prefix and seconds:
+                try:
+                    time.sleep(min(max(float(seconds), 0.0), MAX_DELAY))
+                except ValueError:
+                    pass
             self._answer(True)
 
         def do_HEAD(self):

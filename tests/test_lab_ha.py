@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
 from ha_client import describe, summary  # noqa: E402
-from labctl import HERE, PY, VIP, Lab, maglev_seed, running_lab, wait_for  # noqa: E402
+from labctl import HERE, PY, VIP, Lab, pair_config, running_lab, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -44,7 +44,7 @@ def pair():
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    return maglev_seed(tmp_path_factory.mktemp("pair"))
+    return pair_config(tmp_path_factory.mktemp("pair"))
 
 
 def gateway_on(lab: Lab, node: str | None) -> None:
@@ -133,15 +133,26 @@ def test_failover_when_the_active_node_crashes(pair, config):
         client = pair.spawn("client", PY, str(HERE / "ha_client.py"), "load", VIP, "80",
                             "--seconds", "4", "--every", "0.02", "--hold", "4",
                             "--hold-every", "0.1", "--timeout", "3")
-        time.sleep(1.5)
+        # A response in flight at the crash: the request goes through the active
+        # node, the server answers 2 s later through the new one, which never saw
+        # the connection, to a client that stays silent.
+        time.sleep(1.0)
+        late = pair.spawn("client", "curl", "-s", "--noproxy", "*", "-m", "8",
+                          f"http://{VIP}/delay/2")
+        time.sleep(0.5)
         killed_at = float(pair._lab("crash", first).stdout)
         out, err = client.communicate(timeout=30)
         result = json.loads(out)
+        late_out, _ = late.communicate(timeout=15)
         assert pair.status(other)["ha"]["role"] == "active"
+        adopted = pair.status(other)["flows"]["adopted"]
         (x1 if first == "lb1" else x2).stop()
 
     seen = summary(result, killed_at)
-    print(f"\nfailover {first} -> {other}: {describe(seen)}")
+    print(f"\nfailover {first} -> {other}: {describe(seen)}; connections adopted: {adopted}")
+    # adopt_replies: the new node takes the server's packet for the VIP's reply.
+    assert late.returncode == 0 and late_out.strip() in ("WAS1", "WAS2")
+    assert adopted >= 1
     assert seen["new"] >= 150 and seen["failed"] == 0
     assert 0 < seen["outage"] <= OUTAGE_BOUND
     # Maglev on both nodes: the new active node sends the flows it never saw to

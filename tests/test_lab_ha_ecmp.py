@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
 from ha_client import describe, summary  # noqa: E402
-from labctl import HERE, PY, VIP, Lab, maglev_seed, running_lab, wait_for  # noqa: E402
+from labctl import HERE, PY, VIP, Lab, pair_config, running_lab, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -28,7 +28,7 @@ BFD_BOUND = 0.3         # the issue's bound: a silent node's route goes within 0
 
 @pytest.fixture(scope="module")
 def ecmp(tmp_path_factory):
-    config = maglev_seed(tmp_path_factory.mktemp("ecmp"))
+    config = pair_config(tmp_path_factory.mktemp("ecmp"))
     with running_lab("xlbg", "ha-ecmp.sh") as lab, contextlib.ExitStack() as nodes:
         for node in NODES:
             nodes.enter_context(lab.xlb("--config", str(config), "--announce-table", "100",

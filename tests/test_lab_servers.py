@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
@@ -41,3 +42,15 @@ def test_a_response_leaves_in_one_write():
     for write in conn.writes:
         assert write.startswith(b"HTTP/1.1 200 ") and write.endswith(b"\r\n\r\nWAS1\n")
     assert answer.count(b"WAS1\n") == 2
+
+
+def test_get_delay_answers_after_that_many_seconds():
+    """GET /delay/S: a response in flight for S seconds, for the failover tests."""
+    ours, theirs = socket.socketpair()
+    theirs.sendall(b"GET /delay/0.3 HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
+    start = time.monotonic()
+    with ours, theirs:
+        make_web_handler(b"WAS1\n")(ours, ("10.1.1.10", 40000), None)
+        answer = theirs.recv(65536)
+    assert time.monotonic() - start >= 0.3          # sleep() waits at least that long
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"WAS1\n")
