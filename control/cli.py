@@ -585,6 +585,8 @@ def format_status(s: dict) -> str:
                   f"connections; {fl['entries']}/{fl['capacity']} entries (two per connection); "
                   f"maps hold {s['map_memory_bytes'] / 2**20:.1f} MiB",
               "flows removed: " + ", ".join(f"{k} {si(v)}" for k, v in fl["removed"].items()),
+              *([f"flows adopted: {si(fl['adopted'])} (another node's connections, taken over "
+                 "at their server's packet)"] if fl["adopted"] else []),
               "xdp actions: " + ", ".join(f"{k[4:].lower()} {si(v)}" for k, v in a.items()),
               "drops: " + ", ".join(f"{k} {si(v)}" for k, v in drops.items())]
     return "\n".join(lines)

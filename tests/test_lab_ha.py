@@ -146,13 +146,14 @@ def test_failover_when_the_active_node_crashes(pair, config):
         late_out, _ = late.communicate(timeout=15)
         assert pair.status(other)["ha"]["role"] == "active"
         adopted = pair.status(other)["flows"]["adopted"]
+        status_text = pair.xlb_cmd("status", node=other, check=True).stdout
         (x1 if first == "lb1" else x2).stop()
 
     seen = summary(result, killed_at)
     print(f"\nfailover {first} -> {other}: {describe(seen)}; connections adopted: {adopted}")
     # adopt_replies: the new node takes the server's packet for the VIP's reply.
     assert late.returncode == 0 and late_out.strip() in ("WAS1", "WAS2")
-    assert adopted >= 1
+    assert adopted >= 1 and f"flows adopted: {adopted} " in status_text
     assert seen["new"] >= 150 and seen["failed"] == 0
     assert 0 < seen["outage"] <= OUTAGE_BOUND
     # Maglev on both nodes: the new active node sends the flows it never saw to
