@@ -420,6 +420,11 @@ def measure(lab: Lab, run: Path) -> list[tuple[Scenario, Figures | None]]:
     # in lb may reuse its source ports while they are in TIME_WAIT.
     lab.run("lb", "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65535",
             "net.ipv4.tcp_tw_reuse=1", check=True)
+    # The client closes first through HAProxy and keeps its side in TIME_WAIT for 60 s:
+    # half its ports for the VIP. Unless it may reuse them, every connect() of the next
+    # scenario scans for a free port in the kernel (wrk at 190% CPU, 92% of it system,
+    # xlb's `Connection: close` at 0.07x direct in a run of 2026-12-01).
+    lab.run("client", "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1", check=True)
     backends = start_backends(lab, run)
     plan = scenarios()
     figures = {sc.name: Figures() for sc in plan if not sc.unavailable}
