@@ -542,11 +542,11 @@ class Datapath:
         """Packets from backend endpoint (addr, port, proto) that no flow entry
         knows may be replies of service (vip, vip_port, proto) (see owners in
         bpf/xlb_shared.h)."""
-        self._maps["owners"][layout.Endpoint(_be32(addr), _be16(port), proto, 0)] = \
+        self._maps["owners"][self._endpoint(addr, port, proto)] = \
             self._service_key(vip, vip_port, proto)
 
     def del_owner(self, addr: IPv4Address, port: int, proto: int) -> None:
-        del self._maps["owners"][layout.Endpoint(_be32(addr), _be16(port), proto, 0)]
+        del self._maps["owners"][self._endpoint(addr, port, proto)]
 
     def set_arp(self, ifindex: int, vip: IPv4Address, mac: bytes) -> None:
         self._maps["arp_vips"][layout.ArpKey(ifindex, _be32(vip))] = \
@@ -558,6 +558,10 @@ class Datapath:
     @staticmethod
     def _service_key(vip: IPv4Address, port: int, proto: int) -> layout.ServiceKey:
         return layout.ServiceKey(_be32(vip), _be16(port), proto, 0)
+
+    @staticmethod
+    def _endpoint(addr: IPv4Address, port: int, proto: int) -> layout.Endpoint:
+        return layout.Endpoint(_be32(addr), _be16(port), proto, 0)
 
     # Reads --------------------------------------------------------------------
 
