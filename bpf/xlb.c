@@ -190,22 +190,17 @@ static __always_inline struct flow *flow_find(struct flow_key *key, int *in_new)
 	return flows_new.lookup(key);
 }
 
-/* Picks a backend for the new connection `key` (client -> VIP), stores the
- * forward entry and the reply entry (backend -> client) in flows_new, and
- * fills *fwd with the forward one. Returns 0, or -1 when the service has no
- * backend. */
-static __always_inline int flow_create(struct flow_key *key, struct service *svc,
-				       struct flow *fwd, __u64 now)
+/* Opens the connection `key` (client -> VIP) to backend be of svc, in state
+ * `state`: stores the forward entry, filled into *fwd, and the reply entry
+ * (backend -> client) in flows_new, and counts it created. Returns the flow
+ * counters, for the caller's own. */
+static __always_inline struct flow_counters *flow_open(struct flow_key *key, struct service *svc,
+						       struct backend *be, __u32 backend_id,
+						       __u8 state, struct flow *fwd, __u64 now)
 {
 	struct flow_key reply_key = {};
-	struct flow reply = {};
 	struct flow_counters *fc;
-	struct backend *be;
-	__u32 backend_id = 0;
-
-	be = pick_backend(svc, key, &backend_id);
-	if (!be)
-		return -1;
+	struct flow reply;
 
 	fwd->addr = be->addr;
 	fwd->port = be->port;
@@ -213,7 +208,7 @@ static __always_inline int flow_create(struct flow_key *key, struct service *svc
 	fwd->service_id = svc->id;
 	fwd->backend_id = backend_id;
 	fwd->seen = now;
-	flow_set_state(fwd, key->proto, FLOW_NEW);
+	flow_set_state(fwd, key->proto, state);
 
 	reply = *fwd;
 	reply.addr = key->daddr;
@@ -226,6 +221,22 @@ static __always_inline int flow_create(struct flow_key *key, struct service *svc
 	fc = flow_counters();
 	if (fc)
 		fc->created += 1;
+	return fc;
+}
+
+/* Picks a backend for the new connection `key` (client -> VIP) and opens it,
+ * filling *fwd with the forward entry. Returns 0, or -1 when the service has
+ * no backend. */
+static __always_inline int flow_create(struct flow_key *key, struct service *svc,
+				       struct flow *fwd, __u64 now)
+{
+	struct backend *be;
+	__u32 backend_id = 0;
+
+	be = pick_backend(svc, key, &backend_id);
+	if (!be)
+		return -1;
+	flow_open(key, svc, be, backend_id, FLOW_NEW, fwd, now);
 	return 0;
 }
 
@@ -449,11 +460,11 @@ static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct pac
 {
 	struct endpoint ep = { .addr = key->saddr, .port = key->sport, .proto = key->proto };
 	struct flow_key fkey = {};
-	struct flow fwd = {}, reply;
 	struct flow_counters *fc;
 	struct service_key *skey;
 	struct service *svc;
 	struct backend *be;
+	struct flow fwd = {};
 	__u32 backend_id = 0;
 
 	skey = owners.lookup(&ep);
@@ -471,26 +482,13 @@ static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct pac
 	if (!be || be->addr != key->saddr || be->port != key->sport ||
 	    !routed_elsewhere(ctx, pkt->ip))
 		return XLB_PASS_NOT_VIP;
-	fwd.addr = key->saddr;
-	fwd.port = key->sport;
-	fwd.dir = FLOW_FORWARD;
-	fwd.service_id = svc->id;
-	fwd.backend_id = backend_id;
-	fwd.seen = now;
-	flow_set_state(&fwd, key->proto, FLOW_ANSWERED);
-	reply = fwd;
-	reply.addr = skey->vip;
-	reply.port = skey->port;
-	reply.dir = FLOW_REPLY;
-	flows_new.update(&fkey, &fwd);
-	flows_new.update(key, &reply);
-	fc = flow_counters();
-	if (fc) {
-		fc->created += 1;
+	fc = flow_open(&fkey, svc, be, backend_id, FLOW_ANSWERED, &fwd, now);
+	if (fc)
 		fc->adopted += 1;
-	}
-	count_flow(&reply, bytes, 0);
-	nat_source(pkt, reply.addr, reply.port);
+	/* This packet is the reply entry's: counted and rewritten as such. */
+	fwd.dir = FLOW_REPLY;
+	count_flow(&fwd, bytes, 0);
+	nat_source(pkt, skey->vip, skey->port);
 	return send(ctx, pkt, cfg, key, 1, now);
 }
 
