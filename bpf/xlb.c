@@ -520,8 +520,8 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 	if (f)
 		return flow_continue(ctx, pkt, cfg, &key, f, in_new, bytes, now);
 
-	/* Rare (a backend's packet that no entry knows): placed out of the way,
-	 * else its code between the hot blocks costs a cold packet 15-50 ns. */
+	/* Rare (a backend's packet that no entry knows): marked so, for the
+	 * compiler to place its code after the hot blocks rather than between. */
 	if (__builtin_expect(!is_vip, 0))
 		return flow_adopt(ctx, pkt, cfg, &key, bytes, now);
 	skey.vip = key.daddr;

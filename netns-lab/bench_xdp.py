@@ -208,9 +208,10 @@ def bench() -> dict[str, float]:
             # first left it on the first of them, one with full-size maps took it and left
             # them equal). A stand-in takes that place, unmeasured: it fell on the build
             # before the fast path, and flattered this one by about 10%.
-            this_build([(b, 8080) for b in BACKENDS], True, keep)
+            backends = [(b, 8080) for b in BACKENDS]
+            this_build(backends, True, keep)
             with tempfile.TemporaryDirectory() as tmp:
-                progs.update(programs(Path(tmp), [(b, 8080) for b in BACKENDS], keep))
+                progs.update(programs(Path(tmp), backends, keep))
                 warm_progs = programs(Path(tmp), [(VIP, 80)], keep)
             dispatched(net, [*progs.values(), *warm_progs.values()])
             rows = costs(progs, ext, intf)
