@@ -595,8 +595,9 @@ static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethh
 	return XLB_ICMP_TO_CLIENT;
 }
 
-/* An IPv4 packet that may be for xlb: to a VIP (is_vip), or from where a
- * backend may be, or ICMP or another protocol. */
+/* An IPv4 packet that may be for xlb: to a VIP (is_vip), or TCP or UDP from
+ * where a backend may be (xlb_xdp found its ports inside the frame), or ICMP
+ * or another protocol. */
 static __always_inline enum xlb_reason classify(struct xdp_md *ctx, struct cursor *c,
 						struct ethhdr *eth, struct iphdr *ip,
 						struct xlb_config *cfg, int is_vip, __u32 frame_len)
@@ -607,8 +608,6 @@ static __always_inline enum xlb_reason classify(struct xdp_md *ctx, struct curso
 		return handle_icmp(c, eth, ip, cfg, is_vip, frame_len);
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return XLB_PASS_NOT_VIP;
-	if (!is_vip && !peek_ports(c, ip))
-		return XLB_PASS_SHORT;
 	if (ip_is_fragment(ip))
 		return is_vip ? vip_or_pass(ip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP)
 			      : XLB_PASS_NOT_VIP;
@@ -629,26 +628,13 @@ static __always_inline enum xlb_reason not_ipv4(struct xdp_md *ctx, struct curso
 	return XLB_PASS_NOT_IP;
 }
 
-/* TCP or UDP not to a VIP whose source address and port are no backend's
- * (ports read where the header length puts them, unvalidated): the traffic
- * a gateway forwards, which must not pay for the balancer. */
-static __always_inline int passes_by(const struct cursor *c, struct iphdr *ip,
-				     const struct xlb_config *cfg)
-{
-	struct l4ports *ports;
-
-	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
-		return 0;
-	ports = peek_ports(c, ip);
-	return ports && !xlb_may_be_backend(cfg, ip->saddr, ports->source);
-}
-
 int xlb_xdp(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	struct cursor c = { .pos = data, .end = (void *)(long)ctx->data_end };
 	__u32 frame_len = c.end - c.pos;
 	struct xlb_config *cfg;
+	struct l4ports *ports;
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	__u32 zero = 0;
@@ -663,10 +649,17 @@ int xlb_xdp(struct xdp_md *ctx)
 	if (!cfg)
 		return count_exit(XLB_PASS_NOT_VIP, frame_len);
 	is_vip = xlb_filter_has(cfg->vip_bits, ip->daddr);
-	/* An exit of its own with a constant reason, whose action folds away:
-	 * the path of a gateway's through traffic stays short. */
-	if (!is_vip && passes_by(&c, ip, cfg))
-		return count_exit(XLB_PASS_NOT_VIP, frame_len);
+	/* TCP or UDP not to a VIP, from an address and port that are no backend's
+	 * (ports read where the header length puts them, unvalidated): the traffic
+	 * a gateway forwards, which must not pay for the balancer. Exits of their
+	 * own with constant reasons, whose actions fold away. */
+	if (!is_vip && (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP)) {
+		ports = peek_ports(&c, ip);
+		if (!ports)
+			return count_exit(XLB_PASS_SHORT, frame_len);
+		if (!xlb_may_be_backend(cfg, ip->saddr, ports->source))
+			return count_exit(XLB_PASS_NOT_VIP, frame_len);
+	}
 	return count_exit(classify(ctx, &c, eth, ip, cfg, is_vip, frame_len), frame_len);
 }
 
