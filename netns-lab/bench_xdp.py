@@ -206,8 +206,12 @@ def bench() -> dict[str, float]:
             # 40-80 ns slower than the same build loaded after it, whichever is attached
             # first (2026-12-01: three copies of one build; a stand-in with small maps put
             # first left it on the first of them, one with full-size maps took it and left
-            # them equal). A stand-in takes that place, unmeasured: it fell on the build
-            # before the fast path, and flattered this one by about 10%.
+            # them equal). It goes with the memory the first large map gets on this CPU:
+            # a bare LRU map of 262,144 entries created first takes it too, and so, mostly,
+            # does one that another process pinned to this CPU holds, but not one held on
+            # the other CPU, nor one created and freed again. A stand-in takes that place,
+            # unmeasured: it fell on the build before the fast path, and flattered this one
+            # by about 10%.
             backends = [(b, 8080) for b in BACKENDS]
             this_build(backends, True, keep)
             with tempfile.TemporaryDirectory() as tmp:
