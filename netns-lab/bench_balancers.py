@@ -511,8 +511,11 @@ def report(results: list[tuple[Scenario, Figures | None]]) -> dict[str, float | 
           f"{med(others) * 100:.0f}% of the CPUs during these runs.")
     xlb_name = "xlb, fast path" if by_name["xlb, fast path"] else "xlb, kernel forwarding"
     xlb, haproxy_fig = by_name[xlb_name], by_name["HAProxy mode tcp roundrobin"]
+    alone = by_name[XDP_ALONE]
     return {"xlb": xlb_name,
             "udp/nft": med(xlb.pps) / med(nft.pps),
-            "udp xdp alone/nft": med(by_name[XDP_ALONE].pps) / med(nft.pps),
+            "udp xdp alone/nft": med(alone.pps) / med(nft.pps),
             "close/direct": med(xlb.rps["close"]) / med(direct.rps["close"]),
-            "close/haproxy": med(xlb.rps["close"]) / med(haproxy_fig.rps["close"])}
+            "close xdp alone/direct": med(alone.rps["close"]) / med(direct.rps["close"]),
+            "close/haproxy": med(xlb.rps["close"]) / med(haproxy_fig.rps["close"]),
+            "close xdp alone/haproxy": med(alone.rps["close"]) / med(haproxy_fig.rps["close"])}
