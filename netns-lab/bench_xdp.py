@@ -13,6 +13,7 @@ the place of the first balancer loaded, which runs slower (see `bench`).
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import subprocess
@@ -31,6 +32,10 @@ WARM_CALLS, WARM_REPEAT, WARM_PORT = 300, 200, 30000   # 200 repeats: a TTL of 2
 EMPTY = "empty program"
 CLIENT, VIP, OTHER = "10.1.1.10", "10.1.1.101", "10.1.1.50"
 BACKENDS = ("10.1.11.101", "10.1.11.102")
+WARM_VIP = "10.1.1.102"
+# What every measured program serves, on port 80: the VIP over the backends, and,
+# for `warm_costs`, a second VIP whose one backend is itself.
+SERVICES = ((VIP, tuple((b, 8080) for b in BACKENDS)), (WARM_VIP, ((WARM_VIP, 80),)))
 CLIENT_MAC, LB_MAC, BACKEND_MAC = "02:00:00:00:00:0a", "02:00:00:00:00:01", "02:00:00:00:00:b1"
 
 
@@ -95,10 +100,17 @@ def costs(progs: dict[str, int], ext: int, intf: int) -> dict[str, dict[str, flo
     return out
 
 
-def baseline_program(directory: Path, backends: list[tuple[str, int]]):
+def service_layout() -> list[tuple[int, str, list[tuple[int, str, int]]]]:
+    """(service id, VIP, [(backend id, address, port)]) for each of SERVICES, the
+    backend ids counted across them; a service's ring is twice its id."""
+    ids = itertools.count()
+    return [(sid, vip, [(next(ids), addr, port) for addr, port in backends])
+            for sid, (vip, backends) in enumerate(SERVICES)]
+
+
+def baseline_program(directory: Path):
     """The C of BASELINE, loaded with bcc and filled through its own tables
-    (the VIP's service over these backends), or None where git history is not
-    at hand."""
+    (SERVICES), or None where git history is not at hand."""
     from bcc import BPF
     from xlb.datapath import Limits
     from xlb.datapath import _be16, _be32
@@ -116,42 +128,45 @@ def baseline_program(directory: Path, backends: list[tuple[str, int]]):
     fn = bpf.load_func(b"xlb_xdp", BPF.XDP)
     table, rings, services, vips = (bpf[n] for n in (b"backends", b"rings", b"services",
                                                      b"vips"))
-    for i, (addr, port) in enumerate(backends):
-        table[table.Key(i)] = table.Leaf(_be32(IPv4Address(addr)), _be16(port), 0)
-        rings[rings.Key(i)] = rings.Leaf(i)
-    services[services.Key(_be32(IPv4Address(VIP)), _be16(80), 6, 0)] = services.Leaf(0, 0, 2, 0)
-    vips[vips.Key(_be32(IPv4Address(VIP)))] = vips.Leaf(1)
+    ring_size = Limits().ring_size
+    for sid, vip, backends in service_layout():
+        for slot, (bid, addr, port) in enumerate(backends):
+            table[table.Key(bid)] = table.Leaf(_be32(IPv4Address(addr)), _be16(port), 0)
+            rings[rings.Key(2 * sid * ring_size + slot)] = rings.Leaf(bid)
+        services[services.Key(_be32(IPv4Address(vip)), _be16(80), 6, 0)] = services.Leaf(
+            sid, 2 * sid, len(backends), 0)
+        vips[vips.Key(_be32(IPv4Address(vip)))] = vips.Leaf(1)
     return bpf, fn.fd
 
 
-def this_build(backends: list[tuple[str, int]], fast: bool, keep: list) -> int:
-    """This build serving the VIP over `backends`: its program fd. Its cleanup
-    goes into keep."""
+def this_build(fast: bool, keep: list) -> int:
+    """This build serving SERVICES: its program fd. Its cleanup goes into keep."""
     from xlb.datapath import Datapath
 
     dp = Datapath()
     keep.append(dp.close)
-    for i, (addr, port) in enumerate(backends):
-        dp.set_backend(i, IPv4Address(addr), port)
-    dp.write_ring(0, list(range(len(backends))))
-    dp.set_vip(IPv4Address(VIP))
-    dp.set_service(IPv4Address(VIP), 80, 6, 0, 0, len(backends))
-    dp.set_timeouts(0, 60, 900, 120, 300)
+    for sid, vip, backends in service_layout():
+        for bid, addr, port in backends:
+            dp.set_backend(bid, IPv4Address(addr), port)
+        dp.write_ring(2 * sid, [bid for bid, _, _ in backends])
+        dp.set_vip(IPv4Address(vip))
+        dp.set_service(IPv4Address(vip), 80, 6, sid, 2 * sid, len(backends))
+        dp.set_timeouts(sid, 60, 900, 120, 300)
     dp.set_forwarding(fast)
     return dp.prog_fd
 
 
-def programs(tmp: Path, backends: list[tuple[str, int]], keep: list) -> dict[str, int]:
+def programs(tmp: Path, keep: list) -> dict[str, int]:
     """The build before the fast path and this one with kernel and with fast
-    forwarding, each serving the VIP over `backends`: name -> program fd.
-    Their cleanups go into keep."""
+    forwarding, each serving SERVICES: name -> program fd. Their cleanups go
+    into keep."""
     progs = {}
-    old = baseline_program(tmp, backends)
+    old = baseline_program(tmp)
     if old is not None:
         keep.append(old[0].cleanup)
         progs[f"before the fast path ({BASELINE})"] = old[1]
     for mode in ("kernel", "fast"):
-        progs[f"this build, {mode} forwarding"] = this_build(backends, mode == "fast", keep)
+        progs[f"this build, {mode} forwarding"] = this_build(mode == "fast", keep)
     return progs
 
 
@@ -168,16 +183,16 @@ def dispatched(net: FibNet, fds: list[int]) -> None:
 
 
 def warm_costs(progs: dict[str, int], ext: int) -> dict[str, float]:
-    """ns per packet of one established flow whose backend is the VIP itself,
-    so that the NAT leaves the packet as it was and BPF_PROG_TEST_RUN can
+    """ns per packet of one established flow to WARM_VIP, whose backend is
+    itself, so that the NAT leaves the packet as it was and BPF_PROG_TEST_RUN can
     repeat it WARM_REPEAT times on one buffer (only the TTL moves): the
     program's own cost, every cache warm. Median of WARM_CALLS calls each."""
     out = {}
     for fd in progs.values():
-        run(fd, frame(CLIENT, VIP, WARM_PORT, 80, "S"), ext)
-        run(fd, frame(VIP, CLIENT, 80, WARM_PORT, "SA", eth_src=BACKEND_MAC), ext)
-        run(fd, frame(CLIENT, VIP, WARM_PORT, 80, "A"), ext)
-    data = frame(CLIENT, VIP, WARM_PORT, 80, "PA", b"x" * 64, ttl=255)
+        run(fd, frame(CLIENT, WARM_VIP, WARM_PORT, 80, "S"), ext)
+        run(fd, frame(WARM_VIP, CLIENT, 80, WARM_PORT, "SA", eth_src=BACKEND_MAC), ext)
+        run(fd, frame(CLIENT, WARM_VIP, WARM_PORT, 80, "A"), ext)
+    data = frame(CLIENT, WARM_VIP, WARM_PORT, 80, "PA", b"x" * 64, ttl=255)
     times = {name: [] for name in progs}
     for _ in range(WARM_CALLS):
         for name, fd in progs.items():
@@ -192,8 +207,8 @@ def bench() -> dict[str, float]:
     from bcc import BPF
 
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    # The VIP is a neighbour on ext for the warm flow, whose backend it is.
-    neighbours = {CLIENT: (CLIENT_MAC, "ext"), VIP: (BACKEND_MAC, "ext"),
+    # WARM_VIP is a neighbour on ext for the warm flow, whose backend it is.
+    neighbours = {CLIENT: (CLIENT_MAC, "ext"), WARM_VIP: (BACKEND_MAC, "ext"),
                   **{b: (BACKEND_MAC, "int") for b in BACKENDS}}
     keep = []
     with FibNet(f"xlbx-bench-{os.getpid()}").entered(neighbours) as net:
@@ -212,14 +227,12 @@ def bench() -> dict[str, float]:
             # the other CPU, nor one created and freed again. A stand-in takes that place,
             # unmeasured: it fell on the build before the fast path, and flattered this one
             # by about 10%.
-            backends = [(b, 8080) for b in BACKENDS]
-            this_build(backends, True, keep)
+            this_build(True, keep)
             with tempfile.TemporaryDirectory() as tmp:
-                progs.update(programs(Path(tmp), backends, keep))
-                warm_progs = programs(Path(tmp), [(VIP, 80)], keep)
-            dispatched(net, [*progs.values(), *warm_progs.values()])
+                progs.update(programs(Path(tmp), keep))
+            dispatched(net, list(progs.values()))
             rows = costs(progs, ext, intf)
-            warm = warm_costs(warm_progs, ext)
+            warm = warm_costs({name: fd for name, fd in progs.items() if name != EMPTY}, ext)
         finally:
             for cleanup in keep:
                 cleanup()
@@ -232,7 +245,7 @@ def bench() -> dict[str, float]:
     for name, r in rows.items():
         print(f"  {name:<36}" + "".join(
             f"{r[c]:8.0f} ns {r[c] / empty_ns:5.2f}x" if c in r else f"{'':>17}" for c in cols))
-    print(f"\n  warm, one established flow (NAT to the VIP itself), median of {WARM_CALLS} calls of "
+    print(f"\n  warm, one established flow (to a VIP whose backend is itself), median of {WARM_CALLS} calls of "
           f"{WARM_REPEAT} repeats:")
     for name, ns in warm.items():
         print(f"  {name:<36}{ns:8.0f} ns")
