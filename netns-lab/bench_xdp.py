@@ -225,11 +225,11 @@ def bench() -> dict[str, float]:
             # first (2026-12-01: three copies of one build; a stand-in with small maps put
             # first left it on the first of them, one with full-size maps took it and left
             # them equal). It goes with the memory the first large map gets on this CPU:
-            # a bare LRU map of 262,144 entries created first takes it too, and so, mostly,
-            # does one that another process pinned to this CPU holds, but not one held on
-            # the other CPU, nor one created and freed again. A stand-in takes that place,
-            # unmeasured: it fell on the build before the fast path, and flattered this one
-            # by about 10%.
+            # a bare map of 262,144 entries created first takes most of it too (LRU, two
+            # runs; hash, one), and so does one that another process pinned to this CPU
+            # holds, but not one held on the other CPU, nor one created and freed again.
+            # A stand-in takes that place, unmeasured: it fell on the build before the fast
+            # path, and flattered this one by about 10%.
             this_build(True, keep)
             with tempfile.TemporaryDirectory() as tmp:
                 progs.update(programs(Path(tmp), keep))
