@@ -129,13 +129,12 @@ def print_targets(test_run: dict[str, float], lab: dict) -> None:
     each lab target, the same ratio for lb routing in XDP with no balancing at all:
     what forwarding in XDP is worth on this lab's veths, which an XDP balancer can
     approach but, with a table to keep, not pass (beyond the runs' noise)."""
-    xlb = lab["xlb"]
-    rows = ((f"UDP packets/s, {xlb} / nftables", lab["udp/nft"], ">=", 1.5,
-             lab["udp xdp alone/nft"]),
+    xlb, alone = lab["xlb"], lab["xdp alone"]
+    rows = ((f"UDP packets/s, {xlb} / nftables", lab["udp/nft"], ">=", 1.5, alone["udp/nft"]),
             (f"Connection: close req/s, {xlb} / direct", lab["close/direct"], ">=", 1.0,
-             lab["close xdp alone/direct"]),
+             alone["close/direct"]),
             (f"Connection: close req/s, {xlb} / HAProxy", lab["close/haproxy"], ">=", 1.9,
-             lab["close xdp alone/haproxy"]),
+             alone["close/haproxy"]),
             ("test-run non-VIP packet / empty program", test_run["non-vip/empty"], "<=", 1.15,
              None),
             *((f"test-run {what} (fast path) / before the fast path", test_run[key], "<=", 1.0,
@@ -143,12 +142,12 @@ def print_targets(test_run: dict[str, float], lab: dict) -> None:
               for what, key in (("new flow", "syn/before"), ("established", "established/before"))
               if key in test_run))
     print("Issue 9's targets (this run's ratios; a timing is printed, never asserted):")
-    for name, value, op, goal, alone in rows:
+    for name, value, op, goal, routed in rows:
         met = value >= goal if op == ">=" else value <= goal
         print(f"  {name:<58} {value:5.2f}x  target {op} {goal:.2f}x  "
               f"{'met' if met else 'not met'}")
-        if alone is not None:
-            print(f"    lb routing in XDP, no balancing at all: {alone:.2f}x "
+        if routed is not None:
+            print(f"    lb routing in XDP, no balancing at all: {routed:.2f}x "
                   "(forwarding alone on this lab's veths)")
 
 

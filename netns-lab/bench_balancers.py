@@ -462,8 +462,9 @@ def ratio(value: float | None, base: float | None) -> str:
     return f"{value / base:5.2f}x" if value and base else "    - "
 
 
-def report(results: list[tuple[Scenario, Figures | None]]) -> dict[str, float | None]:
-    """Prints the tables; returns the figures the targets are judged on."""
+def report(results: list[tuple[Scenario, Figures | None]]) -> dict:
+    """Prints the tables; returns the ratios the targets are judged on, xlb's and,
+    under "xdp alone", the same for lb routing in XDP with no balancing."""
     by_name = {sc.name: fig for sc, fig in results}
     direct = by_name["direct to the backends"]
     nft = by_name["nftables DNAT (numgen, conntrack)"]
@@ -510,12 +511,10 @@ def report(results: list[tuple[Scenario, Figures | None]]) -> dict[str, float | 
           "Other tenants of the machine are left\n  out: they used a median "
           f"{med(others) * 100:.0f}% of the CPUs during these runs.")
     xlb_name = "xlb, fast path" if by_name["xlb, fast path"] else "xlb, kernel forwarding"
-    xlb, haproxy_fig = by_name[xlb_name], by_name["HAProxy mode tcp roundrobin"]
-    alone = by_name[XDP_ALONE]
-    return {"xlb": xlb_name,
-            "udp/nft": med(xlb.pps) / med(nft.pps),
-            "udp xdp alone/nft": med(alone.pps) / med(nft.pps),
-            "close/direct": med(xlb.rps["close"]) / med(direct.rps["close"]),
-            "close xdp alone/direct": med(alone.rps["close"]) / med(direct.rps["close"]),
-            "close/haproxy": med(xlb.rps["close"]) / med(haproxy_fig.rps["close"]),
-            "close xdp alone/haproxy": med(alone.rps["close"]) / med(haproxy_fig.rps["close"])}
+    haproxy_fig = by_name["HAProxy mode tcp roundrobin"]
+
+    def ratios(fig: Figures) -> dict[str, float]:
+        return {"udp/nft": med(fig.pps) / med(nft.pps),
+                "close/direct": med(fig.rps["close"]) / med(direct.rps["close"]),
+                "close/haproxy": med(fig.rps["close"]) / med(haproxy_fig.rps["close"])}
+    return {"xlb": xlb_name, **ratios(by_name[xlb_name]), "xdp alone": ratios(by_name[XDP_ALONE])}

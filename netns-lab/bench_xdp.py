@@ -100,11 +100,12 @@ def costs(progs: dict[str, int], ext: int, intf: int) -> dict[str, dict[str, flo
     return out
 
 
-def service_layout() -> list[tuple[int, str, list[tuple[int, str, int]]]]:
-    """(service id, VIP, [(backend id, address, port)]) for each of SERVICES, the
-    backend ids counted across them; a service's ring is twice its id."""
+def service_layout() -> list[tuple[int, int, str, list[tuple[int, str, int]]]]:
+    """(service id, ring, VIP, [(backend id, address, port)]) for each of
+    SERVICES: the ring twice the id (two a service), the backend ids counted
+    across them."""
     ids = itertools.count()
-    return [(sid, vip, [(next(ids), addr, port) for addr, port in backends])
+    return [(sid, 2 * sid, vip, [(next(ids), addr, port) for addr, port in backends])
             for sid, (vip, backends) in enumerate(SERVICES)]
 
 
@@ -129,12 +130,12 @@ def baseline_program(directory: Path):
     table, rings, services, vips = (bpf[n] for n in (b"backends", b"rings", b"services",
                                                      b"vips"))
     ring_size = Limits().ring_size
-    for sid, vip, backends in service_layout():
+    for sid, ring, vip, backends in service_layout():
         for slot, (bid, addr, port) in enumerate(backends):
             table[table.Key(bid)] = table.Leaf(_be32(IPv4Address(addr)), _be16(port), 0)
-            rings[rings.Key(2 * sid * ring_size + slot)] = rings.Leaf(bid)
+            rings[rings.Key(ring * ring_size + slot)] = rings.Leaf(bid)
         services[services.Key(_be32(IPv4Address(vip)), _be16(80), 6, 0)] = services.Leaf(
-            sid, 2 * sid, len(backends), 0)
+            sid, ring, len(backends), 0)
         vips[vips.Key(_be32(IPv4Address(vip)))] = vips.Leaf(1)
     return bpf, fn.fd
 
@@ -145,12 +146,12 @@ def this_build(fast: bool, keep: list) -> int:
 
     dp = Datapath()
     keep.append(dp.close)
-    for sid, vip, backends in service_layout():
+    for sid, ring, vip, backends in service_layout():
         for bid, addr, port in backends:
             dp.set_backend(bid, IPv4Address(addr), port)
-        dp.write_ring(2 * sid, [bid for bid, _, _ in backends])
+        dp.write_ring(ring, [bid for bid, _, _ in backends])
         dp.set_vip(IPv4Address(vip))
-        dp.set_service(IPv4Address(vip), 80, 6, sid, 2 * sid, len(backends))
+        dp.set_service(IPv4Address(vip), 80, 6, sid, ring, len(backends))
         dp.set_timeouts(sid, 60, 900, 120, 300)
     dp.set_forwarding(fast)
     return dp.prog_fd

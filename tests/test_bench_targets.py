@@ -7,10 +7,8 @@ from __future__ import annotations
 from bench import print_targets
 
 TEST_RUN = {"non-vip/empty": 1.10, "syn/before": 1.20, "established/before": 0.95}
-LAB = {"xlb": "xlb, fast path",
-       "udp/nft": 1.60, "udp xdp alone/nft": 1.70,
-       "close/direct": 0.90, "close xdp alone/direct": 0.80,
-       "close/haproxy": 2.00, "close xdp alone/haproxy": 1.80}
+LAB = {"xlb": "xlb, fast path", "udp/nft": 1.60, "close/direct": 0.90, "close/haproxy": 2.00,
+       "xdp alone": {"udp/nft": 1.70, "close/direct": 0.80, "close/haproxy": 1.80}}
 
 
 def rows(capsys) -> list[tuple[str, str | None]]:
