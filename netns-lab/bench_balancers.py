@@ -6,7 +6,8 @@ Scenarios, in turn in the same lab (client -> lb -> WAS1/WAS2):
   direct, lb routing in XDP
             the same, with lb forwarding in XDP (netns-lab/xdp_fwd.py: the fast
             path's forwarding alone, no balancing): what XDP is worth on these
-            veths, the most an XDP balancer can gain here
+            veths, which an XDP balancer with a table to keep can approach but
+            not pass, beyond the runs' noise
   nftables  DNAT `numgen inc mod 2` (conntrack) in lb, the VIP an address of lb
   haproxy   HAProxy `mode tcp`, `balance roundrobin`, default threads (one per
             CPU), in lb, bound to the VIP (an address of lb); TCP only
