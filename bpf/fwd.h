@@ -1,7 +1,8 @@
 /* The fast path: send a rewritten packet out without the kernel stack, as a
  * router would (samples/bpf/xdp_fwd_kern.c): ask the kernel's FIB for the next
  * hop, decrement the TTL, set the MACs. What the FIB cannot resolve is left
- * to the kernel, with the reason. */
+ * to the kernel, with the reason. The next hop's MTU serves both forwarding
+ * modes. */
 #ifndef XLB_FWD_H
 #define XLB_FWD_H
 

@@ -350,51 +350,59 @@ static __always_inline void flow_progress(struct flow_key *key, struct flow *f, 
 
 /* pkt (rewritten from `key`) is over its next hop's MTU. With DF set, xlb
  * answers the sender as a router would, about the packet as the sender sent
- * it, so that path MTU discovery works through the NAT; without, the kernel
- * fragments it. */
+ * it, so that path MTU discovery works through the NAT (the kernel's answer
+ * would quote the rewritten packet, which the sender cannot match to its
+ * connection); without, the kernel fragments it, for reason `fragment`. */
 static __always_inline enum xlb_reason too_big(struct xdp_md *ctx, struct packet *pkt,
-					       struct flow_key *key, int reply, __u16 mtu)
+					       struct flow_key *key, int reply, __u16 mtu,
+					       enum xlb_reason fragment)
 {
 	__be32 vip = reply ? pkt->ip->saddr : key->daddr;
 
 	if (!(pkt->ip->frag_off & bpf_htons(XLB_IP_DF)) || pkt->ip->ihl != 5 ||
 	    (void *)(long)ctx->data + XLB_FRAG_NEEDED_LEN > (void *)(long)ctx->data_end)
-		return XLB_FIB_FRAG_NEEDED;
+		return fragment;
 	if (reply)
 		nat_source(pkt, key->saddr, key->sport);
 	else
 		nat_dest(pkt, key->daddr, key->dport);
 	if (icmp_frag_needed(ctx, vip, mtu) < 0)
-		return XLB_FIB_FRAG_NEEDED;	/* cannot be: the frame was checked above */
+		return fragment;	/* cannot be: the frame was checked above */
 	return XLB_ICMP_TOO_BIG;
 }
 
-/* Sends the packet, rewritten from `key`, on: to the kernel, or (fast path)
- * straight to its next hop, resolved at most once a second per destination. */
+/* Sends the packet, rewritten from `key`, on: straight to its next hop (fast
+ * path), or to the kernel, which routes it (`passed`). Either way a packet
+ * over its next hop's MTU is xlb's to answer (too_big). Next hops are
+ * resolved at most once a second per destination. */
 static __always_inline enum xlb_reason send(struct xdp_md *ctx, struct packet *pkt,
 					    struct xlb_config *cfg, struct flow_key *key, int reply,
 					    __u64 now)
 {
+	int fast = cfg->flags & CONFIG_FAST_PATH;
+	enum xlb_reason passed = reply ? XLB_REPLY : XLB_FORWARD;
+	enum xlb_reason fragment = fast ? XLB_FIB_FRAG_NEEDED : passed;
 	__be32 daddr = pkt->ip->daddr;
 	__u32 slot = xlb_hop_slot(daddr, ctx->ingress_ifindex);
 	struct hop *hop;
 	__u16 mtu = 0;
 	int rc;
 
-	if (!(cfg->flags & CONFIG_FAST_PATH))
-		return reply ? XLB_REPLY : XLB_FORWARD;
+	/* A router answers "time exceeded" before it looks at the MTU. */
 	if (pkt->ip->ttl <= 1)
-		return XLB_TTL_EXPIRED;
+		return fast ? XLB_TTL_EXPIRED : passed;
 	hop = hops.lookup(&slot);
 	if (!hop)
-		return XLB_FIB_NO_ROUTE;	/* cannot be: the slot is in range */
+		return fast ? XLB_FIB_NO_ROUTE : passed;	/* cannot be: the slot is in range */
 	if (hop->daddr != daddr || hop->in_ifindex != ctx->ingress_ifindex || !hop->checked ||
 	    now < hop->checked || now - hop->checked > NSEC_PER_SEC) {
 		rc = fib_resolve(ctx, pkt, hop, &mtu);
+		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+			return too_big(ctx, pkt, key, reply, mtu, fragment);
+		if (rc != BPF_FIB_LKUP_RET_SUCCESS && !fast)
+			return passed;		/* the kernel resolves the neighbour, or refuses */
 		if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 			return XLB_FIB_NO_NEIGH;
-		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-			return too_big(ctx, pkt, key, reply, mtu);
 		if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
 			return XLB_FIB_FWD_DISABLED;
 		if (rc != BPF_FIB_LKUP_RET_SUCCESS)
@@ -405,7 +413,9 @@ static __always_inline enum xlb_reason send(struct xdp_md *ctx, struct packet *p
 		hop->checked = now;
 	}
 	if (bpf_ntohs(pkt->ip->tot_len) > hop->mtu)
-		return too_big(ctx, pkt, key, reply, hop->mtu);
+		return too_big(ctx, pkt, key, reply, hop->mtu, fragment);
+	if (!fast)
+		return passed;
 	ip_decrease_ttl(pkt->ip);
 	hop_apply(pkt->eth, hop);
 	if (hop->ifindex == ctx->ingress_ifindex)

@@ -188,7 +188,7 @@ struct tally {
 	X(REPLY_REDIRECT, XDP_REDIRECT) /* fast path: reverse NAT, out another port */ \
 	X(FIB_NO_NEIGH, XDP_PASS)     /* NATed; next hop's MAC unknown: kernel ARPs */ \
 	X(FIB_NO_ROUTE, XDP_PASS)     /* NATed; no route (or blackhole, prohibit) */ \
-	X(FIB_FRAG_NEEDED, XDP_PASS)  /* NATed; over the egress MTU: kernel answers */ \
+	X(FIB_FRAG_NEEDED, XDP_PASS)  /* NATed; over the egress MTU: kernel fragments */ \
 	X(FIB_FWD_DISABLED, XDP_PASS) /* NATed; ip_forward off on the ingress link */ \
 	X(TTL_EXPIRED, XDP_PASS)      /* NATed; TTL <= 1: the kernel sends the ICMP */ \
 	X(ICMP_ECHO_REPLY, XDP_TX)    /* ping of a VIP: answered here */            \

@@ -67,7 +67,8 @@ def cli() -> None:
               show_default=True,
               help="fast: send rewritten packets to their next hop from XDP (bpf_fib_lookup, "
                    "XDP_TX/XDP_REDIRECT), leaving to the kernel only what it must resolve; "
-                   "kernel: hand them to the kernel's IP stack (XDP_PASS).")
+                   "kernel: hand them to the kernel's IP stack (XDP_PASS). Either way xlb "
+                   "itself tells the sender of a packet too big for its next hop.")
 @click.option("--flow-table", "flow_table", type=click.IntRange(min=1), metavar="CONNECTIONS",
               help="Established connections the flow table holds (two entries each; "
                    "default 131072); half-open ones have a table of their own.")

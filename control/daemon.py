@@ -339,7 +339,8 @@ def _attach(datapath: Datapath, link: netif.Link):
         log.event("attach", level="warning", interface=link.name, mode="generic",
                   reason=f"native XDP refused ({att.note}); generic XDP is slower")
     elif (peer := netif.veth_peer_without_xdp(link.index)) is not None:
-        lost = "ARP replies for VIPs" + (" and fast-path packets" if datapath.fast_path else "")
+        lost = ("answers for VIPs (ARP, ping, fragmentation needed)"
+                + (" and fast-path packets" if datapath.fast_path else ""))
         log.event("attach", level="warning", interface=link.name, mode="native",
                   reason=f"its veth peer {peer} runs no XDP program, so the {lost} that "
                          f"xlb sends out of {link.name} are lost; attach one to {peer} "

@@ -132,15 +132,17 @@ def test_an_idle_connection_expires_after_its_timeout(lab, tmp_path):
         assert st["flows"]["removed"]["expired"] >= 1
 
 
-def test_path_mtu_discovery_and_ping_through_xlb(lab):
+@pytest.mark.parametrize("forwarding", ["fast", "kernel"])
+def test_path_mtu_discovery_and_ping_through_xlb(lab, forwarding):
     """lb's link to the backends gets MTU 1000 while the backends keep 1500 (so
     they offer MSS 1460): a client's large request does not fit, xlb tells the
-    client "fragmentation needed" about the packet it sent to the VIP, the
-    client's kernel lowers its path MTU to the VIP and resends in smaller
-    segments, and the request is answered."""
+    client "fragmentation needed" about the packet it sent to the VIP (in
+    either forwarding mode: the kernel's would quote the packet to the
+    backend), the client's kernel lowers its path MTU to the VIP and resends
+    in smaller segments, and the request is answered."""
     lab.run("lb", "ip", "link", "set", "eth1", "mtu", "1000", check=True)
     try:
-        with lab.xlb("--vip", f"{VIP}:80", *BACKENDS):
+        with lab.xlb("--vip", f"{VIP}:80", *BACKENDS, "--forwarding", forwarding):
             before = reasons(lab)
             ping = lab.run("client", "ping", "-c", "2", "-W", "2", VIP)
             assert ping.returncode == 0, ping.stdout + ping.stderr

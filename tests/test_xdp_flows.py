@@ -6,6 +6,7 @@ int 10.1.11.0/24 (backends). Frames go in, exact bytes come out; the flow
 tables are read back through Datapath to check each connection's state.
 """
 
+import contextlib
 import random
 import socket
 import time
@@ -186,30 +187,68 @@ def test_what_the_fib_cannot_resolve_goes_to_the_kernel_rewritten_only(lb, fibne
     lb.expect(reason, flow=("out", SVC_TCP, bid, False))
 
 
-def test_over_the_egress_mtu_without_df_goes_to_the_kernel_to_fragment(lb, fibnet):
-    client = "10.1.13.50"                               # behind the link of MTU 1280
-    bid = backend_of(lb.send(tcp_frame(client, VIP, 50200, 80, flags="S"),
-                             fibnet.ifindex["ext"]).data)
-    be_addr, be_port = BACKENDS[bid]
-    big = tcp_frame(be_addr, client, be_port, 50200, flags="A", payload=b"x" * 1300,
-                    eth_src=BACKEND_MAC, ip_flags=0)
-    res = lb.send(big, fibnet.ifindex["int"])
+@contextlib.contextmanager
+def forwarding(lb, mode: str):
+    """The program in `mode` ("fast" or "kernel") for the block, fast after."""
+    lb.dp.set_forwarding(mode == "fast")
+    try:
+        yield
+    finally:
+        lb.dp.set_forwarding(True)
+
+
+@pytest.mark.parametrize("mode, client, reason", [
+    ("fast", "10.1.13.50", "fib_frag_needed"),       # behind the link of MTU 1280
+    ("kernel", "10.1.13.52", "reply"),
+])
+def test_over_the_egress_mtu_without_df_goes_to_the_kernel_to_fragment(lb, fibnet, mode, client,
+                                                                         reason):
+    sport = 50200 + len(mode)
+    with forwarding(lb, mode):
+        bid = backend_of(lb.send(tcp_frame(client, VIP, sport, 80, flags="S"),
+                                 fibnet.ifindex["ext"]).data)
+        be_addr, be_port = BACKENDS[bid]
+        big = tcp_frame(be_addr, client, be_port, sport, flags="A", payload=b"x" * 1300,
+                        eth_src=BACKEND_MAC, ip_flags=0)
+        res = lb.send(big, fibnet.ifindex["int"])
     assert res.action == XDP_PASS
-    assert res.data == tcp_frame(VIP, client, 80, 50200, flags="A", payload=b"x" * 1300,
+    assert res.data == tcp_frame(VIP, client, 80, sport, flags="A", payload=b"x" * 1300,
                                  eth_src=BACKEND_MAC, ip_flags=0)
-    lb.expect("fib_frag_needed", flow=("out", SVC_TCP, bid, False))
+    lb.expect(reason, flow=("out", SVC_TCP, bid, False))
 
 
 def test_kernel_forwarding_passes_rewritten_packets(lb, fibnet):
-    lb.dp.set_forwarding(False)
-    try:
+    with forwarding(lb, "kernel"):
         res = lb.send(syn(50300), fibnet.ifindex["ext"])
         assert res.action == XDP_PASS
         bid = backend_of(res.data)
         assert res.data == tcp_frame(CLIENT, BACKENDS[bid][0], 50300, 8080, flags="S")
         lb.expect("forward", flow=("in", SVC_TCP, bid, True))
-    finally:
-        lb.dp.set_forwarding(True)
+
+
+@pytest.mark.parametrize("client, ifname, ttl", [
+    ("198.51.100.10", "ext", 64),   # the reply's next hop 10.1.1.2 is unresolved
+    ("203.0.113.10", "ext", 64),    # blackholed
+    ("10.1.1.10", "nofwd", 64),
+    ("10.1.1.10", "ext", 1),
+])
+def test_kernel_forwarding_leaves_what_the_fib_cannot_resolve_to_the_kernel(lb, fibnet, client,
+                                                                            ifname, ttl):
+    """What the fast path counts by the FIB's reason, kernel forwarding passes
+    as it passes every packet: as `forward` or `reply`, rewritten only."""
+    sport = 50400 + ttl + len(ifname)
+    with forwarding(lb, "kernel"):
+        res = lb.send(tcp_frame(client, VIP, sport, 80, flags="S", ttl=ttl), fibnet.ifindex[ifname])
+        bid = backend_of(res.data)
+        be_addr, be_port = BACKENDS[bid]
+        assert res.action == XDP_PASS
+        assert res.data == tcp_frame(client, be_addr, sport, be_port, flags="S", ttl=ttl)
+        lb.expect("forward", flow=("in", SVC_TCP, bid, True))
+        res = lb.send(tcp_frame(be_addr, client, be_port, sport, flags="SA", eth_src=BACKEND_MAC),
+                      fibnet.ifindex["int"])
+    assert res.action == XDP_PASS
+    assert res.data == tcp_frame(VIP, client, 80, sport, flags="SA", eth_src=BACKEND_MAC)
+    lb.expect("reply", flow=("out", SVC_TCP, bid, False))
 
 
 # Connection states ---------------------------------------------------------------------
@@ -621,17 +660,31 @@ def test_errors_about_unknown_flows_pass_unchanged(lb, fibnet):
         lb.expect("pass_not_vip")
 
 
-def test_over_the_mtu_with_df_the_sender_learns_the_path_mtu(lb, fibnet):
+@pytest.mark.parametrize("mode, client, first", [
+    ("fast", "10.1.13.51", None),           # its next hop unresolved: the FIB says "too big"
+    ("kernel", "10.1.13.53", None),
+    ("fast", "10.1.13.101", 100),           # resolved by a small reply first: the cache says it
+    ("kernel", "10.1.13.101", 100),
+])
+def test_over_the_mtu_with_df_the_sender_learns_the_path_mtu(lb, fibnet, mode, client, first):
     """A backend's 1300-byte reply to a client behind the link of MTU 1280:
     xlb answers the backend with "fragmentation needed" (MTU 1280) from the
-    VIP, quoting the reply as the backend sent it."""
-    client = "10.1.13.51"
-    bid = backend_of(lb.send(tcp_frame(client, VIP, 56200, 80, flags="S"),
-                             fibnet.ifindex["ext"]).data)
-    be_addr, be_port = BACKENDS[bid]
-    reply = tcp_frame(be_addr, client, be_port, 56200, flags="A", payload=b"x" * 1300,
-                      eth_src=BACKEND_MAC)
-    res = lb.send(reply, fibnet.ifindex["int"])
+    VIP, quoting the reply as the backend sent it, in either forwarding mode
+    (the kernel's own answer would quote the rewritten reply, which the
+    backend cannot match to its connection)."""
+    sport = 56200 + len(mode) + (first or 0)
+    with forwarding(lb, mode):
+        bid = backend_of(lb.send(tcp_frame(client, VIP, sport, 80, flags="S"),
+                                 fibnet.ifindex["ext"]).data)
+        be_addr, be_port = BACKENDS[bid]
+        if first:
+            small = tcp_frame(be_addr, client, be_port, sport, flags="SA", eth_src=BACKEND_MAC)
+            fast = mode == "fast"
+            assert lb.send(small, fibnet.ifindex["int"]).action == (XDP_REDIRECT if fast else XDP_PASS)
+            lb.expect("reply_redirect" if fast else "reply", flow=("out", SVC_TCP, bid, False))
+        reply = tcp_frame(be_addr, client, be_port, sport, flags="A", payload=b"x" * 1300,
+                          eth_src=BACKEND_MAC)
+        res = lb.send(reply, fibnet.ifindex["int"])
     assert res.action == XDP_TX
     assert res.data == icmp_frame(VIP, be_addr, ICMP(type=3, code=4, nexthopmtu=1280),
                                   quote(reply), eth_src=LB_MAC, eth_dst=BACKEND_MAC,
