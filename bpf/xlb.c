@@ -371,51 +371,81 @@ static __always_inline enum xlb_reason too_big(struct xdp_md *ctx, struct packet
 	return XLB_ICMP_TOO_BIG;
 }
 
-/* Sends the packet, rewritten from `key`, on: straight to its next hop (fast
- * path), or to the kernel, which routes it (`passed`). Either way a packet
- * over its next hop's MTU is xlb's to answer (too_big). Next hops are
- * resolved at most once a second per destination. */
-static __always_inline enum xlb_reason send(struct xdp_md *ctx, struct packet *pkt,
-					    struct xlb_config *cfg, struct flow_key *key, int reply,
-					    __u64 now)
+/* The next hop of pkt (rewritten), from this CPU's cache, which resolves a
+ * destination at most once a second. NULL where the FIB cannot resolve it:
+ * *rc says why (with BPF_FIB_LKUP_RET_FRAG_NEEDED, *mtu the route's MTU). */
+static __always_inline struct hop *next_hop(struct xdp_md *ctx, struct packet *pkt, __u64 now,
+					    int *rc, __u16 *mtu)
 {
-	int fast = cfg->flags & CONFIG_FAST_PATH;
-	enum xlb_reason passed = reply ? XLB_REPLY : XLB_FORWARD;
-	enum xlb_reason fragment = fast ? XLB_FIB_FRAG_NEEDED : passed;
 	__be32 daddr = pkt->ip->daddr;
 	__u32 slot = xlb_hop_slot(daddr, ctx->ingress_ifindex);
+	struct hop *hop = hops.lookup(&slot);
+
+	*rc = BPF_FIB_LKUP_RET_NOT_FWDED;
+	if (!hop)
+		return NULL;	/* cannot be: the slot is in range */
+	if (hop->daddr == daddr && hop->in_ifindex == ctx->ingress_ifindex && hop->checked &&
+	    now >= hop->checked && now - hop->checked <= NSEC_PER_SEC)
+		return hop;
+	*rc = fib_resolve(ctx, pkt, hop, mtu);
+	if (*rc != BPF_FIB_LKUP_RET_SUCCESS)
+		return NULL;
+	hop->daddr = daddr;
+	hop->in_ifindex = ctx->ingress_ifindex;
+	hop->mtu = *mtu;
+	hop->checked = now;
+	return hop;
+}
+
+/* Kernel forwarding: the kernel routes the packet, as `forward` or `reply`,
+ * but one over its next hop's MTU is xlb's to answer (too_big) as in the
+ * fast path. A router answers "time exceeded" before it looks at the MTU,
+ * and the kernel does that. */
+static __always_inline enum xlb_reason to_kernel(struct xdp_md *ctx, struct packet *pkt,
+						 struct flow_key *key, int reply, __u64 now)
+{
+	enum xlb_reason passed = reply ? XLB_REPLY : XLB_FORWARD;
 	struct hop *hop;
 	__u16 mtu = 0;
 	int rc;
 
-	/* A router answers "time exceeded" before it looks at the MTU. */
 	if (pkt->ip->ttl <= 1)
-		return fast ? XLB_TTL_EXPIRED : passed;
-	hop = hops.lookup(&slot);
+		return passed;
+	hop = next_hop(ctx, pkt, now, &rc, &mtu);
 	if (!hop)
-		return fast ? XLB_FIB_NO_ROUTE : passed;	/* cannot be: the slot is in range */
-	if (hop->daddr != daddr || hop->in_ifindex != ctx->ingress_ifindex || !hop->checked ||
-	    now < hop->checked || now - hop->checked > NSEC_PER_SEC) {
-		rc = fib_resolve(ctx, pkt, hop, &mtu);
-		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-			return too_big(ctx, pkt, key, reply, mtu, fragment);
-		if (rc != BPF_FIB_LKUP_RET_SUCCESS && !fast)
-			return passed;		/* the kernel resolves the neighbour, or refuses */
+		return rc == BPF_FIB_LKUP_RET_FRAG_NEEDED ? too_big(ctx, pkt, key, reply, mtu, passed)
+							  : passed;
+	if (bpf_ntohs(pkt->ip->tot_len) > hop->mtu)
+		return too_big(ctx, pkt, key, reply, hop->mtu, passed);
+	return passed;
+}
+
+/* Sends the packet, rewritten from `key`, on: to the kernel (to_kernel), or
+ * (fast path) straight to its next hop. */
+static __always_inline enum xlb_reason send(struct xdp_md *ctx, struct packet *pkt,
+					    struct xlb_config *cfg, struct flow_key *key, int reply,
+					    __u64 now)
+{
+	struct hop *hop;
+	__u16 mtu = 0;
+	int rc;
+
+	if (!(cfg->flags & CONFIG_FAST_PATH))
+		return to_kernel(ctx, pkt, key, reply, now);
+	if (pkt->ip->ttl <= 1)
+		return XLB_TTL_EXPIRED;
+	hop = next_hop(ctx, pkt, now, &rc, &mtu);
+	if (!hop) {
 		if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 			return XLB_FIB_NO_NEIGH;
+		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+			return too_big(ctx, pkt, key, reply, mtu, XLB_FIB_FRAG_NEEDED);
 		if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
 			return XLB_FIB_FWD_DISABLED;
-		if (rc != BPF_FIB_LKUP_RET_SUCCESS)
-			return XLB_FIB_NO_ROUTE;
-		hop->daddr = daddr;
-		hop->in_ifindex = ctx->ingress_ifindex;
-		hop->mtu = mtu;
-		hop->checked = now;
+		return XLB_FIB_NO_ROUTE;
 	}
 	if (bpf_ntohs(pkt->ip->tot_len) > hop->mtu)
-		return too_big(ctx, pkt, key, reply, hop->mtu, fragment);
-	if (!fast)
-		return passed;
+		return too_big(ctx, pkt, key, reply, hop->mtu, XLB_FIB_FRAG_NEEDED);
 	ip_decrease_ttl(pkt->ip);
 	hop_apply(pkt->eth, hop);
 	if (hop->ifindex == ctx->ingress_ifindex)
