@@ -372,8 +372,9 @@ static __always_inline enum xlb_reason too_big(struct xdp_md *ctx, struct packet
 }
 
 /* The next hop of pkt (rewritten), from this CPU's cache, which resolves a
- * destination at most once a second. NULL where the FIB cannot resolve it:
- * *rc says why (with BPF_FIB_LKUP_RET_FRAG_NEEDED, *mtu the route's MTU). */
+ * destination at most once a second. NULL, as bpf_fib_lookup answers, where
+ * the FIB cannot resolve it or pkt is over the route's MTU: *rc says why
+ * (with BPF_FIB_LKUP_RET_FRAG_NEEDED, *mtu the MTU). */
 static __always_inline struct hop *next_hop(struct xdp_md *ctx, struct packet *pkt, __u64 now,
 					    int *rc, __u16 *mtu)
 {
@@ -384,16 +385,21 @@ static __always_inline struct hop *next_hop(struct xdp_md *ctx, struct packet *p
 	*rc = BPF_FIB_LKUP_RET_NOT_FWDED;
 	if (!hop)
 		return NULL;	/* cannot be: the slot is in range */
-	if (hop->daddr == daddr && hop->in_ifindex == ctx->ingress_ifindex && hop->checked &&
-	    now >= hop->checked && now - hop->checked <= NSEC_PER_SEC)
-		return hop;
-	*rc = fib_resolve(ctx, pkt, hop, mtu);
-	if (*rc != BPF_FIB_LKUP_RET_SUCCESS)
+	if (hop->daddr != daddr || hop->in_ifindex != ctx->ingress_ifindex || !hop->checked ||
+	    now < hop->checked || now - hop->checked > NSEC_PER_SEC) {
+		*rc = fib_resolve(ctx, pkt, hop, mtu);
+		if (*rc != BPF_FIB_LKUP_RET_SUCCESS)
+			return NULL;
+		hop->daddr = daddr;
+		hop->in_ifindex = ctx->ingress_ifindex;
+		hop->mtu = *mtu;
+		hop->checked = now;
+	}
+	if (bpf_ntohs(pkt->ip->tot_len) > hop->mtu) {
+		*rc = BPF_FIB_LKUP_RET_FRAG_NEEDED;
+		*mtu = hop->mtu;
 		return NULL;
-	hop->daddr = daddr;
-	hop->in_ifindex = ctx->ingress_ifindex;
-	hop->mtu = *mtu;
-	hop->checked = now;
+	}
 	return hop;
 }
 
@@ -405,18 +411,13 @@ static __always_inline enum xlb_reason to_kernel(struct xdp_md *ctx, struct pack
 						 struct flow_key *key, int reply, __u64 now)
 {
 	enum xlb_reason passed = reply ? XLB_REPLY : XLB_FORWARD;
-	struct hop *hop;
 	__u16 mtu = 0;
 	int rc;
 
 	if (pkt->ip->ttl <= 1)
 		return passed;
-	hop = next_hop(ctx, pkt, now, &rc, &mtu);
-	if (!hop)
-		return rc == BPF_FIB_LKUP_RET_FRAG_NEEDED ? too_big(ctx, pkt, key, reply, mtu, passed)
-							  : passed;
-	if (bpf_ntohs(pkt->ip->tot_len) > hop->mtu)
-		return too_big(ctx, pkt, key, reply, hop->mtu, passed);
+	if (!next_hop(ctx, pkt, now, &rc, &mtu) && rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return too_big(ctx, pkt, key, reply, mtu, passed);
 	return passed;
 }
 
@@ -444,8 +445,6 @@ static __always_inline enum xlb_reason send(struct xdp_md *ctx, struct packet *p
 			return XLB_FIB_FWD_DISABLED;
 		return XLB_FIB_NO_ROUTE;
 	}
-	if (bpf_ntohs(pkt->ip->tot_len) > hop->mtu)
-		return too_big(ctx, pkt, key, reply, hop->mtu, XLB_FIB_FRAG_NEEDED);
 	ip_decrease_ttl(pkt->ip);
 	hop_apply(pkt->eth, hop);
 	if (hop->ifindex == ctx->ingress_ifindex)
