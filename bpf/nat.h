@@ -29,4 +29,14 @@ static __always_inline void nat_source(struct packet *pkt, __be32 addr, __be16 p
 	nat_rewrite(pkt, &pkt->ip->saddr, &pkt->ports->source, addr, port);
 }
 
+/* A balanced packet's rewrite: a reply's source becomes its service's, a
+ * forwarded packet's destination its backend's. */
+static __always_inline void nat_flow(struct packet *pkt, int reply, __be32 addr, __be16 port)
+{
+	if (reply)
+		nat_source(pkt, addr, port);
+	else
+		nat_dest(pkt, addr, port);
+}
+
 #endif

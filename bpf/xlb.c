@@ -362,10 +362,7 @@ static __always_inline enum xlb_reason too_big(struct xdp_md *ctx, struct packet
 	if (!(pkt->ip->frag_off & bpf_htons(XLB_IP_DF)) || pkt->ip->ihl != 5 ||
 	    (void *)(long)ctx->data + XLB_FRAG_NEEDED_LEN > (void *)(long)ctx->data_end)
 		return fragment;
-	if (reply)
-		nat_source(pkt, key->saddr, key->sport);
-	else
-		nat_dest(pkt, key->daddr, key->dport);
+	nat_flow(pkt, reply, reply ? key->saddr : key->daddr, reply ? key->sport : key->dport);
 	if (icmp_frag_needed(ctx, vip, mtu) < 0)
 		return fragment;	/* cannot be: the frame was checked above */
 	return XLB_ICMP_TOO_BIG;
@@ -405,8 +402,7 @@ static __always_inline struct hop *next_hop(struct xdp_md *ctx, struct packet *p
 
 /* Kernel forwarding: the kernel routes the packet, as `forward` or `reply`,
  * but one over its next hop's MTU is xlb's to answer (too_big) as in the
- * fast path. A router answers "time exceeded" before it looks at the MTU,
- * and the kernel does that. */
+ * fast path. */
 static __always_inline enum xlb_reason to_kernel(struct xdp_md *ctx, struct packet *pkt,
 						 struct flow_key *key, int reply, __u64 now)
 {
@@ -414,27 +410,30 @@ static __always_inline enum xlb_reason to_kernel(struct xdp_md *ctx, struct pack
 	__u16 mtu = 0;
 	int rc;
 
-	if (pkt->ip->ttl <= 1)
-		return passed;
 	if (!next_hop(ctx, pkt, now, &rc, &mtu) && rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 		return too_big(ctx, pkt, key, reply, mtu, passed);
 	return passed;
 }
 
-/* Sends the packet, rewritten from `key`, on: to the kernel (to_kernel), or
- * (fast path) straight to its next hop. */
+/* Rewrites the packet of flow `key` (nat_flow) and sends it on: to the kernel
+ * (to_kernel), or (fast path) straight to its next hop. With TTL <= 1 it goes
+ * nowhere: a router answers "time exceeded" about the packet as its sender
+ * sent it (about the rewritten one, the sender could not match the answer to
+ * its connection, and traceroute would lose this hop), so the kernel gets it
+ * as it came, and answers from its own address. */
 static __always_inline enum xlb_reason send(struct xdp_md *ctx, struct packet *pkt,
 					    struct xlb_config *cfg, struct flow_key *key, int reply,
-					    __u64 now)
+					    __be32 addr, __be16 port, __u64 now)
 {
 	struct hop *hop;
 	__u16 mtu = 0;
 	int rc;
 
-	if (!(cfg->flags & CONFIG_FAST_PATH))
-		return to_kernel(ctx, pkt, key, reply, now);
 	if (pkt->ip->ttl <= 1)
 		return XLB_TTL_EXPIRED;
+	nat_flow(pkt, reply, addr, port);
+	if (!(cfg->flags & CONFIG_FAST_PATH))
+		return to_kernel(ctx, pkt, key, reply, now);
 	hop = next_hop(ctx, pkt, now, &rc, &mtu);
 	if (!hop) {
 		if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
@@ -453,24 +452,22 @@ static __always_inline enum xlb_reason send(struct xdp_md *ctx, struct packet *p
 	return reply ? XLB_REPLY_REDIRECT : XLB_FORWARD_REDIRECT;
 }
 
-/* A packet of a known, live flow: state, counters, NAT, then on its way. */
+/* A packet of a known, live flow: state, counters, then on its way. */
 static __always_inline enum xlb_reason flow_continue(struct xdp_md *ctx, struct packet *pkt,
 						     struct xlb_config *cfg, struct flow_key *key,
 						     struct flow *f, int in_new, __u32 bytes,
 						     __u64 now)
 {
 	int reply = f->dir == FLOW_REPLY;
+	__be32 addr = f->addr;
+	__be16 port = f->port;
 
 	f->seen = now;
 	flow_track_close(key, f, pkt, in_new);
 	count_flow(f, bytes, 0);
-	if (reply)
-		nat_source(pkt, f->addr, f->port);
-	else
-		nat_dest(pkt, f->addr, f->port);
 	if (in_new)
 		flow_progress(key, f, pkt);	/* may move f: not used after this */
-	return send(ctx, pkt, cfg, key, reply, now);
+	return send(ctx, pkt, cfg, key, reply, addr, port, now);
 }
 
 /* Whether the kernel would forward ip (not deliver it here, nor drop it): a
@@ -527,8 +524,7 @@ static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct pac
 	/* This packet is the reply entry's: counted and rewritten as such. */
 	fwd.dir = FLOW_REPLY;
 	count_flow(&fwd, bytes, 0);
-	nat_source(pkt, skey->vip, skey->port);
-	return send(ctx, pkt, cfg, key, 1, now);
+	return send(ctx, pkt, cfg, key, 1, skey->vip, skey->port, now);
 }
 
 static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet *pkt,
@@ -572,8 +568,7 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 	if (flow_create(&key, svc, &fresh, now) < 0)
 		return XLB_DROP_NO_BACKEND;
 	count_flow(&fresh, bytes, 1);
-	nat_dest(pkt, fresh.addr, fresh.port);
-	return send(ctx, pkt, cfg, &key, 0, now);
+	return send(ctx, pkt, cfg, &key, 0, fresh.addr, fresh.port, now);
 }
 
 /* For packets that cannot be balanced: dropped if addressed to a VIP (the

@@ -190,7 +190,7 @@ struct tally {
 	X(FIB_NO_ROUTE, XDP_PASS)     /* NATed; no route (or blackhole, prohibit) */ \
 	X(FIB_FRAG_NEEDED, XDP_PASS)  /* NATed; over the egress MTU: kernel fragments */ \
 	X(FIB_FWD_DISABLED, XDP_PASS) /* NATed; ip_forward off on the ingress link */ \
-	X(TTL_EXPIRED, XDP_PASS)      /* NATed; TTL <= 1: the kernel sends the ICMP */ \
+	X(TTL_EXPIRED, XDP_PASS)      /* TTL <= 1: as it came; the kernel answers */  \
 	X(ICMP_ECHO_REPLY, XDP_TX)    /* ping of a VIP: answered here */            \
 	X(ICMP_TOO_BIG, XDP_TX)   /* over the next hop's MTU with DF: xlb tells the \
 				       * sender, about the packet as it sent it */ \

@@ -19,6 +19,10 @@
     clients.py hold HOST PORT --count N --pause S
         N GETs on ONE keep-alive connection, S seconds apart; prints a JSON
         line per request as it completes: {"i": i, "name": ...} or {"i": i, "error": ...}
+    clients.py hop HOST PORT [--ttl T] [--timeout S]
+        One TCP connect with IP TTL T, as `traceroute -T` probes: the ICMP error the
+        kernel matched to it, {"error": ..., "icmp": [type, code], "from": address},
+        or {"connected": true}, or {"error": ...} alone (no error came back).
 """
 
 import argparse
@@ -126,10 +130,37 @@ def hold(host, port, count, pause, timeout):
     conn.close()
 
 
+IP_RECVERR = 11      # <linux/in.h>; not in every Python's socket module
+
+
+def hop(host, port, ttl, timeout):
+    s = socket.socket()
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+    s.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+    s.settimeout(timeout)
+    try:
+        s.connect((host, port))
+        return {"connected": True}
+    except OSError as e:
+        out = {"error": f"{type(e).__name__}: {e}"}
+        try:
+            _, ancillary, _, _ = s.recvmsg(0, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+        except OSError:
+            return out      # nothing queued: no ICMP error matched the connection
+        for level, kind, data in ancillary:
+            if (level, kind) == (socket.IPPROTO_IP, IP_RECVERR):
+                # struct sock_extended_err, then the sender of the ICMP (sockaddr_in)
+                out["icmp"] = [data[5], data[6]]
+                out["from"] = socket.inet_ntoa(data[20:24])
+        return out
+    finally:
+        s.close()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for cmd in ("http", "udp", "load", "hold"):
+    for cmd in ("http", "udp", "load", "hold", "hop"):
         p = sub.add_parser(cmd)
         p.add_argument("host")
         p.add_argument("port", type=int)
@@ -140,9 +171,13 @@ def main():
         p.add_argument("--concurrency", type=int, default=8)
         p.add_argument("--pause", type=float, default=0.5)
         p.add_argument("--interval", type=float, default=0.0)
+        p.add_argument("--ttl", type=int, default=1)
     a = ap.parse_args()
     if a.cmd == "hold":
         hold(a.host, a.port, a.count, a.pause, a.timeout)
+        return
+    if a.cmd == "hop":
+        print(json.dumps(hop(a.host, a.port, a.ttl, a.timeout)))
         return
     if a.cmd in ("http", "udp"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})

@@ -159,6 +159,21 @@ def test_path_mtu_discovery_and_ping_through_xlb(lab, forwarding):
         lab.run("client", "ip", "route", "flush", "cache")
 
 
+@pytest.mark.parametrize("forwarding", ["fast", "kernel"])
+def test_a_probe_whose_ttl_runs_out_at_xlb_is_answered_as_by_a_router(lab, forwarding):
+    """A TCP connect to the VIP with TTL 1, as `traceroute -T` sends: lb's
+    kernel answers "time exceeded" from its own address about the packet the
+    client sent, so the client's kernel matches it to the connection (the
+    kernel's answer about the rewritten packet would be lost, and traceroute
+    would show no hop); with TTL 2 the connection is made."""
+    with lab.xlb("--vip", f"{VIP}:80", *BACKENDS, "--forwarding", forwarding):
+        before = reasons(lab)
+        probe = lab.client("client", "hop", VIP, "80", "--ttl", "1", "--timeout", "5")
+        assert probe.get("icmp") == [11, 0] and probe.get("from") == "10.1.1.1", probe
+        assert delta(reasons(lab), before).get("ttl_expired") == 1
+        assert lab.client("client", "hop", VIP, "80", "--ttl", "2") == {"connected": True}
+
+
 def test_a_syn_flood_costs_no_established_connection(lab):
     """32 idle keep-alive connections, then 5 s of random-source SYNs from
     one sender CPU (several times the half-open table): every connection

@@ -162,7 +162,6 @@ def test_out_the_link_it_came_in_is_xdp_tx(lb, fibnet):
     ("198.51.100.10", "ext", 64, "fib_no_neigh"),   # the reply's next hop 10.1.1.2 is unresolved
     ("203.0.113.10", "ext", 64, "fib_no_route"),    # blackholed
     ("10.1.1.10", "nofwd", 64, "fib_fwd_disabled"),
-    ("10.1.1.10", "ext", 1, "ttl_expired"),
 ])
 def test_what_the_fib_cannot_resolve_goes_to_the_kernel_rewritten_only(lb, fibnet, client, ifname,
                                                                        ttl, reason):
@@ -174,7 +173,7 @@ def test_what_the_fib_cannot_resolve_goes_to_the_kernel_rewritten_only(lb, fibne
     res = lb.send(fwd, fibnet.ifindex[ifname])
     bid = backend_of(res.data)
     be_addr, be_port = BACKENDS[bid]
-    if reason in ("fib_fwd_disabled", "ttl_expired"):
+    if reason == "fib_fwd_disabled":
         assert res.action == XDP_PASS
         assert res.data == tcp_frame(client, be_addr, sport, be_port, flags="S", ttl=ttl)
         lb.expect(reason, flow=("in", SVC_TCP, bid, True))
@@ -226,29 +225,49 @@ def test_kernel_forwarding_passes_rewritten_packets(lb, fibnet):
         lb.expect("forward", flow=("in", SVC_TCP, bid, True))
 
 
-@pytest.mark.parametrize("client, ifname, ttl", [
-    ("198.51.100.10", "ext", 64),   # the reply's next hop 10.1.1.2 is unresolved
-    ("203.0.113.10", "ext", 64),    # blackholed
-    ("10.1.1.10", "nofwd", 64),
-    ("10.1.1.10", "ext", 1),
+@pytest.mark.parametrize("client, ifname", [
+    ("198.51.100.10", "ext"),   # the reply's next hop 10.1.1.2 is unresolved
+    ("203.0.113.10", "ext"),    # blackholed
+    ("10.1.1.10", "nofwd"),
 ])
 def test_kernel_forwarding_leaves_what_the_fib_cannot_resolve_to_the_kernel(lb, fibnet, client,
-                                                                            ifname, ttl):
+                                                                            ifname):
     """What the fast path counts by the FIB's reason, kernel forwarding passes
     as it passes every packet: as `forward` or `reply`, rewritten only."""
-    sport = 50400 + ttl + len(ifname)
+    sport = 50400 + len(ifname) + len(client)
     with forwarding(lb, "kernel"):
-        res = lb.send(tcp_frame(client, VIP, sport, 80, flags="S", ttl=ttl), fibnet.ifindex[ifname])
+        res = lb.send(tcp_frame(client, VIP, sport, 80, flags="S"), fibnet.ifindex[ifname])
         bid = backend_of(res.data)
         be_addr, be_port = BACKENDS[bid]
         assert res.action == XDP_PASS
-        assert res.data == tcp_frame(client, be_addr, sport, be_port, flags="S", ttl=ttl)
+        assert res.data == tcp_frame(client, be_addr, sport, be_port, flags="S")
         lb.expect("forward", flow=("in", SVC_TCP, bid, True))
         res = lb.send(tcp_frame(be_addr, client, be_port, sport, flags="SA", eth_src=BACKEND_MAC),
                       fibnet.ifindex["int"])
     assert res.action == XDP_PASS
     assert res.data == tcp_frame(VIP, client, 80, sport, flags="SA", eth_src=BACKEND_MAC)
     lb.expect("reply", flow=("out", SVC_TCP, bid, False))
+
+
+@pytest.mark.parametrize("mode", ["fast", "kernel"])
+def test_a_packet_whose_ttl_runs_out_goes_to_the_kernel_as_it_came(lb, fibnet, mode):
+    """TTL <= 1, either way through: the kernel gets the packet unrewritten,
+    so that its "time exceeded" quotes what the sender sent (the client's to
+    the VIP, the backend's to the client). The flow is kept and counted, as
+    conntrack keeps one for a packet the router then drops."""
+    sport = 50500 + len(mode)
+    with forwarding(lb, mode):
+        res = lb.send(syn(sport, ttl=1), fibnet.ifindex["ext"])
+        assert (res.action, res.data) == (XDP_PASS, syn(sport, ttl=1))
+        _, fwd, _ = connection(lb.dp, sport)
+        bid = fwd.backend_id
+        lb.expect("ttl_expired", flow=("in", SVC_TCP, bid, True))
+        res = lb.send(syn(sport), fibnet.ifindex["ext"])
+        assert backend_of(res.data) == bid                  # the retry: same flow, same backend
+        for ttl in (1, 0):
+            res = lb.send(from_backend(bid, sport, "SA", ttl=ttl), fibnet.ifindex["int"])
+            assert (res.action, res.data) == (XDP_PASS, from_backend(bid, sport, "SA", ttl=ttl))
+            lb.expect("ttl_expired", flow=("out", SVC_TCP, bid, False))
 
 
 # Connection states ---------------------------------------------------------------------
