@@ -174,6 +174,33 @@ def test_a_probe_whose_ttl_runs_out_at_xlb_is_answered_as_by_a_router(lab, forwa
         assert lab.client("client", "hop", VIP, "80", "--ttl", "2") == {"connected": True}
 
 
+@pytest.mark.parametrize("forwarding", ["fast", "kernel"])
+def test_the_readmes_firewall_on_the_balancer_serves_both_clients(lab, forwarding):
+    """lb-firewall.nft (forward policy drop; balanced packets untracked, by
+    address) on lb, its neighbour table flushed so that the fast path's first
+    packets go through the kernel too: both clients are served, the rules saw
+    balanced packets, and a forward they do not allow is dropped."""
+    ruleset = HERE / "lb-firewall.nft"
+    assert ruleset.read_text() in (HERE.parent / "README.md").read_text()
+    lab.run("lb", "nft", "-f", str(ruleset), check=True)
+    try:
+        lab.run("lb", "ip", "neigh", "flush", "all", check=True)
+        with lab.xlb("--vip", f"{VIP}:80", *BACKENDS, "--forwarding", forwarding):
+            for node in ("client", REMOTE):
+                http = lab.client(node, "http", VIP, "80", "--count", "4")
+                assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
+        chain = json.loads(lab.run("lb", "nft", "-j", "list", "chain", "inet", "lbfw", "forward",
+                                   check=True).stdout)["nftables"]
+        untracked = [e["counter"]["packets"] for r in chain if "rule" in r
+                     for e in r["rule"]["expr"] if "counter" in e]
+        assert untracked and untracked[0] > 0
+        closed_port = lab.run("client", "curl", "-sS", "--max-time", "2",
+                              f"http://{WAS['WAS1']}:8081/")
+        assert closed_port.returncode == 28, closed_port.stderr    # dropped, not refused
+    finally:
+        lab.run("lb", "nft", "delete", "table", "inet", "lbfw", check=True)
+
+
 def test_a_syn_flood_costs_no_established_connection(lab):
     """32 idle keep-alive connections, then 5 s of random-source SYNs from
     one sender CPU (several times the half-open table): every connection
