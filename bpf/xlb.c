@@ -527,6 +527,16 @@ static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct pac
 	return send(ctx, pkt, cfg, key, 1, skey->vip, skey->port, now);
 }
 
+/* For packets that cannot be balanced: dropped if addressed to a VIP. The
+ * kernel does not own a VIP: passed, they would make it ARP for the VIP, or
+ * route them back where they came from (an ICMP redirect, or a loop with the
+ * router that sent them). is_vip, from the config's filter, may be wrong. */
+static __always_inline enum xlb_reason vip_or_pass(struct iphdr *ip, int is_vip,
+						   enum xlb_reason if_vip, enum xlb_reason otherwise)
+{
+	return is_vip && vips.lookup(&ip->daddr) ? if_vip : otherwise;
+}
+
 static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet *pkt,
 					       struct xlb_config *cfg, int is_vip, __u32 bytes)
 {
@@ -564,19 +574,11 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 	skey.proto = key.proto;
 	svc = services.lookup(&skey);
 	if (!svc)
-		return XLB_PASS_NOT_VIP;
+		return vip_or_pass(pkt->ip, is_vip, XLB_DROP_NO_SERVICE, XLB_PASS_NOT_VIP);
 	if (flow_create(&key, svc, &fresh, now) < 0)
 		return XLB_DROP_NO_BACKEND;
 	count_flow(&fresh, bytes, 1);
 	return send(ctx, pkt, cfg, &key, 0, fresh.addr, fresh.port, now);
-}
-
-/* For packets that cannot be balanced: dropped if addressed to a VIP (the
- * kernel does not own the VIP, so passing them would only loop them). */
-static __always_inline enum xlb_reason vip_or_pass(struct iphdr *ip, enum xlb_reason if_vip,
-						   enum xlb_reason otherwise)
-{
-	return vips.lookup(&ip->daddr) ? if_vip : otherwise;
 }
 
 /* ICMP: pings of a VIP are answered; an error about a balanced flow is made
@@ -595,17 +597,16 @@ static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethh
 	int in_new;
 
 	if (ip_is_fragment(ip))
-		return is_vip ? vip_or_pass(ip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP)
-			      : XLB_PASS_NOT_VIP;
+		return vip_or_pass(ip, is_vip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP);
 	icmp = parse_icmp(c, ip, frame_len);
 	if (!icmp)
-		return is_vip ? vip_or_pass(ip, XLB_DROP_MALFORMED, XLB_PASS_SHORT) : XLB_PASS_SHORT;
+		return vip_or_pass(ip, is_vip, XLB_DROP_MALFORMED, XLB_PASS_SHORT);
 	if (is_vip && icmp->type == ICMP_ECHO && icmp->code == 0 && vips.lookup(&ip->daddr)) {
 		icmp_echo_reply(eth, ip, icmp);
 		return XLB_ICMP_ECHO_REPLY;
 	}
 	if (parse_icmp_error(c, ip, icmp, &err) < 0)
-		return XLB_PASS_NOT_VIP;
+		return vip_or_pass(ip, is_vip, XLB_DROP_NO_SERVICE, XLB_PASS_NOT_VIP);
 	if (!is_vip && !xlb_may_be_backend(cfg, err.inner->daddr, err.ports->dest))
 		return XLB_PASS_NOT_VIP;
 	key.saddr = err.inner->daddr;
@@ -615,7 +616,7 @@ static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethh
 	key.proto = err.inner->protocol;
 	f = flow_find(&key, &in_new);
 	if (!f || f->dir != (is_vip ? FLOW_FORWARD : FLOW_REPLY))
-		return XLB_PASS_NOT_VIP;
+		return vip_or_pass(ip, is_vip, XLB_DROP_NO_SERVICE, XLB_PASS_NOT_VIP);
 	if (is_vip) {
 		/* About a reply, VIP -> client: the backend sent it. */
 		icmp_nat_inner(&err, &err.inner->saddr, &err.ports->source, f->addr, f->port);
@@ -641,12 +642,11 @@ static __always_inline enum xlb_reason classify(struct xdp_md *ctx, struct curso
 	if (ip->protocol == IPPROTO_ICMP)
 		return handle_icmp(c, eth, ip, cfg, is_vip, frame_len);
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
-		return XLB_PASS_NOT_VIP;
+		return vip_or_pass(ip, is_vip, XLB_DROP_NO_SERVICE, XLB_PASS_NOT_VIP);
 	if (ip_is_fragment(ip))
-		return is_vip ? vip_or_pass(ip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP)
-			      : XLB_PASS_NOT_VIP;
+		return vip_or_pass(ip, is_vip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP);
 	if (parse_l4(c, ip, frame_len, &pkt) < 0)
-		return is_vip ? vip_or_pass(ip, XLB_DROP_MALFORMED, XLB_PASS_SHORT) : XLB_PASS_SHORT;
+		return vip_or_pass(ip, is_vip, XLB_DROP_MALFORMED, XLB_PASS_SHORT);
 	pkt.eth = eth;
 	return balance(ctx, &pkt, cfg, is_vip, frame_len);
 }

@@ -196,7 +196,9 @@ struct tally {
 				       * sender, about the packet as it sent it */ \
 	X(ICMP_TO_BACKEND, XDP_PASS)  /* an error about a reply, made the backend's */ \
 	X(ICMP_TO_CLIENT, XDP_PASS)   /* an error about a forwarded packet, made the \
-				       * client's */
+				       * client's */                               \
+	X(DROP_NO_SERVICE, XDP_DROP)  /* to a VIP, for no service of it (new ones \
+				       * go last: an upgrade keeps the counts) */
 
 #define XLB_REASON_ENUM(name, action) XLB_##name,
 enum xlb_reason { XLB_REASONS(XLB_REASON_ENUM) XLB_REASON_MAX };

@@ -201,6 +201,19 @@ def test_the_readmes_firewall_on_the_balancer_serves_both_clients(lab, forwardin
         lab.run("lb", "nft", "delete", "table", "inet", "lbfw", check=True)
 
 
+def test_a_port_the_vip_does_not_serve_is_dropped_not_routed(lab):
+    """VIP:443, no service: xlb drops it, from either client. Passed, lb's
+    kernel (which does not own the VIP) would ARP for the VIP on the client
+    link, and answer "host unreachable" seconds later."""
+    with lab.xlb("--vip", f"{VIP}:80", *BACKENDS):
+        before = reasons(lab)
+        for node in ("client", REMOTE):
+            probe = lab.run(node, "curl", "-sS", "--max-time", "2", f"http://{VIP}:443/")
+            assert probe.returncode == 28, probe.stderr        # no answer at all
+        assert delta(reasons(lab), before).get("drop_no_service", 0) >= 2
+        assert lab.run("lb", "ip", "neigh", "show", VIP, check=True).stdout == ""
+
+
 def test_a_syn_flood_costs_no_established_connection(lab):
     """32 idle keep-alive connections, then 5 s of random-source SYNs from
     one sender CPU (several times the half-open table): every connection

@@ -197,6 +197,7 @@ TRIGGERS = {
                                                                  BACKEND[1])), 0, False),
     "fib_fwd_disabled": ((), _syn(CLIENT, 30014), "nofwd", True),
     "ttl_expired": ((), _syn(CLIENT, 30015, ttl=1), "ext", True),
+    "drop_no_service": ((), tcp_frame(CLIENT, VIP, 30019, 22), 0, False),
 }
 
 

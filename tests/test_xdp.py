@@ -275,14 +275,9 @@ def arp_frame(op, psrc, pdst, hwsrc=CLIENT_MAC, hwdst="00:00:00:00:00:00",
 
 PASS_THROUGH = [
     ("tcp-to-other-address", tcp_frame(CLIENT, OTHER, 43000, 80), 0, "pass_not_vip"),
-    ("vip-other-tcp-port", tcp_frame(CLIENT, VIP, 43001, 22), 0, "pass_not_vip"),
-    ("vip-udp-port-of-a-tcp-service", udp_frame(CLIENT, VIP, 43002, 443), 0, "pass_not_vip"),
     ("icmp-echo-to-other-address", raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
                                        / IP(src=str(CLIENT), dst=str(OTHER))
                                        / ICMP(id=7, seq=1) / Raw(b"ping")), 0, "pass_not_vip"),
-    ("icmp-timestamp-to-vip", raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
-                                  / IP(src=str(CLIENT), dst=str(VIP))
-                                  / ICMP(type=13) / Raw(b"t" * 12)), 0, "pass_not_vip"),
     ("ipv6-tcp-port-80", raw(Ether(src=CLIENT_MAC, dst=LB_MAC, type=0x86dd)
                              / IPv6(src="fd00::10", dst="fd00::101")
                              / TCP(sport=43003, dport=80, flags="S")), 0, "pass_not_ip"),
@@ -352,6 +347,32 @@ def test_test_run_without_ifindex_is_loopback(lb):
     res = lb.send(arp_frame(1, CLIENT, VIP), ifindex=0)
     assert (res.action, res.data) == (XDP_TX, arp_reply_for_vip(0))
     lb.expect("arp_reply")
+
+
+NOT_SERVED = [
+    ("vip-other-tcp-port", tcp_frame(CLIENT, VIP, 43001, 22)),
+    ("vip-udp-port-of-a-tcp-service", udp_frame(CLIENT, VIP, 43002, 443)),
+    ("vip-other-protocol", raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
+                               / IP(src=str(CLIENT), dst=str(VIP), proto=47) / Raw(b"g" * 16))),
+    ("icmp-timestamp-to-vip", raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
+                                  / IP(src=str(CLIENT), dst=str(VIP))
+                                  / ICMP(type=13) / Raw(b"t" * 12))),
+    ("icmp-error-to-vip-about-no-flow", raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
+                                            / IP(src=str(CLIENT), dst=str(VIP))
+                                            / ICMP(type=3, code=3)
+                                            / Raw(tcp_frame(VIP, CLIENT, 80, 43006)[14:42]))),
+]
+
+
+@pytest.mark.parametrize("frame", [c[1] for c in NOT_SERVED], ids=[c[0] for c in NOT_SERVED])
+def test_a_vips_packets_for_nothing_it_serves_are_dropped(lb, frame):
+    """The kernel does not own a VIP: passed, such a packet would make it ARP
+    for the VIP, or go back where it came from."""
+    flows = lb.dp.flow_entries()
+    res = lb.send(frame)
+    assert (res.action, res.data) == (XDP_DROP, frame)
+    lb.expect("drop_no_service")
+    assert lb.dp.flow_entries() == flows
 
 
 # 7. Fragments ----------------------------------------------------------------------
@@ -569,8 +590,8 @@ def test_counters_match_what_was_sent(lb):
 
     frame = udp_frame(CLIENT, VIP3, 53004, 54)  # the VIP, no service on that port
     res = lb.send(frame)
-    assert (res.action, res.data) == (XDP_PASS, frame)
-    moved += lb.expect("pass_not_vip")
+    assert (res.action, res.data) == (XDP_DROP, frame)
+    moved += lb.expect("drop_no_service")
 
     end = lb.snapshot()
     assert {k: end[k] - start[k] for k in end if end[k] != start[k]} == dict(moved)

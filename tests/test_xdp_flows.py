@@ -17,7 +17,7 @@ from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
-from packets import (BACKEND_MAC, CLIENT_MAC, LB_MAC, XDP_PASS, XDP_TX, Harness,
+from packets import (BACKEND_MAC, CLIENT_MAC, LB_MAC, XDP_DROP, XDP_PASS, XDP_TX, Harness,
                      assert_checksums, ip_of, tcp_frame, udp_frame)
 from xlb import layout
 from xlb.maglev import flow_hash
@@ -668,15 +668,18 @@ def test_an_error_of_the_backend_goes_to_the_client(lb, fibnet):
     lb.expect("icmp_to_client")
 
 
-def test_errors_about_unknown_flows_pass_unchanged(lb, fibnet):
-    for frame in (icmp_frame("10.1.1.2", VIP, ICMP(type=3, code=4),
-                             quote(tcp_frame(VIP, CLIENT, 80, 56999))),
-                  icmp_frame(BACKENDS[1][0], CLIENT, ICMP(type=3, code=3),
-                             quote(udp_frame(CLIENT, BACKENDS[1][0], 56998, 8080)),
-                             eth_src=BACKEND_MAC)):
-        res = lb.send(frame, fibnet.ifindex["ext"])
-        assert (res.action, res.data) == (XDP_PASS, frame)
-        lb.expect("pass_not_vip")
+@pytest.mark.parametrize("frame, action, reason", [
+    (icmp_frame("10.1.1.2", VIP, ICMP(type=3, code=4), quote(tcp_frame(VIP, CLIENT, 80, 56999))),
+     XDP_DROP, "drop_no_service"),
+    (icmp_frame(BACKENDS[1][0], CLIENT, ICMP(type=3, code=3),
+                quote(udp_frame(CLIENT, BACKENDS[1][0], 56998, 8080)), eth_src=BACKEND_MAC),
+     XDP_PASS, "pass_not_vip"),
+], ids=["to-a-vip", "to-another-address"])
+def test_errors_about_unknown_flows_are_dropped_if_to_a_vip_else_passed(lb, fibnet, frame,
+                                                                          action, reason):
+    res = lb.send(frame, fibnet.ifindex["ext"])
+    assert (res.action, res.data) == (action, frame)
+    lb.expect(reason)
 
 
 @pytest.mark.parametrize("mode, client, first", [
