@@ -31,8 +31,10 @@ def cli() -> None:
     """xlb: a kernel-accelerated L4 load balancer.
 
     An XDP program matches traffic for each VIP:port/protocol, picks a backend
-    for every new flow, keeps the flow on it and rewrites addresses both ways;
-    everything else passes untouched. One instance runs per network namespace.
+    for every new flow, keeps the flow on it and rewrites addresses both ways.
+    It answers ARP and pings for VIPs, and drops what comes to a VIP for
+    nothing it serves (a VIP is no host's address); everything else passes
+    untouched. One instance runs per network namespace.
     """
 
 
