@@ -264,7 +264,7 @@ def test_tcp_with_ip_options(lb, sport, options, ihl):
     lb.expect("forward", flow=("in", SVC_TCP, bid, True))
 
 
-# 5. What is not for a service passes untouched, but at a VIP -------------------------------
+# 5. What is not for a service: passed untouched, or dropped at a VIP -----------------
 
 def arp_frame(op, psrc, pdst, hwsrc=CLIENT_MAC, hwdst="00:00:00:00:00:00",
               eth_dst="ff:ff:ff:ff:ff:ff", eth_src=CLIENT_MAC, pad=0):
