@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import sys
 import time
@@ -128,16 +129,15 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
     if announce_table is not None:
         from .ha import check_table
         _valid("--announce-table", check_table, announce_table)
+    from .datapath import DatapathError, Limits     # imports bcc only when it is needed
+    limits = Limits() if flow_table is None else _flow_table(flow_table)
     if os.geteuid() != 0:
         raise Failure("xlb up needs root, to load and attach XDP programs")
-    from . import daemon               # imports bcc only when it is needed
-    from .datapath import DatapathError, Limits
+    from . import daemon
     from .planner import CapacityError
     try:
         code = daemon.up(config, config_path.absolute() if config_path else None,
-                         metrics_address,
-                         Limits() if flow_table is None else Limits.for_connections(flow_table),
-                         forwarding == "fast", role, announce_table)
+                         metrics_address, limits, forwarding == "fast", role, announce_table)
     except ctl.AlreadyRunning as e:
         raise Failure(str(e)) from None
     except (LookupError, CapacityError) as e:
@@ -146,6 +146,25 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
         raise Failure(str(e)) from None
     if code:
         raise click.exceptions.Exit(code)
+
+
+def _flow_table(connections: int):
+    """The map sizes of --flow-table CONNECTIONS, refused where the kernel would
+    not create the tables, or where they would not fit in the memory the
+    machine has available (the kernel allocates them whole, at once)."""
+    from .datapath import Limits
+    limits = _valid("--flow-table", Limits.for_connections, connections)
+    need, available = limits.flow_table_bytes(), mem_available()
+    if need > available:
+        raise BadInput(f"--flow-table: {connections} connections take {need / 2**30:.1f} GiB "
+                       f"of kernel memory; this machine has {available / 2**30:.1f} GiB available")
+    return limits
+
+
+def mem_available() -> int:
+    """Bytes of memory the machine can give without swapping (MemAvailable)."""
+    meminfo = Path("/proc/meminfo").read_text()
+    return int(re.search(r"^MemAvailable:\s+(\d+) kB", meminfo, re.M).group(1)) * 1024
 
 
 def saved_config():
@@ -445,8 +464,8 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, xlb_
     state reaches xlb through `xlb ha follow`.
     """
     from . import ha as hamod
-    from .model import parse_address
-    peer_ip = _valid("--peer", parse_address, peer)
+    from .model import parse_host
+    peer_ip = _valid("--peer", parse_host, peer)
     gws = [_valid("--gateway", hamod.Gateway.parse, g) for g in gateways]
     cfg = _ha_config(config)
     vips = {f.vip for f in cfg.frontends}
@@ -477,11 +496,12 @@ def bird(router, local_as, peer_as, table, router_id, config) -> None:
 
     A VIP is announced while `xlb up --announce-table TABLE` serves it (some
     server of its pools up, role active) and withdrawn when it stops serving
-    it, on `xlb down`, or, through BFD (100 ms x 3), when the node fails.
+    it, on `xlb down` (not with --keep-datapath), or, through BFD (100 ms x 3),
+    when the node fails.
     """
     from . import ha as hamod
-    from .model import parse_address
-    router_ip = _valid("--router", parse_address, router)
+    from .model import parse_address, parse_host
+    router_ip = _valid("--router", parse_host, router)
     rid = _valid("--router-id", parse_address, router_id) if router_id else None
     _valid("--table", hamod.check_table, table)
     cfg = _ha_config(config)

@@ -25,7 +25,7 @@ from typing import Any
 from .model import (ALGORITHMS, MAGLEV_SERVERS_MAX, MAGLEV_SIZE_MAX, MAGLEV_SLOTS_PER_SERVER,
                     MONITOR_TYPES, ON_SERVER_DOWN, PROTOCOLS, TIMEOUT_RANGE, WEIGHT_RANGE, Config,
                     ConfigError, Frontend, Monitor, Pool, Server, check_maglev_servers,
-                    check_maglev_size, check_port, parse_address)
+                    check_maglev_size, check_port, parse_host)
 
 SECTIONS = ("monitors", "servers", "pools", "frontends")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -158,7 +158,7 @@ def _status(value: Any) -> int:
 
 def _address(value: Any) -> IPv4Address:
     try:
-        return parse_address(_string(value))
+        return parse_host(_string(value))
     except ValueError as e:
         raise _bad(str(e)) from None
 

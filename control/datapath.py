@@ -31,6 +31,10 @@ class DatapathError(Exception):
 
 
 DEFAULT_CONNECTIONS = 131072
+# A kernel hash map holds at most 2^27 entries (its array of 16-byte buckets,
+# one a power of two above the entries, stays under 4 GiB); two a connection.
+MAX_CONNECTIONS = 2**26
+HTAB_ELEM = 48      # bytes the kernel adds to each hash map entry (struct htab_elem, 64-bit)
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,18 @@ class Limits:
         half-open table gets a quarter of its entries (at least 1,024)."""
         if connections < 1:
             raise ValueError("the flow table needs room for at least one connection")
+        if connections > MAX_CONNECTIONS:
+            raise ValueError(f"{connections} connections: the kernel's hash maps hold at most "
+                             f"{MAX_CONNECTIONS} (two entries each)")
         return cls(max_flows=2 * connections, max_new_flows=max(1024, connections // 2))
+
+    def flow_table_bytes(self) -> int:
+        """The kernel memory the two flow tables take, as it counts them
+        (htab_map_mem_usage): an LRU hash allocates every entry up front, and a
+        bucket of 16 bytes for each power of two above the entries."""
+        entry = HTAB_ELEM + _round8(ct.sizeof(layout.FlowKey)) + _round8(ct.sizeof(layout.Flow))
+        return sum(n * entry + 16 * (1 << (n - 1).bit_length())
+                   for n in (self.max_flows, self.max_new_flows))
 
     @property
     def connections(self) -> int:
@@ -68,6 +83,10 @@ class Limits:
                 f"-DXLB_MAX_MAGLEV={self.max_maglev}",
                 f"-DXLB_MAGLEV_SIZE={self.maglev_size}",
                 f"-DXLB_MAX_HOPS={self.max_hops}"]
+
+
+def _round8(n: int) -> int:
+    return (n + 7) // 8 * 8
 
 
 _PERCPU_TYPES = {5, 6, 10}    # BPF_MAP_TYPE_PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH

@@ -162,12 +162,26 @@ def parse_address(text: str) -> IPv4Address:
         raise ValueError(f"{text!r} is not an IPv4 address") from None
 
 
+def parse_host(text: str) -> IPv4Address:
+    """An IPv4 address a host can be reached at: a VIP, a server, a peer. Not
+    0.0.0.0, loopback, multicast, broadcast or the reserved 240.0.0.0/4, which
+    no packet could be balanced to or from."""
+    addr = parse_address(text)
+    kind = ("an unspecified" if addr.is_unspecified else "a loopback" if addr.is_loopback
+            else "a multicast" if addr.is_multicast
+            else "a broadcast" if addr == IPv4Address("255.255.255.255")
+            else "a reserved" if addr.is_reserved else None)
+    if kind:
+        raise ValueError(f"{text!r} is {kind} address, not a host's")
+    return addr
+
+
 def parse_endpoint(text: str) -> tuple[IPv4Address, int]:
     """IP:PORT."""
     host, sep, port = text.rpartition(":")
     if not sep or not host:
         raise ValueError(f"{text!r} is not IP:PORT")
-    return parse_address(host), parse_port(port)
+    return parse_host(host), parse_port(port)
 
 
 def parse_vip(text: str) -> tuple[IPv4Address, int, str]:

@@ -68,3 +68,29 @@ def test_up_algorithm_is_checked_before_anything_runs():
     assert (r.returncode, r.stderr) == (2, "xlb: error: --config FILE replaces the one-line "
                                            "options (--vip, --backend, --algorithm, --iface and "
                                            "the health check options)\n")
+
+
+def test_up_refuses_a_flow_table_the_kernel_cannot_create():
+    # --iface names no link: were the size let through, nothing could be attached.
+    r = xlb("up", "--vip", "10.1.1.101:80", "--backend", "10.1.11.101:80", "--iface",
+            "xlb-no-such-if", "--flow-table", str(2**26 + 1))
+    assert (r.returncode, r.stderr) == (2, "xlb: error: --flow-table: 67108865 connections: the "
+                                           "kernel's hash maps hold at most 67108864 (two "
+                                           "entries each)\n")
+
+
+def test_up_refuses_a_flow_table_larger_than_the_memory_available(monkeypatch):
+    """Checked against MemAvailable before anything is compiled; a machine with
+    1 GiB available stands in for a small one."""
+    from click.testing import CliRunner
+    from xlb import cli
+    monkeypatch.setattr(cli, "mem_available", lambda: 2**30)
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 1000)   # let through, it would stop here
+    args = ["up", "--vip", "10.1.1.101:80", "--backend", "10.1.11.101:80", "--iface",
+            "xlb-no-such-if", "--flow-table"]
+    r = CliRunner().invoke(cli.cli, [*args, "5000000"])
+    assert r.exit_code == 2 and r.output.endswith(
+        "--flow-table: 5000000 connections take 1.4 GiB of kernel memory; this machine has "
+        "1.0 GiB available\n"), r.output
+    r = CliRunner().invoke(cli.cli, [*args, "1000000"])     # 0.3 GiB: fits
+    assert r.exit_code == 1 and "xlb up needs root" in r.output, r.output
