@@ -19,8 +19,8 @@ demo-ha: setup
 test: setup
 	XLB_REQUIRE_ALL=1 $(PY) -m pytest -ra tests
 
-# Kernel-free tests only (model, config, scheduler, planner, metrics text): no root
-# needed; tests whose tools are missing are skipped.
+# Tests that need no kernel, namespace or lab (model, config, scheduler, planner,
+# Maglev, metrics text, ...): no root needed; tests whose tools are missing are skipped.
 unit:
 	$(PY) -m pytest -ra -m "not kernel and not netns and not lab" tests
 

@@ -34,8 +34,9 @@ def cli() -> None:
     An XDP program matches traffic for each VIP:port/protocol, picks a backend
     for every new flow, keeps the flow on it and rewrites addresses both ways.
     It answers ARP and pings for VIPs, and drops what comes to a VIP for
-    nothing it serves (a VIP is no host's address); everything else passes
-    untouched. One instance runs per network namespace.
+    nothing it serves (a VIP is no host's address); traffic neither to a VIP
+    nor of a balanced flow passes untouched. One instance runs per network
+    namespace.
     """
 
 
@@ -101,8 +102,8 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
 
     The data path outlives this process: if it dies any other way, the program
     keeps forwarding, and the next `xlb up` adopts it (its flows and counters)
-    and applies its own config; with no option at all it takes over the config
-    the last instance ran. Exits 75 after `xlb down --keep-datapath`.
+    and applies its own config; with neither --config nor a one-line option it
+    takes over the config the last instance ran. Exits 75 after `xlb down --keep-datapath`.
     """
     ctx = click.get_current_context()
     flags = [p for p in ("vips", "backends", "algorithm", "ifaces", "check_kind", "check_port",
@@ -220,7 +221,7 @@ def check(file: Path) -> None:
 @cli.command()
 @click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 def apply(file: Path | None) -> None:
-    """Apply a config file to the running instance, without dropping a flow.
+    """Apply a config file to the running instance; the flows it keeps go on.
 
     Without FILE, the file the instance serves is read again (edit it, then
     `xlb apply`, as with `systemctl reload`). With FILE, FILE is applied and
