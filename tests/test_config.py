@@ -576,8 +576,3 @@ def test_bad_config(text, problems):
     with pytest.raises(ConfigError) as e:
         load(text)
     assert e.value.problems == problems
-
-
-def test_enough_bad_configs():
-    assert len(BAD) >= 25
-    assert len({b[0] for b in BAD}) == len(BAD)

@@ -1,14 +1,18 @@
 """Hostile traffic: hypothesis feeds the XDP program over 100,000 generated frames
 through BPF_PROG_TEST_RUN and checks what it may do with each.
 
-The maps are filled through the real control plane (a TOML config with a
-Maglev pool, the planner, the Datapath API), then flows are opened through the
-program itself, so that a good share of the frames hit services, backends'
-replies on known flows and ARP for the VIPs; the rest is odd or random: IPv4
-options, bad version, IHL and total length, fragments, every TCP flag and
-option, UDP checksum 0, wrong IP and L4 checksums, ICMP echo and errors
-quoting flows, frames over a backend link's MTU, IPv6, VLAN, ARP of every
-shape, truncation at any length, random bytes.
+The maps are filled through the control plane's own steps (a TOML config with
+a Maglev pool loaded by xlb.config, planner.desired/plan/execute, the
+Datapath API), with the links given by hand rather than read by netif:
+test_planner.FakeLink for FibNet's ext and int, by ifindex, with VIP_MAC and
+subnets of the test's choosing (int's holds VIP_ELSEWHERE). Nothing is
+attached. Then flows are opened through the program itself, so that a good
+share of the frames hit services, backends' replies on known flows and ARP
+for the VIPs; the rest is odd or random: IPv4 options, bad version, IHL and
+total length, fragments, every TCP flag and option, UDP checksum 0, wrong IP
+and L4 checksums, ICMP echo and errors quoting flows, frames over a backend
+link's MTU, IPv6, VLAN, ARP of every shape, truncation at any length, random
+bytes.
 
 Per frame (`check`):
 - the action is a known one and never XDP_ABORTED; XDP_TX and XDP_REDIRECT
@@ -211,8 +215,9 @@ def _apply(dp, cfg, links, previous, states):
 
 @pytest.fixture(scope="module")
 def world(datapath, fibnet):
-    """The maps filled as `xlb up` would, in a FibNet: ARP for VIP and VIP2 on
-    the link ext, for VIP_ELSEWHERE on int."""
+    """The maps filled by the planner and the Datapath as `xlb up` fills them,
+    in a FibNet, its links described by FakeLink (not read by netif): ARP for
+    VIP and VIP2 on the link ext, for VIP_ELSEWHERE on int."""
     cfg = config.load(CONFIG)
     ifindex = fibnet.ifindex
     links = [FakeLink(ifindex["ext"], "ext", VIP_MAC, IPv4Network("10.1.1.0/24")),

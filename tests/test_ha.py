@@ -1,7 +1,7 @@
 """High availability without a kernel: the keepalived and BIRD configs xlb
-writes (checked by the engines' own parsers where they are installed), the
-FIFO lines it follows, the gratuitous ARP it sends, the role metrics, and the
-`xlb ha` commands' bad input."""
+writes (BIRD's, and the lab router's, checked by BIRD's own parser where it
+is installed), the FIFO lines it follows, the gratuitous ARP it sends, the
+role metrics, and the `xlb ha` commands' bad input."""
 
 from __future__ import annotations
 
@@ -94,11 +94,32 @@ def test_bird_config_announces_the_table_with_bfd():
     assert 'export where proto = "xlb_vips" && net.len = 32;' in text
 
 
-@pytest.mark.skipif(shutil.which("bird") is None, reason="bird2 is not installed")
+BIRD_ARGS = ["ha", "bird", "--router", "10.1.2.1", "--as", "65001", "--peer-as", "65000",
+             "--router-id", "10.1.2.11", str(SEED)]
+needs_bird = pytest.mark.skipif(shutil.which("bird") is None, reason="bird2 is not installed")
+
+
+def bird_parse(conf: Path) -> None:
+    r = subprocess.run(["bird", "-p", "-c", str(conf)], capture_output=True, text=True)
+    assert r.returncode == 0, f"{conf.name}: {r.stderr}"
+
+
+@needs_bird
 def test_bird_parses_what_xlb_writes(tmp_path):
-    for conf in sorted(EXAMPLES.glob("bird-*.conf")):
-        r = subprocess.run(["bird", "-p", "-c", str(conf)], capture_output=True, text=True)
-        assert r.returncode == 0, f"{conf.name}: {r.stderr}"
+    """`xlb ha bird`'s output for the seed, as BIRD 2 reads it (bird -p)."""
+    r = run(*BIRD_ARGS)
+    assert r.exit_code == 0, r.output
+    assert "protocol bgp" in r.output
+    conf = tmp_path / "bird.conf"
+    conf.write_text(r.output)
+    bird_parse(conf)
+
+
+@needs_bird
+def test_bird_parses_the_labs_router_config():
+    """netns-lab/ha-examples/bird-router.conf, which xlb does not write: the
+    router that netns-lab/ha-ecmp.sh runs in front of the xlb nodes."""
+    bird_parse(EXAMPLES / "bird-router.conf")
 
 
 def test_examples_are_what_the_commands_print():
@@ -108,8 +129,7 @@ def test_examples_are_what_the_commands_print():
     cases = {
         "keepalived-lb1.conf": ka + ["--peer", "10.1.11.12", "--priority", "250", str(SEED)],
         "keepalived-lb2.conf": ka + ["--peer", "10.1.11.11", "--priority", "240", str(SEED)],
-        "bird-node1.conf": ["ha", "bird", "--router", "10.1.2.1", "--as", "65001",
-                            "--peer-as", "65000", "--router-id", "10.1.2.11", str(SEED)],
+        "bird-node1.conf": BIRD_ARGS,
     }
     for name, args in cases.items():
         r = run(*args)

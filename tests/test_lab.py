@@ -281,7 +281,10 @@ def test_metrics_at_another_address_or_off(lab):
 
 def test_warns_of_strict_rp_filter_and_of_generic_xdp(lab):
     """Strict rp_filter on eth1 drops reverse-NATed replies; an ifb link has no
-    native XDP: each gets one warning, and xlb serves on."""
+    native XDP. xlb still starts, its serving line naming all three links
+    (xlbifb0 in generic mode), and warns of exactly these two, each maybe more
+    than once: rp_filter on eth1, with the sysctl values that fix it, and the
+    generic attach of xlbifb0. No traffic is sent."""
     sysctl = "net.ipv4.conf.eth1.rp_filter"
     was = lab.run("lb", "sysctl", "-n", sysctl, check=True).stdout.strip()
     lab.run("lb", "ip", "link", "add", "xlbifb0", "type", "ifb", check=True)

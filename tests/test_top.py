@@ -1,6 +1,7 @@
 """`xlb top`: the rendering (status dicts -> text, no terminal, no kernel), the
-loop against a fake control socket, and the real thing under a pseudo-terminal
-in the namespace lab (prefix xlbv)."""
+loop against a faked `ctl.request` (its sampling, stopping and signals; whether
+an instance runs is found only in the lab), and the real thing under a
+pseudo-terminal in the namespace lab (prefix xlbv)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from xlb import cli, ctl, top
+from xlb import ctl, top
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
 from labctl import HERE, PY, VIP, XLB, Lab, running_lab  # noqa: E402
@@ -170,7 +171,7 @@ def test_a_note_is_shown():
     assert "status request failed: boom" in out
 
 
-# --- the loop, against a fake control socket ------------------------------------------
+# --- the loop, against a faked ctl.request --------------------------------------------
 
 class FakeInstance:
     """Answers "status" with the given dicts in turn, then raises NotRunning
@@ -219,16 +220,6 @@ def test_live_quits_on_sigint(monkeypatch):
     before = signal.getsignal(signal.SIGINT)
     assert top.live(0.05, Console(file=io.StringIO(), width=160)) == 0
     assert signal.getsignal(signal.SIGINT) is before
-
-
-@pytest.mark.parametrize("args", [["top"], ["top", "--once"]])
-def test_cli_without_instance(monkeypatch, capsys, args):
-    FakeInstance(monkeypatch, [])
-    monkeypatch.setattr(sys, "argv", ["xlb", *args])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    assert e.value.code == 1
-    assert capsys.readouterr().err == NO_INSTANCE + "\n"
 
 
 # --- the lab ---------------------------------------------------------------------------
@@ -393,8 +384,9 @@ def test_lab_top_once(lab, seeded):
 
 @lab_test
 def test_lab_top_without_instance(lab):
-    r = lab.xlb_cmd("top", node="client", timeout=20)
-    assert (r.returncode, r.stdout, r.stderr) == (1, "", NO_INSTANCE + "\n")
+    for args in (["top"], ["top", "--once"]):
+        r = lab.xlb_cmd(*args, node="client", timeout=20)
+        assert (r.returncode, r.stdout, r.stderr) == (1, "", NO_INSTANCE + "\n"), args
     term = Pty(lab, "client", "top")
     try:
         assert term.wait(5) == 1
