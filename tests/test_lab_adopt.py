@@ -12,20 +12,22 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
-from labctl import HERE, PY, SEED_ARGS, VIP, XLB, running_lab  # noqa: E402
+from labctl import HERE, PY, SEED_ARGS, VIP, XLB, running_lab, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
 
-TRAFFIC_SECONDS = 40      # spans the restart: compiling takes seconds on a busy machine
+SEGMENT_SECONDS = 2       # the new connections run as back-to-back loads this long
 HOLDERS = 4
 PAUSE = 0.5
+HOLD_COUNT = 1200         # 10 minutes: far longer than any test waits; stop() ends them
 
 
 @pytest.fixture(scope="module")
@@ -43,48 +45,101 @@ def nothing_left(lab):
 
 
 class Traffic:
-    """A new connection every 20 ms, and keep-alive connections that send a
-    request every PAUSE seconds, for TRAFFIC_SECONDS."""
+    """A new connection every 20 ms (`clients.py load` runs of SEGMENT_SECONDS,
+    one after another), and HOLDERS keep-alive connections that send a request
+    every PAUSE seconds, until stop(): the traffic outlasts a restart by
+    construction, however long the restart takes."""
 
     def __init__(self, lab):
-        clients = str(HERE / "clients.py")
+        self.lab = lab
+        self.clients = str(HERE / "clients.py")
         self.stopped = 0.0       # when the control process stopped (wall clock)
-        self.started = time.monotonic()
-        self.load = lab.spawn("client", PY, clients, "load", VIP, "80", "--concurrency", "1",
-                              "--interval", "0.02", "--seconds", str(TRAFFIC_SECONDS))
-        self.holders = [lab.spawn("client", PY, clients, "hold", VIP, "80", "--pause", str(PAUSE),
-                                  "--count", str(int(TRAFFIC_SECONDS / PAUSE)))
+        self.marks: dict[str, float] = {}       # name -> monotonic time
+        self.segments: list[tuple[float, float, dict]] = []     # start, end, result
+        self.segment_errors: list[str] = []
+        self.running = threading.Event()
+        self.running.set()
+        self.current = None
+        self.loader = threading.Thread(target=self._load, daemon=True)
+        self.loader.start()
+        self.holders = [lab.spawn("client", PY, self.clients, "hold", VIP, "80",
+                                  "--pause", str(PAUSE), "--count", str(HOLD_COUNT))
                         for _ in range(HOLDERS)]
+        self.replies: list[list[tuple[float, dict]]] = [[] for _ in self.holders]
+        self.readers = [threading.Thread(target=self._read, args=(h, r), daemon=True)
+                        for h, r in zip(self.holders, self.replies)]
+        for t in self.readers:
+            t.start()
 
-    def left(self) -> float:
-        return self.started + TRAFFIC_SECONDS - time.monotonic()
+    def _load(self) -> None:
+        while self.running.is_set():
+            started = time.monotonic()
+            try:
+                self.current = self.lab.spawn("client", PY, self.clients, "load", VIP, "80",
+                                              "--concurrency", "1", "--interval", "0.02",
+                                              "--seconds", str(SEGMENT_SECONDS))
+                out, _ = self.current.communicate(timeout=SEGMENT_SECONDS + 60)
+                self.segments.append((started, time.monotonic(), json.loads(out)))
+            except Exception as e:        # reported by check_traffic
+                self.segment_errors.append(repr(e))
+                return
 
-    def results(self) -> tuple[dict, list[list[dict]]]:
-        out, _ = self.load.communicate(timeout=TRAFFIC_SECONDS + 60)
-        held = [[json.loads(line) for line in h.communicate(timeout=60)[0].splitlines()]
-                for h in self.holders]
-        return json.loads(out), held
+    @staticmethod
+    def _read(proc, replies) -> None:
+        for line in proc.stdout:
+            replies.append((time.monotonic(), json.loads(line)))
 
-    def kill(self) -> None:
-        for p in (self.load, *self.holders):
-            p.kill()
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.monotonic()
+
+    def wait_past(self, name: str) -> None:
+        """Until every keep-alive connection answered twice after mark `name`
+        and a load run that started after it has ended (bounded waits)."""
+        at = self.marks[name]
+        wait_for(lambda: all(sum(t > at for t, _ in r) >= 2 for r in self.replies), 30,
+                 f"each keep-alive connection answers twice after {name}")
+        wait_for(lambda: any(start > at for start, _, _ in self.segments)
+                 or self.segment_errors, SEGMENT_SECONDS + 60,
+                 f"a run of new connections started after {name} ends")
+
+    def stop(self) -> None:
+        """Ends the traffic: the current load run finishes, the keep-alive
+        connections are killed (each printed line is a finished request)."""
+        self.running.clear()
+        self.loader.join(SEGMENT_SECONDS + 70)
+        for p in (*self.holders, *([self.current] if self.current else [])):
+            if p.poll() is None:
+                p.kill()
             p.wait()
+        for t in self.readers:
+            t.join(10)
 
 
 def check_traffic(traffic: Traffic, status: dict) -> None:
-    """No connection failed, each keep-alive connection stayed on its backend,
-    and the data plane counted every connection, also those before the restart."""
-    load, held = traffic.results()
-    assert load["error_count"] == 0, (load["errors"], [round(t - traffic.stopped, 2)
-                                                       for t in load["error_times"]])
-    assert load["ok"] >= 1000
-    for replies in held:
-        assert [r for r in replies if "error" in r] == []
-        assert len(replies) == int(TRAFFIC_SECONDS / PAUSE)
-        assert len({r["name"] for r in replies}) == 1
+    """The traffic ran from before the control process stopped until after the
+    new one served; no connection failed, each keep-alive connection stayed on
+    its backend, and the data plane counted every connection, also those
+    before the restart."""
+    stopped, served = traffic.marks["stopped"], traffic.marks["served"]
+    segments = traffic.segments
+    print(f"\nrestart served {served - stopped:.1f}s after the stop; traffic: "
+          f"{sum(load['ok'] for _, _, load in segments)} new connections in "
+          f"{len(segments)} runs, keep-alive requests {[len(r) for r in traffic.replies]}")
+    assert traffic.segment_errors == []
+    assert segments[0][0] < stopped and any(start > served for start, _, _ in segments), \
+        [(round(a - stopped, 2), round(b - stopped, 2)) for a, b, _ in segments]
+    for _, _, load in segments:
+        assert load["error_count"] == 0, (load["errors"], [round(t - traffic.stopped, 2)
+                                                           for t in load["error_times"]])
+        assert load["ok"] > 0
+    for replies in traffic.replies:
+        assert [r for _, r in replies if "error" in r] == []
+        assert [r["i"] for _, r in replies] == list(range(len(replies)))    # none missing
+        assert any(t < stopped for t, _ in replies) and any(t > served for t, _ in replies)
+        assert len({r["name"] for _, r in replies}) == 1
     # Never more new flows than connections (fewer: a client port that comes
     # round again finds its old flow entry, which is not new).
-    assert new_flows(status) <= load["ok"] + HOLDERS
+    assert new_flows(status) <= sum(load["ok"] for _, _, load in segments) + HOLDERS
 
 
 def counted_on(before: dict, adopted: dict) -> None:
@@ -101,22 +156,25 @@ def new_flows(status: dict) -> int:
 
 @contextlib.contextmanager
 def serving_under_traffic(lab):
-    """`xlb up` of the seed, traffic started 3 s ago; yields the instance, the
-    traffic and the status then. Ends both, however the test ends."""
+    """`xlb up` of the seed, traffic started 3 s ago (every keep-alive
+    connection answered); yields the instance, the traffic and the status then.
+    Ends both, however the test ends."""
     first = lab.xlb(*SEED_ARGS)
     first.__enter__()
     traffic = Traffic(lab)
     try:
         time.sleep(3)
+        wait_for(lambda: all(traffic.replies), 30, "each keep-alive connection answers")
         yield first, traffic, lab.status()
     finally:
-        traffic.kill()
+        traffic.stop()
         first.stop(signal.SIGKILL)
 
 
 def test_killed_control_process_leaves_the_data_path_and_a_restart_adopts_it(lab):
     with serving_under_traffic(lab) as (first, traffic, before):
         traffic.stopped = time.time()
+        traffic.mark("stopped")
         first.stop(signal.SIGKILL)
         assert set(lab.xdp_attached("lb")) == {"eth0", "eth1"}
         orphan = lab.xlb_cmd("status")
@@ -124,10 +182,11 @@ def test_killed_control_process_leaves_the_data_path_and_a_restart_adopts_it(lab
         assert "the data path runs without its control process" in orphan.stdout
         time.sleep(1.5)
         with lab.xlb(*SEED_ARGS) as second:
+            traffic.mark("served")
             assert "adopted the running data path" in second.serving_line
-            assert traffic.left() > 2, "the restart took longer than the traffic ran"
             adopted = lab.status()
-            time.sleep(max(0.0, traffic.left()) + 1)
+            traffic.wait_past("served")
+            traffic.stop()
             after = lab.status()
             check_traffic(traffic, after)
         counted_on(before, adopted)
@@ -196,16 +255,18 @@ def test_upgrade_to_a_changed_program_during_traffic(lab, tmp_path):
     changed = changed_program(tmp_path)
     with serving_under_traffic(lab) as (first, traffic, before):
         traffic.stopped = time.time()
+        traffic.mark("stopped")
         handover = lab.xlb_cmd("down", "--keep-datapath")
         assert handover.returncode == 0, handover.stderr
         assert first.proc.wait(15) == 75
         assert set(lab.xdp_attached("lb")) == {"eth0", "eth1"}
         with lab.xlb(*SEED_ARGS, env={"XLB_BPF_DIR": str(changed)}) as second:
+            traffic.mark("served")
             assert "adopted the running data path" in second.serving_line
-            assert traffic.left() > 2, "the upgrade took longer than the traffic ran"
             upgraded = lab.status()
             assert "upgrade_probe" in map_names(upgraded["program"]["id"])
-            time.sleep(max(0.0, traffic.left()) + 1)
+            traffic.wait_past("served")
+            traffic.stop()
             after = lab.status()
             check_traffic(traffic, after)
         assert upgraded["program"]["tag"] != before["program"]["tag"]
