@@ -4,6 +4,7 @@ on stderr and a non-zero exit (2 for bad input, 1 for everything else)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import select
@@ -240,9 +241,9 @@ def apply(file: Path | None) -> None:
                            "name one, `xlb apply FILE`")
         file = Path(served)
     try:
-        text = file.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"{file}: {e.strerror if isinstance(e, OSError) else e}") from None
+        text = configfile.read(file)
+    except ConfigError as e:
+        raise BadInput(str(e)) from None
     try:
         r = ctl.request("apply", text=text, path=str(file.absolute()), timeout=60)
     except ctl.ControlError as e:           # the instance validates
@@ -311,7 +312,7 @@ def status(as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+@click.option("--interval", type=click.FloatRange(0.1, 3600), default=1.0, show_default=True,
               metavar="SECONDS", help="Seconds between samples.")
 @click.option("--once", is_flag=True,
               help="Print one frame (rates over two samples INTERVAL apart) and exit.")
@@ -323,6 +324,8 @@ def top(interval: float, once: bool) -> None:
     the flow table fill and drops by reason. q or Ctrl-C quits. Exits 1 when
     none runs, or when the instance stops while top runs.
     """
+    if math.isnan(interval):           # FloatRange lets NaN through
+        raise BadInput("--interval: nan is not a number of seconds")
     from . import top as view           # imports rich only when it is needed
     try:
         code = view.run(interval, once)
@@ -465,11 +468,18 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, xlb_
     state reaches xlb through `xlb ha follow`.
     """
     from . import ha as hamod
-    from .model import parse_host
+    from .model import check_interface, has_space, parse_host
     peer_ip = _valid("--peer", parse_host, peer)
+    _valid("--interface", check_interface, interface)
+    if has_space(fifo):
+        raise BadInput(f"--fifo: {fifo!r} contains whitespace or control characters")
     gws = [_valid("--gateway", hamod.Gateway.parse, g) for g in gateways]
+    if len({g.address.ip for g in gws}) < len(gws):
+        raise BadInput("--gateway: an address given twice")
     cfg = _ha_config(config)
     vips = {f.vip for f in cfg.frontends}
+    if peer_ip in vips:
+        raise BadInput(f"--peer {peer_ip}: a VIP, not the other node's address")
     for g in gws:
         if g.address.ip in vips:
             raise BadInput(f"--gateway {g.address}: a VIP must not be a local address "
@@ -505,7 +515,12 @@ def bird(router, local_as, peer_as, table, router_id, config) -> None:
     router_ip = _valid("--router", parse_host, router)
     rid = _valid("--router-id", parse_address, router_id) if router_id else None
     _valid("--table", hamod.check_table, table)
+    if local_as == peer_as:
+        raise BadInput(f"--peer-as {peer_as}: the same as --as; the config is for eBGP, "
+                       f"the router in an AS of its own")
     cfg = _ha_config(config)
+    if router_ip in {f.vip for f in cfg.frontends}:
+        raise BadInput(f"--router {router_ip}: a VIP, not the router's address")
     click.echo(hamod.bird_conf(cfg, router=router_ip, local_as=local_as, peer_as=peer_as,
                                table=table, router_id=rid), nl=False)
 

@@ -8,14 +8,15 @@
 `load` checks everything and raises one `ConfigError` listing every problem it
 found, each as (key path, reason): `servers.was1.port`, `pools.web.servers[1]`.
 `dump` writes the effective config back, every default spelled out, so that
-`load(dump(c)) == c`. No I/O except `load_file`, no kernel.
+`load(dump(c)) == c`. No I/O except `read` (and `load_file`), no kernel.
 """
 
 from __future__ import annotations
 
 import datetime
-import math
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
@@ -23,16 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from .model import (ALGORITHMS, MAGLEV_SERVERS_MAX, MAGLEV_SIZE_MAX, MAGLEV_SLOTS_PER_SERVER,
-                    MONITOR_TYPES, ON_SERVER_DOWN, PROTOCOLS, TIMEOUT_RANGE, WEIGHT_RANGE, Config,
-                    ConfigError, Frontend, Monitor, Pool, Server, check_maglev_servers,
-                    check_maglev_size, check_port, parse_host)
+                    MAX_BACKENDS, MAX_FRONTENDS, MAX_MAGLEV_FRONTENDS, RING_SIZE, MONITOR_TYPES, ON_SERVER_DOWN, PROTOCOLS, TIMEOUT_RANGE, WEIGHT_RANGE, Config,
+                    ConfigError, Frontend, Monitor, Pool, Server, check_count, check_http_path,
+                    check_interface,
+                    check_maglev_servers, check_maglev_size, check_port, check_seconds,
+                    has_space, parse_host)
 
 SECTIONS = ("monitors", "servers", "pools", "frontends")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 BAD_NAME = "bad name: use letters, digits, '_', '.' and '-', starting with a letter or digit"
 HTTP_ONLY = ("path", "expect_status", "expect_body", "host")
 TIMEOUTS = ("timeout_syn", "timeout_established", "timeout_closing", "timeout_udp")
-IFNAMSIZ = 16                       # the kernel's limit, with the terminating NUL
+MAX_FILE = 2 << 20                  # 10,000 servers take under 1 MiB; JSON-escaped for `apply`
+                                    # it stays under the control socket's limit (ctl.MAX_REQUEST)
 
 
 # --- load -------------------------------------------------------------------
@@ -43,18 +47,39 @@ def load(text: str) -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([("toml", str(e))]) from None
+    except RecursionError:
+        raise ConfigError([("toml", "arrays or tables nested too deeply")]) from None
     return _Loader(doc).config()
 
 
-def load_file(path: str | Path) -> Config:
-    """`load` of a UTF-8 file; a file that cannot be read is one problem named by its path."""
+def read(path: str | Path) -> str:
+    """The text of a config file: a regular file (a FIFO or a device is not
+    waited on) of at most MAX_FILE bytes of UTF-8. A file that cannot be read
+    is one problem named by its path."""
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise ConfigError([(str(path), e.strerror or str(e))]) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError([(str(path), "Is a directory" if stat.S_ISDIR(mode)
+                                else "not a regular file")])
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE:
+        raise ConfigError([(str(path), f"larger than {MAX_FILE} bytes")])
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError([(str(path), f"not UTF-8 text ({e.reason} at byte {e.start})")]) from None
-    return load(text)
+
+
+def load_file(path: str | Path) -> Config:
+    """`load` of a file (`read`)."""
+    return load(read(path))
 
 
 class _Invalid(Exception):
@@ -110,9 +135,10 @@ def _boolean(value: Any) -> bool:
 def _seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _expected("a number", value)
-    if not (math.isfinite(value) and value > 0):
-        raise _bad(f"must be a positive number of seconds, got {value}")
-    return float(value)
+    try:
+        return check_seconds(value)
+    except ValueError as e:
+        raise _bad(str(e)) from None
 
 
 def _port(value: Any) -> int:
@@ -142,11 +168,11 @@ def _maglev_size(value: Any) -> int:
         raise _bad(str(e)) from None
 
 
-def _at_least_one(value: Any) -> int:
-    n = _integer(value)
-    if n < 1:
-        raise _bad(f"must be at least 1, got {n}")
-    return n
+def _count(value: Any) -> int:
+    try:
+        return check_count(_integer(value))
+    except ValueError as e:
+        raise _bad(str(e)) from None
 
 
 def _status(value: Any) -> int:
@@ -171,17 +197,11 @@ def _one_of(allowed) -> Callable[[Any], str]:
     return check
 
 
-def _has_space(text: str) -> bool:
-    return any(c.isspace() or not c.isprintable() for c in text)
-
-
 def _http_path(value: Any) -> str:
-    path = _string(value)
-    if not path.startswith("/"):
-        raise _bad(f"must start with '/', got {path!r}")
-    if _has_space(path):
-        raise _bad(f"{path!r} contains whitespace or control characters")
-    return path
+    try:
+        return check_http_path(_string(value))
+    except ValueError as e:
+        raise _bad(str(e)) from None
 
 
 def _nonempty(value: Any) -> str:
@@ -193,8 +213,10 @@ def _nonempty(value: Any) -> str:
 
 def _host(value: Any) -> str:
     host = _nonempty(value)
-    if _has_space(host):
+    if has_space(host):
         raise _bad(f"{host!r} contains whitespace or control characters")
+    if not host.isascii():
+        raise _bad(f"{host!r} is not ASCII: give an internationalized name in its xn-- form")
     return host
 
 
@@ -205,14 +227,10 @@ def _only(what: str) -> Callable[[Any], Any]:
 
 
 def _interface(value: Any) -> str:
-    name = _string(value)
-    if not name:
-        raise _bad("an interface name cannot be empty")
-    if len(name) >= IFNAMSIZ:
-        raise _bad(f"{name!r} is longer than {IFNAMSIZ - 1} characters")
-    if "/" in name or _has_space(name):
-        raise _bad(f"{name!r} is not an interface name (no '/' or whitespace)")
-    return name
+    try:
+        return check_interface(_string(value))
+    except ValueError as e:
+        raise _bad(str(e)) from None
 
 
 def _items(check: Callable[[Any], Any], value: Any) -> list:
@@ -261,6 +279,7 @@ class _Loader:
         if not self.doc.get("frontends") and self.names["frontends"] is not None:
             self.problem("frontends", "at least one frontend is required")
         self.check_services()
+        self.check_capacity([f for f in frontends if f], {p.name: p for p in pools if p})
         self.check_adopt([f for f in frontends if f], {p.name: p for p in pools if p})
 
         if self.problems:
@@ -321,7 +340,7 @@ class _Loader:
                   "path": _http_path, "expect_status": _status,
                   "expect_body": _nonempty, "host": _host,
                   "interval": _seconds, "timeout": _seconds,
-                  "rise": _at_least_one, "fall": _at_least_one}
+                  "rise": _count, "fall": _count}
         if mtype in MONITOR_TYPES and mtype != "http":
             checks.update(dict.fromkeys(HTTP_ONLY, _only('type "http"')))
         values = self.fields(path, obj, checks, defaults={"interval": 2.0, "timeout": 1.0})
@@ -370,7 +389,30 @@ class _Loader:
         members = tuple(servers.get(s) for s in values.pop("servers"))
         if None in members:
             return None                 # a server named is itself wrong, and reported
+        first: dict[tuple[IPv4Address, int], str] = {}
+        for i, s in enumerate(members):
+            other = first.setdefault((s.address, s.port), s.name)
+            if other != s.name:
+                self.problem(f"{path}.servers[{i}]", f"{s.name!r} is {s.address}:{s.port}, as "
+                                                     f"{other!r}: one server twice")
         return Pool(name=name, servers=members, **values)
+
+    def check_capacity(self, frontends: list[Frontend], pools: dict[str, Pool]) -> None:
+        """No more than the data plane's maps hold, as `xlb up` and `apply` would
+        find (planner.CapacityError)."""
+        maglev = [f for f in frontends if f.pool in pools and pools[f.pool].algorithm == "maglev"]
+        for what, n, limit in (("frontends", len(frontends), MAX_FRONTENDS),
+                               ("frontends with a Maglev pool", len(maglev), MAX_MAGLEV_FRONTENDS)):
+            if n > limit:
+                self.problem("frontends", f"{n} {what}: the data plane holds {limit}")
+        for pool in pools.values():
+            if pool.algorithm != "maglev" and len(pool.servers) > RING_SIZE:
+                self.problem(f"pools.{pool.name}.servers",
+                             f"{len(pool.servers)} servers do not fit a ring of {RING_SIZE}")
+        total = sum(len(p.servers) for p in pools.values())
+        if total > MAX_BACKENDS:
+            self.problem("pools", f"{total} servers in pools (one counts once in each of "
+                                  f"its pools): the data plane holds {MAX_BACKENDS}")
 
     def check_maglev(self, path: str, servers: int, size: int | None) -> None:
         """Enough slots for the pool's servers; `size` None: the default, or wrong."""

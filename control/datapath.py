@@ -22,7 +22,7 @@ from bcc import BPF
 from bcc.libbcc import lib
 from bcc.utils import get_possible_cpus
 
-from . import bpfsys, flowtable, layout, netif
+from . import bpfsys, flowtable, layout, model, netif
 from .layout import BPF_DIR, MAPS
 
 
@@ -39,15 +39,16 @@ HTAB_ELEM = 48      # bytes the kernel adds to each hash map entry (struct htab_
 
 @dataclass(frozen=True)
 class Limits:
-    """Map sizes, passed to the C as -D flags: the one place they are set."""
-    max_services: int = 256
-    max_backends: int = 16384
-    ring_size: int = 1024
+    """Map sizes, passed to the C as -D flags: the one place they are set (the
+    defaults a config is checked against are model's)."""
+    max_services: int = model.MAX_FRONTENDS
+    max_backends: int = model.MAX_BACKENDS
+    ring_size: int = model.RING_SIZE
     max_flows: int = 2 * DEFAULT_CONNECTIONS    # established table: two entries a connection
     max_new_flows: int = 65536                  # half-open table, apart so floods evict only it
     max_arp: int = 256
-    max_maglev: int = 16                        # Maglev frontends (two tables each)
-    maglev_size: int = 65537                    # slots of a Maglev table, at most
+    max_maglev: int = model.MAX_MAGLEV_FRONTENDS    # two tables each
+    maglev_size: int = model.MAGLEV_SIZE_MAX        # slots of a Maglev table, at most
     max_hops: int = 16384                       # next-hop cache slots per CPU (a power of 2)
 
     @classmethod

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Iterable, Mapping
 
-from .model import Config
+from .model import Config, check_interface, parse_host
 
 ROLES = ("active", "backup")
 # keepalived's FIFO lines name a state; MASTER makes xlb active, every other
@@ -117,14 +117,15 @@ class Gateway:
     @classmethod
     def parse(cls, text: str) -> "Gateway":
         """IP/PREFIX[@DEV]; raises ValueError naming the problem."""
-        addr, _, dev = text.partition("@")
+        addr, at, dev = text.partition("@")
         if "/" not in addr:
             raise ValueError(f"{text!r}: give the address with its prefix, IP/PREFIX[@DEV]")
         try:
             iface = IPv4Interface(addr)
         except ValueError:
             raise ValueError(f"{text!r} is not IP/PREFIX[@DEV]") from None
-        return cls(iface, dev or None)
+        parse_host(str(iface.ip))
+        return cls(iface, check_interface(dev) if at else None)
 
 
 def keepalived_role(line: str, instance: str) -> str | None:

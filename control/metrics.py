@@ -91,7 +91,7 @@ def parse_address(text: str) -> tuple[str, int] | None:
     if text == "off":
         return None
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ValueError(f"{text!r} is not ADDR:PORT or off")
     try:
         IPv4Address(host)

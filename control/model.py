@@ -7,6 +7,7 @@ key path of what is wrong (`--vip`, `--backend[2]`, later `pools.web.servers`).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address
 
@@ -21,6 +22,14 @@ TIMEOUT_RANGE = (1, 7 * 86400)          # idle timeouts of flows, seconds
 MONITOR_TYPES = ("tcp", "http", "none")
 ON_SERVER_DOWN = ("keep", "reset")   # what happens to a gone server's established flows
 WEIGHT_RANGE = (1, 256)
+# What the data plane's maps hold (datapath.Limits' defaults), checked with the config.
+MAX_FRONTENDS = 256
+MAX_MAGLEV_FRONTENDS = 16
+MAX_BACKENDS = 16384                    # servers of all pools together
+RING_SIZE = 1024                        # servers of a round-robin or weighted pool, at most
+IFNAMSIZ = 16                           # the kernel's limit, with the terminating NUL
+CHECK_SECONDS_MAX = 86400               # a monitor's interval and timeout: a day at most
+CHECK_COUNT_MAX = 1000                  # a monitor's rise and fall
 
 
 class ConfigError(ValueError):
@@ -126,6 +135,50 @@ def check_port(port: int) -> int:
     return port
 
 
+def check_seconds(value: float) -> float:
+    """A monitor's interval or timeout."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be a positive number of seconds, got {value}")
+    if value > CHECK_SECONDS_MAX:
+        raise ValueError(f"must be at most {CHECK_SECONDS_MAX} seconds (a day), got {value}")
+    return float(value)
+
+
+def check_count(n: int) -> int:
+    """A monitor's rise or fall: checks in a row."""
+    if n < 1:
+        raise ValueError(f"must be at least 1, got {n}")
+    if n > CHECK_COUNT_MAX:
+        raise ValueError(f"must be at most {CHECK_COUNT_MAX}, got {n}")
+    return n
+
+
+def has_space(text: str) -> bool:
+    return any(c.isspace() or not c.isprintable() for c in text)
+
+
+def check_interface(name: str) -> str:
+    """A network interface's name, as the kernel allows it."""
+    if not name:
+        raise ValueError("an interface name cannot be empty")
+    if len(name) >= IFNAMSIZ:
+        raise ValueError(f"{name!r} is longer than {IFNAMSIZ - 1} characters")
+    if "/" in name or has_space(name):
+        raise ValueError(f"{name!r} is not an interface name (no '/' or whitespace)")
+    return name
+
+
+def check_http_path(path: str) -> str:
+    """The path an HTTP check asks for, sent as it is on the request line."""
+    if not path.startswith("/"):
+        raise ValueError(f"must start with '/', got {path!r}")
+    if has_space(path):
+        raise ValueError(f"{path!r} contains whitespace or control characters")
+    if not path.isascii():
+        raise ValueError(f"{path!r} is not ASCII: percent-encode it")
+    return path
+
+
 def check_maglev_size(size: int) -> int:
     if size > MAGLEV_SIZE_MAX:
         raise ValueError(f"{size} is larger than the data plane's tables ({MAGLEV_SIZE_MAX})")
@@ -150,7 +203,7 @@ def check_maglev_servers(size: int, servers: int) -> None:
 
 
 def parse_port(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(f"port {text!r} is not a number")
     return check_port(int(text))
 
@@ -204,6 +257,10 @@ def monitor_from_flags(kind: str, port: int | None, interval: float, rise: int,
         mtype, path = "tcp", "/"
     elif kind.startswith("http:/"):
         mtype, path = "http", kind[len("http:"):]
+        try:
+            check_http_path(path)
+        except ValueError as e:
+            problems.append(("--check", str(e)))
     else:
         problems.append(("--check", f"{kind!r} is not tcp, http:/PATH or none"))
     if port is not None:
@@ -211,11 +268,12 @@ def monitor_from_flags(kind: str, port: int | None, interval: float, rise: int,
             check_port(port)
         except ValueError as e:
             problems.append(("--check-port", str(e)))
-    if not interval > 0:
-        problems.append(("--interval", f"must be a positive number of seconds, got {interval}"))
-    for name, n in (("--rise", rise), ("--fall", fall)):
-        if n < 1:
-            problems.append((name, f"must be at least 1, got {n}"))
+    for name, check, value in (("--interval", check_seconds, interval),
+                               ("--rise", check_count, rise), ("--fall", check_count, fall)):
+        try:
+            check(value)
+        except ValueError as e:
+            problems.append((name, str(e)))
     if problems:
         raise ConfigError(problems)
     return Monitor(name="default", type=mtype, port=port, path=path, interval=interval,

@@ -4,6 +4,7 @@ anything else happens (exit 2). No root, no kernel."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,15 @@ def test_up_refuses_a_flow_table_larger_than_the_memory_available(monkeypatch):
         "1.0 GiB available\n"), r.output
     r = CliRunner().invoke(cli.cli, [*args, "1000000"])     # 0.3 GiB: fits
     assert r.exit_code == 1 and "xlb up needs root" in r.output, r.output
+
+
+def test_apply_reads_no_fifo_and_top_takes_no_interval_it_cannot_sleep(tmp_path):
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)                         # reading it would wait for a writer for ever
+    r = xlb("apply", str(fifo))
+    assert (r.returncode, r.stderr) == (2, f"xlb: error: {fifo}: not a regular file\n")
+    for interval, message in (("nan", "--interval: nan is not a number of seconds"),
+                              ("inf", "Invalid value for '--interval': inf is not in the "
+                                      "range 0.1<=x<=3600.")):
+        r = xlb("top", "--once", "--interval", interval)
+        assert (r.returncode, r.stderr) == (2, f"xlb: error: {message}\n")

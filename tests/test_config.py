@@ -227,7 +227,7 @@ def test_dump_escapes_strings(body):
 
 def test_dump_floats_read_back_as_floats():
     cfg = load_file(SEED)
-    for interval, timeout in [(2, 1), (1e-5, 1e-6), (1e20, 3.0), (0.1, 0.1)]:
+    for interval, timeout in [(2, 1), (1e-5, 1e-6), (86400, 3.0), (0.1, 0.1)]:
         c = Config(frontends=cfg.frontends, pools=cfg.pools,
                    monitors=(Monitor("was-http", interval=interval, timeout=timeout),))
         back = load(dump(c)).monitors[0]
@@ -395,6 +395,21 @@ BAD = [
     ("interval-timeout-not-positive", doc(monitor("interval = 0", "timeout = -0.5")),
      [("monitors.m.interval", "must be a positive number of seconds, got 0"),
       ("monitors.m.timeout", "must be a positive number of seconds, got -0.5")]),
+    ("monitor-beyond-bounds", doc(monitor("interval = 86401", "timeout = 1e300",
+                                          "rise = 1001", "fall = 99999999999999999")),
+     [("monitors.m.interval", "must be at most 86400 seconds (a day), got 86401"),
+      ("monitors.m.timeout", "must be at most 86400 seconds (a day), got 1e+300"),
+      ("monitors.m.rise", "must be at most 1000, got 1001"),
+      ("monitors.m.fall", "must be at most 1000, got 99999999999999999")]),
+    ("http-check-not-ascii", doc(monitor('type = "http"', 'path = "/\u5065"',
+                                         'host = "\u4f8b.jp"')),
+     [("monitors.m.path", "'/\u5065' is not ASCII: percent-encode it"),
+      ("monitors.m.host", "'\u4f8b.jp' is not ASCII: give an internationalized name in its "
+                          "xn-- form")]),
+    ("one-server-twice-in-a-pool", doc(pool='servers = ["was1", "twin"]',
+                                       extra='[servers.twin]\naddress = "10.1.11.101"\n'
+                                             'port = 8080'),
+     [("pools.web.servers[1]", "'twin' is 10.1.11.101:8080, as 'was1': one server twice")]),
     ("interval-not-finite", doc(monitor("interval = inf", "timeout = nan")),
      [("monitors.m.interval", "must be a positive number of seconds, got inf"),
       ("monitors.m.timeout", "must be a positive number of seconds, got nan")]),
@@ -576,3 +591,62 @@ def test_bad_config(text, problems):
     with pytest.raises(ConfigError) as e:
         load(text)
     assert e.value.problems == problems
+
+
+def servers_and_pool(n, algorithm="roundrobin", pool="p"):
+    """TOML for servers s0..s(n-1) and a pool of them."""
+    servers = "".join(f'[servers.s{i}]\naddress = "10.2.{i // 250}.{i % 250 + 1}"\nport = 80\n'
+                      for i in range(n))
+    members = ", ".join(f'"s{i}"' for i in range(n))
+    return servers + f'[pools.{pool}]\nservers = [{members}]\nalgorithm = "{algorithm}"\n'
+
+
+def frontends(n, pool):
+    return "".join(f'[frontends.f{i}]\nvip = "10.1.{i // 250}.{i % 250 + 1}"\nport = 80\n'
+                   f'pool = "{pool}"\n' for i in range(n))
+
+
+@pytest.mark.parametrize("text,problem", [
+    (servers_and_pool(1) + frontends(257, "p"),
+     ("frontends", "257 frontends: the data plane holds 256")),
+    (servers_and_pool(1, "maglev") + frontends(17, "p"),
+     ("frontends", "17 frontends with a Maglev pool: the data plane holds 16")),
+    (servers_and_pool(1025) + frontends(1, "p"),
+     ("pools.p.servers", "1025 servers do not fit a ring of 1024")),
+    (servers_and_pool(600, "maglev") + "".join(
+        f'[pools.q{k}]\nservers = [{", ".join(f"{chr(34)}s{i}{chr(34)}" for i in range(600))}]\n'
+        f'algorithm = "maglev"\n' for k in range(27)) + frontends(1, "p"),
+     ("pools", "16800 servers in pools (one counts once in each of its pools): the data "
+               "plane holds 16384")),
+])
+def test_a_config_larger_than_the_data_plane_holds_fails_check(text, problem):
+    """As `xlb up` and `apply` would find it (planner.CapacityError), at once."""
+    with pytest.raises(ConfigError) as e:
+        load(text)
+    assert e.value.problems == [problem]
+
+
+def test_what_the_data_plane_holds_passes():
+    load(servers_and_pool(1024) + frontends(256, "p"))
+
+
+def test_nesting_too_deep_is_one_problem():
+    with pytest.raises(ConfigError) as e:
+        load("a = " + "[" * 1000 + "]" * 1000)
+    assert e.value.problems == [("toml", "arrays or tables nested too deeply")]
+
+
+def test_read_takes_regular_files_of_at_most_max_file_bytes(tmp_path):
+    import os
+    from xlb.config import MAX_FILE, read
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)                         # no writer: reading it would wait for ever
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * MAX_FILE + b"\n")
+    for path, problem in ((fifo, "not a regular file"), (tmp_path, "Is a directory"),
+                          (big, f"larger than {MAX_FILE} bytes")):
+        with pytest.raises(ConfigError) as e:
+            read(path)
+        assert e.value.problems == [(str(path), problem)]
+    big.write_bytes(b"#" * (MAX_FILE - 1) + b"\n")
+    assert len(read(big)) == MAX_FILE

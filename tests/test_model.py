@@ -5,7 +5,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from xlb.model import (MAGLEV_SERVERS_MAX, ConfigError, check_maglev_servers, check_maglev_size,
-                       from_flags, monitor_from_flags, parse_vip)
+                       from_flags, monitor_from_flags, parse_port, parse_vip)
 
 B = ["10.1.11.101:8080", "10.1.11.102:8080"]
 
@@ -98,6 +98,30 @@ def test_one_line_monitor_errors():
         ("--check-port", "port 0 is out of range 1-65535"),
         ("--interval", "must be a positive number of seconds, got 0"),
         ("--rise", "must be at least 1, got 0")]
+
+
+@pytest.mark.parametrize("args,problem", [
+    (("tcp", None, float("inf"), 2, 3), ("--interval", "must be a positive number of seconds, "
+                                                       "got inf")),
+    (("tcp", None, 86401.0, 2, 3), ("--interval", "must be at most 86400 seconds (a day), "
+                                                  "got 86401.0")),
+    (("tcp", None, 2.0, 1001, 3), ("--rise", "must be at most 1000, got 1001")),
+    (("http:/a b", None, 2.0, 2, 3), ("--check", "'/a b' contains whitespace or control "
+                                                 "characters")),
+    (("http:/caf\u00e9", None, 2.0, 2, 3), ("--check", "'/caf\u00e9' is not ASCII: "
+                                                        "percent-encode it")),
+])
+def test_one_line_monitor_takes_what_a_file_takes(args, problem):
+    """The one-line form refuses what a config file refuses: a saved config of
+    flags must load again when a later `xlb up` takes it over."""
+    with pytest.raises(ConfigError) as e:
+        monitor_from_flags(*args)
+    assert e.value.problems == [problem]
+
+
+def test_a_port_of_other_digits_is_not_a_number():
+    with pytest.raises(ValueError, match="port '\u00b2' is not a number"):
+        parse_port("\u00b2")
 
 
 def test_one_line_form_timeouts_are_ipvs_defaults():
