@@ -216,6 +216,11 @@ static __always_inline struct flow_counters *flow_open(struct flow_key *key, str
 	reply.dir = FLOW_REPLY;
 	partner_key(key, fwd, &reply_key);
 
+	/* The reply entry of an earlier connection of these addresses and ports,
+	 * whose forward entry the LRU evicted, would take the backend's packets
+	 * first (flow_find), and this connection would never be answered. */
+	if (flows.lookup(&reply_key))
+		flows.delete(&reply_key);
 	flows_new.update(key, fwd);
 	flows_new.update(&reply_key, &reply);
 	fc = flow_counters();
@@ -250,17 +255,32 @@ static __always_inline int backend_closed(struct flow *f)
 
 enum { FLOW_ALIVE, FLOW_EXPIRED, FLOW_REOPENED };
 
-/* Whether the forward entry f still carries this packet. A SYN on a closing
- * flow, or on one whose backend takes no new flows, opens a new connection
- * (a client reusing its port); a flow idle past its timeout is dead. */
-static __always_inline int flow_fate(struct packet *pkt, struct flow *f, __u64 now)
+/* Whether an entry last seen at `seen` is idle past the connection's
+ * timeout (0: never). seen may be a moment ahead of now when another CPU just
+ * wrote it. */
+static __always_inline int flow_idle(struct flow *f, __u64 seen, __u64 now)
 {
+	return f->timeout && now > seen && now - seen > f->timeout * NSEC_PER_SEC;
+}
+
+/* Whether the forward entry f (of key, in flows_new if in_new) still carries
+ * this packet. A SYN on a closing flow, or on one whose backend takes no new
+ * flows, opens a new connection (a client reusing its port); a connection
+ * idle past its timeout both ways is dead (one-way traffic keeps it, as the
+ * sweep counts it: the reply entry is looked at only when f is idle). */
+static __always_inline int flow_fate(struct flow_key *key, struct packet *pkt, struct flow *f,
+				     int in_new, __u64 now)
+{
+	struct flow_key other = {};
+	struct flow *r;
+
 	if (packet_opens(pkt) && (f->state == FLOW_CLOSING || backend_closed(f)))
 		return FLOW_REOPENED;
-	/* seen may be a moment ahead of now when another CPU just wrote it */
-	if (f->timeout && now > f->seen && now - f->seen > f->timeout * NSEC_PER_SEC)
-		return FLOW_EXPIRED;
-	return FLOW_ALIVE;
+	if (!flow_idle(f, f->seen, now))
+		return FLOW_ALIVE;
+	partner_key(key, f, &other);
+	r = in_new ? flows_new.lookup(&other) : flows.lookup(&other);
+	return r && !flow_idle(f, r->seen, now) ? FLOW_ALIVE : FLOW_EXPIRED;
 }
 
 /* Removes a dead connection (both entries) from its table and counts why. */
@@ -556,7 +576,7 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 
 	f = flow_find(&key, &in_new);
 	if (f && f->dir == FLOW_FORWARD) {
-		fate = flow_fate(pkt, f, now);
+		fate = flow_fate(&key, pkt, f, in_new, now);
 		if (fate != FLOW_ALIVE) {
 			flow_forget(&key, f, in_new, fate);
 			f = NULL;
@@ -573,8 +593,11 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 	skey.port = key.dport;
 	skey.proto = key.proto;
 	svc = services.lookup(&skey);
-	if (!svc)
-		return vip_or_pass(pkt->ip, is_vip, XLB_DROP_NO_SERVICE, XLB_PASS_NOT_VIP);
+	if (!svc) {
+		if (vips.lookup(&key.daddr))
+			return XLB_DROP_NO_SERVICE;
+		return flow_adopt(ctx, pkt, cfg, &key, bytes, now);	/* the filter was wrong */
+	}
 	if (flow_create(&key, svc, &fresh, now) < 0)
 		return XLB_DROP_NO_BACKEND;
 	count_flow(&fresh, bytes, 1);
@@ -596,17 +619,19 @@ static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethh
 	struct flow *f;
 	int in_new;
 
+	/* Which way an error goes hangs on it: the filter's word is not enough. */
+	is_vip = is_vip && vips.lookup(&ip->daddr);
 	if (ip_is_fragment(ip))
-		return vip_or_pass(ip, is_vip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP);
+		return is_vip ? XLB_DROP_FRAGMENT : XLB_PASS_NOT_VIP;
 	icmp = parse_icmp(c, ip, frame_len);
 	if (!icmp)
-		return vip_or_pass(ip, is_vip, XLB_DROP_MALFORMED, XLB_PASS_SHORT);
-	if (is_vip && icmp->type == ICMP_ECHO && icmp->code == 0 && vips.lookup(&ip->daddr)) {
+		return is_vip ? XLB_DROP_MALFORMED : XLB_PASS_SHORT;
+	if (is_vip && icmp->type == ICMP_ECHO && icmp->code == 0) {
 		icmp_echo_reply(eth, ip, icmp);
 		return XLB_ICMP_ECHO_REPLY;
 	}
 	if (parse_icmp_error(c, ip, icmp, &err) < 0)
-		return vip_or_pass(ip, is_vip, XLB_DROP_NO_SERVICE, XLB_PASS_NOT_VIP);
+		return is_vip ? XLB_DROP_NO_SERVICE : XLB_PASS_NOT_VIP;
 	if (!is_vip && !xlb_may_be_backend(cfg, err.inner->daddr, err.ports->dest))
 		return XLB_PASS_NOT_VIP;
 	key.saddr = err.inner->daddr;
@@ -616,7 +641,7 @@ static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethh
 	key.proto = err.inner->protocol;
 	f = flow_find(&key, &in_new);
 	if (!f || f->dir != (is_vip ? FLOW_FORWARD : FLOW_REPLY))
-		return vip_or_pass(ip, is_vip, XLB_DROP_NO_SERVICE, XLB_PASS_NOT_VIP);
+		return is_vip ? XLB_DROP_NO_SERVICE : XLB_PASS_NOT_VIP;
 	if (is_vip) {
 		/* About a reply, VIP -> client: the backend sent it. */
 		icmp_nat_inner(&err, &err.inner->saddr, &err.ports->source, f->addr, f->port);

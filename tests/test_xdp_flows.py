@@ -20,6 +20,7 @@ from scapy.packet import Raw, raw
 from packets import (BACKEND_MAC, CLIENT_MAC, LB_MAC, XDP_DROP, XDP_PASS, XDP_TX, Harness,
                      assert_checksums, ip_of, tcp_frame, udp_frame)
 from xlb import layout
+from xlb.datapath import filter_slot
 from xlb.maglev import flow_hash
 
 pytestmark = pytest.mark.kernel
@@ -85,6 +86,17 @@ def connection(dp, sport: int, proto: int = TCP_P, vip=VIP):
             be = BACKENDS[fwd.backend_id]
             return table, fwd, rows.get((be[0], CLIENT, be[1], sport, proto))
     return None, None, None
+
+
+def on_a_vips_bit(vip: IPv4Address) -> IPv4Address:
+    """A client address (of 100.64.0.0/16) that the VIP filter takes for
+    vip's: it falls on the same bit."""
+    slot = filter_slot(int.from_bytes(vip.packed, "little"))
+    return next(a for a in (IPv4Address("100.64.0.0") + i for i in range(1, 1 << 16))
+                if filter_slot(int.from_bytes(a.packed, "little")) == slot)
+
+
+ON_A_VIPS_BIT = on_a_vips_bit(VIP)
 
 
 def counters(dp) -> dict[str, int]:
@@ -408,15 +420,25 @@ def short_timeouts(lb):
 
 
 def test_an_idle_connection_is_a_new_flow_at_its_next_packet(lb, fibnet, short_timeouts):
+    """Idle past its timeout both ways, a connection is dead at its next
+    packet; one-way traffic keeps it, as it keeps it from the sweep."""
     dp = lb.dp
     bid = handshake(lb, fibnet, 53000)
     assert connection(dp, 53000)[1].timeout == 5
-    age(dp, "flows", (CLIENT, VIP, 53000, 80, TCP_P), 4)
+    fwd_key = (CLIENT, VIP, 53000, 80, TCP_P)
+    reply_key = (BACKENDS[bid][0], CLIENT, 8080, 53000, TCP_P)
+    age(dp, "flows", fwd_key, 4)
     res = lb.send(tcp_frame(CLIENT, VIP, 53000, 80, flags="PA", payload=b"x"), fibnet.ifindex["ext"])
     lb.expect("forward_redirect", flow=("in", SVC_TCP, bid, False))      # 4 s: alive
     assert backend_of(res.data) == bid
 
-    age(dp, "flows", (CLIENT, VIP, 53000, 80, TCP_P), 6)
+    age(dp, "flows", fwd_key, 6)        # the client silent 6 s, the backend not
+    res = lb.send(tcp_frame(CLIENT, VIP, 53000, 80, flags="PA", payload=b"x"), fibnet.ifindex["ext"])
+    lb.expect("forward_redirect", flow=("in", SVC_TCP, bid, False))
+    assert backend_of(res.data) == bid
+
+    age(dp, "flows", fwd_key, 6)
+    age(dp, "flows", reply_key, 6)      # both silent 6 s
     before = counters(dp)
     res = lb.send(tcp_frame(CLIENT, VIP, 53000, 80, flags="PA", payload=b"x"), fibnet.ifindex["ext"])
     new_bid = backend_of(res.data)
@@ -440,6 +462,29 @@ def test_the_sweep_removes_connections_idle_on_both_sides(lb, fibnet, short_time
     expired = dp.expire_flows(dp.now() + 6 * SEC)
     assert expired["flows"] >= 2
     assert connection(dp, 53100) == connection(dp, 53101) == (None, None, None)
+
+
+def test_a_connection_whose_forward_entry_was_evicted_is_opened_anew_and_answered(lb, fibnet):
+    """The LRU evicted a connection's forward entry, not its reply entry: the
+    client's next packet opens it again (Maglev: on the same backend), and the
+    backend's answer must reach the new pair, not the old reply entry, for the
+    connection to become established again."""
+    dp = lb.dp
+    sport = 53200
+    bid = maglev_backend(CLIENT, sport)
+    lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="S"), fibnet.ifindex["ext"])
+    lb.send(from_backend(bid, sport, "SA"), fibnet.ifindex["int"])
+    lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="A"), fibnet.ifindex["ext"])
+    assert connection(dp, sport, vip=MVIP)[0] == "flows"
+    flows = dp._maps["flows"]
+    del flows[map_key(flows, (CLIENT, MVIP, sport, 80, TCP_P))]
+    for frame, ifindex in ((tcp_frame(CLIENT, MVIP, sport, 80, flags="PA", payload=b"x"), "ext"),
+                           (from_backend(bid, sport, "PA", payload=b"y"), "int"),
+                           (tcp_frame(CLIENT, MVIP, sport, 80, flags="A"), "ext")):
+        lb.send(frame, fibnet.ifindex[ifindex])
+    table, fwd, reply = connection(dp, sport, vip=MVIP)
+    assert (table, fwd.backend_id, fwd.state, reply.state) == (
+        "flows", bid, STATE["established"], STATE["established"])
 
 
 # Maglev ---------------------------------------------------------------------------------
@@ -501,6 +546,26 @@ def test_a_backends_packet_no_entry_knows_is_adopted_where_maglev_sends_its_clie
         res = lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="A"), ext)
         assert (res.action, backend_of(res.data)) == (XDP_REDIRECT, bid)
         assert connection(dp, sport, vip=MVIP)[0] == "flows"
+
+
+def test_a_client_on_a_vips_filter_bit_is_adopted_as_any(adopting, fibnet):
+    """The VIP filter takes the client's address for a VIP's: the backend's
+    packet is adopted all the same (no service has that address)."""
+    lb, dp = adopting, adopting.dp
+    client = ON_A_VIPS_BIT
+    sport = 56200
+    bid = MAGLEV_SLOTS[flow_hash(client, MVIP, sport, 80, TCP_P) % len(MAGLEV_SLOTS)]
+    addr, port = BACKENDS[bid]
+    fibnet.sh("ip", "route", "add", f"{client}/32", "via", "10.1.1.2")
+    try:
+        before = counters(dp)["adopted"]
+        res = lb.send(tcp_frame(addr, client, port, sport, flags="PA", payload=b"late",
+                                eth_src=BACKEND_MAC), fibnet.ifindex["int"])
+    finally:
+        fibnet.sh("ip", "route", "del", f"{client}/32")
+    assert ip_of(res.data, "src") == MVIP
+    lb.expect("fib_no_neigh", flow=("out", SVC_MAGLEV, bid, False))    # 10.1.1.2 unresolved
+    assert counters(dp)["adopted"] == before + 1
 
 
 def test_a_backends_packet_for_this_host_is_never_adopted(adopting, fibnet):
@@ -658,20 +723,22 @@ def test_an_error_about_a_reply_goes_to_the_backend(lb, fibnet, proto, size):
     lb.expect("icmp_to_backend")
 
 
-def test_an_error_of_the_backend_goes_to_the_client(lb, fibnet):
+@pytest.mark.parametrize("client", [CLIENT, ON_A_VIPS_BIT], ids=["client", "on-a-vips-bit"])
+def test_an_error_of_the_backend_goes_to_the_client(lb, fibnet, client):
     """The backend has nothing on a UDP port: its port-unreachable reaches the
-    client from the VIP, about the datagram the client sent to the VIP."""
-    res = lb.send(udp_frame(CLIENT, VIP, 56100, 80, payload=b"q"), fibnet.ifindex["ext"])
+    client from the VIP, about the datagram the client sent to the VIP. Also
+    for a client whose address the VIP filter takes for a VIP's."""
+    res = lb.send(udp_frame(client, VIP, 56100, 80, payload=b"q"), fibnet.ifindex["ext"])
     bid = backend_of(res.data)
     be_addr, be_port = BACKENDS[bid]
     unreachable = ICMP(type=3, code=3)
-    frame = icmp_frame(be_addr, CLIENT, unreachable,
-                       quote(udp_frame(CLIENT, be_addr, 56100, be_port, payload=b"q")),
+    frame = icmp_frame(be_addr, client, unreachable,
+                       quote(udp_frame(client, be_addr, 56100, be_port, payload=b"q")),
                        eth_src=BACKEND_MAC)
     res = lb.send(frame, fibnet.ifindex["int"])
     assert res.action == XDP_PASS
-    assert res.data == icmp_frame(VIP, CLIENT, unreachable,
-                                  quote(udp_frame(CLIENT, VIP, 56100, 80, payload=b"q")),
+    assert res.data == icmp_frame(VIP, client, unreachable,
+                                  quote(udp_frame(client, VIP, 56100, 80, payload=b"q")),
                                   eth_src=BACKEND_MAC)
     lb.expect("icmp_to_client")
 
