@@ -216,11 +216,6 @@ static __always_inline struct flow_counters *flow_open(struct flow_key *key, str
 	reply.dir = FLOW_REPLY;
 	partner_key(key, fwd, &reply_key);
 
-	/* The reply entry of an earlier connection of these addresses and ports,
-	 * whose forward entry the LRU evicted, would take the backend's packets
-	 * first (flow_find), and this connection would never be answered. */
-	if (flows.lookup(&reply_key))
-		flows.delete(&reply_key);
 	flows_new.update(key, fwd);
 	flows_new.update(&reply_key, &reply);
 	fc = flow_counters();
@@ -343,6 +338,18 @@ static __always_inline void flow_progress(struct flow_key *key, struct flow *f, 
 		r = flows_new.lookup(&other);
 		if (r && r->state == FLOW_NEW)
 			r->state = FLOW_ANSWERED;
+		return;
+	}
+	if (f->state == FLOW_NEW && pkt->tcp && !packet_opens(pkt)) {
+		/* The client speaks before its backend answered: a connection taken
+		 * up mid-way. Its backend's packets may meet the reply entry of its
+		 * earlier self in flows (the LRU evicted the forward one), which
+		 * would keep this one from being answered: that entry goes. Here,
+		 * not at the open, where the lookup would cost every new flow a
+		 * cache miss. */
+		partner_key(key, f, &other);
+		if (flows.lookup(&other))
+			flows.delete(&other);
 		return;
 	}
 	if (packet_opens(pkt) || f->state != FLOW_ANSWERED)
