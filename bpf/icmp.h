@@ -101,13 +101,6 @@ static __always_inline void icmp_nat_inner(struct icmp_error *err, __be32 *addr,
 	xlb_csum_apply(&err->icmp->checksum, icmp_diff);
 }
 
-/* Replaces an address of the outer header: ICMP has no pseudo-header. */
-static __always_inline void icmp_nat_outer(struct iphdr *ip, __be32 *addr, __be32 new_addr)
-{
-	xlb_csum_apply(&ip->check, xlb_csum_diff32(*addr, new_addr));
-	*addr = new_addr;
-}
-
 static __always_inline void swap_macs(struct ethhdr *eth)
 {
 	__u8 tmp[ETH_ALEN];

@@ -19,6 +19,14 @@ static __always_inline void nat_rewrite(struct packet *pkt, __be32 *addr, __be16
 	*port = new_port;
 }
 
+/* Replaces an address of the IP header alone, for what has no L4 checksum
+ * over it: ICMP (no pseudo-header), a fragment after the first. */
+static __always_inline void nat_ip_address(struct iphdr *ip, __be32 *addr, __be32 new_addr)
+{
+	xlb_csum_apply(&ip->check, xlb_csum_diff32(*addr, new_addr));
+	*addr = new_addr;
+}
+
 static __always_inline void nat_dest(struct packet *pkt, __be32 addr, __be16 port)
 {
 	nat_rewrite(pkt, &pkt->ip->daddr, &pkt->ports->dest, addr, port);

@@ -33,6 +33,7 @@ struct packet {
 	__sum16 *l4_csum;
 	struct tcphdr *tcp;	/* NULL for UDP */
 	__u8 proto;
+	__u8 first_fragment;	/* of a fragmented datagram: see frags */
 };
 
 /* Returns the EtherType (network order) or -1 if the header is cut short. */
@@ -80,6 +81,12 @@ static __always_inline int packet_opens(const struct packet *pkt)
 static __always_inline int ip_is_fragment(const struct iphdr *ip)
 {
 	return (ip->frag_off & bpf_htons(XLB_IP_MF | XLB_IP_OFFSET)) != 0;
+}
+
+/* A fragment but the first: no L4 header. */
+static __always_inline int ip_is_later_fragment(const struct iphdr *ip)
+{
+	return (ip->frag_off & bpf_htons(XLB_IP_OFFSET)) != 0;
 }
 
 /* Moves past the IPv4 header and its options to the TCP or UDP header and

@@ -39,6 +39,7 @@ BPF_HASH(owners, struct endpoint, struct service_key, XLB_MAX_BACKENDS);
 BPF_ARRAY(config, struct xlb_config, 1);
 BPF_TABLE("lru_hash", struct flow_key, struct flow, flows, XLB_MAX_FLOWS);
 BPF_TABLE("lru_hash", struct flow_key, struct flow, flows_new, XLB_MAX_NEW_FLOWS);
+BPF_TABLE("lru_hash", struct frag_key, struct flow, frags, XLB_MAX_FRAGS);
 
 /* Round-robin position per service and CPU: no shared atomics on the fast path. */
 BPF_PERCPU_ARRAY(rr_cursor, __u32, XLB_MAX_SERVICES);
@@ -479,6 +480,25 @@ static __always_inline enum xlb_reason send(struct xdp_md *ctx, struct packet *p
 	return reply ? XLB_REPLY_REDIRECT : XLB_FORWARD_REDIRECT;
 }
 
+static __always_inline struct frag_key frag_key_of(const struct iphdr *ip)
+{
+	struct frag_key fk = { .saddr = ip->saddr, .daddr = ip->daddr, .id = ip->id,
+			       .proto = ip->protocol };
+
+	return fk;
+}
+
+/* The first fragment of a datagram leaves its flow's entry for the others. */
+static __always_inline void remember_fragment(struct packet *pkt, struct flow *f)
+{
+	struct frag_key fk;
+
+	if (__builtin_expect(!pkt->first_fragment, 1))
+		return;
+	fk = frag_key_of(pkt->ip);
+	frags.update(&fk, f);
+}
+
 /* A packet of a known, live flow: state, counters, then on its way. */
 static __always_inline enum xlb_reason flow_continue(struct xdp_md *ctx, struct packet *pkt,
 						     struct xlb_config *cfg, struct flow_key *key,
@@ -492,6 +512,7 @@ static __always_inline enum xlb_reason flow_continue(struct xdp_md *ctx, struct 
 	f->seen = now;
 	flow_track_close(key, f, pkt, in_new);
 	count_flow(f, bytes, 0);
+	remember_fragment(pkt, f);
 	if (in_new)
 		flow_progress(key, f, pkt);	/* may move f: not used after this */
 	return send(ctx, pkt, cfg, key, reply, addr, port, now);
@@ -608,6 +629,7 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 	if (flow_create(&key, svc, &fresh, now) < 0)
 		return XLB_DROP_NO_BACKEND;
 	count_flow(&fresh, bytes, 1);
+	remember_fragment(pkt, &fresh);
 	return send(ctx, pkt, cfg, &key, 0, fresh.addr, fresh.port, now);
 }
 
@@ -652,14 +674,37 @@ static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethh
 	if (is_vip) {
 		/* About a reply, VIP -> client: the backend sent it. */
 		icmp_nat_inner(&err, &err.inner->saddr, &err.ports->source, f->addr, f->port);
-		icmp_nat_outer(ip, &ip->daddr, f->addr);
+		nat_ip_address(ip, &ip->daddr, f->addr);
 		return XLB_ICMP_TO_BACKEND;
 	}
 	/* About a forwarded packet, client -> backend: the client sent it to the VIP. */
 	if (ip->saddr == err.inner->daddr)
-		icmp_nat_outer(ip, &ip->saddr, f->addr);	/* the backend's own error */
+		nat_ip_address(ip, &ip->saddr, f->addr);	/* the backend's own error */
 	icmp_nat_inner(&err, &err.inner->daddr, &err.ports->dest, f->addr, f->port);
 	return XLB_ICMP_TO_CLIENT;
+}
+
+/* A fragment but the first: no ports, so it goes where its first fragment
+ * went, found by addresses and IP id (remember_fragment), with its address
+ * alone rewritten, and through the kernel (rare enough to leave it the
+ * routing). One whose first fragment this node did not see is dropped if to
+ * a VIP, and passed if not (a gateway's traffic). */
+static __always_inline enum xlb_reason later_fragment(struct iphdr *ip, int is_vip, __u32 bytes)
+{
+	struct frag_key fk = frag_key_of(ip);
+	struct flow *f = frags.lookup(&fk);
+
+	if (!f)
+		return vip_or_pass(ip, is_vip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP);
+	if (ip->ttl <= 1)
+		return XLB_TTL_EXPIRED;		/* as send() */
+	count_flow(f, bytes, 0);
+	if (f->dir == FLOW_REPLY) {
+		nat_ip_address(ip, &ip->saddr, f->addr);
+		return XLB_REPLY;
+	}
+	nat_ip_address(ip, &ip->daddr, f->addr);
+	return XLB_FORWARD;
 }
 
 /* An IPv4 packet that may be for xlb: to a VIP (is_vip), or TCP or UDP from
@@ -675,11 +720,12 @@ static __always_inline enum xlb_reason classify(struct xdp_md *ctx, struct curso
 		return handle_icmp(c, eth, ip, cfg, is_vip, frame_len);
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return vip_or_pass(ip, is_vip, XLB_DROP_NO_SERVICE, XLB_PASS_NOT_VIP);
-	if (ip_is_fragment(ip))
-		return vip_or_pass(ip, is_vip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP);
+	if (ip_is_later_fragment(ip))
+		return later_fragment(ip, is_vip, frame_len);
 	if (parse_l4(c, ip, frame_len, &pkt) < 0)
 		return vip_or_pass(ip, is_vip, XLB_DROP_MALFORMED, XLB_PASS_SHORT);
 	pkt.eth = eth;
+	pkt.first_fragment = ip_is_fragment(ip);
 	return balance(ctx, &pkt, cfg, is_vip, frame_len);
 }
 
@@ -718,8 +764,10 @@ int xlb_xdp(struct xdp_md *ctx)
 	/* TCP or UDP not to a VIP, from an address and port that are no backend's
 	 * (ports read where the header length puts them, unvalidated): the traffic
 	 * a gateway forwards, which must not pay for the balancer. Exits of their
-	 * own with constant reasons, whose actions fold away. */
-	if (!is_vip && (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP)) {
+	 * own with constant reasons, whose actions fold away. A later fragment has
+	 * no ports: frags decides. */
+	if (!is_vip && (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP) &&
+	    !ip_is_later_fragment(ip)) {
 		ports = peek_ports(&c, ip);
 		if (!ports)
 			return count_exit(XLB_PASS_SHORT, frame_len);

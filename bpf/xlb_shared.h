@@ -96,6 +96,17 @@ struct flow {
 	__u64 seen;		/* xlb_now() (clock.h) of its last packet */
 };
 
+/* frags: a fragmented datagram's later fragments carry no ports; its first
+ * leaves the entry of its flow here, under its addresses, IP id and protocol,
+ * for them. */
+struct frag_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 id;
+	__u8 proto;
+	__u8 pad;
+};
+
 /* flow_stats: per-CPU, one entry. Connections (entry pairs) the program moved
  * in and out of the tables; the LRU's evictions are what is missing. */
 struct flow_counters {
@@ -180,7 +191,7 @@ struct tally {
 	X(REPLY, XDP_PASS)            /* from a backend: reverse NAT, kernel routes */ \
 	X(ARP_REPLY, XDP_TX)          /* ARP request for a VIP: answered here */    \
 	X(DROP_MALFORMED, XDP_DROP)   /* to a VIP, headers cut short or bad */      \
-	X(DROP_FRAGMENT, XDP_DROP)    /* to a VIP, an IP fragment: no ports to NAT */ \
+	X(DROP_FRAGMENT, XDP_DROP)    /* to a VIP, a fragment before its first */ \
 	X(DROP_NO_BACKEND, XDP_DROP)  /* new flow to a service with no backend up */ \
 	X(FORWARD_TX, XDP_TX)         /* fast path: DNAT, out the port it came in */ \
 	X(FORWARD_REDIRECT, XDP_REDIRECT) /* fast path: DNAT, out another port */   \

@@ -50,6 +50,7 @@ class Limits:
     max_maglev: int = model.MAX_MAGLEV_FRONTENDS    # two tables each
     maglev_size: int = model.MAGLEV_SIZE_MAX        # slots of a Maglev table, at most
     max_hops: int = 16384                       # next-hop cache slots per CPU (a power of 2)
+    max_frags: int = 8192                       # fragmented datagrams in flight
 
     @classmethod
     def for_connections(cls, connections: int) -> "Limits":
@@ -83,7 +84,8 @@ class Limits:
                 f"-DXLB_MAX_ARP={self.max_arp}",
                 f"-DXLB_MAX_MAGLEV={self.max_maglev}",
                 f"-DXLB_MAGLEV_SIZE={self.maglev_size}",
-                f"-DXLB_MAX_HOPS={self.max_hops}"]
+                f"-DXLB_MAX_HOPS={self.max_hops}",
+                f"-DXLB_MAX_FRAGS={self.max_frags}"]
 
 
 def _round8(n: int) -> int:

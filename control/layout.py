@@ -41,6 +41,10 @@ class Flow(ct.Structure):
                 ("seen", u64)]
 
 
+class FragKey(ct.Structure):
+    _fields_ = [("saddr", u32), ("daddr", u32), ("id", u16), ("proto", u8), ("pad", u8)]
+
+
 class Hop(ct.Structure):
     _fields_ = [("daddr", u32), ("in_ifindex", u32), ("ifindex", u32), ("mtu", u16),
                 ("dmac", u8 * 6), ("smac", u8 * 6), ("pad", u8 * 6), ("checked", u64)]
@@ -107,6 +111,7 @@ MAPS: dict[str, tuple[type | None, type]] = {
     "config": (None, Config),
     "flows": (FlowKey, Flow),
     "flows_new": (FlowKey, Flow),
+    "frags": (FragKey, Flow),
     "hops": (None, Hop),
     "rr_cursor": (None, u32),
     "service_stats": (None, Counters),

@@ -139,7 +139,7 @@ def build():
            "kernel: not xlb's, or NATed where the kernel must route), drop.",
            (_rate("xlb_xdp_actions_total", "action"), "{{action}}")),
         ts("Drops/s by reason", "pps", "Packets dropped per second: malformed, fragment "
-           "(no ports to balance on), no_backend (no server of the pool is up), no_service "
+           "(to a VIP before its first fragment), no_backend (no server of the pool is up), no_service "
            "(to a VIP port or protocol no frontend serves).",
            (_rate("xlb_drops_total", "reason"), "{{reason}}")).min(0),
         ts("Flow-table fill", "percentunit", "Each flow table's entries over its capacity: "

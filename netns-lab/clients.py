@@ -4,9 +4,10 @@
     clients.py http HOST PORT [--count N] [--keepalive] [--timeout S]
         N GET requests: each on a new connection ("Connection: close"), or all on
         one keep-alive connection. {"names": [...], "errors": [...]}
-    clients.py udp HOST PORT [--count N] [--timeout S]
-        N datagrams, each from a new socket (a new flow).
-        {"replies": [[name, source_ip, source_port], ...], "errors": [...]}
+    clients.py udp HOST PORT [--count N] [--size BYTES] [--timeout S]
+        N datagrams (of BYTES, padded; over the MTU they go in fragments, and so
+        does the answer), each from a new socket (a new flow).
+        {"replies": [[name, source_ip, source_port, bytes], ...], "errors": [...]}
     http and udp run on one CPU (the lowest allowed): a veth hands a packet to the
     next namespace's XDP program on the CPU that sent it, and round-robin keeps one
     cursor per CPU, so their new flows follow one cursor and split exactly evenly,
@@ -58,15 +59,15 @@ def http_requests(host, port, count, keepalive, timeout):
     return {"names": names, "errors": errors}
 
 
-def udp_requests(host, port, count, timeout):
+def udp_requests(host, port, count, timeout, size=0):
     replies, errors = [], []
     for i in range(count):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(timeout)
             try:
-                s.sendto(f"probe {i}".encode(), (host, port))
-                data, (src, sport) = s.recvfrom(2048)
-                replies.append([data.decode().strip(), src, sport])
+                s.sendto(f"probe {i}\n".encode().ljust(size, b"x"), (host, port))
+                data, (src, sport) = s.recvfrom(65535)
+                replies.append([data.split(b"\n")[0].decode(), src, sport, len(data)])
             except OSError as e:
                 errors.append(str(e) or "timed out")
     return {"replies": replies, "errors": errors}
@@ -172,6 +173,7 @@ def main():
         p.add_argument("--pause", type=float, default=0.5)
         p.add_argument("--interval", type=float, default=0.0)
         p.add_argument("--ttl", type=int, default=1)
+        p.add_argument("--size", type=int, default=0)
     a = ap.parse_args()
     if a.cmd == "hold":
         hold(a.host, a.port, a.count, a.pause, a.timeout)
@@ -184,7 +186,7 @@ def main():
     if a.cmd == "http":
         out = http_requests(a.host, a.port, a.count, a.keepalive, a.timeout)
     elif a.cmd == "udp":
-        out = udp_requests(a.host, a.port, a.count, a.timeout)
+        out = udp_requests(a.host, a.port, a.count, a.timeout, a.size)
     else:
         out = load(a.host, a.port, a.seconds, a.concurrency, a.keepalive, a.timeout,
                    a.interval)

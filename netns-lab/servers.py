@@ -4,7 +4,8 @@
     servers.py web --name WAS1 --port 8080 [--pidfile F]
         HTTP/1.1 (keep-alive) on TCP PORT: every GET answers 200 "WAS1\\n",
         GET /delay/S after S seconds (at most MAX_DELAY: a response in flight);
-        UDP on the same port: every datagram is answered with "WAS1\\n".
+        UDP on the same port: every datagram is answered with "WAS1\\n", padded
+        with dots to the datagram's length where that is longer (a large answer).
     servers.py db --name DB1 --port 5432 [--pidfile F]
         TCP: sends "DB1\\n" to each connection, then closes it.
     servers.py web ... --status 500
@@ -120,8 +121,8 @@ def make_web_handler(body, status=200):
 def udp_echo_name(sock, body):
     while True:
         try:
-            _data, peer = sock.recvfrom(65535)
-            sock.sendto(body, peer)
+            data, peer = sock.recvfrom(65535)
+            sock.sendto(body.ljust(len(data), b"."), peer)
         except OSError:
             if sock.fileno() < 0:
                 return

@@ -24,8 +24,8 @@ Per frame (`check`):
   its backend link's MTU;
 - any other change is to an IPv4 frame with a sound header, of the same
   length, and only in what NAT and forwarding may change: addresses and ports
-  only of an unfragmented TCP/UDP datagram whose headers it holds, the
-  checksums, and, exactly when the program sends the frame itself (TX,
+  only of a TCP/UDP datagram (or first fragment) whose headers it holds, the
+  address alone of a later fragment (passed to the kernel), the checksums, and, exactly when the program sends the frame itself (TX,
   REDIRECT), the MACs (a link's as source, a next hop's as destination) and
   TTL - 1 (never to 0). NAT is to a backend of the service the frame was
   addressed to, or back from a backend to its service. An ICMP error about a
@@ -641,9 +641,9 @@ def check_ipv4_rewrite(world: World, frame: bytes, action: int, out: bytes) -> s
         "rewrote a frame whose IPv4 header is bad or cut short"
     tot_len, = struct.unpack("!H", frame[16:18])
     proto, l4 = frame[23], 14 + hl
-    fragment = struct.unpack("!H", frame[20:22])[0] & 0x3fff
+    offset = struct.unpack("!H", frame[20:22])[0] & 0x1fff
     l4_len = {TCP: 20, UDP: 8}.get(proto)
-    l4_ok = (l4_len is not None and not fragment and tot_len >= hl + l4_len
+    l4_ok = (l4_len is not None and not offset and tot_len >= hl + l4_len
              and 14 + tot_len <= len(frame))
     sends = action in (TX, REDIRECT)
     if proto == ICMP:
@@ -656,6 +656,8 @@ def check_ipv4_rewrite(world: World, frame: bytes, action: int, out: bytes) -> s
     l4_csum = set(range(l4 + (16 if proto == TCP else 6), l4 + (18 if proto == TCP else 8)))
     if l4_ok:
         allowed |= addrs | ports | l4_csum
+    elif l4_len is not None and offset and not sends:
+        return check_later_fragment(world, frame, out, proto)
     changed = {i for i in range(len(frame)) if frame[i] != out[i]}
     assert changed <= allowed, (f"changed bytes {sorted(changed - allowed)} that "
                                 f"{'forwarding' if sends else 'NAT (passed to the kernel)'} "
@@ -694,6 +696,31 @@ def check_ipv4_rewrite(world: World, frame: bytes, action: int, out: bytes) -> s
     assert (nsrc, nsport) != (src, sport), "a checksum changed without a NAT"
     assert (src, sport) in world.services.get((nsrc, nsport, proto), ()), \
         "source rewritten to a service the sender is no backend of"
+    return "reply"
+
+
+def check_later_fragment(world: World, frame: bytes, out: bytes, proto: int) -> str:
+    """A fragment after the first, passed: one address (and the IP header
+    checksum) at most, to a backend of the service addressed or back from a
+    backend to its service."""
+    hl = (frame[14] & 0x0f) * 4
+    changed = {i for i in range(len(frame)) if frame[i] != out[i]}
+    assert changed <= {24, 25} | set(range(26, 34)), \
+        "changed more of a later fragment than an address and the IP checksum"
+    assert residual(out[14:14 + hl]) == residual(frame[14:14 + hl]), \
+        "the IP header checksum is not as right (or as wrong) as before"
+    src, dst, nsrc, ndst = frame[26:30], frame[30:34], out[26:30], out[30:34]
+    if not changed:
+        return "forwarded"
+    if ndst != dst:
+        assert nsrc == src, "both source and destination of a fragment rewritten"
+        assert any(ndst == b for b, _ in set().union(*(
+            bes for (vip, _, p), bes in world.services.items() if (vip, p) == (dst, proto)))), \
+            "a fragment's destination rewritten to no backend of a service of its address"
+        return "forward"
+    assert any(src == b for b, _ in set().union(*(
+        bes for (vip, _, p), bes in world.services.items() if (vip, p) == (nsrc, proto)))), \
+        "a fragment's source rewritten to a service the sender is no backend of"
     return "reply"
 
 

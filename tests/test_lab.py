@@ -65,10 +65,10 @@ def test_keepalive_connection_stays_on_one_backend(lab, xlb):
 def test_udp_service_both_ways(lab, xlb):
     out = lab.client("client", "udp", VIP, "80", "--count", "10")
     assert out["errors"] == []
-    names = collections.Counter(name for name, _, _ in out["replies"])
+    names = collections.Counter(name for name, _, _, _ in out["replies"])
     assert even_split(names, {"WAS1", "WAS2"}, 10), names
     # Replies come back from the VIP, not from the backend: reverse NAT worked.
-    assert {(src, port) for _, src, port in out["replies"]} == {(VIP, 80)}
+    assert {(src, port) for _, src, port, _ in out["replies"]} == {(VIP, 80)}
 
 
 def test_routed_client_through_firewall(lab, xlb):

@@ -54,7 +54,12 @@ def test_http_and_udp_from_both_clients(lab, forwarding, forward, reply):
             assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
             udp = lab.client(node, "udp", VIP, "80", "--count", "10")
             assert udp["errors"] == [] and len(udp["replies"]) == 10
-            assert {(src, sport) for _, src, sport in udp["replies"]} == {(VIP, 80)}
+            assert {(src, sport) for _, src, sport, _ in udp["replies"]} == {(VIP, 80)}
+            # 3,000 bytes each way: fragments, the answer's as the query's.
+            big = lab.client(node, "udp", VIP, "80", "--count", "4", "--size", "3000")
+            assert big["errors"] == [] and len(big["replies"]) == 4
+            assert {(src, sport, size) for _, src, sport, size in big["replies"]} == \
+                {(VIP, 80, 3000)}
         moved = delta(reasons(lab), before)
         # Each TCP connection is at least SYN, ACK, request, FIN, ACK in, and as many out;
         # a few may wait for the kernel to resolve a neighbour first.

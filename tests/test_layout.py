@@ -70,8 +70,9 @@ def test_drift_in_the_c_is_reported(root, tmp_path):
         problems = {name: layout.check_mirror(name, *bcc_types(bpf[name])) for name in MAPS}
     finally:
         bpf.cleanup()
-    assert {name for name, p in problems.items() if p} == {"flows", "flows_new", "backends"}
-    for table in ("flows", "flows_new"):
+    assert {name for name, p in problems.items() if p} == {"flows", "flows_new", "frags",
+                                                           "backends"}
+    for table in ("flows", "flows_new", "frags"):
         (flows,) = problems[table]
         assert flows.startswith(f"{table} value:") and "'extra'" in flows
     (backends,) = problems["backends"]
@@ -176,7 +177,7 @@ TRIGGERS = {
     "reply": ((_syn(CLIENT, 30003),), _synack(CLIENT, 30003), 0, False),
     "arp_reply": ((), _arp_request(VIP), 1, False),
     "drop_malformed": ((), tcp_frame(CLIENT, VIP, 30004, 80)[:14 + 30], 0, False),
-    "drop_fragment": ((), tcp_frame(CLIENT, VIP, 30005, 80, ip_flags="MF"), 0, False),
+    "drop_fragment": ((), tcp_frame(CLIENT, VIP, 30005, 80, ip_flags=0, frag=185), 0, False),
     "drop_no_backend": ((), tcp_frame(CLIENT, VIP, 30006, 443), 0, False),
     "forward_tx": ((), _syn(CLIENT, 30007), "int", True),
     "forward_redirect": ((), _syn(CLIENT, 30008), "ext", True),

@@ -743,6 +743,53 @@ def test_an_error_of_the_backend_goes_to_the_client(lb, fibnet, client):
     lb.expect("icmp_to_client")
 
 
+# Fragments ---------------------------------------------------------------------------------
+
+def fragments(src, dst, sport, dport, ip_id, eth_src=CLIENT_MAC, eth_dst=LB_MAC, ttl=64):
+    """A UDP datagram of 3,000 bytes cut into fragments of at most 1,500 bytes
+    by scapy, its checksum over the whole datagram."""
+    from scapy.all import fragment
+    from scapy.layers.inet import UDP
+    dgram = IP(src=str(src), dst=str(dst), id=ip_id, ttl=ttl) / UDP(sport=sport, dport=dport) \
+        / Raw(bytes(range(256)) * 12)
+    return [raw(Ether(src=eth_src, dst=eth_dst) / f) for f in fragment(dgram, fragsize=1480)]
+
+
+def test_a_fragmented_datagram_goes_both_ways_as_its_flow(lb, fibnet):
+    """The first fragment (the ports, the checksum of the whole datagram) is
+    balanced and rewritten as its flow's packets are; the later ones, no
+    ports, go where it went, their address alone rewritten, through the
+    kernel. So a large UDP query and its large answer (DNS with EDNS) get
+    through, both ways."""
+    ext, int_ = fibnet.ifindex["ext"], fibnet.ifindex["int"]
+    sport = 57000
+    query = fragments(CLIENT, VIP, sport, 80, 0x5101)
+    assert len(query) == 3
+    res = lb.send(query[0], ext)
+    bid = backend_of(res.data)
+    be_addr, be_port = BACKENDS[bid]
+    to_backend = fragments(CLIENT, be_addr, sport, be_port, 0x5101, eth_src=fibnet.MACS["int"],
+                           eth_dst=BACKEND_MAC, ttl=63)
+    assert (res.action, res.data) == (XDP_REDIRECT, to_backend[0])
+    lb.expect("forward_redirect", flow=("in", SVC_UDP, bid, True))
+    for sent, want in zip(query[1:], fragments(CLIENT, be_addr, sport, be_port, 0x5101)[1:]):
+        res = lb.send(sent, ext)
+        assert (res.action, res.data) == (XDP_PASS, want)     # the kernel routes it
+        lb.expect("forward", flow=("in", SVC_UDP, bid, False))
+
+    answer = fragments(be_addr, CLIENT, be_port, sport, 0x6202, eth_src=BACKEND_MAC)
+    to_client = fragments(VIP, CLIENT, 80, sport, 0x6202, eth_src=fibnet.MACS["ext"],
+                          eth_dst=CLIENT_MAC, ttl=63)
+    res = lb.send(answer[0], int_)
+    assert (res.action, res.data) == (XDP_REDIRECT, to_client[0])
+    lb.expect("reply_redirect", flow=("out", SVC_UDP, bid, False))
+    for sent, want in zip(answer[1:], fragments(VIP, CLIENT, 80, sport, 0x6202,
+                                                eth_src=BACKEND_MAC)[1:]):
+        res = lb.send(sent, int_)
+        assert (res.action, res.data) == (XDP_PASS, want)
+        lb.expect("reply", flow=("out", SVC_UDP, bid, False))
+
+
 @pytest.mark.parametrize("frame, action, reason", [
     (icmp_frame("10.1.1.2", VIP, ICMP(type=3, code=4), quote(tcp_frame(VIP, CLIENT, 80, 56999))),
      XDP_DROP, "drop_no_service"),
