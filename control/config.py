@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from .model import (ALGORITHMS, MAGLEV_SERVERS_MAX, MAGLEV_SIZE_MAX, MAGLEV_SLOTS_PER_SERVER,
-                    MAX_BACKENDS, MAX_FRONTENDS, MAX_MAGLEV_FRONTENDS, RING_SIZE, MONITOR_TYPES, ON_SERVER_DOWN, PROTOCOLS, TIMEOUT_RANGE, WEIGHT_RANGE, Config,
+                    MAX_BACKENDS, MAX_FRONTENDS, MAX_MAGLEV_FRONTENDS, MONITOR_TYPES,
+                    ON_SERVER_DOWN, PROTOCOLS, RING_SIZE, TIMEOUT_RANGE, WEIGHT_RANGE, Config,
                     ConfigError, Frontend, Monitor, Pool, Server, check_count, check_http_path,
-                    check_interface,
-                    check_maglev_servers, check_maglev_size, check_port, check_seconds,
-                    has_space, parse_host)
+                    check_interface, check_maglev_servers, check_maglev_size, check_port,
+                    check_seconds, has_space, parse_host)
 
 SECTIONS = ("monitors", "servers", "pools", "frontends")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -72,7 +72,8 @@ def read(path: str | Path) -> str:
     if len(data) > MAX_FILE:
         raise ConfigError([(str(path), f"larger than {MAX_FILE} bytes")])
     try:
-        return data.decode("utf-8")
+        # Without the byte-order mark some editors write, which TOML does not take.
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise ConfigError([(str(path), f"not UTF-8 text ({e.reason} at byte {e.start})")]) from None
 
@@ -401,8 +402,9 @@ class _Loader:
         """No more than the data plane's maps hold, as `xlb up` and `apply` would
         find (planner.CapacityError)."""
         maglev = [f for f in frontends if f.pool in pools and pools[f.pool].algorithm == "maglev"]
-        for what, n, limit in (("frontends", len(frontends), MAX_FRONTENDS),
-                               ("frontends with a Maglev pool", len(maglev), MAX_MAGLEV_FRONTENDS)):
+        for what, n, limit in (
+                ("frontends", len(frontends), MAX_FRONTENDS),
+                ("frontends with a Maglev pool", len(maglev), MAX_MAGLEV_FRONTENDS)):
             if n > limit:
                 self.problem("frontends", f"{n} {what}: the data plane holds {limit}")
         for pool in pools.values():

@@ -650,3 +650,9 @@ def test_read_takes_regular_files_of_at_most_max_file_bytes(tmp_path):
         assert e.value.problems == [(str(path), problem)]
     big.write_bytes(b"#" * (MAX_FILE - 1) + b"\n")
     assert len(read(big)) == MAX_FILE
+
+
+def test_a_byte_order_mark_is_no_part_of_the_config(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + SEED.read_bytes())
+    assert load_file(path) == load_file(SEED)

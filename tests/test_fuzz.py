@@ -25,9 +25,10 @@ Per frame (`check`):
 - any other change is to an IPv4 frame with a sound header, of the same
   length, and only in what NAT and forwarding may change: addresses and ports
   only of a TCP/UDP datagram (or first fragment) whose headers it holds, the
-  address alone of a later fragment (passed to the kernel), the checksums, and, exactly when the program sends the frame itself (TX,
-  REDIRECT), the MACs (a link's as source, a next hop's as destination) and
-  TTL - 1 (never to 0). NAT is to a backend of the service the frame was
+  address alone of a later fragment (passed to the kernel), the checksums,
+  and, exactly when the program sends the frame itself (TX, REDIRECT), the
+  MACs (a link's as source, a next hop's as destination) and TTL - 1 (never
+  to 0). NAT is to a backend of the service the frame was
   addressed to, or back from a backend to its service. An ICMP error about a
   flow changes only the quoted packet's end (between a service and its
   backend, with its checksums), the outer address that goes with it, and the

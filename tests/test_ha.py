@@ -137,6 +137,9 @@ def test_examples_are_what_the_commands_print():
         assert r.output == (EXAMPLES / name).read_text(), name
 
 
+KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["ha", "keepalived", "--peer", "10.1.11", "--interface", "eth1", str(SEED)],
      "--peer: '10.1.11' is not an IPv4 address"),
@@ -144,15 +147,15 @@ def test_examples_are_what_the_commands_print():
       "10.1.1.101/24", str(SEED)], "a VIP must not be a local address"),
     (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1", "--gateway",
       "10.1.11.1", str(SEED)], "--gateway: '10.1.11.1': give the address with its prefix"),
-    (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1", "--gateway", "10.1.11.1/24@",
-      str(SEED)], "--gateway: an interface name cannot be empty"),
-    (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1", "--gateway", "127.0.0.1/8", str(SEED)],
+    ([*KA, "--gateway", "10.1.11.1/24@", str(SEED)],
+     "--gateway: an interface name cannot be empty"),
+    ([*KA, "--gateway", "127.0.0.1/8", str(SEED)],
      "--gateway: '127.0.0.1' is a loopback address, not a host's"),
-    (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1", "--gateway", "10.1.11.1/24", "--gateway",
-      "10.1.11.1/24@eth2", str(SEED)], "--gateway: an address given twice"),
+    ([*KA, "--gateway", "10.1.11.1/24", "--gateway", "10.1.11.1/24@eth2", str(SEED)],
+     "--gateway: an address given twice"),
     (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth 1", str(SEED)],
      "--interface: 'eth 1' is not an interface name"),
-    (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1", "--fifo", "/run/a b", str(SEED)],
+    ([*KA, "--fifo", "/run/a b", str(SEED)],
      "--fifo: '/run/a b' contains whitespace"),
     (["ha", "keepalived", "--peer", "10.1.1.101", "--interface", "eth1", str(SEED)],
      "--peer 10.1.1.101: a VIP, not the other node's address"),

@@ -433,7 +433,8 @@ def test_an_idle_connection_is_a_new_flow_at_its_next_packet(lb, fibnet, short_t
     assert backend_of(res.data) == bid
 
     age(dp, "flows", fwd_key, 6)        # the client silent 6 s, the backend not
-    res = lb.send(tcp_frame(CLIENT, VIP, 53000, 80, flags="PA", payload=b"x"), fibnet.ifindex["ext"])
+    res = lb.send(tcp_frame(CLIENT, VIP, 53000, 80, flags="PA", payload=b"x"),
+                  fibnet.ifindex["ext"])
     lb.expect("forward_redirect", flow=("in", SVC_TCP, bid, False))
     assert backend_of(res.data) == bid
 
@@ -479,7 +480,8 @@ def test_a_connection_whose_forward_entry_was_evicted_is_opened_anew_and_answere
     flows = dp._maps["flows"]
     del flows[map_key(flows, (CLIENT, MVIP, sport, 80, TCP_P))]
     for _ in range(2):
-        lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="PA", payload=b"x"), fibnet.ifindex["ext"])
+        lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="PA", payload=b"x"),
+                fibnet.ifindex["ext"])
         lb.send(from_backend(bid, sport, "PA", payload=b"y"), fibnet.ifindex["int"])
     lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="A"), fibnet.ifindex["ext"])
     table, fwd, reply = connection(dp, sport, vip=MVIP)
