@@ -133,20 +133,29 @@ def _boolean(value: Any) -> bool:
     return value
 
 
-def _seconds(value: Any) -> float:
+def _number(value: Any) -> int | float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _expected("a number", value)
-    try:
-        return check_seconds(value)
-    except ValueError as e:
-        raise _bad(str(e)) from None
+    return value
 
 
-def _port(value: Any) -> int:
-    try:
-        return check_port(_integer(value))
-    except ValueError as e:
-        raise _bad(str(e)) from None
+def _model(check: Callable[[Any], Any], kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """model's `check` (which raises ValueError) of a value of TOML type `kind`."""
+    def value_check(value: Any) -> Any:
+        try:
+            return check(kind(value))
+        except ValueError as e:
+            raise _bad(str(e)) from None
+    return value_check
+
+
+_seconds = _model(check_seconds, _number)
+_port = _model(check_port, _integer)
+_maglev_size = _model(check_maglev_size, _integer)
+_count = _model(check_count, _integer)
+_address = _model(parse_host, _string)
+_http_path = _model(check_http_path, _string)
+_interface = _model(check_interface, _string)
 
 
 def _in_range(what: str, bounds: tuple[int, int], unit: str = "") -> Callable[[Any], int]:
@@ -162,32 +171,11 @@ _weight = _in_range("weight", WEIGHT_RANGE)
 _timeout = _in_range("timeout", TIMEOUT_RANGE, " seconds")
 
 
-def _maglev_size(value: Any) -> int:
-    try:
-        return check_maglev_size(_integer(value))
-    except ValueError as e:
-        raise _bad(str(e)) from None
-
-
-def _count(value: Any) -> int:
-    try:
-        return check_count(_integer(value))
-    except ValueError as e:
-        raise _bad(str(e)) from None
-
-
 def _status(value: Any) -> int:
     status = _integer(value)
     if not 100 <= status <= 599:
         raise _bad(f"status {status} is out of range 100-599")
     return status
-
-
-def _address(value: Any) -> IPv4Address:
-    try:
-        return parse_host(_string(value))
-    except ValueError as e:
-        raise _bad(str(e)) from None
 
 
 def _one_of(allowed) -> Callable[[Any], str]:
@@ -196,13 +184,6 @@ def _one_of(allowed) -> Callable[[Any], str]:
             raise _bad(f"expected {_choices(allowed)}, got {value!r}")
         return value
     return check
-
-
-def _http_path(value: Any) -> str:
-    try:
-        return check_http_path(_string(value))
-    except ValueError as e:
-        raise _bad(str(e)) from None
 
 
 def _nonempty(value: Any) -> str:
@@ -225,13 +206,6 @@ def _only(what: str) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
         raise _bad(f"only for {what}")
     return check
-
-
-def _interface(value: Any) -> str:
-    try:
-        return check_interface(_string(value))
-    except ValueError as e:
-        raise _bad(str(e)) from None
 
 
 def _items(check: Callable[[Any], Any], value: Any) -> list:

@@ -250,26 +250,21 @@ def parse_vip(text: str) -> tuple[IPv4Address, int, str]:
 def monitor_from_flags(kind: str, port: int | None, interval: float, rise: int,
                      fall: int) -> Monitor | None:
     """The health monitor of the one-line form, or None for --check none."""
-    problems = []
+    problems, checks = [], []
     if kind == "none":
         return None
     if kind == "tcp":
         mtype, path = "tcp", "/"
     elif kind.startswith("http:/"):
         mtype, path = "http", kind[len("http:"):]
-        try:
-            check_http_path(path)
-        except ValueError as e:
-            problems.append(("--check", str(e)))
+        checks.append(("--check", check_http_path, path))
     else:
         problems.append(("--check", f"{kind!r} is not tcp, http:/PATH or none"))
     if port is not None:
-        try:
-            check_port(port)
-        except ValueError as e:
-            problems.append(("--check-port", str(e)))
-    for name, check, value in (("--interval", check_seconds, interval),
-                               ("--rise", check_count, rise), ("--fall", check_count, fall)):
+        checks.append(("--check-port", check_port, port))
+    checks += [("--interval", check_seconds, interval), ("--rise", check_count, rise),
+               ("--fall", check_count, fall)]
+    for name, check, value in checks:
         try:
             check(value)
         except ValueError as e:
