@@ -78,6 +78,12 @@ static __always_inline int packet_opens(const struct packet *pkt)
 	return pkt->tcp && pkt->tcp->syn && !pkt->tcp->ack;
 }
 
+/* A TCP FIN or RST: the connection is closing. */
+static __always_inline int packet_closes(const struct packet *pkt)
+{
+	return pkt->tcp && (pkt->tcp->fin || pkt->tcp->rst);
+}
+
 static __always_inline int ip_is_fragment(const struct iphdr *ip)
 {
 	return (ip->frag_off & bpf_htons(XLB_IP_MF | XLB_IP_OFFSET)) != 0;

@@ -310,7 +310,7 @@ static __always_inline void flow_track_close(struct flow_key *key, struct flow *
 	struct flow_key other = {};
 	struct flow *o;
 
-	if (!pkt->tcp || !(pkt->tcp->fin || pkt->tcp->rst) || f->state == FLOW_CLOSING)
+	if (!packet_closes(pkt) || f->state == FLOW_CLOSING)
 		return;
 	flow_set_state(f, key->proto, FLOW_CLOSING);
 	partner_key(key, f, &other);
@@ -548,7 +548,7 @@ static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct pac
 	struct service_key *skey;
 	struct service *svc;
 	struct backend *be;
-	struct flow fwd = {};
+	struct flow fwd = {}, reply;
 	__u32 backend_id = 0;
 
 	skey = owners.lookup(&ep);
@@ -566,13 +566,20 @@ static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct pac
 	if (!be || be->addr != key->saddr || be->port != key->sport ||
 	    !routed_elsewhere(ctx, pkt->ip))
 		return XLB_PASS_NOT_VIP;
-	fc = flow_open(&fkey, svc, be, backend_id, FLOW_ANSWERED, &fwd, now);
+	/* Adopted by its FIN or RST, it is closing already (flow_track_close). */
+	fc = flow_open(&fkey, svc, be, backend_id,
+		       packet_closes(pkt) ? FLOW_CLOSING : FLOW_ANSWERED, &fwd, now);
 	if (fc)
 		fc->adopted += 1;
-	/* This packet is the reply entry's: counted and rewritten as such. */
-	fwd.dir = FLOW_REPLY;
-	count_flow(&fwd, bytes, 0);
-	return send(ctx, pkt, cfg, key, 1, skey->vip, skey->port, now);
+	/* This packet is the reply entry's: counted, remembered if a first
+	 * fragment, and rewritten as such. */
+	reply = fwd;
+	reply.addr = skey->vip;
+	reply.port = skey->port;
+	reply.dir = FLOW_REPLY;
+	count_flow(&reply, bytes, 0);
+	remember_fragment(pkt, &reply);
+	return send(ctx, pkt, cfg, key, 1, reply.addr, reply.port, now);
 }
 
 /* For packets that cannot be balanced: dropped if addressed to a VIP. The

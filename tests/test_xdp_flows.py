@@ -550,6 +550,43 @@ def test_a_backends_packet_no_entry_knows_is_adopted_where_maglev_sends_its_clie
         assert connection(dp, sport, vip=MVIP)[0] == "flows"
 
 
+@pytest.mark.parametrize("flag", ["F", "R"])
+def test_a_connection_adopted_by_its_fin_or_rst_is_closing(adopting, fibnet, flag):
+    """The backend's packet that has the connection adopted may be its last
+    (a FIN or RST sent after the failover): the connection starts closing,
+    as one this node balanced would, and is not kept as established."""
+    lb = adopting
+    sport = 56300 + (flag == "R")
+    bid = maglev_backend(CLIENT, sport)
+    res = lb.send(from_backend(bid, sport, flag + "A"), fibnet.ifindex["int"])
+    assert (res.action, ip_of(res.data, "src")) == (XDP_REDIRECT, MVIP)
+    table, fwd, reply = connection(lb.dp, sport, vip=MVIP)
+    assert (table, fwd.backend_id) == ("flows_new", bid)
+    assert (fwd.state, fwd.timeout, reply.state, reply.timeout) == \
+        (STATE["closing"], 120, STATE["closing"], 120)
+
+
+def test_an_adopted_first_fragment_leads_its_later_ones(adopting, fibnet):
+    """A backend's segment over the MTU, fragmented, whose first fragment has
+    the connection adopted: the later fragments follow it, their address
+    rewritten to the VIP's."""
+    lb = adopting
+    sport = 56400
+    bid = maglev_backend(CLIENT, sport)
+    addr, port = BACKENDS[bid]
+    sent = fragments(addr, CLIENT, port, sport, 0x7303, eth_src=BACKEND_MAC, proto="tcp")
+    res = lb.send(sent[0], fibnet.ifindex["int"])
+    want = fragments(MVIP, CLIENT, 80, sport, 0x7303, eth_src=fibnet.MACS["ext"],
+                     eth_dst=CLIENT_MAC, ttl=63, proto="tcp")
+    assert (res.action, res.data) == (XDP_REDIRECT, want[0])
+    lb.expect("reply_redirect", flow=("out", SVC_MAGLEV, bid, False))
+    for frag, want in zip(sent[1:], fragments(MVIP, CLIENT, 80, sport, 0x7303,
+                                              eth_src=BACKEND_MAC, proto="tcp")[1:]):
+        res = lb.send(frag, fibnet.ifindex["int"])
+        assert (res.action, res.data) == (XDP_PASS, want)
+        lb.expect("reply", flow=("out", SVC_MAGLEV, bid, False))
+
+
 def test_a_client_on_a_vips_filter_bit_is_adopted_as_any(adopting, fibnet):
     """The VIP filter takes the client's address for a VIP's: the backend's
     packet is adopted all the same (no service has that address)."""
@@ -747,13 +784,15 @@ def test_an_error_of_the_backend_goes_to_the_client(lb, fibnet, client):
 
 # Fragments ---------------------------------------------------------------------------------
 
-def fragments(src, dst, sport, dport, ip_id, eth_src=CLIENT_MAC, eth_dst=LB_MAC, ttl=64):
-    """A UDP datagram of 3,000 bytes cut into fragments of at most 1,500 bytes
-    by scapy, its checksum over the whole datagram."""
+def fragments(src, dst, sport, dport, ip_id, eth_src=CLIENT_MAC, eth_dst=LB_MAC, ttl=64,
+              proto="udp"):
+    """A UDP datagram (or TCP segment) of 3,000 bytes cut into fragments of at
+    most 1,500 bytes by scapy, its checksum over the whole datagram."""
     from scapy.all import fragment
-    from scapy.layers.inet import UDP
-    dgram = IP(src=str(src), dst=str(dst), id=ip_id, ttl=ttl) / UDP(sport=sport, dport=dport) \
-        / Raw(bytes(range(256)) * 12)
+    from scapy.layers.inet import TCP, UDP
+    l4 = UDP(sport=sport, dport=dport) if proto == "udp" else \
+        TCP(sport=sport, dport=dport, flags="PA")
+    dgram = IP(src=str(src), dst=str(dst), id=ip_id, ttl=ttl) / l4 / Raw(bytes(range(256)) * 12)
     return [raw(Ether(src=eth_src, dst=eth_dst) / f) for f in fragment(dgram, fragsize=1480)]
 
 
