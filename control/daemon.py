@@ -267,13 +267,14 @@ class Balancer:
         }
 
 
-    def sweep(self) -> dict[str, int]:
-        """Removes the flows idle past their timeouts; returns how many per table."""
-        expired = self.datapath.expire_flows()
+    def sweep(self) -> tuple[dict[str, int], int]:
+        """Removes the flows idle past their timeouts, and puts back evicted
+        reply entries; returns how many expired per table, and how many came back."""
+        expired, restored = self.datapath.sweep_flows()
         with self.lock:
             for table, n in expired.items():
                 self.flows_removed["expired"][table] += n
-        return expired
+        return expired, restored
 
     def _flows(self, census: flowtable.Census) -> dict:
         """The flow tables: connections by state, what came and went, and the
@@ -577,15 +578,17 @@ SWEEP_BOUNDS = (1.0, 30.0)  # ... at intervals of one to thirty seconds
 
 
 async def _sweep_forever(balancer: Balancer) -> None:
-    """Removes idle flows. The program already treats an idle flow as dead when
-    its next packet comes; this gives the memory back and counts them. A large
+    """Removes idle flows, and puts back evicted reply entries. The program
+    already treats an idle flow as dead when its next packet comes; this gives
+    the memory back and counts them. A large
     table takes longer to read, so the interval grows with the sweep's cost."""
     while True:
         t0 = time.monotonic()
         try:
-            expired = await asyncio.to_thread(balancer.sweep)
-            if any(expired.values()):
-                log.event("sweep", level="debug", **{f"expired_{t}": n for t, n in expired.items()})
+            expired, restored = await asyncio.to_thread(balancer.sweep)
+            if any(expired.values()) or restored:
+                log.event("sweep", level="debug", restored_replies=restored,
+                          **{f"expired_{t}": n for t, n in expired.items()})
         except DatapathError as e:
             log.event("sweep", level="warning", error=str(e))
         cost = time.monotonic() - t0

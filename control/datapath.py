@@ -35,6 +35,7 @@ DEFAULT_CONNECTIONS = 131072
 # one a power of two above the entries, stays under 4 GiB); two a connection.
 MAX_CONNECTIONS = 2**26
 HTAB_ELEM = 48      # bytes the kernel adds to each hash map entry (struct htab_elem, 64-bit)
+BPF_NOEXIST = 1     # bpf_map_update_elem: only a key that is not there (uapi/linux/bpf.h)
 
 
 @dataclass(frozen=True)
@@ -676,14 +677,21 @@ class Datapath:
             ended[name] = sum(r.dir == layout.FLOW_FORWARD for r in doomed)
         return ended
 
-    def expire_flows(self, now: int | None = None) -> dict[str, int]:
-        """Removes the connections idle past their timeout; returns how many, per table."""
+    def sweep_flows(self, now: int | None = None) -> tuple[dict[str, int], int]:
+        """Removes the connections idle past their timeout, and puts back the
+        reply entries that the LRU evicted from live established connections
+        (flowtable.sweep; the half-open table's are rebuilt as the connection
+        moves). Returns how many connections expired per table, and how many
+        reply entries came back."""
         now = self.now() if now is None else now
         expired = {}
         for name, rows in self.flow_rows().items():
-            keys, expired[name] = flowtable.dead(rows, now)
-            self._delete(name, keys)
-        return expired
+            swept = flowtable.sweep(rows, now)
+            self._delete(name, swept.doomed)
+            expired[name] = swept.connections
+            if name == "flows":
+                restored = self._insert_new(name, swept.orphans)
+        return expired, restored
 
     def _dump(self, name: str) -> tuple[bytes, bytes]:
         """All keys and values of a hash map, concatenated, in BPF_MAP_LOOKUP_BATCH
@@ -716,6 +724,16 @@ class Datapath:
             except Exception:  # an entry the LRU evicted meanwhile: delete one by one
                 for key in batch:
                     table.pop(key, None)
+
+    def _insert_new(self, name: str, items: list[tuple[bytes, bytes]]) -> int:
+        """Writes entries that are not there (BPF_NOEXIST: one the program
+        wrote meanwhile stays as it is); returns how many went in."""
+        fd, done = self._maps[name].map_fd, 0
+        for key, value in items:
+            done += lib.bpf_update_elem(fd, ct.create_string_buffer(key, len(key)),
+                                        ct.create_string_buffer(value, len(value)),
+                                        BPF_NOEXIST) == 0
+        return done
 
     def map_memory(self) -> dict[str, int]:
         """Bytes of locked kernel memory each map holds, as the kernel reports them."""

@@ -1,5 +1,6 @@
 """The flow tables read in bulk: which connections are open, half-open or
-closing, and which are dead (idle past their state's timeout) and go.
+closing, which are dead (idle past their state's timeout) and go, and which
+lost their reply entry and get it back.
 
 Pure: it works on the raw bytes that `Datapath.dump_flows` returns and a clock
 reading (the program's clock, `Datapath.now`), so it is tested without a
@@ -51,6 +52,13 @@ class Row(NamedTuple):
             return _KEY.pack(self.addr, self.saddr, self.port, self.sport, self.proto)
         return _KEY.pack(self.daddr, self.addr, self.dport, self.port, self.proto)
 
+    def reply(self) -> tuple[bytes, bytes]:
+        """A forward entry's reply entry, key and value, as the program writes
+        it (bpf/xlb.c flow_open)."""
+        return self.partner(), _VALUE.pack(self.daddr, self.dport, layout.FLOW_REPLY,
+                                           self.state, self.service_id, self.backend_id,
+                                           self.timeout, self.seen)
+
     def idle_past(self, now: int, seen: int) -> bool:
         return self.timeout != 0 and now > seen and now - seen > self.timeout * NSEC_PER_SEC
 
@@ -62,12 +70,20 @@ def decode(keys: bytes, values: bytes) -> list[Row]:
     return [Row(*k, *v) for k, v in zip(_KEY.iter_unpack(keys), _VALUE.iter_unpack(values))]
 
 
-def dead(rows: list[Row], now: int) -> tuple[list[bytes], int]:
-    """Keys to delete, and how many connections they are: a connection is dead
-    when both its entries have been idle past its timeout (one-way traffic
-    keeps it alive); an entry whose partner is gone is judged alone."""
+class Sweep(NamedTuple):
+    doomed: list[bytes]                     # keys of dead entries, to delete
+    connections: int                        # how many connections they are
+    orphans: list[tuple[bytes, bytes]]      # reply entries (key, value) to put back
+
+
+def sweep(rows: list[Row], now: int) -> Sweep:
+    """A connection is dead when both its entries have been idle past its
+    timeout (one-way traffic keeps it alive); an entry whose partner is gone is
+    judged alone. The LRU evicts entries, not connections: a live forward entry
+    whose reply entry went (its server's packets would leave un-NATed) gets it
+    back."""
     by_key = {r.key(): r for r in rows}
-    doomed, connections = [], 0
+    doomed, connections, orphans = [], 0, []
     for key, r in by_key.items():
         other = by_key.get(r.partner())
         if other is not None and r.dir != layout.FLOW_FORWARD:
@@ -78,7 +94,9 @@ def dead(rows: list[Row], now: int) -> tuple[list[bytes], int]:
             if other is not None:
                 doomed.append(r.partner())
             connections += 1
-    return doomed, connections
+        elif other is None and r.dir == layout.FLOW_FORWARD:
+            orphans.append(r.reply())
+    return Sweep(doomed, connections, orphans)
 
 
 @dataclass

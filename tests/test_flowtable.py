@@ -55,19 +55,31 @@ def test_a_connection_is_dead_only_when_both_entries_are_idle_past_its_timeout()
     one_way = connection(40003, seen_fwd=NOW - 2000 * SEC, seen_reply=NOW - 10 * SEC)
     young = connection(40004, seen_fwd=NOW - 899 * SEC, seen_reply=NOW - 899 * SEC)
     never = connection(40005, timeout=0, seen_fwd=1, seen_reply=1)
-    keys, n = flowtable.dead([*idle, *one_way, *young, *never], NOW)
+    keys, n = flowtable.sweep([*idle, *one_way, *young, *never], NOW)[:2]
     assert n == 1 and sorted(keys) == sorted(r.key() for r in idle)
 
 
 def test_an_entry_without_its_partner_is_judged_alone():
     fwd, reply = connection(40006, seen_fwd=NOW - 901 * SEC, seen_reply=NOW - 901 * SEC)
-    assert flowtable.dead([reply], NOW) == ([reply.key()], 1)
-    assert flowtable.dead([fwd], NOW - 2 * SEC) == ([], 0)
+    assert flowtable.sweep([reply], NOW) == ([reply.key()], 1, [])
+    assert flowtable.sweep([fwd], NOW - 2 * SEC)[:2] == ([], 0)
+
+
+def test_a_live_forward_entry_without_its_reply_entry_gets_it_back():
+    """The reply entry comes back as the program wrote it (but for the time
+    of its last packet, taken from the forward entry); an idle forward entry
+    or a lone reply entry gets nothing."""
+    live_fwd, live_reply = connection(40008, seen_fwd=NOW - 10 * SEC, seen_reply=NOW - 20 * SEC)
+    idle_fwd, _ = connection(40009, seen_fwd=NOW - 901 * SEC)
+    _, lone_reply = connection(40010)
+    whole = connection(40011)
+    got = flowtable.sweep([live_fwd, idle_fwd, lone_reply, *whole], NOW).orphans
+    assert flowtable.decode(*map(b"".join, zip(*got))) == [live_reply._replace(seen=NOW - 10 * SEC)]
 
 
 def test_a_clock_read_before_a_packet_on_another_cpu_is_no_idleness():
     fwd, reply = connection(40007, timeout=1, seen_fwd=NOW + SEC, seen_reply=NOW + SEC)
-    assert flowtable.dead([fwd, reply], NOW) == ([], 0)
+    assert flowtable.sweep([fwd, reply], NOW) == ([], 0, [])
 
 
 def test_census_counts_connections_by_state_and_open_ones_by_backend():

@@ -456,13 +456,42 @@ def test_the_sweep_removes_connections_idle_on_both_sides(lb, fibnet, short_time
     dp = lb.dp
     handshake(lb, fibnet, 53100)
     age(dp, "flows", (CLIENT, VIP, 53100, 80, TCP_P), 10)
-    assert dp.expire_flows()["flows"] == 0
+    assert dp.sweep_flows()[0]["flows"] == 0
     assert connection(dp, 53100)[0] == "flows"
 
     handshake(lb, fibnet, 53101)
-    expired = dp.expire_flows(dp.now() + 6 * SEC)
+    expired, _ = dp.sweep_flows(dp.now() + 6 * SEC)
     assert expired["flows"] >= 2
     assert connection(dp, 53100) == connection(dp, 53101) == (None, None, None)
+
+
+def test_the_sweep_puts_back_a_reply_entry_the_lru_evicted(lb, fibnet, short_timeouts):
+    """The LRU evicted an established connection's reply entry alone: its
+    backend's packets leave un-NATed until the sweep puts the entry back (a
+    retransmission then gets through). An idle connection's lone forward
+    entry goes instead."""
+    dp, flows = lb.dp, lb.dp._maps["flows"]
+    bid = handshake(lb, fibnet, 53150)
+    handshake(lb, fibnet, 53151)
+    table, fwd, reply = connection(dp, 53150)
+    assert table == "flows"
+    for sport in (53150, 53151):
+        addr, port = BACKENDS[connection(dp, sport)[1].backend_id]
+        del flows[map_key(flows, (addr, CLIENT, port, sport, TCP_P))]
+    age(dp, "flows", (CLIENT, VIP, 53151, 80, TCP_P), 10)
+    answer = from_backend(bid, 53150, "PA", payload=b"late")
+    res = lb.send(answer, fibnet.ifindex["int"])
+    assert (res.action, res.data) == (XDP_PASS, answer)
+    lb.expect("pass_not_vip")
+
+    expired, restored = dp.sweep_flows()
+    assert (expired["flows"], restored) == (1, 1)
+    assert connection(dp, 53150) == (table, fwd, reply._replace(seen=fwd.seen))
+    assert connection(dp, 53151) == (None, None, None)
+    res = lb.send(answer, fibnet.ifindex["int"])
+    assert ip_of(res.data, "src") == VIP
+    lb.expect("reply_redirect", flow=("out", SVC_TCP, bid, False))
+    assert dp.sweep_flows()[1] == 0
 
 
 def test_a_connection_whose_forward_entry_was_evicted_is_opened_anew_and_answered(lb, fibnet):
