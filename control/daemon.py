@@ -580,8 +580,8 @@ SWEEP_BOUNDS = (1.0, 30.0)  # ... at intervals of one to thirty seconds
 async def _sweep_forever(balancer: Balancer) -> None:
     """Removes idle flows, and puts back evicted reply entries. The program
     already treats an idle flow as dead when its next packet comes; this gives
-    the memory back and counts them. A large
-    table takes longer to read, so the interval grows with the sweep's cost."""
+    the memory back and counts them. A large table takes longer to read, so
+    the interval grows with the sweep's cost."""
     while True:
         t0 = time.monotonic()
         try:

@@ -684,7 +684,7 @@ class Datapath:
         moves). Returns how many connections expired per table, and how many
         reply entries came back."""
         now = self.now() if now is None else now
-        expired = {}
+        expired, restored = {}, 0
         for name, rows in self.flow_rows().items():
             swept = flowtable.sweep(rows, now)
             self._delete(name, swept.doomed)
