@@ -626,6 +626,9 @@ def format_status(s: dict) -> str:
               "flows removed: " + ", ".join(f"{k} {si(v)}" for k, v in fl["removed"].items()),
               *([f"flows adopted: {si(fl['adopted'])} (another node's connections, taken over "
                  "at their server's packet)"] if fl["adopted"] else []),
+              *([f"flow replies restored: {si(fl['replies_restored'])} (reply entries the LRU "
+                 "evicted from live connections, put back by the sweep)"]
+                if fl["replies_restored"] else []),
               "xdp actions: " + ", ".join(f"{k[4:].lower()} {si(v)}" for k, v in a.items()),
               "drops: " + ", ".join(f"{k} {si(v)}" for k, v in drops.items())]
     return "\n".join(lines)

@@ -63,6 +63,7 @@ class Balancer:
         self.flows_removed = {"expired": dict.fromkeys(flowtable.TABLES, 0),
                               "ended": dict.fromkeys(flowtable.TABLES, 0)}
         self.evicted = dict.fromkeys(flowtable.TABLES, 0)
+        self.replies_restored = 0                  # by the sweep (flowtable.sweep)
         self.started = self.last_apply = time.time()
         # status() (the CLI, metrics scrapes) sees one applied state or the next,
         # never half of each.
@@ -274,6 +275,7 @@ class Balancer:
         with self.lock:
             for table, n in expired.items():
                 self.flows_removed["expired"][table] += n
+            self.replies_restored += restored
         return expired, restored
 
     def _flows(self, census: flowtable.Census) -> dict:
@@ -301,6 +303,7 @@ class Balancer:
             "tables": {t: {"entries": census.entries[t], "capacity": capacity[t]}
                        for t in flowtable.TABLES},
             "created": fc.created, "promoted": fc.established, "adopted": fc.adopted,
+            "replies_restored": self.replies_restored,
             "removed": {"expired": fc.expired + sum(expired.values()),
                         "reopened": fc.reopened, "ended": sum(ended.values()),
                         "evicted": sum(self.evicted.values())},

@@ -71,6 +71,9 @@ FAMILIES = {
                                          "to the established table."),
     "xlb_flows_adopted": ("counter", "Connections another node balanced, taken over at their "
                                      "server's packet (adopt_replies): of xlb_flows_created."),
+    "xlb_flows_replies_restored": ("counter", "Reply entries the LRU evicted from live established "
+                                              "connections, put back by the sweep: evictions "
+                                              "that xlb_flows_removed does not count."),
     "xlb_flows_removed": ("counter", "Connections that left the flow tables, by reason: expired "
                                      "(idle past their timeout), reopened (a SYN on a closed "
                                      "one), ended (by a server's state or a removed frontend), "
@@ -209,6 +212,7 @@ def render(st: dict, durations: dict[tuple[str, str], tuple[list[int], float]]) 
     add("xlb_flows_created", "", flows["created"])
     add("xlb_flows_established", "", flows["promoted"])
     add("xlb_flows_adopted", "", flows["adopted"])
+    add("xlb_flows_replies_restored", "", flows["replies_restored"])
     for reason, n in flows["removed"].items():
         add("xlb_flows_removed", _labels(reason=reason), n)
     add("xlb_bpf_map_memory_bytes", "", st["map_memory_bytes"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
-from labctl import HERE, PY, VIP, WAS, running_lab  # noqa: E402
+from labctl import HERE, PY, VIP, WAS, running_lab, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -217,6 +217,61 @@ def test_a_port_the_vip_does_not_serve_is_dropped_not_routed(lab):
             assert probe.returncode == 28, probe.stderr        # no answer at all
         assert delta(reasons(lab), before).get("drop_no_service", 0) >= 2
         assert lab.run("lb", "ip", "neigh", "show", VIP, check=True).stdout == ""
+
+
+def evict_replies(program_id: int) -> int:
+    """Deletes every reply entry of the program's established table, as the
+    LRU evicts entries when the table is full; returns how many."""
+    import ctypes as ct
+
+    from bcc.libbcc import lib
+    from xlb import bpfsys, layout
+    prog = bpfsys.prog_fd_by_id(program_id)
+    try:
+        fds = [bpfsys.map_fd_by_id(i) for i in bpfsys.prog_info(prog).map_ids]
+    finally:
+        os.close(prog)
+    flows = next(fd for fd in fds if bpfsys.map_info(fd).name == "flows")
+    try:
+        keys, key = [], None
+        nxt = layout.FlowKey()
+        while lib.bpf_get_next_key(flows, key, ct.byref(nxt)) == 0:
+            key = ct.byref(layout.FlowKey.from_buffer_copy(nxt))
+            keys.append(layout.FlowKey.from_buffer_copy(nxt))
+        value, evicted = layout.Flow(), 0
+        for k in keys:
+            if lib.bpf_lookup_elem(flows, ct.byref(k), ct.byref(value)) == 0 and \
+                    value.dir == layout.FLOW_REPLY:
+                evicted += lib.bpf_delete_elem(flows, ct.byref(k)) == 0
+        return evicted
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_connections_whose_reply_entries_were_evicted_answer_after_the_sweep(lab):
+    """The LRU evicts entries, not connections: 32 idle keep-alive
+    connections lose their reply entries (deleted here, as evictions would
+    go), the sweep puts them back, and each connection's next request is
+    answered by its server. Without them, the servers' answers leave
+    un-NATed and never reach the client (seen: every request timed out)."""
+    with lab.xlb("--vip", f"{VIP}:80", *BACKENDS):
+        holder = lab.spawn("client", PY, str(HERE / "flood.py"), "hold", VIP, "80", "32")
+        try:
+            ready = json.loads(holder.stdout.readline())["ready"]
+            st = lab.status()
+            assert st["flows"]["established"] == 32
+            assert evict_replies(st["program"]["id"]) == 32
+            wait_for(lambda: lab.status()["flows"]["replies_restored"] >= 32, 60,
+                     "the sweep to put the reply entries back")
+            assert lab.status()["flows"]["replies_restored"] == 32
+            assert "flow replies restored: 32 " in lab.xlb_cmd("status", check=True).stdout
+            holder.send_signal(signal.SIGUSR1)
+            answers = json.loads(holder.stdout.readline())["answers"]
+        finally:
+            holder.kill()
+            holder.wait()
+        assert answers == ready
 
 
 def test_a_syn_flood_costs_no_established_connection(lab):

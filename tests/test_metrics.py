@@ -39,7 +39,7 @@ STATUS = {
               "established": 2, "closing": 1, "half_open": 3,
               "tables": {"flows": {"entries": 4, "capacity": 262144},
                          "flows_new": {"entries": 2, "capacity": 65536}},
-              "created": 40, "promoted": 30, "adopted": 5,
+              "created": 40, "promoted": 30, "adopted": 5, "replies_restored": 6,
               "removed": {"expired": 11, "reopened": 12, "ended": 13, "evicted": 14}},
     "map_memory_bytes": 31000000, "applies": {"ok": 3, "error": 1}, "last_apply": 1.7e9,
     "ha": {"role": "active", "announce_table": 100, "announcing": ["10.1.1.101"]},
@@ -141,6 +141,8 @@ class Library:
         yield fam("xlb_flows_established", CounterMetricFamily, [],
                   [([], st["flows"]["promoted"])])
         yield fam("xlb_flows_adopted", CounterMetricFamily, [], [([], st["flows"]["adopted"])])
+        yield fam("xlb_flows_replies_restored", CounterMetricFamily, [],
+                  [([], st["flows"]["replies_restored"])])
         yield fam("xlb_flows_removed", CounterMetricFamily, ["reason"],
                   [([r], n) for r, n in st["flows"]["removed"].items()])
         yield fam("xlb_bpf_map_memory_bytes", GaugeMetricFamily, [],
@@ -212,7 +214,7 @@ def test_values_and_types():
         "xlb_server_packets", "xlb_server_bytes", "xlb_server_connections",
         "xlb_server_health_changes", "xlb_xdp_actions", "xlb_packets", "xlb_drops",
         "xlb_config_applies", "xlb_flows_created", "xlb_flows_established", "xlb_flows_adopted",
-        "xlb_flows_removed"}
+        "xlb_flows_replies_restored", "xlb_flows_removed"}
     assert {n for n, t in types.items() if t == "histogram"} == {
         "xlb_server_check_duration_seconds"}
     got = samples(metrics.render(STATUS, durations()))
@@ -274,6 +276,7 @@ def test_values_and_types():
     assert got[("xlb_flows_created_total", ())] == 40
     assert got[("xlb_flows_established_total", ())] == 30
     assert got[("xlb_flows_adopted_total", ())] == 5
+    assert got[("xlb_flows_replies_restored_total", ())] == 6
     assert {dict(k)["reason"]: v for (n, k), v in got.items() if n == "xlb_flows_removed_total"} \
         == {"expired": 11, "reopened": 12, "ended": 13, "evicted": 14}
     assert got[("xlb_bpf_map_memory_bytes", ())] == 31000000

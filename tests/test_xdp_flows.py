@@ -467,9 +467,8 @@ def test_the_sweep_removes_connections_idle_on_both_sides(lb, fibnet, short_time
 
 def test_the_sweep_puts_back_a_reply_entry_the_lru_evicted(lb, fibnet, short_timeouts):
     """The LRU evicted an established connection's reply entry alone: its
-    backend's packets leave un-NATed until the sweep puts the entry back (a
-    retransmission then gets through). An idle connection's lone forward
-    entry goes instead."""
+    backend's packets leave un-NATed until the sweep puts the entry back. An
+    idle connection's lone forward entry goes instead."""
     dp, flows = lb.dp, lb.dp._maps["flows"]
     bid = handshake(lb, fibnet, 53150)
     handshake(lb, fibnet, 53151)
