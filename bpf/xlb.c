@@ -179,6 +179,18 @@ static __always_inline void partner_key(const struct flow_key *key, const struct
 	out->proto = key->proto;
 }
 
+/* The reply entry (backend -> client), and its key, of the forward entry f
+ * of key: as the connection was opened. */
+static __always_inline void reply_of(const struct flow_key *key, const struct flow *f,
+				     struct flow_key *reply_key, struct flow *reply)
+{
+	*reply = *f;
+	reply->addr = key->daddr;
+	reply->port = key->dport;
+	reply->dir = FLOW_REPLY;
+	partner_key(key, f, reply_key);
+}
+
 /* The entry of key: in the established table, else in the half-open one. */
 static __always_inline struct flow *flow_find(struct flow_key *key, int *in_new)
 {
@@ -210,12 +222,7 @@ static __always_inline struct flow_counters *flow_open(struct flow_key *key, str
 	fwd->backend_id = backend_id;
 	fwd->seen = now;
 	flow_set_state(fwd, key->proto, state);
-
-	reply = *fwd;
-	reply.addr = key->daddr;
-	reply.port = key->dport;
-	reply.dir = FLOW_REPLY;
-	partner_key(key, fwd, &reply_key);
+	reply_of(key, fwd, &reply_key, &reply);
 
 	flows_new.update(key, fwd);
 	flows_new.update(&reply_key, &reply);
@@ -323,8 +330,11 @@ static __always_inline void flow_track_close(struct flow_key *key, struct flow *
  * after its backend answered: a random-source flood never does. The reply
  * entry's first packet marks both entries answered, so that the client's
  * packets before it (all of a one-way UDP flow's) need no look at the reply
- * entry. A reply entry lost after the answer is rebuilt at the move. */
-static __always_inline void flow_progress(struct flow_key *key, struct flow *f, struct packet *pkt)
+ * entry. A reply entry lost after the answer is rebuilt at the move; one
+ * lost before is written again when the client tries again (below). f->seen
+ * is this packet's time, `last` the one before. */
+static __always_inline void flow_progress(struct flow_key *key, struct flow *f, struct packet *pkt,
+					  __u64 last)
 {
 	struct flow_key other = {};
 	struct flow fwd, reply;
@@ -353,15 +363,22 @@ static __always_inline void flow_progress(struct flow_key *key, struct flow *f, 
 			flows.delete(&other);
 		return;
 	}
+	if (f->state == FLOW_NEW && (pkt->tcp ? packet_opens(pkt) :
+				      f->seen > last && f->seen - last >= NSEC_PER_SEC)) {
+		/* The client tries again, unanswered (a SYN again, or a datagram a
+		 * second or more after the last): its reply entry may be gone. The
+		 * LRU evicts entries, and in a flood of new flows it takes an
+		 * unanswered reply entry before the forward one that the retries
+		 * keep fresh: no answer would ever be NATed. It is written again. */
+		reply_of(key, f, &other, &reply);
+		flows_new.update(&other, &reply);
+		return;
+	}
 	if (packet_opens(pkt) || f->state != FLOW_ANSWERED)
 		return;
-	partner_key(key, f, &other);
 	fwd = *f;
 	flow_set_state(&fwd, key->proto, FLOW_ESTABLISHED);
-	reply = fwd;
-	reply.addr = key->daddr;
-	reply.port = key->dport;
-	reply.dir = FLOW_REPLY;
+	reply_of(key, &fwd, &other, &reply);
 	r = flows_new.lookup(&other);
 	if (r)
 		reply.seen = r->seen;
@@ -508,13 +525,14 @@ static __always_inline enum xlb_reason flow_continue(struct xdp_md *ctx, struct 
 	int reply = f->dir == FLOW_REPLY;
 	__be32 addr = f->addr;
 	__be16 port = f->port;
+	__u64 last = f->seen;
 
 	f->seen = now;
 	flow_track_close(key, f, pkt, in_new);
 	count_flow(f, bytes, 0);
 	remember_fragment(pkt, f);
 	if (in_new)
-		flow_progress(key, f, pkt);	/* may move f: not used after this */
+		flow_progress(key, f, pkt, last);	/* may move f: not used after this */
 	return send(ctx, pkt, cfg, key, reply, addr, port, now);
 }
 
@@ -537,19 +555,22 @@ static __always_inline int routed_elsewhere(struct xdp_md *ctx, const struct iph
  * to this backend, as it did there. Such a connection gets both entries, as
  * answered, and this packet its reverse NAT. The rest passes: a client that
  * reaches the backend directly and that Maglev sends elsewhere, and what is
- * for this host (its own connections, the health checks). */
+ * for this host (its own connections, the health checks). A connection this
+ * node has the forward entry of only lost its reply entry (the LRU evicts
+ * entries, not connections): that entry is written again. */
 static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct packet *pkt,
 						  struct xlb_config *cfg, struct flow_key *key,
 						  __u32 bytes, __u64 now)
 {
 	struct endpoint ep = { .addr = key->saddr, .port = key->sport, .proto = key->proto };
-	struct flow_key fkey = {};
+	struct flow_key fkey = {}, reply_key;
 	struct flow_counters *fc;
 	struct service_key *skey;
 	struct service *svc;
 	struct backend *be;
-	struct flow fwd = {}, reply;
+	struct flow fwd = {}, reply, *f;
 	__u32 backend_id = 0;
+	int in_new;
 
 	skey = owners.lookup(&ep);
 	if (!skey)
@@ -562,21 +583,35 @@ static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct pac
 	fkey.sport = key->dport;
 	fkey.dport = skey->port;
 	fkey.proto = key->proto;
-	be = pick_backend(svc, &fkey, &backend_id);
-	if (!be || be->addr != key->saddr || be->port != key->sport ||
-	    !routed_elsewhere(ctx, pkt->ip))
-		return XLB_PASS_NOT_VIP;
-	/* Adopted by its FIN or RST, it is closing already (flow_track_close). */
-	fc = flow_open(&fkey, svc, be, backend_id,
-		       packet_closes(pkt) ? FLOW_CLOSING : FLOW_ANSWERED, &fwd, now);
-	if (fc)
-		fc->adopted += 1;
+	f = flow_find(&fkey, &in_new);
+	if (f && f->dir == FLOW_FORWARD && f->addr == key->saddr && f->port == key->sport) {
+		/* This node's own connection, whose reply entry the LRU evicted
+		 * alone: written again, not adopted, with what this packet, its
+		 * first, tells (flow_progress, flow_track_close). */
+		if (in_new && f->state == FLOW_NEW)
+			f->state = FLOW_ANSWERED;
+		if (packet_closes(pkt))
+			flow_set_state(f, key->proto, FLOW_CLOSING);
+		reply_of(&fkey, f, &reply_key, &reply);
+		reply.seen = now;
+		if (in_new)
+			flows_new.update(key, &reply);
+		else
+			flows.update(key, &reply);
+	} else {
+		be = pick_backend(svc, &fkey, &backend_id);
+		if (!be || be->addr != key->saddr || be->port != key->sport ||
+		    !routed_elsewhere(ctx, pkt->ip))
+			return XLB_PASS_NOT_VIP;
+		/* Adopted by its FIN or RST, it is closing already (flow_track_close). */
+		fc = flow_open(&fkey, svc, be, backend_id,
+			       packet_closes(pkt) ? FLOW_CLOSING : FLOW_ANSWERED, &fwd, now);
+		if (fc)
+			fc->adopted += 1;
+		reply_of(&fkey, &fwd, &reply_key, &reply);
+	}
 	/* This packet is the reply entry's: counted, remembered if a first
 	 * fragment, and rewritten as such. */
-	reply = fwd;
-	reply.addr = skey->vip;
-	reply.port = skey->port;
-	reply.dir = FLOW_REPLY;
 	count_flow(&reply, bytes, 0);
 	remember_fragment(pkt, &reply);
 	return send(ctx, pkt, cfg, key, 1, reply.addr, reply.port, now);

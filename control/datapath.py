@@ -678,15 +678,17 @@ class Datapath:
         return ended
 
     def sweep_flows(self, now: int | None = None) -> tuple[dict[str, int], int]:
-        """Removes the connections idle past their timeout, and puts back the
-        reply entries that the LRU evicted from live established connections
-        (flowtable.sweep; the half-open table's are rebuilt as the connection
-        moves). Returns how many connections expired per table, and how many
-        reply entries came back."""
+        """Removes the connections idle past their timeout, and mends the
+        established table after the LRU's evictions (flowtable.sweep; the
+        program writes a half-open connection's reply entry again when its
+        client tries again). Returns how many connections expired per table,
+        and how many reply entries came back."""
         now = self.now() if now is None else now
+        rows = self.flow_rows()
+        half_open = {r.key() for r in rows["flows_new"]}
         expired, restored = {}, 0
-        for name, rows in self.flow_rows().items():
-            swept = flowtable.sweep(rows, now)
+        for name, table_rows in rows.items():
+            swept = flowtable.sweep(table_rows, now, half_open if name == "flows" else None)
             self._delete(name, swept.doomed)
             expired[name] = swept.connections
             if name == "flows":

@@ -71,31 +71,43 @@ def decode(keys: bytes, values: bytes) -> list[Row]:
 
 
 class Sweep(NamedTuple):
-    doomed: list[bytes]                     # keys of dead entries, to delete
-    connections: int                        # how many connections they are
+    doomed: list[bytes]                     # keys of entries to delete
+    connections: int                        # how many connections expired
     orphans: list[tuple[bytes, bytes]]      # reply entries (key, value) to put back
 
 
-def sweep(rows: list[Row], now: int) -> Sweep:
+def sweep(rows: list[Row], now: int, half_open: set[bytes] | None = None) -> Sweep:
     """A connection is dead when both its entries have been idle past its
     timeout (one-way traffic keeps it alive); an entry whose partner is gone is
-    judged alone. The LRU evicts entries, not connections: a live forward entry
-    whose reply entry went (its server's packets would leave un-NATed) gets it
-    back."""
+    judged alone, and counted as a connection only if it is the forward entry
+    (a lone reply entry's connection was counted when its forward entry went).
+
+    With half_open, the half-open table's keys, rows are the established
+    table's, and the LRU's evictions (of entries, not connections) are mended:
+    a live forward entry whose reply entry went gets it back (its server's
+    packets would leave un-NATed), unless that key is in the half-open table
+    (another connection's: the same client port to two VIPs of one server); a
+    lone reply entry whose connection opened again in the half-open table (its
+    forward entry went) goes, as it would keep the new one from being answered."""
     by_key = {r.key(): r for r in rows}
     doomed, connections, orphans = [], 0, []
     for key, r in by_key.items():
-        other = by_key.get(r.partner())
+        partner = r.partner()
+        other = by_key.get(partner)
         if other is not None and r.dir != layout.FLOW_FORWARD:
             continue                                # judged with its forward entry
         seen = max(r.seen, other.seen) if other is not None else r.seen
         if r.idle_past(now, seen):
             doomed.append(key)
             if other is not None:
-                doomed.append(r.partner())
-            connections += 1
-        elif other is None and r.dir == layout.FLOW_FORWARD:
-            orphans.append(r.reply())
+                doomed.append(partner)
+            connections += r.dir == layout.FLOW_FORWARD
+        elif other is None and half_open is not None:
+            if r.dir != layout.FLOW_FORWARD:
+                if partner in half_open:
+                    doomed.append(key)
+            elif partner not in half_open:
+                orphans.append(r.reply())
     return Sweep(doomed, connections, orphans)
 
 

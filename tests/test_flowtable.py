@@ -60,8 +60,12 @@ def test_a_connection_is_dead_only_when_both_entries_are_idle_past_its_timeout()
 
 
 def test_an_entry_without_its_partner_is_judged_alone():
+    """Judged alone, and a connection expired only if it is the forward
+    entry: a lone reply entry's connection was counted (evicted) when its
+    forward entry went."""
     fwd, reply = connection(40006, seen_fwd=NOW - 901 * SEC, seen_reply=NOW - 901 * SEC)
-    assert flowtable.sweep([reply], NOW) == ([reply.key()], 1, [])
+    assert flowtable.sweep([reply], NOW) == ([reply.key()], 0, [])
+    assert flowtable.sweep([fwd], NOW) == ([fwd.key()], 1, [])
     assert flowtable.sweep([fwd], NOW - 2 * SEC)[:2] == ([], 0)
 
 
@@ -73,8 +77,21 @@ def test_a_live_forward_entry_without_its_reply_entry_gets_it_back():
     idle_fwd, _ = connection(40009, seen_fwd=NOW - 901 * SEC)
     _, lone_reply = connection(40010)
     whole = connection(40011)
-    got = flowtable.sweep([live_fwd, idle_fwd, lone_reply, *whole], NOW).orphans
+    got = flowtable.sweep([live_fwd, idle_fwd, lone_reply, *whole], NOW, set()).orphans
     assert flowtable.decode(*map(b"".join, zip(*got))) == [live_reply._replace(seen=NOW - 10 * SEC)]
+    # Rows of the half-open table (no half_open given) are never mended.
+    assert flowtable.sweep([live_fwd], NOW).orphans == []
+
+
+def test_what_the_half_open_table_holds_decides_the_mending():
+    """A reply key that the half-open table holds is another connection's
+    (the same client port to two VIPs of one server): not put back. A lone
+    reply entry whose connection opened again in the half-open table goes
+    (not counted: its connection was counted when the forward entry went)."""
+    fwd, reply = connection(40012)
+    assert flowtable.sweep([fwd], NOW, {reply.key()}) == ([], 0, [])
+    assert flowtable.sweep([reply], NOW, {fwd.key()}) == ([reply.key()], 0, [])
+    assert flowtable.sweep([reply], NOW, set()) == ([], 0, [])
 
 
 def test_a_clock_read_before_a_packet_on_another_cpu_is_no_idleness():

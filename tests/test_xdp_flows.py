@@ -29,10 +29,11 @@ XDP_REDIRECT = layout.XDP_ACTIONS["XDP_REDIRECT"]
 TCP_P, UDP_P = socket.IPPROTO_TCP, socket.IPPROTO_UDP
 VIP = IPv4Address("10.1.1.101")
 MVIP = IPv4Address("10.1.1.102")          # the Maglev service's VIP
+VIP2 = IPv4Address("10.1.1.103")          # a second VIP on backend 1 (second_vip)
 CLIENT = IPv4Address("10.1.1.10")
 BACKENDS = {1: (IPv4Address("10.1.11.101"), 8080), 2: (IPv4Address("10.1.11.102"), 8080)}
 BY_ADDR = {addr: bid for bid, (addr, _) in BACKENDS.items()}
-SVC_TCP, SVC_UDP, SVC_MAGLEV = 1, 2, 3
+SVC_TCP, SVC_UDP, SVC_MAGLEV, SVC_UDP2 = 1, 2, 3, 4
 TIMEOUTS = {"syn": 60, "established": 900, "closing": 120, "udp": 300}
 MAGLEV_TABLE = 0
 MAGLEV_SLOTS = [1, 2, 2, 1, 1, 2, 1, 2, 2, 1, 2, 1, 1]    # a prime number of slots: 13
@@ -493,6 +494,108 @@ def test_the_sweep_puts_back_a_reply_entry_the_lru_evicted(lb, fibnet, short_tim
     assert dp.sweep_flows()[1] == 0
 
 
+@pytest.fixture
+def second_vip(lb):
+    """VIP2:80/udp on backend 1 alone, for one test: with VIP:80/udp, two VIPs
+    that share a server (as `xlb up --vip A --vip B --backend X` does)."""
+    dp = lb.dp
+    dp.write_ring(6, [1])
+    dp.set_service(VIP2, 80, UDP_P, SVC_UDP2, 6, 1)
+    dp.set_timeouts(SVC_UDP2, *TIMEOUTS.values())
+    dp.set_vip(VIP2)
+    yield lb
+    dp.del_service(VIP2, 80, UDP_P)
+    dp.del_vip(VIP2)
+
+
+def udp_established(lb, fibnet, sport: int, vip=VIP) -> int:
+    """A UDP flow to vip:80 from sport: query, answer, query (established);
+    returns its backend."""
+    bid = backend_of(lb.send(udp_frame(CLIENT, vip, sport, 80, payload=b"q"), fibnet.ifindex["ext"]).data)
+    lb.send(from_backend_udp(bid, sport), fibnet.ifindex["int"])
+    lb.send(udp_frame(CLIENT, vip, sport, 80, payload=b"q"), fibnet.ifindex["ext"])
+    return bid
+
+
+def from_backend_udp(bid, sport):
+    addr, port = BACKENDS[bid]
+    return udp_frame(addr, CLIENT, port, sport, payload=b"a", eth_src=BACKEND_MAC)
+
+
+def evict(dp, table: str, key) -> None:
+    """Removes one entry, as the LRU does when the table is full."""
+    t = dp._maps[table]
+    del t[map_key(t, key)]
+
+
+def test_the_sweep_leaves_a_reply_key_that_another_vips_connection_holds(second_vip, fibnet):
+    """One client port to two VIPs that share a server: the server sees one
+    peer, and the two connections one reply key. X (to VIP) is established
+    and lost its reply entry; Y (to VIP2), opened since, holds that key in the
+    half-open table, and answers leave from VIP2: the sweep leaves it to Y."""
+    lb, dp = second_vip, second_vip.dp
+    sport = next(p for p in range(53400, 53410) if udp_established(lb, fibnet, p) == 1)
+    addr, port = BACKENDS[1]
+    evict(dp, "flows", (addr, CLIENT, port, sport, UDP_P))
+    lb.send(udp_frame(CLIENT, VIP2, sport, 80, payload=b"y"), fibnet.ifindex["ext"])
+    answer = from_backend_udp(1, sport)
+    assert ip_of(lb.send(answer, fibnet.ifindex["int"]).data, "src") == VIP2
+    assert dp.sweep_flows()[1] == 0
+    assert ip_of(lb.send(answer, fibnet.ifindex["int"]).data, "src") == VIP2
+
+
+def test_the_sweep_removes_the_old_reply_entry_of_a_flow_opened_again(lb, fibnet):
+    """A UDP flow lost its forward entry (its server streaming, its client
+    quiet): the client's next datagram opens it again in the half-open table,
+    but the old reply entry, looked up first, would keep the new pair from
+    ever being answered (and established). The sweep removes it, counting no
+    connection; the flow is then established again."""
+    dp = lb.dp
+    sport = 53420
+    bid = udp_established(lb, fibnet, sport)
+    addr, port = BACKENDS[bid]
+    evict(dp, "flows", (CLIENT, VIP, sport, 80, UDP_P))
+    new_bid = backend_of(lb.send(udp_frame(CLIENT, VIP, sport, 80, payload=b"q"),
+                                 fibnet.ifindex["ext"]).data)
+    assert dp.sweep_flows()[0] == {"flows": 0, "flows_new": 0}
+    assert (addr, CLIENT, port, sport, UDP_P) not in entries(dp, "flows")
+    res = lb.send(from_backend_udp(new_bid, sport), fibnet.ifindex["int"])
+    assert ip_of(res.data, "src") == VIP
+    lb.send(udp_frame(CLIENT, VIP, sport, 80, payload=b"q"), fibnet.ifindex["ext"])
+    table, fwd, reply = connection(dp, sport, UDP_P)
+    assert (table, fwd.state, reply.state) == ("flows", STATE["established"], STATE["established"])
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_a_client_trying_again_unanswered_gets_its_reply_entry_written_again(lb, fibnet, proto):
+    """The LRU took the reply entry of a connection not yet answered (in a
+    flood of new flows it goes before the forward entry that the client's
+    retries keep fresh): its server's answer leaves un-NATed. The client's
+    next try, a SYN again or a datagram a second or more after the last,
+    writes the entry again, and the answer to it gets through. A datagram
+    sooner after the last writes nothing: a one-way UDP flow pays no write a
+    packet."""
+    dp, ext, int_ = lb.dp, fibnet.ifindex["ext"], fibnet.ifindex["int"]
+    sport = 53430 + (proto == "udp")
+    ask = syn(sport) if proto == "tcp" else udp_frame(CLIENT, VIP, sport, 80, payload=b"q")
+    bid = backend_of(lb.send(ask, ext).data)
+    addr, port = BACKENDS[bid]
+    p = TCP_P if proto == "tcp" else UDP_P
+    answer = from_backend(bid, sport, "SA") if proto == "tcp" else from_backend_udp(bid, sport)
+    evict(dp, "flows_new", (addr, CLIENT, port, sport, p))
+    res = lb.send(answer, int_)
+    assert (res.action, res.data) == (XDP_PASS, answer)
+    lb.expect("pass_not_vip")
+    if proto == "udp":
+        lb.send(ask, ext)
+        assert connection(dp, sport, p)[2] is None
+        age(dp, "flows_new", (CLIENT, VIP, sport, 80, p), 2)
+    lb.send(ask, ext)
+    res = lb.send(answer, int_)
+    assert (res.action, ip_of(res.data, "src")) == (XDP_REDIRECT, VIP)
+    assert connection(dp, sport, p)[0] == "flows_new"
+
+
 def test_a_connection_whose_forward_entry_was_evicted_is_opened_anew_and_answered(lb, fibnet):
     """The LRU evicted a connection's forward entry, not its reply entry: the
     client's next packet opens it again (Maglev: on the same backend). The old
@@ -613,6 +716,34 @@ def test_an_adopted_first_fragment_leads_its_later_ones(adopting, fibnet):
         res = lb.send(frag, fibnet.ifindex["int"])
         assert (res.action, res.data) == (XDP_PASS, want)
         lb.expect("reply", flow=("out", SVC_MAGLEV, bid, False))
+
+
+def test_a_connection_of_this_node_whose_reply_entry_went_is_not_adopted(adopting, fibnet):
+    """This node's own connection lost its reply entry (the LRU evicts
+    entries): the backend's next packet writes it again where the forward
+    entry is, with no second copy of the connection and nothing counted
+    adopted or created, and its FIN closes the connection."""
+    lb, dp = adopting, adopting.dp
+    ext, int_ = fibnet.ifindex["ext"], fibnet.ifindex["int"]
+    sport = 56500
+    bid = maglev_backend(CLIENT, sport)
+    addr, port = BACKENDS[bid]
+    lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="S"), ext)
+    lb.send(from_backend(bid, sport, "SA"), int_)
+    lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="A"), ext)
+    table, fwd, reply = connection(dp, sport, vip=MVIP)
+    assert table == "flows"
+    evict(dp, "flows", (addr, CLIENT, port, sport, TCP_P))
+    before = counters(dp)
+    res = lb.send(from_backend(bid, sport, "PA", payload=b"data"), int_)
+    assert (res.action, ip_of(res.data, "src")) == (XDP_REDIRECT, MVIP)
+    lb.expect("reply_redirect", flow=("out", SVC_MAGLEV, bid, False))
+    assert counters(dp) == before
+    assert (CLIENT, MVIP, sport, 80, TCP_P) not in entries(dp, "flows_new")
+    assert connection(dp, sport, vip=MVIP)[2]._replace(seen=0) == reply._replace(seen=0)
+    lb.send(from_backend(bid, sport, "FA"), int_)
+    _, fwd, reply = connection(dp, sport, vip=MVIP)
+    assert (fwd.state, reply.state) == (STATE["closing"], STATE["closing"])
 
 
 def test_a_client_on_a_vips_filter_bit_is_adopted_as_any(adopting, fibnet):
