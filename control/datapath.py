@@ -14,6 +14,7 @@ import gzip
 import os
 import re
 import socket
+import threading
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -322,6 +323,9 @@ class Datapath:
 
     def __init__(self, limits: Limits = Limits(), running: Running | None = None):
         self.limits = limits
+        # delete_flows and the sweep's put-back, one at a time: a reply entry
+        # put back is never one of a connection that delete_flows ended.
+        self._mending = threading.Lock()
         cflags = [f"-I{_SOURCES}", "-w", *defines(limits)]
         # ifindex -> (fd of the program attached there, attachment): ours, or
         # the running one's until it is replaced.
@@ -670,11 +674,12 @@ class Datapath:
         """Forgets the connections of these backends and services, both ways, so
         that their next packets are balanced anew. Returns how many, per table."""
         ended = {}
-        for name, rows in self.flow_rows().items():
-            doomed = [r for r in rows
-                      if r.backend_id in backend_ids or r.service_id in service_ids]
-            self._delete(name, [r.key() for r in doomed])
-            ended[name] = sum(r.dir == layout.FLOW_FORWARD for r in doomed)
+        with self._mending:
+            for name, rows in self.flow_rows().items():
+                doomed = [r for r in rows
+                          if r.backend_id in backend_ids or r.service_id in service_ids]
+                self._delete(name, [r.key() for r in doomed])
+                ended[name] = sum(r.dir == layout.FLOW_FORWARD for r in doomed)
         return ended
 
     def sweep_flows(self, now: int | None = None) -> tuple[dict[str, int], int]:
@@ -692,7 +697,7 @@ class Datapath:
             self._delete(name, swept.doomed)
             expired[name] = swept.connections
             if name == "flows":
-                restored = self._insert_new(name, swept.orphans)
+                restored = self._put_back(swept.orphans)
         return expired, restored
 
     def _dump(self, name: str) -> tuple[bytes, bytes]:
@@ -727,14 +732,20 @@ class Datapath:
                 for key in batch:
                     table.pop(key, None)
 
-    def _insert_new(self, name: str, items: list[tuple[bytes, bytes]]) -> int:
-        """Writes entries that are not there (BPF_NOEXIST: one the program
-        wrote meanwhile stays as it is); returns how many went in."""
-        fd, done = self._maps[name].map_fd, 0
-        for key, value in items:
-            done += lib.bpf_update_elem(fd, ct.create_string_buffer(key, len(key)),
-                                        ct.create_string_buffer(value, len(value)),
-                                        BPF_NOEXIST) == 0
+    def _put_back(self, orphans: list[flowtable.Row]) -> int:
+        """Writes the reply entries of these forward entries of the established
+        table where the forward entry is still there and the reply entry is
+        not (BPF_NOEXIST: one the program wrote meanwhile stays as it is);
+        returns how many went in."""
+        fd, done = self._maps["flows"].map_fd, 0
+        value = ct.create_string_buffer(ct.sizeof(layout.Flow))
+        with self._mending:
+            for fwd in orphans:
+                if lib.bpf_lookup_elem(fd, ct.create_string_buffer(fwd.key()), value) != 0:
+                    continue                # gone since the dump: ended, expired
+                key, reply = fwd.reply()
+                done += lib.bpf_update_elem(fd, ct.create_string_buffer(key),
+                                            ct.create_string_buffer(reply), BPF_NOEXIST) == 0
         return done
 
     def map_memory(self) -> dict[str, int]:

@@ -73,7 +73,7 @@ def decode(keys: bytes, values: bytes) -> list[Row]:
 class Sweep(NamedTuple):
     doomed: list[bytes]                     # keys of entries to delete
     connections: int                        # how many connections expired
-    orphans: list[tuple[bytes, bytes]]      # reply entries (key, value) to put back
+    orphans: list[Row]                      # forward entries whose reply entry to put back
 
 
 def sweep(rows: list[Row], now: int, half_open: set[bytes] | None = None) -> Sweep:
@@ -107,7 +107,7 @@ def sweep(rows: list[Row], now: int, half_open: set[bytes] | None = None) -> Swe
                 if partner in half_open:
                     doomed.append(key)
             elif partner not in half_open:
-                orphans.append(r.reply())
+                orphans.append(r)
     return Sweep(doomed, connections, orphans)
 
 

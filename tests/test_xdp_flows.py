@@ -19,7 +19,7 @@ from scapy.packet import Raw, raw
 
 from packets import (BACKEND_MAC, CLIENT_MAC, LB_MAC, XDP_DROP, XDP_PASS, XDP_TX, Harness,
                      assert_checksums, ip_of, tcp_frame, udp_frame)
-from xlb import layout
+from xlb import flowtable, layout
 from xlb.datapath import filter_slot
 from xlb.maglev import flow_hash
 
@@ -492,6 +492,23 @@ def test_the_sweep_puts_back_a_reply_entry_the_lru_evicted(lb, fibnet, short_tim
     assert ip_of(res.data, "src") == VIP
     lb.expect("reply_redirect", flow=("out", SVC_TCP, bid, False))
     assert dp.sweep_flows()[1] == 0
+
+
+def test_the_sweep_puts_back_nothing_of_a_connection_gone_since_it_read_the_table(lb, fibnet):
+    """The sweep reads the tables, then puts reply entries back: a connection
+    ended in between (by an apply's delete_flows, which the put-back waits
+    for, or expired by the program) stays gone."""
+    dp = lb.dp
+    bid = handshake(lb, fibnet, 53160)
+    addr, port = BACKENDS[bid]
+    evict(dp, "flows", (addr, CLIENT, port, 53160, TCP_P))
+    orphans = [r for r in flowtable.sweep(dp.flow_rows()["flows"], dp.now(), set()).orphans
+               if r.sport == socket.htons(53160)]
+    assert len(orphans) == 1
+    evict(dp, "flows", (CLIENT, VIP, 53160, 80, TCP_P))
+    assert dp._put_back(orphans) == 0
+    assert connection(dp, 53160) == (None, None, None)
+    assert (addr, CLIENT, port, 53160, TCP_P) not in entries(dp, "flows")
 
 
 @pytest.fixture
