@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
 import threading
 import time
 import traceback
+from collections.abc import Collection
 from pathlib import Path
 
 from . import __version__, config as configfile, ctl, flowtable, ha, log, metrics, netif, planner
@@ -79,11 +81,18 @@ class Balancer:
                                                        self.health.get((p.name, s.name), "up"))
                 for p in config.pools for s in p.servers}
 
-    def apply(self, config: Config, admin: dict[Key, str] | None = None) -> dict:
+    def apply(self, config: Config, admin: dict[Key, str] | None = None, *,
+              relink: bool) -> dict:
         """Takes the data plane to `config`. Raises (LookupError, CapacityError,
-        DatapathError) with nothing changed."""
-        links = _select(config)
-        _check_host(config, [link for link in links if link.name not in self.links])
+        DatapathError) with nothing changed. relink: a new config, whose links
+        are looked at again (attached, detached); a change of state (health,
+        admin, role) keeps the links as they are, so that no link's trouble
+        keeps it from taking effect."""
+        if relink:
+            links = _select(config, self.links)
+            _check_host(config, [link for link in links if link.name not in self.links])
+        else:
+            links = list(self.links.values())
         keys = {(p.name, s.name) for p in config.pools for s in p.servers}
         admin = {k: v for k, v in (self.admin if admin is None else admin).items() if k in keys}
         states = self._server_states(config, admin)
@@ -141,7 +150,7 @@ class Balancer:
             raise BadRequest(f"unknown role {role!r} (active or backup)")
         was, self.role = self.role, role
         try:
-            self.apply(self.config)
+            self.apply(self.config, relink=False)
         except Exception:
             self.role = was
             raise
@@ -175,7 +184,7 @@ class Balancer:
         admin.pop((pool, server), None)
         if ADMIN_ACTIONS[action]:
             admin[(pool, server)] = ADMIN_ACTIONS[action]
-        result = self.apply(self.config, admin)
+        result = self.apply(self.config, admin, relink=False)
         return {"pool": pool, "server": server, "state": self.states[(pool, server)],
                 "flows_ended": result["flows_ended"]}
 
@@ -352,9 +361,14 @@ def _attach(datapath: Datapath, link: netif.Link):
     return att
 
 
-def _select(config: Config) -> list[netif.Link]:
-    """The links a config attaches to (raises LookupError)."""
-    links = netif.select(config.attach_names())
+def _select(config: Config, attached: Collection[str] = ()) -> list[netif.Link]:
+    """The links a config attaches to (raises LookupError): those it names, or
+    every up, non-loopback one and those attached already (a link that goes
+    down keeps its program, and serves again when it comes back up)."""
+    if config.attach_names():
+        return netif.select(config.attach_names())
+    links = [link for link in netif.links()
+             if not link.loopback and (link.up or link.name in attached)]
     if not links:
         raise LookupError("no up, non-loopback interface in this network namespace")
     return links
@@ -438,7 +452,7 @@ def up(config: Config, config_path: Path | None = None,
         if running is not None:
             balancer.adopt(ran, admin)
         balancer.restore(config)
-        balancer.apply(config)
+        balancer.apply(config, relink=True)
         datapath.settle()
         balancer.remember()
         if exporter is not None:
@@ -529,7 +543,12 @@ async def _serve(balancer: Balancer, sock) -> bool:
                 return
             balancer.health[tr.key] = tr.new
             balancer.health_changes[tr.key] = balancer.health_changes.get(tr.key, 0) + 1
-            await asyncio.to_thread(balancer.apply, balancer.config)
+            try:
+                await asyncio.to_thread(functools.partial(balancer.apply, balancer.config,
+                                                          relink=False))
+            except Exception as e:      # a task's own: nobody else would hear of it
+                log.event("health", level="error", pool=tr.key[0], server=tr.key[1],
+                          new=tr.new, error=f"not applied: {e}")
 
     def on_change(tr: Transition) -> None:
         log.event("health", pool=tr.key[0], server=tr.key[1], old=tr.old, new=tr.new,
@@ -547,7 +566,8 @@ async def _serve(balancer: Balancer, sock) -> bool:
         health = checker.states()
         if health != balancer.health:
             balancer.health = health
-            await asyncio.to_thread(balancer.apply, balancer.config)
+            await asyncio.to_thread(functools.partial(balancer.apply, balancer.config,
+                                                      relink=False))
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -670,7 +690,7 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
         t0 = time.perf_counter()
         cfg = configfile.load(text)
         t1 = time.perf_counter()
-        result = balancer.apply(cfg)
+        result = balancer.apply(cfg, relink=True)
         t2 = time.perf_counter()
         balancer.config_path = Path(path)    # from now on, the file this instance serves
         log.event("apply", result="ok", seconds=t2 - t0, config=path, **result)

@@ -62,12 +62,9 @@ def links() -> list[Link]:
 
 
 def select(names: list[str] | tuple[str, ...]) -> list[Link]:
-    """The named links, or every up, non-loopback link when none is named.
-    Raises LookupError naming an interface that does not exist here."""
-    present = links()
-    if not names:
-        return [link for link in present if link.up and not link.loopback]
-    by_name = {link.name: link for link in present}
+    """The named links. Raises LookupError naming an interface that does not
+    exist here."""
+    by_name = {link.name: link for link in links()}
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise LookupError(f"no interface {unknown[0]!r} in this network namespace")

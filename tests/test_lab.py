@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
-from labctl import SEED_ARGS, VIP, WAS, XLB, even_split, running_lab  # noqa: E402
+from labctl import SEED_ARGS, VIP, WAS, XLB, even_split, running_lab, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -307,3 +307,42 @@ def test_warns_of_strict_rp_filter_and_of_generic_xdp(lab):
                and f"set {sysctl}=0 or 2" in w for w in warnings), warnings
     assert any("event=attach" in w and "interface=xlbifb0 " in w and "mode=generic" in w
                for w in warnings), warnings
+
+
+def test_a_link_that_goes_down_keeps_its_program(lab, tmp_path):
+    """xlb attaches to every up link; one goes down, and a change meanwhile (a
+    drain and an enable, as health changes are; an `xlb apply`) keeps its
+    program there: when the link comes back up, it serves again."""
+    with lab.xlb_seed(tmp_path):
+        links = set(lab.xdp_attached("lb"))
+        assert "eth0" in links
+        lab.run("lb", "ip", "link", "set", "eth0", "down", check=True)
+        try:
+            lab.xlb_cmd("server", "drain", "was", "was1", check=True)
+            lab.xlb_cmd("server", "enable", "was", "was1", check=True)
+            lab.xlb_cmd("apply", check=True)
+            assert set(lab.xdp_attached("lb")) == links
+        finally:
+            lab.run("lb", "ip", "link", "set", "eth0", "up", check=True)
+        http = lab.client("client", "http", VIP, "80", "--count", "6")
+        assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
+
+
+def test_a_named_link_that_went_away_keeps_no_health_change_from_taking_effect(lab):
+    """Attached to links it was told (--iface), one of which is then deleted:
+    a server that goes down is still taken out (a health change keeps the
+    links as they are, where it failed on the missing one)."""
+    lab.run("lb", "ip", "link", "add", "name", "xtra0", "type", "veth", "peer", "name",
+            "xtra1", check=True)
+    lab.run("lb", "ip", "link", "set", "xtra0", "up", check=True)
+    with lab.xlb(*SEED_ARGS, "--interval", "0.5", "--iface", "eth0", "--iface", "eth1",
+                 "--iface", "xtra0"):
+        lab.run("lb", "ip", "link", "del", "xtra0", check=True)
+        lab.server("stop", "was1")
+        try:
+            wait_for(lambda: lab.status()["pools"][0]["servers"][0]["health"] == "down", 20,
+                     "backend1 marked down")
+            http = lab.client("client", "http", VIP, "80", "--count", "6")
+            assert http["errors"] == [] and set(http["names"]) == {"WAS2"}
+        finally:
+            lab.server("start", "was1")
