@@ -64,6 +64,14 @@ def peer_uid(sock: socket.socket) -> int:
 
 def request(cmd: str, timeout: float = 10.0, **args) -> object:
     """Sends one request and returns its result; raises NotRunning or ControlError."""
+    try:
+        return _request(cmd, timeout, args)
+    except TimeoutError:
+        raise ControlError(f"the instance did not answer within {timeout:g} s (starting, "
+                           f"or stopped)") from None
+
+
+def _request(cmd: str, timeout: float, args: dict) -> object:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
         try:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 XLB = Path(sys.executable).parent / "xlb"
 SEED = ROOT / "netns-lab" / "seed.toml"
@@ -107,3 +109,19 @@ def test_apply_reads_no_fifo_and_top_takes_no_interval_it_cannot_sleep(tmp_path)
                                       "range 0.1<=x<=3600.")):
         r = xlb("top", "--once", "--interval", interval)
         assert (r.returncode, r.stderr) == (2, f"xlb: error: {message}\n")
+
+
+def test_an_instance_that_does_not_answer_is_one_line(monkeypatch):
+    """An instance busy starting (compiling a large flow table) or stopped
+    (SIGSTOP) accepts but does not answer: the request fails with one line,
+    no traceback."""
+    import socket
+
+    from xlb import ctl
+    address = f"\0xlb-test/{os.getpid()}"
+    monkeypatch.setattr(ctl, "ADDRESS", address)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(address)
+        listener.listen()
+        with pytest.raises(ctl.ControlError, match=r"did not answer within 0\.2 s"):
+            ctl.request("status", timeout=0.2)
