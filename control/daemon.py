@@ -98,7 +98,7 @@ class Balancer:
         states = self._server_states(config, admin)
         lim = self.datapath.limits
         target = planner.desired(config, links, self.state, lim.max_services, lim.max_backends,
-                                 lim.ring_size, lim.max_maglev, states)
+                                 lim.ring_size, lim.max_maglev, states, lim.max_arp)
         if self.role == "backup":
             target = dataclasses.replace(target, arp={})
         ends = planner.flows_to_end(self.config, self.states, self.state, config, states, target)
@@ -424,7 +424,8 @@ def up(config: Config, config_path: Path | None = None,
         links = _select(config)
         _check_host(config, [])        # local VIPs; the warnings come with the attach
         planner.desired(config, links, planner.DataplaneState(), limits.max_services,
-                        limits.max_backends, limits.ring_size, limits.max_maglev)  # capacity
+                        limits.max_backends, limits.ring_size, limits.max_maglev,
+                        max_arp=limits.max_arp)  # capacity
         if metrics_address is not None:
             try:
                 exporter = metrics.bind(metrics_address)

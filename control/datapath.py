@@ -48,7 +48,7 @@ class Limits:
     ring_size: int = model.RING_SIZE
     max_flows: int = 2 * DEFAULT_CONNECTIONS    # established table: two entries a connection
     max_new_flows: int = 65536                  # half-open table, apart so floods evict only it
-    max_arp: int = 256
+    max_arp: int = model.MAX_ARP
     max_maglev: int = model.MAX_MAGLEV_FRONTENDS    # two tables each
     maglev_size: int = model.MAGLEV_SIZE_MAX        # slots of a Maglev table, at most
     max_hops: int = 16384                       # next-hop cache slots per CPU (a power of 2)

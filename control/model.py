@@ -27,6 +27,7 @@ MAX_FRONTENDS = 256
 MAX_MAGLEV_FRONTENDS = 16
 MAX_BACKENDS = 16384                    # servers of all pools together
 RING_SIZE = 1024                        # servers of a round-robin or weighted pool, at most
+MAX_ARP = 256                           # ARP answers: VIPs times the links on their subnets
 IFNAMSIZ = 16                           # the kernel's limit, with the terminating NUL
 CHECK_SECONDS_MAX = 86400               # a monitor's interval and timeout: a day at most
 CHECK_COUNT_MAX = 1000                  # a monitor's rise and fall

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping, Protocol
 
 from . import maglev, scheduler
 from .layout import SERVICE_MAGLEV
-from .model import Config, Pool, Server
+from .model import MAX_ARP, Config, Pool, Server
 
 ServiceKey = tuple[IPv4Address, int, int]       # vip, port, protocol number
 BackendKey = tuple[str, str]                    # pool, server
@@ -117,7 +117,7 @@ def _maglev_table(backends: tuple[maglev.Backend, ...], size: int) -> tuple[int,
 
 def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
             max_services: int, max_backends: int, ring_size: int, max_maglev: int,
-            states: Mapping[BackendKey, str] = {}) -> DataplaneState:
+            states: Mapping[BackendKey, str] = {}, max_arp: int = MAX_ARP) -> DataplaneState:
     """`states` maps (pool, server) to server_state(); a missing key is "up"."""
     backend_keys = [(p.name, s.name) for p in config.pools for s in p.servers]
     backend_ids = _allocate(backend_keys,
@@ -168,6 +168,9 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
     arp = {(link.index, fe.vip): link.mac
            for fe in config.frontends for link in links
            if link.holds(fe.vip) and (not fe.interfaces or link.name in fe.interfaces)}
+    if len(arp) > max_arp:
+        raise CapacityError(f"{len(arp)} ARP answers (VIPs times the links on their subnets): "
+                            f"the data plane holds {max_arp}")
     owners = {(s.address, s.port, fe.proto_number): (fe.vip, fe.port)
               for fe in config.frontends if fe.adopt_replies
               for s in config.pool(fe.pool).servers}

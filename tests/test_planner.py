@@ -186,6 +186,20 @@ def test_too_many_frontends():
         desired(cfg)
 
 
+def test_more_arp_answers_than_the_map_holds():
+    """ARP answers are VIPs times the links on their subnets: a host fact that
+    `xlb check` cannot know, refused by up and apply before anything is
+    written (an audit saw a half-applied config where the map ran out)."""
+    cfg = from_flags([f"10.1.1.{i}:80" for i in range(1, 4)], ["10.1.11.101:8080"])
+    both = LINKS + [FakeLink(4, "eth2", b"\x04" * 6, IPv4Network("10.1.1.0/24"))]
+    assert len(planner.desired(cfg, both, planner.DataplaneState(), **LIMITS,
+                               max_arp=6).arp) == 6
+    with pytest.raises(planner.CapacityError,
+                       match=r"6 ARP answers \(VIPs times the links on their subnets\): "
+                             r"the data plane holds 5"):
+        planner.desired(cfg, both, planner.DataplaneState(), **LIMITS, max_arp=5)
+
+
 def test_pool_larger_than_a_ring():
     cfg = from_flags(["10.1.1.101:80"], [f"10.1.11.{i}:80" for i in range(1, 34)])
     with pytest.raises(planner.CapacityError, match="33 servers do not fit a ring of 32"):
