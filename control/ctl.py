@@ -86,7 +86,10 @@ def _request(cmd: str, timeout: float, args: dict) -> object:
             pass
         buf = bytearray()
         while not buf.endswith(b"\n"):
-            chunk = sock.recv(65536)
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:     # stopping: it closed what it had not accepted
+                chunk = b""
             if not chunk:
                 raise ControlError("the instance closed the connection without answering")
             buf += chunk

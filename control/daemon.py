@@ -396,8 +396,10 @@ def _check_host(config: Config, new_links: list[netif.Link]) -> None:
 HANDED_OVER = 75
 
 
-class _Stop(Exception):
-    """SIGINT or SIGTERM before the serving loop takes the signals over."""
+class _Stop(BaseException):
+    """SIGINT or SIGTERM before the serving loop takes the signals over. Not an
+    Exception, which a step of the start (compiling, say) would take for its
+    own failure."""
 
 
 def _raise_stop(signum, frame):
@@ -472,6 +474,10 @@ def up(config: Config, config_path: Path | None = None,
     except _Stop:
         stopping = True
     finally:
+        # Stopping already: a second signal must not cut the clean-up short
+        # and leave the data path without its control process.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         if exporter is not None:
             if serving:
                 exporter.shutdown()
@@ -586,7 +592,10 @@ async def _serve(balancer: Balancer, sock) -> bool:
         await sync_targets()
     checks = loop.create_task(checker.run())
     sweeps = loop.create_task(_sweep_forever(balancer))
-    server = await asyncio.start_unix_server(handle, sock=sock, limit=ctl.MAX_REQUEST)
+    # A copy: the server closes it when the loop ends, while `sock` stays bound
+    # until the data path is detached, so that `xlb down` (which waits until
+    # nothing listens) returns only then.
+    server = await asyncio.start_unix_server(handle, sock=sock.dup(), limit=ctl.MAX_REQUEST)
     try:
         async with server:
             await stop.wait()

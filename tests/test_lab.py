@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,12 +105,13 @@ def test_sigterm_detaches_everything(lab):
 
 
 def test_down_stops_the_instance(lab):
+    """`xlb down` returns once the instance has detached (README, --help)."""
     x = lab.xlb(*SEED_ARGS)
     with x:
         done = lab.xlb_cmd("down")
         assert done.returncode == 0, done.stderr
+        assert lab.xdp_attached("lb") == []
         assert x.proc.wait(10) == 0
-    assert lab.xdp_attached("lb") == []
 
 
 BAD_INPUT = [
@@ -346,3 +348,22 @@ def test_a_named_link_that_went_away_keeps_no_health_change_from_taking_effect(l
             assert http["errors"] == [] and set(http["names"]) == {"WAS2"}
         finally:
             lab.server("start", "was1")
+
+
+def test_a_signal_while_starting_or_stopping_stops_cleanly(lab):
+    """SIGTERM while `xlb up` compiles stops it as any stop (exit 0), not as a
+    failure to load the program; a second SIGTERM while it stops does not cut
+    the clean-up short: XDP is detached either way."""
+    starting = lab.spawn("lb", str(XLB), "up", *SEED_ARGS)
+    time.sleep(1)                           # compiling takes seconds
+    starting.send_signal(signal.SIGTERM)
+    _, err = starting.communicate(timeout=60)
+    assert starting.returncode == 0, err
+    assert "cannot load" not in err and lab.xdp_attached("lb") == []
+    x = lab.xlb(*SEED_ARGS)
+    with x:
+        x.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        x.proc.send_signal(signal.SIGTERM)
+        assert x.proc.wait(20) == 0
+    assert lab.xdp_attached("lb") == []
