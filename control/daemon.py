@@ -549,7 +549,6 @@ async def _serve(balancer: Balancer, sock) -> bool:
             if balancer.health.get(tr.key, "up") == tr.new:
                 return
             balancer.health[tr.key] = tr.new
-            balancer.health_changes[tr.key] = balancer.health_changes.get(tr.key, 0) + 1
             try:
                 await asyncio.to_thread(functools.partial(balancer.apply, balancer.config,
                                                           relink=False))
@@ -560,6 +559,9 @@ async def _serve(balancer: Balancer, sock) -> bool:
     def on_change(tr: Transition) -> None:
         log.event("health", pool=tr.key[0], server=tr.key[1], old=tr.old, new=tr.new,
                   reason=tr.reason, check_duration=tr.duration)
+        # Counted here, as logged: an apply under way may take the change over
+        # (sync_targets) before its task runs.
+        balancer.health_changes[tr.key] = balancer.health_changes.get(tr.key, 0) + 1
         loop.create_task(health_changed(tr))
 
     checker = HealthChecker(on_change, lambda key, ok, seconds:
