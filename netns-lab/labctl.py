@@ -15,6 +15,7 @@ import select
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -174,10 +175,13 @@ class Xlb:
         self.stdout_rest = ""
 
     def __enter__(self) -> "Xlb":
+        # The log goes to a file: a pipe read only at the stop fills (64 KiB,
+        # some 500 applies' lines) and blocks xlb up in write(2).
+        self._log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", self.lab.ns(self.node), "env", *self.env, str(XLB), "up",
              *self.args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=self._log, text=True)
         ready, _, _ = select.select([self.proc.stdout], [], [], self.START_TIMEOUT)
         line = self.proc.stdout.readline() if ready else ""
         if "serving" not in line:
@@ -196,8 +200,11 @@ class Xlb:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.stderr = self.proc.stderr.read()
-        self.stdout_rest = self.proc.stdout.read()
+        if not self._log.closed:          # the first stop reads what it said
+            self._log.seek(0)
+            self.stderr = self._log.read()
+            self._log.close()
+            self.stdout_rest = self.proc.stdout.read()
         return self.proc.returncode
 
     def __exit__(self, *exc) -> None:
