@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import signal
@@ -365,8 +364,9 @@ def _select(config: Config, attached: Collection[str] = ()) -> list[netif.Link]:
     """The links a config attaches to (raises LookupError): those it names, or
     every up, non-loopback one and those attached already (a link that goes
     down keeps its program, and serves again when it comes back up)."""
-    if config.attach_names():
-        return netif.select(config.attach_names())
+    names = config.attach_names()
+    if names:
+        return netif.select(names)
     links = [link for link in netif.links()
              if not link.loopback and (link.up or link.name in attached)]
     if not links:
@@ -550,8 +550,7 @@ async def _serve(balancer: Balancer, sock) -> bool:
                 return
             balancer.health[tr.key] = tr.new
             try:
-                await asyncio.to_thread(functools.partial(balancer.apply, balancer.config,
-                                                          relink=False))
+                await asyncio.to_thread(balancer.apply, balancer.config, relink=False)
             except Exception as e:      # a task's own: nobody else would hear of it
                 log.event("health", level="error", pool=tr.key[0], server=tr.key[1],
                           new=tr.new, error=f"not applied: {e}")
@@ -575,8 +574,7 @@ async def _serve(balancer: Balancer, sock) -> bool:
         health = checker.states()
         if health != balancer.health:
             balancer.health = health
-            await asyncio.to_thread(functools.partial(balancer.apply, balancer.config,
-                                                      relink=False))
+            await asyncio.to_thread(balancer.apply, balancer.config, relink=False)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
