@@ -351,27 +351,27 @@ static __always_inline void flow_progress(struct flow_key *key, struct flow *f, 
 			r->state = FLOW_ANSWERED;
 		return;
 	}
-	if (f->state == FLOW_NEW && pkt->tcp && !packet_opens(pkt)) {
-		/* The client speaks before its backend answered: a connection taken
-		 * up mid-way. Its backend's packets may meet the reply entry of its
-		 * earlier self in flows (the LRU evicted the forward one), which
-		 * would keep this one from being answered: that entry goes. Here,
-		 * not at the open, where the lookup would cost every new flow a
-		 * cache miss. */
-		partner_key(key, f, &other);
-		if (flows.lookup(&other))
-			flows.delete(&other);
-		return;
-	}
-	if (f->state == FLOW_NEW && (pkt->tcp ? packet_opens(pkt) :
-				      f->seen > last && f->seen - last >= NSEC_PER_SEC)) {
-		/* The client tries again, unanswered (a SYN again, or a datagram a
-		 * second or more after the last): its reply entry may be gone. The
-		 * LRU evicts entries, and in a flood of new flows it takes an
-		 * unanswered reply entry before the forward one that the retries
-		 * keep fresh: no answer would ever be NATed. It is written again. */
-		reply_of(key, f, &other, &reply);
-		flows_new.update(&other, &reply);
+	if (f->state == FLOW_NEW) {
+		if (pkt->tcp && !packet_opens(pkt)) {
+			/* The client speaks before its backend answered: a connection
+			 * taken up mid-way. Its backend's packets may meet the reply
+			 * entry of its earlier self in flows (the LRU evicted the
+			 * forward one), which would keep this one from being
+			 * answered: that entry goes. Here, not at the open, where the
+			 * lookup would cost every new flow a cache miss. */
+			partner_key(key, f, &other);
+			if (flows.lookup(&other))
+				flows.delete(&other);
+		} else if (pkt->tcp || (f->seen > last && f->seen - last >= NSEC_PER_SEC)) {
+			/* The client tries again, unanswered (a SYN again, or a
+			 * datagram a second or more after the last): its reply entry
+			 * may be gone. The LRU evicts entries, and in a flood of new
+			 * flows it takes an unanswered reply entry before the forward
+			 * one that the retries keep fresh: no answer would ever be
+			 * NATed. It is written again. */
+			reply_of(key, f, &other, &reply);
+			flows_new.update(&other, &reply);
+		}
 		return;
 	}
 	if (packet_opens(pkt) || f->state != FLOW_ANSWERED)
