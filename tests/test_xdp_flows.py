@@ -390,8 +390,7 @@ def test_a_reply_entry_lost_after_the_answer_is_rebuilt_when_the_connection_move
     bid = backend_of(lb.send(syn(52100), ext).data)
     lb.send(from_backend(bid, 52100, "SA"), int_)
     be_addr, be_port = BACKENDS[bid]
-    t = lb.dp._maps["flows_new"]
-    del t[map_key(t, (be_addr, CLIENT, be_port, 52100, TCP_P))]   # evicted, say
+    evict(lb.dp, "flows_new", (be_addr, CLIENT, be_port, 52100, TCP_P))
     lb.send(tcp_frame(CLIENT, VIP, 52100, 80, flags="A"), ext)
     table, fwd, rep = connection(lb.dp, 52100)
     assert table == "flows" and (fwd.state, rep.state) == (STATE["established"],) * 2
@@ -470,14 +469,14 @@ def test_the_sweep_puts_back_a_reply_entry_the_lru_evicted(lb, fibnet, short_tim
     """The LRU evicted an established connection's reply entry alone: its
     backend's packets leave un-NATed until the sweep puts the entry back. An
     idle connection's lone forward entry goes instead."""
-    dp, flows = lb.dp, lb.dp._maps["flows"]
+    dp = lb.dp
     bid = handshake(lb, fibnet, 53150)
     handshake(lb, fibnet, 53151)
     table, fwd, reply = connection(dp, 53150)
     assert table == "flows"
     for sport in (53150, 53151):
         addr, port = BACKENDS[connection(dp, sport)[1].backend_id]
-        del flows[map_key(flows, (addr, CLIENT, port, sport, TCP_P))]
+        evict(dp, "flows", (addr, CLIENT, port, sport, TCP_P))
     age(dp, "flows", (CLIENT, VIP, 53151, 80, TCP_P), 10)
     answer = from_backend(bid, 53150, "PA", payload=b"late")
     res = lb.send(answer, fibnet.ifindex["int"])
@@ -625,8 +624,7 @@ def test_a_connection_whose_forward_entry_was_evicted_is_opened_anew_and_answere
     lb.send(from_backend(bid, sport, "SA"), fibnet.ifindex["int"])
     lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="A"), fibnet.ifindex["ext"])
     assert connection(dp, sport, vip=MVIP)[0] == "flows"
-    flows = dp._maps["flows"]
-    del flows[map_key(flows, (CLIENT, MVIP, sport, 80, TCP_P))]
+    evict(dp, "flows", (CLIENT, MVIP, sport, 80, TCP_P))
     for _ in range(2):
         lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="PA", payload=b"x"),
                 fibnet.ifindex["ext"])
