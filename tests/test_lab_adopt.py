@@ -239,16 +239,15 @@ def changed_program(directory: Path) -> Path:
 
 def map_names(program_id: int) -> set[str]:
     from xlb import bpfsys
+    from xlb.datapath import maps_of
     fd = bpfsys.prog_fd_by_id(program_id)
     try:
-        names = set()
-        for map_id in bpfsys.prog_info(fd).map_ids:
-            mfd = bpfsys.map_fd_by_id(map_id)
-            names.add(bpfsys.map_info(mfd).name)
-            os.close(mfd)
-        return names
+        maps = maps_of(bpfsys.prog_info(fd))
     finally:
         os.close(fd)
+    for mfd, _ in maps.values():
+        os.close(mfd)
+    return set(maps)
 
 
 def test_upgrade_to_a_changed_program_during_traffic(lab, tmp_path):

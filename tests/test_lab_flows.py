@@ -226,17 +226,17 @@ def evict_replies(program_id: int) -> int:
 
     from bcc.libbcc import lib
     from xlb import bpfsys, layout
+    from xlb.datapath import maps_of
     prog = bpfsys.prog_fd_by_id(program_id)
     try:
-        fds = [bpfsys.map_fd_by_id(i) for i in bpfsys.prog_info(prog).map_ids]
+        maps = maps_of(bpfsys.prog_info(prog))
     finally:
         os.close(prog)
-    flows = next(fd for fd in fds if bpfsys.map_info(fd).name == "flows")
+    flows = maps["flows"][0]
     try:
-        keys, key = [], None
-        nxt = layout.FlowKey()
-        while lib.bpf_get_next_key(flows, key, ct.byref(nxt)) == 0:
-            key = ct.byref(layout.FlowKey.from_buffer_copy(nxt))
+        keys, nxt = [], layout.FlowKey()
+        while lib.bpf_get_next_key(flows, ct.byref(keys[-1]) if keys else None,
+                                   ct.byref(nxt)) == 0:
             keys.append(layout.FlowKey.from_buffer_copy(nxt))
         value, evicted = layout.Flow(), 0
         for k in keys:
@@ -245,7 +245,7 @@ def evict_replies(program_id: int) -> int:
                 evicted += lib.bpf_delete_elem(flows, ct.byref(k)) == 0
         return evicted
     finally:
-        for fd in fds:
+        for fd, _ in maps.values():
             os.close(fd)
 
 
