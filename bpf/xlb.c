@@ -234,9 +234,11 @@ static __always_inline struct flow_counters *flow_open(struct flow_key *key, str
 
 /* Picks a backend for the new connection `key` (client -> VIP) and opens it,
  * filling *fwd with the forward entry. Returns 0, or -1 when the service has
- * no backend. */
+ * no backend. A FIN or RST that no entry knows (a connection this node lost,
+ * or never saw) goes where the pick sends it, and its connection is closing
+ * already: not half-open, with the SYN timeout. */
 static __always_inline int flow_create(struct flow_key *key, struct service *svc,
-				       struct flow *fwd, __u64 now)
+				       struct packet *pkt, struct flow *fwd, __u64 now)
 {
 	struct backend *be;
 	__u32 backend_id = 0;
@@ -244,7 +246,7 @@ static __always_inline int flow_create(struct flow_key *key, struct service *svc
 	be = pick_backend(svc, key, &backend_id);
 	if (!be)
 		return -1;
-	flow_open(key, svc, be, backend_id, FLOW_NEW, fwd, now);
+	flow_open(key, svc, be, backend_id, packet_closes(pkt) ? FLOW_CLOSING : FLOW_NEW, fwd, now);
 	return 0;
 }
 
@@ -668,7 +670,7 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 			return XLB_DROP_NO_SERVICE;
 		return flow_adopt(ctx, pkt, cfg, &key, bytes, now);	/* the filter was wrong */
 	}
-	if (flow_create(&key, svc, &fresh, now) < 0)
+	if (flow_create(&key, svc, pkt, &fresh, now) < 0)
 		return XLB_DROP_NO_BACKEND;
 	count_flow(&fresh, bytes, 1);
 	remember_fragment(pkt, &fresh);

@@ -130,10 +130,10 @@ def census(tables: dict[str, list[Row]], now: int) -> Census:
         for r in rows:
             if r.dir != layout.FLOW_FORWARD or r.idle_past(now, r.seen):
                 continue
-            if name == "flows_new":
-                c.half_open += 1
-            elif r.state == layout.FLOW_STATES["closing"]:
+            if r.state == layout.FLOW_STATES["closing"]:
                 c.closing += 1
+            elif name == "flows_new":
+                c.half_open += 1
             else:
                 c.established += 1
                 c.open[r.backend_id] = c.open.get(r.backend_id, 0) + 1

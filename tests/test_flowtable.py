@@ -104,9 +104,10 @@ def test_census_counts_connections_by_state_and_open_ones_by_backend():
     rows = {"flows": [*connection(1, backend_id=1), *connection(2, backend_id=1),
                       *connection(3, backend_id=2), *connection(4, "closing", 120),
                       *connection(5, seen_fwd=NOW - 901 * SEC)],
-            "flows_new": [*connection(6, "new", 60), *connection(7, "answered", 60)]}
+            "flows_new": [*connection(6, "new", 60), *connection(7, "answered", 60),
+                          *connection(8, "closing", 120)]}
     c = flowtable.census(rows, NOW)
-    assert (c.established, c.closing, c.half_open) == (3, 1, 2)
+    assert (c.established, c.closing, c.half_open) == (3, 2, 2)
     assert c.open == {1: 2, 2: 1}
-    assert c.entries == {"flows": 10, "flows_new": 4}
-    assert c.forward == {"flows": 5, "flows_new": 2}
+    assert c.entries == {"flows": 10, "flows_new": 6}
+    assert c.forward == {"flows": 5, "flows_new": 3}

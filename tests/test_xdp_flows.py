@@ -353,6 +353,24 @@ def test_fin_or_rst_either_way_closes_both_entries(lb, fibnet, closer, flag):
         if r.dir == layout.FLOW_FORWARD and r.backend_id == bid and r.state == STATE["established"])
 
 
+@pytest.mark.parametrize("flag", ["F", "R"])
+def test_a_fin_or_rst_no_entry_knows_is_forwarded_and_its_connection_closing(lb, fibnet, flag):
+    """A client's FIN or RST of a connection this node lost (or never saw)
+    reaches a backend, to end it there, and the connection is closing: not
+    half-open with the SYN timeout, not counted as such."""
+    sport = 51250 + (flag == "R")
+    res = lb.send(tcp_frame(CLIENT, VIP, sport, 80, flags=flag + "A"), fibnet.ifindex["ext"])
+    assert res.action == XDP_REDIRECT
+    table, fwd, rep = connection(lb.dp, sport)
+    assert (table, fwd.backend_id) == ("flows_new", backend_of(res.data))
+    assert (fwd.state, fwd.timeout, rep.state, rep.timeout) == \
+        (STATE["closing"], 120, STATE["closing"], 120)
+    census = lb.dp.flow_census()
+    half_open = sum(1 for r in entries(lb.dp, "flows_new").values()
+                    if r.dir == layout.FLOW_FORWARD and r.state != STATE["closing"])
+    assert census.half_open == half_open
+
+
 def test_a_syn_on_a_closing_connection_opens_a_new_one(lb, fibnet):
     """A client reusing its port after a close: balanced anew (round-robin may
     pick the other backend), counted as reopened, the old entries gone."""
