@@ -11,10 +11,12 @@ import ctypes as ct
 import errno
 import functools
 import gzip
+import operator
 import os
 import re
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -37,6 +39,7 @@ DEFAULT_CONNECTIONS = 131072
 MAX_CONNECTIONS = 2**26
 HTAB_ELEM = 48      # bytes the kernel adds to each hash map entry (struct htab_elem, 64-bit)
 BPF_NOEXIST = 1     # bpf_map_update_elem: only a key that is not there (uapi/linux/bpf.h)
+DELETE_CHUNK = 1024  # connections checked, then deleted in one call (Datapath._delete_where)
 
 
 @dataclass(frozen=True)
@@ -673,13 +676,16 @@ class Datapath:
     def delete_flows(self, backend_ids: set[int], service_ids: set[int]) -> dict[str, int]:
         """Forgets the connections of these backends and services, both ways, so
         that their next packets are balanced anew. Returns how many, per table."""
+        def ends(r: flowtable.Row) -> bool:
+            return r.backend_id in backend_ids or r.service_id in service_ids
+
         ended = {}
         with self._mending:
             for name, rows in self.flow_rows().items():
-                doomed = [r for r in rows
-                          if r.backend_id in backend_ids or r.service_id in service_ids]
-                self._delete(name, [r.key() for r in doomed])
-                ended[name] = sum(r.dir == layout.FLOW_FORWARD for r in doomed)
+                # Each entry on its own, as it is now: a connection opened again
+                # on the same key since the read (to another server) stays.
+                ended[name] = self._delete_where(name, [(r,) for r in rows if ends(r)],
+                                                 lambda _, now: ends(now))
         return ended
 
     def sweep_flows(self, now: int | None = None) -> tuple[dict[str, int], int]:
@@ -694,8 +700,7 @@ class Datapath:
         expired, restored = {}, 0
         for name, table_rows in rows.items():
             swept = flowtable.sweep(table_rows, now, half_open if name == "flows" else None)
-            self._delete(name, swept.doomed)
-            expired[name] = swept.connections
+            expired[name] = self._delete_where(name, swept.dead, operator.eq)
             if name == "flows":
                 restored = self._put_back(swept.orphans)
         return expired, restored
@@ -722,15 +727,48 @@ class Datapath:
                 raise DatapathError(f"cannot read {name}: {os.strerror(err)}")
             token_in.value, first = token_out.value, False
 
-    def _delete(self, name: str, keys: list[bytes]) -> None:
-        if keys:
-            table = self._maps[name]
-            batch = (table.Key * len(keys)).from_buffer_copy(b"".join(keys))
-            try:
-                table.items_delete_batch(batch)
-            except Exception:  # an entry the LRU evicted meanwhile: delete one by one
-                for key in batch:
-                    table.pop(key, None)
+    def _delete_where(self, name: str, groups: list[tuple[flowtable.Row, ...]],
+                      still: Callable[[flowtable.Row, flowtable.Row], bool]) -> int:
+        """Deletes each group of entries (a connection's, read a moment ago)
+        unless one of them is still there and no longer what still(as read,
+        as now) asks: the program may have written it since. Checked and
+        deleted a few at a time, so that the program has a few milliseconds,
+        not the whole pass, to write in between. Returns how many forward
+        entries this deleted: a connection another remover took in between
+        (the program, an apply, the sweep) was counted there."""
+        fd, ksize = self._maps[name].map_fd, ct.sizeof(layout.FlowKey)
+        key, value = ct.create_string_buffer(ksize), ct.create_string_buffer(ct.sizeof(layout.Flow))
+        gone = 0
+        for at in range(0, len(groups), DELETE_CHUNK):
+            doomed = []
+            for entries in groups[at:at + DELETE_CHUNK]:
+                for r in entries:
+                    key.raw = r.key()
+                    if lib.bpf_lookup_elem(fd, key, value) == 0 and \
+                            not still(r, r.as_now(value.raw)):
+                        break
+                else:
+                    doomed += entries
+            gone += self._delete_batch(name, doomed)
+        return gone
+
+    def _delete_batch(self, name: str, rows: list[flowtable.Row]) -> int:
+        """Deletes these entries in one call, or more where one is gone (it
+        stops the call, which goes on after it); returns how many forward
+        entries went."""
+        fd, ksize = self._maps[name].map_fd, ct.sizeof(layout.FlowKey)
+        keys, start, gone = ct.create_string_buffer(b"".join(r.key() for r in rows)), 0, 0
+        while start < len(rows):
+            count = ct.c_uint32(len(rows) - start)
+            rc = lib.bpf_delete_batch(fd, ct.byref(keys, start * ksize), ct.byref(count))
+            err = ct.get_errno()
+            gone += sum(r.dir == layout.FLOW_FORWARD for r in rows[start:start + count.value])
+            if rc == 0:
+                break
+            if err != errno.ENOENT:
+                raise DatapathError(f"cannot delete from {name}: {os.strerror(err)}")
+            start += count.value + 1
+        return gone
 
     def _put_back(self, orphans: list[flowtable.Row]) -> int:
         """Writes the reply entries of these forward entries of the established

@@ -59,6 +59,10 @@ class Row(NamedTuple):
                                            self.state, self.service_id, self.backend_id,
                                            self.timeout, self.seen)
 
+    def as_now(self, value: bytes) -> Row:
+        """This entry with the value its map holds now."""
+        return Row(*self[:5], *_VALUE.unpack(value))
+
     def idle_past(self, now: int, seen: int) -> bool:
         return self.timeout != 0 and now > seen and now - seen > self.timeout * NSEC_PER_SEC
 
@@ -71,16 +75,15 @@ def decode(keys: bytes, values: bytes) -> list[Row]:
 
 
 class Sweep(NamedTuple):
-    doomed: list[bytes]                     # keys of entries to delete
-    connections: int                        # how many connections expired
+    dead: list[tuple[Row, ...]]             # each dead connection's entries (those read)
     orphans: list[Row]                      # forward entries whose reply entry to put back
 
 
 def sweep(rows: list[Row], now: int, half_open: set[bytes] | None = None) -> Sweep:
     """A connection is dead when both its entries have been idle past its
     timeout (one-way traffic keeps it alive); an entry whose partner is gone is
-    judged alone, and counted as a connection only if it is the forward entry
-    (a lone reply entry's connection was counted when its forward entry went).
+    judged alone, and is a connection only if it is the forward entry (a lone
+    reply entry's connection was counted when its forward entry went).
 
     With half_open, the half-open table's keys, rows are the established
     table's, and the LRU's evictions (of entries, not connections) are mended:
@@ -90,7 +93,7 @@ def sweep(rows: list[Row], now: int, half_open: set[bytes] | None = None) -> Swe
     lone reply entry whose connection opened again in the half-open table (its
     forward entry went) goes, as it would keep the new one from being answered."""
     by_key = {r.key(): r for r in rows}
-    doomed, connections, orphans = [], 0, []
+    dead, orphans = [], []
     for key, r in by_key.items():
         partner = r.partner()
         other = by_key.get(partner)
@@ -98,17 +101,14 @@ def sweep(rows: list[Row], now: int, half_open: set[bytes] | None = None) -> Swe
             continue                                # judged with its forward entry
         seen = max(r.seen, other.seen) if other is not None else r.seen
         if r.idle_past(now, seen):
-            doomed.append(key)
-            if other is not None:
-                doomed.append(partner)
-            connections += r.dir == layout.FLOW_FORWARD
+            dead.append((r,) if other is None else (r, other))
         elif other is None and half_open is not None:
             if r.dir != layout.FLOW_FORWARD:
                 if partner in half_open:
-                    doomed.append(key)
+                    dead.append((r,))
             elif partner not in half_open:
                 orphans.append(r)
-    return Sweep(doomed, connections, orphans)
+    return Sweep(dead, orphans)
 
 
 @dataclass

@@ -55,18 +55,16 @@ def test_a_connection_is_dead_only_when_both_entries_are_idle_past_its_timeout()
     one_way = connection(40003, seen_fwd=NOW - 2000 * SEC, seen_reply=NOW - 10 * SEC)
     young = connection(40004, seen_fwd=NOW - 899 * SEC, seen_reply=NOW - 899 * SEC)
     never = connection(40005, timeout=0, seen_fwd=1, seen_reply=1)
-    keys, n = flowtable.sweep([*idle, *one_way, *young, *never], NOW)[:2]
-    assert n == 1 and sorted(keys) == sorted(r.key() for r in idle)
+    assert flowtable.sweep([*idle, *one_way, *young, *never], NOW).dead == [idle]
 
 
 def test_an_entry_without_its_partner_is_judged_alone():
-    """Judged alone, and a connection expired only if it is the forward
-    entry: a lone reply entry's connection was counted (evicted) when its
-    forward entry went."""
+    """(Counted as a connection only if it is the forward entry: a lone reply
+    entry's connection was counted, as evicted, when its forward entry went.)"""
     fwd, reply = connection(40006, seen_fwd=NOW - 901 * SEC, seen_reply=NOW - 901 * SEC)
-    assert flowtable.sweep([reply], NOW) == ([reply.key()], 0, [])
-    assert flowtable.sweep([fwd], NOW) == ([fwd.key()], 1, [])
-    assert flowtable.sweep([fwd], NOW - 2 * SEC)[:2] == ([], 0)
+    assert flowtable.sweep([reply], NOW) == ([(reply,)], [])
+    assert flowtable.sweep([fwd], NOW) == ([(fwd,)], [])
+    assert flowtable.sweep([fwd], NOW - 2 * SEC) == ([], [])
 
 
 def test_a_live_forward_entry_without_its_reply_entry_gets_it_back():
@@ -90,14 +88,14 @@ def test_what_the_half_open_table_holds_decides_the_mending():
     reply entry whose connection opened again in the half-open table goes
     (not counted: its connection was counted when the forward entry went)."""
     fwd, reply = connection(40012)
-    assert flowtable.sweep([fwd], NOW, {reply.key()}) == ([], 0, [])
-    assert flowtable.sweep([reply], NOW, {fwd.key()}) == ([reply.key()], 0, [])
-    assert flowtable.sweep([reply], NOW, set()) == ([], 0, [])
+    assert flowtable.sweep([fwd], NOW, {reply.key()}) == ([], [])
+    assert flowtable.sweep([reply], NOW, {fwd.key()}) == ([(reply,)], [])
+    assert flowtable.sweep([reply], NOW, set()) == ([], [])
 
 
 def test_a_clock_read_before_a_packet_on_another_cpu_is_no_idleness():
     fwd, reply = connection(40007, timeout=1, seen_fwd=NOW + SEC, seen_reply=NOW + SEC)
-    assert flowtable.sweep([fwd, reply], NOW) == ([], 0, [])
+    assert flowtable.sweep([fwd, reply], NOW) == ([], [])
 
 
 def test_census_counts_connections_by_state_and_open_ones_by_backend():

@@ -511,6 +511,63 @@ def test_the_sweep_puts_back_a_reply_entry_the_lru_evicted(lb, fibnet, short_tim
     assert dp.sweep_flows()[1] == 0
 
 
+def test_the_sweep_removes_only_connections_still_as_it_read_them(lb, fibnet, short_timeouts,
+                                                                  monkeypatch):
+    """The sweep reads the tables, then removes the dead. A connection that the
+    program opened again on the same key in between (its client's next SYN)
+    stays, and one removed in between (by the program, or an apply's
+    delete_flows, each counting it) is not counted again; what is left of
+    one removed in part goes."""
+    dp, ext = lb.dp, fibnet.ifindex["ext"]
+    keys = {}
+    for sport in (53170, 53171, 53172):
+        addr, port = BACKENDS[backend_of(lb.send(syn(sport), ext).data)]
+        keys[sport] = [(CLIENT, VIP, sport, 80, TCP_P), (addr, CLIENT, port, sport, TCP_P)]
+        for key in keys[sport]:
+            age(dp, "flows_new", key, 10)
+    ours = {socket.htons(sport) for sport in keys}
+    read = {name: [r for r in rows if ours & {r.sport, r.dport}]
+            for name, rows in dp.flow_rows().items()}
+    assert len(read["flows_new"]) == 6
+
+    lb.send(syn(53170), ext)                    # dead, so opened anew on the same key
+    anew = connection(dp, 53170)
+    assert anew[1] != read["flows_new"][0] and anew[2] is not None
+    for key in keys[53171] + keys[53172][:1]:
+        evict(dp, "flows_new", key)
+    with monkeypatch.context() as m:
+        m.setattr(dp, "flow_rows", lambda: read)
+        assert dp.sweep_flows()[0] == {"flows": 0, "flows_new": 0}
+    assert connection(dp, 53170) == anew
+    assert keys[53172][1] not in entries(dp, "flows_new")
+
+
+def test_ending_a_servers_connections_spares_one_opened_again_elsewhere_meanwhile(
+        lb, fibnet, monkeypatch):
+    """delete_flows reads the tables, then deletes the connections of the
+    servers taken out: a connection that the program opened again on the same
+    key in between, on another server (a SYN, the first server closed to new
+    flows), stays."""
+    dp, ext = lb.dp, fibnet.ifindex["ext"]
+    first = backend_of(lb.send(syn(53180), ext).data)
+    addr, port = BACKENDS[first]
+    read = {name: [r for r in rows if socket.htons(53180) in (r.sport, r.dport)]
+            for name, rows in dp.flow_rows().items()}
+    dp.set_backend(first, addr, port, closed=True)
+    try:
+        again = lb.send(syn(53180), ext)
+        while backend_of(again.data) == first:                 # whatever the cursor
+            again = lb.send(syn(53180), ext)
+        anew = connection(dp, 53180)
+        assert anew[1].backend_id != first and anew[2] is not None
+        with monkeypatch.context() as m:
+            m.setattr(dp, "flow_rows", lambda: read)
+            assert dp.delete_flows({first}, set()) == {"flows": 0, "flows_new": 0}
+        assert connection(dp, 53180) == anew
+    finally:
+        dp.set_backend(first, addr, port)
+
+
 def test_the_sweep_puts_back_nothing_of_a_connection_gone_since_it_read_the_table(lb, fibnet):
     """The sweep reads the tables, then puts reply entries back: a connection
     ended in between (by an apply's delete_flows, which the put-back waits
