@@ -359,6 +359,9 @@ cmd_down() {
             # shellcheck disable=SC2086
             terminate $pids
         done
+        # xlb's state for this namespace (control/state.py): nothing can start
+        # there again to take it up.
+        rm -rf "${XLB_STATE_DIR:-/var/lib/xlb}/netns-$(stat -c %i "/run/netns/$P-$n")"
         ip netns del "$P-$n"
     done
     rm -rf "$RUN"

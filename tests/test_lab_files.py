@@ -149,3 +149,14 @@ def test_drain_and_maint_survive_a_restart_until_xlb_down(lab, tmp_path, state_d
     assert not state_dir.exists() or not any(state_dir.iterdir())
     with lab.xlb("--config", str(path)):
         assert states(lab) == {"was1": "up", "was2": "up", "was1b": "up"}
+
+
+def test_the_labs_teardown_takes_the_state_of_its_namespaces(state_dir):
+    """Stopped by a signal, xlb keeps its state for a restart; the lab's
+    teardown deletes the namespace, and xlb's state there with it (no
+    directory of a namespace that is gone piles up)."""
+    with running_lab("xlbq") as lab:
+        with lab.xlb(*SEED_ARGS):
+            pass
+        assert any(state_dir.iterdir())
+    assert not any(state_dir.iterdir())
