@@ -319,10 +319,11 @@ def status(as_json: bool) -> None:
 def top(interval: float, once: bool) -> None:
     """A live view of the instance running in this network namespace.
 
-    Redraws every INTERVAL seconds: per frontend and per server new
-    connections, packets and bytes per second, server states and last checks,
-    the flow table fill and drops by reason. q or Ctrl-C quits. Exits 1 when
-    none runs, or when the instance stops while top runs.
+    Redraws every INTERVAL seconds: per frontend new connections, packets and
+    bytes per second; per server new connections and packets per second,
+    states and last checks; each flow table's fill and drops by reason. q or
+    Ctrl-C quits. Exits 1 when none runs, or when the instance stops while top
+    runs.
     """
     if math.isnan(interval):           # FloatRange lets NaN through
         raise BadInput("--interval: nan is not a number of seconds")

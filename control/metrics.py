@@ -70,10 +70,10 @@ FAMILIES = {
     "xlb_flows_established": ("counter", "Connections that completed their handshake and moved "
                                          "to the established table."),
     "xlb_flows_adopted": ("counter", "Connections another node balanced, taken over at their "
-                                     "server's packet (adopt_replies): of xlb_flows_created."),
+                                     "server's packet (adopt_replies): of xlb_flows_created_total."),
     "xlb_flows_replies_restored": ("counter", "Reply entries the LRU evicted from live established "
                                               "connections, put back by the sweep: evictions "
-                                              "that xlb_flows_removed does not count."),
+                                              "that xlb_flows_removed_total does not count."),
     "xlb_flows_removed": ("counter", "Connections that left the flow tables, by reason: expired "
                                      "(idle past their timeout), reopened (a SYN on a closed "
                                      "one), ended (by a server's state or a removed frontend), "

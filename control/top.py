@@ -146,14 +146,17 @@ def _pool(p: dict, prev_pool: dict | None, seconds: float | None) -> Table:
 
 def _flows_and_drops(s: dict, prev: dict | None, seconds: float | None) -> Group:
     flows = s.get("flows", {})
-    entries, capacity = flows.get("entries", 0), flows.get("capacity", 0)
-    fill = entries / capacity * 100 if capacity else 0.0
-    style = "bold red" if fill >= 90 else "yellow" if fill >= 75 else "green"
     line = Text()
     line.append("flow table ", style="bold")
-    line.append(f"{entries:,}/{capacity:,} entries ")
-    shown = "<0.1" if 0 < fill < 0.1 else f"{fill:.1f}"
-    line.append(f"({shown}% full)", style=style)
+    line.append(f"{flows.get('entries', 0):,}/{flows.get('capacity', 0):,} entries:")
+    # Each table on its own: the established one can be full, evicting, while
+    # both together are not (the half-open one is a quarter of its size).
+    for name, t in flows.get("tables", {}).items():
+        fill = t["entries"] / t["capacity"] * 100 if t["capacity"] else 0.0
+        style = "bold red" if fill >= 90 else "yellow" if fill >= 75 else "green"
+        shown = "<0.1" if 0 < fill < 0.1 else f"{fill:.1f}"
+        line.append(f" {name} ")
+        line.append(f"{shown}% full", style=style)
     line.append("  two entries per connection", style="dim")
 
     t = _table("drops")

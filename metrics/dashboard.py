@@ -117,9 +117,10 @@ def build():
         .override_by_regexp(": drain$", [fixed("orange")])
         .override_by_regexp(": maint$", [fixed("blue")]),
         ts("Servers up per pool", "short", "Servers of each pool in state up, and all of "
-           "its servers. With none up, the pool's new connections are dropped.",
-           (f"sum by (pool) (xlb_pool_servers_up{{{SEL}}})", "{{pool}} up"),
-           (f"sum by (pool) (xlb_pool_servers{{{SEL}}})", "{{pool}} servers"))
+           "its servers. With none up, the pool's new connections are dropped. Of several "
+           "balancers, the one that sees fewest up.",
+           (f"min by (pool) (xlb_pool_servers_up{{{SEL}}})", "{{pool}} up"),
+           (f"max by (pool) (xlb_pool_servers{{{SEL}}})", "{{pool}} servers"))
         .min(0).decimals(0),
         ts("Active flows per server", "short", "Each server's open connections: "
            "established, not closing, not idle past their timeout.",
@@ -144,7 +145,7 @@ def build():
            (_rate("xlb_drops_total", "reason"), "{{reason}}")).min(0),
         ts("Flow-table fill", "percentunit", "Each flow table's entries over its capacity: "
            "flows (established connections) and flows_new (half-open: a SYN flood fills "
-           "this one only). The alert XlbFlowTableNearlyFull fires above 90 % of both.",
+           "this one only). The alert XlbFlowTableNearlyFull fires above 90 % of either.",
            (f"max by (table) (xlb_flow_table_pressure{{{SEL}}})", "{{table}}"))
         .min(0).max(1)
         .thresholds(dashboard.ThresholdsConfig().mode(dm.ThresholdsMode.ABSOLUTE).steps([

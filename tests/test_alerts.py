@@ -54,8 +54,8 @@ def test_broken_rules_fail_the_check(tmp_path):
     """The check can fail: a PromQL syntax error, and a rule whose template is bad."""
     text = (METRICS / "alerts.yml").read_text()
     broken = tmp_path / "syntax.yml"
-    broken.write_text(text.replace("xlb_flow_table_entries / xlb_flow_table_capacity > 0.9",
-                                   "xlb_flow_table_entries / > 0.9"))
+    assert "xlb_flow_table_pressure > 0.9" in text
+    broken.write_text(text.replace("xlb_flow_table_pressure > 0.9", "xlb_flow_table_pressure / > 0.9"))
     r = promtool("check", "rules", str(broken))
     assert r.returncode != 0 and "FAILED" in r.stdout + r.stderr, r.stdout + r.stderr
     template = tmp_path / "template.yml"

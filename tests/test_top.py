@@ -48,7 +48,9 @@ STATUS = {
          "last_check": {"ok": True, "reason": "check passed", "duration_seconds": 0.001781},
          "health_changes": 0, "active_flows": 10, "packets_in": 60, "bytes_in": 4860,
          "packets_out": 60, "bytes_out": 5460, "new_flows": 10}]}],
-    "flows": {"entries": 40, "capacity": 262144},
+    "flows": {"entries": 40, "capacity": 327680,
+              "tables": {"flows": {"entries": 40, "capacity": 262144},
+                         "flows_new": {"entries": 0, "capacity": 65536}}},
     "map_memory_bytes": 31031456,
     "applies": {"ok": 0, "error": 0}, "last_apply": 1795614912.0826135,
     "actions": {"XDP_ABORTED": 0, "XDP_DROP": 0, "XDP_PASS": 249, "XDP_TX": 1,
@@ -83,7 +85,7 @@ def later(status: dict = STATUS) -> dict:
                 last_check={"ok": False, "reason": "connect: connection refused",
                             "duration_seconds": 0.0002})
     s["reasons"]["drop_no_backend"]["packets"] += 6
-    s["flows"]["entries"] = 131072
+    s["flows"]["entries"] = s["flows"]["tables"]["flows"]["entries"] = 131072
     return s
 
 
@@ -112,7 +114,7 @@ def test_first_frame_has_no_rates():
                                 "—", "—", "—", "not checked"]
     assert row(out, "was2")[-1] == "check passed (1.8 ms)"
     assert row(out, "no_backend") == ["no_backend", "—", "0"]
-    assert "flow table 40/262,144 entries (<0.1% full)" in out
+    assert "flow table 40/327,680 entries: flows <0.1% full flows_new 0.0% full" in out
     assert "pool was (roundrobin, on_server_down keep)" in out
 
 
@@ -128,7 +130,7 @@ def test_rates_are_deltas_per_second():
                                 "5.0", "0", "0", "connect: connection refused (0.2 ms)"]
     assert row(out, "no_backend") == ["no_backend", "3.0", "6"]
     assert row(out, "malformed") == ["malformed", "0", "0"]
-    assert "flow table 131,072/262,144 entries (50.0% full)" in out
+    assert "flow table 131,072/327,680 entries: flows 50.0% full flows_new 0.0% full" in out
 
 
 def test_states_are_coloured():
@@ -146,6 +148,14 @@ def test_states_are_coloured():
     out = text(top.render(maint, STATUS, 1.0), styles=True)
     assert styled("1;35", "maint", out)                          # bold magenta
     assert styled("1;32", "up", text(top.render(STATUS), styles=True))
+    # The established table nearly full is red, both tables together 80 % or not.
+    full = later()
+    full["flows"]["tables"]["flows"]["entries"] = 249037
+    full["flows"]["tables"]["flows_new"]["entries"] = 13107
+    full["flows"]["entries"] = 249037 + 13107
+    out = text(top.render(full, STATUS, 1.0), styles=True)
+    assert "262,144/327,680 entries" in out and styled("1;31", "95.0% full", out)
+    assert styled("32", "20.0% full", out)                       # flows_new: green
 
 
 def test_no_rate_for_a_counter_that_went_back_or_is_new():
