@@ -126,7 +126,8 @@ class Balancer:
             self.server_rows = rows
             self.health = {k: v for k, v in self.health.items() if k in keys}
             self.links = {link.name: link for link in links}
-            self.last_apply = time.time()
+            if relink:                      # a new config, not a change of state
+                self.last_apply = time.time()
         self.check_durations.forget_except(keys)
         self._announce()
         return {"frontends": len(config.frontends), "pools": len(config.pools),

@@ -343,5 +343,7 @@ def test_applies_and_health_changes_are_counted(lab, xlb, tmp_path):
         lab.server("start", "was2")
     wait_for("was2 up", 15, lambda: values(scrape(lab), "xlb_server_up", "server")
              == {"was1": 1, "was2": 1})
-    assert values(scrape(lab), "xlb_server_health_changes_total", "server") == \
+    end = scrape(lab)
+    assert values(end, "xlb_server_health_changes_total", "server") == \
         {"was1": changes["was1"], "was2": changes["was2"] + 2}
+    assert samples(end)[last] == samples(after)[last]       # health changes are no apply
