@@ -652,7 +652,11 @@ class Datapath:
         arp = {(k.ifindex, _addr(k.addr)): bytes(v.mac) for k, v in self._maps["arp_vips"].items()}
         owners = {(_addr(k.addr), socket.ntohs(k.port), k.proto):
                   (_addr(v.vip), socket.ntohs(v.port)) for k, v in self._maps["owners"].items()}
-        return DataplaneState(services, {}, vips, arp, owners), backends
+        # A removed frontend's timeouts stay (its id is retired, planner.DataplaneState).
+        in_use = {svc.id for svc in services.values()}
+        retired = frozenset(i for i, t in enumerate(self._read_values(self._maps["timeouts"]))
+                            if i not in in_use and (t.syn or t.established or t.closing or t.udp))
+        return DataplaneState(services, {}, vips, arp, owners, retired_services=retired), backends
 
     def reason_counters(self) -> dict[str, layout.Tally]:
         return {name: self._percpu_sum("reason_stats", i)

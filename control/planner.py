@@ -58,6 +58,11 @@ class DataplaneState:
     # (vip, port) of that frontend: its packets no flow entry knows may be replies
     owners: dict[tuple[IPv4Address, int, int], tuple[IPv4Address, int]] = \
         field(default_factory=dict)
+    # Ids of removed servers and frontends: their counters, and a removed
+    # server's kept flows, still name them, so a newcomer takes one only when
+    # no id is left that was never used.
+    retired_backends: frozenset[int] = frozenset()
+    retired_services: frozenset[int] = frozenset()
 
 
 class ArpLink(Protocol):
@@ -68,23 +73,26 @@ class ArpLink(Protocol):
     def holds(self, addr: IPv4Address) -> bool: ...
 
 
-def _allocate(keys: Iterable, previous: dict, limit: int, what: str) -> dict:
-    """Ids for keys: kept from `previous` where the key was there; new keys take
-    ids that `previous` did not use first, so that flows still pointing at a
-    just-removed id are not counted for a newcomer."""
+def _allocate(keys: Iterable, previous: dict, retired: frozenset[int], limit: int,
+              what: str) -> tuple[dict, frozenset[int]]:
+    """Ids for keys, and the retired ids after them. A key keeps its id from
+    `previous`; a new key takes an id never used first (neither in `previous`
+    nor retired), so that counters and flows still naming a removed key's id
+    are not a newcomer's; only when none is left, a retired one (one that this
+    change retires last)."""
     ids = {k: previous[k] for k in keys if k in previous}
     prev_ids = set(previous.values())
-    unused = (i for i in range(limit) if i not in prev_ids)
-    released = iter(sorted(prev_ids - set(ids.values())))
+    unused = (i for i in range(limit) if i not in prev_ids and i not in retired)
+    reusable = iter([*sorted(retired), *sorted(prev_ids - set(ids.values()))])
     for k in keys:
         if k not in ids:
             i = next(unused, None)
             if i is None:
-                i = next(released, None)
+                i = next(reusable, None)
             if i is None:
                 raise CapacityError(f"more {what} than the data plane holds ({limit})")
             ids[k] = i
-    return ids
+    return ids, frozenset((retired | prev_ids) - set(ids.values()))
 
 
 STATES = ("up", "down", "drain", "maint")
@@ -120,9 +128,10 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
             states: Mapping[BackendKey, str] = {}, max_arp: int = MAX_ARP) -> DataplaneState:
     """`states` maps (pool, server) to server_state(); a missing key is "up"."""
     backend_keys = [(p.name, s.name) for p in config.pools for s in p.servers]
-    backend_ids = _allocate(backend_keys,
-                            {k: b.id for k, b in previous.backends.items()},
-                            max_backends, "backends")
+    backend_ids, retired_backends = _allocate(backend_keys,
+                                              {k: b.id for k, b in previous.backends.items()},
+                                              previous.retired_backends, max_backends,
+                                              "backends")
     backends = {}
     for pool in config.pools:
         if pool.algorithm != "maglev" and len(pool.servers) > ring_size:
@@ -134,14 +143,15 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
                                          states.get(key, "up") != "up")
 
     service_keys = [(f.vip, f.port, f.proto_number) for f in config.frontends]
-    service_ids = _allocate(service_keys,
-                            {k: s.id for k, s in previous.services.items()},
-                            max_services, "frontends")
+    service_ids, retired_services = _allocate(service_keys,
+                                              {k: s.id for k, s in previous.services.items()},
+                                              previous.retired_services, max_services,
+                                              "frontends")
     maglev_keys = [key for f, key in zip(config.frontends, service_keys)
                    if config.pool(f.pool).algorithm == "maglev"]
-    maglev_ids = _allocate(maglev_keys,
-                           {k: s.ring // 2 for k, s in previous.services.items() if s.maglev},
-                           max_maglev, "frontends with a Maglev pool")
+    maglev_ids, _ = _allocate(maglev_keys,
+                              {k: s.ring // 2 for k, s in previous.services.items() if s.maglev},
+                              frozenset(), max_maglev, "frontends with a Maglev pool")
     services = {}
     for fe, key in zip(config.frontends, service_keys):
         pool = config.pool(fe.pool)
@@ -175,7 +185,7 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
               for fe in config.frontends if fe.adopt_replies
               for s in config.pool(fe.pool).servers}
     return DataplaneState(services, backends, frozenset(f.vip for f in config.frontends), arp,
-                          owners)
+                          owners, retired_backends, retired_services)
 
 
 def recover(config: Config, held: DataplaneState,
@@ -187,7 +197,7 @@ def recover(config: Config, held: DataplaneState,
     know a backend by address and port only: a server that is in several pools is
     told apart by the rings of each pool's frontends, then by id order (the
     order `desired` gives ids in). Entries that no server matches stay
-    unnamed (removed servers, closed to new flows)."""
+    unnamed (removed servers, closed to new flows): retired."""
     in_rings: dict[str, set[int]] = {}
     for fe in config.frontends:
         svc = held.services.get((fe.vip, fe.port, fe.proto_number))
@@ -204,7 +214,7 @@ def recover(config: Config, held: DataplaneState,
                 b = min(candidates, key=lambda b: (b.id not in ringed, b.id))
                 taken.add(b.id)
                 named[(pool.name, s.name)] = b
-    return replace(held, backends=named)
+    return replace(held, backends=named, retired_backends=frozenset(backends.keys() - taken))
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,33 @@ def test_new_ids_avoid_ids_just_released():
     assert new.backends[("default", "new")].id == 3      # not 1 or 2, just released
 
 
+def test_new_ids_avoid_ids_retired_by_earlier_changes():
+    """A server or frontend removed by one change, and one added by a later
+    change: the newcomer's id is not the removed one's, whose counters (and
+    flows, kept) still name it. Only when no id is left that was never used
+    is a retired one taken."""
+    www, www2, www3 = (Frontend(n, A("10.1.1.101"), port, "tcp", "p")
+                       for n, port in (("www", 80), ("www2", 81), ("www3", 82)))
+    s3 = Server("s3", A("10.1.11.3"), 80)
+    steps = [Config(frontends=(www, www2), pools=(Pool("p", (S1, S2)),)),
+             Config(frontends=(www,), pools=(Pool("p", (S1,)),)),
+             Config(frontends=(www, www3), pools=(Pool("p", (S1, s3)),))]
+    st = planner.DataplaneState()
+    for cfg in steps:
+        st = desired(cfg, st)
+    assert {k[1]: b.id for k, b in st.backends.items()} == {"s1": 0, "s3": 2}
+    assert {k[1]: s.id for k, s in st.services.items()} == {80: 0, 82: 2}
+    assert (st.retired_backends, st.retired_services) == ({1}, {1})
+
+    # All 16 ids used: the next newcomer takes a retired one, and a 17th is refused.
+    many = [Server(f"m{i}", A(f"10.1.12.{i}"), 80) for i in range(14)]
+    full = desired(Config(frontends=(www,), pools=(Pool("p", (S1, s3, *many)),)), st)
+    assert sorted(b.id for b in full.backends.values()) == list(range(16))
+    assert full.retired_backends == frozenset()
+    with pytest.raises(planner.CapacityError, match="more backends"):
+        desired(Config(frontends=(www,), pools=(Pool("p", (S1, S2, s3, *many)),)), full)
+
+
 def _pool(*servers, algorithm="roundrobin", on_server_down="keep"):
     return Config(frontends=(Frontend("www", A("10.1.1.101"), 80, "tcp", "p"),),
                   pools=(Pool("p", tuple(servers), algorithm, on_server_down=on_server_down),))
@@ -419,5 +446,6 @@ def test_recover_names_the_maps_after_their_config():
                                   frozenset(maps.vips), maps.arp)
     got = planner.recover(second, held, maps.backends)
     assert got.backends == st.backends
+    assert got.retired_backends == st.retired_backends == {0}       # S1's
     assert planner.plan(got, desired(second, got, down)) == []
     assert desired(second).backends != st.backends  # rebuilding from scratch moves ids
