@@ -8,6 +8,7 @@ import math
 import os
 import re
 import select
+import stat
 import sys
 import time
 from pathlib import Path
@@ -407,6 +408,12 @@ def follow(instance: str, fifo: Path) -> None:
     cannot be delivered (xlb not running) is retried every 0.5 s.
     """
     from .ha import keepalived_role
+    from .model import has_space
+    if has_space(instance) or not instance:
+        raise BadInput(f"--instance: {instance!r} is not a vrrp_instance name")
+    if not stat.S_ISFIFO(fifo.stat().st_mode):
+        # A file or device would be read to its end over and over, at once.
+        raise BadInput(f"{fifo}: not a FIFO (keepalived's vrrp_notify_fifo)")
     fd = os.open(fifo, os.O_RDWR)     # a reader that is also a writer never sees EOF
     pending, buf = None, b""
     while True:
@@ -452,7 +459,8 @@ def _ha_config(path: Path):
               help="virtual_router_id: the same on both nodes, unique on the link.")
 @click.option("--gateway", "gateways", multiple=True, metavar="IP/PREFIX[@DEV]",
               help="An address that moves with the active node: the backends' default "
-                   "gateway (on DEV; default: --interface). Repeatable.")
+                   "gateway (on DEV; default: --interface). At least one (keepalived's "
+                   "VRRPv3 needs an address to move); repeatable.")
 @click.option("--fifo", default="/run/xlb-keepalived.fifo", show_default=True,
               metavar="PATH", help="keepalived's notify FIFO, read by `xlb ha follow`.")
 @click.option("--xlb", "xlb_path", metavar="PATH",
@@ -469,11 +477,18 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, xlb_
     state reaches xlb through `xlb ha follow`.
     """
     from . import ha as hamod
-    from .model import check_interface, has_space, parse_host
+    from .model import parse_host
     peer_ip = _valid("--peer", parse_host, peer)
-    _valid("--interface", check_interface, interface)
-    if has_space(fifo):
-        raise BadInput(f"--fifo: {fifo!r} contains whitespace or control characters")
+    _valid("--interface", hamod.check_keepalived_word, interface)
+    if math.isnan(advert_int) or abs(advert_int * 100 - round(advert_int * 100)) > 1e-6:
+        raise BadInput(f"--advert-int: {advert_int:g} is not a whole number of "
+                       f"hundredths of a second (keepalived's unit)")
+    _valid("--fifo", hamod.check_keepalived_path, fifo)
+    if xlb_path is not None:
+        _valid("--xlb", hamod.check_keepalived_path, xlb_path)
+    if not gateways:
+        raise BadInput("--gateway: at least one is needed (keepalived's VRRPv3 refuses an "
+                       "instance with no address to move)")
     gws = [_valid("--gateway", hamod.Gateway.parse, g) for g in gateways]
     if len({g.address.ip for g in gws}) < len(gws):
         raise BadInput("--gateway: an address given twice")

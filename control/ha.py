@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Iterable, Mapping
 
-from .model import Config, check_interface, parse_host
+from .model import Config, check_interface, has_space, parse_host
 
 ROLES = ("active", "backup")
 # keepalived's FIFO lines name a state; MASTER makes xlb active, every other
@@ -125,7 +125,26 @@ class Gateway:
         except ValueError:
             raise ValueError(f"{text!r} is not IP/PREFIX[@DEV]") from None
         parse_host(str(iface.ip))
-        return cls(iface, check_interface(dev) if at else None)
+        return cls(iface, check_keepalived_word(dev) if at else None)
+
+
+def check_keepalived_word(name: str) -> str:
+    """An interface name as keepalived reads it: one the kernel allows, with no
+    character that starts a comment in keepalived's config."""
+    check_interface(name)
+    if "#" in name or "!" in name:
+        raise ValueError(f"{name!r}: keepalived reads '#' and '!' as the start of a comment")
+    return name
+
+
+def check_keepalived_path(path: str) -> str:
+    """A path written into keepalived's config, which keepalived reads as one word."""
+    if not path:
+        raise ValueError("a path cannot be empty")
+    if has_space(path) or any(c in path for c in '"#!'):
+        raise ValueError(f"{path!r} contains whitespace, a quote or a comment character "
+                         f"('#', '!'), which keepalived would misread")
+    return path
 
 
 def keepalived_role(line: str, instance: str) -> str | None:
@@ -173,12 +192,9 @@ def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: s
         f"        {peer}",
         "    }",
     ]
-    gateways = list(gateways)
-    if gateways:
-        lines.append("    virtual_ipaddress {")
-        lines += [f"        {g.address} dev {g.interface or interface}" for g in gateways]
-        lines.append("    }")
-    lines.append("}")
+    lines.append("    virtual_ipaddress {")
+    lines += [f"        {g.address} dev {g.interface or interface}" for g in gateways]
+    lines += ["    }", "}"]
     return "\n".join(lines) + "\n"
 
 

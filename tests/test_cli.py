@@ -111,6 +111,21 @@ def test_apply_reads_no_fifo_and_top_takes_no_interval_it_cannot_sleep(tmp_path)
         assert (r.returncode, r.stderr) == (2, f"xlb: error: {message}\n")
 
 
+def test_ha_follow_reads_a_fifo_only(tmp_path):
+    """A file or a device is bad input: select() finds it always ready, and
+    follow would read its end over and over, at full speed."""
+    notfifo = tmp_path / "notfifo"
+    notfifo.write_text('INSTANCE "xlb" MASTER 250\n')
+    for path in (notfifo, Path("/dev/null")):
+        r = xlb("ha", "follow", str(path))
+        assert (r.returncode, r.stderr) == \
+            (2, f"xlb: error: {path}: not a FIFO (keepalived's vrrp_notify_fifo)\n")
+    os.mkfifo(tmp_path / "fifo")
+    r = xlb("ha", "follow", "--instance", "x y", str(tmp_path / "fifo"))
+    assert (r.returncode, r.stderr) == \
+        (2, "xlb: error: --instance: 'x y' is not a vrrp_instance name\n")
+
+
 def test_an_instance_that_does_not_answer_is_one_line(monkeypatch):
     """An instance busy starting (compiling a large flow table) or stopped
     (SIGSTOP) accepts but does not answer: the request fails with one line,

@@ -5,6 +5,7 @@ role metrics, and the `xlb ha` commands' bad input."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from ipaddress import IPv4Address, IPv4Interface
@@ -82,7 +83,6 @@ def test_keepalived_config_elects_without_owning_the_vip():
     for line in ("vrrp_version 3", "state BACKUP", "nopreempt", "advert_int 0.1",
                  "priority 250", "virtual_router_id 51", "interface eth1"):
         assert f"    {line}\n" in text
-    assert "virtual_ipaddress {" not in keepalived_text(gateways=[])
 
 
 def test_bird_config_announces_the_table_with_bfd():
@@ -137,6 +137,31 @@ def test_examples_are_what_the_commands_print():
         assert r.output == (EXAMPLES / name).read_text(), name
 
 
+@pytest.mark.skipif(shutil.which("keepalived") is None or os.geteuid() != 0,
+                    reason="keepalived -t needs keepalived, and root for a namespace")
+def test_keepalived_accepts_what_xlb_writes(tmp_path):
+    """`xlb ha keepalived`'s output as keepalived reads it (keepalived -t), in
+    a namespace of its own that has the links the config names."""
+    ns = f"xlbka-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "add", "eth1", "type", "veth", "peer", "eth2"],
+                       check=True)
+        for args in (["--gateway", "10.1.11.1/24"],
+                     ["--advert-int", "0.03", "--gateway", "10.1.11.1/24",
+                      "--gateway", "10.1.12.1/24@eth2", "--xlb", "/opt/xlb-1.2/bin/xlb"]):
+            r = run("ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1", *args,
+                    str(SEED))
+            assert r.exit_code == 0, r.output
+            conf = tmp_path / "keepalived.conf"
+            conf.write_text(r.output)
+            r = subprocess.run(["ip", "netns", "exec", ns, "keepalived", "-t", "-f", str(conf)],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
+
+
 KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
 
 
@@ -157,8 +182,19 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
      "--interface: 'eth 1' is not an interface name"),
     ([*KA, "--fifo", "/run/a b", str(SEED)],
      "--fifo: '/run/a b' contains whitespace"),
-    (["ha", "keepalived", "--peer", "10.1.1.101", "--interface", "eth1", str(SEED)],
-     "--peer 10.1.1.101: a VIP, not the other node's address"),
+    (["ha", "keepalived", "--peer", "10.1.1.101", "--interface", "eth1", "--gateway",
+      "10.1.11.1/24", str(SEED)], "--peer 10.1.1.101: a VIP, not the other node's address"),
+    # What keepalived would refuse or misread (keepalived -t).
+    ([*KA, str(SEED)], "--gateway: at least one is needed"),
+    ([*KA, "--advert-int", "nan", str(SEED)], "--advert-int: nan is not a whole number of "
+                                               "hundredths of a second"),
+    ([*KA, "--advert-int", "0.015", str(SEED)], "--advert-int: 0.015 is not a whole number"),
+    ([*KA, "--fifo", "", str(SEED)], "--fifo: a path cannot be empty"),
+    ([*KA, "--xlb", '/opt/x"y', str(SEED)], "--xlb: '/opt/x\"y' contains whitespace, a quote"),
+    ([*KA, "--xlb", "/opt/my xlb/xlb", str(SEED)], "--xlb: '/opt/my xlb/xlb' contains"),
+    (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth#0", str(SEED)],
+     "--interface: 'eth#0': keepalived reads '#' and '!' as the start of a comment"),
+    ([*KA, "--gateway", "10.1.11.1/24@eth!2", str(SEED)], "--gateway: 'eth!2': keepalived"),
     (["ha", "bird", "--router", "10.1.2.1", "--as", "65001", "--peer-as", "65001", str(SEED)],
      "--peer-as 65001: the same as --as"),
     (["ha", "bird", "--router", "10.1.1.101", "--as", "65001", "--peer-as", "65000", str(SEED)],
