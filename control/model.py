@@ -250,16 +250,14 @@ def parse_vip(text: str) -> tuple[IPv4Address, int, str]:
 
 def monitor_from_flags(kind: str, port: int | None, interval: float, rise: int,
                      fall: int) -> Monitor | None:
-    """The health monitor of the one-line form, or None for --check none."""
+    """The health monitor of the one-line form, or None for --check none (whose
+    other flags are checked all the same: a wrong one is a mistake either way)."""
     problems, checks = [], []
-    if kind == "none":
-        return None
-    if kind == "tcp":
-        mtype, path = "tcp", "/"
-    elif kind.startswith("http:/"):
+    mtype, path = "tcp", "/"
+    if kind.startswith("http:/"):
         mtype, path = "http", kind[len("http:"):]
         checks.append(("--check", check_http_path, path))
-    else:
+    elif kind not in ("tcp", "none"):
         problems.append(("--check", f"{kind!r} is not tcp, http:/PATH or none"))
     if port is not None:
         checks.append(("--check-port", check_port, port))
@@ -272,6 +270,8 @@ def monitor_from_flags(kind: str, port: int | None, interval: float, rise: int,
             problems.append((name, str(e)))
     if problems:
         raise ConfigError(problems)
+    if kind == "none":
+        return None
     return Monitor(name="default", type=mtype, port=port, path=path, interval=interval,
                    timeout=min(1.0, interval), rise=rise, fall=fall)
 

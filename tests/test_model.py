@@ -98,6 +98,10 @@ def test_one_line_monitor_errors():
         ("--check-port", "port 0 is out of range 1-65535"),
         ("--interval", "must be a positive number of seconds, got 0"),
         ("--rise", "must be at least 1, got 0")]
+    # With --check none too: a wrong value is a mistake whether a check runs or not.
+    with pytest.raises(ConfigError) as e:
+        monitor_from_flags("none", 0, float("nan"), 2, -5)
+    assert [name for name, _ in e.value.problems] == ["--check-port", "--interval", "--fall"]
 
 
 @pytest.mark.parametrize("args,problem", [
