@@ -186,12 +186,21 @@ def saved_config():
     return config, Path(saved.config_path) if saved.config_path else None
 
 
+# A newline or other control character in what the operator gave (a TOML key,
+# a flag's value) is shown escaped: it must not break a message in two, or
+# forge a line of its own.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {9: "\\t", 10: "\\n", 13: "\\r"}
+
+
+def _error(message: str) -> None:
+    click.echo(message.translate(_ESCAPES), err=True)
+
+
 def _echo_problems(file: Path, problems) -> None:
     """One line a problem, as `xlb check` and `xlb apply` report a config file."""
     for path, reason in problems:
         # a file that cannot be read is its own key path: named once
-        click.echo(f"{file}: {reason}" if path == str(file) else f"{file}: {path}: {reason}",
-                   err=True)
+        _error(f"{file}: {reason}" if path == str(file) else f"{file}: {path}: {reason}")
 
 
 def _load(path: Path):
@@ -654,7 +663,7 @@ def main() -> None:
     try:
         code = cli.main(standalone_mode=False)
     except click.ClickException as e:
-        click.echo(f"xlb: error: {e.format_message()}", err=True)
+        _error(f"xlb: error: {e.format_message()}")
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)

@@ -51,6 +51,19 @@ def test_check_of_a_file_that_is_not_toml_or_not_there(tmp_path):
     assert r.stderr.count("\n") == 1 and "No such file or directory" in r.stderr, r.stderr
 
 
+def test_a_newline_in_what_the_operator_gave_stays_on_its_line(tmp_path):
+    """Shown escaped: it cannot break a message in two, or forge a line."""
+    path = tmp_path / "nl.toml"
+    path.write_text('[servers.a]\naddress = "10.1.11.1"\nport = 80\n"x\\nxlb: ok" = 1\n')
+    r = xlb("check", str(path))
+    assert r.returncode == 1
+    assert f"{path}: servers.a.x\\nxlb: ok: unknown key\n" in r.stderr
+    assert all(line.startswith(f"{path}: ") for line in r.stderr.splitlines()), r.stderr
+    r = xlb("up", "--vip", "10.1.1.101:80\nxlb: serving", "--backend", "10.1.11.101:8080")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("xlb: error: --vip 10.1.1.101:80\\nxlb: serving: ")
+
+
 def test_apply_of_a_file_it_cannot_read_is_bad_input(tmp_path):
     r = xlb("apply", str(tmp_path / "nope.toml"))
     assert r.returncode == 2 and r.stdout == ""
