@@ -28,6 +28,23 @@ class BadInput(click.ClickException):
     exit_code = 2
 
 
+class _ConfigFile(click.Path):
+    """A config file's name. What the file is (a directory, unreadable, not
+    there) is config.read's to say, as one of the file's problems: `xlb check`
+    lists it and exits 1."""
+
+    def __init__(self):
+        super().__init__(readable=False, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        if value == "":               # Path("") would be ".", a directory not named
+            self.fail("a file name cannot be empty", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+CONFIG_FILE = _ConfigFile()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="xlb")
 def cli() -> None:
@@ -79,7 +96,7 @@ def cli() -> None:
               help="Established connections the flow table holds (two entries each; "
                    "default 131072); half-open ones have a table of their own.")
 @click.option("--config", "config_path", metavar="FILE",
-              type=click.Path(dir_okay=False, path_type=Path),
+              type=CONFIG_FILE,
               help="Serve the config file FILE instead of --vip/--backend "
                    "(xlb reads it, never writes it; `xlb apply` reads it again).")
 @click.option("--role", type=click.Choice(["active", "backup"]), default="active",
@@ -212,7 +229,7 @@ def _load(path: Path):
 
 
 @cli.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=CONFIG_FILE)
 def check(file: Path) -> None:
     """Validate a config file, like `haproxy -c`.
 
@@ -230,7 +247,7 @@ def check(file: Path) -> None:
 
 
 @cli.command()
-@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", required=False, type=CONFIG_FILE)
 def apply(file: Path | None) -> None:
     """Apply a config file to the running instance; the flows it keeps go on.
 
@@ -474,7 +491,7 @@ def _ha_config(path: Path):
               metavar="PATH", help="keepalived's notify FIFO, read by `xlb ha follow`.")
 @click.option("--xlb", "xlb_path", metavar="PATH",
               help="The xlb that keepalived runs (default: this one).")
-@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("config", type=CONFIG_FILE)
 def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, xlb_path,
                config) -> None:
     """Print a keepalived config for one node of an active/backup pair serving
@@ -525,7 +542,7 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, xlb_
 @click.option("--table", type=int, default=100, show_default=True,
               help="The routing table of `xlb up --announce-table`.")
 @click.option("--router-id", metavar="IP", help="BIRD's router id (default: BIRD picks one).")
-@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("config", type=CONFIG_FILE)
 def bird(router, local_as, peer_as, table, router_id, config) -> None:
     """Print a BIRD 2 config for one of N nodes announcing CONFIG's VIPs as /32
     to a router that spreads them with ECMP (CONFIG is read, never written).

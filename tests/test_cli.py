@@ -49,6 +49,12 @@ def test_check_of_a_file_that_is_not_toml_or_not_there(tmp_path):
     r = xlb("check", str(tmp_path / "nope.toml"))
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "No such file or directory" in r.stderr, r.stderr
+    # A directory is the file's problem too, listed as the others; no name is bad input.
+    r = xlb("check", str(tmp_path))
+    assert (r.returncode, r.stderr) == (1, f"{tmp_path}: Is a directory\n")
+    r = xlb("check", "")
+    assert (r.returncode, r.stderr) == \
+        (2, "xlb: error: Invalid value for 'FILE': a file name cannot be empty\n")
 
 
 def test_a_newline_in_what_the_operator_gave_stays_on_its_line(tmp_path):
