@@ -369,14 +369,24 @@ def top(interval: float, once: bool) -> None:
                    "its state, and the next `xlb up` (a new version, say) adopts it.")
 def down(keep_datapath: bool) -> None:
     """Stop the instance running in this network namespace and wait until it
-    has detached. A data path that runs without its control process (after a
-    crash) is removed too."""
+    has detached, and forget xlb's state here. A data path that runs without
+    its control process (after a crash) is removed too, and the state that an
+    instance stopped by a signal left is forgotten."""
     try:
         ctl.request("down", keep_datapath=keep_datapath)
     except ctl.NotRunning as e:
-        orphan = None if keep_datapath else _orphan(detach=True)
-        if orphan is None:
+        if keep_datapath:
             raise Failure(str(e)) from None
+        orphan = _orphan(detach=True)
+        if orphan is None:
+            from . import state
+            if state.load() is None:
+                raise Failure(str(e)) from None
+            # Left by an instance stopped with a signal, which keeps it.
+            state.clear()
+            click.echo("xlb: no instance runs; forgot the state it left (served file, "
+                       "drain and maint)")
+            return
         click.echo(f"xlb: removed the data path that ran without its control process "
                    f"(program {orphan['program']['id']} on "
                    f"{', '.join(i['name'] for i in orphan['interfaces'])})")

@@ -151,6 +151,22 @@ def test_drain_and_maint_survive_a_restart_until_xlb_down(lab, tmp_path, state_d
         assert states(lab) == {"was1": "up", "was2": "up", "was1b": "up"}
 
 
+def test_down_forgets_the_state_of_an_instance_stopped_by_a_signal(lab, tmp_path, state_dir):
+    """A signal keeps the state for a restart; `xlb down` then forgets it, as
+    it would with the instance running, and the next `xlb up` starts afresh."""
+    path = tmp_path / "xlb.toml"
+    path.write_text(config("was1", "was2"))
+    with lab.xlb("--config", str(path)):
+        xlb_ok(lab, "server", "drain", "web", "was1")
+    assert any(state_dir.iterdir())
+    assert "forgot the state it left" in xlb_ok(lab, "down")
+    assert not any(state_dir.iterdir())
+    r = lab.xlb_cmd("down", timeout=60)
+    assert r.returncode == 1 and "no xlb instance runs" in r.stderr, r.stderr
+    with lab.xlb("--config", str(path)):
+        assert states(lab) == {"was1": "up", "was2": "up"}
+
+
 def test_the_labs_teardown_takes_the_state_of_its_namespaces(state_dir):
     """Stopped by a signal, xlb keeps its state for a restart; the lab's
     teardown deletes the namespace, and xlb's state there with it (no
