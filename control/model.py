@@ -159,13 +159,14 @@ def has_space(text: str) -> bool:
 
 
 def check_interface(name: str) -> str:
-    """A network interface's name, as the kernel allows it."""
+    """A network interface's name, as the kernel allows it (dev_valid_name)."""
     if not name:
         raise ValueError("an interface name cannot be empty")
     if len(name) >= IFNAMSIZ:
         raise ValueError(f"{name!r} is longer than {IFNAMSIZ - 1} characters")
-    if "/" in name or has_space(name):
-        raise ValueError(f"{name!r} is not an interface name (no '/' or whitespace)")
+    if name in (".", "..") or "/" in name or ":" in name or has_space(name):
+        raise ValueError(f"{name!r} is not an interface name (not . or .., no '/', ':' "
+                         f"or whitespace)")
     return name
 
 

@@ -201,6 +201,9 @@ def test_dump_is_canonical():
         ''')
 
 
+NOT_IFNAME = "is not an interface name (not . or .., no '/', ':' or whitespace)"
+
+
 @pytest.mark.parametrize("body", [
     '"', "\\", "'", "'''", '"""', "\\u0041", "\t\r\n\b\f", "\x00\x1f\x7f", "é中🙂", "#x", "a=b",
     "\u2028\u0085",
@@ -475,13 +478,16 @@ BAD = [
     ("empty-frontends-table", doc(frontend="").replace("[frontends.www]", "[frontends]"),
      [("frontends", "at least one frontend is required")]),
     ("interfaces", doc(frontend=FE + '\ninterfaces = ["eth0", "", "veth/1", "a b", '
-                                     '"abcdefghijklmnop", 1, "eth0", "abcdefghijklmno"]'),
+                                     '"abcdefghijklmnop", 1, "eth0", "abcdefghijklmno", '
+                                     '"..", "eth0:1"]'),
      [("frontends.www.interfaces[1]", "an interface name cannot be empty"),
-      ("frontends.www.interfaces[2]", "'veth/1' is not an interface name (no '/' or whitespace)"),
-      ("frontends.www.interfaces[3]", "'a b' is not an interface name (no '/' or whitespace)"),
+      ("frontends.www.interfaces[2]", f"'veth/1' {NOT_IFNAME}"),
+      ("frontends.www.interfaces[3]", f"'a b' {NOT_IFNAME}"),
       ("frontends.www.interfaces[4]", "'abcdefghijklmnop' is longer than 15 characters"),
       ("frontends.www.interfaces[5]", "expected a string, got integer"),
-      ("frontends.www.interfaces[6]", "'eth0' is listed twice")]),
+      ("frontends.www.interfaces[6]", "'eth0' is listed twice"),
+      ("frontends.www.interfaces[8]", f"'..' {NOT_IFNAME}"),
+      ("frontends.www.interfaces[9]", f"'eth0:1' {NOT_IFNAME}")]),
     ("interfaces-not-an-array", doc(frontend=FE + '\ninterfaces = "eth0"'),
      [("frontends.www.interfaces", "expected an array, got string")]),
     ("timeouts", doc(frontend=FE + '\ntimeout_syn = 0\ntimeout_established = 604801\n'
