@@ -30,6 +30,7 @@ RING_SIZE = 1024                        # servers of a round-robin or weighted p
 MAX_ARP = 256                           # ARP answers: VIPs times the links on their subnets
 IFNAMSIZ = 16                           # the kernel's limit, with the terminating NUL
 CHECK_SECONDS_MAX = 86400               # a monitor's interval and timeout: a day at most
+CHECK_SECONDS_MIN = 0.01                # and 10 ms at least: shorter would check in a busy loop
 CHECK_COUNT_MAX = 1000                  # a monitor's rise and fall
 
 
@@ -140,6 +141,8 @@ def check_seconds(value: float) -> float:
     """A monitor's interval or timeout."""
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"must be a positive number of seconds, got {value}")
+    if value < CHECK_SECONDS_MIN:
+        raise ValueError(f"must be at least {CHECK_SECONDS_MIN} seconds, got {value}")
     if value > CHECK_SECONDS_MAX:
         raise ValueError(f"must be at most {CHECK_SECONDS_MAX} seconds (a day), got {value}")
     return float(value)

@@ -230,7 +230,7 @@ def test_dump_escapes_strings(body):
 
 def test_dump_floats_read_back_as_floats():
     cfg = load_file(SEED)
-    for interval, timeout in [(2, 1), (1e-5, 1e-6), (86400, 3.0), (0.1, 0.1)]:
+    for interval, timeout in [(2, 1), (0.01, 0.01), (0.015, 0.0125), (86400, 3.0), (0.1, 0.1)]:
         c = Config(frontends=cfg.frontends, pools=cfg.pools,
                    monitors=(Monitor("was-http", interval=interval, timeout=timeout),))
         back = load(dump(c)).monitors[0]
@@ -398,6 +398,9 @@ BAD = [
     ("interval-timeout-not-positive", doc(monitor("interval = 0", "timeout = -0.5")),
      [("monitors.m.interval", "must be a positive number of seconds, got 0"),
       ("monitors.m.timeout", "must be a positive number of seconds, got -0.5")]),
+    ("monitor-below-bounds", doc(monitor("interval = 1e-300", "timeout = 0.009")),
+     [("monitors.m.interval", "must be at least 0.01 seconds, got 1e-300"),
+      ("monitors.m.timeout", "must be at least 0.01 seconds, got 0.009")]),
     ("monitor-beyond-bounds", doc(monitor("interval = 86401", "timeout = 1e300",
                                           "rise = 1001", "fall = 99999999999999999")),
      [("monitors.m.interval", "must be at most 86400 seconds (a day), got 86401"),
