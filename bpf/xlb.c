@@ -48,6 +48,9 @@ BPF_PERCPU_ARRAY(backend_stats, struct counters, XLB_MAX_BACKENDS);
 BPF_PERCPU_ARRAY(reason_stats, struct tally, XLB_REASON_MAX);
 BPF_PERCPU_ARRAY(flow_stats, struct flow_counters, 1);
 BPF_PERCPU_ARRAY(hops, struct hop, XLB_MAX_HOPS);
+/* The program does not use it: control/datapath.py binds it to the program
+ * (BPF_PROG_BIND_MAP), so that it is among the maps an adoption finds. */
+BPF_ARRAY(control_stats, struct control_counters, 1);
 
 static __always_inline int count_exit(enum xlb_reason reason, __u32 bytes)
 {

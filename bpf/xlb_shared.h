@@ -120,6 +120,21 @@ struct flow_counters {
 				 * (owners) */
 };
 
+/* control_stats: one entry, that only the control plane writes (the program
+ * never reads it). What the control plane removed from each table and put
+ * back, and the largest count of LRU evictions it derived (never less: a
+ * Prometheus counter). Kept with the maps, so that a control process that
+ * adopts them goes on from there. */
+struct control_counters {
+	__u64 expired_flows;		/* idle, removed by the sweep */
+	__u64 expired_flows_new;
+	__u64 ended_flows;		/* a server's state, a removed frontend */
+	__u64 ended_flows_new;
+	__u64 evicted_flows;
+	__u64 evicted_flows_new;
+	__u64 replies_restored;		/* reply entries the sweep put back */
+};
+
 /* hops: next hops the fast path resolved with bpf_fib_lookup, so that a packet
  * costs an inlined array read instead of a FIB lookup. A per-CPU array used as
  * a direct-mapped cache: slot xlb_hop_slot(daddr, in_ifindex) (hash.h), the

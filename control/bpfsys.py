@@ -3,7 +3,8 @@
 - Finding a running data path again from the kernel's own objects: a program
   by id (the id netlink reports for an interface's XDP program), its info
   (name, map ids), its maps by id and their info; pinning a map (into xlb's
-  private bpffs, so that a new program is built on the running one's maps).
+  private bpffs, so that a new program is built on the running one's maps);
+  binding a map the program does not use to it, so that it is among them.
 - BPF_PROG_TEST_RUN: runs the program on a crafted packet, without a network.
 """
 
@@ -23,6 +24,7 @@ BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_BIND_MAP = 35
 _ATTR_SIZE = 128  # larger than any used command's part of union bpf_attr; the rest is zero
 _OBJ_NAME_LEN = 16
 
@@ -47,6 +49,10 @@ class _InfoByFd(ct.Structure):
 
 class _ObjPin(ct.Structure):
     _fields_ = [("pathname", ct.c_uint64), ("bpf_fd", ct.c_uint32), ("file_flags", ct.c_uint32)]
+
+
+class _ProgBindMap(ct.Structure):
+    _fields_ = [("prog_fd", ct.c_uint32), ("map_fd", ct.c_uint32), ("flags", ct.c_uint32)]
 
 
 class _ProgInfo(ct.Structure):
@@ -138,6 +144,12 @@ def obj_pin(fd: int, path: str) -> None:
     """Pins a map or program at path, which must be in a bpffs."""
     name = ct.create_string_buffer(path.encode())
     _bpf(BPF_OBJ_PIN, _ObjPin(pathname=ct.addressof(name), bpf_fd=fd))
+
+
+def prog_bind_map(prog_fd: int, map_fd: int) -> None:
+    """Makes a map one of the program's (its map ids, its lifetime) without
+    the program's code using it."""
+    _bpf(BPF_PROG_BIND_MAP, _ProgBindMap(prog_fd=prog_fd, map_fd=map_fd))
 
 
 @dataclass(frozen=True)

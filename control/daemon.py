@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import __version__, config as configfile, ctl, flowtable, ha, log, metrics, netif, planner
 from . import state as saved
-from .datapath import Datapath, DatapathError, Limits, find_running
+from .datapath import Datapath, DatapathError, FlowLedger, Limits, find_running
 from .health import HealthChecker, Target, Transition
 from .layout import REASON_ACTIONS, XDP_ACTIONS
 from .model import Config, ConfigError
@@ -59,12 +59,6 @@ class Balancer:
         self.checker: HealthChecker | None = None
         self.check_durations = metrics.CheckDurations()
         self.applies = {"ok": 0, "error": 0}       # `xlb apply` requests, by result
-        # Connections removed from each flow table by this process (the program
-        # counts its own), and the largest LRU eviction count derived so far.
-        self.flows_removed = {"expired": dict.fromkeys(flowtable.TABLES, 0),
-                              "ended": dict.fromkeys(flowtable.TABLES, 0)}
-        self.evicted = dict.fromkeys(flowtable.TABLES, 0)
-        self.replies_restored = 0                  # by the sweep (flowtable.sweep)
         self.started = self.last_apply = time.time()
         # status() (the CLI, metrics scrapes) sees one applied state or the next,
         # never half of each.
@@ -115,8 +109,6 @@ class Balancer:
             planner.execute(dp, planner.plan(target, self.state))
             raise
         ended = dp.delete_flows(set(ends.backend_ids), set(ends.service_ids))
-        for table, n in ended.items():
-            self.flows_removed["ended"][table] += n
         for name in self.links.keys() - {link.name for link in links}:
             dp.detach(self.links[name].index)
 
@@ -234,7 +226,8 @@ class Balancer:
                               "protocol": fe.protocol, "pool": fe.pool,
                               "servers_taking_flows": len(set(svc.slots)),
                               **_counters(dp.service_counters(svc.id))})
-        census = dp.flow_census()
+        ledger = dp.flow_ledger()
+        census = ledger.census
         counters = dp.backend_counters_many({b.id for b in self.state.backends.values()})
         pools = []
         for pool in self.config.pools:
@@ -264,7 +257,7 @@ class Balancer:
             "forwarding": "fast" if dp.fast_path else "kernel",
             "program": dp.program(),
             "frontends": frontends, "pools": pools,
-            "flows": self._flows(census),
+            "flows": self._flows(ledger),
             "map_memory_bytes": sum(dp.map_memory().values()),
             "applies": dict(self.applies), "last_apply": self.last_apply,
             "ha": {"role": self.role,
@@ -279,30 +272,14 @@ class Balancer:
 
     def sweep(self) -> tuple[dict[str, int], int]:
         """Removes the flows idle past their timeouts, and puts back evicted
-        reply entries; returns how many expired per table, and how many came back."""
-        expired, restored = self.datapath.sweep_flows()
-        with self.lock:
-            for table, n in expired.items():
-                self.flows_removed["expired"][table] += n
-            self.replies_restored += restored
-        return expired, restored
+        reply entries; returns how many expired per table, and how many came
+        back (the data path counts both, in its maps)."""
+        return self.datapath.sweep_flows()
 
-    def _flows(self, census: flowtable.Census) -> dict:
+    def _flows(self, ledger: FlowLedger) -> dict:
         """The flow tables: connections by state, what came and went, and the
-        LRU's evictions, derived as what went in minus what left and what is there."""
-        dp, lim = self.datapath, self.datapath.limits
-        fc = dp.flow_counters()
-        expired, ended = self.flows_removed["expired"], self.flows_removed["ended"]
-        left_new_in_dp = fc.new_removed          # established + expired/reopened there
-        left_est_in_dp = fc.expired + fc.reopened - (fc.new_removed - fc.established)
-        derived = {
-            "flows_new": fc.created - left_new_in_dp - expired["flows_new"]
-            - ended["flows_new"] - census.forward["flows_new"],
-            "flows": fc.established - left_est_in_dp - expired["flows"] - ended["flows"]
-            - census.forward["flows"],
-        }
-        for table, n in derived.items():
-            self.evicted[table] = max(self.evicted[table], n)
+        LRU's evictions (Datapath.flow_ledger)."""
+        census, fc, lim = ledger.census, ledger.program, self.datapath.limits
         capacity = {"flows": lim.max_flows, "flows_new": lim.max_new_flows}
         return {
             "entries": sum(census.entries.values()), "capacity": sum(capacity.values()),
@@ -312,10 +289,10 @@ class Balancer:
             "tables": {t: {"entries": census.entries[t], "capacity": capacity[t]}
                        for t in flowtable.TABLES},
             "created": fc.created, "promoted": fc.established, "adopted": fc.adopted,
-            "replies_restored": self.replies_restored,
-            "removed": {"expired": fc.expired + sum(expired.values()),
-                        "reopened": fc.reopened, "ended": sum(ended.values()),
-                        "evicted": sum(self.evicted.values())},
+            "replies_restored": ledger.control.replies_restored,
+            "removed": {"expired": fc.expired + ledger.control_total("expired"),
+                        "reopened": fc.reopened, "ended": ledger.control_total("ended"),
+                        "evicted": ledger.control_total("evicted")},
         }
 
 

@@ -200,6 +200,35 @@ def _copy_map(src: int, info: bpfsys.MapInfo, dst: int, max_entries: int) -> Non
             copied += 1
 
 
+@dataclass(frozen=True)
+class FlowLedger:
+    """Datapath.flow_ledger: the census of the flow tables, and the program's
+    and the control plane's counters as they were when it ended, with the
+    LRU's evictions (control.evicted_*: the largest count derived so far)."""
+    census: flowtable.Census
+    program: layout.FlowCounters
+    control: layout.ControlCounters
+
+    def control_total(self, counter: str) -> int:
+        """A control_stats counter of both tables: expired, ended or evicted."""
+        return sum(getattr(self.control, f"{counter}_{table}") for table in flowtable.TABLES)
+
+
+def _evictions(came: layout.FlowCounters, left: layout.FlowCounters,
+               control: layout.ControlCounters, census: flowtable.Census) -> dict[str, int]:
+    """The LRU's evictions from each table: what went in (came), less what
+    the program and the control plane removed (left, control) and what is
+    there (census)."""
+    new_left_in_dp = left.new_removed                  # established + expired/reopened there
+    est_left_in_dp = left.expired + left.reopened - (left.new_removed - left.established)
+    return {
+        "flows_new": came.created - new_left_in_dp - control.expired_flows_new
+        - control.ended_flows_new - census.forward["flows_new"],
+        "flows": came.established - est_left_in_dp - control.expired_flows
+        - control.ended_flows - census.forward["flows"],
+    }
+
+
 def _sum_percpu(values, ctype):
     total = ctype()
     for name, _ in ctype._fields_:
@@ -327,8 +356,10 @@ class Datapath:
     def __init__(self, limits: Limits = Limits(), running: Running | None = None):
         self.limits = limits
         # delete_flows and the sweep's put-back, one at a time: a reply entry
-        # put back is never one of a connection that delete_flows ended.
-        self._mending = threading.Lock()
+        # put back is never one of a connection that delete_flows ended. And
+        # each deletion with its count, apart from flow_ledger's reading of
+        # the counters: none is seen gone and not counted.
+        self._mending = threading.RLock()
         cflags = [f"-I{_SOURCES}", "-w", *defines(limits)]
         # ifindex -> (fd of the program attached there, attachment): ours, or
         # the running one's until it is replaced.
@@ -356,6 +387,12 @@ class Datapath:
             self.close()
             raise DatapathError("control/layout.py does not match bpf/xlb_shared.h: "
                                 + "; ".join(problems))
+        try:
+            bpfsys.prog_bind_map(self._prog.fd, self._maps["control_stats"].map_fd)
+        except OSError as e:
+            self.close()
+            raise DatapathError(f"cannot bind control_stats to the program: {e.strerror}") \
+                from None
 
     @staticmethod
     def _compile(cflags: list[str]) -> BPF:
@@ -559,13 +596,21 @@ class Datapath:
         return self._maps["config"][ct.c_int(0)]
 
     def _update_config(self, change) -> None:
-        """Read, change, write back the one config entry: it lives in the kernel,
-        so a Datapath that adopted the maps sees what the last one wrote."""
-        c = self._config()
+        self._update_one("config", change)
+
+    def _update_one(self, name: str, change) -> None:
+        """Read, change, write back the one entry of an array of one (config,
+        control_stats): it lives in the kernel, so a Datapath that adopted the
+        maps sees what the last one wrote."""
+        c = self._maps[name][ct.c_int(0)]
         before = bytes(c)
         change(c)
         if bytes(c) != before:
-            self._maps["config"][ct.c_int(0)] = c
+            self._maps[name][ct.c_int(0)] = c
+
+    def _count(self, counter: str, n: int) -> None:
+        """Adds n to a control_stats counter (the caller holds self._mending)."""
+        self._update_one("control_stats", lambda c: setattr(c, counter, getattr(c, counter) + n))
 
     def set_owner(self, addr: IPv4Address, port: int, proto: int, vip: IPv4Address,
                   vip_port: int) -> None:
@@ -666,6 +711,30 @@ class Datapath:
         """Connections the program moved in and out of the flow tables."""
         return self._percpu_sum("flow_stats", 0)
 
+    def control_counters(self) -> layout.ControlCounters:
+        """What the control planes that ran this data path removed and put back."""
+        return self._maps["control_stats"][ct.c_int(0)]
+
+    def flow_ledger(self, now: int | None = None) -> FlowLedger:
+        """The census of the flow tables, and the connections that came and
+        went. The LRU's evictions, what went in less what left and what is
+        there, are read so as never to count more than there were: what went
+        in before the census, what left after it, and that together with the
+        control plane's removals, each of which is counted as it is deleted
+        (self._mending): none is seen gone and not counted. The largest count
+        so far is kept in control_stats."""
+        came = self.flow_counters()
+        census = self.flow_census(now)
+        with self._mending:
+            left = self.flow_counters()
+            evicted = _evictions(came, left, self.control_counters(), census)
+
+            def keep_largest(c):
+                for table, n in evicted.items():
+                    setattr(c, f"evicted_{table}", max(getattr(c, f"evicted_{table}"), n))
+            self._update_one("control_stats", keep_largest)
+            return FlowLedger(census, left, self.control_counters())
+
     def flow_rows(self) -> dict[str, list[flowtable.Row]]:
         """Every entry of both flow tables (flows, flows_new), read in batches."""
         return {name: flowtable.decode(*self._dump(name)) for name in flowtable.TABLES}
@@ -689,7 +758,7 @@ class Datapath:
                 # Each entry on its own, as it is now: a connection opened again
                 # on the same key since the read (to another server) stays.
                 ended[name] = self._delete_where(name, [(r,) for r in rows if ends(r)],
-                                                 lambda _, now: ends(now))
+                                                 lambda _, now: ends(now), "ended")
         return ended
 
     def sweep_flows(self, now: int | None = None) -> tuple[dict[str, int], int]:
@@ -704,7 +773,7 @@ class Datapath:
         expired, restored = {}, 0
         for name, table_rows in rows.items():
             swept = flowtable.sweep(table_rows, now, half_open if name == "flows" else None)
-            expired[name] = self._delete_where(name, swept.dead, operator.eq)
+            expired[name] = self._delete_where(name, swept.dead, operator.eq, "expired")
             if name == "flows":
                 restored = self._put_back(swept.orphans)
         return expired, restored
@@ -732,14 +801,16 @@ class Datapath:
             token_in.value, first = token_out.value, False
 
     def _delete_where(self, name: str, groups: list[tuple[flowtable.Row, ...]],
-                      still: Callable[[flowtable.Row, flowtable.Row], bool]) -> int:
+                      still: Callable[[flowtable.Row, flowtable.Row], bool],
+                      reason: str) -> int:
         """Deletes each group of entries (a connection's, read a moment ago)
         unless one of them is still there and no longer what still(as read,
         as now) asks: the program may have written it since. Checked and
         deleted a few at a time, so that the program has a few milliseconds,
         not the whole pass, to write in between. Returns how many forward
-        entries this deleted: a connection another remover took in between
-        (the program, an apply, the sweep) was counted there."""
+        entries this deleted, and counts them in control_stats under reason
+        (expired, ended): a connection another remover took in between (the
+        program, an apply, the sweep) was counted there."""
         fd, ksize = self._maps[name].map_fd, ct.sizeof(layout.FlowKey)
         key, value = ct.create_string_buffer(ksize), ct.create_string_buffer(ct.sizeof(layout.Flow))
         gone = 0
@@ -753,7 +824,10 @@ class Datapath:
                         break
                 else:
                     doomed += entries
-            gone += self._delete_batch(name, doomed)
+            with self._mending:
+                deleted = self._delete_batch(name, doomed)
+                self._count(f"{reason}_{name}", deleted)
+            gone += deleted
         return gone
 
     def _delete_batch(self, name: str, rows: list[flowtable.Row]) -> int:
@@ -788,6 +862,7 @@ class Datapath:
                 key, reply = fwd.reply()
                 done += lib.bpf_update_elem(fd, ct.create_string_buffer(key),
                                             ct.create_string_buffer(reply), BPF_NOEXIST) == 0
+            self._count("replies_restored", done)
         return done
 
     def map_memory(self) -> dict[str, int]:

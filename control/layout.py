@@ -59,6 +59,12 @@ class FlowCounters(ct.Structure):
                 ("new_removed", u64), ("adopted", u64)]
 
 
+class ControlCounters(ct.Structure):
+    _fields_ = [("expired_flows", u64), ("expired_flows_new", u64), ("ended_flows", u64),
+                ("ended_flows_new", u64), ("evicted_flows", u64), ("evicted_flows_new", u64),
+                ("replies_restored", u64)]
+
+
 class Endpoint(ct.Structure):
     _fields_ = [("addr", u32), ("port", u16), ("proto", u8), ("pad", u8)]
 
@@ -118,6 +124,7 @@ MAPS: dict[str, tuple[type | None, type]] = {
     "backend_stats": (None, Counters),
     "reason_stats": (None, Tally),
     "flow_stats": (None, FlowCounters),
+    "control_stats": (None, ControlCounters),
 }
 
 XDP_ACTIONS = {"XDP_ABORTED": 0, "XDP_DROP": 1, "XDP_PASS": 2, "XDP_TX": 3, "XDP_REDIRECT": 4}

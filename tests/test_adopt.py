@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import os
+import shutil
 from ipaddress import IPv4Address
 
 import pytest
@@ -90,5 +91,38 @@ def test_a_map_that_changed_size_is_copied_and_the_rest_kept():
             {k: v for k, v in before.items() if k != "flows"}
         assert new.flow_entries() == 7
         assert new._maps["flows"].max_entries == 2048
+    finally:
+        new.close()
+
+
+def test_a_program_without_control_stats_is_adopted_and_counts_from_zero(tmp_path):
+    """An upgrade from a build before control_stats (its control process kept
+    those counts in memory): every map it has is kept, control_stats is new,
+    at zero, and the next adoption finds it."""
+    from bcc import BPF
+    from xlb.datapath import PROG_NAME, Datapath, Limits, Running, defines, maps_of
+    src = tmp_path / "bpf"
+    shutil.copytree(layout.BPF_DIR, src)
+    source = src / "xlb.c"
+    declared = "BPF_ARRAY(control_stats, struct control_counters, 1);\n"
+    text = source.read_text()
+    assert text.count(declared) == 1
+    source.write_text(text.replace(declared, ""))
+    old = BPF(src_file=str(source).encode(), cflags=[f"-I{src}", "-w", *defines(Limits())])
+    try:
+        info = bpfsys.prog_info(old.load_func(PROG_NAME.encode(), BPF.XDP).fd)
+        running = Running(info, {}, maps_of(info))
+        before = map_ids(running)
+        new = Datapath(running=running)
+    finally:
+        old.cleanup()
+    try:
+        assert new.fresh_maps == [] and set(before) == set(layout.MAPS) - {"control_stats"}
+        after = running_of(new)
+        ids = map_ids(after)
+        after.close()
+        assert {k: v for k, v in ids.items() if k != "control_stats"} == before
+        assert set(ids) == set(layout.MAPS)
+        assert bytes(new.control_counters()) == bytes(layout.ControlCounters())
     finally:
         new.close()

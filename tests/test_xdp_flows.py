@@ -9,6 +9,7 @@ tables are read back through Datapath to check each connection's state.
 import contextlib
 import random
 import socket
+import threading
 import time
 from ipaddress import IPv4Address
 
@@ -875,6 +876,133 @@ def test_without_owners_a_backends_packet_no_entry_knows_passes(lb, fibnet):
     res = lb.send(frame, fibnet.ifindex["int"])
     assert (res.action, res.data) == (XDP_PASS, frame)
     lb.expect("pass_not_vip")
+
+
+# What left the tables, counted -------------------------------------------------------------
+
+ONE_SERVER = """
+[servers.a]
+address = "10.1.11.101"
+port = 8080
+[pools.p]
+servers = ["a"]
+[frontends.f]
+vip = "10.1.1.101"
+port = 80
+pool = "p"
+"""
+
+
+@pytest.fixture
+def balancer(root, fibnet):
+    """A Balancer serving VIP:80 by backend 1 alone (as `xlb up` does, without
+    links) on a Datapath of its own: nothing was ever evicted from its tables."""
+    from xlb import config
+    from xlb.daemon import Balancer
+    from xlb.datapath import Datapath
+
+    dp = Datapath()
+    try:
+        dp.set_forwarding(True)
+        b = Balancer(dp)
+        b.apply(config.load(ONE_SERVER), relink=False)
+        yield b
+    finally:
+        dp.close()
+
+
+def removed(b) -> dict[str, int]:
+    flows = b.status()["flows"]
+    return {**flows["removed"], "replies_restored": flows["replies_restored"]}
+
+
+@pytest.mark.parametrize("remover, reason", [("sweep", "expired"), ("disable", "ended")])
+def test_a_status_while_the_control_plane_removes_connections_counts_no_eviction(
+        balancer, fibnet, monkeypatch, remover, reason):
+    """A status (a scrape) that read the tables between the sweep's or an
+    apply's deletion and its count would take what went for evicted, for good
+    (the largest count stays): it waits for the count."""
+    dp = balancer.datapath
+    lb = Harness(dp)
+    for sport in range(53200, 53210):
+        bid = handshake(lb, fibnet, sport)
+        if remover == "sweep":
+            age(dp, "flows", (CLIENT, VIP, sport, 80, TCP_P), 1000)
+            age(dp, "flows", (BACKENDS[bid][0], CLIENT, 8080, sport, TCP_P), 1000)
+    readers, seen = [], []
+    delete_batch = dp._delete_batch
+
+    def deleting(name, rows):
+        gone = delete_batch(name, rows)
+        readers.append(threading.Thread(target=lambda: seen.append(removed(balancer))))
+        readers[-1].start()
+        readers[-1].join(0.5)           # done by then, unless it waits for the count
+        return gone
+
+    monkeypatch.setattr(dp, "_delete_batch", deleting)
+    if remover == "sweep":
+        balancer.sweep()
+    else:
+        balancer.set_admin("disable", "p", "a")
+    for reader in readers:
+        reader.join(10)
+    assert seen and all((s["evicted"], s[reason]) == (0, 10) for s in seen), seen
+    assert (removed(balancer)["evicted"], removed(balancer)[reason]) == (0, 10)
+
+
+def test_connections_that_come_while_a_status_reads_the_tables_are_no_evictions(
+        balancer, fibnet, monkeypatch):
+    """A status reads the tables, then what left them: connections the program
+    opened or established meanwhile, not in what it read, are not evicted."""
+    dp, ext, int_ = balancer.datapath, fibnet.ifindex["ext"], fibnet.ifindex["int"]
+    lb = Harness(dp)
+    handshake(lb, fibnet, 53300)
+    lb.send(syn(53301), ext)
+    lb.send(from_backend(1, 53301, "SA"), int_)
+    flow_rows = dp.flow_rows
+
+    def reading():
+        rows = flow_rows()
+        lb.send(tcp_frame(CLIENT, VIP, 53301, 80, flags="A"), ext)     # established
+        handshake(lb, fibnet, 53302)
+        lb.send(syn(53303), ext)
+        return rows
+
+    with monkeypatch.context() as m:
+        m.setattr(dp, "flow_rows", reading)
+        assert balancer.status()["flows"]["removed"]["evicted"] == 0
+    assert removed(balancer)["evicted"] == 0
+
+
+def test_a_control_process_that_adopts_the_data_path_goes_on_counting(balancer, fibnet):
+    """What the control plane counts stays with the maps: a new Balancer on a
+    program built on them (a restart of `xlb up`) shows the same, and the
+    LRU's evictions are not the previous process's removals."""
+    from test_adopt import running_of
+    from xlb.daemon import Balancer
+    from xlb.datapath import Datapath
+
+    dp = balancer.datapath
+    lb = Harness(dp)
+    for sport in range(53400, 53404):
+        handshake(lb, fibnet, sport)
+    age(dp, "flows", (CLIENT, VIP, 53400, 80, TCP_P), 1000)
+    age(dp, "flows", (BACKENDS[1][0], CLIENT, 8080, 53400, TCP_P), 1000)
+    evict(dp, "flows", (BACKENDS[1][0], CLIENT, 8080, 53401, TCP_P))
+    evict(dp, "flows", (CLIENT, VIP, 53402, 80, TCP_P))
+    assert balancer.sweep() == ({"flows": 1, "flows_new": 0}, 1)
+    balancer.set_admin("disable", "p", "a")
+    before = removed(balancer)
+    assert before == {"expired": 1, "reopened": 0, "ended": 2, "evicted": 1,
+                      "replies_restored": 1}
+
+    again = Datapath(running=running_of(dp))
+    try:
+        adopted = Balancer(again)
+        adopted.adopt(balancer.config, balancer.admin)
+        assert removed(adopted) == before
+    finally:
+        again.close()
 
 
 # A flood of new flows -------------------------------------------------------------------
