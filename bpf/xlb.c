@@ -297,6 +297,14 @@ static __always_inline void flow_forget(struct flow_key *key, struct flow *f, in
 	struct flow_key other = {};
 	struct flow_counters *fc = flow_counters();
 
+	/* Counted before it goes, as in flow_progress. */
+	if (fc) {
+		if (fate == FLOW_EXPIRED)
+			fc->expired += 1;
+		else
+			fc->reopened += 1;
+		fc->new_removed += in_new;
+	}
 	partner_key(key, f, &other);
 	if (in_new) {
 		flows_new.delete(key);
@@ -305,13 +313,6 @@ static __always_inline void flow_forget(struct flow_key *key, struct flow *f, in
 		flows.delete(key);
 		flows.delete(&other);
 	}
-	if (!fc)
-		return;
-	if (fate == FLOW_EXPIRED)
-		fc->expired += 1;
-	else
-		fc->reopened += 1;
-	fc->new_removed += in_new;
 }
 
 /* A FIN or RST, either way, closes the connection: both entries get the
@@ -389,13 +390,16 @@ static __always_inline void flow_progress(struct flow_key *key, struct flow *f, 
 		reply.seen = r->seen;
 	flows.update(key, &fwd);
 	flows.update(&other, &reply);
-	flows_new.delete(key);
-	flows_new.delete(&other);
+	/* Counted after it is in flows and before it leaves flows_new: a status
+	 * that reads the counters around its census of the tables can then only
+	 * undercount the LRU's evictions it derives (Datapath.flow_ledger). */
 	fc = flow_counters();
 	if (fc) {
 		fc->established += 1;
 		fc->new_removed += 1;
 	}
+	flows_new.delete(key);
+	flows_new.delete(&other);
 }
 
 /* pkt (rewritten from `key`) is over its next hop's MTU. With DF set, xlb
