@@ -270,12 +270,6 @@ class Balancer:
         }
 
 
-    def sweep(self) -> tuple[dict[str, int], int]:
-        """Removes the flows idle past their timeouts, and puts back evicted
-        reply entries; returns how many expired per table, and how many came
-        back (the data path counts both, in its maps)."""
-        return self.datapath.sweep_flows()
-
     def _flows(self, ledger: FlowLedger) -> dict:
         """The flow tables: connections by state, what came and went, and the
         LRU's evictions (Datapath.flow_ledger)."""
@@ -596,7 +590,7 @@ async def _sweep_forever(balancer: Balancer) -> None:
     while True:
         t0 = time.monotonic()
         try:
-            expired, restored = await asyncio.to_thread(balancer.sweep)
+            expired, restored = await asyncio.to_thread(balancer.datapath.sweep_flows)
             if any(expired.values()) or restored:
                 log.event("sweep", level="debug", restored_replies=restored,
                           **{f"expired_{t}": n for t, n in expired.items()})

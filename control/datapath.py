@@ -598,15 +598,16 @@ class Datapath:
     def _update_config(self, change) -> None:
         self._update_one("config", change)
 
-    def _update_one(self, name: str, change) -> None:
+    def _update_one(self, name: str, change):
         """Read, change, write back the one entry of an array of one (config,
         control_stats): it lives in the kernel, so a Datapath that adopted the
-        maps sees what the last one wrote."""
+        maps sees what the last one wrote. Returns the entry as written."""
         c = self._maps[name][ct.c_int(0)]
         before = bytes(c)
         change(c)
         if bytes(c) != before:
             self._maps[name][ct.c_int(0)] = c
+        return c
 
     def _count(self, counter: str, n: int) -> None:
         """Adds n to a control_stats counter (the caller holds self._mending)."""
@@ -732,8 +733,7 @@ class Datapath:
             def keep_largest(c):
                 for table, n in evicted.items():
                     setattr(c, f"evicted_{table}", max(getattr(c, f"evicted_{table}"), n))
-            self._update_one("control_stats", keep_largest)
-            return FlowLedger(census, left, self.control_counters())
+            return FlowLedger(census, left, self._update_one("control_stats", keep_largest))
 
     def flow_rows(self) -> dict[str, list[flowtable.Row]]:
         """Every entry of both flow tables (flows, flows_new), read in batches."""
