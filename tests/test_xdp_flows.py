@@ -880,32 +880,19 @@ def test_without_owners_a_backends_packet_no_entry_knows_passes(lb, fibnet):
 
 # What left the tables, counted -------------------------------------------------------------
 
-ONE_SERVER = """
-[servers.a]
-address = "10.1.11.101"
-port = 8080
-[pools.p]
-servers = ["a"]
-[frontends.f]
-vip = "10.1.1.101"
-port = 80
-pool = "p"
-"""
-
-
 @pytest.fixture
 def balancer(root, fibnet):
     """A Balancer serving VIP:80 by backend 1 alone (as `xlb up` does, without
     links) on a Datapath of its own: nothing was ever evicted from its tables."""
-    from xlb import config
     from xlb.daemon import Balancer
     from xlb.datapath import Datapath
+    from xlb.model import from_flags
 
     dp = Datapath()
     try:
         dp.set_forwarding(True)
         b = Balancer(dp)
-        b.apply(config.load(ONE_SERVER), relink=False)
+        b.apply(from_flags([f"{VIP}:80"], ["{}:{}".format(*BACKENDS[1])]), relink=False)
         yield b
     finally:
         dp.close()
@@ -941,9 +928,9 @@ def test_a_status_while_the_control_plane_removes_connections_counts_no_eviction
 
     monkeypatch.setattr(dp, "_delete_batch", deleting)
     if remover == "sweep":
-        balancer.sweep()
+        balancer.datapath.sweep_flows()
     else:
-        balancer.set_admin("disable", "p", "a")
+        balancer.set_admin("disable", "default", "backend1")
     for reader in readers:
         reader.join(10)
     assert seen and all((s["evicted"], s[reason]) == (0, 10) for s in seen), seen
@@ -990,8 +977,8 @@ def test_a_control_process_that_adopts_the_data_path_goes_on_counting(balancer, 
     age(dp, "flows", (BACKENDS[1][0], CLIENT, 8080, 53400, TCP_P), 1000)
     evict(dp, "flows", (BACKENDS[1][0], CLIENT, 8080, 53401, TCP_P))
     evict(dp, "flows", (CLIENT, VIP, 53402, 80, TCP_P))
-    assert balancer.sweep() == ({"flows": 1, "flows_new": 0}, 1)
-    balancer.set_admin("disable", "p", "a")
+    assert balancer.datapath.sweep_flows() == ({"flows": 1, "flows_new": 0}, 1)
+    balancer.set_admin("disable", "default", "backend1")
     before = removed(balancer)
     assert before == {"expired": 1, "reopened": 0, "ended": 2, "evicted": 1,
                       "replies_restored": 1}
