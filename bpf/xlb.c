@@ -271,24 +271,31 @@ static __always_inline int flow_idle(struct flow *f, __u64 seen, __u64 now)
 	return f->timeout && now > seen && now - seen > f->timeout * NSEC_PER_SEC;
 }
 
+/* Whether the connection of entry f (of key, in flows_new if in_new) is
+ * alive: not idle past its timeout both ways. One-way traffic keeps it, as
+ * the sweep counts it: the other entry is looked at only when f is idle. */
+static __always_inline int flow_alive(struct flow_key *key, struct flow *f, int in_new, __u64 now)
+{
+	struct flow_key other = {};
+	struct flow *o;
+
+	if (!flow_idle(f, f->seen, now))
+		return 1;
+	partner_key(key, f, &other);
+	o = in_new ? flows_new.lookup(&other) : flows.lookup(&other);
+	return o && !flow_idle(f, o->seen, now);
+}
+
 /* Whether the forward entry f (of key, in flows_new if in_new) still carries
  * this packet. A SYN on a closing flow, or on one whose backend takes no new
- * flows, opens a new connection (a client reusing its port); a connection
- * idle past its timeout both ways is dead (one-way traffic keeps it, as the
- * sweep counts it: the reply entry is looked at only when f is idle). */
+ * flows, opens a new connection (a client reusing its port); a dead
+ * connection (flow_alive) is gone. */
 static __always_inline int flow_fate(struct flow_key *key, struct packet *pkt, struct flow *f,
 				     int in_new, __u64 now)
 {
-	struct flow_key other = {};
-	struct flow *r;
-
 	if (packet_opens(pkt) && (f->state == FLOW_CLOSING || backend_closed(f)))
 		return FLOW_REOPENED;
-	if (!flow_idle(f, f->seen, now))
-		return FLOW_ALIVE;
-	partner_key(key, f, &other);
-	r = in_new ? flows_new.lookup(&other) : flows.lookup(&other);
-	return r && !flow_idle(f, r->seen, now) ? FLOW_ALIVE : FLOW_EXPIRED;
+	return flow_alive(key, f, in_new, now) ? FLOW_ALIVE : FLOW_EXPIRED;
 }
 
 /* Removes a dead connection (both entries) from its table and counts why. */
@@ -720,7 +727,10 @@ static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethh
 	key.dport = err.ports->source;
 	key.proto = err.inner->protocol;
 	f = flow_find(&key, &in_new);
-	if (!f || f->dir != (is_vip ? FLOW_FORWARD : FLOW_REPLY))
+	/* A dead connection's server may serve another client on that port by
+	 * now: its error is not about it. */
+	if (!f || f->dir != (is_vip ? FLOW_FORWARD : FLOW_REPLY) ||
+	    !flow_alive(&key, f, in_new, xlb_now()))
 		return is_vip ? XLB_DROP_NO_SERVICE : XLB_PASS_NOT_VIP;
 	if (is_vip) {
 		/* About a reply, VIP -> client: the backend sent it. */
@@ -735,6 +745,10 @@ static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethh
 	return XLB_ICMP_TO_CLIENT;
 }
 
+/* How long a datagram's fragments may take to arrive: the kernel's default
+ * ipfrag_time, after which a receiver drops what it could not reassemble. */
+#define XLB_FRAG_SECONDS 30
+
 /* A fragment but the first: no ports, so it goes where its first fragment
  * went, found by addresses and IP id (remember_fragment), with its address
  * alone rewritten, and through the kernel (rare enough to leave it the
@@ -744,8 +758,11 @@ static __always_inline enum xlb_reason later_fragment(struct iphdr *ip, int is_v
 {
 	struct frag_key fk = frag_key_of(ip);
 	struct flow *f = frags.lookup(&fk);
+	__u64 now = xlb_now();
 
-	if (!f)
+	/* An entry older than a reassembly may last is an earlier datagram's,
+	 * whose IP id this one reuses. */
+	if (!f || (now > f->seen && now - f->seen > XLB_FRAG_SECONDS * NSEC_PER_SEC))
 		return vip_or_pass(ip, is_vip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP);
 	if (ip->ttl <= 1)
 		return XLB_TTL_EXPIRED;		/* as send() */

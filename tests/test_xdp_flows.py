@@ -1146,6 +1146,32 @@ def test_an_error_of_the_backend_goes_to_the_client(lb, fibnet, client):
     lb.expect("icmp_to_client")
 
 
+@pytest.mark.parametrize("about", ["reply", "forwarded"])
+def test_an_error_about_a_dead_connection_is_about_no_flow(lb, fibnet, short_timeouts, about):
+    """Once a connection is idle past its timeout both ways, its server may
+    serve another client on that port: an error about it is not translated,
+    as one about a flow no entry knows (dropped to the VIP, else passed)."""
+    sport = 53900 + len(about)
+    bid = handshake(lb, fibnet, sport)
+    be_addr, be_port = BACKENDS[bid]
+    if about == "reply":
+        frame = icmp_frame("10.1.1.2", VIP, ICMP(type=3, code=4, nexthopmtu=1200),
+                           quote(tcp_frame(VIP, CLIENT, 80, sport, flags="A")))
+        ifindex, alive, dead = fibnet.ifindex["ext"], "icmp_to_backend", "drop_no_service"
+    else:
+        frame = icmp_frame(be_addr, CLIENT, ICMP(type=3, code=3),
+                           quote(tcp_frame(CLIENT, be_addr, sport, be_port, flags="A")),
+                           eth_src=BACKEND_MAC)
+        ifindex, alive, dead = fibnet.ifindex["int"], "icmp_to_client", "pass_not_vip"
+    lb.send(frame, ifindex)
+    lb.expect(alive)                        # alive: translated
+    age(lb.dp, "flows", (CLIENT, VIP, sport, 80, TCP_P), 6)
+    age(lb.dp, "flows", (be_addr, CLIENT, be_port, sport, TCP_P), 6)
+    res = lb.send(frame, ifindex)
+    assert (res.action, res.data) == (XDP_DROP if about == "reply" else XDP_PASS, frame)
+    lb.expect(dead)
+
+
 # Fragments ---------------------------------------------------------------------------------
 
 def fragments(src, dst, sport, dport, ip_id, eth_src=CLIENT_MAC, eth_dst=LB_MAC, ttl=64,
@@ -1193,6 +1219,40 @@ def test_a_fragmented_datagram_goes_both_ways_as_its_flow(lb, fibnet):
         res = lb.send(sent, int_)
         assert (res.action, res.data) == (XDP_PASS, want)
         lb.expect("reply", flow=("out", SVC_UDP, bid, False))
+
+
+def test_a_later_fragment_of_a_reused_ip_id_is_not_the_earlier_datagrams(lb, fibnet):
+    """A later fragment whose IP id's first fragment came longer ago than a
+    reassembly may last (30 s) belongs to a later datagram, whose first this
+    node did not see: dropped to the VIP, passed the other way."""
+    ext, int_ = fibnet.ifindex["ext"], fibnet.ifindex["int"]
+    sport = 57100
+    query = fragments(CLIENT, VIP, sport, 80, 0x5301)
+    bid = backend_of(lb.send(query[0], ext).data)
+    be_addr, be_port = BACKENDS[bid]
+    answer = fragments(be_addr, CLIENT, be_port, sport, 0x6302, eth_src=BACKEND_MAC)
+    lb.send(answer[0], int_)
+    frags = lb.dp._maps["frags"]
+    mine = [k for k in frags.keys() if k.id in (socket.htons(0x5301), socket.htons(0x6302))]
+    assert len(mine) == 2
+    for k in mine:
+        v = frags[k]
+        v.seen -= 29 * SEC
+        frags[k] = v
+    for sent, ifindex, reason, way in ((query[1], ext, "forward", "in"),
+                                       (answer[1], int_, "reply", "out")):
+        lb.send(sent, ifindex)
+        lb.expect(reason, flow=(way, SVC_UDP, bid, False))      # 29 s: the same datagram
+    for k in mine:
+        v = frags[k]
+        v.seen -= 2 * SEC               # 31 s
+        frags[k] = v
+    res = lb.send(query[2], ext)
+    assert (res.action, res.data) == (XDP_DROP, query[2])
+    lb.expect("drop_fragment")
+    res = lb.send(answer[2], int_)
+    assert (res.action, res.data) == (XDP_PASS, answer[2])
+    lb.expect("pass_not_vip")
 
 
 @pytest.mark.parametrize("frame, action, reason", [
