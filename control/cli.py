@@ -563,9 +563,9 @@ def bird(router, local_as, peer_as, table, router_id, config) -> None:
     when the node fails.
     """
     from . import ha as hamod
-    from .model import parse_address, parse_host
+    from .model import parse_host
     router_ip = _valid("--router", parse_host, router)
-    rid = _valid("--router-id", parse_address, router_id) if router_id else None
+    rid = _valid("--router-id", hamod.parse_router_id, router_id) if router_id else None
     _valid("--table", hamod.check_table, table)
     if local_as == peer_as:
         raise BadInput(f"--peer-as {peer_as}: the same as --as; the config is for eBGP, "

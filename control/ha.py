@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Iterable, Mapping
 
-from .model import Config, check_interface, has_space, parse_host
+from .model import Config, check_interface, has_space, parse_address, parse_host
 
 ROLES = ("active", "backup")
 # keepalived's FIFO lines name a state; MASTER makes xlb active, every other
@@ -73,6 +73,16 @@ def check_table(table: int) -> int:
         raise ValueError(f"table {table}: give a routing table of xlb's own, 1 to 2^32-1 "
                          f"except the kernel's 253-255 (default, main, local)")
     return table
+
+
+def parse_router_id(text: str) -> IPv4Address:
+    """A BGP identifier (RFC 6286): any 32-bit value but 0, which BIRD would
+    silently replace with one of its own choosing."""
+    rid = parse_address(text)
+    if rid == IPv4Address(0):
+        raise ValueError("0.0.0.0 is no router id (BGP needs one other than 0); leave "
+                         "--router-id out for BIRD to pick one")
+    return rid
 
 
 class Announcer:

@@ -202,6 +202,8 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
     (["ha", "bird", "--router", "10.1.2.1", "--as", "65001", "--peer-as", "65000",
       "--table", "254", str(SEED)], "--table: table 254"),
     (["ha", "bird", "--router", "10.1.2.1", "--as", "65001", "--peer-as", "65000",
+      "--router-id", "0.0.0.0", str(SEED)], "--router-id: 0.0.0.0 is no router id"),
+    (["ha", "bird", "--router", "10.1.2.1", "--as", "65001", "--peer-as", "65000",
       "/nonexistent.toml"], "/nonexistent.toml"),
     (["up", "--vip", "10.1.1.101:80", "--backend", "10.1.11.101:8080",
       "--announce-table", "255"], "--announce-table: table 255"),
