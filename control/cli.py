@@ -320,7 +320,7 @@ def status(as_json: bool) -> None:
 
     Exits 1 when none runs, and 3 when its data path runs without its control
     process (after a crash): it forwards with its last state, `xlb up` adopts
-    it, `xlb down` removes it.
+    it, `xlb down` removes it. Only root can see such a data path.
     """
     try:
         result = ctl.request("status")
@@ -588,9 +588,11 @@ def _request(cmd: str, **args):
 
 def _orphan(detach: bool = False) -> dict | None:
     """The data path of this namespace when no control process runs (found
-    through the kernel's objects), described; detached first if asked."""
+    through the kernel's objects), described; detached first if asked. Only
+    root can see those objects: anyone else is told so, not that none runs."""
     if os.geteuid() != 0:
-        return None
+        raise Failure("no xlb control process runs in this network namespace; whether its "
+                      "data path runs without it, only root can see")
     from .datapath import find_running     # imports bcc only when it is needed
     running = find_running()
     if running is None:

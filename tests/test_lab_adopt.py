@@ -212,6 +212,12 @@ def test_status_and_down_of_a_data_path_without_its_control_process(lab):
     assert {i["name"]: i["mode"] for i in orphan["interfaces"]} == {"eth0": "native",
                                                                     "eth1": "native"}
     assert orphan["flows"]["entries"] >= 2 * 11     # two entries per connection
+    for cmd in ("status", "down"):      # only root can see the data path: not "none runs"
+        r = lab.run("lb", str(XLB), cmd, user="65534")
+        assert (r.returncode, r.stdout) == (1, ""), r.stderr
+        assert r.stderr == ("xlb: error: no xlb control process runs in this network namespace; "
+                            "whether its data path runs without it, only root can see\n")
+    assert set(lab.xdp_attached("lb")) == {"eth0", "eth1"}
     down = lab.xlb_cmd("down")
     assert down.returncode == 0, down.stderr
     assert f"removed the data path that ran without its control process (program " \
