@@ -624,13 +624,14 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, sync_tar
         async with lock:
             try:
                 result = await asyncio.to_thread(_dispatch, balancer, request_stop, cmd, req)
-            except Exception:
                 if cmd == "apply":
+                    await sync_targets()
+            except Exception:
+                if cmd == "apply":      # counted as answered
                     balancer.applies["error"] += 1
                 raise
             if cmd == "apply":
                 balancer.applies["ok"] += 1
-                await sync_targets()
         return {"ok": True, "result": result}
     except ConfigError as e:
         log.event(cmd, level="warning", error="invalid config: nothing applied",

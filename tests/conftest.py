@@ -86,3 +86,22 @@ def fibnet(root):
              "10.1.11.102": (BACKEND_MAC, "int"), "10.1.13.101": (BACKEND_MAC, "small"),
              "10.1.14.101": (BACKEND_MAC, "nofwd")}) as net:
         yield net
+
+
+@pytest.fixture
+def balancer(root, fibnet):
+    """A Balancer serving 10.1.1.101:80 by 10.1.11.101:8080 alone (as `xlb up`
+    does, without links) on a Datapath of its own: nothing was ever evicted
+    from its tables."""
+    from xlb.daemon import Balancer
+    from xlb.datapath import Datapath
+    from xlb.model import from_flags
+
+    dp = Datapath()
+    try:
+        dp.set_forwarding(True)
+        b = Balancer(dp)
+        b.apply(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"]), relink=False)
+        yield b
+    finally:
+        dp.close()

@@ -880,24 +880,6 @@ def test_without_owners_a_backends_packet_no_entry_knows_passes(lb, fibnet):
 
 # What left the tables, counted -------------------------------------------------------------
 
-@pytest.fixture
-def balancer(root, fibnet):
-    """A Balancer serving VIP:80 by backend 1 alone (as `xlb up` does, without
-    links) on a Datapath of its own: nothing was ever evicted from its tables."""
-    from xlb.daemon import Balancer
-    from xlb.datapath import Datapath
-    from xlb.model import from_flags
-
-    dp = Datapath()
-    try:
-        dp.set_forwarding(True)
-        b = Balancer(dp)
-        b.apply(from_flags([f"{VIP}:80"], ["{}:{}".format(*BACKENDS[1])]), relink=False)
-        yield b
-    finally:
-        dp.close()
-
-
 def removed(b) -> dict[str, int]:
     flows = b.status()["flows"]
     return {**flows["removed"], "replies_restored": flows["replies_restored"]}
