@@ -520,7 +520,13 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, xlb_
         raise BadInput(f"--advert-int: {advert_int:g} is not a whole number of "
                        f"hundredths of a second (keepalived's unit)")
     _valid("--fifo", hamod.check_keepalived_path, fifo)
-    if xlb_path is not None:
+    if xlb_path is None:
+        try:
+            xlb_path = hamod.check_keepalived_path(os.path.abspath(sys.argv[0]))
+        except ValueError as e:
+            raise BadInput(f"--xlb not given, and this xlb's own path: {e}; give --xlb") \
+                from None
+    else:
         _valid("--xlb", hamod.check_keepalived_path, xlb_path)
     if not gateways:
         raise BadInput("--gateway: at least one is needed (keepalived's VRRPv3 refuses an "
@@ -536,7 +542,7 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, xlb_
         if g.address.ip in vips:
             raise BadInput(f"--gateway {g.address}: a VIP must not be a local address "
                            f"(xlb answers its ARP)")
-    click.echo(hamod.keepalived_conf(cfg, xlb=xlb_path or os.path.abspath(sys.argv[0]),
+    click.echo(hamod.keepalived_conf(cfg, xlb=xlb_path,
                                      peer=peer_ip,
                                      interface=interface, priority=priority,
                                      advert_int=advert_int, vrid=vrid, fifo=fifo,

@@ -138,12 +138,18 @@ class Gateway:
         return cls(iface, check_keepalived_word(dev) if at else None)
 
 
+# What keepalived's config parser reads as more than a character: comments,
+# blocks, quotes and escapes (keepalived -t refuses or splits a word with them).
+KEEPALIVED_SPECIAL = "#!{}\"'\\"
+
+
 def check_keepalived_word(name: str) -> str:
     """An interface name as keepalived reads it: one the kernel allows, with no
-    character that starts a comment in keepalived's config."""
+    character that keepalived's config parser reads specially."""
     check_interface(name)
-    if "#" in name or "!" in name:
-        raise ValueError(f"{name!r}: keepalived reads '#' and '!' as the start of a comment")
+    if any(c in name for c in KEEPALIVED_SPECIAL):
+        raise ValueError(f"{name!r}: keepalived reads # ! {{ }} quotes and backslashes "
+                         f"specially")
     return name
 
 
@@ -151,9 +157,9 @@ def check_keepalived_path(path: str) -> str:
     """A path written into keepalived's config, which keepalived reads as one word."""
     if not path:
         raise ValueError("a path cannot be empty")
-    if has_space(path) or any(c in path for c in '"#!'):
-        raise ValueError(f"{path!r} contains whitespace, a quote or a comment character "
-                         f"('#', '!'), which keepalived would misread")
+    if has_space(path) or any(c in path for c in KEEPALIVED_SPECIAL):
+        raise ValueError(f"{path!r} contains whitespace, # ! {{ }}, a quote or a backslash, "
+                         f"which keepalived would misread")
     return path
 
 

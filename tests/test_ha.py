@@ -190,10 +190,17 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
                                                "hundredths of a second"),
     ([*KA, "--advert-int", "0.015", str(SEED)], "--advert-int: 0.015 is not a whole number"),
     ([*KA, "--fifo", "", str(SEED)], "--fifo: a path cannot be empty"),
-    ([*KA, "--xlb", '/opt/x"y', str(SEED)], "--xlb: '/opt/x\"y' contains whitespace, a quote"),
+    ([*KA, "--xlb", '/opt/x"y', str(SEED)], "--xlb: '/opt/x\"y' contains whitespace, # ! { }"),
+    ([*KA, "--xlb", "/opt/x'y", str(SEED)], "--xlb: \"/opt/x'y\" contains whitespace"),
+    ([*KA, "--fifo", "/run/x{y", str(SEED)], "--fifo: '/run/x{y' contains whitespace"),
     ([*KA, "--xlb", "/opt/my xlb/xlb", str(SEED)], "--xlb: '/opt/my xlb/xlb' contains"),
     (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth#0", str(SEED)],
-     "--interface: 'eth#0': keepalived reads '#' and '!' as the start of a comment"),
+     "--interface: 'eth#0': keepalived reads # ! { } quotes and backslashes specially"),
+    (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "e{1", str(SEED)],
+     "--interface: 'e{1': keepalived reads"),
+    (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", 'q"1', str(SEED)],
+     "--interface: 'q\"1': keepalived reads"),
+    ([*KA, "--gateway", "10.1.11.1/24@e}2", str(SEED)], "--gateway: 'e}2': keepalived"),
     ([*KA, "--gateway", "10.1.11.1/24@eth!2", str(SEED)], "--gateway: 'eth!2': keepalived"),
     (["ha", "bird", "--router", "10.1.2.1", "--as", "65001", "--peer-as", "65001", str(SEED)],
      "--peer-as 65001: the same as --as"),
@@ -226,3 +233,20 @@ def test_role_metrics():
     assert samples(metrics.render(st, {}))[("xlb_bgp_announcing", (("vip", "10.1.1.101"),))] == 1
     st["ha"] = {"role": "active", "announce_table": None, "announcing": []}
     assert not any(k[0] == "xlb_bgp_announcing" for k in samples(metrics.render(st, {})))
+
+
+def test_an_xlb_at_a_path_keepalived_would_misread_needs_xlb(tmp_path):
+    """Without --xlb, the config runs this xlb by its own path: one with a
+    space would be split by keepalived, and `xlb ha follow` would never run."""
+    (tmp_path / "bin dir").mkdir()
+    xlb = tmp_path / "bin dir" / "xlb"
+    xlb.symlink_to(ROOT / ".venv" / "bin" / "xlb")
+    args = [*KA, "--gateway", "10.1.11.1/24", str(SEED)]
+    r = subprocess.run([str(xlb), *args], capture_output=True, text=True)
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == (f"xlb: error: --xlb not given, and this xlb's own path: {str(xlb)!r} "
+                        f"contains whitespace, # ! {{ }}, a quote or a backslash, which "
+                        f"keepalived would misread; give --xlb\n")
+    r = subprocess.run([str(xlb), *args, "--xlb", "/usr/local/bin/xlb"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "/usr/local/bin/xlb ha follow" in r.stdout, r.stderr
