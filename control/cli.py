@@ -8,6 +8,7 @@ import math
 import os
 import re
 import select
+import signal
 import stat
 import sys
 import time
@@ -436,12 +437,14 @@ def role(role: str) -> None:
 @click.argument("fifo", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def follow(instance: str, fifo: Path) -> None:
     """Follow keepalived's notify FIFO: MASTER makes xlb active; BACKUP, FAULT
-    and STOP make it backup.
+    and STOP make it backup, and so does keepalived stopping.
 
     keepalived starts this as its vrrp_notify_fifo_script (see `xlb ha
     keepalived`) and it runs as long as keepalived: one process for all
-    changes, where a notify script would start one per change. A role that
-    cannot be delivered (xlb not running) is retried every 0.5 s.
+    changes, where a notify script would start one per change. keepalived
+    says a role once: a role that cannot be delivered (xlb not running) is
+    retried every second, and an instance started anew (after `xlb down`, a
+    restart) is told the role again.
     """
     from .ha import keepalived_role
     from .model import has_space
@@ -451,20 +454,48 @@ def follow(instance: str, fifo: Path) -> None:
         # A file or device would be read to its end over and over, at once.
         raise BadInput(f"{fifo}: not a FIFO (keepalived's vrrp_notify_fifo)")
     fd = os.open(fifo, os.O_RDWR)     # a reader that is also a writer never sees EOF
-    pending, buf = None, b""
-    while True:
-        ready, _, _ = select.select([fd], [], [], 0.5 if pending else None)
-        if ready:
-            buf += os.read(fd, 4096)
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                pending = keepalived_role(line.decode(errors="replace"), instance) or pending
-        if pending:
-            try:
-                ctl.request("role", role=pending, timeout=2.0)
-                pending = None
-            except (ctl.NotRunning, ctl.ControlError, OSError) as e:
-                click.echo(f"xlb ha follow: role {pending} not delivered yet: {e}", err=True)
+    # A stopping keepalived gives up the gateway and ends this with SIGTERM,
+    # writing no line that says so.
+    signal.signal(signal.SIGTERM, _keepalived_stops)
+    wanted, told, failing, buf = None, None, False, b""
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], FOLLOW_POLL if wanted else None)
+            if ready:
+                buf += os.read(fd, 4096)
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    role = keepalived_role(line.decode(errors="replace"), instance)
+                    if role:
+                        wanted, told = role, None
+            if wanted:
+                try:
+                    pid = ctl.request("ping", timeout=2.0)["pid"]
+                    if pid != told:
+                        ctl.request("role", role=wanted, timeout=2.0)
+                        told, failing = pid, False
+                except (ctl.NotRunning, ctl.ControlError, OSError) as e:
+                    if not failing:
+                        click.echo(f"xlb ha follow: role {wanted} not delivered yet, retried "
+                                   f"every {FOLLOW_POLL:g} s: {e}", err=True)
+                    failing = True
+    except _KeepalivedStops:
+        try:
+            ctl.request("role", role="backup", timeout=2.0)
+        except (ctl.NotRunning, ctl.ControlError, OSError) as e:
+            click.echo(f"xlb ha follow: keepalived stops; role backup not delivered: {e}",
+                       err=True)
+
+
+FOLLOW_POLL = 1.0   # seconds between looks at the instance, while keepalived has said a role
+
+
+class _KeepalivedStops(Exception):
+    pass
+
+
+def _keepalived_stops(signum, frame):
+    raise _KeepalivedStops
 
 
 def _valid(option: str, check, value):

@@ -660,7 +660,7 @@ def _field(req: dict, name: str) -> str:
 
 def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
     if cmd == "ping":
-        return "pong"
+        return {"pid": os.getpid()}     # who answers: `xlb ha follow` tells a new instance
     if cmd == "status":
         return balancer.status()
     if cmd == "show":

@@ -17,7 +17,7 @@
 # role through `xlb ha follow`. The priorities are close (250, 240): a backup
 # waits (256 - priority)/256 of an advert interval beyond 3 missed adverts.
 #
-# Usage: ha-pair.sh up | down | keepalived NODE CONFIG | crash NODE | exec NODE CMD...
+# Usage: ha-pair.sh up | down | keepalived NODE CONFIG | stop-keepalived NODE | crash NODE | exec NODE CMD...
 set -eu
 export XLB_LAB=${XLB_LAB:-xlbk}
 # shellcheck source=lab.sh
@@ -66,6 +66,19 @@ start_keepalived() {
         </dev/null >>"$RUN/$node-keepalived.log" 2>&1 &
 }
 
+# stop-keepalived NODE: keepalived stops as `systemctl stop` stops it (SIGTERM):
+# it resigns (priority 0), gives up the gateway and ends `xlb ha follow`.
+stop_keepalived() {
+    local pid i
+    pid=$(cat "$RUN/$1-keepalived.pid") || die "no keepalived runs on '$1'"
+    kill -TERM "$pid"
+    for i in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    die "keepalived on '$1' did not stop within 5 s"
+}
+
 # crash NODE: the node dies at once: every process in it (keepalived, its VRRP
 # child, xlb ha follow, xlb) is frozen, the switch drops its frames (see silence
 # in lab.sh), then the processes are killed. Frozen first: keepalived's VRRP child
@@ -89,6 +102,7 @@ case $cmd in
     up) pair_up ;;
     down) cmd_down ;;
     keepalived) [ $# -eq 2 ] || usage; start_keepalived "$1" "$2" ;;
+    stop-keepalived) [ $# -eq 1 ] || usage; stop_keepalived "$1" ;;
     crash) [ $# -eq 1 ] || usage; crash "$1" ;;
     exec) cmd_exec "$@" ;;
     *) usage ;;

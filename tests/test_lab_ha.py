@@ -3,8 +3,9 @@
 With roles switched by hand (`xlb ha role`, the servers' gateway moved by the
 test as keepalived would move it): xlb answers ARP only on the active node and
 announces itself, and a restarted `xlb up` keeps its node's role. With real
-keepalived electing (VRRP): a failover under load, the active node crashing
-while a client opens a new connection every 20 ms and holds long-lived ones."""
+keepalived: its role told again to a restarted xlb, and its stop followed; a
+failover under load, the active node crashing while a client opens a new
+connection every 20 ms and holds long-lived ones."""
 
 from __future__ import annotations
 
@@ -119,8 +120,31 @@ def test_a_restart_keeps_the_role_of_the_running_data_path(pair, config):
     gateway_on(pair, None)
 
 
+def role(lab: Lab, node: str) -> str:
+    return lab.status(node)["ha"]["role"]
+
+
+def test_keepalived_is_followed_across_a_restart_of_xlb_and_its_own_stop(pair, config):
+    """keepalived alone on lb1 becomes MASTER and says so once. xlb restarted
+    as the README starts it (`xlb down`, then `--role backup`) is told again
+    by `xlb ha follow`; keepalived stopped (systemd's SIGTERM) gives up the
+    gateway and writes nothing more: its node must go silent too, or it would
+    answer ARP for the VIPs beside the peer that takes over."""
+    with pair.xlb("--config", str(config), "--role", "backup", node="lb1") as x1:
+        pair._lab("keepalived", "lb1", str(config))
+        wait_for(lambda: role(pair, "lb1") == "active", 10, "keepalived alone is MASTER")
+        pair.xlb_cmd("down", node="lb1", check=True)
+        assert x1.proc.wait(15) == 0
+    with pair.xlb("--config", str(config), "--role", "backup", node="lb1"):
+        wait_for(lambda: role(pair, "lb1") == "active", 5, "follow tells the new instance")
+        assert curl_ok(pair)
+        pair._lab("stop-keepalived", "lb1")
+        wait_for(lambda: role(pair, "lb1") == "backup", 5, "xlb follows keepalived's stop")
+    gateway_on(pair, None)
+
+
 def active_node(lab: Lab) -> str | None:
-    roles = {n: lab.status(n)["ha"]["role"] for n in ("lb1", "lb2")}
+    roles = {n: role(lab, n) for n in ("lb1", "lb2")}
     active = [n for n, r in roles.items() if r == "active"]
     return active[0] if len(active) == 1 else None
 
