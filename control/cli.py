@@ -428,7 +428,9 @@ def role(role: str) -> None:
     """
     r = _request("role", role=role)
     _warn(r)
-    click.echo(f"xlb: {r['previous']} -> {r['role']}; {r['gratuitous_arps']} gratuitous ARPs sent")
+    unsent = r["gratuitous_arps_unsent"]
+    click.echo(f"xlb: {r['previous']} -> {r['role']}; {r['gratuitous_arps']} gratuitous ARPs sent"
+               + (f", not sent: {'; '.join(unsent)}" if unsent else ""))
 
 
 @ha.command()

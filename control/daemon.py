@@ -146,9 +146,12 @@ class Balancer:
         except Exception:
             self.role = was
             raise
-        garps = ha.send_garp(self.state.arp) if role == "active" and was != "active" else 0
-        log.event("role", old=was, new=role, gratuitous_arps=garps)
-        return {"role": role, "previous": was, "gratuitous_arps": garps}
+        garps, unsent = ha.send_garp(self.state.arp) if role == "active" and was != "active" \
+            else (0, [])
+        log.event("role", level="warning" if unsent else "info", old=was, new=role,
+                  gratuitous_arps=garps, unsent="; ".join(unsent) or None)
+        return {"role": role, "previous": was, "gratuitous_arps": garps,
+                "gratuitous_arps_unsent": unsent}
 
     def adopt(self, config: Config, admin: dict[Key, str] | None = None) -> None:
         """Takes over maps that a previous control process filled for `config`

@@ -48,15 +48,22 @@ def garp_frame(mac: bytes, vip: IPv4Address) -> bytes:
     return b"\xff" * 6 + mac + struct.pack("!H", ETH_P_ARP) + arp
 
 
-def send_garp(arp: Mapping[tuple[int, IPv4Address], bytes]) -> int:
+def send_garp(arp: Mapping[tuple[int, IPv4Address], bytes]) -> tuple[int, list[str]]:
     """Sends a gratuitous ARP for each (ifindex, VIP) -> link MAC, as the planner's
-    ARP entries list them; returns how many were sent."""
-    sent = 0
+    ARP entries list them. Returns how many were sent, and why the others were
+    not ("VIP on LINK: reason"): a link that is down, or gone, takes none, and
+    the other links still get theirs."""
+    sent, unsent = 0, []
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
         for (ifindex, vip), mac in arp.items():
-            s.sendto(garp_frame(mac, vip), (socket.if_indextoname(ifindex), ETH_P_ARP))
-            sent += 1
-    return sent
+            name = f"ifindex {ifindex}"
+            try:
+                name = socket.if_indextoname(ifindex)
+                s.sendto(garp_frame(mac, vip), (name, ETH_P_ARP))
+                sent += 1
+            except OSError as e:
+                unsent.append(f"{vip} on {name}: {e.strerror}")
+    return sent, unsent
 
 
 # --- the routes BIRD announces -------------------------------------------------------

@@ -5,6 +5,7 @@ role metrics, and the `xlb ha` commands' bad input."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -250,3 +251,44 @@ def test_an_xlb_at_a_path_keepalived_would_misread_needs_xlb(tmp_path):
     r = subprocess.run([str(xlb), *args, "--xlb", "/usr/local/bin/xlb"], capture_output=True,
                        text=True)
     assert r.returncode == 0 and "/usr/local/bin/xlb ha follow" in r.stdout, r.stderr
+
+
+GARP_PROBE = """
+import json, socket
+from ipaddress import IPv4Address
+from xlb import ha
+vip, mac = IPv4Address("10.1.1.101"), bytes.fromhex("020000000b01")
+listen = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+listen.bind(("up1", 0))
+listen.settimeout(2)
+sent, unsent = ha.send_garp({(socket.if_nametoindex("down0"), vip): mac,
+                             (socket.if_nametoindex("up0"), vip): mac, (99999, vip): mac})
+print(json.dumps([sent, unsent, listen.recv(100)[:42].hex()]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="links of its own need root, for a namespace")
+def test_a_gratuitous_arp_that_cannot_go_out_leaves_the_others_going(tmp_path):
+    """Becoming active, xlb announces each VIP on each of its links: a link
+    that is down (or gone) takes none, and says so, and the next still gets
+    its own."""
+    ns = f"xlbga-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for pair, state in (("up", "up"), ("down", "down")):
+            subprocess.run(["ip", "-n", ns, "link", "add", f"{pair}0", "type", "veth", "peer",
+                            f"{pair}1"], check=True)
+            for end in "01":
+                subprocess.run(["ip", "-n", ns, "link", "set", f"{pair}{end}", state],
+                               check=True)
+        r = subprocess.run(["ip", "netns", "exec", ns, str(ROOT / ".venv" / "bin" / "python"),
+                            "-c", GARP_PROBE], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        sent, unsent, frame = json.loads(r.stdout)
+        assert sent == 1
+        assert unsent == ["10.1.1.101 on down0: Network is down",
+                          "10.1.1.101 on ifindex 99999: No such device or address"]
+        assert bytes.fromhex(frame) == ha.garp_frame(bytes.fromhex("020000000b01"),
+                                                     IPv4Address("10.1.1.101"))
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
