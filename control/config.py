@@ -255,6 +255,7 @@ class _Loader:
             self.problem("frontends", "at least one frontend is required")
         self.check_services()
         self.check_capacity([f for f in frontends if f], {p.name: p for p in pools if p})
+        self.check_weights([p for p in pools if p])
         self.check_adopt([f for f in frontends if f], {p.name: p for p in pools if p})
 
         if self.problems:
@@ -371,6 +372,24 @@ class _Loader:
                 self.problem(f"{path}.servers[{i}]", f"{s.name!r} is {s.address}:{s.port}, as "
                                                      f"{other!r}: one server twice")
         return Pool(name=name, servers=members, **values)
+
+    def check_weights(self, pools: list[Pool]) -> None:
+        """A weight that no pool of its server honours: roundrobin gives every
+        server the same share, where HAProxy's roundrobin, which a config may be
+        copied from, honours weights."""
+        honoured, ignored = set(), {}
+        for pool in pools:
+            for s in pool.servers:
+                if pool.algorithm == "roundrobin":
+                    ignored.setdefault(s.name, (s.weight, pool.name))
+                else:
+                    honoured.add(s.name)
+        for name, (weight, pool) in ignored.items():
+            if weight != 1 and name not in honoured:
+                self.problem(f"servers.{name}.weight",
+                             f"{weight}, but its pools are roundrobin (pools.{pool}), which "
+                             f'gives every server the same share: algorithm = "weighted" '
+                             f"honours weights")
 
     def check_capacity(self, frontends: list[Frontend], pools: dict[str, Pool]) -> None:
         """No more than the data plane's maps hold, as `xlb up` and `apply` would

@@ -416,6 +416,15 @@ BAD = [
                                        extra='[servers.twin]\naddress = "10.1.11.101"\n'
                                              'port = 8080'),
      [("pools.web.servers[1]", "'twin' is 10.1.11.101:8080, as 'was1': one server twice")]),
+    ("weights-in-a-roundrobin-pool", doc(server=SERVER + "\nport = 8080\nweight = 3",
+                                         pool='servers = ["was1", "was2"]',
+                                         extra='[servers.was2]\naddress = "10.1.11.102"\n'
+                                               'port = 8080\nweight = 2\n[pools.w]\n'
+                                               'servers = ["was1"]\n[pools.x]\n'
+                                               'servers = ["was2"]\nalgorithm = "weighted"'),
+     [("servers.was1.weight", "3, but its pools are roundrobin (pools.web), which gives "
+                              "every server the same share: algorithm = \"weighted\" honours "
+                              "weights")]),
     ("interval-not-finite", doc(monitor("interval = inf", "timeout = nan")),
      [("monitors.m.interval", "must be a positive number of seconds, got inf"),
       ("monitors.m.timeout", "must be a positive number of seconds, got nan")]),
