@@ -283,6 +283,9 @@ def apply(file: Path | None) -> None:
     click.echo(f"xlb: applied {file} in {r['validate_seconds'] + r['apply_seconds']:.3f}s: "
                f"{r['frontends']} frontends, {r['pools']} pools, {r['servers']} servers; "
                f"{r['flows_ended']} flows ended; serving {r['config']}")
+    for forgotten in r["admin_forgotten"]:
+        click.echo(f"xlb: warning: forgot {forgotten}: the config has no such server in "
+                   f"that pool", err=True)
 
 
 def _warn(reply: dict) -> None:

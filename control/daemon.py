@@ -87,7 +87,8 @@ class Balancer:
         else:
             links = list(self.links.values())
         keys = {(p.name, s.name) for p in config.pools for s in p.servers}
-        admin = {k: v for k, v in (self.admin if admin is None else admin).items() if k in keys}
+        wanted = self.admin if admin is None else admin
+        admin = {k: v for k, v in wanted.items() if k in keys}
         states = self._server_states(config, admin)
         lim = self.datapath.limits
         target = planner.desired(config, links, self.state, lim.max_services, lim.max_backends,
@@ -122,8 +123,13 @@ class Balancer:
                 self.last_apply = time.time()
         self.check_durations.forget_except(keys)
         self._announce()
+        # Drain and maint belong to a server of a pool: a pool renamed, or a
+        # server moved, loses them, which the operator should hear of.
         return {"frontends": len(config.frontends), "pools": len(config.pools),
-                "servers": len(keys), "flows_ended": sum(ended.values())}
+                "servers": len(keys), "flows_ended": sum(ended.values()),
+                "admin_forgotten": [f"{state} of {server} in pool {pool}"
+                                    for (pool, server), state in sorted(wanted.items())
+                                    if (pool, server) not in keys]}
 
     def _announce(self) -> None:
         """Announces the VIPs served while active. A route that cannot be written
@@ -679,9 +685,11 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
         result = balancer.apply(cfg, relink=True)
         t2 = time.perf_counter()
         balancer.config_path = Path(path)    # from now on, the file this instance serves
-        log.event("apply", result="ok", seconds=t2 - t0, config=path, **result)
-        return {**result, "validate_seconds": t1 - t0, "apply_seconds": t2 - t1,
-                "config": path, "warning": balancer.remember()}
+        forgotten = result.pop("admin_forgotten")
+        log.event("apply", result="ok", seconds=t2 - t0, config=path, **result,
+                  admin_forgotten="; ".join(forgotten) or None)
+        return {**result, "admin_forgotten": forgotten, "validate_seconds": t1 - t0,
+                "apply_seconds": t2 - t1, "config": path, "warning": balancer.remember()}
     if cmd == "server":
         action = _field(req, "action")
         if action not in ADMIN_ACTIONS:

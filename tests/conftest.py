@@ -104,4 +104,5 @@ def balancer(root, fibnet):
         b.apply(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"]), relink=False)
         yield b
     finally:
+        dp.detach_all()         # a relinking apply attaches it to the FibNet's links
         dp.close()

@@ -44,3 +44,23 @@ def test_an_apply_whose_health_sync_fails_is_counted_an_error(balancer, tmp_path
     assert balancer.applies == {"ok": 0, "error": 1}
     assert answer(balancer, request, syncs)["ok"]
     assert balancer.applies == {"ok": 1, "error": 1}
+
+
+def test_an_apply_that_loses_a_drain_says_so(balancer, tmp_path):
+    """Drain and maint belong to a server of a pool: a config that renames the
+    pool loses them, and the apply names each one it forgot."""
+    balancer.set_admin("drain", "default", "backend1")
+    text = configfile.dump(balancer.config).replace('"default"', '"web"').replace(
+        "[pools.default]", "[pools.web]")
+
+    async def syncs():
+        pass
+
+    reply = answer(balancer, {"cmd": "apply", "text": text, "path": str(tmp_path / "x.toml")},
+                   syncs)
+    assert reply["ok"], reply
+    assert reply["result"]["admin_forgotten"] == ["drain of backend1 in pool default"]
+    assert balancer.admin == {} and balancer.states[("web", "backend1")] == "up"
+    reply = answer(balancer, {"cmd": "apply", "text": text, "path": str(tmp_path / "x.toml")},
+                   syncs)
+    assert reply["result"]["admin_forgotten"] == []
