@@ -127,11 +127,15 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
             max_services: int, max_backends: int, ring_size: int, max_maglev: int,
             states: Mapping[BackendKey, str] = {}, max_arp: int = MAX_ARP) -> DataplaneState:
     """`states` maps (pool, server) to server_state(); a missing key is "up"."""
-    backend_keys = [(p.name, s.name) for p in config.pools for s in p.servers]
-    backend_ids, retired_backends = _allocate(backend_keys,
-                                              {k: b.id for k, b in previous.backends.items()},
-                                              previous.retired_backends, max_backends,
-                                              "backends")
+    # Ids go by a server's name and where it is: a server given another address
+    # or port is a new server (a new id), and the flows still going to its old
+    # address stay on the old id, retired, as a removed server's do.
+    ids, retired_backends = _allocate([(p.name, s.name, s.address, s.port)
+                                       for p in config.pools for s in p.servers],
+                                      {(*k, b.address, b.port): b.id
+                                       for k, b in previous.backends.items()},
+                                      previous.retired_backends, max_backends, "backends")
+    backend_ids = {k[:2]: i for k, i in ids.items()}
     backends = {}
     for pool in config.pools:
         if pool.algorithm != "maglev" and len(pool.servers) > ring_size:
@@ -229,13 +233,15 @@ def flows_to_end(old: Config, old_states: Mapping[BackendKey, str], current: Dat
     """Established flows that a change ends: those of a server put in maint
     (disabled), those of a server that went down or away from a pool whose
     policy is "reset", and those of a frontend that is gone. Drained servers,
-    and gone or down servers under "keep", keep their flows."""
+    and gone or down servers under "keep", keep their flows. A server given
+    another address or port (a new id) is gone from its old one."""
     policies = {p.name: p.on_server_down for p in old.pools}
     policies.update({p.name: p.on_server_down for p in new.pools})
     ended = set()
     for key, b in current.backends.items():
         before = old_states.get(key, "up")
-        after = new_states.get(key, "up") if key in target.backends else "gone"
+        kept = key in target.backends and target.backends[key].id == b.id
+        after = new_states.get(key, "up") if kept else "gone"
         if after == before:
             continue
         if after == "maint" or (after in ("down", "gone") and before != "maint"

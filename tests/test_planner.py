@@ -60,18 +60,18 @@ def test_same_config_plans_nothing():
 
 def test_changed_backends_go_to_the_other_ring_before_the_switch():
     st = desired(SEED)
-    cfg = from_flags(["10.1.1.101:80"], ["10.1.11.102:8080", "10.1.11.103:8080",
-                                         "10.1.11.104:8080"])
+    cfg = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080", "10.1.11.102:8080",
+                                         "10.1.11.103:8080"])
     new = desired(cfg, st)
     svc = new.services[(A("10.1.1.101"), 80, 6)]
     assert svc.ring == 1                      # beside ring 0, which is in use
-    # kept names keep their ids; the new one takes an id the old state did not use
+    # kept servers keep their ids; the new one takes an id the old state did not use
     assert [new.backends[("default", f"backend{i}")].id for i in (1, 2, 3)] == [0, 1, 2]
     ops = planner.plan(st, new)
     names = [op[0] for op in ops]
     assert names.index("write_ring") < names.index("set_service")
     assert ("write_ring", 1, [0, 1, 2]) in ops
-    assert ("set_backend", 0, A("10.1.11.102"), 8080, False) in ops
+    assert ("set_backend", 2, A("10.1.11.103"), 8080, False) in ops
 
 
 def test_new_ids_avoid_ids_just_released():
@@ -181,6 +181,25 @@ def test_flows_of_a_removed_server_follow_the_policy(policy, ended):
     cur = desired(old)
     tgt = desired(new, cur)
     assert planner.flows_to_end(old, {}, cur, new, {}, tgt).backend_ids == ended
+
+
+@pytest.mark.parametrize("policy,ended", [("keep", set()), ("reset", {1})])
+@pytest.mark.parametrize("moved", [A("10.1.11.3"), 81], ids=["address", "port"])
+def test_a_server_given_another_address_or_port_is_a_new_server(policy, ended, moved):
+    """Its old id, which its flows to the old address name, is retired, and
+    its flows follow the pool's policy as a removed server's do; at the new
+    address it takes an id never used."""
+    old = _pool(S1, S2, on_server_down=policy)
+    s2 = replace(S2, address=moved) if isinstance(moved, A) else replace(S2, port=moved)
+    new = _pool(S1, s2, on_server_down=policy)
+    cur = desired(old)
+    tgt = desired(new, cur)
+    assert {k[1]: b.id for k, b in tgt.backends.items()} == {"s1": 0, "s2": 2}
+    assert tgt.retired_backends == {1}
+    assert planner.flows_to_end(old, {}, cur, new, {}, tgt).backend_ids == ended
+    ops = planner.plan(cur, tgt)
+    assert ("set_backend", 1, S2.address, S2.port, True) in ops      # closed to new flows
+    assert ("set_backend", 2, s2.address, s2.port, False) in ops
 
 
 def test_flows_of_a_removed_frontend_end():

@@ -11,6 +11,7 @@ import random
 import socket
 import threading
 import time
+from dataclasses import replace
 from ipaddress import IPv4Address
 
 import pytest
@@ -972,6 +973,38 @@ def test_a_control_process_that_adopts_the_data_path_goes_on_counting(balancer, 
         assert removed(adopted) == before
     finally:
         again.close()
+
+
+@pytest.mark.parametrize("policy", ["reset", "keep"])
+def test_a_server_given_another_address_is_a_new_server(balancer, fibnet, policy):
+    """An apply that moves a server (same name, another address) removes the
+    server at its old address and adds one at the new: the connections to the
+    old address follow the pool's on_server_down, as a removed server's do,
+    and none of them is the server's at its new address."""
+    dp, ext = balancer.datapath, fibnet.ifindex["ext"]
+    lb = Harness(dp)
+    config = balancer.config
+    pool = replace(config.pools[0], on_server_down=policy)
+    balancer.apply(replace(config, pools=(pool,)), relink=False)
+    old_id = balancer.state.backends[("default", "backend1")].id
+    assert handshake(lb, fibnet, 53400) == 1                    # 10.1.11.101
+    moved = replace(pool, servers=(replace(pool.servers[0], address=BACKENDS[2][0]),))
+    ended = balancer.apply(replace(config, pools=(moved,)), relink=False)["flows_ended"]
+
+    assert balancer.state.backends[("default", "backend1")].id != old_id
+    server = balancer.status()["pools"][0]["servers"][0]
+    assert (server["address"], server["active_flows"]) == (str(BACKENDS[2][0]), 0)
+    keys = [(CLIENT, VIP, 53400, 80, TCP_P), (BACKENDS[1][0], CLIENT, 8080, 53400, TCP_P)]
+    rows = {k: r for table in ("flows", "flows_new") for k, r in entries(dp, table).items()}
+    if policy == "reset":
+        assert ended == 1 and not rows.keys() & set(keys)
+        assert removed(balancer)["ended"] == 1
+    else:
+        assert ended == 0 and [rows[k].backend_id for k in keys] == [old_id, old_id]
+        res = lb.send(tcp_frame(CLIENT, VIP, 53400, 80, flags="PA", payload=b"GET /"), ext)
+        assert res.action == XDP_REDIRECT and backend_of(res.data) == 1
+        assert dp.flow_ledger().census.open.get(old_id) == 1
+    assert backend_of(lb.send(syn(53401), ext).data) == 2       # new flows: the new address
 
 
 # A flood of new flows -------------------------------------------------------------------
