@@ -69,9 +69,11 @@ class Balancer:
         return [Target.for_server(p.name, s, m) for p in self.config.pools for s in p.servers
                 if (m := self.config.monitor_for(p, s)) is not None and m.type != "none"]
 
-    def _server_states(self, config: Config, admin: dict[Key, str]) -> dict[Key, str]:
+    @staticmethod
+    def _server_states(config: Config, admin: dict[Key, str],
+                       health: dict[Key, str]) -> dict[Key, str]:
         return {(p.name, s.name): planner.server_state(s, admin.get((p.name, s.name)),
-                                                       self.health.get((p.name, s.name), "up"))
+                                                       health.get((p.name, s.name), "up"))
                 for p in config.pools for s in p.servers}
 
     def apply(self, config: Config, admin: dict[Key, str] | None = None, *,
@@ -86,10 +88,16 @@ class Balancer:
             _check_host(config, [link for link in links if link.name not in self.links])
         else:
             links = list(self.links.values())
-        keys = {(p.name, s.name) for p in config.pools for s in p.servers}
+        endpoints = {(p.name, s.name): (s.address, s.port)
+                     for p in config.pools for s in p.servers}
+        keys = set(endpoints)
         wanted = self.admin if admin is None else admin
         admin = {k: v for k, v in wanted.items() if k in keys}
-        states = self._server_states(config, admin)
+        # A server given another address or port is a new server (planner.desired):
+        # up until its first check there, whatever the checks of its old address said.
+        health = {k: v for k, v in self.health.items() if (b := self.state.backends.get(k))
+                  and endpoints.get(k) == (b.address, b.port)}
+        states = self._server_states(config, admin, health)
         lim = self.datapath.limits
         target = planner.desired(config, links, self.state, lim.max_services, lim.max_backends,
                                  lim.ring_size, lim.max_maglev, states, lim.max_arp)
@@ -117,7 +125,7 @@ class Balancer:
         with self.lock:
             self.config, self.state, self.states, self.admin = config, target, states, admin
             self.server_rows = rows
-            self.health = {k: v for k, v in self.health.items() if k in keys}
+            self.health = health
             self.links = {link.name: link for link in links}
             if relink:                      # a new config, not a change of state
                 self.last_apply = time.time()
@@ -173,7 +181,7 @@ class Balancer:
                   if b.closed and k in enabled and k not in admin}
         with self.lock:
             self.config, self.state, self.admin, self.health = config, state, admin, health
-            self.states = self._server_states(config, admin)
+            self.states = self._server_states(config, admin, health)
             self.server_rows = _server_rows(config)
 
     def set_admin(self, action: str, pool: str, server: str) -> dict:

@@ -1,8 +1,11 @@
-"""The control process's answers to requests (daemon._answer), on a real data path."""
+"""The control process (daemon.py): its answers to requests, and its Balancer, on a real
+data path."""
 
 import asyncio
 import json
 import socket
+from dataclasses import replace
+from ipaddress import IPv4Address
 
 import pytest
 
@@ -64,3 +67,19 @@ def test_an_apply_that_loses_a_drain_says_so(balancer, tmp_path):
     reply = answer(balancer, {"cmd": "apply", "text": text, "path": str(tmp_path / "x.toml")},
                    syncs)
     assert reply["result"]["admin_forgotten"] == []
+
+
+def test_a_server_given_another_address_is_checked_anew_and_keeps_its_admin_state(balancer):
+    """Down by the checks of its old address, it starts up at the new one, as
+    a new server does, until its first check there; drain, the operator's
+    word about the server by its name, stays."""
+    key = ("default", "backend1")
+    balancer.health[key] = "down"
+    balancer.apply(balancer.config, relink=False)
+    balancer.set_admin("drain", *key)
+    pool = balancer.config.pools[0]
+    moved = replace(pool, servers=(replace(pool.servers[0], address=IPv4Address("10.1.11.102")),))
+    balancer.apply(replace(balancer.config, pools=(moved,)), relink=False)
+    assert (balancer.admin, balancer.health) == ({key: "drain"}, {})
+    balancer.set_admin("enable", *key)
+    assert balancer.states[key] == "up"
