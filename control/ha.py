@@ -34,6 +34,7 @@ KEEPALIVED_STATES = {"MASTER": "active", "BACKUP": "backup", "FAULT": "backup",
 BFD_INTERVAL_MS = 100      # BFD between router and nodes: 100 ms x 3, a failure seen in 0.3 s
 BFD_MULTIPLIER = 3
 RTPROT_STATIC = 4          # the announce table's routes are the operator's (static), not BIRD's
+RTN_BLACKHOLE = 6
 ETH_P_ARP = 0x0806
 
 
@@ -102,11 +103,14 @@ class Announcer:
         self.announced: frozenset[IPv4Address] = frozenset()
 
     def _held(self, ipr) -> set[IPv4Address]:
+        """The VIPs of the routes xlb writes (/32, blackhole, proto static): a
+        route the operator put in the table is not xlb's to remove."""
         return {IPv4Address(r.get_attr("RTA_DST")) for r in ipr.get_routes(table=self.table)
-                if r["dst_len"] == 32 and r.get_attr("RTA_TABLE") == self.table}
+                if r["dst_len"] == 32 and r["type"] == RTN_BLACKHOLE
+                and r["proto"] == RTPROT_STATIC and r.get_attr("RTA_TABLE") == self.table}
 
     def sync(self, vips: Iterable[IPv4Address]) -> None:
-        """Makes the table hold exactly vips/32."""
+        """Makes xlb's routes in the table exactly vips/32."""
         from pyroute2 import IPRoute, NetlinkError
         want = set(vips)
         try:
@@ -116,7 +120,8 @@ class Announcer:
                     ipr.route("add", dst=f"{vip}/32", table=self.table, type="blackhole",
                               proto=RTPROT_STATIC)
                 for vip in held - want:
-                    ipr.route("del", dst=f"{vip}/32", table=self.table, type="blackhole")
+                    ipr.route("del", dst=f"{vip}/32", table=self.table, type="blackhole",
+                              proto=RTPROT_STATIC)
         except NetlinkError as e:
             raise OSError(e.code, f"routing table {self.table}: {e}") from None
         self.announced = frozenset(want)

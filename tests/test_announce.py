@@ -1,0 +1,42 @@
+"""The routes xlb keeps for BIRD (ha.Announcer), in a routing table of a
+network namespace of the test's own: xlb adds and removes its VIP routes and
+leaves the operator's alone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from ipaddress import IPv4Address
+
+import pytest
+from fibnet import FibNet
+
+from xlb.ha import Announcer
+
+pytestmark = [pytest.mark.netns,
+              pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace: needs root")]
+
+# The operator's routes in the same table: /32 routes that are not blackholes,
+# or not of xlb's protocol, and a prefix.
+OPERATORS = {"unreachable 10.9.9.9 proto static", "blackhole 10.9.9.8 proto dhcp",
+             "blackhole 10.9.9.0/24 proto static"}
+
+
+def table(net: FibNet, number: int) -> set[str]:
+    out = subprocess.run(["ip", "-n", net.name, "route", "show", "table", str(number)],
+                         check=True, capture_output=True, text=True).stdout
+    return {line.strip() for line in out.splitlines()}
+
+
+def test_the_announcer_adds_and_removes_its_own_routes_only():
+    with FibNet("xlbt-announce").entered({}) as net:
+        for route in OPERATORS:
+            net.sh("ip", "route", "add", *route.split(), "table", "100")
+        announcer = Announcer(100)
+        announcer.sync([IPv4Address("10.1.1.101"), IPv4Address("10.1.1.102")])
+        assert table(net, 100) == {"blackhole 10.1.1.101 proto static",
+                                   "blackhole 10.1.1.102 proto static", *OPERATORS}
+        announcer.sync([IPv4Address("10.1.1.102")])
+        assert table(net, 100) == {"blackhole 10.1.1.102 proto static", *OPERATORS}
+        Announcer(100).sync(())             # another instance's: what a killed one left
+        assert table(net, 100) == OPERATORS
