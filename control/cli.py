@@ -374,8 +374,9 @@ def top(interval: float, once: bool) -> None:
 def down(keep_datapath: bool) -> None:
     """Stop the instance running in this network namespace and wait until it
     has detached, and forget xlb's state here. A data path that runs without
-    its control process (after a crash) is removed too, and the state that an
-    instance stopped by a signal left is forgotten."""
+    its control process (after a crash) is removed too, with the VIP routes it
+    announced (--announce-table), and the state that an instance stopped by a
+    signal left is forgotten."""
     try:
         ctl.request("down", keep_datapath=keep_datapath)
     except ctl.NotRunning as e:
@@ -384,12 +385,15 @@ def down(keep_datapath: bool) -> None:
         orphan = _orphan(detach=True)
         if orphan is None:
             from . import state
-            if state.load() is None:
+            kept = state.load()
+            if kept is None:
                 raise Failure(str(e)) from None
-            # Left by an instance stopped with a signal, which keeps it.
+            # Left by an instance stopped with a signal, which keeps it (and
+            # withdrew its routes), or by a killed one whose data path went since.
+            _withdraw(kept)
             state.clear()
             click.echo("xlb: no instance runs; forgot the state it left (served file, "
-                       "drain and maint)")
+                       "drain and maint, announce table)")
             return
         click.echo(f"xlb: removed the data path that ran without its control process "
                    f"(program {orphan['program']['id']} on "
@@ -650,12 +654,28 @@ def _orphan(detach: bool = False) -> dict | None:
                                     for _, a in running.attached.values()],
                      "flows": {"entries": running.flow_entries()}}
         if detach:
-            running.detach()
             from . import state
+            _withdraw(state.load())     # first, as a stopping instance does
+            running.detach()
             state.clear()       # as `xlb down` of a running instance: the next `up` starts afresh
         return described
     finally:
         running.close()
+
+
+def _withdraw(kept) -> None:
+    """Withdraws the VIP routes that the instance which saved `kept` (a
+    state.State or None) keeps in its announce table: its control process is
+    gone, and BIRD would go on announcing them. On failure nothing else is
+    removed (the data path, the state), so that `xlb down` can be run again."""
+    if kept is None or kept.announce_table is None:
+        return
+    from .ha import Announcer
+    try:
+        Announcer(kept.announce_table).sync(())
+    except OSError as e:
+        raise Failure(f"the VIP routes were not withdrawn ({e}); nothing else was "
+                      f"removed") from None
 
 
 def format_orphan(o: dict) -> str:

@@ -197,10 +197,10 @@ class Balancer:
         return {"pool": pool, "server": server, "state": self.states[(pool, server)],
                 "flows_ended": result["flows_ended"]}
 
-    def restore(self, config: Config) -> None:
+    def restore(self, config: Config, kept: saved.State | None) -> None:
         """Takes back the server states set at run time before a restart (drain,
-        maint), for the servers still in `config`, the config about to run."""
-        kept = saved.load()
+        maint; `kept`, the saved state), for the servers still in `config`, the
+        config about to run."""
         keys = {(p.name, s.name) for p in config.pools for s in p.servers}
         self.admin = {k: v for k, v in (kept.admin if kept else {}).items() if k in keys}
         if self.admin:
@@ -209,11 +209,12 @@ class Balancer:
 
     def remember(self) -> str | None:
         """Saves in xlb's state directory what no file holds: the file served,
-        the config that runs, drain and maint, the role. Returns a warning if it
-        could not."""
+        the config that runs, drain and maint, the role, the announce table.
+        Returns a warning if it could not."""
         try:
             saved.save(saved.State(str(self.config_path) if self.config_path else None,
-                                   configfile.dump(self.config), dict(self.admin), self.role))
+                                   configfile.dump(self.config), dict(self.admin), self.role,
+                                   self.announcer and self.announcer.table))
         except OSError as e:
             warning = (f"state not saved in {saved.directory()} ({e.strerror}): a restart "
                        f"would not find this change")
@@ -432,8 +433,9 @@ def up(config: Config, config_path: Path | None = None,
         for name in datapath.fresh_maps:
             log.event("adopt", level="warning", map=name,
                       reason="its layout changed: the running map could not be kept")
+        kept = saved.load()
         if running is not None:
-            ran, admin, kept_role = _running_state(config)
+            ran, admin, kept_role = _running_state(config, kept)
             if kept_role is not None and kept_role != role:
                 # keepalived says a role once, when it changes: a restart must
                 # not make an active node silent, or a backup answer too.
@@ -443,9 +445,14 @@ def up(config: Config, config_path: Path | None = None,
         balancer = Balancer(datapath, config_path, role, announcer)
         if running is not None:
             balancer.adopt(ran, admin)
-        balancer.restore(config)
+        balancer.restore(config, kept)
         balancer.apply(config, relink=True)
         datapath.settle()
+        if kept is not None and kept.announce_table not in (None, announce_table):
+            # The routes a killed instance left where this one announces nothing:
+            # BIRD would go on announcing them. Withdrawn before remember()
+            # forgets the table.
+            _sync_routes(ha.Announcer(kept.announce_table), ())
         balancer.remember()
         if exporter is not None:
             metrics.serve(exporter, balancer, balancer.check_durations)
@@ -490,11 +497,11 @@ def up(config: Config, config_path: Path | None = None,
     return 0
 
 
-def _running_state(given: Config) -> tuple[Config, dict[Key, str], str | None]:
+def _running_state(given: Config, kept: saved.State | None
+                   ) -> tuple[Config, dict[Key, str], str | None]:
     """The config a running data path was written for, its servers' run-time
-    states and its role, as its control process saved them (the given config,
-    none and None when it saved none)."""
-    kept = saved.load()
+    states and its role, as its control process saved them in `kept` (the
+    given config, none and None when it saved none)."""
     if kept is None:
         return given, {}, None
     try:

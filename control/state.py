@@ -1,7 +1,9 @@
 """xlb's own state: what a restart of `xlb up` must find again and no file of
 the operator holds. Which file the instance serves, the config it runs (as
 canonical TOML), the server states set at run time (`xlb server drain`,
-`disable`) and the HA role (`xlb ha role`).
+`disable`), the HA role (`xlb ha role`) and the routing table of its VIP
+routes (`--announce-table`): after a crash, the next `xlb up` or `xlb down`
+withdraws them there.
 
 One directory per network namespace, `/var/lib/xlb/netns-<inode of its
 /proc/self/ns/net>` (`$XLB_STATE_DIR` replaces `/var/lib/xlb`), holding one
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import log
-from .ha import ROLES
+from .ha import ROLES, check_table
 
 ROOT = "/var/lib/xlb"
 FILE = "state.json"
@@ -35,6 +37,7 @@ class State:
     config_text: str                  # the canonical TOML of the config it runs
     admin: dict[tuple[str, str], str]  # (pool, server) -> "drain" | "maint"
     role: str | None = None           # ha.ROLES; None in a state saved before xlb kept it
+    announce_table: int | None = None  # None: announces nothing (or saved before xlb kept it)
 
 
 def directory() -> Path:
@@ -68,13 +71,15 @@ def load() -> State | None:
         if d["namespace"]["boot_id"] == ns["boot_id"] and d["namespace"]["cookie"] != ns["cookie"]:
             return None          # an earlier namespace's, with the same inode
         admin = {(pool, server): value for pool, server, value in d["admin"]}
-        role = d.get("role")
+        role, table = d.get("role"), d.get("announce_table")
         if not (isinstance(d["config_path"], (str, type(None)))
                 and isinstance(d["config_text"], str)
                 and all(v in ("drain", "maint") for v in admin.values())
-                and role in (None, *ROLES)):
+                and role in (None, *ROLES)
+                and (table is None or type(table) is int)):
             raise ValueError("a field has the wrong type")
-        return State(d["config_path"], d["config_text"], admin, role)
+        return State(d["config_path"], d["config_text"], admin, role,
+                     table if table is None else check_table(table))
     except (ValueError, KeyError, TypeError) as e:
         log.event("state", level="warning", file=path, error=f"not an xlb state ({e!r}); ignored")
         return None
@@ -86,7 +91,7 @@ def save(state: State) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     data = {"config_path": state.config_path, "config_text": state.config_text,
             "admin": [[pool, server, value] for (pool, server), value in sorted(state.admin.items())],
-            "role": state.role,
+            "role": state.role, "announce_table": state.announce_table,
             "namespace": _namespace()}
     tmp = path / f".{FILE}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:

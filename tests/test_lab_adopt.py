@@ -306,3 +306,72 @@ def test_second_up_is_refused_before_compiling(lab, tmp_path):
         assert out.returncode == 1
         assert "xlb is already running in this network namespace" in out.stderr
         assert lab.client("client", "http", VIP, "80", "--count", "2")["errors"] == []
+
+
+# The route of the seed's VIP that `xlb up --announce-table` keeps, as `ip route` shows it.
+ANNOUNCED = f"blackhole {VIP} proto static"
+# Routes of the operator's in the same table, which xlb must leave alone: /32
+# routes that are not blackholes, or not xlb's protocol, and a prefix.
+OPERATORS = {"unreachable 10.9.9.9 proto static", "blackhole 10.9.9.8 proto dhcp",
+             "blackhole 10.9.9.0/24 proto static"}
+
+
+def routes(lab, table: int) -> set[str]:
+    out = lab.run("lb", "ip", "route", "show", "table", str(table), check=True).stdout
+    return {line.strip() for line in out.splitlines()}
+
+
+@pytest.fixture
+def tables(lab):
+    """Tables 100 and 101 of lb hold the operator's routes, and are emptied after."""
+    for table in (100, 101):
+        for route in OPERATORS:
+            lab.run("lb", "ip", "route", "add", *route.split(), "table", str(table), check=True)
+    yield
+    for table in (100, 101):
+        lab.run("lb", "ip", "route", "flush", "table", str(table))
+
+
+def killed(x) -> None:
+    """x's control process is killed: the data path and its routes stay."""
+    x.stop(signal.SIGKILL)
+    assert x.lab.xlb_cmd("status").returncode == 3
+
+
+def test_down_of_a_data_path_without_its_control_process_withdraws_its_routes(lab, tables):
+    with lab.xlb(*SEED_ARGS, "--announce-table", "100") as x:
+        assert routes(lab, 100) == {ANNOUNCED, *OPERATORS}
+        killed(x)
+    assert routes(lab, 100) == {ANNOUNCED, *OPERATORS}     # it still serves the VIP
+    down = lab.xlb_cmd("down")
+    assert down.returncode == 0, down.stderr
+    assert lab.xdp_attached("lb") == []
+    assert routes(lab, 100) == OPERATORS
+
+
+def test_an_up_that_adopts_without_the_announce_table_withdraws_the_old_routes(lab, tables):
+    with lab.xlb(*SEED_ARGS, "--announce-table", "100") as x:
+        killed(x)
+    with lab.xlb() as bare:                  # takes over the saved config, announces nothing
+        assert "adopted the running data path" in bare.serving_line
+        assert lab.status()["ha"]["announce_table"] is None
+        assert routes(lab, 100) == OPERATORS
+        killed(bare)
+    assert lab.xlb_cmd("down").returncode == 0
+    assert routes(lab, 100) == OPERATORS
+
+
+def test_an_up_with_another_announce_table_withdraws_from_the_old_one(lab, tables):
+    with lab.xlb(*SEED_ARGS, "--announce-table", "100") as x:
+        killed(x)
+    with lab.xlb(*SEED_ARGS, "--announce-table", "100") as same:     # syncs, as ever
+        assert "adopted the running data path" in same.serving_line
+        assert routes(lab, 100) == {ANNOUNCED, *OPERATORS}
+        killed(same)
+    with lab.xlb(*SEED_ARGS, "--announce-table", "101") as other:
+        assert lab.status()["ha"]["announce_table"] == 101
+        assert routes(lab, 100) == OPERATORS
+        assert routes(lab, 101) == {ANNOUNCED, *OPERATORS}
+        killed(other)
+    assert lab.xlb_cmd("down").returncode == 0          # the table saved is now 101
+    assert routes(lab, 101) == OPERATORS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -11,7 +12,7 @@ from xlb import state
 from xlb.state import State
 
 KEPT = State("/etc/xlb/xlb.toml", '[pools.web]\nservers = ["was1"]\n',
-             {("web", "was1"): "drain", ("web", "was2"): "maint"}, "backup")
+             {("web", "was1"): "drain", ("web", "was2"): "maint"}, "backup", 100)
 
 
 @pytest.fixture(autouse=True)
@@ -72,18 +73,21 @@ def test_a_damaged_state_is_a_warning_not_a_failure(root, capsys, damage):
 
 
 @pytest.mark.parametrize("field,value", [("admin", [["web", "was1", "up"]]),
-                                         ("role", "primary")])
-def test_a_state_with_an_unknown_server_state_or_role_is_refused(root, capsys, field, value):
+                                         ("role", "primary"), ("announce_table", "100"),
+                                         ("announce_table", True), ("announce_table", 254)])
+def test_a_state_with_an_unknown_server_state_role_or_table_is_refused(root, capsys, field,
+                                                                       value):
     state.save(KEPT)
     rewrite(**{field: value})
     assert state.load() is None
     assert "not an xlb state" in capsys.readouterr().err
 
 
-def test_a_state_saved_before_the_role_was_kept_has_none(root):
+@pytest.mark.parametrize("field", ["role", "announce_table"])
+def test_a_state_saved_before_the_role_or_table_was_kept_has_none(root, field):
     state.save(KEPT)
-    rewrite(drop=("role",))
-    assert state.load() == State(KEPT.config_path, KEPT.config_text, KEPT.admin, None)
+    rewrite(drop=(field,))
+    assert state.load() == dataclasses.replace(KEPT, **{field: None})
 
 
 def test_a_bare_xlb_up_takes_over_the_saved_config(root):
