@@ -582,6 +582,9 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, xlb_
         if g.address.ip in vips:
             raise BadInput(f"--gateway {g.address}: a VIP must not be a local address "
                            f"(xlb answers its ARP)")
+        if g.address.ip == peer_ip:
+            raise BadInput(f"--gateway {g.address}: the peer's own address, which cannot "
+                           f"move between the nodes")
     click.echo(hamod.keepalived_conf(cfg, xlb=xlb_path,
                                      peer=peer_ip,
                                      interface=interface, priority=priority,

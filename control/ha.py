@@ -147,6 +147,11 @@ class Gateway:
         except ValueError:
             raise ValueError(f"{text!r} is not IP/PREFIX[@DEV]") from None
         parse_host(str(iface.ip))
+        net = iface.network
+        if net.prefixlen == 0 or (net.prefixlen < 31 and iface.ip in (net.network_address,
+                                                                      net.broadcast_address)):
+            raise ValueError(f"{text!r}: not a host's address on {net}, which the backends "
+                             f"could route through")
         return cls(iface, check_keepalived_word(dev) if at else None)
 
 
@@ -166,9 +171,13 @@ def check_keepalived_word(name: str) -> str:
 
 
 def check_keepalived_path(path: str) -> str:
-    """A path written into keepalived's config, which keepalived reads as one word."""
+    """A path written into keepalived's config, which keepalived reads as one
+    word, from a working directory of its own."""
     if not path:
         raise ValueError("a path cannot be empty")
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} is not absolute (keepalived runs from a directory of "
+                         f"its own)")
     if has_space(path) or any(c in path for c in KEEPALIVED_SPECIAL):
         raise ValueError(f"{path!r} contains whitespace, # ! {{ }}, a quote or a backslash, "
                          f"which keepalived would misread")
