@@ -221,7 +221,6 @@ interval = 5
 [servers.was1]
 address = "10.1.11.101"
 port = 8080
-weight = 3
 [servers.was2]
 address = "10.1.11.102"
 port = 8080
