@@ -129,10 +129,11 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
     """`states` maps (pool, server) to server_state(); a missing key is "up"."""
     # Ids go by a server's name and where it is: a server given another address
     # or port is a new server (a new id), and the flows still going to its old
-    # address stay on the old id, retired, as a removed server's do.
-    ids, retired_backends = _allocate([(p.name, s.name, s.address, s.port)
+    # address stay on the old id, retired, as a removed server's do. (Addresses
+    # as numbers: an IPv4Address hashes in Python, 10,000 servers take 50 ms.)
+    ids, retired_backends = _allocate([(p.name, s.name, int(s.address), s.port)
                                        for p in config.pools for s in p.servers],
-                                      {(*k, b.address, b.port): b.id
+                                      {(*k, int(b.address), b.port): b.id
                                        for k, b in previous.backends.items()},
                                       previous.retired_backends, max_backends, "backends")
     backend_ids = {k[:2]: i for k, i in ids.items()}
