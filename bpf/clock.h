@@ -14,4 +14,11 @@ static __always_inline __u64 xlb_now(void)
 	return (bpf_jiffies64() - XLB_INITIAL_JIFFIES) * XLB_TICK_NS;
 }
 
+/* Whether `then` lies more than `seconds` before now. `then` may be a moment
+ * ahead of now when another CPU just wrote it. */
+static __always_inline int xlb_older_than(__u64 then, __u64 now, __u64 seconds)
+{
+	return now > then && now - then > seconds * NSEC_PER_SEC;
+}
+
 #endif

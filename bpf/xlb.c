@@ -264,11 +264,10 @@ static __always_inline int backend_closed(struct flow *f)
 enum { FLOW_ALIVE, FLOW_EXPIRED, FLOW_REOPENED };
 
 /* Whether an entry last seen at `seen` is idle past the connection's
- * timeout (0: never). seen may be a moment ahead of now when another CPU just
- * wrote it. */
+ * timeout (0: never). */
 static __always_inline int flow_idle(struct flow *f, __u64 seen, __u64 now)
 {
-	return f->timeout && now > seen && now - seen > f->timeout * NSEC_PER_SEC;
+	return f->timeout && xlb_older_than(seen, now, f->timeout);
 }
 
 /* Whether the connection of entry f (of key, in flows_new if in_new) is
@@ -758,11 +757,10 @@ static __always_inline enum xlb_reason later_fragment(struct iphdr *ip, int is_v
 {
 	struct frag_key fk = frag_key_of(ip);
 	struct flow *f = frags.lookup(&fk);
-	__u64 now = xlb_now();
 
 	/* An entry older than a reassembly may last is an earlier datagram's,
 	 * whose IP id this one reuses. */
-	if (!f || (now > f->seen && now - f->seen > XLB_FRAG_SECONDS * NSEC_PER_SEC))
+	if (!f || xlb_older_than(f->seen, xlb_now(), XLB_FRAG_SECONDS))
 		return vip_or_pass(ip, is_vip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP);
 	if (ip->ttl <= 1)
 		return XLB_TTL_EXPIRED;		/* as send() */
