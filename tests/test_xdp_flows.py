@@ -424,10 +424,15 @@ def test_a_reply_entry_lost_after_the_answer_is_rebuilt_when_the_connection_move
 def age(dp, table: str, key, seconds: int) -> None:
     """Makes an entry look idle for `seconds` (its last packet that long ago)."""
     t = dp._maps[table]
-    k = map_key(t, key)
-    value = t[k]
-    value.seen = max(1, value.seen - seconds * SEC)
-    t[k] = value
+    age_keys(t, [map_key(t, key)], seconds)
+
+
+def age_keys(t, keys, seconds: int) -> None:
+    """Moves the last packet of map t's entries at these keys `seconds` back."""
+    for k in keys:
+        value = t[k]
+        value.seen = max(1, value.seen - seconds * SEC)
+        t[k] = value
 
 
 @pytest.fixture
@@ -1250,18 +1255,12 @@ def test_a_later_fragment_of_a_reused_ip_id_is_not_the_earlier_datagrams(lb, fib
     frags = lb.dp._maps["frags"]
     mine = [k for k in frags.keys() if k.id in (socket.htons(0x5301), socket.htons(0x6302))]
     assert len(mine) == 2
-    for k in mine:
-        v = frags[k]
-        v.seen -= 29 * SEC
-        frags[k] = v
+    age_keys(frags, mine, 29)
     for sent, ifindex, reason, way in ((query[1], ext, "forward", "in"),
                                        (answer[1], int_, "reply", "out")):
         lb.send(sent, ifindex)
         lb.expect(reason, flow=(way, SVC_UDP, bid, False))      # 29 s: the same datagram
-    for k in mine:
-        v = frags[k]
-        v.seen -= 2 * SEC               # 31 s
-        frags[k] = v
+    age_keys(frags, mine, 2)            # 31 s
     res = lb.send(query[2], ext)
     assert (res.action, res.data) == (XDP_DROP, query[2])
     lb.expect("drop_fragment")
