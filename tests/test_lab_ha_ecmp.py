@@ -144,6 +144,10 @@ def test_a_silent_node_loses_its_route_by_bfd_and_flows_survive(ecmp):
     # Why it went: BFD, not the BGP hold timer or anything else.
     assert bfd == {"node1": "Up", "node2": "Up", "node3": "Down"}
     assert bgp[0] != "Established" and "BFD session down" in bgp[1], bgp
-    assert seen["new"] >= 200 and seen["failed"] == 0
+    # A connection whose answer was on its way through node3 when it fell
+    # silent is lost: the server resends the answer where its connection mark
+    # says (node3, see ha-ecmp.sh), and the client, waiting, sends nothing that
+    # would move it. Every other one went through, some after a resent SYN.
+    assert seen["new"] >= 200 and seen["failed"] == seen["unanswered"]
     # Maglev on every node: a flow the router moves reaches the same server.
     assert seen["held_survived"] == seen["held"]
