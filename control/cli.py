@@ -134,6 +134,7 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
             raise BadInput("--config FILE replaces the one-line options "
                            "(--vip, --backend, --algorithm, --iface and the health check options)")
         config = _load(config_path)
+        _echo_unused(config_path, config.unused)
     elif not flags:
         config, config_path = saved_config()
     else:
@@ -221,6 +222,12 @@ def _echo_problems(file: Path, problems) -> None:
         _error(f"{file}: {reason}" if path == str(file) else f"{file}: {path}: {reason}")
 
 
+def _echo_unused(file: Path, unused) -> None:
+    """One warning a thing the file defines and nothing uses."""
+    for path, reason in unused:
+        click.echo(f"xlb: warning: {file}: {path}: {reason}", err=True)
+
+
 def _load(path: Path):
     try:
         return configfile.load_file(path)
@@ -245,6 +252,7 @@ def check(file: Path) -> None:
     servers = {(s.address, s.port) for p in cfg.pools for s in p.servers}
     click.echo(f"{file}: ok: {len(cfg.frontends)} frontends, {len(cfg.pools)} pools, "
                f"{len(servers)} servers, {len(cfg.monitors)} monitors")
+    _echo_unused(file, cfg.unused)
 
 
 @cli.command()
@@ -283,6 +291,7 @@ def apply(file: Path | None) -> None:
     click.echo(f"xlb: applied {file} in {r['validate_seconds'] + r['apply_seconds']:.3f}s: "
                f"{r['frontends']} frontends, {r['pools']} pools, {r['servers']} servers; "
                f"{r['flows_ended']} flows ended; serving {r['config']}")
+    _echo_unused(file, r["unused"])
     for forgotten in r["admin_forgotten"]:
         click.echo(f"xlb: warning: forgot {forgotten}: the config has no such server in "
                    f"that pool", err=True)

@@ -260,7 +260,23 @@ class _Loader:
 
         if self.problems:
             raise ConfigError(self.problems)
-        return Config(frontends=tuple(frontends), pools=tuple(pools), monitors=tuple(monitors))
+        return Config(frontends=tuple(frontends), pools=tuple(pools), monitors=tuple(monitors),
+                      unused=self.unused(frontends, pools, servers, monitors))
+
+    @staticmethod
+    def unused(frontends: list[Frontend], pools: list[Pool], servers: dict[str, Server],
+               monitors: list[Monitor]) -> tuple[tuple[str, str], ...]:
+        """Servers in no pool, pools of no frontend, monitors of no pool or
+        server (all valid here)."""
+        pooled = {s.name for p in pools for s in p.servers}
+        served = {f.pool for f in frontends}
+        watching = {p.monitor for p in pools} | {s.monitor for s in servers.values()}
+        return (*((f"servers.{name}", "in no pool: it serves nothing, and `xlb show` leaves "
+                                      "it out") for name in servers if name not in pooled),
+                *((f"pools.{p.name}", "no frontend uses it: it serves nothing")
+                  for p in pools if p.name not in served),
+                *((f"monitors.{m.name}", "no pool or server uses it")
+                  for m in monitors if m.name not in watching))
 
     def section(self, section: str) -> Iterator[tuple[str, str, dict]]:
         """(path, name, table) of the section's objects, in file order."""

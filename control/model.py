@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import AddressValueError, IPv4Address
 
 from . import maglev
@@ -117,6 +117,10 @@ class Config:
     frontends: tuple[Frontend, ...]
     pools: tuple[Pool, ...]
     monitors: tuple[Monitor, ...] = ()
+    # What the file defines and nothing uses, as (key path, what that means):
+    # said, not refused. Not part of the config (a server in no pool is not
+    # even kept, see config.dump).
+    unused: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     def pool(self, name: str) -> Pool:
         return next(p for p in self.pools if p.name == name)

@@ -27,6 +27,18 @@ def test_check_of_a_valid_file_says_what_it_holds():
     assert r.stderr == ""
 
 
+def test_check_warns_of_what_nothing_uses(tmp_path):
+    """A server in no pool is valid, but the operator meant it to serve."""
+    spare = tmp_path / "spare.toml"
+    spare.write_text(SEED.read_text() + '\n[servers.was3]\naddress = "10.1.11.103"\n'
+                                        'port = 8080\n')
+    r = xlb("check", str(spare))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{spare}: ok: 1 frontends, 1 pools, 2 servers, 1 monitors\n"
+    assert r.stderr == (f"xlb: warning: {spare}: servers.was3: in no pool: it serves nothing, "
+                        f"and `xlb show` leaves it out\n")
+
+
 def test_check_lists_every_problem_with_its_key_path(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(SEED.read_text()

@@ -149,6 +149,16 @@ def test_full_example_round_trips():
     assert text.count("maglev_size") == 1   # written for the maglev pool only
 
 
+def test_what_nothing_uses_is_named_not_refused():
+    assert load(FULL).unused == (
+        ("servers.unused", "in no pool: it serves nothing, and `xlb show` leaves it out"),
+        ("pools.hashed", "no frontend uses it: it serves nothing"),
+        ("monitors.off", "no pool or server uses it"))
+    # A monitor that only a server names is used.
+    assert "monitors.tcp-only" not in dict(load(FULL).unused)
+    assert load_file(SEED).unused == ()
+
+
 def test_maglev_pool_default_size_round_trips():
     cfg = load(doc(pool=POOL + '\nalgorithm = "maglev"'))
     assert cfg.pools[0].maglev_size == 65537

@@ -50,6 +50,15 @@ def test_an_apply_whose_health_sync_fails_is_counted_an_error(balancer, tmp_path
     assert balancer.applies == {"ok": 1, "error": 1}
 
 
+def test_an_apply_names_what_nothing_uses(balancer, tmp_path):
+    text = configfile.dump(balancer.config) + '[pools.spare]\nservers = ["backend1"]\n'
+    reply = answer(balancer, {"cmd": "apply", "text": text, "path": str(tmp_path / "x.toml")},
+                   no_sync)
+    assert reply["ok"], reply
+    assert [tuple(u) for u in reply["result"]["unused"]] == \
+        [("pools.spare", "no frontend uses it: it serves nothing")]
+
+
 def test_an_apply_that_loses_a_drain_says_so(balancer, tmp_path):
     """Drain and maint belong to a server of a pool: a config that renames the
     pool loses them, and the apply names each one it forgot."""
