@@ -242,7 +242,8 @@ def check(file: Path) -> None:
     """Validate a config file, like `haproxy -c`.
 
     Lists every problem with its key path and exits 1, or says what the file
-    holds and exits 0. Needs no root and no running instance.
+    holds (and warns of what nothing uses) and exits 0. Needs no root and no
+    running instance.
     """
     try:
         cfg = configfile.load_file(file)
