@@ -257,9 +257,19 @@ Op = tuple
 
 
 def plan(current: DataplaneState, target: DataplaneState) -> list[Op]:
-    """Writes that take the maps from `current` to `target`. Everything a service
-    may point to is written before the service; removals come last."""
+    """Writes that take the maps from `current` to `target`. Removals come
+    first: the hash maps hold one config's worth of keys, not two (replacing
+    every VIP would not fit), and what goes serves no new flow either way.
+    Then everything a service may point to is written before the service."""
     ops: list[Op] = []
+    for key in current.services.keys() - target.services.keys():
+        ops.append(("del_service", *key))
+    for endpoint in sorted(current.owners.keys() - target.owners.keys()):
+        ops.append(("del_owner", *endpoint))
+    for ifindex, vip in current.arp.keys() - target.arp.keys():
+        ops.append(("del_arp", ifindex, vip))
+    for vip in sorted(current.vips - target.vips):
+        ops.append(("del_vip", vip))
     current_backends = {b.id: b for b in current.backends.values()}
     target_ids = {b.id for b in target.backends.values()}
     for b in current_backends.values():
@@ -293,14 +303,6 @@ def plan(current: DataplaneState, target: DataplaneState) -> list[Op]:
                 svc.id, svc.ring, len(svc.slots), svc.maglev):
             ops.append(("set_service", *key, svc.id, svc.ring, len(svc.slots),
                         SERVICE_MAGLEV if svc.maglev else 0))
-    for key in current.services.keys() - target.services.keys():
-        ops.append(("del_service", *key))
-    for endpoint in sorted(current.owners.keys() - target.owners.keys()):
-        ops.append(("del_owner", *endpoint))
-    for ifindex, vip in current.arp.keys() - target.arp.keys():
-        ops.append(("del_arp", ifindex, vip))
-    for vip in sorted(current.vips - target.vips):
-        ops.append(("del_vip", vip))
     return ops
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from xlb import config as configfile, daemon
 from xlb.datapath import DatapathError
+from xlb.model import from_flags
 
 pytestmark = pytest.mark.kernel
 
@@ -48,6 +49,21 @@ def test_an_apply_whose_health_sync_fails_is_counted_an_error(balancer, tmp_path
     assert balancer.applies == {"ok": 0, "error": 1}
     assert answer(balancer, request, no_sync)["ok"]
     assert balancer.applies == {"ok": 1, "error": 1}
+
+
+def test_a_config_whose_every_vip_is_new_replaces_a_full_one(balancer):
+    """The hash maps hold a config's worth of keys (256 frontends): the old
+    ones go before the new ones come."""
+    def full(second):
+        return from_flags([f"10.{second}.{i // 250}.{i % 250 + 1}:80" for i in range(256)],
+                          ["10.1.11.101:8080"])
+
+    balancer.apply(full(2), relink=False)
+    balancer.apply(full(3), relink=False)
+    maps = balancer.datapath._maps
+    assert {IPv4Address(socket.ntohl(k.value)) for k in maps["vips"].keys()} == \
+        {f.vip for f in full(3).frontends}
+    assert len(list(maps["services"].keys())) == 256
 
 
 def test_an_apply_names_what_nothing_uses(balancer, tmp_path):

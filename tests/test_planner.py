@@ -216,14 +216,41 @@ def test_arp_only_on_a_frontends_interfaces():
     assert desired(cfg).arp == {}        # eth1's subnet does not hold the VIP
 
 
-def test_removed_frontend_is_deleted_after_the_rest():
+def test_removed_frontend_is_deleted_first():
     two = from_flags(["10.1.1.101:80", "10.1.1.102:80"], ["10.1.11.101:8080"])
     st = desired(two)
-    one = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"])
+    one = from_flags(["10.1.1.101:80", "10.1.1.103:80"], ["10.1.11.101:8080"])
     ops = planner.plan(st, desired(one, st))
-    assert ops == [("del_service", A("10.1.1.102"), 80, 6),
-                   ("del_arp", 2, A("10.1.1.102")),
-                   ("del_vip", A("10.1.1.102"))]
+    assert ops[:3] == [("del_service", A("10.1.1.102"), 80, 6),
+                       ("del_arp", 2, A("10.1.1.102")),
+                       ("del_vip", A("10.1.1.102"))]
+    assert ops[-1][:4] == ("set_service", A("10.1.1.103"), 80, 6)
+
+
+def test_replacing_every_frontend_never_holds_more_keys_than_the_maps_do():
+    """The hash maps hold a config's worth of keys: a plan between two full
+    configs with no VIP in common keeps each map within that at every step."""
+    def full(first_host):
+        vips = [f"10.1.1.{first_host + i}:80" for i in range(LIMITS["max_services"])]
+        return from_flags(vips, ["10.1.11.101:8080"])
+
+    def keys(st):
+        return {"services": set(st.services), "vips": set(st.vips), "arp": set(st.arp),
+                "owners": set(st.owners)}
+
+    cur = desired(full(1))
+    tgt = desired(full(101), cur)
+    held, most = keys(cur), {name: len(k) for name, k in keys(cur).items()}
+    for name, *args in planner.plan(cur, tgt):
+        verb, _, what = name.partition("_")
+        table = {"service": "services", "vip": "vips", "arp": "arp", "owner": "owners"}.get(what)
+        if table is None:
+            continue
+        key = args[0] if table == "vips" else tuple(args[:2] if table == "arp" else args[:3])
+        (held[table].add if verb == "set" else held[table].discard)(key)
+        most[table] = max(most[table], len(held[table]))
+    assert held == keys(tgt)
+    assert most == {"services": 8, "vips": 8, "arp": 8, "owners": 0}
 
 
 def test_too_many_frontends():
