@@ -5,8 +5,9 @@ set -eu
 cd "$(dirname "$0")/.."
 
 say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
 
-[ "$(id -u)" = 0 ] || { echo "setup: must run as root (apt-get, /lib/modules)" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "must run as root (apt-get, /lib/modules)"
 
 # Debian packages. bcc comes from Debian: PyPI's "bcc" is an unrelated project.
 # prometheus (with promtool) is for the metrics tests only; keepalived and bird2 for the
@@ -22,8 +23,8 @@ done
 if [ -n "$missing" ]; then
     say "installing Debian packages:$missing"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    apt-get update -qq || die "apt-get update failed"
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null || die "apt-get install failed:$missing"
 else
     say "Debian packages present"
 fi
@@ -62,9 +63,12 @@ done
 # headers of its own; XDP only uses stable UAPI, so Debian's newest installed headers do.
 mod=/lib/modules/$(uname -r)
 hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
-[ -n "$hdr" ] || { echo "setup: no /usr/src/linux-headers-*-amd64 after installing linux-headers-amd64" >&2; exit 1; }
+[ -n "$hdr" ] || die "no /usr/src/linux-headers-*-amd64 after installing linux-headers-amd64"
 common=${hdr%-amd64}-common
-if [ -e "$mod/build/include/linux/kconfig.h" ] || [ -e "$mod/source/include/linux/kconfig.h" ]; then
+# bcc takes the generated headers from build and kconfig.h from source or build; a
+# link that dangles (its headers package removed) counts as missing.
+if [ -d "$mod/build/include/generated" ] &&
+    { [ -e "$mod/build/include/linux/kconfig.h" ] || [ -e "$mod/source/include/linux/kconfig.h" ]; }; then
     say "kernel headers for $(uname -r) present ($(readlink -f "$mod/build"))"
 else
     say "linking $mod/build -> $hdr and $mod/source -> $common (bcc needs headers; none exist for $(uname -r))"
@@ -80,14 +84,41 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; 
     rm -rf .venv
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
+# What .venv lacks, comma-separated, or nothing: bcc, each requirement of xlb (the test
+# extra's too), and xlb from this very checkout (a copied or moved clone's .venv runs
+# the old one's code). The stamp alone would miss a package removed since.
+venv_lacks() {
+    .venv/bin/python -I - "$PWD/control" <<'EOF'   # -I: as the venv is, whatever PYTHONPATH says
+import importlib.metadata as md, importlib.util, re, sys
+from pathlib import Path
+lacks = [] if importlib.util.find_spec("bcc") else ["bcc"]
+try:
+    reqs = md.requires("xlb") or []
+except md.PackageNotFoundError:
+    reqs = []
+for req in reqs:
+    name = re.match(r"[\w.-]+", req)[0]
+    try:
+        md.version(name)
+    except md.PackageNotFoundError:
+        lacks.append(name)
+xlb = importlib.util.find_spec("xlb")
+if not xlb or Path(xlb.origin).resolve().parent != Path(sys.argv[1]).resolve():
+    lacks.append(f"xlb from {sys.argv[1]}")
+print(", ".join(lacks))
+EOF
+}
 stamp=.venv/.xlb-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    say "installing xlb and its Python dependencies into .venv"
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
-    touch "$stamp"
-else
+lacks=$(venv_lacks) || die ".venv/bin/python does not run"
+if [ -f "$stamp" ] && [ ! pyproject.toml -nt "$stamp" ] && [ -z "$lacks" ]; then
     say "Python environment up to date"
+else
+    [ -f "$stamp" ] || lacks=""    # a new .venv lacks everything
+    say "installing xlb and its Python dependencies into .venv${lacks:+ (it lacks $lacks)}"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' ||
+        die "pip install -e '.[test]' into .venv failed"
+    touch "$stamp"
+    lacks=$(venv_lacks)
+    [ -z "$lacks" ] || die ".venv still lacks $lacks after pip install"
 fi
-.venv/bin/python -c 'import bcc, pyroute2, click, prometheus_client' \
-    || { echo "setup: .venv cannot import its dependencies" >&2; exit 1; }
 say "ready: .venv/bin/xlb"
