@@ -12,7 +12,9 @@ import ctypes as ct
 import re
 from pathlib import Path
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+# control/bpf links to the repository's bpf/, so an installed (non-editable) xlb
+# carries the C as package data and finds it the same way.
+BPF_DIR = Path(__file__).resolve().parent / "bpf"
 SHARED_HEADER = BPF_DIR / "xlb_shared.h"
 
 u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64

@@ -1,4 +1,4 @@
-"""scripts/setup.sh repairs a half-done setup.
+"""scripts/setup.sh repairs a half-done setup, and an installed xlb carries its C.
 
 setup.sh runs on a copy of this checkout, in a mount namespace of its own whose
 /lib/modules is a tmpfs: it may relink the kernel headers there without touching
@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,17 @@ def copy_sources(dest: Path) -> Path:
         else:
             shutil.copy(src, dest / name)
     return dest
+
+
+def test_a_wheel_carries_the_c_the_control_plane_compiles(tmp_path):
+    """A non-editable install has no bpf/ beside it: the C must be in the package."""
+    src = copy_sources(tmp_path / "xlb")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path), str(src)], check=True, capture_output=True, timeout=120)
+    (wheel,) = tmp_path.glob("xlb-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    c = {f"xlb/bpf/{p.name}" for p in (ROOT / "bpf").iterdir() if p.suffix in (".c", ".h")}
+    assert "xlb/bpf/xlb.c" in c and c <= names
 
 
 def setup(checkout: Path, build: Path, source: Path) -> tuple[str, Path, Path]:
