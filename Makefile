@@ -35,4 +35,4 @@ lab-down:
 	@bash netns-lab/lab.sh down
 
 clean: lab-down
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis build
