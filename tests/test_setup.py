@@ -85,7 +85,6 @@ def venv_python(ck: Path, *args: str) -> subprocess.CompletedProcess:
                           cwd="/", timeout=120)
 
 
-
 @pytest.mark.netns
 def test_a_second_run_changes_nothing(checkout):
     out, *links = setup(checkout, *good_links())
