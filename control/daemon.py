@@ -117,6 +117,8 @@ class Balancer:
                 dp.detach(att.ifindex)
             planner.execute(dp, planner.plan(target, self.state))
             raise
+        for att in attached:        # once all are attached: a veth whose peer xlb
+            _warn_veth(dp, att)     # attaches too has a program at its peer
         ended = dp.delete_flows(set(ends.backend_ids), set(ends.service_ids))
         for name in self.links.keys() - {link.name for link in links}:
             dp.detach(self.links[name].index)
@@ -334,20 +336,27 @@ def _counters(c) -> dict:
 
 
 def _attach(datapath: Datapath, link: netif.Link):
-    """Native XDP where the driver takes it, generic with a warning elsewhere;
-    a warning too where a veth's peer would lose what xlb transmits."""
+    """Native XDP where the driver takes it, generic with a warning elsewhere."""
     att = datapath.attach(link.index, link.name)
     if att.mode != "native":
         log.event("attach", level="warning", interface=link.name, mode="generic",
                   reason=f"native XDP refused ({att.note}); generic XDP is slower")
-    elif (peer := netif.veth_peer_without_xdp(link.index)) is not None:
+    return att
+
+
+def _warn_veth(datapath: Datapath, att) -> None:
+    """A warning where a veth's peer would lose what xlb transmits: asked once
+    every link of the apply is attached, as xlb may attach the peer itself."""
+    if att.mode != "native":
+        return
+    peer = netif.veth_peer_without_xdp(att.ifindex)
+    if peer is not None:
         lost = ("answers for VIPs (ARP, ping, fragmentation needed)"
                 + (" and fast-path packets" if datapath.fast_path else ""))
-        log.event("attach", level="warning", interface=link.name, mode="native",
+        log.event("attach", level="warning", interface=att.ifname, mode="native",
                   reason=f"its veth peer {peer} runs no XDP program, so the {lost} that "
-                         f"xlb sends out of {link.name} are lost; attach one to {peer} "
+                         f"xlb sends out of {att.ifname} are lost; attach one to {peer} "
                          f"(one that passes everything will do)")
-    return att
 
 
 def _select(config: Config, attached: Collection[str] = ()) -> list[netif.Link]:

@@ -87,6 +87,21 @@ def test_a_veth_peer_without_xdp_is_warned_about(lab):
     assert "fast-path packets" in line
 
 
+def test_a_veth_pair_xlb_attaches_both_ends_of_is_not_warned_about(lab):
+    """Both ends of a veth pair in lb, both up: xlb attaches to each, so each
+    end's peer runs its program, and nothing it sends there is lost."""
+    lab.run("lb", "ip", "link", "add", "vt0", "type", "veth", "peer", "name", "vt1", check=True)
+    try:
+        for end in ("vt0", "vt1"):
+            lab.run("lb", "ip", "link", "set", end, "up", check=True)
+        with lab.xlb("--vip", f"{VIP}:80", *BACKENDS) as x:
+            attached = {i["name"] for i in lab.status()["interfaces"]}
+    finally:
+        lab.run("lb", "ip", "link", "del", "vt0", check=True)
+    assert {"vt0", "vt1"} <= attached
+    assert "veth peer" not in x.stderr, x.stderr
+
+
 def hold(lab, count: int, pause: float, port: int = 80):
     """A keep-alive HTTP connection from the client making `count` requests
     `pause` seconds apart; returns the process once its first answer is in."""
