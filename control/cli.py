@@ -269,7 +269,9 @@ def apply(file: Path | None) -> None:
     nothing. The instance computes the difference and applies it: a service
     switches to its new backend set in one step, established flows to servers
     that remain are untouched, flows of removed servers follow their pool's
-    on_server_down. Drain and maint set with `xlb server` stay.
+    on_server_down. Drain and maint set with `xlb server` stay with each server
+    the file keeps in that pool; one it forgets (the server gone from the pool,
+    the pool renamed) is warned of.
     """
     if file is None:
         served = _request("show")["config"]
@@ -319,8 +321,9 @@ def server(action: str, pool: str, server: str) -> None:
 
     drain: no new flows, established ones continue. disable: no new flows,
     and established ones end (their next packets are balanced anew). enable:
-    back to normal. The state survives `xlb apply` and restarts of `xlb up`
-    (xlb keeps it in its state directory); `xlb down` forgets it.
+    back to normal. The state survives `xlb apply` (of a file that keeps the
+    server in that pool) and restarts of `xlb up` (xlb keeps it in its state
+    directory); `xlb down` forgets it.
     """
     r = _request("server", action=action, pool=pool, server=server)
     _warn(r)
