@@ -531,6 +531,53 @@ def _summary(config: Config, most: int = 4) -> str:
             + some(f"{s.address}:{s.port}" for p in config.pools for s in p.servers))
 
 
+class HealthSync:
+    """Takes the health checker's states to the data path. `lock` is the one
+    every change of the balancer holds.
+
+    Each change applies the checker's states as they are then, not the state
+    its transition named: transitions that came while an apply held the lock
+    are all taken in by the first to run (the rest find nothing to do), so that
+    a thousand servers failing at once cost a few applies, not a thousand in a
+    row; and a transition made stale meanwhile (its target restarted by an
+    apply, or no longer checked) cannot put back a state the checker no
+    longer holds, which its next checks might never correct."""
+
+    def __init__(self, balancer: Balancer, lock: asyncio.Lock):
+        self.balancer, self.lock = balancer, lock
+        self.checker = balancer.checker = HealthChecker(
+            self._on_change, lambda key, ok, seconds:
+            balancer.check_durations.observe(key, seconds))
+
+    def _on_change(self, tr: Transition) -> None:
+        log.event("health", pool=tr.key[0], server=tr.key[1], old=tr.old, new=tr.new,
+                  reason=tr.reason, check_duration=tr.duration)
+        # Counted here, as logged: another change's apply may take it in first.
+        self.balancer.health_changes[tr.key] = self.balancer.health_changes.get(tr.key, 0) + 1
+        asyncio.get_running_loop().create_task(self._changed(tr))
+
+    async def _changed(self, tr: Transition) -> None:
+        async with self.lock:
+            try:
+                await self._follow()
+            except Exception as e:      # a task's own: nobody else would hear of it
+                log.event("health", level="error", pool=tr.key[0], server=tr.key[1],
+                          new=tr.new, error=f"not applied: {e}")
+
+    async def sync_targets(self) -> None:
+        """Gives the checker the config's targets; new or changed ones start as
+        up (provisionally, until their first check), as the checker sees them.
+        Called with the lock held."""
+        self.checker.set_targets(self.balancer.health_targets(), initial=self.balancer.health)
+        await self._follow()
+
+    async def _follow(self) -> None:
+        health = self.checker.states()
+        if health != self.balancer.health:
+            self.balancer.health = health
+            await asyncio.to_thread(self.balancer.apply, self.balancer.config, relink=False)
+
+
 async def _serve(balancer: Balancer, sock) -> bool:
     """Serves until a signal or `xlb down`; returns True when the data path is
     to keep running (`xlb down --keep-datapath`)."""
@@ -549,37 +596,8 @@ async def _serve(balancer: Balancer, sock) -> bool:
     def request_stop(keep_datapath: bool) -> None:   # from the worker thread of a `down` request
         downs.append(keep_datapath)
 
-    async def health_changed(tr: Transition) -> None:
-        async with lock:
-            if balancer.health.get(tr.key, "up") == tr.new:
-                return
-            balancer.health[tr.key] = tr.new
-            try:
-                await asyncio.to_thread(balancer.apply, balancer.config, relink=False)
-            except Exception as e:      # a task's own: nobody else would hear of it
-                log.event("health", level="error", pool=tr.key[0], server=tr.key[1],
-                          new=tr.new, error=f"not applied: {e}")
-
-    def on_change(tr: Transition) -> None:
-        log.event("health", pool=tr.key[0], server=tr.key[1], old=tr.old, new=tr.new,
-                  reason=tr.reason, check_duration=tr.duration)
-        # Counted here, as logged: an apply under way may take the change over
-        # (sync_targets) before its task runs.
-        balancer.health_changes[tr.key] = balancer.health_changes.get(tr.key, 0) + 1
-        loop.create_task(health_changed(tr))
-
-    checker = HealthChecker(on_change, lambda key, ok, seconds:
-                            balancer.check_durations.observe(key, seconds))
-    balancer.checker = checker
-
-    async def sync_targets() -> None:
-        """Gives the checker the config's targets; new or changed ones start as
-        up (provisionally, until their first check), as the checker sees them."""
-        checker.set_targets(balancer.health_targets(), initial=balancer.health)
-        health = checker.states()
-        if health != balancer.health:
-            balancer.health = health
-            await asyncio.to_thread(balancer.apply, balancer.config, relink=False)
+    health = HealthSync(balancer, lock)
+    checker, sync_targets = health.checker, health.sync_targets
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
