@@ -20,7 +20,8 @@ Semantics:
   may count these as reset connections.
 - http: connect, send `GET {path} HTTP/1.1` with `Host: {host or address}`,
   `Connection: close`, `User-Agent: xlb-health`; read the status line (and the
-  body, up to 64 KiB, when `expect_body` is set; chunked bodies are decoded).
+  body, up to 64 KiB, when `expect_body` is set; chunked bodies are decoded;
+  lines may end in LF alone).
   Healthy iff the status is `expect_status` and the body contains `expect_body`.
   The whole check, connect included, is bounded by `timeout`.
 - Fixed rate: a target's checks start every `interval` seconds, counted from
@@ -56,6 +57,7 @@ import heapq
 import logging
 import os
 import random
+import re
 import select
 import socket
 import struct
@@ -601,9 +603,14 @@ class _Probe:
             self._end(verdict)
 
 
+_HEAD_END = re.compile(rb"\n\r?\n")     # the blank line after the headers
+
+
 def _http_verdict(buf: bytearray, eof: bool, m: Monitor) -> tuple[bool, str] | None:
     """The check's outcome from the response so far; None: read more."""
-    end = buf.find(b"\r\n")
+    # Lines end in CRLF or, as RFC 9112 lets a recipient accept (and HAProxy
+    # does), LF alone: small servers (a script behind nc, firmware) send those.
+    end = buf.find(b"\n")
     if end < 0:
         if eof:
             raise _CheckFailed("http: connection closed before the status line"
@@ -611,7 +618,7 @@ def _http_verdict(buf: bytearray, eof: bool, m: Monitor) -> tuple[bool, str] | N
         if len(buf) > HEAD_LIMIT:
             raise _CheckFailed("http: no status line in the first 64 KiB")
         return None
-    line = bytes(buf[:end])
+    line = bytes(buf[:end]).rstrip(b"\r")
     parts = line.split(None, 2)
     if (len(parts) < 2 or not parts[0].startswith(b"HTTP/") or len(parts[1]) != 3
             or not parts[1].isdigit()):
@@ -622,16 +629,16 @@ def _http_verdict(buf: bytearray, eof: bool, m: Monitor) -> tuple[bool, str] | N
     if m.expect_body is None:
         return True, "check passed"
 
-    head = buf.find(b"\r\n\r\n")
-    if head < 0:
+    blank = _HEAD_END.search(buf, end)
+    if blank is None:
         if eof:
             raise _CheckFailed("http: connection closed inside the headers")
         if len(buf) > HEAD_LIMIT:
             raise _CheckFailed("http: headers longer than 64 KiB")
         return None
-    head += 4
+    head = blank.end()
     length, chunked = None, False
-    for h in bytes(buf[end + 2:head]).split(b"\r\n"):
+    for h in bytes(buf[end + 1:blank.start()]).split(b"\n"):
         name, _, value = h.partition(b":")
         name, value = name.strip().lower(), value.strip()
         if name == b"content-length" and value.isdigit():

@@ -415,6 +415,32 @@ def test_http_status_body_and_host(netns):
     netns.run(main())
 
 
+def test_http_answer_with_bare_lf_lines(netns):
+    """Lines ended by LF alone, as small servers (a shell script behind nc,
+    firmware) send them and RFC 9112 lets a recipient accept: read as CRLF
+    ones, as HAProxy does."""
+    async def main():
+        async def bare_lf(srv, reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.0 200 OK\nContent-Type: text/plain\nContent-Length: 9\n\n"
+                         b"all good\n")
+            await writer.drain()
+
+        srv = await Listener(8011, bare_lf).start()
+        plain, body = ("api", "plain"), ("api", "body")
+        targets = [Target(plain, LOCAL, 8011, http_monitor()),
+                   Target(body, LOCAL, 8011, http_monitor(expect_body="all good"))]
+        async with checker(targets) as (hc, rec):
+            await until(lambda: len(rec.checks(plain)) >= 2 and len(rec.checks(body)) >= 2,
+                        "two checks each")
+            assert {(ok, reason) for ok, reason, _ in rec.checks(plain) + rec.checks(body)} \
+                == {(True, "check passed")}
+            assert rec.transitions == []
+        await srv.close()
+
+    netns.run(main())
+
+
 def test_http_server_that_never_answers_times_out(netns):
     async def main():
         srv = await Listener(8004, HttpBehaviour(hang=True)).start()
