@@ -319,11 +319,12 @@ def show() -> None:
 def server(action: str, pool: str, server: str) -> None:
     """Take a server out of service, or back, at run time.
 
-    drain: no new flows, established ones continue. disable: no new flows,
-    and established ones end (their next packets are balanced anew). enable:
-    back to normal. The state survives `xlb apply` (of a file that keeps the
-    server in that pool) and restarts of `xlb up` (xlb keeps it in its state
-    directory); `xlb down` forgets it.
+    drain: no new flows, established ones continue (while its health checks
+    pass: failing them, it is down, and they follow on_server_down).
+    disable: no new flows, and established ones end (their next packets are
+    balanced anew). enable: back to normal. The state survives `xlb apply` (of
+    a file that keeps the server in that pool) and restarts of `xlb up` (xlb
+    keeps it in its state directory); `xlb down` forgets it.
     """
     r = _request("server", action=action, pool=pool, server=server)
     _warn(r)

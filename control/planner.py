@@ -100,12 +100,15 @@ STATES = ("up", "down", "drain", "maint")
 
 def server_state(server: Server, admin: str | None, health: str) -> str:
     """What status shows and what decides new flows: maint (disabled in the config
-    or at run time) before drain before down (failed health checks) before up."""
+    or at run time) before down (failed health checks) before drain before up.
+    A drained server that fails its checks is down, as in HAProxy, so that its
+    established flows follow its pool's on_server_down: drain keeps them for a
+    server that can still serve them."""
     if not server.enabled or admin == "maint":
         return "maint"
-    if admin == "drain":
-        return "drain"
-    return "down" if health == "down" else "up"
+    if health == "down":
+        return "down"
+    return "drain" if admin == "drain" else "up"
 
 
 def _choose(pool: Pool, states: Mapping[BackendKey, str]) -> list[Server]:

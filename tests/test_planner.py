@@ -149,10 +149,29 @@ def test_server_state_precedence():
     s = Server("s", A("10.1.11.1"), 80)
     assert planner.server_state(s, None, "up") == "up"
     assert planner.server_state(s, None, "down") == "down"
-    assert planner.server_state(s, "drain", "down") == "drain"
+    assert planner.server_state(s, "drain", "up") == "drain"
+    assert planner.server_state(s, "drain", "down") == "down"
     assert planner.server_state(s, "maint", "up") == "maint"
     assert planner.server_state(Server("s", A("10.1.11.1"), 80, enabled=False),
                                 None, "up") == "maint"
+
+
+@pytest.mark.parametrize("policy,ended", [("reset", True), ("keep", False)])
+def test_a_drained_server_that_fails_its_checks_follows_on_server_down(policy, ended):
+    """Drain keeps established flows on a server that can serve them; once its
+    checks fail they follow the pool's policy, as any down server's do, not
+    only when it is enabled again."""
+    cfg = _pool(S1, S2, on_server_down=policy)
+    key = ("p", "s1")
+    drained = {key: planner.server_state(S1, "drain", "up")}
+    dead = {key: planner.server_state(S1, "drain", "down")}
+    cur = desired(cfg, states=drained)
+    tgt = desired(cfg, cur, dead)
+    assert planner.flows_to_end(cfg, drained, cur, cfg, dead, tgt).backend_ids == \
+        ({0} if ended else set())
+    back = {key: planner.server_state(S1, "drain", "up")}     # recovered: drained still
+    assert planner.flows_to_end(cfg, dead, tgt, cfg, back, desired(cfg, tgt, back)) \
+        .backend_ids == set()
 
 
 @pytest.mark.parametrize("policy,before,after,ended", [
