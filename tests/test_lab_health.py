@@ -236,13 +236,15 @@ def test_one_line_check_options(lab, tmp_path):
             proc.wait(5)
 
 
-@pytest.mark.parametrize("policy", ["keep", "reset"])
+@pytest.mark.parametrize("policy,drained", [("keep", False), ("reset", False),
+                                            ("reset", True)])
 def test_established_flows_of_a_server_that_goes_down_follow_on_server_down(
-        lab, tmp_path, policy):
+        lab, tmp_path, policy, drained):
     """Only the check listener (port 9000) of the held connection's server
     dies; the server itself still answers. keep: the connection goes on with
     it. reset: its next packet is balanced anew, to a server that knows
-    nothing of it, and the connection ends."""
+    nothing of it, and the connection ends; also when the server was drained
+    first (drain keeps flows only for a server that passes its checks)."""
     checks = {node: lab.web_server(node, f"{node}-check", 9000) for node in ("was1", "was2")}
     try:
         text = seed("tcp", port=9000).replace('monitor = "m"\n',
@@ -251,6 +253,8 @@ def test_established_flows_of_a_server_that_goes_down_follow_on_server_down(
             wait_health(lab, "was2", "up")
             hold, first = lab.hold("--count", "12", "--pause", "0.4", "--timeout", "2")
             server = {"WAS1": "was1", "WAS2": "was2"}[first]
+            if drained:
+                lab.xlb_cmd("server", "drain", "web", server, check=True)
             checks[server].terminate()
             checks[server].wait(5)
             wait_health(lab, server, "down")
