@@ -75,7 +75,7 @@ def cli() -> None:
 @click.option("--check", "check_kind", default="tcp", show_default=True,
               metavar="tcp|http:/PATH|none",
               help="Health check of the --backend servers: a TCP connect, an HTTP GET "
-                   "of PATH expecting 200, or none.")
+                   "of PATH expecting a 2xx or 3xx status, or none.")
 @click.option("--check-port", type=int, metavar="N",
               help="Port to check. Default: each backend's own port.")
 @click.option("--interval", type=float, default=2.0, show_default=True, metavar="SECONDS",

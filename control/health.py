@@ -22,7 +22,8 @@ Semantics:
   `Connection: close`, `User-Agent: xlb-health`; read the status line (and the
   body, up to 64 KiB, when `expect_body` is set; chunked bodies are decoded;
   lines may end in LF alone).
-  Healthy iff the status is `expect_status` and the body contains `expect_body`.
+  Healthy iff the status is `expect_status` (by default any 2xx or 3xx, as
+  HAProxy's `option httpchk`) and the body contains `expect_body`.
   The whole check, connect included, is bounded by `timeout`.
 - Fixed rate: a target's checks start every `interval` seconds, counted from
   the previous check's scheduled start, so a slow check does not push later
@@ -624,7 +625,9 @@ def _http_verdict(buf: bytearray, eof: bool, m: Monitor) -> tuple[bool, str] | N
             or not parts[1].isdigit()):
         raise _CheckFailed(f"http: malformed status line {line[:80]!r}")
     status = int(parts[1])
-    if status != m.expect_status:
+    if m.expect_status is None and not 200 <= status < 400:
+        return False, f"http status {status}, expected 2xx or 3xx"
+    if m.expect_status is not None and status != m.expect_status:
         return False, f"http status {status}, expected {m.expect_status}"
     if m.expect_body is None:
         return True, "check passed"

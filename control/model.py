@@ -49,7 +49,9 @@ class Monitor:
     type: str = "tcp"
     port: int | None = None
     path: str = "/"                 # http: the GET path
-    expect_status: int = 200        # http: the status that means healthy
+    # http: the status that means healthy; None: any 2xx or 3xx, as HAProxy's
+    # `option httpchk` takes it (a health URL may well redirect).
+    expect_status: int | None = None
     expect_body: str | None = None  # http: a substring the body must contain
     host: str | None = None         # http: the Host header (default: the address)
     interval: float = 2.0

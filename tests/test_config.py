@@ -159,6 +159,12 @@ def test_what_nothing_uses_is_named_not_refused():
     assert load_file(SEED).unused == ()
 
 
+def test_an_http_monitor_without_expect_status_takes_any_2xx_or_3xx_and_round_trips():
+    cfg = load(doc(monitor('type = "http"'), pool=POOL + '\nmonitor = "m"'))
+    assert cfg.monitors[0].expect_status is None
+    assert "expect_status" not in dump(cfg) and load(dump(cfg)) == cfg
+
+
 def test_maglev_pool_default_size_round_trips():
     cfg = load(doc(pool=POOL + '\nalgorithm = "maglev"'))
     assert cfg.pools[0].maglev_size == 65537

@@ -385,7 +385,7 @@ def test_http_status_body_and_host(netns):
             for key, m in ((ka, ma), (kb, mb)):
                 (tr,) = rec.of(key)
                 assert (tr.old, tr.new) == ("up", "down")
-                assert tr.reason == "http status 500, expected 200"
+                assert tr.reason == "http status 500, expected 2xx or 3xx"
                 assert_decided(rec, tr)
                 down = ["fail"] * m.fall + ["down"]      # (an answer in flight may pass)
                 assert rec.story(key, changed, through="down") in (down, ["pass"] + down)
@@ -737,8 +737,13 @@ def test_http_parser():
     assert verdict(b"HTTP/1.1 20") is None                           # read more
     assert verdict(b"HTTP/1.1 200 OK\r\n") == ok                     # no body wanted
     assert verdict(b"HTTP/1.0 200\r\n") == ok                        # no reason phrase
-    assert verdict(b"HTTP/1.1 503 Busy\r\n") == (False, "http status 503, expected 200")
+    # By default any 2xx or 3xx, as HAProxy's httpchk; else the one given.
+    assert verdict(b"HTTP/1.1 503 Busy\r\n") == (False, "http status 503, expected 2xx or 3xx")
+    assert verdict(b"HTTP/1.1 199 Hm\r\n") == (False, "http status 199, expected 2xx or 3xx")
+    assert verdict(b"HTTP/1.1 302 Found\r\n") == ok
     assert verdict(b"HTTP/1.1 204 No\r\n", expect_status=204) == ok
+    assert verdict(b"HTTP/1.1 200 OK\r\n", expect_status=204) == \
+        (False, "http status 200, expected 204")
     assert verdict(b"", eof=True) == ("failed", "http: connection closed without a response")
     assert verdict(b"HTTP/1.1 2", eof=True) == \
         ("failed", "http: connection closed before the status line")
