@@ -748,17 +748,20 @@ class Datapath:
 
     def delete_flows(self, backend_ids: set[int], service_ids: set[int]) -> dict[str, int]:
         """Forgets the connections of these backends and services, both ways, so
-        that their next packets are balanced anew. Returns how many, per table."""
+        that their next packets are balanced anew. Returns how many of them
+        were open (as `status` counts: not closing, not idle past their
+        timeout), per table."""
         def ends(r: flowtable.Row) -> bool:
             return r.backend_id in backend_ids or r.service_id in service_ids
 
-        ended = {}
+        ended, now = {}, self.now()
         with self._mending:
             for name, rows in self.flow_rows().items():
                 # Each entry on its own, as it is now: a connection opened again
                 # on the same key since the read (to another server) stays.
-                ended[name] = self._delete_where(name, [(r,) for r in rows if ends(r)],
-                                                 lambda _, now: ends(now), "ended")
+                gone = self._delete_where(name, [(r,) for r in rows if ends(r)],
+                                          lambda _, now: ends(now), "ended")
+                ended[name] = sum(flowtable.is_open(r, now) for r in gone)
         return ended
 
     def sweep_flows(self, now: int | None = None) -> tuple[dict[str, int], int]:
@@ -773,7 +776,7 @@ class Datapath:
         expired, restored = {}, 0
         for name, table_rows in rows.items():
             swept = flowtable.sweep(table_rows, now, half_open if name == "flows" else None)
-            expired[name] = self._delete_where(name, swept.dead, operator.eq, "expired")
+            expired[name] = len(self._delete_where(name, swept.dead, operator.eq, "expired"))
             if name == "flows":
                 restored = self._put_back(swept.orphans)
         return expired, restored
@@ -802,18 +805,18 @@ class Datapath:
 
     def _delete_where(self, name: str, groups: list[tuple[flowtable.Row, ...]],
                       still: Callable[[flowtable.Row, flowtable.Row], bool],
-                      reason: str) -> int:
+                      reason: str) -> list[flowtable.Row]:
         """Deletes each group of entries (a connection's, read a moment ago)
         unless one of them is still there and no longer what still(as read,
         as now) asks: the program may have written it since. Checked and
         deleted a few at a time, so that the program has a few milliseconds,
-        not the whole pass, to write in between. Returns how many forward
-        entries this deleted, and counts them in control_stats under reason
+        not the whole pass, to write in between. Returns the forward entries
+        this deleted (as read), and counts them in control_stats under reason
         (expired, ended): a connection another remover took in between (the
         program, an apply, the sweep) was counted there."""
         fd, ksize = self._maps[name].map_fd, ct.sizeof(layout.FlowKey)
         key, value = ct.create_string_buffer(ksize), ct.create_string_buffer(ct.sizeof(layout.Flow))
-        gone = 0
+        gone = []
         for at in range(0, len(groups), DELETE_CHUNK):
             doomed = []
             for entries in groups[at:at + DELETE_CHUNK]:
@@ -826,21 +829,21 @@ class Datapath:
                     doomed += entries
             with self._mending:
                 deleted = self._delete_batch(name, doomed)
-                self._count(f"{reason}_{name}", deleted)
+                self._count(f"{reason}_{name}", len(deleted))
             gone += deleted
         return gone
 
-    def _delete_batch(self, name: str, rows: list[flowtable.Row]) -> int:
+    def _delete_batch(self, name: str, rows: list[flowtable.Row]) -> list[flowtable.Row]:
         """Deletes these entries in one call, or more where one is gone (it
-        stops the call, which goes on after it); returns how many forward
-        entries went."""
+        stops the call, which goes on after it); returns the forward entries
+        that went."""
         fd, ksize = self._maps[name].map_fd, ct.sizeof(layout.FlowKey)
-        keys, start, gone = ct.create_string_buffer(b"".join(r.key() for r in rows)), 0, 0
+        keys, start, gone = ct.create_string_buffer(b"".join(r.key() for r in rows)), 0, []
         while start < len(rows):
             count = ct.c_uint32(len(rows) - start)
             rc = lib.bpf_delete_batch(fd, ct.byref(keys, start * ksize), ct.byref(count))
             err = ct.get_errno()
-            gone += sum(r.dir == layout.FLOW_FORWARD for r in rows[start:start + count.value])
+            gone += [r for r in rows[start:start + count.value] if r.dir == layout.FLOW_FORWARD]
             if rc == 0:
                 break
             if err != errno.ENOENT:

@@ -122,6 +122,12 @@ class Census:
     forward: dict[str, int] = field(default_factory=dict)  # forward entries per table, any age
 
 
+def is_open(r: Row, now: int) -> bool:
+    """Whether the connection of forward entry r is open: not closing, not
+    idle past its timeout."""
+    return r.state != layout.FLOW_STATES["closing"] and not r.idle_past(now, r.seen)
+
+
 def census(tables: dict[str, list[Row]], now: int) -> Census:
     c = Census(entries={name: len(rows) for name, rows in tables.items()},
                forward={name: sum(r.dir == layout.FLOW_FORWARD for r in rows)

@@ -980,6 +980,21 @@ def test_a_control_process_that_adopts_the_data_path_goes_on_counting(balancer, 
         again.close()
 
 
+def test_flows_ended_are_the_open_connections_that_ended(balancer, fibnet):
+    """`xlb server disable` (and apply) say how many open connections they
+    ended, as ACTIVE counts them: a closing one goes too, but only the ledger
+    counts it."""
+    lb = Harness(balancer.datapath)
+    handshake(lb, fibnet, 53500)
+    handshake(lb, fibnet, 53501)
+    lb.send(tcp_frame(CLIENT, VIP, 53501, 80, flags="FA"), fibnet.ifindex["ext"])
+    assert balancer.status()["pools"][0]["servers"][0]["active_flows"] == 1
+
+    assert balancer.set_admin("disable", "default", "backend1")["flows_ended"] == 1
+    assert removed(balancer)["ended"] == 2
+    assert entries(balancer.datapath, "flows") == {}
+
+
 @pytest.mark.parametrize("policy", ["reset", "keep"])
 def test_a_server_given_another_address_is_a_new_server(balancer, fibnet, policy):
     """An apply that moves a server (same name, another address) removes the
