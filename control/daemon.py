@@ -14,7 +14,6 @@ is checked before the first write, and a write that fails is undone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import os
@@ -654,9 +653,10 @@ async def _sweep_forever(balancer: Balancer) -> None:
 async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, sync_targets,
                   reader, writer) -> dict:
     if ctl.peer_uid(writer.get_extra_info("socket")) != 0:
-        # Read first: refused unread, a client still sending gets a broken pipe, not the reason.
-        with contextlib.suppress(ValueError, asyncio.TimeoutError):
-            await asyncio.wait_for(reader.readline(), timeout=5)
+        # Refused unread and at once: reading would let any local user make this
+        # process buffer megabytes and hold a descriptor per connection for seconds
+        # (thousands of them: out of memory, or of descriptors for health checks).
+        # The answer still reaches the client (ctl.request reads it after EPIPE).
         return {"ok": False, "error": "permission denied: the control socket is root-only"}
     try:
         line = await asyncio.wait_for(reader.readline(), timeout=5)

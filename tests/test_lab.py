@@ -160,6 +160,63 @@ def test_control_socket_refuses_non_root(lab, xlb):
     assert lab.status()["pid"] > 0
 
 
+FLOOD = r"""
+import json, select, socket, sys, time
+socks = []
+for _ in range(40):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect("\0xlb/control")
+    s.setblocking(False)
+    socks.append(s)
+blob, sent, end = b"x" * (1 << 20), dict.fromkeys(socks, 0), time.monotonic() + 3
+while time.monotonic() < end:       # each pushes up to 8 MiB, no newline
+    _, ready, _ = select.select([], [s for s in socks if sent[s] < 8 << 20], [], 0.2)
+    for s in ready:
+        try:
+            sent[s] += s.send(blob)
+        except OSError:             # the instance closed: it refused
+            sent[s] = 8 << 20
+print(json.dumps(sum(sent.values())), flush=True)
+sys.stdin.readline()                # held until the test has looked
+answers = []
+for s in socks:
+    s.setblocking(True)
+    try:
+        answers.append(s.recv(4096).decode())
+    except ConnectionResetError:
+        answers.append("")
+print(json.dumps(answers), flush=True)
+"""
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
+
+
+def test_control_socket_buffers_nothing_for_non_root(lab, xlb):
+    """Any local user can connect: one that sends megabytes on many connections
+    must not make the instance buffer them (it ran out of memory), and each is
+    answered the refusal at once."""
+    pid = lab.status()["pid"]
+    before = rss_kib(pid)
+    flood = subprocess.Popen(["ip", "netns", "exec", lab.ns("lb"), "setpriv",
+                              f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                              "/usr/bin/python3", "-c", FLOOD], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        json.loads(flood.stdout.readline())
+        grown = rss_kib(pid) - before
+        answers = json.loads(flood.communicate("\n", timeout=30)[0])
+    finally:
+        flood.kill()
+        flood.wait()
+    assert grown < 32 << 10, f"the instance grew by {grown} KiB"
+    assert [json.loads(a) for a in answers] == [
+        {"ok": False, "error": "permission denied: the control socket is root-only"}] * 40
+    assert lab.status()["pid"] == pid
+
+
 def test_second_up_is_refused_and_first_keeps_serving(lab, xlb):
     before = lab.status()["pid"]
     r = lab.xlb_cmd("up", *SEED_ARGS, timeout=60)
