@@ -5,7 +5,10 @@ It is an abstract Unix socket. Its name belongs to the network namespace, so
 each namespace has its own and instances in different namespaces never see
 each other; and it is no file, so neither the private /sys and mounts of
 `ip netns exec` nor a crash can hide it or leave it stale. Only root may use
-it: the server checks each peer's credentials.
+it: the server checks each peer's credentials. Being no file, it has no
+permissions either: any local user may bind the name first, so a client talks
+only to a server that runs as root (xlb up does), and `xlb up` names a holder
+that does not.
 
 Protocol: one JSON object per line each way, one request per connection.
 """
@@ -43,6 +46,14 @@ class ControlError(Exception):
         self.bad_input = bad_input
 
 
+class Squatted(ControlError):
+    """Another user's process holds the control address."""
+
+    def __init__(self, pid: int, uid: int):
+        super().__init__(f"the control address (abstract socket @xlb/control) is held by "
+                         f"pid {pid}, of uid {uid}: not xlb, which runs as root")
+
+
 def bind() -> socket.socket:
     """Claims this namespace's control address: the claim is the "one instance" lock."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -51,6 +62,7 @@ def bind() -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
+            _check_holder()
             raise AlreadyRunning() from None
         raise
     sock.listen(16)
@@ -58,12 +70,32 @@ def bind() -> socket.socket:
 
 
 def peer_uid(sock: socket.socket) -> int:
+    return _peer(sock)[1]
+
+
+def _peer(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the other end: for a client, of the server as it listened."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
+    pid, uid, _ = struct.unpack("3i", creds)
+    return pid, uid
+
+
+def _check_holder() -> None:
+    """Raises Squatted when what listens at the address does not run as root."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(2.0)
+        try:
+            sock.connect(ADDRESS)
+        except OSError:        # bound but not listening, or gone: nothing to name
+            return
+        pid, uid = _peer(sock)
+    if uid != 0:
+        raise Squatted(pid, uid)
 
 
 def request(cmd: str, timeout: float = 10.0, **args) -> object:
-    """Sends one request and returns its result; raises NotRunning or ControlError."""
+    """Sends one request and returns its result; raises NotRunning or ControlError
+    (Squatted too)."""
     try:
         return _request(cmd, timeout, args)
     except TimeoutError:
@@ -78,6 +110,9 @@ def _request(cmd: str, timeout: float, args: dict) -> object:
             sock.connect(ADDRESS)
         except (ConnectionRefusedError, FileNotFoundError):
             raise NotRunning() from None
+        pid, uid = _peer(sock)
+        if uid != 0:     # another user's listener: it must not read a config or answer for xlb
+            raise Squatted(pid, uid)
         try:
             sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
         except (BrokenPipeError, ConnectionResetError):

@@ -217,6 +217,57 @@ def test_control_socket_buffers_nothing_for_non_root(lab, xlb):
     assert lab.status()["pid"] == pid
 
 
+SQUAT = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\0xlb/control")
+s.listen(16)
+s.settimeout(60)
+print("bound", flush=True)
+while True:                 # tells what each client sent
+    c, _ = s.accept()
+    c.settimeout(1)
+    try:
+        data = c.recv(1 << 20)
+    except OSError:
+        data = b""
+    print(repr(data), flush=True)
+    try:
+        c.sendall(b'{"ok": true, "result": "stopping"}\n')
+    except OSError:
+        pass
+    c.close()
+"""
+
+
+def test_a_control_address_held_by_another_user_is_named_not_trusted(lab, tmp_path):
+    """The abstract address has no permissions: another user may bind it first.
+    `xlb up` names that holder; the other commands send it nothing (a config
+    text, say) and take no answer of its for xlb's."""
+    squat = subprocess.Popen(["ip", "netns", "exec", lab.ns("lb"), "setpriv",
+                              f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                              "/usr/bin/python3", "-c", SQUAT],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert squat.stdout.readline() == "bound\n"
+        held = (f"xlb: error: the control address (abstract socket @xlb/control) is held by "
+                f"pid {squat.pid}, of uid {NOBODY}: not xlb, which runs as root\n")
+        config = tmp_path / "xlb.toml"
+        config.write_text((Path(__file__).parent.parent / "netns-lab" / "seed.toml").read_text())
+        r = lab.xlb_cmd("up", *SEED_ARGS, timeout=60)
+        assert (r.returncode, r.stderr) == (1, held)
+        assert lab.xdp_attached("lb") == []
+        for cmd in (["apply", str(config)], ["status"], ["server", "drain", "was", "was1"],
+                    ["ha", "role", "backup"], ["down"]):
+            r = lab.xlb_cmd(*cmd, timeout=60)
+            assert (r.returncode, r.stdout, r.stderr) == (1, "", held), cmd
+    finally:
+        squat.kill()
+        out, _ = squat.communicate()
+    # Each connected (to see who listens) and sent nothing.
+    assert out.splitlines() == ["b''"] * 6, out
+
+
 def test_second_up_is_refused_and_first_keeps_serving(lab, xlb):
     before = lab.status()["pid"]
     r = lab.xlb_cmd("up", *SEED_ARGS, timeout=60)
