@@ -234,8 +234,36 @@ def render(st: dict, durations: dict[tuple[str, str], tuple[list[int], float]]) 
     return "".join(text)
 
 
+# A scrape takes a fraction of a second. Each connection costs a thread and a
+# descriptor of xlb up, which its health checks need too: one that sends or reads
+# nothing for CLIENT_TIMEOUT seconds is closed, one beyond MAX_CLIENTS at once
+# is closed unanswered.
+CLIENT_TIMEOUT = 5.0
+MAX_CLIENTS = 32
+
+
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
+
+    def __init__(self, *args, **kw):
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        super().__init__(*args, **kw)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:          # no thread started: nothing else gives the slot back
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def server_bind(self):
         # HTTPServer.server_bind() looks the host name up (socket.getfqdn), which
@@ -255,6 +283,8 @@ def serve(server: _Server, balancer, durations: CheckDurations) -> None:
     ProcessCollector(registry=process)
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        timeout = CLIENT_TIMEOUT
+
         def do_GET(self):
             if self.path.split("?")[0] != "/metrics":
                 self.send_error(404, "see /metrics")

@@ -390,6 +390,54 @@ def test_metrics_at_another_address_or_off(lab):
         assert curl(lab, "http://127.0.0.1:9717/metrics").returncode == 7
 
 
+IDLE = r"""
+import json, socket, sys, time
+socks = []
+while len(socks) < 100:           # connect, then send nothing
+    s = socket.socket()
+    s.settimeout(1)
+    try:
+        s.connect(("127.0.0.1", 9717))
+    except OSError:               # the backlog is full: once more
+        s.close()
+        continue
+    socks.append(s)
+print(flush=True)
+sys.stdin.readline()              # held until the test has looked
+closed, deadline = 0, time.monotonic() + 10
+for s in socks:                   # the instance closes each within seconds
+    s.settimeout(max(0.01, deadline - time.monotonic()))
+    try:
+        closed += s.recv(1) == b""
+    except OSError:
+        closed += 1
+print(json.dumps(closed), flush=True)
+"""
+
+
+def test_metrics_idle_connections_cost_bounded_threads(lab, xlb):
+    """Any local user can reach /metrics: idle connections are closed after a
+    few seconds, and only so many at once get a thread of xlb up."""
+    pid = lab.status()["pid"]
+    threads = lambda: len(os.listdir(f"/proc/{pid}/task"))   # noqa: E731
+    before = threads()
+    idle = subprocess.Popen(["ip", "netns", "exec", lab.ns("lb"), "setpriv",
+                             f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                             "/usr/bin/python3", "-c", IDLE], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        idle.stdout.readline()
+        held = threads() - before
+        closed = json.loads(idle.communicate("\n", timeout=60)[0])
+    finally:
+        idle.kill()
+        idle.wait()
+    assert held <= 32, f"{held} threads for idle connections"
+    assert closed == 100
+    r = curl(lab, "http://127.0.0.1:9717/metrics")
+    assert r.returncode == 0 and "xlb_build_info" in r.stdout, r.stderr
+
+
 def test_warns_of_strict_rp_filter_and_of_generic_xdp(lab):
     """Strict rp_filter on eth1 drops reverse-NATed replies; an ifb link has no
     native XDP. xlb still starts, its serving line naming all three links
