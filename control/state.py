@@ -16,6 +16,7 @@ new; the state is taken (the root namespace keeps its inode across boots).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -55,11 +56,18 @@ def _namespace() -> dict:
 
 def load() -> State | None:
     """This namespace's state, or None when it has none. A file that cannot be
-    read or is no state is logged as a warning and taken as none: a damaged
-    state must not keep the balancer from starting."""
+    read or is no state, or a directory not this user's alone, is logged as a
+    warning and taken as none: a damaged state must not keep the balancer from
+    starting."""
     path = directory() / FILE
     try:
-        raw = path.read_text()
+        dirfd = _open_directory()
+        try:
+            fd = os.open(FILE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirfd)
+        finally:
+            os.close(dirfd)
+        with open(fd) as f:
+            raw = f.read()
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -93,17 +101,35 @@ def save(state: State) -> None:
             "admin": [[pool, server, value] for (pool, server), value in sorted(state.admin.items())],
             "role": state.role, "announce_table": state.announce_table,
             "namespace": _namespace()}
-    tmp = path / f".{FILE}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / FILE)
-    dirfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    dirfd = _open_directory()
     try:
+        tmp = f".{FILE}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600,
+                     dir_fd=dirfd)
+        with open(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, FILE, src_dir_fd=dirfd, dst_dir_fd=dirfd)
         os.fsync(dirfd)
     finally:
         os.close(dirfd)
+
+
+def _open_directory() -> int:
+    """This namespace's state directory, opened; refused (OSError) unless it is
+    a directory of this user that no one else may write. Another user's (in a
+    directory anyone may create one in, as /tmp) could hold a symbolic link
+    where xlb writes, which root would follow, or a forged state, which the
+    next `xlb up` would serve. Opened once: what the checks saw is what is used."""
+    path = directory()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        raise OSError(errno.EPERM, f"{path} is not xlb's own: owned by uid {st.st_uid}, "
+                                   f"mode {st.st_mode & 0o777:o}")
+    return fd
 
 
 def clear() -> None:

@@ -90,6 +90,35 @@ def test_a_state_saved_before_the_role_or_table_was_kept_has_none(root, field):
     assert state.load() == dataclasses.replace(KEPT, **{field: None})
 
 
+def test_a_directory_others_may_write_is_refused(root, tmp_path, capsys):
+    """What another user could put there (a symbolic link where xlb writes its
+    temporary file, a forged state) must not steer root: nothing written, nothing taken."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    state.save(KEPT)
+    state.directory().chmod(0o777)
+    (state.directory() / f".state.json.{os.getpid()}.tmp").symlink_to(victim)
+    with pytest.raises(OSError, match=r"is not xlb's own: owned by uid \d+, mode 777"):
+        state.save(State(None, "", {}))
+    assert victim.read_text() == "precious\n"
+    assert state.load() is None
+    assert "is not xlb's own" in capsys.readouterr().err
+
+
+def test_a_symbolic_link_at_the_directory_is_not_followed(root, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    state.directory().symlink_to(elsewhere)
+    with pytest.raises(OSError):
+        state.save(KEPT)
+    assert os.listdir(elsewhere) == []
+
+
+def test_the_state_file_is_the_owner_s_alone(root):
+    state.save(KEPT)
+    assert (state.directory() / "state.json").stat().st_mode & 0o777 == 0o600
+
+
 def test_a_bare_xlb_up_takes_over_the_saved_config(root):
     """`xlb up` with no option: the config the last instance ran, and its file."""
     import click
