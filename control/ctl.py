@@ -7,8 +7,8 @@ each other; and it is no file, so neither the private /sys and mounts of
 `ip netns exec` nor a crash can hide it or leave it stale. Only root may use
 it: the server checks each peer's credentials. Being no file, it has no
 permissions either: any local user may bind the name first, so a client talks
-only to a server that runs as root (xlb up does), and `xlb up` names a holder
-that does not.
+only to a server that runs as root (xlb up does) or as its own user, and
+`xlb up` names a holder that does not.
 
 Protocol: one JSON object per line each way, one request per connection.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import socket
 import struct
 
@@ -80,6 +81,11 @@ def _peer(sock: socket.socket) -> tuple[int, int]:
     return pid, uid
 
 
+def _trusted(uid: int) -> bool:
+    """A listener of root (xlb up), or of this user, who can learn nothing new from it."""
+    return uid in (0, os.geteuid())
+
+
 def _check_holder() -> None:
     """Raises Squatted when what listens at the address does not run as root."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
@@ -89,7 +95,7 @@ def _check_holder() -> None:
         except OSError:        # bound but not listening, or gone: nothing to name
             return
         pid, uid = _peer(sock)
-    if uid != 0:
+    if not _trusted(uid):
         raise Squatted(pid, uid)
 
 
@@ -111,7 +117,7 @@ def _request(cmd: str, timeout: float, args: dict) -> object:
         except (ConnectionRefusedError, FileNotFoundError):
             raise NotRunning() from None
         pid, uid = _peer(sock)
-        if uid != 0:     # another user's listener: it must not read a config or answer for xlb
+        if not _trusted(uid):   # another user's: it must not read a config, nor answer
             raise Squatted(pid, uid)
         try:
             sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
