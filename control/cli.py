@@ -477,6 +477,12 @@ def follow(instance: str, fifo: Path) -> None:
         # A file or device would be read to its end over and over, at once.
         raise BadInput(f"{fifo}: not a FIFO (keepalived's vrrp_notify_fifo)")
     fd = os.open(fifo, os.O_RDWR)     # a reader that is also a writer never sees EOF
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        # keepalived takes a FIFO that exists as it is: one that another user
+        # made (in /tmp, say) would let that user switch this node's role.
+        raise BadInput(f"{fifo}: another user may write it (owner uid {st.st_uid}, mode "
+                       f"{stat.S_IMODE(st.st_mode):o}): it would tell this node's role")
     # A stopping keepalived gives up the gateway and ends this with SIGTERM,
     # writing no line that says so.
     signal.signal(signal.SIGTERM, _keepalived_stops)
@@ -487,6 +493,7 @@ def follow(instance: str, fifo: Path) -> None:
             if ready:
                 buf += os.read(fd, 4096)
                 *lines, buf = buf.split(b"\n")
+                buf = buf[-FIFO_LINE_MAX:]     # keepalived's lines are short: garbage goes
                 for line in lines:
                     role = keepalived_role(line.decode(errors="replace"), instance)
                     if role:
@@ -511,6 +518,7 @@ def follow(instance: str, fifo: Path) -> None:
 
 
 FOLLOW_POLL = 1.0   # seconds between looks at the instance, while keepalived has said a role
+FIFO_LINE_MAX = 4096
 
 
 class _KeepalivedStops(Exception):

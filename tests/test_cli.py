@@ -157,6 +157,17 @@ def test_ha_follow_reads_a_fifo_only(tmp_path):
         (2, "xlb: error: --instance: 'x y' is not a vrrp_instance name\n")
 
 
+def test_ha_follow_refuses_a_fifo_that_another_user_may_write(tmp_path):
+    """keepalived reuses a FIFO that exists: whoever may write it tells the role."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    os.chmod(fifo, 0o622)
+    r = xlb("ha", "follow", str(fifo))
+    assert (r.returncode, r.stderr) == (2, f"xlb: error: {fifo}: another user may write it "
+                                           f"(owner uid {os.geteuid()}, mode 622): it would "
+                                           f"tell this node's role\n")
+
+
 def test_an_instance_that_does_not_answer_is_one_line(monkeypatch):
     """An instance busy starting (compiling a large flow table) or stopped
     (SIGSTOP) accepts but does not answer: the request fails with one line,
