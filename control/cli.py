@@ -467,7 +467,8 @@ def follow(instance: str, fifo: Path) -> None:
     changes, where a notify script would start one per change. keepalived
     says a role once: a role that cannot be delivered (xlb not running) is
     retried every second, and an instance started anew (after `xlb down`, a
-    restart) is told the role again.
+    restart) is told the role again. A FIFO that another user may write is
+    refused: it would tell the role.
     """
     from .ha import keepalived_role
     from .model import has_space
