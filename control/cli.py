@@ -418,6 +418,15 @@ def down(keep_datapath: bool) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if not ctl.running():
+            # An instance listens until it has detached; one killed in between
+            # (OOM, a supervisor's SIGKILL) stops listening with its program
+            # still attached, which is removed here as a crash's would be.
+            left = None if keep_datapath else _orphan(detach=True)
+            if left is not None:
+                click.echo(f"xlb: the instance stopped before it detached; removed the data "
+                           f"path it left (program {left['program']['id']} on "
+                           f"{', '.join(i['name'] for i in left['interfaces'])})")
+                return
             click.echo("xlb: stopped; the data path keeps running" if keep_datapath
                        else "xlb: stopped")
             return

@@ -227,6 +227,31 @@ def test_status_and_down_of_a_data_path_without_its_control_process(lab):
     assert gone.returncode == 1 and "no xlb instance runs" in gone.stderr
 
 
+# `xlb up` whose process is killed (SIGKILL) where it would detach on `xlb down`,
+# as a supervisor's stop timeout or the OOM killer may kill it.
+KILLED_IN_DOWN = ("import os, sys, signal; from xlb import datapath\n"
+                  "datapath.Datapath.detach_all = "
+                  "lambda self: os.kill(os.getpid(), signal.SIGKILL)\n"
+                  "from xlb.cli import main; sys.argv[0] = 'xlb'; main()")
+
+
+def test_down_removes_the_data_path_of_an_instance_killed_before_it_detached(lab):
+    up = lab.spawn("lb", str(XLB.parent / "python3"), "-c", KILLED_IN_DOWN, "up", *SEED_ARGS)
+    try:
+        assert "serving" in up.stdout.readline()
+        program = lab.status()["program"]
+        down = lab.xlb_cmd("down")
+        assert up.wait(20) == -signal.SIGKILL
+        assert down.returncode == 0, down.stderr
+        assert f"the instance stopped before it detached; removed the data path it left " \
+               f"(program {program['id']} on eth0, eth1)" in down.stdout
+        assert lab.xdp_attached("lb") == []
+        assert lab.xlb_cmd("status").returncode == 1
+    finally:
+        if up.poll() is None:
+            up.kill()
+        up.wait()
+
 def changed_program(directory: Path) -> Path:
     """A copy of bpf/ whose program also counts its packets in a new map: another
     build, as an upgrade brings (for the test-only XLB_BPF_DIR)."""
