@@ -215,7 +215,8 @@ class Balancer:
         try:
             saved.save(saved.State(str(self.config_path) if self.config_path else None,
                                    configfile.dump(self.config), dict(self.admin), self.role,
-                                   self.announcer and self.announcer.table))
+                                   self.announcer and self.announcer.table,
+                                   self.datapath.identity))
         except OSError as e:
             warning = (f"state not saved in {saved.directory()} ({e.strerror}): a restart "
                        f"would not find this change")
@@ -443,7 +444,7 @@ def up(config: Config, config_path: Path | None = None,
                       reason="its layout changed: the running map could not be kept")
         kept = saved.load()
         if running is not None:
-            ran, admin, kept_role = _running_state(config, kept)
+            ran, admin, kept_role = _running_state(config, _describing(kept, running))
             if kept_role is not None and kept_role != role:
                 # keepalived says a role once, when it changes: a restart must
                 # not make an active node silent, or a backup answer too.
@@ -503,6 +504,18 @@ def up(config: Config, config_path: Path | None = None,
         return HANDED_OVER
     print("xlb: stopped, XDP detached", flush=True)
     return 0
+
+
+def _describing(kept: saved.State | None, running) -> saved.State | None:
+    """kept, if it describes the running data path: not if an earlier instance
+    saved it and the one that started this data path was killed before saving
+    its own (its config, role and server states would be taken for this one's:
+    a backup's role silences an active data path)."""
+    if kept is None or kept.datapath in (None, running.identity):
+        return kept
+    log.event("adopt", level="warning", reason="the saved state is an earlier data path's; "
+              "the maps are read back by the given config, in the given role")
+    return None
 
 
 def _running_state(given: Config, kept: saved.State | None

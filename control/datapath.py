@@ -262,6 +262,11 @@ class Running:
         return sum(_count_entries(*self.maps[name]) for name in flowtable.TABLES
                    if name in self.maps)
 
+    @property
+    def identity(self) -> int | None:
+        """Datapath.identity of the data path these maps are."""
+        return self.maps["config"][1].id if "config" in self.maps else None
+
     def detach(self) -> None:
         """Removes the programs from every interface (the maps go with the last fd)."""
         for ifindex, (fd, att) in self.attached.items():
@@ -434,6 +439,12 @@ class Datapath:
     @property
     def prog_fd(self) -> int:
         return self._prog.fd
+
+    @property
+    def identity(self) -> int:
+        """The id of its config map: the same for every program that adopts the
+        maps (kept across restarts and upgrades), another for a fresh start."""
+        return bpfsys.map_info(self._maps["config"].map_fd).id
 
     def program(self) -> dict:
         """The loaded program's id and tag (a hash of its code: a new build, a new tag)."""

@@ -39,6 +39,10 @@ class State:
     admin: dict[tuple[str, str], str]  # (pool, server) -> "drain" | "maint"
     role: str | None = None           # ha.ROLES; None in a state saved before xlb kept it
     announce_table: int | None = None  # None: announces nothing (or saved before xlb kept it)
+    # The id of the config map of the data path this describes: an adopting
+    # instance takes the rest for the running data path's only when it is that
+    # one's. None: saved before xlb kept it.
+    datapath: int | None = None
 
 
 def directory() -> Path:
@@ -79,15 +83,16 @@ def load() -> State | None:
         if d["namespace"]["boot_id"] == ns["boot_id"] and d["namespace"]["cookie"] != ns["cookie"]:
             return None          # an earlier namespace's, with the same inode
         admin = {(pool, server): value for pool, server, value in d["admin"]}
-        role, table = d.get("role"), d.get("announce_table")
+        role, table, datapath = d.get("role"), d.get("announce_table"), d.get("datapath")
         if not (isinstance(d["config_path"], (str, type(None)))
                 and isinstance(d["config_text"], str)
                 and all(v in ("drain", "maint") for v in admin.values())
                 and role in (None, *ROLES)
-                and (table is None or type(table) is int)):
+                and (table is None or type(table) is int)
+                and (datapath is None or type(datapath) is int)):
             raise ValueError("a field has the wrong type")
         return State(d["config_path"], d["config_text"], admin, role,
-                     table if table is None else check_table(table))
+                     table if table is None else check_table(table), datapath)
     except (ValueError, KeyError, TypeError) as e:
         log.event("state", level="warning", file=path, error=f"not an xlb state ({e!r}); ignored")
         return None
@@ -100,6 +105,7 @@ def save(state: State) -> None:
     data = {"config_path": state.config_path, "config_text": state.config_text,
             "admin": [[pool, server, value] for (pool, server), value in sorted(state.admin.items())],
             "role": state.role, "announce_table": state.announce_table,
+            "datapath": state.datapath,
             "namespace": _namespace()}
     dirfd = _open_directory()
     try:

@@ -252,6 +252,31 @@ def test_down_removes_the_data_path_of_an_instance_killed_before_it_detached(lab
             up.kill()
         up.wait()
 
+
+# `xlb up` killed (SIGKILL) once attached, before it saves its state.
+KILLED_BEFORE_SAVING = ("import os, sys, signal; from xlb import state\n"
+                        "state.save = lambda kept: os.kill(os.getpid(), signal.SIGKILL)\n"
+                        "from xlb.cli import main; sys.argv[0] = 'xlb'; main()")
+
+
+def test_an_adoption_takes_no_role_from_an_earlier_data_paths_state(lab):
+    """A backup stopped by a signal leaves its state (role backup); an active
+    instance started after it is killed before saving its own: its data path
+    answers for the VIP, and the instance that adopts it stays active."""
+    with lab.xlb(*SEED_ARGS, "--role", "backup"):
+        pass
+    up = lab.spawn("lb", str(XLB.parent / "python3"), "-c", KILLED_BEFORE_SAVING, "up",
+                   *SEED_ARGS)
+    assert up.wait(60) == -signal.SIGKILL
+    lab.run("client", "ip", "neigh", "flush", "all", check=True)
+    assert lab.client("client", "http", VIP, "80", "--count", "2")["errors"] == []
+    with lab.xlb(*SEED_ARGS) as x:
+        assert "adopted the running data path" in x.serving_line
+        assert lab.status()["ha"]["role"] == "active"
+        lab.run("client", "ip", "neigh", "flush", "all", check=True)
+        assert lab.client("client", "http", VIP, "80", "--count", "2")["errors"] == []
+    assert "the saved state is an earlier data path's" in x.stderr
+
 def changed_program(directory: Path) -> Path:
     """A copy of bpf/ whose program also counts its packets in a new map: another
     build, as an upgrade brings (for the test-only XLB_BPF_DIR)."""

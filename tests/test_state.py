@@ -12,7 +12,7 @@ from xlb import state
 from xlb.state import State
 
 KEPT = State("/etc/xlb/xlb.toml", '[pools.web]\nservers = ["was1"]\n',
-             {("web", "was1"): "drain", ("web", "was2"): "maint"}, "backup", 100)
+             {("web", "was1"): "drain", ("web", "was2"): "maint"}, "backup", 100, 4242)
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +74,8 @@ def test_a_damaged_state_is_a_warning_not_a_failure(root, capsys, damage):
 
 @pytest.mark.parametrize("field,value", [("admin", [["web", "was1", "up"]]),
                                          ("role", "primary"), ("announce_table", "100"),
-                                         ("announce_table", True), ("announce_table", 254)])
+                                         ("announce_table", True), ("announce_table", 254),
+                                         ("datapath", "12"), ("datapath", 1.5)])
 def test_a_state_with_an_unknown_server_state_role_or_table_is_refused(root, capsys, field,
                                                                        value):
     state.save(KEPT)
@@ -83,8 +84,8 @@ def test_a_state_with_an_unknown_server_state_role_or_table_is_refused(root, cap
     assert "not an xlb state" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("field", ["role", "announce_table"])
-def test_a_state_saved_before_the_role_or_table_was_kept_has_none(root, field):
+@pytest.mark.parametrize("field", ["role", "announce_table", "datapath"])
+def test_a_state_saved_before_the_role_table_or_datapath_was_kept_has_none(root, field):
     state.save(KEPT)
     rewrite(drop=(field,))
     assert state.load() == dataclasses.replace(KEPT, **{field: None})
