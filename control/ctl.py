@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import struct
+import time
 
 ADDRESS = "\0xlb/control"
 MAX_REQUEST = 8 << 20    # a config of 10,000 servers is well under 1 MiB
@@ -110,6 +111,10 @@ def request(cmd: str, timeout: float = 10.0, **args) -> object:
 
 
 def _request(cmd: str, timeout: float, args: dict) -> object:
+    # The instance does nothing it reads after the deadline: a request that
+    # waited for it (queued while it starts, or behind a long apply) after
+    # this client gave up and said it failed must not take effect later.
+    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
         try:
@@ -120,7 +125,8 @@ def _request(cmd: str, timeout: float, args: dict) -> object:
         if not _trusted(uid):   # another user's: it must not read a config, nor answer
             raise Squatted(pid, uid)
         try:
-            sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            sock.sendall(json.dumps({"cmd": cmd, **args, "deadline": deadline}).encode()
+                         + b"\n")
         except (BrokenPipeError, ConnectionResetError):
             # The instance may answer before it reads (a refusal) and close: its answer
             # is still ours to read. (Left to click, EPIPE would exit 1 without a word.)

@@ -684,8 +684,13 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, sync_tar
         return {"ok": False, "error": "request has no \"cmd\""}
     except asyncio.TimeoutError:
         return {"ok": False, "error": "request timed out"}
+    deadline = req.get("deadline")
     try:
         async with lock:
+            if isinstance(deadline, (int, float)) and time.monotonic() > deadline:
+                # Its client (same machine, same clock) stopped waiting and said it failed.
+                log.event(cmd, level="warning", error="its client stopped waiting: not done")
+                return {"ok": False, "error": "the client stopped waiting: not done"}
             try:
                 result = await asyncio.to_thread(_dispatch, balancer, request_stop, cmd, req)
                 if cmd == "apply":
