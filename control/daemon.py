@@ -494,7 +494,9 @@ def up(config: Config, config_path: Path | None = None,
             if stopping or (running is None and not serving):
                 datapath.detach_all()
             datapath.close()
-        elif running is not None:
+        elif running is not None:     # stopped (or failed) while compiling onto it
+            if stopping:
+                running.detach()
             running.close()
         sock.close()
     log.event("stop", pid=os.getpid(), datapath="detached" if stopping else "running")

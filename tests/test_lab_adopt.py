@@ -277,6 +277,24 @@ def test_an_adoption_takes_no_role_from_an_earlier_data_paths_state(lab):
         assert lab.client("client", "http", VIP, "80", "--count", "2")["errors"] == []
     assert "the saved state is an earlier data path's" in x.stderr
 
+
+# `xlb up` that gets SIGTERM while it compiles (as `systemctl stop` may find a
+# restarted instance adopting the data path).
+STOPPED_COMPILING = ("import os, sys, signal, time; from xlb import datapath\n"
+                     "datapath.Datapath._compile = staticmethod(lambda cflags: "
+                     "(os.kill(os.getpid(), signal.SIGTERM), time.sleep(30)))\n"
+                     "from xlb.cli import main; sys.argv[0] = 'xlb'; main()")
+
+
+def test_a_signal_while_adopting_compiles_removes_the_data_path(lab):
+    with lab.xlb(*SEED_ARGS) as x:
+        x.stop(signal.SIGKILL)
+    out = lab.run("lb", str(XLB.parent / "python3"), "-c", STOPPED_COMPILING, "up", *SEED_ARGS)
+    assert out.returncode == 0, out.stderr
+    assert "xlb: stopped, XDP detached" in out.stdout
+    assert lab.xdp_attached("lb") == []
+    assert lab.xlb_cmd("status").returncode == 1
+
 def changed_program(directory: Path) -> Path:
     """A copy of bpf/ whose program also counts its packets in a new map: another
     build, as an upgrade brings (for the test-only XLB_BPF_DIR)."""
