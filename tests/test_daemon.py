@@ -77,7 +77,6 @@ def test_an_apply_names_what_nothing_uses(balancer, tmp_path):
         [("pools.spare", "no frontend uses it: it serves nothing")]
 
 
-
 def test_a_request_its_client_stopped_waiting_for_is_not_done(balancer, tmp_path):
     """A request queued while the instance starts (or behind a long apply) whose
     client gave up, and told the operator it failed, must not take effect later."""
@@ -89,6 +88,7 @@ def test_a_request_its_client_stopped_waiting_for_is_not_done(balancer, tmp_path
     assert len(balancer.config.pools) == 1 and balancer.applies == {"ok": 0, "error": 0}
     assert answer(balancer, {**late, "deadline": time.monotonic() + 30}, no_sync)["ok"]
     assert len(balancer.config.pools) == 2
+
 
 def test_an_apply_that_loses_a_drain_says_so(balancer, tmp_path):
     """Drain and maint belong to a server of a pool: a config that renames the

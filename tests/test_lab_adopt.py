@@ -295,6 +295,7 @@ def test_a_signal_while_adopting_compiles_removes_the_data_path(lab):
     assert lab.xdp_attached("lb") == []
     assert lab.xlb_cmd("status").returncode == 1
 
+
 def changed_program(directory: Path) -> Path:
     """A copy of bpf/ whose program also counts its packets in a new map: another
     build, as an upgrade brings (for the test-only XLB_BPF_DIR)."""
