@@ -98,15 +98,20 @@ class Lab:
     def server(self, action: str, node: str) -> None:
         self._lab("server", action, node)
 
+    def _in(self, node: str, user: str | None) -> list[str]:
+        """The command prefix that runs in node, as user (a uid) if given."""
+        prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user else []
+        return ["ip", "netns", "exec", self.ns(node), *prefix]
+
     def run(self, node: str, *cmd: str, check: bool = False, timeout: float = 60,
             user: str | None = None) -> subprocess.CompletedProcess:
-        prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user else []
-        return subprocess.run(["ip", "netns", "exec", self.ns(node), *prefix, *cmd],
+        return subprocess.run([*self._in(node, user), *cmd],
                               check=check, capture_output=True, text=True, timeout=timeout)
 
-    def spawn(self, node: str, *cmd: str) -> subprocess.Popen:
+    def spawn(self, node: str, *cmd: str, user: str | None = None,
+              stdin: int | None = None) -> subprocess.Popen:
         """A background command in node; the caller ends it (lab.sh down also does)."""
-        return subprocess.Popen(["ip", "netns", "exec", self.ns(node), *cmd],
+        return subprocess.Popen([*self._in(node, user), *cmd], stdin=stdin,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def web_server(self, node: str, name: str, port: int, *args: str,

@@ -200,10 +200,7 @@ def test_control_socket_buffers_nothing_for_non_root(lab, xlb):
     answered the refusal at once."""
     pid = lab.status()["pid"]
     before = rss_kib(pid)
-    flood = subprocess.Popen(["ip", "netns", "exec", lab.ns("lb"), "setpriv",
-                              f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                              "/usr/bin/python3", "-c", FLOOD], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    flood = lab.spawn("lb", "/usr/bin/python3", "-c", FLOOD, user=NOBODY, stdin=subprocess.PIPE)
     try:
         json.loads(flood.stdout.readline())
         grown = rss_kib(pid) - before
@@ -244,10 +241,7 @@ def test_a_control_address_held_by_another_user_is_named_not_trusted(lab, tmp_pa
     """The abstract address has no permissions: another user may bind it first.
     `xlb up` names that holder; the other commands send it nothing (a config
     text, say) and take no answer of its for xlb's."""
-    squat = subprocess.Popen(["ip", "netns", "exec", lab.ns("lb"), "setpriv",
-                              f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                              "/usr/bin/python3", "-c", SQUAT],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    squat = lab.spawn("lb", "/usr/bin/python3", "-c", SQUAT, user=NOBODY)
     try:
         assert squat.stdout.readline() == "bound\n"
         held = (f"xlb: error: the control address (abstract socket @xlb/control) is held by "
@@ -421,10 +415,7 @@ def test_metrics_idle_connections_cost_bounded_threads(lab, xlb):
     pid = lab.status()["pid"]
     threads = lambda: len(os.listdir(f"/proc/{pid}/task"))   # noqa: E731
     before = threads()
-    idle = subprocess.Popen(["ip", "netns", "exec", lab.ns("lb"), "setpriv",
-                             f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                             "/usr/bin/python3", "-c", IDLE], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    idle = lab.spawn("lb", "/usr/bin/python3", "-c", IDLE, user=NOBODY, stdin=subprocess.PIPE)
     try:
         idle.stdout.readline()
         held = threads() - before
