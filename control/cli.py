@@ -160,7 +160,7 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
     try:
         code = daemon.up(config, config_path.absolute() if config_path else None,
                          metrics_address, limits, forwarding == "fast", role, announce_table)
-    except (ctl.AlreadyRunning, ctl.Squatted) as e:
+    except (ctl.AlreadyRunning, ctl.ControlError) as e:
         raise Failure(str(e)) from None
     except (LookupError, CapacityError) as e:
         raise BadInput(str(e.args[0])) from None

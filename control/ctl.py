@@ -1,29 +1,33 @@
 """The control socket: how `xlb status` and `xlb down` reach the instance that
 runs in this network namespace.
 
-It is an abstract Unix socket. Its name belongs to the network namespace, so
-each namespace has its own and instances in different namespaces never see
-each other; and it is no file, so neither the private /sys and mounts of
-`ip netns exec` nor a crash can hide it or leave it stale. Only root may use
-it: the server checks each peer's credentials. Being no file, it has no
-permissions either: any local user may bind the name first, so a client talks
-only to a server that runs as root (xlb up does) or as its own user, and
-`xlb up` names a holder that does not.
+A Unix socket, `/run/xlb/netns-<inode of /proc/self/ns/net>/control.sock`:
+one directory per network namespace, so instances in different namespaces
+never see each other. /run is the same for every command in a namespace (`ip
+netns exec` makes /sys its own, not /run), and only root may create or enter
+/run/xlb (0700): no other user can connect, nor take the name first and keep
+`xlb up` from starting. The one-instance lock is a flock of the namespace's
+directory, which a crash releases; so a socket file a crash left behind is
+replaced by the next `xlb up`, and until then refuses connections.
 
 Protocol: one JSON object per line each way, one request per connection.
 """
 
 from __future__ import annotations
 
-import errno
+import fcntl
 import json
 import os
 import socket
-import struct
 import time
+from pathlib import Path
 
-ADDRESS = "\0xlb/control"
+from .state import PRIVATE, namespace_dirname, open_own
+
+RUN_DIR = Path("/run/xlb")
+SOCKET = "control.sock"
 MAX_REQUEST = 8 << 20    # a config of 10,000 servers is well under 1 MiB
+ROOT_ONLY = "permission denied: the control socket is root-only"
 
 
 class NotRunning(Exception):
@@ -48,61 +52,67 @@ class ControlError(Exception):
         self.bad_input = bad_input
 
 
-class Squatted(ControlError):
-    """Another user's process holds the control address."""
-
-    def __init__(self, pid: int, uid: int):
-        super().__init__(f"the control address (abstract socket @xlb/control) is held by "
-                         f"pid {pid}, of uid {uid}: not xlb, which runs as root")
+def directory() -> Path:
+    return RUN_DIR / namespace_dirname()
 
 
-def bind() -> socket.socket:
-    """Claims this namespace's control address: the claim is the "one instance" lock."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(ADDRESS)
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            _check_holder()
-            raise AlreadyRunning() from None
-        raise
-    sock.listen(16)
-    return sock
+def address() -> str:
+    return str(directory() / SOCKET)
 
 
-def peer_uid(sock: socket.socket) -> int:
-    return _peer(sock)[1]
+class Listener:
+    """This namespace's control socket, bound and listening, and the lock that
+    makes its instance the only one; close() gives both up."""
 
-
-def _peer(sock: socket.socket) -> tuple[int, int]:
-    """(pid, uid) of the other end: for a client, of the server as it listened."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _ = struct.unpack("3i", creds)
-    return pid, uid
-
-
-def _trusted(uid: int) -> bool:
-    """A listener of root (xlb up), or of this user, who can learn nothing new from it."""
-    return uid in (0, os.geteuid())
-
-
-def _check_holder() -> None:
-    """Raises Squatted when what listens at the address does not run as root."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
-        sock.settimeout(2.0)
+    def __init__(self):
         try:
-            sock.connect(ADDRESS)
-        except OSError:        # bound but not listening, or gone: nothing to name
-            return
-        pid, uid = _peer(sock)
-    if not _trusted(uid):
-        raise Squatted(pid, uid)
+            self._dirfd = _own_directory()
+        except OSError as e:     # open_own's message names the directory
+            raise ControlError(e.strerror if e.filename is None
+                               else f"{e.filename}: {e.strerror}") from None
+        try:
+            fcntl.flock(self._dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._dirfd)
+            raise AlreadyRunning() from None
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            try:
+                os.unlink(SOCKET, dir_fd=self._dirfd)   # a crashed instance's
+            except FileNotFoundError:
+                pass
+            self.socket.bind(address())
+            self.socket.listen(16)
+        except OSError as e:
+            self.socket.close()
+            os.close(self._dirfd)
+            raise ControlError(f"{address()}: {e.strerror}") from None
+
+    def close(self) -> None:
+        """Clients see nothing listening from here on, and the next `xlb up` may start."""
+        try:
+            os.unlink(SOCKET, dir_fd=self._dirfd)
+        except FileNotFoundError:
+            pass
+        self.socket.close()
+        os.close(self._dirfd)
+
+
+def _own_directory() -> int:
+    """This namespace's directory under RUN_DIR, created if need be and opened.
+    Refused (OSError) unless both are this user's alone: what another user could
+    enter is no place for the socket, nor what they could write for the lock."""
+    for path in (RUN_DIR, directory()):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+    os.close(open_own(RUN_DIR, PRIVATE))
+    return open_own(directory(), PRIVATE)
 
 
 def request(cmd: str, timeout: float = 10.0, **args) -> object:
-    """Sends one request and returns its result; raises NotRunning or ControlError
-    (Squatted too)."""
+    """Sends one request and returns its result; raises NotRunning or ControlError."""
     try:
         return _request(cmd, timeout, args)
     except TimeoutError:
@@ -118,18 +128,17 @@ def _request(cmd: str, timeout: float, args: dict) -> object:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
         try:
-            sock.connect(ADDRESS)
+            sock.connect(address())
         except (ConnectionRefusedError, FileNotFoundError):
             raise NotRunning() from None
-        pid, uid = _peer(sock)
-        if not _trusted(uid):   # another user's: it must not read a config, nor answer
-            raise Squatted(pid, uid)
+        except PermissionError:
+            raise ControlError(ROOT_ONLY) from None
         try:
             sock.sendall(json.dumps({"cmd": cmd, **args, "deadline": deadline}).encode()
                          + b"\n")
         except (BrokenPipeError, ConnectionResetError):
-            # The instance may answer before it reads (a refusal) and close: its answer
-            # is still ours to read. (Left to click, EPIPE would exit 1 without a word.)
+            # The instance may answer before it has read all (an oversized request)
+            # and close: its answer is still ours to read. (Left to click, EPIPE would exit 1 without a word.)
             pass
         buf = bytearray()
         while not buf.endswith(b"\n"):

@@ -45,9 +45,13 @@ class State:
     datapath: int | None = None
 
 
+def namespace_dirname() -> str:
+    """The name of this network namespace's directory, here and in ctl.RUN_DIR."""
+    return f"netns-{os.stat('/proc/self/ns/net').st_ino}"
+
+
 def directory() -> Path:
-    return Path(os.environ.get("XLB_STATE_DIR", ROOT)) / \
-        f"netns-{os.stat('/proc/self/ns/net').st_ino}"
+    return Path(os.environ.get("XLB_STATE_DIR", ROOT)) / namespace_dirname()
 
 
 def _namespace() -> dict:
@@ -127,11 +131,21 @@ def _open_directory() -> int:
     a directory of this user that no one else may write. Another user's (in a
     directory anyone may create one in, as /tmp) could hold a symbolic link
     where xlb writes, which root would follow, or a forged state, which the
-    next `xlb up` would serve. Opened once: what the checks saw is what is used."""
-    path = directory()
+    next `xlb up` would serve."""
+    return open_own(directory(), WRITABLE)
+
+
+WRITABLE = 0o022          # open_own: no one else may write it
+PRIVATE = 0o077           # open_own: no one else may enter it
+
+
+def open_own(path: Path, others: int) -> int:
+    """The directory path, opened (not through a symbolic link); refused (OSError)
+    unless this user owns it and its mode has none of the bits `others`. Opened
+    once: what the checks saw is what is used."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     st = os.fstat(fd)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+    if st.st_uid != os.geteuid() or st.st_mode & others:
         os.close(fd)
         raise OSError(errno.EPERM, f"{path} is not xlb's own: owned by uid {st.st_uid}, "
                                    f"mode {st.st_mode & 0o777:o}")

@@ -343,7 +343,7 @@ cmd_up() {
 }
 
 cmd_down() {
-    local n pids round
+    local n pids round ino
     if ! lab_exists_any; then
         say "nothing to tear down"
         return 0
@@ -359,9 +359,10 @@ cmd_down() {
             # shellcheck disable=SC2086
             terminate $pids
         done
-        # xlb's state for this namespace (control/state.py): nothing can start
-        # there again to take it up.
-        rm -rf "${XLB_STATE_DIR:-/var/lib/xlb}/netns-$(stat -c %i "/run/netns/$P-$n")"
+        # xlb's state and control socket directories for this namespace
+        # (control/state.py, control/ctl.py): nothing can start there again.
+        ino=$(stat -c %i "/run/netns/$P-$n")
+        rm -rf "${XLB_STATE_DIR:-/var/lib/xlb}/netns-$ino" "/run/xlb/netns-$ino"
         ip netns del "$P-$n"
     done
     rm -rf "$RUN"

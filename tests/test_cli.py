@@ -168,15 +168,15 @@ def test_ha_follow_refuses_a_fifo_that_another_user_may_write(tmp_path):
                                            f"tell this node's role\n")
 
 
-def test_an_instance_that_does_not_answer_is_one_line(monkeypatch):
+def test_an_instance_that_does_not_answer_is_one_line(monkeypatch, tmp_path):
     """An instance busy starting (compiling a large flow table) or stopped
     (SIGSTOP) accepts but does not answer: the request fails with one line,
     no traceback."""
     import socket
 
     from xlb import ctl
-    address = f"\0xlb-test/{os.getpid()}"
-    monkeypatch.setattr(ctl, "ADDRESS", address)
+    address = str(tmp_path / "control.sock")
+    monkeypatch.setattr(ctl, "address", lambda: address)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(address)
         listener.listen()

@@ -5,6 +5,7 @@ afterwards, also when a test fails."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -149,117 +150,82 @@ def test_without_root_up_is_refused(lab):
 
 
 def test_control_socket_refuses_non_root(lab, xlb):
-    """The instance refuses before it reads the request, so the CLI's send may
-    meet a closed socket: the refusal must still be read and said, every time."""
     refused = "xlb: error: permission denied: the control socket is root-only\n"
-    for _ in range(5):
-        r = lab.run("lb", str(XLB), "status", user=NOBODY)
-        assert (r.returncode, r.stdout, r.stderr) == (1, "", refused)
-        r = lab.run("lb", str(XLB), "down", user=NOBODY)
+    for cmd in ("status", "down"):
+        r = lab.run("lb", str(XLB), cmd, user=NOBODY)
         assert (r.returncode, r.stdout, r.stderr) == (1, "", refused)
     assert lab.status()["pid"] > 0
 
 
-FLOOD = r"""
-import json, select, socket, sys, time
-socks = []
-for _ in range(40):
+def control_address(lab) -> str:
+    """The control socket's path in lb, as xlb names it there."""
+    return lab.run("lb", sys.executable, "-c", "from xlb import ctl; print(ctl.address())",
+                   check=True).stdout.strip()
+
+
+TAKE = r"""
+import errno, json, os, socket, sys
+address = sys.argv[1]
+out = []
+for attempt in ("connect", "bind"):        # to ask (or flood) xlb; to take its place
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect("\0xlb/control")
-    s.setblocking(False)
-    socks.append(s)
-blob, sent, end = b"x" * (1 << 20), dict.fromkeys(socks, 0), time.monotonic() + 3
-while time.monotonic() < end:       # each pushes up to 8 MiB, no newline
-    _, ready, _ = select.select([], [s for s in socks if sent[s] < 8 << 20], [], 0.2)
-    for s in ready:
-        try:
-            sent[s] += s.send(blob)
-        except OSError:             # the instance closed: it refused
-            sent[s] = 8 << 20
-print(json.dumps(sum(sent.values())), flush=True)
-sys.stdin.readline()                # held until the test has looked
-answers = []
-for s in socks:
-    s.setblocking(True)
     try:
-        answers.append(s.recv(4096).decode())
-    except ConnectionResetError:
-        answers.append("")
-print(json.dumps(answers), flush=True)
-"""
-
-
-def rss_kib(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
-
-
-def test_control_socket_buffers_nothing_for_non_root(lab, xlb):
-    """Any local user can connect: one that sends megabytes on many connections
-    must not make the instance buffer them (it ran out of memory), and each is
-    answered the refusal at once."""
-    pid = lab.status()["pid"]
-    before = rss_kib(pid)
-    flood = lab.spawn("lb", "/usr/bin/python3", "-c", FLOOD, user=NOBODY, stdin=subprocess.PIPE)
-    try:
-        json.loads(flood.stdout.readline())
-        grown = rss_kib(pid) - before
-        answers = json.loads(flood.communicate("\n", timeout=30)[0])
-    finally:
-        flood.kill()
-        flood.wait()
-    assert grown < 32 << 10, f"the instance grew by {grown} KiB"
-    assert [json.loads(a) for a in answers] == [
-        {"ok": False, "error": "permission denied: the control socket is root-only"}] * 40
-    assert lab.status()["pid"] == pid
-
-
-SQUAT = r"""
-import socket, sys
+        getattr(s, attempt)(address)
+        out.append(attempt + ": done")
+    except OSError as e:
+        out.append(attempt + ": " + errno.errorcode[e.errno])
+    s.close()
+try:
+    os.makedirs(os.path.dirname(address))
+    out.append("mkdir: done")
+except OSError as e:
+    out.append("mkdir: " + errno.errorcode[e.errno])
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.bind("\0xlb/control")
-s.listen(16)
-s.settimeout(60)
-print("bound", flush=True)
-while True:                 # tells what each client sent
-    c, _ = s.accept()
-    c.settimeout(1)
-    try:
-        data = c.recv(1 << 20)
-    except OSError:
-        data = b""
-    print(repr(data), flush=True)
-    try:
-        c.sendall(b'{"ok": true, "result": "stopping"}\n')
-    except OSError:
-        pass
-    c.close()
+s.bind("\0xlb/control")                   # the abstract name xlb listened at before
+print(json.dumps(out), flush=True)
+sys.stdin.readline()                      # held until the test is done
 """
 
 
-def test_a_control_address_held_by_another_user_is_named_not_trusted(lab, tmp_path):
-    """The abstract address has no permissions: another user may bind it first.
-    `xlb up` names that holder; the other commands send it nothing (a config
-    text, say) and take no answer of its for xlb's."""
-    squat = lab.spawn("lb", "/usr/bin/python3", "-c", SQUAT, user=NOBODY)
+def test_another_user_can_neither_reach_nor_take_the_control_socket(lab):
+    """Another user can neither connect to the control socket (to send it
+    anything, or to flood it) nor take its place first: `xlb up` starts."""
+    address = control_address(lab)
+    for running in (False, True):
+        with lab.xlb(*SEED_ARGS) if running else contextlib.nullcontext():
+            other = lab.spawn("lb", "/usr/bin/python3", "-c", TAKE, address, user=NOBODY,
+                              stdin=subprocess.PIPE)
+            try:
+                tried = json.loads(other.stdout.readline() or "null")
+                assert tried == ["connect: EACCES", "bind: EACCES", "mkdir: EACCES"], \
+                    (running, tried, other.stderr.read() if tried is None else "")
+                if not running:
+                    with lab.xlb(*SEED_ARGS):
+                        out = lab.client("client", "http", VIP, "80", "--count", "2")
+                        assert out["errors"] == []
+            finally:
+                other.kill()
+                other.wait()
+    assert lab.xdp_attached("lb") == []
+
+
+def test_a_control_directory_another_user_owns_is_refused(lab):
+    """root made /run/xlb, but a directory in it that another user owns (or may
+    enter) is not xlb's: `xlb up` says so in one line and attaches nothing."""
+    directory = os.path.dirname(control_address(lab))
+    os.makedirs(directory, exist_ok=True)
     try:
-        assert squat.stdout.readline() == "bound\n"
-        held = (f"xlb: error: the control address (abstract socket @xlb/control) is held by "
-                f"pid {squat.pid}, of uid {NOBODY}: not xlb, which runs as root\n")
-        config = tmp_path / "xlb.toml"
-        config.write_text((Path(__file__).parent.parent / "netns-lab" / "seed.toml").read_text())
-        r = lab.xlb_cmd("up", *SEED_ARGS, timeout=60)
-        assert (r.returncode, r.stderr) == (1, held)
-        assert lab.xdp_attached("lb") == []
-        for cmd in (["apply", str(config)], ["status"], ["server", "drain", "was", "was1"],
-                    ["ha", "role", "backup"], ["down"]):
-            r = lab.xlb_cmd(*cmd, timeout=60)
-            assert (r.returncode, r.stdout, r.stderr) == (1, "", held), cmd
+        for owner, mode in ((int(NOBODY), 0o700), (0, 0o755)):
+            os.chown(directory, owner, -1)
+            os.chmod(directory, mode)
+            r = lab.xlb_cmd("up", *SEED_ARGS, timeout=60)
+            assert (r.returncode, r.stdout, r.stderr) == (
+                1, "", f"xlb: error: {directory} is not xlb's own: owned by uid {owner}, "
+                       f"mode {mode:o}\n")
+            assert lab.xdp_attached("lb") == []
     finally:
-        squat.kill()
-        out, _ = squat.communicate()
-    # Each connected (to see who listens) and sent nothing.
-    assert out.splitlines() == ["b''"] * 6, out
+        os.chown(directory, 0, -1)
+        os.chmod(directory, 0o700)
 
 
 def test_second_up_is_refused_and_first_keeps_serving(lab, xlb):
@@ -279,7 +245,7 @@ import json, socket, sys, threading
 def ask(payload):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(10)
-    s.connect("\0xlb/control")
+    s.connect(sys.argv[1])
     threading.Thread(target=lambda: _send(s, payload), daemon=True).start()
     data = b""
     try:
@@ -309,7 +275,8 @@ def test_control_socket_rejects_malformed_and_oversized_requests(lab, xlb, tmp_p
     big.write_text("#" * (9 << 20) + "\n")
     r = lab.xlb_cmd("apply", str(big))
     assert (r.returncode, r.stderr) == (2, f"xlb: error: {big}: larger than 2097152 bytes\n")
-    out = lab.run("lb", "/usr/bin/python3", "-c", PROBE, check=True, timeout=60).stdout
+    out = lab.run("lb", "/usr/bin/python3", "-c", PROBE, control_address(lab), check=True,
+                  timeout=60).stdout
     replies = [json.loads(r) for r in json.loads(out)]
     assert [r["ok"] for r in replies] == [False] * 5
     assert "malformed or oversized request" in replies[0]["error"]
@@ -331,7 +298,7 @@ import json, os, socket, struct, sys, threading, time
 def conn():
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(15)
-    s.connect("\0xlb/control")
+    s.connect(sys.argv[1])
     return s
 def close_at_once():
     conn().close()
@@ -362,7 +329,8 @@ print(json.dumps(silent[0].decode()))
 def test_control_socket_survives_rude_clients(lab, xlb):
     """Clients that close at once, send garbage or half a line, reset the
     connection before the answer, or stay silent: no traceback, still serving."""
-    out = lab.run("lb", "/usr/bin/python3", "-c", RUDE, check=True, timeout=60).stdout
+    out = lab.run("lb", "/usr/bin/python3", "-c", RUDE, control_address(lab), check=True,
+                  timeout=60).stdout
     assert json.loads(json.loads(out)) == {"ok": False, "error": "request timed out"}
     assert lab.status()["pid"] > 0
     assert lab.client("client", "http", VIP, "80", "--count", "2")["errors"] == []
