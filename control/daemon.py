@@ -545,6 +545,11 @@ def _summary(config: Config, most: int = 4) -> str:
             + some(f"{s.address}:{s.port}" for p in config.pools for s in p.servers))
 
 
+# A health change that could not be applied is tried again after 1 s, then
+# after twice as long each time it fails, up to 60 s.
+RETRY_SECONDS = (1.0, 60.0)
+
+
 class HealthSync:
     """Takes the health checker's states to the data path. `lock` is the one
     every change of the balancer holds.
@@ -562,21 +567,34 @@ class HealthSync:
         self.checker = balancer.checker = HealthChecker(
             self._on_change, lambda key, ok, seconds:
             balancer.check_durations.observe(key, seconds))
+        self._failed = False            # the last apply failed: the data path lags
+        self._retry: asyncio.TimerHandle | None = None
+        self._backoff = RETRY_SECONDS[0]
 
     def _on_change(self, tr: Transition) -> None:
         log.event("health", pool=tr.key[0], server=tr.key[1], old=tr.old, new=tr.new,
                   reason=tr.reason, check_duration=tr.duration)
         # Counted here, as logged: another change's apply may take it in first.
         self.balancer.health_changes[tr.key] = self.balancer.health_changes.get(tr.key, 0) + 1
-        asyncio.get_running_loop().create_task(self._changed(tr))
+        asyncio.get_running_loop().create_task(self._changed())
 
-    async def _changed(self, tr: Transition) -> None:
+    async def _changed(self) -> None:
         async with self.lock:
             try:
                 await self._follow()
             except Exception as e:      # a task's own: nobody else would hear of it
-                log.event("health", level="error", pool=tr.key[0], server=tr.key[1],
-                          new=tr.new, error=f"not applied: {e}")
+                # Tried again even if no check changes again: a dead server
+                # must not stay in the data path for want of a next change.
+                loop = asyncio.get_running_loop()
+                if self._retry is None:
+                    self._retry = loop.call_later(self._backoff, self._again)
+                    self._backoff = min(2 * self._backoff, RETRY_SECONDS[1])
+                log.event("health", level="error", error=f"not applied: {e}",
+                          retry_in=round(self._retry.when() - loop.time(), 1))
+
+    def _again(self) -> None:
+        self._retry = None
+        asyncio.get_running_loop().create_task(self._changed())
 
     async def sync_targets(self) -> None:
         """Gives the checker the config's targets; new or changed ones start as
@@ -587,9 +605,11 @@ class HealthSync:
 
     async def _follow(self) -> None:
         health = self.checker.states()
-        if health != self.balancer.health:
+        if health != self.balancer.health or self._failed:
             self.balancer.health = health
+            self._failed = True
             await asyncio.to_thread(self.balancer.apply, self.balancer.config, relink=False)
+            self._failed, self._backoff = False, RETRY_SECONDS[0]
 
 
 async def _serve(balancer: Balancer, sock) -> bool:

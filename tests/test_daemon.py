@@ -2,6 +2,7 @@
 data path."""
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -164,15 +165,35 @@ async def until(pred, what: str, seconds: float = 10.0) -> None:
 
 
 class Applies:
-    """Counts the balancer's applies (each still done)."""
+    """Counts the balancer's applies: the first `failing` of them fail as a map
+    write the kernel refuses would, the rest are done."""
 
-    def __init__(self, balancer):
-        self.n, self._apply = 0, balancer.apply
+    def __init__(self, balancer, failing: int = 0):
+        self.n, self.failing, self._apply = 0, failing, balancer.apply
         balancer.apply = self
 
     def __call__(self, *args, **kw):
         self.n += 1
+        if self.n <= self.failing:
+            raise DatapathError("Could not update table: Cannot allocate memory")
         return self._apply(*args, **kw)
+
+
+@contextlib.asynccontextmanager
+async def checking(balancer, config):
+    """A HealthSync of the balancer, which serves config, and the lock its
+    changes hold; its checker runs meanwhile."""
+    lock = asyncio.Lock()
+    sync = daemon.HealthSync(balancer, lock)
+    balancer.apply(config, relink=False)
+    async with lock:
+        await sync.sync_targets()
+    run = asyncio.create_task(sync.checker.run())
+    try:
+        yield sync, lock
+    finally:
+        sync.checker.stop()
+        await run
 
 
 def test_health_changes_made_during_an_apply_are_taken_in_one(checked):
@@ -184,14 +205,8 @@ def test_health_changes_made_during_an_apply_are_taken_in_one(checked):
     listeners = [listen(p) for p in ports]
 
     async def scenario():
-        lock = asyncio.Lock()
-        sync = daemon.HealthSync(checked, lock)
-        checker = sync.checker
-        checked.apply(config, relink=False)
-        async with lock:
-            await sync.sync_targets()
-        run = asyncio.create_task(checker.run())
-        try:
+        async with checking(checked, config) as (sync, lock):
+            checker = sync.checker
             await until(lambda: all(checker.last_check(("web", f"s{p}")) for p in ports),
                         "every first check")
             applies = Applies(checked)
@@ -203,9 +218,6 @@ def test_health_changes_made_during_an_apply_are_taken_in_one(checked):
             async with lock:                            # the queued changes have run
                 pass
             return applies.n
-        finally:
-            checker.stop()
-            await run
 
     try:
         assert asyncio.run(scenario()) == 1
@@ -225,14 +237,8 @@ def test_a_health_change_made_stale_by_an_apply_does_not_stick(checked):
 
     async def scenario():
         nonlocal listener
-        lock = asyncio.Lock()
-        sync = daemon.HealthSync(checked, lock)
-        checker = sync.checker
-        checked.apply(checked_config([CHECK_PORT]), relink=False)
-        async with lock:
-            await sync.sync_targets()
-        run = asyncio.create_task(checker.run())
-        try:
+        async with checking(checked, checked_config([CHECK_PORT])) as (sync, lock):
+            checker = sync.checker
             await until(lambda: checker.last_check(key), "the first check")
             async with lock:
                 listener.close()
@@ -244,11 +250,31 @@ def test_a_health_change_made_stale_by_an_apply_does_not_stick(checked):
             async with lock:                            # the queued change has run
                 pass
             return checker.last_check(key)[0], checker.state(key), checked.states[key]
-        finally:
-            checker.stop()
-            await run
 
     try:
         assert asyncio.run(scenario()) == (True, "up", "up")
+    finally:
+        listener.close()
+
+
+def test_a_health_change_whose_apply_fails_is_applied_again(checked):
+    """An apply of the checker's states can fail (the kernel refuses a map
+    write): it is tried again, so that a dead server does not stay in the data
+    path until some other check changes."""
+    key = ("web", f"s{CHECK_PORT}")
+    listener = listen(CHECK_PORT)
+
+    async def scenario():
+        async with checking(checked, checked_config([CHECK_PORT])) as (sync, _):
+            checker = sync.checker
+            await until(lambda: checker.last_check(key), "the first check")
+            applies = Applies(checked, failing=1)
+            listener.close()
+            await until(lambda: checker.state(key) == "down", "down")
+            await until(lambda: checked.states[key] == "down", "down applied", seconds=5)
+            return applies.n, checked.health_changes[key]
+
+    try:
+        assert asyncio.run(scenario()) == (2, 1)
     finally:
         listener.close()
