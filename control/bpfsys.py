@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes as ct
 import os
-import tempfile
 from dataclasses import dataclass
 
 _libc = ct.CDLL(None, use_errno=True)
@@ -182,9 +181,15 @@ def _check(ret: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+# Where private_bpffs mounts: a directory every sysfs has, hidden only in the
+# block's own mount namespace. A directory made for it would be left behind by
+# a process killed in the block.
+PRIVATE_BPFFS = "/sys/fs/bpf"
+
+
 @contextlib.contextmanager
 def private_bpffs():
-    """A bpffs of this process's own, at a temporary directory, while the block runs.
+    """A bpffs of this process's own, at PRIVATE_BPFFS, while the block runs.
 
     The process enters a mount namespace of its own for the block (no one else
     sees the mount, and it goes with the block, even on a crash) and returns to
@@ -197,12 +202,12 @@ def private_bpffs():
         try:
             _check(_libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None),
                    "make mounts private")
-            with tempfile.TemporaryDirectory(prefix="xlb-bpffs-") as path:
-                _check(_libc.mount(b"bpf", path.encode(), b"bpf", 0, None), "mount a bpffs")
-                try:
-                    yield path
-                finally:
-                    _libc.umount2(path.encode(), 0)
+            _check(_libc.mount(b"bpf", PRIVATE_BPFFS.encode(), b"bpf", 0, None),
+                   "mount a bpffs")
+            try:
+                yield PRIVATE_BPFFS
+            finally:
+                _libc.umount2(PRIVATE_BPFFS.encode(), 0)
         finally:
             _check(_libc.setns(original, _CLONE_NEWNS), "return to the mount namespace")
     finally:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import shutil
+import subprocess
+import tempfile
 from ipaddress import IPv4Address
 
 import pytest
@@ -126,3 +128,18 @@ def test_a_program_without_control_stats_is_adopted_and_counts_from_zero(tmp_pat
         assert bytes(new.control_counters()) == bytes(layout.ControlCounters())
     finally:
         new.close()
+
+
+def test_the_private_bpffs_makes_no_directory():
+    """Compiling onto a running program pins its maps in a bpffs of the
+    process's own: mounted where a directory exists already, so that a process
+    killed meanwhile leaves none behind (and the host's bpffs is not touched)."""
+    tmp = tempfile.gettempdir()
+    before, host = set(os.listdir(tmp)), os.stat(bpfsys.PRIVATE_BPFFS).st_dev
+    with bpfsys.private_bpffs() as path:
+        made = set(os.listdir(tmp)) - before
+        kind = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        own = os.stat(path).st_dev != host
+    assert (made, kind, own) == (set(), "bpf_fs", True)
+    assert os.stat(bpfsys.PRIVATE_BPFFS).st_dev == host
