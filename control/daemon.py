@@ -494,10 +494,15 @@ def up(config: Config, config_path: Path | None = None,
             if stopping or (running is None and not serving):
                 datapath.detach_all()
             datapath.close()
-        elif running is not None:     # stopped (or failed) while compiling onto it
-            if stopping:
-                running.detach()
-            running.close()
+        else:
+            if stopping and running is None:
+                # Stopped before it looked: a crashed instance's data path,
+                # which it would have adopted, goes too.
+                running = find_running()
+            if running is not None:     # stopped (or failed) while compiling onto it
+                if stopping:
+                    running.detach()
+                running.close()
         control.close()
     log.event("stop", pid=os.getpid(), datapath="detached" if stopping else "running")
     if not stopping:

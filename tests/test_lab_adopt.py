@@ -277,18 +277,22 @@ def test_an_adoption_takes_no_role_from_an_earlier_data_paths_state(lab):
     assert "the saved state is an earlier data path's" in x.stderr
 
 
-# `xlb up` that gets SIGTERM while it compiles (as `systemctl stop` may find a
-# restarted instance adopting the data path).
-STOPPED_COMPILING = ("import os, sys, signal, time; from xlb import datapath\n"
-                     "datapath.Datapath._compile = staticmethod(lambda cflags: "
-                     "(os.kill(os.getpid(), signal.SIGTERM), time.sleep(30)))\n"
-                     "from xlb.cli import main; sys.argv[0] = 'xlb'; main()")
+# `xlb up` that gets SIGTERM (as `systemctl stop` may find a restarted instance
+# that adopts the data path) before it looks for the running data path, or
+# while it compiles onto it.
+STOPPED = "import os, sys, signal, time; from xlb import daemon, datapath\n{}\n" \
+          "from xlb.cli import main; sys.argv[0] = 'xlb'; main()"
+SIGTERM_SELF = "lambda *args: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30))"
 
 
-def test_a_signal_while_adopting_compiles_removes_the_data_path(lab):
+@pytest.mark.parametrize("patch", [f"daemon._select = {SIGTERM_SELF}",
+                                   f"datapath.Datapath._compile = staticmethod({SIGTERM_SELF})"],
+                         ids=["starting", "compiling"])
+def test_a_signal_while_adopting_removes_the_data_path(lab, patch):
     with lab.xlb(*SEED_ARGS) as x:
         x.stop(signal.SIGKILL)
-    out = lab.run("lb", str(XLB.parent / "python3"), "-c", STOPPED_COMPILING, "up", *SEED_ARGS)
+    out = lab.run("lb", str(XLB.parent / "python3"), "-c", STOPPED.format(patch), "up",
+                  *SEED_ARGS)
     assert out.returncode == 0, out.stderr
     assert "xlb: stopped, XDP detached" in out.stdout
     assert lab.xdp_attached("lb") == []
