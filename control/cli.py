@@ -18,7 +18,7 @@ import click
 
 from . import __version__, config as configfile, ctl
 from .model import ConfigError, from_flags, monitor_from_flags
-from .units import si
+from .units import full, si
 
 
 class Failure(click.ClickException):
@@ -772,8 +772,12 @@ def format_status(s: dict) -> str:
     fl = s["flows"]
     lines += ["", f"flows: {si(fl['established'])} established, {si(fl['closing'])} closing, "
                   f"{si(fl['half_open'])} half-open; room for {si(fl['connections_capacity'])} "
-                  f"connections; {fl['entries']}/{fl['capacity']} entries (two per connection); "
-                  f"maps hold {s['map_memory_bytes'] / 2**20:.1f} MiB",
+                  f"connections; maps hold {s['map_memory_bytes'] / 2**20:.1f} MiB",
+              # Each table on its own, as `xlb top` and the metrics show them: the
+              # established one can be full, evicting, while both together are not.
+              "flow tables (two entries a connection): " + "; ".join(
+                  f"{name} {t['entries']}/{t['capacity']} entries, {full(t)[0]}% full"
+                  for name, t in fl["tables"].items()),
               "flows removed: " + ", ".join(f"{k} {si(v)}" for k, v in fl["removed"].items()),
               *([f"flows adopted: {si(fl['adopted'])} (another node's connections, taken over "
                  "at their server's packet)"] if fl["adopted"] else []),

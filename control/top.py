@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import ctl
-from .units import si
+from .units import full, si
 
 NO_RATE = "—"       # a rate needs two samples of the same counter
 STATE_STYLES = {"up": "bold green", "down": "bold red", "drain": "bold yellow",
@@ -152,9 +152,8 @@ def _flows_and_drops(s: dict, prev: dict | None, seconds: float | None) -> Group
     # Each table on its own: the established one can be full, evicting, while
     # both together are not (the half-open one is a quarter of its size).
     for name, t in flows.get("tables", {}).items():
-        fill = t["entries"] / t["capacity"] * 100 if t["capacity"] else 0.0
+        shown, fill = full(t)
         style = "bold red" if fill >= 90 else "yellow" if fill >= 75 else "green"
-        shown = "<0.1" if 0 < fill < 0.1 else f"{fill:.1f}"
         line.append(f" {name} ")
         line.append(f"{shown}% full", style=style)
     line.append("  two entries per connection", style="dim")

@@ -15,3 +15,12 @@ def si(x: float) -> str:
         if abs(x) < 1000 or unit == "P":
             return f"{x:.1f}{unit}"
     raise AssertionError("unreachable")
+
+
+
+def full(table: dict) -> tuple[str, float]:
+    """How full a flow table (an entry of status' flows.tables) is: its
+    percentage as shown ("32.8", "<0.1" for a few entries of a large one),
+    and as a number."""
+    pct = table["entries"] / table["capacity"] * 100 if table["capacity"] else 0.0
+    return ("<0.1" if 0 < pct < 0.1 else f"{pct:.1f}"), pct
