@@ -6,6 +6,7 @@ over metric names and labels that xlb really exposes, with the alerting rules
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -24,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "netns-lab"))
-from labctl import HERE, PY, VIP, even_split, running_lab  # noqa: E402
+from labctl import HERE, PY, VIP, WAS, even_split, running_lab  # noqa: E402
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
@@ -235,11 +236,11 @@ def test_counters_never_decrease_under_load(lab, xlb):
             "xlb_frontend_packets_total", "xlb_xdp_actions_total"} <= grew, grew
 
 
-def test_prometheus_answers_every_dashboard_query(lab, xlb, tmp_path):
-    exposition = scrape(lab)
-    exposed_metrics = {name for name, _ in samples(exposition)}
-    exposed_labels = {k for _, labels in samples(exposition) for k, _ in labels}
-    config = tmp_path / "prometheus.yml"
+@contextlib.contextmanager
+def prometheus(lab, directory: Path):
+    """A real Prometheus in lb, scraping xlb every second with the alerting rules
+    loaded, its data in directory; yields once it holds five scrapes of xlb."""
+    config = directory / "prometheus.yml"
     # scrape_timeout may not exceed scrape_interval (its default is 10 s).
     config.write_text(f"""\
 global:
@@ -253,12 +254,10 @@ scrape_configs:
     static_configs:
       - targets: ["127.0.0.1:9717"]
 """)
-    log = tmp_path / "prometheus.log"
-    cmd = ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+    log = directory / "prometheus.log"
+    cmd = ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={directory / 'tsdb'}",
            f"--web.listen-address={PROM}", "--log.level=warn"]
     # Its log goes to a file: a pipe nobody reads could fill up and stall it.
-    load = lab.spawn("client", PY, str(HERE / "clients.py"), "load", VIP, "80",
-                     "--seconds", "20", "--concurrency", "4", "--timeout", "2")
     prom = lab.spawn("lb", "sh", "-c", f"exec {shlex.join(cmd)} >{shlex.quote(str(log))} 2>&1")
     try:
         wait_for("Prometheus ready", 20, lambda: prom.poll() is not None
@@ -268,51 +267,72 @@ scrape_configs:
         wait_for("five scrapes of xlb", 20, lambda: any(
             float(r["value"][1]) >= 5 for r in query(lab, 'count_over_time(up{job="xlb"}[1m])')))
         assert [r["value"][1] for r in query(lab, 'up{job="xlb"}')] == ["1"]
+        yield
+    finally:
+        stop(prom)
 
-        dashboard = load_dashboard()
-        model = json.loads(dashboard.JSON_PATH.read_text())
-        targets = [(p["title"], t) for p in dashboard.panels(model) for t in p.get("targets", [])]
-        assert [t["expr"] for _, t in targets] == dashboard.expressions() and len(targets) >= 10
-        for title, target in targets:
-            expr = for_prometheus(target["expr"])
-            metrics, labels = names_in(expr)
-            assert metrics and metrics <= exposed_metrics, (title, metrics - exposed_metrics)
-            assert labels <= exposed_labels | TARGET_LABELS, (title, labels - exposed_labels)
-            result = query(lab, expr)
-            assert result, f"{title}: no data for {expr}"
-            # Every label the legend shows is on every series.
-            for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")):
-                assert all(label in r["metric"] for r in result), (title, label, result)
 
-        seed_servers = set(tomllib.loads(SEED.read_text())["servers"])
-        up = {r["metric"]["server"]: r["value"][1] for r in query(lab, "xlb_server_up")}
-        assert up == {s: "1" for s in seed_servers}
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
-        # The rules are loaded, and once evaluated every one of them is healthy.
-        def evaluated():
-            groups = prom_get(lab, "/api/v1/rules")["data"]["groups"]
-            rules = [r for g in groups if g["name"] == "xlb" for r in g["rules"]]
-            return rules if rules and all(r["health"] == "ok" for r in rules) else None
-        rules = wait_for("rules evaluated", 10, evaluated)
-        assert {r["name"] for r in rules} == {"XlbDown", "XlbServerDown", "XlbPoolAllServersDown",
-                                              "XlbFlowTableNearlyFull", "XlbDropsRising"}
-        assert all(r["state"] == "inactive" for r in rules), rules   # a healthy lab
-        for r in rules:   # the rules, too, read only what xlb (or the scrape: up) has
-            metrics, labels = names_in(r["query"])
-            assert metrics <= exposed_metrics | {"up"}, (r["name"], metrics - exposed_metrics)
-            assert labels <= exposed_labels | TARGET_LABELS, (r["name"], labels)
+
+def rules(lab) -> list[dict] | None:
+    """The rules of group xlb once every one of them is evaluated and healthy."""
+    groups = prom_get(lab, "/api/v1/rules")["data"]["groups"]
+    found = [r for g in groups if g["name"] == "xlb" for r in g["rules"]]
+    return found if found and all(r["health"] == "ok" for r in found) else None
+
+
+def test_prometheus_answers_every_dashboard_query(lab, xlb, tmp_path):
+    exposition = scrape(lab)
+    exposed_metrics = {name for name, _ in samples(exposition)}
+    exposed_labels = {k for _, labels in samples(exposition) for k, _ in labels}
+    load = lab.spawn("client", PY, str(HERE / "clients.py"), "load", VIP, "80",
+                     "--seconds", "20", "--concurrency", "4", "--timeout", "2")
+    try:
+        with prometheus(lab, tmp_path):
+            dashboard = load_dashboard()
+            model = json.loads(dashboard.JSON_PATH.read_text())
+            targets = [(p["title"], t) for p in dashboard.panels(model)
+                       for t in p.get("targets", [])]
+            assert [t["expr"] for _, t in targets] == dashboard.expressions() \
+                and len(targets) >= 10
+            for title, target in targets:
+                expr = for_prometheus(target["expr"])
+                metrics, labels = names_in(expr)
+                assert metrics and metrics <= exposed_metrics, (title, metrics - exposed_metrics)
+                assert labels <= exposed_labels | TARGET_LABELS, (title, labels - exposed_labels)
+                result = query(lab, expr)
+                assert result, f"{title}: no data for {expr}"
+                # Every label the legend shows is on every series.
+                for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")):
+                    assert all(label in r["metric"] for r in result), (title, label, result)
+
+            seed_servers = set(tomllib.loads(SEED.read_text())["servers"])
+            up = {r["metric"]["server"]: r["value"][1] for r in query(lab, "xlb_server_up")}
+            assert up == {s: "1" for s in seed_servers}
+
+            # The rules are loaded, and once evaluated every one of them is healthy.
+            evaluated = wait_for("rules evaluated", 10, lambda: rules(lab))
+            assert {r["name"] for r in evaluated} == {
+                "XlbDown", "XlbServerDown", "XlbPoolAllServersDown", "XlbFlowTableNearlyFull",
+                "XlbFlowTableEvicting", "XlbDropsRising"}
+            assert all(r["state"] == "inactive" for r in evaluated), evaluated  # a healthy lab
+            for r in evaluated:   # the rules, too, read only what xlb (or the scrape: up) has
+                metrics, labels = names_in(r["query"])
+                assert metrics <= exposed_metrics | {"up"}, (r["name"], metrics - exposed_metrics)
+                assert labels <= exposed_labels | TARGET_LABELS, (r["name"], labels)
 
         result = json.loads(load.communicate(timeout=40)[0])
         assert result["ok"] > 0 and result["error_count"] == 0, result["errors"]
     finally:
-        for proc in (prom, load):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop(load)
 
 
 def test_applies_and_health_changes_are_counted(lab, xlb, tmp_path):
@@ -347,3 +367,43 @@ def test_applies_and_health_changes_are_counted(lab, xlb, tmp_path):
     assert values(end, "xlb_server_health_changes_total", "server") == \
         {"was1": changes["was1"], "was2": changes["was2"] + 2}
     assert samples(end)[last] == samples(after)[last]       # health changes are no apply
+
+
+def test_a_full_flow_table_reads_alike_in_status_top_metrics_and_alerts(tmp_path):
+    """--flow-table 64: the established table holds 128 entries, and 300 closed
+    connections (each remembered 120 s as closing) fill it; the LRU evicts the
+    rest. `xlb status` shows that table on its own, as `xlb top` and the metric
+    do (both tables together are 10 % full), the evictions add up, and the
+    alert on evictions goes off, while the table reads under the 90 % of
+    XlbFlowTableNearlyFull or not (the LRU evicts before the last entry)."""
+    backends = [a for addr in (f"{WAS['WAS1']}:8080", f"{WAS['WAS2']}:8080")
+                for a in ("--backend", addr)]
+    with running_lab("xlbe") as lab, \
+            lab.xlb("--vip", f"{VIP}:80", *backends, "--flow-table", "64"), \
+            prometheus(lab, tmp_path):
+        n = 300
+        out = lab.client("client", "http", VIP, "80", "--count", str(n))
+        assert out["errors"] == [] and len(out["names"]) == n
+
+        fl = lab.status()["flows"]
+        table = fl["tables"]["flows"]
+        assert table["capacity"] == 128 and table["entries"] >= 64
+        assert fl["created"] == fl["promoted"] == n
+        # Each connection is there (closing), or was evicted: nothing else removed it.
+        assert fl["removed"] == {"expired": 0, "reopened": 0, "ended": 0,
+                                 "evicted": n - fl["closing"]}
+
+        shown = re.search(r"flows (\d+)/128 entries, ([\d.]+)% full",
+                          lab.xlb_cmd("status", check=True).stdout)
+        assert shown, "xlb status shows the established table's fill"
+        assert int(shown[1]) >= 64 and float(shown[2]) >= 50
+        top_shown = re.search(r" flows ([\d.]+)% full", lab.xlb_cmd(
+            "top", "--once", "--interval", "0.2", check=True).stdout)
+        assert top_shown and float(top_shown[1]) >= 50
+        pressure = values(scrape(lab), "xlb_flow_table_pressure", "table")
+        assert pressure["flows"] >= 0.5 and pressure["flows_new"] == 0
+
+        def evicting():
+            return [r["metric"]["alertstate"] for r in
+                    query(lab, 'ALERTS{alertname="XlbFlowTableEvicting"}')]
+        assert wait_for("the eviction alert", 20, evicting) == ["pending"]
