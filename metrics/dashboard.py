@@ -79,7 +79,7 @@ def build():
                 .legend(common.VizLegendOptions().show_legend(False)))
 
     traffic = [
-        ts("New connections/s per frontend", "reqps",
+        ts("New connections/s per frontend", "cps",
            "New flows balanced per second: each is one new TCP connection (or UDP flow) "
            "to the frontend's VIP.",
            (_rate("xlb_frontend_connections_total", "frontend"), "{{frontend}}")),

@@ -109,3 +109,21 @@ def test_dashboard_queries_only_xlb_metrics():
         for t in p["targets"]:
             assert "xlb_" in t["expr"] and t["legendFormat"], (p["title"], t)
     assert len(dashboard.expressions()) == sum(len(p["targets"]) for p in graphs)
+
+
+# What a panel titled "<what>/s" counts, by <what>, and its Grafana unit: counts/s
+# of connections (one carries any number of requests: not reqps), packets/s,
+# bytes/s (Bps; bps would be bits).
+RATE_UNITS = {"connections": "cps", "removed": "cps", "packets": "pps", "actions": "pps",
+              "drops": "pps", "bytes": "Bps"}
+
+
+def test_every_rate_panel_has_the_unit_of_what_it_counts():
+    dashboard = load_dashboard()
+    model = json.loads(dashboard.JSON_PATH.read_text())
+    rates = {p["title"]: p["fieldConfig"]["defaults"].get("unit")
+             for p in dashboard.panels(model) if "/s" in p.get("title", "")}
+    assert len(rates) >= 6
+    for title, unit in rates.items():
+        what = title.split("/s")[0].split()[-1].lower()
+        assert unit == RATE_UNITS[what], (title, unit)
