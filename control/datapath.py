@@ -541,6 +541,14 @@ class Datapath:
         self._maps["backends"][ct.c_int(backend_id)] = \
             layout.Backend(_be32(addr), _be16(port), flags)
 
+    def clear_backend_counters(self, backend_id: int) -> None:
+        """Zeroes a backend id's counters, every CPU's: the id is another server's now."""
+        self._maps["backend_stats"].clearitem(ct.c_int(backend_id))
+
+    def clear_service_counters(self, service_id: int) -> None:
+        """Zeroes a service id's counters, every CPU's: the id is another frontend's now."""
+        self._maps["service_stats"].clearitem(ct.c_int(service_id))
+
     def write_ring(self, ring: int, backend_ids: list[int]) -> None:
         if len(backend_ids) > self.limits.ring_size:
             raise DatapathError(f"ring of {len(backend_ids)} slots exceeds {self.limits.ring_size}")

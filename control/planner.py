@@ -278,7 +278,14 @@ def plan(current: DataplaneState, target: DataplaneState) -> list[Op]:
     for b in current_backends.values():
         if b.id not in target_ids and not b.closed:     # removed: closed to new flows
             ops.append(("set_backend", b.id, b.address, b.port, True))
-    for b in target.backends.values():
+    # An id that another server or frontend had (taken again once every id was
+    # used, see _allocate) starts its counters at zero: its traffic so far was
+    # the other's, and would show as the newcomer's.
+    held = {b.id: (k, b.address, b.port) for k, b in current.backends.items()}
+    for key, b in target.backends.items():
+        if (b.id in held or b.id in current.retired_backends) and \
+                held.get(b.id) != (key, b.address, b.port):
+            ops.append(("clear_backend_counters", b.id))
         if current_backends.get(b.id) != b:
             ops.append(("set_backend", b.id, b.address, b.port, b.closed))
     for key, svc in target.services.items():
@@ -298,8 +305,12 @@ def plan(current: DataplaneState, target: DataplaneState) -> list[Op]:
     for endpoint, owner in target.owners.items():
         if current.owners.get(endpoint) != owner:
             ops.append(("set_owner", *endpoint, *owner))
+    held_services = {s.id: k for k, s in current.services.items()}
     for key, svc in target.services.items():
         old = current.services.get(key)
+        if (svc.id in held_services or svc.id in current.retired_services) and \
+                held_services.get(svc.id) != key:
+            ops.append(("clear_service_counters", svc.id))
         if old is None or old.id != svc.id or old.timeouts != svc.timeouts:
             ops.append(("set_timeouts", svc.id, *svc.timeouts))
         if old is None or (old.id, old.ring, len(old.slots), old.maglev) != (

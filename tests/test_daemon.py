@@ -13,7 +13,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from xlb import config as configfile, daemon
-from xlb.datapath import DatapathError
+from xlb.datapath import Datapath, DatapathError, Limits
 from xlb.model import from_flags
 
 pytestmark = pytest.mark.kernel
@@ -67,6 +67,34 @@ def test_a_config_whose_every_vip_is_new_replaces_a_full_one(balancer):
     assert {IPv4Address(socket.ntohl(k.value)) for k in maps["vips"].keys()} == \
         {f.vip for f in full(3).frontends}
     assert len(list(maps["services"].keys())) == 256
+
+
+def test_a_newcomer_given_a_used_id_starts_its_counters_at_zero(root, fibnet):
+    """Room for two frontends and two servers: once every id was used, a new
+    frontend or server takes a removed one's. Its counters (status, metrics)
+    start at zero, not with the traffic of the one it replaces."""
+    from packets import tcp_frame
+
+    dp = Datapath(Limits(max_services=2, max_backends=2))
+    try:
+        b = daemon.Balancer(dp)
+        b.apply(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"]), relink=False)
+        for sport in range(40000, 40003):
+            dp.test_run(tcp_frame("10.1.1.10", "10.1.1.101", sport, 80))
+        st = b.status()
+        assert st["frontends"][0]["new_flows"] == 3
+        assert st["pools"][0]["servers"][0]["new_flows"] == 3
+
+        b.apply(from_flags(["10.1.1.102:80", "10.1.1.103:80"],
+                           ["10.1.11.102:8080", "10.1.11.103:8080"]), relink=False)
+        st = b.status()
+        counts = ("new_flows", "packets_in", "bytes_in", "packets_out", "bytes_out")
+        assert {f["name"]: [f[c] for c in counts] for f in st["frontends"]} == \
+            {f["name"]: [0] * 5 for f in st["frontends"]}
+        assert {s["name"]: [s[c] for c in counts] for s in st["pools"][0]["servers"]} == \
+            {"backend1": [0] * 5, "backend2": [0] * 5}
+    finally:
+        dp.close()
 
 
 def test_an_apply_names_what_nothing_uses(balancer, tmp_path):
