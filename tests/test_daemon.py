@@ -97,6 +97,32 @@ def test_a_newcomer_given_a_used_id_starts_its_counters_at_zero(root, fibnet):
         dp.close()
 
 
+def test_a_server_no_longer_checked_leaves_no_check_durations(balancer):
+    """Its monitor gone, a server's last checks' histogram goes from the
+    metrics with it (it would stay there, frozen, as if checks still ran)."""
+    from xlb import metrics
+
+    checked = configfile.load(configfile.dump(balancer.config)
+                              + '[monitors.tcp]\ntype = "tcp"\n')
+    pool = checked.pools[0].name
+    checked = configfile.load(configfile.dump(checked).replace(
+        f"[pools.{pool}]\n", f'[pools.{pool}]\nmonitor = "tcp"\n'))
+    balancer.apply(checked, relink=False)
+    key = (pool, checked.pools[0].servers[0].name)
+    assert [t.key for t in balancer.health_targets()] == [key]
+    balancer.check_durations.observe(key, 0.001)
+
+    def histogram():
+        text = metrics.render(balancer.status(), balancer.check_durations.snapshot())
+        return "xlb_server_check_duration_seconds_count" in text
+    assert histogram()
+    balancer.apply(checked, relink=False)                   # still checked: kept
+    assert histogram()
+    unchecked = configfile.load(configfile.dump(checked).replace('monitor = "tcp"\n', ""))
+    balancer.apply(unchecked, relink=False)
+    assert balancer.health_targets() == [] and not histogram()
+
+
 def test_an_apply_names_what_nothing_uses(balancer, tmp_path):
     text = configfile.dump(balancer.config) + '[pools.spare]\nservers = ["backend1"]\n'
     reply = answer(balancer, {"cmd": "apply", "text": text, "path": str(tmp_path / "x.toml")},
