@@ -17,7 +17,6 @@ def si(x: float) -> str:
     raise AssertionError("unreachable")
 
 
-
 def full(table: dict) -> tuple[str, float]:
     """How full a flow table (an entry of status' flows.tables) is: its
     percentage as shown ("32.8", "<0.1" for a few entries of a large one),
