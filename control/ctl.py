@@ -10,6 +10,11 @@ netns exec` makes /sys its own, not /run), and only root may create or enter
 directory, which a crash releases; so a socket file a crash left behind is
 replaced by the next `xlb up`, and until then refuses connections.
 
+The lock outlives its directory's name: an instance whose directory was
+removed (`rm -rf /run/xlb`) or replaced still holds it, and is found by it
+(holder()): a client waits for the instance to make its socket again (it looks
+every second), and `xlb up` refuses to start beside it.
+
 Protocol: one JSON object per line each way, one request per connection.
 """
 
@@ -19,6 +24,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -28,6 +34,7 @@ RUN_DIR = Path("/run/xlb")
 SOCKET = "control.sock"
 MAX_REQUEST = 8 << 20    # a config of 10,000 servers is well under 1 MiB
 ROOT_ONLY = "permission denied: the control socket is root-only"
+RESTORE_WAIT = 3.0       # seconds a client waits for a running instance to make its socket again
 
 
 class NotRunning(Exception):
@@ -65,28 +72,27 @@ class Listener:
     makes its instance the only one; close() gives both up."""
 
     def __init__(self):
+        self._dirfd, self.socket, self._file = _claim()
+
+    def lost(self) -> bool:
+        """True when clients no longer find this socket where they look for
+        it: its file, or its directory, was removed or replaced."""
         try:
-            self._dirfd = _own_directory()
-        except OSError as e:     # open_own's message names the directory
-            raise ControlError(e.strerror if e.filename is None
-                               else f"{e.filename}: {e.strerror}") from None
-        try:
-            fcntl.flock(self._dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            st = os.stat(address())
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self._file
+
+    def restore(self) -> socket.socket:
+        """Makes the socket again where clients look for it, and returns it
+        (listening); the old one is closed. Raises as Listener() does, when it
+        cannot (yet): the old lock is given up only once the new one is held."""
+        dirfd, sock, file = _claim(self._dirfd)
+        if dirfd != self._dirfd:
             os.close(self._dirfd)
-            raise AlreadyRunning() from None
-        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            try:
-                os.unlink(SOCKET, dir_fd=self._dirfd)   # a crashed instance's
-            except FileNotFoundError:
-                pass
-            self.socket.bind(address())
-            self.socket.listen(16)
-        except OSError as e:
-            self.socket.close()
-            os.close(self._dirfd)
-            raise ControlError(f"{address()}: {e.strerror}") from None
+        self.socket.close()
+        self._dirfd, self.socket, self._file = dirfd, sock, file
+        return sock
 
     def close(self) -> None:
         """Clients see nothing listening from here on, and the next `xlb up` may start."""
@@ -96,6 +102,85 @@ class Listener:
             pass
         self.socket.close()
         os.close(self._dirfd)
+
+
+def _claim(held: int | None = None) -> tuple[int, socket.socket, tuple[int, int]]:
+    """This namespace's directory (opened and locked), a socket listening in it
+    and the (device, inode) of its file. `held`: the directory this process
+    holds already, kept if it is still the one at the path."""
+    try:
+        dirfd = _own_directory()
+    except OSError as e:     # open_own's message names the directory
+        raise ControlError(e.strerror if e.filename is None
+                           else f"{e.filename}: {e.strerror}") from None
+    if held is not None and _same(os.fstat(dirfd), os.fstat(held)):
+        os.close(dirfd)
+        dirfd = held
+    else:
+        try:
+            fcntl.flock(dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(dirfd)
+            raise AlreadyRunning() from None
+        if held is None and holder() is not None:   # its directory removed or replaced
+            os.close(dirfd)
+            raise AlreadyRunning()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            os.unlink(SOCKET, dir_fd=dirfd)   # a crashed instance's
+        except FileNotFoundError:
+            pass
+        # Bound in the directory that is locked, whatever its path holds by now.
+        sock.bind(f"/proc/self/fd/{dirfd}/{SOCKET}")
+        sock.listen(16)
+        st = os.stat(SOCKET, dir_fd=dirfd, follow_symlinks=False)
+    except OSError as e:
+        sock.close()
+        if dirfd != held:
+            os.close(dirfd)
+        raise ControlError(f"{address()}: {e.strerror}") from None
+    return dirfd, sock, (st.st_dev, st.st_ino)
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def holder() -> int | None:
+    """The pid of another process of this network namespace that holds the
+    lock of a directory by this namespace's name, or None: the running
+    instance, also when its directory was removed or replaced since (the lock
+    is the directory's own, not its name's). Only root can see another root
+    process's: anyone else is told None."""
+    name, netns = namespace_dirname(), os.stat("/proc/self/ns/net")
+    try:
+        locks = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    for line in locks.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 4242 00:1a:678 0 EOF"; a waiter's has "->"
+        fields = line.split()
+        if len(fields) < 6 or fields[1:4] != ["FLOCK", "ADVISORY", "WRITE"]:
+            continue
+        pid = int(fields[4])
+        major, minor, ino = fields[5].split(":")
+        locked = (os.makedev(int(major, 16), int(minor, 16)), int(ino))
+        if pid == os.getpid():
+            continue
+        try:
+            if not _same(os.stat(f"/proc/{pid}/ns/net"), netns):
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                path = f"/proc/{pid}/fd/{fd}"
+                st = os.stat(path)
+                if ((st.st_dev, st.st_ino) == locked and stat.S_ISDIR(st.st_mode)
+                        and os.readlink(path).removesuffix(" (deleted)")
+                        .rsplit("/", 1)[-1] == name):
+                    return pid
+        except (OSError, ValueError):      # gone meanwhile, or not ours to see
+            continue
+    return None
 
 
 def _own_directory() -> int:
@@ -120,19 +205,37 @@ def request(cmd: str, timeout: float = 10.0, **args) -> object:
                            f"or stopped)") from None
 
 
+def _connect(timeout: float) -> socket.socket:
+    """A socket connected to the instance. Where its socket is gone while the
+    instance runs (its directory was removed), waits for it to make it again."""
+    waited = time.monotonic() + min(timeout, RESTORE_WAIT)
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address())
+            return sock
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()
+        except PermissionError:
+            sock.close()
+            raise ControlError(ROOT_ONLY) from None
+        pid = holder()
+        if pid is None:
+            raise NotRunning()
+        if time.monotonic() > waited:
+            raise ControlError(f"xlb runs here (pid {pid}), but its control socket "
+                               f"{address()} is gone and it has not made it again (its "
+                               f"log says why); `kill -TERM {pid}` stops it")
+        time.sleep(0.1)
+
+
 def _request(cmd: str, timeout: float, args: dict) -> object:
     # The instance does nothing it reads after the deadline: a request that
     # waited for it (queued while it starts, or behind a long apply) after
     # this client gave up and said it failed must not take effect later.
     deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(address())
-        except (ConnectionRefusedError, FileNotFoundError):
-            raise NotRunning() from None
-        except PermissionError:
-            raise ControlError(ROOT_ONLY) from None
+    with _connect(timeout) as sock:
         try:
             sock.sendall(json.dumps({"cmd": cmd, **args, "deadline": deadline}).encode()
                          + b"\n")

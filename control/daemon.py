@@ -476,7 +476,7 @@ def up(config: Config, config_path: Path | None = None,
                   interfaces=",".join(a.ifname for a in datapath.attachments()),
                   config=config_path, adopted=running is not None,
                   metrics=metrics_address and f"{metrics_address[0]}:{metrics_address[1]}")
-        kept = asyncio.run(_serve(balancer, control.socket))
+        kept = asyncio.run(_serve(balancer, control))
         stopping = not kept
     except _Stop:
         stopping = True
@@ -619,7 +619,7 @@ class HealthSync:
             self._failed, self._backoff = False, RETRY_SECONDS[0]
 
 
-async def _serve(balancer: Balancer, sock) -> bool:
+async def _serve(balancer: Balancer, control: ctl.Listener) -> bool:
     """Serves until a signal or `xlb down`; returns True when the data path is
     to keep running (`xlb down --keep-datapath`)."""
     stop = asyncio.Event()
@@ -656,18 +656,54 @@ async def _serve(balancer: Balancer, sock) -> bool:
         await sync_targets()
     checks = loop.create_task(checker.run())
     sweeps = loop.create_task(_sweep_forever(balancer))
-    # A copy: the server closes it when the loop ends, while `sock` stays bound
-    # until the data path is detached, so that `xlb down` (which waits until
-    # nothing listens) returns only then.
-    server = await asyncio.start_unix_server(handle, sock=sock.dup(), limit=ctl.MAX_REQUEST)
+    # A copy: the server closes it when the loop ends, while the control
+    # socket stays bound until the data path is detached, so that `xlb down`
+    # (which waits until nothing listens) returns only then.
+    servers = [await asyncio.start_unix_server(handle, sock=control.socket.dup(),
+                                               limit=ctl.MAX_REQUEST)]
+    reachable = loop.create_task(_keep_reachable(control, handle, servers))
     try:
-        async with server:
-            await stop.wait()
+        await stop.wait()
     finally:
+        reachable.cancel()
+        for server in servers:
+            server.close()
+            await server.wait_closed()
         checker.stop()
         sweeps.cancel()
         await checks
     return bool(downs) and downs[-1]
+
+
+RESTORE_SECONDS = 1.0   # how often the instance looks whether clients still find its socket
+
+
+async def _keep_reachable(control: ctl.Listener, handle, servers: list) -> None:
+    """Makes the control socket again when clients no longer find it (its
+    directory removed by `rm -rf /run/xlb`, say), serving it as the first:
+    otherwise no command could reach the instance, `xlb status` and `xlb down`
+    would take its data path for one without its control process, and an
+    `xlb up` could start beside it. Why it cannot (/run/xlb made by another
+    user, say) is logged once, and it tries again every second."""
+    failed = None
+    while True:
+        await asyncio.sleep(RESTORE_SECONDS)
+        if not control.lost():
+            continue
+        try:
+            sock = control.restore()
+        except (ctl.ControlError, ctl.AlreadyRunning) as e:
+            if str(e) != failed:
+                log.event("control", level="error", socket=ctl.address(),
+                          error=f"gone, and not made again: {e}")
+            failed = str(e)
+            continue
+        failed = None
+        servers.pop().close()
+        servers.append(await asyncio.start_unix_server(handle, sock=sock.dup(),
+                                                       limit=ctl.MAX_REQUEST))
+        log.event("control", level="warning", socket=ctl.address(),
+                  reason="it was gone (its directory removed?); made again")
 
 
 SWEEP_COST = 100        # the sweep may take at most 1/SWEEP_COST of a CPU ...

@@ -240,6 +240,44 @@ def test_second_up_is_refused_and_first_keeps_serving(lab, xlb):
     assert even_split(collections.Counter(out["names"]), {"WAS1", "WAS2"}, 4), out
 
 
+def test_an_instance_whose_control_directory_was_removed_is_still_the_one(lab):
+    """`rm -rf` of the control socket's directory (or of /run/xlb) while xlb
+    serves: the instance makes its socket again, so the commands still reach it
+    (its data path is not taken for one without its control process), and no
+    second `xlb up` starts beside it. Where it cannot (the directory replaced
+    by one that is not xlb's), the commands say so and remove nothing."""
+    directory = os.path.dirname(control_address(lab))
+    with lab.xlb(*SEED_ARGS) as x:
+        subprocess.run(["rm", "-rf", directory], check=True)
+        r = lab.xlb_cmd("up", *SEED_ARGS, "--metrics", "off", timeout=60)
+        assert (r.returncode, r.stdout, r.stderr) == (
+            1, "", "xlb: error: xlb is already running in this network namespace "
+                   "(see `xlb status`; stop it with `xlb down`)\n")
+        assert lab.status()["pid"] == x.proc.pid
+        assert lab.client("client", "http", VIP, "80", "--count", "2")["errors"] == []
+
+        subprocess.run(["rm", "-rf", directory], check=True)
+        os.mkdir(directory, 0o755)
+        try:
+            gone = (f"xlb: error: xlb runs here (pid {x.proc.pid}), but its control socket "
+                    f"{directory}/control.sock is gone and it has not made it again (its log "
+                    f"says why); `kill -TERM {x.proc.pid}` stops it\n")
+            for cmd in (["status"], ["down"], ["ha", "role", "backup"]):
+                r = lab.xlb_cmd(*cmd)
+                assert (r.returncode, r.stdout, r.stderr) == (1, "", gone), cmd
+            r = lab.xlb_cmd("up", *SEED_ARGS, "--metrics", "off", timeout=60)
+            assert (r.returncode, r.stderr) == (
+                1, f"xlb: error: {directory} is not xlb's own: owned by uid 0, mode 755\n")
+            assert set(lab.xdp_attached("lb")) == {"eth0", "eth1"}
+        finally:
+            os.rmdir(directory)
+        r = lab.xlb_cmd("down")
+        assert (r.returncode, r.stdout, r.stderr) == (0, "xlb: stopped\n", "")
+        assert x.proc.wait(10) == 0
+    assert lab.xdp_attached("lb") == []
+    assert "level=error event=control" in x.stderr
+
+
 PROBE = r"""
 import json, socket, sys, threading
 def ask(payload):
