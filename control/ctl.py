@@ -15,6 +15,13 @@ removed (`rm -rf /run/xlb`) or replaced still holds it, and is found by it
 (holder()): a client waits for the instance to make its socket again (it looks
 every second), and `xlb up` refuses to start beside it.
 
+An instance of a build before this one listens at the abstract name
+`@xlb/control` instead (EARLIER): the commands reach it there, so that an
+upgrade can hand over (`xlb down --keep-datapath`, then the new `xlb up`), and
+`xlb up` does not start beside it. Any user may bind that name, so only a
+listener that runs as root is taken for xlb; another is ignored and told
+nothing.
+
 Protocol: one JSON object per line each way, one request per connection.
 """
 
@@ -25,6 +32,7 @@ import json
 import os
 import socket
 import stat
+import struct
 import time
 from pathlib import Path
 
@@ -34,6 +42,7 @@ RUN_DIR = Path("/run/xlb")
 SOCKET = "control.sock"
 MAX_REQUEST = 8 << 20    # a config of 10,000 servers is well under 1 MiB
 ROOT_ONLY = "permission denied: the control socket is root-only"
+EARLIER = "\0xlb/control"  # where an instance of a build before the file socket listens
 RESTORE_WAIT = 3.0       # seconds a client waits for a running instance to make its socket again
 
 
@@ -122,8 +131,11 @@ def _claim(held: int | None = None) -> tuple[int, socket.socket, tuple[int, int]
         except BlockingIOError:
             os.close(dirfd)
             raise AlreadyRunning() from None
-        if held is None and holder() is not None:   # its directory removed or replaced
-            os.close(dirfd)
+        earlier = _earlier_instance() if held is None else None
+        if earlier is not None:
+            earlier.close()
+        if held is None and (holder() is not None or earlier is not None):
+            os.close(dirfd)      # its directory removed or replaced; or an earlier build
             raise AlreadyRunning()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -145,6 +157,23 @@ def _claim(held: int | None = None) -> tuple[int, socket.socket, tuple[int, int]
 
 def _same(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _earlier_instance(timeout: float = 2.0) -> socket.socket | None:
+    """A connection to an instance of an earlier build (EARLIER), or None: no
+    one listens there, or not root, whom nothing is sent."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(EARLIER)
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        sock.close()
+        return None
+    if struct.unpack("3i", creds)[1] != 0:
+        sock.close()
+        return None
+    return sock
 
 
 def holder() -> int | None:
@@ -222,7 +251,10 @@ def _connect(timeout: float) -> socket.socket:
             raise ControlError(ROOT_ONLY) from None
         pid = holder()
         if pid is None:
-            raise NotRunning()
+            earlier = _earlier_instance(timeout)
+            if earlier is None:
+                raise NotRunning()
+            return earlier
         if time.monotonic() > waited:
             raise ControlError(f"xlb runs here (pid {pid}), but its control socket "
                                f"{address()} is gone and it has not made it again (its "

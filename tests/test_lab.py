@@ -228,6 +228,62 @@ def test_a_control_directory_another_user_owns_is_refused(lab):
         os.chmod(directory, 0o700)
 
 
+# An instance of a build before the control socket was a file: it listens at
+# the abstract name @xlb/control, answers as xlb does (one JSON line each way),
+# prints each request's command, and stops after `down`.
+EARLIER_BUILD = r"""
+import json, socket
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\0xlb/control")
+s.listen(16)
+print(json.dumps("listening"), flush=True)
+while True:
+    c, _ = s.accept()
+    with c, c.makefile() as f:
+        line = f.readline()
+        if not line:                    # looked at, asked nothing
+            continue
+        req = json.loads(line)
+        print(json.dumps([req["cmd"], req.get("keep_datapath")]), flush=True)
+        c.sendall(b'{"ok": true, "result": "stopping"}\n')
+    if req["cmd"] == "down":
+        break
+"""
+
+
+def test_an_instance_of_an_earlier_build_is_reached_for_the_upgrade(lab):
+    """An upgrade runs the new `xlb down --keep-datapath` against the instance
+    of the build before, which listens at the abstract @xlb/control: it must
+    hand over, and the new `xlb up` must not start beside it meanwhile. Held
+    by another user, that name is ignored and told nothing."""
+    earlier = lab.spawn("lb", "/usr/bin/python3", "-c", EARLIER_BUILD)
+    try:
+        assert json.loads(earlier.stdout.readline()) == "listening"
+        r = lab.xlb_cmd("up", *SEED_ARGS, timeout=60)
+        assert (r.returncode, r.stdout, r.stderr) == (
+            1, "", "xlb: error: xlb is already running in this network namespace "
+                   "(see `xlb status`; stop it with `xlb down`)\n")
+        assert lab.xdp_attached("lb") == []
+        r = lab.xlb_cmd("down", "--keep-datapath")
+        assert (r.returncode, r.stdout, r.stderr) == (
+            0, "xlb: stopped; the data path keeps running\n", "")
+        assert earlier.wait(10) == 0
+        assert earlier.stdout.read() == json.dumps(["down", True]) + "\n"
+    finally:
+        earlier.kill()
+        earlier.wait()
+    squat = lab.spawn("lb", "/usr/bin/python3", "-c", EARLIER_BUILD, user=NOBODY)
+    try:
+        assert json.loads(squat.stdout.readline()) == "listening"
+        r = lab.xlb_cmd("down", "--keep-datapath")
+        assert (r.returncode, r.stdout, r.stderr) == (
+            1, "", "xlb: error: no xlb instance runs in this network namespace\n")
+    finally:
+        squat.kill()
+        out, _ = squat.communicate()
+    assert out == ""
+
+
 def test_second_up_is_refused_and_first_keeps_serving(lab, xlb):
     before = lab.status()["pid"]
     r = lab.xlb_cmd("up", *SEED_ARGS, timeout=60)
