@@ -215,14 +215,16 @@ def holder() -> int | None:
 def _own_directory() -> int:
     """This namespace's directory under RUN_DIR, created if need be and opened.
     Refused (OSError) unless both are this user's alone: what another user could
-    enter is no place for the socket, nor what they could write for the lock."""
-    for path in (RUN_DIR, directory()):
+    enter is no place for the socket, nor what they could write for the lock.
+    RUN_DIR is checked before anything is made in it."""
+    def made(path: Path) -> int:
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
             pass
-    os.close(open_own(RUN_DIR, PRIVATE))
-    return open_own(directory(), PRIVATE)
+        return open_own(path, PRIVATE)
+    os.close(made(RUN_DIR))
+    return made(directory())
 
 
 def request(cmd: str, timeout: float = 10.0, **args) -> object:
@@ -244,8 +246,8 @@ def _connect(timeout: float) -> socket.socket:
         try:
             sock.connect(address())
             return sock
-        except (ConnectionRefusedError, FileNotFoundError):
-            sock.close()
+        except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
+            sock.close()      # nothing listens there (a /run/xlb that is a file, say)
         except PermissionError:
             sock.close()
             raise ControlError(ROOT_ONLY) from None

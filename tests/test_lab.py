@@ -284,6 +284,30 @@ def test_an_instance_of_an_earlier_build_is_reached_for_the_upgrade(lab):
     assert out == ""
 
 
+def in_own_run(lab, setup: str, *args: str) -> subprocess.CompletedProcess:
+    """`xlb ARGS` in lb, with a /run of its own (an empty tmpfs, in a mount
+    namespace of its own) made as the shell commands `setup` say first; what
+    xlb made in /run/xlb is listed after its output."""
+    return lab.run("lb", "unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   f'mount -t tmpfs none /run && {setup} || exit 99; "$@"; rc=$?; '
+                   f'find /run/xlb -mindepth 1; exit $rc', "sh", str(XLB), *args)
+
+
+def test_a_run_xlb_that_is_not_xlbs_directory_is_one_line(lab):
+    """/run/xlb a file, or a directory that is not root's alone: `xlb up`
+    names it, and makes nothing in it; the other commands find no instance
+    there, without a traceback."""
+    for setup, refused in (("touch /run/xlb", "/run/xlb: Not a directory"),
+                           ("mkdir -m 755 /run/xlb",
+                            "/run/xlb is not xlb's own: owned by uid 0, mode 755")):
+        r = in_own_run(lab, setup, "up", *SEED_ARGS, "--metrics", "off")
+        assert (r.returncode, r.stdout, r.stderr) == (1, "", f"xlb: error: {refused}\n")
+        r = in_own_run(lab, setup, "status")
+        assert (r.returncode, r.stdout, r.stderr) == (
+            1, "", "xlb: error: no xlb instance runs in this network namespace\n"), setup
+    assert lab.xdp_attached("lb") == []
+
+
 def test_second_up_is_refused_and_first_keeps_serving(lab, xlb):
     before = lab.status()["pid"]
     r = lab.xlb_cmd("up", *SEED_ARGS, timeout=60)
