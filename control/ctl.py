@@ -161,9 +161,11 @@ def _same(a: os.stat_result, b: os.stat_result) -> bool:
 
 def _earlier_instance(timeout: float = 2.0) -> socket.socket | None:
     """A connection to an instance of an earlier build (EARLIER), or None: no
-    one listens there, or not root, whom nothing is sent."""
+    one listens there, or not root, whom nothing is sent. The connect is
+    bounded by 2 s: another user's listener that never accepts must not hold
+    up every command."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(timeout)
+    sock.settimeout(min(timeout, 2.0))
     try:
         sock.connect(EARLIER)
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -173,6 +175,7 @@ def _earlier_instance(timeout: float = 2.0) -> socket.socket | None:
     if struct.unpack("3i", creds)[1] != 0:
         sock.close()
         return None
+    sock.settimeout(timeout)
     return sock
 
 

@@ -335,6 +335,8 @@ def test_an_instance_whose_control_directory_was_removed_is_still_the_one(lab):
                    "(see `xlb status`; stop it with `xlb down`)\n")
         assert lab.status()["pid"] == x.proc.pid
         assert lab.client("client", "http", VIP, "80", "--count", "2")["errors"] == []
+        os.unlink(f"{directory}/control.sock")        # the socket alone
+        assert lab.status()["pid"] == x.proc.pid
 
         subprocess.run(["rm", "-rf", directory], check=True)
         os.mkdir(directory, 0o755)
