@@ -300,31 +300,47 @@ def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
         problems.append(("--backend", f"{len(backends)} backends are too many for maglev: "
                                       f"at most {MAGLEV_SERVERS_MAX}"))
 
+    # Sets, not a scan of the list each time: thousands of flags (refused
+    # below) must not take minutes to be refused.
     servers: list[Server] = []
+    endpoints: set[tuple[IPv4Address, int]] = set()
     for text in backends:
         try:
             addr, port = parse_endpoint(text)
         except ValueError as e:
             problems.append((f"--backend {text}", str(e)))
             continue
-        if any((s.address, s.port) == (addr, port) for s in servers):
+        if (addr, port) in endpoints:
             problems.append((f"--backend {text}", "given twice"))
             continue
+        endpoints.add((addr, port))
         servers.append(Server(name=f"backend{len(servers) + 1}", address=addr, port=port))
 
     frontends: list[Frontend] = []
+    services: set[tuple[IPv4Address, int, str]] = set()
     for text in vips:
         try:
             addr, port, proto = parse_vip(text)
         except ValueError as e:
             problems.append((f"--vip {text}", str(e)))
             continue
-        if any(f.endpoint == f"{addr}:{port}/{proto}" for f in frontends):
+        if (addr, port, proto) in services:
             problems.append((f"--vip {text}", "given twice"))
             continue
+        services.add((addr, port, proto))
         frontends.append(Frontend(name=f"vip{len(frontends) + 1}", vip=addr, port=port,
                                   protocol=proto, pool="default",
                                   interfaces=tuple(dict.fromkeys(interfaces))))
+
+    # What the data plane's maps hold, as a config file's check_capacity says it.
+    most = MAX_MAGLEV_FRONTENDS if algorithm == "maglev" else MAX_FRONTENDS
+    if len(frontends) > most:
+        problems.append(("--vip", f"{len(frontends)} VIPs"
+                                  f"{' with --algorithm maglev' if algorithm == 'maglev' else ''}:"
+                                  f" the data plane holds {most}"))
+    if algorithm != "maglev" and len(servers) > RING_SIZE:
+        problems.append(("--backend", f"{len(servers)} backends do not fit a ring of "
+                                      f"{RING_SIZE}"))
 
     vip_set = {f.vip for f in frontends}
     for s in servers:

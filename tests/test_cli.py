@@ -130,6 +130,19 @@ def test_up_refuses_a_flow_table_larger_than_the_memory_available(monkeypatch):
     assert r.exit_code == 1 and "xlb up needs root" in r.output, r.output
 
 
+def test_up_refuses_more_flags_than_the_data_plane_holds():
+    """Thousands of --backend or --vip are bad input, said at once (not after
+    the maps were tried, nor minutes of comparing each with the others)."""
+    many = [a for i in range(20000) for a in ("--vip", f"10.2.{i // 250}.{1 + i % 250}:80")]
+    r = xlb("up", *many, "--backend", "10.1.11.101:8080", "--iface", "xlb-no-such-if")
+    assert (r.returncode, r.stderr) == (2, "xlb: error: --vip: 20000 VIPs: the data plane "
+                                           "holds 256\n")
+    many = [a for i in range(1025) for a in ("--backend", f"10.2.{i // 250}.{1 + i % 250}:80")]
+    r = xlb("up", "--vip", "10.1.1.101:80", *many, "--iface", "xlb-no-such-if")
+    assert (r.returncode, r.stderr) == (2, "xlb: error: --backend: 1025 backends do not fit a "
+                                           "ring of 1024\n")
+
+
 def test_apply_reads_no_fifo_and_top_takes_no_interval_it_cannot_sleep(tmp_path):
     fifo = tmp_path / "fifo.toml"
     os.mkfifo(fifo)                         # reading it would wait for a writer for ever

@@ -4,8 +4,9 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from xlb.model import (MAGLEV_SERVERS_MAX, ConfigError, check_maglev_servers, check_maglev_size,
-                       from_flags, monitor_from_flags, parse_port, parse_vip)
+from xlb.model import (MAGLEV_SERVERS_MAX, MAX_FRONTENDS, MAX_MAGLEV_FRONTENDS, RING_SIZE,
+                       ConfigError, check_maglev_servers, check_maglev_size, from_flags,
+                       monitor_from_flags, parse_port, parse_vip)
 
 B = ["10.1.11.101:8080", "10.1.11.102:8080"]
 
@@ -165,3 +166,27 @@ def test_one_line_form_with_maglev():
     with pytest.raises(ConfigError) as e:
         from_flags(["10.1.1.101:80"], many, algorithm="maglev")
     assert e.value.problems == [("--backend", "656 backends are too many for maglev: at most 655")]
+
+
+def addresses(n: int, port: int = 80) -> list[str]:
+    return [f"10.2.{i // 250}.{1 + i % 250}:{port}" for i in range(n)]
+
+
+def test_one_line_form_holds_what_the_data_plane_holds():
+    """As a config file's check_capacity: refused here, before `xlb up` goes on
+    to the maps (and before root is asked for)."""
+    assert len(from_flags(addresses(MAX_FRONTENDS), B).frontends) == MAX_FRONTENDS
+    assert len(from_flags(["10.1.1.101:80"], addresses(RING_SIZE, 8080)).pools[0].servers) \
+        == RING_SIZE
+    assert len(from_flags(addresses(MAX_MAGLEV_FRONTENDS), B, algorithm="maglev").frontends) \
+        == MAX_MAGLEV_FRONTENDS
+    for vips, backends, algorithm, problem in (
+            (addresses(MAX_FRONTENDS + 1), B, "roundrobin",
+             ("--vip", "257 VIPs: the data plane holds 256")),
+            (addresses(MAX_MAGLEV_FRONTENDS + 1), B, "maglev",
+             ("--vip", "17 VIPs with --algorithm maglev: the data plane holds 16")),
+            (["10.1.1.101:80"], addresses(RING_SIZE + 1, 8080), "roundrobin",
+             ("--backend", "1025 backends do not fit a ring of 1024"))):
+        with pytest.raises(ConfigError) as e:
+            from_flags(vips, backends, algorithm=algorithm)
+        assert e.value.problems == [problem]
