@@ -213,14 +213,16 @@ def _items(check: Callable[[Any], Any], value: Any) -> list:
     if not isinstance(value, list):
         raise _expected("an array", value)
     items, problems = [], []
+    seen = set()        # not `in items`: a list of 30,000 names took seconds to refuse
     for i, item in enumerate(value):
         try:
             item = check(item)
         except _Invalid as e:
             problems += [(f"[{i}]{suffix}", reason) for suffix, reason in e.problems]
             continue
-        if item in items:
+        if item in seen:
             problems.append((f"[{i}]", f"{item!r} is listed twice"))
+        seen.add(item)
         items.append(item)
     if problems:
         raise _Invalid(*problems)
