@@ -378,12 +378,21 @@ def _select(config: Config, attached: Collection[str] = ()) -> list[netif.Link]:
 def _check_host(config: Config, new_links: list[netif.Link]) -> None:
     """Refuses VIPs that are local addresses; warns, once per link it is about
     to attach, where replies would be filtered."""
-    local = netif.local_addresses()
+    local, routes = netif.local_addresses(), netif.local_routes()
     for fe in config.frontends:
         owner = local.get(fe.vip)
         if owner:
             raise LookupError(f"VIP {fe.vip} is a local address (on {owner}): reverse-NATed "
                               f"replies would look martian; remove it from the host")
+        # The kernel owns these too: a subnet's broadcast address (which clients
+        # send to every host of the link), an address of a `local` route.
+        for prefix, kind, dev in routes:
+            if fe.vip in prefix:
+                raise LookupError(
+                    f"VIP {fe.vip} is a broadcast address of this host (of {dev}'s subnet): "
+                    f"no client can reach a server there" if kind == "broadcast" else
+                    f"VIP {fe.vip} is a local address (local route {prefix} on {dev}): "
+                    f"reverse-NATed replies would look martian; remove it from the host")
     for link in new_links:
         if netif.strict_rp_filter(link.name):
             log.event("rp_filter", level="warning", interface=link.name,

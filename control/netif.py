@@ -76,6 +76,23 @@ def local_addresses() -> dict[IPv4Address, str]:
     return {a.ip: link.name for link in links() for a in link.addresses}
 
 
+RT_TABLE_LOCAL = 255
+_LOCAL_KINDS = {2: "local", 3: "broadcast"}    # RTN_LOCAL, RTN_BROADCAST
+
+
+def local_routes() -> list[tuple[IPv4Network, str, str]]:
+    """The kernel's own destinations beyond the links' addresses: the local
+    table's local routes (a prefix routed to the host itself, `ip route add
+    local 10.9.0.0/16 dev lo`) and broadcast ones (each subnet's broadcast
+    address), as (prefix, "local" or "broadcast", link name)."""
+    with IPRoute() as ipr:
+        names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in ipr.get_links()}
+        return [(IPv4Network(f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}"),
+                 _LOCAL_KINDS[r["type"]], names.get(r.get_attr("RTA_OIF"), "?"))
+                for r in ipr.get_routes(family=2, table=RT_TABLE_LOCAL)
+                if r["type"] in _LOCAL_KINDS]
+
+
 def strict_rp_filter(name: str) -> bool:
     """Strict reverse-path filtering (1) on a link: the kernel uses the larger of
     `all` and the link's own setting."""

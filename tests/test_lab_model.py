@@ -143,6 +143,32 @@ def test_apply_of_an_invalid_file_changes_nothing(lab, xlb, tmp_path):
     assert even_split(names(lab, 10), {"WAS1", "WAS2"}, 10)
 
 
+@pytest.fixture
+def local_route(lab):
+    """lb routes 10.9.0.0/16 to itself (AnyIP), as `ip route add local` does."""
+    lab.run("lb", "ip", "route", "add", "local", "10.9.0.0/16", "dev", "lo", check=True)
+    yield
+    lab.run("lb", "ip", "route", "del", "local", "10.9.0.0/16", "dev", "lo")
+
+
+def test_apply_of_a_vip_the_kernel_owns_changes_nothing(lab, xlb, tmp_path, local_route):
+    """Not only a link's address: a subnet's broadcast address, an address of a
+    local route. Refused as a local address is, and the instance serves on."""
+    before = lab.status()
+    bad = tmp_path / "bad.toml"
+    for vip, message in (
+            ("10.1.1.255", "xlb: error: VIP 10.1.1.255 is a broadcast address of this host "
+                           "(of eth0's subnet): no client can reach a server there\n"),
+            ("10.9.1.1", "xlb: error: VIP 10.9.1.1 is a local address (local route "
+                         "10.9.0.0/16 on lo): reverse-NATed replies would look martian; "
+                         "remove it from the host\n")):
+        bad.write_text(SEED.replace(f'vip = "{VIP}"', f'vip = "{vip}"'))
+        r = lab.xlb_cmd("apply", str(bad))
+        assert (r.returncode, r.stderr) == (2, message)
+    assert shape(lab.status()) == shape(before)
+    assert even_split(names(lab, 10), {"WAS1", "WAS2"}, 10)
+
+
 def held_connection(lab, *args):
     """lab.hold(*args): the process, its first answer, the server it came from,
     and the other server's answer."""
