@@ -646,7 +646,7 @@ def bird(router, local_as, peer_as, table, router_id, config) -> None:
     from . import ha as hamod
     from .model import parse_host
     router_ip = _valid("--router", parse_host, router)
-    rid = _valid("--router-id", hamod.parse_router_id, router_id) if router_id else None
+    rid = None if router_id is None else _valid("--router-id", hamod.parse_router_id, router_id)
     _valid("--table", hamod.check_table, table)
     if local_as == peer_as:
         raise BadInput(f"--peer-as {peer_as}: the same as --as; the config is for eBGP, "
@@ -793,7 +793,11 @@ def main() -> None:
     try:
         code = cli.main(standalone_mode=False)
     except click.ClickException as e:
-        _error(f"xlb: error: {e.format_message()}")
+        message = e.format_message()
+        if isinstance(e, click.MissingParameter):
+            # click lists a choice's values one a line ("Choose from:\n\tdisable,\n\t...")
+            message = message.replace(":\n\t", ": ").replace(",\n\t", ", ")
+        _error(f"xlb: error: {message}")
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)

@@ -97,9 +97,13 @@ def parse_address(text: str) -> tuple[str, int] | None:
     if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ValueError(f"{text!r} is not ADDR:PORT or off")
     try:
-        IPv4Address(host)
+        addr = IPv4Address(host)
     except ValueError:
         raise ValueError(f"{host!r} is not an IPv4 address") from None
+    # 0.0.0.0 (every address) and loopback are a listener's; these are no host's,
+    # though Linux lets a TCP socket bind one and listen where nobody can connect.
+    if addr.is_multicast or addr.is_reserved or addr == IPv4Address("255.255.255.255"):
+        raise ValueError(f"{host!r} is not an address of this host to listen on")
     return host, int(port)
 
 

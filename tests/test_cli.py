@@ -14,6 +14,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 XLB = Path(sys.executable).parent / "xlb"
 SEED = ROOT / "netns-lab" / "seed.toml"
+# The one-line form on an interface that no namespace has: were it let through,
+# `xlb up` would stop there, having attached nothing.
+SEED_FLAGS = ("--vip", "10.1.1.101:80", "--backend", "10.1.11.101:8080",
+              "--iface", "xlb-no-such-if")
 
 
 def xlb(*args: str) -> subprocess.CompletedProcess:
@@ -93,6 +97,32 @@ def test_unknown_command_or_option_is_bad_input():
     assert (r.returncode, r.stderr) == (2, "xlb: error: No such command 'frobnicate'.\n")
     r = xlb("status", "--frobnicate")
     assert (r.returncode, r.stderr) == (2, "xlb: error: No such option '--frobnicate'.\n")
+
+
+def test_a_missing_choice_is_named_on_one_readable_line():
+    """click lists the choices one a line; on xlb's one line they are a list."""
+    r = xlb("server")
+    assert (r.returncode, r.stderr) == (2, "xlb: error: Missing argument "
+                                           "'{disable|enable|drain}'. Choose from: disable, "
+                                           "enable, drain\n")
+    r = xlb("ha", "role")
+    assert (r.returncode, r.stderr) == (2, "xlb: error: Missing argument '{active|backup}'. "
+                                           "Choose from: active, backup\n")
+
+
+def test_an_empty_router_id_is_bad_input():
+    """Not taken for no --router-id (BIRD picking one)."""
+    r = xlb("ha", "bird", "--router", "10.1.2.1", "--as", "65001", "--peer-as", "65000",
+            "--router-id", "", str(SEED))
+    assert (r.returncode, r.stdout, r.stderr) == \
+        (2, "", "xlb: error: --router-id: '' is not an IPv4 address\n")
+
+
+def test_metrics_at_an_address_no_host_has_is_bad_input():
+    """Linux lets a TCP socket bind a multicast address, where nobody can connect."""
+    r = xlb("up", *SEED_FLAGS, "--metrics", "224.0.0.1:9717")
+    assert (r.returncode, r.stderr) == \
+        (2, "xlb: error: --metrics: '224.0.0.1' is not an address of this host to listen on\n")
 
 
 def test_up_algorithm_is_checked_before_anything_runs():

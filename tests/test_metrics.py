@@ -304,7 +304,8 @@ def test_parse_address(text, expected):
     assert metrics.parse_address(text) == expected
 
 
-@pytest.mark.parametrize("text", ["9717", "localhost:9717", "1.2.3.4:0", "1.2.3.4:70000", ""])
+@pytest.mark.parametrize("text", ["9717", "localhost:9717", "1.2.3.4:0", "1.2.3.4:70000", "",
+                                  "224.0.0.1:9717", "255.255.255.255:9717", "240.0.0.1:9717"])
 def test_parse_address_errors(text):
     with pytest.raises(ValueError):
         metrics.parse_address(text)
