@@ -23,12 +23,12 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from .model import (ALGORITHMS, MAGLEV_SERVERS_MAX, MAGLEV_SIZE_MAX, MAGLEV_SLOTS_PER_SERVER,
-                    MAX_BACKENDS, MAX_FRONTENDS, MAX_MAGLEV_FRONTENDS, MONITOR_TYPES,
-                    ON_SERVER_DOWN, PROTOCOLS, RING_SIZE, TIMEOUT_RANGE, WEIGHT_RANGE, Config,
-                    ConfigError, Frontend, Monitor, Pool, Server, check_count, check_http_path,
-                    check_interface, check_maglev_servers, check_maglev_size, check_port,
-                    check_seconds, has_space, parse_host)
+from .model import (ALGORITHMS, BODY_LIMIT, MAGLEV_SERVERS_MAX, MAGLEV_SIZE_MAX,
+                    MAGLEV_SLOTS_PER_SERVER, MAX_BACKENDS, MAX_FRONTENDS, MAX_MAGLEV_FRONTENDS,
+                    MONITOR_TYPES, ON_SERVER_DOWN, PROTOCOLS, RING_SIZE, TIMEOUT_RANGE,
+                    WEIGHT_RANGE, Config, ConfigError, Frontend, Monitor, Pool, Server,
+                    check_count, check_http_path, check_interface, check_maglev_servers,
+                    check_maglev_size, check_port, check_seconds, has_space, parse_host)
 
 SECTIONS = ("monitors", "servers", "pools", "frontends")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -193,6 +193,14 @@ def _nonempty(value: Any) -> str:
     return text
 
 
+def _body(value: Any) -> str:
+    body = _nonempty(value)
+    if len(body.encode()) > BODY_LIMIT:
+        raise _bad(f"{len(body.encode())} bytes: a check reads {BODY_LIMIT} bytes of the body, "
+                   f"so it would never find it")
+    return body
+
+
 def _host(value: Any) -> str:
     host = _nonempty(value)
     if has_space(host):
@@ -332,7 +340,7 @@ class _Loader:
         mtype = obj.get("type", "tcp")
         checks = {"type": _one_of(MONITOR_TYPES), "port": _port,
                   "path": _http_path, "expect_status": _status,
-                  "expect_body": _nonempty, "host": _host,
+                  "expect_body": _body, "host": _host,
                   "interval": _seconds, "timeout": _seconds,
                   "rise": _count, "fall": _count}
         if mtype in MONITOR_TYPES and mtype != "http":

@@ -68,11 +68,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from .model import MONITOR_TYPES, Monitor, Server
+from .model import BODY_LIMIT, MONITOR_TYPES, Monitor, Server
 
 log = logging.getLogger(__name__)
 
-BODY_LIMIT = 64 * 1024          # http: the most body read when looking for expect_body
 HEAD_LIMIT = 64 * 1024          # http: the most status line + headers read
 USER_AGENT = "xlb-health"
 _LINGER_RST = struct.pack("ii", 1, 0)

@@ -32,6 +32,7 @@ IFNAMSIZ = 16                           # the kernel's limit, with the terminati
 CHECK_SECONDS_MAX = 86400               # a monitor's interval and timeout: a day at most
 CHECK_SECONDS_MIN = 0.01                # and 10 ms at least: shorter would check in a busy loop
 CHECK_COUNT_MAX = 1000                  # a monitor's rise and fall
+BODY_LIMIT = 64 * 1024                  # http: the most body a check reads for expect_body
 
 
 class ConfigError(ValueError):

@@ -465,6 +465,10 @@ BAD = [
       ("monitors.m.host", "'a b' contains whitespace or control characters"),
       ("monitors.n.path", "'/a\\r\\nX: y' contains whitespace or control characters"),
       ("monitors.n.expect_status", "status 99 is out of range 100-599")]),
+    ("body-longer-than-a-check-reads",
+     doc(monitor('type = "http"', f'expect_body = "{"é" * 32769}"')),
+     [("monitors.m.expect_body", "65538 bytes: a check reads 65536 bytes of the body, so it "
+                                 "would never find it")]),
     ("bad-choices", doc(monitor('type = "https"', 'path = "/"'),
                         pool=POOL + '\nalgorithm = "rr"\non_server_down = "drop"',
                         frontend=FE + '\nprotocol = "TCP"'),
