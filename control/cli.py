@@ -30,9 +30,9 @@ class BadInput(click.ClickException):
 
 
 class _ConfigFile(click.Path):
-    """A config file's name. What the file is (a directory, unreadable, not
-    there) is config.read's to say, as one of the file's problems: `xlb check`
-    lists it and exits 1."""
+    """A config file's name (or keepalived's FIFO's). What the file is (a
+    directory, unreadable, not there) is config.read's to say, as one of the
+    file's problems: `xlb check` lists it and exits 1."""
 
     def __init__(self):
         super().__init__(readable=False, path_type=Path)
@@ -466,7 +466,7 @@ def role(role: str) -> None:
 @ha.command()
 @click.option("--instance", default="xlb", show_default=True,
               help="The vrrp_instance whose state xlb follows.")
-@click.argument("fifo", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("fifo", type=CONFIG_FILE)
 def follow(instance: str, fifo: Path) -> None:
     """Follow keepalived's notify FIFO: MASTER makes xlb active; BACKUP, FAULT
     and STOP make it backup, and so does keepalived stopping.
@@ -483,11 +483,17 @@ def follow(instance: str, fifo: Path) -> None:
     from .model import has_space
     if has_space(instance) or not instance:
         raise BadInput(f"--instance: {instance!r} is not a vrrp_instance name")
-    if not stat.S_ISFIFO(fifo.stat().st_mode):
-        # A file or device would be read to its end over and over, at once.
-        raise BadInput(f"{fifo}: not a FIFO (keepalived's vrrp_notify_fifo)")
-    fd = os.open(fifo, os.O_RDWR)     # a reader that is also a writer never sees EOF
+    # What the path is, said as the system says it (click's check would call a
+    # FIFO behind a directory it may not enter, or a symlink loop, missing).
+    try:
+        if not stat.S_ISFIFO(fifo.stat().st_mode):     # not opened: a device may act on it
+            raise BadInput(f"{fifo}: {_NOT_FIFO}")
+        fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)   # a reader that is also a writer
+    except OSError as e:                               # never sees EOF
+        raise BadInput(f"{fifo}: {e.strerror}") from None
     st = os.fstat(fd)
+    if not stat.S_ISFIFO(st.st_mode):     # replaced since
+        raise BadInput(f"{fifo}: {_NOT_FIFO}")
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
         # keepalived takes a FIFO that exists as it is: one that another user
         # made (in /tmp, say) would let that user switch this node's role.
@@ -527,6 +533,8 @@ def follow(instance: str, fifo: Path) -> None:
                        err=True)
 
 
+# A file or device would be read to its end over and over, at once.
+_NOT_FIFO = "not a FIFO (keepalived's vrrp_notify_fifo)"
 FOLLOW_POLL = 1.0   # seconds between looks at the instance, while keepalived has said a role
 FIFO_LINE_MAX = 4096
 

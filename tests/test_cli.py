@@ -200,6 +200,19 @@ def test_ha_follow_reads_a_fifo_only(tmp_path):
         (2, "xlb: error: --instance: 'x y' is not a vrrp_instance name\n")
 
 
+def test_ha_follow_says_why_it_cannot_open_the_fifo(tmp_path):
+    """As the system says it: click's check called all of these missing."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for path, reason in ((tmp_path / "loop", "Too many levels of symbolic links"),
+                         (Path("/etc/passwd/fifo"), "Not a directory"),
+                         (tmp_path / "nope", "No such file or directory")):
+        r = xlb("ha", "follow", str(path))
+        assert (r.returncode, r.stderr) == (2, f"xlb: error: {path}: {reason}\n")
+    r = xlb("ha", "follow", "")
+    assert (r.returncode, r.stderr) == \
+        (2, "xlb: error: Invalid value for 'FIFO': a file name cannot be empty\n")
+
+
 def test_ha_follow_refuses_a_fifo_that_another_user_may_write(tmp_path):
     """keepalived reuses a FIFO that exists: whoever may write it tells the role."""
     fifo = tmp_path / "fifo"
