@@ -367,7 +367,12 @@ def _select(config: Config, attached: Collection[str] = ()) -> list[netif.Link]:
     down keeps its program, and serves again when it comes back up)."""
     names = config.attach_names()
     if names:
-        return netif.select(names)
+        links = netif.select(names)
+        for link in links:
+            if link.loopback:   # what a host sends to a VIP leaves by a link, not lo
+                raise LookupError(f"interface {link.name!r} is the loopback: no packet for a "
+                                  f"VIP arrives there")
+        return links
     links = [link for link in netif.links()
              if not link.loopback and (link.up or link.name in attached)]
     if not links:

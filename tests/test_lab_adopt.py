@@ -352,6 +352,8 @@ def test_upgrade_to_a_changed_program_during_traffic(lab, tmp_path):
 
 BAD_INPUT = [
     ("unknown interface", [*SEED_ARGS, "--iface", "nosuch0"], "no interface 'nosuch0'", 2),
+    ("loopback", [*SEED_ARGS, "--iface", "eth0", "--iface", "lo"],
+     "interface 'lo' is the loopback: no packet for a VIP arrives there", 2),
     ("local VIP", ["--vip", "10.1.1.1:80", *SEED_ARGS[2:]], "is a local address", 2),
     ("broadcast VIP", ["--vip", "10.1.1.255:80", *SEED_ARGS[2:]],
      "VIP 10.1.1.255 is a broadcast address of this host (of eth0's subnet)", 2),
