@@ -125,6 +125,7 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
     and applies its own config; with neither --config nor a one-line option it
     takes over the config the last instance ran. Exits 75 after `xlb down --keep-datapath`.
     """
+    _check_state_dir()
     ctx = click.get_current_context()
     flags = [p for p in ("vips", "backends", "algorithm", "ifaces", "check_kind", "check_port",
                          "interval", "rise", "fall")
@@ -168,6 +169,14 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
         raise Failure(str(e)) from None
     if code:
         raise click.exceptions.Exit(code)
+
+
+def _check_state_dir() -> None:
+    """$XLB_STATE_DIR, if set, is absolute: a relative one (or an empty one,
+    which is no directory) would put xlb's state wherever the command runs."""
+    root = os.environ.get("XLB_STATE_DIR")
+    if root is not None and not os.path.isabs(root):
+        raise BadInput(f"XLB_STATE_DIR: {root!r} is not an absolute path")
 
 
 def _flow_table(connections: int):
@@ -391,6 +400,7 @@ def down(keep_datapath: bool) -> None:
     its control process (after a crash) is removed too, with the VIP routes it
     announced (--announce-table), and the state that an instance stopped by a
     signal left is forgotten."""
+    _check_state_dir()
     try:
         ctl.request("down", keep_datapath=keep_datapath)
     except ctl.NotRunning as e:

@@ -125,6 +125,15 @@ def test_metrics_at_an_address_no_host_has_is_bad_input():
         (2, "xlb: error: --metrics: '224.0.0.1' is not an address of this host to listen on\n")
 
 
+@pytest.mark.parametrize("root", ["", "state"])
+def test_a_state_directory_that_is_not_absolute_is_bad_input(root):
+    """It would put xlb's state wherever the command runs (empty: right there)."""
+    r = subprocess.run([str(XLB), "up", *SEED_FLAGS], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "XLB_STATE_DIR": root})
+    assert (r.returncode, r.stderr) == \
+        (2, f"xlb: error: XLB_STATE_DIR: {root!r} is not an absolute path\n")
+
+
 def test_up_algorithm_is_checked_before_anything_runs():
     r = xlb("up", "--vip", "10.1.1.101:80", "--backend", "10.1.11.101:80", "--algorithm", "rr")
     assert r.returncode == 2 and "'rr' is not one of 'roundrobin', 'maglev'" in r.stderr, r.stderr
