@@ -224,6 +224,11 @@ def _error(message: str) -> None:
     click.echo(message.translate(_ESCAPES), err=True)
 
 
+def _say(message: str) -> None:
+    """A line on stdout that names what the operator gave (a file)."""
+    click.echo(message.translate(_ESCAPES))
+
+
 def _echo_problems(file: Path, problems) -> None:
     """One line a problem, as `xlb check` and `xlb apply` report a config file."""
     for path, reason in problems:
@@ -234,7 +239,7 @@ def _echo_problems(file: Path, problems) -> None:
 def _echo_unused(file: Path, unused) -> None:
     """One warning a thing the file defines and nothing uses."""
     for path, reason in unused:
-        click.echo(f"xlb: warning: {file}: {path}: {reason}", err=True)
+        _error(f"xlb: warning: {file}: {path}: {reason}")
 
 
 def _load(path: Path):
@@ -260,8 +265,8 @@ def check(file: Path) -> None:
         _echo_problems(file, e.problems)
         raise click.exceptions.Exit(1) from None
     servers = {(s.address, s.port) for p in cfg.pools for s in p.servers}
-    click.echo(f"{file}: ok: {len(cfg.frontends)} frontends, {len(cfg.pools)} pools, "
-               f"{len(servers)} servers, {len(cfg.monitors)} monitors")
+    _say(f"{file}: ok: {len(cfg.frontends)} frontends, {len(cfg.pools)} pools, "
+         f"{len(servers)} servers, {len(cfg.monitors)} monitors")
     _echo_unused(file, cfg.unused)
 
 
@@ -300,9 +305,9 @@ def apply(file: Path | None) -> None:
     except ctl.NotRunning as e:
         raise Failure(str(e)) from None
     _warn(r)
-    click.echo(f"xlb: applied {file} in {r['validate_seconds'] + r['apply_seconds']:.3f}s: "
-               f"{r['frontends']} frontends, {r['pools']} pools, {r['servers']} servers; "
-               f"{r['flows_ended']} flows ended; serving {r['config']}")
+    _say(f"xlb: applied {file} in {r['validate_seconds'] + r['apply_seconds']:.3f}s: "
+         f"{r['frontends']} frontends, {r['pools']} pools, {r['servers']} servers; "
+         f"{r['flows_ended']} flows ended; serving {r['config']}")
     _echo_unused(file, r["unused"])
     for forgotten in r["admin_forgotten"]:
         click.echo(f"xlb: warning: forgot {forgotten}: the config has no such server in "

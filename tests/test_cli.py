@@ -81,6 +81,15 @@ def test_a_newline_in_what_the_operator_gave_stays_on_its_line(tmp_path):
     assert r.returncode == 1
     assert f"{path}: servers.a.x\\nxlb: ok: unknown key\n" in r.stderr
     assert all(line.startswith(f"{path}: ") for line in r.stderr.splitlines()), r.stderr
+    # A file's name, in its warnings and its verdict
+    odd = tmp_path / "odd\nxlb: ok.toml"
+    odd.write_text(SEED.read_text() + '\n[servers.was3]\naddress = "10.1.11.103"\nport = 8080\n')
+    r = xlb("check", str(odd))
+    shown = str(odd).replace("\n", "\\n")
+    assert (r.returncode, r.stdout) == (0, f"{shown}: ok: 1 frontends, 1 pools, 2 servers, "
+                                           f"1 monitors\n")
+    assert r.stderr == (f"xlb: warning: {shown}: servers.was3: in no pool: it serves nothing, "
+                        f"and `xlb show` leaves it out\n")
     r = xlb("up", "--vip", "10.1.1.101:80\nxlb: serving", "--backend", "10.1.11.101:8080")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("xlb: error: --vip 10.1.1.101:80\\nxlb: serving: ")
