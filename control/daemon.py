@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from collections.abc import Collection
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from . import __version__, config as configfile, ctl, flowtable, ha, log, metrics, netif, planner
@@ -381,23 +382,36 @@ def _select(config: Config, attached: Collection[str] = ()) -> list[netif.Link]:
 
 
 def _check_host(config: Config, new_links: list[netif.Link]) -> None:
-    """Refuses VIPs that are local addresses; warns, once per link it is about
-    to attach, where replies would be filtered."""
+    """Refuses VIPs and servers that are the host's own addresses; warns, once
+    per link it is about to attach, where replies would be filtered."""
     local, routes = netif.local_addresses(), netif.local_routes()
-    for fe in config.frontends:
-        owner = local.get(fe.vip)
-        if owner:
-            raise LookupError(f"VIP {fe.vip} is a local address (on {owner}): reverse-NATed "
-                              f"replies would look martian; remove it from the host")
-        # The kernel owns these too: a subnet's broadcast address (which clients
-        # send to every host of the link), an address of a `local` route.
+
+    def owned(addr: IPv4Address) -> tuple[str, str] | None:
+        """How the kernel owns addr ("local" or "broadcast", and where), or None.
+        Not only a link's address: an address of a `local` route, and a
+        subnet's broadcast address (which clients send to every host of the link)."""
+        if addr in local:
+            return "local", f"a local address (on {local[addr]})"
         for prefix, kind, dev in routes:
-            if fe.vip in prefix:
-                raise LookupError(
-                    f"VIP {fe.vip} is a broadcast address of this host (of {dev}'s subnet): "
-                    f"no client can reach a server there" if kind == "broadcast" else
-                    f"VIP {fe.vip} is a local address (local route {prefix} on {dev}): "
-                    f"reverse-NATed replies would look martian; remove it from the host")
+            if addr in prefix:
+                return kind, (f"a broadcast address of this host (of {dev}'s subnet)"
+                              if kind == "broadcast" else
+                              f"a local address (local route {prefix} on {dev})")
+        return None
+
+    for fe in config.frontends:
+        if found := owned(fe.vip):
+            kind, what = found
+            raise LookupError(f"VIP {fe.vip} is {what}: " + (
+                "no client can reach a server there" if kind == "broadcast" else
+                "reverse-NATed replies would look martian; remove it from the host"))
+    for pool in config.pools:
+        for s in pool.servers:
+            if found := owned(s.address):
+                # The host's own answers leave by its stack, never through XDP
+                # (nor does it get a subnet's broadcast as one host's traffic).
+                raise LookupError(f"server {s.name} ({s.address}:{s.port}) is {found[1]}: "
+                                  f"its replies would not pass xlb to be reverse-NATed")
     for link in new_links:
         if netif.strict_rp_filter(link.name):
             log.event("rp_filter", level="warning", interface=link.name,

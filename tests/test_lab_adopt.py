@@ -352,6 +352,9 @@ def test_upgrade_to_a_changed_program_during_traffic(lab, tmp_path):
 
 BAD_INPUT = [
     ("unknown interface", [*SEED_ARGS, "--iface", "nosuch0"], "no interface 'nosuch0'", 2),
+    ("local server", ["--vip", f"{VIP}:80", "--backend", "10.1.11.1:8080"],
+     "server backend1 (10.1.11.1:8080) is a local address (on eth1): its replies would not "
+     "pass xlb to be reverse-NATed", 2),
     ("loopback", [*SEED_ARGS, "--iface", "eth0", "--iface", "lo"],
      "interface 'lo' is the loopback: no packet for a VIP arrives there", 2),
     ("local VIP", ["--vip", "10.1.1.1:80", *SEED_ARGS[2:]], "is a local address", 2),
