@@ -407,13 +407,14 @@ def test_lab_top_without_instance(lab):
 
 @lab_test
 def test_lab_top_exits_1_when_the_instance_stops(lab):
-    """An instance of its own, in remote (lb's may still serve the other tests)."""
-    x = lab.xlb("--vip", "198.51.100.200:80", "--backend", "198.51.100.10:8080",
+    """An instance of its own, in remote (lb's may still serve the other tests),
+    whose backend is fwex's address: remote's own would be refused."""
+    x = lab.xlb("--vip", "198.51.100.200:80", "--backend", "198.51.100.1:8080",
                 "--check", "none", "--metrics", "off", node="remote")
     with x:
         term = Pty(lab, "remote", "top", "--interval", "0.3")
         try:
-            assert term.read_until("198.51.100.10:8080", 5), term.text
+            assert term.read_until("198.51.100.1:8080", 5), term.text
             assert x.stop() == 0
             assert term.wait(5) == 1, term.text
             assert term.restored()
