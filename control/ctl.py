@@ -90,7 +90,7 @@ class Listener:
             st = os.stat(address())
         except OSError:
             return True
-        return (st.st_dev, st.st_ino) != self._file
+        return not _same(st, self._file)
 
     def restore(self) -> socket.socket:
         """Makes the socket again where clients look for it, and returns it
@@ -113,10 +113,10 @@ class Listener:
         os.close(self._dirfd)
 
 
-def _claim(held: int | None = None) -> tuple[int, socket.socket, tuple[int, int]]:
+def _claim(held: int | None = None) -> tuple[int, socket.socket, os.stat_result]:
     """This namespace's directory (opened and locked), a socket listening in it
-    and the (device, inode) of its file. `held`: the directory this process
-    holds already, kept if it is still the one at the path."""
+    and its file's stat. `held`: the directory this process holds already,
+    kept if it is still the one at the path."""
     try:
         dirfd = _own_directory()
     except OSError as e:     # open_own's message names the directory
@@ -131,12 +131,15 @@ def _claim(held: int | None = None) -> tuple[int, socket.socket, tuple[int, int]
         except BlockingIOError:
             os.close(dirfd)
             raise AlreadyRunning() from None
-        earlier = _earlier_instance() if held is None else None
-        if earlier is not None:
-            earlier.close()
-        if held is None and (holder() is not None or earlier is not None):
-            os.close(dirfd)      # its directory removed or replaced; or an earlier build
-            raise AlreadyRunning()
+        if held is None:
+            # A start, not a restore: no instance may run here already, one of
+            # an earlier build, or one whose directory was removed or replaced.
+            earlier = _earlier_instance()
+            if earlier is not None:
+                earlier.close()
+            if earlier is not None or holder() is not None:
+                os.close(dirfd)
+                raise AlreadyRunning()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         try:
@@ -152,7 +155,7 @@ def _claim(held: int | None = None) -> tuple[int, socket.socket, tuple[int, int]
         if dirfd != held:
             os.close(dirfd)
         raise ControlError(f"{address()}: {e.strerror}") from None
-    return dirfd, sock, (st.st_dev, st.st_ino)
+    return dirfd, sock, st
 
 
 def _same(a: os.stat_result, b: os.stat_result) -> bool:
