@@ -494,6 +494,7 @@ def follow(instance: str, fifo: Path) -> None:
     restart) is told the role again. A FIFO that another user may write is
     refused: it would tell the role.
     """
+    from . import state
     from .ha import keepalived_role
     from .model import has_space
     if has_space(instance) or not instance:
@@ -509,7 +510,7 @@ def follow(instance: str, fifo: Path) -> None:
     st = os.fstat(fd)
     if not stat.S_ISFIFO(st.st_mode):     # replaced since
         raise BadInput(f"{fifo}: {_NOT_FIFO}")
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+    if not state.alone(st, state.WRITABLE):
         # keepalived takes a FIFO that exists as it is: one that another user
         # made (in /tmp, say) would let that user switch this node's role.
         raise BadInput(f"{fifo}: another user may write it (owner uid {st.st_uid}, mode "

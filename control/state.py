@@ -135,8 +135,13 @@ def _open_directory() -> int:
     return open_own(directory(), WRITABLE)
 
 
-WRITABLE = 0o022          # open_own: no one else may write it
-PRIVATE = 0o077           # open_own: no one else may enter it
+WRITABLE = 0o022          # alone, open_own: no one else may write it
+PRIVATE = 0o077           # alone, open_own: no one else may enter it
+
+
+def alone(st: os.stat_result, others: int) -> bool:
+    """This user owns the file of st, and its mode has none of the bits `others`."""
+    return st.st_uid == os.geteuid() and not st.st_mode & others
 
 
 def open_own(path: Path, others: int) -> int:
@@ -145,7 +150,7 @@ def open_own(path: Path, others: int) -> int:
     once: what the checks saw is what is used."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     st = os.fstat(fd)
-    if st.st_uid != os.geteuid() or st.st_mode & others:
+    if not alone(st, others):
         os.close(fd)
         raise OSError(errno.EPERM, f"{path} is not xlb's own: owned by uid {st.st_uid}, "
                                    f"mode {st.st_mode & 0o777:o}")
