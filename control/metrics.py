@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, ProcessCollector, generate_la
 from prometheus_client.registry import CollectorRegistry
 
 from . import __version__
+from . import model
 
 DEFAULT_ADDRESS = "127.0.0.1:9717"
 STATES = ("up", "down", "drain", "maint")
@@ -96,13 +97,10 @@ def parse_address(text: str) -> tuple[str, int] | None:
     host, sep, port = text.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ValueError(f"{text!r} is not ADDR:PORT or off")
-    try:
-        addr = IPv4Address(host)
-    except ValueError:
-        raise ValueError(f"{host!r} is not an IPv4 address") from None
-    # 0.0.0.0 (every address) and loopback are a listener's; these are no host's,
-    # though Linux lets a TCP socket bind one and listen where nobody can connect.
-    if addr.is_multicast or addr.is_reserved or addr == IPv4Address("255.255.255.255"):
+    addr = model.parse_address(host)
+    # 0.0.0.0 (every address) and loopback are a listener's; the others no host
+    # has, though Linux lets a TCP socket bind one and listen where nobody can connect.
+    if not (addr.is_unspecified or addr.is_loopback) and model.no_host_kind(addr):
         raise ValueError(f"{host!r} is not an address of this host to listen on")
     return host, int(port)
 

@@ -227,15 +227,21 @@ def parse_address(text: str) -> IPv4Address:
         raise ValueError(f"{text!r} is not an IPv4 address") from None
 
 
-def parse_host(text: str) -> IPv4Address:
-    """An IPv4 address a host can be reached at: a VIP, a server, a peer. Not
-    0.0.0.0, loopback, multicast, broadcast or the reserved 240.0.0.0/4, which
-    no packet could be balanced to or from."""
-    addr = parse_address(text)
-    kind = ("an unspecified" if addr.is_unspecified else "a loopback" if addr.is_loopback
+def no_host_kind(addr: IPv4Address) -> str | None:
+    """What kind of address addr is ("a loopback", ...) if it is none a host can
+    be reached at: 0.0.0.0, loopback, multicast, broadcast or the reserved
+    240.0.0.0/4. None for a host's."""
+    return ("an unspecified" if addr.is_unspecified else "a loopback" if addr.is_loopback
             else "a multicast" if addr.is_multicast
             else "a broadcast" if addr == IPv4Address("255.255.255.255")
             else "a reserved" if addr.is_reserved else None)
+
+
+def parse_host(text: str) -> IPv4Address:
+    """An IPv4 address a host can be reached at: a VIP, a server, a peer; not
+    one that no packet could be balanced to or from (no_host_kind)."""
+    addr = parse_address(text)
+    kind = no_host_kind(addr)
     if kind:
         raise ValueError(f"{text!r} is {kind} address, not a host's")
     return addr
