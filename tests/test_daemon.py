@@ -3,6 +3,7 @@ data path."""
 
 import asyncio
 import contextlib
+import functools
 import json
 import socket
 import subprocess
@@ -15,6 +16,8 @@ import pytest
 from xlb import config as configfile, daemon
 from xlb.datapath import Datapath, DatapathError, Limits
 from xlb.model import from_flags
+
+import waiting
 
 pytestmark = pytest.mark.kernel
 
@@ -209,13 +212,7 @@ def listen(port: int) -> socket.socket:
     return s
 
 
-async def until(pred, what: str, seconds: float = 10.0) -> None:
-    """Bounded: only a broken checker takes that long."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not pred():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
+until = functools.partial(waiting.until, seconds=10.0)
 
 
 class Applies:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import fcntl
+import functools
 import os
 import socket
 import struct
@@ -29,6 +30,8 @@ import pytest
 from xlb import health
 from xlb.health import HealthChecker, Target, Transition
 from xlb.model import Monitor, Server
+
+import waiting
 
 pytestmark = pytest.mark.netns
 
@@ -126,13 +129,7 @@ def netns():
 
 # -- helpers that run on the namespace's loop ------------------------------------
 
-async def until(pred, what: str, timeout: float = PATIENCE) -> None:
-    """Wait (bounded) until pred() is true."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.2f}s waiting for {what}")
-        await asyncio.sleep(0.002)
+until = functools.partial(waiting.until, seconds=PATIENCE)
 
 
 class Listener:

@@ -1,0 +1,13 @@
+"""Bounded waiting in asyncio tests."""
+import asyncio
+
+
+async def until(pred, what: str, seconds: float) -> None:
+    """Returns once pred() is true; fails after `seconds`, which only a
+    broken program takes, however busy the machine."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {seconds:.2f}s waiting for {what}")
+        await asyncio.sleep(0.002)
