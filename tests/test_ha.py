@@ -138,6 +138,7 @@ def test_examples_are_what_the_commands_print():
         assert r.output == (EXAMPLES / name).read_text(), name
 
 
+@pytest.mark.netns
 @pytest.mark.skipif(shutil.which("keepalived") is None or os.geteuid() != 0,
                     reason="keepalived -t needs keepalived, and root for a namespace")
 def test_keepalived_accepts_what_xlb_writes(tmp_path):
@@ -275,6 +276,7 @@ print(json.dumps([sent, unsent, listen.recv(100)[:42].hex()]))
 """
 
 
+@pytest.mark.netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="links of its own need root, for a namespace")
 def test_a_gratuitous_arp_that_cannot_go_out_leaves_the_others_going(tmp_path):
     """Becoming active, xlb announces each VIP on each of its links: a link

@@ -30,6 +30,7 @@ def test_the_unit_serves_the_config_restarts_on_failure_and_reloads_by_apply():
     assert s["RestartPreventExitStatus"] == "2"
 
 
+@pytest.mark.netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a private /usr/local/bin: needs root")
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
 def test_systemd_analyze_verify_accepts_the_unit():

@@ -1,0 +1,39 @@
+"""`make unit` (-m "not kernel and not netns and not lab") runs no test that
+makes a namespace: such a test needs root, and on a shared machine the lock
+that the lab's tests are run under."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+ISOLATED = {"kernel", "netns", "lab"}
+NAMESPACE_WORDS = {"netns", "unshare"}     # argv words: `ip netns ...`, `unshare ...`
+
+
+def _marks(nodes) -> set[str]:
+    """The names of the `pytest.mark.NAME` that the nodes hold."""
+    return {n.attr for node in nodes for n in ast.walk(node)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)
+            and n.value.attr == "mark"}
+
+
+def test_every_test_that_makes_a_namespace_is_marked_so():
+    unmarked = []
+    for path in sorted(TESTS.glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        module = _marks(n.value for n in tree.body if isinstance(n, ast.Assign)
+                        and any(getattr(t, "id", None) == "pytestmark" for t in n.targets))
+        helpers = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+        for fn in ast.walk(tree):
+            if not (isinstance(fn, ast.FunctionDef) and fn.name.startswith("test_")):
+                continue
+            # a decorator of the module's own (test_top's lab_test) may apply the mark
+            own = [helpers[d.id] for d in fn.decorator_list
+                   if isinstance(d, ast.Name) and d.id in helpers]
+            words = {n.value for n in ast.walk(fn) if isinstance(n, ast.Constant)}
+            if words & NAMESPACE_WORDS and not \
+                    (module | _marks([*fn.decorator_list, *own])) & ISOLATED:
+                unmarked.append(f"{path.name}::{fn.name}")
+    assert unmarked == [], unmarked
