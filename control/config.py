@@ -345,12 +345,12 @@ class _Loader:
                   "rise": _count, "fall": _count}
         if mtype in MONITOR_TYPES and mtype != "http":
             checks.update(dict.fromkeys(HTTP_ONLY, _only('type "http"')))
-        values = self.fields(path, obj, checks, defaults={"interval": 2.0, "timeout": 1.0})
+        values = self.fields(path, obj, checks, defaults={"interval": 2.0})
         timeout, interval = values.get("timeout"), values.get("interval")
-        if timeout is not None and interval is not None and timeout > interval:
-            default = "" if "timeout" in obj else " (the default)"
-            self.problem(f"{path}.timeout",
-                         f"{timeout}{default} is longer than the interval {interval}")
+        if "timeout" not in obj and interval is not None:
+            values["timeout"] = min(1.0, interval)      # as `xlb up --interval`
+        elif timeout is not None and interval is not None and timeout > interval:
+            self.problem(f"{path}.timeout", f"{timeout} is longer than the interval {interval}")
         if len(self.problems) > before or not NAME_RE.fullmatch(name):
             return None
         return Monitor(name=name, **values)

@@ -446,8 +446,6 @@ BAD = [
       ("monitors.m.timeout", "must be a positive number of seconds, got nan")]),
     ("timeout-over-interval", doc(monitor("interval = 2", "timeout = 3")),
      [("monitors.m.timeout", "3.0 is longer than the interval 2.0")]),
-    ("default-timeout-over-interval", doc(monitor("interval = 0.5")),
-     [("monitors.m.timeout", "1.0 (the default) is longer than the interval 0.5")]),
     ("http-only-keys", doc(monitor('path = "/"', 'expect_status = 200', 'expect_body = "x"',
                                    'host = "h"'))
      + '\n[monitors.n]\ntype = "none"\npath = "/"',
@@ -622,6 +620,15 @@ BAD = [
 def test_base_doc_is_valid():
     cfg = load(doc())
     assert [f.endpoint for f in cfg.frontends] == ["10.1.1.101:80/tcp"]
+
+
+@pytest.mark.parametrize("lines,interval,timeout", [
+    ((), 2.0, 1.0), (("interval = 0.5",), 0.5, 0.5), (("interval = 0.5", "timeout = 0.2"), 0.5, 0.2)])
+def test_a_monitor_without_a_timeout_takes_one_second_or_its_interval_if_shorter(
+        lines, interval, timeout):
+    """As `xlb up --interval` does, and as HAProxy's check takes its `inter`."""
+    (m,) = load(doc(monitor(*lines))).monitors
+    assert (m.interval, m.timeout) == (interval, timeout)
 
 
 @pytest.mark.parametrize("text,problems", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
