@@ -200,6 +200,27 @@ def _copy_map(src: int, info: bpfsys.MapInfo, dst: int, max_entries: int) -> Non
             copied += 1
 
 
+def _dump(name: str, fd: int, ksize: int, vsize: int, max_entries: int) -> tuple[bytes, bytes]:
+    """All keys and values of a hash map, concatenated, in BPF_MAP_LOOKUP_BATCH
+    calls of up to 64k entries (the batch token of a hash map is a u32 bucket)."""
+    chunk = min(max_entries, 65536)
+    kbuf, vbuf = ct.create_string_buffer(ksize * chunk), ct.create_string_buffer(vsize * chunk)
+    token_in, token_out = ct.c_uint32(0), ct.c_uint32(0)
+    keys, values, first = [], [], True
+    while True:
+        count = ct.c_uint32(chunk)
+        rc = lib.bpf_lookup_batch(fd, None if first else ct.byref(token_in),
+                                  ct.byref(token_out), kbuf, vbuf, ct.byref(count))
+        err = ct.get_errno()
+        keys.append(kbuf.raw[:count.value * ksize])
+        values.append(vbuf.raw[:count.value * vsize])
+        if rc != 0:
+            if err == errno.ENOENT:
+                return b"".join(keys), b"".join(values)
+            raise DatapathError(f"cannot read {name}: {os.strerror(err)}")
+        token_in.value, first = token_out.value, False
+
+
 @dataclass(frozen=True)
 class FlowLedger:
     """Datapath.flow_ledger: the census of the flow tables, and the program's
@@ -372,6 +393,7 @@ class Datapath:
         self._replaced: dict[int, tuple[int, Attachment]] = {}   # until settle()
         self._running = running
         self.fresh_maps: list[str] = []     # running maps that could not be kept
+        self._copied: list[str] = []        # flow tables copied (another size): caught up
         try:
             if running is None:
                 self._bpf = self._compile(cflags)
@@ -431,6 +453,8 @@ class Datapath:
             fd = running.maps[name][0]
             if (new[0], new[1], new[2]) == (info.type, info.key_size, info.value_size):
                 _copy_map(fd, info, lib.bpf_table_fd(bpf.module, name.encode()), new[3])
+                if name in flowtable.TABLES:
+                    self._copied.append(name)
                 self.fresh_maps.append(f"{name} (copied: {info.max_entries} -> {new[3]} entries)")
             else:
                 self.fresh_maps.append(f"{name} (emptied: its layout changed)")
@@ -484,7 +508,24 @@ class Datapath:
                     raise DatapathError(f"{ifname}: cannot attach XDP: {e2.strerror}") from None
                 att = Attachment(ifindex, ifname, "generic", e.strerror)
         self._attached[ifindex] = (self._prog.fd, att)
+        if held is not None:        # a swap: the running program served until now
+            self._catch_up()
         return att
+
+    def _catch_up(self) -> None:
+        """Copies again into each flow table copied at the compile what the
+        running program wrote in its own since: it served on it until the swap,
+        and this program would balance a connection opened meanwhile anew (a
+        TCP reset). An entry is taken where the running one's was seen later
+        than this table's: one this program wrote since the swap is newer, and
+        stays."""
+        for name in self._copied:
+            fd_old, info = self._running.maps[name]
+            fd = self._maps[name].map_fd
+            old = _dump(name, fd_old, info.key_size, info.value_size, info.max_entries)
+            for key, value in flowtable.newer(old, self._dump(name)):
+                lib.bpf_update_elem(fd, ct.create_string_buffer(key),
+                                    ct.create_string_buffer(value), 0)
 
     def attachments(self) -> list[Attachment]:
         return [att for fd, att in self._attached.values() if fd == self._prog.fd]
@@ -801,26 +842,9 @@ class Datapath:
         return expired, restored
 
     def _dump(self, name: str) -> tuple[bytes, bytes]:
-        """All keys and values of a hash map, concatenated, in BPF_MAP_LOOKUP_BATCH
-        calls of up to 64k entries (the batch token of a hash map is a u32 bucket)."""
         table = self._maps[name]
-        ksize, vsize = ct.sizeof(table.Key), ct.sizeof(table.Leaf)
-        chunk = min(table.max_entries, 65536)
-        kbuf, vbuf = ct.create_string_buffer(ksize * chunk), ct.create_string_buffer(vsize * chunk)
-        token_in, token_out = ct.c_uint32(0), ct.c_uint32(0)
-        keys, values, first = [], [], True
-        while True:
-            count = ct.c_uint32(chunk)
-            rc = lib.bpf_lookup_batch(table.map_fd, None if first else ct.byref(token_in),
-                                      ct.byref(token_out), kbuf, vbuf, ct.byref(count))
-            err = ct.get_errno()
-            keys.append(kbuf.raw[:count.value * ksize])
-            values.append(vbuf.raw[:count.value * vsize])
-            if rc != 0:
-                if err == errno.ENOENT:
-                    return b"".join(keys), b"".join(values)
-                raise DatapathError(f"cannot read {name}: {os.strerror(err)}")
-            token_in.value, first = token_out.value, False
+        return _dump(name, table.map_fd, ct.sizeof(table.Key), ct.sizeof(table.Leaf),
+                     table.max_entries)
 
     def _delete_where(self, name: str, groups: list[tuple[flowtable.Row, ...]],
                       still: Callable[[flowtable.Row, flowtable.Row], bool],

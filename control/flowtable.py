@@ -74,6 +74,26 @@ def decode(keys: bytes, values: bytes) -> list[Row]:
     return [Row(*k, *v) for k, v in zip(_KEY.iter_unpack(keys), _VALUE.iter_unpack(values))]
 
 
+_SEEN = struct.Struct(f"<{layout.Flow.seen.offset}xQ{_VALUE.size - layout.Flow.seen.offset - 8}x")
+
+
+def _entries(keys: bytes, values: bytes):
+    """(key, value, seen) of each entry of a dump, the rest not decoded: a
+    catch-up reads two whole tables, and the connections it brings over are
+    balanced anew until it is done."""
+    k, v = _KEY.size, _VALUE.size
+    return zip((keys[i:i + k] for i in range(0, len(keys), k)),
+               (values[i:i + v] for i in range(0, len(values), v)),
+               (seen for (seen,) in _SEEN.iter_unpack(values)))
+
+
+def newer(old: tuple[bytes, bytes], new: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    """The entries (key, value) of dump `old` that dump `new` lacks, or holds
+    as seen earlier."""
+    seen = {key: s for key, _, s in _entries(*new)}
+    return [(key, value) for key, value, s in _entries(*old) if seen.get(key, -1) < s]
+
+
 class Sweep(NamedTuple):
     dead: list[tuple[Row, ...]]             # each dead connection's entries (those read)
     orphans: list[Row]                      # forward entries whose reply entry to put back

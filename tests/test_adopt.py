@@ -97,6 +97,48 @@ def test_a_map_that_changed_size_is_copied_and_the_rest_kept():
         new.close()
 
 
+def set_flow(dp, saddr: int, seen: int, backend_id: int = 1) -> None:
+    flows = dp._maps["flows"]
+    key, value = flows.Key(), flows.Leaf()
+    key.saddr, value.seen, value.backend_id = saddr, seen, backend_id
+    flows[key] = value
+
+
+def flows_by_source(dp) -> dict[int, tuple[int, int]]:
+    return {k.saddr: (v.seen, v.backend_id) for k, v in dp._maps["flows"].items()}
+
+
+def test_a_resized_flow_table_takes_what_the_running_program_wrote_until_the_swap(fibnet):
+    """The copy is made at the compile; the running program serves on its own
+    table until the swap, and what it wrote there meanwhile (a connection
+    opened, one that went on) must be in the new table once the new program
+    serves: this one would balance such a connection anew (a TCP reset). What
+    the new program wrote since the swap is newer, and stays."""
+    from xlb.datapath import Datapath, Limits, find_running
+    old = Datapath(Limits(max_flows=1024))
+    new = running = None
+    try:
+        old.attach(fibnet.ifindex["ext"], "ext")
+        for saddr in (1, 2, 3):
+            set_flow(old, saddr, seen=10)
+        running = find_running()
+        new = Datapath(Limits(max_flows=2048), running)
+        assert new.fresh_maps == ["flows (copied: 1024 -> 2048 entries)"]
+        set_flow(old, 1, seen=30, backend_id=9)     # the running program, after the copy
+        set_flow(old, 2, seen=20)
+        set_flow(old, 4, seen=20)
+        set_flow(new, 2, seen=40, backend_id=7)     # as if the new one wrote it first
+        new.attach(fibnet.ifindex["ext"], "ext")
+        assert flows_by_source(new) == {1: (30, 9), 2: (40, 7), 3: (10, 1), 4: (20, 1)}
+    finally:
+        for dp in (new, old):
+            if dp is not None:
+                dp.detach_all()
+                dp.close()
+        if new is None and running is not None:     # new closes it
+            running.close()
+
+
 def test_a_program_without_control_stats_is_adopted_and_counts_from_zero(tmp_path):
     """An upgrade from a build before control_stats (its control process kept
     those counts in memory): every map it has is kept, control_stats is new,

@@ -39,15 +39,18 @@ def as_the_map_holds(ctype, row: Row) -> bytes:
     return bytes(entry)
 
 
+def dump(*rows: Row) -> tuple[bytes, bytes]:
+    return (b"".join(as_the_map_holds(layout.FlowKey, r) for r in rows),
+            b"".join(as_the_map_holds(layout.Flow, r) for r in rows))
+
+
 def test_decode_reads_what_the_maps_hold():
     """Keys and values built from layout.FlowKey and layout.Flow, not from
     flowtable's own struct formats, neighbouring fields with values of their
     own: a format that drifts from the shared layout (order, width, padding)
     fails here."""
     fwd, reply = connection(40001, seen_reply=NOW - 5 * SEC)
-    keys = b"".join(as_the_map_holds(layout.FlowKey, r) for r in (fwd, reply))
-    values = b"".join(as_the_map_holds(layout.Flow, r) for r in (fwd, reply))
-    assert flowtable.decode(keys, values) == [fwd, reply]
+    assert flowtable.decode(*dump(fwd, reply)) == [fwd, reply]
 
 
 def test_a_connection_is_dead_only_when_both_entries_are_idle_past_its_timeout():
@@ -109,3 +112,17 @@ def test_census_counts_connections_by_state_and_open_ones_by_backend():
     assert c.open == {1: 2, 2: 1}
     assert c.entries == {"flows": 10, "flows_new": 6}
     assert c.forward == {"flows": 5, "flows_new": 3}
+
+
+def test_a_catch_up_takes_the_entries_missing_or_seen_earlier_in_the_new_table():
+    """Datapath._catch_up: after the swap, a resized table takes from the old
+    one a connection opened since the copy and one that went on; not one the
+    new program has seen later, nor one unchanged."""
+    opened, _ = connection(40001, seen_fwd=NOW + 5)
+    went_on, _ = connection(40002, seen_fwd=NOW + 3)
+    touched, _ = connection(40003, seen_fwd=NOW + 2)
+    idle, _ = connection(40004)
+    copied = [connection(p)[0] for p in (40002, 40004)]
+    since_swap = connection(40003, seen_fwd=NOW + 4, backend_id=8)[0]
+    assert flowtable.newer(dump(opened, went_on, touched, idle), dump(*copied, since_swap)) \
+        == [dump(opened), dump(went_on)]
