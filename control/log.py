@@ -22,4 +22,10 @@ def event(name: str, level: str = "info", **fields) -> None:
     ts = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     parts = [f"ts={ts}", f"level={level}", f"event={name}"]
     parts += [f"{k}={_value(v)}" for k, v in fields.items() if v is not None]
-    print(" ".join(parts), file=sys.stderr, flush=True)
+    try:
+        print(" ".join(parts), file=sys.stderr, flush=True)
+    except OSError:
+        # Nobody reads it any more (a pipe whose reader is gone): the line is
+        # lost, but what it tells of must still happen (a health change
+        # applied, a clean stop), not end with it.
+        pass

@@ -1,6 +1,9 @@
 """logfmt lines: one per event, values quoted only where they must be."""
 
+import contextlib
+import os
 import re
+import sys
 
 from xlb import log
 
@@ -19,3 +22,17 @@ def test_quoting(capsys):
     log.event("x", level="warning", a='say "hi"', b="", c="k=v", d=3)
     assert capsys.readouterr().err.split(" ", 1)[1] == \
         'level=warning event=x a="say \\"hi\\"" b="" c="k=v" d=3\n'
+
+
+def test_a_log_nobody_reads_stops_nothing(monkeypatch):
+    """`xlb up` whose stderr is a pipe whose reader is gone (`| tee` killed,
+    say): a line that cannot be written is dropped, as the event it tells of
+    (a server taken out by its checks, a stop) must happen all the same."""
+    read, write = os.pipe()
+    os.close(read)
+    with open(write, "w") as gone:
+        monkeypatch.setattr(sys, "stderr", gone)
+        log.event("health", pool="was", server="was2", old="up", new="down")
+        monkeypatch.undo()
+        with contextlib.suppress(BrokenPipeError):      # what the file still holds
+            gone.close()
