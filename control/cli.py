@@ -95,7 +95,8 @@ def cli() -> None:
                    "itself tells the sender of a packet too big for its next hop.")
 @click.option("--flow-table", "flow_table", type=click.IntRange(min=1), metavar="CONNECTIONS",
               help="Established connections the flow table holds (two entries each; "
-                   "default 131072); half-open ones have a table of their own.")
+                   "default: the size of the running data path's, which `xlb up` adopts, "
+                   "else 131072); half-open ones have a table of their own.")
 @click.option("--config", "config_path", metavar="FILE",
               type=CONFIG_FILE,
               help="Serve the config file FILE instead of --vip/--backend "
@@ -152,8 +153,8 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
     if announce_table is not None:
         from .ha import check_table
         _valid("--announce-table", check_table, announce_table)
-    from .datapath import DatapathError, Limits     # imports bcc only when it is needed
-    limits = Limits() if flow_table is None else _flow_table(flow_table)
+    from .datapath import DatapathError     # imports bcc only when it is needed
+    limits = None if flow_table is None else _flow_table(flow_table)
     if os.geteuid() != 0:
         raise Failure("xlb up needs root, to load and attach XDP programs")
     from . import daemon

@@ -436,7 +436,7 @@ def _raise_stop(signum, frame):
 
 
 def up(config: Config, config_path: Path | None = None,
-       metrics_address: tuple[str, int] | None = None, limits: Limits = Limits(),
+       metrics_address: tuple[str, int] | None = None, limits: Limits | None = None,
        fast_path: bool = True, role: str = "active",
        announce_table: int | None = None) -> int:
     """Runs the balancer in the foreground until SIGINT or SIGTERM (or `xlb down`).
@@ -444,7 +444,9 @@ def up(config: Config, config_path: Path | None = None,
     Everything that can refuse the input is checked before the program is
     compiled. The data path outlives this process: only a clean stop (a
     signal, `xlb down`) or a failed fresh start detaches it; after a crash it
-    keeps forwarding, and the next `xlb up` adopts it (see Datapath)."""
+    keeps forwarding, and the next `xlb up` adopts it (see Datapath). Without
+    limits (no --flow-table), an adopted flow table keeps its size: another
+    would be a copy, which loses what does not fit."""
     control = ctl.Listener()
     datapath = running = exporter = None
     serving = stopping = False
@@ -454,9 +456,10 @@ def up(config: Config, config_path: Path | None = None,
     try:
         links = _select(config)
         _check_host(config, [])        # local VIPs; the warnings come with the attach
-        planner.desired(config, links, planner.DataplaneState(), limits.max_services,
-                        limits.max_backends, limits.ring_size, limits.max_maglev,
-                        max_arp=limits.max_arp)  # capacity
+        cap = limits or Limits()        # the flow table's size is no capacity of a config
+        planner.desired(config, links, planner.DataplaneState(), cap.max_services,
+                        cap.max_backends, cap.ring_size, cap.max_maglev,
+                        max_arp=cap.max_arp)  # capacity
         if metrics_address is not None:
             try:
                 exporter = metrics.bind(metrics_address)
@@ -464,6 +467,8 @@ def up(config: Config, config_path: Path | None = None,
                 raise LookupError(f"--metrics {metrics_address[0]}:{metrics_address[1]}: "
                                   f"{e.strerror}") from None
         running = find_running()
+        if limits is None:
+            limits = running.limits() if running is not None else Limits()
         if running is not None:
             log.event("adopt", program=running.info.id, tag=running.info.tag,
                       interfaces=",".join(a.ifname for _, a in running.attached.values()))

@@ -283,6 +283,12 @@ class Running:
         return sum(_count_entries(*self.maps[name]) for name in flowtable.TABLES
                    if name in self.maps)
 
+    def limits(self) -> Limits:
+        """The default Limits but for its flow table's size, kept."""
+        if "flows" not in self.maps:
+            return Limits()
+        return Limits.for_connections(max(1, self.maps["flows"][1].max_entries // 2))
+
     @property
     def identity(self) -> int | None:
         """Datapath.identity of the data path these maps are."""

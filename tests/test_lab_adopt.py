@@ -194,6 +194,21 @@ def test_killed_control_process_leaves_the_data_path_and_a_restart_adopts_it(lab
         assert after["program"]["tag"] == before["program"]["tag"]     # the same build
 
 
+def test_a_restart_without_flow_table_keeps_the_running_tables_size(lab):
+    """Another size would be a copy into new tables, which loses what does not
+    fit: `--flow-table` not given means the table as it runs."""
+    with lab.xlb(*SEED_ARGS, "--flow-table", "4096") as first:
+        assert lab.client("client", "http", VIP, "80", "--count", "4")["errors"] == []
+        before = lab.status()["flows"]
+        first.stop(signal.SIGKILL)
+    with lab.xlb(*SEED_ARGS) as second:
+        assert "adopted the running data path" in second.serving_line
+        after = lab.status()["flows"]
+    assert before["connections_capacity"] == after["connections_capacity"] == 4096
+    assert after["tables"] == before["tables"]
+    assert after["created"] == before["created"] == 4
+
+
 def test_status_and_down_of_a_data_path_without_its_control_process(lab):
     with lab.xlb(*SEED_ARGS) as x:
         assert lab.client("client", "http", VIP, "80", "--count", "4",
