@@ -31,6 +31,9 @@ ETH_P_IP = 0x0800
 
 
 def ones_sum(data: bytes) -> int:
+    """The 16-bit ones' complement sum of data (odd length padded with a zero)."""
+    if len(data) % 2:
+        data += b"\0"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total > 0xffff:
         total = (total & 0xffff) + (total >> 16)

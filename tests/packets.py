@@ -12,6 +12,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
+from flood import ones_sum      # netns-lab, on sys.path (conftest)
 from xlb import layout
 
 XDP_DROP = layout.XDP_ACTIONS["XDP_DROP"]
@@ -58,16 +59,6 @@ def udp_frame(src, dst, sport, dport, *, payload=b"hello", chksum=None,
 
 
 # Checksums, computed here and not by scapy ----------------------------------
-
-def ones_sum(data: bytes) -> int:
-    """The 16-bit ones' complement sum of data (odd length padded with a zero)."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total > 0xffff:
-        total = (total & 0xffff) + (total >> 16)
-    return total
-
 
 def ip_header(frame: bytes) -> bytes:
     ihl = (frame[14] & 0x0f) * 4
