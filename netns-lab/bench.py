@@ -28,15 +28,13 @@ import os
 import re
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_balancers  # noqa: E402
-import bench_xdp  # noqa: E402
-from labctl import HERE, SEED_ARGS, VIP, Lab  # noqa: E402
+import bench_balancers
+import bench_xdp
+from labctl import HERE, SEED_ARGS, VIP, Lab
 
 FLOW_TABLE = 1_000_000      # connections: issue 9's flow table that must work
 

@@ -13,12 +13,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
-from labctl import SEED_ARGS, VIP, WAS, XLB, even_split, running_lab, wait_for  # noqa: E402
+from labctl import SEED_ARGS, VIP, WAS, XLB, even_split, running_lab, wait_for
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]

@@ -11,15 +11,13 @@ import json
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
-from labctl import HERE, PY, SEED_ARGS, VIP, XLB, running_lab, wait_for  # noqa: E402
+from labctl import HERE, PY, SEED_ARGS, VIP, XLB, running_lab, wait_for
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]

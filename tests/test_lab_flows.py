@@ -6,14 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
-from labctl import HERE, PY, VIP, WAS, running_lab, wait_for  # noqa: E402
+from labctl import HERE, PY, VIP, WAS, running_lab, wait_for
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]

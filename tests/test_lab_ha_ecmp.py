@@ -9,15 +9,12 @@ import contextlib
 import datetime
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
-from ha_client import describe, summary  # noqa: E402
-from labctl import HERE, PY, VIP, Lab, pair_config, running_lab, wait_for  # noqa: E402
+from ha_client import describe, summary
+from labctl import HERE, PY, VIP, Lab, pair_config, running_lab, wait_for
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]

@@ -7,16 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 import tomllib
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
-from labctl import HERE, PY, VIP, running_lab  # noqa: E402
+from labctl import HERE, PY, VIP, running_lab
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]

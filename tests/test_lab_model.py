@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
-from labctl import HERE, PY, VIP, even_split, running_lab  # noqa: E402
+from labctl import HERE, PY, VIP, even_split, running_lab
 
-from xlb import config as config_module  # noqa: E402
+from xlb import config as config_module
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]

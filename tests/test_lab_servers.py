@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import socket
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
-from servers import make_web_handler  # noqa: E402
+from servers import make_web_handler
 
 
 class RecordingSocket(socket.socket):

@@ -14,18 +14,15 @@ import select
 import signal
 import struct
 import subprocess
-import sys
 import termios
 import time
-from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from xlb import ctl, top
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-lab"))
-from labctl import HERE, PY, VIP, XLB, Lab, running_lab  # noqa: E402
+from labctl import HERE, PY, VIP, XLB, Lab, running_lab
 
 NO_INSTANCE = "xlb: error: no xlb instance runs in this network namespace"
 
