@@ -24,7 +24,6 @@ Every load is bounded in time and stops by itself.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import statistics
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import bench_balancers
 import bench_xdp
-from labctl import HERE, SEED_ARGS, VIP, Lab
+from labctl import HERE, SEED_ARGS, Lab
 
 FLOW_TABLE = 1_000_000      # connections: issue 9's flow table that must work
 

@@ -3,7 +3,6 @@ taken from a loaded program, as `xlb up` takes them from an attached one)."""
 
 from __future__ import annotations
 
-import ctypes as ct
 import os
 import shutil
 import subprocess
