@@ -13,7 +13,6 @@
 /* An ICMP error (destination unreachable, time exceeded) and the TCP or UDP
  * packet it quotes: the inner IP header (no options) and its ports. */
 struct icmp_error {
-	struct iphdr *outer;
 	struct icmphdr *icmp;
 	struct iphdr *inner;
 	struct l4ports *ports;
@@ -59,7 +58,6 @@ static __always_inline int parse_icmp_error(struct cursor *c, struct iphdr *oute
 	    (inner->protocol != IPPROTO_TCP && inner->protocol != IPPROTO_UDP))
 		return -1;
 	room = bpf_ntohs(outer->tot_len) - quoted;
-	err->outer = outer;
 	err->icmp = icmp;
 	err->inner = inner;
 	err->ports = ports;
