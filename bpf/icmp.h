@@ -24,14 +24,12 @@ struct icmp_error {
 static __always_inline struct icmphdr *parse_icmp(struct cursor *c, struct iphdr *ip,
 						 __u32 frame_len)
 {
-	__u32 hlen = ip->ihl * 4;
-	struct icmphdr *icmp = (void *)ip + hlen;
+	int hlen = ip_header_len(ip, frame_len);
+	struct icmphdr *icmp;
 
-	if (ip->version != 4 || hlen < sizeof(*ip) || ip_is_fragment(ip))
+	if (hlen < 0 || ip_is_fragment(ip) || bpf_ntohs(ip->tot_len) < hlen + sizeof(*icmp))
 		return NULL;
-	if (frame_len < sizeof(struct ethhdr) + bpf_ntohs(ip->tot_len) ||
-	    bpf_ntohs(ip->tot_len) < hlen + sizeof(*icmp))
-		return NULL;
+	icmp = (void *)ip + hlen;
 	if ((void *)(icmp + 1) > c->end)
 		return NULL;
 	c->pos = icmp + 1;

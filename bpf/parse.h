@@ -95,6 +95,20 @@ static __always_inline int ip_is_later_fragment(const struct iphdr *ip)
 	return (ip->frag_off & bpf_htons(XLB_IP_OFFSET)) != 0;
 }
 
+/* The IP header's length, or -1 unless it is IPv4's, at least 20 bytes, and
+ * the frame holds the whole datagram (its total length; frame_len is
+ * data_end - data). */
+static __always_inline int ip_header_len(const struct iphdr *ip, __u32 frame_len)
+{
+	__u32 hlen = ip->ihl * 4;
+
+	if (ip->version != 4 || hlen < sizeof(*ip))
+		return -1;
+	if (frame_len < sizeof(struct ethhdr) + bpf_ntohs(ip->tot_len))
+		return -1;
+	return hlen;
+}
+
 /* Moves past the IPv4 header and its options to the TCP or UDP header and
  * fills pkt. Returns 0, or -1 for a header that is bad or cut short, a frame
  * shorter than the IP total length, or a total length too short for the
@@ -102,12 +116,10 @@ static __always_inline int ip_is_later_fragment(const struct iphdr *ip)
 static __always_inline int parse_l4(struct cursor *c, struct iphdr *ip,
 				    __u32 frame_len, struct packet *pkt)
 {
-	__u32 hlen = ip->ihl * 4;
+	int hlen = ip_header_len(ip, frame_len);
 	void *l4;
 
-	if (ip->version != 4 || hlen < sizeof(*ip))
-		return -1;
-	if (frame_len < sizeof(struct ethhdr) + bpf_ntohs(ip->tot_len))
+	if (hlen < 0)
 		return -1;
 	l4 = (void *)ip + hlen;
 	if (ip->protocol == IPPROTO_TCP) {
