@@ -67,11 +67,16 @@ def _terminate(signum, _frame):
     raise SystemExit(0)
 
 
-class QuietHTTPServer(http.server.ThreadingHTTPServer):
+class LabServer:
+    """What the web and db servers share: a long accept queue, and a stop that
+    waits for no connection's thread."""
     request_queue_size = BACKLOG
     allow_reuse_address = True
     daemon_threads = True
     block_on_close = False
+
+
+class QuietHTTPServer(LabServer, http.server.ThreadingHTTPServer):
 
     def server_bind(self):
         # HTTPServer.server_bind() resolves the host name (socket.getfqdn), which
@@ -155,11 +160,8 @@ class DBHandler(socketserver.BaseRequestHandler):
             pass
 
 
-class DBServer(socketserver.ThreadingTCPServer):
-    request_queue_size = BACKLOG
-    allow_reuse_address = True
-    daemon_threads = True
-    block_on_close = False
+class DBServer(LabServer, socketserver.ThreadingTCPServer):
+    pass
 
 
 def run_db(args):
