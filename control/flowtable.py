@@ -2,7 +2,7 @@
 closing, which are dead (idle past their state's timeout) and go, and which
 lost their reply entry and get it back.
 
-Pure: it works on the raw bytes that `Datapath.dump_flows` returns and a clock
+Pure: it works on the raw bytes that `Datapath._dump` reads and a clock
 reading (the program's clock, `Datapath.now`), so it is tested without a
 kernel.
 """
