@@ -36,23 +36,35 @@ import threading
 import time
 
 
+def get(conn, host, port, timeout, keepalive):
+    """GET / on conn, or on a new connection if it is None: the status, the
+    body and the connection to reuse (None unless keepalive). An OSError
+    closes the connection and goes to the caller."""
+    try:
+        if conn is None:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        conn.request("GET", "/", headers={} if keepalive else {"Connection": "close"})
+        resp = conn.getresponse()
+        body = resp.read().decode().strip()
+        if not keepalive:
+            conn.close()
+            conn = None
+    except OSError:
+        if conn is not None:
+            conn.close()
+        raise
+    return resp.status, body, conn
+
+
 def http_requests(host, port, count, keepalive, timeout):
     names, errors = [], []
     conn = None
     for _ in range(count):
         try:
-            if conn is None:
-                conn = http.client.HTTPConnection(host, port, timeout=timeout)
-            conn.request("GET", "/", headers={} if keepalive else {"Connection": "close"})
-            resp = conn.getresponse()
-            names.append(resp.read().decode().strip())
-            if not keepalive:
-                conn.close()
-                conn = None
+            _, body, conn = get(conn, host, port, timeout, keepalive)
+            names.append(body)
         except OSError as e:
             errors.append(str(e))
-            if conn is not None:
-                conn.close()
             conn = None
     if conn is not None:
         conn.close()
@@ -86,21 +98,12 @@ def load(host, port, seconds, concurrency, keepalive, timeout, interval=0.0):
                 time.sleep(max(0.0, due - time.monotonic()))
                 due += interval
             try:
-                if conn is None:
-                    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-                conn.request("GET", "/", headers={} if keepalive else {"Connection": "close"})
-                resp = conn.getresponse()
-                body = resp.read().decode().strip()
+                status, body, conn = get(conn, host, port, timeout, keepalive)
                 with lock:
-                    names[body if resp.status == 200 else f"status {resp.status}"] += 1
-                if not keepalive:
-                    conn.close()
-                    conn = None
+                    names[body if status == 200 else f"status {status}"] += 1
             except OSError as e:
                 with lock:
                     errors.append((time.time(), f"{type(e).__name__}: {e}"))
-                if conn is not None:
-                    conn.close()
                 conn = None
         if conn is not None:
             conn.close()
