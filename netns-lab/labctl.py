@@ -64,6 +64,13 @@ def wait_for(predicate, seconds: float, what: str):
     raise AssertionError(f"not within {seconds}s: {what}")
 
 
+def xlb_ok(lab, *args: str) -> str:
+    """The output of `xlb ARGS` in lb, which must succeed."""
+    r = lab.xlb_cmd(*args, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 def pair_config(directory: Path) -> Path:
     """A copy in directory of the pair's config (ha-examples/xlb.toml): the
     seed's service with Maglev and adopt_replies, so that every node of a pair

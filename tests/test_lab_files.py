@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from labctl import SEED_ARGS, VIP, running_lab
+from labctl import SEED_ARGS, VIP, running_lab, xlb_ok
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -51,12 +51,6 @@ def names(lab, count=12) -> dict:
     out = lab.client("client", "http", VIP, "80", "--count", str(count))
     assert out["errors"] == []
     return {n: out["names"].count(n) for n in set(out["names"])}
-
-
-def xlb_ok(lab, *args) -> str:
-    r = lab.xlb_cmd(*args, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
 
 
 def on_disk(directory: Path) -> dict:

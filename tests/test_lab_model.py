@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from labctl import HERE, PY, VIP, even_split, running_lab
+from labctl import HERE, PY, VIP, even_split, running_lab, xlb_ok
 
 from xlb import config as config_module
 
@@ -59,12 +59,6 @@ def xlb(lab, tmp_path, monkeypatch):
         x.path = path
         yield x
     assert lab.xdp_attached("lb") == []
-
-
-def xlb_ok(lab, *args) -> str:
-    r = lab.xlb_cmd(*args, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
 
 
 def apply(lab, tmp_path, text: str) -> str:
