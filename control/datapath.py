@@ -801,16 +801,21 @@ class Datapath:
                     setattr(c, f"evicted_{table}", max(getattr(c, f"evicted_{table}"), n))
             return FlowLedger(census, left, self._update_one("control_stats", keep_largest))
 
+    def flow_dumps(self) -> dict[str, tuple[bytes, bytes]]:
+        """Both flow tables (flows, flows_new) as their keys and values, read in batches."""
+        return {name: self._dump(name) for name in flowtable.TABLES}
+
     def flow_rows(self) -> dict[str, list[flowtable.Row]]:
-        """Every entry of both flow tables (flows, flows_new), read in batches."""
-        return {name: flowtable.decode(*self._dump(name)) for name in flowtable.TABLES}
+        """Every entry of both flow tables, decoded."""
+        return {name: flowtable.decode(*dump) for name, dump in self.flow_dumps().items()}
 
     def flow_entries(self) -> int:
         """Entries in both flow tables (two per connection: forward and reply)."""
-        return sum(len(rows) for rows in self.flow_rows().values())
+        return sum(len(keys) // ct.sizeof(layout.FlowKey) for keys, _ in self.flow_dumps().values())
 
     def flow_census(self, now: int | None = None) -> flowtable.Census:
-        return flowtable.census(self.flow_rows(), self.now() if now is None else now)
+        return flowtable.census({name: values for name, (_, values) in self.flow_dumps().items()},
+                                self.now() if now is None else now)
 
     def delete_flows(self, backend_ids: set[int], service_ids: set[int]) -> dict[str, int]:
         """Forgets the connections of these backends and services, both ways, so

@@ -107,7 +107,8 @@ def test_census_counts_connections_by_state_and_open_ones_by_backend():
                       *connection(5, seen_fwd=NOW - 901 * SEC)],
             "flows_new": [*connection(6, "new", 60), *connection(7, "answered", 60),
                           *connection(8, "closing", 120)]}
-    c = flowtable.census(rows, NOW)
+    c = flowtable.census({name: b"".join(as_the_map_holds(layout.Flow, r) for r in table)
+                          for name, table in rows.items()}, NOW)
     assert (c.established, c.closing, c.half_open) == (3, 2, 2)
     assert c.open == {1: 2, 2: 1}
     assert c.entries == {"flows": 10, "flows_new": 6}

@@ -934,17 +934,17 @@ def test_connections_that_come_while_a_status_reads_the_tables_are_no_evictions(
     handshake(lb, fibnet, 53300)
     lb.send(syn(53301), ext)
     lb.send(from_backend(1, 53301, "SA"), int_)
-    flow_rows = dp.flow_rows
+    flow_dumps = dp.flow_dumps
 
     def reading():
-        rows = flow_rows()
+        dumps = flow_dumps()
         lb.send(tcp_frame(CLIENT, VIP, 53301, 80, flags="A"), ext)     # established
         handshake(lb, fibnet, 53302)
         lb.send(syn(53303), ext)
-        return rows
+        return dumps
 
     with monkeypatch.context() as m:
-        m.setattr(dp, "flow_rows", reading)
+        m.setattr(dp, "flow_dumps", reading)
         assert balancer.status()["flows"]["removed"]["evicted"] == 0
     assert removed(balancer)["evicted"] == 0
 
@@ -1076,6 +1076,7 @@ def test_a_million_connections(root, fibnet, cpus):
     the tables' fixed header)."""
     import os
     import struct
+    import tracemalloc
     from xlb.datapath import Limits
 
     n = 1_000_000
@@ -1106,8 +1107,14 @@ def test_a_million_connections(root, fibnet, cpus):
             k = (table.Key * 200_000).from_buffer_copy(keys, start * key.size)
             v = (table.Leaf * 200_000).from_buffer_copy(values, start * value.size)
             table.items_update_batch(k, v)
+        tracemalloc.start()
         census = dp.flow_census()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
         assert census.entries["flows"] == 2 * n and census.established == n
+        # Read in bulk, not a Python object per entry (gigabytes at this size):
+        # about the tables' bytes, held twice while the batches are joined.
+        assert peak < 4 * 2 * n * (key.size + value.size)
         assert census.open == {1: n}
         last = IPv4Address(0x0b000000 + n - 1)
         res = dp.test_run(tcp_frame(last, VIP, 40000, 80, flags="A"), fibnet.ifindex["ext"])
