@@ -842,11 +842,12 @@ class Datapath:
         client tries again). Returns how many connections expired per table,
         and how many reply entries came back."""
         now = self.now() if now is None else now
-        rows = self.flow_rows()
-        half_open = {r.key() for r in rows["flows_new"]}
+        dumps = self.flow_dumps()
+        half_open = set(flowtable.key_list(dumps["flows_new"][0]))
         expired, restored = {}, 0
-        for name, table_rows in rows.items():
-            swept = flowtable.sweep(table_rows, now, half_open if name == "flows" else None)
+        for name, (keys, values) in dumps.items():
+            known = half_open if name == "flows" else None
+            swept = flowtable.sweep(flowtable.to_judge(keys, values, now, known), now, known)
             expired[name] = len(self._delete_where(name, swept.dead, operator.eq, "expired"))
             if name == "flows":
                 restored = self._put_back(swept.orphans)

@@ -185,3 +185,64 @@ def census(tables: dict[str, bytes], now: int) -> Census:
                 c.established += 1
                 c.open[backend_id] = c.open.get(backend_id, 0) + 1
     return c
+
+
+def key_list(keys: bytes) -> list[bytes]:
+    """The keys of a dump (Datapath.flow_dumps), one by one, as Row.key packs
+    them (padding zeroed)."""
+    out, pad = bytearray(keys), layout.FlowKey.pad
+    for b in range(pad.size):
+        out[pad.offset + b::_KEY.size] = bytes(len(keys) // _KEY.size)
+    out = bytes(out)
+    return [out[at:at + _KEY.size] for at in range(0, len(out), _KEY.size)]
+
+
+# Row.partner's fields, of an entry of each direction: (partner key's field,
+# from the entry's key or value, its field).
+_PARTNER = {
+    layout.FLOW_FORWARD: (("saddr", "value", "addr"), ("daddr", "key", "saddr"),
+                          ("sport", "value", "port"), ("dport", "key", "sport"),
+                          ("proto", "key", "proto")),
+    layout.FLOW_REPLY: (("saddr", "key", "daddr"), ("daddr", "value", "addr"),
+                        ("sport", "key", "dport"), ("dport", "value", "port"),
+                        ("proto", "key", "proto")),
+}
+
+
+def _partner_keys(keys: bytes, values: bytes, direction: int) -> bytes:
+    """Row.partner of every entry as if it went that direction, built a byte
+    column at a time."""
+    out = bytearray(len(keys))
+    source = {"key": (keys, layout.FlowKey), "value": (values, layout.Flow)}
+    for to, side, name in _PARTNER[direction]:
+        data, ctype = source[side]
+        src, dst = getattr(ctype, name), getattr(layout.FlowKey, to)
+        for b in range(dst.size):
+            out[dst.offset + b::_KEY.size] = data[src.offset + b::layout.ct.sizeof(ctype)]
+    return bytes(out)
+
+
+def to_judge(keys: bytes, values: bytes, now: int, half_open: set[bytes] | None = None) -> list[Row]:
+    """The entries of a dump that sweep() may find dead or to mend, decoded:
+    those idle past their timeout, with their partners, and with half_open
+    (the established table) those without their partner. Every other entry
+    is live with its partner, which sweep() leaves; decoding all of a million
+    connections took seconds of CPU a sweep. (A key's hash is computed once
+    and kept: the sets below cost one pass each.)"""
+    ks = key_list(keys)
+    present = set(ks)
+    forward = bytes(_column(values, "dir")).translate(_IS_FORWARD)
+    by_dir = [_partner_keys(keys, values, d) for d in (layout.FLOW_REPLY, layout.FLOW_FORWARD)]
+    partners = [by_dir[f][at:at + _KEY.size] for f, at in zip(forward, range(0, len(keys), _KEY.size))]
+    idle = [i for i, (timeout, seen) in
+            enumerate(zip(_column(values, "timeout"), _column(values, "seen")))
+            if _idle(timeout, seen, now)]
+    wanted = present.intersection(partners[i] for i in idle)
+    missing = set(partners) - present if half_open is not None else set()
+    chosen = set(idle)
+    if wanted:
+        chosen.update(i for i, k in enumerate(ks) if k in wanted)
+    if missing:
+        chosen.update(i for i, p in enumerate(partners) if p in missing)
+    return [Row(*_KEY.unpack_from(keys, i * _KEY.size), *_VALUE.unpack_from(values, i * _VALUE.size))
+            for i in sorted(chosen)]

@@ -127,3 +127,27 @@ def test_a_catch_up_takes_the_entries_missing_or_seen_earlier_in_the_new_table()
     since_swap = connection(40003, seen_fwd=NOW + 4, backend_id=8)[0]
     assert flowtable.newer(dump(opened, went_on, touched, idle), dump(*copied, since_swap)) \
         == [dump(opened), dump(went_on)]
+
+
+def test_the_sweep_of_a_dump_judges_only_what_it_may_remove_or_mend():
+    """to_judge decodes the idle entries with their partners and, in the
+    established table, those without a partner: sweep() of them finds what it
+    finds in every entry, and nothing else is decoded."""
+    live = connection(41000)
+    idle = connection(41002, seen_fwd=NOW - 901 * SEC, seen_reply=NOW - 950 * SEC)
+    half_idle = [*connection(41001, seen_fwd=NOW - 950 * SEC),
+                 *connection(41003, seen_fwd=NOW - 10 * SEC, seen_reply=NOW - 950 * SEC)]
+    lone_live_fwd, _ = connection(41004)
+    lone_idle_fwd, _ = connection(41005, seen_fwd=NOW - 901 * SEC)
+    _, lone_reply = connection(41006)
+    _, reopened_reply = connection(41007)
+    rows = [*live, *idle, *half_idle, lone_live_fwd, lone_idle_fwd, lone_reply, reopened_reply]
+    half_open = {connection(41007)[0].key()}
+    judged = flowtable.to_judge(*dump(*rows), NOW, half_open)
+    assert set(judged) == {*idle, *half_idle, lone_live_fwd, lone_idle_fwd, lone_reply,
+                           reopened_reply}
+    assert flowtable.sweep(judged, NOW, half_open) == flowtable.sweep(rows, NOW, half_open)
+    # The half-open table (no half_open) is only swept, never mended.
+    judged = flowtable.to_judge(*dump(*rows), NOW)
+    assert set(judged) == {*idle, *half_idle, lone_idle_fwd}
+    assert flowtable.sweep(judged, NOW) == flowtable.sweep(rows, NOW)
