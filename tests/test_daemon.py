@@ -100,6 +100,31 @@ def test_a_newcomer_given_a_used_id_starts_its_counters_at_zero(root, fibnet):
         dp.close()
 
 
+def test_the_sweep_waits_a_hundred_times_what_it_cost(monkeypatch):
+    """However long a sweep takes (seconds, for a million connections), the
+    next one waits a hundred times its CPU time: at most 1% of a CPU."""
+    clock, waits = [0.0], []
+
+    class Stop(Exception):
+        pass
+
+    def sweep_flows():
+        clock[0] += 3.0         # a sweep of three seconds of CPU
+        return {"flows": 0, "flows_new": 0}, 0
+
+    async def sleep(seconds):
+        waits.append(seconds)
+        raise Stop
+
+    balancer = type("Balancer", (), {})()
+    balancer.datapath = type("Datapath", (), {"sweep_flows": staticmethod(sweep_flows)})()
+    monkeypatch.setattr(daemon.time, "thread_time", lambda: clock[0])
+    monkeypatch.setattr(daemon.asyncio, "sleep", sleep)
+    with pytest.raises(Stop):
+        asyncio.run(daemon._sweep_forever(balancer))
+    assert waits == [300.0]
+
+
 def test_a_server_no_longer_checked_leaves_no_check_durations(balancer):
     """Its monitor gone, a server's last checks' histogram goes from the
     metrics with it (it would stay there, frozen, as if checks still ran)."""
