@@ -381,7 +381,8 @@ def top(interval: float, once: bool) -> None:
 
     Redraws every INTERVAL seconds: per frontend new connections, packets and
     bytes per second; per server new connections and packets per second,
-    states and last checks; each flow table's fill and drops by reason. q or
+    states and last checks (as many servers as the terminal has lines;
+    --once lists all); each flow table's fill and drops by reason. q or
     Ctrl-C quits. Exits 1 when none runs, or when the instance stops while top
     runs.
     """

@@ -120,7 +120,7 @@ def _frontends(s: dict, prev: dict | None, seconds: float | None) -> Table:
     return t
 
 
-def _pool(p: dict, prev_pool: dict | None, seconds: float | None) -> Table:
+def _pool(p: dict, prev_pool: dict | None, seconds: float | None, rows: int) -> Table:
     t = _table(f"pool {p['name']} ({p.get('algorithm', '?')}, "
                f"on_server_down {p.get('on_server_down', '?')})")
     t.add_column("SERVER")
@@ -131,7 +131,8 @@ def _pool(p: dict, prev_pool: dict | None, seconds: float | None) -> Table:
         t.add_column(col, justify="right")
     t.add_column("LAST CHECK", overflow="ellipsis", no_wrap=True)
     old = _by_name(prev_pool and prev_pool.get("servers"))
-    for b in p.get("servers", []):
+    servers = p.get("servers", [])
+    for b in servers[:rows]:
         r = _Rates(b, old.get(b["name"]), seconds)
         state, health = b.get("state", "?"), b.get("health", "?")
         t.add_row(b["name"] + (" (backup)" if b.get("backup") else ""),
@@ -141,6 +142,8 @@ def _pool(p: dict, prev_pool: dict | None, seconds: float | None) -> Table:
                   str(b.get("weight", "")), si(b.get("active_flows", 0)),
                   r.text("new_flows", "bold"), r.text("packets_in"), r.text("packets_out"),
                   _last_check(b.get("last_check")))
+    if len(servers) > rows:
+        t.add_row(Text(f"… {len(servers) - rows:,} more servers", style="dim"))
     return t
 
 
@@ -172,11 +175,13 @@ def _flows_and_drops(s: dict, prev: dict | None, seconds: float | None) -> Group
     return Group(line, Text(), t)
 
 
-def render(current: dict, previous: dict | None = None,
-           seconds: float | None = None, note: str | None = None) -> RenderableType:
+def render(current: dict, previous: dict | None = None, seconds: float | None = None,
+           note: str | None = None, lines: int | None = None) -> RenderableType:
     """One frame of `xlb top` from a status dict, and the status `seconds` earlier
     for the rates (none: every rate shows as "—"). A sample from another instance
-    (another pid: the counters started anew) counts as no previous sample."""
+    (another pid: the counters started anew) counts as no previous sample. With
+    `lines` (a terminal's height), at most that many servers' rows in all: the
+    terminal shows no more, and 16,384 rows took rich 9 s a frame."""
     if previous is not None and previous.get("pid") != current.get("pid"):
         previous = None
     if previous is None:
@@ -184,8 +189,13 @@ def render(current: dict, previous: dict | None = None,
     parts: list[RenderableType] = [_header(current, seconds), Text(),
                                    _frontends(current, previous, seconds)]
     old_pools = _by_name(previous and previous.get("pools"))
+    left = lines
     for p in current.get("pools", []):
-        parts += [Text(), _pool(p, old_pools.get(p["name"]), seconds)]
+        shown = len(p.get("servers", []))
+        if left is not None:
+            shown = min(shown, left)
+            left -= shown
+        parts += [Text(), _pool(p, old_pools.get(p["name"]), seconds, shown)]
     parts += [Text(), _flows_and_drops(current, previous, seconds)]
     if note:
         parts += [Text(), Text(note, style="bold red")]
@@ -199,10 +209,11 @@ def sample(timeout: float = 5.0) -> Sample:
     return Sample(time.monotonic(), status)
 
 
-def frame(cur: Sample, prev: Sample | None, note: str | None = None) -> RenderableType:
+def frame(cur: Sample, prev: Sample | None, note: str | None = None,
+          lines: int | None = None) -> RenderableType:
     if prev is None:
-        return render(cur.status, note=note)
-    return render(cur.status, prev.status, cur.at - prev.at, note=note)
+        return render(cur.status, note=note, lines=lines)
+    return render(cur.status, prev.status, cur.at - prev.at, note=note, lines=lines)
 
 
 def once(interval: float, console: Console | None = None) -> None:
@@ -260,8 +271,8 @@ def live(interval: float, console: Console | None = None) -> int:
     console = console or Console()
     keys = sys.stdin.fileno() if sys.stdin.isatty() else None
     with _signals() as (got, wake), _cbreak(keys), \
-            Live(frame(cur, prev), console=console, screen=True, auto_refresh=False,
-                 redirect_stdout=False, redirect_stderr=False) as view:
+            Live(frame(cur, prev, lines=console.height), console=console, screen=True,
+                 auto_refresh=False, redirect_stdout=False, redirect_stderr=False) as view:
         due = cur.at + interval
         while True:
             while (left := due - time.monotonic()) > 0:
@@ -294,7 +305,7 @@ def live(interval: float, console: Console | None = None) -> int:
                 note = f"status request failed: {e}; showing the last sample"
             else:
                 prev, cur, note = cur, new, None
-            view.update(frame(cur, prev, note), refresh=True)
+            view.update(frame(cur, prev, note, console.height), refresh=True)
 
 
 def run(interval: float, one_frame: bool = False) -> int:

@@ -229,6 +229,32 @@ def test_live_quits_on_sigint(monkeypatch):
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_live_draws_no_more_servers_than_the_terminal_has_lines(monkeypatch):
+    """16 pools of 1,024 servers: a frame on a terminal of 30 lines draws 30
+    servers' rows and says how many more there are (rich took 9 s a frame to
+    draw them all, to show a screenful)."""
+    big = copy.deepcopy(STATUS)
+    server = big["pools"][0]["servers"][0]
+    big["pools"] = [{**big["pools"][0], "name": f"p{p}",
+                     "servers": [{**server, "name": f"s{p}-{i}"} for i in range(1024)]}
+                    for p in range(16)]
+    drawn = []
+    render = top.render
+
+    def drawing(*args, **kwargs):
+        frame = render(*args, **kwargs)
+        drawn.append(text(frame))
+        return frame
+
+    monkeypatch.setattr(top, "render", drawing)
+    FakeInstance(monkeypatch, [big, big], then=lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert top.live(0.01, Console(file=io.StringIO(), width=160, height=30)) == 0
+    last = [frame for frame in drawn if "s0-0 " in frame][-1]     # not the fake's last STATUS
+    rows = [line for line in last.splitlines() if re.match(r"s\d+-\d+ ", line)]
+    assert len(rows) == 30 and "… 994 more servers" in last
+    assert last.count("… 1,024 more servers") == 15
+
+
 # --- the lab ---------------------------------------------------------------------------
 
 CSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][0-9A-Za-z]|\x1b[=>78]")
