@@ -80,26 +80,6 @@ def decode(keys: bytes, values: bytes) -> list[Row]:
     return [Row(*k, *v) for k, v in zip(_KEY.iter_unpack(keys), _VALUE.iter_unpack(values))]
 
 
-_SEEN = struct.Struct(f"<{layout.Flow.seen.offset}xQ{_VALUE.size - layout.Flow.seen.offset - 8}x")
-
-
-def _entries(keys: bytes, values: bytes):
-    """(key, value, seen) of each entry of a dump, the rest not decoded: a
-    catch-up reads two whole tables, and the connections it brings over are
-    balanced anew until it is done."""
-    k, v = _KEY.size, _VALUE.size
-    return zip((keys[i:i + k] for i in range(0, len(keys), k)),
-               (values[i:i + v] for i in range(0, len(values), v)),
-               (seen for (seen,) in _SEEN.iter_unpack(values)))
-
-
-def newer(old: tuple[bytes, bytes], new: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
-    """The entries (key, value) of dump `old` that dump `new` lacks, or holds
-    as seen earlier."""
-    seen = {key: s for key, _, s in _entries(*new)}
-    return [(key, value) for key, value, s in _entries(*old) if seen.get(key, -1) < s]
-
-
 class Sweep(NamedTuple):
     dead: list[tuple[Row, ...]]             # each dead connection's entries (those read)
     orphans: list[Row]                      # forward entries whose reply entry to put back
@@ -187,14 +167,28 @@ def census(tables: dict[str, bytes], now: int) -> Census:
     return c
 
 
+def _split(data: bytes, size: int) -> list[bytes]:
+    return [data[at:at + size] for at in range(0, len(data), size)]
+
+
+def newer(old: tuple[bytes, bytes], new: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    """The entries (key, value) of dump `old` that dump `new` lacks, or holds
+    as seen earlier. Only `seen` is read: a catch-up reads two whole tables,
+    and the connections it brings over are balanced anew until it is done."""
+    seen = dict(zip(_split(new[0], _KEY.size), _column(new[1], "seen")))
+    return [(key, value) for key, value, s in zip(_split(old[0], _KEY.size),
+                                                  _split(old[1], _VALUE.size),
+                                                  _column(old[1], "seen"))
+            if seen.get(key, -1) < s]
+
+
 def key_list(keys: bytes) -> list[bytes]:
     """The keys of a dump (Datapath.flow_dumps), one by one, as Row.key packs
     them (padding zeroed)."""
     out, pad = bytearray(keys), layout.FlowKey.pad
     for b in range(pad.size):
         out[pad.offset + b::_KEY.size] = bytes(len(keys) // _KEY.size)
-    out = bytes(out)
-    return [out[at:at + _KEY.size] for at in range(0, len(out), _KEY.size)]
+    return _split(bytes(out), _KEY.size)
 
 
 # Row.partner's fields, of an entry of each direction: (partner key's field,
