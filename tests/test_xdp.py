@@ -13,6 +13,7 @@ port; counters are checked as the change each frame makes.
 import errno
 import os
 import socket
+import struct
 from collections import Counter
 from ipaddress import IPv4Address
 
@@ -251,6 +252,40 @@ def test_udp_checksum_that_computes_to_zero_is_sent_as_ffff(lb):
     assert res.data[40:42] == b"\xff\xff"
     assert res.data == expected
     assert ip_checksum_ok(res.data) and l4_checksum_ok(res.data)
+    lb.expect("forward", flow=("in", SVC_UDP, bid, False))
+
+
+def test_a_checksum_update_whose_sum_carries_twice(lb):
+    """The incremental update ~HC + diff (csum.h) can carry out of 16 bits
+    again after its first fold. The second datagram's checksum is chosen so
+    that its update does: the sum as the program adds it, over 16-bit words as
+    a little-endian CPU loads them."""
+    first = lb.send(udp_frame(CLIENT, VIP, 41003, 80, payload=b"first"))
+    bid = chosen_backend(first.data, SVC_UDP)
+    lb.expect("forward", flow=("in", SVC_UDP, bid, True))
+    be_addr, be_port = BACKENDS[bid]
+
+    def words(b):
+        return [int.from_bytes(b[i:i + 2], "little") for i in range(0, len(b), 2)]
+    # Destination address and port, VIP:80 -> backend (nat.h's diff).
+    diff = (sum(0xffff - w for w in words(VIP.packed + (80).to_bytes(2, "big")))
+            + sum(words(be_addr.packed + be_port.to_bytes(2, "big"))))
+    carrying = (0xffff - diff) & 0xffff                 # ~HC with (~HC + diff) & 0xffff == 0xffff
+    assert diff >> 16 >= 1                              # so the first fold carries
+    check = (0xffff - carrying).to_bytes(2, "little")   # HC, as the packet holds it
+
+    base = b"crafted!"
+    frame = udp_frame(CLIENT, VIP, 41003, 80, payload=base + b"\0\0", chksum=0)
+    partial = ones_sum(pseudo_header(frame) + l4_segment(frame))
+    want = 0xffff - int.from_bytes(check, "big")       # the sum the checksum must make
+    payload = base + struct.pack("!H", (want - partial) % 0xffff)
+    frame = udp_frame(CLIENT, VIP, 41003, 80, payload=payload)
+    assert frame[40:42] == check
+
+    res = lb.send(frame)
+    assert res.action == XDP_PASS
+    assert res.data == udp_frame(CLIENT, be_addr, 41003, be_port, payload=payload)
+    assert_checksums(res.data)
     lb.expect("forward", flow=("in", SVC_UDP, bid, False))
 
 
