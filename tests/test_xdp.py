@@ -561,6 +561,33 @@ def test_tot_len_shorter_than_headers_to_vip_is_malformed(lb, frame):
     assert lb.dp.flow_entries() == flows
 
 
+def icmp_echo(dst, **ip_fields):
+    return raw(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=str(CLIENT), dst=str(dst), **ip_fields)
+               / ICMP(id=9, seq=1) / Raw(b"ping"))
+
+
+# A ping that is no sound IPv4 packet: to a VIP it is dropped, as malformed; to
+# another address it is the kernel's to judge.
+ICMP_MALFORMED = [
+    ("tot-len-beyond-frame", dict(len=20 + 8 + 4 + 1)),
+    ("tot-len-cuts-icmp-header", dict(len=20 + 7)),
+    ("ihl-below-5", dict(ihl=4)),
+    ("version-6-in-ipv4-ethertype", dict(version=6)),
+]
+
+
+@pytest.mark.parametrize("dst, action, reason", [(VIP, XDP_DROP, "drop_malformed"),
+                                                 (OTHER, XDP_PASS, "pass_short")],
+                         ids=["vip", "other"])
+@pytest.mark.parametrize("ip_fields", [c[1] for c in ICMP_MALFORMED],
+                         ids=[c[0] for c in ICMP_MALFORMED])
+def test_malformed_icmp(lb, ip_fields, dst, action, reason):
+    frame = icmp_echo(dst, **ip_fields)
+    res = lb.send(frame)
+    assert (res.action, res.data) == (action, frame)
+    lb.expect(reason)
+
+
 # 9. A service without backends ----------------------------------------------------------
 
 def test_service_without_backend_drops_new_flows(lb):
