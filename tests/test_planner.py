@@ -112,6 +112,29 @@ def test_new_ids_avoid_ids_retired_by_earlier_changes():
         desired(Config(frontends=(www,), pools=(Pool("p", (S1, S2, s3, *many)),)), full)
 
 
+def test_an_id_taken_again_starts_its_counters_at_zero():
+    """A newcomer that takes a retired id (no unused one is left) has that id's
+    counters cleared before its entry is written: they hold the removed
+    server's or frontend's traffic. An id kept by its own keeps its counters."""
+    www, www2, www3 = (Frontend(n, A("10.1.1.101"), port, "tcp", "p")
+                       for n, port in (("www", 80), ("www2", 81), ("www3", 82)))
+    s3 = Server("s3", A("10.1.11.3"), 80)
+    limits = dict(LIMITS, max_services=2, max_backends=2)
+    old = planner.desired(Config(frontends=(www, www2), pools=(Pool("p", (S1, S2)),)), LINKS,
+                          planner.DataplaneState(), **limits)
+    new = planner.desired(Config(frontends=(www, www3), pools=(Pool("p", (S1, s3)),)), LINKS,
+                          old, **limits)
+    assert new.backends[("p", "s3")].id == old.backends[("p", "s2")].id == 1
+    assert new.services[(A("10.1.1.101"), 82, 6)].id == 1
+    ops = planner.plan(old, new)
+    clears = [op for op in ops if op[0].startswith("clear_")]
+    assert clears == [("clear_backend_counters", 1), ("clear_service_counters", 1)]
+    assert ops.index(("clear_backend_counters", 1)) < ops.index(
+        ("set_backend", 1, A("10.1.11.3"), 80, False))
+    assert ops.index(("clear_service_counters", 1)) < next(
+        i for i, op in enumerate(ops) if op[:4] == ("set_service", A("10.1.1.101"), 82, 6))
+
+
 def _pool(*servers, algorithm="roundrobin", on_server_down="keep"):
     return Config(frontends=(Frontend("www", A("10.1.1.101"), 80, "tcp", "p"),),
                   pools=(Pool("p", tuple(servers), algorithm, on_server_down=on_server_down),))
