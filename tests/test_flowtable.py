@@ -61,6 +61,14 @@ def test_a_connection_is_dead_only_when_both_entries_are_idle_past_its_timeout()
     assert flowtable.sweep([*idle, *one_way, *young, *never], NOW).dead == [idle]
 
 
+def test_idle_exactly_its_timeout_is_not_dead_yet():
+    """Dead is idle more than the timeout, as the program judges it
+    (xlb_older_than): the sweep must not take what the program still carries."""
+    at = connection(40013, seen_fwd=NOW - 900 * SEC, seen_reply=NOW - 900 * SEC)
+    past = connection(40014, seen_fwd=NOW - 900 * SEC - 1, seen_reply=NOW - 900 * SEC - 1)
+    assert flowtable.sweep([*at, *past], NOW).dead == [past]
+
+
 def test_an_entry_without_its_partner_is_judged_alone():
     """(Counted as a connection only if it is the forward entry: a lone reply
     entry's connection was counted, as evicted, when its forward entry went.)"""
@@ -151,3 +159,10 @@ def test_the_sweep_of_a_dump_judges_only_what_it_may_remove_or_mend():
     judged = flowtable.to_judge(*dump(*rows), NOW)
     assert set(judged) == {*idle, *half_idle, lone_idle_fwd}
     assert flowtable.sweep(judged, NOW) == flowtable.sweep(rows, NOW)
+
+
+def test_an_open_connection_is_neither_closing_nor_idle():
+    """What a change that ends a server's connections counts as ended."""
+    assert flowtable.is_open(connection(40015)[0], NOW)
+    assert not flowtable.is_open(connection(40016, "closing", 120)[0], NOW)
+    assert not flowtable.is_open(connection(40017, seen_fwd=NOW - 901 * SEC)[0], NOW)
