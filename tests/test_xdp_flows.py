@@ -1298,6 +1298,21 @@ def test_a_later_fragment_of_a_reused_ip_id_is_not_the_earlier_datagrams(lb, fib
     lb.expect("pass_not_vip")
 
 
+def test_a_later_fragment_whose_ttl_runs_out_goes_to_the_kernel_as_it_came(lb, fibnet):
+    """As a first fragment's (send): unrewritten, so that the kernel's "time
+    exceeded" quotes what the sender sent."""
+    ext = fibnet.ifindex["ext"]
+    sport = 57200
+    query = fragments(CLIENT, VIP, sport, 80, 0x5401)
+    res = lb.send(query[0], ext)
+    bid = backend_of(res.data)
+    lb.expect("forward_redirect", flow=("in", SVC_UDP, bid, True))
+    late = fragments(CLIENT, VIP, sport, 80, 0x5401, ttl=1)[1]
+    res = lb.send(late, ext)
+    assert (res.action, res.data) == (XDP_PASS, late)
+    lb.expect("ttl_expired")
+
+
 @pytest.mark.parametrize("frame, action, reason", [
     (icmp_frame("10.1.1.2", VIP, ICMP(type=3, code=4), quote(tcp_frame(VIP, CLIENT, 80, 56999))),
      XDP_DROP, "drop_no_service"),
