@@ -130,6 +130,16 @@ def test_same_table_in_every_process():
         assert out.stdout.strip() == here.hexdigest()
 
 
+def test_the_table_is_pinned():
+    """The nodes of a pair may run different xlb versions for a while (an
+    upgrade goes one node at a time): their tables must still agree, so the
+    algorithm is pinned here to the slot: two servers share an address (ids
+    against their port order), and a weight does not divide the largest."""
+    pool = [Backend(0, A("10.1.11.1"), 8081, 2), Backend(1, A("10.1.11.1"), 8080, 2),
+            Backend(2, A("10.1.11.2"), 8080, 3)]
+    assert maglev.table(pool, 17) == [2, 1, 0, 0, 2, 2, 0, 0, 2, 1, 2, 2, 1, 2, 0, 1, 1]
+
+
 # --- the flow hash ------------------------------------------------------------
 
 # Computed by a separate C program that copies the header bytes into uint32_t
