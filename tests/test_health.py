@@ -713,8 +713,9 @@ def test_validation():
         hc.set_targets([Target(("p", "y"), LOCAL, 80, Monitor("m", "udp"))])
     with pytest.raises(ValueError, match="positive"):
         hc.set_targets([Target(("p", "y"), LOCAL, 80, tcp_monitor(interval=0))])
-    with pytest.raises(ValueError, match="rise and fall"):
-        hc.set_targets([Target(("p", "y"), LOCAL, 80, tcp_monitor(fall=0))])
+    for counts in ({"rise": 0}, {"fall": 0}):
+        with pytest.raises(ValueError, match="rise and fall"):
+            hc.set_targets([Target(("p", "y"), LOCAL, 80, tcp_monitor(**counts))])
     hc.set_targets([t])
     assert hc.states() == {t.key: "up"} and hc.last_check(t.key) is None
 
@@ -754,6 +755,8 @@ def test_http_parser():
         (False, "body lacks 'world'")                                # length reached
     assert verdict(head + b"hello", eof=True, expect_body="world") == \
         (False, "body lacks 'world'")
+    assert verdict(head + b"hello there world", expect_body="world") == \
+        (False, "body lacks 'world'")                                # past the length: no body
     assert verdict(b"HTTP/1.1 200 OK\r\nContent-Le", eof=True, expect_body="x") == \
         ("failed", "http: connection closed inside the headers")
 
