@@ -475,6 +475,26 @@ def test_an_idle_connection_is_a_new_flow_at_its_next_packet(lb, fibnet, short_t
     assert (BACKENDS[bid][0], CLIENT, 8080, 53000, TCP_P) not in entries(dp, "flows")
 
 
+def test_a_dead_half_open_connection_is_counted_out_of_the_half_open_table(
+        lb, fibnet, short_timeouts):
+    """Never answered, idle past its SYN timeout: at its next packet it goes
+    from flows_new, counted there (new_removed), which is how a status tells
+    removals from the LRU's evictions (Datapath.flow_ledger)."""
+    dp = lb.dp
+    sport = 53050
+    bid = backend_of(lb.send(syn(sport), fibnet.ifindex["ext"]).data)
+    lb.expect("forward_redirect", flow=("in", SVC_TCP, bid, True))
+    assert connection(dp, sport)[0] == "flows_new"
+    age(dp, "flows_new", (CLIENT, VIP, sport, 80, TCP_P), 4)
+    age(dp, "flows_new", (BACKENDS[bid][0], CLIENT, 8080, sport, TCP_P), 4)
+    before = counters(dp)
+    new_bid = backend_of(lb.send(syn(sport), fibnet.ifindex["ext"]).data)
+    lb.expect("forward_redirect", flow=("in", SVC_TCP, new_bid, True))
+    after = counters(dp)
+    assert {k: after[k] - before[k] for k in ("expired", "new_removed", "created")} == \
+        {"expired": 1, "new_removed": 1, "created": 1}
+
+
 def test_the_sweep_removes_connections_idle_on_both_sides(lb, fibnet, short_timeouts):
     """A connection goes when both its entries are idle past its timeout: one-way
     traffic (here the backend's) keeps it."""
