@@ -704,6 +704,10 @@ def test_syn_on_a_closed_backends_flow_is_balanced_anew(lb):
         res = lb.send(ack)                               # established: kept
         assert res.data == tcp_frame(CLIENT, addr, 47100, 8080, flags="A", seq=1001, ack=1)
         lb.expect("forward", flow=("in", SVC_TCP, first, False))
+        synack = tcp_frame(CLIENT, VIP, 47100, 80, flags="SA", seq=1001, ack=1)
+        res = lb.send(synack)                            # not a SYN alone: kept too
+        assert res.data == tcp_frame(CLIENT, addr, 47100, 8080, flags="SA", seq=1001, ack=1)
+        lb.expect("forward", flow=("in", SVC_TCP, first, False))
         for _ in range(2):                               # whatever the round-robin cursor
             res = lb.send(syn)
             if chosen_backend(res.data, SVC_TCP) == other:
