@@ -30,6 +30,14 @@ def test_weighted_scaled_to_ring_size():
 
 def test_zero_weight_is_left_out():
     assert scheduler.smooth_weighted([(1, 0), (2, 3)], 16) == [2]
+    assert 1 not in scheduler.smooth_weighted([(1, 0), (2, 1000), (3, 501)], 16)  # scaled
+
+
+def test_scaling_down_keeps_every_server_in_the_ring():
+    """Three servers of weight 1 beside one of 100 in a ring of 4: scaled, the
+    light ones stay at 1 and the heavy one gives up what overshoots."""
+    assert sorted(scheduler.smooth_weighted([(0, 1), (1, 1), (2, 1), (3, 100)], 4)) == \
+        [0, 1, 2, 3]
 
 
 def test_too_many_backends_for_the_ring():
