@@ -134,6 +134,25 @@ def test_an_id_taken_again_starts_its_counters_at_zero():
     assert ops.index(("clear_service_counters", 1)) < next(
         i for i, op in enumerate(ops) if op[:4] == ("set_service", A("10.1.1.101"), 82, 6))
 
+    # Removed by one change, their ids taken by the next: cleared as well.
+    mid = planner.desired(Config(frontends=(www,), pools=(Pool("p", (S1,)),)), LINKS, old,
+                          **limits)
+    later = planner.desired(Config(frontends=(www, www3), pools=(Pool("p", (S1, s3)),)), LINKS,
+                            mid, **limits)
+    assert [op for op in planner.plan(mid, later) if op[0].startswith("clear_")] == \
+        [("clear_backend_counters", 1), ("clear_service_counters", 1)]
+
+
+def test_a_retired_id_is_taken_before_one_this_change_releases():
+    www = Frontend("www", A("10.1.1.101"), 80, "tcp", "p")
+    s3, s4 = Server("s3", A("10.1.11.3"), 80), Server("s4", A("10.1.11.4"), 80)
+    st = planner.DataplaneState()
+    for servers in ((S1, S2, s3), (S1, s3), (S1, s4)):
+        st = planner.desired(Config(frontends=(www,), pools=(Pool("p", servers),)), LINKS, st,
+                             **dict(LIMITS, max_backends=3))
+    assert st.backends[("p", "s4")].id == 1     # s2's, retired a change ago, not s3's
+    assert st.retired_backends == {2}
+
 
 def _pool(*servers, algorithm="roundrobin", on_server_down="keep"):
     return Config(frontends=(Frontend("www", A("10.1.1.101"), 80, "tcp", "p"),),
@@ -206,6 +225,8 @@ def test_a_drained_server_that_fails_its_checks_follows_on_server_down(policy, e
     ("reset", "drain", "down", True),
     ("reset", "maint", "down", False),   # already ended when it went to maint
     ("keep", "maint", "up", False),
+    ("reset", "maint", "maint", False),  # no change, nothing to end
+    ("reset", "down", "down", False),
 ])
 def test_flows_to_end_by_state_change(policy, before, after, ended):
     cfg = _pool(S1, S2, on_server_down=policy)
@@ -316,10 +337,13 @@ def test_more_arp_answers_than_the_map_holds():
 
 
 def test_pool_larger_than_a_ring():
-    cfg = from_flags(["10.1.1.101:80"], [f"10.1.11.{i}:80" for i in range(1, 34)])
+    def pool(n):
+        return from_flags(["10.1.1.101:80"], [f"10.1.11.{i}:80" for i in range(1, n + 1)])
+    limits = dict(LIMITS, max_backends=64)
+    assert len(planner.desired(pool(32), LINKS, planner.DataplaneState(), **limits)
+               .services[(A("10.1.1.101"), 80, 6)].slots) == 32         # a full ring
     with pytest.raises(planner.CapacityError, match="33 servers do not fit a ring of 32"):
-        planner.desired(cfg, LINKS, planner.DataplaneState(), max_services=8, max_backends=64,
-                        ring_size=32, max_maglev=2)
+        planner.desired(pool(33), LINKS, planner.DataplaneState(), **limits)
 
 
 # --- Maglev pools and timeouts -------------------------------------------------
