@@ -333,6 +333,9 @@ PASS_THROUGH = [
                                       eth_src=VIP_MAC, eth_dst=CLIENT_MAC), 1, "pass_arp"),
     ("arp-reply-gratuitous", arp_frame(2, CLIENT, CLIENT, hwdst="ff:ff:ff:ff:ff:ff"), 1,
      "pass_arp"),
+    # Another node announcing the VIP (a pair's failover): a reply, not asked of us.
+    ("arp-reply-gratuitous-for-vip", arp_frame(2, VIP, VIP, hwdst="ff:ff:ff:ff:ff:ff"), 1,
+     "pass_arp"),
     ("arp-request-for-vip-cut-short", arp_frame(1, CLIENT, VIP)[:14 + 8 + 10], 1, "pass_arp"),
     ("backend-reply-without-flow", tcp_frame(BACKENDS[1][0], CLIENT, 8080, 49999, flags="SA",
                                              eth_src=BACKEND_MAC), 0, "pass_not_vip"),
@@ -404,6 +407,9 @@ NOT_SERVED = [
     ("icmp-timestamp-to-vip", raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
                                   / IP(src=str(CLIENT), dst=str(VIP))
                                   / ICMP(type=13) / Raw(b"t" * 12))),
+    ("icmp-echo-code-1-to-vip", raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
+                                    / IP(src=str(CLIENT), dst=str(VIP))
+                                    / ICMP(type=8, code=1) / Raw(b"ping"))),
     ("icmp-error-to-vip-about-no-flow", raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
                                             / IP(src=str(CLIENT), dst=str(VIP))
                                             / ICMP(type=3, code=3)
@@ -444,6 +450,10 @@ FRAGMENTS = [
     ("vip-icmp-more-fragments", raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
                                     / IP(src=str(CLIENT), dst=str(VIP), flags="MF")
                                     / ICMP() / Raw(b"b" * 16)), XDP_DROP, "drop_fragment"),
+    # The last fragment (an offset, no MF), here one that looks like a ping.
+    ("vip-icmp-last-fragment", raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
+                                   / IP(src=str(CLIENT), dst=str(VIP), frag=185, proto=1)
+                                   / Raw(raw(ICMP()) + b"b" * 16)), XDP_DROP, "drop_fragment"),
     ("other-address-icmp-more-fragments", raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
                                               / IP(src=str(CLIENT), dst=str(OTHER), flags="MF")
                                               / ICMP() / Raw(b"b" * 16)), XDP_PASS,
