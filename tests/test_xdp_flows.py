@@ -837,15 +837,18 @@ def test_an_adopted_first_fragment_leads_its_later_ones(adopting, fibnet):
 
 def test_a_connection_of_this_node_whose_reply_entry_went_is_not_adopted(adopting, fibnet):
     """This node's own connection lost its reply entry (the LRU evicts
-    entries): the backend's next packet writes it again where the forward
-    entry is, with no second copy of the connection and nothing counted
-    adopted or created, and its FIN closes the connection."""
+    entries), before the answer or after: the backend's next packet writes it
+    again where the forward entry is, with no second copy of the connection
+    and nothing counted adopted or created, and does what it would have done
+    there: an answer marks the connection answered (the client's next packet
+    moves it to the established table), a FIN closes it."""
     lb, dp = adopting, adopting.dp
     ext, int_ = fibnet.ifindex["ext"], fibnet.ifindex["int"]
     sport = 56500
     bid = maglev_backend(CLIENT, sport)
     addr, port = BACKENDS[bid]
     lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="S"), ext)
+    evict(dp, "flows_new", (addr, CLIENT, port, sport, TCP_P))
     lb.send(from_backend(bid, sport, "SA"), int_)
     lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="A"), ext)
     table, fwd, reply = connection(dp, sport, vip=MVIP)
@@ -858,6 +861,7 @@ def test_a_connection_of_this_node_whose_reply_entry_went_is_not_adopted(adoptin
     assert counters(dp) == before
     assert (CLIENT, MVIP, sport, 80, TCP_P) not in entries(dp, "flows_new")
     assert connection(dp, sport, vip=MVIP)[2]._replace(seen=0) == reply._replace(seen=0)
+    evict(dp, "flows", (addr, CLIENT, port, sport, TCP_P))
     lb.send(from_backend(bid, sport, "FA"), int_)
     _, fwd, reply = connection(dp, sport, vip=MVIP)
     assert (fwd.state, reply.state) == (STATE["closing"], STATE["closing"])
