@@ -867,6 +867,19 @@ def test_a_connection_of_this_node_whose_reply_entry_went_is_not_adopted(adoptin
     assert (fwd.state, reply.state) == (STATE["closing"], STATE["closing"])
 
 
+def test_what_cannot_be_balanced_to_an_address_on_a_vips_filter_bit_passes(lb, fibnet):
+    """The VIP filter takes such an address for a VIP's: what xlb cannot
+    balance (another protocol, a later fragment no entry knows) is dropped
+    only if the address is a VIP."""
+    for frame in (raw(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=str(CLIENT),
+                                                              dst=str(ON_A_VIPS_BIT), proto=47)
+                      / Raw(b"g" * 16)),
+                  tcp_frame(CLIENT, ON_A_VIPS_BIT, 56600, 80, ip_flags=0, frag=185)):
+        res = lb.send(frame, fibnet.ifindex["ext"])
+        assert (res.action, res.data) == (XDP_PASS, frame)
+        lb.expect("pass_not_vip")
+
+
 def test_a_client_on_a_vips_filter_bit_is_adopted_as_any(adopting, fibnet):
     """The VIP filter takes the client's address for a VIP's: the backend's
     packet is adopted all the same (no service has that address)."""
