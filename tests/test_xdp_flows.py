@@ -15,7 +15,7 @@ from dataclasses import replace
 from ipaddress import IPv4Address
 
 import pytest
-from scapy.layers.inet import ICMP, IP
+from scapy.layers.inet import ICMP, IP, IPOption_EOL, IPOption_NOP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
@@ -215,19 +215,25 @@ def forwarding(lb, mode: str):
     ("fast", "10.1.13.50", "fib_frag_needed"),       # behind the link of MTU 1280
     ("kernel", "10.1.13.52", "reply"),
 ])
+@pytest.mark.parametrize("header", [dict(ip_flags=0),
+                                    dict(ip_options=[IPOption_NOP()] * 3 + [IPOption_EOL()])],
+                         ids=["no-df", "df-ip-options"])
 def test_over_the_egress_mtu_without_df_goes_to_the_kernel_to_fragment(lb, fibnet, mode, client,
-                                                                         reason):
-    sport = 50200 + len(mode)
+                                                                         reason, header):
+    """Without DF the kernel fragments it; with DF but IP options, which xlb's
+    own "fragmentation needed" cannot quote, the kernel answers it: either
+    way the kernel gets it rewritten."""
+    sport = 50200 + len(mode) + (10 if "ip_options" in header else 0)
     with forwarding(lb, mode):
         bid = backend_of(lb.send(tcp_frame(client, VIP, sport, 80, flags="S"),
                                  fibnet.ifindex["ext"]).data)
         be_addr, be_port = BACKENDS[bid]
         big = tcp_frame(be_addr, client, be_port, sport, flags="A", payload=b"x" * 1300,
-                        eth_src=BACKEND_MAC, ip_flags=0)
+                        eth_src=BACKEND_MAC, **header)
         res = lb.send(big, fibnet.ifindex["int"])
     assert res.action == XDP_PASS
     assert res.data == tcp_frame(VIP, client, 80, sport, flags="A", payload=b"x" * 1300,
-                                 eth_src=BACKEND_MAC, ip_flags=0)
+                                 eth_src=BACKEND_MAC, **header)
     lb.expect(reason, flow=("out", SVC_TCP, bid, False))
 
 
