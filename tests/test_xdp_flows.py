@@ -1218,6 +1218,19 @@ def test_an_error_about_a_reply_goes_to_the_backend(lb, fibnet, proto, size):
     lb.expect("icmp_to_backend")
 
 
+@pytest.mark.parametrize("first_byte", [0x65, 0x46], ids=["version-6", "ihl-6"])
+def test_an_error_quoting_no_plain_ipv4_header_is_about_no_flow(lb, fibnet, first_byte):
+    """The quote is read as an IPv4 header of 20 bytes: another version, or
+    options, is no packet of a flow, even with a live flow's ports at byte 20."""
+    sport = 56150 + first_byte % 16
+    lb.send(syn(sport), fibnet.ifindex["ext"])
+    quoted = bytes([first_byte]) + quote(tcp_frame(VIP, CLIENT, 80, sport, flags="PA"))[1:]
+    frame = icmp_frame("10.1.1.2", VIP, ICMP(type=3, code=4, nexthopmtu=1200), quoted)
+    res = lb.send(frame, fibnet.ifindex["ext"])
+    assert (res.action, res.data) == (XDP_DROP, frame)
+    lb.expect("drop_no_service")
+
+
 @pytest.mark.parametrize("client", [CLIENT, ON_A_VIPS_BIT], ids=["client", "on-a-vips-bit"])
 def test_an_error_of_the_backend_goes_to_the_client(lb, fibnet, client):
     """The backend has nothing on a UDP port: its port-unreachable reaches the
