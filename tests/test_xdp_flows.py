@@ -1438,6 +1438,23 @@ def test_next_hops_that_share_a_cache_slot_are_each_resolved(root, fibnet):
         dp.close()
 
 
+def test_a_next_hop_is_cached_for_the_link_its_packets_came_in_by(root, fibnet):
+    """The FIB answers for a packet as it came in (forwarding may be off on
+    that link): a next hop resolved for one link's packets is not another's,
+    even in the same cache slot."""
+    from xlb.datapath import Limits
+
+    dp = one_backend(Limits(max_hops=1))
+    try:
+        be_addr, be_port = BACKENDS[1]
+        res = dp.test_run(tcp_frame(CLIENT, VIP, 57110, 80), fibnet.ifindex["ext"])
+        assert res.action == XDP_REDIRECT
+        res = dp.test_run(tcp_frame(CLIENT, VIP, 57111, 80), fibnet.ifindex["nofwd"])
+        assert (res.action, res.data) == (XDP_PASS, tcp_frame(CLIENT, be_addr, 57111, be_port))
+    finally:
+        dp.close()
+
+
 def test_the_clock_is_monotonic_time_counted_in_ticks(lb, fibnet):
     """Flows are stamped with the program's clock (bpf/clock.h: jiffies as ns):
     it keeps CLOCK_MONOTONIC's pace within a tick, and a flow's `seen` is a
