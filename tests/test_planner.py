@@ -474,6 +474,11 @@ def test_maglev_pool_is_not_held_to_the_ring_size():
     assert len(set(st.services[WWW].slots)) == 40
 
 
+def test_maglev_pool_shares_slots_by_weight():
+    slots = desired(_maglev(S1, replace(S2, weight=3), size=4001)).services[WWW].slots
+    assert abs(slots.count(1) / slots.count(0) - 3) < 0.1
+
+
 def test_timeouts_are_set_before_the_service_and_again_only_when_changed():
     fe = Frontend("www", A("10.1.1.101"), 80, "tcp", "p", timeout_syn=5, timeout_udp=30)
     cfg = Config(frontends=(fe,), pools=_pool(S1).pools)
