@@ -886,6 +886,25 @@ def test_what_cannot_be_balanced_to_an_address_on_a_vips_filter_bit_passes(lb, f
         lb.expect("pass_not_vip")
 
 
+def test_a_packet_from_another_port_of_the_chosen_servers_address_is_not_adopted(adopting,
+                                                                                   fibnet):
+    """Two servers of the pool on one host (8080, and here 9090): the packet of
+    the one Maglev does not send the client to passes, though its address is
+    the chosen server's."""
+    lb, dp = adopting, adopting.dp
+    sport = 56520
+    addr, _ = BACKENDS[maglev_backend(CLIENT, sport)]
+    dp.set_backend(9, addr, 9090)           # in no Maglev slot
+    dp.set_owner(addr, 9090, TCP_P, MVIP, 80)
+    try:
+        frame = tcp_frame(addr, CLIENT, 9090, sport, flags="A", eth_src=BACKEND_MAC)
+        res = lb.send(frame, fibnet.ifindex["int"])
+        assert (res.action, res.data) == (XDP_PASS, frame)
+        lb.expect("pass_not_vip")
+    finally:
+        dp.del_owner(addr, 9090, TCP_P)
+
+
 def test_a_client_on_a_vips_filter_bit_is_adopted_as_any(adopting, fibnet):
     """The VIP filter takes the client's address for a VIP's: the backend's
     packet is adopted all the same (no service has that address)."""
