@@ -33,8 +33,6 @@ from xlb.model import Monitor, Server
 
 import waiting
 
-pytestmark = pytest.mark.netns
-
 CLONE_NEWNET = 0x40000000
 LOCAL = IPv4Address("127.0.0.1")
 INTERVAL, TIMEOUT = 0.2, 0.15
@@ -268,6 +266,7 @@ async def checker(targets, rec: Recorder | None = None):
 
 # -- tests -----------------------------------------------------------------------
 
+@pytest.mark.netns
 def test_tcp_down_at_fall_failures_up_at_rise_successes(netns):
     async def main():
         m = tcp_monitor(rise=3, fall=2)
@@ -308,6 +307,7 @@ def test_tcp_down_at_fall_failures_up_at_rise_successes(netns):
     netns.run(main())
 
 
+@pytest.mark.netns
 def test_first_check_failing_marks_down_at_once(netns):
     async def main():
         m = tcp_monitor(fall=3)
@@ -327,6 +327,7 @@ def test_first_check_failing_marks_down_at_once(netns):
     netns.run(main())
 
 
+@pytest.mark.netns
 def test_initial_down_is_decided_by_the_first_check(netns):
     """A control plane that takes over servers it finds down starts them down;
     the first passing check brings one up at once (rise is not waited for)."""
@@ -355,6 +356,7 @@ def test_initial_down_is_decided_by_the_first_check(netns):
     netns.run(main())
 
 
+@pytest.mark.netns
 def test_http_status_body_and_host(netns):
     async def main():
         behaviour = HttpBehaviour(hosts={"/a": "svc.example", "/b": "127.0.0.1"})
@@ -412,6 +414,7 @@ def test_http_status_body_and_host(netns):
     netns.run(main())
 
 
+@pytest.mark.netns
 def test_http_answer_with_bare_lf_lines(netns):
     """Lines ended by LF alone, as small servers (a shell script behind nc,
     firmware) send them and RFC 9112 lets a recipient accept: read as CRLF
@@ -438,6 +441,7 @@ def test_http_answer_with_bare_lf_lines(netns):
     netns.run(main())
 
 
+@pytest.mark.netns
 def test_http_server_that_never_answers_times_out(netns):
     async def main():
         srv = await Listener(8004, HttpBehaviour(hang=True)).start()
@@ -455,6 +459,7 @@ def test_http_server_that_never_answers_times_out(netns):
     netns.run(main())
 
 
+@pytest.mark.netns
 def test_tcp_connect_timeout_when_syns_go_unanswered(netns):
     async def main():
         # A listener whose accept queue (backlog 0: one connection) is full drops SYNs.
@@ -479,6 +484,7 @@ def test_tcp_connect_timeout_when_syns_go_unanswered(netns):
     netns.run(main())
 
 
+@pytest.mark.netns
 def test_separate_check_port(netns):
     async def main():
         service = await Listener(8006).start()
@@ -503,6 +509,7 @@ def test_separate_check_port(netns):
     netns.run(main())
 
 
+@pytest.mark.netns
 def test_type_none_is_never_checked(netns):
     async def main():
         srv = await Listener(8008).start()
@@ -517,6 +524,7 @@ def test_type_none_is_never_checked(netns):
     netns.run(main())
 
 
+@pytest.mark.netns
 def test_set_targets_while_running(netns):
     async def main():
         a_srv = await Listener(8009).start()
@@ -585,6 +593,7 @@ class ScheduleRecorder(Recorder):
         self.due.setdefault(key, []).append((self.hc._entries[key].next_start, health._now()))
 
 
+@pytest.mark.netns
 def test_fixed_rate_and_spread_first_checks(netns):
     """Read from the schedule the checker keeps, not from gaps between checks."""
     async def main():
@@ -629,6 +638,7 @@ def test_fixed_rate_and_spread_first_checks(netns):
     netns.run(main())
 
 
+@pytest.mark.netns
 def test_callback_errors_do_not_stop_checking(netns):
     async def main():
         calls = []
@@ -662,6 +672,7 @@ def test_callback_errors_do_not_stop_checking(netns):
     netns.run(main())
 
 
+@pytest.mark.netns
 def test_stop_from_another_thread_and_before_run(netns):
     hc = HealthChecker(lambda tr: None)
     key = ("p", "x")
@@ -682,6 +693,7 @@ def test_stop_from_another_thread_and_before_run(netns):
     netns.run(asyncio.wait_for(hc.run(), PATIENCE))
 
 
+@pytest.mark.netns
 def test_cancelling_run_closes_every_socket(netns):
     async def main():
         fds = len(os.listdir("/proc/self/fd"))
