@@ -28,7 +28,8 @@ from .model import (ALGORITHMS, BODY_LIMIT, MAGLEV_SERVERS_MAX, MAGLEV_SIZE_MAX,
                     MONITOR_TYPES, ON_SERVER_DOWN, PROTOCOLS, RING_SIZE, TIMEOUT_RANGE,
                     WEIGHT_RANGE, Config, ConfigError, Frontend, Monitor, Pool, Server,
                     check_count, check_http_path, check_interface, check_maglev_servers,
-                    check_maglev_size, check_port, check_seconds, has_space, parse_host)
+                    check_maglev_size, check_port, check_seconds, default_timeout, has_space,
+                    parse_host)
 
 SECTIONS = ("monitors", "servers", "pools", "frontends")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -348,7 +349,7 @@ class _Loader:
         values = self.fields(path, obj, checks, defaults={"interval": 2.0})
         timeout, interval = values.get("timeout"), values.get("interval")
         if "timeout" not in obj and interval is not None:
-            values["timeout"] = min(1.0, interval)      # as `xlb up --interval`
+            values["timeout"] = default_timeout(interval)
         elif timeout is not None and interval is not None and timeout > interval:
             self.problem(f"{path}.timeout", f"{timeout} is longer than the interval {interval}")
         if len(self.problems) > before or not NAME_RE.fullmatch(name):

@@ -61,6 +61,12 @@ class Monitor:
     fall: int = 3
 
 
+def default_timeout(interval: float) -> float:
+    """A monitor's timeout when none is given: 1 s, or its interval if shorter
+    (as HAProxy's check takes its `inter`)."""
+    return min(Monitor.timeout, interval)
+
+
 @dataclass(frozen=True)
 class Server:
     name: str
@@ -290,7 +296,7 @@ def monitor_from_flags(kind: str, port: int | None, interval: float, rise: int,
     if kind == "none":
         return None
     return Monitor(name="default", type=mtype, port=port, path=path, interval=interval,
-                   timeout=min(1.0, interval), rise=rise, fall=fall)
+                   timeout=default_timeout(interval), rise=rise, fall=fall)
 
 
 def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
