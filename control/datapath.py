@@ -200,25 +200,31 @@ def _copy_map(src: int, info: bpfsys.MapInfo, dst: int, max_entries: int) -> Non
             copied += 1
 
 
-def _dump(name: str, fd: int, ksize: int, vsize: int, max_entries: int) -> tuple[bytes, bytes]:
-    """All keys and values of a hash map, concatenated, in BPF_MAP_LOOKUP_BATCH
-    calls of up to 64k entries (the batch token of a hash map is a u32 bucket)."""
+def _batches(name: str, fd: int, ksize: int, vsize: int, max_entries: int):
+    """Each batch of a hash map's keys and values, concatenated, as
+    BPF_MAP_LOOKUP_BATCH reads them: up to 64k entries a call (the batch token
+    of a hash map is a u32 bucket)."""
     chunk = min(max_entries, 65536)
     kbuf, vbuf = ct.create_string_buffer(ksize * chunk), ct.create_string_buffer(vsize * chunk)
     token_in, token_out = ct.c_uint32(0), ct.c_uint32(0)
-    keys, values, first = [], [], True
+    first = True
     while True:
         count = ct.c_uint32(chunk)
         rc = lib.bpf_lookup_batch(fd, None if first else ct.byref(token_in),
                                   ct.byref(token_out), kbuf, vbuf, ct.byref(count))
         err = ct.get_errno()
-        keys.append(kbuf.raw[:count.value * ksize])
-        values.append(vbuf.raw[:count.value * vsize])
+        yield kbuf.raw[:count.value * ksize], vbuf.raw[:count.value * vsize]
         if rc != 0:
             if err == errno.ENOENT:
-                return b"".join(keys), b"".join(values)
+                return
             raise DatapathError(f"cannot read {name}: {os.strerror(err)}")
         token_in.value, first = token_out.value, False
+
+
+def _dump(name: str, fd: int, ksize: int, vsize: int, max_entries: int) -> tuple[bytes, bytes]:
+    """All keys and values of a hash map, concatenated."""
+    keys, values = zip(*_batches(name, fd, ksize, vsize, max_entries))
+    return b"".join(keys), b"".join(values)
 
 
 @dataclass(frozen=True)
@@ -352,20 +358,8 @@ def _table_name(kernel_name: str) -> str:
 
 def _count_entries(fd: int, info: bpfsys.MapInfo) -> int:
     """Entries of a hash map, read in batches."""
-    chunk = 4096
-    keys = ct.create_string_buffer(chunk * info.key_size)
-    values = ct.create_string_buffer(chunk * _value_bytes(info))
-    total, batch, first = 0, ct.c_uint32(0), True
-    while True:
-        count = ct.c_uint32(chunk)
-        ret = lib.bpf_lookup_batch(fd, None if first else ct.byref(batch), ct.byref(batch),
-                                   keys, values, ct.byref(count))
-        total += count.value
-        if ret != 0:
-            if ct.get_errno() != errno.ENOENT:
-                raise DatapathError(f"cannot read the flow table: {os.strerror(ct.get_errno())}")
-            return total
-        first = False
+    return sum(len(keys) // info.key_size for keys, _ in
+               _batches(info.name, fd, info.key_size, _value_bytes(info), info.max_entries))
 
 
 def _detach(ifindex: int, fd: int, mode: str) -> None:
