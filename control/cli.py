@@ -87,12 +87,12 @@ def cli() -> None:
 @click.option("--metrics", "metrics_at", default="127.0.0.1:9717", show_default=True,
               metavar="ADDR:PORT|off",
               help="Serve Prometheus metrics at http://ADDR:PORT/metrics, or not.")
-@click.option("--forwarding", type=click.Choice(["fast", "kernel"]), default="fast",
-              show_default=True,
+@click.option("--forwarding", type=click.Choice(["fast", "kernel"]),
               help="fast: send rewritten packets to their next hop from XDP (bpf_fib_lookup, "
                    "XDP_TX/XDP_REDIRECT), leaving to the kernel only what it must resolve; "
                    "kernel: hand them to the kernel's IP stack (XDP_PASS). Either way xlb "
-                   "itself tells the sender of a packet too big for its next hop.")
+                   "itself tells the sender of a packet too big for its next hop. Default: "
+                   "as the running data path, which `xlb up` adopts, forwards, else fast.")
 @click.option("--flow-table", "flow_table", type=click.IntRange(min=1), metavar="CONNECTIONS",
               help="Established connections the flow table holds (two entries each; "
                    "default: the size of the running data path's, which `xlb up` adopts, "
@@ -155,13 +155,14 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
         _valid("--announce-table", check_table, announce_table)
     from .datapath import DatapathError     # imports bcc only when it is needed
     limits = None if flow_table is None else _flow_table(flow_table)
+    fast_path = None if forwarding is None else forwarding == "fast"
     if os.geteuid() != 0:
         raise Failure("xlb up needs root, to load and attach XDP programs")
     from . import daemon
     from .planner import CapacityError
     try:
         code = daemon.up(config, config_path.absolute() if config_path else None,
-                         metrics_address, limits, forwarding == "fast", role, announce_table)
+                         metrics_address, limits, fast_path, role, announce_table)
     except (ctl.AlreadyRunning, ctl.ControlError) as e:
         raise Failure(str(e)) from None
     except (LookupError, CapacityError) as e:

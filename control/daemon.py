@@ -437,7 +437,7 @@ def _raise_stop(signum, frame):
 
 def up(config: Config, config_path: Path | None = None,
        metrics_address: tuple[str, int] | None = None, limits: Limits | None = None,
-       fast_path: bool = True, role: str = "active",
+       fast_path: bool | None = None, role: str = "active",
        announce_table: int | None = None) -> int:
     """Runs the balancer in the foreground until SIGINT or SIGTERM (or `xlb down`).
 
@@ -446,7 +446,9 @@ def up(config: Config, config_path: Path | None = None,
     signal, `xlb down`) or a failed fresh start detaches it; after a crash it
     keeps forwarding, and the next `xlb up` adopts it (see Datapath). Without
     limits (no --flow-table), an adopted flow table keeps its size: another
-    would be a copy, which loses what does not fit."""
+    would be a copy, which loses what does not fit. Without fast_path (no
+    --forwarding), an adopted data path forwards as it did: a restart does not
+    turn on a fast path that its links cannot carry (veth peers without XDP)."""
     control = ctl.Listener()
     datapath = running = exporter = None
     serving = stopping = False
@@ -473,6 +475,8 @@ def up(config: Config, config_path: Path | None = None,
             log.event("adopt", program=running.info.id, tag=running.info.tag,
                       interfaces=",".join(a.ifname for _, a in running.attached.values()))
         datapath = Datapath(limits, running)    # compiles: the old program serves meanwhile
+        if fast_path is None:
+            fast_path = datapath.fast_path if datapath.kept("config") else True
         datapath.set_forwarding(fast_path)
         for name in datapath.fresh_maps:
             log.event("adopt", level="warning", map=name,

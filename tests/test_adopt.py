@@ -59,6 +59,7 @@ def test_a_new_program_keeps_every_running_map():
         old.close()
     try:
         assert new.fresh_maps == []
+        assert all(new.kept(name) for name in layout.MAPS)
         after = running_of(new)
         assert map_ids(after) == before and set(before) == set(layout.MAPS)
         after.close()
@@ -84,6 +85,7 @@ def test_a_map_that_changed_size_is_copied_and_the_rest_kept():
         old.close()
     try:
         assert new.fresh_maps == ["flows (copied: 1024 -> 2048 entries)"]
+        assert new.kept("flows")
         after = running_of(new)
         ids = map_ids(after)
         after.close()
@@ -138,35 +140,64 @@ def test_a_resized_flow_table_takes_what_the_running_program_wrote_until_the_swa
             running.close()
 
 
-def test_a_program_without_control_stats_is_adopted_and_counts_from_zero(tmp_path):
-    """An upgrade from a build before control_stats (its control process kept
-    those counts in memory): every map it has is kept, control_stats is new,
-    at zero, and the next adoption finds it."""
+def adopt_older_build(tmp_path, file: str, old_text: str, new_text: str):
+    """A Datapath adopting the maps of a build whose bpf/`file` has new_text
+    for old_text; returns it and the older build's map ids."""
     from bcc import BPF
     from xlb.datapath import PROG_NAME, Datapath, Limits, Running, defines, maps_of
     src = tmp_path / "bpf"
     shutil.copytree(layout.BPF_DIR, src)
-    source = src / "xlb.c"
-    declared = "BPF_ARRAY(control_stats, struct control_counters, 1);\n"
+    source = src / file
     text = source.read_text()
-    assert text.count(declared) == 1
-    source.write_text(text.replace(declared, ""))
-    old = BPF(src_file=str(source).encode(), cflags=[f"-I{src}", "-w", *defines(Limits())])
+    assert text.count(old_text) == 1
+    source.write_text(text.replace(old_text, new_text))
+    old = BPF(src_file=str(src / "xlb.c").encode(),
+              cflags=[f"-I{src}", "-w", *defines(Limits())])
     try:
         info = bpfsys.prog_info(old.load_func(PROG_NAME.encode(), BPF.XDP).fd)
         running = Running(info, {}, maps_of(info))
         before = map_ids(running)
-        new = Datapath(running=running)
+        return Datapath(running=running), before
     finally:
         old.cleanup()
+
+
+def test_a_program_without_control_stats_is_adopted_and_counts_from_zero(tmp_path):
+    """An upgrade from a build before control_stats (its control process kept
+    those counts in memory): every map it has is kept, control_stats is new,
+    at zero, and the next adoption finds it."""
+    new, before = adopt_older_build(
+        tmp_path, "xlb.c", "BPF_ARRAY(control_stats, struct control_counters, 1);\n", "")
     try:
         assert new.fresh_maps == [] and set(before) == set(layout.MAPS) - {"control_stats"}
+        assert new.kept("config") and not new.kept("control_stats")
         after = running_of(new)
         ids = map_ids(after)
         after.close()
         assert {k: v for k, v in ids.items() if k != "control_stats"} == before
         assert set(ids) == set(layout.MAPS)
         assert bytes(new.control_counters()) == bytes(layout.ControlCounters())
+    finally:
+        new.close()
+
+
+def test_a_map_whose_layout_changed_starts_empty_and_the_rest_is_kept(tmp_path):
+    """What it held is lost: `xlb up` must not take its defaults (the config's
+    forwarding flag) for the running data path's."""
+    new, before = adopt_older_build(tmp_path, "xlb_shared.h", "\t__u32 pad;\n\t__u64 vip_bits",
+                                    "\t__u32 pad;\n\t__u64 older;\n\t__u64 vip_bits")
+    try:
+        assert new.fresh_maps == ["config (emptied: its layout changed)"]
+        assert not new.kept("config")
+        # control_stats only when bound to the program, as Datapath does.
+        kept = set(layout.MAPS) - {"config", "control_stats"}
+        assert set(before) == kept | {"config"}
+        assert all(new.kept(name) for name in kept)
+        after = running_of(new)
+        ids = map_ids(after)
+        after.close()
+        assert ids["config"] != before["config"]
+        assert {k: ids[k] for k in kept} == {k: before[k] for k in kept}
     finally:
         new.close()
 

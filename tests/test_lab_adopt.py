@@ -207,6 +207,22 @@ def test_a_restart_without_flow_table_keeps_the_running_tables_size(lab):
     assert after["created"] == before["created"] == 4
 
 
+def test_a_restart_without_forwarding_keeps_the_running_data_paths_mode(lab):
+    """Kernel forwarding is chosen where the fast path cannot work (a veth
+    peer without XDP): a bare restart must not turn the fast path on."""
+    with lab.xlb(*SEED_ARGS):
+        assert lab.status()["forwarding"] == "fast"       # a fresh start's default
+    with lab.xlb(*SEED_ARGS, "--forwarding", "kernel") as first:
+        first.stop(signal.SIGKILL)
+    with lab.xlb(*SEED_ARGS) as second:
+        assert "adopted the running data path" in second.serving_line
+        assert lab.status()["forwarding"] == "kernel"
+        assert lab.client("client", "http", VIP, "80", "--count", "4")["errors"] == []
+        second.stop(signal.SIGKILL)
+    with lab.xlb(*SEED_ARGS, "--forwarding", "fast"):
+        assert lab.status()["forwarding"] == "fast"
+
+
 def test_status_and_down_of_a_data_path_without_its_control_process(lab):
     with lab.xlb(*SEED_ARGS) as x:
         assert lab.client("client", "http", VIP, "80", "--count", "4",
