@@ -285,9 +285,10 @@ def apply(file: Path | None) -> None:
     nothing. The instance computes the difference and applies it: a service
     switches to its new backend set in one step, established flows to servers
     that remain are untouched, flows of removed servers follow their pool's
-    on_server_down. Drain and maint set with `xlb server` stay with each server
-    the file keeps in that pool; one it forgets (the server gone from the pool,
-    the pool renamed) is warned of.
+    on_server_down; a server renamed (or its pool) at the same address and port
+    is the same server, whose flows go on. Drain and maint set with `xlb server`
+    stay with each server the file keeps in that pool; one it forgets (the
+    server gone from the pool, the server or pool renamed) is warned of.
     """
     if file is None:
         served = _request("show")["config"]

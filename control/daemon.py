@@ -100,7 +100,8 @@ class Balancer:
         states = self._server_states(config, admin, health)
         lim = self.datapath.limits
         target = planner.desired(config, links, self.state, lim.max_services, lim.max_backends,
-                                 lim.ring_size, lim.max_maglev, states, lim.max_arp)
+                                 lim.ring_size, lim.max_maglev, states, lim.max_arp,
+                                 planner.renames(self.config, self.state, config))
         if self.role == "backup":
             target = dataclasses.replace(target, arp={})
         ends = planner.flows_to_end(self.config, self.states, self.state, config, states, target)

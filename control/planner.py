@@ -126,17 +126,58 @@ def _maglev_table(backends: tuple[maglev.Backend, ...], size: int) -> tuple[int,
     return tuple(maglev.table(list(backends), size))
 
 
+def _pool_services(config: Config) -> dict[str, set[ServiceKey]]:
+    out: dict[str, set[ServiceKey]] = {}
+    for f in config.frontends:
+        out.setdefault(f.pool, set()).add((f.vip, f.port, f.proto_number))
+    return out
+
+
+def renames(old: Config, previous: DataplaneState, new: Config) -> dict[BackendKey, BackendKey]:
+    """The servers of `previous` (named after `old`) that `new` has under another
+    name at the same address and port: renamed, in a renamed pool, or both.
+    They are the same real server, so they keep their ids, and with them
+    their flows and counters. A pool of another name is the same pool when it
+    serves a frontend the old one served; else an address in it is a new server."""
+    endpoints = {(p.name, s.name): (int(s.address), s.port) for p in new.pools
+                 for s in p.servers}
+    left: dict[tuple[int, int], list[BackendKey]] = {}  # old servers gone from where they were
+    for key, b in previous.backends.items():
+        endpoint = (int(b.address), b.port)
+        if endpoints.get(key) != endpoint:
+            left.setdefault(endpoint, []).append(key)
+    if not left:
+        return {}
+    served, serves = _pool_services(old), _pool_services(new)
+    out = {}
+    for key, endpoint in endpoints.items():
+        b = previous.backends.get(key)
+        if b is not None and (int(b.address), b.port) == endpoint:
+            continue
+        same = [k for k in left.get(endpoint, ())
+                if k[0] == key[0] or served.get(k[0], set()) & serves.get(key[0], set())]
+        if same:
+            k = min(same, key=lambda c: (c[0] != key[0], c[1] != key[1],
+                                         previous.backends[c].id))
+            left[endpoint].remove(k)
+            out[k] = key
+    return out
+
+
 def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
             max_services: int, max_backends: int, ring_size: int, max_maglev: int,
-            states: Mapping[BackendKey, str] = {}, max_arp: int = MAX_ARP) -> DataplaneState:
-    """`states` maps (pool, server) to server_state(); a missing key is "up"."""
+            states: Mapping[BackendKey, str] = {}, max_arp: int = MAX_ARP,
+            renamed: Mapping[BackendKey, BackendKey] = {}) -> DataplaneState:
+    """`states` maps (pool, server) to server_state(); a missing key is "up".
+    `renamed` (see renames) gives servers of `previous` their names in `config`."""
     # Ids go by a server's name and where it is: a server given another address
     # or port is a new server (a new id), and the flows still going to its old
-    # address stay on the old id, retired, as a removed server's do. (Addresses
-    # as numbers: an IPv4Address hashes in Python, 10,000 servers take 50 ms.)
+    # address stay on the old id, retired, as a removed server's do. A renamed
+    # one keeps its id. (Addresses as numbers: an IPv4Address hashes in Python,
+    # 10,000 servers take 50 ms.)
     ids, retired_backends = _allocate([(p.name, s.name, int(s.address), s.port)
                                        for p in config.pools for s in p.servers],
-                                      {(*k, int(b.address), b.port): b.id
+                                      {(*renamed.get(k, k), int(b.address), b.port): b.id
                                        for k, b in previous.backends.items()},
                                       previous.retired_backends, max_backends, "backends")
     backend_ids = {k[:2]: i for k, i in ids.items()}
@@ -238,18 +279,21 @@ def flows_to_end(old: Config, old_states: Mapping[BackendKey, str], current: Dat
     (disabled), those of a server that went down or away from a pool whose
     policy is "reset", and those of a frontend that is gone. Drained servers,
     and gone or down servers under "keep", keep their flows. A server given
-    another address or port (a new id) is gone from its old one."""
+    another address or port (a new id) is gone from its old one; one renamed
+    at the same address and port (its id kept, see renames) is not."""
     policies = {p.name: p.on_server_down for p in old.pools}
     policies.update({p.name: p.on_server_down for p in new.pools})
+    successors = {b.id: (key, b) for key, b in target.backends.items()}
     ended = set()
     for key, b in current.backends.items():
         before = old_states.get(key, "up")
-        kept = key in target.backends and target.backends[key].id == b.id
-        after = new_states.get(key, "up") if kept else "gone"
+        now, t = successors.get(b.id, (None, None))
+        kept = t is not None and (t.address, t.port) == (b.address, b.port)
+        after = new_states.get(now, "up") if kept else "gone"
         if after == before:
             continue
         if after == "maint" or (after in ("down", "gone") and before != "maint"
-                                and policies[key[0]] == "reset"):
+                                and policies[(now if kept else key)[0]] == "reset"):
             ended.add(b.id)
     services = {s.id for k, s in current.services.items() if k not in target.services}
     return FlowsToEnd(frozenset(ended), frozenset(services))
@@ -280,11 +324,12 @@ def plan(current: DataplaneState, target: DataplaneState) -> list[Op]:
             ops.append(("set_backend", b.id, b.address, b.port, True))
     # An id that another server or frontend had (taken again once every id was
     # used, see _allocate) starts its counters at zero: its traffic so far was
-    # the other's, and would show as the newcomer's.
-    held = {b.id: (k, b.address, b.port) for k, b in current.backends.items()}
-    for key, b in target.backends.items():
+    # the other's, and would show as the newcomer's. A server renamed at the
+    # same address and port keeps its id (renames), and its counters.
+    held = {b.id: (b.address, b.port) for b in current.backends.values()}
+    for b in target.backends.values():
         if (b.id in held or b.id in current.retired_backends) and \
-                held.get(b.id) != (key, b.address, b.port):
+                held.get(b.id) != (b.address, b.port):
             ops.append(("clear_backend_counters", b.id))
         if current_backends.get(b.id) != b:
             ops.append(("set_backend", b.id, b.address, b.port, b.closed))

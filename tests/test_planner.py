@@ -265,6 +265,65 @@ def test_a_server_given_another_address_or_port_is_a_new_server(policy, ended, m
     assert ("set_backend", 2, s2.address, s2.port, False) in ops
 
 
+def _renamed(old, new, old_states={}, new_states={}):
+    """The target of applying `new` over `old` (as Balancer.apply does), and
+    the flows that ends."""
+    cur = desired(old, states=old_states)
+    tgt = planner.desired(new, LINKS, cur, **LIMITS, states=new_states,
+                          renamed=planner.renames(old, cur, new))
+    return cur, tgt, planner.flows_to_end(old, old_states, cur, new, new_states, tgt)
+
+
+@pytest.mark.parametrize("policy", ["reset", "keep"])
+@pytest.mark.parametrize("server,pool", [("s-1", "p"), ("s1", "web"), ("s-1", "web")])
+def test_a_renamed_server_is_the_same_server(policy, server, pool):
+    """Renamed, in a renamed pool (serving the same frontend), or both: at the
+    same address and port it keeps its id, so its flows go on whatever the
+    policy, and nothing is written."""
+    old = _pool(S1, S2, on_server_down=policy)
+    new = Config(frontends=(replace(old.frontends[0], pool=pool),),
+                 pools=(replace(old.pools[0], name=pool,
+                                servers=(replace(S1, name=server), S2)),))
+    cur, tgt, ends = _renamed(old, new)
+    assert {k: b.id for k, b in tgt.backends.items()} == {(pool, server): 0, (pool, "s2"): 1}
+    assert tgt.retired_backends == set()
+    assert ends == planner.FlowsToEnd(frozenset(), frozenset())
+    assert planner.plan(cur, tgt) == []
+
+
+def test_names_swapped_stay_with_the_addresses():
+    """s1 and s2 trade addresses (or s1 takes a new one and another name its
+    old one): ids follow the addresses, whose flows go on; a new address is a
+    new server."""
+    old = _pool(S1, S2, on_server_down="reset")
+    swapped = _pool(replace(S1, address=S2.address), replace(S2, address=S1.address),
+                    on_server_down="reset")
+    cur, tgt, ends = _renamed(old, swapped)
+    assert {k[1]: b.id for k, b in tgt.backends.items()} == {"s1": 1, "s2": 0}
+    assert ends.backend_ids == set()
+    # The ring, in the pool's order of names, is written anew; no backend is.
+    assert {op[0] for op in planner.plan(cur, tgt)} == {"write_ring", "set_service"}
+    moved = _pool(replace(S1, address=A("10.1.11.9")), replace(S1, name="t"), S2,
+                  on_server_down="reset")
+    cur, tgt, ends = _renamed(old, moved)
+    assert {k[1]: b.id for k, b in tgt.backends.items()} == {"s1": 2, "t": 0, "s2": 1}
+    assert ends.backend_ids == set()
+
+
+def test_an_address_moved_to_a_pool_of_another_frontend_is_a_new_server():
+    """The same address and port, in a pool that serves none of the frontends
+    its old pool served: a new server, and gone from its old pool, whose
+    policy ends its flows."""
+    old = _pool(S1, S2, on_server_down="reset")
+    new = Config(frontends=(*old.frontends, Frontend("alt", A("10.1.1.102"), 80, "tcp", "q")),
+                 pools=(replace(old.pools[0], servers=(S2,)),
+                        Pool("q", (replace(S1, name="t"),))))
+    cur, tgt, ends = _renamed(old, new)
+    assert {k: b.id for k, b in tgt.backends.items()} == {("p", "s2"): 1, ("q", "t"): 2}
+    assert tgt.retired_backends == {0}
+    assert ends.backend_ids == {0}
+
+
 def test_flows_of_a_removed_frontend_end():
     two = from_flags(["10.1.1.101:80", "10.1.1.102:80"], ["10.1.11.101:8080"])
     one = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"])

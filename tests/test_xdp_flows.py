@@ -1057,6 +1057,17 @@ def test_flows_ended_are_the_open_connections_that_ended(balancer, fibnet):
     assert entries(balancer.datapath, "flows") == {}
 
 
+def one_connection(balancer, fibnet, policy, sport):
+    """The balancer's pool given `policy`, and one connection to its server
+    10.1.11.101: (harness, config, pool, the server's backend id)."""
+    lb = Harness(balancer.datapath)
+    config = balancer.config
+    pool = replace(config.pools[0], on_server_down=policy)
+    balancer.apply(replace(config, pools=(pool,)), relink=False)
+    assert handshake(lb, fibnet, sport) == 1
+    return lb, config, pool, balancer.state.backends[("default", "backend1")].id
+
+
 @pytest.mark.parametrize("policy", ["reset", "keep"])
 def test_a_server_given_another_address_is_a_new_server(balancer, fibnet, policy):
     """An apply that moves a server (same name, another address) removes the
@@ -1064,12 +1075,7 @@ def test_a_server_given_another_address_is_a_new_server(balancer, fibnet, policy
     old address follow the pool's on_server_down, as a removed server's do,
     and none of them is the server's at its new address."""
     dp, ext = balancer.datapath, fibnet.ifindex["ext"]
-    lb = Harness(dp)
-    config = balancer.config
-    pool = replace(config.pools[0], on_server_down=policy)
-    balancer.apply(replace(config, pools=(pool,)), relink=False)
-    old_id = balancer.state.backends[("default", "backend1")].id
-    assert handshake(lb, fibnet, 53400) == 1                    # 10.1.11.101
+    lb, config, pool, old_id = one_connection(balancer, fibnet, policy, 53400)
     moved = replace(pool, servers=(replace(pool.servers[0], address=BACKENDS[2][0]),))
     ended = balancer.apply(replace(config, pools=(moved,)), relink=False)["flows_ended"]
 
@@ -1087,6 +1093,33 @@ def test_a_server_given_another_address_is_a_new_server(balancer, fibnet, policy
         assert res.action == XDP_REDIRECT and backend_of(res.data) == 1
         assert dp.flow_ledger().census.open.get(old_id) == 1
     assert backend_of(lb.send(syn(53401), ext).data) == 2       # new flows: the new address
+
+
+@pytest.mark.parametrize("policy", ["reset", "keep"])
+@pytest.mark.parametrize("rename", ["server", "pool"])
+def test_a_renamed_server_keeps_its_connections(balancer, fibnet, policy, rename):
+    """Renamed, or in a renamed pool for the same frontend, the server at the
+    same address and port is the same server: its open connections go on
+    (under "reset" too), still counted as its own, and so do its counters."""
+    ext = fibnet.ifindex["ext"]
+    lb, config, pool, old_id = one_connection(balancer, fibnet, policy, 53410)
+    before = balancer.status()["pools"][0]["servers"][0]
+    if rename == "server":
+        pool = replace(pool, servers=(replace(pool.servers[0], name="was-1"),))
+    else:
+        pool = replace(pool, name="web")
+        config = replace(config, frontends=tuple(replace(f, pool="web")
+                                                 for f in config.frontends))
+    assert balancer.apply(replace(config, pools=(pool,)), relink=False)["flows_ended"] == 0
+
+    key = (pool.name, pool.servers[0].name)
+    assert balancer.state.backends[key].id == old_id
+    server = balancer.status()["pools"][0]["servers"][0]
+    assert (server["name"], server["active_flows"]) == (key[1], 1)
+    assert server["packets_in"] == before["packets_in"] > 0
+    res = lb.send(tcp_frame(CLIENT, VIP, 53410, 80, flags="PA", payload=b"GET /"), ext)
+    assert res.action == XDP_REDIRECT and backend_of(res.data) == 1
+    assert removed(balancer)["ended"] == 0
 
 
 # A flood of new flows -------------------------------------------------------------------
