@@ -95,13 +95,15 @@ class Balancer:
         admin = {k: v for k, v in wanted.items() if k in keys}
         # A server given another address or port is a new server (planner.desired):
         # up until its first check there, whatever the checks of its old address said.
-        health = {k: v for k, v in self.health.items() if (b := self.state.backends.get(k))
-                  and endpoints.get(k) == (b.address, b.port)}
+        # One renamed at the same address and port is the same server, as checked.
+        renamed = planner.renames(self.config, self.state, config)
+        health = {renamed.get(k, k): v for k, v in self.health.items()
+                  if (b := self.state.backends.get(k))
+                  and endpoints.get(renamed.get(k, k)) == (b.address, b.port)}
         states = self._server_states(config, admin, health)
         lim = self.datapath.limits
         target = planner.desired(config, links, self.state, lim.max_services, lim.max_backends,
-                                 lim.ring_size, lim.max_maglev, states, lim.max_arp,
-                                 planner.renames(self.config, self.state, config))
+                                 lim.ring_size, lim.max_maglev, states, lim.max_arp, renamed)
         if self.role == "backup":
             target = dataclasses.replace(target, arp={})
         ends = planner.flows_to_end(self.config, self.states, self.state, config, states, target)

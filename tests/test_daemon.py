@@ -206,6 +206,20 @@ def test_a_server_given_another_address_is_checked_anew_and_keeps_its_admin_stat
     assert balancer.states[key] == "up"
 
 
+def test_a_renamed_server_keeps_its_health(balancer):
+    """Down by its checks, a server renamed at the same address and port (the
+    same server, planner.renames) stays down, out of the ring, until its checks
+    say otherwise: not up, taking new flows, until its first check."""
+    balancer.health[("default", "backend1")] = "down"
+    balancer.apply(balancer.config, relink=False)
+    pool = balancer.config.pools[0]
+    renamed = replace(pool, servers=(replace(pool.servers[0], name="was-1"),))
+    balancer.apply(replace(balancer.config, pools=(renamed,)), relink=False)
+    key = ("default", "was-1")
+    assert (balancer.health, balancer.states) == ({key: "down"}, {key: "down"})
+    assert balancer.state.services[(IPv4Address("10.1.1.101"), 80, 6)].slots == ()
+
+
 # -- health checks reaching the data path (HealthSync) ----------------------------
 # The servers listen on the FibNet's own 10.1.11.1, in this thread's namespace,
 # where the checker runs too (over its lo, which the FibNet leaves down).
