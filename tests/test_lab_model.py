@@ -202,6 +202,28 @@ def test_disable_stops_new_flows_and_ends_open_ones(lab, xlb):
     assert even_split(names(lab, 10), {"WAS1", "WAS2"}, 10)
 
 
+def test_renaming_servers_and_their_pool_keeps_open_connections(lab, tmp_path, xlb):
+    """Under on_server_down = "reset": was1 renamed was-1, and the pool web
+    renamed www-pool, are the same real servers; an open connection goes on
+    with its server, counted as that server's under its new name."""
+    reset = SEED.replace('"keep"', '"reset"')
+    apply(lab, tmp_path, reset)
+    hold, first, server, other = held_connection(lab, "--count", "6", "--pause", "0.3",
+                                                 "--timeout", "2")
+    renamed = (reset.replace("[servers.was1]", "[servers.was-1]")
+               .replace('["was1", "was2"]', '["was-1", "was2"]')
+               .replace("[pools.web]", "[pools.www-pool]")
+               .replace('pool = "web"', 'pool = "www-pool"'))
+    assert "; 0 flows ended;" in apply(lab, tmp_path, renamed)
+    pool = lab.status()["pools"][0]
+    name = {"was1": "was-1", "was2": "was2"}[server]
+    assert pool["name"] == "www-pool"
+    assert {s["name"]: s["active_flows"] for s in pool["servers"]}[name] == 1
+    rest = [json.loads(line) for line in hold.communicate(timeout=30)[0].splitlines()]
+    assert [r.get("name") for r in rest] == [first] * 5, rest
+    assert even_split(names(lab, 10), {"WAS1", "WAS2"}, 10)
+
+
 def test_backups_take_over_when_every_primary_is_disabled(lab, tmp_path, xlb):
     apply(lab, tmp_path, config({"web": ("roundrobin", "keep", ["was1", "was2", "was2b"])},
                                 {"www": (VIP, 80, "web")}, {"was2b": (1, True)}))
