@@ -280,20 +280,20 @@ def flows_to_end(old: Config, old_states: Mapping[BackendKey, str], current: Dat
     policy is "reset", and those of a frontend that is gone. Drained servers,
     and gone or down servers under "keep", keep their flows. A server given
     another address or port (a new id) is gone from its old one; one renamed
-    at the same address and port (its id kept, see renames) is not."""
+    at the same address and port (renames) is not."""
     policies = {p.name: p.on_server_down for p in old.pools}
     policies.update({p.name: p.on_server_down for p in new.pools})
-    successors = {b.id: (key, b) for key, b in target.backends.items()}
+    renamed = renames(old, current, new)
     ended = set()
     for key, b in current.backends.items():
         before = old_states.get(key, "up")
-        now, t = successors.get(b.id, (None, None))
-        kept = t is not None and (t.address, t.port) == (b.address, b.port)
+        now = renamed.get(key, key)
+        kept = now in target.backends and target.backends[now].id == b.id
         after = new_states.get(now, "up") if kept else "gone"
         if after == before:
             continue
         if after == "maint" or (after in ("down", "gone") and before != "maint"
-                                and policies[(now if kept else key)[0]] == "reset"):
+                                and policies[now[0] if kept else key[0]] == "reset"):
             ended.add(b.id)
     services = {s.id for k, s in current.services.items() if k not in target.services}
     return FlowsToEnd(frozenset(ended), frozenset(services))
@@ -325,7 +325,9 @@ def plan(current: DataplaneState, target: DataplaneState) -> list[Op]:
     # An id that another server or frontend had (taken again once every id was
     # used, see _allocate) starts its counters at zero: its traffic so far was
     # the other's, and would show as the newcomer's. A server renamed at the
-    # same address and port keeps its id (renames), and its counters.
+    # same address and port keeps its id (renames), and its counters; so, at
+    # capacity, does a newcomer that takes the id of a server at its address
+    # and port that this change removes (plan knows no names).
     held = {b.id: (b.address, b.port) for b in current.backends.values()}
     for b in target.backends.values():
         if (b.id in held or b.id in current.retired_backends) and \

@@ -322,6 +322,12 @@ def test_an_address_moved_to_a_pool_of_another_frontend_is_a_new_server():
     assert {k: b.id for k, b in tgt.backends.items()} == {("p", "s2"): 1, ("q", "t"): 2}
     assert tgt.retired_backends == {0}
     assert ends.backend_ids == {0}
+    # Every id used: the newcomer takes s1's id, and is no less a new server.
+    limits = dict(LIMITS, max_backends=2)
+    cur = planner.desired(old, LINKS, planner.DataplaneState(), **limits)
+    tgt = planner.desired(new, LINKS, cur, **limits, renamed=planner.renames(old, cur, new))
+    assert tgt.backends[("q", "t")].id == 0
+    assert planner.flows_to_end(old, {}, cur, new, {}, tgt).backend_ids == {0}
 
 
 def test_flows_of_a_removed_frontend_end():
