@@ -1122,6 +1122,27 @@ def test_a_renamed_server_keeps_its_connections(balancer, fibnet, policy, rename
     assert removed(balancer)["ended"] == 0
 
 
+def test_a_restart_with_the_server_renamed_keeps_its_connections(balancer, fibnet):
+    """`xlb up` with a file that renames the server, adopting the data path
+    that the old config filled (as it saved it): the same server still."""
+    from test_adopt import running_of
+    from xlb.daemon import Balancer
+    from xlb.datapath import Datapath
+
+    lb, config, pool, old_id = one_connection(balancer, fibnet, "reset", 53420)
+    renamed = replace(pool, servers=(replace(pool.servers[0], name="was-1"),))
+    again = Datapath(running=running_of(balancer.datapath))
+    try:
+        adopted = Balancer(again)
+        adopted.adopt(balancer.config, balancer.admin)
+        assert adopted.apply(replace(config, pools=(renamed,)), relink=False)[
+            "flows_ended"] == 0
+        assert adopted.state.backends[("default", "was-1")].id == old_id
+        assert adopted.status()["pools"][0]["servers"][0]["active_flows"] == 1
+    finally:
+        again.close()
+
+
 # A flood of new flows -------------------------------------------------------------------
 
 def test_a_flood_of_new_flows_evicts_no_established_connection(root, fibnet, cpus):
