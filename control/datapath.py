@@ -828,10 +828,11 @@ class Datapath:
 
         ended, now = {}, self.now()
         with self._mending:
-            for name, rows in self.flow_rows().items():
+            for name, dump in self.flow_dumps().items():
+                rows = flowtable.ending(*dump, backend_ids, service_ids)
                 # Each entry on its own, as it is now: a connection opened again
                 # on the same key since the read (to another server) stays.
-                gone = self._delete_where(name, [(r,) for r in rows if ends(r)],
+                gone = self._delete_where(name, [(r,) for r in rows],
                                           lambda _, now: ends(now), "ended")
                 ended[name] = sum(flowtable.is_open(r, now) for r in gone)
         return ended

@@ -166,3 +166,17 @@ def test_an_open_connection_is_neither_closing_nor_idle():
     assert flowtable.is_open(connection(40015)[0], NOW)
     assert not flowtable.is_open(connection(40016, "closing", 120)[0], NOW)
     assert not flowtable.is_open(connection(40017, seen_fwd=NOW - 901 * SEC)[0], NOW)
+
+
+def test_a_change_decodes_only_the_entries_of_the_servers_and_services_it_ends():
+    """Datapath.delete_flows: ending: both entries of each connection of an
+    ended backend or service, and no other entry, in the dump's order."""
+    kept = [*connection(42000, backend_id=1), *connection(42001, backend_id=2)]
+    of_server = connection(42002, backend_id=7)
+    of_service = [r._replace(service_id=3) for r in connection(42003, backend_id=2)]
+    rows = [kept[0], *of_server, kept[1], *of_service, *kept[2:]]
+    assert flowtable.ending(*dump(*rows), {7}, {3}) == [*of_server, *of_service]
+    assert flowtable.ending(*dump(*rows), {7}, set()) == list(of_server)
+    assert flowtable.ending(*dump(*rows), set(), {3}) == of_service
+    assert flowtable.ending(*dump(*rows), {5}, {9}) == []
+    assert flowtable.ending(b"", b"", {7}, {3}) == []
