@@ -823,6 +823,9 @@ class Datapath:
         that their next packets are balanced anew. Returns how many of them
         were open (as `status` counts: not closing, not idle past their
         timeout), per table."""
+        if not backend_ids and not service_ids:     # every apply asks, mostly this
+            return dict.fromkeys(flowtable.TABLES, 0)
+
         def ends(r: flowtable.Row) -> bool:
             return r.backend_id in backend_ids or r.service_id in service_ids
 
