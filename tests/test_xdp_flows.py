@@ -576,7 +576,7 @@ def test_the_sweep_removes_only_connections_still_as_it_read_them(lb, fibnet, sh
     for key in keys[53171] + keys[53172][:1]:
         evict(dp, "flows_new", key)
     with monkeypatch.context() as m:
-        m.setattr(dp, "flow_rows", lambda: read)
+        m.setattr(dp, "flow_dumps", lambda: {name: as_dumped(rows) for name, rows in read.items()})
         assert dp.sweep_flows()[0] == {"flows": 0, "flows_new": 0}
     assert connection(dp, 53170) == anew
     assert keys[53172][1] not in entries(dp, "flows_new")
