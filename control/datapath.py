@@ -806,10 +806,6 @@ class Datapath:
         """Both flow tables (flows, flows_new) as their keys and values, read in batches."""
         return {name: self._dump(name) for name in flowtable.TABLES}
 
-    def flow_rows(self) -> dict[str, list[flowtable.Row]]:
-        """Every entry of both flow tables, decoded."""
-        return {name: flowtable.decode(*dump) for name, dump in self.flow_dumps().items()}
-
     def flow_entries(self) -> int:
         """Entries in both flow tables (two per connection: forward and reply)."""
         return sum(len(keys) // ct.sizeof(layout.FlowKey) for keys, _ in self.flow_dumps().values())

@@ -64,11 +64,16 @@ def lb(datapath, fibnet):
     return Harness(dp, service_ids=(SVC_TCP, SVC_UDP, SVC_MAGLEV), backend_ids=BACKENDS)
 
 
+def flow_rows(dp) -> dict[str, list]:
+    """Every entry of both flow tables, decoded."""
+    return {name: flowtable.decode(*dump) for name, dump in dp.flow_dumps().items()}
+
+
 def entries(dp, table: str) -> dict[tuple, object]:
     """A flow table as {(saddr, daddr, sport, dport, proto): row}, addresses as
     IPv4Address and ports as numbers."""
     out = {}
-    for r in dp.flow_rows()[table]:
+    for r in flow_rows(dp)[table]:
         key = (IPv4Address(r.saddr.to_bytes(4, "little")), IPv4Address(r.daddr.to_bytes(4, "little")),
                socket.ntohs(r.sport), socket.ntohs(r.dport), r.proto)
         out[key] = r
@@ -567,7 +572,7 @@ def test_the_sweep_removes_only_connections_still_as_it_read_them(lb, fibnet, sh
             age(dp, "flows_new", key, 10)
     ours = {socket.htons(sport) for sport in keys}
     read = {name: [r for r in rows if ours & {r.sport, r.dport}]
-            for name, rows in dp.flow_rows().items()}
+            for name, rows in flow_rows(dp).items()}
     assert len(read["flows_new"]) == 6
 
     lb.send(syn(53170), ext)                    # dead, so opened anew on the same key
@@ -592,7 +597,7 @@ def test_ending_a_servers_connections_spares_one_opened_again_elsewhere_meanwhil
     first = backend_of(lb.send(syn(53180), ext).data)
     addr, port = BACKENDS[first]
     read = {name: as_dumped([r for r in rows if socket.htons(53180) in (r.sport, r.dport)])
-            for name, rows in dp.flow_rows().items()}
+            for name, rows in flow_rows(dp).items()}
     dp.set_backend(first, addr, port, closed=True)
     try:
         again = lb.send(syn(53180), ext)
@@ -624,7 +629,7 @@ def test_the_sweep_puts_back_nothing_of_a_connection_gone_since_it_read_the_tabl
     bid = handshake(lb, fibnet, 53160)
     addr, port = BACKENDS[bid]
     evict(dp, "flows", (addr, CLIENT, port, 53160, TCP_P))
-    orphans = [r for r in flowtable.sweep(dp.flow_rows()["flows"], dp.now(), set()).orphans
+    orphans = [r for r in flowtable.sweep(flow_rows(dp)["flows"], dp.now(), set()).orphans
                if r.sport == socket.htons(53160)]
     assert len(orphans) == 1
     evict(dp, "flows", (CLIENT, VIP, 53160, 80, TCP_P))
