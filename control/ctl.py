@@ -8,7 +8,8 @@ netns exec` makes /sys its own, not /run), and only root may create or enter
 /run/xlb (0700): no other user can connect, nor take the name first and keep
 `xlb up` from starting. The one-instance lock is a flock of the namespace's
 directory, which a crash releases; so a socket file a crash left behind is
-replaced by the next `xlb up`, and until then refuses connections.
+replaced by the next `xlb up`, and until then refuses connections. A stop
+removes the directory it leaves empty (_let_go).
 
 The lock outlives its directory's name: an instance whose directory was
 removed (`rm -rf /run/xlb`) or replaced still holds it, and is found by it
@@ -110,36 +111,43 @@ class Listener:
         except FileNotFoundError:
             pass
         self.socket.close()
-        os.close(self._dirfd)
+        _let_go(self._dirfd)
 
 
 def _claim(held: int | None = None) -> tuple[int, socket.socket, os.stat_result]:
     """This namespace's directory (opened and locked), a socket listening in it
     and its file's stat. `held`: the directory this process holds already,
     kept if it is still the one at the path."""
-    try:
-        dirfd = _own_directory()
-    except OSError as e:     # open_own's message names the directory
-        raise ControlError(e.strerror if e.filename is None
-                           else f"{e.filename}: {e.strerror}") from None
-    if held is not None and _same(os.fstat(dirfd), os.fstat(held)):
-        os.close(dirfd)
-        dirfd = held
-    else:
+    while True:
+        try:
+            dirfd = _own_directory()
+        except OSError as e:     # open_own's message names the directory
+            raise ControlError(e.strerror if e.filename is None
+                               else f"{e.filename}: {e.strerror}") from None
+        if held is not None and _same(os.fstat(dirfd), os.fstat(held)):
+            os.close(dirfd)
+            dirfd = held
+            break
         try:
             fcntl.flock(dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(dirfd)
             raise AlreadyRunning() from None
-        if held is None:
-            # A start, not a restore: no instance may run here already, one of
-            # an earlier build, or one whose directory was removed or replaced.
-            earlier = _earlier_instance()
-            if earlier is not None:
-                earlier.close()
-            if earlier is not None or holder() is not None:
-                os.close(dirfd)
-                raise AlreadyRunning()
+        if _at_path(dirfd):
+            break
+        # Removed between its open and its lock, by the instance that held
+        # it as it stopped (_let_go): a socket bound there would be no one's
+        # to find. The name is free again.
+        os.close(dirfd)
+    if held is None:
+        # A start, not a restore: no instance may run here already, one of
+        # an earlier build, or one whose directory was removed or replaced.
+        earlier = _earlier_instance()
+        if earlier is not None:
+            earlier.close()
+        if earlier is not None or holder() is not None:
+            _let_go(dirfd)
+            raise AlreadyRunning()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         try:
@@ -153,13 +161,36 @@ def _claim(held: int | None = None) -> tuple[int, socket.socket, os.stat_result]
     except OSError as e:
         sock.close()
         if dirfd != held:
-            os.close(dirfd)
+            _let_go(dirfd)
         raise ControlError(f"{address()}: {e.strerror}") from None
     return dirfd, sock, st
 
 
 def _same(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _at_path(dirfd: int) -> bool:
+    """The directory dirfd is the one at this namespace's path still."""
+    try:
+        return _same(os.stat(directory(), follow_symlinks=False), os.fstat(dirfd))
+    except OSError:
+        return False
+
+
+def _let_go(dirfd: int) -> None:
+    """Closes a directory this process locked, which releases the lock; removed
+    first, while the lock keeps any other instance from using it, if it is
+    still at its path and empty: each run would leave one more otherwise (an
+    `ip netns exec` lab makes a namespace per run). Nothing a later instance
+    needs is kept there: the data path is found through the kernel, and the
+    saved state lives in xlb's state directory."""
+    try:
+        if _at_path(dirfd):
+            os.rmdir(directory())
+    except OSError:          # not empty: left as it is
+        pass
+    os.close(dirfd)
 
 
 def _earlier_instance(timeout: float = 2.0) -> socket.socket | None:

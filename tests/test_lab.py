@@ -95,12 +95,16 @@ def test_status_is_per_namespace(lab, xlb):
 
 
 def test_sigterm_detaches_everything(lab):
+    """And leaves no control directory behind: a lab makes a namespace a run."""
     x = lab.xlb(*SEED_ARGS)
     with x:
         assert set(lab.xdp_attached("lb")) == {"eth0", "eth1"}
+        directory = os.path.dirname(control_address(lab))
+        assert os.listdir(directory) == ["control.sock"]
     assert x.proc.returncode == 0
     assert lab.xdp_attached("lb") == []
     assert lab.xlb_cmd("status").returncode == 1
+    assert not os.path.exists(directory)
 
 
 def test_down_stops_the_instance(lab):
@@ -111,6 +115,7 @@ def test_down_stops_the_instance(lab):
         assert done.returncode == 0, done.stderr
         assert lab.xdp_attached("lb") == []
         assert x.proc.wait(10) == 0
+    assert not os.path.exists(os.path.dirname(control_address(lab)))
 
 
 BAD_INPUT = [
