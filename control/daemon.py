@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -508,9 +509,9 @@ def up(config: Config, config_path: Path | None = None,
         if exporter is not None:
             metrics.serve(exporter, balancer, balancer.check_durations)
         serving = True
-        print(f"xlb: serving {_summary(config)} on "
-              f"{', '.join(f'{a.ifname} ({a.mode})' for a in datapath.attachments())}"
-              f"{' (adopted the running data path)' if running else ''}", flush=True)
+        _say(f"xlb: serving {_summary(config)} on "
+             f"{', '.join(f'{a.ifname} ({a.mode})' for a in datapath.attachments())}"
+             f"{' (adopted the running data path)' if running else ''}")
         log.event("start", pid=os.getpid(), frontends=len(config.frontends),
                   servers=sum(len(p.servers) for p in config.pools),
                   interfaces=",".join(a.ifname for a in datapath.attachments()),
@@ -548,11 +549,25 @@ def up(config: Config, config_path: Path | None = None,
         control.close()
     log.event("stop", pid=os.getpid(), datapath="detached" if stopping else "running")
     if not stopping:
-        print("xlb: stopped; the data path keeps running, the next `xlb up` adopts it",
-              flush=True)
+        _say("xlb: stopped; the data path keeps running, the next `xlb up` adopts it")
         return HANDED_OVER
-    print("xlb: stopped, XDP detached", flush=True)
+    _say("xlb: stopped, XDP detached")
     return 0
+
+
+def _say(line: str) -> None:
+    """Prints a line on stdout. One that cannot be written (a pipe whose reader
+    is gone, as in `xlb up | head -1`) is dropped, as log.event drops its own:
+    what it tells of happens all the same (serving, a clean stop and its exit
+    status), not a crash that leaves the data path without its control
+    process. stdout is /dev/null from then on, so that nothing written later,
+    nor Python's flush at exit, fails again."""
+    try:
+        print(line, flush=True)
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _describing(kept: saved.State | None, running) -> saved.State | None:

@@ -107,6 +107,25 @@ def test_sigterm_detaches_everything(lab):
     assert not os.path.exists(directory)
 
 
+def test_a_stdout_nobody_reads_stops_nothing(lab):
+    """`xlb up | head -1`: its reader gone after the serving line, a stop is
+    still a clean stop (exit 0, everything detached, no traceback). Gone
+    before it, the line is dropped and xlb serves all the same: not a data
+    path attached without its control process."""
+    for gone in ("after the serving line", "before it"):
+        up = lab.spawn("lb", str(XLB), "up", *SEED_ARGS, "--metrics", "off")
+        if gone == "after the serving line":
+            assert "serving" in up.stdout.readline()
+        up.stdout.close()
+        wait_for(lambda: up.poll() is not None or lab.xlb_cmd("status").returncode == 0,
+                 60, "xlb up serves")
+        assert up.poll() is None, gone
+        up.send_signal(signal.SIGTERM)
+        err = up.stderr.read()
+        assert (up.wait(20), "Traceback" in err) == (0, False), (gone, err)
+        assert lab.xdp_attached("lb") == [], gone
+
+
 def test_down_stops_the_instance(lab):
     """`xlb down` returns once the instance has detached (README, --help)."""
     x = lab.xlb(*SEED_ARGS)
