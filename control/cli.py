@@ -124,7 +124,9 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
     The data path outlives this process: if it dies any other way, the program
     keeps forwarding, and the next `xlb up` adopts it (its flows and counters)
     and applies its own config; with neither --config nor a one-line option it
-    takes over the config the last instance ran. Exits 75 after `xlb down --keep-datapath`.
+    takes over the config the last instance ran. SIGHUP (a terminal that hangs
+    up) is such a way: no stop, nor a reload (`xlb apply`). Exits 75 after
+    `xlb down --keep-datapath`.
     """
     _check_state_dir()
     ctx = click.get_current_context()

@@ -457,6 +457,8 @@ def up(config: Config, config_path: Path | None = None,
     datapath = running = exporter = None
     serving = stopping = False
     announcer = ha.Announcer(announce_table) if announce_table is not None else None
+    # SIGHUP keeps its default: a terminal that hangs up (a dropped ssh
+    # session) ends the process as a crash does, and the VIPs stay served.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _raise_stop)
     try:

@@ -107,6 +107,20 @@ def test_sigterm_detaches_everything(lab):
     assert not os.path.exists(directory)
 
 
+def test_sighup_ends_xlb_up_as_a_crash_does(lab):
+    """A terminal that hangs up on a foreground `xlb up` does not stop the
+    service (README, --help): the data path keeps forwarding without its
+    control process, and the next `xlb up` adopts it."""
+    with lab.xlb(*SEED_ARGS) as x:
+        assert x.stop(signal.SIGHUP) == -signal.SIGHUP
+    assert set(lab.xdp_attached("lb")) == {"eth0", "eth1"}
+    assert lab.xlb_cmd("status").returncode == 3
+    assert lab.client("client", "http", VIP, "80", "--count", "2")["errors"] == []
+    with lab.xlb(*SEED_ARGS) as x:
+        assert "adopted the running data path" in x.serving_line
+    assert lab.xdp_attached("lb") == []
+
+
 def test_a_stdout_nobody_reads_stops_nothing(lab):
     """`xlb up | head -1`: its reader gone after the serving line, a stop is
     still a clean stop (exit 0, everything detached, no traceback). Gone
