@@ -125,8 +125,8 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
     keeps forwarding, and the next `xlb up` adopts it (its flows and counters)
     and applies its own config; with neither --config nor a one-line option it
     takes over the config the last instance ran. SIGHUP (a terminal that hangs
-    up) is such a way: no stop, nor a reload (`xlb apply`). Exits 75 after
-    `xlb down --keep-datapath`.
+    up) is such a way while it serves: no stop, nor a reload (`xlb apply`); a
+    stop under way runs to its end. Exits 75 after `xlb down --keep-datapath`.
     """
     _check_state_dir()
     ctx = click.get_current_context()

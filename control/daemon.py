@@ -436,7 +436,14 @@ class _Stop(BaseException):
 
 
 def _raise_stop(signum, frame):
+    _hold_hangups()
     raise _Stop()
+
+
+def _hold_hangups() -> None:
+    """A stop has begun: a terminal that hangs up now (Ctrl-C, then the window
+    closed) must not cut it short. SIGHUP kills only an instance that serves."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def up(config: Config, config_path: Path | None = None,
@@ -457,8 +464,9 @@ def up(config: Config, config_path: Path | None = None,
     datapath = running = exporter = None
     serving = stopping = False
     announcer = ha.Announcer(announce_table) if announce_table is not None else None
-    # SIGHUP keeps its default: a terminal that hangs up (a dropped ssh
-    # session) ends the process as a crash does, and the VIPs stay served.
+    # SIGHUP keeps its default until a stop begins (_hold_hangups): a terminal
+    # that hangs up (a dropped ssh session) ends the process as a crash does,
+    # and the VIPs stay served.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _raise_stop)
     try:
@@ -526,7 +534,7 @@ def up(config: Config, config_path: Path | None = None,
     finally:
         # Stopping already: a second signal must not cut the clean-up short
         # and leave the data path without its control process.
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         if exporter is not None:
             if serving:
@@ -684,8 +692,13 @@ async def _serve(balancer: Balancer, control: ctl.Listener) -> bool:
     # synchronous API runs an event loop of its own.
     lock = asyncio.Lock()
     loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        _hold_hangups()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping)
 
     # `xlb down` (keep the data path or not): acted on once the request is
     # answered, so that the answer is not lost with the loop.
@@ -707,7 +720,7 @@ async def _serve(balancer: Balancer, control: ctl.Listener) -> bool:
         finally:
             writer.close()
             if downs:
-                stop.set()
+                stopping()
 
     async with lock:
         await sync_targets()

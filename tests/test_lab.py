@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -119,6 +120,31 @@ def test_sighup_ends_xlb_up_as_a_crash_does(lab):
     with lab.xlb(*SEED_ARGS) as x:
         assert "adopted the running data path" in x.serving_line
     assert lab.xdp_attached("lb") == []
+
+
+def ignored(pid: int) -> set[int]:
+    """The signals process pid ignores."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(re.search(r"^SigIgn:\s*(\w+)$", status, re.M).group(1), 16)
+    return {n for n in range(1, 64) if mask >> (n - 1) & 1}
+
+
+def test_a_hang_up_while_it_stops_does_not_cut_the_stop_short(lab):
+    """Ctrl-C, then the terminal closed: SIGHUP kills only an instance that
+    serves. Once its stop has begun it runs to its end (exit 0, everything
+    detached), as it does for a second SIGTERM."""
+    with lab.xlb(*SEED_ARGS) as x:
+        directory = os.path.dirname(control_address(lab))
+        x.proc.send_signal(signal.SIGTERM)
+        # Once the stop has begun: it ignores SIGTERM by its clean-up at the latest.
+        wait_for(lambda: x.proc.poll() is not None
+                 or ignored(x.proc.pid) & {signal.SIGHUP, signal.SIGTERM}, 20, "the stop begins")
+        while x.proc.poll() is None:
+            x.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.002)
+        assert x.proc.returncode == 0
+    assert "event=stop" in x.stderr
+    assert lab.xdp_attached("lb") == [] and not os.path.exists(directory)
 
 
 def test_a_stdout_nobody_reads_stops_nothing(lab):
