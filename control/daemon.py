@@ -388,7 +388,8 @@ def _select(config: Config, attached: Collection[str] = ()) -> list[netif.Link]:
 def _check_host(config: Config, new_links: list[netif.Link]) -> None:
     """Refuses VIPs and servers that are the host's own addresses; warns, once
     per link it is about to attach, where replies would be filtered."""
-    local, routes = netif.local_addresses(), netif.local_routes()
+    found = netif.links()
+    local, routes = netif.local_addresses(found), netif.local_routes(found)
 
     def owned(addr: IPv4Address) -> tuple[str, str] | None:
         """How the kernel owns addr ("local" or "broadcast", and where), or None.

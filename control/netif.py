@@ -71,22 +71,22 @@ def select(names: list[str] | tuple[str, ...]) -> list[Link]:
     return [by_name[n] for n in dict.fromkeys(names)]
 
 
-def local_addresses() -> dict[IPv4Address, str]:
-    """Every local IPv4 address of this namespace, and the link that has it."""
-    return {a.ip: link.name for link in links() for a in link.addresses}
+def local_addresses(found: list[Link]) -> dict[IPv4Address, str]:
+    """Every local IPv4 address of these links (links()), and the link that has it."""
+    return {a.ip: link.name for link in found for a in link.addresses}
 
 
 RT_TABLE_LOCAL = 255
 _LOCAL_KINDS = {2: "local", 3: "broadcast"}    # RTN_LOCAL, RTN_BROADCAST
 
 
-def local_routes() -> list[tuple[IPv4Network, str, str]]:
+def local_routes(found: list[Link]) -> list[tuple[IPv4Network, str, str]]:
     """The kernel's own destinations beyond the links' addresses: the local
     table's local routes (a prefix routed to the host itself, `ip route add
     local 10.9.0.0/16 dev lo`) and broadcast ones (each subnet's broadcast
-    address), as (prefix, "local" or "broadcast", link name)."""
+    address), as (prefix, "local" or "broadcast", name of the link, of `found`)."""
+    names = {link.index: link.name for link in found}
     with IPRoute() as ipr:
-        names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in ipr.get_links()}
         return [(IPv4Network(f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}"),
                  _LOCAL_KINDS[r["type"]], names.get(r.get_attr("RTA_OIF"), "?"))
                 for r in ipr.get_routes(family=2, table=RT_TABLE_LOCAL)
