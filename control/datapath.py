@@ -11,10 +11,10 @@ import ctypes as ct
 import errno
 import functools
 import gzip
-import operator
 import os
 import re
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +39,12 @@ DEFAULT_CONNECTIONS = 131072
 MAX_CONNECTIONS = 2**26
 HTAB_ELEM = 48      # bytes the kernel adds to each hash map entry (struct htab_elem, 64-bit)
 BPF_NOEXIST = 1     # bpf_map_update_elem: only a key that is not there (uapi/linux/bpf.h)
-DELETE_CHUNK = 1024  # connections checked, then deleted in one call (Datapath._delete_where)
+DELETE_CHUNK = 1024  # connections checked, then deleted, and counted (Datapath._delete_where, _reap)
+# Connections a test-run of xlb_reap takes (bpf/xlb.c): its frame, a head of 8
+# bytes and two entries of 48 bytes a connection, fits in the 3,520 bytes that
+# BPF_PROG_TEST_RUN gives an XDP frame of one buffer (a page, less the headroom
+# and struct skb_shared_info).
+REAP_CONNECTIONS = 36
 
 
 @dataclass(frozen=True)
@@ -157,12 +162,13 @@ def kernel_hz() -> int:
 
 
 def defines(limits: Limits) -> list[str]:
-    """Every -D flag the C needs (bpf/consts.h): the limits, and bpf/clock.h's
+    """Every -D flag the C needs (bpf/consts.h): the limits, bpf/clock.h's
     tick in ns and the kernel's INITIAL_JIFFIES (jiffies start 300 s before
-    wrapping 32 bits, to catch wrap bugs early)."""
+    wrapping 32 bits, to catch wrap bugs early), and xlb_reap's frame size."""
     hz = kernel_hz()
     return [*limits.cflags(), f"-DXLB_TICK_NS={1_000_000_000 // hz}ULL",
-            f"-DXLB_INITIAL_JIFFIES={(1 << 32) - 300 * hz}ULL"]
+            f"-DXLB_INITIAL_JIFFIES={(1 << 32) - 300 * hz}ULL",
+            f"-DXLB_REAP_MAX={REAP_CONNECTIONS}"]
 
 
 def _layout(info: bpfsys.MapInfo) -> tuple[int, int, int, int]:
@@ -265,6 +271,7 @@ def _sum_percpu(values, ctype):
 
 PROG_NAME = "xlb_xdp"     # the entry function: bcc names the program after it
 CLOCK_PROG = "xlb_clock"  # reads the program's clock (bpf/clock.h)
+REAP_PROG = "xlb_reap"    # removes the dead connections that the sweep found
 _NAME_LEN = 15            # the kernel keeps this many characters of a map's name
 # The C sources to compile. XLB_BPF_DIR is a test-only hook: the upgrade test
 # builds a changed program from a copy of bpf/.
@@ -404,6 +411,7 @@ class Datapath:
                     self._bpf = self._compile_onto(running, pins, cflags)
             self._prog = self._bpf.load_func(PROG_NAME.encode(), BPF.XDP)
             self._clock = self._bpf.load_func(CLOCK_PROG.encode(), BPF.XDP)
+            self._reaper = self._bpf.load_func(REAP_PROG.encode(), BPF.XDP)
         except DatapathError:
             raise
         except Exception as e:  # bcc raises bare Exception; it has printed the details
@@ -848,8 +856,8 @@ class Datapath:
         expired, restored = {}, 0
         for name, (keys, values) in dumps.items():
             known = half_open if name == "flows" else None
-            swept = flowtable.sweep(flowtable.to_judge(keys, values, now, known), now, known)
-            expired[name] = len(self._delete_where(name, swept.dead, operator.eq, "expired"))
+            swept = flowtable.sweep(keys, values, now, known)
+            expired[name] = self._reap(name, keys, values, swept.dead)
             if name == "flows":
                 restored = self._put_back(swept.orphans)
         return expired, restored
@@ -888,6 +896,37 @@ class Datapath:
                 self._count(f"{reason}_{name}", len(deleted))
             gone += deleted
         return gone
+
+    def _reap(self, name: str, keys: bytes, values: bytes, dead: list[tuple[int, ...]]) -> int:
+        """Removes these connections of a dump of table name (flowtable.sweep)
+        unless one of their entries is still there and no longer as read: the
+        program may have written it since. Checked and removed by xlb_reap, in
+        the kernel, a few at a time; each few counted in control_stats
+        (expired) as they go, so that a status never sees them gone and not
+        counted. Returns how many connections this removed: one another
+        remover took in between (the program, an apply) was counted there."""
+        ksize, vsize = ct.sizeof(layout.FlowKey), ct.sizeof(layout.Flow)
+        head, none = struct.pack("=II", flowtable.TABLES.index(name), 0), bytes(ksize + vsize)
+
+        def entry(i: int) -> bytes:
+            return keys[i * ksize:(i + 1) * ksize] + values[i * vsize:(i + 1) * vsize]
+
+        removed = 0
+        for at in range(0, len(dead), DELETE_CHUNK):
+            chunk = dead[at:at + DELETE_CHUNK]
+            frames = [head + b"".join(entry(c[0]) + (entry(c[1]) if len(c) > 1 else none)
+                                      for c in chunk[run:run + REAP_CONNECTIONS])
+                      for run in range(0, len(chunk), REAP_CONNECTIONS)]
+            with self._mending:
+                n = sum(map(self._reap_run, frames))
+                self._count(f"expired_{name}", n)
+            removed += n
+        return removed
+
+    def _reap_run(self, frame: bytes) -> int:
+        """One test-run of xlb_reap; the forward entries it removed."""
+        data = bpfsys.prog_test_run(self._reaper.fd, frame).data
+        return struct.unpack_from("=I", data, 4)[0]
 
     def _delete_batch(self, name: str, rows: list[flowtable.Row]) -> list[flowtable.Row]:
         """Deletes these entries in one call, or more where one is gone (it

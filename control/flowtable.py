@@ -82,39 +82,56 @@ def decode(keys: bytes, values: bytes) -> list[Row]:
 
 
 class Sweep(NamedTuple):
-    dead: list[tuple[Row, ...]]             # each dead connection's entries (those read)
+    dead: list[tuple[int, ...]]             # each dead connection's entries (those read):
+                                            # their places in the dump, its forward entry first
     orphans: list[Row]                      # forward entries whose reply entry to put back
 
 
-def sweep(rows: list[Row], now: int, half_open: set[bytes] | None = None) -> Sweep:
-    """A connection is dead when both its entries have been idle past its
-    timeout (one-way traffic keeps it alive); an entry whose partner is gone is
-    judged alone, and is a connection only if it is the forward entry (a lone
-    reply entry's connection was counted when its forward entry went).
+def sweep(keys: bytes, values: bytes, now: int, half_open: set[bytes] | None = None) -> Sweep:
+    """A dump's dead connections: dead when both entries have been idle past
+    the connection's timeout (one-way traffic keeps it alive); an entry whose
+    partner is gone is judged alone, and is a connection only if it is the
+    forward entry (a lone reply entry's connection was counted when its
+    forward entry went).
 
-    With half_open, the half-open table's keys, rows are the established
+    With half_open, the half-open table's keys, the dump is the established
     table's, and the LRU's evictions (of entries, not connections) are mended:
     a live forward entry whose reply entry went gets it back (its server's
     packets would leave un-NATed), unless that key is in the half-open table
     (another connection's: the same client port to two VIPs of one server); a
     lone reply entry whose connection opened again in the half-open table (its
-    forward entry went) goes, as it would keep the new one from being answered."""
-    by_key = {r.key(): r for r in rows}
+    forward entry went) goes, as it would keep the new one from being answered.
+
+    Read as columns, and only the entries idle past their timeout and (with
+    half_open) those without their partner are looked at: every other entry
+    is live with its partner. A Row for each entry of a million expired
+    connections cost 18 s of CPU; only the orphans are decoded. (A key's
+    hash is computed once and kept: the dict below costs one pass.)"""
+    ks = key_list(keys)
+    forward = bytes(_column(values, "dir")).translate(_IS_FORWARD)
+    by_dir = [_partner_keys(keys, values, d) for d in (layout.FLOW_REPLY, layout.FLOW_FORWARD)]
+    partners = [by_dir[f][at:at + _KEY.size] for f, at in zip(forward, range(0, len(keys), _KEY.size))]
+    timeout, seen = _column(values, "timeout"), _column(values, "seen")
+    judged = {i for i, (t, s) in enumerate(zip(timeout, seen)) if _idle(t, s, now)}
+    if half_open is not None:
+        missing = set(partners).difference(ks)
+        if missing:
+            judged.update(i for i, p in enumerate(partners) if p in missing)
     dead, orphans = [], []
-    for key, r in by_key.items():
-        partner = r.partner()
-        other = by_key.get(partner)
-        if other is not None and r.dir != layout.FLOW_FORWARD:
-            continue                                # judged with its forward entry
-        seen = max(r.seen, other.seen) if other is not None else r.seen
-        if r.idle_past(now, seen):
-            dead.append((r,) if other is None else (r, other))
-        elif other is None and half_open is not None:
-            if r.dir != layout.FLOW_FORWARD:
-                if partner in half_open:
-                    dead.append((r,))
-            elif partner not in half_open:
-                orphans.append(r)
+    index = dict(zip(ks, range(len(ks)))) if judged else {}    # a key read twice: as read last
+    for i in sorted(judged):
+        j = index.get(partners[i])
+        if j is not None and not forward[i] or index[ks[i]] != i:
+            continue                                    # judged with its forward entry
+        if _idle(timeout[i], seen[i] if j is None else max(seen[i], seen[j]), now):
+            dead.append((i,) if j is None else (i, j))
+        elif j is None and half_open is not None:
+            if not forward[i]:
+                if partners[i] in half_open:
+                    dead.append((i,))
+            elif partners[i] not in half_open:
+                orphans.append(Row(*_KEY.unpack_from(keys, i * _KEY.size),
+                                   *_VALUE.unpack_from(values, i * _VALUE.size)))
     return Sweep(dead, orphans)
 
 
@@ -215,31 +232,6 @@ def _partner_keys(keys: bytes, values: bytes, direction: int) -> bytes:
         for b in range(dst.size):
             out[dst.offset + b::_KEY.size] = data[src.offset + b::layout.ct.sizeof(ctype)]
     return bytes(out)
-
-
-def to_judge(keys: bytes, values: bytes, now: int, half_open: set[bytes] | None = None) -> list[Row]:
-    """The entries of a dump that sweep() may find dead or to mend, decoded:
-    those idle past their timeout, with their partners, and with half_open
-    (the established table) those without their partner. Every other entry
-    is live with its partner, which sweep() leaves; decoding all of a million
-    connections took seconds of CPU a sweep. (A key's hash is computed once
-    and kept: the sets below cost one pass each.)"""
-    ks = key_list(keys)
-    present = set(ks)
-    forward = bytes(_column(values, "dir")).translate(_IS_FORWARD)
-    by_dir = [_partner_keys(keys, values, d) for d in (layout.FLOW_REPLY, layout.FLOW_FORWARD)]
-    partners = [by_dir[f][at:at + _KEY.size] for f, at in zip(forward, range(0, len(keys), _KEY.size))]
-    idle = [i for i, (timeout, seen) in
-            enumerate(zip(_column(values, "timeout"), _column(values, "seen")))
-            if _idle(timeout, seen, now)]
-    wanted = present.intersection(partners[i] for i in idle)
-    missing = set(partners) - present if half_open is not None else set()
-    chosen = set(idle)
-    if wanted:
-        chosen.update(i for i, k in enumerate(ks) if k in wanted)
-    if missing:
-        chosen.update(i for i, p in enumerate(partners) if p in missing)
-    return _rows(keys, values, sorted(chosen))
 
 
 def ending(keys: bytes, values: bytes, backend_ids: set[int], service_ids: set[int]) -> list[Row]:
