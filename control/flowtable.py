@@ -71,7 +71,14 @@ class Row(NamedTuple):
 
 def _idle(timeout: int, seen: int, now: int) -> bool:
     """Whether an entry last seen at `seen` is idle past its timeout (0: never)."""
-    return timeout != 0 and now > seen and now - seen > timeout * NSEC_PER_SEC
+    return seen < _idle_before(timeout, now)
+
+
+def _idle_before(timeout: int, now: int) -> int:
+    """When an entry of this timeout must have been seen last to be idle past
+    it: more than the timeout before now (a `seen` a moment ahead of now, of
+    another CPU, is not idle); -1 for none (0: never)."""
+    return now - timeout * NSEC_PER_SEC if timeout else -1
 
 
 assert list(Row._fields) == _KEY_FIELDS + _VALUE_FIELDS
@@ -112,18 +119,24 @@ def sweep(keys: bytes, values: bytes, now: int, half_open: set[bytes] | None = N
     by_dir = [_partner_keys(keys, values, d) for d in (layout.FLOW_REPLY, layout.FLOW_FORWARD)]
     partners = [by_dir[f][at:at + _KEY.size] for f, at in zip(forward, range(0, len(keys), _KEY.size))]
     timeout, seen = _column(values, "timeout"), _column(values, "seen")
-    judged = {i for i, (t, s) in enumerate(zip(timeout, seen)) if _idle(t, s, now)}
+    # Each entry's _idle, by C-level iterators: a few timeouts, one bound each.
+    before = {t: _idle_before(t, now) for t in set(timeout)}
+    judged = set(compress(range(len(ks)), map(operator.lt, seen, map(before.__getitem__, timeout))))
     if half_open is not None:
         missing = set(partners).difference(ks)
-        if missing:
-            judged.update(i for i, p in enumerate(partners) if p in missing)
-    dead, orphans = [], []
+        lone = {i for i, p in enumerate(partners) if p in missing} if missing else set()
+        # A reply entry with its partner is judged with it, unlooked-up: a
+        # random lookup in a dict of millions costs most of a mass expiry.
+        judged = {i for i in judged if forward[i]} | lone
     index = dict(zip(ks, range(len(ks)))) if judged else {}    # a key read twice: as read last
-    for i in sorted(judged):
-        j = index.get(partners[i])
-        if j is not None and not forward[i] or index[ks[i]] != i:
+    read_twice = len(index) < len(ks)
+    dead, orphans = [], []
+    order = sorted(judged)
+    for i, j in zip(order, map(index.get, map(partners.__getitem__, order))):
+        if j is not None and not forward[i] or read_twice and index[ks[i]] != i:
             continue                                    # judged with its forward entry
-        if _idle(timeout[i], seen[i] if j is None else max(seen[i], seen[j]), now):
+        last = seen[i] if j is None or seen[i] > seen[j] else seen[j]
+        if last < before[timeout[i]]:
             dead.append((i,) if j is None else (i, j))
         elif j is None and half_open is not None:
             if not forward[i]:

@@ -80,6 +80,7 @@ def test_an_entry_without_its_partner_is_judged_alone():
     entry's connection was counted, as evicted, when its forward entry went.)"""
     fwd, reply = connection(40006, seen_fwd=NOW - 901 * SEC, seen_reply=NOW - 901 * SEC)
     assert sweep([reply], NOW) == ([(reply,)], [])
+    assert sweep([reply], NOW, set()) == ([(reply,)], [])     # in the established table
     assert sweep([fwd], NOW) == ([(fwd,)], [])
     assert sweep([fwd], NOW - 2 * SEC) == ([], [])
 
