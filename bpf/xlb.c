@@ -874,10 +874,12 @@ struct reap_entry {
 	struct flow value;
 };
 
+_Static_assert(sizeof(struct flow) % sizeof(__u64) == 0, "still_as_read: whole words a flow");
+
 static __always_inline int still_as_read(__u32 table, struct reap_entry *e)
 {
-	struct flow *f;
 	__u64 *now, *read = (__u64 *)&e->value;
+	struct flow *f;
 
 	if (!e->value.dir)
 		return 1;
@@ -885,7 +887,11 @@ static __always_inline int still_as_read(__u32 table, struct reap_entry *e)
 	if (!f)
 		return 1;
 	now = (__u64 *)f;
-	return now[0] == read[0] && now[1] == read[1] && now[2] == read[2] && now[3] == read[3];
+#pragma unroll
+	for (int i = 0; i < sizeof(struct flow) / sizeof(__u64); i++)
+		if (now[i] != read[i])
+			return 0;
+	return 1;
 }
 
 static __always_inline __u32 reap_entry(__u32 table, struct reap_entry *e)

@@ -39,12 +39,12 @@ DEFAULT_CONNECTIONS = 131072
 MAX_CONNECTIONS = 2**26
 HTAB_ELEM = 48      # bytes the kernel adds to each hash map entry (struct htab_elem, 64-bit)
 BPF_NOEXIST = 1     # bpf_map_update_elem: only a key that is not there (uapi/linux/bpf.h)
-DELETE_CHUNK = 1024  # connections checked, then deleted, and counted (Datapath._delete_where, _reap)
+DELETE_CHUNK = 1024  # connections checked, then deleted, and counted (Datapath._end, _reap)
 # Connections a test-run of xlb_reap takes (bpf/xlb.c): its frame, a head of 8
-# bytes and two entries of 48 bytes a connection, fits in the 3,520 bytes that
-# BPF_PROG_TEST_RUN gives an XDP frame of one buffer (a page, less the headroom
-# and struct skb_shared_info).
-REAP_CONNECTIONS = 36
+# bytes and two entries (key and value) a connection, fits in the 3,520 bytes
+# that BPF_PROG_TEST_RUN gives an XDP frame of one buffer (a page, less the
+# headroom and struct skb_shared_info). 36 of today's 48-byte entries.
+REAP_CONNECTIONS = (3520 - 8) // (2 * (ct.sizeof(layout.FlowKey) + ct.sizeof(layout.Flow)))
 
 
 @dataclass(frozen=True)
@@ -836,11 +836,7 @@ class Datapath:
         ended, now = {}, self.now()
         with self._mending:
             for name, dump in self.flow_dumps().items():
-                rows = flowtable.ending(*dump, backend_ids, service_ids)
-                # Each entry on its own, as it is now: a connection opened again
-                # on the same key since the read (to another server) stays.
-                gone = self._delete_where(name, [(r,) for r in rows],
-                                          lambda _, now: ends(now), "ended")
+                gone = self._end(name, flowtable.ending(*dump, backend_ids, service_ids), ends)
                 ended[name] = sum(flowtable.is_open(r, now) for r in gone)
         return ended
 
@@ -867,33 +863,28 @@ class Datapath:
         return _dump(name, table.map_fd, ct.sizeof(table.Key), ct.sizeof(table.Leaf),
                      table.max_entries)
 
-    def _delete_where(self, name: str, groups: list[tuple[flowtable.Row, ...]],
-                      still: Callable[[flowtable.Row, flowtable.Row], bool],
-                      reason: str) -> list[flowtable.Row]:
-        """Deletes each group of entries (a connection's, read a moment ago)
-        unless one of them is still there and no longer what still(as read,
-        as now) asks: the program may have written it since. Checked and
-        deleted a few at a time, so that the program has a few milliseconds,
-        not the whole pass, to write in between. Returns the forward entries
-        this deleted (as read), and counts them in control_stats under reason
-        (expired, ended): a connection another remover took in between (the
-        program, an apply, the sweep) was counted there."""
+    def _end(self, name: str, rows: list[flowtable.Row],
+             ends: Callable[[flowtable.Row], bool]) -> list[flowtable.Row]:
+        """Deletes these entries (read a moment ago) unless one is still there
+        and no longer what ends(as now) asks: the program may have written it
+        since (a connection opened again on the same key, to another server).
+        Checked and deleted a few at a time, so that the program has a few
+        milliseconds, not the whole pass, to write in between. Returns the
+        forward entries this deleted (as read), and counts them in
+        control_stats (ended): a connection another remover took in between
+        (the program, the sweep) was counted there."""
         fd, ksize = self._maps[name].map_fd, ct.sizeof(layout.FlowKey)
         key, value = ct.create_string_buffer(ksize), ct.create_string_buffer(ct.sizeof(layout.Flow))
         gone = []
-        for at in range(0, len(groups), DELETE_CHUNK):
+        for at in range(0, len(rows), DELETE_CHUNK):
             doomed = []
-            for entries in groups[at:at + DELETE_CHUNK]:
-                for r in entries:
-                    key.raw = r.key()
-                    if lib.bpf_lookup_elem(fd, key, value) == 0 and \
-                            not still(r, r.as_now(value.raw)):
-                        break
-                else:
-                    doomed += entries
+            for r in rows[at:at + DELETE_CHUNK]:
+                key.raw = r.key()
+                if lib.bpf_lookup_elem(fd, key, value) != 0 or ends(r.as_now(value.raw)):
+                    doomed.append(r)
             with self._mending:
                 deleted = self._delete_batch(name, doomed)
-                self._count(f"{reason}_{name}", len(deleted))
+                self._count(f"ended_{name}", len(deleted))
             gone += deleted
         return gone
 

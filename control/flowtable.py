@@ -143,9 +143,8 @@ def sweep(keys: bytes, values: bytes, now: int, half_open: set[bytes] | None = N
                 if partners[i] in half_open:
                     dead.append((i,))
             elif partners[i] not in half_open:
-                orphans.append(Row(*_KEY.unpack_from(keys, i * _KEY.size),
-                                   *_VALUE.unpack_from(values, i * _VALUE.size)))
-    return Sweep(dead, orphans)
+                orphans.append(i)
+    return Sweep(dead, _rows(keys, values, orphans))
 
 
 @dataclass
