@@ -631,3 +631,81 @@ def test_recover_names_the_maps_after_their_config():
     assert got.retired_backends == st.retired_backends == {0}       # S1's
     assert planner.plan(got, desired(second, got, down)) == []
     assert desired(second).backends != st.backends  # rebuilding from scratch moves ids
+
+
+def _frontends(*pools):
+    """Frontends www0, www1, ... on ports 80, 81, ... of one VIP, to these pools."""
+    return tuple(Frontend(f"www{i}", A("10.1.1.101"), 80 + i, "tcp", p)
+                 for i, p in enumerate(pools))
+
+
+def test_a_renamed_pool_that_serves_one_of_its_frontends_is_the_same_pool():
+    """Any one frontend in common makes it the same pool, whichever it is."""
+    old = Config(frontends=_frontends("p", "p"), pools=(Pool("p", (S1,)),))
+    for kept in range(2):
+        fronts = [replace(f, pool="web") if i == kept else f
+                  for i, f in enumerate(_frontends("p", "p"))]
+        new = Config(frontends=tuple(fronts),
+                     pools=(Pool("p", (S2,)), Pool("web", (replace(S1, name="t"),))))
+        cur, tgt, ends = _renamed(old, new)
+        assert tgt.backends[("web", "t")].id == 0, kept
+
+
+def test_a_server_that_stays_takes_no_other_ones_id():
+    """s1, in pools p and q, stays in p, which takes q's frontend: q's s1 is
+    gone, not renamed to p's, whose id and flows stay."""
+    p, q = Pool("p", (S1,), on_server_down="reset"), Pool("q", (S1,), on_server_down="reset")
+    old = Config(frontends=_frontends("p", "q"), pools=(p, q))
+    new = Config(frontends=_frontends("p", "p"), pools=(p,))
+    cur, tgt, ends = _renamed(old, new)
+    assert {k: b.id for k, b in tgt.backends.items()} == {("p", "s1"): 0}
+    assert tgt.retired_backends == {1}
+    assert ends.backend_ids == {1}
+
+
+@pytest.mark.parametrize("rename,kept", [("c", ("p", "a")), ("s1", ("p", "s1"))],
+                         ids=["its pool", "its name"])
+def test_a_renamed_server_is_found_in_its_pool_first_then_by_its_name(rename, kept):
+    """Of two old servers at its address and port, both of pools that served
+    its frontends, a server is the one of its own pool, else the one of its
+    name (not the one of the lower id)."""
+    old = Config(frontends=_frontends("q", "p"),
+                 pools=(Pool("q", (replace(S1, name="b"),)),
+                        Pool("p", (replace(S1, name="a" if rename == "c" else "s1"),))))
+    pool = "p" if rename == "c" else "r"
+    new = Config(frontends=_frontends(pool, pool), pools=(Pool(pool, (replace(S1, name=rename),)),))
+    cur, tgt, ends = _renamed(old, new)
+    assert tgt.backends[(pool, rename)].id == cur.backends[kept].id == 1
+
+
+def test_pools_regrouped_keep_each_server_once():
+    """s1 in pools p and q, regrouped into r and t, each serving a frontend of
+    both: each old one is one new one, in id order, and no flow ends."""
+    old = Config(frontends=_frontends("p", "q", "p", "q"),
+                 pools=(Pool("p", (S1,), on_server_down="reset"),
+                        Pool("q", (S1,), on_server_down="reset")))
+    new = Config(frontends=_frontends("r", "r", "t", "t"),
+                 pools=(Pool("r", (S1,), on_server_down="reset"),
+                        Pool("t", (S1,), on_server_down="reset")))
+    cur, tgt, ends = _renamed(old, new)
+    assert {k: b.id for k, b in tgt.backends.items()} == {("r", "s1"): 0, ("t", "s1"): 1}
+    assert ends.backend_ids == set()
+
+
+@pytest.mark.parametrize("old_policy,new_policy,ended", [("keep", "reset", {0}),
+                                                         ("reset", "keep", set())])
+def test_a_server_down_in_a_renamed_pool_follows_the_new_pools_policy(old_policy, new_policy,
+                                                                     ended):
+    old = _pool(S1, S2, on_server_down=old_policy)
+    new = Config(frontends=(replace(old.frontends[0], pool="web"),),
+                 pools=(Pool("web", (S1, S2), on_server_down=new_policy),))
+    _, _, ends = _renamed(old, new, new_states={("web", "s1"): "down"})
+    assert ends.backend_ids == ended
+
+
+def test_a_renamed_server_put_in_maint_has_its_flows_ended():
+    old = _pool(S1, S2)
+    new = _pool(replace(S1, name="t"), S2)
+    _, tgt, ends = _renamed(old, new, new_states={("p", "t"): "maint"})
+    assert tgt.backends[("p", "t")].id == 0
+    assert ends.backend_ids == {0}
