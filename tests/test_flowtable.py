@@ -73,6 +73,10 @@ def test_idle_exactly_its_timeout_is_not_dead_yet():
     at = connection(40013, seen_fwd=NOW - 900 * SEC, seen_reply=NOW - 900 * SEC)
     past = connection(40014, seen_fwd=NOW - 900 * SEC - 1, seen_reply=NOW - 900 * SEC - 1)
     assert sweep([*at, *past], NOW).dead == [past]
+    # The later entry decides, and so does a lone one in the established table.
+    reply_at = connection(40018, seen_fwd=NOW - 901 * SEC, seen_reply=NOW - 900 * SEC)
+    assert sweep([*reply_at], NOW).dead == []
+    assert sweep([at[0]], NOW, set()).dead == []
 
 
 def test_an_entry_without_its_partner_is_judged_alone():
@@ -190,4 +194,5 @@ def test_a_change_decodes_only_the_entries_of_the_servers_and_services_it_ends()
     assert flowtable.ending(*dump(*rows), {7}, set()) == list(of_server)
     assert flowtable.ending(*dump(*rows), set(), {3}) == of_service
     assert flowtable.ending(*dump(*rows), {5}, {9}) == []
+    assert flowtable.ending(*dump(*kept, *of_server), {7}, set()) == list(of_server)   # last
     assert flowtable.ending(b"", b"", {7}, {3}) == []
