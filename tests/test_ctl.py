@@ -46,3 +46,21 @@ def test_a_start_beside_a_stopping_instance_listens_where_clients_look(monkeypat
         assert not starting.lost()
     finally:
         starting.close()
+
+
+def test_a_stop_leaves_a_directory_that_replaced_its_own(tmp_path):
+    """Another's, empty as a start that is about to lock it leaves it."""
+    listener = ctl.Listener()
+    ctl.directory().rename(tmp_path / "moved")
+    ctl.directory().mkdir(0o700)
+    listener.close()
+    assert ctl.directory().is_dir()
+
+
+def test_a_start_refused_leaves_no_directory(run_dir, monkeypatch):
+    """An instance runs here whose directory was removed: the one this start
+    made goes again."""
+    monkeypatch.setattr(ctl, "holder", lambda: 1234)
+    with pytest.raises(ctl.AlreadyRunning):
+        ctl.Listener()
+    assert list(run_dir.iterdir()) == []
