@@ -587,6 +587,79 @@ def test_the_sweep_removes_only_connections_still_as_it_read_them(lb, fibnet, sh
     assert keys[53172][1] not in entries(dp, "flows_new")
 
 
+def dump_of(dp, sports) -> dict[str, tuple[bytes, bytes]]:
+    """Both flow tables' entries of the client's connections from these ports,
+    as Datapath.flow_dumps reads them."""
+    ports = {socket.htons(p) for p in sports}
+    return {name: as_dumped([r for r in rows if ports & {r.sport, r.dport}])
+            for name, rows in flow_rows(dp).items()}
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_the_sweep_spares_a_connection_whose_last_packet_is_all_that_changed(
+        lb, fibnet, monkeypatch, side):
+    """Read as idle, then a packet either way (one-way traffic): only the time
+    of its last packet differs from what the sweep read, and it stays."""
+    dp, sport = lb.dp, 53190 + (side == "server")
+    bid = handshake(lb, fibnet, sport)
+    addr, port = BACKENDS[bid]
+    age(dp, "flows", (CLIENT, VIP, sport, 80, TCP_P), 10)
+    age(dp, "flows", (addr, CLIENT, port, sport, TCP_P), 10)
+    read = dump_of(dp, [sport])
+    if side == "client":
+        lb.send(tcp_frame(CLIENT, VIP, sport, 80, flags="A"), fibnet.ifindex["ext"])
+    else:
+        lb.send(from_backend(bid, sport, "A"), fibnet.ifindex["int"])
+    now = connection(dp, sport)
+    written = now[1] if side == "client" else now[2]
+    assert written[:-1] in [r[:-1] for r in flowtable.decode(*read["flows"])]
+    with monkeypatch.context() as m:
+        m.setattr(dp, "flow_dumps", lambda: read)
+        assert dp.sweep_flows(dp.now() + 1000 * SEC)[0] == {"flows": 0, "flows_new": 0}
+    assert connection(dp, sport) == now
+
+
+WRITTEN = ("addr", "state", "backend_id", "timeout")     # in each word of a flow but seen
+
+
+@pytest.mark.parametrize("field", WRITTEN)
+def test_the_sweep_spares_a_connection_written_in_any_field_since_it_read_it(
+        lb, fibnet, monkeypatch, field):
+    """xlb_reap compares every word of an entry, not only the time of its
+    last packet (which a write in the tick of the read leaves as read)."""
+    dp, sport = lb.dp, 53192 + WRITTEN.index(field)
+    bid = handshake(lb, fibnet, sport)
+    addr, port = BACKENDS[bid]
+    read = dump_of(dp, [sport])
+    t = dp._maps["flows"]
+    key = map_key(t, (CLIENT, VIP, sport, 80, TCP_P))
+    value = t[key]
+    setattr(value, field, getattr(value, field) + 1)
+    t[key] = value
+    with monkeypatch.context() as m:
+        m.setattr(dp, "flow_dumps", lambda: read)
+        assert dp.sweep_flows(dp.now() + 1000 * SEC)[0] == {"flows": 0, "flows_new": 0}
+    assert len(flowtable.decode(*dump_of(dp, [sport])["flows"])) == 2
+    for k in ((CLIENT, VIP, sport, 80, TCP_P), (addr, CLIENT, port, sport, TCP_P)):
+        evict(dp, "flows", k)
+
+
+def test_the_sweep_removes_more_connections_than_one_test_run_takes(lb, fibnet, monkeypatch):
+    """xlb_reap takes REAP_CONNECTIONS a frame: one more goes by the next."""
+    from xlb.datapath import REAP_CONNECTIONS
+
+    dp = lb.dp
+    sports = range(53600, 53600 + REAP_CONNECTIONS + 1)
+    for sport in sports:
+        handshake(lb, fibnet, sport)
+    read = dump_of(dp, sports)
+    with monkeypatch.context() as m:
+        m.setattr(dp, "flow_dumps", lambda: read)
+        assert dp.sweep_flows(dp.now() + 1000 * SEC)[0] == \
+            {"flows": len(sports), "flows_new": 0}
+    assert dump_of(dp, sports) == {"flows": (b"", b""), "flows_new": (b"", b"")}
+
+
 def test_ending_a_servers_connections_spares_one_opened_again_elsewhere_meanwhile(
         lb, fibnet, monkeypatch):
     """delete_flows reads the tables, then deletes the connections of the
@@ -596,8 +669,7 @@ def test_ending_a_servers_connections_spares_one_opened_again_elsewhere_meanwhil
     dp, ext = lb.dp, fibnet.ifindex["ext"]
     first = backend_of(lb.send(syn(53180), ext).data)
     addr, port = BACKENDS[first]
-    read = {name: as_dumped([r for r in rows if socket.htons(53180) in (r.sport, r.dport)])
-            for name, rows in flow_rows(dp).items()}
+    read = dump_of(dp, [53180])
     dp.set_backend(first, addr, port, closed=True)
     try:
         again = lb.send(syn(53180), ext)
