@@ -5,15 +5,18 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
+import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import replace
 from ipaddress import IPv4Address
 
 import pytest
 
-from xlb import config as configfile, daemon
+from xlb import config as configfile, ctl, daemon
 from xlb.datapath import Datapath, DatapathError, Limits
 from xlb.model import from_flags
 
@@ -123,6 +126,51 @@ def test_the_sweep_waits_a_hundred_times_what_it_cost(monkeypatch):
     with pytest.raises(Stop):
         asyncio.run(daemon._sweep_forever(balancer))
     assert waits == [300.0]
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "down --keep-datapath"])
+def test_a_stop_holds_hang_ups_while_it_waits_for_a_sweep(balancer, tmp_path, monkeypatch,
+                                                           stop):
+    """Once a stop has begun, a hang-up (Ctrl-C, then the terminal closed)
+    must not cut it short: the loop ends at once, but the stop then waits
+    for a sweep in flight (seconds, for a million connections)."""
+    monkeypatch.setattr(ctl, "RUN_DIR", tmp_path / "run")
+    monkeypatch.setattr(ctl, "holder", lambda: None)
+    monkeypatch.setattr(ctl, "_earlier_instance", lambda: None)
+    sweeping, swept, held = threading.Event(), threading.Event(), []
+
+    def sweep_in_flight(datapath):
+        sweeping.set()
+        swept.wait(30)
+        return {"flows": 0, "flows_new": 0}, 0, 0.0
+
+    def stop_then_look():
+        if sweeping.wait(30):           # set once the loop handles signals
+            if stop == "SIGTERM":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                assert ctl.request("down", keep_datapath=True) == "stopping"
+            deadline = time.monotonic() + 5
+            while signal.getsignal(signal.SIGHUP) != signal.SIG_IGN and \
+                    time.monotonic() < deadline:
+                time.sleep(0.01)
+            held.append(signal.getsignal(signal.SIGHUP) == signal.SIG_IGN)
+        swept.set()
+
+    monkeypatch.setattr(daemon, "_sweep", sweep_in_flight)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM)}
+    control = ctl.Listener()
+    stopper = threading.Thread(target=stop_then_look)
+    stopper.start()
+    try:
+        assert asyncio.run(daemon._serve(balancer, control)) == (stop != "SIGTERM")
+    finally:
+        swept.set()
+        stopper.join()
+        control.close()
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    assert held == [True]
 
 
 def test_a_server_no_longer_checked_leaves_no_check_durations(balancer):
