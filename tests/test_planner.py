@@ -709,3 +709,12 @@ def test_a_renamed_server_put_in_maint_has_its_flows_ended():
     _, tgt, ends = _renamed(old, new, new_states={("p", "t"): "maint"})
     assert tgt.backends[("p", "t")].id == 0
     assert ends.backend_ids == {0}
+
+
+def test_a_pool_of_another_name_serving_another_protocol_is_another_pool():
+    """A frontend is its VIP, port and protocol: VIP:80/udp is not VIP:80/tcp."""
+    old = _pool(S1)
+    udp = replace(old.frontends[0], protocol="udp", pool="q")
+    new = Config(frontends=(udp,), pools=(Pool("q", (replace(S1, name="t"),)),))
+    cur, tgt, ends = _renamed(old, new)
+    assert tgt.backends[("q", "t")].id == 1 and tgt.retired_backends == {0}
