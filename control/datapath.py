@@ -865,9 +865,10 @@ class Datapath:
 
     def _end(self, name: str, rows: list[flowtable.Row],
              ends: Callable[[flowtable.Row], bool]) -> list[flowtable.Row]:
-        """Deletes these entries (read a moment ago) unless one is still there
-        and no longer what ends(as now) asks: the program may have written it
-        since (a connection opened again on the same key, to another server).
+        """Deletes those of these entries (read a moment ago) that are still
+        there and what ends(as now) asks: the program may have written one
+        since (a connection opened again on the same key, to another server),
+        or may write the key of one gone since then before the delete.
         Checked and deleted a few at a time, so that the program has a few
         milliseconds, not the whole pass, to write in between. Returns the
         forward entries this deleted (as read), and counts them in
@@ -880,7 +881,7 @@ class Datapath:
             doomed = []
             for r in rows[at:at + DELETE_CHUNK]:
                 key.raw = r.key()
-                if lib.bpf_lookup_elem(fd, key, value) != 0 or ends(r.as_now(value.raw)):
+                if lib.bpf_lookup_elem(fd, key, value) == 0 and ends(r.as_now(value.raw)):
                     doomed.append(r)
             with self._mending:
                 deleted = self._delete_batch(name, doomed)

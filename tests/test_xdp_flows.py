@@ -685,6 +685,37 @@ def test_ending_a_servers_connections_spares_one_opened_again_elsewhere_meanwhil
         dp.set_backend(first, addr, port)
 
 
+def test_ending_a_servers_connections_spares_one_opened_again_after_the_check(
+        lb, fibnet, monkeypatch):
+    """A connection of the server taken out, gone by the time delete_flows
+    checks it (the LRU, the sweep), whose key the program opens again on
+    another server before the delete: the new connection stays."""
+    dp, ext = lb.dp, fibnet.ifindex["ext"]
+    first = backend_of(lb.send(syn(53181), ext).data)
+    addr, port = BACKENDS[first]
+    read = dump_of(dp, [53181])
+    for key in ((CLIENT, VIP, 53181, 80, TCP_P), (addr, CLIENT, port, 53181, TCP_P)):
+        evict(dp, "flows_new", key)
+    dp.set_backend(first, addr, port, closed=True)
+    delete_batch = dp._delete_batch
+
+    def reopened_first(name, rows):
+        if name == "flows_new":
+            while backend_of(lb.send(syn(53181), ext).data) == first:   # whatever the cursor
+                pass
+        return delete_batch(name, rows)
+
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(dp, "flow_dumps", lambda: read)
+            m.setattr(dp, "_delete_batch", reopened_first)
+            assert dp.delete_flows({first}, set()) == {"flows": 0, "flows_new": 0}
+        anew = connection(dp, 53181)
+        assert anew[0] == "flows_new" and anew[1].backend_id != first and anew[2] is not None
+    finally:
+        dp.set_backend(first, addr, port)
+
+
 def test_a_change_that_ends_no_connection_reads_no_flow_table(lb, monkeypatch):
     """Every apply (each health change too) asks delete_flows to end what it
     ends, mostly nothing: then neither table is read (a full table of a
