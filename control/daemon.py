@@ -107,7 +107,8 @@ class Balancer:
                                  lim.ring_size, lim.max_maglev, states, lim.max_arp, renamed)
         if self.role == "backup":
             target = dataclasses.replace(target, arp={})
-        ends = planner.flows_to_end(self.config, self.states, self.state, config, states, target)
+        ends = planner.flows_to_end(self.config, self.states, self.state, config, states, target,
+                                    renamed)
 
         dp = self.datapath
         planner.execute(dp, planner.plan(self.state, target))

@@ -273,17 +273,16 @@ class FlowsToEnd:
 
 
 def flows_to_end(old: Config, old_states: Mapping[BackendKey, str], current: DataplaneState,
-                 new: Config, new_states: Mapping[BackendKey, str],
-                 target: DataplaneState) -> FlowsToEnd:
+                 new: Config, new_states: Mapping[BackendKey, str], target: DataplaneState,
+                 renamed: Mapping[BackendKey, BackendKey]) -> FlowsToEnd:
     """Established flows that a change ends: those of a server put in maint
     (disabled), those of a server that went down or away from a pool whose
     policy is "reset", and those of a frontend that is gone. Drained servers,
     and gone or down servers under "keep", keep their flows. A server given
     another address or port (a new id) is gone from its old one; one renamed
-    at the same address and port (renames) is not."""
+    at the same address and port (`renamed`, as `target` was made with) is not."""
     policies = {p.name: p.on_server_down for p in old.pools}
     policies.update({p.name: p.on_server_down for p in new.pools})
-    renamed = renames(old, current, new)
     ended = set()
     for key, b in current.backends.items():
         before = old_states.get(key, "up")

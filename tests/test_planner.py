@@ -209,10 +209,10 @@ def test_a_drained_server_that_fails_its_checks_follows_on_server_down(policy, e
     dead = {key: planner.server_state(S1, "drain", "down")}
     cur = desired(cfg, states=drained)
     tgt = desired(cfg, cur, dead)
-    assert planner.flows_to_end(cfg, drained, cur, cfg, dead, tgt).backend_ids == \
+    assert planner.flows_to_end(cfg, drained, cur, cfg, dead, tgt, {}).backend_ids == \
         ({0} if ended else set())
     back = {key: planner.server_state(S1, "drain", "up")}     # recovered: drained still
-    assert planner.flows_to_end(cfg, dead, tgt, cfg, back, desired(cfg, tgt, back)) \
+    assert planner.flows_to_end(cfg, dead, tgt, cfg, back, desired(cfg, tgt, back), {}) \
         .backend_ids == set()
 
 
@@ -233,7 +233,7 @@ def test_flows_to_end_by_state_change(policy, before, after, ended):
     old_states, new_states = {("p", "s1"): before}, {("p", "s1"): after}
     cur = desired(cfg, states=old_states)
     tgt = desired(cfg, cur, new_states)
-    ends = planner.flows_to_end(cfg, old_states, cur, cfg, new_states, tgt)
+    ends = planner.flows_to_end(cfg, old_states, cur, cfg, new_states, tgt, {})
     assert ends.backend_ids == ({0} if ended else set())
     assert ends.service_ids == set()
 
@@ -243,7 +243,7 @@ def test_flows_of_a_removed_server_follow_the_policy(policy, ended):
     old, new = _pool(S1, S2, on_server_down=policy), _pool(S2, on_server_down=policy)
     cur = desired(old)
     tgt = desired(new, cur)
-    assert planner.flows_to_end(old, {}, cur, new, {}, tgt).backend_ids == ended
+    assert planner.flows_to_end(old, {}, cur, new, {}, tgt, {}).backend_ids == ended
 
 
 @pytest.mark.parametrize("policy,ended", [("keep", set()), ("reset", {1})])
@@ -259,7 +259,7 @@ def test_a_server_given_another_address_or_port_is_a_new_server(policy, ended, m
     tgt = desired(new, cur)
     assert {k[1]: b.id for k, b in tgt.backends.items()} == {"s1": 0, "s2": 2}
     assert tgt.retired_backends == {1}
-    assert planner.flows_to_end(old, {}, cur, new, {}, tgt).backend_ids == ended
+    assert planner.flows_to_end(old, {}, cur, new, {}, tgt, {}).backend_ids == ended
     ops = planner.plan(cur, tgt)
     assert ("set_backend", 1, S2.address, S2.port, True) in ops      # closed to new flows
     assert ("set_backend", 2, s2.address, s2.port, False) in ops
@@ -269,9 +269,9 @@ def _renamed(old, new, old_states={}, new_states={}):
     """The target of applying `new` over `old` (as Balancer.apply does), and
     the flows that ends."""
     cur = desired(old, states=old_states)
-    tgt = planner.desired(new, LINKS, cur, **LIMITS, states=new_states,
-                          renamed=planner.renames(old, cur, new))
-    return cur, tgt, planner.flows_to_end(old, old_states, cur, new, new_states, tgt)
+    renamed = planner.renames(old, cur, new)
+    tgt = planner.desired(new, LINKS, cur, **LIMITS, states=new_states, renamed=renamed)
+    return cur, tgt, planner.flows_to_end(old, old_states, cur, new, new_states, tgt, renamed)
 
 
 @pytest.mark.parametrize("policy", ["reset", "keep"])
@@ -325,9 +325,10 @@ def test_an_address_moved_to_a_pool_of_another_frontend_is_a_new_server():
     # Every id used: the newcomer takes s1's id, and is no less a new server.
     limits = dict(LIMITS, max_backends=2)
     cur = planner.desired(old, LINKS, planner.DataplaneState(), **limits)
-    tgt = planner.desired(new, LINKS, cur, **limits, renamed=planner.renames(old, cur, new))
+    renamed = planner.renames(old, cur, new)
+    tgt = planner.desired(new, LINKS, cur, **limits, renamed=renamed)
     assert tgt.backends[("q", "t")].id == 0
-    assert planner.flows_to_end(old, {}, cur, new, {}, tgt).backend_ids == {0}
+    assert planner.flows_to_end(old, {}, cur, new, {}, tgt, renamed).backend_ids == {0}
 
 
 def test_flows_of_a_removed_frontend_end():
@@ -335,7 +336,7 @@ def test_flows_of_a_removed_frontend_end():
     one = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"])
     cur = desired(two)
     tgt = desired(one, cur)
-    assert planner.flows_to_end(two, {}, cur, one, {}, tgt).service_ids == {1}
+    assert planner.flows_to_end(two, {}, cur, one, {}, tgt, {}).service_ids == {1}
 
 
 def test_arp_only_on_a_frontends_interfaces():
