@@ -401,7 +401,8 @@ class Datapath:
         self._running = running
         self.fresh_maps: list[str] = []     # running maps that could not be kept
         self._copied: list[str] = []        # flow tables copied (another size): caught up
-        self._emptied: set[str] = set()     # running maps whose contents are lost
+        # Running maps whose contents this one holds (kept, or copied).
+        self._kept: set[str] = set(running.maps) if running else set()
         try:
             if running is None:
                 self._bpf = self._compile(cflags)
@@ -416,7 +417,6 @@ class Datapath:
             raise
         except Exception as e:  # bcc raises bare Exception; it has printed the details
             raise DatapathError(f"cannot load the XDP program: {e}") from None
-        self._kept = frozenset(running.maps if running else ()) - self._emptied
         self._maps = {name: self._bpf[name.encode()] for name in MAPS}
         problems = [p for name, t in self._maps.items()
                     for p in layout.check_mirror(name, t.Key, getattr(t, "sLeaf", t.Leaf))]
@@ -467,7 +467,7 @@ class Datapath:
                     self._copied.append(name)
                 self.fresh_maps.append(f"{name} (copied: {info.max_entries} -> {new[3]} entries)")
             else:
-                self._emptied.add(name)
+                self._kept.discard(name)
                 self.fresh_maps.append(f"{name} (emptied: its layout changed)")
         return bpf
 
