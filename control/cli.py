@@ -18,7 +18,7 @@ import click
 
 from . import __version__, config as configfile, ctl
 from .model import ConfigError, from_flags, monitor_from_flags
-from .units import full, si
+from .units import full, last_check, si
 
 
 class Failure(click.ClickException):
@@ -752,12 +752,6 @@ def format_orphan(o: dict) -> str:
             f"`xlb up` adopts it, `xlb down` removes it.")
 
 
-def _last_check(check: dict | None) -> str:
-    if check is None:
-        return "not checked"
-    return f"{check['reason']} ({check['duration_seconds'] * 1000:.1f} ms)"
-
-
 def _ha_line(h: dict) -> str:
     line = f"role {h['role']}" + (" (answers ARP for the VIPs)" if h["role"] == "active"
                                   else " (silent: answers no ARP, announces nothing)")
@@ -791,7 +785,7 @@ def format_status(s: dict) -> str:
                          f"{b['state']:<6} {b['weight']:>6} {si(b['active_flows']):>7} "
                          f"{si(b['new_flows']):>7} {si(b['packets_in']):>8} "
                          f"{si(b['packets_out']):>8} {si(b['bytes_in']):>8} "
-                         f"{si(b['bytes_out']):>9}  {_last_check(b['last_check'])}")
+                         f"{si(b['bytes_out']):>9}  {last_check(b)}")
     for f in s["frontends"]:
         if f["servers_taking_flows"] == 0:
             lines += ["", f"! frontend {f['name']}: no server of pool {f['pool']} is up; new flows "

@@ -68,7 +68,7 @@ class Balancer:
     def health_targets(self) -> list[Target]:
         """Every server whose pool or own monitor checks it."""
         return [Target.for_server(p.name, s, m) for p in self.config.pools for s in p.servers
-                if (m := self.config.monitor_for(p, s)) is not None and m.type != "none"]
+                if (m := self.config.monitor_for(p, s)) is not None]
 
     @staticmethod
     def _server_states(config: Config, admin: dict[Key, str],
@@ -325,9 +325,11 @@ def _sync_routes(announcer: ha.Announcer, vips) -> None:
         log.event("announce", level="warning", table=announcer.table, error=str(e))
 
 def _server_rows(config: Config) -> dict[Key, dict]:
-    """What status shows of each server that only apply changes."""
+    """What status shows of each server that only apply changes; `monitor`:
+    the name of the monitor that checks it, None when none does."""
     return {(p.name, s.name): {"name": s.name, "address": str(s.address), "port": s.port,
-                               "weight": s.weight, "backup": s.backup}
+                               "weight": s.weight, "backup": s.backup,
+                               "monitor": m.name if (m := config.monitor_for(p, s)) else None}
             for p in config.pools for s in p.servers}
 
 

@@ -135,9 +135,11 @@ class Config:
         return next(p for p in self.pools if p.name == name)
 
     def monitor_for(self, pool: Pool, server: Server) -> Monitor | None:
-        """The server's own monitor, else its pool's; None when it is not checked."""
+        """The server's own monitor, else its pool's; None when it is not checked
+        (no monitor, or one of type `none`)."""
         name = server.monitor or pool.monitor
-        return next((m for m in self.monitors if m.name == name), None)
+        m = next((m for m in self.monitors if m.name == name), None)
+        return m if m is not None and m.type != "none" else None
 
     def attach_names(self) -> tuple[str, ...]:
         """Interfaces named anywhere; empty means every up, non-loopback one."""

@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import ctl
-from .units import full, si
+from .units import full, last_check, si
 
 NO_RATE = "—"       # a rate needs two samples of the same counter
 STATE_STYLES = {"up": "bold green", "down": "bold red", "drain": "bold yellow",
@@ -72,13 +72,10 @@ def _by_name(items: list[dict] | None) -> dict[str, dict]:
     return {i["name"]: i for i in items or []}
 
 
-def _last_check(check: dict | None) -> Text:
-    if check is None:
-        return Text("not checked", style="dim")
-    reason = check.get("reason", "")
-    ms = check.get("duration_seconds")
-    text = f"{reason} ({ms * 1000:.1f} ms)" if ms is not None else reason
-    return Text(text, style="" if check.get("ok", True) else "red")
+def _last_check(server: dict) -> Text:
+    check = server.get("last_check")
+    style = "dim" if check is None else "" if check.get("ok", True) else "red"
+    return Text(last_check(server), style=style)
 
 
 def _header(s: dict, seconds: float | None) -> Text:
@@ -141,7 +138,7 @@ def _pool(p: dict, prev_pool: dict | None, seconds: float | None, rows: int) -> 
                   Text(health, style=HEALTH_STYLES.get(health, "")),
                   str(b.get("weight", "")), si(b.get("active_flows", 0)),
                   r.text("new_flows", "bold"), r.text("packets_in"), r.text("packets_out"),
-                  _last_check(b.get("last_check")))
+                  _last_check(b))
     if len(servers) > rows:
         t.add_row(Text(f"… {len(servers) - rows:,} more servers", style="dim"))
     return t

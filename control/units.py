@@ -1,4 +1,5 @@
-"""Short numbers for narrow columns, shared by `xlb status` and `xlb top`."""
+"""What `xlb status` and `xlb top` both show: short numbers for narrow
+columns, and a server's latest health check."""
 
 
 def si(x: float) -> str:
@@ -23,3 +24,14 @@ def full(table: dict) -> tuple[str, float]:
     and as a number."""
     pct = table["entries"] / table["capacity"] * 100 if table["capacity"] else 0.0
     return ("<0.1" if 0 < pct < 0.1 else f"{pct:.1f}"), pct
+
+
+def last_check(server: dict) -> str:
+    """A server's latest health check (status's `last_check`), or why there is
+    none: no monitor checks it, or its first check is still to come (checks
+    are spread over the interval)."""
+    check = server.get("last_check")
+    if check is None:
+        return "first check pending" if server.get("monitor") else "not checked"
+    ms = check.get("duration_seconds")
+    return f"{check['reason']} ({ms * 1000:.1f} ms)" if ms is not None else check["reason"]

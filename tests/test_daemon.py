@@ -416,3 +416,26 @@ def test_a_health_change_whose_apply_fails_is_applied_again(checked):
         assert asyncio.run(scenario()) == (2, 1)
     finally:
         listener.close()
+
+
+def test_status_tells_an_unchecked_server_from_one_whose_first_check_is_to_come(checked):
+    """`not checked` is for a server that no monitor checks (none, or one of
+    type `none`); a checked server before its first check (the checks are
+    spread over the interval) is `first check pending`, which the demo's
+    status showed as `not checked` too."""
+    from xlb.units import last_check
+
+    config = configfile.load(configfile.dump(checked_config([9, 10, 11], interval=30))
+                             + '[monitors.off]\ntype = "none"\n')
+    config = configfile.load(configfile.dump(config).replace(
+        '[servers.s11]\n', '[servers.s11]\nmonitor = "off"\n'))
+
+    def shown(config):
+        checked.apply(config, relink=False)
+        return {s["name"]: (s["monitor"], last_check(s))
+                for s in checked.status()["pools"][0]["servers"]}
+    assert shown(config) == {"s9": ("m", "first check pending"),
+                             "s10": ("m", "first check pending"),
+                             "s11": (None, "not checked")}
+    unchecked = configfile.load(configfile.dump(config).replace('monitor = "m"\n', ""))
+    assert shown(unchecked) == dict.fromkeys(["s9", "s10", "s11"], (None, "not checked"))

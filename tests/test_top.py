@@ -37,11 +37,11 @@ STATUS = {
                    "bytes_in": 9720, "packets_out": 120, "bytes_out": 10920, "new_flows": 20}],
     "pools": [{"name": "was", "algorithm": "roundrobin", "on_server_down": "keep", "servers": [
         {"name": "was1", "address": "10.1.11.101", "port": 8080, "weight": 1, "backup": False,
-         "state": "up", "health": "up", "last_check": None, "health_changes": 0,
+         "monitor": None, "state": "up", "health": "up", "last_check": None, "health_changes": 0,
          "active_flows": 10, "packets_in": 60, "bytes_in": 4860, "packets_out": 60,
          "bytes_out": 5460, "new_flows": 10},
         {"name": "was2", "address": "10.1.11.102", "port": 8080, "weight": 1, "backup": False,
-         "state": "up", "health": "up",
+         "monitor": "was-http", "state": "up", "health": "up",
          "last_check": {"ok": True, "reason": "check passed", "duration_seconds": 0.001781},
          "health_changes": 0, "active_flows": 10, "packets_in": 60, "bytes_in": 4860,
          "packets_out": 60, "bytes_out": 5460, "new_flows": 10}]}],
@@ -110,6 +110,10 @@ def test_first_frame_has_no_rates():
     assert row(out, "was1") == ["was1", "10.1.11.101:8080", "up", "up", "1", "10",
                                 "—", "—", "—", "not checked"]
     assert row(out, "was2")[-1] == "check passed (1.8 ms)"
+    was2 = STATUS["pools"][0]["servers"][1]
+    pending = copy.deepcopy(STATUS)
+    pending["pools"][0]["servers"][1] = {**was2, "last_check": None}
+    assert row(text(top.render(pending)), "was2")[-1] == "first check pending"
     assert row(out, "no_backend") == ["no_backend", "—", "0"]
     assert "flow table 40/327,680 entries: flows <0.1% full flows_new 0.0% full" in out
     assert "pool was (roundrobin, on_server_down keep)" in out
