@@ -49,6 +49,7 @@ step "10 requests from the client on the VIP's subnet (10.1.1.10, resolves the V
 for i in $(seq 10); do
     printf 'request %2d -> %s\n' "$i" "$(ip netns exec "$P-client" curl -s -m 3 http://10.1.1.101/)"
 done
+echo "(round-robin keeps a cursor per CPU: requests that land on different CPUs may meet one server twice in a row; the split evens out)"
 
 step "4 requests from the routed client (198.51.100.10, through the external firewall)"
 for i in $(seq 4); do
