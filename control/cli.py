@@ -816,6 +816,10 @@ def format_status(s: dict) -> str:
 def main() -> None:
     try:
         code = cli.main(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        # `xlb` or `xlb ha` alone: its message is the whole help, kept as it is
+        e.show()
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         message = e.format_message()
         if isinstance(e, click.MissingParameter):

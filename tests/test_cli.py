@@ -108,6 +108,16 @@ def test_unknown_command_or_option_is_bad_input():
     assert (r.returncode, r.stderr) == (2, "xlb: error: No such option '--frobnicate'.\n")
 
 
+def test_a_command_group_alone_shows_its_help():
+    """`xlb` or `xlb ha` with no command: the help as --help shows it, not
+    squeezed into one error line with its newlines escaped."""
+    for args in ((), ("ha",)):
+        r = xlb(*args)
+        assert (r.returncode, r.stdout) == (2, ""), r.stderr
+        assert r.stderr == xlb(*args, "--help").stdout
+        assert r.stderr.startswith(f"Usage: xlb {' '.join((*args, ''))}[OPTIONS] COMMAND")
+
+
 def test_a_missing_choice_is_named_on_one_readable_line():
     """click lists the choices one a line; on xlb's one line they are a list."""
     r = xlb("server")
