@@ -18,7 +18,7 @@ import click
 
 from . import __version__, config as configfile, ctl
 from .model import ConfigError, from_flags, monitor_from_flags
-from .units import full, last_check, si
+from .units import full, last_check, shown, si
 
 
 class Failure(click.ClickException):
@@ -218,19 +218,13 @@ def saved_config():
     return config, Path(saved.config_path) if saved.config_path else None
 
 
-# A newline or other control character in what the operator gave (a TOML key,
-# a flag's value) is shown escaped: it must not break a message in two, or
-# forge a line of its own.
-_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {9: "\\t", 10: "\\n", 13: "\\r"}
-
-
 def _error(message: str) -> None:
-    click.echo(message.translate(_ESCAPES), err=True)
+    click.echo(shown(message), err=True)
 
 
 def _say(message: str) -> None:
     """A line on stdout that names what the operator gave (a file)."""
-    click.echo(message.translate(_ESCAPES))
+    click.echo(shown(message))
 
 
 def _echo_problems(file: Path, problems) -> None:
@@ -763,7 +757,7 @@ def _ha_line(h: dict) -> str:
 
 def format_status(s: dict) -> str:
     ifaces = ", ".join(f"{i['name']} ({i['mode']})" for i in s["interfaces"])
-    source = f", config {s['config']}" if s.get("config") else ""
+    source = f", config {shown(s['config'])}" if s.get("config") else ""
     lines = [f"xlb {s['version']}, pid {s['pid']}, up {s['uptime_seconds']:.0f}s, on {ifaces}, "
              f"{s['forwarding']} forwarding{source}", _ha_line(s["ha"]), ""]
     lines.append(f"{'FRONTEND':<14} {'VIP':<22} {'POOL':<12} {'TAKING':>6} {'CONNS':>7} "

@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import ctl
-from .units import full, last_check, si
+from .units import full, last_check, shown, si
 
 NO_RATE = "—"       # a rate needs two samples of the same counter
 STATE_STYLES = {"up": "bold green", "down": "bold red", "drain": "bold yellow",
@@ -84,7 +84,7 @@ def _header(s: dict, seconds: float | None) -> Text:
     t.append(f"xlb {s.get('version', '?')}", style="bold")
     t.append(f"  pid {s.get('pid', '?')}  up {s.get('uptime_seconds', 0):.0f}s  on {ifaces}")
     if s.get("config"):
-        t.append(f"  config {s['config']}")
+        t.append(f"  config {shown(s['config'])}")
     t.append("\n")
     t.append(f"rates per second over the last {seconds:.1f} s" if seconds
              else "rates need a second sample", style="dim")

@@ -1,5 +1,22 @@
-"""What `xlb status` and `xlb top` both show: short numbers for narrow
-columns, and a server's latest health check."""
+"""Short numbers for narrow columns, a server's latest health check, and
+names shown on one line: shared by `xlb status`, `xlb top` and the other
+commands' answers."""
+
+
+# A newline or other control character in what the operator gave (a TOML key,
+# a flag's value, a file's name) is shown escaped: it must not break a message
+# in two, or forge a line of its own. A byte of a file's name that is not UTF-8
+# comes in as a lone surrogate (U+DC80-U+DCFF), which a UTF-8 locale's strict
+# stdout cannot write: shown as the byte it was.
+_ESCAPES = ({c: f"\\x{c:02x}" for c in (*range(32), 127)}
+            | {9: "\\t", 10: "\\n", 13: "\\r"}
+            | {c: f"\\x{c - 0xdc00:02x}" if 0xdc80 <= c <= 0xdcff else f"\\u{c:04x}"
+               for c in range(0xd800, 0xe000)})
+
+
+def shown(text: str) -> str:
+    """text on one line that any terminal can print (_ESCAPES)."""
+    return text.translate(_ESCAPES)
 
 
 def si(x: float) -> str:

@@ -95,6 +95,35 @@ def test_a_newline_in_what_the_operator_gave_stays_on_its_line(tmp_path):
     assert r.stderr.startswith("xlb: error: --vip 10.1.1.101:80\\nxlb: serving: ")
 
 
+def test_a_file_name_that_is_not_utf8_is_shown_escaped(tmp_path):
+    """Its bytes come in as lone surrogates, which a UTF-8 locale's strict
+    stdout (not C.UTF-8's) cannot write: shown as \\xNN, not a traceback."""
+    odd = tmp_path / os.fsdecode(b"x\xff.toml")
+    odd.write_text(SEED.read_text())
+    r = subprocess.run([str(XLB), "check", str(odd)], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert (r.returncode, r.stdout, r.stderr) == \
+        (0, f"{tmp_path}/x\\xff.toml: ok: 1 frontends, 1 pools, 2 servers, 1 monitors\n", "")
+
+
+STATUS = {"version": "0.1.0", "pid": 4242, "uptime_seconds": 5.0,
+          "interfaces": [{"name": "eth0", "ifindex": 2, "mode": "native"}],
+          "forwarding": "fast", "ha": {"role": "active", "announce_table": None},
+          "frontends": [], "pools": [], "reasons": {}, "actions": {}, "map_memory_bytes": 0,
+          "flows": {"established": 0, "closing": 0, "half_open": 0,
+                    "connections_capacity": 1024, "tables": {}, "removed": {}, "adopted": 0,
+                    "replies_restored": 0}}
+
+
+def test_status_shows_the_served_files_name_on_its_line():
+    """As check and apply show it: a newline in it cannot forge a line."""
+    from xlb import cli
+    out = cli.format_status({**STATUS, "config": "/etc/xlb\nrole active\udcff.toml"})
+    assert out.splitlines()[:2] == [
+        "xlb 0.1.0, pid 4242, up 5s, on eth0 (native), fast forwarding, config "
+        "/etc/xlb\\nrole active\\xff.toml", "role active (answers ARP for the VIPs)"]
+
+
 def test_apply_of_a_file_it_cannot_read_is_bad_input(tmp_path):
     r = xlb("apply", str(tmp_path / "nope.toml"))
     assert r.returncode == 2 and r.stdout == ""

@@ -177,6 +177,15 @@ def test_another_instance_has_no_rates():
     assert row(out, "www")[4:] == ["—"] * 5
 
 
+def test_the_served_files_name_is_shown_on_its_line():
+    """Escaped: a newline must not break the header in two, and a byte that
+    is not UTF-8 (a lone surrogate in Python) could not be written to a
+    strict UTF-8 terminal."""
+    odd = {**STATUS, "config": "/etc/xlb\nxlb: ok\udcff.toml"}
+    header = text(top.render(odd)).splitlines()[0]
+    assert header.endswith("  config /etc/xlb\\nxlb: ok\\xff.toml"), header
+
+
 def test_a_note_is_shown():
     out = text(top.render(STATUS, note="status request failed: boom"))
     assert "status request failed: boom" in out
