@@ -335,13 +335,18 @@ def server(action: str, pool: str, server: str) -> None:
     drain: no new flows, established ones continue (while its health checks
     pass: failing them, it is down, and they follow on_server_down).
     disable: no new flows, and established ones end (their next packets are
-    balanced anew). enable: back to normal. The state survives `xlb apply` (of
-    a file that keeps the server in that pool) and restarts of `xlb up` (xlb
-    keeps it in its state directory); `xlb down` forgets it.
+    balanced anew). enable: back to normal. A server that the config disables
+    (enabled = false) stays maint, and the answer says so. The state survives
+    `xlb apply` (of a file that keeps the server in that pool) and restarts of
+    `xlb up` (xlb keeps it in its state directory); `xlb down` forgets it.
     """
     r = _request("server", action=action, pool=pool, server=server)
     _warn(r)
     click.echo(f"xlb: {pool}/{server} is {r['state']}; {r['flows_ended']} flows ended")
+    if r["state"] == "maint" and action != "disable":
+        # No run-time state is left to make it maint: the file's is, which this cannot override.
+        _error(f"xlb: warning: {pool}/{server} stays maint: the config disables it "
+               f"(enabled = false); enable it there, then `xlb apply`")
 
 
 @cli.command()

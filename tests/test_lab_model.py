@@ -292,6 +292,18 @@ def test_server_command_errors(lab, xlb):
     assert r.returncode == 2 and "no pool 'nosuch'" in r.stderr
 
 
+def test_enable_or_drain_of_a_server_the_file_disables_says_it_stays_maint(lab, tmp_path, xlb):
+    """A run-time state does not override the file's `enabled = false`: the
+    command's answer says why the server is still maint."""
+    apply(lab, tmp_path, SEED.replace("[servers.was1]\n", "[servers.was1]\nenabled = false\n"))
+    for action in ("enable", "drain"):
+        r = lab.xlb_cmd("server", action, "web", "was1")
+        assert (r.returncode, r.stdout) == (0, "xlb: web/was1 is maint; 0 flows ended\n")
+        assert r.stderr == ("xlb: warning: web/was1 stays maint: the config disables it "
+                            "(enabled = false); enable it there, then `xlb apply`\n")
+    assert names(lab, 10) == {"WAS2": 10}
+
+
 LOGFMT = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
 
 
