@@ -55,17 +55,16 @@ def load(text: str) -> Config:
 
 def read(path: str | Path) -> str:
     """The text of a config file: a regular file (a FIFO or a device is not
-    waited on) of at most MAX_FILE bytes of UTF-8. A file that cannot be read
-    is one problem named by its path."""
+    opened: that can act, as a tape rewinds or a watchdog starts) of at most
+    MAX_FILE bytes of UTF-8. A file that cannot be read is one problem named
+    by its path."""
     try:
+        _regular(path, os.stat(path).st_mode)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise ConfigError([(str(path), e.strerror or str(e))]) from None
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ConfigError([(str(path), "Is a directory" if stat.S_ISDIR(mode)
-                                else "not a regular file")])
+        _regular(path, os.fstat(fd).st_mode)     # replaced since
         with open(fd, "rb", closefd=False) as f:
             data = f.read(MAX_FILE + 1)
     finally:
@@ -77,6 +76,12 @@ def read(path: str | Path) -> str:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise ConfigError([(str(path), f"not UTF-8 text ({e.reason} at byte {e.start})")]) from None
+
+
+def _regular(path: str | Path, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise ConfigError([(str(path), "Is a directory" if stat.S_ISDIR(mode)
+                            else "not a regular file")])
 
 
 def load_file(path: str | Path) -> Config:

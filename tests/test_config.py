@@ -697,6 +697,35 @@ def test_read_takes_regular_files_of_at_most_max_file_bytes(tmp_path):
     assert len(read(big)) == MAX_FILE
 
 
+def test_read_opens_no_file_that_is_not_regular(tmp_path):
+    """Opening can act: a tape rewinds, a watchdog starts its count down, a
+    FIFO lets its waiting writer through (which this test sees)."""
+    import os
+    import threading
+    from xlb.config import read
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    let_through, tid = threading.Event(), []
+
+    def writer():
+        tid.append(threading.get_native_id())
+        os.close(os.open(fifo, os.O_WRONLY))    # waits for a reader
+        let_through.set()
+
+    waiting = threading.Thread(target=writer, daemon=True)
+    waiting.start()
+    while not (tid and Path(f"/proc/self/task/{tid[0]}/wchan").read_text()
+               == "wait_for_partner"):          # the writer waits in its open
+        let_through.wait(0.01)
+    with pytest.raises(ConfigError) as e:
+        read(fifo)
+    assert e.value.problems == [(str(fifo), "not a regular file")]
+    opened = let_through.wait(1.0)              # a writer let through goes on at once
+    os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))     # the writer's reader, at last
+    waiting.join()
+    assert not opened
+
+
 def test_a_byte_order_mark_is_no_part_of_the_config(tmp_path):
     path = tmp_path / "bom.toml"
     path.write_bytes(b"\xef\xbb\xbf" + SEED.read_bytes())
