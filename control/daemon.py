@@ -136,9 +136,7 @@ class Balancer:
             self.links = {link.name: link for link in links}
             if relink:                      # a new config, not a change of state
                 self.last_apply = time.time()
-        # The durations of the servers still checked: one no longer checked
-        # (its monitor gone, or `none`) leaves no histogram frozen behind.
-        self.check_durations.forget_except({t.key for t in self.health_targets()})
+        self.check_durations.track({t.key for t in self.health_targets()})
         self._announce()
         # Drain and maint belong to a server of a pool: a pool renamed, or a
         # server moved, loses them, which the operator should hear of.

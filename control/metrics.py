@@ -117,9 +117,14 @@ class CheckDurations:
             counts[bisect.bisect_left(CHECK_BUCKETS, seconds)] += 1
             self._data[key] = [counts, total + seconds]
 
-    def forget_except(self, keys: set) -> None:
+    def track(self, keys: set) -> None:
+        """Keeps the histograms of the servers checked now (keys), at zero for
+        those new to it: a histogram that appeared only with a first check
+        would hide that check from rate() and increase(), and from the
+        dashboard until then. The others go: one kept no longer checked would
+        stay there, frozen, as if checks still ran."""
         with self._lock:
-            self._data = {k: v for k, v in self._data.items() if k in keys}
+            self._data = {k: self._data.get(k, [[0] * len(_LE), 0.0]) for k in keys}
 
     def snapshot(self) -> dict[tuple[str, str], tuple[list[int], float]]:
         with self._lock:

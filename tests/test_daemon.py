@@ -173,9 +173,11 @@ def test_a_stop_holds_hang_ups_while_it_waits_for_a_sweep(balancer, tmp_path, mo
     assert held == [True]
 
 
-def test_a_server_no_longer_checked_leaves_no_check_durations(balancer):
-    """Its monitor gone, a server's last checks' histogram goes from the
-    metrics with it (it would stay there, frozen, as if checks still ran)."""
+def test_check_durations_are_those_of_the_servers_checked_now(balancer):
+    """A server checked has its histogram from the apply on, at zero before its
+    first check (which rate() would not see if the series began with it). Its
+    monitor gone, the histogram goes from the metrics with it (it would stay
+    there, frozen, as if checks still ran)."""
     from xlb import metrics
 
     checked = configfile.load(configfile.dump(balancer.config)
@@ -186,12 +188,13 @@ def test_a_server_no_longer_checked_leaves_no_check_durations(balancer):
     balancer.apply(checked, relink=False)
     key = (pool, checked.pools[0].servers[0].name)
     assert [t.key for t in balancer.health_targets()] == [key]
-    balancer.check_durations.observe(key, 0.001)
 
     def histogram():
         text = metrics.render(balancer.status(), balancer.check_durations.snapshot())
         return "xlb_server_check_duration_seconds_count" in text
     assert histogram()
+    assert balancer.check_durations.snapshot()[key] == ([0] * len(metrics._LE), 0.0)
+    balancer.check_durations.observe(key, 0.001)
     balancer.apply(checked, relink=False)                   # still checked: kept
     assert histogram()
     unchecked = configfile.load(configfile.dump(checked).replace('monitor = "tcp"\n', ""))

@@ -309,3 +309,18 @@ def test_parse_address(text, expected):
 def test_parse_address_errors(text):
     with pytest.raises(ValueError):
         metrics.parse_address(text)
+
+
+def test_check_durations_track_the_servers_checked_now():
+    d = metrics.CheckDurations()
+    d.observe(("was", "was1"), 0.002)
+    d.observe(("was", "gone"), 0.002)
+    d.track({("was", "was1"), ("was", "was2")})
+    snap = d.snapshot()
+    assert set(snap) == {("was", "was1"), ("was", "was2")}
+    assert snap[("was", "was2")] == ([0] * (len(metrics.CHECK_BUCKETS) + 1), 0.0)
+    assert sum(snap[("was", "was1")][0]) == 1
+    got = samples(metrics.render(STATUS, snap))
+    two = (("pool", "was"), ("server", "was2"))
+    assert got[("xlb_server_check_duration_seconds_count", two)] == 0
+    assert got[("xlb_server_check_duration_seconds_bucket", (("le", "+Inf"),) + two)] == 0
