@@ -3,6 +3,7 @@ on stderr and a non-zero exit (2 for bad input, 1 for everything else)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -486,8 +487,11 @@ def role(role: str) -> None:
 @ha.command()
 @click.option("--instance", default="xlb", show_default=True,
               help="The vrrp_instance whose state xlb follows.")
+@click.option("--track-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
+              help="keepalived's track file: kept at 0 while an xlb data path runs here, "
+                   "1 while none does (keepalived's FAULT).")
 @click.argument("fifo", type=CONFIG_FILE)
-def follow(instance: str, fifo: Path) -> None:
+def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     """Follow keepalived's notify FIFO: MASTER makes xlb active; BACKUP, FAULT
     and STOP make it backup, and so does keepalived stopping.
 
@@ -497,7 +501,11 @@ def follow(instance: str, fifo: Path) -> None:
     says a role once: a role that cannot be delivered (xlb not running) is
     retried every second, and an instance started anew (after `xlb down`, a
     restart) is told the role again. A FIFO that another user may write is
-    refused: it would tell the role.
+    refused: it would tell the role. With --track-file, it also tells
+    keepalived, every second, whether xlb serves on this node: a node
+    whose data path is gone (xlb stopped or not started) cannot answer for
+    the VIPs, and keepalived hands them to the peer. A control process
+    killed with its data path still serving counts as serving.
     """
     from . import state
     from .ha import keepalived_role
@@ -526,7 +534,8 @@ def follow(instance: str, fifo: Path) -> None:
     wanted, told, failing, buf = None, None, False, b""
     try:
         while True:
-            ready, _, _ = select.select([fd], [], [], FOLLOW_POLL if wanted else None)
+            ready, _, _ = select.select([fd], [], [], FOLLOW_POLL if wanted or track_file
+                                        else None)
             if ready:
                 buf += os.read(fd, 4096)
                 *lines, buf = buf.split(b"\n")
@@ -535,17 +544,22 @@ def follow(instance: str, fifo: Path) -> None:
                     role = keepalived_role(line.decode(errors="replace"), instance)
                     if role:
                         wanted, told = role, None
-            if wanted:
-                try:
-                    pid = ctl.request("ping", timeout=2.0)["pid"]
-                    if pid != told:
-                        ctl.request("role", role=wanted, timeout=2.0)
-                        told, failing = pid, False
-                except (ctl.NotRunning, ctl.ControlError, OSError) as e:
-                    if not failing:
-                        click.echo(f"xlb ha follow: role {wanted} not delivered yet, retried "
-                                   f"every {FOLLOW_POLL:g} s: {e}", err=True)
+            if not (wanted or track_file):
+                continue
+            answered = False
+            try:
+                pid = ctl.request("ping", timeout=2.0)["pid"]
+                answered = True
+                if wanted and pid != told:
+                    ctl.request("role", role=wanted, timeout=2.0)
+                    told, failing = pid, False
+            except (ctl.NotRunning, ctl.ControlError, OSError) as e:
+                if wanted and not failing:
+                    click.echo(f"xlb ha follow: role {wanted} not delivered yet, retried "
+                               f"every {FOLLOW_POLL:g} s: {e}", err=True)
                     failing = True
+            if track_file:
+                _track(track_file, answered or _datapath_runs())
     except _KeepalivedStops:
         try:
             ctl.request("role", role="backup", timeout=2.0)
@@ -554,9 +568,40 @@ def follow(instance: str, fifo: Path) -> None:
                        err=True)
 
 
+def _datapath_runs() -> bool:
+    """Whether an xlb data path is attached here (bcc is imported only when
+    the control process does not answer)."""
+    from .datapath import find_running
+    running = find_running()
+    if running is None:
+        return False
+    running.close()
+    return True
+
+
+def _track(path: Path, serving: bool) -> None:
+    """Writes keepalived's track file, 0 (serving) or 1 (FAULT), when it holds
+    the other value: keepalived reads it at each write, and writes 1 in it
+    itself when it starts (init_file)."""
+    value = b"0\n" if serving else b"1\n"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if path.read_bytes() == value:
+                return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.write(fd, value)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        click.echo(f"xlb ha follow: {path}: {e.strerror}", err=True)
+
+
 # A file or device would be read to its end over and over, at once.
 _NOT_FIFO = "not a FIFO (keepalived's vrrp_notify_fifo)"
-FOLLOW_POLL = 1.0   # seconds between looks at the instance, while keepalived has said a role
+# Seconds between looks at the instance, once keepalived has said a role (or with a track file).
+FOLLOW_POLL = 1.0
 FIFO_LINE_MAX = 4096
 
 
@@ -600,11 +645,15 @@ def _ha_config(path: Path):
                    "VRRPv3 needs an address to move); repeatable.")
 @click.option("--fifo", default="/run/xlb-keepalived.fifo", show_default=True,
               metavar="PATH", help="keepalived's notify FIFO, read by `xlb ha follow`.")
+@click.option("--track-file", default="/run/xlb-keepalived.serving", show_default=True,
+              metavar="PATH", help="A file keepalived tracks, which `xlb ha follow` keeps at "
+                                   "0 while xlb serves on this node and 1 (FAULT: the peer "
+                                   "takes over) while it does not.")
 @click.option("--xlb", "xlb_path", metavar="PATH",
               help="The xlb that keepalived runs (default: this one).")
 @click.argument("config", type=CONFIG_FILE)
-def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, xlb_path,
-               config) -> None:
+def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, track_file,
+               xlb_path, config) -> None:
     """Print a keepalived config for one node of an active/backup pair serving
     CONFIG's VIPs (CONFIG is read, never written).
 
@@ -621,6 +670,9 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, xlb_
         raise BadInput(f"--advert-int: {advert_int:g} is not a whole number of "
                        f"hundredths of a second (keepalived's unit)")
     _valid("--fifo", hamod.check_keepalived_path, fifo)
+    _valid("--track-file", hamod.check_keepalived_path, track_file)
+    if track_file == fifo:
+        raise BadInput("--track-file: the same path as --fifo")
     if xlb_path is None:
         try:
             xlb_path = hamod.check_keepalived_path(os.path.abspath(sys.argv[0]))
@@ -650,7 +702,7 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, xlb_
                                      peer=peer_ip,
                                      interface=interface, priority=priority,
                                      advert_int=advert_int, vrid=vrid, fifo=fifo,
-                                     gateways=gws), nl=False)
+                                     track_file=track_file, gateways=gws), nl=False)
 
 
 @ha.command()

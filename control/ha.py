@@ -194,7 +194,7 @@ def keepalived_role(line: str, instance: str) -> str | None:
 
 
 def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: str,
-                    priority: int, advert_int: float, vrid: int, fifo: str,
+                    priority: int, advert_int: float, vrid: int, fifo: str, track_file: str,
                     gateways: Iterable[Gateway], instance: str = "xlb") -> str:
     """A keepalived config for one node of a pair: VRRPv3 (fractional
     advert_int), unicast to the peer, both nodes starting as BACKUP without
@@ -203,7 +203,12 @@ def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: s
     (xlb answers their ARP). State changes reach xlb through keepalived's
     notify FIFO, read by `xlb ha follow` for keepalived's whole lifetime: a
     notify script would start a new process per change, which costs more
-    than a third of a 0.4 s failover."""
+    than a third of a 0.4 s failover. The same `follow` keeps track_file at
+    0 while an xlb data path runs on the node and 1 while none does (xlb
+    stopped, not started yet, or failed to start): keepalived holds the
+    node in FAULT then, so that the peer takes over the VIPs rather than
+    leave them to a node that cannot answer for them. A check script would
+    start a process per check; keepalived reads the file when it changes."""
     vips = sorted({str(f.vip) for f in config.frontends}, key=IPv4Address)
     lines = [
         f"# keepalived for xlb: VRRP elects the node that answers ARP for "
@@ -215,7 +220,16 @@ def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: s
         "    script_user root",
         "    enable_script_security",
         f"    vrrp_notify_fifo {fifo}",
-        f'    vrrp_notify_fifo_script "{xlb} ha follow --instance {instance}"',
+        f'    vrrp_notify_fifo_script "{xlb} ha follow --instance {instance} '
+        f'--track-file {track_file}"',
+        "}",
+        "",
+        "# 0 while xlb serves on this node, 1 (FAULT) while it does not: `xlb ha follow`",
+        "# writes it; 1 from keepalived's start until follow has seen xlb serve.",
+        "track_file xlb_serves {",
+        f'    file "{track_file}"',
+        "    weight 0",
+        "    init_file 1 overwrite",
         "}",
         "",
         f"vrrp_instance {instance} {{",
@@ -231,7 +245,7 @@ def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: s
     ]
     lines.append("    virtual_ipaddress {")
     lines += [f"        {g.address} dev {g.interface or interface}" for g in gateways]
-    lines += ["    }", "}"]
+    lines += ["    }", "    track_file {", "        xlb_serves", "    }", "}"]
     return "\n".join(lines) + "\n"
 
 

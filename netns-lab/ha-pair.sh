@@ -58,7 +58,7 @@ start_keepalived() {
     conf=$RUN/$node-keepalived.conf
     "$XLB" ha keepalived --peer "$peer" --interface eth1 --priority "$prio" \
         --advert-int "$ADVERT_INT" --gateway 10.1.11.1/24 --fifo "$RUN/$node-keepalived.fifo" \
-        "$config" >"$conf"
+        --track-file "$RUN/$node-xlb.serving" "$config" >"$conf"
     # Own pid files: the defaults under /run are shared by every namespace.
     ip netns exec "$P-$node" setsid keepalived --vrrp --dont-fork --log-console \
         --use-file "$conf" --pid "$RUN/$node-keepalived.pid" \

@@ -72,7 +72,7 @@ def test_gateways_and_tables():
 def keepalived_text(**kw) -> str:
     args = dict(xlb="/usr/local/bin/xlb", peer=IPv4Address("10.1.11.12"), interface="eth1",
                 priority=250, advert_int=0.1, vrid=51, fifo="/run/xlb-keepalived.fifo",
-                gateways=[ha.Gateway(IPv4Interface("10.1.11.1/24"))])
+                track_file="/run/xlb-keepalived.serving", gateways=[ha.Gateway(IPv4Interface("10.1.11.1/24"))])
     return ha.keepalived_conf(seed(), **{**args, **kw})
 
 
@@ -80,7 +80,12 @@ def test_keepalived_config_elects_without_owning_the_vip():
     text = keepalived_text()
     assert "10.1.1.101" not in text.split("vrrp_instance")[1]    # the VIP is no address
     assert "10.1.11.1/24 dev eth1" in text
-    assert 'vrrp_notify_fifo_script "/usr/local/bin/xlb ha follow --instance xlb"' in text
+    assert ('vrrp_notify_fifo_script "/usr/local/bin/xlb ha follow --instance xlb '
+            '--track-file /run/xlb-keepalived.serving"') in text
+    # Until follow has seen xlb serve, and while it does not, the node is in FAULT.
+    assert ('track_file xlb_serves {\n    file "/run/xlb-keepalived.serving"\n    weight 0\n'
+            '    init_file 1 overwrite\n}\n') in text
+    assert "    track_file {\n        xlb_serves\n    }\n" in text.split("vrrp_instance")[1]
     for line in ("vrrp_version 3", "state BACKUP", "nopreempt", "advert_int 0.1",
                  "priority 250", "virtual_router_id 51", "interface eth1"):
         assert f"    {line}\n" in text
@@ -193,6 +198,11 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
     ([*KA, "--advert-int", "0.015", str(SEED)], "--advert-int: 0.015 is not a whole number"),
     ([*KA, "--fifo", "", str(SEED)], "--fifo: a path cannot be empty"),
     ([*KA, "--fifo", "run/xlb.fifo", str(SEED)], "--fifo: 'run/xlb.fifo' is not absolute"),
+    ([*KA, "--track-file", "xlb.serving", str(SEED)],
+     "--track-file: 'xlb.serving' is not absolute"),
+    ([*KA, "--track-file", "/run/a#b", str(SEED)], "--track-file: '/run/a#b' contains"),
+    ([*KA, "--gateway", "10.1.11.1/24", "--track-file", "/run/xlb-keepalived.fifo", str(SEED)],
+     "--track-file: the same path as --fifo"),
     ([*KA, "--gateway", "10.1.11.12/24", str(SEED)],
      "--gateway 10.1.11.12/24: the peer's own address"),
     ([*KA, "--gateway", "10.1.11.0/24", str(SEED)],

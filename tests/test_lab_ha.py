@@ -9,10 +9,12 @@ connection every 20 ms and holds long-lived ones."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -144,6 +146,40 @@ def active_node(lab: Lab) -> str | None:
     roles = {n: role(lab, n) for n in ("lb1", "lb2")}
     active = [n for n, r in roles.items() if r == "active"]
     return active[0] if len(active) == 1 else None
+
+
+def serving_file(lab: Lab, node: str) -> str:
+    """What node's `xlb ha follow` last told keepalived (ha-pair.sh's --track-file)."""
+    return Path(f"/run/xlb-lab/{lab.prefix}/{node}-xlb.serving").read_text()
+
+
+def test_a_node_whose_xlb_stops_hands_the_vips_to_its_peer(pair, config):
+    """keepalived on both nodes. xlb stopped on the active node (`systemctl stop
+    xlb`: its data path goes with it) leaves nobody there to answer ARP for
+    the VIPs: keepalived holds that node in FAULT, and the peer takes over.
+    Started again, the node is the backup (no preemption)."""
+    xs = {}
+    with contextlib.ExitStack() as stack:
+        for node in ("lb1", "lb2"):
+            xs[node] = stack.enter_context(
+                pair.xlb("--config", str(config), "--role", "backup", node=node))
+        for node in ("lb1", "lb2"):
+            pair._lab("keepalived", node, str(config))
+        first = wait_for(lambda: active_node(pair), 10, "keepalived elects an active node")
+        other = "lb2" if first == "lb1" else "lb1"
+        assert xs[first].stop() == 0
+        wait_for(lambda: role(pair, other) == "active", 10, "the peer takes over")
+        pair.run("client", "ip", "neigh", "flush", "dev", "eth0")
+        assert curl_ok(pair)
+        assert serving_file(pair, first) == "1\n"
+        with pair.xlb("--config", str(config), "--role", "backup", node=first):
+            wait_for(lambda: serving_file(pair, first) == "0\n", 10,
+                     "follow tells keepalived that xlb serves again")
+            wait_for(lambda: role(pair, first) == "backup", 10, "the node is the backup")
+            assert role(pair, other) == "active" and curl_ok(pair)
+        for node in ("lb1", "lb2"):
+            pair._lab("stop-keepalived", node)
+    gateway_on(pair, None)
 
 
 def test_failover_when_the_active_node_crashes(pair, config):
