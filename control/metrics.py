@@ -112,8 +112,13 @@ class CheckDurations:
         self._data: dict[tuple[str, str], list] = {}   # key -> [bucket counts, sum]
 
     def observe(self, key: tuple[str, str], seconds: float) -> None:
+        """Counts a check of a server tracked; one that an apply has taken out
+        meanwhile (the checker hears of it after the apply) is dropped, or
+        its histogram would come back, frozen."""
         with self._lock:
-            counts, total = self._data.get(key, ([0] * len(_LE), 0.0))
+            if key not in self._data:
+                return
+            counts, total = self._data[key]
             counts[bisect.bisect_left(CHECK_BUCKETS, seconds)] += 1
             self._data[key] = [counts, total + seconds]
 
