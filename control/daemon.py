@@ -496,7 +496,8 @@ def up(config: Config, config_path: Path | None = None,
         datapath.set_forwarding(fast_path)
         for name in datapath.fresh_maps:
             log.event("adopt", level="warning", map=name,
-                      reason="its layout changed: the running map could not be kept")
+                      reason="another layout or size: the running map could not be kept "
+                             "as it is")
         kept = saved.load()
         if running is not None:
             ran, admin, kept_role = _running_state(config, _describing(kept, running))

@@ -400,7 +400,9 @@ class Datapath:
         self._replaced: dict[int, tuple[int, Attachment]] = {}   # until settle()
         self._running = running
         self.fresh_maps: list[str] = []     # running maps that could not be kept
-        self._copied: list[str] = []        # flow tables copied (another size): caught up
+        # Flow tables copied (another size), caught up after each swap, and
+        # the keys that did not fit (left out of the catch-up too).
+        self._copied: dict[str, set[bytes]] = {}
         # Running maps whose contents this one holds (kept, or copied).
         self._kept: set[str] = set(running.maps) if running else set()
         try:
@@ -462,14 +464,33 @@ class Datapath:
             new = tables[name]
             fd = running.maps[name][0]
             if (new[0], new[1], new[2]) == (info.type, info.key_size, info.value_size):
-                _copy_map(fd, info, lib.bpf_table_fd(bpf.module, name.encode()), new[3])
+                copied = f"{name} (copied: {info.max_entries} -> {new[3]} entries"
                 if name in flowtable.TABLES:
-                    self._copied.append(name)
-                self.fresh_maps.append(f"{name} (copied: {info.max_entries} -> {new[3]} entries)")
+                    left = self._copy_flows(name, fd, info, bpf, new[3])
+                    copied += f"; {left} connections did not fit" if left else ""
+                else:
+                    _copy_map(fd, info, lib.bpf_table_fd(bpf.module, name.encode()), new[3])
+                self.fresh_maps.append(copied + ")")
             else:
                 self._kept.discard(name)
                 self.fresh_maps.append(f"{name} (emptied: its layout changed)")
         return bpf
+
+    def _copy_flows(self, name: str, fd: int, info: bpfsys.MapInfo, bpf: BPF,
+                    max_entries: int) -> int:
+        """Copies a running flow table into this program's, of max_entries:
+        the connections that fit (flowtable.fitting). Returns how many did
+        not; they are left out of the catch-up too (_catch_up)."""
+        keys, values = _dump(name, fd, info.key_size, info.value_size, info.max_entries)
+        places, left = flowtable.fitting(keys, values, max_entries)
+        new_fd = lib.bpf_table_fd(bpf.module, name.encode())
+        ksize, vsize = info.key_size, info.value_size
+        for i in places:
+            lib.bpf_update_elem(new_fd, ct.create_string_buffer(keys[i * ksize:(i + 1) * ksize]),
+                                ct.create_string_buffer(values[i * vsize:(i + 1) * vsize]), 0)
+        chosen = set(places)
+        self._copied[name] = {k for i, k in enumerate(flowtable.key_list(keys)) if i not in chosen}
+        return left
 
     def kept(self, name: str) -> bool:
         """Whether map `name` holds what the adopted data path's held."""
@@ -533,14 +554,16 @@ class Datapath:
         and this program would balance a connection opened meanwhile anew (a
         TCP reset). An entry is taken where the running one's was seen later
         than this table's: one this program wrote since the swap is newer, and
-        stays."""
-        for name in self._copied:
+        stays. One that did not fit at the copy stays out: it would evict one
+        that did."""
+        for name, left_out in self._copied.items():
             fd_old, info = self._running.maps[name]
             fd = self._maps[name].map_fd
             old = _dump(name, fd_old, info.key_size, info.value_size, info.max_entries)
             for key, value in flowtable.newer(old, self._dump(name)):
-                lib.bpf_update_elem(fd, ct.create_string_buffer(key),
-                                    ct.create_string_buffer(value), 0)
+                if flowtable.key_list(key)[0] not in left_out:
+                    lib.bpf_update_elem(fd, ct.create_string_buffer(key),
+                                        ct.create_string_buffer(value), 0)
 
     def attachments(self) -> list[Attachment]:
         return [att for fd, att in self._attached.values() if fd == self._prog.fd]

@@ -212,6 +212,39 @@ def newer(old: tuple[bytes, bytes], new: tuple[bytes, bytes]) -> list[tuple[byte
             if seen.get(key, -1) < s]
 
 
+def fitting(keys: bytes, values: bytes, room: int) -> tuple[list[int], int]:
+    """The entries of a dump (their places) to copy into a flow table of
+    `room` entries, and how many connections do not fit. Whole connections
+    (a forward entry with its reply entry): open ones before closing ones,
+    each the most recently seen first; a reply entry without its forward
+    entry last. Copied in hash order, a smaller table took closing
+    connections and halves of open ones, and reset open connections that
+    would have fitted. The places come least wanted first: should the LRU
+    evict while they are written, it takes those written first."""
+    ks = key_list(keys)
+    forward = bytes(_column(values, "dir")).translate(_IS_FORWARD)
+    partners = _partner_keys(keys, values, layout.FLOW_FORWARD)
+    index = dict(zip(ks, range(len(ks))))
+    state, seen = _column(values, "state"), _column(values, "seen")
+    closing = layout.FLOW_STATES["closing"]
+    ranked, paired = [], set()
+    for i in compress(range(len(ks)), forward):
+        j = index.get(partners[i * _KEY.size:(i + 1) * _KEY.size])
+        members = (i,) if j is None or forward[j] else (i, j)
+        paired.update(members)
+        ranked.append((state[i] == closing, -max(seen[m] for m in members), members))
+    ranked.sort()
+    ranked += [(2, 0, (i,)) for i in range(len(ks)) if i not in paired]
+    chosen, left = [], 0
+    for _, _, members in ranked:
+        if len(members) <= room:
+            chosen.append(members)
+            room -= len(members)
+        elif forward[members[0]]:
+            left += 1
+    return [i for members in reversed(chosen) for i in members], left
+
+
 def key_list(keys: bytes) -> list[bytes]:
     """The keys of a dump (Datapath.flow_dumps), one by one, as Row.key packs
     them (padding zeroed)."""

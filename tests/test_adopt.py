@@ -140,6 +140,54 @@ def test_a_resized_flow_table_takes_what_the_running_program_wrote_until_the_swa
             running.close()
 
 
+def set_connection(dp, sport: int, state: str, seen: int) -> set[tuple[int, int, int]]:
+    """Both entries of a connection from client port sport, as the program
+    writes them; returns their keys' addresses and ports (saddr, sport, dport)."""
+    flows = dp._maps["flows"]
+    keys = set()
+    for direction, ends, peer in ((layout.FLOW_FORWARD, (1, 2, sport, 80), (3, 8080)),
+                                  (layout.FLOW_REPLY, (3, 1, 8080, sport), (2, 80))):
+        key, value = flows.Key(), flows.Leaf()
+        key.saddr, key.daddr, key.sport, key.dport = ends
+        key.proto = 6
+        value.addr, value.port = peer
+        value.dir, value.state, value.timeout, value.seen = \
+            direction, layout.FLOW_STATES[state], 900, seen
+        flows[key] = value
+        keys.add((key.saddr, key.sport, key.dport))
+    return keys
+
+
+def test_a_smaller_flow_table_keeps_the_open_connections(fibnet):
+    """A flow table made smaller than what the running one holds takes whole
+    connections, the open ones first, and its catch-up after the swap brings
+    back none of those that did not fit: copied in hash order, then caught
+    up with everything it lacked, it lost open connections (reset) to
+    closing ones, more recent here."""
+    from xlb.datapath import Datapath, Limits, find_running
+    old = Datapath(Limits(max_flows=1024))
+    new = running = None
+    try:
+        old.attach(fibnet.ifindex["ext"], "ext")
+        opened = set().union(*(set_connection(old, sport, "established", seen=1000 + sport)
+                               for sport in range(1000, 1020)))
+        for sport in range(2000, 2100):
+            set_connection(old, sport, "closing", seen=10_000 + sport)
+        running = find_running()
+        new = Datapath(Limits(max_flows=128), running)
+        assert new.fresh_maps == ["flows (copied: 1024 -> 128 entries; 56 connections did not fit)"]
+        new.attach(fibnet.ifindex["ext"], "ext")
+        held = {(k.saddr, k.sport, k.dport) for k in new._maps["flows"].keys()}
+        assert opened <= held and len(held) <= 128
+    finally:
+        for dp in (new, old):
+            if dp is not None:
+                dp.detach_all()
+                dp.close()
+        if new is None and running is not None:
+            running.close()
+
+
 def adopt_older_build(tmp_path, file: str, old_text: str, new_text: str):
     """A Datapath adopting the maps of a build whose bpf/`file` has new_text
     for old_text; returns it and the older build's map ids."""

@@ -196,3 +196,26 @@ def test_a_change_decodes_only_the_entries_of_the_servers_and_services_it_ends()
     assert flowtable.ending(*dump(*rows), {5}, {9}) == []
     assert flowtable.ending(*dump(*kept, *of_server), {7}, set()) == list(of_server)   # last
     assert flowtable.ending(b"", b"", {7}, {3}) == []
+
+
+def test_a_smaller_table_takes_whole_connections_open_ones_first():
+    """What a flow table made smaller (`xlb up --flow-table`) copies: open
+    connections before closing ones, each the most recently seen first, both
+    entries or none; a reply entry without its forward entry last. The places
+    come least wanted first, as the LRU would evict them."""
+    older = connection(40030, seen_fwd=NOW - 50 * SEC, seen_reply=NOW - 40 * SEC)
+    newer = connection(40031, seen_fwd=NOW - 30 * SEC, seen_reply=NOW - 30 * SEC)
+    closing = connection(40032, state="closing")       # the newest of all
+    lone_reply = connection(40033)[1]
+    rows = [closing[1], lone_reply, older[0], newer[1], closing[0], older[1], newer[0]]
+    keys, values = dump(*rows)
+
+    def fitting(room):
+        places, left = flowtable.fitting(keys, values, room)
+        return [rows[i] for i in places], left
+
+    assert fitting(4) == ([*older, newer[0], newer[1]], 1)
+    assert fitting(5) == ([lone_reply, *older, newer[0], newer[1]], 1)
+    assert fitting(3) == ([lone_reply, newer[0], newer[1]], 2)
+    assert fitting(7) == ([lone_reply, closing[0], closing[1], *older, newer[0], newer[1]], 0)
+    assert fitting(0) == ([], 3)
