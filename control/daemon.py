@@ -122,6 +122,7 @@ class Balancer:
                 dp.detach(att.ifindex)
             planner.execute(dp, planner.plan(target, self.state))
             raise
+        dp.swapped()                # an adoption's copied flow tables catch up
         for att in attached:        # once all are attached: a veth whose peer xlb
             _warn_veth(dp, att)     # attaches too has a program at its peer
         ended = dp.delete_flows(set(ends.backend_ids), set(ends.service_ids))

@@ -400,7 +400,7 @@ class Datapath:
         self._replaced: dict[int, tuple[int, Attachment]] = {}   # until settle()
         self._running = running
         self.fresh_maps: list[str] = []     # running maps that could not be kept
-        # Flow tables copied (another size), caught up after each swap, and
+        # Flow tables copied (another size), caught up around the swaps, and
         # the keys that did not fit (left out of the catch-up too).
         self._copied: dict[str, set[bytes]] = {}
         # Running maps whose contents this one holds (kept, or copied).
@@ -523,6 +523,8 @@ class Datapath:
             return held[1]
         if held is not None:
             old_fd, old = held
+            if not self._replaced:      # the first swap
+                self._catch_up()
             try:
                 netif.xdp_set(ifindex, self._prog.fd, old.mode, expected_fd=old_fd)
             except OSError as e:
@@ -544,16 +546,25 @@ class Datapath:
                     raise DatapathError(f"{ifname}: cannot attach XDP: {e2.strerror}") from None
                 att = Attachment(ifindex, ifname, "generic", e.strerror)
         self._attached[ifindex] = (self._prog.fd, att)
-        if held is not None:        # a swap: the running program served until now
-            self._catch_up()
         return att
+
+    def swapped(self) -> None:
+        """Called once this program is swapped in on every interface of an
+        apply. Between two swaps the interfaces run programs on different
+        flow tables (another size): a connection opened through one is
+        answered through the other, which does not know it, and so it stays
+        if the process dies there. So the swaps go one right after the other,
+        and the copied tables catch up before the first (what the running
+        program wrote since the copy) and here (what it wrote until the last)."""
+        if self._replaced:
+            self._catch_up()
 
     def _catch_up(self) -> None:
         """Copies again into each flow table copied at the compile what the
         running program wrote in its own since: it served on it until the swap,
         and this program would balance a connection opened meanwhile anew (a
         TCP reset). An entry is taken where the running one's was seen later
-        than this table's: one this program wrote since the swap is newer, and
+        than this table's: one this program wrote since the swaps is newer, and
         stays. One that did not fit at the copy stays out: it would evict one
         that did."""
         for name, left_out in self._copied.items():

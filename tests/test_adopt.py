@@ -109,6 +109,17 @@ def flows_by_source(dp) -> dict[int, tuple[int, int]]:
     return {k.saddr: (v.seen, v.backend_id) for k, v in dp._maps["flows"].items()}
 
 
+def let_go(old, new, running) -> None:
+    """Detaches and closes a Datapath (old) and the one that adopted it (new,
+    None if it failed), and the running maps found in between (new closes them)."""
+    for dp in (new, old):
+        if dp is not None:
+            dp.detach_all()
+            dp.close()
+    if new is None and running is not None:
+        running.close()
+
+
 def test_a_resized_flow_table_takes_what_the_running_program_wrote_until_the_swap(fibnet):
     """The copy is made at the compile; the running program serves on its own
     table until the swap, and what it wrote there meanwhile (a connection
@@ -132,12 +143,52 @@ def test_a_resized_flow_table_takes_what_the_running_program_wrote_until_the_swa
         new.attach(fibnet.ifindex["ext"], "ext")
         assert flows_by_source(new) == {1: (30, 9), 2: (40, 7), 3: (10, 1), 4: (20, 1)}
     finally:
-        for dp in (new, old):
-            if dp is not None:
-                dp.detach_all()
-                dp.close()
-        if new is None and running is not None:     # new closes it
-            running.close()
+        let_go(old, new, running)
+
+
+def test_a_resized_flow_table_is_read_before_and_after_the_swaps_not_between(fibnet,
+                                                                              monkeypatch):
+    """Between the swaps on two interfaces, one runs the new program on its
+    tables and the other the running one on its own: a connection opened
+    through one is answered through the other, which does not know it (its
+    replies leave un-NATed), and so it stays if the process dies there. The
+    swaps go one right after the other, the tables read before them (what
+    the running program wrote since the copy) and after (what it wrote until
+    the last swap), not between: a catch-up after each swap held the
+    interfaces apart for as long as reading both tables takes."""
+    from xlb import datapath
+    from xlb.datapath import Datapath, Limits, find_running
+    old = Datapath(Limits(max_flows=1024))
+    new = running = None
+    events = []
+    dump, xdp_set = datapath._dump, datapath.netif.xdp_set
+
+    def reading(*args):
+        events.append("read")
+        return dump(*args)
+
+    def swapping(*args, **kw):
+        xdp_set(*args, **kw)
+        events.append("swap")
+        set_flow(old, len(events), seen=10)   # the running program, on the other interface
+
+    try:
+        for link in ("ext", "int"):
+            old.attach(fibnet.ifindex[link], link)
+        running = find_running()
+        new = Datapath(Limits(max_flows=2048), running)
+        monkeypatch.setattr(datapath, "_dump", reading)
+        monkeypatch.setattr(datapath.netif, "xdp_set", swapping)
+        for link in ("ext", "int"):
+            new.attach(fibnet.ifindex[link], link)
+        new.swapped()
+        monkeypatch.undo()
+        first, last = events.index("swap"), len(events) - 1 - events[::-1].index("swap")
+        assert events[first:last + 1] == ["swap", "swap"]
+        assert set(flows_by_source(new)) >= {first + 1, last + 1}
+    finally:
+        monkeypatch.undo()
+        let_go(old, new, running)
 
 
 def set_connection(dp, sport: int, state: str, seen: int) -> set[tuple[int, int, int]]:
@@ -180,12 +231,7 @@ def test_a_smaller_flow_table_keeps_the_open_connections(fibnet):
         held = {(k.saddr, k.sport, k.dport) for k in new._maps["flows"].keys()}
         assert opened <= held and len(held) <= 128
     finally:
-        for dp in (new, old):
-            if dp is not None:
-                dp.detach_all()
-                dp.close()
-        if new is None and running is not None:
-            running.close()
+        let_go(old, new, running)
 
 
 def adopt_older_build(tmp_path, file: str, old_text: str, new_text: str):
