@@ -418,6 +418,7 @@ def down(keep_datapath: bool) -> None:
         if keep_datapath:
             raise Failure(str(e)) from None
         orphan = _orphan(detach=True)
+        ctl.forget()
         if orphan is None:
             from . import state
             kept = state.load()
@@ -444,6 +445,7 @@ def down(keep_datapath: bool) -> None:
             # still attached, which is removed here as a crash's would be.
             left = None if keep_datapath else _orphan(detach=True)
             if left is not None:
+                ctl.forget()
                 click.echo(f"xlb: the instance stopped before it detached; removed the data "
                            f"path it left (program {left['program']['id']} on "
                            f"{', '.join(i['name'] for i in left['interfaces'])})")

@@ -251,8 +251,15 @@ def test_status_and_down_of_a_data_path_without_its_control_process(lab):
     assert f"removed the data path that ran without its control process (program " \
            f"{program['id']}" in down.stdout
     assert lab.xdp_attached("lb") == []
+    # Nor the socket the killed instance left, nor its namespace's directory.
+    assert not run_directory(lab, "lb").exists()
     gone = lab.xlb_cmd("status")
     assert gone.returncode == 1 and "no xlb instance runs" in gone.stderr
+
+
+def run_directory(lab, node: str) -> Path:
+    """The node's directory of the control socket (ctl.directory() there)."""
+    return Path("/run/xlb") / f"netns-{os.stat(f'/run/netns/{lab.ns(node)}').st_ino}"
 
 
 # `xlb up` whose process is killed (SIGKILL) where it would detach on `xlb down`,
@@ -274,6 +281,7 @@ def test_down_removes_the_data_path_of_an_instance_killed_before_it_detached(lab
         assert f"the instance stopped before it detached; removed the data path it left " \
                f"(program {program['id']} on eth0, eth1)" in down.stdout
         assert lab.xdp_attached("lb") == []
+        assert not run_directory(lab, "lb").exists()
         assert lab.xlb_cmd("status").returncode == 1
     finally:
         if up.poll() is None:
