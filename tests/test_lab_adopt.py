@@ -207,6 +207,37 @@ def test_a_restart_without_flow_table_keeps_the_running_tables_size(lab):
     assert after["created"] == before["created"] == 4
 
 
+def test_a_restart_with_a_smaller_flow_table_keeps_the_open_connections(lab):
+    """A table made smaller than what the running one holds (closing
+    connections beside the open ones) takes the open connections first: a
+    copy in hash order reset some of them, although all of them fitted."""
+    with lab.xlb(*SEED_ARGS, "--flow-table", "4096") as first:
+        holders = [lab.hold("--pause", "0.2", "--count", "600")[0] for _ in range(20)]
+        try:
+            closed = lab.client("client", "load", VIP, "80", "--seconds", "2",
+                                "--concurrency", "1", "--interval", "0.01")
+            assert closed["error_count"] == 0 and closed["ok"] > 64
+            first.stop(signal.SIGKILL)
+            with lab.xlb(*SEED_ARGS, "--flow-table", "64") as second:
+                time.sleep(3)           # some 15 requests on each connection
+                after = lab.status()["flows"]
+                # Closed while xlb serves: a FIN resent after it stopped would
+                # be a later test's new flow.
+                for h in holders:
+                    h.kill()
+                wait_for(lambda: lab.status()["flows"]["established"] == 0, 10,
+                         "the killed clients' connections close")
+        finally:
+            for h in holders:
+                h.kill()
+    for h in holders:
+        replies = [json.loads(line) for line in h.stdout.read().splitlines()]
+        assert [r for r in replies if "error" in r] == [] and len(replies) > 20
+        assert len({r["name"] for r in replies}) == 1
+    assert after["connections_capacity"] == 64 and after["established"] == 20
+    assert "connections did not fit" in second.stderr
+
+
 def test_a_restart_without_forwarding_keeps_the_running_data_paths_mode(lab):
     """Kernel forwarding is chosen where the fast path cannot work (a veth
     peer without XDP): a bare restart must not turn the fast path on."""
