@@ -180,8 +180,10 @@ def check_interface(name: str) -> str:
     """A network interface's name, as the kernel allows it (dev_valid_name)."""
     if not name:
         raise ValueError("an interface name cannot be empty")
-    if len(name) >= IFNAMSIZ:
-        raise ValueError(f"{name!r} is longer than {IFNAMSIZ - 1} characters")
+    # The kernel counts bytes: "é" takes two (a name from the command line that
+    # is not UTF-8 comes as surrogates, its bytes given back).
+    if len(name.encode("utf-8", "surrogateescape")) >= IFNAMSIZ:
+        raise ValueError(f"{name!r} is longer than {IFNAMSIZ - 1} bytes")
     if name in (".", "..") or "/" in name or ":" in name or has_space(name):
         raise ValueError(f"{name!r} is not an interface name (not . or .., no '/', ':' "
                          f"or whitespace)")
@@ -330,6 +332,12 @@ def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
             continue
         endpoints.add((addr, port))
         servers.append(Server(name=f"backend{len(servers) + 1}", address=addr, port=port))
+
+    for name in interfaces:
+        try:
+            check_interface(name)
+        except ValueError as e:
+            problems.append(("--iface", str(e)))
 
     frontends: list[Frontend] = []
     services: set[tuple[IPv4Address, int, str]] = set()

@@ -4,6 +4,7 @@ anything else happens (exit 2). No root, no kernel."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -228,6 +229,28 @@ def test_up_refuses_more_flags_than_the_data_plane_holds():
     r = xlb("up", "--vip", "10.1.1.101:80", *many, "--iface", "xlb-no-such-if")
     assert (r.returncode, r.stderr) == (2, "xlb: error: --backend: 1025 backends do not fit a "
                                            "ring of 1024\n")
+
+
+NOT_IFNAME = "is not an interface name (not . or .., no '/', ':' or whitespace)"
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("", "an interface name cannot be empty"),
+    ("abcdefghijklmnop", "'abcdefghijklmnop' is longer than 15 bytes"),
+    ("éééééééé", "'éééééééé' is longer than 15 bytes"),       # 8 characters, 16 bytes
+    ("veth/1", f"'veth/1' {NOT_IFNAME}"),
+    ("eth 0", f"'eth 0' {NOT_IFNAME}"),
+])
+def test_up_refuses_an_iface_name_as_a_config_file_does(tmp_path, name, reason):
+    """A name no interface can have is the operator's mistake, said in the
+    file's words before anything runs: not taken for a link that is missing."""
+    r = xlb("up", "--vip", "10.1.1.101:80", "--backend", "10.1.11.101:8080", "--iface", name)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"xlb: error: --iface: {reason}\n")
+    path = tmp_path / "iface.toml"
+    path.write_text(SEED.read_text().replace('pool = "was"',
+                                             f'pool = "was"\ninterfaces = [{json.dumps(name)}]'))
+    r = xlb("check", str(path))
+    assert (r.returncode, r.stderr) == (1, f"{path}: frontends.www.interfaces[0]: {reason}\n")
 
 
 def test_apply_reads_no_fifo_and_top_takes_no_interval_it_cannot_sleep(tmp_path):

@@ -513,7 +513,7 @@ BAD = [
      [("frontends.www.interfaces[1]", "an interface name cannot be empty"),
       ("frontends.www.interfaces[2]", f"'veth/1' {NOT_IFNAME}"),
       ("frontends.www.interfaces[3]", f"'a b' {NOT_IFNAME}"),
-      ("frontends.www.interfaces[4]", "'abcdefghijklmnop' is longer than 15 characters"),
+      ("frontends.www.interfaces[4]", "'abcdefghijklmnop' is longer than 15 bytes"),
       ("frontends.www.interfaces[5]", "expected a string, got integer"),
       ("frontends.www.interfaces[6]", "'eth0' is listed twice"),
       ("frontends.www.interfaces[8]", f"'..' {NOT_IFNAME}"),
