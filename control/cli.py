@@ -63,8 +63,8 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--vip", "vips", multiple=True, metavar="IP:PORT[/tcp|/udp]",
-              help="A virtual service to balance (tcp if no protocol). Repeatable; "
-                   "all VIPs share the backends.")
+              help="A virtual service to balance (tcp if no protocol; either case). "
+                   "Repeatable; all VIPs share the backends.")
 @click.option("--backend", "backends", multiple=True, metavar="IP:PORT",
               help="A real server. Repeatable.")
 @click.option("--algorithm", type=click.Choice(["roundrobin", "maglev"]), default="roundrobin",

@@ -25,11 +25,11 @@ from typing import Any
 
 from .model import (ALGORITHMS, BODY_LIMIT, MAGLEV_SERVERS_MAX, MAGLEV_SIZE_MAX,
                     MAGLEV_SLOTS_PER_SERVER, MAX_BACKENDS, MAX_FRONTENDS, MAX_MAGLEV_FRONTENDS,
-                    MONITOR_TYPES, ON_SERVER_DOWN, PROTOCOLS, RING_SIZE, TIMEOUT_RANGE,
+                    MONITOR_TYPES, ON_SERVER_DOWN, RING_SIZE, TIMEOUT_RANGE,
                     WEIGHT_RANGE, Config, ConfigError, Frontend, Monitor, Pool, Server,
                     check_count, check_http_path, check_interface, check_maglev_servers,
                     check_maglev_size, check_port, check_seconds, default_timeout, has_space,
-                    parse_host)
+                    parse_host, parse_protocol)
 
 SECTIONS = ("monitors", "servers", "pools", "frontends")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -162,6 +162,7 @@ _count = _model(check_count, _integer)
 _address = _model(parse_host, _string)
 _http_path = _model(check_http_path, _string)
 _interface = _model(check_interface, _string)
+_protocol = _model(parse_protocol, _string)
 
 
 def _in_range(what: str, bounds: tuple[int, int], unit: str = "") -> Callable[[Any], int]:
@@ -457,7 +458,7 @@ class _Loader:
     def frontend(self, path: str, name: str, obj: dict) -> Frontend | None:
         before = len(self.problems)
         values = self.fields(path, obj, {
-            "vip": _address, "port": _port, "protocol": _one_of(PROTOCOLS),
+            "vip": _address, "port": _port, "protocol": _protocol,
             "pool": self.ref("pools", "pool"),
             "interfaces": lambda value: tuple(_items(_interface, value)),
             **dict.fromkeys(TIMEOUTS, _timeout), "adopt_replies": _boolean,

@@ -265,12 +265,18 @@ def parse_endpoint(text: str) -> tuple[IPv4Address, int]:
     return parse_host(host), parse_port(port)
 
 
+def parse_protocol(text: str) -> str:
+    """tcp or udp, in either case (keepalived's configs write TCP), as PROTOCOLS
+    names it."""
+    if text.lower() not in PROTOCOLS:
+        raise ValueError(f"protocol {text!r} is not tcp or udp")
+    return text.lower()
+
+
 def parse_vip(text: str) -> tuple[IPv4Address, int, str]:
     """IP:PORT[/tcp|/udp], tcp by default."""
     endpoint, sep, proto = text.partition("/")
-    proto = proto.lower() if sep else "tcp"
-    if proto not in PROTOCOLS:
-        raise ValueError(f"protocol {proto!r} is not tcp or udp")
+    proto = parse_protocol(proto) if sep else "tcp"
     addr, port = parse_endpoint(endpoint)
     return addr, port, proto
 

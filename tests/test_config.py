@@ -273,6 +273,19 @@ def test_same_vip_and_port_on_both_protocols():
     assert [f.endpoint for f in cfg.frontends] == ["10.1.1.101:80/tcp", "10.1.1.101:80/udp"]
 
 
+def test_protocol_in_either_case_as_vip_takes_it():
+    """keepalived's virtual_server writes TCP; `xlb up --vip IP:PORT/TCP` takes it."""
+    cfg = load(doc(frontend=FE + '\nprotocol = "UDP"',
+                   extra="[frontends.b]\n" + FE + '\nprotocol = "Tcp"'))
+    assert [f.protocol for f in cfg.frontends] == ["udp", "tcp"]
+    assert [f.protocol for f in from_flags(["10.1.1.101:80/UDP", "10.1.1.101:80/Tcp"],
+                                           ["10.1.11.101:8080"]).frontends] == ["udp", "tcp"]
+    assert load(dump(cfg)) == cfg and 'protocol = "udp"' in dump(cfg)
+    with pytest.raises(ConfigError) as e:
+        load(doc(extra="[frontends.b]\n" + FE + '\nprotocol = "TCP"'))
+    assert e.value.problems == [("frontends.b", "duplicate of frontends.www (10.1.1.101:80/tcp)")]
+
+
 def test_load_file_missing(tmp_path):
     path = tmp_path / "nope.toml"
     with pytest.raises(ConfigError) as e:
@@ -469,11 +482,11 @@ BAD = [
                                  "would never find it")]),
     ("bad-choices", doc(monitor('type = "https"', 'path = "/"'),
                         pool=POOL + '\nalgorithm = "rr"\non_server_down = "drop"',
-                        frontend=FE + '\nprotocol = "TCP"'),
+                        frontend=FE + '\nprotocol = "SCTP"'),
      [("monitors.m.type", "expected tcp, http or none, got 'https'"),
       ("pools.web.algorithm", "expected roundrobin, weighted or maglev, got 'rr'"),
       ("pools.web.on_server_down", "expected keep or reset, got 'drop'"),
-      ("frontends.www.protocol", "expected tcp or udp, got 'TCP'")]),
+      ("frontends.www.protocol", "protocol 'SCTP' is not tcp or udp")]),
     # pools
     ("pool-without-servers", doc(pool="servers = []"),
      [("pools.web.servers", "a pool needs at least one server")]),
