@@ -213,7 +213,7 @@ def saved_config():
         raise BadInput("nothing to serve: give --config FILE or --vip/--backend (no earlier "
                        "instance of this network namespace left a config to take over)")
     try:
-        config = configfile.load(saved.config_text)
+        config = configfile.load(saved.config_text, dumped=True)
     except ConfigError as e:
         raise BadInput(f"the config saved by the earlier instance is invalid: {e}") from None
     return config, Path(saved.config_path) if saved.config_path else None

@@ -35,6 +35,7 @@ SECTIONS = ("monitors", "servers", "pools", "frontends")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 BAD_NAME = "bad name: use letters, digits, '_', '.' and '-', starting with a letter or digit"
 HTTP_ONLY = ("path", "expect_status", "expect_body", "host")
+CHECKING = ("port", "interval", "timeout", "rise", "fall")     # of a monitor that checks
 TIMEOUTS = ("timeout_syn", "timeout_established", "timeout_closing", "timeout_udp")
 MAX_FILE = 2 << 20                  # 10,000 servers take under 1 MiB; JSON-escaped for `apply`
                                     # it stays under the control socket's limit (ctl.MAX_REQUEST)
@@ -42,14 +43,23 @@ MAX_FILE = 2 << 20                  # 10,000 servers take under 1 MiB; JSON-esca
 
 # --- load -------------------------------------------------------------------
 
-def load(text: str) -> Config:
-    """The Config the TOML `text` describes; ConfigError lists every problem."""
+def load(text: str, *, dumped: bool = False) -> Config:
+    """The Config the TOML `text` describes; ConfigError lists every problem.
+
+    dumped: `text` is `dump`'s, kept in xlb's state, maybe by an earlier
+    build, which wrote a `none` monitor's CHECKING settings (ignored then,
+    refused now): they are dropped, so that an upgrade takes over its config."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([("toml", str(e))]) from None
     except RecursionError:
         raise ConfigError([("toml", "arrays or tables nested too deeply")]) from None
+    monitors = doc.get("monitors") if dumped else None
+    for monitor in monitors.values() if isinstance(monitors, dict) else ():
+        if isinstance(monitor, dict) and monitor.get("type") == "none":
+            for key in CHECKING:
+                monitor.pop(key, None)
     return _Loader(doc).config()
 
 
@@ -352,6 +362,10 @@ class _Loader:
                   "rise": _count, "fall": _count}
         if mtype in MONITOR_TYPES and mtype != "http":
             checks.update(dict.fromkeys(HTTP_ONLY, _only('type "http"')))
+        if mtype == "none":
+            # Ignored, they would make the operator believe the servers checked.
+            checks.update(dict.fromkeys(CHECKING, _only('type "tcp" or "http" (type "none" '
+                                                         'never checks)')))
         values = self.fields(path, obj, checks, defaults={"interval": 2.0})
         timeout, interval = values.get("timeout"), values.get("interval")
         if "timeout" not in obj and interval is not None:
@@ -567,9 +581,9 @@ def dump(config: Config) -> str:
     for m in config.monitors:
         http = [("path", m.path), ("expect_status", m.expect_status),
                 ("expect_body", m.expect_body), ("host", m.host)] if m.type == "http" else []
-        table("monitors", m.name, [("type", m.type), ("port", m.port), *http,
-                                   ("interval", float(m.interval)), ("timeout", float(m.timeout)),
-                                   ("rise", m.rise), ("fall", m.fall)])
+        checking = [("port", m.port), *http, ("interval", float(m.interval)),
+                    ("timeout", float(m.timeout)), ("rise", m.rise), ("fall", m.fall)]
+        table("monitors", m.name, [("type", m.type), *(checking if m.type != "none" else ())])
     for s in servers.values():
         table("servers", s.name, [("address", s.address), ("port", s.port), ("weight", s.weight),
                                   ("monitor", s.monitor), ("backup", s.backup),

@@ -604,7 +604,7 @@ def _running_state(given: Config, kept: saved.State | None
     if kept is None:
         return given, {}, None
     try:
-        return configfile.load(kept.config_text), kept.admin, kept.role
+        return configfile.load(kept.config_text, dumped=True), kept.admin, kept.role
     except ConfigError:
         log.event("adopt", level="warning", error="the saved config is not valid; "
                   "the maps are read back by the given one")

@@ -107,6 +107,27 @@ def test_a_file_name_that_is_not_utf8_is_shown_escaped(tmp_path):
         (0, f"{tmp_path}/x\\xff.toml: ok: 1 frontends, 1 pools, 2 servers, 1 monitors\n", "")
 
 
+def test_a_none_monitor_refuses_what_it_would_ignore(tmp_path):
+    """A monitor switched to "none" keeps no check setting that would seem to
+    act: each is named, by `check` one a line, by `up` on one line before
+    anything runs."""
+    path = tmp_path / "none.toml"
+    path.write_text(SEED.read_text().replace('type = "http"', 'type = "none"'))
+    ignored = 'only for type "tcp" or "http" (type "none" never checks)'
+    problems = [("port", ignored), ("path", 'only for type "http"'),
+                ("expect_status", 'only for type "http"'), ("interval", ignored),
+                ("timeout", ignored), ("rise", ignored), ("fall", ignored)]
+    r = xlb("check", str(path))
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr.splitlines() == [f"{path}: monitors.was-http.{key}: {reason}"
+                                     for key, reason in problems]
+    r = xlb("up", "--config", str(path))
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == (f"xlb: error: {path}: "
+                        + "; ".join(f"monitors.was-http.{key}: {reason}"
+                                    for key, reason in problems) + "\n")
+
+
 STATUS = {"version": "0.1.0", "pid": 4242, "uptime_seconds": 5.0,
           "interfaces": [{"name": "eth0", "ifindex": 2, "mode": "native"}],
           "forwarding": "fast", "ha": {"role": "active", "announce_table": None},

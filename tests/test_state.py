@@ -143,3 +143,17 @@ def test_a_bare_xlb_up_takes_over_the_saved_config(root):
     state.save(State(None, text.replace('pool = "web"', 'pool = "nosuch"'), {}))
     with pytest.raises(click.ClickException, match="saved by the earlier instance is invalid"):
         cli.saved_config()
+
+
+def test_a_saved_config_of_an_earlier_build_is_taken_over(root):
+    """Its `dump` wrote a none monitor's check settings, which a file may no
+    longer have: a bare `xlb up` after an upgrade takes the config all the same."""
+    from xlb import cli, config
+    text = ('[monitors.off]\ntype = "none"\ninterval = 5.0\ntimeout = 1.0\nrise = 2\n'
+            'fall = 3\n\n[servers.was1]\naddress = "10.1.11.101"\nport = 8080\n'
+            'monitor = "off"\n\n[pools.web]\nservers = ["was1"]\n\n'
+            '[frontends.www]\nvip = "10.1.1.101"\nport = 80\npool = "web"\n')
+    state.save(State(None, text, {}))
+    cfg, path = cli.saved_config()
+    assert cfg == config.load(text.replace("interval = 5.0\ntimeout = 1.0\nrise = 2\nfall = 3\n",
+                                           "")) and path is None
