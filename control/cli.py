@@ -263,9 +263,8 @@ def check(file: Path) -> None:
     except ConfigError as e:
         _echo_problems(file, e.problems)
         raise click.exceptions.Exit(1) from None
-    servers = {(s.address, s.port) for p in cfg.pools for s in p.servers}
     _say(f"{file}: ok: {len(cfg.frontends)} frontends, {len(cfg.pools)} pools, "
-         f"{len(servers)} servers, {len(cfg.monitors)} monitors")
+         f"{cfg.server_count()} servers, {len(cfg.monitors)} monitors")
     _echo_unused(file, cfg.unused)
 
 

@@ -142,7 +142,7 @@ class Balancer:
         # Drain and maint belong to a server of a pool: a pool renamed, or a
         # server moved, loses them, which the operator should hear of.
         return {"frontends": len(config.frontends), "pools": len(config.pools),
-                "servers": len(keys), "flows_ended": sum(ended.values()),
+                "servers": config.server_count(), "flows_ended": sum(ended.values()),
                 "admin_forgotten": [f"{state} of {server} in pool {pool}"
                                     for (pool, server), state in sorted(wanted.items())
                                     if (pool, server) not in keys]}
@@ -527,7 +527,7 @@ def up(config: Config, config_path: Path | None = None,
              f"{', '.join(f'{a.ifname} ({a.mode})' for a in datapath.attachments())}"
              f"{' (adopted the running data path)' if running else ''}")
         log.event("start", pid=os.getpid(), frontends=len(config.frontends),
-                  servers=sum(len(p.servers) for p in config.pools),
+                  servers=config.server_count(),
                   interfaces=",".join(a.ifname for a in datapath.attachments()),
                   config=config_path, adopted=running is not None,
                   metrics=metrics_address and f"{metrics_address[0]}:{metrics_address[1]}")

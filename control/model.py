@@ -141,6 +141,12 @@ class Config:
         m = next((m for m in self.monitors if m.name == name), None)
         return m if m is not None and m.type != "none" else None
 
+    def server_count(self) -> int:
+        """Servers as `check`, `apply` and the start say them: each address and
+        port once, in however many pools (the data plane's capacity counts a
+        server once in each of its pools: config.check_capacity)."""
+        return len({(s.address, s.port) for p in self.pools for s in p.servers})
+
     def attach_names(self) -> tuple[str, ...]:
         """Interfaces named anywhere; empty means every up, non-loopback one."""
         return tuple(dict.fromkeys(i for f in self.frontends for i in f.interfaces))

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -209,6 +210,21 @@ def test_an_apply_names_what_nothing_uses(balancer, tmp_path):
     assert reply["ok"], reply
     assert [tuple(u) for u in reply["result"]["unused"]] == \
         [("pools.spare", "no frontend uses it: it serves nothing")]
+
+
+def test_an_apply_counts_servers_as_check_does(balancer, tmp_path):
+    """A server in two pools is one server: `xlb apply` (and the start) say
+    what `xlb check` of the same file says."""
+    path = tmp_path / "x.toml"
+    path.write_text(configfile.dump(balancer.config) + '[pools.spare]\nservers = ["backend1"]\n')
+    reply = answer(balancer, {"cmd": "apply", "text": path.read_text(), "path": str(path)},
+                   no_sync)
+    assert reply["ok"], reply
+    check = subprocess.run([os.path.join(os.path.dirname(sys.executable), "xlb"), "check",
+                            str(path)], capture_output=True, text=True, timeout=60)
+    assert check.stdout == f"{path}: ok: 1 frontends, 2 pools, 1 servers, 0 monitors\n"
+    assert {k: reply["result"][k] for k in ("frontends", "pools", "servers")} == \
+        {"frontends": 1, "pools": 2, "servers": 1}
 
 
 def test_a_request_its_client_stopped_waiting_for_is_not_done(balancer, tmp_path):
