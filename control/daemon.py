@@ -57,6 +57,9 @@ class Balancer:
         self.server_rows: dict[Key, dict] = {}
         self.health: dict[Key, str] = {}          # health checks: up, down
         self.health_changes: dict[Key, int] = {}
+        # The checker counts changes in the loop's thread while an apply, in a
+        # worker thread, carries the counts over to the config it applies.
+        self._changes_lock = threading.Lock()
         self.checker: HealthChecker | None = None
         self.check_durations = metrics.CheckDurations()
         self.applies = {"ok": 0, "error": 0}       # `xlb apply` requests, by result
@@ -95,12 +98,18 @@ class Balancer:
         wanted = self.admin if admin is None else admin
         admin = {k: v for k, v in wanted.items() if k in keys}
         # A server given another address or port is a new server (planner.desired):
-        # up until its first check there, whatever the checks of its old address said.
-        # One renamed at the same address and port is the same server, as checked.
-        renamed = planner.renames(self.config, self.state, config)
-        health = {renamed.get(k, k): v for k, v in self.health.items()
-                  if (b := self.state.backends.get(k))
-                  and endpoints.get(renamed.get(k, k)) == (b.address, b.port)}
+        # up until its first check there, whatever the checks of its old address said,
+        # its health changes counted from zero. One renamed at the same address and
+        # port is the same server, as checked, with its count.
+        previous = self.state
+        renamed = planner.renames(self.config, previous, config)
+
+        def carried(values: dict[Key, int | str]) -> dict:
+            """values of the servers that stay, under their names in config."""
+            return {renamed.get(k, k): v for k, v in values.items()
+                    if (b := previous.backends.get(k))
+                    and endpoints.get(renamed.get(k, k)) == (b.address, b.port)}
+        health = carried(self.health)
         states = self._server_states(config, admin, health)
         lim = self.datapath.limits
         target = planner.desired(config, links, self.state, lim.max_services, lim.max_backends,
@@ -134,6 +143,8 @@ class Balancer:
             self.config, self.state, self.states, self.admin = config, target, states, admin
             self.server_rows = rows
             self.health = health
+            with self._changes_lock:
+                self.health_changes = carried(self.health_changes)
             self.links = {link.name: link for link in links}
             if relink:                      # a new config, not a change of state
                 self.last_apply = time.time()
@@ -156,6 +167,10 @@ class Balancer:
                   for fe in self.config.frontends}
         _sync_routes(self.announcer,
                      ha.served_vips(self.config, taking) if self.role == "active" else ())
+
+    def count_health_change(self, key: Key) -> None:
+        with self._changes_lock:
+            self.health_changes[key] = self.health_changes.get(key, 0) + 1
 
     def set_role(self, role: str) -> dict:
         """active: answer ARP for the VIPs (a gratuitous ARP for each on becoming
@@ -651,7 +666,7 @@ class HealthSync:
         log.event("health", pool=tr.key[0], server=tr.key[1], old=tr.old, new=tr.new,
                   reason=tr.reason, check_duration=tr.duration)
         # Counted here, as logged: another change's apply may take it in first.
-        self.balancer.health_changes[tr.key] = self.balancer.health_changes.get(tr.key, 0) + 1
+        self.balancer.count_health_change(tr.key)
         asyncio.get_running_loop().create_task(self._changed())
 
     async def _changed(self) -> None:

@@ -287,6 +287,31 @@ def test_a_renamed_server_keeps_its_health(balancer):
     assert balancer.state.services[(IPv4Address("10.1.1.101"), 80, 6)].slots == ()
 
 
+def test_health_changes_go_with_the_server(balancer):
+    """xlb_server_health_changes_total, which the control process keeps, goes
+    with a server as its data path counters do: under its new name when it is
+    renamed at the same address and port (two servers that swap names swap
+    counts), from zero when it moves to another address."""
+    balancer.apply(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080", "10.1.11.102:8080"]),
+                   relink=False)
+    balancer.health_changes.update({("default", "backend1"): 3, ("default", "backend2"): 5})
+
+    def counts(*servers):
+        pool = balancer.config.pools[0]
+        balancer.apply(replace(balancer.config, pools=(replace(pool, servers=servers),)),
+                       relink=False)
+        return {s["name"]: s["health_changes"] for s in balancer.status()["pools"][0]["servers"]}
+
+    one, two = balancer.config.pools[0].servers
+    assert counts(replace(one, name="backend2"), replace(two, name="backend1")) == \
+        {"backend2": 3, "backend1": 5}
+    assert counts(replace(one, name="was-1"), replace(two, name="backend1")) == \
+        {"was-1": 3, "backend1": 5}
+    assert counts(replace(one, name="was-1"),
+                  replace(two, name="backend1", address=IPv4Address("10.1.11.103"))) == \
+        {"was-1": 3, "backend1": 0}
+
+
 # -- health checks reaching the data path (HealthSync) ----------------------------
 # The servers listen on the FibNet's own 10.1.11.1, in this thread's namespace,
 # where the checker runs too (over its lo, which the FibNet leaves down).
