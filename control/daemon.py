@@ -336,7 +336,8 @@ def _sync_routes(announcer: ha.Announcer, vips) -> None:
     try:
         announcer.sync(vips)
     except OSError as e:
-        log.event("announce", level="warning", table=announcer.table, error=str(e))
+        log.event("announce", level="warning", table=announcer.table, error=str(e),
+                  announcing=",".join(map(str, sorted(announcer.announced))) or None)
 
 def _server_rows(config: Config) -> dict[Key, dict]:
     """What status shows of each server that only apply changes; `monitor`:

@@ -18,6 +18,7 @@ file's VIPs; they are pure functions of their arguments.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -110,21 +111,38 @@ class Announcer:
                 and r["proto"] == RTPROT_STATIC and r.get_attr("RTA_TABLE") == self.table}
 
     def sync(self, vips: Iterable[IPv4Address]) -> None:
-        """Makes xlb's routes in the table exactly vips/32."""
+        """Makes xlb's routes in the table exactly vips/32. Each route is tried
+        on its own: one the kernel refuses (the operator's route to the same
+        VIP, say) keeps no other from being announced or withdrawn;
+        `announced` is then what the table holds (what BIRD announces), and
+        an OSError names each route refused."""
         from pyroute2 import IPRoute, NetlinkError
         want = set(vips)
+        refused = []
+
+        def route(ipr, op: str, vip: IPv4Address) -> bool:
+            try:
+                ipr.route(op, dst=f"{vip}/32", table=self.table, type="blackhole",
+                          proto=RTPROT_STATIC)
+                return True
+            except NetlinkError as e:
+                refused.append(f"{op} {vip}/32: {os.strerror(e.code)}")
+                return False
+
         try:
             with IPRoute() as ipr:
                 held = self._held(ipr)
-                for vip in want - held:
-                    ipr.route("add", dst=f"{vip}/32", table=self.table, type="blackhole",
-                              proto=RTPROT_STATIC)
-                for vip in held - want:
-                    ipr.route("del", dst=f"{vip}/32", table=self.table, type="blackhole",
-                              proto=RTPROT_STATIC)
-        except NetlinkError as e:
+                for vip in sorted(want - held):
+                    if route(ipr, "add", vip):
+                        held.add(vip)
+                for vip in sorted(held - want):
+                    if route(ipr, "del", vip):
+                        held.discard(vip)
+        except NetlinkError as e:        # the table not read: nothing was written
             raise OSError(e.code, f"routing table {self.table}: {e}") from None
-        self.announced = frozenset(want)
+        self.announced = frozenset(held)
+        if refused:
+            raise OSError(f"routing table {self.table}: {'; '.join(refused)}")
 
 
 # --- keepalived ----------------------------------------------------------------------

@@ -40,3 +40,22 @@ def test_the_announcer_adds_and_removes_its_own_routes_only():
         assert table(net, 100) == {"blackhole 10.1.1.102 proto static", *OPERATORS}
         Announcer(100).sync(())             # another instance's: what a killed one left
         assert table(net, 100) == OPERATORS
+
+
+def test_a_route_the_kernel_refuses_keeps_no_other_out_and_is_not_said_announced():
+    """The operator's route for a VIP (the same /32, not a blackhole) makes the
+    kernel refuse xlb's: the error names it, the other VIPs are announced all
+    the same, and `announced` (xlb_bgp_announcing) is what the table holds,
+    not what was asked for."""
+    vips = [IPv4Address(f"10.1.1.{i}") for i in range(101, 105)]
+    with FibNet("xlbt-announce").entered({}) as net:
+        net.sh("ip", "route", "add", "unreachable", "10.1.1.102", "proto", "static",
+               "table", "100")
+        announcer = Announcer(100)
+        with pytest.raises(OSError, match="10.1.1.102"):
+            announcer.sync(vips)
+        assert table(net, 100) == {"blackhole 10.1.1.101 proto static",
+                                   "unreachable 10.1.1.102 proto static",
+                                   "blackhole 10.1.1.103 proto static",
+                                   "blackhole 10.1.1.104 proto static"}
+        assert announcer.announced == {vips[0], vips[2], vips[3]}
