@@ -99,16 +99,15 @@ class Balancer:
         admin = {k: v for k, v in wanted.items() if k in keys}
         # A server given another address or port is a new server (planner.desired):
         # up until its first check there, whatever the checks of its old address said,
-        # its health changes counted from zero. One renamed at the same address and
-        # port is the same server, as checked, with its count.
-        previous = self.state
-        renamed = planner.renames(self.config, previous, config)
+        # its health changes and check durations counted from zero. One renamed at the
+        # same address and port is the same server, as checked, with its counts.
+        renamed = planner.renames(self.config, self.state, config)
+        stays = {k: renamed.get(k, k) for k, b in self.state.backends.items()
+                 if endpoints.get(renamed.get(k, k)) == (b.address, b.port)}
 
         def carried(values: dict[Key, int | str]) -> dict:
             """values of the servers that stay, under their names in config."""
-            return {renamed.get(k, k): v for k, v in values.items()
-                    if (b := previous.backends.get(k))
-                    and endpoints.get(renamed.get(k, k)) == (b.address, b.port)}
+            return {stays[k]: v for k, v in values.items() if k in stays}
         health = carried(self.health)
         states = self._server_states(config, admin, health)
         lim = self.datapath.limits
@@ -148,7 +147,7 @@ class Balancer:
             self.links = {link.name: link for link in links}
             if relink:                      # a new config, not a change of state
                 self.last_apply = time.time()
-        self.check_durations.track({t.key for t in self.health_targets()})
+        self.check_durations.track({t.key for t in self.health_targets()}, stays)
         self._announce()
         # Drain and maint belong to a server of a pool: a pool renamed, or a
         # server moved, loses them, which the operator should hear of.

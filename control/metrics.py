@@ -19,6 +19,7 @@ import bisect
 import http.server
 import socketserver
 import threading
+from collections.abc import Mapping
 from ipaddress import IPv4Address
 
 from prometheus_client import CONTENT_TYPE_LATEST, ProcessCollector, generate_latest
@@ -122,14 +123,17 @@ class CheckDurations:
             counts[bisect.bisect_left(CHECK_BUCKETS, seconds)] += 1
             self._data[key] = [counts, total + seconds]
 
-    def track(self, keys: set) -> None:
+    def track(self, keys: set, stays: Mapping[tuple[str, str], tuple[str, str]]) -> None:
         """Keeps the histograms of the servers checked now (keys), at zero for
         those new to it: a histogram that appeared only with a first check
         would hide that check from rate() and increase(), and from the
         dashboard until then. The others go: one kept no longer checked would
-        stay there, frozen, as if checks still ran."""
+        stay there, frozen, as if checks still ran. `stays` maps the servers
+        tracked until now that stay to their keys now: a renamed server keeps
+        its histogram, a moved one (another address) starts anew."""
         with self._lock:
-            self._data = {k: self._data.get(k, [[0] * len(_LE), 0.0]) for k in keys}
+            kept = {stays[k]: v for k, v in self._data.items() if k in stays}
+            self._data = {k: kept.get(k, [[0] * len(_LE), 0.0]) for k in keys}
 
     def snapshot(self) -> dict[tuple[str, str], tuple[list[int], float]]:
         with self._lock:

@@ -203,6 +203,28 @@ def test_check_durations_are_those_of_the_servers_checked_now(balancer):
     assert balancer.health_targets() == [] and not histogram()
 
 
+def test_check_durations_go_with_the_server(balancer):
+    """A server's check durations go with it as its health changes do: two
+    servers that swap names swap histograms, one that moves to another
+    address starts anew."""
+    text = ('[monitors.tcp]\ntype = "tcp"\n'
+            '[servers.a]\naddress = "10.1.11.101"\nport = 8080\n'
+            '[servers.b]\naddress = "10.1.11.102"\nport = 8080\n'
+            '[pools.web]\nservers = ["a", "b"]\nmonitor = "tcp"\n'
+            '[frontends.www]\nvip = "10.1.1.101"\nport = 80\npool = "web"\n')
+    balancer.apply(configfile.load(text), relink=False)
+    balancer.check_durations.observe(("web", "a"), 0.001)
+
+    def checks(text):
+        balancer.apply(configfile.load(text), relink=False)
+        return {key[1]: sum(counts)
+                for key, (counts, _) in balancer.check_durations.snapshot().items()}
+    swapped = text.replace("11.101", "11.10x").replace("11.102", "11.101")
+    swapped = swapped.replace("11.10x", "11.102")
+    assert checks(swapped) == {"a": 0, "b": 1}
+    assert checks(swapped.replace("11.101", "11.103")) == {"a": 0, "b": 0}
+
+
 def test_an_apply_names_what_nothing_uses(balancer, tmp_path):
     text = configfile.dump(balancer.config) + '[pools.spare]\nservers = ["backend1"]\n'
     reply = answer(balancer, {"cmd": "apply", "text": text, "path": str(tmp_path / "x.toml")},

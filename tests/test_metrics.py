@@ -48,7 +48,7 @@ STATUS = {
 
 def durations():
     d = metrics.CheckDurations()
-    d.track({("was", "was1")})
+    d.track({("was", "was1")}, {})
     for seconds in (0.0002, 0.002, 0.002, 3.0):
         d.observe(("was", "was1"), seconds)
     return d.snapshot()
@@ -314,10 +314,10 @@ def test_parse_address_errors(text):
 
 def test_check_durations_track_the_servers_checked_now():
     d = metrics.CheckDurations()
-    d.track({("was", "was1"), ("was", "gone")})
+    d.track({("was", "was1"), ("was", "gone")}, {})
     d.observe(("was", "was1"), 0.002)
     d.observe(("was", "gone"), 0.002)
-    d.track({("was", "was1"), ("was", "was2")})
+    d.track({("was", "was1"), ("was", "was2")}, {("was", "was1"): ("was", "was1")})
     d.observe(("was", "gone"), 0.002)       # a check that ended after its server went
     snap = d.snapshot()
     assert set(snap) == {("was", "was1"), ("was", "was2")}
