@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -139,6 +140,47 @@ def test_keepalived_is_followed_across_a_restart_of_xlb_and_its_own_stop(pair, c
         assert curl_ok(pair)
         pair._lab("stop-keepalived", "lb1")
         wait_for(lambda: role(pair, "lb1") == "backup", 5, "xlb follows keepalived's stop")
+    gateway_on(pair, None)
+
+
+def follows(lab: Lab, node: str) -> set[int]:
+    """The `xlb ha follow` processes running in node."""
+    out = subprocess.run(["ip", "netns", "pids", lab.ns(node)], check=True,
+                         capture_output=True, text=True).stdout
+    found = set()
+    for pid in map(int, out.split()):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if b"ha\0follow\0" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.add(pid)
+    return found
+
+
+def test_a_killed_keepalived_leaves_no_follow_behind(pair, config):
+    """keepalived killed (kill -9, the OOM killer) writes nothing more on the
+    FIFO: its `xlb ha follow` must not stay behind, reading the FIFO beside the
+    next keepalived's, and its node must go silent, as the peer takes over.
+    keepalived has the kernel send SIGTERM to the scripts it starts when it
+    dies (PR_SET_PDEATHSIG), which follow takes for keepalived's stop. Its
+    VRRP process killed alone, keepalived starts another, with a follow of
+    its own: one follow runs, and the node is elected again."""
+    run = Path(f"/run/xlb-lab/{pair.prefix}")
+
+    def kill(*pidfiles: str) -> None:
+        for pidfile in pidfiles:
+            os.kill(int((run / pidfile).read_text()), signal.SIGKILL)
+
+    with pair.xlb("--config", str(config), "--role", "backup", node="lb1"):
+        pair._lab("keepalived", "lb1", str(config))
+        wait_for(lambda: role(pair, "lb1") == "active", 10, "keepalived alone is MASTER")
+        first = follows(pair, "lb1")
+        assert len(first) == 1
+        kill("lb1-keepalived-vrrp.pid")
+        wait_for(lambda: len(follows(pair, "lb1")) == 1 and not follows(pair, "lb1") & first,
+                 5, "the new VRRP process's follow alone")
+        wait_for(lambda: role(pair, "lb1") == "active", 10, "keepalived is MASTER again")
+        kill("lb1-keepalived.pid", "lb1-keepalived-vrrp.pid")
+        wait_for(lambda: not follows(pair, "lb1"), 5, "follow ends with keepalived")
+        wait_for(lambda: role(pair, "lb1") == "backup", 5, "the node goes silent")
     gateway_on(pair, None)
 
 
