@@ -448,14 +448,38 @@ HANDED_OVER = 75
 
 
 class _Stop(BaseException):
-    """SIGINT or SIGTERM before the serving loop takes the signals over. Not an
-    Exception, which a step of the start (compiling, say) would take for its
-    own failure."""
+    """SIGINT or SIGTERM while `xlb up` starts. Not an Exception, which a step
+    of the start (compiling, say) would take for its own failure."""
 
 
-def _raise_stop(signum, frame):
-    _hold_hangups()
-    raise _Stop()
+class _StopSignals:
+    """SIGINT and SIGTERM, through one Python handler from the claim of the
+    control socket to the exit. Not the serving loop's own handlers
+    (loop.add_signal_handler): closing the loop gives the signals their
+    default action back, and a SIGTERM then killed the process before its
+    clean-up, leaving the data path without its control process.
+
+    While it starts, each signal raises _Stop where the process is. An
+    asyncio callback of pyroute2's own loop swallows it ("Exception in
+    callback") or turns it into a RuntimeError, so it is also noted
+    (`received`): the serving loop stops at once for a signal noted before it
+    ran, and up() takes any failure after one for the stop."""
+
+    def __init__(self):
+        self.received = False
+        self.wake = None      # while serving: stops the loop, from wherever the main thread is
+        self.done = False     # a stop, or a failed start, is being cleaned up: nothing changes it
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.done:
+            return
+        self.received = True
+        _hold_hangups()
+        if self.wake is None:
+            raise _Stop()
+        self.wake()
 
 
 def _hold_hangups() -> None:
@@ -485,8 +509,7 @@ def up(config: Config, config_path: Path | None = None,
     # SIGHUP keeps its default until a stop begins (_hold_hangups): a terminal
     # that hangs up (a dropped ssh session) ends the process as a crash does,
     # and the VIPs stay served.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _raise_stop)
+    signals = _StopSignals()
     try:
         links = _select(config)
         _check_host(config, [])        # local VIPs; the warnings come with the attach
@@ -546,13 +569,22 @@ def up(config: Config, config_path: Path | None = None,
                   interfaces=",".join(a.ifname for a in datapath.attachments()),
                   config=config_path, adopted=running is not None,
                   metrics=metrics_address and f"{metrics_address[0]}:{metrics_address[1]}")
-        kept = asyncio.run(_serve(balancer, control))
+        kept = asyncio.run(_serve(balancer, control, signals))
         stopping = not kept
-    except _Stop:
+    except BaseException as e:
+        # First: a handler runs only at a call (or a loop's jump back), so no
+        # signal comes between the exception and this.
+        signals.done = True
+        if not signals.received:
+            raise
         stopping = True
+        if not isinstance(e, _Stop):
+            log.event("stop", level="warning",
+                      error=f"{e!r}, taken for the stop that a signal asked for")
     finally:
         # Stopping already: a second signal must not cut the clean-up short
         # and leave the data path without its control process.
+        signals.done = True
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         if exporter is not None:
@@ -703,7 +735,7 @@ class HealthSync:
             self._failed, self._backoff = False, RETRY_SECONDS[0]
 
 
-async def _serve(balancer: Balancer, control: ctl.Listener) -> bool:
+async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignals) -> bool:
     """Serves until a signal or `xlb down`; returns True when the data path is
     to keep running (`xlb down --keep-datapath`)."""
     stop = asyncio.Event()
@@ -716,8 +748,15 @@ async def _serve(balancer: Balancer, control: ctl.Listener) -> bool:
         _hold_hangups()
         stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping)
+    def wake() -> None:
+        # The handler runs in the main thread wherever it is: in the loop's own
+        # code, or in its wait, which call_soon_threadsafe ends.
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(stopping)
+
+    signals.wake = wake
+    if signals.received:    # a signal of the start whose _Stop was swallowed on the way
+        stopping()
 
     # `xlb down` (keep the data path or not): acted on once the request is
     # answered, so that the answer is not lost with the loop.

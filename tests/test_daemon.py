@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,11 +15,12 @@ import threading
 import time
 from dataclasses import replace
 from ipaddress import IPv4Address
+from pathlib import Path
 
 import pytest
 
 from xlb import config as configfile, ctl, daemon
-from xlb.datapath import Datapath, DatapathError, Limits
+from xlb.datapath import Datapath, DatapathError, Limits, find_running
 from xlb.model import from_flags
 
 import waiting
@@ -129,15 +131,25 @@ def test_the_sweep_waits_a_hundred_times_what_it_cost(monkeypatch):
     assert waits == [300.0]
 
 
+@pytest.fixture
+def own_control(tmp_path, monkeypatch):
+    """A control directory of the test's own; the signal handlers, which `xlb
+    up` takes (and leaves ignored), given back afterwards."""
+    monkeypatch.setattr(ctl, "RUN_DIR", tmp_path / "run")
+    monkeypatch.setattr(ctl, "holder", lambda: None)
+    monkeypatch.setattr(ctl, "_earlier_instance", lambda *args: None)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
 @pytest.mark.parametrize("stop", ["SIGTERM", "down --keep-datapath"])
-def test_a_stop_holds_hang_ups_while_it_waits_for_a_sweep(balancer, tmp_path, monkeypatch,
+def test_a_stop_holds_hang_ups_while_it_waits_for_a_sweep(balancer, own_control, monkeypatch,
                                                            stop):
     """Once a stop has begun, a hang-up (Ctrl-C, then the terminal closed)
     must not cut it short: the loop ends at once, but the stop then waits
     for a sweep in flight (seconds, for a million connections)."""
-    monkeypatch.setattr(ctl, "RUN_DIR", tmp_path / "run")
-    monkeypatch.setattr(ctl, "holder", lambda: None)
-    monkeypatch.setattr(ctl, "_earlier_instance", lambda: None)
     sweeping, swept, held = threading.Event(), threading.Event(), []
 
     def sweep_in_flight(datapath):
@@ -159,19 +171,158 @@ def test_a_stop_holds_hang_ups_while_it_waits_for_a_sweep(balancer, tmp_path, mo
         swept.set()
 
     monkeypatch.setattr(daemon, "_sweep", sweep_in_flight)
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM)}
     control = ctl.Listener()
     stopper = threading.Thread(target=stop_then_look)
     stopper.start()
     try:
-        assert asyncio.run(daemon._serve(balancer, control)) == (stop != "SIGTERM")
+        assert asyncio.run(daemon._serve(balancer, control, daemon._StopSignals())) == \
+            (stop != "SIGTERM")
     finally:
         swept.set()
         stopper.join()
         control.close()
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
     assert held == [True]
+
+
+# `xlb up` in the FibNet, on its link ext.
+UP_ARGS = ("--vip", "10.1.1.101:80", "--backend", "10.1.11.101:8080", "--iface", "ext")
+UP_CONFIG = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["ext"])
+
+
+def up_in_process(then) -> tuple[int, bool]:
+    """daemon.up(UP_CONFIG) in this process, and then() in a thread once it
+    answers requests: its exit status, and whether `xlb down` had to end it
+    (it still ran 60 s after then()). Checks that nothing is left attached."""
+    done, downed = threading.Event(), []
+
+    def serving_then():
+        deadline = time.monotonic() + 60
+        try:
+            while not done.is_set() and time.monotonic() < deadline:
+                with contextlib.suppress(ctl.NotRunning, ctl.ControlError):
+                    ctl.request("status")
+                    then()
+                    break
+                time.sleep(0.05)
+        finally:
+            if not done.wait(60):
+                downed.append(True)
+                ctl.request("down")
+
+    threading.Thread(target=serving_then, daemon=True).start()
+    try:
+        return daemon.up(UP_CONFIG), bool(downed)
+    finally:
+        done.set()
+        assert find_running() is None
+
+
+def default_action(sig: int) -> bool:
+    """True if sig would kill this process (or, SIGINT, raise KeyboardInterrupt)."""
+    return signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_and_sigterm_never_have_their_default_action_while_xlb_up_runs(
+        root, fibnet, own_control, stop):
+    """From the moment `xlb up` takes SIGINT and SIGTERM to its return, neither
+    has its default action. Closing the serving loop gave it back to them
+    (the undoing of its add_signal_handler) some microseconds before the
+    clean-up ignored them, and a SIGTERM then killed the process with the
+    data path attached. Looked at every call and return of the main thread."""
+    taken, defaults = [], []
+
+    def look(frame, event, arg):
+        default = default_action(signal.SIGINT) or default_action(signal.SIGTERM)
+        if not taken:
+            if not default:
+                taken.append(True)
+        elif default and not defaults:
+            defaults.append(f"{event} {frame.f_code.co_name} ({frame.f_code.co_filename})")
+
+    sys.setprofile(look)
+    try:
+        ended = up_in_process(lambda: os.kill(os.getpid(), stop))
+    finally:
+        sys.setprofile(None)
+    assert taken and (ended, defaults) == ((0, False), [])
+
+
+def test_a_signal_swallowed_on_its_way_still_stops_xlb_up(root, fibnet, own_control,
+                                                          monkeypatch):
+    """A SIGTERM while pyroute2's own asyncio loop runs a callback (any netlink
+    request of the start): the _Stop it raises goes to asyncio's exception
+    handler ("Exception in callback"), not to `xlb up`. It stops all the same,
+    as soon as it serves, without `xlb down`."""
+    from pyroute2.netlink.core import CoreDatagramProtocol
+
+    received, sent = CoreDatagramProtocol.datagram_received, []
+    unset = signal.getsignal(signal.SIGTERM)
+
+    def then_signalled(self, data, addr):
+        received(self, data, addr)
+        if not sent and threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGTERM) is not unset:   # taken by `xlb up`
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(CoreDatagramProtocol, "datagram_received", then_signalled)
+    assert up_in_process(lambda: None) == (0, False)
+    assert sent
+
+
+def caught(pid: int) -> set[int]:
+    """The signals process pid has a handler for."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(re.search(r"^SigCgt:\s*(\w+)$", status, re.M).group(1), 16)
+    return {n for n in range(1, 64) if mask >> (n - 1) & 1}
+
+
+def test_signals_at_any_moment_of_a_start_or_a_stop_stop_xlb_up_cleanly(root, fibnet):
+    """`xlb up` given SIGTERM at moments spread over its start, and SIGINT
+    while it serves, then a SIGTERM every fraction of a millisecond while it
+    stops: each time it exits 0, with nothing attached and no control
+    directory left. The moments are not chosen: this cannot hit a window of
+    microseconds every time, and the two tests above are those that can."""
+    from labctl import XLB
+
+    def start() -> subprocess.Popen:
+        up = subprocess.Popen([str(XLB), "up", *UP_ARGS, "--metrics", "off"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while signal.SIGTERM not in caught(up.pid):     # before, SIGTERM kills it (no harm)
+            assert up.poll() is None and time.monotonic() < deadline
+            time.sleep(0.001)
+        return up
+
+    def stopped(up: subprocess.Popen, then=None) -> None:
+        deadline = time.monotonic() + 30
+        while then is not None and up.poll() is None and time.monotonic() < deadline:
+            then()
+        out, err = up.communicate(timeout=30)
+        assert (up.returncode, out.splitlines()[-1:], "Traceback" in err) == \
+            (0, ["xlb: stopped, XDP detached"], False), err
+        assert find_running() is None and not ctl.directory().exists()
+
+    up = start()
+    try:
+        t0 = time.monotonic()
+        assert "serving" in up.stdout.readline()
+        took = time.monotonic() - t0          # from taking the signals to serving
+        deadline = time.monotonic() + 30
+        while subprocess.run([str(XLB), "status"], capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, "xlb status: no answer"
+            time.sleep(0.05)
+        up.send_signal(signal.SIGINT)
+        stopped(up, lambda: (up.send_signal(signal.SIGTERM), time.sleep(0.0002)))
+        for k in range(4):
+            up = start()
+            time.sleep(took * k / 4)
+            up.send_signal(signal.SIGTERM)
+            stopped(up)
+    finally:
+        up.kill()
+        up.wait()
 
 
 def test_check_durations_are_those_of_the_servers_checked_now(balancer):
