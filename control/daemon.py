@@ -473,12 +473,16 @@ class _StopSignals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.done:
+        # A signal that comes while a handler runs runs its own at the next
+        # call: one that has nothing to do returns before any, or a flood of
+        # signals nests them into a RecursionError.
+        if self.done or (self.received and self.wake is not None):
             return
-        self.received = True
-        _hold_hangups()
+        if not self.received:
+            self.received = True
+            _hold_hangups()
         if self.wake is None:
-            raise _Stop()
+            raise _Stop
         self.wake()
 
 
