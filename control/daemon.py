@@ -449,7 +449,7 @@ HANDED_OVER = 75
 
 class _Stop(BaseException):
     """SIGINT or SIGTERM while `xlb up` starts. Not an Exception, which a step
-    of the start (compiling, say) would take for its own failure."""
+    of the start would take for its own failure."""
 
 
 class _StopSignals:
@@ -459,31 +459,45 @@ class _StopSignals:
     default action back, and a SIGTERM then killed the process before its
     clean-up, leaving the data path without its control process.
 
-    While it starts, each signal raises _Stop where the process is. An
-    asyncio callback of pyroute2's own loop swallows it ("Exception in
-    callback") or turns it into a RuntimeError, so it is also noted
-    (`received`): the serving loop stops at once for a signal noted before it
-    ran, and up() takes any failure after one for the stop."""
+    While it starts, the handler only notes the signal, and the start stops
+    at its next step (check()). An exception raised where the process happens
+    to be was lost or mangled there: asyncio callbacks of pyroute2's own loop
+    swallowed it, and one raised inside an event loop's constructor left a
+    half-made loop whose finaliser printed a traceback. The steps that take
+    long (compiling) run in C, where no handler runs before they return, so
+    stopping between steps is no later. While serving, it stops the loop."""
 
     def __init__(self):
         self.received = False
         self.wake = None      # while serving: stops the loop, from wherever the main thread is
-        self.done = False     # a stop, or a failed start, is being cleaned up: nothing changes it
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        # A signal that comes while a handler runs runs its own at the next
-        # call: one that has nothing to do returns before any, or a flood of
-        # signals nests them into a RecursionError.
-        if self.done or (self.received and self.wake is not None):
+        if self.received:
             return
-        if not self.received:
-            self.received = True
-            _hold_hangups()
-        if self.wake is None:
+        self.received = True
+        _hold_hangups()
+        if self.wake is not None:
+            self.wake()
+
+    def check(self) -> None:
+        """Between two steps of the start: stop there if a signal came."""
+        if self.received:
             raise _Stop
-        self.wake()
+
+
+def _ignore_stops() -> None:
+    """SIGINT and SIGTERM ignored from now on, to the exit: as it exits, Python
+    gives a signal its default action back if a handler of its own took it.
+    Blocked while the disposition changes: one that came between Python's look
+    at pending signals and the change was reported "ignored due to race
+    condition", with a traceback. Ignoring a signal discards one pending."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    for sig in stops:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _hold_hangups() -> None:
@@ -527,6 +541,7 @@ def up(config: Config, config_path: Path | None = None,
             except OSError as e:
                 raise LookupError(f"--metrics {metrics_address[0]}:{metrics_address[1]}: "
                                   f"{e.strerror}") from None
+        signals.check()
         running = find_running()
         if limits is None:
             limits = running.limits() if running is not None else Limits()
@@ -534,6 +549,7 @@ def up(config: Config, config_path: Path | None = None,
             log.event("adopt", program=running.info.id, tag=running.info.tag,
                       interfaces=",".join(a.ifname for _, a in running.attached.values()))
         datapath = Datapath(limits, running)    # compiles: the old program serves meanwhile
+        signals.check()
         if fast_path is None:
             fast_path = datapath.fast_path if datapath.kept("config") else True
         datapath.set_forwarding(fast_path)
@@ -555,6 +571,7 @@ def up(config: Config, config_path: Path | None = None,
             balancer.adopt(ran, admin)
         balancer.restore(config, kept)
         balancer.apply(config, relink=True)
+        signals.check()
         datapath.settle()
         if kept is not None and kept.announce_table not in (None, announce_table):
             # The routes a killed instance left where this one announces nothing:
@@ -576,9 +593,8 @@ def up(config: Config, config_path: Path | None = None,
         kept = asyncio.run(_serve(balancer, control, signals))
         stopping = not kept
     except BaseException as e:
-        # First: a handler runs only at a call (or a loop's jump back), so no
-        # signal comes between the exception and this.
-        signals.done = True
+        # A failure after a signal (a step that failed before the next
+        # check()) ends as the stop the operator asked for.
         if not signals.received:
             raise
         stopping = True
@@ -586,11 +602,10 @@ def up(config: Config, config_path: Path | None = None,
             log.event("stop", level="warning",
                       error=f"{e!r}, taken for the stop that a signal asked for")
     finally:
-        # Stopping already: a second signal must not cut the clean-up short
-        # and leave the data path without its control process.
-        signals.done = True
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
+        # Stopping already: a second signal must not cut the clean-up short,
+        # nor kill the process as it exits.
+        _ignore_stops()
+        _hold_hangups()
         if exporter is not None:
             if serving:
                 exporter.shutdown()
@@ -759,7 +774,7 @@ async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignal
             loop.call_soon_threadsafe(stopping)
 
     signals.wake = wake
-    if signals.received:    # a signal of the start whose _Stop was swallowed on the way
+    if signals.received:    # a signal after the start's last step
         stopping()
 
     # `xlb down` (keep the data path or not): acted on once the request is

@@ -4,6 +4,7 @@ data path."""
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import os
 import re
@@ -251,9 +252,10 @@ def test_sigint_and_sigterm_never_have_their_default_action_while_xlb_up_runs(
 def test_a_signal_swallowed_on_its_way_still_stops_xlb_up(root, fibnet, own_control,
                                                           monkeypatch):
     """A SIGTERM while pyroute2's own asyncio loop runs a callback (any netlink
-    request of the start): the _Stop it raises goes to asyncio's exception
-    handler ("Exception in callback"), not to `xlb up`. It stops all the same,
-    as soon as it serves, without `xlb down`."""
+    request of the start): an exception raised there went to asyncio's
+    exception handler ("Exception in callback"), not to `xlb up`, which went
+    on serving. The handler only notes it, and xlb up stops without `xlb
+    down`."""
     from pyroute2.netlink.core import CoreDatagramProtocol
 
     received, sent = CoreDatagramProtocol.datagram_received, []
@@ -269,6 +271,30 @@ def test_a_signal_swallowed_on_its_way_still_stops_xlb_up(root, fibnet, own_cont
     monkeypatch.setattr(CoreDatagramProtocol, "datagram_received", then_signalled)
     assert up_in_process(lambda: None) == (0, False)
     assert sent
+
+
+def test_a_signal_while_an_event_loop_is_made_stops_xlb_up_without_a_trace(
+        root, fibnet, own_control, monkeypatch):
+    """A SIGTERM while an event loop is being made (pyroute2 makes one for its
+    netlink requests): an exception raised there left a half-made loop whose
+    finaliser printed a traceback ("Exception ignored in BaseEventLoop.__del__")."""
+    import asyncio.base_events
+
+    made, sent, unraisable = asyncio.base_events.BaseEventLoop.__init__, [], []
+    unset = signal.getsignal(signal.SIGTERM)
+
+    def then_signalled(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        if not sent and threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGTERM) is not unset:   # taken by `xlb up`
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "__init__", then_signalled)
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    assert up_in_process(lambda: None) == (0, False)
+    gc.collect()
+    assert sent and unraisable == []
 
 
 def caught(pid: int) -> set[int]:
