@@ -1,4 +1,4 @@
-# xlb: demo, test, bench and lab-up set up what is missing first (scripts/setup.sh is
+# xlb: demo, demo-ha, test, bench and lab-up set up what is missing first (scripts/setup.sh is
 # idempotent); unit needs no root, so it takes the .venv that one of them made.
 VENV := .venv
 PY   := $(VENV)/bin/python
