@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -339,3 +340,20 @@ def test_an_instance_that_does_not_answer_is_one_line(monkeypatch, tmp_path):
         listener.listen()
         with pytest.raises(ctl.ControlError, match=r"did not answer within 0\.2 s"):
             ctl.request("status", timeout=0.2)
+
+
+def test_readme_names_every_option():
+    """Every option that `--help` lists is in the README, the operator's reference."""
+    from xlb.cli import cli
+    readme = (ROOT / "README.md").read_text()
+
+    def options(command, path):
+        for param in command.params:
+            for opt in param.opts + param.secondary_opts:
+                yield path, opt
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from options(sub, f"{path} {name}")
+
+    missing = [(path, opt) for path, opt in options(cli, "xlb")
+               if opt.startswith("--") and not re.search(rf"{re.escape(opt)}(?![\w-])", readme)]
+    assert missing == []

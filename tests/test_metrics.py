@@ -3,6 +3,7 @@ same text as prometheus-client itself would write it. No kernel needed."""
 
 import itertools
 import re
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -327,3 +328,18 @@ def test_check_durations_track_the_servers_checked_now():
     two = (("pool", "was"), ("server", "was2"))
     assert got[("xlb_server_check_duration_seconds_count", two)] == 0
     assert got[("xlb_server_check_duration_seconds_bucket", (("le", "+Inf"),) + two)] == 0
+
+
+def test_readme_dashboard_and_alerts_name_the_metrics_xlb_serves():
+    """README's table lists every family, as scraped (counters with _total);
+    the dashboard and the alert rules read none that xlb does not write."""
+    root = Path(__file__).resolve().parent.parent
+    scraped = {name + ("_total" if kind == "counter" else "")
+               for name, (kind, _) in metrics.FAMILIES.items()}
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("| metric | type | what |"):]
+    assert set(re.findall(r"`(xlb_\w+)", table[:table.index("\n\n")])) == scraped
+    histograms = [name for name, (kind, _) in metrics.FAMILIES.items() if kind == "histogram"]
+    series = scraped | {h + s for h in histograms for s in ("_bucket", "_count", "_sum")}
+    for path in ("metrics/xlb-dashboard.json", "metrics/alerts.yml", "metrics/alerts_test.yml"):
+        assert set(re.findall(r"\bxlb_\w+", (root / path).read_text())) <= series, path
