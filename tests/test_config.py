@@ -30,6 +30,13 @@ def test_seed_file():
     assert [cfg.monitor_for(pool, s).name for s in pool.servers] == ["was-http", "was-http"]
 
 
+def test_the_readmes_example_is_the_seed():
+    """README's example of the file is `netns-lab/seed.toml`, as it says."""
+    readme = (SEED.parent.parent / "README.md").read_text()
+    example = readme[readme.index("```toml\n") + len("```toml\n"):]
+    assert load(example[:example.index("```")]) == load_file(SEED)
+
+
 FULL = r'''
 [monitors.web-http]
 type = "http"
