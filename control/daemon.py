@@ -14,10 +14,12 @@ is checked before the first write, and a write that fails is undone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -809,9 +811,11 @@ async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignal
     servers = [await asyncio.start_unix_server(handle, sock=control.socket.dup(),
                                                limit=ctl.MAX_REQUEST)]
     reachable = loop.create_task(_keep_reachable(control, handle, servers))
+    woken = _SignalWakeup(loop)
     try:
         await stop.wait()
     finally:
+        woken.close()
         reachable.cancel()
         for server in servers:
             server.close()
@@ -820,6 +824,32 @@ async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignal
         sweeps.cancel()
         await checks
     return bool(downs) and downs[-1]
+
+
+class _SignalWakeup:
+    """A signal that the kernel gives another thread (a worker's) runs its
+    Python handler in the main thread only once that thread runs Python: the
+    loop's wait would hold it until its next timer. Python's C handler writes
+    the signal's number to a wakeup fd from whichever thread it runs in; this
+    one is the loop's to read, which ends the wait."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._read, self._write = socket.socketpair()
+        for end in (self._read, self._write):
+            end.setblocking(False)
+        loop.add_reader(self._read.fileno(), self._drain)
+        self._previous = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+
+    def _drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._read.recv(4096)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._previous)
+        self._loop.remove_reader(self._read.fileno())
+        self._read.close()
+        self._write.close()
 
 
 RESTORE_SECONDS = 1.0   # how often the instance looks whether clients still find its socket

@@ -22,7 +22,7 @@ import pytest
 
 from xlb import config as configfile, ctl, daemon
 from xlb.datapath import Datapath, DatapathError, Limits, find_running
-from xlb.model import from_flags
+from xlb.model import Monitor, from_flags
 
 import waiting
 
@@ -190,8 +190,8 @@ UP_ARGS = ("--vip", "10.1.1.101:80", "--backend", "10.1.11.101:8080", "--iface",
 UP_CONFIG = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["ext"])
 
 
-def up_in_process(then) -> tuple[int, bool]:
-    """daemon.up(UP_CONFIG) in this process, and then() in a thread once it
+def up_in_process(then, config=UP_CONFIG) -> tuple[int, bool]:
+    """daemon.up(config) in this process, and then() in a thread once it
     answers requests: its exit status, and whether `xlb down` had to end it
     (it still ran 60 s after then()). Checks that nothing is left attached."""
     done, downed = threading.Event(), []
@@ -212,7 +212,7 @@ def up_in_process(then) -> tuple[int, bool]:
 
     threading.Thread(target=serving_then, daemon=True).start()
     try:
-        return daemon.up(UP_CONFIG), bool(downed)
+        return daemon.up(config), bool(downed)
     finally:
         done.set()
         assert find_running() is None
@@ -295,6 +295,25 @@ def test_a_signal_while_an_event_loop_is_made_stops_xlb_up_without_a_trace(
     assert up_in_process(lambda: None) == (0, False)
     gc.collect()
     assert sent and unraisable == []
+
+
+def test_a_signal_another_thread_takes_stops_xlb_up_at_once(root, fibnet, own_control,
+                                                             monkeypatch):
+    """A SIGTERM that the kernel gives a thread other than the main one (here
+    sent to the thread that asks for `status`): its handler runs in the main
+    thread, which waits in the serving loop. With no timer due (no health
+    checks, no sweep), it waited until `xlb down` came, 60 s later."""
+    never = asyncio.Event()
+
+    async def no_sweep(balancer):
+        await never.wait()
+
+    monkeypatch.setattr(daemon, "_sweep_forever", no_sweep)
+    monkeypatch.setattr(daemon, "RESTORE_SECONDS", 3600)
+    unchecked = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["ext"],
+                           monitor=Monitor("none", type="none"))
+    assert up_in_process(lambda: signal.pthread_kill(threading.get_ident(), signal.SIGTERM),
+                         unchecked) == (0, False)
 
 
 def caught(pid: int) -> set[int]:
