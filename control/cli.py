@@ -1,5 +1,6 @@
 """The `xlb` command line. Thin: parse, call, format; every error is one line
-on stderr and a non-zero exit (2 for bad input, 1 for everything else)."""
+on stderr and a non-zero exit (2 for bad input, 1 for every other failure;
+the other statuses, which are no errors, are in README's command table)."""
 
 from __future__ import annotations
 
