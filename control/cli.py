@@ -149,6 +149,11 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
             config = from_flags(list(vips), list(backends), list(ifaces), monitor, algorithm)
         except ConfigError as e:
             raise BadInput(str(e)) from None
+        unchecked = [f"--{p.replace('_', '-')}" for p in ("check_port", "interval", "rise", "fall")
+                     if p in flags]
+        if monitor is None and unchecked:      # accepted, as ever: a warning, as a file's unused keys
+            _error(f"xlb: warning: {', '.join(unchecked)}: not used with --check none "
+                   f"(no server is checked)")
     from . import metrics              # prometheus-client: only `up` needs it
     try:
         metrics_address = metrics.parse_address(metrics_at)

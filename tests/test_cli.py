@@ -129,6 +129,19 @@ def test_a_none_monitor_refuses_what_it_would_ignore(tmp_path):
                                     for key, reason in problems) + "\n")
 
 
+def test_up_check_none_warns_of_the_check_flags_it_does_not_use():
+    """The one-line form accepts them with --check none (a contract), and says
+    that no check will use them; the rest of the line is checked as ever."""
+    r = xlb("up", *SEED_FLAGS, "--check", "none", "--interval", "5", "--fall", "2",
+            "--metrics", "224.0.0.1:9717")
+    assert (r.returncode, r.stderr.splitlines()) == (2, [
+        "xlb: warning: --interval, --fall: not used with --check none (no server is checked)",
+        "xlb: error: --metrics: '224.0.0.1' is not an address of this host to listen on"])
+    r = xlb("up", *SEED_FLAGS, "--check", "tcp", "--interval", "5",
+            "--metrics", "224.0.0.1:9717")
+    assert "warning" not in r.stderr
+
+
 STATUS = {"version": "0.1.0", "pid": 4242, "uptime_seconds": 5.0,
           "interfaces": [{"name": "eth0", "ifindex": 2, "mode": "native"}],
           "forwarding": "fast", "ha": {"role": "active", "announce_table": None},
