@@ -249,6 +249,23 @@ def test_sigint_and_sigterm_never_have_their_default_action_while_xlb_up_runs(
     assert taken and (ended, defaults) == ((0, False), [])
 
 
+def sigterm_after(call, sent: list):
+    """call, and then, the first time it returns in the main thread after `xlb
+    up` took SIGTERM, a SIGTERM to this process (noted in sent)."""
+    unset = signal.getsignal(signal.SIGTERM)
+
+    @functools.wraps(call)
+    def then_signalled(*args, **kwargs):
+        result = call(*args, **kwargs)
+        if not sent and threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGTERM) is not unset:   # taken by `xlb up`
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    return then_signalled
+
+
 def test_a_signal_swallowed_on_its_way_still_stops_xlb_up(root, fibnet, own_control,
                                                           monkeypatch):
     """A SIGTERM while pyroute2's own asyncio loop runs a callback (any netlink
@@ -258,17 +275,9 @@ def test_a_signal_swallowed_on_its_way_still_stops_xlb_up(root, fibnet, own_cont
     down`."""
     from pyroute2.netlink.core import CoreDatagramProtocol
 
-    received, sent = CoreDatagramProtocol.datagram_received, []
-    unset = signal.getsignal(signal.SIGTERM)
-
-    def then_signalled(self, data, addr):
-        received(self, data, addr)
-        if not sent and threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(signal.SIGTERM) is not unset:   # taken by `xlb up`
-            sent.append(True)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(CoreDatagramProtocol, "datagram_received", then_signalled)
+    sent = []
+    monkeypatch.setattr(CoreDatagramProtocol, "datagram_received",
+                        sigterm_after(CoreDatagramProtocol.datagram_received, sent))
     assert up_in_process(lambda: None) == (0, False)
     assert sent
 
@@ -280,17 +289,9 @@ def test_a_signal_while_an_event_loop_is_made_stops_xlb_up_without_a_trace(
     finaliser printed a traceback ("Exception ignored in BaseEventLoop.__del__")."""
     import asyncio.base_events
 
-    made, sent, unraisable = asyncio.base_events.BaseEventLoop.__init__, [], []
-    unset = signal.getsignal(signal.SIGTERM)
-
-    def then_signalled(self, *args, **kwargs):
-        made(self, *args, **kwargs)
-        if not sent and threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(signal.SIGTERM) is not unset:   # taken by `xlb up`
-            sent.append(True)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "__init__", then_signalled)
+    sent, unraisable = [], []
+    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "__init__",
+                        sigterm_after(asyncio.base_events.BaseEventLoop.__init__, sent))
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
     assert up_in_process(lambda: None) == (0, False)
     gc.collect()
