@@ -455,7 +455,7 @@ class _Stop(BaseException):
 
 
 class _StopSignals:
-    """SIGINT and SIGTERM, through one Python handler from the claim of the
+    """SIGINT and SIGTERM, through one Python handler from before the claim of the
     control socket to the exit. Not the serving loop's own handlers
     (loop.add_signal_handler): closing the loop gives the signals their
     default action back, and a SIGTERM then killed the process before its
@@ -522,14 +522,16 @@ def up(config: Config, config_path: Path | None = None,
     would be a copy, which loses what does not fit. Without fast_path (no
     --forwarding), an adopted data path forwards as it did: a restart does not
     turn on a fast path that its links cannot carry (veth peers without XDP)."""
+    # SIGHUP keeps its default until a stop begins (_hold_hangups): a terminal
+    # that hangs up (a dropped ssh session) ends the process as a crash does,
+    # and the VIPs stay served. SIGINT and SIGTERM are taken before the claim:
+    # with their default action after it, one killed the process and left the
+    # socket's file for the next `xlb up` to find stale.
+    signals = _StopSignals()
     control = ctl.Listener()
     datapath = running = exporter = None
     serving = stopping = False
     announcer = ha.Announcer(announce_table) if announce_table is not None else None
-    # SIGHUP keeps its default until a stop begins (_hold_hangups): a terminal
-    # that hangs up (a dropped ssh session) ends the process as a crash does,
-    # and the VIPs stay served.
-    signals = _StopSignals()
     try:
         links = _select(config)
         _check_host(config, [])        # local VIPs; the warnings come with the attach

@@ -282,6 +282,27 @@ def test_a_signal_swallowed_on_its_way_still_stops_xlb_up(root, fibnet, own_cont
     assert sent
 
 
+def test_a_sigterm_just_after_the_claim_of_the_control_socket_stops_xlb_up_cleanly(
+        root, fibnet, own_control, monkeypatch):
+    """A SIGTERM the moment `xlb up` has claimed its control socket: it had
+    its default action there still, and killed the process, whose socket
+    file the next `xlb up` found stale. Sent only where it cannot kill this
+    test's own process."""
+    claim, default = ctl._claim, []
+
+    def claim_then_signal(*args):
+        claimed = claim(*args)
+        if not default:
+            default.append(default_action(signal.SIGTERM))
+            if not default[0]:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return claimed
+
+    monkeypatch.setattr(ctl, "_claim", claim_then_signal)
+    assert up_in_process(lambda: None) == (0, False)
+    assert default == [False] and not os.path.exists(ctl.address())
+
+
 def test_a_signal_while_an_event_loop_is_made_stops_xlb_up_without_a_trace(
         root, fibnet, own_control, monkeypatch):
     """A SIGTERM while an event loop is being made (pyroute2 makes one for its
