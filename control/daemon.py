@@ -97,13 +97,16 @@ class Balancer:
         endpoints = {(p.name, s.name): (s.address, s.port)
                      for p in config.pools for s in p.servers}
         keys = set(endpoints)
-        wanted = self.admin if admin is None else admin
-        admin = {k: v for k, v in wanted.items() if k in keys}
         # A server given another address or port is a new server (planner.desired):
         # up until its first check there, whatever the checks of its old address said,
         # its health changes and check durations counted from zero. One renamed at the
-        # same address and port is the same server, as checked, with its counts.
+        # same address and port is the same server, as checked, with its counts, and
+        # drained or in maint as it was; the name it left is no longer its state's.
         renamed = planner.renames(self.config, self.state, config)
+        wanted = self.admin if admin is None else admin
+        names = {k: renamed.get(k, k) for k in wanted
+                 if (k in renamed or k not in renamed.values()) and renamed.get(k, k) in keys}
+        admin = {names[k]: v for k, v in wanted.items() if k in names}
         stays = {k: renamed.get(k, k) for k, b in self.state.backends.items()
                  if endpoints.get(renamed.get(k, k)) == (b.address, b.port)}
 
@@ -151,13 +154,13 @@ class Balancer:
                 self.last_apply = time.time()
         self.check_durations.track({t.key for t in self.health_targets()}, stays)
         self._announce()
-        # Drain and maint belong to a server of a pool: a pool renamed, or a
-        # server moved, loses them, which the operator should hear of.
+        # Drain and maint belong to a server of a pool: one gone from it loses
+        # them, which the operator should hear of.
         return {"frontends": len(config.frontends), "pools": len(config.pools),
                 "servers": config.server_count(), "flows_ended": sum(ended.values()),
                 "admin_forgotten": [f"{state} of {server} in pool {pool}"
                                     for (pool, server), state in sorted(wanted.items())
-                                    if (pool, server) not in keys]}
+                                    if (pool, server) not in names]}
 
     def _announce(self) -> None:
         """Announces the VIPs served while active. A route that cannot be written

@@ -481,22 +481,44 @@ def test_a_request_its_client_stopped_waiting_for_is_not_done(balancer, tmp_path
     assert len(balancer.config.pools) == 2
 
 
-def test_an_apply_that_loses_a_drain_says_so(balancer, tmp_path):
-    """Drain and maint belong to a server of a pool: a config that renames the
-    pool loses them, and the apply names each one it forgot."""
-    balancer.set_admin("drain", "default", "backend1")
-    text = configfile.dump(balancer.config).replace('"default"', '"web"').replace(
-        "[pools.default]", "[pools.web]")
+def test_drain_and_maint_go_with_the_server(balancer, tmp_path):
+    """Drain and maint go with a server renamed, or in a renamed pool, at the
+    same address and port: the same server, which an operator took out of
+    service (it came back into the ring under its new name). A server gone
+    from its pool loses its state, and the apply names each one it forgot,
+    as it does a state whose name another server has taken."""
+    text = ('[servers.a]\naddress = "10.1.11.101"\nport = 8080\n'
+            '[servers.b]\naddress = "10.1.11.102"\nport = 8080\n'
+            '[servers.c]\naddress = "10.1.11.103"\nport = 8080\n'
+            '[pools.web]\nservers = ["a", "b", "c"]\n'
+            '[frontends.www]\nvip = "10.1.1.101"\nport = 80\npool = "web"\n')
 
-    reply = answer(balancer, {"cmd": "apply", "text": text, "path": str(tmp_path / "x.toml")},
-                   no_sync)
-    assert reply["ok"], reply
-    assert reply["result"]["admin_forgotten"] == ["drain of backend1 in pool default"]
-    assert balancer.admin == {} and balancer.states[("web", "backend1")] == "up"
-    reply = answer(balancer, {"cmd": "apply", "text": text, "path": str(tmp_path / "x.toml")},
-                   no_sync)
-    assert reply["result"]["admin_forgotten"] == []
+    def apply(text):
+        reply = answer(balancer, {"cmd": "apply", "text": text,
+                                  "path": str(tmp_path / "x.toml")}, no_sync)
+        assert reply["ok"], reply
+        return reply["result"]["admin_forgotten"]
 
+    apply(text)
+    balancer.set_admin("drain", "web", "a")
+    balancer.set_admin("disable", "web", "b")
+    renamed = text.replace("pools.web", "pools.www").replace('pool = "web"', 'pool = "www"')
+    assert apply(renamed) == []
+    assert balancer.admin == {("www", "a"): "drain", ("www", "b"): "maint"}
+    swapped = renamed.replace("servers.a]", "servers.x]").replace("servers.b]", "servers.a]")
+    swapped = swapped.replace("servers.x]", "servers.b]")
+    assert apply(swapped) == []
+    assert balancer.admin == {("www", "b"): "drain", ("www", "a"): "maint"}
+    assert balancer.states == {("www", "a"): "maint", ("www", "b"): "drain", ("www", "c"): "up"}
+    # c renamed a, at its own address; a (at .102) gone: a's state is not c's.
+    taken = ('[servers.a]\naddress = "10.1.11.103"\nport = 8080\n'
+             '[servers.b]\naddress = "10.1.11.101"\nport = 8080\n'
+             '[pools.www]\nservers = ["a", "b"]\n'
+             '[frontends.www]\nvip = "10.1.1.101"\nport = 80\npool = "www"\n')
+    assert apply(taken) == ["maint of a in pool www"]
+    assert balancer.admin == {("www", "b"): "drain"}
+    assert apply(taken.replace('"a", "b"', '"a"')) == ["drain of b in pool www"]
+    assert balancer.admin == {}
 
 def test_a_server_given_another_address_is_checked_anew_and_keeps_its_admin_state(balancer):
     """Down by the checks of its old address, it starts up at the new one, as
