@@ -24,6 +24,10 @@
 #include "arp.h"
 #include "stats.h"
 
+/* The frames' structs match layout.py's mirrors: bcc derives no type of
+ * theirs to check, as it does for the maps'. */
+XLB_FRAME_MIRRORS
+
 BPF_HASH(services, struct service_key, struct service, XLB_MAX_SERVICES);
 BPF_ARRAY(backends, struct backend, XLB_MAX_BACKENDS);
 /* Backend ids, XLB_RING_SIZE slots a ring, two rings a service. */
@@ -857,23 +861,12 @@ int xlb_clock(struct xdp_md *ctx)
 }
 
 /* The sweep's removals, for the control plane (BPF_PROG_TEST_RUN): a frame of
- * a struct reap_head and XLB_REAP_MAX connections at most, each two entries
- * as the control plane read them from the head's table (the second's
- * value.dir 0: none). A connection goes unless one of its entries is there
+ * a struct reap_head and XLB_REAP_MAX connections at most (xlb_shared.h; the
+ * second entry's value.dir 0: none). A connection goes unless one of its entries is there
  * and no longer as read (the program wrote it since: opened again, one-way
  * traffic); the head gets the forward entries removed. Checked and removed
  * here, a lookup and a delete in the kernel: two bpf(2) calls an entry cost
  * the sweep 4 us on their own, and left milliseconds between the two. */
-struct reap_head {
-	__u32 table;		/* 0: flows, 1: flows_new */
-	__u32 removed;		/* set: forward entries removed */
-};
-
-struct reap_entry {
-	struct flow_key key;
-	struct flow value;
-};
-
 _Static_assert(sizeof(struct flow) % sizeof(__u64) == 0, "still_as_read: whole words a flow");
 
 static __always_inline int still_as_read(__u32 table, struct reap_entry *e)

@@ -96,6 +96,18 @@ struct flow {
 	__u64 seen;		/* xlb_now() (clock.h) of its last packet */
 };
 
+/* xlb_reap's frame (BPF_PROG_TEST_RUN), which the control plane builds: a
+ * head, then two entries a connection, each as read from the head's table. */
+struct reap_head {
+	__u32 table;		/* 0: flows, 1: flows_new */
+	__u32 removed;		/* set: forward entries removed */
+};
+
+struct reap_entry {
+	struct flow_key key;
+	struct flow value;
+};
+
 /* frags: a fragmented datagram's later fragments carry no ports; its first
  * leaves the entry of its flow here, under its addresses, IP id and protocol,
  * for them. */

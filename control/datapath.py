@@ -14,7 +14,6 @@ import gzip
 import os
 import re
 import socket
-import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,11 +39,11 @@ MAX_CONNECTIONS = 2**26
 HTAB_ELEM = 48      # bytes the kernel adds to each hash map entry (struct htab_elem, 64-bit)
 BPF_NOEXIST = 1     # bpf_map_update_elem: only a key that is not there (uapi/linux/bpf.h)
 DELETE_CHUNK = 1024  # connections checked, then deleted, and counted (Datapath._end, _reap)
-# Connections a test-run of xlb_reap takes (bpf/xlb.c): its frame, a head of 8
-# bytes and two entries (key and value) a connection, fits in the 3,520 bytes
+# Connections a test-run of xlb_reap takes (bpf/xlb.c): its frame, a head and
+# two entries a connection (layout.ReapHead, ReapEntry), fits in the 3,520 bytes
 # that BPF_PROG_TEST_RUN gives an XDP frame of one buffer (a page, less the
 # headroom and struct skb_shared_info). 36 of today's 48-byte entries.
-REAP_CONNECTIONS = (3520 - 8) // (2 * (ct.sizeof(layout.FlowKey) + ct.sizeof(layout.Flow)))
+REAP_CONNECTIONS = (3520 - ct.sizeof(layout.ReapHead)) // (2 * ct.sizeof(layout.ReapEntry))
 
 
 @dataclass(frozen=True)
@@ -164,11 +163,12 @@ def kernel_hz() -> int:
 def defines(limits: Limits) -> list[str]:
     """Every -D flag the C needs (bpf/consts.h): the limits, bpf/clock.h's
     tick in ns and the kernel's INITIAL_JIFFIES (jiffies start 300 s before
-    wrapping 32 bits, to catch wrap bugs early), and xlb_reap's frame size."""
+    wrapping 32 bits, to catch wrap bugs early), xlb_reap's frame size, and
+    the checks of the frames' layout."""
     hz = kernel_hz()
     return [*limits.cflags(), f"-DXLB_TICK_NS={1_000_000_000 // hz}ULL",
             f"-DXLB_INITIAL_JIFFIES={(1 << 32) - 300 * hz}ULL",
-            f"-DXLB_REAP_MAX={REAP_CONNECTIONS}"]
+            f"-DXLB_REAP_MAX={REAP_CONNECTIONS}", f"-DXLB_FRAME_MIRRORS={layout.frame_asserts()}"]
 
 
 def _layout(info: bpfsys.MapInfo) -> tuple[int, int, int, int]:
@@ -932,7 +932,8 @@ class Datapath:
         counted. Returns how many connections this removed: one another
         remover took in between (the program, an apply) was counted there."""
         ksize, vsize = ct.sizeof(layout.FlowKey), ct.sizeof(layout.Flow)
-        head, none = struct.pack("=II", flowtable.TABLES.index(name), 0), bytes(ksize + vsize)
+        head = bytes(layout.ReapHead(table=flowtable.TABLES.index(name)))
+        none = bytes(layout.ReapEntry())
 
         def entry(i: int) -> bytes:
             return keys[i * ksize:(i + 1) * ksize] + values[i * vsize:(i + 1) * vsize]
@@ -952,7 +953,7 @@ class Datapath:
     def _reap_run(self, frame: bytes) -> int:
         """One test-run of xlb_reap; the forward entries it removed."""
         data = bpfsys.prog_test_run(self._reaper.fd, frame).data
-        return struct.unpack_from("=I", data, 4)[0]
+        return layout.ReapHead.from_buffer_copy(data).removed
 
     def _delete_batch(self, name: str, rows: list[flowtable.Row]) -> list[flowtable.Row]:
         """Deletes these entries in one call, or more where one is gone (it

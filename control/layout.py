@@ -1,8 +1,9 @@
 """Python's view of bpf/xlb_shared.h, the one definition of what C and Python share.
 
 The structs are mirrored as ctypes classes; `check_mirror` compares them with the
-types bcc derives from the C itself (every load does, and so does a test), so a
-change on one side only fails loudly. The reasons and flow directions are read
+types bcc derives from the C itself (every load does, and so does a test), and
+the compiler checks those of frames (`frame_asserts`), so a change on one side
+only fails loudly. The reasons and flow directions are read
 from the header text, so they cannot drift at all.
 """
 
@@ -99,6 +100,32 @@ def read_enum(prefix: str, header: Path = SHARED_HEADER) -> dict[str, int]:
 FILTER_WORDS = read_enum("XLB_FILTER_")["XLB_FILTER_WORDS"]
 FILTER_SHIFT = read_enum("XLB_FILTER_")["XLB_FILTER_SHIFT"]
 assert FILTER_WORDS * 64 == 1 << (32 - FILTER_SHIFT), "xlb_shared.h: filter size and shift disagree"
+
+
+class ReapHead(ct.Structure):
+    _fields_ = [("table", u32), ("removed", u32)]
+
+
+class ReapEntry(ct.Structure):
+    _fields_ = [("key", FlowKey), ("value", Flow)]
+
+
+# The structs of frames the control plane builds for a program (BPF_PROG_TEST_RUN):
+# in no map, so bcc derives no type of theirs; the compiler checks them instead.
+FRAMES: dict[str, type] = {"reap_head": ReapHead, "reap_entry": ReapEntry}
+
+
+def frame_asserts() -> str:
+    """C that fails to compile unless each struct of FRAMES has its mirror's
+    size, and each field its mirror's offset and size."""
+    checks = []
+    for name, ctype in FRAMES.items():
+        checks.append(f"sizeof(struct {name}) == {ct.sizeof(ctype)}")
+        for field, _ in ctype._fields_:
+            at = getattr(ctype, field)
+            checks += [f"__builtin_offsetof(struct {name}, {field}) == {at.offset}",
+                       f"sizeof(((struct {name} *)0)->{field}) == {at.size}"]
+    return f'_Static_assert({" && ".join(checks)}, "a frame\'s struct differs from layout.py\'s");'
 
 
 class Config(ct.Structure):

@@ -65,7 +65,10 @@ def test_drift_in_the_c_is_reported(root, tmp_path):
     text = text.replace(backend_end, "\t__be16 port;\n\t__u16 flags;\n\t__u16 weight;\n};")
     header.write_text(text)
 
-    bpf = BPF(src_file=str(src / "xlb.c"), cflags=[f"-I{src}", "-w", *defines(Limits())])
+    # struct flow is in a frame's struct too, whose check would stop the compile.
+    cflags = [f for f in defines(Limits()) if not f.startswith("-DXLB_FRAME_MIRRORS=")]
+    bpf = BPF(src_file=str(src / "xlb.c"),
+              cflags=[f"-I{src}", "-w", *cflags, "-DXLB_FRAME_MIRRORS="])
     try:
         problems = {name: layout.check_mirror(name, *bcc_types(bpf[name])) for name in MAPS}
     finally:
@@ -110,6 +113,30 @@ def test_datapath_refuses_to_load_with_a_drifted_mirror(root, monkeypatch):
 
 
 # Reasons ---------------------------------------------------------------------------
+
+class ReapHeadSwapped(ct.Structure):
+    _fields_ = [("removed", ct.c_uint32), ("table", ct.c_uint32)]
+
+
+class ReapEntryValueFirst(ct.Structure):
+    _fields_ = [("value", layout.Flow), ("key", layout.FlowKey)]
+
+
+@pytest.mark.parametrize("name, drifted", [("reap_head", ReapHeadSwapped),
+                                           ("reap_entry", ReapEntryValueFirst)])
+def test_a_frame_mirror_that_drifts_fails_the_compile(root, monkeypatch, capfd, name, drifted):
+    """The frames' structs are in no map, so bcc derives no type to compare:
+    the compiler checks them against layout.FRAMES (two fields of one size
+    swapped here, which sizes alone would not show)."""
+    from bcc import BPF
+    from xlb.datapath import Limits, defines
+
+    assert "table" in layout.frame_asserts() and "value" in layout.frame_asserts()
+    monkeypatch.setitem(layout.FRAMES, name, drifted)
+    with pytest.raises(Exception, match="Failed to compile BPF module"):
+        BPF(src_file=str(BPF_DIR / "xlb.c"), cflags=[f"-I{BPF_DIR}", "-w", *defines(Limits())])
+    assert "a frame's struct differs from layout.py's" in capfd.readouterr().err
+
 
 def test_read_reasons_reads_the_whole_list():
     text = layout.SHARED_HEADER.read_text()
