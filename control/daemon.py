@@ -224,15 +224,11 @@ class Balancer:
         return {"pool": pool, "server": server, "state": self.states[(pool, server)],
                 "flows_ended": result["flows_ended"]}
 
-    def restore(self, config: Config, kept: saved.State | None) -> None:
+    def restore(self, kept: saved.State | None) -> None:
         """Takes back the server states set at run time before a restart (drain,
-        maint; `kept`, the saved state), for the servers still in `config`, the
-        config about to run."""
-        keys = {(p.name, s.name) for p in config.pools for s in p.servers}
-        self.admin = {k: v for k, v in (kept.admin if kept else {}).items() if k in keys}
-        if self.admin:
-            log.event("restore", servers=",".join(f"{p}/{s}={v}" for (p, s), v in
-                                                 sorted(self.admin.items())))
+        maint; `kept`, the saved state): the next apply keeps those of the
+        servers its config still has, or has renamed (apply)."""
+        self.admin = dict(kept.admin) if kept else {}
 
     def remember(self) -> str | None:
         """Saves in xlb's state directory what no file holds: the file served,
@@ -576,8 +572,13 @@ def up(config: Config, config_path: Path | None = None,
         balancer = Balancer(datapath, config_path, role, announcer)
         if running is not None:
             balancer.adopt(ran, admin)
-        balancer.restore(config, kept)
-        balancer.apply(config, relink=True)
+        balancer.restore(kept)
+        forgotten = balancer.apply(config, relink=True)["admin_forgotten"]
+        if balancer.admin or forgotten:
+            log.event("restore", level="warning" if forgotten else "info",
+                      servers=",".join(f"{p}/{s}={v}" for (p, s), v in
+                                       sorted(balancer.admin.items())) or None,
+                      forgotten="; ".join(forgotten) or None)
         signals.check()
         datapath.settle()
         if kept is not None and kept.announce_table not in (None, announce_table):

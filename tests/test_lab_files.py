@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,31 @@ def test_drain_and_maint_survive_a_restart_until_xlb_down(lab, tmp_path, state_d
     assert not state_dir.exists() or not any(state_dir.iterdir())
     with lab.xlb("--config", str(path)):
         assert states(lab) == {"was1": "up", "was2": "up", "was1b": "up"}
+
+
+def test_drain_goes_with_a_renamed_pool_across_a_restart_that_adopts(lab, tmp_path, state_dir):
+    """A restart that adopts the running data path (after a crash, or an
+    upgrade) tells a server renamed, or in a renamed pool, by its address and
+    port, as an apply does: its drain goes with it. A fresh start has no data
+    path to tell it by: it forgets the drain, and says so."""
+    path, renamed = tmp_path / "xlb.toml", tmp_path / "renamed.toml"
+    path.write_text(config("was1", "was2"))
+    renamed.write_text(path.read_text().replace("[pools.web]", "[pools.www]")
+                       .replace('pool = "web"', 'pool = "www"'))
+    with lab.xlb("--config", str(path)) as x:
+        xlb_ok(lab, "server", "drain", "web", "was1")
+        x.stop(signal.SIGKILL)
+    with lab.xlb("--config", str(renamed)) as x:
+        assert "adopted the running data path" in x.serving_line
+        assert lab.status()["pools"][0]["name"] == "www"
+        assert states(lab) == {"was1": "drain", "was2": "up"}
+        assert names(lab) == {"WAS2": 12}
+        x.stop()                                # a clean stop: the next start is fresh
+        assert 'event=restore servers="www/was1=drain"' in x.stderr, x.stderr
+    with lab.xlb("--config", str(path)) as x:
+        assert states(lab) == {"was1": "up", "was2": "up"}
+        x.stop()
+        assert 'level=warning event=restore forgotten="drain of was1 in pool www"' in x.stderr
 
 
 def test_down_forgets_the_state_of_an_instance_stopped_by_a_signal(lab, tmp_path, state_dir):
