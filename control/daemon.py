@@ -62,6 +62,10 @@ class Balancer:
         # The checker counts changes in the loop's thread while an apply, in a
         # worker thread, carries the counts over to the config it applies.
         self._changes_lock = threading.Lock()
+        # The last apply's renames (old name: new, or None for a server gone or
+        # moved), for the checker's reports under a server's old name until it
+        # has the new names (checker_synced).
+        self._checked_as: dict[Key, Key | None] = {}
         self.checker: HealthChecker | None = None
         self.check_durations = metrics.CheckDurations()
         self.applies = {"ok": 0, "error": 0}       # `xlb apply` requests, by result
@@ -109,6 +113,7 @@ class Balancer:
         admin = {names[k]: v for k, v in wanted.items() if k in names}
         stays = {k: renamed.get(k, k) for k, b in self.state.backends.items()
                  if endpoints.get(renamed.get(k, k)) == (b.address, b.port)}
+        checked_as = {k: stays.get(k) for k in self.state.backends if stays.get(k) != k}
 
         def carried(values: dict[Key, int | str]) -> dict:
             """values of the servers that stay, under their names in config."""
@@ -149,6 +154,7 @@ class Balancer:
             self.health = health
             with self._changes_lock:
                 self.health_changes = carried(self.health_changes)
+                self._checked_as = checked_as
             self.links = {link.name: link for link in links}
             if relink:                      # a new config, not a change of state
                 self.last_apply = time.time()
@@ -174,7 +180,15 @@ class Balancer:
 
     def count_health_change(self, key: Key) -> None:
         with self._changes_lock:
-            self.health_changes[key] = self.health_changes.get(key, 0) + 1
+            key = self._checked_as.get(key, key)
+            if key is not None:
+                self.health_changes[key] = self.health_changes.get(key, 0) + 1
+
+    def checker_synced(self) -> None:
+        """The checker has the config's names: it reports under them from now on."""
+        with self._changes_lock:
+            self._checked_as = {}
+        self.check_durations.synced()
 
     def set_role(self, role: str) -> dict:
         """active: answer ARP for the VIPs (a gratuitous ARP for each on becoming
@@ -751,6 +765,7 @@ class HealthSync:
         up (provisionally, until their first check), as the checker sees them.
         Called with the lock held."""
         self.checker.set_targets(self.balancer.health_targets(), initial=self.balancer.health)
+        self.balancer.checker_synced()
         await self._follow()
 
     async def _follow(self) -> None:

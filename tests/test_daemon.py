@@ -444,6 +444,44 @@ def test_check_durations_go_with_the_server(balancer):
     assert checks(swapped.replace("11.101", "11.103")) == {"a": 0, "b": 0}
 
 
+def test_a_check_the_checker_reports_under_an_old_name_counts_for_its_server(balancer):
+    """Between an apply that renames servers and the checker's taking the new
+    names (sync_targets), a check ends under the old name: its health change
+    and duration are the renamed server's. Two servers swap names here: under
+    the old name they went to the other server; one moved to another address
+    is a new server, whose counts its old checks do not touch."""
+    text = ('[monitors.tcp]\ntype = "tcp"\n'
+            '[servers.a]\naddress = "10.1.11.101"\nport = 8080\n'
+            '[servers.b]\naddress = "10.1.11.102"\nport = 8080\n'
+            '[pools.web]\nservers = ["a", "b"]\nmonitor = "tcp"\n'
+            '[frontends.www]\nvip = "10.1.1.101"\nport = 80\npool = "web"\n')
+    a, b = ("web", "a"), ("web", "b")
+
+    def counts():
+        durations = balancer.check_durations.snapshot()
+        return {key[1]: (balancer.health_changes.get(key, 0), sum(durations[key][0]))
+                for key in (a, b)}
+
+    def reported(key):
+        balancer.count_health_change(key)
+        balancer.check_durations.observe(key, 0.001)
+
+    balancer.apply(configfile.load(text), relink=False)
+    balancer.checker_synced()
+    reported(a)
+    swapped = text.replace("11.101", "11.10x").replace("11.102", "11.101")
+    balancer.apply(configfile.load(swapped.replace("11.10x", "11.102")), relink=False)
+    reported(a)                                 # a check of 10.1.11.101, now b
+    assert counts() == {"a": (0, 0), "b": (2, 2)}
+    balancer.checker_synced()
+    reported(a)                                 # now of a, 10.1.11.102
+    assert counts() == {"a": (1, 1), "b": (2, 2)}
+    moved = configfile.load(swapped.replace("11.10x", "11.103"))
+    balancer.apply(moved, relink=False)
+    reported(a)                                 # of 10.1.11.102, where a is no more
+    assert counts() == {"a": (0, 0), "b": (2, 2)}
+
+
 def test_an_apply_names_what_nothing_uses(balancer, tmp_path):
     text = configfile.dump(balancer.config) + '[pools.spare]\nservers = ["backend1"]\n'
     reply = answer(balancer, {"cmd": "apply", "text": text, "path": str(tmp_path / "x.toml")},
