@@ -862,9 +862,9 @@ int xlb_clock(struct xdp_md *ctx)
 
 /* The sweep's removals, for the control plane (BPF_PROG_TEST_RUN): a frame of
  * a struct reap_head and XLB_REAP_MAX connections at most (xlb_shared.h; the
- * second entry's value.dir 0: none). A connection goes unless one of its entries is there
- * and no longer as read (the program wrote it since: opened again, one-way
- * traffic); the head gets the forward entries removed. Checked and removed
+ * second entry's value.dir 0: none). A connection goes unless one of its
+ * entries is there and no longer as read (the program wrote it since: opened
+ * again, one-way traffic); the head gets the forward entries removed. Checked and removed
  * here, a lookup and a delete in the kernel: two bpf(2) calls an entry cost
  * the sweep 4 us on their own, and left milliseconds between the two. */
 _Static_assert(sizeof(struct flow) % sizeof(__u64) == 0, "still_as_read: whole words a flow");

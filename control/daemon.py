@@ -468,8 +468,8 @@ class _Stop(BaseException):
 
 
 class _StopSignals:
-    """SIGINT and SIGTERM, through one Python handler from before the claim of the
-    control socket to the exit. Not the serving loop's own handlers
+    """SIGINT and SIGTERM, through one Python handler from before the claim of
+    the control socket to the exit. Not the serving loop's own handlers
     (loop.add_signal_handler): closing the loop gives the signals their
     default action back, and a SIGTERM then killed the process before its
     clean-up, leaving the data path without its control process.
