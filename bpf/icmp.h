@@ -11,7 +11,8 @@
 #define XLB_ICMP_QUOTE 8	/* bytes of the offending packet's payload xlb's errors quote */
 
 /* An ICMP error (destination unreachable, time exceeded) and the TCP or UDP
- * packet it quotes: the inner IP header (no options) and its ports. */
+ * packet it quotes: the inner IP header (no options, no later fragment) and
+ * its ports. */
 struct icmp_error {
 	struct icmphdr *icmp;
 	struct iphdr *inner;
@@ -52,7 +53,9 @@ static __always_inline int parse_icmp_error(struct cursor *c, struct iphdr *oute
 		return -1;
 	if ((void *)(ports + 1) > c->end || bpf_ntohs(outer->tot_len) < quoted + sizeof(*ports))
 		return -1;
-	if (inner->version != 4 || inner->ihl != 5 ||
+	/* A later fragment's first bytes are payload, not ports: no flow's
+	 * (as Linux's conntrack finds no tuple in such a quote). */
+	if (inner->version != 4 || inner->ihl != 5 || ip_is_later_fragment(inner) ||
 	    (inner->protocol != IPPROTO_TCP && inner->protocol != IPPROTO_UDP))
 		return -1;
 	room = bpf_ntohs(outer->tot_len) - quoted;

@@ -1440,6 +1440,31 @@ def test_an_error_quoting_no_plain_ipv4_header_is_about_no_flow(lb, fibnet, firs
     lb.expect("drop_no_service")
 
 
+@pytest.mark.parametrize("about", ["reply", "forwarded"])
+def test_an_error_quoting_a_later_fragment_is_about_no_flow(lb, fibnet, about):
+    """A fragment after the first carries no ports: the 4 bytes where a
+    quote's ports would be are payload, even when they spell a live flow's
+    ports. As Linux's conntrack (no tuple for such a quote), the error is
+    not translated: dropped to the VIP, passed the other way, untouched."""
+    sport = 56160 + len(about)
+    bid = backend_of(lb.send(udp_frame(CLIENT, VIP, sport, 80), fibnet.ifindex["ext"]).data)
+    be_addr, be_port = BACKENDS[bid]
+    src, dst, ports = (VIP, CLIENT, (80, sport)) if about == "reply" else \
+        (CLIENT, be_addr, (sport, be_port))
+    quoted = raw(IP(src=str(src), dst=str(dst), proto=UDP_P, frag=185, id=0x5501)
+                 / Raw(struct.pack("!HH", *ports) + b"data"))      # 28 bytes, as quote()'s
+    if about == "reply":
+        frame = icmp_frame("10.1.1.2", VIP, ICMP(type=11, code=0), quoted)
+        ifindex, action, reason = fibnet.ifindex["ext"], XDP_DROP, "drop_no_service"
+    else:
+        frame = icmp_frame("10.1.11.1", CLIENT, ICMP(type=11, code=0), quoted,
+                           eth_src=BACKEND_MAC)
+        ifindex, action, reason = fibnet.ifindex["int"], XDP_PASS, "pass_not_vip"
+    res = lb.send(frame, ifindex)
+    assert (res.action, res.data) == (action, frame)
+    lb.expect(reason)
+
+
 @pytest.mark.parametrize("client", [CLIENT, ON_A_VIPS_BIT], ids=["client", "on-a-vips-bit"])
 def test_an_error_of_the_backend_goes_to_the_client(lb, fibnet, client):
     """The backend has nothing on a UDP port: its port-unreachable reaches the
