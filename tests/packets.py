@@ -101,16 +101,24 @@ def assert_checksums(frame: bytes) -> None:
     assert scapy_recomputed(frame) == frame, "scapy computes other checksums"
 
 
-def udp_word_for_zero_checksum(frame_without_word: bytes) -> bytes:
-    """Two payload bytes that, appended to the UDP payload of the frame (whose
-    IP/UDP lengths must already count them, as zeros), make the correct UDP
+def word_for_zero_checksum(frame_without_word: bytes) -> bytes:
+    """Two payload bytes that, appended to the TCP or UDP payload of the frame
+    (whose lengths must already count them, as zeros), make the correct L4
     checksum 0: the sum over pseudo-header and segment becomes 0xffff."""
     pkt = Ether(frame_without_word)
-    pkt[UDP].chksum = 0
+    (pkt[TCP] if TCP in pkt else pkt[UDP]).chksum = 0
     frame = raw(pkt)
     assert len(l4_segment(frame)) % 2 == 0, "the last two bytes must be a 16-bit word"
     partial = ones_sum(pseudo_header(frame) + l4_segment(frame))
     return struct.pack("!H", 0xffff - partial)
+
+
+def ip_id_for_zero_checksum(frame: bytes) -> int:
+    """The IP id that makes the correct IP header checksum of the frame 0."""
+    pkt = Ether(frame)
+    pkt[IP].id = 0
+    pkt[IP].chksum = 0
+    return 0xffff - ones_sum(ip_header(raw(pkt)))
 
 
 # Running frames and counting ----------------------------------------------------

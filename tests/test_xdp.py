@@ -27,7 +27,7 @@ from fibnet import FibNet
 from packets import (BACKEND_MAC, CLIENT_MAC, LB_MAC, SYN_OPTIONS, VIP_MAC, XDP_DROP, XDP_PASS,
                      XDP_TX, Harness, assert_checksums, ip_checksum_ok, ip_of, l4_checksum_ok,
                      ones_sum, pseudo_header, l4_segment, tcp_frame, udp_frame,
-                     udp_word_for_zero_checksum)
+                     word_for_zero_checksum)
 
 pytestmark = pytest.mark.kernel
 
@@ -237,7 +237,7 @@ def test_udp_checksum_that_computes_to_zero_is_sent_as_ffff(lb):
     be_addr, be_port = BACKENDS[bid]
 
     base = b"crafted!"  # even length: the word must sit on a 16-bit boundary
-    word = udp_word_for_zero_checksum(udp_frame(CLIENT, be_addr, 41002, be_port,
+    word = word_for_zero_checksum(udp_frame(CLIENT, be_addr, 41002, be_port,
                                                 payload=base + b"\0\0"))
     payload = base + word
     rewritten = udp_frame(CLIENT, be_addr, 41002, be_port, payload=payload, chksum=0)

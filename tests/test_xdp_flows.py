@@ -21,7 +21,8 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
 from packets import (BACKEND_MAC, CLIENT_MAC, LB_MAC, XDP_DROP, XDP_PASS, XDP_TX, Harness,
-                     assert_checksums, ip_of, tcp_frame, udp_frame)
+                     assert_checksums, ip_id_for_zero_checksum, ip_of, tcp_frame, udp_frame,
+                     word_for_zero_checksum)
 from xlb import flowtable, layout
 from xlb.datapath import filter_slot
 from xlb.maglev import flow_hash
@@ -183,6 +184,31 @@ def test_out_the_link_it_came_in_is_xdp_tx(lb, fibnet):
     assert res.data == tcp_frame(CLIENT, BACKENDS[bid][0], 50001, 8080, flags="S", ttl=63,
                                  eth_src=fibnet.MACS["int"], eth_dst=BACKEND_MAC)
     lb.expect("forward_tx", flow=("in", SVC_TCP, bid, True))
+
+
+def test_checksums_that_compute_to_zero_are_sent_as_zero(lb, fibnet):
+    """The incremental updates (csum.h: NAT, then TTL - 1) give 0x0000 where
+    the sum makes it, as a checksum computed anew does; 0xffff is UDP's
+    alone. A TCP segment with options, its TCP checksum and its IP header
+    checksum as forwarded both 0."""
+    sport = 50002
+    bid = backend_of(lb.send(syn(sport), fibnet.ifindex["ext"]).data)
+    be_addr, be_port = BACKENDS[bid]
+
+    def data(dst, dport, payload, **kw):
+        return tcp_frame(CLIENT, dst, sport, dport, flags="PA", payload=payload,
+                         options=[("NOP", None), ("NOP", None), ("Timestamp", (7, 9))], **kw)
+    base = b"0123456789"
+    payload = base + word_for_zero_checksum(data(be_addr, be_port, base + b"\0\0"))
+    ip_id = ip_id_for_zero_checksum(data(be_addr, be_port, payload, ttl=63))
+    want = data(be_addr, be_port, payload, id=ip_id, ttl=63, eth_src=fibnet.MACS["int"],
+                eth_dst=BACKEND_MAC)
+    assert want[24:26] == want[50:52] == b"\0\0"          # IP, TCP checksums: scapy agrees
+    frame = data(VIP, 80, payload, id=ip_id)
+    assert b"\0\0" not in (frame[24:26], frame[50:52])
+    res = lb.send(frame, fibnet.ifindex["ext"])
+    assert (res.action, res.data) == (XDP_REDIRECT, want)
+    lb.expect("forward_redirect", flow=("in", SVC_TCP, bid, False))
 
 
 @pytest.mark.parametrize("client, ifname, reason", [
@@ -1406,18 +1432,30 @@ def quote(frame: bytes, size: int = 28) -> bytes:
     return frame[14:14 + size]
 
 
-@pytest.mark.parametrize("proto, size", [(UDP_P, 28), (TCP_P, 28), (TCP_P, 40)],
-                         ids=["udp", "tcp-8-bytes", "tcp-whole-header"])
-def test_an_error_about_a_reply_goes_to_the_backend(lb, fibnet, proto, size):
+@pytest.mark.parametrize("proto, size, udp_sum", [
+    (UDP_P, 28, "computed"), (UDP_P, 28, "none"), (UDP_P, 28, "computes-to-zero"),
+    (TCP_P, 28, None), (TCP_P, 40, None),
+], ids=["udp", "udp-no-checksum", "udp-checksum-computes-to-zero", "tcp-8-bytes",
+        "tcp-whole-header"])
+def test_an_error_about_a_reply_goes_to_the_backend(lb, fibnet, proto, size, udp_sum):
     """A router on the client's side (10.1.1.2) cannot forward a reply of the
     VIP: its error, to the VIP, is made the backend's, about the packet as the
-    backend sent it (outer destination, quoted source, every checksum)."""
-    sport = 56000 + size + proto
-    make = (lambda s, d, sp, dp: udp_frame(s, d, sp, dp, payload=b"r" * 40)) if proto == UDP_P \
-        else (lambda s, d, sp, dp: tcp_frame(s, d, sp, dp, flags="PA", payload=b"r" * 40))
+    backend sent it (outer destination, quoted source, every checksum). A
+    quoted UDP checksum is the backend's: 0 (none) stays 0, and one that
+    computes to 0 is 0xffff (RFC 768)."""
+    sport = 56000 + size + proto + {"none": 100, "computes-to-zero": 200}.get(udp_sum, 0)
     opener = udp_frame(CLIENT, VIP, sport, 80) if proto == UDP_P else syn(sport)
     bid = backend_of(lb.send(opener, fibnet.ifindex["ext"]).data)
     be_addr, be_port = BACKENDS[bid]
+    payload, chksum = b"r" * 40, 0 if udp_sum == "none" else None
+    if udp_sum == "computes-to-zero":
+        payload += word_for_zero_checksum(udp_frame(be_addr, CLIENT, be_port, sport,
+                                                    payload=payload + b"\0\0"))
+    make = (lambda s, d, sp, dp: udp_frame(s, d, sp, dp, payload=payload, chksum=chksum)) \
+        if proto == UDP_P else (lambda s, d, sp, dp: tcp_frame(s, d, sp, dp, flags="PA",
+                                                               payload=payload))
+    if udp_sum == "computes-to-zero":
+        assert make(be_addr, CLIENT, be_port, sport)[40:42] == b"\xff\xff"
     too_big = ICMP(type=3, code=4, nexthopmtu=1200)
     frame = icmp_frame("10.1.1.2", VIP, too_big, quote(make(VIP, CLIENT, 80, sport), size))
     res = lb.send(frame, fibnet.ifindex["ext"])
