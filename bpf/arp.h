@@ -16,7 +16,9 @@ struct arp_ipv4 {
 	__be32 tip;
 } __attribute__((packed));
 
-/* Returns the body of an Ethernet/IPv4 ARP request, or NULL. */
+/* Returns the body of an Ethernet/IPv4 ARP request, or NULL. An announcement
+ * (RFC 5227: the sender's own address asked, as a node taking a VIP over
+ * sends it) asks nothing: NULL, as Linux answers none for its own address. */
 static __always_inline struct arp_ipv4 *parse_arp_request(struct cursor *c)
 {
 	struct arphdr *ah = c->pos;
@@ -25,7 +27,8 @@ static __always_inline struct arp_ipv4 *parse_arp_request(struct cursor *c)
 	if ((void *)(body + 1) > c->end)
 		return NULL;
 	if (ah->ar_hrd != bpf_htons(ARPHRD_ETHER) || ah->ar_pro != bpf_htons(ETH_P_IP) ||
-	    ah->ar_hln != ETH_ALEN || ah->ar_pln != 4 || ah->ar_op != bpf_htons(ARPOP_REQUEST))
+	    ah->ar_hln != ETH_ALEN || ah->ar_pln != 4 || ah->ar_op != bpf_htons(ARPOP_REQUEST) ||
+	    body->sip == body->tip)
 		return NULL;
 	return body;
 }

@@ -614,8 +614,10 @@ def arp_reply_to(frame: bytes, mac: bytes) -> bytes:
 
 
 def is_arp_request(frame: bytes) -> bool:
+    """A request that asks: not an announcement (sender address = target address)."""
     return (len(frame) >= 42 and frame[12:14] == b"\x08\x06"
-            and frame[14:22] == b"\x00\x01\x08\x00\x06\x04\x00\x01")
+            and frame[14:22] == b"\x00\x01\x08\x00\x06\x04\x00\x01"
+            and frame[28:32] != frame[38:42])
 
 
 def check(world: World, frame: bytes, ifindex: int, action: int, out: bytes) -> str:

@@ -336,6 +336,10 @@ PASS_THROUGH = [
     # Another node announcing the VIP (a pair's failover): a reply, not asked of us.
     ("arp-reply-gratuitous-for-vip", arp_frame(2, VIP, VIP, hwdst="ff:ff:ff:ff:ff:ff"), 1,
      "pass_arp"),
+    # Another node announcing the VIP as a request (RFC 5227's announcement,
+    # as `xlb ha role active` sends it): it asks nothing, and Linux does not
+    # answer one for its own address.
+    ("arp-announcement-of-vip", arp_frame(1, VIP, VIP), 1, "pass_arp"),
     ("arp-request-for-vip-cut-short", arp_frame(1, CLIENT, VIP)[:14 + 8 + 10], 1, "pass_arp"),
     ("backend-reply-without-flow", tcp_frame(BACKENDS[1][0], CLIENT, 8080, 49999, flags="SA",
                                              eth_src=BACKEND_MAC), 0, "pass_not_vip"),
@@ -356,18 +360,21 @@ def test_passes_unchanged(lb, frame, ifindex, reason):
 
 # 6. ARP for the VIP ----------------------------------------------------------------
 
-def arp_reply_for_vip(pad):
+def arp_reply_for_vip(pad, to=CLIENT):
     return (raw(Ether(dst=CLIENT_MAC, src=VIP_MAC)
-                / ARP(op=2, hwsrc=VIP_MAC, psrc=str(VIP), hwdst=CLIENT_MAC, pdst=str(CLIENT)))
+                / ARP(op=2, hwsrc=VIP_MAC, psrc=str(VIP), hwdst=CLIENT_MAC, pdst=str(to)))
             + bytes(pad))
 
 
-@pytest.mark.parametrize("pad", [0, 18], ids=["42-bytes", "padded-to-60"])
-def test_arp_request_for_vip_is_answered(lb, pad):
-    frame = arp_frame(1, CLIENT, VIP, pad=pad)
+# A probe (RFC 5227: sender address 0) is answered too, as Linux answers one
+# for its own address: to 0.0.0.0 at the prober's MAC.
+@pytest.mark.parametrize("pad, sender", [(0, CLIENT), (18, CLIENT), (18, "0.0.0.0")],
+                         ids=["42-bytes", "padded-to-60", "probe"])
+def test_arp_request_for_vip_is_answered(lb, pad, sender):
+    frame = arp_frame(1, sender, VIP, pad=pad)
     res = lb.send(frame, ifindex=1)
     assert res.action == XDP_TX
-    assert res.data == arp_reply_for_vip(pad)
+    assert res.data == arp_reply_for_vip(pad, to=sender)
     lb.expect("arp_reply")
 
 
