@@ -757,18 +757,25 @@ static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethh
  * alone rewritten, and through the kernel (rare enough to leave it the
  * routing). One whose first fragment this node did not see is dropped if to
  * a VIP, and passed if not (a gateway's traffic). */
-static __always_inline enum xlb_reason later_fragment(struct iphdr *ip, int is_vip, __u32 bytes)
+static __always_inline enum xlb_reason later_fragment(struct iphdr *ip, int is_vip,
+						      __u32 frame_len)
 {
 	struct frag_key fk = frag_key_of(ip);
 	struct flow *f = frags.lookup(&fk);
+	int hlen;
 
 	/* An entry older than a reassembly may last is an earlier datagram's,
 	 * whose IP id this one reuses. */
 	if (!f || xlb_older_than(f->seen, xlb_now(), XLB_FRAG_SECONDS))
 		return vip_or_pass(ip, is_vip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP);
+	/* Checked only for a known datagram's: the fragments of traffic not
+	 * xlb's pay nothing for it. */
+	hlen = ip_header_len(ip, frame_len);
+	if (hlen < 0 || bpf_ntohs(ip->tot_len) < hlen)
+		return vip_or_pass(ip, is_vip, XLB_DROP_MALFORMED, XLB_PASS_SHORT);
 	if (ip->ttl <= 1)
 		return XLB_TTL_EXPIRED;		/* as send() */
-	count_flow(f, bytes, 0);
+	count_flow(f, frame_len, 0);
 	if (f->dir == FLOW_REPLY) {
 		nat_ip_address(ip, &ip->saddr, f->addr);
 		return XLB_REPLY;

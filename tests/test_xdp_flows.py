@@ -1641,6 +1641,36 @@ def test_a_later_fragment_whose_ttl_runs_out_goes_to_the_kernel_as_it_came(lb, f
     lb.expect("ttl_expired")
 
 
+MALFORMED_LATER = {"tot-len-beyond-frame": lambda f: f[:-1],
+                   "ihl-4": lambda f: f[:14] + b"\x44" + f[15:],
+                   "version-6": lambda f: f[:14] + b"\x65" + f[15:],
+                   "tot-len-below-header": lambda f: f[:16] + (19).to_bytes(2, "big") + f[18:]}
+
+
+@pytest.mark.parametrize("odd", MALFORMED_LATER)
+@pytest.mark.parametrize("way", ["forward", "reply"])
+def test_a_malformed_later_fragment_of_a_known_datagram_is_malformed(lb, fibnet, way, odd):
+    """As any malformed packet (its header bad, or cut short of its total
+    length): dropped to the VIP, passed from a backend, untouched either way;
+    not rewritten for the kernel to drop."""
+    ext, int_ = fibnet.ifindex["ext"], fibnet.ifindex["int"]
+    n = list(MALFORMED_LATER).index(odd) + (10 if way == "reply" else 0)
+    sport, ip_id = 57300 + n, 0x5600 + n
+    query = fragments(CLIENT, VIP, sport, 80, ip_id)
+    bid = backend_of(lb.send(query[0], ext).data)
+    be_addr, be_port = BACKENDS[bid]
+    if way == "forward":
+        late, ifindex, action, reason = query[1], ext, XDP_DROP, "drop_malformed"
+    else:
+        answer = fragments(be_addr, CLIENT, be_port, sport, ip_id, eth_src=BACKEND_MAC)
+        lb.send(answer[0], int_)
+        late, ifindex, action, reason = answer[1], int_, XDP_PASS, "pass_short"
+    late = MALFORMED_LATER[odd](late)
+    res = lb.send(late, ifindex)
+    assert (res.action, res.data) == (action, late)
+    lb.expect(reason)
+
+
 @pytest.mark.parametrize("frame, action, reason", [
     (icmp_frame("10.1.1.2", VIP, ICMP(type=3, code=4), quote(tcp_frame(VIP, CLIENT, 80, 56999))),
      XDP_DROP, "drop_no_service"),
