@@ -33,7 +33,8 @@ static __always_inline struct arp_ipv4 *parse_arp_request(struct cursor *c)
 	return body;
 }
 
-/* Rewrites the request into "tip is at mac", addressed back to its sender. */
+/* Rewrites the request into "tip is at mac", addressed back to its sender's
+ * hardware address (RFC 826; Linux too), which the frame's source may not be. */
 static __always_inline void arp_make_reply(struct ethhdr *eth, struct arp_ipv4 *body,
 					   const __u8 *mac)
 {
@@ -45,7 +46,7 @@ static __always_inline void arp_make_reply(struct ethhdr *eth, struct arp_ipv4 *
 	body->tip = body->sip;
 	__builtin_memcpy(body->sha, mac, ETH_ALEN);
 	body->sip = asked;
-	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, body->tha, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, mac, ETH_ALEN);
 }
 

@@ -609,7 +609,7 @@ def residual(data: bytes) -> int:
 def arp_reply_to(frame: bytes, mac: bytes) -> bytes:
     """What the answer to the ARP request `frame` must be, byte for byte."""
     sha, spa, tpa = frame[22:28], frame[28:32], frame[38:42]
-    return (frame[6:12] + mac + frame[12:20] + b"\x00\x02" + mac + tpa + sha + spa
+    return (sha + mac + frame[12:20] + b"\x00\x02" + mac + tpa + sha + spa
             + frame[42:])
 
 

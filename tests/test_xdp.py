@@ -367,11 +367,14 @@ def arp_reply_for_vip(pad, to=CLIENT):
 
 
 # A probe (RFC 5227: sender address 0) is answered too, as Linux answers one
-# for its own address: to 0.0.0.0 at the prober's MAC.
-@pytest.mark.parametrize("pad, sender", [(0, CLIENT), (18, CLIENT), (18, "0.0.0.0")],
-                         ids=["42-bytes", "padded-to-60", "probe"])
-def test_arp_request_for_vip_is_answered(lb, pad, sender):
-    frame = arp_frame(1, sender, VIP, pad=pad)
+# for its own address: to 0.0.0.0 at the prober's MAC. The reply goes to the
+# sender's hardware address (RFC 826, and Linux), whatever the frame's source.
+@pytest.mark.parametrize("pad, sender, eth_src", [
+    (0, CLIENT, CLIENT_MAC), (18, CLIENT, CLIENT_MAC), (18, "0.0.0.0", CLIENT_MAC),
+    (0, CLIENT, "02:00:00:00:00:0b"),
+], ids=["42-bytes", "padded-to-60", "probe", "framed-by-another-mac"])
+def test_arp_request_for_vip_is_answered(lb, pad, sender, eth_src):
+    frame = arp_frame(1, sender, VIP, pad=pad, eth_src=eth_src)
     res = lb.send(frame, ifindex=1)
     assert res.action == XDP_TX
     assert res.data == arp_reply_for_vip(pad, to=sender)
