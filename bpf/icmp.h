@@ -10,7 +10,9 @@
 
 #define XLB_ICMP_QUOTE 8	/* bytes of the offending packet's payload xlb's errors quote */
 
-/* An ICMP error (destination unreachable, time exceeded) and the TCP or UDP
+/* An ICMP error (destination unreachable, time exceeded, parameter problem,
+ * as Linux's NAT translates them; not the obsolete source quench, nor a
+ * redirect, which is for the hosts of a router's own link) and the TCP or UDP
  * packet it quotes: the inner IP header (no options, no later fragment) and
  * its ports. */
 struct icmp_error {
@@ -49,7 +51,8 @@ static __always_inline int parse_icmp_error(struct cursor *c, struct iphdr *oute
 	__u32 quoted = sizeof(*icmp) + sizeof(*inner) + outer->ihl * 4;
 	__u32 room;	/* bytes of the quoted L4 header inside the outer datagram */
 
-	if (icmp->type != ICMP_DEST_UNREACH && icmp->type != ICMP_TIME_EXCEEDED)
+	if (icmp->type != ICMP_DEST_UNREACH && icmp->type != ICMP_TIME_EXCEEDED &&
+	    icmp->type != ICMP_PARAMETERPROB)
 		return -1;
 	if ((void *)(ports + 1) > c->end || bpf_ntohs(outer->tot_len) < quoted + sizeof(*ports))
 		return -1;

@@ -752,7 +752,7 @@ def check_icmp_rewrite(world: World, frame: bytes, action: int, out: bytes) -> s
 
     sends = action in (TX, REDIRECT)
     inner = l4 + 8
-    assert frame[l4] in (3, 11) and frame[inner] == 0x45 and frame[inner + 9] in (TCP, UDP), \
+    assert frame[l4] in (3, 11, 12) and frame[inner] == 0x45 and frame[inner + 9] in (TCP, UDP), \
         "rewrote an ICMP message that is no error about a TCP or UDP packet"
     proto = frame[inner + 9]
     inner_csum = inner + 20 + (16 if proto == TCP else 6)

@@ -1432,18 +1432,26 @@ def quote(frame: bytes, size: int = 28) -> bytes:
     return frame[14:14 + size]
 
 
-@pytest.mark.parametrize("proto, size, udp_sum", [
-    (UDP_P, 28, "computed"), (UDP_P, 28, "none"), (UDP_P, 28, "computes-to-zero"),
-    (TCP_P, 28, None), (TCP_P, 40, None),
+# ICMP errors xlb translates, as Linux's NAT does.
+ERRORS = {"too-big": ICMP(type=3, code=4, nexthopmtu=1200),
+          "port-unreachable": ICMP(type=3, code=3),
+          "parameter-problem": ICMP(type=12, code=0, ptr=8)}
+
+
+@pytest.mark.parametrize("proto, size, udp_sum, error", [
+    (UDP_P, 28, "computed", "too-big"), (UDP_P, 28, "none", "too-big"),
+    (UDP_P, 28, "computes-to-zero", "too-big"), (TCP_P, 28, None, "too-big"),
+    (TCP_P, 40, None, "too-big"), (TCP_P, 40, None, "parameter-problem"),
 ], ids=["udp", "udp-no-checksum", "udp-checksum-computes-to-zero", "tcp-8-bytes",
-        "tcp-whole-header"])
-def test_an_error_about_a_reply_goes_to_the_backend(lb, fibnet, proto, size, udp_sum):
+        "tcp-whole-header", "tcp-parameter-problem"])
+def test_an_error_about_a_reply_goes_to_the_backend(lb, fibnet, proto, size, udp_sum, error):
     """A router on the client's side (10.1.1.2) cannot forward a reply of the
     VIP: its error, to the VIP, is made the backend's, about the packet as the
     backend sent it (outer destination, quoted source, every checksum). A
     quoted UDP checksum is the backend's: 0 (none) stays 0, and one that
     computes to 0 is 0xffff (RFC 768)."""
-    sport = 56000 + size + proto + {"none": 100, "computes-to-zero": 200}.get(udp_sum, 0)
+    sport = 56000 + size + proto + {"none": 100, "computes-to-zero": 200}.get(udp_sum, 0) \
+        + 300 * (error == "parameter-problem")
     opener = udp_frame(CLIENT, VIP, sport, 80) if proto == UDP_P else syn(sport)
     bid = backend_of(lb.send(opener, fibnet.ifindex["ext"]).data)
     be_addr, be_port = BACKENDS[bid]
@@ -1456,11 +1464,10 @@ def test_an_error_about_a_reply_goes_to_the_backend(lb, fibnet, proto, size, udp
                                                                payload=payload))
     if udp_sum == "computes-to-zero":
         assert make(be_addr, CLIENT, be_port, sport)[40:42] == b"\xff\xff"
-    too_big = ICMP(type=3, code=4, nexthopmtu=1200)
-    frame = icmp_frame("10.1.1.2", VIP, too_big, quote(make(VIP, CLIENT, 80, sport), size))
+    frame = icmp_frame("10.1.1.2", VIP, ERRORS[error], quote(make(VIP, CLIENT, 80, sport), size))
     res = lb.send(frame, fibnet.ifindex["ext"])
     assert res.action == XDP_PASS
-    assert res.data == icmp_frame("10.1.1.2", be_addr, too_big,
+    assert res.data == icmp_frame("10.1.1.2", be_addr, ERRORS[error],
                                   quote(make(be_addr, CLIENT, be_port, sport), size))
     lb.expect("icmp_to_backend")
 
@@ -1503,21 +1510,22 @@ def test_an_error_quoting_a_later_fragment_is_about_no_flow(lb, fibnet, about):
     lb.expect(reason)
 
 
+@pytest.mark.parametrize("error", ["port-unreachable", "parameter-problem"])
 @pytest.mark.parametrize("client", [CLIENT, ON_A_VIPS_BIT], ids=["client", "on-a-vips-bit"])
-def test_an_error_of_the_backend_goes_to_the_client(lb, fibnet, client):
+def test_an_error_of_the_backend_goes_to_the_client(lb, fibnet, client, error):
     """The backend has nothing on a UDP port: its port-unreachable reaches the
     client from the VIP, about the datagram the client sent to the VIP. Also
-    for a client whose address the VIP filter takes for a VIP's."""
+    for a client whose address the VIP filter takes for a VIP's, and for a
+    parameter problem."""
     res = lb.send(udp_frame(client, VIP, 56100, 80, payload=b"q"), fibnet.ifindex["ext"])
     bid = backend_of(res.data)
     be_addr, be_port = BACKENDS[bid]
-    unreachable = ICMP(type=3, code=3)
-    frame = icmp_frame(be_addr, client, unreachable,
+    frame = icmp_frame(be_addr, client, ERRORS[error],
                        quote(udp_frame(client, be_addr, 56100, be_port, payload=b"q")),
                        eth_src=BACKEND_MAC)
     res = lb.send(frame, fibnet.ifindex["int"])
     assert res.action == XDP_PASS
-    assert res.data == icmp_frame(VIP, client, unreachable,
+    assert res.data == icmp_frame(VIP, client, ERRORS[error],
                                   quote(udp_frame(client, VIP, 56100, 80, payload=b"q")),
                                   eth_src=BACKEND_MAC)
     lb.expect("icmp_to_client")
