@@ -479,6 +479,32 @@ static __always_inline enum xlb_reason to_kernel(struct xdp_md *ctx, struct pack
 	return passed;
 }
 
+/* Why the kernel gets a rewritten packet the fast path has no next hop for
+ * (next_hop's rc), but one too big with DF (too_big). */
+static __always_inline enum xlb_reason unresolved(int rc)
+{
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return XLB_FIB_NO_NEIGH;
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return XLB_FIB_FRAG_NEEDED;
+	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
+		return XLB_FIB_FWD_DISABLED;
+	return XLB_FIB_NO_ROUTE;
+}
+
+/* The fast path's end for pkt (rewritten): TTL - 1, the next hop's MACs, out
+ * its link. */
+static __always_inline enum xlb_reason transmit(struct xdp_md *ctx, struct packet *pkt,
+						const struct hop *hop, int reply)
+{
+	ip_decrease_ttl(pkt->ip);
+	hop_apply(pkt->eth, hop);
+	if (hop->ifindex == ctx->ingress_ifindex)
+		return reply ? XLB_REPLY_TX : XLB_FORWARD_TX;
+	bpf_redirect(hop->ifindex, 0);
+	return reply ? XLB_REPLY_REDIRECT : XLB_FORWARD_REDIRECT;
+}
+
 /* Rewrites the packet of flow `key` (nat_flow) and sends it on: to the kernel
  * (to_kernel), or (fast path) straight to its next hop. With TTL <= 1 it goes
  * nowhere: a router answers "time exceeded" about the packet as its sender
@@ -500,20 +526,11 @@ static __always_inline enum xlb_reason send(struct xdp_md *ctx, struct packet *p
 		return to_kernel(ctx, pkt, key, reply, now);
 	hop = next_hop(ctx, pkt, now, &rc, &mtu);
 	if (!hop) {
-		if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-			return XLB_FIB_NO_NEIGH;
 		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 			return too_big(ctx, pkt, key, reply, mtu, XLB_FIB_FRAG_NEEDED);
-		if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
-			return XLB_FIB_FWD_DISABLED;
-		return XLB_FIB_NO_ROUTE;
+		return unresolved(rc);
 	}
-	ip_decrease_ttl(pkt->ip);
-	hop_apply(pkt->eth, hop);
-	if (hop->ifindex == ctx->ingress_ifindex)
-		return reply ? XLB_REPLY_TX : XLB_FORWARD_TX;
-	bpf_redirect(hop->ifindex, 0);
-	return reply ? XLB_REPLY_REDIRECT : XLB_FORWARD_REDIRECT;
+	return transmit(ctx, pkt, hop, reply);
 }
 
 static __always_inline struct frag_key frag_key_of(const struct iphdr *ip)
@@ -754,19 +771,27 @@ static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethh
 
 /* A fragment but the first: no ports, so it goes where its first fragment
  * went, found by addresses and IP id (remember_fragment), with its address
- * alone rewritten, and through the kernel (rare enough to leave it the
- * routing). One whose first fragment this node did not see is dropped if to
- * a VIP, and passed if not (a gateway's traffic). */
-static __always_inline enum xlb_reason later_fragment(struct iphdr *ip, int is_vip,
-						      __u32 frame_len)
+ * alone rewritten, and on the way the first went: to the kernel, or with the
+ * fast path to the next hop (a kernel that reassembles what it forwards, as
+ * conntrack does, would hold them for a first fragment it never gets). One
+ * whose first fragment this node did not see is dropped if to a VIP, and
+ * passed if not (a gateway's traffic). */
+static __always_inline enum xlb_reason later_fragment(struct xdp_md *ctx, struct ethhdr *eth,
+						      struct iphdr *ip, struct xlb_config *cfg,
+						      int is_vip, __u32 frame_len)
 {
 	struct frag_key fk = frag_key_of(ip);
 	struct flow *f = frags.lookup(&fk);
-	int hlen;
+	struct l4ports no_ports = {};	/* for the FIB: Linux hashes a fragment by addresses */
+	struct packet pkt;
+	int hlen, reply, rc;
+	struct hop *hop;
+	__u16 mtu = 0;
+	__u64 now;
 
 	/* An entry older than a reassembly may last is an earlier datagram's,
 	 * whose IP id this one reuses. */
-	if (!f || xlb_older_than(f->seen, xlb_now(), XLB_FRAG_SECONDS))
+	if (!f || xlb_older_than(f->seen, now = xlb_now(), XLB_FRAG_SECONDS))
 		return vip_or_pass(ip, is_vip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP);
 	/* Checked only for a known datagram's: the fragments of traffic not
 	 * xlb's pay nothing for it. */
@@ -776,12 +801,17 @@ static __always_inline enum xlb_reason later_fragment(struct iphdr *ip, int is_v
 	if (ip->ttl <= 1)
 		return XLB_TTL_EXPIRED;		/* as send() */
 	count_flow(f, frame_len, 0);
-	if (f->dir == FLOW_REPLY) {
-		nat_ip_address(ip, &ip->saddr, f->addr);
-		return XLB_REPLY;
-	}
-	nat_ip_address(ip, &ip->daddr, f->addr);
-	return XLB_FORWARD;
+	reply = f->dir == FLOW_REPLY;
+	nat_ip_address(ip, reply ? &ip->saddr : &ip->daddr, f->addr);
+	if (!(cfg->flags & CONFIG_FAST_PATH))
+		return reply ? XLB_REPLY : XLB_FORWARD;
+	pkt.eth = eth;
+	pkt.ip = ip;
+	pkt.ports = &no_ports;
+	hop = next_hop(ctx, &pkt, now, &rc, &mtu);
+	if (!hop)
+		return unresolved(rc);	/* over the MTU, the kernel fragments it again */
+	return transmit(ctx, &pkt, hop, reply);
 }
 
 /* An IPv4 packet that may be for xlb: to a VIP (is_vip), or TCP or UDP from
@@ -798,7 +828,7 @@ static __always_inline enum xlb_reason classify(struct xdp_md *ctx, struct curso
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return vip_or_pass(ip, is_vip, XLB_DROP_NO_SERVICE, XLB_PASS_NOT_VIP);
 	if (ip_is_later_fragment(ip))
-		return later_fragment(ip, is_vip, frame_len);
+		return later_fragment(ctx, eth, ip, cfg, is_vip, frame_len);
 	if (parse_l4(c, ip, frame_len, &pkt) < 0)
 		return vip_or_pass(ip, is_vip, XLB_DROP_MALFORMED, XLB_PASS_SHORT);
 	pkt.eth = eth;

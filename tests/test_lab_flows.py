@@ -218,6 +218,35 @@ def test_the_readmes_firewall_on_the_balancer_serves_both_clients(lab, forwardin
         lab.run("lb", "nft", "delete", "table", "inet", "lbfw", check=True)
 
 
+# Any rule that uses conntrack has lb's kernel reassemble what it forwards.
+CONNTRACK = """table inet xlbct {
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		ct state invalid counter
+	}
+}
+"""
+
+
+@pytest.mark.parametrize("forwarding", ["fast", "kernel"])
+def test_fragments_get_through_a_balancer_whose_kernel_reassembles(lab, forwarding, tmp_path):
+    """With conntrack on lb, its kernel holds the fragments it forwards until
+    it has the whole datagram: the later fragments, which carry no ports,
+    must go the way the first went, or it holds them for a first that the
+    fast path sent on. 3,000 bytes each way."""
+    rules = tmp_path / "conntrack.nft"
+    rules.write_text(CONNTRACK)
+    lab.run("lb", "nft", "-f", str(rules), check=True)
+    try:
+        with lab.xlb("--vip", f"{VIP}:80/udp", *BACKENDS, "--forwarding", forwarding):
+            for node in ("client", REMOTE):
+                big = lab.client(node, "udp", VIP, "80", "--count", "4", "--size", "3000",
+                                 "--timeout", "1")
+                assert big["errors"] == [] and len(big["replies"]) == 4
+    finally:
+        lab.run("lb", "nft", "delete", "table", "inet", "xlbct", check=True)
+
+
 def test_a_port_the_vip_does_not_serve_is_dropped_not_routed(lab):
     """VIP:443, no service: xlb drops it, from either client. Passed, lb's
     kernel (which does not own the VIP) would ARP for the VIP on the client
