@@ -123,15 +123,16 @@ def test_a_clock_read_before_a_packet_on_another_cpu_is_no_idleness():
 def test_census_counts_connections_by_state_and_open_ones_by_backend():
     rows = {"flows": [*connection(1, backend_id=1), *connection(2, backend_id=1),
                       *connection(3, backend_id=2), *connection(4, "closing", 120),
-                      *connection(5, seen_fwd=NOW - 901 * SEC)],
+                      *connection(5, seen_fwd=NOW - 901 * SEC),
+                      *connection(9, backend_id=2, seen_fwd=NOW - 900 * SEC)],
             "flows_new": [*connection(6, "new", 60), *connection(7, "answered", 60),
                           *connection(8, "closing", 120)]}
     c = flowtable.census({name: b"".join(as_the_map_holds(layout.Flow, r) for r in table)
                           for name, table in rows.items()}, NOW)
-    assert (c.established, c.closing, c.half_open) == (3, 2, 2)
-    assert c.open == {1: 2, 2: 1}
-    assert c.entries == {"flows": 10, "flows_new": 6}
-    assert c.forward == {"flows": 5, "flows_new": 3}
+    assert (c.established, c.closing, c.half_open) == (4, 2, 2)
+    assert c.open == {1: 2, 2: 2}       # idle exactly its timeout: open still
+    assert c.entries == {"flows": 12, "flows_new": 6}
+    assert c.forward == {"flows": 6, "flows_new": 3}
 
 
 def test_a_catch_up_takes_the_entries_missing_or_seen_earlier_in_the_new_table():
@@ -181,6 +182,8 @@ def test_an_open_connection_is_neither_closing_nor_idle():
     assert flowtable.is_open(connection(40015)[0], NOW)
     assert not flowtable.is_open(connection(40016, "closing", 120)[0], NOW)
     assert not flowtable.is_open(connection(40017, seen_fwd=NOW - 901 * SEC)[0], NOW)
+    # Idle exactly its timeout is open still, as the sweep and the program judge it.
+    assert flowtable.is_open(connection(40019, seen_fwd=NOW - 900 * SEC)[0], NOW)
 
 
 def test_a_change_decodes_only_the_entries_of_the_servers_and_services_it_ends():
