@@ -5,11 +5,13 @@ import socket
 from ipaddress import IPv4Address
 
 from xlb import flowtable, layout
-from xlb.flowtable import NSEC_PER_SEC as SEC, Row
+from xlb.flowtable import Row
 
 STATE = layout.FLOW_STATES
 CLIENT, VIP, BACKEND = (int.from_bytes(IPv4Address(a).packed, "little")
                         for a in ("10.1.1.10", "10.1.1.101", "10.1.11.101"))
+SEC = 1_000_000_000         # the maps' times are nanoseconds (bpf/clock.h): not flowtable's
+                            # own constant, which a wrong unit would leave agreeing with itself
 NOW = 1000 * SEC
 
 
