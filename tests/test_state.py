@@ -91,15 +91,16 @@ def test_a_state_saved_before_the_role_table_or_datapath_was_kept_has_none(root,
     assert state.load() == dataclasses.replace(KEPT, **{field: None})
 
 
-def test_a_directory_others_may_write_is_refused(root, tmp_path, capsys):
+@pytest.mark.parametrize("mode", [0o777, 0o720, 0o702])     # anyone, the group, the others
+def test_a_directory_others_may_write_is_refused(root, tmp_path, capsys, mode):
     """What another user could put there (a symbolic link where xlb writes its
     temporary file, a forged state) must not steer root: nothing written, nothing taken."""
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     state.save(KEPT)
-    state.directory().chmod(0o777)
+    state.directory().chmod(mode)
     (state.directory() / f".state.json.{os.getpid()}.tmp").symlink_to(victim)
-    with pytest.raises(OSError, match=r"is not xlb's own: owned by uid \d+, mode 777"):
+    with pytest.raises(OSError, match=rf"is not xlb's own: owned by uid \d+, mode {mode:o}$"):
         state.save(State(None, "", {}))
     assert victim.read_text() == "precious\n"
     assert state.load() is None
