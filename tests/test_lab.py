@@ -277,7 +277,7 @@ def test_a_control_directory_another_user_owns_is_refused(lab):
     directory = os.path.dirname(control_address(lab))
     os.makedirs(directory, exist_ok=True)
     try:
-        for owner, mode in ((int(NOBODY), 0o700), (0, 0o755)):
+        for owner, mode in ((int(NOBODY), 0o700), (0, 0o755), (0, 0o710), (0, 0o701)):
             os.chown(directory, owner, -1)
             os.chmod(directory, mode)
             r = lab.xlb_cmd("up", *SEED_ARGS, timeout=60)
