@@ -224,3 +224,14 @@ def test_a_smaller_table_takes_whole_connections_open_ones_first():
     assert fitting(3) == ([lone_reply, newer[0], newer[1]], 2)
     assert fitting(7) == ([lone_reply, closing[0], closing[1], *older, newer[0], newer[1]], 0)
     assert fitting(0) == ([], 3)
+
+
+def test_a_forward_entry_without_its_reply_entry_is_taken_alone():
+    """(The LRU evicts entries, not connections.) It is a connection, ranked
+    by its own time, and takes one place."""
+    alone = connection(40034)[0]
+    whole = connection(40035, seen_fwd=NOW - 10 * SEC, seen_reply=NOW - 10 * SEC)
+    rows = [whole[1], alone, whole[0]]
+    keys, values = dump(*rows)
+    assert flowtable.fitting(keys, values, 3) == ([2, 0, 1], 0)
+    assert flowtable.fitting(keys, values, 2) == ([1], 1)
