@@ -680,6 +680,16 @@ def test_bad_config(text, problems):
     assert e.value.problems == problems
 
 
+@pytest.mark.parametrize("line,taken", [
+    ("expect_status = 100", (100, 0)), ("expect_status = 599", (599, 0)),
+    (f'expect_body = "{"é" * 32768}"', (None, 65536)),   # what a check reads of a body
+], ids=["status-100", "status-599", "body-65536-bytes"])
+def test_an_http_check_at_the_bounds_is_taken(line, taken):
+    """BAD has the values just past each bound: these are the bounds."""
+    (m,) = load(doc(monitor('type = "http"', line), pool=POOL + '\nmonitor = "m"')).monitors
+    assert (m.expect_status, len((m.expect_body or "").encode())) == taken
+
+
 def servers_and_pool(n, algorithm="roundrobin", pool="p"):
     """TOML for servers s0..s(n-1) and a pool of them."""
     servers = "".join(f'[servers.s{i}]\naddress = "10.2.{i // 250}.{i % 250 + 1}"\nport = 80\n'
