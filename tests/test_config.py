@@ -247,6 +247,19 @@ NOT_IFNAME = "is not an interface name (not . or .., no '/', ':' or whitespace)"
     "\u2028\u0085",
 ])
 def test_dump_escapes_strings(body):
+    cfg = checking_for(body)
+    assert load(dump(cfg)) == cfg
+
+
+def test_dump_leaves_printable_text_as_it_is():
+    """`xlb show` prints what the operator wrote: only quotes, backslashes and
+    control characters are escaped."""
+    text = "say OK, caf\u00e9 \u4e2d\U0001f642 #x a=b ~"
+    assert f'expect_body = "{text}"\n' in dump(checking_for(text))
+
+
+def checking_for(body: str) -> Config:
+    """A config whose http monitor expects body."""
     cfg = load(textwrap.dedent('''\
         [monitors.m]
         type = "http"
@@ -261,9 +274,8 @@ def test_dump_escapes_strings(body):
         port = 1
         pool = "p"
         '''))
-    cfg = Config(frontends=cfg.frontends, pools=cfg.pools,
-                 monitors=(Monitor("m", type="http", expect_body=body),))
-    assert load(dump(cfg)) == cfg
+    return Config(frontends=cfg.frontends, pools=cfg.pools,
+                  monitors=(Monitor("m", type="http", expect_body=body),))
 
 
 def test_dump_floats_read_back_as_floats():
