@@ -60,6 +60,9 @@ def test_gateways_and_tables():
     assert ha.Gateway.parse("10.1.11.1/24@eth1") == ha.Gateway(IPv4Interface("10.1.11.1/24"),
                                                                "eth1")
     assert ha.Gateway.parse("10.1.11.1/24").interface is None
+    # A /31 has no network or broadcast address (RFC 3021): both are hosts'.
+    for point_to_point in ("10.1.11.0/31", "10.1.11.1/31"):
+        assert str(ha.Gateway.parse(point_to_point).address) == point_to_point
     for bad in ("10.1.11.1", "10.1.11.300/24", "gw@eth1"):
         with pytest.raises(ValueError):
             ha.Gateway.parse(bad)
