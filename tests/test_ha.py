@@ -53,7 +53,8 @@ def test_keepalived_fifo_lines():
 def test_served_vips_need_a_server_taking_flows():
     cfg = seed()
     assert ha.served_vips(cfg, {"www": 2}) == {IPv4Address("10.1.1.101")}
-    assert ha.served_vips(cfg, {"www": 0}) == frozenset()
+    assert ha.served_vips(cfg, {"www": 1}) == {IPv4Address("10.1.1.101")}      # one is enough
+    assert ha.served_vips(cfg, {"www": 0}) == ha.served_vips(cfg, {}) == frozenset()
 
 
 def test_gateways_and_tables():
