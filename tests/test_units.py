@@ -6,10 +6,20 @@ from xlb import units
 def test_si_counts_below_1000_exactly_then_with_a_unit():
     assert [units.si(n) for n in (0, 7, 999, 1000, 1234, 3_400_000)] == \
         ["0", "7", "999", "1.0k", "1.2k", "3.4M"]
-    assert [units.si(x) for x in (0.0, 7.46, 42.4, 999.4, 1000.0)] == \
-        ["0", "7.5", "42", "999", "1.0k"]
+    assert [units.si(x) for x in (0.0, 7.46, 9.94, 10.0, 42.4, 999.4, 1000.0)] == \
+        ["0", "7.5", "9.9", "10", "42", "999", "1.0k"]
+    assert [units.si(n) for n in (999_949, 1_000_000)] == ["999.9k", "1.0M"]    # unit changes
 
 
 def test_full_is_the_tables_percentage():
     assert units.full({"entries": 250, "capacity": 1000}) == ("25.0", 25.0)
     assert units.full({"entries": 1, "capacity": 10_000}) == ("<0.1", 0.01)
+    assert units.full({"entries": 1, "capacity": 1000}) == ("0.1", 0.1)
+    assert units.full({"entries": 0, "capacity": 1000}) == ("0.0", 0.0)    # empty: not "<0.1"
+
+
+def test_shown_escapes_what_would_break_a_line_or_a_terminal():
+    assert units.shown("a\tb\nc\rd\x00\x1b[2J\x7f caf\u00e9") == \
+        "a\\tb\\nc\\rd\\x00\\x1b[2J\\x7f caf\u00e9"
+    # A file name's byte that is not UTF-8 (a lone surrogate): shown as that byte.
+    assert units.shown("x\udcff\udc80\ud800") == "x\\xff\\x80\\ud800"
