@@ -301,16 +301,23 @@ def test_label_values_are_escaped():
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("off", None), ("127.0.0.1:9717", ("127.0.0.1", 9717)), ("0.0.0.0:1", ("0.0.0.0", 1))])
+    ("off", None), ("127.0.0.1:9717", ("127.0.0.1", 9717)), ("0.0.0.0:1", ("0.0.0.0", 1)),
+    ("127.0.0.1:65535", ("127.0.0.1", 65535))])
 def test_parse_address(text, expected):
     assert metrics.parse_address(text) == expected
 
 
-@pytest.mark.parametrize("text", ["9717", "localhost:9717", "1.2.3.4:0", "1.2.3.4:70000", "",
-                                  "224.0.0.1:9717", "255.255.255.255:9717", "240.0.0.1:9717"])
-def test_parse_address_errors(text):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("text,problem", [
+    *((t, f"{t!r} is not ADDR:PORT or off")
+      for t in ("9717", "1.2.3.4:0", "1.2.3.4:70000", "", "1.2.3.4:x", "1.2.3.4:\u00b2")),
+    ("localhost:9717", "'localhost' is not an IPv4 address"),
+    *((t, f"{t.split(':')[0]!r} is not an address of this host to listen on")
+      for t in ("224.0.0.1:9717", "255.255.255.255:9717", "240.0.0.1:9717"))])
+def test_parse_address_errors(text, problem):
+    """Each refused for its own reason (any ValueError, int()'s too, passed before)."""
+    with pytest.raises(ValueError) as e:
         metrics.parse_address(text)
+    assert str(e.value) == problem
 
 
 def test_check_durations_track_the_servers_checked_now():
