@@ -64,12 +64,15 @@ def test_gateways_and_tables():
     # A /31 has no network or broadcast address (RFC 3021): both are hosts'.
     for point_to_point in ("10.1.11.0/31", "10.1.11.1/31"):
         assert str(ha.Gateway.parse(point_to_point).address) == point_to_point
-    for bad in ("10.1.11.1", "10.1.11.300/24", "gw@eth1"):
-        with pytest.raises(ValueError):
+    for bad, why in (("10.1.11.1", "give the address with its prefix"),
+                     ("10.1.11.300/24", "is not IP/PREFIX"),
+                     ("gw@eth1", "give the address with its prefix")):
+        with pytest.raises(ValueError, match=f"^'{bad}'.? {why}"):
             ha.Gateway.parse(bad)
-    assert ha.check_table(100) == 100
+    assert [ha.check_table(t) for t in (1, 100, 252, 256, 2**32 - 1)] == \
+        [1, 100, 252, 256, 2**32 - 1]
     for bad in (0, 253, 254, 255, 2**32):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=f"^table {bad}: "):
             ha.check_table(bad)
 
 
