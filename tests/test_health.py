@@ -751,6 +751,8 @@ def test_http_parser():
     assert verdict(b"HTTP/1.1 503 Busy\r\n") == (False, "http status 503, expected 2xx or 3xx")
     assert verdict(b"HTTP/1.1 199 Hm\r\n") == (False, "http status 199, expected 2xx or 3xx")
     assert verdict(b"HTTP/1.1 302 Found\r\n") == ok
+    assert verdict(b"HTTP/1.1 399 Odd\r\n") == ok
+    assert verdict(b"HTTP/1.1 400 Bad\r\n") == (False, "http status 400, expected 2xx or 3xx")
     assert verdict(b"HTTP/1.1 204 No\r\n", expect_status=204) == ok
     assert verdict(b"HTTP/1.1 200 OK\r\n", expect_status=204) == \
         (False, "http status 200, expected 204")
@@ -771,6 +773,14 @@ def test_http_parser():
         (False, "body lacks 'world'")                                # past the length: no body
     assert verdict(b"HTTP/1.1 200 OK\r\nContent-Le", eof=True, expect_body="x") == \
         ("failed", "http: connection closed inside the headers")
+    # Another header's number is no length.
+    assert verdict(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nAge: 5\r\n\r\nhello world",
+                   expect_body="world") == ok
+    # What is read stays bounded: a status line or headers past 64 KiB end the check.
+    assert verdict(b"x" * (64 * 1024 + 1)) == ("failed", "http: no status line in the first 64 KiB")
+    assert verdict(b"x" * (64 * 1024)) is None
+    assert verdict(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 11000, expect_body="x") == \
+        ("failed", "http: headers longer than 64 KiB")
 
     chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                b"3\r\nwor\r\n3;ext=1\r\nld!\r\n")
@@ -779,6 +789,10 @@ def test_http_parser():
     assert verdict(chunked + b"0\r\n\r\n", expect_body="world!!") == \
         (False, "body lacks 'world!!'")
     assert verdict(chunked + b"0\r\n\r\n", expect_body="nope") == (False, "body lacks 'nope'")
+    # Sizes are hexadecimal, and a chunk may be one byte long.
+    sized = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"1A\r\n" + b"a" * 20 + b"needle\r\n1\r\n!\r\n0\r\n\r\n")
+    assert verdict(sized, expect_body="needle!") == ok
 
     big = b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * (64 * 1024) + b"needle"
     assert verdict(big, expect_body="needle") == (False, "body lacks 'needle'")   # 64 KiB
