@@ -219,5 +219,11 @@ class Xlb:
             self.stdout_rest = self.proc.stdout.read()
         return self.proc.returncode
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def __exit__(self, exc_type, *exc) -> None:
+        running = self.proc is not None and self.proc.poll() is None
+        code = self.stop()
+        # The stop this exit asks for must be clean: one that failed (a
+        # traceback, XDP left attached) showed only in the next test, if any.
+        if running and exc_type is None and (code != 0 or "Traceback" in self.stderr):
+            raise AssertionError(f"xlb up did not stop cleanly on SIGTERM (exit {code}): "
+                                 f"{self.stdout_rest}{self.stderr[-3000:]}")
