@@ -748,6 +748,7 @@ def test_nesting_too_deep_is_one_problem():
 def test_read_takes_regular_files_of_at_most_max_file_bytes(tmp_path):
     import os
     from xlb.config import MAX_FILE, read
+    assert MAX_FILE == 2 * 2**20        # the README's "over 2 MiB"
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)                         # no writer: reading it would wait for ever
     big = tmp_path / "big.toml"
