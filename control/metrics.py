@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import http.server
 import socketserver
+import sys
 import threading
 from collections.abc import Mapping
 from ipaddress import IPv4Address
@@ -288,6 +289,12 @@ class _Server(http.server.ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def handle_error(self, request, client_address):
+        # A scraper that hung up before its answer (its timeout) is no error of
+        # xlb's: socketserver printed a traceback on the log for it.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
     def server_bind(self):
         # HTTPServer.server_bind() looks the host name up (socket.getfqdn), which

@@ -350,3 +350,37 @@ def test_readme_dashboard_and_alerts_name_the_metrics_xlb_serves():
     series = scraped | {h + s for h in histograms for s in ("_bucket", "_count", "_sum")}
     for path in ("metrics/xlb-dashboard.json", "metrics/alerts.yml", "metrics/alerts_test.yml"):
         assert set(re.findall(r"\bxlb_\w+", (root / path).read_text())) <= series, path
+
+
+def test_a_scraper_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
+    """A scrape given up (a scraper's timeout) broke the answer's write, and the
+    HTTP server printed a traceback on xlb up's log."""
+    import socket
+    import struct
+    import threading
+    import time
+
+    asked, gone = threading.Event(), threading.Event()
+
+    class Balancer:
+        def status(self):
+            asked.set()
+            gone.wait(10)
+            return STATUS
+
+    server = metrics.bind(("127.0.0.1", 0))
+    metrics.serve(server, Balancer(), metrics.CheckDurations())
+    try:
+        with socket.create_connection(server.server_address[:2]) as s:
+            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert asked.wait(10)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        gone.set()                      # closed with a reset: the answer's write fails
+        deadline = time.monotonic() + 10
+        while server._slots._value < metrics.MAX_CLIENTS and time.monotonic() < deadline:
+            time.sleep(0.01)            # the request's thread gives its slot back last
+        assert server._slots._value == metrics.MAX_CLIENTS
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "Traceback" not in capfd.readouterr().err
