@@ -59,8 +59,9 @@ class Balancer:
         self.server_rows: dict[Key, dict] = {}
         self.health: dict[Key, str] = {}          # health checks: up, down
         self.health_changes: dict[Key, int] = {}
-        # The checker counts changes in the loop's thread while an apply, in a
-        # worker thread, carries the counts over to the config it applies.
+        # The checker counts changes and check durations in the loop's thread
+        # while an apply, in a worker thread, carries them over to the config
+        # it applies.
         self._changes_lock = threading.Lock()
         # The last apply's renames (old name: new, or None for a server gone or
         # moved), for the checker's reports under a server's old name until it
@@ -155,10 +156,10 @@ class Balancer:
             with self._changes_lock:
                 self.health_changes = carried(self.health_changes)
                 self._checked_as = checked_as
+                self.check_durations.track({t.key for t in self.health_targets()}, stays)
             self.links = {link.name: link for link in links}
             if relink:                      # a new config, not a change of state
                 self.last_apply = time.time()
-        self.check_durations.track({t.key for t in self.health_targets()}, stays)
         self._announce()
         # Drain and maint belong to a server of a pool: one gone from it loses
         # them, which the operator should hear of.
@@ -184,11 +185,17 @@ class Balancer:
             if key is not None:
                 self.health_changes[key] = self.health_changes.get(key, 0) + 1
 
+    def observe_check(self, key: Key, seconds: float) -> None:
+        """A check's duration, counted as count_health_change counts a change."""
+        with self._changes_lock:
+            key = self._checked_as.get(key, key)
+            if key is not None:
+                self.check_durations.observe(key, seconds)
+
     def checker_synced(self) -> None:
         """The checker has the config's names: it reports under them from now on."""
         with self._changes_lock:
             self._checked_as = {}
-        self.check_durations.synced()
 
     def set_role(self, role: str) -> dict:
         """active: answer ARP for the VIPs (a gratuitous ARP for each on becoming
@@ -729,8 +736,7 @@ class HealthSync:
     def __init__(self, balancer: Balancer, lock: asyncio.Lock):
         self.balancer, self.lock = balancer, lock
         self.checker = balancer.checker = HealthChecker(
-            self._on_change, lambda key, ok, seconds:
-            balancer.check_durations.observe(key, seconds))
+            self._on_change, lambda key, ok, seconds: balancer.observe_check(key, seconds))
         self._failed = False            # the last apply failed: the data path lags
         self._retry: asyncio.TimerHandle | None = None
         self._backoff = RETRY_SECONDS[0]

@@ -112,16 +112,13 @@ class CheckDurations:
     def __init__(self):
         self._lock = threading.Lock()
         self._data: dict[tuple[str, str], list] = {}   # key -> [bucket counts, sum]
-        self._renamed: dict[tuple[str, str], tuple[str, str] | None] = {}  # until synced()
 
     def observe(self, key: tuple[str, str], seconds: float) -> None:
-        """Counts a check of a server tracked, under the name the last track()
-        gave it until synced(); one that an apply has taken out meanwhile (the
-        checker hears of it after the apply) is dropped, or its histogram
-        would come back, frozen."""
+        """Counts a check of a server tracked; one that an apply has taken out
+        meanwhile (the checker hears of it after the apply) is dropped, or
+        its histogram would come back, frozen."""
         with self._lock:
-            key = self._renamed.get(key, key)
-            if key not in self._data:     # None: gone or moved
+            if key not in self._data:
                 return
             counts, total = self._data[key]
             counts[bisect.bisect_left(CHECK_BUCKETS, seconds)] += 1
@@ -137,13 +134,7 @@ class CheckDurations:
         its histogram, a moved one (another address) starts anew."""
         with self._lock:
             kept = {stays[k]: v for k, v in self._data.items() if k in stays}
-            self._renamed = {k: stays.get(k) for k in self._data if stays.get(k) != k}
             self._data = {k: kept.get(k, [[0] * len(_LE), 0.0]) for k in keys}
-
-    def synced(self) -> None:
-        """The checker reports under the names of the last track()'s keys."""
-        with self._lock:
-            self._renamed = {}
 
     def snapshot(self) -> dict[tuple[str, str], tuple[list[int], float]]:
         with self._lock:

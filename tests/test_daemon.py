@@ -464,7 +464,7 @@ def test_a_check_the_checker_reports_under_an_old_name_counts_for_its_server(bal
 
     def reported(key):
         balancer.count_health_change(key)
-        balancer.check_durations.observe(key, 0.001)
+        balancer.observe_check(key, 0.001)
 
     balancer.apply(configfile.load(text), relink=False)
     balancer.checker_synced()
