@@ -783,7 +783,7 @@ static __always_inline enum xlb_reason later_fragment(struct xdp_md *ctx, struct
 	struct frag_key fk = frag_key_of(ip);
 	struct flow *f = frags.lookup(&fk);
 	struct l4ports no_ports = {};	/* for the FIB: Linux hashes a fragment by addresses */
-	struct packet pkt;
+	struct packet pkt = { .eth = eth, .ip = ip, .ports = &no_ports };
 	int hlen, reply, rc;
 	struct hop *hop;
 	__u16 mtu = 0;
@@ -805,9 +805,6 @@ static __always_inline enum xlb_reason later_fragment(struct xdp_md *ctx, struct
 	nat_ip_address(ip, reply ? &ip->saddr : &ip->daddr, f->addr);
 	if (!(cfg->flags & CONFIG_FAST_PATH))
 		return reply ? XLB_REPLY : XLB_FORWARD;
-	pkt.eth = eth;
-	pkt.ip = ip;
-	pkt.ports = &no_ports;
 	hop = next_hop(ctx, &pkt, now, &rc, &mtu);
 	if (!hop)
 		return unresolved(rc);	/* over the MTU, the kernel fragments it again */
@@ -901,9 +898,10 @@ int xlb_clock(struct xdp_md *ctx)
  * a struct reap_head and XLB_REAP_MAX connections at most (xlb_shared.h; the
  * second entry's value.dir 0: none). A connection goes unless one of its
  * entries is there and no longer as read (the program wrote it since: opened
- * again, one-way traffic); the head gets the forward entries removed. Checked and removed
- * here, a lookup and a delete in the kernel: two bpf(2) calls an entry cost
- * the sweep 4 us on their own, and left milliseconds between the two. */
+ * again, one-way traffic); the head gets the forward entries removed.
+ * Checked and removed here, a lookup and a delete in the kernel: two bpf(2)
+ * calls an entry cost the sweep 4 us on their own, and left milliseconds
+ * between the two. */
 _Static_assert(sizeof(struct flow) % sizeof(__u64) == 0, "still_as_read: whole words a flow");
 
 static __always_inline int still_as_read(__u32 table, struct reap_entry *e)
