@@ -109,8 +109,7 @@ class Balancer:
         # drained or in maint as it was; the name it left is no longer its state's.
         renamed = planner.renames(self.config, self.state, config)
         wanted = self.admin if admin is None else admin
-        names = {k: renamed.get(k, k) for k in wanted
-                 if (k in renamed or k not in renamed.values()) and renamed.get(k, k) in keys}
+        names = planner.carried(wanted, renamed, keys)
         admin = {names[k]: v for k, v in wanted.items() if k in names}
         stays = {k: renamed.get(k, k) for k, b in self.state.backends.items()
                  if endpoints.get(renamed.get(k, k)) == (b.address, b.port)}
@@ -161,13 +160,9 @@ class Balancer:
             if relink:                      # a new config, not a change of state
                 self.last_apply = time.time()
         self._announce()
-        # Drain and maint belong to a server of a pool: one gone from it loses
-        # them, which the operator should hear of.
         return {"frontends": len(config.frontends), "pools": len(config.pools),
                 "servers": config.server_count(), "flows_ended": sum(ended.values()),
-                "admin_forgotten": [f"{state} of {server} in pool {pool}"
-                                    for (pool, server), state in sorted(wanted.items())
-                                    if (pool, server) not in names]}
+                "admin_forgotten": _forgotten(wanted, names)}
 
     def _announce(self) -> None:
         """Announces the VIPs served while active. A route that cannot be written
@@ -245,11 +240,26 @@ class Balancer:
         return {"pool": pool, "server": server, "state": self.states[(pool, server)],
                 "flows_ended": result["flows_ended"]}
 
-    def restore(self, kept: saved.State | None) -> None:
+    def restore(self, kept: saved.State | None, config: Config) -> list[str]:
         """Takes back the server states set at run time before a restart (drain,
-        maint; `kept`, the saved state): the next apply keeps those of the
-        servers its config still has, or has renamed (apply)."""
+        maint; `kept`, the saved state), to apply `config` next. The apply keeps
+        those of the servers config still has, or has renamed from the data
+        path adopted. A fresh start has none: the saved config tells renamed
+        servers instead, their states named anew here. Returns the states
+        forgotten meanwhile (as apply's admin_forgotten)."""
         self.admin = dict(kept.admin) if kept else {}
+        if kept is None or self.state.backends:
+            return []
+        try:
+            old = configfile.load(kept.config_text, dumped=True)
+        except ConfigError:
+            return []               # the apply keeps those of the same names
+        renamed = planner.renames(old, planner.named_after(old), config)
+        names = planner.carried(self.admin, renamed,
+                                {(p.name, s.name) for p in config.pools for s in p.servers})
+        forgotten = _forgotten(self.admin, names)
+        self.admin = {names[k]: v for k, v in self.admin.items() if k in names}
+        return forgotten
 
     def remember(self) -> str | None:
         """Saves in xlb's state directory what no file holds: the file served,
@@ -593,8 +603,8 @@ def up(config: Config, config_path: Path | None = None,
         balancer = Balancer(datapath, config_path, role, announcer)
         if running is not None:
             balancer.adopt(ran, admin)
-        balancer.restore(kept)
-        forgotten = balancer.apply(config, relink=True)["admin_forgotten"]
+        forgotten = balancer.restore(kept, config)
+        forgotten += balancer.apply(config, relink=True)["admin_forgotten"]
         if balancer.admin or forgotten:
             log.event("restore", level="warning" if forgotten else "info",
                       servers=",".join(f"{p}/{s}={v}" for (p, s), v in
@@ -677,6 +687,14 @@ def _say(line: str) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
+
+
+def _forgotten(states: dict[Key, str], names: Collection[Key]) -> list[str]:
+    """"drain of was1 in pool web" for each of states (drain, maint) whose
+    server is not in names: lost with the server, which the operator should
+    hear of."""
+    return [f"{state} of {server} in pool {pool}"
+            for (pool, server), state in sorted(states.items()) if (pool, server) not in names]
 
 
 def _describing(kept: saved.State | None, running) -> saved.State | None:

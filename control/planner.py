@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from ipaddress import IPv4Address
-from typing import Iterable, Mapping, Protocol
+from typing import Collection, Iterable, Mapping, Protocol
 
 from . import maglev, scheduler
 from .layout import SERVICE_MAGLEV
@@ -162,6 +162,24 @@ def renames(old: Config, previous: DataplaneState, new: Config) -> dict[BackendK
             left[endpoint].remove(k)
             out[k] = key
     return out
+
+
+def named_after(config: Config) -> DataplaneState:
+    """A state whose backends are config's servers: what renames() compares
+    with when no data path holds config (a fresh start from a saved one)."""
+    servers = [(p.name, s) for p in config.pools for s in p.servers]
+    return DataplaneState(backends={(pool, s.name): BackendState(i, s.address, s.port)
+                                    for i, (pool, s) in enumerate(servers)})
+
+
+def carried(states: Mapping[BackendKey, str], renamed: Mapping[BackendKey, BackendKey],
+            keys: Collection[BackendKey]) -> dict[BackendKey, BackendKey]:
+    """Where each of the run-time `states` (drain, maint) of servers goes after
+    `renamed` (see renames): old name -> name among `keys`. A state goes with
+    its server when it is renamed, and is lost when its server is gone or its
+    name was taken by another server (whose state it is not)."""
+    return {k: renamed.get(k, k) for k in states
+            if (k in renamed or k not in renamed.values()) and renamed.get(k, k) in keys}
 
 
 def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,

@@ -558,6 +558,35 @@ def test_drain_and_maint_go_with_the_server(balancer, tmp_path):
     assert apply(taken.replace('"a", "b"', '"a"')) == ["drain of b in pool www"]
     assert balancer.admin == {}
 
+def test_a_fresh_start_tells_renamed_servers_by_the_saved_config():
+    """With no data path to adopt, a start takes the saved states by the saved
+    config's servers, as an apply does by the running ones': a state goes with
+    its server renamed, or in a renamed pool, at the same address and port,
+    and is forgotten, and named, when another server took its name."""
+    from xlb import state as saved
+
+    def config(pool, *servers):
+        return configfile.load("".join(
+            f'[servers.{name}]\naddress = "10.1.11.{host}"\nport = 8080\n'
+            for name, host in servers) + f'[pools.{pool}]\nservers = {[n for n, _ in servers]}\n'
+            f'[frontends.www]\nvip = "10.1.1.101"\nport = 80\npool = "{pool}"\n'.replace("'", '"'))
+
+    web = config("web", ("a", 101), ("b", 102))
+    kept = saved.State(None, configfile.dump(web), {("web", "a"): "drain", ("web", "b"): "maint"})
+
+    def restored(new, kept=kept):
+        b = daemon.Balancer(None)
+        return b.restore(kept, new), b.admin
+
+    assert restored(config("www", ("a", 101), ("x", 102))) == (
+        [], {("www", "a"): "drain", ("www", "x"): "maint"})
+    # b renamed a, at its own address; a (at .101) gone: a's drain is not b's.
+    assert restored(config("web", ("a", 102))) == (["drain of a in pool web"],
+                                                   {("web", "a"): "maint"})
+    # An unreadable saved config names no one: the apply keeps the states by name.
+    assert restored(web, replace(kept, config_text="x = ")) == ([], kept.admin)
+
+
 def test_a_server_given_another_address_is_checked_anew_and_keeps_its_admin_state(balancer):
     """Down by the checks of its old address, it starts up at the new one, as
     a new server does, until its first check there; drain, the operator's

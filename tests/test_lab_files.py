@@ -147,8 +147,8 @@ def test_drain_and_maint_survive_a_restart_until_xlb_down(lab, tmp_path, state_d
 def test_drain_goes_with_a_renamed_pool_across_a_restart_that_adopts(lab, tmp_path, state_dir):
     """A restart that adopts the running data path (after a crash, or an
     upgrade) tells a server renamed, or in a renamed pool, by its address and
-    port, as an apply does: its drain goes with it. A fresh start has no data
-    path to tell it by: it forgets the drain, and says so."""
+    port, as an apply does: its drain goes with it. A fresh start tells it by
+    the saved config."""
     path, renamed = tmp_path / "xlb.toml", tmp_path / "renamed.toml"
     path.write_text(config("was1", "was2"))
     renamed.write_text(path.read_text().replace("[pools.web]", "[pools.www]")
@@ -164,9 +164,10 @@ def test_drain_goes_with_a_renamed_pool_across_a_restart_that_adopts(lab, tmp_pa
         x.stop()                                # a clean stop: the next start is fresh
         assert 'event=restore servers="www/was1=drain"' in x.stderr, x.stderr
     with lab.xlb("--config", str(path)) as x:
-        assert states(lab) == {"was1": "up", "was2": "up"}
+        assert "adopted" not in x.serving_line
+        assert states(lab) == {"was1": "drain", "was2": "up"}
         x.stop()
-        assert 'level=warning event=restore forgotten="drain of was1 in pool www"' in x.stderr
+        assert 'level=info event=restore servers="web/was1=drain"\n' in x.stderr, x.stderr
 
 
 def test_down_forgets_the_state_of_an_instance_stopped_by_a_signal(lab, tmp_path, state_dir):
