@@ -2,6 +2,7 @@
 same text as prometheus-client itself would write it. No kernel needed."""
 
 import itertools
+import json
 import re
 from pathlib import Path
 
@@ -337,19 +338,79 @@ def test_check_durations_track_the_servers_checked_now():
     assert got[("xlb_server_check_duration_seconds_bucket", (("le", "+Inf"),) + two)] == 0
 
 
-def test_readme_dashboard_and_alerts_name_the_metrics_xlb_serves():
-    """README's table lists every family, as scraped (counters with _total);
-    the dashboard and the alert rules read none that xlb does not write."""
+def test_dashboard_and_alerts_name_the_metrics_xlb_serves():
+    """The dashboard and the alert rules read no metric that xlb does not write."""
     root = Path(__file__).resolve().parent.parent
     scraped = {name + ("_total" if kind == "counter" else "")
                for name, (kind, _) in metrics.FAMILIES.items()}
-    readme = (root / "README.md").read_text()
-    table = readme[readme.index("| metric | type | what |"):]
-    assert set(re.findall(r"`(xlb_\w+)", table[:table.index("\n\n")])) == scraped
     histograms = [name for name, (kind, _) in metrics.FAMILIES.items() if kind == "histogram"]
     series = scraped | {h + s for h in histograms for s in ("_bucket", "_count", "_sum")}
     for path in ("metrics/xlb-dashboard.json", "metrics/alerts.yml", "metrics/alerts_test.yml"):
         assert set(re.findall(r"\bxlb_\w+", (root / path).read_text())) <= series, path
+
+
+def series_labels() -> dict[str, set[str]]:
+    """The label names of each series name xlb writes (a histogram's _bucket has le)."""
+    labels: dict[str, set[str]] = {}
+    for f in families(metrics.render(STATUS, durations())).values():
+        for s in f.samples:
+            labels.setdefault(s.name, set()).update(s.labels)
+    return labels
+
+
+def test_readmes_table_lists_every_metric_with_its_type_and_labels():
+    """README's table of metrics: every family, as scraped (counters with
+    _total), with its type and label names (`{...}`: those of the name before
+    it in its row), as xlb writes them."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("| metric | type | what |"):]
+    rows = table[:table.index("\n\n")].splitlines()[2:]
+    written = {f.name + ("_total" if f.type == "counter" else ""):
+               set().union(*(s.labels for s in f.samples)) - {"le"}
+               for f in families(metrics.render(STATUS, durations())).values()}
+    assert len(written) == len(metrics.FAMILIES)        # STATUS has every family
+    documented = {}
+    for row in rows:
+        names, kind = (cell.strip() for cell in row.split("|")[1:3])
+        before = None
+        for name, labels in re.findall(r"`(xlb_\w+)(?:\{([^}]*)\})?`", names):
+            before = before if labels == "..." else set(filter(None, labels.split(",")))
+            documented[name] = before
+            family = name.removesuffix("_total") if kind == "counter" else name
+            assert metrics.FAMILIES[family][0] == kind, name
+    assert documented == written
+
+
+def targets(node):
+    """The Prometheus queries of a dashboard JSON, wherever they are nested."""
+    if isinstance(node, dict):
+        if "expr" in node:
+            yield node
+        node = list(node.values())
+    for item in node if isinstance(node, list) else ():
+        yield from targets(item)
+
+
+def test_dashboard_and_alerts_use_labels_their_metrics_have():
+    """Every label a dashboard query or an alert rule selects, groups or
+    matches by, or names in a legend or an annotation, is one that the xlb
+    metrics it reads carry (or Prometheus' own job and instance)."""
+    root = Path(__file__).resolve().parent.parent
+    labels = series_labels()
+    dashboard = json.loads((root / "metrics" / "xlb-dashboard.json").read_text())
+    queries = [t["expr"] + " " + t.get("legendFormat", "") for t in targets(dashboard)]
+    rules = (root / "metrics" / "alerts.yml").read_text().split("- alert:")[1:]
+    assert len(queries) >= 15 and len(rules) == 6
+    for text in queries + rules:
+        have = {"job", "instance"}.union(*(labels[m] for m in re.findall(r"\bxlb_\w+", text)))
+        groupings = re.findall(r"\b(?:by|on|without|ignoring|group_left|group_right)\s*"
+                               r"\(([^)]*)\)", text)
+        selectors = re.findall(r"\bxlb_\w+\{([^}]*)\}", text)
+        used = {label for g in groupings for label in re.findall(r"\w+", g)}
+        used |= {label for s in selectors for label in re.findall(r"(\w+)\s*[=!]~?", s)}
+        used |= set(re.findall(r"\{\{(\w+)\}\}", text))          # a legend's
+        used |= set(re.findall(r"\$labels\.(\w+)", text))        # an annotation's
+        assert used <= have, (sorted(used - have), text)
 
 
 def test_a_scraper_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
