@@ -1,5 +1,7 @@
 """The config file: load, validation messages, dump. No kernel, no root."""
 
+import dataclasses
+import re
 import textwrap
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -30,11 +32,31 @@ def test_seed_file():
     assert [cfg.monitor_for(pool, s).name for s in pool.servers] == ["was-http", "was-http"]
 
 
-def test_the_readmes_example_is_the_seed():
-    """README's example of the file is `netns-lab/seed.toml`, as it says."""
+def readmes_example() -> str:
     readme = (SEED.parent.parent / "README.md").read_text()
     example = readme[readme.index("```toml\n") + len("```toml\n"):]
-    assert load(example[:example.index("```")]) == load_file(SEED)
+    return example[:example.index("```")]
+
+
+def test_the_readmes_example_is_the_seed():
+    """README's example of the file is `netns-lab/seed.toml`, as it says."""
+    assert load(readmes_example()) == load_file(SEED)
+
+
+def test_the_readmes_example_names_every_key():
+    """Each section of README's example names every key the file takes there
+    (the fields of its objects), set or in its comments ("also: ..."): none
+    goes undocumented."""
+    tables: dict[str, str] = {}
+    for table in re.split(r"^(?=\[)", readmes_example(), flags=re.M)[1:]:
+        section = table[1:table.index(".")]
+        tables[section] = tables.get(section, "") + table
+    kinds = {"monitors": Monitor, "servers": Server, "pools": Pool, "frontends": Frontend}
+    assert set(tables) == set(kinds)
+    missing = [f"{section}.{f.name}" for section, kind in kinds.items()
+               for f in dataclasses.fields(kind)
+               if f.name != "name" and not re.search(rf"\b{f.name}\b", tables[section])]
+    assert missing == []
 
 
 FULL = r'''
