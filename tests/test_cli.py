@@ -355,12 +355,14 @@ def test_an_instance_that_does_not_answer_is_one_line(monkeypatch, tmp_path):
             ctl.request("status", timeout=0.2)
 
 
-def test_readme_names_every_option():
-    """Every option that `--help` lists is in the README, the operator's reference."""
+def test_readme_names_every_command_and_option():
+    """Every command and every option that `--help` lists is in the README,
+    the operator's reference."""
     from xlb.cli import cli
     readme = (ROOT / "README.md").read_text()
 
     def options(command, path):
+        yield path, path
         for param in command.params:
             for opt in param.opts + param.secondary_opts:
                 yield path, opt
@@ -368,5 +370,6 @@ def test_readme_names_every_option():
             yield from options(sub, f"{path} {name}")
 
     missing = [(path, opt) for path, opt in options(cli, "xlb")
-               if opt.startswith("--") and not re.search(rf"{re.escape(opt)}(?![\w-])", readme)]
+               if opt.startswith(("--", "xlb"))
+               and not re.search(rf"{re.escape(opt)}(?![\w-])", readme)]
     assert missing == []
