@@ -349,6 +349,22 @@ def test_dashboard_and_alerts_name_the_metrics_xlb_serves():
         assert set(re.findall(r"\bxlb_\w+", (root / path).read_text())) <= series, path
 
 
+def test_readmes_table_of_reasons_is_the_programs():
+    """README's table of reasons (the values of xlb_packets_total's label)
+    lists each reason of bpf/xlb_shared.h once, with its XDP action."""
+    from xlb import layout
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("| reason | action | when |"):]
+    documented = []
+    for row in table[:table.index("\n\n")].splitlines()[2:]:
+        names, actions = (cell.strip() for cell in row.split("|")[1:3])
+        names, actions = re.findall(r"`(\w+)`", names), actions.split(", ")
+        documented += zip(names, actions * len(names) if len(actions) == 1 else actions)
+    assert sorted(documented) == sorted(
+        (name, action.removeprefix("XDP_"))
+        for name, action in zip(layout.REASON_NAMES, layout.REASON_ACTIONS))
+
+
 def series_labels() -> dict[str, set[str]]:
     """The label names of each series name xlb writes (a histogram's _bucket has le)."""
     labels: dict[str, set[str]] = {}
