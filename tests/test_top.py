@@ -1,10 +1,12 @@
 """`xlb top`: the rendering (status dicts -> text, no terminal, no kernel), the
-loop against a faked `ctl.request` (its sampling, stopping and signals; whether
-an instance runs is found only in the lab), and the real thing under a
-pseudo-terminal in the namespace lab (prefix xlbv)."""
+loop against a faked `ctl.request` and a made-up clock (its pace, sampling,
+stopping, signals, and keys typed at a pseudo-terminal; whether an instance
+runs is found only in the lab), and the real thing under a pseudo-terminal in
+the namespace lab (prefix xlbv)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import io
@@ -195,17 +197,30 @@ def test_a_note_is_shown():
 
 class FakeInstance:
     """Answers "status" with the given dicts in turn, then raises NotRunning
-    (or calls `then`)."""
+    (or calls `then`). In the list, an exception is raised in its turn, and a
+    function is called and answered with STATUS. With a `clock`, each request
+    takes `seconds` of it, and `asked` says when each came."""
 
-    def __init__(self, monkeypatch, statuses, then=None):
+    def __init__(self, monkeypatch, statuses, then=None, clock=None, seconds=0.0):
         self.statuses, self.then, self.calls = list(statuses), then, 0
+        self.clock, self.seconds, self.asked, self.timeouts = clock, seconds, [], []
         monkeypatch.setattr(ctl, "request", self.request)
 
     def request(self, cmd, timeout=10.0, **args):
         assert cmd == "status"
         self.calls += 1
+        self.timeouts.append(timeout)
+        if self.clock:
+            self.asked.append(self.clock.now)
+            self.clock.now += self.seconds
         if self.statuses:
-            return self.statuses.pop(0)
+            answer = self.statuses.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            if callable(answer):
+                answer()
+                return STATUS
+            return answer
         if self.then:
             self.then()
             return STATUS
@@ -266,6 +281,134 @@ def test_live_draws_no_more_servers_than_the_terminal_has_lines(monkeypatch):
     rows = [line for line in last.splitlines() if re.match(r"s\d+-\d+ ", line)]
     assert len(rows) == 30 and "… 994 more servers" in last
     assert last.count("… 1,024 more servers") == 15
+
+
+class Clock:
+    """The loop's time, made up: `monotonic()` reads it, and `select()` looks
+    at the real descriptors (the signals' pipe, a terminal) and, when none is
+    ready, lets its whole timeout pass at once, and `late` seconds more."""
+
+    def __init__(self, monkeypatch, now: float = 100.0, late: float = 0.0):
+        self.now, self.late = now, late
+        monkeypatch.setattr(top, "time", self)
+        monkeypatch.setattr(top, "select", self)
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def select(self, rlist, wlist, xlist, timeout):
+        ready = select.select(rlist, wlist, xlist, 0)
+        if not ready[0]:
+            self.now += timeout + self.late
+        return ready
+
+
+def frames(monkeypatch) -> list[tuple]:
+    """What each frame is drawn from: (status, previous, seconds, note)."""
+    drawn = []
+    render = top.render
+
+    def drawing(current, previous=None, seconds=None, note=None, lines=None):
+        drawn.append((current, previous, seconds, note))
+        return render(current, previous, seconds, note, lines)
+
+    monkeypatch.setattr(top, "render", drawing)
+    return drawn
+
+
+def test_live_keeps_its_pace(monkeypatch):
+    """Each sample is due an interval after the one before was due: neither
+    the 0.25 s that each request takes nor waits that end 0.125 s late add up."""
+    clock = Clock(monkeypatch, late=0.125)
+    fake = FakeInstance(monkeypatch, [STATUS] * 4, clock=clock, seconds=0.25)
+    drawn = frames(monkeypatch)
+    with pytest.raises(top.Stopped):
+        top.live(1.0, Console(file=io.StringIO(), width=160))
+    assert fake.asked == [100.0, 101.375, 102.375, 103.375, 104.375]
+    assert fake.timeouts == [5.0, 2.0, 2.0, 2.0, 2.0]     # at least 2 s, or the interval
+    # Rates are over the time between two answers: the first came at 100.25.
+    assert [seconds for _, _, seconds, _ in drawn] == [None, 1.375, 1.0, 1.0]
+
+
+def test_live_waits_at_least_2_s_for_a_sample_or_the_interval(monkeypatch):
+    clock = Clock(monkeypatch)
+    fake = FakeInstance(monkeypatch, [STATUS], clock=clock)
+    with pytest.raises(top.Stopped):
+        top.live(10.0, Console(file=io.StringIO(), width=160))
+    assert fake.timeouts == [5.0, 10.0]
+
+
+def test_a_late_sample_is_not_made_up_for_with_a_burst(monkeypatch):
+    """The second request takes 3.5 s: the next comes at once, the one after an
+    interval later, not three at once to catch up with the missed ones."""
+    clock = Clock(monkeypatch)
+    slow = lambda: setattr(clock, "now", clock.now + 3.5)    # noqa: E731
+    fake = FakeInstance(monkeypatch, [STATUS, slow, STATUS, STATUS], clock=clock)
+    with pytest.raises(top.Stopped):
+        top.live(1.0, Console(file=io.StringIO(), width=160))
+    assert fake.asked == [100.0, 101.0, 104.5, 105.5, 106.5]
+
+
+@pytest.mark.parametrize("error", [ctl.ControlError("boom"), ConnectionResetError("boom")])
+def test_a_failed_sample_keeps_the_last_one_with_a_note(monkeypatch, error):
+    Clock(monkeypatch)
+    FakeInstance(monkeypatch, [STATUS, error, later()])
+    drawn = frames(monkeypatch)
+    with pytest.raises(top.Stopped):
+        top.live(1.0, Console(file=io.StringIO(), width=160))
+    assert drawn[1] == (STATUS, None, None, "status request failed: boom; showing the last sample")
+    # The next rates are over both intervals, against the last sample that came.
+    assert drawn[2] == (later(), STATUS, 2.0, None)
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 0), (signal.SIGTERM, 143)])
+def test_live_stops_on_a_signal(monkeypatch, sig, code):
+    Clock(monkeypatch)
+    fake = FakeInstance(monkeypatch, [STATUS, lambda: os.kill(os.getpid(), sig)])
+    assert top.live(1.0, Console(file=io.StringIO(), width=160)) == code
+    assert fake.calls == 2
+
+
+def test_a_resized_terminal_is_redrawn_without_a_sample(monkeypatch):
+    Clock(monkeypatch)
+    resized = lambda: os.kill(os.getpid(), signal.SIGWINCH)    # noqa: E731
+    fake = FakeInstance(monkeypatch, [STATUS, resized, STATUS])
+    drawn = frames(monkeypatch)
+    out = io.StringIO()
+    with pytest.raises(top.Stopped):
+        top.live(1.0, Console(file=out, width=160, force_terminal=True))
+    assert (fake.calls, len(drawn)) == (4, 3)
+    assert out.getvalue().count("frontends") == 4     # three frames, one of them twice
+
+
+@pytest.fixture
+def terminal(monkeypatch):
+    """A pseudo-terminal as stdin: the test types at the master end."""
+    master, slave = os.openpty()
+    with open(slave, "rb", buffering=0) as stdin:
+        monkeypatch.setattr("sys.stdin", stdin)
+        yield master
+    with contextlib.suppress(OSError):
+        os.close(master)
+
+
+@pytest.mark.parametrize("key", [b"q", b"Q", b"\x03", b"xq"])
+def test_live_quits_on_a_key(monkeypatch, terminal, key):
+    """In cbreak mode, restored as it was; other keys do nothing. Ctrl-C comes
+    as a byte where the terminal does not make it a signal (no ISIG)."""
+    modes = termios.tcgetattr(terminal)
+    modes[3] &= ~termios.ISIG
+    termios.tcsetattr(terminal, termios.TCSANOW, modes)
+    cbreak = []
+    Clock(monkeypatch)
+    fake = FakeInstance(monkeypatch, [
+        STATUS,
+        lambda: cbreak.append(termios.tcgetattr(terminal)[3] & (termios.ICANON | termios.ECHO)),
+        lambda: os.write(terminal, b"x"), lambda: os.write(terminal, key)])
+    assert top.live(1.0, Console(file=io.StringIO(), width=160)) == 0
+    assert fake.calls == 4
+    assert cbreak == [0]
+    assert termios.tcgetattr(terminal) == modes
 
 
 # --- the lab ---------------------------------------------------------------------------
