@@ -272,7 +272,11 @@ def live(interval: float, console: Console | None = None) -> int:
                  auto_refresh=False, redirect_stdout=False, redirect_stderr=False) as view:
         due = cur.at + interval
         while True:
-            while (left := due - time.monotonic()) > 0:
+            # Keys and signals are read here only: at least once between two
+            # frames, even when the next is due already (a status that takes
+            # longer than the interval left q and Ctrl-C unread).
+            left = max(due - time.monotonic(), 0)
+            while True:
                 ready, _, _ = select.select([wake] + ([keys] if keys is not None else []),
                                             [], [], left)
                 if wake in ready:
@@ -292,6 +296,8 @@ def live(interval: float, console: Console | None = None) -> int:
                 if signal.SIGWINCH in got:
                     got.discard(signal.SIGWINCH)
                     view.refresh()
+                if (left := due - time.monotonic()) <= 0:
+                    break
             now = time.monotonic()
             due = due + interval if due + interval > now else now + interval
             try:

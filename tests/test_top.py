@@ -411,6 +411,21 @@ def test_live_quits_on_a_key(monkeypatch, terminal, key):
     assert termios.tcgetattr(terminal) == modes
 
 
+@pytest.mark.parametrize("stop", [lambda term: os.write(term, b"q"),
+                                  lambda term: os.kill(os.getpid(), signal.SIGINT)],
+                         ids=["q", "ctrl-c"])
+def test_live_stops_when_each_sample_takes_longer_than_the_interval(monkeypatch, terminal,
+                                                                    stop):
+    """Keys and signals are read between any two frames, even when the next
+    is due already: a status slower than --interval made q and Ctrl-C do
+    nothing, and top asked on until the instance went."""
+    clock = Clock(monkeypatch)
+    fake = FakeInstance(monkeypatch, [STATUS, STATUS, lambda: stop(terminal), STATUS],
+                        clock=clock, seconds=1.5)
+    assert top.live(1.0, Console(file=io.StringIO(), width=160)) == 0
+    assert fake.calls == 3
+
+
 # --- the lab ---------------------------------------------------------------------------
 
 CSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][0-9A-Za-z]|\x1b[=>78]")
