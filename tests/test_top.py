@@ -426,6 +426,13 @@ def test_live_stops_when_each_sample_takes_longer_than_the_interval(monkeypatch,
     assert fake.calls == 3
 
 
+def test_live_quits_when_its_terminal_hangs_up(monkeypatch, terminal):
+    """Without a traceback: there are no modes to restore on a terminal that is gone."""
+    Clock(monkeypatch)
+    FakeInstance(monkeypatch, [STATUS, lambda: os.close(terminal)])
+    assert top.live(1.0, Console(file=io.StringIO(), width=160)) == 0
+
+
 # --- the lab ---------------------------------------------------------------------------
 
 CSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][0-9A-Za-z]|\x1b[=>78]")
