@@ -94,12 +94,27 @@ def text(renderable, styles: bool = False) -> str:
     return console.export_text(styles=styles)
 
 
+def line(out: str, first: str) -> str:
+    """The line that starts with `first`."""
+    for x in out.splitlines():
+        if x.startswith(first + " "):
+            return x
+    raise AssertionError(f"no row {first!r} in\n{out}")
+
+
 def row(out: str, first: str) -> list[str]:
     """The cells of the line that starts with `first` (cells are 2+ spaces apart)."""
-    for line in out.splitlines():
-        if line.startswith(first + " "):
-            return re.split(r"\s{2,}", line.strip())
-    raise AssertionError(f"no row {first!r} in\n{out}")
+    return re.split(r"\s{2,}", line(out, first).strip())
+
+
+def styled_row(out: str, first: str) -> list[tuple[str, str]]:
+    """The cells of a row of text(..., styles=True), each with its SGR code ("" if plain)."""
+    cells = []
+    for code, styled, plain in re.findall(r"\x1b\[([\d;]+)m([^\x1b]*)\x1b\[0m|([^\x1b]+)",
+                                          line(out, first)):
+        cells += ([(code, styled.strip())] if code else
+                  [("", cell) for cell in re.split(r"\s{2,}", plain.strip()) if cell])
+    return cells
 
 
 # --- rendering -----------------------------------------------------------------------
@@ -159,6 +174,35 @@ def test_states_are_coloured():
     out = text(top.render(full, STATUS, 1.0), styles=True)
     assert "262,144/327,680 entries" in out and styled("1;31", "95.0% full", out)
     assert styled("32", "20.0% full", out)                       # flows_new: green
+
+
+def test_what_needs_a_look_stands_out():
+    """Bold red: no server taking new flows, drops; bold: new connections; dim:
+    no rate yet, no check. Other rates, and counters that stand still, plain."""
+    out = text(top.render(later(), STATUS, 2.0), styles=True)
+    assert styled_row(out, "www") == [("", "www"), ("", "10.1.1.101:80/tcp"), ("", "was"),
+                                      ("1;31", "0"), ("1", "20"), ("", "1.2k"), ("", "600"),
+                                      ("", "100.0k"), ("", "1.5M")]
+    assert styled_row(out, "was1")[4:] == [("", "1"), ("", "31"), ("1", "15"), ("", "900"),
+                                           ("", "0"), ("2", "not checked")]
+    assert styled_row(out, "no_backend") == [("", "no_backend"), ("1;31", "3.0"), ("", "6")]
+    assert styled_row(out, "malformed") == [("", "malformed"), ("", "0"), ("", "0")]
+    idle = text(top.render(STATUS, STATUS, 1.0), styles=True)
+    assert styled_row(idle, "www")[3:5] == [("", "2"), ("", "0")]
+    assert styled_row(idle, "was2")[-1] == ("", "check passed (1.8 ms)")
+    first = text(top.render(STATUS, note="status request failed: boom"), styles=True)
+    assert styled_row(first, "www")[4:] == [("2", "—")] * 5
+    assert "\x1b[1;31mstatus request failed: boom\x1b[0m" in first
+
+
+@pytest.mark.parametrize(("entries", "style"), [(749, "32"), (750, "33"), (899, "33"),
+                                                (901, "1;31")])
+def test_a_flow_tables_fill_is_green_then_yellow_from_75_then_red(entries, style):
+    tables = {"flows": {"entries": entries, "capacity": 1000},
+              "flows_new": {"entries": 0, "capacity": 250}}
+    out = text(top.render({**STATUS, "flows": {**STATUS["flows"], "tables": tables}}),
+               styles=True)
+    assert f" flows \x1b[{style}m{entries / 10:.1f}% full\x1b[0m" in out
 
 
 def test_no_rate_for_a_counter_that_went_back_or_is_new():
