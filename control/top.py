@@ -153,7 +153,8 @@ def _flows_and_drops(s: dict, prev: dict | None, seconds: float | None) -> Group
     # both together are not (the half-open one is a quarter of its size).
     for name, t in flows.get("tables", {}).items():
         shown, fill = full(t)
-        style = "bold red" if fill >= 90 else "yellow" if fill >= 75 else "green"
+        # Red when the alert XlbFlowTableNearlyFull would fire (metrics/alerts.yml).
+        style = "bold red" if fill > 90 else "yellow" if fill >= 75 else "green"
         line.append(f" {name} ")
         line.append(f"{shown}% full", style=style)
     line.append("  two entries per connection", style="dim")

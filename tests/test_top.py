@@ -195,9 +195,10 @@ def test_what_needs_a_look_stands_out():
     assert "\x1b[1;31mstatus request failed: boom\x1b[0m" in first
 
 
-@pytest.mark.parametrize(("entries", "style"), [(749, "32"), (750, "33"), (899, "33"),
+@pytest.mark.parametrize(("entries", "style"), [(749, "32"), (750, "33"), (900, "33"),
                                                 (901, "1;31")])
-def test_a_flow_tables_fill_is_green_then_yellow_from_75_then_red(entries, style):
+def test_a_flow_tables_fill_is_green_then_yellow_from_75_then_red_over_90(entries, style):
+    """Red as the alert XlbFlowTableNearlyFull fires (metrics/alerts.yml): over 90 %."""
     tables = {"flows": {"entries": entries, "capacity": 1000},
               "flows_new": {"entries": 0, "capacity": 250}}
     out = text(top.render({**STATUS, "flows": {**STATUS["flows"], "tables": tables}}),
