@@ -1,7 +1,17 @@
-"""The control socket's directory and its lock (ctl.py), under a temporary
-RUN_DIR: no root, no kernel."""
+"""The control socket's directory and its lock (ctl.py), and the client that
+the commands use against a stand-in for the instance on the real socket, under
+a temporary RUN_DIR: no kernel; no root but for a listener of another user."""
 
 from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import select
+import socket
+import subprocess
+import threading
 
 import pytest
 
@@ -14,7 +24,7 @@ def run_dir(tmp_path, monkeypatch):
     # No other instance: one that runs in this machine's own namespace (its
     # directory has the same name) is not this test's.
     monkeypatch.setattr(ctl, "holder", lambda: None)
-    monkeypatch.setattr(ctl, "_earlier_instance", lambda: None)
+    monkeypatch.setattr(ctl, "_earlier_instance", lambda timeout=2.0: None)
     return tmp_path / "run"
 
 
@@ -63,4 +73,214 @@ def test_a_start_refused_leaves_no_directory(run_dir, monkeypatch):
     monkeypatch.setattr(ctl, "holder", lambda: 1234)
     with pytest.raises(ctl.AlreadyRunning):
         ctl.Listener()
+    assert list(run_dir.iterdir()) == []
+
+
+
+# --- the client (ctl.request) against a stand-in for the instance ---------------------
+
+UNANSWERED = "^the instance closed the connection without answering$"
+EARLIER_INSTANCE = ctl._earlier_instance      # run_dir replaces it
+
+
+class Clock:
+    """ctl's time, made up: a sleep passes at once (and calls `on_sleep`)."""
+
+    def __init__(self, monkeypatch, on_sleep=lambda: None):
+        self.now, self.on_sleep = 100.0, on_sleep
+        monkeypatch.setattr(ctl, "time", self)
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        self.on_sleep()
+
+
+@contextlib.contextmanager
+def serving(handle, connections: int = 1):
+    """A stand-in for the running instance on its real socket (ctl.Listener):
+    a thread hands each of `connections` connections to `handle`."""
+    listener = ctl.Listener()
+
+    def serve():
+        for _ in range(connections):
+            conn, _ = listener.socket.accept()
+            with conn:
+                handle(conn)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        yield
+    finally:
+        server.join(10)
+        listener.close()
+
+
+@contextlib.contextmanager
+def answering(answer):
+    """An instance that reads one request, a JSON line as the daemon reads it,
+    and answers with what `answer(request)` returns, as a JSON line (None:
+    it closes unanswered). Yields the requests it read."""
+    read = []
+
+    def handle(conn):
+        with conn.makefile("rb") as f:
+            read.append(json.loads(f.readline()))
+        reply = answer(read[-1])
+        if reply is not None:
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    with serving(handle):
+        yield read
+
+
+def test_a_request_is_a_json_line_with_its_deadline_and_the_answer_its_result(monkeypatch):
+    """The deadline is on the client's clock, which the instance shares: it
+    does nothing that it reads after the client gave up."""
+    Clock(monkeypatch)
+    with answering(lambda req: {"ok": True, "result": {"pid": 4242}}) as read:
+        assert ctl.request("server", timeout=7.0, action="drain", pool="was") == {"pid": 4242}
+    assert read == [{"cmd": "server", "action": "drain", "pool": "was", "deadline": 107.0}]
+
+
+def test_a_refusal_is_a_control_error_that_says_why():
+    """As the daemon answers: an invalid config lists its problems and is the
+    request's fault (bad_input: exit 2); an internal error is not."""
+    invalid = {"ok": False, "error": "invalid config: nothing applied", "bad_input": True,
+               "problems": [["pools.was.servers[2]", "no server 'was3'"]]}
+    with answering(lambda req: invalid):
+        with pytest.raises(ctl.ControlError, match="^invalid config: nothing applied$") as e:
+            ctl.request("apply", text="", path="/etc/xlb.toml")
+    assert (e.value.problems, e.value.bad_input) == (invalid["problems"], True)
+    with answering(lambda req: {"ok": False, "error": "internal error: KeyError('x')"}):
+        with pytest.raises(ctl.ControlError, match=r"^internal error: KeyError\('x'\)$") as e:
+            ctl.request("status")
+    assert (e.value.problems, e.value.bad_input) == ([], False)
+
+
+def test_an_instance_that_closes_without_answering_is_a_control_error():
+    with answering(lambda req: None):
+        with pytest.raises(ctl.ControlError, match=UNANSWERED):
+            ctl.request("status")
+
+
+def test_an_instance_that_resets_the_connection_is_a_control_error():
+    """Stopping, it closes the connections it has not read: the client's is reset."""
+    def unread(conn):
+        select.select([conn], [], [])          # the request came, and stays unread
+    with serving(unread):
+        with pytest.raises(ctl.ControlError, match=UNANSWERED):
+            ctl.request("status")
+
+
+def test_an_answer_before_the_request_was_read_is_the_answer():
+    """The instance refuses an oversized request before it has read it all,
+    and closes: the client's send fails (EPIPE), the answer is still read."""
+    oversized = {"ok": False, "error": "malformed or oversized request (limit 8388608 bytes)"}
+    with serving(lambda conn: conn.sendall(json.dumps(oversized).encode() + b"\n")):
+        with pytest.raises(ctl.ControlError, match=r"^malformed or oversized request"):
+            ctl.request("apply", text="#" * ctl.MAX_REQUEST, path="/etc/xlb.toml")
+
+
+@pytest.mark.parametrize("left", ["nothing", "a socket nothing listens on", "a file as RUN_DIR"])
+def test_where_nothing_listens_no_instance_runs(run_dir, left):
+    """A crashed instance's socket file refuses connections: not running."""
+    if left == "a socket nothing listens on":
+        ctl.directory().mkdir(0o700, parents=True)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as crashed:
+            crashed.bind(ctl.address())
+    elif left == "a file as RUN_DIR":
+        run_dir.write_text("")
+    with pytest.raises(ctl.NotRunning):
+        ctl.request("status")
+    assert not ctl.running()
+
+
+def test_a_stopping_instance_is_still_running():
+    """`xlb down` waits until nothing listens: one that closes unanswered still does."""
+    with answering(lambda req: None):
+        assert ctl.running()
+
+
+def test_an_instance_whose_socket_is_gone_is_waited_for_then_named(monkeypatch):
+    """It holds its directory's lock, so it runs; its socket is gone (its
+    directory removed): the client gives it 3 s to make it again, then says
+    which process it is."""
+    monkeypatch.setattr(ctl, "holder", lambda: 4242)
+    clock = Clock(monkeypatch)
+    with pytest.raises(ctl.ControlError, match=(
+            rf"^xlb runs here \(pid 4242\), but its control socket {re.escape(ctl.address())} "
+            r"is gone and it has not made it again \(its log says why\); `kill -TERM 4242`")):
+        ctl.request("status", timeout=10.0)
+    assert 103.0 < clock.now < 103.2
+
+
+def test_a_socket_made_again_while_the_client_waits_is_asked(monkeypatch):
+    """The instance looks every second whether its socket is gone."""
+    monkeypatch.setattr(ctl, "holder", lambda: 4242)
+    looks = []
+    with contextlib.ExitStack() as restored:
+        def look():
+            looks.append(None)
+            if len(looks) == 5:
+                monkeypatch.setattr(ctl, "holder", lambda: None)    # the stand-in's start asks
+                restored.enter_context(answering(lambda req: {"ok": True, "result": "pong"}))
+
+        Clock(monkeypatch, on_sleep=look)
+        assert ctl.request("ping") == "pong"
+    assert len(looks) == 5
+
+
+# A listener at the abstract name of an earlier build (ctl.EARLIER): prints the
+# request it reads, answers as xlb does.
+EARLIER_BUILD = r"""
+import contextlib, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\0" + sys.argv[1])
+s.listen()
+print("listening", flush=True)
+c, _ = s.accept()
+with c, c.makefile() as f, contextlib.suppress(BrokenPipeError):
+    print(f.readline().strip() or "nothing", flush=True)
+    c.sendall(b'{"ok": true, "result": "stopping"}\n')
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a listener of another user")
+@pytest.mark.parametrize(("user", "asked"), [(0, True), (65534, False)])
+def test_an_earlier_builds_instance_is_asked_only_if_root(monkeypatch, user, asked):
+    """Any user may bind its abstract name: another's listener is told nothing."""
+    name = f"xlb-test-{os.getpid()}/control"       # not the real one: other runs use it
+    monkeypatch.setattr(ctl, "EARLIER", "\0" + name)
+    monkeypatch.setattr(ctl, "_earlier_instance", EARLIER_INSTANCE)
+    earlier = subprocess.Popen(["/usr/bin/python3", "-c", EARLIER_BUILD, name], user=user,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert earlier.stdout.readline() == "listening\n"
+        if asked:
+            assert ctl.request("down", keep_datapath=True) == "stopping"
+        else:
+            with pytest.raises(ctl.NotRunning):
+                ctl.request("down", keep_datapath=True)
+        read = earlier.communicate(timeout=10)[0]
+    finally:
+        earlier.kill()
+        earlier.wait()
+    if asked:
+        assert json.loads(read)["cmd"] == "down"
+    else:
+        assert read == "nothing\n"
+
+
+def test_forget_removes_what_a_killed_instance_left_only(run_dir):
+    """Its socket file and directory; a running instance's (locked) are left."""
+    listener = ctl.Listener()
+    ctl.forget()
+    assert os.path.exists(ctl.address())
+    listener.socket.close()
+    os.close(listener._dirfd)         # killed: the kernel closes these, its lock goes
+    ctl.forget()
     assert list(run_dir.iterdir()) == []
