@@ -11,6 +11,7 @@ import re
 import select
 import socket
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -284,3 +285,57 @@ def test_forget_removes_what_a_killed_instance_left_only(run_dir):
     os.close(listener._dirfd)         # killed: the kernel closes these, its lock goes
     ctl.forget()
     assert list(run_dir.iterdir()) == []
+
+
+# In a network namespace of its own (other runs' `xlb` would take the lock for
+# an instance's), children lock directories as a running instance does: one of
+# another name, one by this namespace's name from another namespace, then one
+# by this namespace's name, which is then removed; what holder() says at each
+# step, and when this process holds the lock itself.
+HOLDERS = r"""
+import ctypes, fcntl, json, os, sys
+from pathlib import Path
+from xlb import ctl
+ctl.RUN_DIR = Path(sys.argv[1])
+def locked(path):
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+def holding(path, elsewhere=False):
+    ready, go = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        if elsewhere and ctypes.CDLL(None).unshare(0x40000000) != 0:    # CLONE_NEWNET
+            os._exit(1)
+        locked(path)
+        os.write(ready[1], b"!")
+        os.read(go[0], 1)
+        os._exit(0)
+    assert os.read(ready[0], 1) == b"!"
+    return pid, lambda: (os.write(go[1], b"!"), os.waitpid(pid, 0))
+said = []
+for path, elsewhere in ((ctl.RUN_DIR / "netns-other", False), (ctl.directory(), True)):
+    _, release = holding(path, elsewhere)
+    said.append(ctl.holder())
+    release()
+pid, release = holding(ctl.directory())
+said.append(ctl.holder() == pid)
+os.rmdir(ctl.directory())
+said.append(ctl.holder() == pid)
+release()
+fd = locked(ctl.directory())
+said.append(ctl.holder())
+print(json.dumps(said))
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a network namespace of its own")
+def test_holder_is_the_process_here_that_locked_this_namespaces_directory(tmp_path):
+    """Also once the directory is removed; not a lock of another name, nor of
+    another namespace, nor this process's own."""
+    r = subprocess.run(["unshare", "--net", sys.executable, "-c", HOLDERS, str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [None, None, True, True, None]
