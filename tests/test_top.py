@@ -286,6 +286,28 @@ def test_once_takes_two_samples_interval_apart(monkeypatch):
     assert row(out, "www")[4] == "20"
 
 
+def test_once_is_160_columns_wide_when_piped(monkeypatch, capsys):
+    """rich would take 80 columns, and cut the rows short; COLUMNS still rules."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    Clock(monkeypatch)
+    FakeInstance(monkeypatch, [STATUS, later(), STATUS, later()])
+    top.once(2.0)
+    out = capsys.readouterr().out
+    assert row(out, "www")[1] == "10.1.1.101:80/tcp"
+    assert row(out, "was2")[1] == "10.1.11.102:8080"
+    assert max(map(len, out.splitlines())) > 100
+    monkeypatch.setenv("COLUMNS", "100")
+    top.once(2.0)
+    assert max(map(len, capsys.readouterr().out.splitlines())) == 100
+
+
+def test_no_rates_over_no_time():
+    """Two samples the monotonic clock cannot tell apart."""
+    out = text(top.render(later(), STATUS, 0.0))
+    assert "rates need a second sample" in out
+    assert row(out, "www")[4:] == ["—"] * 5
+
+
 def test_live_stops_when_the_instance_goes_away(monkeypatch):
     fake = FakeInstance(monkeypatch, [STATUS, later()])
     before = signal.getsignal(signal.SIGINT)
@@ -340,6 +362,9 @@ class Clock:
 
     def monotonic(self) -> float:
         return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
 
     def select(self, rlist, wlist, xlist, timeout):
         ready = select.select(rlist, wlist, xlist, 0)
