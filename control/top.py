@@ -295,9 +295,9 @@ def live(interval: float, console: Console | None = None) -> int:
                     return 0
                 if signal.SIGTERM in got:
                     return 128 + signal.SIGTERM
-                if signal.SIGWINCH in got:
+                if signal.SIGWINCH in got:     # drawn anew: as many rows as it has lines now
                     got.discard(signal.SIGWINCH)
-                    view.refresh()
+                    view.update(frame(cur, prev, note, console.height), refresh=True)
                 if (left := due - time.monotonic()) <= 0:
                     break
             now = time.monotonic()

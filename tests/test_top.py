@@ -353,10 +353,12 @@ def test_live_draws_no_more_servers_than_the_terminal_has_lines(monkeypatch):
 class Clock:
     """The loop's time, made up: `monotonic()` reads it, and `select()` looks
     at the real descriptors (the signals' pipe, a terminal) and, when none is
-    ready, lets its whole timeout pass at once, and `late` seconds more."""
+    ready, lets its whole timeout pass at once, and `late` seconds more, and
+    calls `on_wait`."""
 
-    def __init__(self, monkeypatch, now: float = 100.0, late: float = 0.0):
-        self.now, self.late = now, late
+    def __init__(self, monkeypatch, now: float = 100.0, late: float = 0.0,
+                 on_wait=lambda: None):
+        self.now, self.late, self.on_wait = now, late, on_wait
         monkeypatch.setattr(top, "time", self)
         monkeypatch.setattr(top, "select", self)
 
@@ -370,16 +372,17 @@ class Clock:
         ready = select.select(rlist, wlist, xlist, 0)
         if not ready[0]:
             self.now += timeout + self.late
+            self.on_wait()
         return ready
 
 
 def frames(monkeypatch) -> list[tuple]:
-    """What each frame is drawn from: (status, previous, seconds, note)."""
+    """What each frame is drawn from: (status, previous, seconds, note, lines)."""
     drawn = []
     render = top.render
 
     def drawing(current, previous=None, seconds=None, note=None, lines=None):
-        drawn.append((current, previous, seconds, note))
+        drawn.append((current, previous, seconds, note, lines))
         return render(current, previous, seconds, note, lines)
 
     monkeypatch.setattr(top, "render", drawing)
@@ -397,7 +400,7 @@ def test_live_keeps_its_pace(monkeypatch):
     assert fake.asked == [100.0, 101.375, 102.375, 103.375, 104.375]
     assert fake.timeouts == [5.0, 2.0, 2.0, 2.0, 2.0]     # at least 2 s, or the interval
     # Rates are over the time between two answers: the first came at 100.25.
-    assert [seconds for _, _, seconds, _ in drawn] == [None, 1.375, 1.0, 1.0]
+    assert [seconds for _, _, seconds, _, _ in drawn] == [None, 1.375, 1.0, 1.0]
 
 
 def test_live_waits_at_least_2_s_for_a_sample_or_the_interval(monkeypatch):
@@ -426,9 +429,10 @@ def test_a_failed_sample_keeps_the_last_one_with_a_note(monkeypatch, error):
     drawn = frames(monkeypatch)
     with pytest.raises(top.Stopped):
         top.live(1.0, Console(file=io.StringIO(), width=160))
-    assert drawn[1] == (STATUS, None, None, "status request failed: boom; showing the last sample")
+    assert drawn[1][:4] == (STATUS, None, None,
+                            "status request failed: boom; showing the last sample")
     # The next rates are over both intervals, against the last sample that came.
-    assert drawn[2] == (later(), STATUS, 2.0, None)
+    assert drawn[2][:4] == (later(), STATUS, 2.0, None)
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 0), (signal.SIGTERM, 143)])
@@ -439,16 +443,23 @@ def test_live_stops_on_a_signal(monkeypatch, sig, code):
     assert fake.calls == 2
 
 
-def test_a_resized_terminal_is_redrawn_without_a_sample(monkeypatch):
-    Clock(monkeypatch)
-    resized = lambda: os.kill(os.getpid(), signal.SIGWINCH)    # noqa: E731
-    fake = FakeInstance(monkeypatch, [STATUS, resized, STATUS])
+def test_a_resized_terminal_is_redrawn_to_its_height_without_a_sample(monkeypatch):
+    """As many servers' rows as it has lines now, not as it had when the
+    frame was drawn."""
+    console = Console(file=io.StringIO(), width=160, height=30, force_terminal=True)
+
+    def resized():
+        if console.height == 30:
+            console.height = 50
+            os.kill(os.getpid(), signal.SIGWINCH)
+
+    Clock(monkeypatch, on_wait=resized)
+    fake = FakeInstance(monkeypatch, [STATUS, STATUS])
     drawn = frames(monkeypatch)
-    out = io.StringIO()
     with pytest.raises(top.Stopped):
-        top.live(1.0, Console(file=out, width=160, force_terminal=True))
-    assert (fake.calls, len(drawn)) == (4, 3)
-    assert out.getvalue().count("frontends") == 4     # three frames, one of them twice
+        top.live(1.0, console)
+    assert fake.calls == 3
+    assert [lines for *_, lines in drawn] == [30, 50, 50]
 
 
 @pytest.fixture
