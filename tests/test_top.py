@@ -415,7 +415,10 @@ def test_a_late_sample_is_not_made_up_for_with_a_burst(monkeypatch):
     """The second request takes 3.5 s: the next comes at once, the one after an
     interval later, not three at once to catch up with the missed ones."""
     clock = Clock(monkeypatch)
-    slow = lambda: setattr(clock, "now", clock.now + 3.5)    # noqa: E731
+
+    def slow():
+        clock.now += 3.5
+
     fake = FakeInstance(monkeypatch, [STATUS, slow, STATUS, STATUS], clock=clock)
     with pytest.raises(top.Stopped):
         top.live(1.0, Console(file=io.StringIO(), width=160))
@@ -424,6 +427,7 @@ def test_a_late_sample_is_not_made_up_for_with_a_burst(monkeypatch):
 
 @pytest.mark.parametrize("error", [ctl.ControlError("boom"), ConnectionResetError("boom")])
 def test_a_failed_sample_keeps_the_last_one_with_a_note(monkeypatch, error):
+    """The instance busy (no answer in time), or a connection reset: top goes on."""
     Clock(monkeypatch)
     FakeInstance(monkeypatch, [STATUS, error, later()])
     drawn = frames(monkeypatch)
