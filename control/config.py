@@ -37,8 +37,8 @@ BAD_NAME = "bad name: use letters, digits, '_', '.' and '-', starting with a let
 HTTP_ONLY = ("path", "expect_status", "expect_body", "host")
 CHECKING = ("port", "interval", "timeout", "rise", "fall")     # of a monitor that checks
 TIMEOUTS = ("timeout_syn", "timeout_established", "timeout_closing", "timeout_udp")
-MAX_FILE = 2 << 20                  # 10,000 servers take under 1 MiB; JSON-escaped for `apply`
-                                    # it stays under the control socket's limit (ctl.MAX_REQUEST)
+MAX_FILE = 2 << 20                  # 10,000 servers take under 1 MiB; the control socket's
+                                    # limit (ctl.MAX_REQUEST) holds it JSON-escaped, for `apply`
 
 
 # --- load -------------------------------------------------------------------

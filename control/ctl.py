@@ -37,11 +37,15 @@ import struct
 import time
 from pathlib import Path
 
+from .config import MAX_FILE
 from .state import PRIVATE, namespace_dirname, open_own
 
 RUN_DIR = Path("/run/xlb")
 SOCKET = "control.sock"
-MAX_REQUEST = 8 << 20    # a config of 10,000 servers is well under 1 MiB
+# An apply carries a config file of up to MAX_FILE bytes, which JSON writes up
+# to six times as long (a control character as \u0000: such a file is the
+# instance's to refuse with its line and column), and the file's name.
+MAX_REQUEST = 6 * MAX_FILE + (1 << 20)
 ROOT_ONLY = "permission denied: the control socket is root-only"
 EARLIER = "\0xlb/control"  # where an instance of a build before the file socket listens
 RESTORE_WAIT = 3.0       # seconds a client waits for a running instance to make its socket again

@@ -19,6 +19,8 @@ import pytest
 
 from labctl import SEED_ARGS, VIP, WAS, XLB, even_split, running_lab, wait_for
 
+from xlb import ctl
+
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
 
@@ -445,7 +447,7 @@ def _send(s, payload):
     except OSError:
         pass
 print(json.dumps([ask(b"not json\n"), ask(b'{"no": "cmd"}\n'), ask(b'{"cmd": "frobnicate"}\n'),
-                  ask(b'{"cmd": "apply"}\n'), ask(b"x" * (9 << 20))]))
+                  ask(b'{"cmd": "apply"}\n'), ask(b"x" * int(sys.argv[2]))]))
 """
 
 
@@ -457,8 +459,8 @@ def test_control_socket_rejects_malformed_and_oversized_requests(lab, xlb, tmp_p
     big.write_text("#" * (9 << 20) + "\n")
     r = lab.xlb_cmd("apply", str(big))
     assert (r.returncode, r.stderr) == (2, f"xlb: error: {big}: larger than 2097152 bytes\n")
-    out = lab.run("lb", "/usr/bin/python3", "-c", PROBE, control_address(lab), check=True,
-                  timeout=60).stdout
+    out = lab.run("lb", "/usr/bin/python3", "-c", PROBE, control_address(lab),
+                  str(ctl.MAX_REQUEST + 1), check=True, timeout=60).stdout
     replies = [json.loads(r) for r in json.loads(out)]
     assert [r["ok"] for r in replies] == [False] * 5
     assert "malformed or oversized request" in replies[0]["error"]

@@ -134,6 +134,20 @@ def test_apply_of_an_invalid_file_changes_nothing(lab, xlb, tmp_path):
     assert even_split(names(lab, 10), {"WAS1", "WAS2"}, 10)
 
 
+def test_apply_of_the_largest_file_of_control_characters_names_its_problem(lab, xlb, tmp_path):
+    """A file of NUL bytes (what a crash can leave of one) as large as a config
+    may be: JSON writes each byte as six (\\u0000), and the request was refused
+    as oversized, exit 1, neither the file nor its problem named."""
+    before = lab.status()
+    zeros = tmp_path / "zeros.toml"
+    zeros.write_bytes(b"\0" * config_module.MAX_FILE)
+    r = lab.xlb_cmd("apply", str(zeros))
+    assert (r.returncode, r.stderr) == (2, f"{zeros}: toml: Invalid statement (at line 1, "
+                                           f"column 1)\nxlb: error: invalid config: nothing "
+                                           f"applied\n")
+    assert shape(lab.status()) == shape(before)
+
+
 @pytest.fixture
 def local_route(lab):
     """lb routes 10.9.0.0/16 to itself (AnyIP), as `ip route add local` does."""
