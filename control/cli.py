@@ -519,6 +519,8 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     from .model import has_space
     if has_space(instance) or not instance:
         raise BadInput(f"--instance: {instance!r} is not a vrrp_instance name")
+    if track_file is not None:
+        _check_track_file(track_file)
     # What the path is, said as the system says it (click's check would call a
     # FIFO behind a directory it may not enter, or a symlink loop, missing).
     try:
@@ -573,6 +575,25 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
         except (ctl.NotRunning, ctl.ControlError, OSError) as e:
             click.echo(f"xlb ha follow: keepalived stops; role backup not delivered: {e}",
                        err=True)
+
+
+def _check_track_file(path: Path) -> None:
+    """Bad input unless `_track` can keep the file: a regular file, or none
+    yet in a directory that is there. It reads the file before each write: a
+    FIFO would hold it for ever, a device may have no end."""
+    try:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.stat(path.parent)      # follow makes the file there
+            return
+    except OSError as e:
+        raise BadInput(f"--track-file {path}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise BadInput(f"--track-file {path}: a symbolic link, which follow does not write "
+                       f"through: give the file itself")
+    if not stat.S_ISREG(st.st_mode):
+        raise BadInput(f"--track-file {path}: not a regular file (keepalived's track_file)")
 
 
 def _datapath_runs() -> bool:

@@ -339,6 +339,24 @@ def test_ha_follow_refuses_a_fifo_that_another_user_may_write(tmp_path):
                                            f"tell this node's role\n")
 
 
+def test_ha_follow_refuses_a_track_file_it_cannot_keep(tmp_path):
+    """follow reads the track file before each write: a FIFO (the notify FIFO
+    given twice, say) held it for ever, before any role was told, and a device
+    such as /dev/zero was read without end; a symbolic link, which it does not
+    write through, and a file in a directory that is not there failed once a
+    second, for ever. Each is bad input, said at once."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    (tmp_path / "link").symlink_to(tmp_path / "serving")
+    not_regular = "not a regular file (keepalived's track_file)"
+    for track, reason in ((fifo, not_regular), (Path("/dev/zero"), not_regular),
+                          (tmp_path / "link", "a symbolic link, which follow does not "
+                                              "write through: give the file itself"),
+                          (tmp_path / "nope" / "serving", "No such file or directory")):
+        r = xlb("ha", "follow", "--track-file", str(track), str(fifo))
+        assert (r.returncode, r.stderr) == (2, f"xlb: error: --track-file {track}: {reason}\n")
+
+
 def test_an_instance_that_does_not_answer_is_one_line(monkeypatch, tmp_path):
     """An instance busy starting (compiling a large flow table) or stopped
     (SIGSTOP) accepts but does not answer: the request fails with one line,
