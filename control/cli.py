@@ -578,22 +578,28 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
 
 
 def _check_track_file(path: Path) -> None:
-    """Bad input unless `_track` can keep the file: a regular file, or none
-    yet in a directory that is there. It reads the file before each write: a
-    FIFO would hold it for ever, a device may have no end."""
+    """Bad input unless `_track` can keep the file: a track file (keepalived's
+    number, or nothing) or none yet in a directory that is there. It reads
+    the file before each write: a FIFO would hold it for ever, a device may
+    have no end; and it writes over anything else (the config's path, given
+    by mistake)."""
     try:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             os.stat(path.parent)      # follow makes the file there
             return
+        if stat.S_ISLNK(st.st_mode):
+            raise BadInput(f"--track-file {path}: a symbolic link, which follow does not "
+                           f"write through: give the file itself")
+        if not stat.S_ISREG(st.st_mode):
+            raise BadInput(f"--track-file {path}: not a regular file (keepalived's "
+                           f"track_file)")
+        if st.st_size > TRACK_FILE_MAX or not re.fullmatch(rb"\s*-?\d*\s*", path.read_bytes()):
+            raise BadInput(f"--track-file {path}: holds more than a track file's number: "
+                           f"not overwritten")
     except OSError as e:
         raise BadInput(f"--track-file {path}: {e.strerror}") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise BadInput(f"--track-file {path}: a symbolic link, which follow does not write "
-                       f"through: give the file itself")
-    if not stat.S_ISREG(st.st_mode):
-        raise BadInput(f"--track-file {path}: not a regular file (keepalived's track_file)")
 
 
 def _datapath_runs() -> bool:
@@ -631,6 +637,7 @@ _NOT_FIFO = "not a FIFO (keepalived's vrrp_notify_fifo)"
 # Seconds between looks at the instance, once keepalived has said a role (or with a track file).
 FOLLOW_POLL = 1.0
 FIFO_LINE_MAX = 4096
+TRACK_FILE_MAX = 64      # bytes: keepalived's track file holds a number
 
 
 class _KeepalivedStops(Exception):

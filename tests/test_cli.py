@@ -357,6 +357,25 @@ def test_ha_follow_refuses_a_track_file_it_cannot_keep(tmp_path):
         assert (r.returncode, r.stderr) == (2, f"xlb: error: --track-file {track}: {reason}\n")
 
 
+def test_ha_follow_overwrites_no_file_but_a_track_file(tmp_path):
+    """A --track-file that holds more than keepalived's number (the config's
+    path given by mistake) is refused and left as it was: follow wrote 0 or 1
+    over it within a second. One that holds a number is taken."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    config = tmp_path / "xlb.toml"
+    config.write_text(SEED.read_text())
+    r = xlb("ha", "follow", "--track-file", str(config), str(fifo))
+    assert (r.returncode, r.stderr) == (2, f"xlb: error: --track-file {config}: holds more "
+                                           f"than a track file's number: not overwritten\n")
+    assert config.read_text() == SEED.read_text()
+    track = tmp_path / "serving"
+    track.write_text("1\n")        # keepalived's init_file
+    r = xlb("ha", "follow", "--track-file", str(track), str(config))    # checked next
+    assert (r.returncode, r.stderr) == \
+        (2, f"xlb: error: {config}: not a FIFO (keepalived's vrrp_notify_fifo)\n")
+
+
 def test_an_instance_that_does_not_answer_is_one_line(monkeypatch, tmp_path):
     """An instance busy starting (compiling a large flow table) or stopped
     (SIGSTOP) accepts but does not answer: the request fails with one line,
