@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -97,6 +97,7 @@ class Balancer:
         if relink:
             links = _select(config, self.links)
             _check_host(config, [link for link in links if link.name not in self.links])
+            _refuse_taken(link for link in links if not self.datapath.holds(link.index))
         else:
             links = list(self.links.values())
         endpoints = {(p.name, s.name): (s.address, s.port)
@@ -434,6 +435,16 @@ def _select(config: Config, attached: Collection[str] = ()) -> list[netif.Link]:
     return links
 
 
+def _refuse_taken(links: Iterable[netif.Link]) -> None:
+    """Raises LookupError for a link that runs an XDP program not xlb's, which
+    the attach would not replace (XDP_FLAGS_UPDATE_IF_NOEXIST): found there,
+    it came after the compile (`up`) or the map writes (`apply`)."""
+    for link in links:
+        if link.xdp_prog_id:
+            raise LookupError(f"{link.name}: another XDP program (id {link.xdp_prog_id}) is "
+                              f"attached already")
+
+
 def _check_host(config: Config, new_links: list[netif.Link]) -> None:
     """Refuses VIPs and servers that are the host's own addresses; warns, once
     per link it is about to attach, where replies would be filtered."""
@@ -577,6 +588,8 @@ def up(config: Config, config_path: Path | None = None,
                                   f"{e.strerror}") from None
         signals.check()
         running = find_running()
+        _refuse_taken(link for link in links
+                      if running is None or link.index not in running.attached)
         if limits is None:
             limits = running.limits() if running is not None else Limits()
         if running is not None:

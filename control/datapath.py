@@ -576,6 +576,10 @@ class Datapath:
                     lib.bpf_update_elem(fd, ct.create_string_buffer(key),
                                         ct.create_string_buffer(value), 0)
 
+    def holds(self, ifindex: int) -> bool:
+        """Whether this program, or the running one it adopts, is attached there."""
+        return ifindex in self._attached
+
     def attachments(self) -> list[Attachment]:
         return [att for fd, att in self._attached.values() if fd == self._prog.fd]
 

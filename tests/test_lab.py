@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from labctl import SEED_ARGS, VIP, WAS, XLB, even_split, running_lab, wait_for
+from labctl import HERE, PY, SEED_ARGS, VIP, WAS, XLB, even_split, running_lab, wait_for
 
 from xlb import ctl
 
@@ -200,6 +200,30 @@ def test_bad_input_is_one_line_and_attaches_nothing(lab, args, message):
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert r.stdout == ""
+    assert lab.xdp_attached("lb") == []
+
+
+def test_a_link_that_runs_another_program_is_refused_before_anything_is_done(lab, tmp_path):
+    """xlb never replaces another XDP program; a link that runs one was found
+    only when xlb attached there: `up` after the compile, exit 1, `apply`
+    after it had written the maps (and wrote them back). Now it is bad input,
+    said before either (no program to compile: XLB_BPF_DIR is empty)."""
+    lab.run("lb", PY, str(HERE / "xdp_pass.py"), "eth1", check=True)
+    try:
+        (other,) = re.findall(r"prog/xdp id (\d+)", lab.run("lb", "ip", "-d", "link", "show",
+                                                            "eth1", check=True).stdout)
+        taken = f"xlb: error: eth1: another XDP program (id {other}) is attached already\n"
+        r = lab.run("lb", "env", f"XLB_BPF_DIR={tmp_path}", str(XLB), "up", *SEED_ARGS)
+        assert (r.returncode, r.stderr) == (2, taken)
+        config = tmp_path / "xlb.toml"
+        config.write_text((HERE / "seed.toml").read_text().replace(
+            'pool = "was"\n', 'pool = "was"\ninterfaces = ["eth0", "eth1"]\n'))
+        with lab.xlb(*SEED_ARGS, "--iface", "eth0"):
+            r = lab.xlb_cmd("apply", str(config))
+            assert (r.returncode, r.stderr) == (2, taken)
+            assert [i["name"] for i in lab.status()["interfaces"]] == ["eth0"]
+    finally:
+        lab.run("lb", "ip", "link", "set", "eth1", "xdp", "off", check=True)
     assert lab.xdp_attached("lb") == []
 
 
