@@ -915,4 +915,11 @@ def main() -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)
+    except OSError as e:
+        # Left to Python, a traceback: writing the answer failed (stdout a
+        # file on a full disk, `xlb ha keepalived ... > FILE`), or another call
+        # of the system's that no command expects to fail.
+        _error(f"xlb: error: {e.filename}: {e.strerror}" if e.filename
+               else f"xlb: error: {e.strerror or e}")
+        sys.exit(1)
     sys.exit(code or 0)

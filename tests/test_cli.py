@@ -376,6 +376,17 @@ def test_ha_follow_overwrites_no_file_but_a_track_file(tmp_path):
         (2, f"xlb: error: {config}: not a FIFO (keepalived's vrrp_notify_fifo)\n")
 
 
+def test_an_answer_that_cannot_be_written_is_one_line():
+    """`xlb ha keepalived ... > FILE` on a full disk (/dev/full) ended in a
+    traceback."""
+    for args in (("ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1",
+                  "--gateway", "10.1.11.1/24", str(SEED)), ("check", str(SEED))):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([str(XLB), *args], stdout=full, stderr=subprocess.PIPE,
+                               text=True, timeout=60)
+        assert (r.returncode, r.stderr) == (1, "xlb: error: No space left on device\n"), args
+
+
 def test_an_instance_that_does_not_answer_is_one_line(monkeypatch, tmp_path):
     """An instance busy starting (compiling a large flow table) or stopped
     (SIGSTOP) accepts but does not answer: the request fails with one line,
