@@ -19,9 +19,10 @@ Semantics:
   1,000 checks a second leave no TIME_WAIT sockets on either side; a server
   may count these as reset connections.
 - http: connect, send `GET {path} HTTP/1.1` with `Host: {host or address}`,
-  `Connection: close`, `User-Agent: xlb-health`; read the status line (and the
-  body, up to 64 KiB, when `expect_body` is set; chunked bodies are decoded;
-  lines may end in LF alone).
+  `Connection: close`, `User-Agent: xlb-health`; read the status line and the
+  headers, up to 64 KiB (and the body, up to 64 KiB, when `expect_body` is set;
+  chunked bodies are decoded; lines may end in LF alone). A bad status fails
+  at once; a good one passes only once the headers are complete.
   Healthy iff the status is `expect_status` (by default any 2xx or 3xx, as
   HAProxy's `option httpchk`) and the body contains `expect_body`.
   The whole check, connect included, is bounded by `timeout`.
@@ -628,9 +629,10 @@ def _http_verdict(buf: bytearray, eof: bool, m: Monitor) -> tuple[bool, str] | N
         return False, f"http status {status}, expected 2xx or 3xx"
     if m.expect_status is not None and status != m.expect_status:
         return False, f"http status {status}, expected {m.expect_status}"
-    if m.expect_body is None:
-        return True, "check passed"
 
+    # A good status passes only with the headers' end: a server that dies or
+    # stalls right after its status line has not answered (HAProxy: "invalid
+    # response").
     blank = _HEAD_END.search(buf, end)
     if blank is None:
         if eof:
@@ -638,6 +640,8 @@ def _http_verdict(buf: bytearray, eof: bool, m: Monitor) -> tuple[bool, str] | N
         if len(buf) > HEAD_LIMIT:
             raise _CheckFailed("http: headers longer than 64 KiB")
         return None
+    if m.expect_body is None:
+        return True, "check passed"
     head = blank.end()
     length, chunked = None, False
     for h in bytes(buf[end + 1:blank.start()]).split(b"\n"):

@@ -442,6 +442,35 @@ def test_http_answer_with_bare_lf_lines(netns):
 
 
 @pytest.mark.netns
+def test_http_answer_cut_off_in_its_headers_is_down(netns):
+    """A 200 status line and no end of the headers, the connection then closed
+    or left hanging (a server that dies or stalls mid-answer): no complete
+    response, so down, as HAProxy's check has it ("invalid response")."""
+    async def main():
+        async def status_line_only(srv, reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/pl")
+            await writer.drain()
+            if srv.port == 8021:
+                await asyncio.sleep(5)      # cancelled by Listener.close long before
+
+        closed_srv = await Listener(8020, status_line_only).start()
+        hung_srv = await Listener(8021, status_line_only).start()
+        closed, hung = ("api", "closed"), ("api", "hung")
+        targets = [Target(closed, LOCAL, 8020, http_monitor()),
+                   Target(hung, LOCAL, 8021, http_monitor())]
+        async with checker(targets) as (hc, rec):
+            await until(lambda: rec.of(closed) and rec.of(hung), "both down")
+            assert rec.of(closed)[0].reason == "http: connection closed inside the headers"
+            assert rec.of(hung)[0].reason == f"timeout after {TIMEOUT}s (waiting for the response)"
+            assert not any(ok for ok, _, _ in rec.checks(closed) + rec.checks(hung))
+        await closed_srv.close()
+        await hung_srv.close()
+
+    netns.run(main())
+
+
+@pytest.mark.netns
 def test_http_server_that_never_answers_times_out(netns):
     async def main():
         srv = await Listener(8004, HttpBehaviour(hang=True)).start()
@@ -763,15 +792,22 @@ def verdict(data: bytes, eof: bool = False, **kw):
 def test_http_parser():
     ok = (True, "check passed")
     assert verdict(b"HTTP/1.1 20") is None                           # read more
-    assert verdict(b"HTTP/1.1 200 OK\r\n") == ok                     # no body wanted
-    assert verdict(b"HTTP/1.0 200\r\n") == ok                        # no reason phrase
+    assert verdict(b"HTTP/1.1 200 OK\r\n\r\n") == ok                 # no body wanted
+    assert verdict(b"HTTP/1.0 200\r\n\r\n") == ok                    # no reason phrase
+    # A good status passes with the headers' end only, a bad one fails at once.
+    assert verdict(b"HTTP/1.1 200 OK\r\n") is None
+    assert verdict(b"HTTP/1.1 200 OK\r\nServer: x\r\n") is None
+    assert verdict(b"HTTP/1.1 200 OK\r\nServer: x\r\n", eof=True) == \
+        ("failed", "http: connection closed inside the headers")
+    assert verdict(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 11000) == \
+        ("failed", "http: headers longer than 64 KiB")
     # By default any 2xx or 3xx, as HAProxy's httpchk; else the one given.
     assert verdict(b"HTTP/1.1 503 Busy\r\n") == (False, "http status 503, expected 2xx or 3xx")
     assert verdict(b"HTTP/1.1 199 Hm\r\n") == (False, "http status 199, expected 2xx or 3xx")
-    assert verdict(b"HTTP/1.1 302 Found\r\n") == ok
-    assert verdict(b"HTTP/1.1 399 Odd\r\n") == ok
+    assert verdict(b"HTTP/1.1 302 Found\r\n\r\n") == ok
+    assert verdict(b"HTTP/1.1 399 Odd\r\n\r\n") == ok
     assert verdict(b"HTTP/1.1 400 Bad\r\n") == (False, "http status 400, expected 2xx or 3xx")
-    assert verdict(b"HTTP/1.1 204 No\r\n", expect_status=204) == ok
+    assert verdict(b"HTTP/1.1 204 No\r\n\r\n", expect_status=204) == ok
     assert verdict(b"HTTP/1.1 200 OK\r\n", expect_status=204) == \
         (False, "http status 200, expected 204")
     assert verdict(b"", eof=True) == ("failed", "http: connection closed without a response")
