@@ -654,8 +654,8 @@ def _http_verdict(buf: bytearray, eof: bool, m: Monitor) -> tuple[bool, str] | N
     want = m.expect_body.encode()
     raw = bytes(buf[head:])
     if chunked:
-        body = _dechunk(raw)
-        complete = (raw.endswith(b"0\r\n\r\n") or len(body) >= BODY_LIMIT
+        body, last = _dechunk(raw)
+        complete = (last or len(body) >= BODY_LIMIT
                     or len(raw) >= 2 * BODY_LIMIT)     # not chunked after all
     else:
         limit = BODY_LIMIT if length is None else min(length, BODY_LIMIT)
@@ -668,22 +668,25 @@ def _http_verdict(buf: bytearray, eof: bool, m: Monitor) -> tuple[bool, str] | N
     return None
 
 
-def _dechunk(data: bytes) -> bytes:
-    """A chunked body's data, as much of it as is there (best effort)."""
+def _dechunk(data: bytes) -> tuple[bytes, bool]:
+    """A chunked body's data, as much of it as is there (best effort), and
+    whether its last chunk has come. Lines may end in LF alone, as the head's."""
     out, i = bytearray(), 0
     while True:
-        j = data.find(b"\r\n", i)
+        j = data.find(b"\n", i)
         if j < 0:
-            break
+            return bytes(out), False
         size_text = data[i:j].split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            break
+        if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
+            return bytes(out), False
+        size = int(size_text, 16)
         if size == 0:
-            break
-        out += data[j + 2:j + 2 + size]
-        i = j + 2 + size + 2
-        if i > len(data):
-            break
-    return bytes(out)
+            return bytes(out), True
+        out += data[j + 1:j + 1 + size]
+        i = j + 1 + size
+        if data.startswith(b"\r\n", i):
+            i += 2
+        elif data.startswith(b"\n", i):
+            i += 1
+        else:                   # the data goes on, or what follows it is no line end
+            return bytes(out), False

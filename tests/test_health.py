@@ -264,6 +264,17 @@ async def checker(targets, rec: Recorder | None = None):
         await asyncio.wait_for(task, 2)
 
 
+async def all_pass(srv: Listener, targets) -> None:
+    """Every check passes until each target has had two, none changes state; closes srv."""
+    async with checker(targets) as (hc, rec):
+        await until(lambda: all(len(rec.checks(t.key)) >= 2 for t in targets),
+                    "two checks each")
+        assert {(ok, reason) for t in targets for ok, reason, _ in rec.checks(t.key)} \
+            == {(True, "check passed")}
+        assert rec.transitions == []
+    await srv.close()
+
+
 # -- tests -----------------------------------------------------------------------
 
 @pytest.mark.netns
@@ -427,16 +438,9 @@ def test_http_answer_with_bare_lf_lines(netns):
             await writer.drain()
 
         srv = await Listener(8011, bare_lf).start()
-        plain, body = ("api", "plain"), ("api", "body")
-        targets = [Target(plain, LOCAL, 8011, http_monitor()),
-                   Target(body, LOCAL, 8011, http_monitor(expect_body="all good"))]
-        async with checker(targets) as (hc, rec):
-            await until(lambda: len(rec.checks(plain)) >= 2 and len(rec.checks(body)) >= 2,
-                        "two checks each")
-            assert {(ok, reason) for ok, reason, _ in rec.checks(plain) + rec.checks(body)} \
-                == {(True, "check passed")}
-            assert rec.transitions == []
-        await srv.close()
+        await all_pass(srv, [Target(("api", "plain"), LOCAL, 8011, http_monitor()),
+                             Target(("api", "body"), LOCAL, 8011,
+                                    http_monitor(expect_body="all good"))])
 
     netns.run(main())
 
@@ -466,6 +470,34 @@ def test_http_answer_cut_off_in_its_headers_is_down(netns):
             assert not any(ok for ok, _, _ in rec.checks(closed) + rec.checks(hung))
         await closed_srv.close()
         await hung_srv.close()
+
+    netns.run(main())
+
+
+@pytest.mark.netns
+def test_http_chunked_body_read_by_its_framing(netns):
+    """A chunked body is whole at its last (zero-size) chunk, not when what has
+    come so far ends in "0\\r\\n\\r\\n": a line "queue: 0\\r\\n" sent as a chunk of
+    its own ends so; the body's next chunk still counts. Chunk lines ended by
+    LF alone are read as the status line and headers are."""
+    async def main():
+        async def chunked(srv, reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            if head.startswith(b"GET /lines "):
+                writer.write(b"a\r\nqueue: 0\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.05)   # flushed: its own segment, read on its own
+                writer.write(b"c\r\nstatus: ok\r\n\r\n0\r\n\r\n")
+            else:
+                writer.write(b"a\nqueue: 0\r\n\nc\nstatus: ok\r\n\n0\n\n")
+            await writer.drain()
+
+        srv = await Listener(8022, chunked).start()
+        m = {"interval": 0.5, "timeout": 0.4, "expect_body": "status: ok"}
+        await all_pass(srv, [Target(("api", "lines"), LOCAL, 8022,
+                                    http_monitor(path="/lines", **m)),
+                             Target(("api", "lf"), LOCAL, 8022, http_monitor(path="/lf", **m))])
 
     netns.run(main())
 
@@ -847,6 +879,19 @@ def test_http_parser():
     sized = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
              b"1A\r\n" + b"a" * 20 + b"needle\r\n1\r\n!\r\n0\r\n\r\n")
     assert verdict(sized, expect_body="needle!") == ok
+    # Whole at the last chunk, not at bytes that look like it; LF alone ends lines.
+    lines = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"a\r\nqueue: 0\r\n\r\n")
+    assert verdict(lines, expect_body="status: ok") is None
+    assert verdict(lines + b"c\r\nstatus: ok\r\n\r\n", expect_body="status: ok") == ok
+    assert verdict(lines + b"0\r\n\r\n", expect_body="status: ok") == \
+        (False, "body lacks 'status: ok'")
+    assert verdict(lines + b"0\r\nX-Trailer: 1\r\n", expect_body="status: ok") == \
+        (False, "body lacks 'status: ok'")                          # trailers: no body
+    lf = b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n3\nwor\n3;x=1\nld!\n"
+    assert verdict(lf, expect_body="world!") == ok
+    assert verdict(lf, expect_body="world!!") is None
+    assert verdict(lf + b"0\n\n", expect_body="world!!") == (False, "body lacks 'world!!'")
 
     big = b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * (64 * 1024) + b"needle"
     assert verdict(big, expect_body="needle") == (False, "body lacks 'needle'")   # 64 KiB
