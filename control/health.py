@@ -21,8 +21,9 @@ Semantics:
 - http: connect, send `GET {path} HTTP/1.1` with `Host: {host or address}`,
   `Connection: close`, `User-Agent: xlb-health`; read the status line and the
   headers, up to 64 KiB (and the body, up to 64 KiB, when `expect_body` is set;
-  chunked bodies are decoded; lines may end in LF alone). A bad status fails
-  at once; a good one passes only once the headers are complete.
+  chunked bodies are decoded; lines may end in LF alone). Interim responses
+  (1xx but 101) are skipped; the final one's bad status fails at once, a good
+  one passes only once the headers are complete.
   Healthy iff the status is `expect_status` (by default any 2xx or 3xx, as
   HAProxy's `option httpchk`) and the body contains `expect_body`.
   The whole check, connect included, is bounded by `timeout`.
@@ -611,20 +612,31 @@ def _http_verdict(buf: bytearray, eof: bool, m: Monitor) -> tuple[bool, str] | N
     """The check's outcome from the response so far; None: read more."""
     # Lines end in CRLF or, as RFC 9112 lets a recipient accept (and HAProxy
     # does), LF alone: small servers (a script behind nc, firmware) send those.
-    end = buf.find(b"\n")
-    if end < 0:
-        if eof:
-            raise _CheckFailed("http: connection closed before the status line"
-                               if buf else "http: connection closed without a response")
-        if len(buf) > HEAD_LIMIT:
-            raise _CheckFailed("http: no status line in the first 64 KiB")
-        return None
-    line = bytes(buf[:end]).rstrip(b"\r")
-    parts = line.split(None, 2)
-    if (len(parts) < 2 or not parts[0].startswith(b"HTTP/") or len(parts[1]) != 3
-            or not parts[1].isdigit()):
-        raise _CheckFailed(f"http: malformed status line {line[:80]!r}")
-    status = int(parts[1])
+    start = 0
+    while True:
+        end = buf.find(b"\n", start)
+        if end < 0:
+            if eof:
+                raise _CheckFailed("http: connection closed before the status line"
+                                   if len(buf) > start else
+                                   "http: connection closed without a response")
+            if len(buf) > HEAD_LIMIT:
+                raise _CheckFailed("http: no status line in the first 64 KiB")
+            return None
+        line = bytes(buf[start:end]).rstrip(b"\r")
+        parts = line.split(None, 2)
+        if (len(parts) < 2 or not parts[0].startswith(b"HTTP/") or len(parts[1]) != 3
+                or not parts[1].isdigit()):
+            raise _CheckFailed(f"http: malformed status line {line[:80]!r}")
+        status = int(parts[1])
+        blank = _HEAD_END.search(buf, end)
+        # An interim response (1xx but 101, e.g. 103 Early Hints) precedes the
+        # final one, which decides (RFC 9110: a client must accept them).
+        if not (100 <= status < 200 and status not in (101, m.expect_status)):
+            break
+        if blank is None:
+            return _head_incomplete(buf, eof)
+        start = blank.end()
     if m.expect_status is None and not 200 <= status < 400:
         return False, f"http status {status}, expected 2xx or 3xx"
     if m.expect_status is not None and status != m.expect_status:
@@ -633,13 +645,8 @@ def _http_verdict(buf: bytearray, eof: bool, m: Monitor) -> tuple[bool, str] | N
     # A good status passes only with the headers' end: a server that dies or
     # stalls right after its status line has not answered (HAProxy: "invalid
     # response").
-    blank = _HEAD_END.search(buf, end)
     if blank is None:
-        if eof:
-            raise _CheckFailed("http: connection closed inside the headers")
-        if len(buf) > HEAD_LIMIT:
-            raise _CheckFailed("http: headers longer than 64 KiB")
-        return None
+        return _head_incomplete(buf, eof)
     if m.expect_body is None:
         return True, "check passed"
     head = blank.end()
@@ -665,6 +672,15 @@ def _http_verdict(buf: bytearray, eof: bool, m: Monitor) -> tuple[bool, str] | N
         return True, "check passed"
     if complete or eof:
         return False, f"body lacks {m.expect_body!r}"
+    return None
+
+
+def _head_incomplete(buf: bytearray, eof: bool) -> None:
+    """None (read more) for a head still to end, or why it never will."""
+    if eof:
+        raise _CheckFailed("http: connection closed inside the headers")
+    if len(buf) > HEAD_LIMIT:
+        raise _CheckFailed("http: headers longer than 64 KiB")
     return None
 
 

@@ -503,6 +503,36 @@ def test_http_chunked_body_read_by_its_framing(netns):
 
 
 @pytest.mark.netns
+def test_http_interim_responses_before_the_final_one(netns):
+    """A 103 Early Hints (or 100 Continue) before the answer: the answer
+    decides, as RFC 9110 has a client take them."""
+    async def main():
+        async def hints(srv, reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            status = 503 if head.startswith(b"GET /busy ") else 200
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n"
+                         b"HTTP/1.1 %d X\r\nContent-Length: 8\r\n\r\nall good" % status)
+            await writer.drain()
+
+        srv = await Listener(8023, hints).start()
+        good, busy = ("api", "good"), ("api", "busy")
+        targets = [Target(good, LOCAL, 8023, http_monitor(expect_body="all good")),
+                   Target(busy, LOCAL, 8023, http_monitor(path="/busy"))]
+        async with checker(targets) as (hc, rec):
+            await until(lambda: len(rec.checks(good)) >= 2 and rec.of(busy), "checked, down")
+            assert {(ok, reason) for ok, reason, _ in rec.checks(good)} == \
+                {(True, "check passed")}
+            assert rec.of(busy)[0].reason == "http status 503, expected 2xx or 3xx"
+            assert rec.of(good) == []
+        await srv.close()
+
+    netns.run(main())
+
+
+@pytest.mark.netns
 def test_http_server_that_never_answers_times_out(netns):
     async def main():
         srv = await Listener(8004, HttpBehaviour(hang=True)).start()
@@ -835,7 +865,8 @@ def test_http_parser():
         ("failed", "http: headers longer than 64 KiB")
     # By default any 2xx or 3xx, as HAProxy's httpchk; else the one given.
     assert verdict(b"HTTP/1.1 503 Busy\r\n") == (False, "http status 503, expected 2xx or 3xx")
-    assert verdict(b"HTTP/1.1 199 Hm\r\n") == (False, "http status 199, expected 2xx or 3xx")
+    assert verdict(b"HTTP/1.1 199 Hm\r\n\r\n", eof=True) == \
+        ("failed", "http: connection closed without a response")    # interim only (below)
     assert verdict(b"HTTP/1.1 302 Found\r\n\r\n") == ok
     assert verdict(b"HTTP/1.1 399 Odd\r\n\r\n") == ok
     assert verdict(b"HTTP/1.1 400 Bad\r\n") == (False, "http status 400, expected 2xx or 3xx")
@@ -845,6 +876,18 @@ def test_http_parser():
     assert verdict(b"", eof=True) == ("failed", "http: connection closed without a response")
     assert verdict(b"HTTP/1.1 2", eof=True) == \
         ("failed", "http: connection closed before the status line")
+    # Interim responses (1xx but 101) come before the final one, which decides.
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+    assert verdict(hints) is None
+    assert verdict(hints + b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n") == ok
+    assert verdict(hints + b"HTTP/1.1 503 Busy\r\n") == \
+        (False, "http status 503, expected 2xx or 3xx")
+    assert verdict(hints, eof=True) == ("failed", "http: connection closed without a response")
+    assert verdict(hints[:30], eof=True) == \
+        ("failed", "http: connection closed inside the headers")
+    assert verdict(b"HTTP/1.1 101 Switching\r\n\r\n") == \
+        (False, "http status 101, expected 2xx or 3xx")
+    assert verdict(b"HTTP/1.1 102 Processing\r\n\r\n", expect_status=102) == ok
     assert verdict(b"SSH-2.0-OpenSSH\r\n")[0] == "failed"            # not http
     assert "malformed status line" in verdict(b"SSH-2.0-OpenSSH\r\n")[1]
 
