@@ -507,7 +507,8 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     changes, where a notify script would start one per change. keepalived
     says a role once: a role that cannot be delivered (xlb not running) is
     retried every second, and an instance started anew (after `xlb down`, a
-    restart) is told the role again. A FIFO that another user may write is
+    restart) is told the role again; so is xlb by the follow that a reload of
+    keepalived starts, which keepalived tells nothing. A FIFO that another user may write is
     refused: it would tell the role. With --track-file, it also tells
     keepalived, every second, whether xlb serves on this node: a node
     whose data path is gone (xlb stopped or not started) cannot answer for
@@ -540,7 +541,10 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     # A stopping keepalived gives up the gateway and ends this with SIGTERM,
     # writing no line that says so.
     signal.signal(signal.SIGTERM, _keepalived_stops)
-    wanted, told, failing, buf = None, None, False, b""
+    # A reloading keepalived ends its follow (which makes xlb backup, as at a
+    # stop) and starts this one without a word: the role it said before holds.
+    keepalived = _keepalived_process(instance)
+    wanted, told, failing, buf = state.followed(keepalived), None, False, b""
     try:
         while True:
             ready, _, _ = select.select([fd], [], [], FOLLOW_POLL if wanted or track_file
@@ -553,6 +557,7 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
                     role = keepalived_role(line.decode(errors="replace"), instance)
                     if role:
                         wanted, told = role, None
+                        _save_followed(keepalived, role)
             if not (wanted or track_file):
                 continue
             answered = False
@@ -575,6 +580,27 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
         except (ctl.NotRunning, ctl.ControlError, OSError) as e:
             click.echo(f"xlb ha follow: keepalived stops; role backup not delivered: {e}",
                        err=True)
+
+
+def _keepalived_process(instance: str) -> str:
+    """The keepalived process that started this follow (its parent), and the
+    instance followed: its pid and start time, as a pid reused by another
+    process is not the same keepalived."""
+    ppid = os.getppid()
+    try:
+        start = Path(f"/proc/{ppid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = "?"
+    return f"{ppid} {start} {instance}"
+
+
+def _save_followed(keepalived: str, role: str) -> None:
+    from . import state
+    try:
+        state.save_followed(keepalived, role)
+    except OSError as e:
+        click.echo(f"xlb ha follow: role {role} not recorded for keepalived's reload: "
+                   f"{e.strerror or e}", err=True)
 
 
 def _check_track_file(path: Path) -> None:

@@ -7,7 +7,8 @@ withdraws them there.
 
 One directory per network namespace, `/var/lib/xlb/netns-<inode of its
 /proc/self/ns/net>` (`$XLB_STATE_DIR` replaces `/var/lib/xlb`), holding one
-JSON file written atomically. The kernel reuses the inode numbers of deleted
+JSON file written atomically (and `xlb ha follow`'s record of keepalived's
+last word, for the follow that a reload of keepalived starts). The kernel reuses the inode numbers of deleted
 namespaces, so the file also records the namespace's cookie (unique while the
 machine runs) and the boot: a state left by an earlier namespace of this boot
 is not this namespace's, and load() ignores it. After a reboot the cookies are
@@ -29,6 +30,7 @@ from .ha import ROLES, check_table
 
 ROOT = "/var/lib/xlb"
 FILE = "state.json"
+FOLLOWED = "keepalived.json"   # `xlb ha follow`'s: the role keepalived asked for
 SO_NETNS_COOKIE = 71      # Linux 5.14; Python's socket module does not name it
 
 
@@ -69,13 +71,7 @@ def load() -> State | None:
     starting."""
     path = directory() / FILE
     try:
-        dirfd = _open_directory()
-        try:
-            fd = os.open(FILE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirfd)
-        finally:
-            os.close(dirfd)
-        with open(fd) as f:
-            raw = f.read()
+        raw = _read(FILE)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -111,19 +107,55 @@ def save(state: State) -> None:
             "role": state.role, "announce_table": state.announce_table,
             "datapath": state.datapath,
             "namespace": _namespace()}
+    _write(FILE, data)
+
+
+def _read(name: str) -> str:
+    """The state directory's file `name` (OSError if it or the directory cannot be read)."""
     dirfd = _open_directory()
     try:
-        tmp = f".{FILE}.{os.getpid()}.tmp"
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirfd)
+    finally:
+        os.close(dirfd)
+    with open(fd) as f:
+        return f.read()
+
+
+def _write(name: str, data) -> None:
+    """Replaces the state directory's file `name` with data as JSON, atomically."""
+    dirfd = _open_directory()
+    try:
+        tmp = f".{name}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600,
                      dir_fd=dirfd)
         with open(fd, "w") as f:
             json.dump(data, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, FILE, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        os.replace(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
         os.fsync(dirfd)
     finally:
         os.close(dirfd)
+
+
+def save_followed(keepalived: str, role: str) -> None:
+    """Records the role that a keepalived process (`xlb ha follow`'s parent,
+    named by `keepalived`) last asked for: reloading, keepalived ends its
+    follow and starts another, and says no state to the new one."""
+    directory().mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write(FOLLOWED, {"keepalived": keepalived, "role": role})
+
+
+def followed(keepalived: str) -> str | None:
+    """The role that the keepalived process `keepalived` last asked for, as
+    save_followed recorded it; None if it asked none (or another process did)."""
+    try:
+        d = json.loads(_read(FOLLOWED))
+    except (OSError, ValueError):
+        return None
+    if isinstance(d, dict) and d.get("keepalived") == keepalived and d.get("role") in ROLES:
+        return d["role"]
+    return None
 
 
 def _open_directory() -> int:

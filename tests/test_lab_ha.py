@@ -184,6 +184,27 @@ def test_a_killed_keepalived_leaves_no_follow_behind(pair, config):
     gateway_on(pair, None)
 
 
+def test_a_reloaded_keepalived_keeps_its_node_active(pair, config):
+    """keepalived reloaded (`systemctl reload`, SIGHUP) ends its `xlb ha follow`
+    with SIGTERM, as a stop does, and starts another, but says no state to
+    it: the new one must tell xlb the role the old one was told, or the MASTER
+    node answers no ARP for the VIPs, and nobody does."""
+    run = Path(f"/run/xlb-lab/{pair.prefix}")
+    with pair.xlb("--config", str(config), "--role", "backup", node="lb1"):
+        pair._lab("keepalived", "lb1", str(config))
+        wait_for(lambda: role(pair, "lb1") == "active", 10, "keepalived alone is MASTER")
+        first = follows(pair, "lb1")
+        os.kill(int((run / "lb1-keepalived.pid").read_text()), signal.SIGHUP)
+        wait_for(lambda: follows(pair, "lb1") and not follows(pair, "lb1") & first, 5,
+                 "the reload's new follow")
+        wait_for(lambda: role(pair, "lb1") == "active", 5, "the node is active again")
+        pair.run("client", "ip", "neigh", "flush", "dev", "eth0")
+        assert curl_ok(pair)
+        pair._lab("stop-keepalived", "lb1")
+        wait_for(lambda: role(pair, "lb1") == "backup", 5, "xlb follows keepalived's stop")
+    gateway_on(pair, None)
+
+
 def active_node(lab: Lab) -> str | None:
     roles = {n: role(lab, n) for n in ("lb1", "lb2")}
     active = [n for n, r in roles.items() if r == "active"]

@@ -38,6 +38,20 @@ def test_save_then_load_gives_it_back_and_clear_forgets_it(root):
     state.clear()                                                # twice is fine
 
 
+def test_follow_s_record_is_the_role_of_the_keepalived_that_said_it(root):
+    """What a reloading keepalived's next `xlb ha follow` takes up: only the
+    same keepalived process's last word, beside the state, not in it."""
+    assert state.followed("100 5 xlb") is None
+    state.save_followed("100 5 xlb", "active")
+    assert state.followed("100 5 xlb") == "active"
+    assert state.followed("100 6 xlb") is None          # the pid, reused by another process
+    state.save_followed("100 5 xlb", "backup")
+    assert state.followed("100 5 xlb") == "backup"
+    assert state.load() is None and sorted(os.listdir(state.directory())) == ["keepalived.json"]
+    (state.directory() / "keepalived.json").write_text('{"keepalived": "100 5 xlb", "role": 1}')
+    assert state.followed("100 5 xlb") is None
+
+
 def rewrite(drop: tuple[str, ...] = (), **changes) -> None:
     path = state.directory() / "state.json"
     d = json.loads(path.read_text())
