@@ -188,10 +188,12 @@ class Balancer:
             if key is not None:
                 self.check_durations.observe(key, seconds)
 
-    def checker_synced(self) -> None:
-        """The checker has the config's names: it reports under them from now on."""
+    def checker_synced(self) -> dict[Key, Key | None]:
+        """The checker takes the config's names: it reports under them from now
+        on. Returns the last apply's renames, for it to follow (old: new)."""
         with self._changes_lock:
-            self._checked_as = {}
+            renamed, self._checked_as = self._checked_as, {}
+        return renamed
 
     def set_role(self, role: str) -> dict:
         """active: answer ARP for the VIPs (a gratuitous ARP for each on becoming
@@ -799,10 +801,10 @@ class HealthSync:
 
     async def sync_targets(self) -> None:
         """Gives the checker the config's targets; new or changed ones start as
-        up (provisionally, until their first check), as the checker sees them.
-        Called with the lock held."""
-        self.checker.set_targets(self.balancer.health_targets(), initial=self.balancer.health)
-        self.balancer.checker_synced()
+        up (provisionally, until their first check), as the checker sees them,
+        renamed ones go on as checked. Called with the lock held."""
+        self.checker.set_targets(self.balancer.health_targets(), initial=self.balancer.health,
+                                 renamed=self.balancer.checker_synced())
         await self._follow()
 
     async def _follow(self) -> None:

@@ -38,7 +38,8 @@ Semantics:
   `fall * interval + timeout` (+ 100 ms of scheduling noise) later.
 - `set_targets`: new keys start checking, removed keys stop (a check in flight
   is abandoned, the state forgotten), a key whose Target changed restarts as
-  new, unchanged keys keep their state and schedule. It may be called before
+  new, unchanged keys keep their state and schedule, and so does a target
+  renamed (given as such) whose check is otherwise the same. It may be called before
   `run()` or while it runs; from another thread it is validated at once and
   applied on the loop soon after.
 - `run()` checks until cancelled or `stop()` (callable from any thread; a
@@ -67,7 +68,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 
 from .model import BODY_LIMIT, MONITOR_TYPES, Monitor, Server
@@ -196,10 +197,13 @@ class HealthChecker:
     # -- control ---------------------------------------------------------------
 
     def set_targets(self, targets: Iterable[Target],
-                    initial: Mapping[tuple[str, str], str] = {}) -> None:
+                    initial: Mapping[tuple[str, str], str] = {},
+                    renamed: Mapping[tuple[str, str], tuple[str, str] | None] = {}) -> None:
         """`initial`: the state a new target starts in ("up" if not given), as
         when a restarted control plane takes over servers found down; the first
-        check decides at once either way."""
+        check decides at once either way. `renamed`: the keys that targets had
+        before (old: new, None for gone): a target checked as before under its
+        new key is no new target, and keeps its state, counts and schedule."""
         new: dict[tuple[str, str], Target] = {}
         for t in targets:
             _validate(t)
@@ -207,15 +211,16 @@ class HealthChecker:
                 raise ValueError(f"{t.key}: given twice")
             new[t.key] = t
         initial = {k: initial[k] for k in new if initial.get(k) == "down"}
+        renamed = dict(renamed)
         with self._lock:
             loop = self._loop
             if loop is None:
-                self._apply(new, initial)
+                self._apply(new, initial, renamed)
                 return
         if self._in_loop_thread(loop):
-            self._apply(new, initial)
+            self._apply(new, initial, renamed)
         else:
-            loop.call_soon_threadsafe(self._apply, new, initial)
+            loop.call_soon_threadsafe(self._apply, new, initial, renamed)
 
     def stop(self) -> None:
         with self._lock:
@@ -278,12 +283,18 @@ class HealthChecker:
             return False
 
     def _apply(self, new: dict[tuple[str, str], Target],
-               initial: Mapping[tuple[str, str], str]) -> None:
-        for key in list(self._entries):
-            entry = self._entries[key]
-            if new.get(key) != entry.target:
+               initial: Mapping[tuple[str, str], str],
+               renamed: Mapping[tuple[str, str], tuple[str, str] | None]) -> None:
+        kept: dict[tuple[str, str], _Entry] = {}
+        for key, entry in self._entries.items():
+            to = renamed.get(key, key)
+            if to is not None and to not in kept and \
+                    new.get(to) == replace(entry.target, key=to):
+                entry.target = new[to]
+                kept[to] = entry
+            else:
                 self._halt(entry)
-                del self._entries[key]
+        self._entries = kept
         for key, target in new.items():
             if key not in self._entries:
                 entry = self._entries[key] = _Entry(target)

@@ -473,7 +473,7 @@ def test_a_check_the_checker_reports_under_an_old_name_counts_for_its_server(bal
     balancer.apply(configfile.load(swapped.replace("11.10x", "11.102")), relink=False)
     reported(a)                                 # a check of 10.1.11.101, now b
     assert counts() == {"a": (0, 0), "b": (2, 2)}
-    balancer.checker_synced()
+    assert balancer.checker_synced() == {a: b, b: a}     # for the checker to follow
     reported(a)                                 # now of a, 10.1.11.102
     assert counts() == {"a": (1, 1), "b": (2, 2)}
     moved = configfile.load(swapped.replace("11.10x", "11.103"))
@@ -736,6 +736,32 @@ def test_health_changes_made_during_an_apply_are_taken_in_one(checked):
     finally:
         for s in listeners:
             s.close()
+
+
+def test_a_renamed_server_goes_on_as_checked(checked):
+    """The checker follows an apply's renames (a renamed pool here): the
+    server's checks go on under its new name, last check, counts and all,
+    where a new target's first check would decide at once, whatever fall."""
+    config = checked_config([CHECK_PORT])
+    renamed = configfile.load(configfile.dump(config).replace("[pools.web]", "[pools.www]")
+                              .replace('pool = "web"', 'pool = "www"'))
+    listener = listen(CHECK_PORT)
+
+    async def scenario():
+        async with checking(checked, config) as (sync, lock):
+            checker = sync.checker
+            await until(lambda: checker.last_check(("web", f"s{CHECK_PORT}")), "a first check")
+            async with lock:
+                last = checker.last_check(("web", f"s{CHECK_PORT}"))
+                await asyncio.to_thread(checked.apply, renamed, relink=False)
+                await sync.sync_targets()
+                return last, checker.states(), checker.last_check(("www", f"s{CHECK_PORT}"))
+
+    try:
+        last, states, now = asyncio.run(scenario())
+        assert states == {("www", f"s{CHECK_PORT}"): "up"} and now is last
+    finally:
+        listener.close()
 
 
 def test_a_health_change_made_stale_by_an_apply_does_not_stick(checked):

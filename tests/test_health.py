@@ -669,6 +669,31 @@ def test_set_targets_while_running(netns):
     netns.run(main())
 
 
+@pytest.mark.netns
+def test_a_renamed_target_goes_on_as_checked(netns):
+    """A target renamed (given as such) with the same check is no new target:
+    its state, last check and counts go on under the new key, so that it goes
+    down at the fall-th failure, where a new one's first check decides."""
+    async def main():
+        srv = await Listener(8017).start()
+        m = tcp_monitor(fall=3)
+        old, new = ("web", "a"), ("www", "a")
+        async with checker([Target(old, LOCAL, 8017, m)]) as (hc, rec):
+            await until(lambda: hc.last_check(old), "the first check")
+            last = hc.last_check(old)
+            hc.set_targets([Target(new, LOCAL, 8017, m)], renamed={old: new})
+            assert hc.states() == {new: "up"} and hc.last_check(new) is last
+            await srv.stop_listening()
+            died = rec.mark()
+            await until(lambda: rec.of(new), "down")
+            down = ["fail"] * m.fall + ["down"]
+            assert rec.story(new, died, through="down") in (down, ["pass"] + down)
+            assert rec.of(old) == []
+        await srv.close()
+
+    netns.run(main())
+
+
 class ScheduleRecorder(Recorder):
     """Also records, per check, when it was due: the checker's own schedule
     (`_Entry.next_start`, private: this reads how health.py keeps it), on
