@@ -109,9 +109,7 @@ class Balancer:
         # same address and port is the same server, as checked, with its counts, and
         # drained or in maint as it was; the name it left is no longer its state's.
         renamed = planner.renames(self.config, self.state, config)
-        wanted = self.admin if admin is None else admin
-        names = planner.carried(wanted, renamed, keys)
-        admin = {names[k]: v for k, v in wanted.items() if k in names}
+        admin, forgotten = _carry(self.admin if admin is None else admin, renamed, keys)
         stays = {k: renamed.get(k, k) for k, b in self.state.backends.items()
                  if endpoints.get(renamed.get(k, k)) == (b.address, b.port)}
         checked_as = {k: stays.get(k) for k in self.state.backends if stays.get(k) != k}
@@ -163,7 +161,7 @@ class Balancer:
         self._announce()
         return {"frontends": len(config.frontends), "pools": len(config.pools),
                 "servers": config.server_count(), "flows_ended": sum(ended.values()),
-                "admin_forgotten": _forgotten(wanted, names)}
+                "admin_forgotten": forgotten}
 
     def _announce(self) -> None:
         """Announces the VIPs served while active. A route that cannot be written
@@ -258,10 +256,8 @@ class Balancer:
         except ConfigError:
             return []               # the apply keeps those of the same names
         renamed = planner.renames(old, planner.named_after(old), config)
-        names = planner.carried(self.admin, renamed,
-                                {(p.name, s.name) for p in config.pools for s in p.servers})
-        forgotten = _forgotten(self.admin, names)
-        self.admin = {names[k]: v for k, v in self.admin.items() if k in names}
+        self.admin, forgotten = _carry(
+            self.admin, renamed, {(p.name, s.name) for p in config.pools for s in p.servers})
         return forgotten
 
     def remember(self) -> str | None:
@@ -704,12 +700,15 @@ def _say(line: str) -> None:
         os.close(devnull)
 
 
-def _forgotten(states: dict[Key, str], names: Collection[Key]) -> list[str]:
-    """"drain of was1 in pool web" for each of states (drain, maint) whose
-    server is not in names: lost with the server, which the operator should
-    hear of."""
-    return [f"{state} of {server} in pool {pool}"
-            for (pool, server), state in sorted(states.items()) if (pool, server) not in names]
+def _carry(states: dict[Key, str], renamed: dict[Key, Key],
+           keys: Collection[Key]) -> tuple[dict[Key, str], list[str]]:
+    """states (drain, maint) under their servers' names after `renamed`
+    (planner.carried), and "drain of was1 in pool web" for each one lost with
+    its server, which the operator should hear of."""
+    names = planner.carried(states, renamed, keys)
+    return ({names[k]: v for k, v in states.items() if k in names},
+            [f"{state} of {server} in pool {pool}"
+             for (pool, server), state in sorted(states.items()) if (pool, server) not in names])
 
 
 def _describing(kept: saved.State | None, running) -> saved.State | None:
