@@ -19,14 +19,18 @@ import pytest
 from xlb import ctl
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def run_dir(tmp_path, monkeypatch):
+    """A RUN_DIR of the test's own (test_top.py's stand-ins use it too)."""
     monkeypatch.setattr(ctl, "RUN_DIR", tmp_path / "run")
     # No other instance: one that runs in this machine's own namespace (its
     # directory has the same name) is not this test's.
     monkeypatch.setattr(ctl, "holder", lambda: None)
     monkeypatch.setattr(ctl, "_earlier_instance", lambda timeout=2.0: None)
     return tmp_path / "run"
+
+
+pytestmark = pytest.mark.usefixtures("run_dir")
 
 
 def test_a_stop_removes_the_directory_it_leaves_empty(run_dir):
