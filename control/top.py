@@ -3,8 +3,9 @@
 Two parts. `render` turns status dicts (what `xlb status --json` prints) into
 rich renderables: a pure function, with the rates computed from two samples
 and the time between them. `live` is the loop around it: it asks the instance
-for its status every `interval` seconds over the control socket, redraws, and
-reads keys from the terminal (in cbreak mode, restored on every way out).
+for its status every `interval` seconds over the control socket (in a thread,
+so that keys and signals are read while it waits for the answer), redraws,
+and reads keys from the terminal (in cbreak mode, restored on every way out).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import select
 import signal
 import sys
 import termios
+import threading
 import time
 import tty
 from dataclasses import dataclass
@@ -207,6 +209,36 @@ def sample(timeout: float = 5.0) -> Sample:
     return Sample(time.monotonic(), status)
 
 
+class _Request:
+    """A status request in a daemon thread: the loop goes on reading keys and
+    signals meanwhile, so that q, Ctrl-C and SIGTERM quit at once, and a resize
+    is redrawn, while the instance is slow to answer (or never does, until the
+    request's timeout). `done` turns readable (end of file) once the answer
+    is in; a request still in flight as top quits is left to its thread."""
+
+    def __init__(self, timeout: float):
+        self.done, self._end = os.pipe2(os.O_CLOEXEC)
+        self._answer: Sample | Exception | None = None
+        threading.Thread(target=self._ask, args=(timeout,), daemon=True).start()
+
+    def _ask(self, timeout: float) -> None:
+        try:
+            self._answer = sample(timeout)
+        except Exception as e:      # raised in the loop, by result()
+            self._answer = e
+        finally:
+            os.close(self._end)
+
+    def result(self) -> Sample:
+        """The sample, once `done`; or raises what the request raised."""
+        if isinstance(self._answer, Exception):
+            raise self._answer
+        return self._answer
+
+    def close(self) -> None:
+        os.close(self.done)
+
+
 def frame(cur: Sample, prev: Sample | None, note: str | None = None,
           lines: int | None = None) -> RenderableType:
     if prev is None:
@@ -272,15 +304,15 @@ def live(interval: float, console: Console | None = None) -> int:
     with _signals() as (got, wake), _cbreak(keys), \
             Live(frame(cur, prev, lines=console.height), console=console, screen=True,
                  auto_refresh=False, redirect_stdout=False, redirect_stderr=False) as view:
-        due = cur.at + interval
-        while True:
-            # Keys and signals are read here only: at least once between two
-            # frames, even when the next is due already (a status that takes
-            # longer than the interval left q and Ctrl-C unread).
-            left = max(due - time.monotonic(), 0)
+
+        def wait(due: float | None = None, answer: int | None = None) -> int | None:
+            """Reads keys and signals, at least once, until `due` (a time.monotonic())
+            or until `answer` (a descriptor) is readable: the exit status if they
+            say quit, else None."""
+            watched = [wake] + [fd for fd in (keys, answer) if fd is not None]
             while True:
-                ready, _, _ = select.select([wake] + ([keys] if keys is not None else []),
-                                            [], [], left)
+                ready, _, _ = select.select(watched, [], [], None if due is None
+                                            else max(due - time.monotonic(), 0))
                 if wake in ready:
                     with contextlib.suppress(BlockingIOError):
                         os.read(wake, 512)
@@ -298,18 +330,30 @@ def live(interval: float, console: Console | None = None) -> int:
                 if signal.SIGWINCH in got:     # drawn anew: as many rows as it has lines now
                     got.discard(signal.SIGWINCH)
                     view.update(frame(cur, prev, note, console.height), refresh=True)
-                if (left := due - time.monotonic()) <= 0:
-                    break
+                if answer in ready or due is not None and due <= time.monotonic():
+                    return None
+
+        due = cur.at + interval
+        while True:
+            # Keys and signals are read between any two frames, even when the
+            # next is due already (a status that takes longer than the interval
+            # left q and Ctrl-C unread), and while a request waits for its
+            # answer (a slow or hung instance held them up to its timeout).
+            if (code := wait(due=due)) is not None:
+                return code
             now = time.monotonic()
             due = due + interval if due + interval > now else now + interval
-            try:
-                new = sample(timeout=max(2.0, interval))
-            except ctl.NotRunning:
-                raise Stopped() from None
-            except (ctl.ControlError, OSError) as e:
-                note = f"status request failed: {e}; showing the last sample"
-            else:
-                prev, cur, note = cur, new, None
+            with contextlib.closing(_Request(timeout=max(2.0, interval))) as asking:
+                if (code := wait(answer=asking.done)) is not None:
+                    return code
+                try:
+                    new = asking.result()
+                except ctl.NotRunning:
+                    raise Stopped() from None
+                except (ctl.ControlError, OSError) as e:
+                    note = f"status request failed: {e}; showing the last sample"
+                else:
+                    prev, cur, note = cur, new, None
             view.update(frame(cur, prev, note, console.height), refresh=True)
 
 

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import fcntl
 import io
+import json
 import os
 import re
 import select
@@ -17,6 +18,7 @@ import signal
 import struct
 import subprocess
 import termios
+import threading
 import time
 
 import pytest
@@ -25,8 +27,10 @@ from rich.console import Console
 from xlb import ctl, top
 
 from labctl import HERE, PY, VIP, XLB, Lab, running_lab
+from test_ctl import run_dir, serving  # noqa: F401 (run_dir: a fixture)
 
 NO_INSTANCE = "xlb: error: no xlb instance runs in this network namespace"
+SCREEN_RESTORED = "\x1b[?25h\x1b[?1049l"      # the cursor shown, the main screen back
 
 # The shape of `xlb status --json` from the seed lab (netns-lab/seed.toml) after
 # 20 HTTP requests.
@@ -354,7 +358,7 @@ class Clock:
     """The loop's time, made up: `monotonic()` reads it, and `select()` looks
     at the real descriptors (the signals' pipe, a terminal) and, when none is
     ready, lets its whole timeout pass at once, and `late` seconds more, and
-    calls `on_wait`."""
+    calls `on_wait`; without a timeout, it waits as the real one does."""
 
     def __init__(self, monkeypatch, now: float = 100.0, late: float = 0.0,
                  on_wait=lambda: None):
@@ -369,6 +373,8 @@ class Clock:
         self.now += seconds
 
     def select(self, rlist, wlist, xlist, timeout):
+        if timeout is None:     # a wait for a request in flight: as long as it takes
+            return select.select(rlist, wlist, xlist)
         ready = select.select(rlist, wlist, xlist, 0)
         if not ready[0]:
             self.now += timeout + self.late
@@ -516,6 +522,79 @@ def test_live_quits_when_its_terminal_hangs_up(monkeypatch, terminal):
     Clock(monkeypatch)
     FakeInstance(monkeypatch, [STATUS, lambda: os.close(terminal)])
     assert top.live(1.0, Console(file=io.StringIO(), width=160)) == 0
+
+
+# --- the loop, against a stand-in for the instance on the real control socket ---------
+
+@contextlib.contextmanager
+def slow_instance(during):
+    """A stand-in for the instance (test_ctl.py's, on the real socket) that
+    answers the first status request at once, and the second one never: it
+    calls `during()` and holds the request unanswered until the test is done
+    (at most 10 s). Yields an event set while it holds it."""
+    holding, released = threading.Event(), threading.Event()
+    asked = []
+
+    def handle(conn):
+        with conn.makefile("rb") as f:
+            asked.append(json.loads(f.readline())["cmd"])
+        if len(asked) == 1:
+            conn.sendall(json.dumps({"ok": True, "result": STATUS}).encode() + b"\n")
+            return
+        holding.set()
+        during()
+        released.wait(10)
+        holding.clear()
+
+    with serving(handle, connections=2):
+        try:
+            yield holding
+        finally:
+            released.set()
+    assert asked == ["status", "status"]
+
+
+@pytest.mark.parametrize(("stop", "code"), [
+    (lambda term: os.write(term, b"q"), 0),
+    (lambda term: os.kill(os.getpid(), signal.SIGINT), 0),
+    (lambda term: os.kill(os.getpid(), signal.SIGTERM), 143)], ids=["q", "ctrl-c", "sigterm"])
+def test_live_quits_at_once_while_the_instance_is_slow_to_answer(monkeypatch, run_dir, terminal,
+                                                                 stop, code):
+    """Not once the status request in flight is answered, or has failed after
+    its timeout (here 60 s): a hung instance held q, Ctrl-C and SIGTERM that
+    long. The terminal's modes and screen are restored as on any way out."""
+    modes = termios.tcgetattr(terminal)
+    Clock(monkeypatch)                  # top's time; the socket's timeout is real
+    console = Console(file=io.StringIO(), width=160, force_terminal=True)
+    with slow_instance(lambda: stop(terminal)) as holding:
+        assert top.live(60.0, console) == code
+        assert holding.is_set()         # the request is still unanswered
+    assert termios.tcgetattr(terminal) == modes
+    assert console.file.getvalue().endswith(SCREEN_RESTORED)
+
+
+def test_a_resize_is_drawn_at_once_while_the_instance_is_slow_to_answer(monkeypatch, run_dir):
+    console = Console(file=io.StringIO(), width=160, height=30, force_terminal=True)
+    drawn, redrawn = [], threading.Event()
+    render = top.render
+
+    def drawing(current, previous=None, seconds=None, note=None, lines=None):
+        drawn.append((lines, holding.is_set()))
+        if lines == 50:
+            redrawn.set()
+        return render(current, previous, seconds, note, lines)
+
+    def resize():
+        console.height = 50
+        os.kill(os.getpid(), signal.SIGWINCH)
+        redrawn.wait(10)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(top, "render", drawing)
+    Clock(monkeypatch)
+    with slow_instance(resize) as holding:
+        assert top.live(60.0, console) == 0
+    assert drawn == [(30, False), (50, True)]   # drawn anew while the request was held
 
 
 # --- the lab ---------------------------------------------------------------------------
