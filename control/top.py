@@ -296,14 +296,12 @@ def live(interval: float, console: Console | None = None) -> int:
     """Redraws every `interval` seconds until q or Ctrl-C (returns 0) or SIGTERM
     (returns 143); raises NotRunning/ControlError if no instance answers at the
     start, and Stopped if the instance goes away while it runs."""
-    cur = sample()
     prev: Sample | None = None
     note: str | None = None
     console = console or Console()
     keys = sys.stdin.fileno() if sys.stdin.isatty() else None
-    with _signals() as (got, wake), _cbreak(keys), \
-            Live(frame(cur, prev, lines=console.height), console=console, screen=True,
-                 auto_refresh=False, redirect_stdout=False, redirect_stderr=False) as view:
+    view: Live | None = None            # none until the first sample
+    with _signals() as (got, wake), _cbreak(keys):
 
         def wait(due: float | None = None, answer: int | None = None) -> int | None:
             """Reads keys and signals, at least once, until `due` (a time.monotonic())
@@ -329,32 +327,39 @@ def live(interval: float, console: Console | None = None) -> int:
                     return 128 + signal.SIGTERM
                 if signal.SIGWINCH in got:     # drawn anew: as many rows as it has lines now
                     got.discard(signal.SIGWINCH)
-                    view.update(frame(cur, prev, note, console.height), refresh=True)
+                    if view is not None:
+                        view.update(frame(cur, prev, note, console.height), refresh=True)
                 if answer in ready or due is not None and due <= time.monotonic():
                     return None
 
-        due = cur.at + interval
-        while True:
-            # Keys and signals are read between any two frames, even when the
-            # next is due already (a status that takes longer than the interval
-            # left q and Ctrl-C unread), and while a request waits for its
-            # answer (a slow or hung instance held them up to its timeout).
-            if (code := wait(due=due)) is not None:
+        with contextlib.closing(_Request(timeout=5.0)) as asking:
+            if (code := wait(answer=asking.done)) is not None:
                 return code
-            now = time.monotonic()
-            due = due + interval if due + interval > now else now + interval
-            with contextlib.closing(_Request(timeout=max(2.0, interval))) as asking:
-                if (code := wait(answer=asking.done)) is not None:
+            cur = asking.result()
+        with Live(frame(cur, prev, lines=console.height), console=console, screen=True,
+                  auto_refresh=False, redirect_stdout=False, redirect_stderr=False) as view:
+            due = cur.at + interval
+            while True:
+                # Keys and signals are read between any two frames, even when the
+                # next is due already (a status that takes longer than the interval
+                # left q and Ctrl-C unread), and while a request waits for its
+                # answer (a slow or hung instance held them up to its timeout).
+                if (code := wait(due=due)) is not None:
                     return code
-                try:
-                    new = asking.result()
-                except ctl.NotRunning:
-                    raise Stopped() from None
-                except (ctl.ControlError, OSError) as e:
-                    note = f"status request failed: {e}; showing the last sample"
-                else:
-                    prev, cur, note = cur, new, None
-            view.update(frame(cur, prev, note, console.height), refresh=True)
+                now = time.monotonic()
+                due = due + interval if due + interval > now else now + interval
+                with contextlib.closing(_Request(timeout=max(2.0, interval))) as asking:
+                    if (code := wait(answer=asking.done)) is not None:
+                        return code
+                    try:
+                        new = asking.result()
+                    except ctl.NotRunning:
+                        raise Stopped() from None
+                    except (ctl.ControlError, OSError) as e:
+                        note = f"status request failed: {e}; showing the last sample"
+                    else:
+                        prev, cur, note = cur, new, None
+                view.update(frame(cur, prev, note, console.height), refresh=True)
 
 
 def run(interval: float, one_frame: bool = False) -> int:

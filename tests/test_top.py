@@ -527,18 +527,18 @@ def test_live_quits_when_its_terminal_hangs_up(monkeypatch, terminal):
 # --- the loop, against a stand-in for the instance on the real control socket ---------
 
 @contextlib.contextmanager
-def slow_instance(during):
+def slow_instance(during, answered: int = 1):
     """A stand-in for the instance (test_ctl.py's, on the real socket) that
-    answers the first status request at once, and the second one never: it
-    calls `during()` and holds the request unanswered until the test is done
-    (at most 10 s). Yields an event set while it holds it."""
+    answers the first `answered` status requests at once, and the next one
+    never: it calls `during()` and holds the request unanswered until the
+    test is done (at most 10 s). Yields an event set while it holds it."""
     holding, released = threading.Event(), threading.Event()
     asked = []
 
     def handle(conn):
         with conn.makefile("rb") as f:
             asked.append(json.loads(f.readline())["cmd"])
-        if len(asked) == 1:
+        if len(asked) <= answered:
             conn.sendall(json.dumps({"ok": True, "result": STATUS}).encode() + b"\n")
             return
         holding.set()
@@ -546,18 +546,21 @@ def slow_instance(during):
         released.wait(10)
         holding.clear()
 
-    with serving(handle, connections=2):
+    with serving(handle, connections=answered + 1):
         try:
             yield holding
         finally:
             released.set()
-    assert asked == ["status", "status"]
+    assert asked == ["status"] * (answered + 1)
 
 
-@pytest.mark.parametrize(("stop", "code"), [
+STOPS = pytest.mark.parametrize(("stop", "code"), [
     (lambda term: os.write(term, b"q"), 0),
     (lambda term: os.kill(os.getpid(), signal.SIGINT), 0),
     (lambda term: os.kill(os.getpid(), signal.SIGTERM), 143)], ids=["q", "ctrl-c", "sigterm"])
+
+
+@STOPS
 def test_live_quits_at_once_while_the_instance_is_slow_to_answer(monkeypatch, run_dir, terminal,
                                                                  stop, code):
     """Not once the status request in flight is answered, or has failed after
@@ -571,6 +574,29 @@ def test_live_quits_at_once_while_the_instance_is_slow_to_answer(monkeypatch, ru
         assert holding.is_set()         # the request is still unanswered
     assert termios.tcgetattr(terminal) == modes
     assert console.file.getvalue().endswith(SCREEN_RESTORED)
+
+
+@STOPS
+def test_live_quits_at_once_while_the_instance_is_slow_to_answer_first(run_dir, terminal,
+                                                                       stop, code):
+    """With the same exit status as later, before any frame: q was not read
+    (a terminal not yet in cbreak mode kept it for a line, which cbreak mode
+    then dropped), Ctrl-C exited 130 and SIGTERM killed top."""
+    def not_tops(signum, _frame):   # fails the test, rather than end the run
+        pytest.fail(f"signal {signum} came before top handled it")
+
+    modes = termios.tcgetattr(terminal)
+    console = Console(file=io.StringIO(), width=160, force_terminal=True)
+    old = {sig: signal.signal(sig, not_tops) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with slow_instance(lambda: stop(terminal), answered=0) as holding:
+            assert top.live(60.0, console) == code
+            assert holding.is_set()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    assert termios.tcgetattr(terminal) == modes
+    assert console.file.getvalue() == ""        # nothing drawn
 
 
 def test_a_resize_is_drawn_at_once_while_the_instance_is_slow_to_answer(monkeypatch, run_dir):
