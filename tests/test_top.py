@@ -1,8 +1,10 @@
 """`xlb top`: the rendering (status dicts -> text, no terminal, no kernel), the
 loop against a faked `ctl.request` and a made-up clock (its pace, sampling,
 stopping, signals, and keys typed at a pseudo-terminal; whether an instance
-runs is found only in the lab), and the real thing under a pseudo-terminal in
-the namespace lab (prefix xlbv)."""
+runs is found only in the lab), the loop against a stand-in for the instance
+on the real control socket that is slow to answer (quitting and redrawing
+meanwhile), and the real thing under a pseudo-terminal in the namespace lab
+(prefix xlbv)."""
 
 from __future__ import annotations
 
