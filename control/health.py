@@ -37,9 +37,13 @@ Semantics:
 - Hence the promise: a server that dies is marked down at most
   `fall * interval + timeout` (+ 100 ms of scheduling noise) later.
 - `set_targets`: new keys start checking, removed keys stop (a check in flight
-  is abandoned, the state forgotten), a key whose Target changed restarts as
-  new, unchanged keys keep their state and schedule, and so does a target
-  renamed (given as such) whose check is otherwise the same. It may be called before
+  is abandoned, the state forgotten). A key given again at the same address,
+  or renamed (given as such), is the same server: it keeps its state, counts
+  and schedule, also when its monitor or port changed, which is a change of
+  policy: the counts go on against the new rise and fall (restart if what is
+  checked changed), the next check is due the new interval after the last
+  (`HealthChecker._edit`). One at another address, or checked for the first
+  time (or no longer: type "none"), restarts as new. It may be called before
   `run()` or while it runs; from another thread it is validated at once and
   applied on the loop soon after.
 - `run()` checks until cancelled or `stop()` (callable from any thread; a
@@ -110,6 +114,18 @@ class _Entry:
                  "failures", "last", "next_start", "seq", "probe")
 
     def __init__(self, target: Target):
+        self.aim(target)
+        self.state = "up"
+        self.checked = False            # the first check has decided
+        self.successes = 0
+        self.failures = 0
+        self.last: tuple[bool, str, float] | None = None
+        self.next_start = 0.0           # loop time the next check is due
+        self.seq = 0                    # the heap item of the next check; 0: none
+        self.probe: _Probe | None = None
+
+    def aim(self, target: Target) -> None:
+        """Checks `target` from now on (a new key, monitor or port: see _apply)."""
         m = target.monitor
         self.target = target
         self.sockaddr = (str(target.address), target.port)
@@ -119,14 +135,6 @@ class _Entry:
             self.request = (f"GET {m.path} HTTP/1.1\r\nHost: {m.host or target.address}\r\n"
                             f"Connection: close\r\nUser-Agent: {USER_AGENT}\r\n"
                             f"Accept: */*\r\n\r\n").encode("latin-1", "replace")
-        self.state = "up"
-        self.checked = False            # the first check has decided
-        self.successes = 0
-        self.failures = 0
-        self.last: tuple[bool, str, float] | None = None
-        self.next_start = 0.0           # loop time the next check is due
-        self.seq = 0                    # the heap item of the next check; 0: none
-        self.probe: _Probe | None = None
 
 
 class _CheckFailed(Exception):
@@ -149,6 +157,25 @@ def _validate(t: Target) -> None:
         raise ValueError(f"{t.key}: rise and fall must be at least 1")
     if not 1 <= t.port <= 65535:
         raise ValueError(f"{t.key}: port {t.port} is out of range 1-65535")
+
+
+def _same_server(old: Target, new: Target) -> bool:
+    """Whether `new` checks the server `old` did: the same address, and checked
+    before as now (one checked for the first time, or no longer, starts anew)."""
+    return old.address == new.address and \
+        (old.monitor.type == "none") == (new.monitor.type == "none")
+
+
+# A monitor's fields that say how often and how strictly it checks, not what:
+# an edit of these alone leaves the checks so far counting.
+_POLICY = ("name", "interval", "timeout", "rise", "fall")
+
+
+def _same_check(a: Target, b: Target) -> bool:
+    """Whether a and b check the same thing, their monitors' policies aside."""
+    policy = {f: getattr(a.monitor, f) for f in _POLICY}
+    return (a.address, a.port) == (b.address, b.port) and \
+        replace(b.monitor, **policy) == a.monitor
 
 
 _FIRE, _TIMEOUT = 0, 1          # kinds of heap items
@@ -202,8 +229,9 @@ class HealthChecker:
         """`initial`: the state a new target starts in ("up" if not given), as
         when a restarted control plane takes over servers found down; the first
         check decides at once either way. `renamed`: the keys that targets had
-        before (old: new, None for gone): a target checked as before under its
-        new key is no new target, and keeps its state, counts and schedule."""
+        before (old: new, None for gone or a new server under the same key):
+        a target under its new key is no new target, and keeps its state,
+        counts and schedule as one under the same key does."""
         new: dict[tuple[str, str], Target] = {}
         for t in targets:
             _validate(t)
@@ -288,9 +316,9 @@ class HealthChecker:
         kept: dict[tuple[str, str], _Entry] = {}
         for key, entry in self._entries.items():
             to = renamed.get(key, key)
-            if to is not None and to not in kept and \
-                    new.get(to) == replace(entry.target, key=to):
-                entry.target = new[to]
+            target = new.get(to) if to is not None and to not in kept else None
+            if target is not None and _same_server(entry.target, target):
+                self._edit(entry, target)
                 kept[to] = entry
             else:
                 self._halt(entry)
@@ -301,6 +329,34 @@ class HealthChecker:
                 entry.state = initial.get(key, "up")
                 if self._loop is not None:
                     self._start(entry)
+
+    def _edit(self, entry: _Entry, target: Target) -> None:
+        """The server entry checks, renamed or with its monitor or port edited:
+        a change of policy, not a new server (as HAProxy keeps a server's state
+        and health counter across a reload). Its state goes on, and so do its
+        counts, against the new rise and fall: a count already past the new
+        one decides at the next check, not now (only a check changes a
+        state). An edit of what is checked (port, type, path, expected
+        answer...) starts the counts again, as those measured the old check,
+        and drops a check of it in flight; the state still waits for rise or
+        fall checks of the new one, not the first alone as a new server's does.
+        A check in flight of the same thing finishes and counts. The next check
+        is due the new interval after the last one was due (or the dropped
+        one), or at once if that time has passed."""
+        old = entry.target
+        entry.aim(target)
+        last = None
+        if not _same_check(old, target):
+            entry.successes = entry.failures = 0
+            if entry.probe is not None:
+                entry.probe.abort()
+                entry.probe = None
+                last = entry.next_start
+        if last is None and entry.seq and target.monitor.interval != old.monitor.interval:
+            last = entry.next_start - old.monitor.interval
+        if last is not None:
+            entry.next_start = max(last + target.monitor.interval, _now())
+            entry.seq = self._push(entry.next_start, _FIRE, entry)
 
     def _start(self, entry: _Entry) -> None:
         m = entry.target.monitor
@@ -461,7 +517,7 @@ class _Probe:
     abort, an immediate connect error) are closed, not pooled.
     """
     __slots__ = ("checker", "entry", "sock", "fd", "registered", "mapped", "phase",
-                 "start", "seq", "out", "buf", "eof", "ended")
+                 "start", "timeout", "seq", "out", "buf", "eof", "ended")
 
     def __init__(self, checker: HealthChecker, entry: _Entry):
         self.checker, self.entry = checker, entry
@@ -471,13 +527,16 @@ class _Probe:
         self.mapped = False             # in checker._probes (its events come here)
         self.phase = "connect"
         self.start = 0.0
+        self.timeout = 0.0
         self.seq = 0                    # the heap item of this check's timeout
         self.ended = False
 
     def begin(self) -> None:
         checker, entry = self.checker, self.entry
         self.start = _now()
-        self.seq = checker._push(self.start + entry.target.monitor.timeout, _TIMEOUT, self)
+        # Its own: an edit of the monitor meanwhile applies from the next check on.
+        self.timeout = entry.target.monitor.timeout
+        self.seq = checker._push(self.start + self.timeout, _TIMEOUT, self)
         tcp = not entry.request
         try:
             if tcp and checker._idle:
@@ -557,7 +616,7 @@ class _Probe:
         self._end(None)
 
     def on_timeout(self) -> None:
-        self._end((False, f"timeout after {float(self.entry.target.monitor.timeout)}s "
+        self._end((False, f"timeout after {float(self.timeout)}s "
                           f"({_PHASES[self.phase]})"))
 
     def on_event(self, events: int) -> None:

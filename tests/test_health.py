@@ -23,6 +23,7 @@ import struct
 import threading
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from ipaddress import IPv4Address
 
 import pytest
@@ -172,9 +173,12 @@ class Listener:
 
 
 class HttpBehaviour:
-    def __init__(self, status=200, body=b"all good", hang=False, delay=0.0, hosts=None):
+    def __init__(self, status=200, body=b"all good", hang=False, delay=0.0, hosts=None,
+                 statuses=None):
         self.status, self.body, self.hang, self.delay = status, body, hang, delay
         self.hosts = hosts or {}        # path -> the Host header it must carry
+        self.statuses = statuses or {}  # path -> its status, if not `status`
+        self.on_request = None          # f(path), if set: called as each request comes
 
     async def __call__(self, srv: Listener, reader, writer) -> None:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
@@ -182,13 +186,15 @@ class HttpBehaviour:
         headers = {k.strip().lower(): v.strip()
                    for k, _, v in (f.partition(":") for f in fields if f)}
         srv.requests.append((line, headers))
+        path = line.split()[1]
+        if self.on_request is not None:
+            self.on_request(path)
         if self.hang:
             await asyncio.sleep(5)      # cancelled by Listener.close long before
             return
         if self.delay:
             await asyncio.sleep(self.delay)
-        path = line.split()[1]
-        status, body = self.status, self.body
+        status, body = self.statuses.get(path, self.status), self.body
         want = self.hosts.get(path)
         if want is not None and headers.get("host") != want:
             status, body = 400, f"bad host {headers.get('host')!r}".encode()
@@ -207,6 +213,7 @@ class Recorder:
         # (key, (ok, reason, duration)) for a check, (key, Transition) for a change
         self.events: list[tuple[tuple[str, str], tuple[bool, str, float] | Transition]] = []
         self.transitions: list[Transition] = []
+        self.after_check = None         # f(key, ok), if set: called after each check is recorded
 
     def on_check(self, key, ok: bool, duration: float) -> None:
         try:
@@ -214,6 +221,8 @@ class Recorder:
         except KeyError:                # a removed target's check: recorded all the same
             reason = None
         self.events.append((key, (ok, reason, duration)))
+        if self.after_check is not None:
+            self.after_check(key, ok)
 
     def on_change(self, tr: Transition) -> None:
         self.events.append((tr.key, tr))
@@ -656,8 +665,9 @@ def test_set_targets_while_running(netns):
             assert len(b_srv.connections) == b_count
             assert rec.checks(kb, removed) == []        # not even the one in flight
 
-            # A changed Target restarts as new: provisional up, first check decides.
-            dead2 = Target(kdead, LOCAL, 8011, tcp_monitor(fall=1, rise=1))
+            # One at another address restarts as new: provisional up, first check
+            # decides (one whose monitor is edited goes on: the tests below).
+            dead2 = Target(kdead, IPv4Address("127.0.0.2"), 8011, tcp_monitor(fall=2))
             hc.set_targets([a, dead2])
             assert hc.state(kdead) == "up" and hc.last_check(kdead) is None
             await until(lambda: len(rec.of(kdead)) == 2, "dead down again")
@@ -750,6 +760,204 @@ def test_fixed_rate_and_spread_first_checks(netns):
         assert fast.connections and slow.connections
         await slow.close()
         await fast.close()
+
+    netns.run(main())
+
+
+class Edits:
+    """Monitor edits made at chosen moments as `xlb apply` makes them: the whole
+    set of targets again, with the checker's states as `initial` (as the daemon
+    gives them)."""
+
+    def __init__(self, hc: HealthChecker, rec: Recorder, targets):
+        self.hc, self.rec = hc, rec
+        self.targets = {t.key: t for t in targets}
+        self.asked: set[tuple[str, str]] = set()
+        self.at: dict[tuple[str, str], int] = {}        # the mark of each key's edit
+        self.states: dict[tuple[str, str], str] = {}    # its state just after
+        self.clock: dict[tuple[str, str], tuple[float, float]] = {}   # health's, around it
+
+    def soon(self, key, delay: float = 0.0, **changes) -> None:
+        """Edits key's monitor once the caller (a callback of the checker) has returned."""
+        self.asked.add(key)
+        asyncio.get_running_loop().call_later(delay, functools.partial(self.now, key, **changes))
+
+    def now(self, key, **changes) -> None:
+        self.asked.add(key)
+        t = self.targets[key]
+        self.targets[key] = replace(t, monitor=replace(t.monitor, **changes),
+                                    port=changes.get("port", t.port))
+        before = health._now()
+        self.hc.set_targets(self.targets.values(), initial=self.hc.states())
+        self.clock[key] = (before, health._now())
+        self.at[key] = self.rec.mark()
+        self.states[key] = self.hc.state(key)
+
+    def checks_before(self, key) -> int:
+        return len(self.rec.checks(key)) - len(self.rec.checks(key, self.at[key]))
+
+
+@pytest.mark.netns
+def test_an_edited_monitor_goes_on_with_the_counts_so_far(netns):
+    """An edit of a monitor's rise or fall is a change of policy, not a new
+    server: the checks so far count against the new value, and only a check
+    changes a state. fall 3 -> 5 after 2 failures: 3 more take the server
+    down (where a new server's first check would, at once); fall 5 -> 2 after
+    3: the next one does. rise 2 -> 4 after 1 pass: 3 more bring it up;
+    rise 4 -> 2 after 3: the next one does."""
+    async def main():
+        dying = await Listener(8030).start()
+        ka, kb, kc, kd = (("p", n) for n in "abcd")
+        targets = [Target(ka, LOCAL, 8030, tcp_monitor(fall=3)),
+                   Target(kb, LOCAL, 8030, tcp_monitor(fall=5)),
+                   Target(kc, LOCAL, 8031, tcp_monitor(rise=2)),    # nothing there yet
+                   Target(kd, LOCAL, 8031, tcp_monitor(rise=4))]
+        # key: the outcome counted, how many come before the edit, the edit, what follows
+        plan = {ka: ("fail", 2, {"fall": 5}, ["fail"] * 3 + ["down"]),
+                kb: ("fail", 3, {"fall": 2}, ["fail", "down"]),
+                kc: ("pass", 1, {"rise": 4}, ["pass"] * 3 + ["up"]),
+                kd: ("pass", 3, {"rise": 2}, ["pass", "up"])}
+        async with checker(targets) as (hc, rec):
+            await until(lambda: all(hc.last_check(t.key) for t in targets), "the first checks")
+            assert hc.states() == {ka: "up", kb: "up", kc: "down", kd: "down"}
+            edits = Edits(hc, rec, targets)
+            turned = rec.mark()
+
+            def after_check(key, ok):
+                outcome, n, changes, _ = plan[key]
+                if key not in edits.asked and rec.story(key, turned).count(outcome) == n:
+                    edits.soon(key, **changes)
+            rec.after_check = after_check
+            await dying.stop_listening()
+            coming = await Listener(8031).start()
+            await until(lambda: all(k in edits.at and after[-1] in rec.story(k, edits.at[k])
+                                    for k, (*_, after) in plan.items()),
+                        "every server edited and changed", seconds=PATIENCE + 12 * INTERVAL)
+            assert edits.states == {ka: "up", kb: "up", kc: "down", kd: "down"}
+            for key, (_, _, _, after) in plan.items():
+                assert rec.story(key, edits.at[key], through=after[-1]) == after, key
+        await dying.close()
+        await coming.close()
+
+    netns.run(main())
+
+
+@pytest.mark.netns
+def test_an_edited_interval_counts_from_the_last_check(netns):
+    """An edited interval counts from the last check's due time: the next
+    check is due the new interval after it (not at once, nor the old interval
+    after it), or at once when that time has passed."""
+    async def main():
+        srv = await Listener(8032).start()
+        ke, kf, kg = ("p", "e"), ("p", "f"), ("p", "g")
+        targets = [Target(ke, LOCAL, 8032, tcp_monitor(interval=0.2)),
+                   Target(kf, LOCAL, 8032, tcp_monitor(interval=0.5)),
+                   Target(kg, LOCAL, 8032, tcp_monitor(interval=1.0))]
+        new = {ke: 0.5, kf: 0.2, kg: 0.2}
+        rec = ScheduleRecorder()
+        async with checker(targets, rec) as (hc, rec):
+            edits = Edits(hc, rec, targets)
+
+            def after_check(key, ok):
+                if key not in edits.asked:          # after its first check; g's 0.4 s
+                    edits.soon(key, 0.4 if key == kg else 0, interval=new[key])
+            rec.after_check = after_check
+            await until(lambda: all(len(rec.checks(k, edits.at[k])) >= 1
+                                    for k in new if k in edits.at)
+                        and len(edits.at) == 3, "a check of each after its edit",
+                        seconds=PATIENCE + 2)
+        for key in (ke, kf):
+            n = edits.checks_before(key)
+            last, following = rec.due[key][n - 1][0], rec.due[key][n][0]
+            assert following == pytest.approx(last + new[key], abs=1e-6), (key, rec.due[key])
+        # g: its first check + 0.2 had passed when the edit came 0.4 s after it.
+        n = edits.checks_before(kg)
+        before, after = edits.clock[kg]
+        assert rec.due[kg][n - 1][0] + 0.2 < before <= rec.due[kg][n][0] <= after
+        await srv.close()
+
+    netns.run(main())
+
+
+@pytest.mark.netns
+def test_a_check_in_flight_as_its_monitor_is_edited_counts_under_the_edit(netns):
+    """A check in flight when an edit of its fall and interval lands goes on
+    and counts against the new fall; the next is due the new interval after
+    it: no check lost, none doubled."""
+    async def main():
+        behaviour = HttpBehaviour(delay=0.05)
+        srv = await Listener(8033, behaviour).start()
+        key = ("p", "h")
+        target = Target(key, LOCAL, 8033, http_monitor(fall=2))
+        rec = ScheduleRecorder()
+        async with checker([target], rec) as (hc, rec):
+            await until(lambda: rec.checks(key), "the first check")
+            edits = Edits(hc, rec, [target])
+
+            def on_request(path):
+                if key not in edits.asked and rec.story(key, failing).count("fail") == 1:
+                    edits.now(key, fall=3, interval=0.3)    # while this check is in flight
+            failing = rec.mark()
+            behaviour.status = 500
+            behaviour.on_request = on_request
+            await until(lambda: rec.of(key), "down", seconds=PATIENCE + 6 * INTERVAL)
+            s = rec.story(key, failing, through="down")
+            assert s[s.index("fail"):] == ["fail"] * 3 + ["down"], s    # (one in flight may pass)
+            assert edits.states == {key: "up"}
+            n = edits.checks_before(key)            # due[n]: the check in flight at the edit
+            assert [d for d, _ in rec.due[key][n:]] == pytest.approx(
+                [rec.due[key][n][0], rec.due[key][n][0] + 0.3], abs=1e-6), rec.due[key]
+        await srv.close()
+
+    netns.run(main())
+
+
+@pytest.mark.netns
+def test_a_monitor_edited_to_check_something_else_counts_anew(netns):
+    """An edit of what is checked (here the http path) keeps the state, but
+    the checks so far, of the old path, no longer count, and a check of it in
+    flight is dropped: `rise` or `fall` checks of the new path decide (not the
+    first alone, as for a new server, nor fewer for the old path's checks).
+    The next check is due an interval after the one dropped."""
+    async def main():
+        behaviour = HttpBehaviour(delay=0.05, statuses={"/new": 404, "/missing": 404})
+        srv = await Listener(8034, behaviour).start()
+        ku, kd = ("p", "u"), ("p", "d")
+        targets = [Target(ku, LOCAL, 8034, http_monitor(path="/old", fall=3)),
+                   Target(kd, LOCAL, 8034, http_monitor(path="/missing", rise=2))]
+        rec = ScheduleRecorder()
+        async with checker(targets, rec) as (hc, rec):
+            await until(lambda: hc.last_check(ku) and hc.last_check(kd), "the first checks")
+            assert hc.states() == {ku: "up", kd: "down"}
+            edits = Edits(hc, rec, targets)
+            dropped = []
+
+            def on_request(path):
+                # u: its third /old check after two failures, in flight
+                if path == "/old" and ku not in edits.asked and \
+                        rec.story(ku, failing).count("fail") == 2:
+                    dropped.append(hc._entries[ku].next_start)     # when it was due
+                    edits.now(ku, path="/new")
+
+            def after_check(key, ok):
+                if key == kd and key not in edits.asked:
+                    edits.soon(kd, path="/")
+            failing = rec.mark()
+            behaviour.statuses["/old"] = 503
+            behaviour.on_request = on_request
+            rec.after_check = after_check
+            await until(lambda: rec.of(ku) and rec.of(kd), "u down, d up",
+                        seconds=PATIENCE + 10 * INTERVAL)
+            assert edits.states == {ku: "up", kd: "down"}
+            assert rec.story(kd, edits.at[kd], through="up") == ["pass", "pass", "up"]
+            s = rec.story(ku, failing, through="down")
+            assert s[s.index("fail"):] == ["fail"] * 5 + ["down"], s
+            # None of /old after the edit: the one in flight was dropped, unreported.
+            assert {r for _, r, _ in rec.checks(ku, edits.at[ku])} == \
+                {"http status 404, expected 2xx or 3xx"}
+            n = edits.checks_before(ku)
+            assert rec.due[ku][n][0] == pytest.approx(dropped[0] + INTERVAL, abs=1e-6)
+        await srv.close()
 
     netns.run(main())
 
