@@ -799,9 +799,11 @@ class HealthSync:
         asyncio.get_running_loop().create_task(self._changed())
 
     async def sync_targets(self) -> None:
-        """Gives the checker the config's targets; new or changed ones start as
-        up (provisionally, until their first check), as the checker sees them,
-        renamed ones go on as checked. Called with the lock held."""
+        """Gives the checker the config's targets; new ones, and those moved to
+        another address or port (None in the renames), start as up
+        (provisionally, until their first check), as the checker sees them;
+        renamed ones and those whose monitor changed go on as checked, under
+        the new monitor. Called with the lock held."""
         self.checker.set_targets(self.balancer.health_targets(), initial=self.balancer.health,
                                  renamed=self.balancer.checker_synced())
         await self._follow()

@@ -656,9 +656,9 @@ def checked(balancer):
     return balancer
 
 
-def checked_config(ports, interval: float = 0.1):
+def checked_config(ports, interval: float = 0.1, rise: int = 1):
     text = [f'[monitors.m]\ntype = "tcp"\ninterval = {interval}\ntimeout = 0.05\n'
-            f'rise = 1\nfall = 1\n']
+            f'rise = {rise}\nfall = 1\n']
     text += [f'[servers.s{p}]\naddress = "{HERE_ADDRESS}"\nport = {p}\n' for p in ports]
     text.append(f'[pools.web]\nservers = {json.dumps([f"s{p}" for p in ports])}\n'
                 f'monitor = "m"\n[frontends.www]\nvip = "10.1.1.101"\nport = 80\npool = "web"\n')
@@ -764,14 +764,37 @@ def test_a_renamed_server_goes_on_as_checked(checked):
         listener.close()
 
 
+def test_a_monitor_edited_by_an_apply_goes_on_as_checked(checked):
+    """An apply that edits a server's monitor (its rise and interval here)
+    changes how it is checked, not which server it is: the checker goes on
+    with its state, last check and counts (health.HealthChecker._edit), where
+    a new server's first check would decide at once, whatever rise."""
+    key = ("web", f"s{CHECK_PORT}")
+
+    async def scenario():
+        async with checking(checked, checked_config([CHECK_PORT])) as (sync, lock):
+            checker = sync.checker
+            await until(lambda: checked.states[key] == "down", "down applied")
+            async with lock:
+                last = checker.last_check(key)
+                checked.apply(checked_config([CHECK_PORT], interval=0.2, rise=3), relink=False)
+                await sync.sync_targets()
+                return last, checker.state(key), checker.last_check(key), checked.states[key]
+
+    last, state, now, applied = asyncio.run(scenario())
+    assert (state, applied) == ("down", "down") and now is last
+
+
 def test_a_health_change_made_stale_by_an_apply_does_not_stick(checked):
-    """A server fails while an apply holds the lock, comes back, and the apply
-    changes its monitor (the checker restarts it, provisionally up as the data
-    path still has it); its first check there passes. The change queued from
-    before must not take it down: the checker, which now says up, would never
-    say so again while it keeps passing."""
+    """A server fails while an apply holds the lock, and the apply moves it to
+    another port, where it listens (the checker restarts it, provisionally up
+    as the data path has it); its first check there passes. The change queued
+    from before must not take it down: the checker, which now says up, would
+    never say so again while it keeps passing."""
     key = ("web", f"s{CHECK_PORT}")
     listener = listen(CHECK_PORT)
+    moved = configfile.load(configfile.dump(checked_config([CHECK_PORT])).replace(
+        f"port = {CHECK_PORT}\n", f"port = {CHECK_PORT + 1}\n"))
 
     async def scenario():
         nonlocal listener
@@ -781,10 +804,10 @@ def test_a_health_change_made_stale_by_an_apply_does_not_stick(checked):
             async with lock:
                 listener.close()
                 await until(lambda: checker.state(key) == "down", "down")
-                listener = listen(CHECK_PORT)
-                checked.apply(checked_config([CHECK_PORT], interval=0.2), relink=False)
+                listener = listen(CHECK_PORT + 1)
+                checked.apply(moved, relink=False)
                 await sync.sync_targets()
-            await until(lambda: checker.last_check(key), "the first check of the new monitor")
+            await until(lambda: checker.last_check(key), "the first check at the new port")
             async with lock:                            # the queued change has run
                 pass
             return checker.last_check(key)[0], checker.state(key), checked.states[key]
