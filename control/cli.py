@@ -193,14 +193,29 @@ def _check_state_dir() -> None:
 def _flow_table(connections: int):
     """The map sizes of --flow-table CONNECTIONS, refused where the kernel would
     not create the tables, or where they would not fit in the memory the
-    machine has available (the kernel allocates them whole, at once)."""
+    machine has available (the kernel allocates them whole, at once). The
+    running data path's tables of that size are kept, not made again: the
+    memory they take is no reason to refuse its restart."""
     from .datapath import Limits
     limits = _valid("--flow-table", Limits.for_connections, connections)
     need, available = limits.flow_table_bytes(), mem_available()
-    if need > available:
+    if need > available and not _running_tables_are(limits):
         raise BadInput(f"--flow-table: {connections} connections take {need / 2**30:.1f} GiB "
                        f"of kernel memory; this machine has {available / 2**30:.1f} GiB available")
     return limits
+
+
+def _running_tables_are(limits) -> bool:
+    """Whether the data path running here has flow tables of these sizes (as
+    only root can tell)."""
+    from .datapath import find_running
+    running = find_running()
+    if running is None:
+        return False
+    try:
+        return running.limits() == limits
+    finally:
+        running.close()
 
 
 def mem_available() -> int:

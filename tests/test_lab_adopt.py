@@ -238,6 +238,33 @@ def test_a_restart_with_a_smaller_flow_table_keeps_the_open_connections(lab):
     assert "connections did not fit" in second.stderr
 
 
+# `xlb up` on a machine with `{}` bytes of memory available (MemAvailable).
+SHORT_OF_MEMORY = ("import sys; from xlb import cli\n"
+                   "cli.mem_available = lambda: {}\n"
+                   "sys.argv[0] = 'xlb'; cli.main()")
+
+
+def test_a_restart_with_the_running_flow_tables_size_needs_no_memory_for_them(lab):
+    """The running tables of that size are kept, not made again: the memory
+    they take (and so is not available) is no reason to refuse the restart.
+    Refused as bad input (exit 2), it was never retried by systemd, and the
+    data path ran on without health checks."""
+    from xlb.datapath import Limits
+    short = SHORT_OF_MEMORY.format(Limits.for_connections(4096).flow_table_bytes() - 1)
+    with lab.xlb(*SEED_ARGS, "--flow-table", "4096") as first:
+        first.stop(signal.SIGKILL)
+    python = str(XLB.parent / "python3")
+    other = lab.run("lb", python, "-c", short, "up", *SEED_ARGS, "--flow-table", "8192")
+    assert other.returncode == 2 and "of kernel memory" in other.stderr, other.stderr
+    up = lab.spawn("lb", python, "-c", short, "up", *SEED_ARGS, "--flow-table", "4096")
+    try:
+        line = up.stdout.readline()
+        assert "adopted the running data path" in line, line + up.stderr.read()
+    finally:
+        up.terminate()
+        up.wait(20)
+
+
 def test_a_restart_without_forwarding_keeps_the_running_data_paths_mode(lab):
     """Kernel forwarding is chosen where the fast path cannot work (a veth
     peer without XDP): a bare restart must not turn the fast path on."""
