@@ -30,6 +30,14 @@ def test_the_unit_serves_the_config_restarts_on_failure_and_reloads_by_apply():
     assert s["RestartPreventExitStatus"] == "2"
 
 
+def test_the_unit_restarts_an_instance_that_a_hangup_killed():
+    """SIGHUP kills `xlb up` as a crash does (its data path runs on, without
+    health checks), but systemd takes it for a clean exit, which on-failure
+    does not restart: `kill -HUP`, as for another daemon's reload, left the
+    data path without its control process until someone noticed."""
+    assert "SIGHUP" in service()["RestartForceExitStatus"].split()
+
+
 @pytest.mark.netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a private /usr/local/bin: needs root")
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
