@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -95,7 +95,7 @@ class Balancer:
         admin, role) keeps the links as they are, so that no link's trouble
         keeps it from taking effect."""
         if relink:
-            links = _select(config, self.links)
+            links = _select(config, self.datapath.holds)
             _check_host(config, [link for link in links if link.name not in self.links])
             _refuse_taken(link for link in links if not self.datapath.holds(link.index))
         else:
@@ -414,10 +414,12 @@ def _warn_veth(datapath: Datapath, att) -> None:
                          f"(one that passes everything will do)")
 
 
-def _select(config: Config, attached: Collection[str] = ()) -> list[netif.Link]:
+def _select(config: Config, holds: Callable[[int], bool] = lambda ifindex: False
+            ) -> list[netif.Link]:
     """The links a config attaches to (raises LookupError): those it names, or
-    every up, non-loopback one and those attached already (a link that goes
-    down keeps its program, and serves again when it comes back up)."""
+    every up, non-loopback one and those that run the program already, by
+    ifindex (a link that goes down keeps its program, and serves again when it
+    comes back up; so does one that runs the program an adoption takes over)."""
     names = config.attach_names()
     if names:
         links = netif.select(names)
@@ -427,7 +429,7 @@ def _select(config: Config, attached: Collection[str] = ()) -> list[netif.Link]:
                                   f"VIP arrives there")
         return links
     links = [link for link in netif.links()
-             if not link.loopback and (link.up or link.name in attached)]
+             if not link.loopback and (link.up or holds(link.index))]
     if not links:
         raise LookupError("no up, non-loopback interface in this network namespace")
     return links

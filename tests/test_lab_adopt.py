@@ -238,6 +238,32 @@ def test_a_restart_with_a_smaller_flow_table_keeps_the_open_connections(lab):
     assert "connections did not fit" in second.stderr
 
 
+def test_a_link_that_is_down_keeps_the_program_across_an_adoption(lab):
+    """A link that goes down keeps the program and serves again when it comes
+    back up, also when `xlb up` restarts meanwhile: the adoption let it go (it
+    attached to the links that were up), and once eth1 came back the servers'
+    replies, which arrive there, went on un-NATed: every connection hung."""
+    with lab.xlb(*SEED_ARGS) as first:
+        # 120 requests over 30 s, each waiting out the link's downtime (TCP
+        # retransmits it): all are answered only if the connection goes on.
+        holder, name = lab.hold("--pause", "0.25", "--count", "120", "--timeout", "60")
+        first.stop(signal.SIGKILL)
+    try:
+        lab.run("lb", "ip", "link", "set", "eth1", "down", check=True)
+        with lab.xlb(*SEED_ARGS) as second:
+            assert "adopted the running data path" in second.serving_line
+            lab.run("lb", "ip", "link", "set", "eth1", "up", check=True)
+            assert set(lab.xdp_attached("lb")) == {"eth0", "eth1"}
+            assert holder.poll() is None            # its connection outlives the restart
+            assert lab.client("client", "http", VIP, "80", "--count", "4")["errors"] == []
+            out, _ = holder.communicate(timeout=90)
+    finally:
+        lab.run("lb", "ip", "link", "set", "eth1", "up", check=True)
+        holder.kill()
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert len(answers) == 119 and {a.get("name") for a in answers} == {name}, answers
+
+
 # `xlb up` on a machine with `{}` bytes of memory available (MemAvailable).
 SHORT_OF_MEMORY = ("import sys; from xlb import cli\n"
                    "cli.mem_available = lambda: {}\n"
