@@ -28,8 +28,8 @@ from prometheus_client.registry import CollectorRegistry
 
 from . import __version__
 from . import model
+from .planner import STATES
 
-STATES = ("up", "down", "drain", "maint")
 # Check durations: a local TCP connect takes ~0.1 ms, a timeout ends at 1-2 s.
 CHECK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _LE = tuple(repr(b) for b in CHECK_BUCKETS) + ("+Inf",)

@@ -27,8 +27,6 @@ class CapacityError(ValueError):
     """The config needs more than the data plane's maps hold."""
 
 
-
-
 @dataclass(frozen=True)
 class ServiceState:
     id: int
@@ -95,7 +93,7 @@ def _allocate(keys: Iterable, previous: dict, retired: frozenset[int], limit: in
     return ids, frozenset((retired | prev_ids) - set(ids.values()))
 
 
-STATES = ("up", "down", "drain", "maint")
+STATES = ("up", "down", "drain", "maint")      # what server_state gives
 
 
 def server_state(server: Server, admin: str | None, health: str) -> str:
