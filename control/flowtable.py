@@ -65,9 +65,6 @@ class Row(NamedTuple):
         """This entry with the value its map holds now."""
         return Row(*self[:5], *_VALUE.unpack(value))
 
-    def idle_past(self, now: int, seen: int) -> bool:
-        return _idle(self.timeout, seen, now)
-
 
 def _idle(timeout: int, seen: int, now: int) -> bool:
     """Whether an entry last seen at `seen` is idle past its timeout (0: never)."""
@@ -161,7 +158,7 @@ class Census:
 def is_open(r: Row, now: int) -> bool:
     """Whether the connection of forward entry r is open: not closing, not
     idle past its timeout."""
-    return r.state != layout.FLOW_STATES["closing"] and not r.idle_past(now, r.seen)
+    return r.state != layout.FLOW_STATES["closing"] and not _idle(r.timeout, r.seen, now)
 
 
 _NATIVE = {1: "B", 2: "H", 4: "I", 8: "Q"}     # memoryview formats by size (host order)
