@@ -161,7 +161,6 @@ def is_open(r: Row, now: int) -> bool:
     return r.state != layout.FLOW_STATES["closing"] and not _idle(r.timeout, r.seen, now)
 
 
-_NATIVE = {1: "B", 2: "H", 4: "I", 8: "Q"}     # memoryview formats by size (host order)
 _IS_FORWARD = bytes(int(d == layout.FLOW_FORWARD) for d in range(256))
 
 
@@ -170,7 +169,8 @@ def _column(values: bytes, name: str):
     bulk without decoding the rest, as a million connections' rows take
     gigabytes and seconds to build."""
     f = getattr(layout.Flow, name)
-    return memoryview(values).cast(_NATIVE[f.size])[f.offset // f.size::_VALUE.size // f.size]
+    column = memoryview(values).cast(layout.UNSIGNED_FORMATS[f.size])
+    return column[f.offset // f.size::_VALUE.size // f.size]
 
 
 def census(tables: dict[str, bytes], now: int) -> Census:

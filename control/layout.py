@@ -203,7 +203,8 @@ def check_mirror(name: str, bcc_key, bcc_leaf) -> list[str]:
     return problems
 
 
-_STRUCT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+# `struct` (and memoryview) format codes of unsigned integers, by size in bytes.
+UNSIGNED_FORMATS = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
 def struct_format(ctype) -> str:
@@ -215,7 +216,7 @@ def struct_format(ctype) -> str:
         if name == "pad":
             fmt += f"{ct.sizeof(ftype)}x"
         elif issubclass(ftype, ct.Array):
-            fmt += f"{ftype._length_}{_STRUCT_CODES[ct.sizeof(ftype._type_)]}"
+            fmt += f"{ftype._length_}{UNSIGNED_FORMATS[ct.sizeof(ftype._type_)]}"
         else:
-            fmt += _STRUCT_CODES[ct.sizeof(ftype)]
+            fmt += UNSIGNED_FORMATS[ct.sizeof(ftype)]
     return fmt
