@@ -171,9 +171,8 @@ REASONS = read_reasons()
 REASON_NAMES = tuple(name.lower() for name, _ in REASONS)
 REASON_ACTIONS = tuple(action for _, action in REASONS)
 _FLOW = read_enum("FLOW_")
-FLOW_DIRS = {k: _FLOW[k] for k in ("FLOW_FORWARD", "FLOW_REPLY")}
-FLOW_FORWARD = FLOW_DIRS["FLOW_FORWARD"]
-FLOW_REPLY = FLOW_DIRS["FLOW_REPLY"]
+FLOW_FORWARD = _FLOW["FLOW_FORWARD"]
+FLOW_REPLY = _FLOW["FLOW_REPLY"]
 FLOW_STATES = {k[5:].lower(): _FLOW[k]
                for k in ("FLOW_NEW", "FLOW_ANSWERED", "FLOW_ESTABLISHED", "FLOW_CLOSING")}
 BACKEND_NO_NEW_FLOWS = read_enum("BACKEND_")["BACKEND_NO_NEW_FLOWS"]
