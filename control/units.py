@@ -50,5 +50,6 @@ def last_check(server: dict) -> str:
     check = server.get("last_check")
     if check is None:
         return "first check pending" if server.get("monitor") else "not checked"
-    ms = check.get("duration_seconds")
-    return f"{check['reason']} ({ms * 1000:.1f} ms)" if ms is not None else check["reason"]
+    seconds = check.get("duration_seconds")
+    return (f"{check['reason']} ({seconds * 1000:.1f} ms)" if seconds is not None
+            else check["reason"])
