@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from . import __version__, config as configfile, ctl
-from .model import ConfigError, from_flags, monitor_from_flags
+from .model import ConfigError, from_flags, has_space, monitor_from_flags, parse_host
 from .units import full, last_check, shown, si
 
 
@@ -532,7 +532,6 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     """
     from . import state
     from .ha import keepalived_role
-    from .model import has_space
     if has_space(instance) or not instance:
         raise BadInput(f"--instance: {instance!r} is not a vrrp_instance name")
     if track_file is not None:
@@ -739,7 +738,6 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
     state reaches xlb through `xlb ha follow`.
     """
     from . import ha as hamod
-    from .model import parse_host
     peer_ip = _valid("--peer", parse_host, peer)
     _valid("--interface", hamod.check_keepalived_word, interface)
     if math.isnan(advert_int) or abs(advert_int * 100 - round(advert_int * 100)) > 1e-6:
@@ -801,7 +799,6 @@ def bird(router, local_as, peer_as, table, router_id, config) -> None:
     when the node fails.
     """
     from . import ha as hamod
-    from .model import parse_host
     router_ip = _valid("--router", parse_host, router)
     rid = None if router_id is None else _valid("--router-id", hamod.parse_router_id, router_id)
     _valid("--table", hamod.check_table, table)
