@@ -452,8 +452,7 @@ def down(keep_datapath: bool) -> None:
                        "drain and maint, announce table)")
             return
         click.echo(f"xlb: removed the data path that ran without its control process "
-                   f"(program {orphan['program']['id']} on "
-                   f"{', '.join(i['name'] for i in orphan['interfaces'])})")
+                   f"({_program_on(orphan)})")
         return
     except ctl.ControlError as e:
         raise Failure(str(e)) from None
@@ -467,8 +466,7 @@ def down(keep_datapath: bool) -> None:
             if left is not None:
                 ctl.forget()
                 click.echo(f"xlb: the instance stopped before it detached; removed the data "
-                           f"path it left (program {left['program']['id']} on "
-                           f"{', '.join(i['name'] for i in left['interfaces'])})")
+                           f"path it left ({_program_on(left)})")
                 return
             click.echo("xlb: stopped; the data path keeps running" if keep_datapath
                        else "xlb: stopped")
@@ -867,11 +865,21 @@ def _withdraw(kept) -> None:
                       f"removed") from None
 
 
+def _program_on(o: dict) -> str:
+    """The program of a data path described by _orphan, and its interfaces."""
+    return f"program {o['program']['id']} on {', '.join(i['name'] for i in o['interfaces'])}"
+
+
+def _interfaces(attached: list[dict]) -> str:
+    """Interfaces and their XDP modes, as status and _orphan describe them."""
+    return ", ".join(f"{i['name']} ({i['mode']})" for i in attached)
+
+
 def format_orphan(o: dict) -> str:
-    ifaces = ", ".join(f"{i['name']} ({i['mode']})" for i in o["interfaces"])
     p = o["program"]
     return (f"xlb: the data path runs without its control process: program {p['id']} "
-            f"(tag {p['tag']}, loaded {p['loaded_seconds_ago']}s ago) on {ifaces}; "
+            f"(tag {p['tag']}, loaded {p['loaded_seconds_ago']}s ago) on "
+            f"{_interfaces(o['interfaces'])}; "
             f"{o['flows']['entries']} flow entries. It forwards with its last state; "
             f"`xlb up` adopts it, `xlb down` removes it.")
 
@@ -886,9 +894,9 @@ def _ha_line(h: dict) -> str:
 
 
 def format_status(s: dict) -> str:
-    ifaces = ", ".join(f"{i['name']} ({i['mode']})" for i in s["interfaces"])
     source = f", config {shown(s['config'])}" if s.get("config") else ""
-    lines = [f"xlb {s['version']}, pid {s['pid']}, up {s['uptime_seconds']:.0f}s, on {ifaces}, "
+    lines = [f"xlb {s['version']}, pid {s['pid']}, up {s['uptime_seconds']:.0f}s, "
+             f"on {_interfaces(s['interfaces'])}, "
              f"{s['forwarding']} forwarding{source}", _ha_line(s["ha"]), ""]
     lines.append(f"{'FRONTEND':<14} {'VIP':<22} {'POOL':<12} {'TAKING':>6} {'CONNS':>7} "
                  f"{'PKTS IN':>8} {'PKTS OUT':>8} {'BYTES IN':>8} {'BYTES OUT':>9}")
