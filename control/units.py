@@ -22,15 +22,17 @@ def shown(text: str) -> str:
 def si(x: float) -> str:
     """0, 7.5, 42, 1.2k, 3.4M: short numbers for narrow columns (counts below
     1000 exactly, rates below 10 to a tenth)."""
+    # Each step judged by the number as it is shown: 999,950 rounds to 1000.0k,
+    # which is 1.0M.
     if isinstance(x, int) and abs(x) < 1000:
         return str(x)
-    if abs(x) < 10:
+    if abs(round(x, 1)) < 10:
         return "0" if x == 0 else f"{x:.1f}"
-    if abs(x) < 1000:
+    if abs(round(x)) < 1000:
         return f"{x:.0f}"
     for unit in ("k", "M", "G", "T", "P"):
         x /= 1000
-        if abs(x) < 1000 or unit == "P":
+        if abs(round(x, 1)) < 1000 or unit == "P":
             return f"{x:.1f}{unit}"
     raise AssertionError("unreachable")
 

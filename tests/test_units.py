@@ -11,6 +11,13 @@ def test_si_counts_below_1000_exactly_then_with_a_unit():
     assert [units.si(n) for n in (999_949, 1_000_000)] == ["999.9k", "1.0M"]    # unit changes
 
 
+def test_si_a_number_that_rounds_up_to_the_next_step_is_said_in_it():
+    # Rounded as shown, 999,950 is 1000.0k: it is 1.0M, as 999.6 is 1.0k and 9.96 is 10.
+    assert [units.si(n) for n in (999_950, 999_999, -999_999, 999_999_999)] == \
+        ["1.0M", "1.0M", "-1.0M", "1.0G"]
+    assert [units.si(x) for x in (999.6, 9.96, -9.96)] == ["1.0k", "10", "-10"]
+
+
 def test_full_is_the_tables_percentage():
     assert units.full({"entries": 250, "capacity": 1000}) == ("25.0", 25.0)
     assert units.full({"entries": 1, "capacity": 10_000}) == ("<0.1", 0.01)
