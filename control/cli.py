@@ -19,7 +19,8 @@ from pathlib import Path
 import click
 
 from . import __version__, config as configfile, ctl
-from .model import ConfigError, from_flags, has_space, monitor_from_flags, parse_host
+from .model import (ConfigError, Monitor, from_flags, has_space, monitor_from_flags,
+                    parse_host)
 from .units import full, last_check, shown, si
 
 
@@ -80,11 +81,12 @@ def cli() -> None:
                    "of PATH expecting a 2xx or 3xx status, or none.")
 @click.option("--check-port", type=int, metavar="N",
               help="Port to check. Default: each backend's own port.")
-@click.option("--interval", type=float, default=2.0, show_default=True, metavar="SECONDS",
+@click.option("--interval", type=float, default=Monitor.interval, show_default=True,
+              metavar="SECONDS",
               help="Seconds between checks (the timeout is 1 s, or the interval if shorter).")
-@click.option("--rise", type=int, default=2, show_default=True, metavar="N",
+@click.option("--rise", type=int, default=Monitor.rise, show_default=True, metavar="N",
               help="Passed checks in a row that bring a down server back.")
-@click.option("--fall", type=int, default=3, show_default=True, metavar="N",
+@click.option("--fall", type=int, default=Monitor.fall, show_default=True, metavar="N",
               help="Failed checks in a row that take a server out.")
 @click.option("--metrics", "metrics_at", default="127.0.0.1:9717", show_default=True,
               metavar="ADDR:PORT|off",

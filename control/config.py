@@ -366,7 +366,7 @@ class _Loader:
             # Ignored, they would make the operator believe the servers checked.
             checks.update(dict.fromkeys(CHECKING, _only('type "tcp" or "http" (type "none" '
                                                          'never checks)')))
-        values = self.fields(path, obj, checks, defaults={"interval": 2.0})
+        values = self.fields(path, obj, checks, defaults={"interval": Monitor.interval})
         timeout, interval = values.get("timeout"), values.get("interval")
         if "timeout" not in obj and interval is not None:
             values["timeout"] = default_timeout(interval)
