@@ -198,6 +198,17 @@ static __always_inline void reply_of(const struct flow_key *key, const struct fl
 	partner_key(key, f, reply_key);
 }
 
+/* The entry of key in the half-open table if in_new, else in the established one. */
+static __always_inline struct flow *flow_lookup(struct flow_key *key, int in_new)
+{
+	return in_new ? flows_new.lookup(key) : flows.lookup(key);
+}
+
+static __always_inline int flow_delete(struct flow_key *key, int in_new)
+{
+	return in_new ? flows_new.delete(key) : flows.delete(key);
+}
+
 /* The entry of key: in the established table, else in the half-open one. */
 static __always_inline struct flow *flow_find(struct flow_key *key, int *in_new)
 {
@@ -285,7 +296,7 @@ static __always_inline int flow_alive(struct flow_key *key, struct flow *f, int 
 	if (!flow_idle(f, f->seen, now))
 		return 1;
 	partner_key(key, f, &other);
-	o = in_new ? flows_new.lookup(&other) : flows.lookup(&other);
+	o = flow_lookup(&other, in_new);
 	return o && !flow_idle(f, o->seen, now);
 }
 
@@ -316,13 +327,8 @@ static __always_inline void flow_forget(struct flow_key *key, struct flow *f, in
 		fc->new_removed += in_new;
 	}
 	partner_key(key, f, &other);
-	if (in_new) {
-		flows_new.delete(key);
-		flows_new.delete(&other);
-	} else {
-		flows.delete(key);
-		flows.delete(&other);
-	}
+	flow_delete(key, in_new);
+	flow_delete(&other, in_new);
 }
 
 /* A FIN or RST, either way, closes the connection: both entries get the
@@ -337,7 +343,7 @@ static __always_inline void flow_track_close(struct flow_key *key, struct flow *
 		return;
 	flow_set_state(f, key->proto, FLOW_CLOSING);
 	partner_key(key, f, &other);
-	o = in_new ? flows_new.lookup(&other) : flows.lookup(&other);
+	o = flow_lookup(&other, in_new);
 	if (o)
 		flow_set_state(o, key->proto, FLOW_CLOSING);
 }
@@ -911,7 +917,7 @@ static __always_inline int still_as_read(__u32 table, struct reap_entry *e)
 
 	if (!e->value.dir)
 		return 1;
-	f = table ? flows_new.lookup(&e->key) : flows.lookup(&e->key);
+	f = flow_lookup(&e->key, table);
 	if (!f)
 		return 1;
 	now = (__u64 *)f;
@@ -928,7 +934,7 @@ static __always_inline __u32 reap_entry(__u32 table, struct reap_entry *e)
 
 	if (!e->value.dir)
 		return 0;
-	rc = table ? flows_new.delete(&e->key) : flows.delete(&e->key);
+	rc = flow_delete(&e->key, table);
 	return rc == 0 && e->value.dir == FLOW_FORWARD;
 }
 
