@@ -3,9 +3,10 @@
  * Pure packet helpers live in headers by concern: parse.h (headers), csum.h
  * and nat.h (rewrites), fwd.h (next hop, TTL), hash.h (flow hash, address
  * filters), icmp.h (echo, errors), arp.h (ARP for VIPs), stats.h (reason ->
- * action), clock.h (time). This file
- * declares the maps and holds every function that touches them: bcc rewrites
- * map calls (.lookup, .update) in the main file only.
+ * action), clock.h (time); consts.h and xlb_shared.h hold the sizes and the
+ * layouts shared with the control plane. This file declares the maps and
+ * holds every function that touches them: bcc rewrites map calls (.lookup,
+ * .update) in the main file only.
  *
  * Every packet ends in exactly one reason (xlb_shared.h), counted on its way
  * out (count_exit), which decides the action. Traffic that is neither for a
