@@ -3,8 +3,9 @@
 The structs are mirrored as ctypes classes; `check_mirror` compares them with the
 types bcc derives from the C itself (every load does, and so does a test), and
 the compiler checks those of frames (`frame_asserts`), so a change on one side
-only fails loudly. The reasons and flow directions are read
-from the header text, so they cannot drift at all.
+only fails loudly. The reasons and the enums' values (flow directions and
+states, flags, the address filters' size) are read from the header text, so
+they cannot drift at all.
 """
 
 from __future__ import annotations

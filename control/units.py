@@ -1,6 +1,6 @@
-"""Short numbers for narrow columns, a server's latest health check, and
-names shown on one line: shared by `xlb status`, `xlb top` and the other
-commands' answers."""
+"""Short numbers for narrow columns, how full a flow table is, a server's
+latest health check, and names shown on one line: shared by `xlb status`,
+`xlb top` and the other commands' answers."""
 
 
 # A newline or other control character in what the operator gave (a TOML key,
