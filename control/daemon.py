@@ -87,6 +87,12 @@ class Balancer:
                                                        health.get((p.name, s.name), "up"))
                 for p in config.pools for s in p.servers}
 
+    def _holds(self, link: netif.Link) -> bool:
+        """Whether link is attached: by name and ifindex, as a link deleted and
+        made again under its name has another ifindex, and no program."""
+        held = self.links.get(link.name)
+        return held is not None and held.index == link.index
+
     def apply(self, config: Config, admin: dict[Key, str] | None = None, *,
               relink: bool) -> dict:
         """Takes the data plane to `config`. Raises (LookupError, CapacityError,
@@ -96,7 +102,7 @@ class Balancer:
         keeps it from taking effect."""
         if relink:
             links = _select(config, self.datapath.holds)
-            _check_host(config, [link for link in links if link.name not in self.links])
+            _check_host(config, [link for link in links if not self._holds(link)])
             _refuse_taken(link for link in links if not self.datapath.holds(link.index))
         else:
             links = list(self.links.values())
@@ -132,7 +138,7 @@ class Balancer:
         attached = []
         try:
             for link in links:
-                if link.name not in self.links:
+                if not self._holds(link):
                     attached.append(_attach(dp, link))
         except DatapathError:
             for att in attached:
@@ -143,8 +149,10 @@ class Balancer:
         for att in attached:        # once all are attached: a veth whose peer xlb
             _warn_veth(dp, att)     # attaches too has a program at its peer
         ended = dp.delete_flows(set(ends.backend_ids), set(ends.service_ids))
-        for name in self.links.keys() - {link.name for link in links}:
-            dp.detach(self.links[name].index)
+        kept = {link.index for link in links}
+        for old in self.links.values():
+            if old.index not in kept:
+                dp.detach(old.index)
 
         rows = _server_rows(config)
         with self.lock:

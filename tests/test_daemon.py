@@ -482,6 +482,28 @@ def test_a_check_the_checker_reports_under_an_old_name_counts_for_its_server(bal
     assert counts() == {"a": (0, 0), "b": (2, 2)}
 
 
+def test_an_apply_attaches_to_a_link_made_again_under_its_name(balancer, fibnet):
+    """A link deleted and made again (a veth, a VLAN or a NIC's driver
+    reloaded) has the same name and a new ifindex: it came up since, and an
+    apply attaches to it, as to any link that came up (README)."""
+    from xlb import netif
+
+    def program_on(name):
+        return next(link.xdp_prog_id for link in netif.links() if link.name == name)
+
+    config = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["again"])
+    fibnet.add_veth("again")
+    balancer.apply(config, relink=True)
+    assert program_on("again")
+    fibnet.sh("ip", "link", "del", "again")
+    index = fibnet.add_veth("again")
+
+    balancer.apply(config, relink=True)
+    assert program_on("again")
+    assert [(i["name"], i["ifindex"]) for i in balancer.status()["interfaces"]] == \
+        [("again", index)]
+
+
 def test_an_apply_names_what_nothing_uses(balancer, tmp_path):
     text = configfile.dump(balancer.config) + '[pools.spare]\nservers = ["backend1"]\n'
     reply = answer(balancer, {"cmd": "apply", "text": text, "path": str(tmp_path / "x.toml")},
