@@ -895,31 +895,46 @@ def _ha_line(h: dict) -> str:
     return line
 
 
+def _columns(rows: list[list[str]], left: int) -> list[str]:
+    """Rows of cells, one a line, each column as wide as its widest cell (a
+    long name pushes no other column out of line), two spaces apart (a cell
+    may hold one: "was1 (backup)"): the first `left` columns justified left,
+    the others (numbers) right."""
+    widths = [max(map(len, column)) for column in zip(*rows)]
+    return ["  ".join(cell.ljust(w) if i < left else cell.rjust(w)
+                     for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+
+
+_SERVER_HEADER = ["SERVER", "ADDRESS", "STATE", "WEIGHT", "ACTIVE", "CONNS", "PKTS IN",
+                  "PKTS OUT", "BYTES IN", "BYTES OUT"]
+
+
+def _server_cells(b: dict) -> list[str]:
+    return [b["name"] + (" (backup)" if b["backup"] else ""), f"{b['address']}:{b['port']}",
+            b["state"], str(b["weight"]), si(b["active_flows"]), si(b["new_flows"]),
+            si(b["packets_in"]), si(b["packets_out"]), si(b["bytes_in"]), si(b["bytes_out"])]
+
+
 def format_status(s: dict) -> str:
     source = f", config {shown(s['config'])}" if s.get("config") else ""
     lines = [f"xlb {s['version']}, pid {s['pid']}, up {s['uptime_seconds']:.0f}s, "
              f"on {_interfaces(s['interfaces'])}, "
              f"{s['forwarding']} forwarding{source}", _ha_line(s["ha"]), ""]
-    lines.append(f"{'FRONTEND':<14} {'VIP':<22} {'POOL':<12} {'TAKING':>6} {'CONNS':>7} "
-                 f"{'PKTS IN':>8} {'PKTS OUT':>8} {'BYTES IN':>8} {'BYTES OUT':>9}")
-    for f in s["frontends"]:
-        endpoint = f"{f['vip']}:{f['port']}/{f['protocol']}"
-        lines.append(f"{f['name']:<14} {endpoint:<22} {f['pool']:<12} "
-                     f"{f['servers_taking_flows']:>6} {si(f['new_flows']):>7} "
-                     f"{si(f['packets_in']):>8} {si(f['packets_out']):>8} "
-                     f"{si(f['bytes_in']):>8} {si(f['bytes_out']):>9}")
+    lines += _columns([["FRONTEND", "VIP", "POOL", "TAKING", "CONNS", "PKTS IN", "PKTS OUT",
+                        "BYTES IN", "BYTES OUT"]] + [
+        [f["name"], f"{f['vip']}:{f['port']}/{f['protocol']}", f["pool"],
+         str(f["servers_taking_flows"]), si(f["new_flows"]), si(f["packets_in"]),
+         si(f["packets_out"]), si(f["bytes_in"]), si(f["bytes_out"])]
+        for f in s["frontends"]], left=3)
+    # The servers of every pool in one set of columns, each pool's under its
+    # name; the last check, free text, after them.
+    servers = iter(_columns([row for p in s["pools"]
+                             for row in [_SERVER_HEADER, *map(_server_cells, p["servers"])]],
+                            left=3))
     for p in s["pools"]:
         lines += ["", f"pool {p['name']} ({p['algorithm']}, on_server_down {p['on_server_down']})",
-                  f"  {'SERVER':<12} {'ADDRESS':<22} {'STATE':<6} {'WEIGHT':>6} {'ACTIVE':>7} "
-                  f"{'CONNS':>7} {'PKTS IN':>8} {'PKTS OUT':>8} {'BYTES IN':>8} {'BYTES OUT':>9}"
-                  f"  LAST CHECK"]
-        for b in p["servers"]:
-            name = b["name"] + (" (backup)" if b["backup"] else "")
-            lines.append(f"  {name:<12} {b['address'] + ':' + str(b['port']):<22} "
-                         f"{b['state']:<6} {b['weight']:>6} {si(b['active_flows']):>7} "
-                         f"{si(b['new_flows']):>7} {si(b['packets_in']):>8} "
-                         f"{si(b['packets_out']):>8} {si(b['bytes_in']):>8} "
-                         f"{si(b['bytes_out']):>9}  {last_check(b)}")
+                  f"  {next(servers)}  LAST CHECK",
+                  *(f"  {next(servers)}  {last_check(b)}" for b in p["servers"])]
     for f in s["frontends"]:
         if f["servers_taking_flows"] == 0:
             lines += ["", f"! frontend {f['name']}: no server of pool {f['pool']} is up; new flows "

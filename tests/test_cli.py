@@ -160,6 +160,76 @@ def test_status_shows_the_served_files_name_on_its_line():
         "/etc/xlb\\nrole active\\xff.toml", "role active (answers ARP for the VIPs)"]
 
 
+def _server(name: str, backup: bool = False, **counters) -> dict:
+    return {"name": name, "address": "10.1.11.101", "port": 8080, "weight": 1,
+            "backup": backup, "monitor": None, "state": "up", "health": "up",
+            "last_check": None, "active_flows": 0, "new_flows": 0, "packets_in": 0,
+            "packets_out": 0, "bytes_in": 0, "bytes_out": 0, **counters}
+
+
+def _spans(line: str, cells: list[str]) -> list[tuple[int, int]]:
+    """Where each of `cells` starts and ends in `line`, found in order."""
+    at, spans = 0, []
+    for cell in cells:
+        start = line.index(cell, at)
+        at = start + len(cell)
+        spans.append((start, at))
+    return spans
+
+
+def _assert_aligned(lines: list[str], cells: list[list[str]], left: set[int]) -> None:
+    """The columns in `left` start where their header does, the others end
+    where it does (right-justified), each cell apart from the next."""
+    header = _spans(lines[0], cells[0])
+    for line, row in zip(lines, cells, strict=True):
+        spans = _spans(line, row)
+        assert [s if i in left else e for i, (s, e) in enumerate(spans)] == \
+            [s if i in left else e for i, (s, e) in enumerate(header)], line
+        assert all(e < s for (_, e), (s, _) in zip(spans, spans[1:])), line
+
+
+def test_status_columns_are_as_wide_as_their_widest_cell():
+    """A name longer than its column pushed the rest of its row out of line."""
+    from xlb import cli
+    fe = {"vip": "10.1.1.101", "port": 80, "protocol": "tcp", "servers_taking_flows": 1,
+          "new_flows": 20, "packets_in": 1_234_567, "packets_out": 0, "bytes_in": 9720,
+          "bytes_out": 10920}
+    status = {**STATUS,
+              "frontends": [{**fe, "name": "www", "pool": "was"},
+                            {**fe, "name": "www-with-a-long-frontend-name",
+                             "pool": "a-pool-with-a-long-name", "vip": "10.1.1.102",
+                             "port": 65535, "protocol": "udp"}],
+              "pools": [{"name": "was", "algorithm": "roundrobin", "on_server_down": "keep",
+                         "servers": [_server("was1"),
+                                     _server("a-server-with-a-long-name", backup=True,
+                                             state="drain", weight=100, active_flows=12345)]},
+                        {"name": "a-pool-with-a-long-name", "algorithm": "maglev",
+                         "on_server_down": "reset", "servers": [_server("was2", port=65535)]}]}
+    lines = cli.format_status(status).splitlines()
+
+    frontends = lines[lines.index(next(x for x in lines if x.startswith("FRONTEND"))):][:3]
+    _assert_aligned(frontends, [
+        ["FRONTEND", "VIP", "POOL", "TAKING", "CONNS", "PKTS IN", "PKTS OUT", "BYTES IN",
+         "BYTES OUT"],
+        ["www", "10.1.1.101:80/tcp", "was", "1", "20", "1.2M", "0", "9.7k", "10.9k"],
+        ["www-with-a-long-frontend-name", "10.1.1.102:65535/udp", "a-pool-with-a-long-name",
+         "1", "20", "1.2M", "0", "9.7k", "10.9k"]], left={0, 1, 2})
+
+    # The servers of every pool in one set of columns, a pool's name above its own.
+    servers = [x for x in lines if x.startswith("  ")]
+    header = ["SERVER", "ADDRESS", "STATE", "WEIGHT", "ACTIVE", "CONNS", "PKTS IN",
+              "PKTS OUT", "BYTES IN", "BYTES OUT", "LAST CHECK"]
+    _assert_aligned(servers, [
+        header,
+        ["was1", "10.1.11.101:8080", "up", "1", "0", "0", "0", "0", "0", "0", "not checked"],
+        ["a-server-with-a-long-name (backup)", "10.1.11.101:8080", "drain", "100", "12.3k",
+         "0", "0", "0", "0", "0", "not checked"],
+        header,
+        ["was2", "10.1.11.101:65535", "up", "1", "0", "0", "0", "0", "0", "0",
+         "not checked"]], left={0, 1, 2, 10})
+    assert all(line.rstrip() == line for line in frontends + servers)
+
+
 def test_apply_of_a_file_it_cannot_read_is_bad_input(tmp_path):
     r = xlb("apply", str(tmp_path / "nope.toml"))
     assert r.returncode == 2 and r.stdout == ""
