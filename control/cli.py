@@ -21,7 +21,7 @@ import click
 from . import __version__, config as configfile, ctl
 from .model import (ConfigError, Monitor, from_flags, has_space, monitor_from_flags,
                     parse_host)
-from .units import full, last_check, shown, si
+from .units import count, full, last_check, shown, si
 
 
 class Failure(click.ClickException):
@@ -882,7 +882,7 @@ def format_orphan(o: dict) -> str:
     return (f"xlb: the data path runs without its control process: program {p['id']} "
             f"(tag {p['tag']}, loaded {p['loaded_seconds_ago']}s ago) on "
             f"{_interfaces(o['interfaces'])}; "
-            f"{o['flows']['entries']} flow entries. It forwards with its last state; "
+            f"{count(o['flows']['entries'])} flow entries. It forwards with its last state; "
             f"`xlb up` adopts it, `xlb down` removes it.")
 
 
@@ -949,7 +949,8 @@ def format_status(s: dict) -> str:
               # Each table on its own, as `xlb top` and the metrics show them: the
               # established one can be full, evicting, while both together are not.
               "flow tables (two entries a connection): " + "; ".join(
-                  f"{name} {t['entries']}/{t['capacity']} entries, {full(t)[0]}% full"
+                  f"{name} {count(t['entries'])}/{count(t['capacity'])} entries, "
+                  f"{full(t)[0]}% full"
                   for name, t in fl["tables"].items()),
               "flows removed: " + ", ".join(f"{k} {si(v)}" for k, v in fl["removed"].items()),
               *([f"flows adopted: {si(fl['adopted'])} (another node's connections, taken over "

@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import ctl
-from .units import full, last_check, shown, si
+from .units import count, full, last_check, shown, si
 
 NO_RATE = "—"       # a rate needs two samples of the same counter
 STATE_STYLES = {"up": "bold green", "down": "bold red", "drain": "bold yellow",
@@ -142,7 +142,7 @@ def _pool(p: dict, prev_pool: dict | None, seconds: float | None, rows: int) -> 
                   r.text("new_flows", "bold"), r.text("packets_in"), r.text("packets_out"),
                   _last_check(b))
     if len(servers) > rows:
-        t.add_row(Text(f"… {len(servers) - rows:,} more servers", style="dim"))
+        t.add_row(Text(f"… {count(len(servers) - rows)} more servers", style="dim"))
     return t
 
 
@@ -150,16 +150,19 @@ def _flows_and_drops(s: dict, prev: dict | None, seconds: float | None) -> Group
     flows = s.get("flows", {})
     line = Text()
     line.append("flow table ", style="bold")
-    line.append(f"{flows.get('entries', 0):,}/{flows.get('capacity', 0):,} entries:")
+    line.append(f"{count(flows.get('entries', 0))}/{count(flows.get('capacity', 0))} entries:")
     # Each table on its own: the established one can be full, evicting, while
     # both together are not (the half-open one is a quarter of its size).
+    fills = []
     for name, t in flows.get("tables", {}).items():
         shown, fill = full(t)
         # Red when the alert XlbFlowTableNearlyFull would fire (metrics/alerts.yml).
         style = "bold red" if fill > 90 else "yellow" if fill >= 75 else "green"
-        line.append(f" {name} ")
-        line.append(f"{shown}% full", style=style)
-    line.append("  two entries per connection", style="dim")
+        fills.append(Text.assemble(f"{name} ", (f"{shown}% full", style)))
+    # Apart by more than their colours, which a pipe, NO_COLOR or TERM=dumb leave out.
+    line.append(" ")
+    line.append_text(Text(", ").join(fills))
+    line.append("  ·  two entries per connection", style="dim")
 
     t = _table("drops")
     t.add_column("REASON")

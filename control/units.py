@@ -1,4 +1,4 @@
-"""Short numbers for narrow columns, how full a flow table is, a server's
+"""Short numbers for narrow columns, exact counts, how full a flow table is, a server's
 latest health check, and names shown on one line: shared by `xlb status`,
 `xlb top` and the other commands' answers."""
 
@@ -35,6 +35,12 @@ def si(x: float) -> str:
         if abs(round(x, 1)) < 1000 or unit == "P":
             return f"{x:.1f}{unit}"
     raise AssertionError("unreachable")
+
+
+def count(n: int) -> str:
+    """262,144: an exact count, its thousands apart (a flow table's entries,
+    alike in `xlb status` and `xlb top`)."""
+    return f"{n:,}"
 
 
 def full(table: dict) -> tuple[str, float]:

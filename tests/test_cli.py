@@ -160,6 +160,15 @@ def test_status_shows_the_served_files_name_on_its_line():
         "/etc/xlb\\nrole active\\xff.toml", "role active (answers ARP for the VIPs)"]
 
 
+def test_status_counts_a_flow_tables_entries_as_top_does():
+    """With thousands apart: 262144 in one, 327,680 in the other."""
+    from xlb import cli
+    tables = {"flows": {"entries": 40, "capacity": 262144},
+              "flows_new": {"entries": 1234, "capacity": 65536}}
+    out = cli.format_status({**STATUS, "flows": {**STATUS["flows"], "tables": tables}})
+    assert ("flow tables (two entries a connection): flows 40/262,144 entries, <0.1% full; "
+            "flows_new 1,234/65,536 entries, 1.9% full") in out.splitlines()
+
 def _server(name: str, backup: bool = False, **counters) -> dict:
     return {"name": name, "address": "10.1.11.101", "port": 8080, "weight": 1,
             "backup": backup, "monitor": None, "state": "up", "health": "up",

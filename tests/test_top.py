@@ -138,7 +138,9 @@ def test_first_frame_has_no_rates():
     pending["pools"][0]["servers"][1] = {**was2, "last_check": None}
     assert row(text(top.render(pending)), "was2")[-1] == "first check pending"
     assert row(out, "no_backend") == ["no_backend", "—", "0"]
-    assert "flow table 40/327,680 entries: flows <0.1% full flows_new 0.0% full" in out
+    # Apart without colours too (a pipe, NO_COLOR, TERM=dumb)
+    assert ("flow table 40/327,680 entries: flows <0.1% full, flows_new 0.0% full  ·  "
+            "two entries per connection") in out
     assert "pool was (roundrobin, on_server_down keep)" in out
 
 
@@ -154,7 +156,7 @@ def test_rates_are_deltas_per_second():
                                 "5.0", "0", "0", "connect: connection refused (0.2 ms)"]
     assert row(out, "no_backend") == ["no_backend", "3.0", "6"]
     assert row(out, "malformed") == ["malformed", "0", "0"]
-    assert "flow table 131,072/327,680 entries: flows 50.0% full flows_new 0.0% full" in out
+    assert "flow table 131,072/327,680 entries: flows 50.0% full, flows_new 0.0% full" in out
 
 
 def test_states_are_coloured():

@@ -1,4 +1,4 @@
-"""control/units.py: short numbers for narrow columns."""
+"""control/units.py: short numbers for narrow columns, and counts."""
 
 from xlb import units
 
@@ -16,6 +16,11 @@ def test_si_a_number_that_rounds_up_to_the_next_step_is_said_in_it():
     assert [units.si(n) for n in (999_950, 999_999, -999_999, 999_999_999)] == \
         ["1.0M", "1.0M", "-1.0M", "1.0G"]
     assert [units.si(x) for x in (999.6, 9.96, -9.96)] == ["1.0k", "10", "-10"]
+
+
+def test_count_is_exact_with_thousands_apart():
+    assert [units.count(n) for n in (0, 999, 1000, 262_144, 2_500_000)] == \
+        ["0", "999", "1,000", "262,144", "2,500,000"]
 
 
 def test_full_is_the_tables_percentage():
