@@ -337,8 +337,9 @@ def apply(file: Path | None) -> None:
 
 
 def _warn(reply: dict) -> None:
+    """The instance's warning (it can name the state directory), as _error shows it."""
     if reply.get("warning"):
-        click.echo(f"xlb: warning: {reply['warning']}", err=True)
+        _error(f"xlb: warning: {reply['warning']}")
 
 
 @cli.command()

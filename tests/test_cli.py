@@ -1,6 +1,7 @@
 """The `xlb` command as an operator runs it, for what needs no running instance:
-`xlb check FILE` (exit 0 or 1, what it prints) and input refused before
-anything else happens (exit 2). No root, no kernel."""
+`xlb check FILE` (exit 0 or 1, what it prints), input refused before
+anything else happens (exit 2), `xlb status` rendered from a made-up status,
+and an answer from a stand-in for the instance. No root, no kernel."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+
+from test_ctl import answering, run_dir  # noqa: F401 (run_dir: a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 XLB = Path(sys.executable).parent / "xlb"
@@ -238,6 +242,20 @@ def test_status_columns_are_as_wide_as_their_widest_cell():
          "not checked"]], left={0, 1, 2, 10})
     assert all(line.rstrip() == line for line in frontends + servers)
 
+
+def test_a_warning_from_the_instance_stays_on_its_line(run_dir):
+    """It names the state directory (XLB_STATE_DIR, anything the operator
+    chose): escaped as every other name, it cannot break its line or forge one."""
+    from xlb import cli
+    warning = ("state not saved in /var/lib/xlb\nxlb: error: forged\x1b[2J (Read-only file "
+               "system): a restart would not find this change")
+    answer = {"ok": True, "result": {"state": "drain", "flows_ended": 0, "warning": warning}}
+    with answering(lambda req: answer):
+        r = CliRunner().invoke(cli.cli, ["server", "drain", "was", "was1"])
+    assert (r.exit_code, r.stdout) == (0, "xlb: was/was1 is drain; 0 flows ended\n")
+    assert r.stderr == ("xlb: warning: state not saved in /var/lib/xlb\\nxlb: error: "
+                        "forged\\x1b[2J (Read-only file system): a restart would not find "
+                        "this change\n")
 
 def test_apply_of_a_file_it_cannot_read_is_bad_input(tmp_path):
     r = xlb("apply", str(tmp_path / "nope.toml"))
