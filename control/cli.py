@@ -584,8 +584,8 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
                     told, failing = pid, False
             except (ctl.NotRunning, ctl.ControlError, OSError) as e:
                 if wanted and not failing:
-                    click.echo(f"xlb ha follow: role {wanted} not delivered yet, retried "
-                               f"every {FOLLOW_POLL:g} s: {e}", err=True)
+                    _error(f"xlb ha follow: role {wanted} not delivered yet, retried "
+                           f"every {FOLLOW_POLL:g} s: {e}")
                     failing = True
             if track_file:
                 _track(track_file, answered or _datapath_runs())
@@ -593,8 +593,7 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
         try:
             ctl.request("role", role="backup", timeout=2.0)
         except (ctl.NotRunning, ctl.ControlError, OSError) as e:
-            click.echo(f"xlb ha follow: keepalived stops; role backup not delivered: {e}",
-                       err=True)
+            _error(f"xlb ha follow: keepalived stops; role backup not delivered: {e}")
 
 
 def _keepalived_process(instance: str) -> str:
@@ -614,8 +613,8 @@ def _save_followed(keepalived: str, role: str) -> None:
     try:
         state.save_followed(keepalived, role)
     except OSError as e:
-        click.echo(f"xlb ha follow: role {role} not recorded for keepalived's reload: "
-                   f"{e.strerror or e}", err=True)
+        _error(f"xlb ha follow: role {role} not recorded for keepalived's reload: "
+               f"{e.strerror or e}")
 
 
 def _check_track_file(path: Path) -> None:
@@ -670,7 +669,7 @@ def _track(path: Path, serving: bool) -> None:
         finally:
             os.close(fd)
     except OSError as e:
-        click.echo(f"xlb ha follow: {path}: {e.strerror}", err=True)
+        _error(f"xlb ha follow: {path}: {e.strerror}")
 
 
 # A file or device would be read to its end over and over, at once.

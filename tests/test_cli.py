@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from test_ctl import answering, run_dir  # noqa: F401 (run_dir: a fixture)
+from test_ctl import answering, run_dir, serving  # noqa: F401 (run_dir: a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 XLB = Path(sys.executable).parent / "xlb"
@@ -256,6 +257,51 @@ def test_a_warning_from_the_instance_stays_on_its_line(run_dir):
     assert r.stderr == ("xlb: warning: state not saved in /var/lib/xlb\\nxlb: error: "
                         "forged\\x1b[2J (Read-only file system): a restart would not find "
                         "this change\n")
+
+def test_ha_follow_shows_the_instances_errors_on_their_lines(run_dir, tmp_path, monkeypatch):
+    """keepalived's log takes them: an error of the instance (it can name the
+    state directory) cannot break its line or forge one there."""
+    from xlb import cli
+    monkeypatch.setenv("XLB_STATE_DIR", str(tmp_path / "state"))
+    before = signal.getsignal(signal.SIGTERM)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    keepalived = os.open(fifo, os.O_RDWR)
+    os.write(keepalived, b'INSTANCE "xlb" MASTER 250\n')
+    error = {"ok": False, "error": "no\nxlb: error: forged\x1b[2J"}
+    calls = []
+
+    def handle(conn):
+        # The role, not delivered; its retry, during which keepalived stops;
+        # the backup role it then sends, not delivered.
+        with conn.makefile("rb") as f:
+            calls.append(json.loads(f.readline())["cmd"])
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            conn.sendall(json.dumps(error).encode() + b"\n")
+
+    try:
+        with serving(handle, connections=3):
+            r = CliRunner().invoke(cli.cli, ["ha", "follow", str(fifo)])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        os.close(keepalived)
+    assert calls == ["ping", "ping", "role"]
+    assert r.stderr.splitlines() == [
+        "xlb ha follow: role active not delivered yet, retried every 1 s: no\\nxlb: error: "
+        "forged\\x1b[2J",
+        "xlb ha follow: keepalived stops; role backup not delivered: no\\nxlb: error: "
+        "forged\\x1b[2J"], r.stderr
+
+
+def test_ha_follow_names_a_track_file_it_cannot_write_on_one_line(tmp_path, capsys):
+    """Its directory gone since the start (which checked it)."""
+    from xlb import cli
+    cli._track(tmp_path / "gone\nxlb: error: forged" / "track", serving=True)
+    assert capsys.readouterr().err == (f"xlb ha follow: {tmp_path}/gone\\nxlb: error: forged/"
+                                       f"track: No such file or directory\n")
+
 
 def test_apply_of_a_file_it_cannot_read_is_bad_input(tmp_path):
     r = xlb("apply", str(tmp_path / "nope.toml"))
