@@ -87,9 +87,11 @@ class Balancer:
                                                        health.get((p.name, s.name), "up"))
                 for p in config.pools for s in p.servers}
 
-    def _holds(self, link: netif.Link) -> bool:
-        """Whether link is attached: by name and ifindex, as a link deleted and
-        made again under its name has another ifindex, and no program."""
+    def _linked(self, link: netif.Link) -> bool:
+        """Whether link is one of self.links, which this program was attached to
+        (Datapath.holds also answers for the program an adoption takes over): by
+        name and ifindex, as a link deleted and made again under its name has
+        another ifindex, and no program."""
         held = self.links.get(link.name)
         return held is not None and held.index == link.index
 
@@ -102,7 +104,7 @@ class Balancer:
         keeps it from taking effect."""
         if relink:
             links = _select(config, self.datapath.holds)
-            _check_host(config, [link for link in links if not self._holds(link)])
+            _check_host(config, [link for link in links if not self._linked(link)])
             _refuse_taken(link for link in links if not self.datapath.holds(link.index))
         else:
             links = list(self.links.values())
@@ -138,7 +140,7 @@ class Balancer:
         attached = []
         try:
             for link in links:
-                if not self._holds(link):
+                if not self._linked(link):
                     attached.append(_attach(dp, link))
         except DatapathError:
             for att in attached:
