@@ -21,7 +21,7 @@ import click
 from . import __version__, config as configfile, ctl
 from .model import (ConfigError, Monitor, from_flags, has_space, monitor_from_flags,
                     parse_host)
-from .units import count, full, last_check, shown, si
+from .units import count, full, interfaces, last_check, shown, si
 
 
 class Failure(click.ClickException):
@@ -839,8 +839,8 @@ def _orphan(detach: bool = False) -> dict | None:
                                  "loaded_seconds_ago": round(
                                      time.clock_gettime(time.CLOCK_BOOTTIME)
                                      - info.load_time_ns / 1e9)},
-                     "interfaces": [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode}
-                                    for _, a in running.attached.values()],
+                     "interfaces": [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode,
+                                     "state": a.state} for _, a in running.attached.values()],
                      "flows": {"entries": running.flow_entries()}}
         if detach:
             from . import state
@@ -872,16 +872,11 @@ def _program_on(o: dict) -> str:
     return f"program {o['program']['id']} on {', '.join(i['name'] for i in o['interfaces'])}"
 
 
-def _interfaces(attached: list[dict]) -> str:
-    """Interfaces and their XDP modes, as status and _orphan describe them."""
-    return ", ".join(f"{i['name']} ({i['mode']})" for i in attached)
-
-
 def format_orphan(o: dict) -> str:
     p = o["program"]
     return (f"xlb: the data path runs without its control process: program {p['id']} "
             f"(tag {p['tag']}, loaded {p['loaded_seconds_ago']}s ago) on "
-            f"{_interfaces(o['interfaces'])}; "
+            f"{interfaces(o['interfaces'])}; "
             f"{count(o['flows']['entries'])} flow entries. It forwards with its last state; "
             f"`xlb up` adopts it, `xlb down` removes it.")
 
@@ -918,7 +913,7 @@ def _server_cells(b: dict) -> list[str]:
 def format_status(s: dict) -> str:
     source = f", config {shown(s['config'])}" if s.get("config") else ""
     lines = [f"xlb {s['version']}, pid {s['pid']}, up {s['uptime_seconds']:.0f}s, "
-             f"on {_interfaces(s['interfaces'])}, "
+             f"on {interfaces(s['interfaces'])}, "
              f"{s['forwarding']} forwarding{source}", _ha_line(s["ha"]), ""]
     lines += _columns([["FRONTEND", "VIP", "POOL", "TAKING", "CONNS", "PKTS IN", "PKTS OUT",
                         "BYTES IN", "BYTES OUT"]] + [

@@ -334,8 +334,8 @@ class Balancer:
             "version": __version__, "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started, 1),
             "config": str(self.config_path) if self.config_path else None,
-            "interfaces": [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode}
-                           for a in dp.attachments()],
+            "interfaces": [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode,
+                            "state": a.state} for a in dp.attachments()],
             "forwarding": "fast" if dp.fast_path else "kernel",
             "program": dp.program(),
             "frontends": frontends, "pools": pools,

@@ -16,7 +16,7 @@ import re
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -117,6 +117,7 @@ class Attachment:
     ifname: str
     mode: str       # "native" or "generic"
     note: str = ""  # why native was refused, when generic
+    state: str = "up"   # netif.LINK_STATES
 
 
 def _be32(addr: IPv4Address) -> int:
@@ -333,7 +334,8 @@ def find_running() -> Running | None:
         if info.name != PROG_NAME:
             os.close(fd)
             continue
-        attached[link.index] = (fd, Attachment(link.index, link.name, link.xdp_mode))
+        attached[link.index] = (fd, Attachment(link.index, link.name, link.xdp_mode,
+                                               state="up" if link.up else "down"))
         if newest is None or info.id > newest.id:
             newest = info
     if newest is None:
@@ -581,7 +583,23 @@ class Datapath:
         return ifindex in self._attached
 
     def attachments(self) -> list[Attachment]:
-        return [att for fd, att in self._attached.values() if fd == self._prog.fd]
+        """Where this program was attached, as the kernel has it now: each link
+        under the name it has now (a renamed link keeps its program), in its
+        state (netif.LINK_STATES). A link deleted is listed gone until the next apply
+        (which attaches to one made again under its name)."""
+        now = {link.index: link for link in netif.links()}
+        ours = bpfsys.prog_info(self._prog.fd).id
+        listed = []
+        for fd, att in self._attached.values():
+            if fd != self._prog.fd:
+                continue
+            link = now.get(att.ifindex)
+            if link is None:
+                listed.append(replace(att, state="gone"))
+            else:
+                listed.append(replace(att, ifname=link.name, state=(
+                    "detached" if link.xdp_prog_id != ours else "up" if link.up else "down")))
+        return listed
 
     def detach(self, ifindex: int) -> None:
         """Detaches this program from ifindex; where it replaced the running one

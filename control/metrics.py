@@ -28,6 +28,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from . import __version__
 from . import model
+from .netif import LINK_STATES
 from .planner import STATES
 
 # Check durations: a local TCP connect takes ~0.1 ms, a timeout ends at 1-2 s.
@@ -37,6 +38,9 @@ _LE = tuple(repr(b) for b in CHECK_BUCKETS) + ("+Inf",)
 # name, type, help. Counters are named without _total here; samples get it.
 FAMILIES = {
     "xlb_build_info": ("gauge", "xlb's version."),
+    "xlb_interface_state": ("gauge", "1 for the current state of each link xlb attached to: "
+                                     "up, down (keeps the program), gone (deleted) or "
+                                     "detached (its program removed by hand)."),
     "xlb_frontend_info": ("gauge", "A frontend: its VIP, port, protocol and pool."),
     "xlb_frontend_packets": ("counter", "Packets of the frontend's flows: in from clients, "
                                         "out to them."),
@@ -164,6 +168,10 @@ def render(st: dict, durations: dict[tuple[str, str], tuple[list[int], float]]) 
                            else f"{name} {_num(value)}\n")
 
     add("xlb_build_info", _labels(version=__version__), 1)
+    for i in st["interfaces"]:
+        for state in LINK_STATES:
+            add("xlb_interface_state", _labels(interface=i["name"], state=state),
+                int(i["state"] == state))
     for f in st["frontends"]:
         lv = _labels(frontend=f["name"])
         add("xlb_frontend_info", _labels(frontend=f["name"], vip=f["vip"], port=f["port"],

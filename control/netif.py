@@ -15,6 +15,10 @@ IFF_LOOPBACK = 0x8
 XDP_MODES = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload"}
 _XDP_MODE_FLAGS = {"generic": 1 << 1, "native": 1 << 2, "offload": 1 << 3}
 XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_FLAGS_REPLACE = 1 << 0, 1 << 4
+# A link xlb attached to, as the kernel has it now (Datapath.attachments):
+# up; down (it keeps the program, and serves again once up); gone (deleted:
+# the program went with it); detached (its program removed or replaced by hand).
+LINK_STATES = ("up", "down", "gone", "detached")
 
 
 @dataclass(frozen=True)

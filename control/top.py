@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import ctl
-from .units import count, full, last_check, shown, si
+from .units import count, full, interfaces, last_check, shown, si
 
 NO_RATE = "—"       # a rate needs two samples of the same counter
 STATE_STYLES = {"up": "bold green", "down": "bold red", "drain": "bold yellow",
@@ -81,10 +81,10 @@ def _last_check(server: dict) -> Text:
 
 
 def _header(s: dict, seconds: float | None) -> Text:
-    ifaces = ", ".join(f"{i['name']} ({i['mode']})" for i in s.get("interfaces", []))
     t = Text()
     t.append(f"xlb {s.get('version', '?')}", style="bold")
-    t.append(f"  pid {s.get('pid', '?')}  up {s.get('uptime_seconds', 0):.0f}s  on {ifaces}")
+    t.append(f"  pid {s.get('pid', '?')}  up {s.get('uptime_seconds', 0):.0f}s  "
+             f"on {interfaces(s.get('interfaces', []))}")
     if s.get("config"):
         t.append(f"  config {shown(s['config'])}")
     t.append("\n")

@@ -1,5 +1,5 @@
 """Short numbers for narrow columns, exact counts, how full a flow table is, a server's
-latest health check, and names shown on one line: shared by `xlb status`,
+latest health check, the links attached, and names shown on one line: shared by `xlb status`,
 `xlb top` and the other commands' answers."""
 
 
@@ -17,6 +17,17 @@ _ESCAPES = ({c: f"\\x{c:02x}" for c in (*range(32), 127)}
 def shown(text: str) -> str:
     """text on one line that any terminal can print (_ESCAPES)."""
     return text.translate(_ESCAPES)
+
+
+def interfaces(attached: list[dict]) -> str:
+    """The links a data path is attached to (status's `interfaces`) with their
+    XDP modes, and the state of those not up: "eth0 (native), eth1 (native,
+    down), v0 (gone)". An instance of an earlier build tells no state."""
+    def one(i: dict) -> str:
+        state = i.get("state", "up")
+        said = {"up": i["mode"], "down": f"{i['mode']}, down"}.get(state, state)
+        return f"{shown(i['name'])} ({said})"
+    return ", ".join(map(one, attached))
 
 
 def si(x: float) -> str:

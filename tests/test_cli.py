@@ -165,6 +165,21 @@ def test_status_shows_the_served_files_name_on_its_line():
         "/etc/xlb\\nrole active\\xff.toml", "role active (answers ARP for the VIPs)"]
 
 
+def test_status_shows_each_link_in_its_state():
+    """As the kernel has it now: one deleted is gone, not served; one whose
+    program was removed by hand, detached. A name is the kernel's, which may
+    hold an escape character."""
+    from xlb import cli
+    links = [{"name": "eth0", "ifindex": 2, "mode": "native", "state": "up"},
+             {"name": "eth1", "ifindex": 3, "mode": "generic", "state": "down"},
+             {"name": "v0", "ifindex": 9, "mode": "native", "state": "gone"},
+             {"name": "v\x1b1", "ifindex": 10, "mode": "native", "state": "detached"}]
+    out = cli.format_status({**STATUS, "interfaces": links})
+    assert out.splitlines()[0] == (
+        "xlb 0.1.0, pid 4242, up 5s, on eth0 (native), eth1 (generic, down), v0 (gone), "
+        "v\\x1b1 (detached), fast forwarding")
+
+
 def test_status_counts_a_flow_tables_entries_as_top_does():
     """With thousands apart: 262144 in one, 327,680 in the other."""
     from xlb import cli

@@ -504,6 +504,52 @@ def test_an_apply_attaches_to_a_link_made_again_under_its_name(balancer, fibnet)
         [("again", index)]
 
 
+def attached(balancer) -> list[tuple[str, int, str]]:
+    """status's interfaces: name, ifindex and state."""
+    return [(i["name"], i["ifindex"], i["state"]) for i in balancer.status()["interfaces"]]
+
+
+def test_status_tells_a_link_deleted_gone_until_an_apply(balancer, fibnet):
+    """A deleted link takes its program with it: status says so at once (it
+    listed the link as attached until the next apply), and so does the link
+    made again under its name, which runs nothing until an apply attaches it."""
+    config = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["ext", "deleted"])
+    index = fibnet.add_veth("deleted")
+    balancer.apply(config, relink=True)
+    assert attached(balancer) == [("ext", fibnet.ifindex["ext"], "up"),
+                                  ("deleted", index, "up")]
+
+    fibnet.sh("ip", "link", "del", "deleted")
+    assert attached(balancer) == [("ext", fibnet.ifindex["ext"], "up"),
+                                  ("deleted", index, "gone")]
+    again = fibnet.add_veth("deleted")
+    assert attached(balancer) == [("ext", fibnet.ifindex["ext"], "up"),
+                                  ("deleted", index, "gone")]
+
+    balancer.apply(config, relink=True)
+    assert attached(balancer) == [("ext", fibnet.ifindex["ext"], "up"),
+                                  ("deleted", again, "up")]
+    fibnet.sh("ip", "link", "del", "deleted")
+
+
+def test_status_tells_a_link_down_renamed_or_detached_as_the_kernel_has_it(balancer, fibnet):
+    """A link set down keeps its program (it serves again once up); one
+    renamed keeps it too, under its new name; one whose program was removed
+    by hand (`ip link set dev X xdp off`) is served no more."""
+    index = fibnet.add_veth("renamed")
+    balancer.apply(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["renamed"]),
+                   relink=True)
+    fibnet.sh("ip", "link", "set", "renamed", "down")
+    assert attached(balancer) == [("renamed", index, "down")]
+    fibnet.sh("ip", "link", "set", "renamed", "name", "other")
+    assert attached(balancer) == [("other", index, "down")]
+    fibnet.sh("ip", "link", "set", "other", "up")
+    assert attached(balancer) == [("other", index, "up")]
+    fibnet.sh("ip", "link", "set", "dev", "other", "xdp", "off")
+    assert attached(balancer) == [("other", index, "detached")]
+    fibnet.sh("ip", "link", "del", "other")
+
+
 def test_an_apply_names_what_nothing_uses(balancer, tmp_path):
     text = configfile.dump(balancer.config) + '[pools.spare]\nservers = ["backend1"]\n'
     reply = answer(balancer, {"cmd": "apply", "text": text, "path": str(tmp_path / "x.toml")},

@@ -45,6 +45,8 @@ STATUS = {
               "removed": {"expired": 11, "reopened": 12, "ended": 13, "evicted": 14}},
     "map_memory_bytes": 31000000, "applies": {"ok": 3, "error": 1}, "last_apply": 1.7e9,
     "ha": {"role": "active", "announce_table": 100, "announcing": ["10.1.1.101"]},
+    "interfaces": [{"name": "eth0", "ifindex": 2, "mode": "native", "state": "up"},
+                   {"name": "eth1", "ifindex": 3, "mode": "generic", "state": "gone"}],
 }
 
 
@@ -80,6 +82,9 @@ class Library:
     def _families(self):
         st = self.st
         yield fam("xlb_build_info", GaugeMetricFamily, ["version"], [([xlb.__version__], 1)])
+        yield fam("xlb_interface_state", GaugeMetricFamily, ["interface", "state"],
+                  [([i["name"], state], i["state"] == state) for i in st["interfaces"]
+                   for state in ("up", "down", "gone", "detached")])
         fes = st["frontends"]
         yield fam("xlb_frontend_info", GaugeMetricFamily,
                   ["frontend", "vip", "port", "protocol", "pool"],
@@ -223,6 +228,8 @@ def test_values_and_types():
     got = samples(metrics.render(STATUS, durations()))
     www, dns = (("frontend", "www"),), (("frontend", "dns"),)
     assert got[("xlb_build_info", (("version", xlb.__version__),))] == 1
+    assert {(i, state) for (name, labels), v in got.items() if name == "xlb_interface_state"
+            and v == 1 for (_, i), (_, state) in [labels]} == {("eth0", "up"), ("eth1", "gone")}
     assert got[("xlb_frontend_info", www + (("pool", "was"), ("port", "80"),
                                             ("protocol", "tcp"), ("vip", "10.1.1.101")))] == 1
     assert got[("xlb_frontend_info", dns + (("pool", "was"), ("port", "53"),

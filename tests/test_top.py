@@ -241,6 +241,16 @@ def test_the_served_files_name_is_shown_on_its_line():
     assert header.endswith("  config /etc/xlb\\nxlb: ok\\xff.toml"), header
 
 
+def test_the_links_are_shown_as_status_shows_them():
+    """Each in its state, as the kernel has it now: a deleted link is not
+    shown served."""
+    links = [{"name": "eth0", "ifindex": 2, "mode": "native", "state": "up"},
+             {"name": "eth1", "ifindex": 3, "mode": "native", "state": "down"},
+             {"name": "v0", "ifindex": 9, "mode": "native", "state": "gone"}]
+    header = text(top.render({**STATUS, "interfaces": links})).splitlines()[0]
+    assert "  on eth0 (native), eth1 (native, down), v0 (gone)  " in header, header
+
+
 def test_a_note_is_shown():
     out = text(top.render(STATUS, note="status request failed: boom"))
     assert "status request failed: boom" in out
