@@ -87,14 +87,6 @@ class Balancer:
                                                        health.get((p.name, s.name), "up"))
                 for p in config.pools for s in p.servers}
 
-    def _linked(self, link: netif.Link) -> bool:
-        """Whether link is one of self.links, which this program was attached to
-        (Datapath.holds also answers for the program an adoption takes over): by
-        name and ifindex, as a link deleted and made again under its name has
-        another ifindex, and no program."""
-        held = self.links.get(link.name)
-        return held is not None and held.index == link.index
-
     def apply(self, config: Config, admin: dict[Key, str] | None = None, *,
               relink: bool) -> dict:
         """Takes the data plane to `config`. Raises (LookupError, CapacityError,
@@ -104,10 +96,15 @@ class Balancer:
         keeps it from taking effect."""
         if relink:
             links = _select(config, self.datapath.holds)
-            _check_host(config, [link for link in links if not self._linked(link)])
-            _refuse_taken(link for link in links if not self.datapath.holds(link.index))
+            # Those that do not run this program: new links, one made again
+            # under a name (another ifindex), one whose program was removed or
+            # replaced by hand, one running the program an adoption takes over.
+            ours = self.datapath.program()["id"]
+            fresh = [link for link in links if link.xdp_prog_id != ours]
+            _check_host(config, fresh)
+            _refuse_taken(link for link in fresh if not self.datapath.holds(link))
         else:
-            links = list(self.links.values())
+            links, fresh = list(self.links.values()), []
         endpoints = {(p.name, s.name): (s.address, s.port)
                      for p in config.pools for s in p.servers}
         keys = set(endpoints)
@@ -139,9 +136,8 @@ class Balancer:
         planner.execute(dp, planner.plan(self.state, target))
         attached = []
         try:
-            for link in links:
-                if not self._linked(link):
-                    attached.append(_attach(dp, link))
+            for link in fresh:
+                attached.append(_attach(dp, link))
         except DatapathError:
             for att in attached:
                 dp.detach(att.ifindex)
@@ -424,7 +420,7 @@ def _warn_veth(datapath: Datapath, att) -> None:
                          f"(one that passes everything will do)")
 
 
-def _select(config: Config, holds: Callable[[int], bool] = lambda ifindex: False
+def _select(config: Config, holds: Callable[[netif.Link], bool] = lambda link: False
             ) -> list[netif.Link]:
     """The links a config attaches to (raises LookupError): those it names, or
     every up, non-loopback one and those that run the program already, by
@@ -439,7 +435,7 @@ def _select(config: Config, holds: Callable[[int], bool] = lambda ifindex: False
                                   f"VIP arrives there")
         return links
     links = [link for link in netif.links()
-             if not link.loopback and (link.up or holds(link.index))]
+             if not link.loopback and (link.up or holds(link))]
     if not links:
         raise LookupError("no up, non-loopback interface in this network namespace")
     return links

@@ -522,7 +522,9 @@ class Datapath:
         refuses native XDP."""
         held = self._attached.get(ifindex)
         if held is not None and held[0] == self._prog.fd:
-            return held[1]
+            if netif.xdp_prog_id(ifindex) == self.program()["id"]:
+                return held[1]
+            held = None     # removed or replaced by hand since: attached as anew
         if held is not None:
             old_fd, old = held
             if not self._replaced:      # the first swap
@@ -578,9 +580,11 @@ class Datapath:
                     lib.bpf_update_elem(fd, ct.create_string_buffer(key),
                                         ct.create_string_buffer(value), 0)
 
-    def holds(self, ifindex: int) -> bool:
-        """Whether this program, or the running one it adopts, is attached there."""
-        return ifindex in self._attached
+    def holds(self, link: netif.Link) -> bool:
+        """Whether link runs this program, or the running one it adopts (as
+        links() read it: not one removed or replaced by hand since it was attached)."""
+        held = self._attached.get(link.index)
+        return held is not None and link.xdp_prog_id == bpfsys.prog_info(held[0]).id
 
     def attachments(self) -> list[Attachment]:
         """Where this program was attached, as the kernel has it now: each link

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -50,8 +51,7 @@ def links() -> list[Link]:
         result = []
         for msg in ipr.get_links():
             mac = msg.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00"
-            xdp = msg.get_attr("IFLA_XDP")
-            mode = xdp.get_attr("IFLA_XDP_ATTACHED") if xdp else None
+            prog_id, mode = _xdp(msg)
             result.append(Link(
                 index=msg["index"],
                 name=msg.get_attr("IFLA_IFNAME"),
@@ -59,10 +59,29 @@ def links() -> list[Link]:
                 up=bool(msg["flags"] & IFF_UP),
                 loopback=bool(msg["flags"] & IFF_LOOPBACK),
                 addresses=tuple(addrs.get(msg["index"], ())),
-                xdp_prog_id=(xdp.get_attr("IFLA_XDP_PROG_ID") or 0) if mode else 0,
-                xdp_mode=XDP_MODES.get(mode, ""),
+                xdp_prog_id=prog_id,
+                xdp_mode=mode,
             ))
         return result
+
+
+def _xdp(msg) -> tuple[int, str]:
+    """The XDP program a link's message says is attached (0 for none), and its mode."""
+    xdp = msg.get_attr("IFLA_XDP")
+    mode = xdp.get_attr("IFLA_XDP_ATTACHED") if xdp else None
+    return ((xdp.get_attr("IFLA_XDP_PROG_ID") or 0) if mode else 0), XDP_MODES.get(mode, "")
+
+
+def xdp_prog_id(index: int) -> int:
+    """The id of the XDP program attached to a link, 0 for none or a link gone."""
+    with IPRoute() as ipr:
+        try:
+            (msg,) = ipr.get_links(index)
+        except NetlinkError as e:
+            if e.code == errno.ENODEV:
+                return 0
+            raise
+    return _xdp(msg)[0]
 
 
 def select(names: list[str] | tuple[str, ...]) -> list[Link]:

@@ -550,6 +550,33 @@ def test_status_tells_a_link_down_renamed_or_detached_as_the_kernel_has_it(balan
     fibnet.sh("ip", "link", "del", "other")
 
 
+def test_an_apply_attaches_again_where_the_program_was_removed_by_hand(balancer, fibnet):
+    """`ip link set dev X xdp off` (or another tool's program put there): status
+    says detached, and an apply takes the link back to the config, as a link
+    new to it: attached, or refused where another program runs."""
+    from bcc import BPF
+    from xlb import netif
+
+    config = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["byhand"])
+    index = fibnet.add_veth("byhand")
+    balancer.apply(config, relink=True)
+    fibnet.sh("ip", "link", "set", "dev", "byhand", "xdp", "off")
+    assert attached(balancer) == [("byhand", index, "detached")]
+    balancer.apply(config, relink=True)
+    assert attached(balancer) == [("byhand", index, "up")]
+
+    fibnet.sh("ip", "link", "set", "dev", "byhand", "xdp", "off")
+    other = BPF(text="int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+    try:
+        netif.xdp_set(index, other.load_func(b"xdp_pass", BPF.XDP).fd, "native")
+        with pytest.raises(LookupError, match="byhand: another XDP program"):
+            balancer.apply(config, relink=True)
+        assert attached(balancer) == [("byhand", index, "detached")]
+    finally:
+        fibnet.sh("ip", "link", "del", "byhand")
+        other.cleanup()
+
+
 def test_an_apply_names_what_nothing_uses(balancer, tmp_path):
     text = configfile.dump(balancer.config) + '[pools.spare]\nservers = ["backend1"]\n'
     reply = answer(balancer, {"cmd": "apply", "text": text, "path": str(tmp_path / "x.toml")},
