@@ -34,6 +34,7 @@ from .datapath import Datapath, DatapathError, FlowLedger, Limits, find_running
 from .health import HealthChecker, Target, Transition
 from .layout import REASON_ACTIONS, XDP_ACTIONS
 from .model import Config, ConfigError
+from .units import interfaces
 
 EMPTY = Config(frontends=(), pools=())
 ADMIN_ACTIONS = {"disable": "maint", "drain": "drain", "enable": None}
@@ -330,8 +331,7 @@ class Balancer:
             "version": __version__, "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started, 1),
             "config": str(self.config_path) if self.config_path else None,
-            "interfaces": [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode,
-                            "state": a.state} for a in dp.attachments()],
+            "interfaces": _interfaces(dp),
             "forwarding": "fast" if dp.fast_path else "kernel",
             "program": dp.program(),
             "frontends": frontends, "pools": pools,
@@ -394,6 +394,12 @@ def _check_dict(last) -> dict | None:
 def _counters(c) -> dict:
     return {"packets_in": c.packets_in, "bytes_in": c.bytes_in, "packets_out": c.packets_out,
             "bytes_out": c.bytes_out, "new_flows": c.new_flows}
+
+
+def _interfaces(datapath: Datapath) -> list[dict]:
+    """The links the data path is attached to, as the kernel has them now."""
+    return [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode, "state": a.state}
+            for a in datapath.attachments()]
 
 
 def _attach(datapath: Datapath, link: netif.Link):
@@ -640,12 +646,12 @@ def up(config: Config, config_path: Path | None = None,
         if exporter is not None:
             metrics.serve(exporter, balancer, balancer.check_durations)
         serving = True
-        _say(f"xlb: serving {_summary(config)} on "
-             f"{', '.join(f'{a.ifname} ({a.mode})' for a in datapath.attachments())}"
+        attached = _interfaces(datapath)
+        _say(f"xlb: serving {_summary(config)} on {interfaces(attached)}"
              f"{' (adopted the running data path)' if running else ''}")
         log.event("start", pid=os.getpid(), frontends=len(config.frontends),
                   servers=config.server_count(),
-                  interfaces=",".join(a.ifname for a in datapath.attachments()),
+                  interfaces=",".join(i["name"] for i in attached),
                   config=config_path, adopted=running is not None,
                   metrics=metrics_address and f"{metrics_address[0]}:{metrics_address[1]}")
         kept = asyncio.run(_serve(balancer, control, signals))
