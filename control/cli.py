@@ -15,6 +15,7 @@ import stat
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -385,17 +386,23 @@ def status(as_json: bool) -> None:
     try:
         result = ctl.request("status")
     except ctl.NotRunning as e:
-        orphan = _orphan()
-        if orphan is None:
-            raise Failure(str(e)) from None
-        click.echo(json.dumps(orphan, indent=2) if as_json else format_orphan(orphan))
-        raise click.exceptions.Exit(3) from None
+        _no_control_process(e, as_json)
     except ctl.ControlError as e:
         raise Failure(str(e)) from None
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         click.echo(format_status(result))
+
+
+def _no_control_process(e: ctl.NotRunning, as_json: bool = False) -> NoReturn:
+    """Exits 3 describing the data path that runs here without its control
+    process, or 1 (Failure) when none runs."""
+    orphan = _orphan()
+    if orphan is None:
+        raise Failure(str(e)) from None
+    click.echo(json.dumps(orphan, indent=2) if as_json else format_orphan(orphan))
+    raise click.exceptions.Exit(3) from None
 
 
 @cli.command()
@@ -411,14 +418,16 @@ def top(interval: float, once: bool) -> None:
     states and last checks (as many servers as the terminal has lines;
     --once lists all); each flow table's fill and drops by reason. q or
     Ctrl-C quits. Exits 1 when none runs, or when the instance stops while top
-    runs.
+    runs; 3, as status, when its data path runs without its control process.
     """
     if math.isnan(interval):           # FloatRange lets NaN through
         raise BadInput("--interval: nan is not a number of seconds")
     from . import top as view           # imports rich only when it is needed
     try:
         code = view.run(interval, once)
-    except (ctl.NotRunning, ctl.ControlError, view.Stopped) as e:
+    except ctl.NotRunning as e:
+        _no_control_process(e)
+    except (ctl.ControlError, view.Stopped) as e:
         raise Failure(str(e)) from None
     if code:
         raise click.exceptions.Exit(code)

@@ -325,6 +325,10 @@ def test_status_and_down_of_a_data_path_without_its_control_process(lab):
     assert {i["name"]: i["mode"] for i in orphan["interfaces"]} == {"eth0": "native",
                                                                     "eth1": "native"}
     assert orphan["flows"]["entries"] >= 2 * 11     # two entries per connection
+    # top says as much, not that nothing runs.
+    top = lab.xlb_cmd("top", "--once")
+    assert (top.returncode, top.stdout.startswith(
+        "xlb: the data path runs without its control process: program")) == (3, True), top
     for cmd in ("status", "down"):      # only root can see the data path: not "none runs"
         r = lab.run("lb", str(XLB), cmd, user="65534")
         assert (r.returncode, r.stdout, r.stderr) == (
