@@ -320,8 +320,8 @@ def test_prometheus_answers_every_dashboard_query(lab, xlb, tmp_path):
             # The rules are loaded, and once evaluated every one of them is healthy.
             evaluated = wait_for("rules evaluated", 10, lambda: rules(lab))
             assert {r["name"] for r in evaluated} == {
-                "XlbDown", "XlbServerDown", "XlbPoolAllServersDown", "XlbFlowTableNearlyFull",
-                "XlbFlowTableEvicting", "XlbDropsRising"}
+                "XlbDown", "XlbServerDown", "XlbPoolAllServersDown", "XlbInterfaceNotServed",
+                "XlbFlowTableNearlyFull", "XlbFlowTableEvicting", "XlbDropsRising"}
             assert all(r["state"] == "inactive" for r in evaluated), evaluated  # a healthy lab
             for r in evaluated:   # the rules, too, read only what xlb (or the scrape: up) has
                 metrics, labels = names_in(r["query"])
