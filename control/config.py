@@ -17,6 +17,7 @@ import datetime
 import os
 import re
 import stat
+import sys
 import tomllib
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
@@ -55,6 +56,9 @@ def load(text: str, *, dumped: bool = False) -> Config:
         raise ConfigError([("toml", str(e))]) from None
     except RecursionError:
         raise ConfigError([("toml", "arrays or tables nested too deeply")]) from None
+    except ValueError:      # not TOMLDecodeError: the int() that tomllib calls refuses it
+        raise ConfigError([("toml", f"an integer of more than {sys.get_int_max_str_digits()} "
+                                    f"digits")]) from None
     monitors = doc.get("monitors") if dumped else None
     for monitor in monitors.values() if isinstance(monitors, dict) else ():
         if isinstance(monitor, dict) and monitor.get("type") == "none":

@@ -400,6 +400,9 @@ BAD = [
      [("toml", "Expected newline or end of document after a statement (at line 2, column 15)")]),
     ("toml-table-twice", doc(extra="[servers.was1]"),
      [("toml", "Cannot declare ('servers', 'was1') twice (at line 11, column 14)")]),
+    # Python reads no integer of more than 4300 digits (sys.get_int_max_str_digits)
+    ("toml-integer-too-long", doc(server=SERVER + "\nport = " + "9" * 4301),
+     [("toml", "an integer of more than 4300 digits")]),
     # sections and objects
     ("unknown-section", doc(extra='[server.was2]\naddress = "10.1.11.102"'),
      [("server", "unknown section")]),
