@@ -100,14 +100,15 @@ def parse_address(text: str) -> tuple[str, int] | None:
     if text == "off":
         return None
     host, sep, port = text.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+    if not sep:
         raise ValueError(f"{text!r} is not ADDR:PORT or off")
+    number = model.parse_port(port)
     addr = model.parse_address(host)
     # 0.0.0.0 (every address) and loopback are a listener's; the others no host
     # has, though Linux lets a TCP socket bind one and listen where nobody can connect.
     if not (addr.is_unspecified or addr.is_loopback) and model.no_host_kind(addr):
         raise ValueError(f"{host!r} is not an address of this host to listen on")
-    return host, int(port)
+    return host, number
 
 
 class CheckDurations:

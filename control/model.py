@@ -231,8 +231,14 @@ def check_maglev_servers(size: int, servers: int) -> None:
 
 
 def parse_port(text: str) -> int:
+    """A port as a flag gives it: decimal digits, no leading zero (TOML's
+    `port = 080` is no number either, and "080" may be a mistyped 8080)."""
     if not (text.isascii() and text.isdigit()):
         raise ValueError(f"port {text!r} is not a number")
+    if len(text) > 1 and text.startswith("0"):
+        raise ValueError(f"port {text!r} has a leading zero")
+    if len(text) > 5:       # before int(), which reads no more than 4300 digits
+        raise ValueError(f"port {text} is out of range 1-65535")
     return check_port(int(text))
 
 

@@ -62,6 +62,9 @@ BAD = [
     (["10.1.1.101:80"], ["10.1.1.101:8080"], "--backend 10.1.1.101:8080: a backend cannot be a VIP"),
     (["10.1.1.101:80"], ["10.1.11.101:99999"],
      "--backend 10.1.11.101:99999: port 99999 is out of range 1-65535"),
+    # as TOML's `port = 080` and an address's "010.1.1.101": maybe a mistyped 8080
+    (["10.1.1.101:080"], B, "--vip 10.1.1.101:080: port '080' has a leading zero"),
+    (["10.1.1.101:00"], B, "--vip 10.1.1.101:00: port '00' has a leading zero"),
 ]
 
 
@@ -127,6 +130,13 @@ def test_one_line_monitor_takes_what_a_file_takes(args, problem):
 def test_a_port_of_other_digits_is_not_a_number():
     with pytest.raises(ValueError, match="port '\u00b2' is not a number"):
         parse_port("\u00b2")
+
+
+def test_a_port_of_more_digits_than_int_reads_is_out_of_range():
+    """Not int()'s message of its limit (4300 digits), which tells to raise it."""
+    with pytest.raises(ValueError) as e:
+        parse_port("9" * 4301)
+    assert str(e.value) == f"port {'9' * 4301} is out of range 1-65535"
 
 
 def test_one_line_form_timeouts_are_ipvs_defaults():
