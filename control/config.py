@@ -507,10 +507,19 @@ class _Loader:
         no other frontend: a server's packet that no flow entry knows must be
         this frontend's, and Maglev is what sends its client to that server on
         every node."""
-        serving: dict[tuple, list[str]] = {}
-        for fe in frontends:
-            for s in pools[fe.pool].servers if fe.pool in pools else ():
-                serving.setdefault((s.address, s.port, fe.protocol), []).append(fe.name)
+        # The frontends of each pool and protocol, for a look at each pool's
+        # servers once, not once per frontend (thousands of frontends on one
+        # pool took seconds); of those that serve a server, the first two in
+        # the file are enough to name one other than a given frontend.
+        groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
+        for i, fe in enumerate(frontends):
+            if fe.pool in pools:
+                groups.setdefault((fe.pool, fe.protocol), []).append((i, fe.name))
+        serving: dict[tuple, list[tuple[int, str]]] = {}
+        for (pool, protocol), names in groups.items():
+            for s in pools[pool].servers:
+                key = (s.address, s.port, protocol)
+                serving[key] = sorted(serving.get(key, []) + names[:2])[:2]
         for fe in frontends:
             pool = pools.get(fe.pool)
             if not fe.adopt_replies or pool is None:
@@ -521,7 +530,8 @@ class _Loader:
                                    f'is "{pool.algorithm}"): every node must send a client to '
                                    'the same server')
             for s in pool.servers:
-                others = [n for n in serving[(s.address, s.port, fe.protocol)] if n != fe.name]
+                others = [n for _, n in serving[(s.address, s.port, fe.protocol)]
+                          if n != fe.name]
                 if others:
                     self.problem(path, f"servers.{s.name} ({s.address}:{s.port}/{fe.protocol}) "
                                        f"also serves frontends.{others[0]}: its packets "
