@@ -40,6 +40,15 @@ def test_scaling_down_keeps_every_server_in_the_ring():
         [0, 1, 2, 3]
 
 
+def test_the_readmes_pool_whose_weights_its_ring_cannot_hold():
+    """README: 1,000 servers of weight 1 and 20 of weight 256 in a ring of
+    1,024 slots: the heavy ones take 2% of new flows, not 84%."""
+    ring = scheduler.ring("weighted", [(i, 1) for i in range(1000)]
+                          + [(1000 + i, 256) for i in range(20)], 1024)
+    assert round(100 * sum(i >= 1000 for i in ring) / len(ring)) == 2
+    assert round(100 * 20 * 256 / (1000 + 20 * 256)) == 84
+
+
 def test_too_many_backends_for_the_ring():
     with pytest.raises(ValueError, match="do not fit"):
         scheduler.ring("roundrobin", [(i, 1) for i in range(5)], 4)
