@@ -157,6 +157,12 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
         if monitor is None and unchecked:      # accepted, as ever: a warning, as a file's unused keys
             _error(f"xlb: warning: {', '.join(unchecked)}: not used with --check none "
                    f"(no server is checked)")
+        if ("check_kind" not in flags and monitor.port is None
+                and all(f.protocol == "udp" for f in config.frontends)):
+            # A server of UDP alone (syslog, NTP) refuses the connect: all would go down.
+            _error("xlb: warning: every --vip is UDP, but the default check connects over "
+                   "TCP to the backends' ports: a server of UDP alone goes down; give "
+                   "--check none, --check-port N or --check tcp")
     from . import metrics              # prometheus-client: only `up` needs it
     try:
         metrics_address = metrics.parse_address(metrics_at)

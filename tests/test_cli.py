@@ -134,6 +134,21 @@ def test_a_none_monitor_refuses_what_it_would_ignore(tmp_path):
                                     for key, reason in problems) + "\n")
 
 
+def test_up_warns_that_its_default_check_is_tcp_for_udp_vips_alone():
+    """A syslog or NTP server answers no TCP connect on its port: the default
+    check, which the operator did not choose, would take every server down."""
+    udp = ("--vip", "10.1.1.101:514/udp", "--backend", "10.1.11.101:514",
+           "--iface", "xlb-no-such-if", "--metrics", "224.0.0.1:9717")
+    r = xlb("up", *udp)
+    assert (r.returncode, r.stderr.splitlines()[0]) == (
+        2, "xlb: warning: every --vip is UDP, but the default check connects over TCP to "
+           "the backends' ports: a server of UDP alone goes down; give --check none, "
+           "--check-port N or --check tcp")
+    for chosen in (("--check", "tcp"), ("--check-port", "22"), ("--vip", "10.1.1.101:514")):
+        r = xlb("up", *udp, *chosen)
+        assert r.returncode == 2 and "warning" not in r.stderr, r.stderr
+
+
 def test_up_check_none_warns_of_the_check_flags_it_does_not_use():
     """The one-line form accepts them with --check none (a contract), and says
     that no check will use them; the rest of the line is checked as ever."""
