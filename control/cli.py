@@ -80,7 +80,7 @@ def cli() -> None:
               metavar="tcp|http:/PATH|none",
               help="Health check of the --backend servers: a TCP connect, an HTTP GET "
                    "of PATH expecting a 2xx or 3xx status, or none.")
-@click.option("--check-port", type=int, metavar="N",
+@click.option("--check-port", metavar="N",
               help="Port to check. Default: each backend's own port.")
 @click.option("--interval", type=float, default=Monitor.interval, show_default=True,
               metavar="SECONDS",

@@ -293,11 +293,12 @@ def parse_vip(text: str) -> tuple[IPv4Address, int, str]:
     return addr, port, proto
 
 
-def monitor_from_flags(kind: str, port: int | None, interval: float, rise: int,
+def monitor_from_flags(kind: str, port: str | None, interval: float, rise: int,
                      fall: int) -> Monitor | None:
     """The health monitor of the one-line form, or None for --check none (whose
-    other flags are checked all the same: a wrong one is a mistake either way)."""
-    problems, checks = [], []
+    other flags are checked all the same: a wrong one is a mistake either way).
+    port: --check-port as given, read as --vip's port."""
+    problems, checks, parsed = [], [], {}
     mtype, path = "tcp", "/"
     if kind.startswith("http:/"):
         mtype, path = "http", kind[len("http:"):]
@@ -305,20 +306,20 @@ def monitor_from_flags(kind: str, port: int | None, interval: float, rise: int,
     elif kind not in ("tcp", "none"):
         problems.append(("--check", f"{kind!r} is not tcp, http:/PATH or none"))
     if port is not None:
-        checks.append(("--check-port", check_port, port))
+        checks.append(("--check-port", parse_port, port))
     checks += [("--interval", check_seconds, interval), ("--rise", check_count, rise),
                ("--fall", check_count, fall)]
     for name, check, value in checks:
         try:
-            check(value)
+            parsed[name] = check(value)
         except ValueError as e:
             problems.append((name, str(e)))
     if problems:
         raise ConfigError(problems)
     if kind == "none":
         return None
-    return Monitor(name="default", type=mtype, port=port, path=path, interval=interval,
-                   timeout=default_timeout(interval), rise=rise, fall=fall)
+    return Monitor(name="default", type=mtype, port=parsed.get("--check-port"), path=path,
+                   interval=interval, timeout=default_timeout(interval), rise=rise, fall=fall)
 
 
 def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),

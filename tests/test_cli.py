@@ -149,6 +149,12 @@ def test_up_warns_that_its_default_check_is_tcp_for_udp_vips_alone():
         assert r.returncode == 2 and "warning" not in r.stderr, r.stderr
 
 
+def test_up_reads_check_port_as_it_reads_the_port_of_a_vip():
+    r = xlb("up", *SEED_FLAGS, "--check-port", "080")
+    assert (r.returncode, r.stderr) == (2, "xlb: error: --check-port: port '080' has a "
+                                           "leading zero\n")
+
+
 def test_up_check_none_warns_of_the_check_flags_it_does_not_use():
     """The one-line form accepts them with --check none (a contract), and says
     that no check will use them; the rest of the line is checked as ever."""

@@ -89,14 +89,14 @@ def test_one_line_monitor_defaults():
 
 
 def test_one_line_http_monitor_and_short_interval():
-    m = monitor_from_flags("http:/health", 9000, 0.5, 1, 1)
+    m = monitor_from_flags("http:/health", "9000", 0.5, 1, 1)
     assert (m.type, m.path, m.port, m.timeout) == ("http", "/health", 9000, 0.5)
     assert monitor_from_flags("none", None, 2.0, 2, 3) is None
 
 
 def test_one_line_monitor_errors():
     with pytest.raises(ConfigError) as e:
-        monitor_from_flags("https", 0, 0, 0, 1)
+        monitor_from_flags("https", "0", 0, 0, 1)
     assert e.value.problems == [
         ("--check", "'https' is not tcp, http:/PATH or none"),
         ("--check-port", "port 0 is out of range 1-65535"),
@@ -104,7 +104,7 @@ def test_one_line_monitor_errors():
         ("--rise", "must be at least 1, got 0")]
     # With --check none too: a wrong value is a mistake whether a check runs or not.
     with pytest.raises(ConfigError) as e:
-        monitor_from_flags("none", 0, float("nan"), 2, -5)
+        monitor_from_flags("none", "0", float("nan"), 2, -5)
     assert [name for name, _ in e.value.problems] == ["--check-port", "--interval", "--fall"]
 
 
@@ -114,6 +114,9 @@ def test_one_line_monitor_errors():
     (("tcp", None, 86401.0, 2, 3), ("--interval", "must be at most 86400 seconds (a day), "
                                                   "got 86401.0")),
     (("tcp", None, 2.0, 1001, 3), ("--rise", "must be at most 1000, got 1001")),
+    # --check-port as --vip's port: TOML's `port = 080` is no number either
+    (("tcp", "080", 2.0, 2, 3), ("--check-port", "port '080' has a leading zero")),
+    (("tcp", "8_080", 2.0, 2, 3), ("--check-port", "port '8_080' is not a number")),
     (("http:/a b", None, 2.0, 2, 3), ("--check", "'/a b' contains whitespace or control "
                                                  "characters")),
     (("http:/caf\u00e9", None, 2.0, 2, 3), ("--check", "'/caf\u00e9' is not ASCII: "
