@@ -519,7 +519,7 @@ class _Loader:
         for (pool, protocol), names in groups.items():
             for s in pools[pool].servers:
                 key = (s.address, s.port, protocol)
-                serving[key] = sorted(serving.get(key, []) + names[:2])[:2]
+                serving[key] = sorted({*serving.get(key, ()), *names[:2]})[:2]
         for fe in frontends:
             pool = pools.get(fe.pool)
             if not fe.adopt_replies or pool is None:

@@ -806,6 +806,12 @@ def test_frontends_sharing_a_pool_cost_no_check_per_frontend_and_server(monkeypa
     assert [reason.split(": its")[0] for _, reason in e.value.problems] == [
         "servers.s0 (10.2.0.1:80/tcp) also serves frontends.b",
         "servers.s1 (10.2.0.2:80/tcp) also serves frontends.c"]
+    # a pool that lists a server twice (under two names) names the other frontend all the same
+    with pytest.raises(ConfigError) as e:
+        load(text.replace('[servers.s1]\naddress = "10.2.0.2"', '[servers.s1]\naddress = "10.2.0.1"'))
+    assert [reason.split(": its")[0] for _, reason in e.value.problems][1:] == [
+        "servers.s0 (10.2.0.1:80/tcp) also serves frontends.b",
+        "servers.s1 (10.2.0.1:80/tcp) also serves frontends.b"]
 
 
 def test_nesting_too_deep_is_one_problem():
