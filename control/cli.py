@@ -143,7 +143,7 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
             raise BadInput("--config FILE replaces the one-line options "
                            "(--vip, --backend, --algorithm, --iface and the health check options)")
         config = _load(config_path)
-        _echo_unused(config_path, config.unused)
+        _echo_warnings(config_path, config.warnings)
     elif not flags:
         config, config_path = saved_config()
     else:
@@ -265,9 +265,9 @@ def _echo_problems(file: Path, problems) -> None:
         _error(f"{file}: {reason}" if path == str(file) else f"{file}: {path}: {reason}")
 
 
-def _echo_unused(file: Path, unused) -> None:
-    """One warning a thing the file defines and nothing uses."""
-    for path, reason in unused:
+def _echo_warnings(file: Path, warnings) -> None:
+    """One line a warning of the file's (Config.warnings)."""
+    for path, reason in warnings:
         _error(f"xlb: warning: {file}: {path}: {reason}")
 
 
@@ -295,7 +295,7 @@ def check(file: Path) -> None:
         raise click.exceptions.Exit(1) from None
     _say(f"{file}: ok: {len(cfg.frontends)} frontends, {len(cfg.pools)} pools, "
          f"{cfg.server_count()} servers, {len(cfg.monitors)} monitors")
-    _echo_unused(file, cfg.unused)
+    _echo_warnings(file, cfg.warnings)
 
 
 @cli.command()
@@ -337,7 +337,7 @@ def apply(file: Path | None) -> None:
     _say(f"xlb: applied {file} in {r['validate_seconds'] + r['apply_seconds']:.3f}s: "
          f"{r['frontends']} frontends, {r['pools']} pools, {r['servers']} servers; "
          f"{r['flows_ended']} flows ended; serving {r['config']}")
-    _echo_unused(file, r["unused"])
+    _echo_warnings(file, r.get("warnings", r.get("unused", ())))  # "unused": an older instance's
     for forgotten in r["admin_forgotten"]:
         click.echo(f"xlb: warning: forgot {forgotten}: the config has no such server in "
                    f"that pool", err=True)

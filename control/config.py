@@ -24,6 +24,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+from . import scheduler
 from .model import (ALGORITHMS, BODY_LIMIT, MAGLEV_SERVERS_MAX, MAGLEV_SIZE_MAX,
                     MAGLEV_SLOTS_PER_SERVER, MAX_BACKENDS, MAX_FRONTENDS, MAX_MAGLEV_FRONTENDS,
                     MONITOR_TYPES, ON_SERVER_DOWN, RING_SIZE, TIMEOUT_RANGE,
@@ -292,7 +293,8 @@ class _Loader:
         if self.problems:
             raise ConfigError(self.problems)
         return Config(frontends=tuple(frontends), pools=tuple(pools), monitors=tuple(monitors),
-                      unused=self.unused(frontends, pools, servers, monitors))
+                      warnings=(*self.unused(frontends, pools, servers, monitors),
+                                *self.strayed(pools)))
 
     @staticmethod
     def unused(frontends: list[Frontend], pools: list[Pool], servers: dict[str, Server],
@@ -308,6 +310,27 @@ class _Loader:
                   for p in pools if p.name not in served),
                 *((f"monitors.{m.name}", "no pool or server uses it")
                   for m in monitors if m.name not in watching))
+
+    @staticmethod
+    def strayed(pools: list[Pool]) -> tuple[tuple[str, str], ...]:
+        """Weighted pools whose weights the ring cannot honour within 1% of new
+        flows (scheduler.slots scales them down), with all their servers up."""
+        found = []
+        for pool in pools:
+            if pool.algorithm != "weighted":
+                continue
+            weights = [(i, s.weight) for i, s in enumerate(pool.servers)]
+            slots = dict(scheduler.slots(weights, RING_SIZE))
+            ring, total = sum(slots.values()), sum(w for _, w in weights)
+            astray = sum(abs(slots[i] / ring - w / total) for i, w in weights) / 2
+            if astray > 0.01:
+                found.append((f"pools.{pool.name}",
+                              f"its weights need more than a weighted ring's {RING_SIZE:,} "
+                              f"slots: scaled down to fit, they send {astray:.0%} of new flows "
+                              f"to other servers than they ask for "
+                              f'(algorithm = "maglev", up to {MAGLEV_SERVERS_MAX} servers, honours '
+                              f"them within 1%)"))
+        return tuple(found)
 
     def section(self, section: str) -> Iterator[tuple[str, str, dict]]:
         """(path, name, table) of the section's objects, in file order."""

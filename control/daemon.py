@@ -1068,7 +1068,7 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
         forgotten = result.pop("admin_forgotten")
         log.event("apply", result="ok", seconds=t2 - t0, config=path, **result,
                   admin_forgotten="; ".join(forgotten) or None)
-        return {**result, "admin_forgotten": forgotten, "unused": cfg.unused,
+        return {**result, "admin_forgotten": forgotten, "warnings": cfg.warnings,
                 "validate_seconds": t1 - t0,
                 "apply_seconds": t2 - t1, "config": path, "warning": balancer.remember()}
     if cmd == "server":

@@ -126,10 +126,10 @@ class Config:
     frontends: tuple[Frontend, ...]
     pools: tuple[Pool, ...]
     monitors: tuple[Monitor, ...] = ()
-    # What the file defines and nothing uses, as (key path, what that means):
-    # said, not refused. Not part of the config (a server in no pool is not
-    # even kept, see config.dump).
-    unused: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    # What the file defines and nothing uses, weights a ring cannot honour, as
+    # (key path, what that means): said, not refused. Not part of the config (a
+    # server in no pool is not even kept, see config.dump).
+    warnings: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     def pool(self, name: str) -> Pool:
         return next(p for p in self.pools if p.name == name)

@@ -11,11 +11,11 @@ def round_robin(ids: list[int]) -> list[int]:
     return list(ids)
 
 
-def smooth_weighted(weighted: list[tuple[int, int]], size: int) -> list[int]:
-    """nginx's smooth weighted round-robin as a ring: each backend appears in
-    proportion to its weight, spread out rather than in runs. Weights are
-    divided by their gcd; if the sum still exceeds `size` they are scaled down
-    (each weight stays at least 1)."""
+def slots(weighted: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """(backend id, slots in the ring) of the backends of weight > 0: their
+    weights divided by their gcd; if the sum still exceeds `size`, scaled down
+    (each backend keeps one slot at least, so the shares stray from the
+    weights)."""
     weighted = [(i, w) for i, w in weighted if w > 0]
     if not weighted:
         return []
@@ -23,15 +23,22 @@ def smooth_weighted(weighted: list[tuple[int, int]], size: int) -> list[int]:
         raise ValueError(f"{len(weighted)} backends do not fit a ring of {size}")
     g = reduce(gcd, (w for _, w in weighted))
     weighted = [(i, w // g) for i, w in weighted]
-    if all(w == 1 for _, w in weighted):
-        return [i for i, _ in weighted]     # what the loop below gives, without its n² steps
     total = sum(w for _, w in weighted)
     if total > size:
         weighted = [(i, max(1, w * size // total)) for i, w in weighted]
         while sum(w for _, w in weighted) > size:  # max(1, ..) may overshoot
             j = max(range(len(weighted)), key=lambda k: weighted[k][1])
             weighted[j] = (weighted[j][0], weighted[j][1] - 1)
-        total = sum(w for _, w in weighted)
+    return weighted
+
+
+def smooth_weighted(weighted: list[tuple[int, int]], size: int) -> list[int]:
+    """nginx's smooth weighted round-robin as a ring: each backend appears in
+    proportion to its slots (slots()), spread out rather than in runs."""
+    weighted = slots(weighted, size)
+    if all(w == 1 for _, w in weighted):
+        return [i for i, _ in weighted]     # what the loop below gives, without its n² steps
+    total = sum(w for _, w in weighted)
     current = [0] * len(weighted)
     ring = []
     for _ in range(total):

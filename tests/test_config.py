@@ -178,13 +178,13 @@ def test_full_example_round_trips():
 
 
 def test_what_nothing_uses_is_named_not_refused():
-    assert load(FULL).unused == (
+    assert load(FULL).warnings == (
         ("servers.unused", "in no pool: it serves nothing, and `xlb show` leaves it out"),
         ("pools.hashed", "no frontend uses it: it serves nothing"),
         ("monitors.off", "no pool or server uses it"))
     # A monitor that only a server names is used.
-    assert "monitors.tcp-only" not in dict(load(FULL).unused)
-    assert load_file(SEED).unused == ()
+    assert "monitors.tcp-only" not in dict(load(FULL).warnings)
+    assert load_file(SEED).warnings == ()
 
 
 def test_an_http_monitor_without_expect_status_takes_any_2xx_or_3xx_and_round_trips():
@@ -870,3 +870,32 @@ def test_a_byte_order_mark_is_no_part_of_the_config(tmp_path):
     path = tmp_path / "bom.toml"
     path.write_bytes(b"\xef\xbb\xbf" + SEED.read_bytes())
     assert load_file(path) == load_file(SEED)
+
+
+def weighted_pool(*weights: int) -> str:
+    """A config of one weighted pool, of servers s0, s1, ... of these weights."""
+    servers = "".join(f'[servers.s{i}]\naddress = "10.2.{i // 250}.{i % 250 + 1}"\n'
+                      f"port = 8080\nweight = {w}\n" for i, w in enumerate(weights))
+    names = ", ".join(f'"s{i}"' for i in range(len(weights)))
+    return (f'{servers}[pools.web]\nalgorithm = "weighted"\nservers = [{names}]\n'
+            f'[frontends.www]\nvip = "10.1.1.101"\nport = 80\npool = "web"\n')
+
+
+@pytest.mark.parametrize("weights, astray", [
+    ([1] * 1000 + [256] * 20, "81%"),       # the README's: 2% of new flows, not 84%
+    ([1] * 600 + [2] * 400, "17%"),
+])
+def test_a_weighted_pool_whose_ring_strays_from_its_weights_is_warned_of(weights, astray):
+    assert load(weighted_pool(*weights)).warnings == ((
+        "pools.web", f"its weights need more than a weighted ring's 1,024 slots: scaled down "
+                     f"to fit, they send {astray} of new flows to other servers than they ask "
+                     f'for (algorithm = "maglev", up to 655 servers, honours them within 1%)'),)
+
+
+@pytest.mark.parametrize("weights", [
+    [3, 1, 1],                              # fits the ring
+    [256, 128] * 10,                        # fits, divided by the gcd
+    [255, 256] * 5,                         # scaled down, a fraction of 1% astray
+])
+def test_a_weighted_pool_that_keeps_to_its_weights_is_not_warned_of(weights):
+    assert load(weighted_pool(*weights)).warnings == ()

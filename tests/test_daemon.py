@@ -582,7 +582,7 @@ def test_an_apply_names_what_nothing_uses(balancer, tmp_path):
     reply = answer(balancer, {"cmd": "apply", "text": text, "path": str(tmp_path / "x.toml")},
                    no_sync)
     assert reply["ok"], reply
-    assert [tuple(u) for u in reply["result"]["unused"]] == \
+    assert [tuple(u) for u in reply["result"]["warnings"]] == \
         [("pools.spare", "no frontend uses it: it serves nothing")]
 
 
