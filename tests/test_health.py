@@ -1138,6 +1138,14 @@ def test_http_parser():
     # Another header's number is no length.
     assert verdict(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nAge: 5\r\n\r\nhello world",
                    expect_body="world") == ok
+    # A length of more digits than int() reads: past the body limit, or as
+    # long as it is without its leading zeros.
+    assert verdict(b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\nhello",
+                   expect_body="world") is None
+    padded = b"HTTP/1.1 200 OK\r\nContent-Length: " + b"0" * 5000 + b"11\r\n\r\n"
+    assert verdict(padded + b"hello world", expect_body="world") == ok
+    assert verdict(padded + b"hello there world", expect_body="world") == \
+        (False, "body lacks 'world'")
     # What is read stays bounded: a status line or headers past 64 KiB end the check.
     assert verdict(b"x" * (64 * 1024 + 1)) == ("failed", "http: no status line in the first 64 KiB")
     assert verdict(b"x" * (64 * 1024)) is None
