@@ -58,8 +58,9 @@ class DataplaneState:
         field(default_factory=dict)
     # Ids of removed servers and frontends: their counters, and a removed
     # server's kept flows, still name them, so a newcomer takes one only when
-    # no id is left that was never used.
-    retired_backends: frozenset[int] = frozenset()
+    # no id is left that was never used; a server back at a retired backend's
+    # address and port takes its id (desired). Backends by id: (address, port).
+    retired_backends: Mapping[int, tuple[IPv4Address, int]] = field(default_factory=dict)
     retired_services: frozenset[int] = frozenset()
 
 
@@ -191,11 +192,24 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
     # address stay on the old id, retired, as a removed server's do. A renamed
     # one keeps its id. (Addresses as numbers: an IPv4Address hashes in Python,
     # 10,000 servers take 50 ms.)
-    ids, retired_backends = _allocate([(p.name, s.name, int(s.address), s.port)
-                                       for p in config.pools for s in p.servers],
-                                      {(*renamed.get(k, k), int(b.address), b.port): b.id
-                                       for k, b in previous.backends.items()},
-                                      previous.retired_backends, max_backends, "backends")
+    keys = [(p.name, s.name, int(s.address), s.port) for p in config.pools for s in p.servers]
+    held = {(*renamed.get(k, k), int(b.address), b.port): b.id
+            for k, b in previous.backends.items()}
+    # A server back at a retired backend's address and port, removed or moved
+    # away by an earlier change, takes that id (its counters cleared, plan):
+    # the flows that still name it are connections to this server, its active
+    # flows, ended by its maint. With an id of its own beside it, a restart
+    # that reads the maps back (recover) found two entries at one address, and
+    # one drained or down (in no ring) was named after the older: its active
+    # flows read 0 while its connections went on.
+    back = {(int(a), port): i for i, (a, port) in previous.retired_backends.items()}
+    for k in keys:
+        if k not in held and (i := back.pop(k[2:], None)) is not None:
+            held[k] = i
+    ids, retired = _allocate(keys, held, frozenset(back.values()), max_backends, "backends")
+    endpoints = {**previous.retired_backends,
+                 **{b.id: (b.address, b.port) for b in previous.backends.values()}}
+    retired_backends = {i: endpoints[i] for i in retired}
     backend_ids = {k[:2]: i for k, i in ids.items()}
     backends = {}
     for pool in config.pools:
@@ -279,7 +293,8 @@ def recover(config: Config, held: DataplaneState,
                 b = min(candidates, key=lambda b: (b.id not in ringed, b.id))
                 taken.add(b.id)
                 named[(pool.name, s.name)] = b
-    return replace(held, backends=named, retired_backends=frozenset(backends.keys() - taken))
+    return replace(held, backends=named, retired_backends={
+        i: (b.address, b.port) for i, b in backends.items() if i not in taken})
 
 
 @dataclass(frozen=True)

@@ -101,13 +101,13 @@ def test_new_ids_avoid_ids_retired_by_earlier_changes():
         st = desired(cfg, st)
     assert {k[1]: b.id for k, b in st.backends.items()} == {"s1": 0, "s3": 2}
     assert {k[1]: s.id for k, s in st.services.items()} == {80: 0, 82: 2}
-    assert (st.retired_backends, st.retired_services) == ({1}, {1})
+    assert (st.retired_backends.keys(), st.retired_services) == ({1}, {1})
 
     # All 16 ids used: the next newcomer takes a retired one, and a 17th is refused.
     many = [Server(f"m{i}", A(f"10.1.12.{i}"), 80) for i in range(14)]
     full = desired(Config(frontends=(www,), pools=(Pool("p", (S1, s3, *many)),)), st)
     assert sorted(b.id for b in full.backends.values()) == list(range(16))
-    assert full.retired_backends == frozenset()
+    assert full.retired_backends.keys() == frozenset()
     with pytest.raises(planner.CapacityError, match="more backends"):
         desired(Config(frontends=(www,), pools=(Pool("p", (S1, S2, s3, *many)),)), full)
 
@@ -151,7 +151,7 @@ def test_a_retired_id_is_taken_before_one_this_change_releases():
         st = planner.desired(Config(frontends=(www,), pools=(Pool("p", servers),)), LINKS, st,
                              **dict(LIMITS, max_backends=3))
     assert st.backends[("p", "s4")].id == 1     # s2's, retired a change ago, not s3's
-    assert st.retired_backends == {2}
+    assert st.retired_backends.keys() == {2}
 
 
 def _pool(*servers, algorithm="roundrobin", on_server_down="keep"):
@@ -258,7 +258,7 @@ def test_a_server_given_another_address_or_port_is_a_new_server(policy, ended, m
     cur = desired(old)
     tgt = desired(new, cur)
     assert {k[1]: b.id for k, b in tgt.backends.items()} == {"s1": 0, "s2": 2}
-    assert tgt.retired_backends == {1}
+    assert tgt.retired_backends.keys() == {1}
     assert planner.flows_to_end(old, {}, cur, new, {}, tgt, {}).backend_ids == ended
     ops = planner.plan(cur, tgt)
     assert ("set_backend", 1, S2.address, S2.port, True) in ops      # closed to new flows
@@ -286,7 +286,7 @@ def test_a_renamed_server_is_the_same_server(policy, server, pool):
                                 servers=(replace(S1, name=server), S2)),))
     cur, tgt, ends = _renamed(old, new)
     assert {k: b.id for k, b in tgt.backends.items()} == {(pool, server): 0, (pool, "s2"): 1}
-    assert tgt.retired_backends == set()
+    assert tgt.retired_backends.keys() == set()
     assert ends == planner.FlowsToEnd(frozenset(), frozenset())
     assert planner.plan(cur, tgt) == []
 
@@ -320,7 +320,7 @@ def test_an_address_moved_to_a_pool_of_another_frontend_is_a_new_server():
                         Pool("q", (replace(S1, name="t"),))))
     cur, tgt, ends = _renamed(old, new)
     assert {k: b.id for k, b in tgt.backends.items()} == {("p", "s2"): 1, ("q", "t"): 2}
-    assert tgt.retired_backends == {0}
+    assert tgt.retired_backends.keys() == {0}
     assert ends.backend_ids == {0}
     # Every id used: the newcomer takes s1's id, and is no less a new server.
     limits = dict(LIMITS, max_backends=2)
@@ -629,9 +629,39 @@ def test_recover_names_the_maps_after_their_config():
                                   frozenset(maps.vips), maps.arp)
     got = planner.recover(second, held, maps.backends)
     assert got.backends == st.backends
-    assert got.retired_backends == st.retired_backends == {0}       # S1's
+    assert got.retired_backends.keys() == st.retired_backends.keys() == {0}       # S1's
     assert planner.plan(got, desired(second, got, down)) == []
     assert desired(second).backends != st.backends  # rebuilding from scratch moves ids
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["same instance", "restarted"])
+def test_a_server_back_at_its_address_takes_its_retired_id(restart):
+    """s2 removed by one change and back by a later one, at its address and
+    port, drained: it takes the id that its kept flows name, its counters
+    cleared, also when a restart read the maps back in between. A restart
+    after that reads one entry at its address back, named as it ran: with
+    two (a new id beside the retired one), one drained or down, in no ring,
+    was named after the older, and its active flows (its connections) read 0."""
+    drained = {("p", "s2"): "drain"}
+    maps, st = FakeMaps(), planner.DataplaneState()
+    for i, (cfg, states) in enumerate(((_pool(S1, S2), {}), (_pool(S1), {}),
+                                       (_pool(S1, S2), drained))):
+        if i == 2 and restart:      # before it came back
+            held = planner.DataplaneState({k: st.services[k] for k in maps.services}, {},
+                                          frozenset(maps.vips), maps.arp)
+            st = planner.recover(_pool(S1), held, maps.backends)
+            assert st.retired_backends == {1: (S2.address, S2.port)}
+        target = desired(cfg, st, states)
+        ops = planner.plan(st, target)
+        planner.execute(maps, ops)
+        st = target
+    assert {k[1]: b.id for k, b in st.backends.items()} == {"s1": 0, "s2": 1}
+    assert st.retired_backends == {}
+    assert ops.index(("clear_backend_counters", 1)) < ops.index(
+        ("set_backend", 1, S2.address, S2.port, True))
+    held = planner.DataplaneState({k: st.services[k] for k in maps.services}, {},
+                                  frozenset(maps.vips), maps.arp)
+    assert planner.recover(_pool(S1, S2), held, maps.backends).backends == st.backends
 
 
 def _frontends(*pools):
@@ -660,7 +690,7 @@ def test_a_server_that_stays_takes_no_other_ones_id():
     new = Config(frontends=_frontends("p", "p"), pools=(p,))
     cur, tgt, ends = _renamed(old, new)
     assert {k: b.id for k, b in tgt.backends.items()} == {("p", "s1"): 0}
-    assert tgt.retired_backends == {1}
+    assert tgt.retired_backends.keys() == {1}
     assert ends.backend_ids == {1}
 
 
@@ -718,4 +748,4 @@ def test_a_pool_of_another_name_serving_another_protocol_is_another_pool():
     udp = replace(old.frontends[0], protocol="udp", pool="q")
     new = Config(frontends=(udp,), pools=(Pool("q", (replace(S1, name="t"),)),))
     cur, tgt, ends = _renamed(old, new)
-    assert tgt.backends[("q", "t")].id == 1 and tgt.retired_backends == {0}
+    assert tgt.backends[("q", "t")].id == 1 and tgt.retired_backends.keys() == {0}
