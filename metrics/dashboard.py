@@ -6,7 +6,8 @@
 
 Every query reads only the metrics that control/metrics.py exposes. Two variables:
 `datasource` (any Prometheus) and `instance` (the balancers to show, all by default).
-Rates use Grafana's $__rate_interval, which is at least four scrape intervals.
+Rates use Grafana's $__rate_interval, which is at least four scrape intervals;
+counts in bars, $__interval (each bar's own).
 
 `expressions()` lists the PromQL of every panel of the generated JSON; the lab test
 (tests/test_metrics_lab.py) runs each against a real Prometheus scraping xlb.
@@ -165,9 +166,12 @@ def build():
     ]
 
     config = [
-        ts("Config applies", "short", "`xlb apply` requests over each interval, by result.",
-           (f"sum by (result) (increase(xlb_config_applies_total{{{SEL}}}[{RATE}]))",
-            "{{result}}"))
+        # What the counter gained since the bar before: each apply in one bar.
+        # increase() over $__rate_interval (four scrapes or more) put one in
+        # each of the bars its window spans, a third more in each.
+        ts("Config applies", "short", "`xlb apply` requests in each interval, by result.",
+           (f"sum by (result) (clamp_min(xlb_config_applies_total{{{SEL}}} - "
+            f"xlb_config_applies_total{{{SEL}}} offset $__interval, 0))", "{{result}}"))
         .draw_style(cm.GraphDrawStyle.BARS).fill_opacity(60).min(0)
         .override_by_name("error", [fixed("red")]).override_by_name("ok", [fixed("green")]),
         stat.Panel().title("Last successful apply").datasource(ds)

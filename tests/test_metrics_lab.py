@@ -126,14 +126,17 @@ def wait_for(what: str, seconds: float, probe, interval: float = 0.5):
 
 def for_prometheus(expr: str) -> str:
     """A dashboard query as Prometheus itself can run it: Grafana's variables replaced."""
-    for var, value in (("$__rate_interval", "1m"), ("$__interval", "1m"), ("$__range", "1m"),
+    # $__interval: a bar's or a point's own, here the scrape interval of the
+    # Prometheus the tests run (a count over it reaches no further back).
+    for var, value in (("$__rate_interval", "1m"), ("$__interval", "1s"), ("$__range", "1m"),
                        ("${instance}", ".*"), ("$instance", ".*")):
         expr = expr.replace(var, value)
     assert "$" not in expr, f"a Grafana variable this test does not know: {expr}"
     return expr
 
 
-TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\[[^\]]*\]|\d+(?:\.\d+)?(?:[eE][+-]?\d+)?'
+TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\[[^\]]*\]|\d+(?:ms|[smhdwy])\b'
+                   r'|\d+(?:\.\d+)?(?:[eE][+-]?\d+)?'
                    r'|[A-Za-z_:][A-Za-z0-9_:]*|=~|!~|!=|==|>=|<=|\S')
 IDENT = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
 GROUPING = {"by", "without", "on", "ignoring", "group_left", "group_right"}
@@ -180,6 +183,8 @@ def test_names_in_parses_the_dashboards_kind_of_query():
     assert m == {"a_total", "b"} and l == {"pool", "server", "instance", "job", "le"}
     m, l = names_in("histogram_quantile(0.99, sum by (le) (rate(c_bucket[5m]))) * 1000")
     assert m == {"c_bucket"} and l == {"le"}
+    m, l = names_in("clamp_min(d_total - d_total offset 15s, 0)")
+    assert m == {"d_total"} and l == set()
 
 
 # --- the tests ------------------------------------------------------------------
@@ -332,6 +337,33 @@ def test_prometheus_answers_every_dashboard_query(lab, xlb, tmp_path):
         assert result["ok"] > 0 and result["error_count"] == 0, result["errors"]
     finally:
         stop(load)
+
+
+def test_the_config_applies_panel_counts_each_apply_once(lab, xlb, tmp_path):
+    """The bars of the dashboard's "Config applies" add up to the applies made,
+    as Grafana draws them: a bar every $__interval (here the scrape interval),
+    $__rate_interval four of them. increase() over $__rate_interval counted
+    each apply in every bar its window spans: some five times over."""
+    dashboard = load_dashboard()
+    model = json.loads(dashboard.JSON_PATH.read_text())
+    [expr] = [t["expr"] for p in dashboard.panels(model) if p.get("title") == "Config applies"
+              for t in p["targets"]]
+    for var, value in (("$__rate_interval", "4s"), ("$__interval", "1s"),
+                       ("${instance}", ".*"), ("$instance", ".*")):
+        expr = expr.replace(var, value)
+    with prometheus(lab, tmp_path):
+        start = time.time()
+        for _ in range(2):
+            assert lab.xlb_cmd("apply", str(SEED), timeout=60).returncode == 0
+            time.sleep(3)
+        end = time.time()
+        time.sleep(2)           # the last bars' scrapes
+        answer = prom_get(lab, "/api/v1/query_range", query=expr, start=f"{start:.3f}",
+                          end=f"{end:.3f}", step="1")
+    assert answer["status"] == "success", answer
+    bars = {r["metric"]["result"]: sum(float(v) for _, v in r["values"])
+            for r in answer["data"]["result"]}
+    assert bars == {"ok": 2, "error": 0}, answer["data"]["result"]
 
 
 def test_applies_and_health_changes_are_counted(lab, xlb, tmp_path):
