@@ -8,7 +8,8 @@ The text exposition is written here rather than by prometheus-client's
 `generate_latest`: with 10,000 servers a scrape holds some 140,000 samples,
 and the library's per-sample objects and label validation take seconds where
 a scrape should take a fraction of one. The format is the library's own
-(text format 0.0.4, its content type); tests parse every scrape with
+text format, under its content type (CONTENT_TYPE_LATEST, whose version
+differs between the library's releases); tests parse every scrape with
 prometheus-client's parser and compare it with what `generate_latest` writes
 for the same families.
 """
