@@ -206,7 +206,9 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
     for k in keys:
         if k not in held and (i := back.pop(k[2:], None)) is not None:
             held[k] = i
-    ids, retired = _allocate(keys, held, frozenset(back.values()), max_backends, "backends")
+    ids, retired = _allocate(keys, held,
+                             frozenset(previous.retired_backends.keys() - held.values()),
+                             max_backends, "backends")
     endpoints = {**previous.retired_backends,
                  **{b.id: (b.address, b.port) for b in previous.backends.values()}}
     retired_backends = {i: endpoints[i] for i in retired}

@@ -664,6 +664,20 @@ def test_a_server_back_at_its_address_takes_its_retired_id(restart):
     assert planner.recover(_pool(S1, S2), held, maps.backends).backends == st.backends
 
 
+def test_of_two_retired_ids_at_one_address_a_server_back_takes_one():
+    """A data path of an earlier build holds two retired entries at s2's
+    address and port: s2 back takes one; the other stays retired, as does s3's,
+    and a newcomer takes an id never used."""
+    retired = {1: (S2.address, S2.port), 2: (S2.address, S2.port),
+               3: (A("10.1.11.3"), 80)}
+    st = replace(desired(_pool(S1)), retired_backends=retired)
+    new = desired(_pool(S1, S2, Server("s4", A("10.1.11.4"), 80)), st)
+    assert new.backends[("p", "s2")].id in (1, 2)
+    assert new.backends[("p", "s4")].id == 4
+    assert new.retired_backends == {i: retired[i] for i in (1, 2, 3)
+                                    if i != new.backends[("p", "s2")].id}
+
+
 def _frontends(*pools):
     """Frontends www0, www1, ... on ports 80, 81, ... of one VIP, to these pools."""
     return tuple(Frontend(f"www{i}", A("10.1.1.101"), 80 + i, "tcp", p)
