@@ -260,3 +260,18 @@ def test_reason_action_agrees_with_the_program(lb, fibnet, reason):
     assert res.action == XDP_ACTIONS[REASON_ACTIONS[REASON_NAMES.index(reason)]]
     reasons_moved = {k: v for k, v in lb.last_delta.items() if k.startswith("reason.")}
     assert reasons_moved == {f"reason.{reason}.packets": 1, f"reason.{reason}.bytes": len(frame)}
+
+
+# The reasons as released, in order: reason_stats is indexed by position and
+# kept across an upgrade (an adoption takes over the running maps), so a
+# reason inserted before one of these would count under another's name.
+RELEASED_REASONS = (
+    "pass_not_ip", "pass_arp", "pass_short", "pass_not_vip", "forward", "reply",
+    "arp_reply", "drop_malformed", "drop_fragment", "drop_no_backend", "forward_tx",
+    "forward_redirect", "reply_tx", "reply_redirect", "fib_no_neigh", "fib_no_route",
+    "fib_frag_needed", "fib_fwd_disabled", "ttl_expired", "icmp_echo_reply",
+    "icmp_too_big", "icmp_to_backend", "icmp_to_client", "drop_no_service")
+
+
+def test_new_reasons_go_after_the_released_ones():
+    assert REASON_NAMES[:len(RELEASED_REASONS)] == RELEASED_REASONS
