@@ -542,9 +542,10 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     keepalived starts, which keepalived tells nothing. A FIFO that another user may write is
     refused: it would tell the role. With --track-file, it also tells
     keepalived, every second, whether xlb serves on this node: a node
-    whose data path is gone (xlb stopped or not started) cannot answer for
-    the VIPs, and keepalived hands them to the peer. A control process
-    killed with its data path still serving counts as serving.
+    whose data path is gone (xlb stopped or not started), or that has no
+    link up on which a VIP's ARP requests arrive, cannot answer for the
+    VIPs, and keepalived hands them to the peer. A control process killed
+    with its data path still serving counts as serving.
     """
     from . import state
     from .ha import keepalived_role
@@ -575,6 +576,7 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     # stop) and starts this one without a word: the role it said before holds.
     keepalived = _keepalived_process(instance)
     wanted, told, failing, buf = state.followed(keepalived), None, False, b""
+    cut_off: list[str] = []
     try:
         while True:
             ready, _, _ = select.select([fd], [], [], FOLLOW_POLL if wanted or track_file
@@ -590,10 +592,10 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
                         _save_followed(keepalived, role)
             if not (wanted or track_file):
                 continue
-            answered = False
+            answered, was_cut_off, cut_off = False, cut_off, []
             try:
-                pid = ctl.request("ping", timeout=2.0)["pid"]
-                answered = True
+                reply = ctl.request("ping", timeout=2.0)
+                pid, cut_off, answered = reply["pid"], reply["cut_off"], True
                 if wanted and pid != told:
                     ctl.request("role", role=wanted, timeout=2.0)
                     told, failing = pid, False
@@ -603,7 +605,10 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
                            f"every {FOLLOW_POLL:g} s: {e}")
                     failing = True
             if track_file:
-                _track(track_file, answered or _datapath_runs())
+                if cut_off and cut_off != was_cut_off:
+                    _error(f"xlb ha follow: no link up for {'; '.join(cut_off)}: this node "
+                           f"cannot answer for them, keepalived is told (FAULT)")
+                _track(track_file, not cut_off if answered else _datapath_runs())
     except _KeepalivedStops:
         try:
             ctl.request("role", role="backup", timeout=2.0)

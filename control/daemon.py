@@ -200,6 +200,21 @@ class Balancer:
             renamed, self._checked_as = self._checked_as, {}
         return renamed
 
+    def cut_off(self) -> list[str]:
+        """The VIPs this node cannot answer for: every link xlb runs on that
+        their ARP requests arrive on has lost its carrier (or was set down),
+        as "VIP (LINK, ...)". keepalived cannot see it when VRRP runs on
+        another link; `xlb ha follow` tells it."""
+        with self.lock:
+            on = planner.arp_links(self.config, self.links.values())
+        carrier = {link.index for link in netif.links() if link.carrier}
+        links: dict[IPv4Address, list[str]] = {}
+        for link, vip in on:
+            links.setdefault(vip, []).append(link.name)
+        live = {vip for link, vip in on if link.index in carrier}
+        return [f"{vip} ({', '.join(names)})" for vip, names in sorted(links.items())
+                if vip not in live]
+
     def set_role(self, role: str) -> dict:
         """active: answer ARP for the VIPs (a gratuitous ARP for each on becoming
         active) and announce them; backup: silent, still checking health."""
@@ -1049,7 +1064,9 @@ def _field(req: dict, name: str) -> str:
 
 def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
     if cmd == "ping":
-        return {"pid": os.getpid()}     # who answers: `xlb ha follow` tells a new instance
+        # who answers (`xlb ha follow` tells a new instance its role), and
+        # whether it can answer for the VIPs (follow tells keepalived)
+        return {"pid": os.getpid(), "cut_off": balancer.cut_off()}
     if cmd == "status":
         return balancer.status()
     if cmd == "show":

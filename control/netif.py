@@ -12,6 +12,7 @@ from pyroute2 import IPRoute, NetlinkError
 
 IFF_UP = 0x1
 IFF_LOOPBACK = 0x8
+IFF_LOWER_UP = 0x10000      # the link has carrier (a cable in, the veth's peer up)
 # IFLA_XDP_ATTACHED as pyroute2 names it, and the XDP_FLAGS_* that ask for each mode.
 XDP_MODES = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload"}
 _XDP_MODE_FLAGS = {"generic": 1 << 1, "native": 1 << 2, "offload": 1 << 3}
@@ -32,6 +33,7 @@ class Link:
     addresses: tuple[IPv4Interface, ...]
     xdp_prog_id: int = 0    # the XDP program attached, if any
     xdp_mode: str = ""      # its mode: native, generic, offload
+    carrier: bool = True    # up with carrier: frames can come and go
 
     @property
     def networks(self) -> tuple[IPv4Network, ...]:
@@ -61,6 +63,7 @@ def links() -> list[Link]:
                 addresses=tuple(addrs.get(msg["index"], ())),
                 xdp_prog_id=prog_id,
                 xdp_mode=mode,
+                carrier=msg["flags"] & (IFF_UP | IFF_LOWER_UP) == IFF_UP | IFF_LOWER_UP,
             ))
         return result
 

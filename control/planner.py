@@ -181,6 +181,15 @@ def carried(states: Mapping[BackendKey, str], renamed: Mapping[BackendKey, Backe
             if (k in renamed or k not in renamed.values()) and renamed.get(k, k) in keys}
 
 
+def arp_links(config: Config, links: Iterable[ArpLink]) -> list[tuple[ArpLink, IPv4Address]]:
+    """(link, VIP) for each link on whose subnets a VIP's ARP requests arrive
+    (the frontend's interfaces, if it names them): where an active node
+    answers for the VIP."""
+    links = list(links)
+    return [(link, fe.vip) for fe in config.frontends for link in links
+            if link.holds(fe.vip) and (not fe.interfaces or link.name in fe.interfaces)]
+
+
 def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
             max_services: int, max_backends: int, ring_size: int, max_maglev: int,
             states: Mapping[BackendKey, str] = {}, max_arp: int = MAX_ARP,
@@ -255,10 +264,7 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
             ring = old.ring ^ 1          # the one not in use
         services[key] = ServiceState(service_ids[key], ring, slots, is_maglev, fe.timeouts)
 
-    links = list(links)
-    arp = {(link.index, fe.vip): link.mac
-           for fe in config.frontends for link in links
-           if link.holds(fe.vip) and (not fe.interfaces or link.name in fe.interfaces)}
+    arp = {(link.index, vip): link.mac for link, vip in arp_links(config, links)}
     if len(arp) > max_arp:
         raise CapacityError(f"{len(arp)} ARP answers (VIPs times the links on their subnets): "
                             f"the data plane holds {max_arp}")

@@ -3,7 +3,8 @@
 With roles switched by hand (`xlb ha role`, the servers' gateway moved by the
 test as keepalived would move it): xlb answers ARP only on the active node and
 announces itself, and a restarted `xlb up` keeps its node's role. With real
-keepalived: its role told again to a restarted xlb, and its stop followed; a
+keepalived: its role told again to a restarted xlb, and its stop followed; the
+peer taking over from a node whose xlb stops or whose client link goes down; a
 failover under load, the active node crashing while a client opens a new
 connection every 20 ms and holds long-lived ones."""
 
@@ -216,33 +217,66 @@ def serving_file(lab: Lab, node: str) -> str:
     return Path(f"/run/xlb-lab/{lab.prefix}/{node}-xlb.serving").read_text()
 
 
+@contextlib.contextmanager
+def elected(lab: Lab, config: Path):
+    """xlb and keepalived on both nodes: the Xlb of each node, the node
+    keepalived elects and the other; keepalived stopped after."""
+    xs = {}
+    with contextlib.ExitStack() as stack:
+        for node in ("lb1", "lb2"):
+            xs[node] = stack.enter_context(
+                lab.xlb("--config", str(config), "--role", "backup", node=node))
+        for node in ("lb1", "lb2"):
+            lab._lab("keepalived", node, str(config))
+        first = wait_for(lambda: active_node(lab), 10, "keepalived elects an active node")
+        yield xs, first, "lb2" if first == "lb1" else "lb1"
+        for node in ("lb1", "lb2"):
+            lab._lab("stop-keepalived", node)
+    gateway_on(lab, None)
+
+
+def taken_over(lab: Lab, first: str, other: str) -> None:
+    """The peer other took over from first, which cannot serve, and answers."""
+    wait_for(lambda: role(lab, other) == "active", 10, "the peer takes over")
+    assert serving_file(lab, first) == "1\n"
+    lab.run("client", "ip", "neigh", "flush", "dev", "eth0")
+    assert curl_ok(lab)
+
+
+def back_as_backup(lab: Lab, first: str, other: str) -> None:
+    """first serves again, as the backup (no preemption); other stays active."""
+    wait_for(lambda: serving_file(lab, first) == "0\n", 10,
+             "follow tells keepalived that the node serves again")
+    wait_for(lambda: role(lab, first) == "backup", 10, "the node is the backup")
+    assert role(lab, other) == "active" and curl_ok(lab)
+
+
 def test_a_node_whose_xlb_stops_hands_the_vips_to_its_peer(pair, config):
     """keepalived on both nodes. xlb stopped on the active node (`systemctl stop
     xlb`: its data path goes with it) leaves nobody there to answer ARP for
     the VIPs: keepalived holds that node in FAULT, and the peer takes over.
     Started again, the node is the backup (no preemption)."""
-    xs = {}
-    with contextlib.ExitStack() as stack:
-        for node in ("lb1", "lb2"):
-            xs[node] = stack.enter_context(
-                pair.xlb("--config", str(config), "--role", "backup", node=node))
-        for node in ("lb1", "lb2"):
-            pair._lab("keepalived", node, str(config))
-        first = wait_for(lambda: active_node(pair), 10, "keepalived elects an active node")
-        other = "lb2" if first == "lb1" else "lb1"
+    with elected(pair, config) as (xs, first, other):
         assert xs[first].stop() == 0
-        wait_for(lambda: role(pair, other) == "active", 10, "the peer takes over")
-        pair.run("client", "ip", "neigh", "flush", "dev", "eth0")
-        assert curl_ok(pair)
-        assert serving_file(pair, first) == "1\n"
+        taken_over(pair, first, other)
         with pair.xlb("--config", str(config), "--role", "backup", node=first):
-            wait_for(lambda: serving_file(pair, first) == "0\n", 10,
-                     "follow tells keepalived that xlb serves again")
-            wait_for(lambda: role(pair, first) == "backup", 10, "the node is the backup")
-            assert role(pair, other) == "active" and curl_ok(pair)
-        for node in ("lb1", "lb2"):
-            pair._lab("stop-keepalived", node)
-    gateway_on(pair, None)
+            back_as_backup(pair, first, other)
+
+
+def test_a_node_whose_client_link_goes_down_hands_the_vips_to_its_peer(pair, config):
+    """keepalived on both nodes runs VRRP on eth1 (the servers' side). The
+    active node's eth0, the link on the VIPs' subnet, loses its carrier (a
+    cable pulled, a switch port down): VRRP still flows on eth1, so only xlb
+    can tell keepalived that this node answers for the VIPs on no link. The
+    peer must take over; the link back, the node is the backup."""
+    with elected(pair, config) as (_, first, other):
+        pair.run("sw", "ip", "link", "set", f"{first}-eth0", "down", check=True)
+        try:
+            taken_over(pair, first, other)
+            assert role(pair, first) == "backup"
+        finally:
+            pair.run("sw", "ip", "link", "set", f"{first}-eth0", "up", check=True)
+        back_as_backup(pair, first, other)
 
 
 def test_failover_when_the_active_node_crashes(pair, config):
