@@ -13,6 +13,7 @@ import select
 import signal
 import stat
 import sys
+import syslog
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -251,6 +252,13 @@ def saved_config():
 
 def _error(message: str) -> None:
     click.echo(shown(message), err=True)
+    if _to_syslog:
+        syslog.syslog(syslog.LOG_ERR, shown(message))
+
+
+# keepalived runs `xlb ha follow` with its stderr on /dev/null: what follow
+# has to say goes to syslog (the journal) as well.
+_to_syslog = False
 
 
 def _say(message: str) -> None:
@@ -545,10 +553,14 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     whose data path is gone (xlb stopped or not started), or that has no
     link up on which a VIP's ARP requests arrive, cannot answer for the
     VIPs, and keepalived hands them to the peer. A control process killed
-    with its data path still serving counts as serving.
+    with its data path still serving counts as serving. Messages go to
+    stderr and to syslog (keepalived runs this with stderr on /dev/null).
     """
+    global _to_syslog
     from . import state
     from .ha import keepalived_role
+    syslog.openlog("xlb", syslog.LOG_PID, syslog.LOG_DAEMON)
+    _to_syslog = True
     if has_space(instance) or not instance:
         raise BadInput(f"--instance: {instance!r} is not a vrrp_instance name")
     if track_file is not None:

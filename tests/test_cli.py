@@ -295,9 +295,10 @@ def test_a_warning_from_the_instance_stays_on_its_line(run_dir):
                         "this change\n")
 
 def test_ha_follow_shows_the_instances_errors_on_their_lines(run_dir, tmp_path, monkeypatch):
-    """keepalived's log takes them: an error of the instance (it can name the
-    state directory) cannot break its line or forge one there."""
+    """syslog takes them: an error of the instance (it can name the state
+    directory) cannot break its line or forge one there."""
     from xlb import cli
+    monkeypatch.setattr(cli, "_to_syslog", False)     # follow sets it for good
     monkeypatch.setenv("XLB_STATE_DIR", str(tmp_path / "state"))
     before = signal.getsignal(signal.SIGTERM)
     fifo = tmp_path / "fifo"

@@ -1,13 +1,15 @@
 """High availability without a kernel: the keepalived and BIRD configs xlb
 writes (BIRD's, and the lab router's, checked by BIRD's own parser where it
 is installed), the FIFO lines it follows, the gratuitous ARP it sends, the
-role metrics, and the `xlb ha` commands' bad input."""
+role metrics, and the `xlb ha` commands' bad input; in namespaces of their
+own, keepalived reading the config xlb writes and running `xlb ha follow`."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 import subprocess
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
@@ -174,6 +176,55 @@ def test_keepalived_accepts_what_xlb_writes(tmp_path):
             assert r.returncode == 0, r.stdout + r.stderr
     finally:
         subprocess.run(["ip", "netns", "del", ns])
+
+
+# A namespace of its own, network and mounts, whose /dev is a tmpfs with the
+# devices keepalived and xlb use and /dev/log bound to the test's socket.
+SYSLOG_SANDBOX = """
+mount --make-rprivate /
+mount -t tmpfs -o mode=755 dev /dev
+mknod -m 666 /dev/null c 1 3; mknod -m 666 /dev/zero c 1 5; mknod -m 666 /dev/urandom c 1 9
+touch /dev/log; mount --bind "$1" /dev/log
+ip link set lo up
+ip link add eth1 type veth peer eth2
+ip addr add 10.1.11.11/24 dev eth1
+ip link set eth1 up; ip link set eth2 up
+exec keepalived --vrrp --dont-fork --use-file "$2" --pid "$3/ka.pid" --vrrp_pid "$3/vrrp.pid"
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(shutil.which("keepalived") is None or os.geteuid() != 0,
+                    reason="needs keepalived, and root for a namespace")
+def test_what_follow_says_under_keepalived_reaches_syslog(tmp_path):
+    """keepalived runs its FIFO script with stderr on /dev/null: what `xlb ha
+    follow` says there (here: no xlb runs, so the role that keepalived's
+    FAULT asks for cannot be delivered) must reach syslog, or nobody reads it."""
+    conf = tmp_path / "keepalived.conf"
+    r = run("ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1",
+            "--gateway", "10.1.11.1/24", "--fifo", str(tmp_path / "fifo"),
+            "--track-file", str(tmp_path / "serving"),
+            "--xlb", str(ROOT / ".venv" / "bin" / "xlb"), str(SEED))
+    assert r.exit_code == 0, r.output
+    conf.write_text(r.output)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as log:
+        log.bind(str(tmp_path / "log"))
+        log.settimeout(30)
+        keepalived = subprocess.Popen(
+            ["unshare", "--mount", "--net", "sh", "-c", SYSLOG_SANDBOX, "sh",
+             str(tmp_path / "log"), str(conf), str(tmp_path)],
+            env={**os.environ, "XLB_STATE_DIR": str(tmp_path / "state")},
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            lines = []
+            while not any("xlb ha follow: role backup not delivered yet" in line
+                          for line in lines):
+                lines.append(log.recv(4096).decode(errors="replace"))
+        finally:
+            keepalived.terminate()
+            assert keepalived.wait(30) == 0, keepalived.stderr.read()
+    said = [line for line in lines if "xlb ha follow" in line]
+    assert said[0].startswith("<27>") and " xlb[" in said[0], said    # daemon.err
 
 
 KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
