@@ -589,10 +589,11 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     keepalived = _keepalived_process(instance)
     wanted, told, failing, buf = state.followed(keepalived), None, False, b""
     cut_off: list[str] = []
+    poll = 0.0      # that role, and the track file, at once; then every FOLLOW_POLL
     try:
         while True:
-            ready, _, _ = select.select([fd], [], [], FOLLOW_POLL if wanted or track_file
-                                        else None)
+            ready, _, _ = select.select([fd], [], [], poll if wanted or track_file else None)
+            poll = FOLLOW_POLL
             if ready:
                 buf += os.read(fd, 4096)
                 *lines, buf = buf.split(b"\n")

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -330,6 +332,49 @@ def test_ha_follow_shows_the_instances_errors_on_their_lines(run_dir, tmp_path, 
         "forged\\x1b[2J",
         "xlb ha follow: keepalived stops; role backup not delivered: no\\nxlb: error: "
         "forged\\x1b[2J"], r.stderr
+
+
+def test_ha_follow_started_by_a_reload_tells_the_role_before_it_waits(run_dir, tmp_path,
+                                                                     monkeypatch):
+    """keepalived reloaded ends its follow, which makes xlb backup, and starts
+    another that it tells nothing: until the new one tells xlb the role the
+    same keepalived said before, the active node answers no ARP for the VIPs.
+    It tells it first thing, not after a poll's wait."""
+    from xlb import cli, state
+    monkeypatch.setattr(cli, "_to_syslog", False)     # follow sets it for good
+    monkeypatch.setenv("XLB_STATE_DIR", str(tmp_path / "state"))
+    state.save_followed(cli._keepalived_process("xlb"), "active")
+    before = signal.getsignal(signal.SIGTERM)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    keepalived = os.open(fifo, os.O_RDWR)      # open, and silent, as after a reload
+    events = []
+
+    def waiting(r, w, x, timeout=None):
+        events.append(("wait", timeout))
+        return select.select(r, w, x, timeout)
+    monkeypatch.setattr(cli, "select", types.SimpleNamespace(select=waiting))
+
+    def handle(conn):
+        # ping, the role, then keepalived stops (the backup role follow then sends)
+        with conn.makefile("rb") as f:
+            req = json.loads(f.readline())
+        events.append((req["cmd"], req.get("role")))
+        result = {"pid": 4242, "cut_off": []} if req["cmd"] == "ping" else {}
+        conn.sendall(json.dumps({"ok": True, "result": result}).encode() + b"\n")
+        if events[-1] == ("role", "active"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        with serving(handle, connections=3):
+            r = CliRunner().invoke(cli.cli, ["ha", "follow", str(fifo)])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        os.close(keepalived)
+    assert r.exit_code == 0, r.output
+    told = events.index(("role", "active"))
+    assert all(timeout == 0 for what, timeout in events[:told] if what == "wait"), events
+    assert events[-1] == ("role", "backup")
 
 
 def test_ha_follow_names_a_track_file_it_cannot_write_on_one_line(tmp_path, capsys):
