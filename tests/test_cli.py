@@ -296,13 +296,26 @@ def test_a_warning_from_the_instance_stays_on_its_line(run_dir):
                         "forged\\x1b[2J (Read-only file system): a restart would not find "
                         "this change\n")
 
+
+def _follow(cli, fifo: Path, keepalived: int, handle):
+    """`xlb ha follow FIFO` run here against a stand-in instance that hands
+    each of 3 connections to handle; keepalived's end of the FIFO closed and
+    SIGTERM's handler put back after."""
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with serving(handle, connections=3):
+            return CliRunner().invoke(cli.cli, ["ha", "follow", str(fifo)])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        os.close(keepalived)
+
+
 def test_ha_follow_shows_the_instances_errors_on_their_lines(run_dir, tmp_path, monkeypatch):
     """syslog takes them: an error of the instance (it can name the state
     directory) cannot break its line or forge one there."""
     from xlb import cli
     monkeypatch.setattr(cli, "_to_syslog", False)     # follow sets it for good
     monkeypatch.setenv("XLB_STATE_DIR", str(tmp_path / "state"))
-    before = signal.getsignal(signal.SIGTERM)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo, 0o600)
     keepalived = os.open(fifo, os.O_RDWR)
@@ -320,12 +333,7 @@ def test_ha_follow_shows_the_instances_errors_on_their_lines(run_dir, tmp_path, 
         else:
             conn.sendall(json.dumps(error).encode() + b"\n")
 
-    try:
-        with serving(handle, connections=3):
-            r = CliRunner().invoke(cli.cli, ["ha", "follow", str(fifo)])
-    finally:
-        signal.signal(signal.SIGTERM, before)
-        os.close(keepalived)
+    r = _follow(cli, fifo, keepalived, handle)
     assert calls == ["ping", "ping", "role"]
     assert r.stderr.splitlines() == [
         "xlb ha follow: role active not delivered yet, retried every 1 s: no\\nxlb: error: "
@@ -344,7 +352,6 @@ def test_ha_follow_started_by_a_reload_tells_the_role_before_it_waits(run_dir, t
     monkeypatch.setattr(cli, "_to_syslog", False)     # follow sets it for good
     monkeypatch.setenv("XLB_STATE_DIR", str(tmp_path / "state"))
     state.save_followed(cli._keepalived_process("xlb"), "active")
-    before = signal.getsignal(signal.SIGTERM)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo, 0o600)
     keepalived = os.open(fifo, os.O_RDWR)      # open, and silent, as after a reload
@@ -365,12 +372,7 @@ def test_ha_follow_started_by_a_reload_tells_the_role_before_it_waits(run_dir, t
         if events[-1] == ("role", "active"):
             os.kill(os.getpid(), signal.SIGTERM)
 
-    try:
-        with serving(handle, connections=3):
-            r = CliRunner().invoke(cli.cli, ["ha", "follow", str(fifo)])
-    finally:
-        signal.signal(signal.SIGTERM, before)
-        os.close(keepalived)
+    r = _follow(cli, fifo, keepalived, handle)
     assert r.exit_code == 0, r.output
     told = events.index(("role", "active"))
     assert all(timeout == 0 for what, timeout in events[:told] if what == "wait"), events
