@@ -224,8 +224,9 @@ def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: s
     than a third of a 0.4 s failover. The same `follow` keeps track_file at
     0 while an xlb data path runs on the node and 1 while none does (xlb
     stopped, not started yet, or failed to start) or no link a VIP's ARP
-    arrives on is up: keepalived holds the node in FAULT then, so that the peer takes over the VIPs rather than
-    leave them to a node that cannot answer for them. A check script would
+    arrives on is up: keepalived holds the node in FAULT then, so that the
+    peer takes over the VIPs rather than leave them to a node that cannot
+    answer for them. A check script would
     start a process per check; keepalived reads the file when it changes."""
     vips = sorted({str(f.vip) for f in config.frontends}, key=IPv4Address)
     lines = [
