@@ -13,8 +13,8 @@
 /* An ICMP error (destination unreachable, time exceeded, parameter problem,
  * as Linux's NAT translates them; not the obsolete source quench, nor a
  * redirect, which is for the hosts of a router's own link) and the TCP or UDP
- * packet it quotes: the inner IP header (no options, no later fragment) and
- * its ports. */
+ * packet it quotes: the inner IP header (options and all, no later fragment)
+ * and its ports. */
 struct icmp_error {
 	struct icmphdr *icmp;
 	struct iphdr *inner;
@@ -47,18 +47,25 @@ static __always_inline int parse_icmp_error(struct cursor *c, struct iphdr *oute
 					    struct icmphdr *icmp, struct icmp_error *err)
 {
 	struct iphdr *inner = (void *)(icmp + 1);
-	struct l4ports *ports = (void *)(inner + 1);
-	__u32 quoted = sizeof(*icmp) + sizeof(*inner) + outer->ihl * 4;
+	struct l4ports *ports;
+	__u32 quoted;	/* bytes from the outer IP header to the quoted ports */
 	__u32 room;	/* bytes of the quoted L4 header inside the outer datagram */
 
 	if (icmp->type != ICMP_DEST_UNREACH && icmp->type != ICMP_TIME_EXCEEDED &&
 	    icmp->type != ICMP_PARAMETERPROB)
 		return -1;
+	if ((void *)(inner + 1) > c->end || inner->version != 4 || inner->ihl < 5)
+		return -1;
+	/* The quoted packet's options, if any, come before its ports (as Linux's
+	 * NAT and IPVS read them): they are a 4-byte multiple, so the ports and
+	 * the checksums stay on the 16-bit words the ICMP checksum sums. */
+	ports = (void *)inner + inner->ihl * 4;
+	quoted = sizeof(*icmp) + inner->ihl * 4 + outer->ihl * 4;
 	if ((void *)(ports + 1) > c->end || bpf_ntohs(outer->tot_len) < quoted + sizeof(*ports))
 		return -1;
 	/* A later fragment's first bytes are payload, not ports: no flow's
 	 * (as Linux's conntrack finds no tuple in such a quote). */
-	if (inner->version != 4 || inner->ihl != 5 || ip_is_later_fragment(inner) ||
+	if (ip_is_later_fragment(inner) ||
 	    (inner->protocol != IPPROTO_TCP && inner->protocol != IPPROTO_UDP))
 		return -1;
 	room = bpf_ntohs(outer->tot_len) - quoted;

@@ -480,7 +480,8 @@ def zero_after_nat(world, src, sport, dst, dport, segment):
 
 def icmp_frame(world: World, v: Values, kind: str, odd: str | None, checks: str) -> bytes:
     """An echo, or an error quoting a packet of a known flow (either way, as
-    sent or as rewritten), cut after 8 bytes of its L4 header or later."""
+    sent or as rewritten; now and then with IP options), cut after 8 bytes of
+    its L4 header or later."""
     if kind == "echo":
         body = struct.pack("!BBHHH", v.pick([8, 0, 13]), 0, 0, v.bits(16), v.bits(16))
         body += v.bytes(0, 48)
@@ -490,11 +491,13 @@ def icmp_frame(world: World, v: Values, kind: str, odd: str | None, checks: str)
         (src, sport), (dst, dport) = v.pick([(s.client, s.service), (s.client, s.backend),
                                              (s.backend, s.client), (s.service, s.client)])
         seg = tcp(flags=0x18, payload=b"x" * 20) if s.proto == TCP else udp(b"y" * 20)
+        options = b"\x01" * 4 * v.rng.randint(1, 10) if v.chance(0.2) else b""
         quoted = ipv4(src, dst, s.proto, l4_checksummed(src, dst, s.proto,
-                                                        seg.with_ports(sport, dport), seg.csum_at))
+                                                        seg.with_ports(sport, dport), seg.csum_at),
+                      options=options)
         mtu = 1400 if (kind, code) == (3, 4) else 0
         body = struct.pack("!BBHHH", kind, code, 0, 0, mtu)
-        body += quoted[:v.rng.randint(28, len(quoted))]
+        body += quoted[:v.rng.randint(28 + len(options), len(quoted))]
     error = 0 if checks == "right" else v.rng.randint(1, 0xfffe)
     body = put16(body, 2, add16(csum(body), error))
     return ether(ipv4(v.addr(world.addresses), v.addr(world.addresses), ICMP, body,
@@ -749,21 +752,24 @@ def check_icmp_rewrite(world: World, frame: bytes, action: int, out: bytes) -> s
 
     sends = action in (TX, REDIRECT)
     inner = l4 + 8
-    assert frame[l4] in (3, 11, 12) and frame[inner] == 0x45 and frame[inner + 9] in (TCP, UDP), \
+    inner_hl = (frame[inner] & 0x0f) * 4        # its ports follow its options
+    assert frame[l4] in (3, 11, 12) and frame[inner] >> 4 == 4 and inner_hl >= 20 \
+        and frame[inner + 9] in (TCP, UDP), \
         "rewrote an ICMP message that is no error about a TCP or UDP packet"
     proto = frame[inner + 9]
-    inner_csum = inner + 20 + (16 if proto == TCP else 6)
+    inner_csum = inner + inner_hl + (16 if proto == TCP else 6)
     has_csum = inner_csum + 2 <= 14 + tot_len
     assert icmp_sum_kept, "the ICMP checksum is not as right (or as wrong) as before"
     allowed = {24, 25, l4 + 2, l4 + 3} | set(range(26, 34)) | {inner + 10, inner + 11}
-    allowed |= set(range(inner + 12, inner + 20)) | set(range(inner + 20, inner + 24))
+    allowed |= set(range(inner + 12, inner + 20)) | set(range(inner + inner_hl,
+                                                              inner + inner_hl + 4))
     if has_csum:
         allowed |= {inner_csum, inner_csum + 1}
     if sends:
         allowed |= set(range(12)) | {22}
     changed = {i for i in range(len(frame)) if frame[i] != out[i]}
     assert changed <= allowed, f"changed bytes {sorted(changed - allowed)} of an ICMP error"
-    assert residual(out[inner:inner + 20]) == residual(frame[inner:inner + 20]), \
+    assert residual(out[inner:inner + inner_hl]) == residual(frame[inner:inner + inner_hl]), \
         "the quoted IP header's checksum is not as right (or as wrong) as before"
     if has_csum:
         if proto == UDP and frame[inner_csum:inner_csum + 2] == b"\0\0":
@@ -773,7 +779,7 @@ def check_icmp_rewrite(world: World, frame: bytes, action: int, out: bytes) -> s
                 "the quoted TCP/UDP checksum is not as right (or as wrong) as before"
 
     def ends(f):            # the quoted packet's (address, port) of source and destination
-        sport, dport = struct.unpack("!HH", f[inner + 20:inner + 24])
+        sport, dport = struct.unpack("!HH", f[inner + inner_hl:inner + inner_hl + 4])
         return (f[inner + 12:inner + 16], sport), (f[inner + 16:inner + 20], dport)
     (old_src, old_dst), (new_src, new_dst) = ends(frame), ends(out)
     assert (old_src == new_src) != (old_dst == new_dst), \
@@ -791,8 +797,9 @@ def check_icmp_rewrite(world: World, frame: bytes, action: int, out: bytes) -> s
 def quoted_sum(f: bytes, inner: int) -> int:
     """What NAT of a quoted TCP/UDP packet (its IP header at `inner`) changes of
     the sum its L4 checksum covers: addresses, ports, the checksum itself."""
-    csum_at = inner + 20 + (16 if f[inner + 9] == TCP else 6)
-    return residual(f[inner + 12:inner + 24] + f[csum_at:csum_at + 2])
+    ports = inner + (f[inner] & 0x0f) * 4
+    csum_at = ports + (16 if f[inner + 9] == TCP else 6)
+    return residual(f[inner + 12:inner + 20] + f[ports:ports + 4] + f[csum_at:csum_at + 2])
 
 
 def check_too_big(world: World, frame: bytes, action: int, out: bytes) -> str:

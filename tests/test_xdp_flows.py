@@ -16,7 +16,7 @@ from dataclasses import replace
 from ipaddress import IPv4Address
 
 import pytest
-from scapy.layers.inet import ICMP, IP, IPOption_EOL, IPOption_NOP
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_EOL, IPOption_NOP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
@@ -1474,10 +1474,50 @@ def test_an_error_about_a_reply_goes_to_the_backend(lb, fibnet, proto, size, udp
     lb.expect("icmp_to_backend")
 
 
-@pytest.mark.parametrize("first_byte", [0x65, 0x46], ids=["version-6", "ihl-6"])
+QUOTED_OPTIONS = [IPOption_NOP()] * 7 + [IPOption_EOL()]       # 8 bytes: IHL 7
+
+
+@pytest.mark.parametrize("proto", [UDP_P, TCP_P], ids=["udp", "tcp"])
+@pytest.mark.parametrize("about", ["reply", "forwarded"])
+def test_an_error_quoting_a_packet_with_ip_options_is_translated(lb, fibnet, about, proto):
+    """The quoted packet's ports follow its options, as Linux's NAT and IPVS
+    read them: an error about a flow's packet that carried IP options is
+    translated as any (a "too big" about a reply reaches its backend, a
+    backend's "port unreachable" its client), every checksum kept right."""
+    ext, int_ = fibnet.ifindex["ext"], fibnet.ifindex["int"]
+    sport = 58400 + proto + 100 * (about == "reply")
+    opener = udp_frame(CLIENT, VIP, sport, 80) if proto == UDP_P else syn(sport)
+    bid = backend_of(lb.send(opener, ext).data)
+    be_addr, be_port = BACKENDS[bid]
+
+    def quoted(src, dst, sp, dp):       # the IP header with its options, the whole L4 header
+        l4 = UDP(sport=sp, dport=dp) if proto == UDP_P else TCP(sport=sp, dport=dp, flags="PA")
+        packet = raw(IP(src=str(src), dst=str(dst), flags="DF", options=QUOTED_OPTIONS)
+                     / l4 / Raw(b"q" * 12))
+        return packet[:28 + (8 if proto == UDP_P else 20)]
+    if about == "reply":
+        error = ICMP(type=3, code=4, nexthopmtu=1200)
+        frame = icmp_frame("10.1.1.2", VIP, error, quoted(VIP, CLIENT, 80, sport))
+        want = icmp_frame("10.1.1.2", be_addr, error, quoted(be_addr, CLIENT, be_port, sport))
+        ifindex, reason = ext, "icmp_to_backend"
+    else:
+        error = ICMP(type=3, code=3)
+        frame = icmp_frame(be_addr, CLIENT, error, quoted(CLIENT, be_addr, sport, be_port),
+                           eth_src=BACKEND_MAC)
+        want = icmp_frame(VIP, CLIENT, error, quoted(CLIENT, VIP, sport, 80),
+                          eth_src=BACKEND_MAC)
+        ifindex, reason = int_, "icmp_to_client"
+    assert frame[14 + 20 + 8] == 0x47
+    res = lb.send(frame, ifindex)
+    assert (res.action, res.data) == (XDP_PASS, want)
+    lb.expect(reason)
+
+
+@pytest.mark.parametrize("first_byte", [0x65, 0x44], ids=["version-6", "ihl-4"])
 def test_an_error_quoting_no_plain_ipv4_header_is_about_no_flow(lb, fibnet, first_byte):
-    """The quote is read as an IPv4 header of 20 bytes: another version, or
-    options, is no packet of a flow, even with a live flow's ports at byte 20."""
+    """The quote is read as an IPv4 header: another version, or a header
+    shorter than 20 bytes, is no packet of a flow, even with a live flow's
+    ports at byte 20."""
     sport = 56150 + first_byte % 16
     lb.send(syn(sport), fibnet.ifindex["ext"])
     quoted = bytes([first_byte]) + quote(tcp_frame(VIP, CLIENT, 80, sport, flags="PA"))[1:]
