@@ -141,40 +141,62 @@ static __always_inline __sum16 csum_of(void *start, __u32 size)
 	return xlb_csum_fold(bpf_csum_diff(NULL, 0, start, size, 0));
 }
 
-#define XLB_FRAG_NEEDED_LEN (sizeof(struct ethhdr) + 2 * sizeof(struct iphdr) + \
-			     sizeof(struct icmphdr) + XLB_ICMP_QUOTE)
+#define XLB_QUOTE_MAX (60 + XLB_ICMP_QUOTE)	/* the longest IP header, and 8 bytes */
+#define XLB_FRAG_NEEDED_MAX (sizeof(struct ethhdr) + sizeof(struct iphdr) + \
+			     sizeof(struct icmphdr) + XLB_QUOTE_MAX)
 
-/* Turns the frame (an IPv4 packet without options, as its sender sent it)
- * into ICMP "fragmentation needed" with next-hop MTU mtu, from `from` back to
- * the sender, quoting its IP header and first 8 bytes. Returns 0, or -1 with
- * the frame as it was if it cannot be done. */
+/* Turns the frame (an IPv4 packet as its sender sent it, of at least
+ * XLB_FRAG_NEEDED_MAX bytes) into ICMP "fragmentation needed" with next-hop
+ * MTU mtu, from `from` back to the sender, quoting its IP header, options and
+ * all (RFC 792: the sender finds its connection by the ports after them), and
+ * first 8 bytes. Returns 0, or -1 with the frame as it was if it cannot be
+ * done. */
 static __always_inline int icmp_frag_needed(struct xdp_md *ctx, __be32 from, __u16 mtu)
 {
 	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
-	__u8 quote[sizeof(struct iphdr) + XLB_ICMP_QUOTE];
+	__u32 quote[XLB_QUOTE_MAX / 4], *to;
 	struct icmphdr *icmp;
 	struct ethhdr *eth;
 	struct iphdr *ip;
+	__u32 len, sum;
 
-	if (data + XLB_FRAG_NEEDED_LEN > end || ((struct iphdr *)(data + sizeof(*eth)))->ihl != 5)
+	if (data + XLB_FRAG_NEEDED_MAX > end)
 		return -1;
+	ip = data + sizeof(*eth);
+	len = ip->ihl * 4 + XLB_ICMP_QUOTE;
+	if (len < sizeof(*ip) + XLB_ICMP_QUOTE)
+		return -1;
+	__builtin_memcpy(quote, ip, sizeof(quote));
+	/* Zeros past the quote: the checksum can sum the whole buffer. */
+#pragma unroll
+	for (int i = (sizeof(*ip) + XLB_ICMP_QUOTE) / 4; i < XLB_QUOTE_MAX / 4; i++)
+		if (i * 4 >= len)
+			quote[i] = 0;
 	/* Shrink first: what the error needs lies in the frame's first bytes. */
-	if (bpf_xdp_adjust_tail(ctx, (int)XLB_FRAG_NEEDED_LEN - (int)(end - data)))
+	if (bpf_xdp_adjust_tail(ctx, (int)(sizeof(*eth) + sizeof(*ip) + sizeof(*icmp) + len) -
+				     (int)(end - data)))
 		return -1;
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
 	eth = data;
 	ip = (void *)(eth + 1);
 	icmp = (void *)(ip + 1);
-	if ((void *)(icmp + 1) + sizeof(quote) > end)
+	to = (void *)(icmp + 1);
+	if ((void *)to + sizeof(*ip) + XLB_ICMP_QUOTE > end)
 		return -1;
-	__builtin_memcpy(quote, ip, sizeof(quote));
-	__builtin_memcpy((void *)(icmp + 1), quote, sizeof(quote));
+	/* The frame ends with the quote: copied up to its end. */
+#pragma unroll
+	for (int i = 0; i < XLB_QUOTE_MAX / 4; i++) {
+		if ((void *)(to + i + 1) > end)
+			break;
+		to[i] = quote[i];
+	}
 	swap_macs(eth);
+	*(__u8 *)ip = 0x45;			/* version 4, no options */
 	ip->daddr = ip->saddr;
 	ip->saddr = from;
 	ip->tos = 0xc0;				/* internetwork control, as the kernel sends it */
-	ip->tot_len = bpf_htons(XLB_FRAG_NEEDED_LEN - sizeof(struct ethhdr));
+	ip->tot_len = bpf_htons(sizeof(*ip) + sizeof(*icmp) + len);
 	ip->id = 0;
 	ip->frag_off = 0;
 	ip->ttl = 64;
@@ -186,7 +208,8 @@ static __always_inline int icmp_frag_needed(struct xdp_md *ctx, __be32 from, __u
 	icmp->checksum = 0;
 	icmp->un.frag.__unused = 0;
 	icmp->un.frag.mtu = bpf_htons(mtu);
-	icmp->checksum = csum_of(icmp, sizeof(*icmp) + sizeof(quote));
+	sum = bpf_csum_diff(NULL, 0, quote, sizeof(quote), 0);
+	icmp->checksum = xlb_csum_fold(bpf_csum_diff(NULL, 0, (void *)icmp, sizeof(*icmp), sum));
 	return 0;
 }
 

@@ -430,8 +430,8 @@ static __always_inline enum xlb_reason too_big(struct xdp_md *ctx, struct packet
 {
 	__be32 vip = reply ? pkt->ip->saddr : key->daddr;
 
-	if (!(pkt->ip->frag_off & bpf_htons(XLB_IP_DF)) || pkt->ip->ihl != 5 ||
-	    (void *)(long)ctx->data + XLB_FRAG_NEEDED_LEN > (void *)(long)ctx->data_end)
+	if (!(pkt->ip->frag_off & bpf_htons(XLB_IP_DF)) ||
+	    (void *)(long)ctx->data + XLB_FRAG_NEEDED_MAX > (void *)(long)ctx->data_end)
 		return fragment;
 	nat_flow(pkt, reply, reply ? key->saddr : key->daddr, reply ? key->sport : key->dport);
 	if (icmp_frag_needed(ctx, vip, mtu) < 0)

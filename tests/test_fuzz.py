@@ -805,15 +805,17 @@ def quoted_sum(f: bytes, inner: int) -> int:
 def check_too_big(world: World, frame: bytes, action: int, out: bytes) -> str:
     """xlb's own "fragmentation needed", back to the sender of a DF packet
     that its rewrite would send over a smaller MTU (1280 on the link "small",
-    else 1500), from the VIP, quoting the packet as it was sent."""
-    assert frame[12:14] == b"\x08\x00" and frame[14] == 0x45 and frame[20] & 0x40, \
+    else 1500), from the VIP, quoting the packet as it was sent (its IP header,
+    options and all, and 8 bytes)."""
+    hl = (frame[14] & 0x0f) * 4
+    assert frame[12:14] == b"\x08\x00" and frame[14] >> 4 == 4 and hl >= 20 and frame[20] & 0x40, \
         "the frame changed length, and was no IPv4 packet with DF"
     sender = frame[26:30], struct.unpack("!H", frame[34:36])[0]
     backends = set().union(*world.services.values())
     assert frame[30:34] in world.vips or sender in backends, \
         "answered 'fragmentation needed' for a packet neither to a VIP nor from a backend"
     src, mtu = out[26:30], struct.unpack("!H", out[40:42])[0]
-    message = struct.pack("!BBHHH", 3, 4, 0, 0, mtu) + frame[14:14 + 28]
+    message = struct.pack("!BBHHH", 3, 4, 0, 0, mtu) + frame[14:14 + hl + 8]
     message = put16(message, 2, csum(message))
     expected = ether(ipv4(src, frame[26:30], ICMP, message, ttl=64, ident=0, frag=0, tos=0xc0),
                      ETH_IP, dst=frame[6:12], src=frame[0:6])

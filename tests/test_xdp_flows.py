@@ -254,13 +254,12 @@ def forwarding(lb, mode: str):
     ("kernel", "10.1.13.52", "reply"),
 ])
 @pytest.mark.parametrize("header", [dict(ip_flags=0),
-                                    dict(ip_options=[IPOption_NOP()] * 3 + [IPOption_EOL()])],
-                         ids=["no-df", "df-ip-options"])
+                                    dict(ip_flags=0, ip_options=[IPOption_NOP()] * 3
+                                         + [IPOption_EOL()])],
+                         ids=["no-df", "no-df-ip-options"])
 def test_over_the_egress_mtu_without_df_goes_to_the_kernel_to_fragment(lb, fibnet, mode, client,
                                                                          reason, header):
-    """Without DF the kernel fragments it; with DF but IP options, which xlb's
-    own "fragmentation needed" cannot quote, the kernel answers it: either
-    way the kernel gets it rewritten."""
+    """Without DF the kernel fragments it: it gets it rewritten."""
     sport = 50200 + len(mode) + (10 if "ip_options" in header else 0)
     with forwarding(lb, mode):
         bid = backend_of(lb.send(tcp_frame(client, VIP, sport, 80, flags="S"),
@@ -1737,19 +1736,23 @@ def test_errors_about_unknown_flows_are_dropped_if_to_a_vip_else_passed(lb, fibn
     lb.expect(reason)
 
 
+@pytest.mark.parametrize("options", [0, 8, 40], ids=["plain", "ihl-7", "ihl-15"])
 @pytest.mark.parametrize("mode, client, first", [
     ("fast", "10.1.13.51", None),           # its next hop unresolved: the FIB says "too big"
     ("kernel", "10.1.13.53", None),
     ("fast", "10.1.13.101", 100),           # resolved by a small reply first: the cache says it
     ("kernel", "10.1.13.101", 100),
 ])
-def test_over_the_mtu_with_df_the_sender_learns_the_path_mtu(lb, fibnet, mode, client, first):
+def test_over_the_mtu_with_df_the_sender_learns_the_path_mtu(lb, fibnet, mode, client, first,
+                                                             options):
     """A backend's 1300-byte reply to a client behind the link of MTU 1280:
     xlb answers the backend with "fragmentation needed" (MTU 1280) from the
-    VIP, quoting the reply as the backend sent it, in either forwarding mode
-    (the kernel's own answer would quote the rewritten reply, which the
-    backend cannot match to its connection)."""
-    sport = 56200 + len(mode) + (first or 0)
+    VIP, quoting the reply as the backend sent it (its IP header, options and
+    all, and 8 bytes: the ports), in either forwarding mode (the kernel's own
+    answer would quote the rewritten reply, which the backend cannot match to
+    its connection)."""
+    sport = 56200 + len(mode) + (first or 0) + options
+    ip_options = [IPOption_NOP()] * (options - 1) + [IPOption_EOL()] if options else None
     with forwarding(lb, mode):
         bid = backend_of(lb.send(tcp_frame(client, VIP, sport, 80, flags="S"),
                                  fibnet.ifindex["ext"]).data)
@@ -1760,11 +1763,12 @@ def test_over_the_mtu_with_df_the_sender_learns_the_path_mtu(lb, fibnet, mode, c
             assert lb.send(small, fibnet.ifindex["int"]).action == (XDP_REDIRECT if fast else XDP_PASS)
             lb.expect("reply_redirect" if fast else "reply", flow=("out", SVC_TCP, bid, False))
         reply = tcp_frame(be_addr, client, be_port, sport, flags="A", payload=b"x" * 1300,
-                          eth_src=BACKEND_MAC)
+                          eth_src=BACKEND_MAC, ip_options=ip_options)
         res = lb.send(reply, fibnet.ifindex["int"])
     assert res.action == XDP_TX
     assert res.data == icmp_frame(VIP, be_addr, ICMP(type=3, code=4, nexthopmtu=1280),
-                                  quote(reply), eth_src=LB_MAC, eth_dst=BACKEND_MAC,
+                                  quote(reply, 28 + options),
+                                  eth_src=LB_MAC, eth_dst=BACKEND_MAC,
                                   tos=0xc0, id=0, flags=0, ttl=64)
     lb.expect("icmp_too_big", flow=("out", SVC_TCP, bid, False))
 
