@@ -27,6 +27,19 @@ static __always_inline void nat_ip_address(struct iphdr *ip, __be32 *addr, __be3
 	*addr = new_addr;
 }
 
+/* nat_rewrite for a GRO or GSO aggregate (which generic XDP sees whole): its
+ * L4 checksum is partial (CHECKSUM_PARTIAL), the pseudo-header's sum, not
+ * inverted, that the kernel completes over each segment it cuts. The sum
+ * takes the addresses' change as it is (a checksum takes its complement);
+ * the ports are summed with the segments. */
+static __always_inline void nat_rewrite_partial(struct packet *pkt, __be32 *addr, __be16 *port,
+						__be32 new_addr, __be16 new_port)
+{
+	*pkt->l4_csum = ~xlb_csum_fold((__u16)*pkt->l4_csum + xlb_csum_diff32(*addr, new_addr));
+	nat_ip_address(pkt->ip, addr, new_addr);
+	*port = new_port;
+}
+
 static __always_inline void nat_dest(struct packet *pkt, __be32 addr, __be16 port)
 {
 	nat_rewrite(pkt, &pkt->ip->daddr, &pkt->ports->dest, addr, port);
@@ -45,6 +58,16 @@ static __always_inline void nat_flow(struct packet *pkt, int reply, __be32 addr,
 		nat_source(pkt, addr, port);
 	else
 		nat_dest(pkt, addr, port);
+}
+
+/* nat_flow for an aggregate (nat_rewrite_partial). */
+static __always_inline void nat_flow_partial(struct packet *pkt, int reply, __be32 addr,
+					     __be16 port)
+{
+	if (reply)
+		nat_rewrite_partial(pkt, &pkt->ip->saddr, &pkt->ports->source, addr, port);
+	else
+		nat_rewrite_partial(pkt, &pkt->ip->daddr, &pkt->ports->dest, addr, port);
 }
 
 #endif

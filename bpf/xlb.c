@@ -423,17 +423,33 @@ static __always_inline void flow_progress(struct flow_key *key, struct flow *f, 
  * answers the sender as a router would, about the packet as the sender sent
  * it, so that path MTU discovery works through the NAT (the kernel's answer
  * would quote the rewritten packet, which the sender cannot match to its
- * connection); without, the kernel fragments it, for reason `fragment`. */
+ * connection); without, the kernel fragments it, for reason `fragment`, as it
+ * cuts an aggregate (below). */
 static __always_inline enum xlb_reason too_big(struct xdp_md *ctx, struct packet *pkt,
 					       struct flow_key *key, int reply, __u16 mtu,
 					       enum xlb_reason fragment)
 {
 	__be32 vip = reply ? pkt->ip->saddr : key->daddr;
+	__be32 addr = reply ? pkt->ip->saddr : pkt->ip->daddr;		/* as rewritten */
+	__be16 port = reply ? pkt->ports->source : pkt->ports->dest;
+	__be32 sent_addr = reply ? key->saddr : key->daddr;		/* as it came */
+	__be16 sent_port = reply ? key->sport : key->dport;
+	__u32 len = bpf_ntohs(pkt->ip->tot_len);
 
+	/* Over the MTU of the link it came in by, it never was one frame: an
+	 * aggregate of the kernel's (GRO, or a local sender's GSO), which generic
+	 * XDP sees whole and the kernel cuts into segments that fit. No sender
+	 * sent it: it gets no answer. Its L4 checksum is partial: rewritten
+	 * again as such. */
+	if (bpf_check_mtu(ctx, 0, &len, 0, 0) == BPF_MTU_CHK_RET_FRAG_NEEDED) {
+		nat_flow(pkt, reply, sent_addr, sent_port);
+		nat_flow_partial(pkt, reply, addr, port);
+		return fragment;
+	}
 	if (!(pkt->ip->frag_off & bpf_htons(XLB_IP_DF)) ||
 	    (void *)(long)ctx->data + XLB_FRAG_NEEDED_MAX > (void *)(long)ctx->data_end)
 		return fragment;
-	nat_flow(pkt, reply, reply ? key->saddr : key->daddr, reply ? key->sport : key->dport);
+	nat_flow(pkt, reply, sent_addr, sent_port);
 	if (icmp_frag_needed(ctx, vip, mtu) < 0)
 		return fragment;	/* cannot be: the frame was checked above */
 	return XLB_ICMP_TOO_BIG;

@@ -441,9 +441,11 @@ def ip_fields(v: Values, odd: str | None, checks: str) -> dict:
 
 def l4_frame(world: World, v: Values, proto: int, mode: str, odd: str | None,
              checks: str, big=False) -> bytes:
-    """big: over the MTU (1280) of the link "small", where dns1 is."""
+    """big: over the MTU (1280) of the link "small", where dns1 is, and within
+    the 1500 of the link it comes in by, options and all (over that, it could
+    only be an aggregate of the kernel's, whose checksum is partial)."""
     src, sport, dst, dport = endpoints(world, v, proto, mode)
-    payload = v.bytes(1240, 1440) if big else v.bytes(0, 48)
+    payload = v.bytes(1240, 1380) if big else v.bytes(0, 48)
     if proto == TCP:
         options = b"".join(v.pick(TCP_OPTIONS) if v.chance(0.8) else v.bytes(1, 12)
                            for _ in range(v.rng.randint(0, 5)))[:40]
@@ -598,6 +600,8 @@ def batch(world: World, seed: int, n: int) -> list[tuple[bytes, int, tuple]]:
     out = []
     for i in range(n):
         r, link = recipe(v), v.pick(INGRESS)
+        if r[0] == "big" and link == "small":
+            link = "ext"        # no frame over its MTU comes in by a link (but an aggregate)
         out.append((build(world, v, r), world.links[link], (seed, i, r, link)))
     return out
 

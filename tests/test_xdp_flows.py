@@ -21,8 +21,8 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
 from packets import (BACKEND_MAC, CLIENT_MAC, LB_MAC, XDP_DROP, XDP_PASS, XDP_TX, Harness,
-                     assert_checksums, ip_id_for_zero_checksum, ip_of, tcp_frame, udp_frame,
-                     word_for_zero_checksum)
+                     assert_checksums, ip_id_for_zero_checksum, ip_of, ones_sum, pseudo_header,
+                     tcp_frame, udp_frame, word_for_zero_checksum)
 from xlb import flowtable, layout
 from xlb.datapath import filter_slot
 from xlb.maglev import flow_hash
@@ -272,6 +272,44 @@ def test_over_the_egress_mtu_without_df_goes_to_the_kernel_to_fragment(lb, fibne
     assert res.data == tcp_frame(VIP, client, 80, sport, flags="A", payload=b"x" * 1300,
                                  eth_src=BACKEND_MAC, **header)
     lb.expect(reason, flow=("out", SVC_TCP, bid, False))
+
+
+def gro_partial(frame: bytes) -> bytes:
+    """The TCP frame as GRO leaves an aggregate (or a local sender's GSO):
+    its checksum field partial, the pseudo-header's sum, not inverted."""
+    return frame[:50] + struct.pack("!H", ones_sum(pseudo_header(frame))) + frame[52:]
+
+
+@pytest.mark.parametrize("mode", ["fast", "kernel"])
+@pytest.mark.parametrize("way", ["forward", "reply"])
+def test_an_aggregate_over_the_ingress_mtu_goes_to_the_kernel_with_its_partial_checksum(
+        lb, fibnet, way, mode):
+    """Generic XDP sees a GRO aggregate (or a local sender's GSO segment)
+    whole: 2,954 bytes in by a link of MTU 1500. No sender sent it, so xlb
+    answers no "fragmentation needed" (the sender, sending 1500 already,
+    would learn nothing, and its data would be lost): the kernel, which cuts
+    it into segments that fit, gets it rewritten, its partial checksum (the
+    pseudo-header's sum, which the kernel completes per segment) moved by
+    the addresses' change."""
+    ext, int_ = fibnet.ifindex["ext"], fibnet.ifindex["int"]
+    sport = 50400 + len(mode) + 10 * len(way)
+    bid = handshake(lb, fibnet, sport)
+    be_addr, be_port = BACKENDS[bid]
+    data = bytes(range(256)) * 11 + b"x" * 84          # 2,900 bytes: two segments' worth
+    if way == "forward":
+        sent = tcp_frame(CLIENT, VIP, sport, 80, flags="A", payload=data)
+        want = tcp_frame(CLIENT, be_addr, sport, be_port, flags="A", payload=data)
+        ifindex, direction = ext, "in"
+    else:
+        sent = tcp_frame(be_addr, CLIENT, be_port, sport, flags="A", payload=data,
+                         eth_src=BACKEND_MAC)
+        want = tcp_frame(VIP, CLIENT, 80, sport, flags="A", payload=data, eth_src=BACKEND_MAC)
+        ifindex, direction = int_, "out"
+    with forwarding(lb, mode):
+        res = lb.send(gro_partial(sent), ifindex)
+    assert (res.action, res.data) == (XDP_PASS, gro_partial(want))
+    lb.expect("fib_frag_needed" if mode == "fast" else way,
+              flow=(direction, SVC_TCP, bid, False))
 
 
 def test_kernel_forwarding_passes_rewritten_packets(lb, fibnet):
