@@ -561,6 +561,7 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     from .ha import keepalived_role
     syslog.openlog("xlb", syslog.LOG_PID, syslog.LOG_DAEMON)
     _to_syslog = True
+    _check_state_dir()      # where it keeps the role keepalived last said
     if has_space(instance) or not instance:
         raise BadInput(f"--instance: {instance!r} is not a vrrp_instance name")
     if track_file is not None:

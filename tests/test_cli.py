@@ -437,9 +437,12 @@ def test_metrics_at_an_address_no_host_has_is_bad_input():
 
 
 @pytest.mark.parametrize("root", ["", "state"])
-def test_a_state_directory_that_is_not_absolute_is_bad_input(root):
-    """It would put xlb's state wherever the command runs (empty: right there)."""
-    r = subprocess.run([str(XLB), "up", *SEED_FLAGS], capture_output=True, text=True,
+@pytest.mark.parametrize("command", [("up", *SEED_FLAGS), ("ha", "follow", "/nonexistent.fifo")],
+                         ids=["up", "ha follow"])
+def test_a_state_directory_that_is_not_absolute_is_bad_input(root, command):
+    """It would put xlb's state wherever the command runs (empty: right there);
+    `ha follow` keeps there the role keepalived last said."""
+    r = subprocess.run([str(XLB), *command], capture_output=True, text=True,
                        timeout=60, env={**os.environ, "XLB_STATE_DIR": root})
     assert (r.returncode, r.stderr) == \
         (2, f"xlb: error: XLB_STATE_DIR: {root!r} is not an absolute path\n")
