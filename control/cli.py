@@ -113,8 +113,8 @@ def cli() -> None:
                    "`xlb ha role active`, as keepalived's backup node. A restart that "
                    "adopts the running data path keeps its role.")
 @click.option("--announce-table", type=int, metavar="TABLE",
-              help="Keep a /32 route for each VIP served (some server of its pools up) in "
-                   "kernel routing table TABLE, for BIRD to announce (`xlb ha bird`).")
+              help="Keep a /32 route for each VIP served (some server of its pools up, role "
+                   "active) in kernel routing table TABLE, for BIRD to announce (`xlb ha bird`).")
 def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise, fall,
        metrics_at, forwarding, flow_table, config_path, role, announce_table) -> None:
     """Load the XDP program and serve in the foreground until SIGINT or SIGTERM.
@@ -431,8 +431,9 @@ def top(interval: float, once: bool) -> None:
     bytes per second; per server new connections and packets per second,
     states and last checks (as many servers as the terminal has lines;
     --once lists all); each flow table's fill and drops by reason. q or
-    Ctrl-C quits. Exits 1 when none runs, or when the instance stops while top
-    runs; 3, as status, when its data path runs without its control process.
+    Ctrl-C quits (exit 0), SIGTERM too (exit 143). Exits 1 when none runs, or
+    when the instance stops while top runs; 3, as status, when its data path
+    runs without its control process.
     """
     if math.isnan(interval):           # FloatRange lets NaN through
         raise BadInput("--interval: nan is not a number of seconds")
@@ -531,7 +532,7 @@ def role(role: str) -> None:
 
 
 @ha.command()
-@click.option("--instance", default="xlb", show_default=True,
+@click.option("--instance", default="xlb", show_default=True, metavar="NAME",
               help="The vrrp_instance whose state xlb follows.")
 @click.option("--track-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
               help="keepalived's track file: kept at 0 while an xlb data path runs here, "
@@ -741,13 +742,13 @@ def _ha_config(path: Path):
 @click.option("--peer", required=True, metavar="IP", help="The other node's address on DEV.")
 @click.option("--interface", required=True, metavar="DEV", help="The link VRRP runs on.")
 @click.option("--priority", type=click.IntRange(1, 254), default=100, show_default=True,
-              help="The higher one is elected; the lower one waits about "
+              metavar="N", help="The higher one is elected; the lower one waits about "
                    "(256 - N)/256 of an advert interval longer before it takes over.")
 @click.option("--advert-int", type=click.FloatRange(0.01, 40.95), default=1.0,
               show_default=True, metavar="SECONDS",
               help="Seconds between adverts; a failure is seen after 3 missed ones.")
 @click.option("--vrid", type=click.IntRange(1, 255), default=51, show_default=True,
-              help="virtual_router_id: the same on both nodes, unique on the link.")
+              metavar="N", help="virtual_router_id: the same on both nodes, unique on the link.")
 @click.option("--gateway", "gateways", multiple=True, metavar="IP/PREFIX[@DEV]",
               help="An address that moves with the active node: the backends' default "
                    "gateway (on DEV; default: --interface). At least one (keepalived's "
@@ -819,7 +820,7 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
               metavar="N", help="This node's AS number.")
 @click.option("--peer-as", required=True, type=click.IntRange(1, 2**32 - 1), metavar="N",
               help="The router's AS number.")
-@click.option("--table", type=int, default=100, show_default=True,
+@click.option("--table", type=int, default=100, show_default=True, metavar="N",
               help="The routing table of `xlb up --announce-table`.")
 @click.option("--router-id", metavar="IP", help="BIRD's router id (default: BIRD picks one).")
 @click.argument("config", type=CONFIG_FILE)
