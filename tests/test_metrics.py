@@ -409,6 +409,29 @@ def test_readmes_table_lists_every_metric_with_its_type_and_labels():
     assert documented == written
 
 
+def test_readmes_table_names_every_value_of_a_label():
+    """README's table of metrics names, in each metric's row, every value
+    that its state, table, role, result, action or reason label takes (every
+    drop reason of the program; xlb_packets_total's reasons have a table of
+    their own, above)."""
+    from xlb import layout
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("| metric | type | what |"):]
+    what = {name: row.split("|")[3]
+            for row in table[:table.index("\n\n")].splitlines()[2:]
+            for name in re.findall(r"`(xlb_\w+)", row.split("|")[1])}
+    values: dict[str, set[str]] = {
+        "xlb_drops_total": {r[5:] for r in layout.REASON_NAMES if r.startswith("drop_")}}
+    for f in families(metrics.render(STATUS, durations())).values():
+        for s in f.samples:
+            for label in {"state", "table", "role", "result", "action", "reason"} & set(s.labels):
+                values.setdefault(s.name, set()).add(s.labels[label])
+    del values["xlb_packets_total"]
+    missing = {name: sorted(v for v in vs if not re.search(rf"\b{v}\b", what[name]))
+               for name, vs in values.items()}
+    assert {name: vs for name, vs in missing.items() if vs} == {}
+
+
 def targets(node):
     """The Prometheus queries of a dashboard JSON, wherever they are nested."""
     if isinstance(node, dict):
