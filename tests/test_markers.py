@@ -1,10 +1,13 @@
 """`make unit` (-m "not kernel and not netns and not lab") runs no test that
 makes a namespace: such a test needs root, and on a shared machine the lock
-that the lab's tests are run under."""
+that the lab's tests are run under. And every test file is named where the
+README and DEVELOPERS.md say what the tests cover."""
 
 from __future__ import annotations
 
 import ast
+import fnmatch
+import re
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -37,3 +40,16 @@ def test_every_test_that_makes_a_namespace_is_marked_so():
                     (module | _marks([*fn.decorator_list, *own])) & ISOLATED:
                 unmarked.append(f"{path.name}::{fn.name}")
     assert unmarked == [], unmarked
+
+
+def test_every_test_file_is_in_the_readme_and_developers_md():
+    """Their lists of what each test file covers (DEVELOPERS.md may name a
+    pattern, `test_lab*.py`) go with the files."""
+    for doc, heading in (("README.md", "\n## Tests\n"),
+                         ("DEVELOPERS.md", "\n## Tests, by layer\n")):
+        text = (TESTS.parent / doc).read_text()
+        section = text[text.index(heading) + len(heading):].split("\n## ")[0]
+        named = re.findall(r"\b(test_[\w*]*\.py)\b", section)
+        unnamed = [path.name for path in sorted(TESTS.glob("test_*.py"))
+                   if not any(fnmatch.fnmatch(path.name, n) for n in named)]
+        assert unnamed == [], doc
