@@ -27,7 +27,7 @@ from typing import Any
 from . import scheduler
 from .model import (ALGORITHMS, BODY_LIMIT, MAGLEV_SERVERS_MAX, MAGLEV_SIZE_MAX,
                     MAGLEV_SLOTS_PER_SERVER, MAX_BACKENDS, MAX_FRONTENDS, MAX_MAGLEV_FRONTENDS,
-                    MONITOR_TYPES, ON_SERVER_DOWN, RING_SIZE, TIMEOUT_RANGE,
+                    MONITOR_TYPES, ON_SERVER_DOWN, PROTOCOL_TIMEOUTS, RING_SIZE, TIMEOUT_RANGE,
                     WEIGHT_RANGE, Config, ConfigError, Frontend, Monitor, Pool, Server,
                     check_count, check_http_path, check_interface, check_maglev_servers,
                     check_maglev_size, check_port, check_seconds, default_timeout, has_space,
@@ -38,7 +38,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 BAD_NAME = "bad name: use letters, digits, '_', '.' and '-', starting with a letter or digit"
 HTTP_ONLY = ("path", "expect_status", "expect_body", "host")
 CHECKING = ("port", "interval", "timeout", "rise", "fall")     # of a monitor that checks
-TIMEOUTS = ("timeout_syn", "timeout_established", "timeout_closing", "timeout_udp")
+TIMEOUTS = tuple(key for keys in PROTOCOL_TIMEOUTS.values() for key in keys)
 MAX_FILE = 2 << 20                  # 10,000 servers take under 1 MiB; the control socket's
                                     # limit (ctl.MAX_REQUEST) holds it JSON-escaped, for `apply`
 
@@ -49,7 +49,8 @@ def load(text: str, *, dumped: bool = False) -> Config:
     """The Config the TOML `text` describes; ConfigError lists every problem.
 
     dumped: `text` is `dump`'s, kept in xlb's state, maybe by an earlier
-    build, which wrote a `none` monitor's CHECKING settings (ignored then,
+    build, which wrote a `none` monitor's CHECKING settings and every
+    frontend's four timeouts (those of the other protocol ignored then,
     refused now): they are dropped, so that an upgrade takes over its config."""
     try:
         doc = tomllib.loads(text)
@@ -65,7 +66,24 @@ def load(text: str, *, dumped: bool = False) -> Config:
         if isinstance(monitor, dict) and monitor.get("type") == "none":
             for key in CHECKING:
                 monitor.pop(key, None)
+    frontends = doc.get("frontends") if dumped else None
+    for frontend in frontends.values() if isinstance(frontends, dict) else ():
+        if isinstance(frontend, dict):
+            for key in _other_timeouts(frontend.get("protocol", "tcp")):
+                frontend.pop(key, None)
     return _Loader(doc).config()
+
+
+def _other_timeouts(protocol: Any) -> dict[str, str]:
+    """The timeouts that act on no flow of a frontend of this protocol, each
+    with the protocol it is for (none when the protocol is wrong, which is
+    reported as such)."""
+    try:
+        protocol = parse_protocol(protocol)
+    except (AttributeError, ValueError):
+        return {}
+    return {key: other for other, keys in PROTOCOL_TIMEOUTS.items() if other != protocol
+            for key in keys}
 
 
 def read(path: str | Path) -> str:
@@ -498,12 +516,17 @@ class _Loader:
 
     def frontend(self, path: str, name: str, obj: dict) -> Frontend | None:
         before = len(self.problems)
-        values = self.fields(path, obj, {
-            "vip": _address, "port": _port, "protocol": _protocol,
-            "pool": self.ref("pools", "pool"),
-            "interfaces": lambda value: tuple(_items(_interface, value)),
-            **dict.fromkeys(TIMEOUTS, _timeout), "adopt_replies": _boolean,
-        }, defaults={"protocol": "tcp"}, required=("vip", "port", "pool"))
+        checks = {"vip": _address, "port": _port, "protocol": _protocol,
+                  "pool": self.ref("pools", "pool"),
+                  "interfaces": lambda value: tuple(_items(_interface, value)),
+                  **dict.fromkeys(TIMEOUTS, _timeout), "adopt_replies": _boolean}
+        # Ignored, they would make the operator believe the flows expire after them.
+        protocol = obj.get("protocol", "tcp")
+        for key, other in _other_timeouts(protocol).items():
+            checks[key] = _only(f'protocol "{other}" ({protocol.upper()} flows take '
+                                f'{_choices(PROTOCOL_TIMEOUTS[protocol.lower()])})')
+        values = self.fields(path, obj, checks, defaults={"protocol": "tcp"},
+                             required=("vip", "port", "pool"))
         if all(key in values for key in ("vip", "port", "protocol")):
             self.services.append((name, values["vip"], values["port"], values["protocol"]))
         if len(self.problems) > before or not NAME_RE.fullmatch(name):
@@ -599,8 +622,10 @@ def _toml_value(value: Any) -> str:
 def dump(config: Config) -> str:
     """The config as canonical TOML, defaults written out: `load(dump(c)) == c`.
 
-    Keys with no value (a monitor's port, a server's monitor, ...) are left out;
-    servers are those of the pools, each once, in order of first appearance.
+    Keys with no value (a monitor's port, a server's monitor, ...) are left out,
+    and so are a frontend's timeouts of the other protocol, which act on
+    nothing; servers are those of the pools, each once, in order of first
+    appearance.
     """
     servers: dict[str, Server] = {}
     for pool in config.pools:
@@ -633,6 +658,7 @@ def dump(config: Config) -> str:
     for f in config.frontends:
         table("frontends", f.name, [("vip", f.vip), ("port", f.port), ("protocol", f.protocol),
                                     ("pool", f.pool), ("interfaces", list(f.interfaces)),
-                                    *((key, getattr(f, key)) for key in TIMEOUTS),
+                                    *((key, getattr(f, key))
+                                      for key in PROTOCOL_TIMEOUTS[f.protocol]),
                                     ("adopt_replies", f.adopt_replies)])
     return "\n".join(lines)

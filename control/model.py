@@ -19,6 +19,9 @@ MAGLEV_SIZE_MAX = maglev.DEFAULT_SIZE   # the data plane's table (datapath.Limit
 MAGLEV_SLOTS_PER_SERVER = 100           # the paper's advice: M >= 100 N keeps shares within 1%
 MAGLEV_SERVERS_MAX = MAGLEV_SIZE_MAX // MAGLEV_SLOTS_PER_SERVER
 TIMEOUT_RANGE = (1, 7 * 86400)          # idle timeouts of flows, seconds
+# The idle timeouts a protocol's flows take (bpf/xlb.c state_timeout), Frontend's fields.
+PROTOCOL_TIMEOUTS = {"tcp": ("timeout_syn", "timeout_established", "timeout_closing"),
+                     "udp": ("timeout_udp",)}
 MONITOR_TYPES = ("tcp", "http", "none")
 ON_SERVER_DOWN = ("keep", "reset")   # what happens to a gone server's established flows
 WEIGHT_RANGE = (1, 256)

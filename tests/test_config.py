@@ -126,13 +126,13 @@ interfaces = ["eth0", "eth1.100", "br-ext_0"]
 timeout_syn = 1
 timeout_established = 604800
 timeout_closing = 30
-timeout_udp = 5
 
 [frontends.www-udp]
 vip = "10.1.1.101"
 port = 80
 protocol = "udp"
 pool = "web.v2"
+timeout_udp = 5
 
 [frontends.0db]
 vip = "10.1.1.102"
@@ -159,8 +159,8 @@ def test_full_example():
         "weighted", "reset", "roundrobin", None)
     assert (hashed.algorithm, hashed.maglev_size, db.maglev_size) == ("maglev", 211, 65537)
     assert cfg.frontends[0].interfaces == ("eth0", "eth1.100", "br-ext_0")
-    assert cfg.frontends[0].timeouts == (1, 604800, 30, 5)
-    assert cfg.frontends[1].timeouts == (60, 900, 120, 300)
+    assert cfg.frontends[0].timeouts == (1, 604800, 30, 300)
+    assert cfg.frontends[1].timeouts == (60, 900, 120, 5)
     assert cfg.frontends[2].protocol == "tcp"
     assert cfg.attach_names() == ("eth0", "eth1.100", "br-ext_0")
 
@@ -215,6 +215,36 @@ def test_maglev_pool_default_size_round_trips():
     assert 'maglev_size = 65537' in dump(cfg) and load(dump(cfg)) == cfg
 
 
+# What an earlier build's `dump` wrote of every frontend: the four timeouts, each
+# protocol's and the other's (as an operator's `timeout_established = 30` on UDP).
+TIMEOUTS_DUMPED = ("timeout_syn = 5\ntimeout_established = 30\ntimeout_closing = 7\n"
+                   "timeout_udp = 9\n")
+DNS = '[frontends.dns]\nvip = "10.1.1.101"\nport = 53\nprotocol = "udp"\npool = "web"\n'
+
+
+def test_a_frontend_dumps_only_the_timeouts_of_its_protocol():
+    """The others act on no flow of it: load refuses them (below)."""
+    cfg = load(doc(frontend=FE + "\ntimeout_established = 30", extra=DNS + "timeout_udp = 9"))
+    text = dump(cfg)
+    www, dns = text[text.index("[frontends.www]"):text.index("[frontends.dns]")], \
+        text[text.index("[frontends.dns]"):]
+    assert re.findall(r"^timeout_\w+ = \d+$", www, re.M) == [
+        "timeout_syn = 60", "timeout_established = 30", "timeout_closing = 120"]
+    assert re.findall(r"^timeout_\w+ = \d+$", dns, re.M) == ["timeout_udp = 9"]
+    assert load(text) == cfg
+
+
+def test_an_earlier_dump_with_every_timeout_loads_back():
+    """xlb's state may hold an earlier build's dump, which wrote all four for
+    every frontend: a restart or an upgrade takes it over, the other
+    protocol's timeouts dropped (they acted on nothing)."""
+    earlier = doc(frontend=FE + "\n" + TIMEOUTS_DUMPED, extra=DNS + TIMEOUTS_DUMPED)
+    www, dns = load(earlier, dumped=True).frontends
+    assert (www.timeouts, dns.timeouts) == ((5, 30, 7, 300), (60, 900, 120, 9))
+    with pytest.raises(ConfigError):
+        load(earlier)
+
+
 def test_dump_is_canonical():
     assert dump(load_file(SEED)) == textwrap.dedent('''\
         [monitors.was-http]
@@ -256,7 +286,6 @@ def test_dump_is_canonical():
         timeout_syn = 60
         timeout_established = 900
         timeout_closing = 120
-        timeout_udp = 300
         adopt_replies = false
         ''')
 
@@ -394,6 +423,9 @@ def monitor(*lines):
 
 
 NONE_ONLY = 'only for type "tcp" or "http" (type "none" never checks)'
+ONLY_TCP = 'only for protocol "tcp" (UDP flows take timeout_udp)'
+ONLY_UDP = ('only for protocol "udp" (TCP flows take timeout_syn, timeout_established '
+            'or timeout_closing)')
 BAD = [
     # TOML itself
     ("toml-syntax", '[servers.was1]\naddress = 10.1.11.101\n',
@@ -600,11 +632,24 @@ BAD = [
     ("interfaces-not-an-array", doc(frontend=FE + '\ninterfaces = "eth0"'),
      [("frontends.www.interfaces", "expected an array, got string")]),
     ("timeouts", doc(frontend=FE + '\ntimeout_syn = 0\ntimeout_established = 604801\n'
-                                   'timeout_closing = 1.5\ntimeout_udp = "300"'),
+                                   'timeout_closing = 1.5',
+                     extra=DNS + 'timeout_udp = "300"'),
      [("frontends.www.timeout_syn", "timeout 0 is out of range 1-604800 seconds"),
       ("frontends.www.timeout_established", "timeout 604801 is out of range 1-604800 seconds"),
       ("frontends.www.timeout_closing", "expected an integer, got float"),
-      ("frontends.www.timeout_udp", "expected an integer, got string")]),
+      ("frontends.dns.timeout_udp", "expected an integer, got string")]),
+    # a UDP flow takes timeout_udp alone, a TCP connection the other three
+    # (bpf/xlb.c state_timeout): the others would seem to act
+    ("timeouts-of-the-other-protocol",
+     doc(frontend=FE + "\ntimeout_udp = 9",
+         extra=DNS.replace('"udp"', '"UDP"') + TIMEOUTS_DUMPED.replace("timeout_udp = 9\n", "")
+               + '[frontends.x]\nvip = "10.1.1.102"\nport = 1\nprotocol = "sctp"\n'
+                 'pool = "web"\ntimeout_udp = 9\ntimeout_syn = 5'),
+     [("frontends.www.timeout_udp", ONLY_UDP),
+      ("frontends.dns.timeout_syn", ONLY_TCP),
+      ("frontends.dns.timeout_established", ONLY_TCP),
+      ("frontends.dns.timeout_closing", ONLY_TCP),
+      ("frontends.x.protocol", "protocol 'sctp' is not tcp or udp")]),
     # Maglev pools
     ("maglev-size-values", doc(pool=POOL + '\nalgorithm = "maglev"\nmaglev_size = 65536',
                                extra=maglev_pools(65539, 0, '"big"', 1.0)),
