@@ -115,25 +115,41 @@ def test_a_file_name_that_is_not_utf8_is_shown_escaped(tmp_path):
         (0, f"{tmp_path}/x\\xff.toml: ok: 1 frontends, 1 pools, 2 servers, 1 monitors\n", "")
 
 
-def test_a_none_monitor_refuses_what_it_would_ignore(tmp_path):
-    """A monitor switched to "none" keeps no check setting that would seem to
-    act: each is named, by `check` one a line, by `up` on one line before
-    anything runs."""
-    path = tmp_path / "none.toml"
-    path.write_text(SEED.read_text().replace('type = "http"', 'type = "none"'))
-    ignored = 'only for type "tcp" or "http" (type "none" never checks)'
-    problems = [("port", ignored), ("path", 'only for type "http"'),
-                ("expect_status", 'only for type "http"'), ("interval", ignored),
-                ("timeout", ignored), ("rise", ignored), ("fall", ignored)]
+def assert_refused(path: Path, problems: list[tuple[str, str]]) -> None:
+    """Each problem is named, by `check` one a line, by `up` on one line
+    before anything runs."""
     r = xlb("check", str(path))
     assert (r.returncode, r.stdout) == (1, "")
-    assert r.stderr.splitlines() == [f"{path}: monitors.was-http.{key}: {reason}"
-                                     for key, reason in problems]
+    assert r.stderr.splitlines() == [f"{path}: {key}: {reason}" for key, reason in problems]
     r = xlb("up", "--config", str(path))
     assert (r.returncode, r.stdout) == (2, "")
     assert r.stderr == (f"xlb: error: {path}: "
-                        + "; ".join(f"monitors.was-http.{key}: {reason}"
-                                    for key, reason in problems) + "\n")
+                        + "; ".join(f"{key}: {reason}" for key, reason in problems) + "\n")
+
+
+def test_a_none_monitor_refuses_what_it_would_ignore(tmp_path):
+    """A monitor switched to "none" keeps no check setting that would seem to act."""
+    path = tmp_path / "none.toml"
+    path.write_text(SEED.read_text().replace('type = "http"', 'type = "none"'))
+    ignored = 'only for type "tcp" or "http" (type "none" never checks)'
+    assert_refused(path, [(f"monitors.was-http.{key}", reason) for key, reason in [
+        ("port", ignored), ("path", 'only for type "http"'),
+        ("expect_status", 'only for type "http"'), ("interval", ignored),
+        ("timeout", ignored), ("rise", ignored), ("fall", ignored)]])
+
+
+def test_a_frontend_refuses_the_timeouts_of_the_other_protocol(tmp_path):
+    """A UDP flow takes timeout_udp alone, a TCP connection the other three:
+    the others would seem to act."""
+    path = tmp_path / "timeouts.toml"
+    path.write_text(SEED.read_text() + 'timeout_udp = 5\n\n[frontends.dns]\n'
+                    'vip = "10.1.1.101"\nport = 53\nprotocol = "udp"\npool = "was"\n'
+                    'timeout_established = 30\n')
+    assert_refused(path, [
+        ("frontends.www.timeout_udp", 'only for protocol "udp" (TCP flows take timeout_syn, '
+                                      'timeout_established or timeout_closing)'),
+        ("frontends.dns.timeout_established", 'only for protocol "tcp" (UDP flows take '
+                                              'timeout_udp)')])
 
 
 def test_up_warns_that_its_default_check_is_tcp_for_udp_vips_alone():

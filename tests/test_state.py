@@ -161,14 +161,22 @@ def test_a_bare_xlb_up_takes_over_the_saved_config(root):
 
 
 def test_a_saved_config_of_an_earlier_build_is_taken_over(root):
-    """Its `dump` wrote a none monitor's check settings, which a file may no
-    longer have: a bare `xlb up` after an upgrade takes the config all the same."""
+    """Its `dump` wrote a none monitor's check settings and every frontend's
+    four timeouts (here an operator's, of the other protocol, which did
+    nothing), which a file may no longer have: a bare `xlb up` after an
+    upgrade takes the config all the same."""
     from xlb import cli, config
-    text = ('[monitors.off]\ntype = "none"\ninterval = 5.0\ntimeout = 1.0\nrise = 2\n'
-            'fall = 3\n\n[servers.was1]\naddress = "10.1.11.101"\nport = 8080\n'
-            'monitor = "off"\n\n[pools.web]\nservers = ["was1"]\n\n'
-            '[frontends.www]\nvip = "10.1.1.101"\nport = 80\npool = "web"\n')
-    state.save(State(None, text, {}))
+    checking = "interval = 5.0\ntimeout = 1.0\nrise = 2\nfall = 3\n"
+    tcp, udp = "timeout_syn = 5\ntimeout_established = 30\ntimeout_closing = 7\n", \
+        "timeout_udp = 9\n"
+
+    def text(checking: str, www: str, dns: str) -> str:
+        return ('[monitors.off]\ntype = "none"\n' + checking + '\n[servers.was1]\n'
+                'address = "10.1.11.101"\nport = 8080\nmonitor = "off"\n\n[pools.web]\n'
+                'servers = ["was1"]\n\n[frontends.www]\nvip = "10.1.1.101"\nport = 80\n'
+                'pool = "web"\n' + www + '\n[frontends.dns]\nvip = "10.1.1.101"\nport = 53\n'
+                'protocol = "udp"\npool = "web"\n' + dns)
+
+    state.save(State(None, text(checking, tcp + udp, tcp + udp), {}))
     cfg, path = cli.saved_config()
-    assert cfg == config.load(text.replace("interval = 5.0\ntimeout = 1.0\nrise = 2\nfall = 3\n",
-                                           "")) and path is None
+    assert cfg == config.load(text("", tcp, udp)) and path is None
