@@ -312,7 +312,7 @@ class _Loader:
             raise ConfigError(self.problems)
         return Config(frontends=tuple(frontends), pools=tuple(pools), monitors=tuple(monitors),
                       warnings=(*self.unused(frontends, pools, servers, monitors),
-                                *self.strayed(pools)))
+                                *self.overridden(pools), *self.strayed(pools)))
 
     @staticmethod
     def unused(frontends: list[Frontend], pools: list[Pool], servers: dict[str, Server],
@@ -328,6 +328,14 @@ class _Loader:
                   for p in pools if p.name not in served),
                 *((f"monitors.{m.name}", "no pool or server uses it")
                   for m in monitors if m.name not in watching))
+
+    @staticmethod
+    def overridden(pools: list[Pool]) -> tuple[tuple[str, str], ...]:
+        """Pools' monitors that every server of theirs replaces with its own:
+        they check nothing, where the operator may believe both check."""
+        return tuple((f"pools.{p.name}.monitor", f"every server of it names its own monitor: "
+                                                 f"monitors.{p.monitor} checks none of them")
+                     for p in pools if p.monitor and all(s.monitor for s in p.servers))
 
     @staticmethod
     def strayed(pools: list[Pool]) -> tuple[tuple[str, str], ...]:

@@ -129,7 +129,8 @@ class Config:
     frontends: tuple[Frontend, ...]
     pools: tuple[Pool, ...]
     monitors: tuple[Monitor, ...] = ()
-    # What the file defines and nothing uses, weights a ring cannot honour, as
+    # What the file defines and nothing uses (a pool's monitor that each of its
+    # servers replaces too), weights a ring cannot honour, as
     # (key path, what that means): said, not refused. Not part of the config (a
     # server in no pool is not even kept, see config.dump).
     warnings: tuple[tuple[str, str], ...] = field(default=(), compare=False)

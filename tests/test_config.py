@@ -187,6 +187,23 @@ def test_what_nothing_uses_is_named_not_refused():
     assert load_file(SEED).warnings == ()
 
 
+def test_a_pool_monitor_that_every_server_overrides_is_named_not_refused():
+    """It checks none of them (a server's own monitor replaces it): the
+    operator may believe both check. A server added later without one would
+    take it, so it is said, not refused."""
+    own = 'monitor = "tcp"\n'
+    text = doc("[monitors.tcp]\n[monitors.http]\ntype = \"http\"",
+               server=SERVER + "\nport = 8080\n" + own, pool=POOL + '\nmonitor = "http"',
+               extra='[servers.was2]\naddress = "10.1.11.102"\nport = 8080\n' + own
+                     + '[pools.both]\nservers = ["was1", "was2"]\nmonitor = "http"\n')
+    unused = ("pools.both", "no frontend uses it: it serves nothing")
+    overridden = "every server of it names its own monitor: monitors.http checks none of them"
+    assert load(text).warnings == (unused, ("pools.web.monitor", overridden),
+                                   ("pools.both.monitor", overridden))
+    assert load(text.replace("port = 8080\n" + own + "[pools", "port = 8080\n[pools")
+                ).warnings == (unused, ("pools.web.monitor", overridden))
+
+
 def test_an_http_monitor_without_expect_status_takes_any_2xx_or_3xx_and_round_trips():
     cfg = load(doc(monitor('type = "http"'), pool=POOL + '\nmonitor = "m"'))
     assert cfg.monitors[0].expect_status is None
