@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from ipaddress import IPv4Address
 from typing import NamedTuple
 
@@ -90,6 +90,15 @@ def table(backends: list[Backend], size: int = DEFAULT_SIZE) -> list[int]:
         position[i] = c - size if c >= size else c
     ids = [b.id for b in backends]
     return [ids[i] for i in slots]
+
+
+def digest(slots: Sequence[int], endpoints: Mapping[int, tuple[IPv4Address, int]]) -> str:
+    """A short digest of a table as nodes can compare it: the address and port
+    of each slot's backend (`endpoints` by id), in slot order, never the ids
+    (which are each node's own). Two tables of one digest send every flow to
+    the same server."""
+    packed = {i: a.packed + p.to_bytes(2, "big") for i, (a, p) in endpoints.items()}
+    return hashlib.blake2b(b"".join(map(packed.__getitem__, slots)), digest_size=8).hexdigest()
 
 
 def _mix(h: int) -> int:

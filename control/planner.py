@@ -63,6 +63,11 @@ class DataplaneState:
     retired_backends: Mapping[int, tuple[IPv4Address, int]] = field(default_factory=dict)
     retired_services: frozenset[int] = frozenset()
 
+    def endpoints(self) -> dict[int, tuple[IPv4Address, int]]:
+        """(address, port) of every backend id, retired ones too."""
+        return {**self.retired_backends,
+                **{b.id: (b.address, b.port) for b in self.backends.values()}}
+
 
 class ArpLink(Protocol):
     index: int
@@ -181,6 +186,19 @@ def carried(states: Mapping[BackendKey, str], renamed: Mapping[BackendKey, Backe
             if (k in renamed or k not in renamed.values()) and renamed.get(k, k) in keys}
 
 
+def table_digests(config: Config, state: DataplaneState) -> dict[str, str]:
+    """maglev.digest of each Maglev pool's table in `state` (what the maps
+    hold: the servers taking flows), by pool name; a pool that serves no
+    frontend has none. Every frontend of a pool holds the same table. Rings
+    have none: a ring picks by a per-CPU cursor, which no two nodes share."""
+    endpoints, out = state.endpoints(), {}
+    for fe in config.frontends:
+        svc = state.services[(fe.vip, fe.port, fe.proto_number)]
+        if svc.maglev and fe.pool not in out:
+            out[fe.pool] = maglev.digest(svc.slots, endpoints)
+    return out
+
+
 def arp_links(config: Config, links: Iterable[ArpLink]) -> list[tuple[ArpLink, IPv4Address]]:
     """(link, VIP) for each link on whose subnets a VIP's ARP requests arrive
     (the frontend's interfaces, if it names them): where an active node
@@ -218,8 +236,7 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
     ids, retired = _allocate(keys, held,
                              frozenset(previous.retired_backends.keys() - held.values()),
                              max_backends, "backends")
-    endpoints = {**previous.retired_backends,
-                 **{b.id: (b.address, b.port) for b in previous.backends.values()}}
+    endpoints = previous.endpoints()
     retired_backends = {i: endpoints[i] for i in retired}
     backend_ids = {k[:2]: i for k, i in ids.items()}
     backends = {}

@@ -497,6 +497,47 @@ def test_maglev_pool_with_no_server_up_is_empty():
         ("set_service", *WWW, 0, 0, 1009, layout.SERVICE_MAGLEV)]
 
 
+def test_nodes_with_one_config_and_states_hold_maglev_tables_of_one_digest():
+    """The digest compares the tables of nodes (xlb_pool_table_info): the same
+    where a flow goes to the same server whichever node has it, though each
+    node numbers its backends its own way; another one where a server, a
+    weight, the size or the servers taking flows differ."""
+    s3 = Server("s3", A("10.1.11.4"), 80)
+    cfg = _maglev(S1, S2)
+    one = desired(cfg)
+    # The other node ran another config first: its ids are not the first's,
+    # nor is its servers' order in the file.
+    other = desired(_maglev(S2, S1), desired(_maglev(s3, S2, S1)))
+    assert one.services[WWW].slots != other.services[WWW].slots
+    digest = planner.table_digests(cfg, one)
+    assert digest == planner.table_digests(_maglev(S2, S1), other) == {"p": digest["p"]}
+    assert len(digest["p"]) == 16
+
+    def digest_of(config, states={}):
+        return planner.table_digests(config, desired(config, states=states))["p"]
+    differ = [digest_of(_maglev(replace(S1, weight=2), S2)),
+              digest_of(_maglev(S1, S2, s3)),
+              digest_of(_maglev(S1, replace(S2, port=81))),
+              digest_of(_maglev(S1, S2, size=1013)),
+              digest_of(cfg, {("p", "s1"): "down"}),
+              digest_of(cfg, {("p", "s1"): "down", ("p", "s2"): "maint"})]
+    assert len({digest["p"], *differ}) == 1 + len(differ)
+    # What counts is who takes flows: down or drained, s1 takes none.
+    assert digest_of(cfg, {("p", "s1"): "drain"}) == digest_of(cfg, {("p", "s1"): "down"})
+
+
+def test_only_maglev_pools_that_serve_a_frontend_have_a_table_digest():
+    """A round-robin ring picks by a per-CPU cursor, never alike on two nodes:
+    it has no table to compare. A pool that serves no frontend has no table."""
+    cfg = Config(frontends=(Frontend("www", A("10.1.1.101"), 80, "tcp", "p"),
+                            Frontend("dns", A("10.1.1.101"), 53, "udp", "p"),
+                            Frontend("rr", A("10.1.1.102"), 80, "tcp", "q")),
+                 pools=(Pool("p", (S1, S2), "maglev", maglev_size=1009), Pool("q", (B1,)),
+                        Pool("w", (S1,), "weighted"), Pool("idle", (S2,), "maglev")))
+    digests = planner.table_digests(cfg, desired(cfg))
+    assert digests == planner.table_digests(_maglev(S1, S2), desired(_maglev(S1, S2)))
+
+
 def test_maglev_table_of_the_backups_while_no_primary_is_up():
     st = desired(_maglev(S1, S2, B1), states={("p", "s1"): "down", ("p", "s2"): "drain"})
     assert set(st.services[WWW].slots) == {2}
