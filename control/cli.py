@@ -962,7 +962,9 @@ def format_status(s: dict) -> str:
                              for row in [_SERVER_HEADER, *map(_server_cells, p["servers"])]],
                             left=3))
     for p in s["pools"]:
-        lines += ["", f"pool {p['name']} ({p['algorithm']}, on_server_down {p['on_server_down']})",
+        table = f", table {p['table_digest']}" if p.get("table_digest") else ""
+        lines += ["", f"pool {p['name']} ({p['algorithm']}, on_server_down "
+                      f"{p['on_server_down']}{table})",
                   f"  {next(servers)}  LAST CHECK",
                   *(f"  {next(servers)}  {last_check(b)}" for b in p["servers"])]
     for f in s["frontends"]:

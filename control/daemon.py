@@ -323,6 +323,7 @@ class Balancer:
         ledger = dp.flow_ledger()
         census = ledger.census
         counters = dp.backend_counters_many({b.id for b in self.state.backends.values()})
+        digests = planner.table_digests(self.config, self.state)
         pools = []
         for pool in self.config.pools:
             servers = []
@@ -337,7 +338,8 @@ class Balancer:
                                 "active_flows": census.open.get(b.id, 0),
                                 **counters[b.id]})
             pools.append({"name": pool.name, "algorithm": pool.algorithm,
-                          "on_server_down": pool.on_server_down, "servers": servers})
+                          "on_server_down": pool.on_server_down,
+                          "table_digest": digests.get(pool.name), "servers": servers})
         reasons = dp.reason_counters()
         actions = dict.fromkeys(XDP_ACTIONS, 0)
         for tally, action in zip(reasons.values(), REASON_ACTIONS):

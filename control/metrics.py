@@ -49,6 +49,10 @@ FAMILIES = {
     "xlb_frontend_connections": ("counter", "New flows (connections) balanced."),
     "xlb_pool_servers": ("gauge", "Servers in the pool."),
     "xlb_pool_servers_up": ("gauge", "Servers of the pool in state up."),
+    "xlb_pool_table_info": ("gauge", "A Maglev pool's table as the data path holds it (the "
+                                     "servers taking flows): a digest of each slot's server, "
+                                     "the same on every node that sends each flow where this "
+                                     "one does."),
     "xlb_server_info": ("gauge", "A server of a pool: its address, port and whether it is a "
                                  "backup."),
     "xlb_server_packets": ("counter", "Packets of the server's flows."),
@@ -189,6 +193,8 @@ def render(st: dict, durations: dict[tuple[str, str], tuple[list[int], float]]) 
         add("xlb_pool_servers", _labels(pool=p["name"]), len(p["servers"]))
         add("xlb_pool_servers_up", _labels(pool=p["name"]),
             sum(s["state"] == "up" for s in p["servers"]))
+        if p["table_digest"]:
+            add("xlb_pool_table_info", _labels(pool=p["name"], digest=p["table_digest"]), 1)
         pool = _escape(p["name"])
         for s in p["servers"]:
             lv = f'pool="{pool}",server="{_escape(s["name"])}"'

@@ -272,7 +272,8 @@ def test_status_columns_are_as_wide_as_their_widest_cell():
                                      _server("a-server-with-a-long-name", backup=True,
                                              state="drain", weight=100, active_flows=12345)]},
                         {"name": "a-pool-with-a-long-name", "algorithm": "maglev",
-                         "on_server_down": "reset", "servers": [_server("was2", port=65535)]}]}
+                         "on_server_down": "reset", "table_digest": "5b0f3e2a9c1d4e67",
+                         "servers": [_server("was2", port=65535)]}]}
     lines = cli.format_status(status).splitlines()
 
     frontends = lines[lines.index(next(x for x in lines if x.startswith("FRONTEND"))):][:3]
@@ -282,6 +283,11 @@ def test_status_columns_are_as_wide_as_their_widest_cell():
         ["www", "10.1.1.101:80/tcp", "was", "1", "20", "1.2M", "0", "9.7k", "10.9k"],
         ["www-with-a-long-frontend-name", "10.1.1.102:65535/udp", "a-pool-with-a-long-name",
          "1", "20", "1.2M", "0", "9.7k", "10.9k"]], left={0, 1, 2})
+
+    # A Maglev pool's table digest, to compare with other nodes' (README).
+    assert [x for x in lines if x.startswith("pool ")] == [
+        "pool was (roundrobin, on_server_down keep)",
+        "pool a-pool-with-a-long-name (maglev, on_server_down reset, table 5b0f3e2a9c1d4e67)"]
 
     # The servers of every pool in one set of columns, a pool's name above its own.
     servers = [x for x in lines if x.startswith("  ")]

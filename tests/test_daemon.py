@@ -550,6 +550,38 @@ def test_status_tells_a_link_down_renamed_or_detached_as_the_kernel_has_it(balan
     fibnet.sh("ip", "link", "del", "other")
 
 
+def test_status_shows_the_digest_of_the_maglev_table_the_maps_hold(balancer):
+    """The digest of a Maglev pool's table (xlb_pool_table_info), read back from
+    the maps by a control process that adopts them, is the one that any node
+    with the same config and server states holds, though this one's servers
+    have other ids; a server drained changes it."""
+    from test_adopt import running_of
+    from xlb import planner
+
+    servers = ["10.1.11.101:8080", "10.1.11.102:8080"]
+    config = from_flags(["10.1.1.101:80"], servers, algorithm="maglev")
+    balancer.apply(from_flags(["10.1.1.101:80"], ["10.1.13.101:8080", *servers],
+                              algorithm="maglev"), relink=False)
+    balancer.apply(config, relink=False)
+    lim = balancer.datapath.limits
+    fresh = functools.partial(planner.desired, config, [], planner.DataplaneState(),
+                              lim.max_services, lim.max_backends, lim.ring_size, lim.max_maglev)
+    vip = (IPv4Address("10.1.1.101"), 80, 6)
+    assert balancer.state.services[vip].slots != fresh().services[vip].slots   # other ids
+    same = planner.table_digests(config, fresh())["default"]
+    assert balancer.status()["pools"][0]["table_digest"] == same
+
+    balancer.set_admin("drain", "default", "backend1")
+    drained = planner.table_digests(config, fresh({("default", "backend1"): "drain"}))
+    again = Datapath(running=running_of(balancer.datapath))
+    try:
+        adopted = daemon.Balancer(again)
+        adopted.adopt(config, balancer.admin)
+        assert adopted.status()["pools"][0]["table_digest"] == drained["default"] != same
+    finally:
+        again.close()
+
+
 def test_an_apply_attaches_again_where_the_program_was_removed_by_hand(balancer, fibnet):
     """`ip link set dev X xdp off` (or another tool's program put there): status
     says detached, and an apply takes the link back to the config, as a link

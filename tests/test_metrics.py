@@ -23,7 +23,7 @@ STATUS = {
         {"name": "dns", "vip": "10.1.1.102", "port": 53, "protocol": "udp", "pool": "was",
          "packets_in": 9, "packets_out": 8, "bytes_in": 700, "bytes_out": 900, "new_flows": 4}],
     # Every number differs between the two servers, so a mix-up cannot pass.
-    "pools": [{"name": "was", "servers": [
+    "pools": [{"name": "was", "table_digest": "5b0f3e2a9c1d4e67", "servers": [
         {"name": "was1", "address": "10.1.11.101", "port": 8080, "backup": False,
          "state": "down", "health": "down", "packets_in": 7, "packets_out": 5, "bytes_in": 544,
          "bytes_out": 480, "new_flows": 3, "active_flows": 1, "weight": 2,
@@ -100,6 +100,8 @@ class Library:
                   [([p["name"]], len(p["servers"])) for p in pools])
         yield fam("xlb_pool_servers_up", GaugeMetricFamily, ["pool"],
                   [([p["name"]], sum(s["state"] == "up" for s in p["servers"])) for p in pools])
+        yield fam("xlb_pool_table_info", GaugeMetricFamily, ["pool", "digest"],
+                  [([p["name"], p["table_digest"]], 1) for p in pools if p["table_digest"]])
         servers = [(p["name"], s) for p in pools for s in p["servers"]]
         ps = ["pool", "server"]
         yield fam("xlb_server_info", GaugeMetricFamily, ps + ["address", "port", "backup"],
@@ -242,6 +244,7 @@ def test_values_and_types():
     assert got[("xlb_frontend_connections_total", dns)] == 4
     assert got[("xlb_pool_servers", (("pool", "was"),))] == 2
     assert got[("xlb_pool_servers_up", (("pool", "was"),))] == 0   # down, and drain
+    assert got[("xlb_pool_table_info", (("digest", "5b0f3e2a9c1d4e67"), ("pool", "was")))] == 1
     one = (("pool", "was"), ("server", "was1"))
     two = (("pool", "was"), ("server", "was2"))
     assert got[("xlb_server_info", (("address", "10.1.11.101"), ("backup", "false"),
@@ -295,14 +298,24 @@ def test_values_and_types():
     assert got[("xlb_config_last_apply_timestamp_seconds", ())] == 1.7e9
 
 
+def test_only_a_pool_with_a_table_digest_has_a_table_info():
+    """A round-robin pool, or a Maglev pool that serves no frontend: no table
+    to compare with other nodes'."""
+    status = {**STATUS, "pools": [{**STATUS["pools"][0], "table_digest": None}]}
+    text = metrics.render(status, {})
+    assert "xlb_pool_table_info" not in text
+    assert normalized(text) == normalized(generate_latest(Library(status, {})).decode())
+
+
 def test_label_values_are_escaped():
     name = 'a"b\\c\nd'
     pool = STATUS["pools"][0]
     status = {**STATUS, "frontends": [{**STATUS["frontends"][0], "name": name}],
-              "pools": [{"name": "p" + name, "servers": [{**pool["servers"][0],
-                                                           "name": "s" + name}]}]}
+              "pools": [{**pool, "name": "p" + name, "servers": [{**pool["servers"][0],
+                                                                    "name": "s" + name}]}]}
     text = metrics.render(status, {})
     got = samples(text)
+    assert got[("xlb_pool_table_info", (("digest", "5b0f3e2a9c1d4e67"), ("pool", "p" + name)))] == 1
     assert got[("xlb_frontend_connections_total", (("frontend", name),))] == 3
     assert got[("xlb_server_weight", (("pool", "p" + name), ("server", "s" + name)))] == 2
     assert normalized(text) == normalized(generate_latest(Library(status, {})).decode())
