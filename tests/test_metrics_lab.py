@@ -326,7 +326,8 @@ def test_prometheus_answers_every_dashboard_query(lab, xlb, tmp_path):
             evaluated = wait_for("rules evaluated", 10, lambda: rules(lab))
             assert {r["name"] for r in evaluated} == {
                 "XlbDown", "XlbServerDown", "XlbPoolAllServersDown", "XlbInterfaceNotServed",
-                "XlbFlowTableNearlyFull", "XlbFlowTableEvicting", "XlbDropsRising"}
+                "XlbFlowTableNearlyFull", "XlbFlowTableEvicting", "XlbDropsRising",
+                "XlbMaglevTablesDiffer"}
             assert all(r["state"] == "inactive" for r in evaluated), evaluated  # a healthy lab
             for r in evaluated:   # the rules, too, read only what xlb (or the scrape: up) has
                 metrics, labels = names_in(r["query"])
