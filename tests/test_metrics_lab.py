@@ -293,8 +293,23 @@ def rules(lab) -> list[dict] | None:
     return found if found and all(r["health"] == "ok" for r in found) else None
 
 
-def test_prometheus_answers_every_dashboard_query(lab, xlb, tmp_path):
+@pytest.fixture
+def maglev_seed(lab, xlb, tmp_path):
+    """The seed with its pool on Maglev, whose table digest only a Maglev pool
+    has (xlb_pool_table_info, which XlbMaglevTablesDiffer reads); the seed
+    again after."""
+    maglev = tmp_path / "maglev.toml"
+    maglev.write_text(SEED.read_text().replace('algorithm = "roundrobin"', 'algorithm = "maglev"'))
+    assert lab.xlb_cmd("apply", str(maglev), timeout=60).returncode == 0
+    yield
+    assert lab.xlb_cmd("apply", str(SEED), timeout=60).returncode == 0
+
+
+def test_prometheus_answers_every_dashboard_query(lab, xlb, maglev_seed, tmp_path):
     exposition = scrape(lab)
+    [pool] = lab.status()["pools"]
+    assert samples(exposition)[("xlb_pool_table_info", frozenset(
+        {("pool", "was"), ("digest", pool["table_digest"])}))] == 1
     exposed_metrics = {name for name, _ in samples(exposition)}
     exposed_labels = {k for _, labels in samples(exposition) for k, _ in labels}
     load = lab.spawn("client", PY, str(HERE / "clients.py"), "load", VIP, "80",
