@@ -133,6 +133,14 @@ def build():
               f"(rate(xlb_server_check_duration_seconds_bucket{{{SEL}}}[{RATE}])))",
               f"p{round(q * 100)} {{{{pool}}}} / {{{{server}}}}") for q in (0.99, 0.5)])
         .min(0),
+        ts("Maglev tables per pool", "short", "How many different tables the chosen "
+           "balancers hold for each Maglev pool (xlb_pool_table_info's digest): 1 where "
+           "each sends a flow to the same server, more where their configs, drained or "
+           "disabled servers or health checks differ (the alert XlbMaglevTablesDiffer "
+           "fires after 5 minutes of that). `xlb status` shows each node's digest.",
+           (f"count by (pool) (count by (pool, digest) (xlb_pool_table_info{{{SEL}}}))",
+            "{{pool}}"))
+        .min(0).decimals(0),
     ]
 
     dataplane = [
