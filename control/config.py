@@ -49,9 +49,9 @@ def load(text: str, *, dumped: bool = False) -> Config:
     """The Config the TOML `text` describes; ConfigError lists every problem.
 
     dumped: `text` is `dump`'s, kept in xlb's state, maybe by an earlier
-    build, which wrote a `none` monitor's CHECKING settings and every
-    frontend's four timeouts (those of the other protocol ignored then,
-    refused now): they are dropped, so that an upgrade takes over its config."""
+    build, which wrote a `none` monitor's CHECKING settings (refused now) and
+    every frontend's four timeouts (the other protocol's warned of now): they
+    are dropped, so that an upgrade takes over its config, and silently."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -288,6 +288,7 @@ class _Loader:
         # What is known of the objects, valid or not, for the checks across them.
         self.addresses: dict[str, IPv4Address] = {}                 # server -> address
         self.services: list[tuple[str, IPv4Address, int, str]] = []  # frontend, vip, port, proto
+        self.notes: list[tuple[str, str]] = []      # warnings found while reading the objects
 
     def problem(self, path: str, reason: str) -> None:
         self.problems.append((path, reason))
@@ -311,7 +312,7 @@ class _Loader:
         if self.problems:
             raise ConfigError(self.problems)
         return Config(frontends=tuple(frontends), pools=tuple(pools), monitors=tuple(monitors),
-                      warnings=(*self.unused(frontends, pools, servers, monitors),
+                      warnings=(*self.notes, *self.unused(frontends, pools, servers, monitors),
                                 *self.overridden(pools), *self.strayed(pools)))
 
     @staticmethod
@@ -384,6 +385,13 @@ class _Loader:
                 raise _bad(f"no {what} {name!r}")
             return name
         return check
+
+    def ignored(self, path: str, check: Callable[[Any], Any], reason: str) -> Callable:
+        """A check of a value that is then ignored: a valid one is warned of."""
+        def warn(value: Any) -> None:
+            check(value)
+            self.notes.append((path, reason))
+        return warn
 
     def fields(self, path: str, obj: dict, checks: dict[str, Callable],
                defaults: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -528,13 +536,21 @@ class _Loader:
                   "pool": self.ref("pools", "pool"),
                   "interfaces": lambda value: tuple(_items(_interface, value)),
                   **dict.fromkeys(TIMEOUTS, _timeout), "adopt_replies": _boolean}
-        # Ignored, they would make the operator believe the flows expire after them.
+        # They act on no flow of this frontend, where the operator may believe its
+        # flows expire after them: warned of and dropped, not refused, since an
+        # earlier build's `xlb show` wrote all four, and a file made of it must
+        # still start the next build.
         protocol = obj.get("protocol", "tcp")
-        for key, other in _other_timeouts(protocol).items():
-            checks[key] = _only(f'protocol "{other}" ({protocol.upper()} flows take '
-                                f'{_choices(PROTOCOL_TIMEOUTS[protocol.lower()])})')
+        others = _other_timeouts(protocol)
+        for key, other in others.items():
+            checks[key] = self.ignored(f"{path}.{key}", _timeout,
+                                       f'only for protocol "{other}" ({protocol.upper()} flows '
+                                       f'take {_choices(PROTOCOL_TIMEOUTS[protocol.lower()])}): '
+                                       f'ignored')
         values = self.fields(path, obj, checks, defaults={"protocol": "tcp"},
                              required=("vip", "port", "pool"))
+        for key in others:
+            values.pop(key, None)
         if all(key in values for key in ("vip", "port", "protocol")):
             self.services.append((name, values["vip"], values["port"], values["protocol"]))
         if len(self.problems) > before or not NAME_RE.fullmatch(name):

@@ -138,18 +138,22 @@ def test_a_none_monitor_refuses_what_it_would_ignore(tmp_path):
         ("timeout", ignored), ("rise", ignored), ("fall", ignored)]])
 
 
-def test_a_frontend_refuses_the_timeouts_of_the_other_protocol(tmp_path):
+def test_check_warns_of_the_timeouts_of_the_other_protocol(tmp_path):
     """A UDP flow takes timeout_udp alone, a TCP connection the other three:
-    the others would seem to act."""
+    the others would seem to act. Warned of, not refused: a file made of an
+    earlier build's `xlb show` has all four on every frontend."""
     path = tmp_path / "timeouts.toml"
     path.write_text(SEED.read_text() + 'timeout_udp = 5\n\n[frontends.dns]\n'
                     'vip = "10.1.1.101"\nport = 53\nprotocol = "udp"\npool = "was"\n'
                     'timeout_established = 30\n')
-    assert_refused(path, [
-        ("frontends.www.timeout_udp", 'only for protocol "udp" (TCP flows take timeout_syn, '
-                                      'timeout_established or timeout_closing)'),
-        ("frontends.dns.timeout_established", 'only for protocol "tcp" (UDP flows take '
-                                              'timeout_udp)')])
+    r = xlb("check", str(path))
+    assert (r.returncode, r.stdout) == (0, f"{path}: ok: 2 frontends, 1 pools, 2 servers, "
+                                           f"1 monitors\n")
+    assert r.stderr.splitlines() == [
+        f"xlb: warning: {path}: frontends.www.timeout_udp: only for protocol \"udp\" (TCP "
+        f"flows take timeout_syn, timeout_established or timeout_closing): ignored",
+        f"xlb: warning: {path}: frontends.dns.timeout_established: only for protocol \"tcp\" "
+        f"(UDP flows take timeout_udp): ignored"]
 
 
 def test_up_warns_that_its_default_check_is_tcp_for_udp_vips_alone():

@@ -237,10 +237,13 @@ def test_maglev_pool_default_size_round_trips():
 TIMEOUTS_DUMPED = ("timeout_syn = 5\ntimeout_established = 30\ntimeout_closing = 7\n"
                    "timeout_udp = 9\n")
 DNS = '[frontends.dns]\nvip = "10.1.1.101"\nport = 53\nprotocol = "udp"\npool = "web"\n'
+ONLY_TCP = 'only for protocol "tcp" (UDP flows take timeout_udp): ignored'
+ONLY_UDP = ('only for protocol "udp" (TCP flows take timeout_syn, timeout_established '
+            'or timeout_closing): ignored')
 
 
 def test_a_frontend_dumps_only_the_timeouts_of_its_protocol():
-    """The others act on no flow of it: load refuses them (below)."""
+    """The others act on no flow of it: load warns of them (below)."""
     cfg = load(doc(frontend=FE + "\ntimeout_established = 30", extra=DNS + "timeout_udp = 9"))
     text = dump(cfg)
     www, dns = text[text.index("[frontends.www]"):text.index("[frontends.dns]")], \
@@ -256,10 +259,24 @@ def test_an_earlier_dump_with_every_timeout_loads_back():
     every frontend: a restart or an upgrade takes it over, the other
     protocol's timeouts dropped (they acted on nothing)."""
     earlier = doc(frontend=FE + "\n" + TIMEOUTS_DUMPED, extra=DNS + TIMEOUTS_DUMPED)
-    www, dns = load(earlier, dumped=True).frontends
-    assert (www.timeouts, dns.timeouts) == ((5, 30, 7, 300), (60, 900, 120, 9))
-    with pytest.raises(ConfigError):
-        load(earlier)
+    cfg = load(earlier, dumped=True)
+    assert [f.timeouts for f in cfg.frontends] == [(5, 30, 7, 300), (60, 900, 120, 9)]
+    assert cfg.warnings == ()
+    assert load(earlier).frontends == cfg.frontends      # a file made of it: warned of
+
+
+def test_a_frontend_warns_of_the_timeouts_of_the_other_protocol():
+    """A UDP flow takes timeout_udp alone, a TCP connection the other three
+    (bpf/xlb.c state_timeout): the others would seem to act. Warned of, not
+    refused: a file made of an earlier build's `xlb show` has all four."""
+    cfg = load(doc(frontend=FE + "\ntimeout_udp = 9",
+                   extra=DNS.replace('"udp"', '"UDP"')
+                         + TIMEOUTS_DUMPED.replace("timeout_udp = 9\n", "")))
+    assert cfg.warnings == (("frontends.www.timeout_udp", ONLY_UDP),
+                            ("frontends.dns.timeout_syn", ONLY_TCP),
+                            ("frontends.dns.timeout_established", ONLY_TCP),
+                            ("frontends.dns.timeout_closing", ONLY_TCP))
+    assert [f.timeouts for f in cfg.frontends] == [(60, 900, 120, 300)] * 2
 
 
 def test_dump_is_canonical():
@@ -440,9 +457,6 @@ def monitor(*lines):
 
 
 NONE_ONLY = 'only for type "tcp" or "http" (type "none" never checks)'
-ONLY_TCP = 'only for protocol "tcp" (UDP flows take timeout_udp)'
-ONLY_UDP = ('only for protocol "udp" (TCP flows take timeout_syn, timeout_established '
-            'or timeout_closing)')
 BAD = [
     # TOML itself
     ("toml-syntax", '[servers.was1]\naddress = 10.1.11.101\n',
@@ -655,17 +669,14 @@ BAD = [
       ("frontends.www.timeout_established", "timeout 604801 is out of range 1-604800 seconds"),
       ("frontends.www.timeout_closing", "expected an integer, got float"),
       ("frontends.dns.timeout_udp", "expected an integer, got string")]),
-    # a UDP flow takes timeout_udp alone, a TCP connection the other three
-    # (bpf/xlb.c state_timeout): the others would seem to act
+    # the other protocol's timeouts are warned of (test above), but read as timeouts
     ("timeouts-of-the-other-protocol",
-     doc(frontend=FE + "\ntimeout_udp = 9",
-         extra=DNS.replace('"udp"', '"UDP"') + TIMEOUTS_DUMPED.replace("timeout_udp = 9\n", "")
+     doc(frontend=FE + "\ntimeout_udp = 0",
+         extra=DNS + 'timeout_syn = "5"\n'
                + '[frontends.x]\nvip = "10.1.1.102"\nport = 1\nprotocol = "sctp"\n'
                  'pool = "web"\ntimeout_udp = 9\ntimeout_syn = 5'),
-     [("frontends.www.timeout_udp", ONLY_UDP),
-      ("frontends.dns.timeout_syn", ONLY_TCP),
-      ("frontends.dns.timeout_established", ONLY_TCP),
-      ("frontends.dns.timeout_closing", ONLY_TCP),
+     [("frontends.www.timeout_udp", "timeout 0 is out of range 1-604800 seconds"),
+      ("frontends.dns.timeout_syn", "expected an integer, got string"),
       ("frontends.x.protocol", "protocol 'sctp' is not tcp or udp")]),
     # Maglev pools
     ("maglev-size-values", doc(pool=POOL + '\nalgorithm = "maglev"\nmaglev_size = 65536',
