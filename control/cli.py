@@ -23,7 +23,7 @@ import click
 from . import __version__, config as configfile, ctl
 from .model import (ConfigError, Monitor, from_flags, has_space, monitor_from_flags,
                     parse_host)
-from .units import count, full, interfaces, last_check, shown, si
+from .units import count, full, interfaces, last_check, shown, si, unapplied
 
 
 class Failure(click.ClickException):
@@ -430,10 +430,11 @@ def top(interval: float, once: bool) -> None:
     Redraws every INTERVAL seconds: per frontend new connections, packets and
     bytes per second; per server new connections and packets per second,
     states and last checks (as many servers as the terminal has lines;
-    --once lists all); each flow table's fill and drops by reason. q or
-    Ctrl-C quits (exit 0), SIGTERM too (exit 143). Exits 1 when none runs, or
-    when the instance stops while top runs; 3, as status, when its data path
-    runs without its control process.
+    --once lists all); each flow table's fill, drops by reason, and health
+    changes the data path lacks (their apply failed). q or Ctrl-C quits
+    (exit 0), SIGTERM too (exit 143). Exits 1 when none runs, or when the
+    instance stops while top runs; 3, as status, when its data path runs
+    without its control process.
     """
     if math.isnan(interval):           # FloatRange lets NaN through
         raise BadInput("--interval: nan is not a number of seconds")
@@ -967,6 +968,8 @@ def format_status(s: dict) -> str:
                       f"{p['on_server_down']}{table})",
                   f"  {next(servers)}  LAST CHECK",
                   *(f"  {next(servers)}  {last_check(b)}" for b in p["servers"])]
+    if lag := unapplied(s):
+        lines += ["", f"! {lag}"]
     for f in s["frontends"]:
         if f["servers_taking_flows"] == 0:
             lines += ["", f"! frontend {f['name']}: no server of pool {f['pool']} is up; new flows "

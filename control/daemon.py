@@ -71,6 +71,10 @@ class Balancer:
         self.checker: HealthChecker | None = None
         self.check_durations = metrics.CheckDurations()
         self.applies = {"ok": 0, "error": 0}       # `xlb apply` requests, by result
+        # Applies of the checker's states (HealthSync) that failed; since when
+        # and why the maps lack its latest states (None while they hold them).
+        # Replaced whole, never changed: status() reads one or the next.
+        self.health_applies = {"failed": 0, "unapplied_since": None, "error": None}
         self.started = self.last_apply = time.time()
         # status() (the CLI, metrics scrapes) sees one applied state or the next,
         # never half of each.
@@ -355,6 +359,7 @@ class Balancer:
             "flows": self._flows(ledger),
             "map_memory_bytes": sum(dp.map_memory().values()),
             "applies": dict(self.applies), "last_apply": self.last_apply,
+            "health_applies": self.health_applies,
             "ha": {"role": self.role,
                    "announce_table": self.announcer and self.announcer.table,
                    "announcing": sorted(map(str, self.announcer.announced))
@@ -840,12 +845,22 @@ class HealthSync:
         await self._follow()
 
     async def _follow(self) -> None:
-        health = self.checker.states()
-        if health != self.balancer.health or self._failed:
-            self.balancer.health = health
+        b, health = self.balancer, self.checker.states()
+        if health != b.health or self._failed:
+            b.health = health
             self._failed = True
-            await asyncio.to_thread(self.balancer.apply, self.balancer.config, relink=False)
+            try:
+                await asyncio.to_thread(b.apply, b.config, relink=False)
+            except Exception as e:
+                # Counted and shown (status, metrics): the log alone would leave a
+                # server the checks call down taking new flows, unseen.
+                was = b.health_applies
+                b.health_applies = {"failed": was["failed"] + 1,
+                                    "unapplied_since": was["unapplied_since"] or time.time(),
+                                    "error": str(e)}
+                raise
             self._failed, self._backoff = False, RETRY_SECONDS[0]
+            b.health_applies = {**b.health_applies, "unapplied_since": None, "error": None}
 
 
 async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignals) -> bool:

@@ -93,6 +93,12 @@ FAMILIES = {
     "xlb_config_applies": ("counter", "Config applies, by result."),
     "xlb_config_last_apply_timestamp_seconds": ("gauge", "When the last successful apply (or "
                                                          "the start) happened, Unix time."),
+    "xlb_health_apply_failures": ("counter", "Applies of health changes to the data path "
+                                             "that failed (each is tried again)."),
+    "xlb_health_unapplied_since_timestamp_seconds": ("gauge", "Since when the data path lacks "
+                                                              "the health checks' latest states "
+                                                              "(their apply failed), Unix time; "
+                                                              "0 while it holds them."),
     "xlb_node_role": ("gauge", "1 for the node's current role: active (answers ARP for the "
                                "VIPs) or backup (silent)."),
     "xlb_bgp_announcing": ("gauge", "1 while the VIP's route is in the announce table (BIRD "
@@ -251,6 +257,9 @@ def render(st: dict, durations: dict[tuple[str, str], tuple[list[int], float]]) 
     for result in ("ok", "error"):
         add("xlb_config_applies", _labels(result=result), st["applies"][result])
     add("xlb_config_last_apply_timestamp_seconds", "", st["last_apply"])
+    add("xlb_health_apply_failures", "", st["health_applies"]["failed"])
+    add("xlb_health_unapplied_since_timestamp_seconds", "",
+        st["health_applies"]["unapplied_since"] or 0)
     for role in ("active", "backup"):
         add("xlb_node_role", _labels(role=role), int(st["ha"]["role"] == role))
     if st["ha"]["announce_table"] is not None:

@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import ctl
-from .units import count, full, interfaces, last_check, shown, si
+from .units import count, full, interfaces, last_check, shown, si, unapplied
 
 NO_RATE = "—"       # a rate needs two samples of the same counter
 STATE_STYLES = {"up": "bold green", "down": "bold red", "drain": "bold yellow",
@@ -189,8 +189,10 @@ def render(current: dict, previous: dict | None = None, seconds: float | None = 
         previous = None
     if previous is None:
         seconds = None
-    parts: list[RenderableType] = [_header(current, seconds), Text(),
-                                   _frontends(current, previous, seconds)]
+    parts: list[RenderableType] = [_header(current, seconds), Text()]
+    if lag := unapplied(current):
+        parts += [Text(lag, style="bold red"), Text()]
+    parts.append(_frontends(current, previous, seconds))
     old_pools = _by_name(previous and previous.get("pools"))
     left = lines
     for p in current.get("pools", []):

@@ -1,6 +1,8 @@
 """Short numbers for narrow columns, exact counts, how full a flow table is, a server's
-latest health check, the links attached, and names shown on one line: shared by `xlb status`,
-`xlb top` and the other commands' answers."""
+latest health check, health changes the data path lacks, the links attached, and names
+shown on one line: shared by `xlb status`, `xlb top` and the other commands' answers."""
+
+from datetime import datetime, timezone
 
 
 # A newline or other control character in what the operator gave (a TOML key,
@@ -72,3 +74,16 @@ def last_check(server: dict) -> str:
     seconds = check.get("duration_seconds")
     return (f"{check['reason']} ({seconds * 1000:.1f} ms)" if seconds is not None
             else check["reason"])
+
+
+def unapplied(status: dict) -> str | None:
+    """Since when (UTC, as the log's lines) and why the data path lacks the
+    health checks' latest states (status's health_applies); None while it
+    holds them, or from an instance of an earlier build, which does not tell."""
+    h = status.get("health_applies") or {}
+    if not h.get("unapplied_since"):
+        return None
+    since = datetime.fromtimestamp(h["unapplied_since"], timezone.utc)
+    return (f"health changes not in the data path since "
+            f"{since.isoformat(timespec='seconds').replace('+00:00', 'Z')}, tried again "
+            f"(STATE is what it holds): {shown(h['error'])}")

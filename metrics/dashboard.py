@@ -28,6 +28,7 @@ UID = "xlb"
 # A selector of the chosen balancers, in every query: `xlb_server_up{SEL}`.
 SEL = 'instance=~"$instance"'
 RATE = "$__rate_interval"
+UNAPPLIED = f"xlb_health_unapplied_since_timestamp_seconds{{{SEL}}}"
 
 
 def _rate(metric: str, by: str) -> str:
@@ -141,6 +142,13 @@ def build():
            (f"count by (pool) (count by (pool, digest) (xlb_pool_table_info{{{SEL}}}))",
             "{{pool}}"))
         .min(0).decimals(0),
+        ts("Health changes not in the data path", "s", "How long each balancer's data path "
+           "has lacked its health checks' latest states (their apply to the maps failed; "
+           "tried again up to every minute): a server they call down may still get new "
+           "connections. 0 while it holds them. The alert XlbHealthNotApplied fires after "
+           "a minute.",
+           (f"max by (instance) ((time() - {UNAPPLIED}) * ({UNAPPLIED} > bool 0))",
+            "{{instance}}")).min(0),
     ]
 
     dataplane = [

@@ -232,6 +232,25 @@ def test_status_counts_a_flow_tables_entries_as_top_does():
     assert ("flow tables (two entries a connection): flows 40/262,144 entries, <0.1% full; "
             "flows_new 1,234/65,536 entries, 1.9% full") in out.splitlines()
 
+UNAPPLIED = {"failed": 3, "unapplied_since": 1796338405.3,
+             "error": "Could not update table:\nOperation not permitted"}
+UNAPPLIED_LINE = ("health changes not in the data path since 2026-12-03T22:53:25Z, tried "
+                  "again (STATE is what it holds): Could not update table:\\nOperation not "
+                  "permitted")
+
+
+def test_status_says_since_when_and_why_health_changes_miss_the_data_path():
+    """A failed apply of the health checks' states leaves servers in the data
+    path as they were: the status says so, on its line; nothing while the
+    data path holds them, or from an instance of an earlier build."""
+    from xlb import cli
+    out = cli.format_status({**STATUS, "health_applies": UNAPPLIED})
+    assert f"! {UNAPPLIED_LINE}" in out.splitlines()
+    held = {"failed": 3, "unapplied_since": None, "error": None}
+    for status in ({**STATUS, "health_applies": held}, STATUS):
+        assert "health changes" not in cli.format_status(status)
+
+
 def _server(name: str, backup: bool = False, **counters) -> dict:
     return {"name": name, "address": "10.1.11.101", "port": 8080, "weight": 1,
             "backup": backup, "monitor": None, "state": "up", "health": "up",

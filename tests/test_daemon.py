@@ -3,6 +3,7 @@ data path."""
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import gc
 import json
@@ -19,8 +20,9 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from xlb import config as configfile, ctl, daemon
+from xlb import config as configfile, ctl, daemon, metrics
 from xlb.datapath import Datapath, DatapathError, Limits, find_running
 from xlb.model import Monitor, from_flags
 
@@ -960,12 +962,67 @@ def test_a_health_change_whose_apply_fails_is_applied_again(checked):
             listener.close()
             await until(lambda: checker.state(key) == "down", "down")
             await until(lambda: checked.states[key] == "down", "down applied", seconds=5)
-            return applies.n, checked.health_changes[key]
+            return (applies.n, checked.health_changes[key],
+                    (await asyncio.to_thread(checked.status))["health_applies"])
 
     try:
-        assert asyncio.run(scenario()) == (2, 1)
+        n, changes, shown = asyncio.run(scenario())
+        # The failure counted; the data path no longer lags once the retry is done.
+        assert (n, changes) == (2, 1)
+        assert shown == {"failed": 1, "unapplied_since": None, "error": None}
     finally:
         listener.close()
+
+
+def freeze(datapath, name: str) -> None:
+    """Makes the kernel refuse every write of the control plane to a map
+    (BPF_MAP_FREEZE), for as long as the map lives."""
+    from xlb import bpfsys
+
+    class MapFd(ctypes.Structure):
+        _fields_ = [("map_fd", ctypes.c_uint32)]
+    bpfsys._bpf(22, MapFd(datapath._maps[name].map_fd))     # BPF_MAP_FREEZE
+
+
+def test_a_health_change_the_kernel_refuses_is_counted_and_shown(checked):
+    """The kernel refuses the write of a server's health change to the maps:
+    the data path still sends it new flows while the checks say down. The
+    metrics count the failed applies and say since when the data path lags,
+    and status says why, with the state the maps still hold."""
+    key = ("web", f"s{CHECK_PORT}")
+    listener = listen(CHECK_PORT)
+
+    async def scenario():
+        async with checking(checked, checked_config([CHECK_PORT])) as (sync, _):
+            checker = sync.checker
+            await until(lambda: checker.last_check(key), "the first check")
+            freeze(checked.datapath, "backends")
+            before = time.time()
+            listener.close()
+
+            # status reads links with pyroute2: not in the loop's thread
+            async def status():
+                return await asyncio.to_thread(checked.status)
+
+            async def failed():
+                while not (await status())["health_applies"]["failed"]:
+                    await asyncio.sleep(0.01)
+            await asyncio.wait_for(failed(), 10)
+            return before, await status()     # read whole after the failure
+
+    try:
+        before, st = asyncio.run(scenario())
+    finally:
+        listener.close()
+    lag = st["health_applies"]
+    assert lag["failed"] >= 1 and lag["unapplied_since"] >= before
+    assert lag["error"] == "Could not update table: Operation not permitted"
+    server = st["pools"][0]["servers"][0]
+    assert (server["health"], server["state"]) == ("down", "up")
+    got = {(s.name, tuple(s.labels.items())): s.value
+           for f in text_string_to_metric_families(metrics.render(st, {})) for s in f.samples}
+    assert got[("xlb_health_apply_failures_total", ())] == lag["failed"]
+    assert got[("xlb_health_unapplied_since_timestamp_seconds", ())] == lag["unapplied_since"]
 
 
 def test_status_tells_an_unchecked_server_from_one_whose_first_check_is_to_come(checked):

@@ -44,6 +44,8 @@ STATUS = {
               "created": 40, "promoted": 30, "adopted": 5, "replies_restored": 6,
               "removed": {"expired": 11, "reopened": 12, "ended": 13, "evicted": 14}},
     "map_memory_bytes": 31000000, "applies": {"ok": 3, "error": 1}, "last_apply": 1.7e9,
+    "health_applies": {"failed": 2, "unapplied_since": 1.8e9,
+                       "error": "Could not update table: Operation not permitted"},
     "ha": {"role": "active", "announce_table": 100, "announcing": ["10.1.1.101"]},
     "interfaces": [{"name": "eth0", "ifindex": 2, "mode": "native", "state": "up"},
                    {"name": "eth1", "ifindex": 3, "mode": "generic", "state": "gone"}],
@@ -161,6 +163,10 @@ class Library:
                   [([r], st["applies"][r]) for r in ("ok", "error")])
         yield fam("xlb_config_last_apply_timestamp_seconds", GaugeMetricFamily, [],
                   [([], st["last_apply"])])
+        yield fam("xlb_health_apply_failures", CounterMetricFamily, [],
+                  [([], st["health_applies"]["failed"])])
+        yield fam("xlb_health_unapplied_since_timestamp_seconds", GaugeMetricFamily, [],
+                  [([], st["health_applies"]["unapplied_since"] or 0)])
         yield fam("xlb_node_role", GaugeMetricFamily, ["role"],
                   [([r], st["ha"]["role"] == r) for r in ("active", "backup")])
         if st["ha"]["announce_table"] is not None:
@@ -223,8 +229,9 @@ def test_values_and_types():
         "xlb_frontend_packets", "xlb_frontend_bytes", "xlb_frontend_connections",
         "xlb_server_packets", "xlb_server_bytes", "xlb_server_connections",
         "xlb_server_health_changes", "xlb_xdp_actions", "xlb_packets", "xlb_drops",
-        "xlb_config_applies", "xlb_flows_created", "xlb_flows_established", "xlb_flows_adopted",
-        "xlb_flows_replies_restored", "xlb_flows_removed"}
+        "xlb_config_applies", "xlb_health_apply_failures", "xlb_flows_created",
+        "xlb_flows_established", "xlb_flows_adopted", "xlb_flows_replies_restored",
+        "xlb_flows_removed"}
     assert {n for n, t in types.items() if t == "histogram"} == {
         "xlb_server_check_duration_seconds"}
     got = samples(metrics.render(STATUS, durations()))
@@ -296,6 +303,18 @@ def test_values_and_types():
     assert got[("xlb_config_applies_total", (("result", "ok"),))] == 3
     assert got[("xlb_config_applies_total", (("result", "error"),))] == 1
     assert got[("xlb_config_last_apply_timestamp_seconds", ())] == 1.7e9
+    assert got[("xlb_health_apply_failures_total", ())] == 2
+    assert got[("xlb_health_unapplied_since_timestamp_seconds", ())] == 1.8e9
+
+
+def test_a_data_path_that_holds_the_health_states_lags_since_zero():
+    """0, not absent: an alert or a panel reads it alike on every instance."""
+    holds = {**STATUS, "health_applies": {"failed": 2, "unapplied_since": None, "error": None}}
+    got = samples(metrics.render(holds, {}))
+    assert got[("xlb_health_unapplied_since_timestamp_seconds", ())] == 0
+    assert got[("xlb_health_apply_failures_total", ())] == 2
+    assert normalized(metrics.render(holds, {})) == \
+        normalized(generate_latest(Library(holds, {})).decode())
 
 
 def test_only_a_pool_with_a_table_digest_has_a_table_info():
@@ -464,7 +483,7 @@ def test_dashboard_and_alerts_use_labels_their_metrics_have():
     dashboard = json.loads((root / "metrics" / "xlb-dashboard.json").read_text())
     queries = [t["expr"] + " " + t.get("legendFormat", "") for t in targets(dashboard)]
     rules = (root / "metrics" / "alerts.yml").read_text().split("- alert:")[1:]
-    assert len(queries) >= 15 and len(rules) == 8
+    assert len(queries) >= 17 and len(rules) == 9
     for text in queries + rules:
         have = {"job", "instance"}.union(*(labels[m] for m in re.findall(r"\bxlb_\w+", text)))
         groupings = re.findall(r"\b(?:by|on|without|ignoring|group_left|group_right)\s*"

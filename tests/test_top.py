@@ -251,6 +251,16 @@ def test_the_links_are_shown_as_status_shows_them():
     assert "  on eth0 (native), eth1 (native, down), v0 (gone)  " in header, header
 
 
+def test_health_changes_missing_from_the_data_path_stand_out():
+    """As `xlb status` says it, in bold red under the header; nothing while
+    the data path holds them."""
+    from test_cli import UNAPPLIED, UNAPPLIED_LINE
+    out = text(top.render({**STATUS, "health_applies": UNAPPLIED}), styles=True)
+    assert f"\x1b[1;31m{UNAPPLIED_LINE}\x1b[0m" in out
+    held = {"failed": 3, "unapplied_since": None, "error": None}
+    assert "health changes" not in text(top.render({**STATUS, "health_applies": held}))
+
+
 def test_a_note_is_shown():
     out = text(top.render(STATUS, note="status request failed: boom"))
     assert "status request failed: boom" in out
