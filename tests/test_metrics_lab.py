@@ -342,7 +342,7 @@ def test_prometheus_answers_every_dashboard_query(lab, xlb, maglev_seed, tmp_pat
             assert {r["name"] for r in evaluated} == {
                 "XlbDown", "XlbServerDown", "XlbPoolAllServersDown", "XlbInterfaceNotServed",
                 "XlbFlowTableNearlyFull", "XlbFlowTableEvicting", "XlbDropsRising",
-                "XlbMaglevTablesDiffer"}
+                "XlbMaglevTablesDiffer", "XlbHealthNotApplied"}
             assert all(r["state"] == "inactive" for r in evaluated), evaluated  # a healthy lab
             for r in evaluated:   # the rules, too, read only what xlb (or the scrape: up) has
                 metrics, labels = names_in(r["query"])
