@@ -36,6 +36,10 @@ Semantics:
   so targets added together do not check together.
 - Hence the promise: a server that dies is marked down at most
   `fall * interval + timeout` (+ 100 ms of scheduling noise) later.
+- `mark_down(keys, reason)`: down at once, without waiting for `fall` (the
+  link toward the servers went), the reason reported and kept as the last
+  check's; a check in flight is dropped, and `rise` passing checks bring
+  it back. Targets of type "none" are left as they are.
 - `set_targets`: new keys start checking, removed keys stop (a check in flight
   is abandoned, the state forgotten). A key given again at the same address,
   or renamed (given as such), is the same server: it keeps its state, counts
@@ -249,6 +253,29 @@ class HealthChecker:
             self._apply(new, initial, renamed)
         else:
             loop.call_soon_threadsafe(self._apply, new, initial, renamed)
+
+    def mark_down(self, keys: Iterable[tuple[str, str]], reason: str) -> None:
+        """Takes these targets down at once, without waiting for `fall` failed
+        checks (their link toward the servers went: daemon.LinkWatch), as a
+        failed check would: the change reported with `reason`, which their
+        last check shows; they come back after `rise` passing checks. Runs on
+        the loop's thread."""
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is None or entry.target.monitor.type == "none":
+                continue
+            # No pass from before the link went counts toward rise, nor one
+            # in flight as it went.
+            entry.successes, entry.failures = 0, entry.target.monitor.fall
+            if entry.probe is not None:
+                entry.probe.abort()
+                entry.probe = None
+                entry.next_start = max(entry.next_start + entry.target.monitor.interval, _now())
+                entry.seq = self._push(entry.next_start, _FIRE, entry)
+            entry.checked, entry.last = True, (False, reason, 0.0)
+            if entry.state == "up":
+                entry.state = "down"
+                self._report(Transition(key, "up", "down", reason, 0.0))
 
     def stop(self) -> None:
         with self._lock:
@@ -471,11 +498,13 @@ class HealthChecker:
                 entry.state = "down"
         entry.checked = True
         if entry.state != old:
-            tr = Transition(entry.target.key, old, entry.state, reason, duration)
-            try:
-                self._on_change(tr)
-            except Exception:
-                log.exception("health on_change callback failed for %s", tr)
+            self._report(Transition(entry.target.key, old, entry.state, reason, duration))
+
+    def _report(self, tr: Transition) -> None:
+        try:
+            self._on_change(tr)
+        except Exception:
+            log.exception("health on_change callback failed for %s", tr)
 
 
 _PHASES = {"connect": "connect", "send": "sending the request",

@@ -328,6 +328,35 @@ def test_tcp_down_at_fall_failures_up_at_rise_successes(netns):
 
 
 @pytest.mark.netns
+def test_marked_down_at_once_and_back_by_rise_checks(netns):
+    """mark_down (the link toward the server went): down with no check failed,
+    the reason told and shown as its last check's; one already down and one
+    not checked (type none) change nothing. Its server answering all along,
+    it comes back with rise passing checks, no sooner."""
+    async def main():
+        m = tcp_monitor(rise=3, fall=2)
+        key, down, unchecked = ("web", "a"), ("web", "b"), ("web", "c")
+        srv = await Listener(8011).start()
+        targets = [Target(key, LOCAL, 8011, m), Target(down, LOCAL, 8012, m),
+                   Target(unchecked, LOCAL, 8011, Monitor("n", "none"))]
+        async with checker(targets) as (hc, rec):
+            await until(lambda: rec.checks(key) and rec.of(down), "the first checks")
+            assert rec.checks(key)[-1][:2] == (True, "check passed")
+            cut = rec.mark()
+            hc.mark_down([key, down, unchecked, ("web", "gone")], "link eth1 lost its carrier")
+            assert [(tr.key, tr.old, tr.new, tr.reason) for tr in rec.transitions[1:]] == \
+                [(key, "up", "down", "link eth1 lost its carrier")]
+            assert hc.states() == {key: "down", down: "down", unchecked: "up"}
+            assert hc.last_check(key)[:2] == (False, "link eth1 lost its carrier")
+            assert hc.last_check(unchecked) is None
+            await until(lambda: len(rec.of(key)) == 2, "up again")
+            assert rec.story(key, cut) == ["down"] + ["pass"] * m.rise + ["up"]
+        await srv.close()
+
+    netns.run(main())
+
+
+@pytest.mark.netns
 def test_first_check_failing_marks_down_at_once(netns):
     async def main():
         m = tcp_monitor(fall=3)
