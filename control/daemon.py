@@ -863,6 +863,68 @@ class HealthSync:
             b.health_applies = {**b.health_applies, "unapplied_since": None, "error": None}
 
 
+class LinkWatch:
+    """Marks a checked server down the moment the link the kernel routes it
+    through (`ip route get`: a gateway's link for a server behind one, the
+    one picked for a server reached through several) loses its carrier, is
+    set down or deleted: its health checks would take `fall` intervals to
+    fail, all the while its VIPs announced (BGP) or held (VRRP on another
+    link) by a node that can only drop their flows. Its checks bring it back
+    (`rise`). Servers no monitor checks are left as they are: nothing would
+    bring them back. The routes are looked up again after every change of
+    routes or links and every apply, and used as they were before a loss."""
+
+    def __init__(self, balancer: Balancer, checker: HealthChecker):
+        self.balancer, self.checker = balancer, checker
+        self.events = netif.LinkEvents()
+        self.routes: dict[IPv4Address, int] = {}    # server address: link index
+        self._lookup: asyncio.Task | None = None
+        self._again = False
+
+    def start(self) -> None:
+        asyncio.get_running_loop().add_reader(self.events.fileno(), self._read)
+        self.stale()
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.events.fileno())
+        self.events.close()
+        if self._lookup is not None:
+            self._lookup.cancel()
+
+    def stale(self) -> None:
+        """Routes may have changed: looks them up again."""
+        if self._lookup is None or self._lookup.done():
+            self._lookup = asyncio.get_running_loop().create_task(self._look_up())
+        else:
+            self._again = True
+
+    async def _look_up(self) -> None:
+        self._again = True
+        while self._again:
+            self._again = False
+            found = await asyncio.to_thread(
+                self._routes, {t.address for t in self.balancer.health_targets()})
+            self._read()    # a loss told meanwhile goes by the routes before it
+            self.routes = found
+
+    def _routes(self, addresses: set[IPv4Address]) -> dict[IPv4Address, int]:
+        self.events.carrier()
+        return netif.route_links(addresses)
+
+    def _read(self) -> None:
+        announcer = self.balancer.announcer
+        lost, changed = self.events.read(announcer and announcer.table)
+        for loss in lost:
+            keys = [t.key for t in self.balancer.health_targets()
+                    if self.routes.get(t.address) == loss.index]
+            if keys:
+                log.event("link", level="warning", link=loss.name, reason=loss.how,
+                          servers_down=",".join("/".join(k) for k in keys))
+                self.checker.mark_down(keys, f"link {loss.name} {loss.how}")
+        if lost or changed:
+            self.stale()
+
+
 async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignals) -> bool:
     """Serves until a signal or `xlb down`; returns True when the data path is
     to keep running (`xlb down --keep-datapath`)."""
@@ -894,7 +956,12 @@ async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignal
         downs.append(keep_datapath)
 
     health = HealthSync(balancer, lock)
-    checker, sync_targets = health.checker, health.sync_targets
+    checker = health.checker
+    links = LinkWatch(balancer, checker)
+
+    async def sync_targets() -> None:
+        await health.sync_targets()
+        links.stale()           # new servers, or new addresses
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -911,6 +978,7 @@ async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignal
     async with lock:
         await sync_targets()
     checks = loop.create_task(checker.run())
+    links.start()
     sweeps = loop.create_task(_sweep_forever(balancer))
     # A copy: the server closes it when the loop ends, while the control
     # socket stays bound until the data path is detached, so that `xlb down`
@@ -928,6 +996,7 @@ async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignal
             server.close()
             await server.wait_closed()
         checker.stop()
+        links.close()
         sweeps.cancel()
         await checks
     return bool(downs) and downs[-1]

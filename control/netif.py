@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
+import socket
+import struct
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -168,3 +173,123 @@ def xdp_set(ifindex: int, fd: int, mode: str, expected_fd: int | None = None) ->
             ipr.link("set", index=ifindex, xdp={"attrs": attrs})
         except NetlinkError as e:
             raise OSError(e.code, os.strerror(e.code)) from None
+
+
+def route_links(addresses: Iterable[IPv4Address]) -> dict[IPv4Address, int]:
+    """The link the kernel routes each address through now (`ip route get`),
+    by its index; an address it has no route for is left out."""
+    found = {}
+    with IPRoute() as ipr:
+        for addr in addresses:
+            try:
+                (msg,) = ipr.route("get", dst=str(addr))
+            except NetlinkError:        # unreachable: no route, or a prohibit one
+                continue
+            if (oif := msg.get_attr("RTA_OIF")) is not None:
+                found[addr] = oif
+    return found
+
+
+# rtnetlink's multicast groups (RTMGRP_*), messages and attributes (linux/rtnetlink.h).
+_RTMGRP_LINK, _RTMGRP_IPV4_ROUTE = 0x1, 0x40
+_RTM_NEWLINK, _RTM_DELLINK, _RTM_NEWROUTE, _RTM_DELROUTE = 16, 17, 24, 25
+_IFLA_IFNAME, _RTA_TABLE = 3, 15
+_NLMSG = struct.Struct("=IHHII")            # nlmsghdr
+_IFINFO = struct.Struct("=BxHiII")          # ifinfomsg: family, type, index, flags, change
+_RTMSG = struct.Struct("=BBBBBBBBI")        # rtmsg: ..., table, protocol, scope, type, flags
+
+
+@dataclass(frozen=True)
+class LinkLoss:
+    """A link that can carry no more frames: how (lost its carrier, was set
+    down, was deleted)."""
+    index: int
+    name: str
+    how: str
+
+
+class LinkEvents:
+    """Link and IPv4 route changes as the kernel announces them (rtnetlink's
+    multicast groups), read without blocking from `fileno()` when it is
+    readable: a raw socket, so that an event loop can watch it."""
+
+    def __init__(self):
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                                   socket.NETLINK_ROUTE)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self._sock.bind((0, _RTMGRP_LINK | _RTMGRP_IPV4_ROUTE))
+        # Links with carrier: a loss is a change from that, not every message
+        # about a link down (its statistics, an address, XDP attached).
+        # None: not known (at the start, after an overrun) until carrier().
+        self._carrier: set[int] | None = None
+
+    def carrier(self) -> None:
+        """Reads which links have carrier now, if not known."""
+        if self._carrier is None:
+            self._carrier = {link.index for link in links() if link.carrier}
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def read(self, ignore_table: int | None = None) -> tuple[list[LinkLoss], bool]:
+        """The links lost since the last read, and whether routing may have
+        changed meanwhile (a route changed, other than in ignore_table, or a
+        link came up). An overrun socket (ENOBUFS: events were lost) counts
+        as a change; its losses are not told, and carrier() must be called
+        (not in an event loop's thread: pyroute2 runs one of its own) before
+        the next read tells any."""
+        lost: list[LinkLoss] = []
+        changed = False
+        while True:
+            try:
+                data = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                return lost, changed
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+                self._carrier, changed = None, True
+                continue
+            offset = 0
+            while offset + _NLMSG.size <= len(data):
+                length, kind = _NLMSG.unpack_from(data, offset)[:2]
+                body = data[offset + _NLMSG.size:offset + length]
+                offset += (length + 3) & ~3
+                if kind in (_RTM_NEWLINK, _RTM_DELLINK) and self._carrier is not None:
+                    _, _, index, flags, _ = _IFINFO.unpack_from(body)
+                    name = _attrs(body[_IFINFO.size:]).get(_IFLA_IFNAME, b"").rstrip(b"\0")
+                    up = kind == _RTM_NEWLINK and flags & (IFF_UP | IFF_LOWER_UP) == \
+                        IFF_UP | IFF_LOWER_UP
+                    if up and index not in self._carrier:
+                        self._carrier.add(index)
+                        changed = True
+                    elif not up and index in self._carrier:
+                        self._carrier.discard(index)
+                        lost.append(LinkLoss(index, name.decode(errors="replace"),
+                                             "was deleted" if kind == _RTM_DELLINK else
+                                             "was set down" if not flags & IFF_UP else
+                                             "lost its carrier"))
+                    elif kind == _RTM_DELLINK:
+                        # The kernel sets a link down (and tells it) before it deletes it.
+                        lost = [dataclasses.replace(loss, how="was deleted")
+                                if loss.index == index else loss for loss in lost]
+                elif kind in (_RTM_NEWROUTE, _RTM_DELROUTE):
+                    table = _RTMSG.unpack_from(body)[4]
+                    table = int.from_bytes(_attrs(body[_RTMSG.size:]).get(_RTA_TABLE, b""),
+                                           sys.byteorder) or table
+                    changed |= table != ignore_table
+
+
+def _attrs(data: bytes) -> dict[int, bytes]:
+    """A netlink message's attributes (rtattr), by type."""
+    found, offset = {}, 0
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            break
+        found[kind & 0x3fff] = data[offset + 4:offset + length]
+        offset += (length + 3) & ~3
+    return found

@@ -1,7 +1,8 @@
 """N-node scale-out in the namespace lab (netns-lab/ha-ecmp.sh, prefix xlbg):
 three xlb nodes announce the VIP over BGP (real BIRD) to a router that spreads
 flows with ECMP; one node goes silent under load and BFD takes its route
-away; a node whose pool has no server up, or that becomes backup, withdraws."""
+away; a node whose pool has no server up, or that becomes backup, withdraws,
+and so does one whose link toward the servers goes, at once."""
 
 from __future__ import annotations
 
@@ -112,6 +113,37 @@ def test_every_node_announces_and_withdraws_when_it_cannot_serve(ecmp):
     wait_for(lambda: nexthops(lab) == set(NODES.values()), 5, "node2's route comes back")
 
 
+def test_a_node_that_loses_its_servers_link_withdraws_at_once(ecmp, tmp_path):
+    """node1's eth1, its link toward the servers, loses its carrier (a cable
+    pulled, a switch port down), then, once back, is set down by hand. Its
+    servers are checked every 60 s and go down after 3 failures: their checks
+    would take minutes, so only xlb's watch of its links can withdraw node1's
+    route, whose flows it could only drop; it must, and say why. Back, the
+    link brings the servers back by their checks (every 2 s again)."""
+    lab = ecmp
+    normal = pair_config(tmp_path)
+    slow = tmp_path / "slow.toml"
+    slow.write_text(normal.read_text().replace("interval = 2.0", "interval = 60.0"))
+    wait_for(lambda: nexthops(lab) == set(NODES.values()), 30, "three next hops")
+    for (where, link), how in ((("sw", "node1-eth1"), "lost its carrier"),
+                               (("node1", "eth1"), "was set down")):
+        lab.xlb_cmd("apply", str(slow), node="node1", check=True)
+        lab.run(where, "ip", "link", "set", link, "down", check=True)
+        try:
+            wait_for(lambda: NODES["node1"] not in nexthops(lab), 10, "node1's route goes")
+            st = lab.status("node1")
+            assert st["ha"]["announcing"] == []
+            assert [(s["name"], s["health"], s["last_check"]["ok"], s["last_check"]["reason"])
+                    for s in st["pools"][0]["servers"]] == \
+                [(name, "down", False, f"link eth1 {how}") for name in ("was1", "was2")]
+        finally:
+            lab.run(where, "ip", "link", "set", link, "up", check=True)
+        lab.xlb_cmd("apply", str(normal), node="node1", check=True)
+        wait_for(lambda: {s["health"] for s in lab.status("node1")["pools"][0]["servers"]}
+                 == {"up"}, 20, "node1's servers come back by their checks")
+        wait_for(lambda: nexthops(lab) == set(NODES.values()), 10, "node1's route comes back")
+
+
 def test_a_silent_node_loses_its_route_by_bfd_and_flows_survive(ecmp):
     """The route goes because BFD saw node3 fall silent: its BFD session is
     down and BIRD ended the BGP session for that reason (the BGP hold timer,
@@ -148,3 +180,4 @@ def test_a_silent_node_loses_its_route_by_bfd_and_flows_survive(ecmp):
     assert seen["new"] >= 200 and seen["failed"] == seen["unanswered"]
     # Maglev on every node: a flow the router moves reaches the same server.
     assert seen["held_survived"] == seen["held"]
+
