@@ -902,8 +902,15 @@ class LinkWatch:
         self._again = True
         while self._again:
             self._again = False
-            found = await asyncio.to_thread(
-                self._routes, {t.address for t in self.balancer.health_targets()})
+            try:
+                found = await asyncio.to_thread(
+                    self._routes, {t.address for t in self.balancer.health_targets()})
+            except Exception as e:      # a task's own: nobody else would hear of it
+                log.event("link", level="error", error=f"routes to the servers not read: {e}",
+                          retry_in=RETRY_SECONDS[0])
+                await asyncio.sleep(RETRY_SECONDS[0])
+                self._again = True
+                continue
             self._read()    # a loss told meanwhile goes by the routes before it
             self.routes = found
 
