@@ -6,14 +6,14 @@ import dataclasses
 import errno
 import os
 import socket
-import struct
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 from pyroute2 import IPRoute, NetlinkError
+from pyroute2.netlink.rtnl import RTM_DELLINK, RTM_DELROUTE, RTM_NEWLINK, RTM_NEWROUTE
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 IFF_UP = 0x1
 IFF_LOOPBACK = 0x8
@@ -190,13 +190,8 @@ def route_links(addresses: Iterable[IPv4Address]) -> dict[IPv4Address, int]:
     return found
 
 
-# rtnetlink's multicast groups (RTMGRP_*), messages and attributes (linux/rtnetlink.h).
+# rtnetlink's multicast groups (RTMGRP_*, linux/rtnetlink.h).
 _RTMGRP_LINK, _RTMGRP_IPV4_ROUTE = 0x1, 0x40
-_RTM_NEWLINK, _RTM_DELLINK, _RTM_NEWROUTE, _RTM_DELROUTE = 16, 17, 24, 25
-_IFLA_IFNAME, _RTA_TABLE = 3, 15
-_NLMSG = struct.Struct("=IHHII")            # nlmsghdr
-_IFINFO = struct.Struct("=BxHiII")          # ifinfomsg: family, type, index, flags, change
-_RTMSG = struct.Struct("=BBBBBBBBI")        # rtmsg: ..., table, protocol, scope, type, flags
 
 
 @dataclass(frozen=True)
@@ -211,7 +206,8 @@ class LinkLoss:
 class LinkEvents:
     """Link and IPv4 route changes as the kernel announces them (rtnetlink's
     multicast groups), read without blocking from `fileno()` when it is
-    readable: a raw socket, so that an event loop can watch it."""
+    readable: a socket of its own, which an event loop can watch (pyroute2's
+    IPRoute runs a loop of its own), its messages parsed by pyroute2."""
 
     def __init__(self):
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
@@ -222,6 +218,7 @@ class LinkEvents:
         # about a link down (its statistics, an address, XDP attached).
         # None: not known (at the start, after an overrun) until carrier().
         self._carrier: set[int] | None = None
+        self._marshal = MarshalRtnl()
 
     def carrier(self) -> None:
         """Reads which links have carrier now, if not known."""
@@ -253,43 +250,25 @@ class LinkEvents:
                     raise
                 self._carrier, changed = None, True
                 continue
-            offset = 0
-            while offset + _NLMSG.size <= len(data):
-                length, kind = _NLMSG.unpack_from(data, offset)[:2]
-                body = data[offset + _NLMSG.size:offset + length]
-                offset += (length + 3) & ~3
-                if kind in (_RTM_NEWLINK, _RTM_DELLINK) and self._carrier is not None:
-                    _, _, index, flags, _ = _IFINFO.unpack_from(body)
-                    name = _attrs(body[_IFINFO.size:]).get(_IFLA_IFNAME, b"").rstrip(b"\0")
-                    up = kind == _RTM_NEWLINK and flags & (IFF_UP | IFF_LOWER_UP) == \
+            for msg in self._marshal.parse(data):
+                kind = msg["header"]["type"]
+                if kind in (RTM_NEWLINK, RTM_DELLINK) and self._carrier is not None:
+                    index, flags = msg["index"], msg["flags"]
+                    up = kind == RTM_NEWLINK and flags & (IFF_UP | IFF_LOWER_UP) == \
                         IFF_UP | IFF_LOWER_UP
                     if up and index not in self._carrier:
                         self._carrier.add(index)
                         changed = True
                     elif not up and index in self._carrier:
                         self._carrier.discard(index)
-                        lost.append(LinkLoss(index, name.decode(errors="replace"),
-                                             "was deleted" if kind == _RTM_DELLINK else
+                        lost.append(LinkLoss(index, msg.get_attr("IFLA_IFNAME") or "",
+                                             "was deleted" if kind == RTM_DELLINK else
                                              "was set down" if not flags & IFF_UP else
                                              "lost its carrier"))
-                    elif kind == _RTM_DELLINK:
+                    elif kind == RTM_DELLINK:
                         # The kernel sets a link down (and tells it) before it deletes it.
                         lost = [dataclasses.replace(loss, how="was deleted")
                                 if loss.index == index else loss for loss in lost]
-                elif kind in (_RTM_NEWROUTE, _RTM_DELROUTE):
-                    table = _RTMSG.unpack_from(body)[4]
-                    table = int.from_bytes(_attrs(body[_RTMSG.size:]).get(_RTA_TABLE, b""),
-                                           sys.byteorder) or table
+                elif kind in (RTM_NEWROUTE, RTM_DELROUTE):
+                    table = msg.get_attr("RTA_TABLE") or msg["table"]
                     changed |= table != ignore_table
-
-
-def _attrs(data: bytes) -> dict[int, bytes]:
-    """A netlink message's attributes (rtattr), by type."""
-    found, offset = {}, 0
-    while offset + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            break
-        found[kind & 0x3fff] = data[offset + 4:offset + length]
-        offset += (length + 3) & ~3
-    return found
