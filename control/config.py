@@ -332,11 +332,12 @@ class _Loader:
 
     @staticmethod
     def overridden(pools: list[Pool]) -> tuple[tuple[str, str], ...]:
-        """Pools' monitors that every server of theirs replaces with its own:
+        """Pools' monitors that every server of theirs replaces with another:
         they check nothing, where the operator may believe both check."""
         return tuple((f"pools.{p.name}.monitor", f"every server of it names its own monitor: "
                                                  f"monitors.{p.monitor} checks none of them")
-                     for p in pools if p.monitor and all(s.monitor for s in p.servers))
+                     for p in pools
+                     if p.monitor and all(s.monitor not in (None, p.monitor) for s in p.servers))
 
     @staticmethod
     def strayed(pools: list[Pool]) -> tuple[tuple[str, str], ...]:

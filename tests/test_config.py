@@ -204,6 +204,17 @@ def test_a_pool_monitor_that_every_server_overrides_is_named_not_refused():
                 ).warnings == (unused, ("pools.web.monitor", overridden))
 
 
+def test_a_pool_monitor_that_its_servers_name_too_is_not_said_to_check_none():
+    """Servers that each name a monitor, the pool's among them: it does check
+    them (through their own), so no warning says it checks none."""
+    text = doc("[monitors.tcp]\n[monitors.http]\ntype = \"http\"",
+               server=SERVER + '\nport = 8080\nmonitor = "http"\n',
+               pool=POOL + '\nmonitor = "http"',
+               extra='[servers.was2]\naddress = "10.1.11.102"\nport = 8080\nmonitor = "tcp"\n'
+                     '[pools.both]\nservers = ["was1", "was2"]\nmonitor = "http"\n')
+    assert load(text).warnings == (("pools.both", "no frontend uses it: it serves nothing"),)
+
+
 def test_an_http_monitor_without_expect_status_takes_any_2xx_or_3xx_and_round_trips():
     cfg = load(doc(monitor('type = "http"'), pool=POOL + '\nmonitor = "m"'))
     assert cfg.monitors[0].expect_status is None
