@@ -162,6 +162,8 @@ class Balancer:
             self.config, self.state, self.states, self.admin = config, target, states, admin
             self.server_rows = rows
             self.health = health
+            # The maps now hold the checks' latest states, whichever apply wrote them.
+            self.health_applies = {**self.health_applies, "unapplied_since": None, "error": None}
             with self._changes_lock:
                 self.health_changes = carried(self.health_changes)
                 self._checked_as = checked_as
@@ -860,7 +862,6 @@ class HealthSync:
                                     "error": str(e)}
                 raise
             self._failed, self._backoff = False, RETRY_SECONDS[0]
-            b.health_applies = {**b.health_applies, "unapplied_since": None, "error": None}
 
 
 class LinkWatch:

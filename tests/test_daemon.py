@@ -974,6 +974,34 @@ def test_a_health_change_whose_apply_fails_is_applied_again(checked):
         listener.close()
 
 
+def test_an_apply_that_takes_the_health_states_in_ends_the_lag(checked):
+    """A health change's apply fails; a `xlb server disable` meanwhile writes
+    the checks' states with its own: the data path no longer lags, and status
+    says so at once, not after the next retry (up to a minute later)."""
+    key = ("web", f"s{CHECK_PORT}")
+    listener = listen(CHECK_PORT)
+
+    async def scenario():
+        async with checking(checked, checked_config([CHECK_PORT])) as (sync, lock):
+            checker = sync.checker
+            await until(lambda: checker.last_check(key), "the first check")
+            applies = Applies(checked, failing=1000)     # the change's, and retries
+            listener.close()
+            await until(lambda: checked.health_applies["failed"], "the failed apply")
+            async with lock:                # no retry meanwhile
+                applies.failing = applies.n                 # the next one is done
+                await asyncio.to_thread(checked.set_admin, "disable", *key)
+                return checked.states[key], (await asyncio.to_thread(checked.status))
+
+    try:
+        state, st = asyncio.run(scenario())
+    finally:
+        listener.close()
+    assert state == "maint" and st["pools"][0]["servers"][0]["health"] == "down"
+    assert st["health_applies"]["failed"] >= 1
+    assert (st["health_applies"]["unapplied_since"], st["health_applies"]["error"]) == (None, None)
+
+
 def freeze(datapath, name: str) -> None:
     """Makes the kernel refuse every write of the control plane to a map
     (BPF_MAP_FREEZE), for as long as the map lives."""
