@@ -79,6 +79,9 @@ class Balancer:
         # status() (the CLI, metrics scrapes) sees one applied state or the next,
         # never half of each.
         self.lock = threading.RLock()
+        # The Maglev tables' digests of (config, state): each hashes 65,537 slots,
+        # too many for every status while only an apply changes them.
+        self._digests: tuple[Config, planner.DataplaneState, dict[str, str]] | None = None
 
     def health_targets(self) -> list[Target]:
         """Every server whose pool or own monitor checks it."""
@@ -329,7 +332,10 @@ class Balancer:
         ledger = dp.flow_ledger()
         census = ledger.census
         counters = dp.backend_counters_many({b.id for b in self.state.backends.values()})
-        digests = planner.table_digests(self.config, self.state)
+        config, state, digests = self._digests or (None, None, {})
+        if config is not self.config or state is not self.state:   # an apply since
+            digests = planner.table_digests(self.config, self.state)
+            self._digests = (self.config, self.state, digests)
         pools = []
         for pool in self.config.pools:
             servers = []

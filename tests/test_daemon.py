@@ -584,6 +584,27 @@ def test_status_shows_the_digest_of_the_maglev_table_the_maps_hold(balancer):
         again.close()
 
 
+def test_a_maglev_tables_digest_is_computed_once_per_apply(balancer, monkeypatch):
+    """Each digest hashes the table's 65,537 slots: 16 Maglev pools cost a
+    status (each scrape, each second of `xlb top`) some 80 ms, with the lock
+    held that applies wait for. They change only with what the maps hold."""
+    from xlb import planner
+    computed = []
+
+    def table_digests(config, state):
+        computed.append(state)
+        return digests(config, state)
+    digests = planner.table_digests
+    monkeypatch.setattr(planner, "table_digests", table_digests)
+    servers = ["10.1.11.101:8080", "10.1.11.102:8080"]
+    balancer.apply(from_flags(["10.1.1.101:80"], servers, algorithm="maglev"), relink=False)
+    first = [balancer.status()["pools"][0]["table_digest"] for _ in range(3)]
+    balancer.set_admin("drain", "default", "backend1")
+    drained = [balancer.status()["pools"][0]["table_digest"] for _ in range(2)]
+    assert len(set(first)) == len(set(drained)) == 1 and first[0] != drained[0]
+    assert len(computed) == 2
+
+
 def test_an_apply_attaches_again_where_the_program_was_removed_by_hand(balancer, fibnet):
     """`ip link set dev X xdp off` (or another tool's program put there): status
     says detached, and an apply takes the link back to the config, as a link
