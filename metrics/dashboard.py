@@ -134,13 +134,15 @@ def build():
               f"(rate(xlb_server_check_duration_seconds_bucket{{{SEL}}}[{RATE}])))",
               f"p{round(q * 100)} {{{{pool}}}} / {{{{server}}}}") for q in (0.99, 0.5)])
         .min(0),
-        ts("Maglev tables per pool", "short", "How many different tables the chosen "
-           "balancers hold for each Maglev pool (xlb_pool_table_info's digest): 1 where "
-           "each sends a flow to the same server, more where their configs, drained or "
-           "disabled servers or health checks differ (the alert XlbMaglevTablesDiffer "
-           "fires after 5 minutes of that). `xlb status` shows each node's digest.",
-           (f"count by (pool) (count by (pool, digest) (xlb_pool_table_info{{{SEL}}}))",
-            "{{pool}}"))
+        ts("Maglev tables per VIP", "short", "How many different tables the chosen "
+           "balancers hold for each VIP port of a Maglev pool (xlb_pool_table_info's digest; "
+           "by VIP, as pool names are each node's own): 1 where each sends a flow to the "
+           "same server, more where their configs, drained or disabled servers or health "
+           "checks differ (the alert XlbMaglevTablesDiffer fires after 5 minutes of that). "
+           "`xlb status` shows each node's digest.",
+           (f"count by (vip, port, protocol) (count by (vip, port, protocol, digest) "
+            f"(xlb_frontend_info{{{SEL}}} * on (job, instance, pool) group_left (digest) "
+            f"xlb_pool_table_info{{{SEL}}}))", "{{vip}}:{{port}}/{{protocol}}"))
         .min(0).decimals(0),
         ts("Health changes not in the data path", "s", "How long each balancer's data path "
            "has lacked its health checks' latest states (their apply to the maps failed; "
