@@ -826,31 +826,39 @@ class HealthSync:
 
     async def _changed(self) -> None:
         async with self.lock:
-            try:
-                await self._follow()
-            except Exception as e:      # a task's own: nobody else would hear of it
-                # Tried again even if no check changes again: a dead server
-                # must not stay in the data path for want of a next change.
-                loop = asyncio.get_running_loop()
-                if self._retry is None:
-                    self._retry = loop.call_later(self._backoff, self._again)
-                    self._backoff = min(2 * self._backoff, RETRY_SECONDS[1])
-                log.event("health", level="error", error=f"not applied: {e}",
-                          retry_in=round(self._retry.when() - loop.time(), 1))
+            await self.follow()
+
+    async def follow(self) -> str | None:
+        """Takes the checker's states to the data path; a failure is logged,
+        tried again (even if no check changes again: a dead server must not
+        stay in the data path for want of a next change) and returned. Called
+        with the lock held."""
+        try:
+            await self._follow()
+        except Exception as e:
+            loop = asyncio.get_running_loop()
+            if self._retry is None:
+                self._retry = loop.call_later(self._backoff, self._again)
+                self._backoff = min(2 * self._backoff, RETRY_SECONDS[1])
+            log.event("health", level="error", error=f"not applied: {e}",
+                      retry_in=round(self._retry.when() - loop.time(), 1))
+            return f"the health checks' states not in the data path: {e} (tried again)"
+        return None
 
     def _again(self) -> None:
         self._retry = None
         asyncio.get_running_loop().create_task(self._changed())
 
-    async def sync_targets(self) -> None:
+    async def sync_targets(self) -> str | None:
         """Gives the checker the config's targets; new ones, and those moved to
         another address or port (None in the renames), start as up
         (provisionally, until their first check), as the checker sees them;
         renamed ones and those whose monitor changed go on as checked, under
-        the new monitor. Called with the lock held."""
+        the new monitor. Then follow(): what it returns. Called with the lock
+        held."""
         self.checker.set_targets(self.balancer.health_targets(), initial=self.balancer.health,
                                  renamed=self.balancer.checker_synced())
-        await self._follow()
+        return await self.follow()
 
     async def _follow(self) -> None:
         b, health = self.balancer, self.checker.states()
@@ -973,9 +981,10 @@ async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignal
     checker = health.checker
     links = LinkWatch(balancer, checker)
 
-    async def sync_targets() -> None:
-        await health.sync_targets()
+    async def sync_targets() -> str | None:
+        unapplied = await health.sync_targets()
         links.stale()           # new servers, or new addresses
+        return unapplied
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -1128,8 +1137,10 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, sync_tar
                 return {"ok": False, "error": "the client stopped waiting: not done"}
             try:
                 result = await asyncio.to_thread(_dispatch, balancer, request_stop, cmd, req)
-                if cmd == "apply":
-                    await sync_targets()
+                if cmd == "apply" and (unapplied := await sync_targets()):
+                    # The config is applied (and saved): the checks' states
+                    # follow when the retry takes (status, metrics, alert).
+                    result["warning"] = "; ".join(filter(None, (result["warning"], unapplied)))
             except Exception:
                 if cmd == "apply":      # counted as answered
                     balancer.applies["error"] += 1
