@@ -214,16 +214,31 @@ class LinkEvents:
                                    socket.NETLINK_ROUTE)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self._sock.bind((0, _RTMGRP_LINK | _RTMGRP_IPV4_ROUTE))
-        # Links with carrier: a loss is a change from that, not every message
-        # about a link down (its statistics, an address, XDP attached).
-        # None: not known (at the start, after an overrun) until carrier().
-        self._carrier: set[int] | None = None
+        # Links with carrier, by index, with their names: a loss is a change
+        # from that, not every message about a link down (its statistics, an
+        # address, XDP attached). None: not known (at the start, after an
+        # overrun) until carrier().
+        self._carrier: dict[int, str] | None = None
+        # Those known before an overrun, and the losses carrier() found since.
+        self._before: dict[int, str] | None = None
+        self._missed: list[LinkLoss] = []
         self._marshal = MarshalRtnl()
 
     def carrier(self) -> None:
-        """Reads which links have carrier now, if not known."""
-        if self._carrier is None:
-            self._carrier = {link.index for link in links() if link.carrier}
+        """Reads which links have carrier now, if not known. Those that had
+        it before an overrun and have none now are the next read()'s losses:
+        their events may be among those lost."""
+        if self._carrier is not None:
+            return
+        now = {link.index: link for link in links()}
+        carrier = {index: link.name for index, link in now.items() if link.carrier}
+        if self._before is not None:
+            self._missed = [LinkLoss(index, name,
+                                     "was deleted" if index not in now else
+                                     "was set down" if not now[index].up else
+                                     "lost its carrier")
+                            for index, name in self._before.items() if index not in carrier]
+        self._carrier, self._before = carrier, None
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -235,10 +250,10 @@ class LinkEvents:
         """The links lost since the last read, and whether routing may have
         changed meanwhile (a route changed, other than in ignore_table, or a
         link came up). An overrun socket (ENOBUFS: events were lost) counts
-        as a change; its losses are not told, and carrier() must be called
-        (not in an event loop's thread: pyroute2 runs one of its own) before
-        the next read tells any."""
-        lost: list[LinkLoss] = []
+        as a change; no loss is told until carrier() is called (not in an
+        event loop's thread: pyroute2 runs one of its own), and the read
+        after it tells those the lost events held."""
+        lost, self._missed = self._missed, []
         changed = False
         while True:
             try:
@@ -248,6 +263,8 @@ class LinkEvents:
             except OSError as e:
                 if e.errno != errno.ENOBUFS:
                     raise
+                if self._carrier is not None:
+                    self._before = self._carrier
                 self._carrier, changed = None, True
                 continue
             for msg in self._marshal.parse(data):
@@ -256,12 +273,15 @@ class LinkEvents:
                     index, flags = msg["index"], msg["flags"]
                     up = kind == RTM_NEWLINK and flags & (IFF_UP | IFF_LOWER_UP) == \
                         IFF_UP | IFF_LOWER_UP
+                    name = msg.get_attr("IFLA_IFNAME") or ""
                     if up and index not in self._carrier:
-                        self._carrier.add(index)
+                        self._carrier[index] = name
                         changed = True
-                    elif not up and index in self._carrier:
-                        self._carrier.discard(index)
-                        lost.append(LinkLoss(index, msg.get_attr("IFLA_IFNAME") or "",
+                    elif up:
+                        self._carrier[index] = name     # renamed, maybe
+                    elif index in self._carrier:
+                        del self._carrier[index]
+                        lost.append(LinkLoss(index, name,
                                              "was deleted" if kind == RTM_DELLINK else
                                              "was set down" if not flags & IFF_UP else
                                              "lost its carrier"))

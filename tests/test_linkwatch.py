@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from ipaddress import IPv4Address
 
 import pytest
 from fibnet import FibNet
+from pyroute2 import IPRoute
 
 from waiting import until
 from xlb.daemon import LOOKUP_SECONDS, LinkWatch
@@ -122,3 +124,28 @@ def test_route_churn_looks_up_the_servers_routes_a_round_a_second_at_most():
 
     with FibNet("xlbt-links").entered({}) as net:
         asyncio.run(main(net))
+
+
+def test_a_loss_in_an_overrun_is_told_once_the_carriers_are_read_again():
+    """Events lost to an overrun socket (ENOBUFS: a burst of route changes)
+    may hold a link's loss: once the links are read again, those that had
+    their carrier before it and have none now are told lost."""
+    with FibNet("xlbt-links").entered({}) as net, IPRoute() as ipr:
+        events = LinkEvents()
+        try:
+            events.carrier()
+            events._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            for n in range(200):            # overruns it: what follows is lost
+                ipr.route("add", dst=f"10.2.{n}.0/24", gateway="10.1.11.2")
+            net.sh("ip", "link", "set", "int-peer", "down")
+            net.sh("ip", "link", "del", "nofwd")
+            net.sh("ip", "link", "set", "small", "name", "tiny")
+            assert told(events) == ([], True)
+            events.carrier()
+            assert sorted(told(events)[0]) == [
+                ("int", "lost its carrier"), ("int-peer", "was set down"),
+                ("nofwd", "was deleted"), ("nofwd-peer", "was deleted")]
+            net.sh("ip", "link", "set", "tiny", "down")     # known by its new name
+            assert told(events)[0] == [("tiny", "was set down"), ("small-peer", "lost its carrier")]
+        finally:
+            events.close()
