@@ -889,8 +889,8 @@ class LinkWatch:
     set down or deleted: its health checks would take `fall` intervals to
     fail, all the while its VIPs announced (BGP) or held (VRRP on another
     link) by a node that can only drop their flows. Its checks bring it back
-    (`rise`). Servers no monitor checks are left as they are: nothing would
-    bring them back. The routes are looked up again after changes of routes
+    (`rise`), the first at once when that link regains its carrier. Servers
+    no monitor checks are left as they are: nothing would bring them back. The routes are looked up again after changes of routes
     or links and applies, and used as they were before a loss. A round of
     lookups is costly (some 2 s of CPU at 10,000 servers), and a node whose
     routing daemon imports its router's routes sees changes every second:
@@ -901,6 +901,7 @@ class LinkWatch:
         self.balancer, self.checker = balancer, checker
         self.events = netif.LinkEvents()
         self.routes: dict[IPv4Address, int] = {}    # server address: link index
+        self._downed: dict[int, list[Key]] = {}     # link index: the servers its loss took down
         self._lookup: asyncio.Task | None = None
         self._again = False
 
@@ -946,7 +947,7 @@ class LinkWatch:
 
     def _read(self) -> None:
         announcer = self.balancer.announcer
-        lost, changed = self.events.read(announcer and announcer.table)
+        lost, regained, changed = self.events.read(announcer and announcer.table)
         for loss in lost:
             keys = [t.key for t in self.balancer.health_targets()
                     if self.routes.get(t.address) == loss.index]
@@ -954,6 +955,12 @@ class LinkWatch:
                 log.event("link", level="warning", link=loss.name, reason=loss.how,
                           servers_down=",".join("/".join(k) for k in keys))
                 self.checker.mark_down(keys, f"link {loss.name} {loss.how}")
+                if loss.how != "was deleted":
+                    self._downed[loss.index] = keys
+        for index in regained:
+            # Back an interval sooner: rise - 1 intervals after the carrier.
+            if keys := self._downed.pop(index, None):
+                self.checker.check_now(keys)
         if lost or changed:
             self.stale()
 

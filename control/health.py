@@ -40,6 +40,8 @@ Semantics:
   link toward the servers went), the reason reported and kept as the last
   check's; a check in flight is dropped, and `rise` passing checks bring
   it back. Targets of type "none" are left as they are.
+- `check_now(keys)`: checks them at once, not at their turn (their link is
+  back), the next an interval later.
 - `set_targets`: new keys start checking, removed keys stop (a check in flight
   is abandoned, the state forgotten). A key given again at the same address,
   or renamed (given as such), is the same server: it keeps its state, counts
@@ -276,6 +278,19 @@ class HealthChecker:
             if entry.state == "up":
                 entry.state = "down"
                 self._report(Transition(key, "up", "down", reason, 0.0))
+
+    def check_now(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Checks these targets now, not at their turn (their link is back:
+        daemon.LinkWatch), the next an interval later; one in flight goes on.
+        Runs on the loop's thread."""
+        if self._loop is None:
+            return
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is None or not entry.seq or entry.probe is not None:
+                continue
+            entry.next_start = _now()
+            entry.seq = self._push(entry.next_start, _FIRE, entry)
 
     def stop(self) -> None:
         with self._lock:

@@ -246,20 +246,22 @@ class LinkEvents:
     def close(self) -> None:
         self._sock.close()
 
-    def read(self, ignore_table: int | None = None) -> tuple[list[LinkLoss], bool]:
-        """The links lost since the last read, and whether routing may have
-        changed meanwhile (a route changed, other than in ignore_table, or a
-        link came up). An overrun socket (ENOBUFS: events were lost) counts
+    def read(self, ignore_table: int | None = None) -> tuple[list[LinkLoss], list[int], bool]:
+        """The links lost since the last read, the indexes of those that
+        regained their carrier, and whether routing may have changed
+        meanwhile (a route changed, other than in ignore_table, or a link
+        came up). An overrun socket (ENOBUFS: events were lost) counts
         as a change; no loss is told until carrier() is called (not in an
         event loop's thread: pyroute2 runs one of its own), and the read
         after it tells those the lost events held."""
         lost, self._missed = self._missed, []
+        regained: list[int] = []
         changed = False
         while True:
             try:
                 data = self._sock.recv(1 << 16)
             except BlockingIOError:
-                return lost, changed
+                return lost, regained, changed
             except OSError as e:
                 if e.errno != errno.ENOBUFS:
                     raise
@@ -276,6 +278,7 @@ class LinkEvents:
                     name = msg.get_attr("IFLA_IFNAME") or ""
                     if up and index not in self._carrier:
                         self._carrier[index] = name
+                        regained.append(index)
                         changed = True
                     elif up:
                         self._carrier[index] = name     # renamed, maybe

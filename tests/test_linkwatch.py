@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 from ipaddress import IPv4Address
 
 import pytest
@@ -24,7 +26,7 @@ pytestmark = [pytest.mark.netns,
 
 
 def told(events: LinkEvents, ignore_table: int | None = None) -> tuple[list[tuple], bool]:
-    lost, changed = events.read(ignore_table)
+    lost, _, changed = events.read(ignore_table)
     return [(loss.name, loss.how) for loss in lost], changed
 
 
@@ -54,7 +56,8 @@ def test_each_loss_of_a_link_is_told_once_with_how():
             assert told(events)[0] == []
             net.sh("ip", "link", "set", "int", "up")
             net.sh("ip", "link", "set", "int-peer", "up")       # back: routes to look up
-            assert told(events) == ([], True)
+            lost, regained, changed = events.read()
+            assert (lost, changed) == ([], True) and net.ifindex["int"] in regained
             net.sh("ip", "link", "set", "small", "down")
             net.sh("ip", "link", "del", "nofwd")
             # Their peers here too: one loses its carrier, one goes with its veth.
@@ -149,3 +152,50 @@ def test_a_loss_in_an_overrun_is_told_once_the_carriers_are_read_again():
             assert told(events)[0] == [("tiny", "was set down"), ("small-peer", "lost its carrier")]
         finally:
             events.close()
+
+
+def test_servers_a_link_took_down_are_checked_as_soon_as_it_is_back():
+    """Its carrier back, the servers it took down are checked at once, not at
+    their next turn (here a minute away): rise 1, one pass brings them back."""
+    async def main(net):
+        servers = Servers(["10.1.11.101"])
+        servers.targets = [Target(t.key, t.address, 80,
+                                  Monitor("m", "tcp", interval=60.0, timeout=1.0, rise=1, fall=3))
+                           for t in servers.targets]
+        key = servers.targets[0].key
+        hc = HealthChecker(lambda tr: None)
+        hc.set_targets(servers.targets)
+        checks = asyncio.create_task(hc.run())
+        watch = LinkWatch(servers, hc)
+        watch.start()
+        try:
+            await until(lambda: watch.routes, "the routes", 5.0)
+            net.sh("ip", "-n", "xlbt-srv", "link", "set", "int-peer", "down")
+            await until(lambda: hc.state(key) == "down", "marked down", 5.0)
+            net.sh("ip", "-n", "xlbt-srv", "link", "set", "int-peer", "up")
+            await until(lambda: hc.state(key) == "up", "up again", 10.0)
+            assert hc.last_check(key)[:2] == (True, "check passed")
+        finally:
+            watch.close()
+            hc.stop()
+            await checks
+
+    with FibNet("xlbt-links").entered({}) as net:
+        subprocess.run(["ip", "netns", "add", "xlbt-srv"], check=True)
+        server = None
+        try:
+            net.sh("ip", "link", "set", "int-peer", "netns", "xlbt-srv")
+            for cmd in (("addr", "add", "10.1.11.101/24", "dev", "int-peer"),
+                        ("link", "set", "int-peer", "up")):
+                net.sh("ip", "-n", "xlbt-srv", *cmd)
+            server = subprocess.Popen(
+                ["ip", "netns", "exec", "xlbt-srv", sys.executable, "-c",
+                 "import socket, time; s = socket.create_server(('10.1.11.101', 80)); "
+                 "print(flush=True); time.sleep(120)"], stdout=subprocess.PIPE)
+            server.stdout.readline()        # listening
+            asyncio.run(main(net))
+        finally:
+            if server is not None:
+                server.kill()
+                server.wait()
+            subprocess.run(["ip", "netns", "del", "xlbt-srv"], check=True)
