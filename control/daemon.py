@@ -938,12 +938,30 @@ class LinkWatch:
                 self._again = True
                 continue
             self._read()    # a loss told meanwhile goes by the routes before it
+            # Servers newly routed through a link without carrier (an apply
+            # while it is down): down now, not at their first failed check.
+            dead: dict[int, list[Key]] = {}
+            for t in self.balancer.health_targets():
+                index = found.get(t.address)
+                if index is not None and index != self.routes.get(t.address) \
+                        and self.events.lacks_carrier(index):
+                    dead.setdefault(index, []).append(t.key)
             self.routes = found
+            for index, keys in dead.items():
+                with contextlib.suppress(OSError):      # gone since: its loss is told
+                    self._take_down(index, socket.if_indextoname(index), "has no carrier", keys)
             await asyncio.sleep(max(LOOKUP_SECONDS, LOOKUP_SPACING * (loop.time() - started)))
 
     def _routes(self, addresses: set[IPv4Address]) -> dict[IPv4Address, int]:
         self.events.carrier()
         return netif.route_links(addresses)
+
+    def _take_down(self, index: int, name: str, how: str, keys: list[Key]) -> None:
+        log.event("link", level="warning", link=name, reason=how,
+                  servers_down=",".join("/".join(k) for k in keys))
+        self.checker.mark_down(keys, f"link {name} {how}")
+        if how != "was deleted":
+            self._downed.setdefault(index, []).extend(keys)
 
     def _read(self) -> None:
         announcer = self.balancer.announcer
@@ -952,11 +970,7 @@ class LinkWatch:
             keys = [t.key for t in self.balancer.health_targets()
                     if self.routes.get(t.address) == loss.index]
             if keys:
-                log.event("link", level="warning", link=loss.name, reason=loss.how,
-                          servers_down=",".join("/".join(k) for k in keys))
-                self.checker.mark_down(keys, f"link {loss.name} {loss.how}")
-                if loss.how != "was deleted":
-                    self._downed[loss.index] = keys
+                self._take_down(loss.index, loss.name, loss.how, keys)
         for index in regained:
             # Back an interval sooner: rise - 1 intervals after the carrier.
             if keys := self._downed.pop(index, None):

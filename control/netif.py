@@ -240,6 +240,11 @@ class LinkEvents:
                             for index, name in self._before.items() if index not in carrier]
         self._carrier, self._before = carrier, None
 
+    def lacks_carrier(self, index: int) -> bool:
+        """Whether the link is known to have no carrier (not known after an
+        overrun, until carrier())."""
+        return self._carrier is not None and index not in self._carrier
+
     def fileno(self) -> int:
         return self._sock.fileno()
 

@@ -199,3 +199,41 @@ def test_servers_a_link_took_down_are_checked_as_soon_as_it_is_back():
                 server.kill()
                 server.wait()
             subprocess.run(["ip", "netns", "del", "xlbt-srv"], check=True)
+
+
+def test_servers_applied_behind_a_link_without_carrier_are_down_at_once():
+    """An apply while a link has no carrier: the servers it adds behind it are
+    taken down as their routes are read, not left up (their VIP announced
+    again) until their first check fails, up to an interval later; those
+    already down stay as they are, counts and all."""
+    async def main(net):
+        m = Monitor("m", "tcp", interval=600.0, timeout=1.0, rise=2, fall=2)
+        old, new, other = ("web", "old"), ("web", "new"), ("web", "other")
+        servers = Servers([])
+        servers.targets = [Target(old, IPv4Address("10.1.11.101"), 80, m),
+                           Target(other, IPv4Address("10.1.1.50"), 80, m)]
+        changes = []
+        hc = HealthChecker(changes.append)
+        hc.set_targets(servers.targets)
+        checks = asyncio.create_task(hc.run())
+        watch = LinkWatch(servers, hc)
+        watch.start()
+        try:
+            await until(lambda: len(watch.routes) == 2, "the routes", 5.0)
+            net.sh("ip", "link", "set", "int-peer", "down")
+            await until(lambda: hc.state(old) == "down", "marked down", 5.0)
+            servers.targets = servers.targets + [Target(new, IPv4Address("10.1.11.102"), 80, m)]
+            hc.set_targets(servers.targets)
+            watch.stale()
+            await until(lambda: hc.state(new) == "down", "the new one down", 5.0)
+            assert hc.last_check(new)[:2] == (False, "link int has no carrier")
+            assert [(tr.key, tr.reason) for tr in changes] == \
+                [(old, "link int lost its carrier"), (new, "link int has no carrier")]
+            assert hc.state(other) == "up"
+        finally:
+            watch.close()
+            hc.stop()
+            await checks
+
+    with FibNet("xlbt-links").entered({}) as net:
+        asyncio.run(main(net))
