@@ -107,7 +107,7 @@ def test_route_churn_looks_up_the_servers_routes_a_round_a_second_at_most():
         while loop.time() < end:
             n += 1
             await asyncio.to_thread(net.sh, "ip", "route", "replace", "10.1.40.0/24",
-                                    "via", "10.1.11.2", "metric", str(n % 7))
+                                    "via", f"10.1.11.{2 + n % 2}")    # a change each time
             await asyncio.sleep(0.02)
 
     async def main(net):
