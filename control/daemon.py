@@ -902,6 +902,7 @@ class LinkWatch:
         self.events = netif.LinkEvents()
         self.routes: dict[IPv4Address, int] = {}    # server address: link index
         self._downed: dict[int, list[Key]] = {}     # link index: the servers its loss took down
+        self._recarrier: asyncio.Task | None = None
         self._lookup: asyncio.Task | None = None
         self._again = False
 
@@ -912,8 +913,9 @@ class LinkWatch:
     def close(self) -> None:
         asyncio.get_running_loop().remove_reader(self.events.fileno())
         self.events.close()
-        if self._lookup is not None:
-            self._lookup.cancel()
+        for task in (self._lookup, self._recarrier):
+            if task is not None:
+                task.cancel()
 
     def stale(self) -> None:
         """Routes may have changed: looks them up again."""
@@ -975,8 +977,19 @@ class LinkWatch:
             # Back an interval sooner: rise - 1 intervals after the carrier.
             if keys := self._downed.pop(index, None):
                 self.checker.check_now(keys)
+        if self.events.overrun and (self._recarrier is None or self._recarrier.done()):
+            # Its losses told now, not with the next round, which may be seconds away.
+            self._recarrier = asyncio.get_running_loop().create_task(self._carrier_again())
         if lost or changed:
             self.stale()
+
+    async def _carrier_again(self) -> None:
+        try:
+            await asyncio.to_thread(self.events.carrier)
+        except Exception as e:      # the next round reads them again
+            log.event("link", level="error", error=f"links not read: {e}")
+            return
+        self._read()
 
 
 async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignals) -> bool:

@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import os
 import socket
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -222,12 +223,17 @@ class LinkEvents:
         # Those known before an overrun, and the losses carrier() found since.
         self._before: dict[int, str] | None = None
         self._missed: list[LinkLoss] = []
+        self._reading = threading.Lock()
         self._marshal = MarshalRtnl()
 
     def carrier(self) -> None:
         """Reads which links have carrier now, if not known. Those that had
         it before an overrun and have none now are the next read()'s losses:
         their events may be among those lost."""
+        with self._reading:             # one thread at a time: one tells the losses
+            self._carrier_now()
+
+    def _carrier_now(self) -> None:
         if self._carrier is not None:
             return
         now = {link.index: link for link in links()}
@@ -239,6 +245,11 @@ class LinkEvents:
                                      "lost its carrier")
                             for index, name in self._before.items() if index not in carrier]
         self._carrier, self._before = carrier, None
+
+    @property
+    def overrun(self) -> bool:
+        """Whether events were lost and carrier() is still to be called."""
+        return self._carrier is None
 
     def lacks_carrier(self, index: int) -> bool:
         """Whether the link is known to have no carrier (not known after an

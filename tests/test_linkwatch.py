@@ -16,6 +16,7 @@ from fibnet import FibNet
 from pyroute2 import IPRoute
 
 from waiting import until
+from xlb import daemon
 from xlb.daemon import LOOKUP_SECONDS, LinkWatch
 from xlb.health import HealthChecker, Target
 from xlb.model import Monitor
@@ -234,6 +235,36 @@ def test_servers_applied_behind_a_link_without_carrier_are_down_at_once():
             watch.close()
             hc.stop()
             await checks
+
+    with FibNet("xlbt-links").entered({}) as net:
+        asyncio.run(main(net))
+
+
+def test_a_loss_in_an_overrun_takes_its_servers_down_before_the_next_round(monkeypatch, tmp_path):
+    """After an overrun the carriers are read again at once, not with the next
+    round of route lookups (here ten minutes away): a loss among the events
+    lost takes its servers down then."""
+    monkeypatch.setattr(daemon, "LOOKUP_SECONDS", 600.0)
+
+    batch = tmp_path / "routes"
+    batch.write_text("".join(f"route add 10.2.{n}.0/24 via 10.1.11.2\n" for n in range(200)))
+
+    async def main(net):
+        servers = Servers(["10.1.11.101", "10.1.1.50"])
+        hc = HealthChecker(lambda tr: None)
+        hc.set_targets(servers.targets)
+        watch = CountedWatch(servers, hc)
+        watch.start()
+        try:
+            await until(lambda: watch.routes, "the routes", 5.0)
+            watch.events._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            # The loop held meanwhile: they overrun it, and what follows is lost.
+            net.sh("ip", "-batch", str(batch))
+            net.sh("ip", "link", "set", "int-peer", "down")
+            await until(lambda: hc.state(("web", "10.1.11.101")) == "down", "marked down", 5.0)
+            assert hc.state(("web", "10.1.1.50")) == "up" and watch.rounds == 1
+        finally:
+            watch.close()
 
     with FibNet("xlbt-links").entered({}) as net:
         asyncio.run(main(net))
