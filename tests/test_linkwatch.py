@@ -5,6 +5,7 @@ through, and the links that lose their carrier, are set down or deleted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -97,6 +98,20 @@ class CountedWatch(LinkWatch):
         return super()._routes(addresses)
 
 
+@contextlib.contextmanager
+def watching(addresses: list[str]):
+    """A running CountedWatch of these servers, its checker not running."""
+    servers = Servers(addresses)
+    hc = HealthChecker(lambda tr: None)
+    hc.set_targets(servers.targets)
+    watch = CountedWatch(servers, hc)
+    watch.start()
+    try:
+        yield watch, hc
+    finally:
+        watch.close()
+
+
 def test_route_churn_looks_up_the_servers_routes_a_round_a_second_at_most():
     """A node whose BIRD imports its router's routes into the main table sees
     several changes a second, for ever: a round of lookups after each would
@@ -112,19 +127,12 @@ def test_route_churn_looks_up_the_servers_routes_a_round_a_second_at_most():
             await asyncio.sleep(0.02)
 
     async def main(net):
-        servers = Servers(["10.1.11.101", "10.1.1.50"])
-        hc = HealthChecker(lambda tr: None)
-        hc.set_targets(servers.targets)
-        watch = CountedWatch(servers, hc)
-        watch.start()
-        try:
+        with watching(["10.1.11.101", "10.1.1.50"]) as (watch, hc):
             await churn(net, watch, 3 * LOOKUP_SECONDS)
             assert 2 <= watch.rounds <= 5
             await asyncio.to_thread(net.sh, "ip", "link", "set", "int-peer", "down")
             await until(lambda: hc.state(("web", "10.1.11.101")) == "down", "marked down", 5.0)
             assert hc.state(("web", "10.1.1.50")) == "up"
-        finally:
-            watch.close()
 
     with FibNet("xlbt-links").entered({}) as net:
         asyncio.run(main(net))
@@ -250,12 +258,7 @@ def test_a_loss_in_an_overrun_takes_its_servers_down_before_the_next_round(monke
     batch.write_text("".join(f"route add 10.2.{n}.0/24 via 10.1.11.2\n" for n in range(200)))
 
     async def main(net):
-        servers = Servers(["10.1.11.101", "10.1.1.50"])
-        hc = HealthChecker(lambda tr: None)
-        hc.set_targets(servers.targets)
-        watch = CountedWatch(servers, hc)
-        watch.start()
-        try:
+        with watching(["10.1.11.101", "10.1.1.50"]) as (watch, hc):
             await until(lambda: watch.routes, "the routes", 5.0)
             watch.events._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             # The loop held meanwhile: they overrun it, and what follows is lost.
@@ -263,8 +266,6 @@ def test_a_loss_in_an_overrun_takes_its_servers_down_before_the_next_round(monke
             net.sh("ip", "link", "set", "int-peer", "down")
             await until(lambda: hc.state(("web", "10.1.11.101")) == "down", "marked down", 5.0)
             assert hc.state(("web", "10.1.1.50")) == "up" and watch.rounds == 1
-        finally:
-            watch.close()
 
     with FibNet("xlbt-links").entered({}) as net:
         asyncio.run(main(net))
