@@ -890,8 +890,9 @@ class LinkWatch:
     fail, all the while its VIPs announced (BGP) or held (VRRP on another
     link) by a node that can only drop their flows. Its checks bring it back
     (`rise`), the first at once when that link regains its carrier. Servers
-    no monitor checks are left as they are: nothing would bring them back. The routes are looked up again after changes of routes
-    or links and applies, and used as they were before a loss. A round of
+    no monitor checks are left as they are: nothing would bring them back.
+    The routes are looked up again after changes of routes or links and
+    applies, and used as they were before a loss. A round of
     lookups is costly (some 2 s of CPU at 10,000 servers), and a node whose
     routing daemon imports its router's routes sees changes every second:
     the changes coalesce, and a round starts LOOKUP_SECONDS after the last

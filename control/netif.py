@@ -270,7 +270,8 @@ class LinkEvents:
         as a change; no loss is told until carrier() is called (not in an
         event loop's thread: pyroute2 runs one of its own), and the read
         after it tells those the lost events held."""
-        lost, self._missed = self._missed, []
+        with self._reading:             # not while carrier() tells them
+            lost, self._missed = self._missed, []
         regained: list[int] = []
         changed = False
         while True:
