@@ -52,7 +52,7 @@ FAMILIES = {
     "xlb_pool_table_info": ("gauge", "A Maglev pool's table as the data path holds it (the "
                                      "servers taking flows): a digest of each slot's server, "
                                      "the same on every node that sends each flow where this "
-                                     "one does."),
+                                     "one does; none for a round-robin or weighted pool."),
     "xlb_server_info": ("gauge", "A server of a pool: its address, port and whether it is a "
                                  "backup."),
     "xlb_server_packets": ("counter", "Packets of the server's flows."),
@@ -195,12 +195,14 @@ def render(st: dict, durations: dict[tuple[str, str], tuple[list[int], float]]) 
 
     # The bulk of a large scrape: one f-string per server and family, no call per sample.
     sv = {name: out[name] for name in FAMILIES if name.startswith("xlb_server_")}
+    served = {f["pool"] for f in st["frontends"]}
     for p in st["pools"]:
         add("xlb_pool_servers", _labels(pool=p["name"]), len(p["servers"]))
         add("xlb_pool_servers_up", _labels(pool=p["name"]),
             sum(s["state"] == "up" for s in p["servers"]))
-        if p["table_digest"]:
-            add("xlb_pool_table_info", _labels(pool=p["name"], digest=p["table_digest"]), 1)
+        if p["name"] in served:    # a ring has no table, but its node is one of the VIP's
+            add("xlb_pool_table_info",
+                _labels(pool=p["name"], digest=p["table_digest"] or "none"), 1)
         pool = _escape(p["name"])
         for s in p["servers"]:
             lv = f'pool="{pool}",server="{_escape(s["name"])}"'

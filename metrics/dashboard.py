@@ -135,10 +135,10 @@ def build():
               f"p{round(q * 100)} {{{{pool}}}} / {{{{server}}}}") for q in (0.99, 0.5)])
         .min(0),
         ts("Maglev tables per VIP", "short", "How many different tables the chosen "
-           "balancers hold for each VIP port of a Maglev pool (xlb_pool_table_info's digest; "
-           "by VIP, as pool names are each node's own): 1 where each sends a flow to the "
-           "same server, more where their configs, drained or disabled servers or health "
-           "checks differ (the alert XlbMaglevTablesDiffer fires after 5 minutes of that). "
+           "balancers hold for each VIP port (xlb_pool_table_info's digest, none for a pool "
+           "not on Maglev; by VIP, as pool names are each node's own): 1 where each sends a "
+           "flow to the same server, more where their configs, drained or disabled servers "
+           "or health checks differ (the alert XlbMaglevTablesDiffer fires after 5 minutes of that). "
            "`xlb status` shows each node's digest.",
            (f"count by (vip, port, protocol) (count by (vip, port, protocol, digest) "
             f"(xlb_frontend_info{{{SEL}}} * on (job, instance, pool) group_left (digest) "

@@ -102,8 +102,10 @@ class Library:
                   [([p["name"]], len(p["servers"])) for p in pools])
         yield fam("xlb_pool_servers_up", GaugeMetricFamily, ["pool"],
                   [([p["name"]], sum(s["state"] == "up" for s in p["servers"])) for p in pools])
+        served = {f["pool"] for f in fes}
         yield fam("xlb_pool_table_info", GaugeMetricFamily, ["pool", "digest"],
-                  [([p["name"], p["table_digest"]], 1) for p in pools if p["table_digest"]])
+                  [([p["name"], p["table_digest"] or "none"], 1) for p in pools
+                   if p["name"] in served])
         servers = [(p["name"], s) for p in pools for s in p["servers"]]
         ps = ["pool", "server"]
         yield fam("xlb_server_info", GaugeMetricFamily, ps + ["address", "port", "backup"],
@@ -317,19 +319,26 @@ def test_a_data_path_that_holds_the_health_states_lags_since_zero():
         normalized(generate_latest(Library(holds, {})).decode())
 
 
-def test_only_a_pool_with_a_table_digest_has_a_table_info():
-    """A round-robin pool, or a Maglev pool that serves no frontend: no table
-    to compare with other nodes'."""
-    status = {**STATUS, "pools": [{**STATUS["pools"][0], "table_digest": None}]}
+def test_a_pool_without_a_table_reports_none_where_it_serves_a_frontend():
+    """A round-robin pool has no table, but its node must still count among
+    the nodes serving the VIP (a peer on Maglev holds one: XlbMaglevTablesDiffer
+    fires); a pool that serves no frontend shares no flows with anyone."""
+    ring = {**STATUS["pools"][0], "table_digest": None}
+    idle = {**ring, "name": "idle"}
+    status = {**STATUS, "pools": [ring, idle]}
     text = metrics.render(status, {})
-    assert "xlb_pool_table_info" not in text
+    got = samples(text)
+    assert got[("xlb_pool_table_info", (("digest", "none"), ("pool", "was")))] == 1
+    assert [k for k in got if k[0] == "xlb_pool_table_info"] == \
+        [("xlb_pool_table_info", (("digest", "none"), ("pool", "was")))]
     assert normalized(text) == normalized(generate_latest(Library(status, {})).decode())
 
 
 def test_label_values_are_escaped():
     name = 'a"b\\c\nd'
     pool = STATUS["pools"][0]
-    status = {**STATUS, "frontends": [{**STATUS["frontends"][0], "name": name}],
+    status = {**STATUS, "frontends": [{**STATUS["frontends"][0], "name": name,
+                                       "pool": "p" + name}],
               "pools": [{**pool, "name": "p" + name, "servers": [{**pool["servers"][0],
                                                                     "name": "s" + name}]}]}
     text = metrics.render(status, {})
