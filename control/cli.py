@@ -430,7 +430,8 @@ def top(interval: float, once: bool) -> None:
     Redraws every INTERVAL seconds: per frontend new connections, packets and
     bytes per second; per server new connections and packets per second,
     states and last checks (as many servers as the terminal has lines;
-    --once lists all); each flow table's fill, drops by reason, and health
+    --once lists all, and so does each frame on a stdout that is no terminal,
+    printed after the last); each flow table's fill, drops by reason, and health
     changes the data path lacks (their apply failed). q or Ctrl-C quits
     (exit 0), SIGTERM too (exit 143). Exits 1 when none runs, or when the
     instance stops while top runs; 3, as status, when its data path runs

@@ -4,8 +4,9 @@ Two parts. `render` turns status dicts (what `xlb status --json` prints) into
 rich renderables: a pure function, with the rates computed from two samples
 and the time between them. `live` is the loop around it: it asks the instance
 for its status every `interval` seconds over the control socket (in a thread,
-so that keys and signals are read while it waits for the answer), redraws,
-and reads keys from the terminal (in cbreak mode, restored on every way out).
+so that keys and signals are read while it waits for the answer), redraws
+(where stdout is no terminal, prints each frame after the last), and reads
+keys from the terminal (in cbreak mode, restored on every way out).
 """
 
 from __future__ import annotations
@@ -257,10 +258,34 @@ def once(interval: float, console: Console | None = None) -> None:
     first = sample()
     time.sleep(interval)
     second = sample()
-    if console is None:
-        plain = not sys.stdout.isatty() and "COLUMNS" not in os.environ
-        console = Console(width=160 if plain else None)
-    console.print(frame(second, first))
+    (console or _console()).print(frame(second, first))
+
+
+def _console() -> Console:
+    """stdout's: 160 columns wide when it is no terminal and COLUMNS is not set
+    (rich would take 80, and cut the rows short)."""
+    plain = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(width=160 if plain else None)
+
+
+class _Printed:
+    """Where stdout is no terminal (a file, a pipe), each frame printed after
+    the one before, every server listed, as --once: rich's Live, which redraws
+    in place, prints nothing there."""
+
+    def __init__(self, renderable: RenderableType, console: Console):
+        self.console = console
+        self.update(renderable)
+
+    def __enter__(self) -> _Printed:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def update(self, renderable: RenderableType, refresh: bool = True) -> None:
+        self.console.print(renderable)
+        self.console.print()
 
 
 @contextlib.contextmanager
@@ -303,10 +328,15 @@ def live(interval: float, console: Console | None = None) -> int:
     start, and Stopped if the instance goes away while it runs."""
     prev: Sample | None = None
     note: str | None = None
-    console = console or Console()
+    console = console or _console()
     keys = sys.stdin.fileno() if sys.stdin.isatty() else None
-    view: Live | None = None            # none until the first sample
+    view: Live | _Printed | None = None     # none until the first sample
     with _signals() as (got, wake), _cbreak(keys):
+
+        def drawn() -> RenderableType:
+            """The frame of the last samples and note: as many servers as the
+            terminal has lines (all where it is none)."""
+            return frame(cur, prev, note, console.height if console.is_terminal else None)
 
         def wait(due: float | None = None, answer: int | None = None) -> int | None:
             """Reads keys and signals, at least once, until `due` (a time.monotonic())
@@ -333,7 +363,7 @@ def live(interval: float, console: Console | None = None) -> int:
                 if signal.SIGWINCH in got:     # drawn anew: as many rows as it has lines now
                     got.discard(signal.SIGWINCH)
                     if view is not None:
-                        view.update(frame(cur, prev, note, console.height), refresh=True)
+                        view.update(drawn(), refresh=True)
                 if answer in ready or due is not None and due <= time.monotonic():
                     return None
 
@@ -341,8 +371,9 @@ def live(interval: float, console: Console | None = None) -> int:
             if (code := wait(answer=asking.done)) is not None:
                 return code
             cur = asking.result()
-        with Live(frame(cur, prev, lines=console.height), console=console, screen=True,
-                  auto_refresh=False, redirect_stdout=False, redirect_stderr=False) as view:
+        with (Live(drawn(), console=console, screen=True, auto_refresh=False,
+                   redirect_stdout=False, redirect_stderr=False)
+              if console.is_terminal else _Printed(drawn(), console)) as view:
             due = cur.at + interval
             while True:
                 # Keys and signals are read between any two frames, even when the
@@ -364,7 +395,7 @@ def live(interval: float, console: Console | None = None) -> int:
                         note = f"status request failed: {e}; showing the last sample"
                     else:
                         prev, cur, note = cur, new, None
-                view.update(frame(cur, prev, note, console.height), refresh=True)
+                view.update(drawn(), refresh=True)
 
 
 def run(interval: float, one_frame: bool = False) -> int:

@@ -371,11 +371,29 @@ def test_live_draws_no_more_servers_than_the_terminal_has_lines(monkeypatch):
 
     monkeypatch.setattr(top, "render", drawing)
     FakeInstance(monkeypatch, [big, big], then=lambda: os.kill(os.getpid(), signal.SIGINT))
-    assert top.live(0.01, Console(file=io.StringIO(), width=160, height=30)) == 0
+    assert top.live(0.01, Console(file=io.StringIO(), width=160, height=30,
+                                  force_terminal=True)) == 0
     last = [frame for frame in drawn if "s0-0 " in frame][-1]     # not the fake's last STATUS
     rows = [line for line in last.splitlines() if re.match(r"s\d+-\d+ ", line)]
     assert len(rows) == 30 and "… 994 more servers" in last
     assert last.count("… 1,024 more servers") == 15
+
+
+def test_live_prints_each_frame_after_the_last_when_piped(monkeypatch):
+    """Where stdout is no terminal (`xlb top > file`, `xlb top | tee`), rich's
+    Live, which redraws in place, printed nothing at all, for as long as top
+    ran: each frame is printed after the one before, every server listed, as
+    --once lists them."""
+    Clock(monkeypatch)
+    FakeInstance(monkeypatch, [STATUS, later(), lambda: os.kill(os.getpid(), signal.SIGINT)])
+    console = Console(file=io.StringIO(), width=160, height=5)
+    assert top.live(1.0, console) == 0
+    out = console.file.getvalue()
+    first, second = out.split("rates need a second sample")[1].split("rates per second")
+    assert "over the last 1.0 s" in second
+    assert row(first, "was2")[2:4] == ["up", "up"]
+    assert row(second, "was2")[2:4] == ["down", "down"]
+    assert "\x1b" not in out and "more servers" not in out
 
 
 class Clock:
