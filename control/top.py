@@ -81,7 +81,7 @@ def _last_check(server: dict) -> Text:
     return Text(last_check(server), style=style)
 
 
-def _header(s: dict, seconds: float | None) -> Text:
+def _header(s: dict, seconds: float | None, keys: bool) -> Text:
     t = Text()
     t.append(f"xlb {s.get('version', '?')}", style="bold")
     t.append(f"  pid {s.get('pid', '?')}  up {s.get('uptime_seconds', 0):.0f}s  "
@@ -91,7 +91,8 @@ def _header(s: dict, seconds: float | None) -> Text:
     t.append("\n")
     t.append(f"rates per second over the last {seconds:.1f} s" if seconds
              else "rates need a second sample", style="dim")
-    t.append("  ·  q quits", style="dim")
+    if keys:
+        t.append("  ·  q quits", style="dim")
     return t
 
 
@@ -180,17 +181,19 @@ def _flows_and_drops(s: dict, prev: dict | None, seconds: float | None) -> Group
 
 
 def render(current: dict, previous: dict | None = None, seconds: float | None = None,
-           note: str | None = None, lines: int | None = None) -> RenderableType:
+           note: str | None = None, lines: int | None = None,
+           keys: bool = False) -> RenderableType:
     """One frame of `xlb top` from a status dict, and the status `seconds` earlier
     for the rates (none: every rate shows as "—"). A sample from another instance
     (another pid: the counters started anew) counts as no previous sample. With
     `lines` (a terminal's height), at most that many servers' rows in all: the
-    terminal shows no more, and 16,384 rows took rich 9 s a frame."""
+    terminal shows no more, and 16,384 rows took rich 9 s a frame. With
+    `keys` (a live view that reads them), it says that q quits."""
     if previous is not None and previous.get("pid") != current.get("pid"):
         previous = None
     if previous is None:
         seconds = None
-    parts: list[RenderableType] = [_header(current, seconds), Text()]
+    parts: list[RenderableType] = [_header(current, seconds, keys), Text()]
     if lag := unapplied(current):
         parts += [Text(lag, style="bold red"), Text()]
     parts.append(_frontends(current, previous, seconds))
@@ -246,10 +249,10 @@ class _Request:
 
 
 def frame(cur: Sample, prev: Sample | None, note: str | None = None,
-          lines: int | None = None) -> RenderableType:
+          lines: int | None = None, keys: bool = False) -> RenderableType:
     if prev is None:
-        return render(cur.status, note=note, lines=lines)
-    return render(cur.status, prev.status, cur.at - prev.at, note=note, lines=lines)
+        return render(cur.status, note=note, lines=lines, keys=keys)
+    return render(cur.status, prev.status, cur.at - prev.at, note=note, lines=lines, keys=keys)
 
 
 def once(interval: float, console: Console | None = None) -> None:
@@ -335,8 +338,10 @@ def live(interval: float, console: Console | None = None) -> int:
 
         def drawn() -> RenderableType:
             """The frame of the last samples and note: as many servers as the
-            terminal has lines (all where it is none)."""
-            return frame(cur, prev, note, console.height if console.is_terminal else None)
+            terminal has lines (all where it is none), and that q quits where
+            keys are read."""
+            return frame(cur, prev, note, console.height if console.is_terminal else None,
+                         keys is not None)
 
         def wait(due: float | None = None, answer: int | None = None) -> int | None:
             """Reads keys and signals, at least once, until `due` (a time.monotonic())

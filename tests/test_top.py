@@ -314,6 +314,23 @@ def test_once_takes_two_samples_interval_apart(monkeypatch):
     assert row(out, "www")[4] == "20"
 
 
+@pytest.mark.parametrize("stdin_a_terminal", [False, True])
+def test_q_quits_is_said_where_keys_are_read(monkeypatch, request, stdin_a_terminal):
+    """By the live view with a terminal on stdin: --once reads no key, nor does
+    a live view whose stdin is none (`ssh host xlb top`, without -t)."""
+    Clock(monkeypatch)
+    FakeInstance(monkeypatch, [STATUS, later()])
+    console = Console(record=True, width=160, file=io.StringIO())
+    top.once(1.0, console)
+    assert "q quits" not in console.export_text()
+    if stdin_a_terminal:
+        request.getfixturevalue("terminal")
+    FakeInstance(monkeypatch, [STATUS, lambda: os.kill(os.getpid(), signal.SIGINT)])
+    console = Console(file=io.StringIO(), width=160)
+    assert top.live(1.0, console) == 0
+    assert ("q quits" in console.file.getvalue()) == stdin_a_terminal
+
+
 def test_once_is_160_columns_wide_when_piped(monkeypatch, capsys):
     """rich would take 80 columns, and cut the rows short; COLUMNS still rules."""
     monkeypatch.delenv("COLUMNS", raising=False)
@@ -429,9 +446,9 @@ def frames(monkeypatch) -> list[tuple]:
     drawn = []
     render = top.render
 
-    def drawing(current, previous=None, seconds=None, note=None, lines=None):
+    def drawing(current, previous=None, seconds=None, note=None, lines=None, keys=False):
         drawn.append((current, previous, seconds, note, lines))
-        return render(current, previous, seconds, note, lines)
+        return render(current, previous, seconds, note, lines, keys)
 
     monkeypatch.setattr(top, "render", drawing)
     return drawn
@@ -646,11 +663,11 @@ def test_a_resize_is_drawn_at_once_while_the_instance_is_slow_to_answer(monkeypa
     drawn, redrawn = [], threading.Event()
     render = top.render
 
-    def drawing(current, previous=None, seconds=None, note=None, lines=None):
+    def drawing(current, previous=None, seconds=None, note=None, lines=None, keys=False):
         drawn.append((lines, holding.is_set()))
         if lines == 50:
             redrawn.set()
-        return render(current, previous, seconds, note, lines)
+        return render(current, previous, seconds, note, lines, keys)
 
     def resize():
         console.height = 50
