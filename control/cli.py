@@ -322,7 +322,9 @@ def apply(file: Path | None) -> None:
     on_server_down; a server renamed (or its pool) at the same address and port
     is the same server, whose flows go on. Drain and maint set with `xlb server`
     stay with each server the file keeps in that pool; one it forgets (the
-    server gone from the pool, the server or pool renamed) is warned of.
+    server gone from the pool, the server or pool renamed) is warned of. The
+    links it attaches to (up since) and detaches from (gone, or no longer
+    named) are named in its answer.
     """
     if file is None:
         served = _request("show")["config"]
@@ -342,9 +344,13 @@ def apply(file: Path | None) -> None:
     except ctl.NotRunning as e:
         raise Failure(str(e)) from None
     _warn(r)
+    # The links that came up since, and those gone or named no more (not told by an
+    # earlier build's instance).
+    links = "".join(f"; {verb} {', '.join(r[key])}" for key, verb in
+                    (("attached", "attached to"), ("detached", "detached from")) if r.get(key))
     _say(f"xlb: applied {file} in {r['validate_seconds'] + r['apply_seconds']:.3f}s: "
          f"{r['frontends']} frontends, {r['pools']} pools, {r['servers']} servers; "
-         f"{r['flows_ended']} flows ended; serving {r['config']}")
+         f"{r['flows_ended']} flows ended; serving {r['config']}{links}")
     _echo_warnings(file, r.get("warnings", r.get("unused", ())))  # "unused": an older instance's
     for forgotten in r["admin_forgotten"]:
         click.echo(f"xlb: warning: forgot {forgotten}: the config has no such server in "

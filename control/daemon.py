@@ -156,9 +156,9 @@ class Balancer:
             _warn_veth(dp, att)     # attaches too has a program at its peer
         ended = dp.delete_flows(set(ends.backend_ids), set(ends.service_ids))
         kept = {link.index for link in links}
-        for old in self.links.values():
-            if old.index not in kept:
-                dp.detach(old.index)
+        let_go = [old for old in self.links.values() if old.index not in kept]
+        for old in let_go:
+            dp.detach(old.index)
 
         rows = _server_rows(config)
         with self.lock:
@@ -177,7 +177,8 @@ class Balancer:
         self._announce()
         return {"frontends": len(config.frontends), "pools": len(config.pools),
                 "servers": config.server_count(), "flows_ended": sum(ended.values()),
-                "admin_forgotten": forgotten}
+                "admin_forgotten": forgotten, "attached": [att.ifname for att in attached],
+                "detached": [old.name for old in let_go]}
 
     def _announce(self) -> None:
         """Announces the VIPs served while active. A route that cannot be written
@@ -1240,9 +1241,12 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
         t2 = time.perf_counter()
         balancer.config_path = Path(path)    # from now on, the file this instance serves
         forgotten = result.pop("admin_forgotten")
+        # The links it attached to (up since) and let go (gone, or named no more).
+        links = {k: result.pop(k) for k in ("attached", "detached")}
         log.event("apply", result="ok", seconds=t2 - t0, config=path, **result,
+                  **{k: ",".join(names) or None for k, names in links.items()},
                   admin_forgotten="; ".join(forgotten) or None)
-        return {**result, "admin_forgotten": forgotten, "warnings": cfg.warnings,
+        return {**result, **links, "admin_forgotten": forgotten, "warnings": cfg.warnings,
                 "validate_seconds": t1 - t0,
                 "apply_seconds": t2 - t1, "config": path, "warning": balancer.remember()}
     if cmd == "server":

@@ -342,6 +342,28 @@ def test_a_warning_from_the_instance_stays_on_its_line(run_dir):
                         "this change\n")
 
 
+@pytest.mark.parametrize(("links", "said"), [
+    ({"attached": ["eth2", "eth3"], "detached": ["eth9"]},
+     "; attached to eth2, eth3; detached from eth9"),
+    ({"attached": [], "detached": []}, ""),
+    ({}, "")], ids=["both", "neither", "an-earlier-build"])
+def test_apply_says_which_links_it_attached_to_and_detached_from(run_dir, tmp_path, links, said):
+    """Those that came up since, and those gone or no longer named: where the
+    program runs now, which the answer did not say."""
+    from xlb import cli
+    path = tmp_path / "x.toml"
+    path.write_text(SEED.read_text())
+    answer = {"ok": True, "result": {
+        "frontends": 1, "pools": 1, "servers": 2, "flows_ended": 0, "admin_forgotten": [],
+        "warnings": [], "validate_seconds": 0.001, "apply_seconds": 0.002,
+        "config": str(path), "warning": None, **links}}
+    with answering(lambda req: answer):
+        r = CliRunner().invoke(cli.cli, ["apply", str(path)])
+    assert (r.exit_code, r.stderr) == (0, "")
+    assert r.stdout == (f"xlb: applied {path} in 0.003s: 1 frontends, 1 pools, 2 servers; "
+                        f"0 flows ended; serving {path}{said}\n")
+
+
 def _follow(cli, fifo: Path, keepalived: int, handle):
     """`xlb ha follow FIFO` run here against a stand-in instance that hands
     each of 3 connections to handle; keepalived's end of the FIFO closed and

@@ -627,6 +627,31 @@ def test_an_apply_names_what_nothing_uses(balancer, tmp_path):
         [("pools.spare", "no frontend uses it: it serves nothing")]
 
 
+def test_an_apply_tells_and_logs_the_links_it_attaches_and_lets_go(balancer, fibnet, tmp_path,
+                                                                    capsys):
+    """`xlb apply` attaches to the links that came up since and lets go those
+    gone or no longer named: its answer and its log line said nothing of
+    either, so that only a status compared with the one before told where the
+    program now runs."""
+    def applied(*ifaces):
+        text = configfile.dump(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ifaces))
+        reply = answer(balancer, {"cmd": "apply", "text": text,
+                                  "path": str(tmp_path / "x.toml")}, no_sync)
+        assert reply["ok"], reply
+        [logged] = [x.split() for x in capsys.readouterr().err.splitlines()
+                    if "event=apply" in x.split()]
+        return (reply["result"]["attached"], reply["result"]["detached"],
+                [f for f in logged if f.startswith(("attached=", "detached="))])
+
+    fibnet.add_veth("late")
+    try:
+        assert applied("ext") == (["ext"], [], ["attached=ext"])
+        assert applied("ext", "late") == (["late"], [], ["attached=late"])
+        assert applied("ext") == ([], ["late"], ["detached=late"])
+    finally:
+        fibnet.sh("ip", "link", "del", "late")
+
+
 def test_an_apply_counts_servers_as_check_does(balancer, tmp_path):
     """A server in two pools is one server: `xlb apply` (and the start) say
     what `xlb check` of the same file says."""
