@@ -892,18 +892,23 @@ class LinkWatch:
     link) by a node that can only drop their flows. Its checks bring it back
     (`rise`), the first at once when that link regains its carrier. Servers
     no monitor checks are left as they are: nothing would bring them back.
-    The routes are looked up again after changes of routes or links and
-    applies, and used as they were before a loss. A round of
-    lookups is costly (some 2 s of CPU at 10,000 servers), and a node whose
-    routing daemon imports its router's routes sees changes every second:
-    the changes coalesce, and a round starts LOOKUP_SECONDS after the last
+    A server taken down is checked at once too when it is routed through
+    another link with carrier (the route moved, or its link deleted and
+    made again under another index). The routes are looked up again after
+    changes of routes or links and applies, and used as they were before a
+    loss. A round of lookups is costly (some 2 s of CPU at 10,000 servers),
+    and a node whose routing daemon imports its router's routes sees
+    changes every second: the changes coalesce, and a round starts LOOKUP_SECONDS after the last
     ended at the soonest, or LOOKUP_SPACING times its length if longer."""
 
     def __init__(self, balancer: Balancer, checker: HealthChecker):
         self.balancer, self.checker = balancer, checker
         self.events = netif.LinkEvents()
         self.routes: dict[IPv4Address, int] = {}    # server address: link index
-        self._downed: dict[int, list[Key]] = {}     # link index: the servers its loss took down
+        # Each server at its address, as routed at the last round: one new
+        # there (another pool's, another port's) is new behind its link.
+        self._placed: dict[tuple[Key, IPv4Address], int] = {}
+        self._downed: dict[Key, int] = {}           # a server a link's loss took down: the link
         self._recarrier: asyncio.Task | None = None
         self._lookup: asyncio.Task | None = None
         self._again = False
@@ -943,17 +948,28 @@ class LinkWatch:
                 continue
             self._read()    # a loss told meanwhile goes by the routes before it
             # Servers newly routed through a link without carrier (an apply
-            # while it is down): down now, not at their first failed check.
+            # while it is down): down now, not at their first failed check;
+            # those a loss took down, newly routed through one with: checked now.
+            targets = self.balancer.health_targets()
             dead: dict[int, list[Key]] = {}
-            for t in self.balancer.health_targets():
+            moved: list[Key] = []
+            for t in targets:
                 index = found.get(t.address)
-                if index is not None and index != self.routes.get(t.address) \
-                        and self.events.lacks_carrier(index):
+                if index is None or index == self._placed.get((t.key, t.address)):
+                    continue
+                if self.events.lacks_carrier(index):
                     dead.setdefault(index, []).append(t.key)
+                elif t.key in self._downed:
+                    moved.append(t.key)
             self.routes = found
+            self._placed = {(t.key, t.address): found[t.address] for t in targets
+                            if t.address in found}
+            checked = {t.key for t in targets}
+            self._downed = {k: i for k, i in self._downed.items() if k in checked}
             for index, keys in dead.items():
                 with contextlib.suppress(OSError):      # gone since: its loss is told
                     self._take_down(index, socket.if_indextoname(index), "has no carrier", keys)
+            self.checker.check_now(moved)
             await asyncio.sleep(max(LOOKUP_SECONDS, LOOKUP_SPACING * (loop.time() - started)))
 
     def _routes(self, addresses: set[IPv4Address]) -> dict[IPv4Address, int]:
@@ -964,8 +980,7 @@ class LinkWatch:
         log.event("link", level="warning", link=name, reason=how,
                   servers_down=",".join("/".join(k) for k in keys))
         self.checker.mark_down(keys, f"link {name} {how}")
-        if how != "was deleted":
-            self._downed.setdefault(index, []).extend(keys)
+        self._downed.update(dict.fromkeys(keys, index))
 
     def _read(self) -> None:
         announcer = self.balancer.announcer
@@ -977,7 +992,9 @@ class LinkWatch:
                 self._take_down(loss.index, loss.name, loss.how, keys)
         for index in regained:
             # Back an interval sooner: rise - 1 intervals after the carrier.
-            if keys := self._downed.pop(index, None):
+            if keys := [k for k, i in self._downed.items() if i == index]:
+                for key in keys:
+                    del self._downed[key]
                 self.checker.check_now(keys)
         if self.events.overrun and (self._recarrier is None or self._recarrier.done()):
             # Its losses told now, not with the next round, which may be seconds away.

@@ -163,61 +163,115 @@ def test_a_loss_in_an_overrun_is_told_once_the_carriers_are_read_again():
             events.close()
 
 
+@contextlib.contextmanager
+def served(net: FibNet, peers: dict[str, str], address: str):
+    """A server listening on address, port 80, in a namespace of its own,
+    xlbt-srv, that holds these veths' peers (name: address/prefix), up: a
+    link's cable pulled there is its carrier lost here. An address none of
+    them has goes on lo."""
+    subprocess.run(["ip", "netns", "add", "xlbt-srv"], check=True)
+    server = None
+    try:
+        net.sh("ip", "-n", "xlbt-srv", "link", "set", "lo", "up")
+        if not any(a.startswith(f"{address}/") for a in peers.values()):
+            net.sh("ip", "-n", "xlbt-srv", "addr", "add", f"{address}/32", "dev", "lo")
+        for name, addr in peers.items():
+            net.sh("ip", "link", "set", f"{name}-peer", "netns", "xlbt-srv")
+            for cmd in (("addr", "add", addr, "dev", f"{name}-peer"),
+                        ("link", "set", f"{name}-peer", "up")):
+                net.sh("ip", "-n", "xlbt-srv", *cmd)
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", "xlbt-srv", sys.executable, "-c",
+             f"import socket, time; s = socket.create_server(({address!r}, 80)); "
+             "print(flush=True); time.sleep(120)"], stdout=subprocess.PIPE)
+        server.stdout.readline()        # listening
+        yield
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "netns", "del", "xlbt-srv"], check=True)
+
+
+async def back_at_once(net: FibNet, address: str, going, returning) -> None:
+    """A server at address, checked every ten minutes (rise 1), is taken down
+    by going() (in a thread), and checked, so up, at once after returning()."""
+    servers = Servers([address])
+    servers.targets = [Target(t.key, t.address, 80,
+                              Monitor("m", "tcp", interval=600.0, timeout=1.0, rise=1, fall=3))
+                       for t in servers.targets]
+    key = servers.targets[0].key
+    hc = HealthChecker(lambda tr: None)
+    hc.set_targets(servers.targets)
+    checks = asyncio.create_task(hc.run())
+    watch = LinkWatch(servers, hc)
+    watch.start()
+    try:
+        await until(lambda: watch.routes, "the routes", 5.0)
+        await asyncio.to_thread(going)
+        await until(lambda: hc.state(key) == "down", "marked down", 5.0)
+        await asyncio.to_thread(returning)
+        await until(lambda: hc.state(key) == "up", "up again", 10.0)
+        assert hc.last_check(key)[:2] == (True, "check passed")
+    finally:
+        watch.close()
+        hc.stop()
+        await checks
+
+
 def test_servers_a_link_took_down_are_checked_as_soon_as_it_is_back():
     """Its carrier back, the servers it took down are checked at once, not at
-    their next turn (here a minute away): rise 1, one pass brings them back."""
-    async def main(net):
-        servers = Servers(["10.1.11.101"])
-        servers.targets = [Target(t.key, t.address, 80,
-                                  Monitor("m", "tcp", interval=60.0, timeout=1.0, rise=1, fall=3))
-                           for t in servers.targets]
-        key = servers.targets[0].key
-        hc = HealthChecker(lambda tr: None)
-        hc.set_targets(servers.targets)
-        checks = asyncio.create_task(hc.run())
-        watch = LinkWatch(servers, hc)
-        watch.start()
-        try:
-            await until(lambda: watch.routes, "the routes", 5.0)
-            net.sh("ip", "-n", "xlbt-srv", "link", "set", "int-peer", "down")
-            await until(lambda: hc.state(key) == "down", "marked down", 5.0)
-            net.sh("ip", "-n", "xlbt-srv", "link", "set", "int-peer", "up")
-            await until(lambda: hc.state(key) == "up", "up again", 10.0)
-            assert hc.last_check(key)[:2] == (True, "check passed")
-        finally:
-            watch.close()
-            hc.stop()
-            await checks
+    their next turn (here ten minutes away): rise 1, one pass brings them back."""
+    def cable(state):
+        return lambda: net.sh("ip", "-n", "xlbt-srv", "link", "set", "int-peer", state)
 
-    with FibNet("xlbt-links").entered({}) as net:
-        subprocess.run(["ip", "netns", "add", "xlbt-srv"], check=True)
-        server = None
-        try:
-            net.sh("ip", "link", "set", "int-peer", "netns", "xlbt-srv")
-            for cmd in (("addr", "add", "10.1.11.101/24", "dev", "int-peer"),
-                        ("link", "set", "int-peer", "up")):
-                net.sh("ip", "-n", "xlbt-srv", *cmd)
-            server = subprocess.Popen(
-                ["ip", "netns", "exec", "xlbt-srv", sys.executable, "-c",
-                 "import socket, time; s = socket.create_server(('10.1.11.101', 80)); "
-                 "print(flush=True); time.sleep(120)"], stdout=subprocess.PIPE)
-            server.stdout.readline()        # listening
-            asyncio.run(main(net))
-        finally:
-            if server is not None:
-                server.kill()
-                server.wait()
-            subprocess.run(["ip", "netns", "del", "xlbt-srv"], check=True)
+    with FibNet("xlbt-links").entered({}) as net, served(net, {"int": "10.1.11.101/24"},
+                                                          "10.1.11.101"):
+        asyncio.run(back_at_once(net, "10.1.11.101", cable("down"), cable("up")))
+
+
+def test_servers_of_a_link_deleted_are_checked_as_soon_as_it_is_made_again():
+    """A link deleted and made again under its name (ifdown and ifup of a
+    VLAN, a bond) has another index: the servers its deletion took down are
+    checked at once when they are routed through it again, not at their
+    next turn."""
+    def remake():
+        net.sh("ip", "link", "add", "int", "type", "veth", "peer", "name", "int-peer",
+               "netns", "xlbt-srv")
+        net.sh("ip", "addr", "add", "10.1.11.1/24", "dev", "int")
+        net.sh("ip", "link", "set", "int", "up")
+        net.sh("ip", "-n", "xlbt-srv", "addr", "add", "10.1.11.101/24", "dev", "int-peer")
+        net.sh("ip", "-n", "xlbt-srv", "link", "set", "int-peer", "up")
+
+    with FibNet("xlbt-links").entered({}) as net, served(net, {"int": "10.1.11.101/24"},
+                                                          "10.1.11.101"):
+        asyncio.run(back_at_once(net, "10.1.11.101",
+                                 lambda: net.sh("ip", "link", "del", "int"), remake))
+
+
+def test_servers_routed_through_another_link_while_theirs_is_down_are_checked_at_once():
+    """A server behind a gateway whose link lost its carrier, routed through
+    another link with carrier (the operator's route, a routing daemon's): it
+    is checked at once, not at its next turn."""
+    with FibNet("xlbt-links").entered({}) as net, served(
+            net, {"int": "10.1.11.2/24", "small": "10.1.13.2/24"}, "10.1.20.5"):
+        net.sh("ip", "route", "add", "10.1.20.0/24", "via", "10.1.11.2")
+        asyncio.run(back_at_once(
+            net, "10.1.20.5",
+            lambda: net.sh("ip", "-n", "xlbt-srv", "link", "set", "int-peer", "down"),
+            lambda: net.sh("ip", "route", "replace", "10.1.20.0/24", "via", "10.1.13.2")))
 
 
 def test_servers_applied_behind_a_link_without_carrier_are_down_at_once():
     """An apply while a link has no carrier: the servers it adds behind it are
     taken down as their routes are read, not left up (their VIP announced
-    again) until their first check fails, up to an interval later; those
+    again) until their first check fails, up to an interval later, even at
+    an address routed before (the same server in another pool); those
     already down stay as they are, counts and all."""
     async def main(net):
         m = Monitor("m", "tcp", interval=600.0, timeout=1.0, rise=2, fall=2)
         old, new, other = ("web", "old"), ("web", "new"), ("web", "other")
+        twin = ("tls", "old")       # old, in another pool, checked on another port
         servers = Servers([])
         servers.targets = [Target(old, IPv4Address("10.1.11.101"), 80, m),
                            Target(other, IPv4Address("10.1.1.50"), 80, m)]
@@ -231,13 +285,16 @@ def test_servers_applied_behind_a_link_without_carrier_are_down_at_once():
             await until(lambda: len(watch.routes) == 2, "the routes", 5.0)
             net.sh("ip", "link", "set", "int-peer", "down")
             await until(lambda: hc.state(old) == "down", "marked down", 5.0)
-            servers.targets = servers.targets + [Target(new, IPv4Address("10.1.11.102"), 80, m)]
+            servers.targets = servers.targets + [Target(new, IPv4Address("10.1.11.102"), 80, m),
+                                                 Target(twin, IPv4Address("10.1.11.101"), 443, m)]
             hc.set_targets(servers.targets)
             watch.stale()
-            await until(lambda: hc.state(new) == "down", "the new one down", 5.0)
-            assert hc.last_check(new)[:2] == (False, "link int has no carrier")
-            assert [(tr.key, tr.reason) for tr in changes] == \
-                [(old, "link int lost its carrier"), (new, "link int has no carrier")]
+            await until(lambda: hc.state(new) == hc.state(twin) == "down", "the new ones down",
+                        5.0)
+            assert hc.last_check(twin)[:2] == (False, "link int has no carrier")
+            assert sorted((tr.key, tr.reason) for tr in changes) == \
+                [(twin, "link int has no carrier"), (new, "link int has no carrier"),
+                 (old, "link int lost its carrier")]
             assert hc.state(other) == "up"
         finally:
             watch.close()
