@@ -76,6 +76,24 @@ def test_each_loss_of_a_link_is_told_once_with_how():
             events.close()
 
 
+def test_a_port_taken_out_of_its_bridge_is_not_told_deleted():
+    """The kernel tells a port's leaving its bridge as an RTM_DELLINK of the
+    bridge family (AF_BRIDGE) about the port, which is still there, carrier
+    and all (and its joining as an RTM_NEWLINK): news of the bridge's, not
+    the link's."""
+    with FibNet("xlbt-links").entered({}) as net:
+        net.sh("ip", "link", "add", "br0", "type", "bridge")      # down: no carrier to lose
+        net.sh("ip", "link", "set", "small", "master", "br0")
+        events = LinkEvents()
+        try:
+            events.carrier()
+            net.sh("ip", "link", "set", "small", "nomaster")
+            assert events.read() == ([], [], False)
+            assert not events.lacks_carrier(net.ifindex["small"])
+        finally:
+            events.close()
+
+
 class Servers:
     """The part of a Balancer that LinkWatch reads: the servers checked (here
     all by one tcp monitor), and no announcer."""
