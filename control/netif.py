@@ -220,16 +220,19 @@ class LinkEvents:
         # address, XDP attached). None: not known (at the start, after an
         # overrun) until carrier().
         self._carrier: dict[int, str] | None = None
-        # Those known before an overrun, and the losses carrier() found since.
+        # Those known before an overrun, and the losses and the carriers
+        # regained that carrier() found since.
         self._before: dict[int, str] | None = None
         self._missed: list[LinkLoss] = []
+        self._found: list[int] = []
         self._reading = threading.Lock()
         self._marshal = MarshalRtnl()
 
     def carrier(self) -> None:
         """Reads which links have carrier now, if not known. Those that had
-        it before an overrun and have none now are the next read()'s losses:
-        their events may be among those lost."""
+        it before an overrun and have none now are the next read()'s losses,
+        and those that have it now and had not its carriers regained: their
+        events may be among those lost."""
         with self._reading:             # one thread at a time: one tells the losses
             self._carrier_now()
 
@@ -244,6 +247,7 @@ class LinkEvents:
                                      "was set down" if not now[index].up else
                                      "lost its carrier")
                             for index, name in self._before.items() if index not in carrier]
+            self._found = [index for index in carrier if index not in self._before]
         self._carrier, self._before = carrier, None
 
     @property
@@ -272,7 +276,7 @@ class LinkEvents:
         after it tells those the lost events held."""
         with self._reading:             # not while carrier() tells them
             lost, self._missed = self._missed, []
-        regained: list[int] = []
+            regained, self._found = self._found, []
         changed = False
         while True:
             try:

@@ -76,6 +76,28 @@ def test_each_loss_of_a_link_is_told_once_with_how():
             events.close()
 
 
+def test_a_carrier_back_in_an_overrun_is_told_once_the_carriers_are_read_again():
+    """A link that regains its carrier while events are lost to an overrun
+    is told regained once the links are read again, as a loss is: the
+    servers its loss took down are checked then, not at their next turn."""
+    with FibNet("xlbt-links").entered({}) as net, IPRoute() as ipr:
+        events = LinkEvents()
+        try:
+            events.carrier()
+            net.sh("ip", "link", "set", "int-peer", "down")
+            assert told(events)[0] == [("int-peer", "was set down"), ("int", "lost its carrier")]
+            events._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            for n in range(200):            # overruns it: what follows is lost
+                ipr.route("add", dst=f"10.2.{n}.0/24", gateway="10.1.11.2")
+            net.sh("ip", "link", "set", "int-peer", "up")
+            assert events.read() == ([], [], True)
+            events.carrier()
+            assert sorted(events.read()[1]) == sorted(
+                [net.ifindex["int"], *ipr.link_lookup(ifname="int-peer")])
+        finally:
+            events.close()
+
+
 def test_a_port_taken_out_of_its_bridge_is_not_told_deleted():
     """The kernel tells a port's leaving its bridge as an RTM_DELLINK of the
     bridge family (AF_BRIDGE) about the port, which is still there, carrier
