@@ -225,21 +225,30 @@ class LinkEvents:
         self._before: dict[int, str] | None = None
         self._missed: list[LinkLoss] = []
         self._found: list[int] = []
-        self._reading = threading.Lock()
+        # Link messages read, or lost, while the carriers are not known: each
+        # may be news the links' dump in progress missed.
+        self._unheeded = 0
+        self._reading = threading.Lock()     # never held while the links are dumped
         self._marshal = MarshalRtnl()
 
     def carrier(self) -> None:
         """Reads which links have carrier now, if not known. Those that had
         it before an overrun and have none now are the next read()'s losses,
         and those that have it now and had not its carriers regained: their
-        events may be among those lost."""
-        with self._reading:             # one thread at a time: one tells the losses
-            self._carrier_now()
+        events may be among those lost. The links are dumped again while a
+        link message read (or lost) during a dump may be news it missed."""
+        while True:
+            with self._reading:
+                if self._carrier is not None:
+                    return
+                unheeded = self._unheeded
+            now = {link.index: link for link in links()}
+            with self._reading:         # one thread tells the losses, after no news
+                if self._carrier is None and self._unheeded == unheeded:
+                    self._carrier_from(now)
+                    return
 
-    def _carrier_now(self) -> None:
-        if self._carrier is not None:
-            return
-        now = {link.index: link for link in links()}
+    def _carrier_from(self, now: dict[int, Link]) -> None:
         carrier = {index: link.name for index, link in now.items() if link.carrier}
         if self._before is not None:
             self._missed = [LinkLoss(index, name,
@@ -275,8 +284,11 @@ class LinkEvents:
         event loop's thread: pyroute2 runs one of its own), and the read
         after it tells those the lost events held."""
         with self._reading:             # not while carrier() tells them
-            lost, self._missed = self._missed, []
-            regained, self._found = self._found, []
+            return self._read(ignore_table)
+
+    def _read(self, ignore_table: int | None) -> tuple[list[LinkLoss], list[int], bool]:
+        lost, self._missed = self._missed, []
+        regained, self._found = self._found, []
         changed = False
         while True:
             try:
@@ -289,13 +301,15 @@ class LinkEvents:
                 if self._carrier is not None:
                     self._before = self._carrier
                 self._carrier, changed = None, True
+                self._unheeded += 1
                 continue
             for msg in self._marshal.parse(data):
                 kind = msg["header"]["type"]
                 # A bridge tells its ports' joining and leaving (RTM_DELLINK
                 # for a port still there) as link messages of its own family.
-                if kind in (RTM_NEWLINK, RTM_DELLINK) and self._carrier is not None \
-                        and msg["family"] != socket.AF_BRIDGE:
+                if kind in (RTM_NEWLINK, RTM_DELLINK) and self._carrier is None:
+                    self._unheeded += 1
+                elif kind in (RTM_NEWLINK, RTM_DELLINK) and msg["family"] != socket.AF_BRIDGE:
                     index, flags = msg["index"], msg["flags"]
                     up = kind == RTM_NEWLINK and flags & (IFF_UP | IFF_LOWER_UP) == \
                         IFF_UP | IFF_LOWER_UP

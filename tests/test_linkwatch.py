@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from ipaddress import IPv4Address
 
 import pytest
@@ -17,7 +18,7 @@ from fibnet import FibNet
 from pyroute2 import IPRoute
 
 from waiting import until
-from xlb import daemon
+from xlb import daemon, netif
 from xlb.daemon import LOOKUP_SECONDS, LinkWatch
 from xlb.health import HealthChecker, Target
 from xlb.model import Monitor
@@ -200,6 +201,52 @@ def test_a_loss_in_an_overrun_is_told_once_the_carriers_are_read_again():
             net.sh("ip", "link", "set", "tiny", "down")     # known by its new name
             assert told(events)[0] == [("tiny", "was set down"), ("small-peer", "lost its carrier")]
         finally:
+            events.close()
+
+
+def test_events_are_read_while_the_links_are_read_again(monkeypatch):
+    """After an overrun the links are read again in a worker thread; the event
+    loop reads its events meanwhile, not waiting for that dump (all the links
+    and addresses, longer the more there are), and a loss it reads while the
+    carriers are not known, which the dump may have missed, is told once they
+    are read again."""
+    with FibNet("xlbt-links").entered({}) as net, IPRoute() as ipr:
+        events = LinkEvents()
+        dumped, release, dumps = threading.Event(), threading.Event(), []
+        links = netif.links
+
+        def held():
+            found = links()
+            dumps.append(found)
+            dumped.set()
+            release.wait(10)
+            return found
+        try:
+            events.carrier()
+            events._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            for n in range(200):            # overruns it: what follows is lost
+                ipr.route("add", dst=f"10.2.{n}.0/24", gateway="10.1.11.2")
+            assert told(events) == ([], True)
+            events._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            monkeypatch.setattr(netif, "links", held)
+            again = threading.Thread(target=events.carrier)
+            again.start()
+            assert dumped.wait(10)
+            net.sh("ip", "link", "set", "int-peer", "down")     # after the dump
+            got = []
+            reading = threading.Thread(target=lambda: got.append(told(events)))
+            reading.start()
+            reading.join(5)
+            read_meanwhile = not reading.is_alive()
+            release.set()
+            again.join()
+            reading.join()
+            assert read_meanwhile, "read() waited for the links' dump"
+            assert not events.overrun and len(dumps) == 2     # the first dump was stale
+            assert sorted(told(events)[0]) == [("int", "lost its carrier"),
+                                               ("int-peer", "was set down")]
+        finally:
+            release.set()
             events.close()
 
 
