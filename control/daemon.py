@@ -1003,12 +1003,15 @@ class LinkWatch:
             self.stale()
 
     async def _carrier_again(self) -> None:
-        try:
-            await asyncio.to_thread(self.events.carrier)
-        except Exception as e:      # the next round reads them again
-            log.event("link", level="error", error=f"links not read: {e}")
-            return
-        self._read()
+        # Until no overrun is left: one found by the reads here, or by those of
+        # the reader meanwhile, would start no other task while this one runs.
+        while self.events.overrun:
+            try:
+                await asyncio.to_thread(self.events.carrier)
+            except Exception as e:      # the next round reads them again
+                log.event("link", level="error", error=f"links not read: {e}")
+                return
+            self._read()
 
 
 async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignals) -> bool:

@@ -413,3 +413,35 @@ def test_a_loss_in_an_overrun_takes_its_servers_down_before_the_next_round(monke
 
     with FibNet("xlbt-links").entered({}) as net:
         asyncio.run(main(net))
+
+
+def test_an_overrun_while_the_carriers_are_read_again_has_them_read_again(monkeypatch, tmp_path):
+    """Events lost again while the carriers are read again after an overrun
+    (a burst goes on) have them read again at once too, not with the next
+    round of route lookups (here ten minutes away): a loss among them takes
+    its servers down then."""
+    monkeypatch.setattr(daemon, "LOOKUP_SECONDS", 600.0)
+    batches = []
+    for first in (2, 3):
+        batches.append(tmp_path / f"routes{first}")
+        batches[-1].write_text("".join(f"route add 10.{first}.{n}.0/24 via 10.1.11.2\n"
+                                       for n in range(200)))
+
+    async def main(net):
+        with watching(["10.1.11.101", "10.1.1.50"]) as (watch, hc):
+            await until(lambda: watch.routes, "the routes", 5.0)
+            carrier = watch.events.carrier
+
+            def and_lost_again():       # in a worker thread: the loop reads on
+                carrier()
+                if len(batches) == 1:
+                    net.sh("ip", "-batch", str(batches.pop()))
+                    net.sh("ip", "link", "set", "int-peer", "down")
+            monkeypatch.setattr(watch.events, "carrier", and_lost_again)
+            watch.events._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            net.sh("ip", "-batch", str(batches.pop(0)))     # the loop held: overrun
+            await until(lambda: hc.state(("web", "10.1.11.101")) == "down", "marked down", 5.0)
+            assert hc.state(("web", "10.1.1.50")) == "up" and watch.rounds == 1
+
+    with FibNet("xlbt-links").entered({}) as net:
+        asyncio.run(main(net))
