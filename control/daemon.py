@@ -947,6 +947,8 @@ class LinkWatch:
                 self._again = True
                 continue
             self._read()    # a loss told meanwhile goes by the routes before it
+            if self.events.overrun:     # events lost: the carriers read again before they judge
+                await self._carrier_again()
             # Servers newly routed through a link without carrier (an apply
             # while it is down): down now, not at their first failed check;
             # those a loss took down, newly routed through one with: checked now.
@@ -1003,8 +1005,8 @@ class LinkWatch:
             self.stale()
 
     async def _carrier_again(self) -> None:
-        # Until no overrun is left: one found by the reads here, or by those of
-        # the reader meanwhile, would start no other task while this one runs.
+        # Until no overrun is left: one found meanwhile (by the reads here, or
+        # the reader's) starts no other task while the reader's runs.
         while self.events.overrun:
             try:
                 await asyncio.to_thread(self.events.carrier)

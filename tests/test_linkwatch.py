@@ -445,3 +445,45 @@ def test_an_overrun_while_the_carriers_are_read_again_has_them_read_again(monkey
 
     with FibNet("xlbt-links").entered({}) as net:
         asyncio.run(main(net))
+
+
+def test_servers_applied_behind_a_link_without_carrier_in_an_overrun_are_down_at_once(
+        tmp_path):
+    """Events lost while a round looks the routes up (a burst of route
+    changes): which links have carrier is read again before the round judges
+    the servers new behind one, not taken as unknown, which let them stay up
+    (no loss told after: that link had none before either)."""
+    batch = tmp_path / "routes"
+    batch.write_text("".join(f"route add 10.2.{n}.0/24 via 10.1.11.2\n" for n in range(200)))
+    new = IPv4Address("10.1.11.102")
+
+    async def main(net):
+        with watching(["10.1.1.50"]) as (watch, hc):
+            await until(lambda: watch.routes, "the routes", 5.0)
+            net.sh("ip", "link", "set", "int-peer", "down")
+            await until(lambda: watch.events.lacks_carrier(net.ifindex["int"]), "the loss", 5.0)
+            routes, read = watch._routes, watch._read
+
+            def routes_then_overrun(addresses):
+                found = routes(addresses)
+                if new in addresses:
+                    watch._read = overrun_then_read
+                return found
+
+            def overrun_then_read():        # the round's own read, the loop held
+                watch._read = read
+                watch.events._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                net.sh("ip", "-batch", str(batch))
+                batch.unlink()
+                read()
+            watch._routes = routes_then_overrun
+            target = Target(("web", "new"), new, 80, watch.balancer.targets[0].monitor)
+            watch.balancer.targets = watch.balancer.targets + [target]
+            hc.set_targets(watch.balancer.targets)
+            watch.stale()
+            await until(lambda: not batch.exists(), "the overrun", 5.0)
+            await until(lambda: hc.state(target.key) == "down", "the new one down", 5.0)
+            assert hc.last_check(target.key)[:2] == (False, "link int has no carrier")
+
+    with FibNet("xlbt-links").entered({}) as net:
+        asyncio.run(main(net))
