@@ -367,7 +367,7 @@ def live(interval: float, console: Console | None = None) -> int:
                     return 128 + signal.SIGTERM
                 if signal.SIGWINCH in got:     # drawn anew: as many rows as it has lines now
                     got.discard(signal.SIGWINCH)
-                    if view is not None:
+                    if view is not None and console.is_terminal:   # printed frames list all
                         view.update(drawn(), refresh=True)
                 if answer in ready or due is not None and due <= time.monotonic():
                     return None

@@ -682,6 +682,30 @@ def test_a_resize_is_drawn_at_once_while_the_instance_is_slow_to_answer(monkeypa
     assert drawn == [(30, False), (50, True)]   # drawn anew while the request was held
 
 
+
+def test_a_resize_prints_no_frame_again_when_piped(monkeypatch, run_dir):
+    """Where stdout is no terminal, each frame lists every server whatever the
+    terminal's size: a resize of the terminal it runs in (`xlb top | tee`)
+    printed the last frame once more, its samples and all."""
+    console = Console(file=io.StringIO(), width=160)
+    drawn = []
+    render = top.render
+
+    def drawing(current, previous=None, seconds=None, note=None, lines=None, keys=False):
+        drawn.append(lines)
+        return render(current, previous, seconds, note, lines, keys)
+
+    def resize():
+        os.kill(os.getpid(), signal.SIGWINCH)
+        time.sleep(0.5)                 # taken in before the Ctrl-C, which would win
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(top, "render", drawing)
+    Clock(monkeypatch)
+    with slow_instance(resize):
+        assert top.live(60.0, console) == 0
+    assert drawn == [None]
+
 # --- the lab ---------------------------------------------------------------------------
 
 CSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][0-9A-Za-z]|\x1b[=>78]")
