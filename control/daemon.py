@@ -908,7 +908,9 @@ class LinkWatch:
         # Each server at its address, as routed at the last round: one new
         # there (another pool's, another port's) is new behind its link.
         self._placed: dict[tuple[Key, IPv4Address], int] = {}
-        self._downed: dict[Key, int] = {}           # a server a link's loss took down: the link
+        # The addresses of the servers a link's loss took down (a server renamed
+        # keeps its own): the link.
+        self._downed: dict[IPv4Address, int] = {}
         self._recarrier: asyncio.Task | None = None
         self._lookup: asyncio.Task | None = None
         self._again = False
@@ -953,24 +955,24 @@ class LinkWatch:
             # while it is down): down now, not at their first failed check;
             # those a loss took down, newly routed through one with: checked now.
             targets = self.balancer.health_targets()
-            dead: dict[int, list[Key]] = {}
+            dead: dict[int, list[Target]] = {}
             moved: list[Key] = []
             for t in targets:
                 index = found.get(t.address)
                 if index is None or index == self._placed.get((t.key, t.address)):
                     continue
                 if self.events.lacks_carrier(index):
-                    dead.setdefault(index, []).append(t.key)
-                elif t.key in self._downed:
+                    dead.setdefault(index, []).append(t)
+                elif t.address in self._downed:
                     moved.append(t.key)
             self.routes = found
             self._placed = {(t.key, t.address): found[t.address] for t in targets
                             if t.address in found}
-            checked = {t.key for t in targets}
-            self._downed = {k: i for k, i in self._downed.items() if k in checked}
-            for index, keys in dead.items():
+            checked = {t.address for t in targets}
+            self._downed = {a: i for a, i in self._downed.items() if a in checked}
+            for index, behind in dead.items():
                 with contextlib.suppress(OSError):      # gone since: its loss is told
-                    self._take_down(index, socket.if_indextoname(index), "has no carrier", keys)
+                    self._take_down(index, socket.if_indextoname(index), "has no carrier", behind)
             self.checker.check_now(moved)
             await asyncio.sleep(max(LOOKUP_SECONDS, LOOKUP_SPACING * (loop.time() - started)))
 
@@ -978,26 +980,26 @@ class LinkWatch:
         self.events.carrier()
         return netif.route_links(addresses)
 
-    def _take_down(self, index: int, name: str, how: str, keys: list[Key]) -> None:
+    def _take_down(self, index: int, name: str, how: str, targets: list[Target]) -> None:
         log.event("link", level="warning", link=name, reason=how,
-                  servers_down=",".join("/".join(k) for k in keys))
-        self.checker.mark_down(keys, f"link {name} {how}")
-        self._downed.update(dict.fromkeys(keys, index))
+                  servers_down=",".join("/".join(t.key) for t in targets))
+        self.checker.mark_down([t.key for t in targets], f"link {name} {how}")
+        self._downed.update((t.address, index) for t in targets)
 
     def _read(self) -> None:
         announcer = self.balancer.announcer
         lost, regained, changed = self.events.read(announcer and announcer.table)
         for loss in lost:
-            keys = [t.key for t in self.balancer.health_targets()
-                    if self.routes.get(t.address) == loss.index]
-            if keys:
-                self._take_down(loss.index, loss.name, loss.how, keys)
+            if behind := [t for t in self.balancer.health_targets()
+                          if self.routes.get(t.address) == loss.index]:
+                self._take_down(loss.index, loss.name, loss.how, behind)
         for index in regained:
             # Back an interval sooner: rise - 1 intervals after the carrier.
-            if keys := [k for k, i in self._downed.items() if i == index]:
-                for key in keys:
-                    del self._downed[key]
-                self.checker.check_now(keys)
+            if back := {a for a, i in self._downed.items() if i == index}:
+                for address in back:
+                    del self._downed[address]
+                self.checker.check_now([t.key for t in self.balancer.health_targets()
+                                        if t.address in back])
         if self.events.overrun and (self._recarrier is None or self._recarrier.done()):
             # Its losses told now, not with the next round, which may be seconds away.
             self._recarrier = asyncio.get_running_loop().create_task(self._carrier_again())

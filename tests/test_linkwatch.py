@@ -336,6 +336,39 @@ def test_servers_of_a_link_deleted_are_checked_as_soon_as_it_is_made_again():
                                  lambda: net.sh("ip", "link", "del", "int"), remake))
 
 
+def test_servers_a_link_took_down_renamed_meanwhile_are_checked_as_soon_as_it_is_back():
+    """A server renamed (or its pool) while its link is down is the same
+    server, still down: checked at once when the link is back, as under its
+    old name."""
+    async def main(net):
+        m = Monitor("m", "tcp", interval=600.0, timeout=1.0, rise=1, fall=3)
+        old, new = ("web", "a"), ("web", "b")
+        servers = Servers([])
+        servers.targets = [Target(old, IPv4Address("10.1.11.101"), 80, m)]
+        hc = HealthChecker(lambda tr: None)
+        hc.set_targets(servers.targets)
+        checks = asyncio.create_task(hc.run())
+        watch = LinkWatch(servers, hc)
+        watch.start()
+        try:
+            await until(lambda: watch.routes, "the routes", 5.0)
+            await asyncio.to_thread(net.sh, "ip", "link", "set", "int", "down")
+            await until(lambda: hc.state(old) == "down", "marked down", 5.0)
+            servers.targets = [Target(new, IPv4Address("10.1.11.101"), 80, m)]
+            hc.set_targets(servers.targets, renamed={old: new})
+            watch.stale()
+            await asyncio.to_thread(net.sh, "ip", "link", "set", "int", "up")
+            await until(lambda: hc.state(new) == "up", "up again", 10.0)
+        finally:
+            watch.close()
+            hc.stop()
+            await checks
+
+    with FibNet("xlbt-links").entered({}) as net, served(net, {"int": "10.1.11.101/24"},
+                                                          "10.1.11.101"):
+        asyncio.run(main(net))
+
+
 def test_servers_routed_through_another_link_while_theirs_is_down_are_checked_at_once():
     """A server behind a gateway whose link lost its carrier, routed through
     another link with carrier (the operator's route, a routing daemon's): it
