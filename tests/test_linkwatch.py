@@ -280,6 +280,22 @@ def served(net: FibNet, peers: dict[str, str], address: str):
         subprocess.run(["ip", "netns", "del", "xlbt-srv"], check=True)
 
 
+@contextlib.asynccontextmanager
+async def checking(servers: Servers, on_change=lambda tr: None):
+    """A running LinkWatch of these servers, and their checker running."""
+    hc = HealthChecker(on_change)
+    hc.set_targets(servers.targets)
+    checks = asyncio.create_task(hc.run())
+    watch = LinkWatch(servers, hc)
+    watch.start()
+    try:
+        yield watch, hc
+    finally:
+        watch.close()
+        hc.stop()
+        await checks
+
+
 async def back_at_once(net: FibNet, address: str, going, returning) -> None:
     """A server at address, checked every ten minutes (rise 1), is taken down
     by going() (in a thread), and checked, so up, at once after returning()."""
@@ -288,22 +304,13 @@ async def back_at_once(net: FibNet, address: str, going, returning) -> None:
                               Monitor("m", "tcp", interval=600.0, timeout=1.0, rise=1, fall=3))
                        for t in servers.targets]
     key = servers.targets[0].key
-    hc = HealthChecker(lambda tr: None)
-    hc.set_targets(servers.targets)
-    checks = asyncio.create_task(hc.run())
-    watch = LinkWatch(servers, hc)
-    watch.start()
-    try:
+    async with checking(servers) as (watch, hc):
         await until(lambda: watch.routes, "the routes", 5.0)
         await asyncio.to_thread(going)
         await until(lambda: hc.state(key) == "down", "marked down", 5.0)
         await asyncio.to_thread(returning)
         await until(lambda: hc.state(key) == "up", "up again", 10.0)
         assert hc.last_check(key)[:2] == (True, "check passed")
-    finally:
-        watch.close()
-        hc.stop()
-        await checks
 
 
 def test_servers_a_link_took_down_are_checked_as_soon_as_it_is_back():
@@ -345,12 +352,7 @@ def test_servers_a_link_took_down_renamed_meanwhile_are_checked_as_soon_as_it_is
         old, new = ("web", "a"), ("web", "b")
         servers = Servers([])
         servers.targets = [Target(old, IPv4Address("10.1.11.101"), 80, m)]
-        hc = HealthChecker(lambda tr: None)
-        hc.set_targets(servers.targets)
-        checks = asyncio.create_task(hc.run())
-        watch = LinkWatch(servers, hc)
-        watch.start()
-        try:
+        async with checking(servers) as (watch, hc):
             await until(lambda: watch.routes, "the routes", 5.0)
             await asyncio.to_thread(net.sh, "ip", "link", "set", "int", "down")
             await until(lambda: hc.state(old) == "down", "marked down", 5.0)
@@ -359,10 +361,6 @@ def test_servers_a_link_took_down_renamed_meanwhile_are_checked_as_soon_as_it_is
             watch.stale()
             await asyncio.to_thread(net.sh, "ip", "link", "set", "int", "up")
             await until(lambda: hc.state(new) == "up", "up again", 10.0)
-        finally:
-            watch.close()
-            hc.stop()
-            await checks
 
     with FibNet("xlbt-links").entered({}) as net, served(net, {"int": "10.1.11.101/24"},
                                                           "10.1.11.101"):
@@ -396,12 +394,7 @@ def test_servers_applied_behind_a_link_without_carrier_are_down_at_once():
         servers.targets = [Target(old, IPv4Address("10.1.11.101"), 80, m),
                            Target(other, IPv4Address("10.1.1.50"), 80, m)]
         changes = []
-        hc = HealthChecker(changes.append)
-        hc.set_targets(servers.targets)
-        checks = asyncio.create_task(hc.run())
-        watch = LinkWatch(servers, hc)
-        watch.start()
-        try:
+        async with checking(servers, changes.append) as (watch, hc):
             await until(lambda: len(watch.routes) == 2, "the routes", 5.0)
             net.sh("ip", "link", "set", "int-peer", "down")
             await until(lambda: hc.state(old) == "down", "marked down", 5.0)
@@ -416,10 +409,6 @@ def test_servers_applied_behind_a_link_without_carrier_are_down_at_once():
                 [(twin, "link int has no carrier"), (new, "link int has no carrier"),
                  (old, "link int lost its carrier")]
             assert hc.state(other) == "up"
-        finally:
-            watch.close()
-            hc.stop()
-            await checks
 
     with FibNet("xlbt-links").entered({}) as net:
         asyncio.run(main(net))
