@@ -305,10 +305,10 @@ class LinkEvents:
                 continue
             for msg in self._marshal.parse(data):
                 kind = msg["header"]["type"]
-                # A bridge tells its ports' joining and leaving (RTM_DELLINK
-                # for a port still there) as link messages of its own family.
                 if kind in (RTM_NEWLINK, RTM_DELLINK) and self._carrier is None:
                     self._unheeded += 1
+                # A bridge tells its ports' joining and leaving (RTM_DELLINK
+                # for a port still there) as link messages of its own family.
                 elif kind in (RTM_NEWLINK, RTM_DELLINK) and msg["family"] != socket.AF_BRIDGE:
                     index, flags = msg["index"], msg["flags"]
                     up = kind == RTM_NEWLINK and flags & (IFF_UP | IFF_LOWER_UP) == \
