@@ -235,29 +235,29 @@ class LinkEvents:
         """Reads which links have carrier now, if not known. Those that had
         it before an overrun and have none now are the next read()'s losses,
         and those that have it now and had not its carriers regained: their
-        events may be among those lost. The links are dumped again while a
-        link message read (or lost) during a dump may be news it missed."""
-        while True:
-            with self._reading:
-                if self._carrier is not None:
-                    return
-                unheeded = self._unheeded
-            now = {link.index: link for link in links()}
-            with self._reading:         # one thread tells the losses, after no news
-                if self._carrier is None and self._unheeded == unheeded:
-                    self._carrier_from(now)
-                    return
-
-    def _carrier_from(self, now: dict[int, Link]) -> None:
-        carrier = {index: link.name for index, link in now.items() if link.carrier}
-        if self._before is not None:
-            self._missed = [LinkLoss(index, name,
-                                     "was deleted" if index not in now else
-                                     "was set down" if not now[index].up else
-                                     "lost its carrier")
-                            for index, name in self._before.items() if index not in carrier]
-            self._found = [index for index in carrier if index not in self._before]
-        self._carrier, self._before = carrier, None
+        events may be among those lost. Where a link message was read (or
+        lost) while the links were dumped, news the dump may have missed,
+        they stay unknown, for another call to read them again from there."""
+        with self._reading:
+            if self._carrier is not None:
+                return
+            unheeded = self._unheeded
+        now = {link.index: link for link in links()}
+        with self._reading:             # one thread tells the losses
+            if self._carrier is not None:
+                return
+            carrier = {index: link.name for index, link in now.items() if link.carrier}
+            if self._before is not None:
+                self._missed += [LinkLoss(index, name,
+                                          "was deleted" if index not in now else
+                                          "was set down" if not now[index].up else
+                                          "lost its carrier")
+                                 for index, name in self._before.items() if index not in carrier]
+                self._found += [index for index in carrier if index not in self._before]
+            if self._unheeded == unheeded:
+                self._carrier, self._before = carrier, None
+            else:
+                self._before = carrier
 
     @property
     def overrun(self) -> bool:

@@ -242,7 +242,9 @@ def test_events_are_read_while_the_links_are_read_again(monkeypatch):
             again.join()
             reading.join()
             assert read_meanwhile, "read() waited for the links' dump"
-            assert not events.overrun and len(dumps) == 2     # the first dump was stale
+            assert events.overrun           # the dump may have missed what was read
+            events.carrier()
+            assert not events.overrun and len(dumps) == 2
             assert sorted(told(events)[0]) == [("int", "lost its carrier"),
                                                ("int-peer", "was set down")]
         finally:
