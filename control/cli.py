@@ -34,21 +34,20 @@ class BadInput(click.ClickException):
     exit_code = 2
 
 
-class _ConfigFile(click.Path):
-    """A config file's name (or keepalived's FIFO's). What the file is (a
-    directory, unreadable, not there) is config.read's to say, as one of the
-    file's problems: `xlb check` lists it and exits 1."""
-
-    def __init__(self):
-        super().__init__(readable=False, path_type=Path)
+class _FileName(click.Path):
+    """A file's name, never empty: Path("") would be ".", a directory the
+    operator did not name."""
 
     def convert(self, value, param, ctx):
-        if value == "":               # Path("") would be ".", a directory not named
+        if value == "":
             self.fail("a file name cannot be empty", param, ctx)
         return super().convert(value, param, ctx)
 
 
-CONFIG_FILE = _ConfigFile()
+# A config file's name (or keepalived's FIFO's). What the file is (a
+# directory, unreadable, not there) is config.read's to say, as one of the
+# file's problems: `xlb check` lists it and exits 1.
+CONFIG_FILE = _FileName(readable=False, path_type=Path)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -542,7 +541,7 @@ def role(role: str) -> None:
 @ha.command()
 @click.option("--instance", default="xlb", show_default=True, metavar="NAME",
               help="The vrrp_instance whose state xlb follows.")
-@click.option("--track-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
+@click.option("--track-file", type=_FileName(dir_okay=False, path_type=Path), metavar="PATH",
               help="keepalived's track file: kept at 0 while an xlb data path runs here, "
                    "1 while none does (keepalived's FAULT).")
 @click.argument("fifo", type=CONFIG_FILE)

@@ -654,6 +654,16 @@ def test_ha_follow_refuses_a_track_file_it_cannot_keep(tmp_path):
         assert (r.returncode, r.stderr) == (2, f"xlb: error: --track-file {track}: {reason}\n")
 
 
+def test_ha_follow_names_an_empty_track_file_as_given(tmp_path):
+    """click made "" the directory ".", and follow refused "--track-file .",
+    a name the operator never gave."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    r = xlb("ha", "follow", "--track-file", "", str(fifo))
+    assert (r.returncode, r.stderr) == \
+        (2, "xlb: error: Invalid value for '--track-file': a file name cannot be empty\n")
+
+
 def test_ha_follow_overwrites_no_file_but_a_track_file(tmp_path):
     """A --track-file that holds more than keepalived's number (the config's
     path given by mistake) is refused and left as it was: follow wrote 0 or 1
