@@ -805,12 +805,21 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
         raise BadInput("--gateway: an address given twice")
     cfg = _ha_config(config)
     vips = {f.vip for f in cfg.frontends}
+    # A server's address on a node makes the node's `xlb up` refuse it (a local address).
+    servers = {s.address: s.name for p in cfg.pools for s in p.servers}
     if peer_ip in vips:
         raise BadInput(f"--peer {peer_ip}: a VIP, not the other node's address")
+    if peer_ip in servers:
+        raise BadInput(f"--peer {peer_ip}: the address of servers.{servers[peer_ip]}, not "
+                       f"the other node's")
     for g in gws:
         if g.address.ip in vips:
             raise BadInput(f"--gateway {g.address}: a VIP must not be a local address "
                            f"(xlb answers its ARP)")
+        if g.address.ip in servers:
+            raise BadInput(f"--gateway {g.address}: the address of "
+                           f"servers.{servers[g.address.ip]}, which would move to the "
+                           f"active node")
         if g.address.ip == peer_ip:
             raise BadInput(f"--gateway {g.address}: the peer's own address, which cannot "
                            f"move between the nodes")

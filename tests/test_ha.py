@@ -263,6 +263,14 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
      "--track-file: the same path as --fifo"),
     ([*KA, "--gateway", "10.1.11.12/24", str(SEED)],
      "--gateway 10.1.11.12/24: the peer's own address"),
+    # A server's address on a balancer node: that node's `xlb up` refuses it
+    # (a local address), or, moved there by keepalived, it would take the server's.
+    ([*KA, "--gateway", "10.1.11.101/24", str(SEED)],
+     "--gateway 10.1.11.101/24: the address of servers.was1, which would move to the "
+     "active node"),
+    (["ha", "keepalived", "--peer", "10.1.11.102", "--interface", "eth1", "--gateway",
+      "10.1.11.1/24", str(SEED)], "--peer 10.1.11.102: the address of servers.was2, not "
+                                  "the other node's"),
     ([*KA, "--gateway", "10.1.11.0/24", str(SEED)],
      "--gateway: '10.1.11.0/24': not a host's address on 10.1.11.0/24"),
     ([*KA, "--gateway", "10.1.11.255/24", str(SEED)],
