@@ -229,7 +229,8 @@ def check_maglev_servers(size: int, servers: int) -> None:
     need = MAGLEV_SLOTS_PER_SERVER * servers
     if need > size:
         fit = next(n for n in itertools.count(need) if maglev.is_prime(n))
-        raise ValueError(f"{size} slots are too few for {servers} servers: "
+        raise ValueError(f"{size} slots are too few for {servers} "
+                         f"server{'s' if servers > 1 else ''}: "
                          f"{MAGLEV_SLOTS_PER_SERVER} per server needs a prime of at least "
                          f"{need}, such as {fit}")
 

@@ -168,6 +168,9 @@ def test_maglev_size_needs_100_slots_per_server():
     with pytest.raises(ValueError, match="^101 slots are too few for 2 servers: 100 per server "
                                          "needs a prime of at least 200, such as 211$"):
         check_maglev_servers(101, 2)
+    with pytest.raises(ValueError, match="^97 slots are too few for 1 server: 100 per server "
+                                         "needs a prime of at least 100, such as 101$"):
+        check_maglev_servers(97, 1)
 
 
 def test_one_line_form_with_maglev():
