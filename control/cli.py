@@ -75,7 +75,8 @@ def cli() -> None:
               help="How new flows are spread over the backends: round-robin, or maglev "
                    "(a consistent hash of the flow: every balancer picks the same backend).")
 @click.option("--iface", "ifaces", multiple=True, metavar="DEV",
-              help="Attach to DEV. Repeatable. Default: every up, non-loopback interface.")
+              help="Attach to DEV. Repeatable. Default: every up Ethernet interface "
+                   "(not the loopback, nor tun, tunnel or wireguard links).")
 @click.option("--check", "check_kind", default="tcp", show_default=True,
               metavar="tcp|http:/PATH|none",
               help="Health check of the --backend servers: a TCP connect, an HTTP GET "

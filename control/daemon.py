@@ -460,9 +460,10 @@ def _warn_veth(datapath: Datapath, att) -> None:
 def _select(config: Config, holds: Callable[[netif.Link], bool] = lambda link: False
             ) -> list[netif.Link]:
     """The links a config attaches to (raises LookupError): those it names, or
-    every up, non-loopback one and those that run the program already, by
-    ifindex (a link that goes down keeps its program, and serves again when it
-    comes back up; so does one that runs the program an adoption takes over)."""
+    every up Ethernet one (not the loopback) and those that run the program
+    already, by ifindex (a link that goes down keeps its program, and serves
+    again when it comes back up; so does one that runs the program an adoption
+    takes over)."""
     names = config.attach_names()
     if names:
         links = netif.select(names)
@@ -470,11 +471,14 @@ def _select(config: Config, holds: Callable[[netif.Link], bool] = lambda link: F
             if link.loopback:   # what a host sends to a VIP leaves by a link, not lo
                 raise LookupError(f"interface {link.name!r} is the loopback: no packet for a "
                                   f"VIP arrives there")
+            if not link.ethernet:   # the program would parse IP packets as frames
+                raise LookupError(f"interface {link.name!r} carries no Ethernet frames (a tun, "
+                                  f"tunnel or wireguard link): no ARP for a VIP arrives there")
         return links
     links = [link for link in netif.links()
-             if not link.loopback and (link.up or holds(link))]
+             if link.ethernet and (link.up or holds(link))]
     if not links:
-        raise LookupError("no up, non-loopback interface in this network namespace")
+        raise LookupError("no up Ethernet interface in this network namespace")
     return links
 
 

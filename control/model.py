@@ -152,7 +152,7 @@ class Config:
         return len({(s.address, s.port) for p in self.pools for s in p.servers})
 
     def attach_names(self) -> tuple[str, ...]:
-        """Interfaces named anywhere; empty means every up, non-loopback one."""
+        """Interfaces named anywhere; empty means every up Ethernet one."""
         return tuple(dict.fromkeys(i for f in self.frontends for i in f.interfaces))
 
 

@@ -19,6 +19,7 @@ from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 IFF_UP = 0x1
 IFF_LOOPBACK = 0x8
 IFF_LOWER_UP = 0x10000      # the link has carrier (a cable in, the veth's peer up)
+ARPHRD_ETHER = 1            # a link's type: Ethernet frames (NICs, veth, bridges, VLANs, bonds)
 # IFLA_XDP_ATTACHED as pyroute2 names it, and the XDP_FLAGS_* that ask for each mode.
 XDP_MODES = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload"}
 _XDP_MODE_FLAGS = {"generic": 1 << 1, "native": 1 << 2, "offload": 1 << 3}
@@ -40,6 +41,7 @@ class Link:
     xdp_prog_id: int = 0    # the XDP program attached, if any
     xdp_mode: str = ""      # its mode: native, generic, offload
     carrier: bool = True    # up with carrier: frames can come and go
+    ethernet: bool = True   # carries Ethernet frames, which the program parses (not tun, ipip)
 
     @property
     def networks(self) -> tuple[IPv4Network, ...]:
@@ -70,6 +72,7 @@ def links() -> list[Link]:
                 xdp_prog_id=prog_id,
                 xdp_mode=mode,
                 carrier=msg["flags"] & (IFF_UP | IFF_LOWER_UP) == IFF_UP | IFF_LOWER_UP,
+                ethernet=msg["ifi_type"] == ARPHRD_ETHER,
             ))
         return result
 

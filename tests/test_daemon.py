@@ -492,6 +492,22 @@ def test_an_apply_attaches_to_a_link_made_again_under_its_name(balancer, fibnet)
         [("again", index)]
 
 
+def test_a_link_that_carries_no_ethernet_frames_is_refused_or_left_out(fibnet):
+    """A TUN device (a VPN's tun0) hands the program IP packets, which it
+    would parse as Ethernet frames: no ARP for a VIP comes there. Named, it
+    was attached and said to serve; with no link named, it was among those."""
+    fibnet.sh("ip", "tuntap", "add", "mode", "tun", "name", "xtun0")
+    try:
+        fibnet.sh("ip", "link", "set", "xtun0", "up")
+        with pytest.raises(LookupError, match=r"^interface 'xtun0' carries no Ethernet "
+                                              r"frames \(a tun, tunnel or wireguard link\)"):
+            daemon._select(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["xtun0"]))
+        everywhere = daemon._select(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"]))
+        assert everywhere and "xtun0" not in [link.name for link in everywhere]
+    finally:
+        fibnet.sh("ip", "link", "del", "xtun0")
+
+
 def attached(balancer) -> list[tuple[str, int, str]]:
     """status's interfaces: name, ifindex and state."""
     return [(i["name"], i["ifindex"], i["state"]) for i in balancer.status()["interfaces"]]
