@@ -140,10 +140,9 @@ class CountedWatch(LinkWatch):
 
 
 @contextlib.contextmanager
-def watching(addresses: list[str]):
+def watching(servers: Servers, on_change=lambda tr: None):
     """A running CountedWatch of these servers, its checker not running."""
-    servers = Servers(addresses)
-    hc = HealthChecker(lambda tr: None)
+    hc = HealthChecker(on_change)
     hc.set_targets(servers.targets)
     watch = CountedWatch(servers, hc)
     watch.start()
@@ -171,7 +170,7 @@ def test_route_churn_looks_up_the_servers_routes_a_round_a_second_at_most():
     async def main(net):
         loop = asyncio.get_running_loop()
         since = loop.time()
-        with watching(["10.1.11.101", "10.1.1.50"]) as (watch, hc):
+        with watching(Servers(["10.1.11.101", "10.1.1.50"])) as (watch, hc):
             changes = await churn(net, 3 * LOOKUP_SECONDS)
             # Rounds start LOOKUP_SECONDS apart at the soonest, however slow the
             # machine; a round for each change would be many more.
@@ -291,18 +290,14 @@ def served(net: FibNet, peers: dict[str, str], address: str):
 
 @contextlib.asynccontextmanager
 async def checking(servers: Servers, on_change=lambda tr: None):
-    """A running LinkWatch of these servers, and their checker running."""
-    hc = HealthChecker(on_change)
-    hc.set_targets(servers.targets)
-    checks = asyncio.create_task(hc.run())
-    watch = LinkWatch(servers, hc)
-    watch.start()
-    try:
-        yield watch, hc
-    finally:
-        watch.close()
-        hc.stop()
-        await checks
+    """watching(), and the servers' checker running."""
+    with watching(servers, on_change) as (watch, hc):
+        checks = asyncio.create_task(hc.run())
+        try:
+            yield watch, hc
+        finally:
+            hc.stop()
+            await checks
 
 
 async def back_at_once(net: FibNet, address: str, going, returning) -> None:
@@ -433,7 +428,7 @@ def test_a_loss_in_an_overrun_takes_its_servers_down_before_the_next_round(monke
     batch.write_text("".join(f"route add 10.2.{n}.0/24 via 10.1.11.2\n" for n in range(200)))
 
     async def main(net):
-        with watching(["10.1.11.101", "10.1.1.50"]) as (watch, hc):
+        with watching(Servers(["10.1.11.101", "10.1.1.50"])) as (watch, hc):
             await until(lambda: watch.routes, "the routes", 5.0)
             watch.events._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             # The loop held meanwhile: they overrun it, and what follows is lost.
@@ -459,7 +454,7 @@ def test_an_overrun_while_the_carriers_are_read_again_has_them_read_again(monkey
                                        for n in range(200)))
 
     async def main(net):
-        with watching(["10.1.11.101", "10.1.1.50"]) as (watch, hc):
+        with watching(Servers(["10.1.11.101", "10.1.1.50"])) as (watch, hc):
             await until(lambda: watch.routes, "the routes", 5.0)
             carrier = watch.events.carrier
 
@@ -489,7 +484,7 @@ def test_servers_applied_behind_a_link_without_carrier_in_an_overrun_are_down_at
     new = IPv4Address("10.1.11.102")
 
     async def main(net):
-        with watching(["10.1.1.50"]) as (watch, hc):
+        with watching(Servers(["10.1.1.50"])) as (watch, hc):
             await until(lambda: watch.routes, "the routes", 5.0)
             net.sh("ip", "link", "set", "int-peer", "down")
             await until(lambda: watch.events.lacks_carrier(net.ifindex["int"]), "the loss", 5.0)
