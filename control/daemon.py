@@ -909,9 +909,10 @@ class LinkWatch:
         self.balancer, self.checker = balancer, checker
         self.events = netif.LinkEvents()
         self.routes: dict[IPv4Address, int] = {}    # server address: link index
-        # Each server at its address, as routed at the last round: one new
-        # there (another pool's, another port's) is new behind its link.
-        self._placed: dict[tuple[Key, IPv4Address], int] = {}
+        # Each server at its address that the last round routed (through
+        # routes[address]): one new there (another pool's, another port's) is
+        # new behind its link.
+        self._placed: set[tuple[Key, IPv4Address]] = set()
         # The addresses of the servers a link's loss took down (a server renamed
         # keeps its own): the link.
         self._downed: dict[IPv4Address, int] = {}
@@ -963,15 +964,15 @@ class LinkWatch:
             moved: list[Key] = []
             for t in targets:
                 index = found.get(t.address)
-                if index is None or index == self._placed.get((t.key, t.address)):
+                if index is None or (t.key, t.address) in self._placed \
+                        and index == self.routes.get(t.address):
                     continue
                 if self.events.lacks_carrier(index):
                     dead.setdefault(index, []).append(t)
                 elif t.address in self._downed:
                     moved.append(t.key)
             self.routes = found
-            self._placed = {(t.key, t.address): found[t.address] for t in targets
-                            if t.address in found}
+            self._placed = {(t.key, t.address) for t in targets if t.address in found}
             checked = {t.address for t in targets}
             self._downed = {a: i for a, i in self._downed.items() if a in checked}
             for index, behind in dead.items():
