@@ -894,11 +894,13 @@ class LinkWatch:
     set down or deleted: its health checks would take `fall` intervals to
     fail, all the while its VIPs announced (BGP) or held (VRRP on another
     link) by a node that can only drop their flows. Its checks bring it back
-    (`rise`), the first at once when that link regains its carrier. Servers
-    no monitor checks are left as they are: nothing would bring them back.
-    A server taken down is checked at once too when it is routed through
-    another link with carrier (the route moved, or its link deleted and
-    made again under another index). The routes are looked up again after
+    (`rise`), the first at once when they are routed again through a link
+    with carrier: theirs back (the kernel tells its carrier before it puts
+    back the routes it flushed when the link was set down, and a gateway's
+    route may come back later, from a routing daemon or an ifup script),
+    another (the route moved), or theirs deleted and made again under
+    another index. Servers no monitor checks are left as they are: nothing
+    would bring them back. The routes are looked up again after
     changes of routes or links and applies, and used as they were before a
     loss. A round of lookups is costly (some 2 s of CPU at 10,000 servers),
     and a node whose routing daemon imports its router's routes sees
@@ -914,9 +916,11 @@ class LinkWatch:
         # new behind its link.
         self._placed: set[tuple[Key, IPv4Address]] = set()
         # The addresses of the servers a link's loss took down (a server renamed
-        # keeps its own): the link.
-        self._downed: dict[IPv4Address, int] = {}
+        # keeps its own), until they are routed again through one with carrier:
+        # the link, and when (the loop's time).
+        self._downed: dict[IPv4Address, tuple[int, float]] = {}
         self._recarrier: asyncio.Task | None = None
+        self._rerouting: set[asyncio.Task] = set()     # lookups of links regained
         self._lookup: asyncio.Task | None = None
         self._again = False
 
@@ -927,7 +931,7 @@ class LinkWatch:
     def close(self) -> None:
         asyncio.get_running_loop().remove_reader(self.events.fileno())
         self.events.close()
-        for task in (self._lookup, self._recarrier):
+        for task in (self._lookup, self._recarrier, *self._rerouting):
             if task is not None:
                 task.cancel()
 
@@ -957,11 +961,9 @@ class LinkWatch:
             if self.events.overrun:     # events lost: the carriers read again before they judge
                 await self._carrier_again()
             # Servers newly routed through a link without carrier (an apply
-            # while it is down): down now, not at their first failed check;
-            # those a loss took down, newly routed through one with: checked now.
+            # while it is down): down now, not at their first failed check.
             targets = self.balancer.health_targets()
             dead: dict[int, list[Target]] = {}
-            moved: list[Key] = []
             for t in targets:
                 index = found.get(t.address)
                 if index is None or (t.key, t.address) in self._placed \
@@ -969,27 +971,47 @@ class LinkWatch:
                     continue
                 if self.events.lacks_carrier(index):
                     dead.setdefault(index, []).append(t)
-                elif t.address in self._downed:
-                    moved.append(t.key)
             self.routes = found
             self._placed = {(t.key, t.address) for t in targets if t.address in found}
             checked = {t.address for t in targets}
-            self._downed = {a: i for a, i in self._downed.items() if a in checked}
+            self._downed = {a: d for a, d in self._downed.items() if a in checked}
             for index, behind in dead.items():
                 with contextlib.suppress(OSError):      # gone since: its loss is told
                     self._take_down(index, socket.if_indextoname(index), "has no carrier", behind)
-            self.checker.check_now(moved)
+            self._routed_again(found, started)
             await asyncio.sleep(max(LOOKUP_SECONDS, LOOKUP_SPACING * (loop.time() - started)))
 
     def _routes(self, addresses: set[IPv4Address]) -> dict[IPv4Address, int]:
         self.events.carrier()
         return netif.route_links(addresses)
 
+    def _routed_again(self, found: dict[IPv4Address, int], since: float) -> None:
+        """Checks now the servers a loss before `since` took down that `found`
+        (looked up since) routes through a link with carrier: a lookup
+        before the loss may hold a route the link's going removed."""
+        back = {a for a, (_, when) in self._downed.items() if when < since
+                and (index := found.get(a)) is not None and not self.events.lacks_carrier(index)}
+        for address in back:
+            del self._downed[address]
+        self.checker.check_now([t.key for t in self.balancer.health_targets()
+                                if t.address in back])
+
+    async def _reroute(self, addresses: set[IPv4Address]) -> None:
+        # Only the servers of the link regained: sooner than the next round.
+        started = asyncio.get_running_loop().time()
+        try:
+            found = await asyncio.to_thread(netif.route_links, addresses)
+        except Exception as e:      # the next round looks them up
+            log.event("link", level="error", error=f"routes to the servers not read: {e}")
+            return
+        self._routed_again(found, started)
+
     def _take_down(self, index: int, name: str, how: str, targets: list[Target]) -> None:
         log.event("link", level="warning", link=name, reason=how,
                   servers_down=",".join("/".join(t.key) for t in targets))
         self.checker.mark_down([t.key for t in targets], f"link {name} {how}")
-        self._downed.update((t.address, index) for t in targets)
+        now = asyncio.get_running_loop().time()
+        self._downed.update((t.address, (index, now)) for t in targets)
 
     def _read(self) -> None:
         announcer = self.balancer.announcer
@@ -999,12 +1021,11 @@ class LinkWatch:
                           if self.routes.get(t.address) == loss.index]:
                 self._take_down(loss.index, loss.name, loss.how, behind)
         for index in regained:
-            # Back an interval sooner: rise - 1 intervals after the carrier.
-            if back := {a for a, i in self._downed.items() if i == index}:
-                for address in back:
-                    del self._downed[address]
-                self.checker.check_now([t.key for t in self.balancer.health_targets()
-                                        if t.address in back])
+            # Back an interval sooner: rise - 1 intervals after they are routed.
+            if back := {a for a, (i, _) in self._downed.items() if i == index}:
+                task = asyncio.get_running_loop().create_task(self._reroute(back))
+                self._rerouting.add(task)
+                task.add_done_callback(self._rerouting.discard)
         if self.events.overrun and (self._recarrier is None or self._recarrier.done()):
             # Its losses told now, not with the next round, which may be seconds away.
             self._recarrier = asyncio.get_running_loop().create_task(self._carrier_again())

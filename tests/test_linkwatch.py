@@ -371,6 +371,24 @@ def test_servers_a_link_took_down_renamed_meanwhile_are_checked_as_soon_as_it_is
         asyncio.run(main(net))
 
 
+def test_servers_a_link_took_down_are_checked_once_routed_again_after_it_is_back():
+    """The kernel flushes a link's routes when it is set down, and tells its
+    carrier back before it routes through it again (its subnet's route), or
+    long before (a gateway's route, put back by a routing daemon or an ifup
+    script): servers it took down are checked when they are routed through
+    it again, not while no route reaches them, which would leave them down
+    until their next turn."""
+    def back():
+        net.sh("ip", "link", "set", "int", "up")
+        net.sh("ip", "route", "add", "10.1.20.0/24", "via", "10.1.11.2")
+
+    with FibNet("xlbt-links").entered({}) as net, served(net, {"int": "10.1.11.2/24"},
+                                                          "10.1.20.5"):
+        net.sh("ip", "route", "add", "10.1.20.0/24", "via", "10.1.11.2")
+        asyncio.run(back_at_once(net, "10.1.20.5",
+                                 lambda: net.sh("ip", "link", "set", "int", "down"), back))
+
+
 def test_servers_routed_through_another_link_while_theirs_is_down_are_checked_at_once():
     """A server behind a gateway whose link lost its carrier, routed through
     another link with carrier (the operator's route, a routing daemon's): it
