@@ -916,8 +916,8 @@ class LinkWatch:
         # new behind its link.
         self._placed: set[tuple[Key, IPv4Address]] = set()
         # The addresses of the servers a link's loss took down (a server renamed
-        # keeps its own), until they are routed again through one with carrier:
-        # the link, and when (the loop's time).
+        # keeps its own), until they are routed through it again with its
+        # carrier: the link, and when (the loop's time).
         self._downed: dict[IPv4Address, tuple[int, float]] = {}
         self._recarrier: asyncio.Task | None = None
         self._rerouting: set[asyncio.Task] = set()     # lookups of links regained
@@ -961,9 +961,12 @@ class LinkWatch:
             if self.events.overrun:     # events lost: the carriers read again before they judge
                 await self._carrier_again()
             # Servers newly routed through a link without carrier (an apply
-            # while it is down): down now, not at their first failed check.
+            # while it is down): down now, not at their first failed check;
+            # those a loss took down, newly routed through another with:
+            # checked now, and again when theirs is back.
             targets = self.balancer.health_targets()
             dead: dict[int, list[Target]] = {}
+            moved: list[Key] = []
             for t in targets:
                 index = found.get(t.address)
                 if index is None or (t.key, t.address) in self._placed \
@@ -971,6 +974,8 @@ class LinkWatch:
                     continue
                 if self.events.lacks_carrier(index):
                     dead.setdefault(index, []).append(t)
+                elif t.address in self._downed and self._downed[t.address][0] != index:
+                    moved.append(t.key)
             self.routes = found
             self._placed = {(t.key, t.address) for t in targets if t.address in found}
             checked = {t.address for t in targets}
@@ -978,6 +983,7 @@ class LinkWatch:
             for index, behind in dead.items():
                 with contextlib.suppress(OSError):      # gone since: its loss is told
                     self._take_down(index, socket.if_indextoname(index), "has no carrier", behind)
+            self.checker.check_now(moved)
             self._routed_again(found, started)
             await asyncio.sleep(max(LOOKUP_SECONDS, LOOKUP_SPACING * (loop.time() - started)))
 
@@ -987,10 +993,10 @@ class LinkWatch:
 
     def _routed_again(self, found: dict[IPv4Address, int], since: float) -> None:
         """Checks now the servers a loss before `since` took down that `found`
-        (looked up since) routes through a link with carrier: a lookup
-        before the loss may hold a route the link's going removed."""
-        back = {a for a, (_, when) in self._downed.items() if when < since
-                and (index := found.get(a)) is not None and not self.events.lacks_carrier(index)}
+        (looked up since: one from before may hold a route the loss removed)
+        routes through their link again, with carrier."""
+        back = {a for a, (index, when) in self._downed.items()
+                if when < since and found.get(a) == index and not self.events.lacks_carrier(index)}
         for address in back:
             del self._downed[address]
         self.checker.check_now([t.key for t in self.balancer.health_targets()

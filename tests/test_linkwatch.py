@@ -402,6 +402,38 @@ def test_servers_routed_through_another_link_while_theirs_is_down_are_checked_at
             lambda: net.sh("ip", "route", "replace", "10.1.20.0/24", "via", "10.1.13.2")))
 
 
+def test_servers_checked_through_another_link_are_checked_again_once_theirs_is_back():
+    """A server whose link was set down, routed meanwhile through a link with
+    carrier that does not reach it (a backup route), fails the check there:
+    it is checked again at once when its link is back and routes it."""
+    async def main(net):
+        servers = Servers(["10.1.20.5"])
+        servers.targets = [Target(t.key, t.address, 80,
+                                  Monitor("m", "tcp", interval=600.0, timeout=0.5, rise=1,
+                                          fall=3)) for t in servers.targets]
+        key = servers.targets[0].key
+        async with checking(servers) as (watch, hc):
+            await until(lambda: watch.routes, "the routes", 5.0)
+            await asyncio.to_thread(net.sh, "ip", "link", "set", "int", "down")
+            await until(lambda: hc.last_check(key)[1] not in ("check passed",
+                                                              "link int was set down"),
+                        "checked through small", 5.0)
+            assert hc.state(key) == "down"
+            await asyncio.to_thread(back)
+            await until(lambda: hc.state(key) == "up", "up again", 10.0)
+
+    def back():
+        net.sh("ip", "link", "set", "int", "up")
+        net.sh("ip", "route", "add", "10.1.20.0/24", "via", "10.1.11.2", "metric", "10")
+
+    with FibNet("xlbt-links").entered({}) as net, served(
+            net, {"int": "10.1.11.2/24", "small": "10.1.13.2/24"}, "10.1.20.5"):
+        net.sh("ip", "route", "add", "10.1.20.0/24", "via", "10.1.11.2", "metric", "10")
+        # The backup's gateway answers no ARP: the check through it fails.
+        net.sh("ip", "route", "add", "10.1.20.0/24", "via", "10.1.13.3", "metric", "100")
+        asyncio.run(main(net))
+
+
 def test_servers_applied_behind_a_link_without_carrier_are_down_at_once():
     """An apply while a link has no carrier: the servers it adds behind it are
     taken down as their routes are read, not left up (their VIP announced
