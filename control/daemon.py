@@ -920,7 +920,9 @@ class LinkWatch:
         # carrier: the link, and when (the loop's time).
         self._downed: dict[IPv4Address, tuple[int, float]] = {}
         self._recarrier: asyncio.Task | None = None
-        self._rerouting: set[asyncio.Task] = set()     # lookups of links regained
+        # The servers of links regained, to be looked up before the next round.
+        self._regained: set[IPv4Address] = set()
+        self._rerouting: asyncio.Task | None = None
         self._lookup: asyncio.Task | None = None
         self._again = False
 
@@ -931,7 +933,7 @@ class LinkWatch:
     def close(self) -> None:
         asyncio.get_running_loop().remove_reader(self.events.fileno())
         self.events.close()
-        for task in (self._lookup, self._recarrier, *self._rerouting):
+        for task in (self._lookup, self._recarrier, self._rerouting):
             if task is not None:
                 task.cancel()
 
@@ -1002,15 +1004,21 @@ class LinkWatch:
         self.checker.check_now([t.key for t in self.balancer.health_targets()
                                 if t.address in back])
 
-    async def _reroute(self, addresses: set[IPv4Address]) -> None:
-        # Only the servers of the link regained: sooner than the next round.
-        started = asyncio.get_running_loop().time()
-        try:
-            found = await asyncio.to_thread(netif.route_links, addresses)
-        except Exception as e:      # the next round looks them up
-            log.event("link", level="error", error=f"routes to the servers not read: {e}")
-            return
-        self._routed_again(found, started)
+    async def _reroute(self) -> None:
+        # Only the servers of links regained, sooner than the next round; as
+        # a round, at most 1/LOOKUP_SPACING of a CPU while links flap.
+        loop = asyncio.get_running_loop()
+        while self._regained:
+            addresses = {a for a in self._regained if a in self._downed}
+            self._regained = set()
+            started = loop.time()
+            try:
+                found = await asyncio.to_thread(netif.route_links, addresses)
+            except Exception as e:      # the next round looks them up
+                log.event("link", level="error", error=f"routes to the servers not read: {e}")
+                return
+            self._routed_again(found, started)
+            await asyncio.sleep(LOOKUP_SPACING * (loop.time() - started))
 
     def _take_down(self, index: int, name: str, how: str, targets: list[Target]) -> None:
         log.event("link", level="warning", link=name, reason=how,
@@ -1029,9 +1037,9 @@ class LinkWatch:
         for index in regained:
             # Back an interval sooner: rise - 1 intervals after they are routed.
             if back := {a for a, (i, _) in self._downed.items() if i == index}:
-                task = asyncio.get_running_loop().create_task(self._reroute(back))
-                self._rerouting.add(task)
-                task.add_done_callback(self._rerouting.discard)
+                self._regained |= back
+                if self._rerouting is None or self._rerouting.done():
+                    self._rerouting = asyncio.get_running_loop().create_task(self._reroute())
         if self.events.overrun and (self._recarrier is None or self._recarrier.done()):
             # Its losses told now, not with the next round, which may be seconds away.
             self._recarrier = asyncio.get_running_loop().create_task(self._carrier_again())
