@@ -41,7 +41,8 @@ Semantics:
   check's; a check in flight is dropped, and `rise` passing checks bring
   it back. Targets of type "none" are left as they are.
 - `check_now(keys)`: checks them at once, not at their turn (their link is
-  back), the next an interval later.
+  back), the next an interval later; a check in flight goes on, and should
+  it fail (begun while the link was away), the next starts as it ends.
 - `set_targets`: new keys start checking, removed keys stop (a check in flight
   is abandoned, the state forgotten). A key given again at the same address,
   or renamed (given as such), is the same server: it keeps its state, counts
@@ -281,16 +282,19 @@ class HealthChecker:
 
     def check_now(self, keys: Iterable[tuple[str, str]]) -> None:
         """Checks these targets now, not at their turn (their link is back:
-        daemon.LinkWatch), the next an interval later; one in flight goes on.
-        Runs on the loop's thread."""
+        daemon.LinkWatch), the next an interval later; one in flight goes on,
+        and another starts as it ends if it fails. Runs on the loop's thread."""
         if self._loop is None:
             return
         for key in keys:
             entry = self._entries.get(key)
-            if entry is None or not entry.seq or entry.probe is not None:
+            if entry is None:
                 continue
-            entry.next_start = _now()
-            entry.seq = self._push(entry.next_start, _FIRE, entry)
+            if entry.probe is not None:
+                entry.probe.again = True
+            elif entry.seq:
+                entry.next_start = _now()
+                entry.seq = self._push(entry.next_start, _FIRE, entry)
 
     def stop(self) -> None:
         with self._lock:
@@ -475,8 +479,10 @@ class HealthChecker:
             if probe is not None:
                 probe.on_event(events)
 
-    def _finished(self, entry: _Entry, result: tuple[bool, str] | None, duration: float) -> None:
-        """A check ended (result None: it broke unexpectedly; no state change)."""
+    def _finished(self, entry: _Entry, result: tuple[bool, str] | None, duration: float,
+                  again: bool = False) -> None:
+        """A check ended (result None: it broke unexpectedly; no state change);
+        again: check_now came while it ran, and a failure is followed at once."""
         entry.probe = None
         if result is not None:
             self._record(entry, result[0], result[1], duration)
@@ -487,7 +493,7 @@ class HealthChecker:
             return
         now = _now()
         entry.next_start += entry.target.monitor.interval
-        if entry.next_start < now:
+        if entry.next_start < now or again and result is not None and not result[0]:
             entry.next_start = now
         entry.seq = self._push(entry.next_start, _FIRE, entry)
 
@@ -561,7 +567,7 @@ class _Probe:
     abort, an immediate connect error) are closed, not pooled.
     """
     __slots__ = ("checker", "entry", "sock", "fd", "registered", "mapped", "phase",
-                 "start", "timeout", "seq", "out", "buf", "eof", "ended")
+                 "start", "timeout", "seq", "out", "buf", "eof", "ended", "again")
 
     def __init__(self, checker: HealthChecker, entry: _Entry):
         self.checker, self.entry = checker, entry
@@ -574,6 +580,7 @@ class _Probe:
         self.timeout = 0.0
         self.seq = 0                    # the heap item of this check's timeout
         self.ended = False
+        self.again = False              # check_now came meanwhile: HealthChecker._finished
 
     def begin(self) -> None:
         checker, entry = self.checker, self.entry
@@ -653,7 +660,7 @@ class _Probe:
             self._release(reuse)
         except Exception:
             log.exception("health checker: releasing a socket failed")
-        self.checker._finished(self.entry, result, _now() - self.start)
+        self.checker._finished(self.entry, result, _now() - self.start, self.again)
 
     def _broken(self) -> None:
         log.exception("health check of %s failed unexpectedly", self.entry.target.key)

@@ -357,6 +357,37 @@ def test_marked_down_at_once_and_back_by_rise_checks(netns):
 
 
 @pytest.mark.netns
+def test_a_check_in_flight_as_check_now_comes_is_followed_at_once_if_it_fails(netns):
+    """check_now (the server's link is back) while a check begun before is
+    in flight: that one goes on, and as it fails (it began while the link
+    was away), the next starts at once, not an interval later."""
+    async def main():
+        answered = []
+
+        class FirstHangs(HttpBehaviour):
+            async def __call__(self, srv, reader, writer):
+                self.hang = not answered
+                answered.append(True)
+                await super().__call__(srv, reader, writer)
+
+        srv = await Listener(8013, FirstHangs()).start()
+        m = http_monitor(interval=600.0, timeout=0.5, rise=1)
+        key = ("web", "a")
+        async with checker([Target(key, LOCAL, 8013, m)]) as (hc, rec):
+            await asyncio.sleep(0)              # run() begins
+            hc.check_now([key])                 # before its turn: in [0, 600) s
+            await until(lambda: srv.requests, "the first check in flight")
+            hc.check_now([key])
+            await until(lambda: len(rec.checks(key)) == 2, "a second check")
+            assert [c[:2] for c in rec.checks(key)] == [
+                (False, "timeout after 0.5s (waiting for the response)"), (True, "check passed")]
+            assert hc.state(key) == "up"
+        await srv.close()
+
+    netns.run(main())
+
+
+@pytest.mark.netns
 def test_first_check_failing_marks_down_at_once(netns):
     async def main():
         m = tcp_monitor(fall=3)
