@@ -301,13 +301,20 @@ async def checking(servers: Servers, on_change=lambda tr: None):
             await checks
 
 
+def checked_rarely(address: str, timeout: float = 1.0) -> Servers:
+    """A server at address, checked every ten minutes (rise 1): a check that
+    brings it back sooner is one the watch asked for."""
+    servers = Servers([address])
+    servers.targets = [Target(t.key, t.address, 80,
+                              Monitor("m", "tcp", interval=600.0, timeout=timeout, rise=1,
+                                      fall=3)) for t in servers.targets]
+    return servers
+
+
 async def back_at_once(net: FibNet, address: str, going, returning) -> None:
     """A server at address, checked every ten minutes (rise 1), is taken down
     by going() (in a thread), and checked, so up, at once after returning()."""
-    servers = Servers([address])
-    servers.targets = [Target(t.key, t.address, 80,
-                              Monitor("m", "tcp", interval=600.0, timeout=1.0, rise=1, fall=3))
-                       for t in servers.targets]
+    servers = checked_rarely(address)
     key = servers.targets[0].key
     async with checking(servers) as (watch, hc):
         await until(lambda: watch.routes, "the routes", 5.0)
@@ -417,10 +424,7 @@ def test_a_flapping_link_has_its_servers_looked_up_one_lookup_at_a_time(monkeypa
         net.sh("ip", "-n", "xlbt-srv", "link", "set", "int-peer", state)
 
     async def main():
-        servers = Servers(["10.1.11.101"])
-        servers.targets = [Target(t.key, t.address, 80,
-                                  Monitor("m", "tcp", interval=600.0, timeout=1.0, rise=1,
-                                          fall=3)) for t in servers.targets]
+        servers = checked_rarely("10.1.11.101")
         key, address = servers.targets[0].key, servers.targets[0].address
         async with checking(servers) as (watch, hc):
             await until(lambda: watch.routes, "the routes", 5.0)
@@ -458,10 +462,7 @@ def test_servers_checked_through_another_link_are_checked_again_once_theirs_is_b
     carrier that does not reach it (a backup route), fails the check there:
     it is checked again at once when its link is back and routes it."""
     async def main(net):
-        servers = Servers(["10.1.20.5"])
-        servers.targets = [Target(t.key, t.address, 80,
-                                  Monitor("m", "tcp", interval=600.0, timeout=0.5, rise=1,
-                                          fall=3)) for t in servers.targets]
+        servers = checked_rarely("10.1.20.5", timeout=0.5)
         key = servers.targets[0].key
         async with checking(servers) as (watch, hc):
             await until(lambda: watch.routes, "the routes", 5.0)
