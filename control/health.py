@@ -480,7 +480,7 @@ class HealthChecker:
                 probe.on_event(events)
 
     def _finished(self, entry: _Entry, result: tuple[bool, str] | None, duration: float,
-                  again: bool = False) -> None:
+                  again: bool) -> None:
         """A check ended (result None: it broke unexpectedly; no state change);
         again: check_now came while it ran, and a failure is followed at once."""
         entry.probe = None
