@@ -438,8 +438,9 @@ def top(interval: float, once: bool) -> None:
     states and last checks (as many servers as the terminal has lines;
     --once lists all, and so does each frame on a stdout that is no terminal,
     printed after the last); each flow table's fill, drops by reason, and health
-    changes the data path lacks (their apply failed). q or Ctrl-C quits
-    (exit 0), SIGTERM too (exit 143). Exits 1 when none runs, or when the
+    changes the data path lacks (their apply failed). q or Ctrl-C quits the
+    live view (exit 0), SIGTERM too (exit 143); Ctrl-C interrupts --once as
+    any command (exit 130). Exits 1 when none runs, or when the
     instance stops while top runs; 3, as status, when its data path runs
     without its control process.
     """
@@ -543,8 +544,9 @@ def role(role: str) -> None:
 @click.option("--instance", default="xlb", show_default=True, metavar="NAME",
               help="The vrrp_instance whose state xlb follows.")
 @click.option("--track-file", type=_FileName(dir_okay=False, path_type=Path), metavar="PATH",
-              help="keepalived's track file: kept at 0 while an xlb data path runs here, "
-                   "1 while none does (keepalived's FAULT).")
+              help="keepalived's track file: kept at 0 while xlb serves on this node, "
+                   "1 (keepalived's FAULT) while no data path runs here or no link is up "
+                   "on which a VIP's ARP requests arrive.")
 @click.argument("fifo", type=CONFIG_FILE)
 def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     """Follow keepalived's notify FIFO: MASTER makes xlb active; BACKUP, FAULT

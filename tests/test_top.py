@@ -851,6 +851,20 @@ def test_lab_top_quits_on_ctrl_c(lab, seeded):
 
 
 @lab_test
+def test_lab_top_once_is_interrupted_by_ctrl_c_as_any_command(lab, seeded):
+    """--once is no live view: Ctrl-C between its two samples ends it as it
+    ends `xlb status`, exit 130, without a frame or a traceback."""
+    term = Pty(lab, "lb", "top", "--once", "--interval", "30")
+    try:
+        term.read(1.0)          # its first sample taken, the second 30 s away
+        term.send(b"\x03")
+        assert term.wait(5) == 130, term.text
+        assert "frontends" not in term.text and "Traceback" not in term.text, term.text
+    finally:
+        term.close()
+
+
+@lab_test
 def test_lab_top_once(lab, seeded):
     # An explicit environment: pytest's readline puts COLUMNS=80 into the process
     # environment behind os.environ's back, and rich would follow it.
