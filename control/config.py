@@ -100,6 +100,8 @@ def read(path: str | Path) -> str:
         _regular(path, os.fstat(fd).st_mode)     # replaced since
         with open(fd, "rb", closefd=False) as f:
             data = f.read(MAX_FILE + 1)
+    except OSError as e:            # a disk's or a network file system's error
+        raise ConfigError([(str(path), e.strerror or str(e))]) from None
     finally:
         os.close(fd)
     if len(data) > MAX_FILE:
@@ -318,8 +320,8 @@ class _Loader:
     @staticmethod
     def unused(frontends: list[Frontend], pools: list[Pool], servers: dict[str, Server],
                monitors: list[Monitor]) -> tuple[tuple[str, str], ...]:
-        """Servers in no pool, pools of no frontend, monitors of no pool or
-        server (all valid here)."""
+        """Servers in no pool, pools of no frontend or of disabled servers only,
+        monitors of no pool or server (all valid here)."""
         pooled = {s.name for p in pools for s in p.servers}
         served = {f.pool for f in frontends}
         watching = {p.monitor for p in pools} | {s.monitor for s in servers.values()}
@@ -327,6 +329,9 @@ class _Loader:
                                       "it out") for name in servers if name not in pooled),
                 *((f"pools.{p.name}", "no frontend uses it: it serves nothing")
                   for p in pools if p.name not in served),
+                # maint whatever `xlb server enable` says: its frontends drop every new flow
+                *((f"pools.{p.name}", "every server of it is enabled = false: it serves nothing")
+                  for p in pools if p.name in served and not any(s.enabled for s in p.servers)),
                 *((f"monitors.{m.name}", "no pool or server uses it")
                   for m in monitors if m.name not in watching))
 
@@ -600,13 +605,19 @@ class _Loader:
                 self.problem(path, f'needs a pool with algorithm "maglev" (pools.{pool.name} '
                                    f'is "{pool.algorithm}"): every node must send a client to '
                                    'the same server')
-            for s in pool.servers:
-                others = [n for _, n in serving[(s.address, s.port, fe.protocol)]
-                          if n != fe.name]
-                if others:
-                    self.problem(path, f"servers.{s.name} ({s.address}:{s.port}/{fe.protocol}) "
-                                       f"also serves frontends.{others[0]}: its packets "
-                                       "could be either's replies")
+            # One line a frontend: a pool of hundreds of servers shared with
+            # other frontends gave a line per server and frontend (millions).
+            shared = [(s, others[0]) for s in pool.servers
+                      if (others := [n for _, n in serving[(s.address, s.port, fe.protocol)]
+                                     if n != fe.name])]
+            if shared:
+                (s, other), more = shared[0], len(shared) - 1
+                self.problem(path, f"servers.{s.name} ({s.address}:{s.port}/{fe.protocol}) "
+                                   f"also serves frontends.{other}: its packets could be "
+                                   "either's replies" +
+                                   (f"; {more} more of pools.{pool.name}'s servers "
+                                    f"serve{'s' if more == 1 else ''} another frontend too"
+                                    if more else ""))
 
 
 # --- dump -------------------------------------------------------------------

@@ -187,6 +187,17 @@ def test_what_nothing_uses_is_named_not_refused():
     assert load_file(SEED).warnings == ()
 
 
+def test_a_pool_of_disabled_servers_only_is_named_not_refused():
+    """Its frontends drop every new connection until the file enables one
+    (`xlb server enable` does not: the file's maint stays)."""
+    off = SERVER + "\nport = 8080\nenabled = false"
+    assert load(doc(server=off)).warnings == (
+        ("pools.web", "every server of it is enabled = false: it serves nothing"),)
+    assert load(doc(server=off, pool='servers = ["was1", "was2"]',
+                    extra='[servers.was2]\naddress = "10.1.11.102"\nport = 8080')
+                ).warnings == ()
+
+
 def test_a_pool_monitor_that_every_server_overrides_is_named_not_refused():
     """It checks none of them (a server's own monitor replaces it): the
     operator may believe both check. A server added later without one would
@@ -723,6 +734,21 @@ BAD = [
          extra='[frontends.www2]\nvip = "10.1.1.102"\nport = 80\npool = "web"'),
      [("frontends.www.adopt_replies", "servers.was1 (10.1.11.101:8080/tcp) also serves "
                                       "frontends.www2: its packets could be either's replies")]),
+    # a line a frontend, not one a server and frontend (millions with 655-server pools)
+    ("adopt-replies-shared-pool",
+     doc(pool='servers = ["was1", "s2", "s3"]\nalgorithm = "maglev"',
+         frontend=FE + "\nadopt_replies = true",
+         extra='[frontends.www2]\nvip = "10.1.1.102"\nport = 80\npool = "web"\n'
+               'adopt_replies = true\n'
+               '[servers.s2]\naddress = "10.1.11.102"\nport = 80\n'
+               '[servers.s3]\naddress = "10.1.11.103"\nport = 80'),
+     [("frontends.www.adopt_replies", "servers.was1 (10.1.11.101:8080/tcp) also serves "
+                                      "frontends.www2: its packets could be either's replies; "
+                                      "2 more of pools.web's servers serve another frontend too"),
+      ("frontends.www2.adopt_replies", "servers.was1 (10.1.11.101:8080/tcp) also serves "
+                                       "frontends.www: its packets could be either's replies; "
+                                       "2 more of pools.web's servers serve another frontend "
+                                       "too")]),
     ("adopt-replies-not-boolean", doc(frontend=FE + '\nadopt_replies = "yes"'),
      [("frontends.www.adopt_replies", "expected a boolean, got string")]),
     # everything at once, in order: unknown sections; then the sections in schema order, their
@@ -887,15 +913,13 @@ def test_frontends_sharing_a_pool_cost_no_check_per_frontend_and_server(monkeypa
         ''')
     with pytest.raises(ConfigError) as e:
         load(text)
-    assert [reason.split(": its")[0] for _, reason in e.value.problems] == [
-        "servers.s0 (10.2.0.1:80/tcp) also serves frontends.b",
-        "servers.s1 (10.2.0.2:80/tcp) also serves frontends.c"]
-    # a pool that lists a server twice (under two names) names the other frontend all the same
+    shared = "servers.s0 (10.2.0.1:80/tcp) also serves frontends.b: its packets could be " \
+             "either's replies; 1 more of pools.p's servers serves another frontend too"
+    assert [reason for _, reason in e.value.problems] == [shared]
+    # a pool that lists a server twice (under two names) counts it all the same
     with pytest.raises(ConfigError) as e:
         load(text.replace('[servers.s1]\naddress = "10.2.0.2"', '[servers.s1]\naddress = "10.2.0.1"'))
-    assert [reason.split(": its")[0] for _, reason in e.value.problems][1:] == [
-        "servers.s0 (10.2.0.1:80/tcp) also serves frontends.b",
-        "servers.s1 (10.2.0.1:80/tcp) also serves frontends.b"]
+    assert [reason for _, reason in e.value.problems][1:] == [shared]
 
 
 def test_nesting_too_deep_is_one_problem():
@@ -919,6 +943,15 @@ def test_read_takes_regular_files_of_at_most_max_file_bytes(tmp_path):
         assert e.value.problems == [(str(path), problem)]
     big.write_bytes(b"#" * (MAX_FILE - 1) + b"\n")
     assert len(read(big)) == MAX_FILE
+
+
+def test_a_read_that_fails_after_the_open_is_named_by_the_file():
+    """As a disk's or a network file system's EIO would: /proc/self/mem is a
+    regular file that opens, and its first page cannot be read."""
+    from xlb.config import read
+    with pytest.raises(ConfigError) as e:
+        read("/proc/self/mem")
+    assert e.value.problems == [("/proc/self/mem", "Input/output error")]
 
 
 def test_read_opens_no_file_that_is_not_regular(tmp_path):
