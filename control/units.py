@@ -7,11 +7,15 @@ from datetime import datetime, timezone
 
 # A newline or other control character in what the operator gave (a TOML key,
 # a flag's value, a file's name) is shown escaped: it must not break a message
-# in two, or forge a line of its own. A byte of a file's name that is not UTF-8
+# in two, or forge a line of its own; nor may the C1 controls (NEL, CSI), the
+# Unicode line and paragraph separators, or the bidirectional overrides that
+# show a name's text reversed. A byte of a file's name that is not UTF-8
 # comes in as a lone surrogate (U+DC80-U+DCFF), which a UTF-8 locale's strict
 # stdout cannot write: shown as the byte it was.
-_ESCAPES = ({c: f"\\x{c:02x}" for c in (*range(32), 127)}
+_ESCAPES = ({c: f"\\x{c:02x}" for c in (*range(32), *range(127, 160))}
             | {9: "\\t", 10: "\\n", 13: "\\r"}
+            | {c: f"\\u{c:04x}" for c in (0x200e, 0x200f, *range(0x2028, 0x202f),
+                                         *range(0x2066, 0x206a))}
             | {c: f"\\x{c - 0xdc00:02x}" if 0xdc80 <= c <= 0xdcff else f"\\u{c:04x}"
                for c in range(0xd800, 0xe000)})
 

@@ -33,5 +33,8 @@ def test_full_is_the_tables_percentage():
 def test_shown_escapes_what_would_break_a_line_or_a_terminal():
     assert units.shown("a\tb\nc\rd\x00\x1b[2J\x7f caf\u00e9") == \
         "a\\tb\\nc\\rd\\x00\\x1b[2J\\x7f caf\u00e9"
+    # C1 controls (NEL, CSI), line and paragraph separators, bidirectional overrides
+    assert units.shown("a\x85b\x9b31m\u2028c\u2029\u202ed\u2066") == \
+        "a\\x85b\\x9b31m\\u2028c\\u2029\\u202ed\\u2066"
     # A file name's byte that is not UTF-8 (a lone surrogate): shown as that byte.
     assert units.shown("x\udcff\udc80\ud800") == "x\\xff\\x80\\ud800"
