@@ -45,6 +45,9 @@ MAX_FILE = 2 << 20                  # 10,000 servers take under 1 MiB; the contr
 
 # --- load -------------------------------------------------------------------
 
+_TOML_KEY = re.compile(r"\('[^'\\]*'(?:, '[^'\\]*')*,?\)")
+
+
 def load(text: str, *, dumped: bool = False) -> Config:
     """The Config the TOML `text` describes; ConfigError lists every problem.
 
@@ -55,7 +58,9 @@ def load(text: str, *, dumped: bool = False) -> Config:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError([("toml", str(e))]) from None
+        # tomllib names a table as a Python tuple: "Cannot declare ('frontends', 'f') twice"
+        message = _TOML_KEY.sub(lambda m: ".".join(re.findall(r"'([^'\\]*)'", m[0])), str(e))
+        raise ConfigError([("toml", message)]) from None
     except RecursionError:
         raise ConfigError([("toml", "arrays or tables nested too deeply")]) from None
     except ValueError:      # not TOMLDecodeError: the int() that tomllib calls refuses it
@@ -243,12 +248,21 @@ def _body(value: Any) -> str:
     return body
 
 
+# RFC 3986's host (a name, IPv4, or [IPv6]) and an optional port, as a Host header has them
+_HOST = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=%-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])"
+                   r"(?::([0-9]{1,5}))?")
+
+
 def _host(value: Any) -> str:
     host = _nonempty(value)
     if has_space(host):
         raise _bad(f"{host!r} contains whitespace or control characters")
     if not host.isascii():
         raise _bad(f"{host!r} is not ASCII: give an internationalized name in its xn-- form")
+    match = _HOST.fullmatch(host)
+    if not match or not 1 <= int(match[1] or 80) <= 65535:
+        raise _bad(f"{host!r} is not a host name, IPv4 address or [IPv6] address, "
+                   "with an optional :port (1-65535)")
     return host
 
 

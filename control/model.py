@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from ipaddress import AddressValueError, IPv4Address
 
@@ -194,20 +195,32 @@ def check_interface(name: str) -> str:
     # is not UTF-8 comes as surrogates, its bytes given back).
     if len(name.encode("utf-8", "surrogateescape")) >= IFNAMSIZ:
         raise ValueError(f"{name!r} is longer than {IFNAMSIZ - 1} bytes")
-    if name in (".", "..") or "/" in name or ":" in name or has_space(name):
-        raise ValueError(f"{name!r} is not an interface name (not . or .., no '/', ':' "
+    # '%' is no link's: the kernel takes a name with one for a template (eth%d)
+    if name in (".", "..") or any(c in name for c in "/:%") or has_space(name):
+        raise ValueError(f"{name!r} is not an interface name (not . or .., no '/', ':', '%' "
                          f"or whitespace)")
     return name
 
 
+HTTP_PATH_MAX = 4096     # bytes: servers refuse longer request lines (Apache's limit is 8190)
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
 def check_http_path(path: str) -> str:
-    """The path an HTTP check asks for, sent as it is on the request line."""
+    """The path an HTTP check asks for, sent as it is on the request line: one
+    that a server answers with 400 or 414 would keep the server down."""
     if not path.startswith("/"):
         raise ValueError(f"must start with '/', got {path!r}")
     if has_space(path):
         raise ValueError(f"{path!r} contains whitespace or control characters")
     if not path.isascii():
         raise ValueError(f"{path!r} is not ASCII: percent-encode it")
+    if len(path) > HTTP_PATH_MAX:
+        raise ValueError(f"{len(path)} bytes: at most {HTTP_PATH_MAX}")
+    if "#" in path:
+        raise ValueError(f"{path!r} has a fragment ('#'), which a request does not carry")
+    if _BAD_PERCENT.search(path):
+        raise ValueError(f"{path!r} has a '%' not followed by two hex digits: write '%' as %25")
     return path
 
 

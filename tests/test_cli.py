@@ -563,7 +563,7 @@ def test_up_refuses_more_flags_than_the_data_plane_holds():
                                            "ring of 1024\n")
 
 
-NOT_IFNAME = "is not an interface name (not . or .., no '/', ':' or whitespace)"
+NOT_IFNAME = "is not an interface name (not . or .., no '/', ':', '%' or whitespace)"
 
 
 @pytest.mark.parametrize("name,reason", [
@@ -572,6 +572,7 @@ NOT_IFNAME = "is not an interface name (not . or .., no '/', ':' or whitespace)"
     ("éééééééé", "'éééééééé' is longer than 15 bytes"),       # 8 characters, 16 bytes
     ("veth/1", f"'veth/1' {NOT_IFNAME}"),
     ("eth 0", f"'eth 0' {NOT_IFNAME}"),
+    ("eth%d", f"'eth%d' {NOT_IFNAME}"),     # a template: the kernel names no link so
 ])
 def test_up_refuses_an_iface_name_as_a_config_file_does(tmp_path, name, reason):
     """A name no interface can have is the operator's mistake, said in the

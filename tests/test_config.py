@@ -346,7 +346,7 @@ def test_dump_is_canonical():
         ''')
 
 
-NOT_IFNAME = "is not an interface name (not . or .., no '/', ':' or whitespace)"
+NOT_IFNAME = "is not an interface name (not . or .., no '/', ':', '%' or whitespace)"
 
 
 @pytest.mark.parametrize("body", [
@@ -484,7 +484,7 @@ BAD = [
     ("toml-syntax", '[servers.was1]\naddress = 10.1.11.101\n',
      [("toml", "Expected newline or end of document after a statement (at line 2, column 15)")]),
     ("toml-table-twice", doc(extra="[servers.was1]"),
-     [("toml", "Cannot declare ('servers', 'was1') twice (at line 11, column 14)")]),
+     [("toml", "Cannot declare servers.was1 twice (at line 11, column 14)")]),
     # Python reads no integer of more than 4300 digits (sys.get_int_max_str_digits)
     ("toml-integer-too-long", doc(server=SERVER + "\nport = " + "9" * 4301),
      [("toml", "an integer of more than 4300 digits")]),
@@ -627,6 +627,22 @@ BAD = [
       ("monitors.m.host", "'a b' contains whitespace or control characters"),
       ("monitors.n.path", "'/a\\r\\nX: y' contains whitespace or control characters"),
       ("monitors.n.expect_status", "status 99 is out of range 100-599")]),
+    # what a server would answer with 400 or 414, keeping its server down
+    ("http-request-a-server-refuses",
+     doc(monitor('type = "http"', 'path = "/x?y=1#top"', 'host = "a/b"'))
+     + '\n[monitors.n]\ntype = "http"\npath = "/%zz"\nhost = "h:99999"'
+     + f'\n[monitors.o]\ntype = "http"\npath = "/{"a" * 4096}"\nhost = "{"h" * 254}"'
+     + '\n[monitors.ok]\ntype = "http"\npath = "/a%20b?c=%2F"\nhost = "[::1]:8080"'
+     + '\n[monitors.ok2]\ntype = "http"\nhost = "xn--caf-dma.example:443"',
+     [("monitors.m.path", "'/x?y=1#top' has a fragment ('#'), which a request does not carry"),
+      ("monitors.m.host", "'a/b' is not a host name, IPv4 address or [IPv6] address, with an "
+                          "optional :port (1-65535)"),
+      ("monitors.n.path", "'/%zz' has a '%' not followed by two hex digits: write '%' as %25"),
+      ("monitors.n.host", "'h:99999' is not a host name, IPv4 address or [IPv6] address, with "
+                          "an optional :port (1-65535)"),
+      ("monitors.o.path", "4097 bytes: at most 4096"),
+      ("monitors.o.host", f"'{'h' * 254}' is not a host name, IPv4 address or [IPv6] address, "
+                          "with an optional :port (1-65535)")]),
     ("body-longer-than-a-check-reads",
      doc(monitor('type = "http"', f'expect_body = "{"é" * 32769}"')),
      [("monitors.m.expect_body", "65538 bytes: a check reads 65536 bytes of the body, so it "
