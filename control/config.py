@@ -610,6 +610,7 @@ class _Loader:
             for s in pools[pool].servers:
                 key = (s.address, s.port, protocol)
                 serving[key] = sorted({*serving.get(key, ()), *names[:2]})[:2]
+        shared: dict[tuple[str, str], list[Server]] = {}
         for fe in frontends:
             pool = pools.get(fe.pool)
             if not fe.adopt_replies or pool is None:
@@ -619,13 +620,17 @@ class _Loader:
                 self.problem(path, f'needs a pool with algorithm "maglev" (pools.{pool.name} '
                                    f'is "{pool.algorithm}"): every node must send a client to '
                                    'the same server')
-            # One line a frontend: a pool of hundreds of servers shared with
-            # other frontends gave a line per server and frontend (millions).
-            shared = [(s, others[0]) for s in pool.servers
-                      if (others := [n for _, n in serving[(s.address, s.port, fe.protocol)]
-                                     if n != fe.name])]
-            if shared:
-                (s, other), more = shared[0], len(shared) - 1
+            # One line a frontend (a line a server and frontend made millions).
+            # A server is shared when two frontends serve it, whichever asks:
+            # the servers of a pool and protocol are looked at once.
+            group = (pool.name, fe.protocol)
+            if group not in shared:
+                shared[group] = [s for s in pool.servers
+                                 if len(serving[(s.address, s.port, fe.protocol)]) > 1]
+            if shared[group]:
+                s, more = shared[group][0], len(shared[group]) - 1
+                other = next(n for _, n in serving[(s.address, s.port, fe.protocol)]
+                             if n != fe.name)
                 self.problem(path, f"servers.{s.name} ({s.address}:{s.port}/{fe.protocol}) "
                                    f"also serves frontends.{other}: its packets could be "
                                    "either's replies" +

@@ -909,6 +909,13 @@ def test_frontends_sharing_a_pool_cost_no_check_per_frontend_and_server(monkeypa
     with pytest.raises(ConfigError):
         load(text)
     assert hashes < 10 * (200 + 300)
+    # every one of them adopting replies, each told of the shared servers once
+    hashes = 0
+    with pytest.raises(ConfigError) as e:
+        load(servers_and_pool(200, "maglev")
+             + frontends(301, "p").replace('pool = "p"\n', 'pool = "p"\nadopt_replies = true\n'))
+    assert hashes < 10 * (200 + 300)
+    assert len(e.value.problems) == 2 + 301    # the capacity's two, and a line a frontend
     # the other frontend named is the first in the file that serves the server
     text = servers_and_pool(2, "maglev") + textwrap.dedent('''
         [pools.q]
