@@ -879,8 +879,7 @@ class Datapath:
         return sum(len(keys) // ct.sizeof(layout.FlowKey) for keys, _ in self.flow_dumps().values())
 
     def flow_census(self, now: int | None = None) -> flowtable.Census:
-        return flowtable.census({name: values for name, (_, values) in self.flow_dumps().items()},
-                                self.now() if now is None else now)
+        return flowtable.census(self.flow_dumps(), self.now() if now is None else now)
 
     def delete_flows(self, backend_ids: set[int], service_ids: set[int]) -> dict[str, int]:
         """Forgets the connections of these backends and services, both ways, so

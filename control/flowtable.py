@@ -173,24 +173,38 @@ def _column(values: bytes, name: str):
     return column[f.offset // f.size::_VALUE.size // f.size]
 
 
-def census(tables: dict[str, bytes], now: int) -> Census:
-    """tables: each flow table's values, as Datapath.flow_dumps reads them."""
+def census(tables: dict[str, tuple[bytes, bytes]], now: int) -> Census:
+    """tables: each flow table's keys and values, as Datapath.flow_dumps reads
+    them. A connection is live while either of its entries was seen within
+    its timeout, as the data path and the sweep judge it: a server that
+    pushes to a silent client keeps it open."""
     c = Census()
     closing = layout.FLOW_STATES["closing"]
-    for name, values in tables.items():
+    for name, (keys, values) in tables.items():
         forward = bytes(_column(values, "dir")).translate(_IS_FORWARD)
         c.entries[name], c.forward[name] = len(forward), forward.count(1)
-        fields = zip(*(_column(values, f) for f in ("state", "backend_id", "timeout", "seen")))
-        for state, backend_id, timeout, seen in compress(fields, forward):
-            if _idle(timeout, seen, now):
+        state, backend_id = _column(values, "state"), _column(values, "backend_id")
+        timeout, seen = _column(values, "timeout"), _column(values, "seen")
+        before = {t: _idle_before(t, now) for t in set(timeout)}
+        idle = {i for i in compress(range(len(forward)), forward)
+                if seen[i] < before[timeout[i]]}
+        if idle:        # few, but for one-way traffic: their reply entries are looked for
+            partners = _partner_keys(keys, values, layout.FLOW_FORWARD)
+            wanted = {partners[i * _KEY.size:(i + 1) * _KEY.size]: i for i in idle}
+            for j, key in enumerate(key_list(keys)):
+                if (i := wanted.get(key)) is not None and not forward[j] \
+                        and seen[j] >= before[timeout[i]]:
+                    idle.discard(i)
+        for i in compress(range(len(forward)), forward):
+            if i in idle:
                 continue
-            if state == closing:
+            if state[i] == closing:
                 c.closing += 1
             elif name == "flows_new":
                 c.half_open += 1
             else:
                 c.established += 1
-                c.open[backend_id] = c.open.get(backend_id, 0) + 1
+                c.open[backend_id[i]] = c.open.get(backend_id[i], 0) + 1
     return c
 
 

@@ -123,18 +123,33 @@ def test_a_clock_read_before_a_packet_on_another_cpu_is_no_idleness():
 
 
 def test_census_counts_connections_by_state_and_open_ones_by_backend():
+    old = NOW - 901 * SEC
     rows = {"flows": [*connection(1, backend_id=1), *connection(2, backend_id=1),
                       *connection(3, backend_id=2), *connection(4, "closing", 120),
-                      *connection(5, seen_fwd=NOW - 901 * SEC),
+                      *connection(5, seen_fwd=old, seen_reply=old),
                       *connection(9, backend_id=2, seen_fwd=NOW - 900 * SEC)],
             "flows_new": [*connection(6, "new", 60), *connection(7, "answered", 60),
                           *connection(8, "closing", 120)]}
-    c = flowtable.census({name: b"".join(as_the_map_holds(layout.Flow, r) for r in table)
-                          for name, table in rows.items()}, NOW)
+    c = flowtable.census({name: dump(*table) for name, table in rows.items()}, NOW)
     assert (c.established, c.closing, c.half_open) == (4, 2, 2)
     assert c.open == {1: 2, 2: 2}       # idle exactly its timeout: open still
     assert c.entries == {"flows": 12, "flows_new": 6}
     assert c.forward == {"flows": 6, "flows_new": 3}
+
+
+def test_census_counts_a_connection_live_while_either_entry_is():
+    """As the data path (flow_alive) and the sweep judge it: a server that
+    pushes to a silent client keeps its connection open, and its forward
+    entry idle. Its reply entry is found by key, in its own table only."""
+    old = NOW - 901 * SEC
+    pushed, pushed_reply = connection(1, backend_id=1, seen_fwd=old)
+    answered, answered_reply = connection(2, "answered", 60, seen_fwd=old)
+    silent = connection(3, backend_id=1, seen_fwd=old, seen_reply=old)
+    elsewhere, elsewhere_reply = connection(4, backend_id=1, seen_fwd=old)
+    c = flowtable.census({"flows": dump(pushed, pushed_reply, *silent, elsewhere),
+                          "flows_new": dump(answered, answered_reply, elsewhere_reply)}, NOW)
+    assert (c.established, c.closing, c.half_open) == (1, 0, 1)
+    assert c.open == {1: 1}
 
 
 def test_a_catch_up_takes_the_entries_missing_or_seen_earlier_in_the_new_table():

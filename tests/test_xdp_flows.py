@@ -556,6 +556,23 @@ def test_an_idle_connection_is_a_new_flow_at_its_next_packet(lb, fibnet, short_t
     assert (BACKENDS[bid][0], CLIENT, 8080, 53000, TCP_P) not in entries(dp, "flows")
 
 
+def test_a_connection_whose_backend_alone_speaks_is_counted_open(lb, fibnet, short_timeouts):
+    """`status`, `top` and the metrics count it as the data path keeps it:
+    open while either entry is within its timeout (a server that pushes to a
+    silent client), not once both are idle."""
+    dp = lb.dp
+    bid = handshake(lb, fibnet, 53020)
+    fwd_key = (CLIENT, VIP, 53020, 80, TCP_P)
+    reply_key = (BACKENDS[bid][0], CLIENT, 8080, 53020, TCP_P)
+    open_before = dp.flow_census().open.get(bid, 0)
+    age(dp, "flows", fwd_key, 6)        # the client silent 6 s, past its 5 s
+    lb.send(from_backend(bid, 53020, "PA", payload=b"push"), fibnet.ifindex["int"])
+    lb.expect("reply_redirect", flow=("out", SVC_TCP, bid, False))
+    assert dp.flow_census().open.get(bid, 0) == open_before
+    age(dp, "flows", reply_key, 6)      # both silent 6 s
+    assert dp.flow_census().open.get(bid, 0) == open_before - 1
+
+
 def test_a_dead_half_open_connection_is_counted_out_of_the_half_open_table(
         lb, fibnet, short_timeouts):
     """Never answered, idle past its SYN timeout: at its next packet it goes
