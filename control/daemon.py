@@ -156,6 +156,7 @@ class Balancer:
             _warn_veth(dp, att)     # attaches too has a program at its peer
         ended = dp.delete_flows(set(ends.backend_ids), set(ends.service_ids))
         kept = {link.index for link in links}
+        unreturned = _unreturned(config, kept) if relink and config.attach_names() else []
         let_go = [old for old in self.links.values() if old.index not in kept]
         for old in let_go:
             dp.detach(old.index)
@@ -178,7 +179,7 @@ class Balancer:
         return {"frontends": len(config.frontends), "pools": len(config.pools),
                 "servers": config.server_count(), "flows_ended": sum(ended.values()),
                 "admin_forgotten": forgotten, "attached": [att.ifname for att in attached],
-                "detached": [old.name for old in let_go]}
+                "detached": [old.name for old in let_go], "unreturned": unreturned}
 
     def _announce(self) -> None:
         """Announces the VIPs served while active. A route that cannot be written
@@ -529,6 +530,39 @@ def _check_host(config: Config, new_links: list[netif.Link]) -> None:
             log.event("rp_filter", level="warning", interface=link.name,
                       reason=f"strict rp_filter drops reverse-NATed replies (their source is "
                              f"the VIP); set net.ipv4.conf.{link.name}.rp_filter=0 or 2")
+
+
+def _unreturned(config: Config, on: set[int]) -> list[str]:
+    """Where a config names its links: the links that the kernel routes servers
+    through and xlb does not run on, each with its servers, as warnings (also
+    logged). A server's replies come back by the link it is routed through;
+    there no program NATs them back to the VIP, and the clients drop them (or,
+    UDP, take them from the server's own address). Not refused: the replies
+    may come back another way (asymmetric routing)."""
+    servers: dict[IPv4Address, list[str]] = {}
+    for pool in config.pools:
+        for s in pool.servers:
+            servers.setdefault(s.address, []).append(s.name)
+    behind: dict[int, list[str]] = {}
+    for address, index in netif.route_links(servers).items():
+        if index not in on:
+            behind.setdefault(index, []).extend(servers[address])
+    warnings = []
+    for index, names in behind.items():
+        try:
+            link = socket.if_indextoname(index)
+        except OSError:             # gone since the lookup
+            continue
+        names = sorted(set(names))
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        warning = (f"{'servers' if len(names) > 1 else 'server'} {shown} "
+                   f"{'are' if len(names) > 1 else 'is'} routed through {link}, which xlb "
+                   f"does not run on (the interfaces named leave it out): replies come back "
+                   f"there and leave from the server's address, not NATed back to the VIP; "
+                   f"name {link} too")
+        log.event("route", level="warning", interface=link, reason=warning)
+        warnings.append(warning)
+    return warnings
 
 
 # The exit status of `xlb up` after `xlb down --keep-datapath` (EX_TEMPFAIL):
@@ -1307,10 +1341,12 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
         forgotten = result.pop("admin_forgotten")
         # The links it attached to (up since) and let go (gone, or named no more).
         links = {k: result.pop(k) for k in ("attached", "detached")}
+        unreturned = result.pop("unreturned")      # logged as it was found
         log.event("apply", result="ok", seconds=t2 - t0, config=path, **result,
                   **{k: ",".join(names) or None for k, names in links.items()},
                   admin_forgotten="; ".join(forgotten) or None)
         return {**result, **links, "admin_forgotten": forgotten, "warnings": cfg.warnings,
+                "unreturned": unreturned,
                 "validate_seconds": t1 - t0,
                 "apply_seconds": t2 - t1, "config": path, "warning": balancer.remember()}
     if cmd == "server":

@@ -203,6 +203,31 @@ def test_bad_input_is_one_line_and_attaches_nothing(lab, args, message):
     assert lab.xdp_attached("lb") == []
 
 
+def test_servers_routed_through_a_link_left_unnamed_are_warned_of(lab, tmp_path):
+    """Naming only the clients' link (eth0) leaves the servers' replies, which
+    come back by eth1, un-NATed: no connection to the VIP works. Said at the
+    start and at each apply, with the link to name; not refused, as replies
+    may come back another way."""
+    unnamed = ("servers was1, was2 are routed through eth1, which xlb does not run on (the "
+               "interfaces named leave it out): replies come back there and leave from the "
+               "server's address, not NATed back to the VIP; name eth1 too")
+    config = tmp_path / "xlb.toml"
+    seed = (HERE / "seed.toml").read_text()
+    config.write_text(seed.replace('pool = "was"\n', 'pool = "was"\ninterfaces = ["eth0"]\n'))
+    x = lab.xlb("--config", str(config))
+    with x:
+        r = lab.xlb_cmd("apply", str(config))
+        assert (r.returncode, r.stderr) == (0, f"xlb: warning: {unnamed}\n")
+        config.write_text(seed.replace('pool = "was"\n',
+                                       'pool = "was"\ninterfaces = ["eth0", "eth1"]\n'))
+        r = lab.xlb_cmd("apply", str(config))
+        assert (r.returncode, r.stderr) == (0, ""), r.stderr
+        assert lab.client("client", "http", VIP, "80", "--count", "2")["errors"] == []
+    warned = [line for line in x.stderr.splitlines() if "event=route" in line]
+    assert len(warned) == 2 and all("level=warning" in w and "interface=eth1 " in w
+                                    and unnamed in w for w in warned), x.stderr
+
+
 def test_a_link_that_runs_another_program_is_refused_before_anything_is_done(lab, tmp_path):
     """xlb never replaces another XDP program; a link that runs one was found
     only when xlb attached there: `up` after the compile, exit 1, `apply`
