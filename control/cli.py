@@ -342,7 +342,7 @@ def apply(file: Path | None) -> None:
         _echo_problems(file, e.problems)
         raise (BadInput if e.bad_input else Failure)(str(e)) from None
     except ctl.NotRunning as e:
-        raise Failure(str(e)) from None
+        raise _not_running(e) from None
     _warn(r)
     # The links that came up since, and those gone or named no more (not told by an
     # earlier build's instance).
@@ -352,6 +352,8 @@ def apply(file: Path | None) -> None:
          f"{r['frontends']} frontends, {r['pools']} pools, {r['servers']} servers; "
          f"{r['flows_ended']} flows ended; serving {r['config']}{links}")
     _echo_warnings(file, r.get("warnings", r.get("unused", ())))  # "unused": an older instance's
+    for warning in r.get("unreturned", ()):     # (not told by an earlier build's instance)
+        _error(f"xlb: warning: {warning}")
     for forgotten in r["admin_forgotten"]:
         click.echo(f"xlb: warning: forgot {forgotten}: the config has no such server in "
                    f"that pool", err=True)
@@ -472,7 +474,7 @@ def down(keep_datapath: bool) -> None:
         ctl.request("down", keep_datapath=keep_datapath)
     except ctl.NotRunning as e:
         if keep_datapath:
-            raise Failure(str(e)) from None
+            raise _not_running(e) from None
         orphan = _orphan(detach=True)
         ctl.forget()
         if orphan is None:
@@ -872,7 +874,17 @@ def _request(cmd: str, **args):
     except ctl.ControlError as e:
         raise (BadInput if e.bad_input else Failure)(str(e)) from None
     except ctl.NotRunning as e:
-        raise Failure(str(e)) from None
+        raise _not_running(e) from None
+
+
+def _not_running(e: ctl.NotRunning) -> Failure:
+    """The failure of a command that needs the control process: "none runs",
+    or, where its data path runs without it (only root can see), that."""
+    orphan = _orphan() if os.geteuid() == 0 else None
+    if orphan is None:
+        return Failure(str(e))
+    return Failure(f"no xlb control process runs in this network namespace; its data path "
+                   f"runs without it ({_program_on(orphan)}): `xlb up` adopts it")
 
 
 def _orphan(detach: bool = False) -> dict | None:

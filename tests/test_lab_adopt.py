@@ -329,6 +329,14 @@ def test_status_and_down_of_a_data_path_without_its_control_process(lab):
     top = lab.xlb_cmd("top", "--once")
     assert (top.returncode, top.stdout.startswith(
         "xlb: the data path runs without its control process: program")) == (3, True), top
+    # Commands that need the control process say what runs, not that nothing does.
+    orphaned = (f"xlb: error: no xlb control process runs in this network namespace; its data "
+                f"path runs without it (program {program['id']} on eth0, eth1): `xlb up` "
+                f"adopts it\n")
+    for args in (["server", "drain", "was", "was1"], ["apply", str(HERE / "seed.toml")],
+                 ["show"], ["ha", "role", "backup"], ["down", "--keep-datapath"]):
+        r = lab.xlb_cmd(*args)
+        assert (r.returncode, r.stdout, r.stderr) == (1, "", orphaned), args
     for cmd in ("status", "down"):      # only root can see the data path: not "none runs"
         r = lab.run("lb", str(XLB), cmd, user="65534")
         assert (r.returncode, r.stdout, r.stderr) == (
