@@ -885,7 +885,7 @@ class Datapath:
         """Forgets the connections of these backends and services, both ways, so
         that their next packets are balanced anew. Returns how many of them
         were open (as `status` counts: not closing, not idle past their
-        timeout), per table."""
+        timeout both ways), per table."""
         if not backend_ids and not service_ids:     # every apply asks, mostly this
             return dict.fromkeys(flowtable.TABLES, 0)
 
@@ -895,8 +895,8 @@ class Datapath:
         ended, now = {}, self.now()
         with self._mending:
             for name, dump in self.flow_dumps().items():
-                gone = self._end(name, flowtable.ending(*dump, backend_ids, service_ids), ends)
-                ended[name] = sum(flowtable.is_open(r, now) for r in gone)
+                read = flowtable.ending(*dump, backend_ids, service_ids)
+                ended[name] = flowtable.open_count(self._end(name, read, ends), read, now)
         return ended
 
     def sweep_flows(self, now: int | None = None) -> tuple[dict[str, int], int]:

@@ -155,10 +155,14 @@ class Census:
     forward: dict[str, int] = field(default_factory=dict)  # forward entries per table, any age
 
 
-def is_open(r: Row, now: int) -> bool:
-    """Whether the connection of forward entry r is open: not closing, not
-    idle past its timeout."""
-    return r.state != layout.FLOW_STATES["closing"] and not _idle(r.timeout, r.seen, now)
+def open_count(forward: list[Row], read: list[Row], now: int) -> int:
+    """How many connections of these forward entries are open: not closing,
+    not idle past their timeout both ways (census), their reply entries
+    among the entries `read` with them."""
+    seen = {r.key(): r.seen for r in read if r.dir != layout.FLOW_FORWARD}
+    closing = layout.FLOW_STATES["closing"]
+    return sum(r.state != closing and not _idle(r.timeout, max(r.seen, seen.get(r.partner(), 0)),
+                                                now) for r in forward)
 
 
 _IS_FORWARD = bytes(int(d == layout.FLOW_FORWARD) for d in range(256))

@@ -194,13 +194,18 @@ def test_an_entry_read_twice_is_judged_as_read_last():
     assert sweep([again, *old], NOW) == ([old], [])
 
 
-def test_an_open_connection_is_neither_closing_nor_idle():
+def test_an_open_connection_is_neither_closing_nor_idle_both_ways():
     """What a change that ends a server's connections counts as ended."""
-    assert flowtable.is_open(connection(40015)[0], NOW)
-    assert not flowtable.is_open(connection(40016, "closing", 120)[0], NOW)
-    assert not flowtable.is_open(connection(40017, seen_fwd=NOW - 901 * SEC)[0], NOW)
+    def is_open(fwd, reply=None):
+        return flowtable.open_count([fwd], [fwd, reply] if reply else [fwd], NOW) == 1
+    old = NOW - 901 * SEC
+    assert is_open(*connection(40015))
+    assert not is_open(*connection(40016, "closing", 120))
+    assert not is_open(*connection(40017, seen_fwd=old, seen_reply=old))
+    assert not is_open(connection(40018, seen_fwd=old)[0])      # its reply entry not read
+    assert is_open(*connection(40018, seen_fwd=old))            # the server speaks
     # Idle exactly its timeout is open still, as the sweep and the program judge it.
-    assert flowtable.is_open(connection(40019, seen_fwd=NOW - 900 * SEC)[0], NOW)
+    assert is_open(*connection(40019, seen_fwd=NOW - 900 * SEC, seen_reply=old))
 
 
 def test_a_change_decodes_only_the_entries_of_the_servers_and_services_it_ends():

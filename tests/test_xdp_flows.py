@@ -571,6 +571,9 @@ def test_a_connection_whose_backend_alone_speaks_is_counted_open(lb, fibnet, sho
     assert dp.flow_census().open.get(bid, 0) == open_before
     age(dp, "flows", reply_key, 6)      # both silent 6 s
     assert dp.flow_census().open.get(bid, 0) == open_before - 1
+    # and, dead, swept: not left for the next tests' sweeps to find
+    assert dp.sweep_flows()[0]["flows"] >= 1
+    assert connection(dp, 53020) == (None, None, None)
 
 
 def test_a_dead_half_open_connection_is_counted_out_of_the_half_open_table(
