@@ -156,7 +156,7 @@ class Balancer:
             _warn_veth(dp, att)     # attaches too has a program at its peer
         ended = dp.delete_flows(set(ends.backend_ids), set(ends.service_ids))
         kept = {link.index for link in links}
-        unreturned = _unreturned(config, kept) if relink and config.attach_names() else []
+        unserved = _unserved(config, links) if relink and config.attach_names() else []
         let_go = [old for old in self.links.values() if old.index not in kept]
         for old in let_go:
             dp.detach(old.index)
@@ -179,7 +179,7 @@ class Balancer:
         return {"frontends": len(config.frontends), "pools": len(config.pools),
                 "servers": config.server_count(), "flows_ended": sum(ended.values()),
                 "admin_forgotten": forgotten, "attached": [att.ifname for att in attached],
-                "detached": [old.name for old in let_go], "unreturned": unreturned}
+                "detached": [old.name for old in let_go], "unserved": unserved}
 
     def _announce(self) -> None:
         """Announces the VIPs served while active. A route that cannot be written
@@ -532,37 +532,50 @@ def _check_host(config: Config, new_links: list[netif.Link]) -> None:
                              f"the VIP); set net.ipv4.conf.{link.name}.rp_filter=0 or 2")
 
 
-def _unreturned(config: Config, on: set[int]) -> list[str]:
-    """Where a config names its links: the links that the kernel routes servers
-    through and xlb does not run on, each with its servers, as warnings (also
-    logged). A server's replies come back by the link it is routed through;
-    there no program NATs them back to the VIP, and the clients drop them (or,
-    UDP, take them from the server's own address). Not refused: the replies
-    may come back another way (asymmetric routing)."""
+def _unserved(config: Config, links: list[netif.Link]) -> list[str]:
+    """Where a config names its links (and so may leave one out), what the
+    links left out keep from working, as warnings (also logged): a VIP on the
+    subnet of one, whose ARP requests nothing answers there; servers routed
+    through one, whose replies come back there, where no program NATs them
+    back to the VIP (they leave from the server's own address, which no
+    client takes). Not refused: a router may route the VIP to this node
+    another way, and replies may come back another way."""
+    warnings = []
+    answered = {(link.index, vip) for link, vip in planner.arp_links(config, links)}
+    for link in netif.links():
+        for fe in config.frontends:
+            if link.up and link.ethernet and not link.loopback and link.holds(fe.vip) \
+                    and (link.index, fe.vip) not in answered:
+                warnings.append(("arp", link.name,
+                                 f"VIP {fe.vip} of frontends.{fe.name} is on {link.name}'s "
+                                 f"subnet, where xlb answers no ARP for it (the interfaces "
+                                 f"named leave {link.name} out): clients there cannot reach "
+                                 f"it; name {link.name} in its interfaces"))
     servers: dict[IPv4Address, list[str]] = {}
     for pool in config.pools:
         for s in pool.servers:
             servers.setdefault(s.address, []).append(s.name)
+    on = {link.index for link in links}
     behind: dict[int, list[str]] = {}
     for address, index in netif.route_links(servers).items():
         if index not in on:
             behind.setdefault(index, []).extend(servers[address])
-    warnings = []
     for index, names in behind.items():
         try:
-            link = socket.if_indextoname(index)
+            name = socket.if_indextoname(index)
         except OSError:             # gone since the lookup
             continue
         names = sorted(set(names))
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        warning = (f"{'servers' if len(names) > 1 else 'server'} {shown} "
-                   f"{'are' if len(names) > 1 else 'is'} routed through {link}, which xlb "
-                   f"does not run on (the interfaces named leave it out): replies come back "
-                   f"there and leave from the server's address, not NATed back to the VIP; "
-                   f"name {link} too")
-        log.event("route", level="warning", interface=link, reason=warning)
-        warnings.append(warning)
-    return warnings
+        warnings.append(("route", name,
+                         f"{'servers' if len(names) > 1 else 'server'} {shown} "
+                         f"{'are' if len(names) > 1 else 'is'} routed through {name}, which "
+                         f"xlb does not run on (the interfaces named leave it out): replies "
+                         f"come back there and leave from the server's address, not NATed "
+                         f"back to the VIP; name {name} too"))
+    for event, name, warning in warnings:
+        log.event(event, level="warning", interface=name, reason=warning)
+    return [warning for _, _, warning in warnings]
 
 
 # The exit status of `xlb up` after `xlb down --keep-datapath` (EX_TEMPFAIL):
@@ -1341,12 +1354,12 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
         forgotten = result.pop("admin_forgotten")
         # The links it attached to (up since) and let go (gone, or named no more).
         links = {k: result.pop(k) for k in ("attached", "detached")}
-        unreturned = result.pop("unreturned")      # logged as it was found
+        unserved = result.pop("unserved")      # logged as it was found
         log.event("apply", result="ok", seconds=t2 - t0, config=path, **result,
                   **{k: ",".join(names) or None for k, names in links.items()},
                   admin_forgotten="; ".join(forgotten) or None)
         return {**result, **links, "admin_forgotten": forgotten, "warnings": cfg.warnings,
-                "unreturned": unreturned,
+                "unserved": unserved,
                 "validate_seconds": t1 - t0,
                 "apply_seconds": t2 - t1, "config": path, "warning": balancer.remember()}
     if cmd == "server":

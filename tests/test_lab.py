@@ -203,11 +203,12 @@ def test_bad_input_is_one_line_and_attaches_nothing(lab, args, message):
     assert lab.xdp_attached("lb") == []
 
 
-def test_servers_routed_through_a_link_left_unnamed_are_warned_of(lab, tmp_path):
+def test_links_left_unnamed_that_a_vip_or_servers_need_are_warned_of(lab, tmp_path):
     """Naming only the clients' link (eth0) leaves the servers' replies, which
-    come back by eth1, un-NATed: no connection to the VIP works. Said at the
-    start and at each apply, with the link to name; not refused, as replies
-    may come back another way."""
+    come back by eth1, un-NATed; naming only eth1 leaves the VIP's ARP on eth0
+    unanswered: no connection to the VIP works. Said at the start and at each
+    apply, with the link to name; not refused, as replies may come back, and
+    a router may route the VIP here, another way."""
     unnamed = ("servers was1, was2 are routed through eth1, which xlb does not run on (the "
                "interfaces named leave it out): replies come back there and leave from the "
                "server's address, not NATed back to the VIP; name eth1 too")
@@ -218,6 +219,12 @@ def test_servers_routed_through_a_link_left_unnamed_are_warned_of(lab, tmp_path)
     with x:
         r = lab.xlb_cmd("apply", str(config))
         assert (r.returncode, r.stderr) == (0, f"xlb: warning: {unnamed}\n")
+        config.write_text(seed.replace('pool = "was"\n', 'pool = "was"\ninterfaces = ["eth1"]\n'))
+        r = lab.xlb_cmd("apply", str(config))
+        assert (r.returncode, r.stderr) == (
+            0, "xlb: warning: VIP 10.1.1.101 of frontends.www is on eth0's subnet, where xlb "
+               "answers no ARP for it (the interfaces named leave eth0 out): clients there "
+               "cannot reach it; name eth0 in its interfaces\n")
         config.write_text(seed.replace('pool = "was"\n',
                                        'pool = "was"\ninterfaces = ["eth0", "eth1"]\n'))
         r = lab.xlb_cmd("apply", str(config))
