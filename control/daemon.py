@@ -538,8 +538,9 @@ def _unserved(config: Config, links: list[netif.Link]) -> list[str]:
     subnet of one, whose ARP requests nothing answers there; servers routed
     through one, whose replies come back there, where no program NATs them
     back to the VIP (they leave from the server's own address, which no
-    client takes). Not refused: a router may route the VIP to this node
-    another way, and replies may come back another way."""
+    client takes), as the main routing table routes them (10,000 lookups
+    would double an apply). Not refused: a router may route the VIP to this
+    node another way, and replies may come back another way."""
     warnings = []
     answered = {(link.index, vip) for link, vip in planner.arp_links(config, links)}
     for link in netif.links():
@@ -557,7 +558,7 @@ def _unserved(config: Config, links: list[netif.Link]) -> list[str]:
             servers.setdefault(s.address, []).append(s.name)
     on = {link.index for link in links}
     behind: dict[int, list[str]] = {}
-    for address, index in netif.route_links(servers).items():
+    for address, index in netif.main_route_links(servers).items():
         if index not in on:
             behind.setdefault(index, []).extend(servers[address])
     for index, names in behind.items():
