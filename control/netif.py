@@ -116,6 +116,11 @@ RTN_UNICAST = 1
 _LOCAL_KINDS = {2: "local", 3: "broadcast"}    # RTN_LOCAL, RTN_BROADCAST
 
 
+def _prefix(route) -> IPv4Network:
+    """The destination of a route message (RTM_NEWROUTE)."""
+    return IPv4Network(f"{route.get_attr('RTA_DST') or '0.0.0.0'}/{route['dst_len']}")
+
+
 def local_routes(found: list[Link]) -> list[tuple[IPv4Network, str, str]]:
     """The kernel's own destinations beyond the links' addresses: the local
     table's local routes (a prefix routed to the host itself, `ip route add
@@ -123,8 +128,7 @@ def local_routes(found: list[Link]) -> list[tuple[IPv4Network, str, str]]:
     address), as (prefix, "local" or "broadcast", name of the link, of `found`)."""
     names = {link.index: link.name for link in found}
     with IPRoute() as ipr:
-        return [(IPv4Network(f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}"),
-                 _LOCAL_KINDS[r["type"]], names.get(r.get_attr("RTA_OIF"), "?"))
+        return [(_prefix(r), _LOCAL_KINDS[r["type"]], names.get(r.get_attr("RTA_OIF"), "?"))
                 for r in ipr.get_routes(family=2, table=RT_TABLE_LOCAL)
                 if r["type"] in _LOCAL_KINDS]
 
@@ -201,18 +205,17 @@ def main_route_links(addresses: Iterable[IPv4Address]) -> dict[IPv4Address, int]
     Policy routing (`ip rule`) is not followed; an address whose route is
     multipath is looked up."""
     with IPRoute() as ipr:
-        routes = [(IPv4Network(f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}"),
-                   r.get_attr("RTA_OIF") if r["type"] == RTN_UNICAST else 0,
+        routes = [(_prefix(r), r.get_attr("RTA_OIF") if r["type"] == RTN_UNICAST else 0,
                    r.get_attr("RTA_PRIORITY") or 0)
                   for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN)
                   if not r["tos"]]
-    found = longest_prefix(addresses, routes)
+    found = _longest_prefix(addresses, routes)
     multipath = [a for a, index in found.items() if index is None]
     found.update(route_links(multipath))
     return {a: index for a, index in found.items() if index}
 
 
-def longest_prefix(addresses: Iterable[IPv4Address],
+def _longest_prefix(addresses: Iterable[IPv4Address],
                    routes: list[tuple[IPv4Network, int | None, int]]) -> dict[IPv4Address, int | None]:
     """The link index of each address's longest-prefix route among routes
     (prefix, link index: 0 for no link, as a blackhole's, None for a multipath
