@@ -543,7 +543,8 @@ def _unserved(config: Config, links: list[netif.Link]) -> list[str]:
     node another way, and replies may come back another way."""
     warnings = []
     answered = {(link.index, vip) for link, vip in planner.arp_links(config, links)}
-    for link in netif.links():
+    found = netif.links()
+    for link in found:
         for fe in config.frontends:
             if link.up and link.ethernet and not link.loopback and link.holds(fe.vip) \
                     and (link.index, fe.vip) not in answered:
@@ -561,10 +562,9 @@ def _unserved(config: Config, links: list[netif.Link]) -> list[str]:
     for address, index in netif.main_route_links(servers).items():
         if index not in on:
             behind.setdefault(index, []).extend(servers[address])
+    link_names = {link.index: link.name for link in found}
     for index, names in behind.items():
-        try:
-            name = socket.if_indextoname(index)
-        except OSError:             # gone since the lookup
+        if (name := link_names.get(index)) is None:     # made since the links were read
             continue
         names = sorted(set(names))
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
