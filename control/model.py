@@ -370,11 +370,16 @@ def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
         endpoints.add((addr, port))
         servers.append(Server(name=f"backend{len(servers) + 1}", address=addr, port=port))
 
+    seen_interfaces: set[str] = set()
     for name in interfaces:
         try:
             check_interface(name)
         except ValueError as e:
             problems.append(("--iface", str(e)))
+            continue
+        if name in seen_interfaces:
+            problems.append((f"--iface {name}", "given twice"))
+        seen_interfaces.add(name)
 
     frontends: list[Frontend] = []
     services: set[tuple[IPv4Address, int, str]] = set()
@@ -390,7 +395,7 @@ def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
         services.add((addr, port, proto))
         frontends.append(Frontend(name=f"vip{len(frontends) + 1}", vip=addr, port=port,
                                   protocol=proto, pool="default",
-                                  interfaces=tuple(dict.fromkeys(interfaces))))
+                                  interfaces=tuple(interfaces)))
 
     # What the data plane's maps hold, as a config file's check_capacity says it.
     most = MAX_MAGLEV_FRONTENDS if algorithm == "maglev" else MAX_FRONTENDS

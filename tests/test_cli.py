@@ -586,6 +586,21 @@ def test_up_refuses_an_iface_name_as_a_config_file_does(tmp_path, name, reason):
     assert (r.returncode, r.stderr) == (1, f"{path}: frontends.www.interfaces[0]: {reason}\n")
 
 
+def test_up_refuses_an_iface_given_twice_as_a_config_file_does(tmp_path):
+    """--iface eth0 --iface eth0 is a slip (another link meant?), refused as a
+    file's repeated interface is, not quietly taken as one."""
+    r = xlb("up", "--vip", "10.1.1.101:80", "--backend", "10.1.11.101:8080",
+            "--iface", "xlb-no-such-if", "--iface", "xlb-no-such-if")
+    assert (r.returncode, r.stdout, r.stderr) == (
+        2, "", "xlb: error: --iface xlb-no-such-if: given twice\n")
+    path = tmp_path / "iface.toml"
+    path.write_text(SEED.read_text().replace(
+        'pool = "was"', 'pool = "was"\ninterfaces = ["xlb-no-such-if", "xlb-no-such-if"]'))
+    r = xlb("check", str(path))
+    assert (r.returncode, r.stderr) == (
+        1, f"{path}: frontends.www.interfaces[1]: 'xlb-no-such-if' is listed twice\n")
+
+
 def test_apply_reads_no_fifo_and_top_takes_no_interval_it_cannot_sleep(tmp_path):
     fifo = tmp_path / "fifo.toml"
     os.mkfifo(fifo)                         # reading it would wait for a writer for ever
