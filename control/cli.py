@@ -815,7 +815,8 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
     if peer_ip in vips:
         raise BadInput(f"--peer {peer_ip}: a VIP, not the other node's address")
     if peer_ip in servers:
-        raise BadInput(f"--peer {peer_ip}: the address of servers.{servers[peer_ip]}, not "
+        raise BadInput(f"--peer {peer_ip}: the address of "
+                       f"{configfile.key_path('servers', servers[peer_ip])}, not "
                        f"the other node's")
     for g in gws:
         if g.address.ip in vips:
@@ -823,8 +824,8 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
                            f"(xlb answers its ARP)")
         if g.address.ip in servers:
             raise BadInput(f"--gateway {g.address}: the address of "
-                           f"servers.{servers[g.address.ip]}, which would move to the "
-                           f"active node")
+                           f"{configfile.key_path('servers', servers[g.address.ip])}, "
+                           f"which would move to the active node")
         if g.address.ip == peer_ip:
             raise BadInput(f"--gateway {g.address}: the peer's own address, which cannot "
                            f"move between the nodes")

@@ -36,6 +36,12 @@ from .model import (ALGORITHMS, BODY_LIMIT, MAGLEV_SERVERS_MAX, MAGLEV_SIZE_MAX,
 SECTIONS = ("monitors", "servers", "pools", "frontends")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 BAD_NAME = "bad name: use letters, digits, '_', '.' and '-', starting with a letter or digit"
+
+
+def key_path(section: str, name: str) -> str:
+    """An object's key as the file must spell it: `servers."was1.example.com"`,
+    not `servers.was1.example.com`, which names a table in a table."""
+    return f"{section}.{_toml_key(name)}"
 HTTP_ONLY = ("path", "expect_status", "expect_body", "host")
 CHECKING = ("port", "interval", "timeout", "rise", "fall")     # of a monitor that checks
 TIMEOUTS = tuple(key for keys in PROTOCOL_TIMEOUTS.values() for key in keys)
@@ -59,7 +65,8 @@ def load(text: str, *, dumped: bool = False) -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         # tomllib names a table as a Python tuple: "Cannot declare ('frontends', 'f') twice"
-        message = _TOML_KEY.sub(lambda m: ".".join(re.findall(r"'([^'\\]*)'", m[0])), str(e))
+        keys = lambda m: ".".join(map(_toml_key, re.findall(r"'([^'\\]*)'", m[0])))  # noqa: E731
+        message = _TOML_KEY.sub(keys, str(e))
         raise ConfigError([("toml", message)]) from None
     except RecursionError:
         raise ConfigError([("toml", "arrays or tables nested too deeply")]) from None
@@ -339,22 +346,25 @@ class _Loader:
         pooled = {s.name for p in pools for s in p.servers}
         served = {f.pool for f in frontends}
         watching = {p.monitor for p in pools} | {s.monitor for s in servers.values()}
-        return (*((f"servers.{name}", "in no pool: it serves nothing, and `xlb show` leaves "
-                                      "it out") for name in servers if name not in pooled),
-                *((f"pools.{p.name}", "no frontend uses it: it serves nothing")
+        return (*((key_path("servers", name), "in no pool: it serves nothing, and `xlb show` "
+                                               "leaves it out")
+                  for name in servers if name not in pooled),
+                *((key_path("pools", p.name), "no frontend uses it: it serves nothing")
                   for p in pools if p.name not in served),
                 # maint whatever `xlb server enable` says: its frontends drop every new flow
-                *((f"pools.{p.name}", "every server of it is enabled = false: it serves nothing")
+                *((key_path("pools", p.name), "every server of it is enabled = false: it serves "
+                                              "nothing")
                   for p in pools if p.name in served and not any(s.enabled for s in p.servers)),
-                *((f"monitors.{m.name}", "no pool or server uses it")
+                *((key_path("monitors", m.name), "no pool or server uses it")
                   for m in monitors if m.name not in watching))
 
     @staticmethod
     def overridden(pools: list[Pool]) -> tuple[tuple[str, str], ...]:
         """Pools' monitors that every server of theirs replaces with another:
         they check nothing, where the operator may believe both check."""
-        return tuple((f"pools.{p.name}.monitor", f"every server of it names its own monitor: "
-                                                 f"monitors.{p.monitor} checks none of them")
+        return tuple((f"{key_path('pools', p.name)}.monitor",
+                      f"every server of it names its own monitor: "
+                      f"{key_path('monitors', p.monitor)} checks none of them")
                      for p in pools
                      if p.monitor and all(s.monitor not in (None, p.monitor) for s in p.servers))
 
@@ -371,7 +381,7 @@ class _Loader:
             ring, total = sum(slots.values()), sum(w for _, w in weights)
             astray = sum(abs(slots[i] / ring - w / total) for i, w in weights) / 2
             if astray > 0.01:
-                found.append((f"pools.{pool.name}",
+                found.append((key_path("pools", pool.name),
                               f"its weights need more than a weighted ring's {RING_SIZE:,} "
                               f"slots: scaled down to fit, they send {astray:.0%} of new flows "
                               f"to other servers than they ask for "
@@ -388,7 +398,7 @@ class _Loader:
             return
         self.names[section] = set(raw)
         for name, obj in raw.items():
-            path = f"{section}.{name}"
+            path = key_path(section, name)
             if not NAME_RE.fullmatch(name):
                 self.problem(path, BAD_NAME)
             if not isinstance(obj, dict):
@@ -514,8 +524,9 @@ class _Loader:
                     honoured.add(s.name)
         for name, (weight, pool) in ignored.items():
             if weight != 1 and name not in honoured:
-                self.problem(f"servers.{name}.weight",
-                             f"{weight}, but its pools are roundrobin (pools.{pool}), which "
+                self.problem(f"{key_path('servers', name)}.weight",
+                             f"{weight}, but its pools are roundrobin "
+                             f"({key_path('pools', pool)}), which "
                              f'gives every server the same share: algorithm = "weighted" '
                              f"honours weights")
 
@@ -530,7 +541,7 @@ class _Loader:
                 self.problem("frontends", f"{n} {what}: the data plane holds {limit}")
         for pool in pools.values():
             if pool.algorithm != "maglev" and len(pool.servers) > RING_SIZE:
-                self.problem(f"pools.{pool.name}.servers",
+                self.problem(f"{key_path('pools', pool.name)}.servers",
                              f"{len(pool.servers)} servers do not fit a ring of {RING_SIZE}")
         total = sum(len(p.servers) for p in pools.values())
         if total > MAX_BACKENDS:
@@ -584,13 +595,14 @@ class _Loader:
         for name, vip, port, protocol in self.services:
             seen = first.setdefault((vip, port, protocol), name)
             if seen != name:
-                self.problem(f"frontends.{name}",
-                             f"duplicate of frontends.{seen} ({vip}:{port}/{protocol})")
+                self.problem(key_path("frontends", name),
+                             f"duplicate of {key_path('frontends', seen)} "
+                             f"({vip}:{port}/{protocol})")
             vips.setdefault(vip, name)
         for name, address in self.addresses.items():
             if address in vips:
-                self.problem(f"servers.{name}.address",
-                             f"{address} is the VIP of frontends.{vips[address]}")
+                self.problem(f"{key_path('servers', name)}.address",
+                             f"{address} is the VIP of {key_path('frontends', vips[address])}")
 
     def check_adopt(self, frontends: list[Frontend], pools: dict[str, Pool]) -> None:
         """A frontend that adopts replies has a Maglev pool whose servers serve
@@ -615,9 +627,10 @@ class _Loader:
             pool = pools.get(fe.pool)
             if not fe.adopt_replies or pool is None:
                 continue
-            path = f"frontends.{fe.name}.adopt_replies"
+            path = f"{key_path('frontends', fe.name)}.adopt_replies"
             if pool.algorithm != "maglev":
-                self.problem(path, f'needs a pool with algorithm "maglev" (pools.{pool.name} '
+                self.problem(path, f'needs a pool with algorithm "maglev" '
+                                   f'({key_path("pools", pool.name)} '
                                    f'is "{pool.algorithm}"): every node must send a client to '
                                    'the same server')
             # One line a frontend (a line a server and frontend made millions).
@@ -631,10 +644,11 @@ class _Loader:
                 s, more = shared[group][0], len(shared[group]) - 1
                 other = next(n for _, n in serving[(s.address, s.port, fe.protocol)]
                              if n != fe.name)
-                self.problem(path, f"servers.{s.name} ({s.address}:{s.port}/{fe.protocol}) "
-                                   f"also serves frontends.{other}: its packets could be "
+                self.problem(path, f"{key_path('servers', s.name)} "
+                                   f"({s.address}:{s.port}/{fe.protocol}) also serves "
+                                   f"{key_path('frontends', other)}: its packets could be "
                                    "either's replies" +
-                                   (f"; {more} more of pools.{pool.name}'s servers "
+                                   (f"; {more} more of {key_path('pools', pool.name)}'s servers "
                                     f"serve{'s' if more == 1 else ''} another frontend too"
                                     if more else ""))
 

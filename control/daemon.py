@@ -549,10 +549,10 @@ def _unserved(config: Config, links: list[netif.Link]) -> list[str]:
             if link.up and link.ethernet and not link.loopback and link.holds(fe.vip) \
                     and (link.index, fe.vip) not in answered:
                 warnings.append(("arp", link.name,
-                                 f"VIP {fe.vip} of frontends.{fe.name} is on {link.name}'s "
-                                 f"subnet, where xlb answers no ARP for it (the interfaces "
-                                 f"named leave {link.name} out): clients there cannot reach "
-                                 f"it; name {link.name} in its interfaces"))
+                                 f"VIP {fe.vip} of {configfile.key_path('frontends', fe.name)} "
+                                 f"is on {link.name}'s subnet, where xlb answers no ARP for "
+                                 f"it (the interfaces named leave {link.name} out): clients "
+                                 f"there cannot reach it; name {link.name} in its interfaces"))
     servers: dict[IPv4Address, list[str]] = {}
     for pool in config.pools:
         for s in pool.servers:

@@ -485,6 +485,18 @@ BAD = [
      [("toml", "Expected newline or end of document after a statement (at line 2, column 15)")]),
     ("toml-table-twice", doc(extra="[servers.was1]"),
      [("toml", "Cannot declare servers.was1 twice (at line 11, column 14)")]),
+    # a name with a dot is spelt as the file must spell it: servers.was1.example.com
+    # would be a table example.com in a table was1
+    ("toml-dotted-name-twice", '[servers."was1.example.com"]\n[servers."was1.example.com"]',
+     [("toml", 'Cannot declare servers."was1.example.com" twice (at line 2, column 28)')]),
+    ("dotted-names", doc(server=SERVER + "\nport = 8080", extra='[servers."was2.example.com"]\n'
+                         'address = "10.1.11.102"\nport = 80\nweight = 2\n'
+                         '[pools."web.v2"]\nservers = ["was2.example.com"]\n'
+                         '[frontends."www.v2"]\nvip = "10.1.1.101"\nport = 80\n'
+                         'pool = "web.v2"'),
+     [('frontends."www.v2"', "duplicate of frontends.www (10.1.1.101:80/tcp)"),
+      ('servers."was2.example.com".weight', '2, but its pools are roundrobin (pools."web.v2"), '
+       'which gives every server the same share: algorithm = "weighted" honours weights')]),
     # Python reads no integer of more than 4300 digits (sys.get_int_max_str_digits)
     ("toml-integer-too-long", doc(server=SERVER + "\nport = " + "9" * 4301),
      [("toml", "an integer of more than 4300 digits")]),
@@ -505,11 +517,11 @@ BAD = [
     ("bad-names", doc(extra='[monitors."-m"]\n[monitors."a b"]\n[monitors."é"]\n[monitors.""]'),
      [("monitors.-m", "bad name: use letters, digits, '_', '.' and '-', starting with a letter "
                       "or digit"),
-      ("monitors.a b", "bad name: use letters, digits, '_', '.' and '-', starting with a letter "
+      ('monitors."a b"', "bad name: use letters, digits, '_', '.' and '-', starting with a letter "
                        "or digit"),
-      ("monitors.é", "bad name: use letters, digits, '_', '.' and '-', starting with a letter "
+      ('monitors."é"', "bad name: use letters, digits, '_', '.' and '-', starting with a letter "
                      "or digit"),
-      ("monitors.", "bad name: use letters, digits, '_', '.' and '-', starting with a letter "
+      ('monitors.""', "bad name: use letters, digits, '_', '.' and '-', starting with a letter "
                     "or digit")]),
     ("bad-name-still-checked", doc(extra='[pools."_p"]\nservers = ["was9"]'),
      [("pools._p", "bad name: use letters, digits, '_', '.' and '-', starting with a letter "
@@ -808,10 +820,10 @@ BAD = [
       ("monitors.m.timeout", "5.0 is longer than the interval 2.0"),
       ("servers.was1.port", "expected an integer, got boolean"),
       ("servers.was1.wieght", "unknown key"),
-      ("servers.bad name", "bad name: use letters, digits, '_', '.' and '-', starting with a "
+      ('servers."bad name"', "bad name: use letters, digits, '_', '.' and '-', starting with a "
                            "letter or digit"),
-      ("servers.bad name.port", "expected an integer, got float"),
-      ("servers.bad name.address", "required"),
+      ('servers."bad name".port', "expected an integer, got float"),
+      ('servers."bad name".address', "required"),
       ("pools.web.servers[1]", "no server 'was3'"),
       ("pools.web.servers[2]", "'was1' is listed twice"),
       ("pools.web.algorithm", "expected roundrobin, weighted or maglev, got 'rr'"),
