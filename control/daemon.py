@@ -538,9 +538,9 @@ def _unserved(config: Config, links: list[netif.Link]) -> list[str]:
     subnet of one, whose ARP requests nothing answers there; servers routed
     through one, whose replies come back there, where no program NATs them
     back to the VIP (they leave from the server's own address, which no
-    client takes), as the main routing table routes them (10,000 lookups
-    would double an apply). Not refused: a router may route the VIP to this
-    node another way, and replies may come back another way."""
+    client takes), as the kernel routes them (netif.bulk_route_links). Not
+    refused: a router may route the VIP to this node another way, and
+    replies may come back another way."""
     warnings = []
     answered = {(link.index, vip) for link, vip in planner.arp_links(config, links)}
     found = netif.links()
@@ -559,7 +559,7 @@ def _unserved(config: Config, links: list[netif.Link]) -> list[str]:
             servers.setdefault(s.address, []).append(s.name)
     on = {link.index for link in links}
     behind: dict[int, list[str]] = {}
-    for address, index in netif.main_route_links(servers).items():
+    for address, index in netif.bulk_route_links(servers).items():
         if index not in on:
             behind.setdefault(index, []).extend(servers[address])
     link_names = {link.index: link.name for link in found}

@@ -46,10 +46,11 @@ def test_servers_are_routed_as_the_kernel_routes_them():
              client_side: net.ifindex["ext"]}
 
 
-def test_the_main_tables_longest_prefix_routes_servers_as_the_kernel_does():
-    """netif.main_route_links, one dump for what apply warns of, agrees with
+def test_one_dump_of_the_routes_places_servers_as_the_kernel_does():
+    """netif.bulk_route_links, one dump for what apply warns of, agrees with
     the kernel's lookups: the longest prefix, the lowest metric, a multipath
-    route looked up, a blackhole's address and one with no route left out."""
+    route looked up, a blackhole's address and one with no route left out,
+    the default table after the main one, and the operator's own rules."""
     addresses = [IPv4Address(a) for a in ("10.1.11.101", "10.1.20.5", "10.1.20.7", "10.1.1.50",
                                           "10.1.21.1", "10.1.22.1", "10.1.23.1", "192.0.2.1")]
     with FibNet("xlbt-links").entered({}) as net:
@@ -60,11 +61,22 @@ def test_the_main_tables_longest_prefix_routes_servers_as_the_kernel_does():
         net.sh("ip", "route", "add", "10.1.22.0/24", "via", "10.1.11.2", "metric", "10")
         net.sh("ip", "route", "add", "10.1.23.0/24", "nexthop", "via", "10.1.11.2",
                "nexthop", "via", "10.1.1.2")
-        found = netif.main_route_links(addresses)
+        found = netif.bulk_route_links(addresses)
         assert found == route_links(addresses)
         assert found[IPv4Address("10.1.20.7")] == net.ifindex["ext"]
         assert found[IPv4Address("10.1.22.1")] == net.ifindex["int"]
         assert IPv4Address("10.1.23.1") in found and IPv4Address("10.1.21.1") not in found
+        # The default table answers what the main table does not have.
+        net.sh("ip", "route", "add", "10.1.25.0/24", "via", "10.1.1.2", "table", "default")
+        assert netif.bulk_route_links([IPv4Address("10.1.25.1")]) == \
+            {IPv4Address("10.1.25.1"): net.ifindex["ext"]}
+        # A rule of the operator's sends a prefix another way than the main
+        # table: the kernel is asked, as it would route the servers' packets.
+        net.sh("ip", "route", "add", "10.1.20.0/24", "via", "10.1.1.2", "table", "100")
+        net.sh("ip", "rule", "add", "to", "10.1.20.0/24", "lookup", "100", "priority", "100")
+        found = netif.bulk_route_links(addresses)
+        assert found == route_links(addresses)
+        assert found[IPv4Address("10.1.20.5")] == net.ifindex["ext"]
 
 
 def test_each_loss_of_a_link_is_told_once_with_how():
