@@ -950,7 +950,8 @@ class LinkWatch:
     another index. Servers no monitor checks are left as they are: nothing
     would bring them back. The routes are looked up again after
     changes of routes or links and applies, and used as they were before a
-    loss. A round of lookups is costly (some 2 s of CPU at 10,000 servers),
+    loss. A round of lookups can be costly (one dump of the routes, but
+    where the kernel must be asked per server, some 2 s of CPU at 10,000),
     and a node whose routing daemon imports its router's routes sees
     changes every second: the changes coalesce, and a round starts LOOKUP_SECONDS after the last
     ended at the soonest, or LOOKUP_SPACING times its length if longer."""
@@ -1039,7 +1040,7 @@ class LinkWatch:
 
     def _routes(self, addresses: set[IPv4Address]) -> dict[IPv4Address, int]:
         self.events.carrier()
-        return netif.route_links(addresses)
+        return netif.bulk_route_links(addresses)
 
     def _routed_again(self, found: dict[IPv4Address, int], since: float) -> None:
         """Checks now the servers a loss before `since` took down that `found`
@@ -1061,7 +1062,7 @@ class LinkWatch:
             self._regained = set()
             started = loop.time()
             try:
-                found = await asyncio.to_thread(netif.route_links, addresses)
+                found = await asyncio.to_thread(netif.bulk_route_links, addresses)
             except Exception as e:      # the next round looks them up
                 log.event("link", level="error", error=f"routes to the servers not read: {e}")
                 return

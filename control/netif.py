@@ -114,6 +114,9 @@ def local_addresses(found: list[Link]) -> dict[IPv4Address, str]:
 RT_TABLE_DEFAULT, RT_TABLE_MAIN, RT_TABLE_LOCAL = 253, 254, 255
 RTN_UNICAST = 1
 FR_ACT_TO_TBL = 1             # a rule's action: look the packet up in its table
+# Routes whose lookup ends where they match: unicast (through a link), or
+# blackhole, unreachable, prohibit (through none).
+_PLAIN_ROUTES = {RTN_UNICAST, 6, 7, 8}
 _LOCAL_KINDS = {2: "local", 3: "broadcast"}    # RTN_LOCAL, RTN_BROADCAST
 
 
@@ -203,16 +206,21 @@ def route_links(addresses: Iterable[IPv4Address]) -> dict[IPv4Address, int]:
 def bulk_route_links(addresses: Iterable[IPv4Address]) -> dict[IPv4Address, int]:
     """route_links by the longest prefix in one dump of the main table, then
     the default table's, as the kernel's own rules look them up (10,000
-    lookups cost 2 s of CPU, the dump milliseconds). Where `ip rule` has more
-    than those rules, or an address's route is multipath, the kernel is asked."""
+    lookups cost 2 s of CPU, the dump milliseconds). The kernel is asked for
+    every address where `ip rule` has more than those rules or a table has
+    a route that sends the lookup on (throw), and for an address whose
+    route is multipath."""
     addresses = list(addresses)
     with IPRoute() as ipr:
         if not _default_rules(ipr.get_rules(family=socket.AF_INET)):
             return route_links(addresses)
-        tables = [[(_prefix(r), r.get_attr("RTA_OIF") if r["type"] == RTN_UNICAST else 0,
-                    r.get_attr("RTA_PRIORITY") or 0)
-                   for r in ipr.get_routes(family=socket.AF_INET, table=table) if not r["tos"]]
+        tables = [ipr.get_routes(family=socket.AF_INET, table=table)
                   for table in (RT_TABLE_MAIN, RT_TABLE_DEFAULT)]
+    if any(r["type"] not in _PLAIN_ROUTES for routes in tables for r in routes):
+        return route_links(addresses)
+    tables = [[(_prefix(r), r.get_attr("RTA_OIF") if r["type"] == RTN_UNICAST else 0,
+                r.get_attr("RTA_PRIORITY") or 0) for r in routes if not r["tos"]]
+              for routes in tables]
     found = _longest_prefix(addresses, tables[0])
     found.update(_longest_prefix([a for a in addresses if a not in found], tables[1]))
     multipath = [a for a, index in found.items() if index is None]

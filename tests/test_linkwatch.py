@@ -50,7 +50,8 @@ def test_one_dump_of_the_routes_places_servers_as_the_kernel_does():
     """netif.bulk_route_links, one dump for what apply warns of, agrees with
     the kernel's lookups: the longest prefix, the lowest metric, a multipath
     route looked up, a blackhole's address and one with no route left out,
-    the default table after the main one, and the operator's own rules."""
+    the default table after the main one (a throw route's lookup goes on to
+    it), and the operator's own rules."""
     addresses = [IPv4Address(a) for a in ("10.1.11.101", "10.1.20.5", "10.1.20.7", "10.1.1.50",
                                           "10.1.21.1", "10.1.22.1", "10.1.23.1", "192.0.2.1")]
     with FibNet("xlbt-links").entered({}) as net:
@@ -77,6 +78,11 @@ def test_one_dump_of_the_routes_places_servers_as_the_kernel_does():
         found = netif.bulk_route_links(addresses)
         assert found == route_links(addresses)
         assert found[IPv4Address("10.1.20.5")] == net.ifindex["ext"]
+        # A throw route sends the lookup on to the next rule's table.
+        net.sh("ip", "rule", "del", "priority", "100")
+        net.sh("ip", "route", "add", "throw", "10.1.25.0/24")
+        assert netif.bulk_route_links([IPv4Address("10.1.25.1")]) == \
+            {IPv4Address("10.1.25.1"): net.ifindex["ext"]}
 
 
 def test_each_loss_of_a_link_is_told_once_with_how():
