@@ -71,8 +71,10 @@ def load(text: str, *, dumped: bool = False) -> Config:
     except RecursionError:
         raise ConfigError([("toml", "arrays or tables nested too deeply")]) from None
     except ValueError:      # not TOMLDecodeError: the int() that tomllib calls refuses it
-        raise ConfigError([("toml", f"an integer of more than {sys.get_int_max_str_digits()} "
-                                    f"digits")]) from None
+        most = sys.get_int_max_str_digits()
+        where = re.search(r"[=\[,{]\s*[+-]?(?:\d_?){%d}" % (most + 1), text)
+        line = f" (at line {text.count(chr(10), 0, where.end()) + 1})" if where else ""
+        raise ConfigError([("toml", f"an integer of more than {most} digits{line}")]) from None
     monitors = doc.get("monitors") if dumped else None
     for monitor in monitors.values() if isinstance(monitors, dict) else ():
         if isinstance(monitor, dict) and monitor.get("type") == "none":

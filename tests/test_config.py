@@ -499,7 +499,7 @@ BAD = [
        'which gives every server the same share: algorithm = "weighted" honours weights')]),
     # Python reads no integer of more than 4300 digits (sys.get_int_max_str_digits)
     ("toml-integer-too-long", doc(server=SERVER + "\nport = " + "9" * 4301),
-     [("toml", "an integer of more than 4300 digits")]),
+     [("toml", "an integer of more than 4300 digits (at line 4)")]),
     # sections and objects
     ("unknown-section", doc(extra='[server.was2]\naddress = "10.1.11.102"'),
      [("server", "unknown section")]),
