@@ -601,8 +601,11 @@ class Datapath:
             if link is None:
                 listed.append(replace(att, state="gone"))
             else:
+                # Down: set down, or up without carrier (NO-CARRIER, which the link
+                # watch takes its servers down for): either way it carries no frames.
                 listed.append(replace(att, ifname=link.name, state=(
-                    "detached" if link.xdp_prog_id != ours else "up" if link.up else "down")))
+                    "detached" if link.xdp_prog_id != ours else "up" if link.carrier
+                    else "down")))
         return listed
 
     def detach(self, ifindex: int) -> None:

@@ -40,7 +40,8 @@ _LE = tuple(repr(b) for b in CHECK_BUCKETS) + ("+Inf",)
 FAMILIES = {
     "xlb_build_info": ("gauge", "xlb's version."),
     "xlb_interface_state": ("gauge", "1 for the current state of each link xlb attached to: "
-                                     "up, down (keeps the program), gone (deleted) or "
+                                     "up, down (set down or without carrier; keeps the program), "
+                                     "gone (deleted) or "
                                      "detached (its program removed or replaced by hand)."),
     "xlb_frontend_info": ("gauge", "A frontend: its VIP, port, protocol and pool."),
     "xlb_frontend_packets": ("counter", "Packets of the frontend's flows: in from clients, "

@@ -537,3 +537,31 @@ def test_a_scraper_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
         server.shutdown()
         server.server_close()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_link_without_carrier_reads_down(monkeypatch):
+    """xlb_interface_state (and status, top) show each link as the kernel has
+    it: one set up whose carrier is gone (a cable pulled, a switch port down,
+    a veth whose peer is down), which `ip link` shows NO-CARRIER, state DOWN,
+    and for which the link watch takes its servers down ("lost its carrier"),
+    is down, not up. No kernel: the links and the program are stubbed."""
+    datapath = pytest.importorskip("xlb.datapath")
+    from xlb import netif
+
+    def link(index, name, up, carrier):
+        return netif.Link(index=index, name=name, mac=b"\0" * 6, up=up, loopback=False,
+                          addresses=(), xdp_prog_id=7, xdp_mode="native", carrier=carrier)
+
+    monkeypatch.setattr(netif, "links", lambda: [link(2, "eth0", True, True),
+                                                 link(3, "eth1", True, False),
+                                                 link(4, "eth2", False, False)])
+    monkeypatch.setattr(datapath.bpfsys, "prog_info", lambda fd: type("Info", (), {"id": 7}))
+    dp = object.__new__(datapath.Datapath)
+    dp._prog = type("Prog", (), {"fd": 5})
+    dp._attached = {i: (5, datapath.Attachment(i, name, "native"))
+                    for i, name in ((2, "eth0"), (3, "eth1"), (4, "eth2"))}
+    states = {a.ifname: a.state for a in dp.attachments()}
+    assert states == {"eth0": "up", "eth1": "down", "eth2": "down"}
+    st = {**STATUS, "interfaces": [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode,
+                                    "state": a.state} for a in dp.attachments()]}
+    assert 'xlb_interface_state{interface="eth1",state="down"} 1.0' in metrics.render(st, {})
