@@ -335,7 +335,7 @@ def find_running() -> Running | None:
             os.close(fd)
             continue
         attached[link.index] = (fd, Attachment(link.index, link.name, link.xdp_mode,
-                                               state="up" if link.up else "down"))
+                                               state="up" if link.carrier else "down"))
         if newest is None or info.id > newest.id:
             newest = info
     if newest is None:

@@ -537,8 +537,8 @@ def test_status_tells_a_link_deleted_gone_until_an_apply(balancer, fibnet):
 
 
 def test_status_tells_a_link_down_renamed_or_detached_as_the_kernel_has_it(balancer, fibnet):
-    """A link set down keeps its program (it serves again once up); one
-    renamed keeps it too, under its new name; one whose program was removed
+    """A link set down, or without carrier, keeps its program (it serves again
+    once up); one renamed keeps it too, under its new name; one whose program was removed
     by hand (`ip link set dev X xdp off`) is served no more."""
     index = fibnet.add_veth("renamed")
     balancer.apply(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["renamed"]),
@@ -548,6 +548,15 @@ def test_status_tells_a_link_down_renamed_or_detached_as_the_kernel_has_it(balan
     fibnet.sh("ip", "link", "set", "renamed", "name", "other")
     assert attached(balancer) == [("other", index, "down")]
     fibnet.sh("ip", "link", "set", "other", "up")
+    assert attached(balancer) == [("other", index, "up")]
+    # Its peer down (a cable pulled): up, but NO-CARRIER, it carries nothing.
+    # A data path without its control process (find_running) reads the same.
+    fibnet.sh("ip", "link", "set", "renamed-peer", "down")
+    assert attached(balancer) == [("other", index, "down")]
+    running = find_running()
+    running.close()
+    assert [a.state for _, a in running.attached.values()] == ["down"]
+    fibnet.sh("ip", "link", "set", "renamed-peer", "up")
     assert attached(balancer) == [("other", index, "up")]
     fibnet.sh("ip", "link", "set", "dev", "other", "xdp", "off")
     assert attached(balancer) == [("other", index, "detached")]
