@@ -492,7 +492,7 @@ def test_dashboard_and_alerts_use_labels_their_metrics_have():
     dashboard = json.loads((root / "metrics" / "xlb-dashboard.json").read_text())
     queries = [t["expr"] + " " + t.get("legendFormat", "") for t in targets(dashboard)]
     rules = (root / "metrics" / "alerts.yml").read_text().split("- alert:")[1:]
-    assert len(queries) >= 17 and len(rules) == 9
+    assert len(queries) >= 17 and len(rules) == 10
     for text in queries + rules:
         have = {"job", "instance"}.union(*(labels[m] for m in re.findall(r"\bxlb_\w+", text)))
         groupings = re.findall(r"\b(?:by|on|without|ignoring|group_left|group_right)\s*"
