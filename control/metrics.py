@@ -69,7 +69,9 @@ FAMILIES = {
     "xlb_server_health_changes": ("counter", "Health state changes (up to down and back)."),
     "xlb_server_check_duration_seconds": ("histogram", "Duration of the server's health "
                                                        "checks."),
-    "xlb_xdp_actions": ("counter", "Packets by the XDP action taken."),
+    "xlb_xdp_actions": ("counter", "Packets by the XDP action the program returned (never "
+                                   "aborted); a frame sent that the kernel fails to deliver "
+                                   "counts as sent."),
     "xlb_packets": ("counter", "Packets by why the program did what it did (see README)."),
     "xlb_drops": ("counter", "Packets dropped, by reason."),
     "xlb_flow_table_entries": ("gauge", "Entries in the flow tables (two per connection)."),
