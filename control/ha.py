@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import textwrap
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Iterable, Mapping
@@ -202,6 +203,19 @@ def check_keepalived_path(path: str) -> str:
     return path
 
 
+# keepalived reads its config a line at a time into a buffer of 1024 bytes:
+# the rest of a longer line is read as a line of its own, a comment's tail as
+# keywords (`keepalived -t` fails). A comment naming 256 VIPs is 3.5 kB.
+COMMENT_WIDTH = 100
+
+
+def _comment(text: str) -> list[str]:
+    """text as comment lines of at most COMMENT_WIDTH characters, broken
+    between words only (a VIP is never cut)."""
+    return textwrap.wrap(text, COMMENT_WIDTH, initial_indent="# ", subsequent_indent="#   ",
+                         break_long_words=False, break_on_hyphens=False)
+
+
 def keepalived_role(line: str, instance: str) -> str | None:
     """The xlb role a keepalived FIFO line asks for, or None when the line is
     about something else: `INSTANCE "xlb" MASTER 250`."""
@@ -230,8 +244,8 @@ def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: s
     start a process per check; keepalived reads the file when it changes."""
     vips = sorted({str(f.vip) for f in config.frontends}, key=IPv4Address)
     lines = [
-        f"# keepalived for xlb: VRRP elects the node that answers ARP for "
-        f"{', '.join(vips) or 'no VIP'}.",
+        *_comment(f"keepalived for xlb: VRRP elects the node that answers ARP for "
+                  f"{', '.join(vips) or 'no VIP'}."),
         "# Written by `xlb ha keepalived`. The VIPs are deliberately not virtual_ipaddress:",
         "# xlb answers their ARP itself on the active node (`xlb ha role`).",
         "global_defs {",

@@ -78,11 +78,11 @@ def test_gateways_and_tables():
             ha.check_table(bad)
 
 
-def keepalived_text(**kw) -> str:
+def keepalived_text(config=None, **kw) -> str:
     args = dict(xlb="/usr/local/bin/xlb", peer=IPv4Address("10.1.11.12"), interface="eth1",
                 priority=250, advert_int=0.1, vrid=51, fifo="/run/xlb-keepalived.fifo",
                 track_file="/run/xlb-keepalived.serving", gateways=[ha.Gateway(IPv4Interface("10.1.11.1/24"))])
-    return ha.keepalived_conf(seed(), **{**args, **kw})
+    return ha.keepalived_conf(config or seed(), **{**args, **kw})
 
 
 def test_keepalived_config_elects_without_owning_the_vip():
@@ -98,6 +98,32 @@ def test_keepalived_config_elects_without_owning_the_vip():
     for line in ("vrrp_version 3", "state BACKUP", "nopreempt", "advert_int 0.1",
                  "priority 250", "virtual_router_id 51", "interface eth1"):
         assert f"    {line}\n" in text
+
+
+def many_vips(n: int = 256):
+    """The seed's service on n VIPs (round-robin: the data plane holds 16
+    frontends on Maglev, 256 in all)."""
+    text = SEED.read_text().split("[frontends.")[0]
+    for i in range(n):
+        text += (f'\n[frontends.f{i}]\nvip = "10.200.{i // 200}.{i % 200 + 1}"\nport = 80\n'
+                 f'protocol = "tcp"\npool = "was"\n')
+    return configfile.load(text)
+
+
+# keepalived reads its config a line at a time into a buffer of 1024 bytes
+# (MAXBUF): what is beyond is read as the next line, a comment's tail as keywords.
+KEEPALIVED_MAXBUF = 1024
+
+
+def test_keepalived_config_lines_fit_keepalived_buffer():
+    """A config with many VIPs (the data plane holds 256): the comment that
+    names them must not make a line keepalived splits (`keepalived -t` then
+    fails on "Unknown keyword '.0.75,'")."""
+    text = keepalived_text(config=many_vips())
+    assert max(len(line.encode()) for line in text.splitlines()) < KEEPALIVED_MAXBUF - 1
+    named = {v for line in text.splitlines() if line.startswith("#")
+             for v in line.replace(",", " ").split() if v.startswith("10.200.")}
+    assert len(named) == 256          # every VIP still named
 
 
 def test_bird_config_announces_the_table_with_bfd():
