@@ -818,6 +818,15 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
         raise BadInput(f"--peer {peer_ip}: the address of "
                        f"{configfile.key_path('servers', servers[peer_ip])}, not "
                        f"the other node's")
+    # Written on the node (README: `> /etc/keepalived/keepalived.conf`): its own
+    # address as --peer (the other node's command copied as it is) has keepalived
+    # send its adverts to itself; neither node hears the other, both are MASTER.
+    # A warning, not a refusal: the peer's config may be written from this node.
+    here = _local_addresses()
+    if peer_ip in here:
+        _error(f"xlb: warning: --peer {peer_ip}: an address of this host (on "
+               f"{here[peer_ip]}): keepalived here would send its adverts to itself and both "
+               f"nodes would become MASTER; give the other node's address")
     for g in gws:
         if g.address.ip in vips:
             raise BadInput(f"--gateway {g.address}: a VIP must not be a local address "
@@ -834,6 +843,16 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
                                      interface=interface, priority=priority,
                                      advert_int=advert_int, vrid=vrid, fifo=fifo,
                                      track_file=track_file, gateways=gws), nl=False)
+
+
+def _local_addresses() -> dict:
+    """This host's IPv4 addresses (this network namespace's), and the link of
+    each; none when the links cannot be listed."""
+    from . import netif
+    try:
+        return netif.local_addresses(netif.links())
+    except (OSError, netif.NetlinkError):     # netlink refused: nothing to warn of
+        return {}
 
 
 @ha.command()

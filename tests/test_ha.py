@@ -404,3 +404,24 @@ def test_a_gratuitous_arp_that_cannot_go_out_leaves_the_others_going(tmp_path):
                                                      IPv4Address("10.1.1.101"))
     finally:
         subprocess.run(["ip", "netns", "del", ns])
+
+
+def test_a_peer_that_is_an_address_of_this_host_is_warned_of(monkeypatch):
+    """README's command run as it is on both nodes gives the second one its own
+    address as --peer: its keepalived sends its adverts to itself, never hears
+    the other, and both nodes become MASTER (both hold the gateway and both
+    xlb answer ARP for the VIPs). The command runs on the node (its output
+    goes to /etc/keepalived): it says so, and still writes the config (the
+    peer's may be written from this node)."""
+    from xlb import netif
+    here = netif.Link(index=2, name="eth1", mac=b"\2" * 6, up=True, loopback=False,
+                      addresses=(IPv4Interface("10.1.11.12/24"),))
+    monkeypatch.setattr(netif, "links", lambda: [here])
+    r = CliRunner().invoke(cli, [*KA, "--gateway", "10.1.11.1/24", str(SEED)])
+    assert r.exit_code == 0 and "unicast_peer {\n        10.1.11.12\n" in r.stdout
+    assert r.stderr == ("xlb: warning: --peer 10.1.11.12: an address of this host (on eth1): "
+                        "keepalived here would send its adverts to itself and both nodes "
+                        "would become MASTER; give the other node's address\n")
+    r = CliRunner().invoke(cli, ["ha", "keepalived", "--peer", "10.1.11.11", "--interface",
+                                 "eth1", "--gateway", "10.1.11.1/24", str(SEED)])
+    assert r.exit_code == 0 and r.stderr == ""
