@@ -622,7 +622,8 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
             answered, was_cut_off, cut_off = False, cut_off, []
             try:
                 reply = ctl.request("ping", timeout=2.0)
-                pid, cut_off, answered = reply["pid"], reply["cut_off"], True
+                # An instance of an earlier build says no cut_off: it serves.
+                pid, cut_off, answered = reply["pid"], reply.get("cut_off", []), True
                 if wanted and pid != told:
                     ctl.request("role", role=wanted, timeout=2.0)
                     told, failing = pid, False
@@ -641,6 +642,16 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
             ctl.request("role", role="backup", timeout=2.0)
         except (ctl.NotRunning, ctl.ControlError, OSError) as e:
             _error(f"xlb ha follow: keepalived stops; role backup not delivered: {e}")
+    except Exception as e:
+        # keepalived starts follow once, never again: ended, it would leave the
+        # node MASTER with nobody to tell xlb its role, nor keepalived whether
+        # xlb serves. FAULT hands the VIPs to the peer instead.
+        _error(f"xlb ha follow: ended by {type(e).__name__}: {e}"
+               + ("; keepalived is told this node cannot serve (FAULT) until it starts "
+                  "follow again (a restart or reload)" if track_file else ""))
+        if track_file:
+            _track(track_file, False)
+        raise
 
 
 def _keepalived_process(instance: str) -> str:

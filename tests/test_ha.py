@@ -425,3 +425,56 @@ def test_a_peer_that_is_an_address_of_this_host_is_warned_of(monkeypatch):
     r = CliRunner().invoke(cli, ["ha", "keepalived", "--peer", "10.1.11.11", "--interface",
                                  "eth1", "--gateway", "10.1.11.1/24", str(SEED)])
     assert r.exit_code == 0 and r.stderr == ""
+
+
+def test_follow_outlives_an_answer_it_does_not_expect(tmp_path, monkeypatch):
+    """keepalived starts `xlb ha follow` once and never again: if it ended on an
+    answer it did not expect (an instance of an earlier build, whose ping
+    says no `cut_off`), keepalived's role would reach xlb no more, nor
+    would the track file follow xlb: a node whose xlb then stops keeps the
+    gateway, and one restarted stays backup under a MASTER keepalived."""
+    from xlb import cli as climod, ctl
+    monkeypatch.setenv("XLB_STATE_DIR", str(tmp_path / "state"))
+    fifo, track = tmp_path / "fifo", tmp_path / "serving"
+    os.mkfifo(fifo, 0o600)
+    writer = os.open(fifo, os.O_RDWR)
+    os.write(writer, b'INSTANCE "xlb" MASTER 250\n')
+    asked, pings = [], []
+
+    def request(cmd, timeout=10.0, **args):
+        asked.append((cmd, args.get("role")))
+        if cmd == "ping":
+            pings.append(1)
+            if len(pings) == 3:
+                raise climod._KeepalivedStops      # keepalived's SIGTERM
+            return {"pid": 4242}                   # an earlier build: no "cut_off"
+        return {}
+
+    monkeypatch.setattr(ctl, "request", request)
+    monkeypatch.setattr(climod, "FOLLOW_POLL", 0.01)
+    try:
+        r = CliRunner().invoke(cli, ["ha", "follow", "--track-file", str(track), str(fifo)])
+    finally:
+        os.close(writer)
+    assert r.exception is None and r.exit_code == 0, r.output
+    assert ("role", "active") in asked and asked[-1] == ("role", "backup")
+    assert track.read_text() == "0\n"
+
+
+def test_follow_ended_by_a_failure_hands_the_node_to_the_peer(tmp_path, monkeypatch):
+    """Whatever ends follow but keepalived's stop leaves keepalived without it:
+    the track file says the node cannot serve (FAULT), and why is said."""
+    from xlb import cli as climod, ctl
+    monkeypatch.setenv("XLB_STATE_DIR", str(tmp_path / "state"))
+    fifo, track = tmp_path / "fifo", tmp_path / "serving"
+    os.mkfifo(fifo, 0o600)
+    track.write_text("0\n")
+
+    def request(cmd, timeout=10.0, **args):
+        raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(ctl, "request", request)
+    r = CliRunner().invoke(cli, ["ha", "follow", "--track-file", str(track), str(fifo)])
+    assert isinstance(r.exception, RuntimeError)
+    assert track.read_text() == "1\n"
+    assert "xlb ha follow: ended by RuntimeError: unexpected; keepalived is told" in r.stderr
