@@ -813,6 +813,8 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
                 from None
     else:
         _valid("--xlb", hamod.check_keepalived_path, xlb_path)
+    if unsafe := hamod.script_unsafe(xlb_path):
+        raise BadInput(f"--xlb {xlb_path}: keepalived would not run it: {unsafe}")
     if not gateways:
         raise BadInput("--gateway: at least one is needed (keepalived's VRRPv3 refuses an "
                        "instance with no address to move)")

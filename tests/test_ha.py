@@ -478,3 +478,26 @@ def test_follow_ended_by_a_failure_hands_the_node_to_the_peer(tmp_path, monkeypa
     assert isinstance(r.exception, RuntimeError)
     assert track.read_text() == "1\n"
     assert "xlb ha follow: ended by RuntimeError: unexpected; keepalived is told" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a path root owns needs root")
+def test_an_xlb_keepalived_would_not_run_is_refused(tmp_path):
+    """keepalived (enable_script_security) disables a script in a directory
+    another user may write, and `xlb ha follow` never runs: the node stays in
+    FAULT for ever (its track file at 1), silently but for keepalived's log."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    xlb = shared / "xlb"
+    xlb.symlink_to(ROOT / ".venv" / "bin" / "xlb")
+    r = subprocess.run([str(ROOT / ".venv" / "bin" / "xlb"), *KA, "--gateway", "10.1.11.1/24",
+                        "--xlb", str(xlb), str(SEED)], capture_output=True, text=True)
+    assert (r.returncode, r.stdout) == (2, ""), r.stderr
+    assert r.stderr == (f"xlb: error: --xlb {xlb}: keepalived would not run it: {shared} is "
+                        f"owned by uid 0, mode 777: keepalived runs a script "
+                        f"(enable_script_security) only if root owns it and every directory "
+                        f"above it, and no other user may write them\n")
+    shared.chmod(0o755)
+    r = subprocess.run([str(ROOT / ".venv" / "bin" / "xlb"), *KA, "--gateway", "10.1.11.1/24",
+                        "--xlb", str(xlb), str(SEED)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
