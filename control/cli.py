@@ -5,6 +5,7 @@ the other statuses, which are no errors, are in README's command table)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -640,7 +641,13 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     except _KeepalivedStops:
         try:
             ctl.request("role", role="backup", timeout=2.0)
-        except (ctl.NotRunning, ctl.ControlError, OSError) as e:
+        except ctl.NotRunning as e:
+            # Its data path may serve on, active, without it: the `xlb up` that
+            # adopts it keeps the role saved, and no follow runs any more to
+            # tell it backup. Saved as backup, it starts as keepalived left it.
+            _error(f"xlb ha follow: keepalived stops; role backup not delivered: {e}"
+                   + _saved_as_backup())
+        except (ctl.ControlError, OSError) as e:
             _error(f"xlb ha follow: keepalived stops; role backup not delivered: {e}")
     except Exception as e:
         # keepalived starts follow once, never again: ended, it would leave the
@@ -652,6 +659,20 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
         if track_file:
             _track(track_file, False)
         raise
+
+
+def _saved_as_backup() -> str:
+    """The role in xlb's saved state made backup (what an instance that adopts
+    the running data path starts as); what was done, said."""
+    from . import state
+    try:
+        kept = state.load()
+        if kept is None or kept.role == "backup":
+            return ""
+        state.save(dataclasses.replace(kept, role="backup"))
+    except OSError as e:
+        return f"; its saved role not made backup: {e.strerror or e}"
+    return "; the next `xlb up` that adopts its data path starts as backup"
 
 
 def _keepalived_process(instance: str) -> str:

@@ -501,3 +501,35 @@ def test_an_xlb_keepalived_would_not_run_is_refused(tmp_path):
     r = subprocess.run([str(ROOT / ".venv" / "bin" / "xlb"), *KA, "--gateway", "10.1.11.1/24",
                         "--xlb", str(xlb), str(SEED)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_keepalived_stopping_leaves_a_role_of_backup_for_xlb_to_adopt(tmp_path, monkeypatch):
+    """keepalived stops (its peer takes the gateway) while xlb's control process
+    is dead, its data path serving on as active: `follow` cannot tell it
+    backup, and ends. The `xlb up` that adopts the data path then (systemd's
+    restart) must start as backup, as keepalived last left the node, not
+    as the active the dead process saved: nobody would tell it otherwise,
+    and both nodes would answer ARP for the VIPs."""
+    from xlb import cli as climod, ctl, state
+    monkeypatch.setenv("XLB_STATE_DIR", str(tmp_path / "state"))
+    state.save(state.State(None, SEED.read_text(), {}, "active", None, 7))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    writer = os.open(fifo, os.O_RDWR)
+    os.write(writer, b'INSTANCE "xlb" MASTER 250\n')
+
+    def request(cmd, timeout=10.0, **args):
+        if cmd == "ping":
+            raise climod._KeepalivedStops          # keepalived's SIGTERM
+        raise ctl.NotRunning()
+
+    monkeypatch.setattr(ctl, "request", request)
+    try:
+        r = CliRunner().invoke(cli, ["ha", "follow", str(fifo)])
+    finally:
+        os.close(writer)
+    assert r.exit_code == 0, r.output
+    kept = state.load()
+    assert (kept.role, kept.datapath) == ("backup", 7)
+    assert "role backup not delivered: no xlb instance runs" in r.stderr
+    assert "the next `xlb up` that adopts its data path starts as backup" in r.stderr
