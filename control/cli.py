@@ -822,10 +822,17 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
     if math.isnan(advert_int) or abs(advert_int * 100 - round(advert_int * 100)) > 1e-6:
         raise BadInput(f"--advert-int: {advert_int:g} is not a whole number of "
                        f"hundredths of a second (keepalived's unit)")
-    _valid("--fifo", hamod.check_keepalived_path, fifo)
-    _valid("--track-file", hamod.check_keepalived_path, track_file)
-    if track_file == fifo:
+    _valid("--fifo", hamod.check_keepalived_file, fifo)
+    _valid("--track-file", hamod.check_keepalived_file, track_file)
+    if os.path.normpath(track_file) == os.path.normpath(fifo):
         raise BadInput("--track-file: the same path as --fifo")
+    for option, path in (("--fifo", fifo), ("--track-file", track_file)):
+        # keepalived makes the file, not its directory: without it, follow never
+        # runs (no FIFO) or is never heard (no track file). Written for another
+        # host, the directory may be there only: a warning.
+        if not os.path.isdir(os.path.dirname(path)):
+            _error(f"xlb: warning: {option} {path}: no directory {os.path.dirname(path)} here; "
+                   f"keepalived does not make it, and would hold the node in FAULT")
     if xlb_path is None:
         try:
             xlb_path = hamod.check_keepalived_path(os.path.abspath(sys.argv[0]))

@@ -204,6 +204,17 @@ def check_keepalived_path(path: str) -> str:
     return path
 
 
+def check_keepalived_file(path: str) -> str:
+    """A file keepalived makes (its notify FIFO, the track file): a path as
+    check_keepalived_path takes it, that names no directory (keepalived
+    would make neither, and `xlb ha follow` would never run or never be
+    heard: the node in FAULT for ever)."""
+    check_keepalived_path(path)
+    if path.endswith("/") or os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory, not a file keepalived can make")
+    return path
+
+
 # keepalived reads its config a line at a time into a buffer of 1024 bytes:
 # the rest of a longer line is read as a line of its own, a comment's tail as
 # keywords (`keepalived -t` fails). A comment naming 256 VIPs is 3.5 kB.

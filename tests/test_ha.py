@@ -287,6 +287,12 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
     ([*KA, "--track-file", "/run/a#b", str(SEED)], "--track-file: '/run/a#b' contains"),
     ([*KA, "--gateway", "10.1.11.1/24", "--track-file", "/run/xlb-keepalived.fifo", str(SEED)],
      "--track-file: the same path as --fifo"),
+    ([*KA, "--gateway", "10.1.11.1/24", "--fifo", "/run/a", "--track-file", "/run//a",
+      str(SEED)], "--track-file: the same path as --fifo"),
+    ([*KA, "--gateway", "10.1.11.1/24", "--fifo", "/run/", str(SEED)],
+     "--fifo: '/run/' is a directory, not a file keepalived can make"),
+    ([*KA, "--gateway", "10.1.11.1/24", "--track-file", "/tmp", str(SEED)],
+     "--track-file: '/tmp' is a directory"),
     ([*KA, "--gateway", "10.1.11.12/24", str(SEED)],
      "--gateway 10.1.11.12/24: the peer's own address"),
     # A server's address on a balancer node: that node's `xlb up` refuses it
@@ -533,3 +539,15 @@ def test_keepalived_stopping_leaves_a_role_of_backup_for_xlb_to_adopt(tmp_path, 
     assert (kept.role, kept.datapath) == ("backup", 7)
     assert "role backup not delivered: no xlb instance runs" in r.stderr
     assert "the next `xlb up` that adopts its data path starts as backup" in r.stderr
+
+
+def test_a_file_in_a_directory_not_here_is_warned_of():
+    """keepalived makes its FIFO and track file, not their directory: it logs
+    "Unable to create vrrp_notify fifo" and the node stays in FAULT."""
+    r = subprocess.run([str(ROOT / ".venv" / "bin" / "xlb"), *KA, "--gateway", "10.1.11.1/24",
+                        "--fifo", "/nonexistent-xlb/k.fifo", str(SEED)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "vrrp_notify_fifo /nonexistent-xlb/k.fifo" in r.stdout
+    assert r.stderr == ("xlb: warning: --fifo /nonexistent-xlb/k.fifo: no directory "
+                        "/nonexistent-xlb here; keepalived does not make it, and would hold "
+                        "the node in FAULT\n")
