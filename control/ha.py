@@ -231,27 +231,24 @@ def _comment(text: str) -> list[str]:
 def script_unsafe(path: str) -> str | None:
     """Why keepalived, with enable_script_security, would refuse to run the
     script at path ("Unsafe permissions found for script ... - disabling"),
-    or None: each directory on the way to it, and the file, as given and
-    with its symbolic links resolved, must be root's, and writable by no
-    other user (a group's write but root's group's, an other's write but
-    on a sticky directory). A path not here (a config written for another
-    machine) is not judged."""
-    if not os.path.exists(path):
-        return None
-    for whole in dict.fromkeys((path, os.path.realpath(path))):
-        parts = whole.split("/")
-        for i in range(1, len(parts) + 1):
-            step = "/".join(parts[:i]) or "/"
-            try:
-                st = os.stat(step)
-            except OSError:
-                return None
-            sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
-            writable = (st.st_gid and st.st_mode & stat.S_IWGRP) or st.st_mode & stat.S_IWOTH
-            if st.st_uid or (writable and not sticky_dir):
-                return (f"{step} is owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}: "
-                        f"keepalived runs a script (enable_script_security) only if root owns "
-                        f"it and every directory above it, and no other user may write them")
+    or None. As keepalived checks it: `/` and each step of the path as
+    given (stat follows symbolic links), the file last, must be root's and
+    writable by no other user (a group's write but root's group's, an
+    other's write but on a sticky directory). A path not here (a config
+    written for another machine) is not judged."""
+    steps = [part for part in path.split("/") if part]
+    for i in range(len(steps) + 1):
+        step = "/" + "/".join(steps[:i])
+        try:
+            st = os.stat(step)
+        except OSError:
+            return None
+        sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+        writable = (st.st_gid and st.st_mode & stat.S_IWGRP) or st.st_mode & stat.S_IWOTH
+        if st.st_uid or (writable and not sticky_dir):
+            return (f"{step} is owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}: "
+                    f"keepalived runs a script (enable_script_security) only if root owns "
+                    f"it and every directory above it, and no other user may write them")
     return None
 
 

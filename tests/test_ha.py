@@ -507,6 +507,18 @@ def test_an_xlb_keepalived_would_not_run_is_refused(tmp_path):
     r = subprocess.run([str(ROOT / ".venv" / "bin" / "xlb"), *KA, "--gateway", "10.1.11.1/24",
                         "--xlb", str(xlb), str(SEED)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    # keepalived checks the path as given (stat follows the links): root's
+    # file behind a link, in another user's directory, it runs.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "xlb").write_text("#!/bin/sh\n")
+    (theirs / "xlb").chmod(0o755)
+    os.chown(theirs, 1000, 1000)
+    xlb.unlink()
+    xlb.symlink_to(theirs / "xlb")
+    r = subprocess.run([str(ROOT / ".venv" / "bin" / "xlb"), *KA, "--gateway", "10.1.11.1/24",
+                        "--xlb", str(xlb), str(SEED)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 def test_keepalived_stopping_leaves_a_role_of_backup_for_xlb_to_adopt(tmp_path, monkeypatch):
