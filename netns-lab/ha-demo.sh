@@ -42,11 +42,10 @@ for n in lb1 lb2; do
     grep serving "$TMP/$n.log" || { echo "xlb did not start on $n"; cat "$TMP/$n.log"; exit 1; }
 done
 
-step "keepalived: xlb ha keepalived writes its config (lb1's)"
-"$XLB" ha keepalived --peer 10.1.11.12 --interface eth1 --priority 250 --advert-int 0.1 \
-    --gateway 10.1.11.1/24 "$TMP/xlb.toml"
+step "keepalived on both nodes, its config from xlb ha keepalived (lb1's below; each node its own FIFO and track file, as the lab's nodes share /run)"
 $PAIR keepalived lb1 "$TMP/xlb.toml"
 $PAIR keepalived lb2 "$TMP/xlb.toml"
+cat "/run/xlb-lab/$P/lb1-keepalived.conf"
 active=""
 for _ in $(seq 100); do
     for n in lb1 lb2; do
