@@ -925,6 +925,10 @@ def bird(router, local_as, peer_as, table, router_id, config) -> None:
     cfg = _ha_config(config)
     if router_ip in {f.vip for f in cfg.frontends}:
         raise BadInput(f"--router {router_ip}: a VIP, not the router's address")
+    servers = {s.address: s.name for p in cfg.pools for s in p.servers}
+    if router_ip in servers:
+        raise BadInput(f"--router {router_ip}: the address of "
+                       f"{configfile.key_path('servers', servers[router_ip])}, not the router's")
     click.echo(hamod.bird_conf(cfg, router=router_ip, local_as=local_as, peer_as=peer_as,
                                table=table, router_id=rid), nl=False)
 

@@ -324,6 +324,8 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
      "--peer-as 65001: the same as --as"),
     (["ha", "bird", "--router", "10.1.1.101", "--as", "65001", "--peer-as", "65000", str(SEED)],
      "--router 10.1.1.101: a VIP, not the router's address"),
+    (["ha", "bird", "--router", "10.1.11.101", "--as", "65001", "--peer-as", "65000", str(SEED)],
+     "--router 10.1.11.101: the address of servers.was1, not the router's"),
     (["ha", "bird", "--router", "10.1.2.1", "--as", "65001", "--peer-as", "65000",
       "--table", "254", str(SEED)], "--table: table 254"),
     (["ha", "bird", "--router", "10.1.2.1", "--as", "65001", "--peer-as", "65000",
