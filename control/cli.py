@@ -819,6 +819,8 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
     from . import ha as hamod
     peer_ip = _valid("--peer", parse_host, peer)
     _valid("--interface", hamod.check_keepalived_word, interface)
+    if interface == "lo":
+        raise BadInput("--interface lo: the loopback reaches no other node")
     if math.isnan(advert_int) or abs(advert_int * 100 - round(advert_int * 100)) > 1e-6:
         raise BadInput(f"--advert-int: {advert_int:g} is not a whole number of "
                        f"hundredths of a second (keepalived's unit)")

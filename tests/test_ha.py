@@ -312,6 +312,8 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
     ([*KA, "--xlb", "/opt/x'y", str(SEED)], "--xlb: \"/opt/x'y\" contains whitespace"),
     ([*KA, "--fifo", "/run/x{y", str(SEED)], "--fifo: '/run/x{y' contains whitespace"),
     ([*KA, "--xlb", "/opt/my xlb/xlb", str(SEED)], "--xlb: '/opt/my xlb/xlb' contains"),
+    (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "lo", "--gateway",
+      "10.1.11.1/24", str(SEED)], "--interface lo: the loopback reaches no other node"),
     (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth#0", str(SEED)],
      "--interface: 'eth#0': keepalived reads # ! { } quotes and backslashes specially"),
     (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "e{1", str(SEED)],
