@@ -538,7 +538,7 @@ def _unserved(config: Config, links: list[netif.Link]) -> list[str]:
     subnet of one, whose ARP requests nothing answers there; servers routed
     through one, whose replies come back there, where no program NATs them
     back to the VIP (they leave from the server's own address, which no
-    client takes), as the kernel routes them (netif.bulk_route_links). Not
+    client takes), as the kernel routes them (netif.route_links). Not
     refused: a router may route the VIP to this node another way, and
     replies may come back another way."""
     warnings = []
@@ -559,7 +559,7 @@ def _unserved(config: Config, links: list[netif.Link]) -> list[str]:
             servers.setdefault(s.address, []).append(s.name)
     on = {link.index for link in links}
     behind: dict[int, list[str]] = {}
-    for address, index in netif.bulk_route_links(servers).items():
+    for address, index in netif.route_links(servers).items():
         if index not in on:
             behind.setdefault(index, []).extend(servers[address])
     link_names = {link.index: link.name for link in found}
@@ -950,11 +950,10 @@ class LinkWatch:
     another index. Servers no monitor checks are left as they are: nothing
     would bring them back. The routes are looked up again after
     changes of routes or links and applies, and used as they were before a
-    loss. A round of lookups can be costly (one dump of the routes, but
-    where the kernel must be asked per server, some 2 s of CPU at 10,000),
-    and a node whose routing daemon imports its router's routes sees
-    changes every second: the changes coalesce, and a round starts LOOKUP_SECONDS after the last
-    ended at the soonest, or LOOKUP_SPACING times its length if longer."""
+    loss. A node whose routing daemon imports its router's routes sees
+    changes every second: the changes coalesce, and a round starts
+    LOOKUP_SECONDS after the last ended at the soonest, or LOOKUP_SPACING
+    times its length if longer (a round of 10,000 servers is some 20 ms)."""
 
     def __init__(self, balancer: Balancer, checker: HealthChecker):
         self.balancer, self.checker = balancer, checker
@@ -1040,7 +1039,7 @@ class LinkWatch:
 
     def _routes(self, addresses: set[IPv4Address]) -> dict[IPv4Address, int]:
         self.events.carrier()
-        return netif.bulk_route_links(addresses)
+        return netif.route_links(addresses)
 
     def _routed_again(self, found: dict[IPv4Address, int], since: float) -> None:
         """Checks now the servers a loss before `since` took down that `found`
@@ -1062,7 +1061,7 @@ class LinkWatch:
             self._regained = set()
             started = loop.time()
             try:
-                found = await asyncio.to_thread(netif.bulk_route_links, addresses)
+                found = await asyncio.to_thread(netif.route_links, addresses)
             except Exception as e:      # the next round looks them up
                 log.event("link", level="error", error=f"routes to the servers not read: {e}")
                 return

@@ -6,14 +6,17 @@ import dataclasses
 import errno
 import os
 import socket
+import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 from pyroute2 import IPRoute, NetlinkError
-from pyroute2.netlink.rtnl import RTM_DELLINK, RTM_DELROUTE, RTM_NEWLINK, RTM_NEWROUTE
+from pyroute2.netlink import NLM_F_REQUEST, NLMSG_ERROR
+from pyroute2.netlink.rtnl import (RTM_DELLINK, RTM_DELROUTE, RTM_GETROUTE, RTM_NEWLINK,
+                                   RTM_NEWROUTE)
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 IFF_UP = 0x1
@@ -111,12 +114,7 @@ def local_addresses(found: list[Link]) -> dict[IPv4Address, str]:
     return {a.ip: link.name for link in found for a in link.addresses}
 
 
-RT_TABLE_DEFAULT, RT_TABLE_MAIN, RT_TABLE_LOCAL = 253, 254, 255
-RTN_UNICAST = 1
-FR_ACT_TO_TBL = 1             # a rule's action: look the packet up in its table
-# Routes whose lookup ends where they match: unicast (through a link), or
-# blackhole, unreachable, prohibit (through none).
-_PLAIN_ROUTES = {RTN_UNICAST, 6, 7, 8}
+RT_TABLE_LOCAL = 255
 _LOCAL_KINDS = {2: "local", 3: "broadcast"}    # RTN_LOCAL, RTN_BROADCAST
 
 
@@ -188,84 +186,83 @@ def xdp_set(ifindex: int, fd: int, mode: str, expected_fd: int | None = None) ->
             raise OSError(e.code, os.strerror(e.code)) from None
 
 
+# A route lookup as `ip route get ADDR` asks it: nlmsghdr, rtmsg (IPv4, dst_len
+# 32, the rest 0) and RTA_DST; and the headers of the answers.
+_ROUTE_GET = struct.Struct("=IHHII8BIHH4s")
+_NLMSGHDR, _RTA = struct.Struct("=IHHII"), struct.Struct("=HH")
+_RTMSG_LEN, RTA_DST, RTA_OIF = 12, 1, 4
+_LOOKUPS_IN_FLIGHT = 64     # their answers, ~1 KiB each, wait in the socket's buffer
+
+
 def route_links(addresses: Iterable[IPv4Address]) -> dict[IPv4Address, int]:
-    """The link the kernel routes each address through now (`ip route get`),
-    by its index; an address it has no route for is left out."""
-    found = {}
-    with IPRoute() as ipr:
-        for addr in addresses:
-            try:
-                (msg,) = ipr.route("get", dst=str(addr))
-            except NetlinkError:        # unreachable: no route, or a prohibit one
-                continue
-            if (oif := msg.get_attr("RTA_OIF")) is not None:
-                found[addr] = oif
-    return found
-
-
-def bulk_route_links(addresses: Iterable[IPv4Address]) -> dict[IPv4Address, int]:
-    """route_links by the longest prefix in one dump of the main table, then
-    the default table's, as the kernel's own rules look them up (10,000
-    lookups cost 2 s of CPU, the dump milliseconds). The kernel is asked for
-    every address where `ip rule` has more than those rules or a table has
-    a route that sends the lookup on (throw), and for an address whose
-    route is multipath."""
+    """The link the kernel routes each address through now, as `ip route get`
+    has it (rules, the longest prefix, one path of a multipath route), by its
+    index; an address it has no route for is left out. The lookups go out
+    in batches on one socket, and of each answer only its link is read:
+    pyroute2's route("get") took 190 us an address (10,000 servers, 1.9 s of
+    CPU a round of the link watch), this 2 us, whatever the routing table's
+    size (a dump of it costs 0.2 ms a route)."""
     addresses = list(addresses)
-    with IPRoute() as ipr:
-        if not _default_rules(ipr.get_rules(family=socket.AF_INET)):
-            return route_links(addresses)
-        tables = [ipr.get_routes(family=socket.AF_INET, table=table)
-                  for table in (RT_TABLE_MAIN, RT_TABLE_DEFAULT)]
-    if any(r["type"] not in _PLAIN_ROUTES for routes in tables for r in routes):
-        return route_links(addresses)
-    tables = [[(_prefix(r), r.get_attr("RTA_OIF") if r["type"] == RTN_UNICAST else 0,
-                r.get_attr("RTA_PRIORITY") or 0) for r in routes if not r["tos"]]
-              for routes in tables]
-    found = _longest_prefix(addresses, tables[0])
-    found.update(_longest_prefix([a for a in addresses if a not in found], tables[1]))
-    multipath = [a for a, index in found.items() if index is None]
-    found.update(route_links(multipath))
-    return {a: index for a, index in found.items() if index}
-
-
-# The rules a namespace starts with, as (priority, table): local, main, default.
-_DEFAULT_RULES = [(0, RT_TABLE_LOCAL), (32766, RT_TABLE_MAIN), (32767, RT_TABLE_DEFAULT)]
-_NO_SUPPRESS = 0xFFFFFFFF
-
-
-def _default_rules(rules) -> bool:
-    """Whether these are the rules a namespace starts with, and nothing else:
-    each a plain lookup of its table, matching every packet."""
-    plain = {"FRA_TABLE", "FRA_PRIORITY", "FRA_PROTOCOL", "FRA_SUPPRESS_PREFIXLEN"}
-    seen = []
-    for r in rules:
-        if (r["dst_len"] or r["src_len"] or r["tos"] or r["action"] != FR_ACT_TO_TBL
-                or {name for name, _ in r["attrs"]} - plain
-                or r.get_attr("FRA_SUPPRESS_PREFIXLEN") not in (None, _NO_SUPPRESS)):
-            return False
-        seen.append((r.get_attr("FRA_PRIORITY") or 0, r.get_attr("FRA_TABLE") or r["table"]))
-    return sorted(seen) == _DEFAULT_RULES
-
-
-def _longest_prefix(addresses: Iterable[IPv4Address],
-                   routes: list[tuple[IPv4Network, int | None, int]]) -> dict[IPv4Address, int | None]:
-    """The link index of each address's longest-prefix route among routes
-    (prefix, link index: 0 for no link, as a blackhole's, None for a multipath
-    route's; metric, the lowest winning); an address no route holds is left out."""
-    by_length: dict[int, dict[int, tuple[int, int | None]]] = {}
-    for net, index, metric in routes:
-        best = by_length.setdefault(net.prefixlen, {})
-        key = int(net.network_address) >> (32 - net.prefixlen)
-        if key not in best or metric < best[key][0]:
-            best[key] = (metric, index)
-    lengths = sorted(by_length, reverse=True)
-    found = {}
-    for addr in addresses:
-        for length in lengths:
-            if (hit := by_length[length].get(int(addr) >> (32 - length))) is not None:
-                found[addr] = hit[1]
-                break
+    found: dict[IPv4Address, int] = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       socket.NETLINK_ROUTE) as sock:
+        sock.bind((0, 0))
+        for first in range(0, len(addresses), _LOOKUPS_IN_FLIGHT):
+            waiting = set(range(first, min(first + _LOOKUPS_IN_FLIGHT, len(addresses))))
+            while waiting:
+                # The kernel answers within send(): what recv does not find
+                # then was lost to a full buffer (ENOBUFS), and is asked again.
+                sock.send(b"".join(
+                    _ROUTE_GET.pack(_ROUTE_GET.size, RTM_GETROUTE, NLM_F_REQUEST, i + 1, 0,
+                                    socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, 0,
+                                    _RTA.size + 4, RTA_DST, addresses[i].packed)
+                    for i in sorted(waiting)))
+                answered = 0
+                for seq, oif in _route_answers(sock):
+                    if seq - 1 in waiting:
+                        waiting.discard(seq - 1)
+                        answered += 1
+                        if oif:
+                            found[addresses[seq - 1]] = oif
+                if not answered:
+                    raise OSError(errno.ENOBUFS, "route lookups unanswered")
     return found
+
+
+def _route_answers(sock: socket.socket) -> Iterator[tuple[int, int]]:
+    """(sequence number, link index or 0) of each answer waiting on sock: a
+    route's RTA_OIF, 0 for an error (no route, unreachable, prohibit)."""
+    while True:
+        try:
+            data = sock.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            if e.errno == errno.ENOBUFS:    # some answers dropped: the rest are read
+                continue
+            raise
+        at = 0
+        while at + _NLMSGHDR.size <= len(data):
+            length, kind, _, seq, _ = _NLMSGHDR.unpack_from(data, at)
+            if length < _NLMSGHDR.size:
+                break
+            if kind == NLMSG_ERROR:
+                yield seq, 0
+            elif kind == RTM_NEWROUTE:
+                yield seq, _attr_u32(data, at + _NLMSGHDR.size + _RTMSG_LEN, at + length, RTA_OIF)
+            at += (length + 3) & ~3
+
+
+def _attr_u32(data: bytes, at: int, end: int, kind: int) -> int:
+    """The 32-bit attribute `kind` among the route attributes at data[at:end], or 0."""
+    while at + _RTA.size <= end:
+        length, found = _RTA.unpack_from(data, at)
+        if length < _RTA.size:
+            break
+        if found == kind and length >= _RTA.size + 4:
+            return struct.unpack_from("=I", data, at + _RTA.size)[0]
+        at += (length + 3) & ~3
+    return 0
 
 
 # rtnetlink's multicast groups (RTMGRP_*, linux/rtnetlink.h).
