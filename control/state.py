@@ -93,8 +93,11 @@ def load() -> State | None:
             raise ValueError("a field has the wrong type")
         return State(d["config_path"], d["config_text"], admin, role,
                      table if table is None else check_table(table), datapath)
-    except (ValueError, KeyError, TypeError) as e:
-        log.event("state", level="warning", file=path, error=f"not an xlb state ({e!r}); ignored")
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        # ValueError: also bytes that are not UTF-8; RecursionError: JSON nested past the stack
+        why = (f"not UTF-8: {e.reason} at byte {e.start}" if isinstance(e, UnicodeDecodeError)
+               else repr(e))
+        log.event("state", level="warning", file=path, error=f"not an xlb state ({why}); ignored")
         return None
 
 
@@ -110,14 +113,16 @@ def save(state: State) -> None:
     _write(FILE, data)
 
 
-def _read(name: str) -> str:
-    """The state directory's file `name` (OSError if it or the directory cannot be read)."""
+def _read(name: str) -> bytes:
+    """The state directory's file `name`, as bytes: what is not UTF-8 is json.loads's
+    ValueError, a damaged state as any other (OSError if it or the directory cannot
+    be read)."""
     dirfd = _open_directory()
     try:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirfd)
     finally:
         os.close(dirfd)
-    with open(fd) as f:
+    with open(fd, "rb") as f:
         return f.read()
 
 
@@ -151,7 +156,7 @@ def followed(keepalived: str) -> str | None:
     save_followed recorded it; None if it asked none (or another process did)."""
     try:
         d = json.loads(_read(FOLLOWED))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if isinstance(d, dict) and d.get("keepalived") == keepalived and d.get("role") in ROLES:
         return d["role"]

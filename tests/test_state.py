@@ -86,6 +86,22 @@ def test_a_damaged_state_is_a_warning_not_a_failure(root, capsys, damage):
     assert "level=warning event=state" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", [b'{"config_path": "/etc/xlb/caf\xe9.toml"}',   # a bad byte
+                                    b"\xff" * 64,
+                                    b"[" * 100000])          # nested past Python's stack
+def test_a_state_of_bad_bytes_or_nested_too_deep_is_a_warning_not_a_failure(root, capsys,
+                                                                            damage):
+    """Not UTF-8 (a flipped bit, an editor's Latin-1), or nesting Python's
+    parser cannot follow: every `xlb up`, `xlb down` and keepalived's follow
+    read it, and none may fail on it, nor a systemd restart loop start."""
+    state.directory().mkdir()
+    (state.directory() / "state.json").write_bytes(damage)
+    (state.directory() / "keepalived.json").write_bytes(damage)
+    assert state.load() is None
+    assert "not an xlb state" in capsys.readouterr().err
+    assert state.followed("100 5 xlb") is None
+
+
 @pytest.mark.parametrize("field,value", [("admin", [["web", "was1", "up"]]),
                                          ("role", "primary"), ("announce_table", "100"),
                                          ("announce_table", True), ("announce_table", 254),
