@@ -196,3 +196,22 @@ def test_a_saved_config_of_an_earlier_build_is_taken_over(root):
     state.save(State(None, text(checking, tcp + udp, tcp + udp), {}))
     cfg, path = cli.saved_config()
     assert cfg == config.load(text("", tcp, udp)) and path is None
+
+
+def test_a_save_that_fails_leaves_the_old_state_and_no_temporary_file(root, monkeypatch):
+    """A full disk (ENOSPC at the write or the fsync): the old state stays, and
+    the partial temporary file goes, neither holding the space nor keeping
+    `xlb down` from removing the directory."""
+    import errno
+    state.save(KEPT)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with monkeypatch.context() as m:
+        m.setattr(state.os, "fsync", full)
+        with pytest.raises(OSError, match="No space left on device"):
+            state.save(State(None, "", {}))
+    assert os.listdir(state.directory()) == ["state.json"]
+    assert state.load() == KEPT
+    state.clear()
+    assert not state.directory().exists()
