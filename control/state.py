@@ -203,10 +203,19 @@ def open_own(path: Path, others: int) -> int:
 
 
 def clear() -> None:
-    """Forgets this namespace's state."""
-    path = directory()
-    (path / FILE).unlink(missing_ok=True)
+    """Forgets this namespace's state: only in a directory that load() and
+    save() would use (xlb's own, no symbolic link); any other is left as it is."""
     try:
-        path.rmdir()
+        dirfd = _open_directory()
+    except OSError:       # none, or not xlb's: nothing of xlb's to forget there
+        return
+    try:
+        os.unlink(FILE, dir_fd=dirfd)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(dirfd)
+    try:
+        directory().rmdir()
     except OSError:       # gone already, or holds more than the state
         pass

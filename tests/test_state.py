@@ -215,3 +215,20 @@ def test_a_save_that_fails_leaves_the_old_state_and_no_temporary_file(root, monk
     assert state.load() == KEPT
     state.clear()
     assert not state.directory().exists()
+
+
+def test_clear_removes_nothing_through_a_link_nor_in_a_directory_not_xlb_s(root, tmp_path):
+    """`xlb down` forgets the state where load() and save() would use it, and
+    nowhere else: not the state.json of the directory a symbolic link points
+    to (another namespace's, say), nor what is in a directory another user may write."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (elsewhere / "state.json").write_text("another namespace's\n")
+    state.directory().symlink_to(elsewhere)
+    state.clear()
+    assert (elsewhere / "state.json").read_text() == "another namespace's\n"
+    state.directory().unlink()
+    state.save(KEPT)
+    state.directory().chmod(0o777)
+    state.clear()
+    assert os.listdir(state.directory()) == ["state.json"]
