@@ -193,7 +193,15 @@ def open_own(path: Path, others: int) -> int:
     """The directory path, opened (not through a symbolic link); refused (OSError)
     unless this user owns it and its mode has none of the bits `others`. Opened
     once: what the checks saw is what is used."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        # O_NOFOLLOW refuses a link as "Not a directory" (ELOOP on some systems),
+        # which a link to one seems not to be: said as what it is.
+        if e.errno in (errno.ENOTDIR, errno.ELOOP) and os.path.islink(path):
+            raise OSError(e.errno, f"{path} is a symbolic link, which xlb does not follow") \
+                from None
+        raise
     st = os.fstat(fd)
     if not alone(st, others):
         os.close(fd)

@@ -232,3 +232,16 @@ def test_clear_removes_nothing_through_a_link_nor_in_a_directory_not_xlb_s(root,
     state.directory().chmod(0o777)
     state.clear()
     assert os.listdir(state.directory()) == ["state.json"]
+
+
+def test_a_symbolic_link_at_the_directory_is_named_as_one(root, tmp_path, capsys):
+    """An operator who moved the directory and left a link behind is told that,
+    not "Not a directory" about a path that is one, as far as `ls` shows."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    state.directory().symlink_to(elsewhere)
+    with pytest.raises(OSError, match=r"is a symbolic link, which xlb does not follow$"):
+        state.save(KEPT)
+    (elsewhere / "state.json").write_text("{}")
+    assert state.load() is None
+    assert "is a symbolic link, which xlb does not follow" in capsys.readouterr().err
