@@ -57,9 +57,16 @@ def directory() -> Path:
 
 
 def _namespace() -> dict:
-    """What tells this network namespace from an earlier one with the same inode."""
+    """What tells this network namespace from an earlier one with the same inode.
+    A kernel before 5.14 has no cookies: None, and there an earlier namespace of
+    this boot with the same inode cannot be told from this one."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        cookie = struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+        try:
+            cookie = struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+        except OSError as e:
+            if e.errno != errno.ENOPROTOOPT:
+                raise
+            cookie = None
     return {"boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
             "cookie": cookie}
 
@@ -80,7 +87,8 @@ def load() -> State | None:
     try:
         d = json.loads(raw)
         ns = _namespace()
-        if d["namespace"]["boot_id"] == ns["boot_id"] and d["namespace"]["cookie"] != ns["cookie"]:
+        if (d["namespace"]["boot_id"] == ns["boot_id"] and ns["cookie"] is not None
+                and d["namespace"]["cookie"] != ns["cookie"]):
             return None          # an earlier namespace's, with the same inode
         admin = {(pool, server): value for pool, server, value in d["admin"]}
         role, table, datapath = d.get("role"), d.get("announce_table"), d.get("datapath")

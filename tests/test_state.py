@@ -245,3 +245,24 @@ def test_a_symbolic_link_at_the_directory_is_named_as_one(root, tmp_path, capsys
     (elsewhere / "state.json").write_text("{}")
     assert state.load() is None
     assert "is a symbolic link, which xlb does not follow" in capsys.readouterr().err
+
+
+def test_a_kernel_without_netns_cookies_keeps_the_state_too(root, monkeypatch):
+    """SO_NETNS_COOKIE is Linux 5.14's; the data path runs on earlier kernels
+    (a fallback kernel booted after an update): there the state is saved and
+    taken all the same (the cookie unknown), not every `xlb up` and `xlb down`
+    failing with "Protocol not available"."""
+    import errno
+    import socket
+    state.save(KEPT)                        # by this kernel: a cookie
+    getsockopt = socket.socket.getsockopt
+
+    def before_5_14(self, level, option, *args):
+        if option == state.SO_NETNS_COOKIE:
+            raise OSError(errno.ENOPROTOOPT, os.strerror(errno.ENOPROTOOPT))
+        return getsockopt(self, level, option, *args)
+    monkeypatch.setattr(socket.socket, "getsockopt", before_5_14)
+    rewrite(boot_id="00000000-0000-0000-0000-000000000000")     # booted since
+    assert state.load() == KEPT
+    state.save(dataclasses.replace(KEPT, role="active"))
+    assert state.load() == dataclasses.replace(KEPT, role="active")
