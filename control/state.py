@@ -94,7 +94,8 @@ def load() -> State | None:
         role, table, datapath = d.get("role"), d.get("announce_table"), d.get("datapath")
         if not (isinstance(d["config_path"], (str, type(None)))
                 and isinstance(d["config_text"], str)
-                and all(v in ("drain", "maint") for v in admin.values())
+                and all(type(pool) is str and type(server) is str and v in ("drain", "maint")
+                        for (pool, server), v in admin.items())
                 and role in (None, *ROLES)
                 and (table is None or type(table) is int)
                 and (datapath is None or type(datapath) is int)):

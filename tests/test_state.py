@@ -103,6 +103,7 @@ def test_a_state_of_bad_bytes_or_nested_too_deep_is_a_warning_not_a_failure(root
 
 
 @pytest.mark.parametrize("field,value", [("admin", [["web", "was1", "up"]]),
+                                         ("admin", [[1, "was1", "drain"], ["web", "w", "maint"]]),
                                          ("role", "primary"), ("announce_table", "100"),
                                          ("announce_table", True), ("announce_table", 254),
                                          ("datapath", "12"), ("datapath", 1.5)])
