@@ -12,7 +12,9 @@ last word, for the follow that a reload of keepalived starts). The kernel reuses
 namespaces, so the file also records the namespace's cookie (unique while the
 machine runs) and the boot: a state left by an earlier namespace of this boot
 is not this namespace's, and load() ignores it. After a reboot the cookies are
-new; the state is taken (the root namespace keeps its inode across boots).
+new; the state is taken if its namespace had the name this one has
+(`ip netns`; none, the root namespace's, which keeps its inode across boots):
+namespaces made anew get inodes in the order they are made.
 """
 
 from __future__ import annotations
@@ -68,7 +70,28 @@ def _namespace() -> dict:
                 raise
             cookie = None
     return {"boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
-            "cookie": cookie}
+            "cookie": cookie, "name": _netns_name()}
+
+
+NETNS_NAMES = Path("/run/netns")        # where `ip netns add NAME` pins a namespace
+
+
+def _netns_name() -> str | None:
+    """The name `ip netns` gives this network namespace, or None (the root
+    namespace, a container's, one that no name pins)."""
+    own = os.stat("/proc/self/ns/net")
+    try:
+        names = sorted(os.listdir(NETNS_NAMES))
+    except OSError:
+        return None
+    for name in names:
+        try:
+            st = os.stat(NETNS_NAMES / name)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+            return name
+    return None
 
 
 def load() -> State | None:
@@ -87,9 +110,18 @@ def load() -> State | None:
     try:
         d = json.loads(raw)
         ns = _namespace()
-        if (d["namespace"]["boot_id"] == ns["boot_id"] and ns["cookie"] is not None
-                and d["namespace"]["cookie"] != ns["cookie"]):
+        saved = d["namespace"]
+        if (saved["boot_id"] == ns["boot_id"] and ns["cookie"] is not None
+                and saved["cookie"] != ns["cookie"]):
             return None          # an earlier namespace's, with the same inode
+        if saved["boot_id"] != ns["boot_id"] and saved.get("name", ns["name"]) != ns["name"]:
+            # Namespaces made anew at boot get inodes in the order they are
+            # made: one of another name may have this one's from before.
+            log.event("state", level="warning", file=path,
+                      error=f"left before the reboot by the network namespace "
+                            f"{saved['name'] or '(no name)'}, not this one "
+                            f"({ns['name'] or 'no name'}); ignored")
+            return None
         admin = {(pool, server): value for pool, server, value in d["admin"]}
         role, table, datapath = d.get("role"), d.get("announce_table"), d.get("datapath")
         if not (isinstance(d["config_path"], (str, type(None)))

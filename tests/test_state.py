@@ -1,4 +1,4 @@
-"""xlb's own state directory: no kernel, no root."""
+"""xlb's own state directory: no kernel; root only to name a namespace."""
 
 from __future__ import annotations
 
@@ -55,13 +55,11 @@ def test_follow_s_record_is_the_role_of_the_keepalived_that_said_it(root):
 def rewrite(drop: tuple[str, ...] = (), **changes) -> None:
     path = state.directory() / "state.json"
     d = json.loads(path.read_text())
+    namespace = ("boot_id", "cookie", "name")
     for key in drop:
-        del d[key]
+        del (d["namespace"] if key in namespace else d)[key]
     for key, value in changes.items():
-        if key in ("boot_id", "cookie"):
-            d["namespace"][key] = value
-        else:
-            d[key] = value
+        (d["namespace"] if key in namespace else d)[key] = value
     path.write_text(json.dumps(d))
 
 
@@ -76,6 +74,39 @@ def test_after_a_reboot_the_state_is_taken(root):
     state.save(KEPT)
     rewrite(boot_id="00000000-0000-0000-0000-000000000000", cookie=12345)
     assert state.load() == KEPT
+    rewrite(drop=("name",))                     # by an earlier build: as before
+    assert state.load() == KEPT
+
+
+def test_after_a_reboot_another_namespaces_state_at_this_inode_is_not_taken(root, monkeypatch,
+                                                                            capsys):
+    """Namespaces made anew at boot get inodes in the order they are made:
+    lb2 may get the one lb1 had, and lb1's state is not lb2's config."""
+    monkeypatch.setattr(state, "_netns_name", lambda: "lb1")
+    state.save(KEPT)
+    rewrite(boot_id="00000000-0000-0000-0000-000000000000", cookie=12345)
+    monkeypatch.setattr(state, "_netns_name", lambda: "lb2")
+    assert state.load() is None
+    assert "left before the reboot by the network namespace lb1, not this one (lb2)" \
+        in capsys.readouterr().err
+    monkeypatch.setattr(state, "_netns_name", lambda: "lb1")
+    assert state.load() == KEPT
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace: needs root")
+def test_a_namespace_is_named_as_ip_netns_names_it(tmp_path):
+    import subprocess
+    import sys
+    subprocess.run(["ip", "netns", "add", "xlbt-named"], check=True)
+    try:
+        r = subprocess.run(["ip", "netns", "exec", "xlbt-named", sys.executable, "-c",
+                            "from xlb import state; print(state._netns_name())"],
+                           capture_output=True, text=True, check=True)
+        assert r.stdout == "xlbt-named\n"
+    finally:
+        subprocess.run(["ip", "netns", "del", "xlbt-named"], check=True)
+    assert state._netns_name() is None              # the root namespace, no name
 
 
 @pytest.mark.parametrize("damage", ["", "{", "[]", '{"config_path": 1}'])
