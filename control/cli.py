@@ -469,29 +469,21 @@ def down(keep_datapath: bool) -> None:
     has detached, and forget xlb's state here. A data path that runs without
     its control process (after a crash) is removed too, with the VIP routes it
     announced (--announce-table), and the state that an instance stopped by a
-    signal left is forgotten."""
+    signal left is forgotten, as is a state file xlb cannot take (damaged)."""
     _check_state_dir()
     try:
         ctl.request("down", keep_datapath=keep_datapath)
     except ctl.NotRunning as e:
         if keep_datapath:
             raise _not_running(e) from None
-        orphan = _orphan(detach=True)
-        ctl.forget()
-        if orphan is None:
-            from . import state
-            kept = state.load()
-            if kept is None:
-                raise Failure(str(e)) from None
-            # Left by an instance stopped with a signal, which keeps it (and
-            # withdrew its routes), or by a killed one whose data path went since.
-            _withdraw(kept)
-            state.clear()
-            click.echo("xlb: no instance runs; forgot the state it left (served file, "
-                       "drain and maint, announce table)")
-            return
-        click.echo(f"xlb: removed the data path that ran without its control process "
-                   f"({_program_on(orphan)})")
+        try:
+            # With the instance lock: an `xlb up` starting now could adopt the
+            # data path and take the state that this removes.
+            with ctl.exclusive():
+                click.echo(_forget_the_dead(e))
+        except ctl.AlreadyRunning:
+            raise Failure("an xlb up started here meanwhile: `xlb down` again stops it") \
+                from None
         return
     except ctl.ControlError as e:
         raise Failure(str(e)) from None
@@ -942,6 +934,30 @@ def _request(cmd: str, **args):
         raise (BadInput if e.bad_input else Failure)(str(e)) from None
     except ctl.NotRunning as e:
         raise _not_running(e) from None
+
+
+def _forget_the_dead(e: ctl.NotRunning) -> str:
+    """Removes what no control process runs: a data path and its VIP routes,
+    or else the state an instance left; what was done, said (Failure: none)."""
+    from . import state
+    orphan = _orphan(detach=True)
+    if orphan is not None:
+        return (f"xlb: removed the data path that ran without its control process "
+                f"({_program_on(orphan)})")
+    kept = state.load()
+    if kept is None:
+        # A state file that is no state of this namespace's (damaged, or
+        # another's: load says why) would be warned of at every start.
+        if state.clear():
+            return (f"xlb: no instance runs; forgot the state file it could not take "
+                    f"({state.directory() / state.FILE})")
+        raise Failure(str(e)) from None
+    # Left by an instance stopped with a signal, which keeps it (and withdrew
+    # its routes), or by a killed one whose data path went since.
+    _withdraw(kept)
+    state.clear()
+    return ("xlb: no instance runs; forgot the state it left (served file, drain and "
+            "maint, announce table)")
 
 
 def _not_running(e: ctl.NotRunning) -> Failure:

@@ -28,6 +28,7 @@ Protocol: one JSON object per line each way, one request per connection.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -35,6 +36,7 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .config import MAX_FILE
@@ -118,10 +120,10 @@ class Listener:
         _let_go(self._dirfd)
 
 
-def _claim(held: int | None = None) -> tuple[int, socket.socket, os.stat_result]:
-    """This namespace's directory (opened and locked), a socket listening in it
-    and its file's stat. `held`: the directory this process holds already,
-    kept if it is still the one at the path."""
+def _locked_directory(held: int | None = None) -> int:
+    """This namespace's directory, opened and locked (AlreadyRunning when
+    another process holds it). `held`: the directory this process holds
+    already, kept if it is still the one at the path."""
     while True:
         try:
             dirfd = _own_directory()
@@ -130,19 +132,42 @@ def _claim(held: int | None = None) -> tuple[int, socket.socket, os.stat_result]
                                else f"{e.filename}: {e.strerror}") from None
         if held is not None and _same(os.fstat(dirfd), os.fstat(held)):
             os.close(dirfd)
-            dirfd = held
-            break
+            return held
         try:
             fcntl.flock(dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(dirfd)
             raise AlreadyRunning() from None
         if _at_path(dirfd):
-            break
+            return dirfd
         # Removed between its open and its lock, by the instance that held
         # it as it stopped (_let_go): a socket bound there would be no one's
         # to find. The name is free again.
         os.close(dirfd)
+
+
+@contextlib.contextmanager
+def exclusive() -> Iterator[None]:
+    """Holds this namespace's instance lock, as a running `xlb up` does, while
+    what a dead instance left (its data path, its state, its socket file) is
+    removed: an `xlb up` that starts meanwhile is refused, and one that
+    started before is running (AlreadyRunning)."""
+    dirfd = _locked_directory()
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(SOCKET, dir_fd=dirfd)
+        except FileNotFoundError:
+            pass
+        _let_go(dirfd)
+
+
+def _claim(held: int | None = None) -> tuple[int, socket.socket, os.stat_result]:
+    """This namespace's directory (opened and locked), a socket listening in it
+    and its file's stat. `held`: the directory this process holds already,
+    kept if it is still the one at the path."""
+    dirfd = _locked_directory(held)
     if held is None:
         # A start, not a restore: no instance may run here already, one of
         # an earlier build, or one whose directory was removed or replaced.

@@ -251,20 +251,23 @@ def open_own(path: Path, others: int) -> int:
     return fd
 
 
-def clear() -> None:
+def clear() -> bool:
     """Forgets this namespace's state: only in a directory that load() and
-    save() would use (xlb's own, no symbolic link); any other is left as it is."""
+    save() would use (xlb's own, no symbolic link); any other is left as it
+    is. Whether there was a state file to forget."""
     try:
         dirfd = _open_directory()
     except OSError:       # none, or not xlb's: nothing of xlb's to forget there
-        return
+        return False
     try:
         os.unlink(FILE, dir_fd=dirfd)
+        removed = True
     except FileNotFoundError:
-        pass
+        removed = False
     finally:
         os.close(dirfd)
     try:
         directory().rmdir()
     except OSError:       # gone already, or holds more than the state
         pass
+    return removed

@@ -364,6 +364,28 @@ def test_apply_says_which_links_it_attached_to_and_detached_from(run_dir, tmp_pa
                         f"0 flows ended; serving {path}{said}\n")
 
 
+def test_down_of_what_a_dead_instance_left_holds_off_an_instance_starting(run_dir,
+                                                                        monkeypatch):
+    """`xlb down` finds no instance, then removes its data path and state with
+    the lock an `xlb up` takes: one that took it first (started between the
+    two) is left running, and said."""
+    from xlb import cli, ctl
+
+    def none_runs(cmd, **args):
+        raise ctl.NotRunning()
+    monkeypatch.setattr(ctl, "request", none_runs)
+    monkeypatch.setattr(cli, "_check_state_dir", lambda: None)
+    monkeypatch.setattr(cli, "_forget_the_dead", lambda e: "xlb: forgot")
+    assert CliRunner().invoke(cli.cli, ["down"]).stdout == "xlb: forgot\n"
+    listener = ctl.Listener()
+    try:
+        r = CliRunner().invoke(cli.cli, ["down"])
+    finally:
+        listener.close()
+    assert r.exit_code == 1
+    assert "an xlb up started here meanwhile: `xlb down` again stops it" in r.stderr
+
+
 def _follow(cli, fifo: Path, keepalived: int, handle):
     """`xlb ha follow FIFO` run here against a stand-in instance that hands
     each of 3 connections to handle; keepalived's end of the FIFO closed and

@@ -291,6 +291,27 @@ def test_forget_removes_what_a_killed_instance_left_only(run_dir):
     assert list(run_dir.iterdir()) == []
 
 
+def test_exclusive_keeps_an_instance_from_starting_and_waits_for_none(run_dir):
+    """What `xlb down` removes of a dead instance it removes holding the lock
+    an `xlb up` takes: one that starts meanwhile is refused, and beside one
+    that started first, exclusive is refused; the socket file a killed
+    instance left goes with the directory."""
+    with ctl.exclusive():
+        with pytest.raises(ctl.AlreadyRunning):
+            ctl.Listener()
+    assert list(run_dir.iterdir()) == []
+    listener = ctl.Listener()
+    with pytest.raises(ctl.AlreadyRunning):
+        with ctl.exclusive():
+            pass
+    listener.socket.close()
+    os.close(listener._dirfd)         # killed: its socket file is left
+    assert os.path.exists(ctl.address())
+    with ctl.exclusive():
+        pass
+    assert list(run_dir.iterdir()) == []
+
+
 # In a network namespace of its own (other runs' `xlb` would take the lock for
 # an instance's), children lock directories as a running instance does: one of
 # another name, one by this namespace's name from another namespace, then one

@@ -172,16 +172,23 @@ def test_drain_goes_with_a_renamed_pool_across_a_restart_that_adopts(lab, tmp_pa
 
 def test_down_forgets_the_state_of_an_instance_stopped_by_a_signal(lab, tmp_path, state_dir):
     """A signal keeps the state for a restart; `xlb down` then forgets it, as
-    it would with the instance running, and the next `xlb up` starts afresh."""
+    it would with the instance running, and the next `xlb up` starts afresh.
+    A state file it cannot take (damaged) it forgets too."""
     path = tmp_path / "xlb.toml"
     path.write_text(config("was1", "was2"))
     with lab.xlb("--config", str(path)):
         xlb_ok(lab, "server", "drain", "web", "was1")
-    assert any(state_dir.iterdir())
+    (kept,) = state_dir.iterdir()
     assert "forgot the state it left" in xlb_ok(lab, "down")
     assert not any(state_dir.iterdir())
     r = lab.xlb_cmd("down", timeout=60)
     assert r.returncode == 1 and "no xlb instance runs" in r.stderr, r.stderr
+    # One it cannot take (damaged: every start would warn of it) goes too.
+    kept.mkdir(mode=0o700)
+    (kept / "state.json").write_text("{")
+    assert f"forgot the state file it could not take ({kept / 'state.json'})" in \
+        xlb_ok(lab, "down")
+    assert not any(state_dir.iterdir())
     with lab.xlb("--config", str(path)):
         assert states(lab) == {"was1": "up", "was2": "up"}
 
