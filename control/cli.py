@@ -564,7 +564,7 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     """
     global _to_syslog
     from . import state
-    from .ha import keepalived_role
+    from .ha import keepalived_instance, keepalived_role
     syslog.openlog("xlb", syslog.LOG_PID, syslog.LOG_DAEMON)
     _to_syslog = True
     _check_state_dir()      # where it keeps the role keepalived last said
@@ -596,6 +596,7 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     keepalived = _keepalived_process(instance)
     wanted, told, failing, buf = state.followed(keepalived), None, False, b""
     cut_off: list[str] = []
+    strangers = False       # lines about another vrrp_instance: said once
     poll = 0.0      # that role, and the track file, at once; then every FOLLOW_POLL
     try:
         while True:
@@ -606,10 +607,19 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
                 *lines, buf = buf.split(b"\n")
                 buf = buf[-FIFO_LINE_MAX:]     # keepalived's lines are short: garbage goes
                 for line in lines:
-                    role = keepalived_role(line.decode(errors="replace"), instance)
+                    text = line.decode(errors="replace")
+                    role = keepalived_role(text, instance)
                     if role:
                         wanted, told = role, None
                         _save_followed(keepalived, role)
+                    elif (other := keepalived_instance(text)) not in (None, instance) \
+                            and not strangers:
+                        # A vrrp_instance renamed by hand: follow would wait for
+                        # ever, and say nothing.
+                        strangers = True
+                        _error(f"xlb ha follow: keepalived tells the state of vrrp_instance "
+                               f"{other!r}, not of {instance!r} (--instance), which this "
+                               f"follows")
             if not (wanted or track_file):
                 continue
             answered, was_cut_off, cut_off = False, cut_off, []

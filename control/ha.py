@@ -256,8 +256,17 @@ def keepalived_role(line: str, instance: str) -> str | None:
     """The xlb role a keepalived FIFO line asks for, or None when the line is
     about something else: `INSTANCE "xlb" MASTER 250`."""
     parts = line.split()
-    if len(parts) >= 3 and parts[0] == "INSTANCE" and parts[1] == f'"{instance}"':
+    if keepalived_instance(line) == instance:
         return KEEPALIVED_STATES.get(parts[2])
+    return None
+
+
+def keepalived_instance(line: str) -> str | None:
+    """The vrrp_instance a keepalived FIFO line tells the state of, or None."""
+    parts = line.split()
+    if len(parts) >= 3 and parts[0] == "INSTANCE" and len(parts[1]) >= 2 \
+            and parts[1][0] == parts[1][-1] == '"':
+        return parts[1][1:-1]
     return None
 
 

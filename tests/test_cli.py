@@ -399,6 +399,34 @@ def _follow(cli, fifo: Path, keepalived: int, handle):
         os.close(keepalived)
 
 
+def test_ha_follow_says_once_that_keepalived_tells_of_another_instance(run_dir, tmp_path,
+                                                                      monkeypatch):
+    """A vrrp_instance renamed by hand in keepalived's config: follow would wait
+    for ever for states of its --instance, silently."""
+    from xlb import cli
+    monkeypatch.setattr(cli, "_to_syslog", False)     # follow sets it for good
+    monkeypatch.setenv("XLB_STATE_DIR", str(tmp_path / "state"))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    keepalived = os.open(fifo, os.O_RDWR)
+    os.write(keepalived, b'INSTANCE "web" BACKUP 250\nINSTANCE "web" MASTER 250\n'
+                         b'INSTANCE "xlb" MASTER 250\n')
+
+    def handle(conn):                   # ping; role active; role backup as keepalived stops
+        with conn.makefile("rb") as f:
+            cmd = json.loads(f.readline())["cmd"]
+        conn.sendall(json.dumps({"ok": True, "result": {"pid": 1, "cut_off": []}}).encode()
+                     + b"\n")
+        if cmd == "role" and not stopped:
+            stopped.append(os.kill(os.getpid(), signal.SIGTERM))
+
+    stopped: list = []
+    r = _follow(cli, fifo, keepalived, handle)
+    assert r.stderr.splitlines() == [
+        "xlb ha follow: keepalived tells the state of vrrp_instance 'web', not of 'xlb' "
+        "(--instance), which this follows"], r.stderr
+
+
 def test_ha_follow_shows_the_instances_errors_on_their_lines(run_dir, tmp_path, monkeypatch):
     """syslog takes them: an error of the instance (it can name the state
     directory) cannot break its line or forge one there."""

@@ -50,6 +50,9 @@ def test_keepalived_fifo_lines():
     assert ha.keepalived_role('INSTANCE "other" MASTER 250', "xlb") is None
     assert ha.keepalived_role('GROUP "xlb" MASTER', "xlb") is None
     assert ha.keepalived_role("", "xlb") is None
+    assert [ha.keepalived_instance(line) for line in
+            ('INSTANCE "web" MASTER 250', 'INSTANCE web MASTER', 'GROUP "xlb" MASTER', "")] == \
+        ["web", None, None, None]
 
 
 def test_served_vips_need_a_server_taking_flows():
