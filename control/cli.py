@@ -241,13 +241,17 @@ def saved_config():
     own state (so a bare `xlb up` takes over after a crash or an upgrade)."""
     from . import state
     saved = state.load()
+    if saved is None and (state.directory() / state.FILE).exists():
+        raise BadInput("nothing to serve: give --config FILE or --vip/--backend (the state "
+                       "file left here cannot be taken, as said above; `xlb down` forgets it)")
     if saved is None:
         raise BadInput("nothing to serve: give --config FILE or --vip/--backend (no earlier "
                        "instance of this network namespace left a config to take over)")
     try:
         config = configfile.load(saved.config_text, dumped=True)
     except ConfigError as e:
-        raise BadInput(f"the config saved by the earlier instance is invalid: {e}") from None
+        raise BadInput(f"the config saved by the earlier instance is invalid: {e} (give "
+                       f"--config FILE, or `xlb down` to forget it)") from None
     return config, Path(saved.config_path) if saved.config_path else None
 
 

@@ -207,6 +207,12 @@ def test_a_bare_xlb_up_takes_over_the_saved_config(root):
     with pytest.raises(click.ClickException, match="saved by the earlier instance is invalid"):
         cli.saved_config()
 
+    # One it cannot take (damaged) is said to be there, and how to forget it.
+    (state.directory() / "state.json").write_text("{")
+    with pytest.raises(click.ClickException, match=r"the state file left here cannot be "
+                                                   r"taken, as said above; `xlb down` forgets"):
+        cli.saved_config()
+
 
 def test_a_saved_config_of_an_earlier_build_is_taken_over(root):
     """Its `dump` wrote a none monitor's check settings and every frontend's
