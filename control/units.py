@@ -75,9 +75,10 @@ def last_check(server: dict) -> str:
     check = server.get("last_check")
     if check is None:
         return "first check pending" if server.get("monitor") else "not checked"
-    seconds = check.get("duration_seconds")
-    return (f"{check['reason']} ({seconds * 1000:.1f} ms)" if seconds is not None
-            else check["reason"])
+    # Free text: a link's name (mark_down's "link NAME lost its carrier") may
+    # hold control characters, as the kernel allows any but '/', ':' and space.
+    reason, seconds = shown(check["reason"]), check.get("duration_seconds")
+    return f"{reason} ({seconds * 1000:.1f} ms)" if seconds is not None else reason
 
 
 def unapplied(status: dict) -> str | None:

@@ -38,3 +38,18 @@ def test_shown_escapes_what_would_break_a_line_or_a_terminal():
         "a\\x85b\\x9b31m\\u2028c\\u2029\\u202ed\\u2066"
     # A file name's byte that is not UTF-8 (a lone surrogate): shown as that byte.
     assert units.shown("x\udcff\udc80\ud800") == "x\\xff\\x80\\ud800"
+
+
+def test_last_check_shows_its_reason_on_one_line_that_any_terminal_prints():
+    # A reason may carry a link's name ("link NAME lost its carrier"), which
+    # the kernel lets hold an ESC or other control characters (no '/', ':' nor
+    # whitespace): shown escaped, as `interfaces` shows link names, lest
+    # `xlb status` (and `xlb top`) write a terminal's control sequence.
+    check = {"ok": False, "reason": "link e\x1b[2J\x85 lost its carrier", "duration_seconds": 0.0}
+    assert units.last_check({"monitor": "m", "last_check": check}) == \
+        "link e\\x1b[2J\\x85 lost its carrier (0.0 ms)"
+    assert units.last_check({"monitor": "m", "last_check": {**check, "duration_seconds": None}}) \
+        == "link e\\x1b[2J\\x85 lost its carrier"
+    assert units.last_check({"monitor": "m", "last_check": {
+        "ok": True, "reason": "check passed", "duration_seconds": 0.0012}}) == \
+        "check passed (1.2 ms)"
