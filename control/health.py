@@ -667,8 +667,21 @@ class _Probe:
         self._end(None)
 
     def on_timeout(self) -> None:
-        self._end((False, f"timeout after {float(self.timeout)}s "
-                          f"({_PHASES[self.phase]})"))
+        self._end((False, f"timeout after {float(self.timeout)}s ({self._doing()})"))
+
+    def _doing(self) -> str:
+        """What the check was at as its time ran out: a body being read that
+        lacks expect_body so far (one left open, no length nor chunks, or
+        shorter than its length) is no server that has not answered."""
+        m = self.entry.target.monitor
+        if self.phase == "recv" and self.buf and m.expect_body is not None:
+            try:
+                head = _http_verdict(self.buf, False, replace(m, expect_body=None))
+            except _CheckFailed:
+                head = None
+            if head is not None and head[0]:
+                return f"reading the body, no {m.expect_body!r} in it so far"
+        return _PHASES[self.phase]
 
     def on_event(self, events: int) -> None:
         try:

@@ -620,6 +620,31 @@ def test_http_server_that_never_answers_times_out(netns):
 
 
 @pytest.mark.netns
+def test_http_body_without_the_expected_text_left_open_times_out_saying_so(netns):
+    """A whole head, then a body that lacks `expect_body` and never ends (no
+    length, no chunks, the connection kept open): the timeout says the body
+    was being read, not that the server had not answered, which sends the
+    operator after a hung server that answers at once."""
+    async def main():
+        async def open_ended(srv, reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n\r\nstarting")
+            await writer.drain()
+            await asyncio.sleep(5)          # cancelled by Listener.close long before
+
+        srv = await Listener(8025, open_ended).start()
+        key = ("api", "open")
+        async with checker([Target(key, LOCAL, 8025, http_monitor(expect_body="ready"))]) \
+                as (hc, rec):
+            await until(lambda: rec.transitions, "down")
+            (tr,) = rec.of(key)
+            assert tr.reason == f"timeout after {TIMEOUT}s (reading the body, no 'ready' in it so far)"
+        await srv.close()
+
+    netns.run(main())
+
+
+@pytest.mark.netns
 def test_tcp_connect_timeout_when_syns_go_unanswered(netns):
     async def main():
         # A listener whose accept queue (backlog 0: one connection) is full drops SYNs.
