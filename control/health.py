@@ -807,7 +807,9 @@ def _http_verdict(buf: bytearray, eof: bool, m: Monitor) -> tuple[bool, str] | N
     if want in body[:BODY_LIMIT]:
         return True, "check passed"
     if complete or eof:
-        return False, f"body lacks {m.expect_body!r}"
+        # A 3xx passes the status test unfollowed: said, as its body is no page's.
+        moved = f"http status {status} (not followed): " if 300 <= status < 400 else ""
+        return False, f"{moved}body lacks {m.expect_body!r}"
     return None
 
 

@@ -1264,3 +1264,16 @@ def test_http_parser():
 
     big = b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * (64 * 1024) + b"needle"
     assert verdict(big, expect_body="needle") == (False, "body lacks 'needle'")   # 64 KiB
+
+
+def test_a_redirect_whose_body_lacks_the_text_says_it_was_a_redirect():
+    """A 3xx passes the default status test but is not followed: its body
+    (a login page's link, nothing) lacks expect_body, and the reason names the
+    status, lest the operator, whose browser or curl -L follows it to the
+    expected text, look for the text where it is."""
+    moved = b"HTTP/1.1 302 Found\r\nLocation: /login\r\nContent-Length: 9\r\n\r\nGo there."
+    assert verdict(moved, expect_body="healthy") == \
+        (False, "http status 302 (not followed): body lacks 'healthy'")
+    assert verdict(moved, expect_body="Go") == (True, "check passed")
+    plain = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nGo there."
+    assert verdict(plain, expect_body="healthy") == (False, "body lacks 'healthy'")
