@@ -15,6 +15,10 @@ Semantics:
   `on_change` exactly once (on the loop's thread), with the reason and the
   duration of the deciding check.
 - Monitor type "none": always up, never checked (`last_check` stays None).
+- A check the checker cannot make (no socket or local port: its process out
+  of file descriptors, the host out of memory or ports) says nothing of the
+  server: not counted, no state changes, the last check stays; logged as a
+  warning (at most every 10 s), the next check made in its turn.
 - tcp: connect within `timeout`, then close with an RST (SO_LINGER 0), so that
   1,000 checks a second leave no TIME_WAIT sockets on either side; a server
   may count these as reset connections.
@@ -186,6 +190,15 @@ def _same_check(a: Target, b: Target) -> bool:
 
 
 _FIRE, _TIMEOUT = 0, 1          # kinds of heap items
+# A check the checker cannot make says nothing of the server: its own process
+# or host out of file descriptors (systemd's default soft limit is 1,024, which
+# checks of a thousand unreachable servers waiting out their timeouts hold),
+# buffers, memory or local ports. Not counted (no state changes, the last check
+# stays), warned of, the next made in its turn; counted a failure, it took
+# every server down, reachable or not.
+_LOCAL_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                           errno.EADDRNOTAVAIL))
+_UNMADE_WARN_SECONDS = 10.0     # at most one warning of checks not made so often
 _SLACK = 0.025                  # a check may start this much early (at most interval/10)
                                 # to share a wake-up: each wake-up of an idle thread
                                 # costs about what ten checks do
@@ -215,6 +228,8 @@ class HealthChecker:
         self._probes: dict[int, _Probe] = {}     # fd -> the check it belongs to
         self._idle: list[tuple[socket.socket, int]] = []   # tcp sockets to reuse
         self._pooling = True
+        self._unmade = 0                # checks not made (_LOCAL_ERRORS) since the last warning
+        self._unmade_warned = -_UNMADE_WARN_SECONDS
 
     # -- queries ---------------------------------------------------------------
 
@@ -521,6 +536,16 @@ class HealthChecker:
         if entry.state != old:
             self._report(Transition(entry.target.key, old, entry.state, reason, duration))
 
+    def _not_made(self, entry: _Entry, code: int) -> None:
+        self._unmade += 1
+        now = _now()
+        if now - self._unmade_warned >= _UNMADE_WARN_SECONDS:
+            log.warning("health checker: %d check(s) not made, no server's state changed for "
+                        "them (%s, the last of %s); open files at most %s (ulimit -n, systemd's "
+                        "LimitNOFILE)", self._unmade, os.strerror(code).lower(),
+                        "/".join(entry.target.key), _nofile_limit())
+            self._unmade, self._unmade_warned = 0, now
+
     def _report(self, tr: Transition) -> None:
         try:
             self._on_change(tr)
@@ -549,6 +574,14 @@ def _libc_disconnect():
 
 
 _disconnect = _libc_disconnect()
+
+
+def _nofile_limit() -> str:
+    try:
+        import resource
+        return str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    except (ImportError, OSError, ValueError):
+        return "unknown"
 
 
 class _Probe:
@@ -603,13 +636,23 @@ class _Probe:
                 self._watch(_EPOLLOUT | _ONESHOT if tcp else _EPOLLOUT)
             elif err == 0:
                 self._connected()
+            elif err in _LOCAL_ERRORS:
+                self._not_made(err)
             else:
                 self._end((False, _os_reason("connect", err)))
         except OSError as e:
-            self._end((False, _os_reason(self.phase, e.errno) if e.errno
-                       else f"{self.phase}: {e}"))
+            if e.errno in _LOCAL_ERRORS:
+                self._not_made(e.errno)
+            else:
+                self._end((False, _os_reason(self.phase, e.errno) if e.errno
+                           else f"{self.phase}: {e}"))
         except Exception:
             self._broken()
+
+    def _not_made(self, code: int) -> None:
+        """The check could not begin, for want of the checker's own (_LOCAL_ERRORS)."""
+        self.checker._not_made(self.entry, code)
+        self._end(None)
 
     def _watch(self, events: int) -> None:
         checker = self.checker

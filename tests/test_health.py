@@ -645,6 +645,48 @@ def test_http_body_without_the_expected_text_left_open_times_out_saying_so(netns
 
 
 @pytest.mark.netns
+def test_no_server_goes_down_for_the_checkers_own_lack_of_file_descriptors(netns):
+    """A check the checker cannot make (no socket: its process at its limit of
+    open files, as systemd's default soft limit of 1024 is reached while
+    checks of a thousand unreachable servers wait out their timeouts) says
+    nothing of the server: it is not counted, and takes no server down (all
+    of them would go, a whole pool with them); the next is made in its turn."""
+    import resource
+
+    async def main():
+        srv = await Listener(8026, HttpBehaviour()).start()
+        key = ("api", "fine")
+        m = http_monitor(rise=1, fall=1)            # http: no socket kept for reuse
+        async with checker([Target(key, LOCAL, 8026, m)]) as (hc, rec):
+            await until(lambda: len(rec.checks(key)) >= 1, "a first check")
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            held = []
+            mark = rec.mark()
+            try:
+                # No descriptor left: the limit at the highest in use, the holes below filled.
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, os.listdir(
+                    "/proc/self/fd"))) + 1, hard))
+                try:
+                    while True:
+                        held.append(os.open("/dev/null", os.O_RDONLY))
+                except OSError:
+                    pass
+                await asyncio.sleep(4 * INTERVAL)
+                assert rec.transitions == [] and hc.state(key) == "up"
+                assert all(ok for ok, _, _ in rec.checks(key, mark)), rec.checks(key, mark)
+            finally:
+                for fd in held:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            mark = rec.mark()
+            await until(lambda: rec.checks(key, mark), "checks again")
+            assert rec.checks(key, mark)[0][:2] == (True, "check passed")
+        await srv.close()
+
+    netns.run(main())
+
+
+@pytest.mark.netns
 def test_tcp_connect_timeout_when_syns_go_unanswered(netns):
     async def main():
         # A listener whose accept queue (backlog 0: one connection) is full drops SYNs.
