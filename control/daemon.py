@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -644,6 +645,16 @@ def _hold_hangups() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
+def _more_open_files() -> None:
+    """The soft limit of open files raised to the hard one, as HAProxy raises
+    its own: each health check in flight holds a socket, and checks of a
+    thousand unreachable servers waiting out their timeouts reach systemd's
+    default soft limit (1,024); the loop's epoll takes any number."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def up(config: Config, config_path: Path | None = None,
        metrics_address: tuple[str, int] | None = None, limits: Limits | None = None,
        fast_path: bool | None = None, role: str = "active",
@@ -664,6 +675,7 @@ def up(config: Config, config_path: Path | None = None,
     # with their default action after it, one killed the process and left the
     # socket's file for the next `xlb up` to find stale.
     signals = _StopSignals()
+    _more_open_files()
     control = ctl.Listener()
     datapath = running = exporter = None
     serving = stopping = False

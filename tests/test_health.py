@@ -20,6 +20,8 @@ import functools
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -1319,3 +1321,17 @@ def test_a_redirect_whose_body_lacks_the_text_says_it_was_a_redirect():
     assert verdict(moved, expect_body="Go") == (True, "check passed")
     plain = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nGo there."
     assert verdict(plain, expect_body="healthy") == (False, "body lacks 'healthy'")
+
+
+def test_xlb_up_may_hold_as_many_sockets_as_its_hard_limit_allows():
+    """systemd's default soft limit of open files (1,024) is reached by the
+    checks of a thousand unreachable servers waiting out their timeouts:
+    `xlb up` raises it to the hard limit, as HAProxy does."""
+    code = ("import resource\n"
+            "from xlb import daemon\n"
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+            "daemon._more_open_files()\n"
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout == "True\n", r.stderr
