@@ -22,7 +22,7 @@ Semantics:
 - tcp: connect within `timeout`, then close with an RST (SO_LINGER 0), so that
   1,000 checks a second leave no TIME_WAIT sockets on either side; a server
   may count these as reset connections.
-- http: connect, send `GET {path} HTTP/1.1` with `Host: {host or address}`,
+- http: connect, send `GET {path} HTTP/1.1` with `Host: {host or address[:port]}`,
   `Connection: close`, `User-Agent: xlb-health`; read the status line and the
   headers, up to 64 KiB (and the body, up to 64 KiB, when `expect_body` is set;
   chunked bodies are decoded; lines may end in LF alone). Interim responses
@@ -143,7 +143,10 @@ class _Entry:
         self.slack = min(_SLACK, m.interval / 10)
         self.request = b""
         if m.type == "http":
-            self.request = (f"GET {m.path} HTTP/1.1\r\nHost: {m.host or target.address}\r\n"
+            # As a client writes the authority of http://ADDRESS:PORT/ (RFC 9110 7.2).
+            host = m.host or (f"{target.address}" if target.port == 80
+                              else f"{target.address}:{target.port}")
+            self.request = (f"GET {m.path} HTTP/1.1\r\nHost: {host}\r\n"
                             f"Connection: close\r\nUser-Agent: {USER_AGENT}\r\n"
                             f"Accept: */*\r\n\r\n").encode("latin-1", "replace")
 

@@ -441,10 +441,10 @@ def test_initial_down_is_decided_by_the_first_check(netns):
 @pytest.mark.netns
 def test_http_status_body_and_host(netns):
     async def main():
-        behaviour = HttpBehaviour(hosts={"/a": "svc.example", "/b": "127.0.0.1"})
+        behaviour = HttpBehaviour(hosts={"/a": "svc.example", "/b": "127.0.0.1:8003"})
         srv = await Listener(8003, behaviour).start()
         ma = http_monitor(path="/a", host="svc.example", expect_body="good", rise=1)
-        mb = http_monitor(path="/b")                 # Host: the address by default
+        mb = http_monitor(path="/b")     # Host: the address and port, as curl writes it
         ka, kb = ("api", "a"), ("api", "b")
         targets = [Target(ka, LOCAL, 8003, ma), Target(kb, LOCAL, 8003, mb)]
         async with checker(targets) as (hc, rec):
@@ -458,7 +458,7 @@ def test_http_status_body_and_host(netns):
             assert headers["connection"] == "close"
             assert headers["user-agent"] == "xlb-health"
             assert next(h for ln, h in srv.requests if ln.startswith("GET /b "))["host"] \
-                == "127.0.0.1"
+                == "127.0.0.1:8003"
 
             behaviour.status = 500                       # the TCP port stays open
             changed = rec.mark()
