@@ -843,9 +843,9 @@ def _http_verdict(buf: bytearray, eof: bool, m: Monitor) -> tuple[bool, str] | N
     want = m.expect_body.encode()
     raw = bytes(buf[head:])
     if chunked:
-        body, last = _dechunk(raw)
-        complete = (last or len(body) >= BODY_LIMIT
-                    or len(raw) >= 2 * BODY_LIMIT)     # not chunked after all
+        body, ended = _dechunk(raw)
+        # The framing of chunks of one byte is 6 bytes a byte of data.
+        complete = ended or len(body) >= BODY_LIMIT or len(raw) >= 8 * BODY_LIMIT
     else:
         limit = BODY_LIMIT if length is None else min(length, BODY_LIMIT)
         body = raw[:limit]
@@ -868,17 +868,22 @@ def _head_incomplete(buf: bytearray, eof: bool) -> None:
     return None
 
 
+_CHUNK_LINE_MAX = 1024          # a chunk's size line, extensions and all
+
+
 def _dechunk(data: bytes) -> tuple[bytes, bool]:
     """A chunked body's data, as much of it as is there (best effort), and
-    whether its last chunk has come. Lines may end in LF alone, as the head's."""
+    whether no more will come: its last chunk has, or its framing broke (a
+    size that is no hexadecimal number, a chunk's data not followed by its
+    line end: not chunked after all). Lines may end in LF alone, as the head's."""
     out, i = bytearray(), 0
     while True:
         j = data.find(b"\n", i)
-        if j < 0:
-            return bytes(out), False
+        if j < 0:               # a size line longer than any is no size line
+            return bytes(out), len(data) - i > _CHUNK_LINE_MAX
         size_text = data[i:j].split(b";", 1)[0].strip()
         if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
-            return bytes(out), False
+            return bytes(out), True
         size = int(size_text, 16)
         if size == 0:
             return bytes(out), True
@@ -889,4 +894,4 @@ def _dechunk(data: bytes) -> tuple[bytes, bool]:
         elif data.startswith(b"\n", i):
             i += 1
         else:                   # the data goes on, or what follows it is no line end
-            return bytes(out), False
+            return bytes(out), data[i:i + 2] not in (b"", b"\r")

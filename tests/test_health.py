@@ -1306,6 +1306,20 @@ def test_http_parser():
     assert verdict(lf, expect_body="world!!") is None
     assert verdict(lf + b"0\n\n", expect_body="world!!") == (False, "body lacks 'world!!'")
 
+    # Chunks of a byte: 64 KiB of data is 384 KiB of framing, all read.
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    tiny = head + b"".join(b"1\r\n%c\r\n" % c for c in b"x" * (50 * 1024) + b"needle")
+    assert verdict(tiny, expect_body="needle") == ok
+    assert verdict(tiny, expect_body="needles") is None
+    # Not chunked after all: done at the broken framing, not at a size cap.
+    assert verdict(head + b"all good, no chunks here\r\n", expect_body="healthy") == \
+        (False, "body lacks 'healthy'")
+    assert verdict(head + b"3\r\nwor!!\r\n", expect_body="healthy") == \
+        (False, "body lacks 'healthy'")
+    assert verdict(head + b"3\r\nwor\r", expect_body="healthy") is None     # its CR came
+    assert verdict(head + b"x" * 2000, expect_body="healthy") == \
+        (False, "body lacks 'healthy'")                             # no size line that long
+
     big = b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * (64 * 1024) + b"needle"
     assert verdict(big, expect_body="needle") == (False, "body lacks 'needle'")   # 64 KiB
 
