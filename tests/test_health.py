@@ -640,7 +640,8 @@ def test_http_body_without_the_expected_text_left_open_times_out_saying_so(netns
                 as (hc, rec):
             await until(lambda: rec.transitions, "down")
             (tr,) = rec.of(key)
-            assert tr.reason == f"timeout after {TIMEOUT}s (reading the body, no 'ready' in it so far)"
+            assert tr.reason == \
+                f"timeout after {TIMEOUT}s (reading the body, no 'ready' in it so far)"
         await srv.close()
 
     netns.run(main())
