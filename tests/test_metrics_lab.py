@@ -341,8 +341,8 @@ def test_prometheus_answers_every_dashboard_query(lab, xlb, maglev_seed, tmp_pat
             evaluated = wait_for("rules evaluated", 10, lambda: rules(lab))
             assert {r["name"] for r in evaluated} == {
                 "XlbDown", "XlbServerDown", "XlbPoolAllServersDown", "XlbInterfaceNotServed",
-                "XlbInterfaceDown", "XlbFlowTableNearlyFull", "XlbFlowTableEvicting", "XlbDropsRising",
-                "XlbMaglevTablesDiffer", "XlbHealthNotApplied"}
+                "XlbInterfaceDown", "XlbFlowTableNearlyFull", "XlbFlowTableEvicting",
+                "XlbDropsRising", "XlbMaglevTablesDiffer", "XlbHealthNotApplied"}
             assert all(r["state"] == "inactive" for r in evaluated), evaluated  # a healthy lab
             for r in evaluated:   # the rules, too, read only what xlb (or the scrape: up) has
                 metrics, labels = names_in(r["query"])
