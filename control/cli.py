@@ -496,10 +496,14 @@ def down(keep_datapath: bool) -> None:
         if not ctl.running():
             # An instance listens until it has detached; one killed in between
             # (OOM, a supervisor's SIGKILL) stops listening with its program
-            # still attached, which is removed here as a crash's would be.
-            left = None if keep_datapath else _orphan(detach=True)
+            # still attached, which is removed here as a crash's would be, with
+            # the instance lock (held still: it detached itself, or an `xlb up`
+            # started meanwhile adopts it).
+            left = None
+            if not keep_datapath:
+                with contextlib.suppress(ctl.AlreadyRunning), ctl.exclusive():
+                    left = _orphan(detach=True)
             if left is not None:
-                ctl.forget()
                 click.echo(f"xlb: the instance stopped before it detached; removed the data "
                            f"path it left ({_program_on(left)})")
                 return

@@ -222,27 +222,6 @@ def _let_go(dirfd: int) -> None:
     os.close(dirfd)
 
 
-def forget() -> None:
-    """Removes the socket file that a killed instance left, and its directory,
-    when no instance holds the directory's lock: `xlb down` of the data path
-    it left leaves nothing behind either. (The next `xlb up` would replace
-    the file; a namespace made for a run sees no next one.)"""
-    try:
-        dirfd = open_own(directory(), PRIVATE)
-    except OSError:         # none, or not xlb's: left alone
-        return
-    try:
-        fcntl.flock(dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(dirfd)
-        return
-    try:
-        os.unlink(SOCKET, dir_fd=dirfd)
-    except FileNotFoundError:
-        pass
-    _let_go(dirfd)
-
-
 def _earlier_instance(timeout: float = 2.0) -> socket.socket | None:
     """A connection to an instance of an earlier build (EARLIER), or None: no
     one listens there, or not root, whom nothing is sent. The connect is
