@@ -335,7 +335,7 @@ def find_running() -> Running | None:
             os.close(fd)
             continue
         attached[link.index] = (fd, Attachment(link.index, link.name, link.xdp_mode,
-                                               state="up" if link.carrier else "down"))
+                                               state=link.state))
         if newest is None or info.id > newest.id:
             newest = info
     if newest is None:
@@ -601,11 +601,8 @@ class Datapath:
             if link is None:
                 listed.append(replace(att, state="gone"))
             else:
-                # Down: set down, or up without carrier (NO-CARRIER, which the link
-                # watch takes its servers down for): either way it carries no frames.
                 listed.append(replace(att, ifname=link.name, state=(
-                    "detached" if link.xdp_prog_id != ours else "up" if link.carrier
-                    else "down")))
+                    "detached" if link.xdp_prog_id != ours else link.state)))
         return listed
 
     def detach(self, ifindex: int) -> None:

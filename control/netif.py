@@ -47,6 +47,12 @@ class Link:
     ethernet: bool = True   # carries Ethernet frames, which the program parses (not tun, ipip)
 
     @property
+    def state(self) -> str:
+        """As LINK_STATES has a link that runs a program: up, or down (set down,
+        or without carrier: a cable pulled, the veth's peer down)."""
+        return "up" if self.carrier else "down"
+
+    @property
     def networks(self) -> tuple[IPv4Network, ...]:
         return tuple(a.network for a in self.addresses)
 
