@@ -36,12 +36,6 @@ from .model import (ALGORITHMS, BODY_LIMIT, MAGLEV_SERVERS_MAX, MAGLEV_SIZE_MAX,
 SECTIONS = ("monitors", "servers", "pools", "frontends")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 BAD_NAME = "bad name: use letters, digits, '_', '.' and '-', starting with a letter or digit"
-
-
-def key_path(section: str, name: str) -> str:
-    """An object's key as the file must spell it: `servers."was1.example.com"`,
-    not `servers.was1.example.com`, which names a table in a table."""
-    return f"{section}.{_toml_key(name)}"
 HTTP_ONLY = ("path", "expect_status", "expect_body", "host")
 CHECKING = ("port", "interval", "timeout", "rise", "fall")     # of a monitor that checks
 TIMEOUTS = tuple(key for keys in PROTOCOL_TIMEOUTS.values() for key in keys)
@@ -674,6 +668,12 @@ def _toml_string(text: str) -> str:
 
 def _toml_key(key: str) -> str:
     return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def key_path(section: str, name: str) -> str:
+    """An object's key as the file must spell it: `servers."was1.example.com"`,
+    not `servers.was1.example.com`, which names a table in a table."""
+    return f"{section}.{_toml_key(name)}"
 
 
 def _toml_value(value: Any) -> str:

@@ -255,9 +255,8 @@ def script_unsafe(path: str) -> str | None:
 def keepalived_role(line: str, instance: str) -> str | None:
     """The xlb role a keepalived FIFO line asks for, or None when the line is
     about something else: `INSTANCE "xlb" MASTER 250`."""
-    parts = line.split()
     if keepalived_instance(line) == instance:
-        return KEEPALIVED_STATES.get(parts[2])
+        return KEEPALIVED_STATES.get(line.split()[2])
     return None
 
 

@@ -77,6 +77,7 @@ import logging
 import os
 import random
 import re
+import resource
 import select
 import socket
 import struct
@@ -546,7 +547,7 @@ class HealthChecker:
             log.warning("health checker: %d check(s) not made, no server's state changed for "
                         "them (%s, the last of %s); open files at most %s (ulimit -n, systemd's "
                         "LimitNOFILE)", self._unmade, os.strerror(code).lower(),
-                        "/".join(entry.target.key), _nofile_limit())
+                        "/".join(entry.target.key), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
             self._unmade, self._unmade_warned = 0, now
 
     def _report(self, tr: Transition) -> None:
@@ -577,14 +578,6 @@ def _libc_disconnect():
 
 
 _disconnect = _libc_disconnect()
-
-
-def _nofile_limit() -> str:
-    try:
-        import resource
-        return str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-    except (ImportError, OSError, ValueError):
-        return "unknown"
 
 
 class _Probe:

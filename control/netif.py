@@ -124,11 +124,6 @@ RT_TABLE_LOCAL = 255
 _LOCAL_KINDS = {2: "local", 3: "broadcast"}    # RTN_LOCAL, RTN_BROADCAST
 
 
-def _prefix(route) -> IPv4Network:
-    """The destination of a route message (RTM_NEWROUTE)."""
-    return IPv4Network(f"{route.get_attr('RTA_DST') or '0.0.0.0'}/{route['dst_len']}")
-
-
 def local_routes(found: list[Link]) -> list[tuple[IPv4Network, str, str]]:
     """The kernel's own destinations beyond the links' addresses: the local
     table's local routes (a prefix routed to the host itself, `ip route add
@@ -136,7 +131,8 @@ def local_routes(found: list[Link]) -> list[tuple[IPv4Network, str, str]]:
     address), as (prefix, "local" or "broadcast", name of the link, of `found`)."""
     names = {link.index: link.name for link in found}
     with IPRoute() as ipr:
-        return [(_prefix(r), _LOCAL_KINDS[r["type"]], names.get(r.get_attr("RTA_OIF"), "?"))
+        return [(IPv4Network(f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}"),
+                 _LOCAL_KINDS[r["type"]], names.get(r.get_attr("RTA_OIF"), "?"))
                 for r in ipr.get_routes(family=2, table=RT_TABLE_LOCAL)
                 if r["type"] in _LOCAL_KINDS]
 
