@@ -596,7 +596,7 @@ class _Probe:
     abort, an immediate connect error) are closed, not pooled.
     """
     __slots__ = ("checker", "entry", "sock", "fd", "registered", "mapped", "phase",
-                 "start", "timeout", "seq", "out", "buf", "eof", "ended", "again")
+                 "start", "timeout", "seq", "out", "reader", "ended", "again")
 
     def __init__(self, checker: HealthChecker, entry: _Entry):
         self.checker, self.entry = checker, entry
@@ -712,14 +712,8 @@ class _Probe:
         """What the check was at as its time ran out: a body being read that
         lacks expect_body so far (one left open, no length nor chunks, or
         shorter than its length) is no server that has not answered."""
-        m = self.entry.target.monitor
-        if self.phase == "recv" and self.buf and m.expect_body is not None:
-            try:
-                head = _http_verdict(self.buf, False, replace(m, expect_body=None))
-            except _CheckFailed:
-                head = None
-            if head is not None and head[0]:
-                return f"reading the body, no {m.expect_body!r} in it so far"
+        if self.phase == "recv" and self.reader.body_at is not None:
+            return f"reading the body, no {self.reader.m.expect_body!r} in it so far"
         return _PHASES[self.phase]
 
     def on_event(self, events: int) -> None:
@@ -745,8 +739,7 @@ class _Probe:
             return self._end((True, "check passed"), reuse=self.registered)
         self.phase = "send"
         self.out = self.entry.request
-        self.buf = bytearray()
-        self.eof = False
+        self.reader = _HttpReader(self.entry.target.monitor)
         self._send()
 
     def _send(self) -> None:
@@ -766,12 +759,8 @@ class _Probe:
             data = self.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
             return
-        if data:
-            self.buf += data
-        else:
-            self.eof = True
         try:
-            verdict = _http_verdict(self.buf, self.eof, self.entry.target.monitor)
+            verdict = self.reader.feed(data, not data)
         except _CheckFailed as e:
             verdict = (False, str(e))
         if verdict is not None:
@@ -779,112 +768,154 @@ class _Probe:
 
 
 _HEAD_END = re.compile(rb"\n\r?\n")     # the blank line after the headers
+_CHUNK_LINE_MAX = 1024                  # a chunk's size line, extensions and all
+_HEX = b"0123456789abcdefABCDEF"
 
 
-def _http_verdict(buf: bytearray, eof: bool, m: Monitor) -> tuple[bool, str] | None:
-    """The check's outcome from the response so far; None: read more."""
-    # Lines end in CRLF or, as RFC 9112 lets a recipient accept (and HAProxy
-    # does), LF alone: small servers (a script behind nc, firmware) send those.
-    start = 0
-    while True:
-        end = buf.find(b"\n", start)
-        if end < 0:
-            if eof:
-                raise _CheckFailed("http: connection closed before the status line"
-                                   if len(buf) > start else
-                                   "http: connection closed without a response")
-            if len(buf) > HEAD_LIMIT:
-                raise _CheckFailed("http: no status line in the first 64 KiB")
-            return None
-        line = bytes(buf[start:end]).rstrip(b"\r")
-        parts = line.split(None, 2)
-        if (len(parts) < 2 or not parts[0].startswith(b"HTTP/") or len(parts[1]) != 3
-                or not parts[1].isdigit()):
-            raise _CheckFailed(f"http: malformed status line {line[:80]!r}")
-        status = int(parts[1])
-        blank = _HEAD_END.search(buf, end)
-        # An interim response (1xx but 101, e.g. 103 Early Hints) precedes the
-        # final one, which decides (RFC 9110: a client must accept them).
-        if not (100 <= status < 200 and status not in (101, m.expect_status)):
-            break
-        if blank is None:
-            return _head_incomplete(buf, eof)
-        start = blank.end()
-    if m.expect_status is None and not 200 <= status < 400:
-        return False, f"http status {status}, expected 2xx or 3xx"
-    if m.expect_status is not None and status != m.expect_status:
-        return False, f"http status {status}, expected {m.expect_status}"
+class _HttpReader:
+    """An http check's response, parsed as it comes: each read goes on from
+    where the last one stopped, so a server that trickles its answer a byte at
+    a time costs each byte once, not a parse of everything so far."""
+    __slots__ = ("m", "want", "buf", "line", "status", "status_end", "scan", "body_at",
+                 "length", "chunked", "searched", "body", "at", "left", "ended")
 
-    # A good status passes only with the headers' end: a server that dies or
-    # stalls right after its status line has not answered (HAProxy: "invalid
-    # response").
-    if blank is None:
-        return _head_incomplete(buf, eof)
-    if m.expect_body is None:
-        return True, "check passed"
-    head = blank.end()
-    length, chunked = None, False
-    for h in bytes(buf[end + 1:blank.start()]).split(b"\n"):
-        name, _, value = h.partition(b":")
-        name, value = name.strip().lower(), value.strip()
-        if name == b"content-length" and value.isdigit():
-            digits = value.lstrip(b"0")
-            # int() refuses more than 4,300 digits; 19 are past the body limit already
-            length = int(digits or b"0") if len(digits) < 19 else BODY_LIMIT
-        elif name == b"transfer-encoding" and b"chunked" in value.lower():
-            chunked = True
-    want = m.expect_body.encode()
-    raw = bytes(buf[head:])
-    if chunked:
-        body, ended = _dechunk(raw)
-        # The framing of chunks of one byte is 6 bytes a byte of data.
-        complete = ended or len(body) >= BODY_LIMIT or len(raw) >= 8 * BODY_LIMIT
-    else:
-        limit = BODY_LIMIT if length is None else min(length, BODY_LIMIT)
-        body = raw[:limit]
-        complete = len(body) >= limit
-    if want in body[:BODY_LIMIT]:
-        return True, "check passed"
-    if complete or eof:
-        # A 3xx passes the status test unfollowed: said, as its body is no page's.
-        moved = f"http status {status} (not followed): " if 300 <= status < 400 else ""
-        return False, f"{moved}body lacks {m.expect_body!r}"
-    return None
+    def __init__(self, m: Monitor):
+        self.m = m
+        self.want = None if m.expect_body is None else m.expect_body.encode()
+        self.buf = bytearray()
+        self.line = 0           # where the status line being read starts (past interim responses)
+        self.status = None      # that line's status, once the line is whole
+        self.status_end = 0
+        self.scan = 0           # where the next look for a line's end starts
+        self.body_at = None     # where the body starts: the final head is whole and passed
+        self.length, self.chunked = None, False
+        self.searched = 0       # how far expect_body has been looked for
+        self.body = bytearray()     # a chunked body's data
+        self.at = 0                 # ... and where its framing is read next
+        self.left = None            # ... bytes of a chunk's data to come; None: a size line
+        self.ended = False          # ... its last chunk came, or its framing broke
 
+    def feed(self, data: bytes, eof: bool) -> tuple[bool, str] | None:
+        """The check's outcome with `data` read (eof: the server closed); None: read more."""
+        self.buf += data
+        if self.body_at is None:
+            verdict = self._head(eof)
+            if verdict is not None or self.body_at is None:
+                return verdict
+        return self._body(eof)
 
-def _head_incomplete(buf: bytearray, eof: bool) -> None:
-    """None (read more) for a head still to end, or why it never will."""
-    if eof:
-        raise _CheckFailed("http: connection closed inside the headers")
-    if len(buf) > HEAD_LIMIT:
-        raise _CheckFailed("http: headers longer than 64 KiB")
-    return None
+    def _head(self, eof: bool) -> tuple[bool, str] | None:
+        # Lines end in CRLF or, as RFC 9112 lets a recipient accept (and HAProxy
+        # does), LF alone: small servers (a script behind nc, firmware) send those.
+        buf, m = self.buf, self.m
+        while True:
+            if self.status is None:
+                end = buf.find(b"\n", self.scan)
+                if end < 0:
+                    self.scan = len(buf)
+                    if eof:
+                        raise _CheckFailed("http: connection closed before the status line"
+                                           if len(buf) > self.line else
+                                           "http: connection closed without a response")
+                    if len(buf) > HEAD_LIMIT:
+                        raise _CheckFailed("http: no status line in the first 64 KiB")
+                    return None
+                line = bytes(buf[self.line:end]).rstrip(b"\r")
+                parts = line.split(None, 2)
+                if (len(parts) < 2 or not parts[0].startswith(b"HTTP/") or len(parts[1]) != 3
+                        or not parts[1].isdigit()):
+                    raise _CheckFailed(f"http: malformed status line {line[:80]!r}")
+                self.status, self.status_end, self.scan = int(parts[1]), end, end
+            status = self.status
+            # An interim response (1xx but 101, e.g. 103 Early Hints) precedes the
+            # final one, which decides (RFC 9110: a client must accept them).
+            final = not (100 <= status < 200 and status not in (101, m.expect_status))
+            if final and m.expect_status is None and not 200 <= status < 400:
+                return False, f"http status {status}, expected 2xx or 3xx"
+            if final and m.expect_status is not None and status != m.expect_status:
+                return False, f"http status {status}, expected {m.expect_status}"
+            # A good status passes only with the headers' end: a server that dies or
+            # stalls right after its status line has not answered (HAProxy: "invalid
+            # response").
+            blank = _HEAD_END.search(buf, self.scan)
+            if blank is None:
+                self.scan = max(self.status_end, len(buf) - 2)  # "\n\r" may end this read
+                if eof:
+                    raise _CheckFailed("http: connection closed inside the headers")
+                if len(buf) > HEAD_LIMIT:
+                    raise _CheckFailed("http: headers longer than 64 KiB")
+                return None
+            if final:
+                break
+            self.line = self.scan = blank.end()
+            self.status = None
+        if self.want is None:
+            return True, "check passed"
+        for h in bytes(buf[self.status_end + 1:blank.start()]).split(b"\n"):
+            name, _, value = h.partition(b":")
+            name, value = name.strip().lower(), value.strip()
+            if name == b"content-length" and value.isdigit():
+                digits = value.lstrip(b"0")
+                # int() refuses more than 4,300 digits; 19 are past the body limit already
+                self.length = int(digits or b"0") if len(digits) < 19 else BODY_LIMIT
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                self.chunked = True
+        self.body_at = self.at = blank.end()
+        self.searched = 0 if self.chunked else self.body_at
+        return None
 
+    def _body(self, eof: bool) -> tuple[bool, str] | None:
+        want, buf = self.want, self.buf
+        if self.chunked:
+            self._dechunk()
+            hay, start, end = self.body, 0, min(len(self.body), BODY_LIMIT)
+            # The framing of chunks of one byte is 6 bytes a byte of data.
+            complete = (self.ended or len(self.body) >= BODY_LIMIT
+                        or len(buf) - self.body_at >= 8 * BODY_LIMIT)
+        else:
+            limit = BODY_LIMIT if self.length is None else min(self.length, BODY_LIMIT)
+            hay, start, end = buf, self.body_at, min(len(buf), self.body_at + limit)
+            complete = end - start >= limit
+        if hay.find(want, max(start, self.searched - len(want) + 1), end) >= 0:
+            return True, "check passed"
+        self.searched = end
+        if complete or eof:
+            # A 3xx passes the status test unfollowed: said, as its body is no page's.
+            status = self.status
+            moved = f"http status {status} (not followed): " if 300 <= status < 400 else ""
+            return False, f"{moved}body lacks {self.m.expect_body!r}"
+        return None
 
-_CHUNK_LINE_MAX = 1024          # a chunk's size line, extensions and all
-
-
-def _dechunk(data: bytes) -> tuple[bytes, bool]:
-    """A chunked body's data, as much of it as is there (best effort), and
-    whether no more will come: its last chunk has, or its framing broke (a
-    size that is no hexadecimal number, a chunk's data not followed by its
-    line end: not chunked after all). Lines may end in LF alone, as the head's."""
-    out, i = bytearray(), 0
-    while True:
-        j = data.find(b"\n", i)
-        if j < 0:               # a size line longer than any is no size line
-            return bytes(out), len(data) - i > _CHUNK_LINE_MAX
-        size_text = data[i:j].split(b";", 1)[0].strip()
-        if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
-            return bytes(out), True
-        size = int(size_text, 16)
-        if size == 0:
-            return bytes(out), True
-        out += data[j + 1:j + 1 + size]
-        i = j + 1 + size
-        if data.startswith(b"\r\n", i):
-            i += 2
-        elif data.startswith(b"\n", i):
-            i += 1
-        else:                   # the data goes on, or what follows it is no line end
-            return bytes(out), data[i:i + 2] not in (b"", b"\r")
+    def _dechunk(self) -> None:
+        """Reads on into body as much chunked data as there is, until its last
+        chunk or until the framing breaks (a size that is no hexadecimal number,
+        a chunk's data not followed by its line end: not chunked after all).
+        Lines may end in LF alone, as the head's."""
+        buf = self.buf
+        while not self.ended:
+            i = self.at
+            if self.left is None:
+                j = buf.find(b"\n", i)
+                if j < 0:       # a size line longer than any is no size line
+                    self.ended = len(buf) - i > _CHUNK_LINE_MAX
+                    return
+                size = bytes(buf[i:j]).split(b";", 1)[0].strip()
+                if not size or size.strip(_HEX):
+                    self.ended = True
+                    return
+                self.left, self.at = int(size, 16), j + 1
+                self.ended = not self.left      # the last chunk
+            elif self.left:
+                n = min(self.left, len(buf) - i)
+                if not n:
+                    return
+                if len(self.body) < BODY_LIMIT:
+                    self.body += buf[i:i + n]
+                self.left -= n
+                self.at = i + n
+            elif buf.startswith(b"\r\n", i) or buf.startswith(b"\n", i):
+                self.at = buf.index(b"\n", i) + 1
+                self.left = None
+            else:               # the line end is to come, or what follows the data is none
+                self.ended = buf[i:i + 2] not in (b"", b"\r")
+                return

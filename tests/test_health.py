@@ -1207,11 +1207,22 @@ def test_validation():
 # -- the http response parser (no sockets) ----------------------------------------
 
 def verdict(data: bytes, eof: bool = False, **kw):
-    from xlb.health import _CheckFailed, _http_verdict
-    try:
-        return _http_verdict(bytearray(data), eof, http_monitor(**kw))
-    except _CheckFailed as e:
-        return "failed", str(e)
+    """The reader's outcome for `data` read at once, checked to be the outcome
+    of the same bytes read one at a time (the first a piece decides)."""
+    from xlb.health import _CheckFailed, _HttpReader
+
+    def read(pieces):
+        reader = _HttpReader(http_monitor(**kw))
+        try:
+            for piece in pieces:
+                if (v := reader.feed(piece, False)) is not None:
+                    return v
+            return reader.feed(b"", True) if eof else None
+        except _CheckFailed as e:
+            return "failed", str(e)
+    whole = read([data])
+    assert read(data[i:i + 1] for i in range(len(data))) == whole
+    return whole
 
 
 def test_http_parser():
