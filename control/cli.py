@@ -792,6 +792,14 @@ def _ha_config(path: Path):
     return cfg
 
 
+def _config_addresses(cfg) -> dict:
+    """What each of CONFIG's addresses is, as an error names it: its VIPs and
+    its servers', none of which can be a balancer node's or the router's."""
+    owners = {s.address: f"the address of {configfile.key_path('servers', s.name)}"
+              for p in cfg.pools for s in p.servers}
+    return owners | {f.vip: "a VIP" for f in cfg.frontends}
+
+
 @ha.command()
 @click.option("--peer", required=True, metavar="IP", help="The other node's address on DEV.")
 @click.option("--interface", required=True, metavar="DEV", help="The link VRRP runs on.")
@@ -861,16 +869,12 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
     gws = [_valid("--gateway", hamod.Gateway.parse, g) for g in gateways]
     if len({g.address.ip for g in gws}) < len(gws):
         raise BadInput("--gateway: an address given twice")
+    # A VIP or a server's address on a node makes the node's `xlb up` refuse it
+    # (a local address).
     cfg = _ha_config(config)
-    vips = {f.vip for f in cfg.frontends}
-    # A server's address on a node makes the node's `xlb up` refuse it (a local address).
-    servers = {s.address: s.name for p in cfg.pools for s in p.servers}
-    if peer_ip in vips:
-        raise BadInput(f"--peer {peer_ip}: a VIP, not the other node's address")
-    if peer_ip in servers:
-        raise BadInput(f"--peer {peer_ip}: the address of "
-                       f"{configfile.key_path('servers', servers[peer_ip])}, not "
-                       f"the other node's")
+    owners = _config_addresses(cfg)
+    if what := owners.get(peer_ip):
+        raise BadInput(f"--peer {peer_ip}: {what}, not the other node's address")
     # Written on the node (README: `> /etc/keepalived/keepalived.conf`): its own
     # address as --peer (the other node's command copied as it is) has keepalived
     # send its adverts to itself; neither node hears the other, both are MASTER.
@@ -881,13 +885,9 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
                f"{here[peer_ip]}): keepalived here would send its adverts to itself and both "
                f"nodes would become MASTER; give the other node's address")
     for g in gws:
-        if g.address.ip in vips:
-            raise BadInput(f"--gateway {g.address}: a VIP must not be a local address "
-                           f"(xlb answers its ARP)")
-        if g.address.ip in servers:
-            raise BadInput(f"--gateway {g.address}: the address of "
-                           f"{configfile.key_path('servers', servers[g.address.ip])}, "
-                           f"which would move to the active node")
+        if what := owners.get(g.address.ip):
+            raise BadInput(f"--gateway {g.address}: {what}, which keepalived would make "
+                           f"an address of the active node")
         if g.address.ip == peer_ip:
             raise BadInput(f"--gateway {g.address}: the peer's own address, which cannot "
                            f"move between the nodes")
@@ -935,12 +935,8 @@ def bird(router, local_as, peer_as, table, router_id, config) -> None:
         raise BadInput(f"--peer-as {peer_as}: the same as --as; the config is for eBGP, "
                        f"the router in an AS of its own")
     cfg = _ha_config(config)
-    if router_ip in {f.vip for f in cfg.frontends}:
-        raise BadInput(f"--router {router_ip}: a VIP, not the router's address")
-    servers = {s.address: s.name for p in cfg.pools for s in p.servers}
-    if router_ip in servers:
-        raise BadInput(f"--router {router_ip}: the address of "
-                       f"{configfile.key_path('servers', servers[router_ip])}, not the router's")
+    if what := _config_addresses(cfg).get(router_ip):
+        raise BadInput(f"--router {router_ip}: {what}, not the router's address")
     click.echo(hamod.bird_conf(cfg, router=router_ip, local_as=local_as, peer_as=peer_as,
                                table=table, router_id=rid), nl=False)
 

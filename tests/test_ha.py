@@ -263,7 +263,8 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
     (["ha", "keepalived", "--peer", "10.1.11", "--interface", "eth1", str(SEED)],
      "--peer: '10.1.11' is not an IPv4 address"),
     (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1", "--gateway",
-      "10.1.1.101/24", str(SEED)], "a VIP must not be a local address"),
+      "10.1.1.101/24", str(SEED)],
+     "--gateway 10.1.1.101/24: a VIP, which keepalived would make an address of the active"),
     (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1", "--gateway",
       "10.1.11.1", str(SEED)], "--gateway: '10.1.11.1': give the address with its prefix"),
     ([*KA, "--gateway", "10.1.11.1/24@", str(SEED)],
@@ -301,11 +302,11 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
     # A server's address on a balancer node: that node's `xlb up` refuses it
     # (a local address), or, moved there by keepalived, it would take the server's.
     ([*KA, "--gateway", "10.1.11.101/24", str(SEED)],
-     "--gateway 10.1.11.101/24: the address of servers.was1, which would move to the "
-     "active node"),
+     "--gateway 10.1.11.101/24: the address of servers.was1, which keepalived would make "
+     "an address of the active node"),
     (["ha", "keepalived", "--peer", "10.1.11.102", "--interface", "eth1", "--gateway",
       "10.1.11.1/24", str(SEED)], "--peer 10.1.11.102: the address of servers.was2, not "
-                                  "the other node's"),
+                                  "the other node's address"),
     ([*KA, "--gateway", "10.1.11.0/24", str(SEED)],
      "--gateway: '10.1.11.0/24': not a host's address on 10.1.11.0/24"),
     ([*KA, "--gateway", "10.1.11.255/24", str(SEED)],
@@ -330,7 +331,7 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
     (["ha", "bird", "--router", "10.1.1.101", "--as", "65001", "--peer-as", "65000", str(SEED)],
      "--router 10.1.1.101: a VIP, not the router's address"),
     (["ha", "bird", "--router", "10.1.11.101", "--as", "65001", "--peer-as", "65000", str(SEED)],
-     "--router 10.1.11.101: the address of servers.was1, not the router's"),
+     "--router 10.1.11.101: the address of servers.was1, not the router's address"),
     (["ha", "bird", "--router", "10.1.2.1", "--as", "65001", "--peer-as", "65000",
       "--table", "254", str(SEED)], "--table: table 254"),
     (["ha", "bird", "--router", "10.1.2.1", "--as", "65001", "--peer-as", "65000",
