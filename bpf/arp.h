@@ -5,8 +5,21 @@
 #ifndef XLB_ARP_H
 #define XLB_ARP_H
 
-#include <linux/if_arp.h>
 #include "parse.h"
+
+/* uapi/linux/if_arp.h would pull in the kernel's netdevice.h (for
+ * MAX_ADDR_LEN): a second of every compile. */
+#define ARPHRD_ETHER 1
+#define ARPOP_REQUEST 1
+#define ARPOP_REPLY 2
+
+struct arphdr {
+	__be16 ar_hrd;
+	__be16 ar_pro;
+	__u8 ar_hln;
+	__u8 ar_pln;
+	__be16 ar_op;
+};
 
 /* The Ethernet/IPv4 body that follows struct arphdr. */
 struct arp_ipv4 {

@@ -6,7 +6,7 @@
 #ifndef XLB_FWD_H
 #define XLB_FWD_H
 
-#include <linux/if_ether.h>
+#include <uapi/linux/if_ether.h>
 #include "csum.h"
 #include "parse.h"
 #include "xlb_shared.h"

@@ -4,7 +4,7 @@
 #ifndef XLB_ICMP_H
 #define XLB_ICMP_H
 
-#include <linux/icmp.h>
+#include <uapi/linux/icmp.h>
 #include "csum.h"
 #include "parse.h"
 

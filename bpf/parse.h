@@ -3,11 +3,11 @@
 #ifndef XLB_PARSE_H
 #define XLB_PARSE_H
 
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/in.h>
-#include <linux/tcp.h>
-#include <linux/udp.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
 
 /* From the kernel's net/ip.h, which is not UAPI. */
 #define XLB_IP_DF 0x4000
