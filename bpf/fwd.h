@@ -15,6 +15,14 @@
 #define AF_INET 2
 #endif
 
+/* A router forwards no packet whose TTL runs out at it: the kernel gets it as
+ * it came and answers "time exceeded" from its own address, about what the
+ * sender sent. */
+static __always_inline int ttl_runs_out(const struct iphdr *ip)
+{
+	return ip->ttl <= 1;
+}
+
 /* TTL - 1, as a router does (the caller saw it above 1); the checksum word
  * holds TTL (its first byte) and protocol. The new word is computed, not read
  * back: a load of the word just after a store to its TTL byte waits for the

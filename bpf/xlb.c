@@ -542,7 +542,7 @@ static __always_inline enum xlb_reason send(struct xdp_md *ctx, struct packet *p
 	__u16 mtu = 0;
 	int rc;
 
-	if (pkt->ip->ttl <= 1)
+	if (ttl_runs_out(pkt->ip))
 		return XLB_TTL_EXPIRED;
 	nat_flow(pkt, reply, addr, port);
 	if (!(cfg->flags & CONFIG_FAST_PATH))
@@ -686,6 +686,15 @@ static __always_inline enum xlb_reason vip_or_pass(struct iphdr *ip, int is_vip,
 	return is_vip && vips.lookup(&ip->daddr) ? if_vip : otherwise;
 }
 
+/* Why a VIP's packet that nothing serves (no frontend, no backend) goes no
+ * further: `drop`, but where its TTL runs out it is a balanced packet's
+ * (send), so that traceroute to a VIP (UDP, to ports no frontend has) shows
+ * this hop, as traceroute -T does. */
+static __always_inline enum xlb_reason unserved(const struct iphdr *ip, enum xlb_reason drop)
+{
+	return ttl_runs_out(ip) ? XLB_TTL_EXPIRED : drop;
+}
+
 static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet *pkt,
 					       struct xlb_config *cfg, int is_vip, __u32 bytes)
 {
@@ -724,11 +733,11 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 	svc = services.lookup(&skey);
 	if (!svc) {
 		if (vips.lookup(&key.daddr))
-			return XLB_DROP_NO_SERVICE;
+			return unserved(pkt->ip, XLB_DROP_NO_SERVICE);
 		return flow_adopt(ctx, pkt, cfg, &key, bytes, now);	/* the filter was wrong */
 	}
 	if (flow_create(&key, svc, pkt, &fresh, now) < 0)
-		return XLB_DROP_NO_BACKEND;
+		return unserved(pkt->ip, XLB_DROP_NO_BACKEND);
 	count_flow(&fresh, bytes, 1);
 	remember_fragment(pkt, &fresh);
 	return send(ctx, pkt, cfg, &key, 0, fresh.addr, fresh.port, now);
@@ -821,7 +830,7 @@ static __always_inline enum xlb_reason later_fragment(struct xdp_md *ctx, struct
 	hlen = ip_header_len(ip, frame_len);
 	if (hlen < 0 || bpf_ntohs(ip->tot_len) < hlen)
 		return vip_or_pass(ip, is_vip, XLB_DROP_MALFORMED, XLB_PASS_SHORT);
-	if (ip->ttl <= 1)
+	if (ttl_runs_out(ip))
 		return XLB_TTL_EXPIRED;		/* as send() */
 	count_flow(f, frame_len, 0);
 	reply = f->dir == FLOW_REPLY;
@@ -846,7 +855,7 @@ static __always_inline enum xlb_reason classify(struct xdp_md *ctx, struct curso
 	if (ip->protocol == IPPROTO_ICMP)
 		return handle_icmp(c, eth, ip, cfg, is_vip, frame_len);
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
-		return vip_or_pass(ip, is_vip, XLB_DROP_NO_SERVICE, XLB_PASS_NOT_VIP);
+		return vip_or_pass(ip, is_vip, unserved(ip, XLB_DROP_NO_SERVICE), XLB_PASS_NOT_VIP);
 	if (ip_is_later_fragment(ip))
 		return later_fragment(ctx, eth, ip, cfg, is_vip, frame_len);
 	if (parse_l4(c, ip, frame_len, &pkt) < 0)

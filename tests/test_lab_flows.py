@@ -182,12 +182,14 @@ def test_a_probe_whose_ttl_runs_out_at_xlb_is_answered_as_by_a_router(lab, forwa
     kernel answers "time exceeded" from its own address about the packet the
     client sent, so the client's kernel matches it to the connection (the
     kernel's answer about the rewritten packet would be lost, and traceroute
-    would show no hop); with TTL 2 the connection is made."""
+    would show no hop); with TTL 2 the connection is made. A port that no
+    frontend has shows the same hop (traceroute's UDP probes go to such)."""
     with lab.xlb("--vip", f"{VIP}:80", *BACKENDS, "--forwarding", forwarding):
         before = reasons(lab)
-        probe = lab.client("client", "hop", VIP, "80", "--ttl", "1", "--timeout", "5")
-        assert probe.get("icmp") == [11, 0] and probe.get("from") == "10.1.1.1", probe
-        assert delta(reasons(lab), before).get("ttl_expired") == 1
+        for port in ("80", "22"):
+            probe = lab.client("client", "hop", VIP, port, "--ttl", "1", "--timeout", "5")
+            assert probe.get("icmp") == [11, 0] and probe.get("from") == "10.1.1.1", probe
+        assert delta(reasons(lab), before).get("ttl_expired") == 2
         assert lab.client("client", "hop", VIP, "80", "--ttl", "2") == {"connected": True}
 
 

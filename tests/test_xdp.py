@@ -438,6 +438,32 @@ def test_a_vips_packets_for_nothing_it_serves_are_dropped(lb, frame):
     assert lb.dp.flow_entries() == flows
 
 
+UNSERVED = {
+    "tcp-other-port": lambda ttl: tcp_frame(CLIENT, VIP, 43011, 22, ttl=ttl),
+    "udp-traceroute-port": lambda ttl: raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
+                                           / IP(src=str(CLIENT), dst=str(VIP), ttl=ttl)
+                                           / UDP(sport=43012, dport=33434) / Raw(b"@" * 32)),
+    "other-protocol": lambda ttl: raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
+                                      / IP(src=str(CLIENT), dst=str(VIP), proto=47, ttl=ttl)
+                                      / Raw(b"g" * 16)),
+    "service-without-backend": lambda ttl: tcp_frame(CLIENT, VIP, 43013, 443, ttl=ttl),
+}
+
+
+@pytest.mark.parametrize("ttl", [1, 0])
+@pytest.mark.parametrize("make", UNSERVED.values(), ids=UNSERVED.keys())
+def test_a_vips_unserved_packet_whose_ttl_runs_out_goes_to_the_kernel_as_it_came(lb, make, ttl):
+    """As a balanced packet's (test_xdp_flows.py): the kernel answers "time
+    exceeded", so that traceroute to a VIP (UDP, to ports no frontend has)
+    shows the balancer's hop, as traceroute -T does; it was dropped, and no
+    hop answered."""
+    flows, frame = lb.dp.flow_entries(), make(ttl)
+    res = lb.send(frame)
+    assert (res.action, res.data) == (XDP_PASS, frame)
+    lb.expect("ttl_expired")
+    assert lb.dp.flow_entries() == flows
+
+
 # 7. Fragments ----------------------------------------------------------------------
 
 # A first fragment (offset 0) carries the ports and is balanced as its flow's
