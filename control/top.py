@@ -78,7 +78,7 @@ def _by_name(items: list[dict] | None) -> dict[str, dict]:
 def _last_check(server: dict) -> Text:
     check = server.get("last_check")
     style = "dim" if check is None else "" if check.get("ok", True) else "red"
-    return Text(last_check(server), style=style)
+    return Text(last_check(server), style=style, no_wrap=True, overflow="ellipsis")
 
 
 def _header(s: dict, seconds: float | None, keys: bool) -> Text:
@@ -103,9 +103,9 @@ def _table(title: str) -> Table:
 
 def _frontends(s: dict, prev: dict | None, seconds: float | None) -> Table:
     t = _table("frontends")
-    t.add_column("FRONTEND")
-    t.add_column("VIP")
-    t.add_column("POOL")
+    t.add_column("FRONTEND", no_wrap=True)
+    t.add_column("VIP", no_wrap=True)
+    t.add_column("POOL", no_wrap=True)
     for col in ("TAKING", "CONN/S", "PKT/S IN", "PKT/S OUT", "BYTES/S IN", "BYTES/S OUT"):
         t.add_column(col, justify="right")
     old = _by_name(prev and prev.get("frontends"))
@@ -124,13 +124,15 @@ def _frontends(s: dict, prev: dict | None, seconds: float | None) -> Table:
 def _pool(p: dict, prev_pool: dict | None, seconds: float | None, rows: int) -> Table:
     t = _table(f"pool {p['name']} ({p.get('algorithm', '?')}, "
                f"on_server_down {p.get('on_server_down', '?')})")
-    t.add_column("SERVER")
-    t.add_column("ADDRESS")
-    t.add_column("STATE")
-    t.add_column("HEALTH")
+    # A narrow terminal cuts the columns that may wrap: the last check's free
+    # text (truncated, not wrapped) and the numbers' headers, never who and how.
+    t.add_column("SERVER", no_wrap=True)
+    t.add_column("ADDRESS", no_wrap=True)
+    t.add_column("STATE", no_wrap=True)
+    t.add_column("HEALTH", no_wrap=True)
     for col in ("WEIGHT", "ACTIVE", "CONN/S", "PKT/S IN", "PKT/S OUT"):
         t.add_column(col, justify="right")
-    t.add_column("LAST CHECK", overflow="ellipsis", no_wrap=True)
+    t.add_column("LAST CHECK")
     old = _by_name(prev_pool and prev_pool.get("servers"))
     servers = p.get("servers", [])
     for b in servers[:rows]:

@@ -261,6 +261,22 @@ def test_health_changes_missing_from_the_data_path_stand_out():
     assert "health changes" not in text(top.render({**STATUS, "health_applies": held}))
 
 
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_a_narrow_terminal_cuts_the_last_check_first(width):
+    """In a terminal of 80 columns (the default) rows read "10.1…  STA…": rich
+    cut every column but the last check's free text. Names, addresses, states
+    and health stay whole; the last check gives way first."""
+    console = Console(record=True, width=width)
+    console.print(top.render(later(), STATUS, 2.0))
+    out = console.export_text()
+    assert max(map(len, out.splitlines())) <= width
+    assert row(out, "FRONTEND")[:3] == ["FRONTEND", "VIP", "POOL"]
+    assert row(out, "www")[:3] == ["www", "10.1.1.101:80/tcp", "was"]
+    assert row(out, "SERVER")[:4] == ["SERVER", "ADDRESS", "STATE", "HEALTH"]
+    assert row(out, "was1")[:4] == ["was1", "10.1.11.101:8080", "drain", "up"]
+    assert row(out, "was2")[:4] == ["was2", "10.1.11.102:8080", "down", "down"]
+
+
 def test_a_note_is_shown():
     out = text(top.render(STATUS, note="status request failed: boom"))
     assert "status request failed: boom" in out
