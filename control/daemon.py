@@ -607,10 +607,12 @@ class _StopSignals:
     stopping between steps is no later. While serving, it stops the loop."""
 
     def __init__(self):
-        self.received = False
+        self.received = self.hung_up = False
         self.wake = None      # while serving: stops the loop, from wherever the main thread is
+        self.soon = None      # while serving: has the loop call a function
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
+        signal.signal(signal.SIGHUP, self._hang_up)
 
     def _handle(self, signum, frame) -> None:
         if self.received:
@@ -620,10 +622,27 @@ class _StopSignals:
         if self.wake is not None:
             self.wake()
 
+    def _hang_up(self, signum, frame) -> None:
+        # Python runs the handlers of signals that came together in the order of
+        # their numbers: a Ctrl-C just before the hang-up is told after it. So
+        # the hang-up acts once they have run: the loop's next call while it
+        # serves, else the start's next step.
+        self.hung_up = True
+        if self.soon is not None:
+            self.soon(self.end_if_hung_up)
+
+    def end_if_hung_up(self) -> None:
+        """A hang-up ends the process as a crash does (SIGHUP's default action),
+        unless a stop has begun."""
+        if self.hung_up and not self.received:
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGHUP)
+
     def check(self) -> None:
         """Between two steps of the start: stop there if a signal came."""
         if self.received:
             raise _Stop
+        self.end_if_hung_up()
 
 
 def _ignore_stops() -> None:
@@ -669,9 +688,10 @@ def up(config: Config, config_path: Path | None = None,
     would be a copy, which loses what does not fit. Without fast_path (no
     --forwarding), an adopted data path forwards as it did: a restart does not
     turn on a fast path that its links cannot carry (veth peers without XDP)."""
-    # SIGHUP keeps its default until a stop begins (_hold_hangups): a terminal
-    # that hangs up (a dropped ssh session) ends the process as a crash does,
-    # and the VIPs stay served. SIGINT and SIGTERM are taken before the claim:
+    # Until a stop begins (_hold_hangups), SIGHUP takes its default action once
+    # the handlers of the signals that came with it have run: a terminal that
+    # hangs up (a dropped ssh session) ends the process as a crash does, and the
+    # VIPs stay served. SIGINT and SIGTERM are taken before the claim:
     # with their default action after it, one killed the process and left the
     # socket's file for the next `xlb up` to find stale.
     signals = _StopSignals()
@@ -1131,15 +1151,17 @@ async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignal
         _hold_hangups()
         stop.set()
 
-    def wake() -> None:
+    def soon(call) -> None:
         # The handler runs in the main thread wherever it is: in the loop's own
         # code, or in its wait, which call_soon_threadsafe ends.
         if not loop.is_closed():
-            loop.call_soon_threadsafe(stopping)
+            loop.call_soon_threadsafe(call)
 
-    signals.wake = wake
+    signals.wake = lambda: soon(stopping)
+    signals.soon = soon
     if signals.received:    # a signal after the start's last step
         stopping()
+    signals.end_if_hung_up()
 
     # `xlb down` (keep the data path or not): acted on once the request is
     # answered, so that the answer is not lost with the loop.

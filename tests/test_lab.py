@@ -149,6 +149,24 @@ def test_a_hang_up_while_it_stops_does_not_cut_the_stop_short(lab):
     assert lab.xdp_attached("lb") == [] and not os.path.exists(directory)
 
 
+def test_a_hang_up_right_after_ctrl_c_does_not_cut_the_stop_short(lab):
+    """Ctrl-C and the hang-up together (a window closed at once, a dropped ssh
+    session): Python runs the handlers of signals that came together in the
+    order of their numbers, so SIGHUP was taken before SIGINT and killed the
+    process, leaving the data path served against the Ctrl-C."""
+    with lab.xlb(*SEED_ARGS) as x:
+        directory = os.path.dirname(control_address(lab))
+        # Both pending when it runs again, as on a busy machine.
+        os.kill(x.proc.pid, signal.SIGSTOP)
+        wait_for(lambda: Path(f"/proc/{x.proc.pid}/stat").read_text().split()[2] == "T", 10,
+                 "xlb up stopped")
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGCONT):
+            os.kill(x.proc.pid, sig)
+        assert x.stop() == 0
+    assert "event=stop" in x.stderr
+    assert lab.xdp_attached("lb") == [] and not os.path.exists(directory)
+
+
 def test_a_stdout_nobody_reads_stops_nothing(lab):
     """`xlb up | head -1`: its reader gone after the serving line, a stop is
     still a clean stop (exit 0, everything detached, no traceback). Gone
