@@ -357,7 +357,8 @@ def apply(file: Path | None) -> None:
          f"{r['frontends']} frontends, {r['pools']} pools, {r['servers']} servers; "
          f"{r['flows_ended']} flows ended; serving {r['config']}{links}")
     _echo_warnings(file, r.get("warnings", r.get("unused", ())))  # "unused": an older instance's
-    for warning in r.get("unserved", ()):     # (not told by an earlier build's instance)
+    # (neither told by an earlier build's instance)
+    for warning in [*r.get("unserved", ()), *r.get("attach_warnings", ())]:
         _error(f"xlb: warning: {warning}")
     for forgotten in r["admin_forgotten"]:
         click.echo(f"xlb: warning: forgot {forgotten}: the config has no such server in "

@@ -103,6 +103,7 @@ class Balancer:
         are looked at again (attached, detached); a change of state (health,
         admin, role) keeps the links as they are, so that no link's trouble
         keeps it from taking effect."""
+        warned: list[str] = []      # about the links attached: logged, and answered
         if relink:
             links = _select(config, self.datapath.holds)
             # Those that do not run this program: new links, one made again
@@ -110,7 +111,7 @@ class Balancer:
             # replaced by hand, one running the program an adoption takes over.
             ours = self.datapath.program()["id"]
             fresh = [link for link in links if link.xdp_prog_id != ours]
-            _check_host(config, fresh)
+            _check_host(config, fresh, warned)
             _refuse_taken(link for link in fresh if not self.datapath.holds(link))
         else:
             links, fresh = list(self.links.values()), []
@@ -146,7 +147,7 @@ class Balancer:
         attached = []
         try:
             for link in fresh:
-                attached.append(_attach(dp, link))
+                attached.append(_attach(dp, link, warned))
         except DatapathError:
             for att in attached:
                 dp.detach(att.ifindex)
@@ -154,7 +155,7 @@ class Balancer:
             raise
         dp.swapped()                # an adoption's copied flow tables catch up
         for att in attached:        # once all are attached: a veth whose peer xlb
-            _warn_veth(dp, att)     # attaches too has a program at its peer
+            _warn_veth(dp, att, warned)     # attaches too has a program at its peer
         ended = dp.delete_flows(set(ends.backend_ids), set(ends.service_ids))
         kept = {link.index for link in links}
         unserved = _unserved(config, links) if relink and config.attach_names() else []
@@ -180,7 +181,8 @@ class Balancer:
         return {"frontends": len(config.frontends), "pools": len(config.pools),
                 "servers": config.server_count(), "flows_ended": sum(ended.values()),
                 "admin_forgotten": forgotten, "attached": [att.ifname for att in attached],
-                "detached": [old.name for old in let_go], "unserved": unserved}
+                "detached": [old.name for old in let_go], "unserved": unserved,
+                "attach_warnings": warned}
 
     def _announce(self) -> None:
         """Announces the VIPs served while active. A route that cannot be written
@@ -435,16 +437,23 @@ def _interfaces(datapath: Datapath) -> list[dict]:
             for a in datapath.attachments()]
 
 
-def _attach(datapath: Datapath, link: netif.Link):
+def _warn_link(warned: list[str], event: str, name: str, reason: str, **fields) -> None:
+    """Logs a warning about link `name` and adds it to warned, which an apply
+    answers with: `xlb apply` says it where the instance's log is not seen."""
+    log.event(event, level="warning", interface=name, reason=reason, **fields)
+    warned.append(f"{name}: {reason}")
+
+
+def _attach(datapath: Datapath, link: netif.Link, warned: list[str]):
     """Native XDP where the driver takes it, generic with a warning elsewhere."""
     att = datapath.attach(link.index, link.name)
     if att.mode != "native":
-        log.event("attach", level="warning", interface=link.name, mode="generic",
-                  reason=f"native XDP refused ({att.note}); generic XDP is slower")
+        _warn_link(warned, "attach", link.name, f"native XDP refused ({att.note}); generic "
+                   f"XDP is slower", mode="generic")
     return att
 
 
-def _warn_veth(datapath: Datapath, att) -> None:
+def _warn_veth(datapath: Datapath, att, warned: list[str]) -> None:
     """A warning where a veth's peer would lose what xlb transmits: asked once
     every link of the apply is attached, as xlb may attach the peer itself."""
     if att.mode != "native":
@@ -453,10 +462,10 @@ def _warn_veth(datapath: Datapath, att) -> None:
     if peer is not None:
         lost = ("answers for VIPs (ARP, ping, fragmentation needed)"
                 + (" and fast-path packets" if datapath.fast_path else ""))
-        log.event("attach", level="warning", interface=att.ifname, mode="native",
-                  reason=f"its veth peer {peer} runs no XDP program, so the {lost} that "
-                         f"xlb sends out of {att.ifname} are lost; attach one to {peer} "
-                         f"(one that passes everything will do)")
+        _warn_link(warned, "attach", att.ifname,
+                   f"its veth peer {peer} runs no XDP program, so the {lost} that "
+                   f"xlb sends out of {att.ifname} are lost; attach one to {peer} "
+                   f"(one that passes everything will do)", mode="native")
 
 
 def _select(config: Config, holds: Callable[[netif.Link], bool] = lambda link: False
@@ -494,9 +503,9 @@ def _refuse_taken(links: Iterable[netif.Link]) -> None:
                               f"attached already")
 
 
-def _check_host(config: Config, new_links: list[netif.Link]) -> None:
-    """Refuses VIPs and servers that are the host's own addresses; warns, once
-    per link it is about to attach, where replies would be filtered."""
+def _check_host(config: Config, new_links: list[netif.Link], warned: list[str]) -> None:
+    """Refuses VIPs and servers that are the host's own addresses; warns (into
+    warned), once per link it is about to attach, where replies would be filtered."""
     found = netif.links()
     local, routes = netif.local_addresses(found), netif.local_routes(found)
 
@@ -528,9 +537,9 @@ def _check_host(config: Config, new_links: list[netif.Link]) -> None:
                                   f"its replies would not pass xlb to be reverse-NATed")
     for link in new_links:
         if netif.strict_rp_filter(link.name):
-            log.event("rp_filter", level="warning", interface=link.name,
-                      reason=f"strict rp_filter drops reverse-NATed replies (their source is "
-                             f"the VIP); set net.ipv4.conf.{link.name}.rp_filter=0 or 2")
+            _warn_link(warned, "rp_filter", link.name,
+                       f"strict rp_filter drops reverse-NATed replies (their source is "
+                       f"the VIP); set net.ipv4.conf.{link.name}.rp_filter=0 or 2")
 
 
 def _unserved(config: Config, links: list[netif.Link]) -> list[str]:
@@ -702,7 +711,7 @@ def up(config: Config, config_path: Path | None = None,
     announcer = ha.Announcer(announce_table) if announce_table is not None else None
     try:
         links = _select(config)
-        _check_host(config, [])        # local VIPs; the warnings come with the attach
+        _check_host(config, [], [])    # local VIPs; the warnings come with the attach
         cap = limits or Limits()        # the flow table's size is no capacity of a config
         planner.desired(config, links, planner.DataplaneState(), cap.max_services,
                         cap.max_backends, cap.ring_size, cap.max_maglev,
@@ -1389,12 +1398,13 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
         forgotten = result.pop("admin_forgotten")
         # The links it attached to (up since) and let go (gone, or named no more).
         links = {k: result.pop(k) for k in ("attached", "detached")}
-        unserved = result.pop("unserved")      # logged as it was found
+        unserved = result.pop("unserved")      # logged as it was found, and so
+        attach_warnings = result.pop("attach_warnings")
         log.event("apply", result="ok", seconds=t2 - t0, config=path, **result,
                   **{k: ",".join(names) or None for k, names in links.items()},
                   admin_forgotten="; ".join(forgotten) or None)
         return {**result, **links, "admin_forgotten": forgotten, "warnings": cfg.warnings,
-                "unserved": unserved,
+                "unserved": unserved, "attach_warnings": attach_warnings,
                 "validate_seconds": t1 - t0,
                 "apply_seconds": t2 - t1, "config": path, "warning": balancer.remember()}
     if cmd == "server":

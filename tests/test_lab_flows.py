@@ -84,6 +84,25 @@ def test_a_veth_peer_without_xdp_is_warned_about(lab):
     assert "fast-path packets" in line
 
 
+def test_an_apply_that_attaches_such_a_veth_says_so_itself(lab, tmp_path):
+    """The warnings of the links an apply attaches are in `xlb apply`'s own
+    output, not only in the log of an instance that runs under systemd."""
+    config = tmp_path / "xlb.toml"
+    config.write_text((HERE / "seed.toml").read_text().replace(
+        'pool = "was"\n', 'pool = "was"\ninterfaces = ["eth0", "eth1"]\n'))
+    lab.run("sw", "ip", "link", "set", "lb-eth1", "xdp", "off", check=True)
+    try:
+        with lab.xlb("--vip", f"{VIP}:80", *BACKENDS, "--iface", "eth0"):
+            r = lab.xlb_cmd("apply", str(config))
+    finally:
+        lab.run("sw", PY, str(HERE / "xdp_pass.py"), "lb-eth1", check=True)
+    assert r.returncode == 0 and "; attached to eth1" in r.stdout, (r.stdout, r.stderr)
+    assert [line for line in r.stderr.splitlines() if "veth peer" in line] == [
+        "xlb: warning: eth1: its veth peer lb-eth1 runs no XDP program, so the answers for "
+        "VIPs (ARP, ping, fragmentation needed) and fast-path packets that xlb sends out of "
+        "eth1 are lost; attach one to lb-eth1 (one that passes everything will do)"]
+
+
 def test_a_veth_pair_xlb_attaches_both_ends_of_is_not_warned_about(lab):
     """Both ends of a veth pair in lb, both up: xlb attaches to each, so each
     end's peer runs its program, and nothing it sends there is lost."""
