@@ -121,11 +121,11 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
     """Load the XDP program and serve in the foreground until SIGINT or SIGTERM.
 
     Either the one-line form (--vip, --backend, --algorithm, --iface, and the
-    health check options) or --config FILE. Servers count as up until their first check,
-    which decides at once; after that --fall failures take a server out and
-    --rise passes bring it back. Attaches natively (generic XDP, with a warning, where the driver refuses),
-    prints one line when it serves, and on SIGINT or SIGTERM detaches
-    everything. A VIP must not be an address of this host: xlb answers ARP for
+    health check options) or --config FILE. Servers count as up until their
+    first check, which decides at once; after that --fall failures take a
+    server out and --rise passes bring it back. Attaches natively (generic XDP,
+    with a warning, where the driver refuses), prints one line when it serves,
+    and on SIGINT or SIGTERM detaches everything. A VIP must not be an address of this host: xlb answers ARP for
     it on the links whose subnet holds it.
 
     The data path outlives this process: if it dies any other way, the program
@@ -156,7 +156,7 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
             raise BadInput(str(e)) from None
         unchecked = [f"--{p.replace('_', '-')}" for p in ("check_port", "interval", "rise", "fall")
                      if p in flags]
-        if monitor is None and unchecked:      # accepted, as ever: a warning, as a file's unused keys
+        if monitor is None and unchecked:   # accepted, as ever: a warning, as unused keys are
             _error(f"xlb: warning: {', '.join(unchecked)}: not used with --check none "
                    f"(no server is checked)")
         if ("check_kind" not in flags and monitor.port is None
