@@ -1310,7 +1310,9 @@ async def _sweep_forever(balancer: Balancer) -> None:
             if any(expired.values()) or restored:
                 log.event("sweep", level="debug", restored_replies=restored,
                           **{f"expired_{t}": n for t, n in expired.items()})
-        except DatapathError as e:
+        except Exception as e:
+            # Any failure (the kernel refusing a test-run or a map write) is
+            # one sweep's: ending the task would end the sweeps, unsaid.
             log.event("sweep", level="warning", error=str(e))
         await asyncio.sleep(max(cost * SWEEP_COST, SWEEP_MIN_INTERVAL))
 

@@ -1251,6 +1251,36 @@ def test_a_control_process_that_adopts_the_data_path_goes_on_counting(balancer, 
         again.close()
 
 
+def test_a_sweep_that_fails_is_warned_of_and_the_sweeps_go_on(balancer, fibnet, monkeypatch,
+                                                               capsys):
+    """The kernel refuses the count of what a sweep removed (control_stats
+    frozen; memory pressure can refuse a test-run so): a warning, and the next
+    sweep comes. Any failure but DatapathError ended the sweeps for the life
+    of `xlb up`, unsaid: no idle connection went again, and no evicted reply
+    entry came back."""
+    import asyncio
+
+    from test_daemon import freeze
+    from xlb import daemon
+
+    class Stop(Exception):
+        pass
+
+    async def sleep(seconds):
+        raise Stop
+
+    dp = balancer.datapath
+    handshake(Harness(dp), fibnet, 53500)
+    age(dp, "flows", (CLIENT, VIP, 53500, 80, TCP_P), 1000)
+    age(dp, "flows", (BACKENDS[1][0], CLIENT, 8080, 53500, TCP_P), 1000)
+    freeze(dp, "control_stats")
+    monkeypatch.setattr(daemon.asyncio, "sleep", sleep)
+    with pytest.raises(Stop):           # it waits for the next sweep
+        asyncio.run(daemon._sweep_forever(balancer))
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "event=sweep" in x]
+    assert "level=warning" in line and "Could not update table" in line
+
+
 def test_flows_ended_are_the_open_connections_that_ended(balancer, fibnet):
     """`xlb server disable` (and apply) say how many open connections they
     ended, as ACTIVE counts them: a closing one goes too, but only the ledger
