@@ -753,7 +753,8 @@ def up(config: Config, config_path: Path | None = None,
         if running is not None:
             balancer.adopt(ran, admin)
         forgotten = balancer.restore(kept, config)
-        forgotten += balancer.apply(config, relink=True)["admin_forgotten"]
+        applied = balancer.apply(config, relink=True)
+        forgotten += applied["admin_forgotten"]
         if balancer.admin or forgotten:
             log.event("restore", level="warning" if forgotten else "info",
                       servers=",".join(f"{p}/{s}={v}" for (p, s), v in
@@ -777,6 +778,8 @@ def up(config: Config, config_path: Path | None = None,
                   servers=config.server_count(),
                   interfaces=",".join(i["name"] for i in attached),
                   config=config_path, adopted=running is not None,
+                  # As `xlb apply` says it: the adopted flows its config ended.
+                  flows_ended=applied["flows_ended"] if running is not None else None,
                   metrics=metrics_address and f"{metrics_address[0]}:{metrics_address[1]}")
         kept = asyncio.run(_serve(balancer, control, signals))
         stopping = not kept

@@ -238,6 +238,29 @@ def test_a_restart_with_a_smaller_flow_table_keeps_the_open_connections(lab):
     assert "connections did not fit" in second.stderr
 
 
+def test_an_upgrade_that_ends_connections_says_how_many(lab, tmp_path):
+    """The config an adoption applies may end connections, as `xlb apply` may:
+    here WAS2 leaves a pool whose policy is reset. The start says how many, as
+    apply does; it said nothing of them, and only a counter told."""
+    config = tmp_path / "xlb.toml"
+    seed = (HERE / "seed.toml").read_text().replace('"keep"', '"reset"')
+    config.write_text(seed)
+    with lab.xlb("--config", str(config)) as first:
+        holders = [lab.hold("--pause", "0.2", "--count", "600") for _ in range(4)]
+        try:
+            on_was2 = sum(name == "WAS2" for _, name in holders)
+            first.stop(signal.SIGKILL)
+            config.write_text(seed.replace('["was1", "was2"]', '["was1"]'))
+            with lab.xlb("--config", str(config)) as second:
+                pass
+        finally:
+            for h, _ in holders:
+                h.kill()
+                h.wait()
+    [start] = [line for line in second.stderr.splitlines() if "event=start" in line]
+    assert on_was2 == 2 and "flows_ended=2" in start.split(), start
+
+
 def test_a_link_that_is_down_keeps_the_program_across_an_adoption(lab):
     """A link that goes down keeps the program and serves again when it comes
     back up, also when `xlb up` restarts meanwhile: the adoption let it go (it
