@@ -1316,7 +1316,7 @@ async def _sweep_forever(balancer: Balancer) -> None:
         except Exception as e:
             # Any failure (the kernel refusing a test-run or a map write) is
             # one sweep's: ending the task would end the sweeps, unsaid.
-            log.event("sweep", level="warning", error=str(e))
+            log.event("sweep", level="warning", error=str(e) or type(e).__name__)
         await asyncio.sleep(max(cost * SWEEP_COST, SWEEP_MIN_INTERVAL))
 
 
