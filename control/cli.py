@@ -210,9 +210,14 @@ def _flow_table(connections: int):
     from .datapath import Limits
     limits = _valid("--flow-table", Limits.for_connections, connections)
     need, available = limits.flow_table_bytes(), mem_available()
-    if need > available and not _running_tables_are(limits):
-        raise BadInput(f"--flow-table: {connections} connections take {need / 2**30:.1f} GiB "
-                       f"of kernel memory; this machine has {available / 2**30:.1f} GiB available")
+    if need <= available / 2 or _running_tables_are(limits):
+        return limits
+    taken = f"--flow-table: {connections} connections take {need / 2**30:.1f} GiB of kernel memory"
+    if need > available:
+        raise BadInput(f"{taken}; this machine has {available / 2**30:.1f} GiB available")
+    # It fits, and the kernel takes it whole at the start, from what else runs here.
+    _error(f"xlb: warning: {taken}, more than half of the {available / 2**30:.1f} GiB this "
+           f"machine has available")
     return limits
 
 

@@ -598,6 +598,12 @@ def test_up_refuses_a_flow_table_larger_than_the_memory_available(monkeypatch):
         "1.0 GiB available\n"), r.output
     r = CliRunner().invoke(cli.cli, [*args, "1000000"])     # 0.3 GiB: fits
     assert r.exit_code == 1 and "xlb up needs root" in r.output, r.output
+    assert "warning" not in r.output, r.output
+    r = CliRunner().invoke(cli.cli, [*args, "3000000"])     # fits, but takes most of it
+    assert r.exit_code == 1 and r.output.startswith(
+        "xlb: warning: --flow-table: 3000000 connections take 0.8 GiB of kernel memory, more "
+        "than half of the 1.0 GiB this machine has available\n"), r.output
+    assert "xlb up needs root" in r.output, r.output
 
 
 def test_up_refuses_more_flags_than_the_data_plane_holds():
