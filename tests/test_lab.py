@@ -262,9 +262,13 @@ def test_a_link_that_runs_another_program_is_refused_before_anything_is_done(lab
     try:
         (other,) = re.findall(r"prog/xdp id (\d+)", lab.run("lb", "ip", "-d", "link", "show",
                                                             "eth1", check=True).stdout)
-        taken = f"xlb: error: eth1: another XDP program (id {other}) is attached already\n"
+        taken = f"xlb: error: eth1: another XDP program (id {other}) is attached already"
         r = lab.run("lb", "env", f"XLB_BPF_DIR={tmp_path}", str(XLB), "up", *SEED_ARGS)
-        assert (r.returncode, r.stderr) == (2, taken)
+        # No --iface: the error says how to leave eth1 out.
+        assert (r.returncode, r.stderr) == (2, f"{taken}; no interface is named, so xlb runs "
+                                               f"on every up Ethernet link: name those it "
+                                               f"serves on (--iface, a frontend's interfaces)\n")
+        taken += "\n"
         config = tmp_path / "xlb.toml"
         config.write_text((HERE / "seed.toml").read_text().replace(
             'pool = "was"\n', 'pool = "was"\ninterfaces = ["eth0", "eth1"]\n'))
