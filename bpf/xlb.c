@@ -743,6 +743,21 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 	return send(ctx, pkt, cfg, &key, 0, fresh.addr, fresh.port, now);
 }
 
+/* The server of a Maglev service's connection key (client -> VIP) that this
+ * node has no entry for: another node's (ECMP: the router hashes an error by
+ * its own header, not by the connection's), or one from before a failover.
+ * NULL for another service: nothing says where its flow went. */
+static __always_inline struct backend *maglev_backend(struct flow_key *key)
+{
+	struct service_key skey = { .vip = key->daddr, .port = key->dport, .proto = key->proto };
+	struct service *svc = services.lookup(&skey);
+	__u32 backend_id;
+
+	if (!svc || !(svc->flags & SERVICE_MAGLEV))
+		return NULL;
+	return pick_backend(svc, key, &backend_id);
+}
+
 /* ICMP: pings of a VIP are answered; an error about a balanced flow is made
  * to match the connection its receiver knows (the backend's for an error
  * about a reply, the client's for one about a forwarded packet) and handed
@@ -755,6 +770,7 @@ static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethh
 	struct icmphdr *icmp;
 	struct icmp_error err;
 	struct flow_key key = {};
+	struct backend *be;
 	struct flow *f;
 	int in_new;
 
@@ -779,6 +795,14 @@ static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethh
 	key.dport = err.ports->source;
 	key.proto = err.inner->protocol;
 	f = flow_find(&key, &in_new);
+	/* About a reply of a connection this node never saw: to the server every
+	 * node's Maglev table sends its client (path MTU discovery in an ECMP
+	 * group). */
+	if (!f && is_vip && (be = maglev_backend(&key))) {
+		icmp_nat_inner(&err, &err.inner->saddr, &err.ports->source, be->addr, be->port);
+		nat_ip_address(ip, &ip->daddr, be->addr);
+		return XLB_ICMP_TO_BACKEND;
+	}
 	/* A dead connection's server may serve another client on that port by
 	 * now: its error is not about it. */
 	if (!f || f->dir != (is_vip ? FLOW_FORWARD : FLOW_REPLY) ||

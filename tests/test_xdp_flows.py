@@ -1561,6 +1561,31 @@ def test_an_error_about_a_reply_goes_to_the_backend(lb, fibnet, proto, size, udp
     lb.expect("icmp_to_backend")
 
 
+@pytest.mark.parametrize("vip", [MVIP, VIP], ids=["maglev", "roundrobin"])
+def test_an_error_about_a_reply_no_entry_knows_goes_where_maglev_sends_its_client(
+        lb, fibnet, vip):
+    """In an ECMP group the router hashes a router's error by its own header,
+    so it reaches a node that never saw the connection (so after a failover):
+    of a Maglev service it goes to the server every node's table picks for the
+    client, as one from the connection's own node would (path MTU discovery
+    of large replies); of a ring's, nothing says where its flow went."""
+    error = ICMP(type=3, code=4, nexthopmtu=1200)
+    for sport in range(57000, 57008):
+        reply = tcp_frame(vip, CLIENT, 80, sport, flags="PA", payload=b"r" * 40)
+        frame = icmp_frame("10.1.1.2", vip, error, quote(reply))
+        res = lb.send(frame, fibnet.ifindex["ext"])
+        assert connection(lb.dp, sport, vip=vip) == (None, None, None)
+        if vip == VIP:
+            assert (res.action, res.data) == (XDP_DROP, frame)
+            lb.expect("drop_no_service")
+            continue
+        be_addr, be_port = BACKENDS[maglev_backend(CLIENT, sport)]
+        reply = tcp_frame(be_addr, CLIENT, be_port, sport, flags="PA", payload=b"r" * 40)
+        assert (res.action, res.data) == (
+            XDP_PASS, icmp_frame("10.1.1.2", be_addr, error, quote(reply)))
+        lb.expect("icmp_to_backend")
+
+
 QUOTED_OPTIONS = [IPOption_NOP()] * 7 + [IPOption_EOL()]       # 8 bytes: IHL 7
 
 
