@@ -113,6 +113,26 @@ def test_every_node_announces_and_withdraws_when_it_cannot_serve(ecmp):
     wait_for(lambda: nexthops(lab) == set(NODES.values()), 5, "node2's route comes back")
 
 
+def test_the_nodes_show_one_maglev_table_digest_until_one_drains_a_server(ecmp):
+    """A flow moved between nodes keeps its server only where their tables
+    agree: each node shows its table's digest (README), the same on nodes of
+    one config and states, another on a node that drained a server alone."""
+    lab = ecmp
+
+    def digests():
+        return {node: lab.status(node)["pools"][0]["table_digest"] for node in NODES}
+    wait_for(lambda: len(set(digests().values())) == 1, 20, "one digest on every node")
+    same = digests()["node1"]
+    assert same and same != "none"
+    lab.xlb_cmd("server", "drain", "was", "was1", node="node2", check=True)
+    try:
+        seen = digests()
+        assert seen["node1"] == seen["node3"] == same != seen["node2"]
+    finally:
+        lab.xlb_cmd("server", "enable", "was", "was1", node="node2", check=True)
+    assert digests() == dict.fromkeys(NODES, same)
+
+
 def test_a_node_that_loses_its_servers_link_withdraws_at_once(ecmp, tmp_path):
     """node1's eth1, its link toward the servers, loses its carrier (a cable
     pulled, a switch port down), then, once back, is set down by hand. Its
