@@ -758,6 +758,16 @@ static __always_inline struct backend *maglev_backend(struct flow_key *key)
 	return pick_backend(svc, key, &backend_id);
 }
 
+/* An error about a reply (VIP -> client), made about what the backend at
+ * addr:port sent, and sent to it. */
+static __always_inline enum xlb_reason icmp_to_backend(struct icmp_error *err, struct iphdr *ip,
+						       __be32 addr, __be16 port)
+{
+	icmp_nat_inner(err, &err->inner->saddr, &err->ports->source, addr, port);
+	nat_ip_address(ip, &ip->daddr, addr);
+	return XLB_ICMP_TO_BACKEND;
+}
+
 /* ICMP: pings of a VIP are answered; an error about a balanced flow is made
  * to match the connection its receiver knows (the backend's for an error
  * about a reply, the client's for one about a forwarded packet) and handed
@@ -798,22 +808,15 @@ static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethh
 	/* About a reply of a connection this node never saw: to the server every
 	 * node's Maglev table sends its client (path MTU discovery in an ECMP
 	 * group). */
-	if (!f && is_vip && (be = maglev_backend(&key))) {
-		icmp_nat_inner(&err, &err.inner->saddr, &err.ports->source, be->addr, be->port);
-		nat_ip_address(ip, &ip->daddr, be->addr);
-		return XLB_ICMP_TO_BACKEND;
-	}
+	if (!f && is_vip && (be = maglev_backend(&key)))
+		return icmp_to_backend(&err, ip, be->addr, be->port);
 	/* A dead connection's server may serve another client on that port by
 	 * now: its error is not about it. */
 	if (!f || f->dir != (is_vip ? FLOW_FORWARD : FLOW_REPLY) ||
 	    !flow_alive(&key, f, in_new, xlb_now()))
 		return is_vip ? XLB_DROP_NO_SERVICE : XLB_PASS_NOT_VIP;
-	if (is_vip) {
-		/* About a reply, VIP -> client: the backend sent it. */
-		icmp_nat_inner(&err, &err.inner->saddr, &err.ports->source, f->addr, f->port);
-		nat_ip_address(ip, &ip->daddr, f->addr);
-		return XLB_ICMP_TO_BACKEND;
-	}
+	if (is_vip)	/* about a reply, VIP -> client: the backend sent it */
+		return icmp_to_backend(&err, ip, f->addr, f->port);
 	/* About a forwarded packet, client -> backend: the client sent it to the VIP. */
 	if (ip->saddr == err.inner->daddr)
 		nat_ip_address(ip, &ip->saddr, f->addr);	/* the backend's own error */
