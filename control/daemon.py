@@ -1336,7 +1336,8 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, sync_tar
         cmd = req["cmd"]
         if not isinstance(cmd, str):
             raise TypeError
-    except (ValueError, asyncio.LimitOverrunError):
+    # RecursionError: a request nested deeper than the decoder follows
+    except (ValueError, RecursionError, asyncio.LimitOverrunError):
         return {"ok": False,
                 "error": f"malformed or oversized request (limit {ctl.MAX_REQUEST} bytes)"}
     except (KeyError, TypeError):

@@ -31,12 +31,16 @@ import waiting
 pytestmark = pytest.mark.kernel
 
 
-async def exchange(balancer, request: dict, sync_targets, lock: asyncio.Lock) -> dict:
-    """The control process's answer to `request`, sent over a socket pair."""
+async def exchange(balancer, request: dict | bytes, sync_targets, lock: asyncio.Lock,
+                   then=lambda client: None) -> dict:
+    """The control process's answer to `request` (or these bytes), sent over a
+    socket pair; then(the client's end) once it is sent."""
     ours, theirs = socket.socketpair()
     with theirs:
         reader, writer = await asyncio.open_unix_connection(sock=ours)
-        theirs.sendall(json.dumps(request).encode() + b"\n")
+        theirs.sendall(request if isinstance(request, bytes)
+                       else json.dumps(request).encode() + b"\n")
+        then(theirs)
         try:
             return await daemon._answer(balancer, lambda: None, lock, sync_targets,
                                         reader, writer)
@@ -44,8 +48,8 @@ async def exchange(balancer, request: dict, sync_targets, lock: asyncio.Lock) ->
             writer.close()
 
 
-def answer(balancer, request: dict, sync_targets) -> dict:
-    return asyncio.run(exchange(balancer, request, sync_targets, asyncio.Lock()))
+def answer(balancer, request: dict | bytes, sync_targets, then=lambda client: None) -> dict:
+    return asyncio.run(exchange(balancer, request, sync_targets, asyncio.Lock(), then))
 
 
 async def no_sync():
@@ -703,6 +707,14 @@ def test_a_request_its_client_stopped_waiting_for_is_not_done(balancer, tmp_path
     assert len(balancer.config.pools) == 1 and balancer.applies == {"ok": 0, "error": 0}
     assert answer(balancer, {**late, "deadline": time.monotonic() + 30}, no_sync)["ok"]
     assert len(balancer.config.pools) == 2
+
+
+def test_a_request_nested_deeper_than_json_decodes_is_answered_as_malformed(balancer):
+    """The decoder gives up on deep nesting with a RecursionError, no ValueError:
+    the client got no answer, and the log a traceback."""
+    reply = answer(balancer, b"[" * 10_000 + b"\n", no_sync)
+    assert reply == {"ok": False, "error": f"malformed or oversized request "
+                                           f"(limit {ctl.MAX_REQUEST} bytes)"}
 
 
 def test_drain_and_maint_go_with_the_server(balancer, tmp_path):
