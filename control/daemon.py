@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import resource
+import select
 import signal
 import socket
 import sys
@@ -1347,8 +1348,10 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, sync_tar
     deadline = req.get("deadline")
     try:
         async with lock:
-            if isinstance(deadline, (int, float)) and time.monotonic() > deadline:
-                # Its client (same machine, same clock) stopped waiting and said it failed.
+            if (isinstance(deadline, (int, float)) and time.monotonic() > deadline
+                    or _hung_up(writer)):
+                # Its client (same machine, same clock) stopped waiting and said it
+                # failed, or was ended meanwhile (Ctrl-C, a supervisor's timeout).
                 log.event(cmd, level="warning", error="its client stopped waiting: not done")
                 return {"ok": False, "error": "the client stopped waiting: not done"}
             try:
@@ -1376,6 +1379,14 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, sync_tar
     except Exception as e:  # a bug: answer, log, and keep serving
         traceback.print_exc()
         return {"ok": False, "error": f"internal error: {e!r}"}
+
+
+def _hung_up(writer: asyncio.StreamWriter) -> bool:
+    """The client closed its end: no one waits for the answer (a client that only
+    shut down its writing, as socat does, still reads it)."""
+    poller = select.poll()
+    poller.register(writer.get_extra_info("socket").fileno(), 0)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
 class BadRequest(Exception):

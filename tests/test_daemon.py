@@ -717,6 +717,23 @@ def test_a_request_nested_deeper_than_json_decodes_is_answered_as_malformed(bala
                                            f"(limit {ctl.MAX_REQUEST} bytes)"}
 
 
+def test_a_request_whose_client_hung_up_before_its_turn_is_not_done(balancer, tmp_path):
+    """An operator who ended a command that waited behind a long apply (Ctrl-C,
+    or a supervisor's timeout that killed it) takes it for not done."""
+    text = configfile.dump(balancer.config) + '[pools.spare]\nservers = ["backend1"]\n'
+    request = {"cmd": "apply", "text": text, "path": str(tmp_path / "x.toml")}
+    assert answer(balancer, request, no_sync, then=socket.socket.close) == \
+        {"ok": False, "error": "the client stopped waiting: not done"}
+    assert len(balancer.config.pools) == 1 and balancer.applies == {"ok": 0, "error": 0}
+
+
+def test_a_request_whose_client_shut_down_its_writing_is_done(balancer):
+    """socat and `nc -N` shut down their writing once the request is sent, and
+    wait for the answer."""
+    assert answer(balancer, {"cmd": "ping"}, no_sync,
+                  then=lambda client: client.shutdown(socket.SHUT_WR))["ok"]
+
+
 def test_drain_and_maint_go_with_the_server(balancer, tmp_path):
     """Drain and maint go with a server renamed, or in a renamed pool, at the
     same address and port: the same server, which an operator took out of
