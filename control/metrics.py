@@ -341,8 +341,9 @@ def serve(server: _Server, balancer, durations: CheckDurations) -> None:
             if self.path.split("?")[0] != "/metrics":
                 self.send_error(404, "see /metrics")
                 return
-            body = (render(balancer.status(), durations.snapshot()).encode()
-                    + generate_latest(process))
+            with balancer.lock:     # an apply changes both under it: one apply's servers
+                st, checked = balancer.status(), durations.snapshot()
+            body = render(st, checked).encode() + generate_latest(process)
             self.send_response(200)
             self.send_header("Content-Type", CONTENT_TYPE_LATEST)
             self.send_header("Content-Length", str(len(body)))

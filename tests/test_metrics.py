@@ -516,6 +516,8 @@ def test_a_scraper_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
     asked, gone = threading.Event(), threading.Event()
 
     class Balancer:
+        lock = threading.RLock()
+
         def status(self):
             asked.set()
             gone.wait(10)
@@ -537,6 +539,59 @@ def test_a_scraper_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
         server.shutdown()
         server.server_close()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_scrape_during_an_apply_has_the_histograms_of_the_servers_it_shows():
+    """An apply that renamed servers between the scrape's status and its look at
+    the check durations left a server shown without its histogram, and its
+    new name's count went unseen: both are read under the balancer's lock."""
+    import threading
+    import urllib.request
+
+    class Lock:
+        """An RLock that tells when another thread had to wait for it."""
+        def __init__(self):
+            self._lock, self.waited = threading.RLock(), threading.Event()
+
+        def __enter__(self):
+            if not self._lock.acquire(blocking=False):
+                self.waited.set()
+                self._lock.acquire()
+
+        def __exit__(self, *exc):
+            self._lock.release()
+
+    checked = metrics.CheckDurations()
+    checked.track({("was", "was1"), ("was", "was2")}, {})
+
+    def rename():                       # as Balancer.apply changes them, under its lock
+        with balancer.lock:
+            checked.track({("was", "www1"), ("was", "was2")}, {("was", "was1"): ("was", "www1")})
+
+    class Balancer:
+        lock = Lock()
+
+        def status(self):
+            with self.lock:
+                st = STATUS
+            applying = threading.Thread(target=rename)
+            applying.start()
+            while applying.is_alive() and not self.lock.waited.wait(0.01):
+                pass
+            return st
+
+    balancer = Balancer()
+    server = metrics.bind(("127.0.0.1", 0))
+    metrics.serve(server, balancer, checked)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+        text = urllib.request.urlopen(url, timeout=30).read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    histograms = {(s.labels["pool"], s.labels["server"]) for s in
+                  families(text)["xlb_server_check_duration_seconds"].samples}
+    assert histograms == {("was", "was1"), ("was", "was2")}
 
 
 def test_a_link_without_carrier_reads_down(monkeypatch):
