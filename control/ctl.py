@@ -305,13 +305,21 @@ def request(cmd: str, timeout: float = 10.0, **args) -> object:
 def _connect(timeout: float) -> socket.socket:
     """A socket connected to the instance. Where its socket is gone while the
     instance runs (its directory was removed), waits for it to make it again."""
-    waited = time.monotonic() + min(timeout, RESTORE_WAIT)
+    start = time.monotonic()
+    waited = start + min(timeout, RESTORE_WAIT)
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(timeout)
         try:
             sock.connect(address())
             return sock
+        except BlockingIOError:
+            # Its listen backlog is full: it accepts none while it starts.
+            sock.close()
+            if time.monotonic() > start + timeout:
+                raise TimeoutError from None
+            time.sleep(0.1)
+            continue
         except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
             sock.close()      # nothing listens there (a /run/xlb that is a file, say)
         except PermissionError:

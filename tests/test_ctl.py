@@ -239,6 +239,44 @@ def test_a_socket_made_again_while_the_client_waits_is_asked(monkeypatch):
     assert len(looks) == 5
 
 
+def test_an_instance_whose_backlog_is_full_is_waited_for(monkeypatch):
+    """Starting (compiling), the instance accepts no connection yet: a client
+    beyond its listen backlog was refused at once ("Resource temporarily
+    unavailable", exit 1), where the others wait for it to serve."""
+    listener, queued = ctl.Listener(), []
+    try:
+        while True:
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            try:
+                client.connect(ctl.address())
+            except BlockingIOError:
+                client.close()
+                break
+            queued.append(client)
+
+        def answer_one():
+            conn, _ = listener.socket.accept()
+            with conn, conn.makefile("rb") as f:
+                f.readline()
+                conn.sendall(b'{"ok": true, "result": "pong"}\n')
+        server = threading.Thread(target=answer_one, daemon=True)
+
+        def serve():             # once the client waits: the queue is taken, then it is served
+            if server.ident is None:
+                for _ in queued:
+                    listener.socket.accept()[0].close()
+                server.start()
+
+        Clock(monkeypatch, on_sleep=serve)
+        assert ctl.request("ping") == "pong"
+        server.join(10)
+    finally:
+        for client in queued:
+            client.close()
+        listener.close()
+
+
 # A listener at the abstract name of an earlier build (ctl.EARLIER): prints the
 # request it reads, answers as xlb does.
 EARLIER_BUILD = r"""
