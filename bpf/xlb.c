@@ -686,6 +686,14 @@ static __always_inline enum xlb_reason vip_or_pass(struct iphdr *ip, int is_vip,
 	return is_vip && vips.lookup(&ip->daddr) ? if_vip : otherwise;
 }
 
+/* The service of a connection key (client -> VIP), or NULL. */
+static __always_inline struct service *service_of(const struct flow_key *key)
+{
+	struct service_key skey = { .vip = key->daddr, .port = key->dport, .proto = key->proto };
+
+	return services.lookup(&skey);
+}
+
 /* Why a VIP's packet that nothing serves (no frontend, no backend) goes no
  * further: `drop`, but where its TTL runs out it is a balanced packet's
  * (send), so that traceroute to a VIP (UDP, to ports no frontend has) shows
@@ -706,7 +714,6 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 		.proto = pkt->proto,
 	};
 	__u64 now = xlb_now();
-	struct service_key skey = {};
 	struct flow fresh = {};
 	struct service *svc;
 	struct flow *f;
@@ -727,10 +734,7 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 	 * compiler to place its code after the hot blocks rather than between. */
 	if (__builtin_expect(!is_vip, 0))
 		return flow_adopt(ctx, pkt, cfg, &key, bytes, now);
-	skey.vip = key.daddr;
-	skey.port = key.dport;
-	skey.proto = key.proto;
-	svc = services.lookup(&skey);
+	svc = service_of(&key);
 	if (!svc) {
 		if (vips.lookup(&key.daddr))
 			return unserved(pkt->ip, XLB_DROP_NO_SERVICE);
@@ -749,8 +753,7 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
  * NULL for another service: nothing says where its flow went. */
 static __always_inline struct backend *maglev_backend(struct flow_key *key)
 {
-	struct service_key skey = { .vip = key->daddr, .port = key->dport, .proto = key->proto };
-	struct service *svc = services.lookup(&skey);
+	struct service *svc = service_of(key);
 	__u32 backend_id;
 
 	if (!svc || !(svc->flags & SERVICE_MAGLEV))
