@@ -1423,14 +1423,14 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
         forgotten = result.pop("admin_forgotten")
         # The links it attached to (up since) and let go (gone, or named no more).
         links = {k: result.pop(k) for k in ("attached", "detached")}
-        unserved = result.pop("unserved")      # logged as it was found, and so
-        attach_warnings = result.pop("attach_warnings")
+        # Logged as they were found: what the links left out keep from working,
+        # and what the links attached warn of.
+        warned = {k: result.pop(k) for k in ("unserved", "attach_warnings")}
         log.event("apply", result="ok", seconds=t2 - t0, config=path, **result,
                   **{k: ",".join(names) or None for k, names in links.items()},
                   admin_forgotten="; ".join(forgotten) or None)
         return {**result, **links, "admin_forgotten": forgotten, "warnings": cfg.warnings,
-                "unserved": unserved, "attach_warnings": attach_warnings,
-                "validate_seconds": t1 - t0,
+                **warned, "validate_seconds": t1 - t0,
                 "apply_seconds": t2 - t1, "config": path, "warning": balancer.remember()}
     if cmd == "server":
         action = _field(req, "action")
