@@ -125,8 +125,8 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
     first check, which decides at once; after that --fall failures take a
     server out and --rise passes bring it back. Attaches natively (generic XDP,
     with a warning, where the driver refuses), prints one line when it serves,
-    and on SIGINT or SIGTERM detaches everything. A VIP must not be an address of this host: xlb answers ARP for
-    it on the links whose subnet holds it.
+    and on SIGINT or SIGTERM detaches everything. A VIP must not be an address
+    of this host: xlb answers ARP for it on the links whose subnet holds it.
 
     The data path outlives this process: if it dies any other way, the program
     keeps forwarding, and the next `xlb up` adopts it (its flows and counters)
