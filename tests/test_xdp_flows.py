@@ -512,7 +512,10 @@ def age_keys(t, keys, seconds: int) -> None:
     """Moves the last packet of map t's entries at these keys `seconds` back."""
     for k in keys:
         value = t[k]
-        value.seen = max(1, value.seen - seconds * SEC)
+        # The clock starts at boot: a machine up for less (CI's, fresh) would
+        # leave the entry younger than the test takes it to be.
+        assert value.seen > seconds * SEC, f"cannot age an entry {seconds} s: shorten its timeouts"
+        value.seen -= seconds * SEC
         t[k] = value
 
 
@@ -523,6 +526,12 @@ def short_timeouts(lb):
     lb.dp.set_timeouts(SVC_TCP, 3, 5, 3, 3)
     yield
     lb.dp.set_timeouts(SVC_TCP, *TIMEOUTS.values())
+
+
+def shorten_timeouts(balancer) -> None:
+    """The balancer's services get short_timeouts' timeouts."""
+    for svc in balancer.datapath._maps["services"].values():
+        balancer.datapath.set_timeouts(svc.id, 3, 5, 3, 3)
 
 
 def test_an_idle_connection_is_a_new_flow_at_its_next_packet(lb, fibnet, short_timeouts):
@@ -1169,11 +1178,12 @@ def test_a_status_while_the_control_plane_removes_connections_counts_no_eviction
     (the largest count stays): it waits for the count."""
     dp = balancer.datapath
     lb = Harness(dp)
+    shorten_timeouts(balancer)
     for sport in range(53200, 53210):
         bid = handshake(lb, fibnet, sport)
         if remover == "sweep":
-            age(dp, "flows", (CLIENT, VIP, sport, 80, TCP_P), 1000)
-            age(dp, "flows", (BACKENDS[bid][0], CLIENT, 8080, sport, TCP_P), 1000)
+            age(dp, "flows", (CLIENT, VIP, sport, 80, TCP_P), 10)
+            age(dp, "flows", (BACKENDS[bid][0], CLIENT, 8080, sport, TCP_P), 10)
     readers, seen = [], []
     deleter = "_reap_run" if remover == "sweep" else "_delete_batch"
     delete = getattr(dp, deleter)
@@ -1230,10 +1240,11 @@ def test_a_control_process_that_adopts_the_data_path_goes_on_counting(balancer, 
 
     dp = balancer.datapath
     lb = Harness(dp)
+    shorten_timeouts(balancer)
     for sport in range(53400, 53404):
         handshake(lb, fibnet, sport)
-    age(dp, "flows", (CLIENT, VIP, 53400, 80, TCP_P), 1000)
-    age(dp, "flows", (BACKENDS[1][0], CLIENT, 8080, 53400, TCP_P), 1000)
+    age(dp, "flows", (CLIENT, VIP, 53400, 80, TCP_P), 10)
+    age(dp, "flows", (BACKENDS[1][0], CLIENT, 8080, 53400, TCP_P), 10)
     evict(dp, "flows", (BACKENDS[1][0], CLIENT, 8080, 53401, TCP_P))
     evict(dp, "flows", (CLIENT, VIP, 53402, 80, TCP_P))
     assert balancer.datapath.sweep_flows() == ({"flows": 1, "flows_new": 0}, 1)
@@ -1270,9 +1281,10 @@ def test_a_sweep_that_fails_is_warned_of_and_the_sweeps_go_on(balancer, fibnet, 
         raise Stop
 
     dp = balancer.datapath
+    shorten_timeouts(balancer)
     handshake(Harness(dp), fibnet, 53500)
-    age(dp, "flows", (CLIENT, VIP, 53500, 80, TCP_P), 1000)
-    age(dp, "flows", (BACKENDS[1][0], CLIENT, 8080, 53500, TCP_P), 1000)
+    age(dp, "flows", (CLIENT, VIP, 53500, 80, TCP_P), 10)
+    age(dp, "flows", (BACKENDS[1][0], CLIENT, 8080, 53500, TCP_P), 10)
     freeze(dp, "control_stats")
     monkeypatch.setattr(daemon.asyncio, "sleep", sleep)
     with pytest.raises(Stop):           # it waits for the next sweep
