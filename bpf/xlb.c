@@ -742,7 +742,8 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 	}
 	if (flow_create(&key, svc, pkt, &fresh, now) < 0)
 		return unserved(pkt->ip, XLB_DROP_NO_BACKEND);
-	count_flow(&fresh, bytes, 1);
+	/* A FIN or RST that no entry knew ends a connection: it opens none. */
+	count_flow(&fresh, bytes, !packet_closes(pkt));
 	remember_fragment(pkt, &fresh);
 	return send(ctx, pkt, cfg, &key, 0, fresh.addr, fresh.port, now);
 }

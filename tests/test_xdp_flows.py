@@ -440,10 +440,12 @@ def test_fin_or_rst_either_way_closes_both_entries(lb, fibnet, closer, flag):
 def test_a_fin_or_rst_no_entry_knows_is_forwarded_and_its_connection_closing(lb, fibnet, flag):
     """A client's FIN or RST of a connection this node lost (or never saw)
     reaches a backend, to end it there, and the connection is closing: not
-    half-open with the SYN timeout, not counted as such."""
+    half-open with the SYN timeout, not counted as such, and no new
+    connection of the frontend or the server (their CONNS)."""
     sport = 51250 + (flag == "R")
     res = lb.send(tcp_frame(CLIENT, VIP, sport, 80, flags=flag + "A"), fibnet.ifindex["ext"])
     assert res.action == XDP_REDIRECT
+    lb.expect("forward_redirect", flow=("in", SVC_TCP, backend_of(res.data), False))
     table, fwd, rep = connection(lb.dp, sport)
     assert (table, fwd.backend_id) == ("flows_new", backend_of(res.data))
     assert (fwd.state, fwd.timeout, rep.state, rep.timeout) == \
