@@ -1200,15 +1200,20 @@ async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignal
         links.stale()           # new servers, or new addresses
         return unapplied
 
+    answering: dict[asyncio.Task, asyncio.StreamWriter] = {}    # connections open
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answering[asyncio.current_task()] = writer
         try:
-            reply = await _answer(balancer, request_stop, lock, sync_targets, reader, writer)
+            reply = await _answer(balancer, request_stop, lock, stop, sync_targets, reader,
+                                  writer)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except ConnectionError:    # the client left (or reset) before its answer: its loss
             pass
         finally:
             writer.close()
+            del answering[asyncio.current_task()]
             if downs:
                 stopping()
 
@@ -1226,11 +1231,21 @@ async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignal
     woken = _SignalWakeup(loop)
     try:
         await stop.wait()
+        # The request under way is carried out and answered: its client would
+        # take a change that took effect for one that failed. Those that come
+        # meanwhile, or wait their turn, are refused (_answer).
+        async with lock:
+            pass
     finally:
         woken.close()
         reachable.cancel()
         for server in servers:
             server.close()
+        if answering:
+            _, late = await asyncio.wait(answering, timeout=STOP_ANSWER_SECONDS)
+            for task in late:       # a client that does not read its answer
+                answering[task].transport.abort()
+        for server in servers:      # from Python 3.12, also waits for its connections
             await server.wait_closed()
         checker.stop()
         links.close()
@@ -1265,6 +1280,7 @@ class _SignalWakeup:
         self._write.close()
 
 
+STOP_ANSWER_SECONDS = 5.0   # how long a stop waits for clients to read their answers
 RESTORE_SECONDS = 1.0   # how often the instance looks whether clients still find its socket
 
 
@@ -1329,8 +1345,8 @@ async def _sweep_forever(balancer: Balancer) -> None:
         await asyncio.sleep(max(cost * SWEEP_COST, SWEEP_MIN_INTERVAL))
 
 
-async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, sync_targets,
-                  reader, writer) -> dict:
+async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, stop: asyncio.Event,
+                  sync_targets, reader, writer) -> dict:
     try:
         line = await asyncio.wait_for(reader.readline(), timeout=5)
         req = json.loads(line)
@@ -1347,7 +1363,11 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, sync_tar
         return {"ok": False, "error": "request timed out"}
     deadline = req.get("deadline")
     try:
+        if stop.is_set():       # refused at once, not after the request under way
+            return _refused(cmd)
         async with lock:
+            if stop.is_set():   # a signal or `xlb down` came while it waited its turn
+                return _refused(cmd)
             if (isinstance(deadline, (int, float)) and time.monotonic() > deadline
                     or _hung_up(writer)):
                 # Its client (same machine, same clock) stopped waiting and said it
@@ -1379,6 +1399,12 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, sync_tar
     except Exception as e:  # a bug: answer, log, and keep serving
         traceback.print_exc()
         return {"ok": False, "error": f"internal error: {e!r}"}
+
+
+def _refused(cmd: str) -> dict:
+    """The answer to a request that a stop came before."""
+    log.event(cmd, level="warning", error="xlb is stopping: not done")
+    return {"ok": False, "error": "xlb is stopping: not done"}
 
 
 def _hung_up(writer: asyncio.StreamWriter) -> bool:

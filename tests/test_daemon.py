@@ -1,9 +1,11 @@
 """The control process (daemon.py): its answers to requests, and its Balancer, on a real
 data path."""
 
+import array
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import functools
 import gc
 import json
@@ -13,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 from dataclasses import replace
@@ -42,8 +45,8 @@ async def exchange(balancer, request: dict | bytes, sync_targets, lock: asyncio.
                        else json.dumps(request).encode() + b"\n")
         then(theirs)
         try:
-            return await daemon._answer(balancer, lambda: None, lock, sync_targets,
-                                        reader, writer)
+            return await daemon._answer(balancer, lambda: None, lock, asyncio.Event(),
+                                        sync_targets, reader, writer)
         finally:
             writer.close()
 
@@ -383,6 +386,71 @@ def test_signals_at_any_moment_of_a_start_or_a_stop_stop_xlb_up_cleanly(root, fi
     finally:
         up.kill()
         up.wait()
+
+
+def queued(fd: int) -> int:
+    """How many bytes the pipe (or FIFO) fd reads holds."""
+    held = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, held)
+    return held[0]
+
+
+def test_an_apply_under_way_when_a_stop_comes_is_answered(root, fibnet, tmp_path):
+    """SIGTERM (SIGINT, `xlb down`) while an apply is carried out: its client
+    said "closed the connection without answering" and failed, while the
+    apply took effect (maps written, state saved). The stop waits for it and
+    its answer; a request that comes meanwhile is refused, said so. The apply
+    is held where it saves the state: the temporary file it writes is a FIFO
+    of one page, which the state does not fit, read by the test only then."""
+    from labctl import XLB
+    from xlb import state
+
+    names = [f"s{i}" for i in range(100)]       # a state of 10 kB
+    config = tmp_path / "xlb.toml"
+    config.write_text("".join(f'[servers.{name}]\naddress = "10.1.11.101"\nport = {9000 + i}\n'
+                              for i, name in enumerate(names))
+                      + f'[monitors.off]\ntype = "none"\n[pools.p]\nservers = {json.dumps(names)}\n'
+                        f'monitor = "off"\n[frontends.www]\nvip = "10.1.1.101"\nport = 80\n'
+                        f'pool = "p"\ninterfaces = ["ext"]\n')
+    up = subprocess.Popen([str(XLB), "up", *UP_ARGS, "--metrics", "off"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    apply = None
+    try:
+        assert "serving" in up.stdout.readline()        # its state saved
+        fifo = state.directory() / f".{state.FILE}.{up.pid}.tmp"
+        os.mkfifo(fifo)
+        saved = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        fcntl.fcntl(saved, fcntl.F_SETPIPE_SZ, 4096)
+        apply = subprocess.Popen([str(XLB), "apply", str(config)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not queued(saved):                # the maps written; the state, larger, held
+            assert apply.poll() is None and time.monotonic() < deadline, "the apply: not held"
+            time.sleep(0.01)
+        up.send_signal(signal.SIGTERM)
+        refused = None
+        while refused is None and apply.poll() is None:     # until the stop has begun
+            assert time.monotonic() < deadline, "the stop: not begun"
+            try:
+                ctl.request("ping", timeout=1)
+            except ctl.ControlError as e:
+                refused = str(e)
+        os.set_blocking(saved, True)
+        text = b""
+        while chunk := os.read(saved, 65536):           # to its end: the writer closes it
+            text += chunk
+        os.close(saved)
+        out, err = apply.communicate(timeout=30)
+        assert (apply.returncode, refused) == (0, "xlb is stopping: not done"), err
+        assert "100 servers" in out and '"s99"' in json.loads(text)["config_text"]
+        out, err = up.communicate(timeout=30)
+        assert (up.returncode, out.splitlines()[-1:]) == (0, ["xlb: stopped, XDP detached"]), err
+    finally:
+        for process in (up, apply):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    assert find_running() is None
 
 
 def test_check_durations_are_those_of_the_servers_checked_now(balancer):
