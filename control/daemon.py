@@ -158,7 +158,7 @@ class Balancer:
         dp.swapped()                # an adoption's copied flow tables catch up
         for att in attached:        # once all are attached: a veth whose peer xlb
             _warn_veth(dp, att, warned)     # attaches too has a program at its peer
-        ended = dp.delete_flows(set(ends.backend_ids), set(ends.service_ids))
+        ended = dp.delete_flows(set(ends.backend_ids), set(ends.service_ids), ends.retired)
         kept = {link.index for link in links}
         unserved = _unserved(config, links) if relink and config.attach_names() else []
         let_go = [old for old in self.links.values() if old.index not in kept]

@@ -881,21 +881,24 @@ class Datapath:
     def flow_census(self, now: int | None = None) -> flowtable.Census:
         return flowtable.census(self.flow_dumps(), self.now() if now is None else now)
 
-    def delete_flows(self, backend_ids: set[int], service_ids: set[int]) -> dict[str, int]:
-        """Forgets the connections of these backends and services, both ways, so
-        that their next packets are balanced anew. Returns how many of them
-        were open (as `status` counts: not closing, not idle past their
-        timeout both ways), per table."""
-        if not backend_ids and not service_ids:     # every apply asks, mostly this
+    def delete_flows(self, backend_ids: set[int], service_ids: set[int],
+                     crossed: tuple[set[int], set[int]] = (set(), set())) -> dict[str, int]:
+        """Forgets the connections of these backends and services, and those of
+        crossed's backends through crossed's services, both ways, so that
+        their next packets are balanced anew. Returns how many of them were
+        open (as `status` counts: not closing, not idle past their timeout
+        both ways), per table."""
+        if not backend_ids and not service_ids and not all(crossed):    # most applies
             return dict.fromkeys(flowtable.TABLES, 0)
 
         def ends(r: flowtable.Row) -> bool:
-            return r.backend_id in backend_ids or r.service_id in service_ids
+            return (r.backend_id in backend_ids or r.service_id in service_ids
+                    or r.backend_id in crossed[0] and r.service_id in crossed[1])
 
         ended, now = {}, self.now()
         with self._mending:
             for name, dump in self.flow_dumps().items():
-                read = flowtable.ending(*dump, backend_ids, service_ids)
+                read = flowtable.ending(*dump, backend_ids, service_ids, crossed)
                 ended[name] = flowtable.open_count(self._end(name, read, ends), read, now)
         return ended
 

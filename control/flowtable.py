@@ -294,12 +294,18 @@ def _partner_keys(keys: bytes, values: bytes, direction: int) -> bytes:
     return bytes(out)
 
 
-def ending(keys: bytes, values: bytes, backend_ids: set[int], service_ids: set[int]) -> list[Row]:
-    """The entries of a dump of these backends or services (those that
-    Datapath.delete_flows ends), decoded. Their ids are read as columns:
-    decoding every entry to end one server's took seconds a change."""
-    ends = map(operator.or_, map(backend_ids.__contains__, _column(values, "backend_id")),
-               map(service_ids.__contains__, _column(values, "service_id")))
+def ending(keys: bytes, values: bytes, backend_ids: set[int], service_ids: set[int],
+           crossed: tuple[set[int], set[int]] = (set(), set())) -> list[Row]:
+    """The entries of a dump of these backends or services, or of crossed's
+    backends through crossed's services (those that Datapath.delete_flows
+    ends), decoded. Their ids are read as columns: decoding every entry to
+    end one server's took seconds a change."""
+    backends, services = _column(values, "backend_id"), _column(values, "service_id")
+    ends = map(operator.or_, map(backend_ids.__contains__, backends),
+               map(service_ids.__contains__, services))
+    if all(crossed):
+        ends = map(operator.or_, ends, map(operator.and_, map(crossed[0].__contains__, backends),
+                                           map(crossed[1].__contains__, services)))
     return _rows(keys, values, compress(range(len(keys) // _KEY.size), ends))
 
 

@@ -326,6 +326,9 @@ def recover(config: Config, held: DataplaneState,
 class FlowsToEnd:
     backend_ids: frozenset[int]
     service_ids: frozenset[int]
+    # Those of removed servers (retired ids) through these services: of
+    # frontends whose pool went from "keep", which kept them, to "reset".
+    retired: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())
 
 
 def flows_to_end(old: Config, old_states: Mapping[BackendKey, str], current: DataplaneState,
@@ -334,24 +337,31 @@ def flows_to_end(old: Config, old_states: Mapping[BackendKey, str], current: Dat
     """Established flows that a change ends: those of a server put in maint
     (disabled), those of a server that went down or away from a pool whose
     policy is "reset", and those of a frontend that is gone. Drained servers,
-    and gone or down servers under "keep", keep their flows. A server given
-    another address or port (a new id) is gone from its old one; one renamed
-    at the same address and port (`renamed`, as `target` was made with) is not."""
-    policies = {p.name: p.on_server_down for p in old.pools}
-    policies.update({p.name: p.on_server_down for p in new.pools})
+    and gone or down servers under "keep", keep their flows, until their
+    pool goes to "reset": then they end. A server given another address or
+    port (a new id) is gone from its old one; one renamed at the same address
+    and port (`renamed`, as `target` was made with) is not."""
+    was = {p.name: p.on_server_down for p in old.pools}
+    policies = {**was, **{p.name: p.on_server_down for p in new.pools}}
     ended = set()
     for key, b in current.backends.items():
         before = old_states.get(key, "up")
         now = renamed.get(key, key)
         kept = now in target.backends and target.backends[now].id == b.id
         after = new_states.get(now, "up") if kept else "gone"
-        if after == before:
+        if after == before and not (after == "down" and was[key[0]] == "keep"):
             continue
         if after == "maint" or (after in ("down", "gone") and before != "maint"
                                 and policies[now[0] if kept else key[0]] == "reset"):
             ended.add(b.id)
     services = {s.id for k, s in current.services.items() if k not in target.services}
-    return FlowsToEnd(frozenset(ended), frozenset(services))
+    kept_by = {(f.vip, f.port, f.proto_number) for f in old.frontends
+               if was[f.pool] == "keep"}
+    switched = {target.services[k].id for f in new.frontends
+                if (k := (f.vip, f.port, f.proto_number)) in kept_by
+                and policies[f.pool] == "reset"}
+    retired = frozenset(target.retired_backends) if switched else frozenset()
+    return FlowsToEnd(frozenset(ended), frozenset(services), (retired, frozenset(switched)))
 
 
 # An operation is a Datapath method name and its arguments.

@@ -210,7 +210,8 @@ def test_an_open_connection_is_neither_closing_nor_idle_both_ways():
 
 def test_a_change_decodes_only_the_entries_of_the_servers_and_services_it_ends():
     """Datapath.delete_flows: ending: both entries of each connection of an
-    ended backend or service, and no other entry, in the dump's order."""
+    ended backend or service, or of an ended backend through an ended service
+    (crossed), and no other entry, in the dump's order."""
     kept = [*connection(42000, backend_id=1), *connection(42001, backend_id=2)]
     of_server = connection(42002, backend_id=7)
     of_service = [r._replace(service_id=3) for r in connection(42003, backend_id=2)]
@@ -219,6 +220,9 @@ def test_a_change_decodes_only_the_entries_of_the_servers_and_services_it_ends()
     assert flowtable.ending(*dump(*rows), {7}, set()) == list(of_server)
     assert flowtable.ending(*dump(*rows), set(), {3}) == of_service
     assert flowtable.ending(*dump(*rows), {5}, {9}) == []
+    assert flowtable.ending(*dump(*rows), set(), set(), ({7, 2}, {3})) == of_service
+    assert flowtable.ending(*dump(*rows), set(), set(), ({7}, {1})) == list(of_server)
+    assert flowtable.ending(*dump(*rows), set(), set(), ({7}, set())) == []
     assert flowtable.ending(*dump(*kept, *of_server), {7}, set()) == list(of_server)   # last
     assert flowtable.ending(b"", b"", {7}, {3}) == []
 

@@ -246,6 +246,22 @@ def test_flows_of_a_removed_server_follow_the_policy(policy, ended):
     assert planner.flows_to_end(old, {}, cur, new, {}, tgt, {}).backend_ids == ended
 
 
+def test_a_pool_switched_to_reset_ends_the_flows_keep_kept():
+    """Under "keep", a server down (its checks failing) and a removed one keep
+    their flows; an apply that switches the pool to "reset" ends them, as the
+    new policy would have when they went: the down one's by its id, the
+    removed one's (its id retired) through the pool's frontend."""
+    down = {("p", "s2"): "down"}
+    kept = _pool(S1, S2, on_server_down="keep")
+    cur = desired(kept, desired(_pool(S1, S2, B1)), down)      # b1 removed
+    assert cur.retired_backends.keys() == {2}
+    assert planner.flows_to_end(kept, down, cur, kept, down, desired(kept, cur, down), {}) \
+        == planner.FlowsToEnd(frozenset(), frozenset())
+    reset = _pool(S1, S2, on_server_down="reset")
+    ends = planner.flows_to_end(kept, down, cur, reset, down, desired(reset, cur, down), {})
+    assert ends == planner.FlowsToEnd(frozenset({1}), frozenset(), ({2}, {0}))
+
+
 @pytest.mark.parametrize("policy,ended", [("keep", set()), ("reset", {1})])
 @pytest.mark.parametrize("moved", [A("10.1.11.3"), 81], ids=["address", "port"])
 def test_a_server_given_another_address_or_port_is_a_new_server(policy, ended, moved):

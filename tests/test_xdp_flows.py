@@ -1348,6 +1348,31 @@ def test_a_server_given_another_address_is_a_new_server(balancer, fibnet, policy
     assert backend_of(lb.send(syn(53401), ext).data) == 2       # new flows: the new address
 
 
+@pytest.mark.parametrize("gone", ["down", "moved"])
+def test_a_pool_switched_to_reset_ends_the_connections_keep_kept(balancer, fibnet, gone):
+    """Under "keep", a server that is down (its checks failing) or moved to
+    another address keeps its connections (to its old address); the apply
+    that switches its pool to "reset" ends them, as the new policy would have
+    when it went, and counts them; a connection to the moved server's new
+    address goes on."""
+    dp = balancer.datapath
+    lb, config, pool, _ = one_connection(balancer, fibnet, "keep", 53430)
+    if gone == "down":
+        balancer.health = {("default", "backend1"): "down"}    # as the checks' states go
+    else:
+        pool = replace(pool, servers=(replace(pool.servers[0], address=BACKENDS[2][0]),))
+    assert balancer.apply(replace(config, pools=(pool,)), relink=False)["flows_ended"] == 0
+    keys = {(CLIENT, VIP, 53430, 80, TCP_P), (BACKENDS[1][0], CLIENT, 8080, 53430, TCP_P)}
+    assert keys <= entries(dp, "flows").keys()
+    if gone == "moved":
+        assert handshake(lb, fibnet, 53431) == 2
+    reset = replace(pool, on_server_down="reset")
+    assert balancer.apply(replace(config, pools=(reset,)), relink=False)["flows_ended"] == 1
+    left = entries(dp, "flows").keys()
+    assert not keys & left and removed(balancer)["ended"] == 1
+    assert ((CLIENT, VIP, 53431, 80, TCP_P) in left) == (gone == "moved")
+
+
 @pytest.mark.parametrize("policy", ["reset", "keep"])
 @pytest.mark.parametrize("rename", ["server", "pool"])
 def test_a_renamed_server_keeps_its_connections(balancer, fibnet, policy, rename):
