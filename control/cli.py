@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -573,8 +574,11 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     whose data path is gone (xlb stopped or not started), or that has no
     link up on which a VIP's ARP requests arrive, cannot answer for the
     VIPs, and keepalived hands them to the peer. A control process killed
-    with its data path still serving counts as serving. Messages go to
-    stderr and to syslog (keepalived runs this with stderr on /dev/null).
+    with its data path still serving counts as serving. It holds a lock on
+    the track file while it runs, which keepalived checks: killed alone
+    (kill -9), it leaves the node in FAULT; one started while another holds
+    it (a reload's) waits for that one to end. Messages go to stderr and to
+    syslog (keepalived runs this with stderr on /dev/null).
     """
     global _to_syslog
     from . import state
@@ -605,14 +609,20 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     # A stopping keepalived gives up the gateway and ends this with SIGTERM,
     # writing no line that says so.
     signal.signal(signal.SIGTERM, _keepalived_stops)
-    # A reloading keepalived ends its follow (which makes xlb backup, as at a
-    # stop) and starts this one without a word: the role it said before holds.
     keepalived = _keepalived_process(instance)
-    wanted, told, failing, buf = state.followed(keepalived), None, False, b""
+    wanted, told, failing, buf, lock = None, None, False, b"", None
     cut_off: list[str] = []
     strangers = False       # lines about another vrrp_instance: said once
     poll = 0.0      # that role, and the track file, at once; then every FOLLOW_POLL
     try:
+        if track_file:
+            lock = _lock(track_file)
+        # A reloading keepalived ends its follow (which makes xlb backup, as at a
+        # stop) and starts this one without a word: the role it said before holds,
+        # once the old follow has ended (the lock).
+        wanted = state.followed(keepalived)
+        if wanted and lock is not None:
+            _save_followed(keepalived, wanted, running=True)
         while True:
             ready, _, _ = select.select([fd], [], [], poll if wanted or track_file else None)
             poll = FOLLOW_POLL
@@ -625,7 +635,7 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
                     role = keepalived_role(text, instance)
                     if role:
                         wanted, told = role, None
-                        _save_followed(keepalived, role)
+                        _save_followed(keepalived, role, running=lock is not None)
                     elif (other := keepalived_instance(text)) not in (None, instance) \
                             and not strangers:
                         # A vrrp_instance renamed by hand: follow would wait for
@@ -655,6 +665,8 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
                            f"cannot answer for them, keepalived is told (FAULT)")
                 _track(track_file, not cut_off if answered else _datapath_runs())
     except _KeepalivedStops:
+        if wanted and lock is not None:
+            _save_followed(keepalived, wanted)      # ended, not killed: the next may trust it
         try:
             ctl.request("role", role="backup", timeout=2.0)
         except ctl.NotRunning as e:
@@ -675,6 +687,9 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
         if track_file:
             _track(track_file, False)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def _saved_as_backup() -> str:
@@ -703,13 +718,31 @@ def _keepalived_process(instance: str) -> str:
     return f"{ppid} {start} {instance}"
 
 
-def _save_followed(keepalived: str, role: str) -> None:
+def _save_followed(keepalived: str, role: str, running: bool = False) -> None:
     from . import state
     try:
-        state.save_followed(keepalived, role)
+        state.save_followed(keepalived, role, running)
     except OSError as e:
         _error(f"xlb ha follow: role {role} not recorded for keepalived's reload: "
                f"{e.strerror or e}")
+
+
+def _lock(track_file: Path) -> int:
+    """The track file, opened and locked for as long as this follow runs:
+    keepalived checks that the lock is held (`xlb ha keepalived`), which tells
+    it that a follow runs even when one is killed alone (kill -9, the OOM
+    killer) and can write nothing more. Waits for a follow that holds it still
+    (the one a reload ends) and for keepalived's command that runs while none
+    does (a check, the FAULT notify)."""
+    if not track_file.exists():
+        _track(track_file, False)     # keepalived reads an empty file as 0: serving
+    fd = os.open(track_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:             # keepalived's SIGTERM among them
+        os.close(fd)
+        raise
+    return fd
 
 
 def _check_track_file(path: Path) -> None:
@@ -838,7 +871,8 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
     Run both nodes with the same xlb config and `xlb up --role backup`, then
     keepalived with this config (each node with its own --peer and
     --priority). VRRPv3, unicast to the peer, no preemption; keepalived's
-    state reaches xlb through `xlb ha follow`.
+    state reaches xlb through `xlb ha follow`, which keepalived checks is
+    running (a node where it is not goes FAULT).
     """
     from . import ha as hamod
     peer_ip = _valid("--peer", parse_host, peer)

@@ -269,6 +269,24 @@ def keepalived_instance(line: str) -> str | None:
     return None
 
 
+# The check that a follow runs is a lock it holds, tried by flock(1) every second.
+# Not keepalived's vrrp_track_process: the kernel's process connector it listens
+# to answers only in the first network namespace (ECONNREFUSED in any other, where
+# keepalived may run, as in the lab), and keepalived 2.2's code counts a process
+# twice when it is exec'd while keepalived reads /proc (at a start or a reload):
+# killed, it would leave a count of one behind.
+FLOCK = "/usr/bin/flock"     # util-linux's
+FALSE = "/bin/false"
+
+
+def _unless_followed(track_file: str, wait: str) -> str:
+    """The start of a keepalived command that runs what follows it only while no
+    `xlb ha follow` holds its lock on track_file, and succeeds otherwise: the
+    lock free (after `wait`, flock's), it is held for the command (--no-fork),
+    which a follow starting meanwhile waits for."""
+    return f"{FLOCK} --exclusive {wait} --conflict-exit-code 0 --no-fork {track_file}"
+
+
 def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: str,
                     priority: int, advert_int: float, vrid: int, fifo: str, track_file: str,
                     gateways: Iterable[Gateway], instance: str = "xlb") -> str:
@@ -285,7 +303,12 @@ def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: s
     arrives on is up: keepalived holds the node in FAULT then, so that the
     peer takes over the VIPs rather than leave them to a node that cannot
     answer for them. A check script would
-    start a process per check; keepalived reads the file when it changes."""
+    start a process per check; keepalived reads the file when it changes.
+    Killed alone (kill -9, the OOM killer), follow can write nothing more: it
+    holds a lock on track_file for its whole life (`xlb ha follow`), and a
+    check every second that finds the lock free (flock(1), no more than a
+    process of util-linux's) holds the node in FAULT; in FAULT with no follow
+    there, keepalived itself tells xlb backup, which no follow would."""
     vips = sorted({str(f.vip) for f in config.frontends}, key=IPv4Address)
     lines = [
         *_comment(f"keepalived for xlb: VRRP elects the node that answers ARP for "
@@ -309,6 +332,17 @@ def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: s
         "    init_file 1 overwrite",
         "}",
         "",
+        "# `xlb ha follow` holds a lock on the track file while it runs: killed alone (kill -9,",
+        "# the OOM killer), it leaves the lock free and writes nothing more. Three checks in",
+        "# a row that find it free (2 to 3 s) hold the node in FAULT; a reload's new follow",
+        "# takes the lock once the old one has ended, well within that.",
+        "vrrp_script xlb_follows {",
+        f'    script "{_unless_followed(track_file, "--nonblock")} {FALSE}"',
+        "    interval 1",
+        "    fall 3",
+        "    rise 1",
+        "}",
+        "",
         f"vrrp_instance {instance} {{",
         "    state BACKUP",
         "    nopreempt",
@@ -322,7 +356,11 @@ def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: s
     ]
     lines.append("    virtual_ipaddress {")
     lines += [f"        {g.address} dev {g.interface or interface}" for g in gateways]
-    lines += ["    }", "    track_file {", "        xlb_serves", "    }", "}"]
+    lines += ["    }", "    track_file {", "        xlb_serves", "    }",
+              "    track_script {", "        xlb_follows", "    }",
+              "    # No follow here to tell xlb this FAULT: keepalived does (waiting out a check).",
+              f'    notify_fault "{_unless_followed(track_file, "--wait 1")} {xlb} ha role backup"',
+              "}"]
     return "\n".join(lines) + "\n"
 
 

@@ -192,22 +192,27 @@ def _write(name: str, data) -> None:
         os.close(dirfd)
 
 
-def save_followed(keepalived: str, role: str) -> None:
+def save_followed(keepalived: str, role: str, running: bool = False) -> None:
     """Records the role that a keepalived process (`xlb ha follow`'s parent,
     named by `keepalived`) last asked for: reloading, keepalived ends its
-    follow and starts another, and says no state to the new one."""
+    follow and starts another, and says no state to the new one. `running`:
+    recorded by a follow that runs on, which re-records it when keepalived ends
+    it; left so, its follow was killed alone, and keepalived may have said
+    more since, to nobody (it held the node in FAULT)."""
     directory().mkdir(mode=0o700, parents=True, exist_ok=True)
-    _write(FOLLOWED, {"keepalived": keepalived, "role": role})
+    _write(FOLLOWED, {"keepalived": keepalived, "role": role, "running": running})
 
 
 def followed(keepalived: str) -> str | None:
     """The role that the keepalived process `keepalived` last asked for, as
-    save_followed recorded it; None if it asked none (or another process did)."""
+    save_followed recorded it; None if it asked none (or another process did),
+    or its follow was killed."""
     try:
         d = json.loads(_read(FOLLOWED))
     except (OSError, ValueError, RecursionError):
         return None
-    if isinstance(d, dict) and d.get("keepalived") == keepalived and d.get("role") in ROLES:
+    if isinstance(d, dict) and d.get("keepalived") == keepalived and d.get("role") in ROLES \
+            and not d.get("running"):
         return d["role"]
     return None
 

@@ -475,6 +475,55 @@ def test_follow_outlives_an_answer_it_does_not_expect(tmp_path, monkeypatch):
     assert track.read_text() == "0\n"
 
 
+def keepalived_command(text: str, keyword: str) -> list[str]:
+    """The command of a config's line `KEYWORD "COMMAND"`, split as keepalived splits it."""
+    line = next(x for x in text.splitlines() if x.strip().startswith(f"{keyword} "))
+    return line.split('"')[1].split()
+
+
+def test_keepalived_holds_a_node_whose_follow_is_gone_in_fault(tmp_path, monkeypatch):
+    """`xlb ha follow` killed alone (kill -9, the OOM killer) writes nothing
+    more. keepalived checks every second that a follow holds the track file's
+    lock (failing, FAULT), and in a FAULT that no follow hears it tells xlb
+    backup itself. While follow runs the check succeeds and the notify does
+    nothing; ended, the lock is free. The config's commands, run (the notify
+    with an echo for xlb). The role follow records while it runs is not
+    taken up by the next follow unless keepalived ended this one: killed, it
+    could not record what keepalived said after (FAULT)."""
+    from xlb import cli as climod, ctl, state
+    monkeypatch.setenv("XLB_STATE_DIR", str(tmp_path / "state"))
+    fifo, track = tmp_path / "fifo", tmp_path / "serving"
+    os.mkfifo(fifo, 0o600)
+    writer = os.open(fifo, os.O_RDWR)
+    os.write(writer, b'INSTANCE "xlb" MASTER 250\n')
+    text = keepalived_text(xlb="/bin/echo", track_file=str(track))
+    assert "    track_script {\n        xlb_follows\n    }\n" in text.split("vrrp_instance")[1]
+    commands = [keepalived_command(text, "script"), keepalived_command(text, "notify_fault")]
+    keepalived = climod._keepalived_process("xlb")
+
+    def check_and_notify():
+        return [(r.returncode, r.stdout) for r in
+                (subprocess.run(c, capture_output=True, text=True, timeout=10) for c in commands)]
+
+    seen = []
+
+    def request(cmd, timeout=10.0, **args):
+        if cmd == "ping":
+            seen.append((check_and_notify(), state.followed(keepalived)))
+            raise climod._KeepalivedStops      # keepalived's SIGTERM
+        return {}
+
+    monkeypatch.setattr(ctl, "request", request)
+    try:
+        r = CliRunner().invoke(cli, ["ha", "follow", "--track-file", str(track), str(fifo)])
+    finally:
+        os.close(writer)
+    assert r.exception is None and r.exit_code == 0, r.output
+    assert seen == [([(0, ""), (0, "")], None)]
+    assert check_and_notify() == [(1, ""), (0, "ha role backup\n")]
+    assert state.followed(keepalived) == "active"
+
+
 def test_follow_ended_by_a_failure_hands_the_node_to_the_peer(tmp_path, monkeypatch):
     """Whatever ends follow but keepalived's stop leaves keepalived without it:
     the track file says the node cannot serve (FAULT), and why is said."""

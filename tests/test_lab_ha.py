@@ -4,9 +4,10 @@ With roles switched by hand (`xlb ha role`, the servers' gateway moved by the
 test as keepalived would move it): xlb answers ARP only on the active node and
 announces itself, and a restarted `xlb up` keeps its node's role. With real
 keepalived: its role told again to a restarted xlb, and its stop followed; the
-peer taking over from a node whose xlb stops or whose client link goes down; a
-failover under load, the active node crashing while a client opens a new
-connection every 20 ms and holds long-lived ones."""
+peer taking over from a node whose xlb stops, whose client link goes down or
+whose `xlb ha follow` is killed; a failover under load, the active node
+crashing while a client opens a new connection every 20 ms and holds
+long-lived ones."""
 
 from __future__ import annotations
 
@@ -277,6 +278,38 @@ def test_a_node_whose_client_link_goes_down_hands_the_vips_to_its_peer(pair, con
         finally:
             pair.run("sw", "ip", "link", "set", f"{first}-eth0", "up", check=True)
         back_as_backup(pair, first, other)
+
+
+def keepalived_said(lab: Lab, node: str, text: str, since: int) -> bool:
+    """Whether node's keepalived logged text after the first `since` bytes of its log."""
+    log = Path(f"/run/xlb-lab/{lab.prefix}/{node}-keepalived.log").read_bytes()
+    return text.encode() in log[since:]
+
+
+def test_a_node_whose_follow_is_killed_hands_the_vips_to_its_peer(pair, config):
+    """keepalived on both nodes. The active node's `xlb ha follow` killed alone
+    (kill -9, the OOM killer) writes nothing more, and keepalived never starts
+    it again: no role would reach that xlb any more. keepalived sees that no
+    follow holds the track file's lock and holds the node in FAULT: the peer
+    takes over, and the node without follow goes silent (keepalived tells it),
+    or both would answer ARP for the VIPs. A reload of keepalived starts a
+    follow again, which must not tell the role that the killed one was last
+    told (a gratuitous ARP would send the clients to a node about to be the
+    silent backup): the node is the backup."""
+    run = Path(f"/run/xlb-lab/{pair.prefix}")
+    with elected(pair, config) as (_, first, other):
+        (follow,) = follows(pair, first)
+        os.kill(follow, signal.SIGKILL)
+        wait_for(lambda: role(pair, other) == "active", 10, "the peer takes over")
+        wait_for(lambda: role(pair, first) == "backup", 10, "the node without follow is silent")
+        pair.run("client", "ip", "neigh", "flush", "dev", "eth0")
+        assert curl_ok(pair) and neighbour(pair, "client", VIP) == mac(pair, other, "eth0")
+        logged = (run / f"{first}-keepalived.log").stat().st_size
+        os.kill(int((run / f"{first}-keepalived.pid").read_text()), signal.SIGHUP)
+        wait_for(lambda: keepalived_said(pair, first, "Entering BACKUP STATE", logged), 10,
+                 "the reloaded node leaves FAULT, as the backup")
+        assert role(pair, first) == "backup" and role(pair, other) == "active"
+        assert neighbour(pair, "client", VIP) == mac(pair, other, "eth0") and curl_ok(pair)
 
 
 def test_failover_when_the_active_node_crashes(pair, config):

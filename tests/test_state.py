@@ -47,6 +47,9 @@ def test_follow_s_record_is_the_role_of_the_keepalived_that_said_it(root):
     assert state.followed("100 6 xlb") is None          # the pid, reused by another process
     state.save_followed("100 5 xlb", "backup")
     assert state.followed("100 5 xlb") == "backup"
+    # Left by a follow that runs on, or was killed: keepalived may have said more since.
+    state.save_followed("100 5 xlb", "active", running=True)
+    assert state.followed("100 5 xlb") is None
     assert state.load() is None and sorted(os.listdir(state.directory())) == ["keepalived.json"]
     (state.directory() / "keepalived.json").write_text('{"keepalived": "100 5 xlb", "role": 1}')
     assert state.followed("100 5 xlb") is None
