@@ -893,6 +893,11 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
         if not os.path.isdir(os.path.dirname(path)):
             _error(f"xlb: warning: {option} {path}: no directory {os.path.dirname(path)} here; "
                    f"keepalived does not make it, and would hold the node in FAULT")
+    if not os.access(hamod.FLOCK, os.X_OK):
+        # keepalived disables a check whose program is not there, and says so only
+        # in its log: a follow killed alone would go unnoticed again.
+        _error(f"xlb: warning: no {hamod.FLOCK} here (util-linux): keepalived would not "
+               f"check that `xlb ha follow` runs")
     if xlb_path is None:
         try:
             xlb_path = hamod.check_keepalived_path(os.path.abspath(sys.argv[0]))

@@ -610,6 +610,17 @@ def test_keepalived_stopping_leaves_a_role_of_backup_for_xlb_to_adopt(tmp_path, 
     assert "the next `xlb up` that adopts its data path starts as backup" in r.stderr
 
 
+def test_no_flock_here_is_warned_of(monkeypatch):
+    """keepalived disables the check that `xlb ha follow` runs when flock(1)
+    is not there ("Disabling track script xlb_follows since not found"), in
+    its log only: a follow killed alone would go unnoticed again."""
+    monkeypatch.setattr(ha, "FLOCK", "/nonexistent-xlb/flock")
+    r = run(*KA, "--gateway", "10.1.11.1/24", str(SEED))
+    assert r.exit_code == 0 and "/nonexistent-xlb/flock --exclusive" in r.stdout
+    assert r.stderr == ("xlb: warning: no /nonexistent-xlb/flock here (util-linux): "
+                        "keepalived would not check that `xlb ha follow` runs\n")
+
+
 def test_a_file_in_a_directory_not_here_is_warned_of():
     """keepalived makes its FIFO and track file, not their directory: it logs
     "Unable to create vrrp_notify fifo" and the node stays in FAULT."""
