@@ -483,10 +483,12 @@ def test_ha_follow_started_by_a_reload_tells_the_role_before_it_waits(run_dir, t
         # ping, the role, then keepalived stops (the backup role follow then sends)
         with conn.makefile("rb") as f:
             req = json.loads(f.readline())
-        events.append((req["cmd"], req.get("role")))
+        asked = (req["cmd"], req.get("role"))
+        events.append(asked)
         result = {"pid": 4242, "cut_off": []} if req["cmd"] == "ping" else {}
         conn.sendall(json.dumps({"ok": True, "result": result}).encode() + b"\n")
-        if events[-1] == ("role", "active"):
+        # Not events[-1]: answered, follow may have waited (and said so) already.
+        if asked == ("role", "active"):
             os.kill(os.getpid(), signal.SIGTERM)
 
     r = _follow(cli, fifo, keepalived, handle)
