@@ -1,5 +1,9 @@
+import contextlib
 import os
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 
 import pytest
@@ -31,6 +35,55 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _skip_fails(outcome.get_result())
+
+
+# A test that hangs fails, with every thread's stack, rather than hold the run
+# (and CI) for ever: SIGALRM raises in the main thread wherever it waits. Each
+# phase (setup, call, teardown) has its bound: a test that needs no kernel
+# takes a second or two; a kernel, netns or lab test's setup may compile the
+# program or start a lab. Once over, it raises again every AGAIN seconds, in
+# case what the first interrupted hangs too as it unwinds.
+UNIT_BOUND, ROOT_BOUND, AGAIN = 120, 1800, 10
+
+
+@contextlib.contextmanager
+def _bounded(item):
+    root = any(item.get_closest_marker(m) for m in ("kernel", "netns", "lab"))
+    seconds = ROOT_BOUND if root else UNIT_BOUND
+
+    def hung(signum, frame):
+        names = {t.ident: t.name for t in threading.enumerate()}
+        # the main thread's where the signal found it, not in this handler
+        frames = {**sys._current_frames(), threading.main_thread().ident: frame}
+        stacks = "".join(f"\nthread {names.get(ident, ident)}:\n"
+                         + "".join(traceback.format_stack(f)) for ident, f in frames.items())
+        pytest.fail(f"still running after {seconds} s: hung?{stacks}")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.setitimer(signal.ITIMER_REAL, seconds, AGAIN)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _bounded(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _bounded(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item):
+    with _bounded(item):
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,13 +1,17 @@
 """`make unit` (-m "not kernel and not netns and not lab") runs no test that
 makes a namespace: such a test needs root, and on a shared machine the lock
-that the lab's tests are run under. And every test file is named where the
-README and DEVELOPERS.md say what the tests cover."""
+that the lab's tests are run under. Every test file is named where the
+README and DEVELOPERS.md say what the tests cover. And a test that hangs
+fails (conftest.py's bound), rather than hold the run for ever."""
 
 from __future__ import annotations
 
 import ast
 import fnmatch
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -53,3 +57,41 @@ def test_every_test_file_is_in_the_readme_and_developers_md():
         unnamed = [path.name for path in sorted(TESTS.glob("test_*.py"))
                    if not any(fnmatch.fnmatch(path.name, n) for n in named)]
         assert unnamed == [], doc
+
+
+# Run with conftest.py as a plugin, its bound made 1 s, and its repeat.
+HANGS = """
+import threading
+import conftest
+
+conftest.UNIT_BOUND = conftest.AGAIN = 1
+
+
+def test_waits_for_ever():
+    threading.Thread(target=threading.Event().wait, name="stand-in", daemon=True).start()
+    try:
+        threading.Event().wait()
+    finally:                    # and again as it unwinds
+        threading.Event().wait()
+
+
+def test_next():
+    pass
+"""
+
+
+def test_a_test_that_hangs_fails_with_every_threads_stack(tmp_path):
+    """One run of the unit tests hung until it was killed by hand, after 10
+    minutes, and nothing said where: a test past its bound fails instead,
+    with the stack of each thread (also one that hangs again on its way
+    out), and the run goes on."""
+    (tmp_path / "test_hangs.py").write_text(HANGS)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "-p", "conftest", "test_hangs.py"], cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(TESTS)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.splitlines()[-1].startswith("1 failed, 1 passed"), r.stdout + r.stderr
+    assert "still running after 1 s: hung?" in r.stdout
+    assert re.search(r"thread stand-in:\n(.*\n)*.* in wait\n", r.stdout), r.stdout
+    assert re.search(r"thread MainThread:\n(.*\n)*.* in test_waits_for_ever\n", r.stdout), \
+        r.stdout
