@@ -318,14 +318,11 @@ class FakeInstance:
 
 def test_once_takes_two_samples_interval_apart(monkeypatch):
     FakeInstance(monkeypatch, [STATUS, later()])
-    clock = iter([100.0, 102.0])
-    slept = []
-    monkeypatch.setattr(top.time, "monotonic", lambda: next(clock))
-    monkeypatch.setattr(top.time, "sleep", slept.append)
+    clock = Clock(monkeypatch)      # top's, not the time module every thread uses
     console = Console(record=True, width=160, file=io.StringIO())
     top.once(2.0, console)
     out = console.export_text()
-    assert slept == [2.0]
+    assert clock.now == 102.0
     assert out.count("frontends") == 1
     assert row(out, "www")[4] == "20"
 
