@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 from ipaddress import IPv4Address, IPv4Interface
@@ -441,6 +442,16 @@ def test_a_peer_that_is_an_address_of_this_host_is_warned_of(monkeypatch):
     assert r.exit_code == 0 and r.stderr == ""
 
 
+@pytest.fixture
+def sigterm_kept():
+    """follow, run here, takes SIGTERM (keepalived's stop) for good: a SIGTERM
+    to the test run would then fail the test it came in, and the run go on."""
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.usefixtures("sigterm_kept")
 def test_follow_outlives_an_answer_it_does_not_expect(tmp_path, monkeypatch):
     """keepalived starts `xlb ha follow` once and never again: if it ended on an
     answer it did not expect (an instance of an earlier build, whose ping
@@ -481,6 +492,7 @@ def keepalived_command(text: str, keyword: str) -> list[str]:
     return line.split('"')[1].split()
 
 
+@pytest.mark.usefixtures("sigterm_kept")
 def test_keepalived_holds_a_node_whose_follow_is_gone_in_fault(tmp_path, monkeypatch):
     """`xlb ha follow` killed alone (kill -9, the OOM killer) writes nothing
     more. keepalived checks every second that a follow holds the track file's
@@ -524,6 +536,7 @@ def test_keepalived_holds_a_node_whose_follow_is_gone_in_fault(tmp_path, monkeyp
     assert state.followed(keepalived) == "active"
 
 
+@pytest.mark.usefixtures("sigterm_kept")
 def test_follow_ended_by_a_failure_hands_the_node_to_the_peer(tmp_path, monkeypatch):
     """Whatever ends follow but keepalived's stop leaves keepalived without it:
     the track file says the node cannot serve (FAULT), and why is said."""
@@ -578,6 +591,7 @@ def test_an_xlb_keepalived_would_not_run_is_refused(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.usefixtures("sigterm_kept")
 def test_keepalived_stopping_leaves_a_role_of_backup_for_xlb_to_adopt(tmp_path, monkeypatch):
     """keepalived stops (its peer takes the gateway) while xlb's control process
     is dead, its data path serving on as active: `follow` cannot tell it
