@@ -279,12 +279,14 @@ FLOCK = "/usr/bin/flock"     # util-linux's
 FALSE = "/bin/false"
 
 
-def _unless_followed(track_file: str, wait: str) -> str:
+def _unless_followed(track_file: str) -> str:
     """The start of a keepalived command that runs what follows it only while no
-    `xlb ha follow` holds its lock on track_file, and succeeds otherwise: the
-    lock free (after `wait`, flock's), it is held for the command (--no-fork),
-    which a follow starting meanwhile waits for."""
-    return f"{FLOCK} --exclusive {wait} --conflict-exit-code 0 --no-fork {track_file}"
+    `xlb ha follow` holds its lock on track_file, and succeeds otherwise. It
+    holds a shared lock for the command (--no-fork): a follow starting
+    meanwhile waits for it, while the check, shared too, still finds no follow
+    there (the FAULT notify's `xlb ha role backup` taking a second would
+    otherwise pass for one, and the node would leave FAULT)."""
+    return f"{FLOCK} --shared --nonblock --conflict-exit-code 0 --no-fork {track_file}"
 
 
 def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: str,
@@ -335,9 +337,10 @@ def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: s
         "# `xlb ha follow` holds a lock on the track file while it runs: killed alone (kill -9,",
         "# the OOM killer), it leaves the lock free and writes nothing more. Three checks in",
         "# a row that find it free (2 to 3 s) hold the node in FAULT; a reload's new follow",
-        "# takes the lock once the old one has ended, well within that.",
+        "# takes the lock once the old one has ended, well within that. The check and the",
+        "# FAULT notify share the lock: the notify running is no follow.",
         "vrrp_script xlb_follows {",
-        f'    script "{_unless_followed(track_file, "--nonblock")} {FALSE}"',
+        f'    script "{_unless_followed(track_file)} {FALSE}"',
         "    interval 1",
         "    fall 3",
         "    rise 1",
@@ -358,8 +361,8 @@ def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: s
     lines += [f"        {g.address} dev {g.interface or interface}" for g in gateways]
     lines += ["    }", "    track_file {", "        xlb_serves", "    }",
               "    track_script {", "        xlb_follows", "    }",
-              "    # No follow here to tell xlb this FAULT: keepalived does (waiting out a check).",
-              f'    notify_fault "{_unless_followed(track_file, "--wait 1")} {xlb} ha role backup"',
+              "    # No follow here to tell xlb this FAULT: keepalived does.",
+              f'    notify_fault "{_unless_followed(track_file)} {xlb} ha role backup"',
               "}"]
     return "\n".join(lines) + "\n"
 

@@ -536,6 +536,24 @@ def test_keepalived_holds_a_node_whose_follow_is_gone_in_fault(tmp_path, monkeyp
     assert state.followed(keepalived) == "active"
 
 
+def test_the_fault_notify_running_is_no_follow_to_the_check(tmp_path):
+    """keepalived's FAULT notify holds the track file's lock while it tells xlb
+    backup (a follow starting meanwhile waits for it), which takes a Python's
+    start, or up to its timeout while xlb does not answer: a check in that
+    time must still find no follow there, or the node would leave FAULT (rise
+    1), go back 3 checks later, and so on, for as long as no follow runs."""
+    track = tmp_path / "serving"
+    track.write_text("1\n")
+    xlb = tmp_path / "xlb"          # as xlb would be slow: the check runs meanwhile
+    text = keepalived_text(xlb=str(xlb), track_file=str(track))
+    check = " ".join(keepalived_command(text, "script"))
+    xlb.write_text(f'#!/bin/sh\n{check}\necho "$* while the check says $?"\n')
+    xlb.chmod(0o700)
+    r = subprocess.run(keepalived_command(text, "notify_fault"), capture_output=True,
+                       text=True, timeout=10)
+    assert (r.returncode, r.stdout) == (0, "ha role backup while the check says 1\n")
+
+
 @pytest.mark.usefixtures("sigterm_kept")
 def test_follow_ended_by_a_failure_hands_the_node_to_the_peer(tmp_path, monkeypatch):
     """Whatever ends follow but keepalived's stop leaves keepalived without it:
@@ -630,7 +648,7 @@ def test_no_flock_here_is_warned_of(monkeypatch):
     its log only: a follow killed alone would go unnoticed again."""
     monkeypatch.setattr(ha, "FLOCK", "/nonexistent-xlb/flock")
     r = run(*KA, "--gateway", "10.1.11.1/24", str(SEED))
-    assert r.exit_code == 0 and "/nonexistent-xlb/flock --exclusive" in r.stdout
+    assert r.exit_code == 0 and "/nonexistent-xlb/flock --shared" in r.stdout
     assert r.stderr == ("xlb: warning: no /nonexistent-xlb/flock here (util-linux): "
                         "keepalived would not check that `xlb ha follow` runs\n")
 

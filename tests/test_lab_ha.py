@@ -12,8 +12,10 @@ long-lived ones."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import select
 import signal
 import subprocess
 import time
@@ -145,16 +147,21 @@ def test_keepalived_is_followed_across_a_restart_of_xlb_and_its_own_stop(pair, c
     gateway_on(pair, None)
 
 
-def follows(lab: Lab, node: str) -> set[int]:
-    """The `xlb ha follow` processes running in node."""
+def processes(lab: Lab, node: str, args: bytes) -> set[int]:
+    """The processes in node that have args (NUL-separated) in their command line."""
     out = subprocess.run(["ip", "netns", "pids", lab.ns(node)], check=True,
                          capture_output=True, text=True).stdout
     found = set()
     for pid in map(int, out.split()):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            if b"ha\0follow\0" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if args in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.add(pid)
     return found
+
+
+def follows(lab: Lab, node: str) -> set[int]:
+    """The `xlb ha follow` processes running in node."""
+    return processes(lab, node, b"ha\0follow\0")
 
 
 def test_a_killed_keepalived_leaves_no_follow_behind(pair, config):
@@ -310,6 +317,60 @@ def test_a_node_whose_follow_is_killed_hands_the_vips_to_its_peer(pair, config):
                  "the reloaded node leaves FAULT, as the backup")
         assert role(pair, first) == "backup" and role(pair, other) == "active"
         assert neighbour(pair, "client", VIP) == mac(pair, other, "eth0") and curl_ok(pair)
+
+
+@contextlib.contextmanager
+def opens_of(path: Path):
+    """wait(count, seconds): whether path was opened count times (inotify)
+    since the watch began, waiting up to seconds for it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    try:
+        assert libc.inotify_add_watch(fd, str(path).encode(), 0x20) >= 0    # IN_OPEN
+        seen = 0
+
+        def wait(count: int, seconds: float) -> bool:
+            nonlocal seen
+            deadline = time.monotonic() + seconds
+            while seen < count and (left := deadline - time.monotonic()) > 0:
+                if select.select([fd], [], [], left)[0]:
+                    seen += len(os.read(fd, 4096)) // 16     # events without a name
+            return seen >= count
+        yield wait
+    finally:
+        os.close(fd)
+
+
+NOTIFY = b"ha\0role\0backup\0"        # the FAULT notify's xlb
+
+
+def test_a_node_without_follow_stays_in_fault_while_keepalived_tells_xlb(pair, config):
+    """keepalived's FAULT notify, run because no follow holds the track file's
+    lock, holds that lock itself while `xlb ha role backup` runs (a Python
+    start, and up to its timeout while xlb is slow to answer, held here by
+    SIGSTOP): the checks that run meanwhile must not take it for a follow, or
+    the node leaves FAULT (one passing check is enough), and comes back to it
+    three checks after the notify ends, and again, for as long as no follow
+    runs."""
+    run = Path(f"/run/xlb-lab/{pair.prefix}")
+    with elected(pair, config) as (xs, first, other):
+        (follow,) = follows(pair, first)
+        logged = (run / f"{first}-keepalived.log").stat().st_size
+        xs[first].proc.send_signal(signal.SIGSTOP)
+        try:
+            os.kill(follow, signal.SIGKILL)
+            wait_for(lambda: processes(pair, first, NOTIFY), 15,
+                     "keepalived's FAULT notify tells xlb backup")
+            with opens_of(run / f"{first}-xlb.serving") as opened:
+                assert opened(2, 10), "keepalived checks, twice, while the notify runs"
+        finally:
+            xs[first].proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: not processes(pair, first, NOTIFY), 15,
+                 "the notify ends")
+        wait_for(lambda: role(pair, other) == "active", 10, "the peer takes over")
+        log = (run / f"{first}-keepalived.log").read_bytes()[logged:].decode()
+        assert log.count("Entering FAULT STATE") == 1 and "Entering BACKUP" not in log, log
 
 
 def test_failover_when_the_active_node_crashes(pair, config):
