@@ -480,10 +480,19 @@ def down(keep_datapath: bool) -> None:
     has detached, and forget xlb's state here. A data path that runs without
     its control process (after a crash) is removed too, with the VIP routes it
     announced (--announce-table), and the state that an instance stopped by a
-    signal left is forgotten, as is a state file xlb cannot take (damaged)."""
+    signal left is forgotten, as is a state file xlb cannot take (damaged).
+    An instance stopping already (a signal, another `xlb down`) is waited for
+    the same way (exit 0); with --keep-datapath, exit 1 if that stop detached
+    the data path."""
     _check_state_dir()
+    stopping = False
     try:
         ctl.request("down", keep_datapath=keep_datapath)
+    except ctl.Stopping:
+        # Stopping already (a signal, another `xlb down`): that stop is waited
+        # for as this one's would be: a stop is asked twice by those who cannot
+        # know of each other (`systemctl stop` beside an operator's `xlb down`).
+        stopping = True
     except ctl.NotRunning as e:
         if keep_datapath:
             raise _not_running(e) from None
@@ -510,6 +519,11 @@ def down(keep_datapath: bool) -> None:
             if not keep_datapath:
                 with contextlib.suppress(ctl.AlreadyRunning), ctl.exclusive():
                     left = _orphan(detach=True)
+                    if left is None and stopping:
+                        _forget_state()     # what a stop by a signal keeps
+            elif stopping and _orphan() is None:
+                raise Failure("xlb was stopping already (a signal, or `xlb down`), and "
+                              "detached its data path: not kept")
             if left is not None:
                 click.echo(f"xlb: the instance stopped before it detached; removed the data "
                            f"path it left ({_program_on(left)})")
@@ -998,11 +1012,19 @@ def _request(cmd: str, **args):
 def _forget_the_dead(e: ctl.NotRunning) -> str:
     """Removes what no control process runs: a data path and its VIP routes,
     or else the state an instance left; what was done, said (Failure: none)."""
-    from . import state
     orphan = _orphan(detach=True)
     if orphan is not None:
         return (f"xlb: removed the data path that ran without its control process "
                 f"({_program_on(orphan)})")
+    forgot = _forget_state()
+    if forgot is None:
+        raise Failure(str(e)) from None
+    return forgot
+
+
+def _forget_state() -> str | None:
+    """Forgets the state that an instance left, said (None: it left none)."""
+    from . import state
     kept = state.load()
     if kept is None:
         # A state file that is no state of this namespace's (damaged, or
@@ -1010,7 +1032,7 @@ def _forget_the_dead(e: ctl.NotRunning) -> str:
         if state.clear():
             return (f"xlb: no instance runs; forgot the state file it could not take "
                     f"({state.directory() / state.FILE})")
-        raise Failure(str(e)) from None
+        return None
     # Left by an instance stopped with a signal, which keeps it (and withdrew
     # its routes), or by a killed one whose data path went since.
     _withdraw(kept)

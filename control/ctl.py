@@ -75,6 +75,10 @@ class ControlError(Exception):
         self.bad_input = bad_input
 
 
+class Stopping(ControlError):
+    """The instance is stopping (a signal, `xlb down`): it refused the request, not done."""
+
+
 def directory() -> Path:
     return RUN_DIR / namespace_dirname()
 
@@ -294,7 +298,8 @@ def _own_directory() -> int:
 
 
 def request(cmd: str, timeout: float = 10.0, **args) -> object:
-    """Sends one request and returns its result; raises NotRunning or ControlError."""
+    """Sends one request and returns its result; raises NotRunning or ControlError
+    (Stopping)."""
     try:
         return _request(cmd, timeout, args)
     except TimeoutError:
@@ -361,6 +366,8 @@ def _request(cmd: str, timeout: float, args: dict) -> object:
                 raise ControlError("the instance closed the connection without answering")
             buf += chunk
     reply = json.loads(buf)
+    if reply.get("stopping"):
+        raise Stopping(reply["error"])
     if not reply.get("ok"):
         raise ControlError(reply.get("error", "request failed"), reply.get("problems"),
                            reply.get("bad_input", False))

@@ -1401,10 +1401,14 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, stop: as
         return {"ok": False, "error": f"internal error: {e!r}"}
 
 
+# The answer to a request that a stop came before; "stopping" tells `xlb down`
+# to wait for that stop rather than fail.
+REFUSED = {"ok": False, "error": "xlb is stopping: not done", "stopping": True}
+
+
 def _refused(cmd: str) -> dict:
-    """The answer to a request that a stop came before."""
-    log.event(cmd, level="warning", error="xlb is stopping: not done")
-    return {"ok": False, "error": "xlb is stopping: not done"}
+    log.event(cmd, level="warning", error=REFUSED["error"])
+    return REFUSED
 
 
 def _hung_up(writer: asyncio.StreamWriter) -> bool:

@@ -12,13 +12,14 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from test_ctl import answering, run_dir, serving  # noqa: F401 (run_dir: a fixture)
+from test_ctl import STOPPING, answering, run_dir, serving  # noqa: F401 (run_dir: a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 XLB = Path(sys.executable).parent / "xlb"
@@ -384,6 +385,40 @@ def test_down_of_what_a_dead_instance_left_holds_off_an_instance_starting(run_di
         listener.close()
     assert r.exit_code == 1
     assert "an xlb up started here meanwhile: `xlb down` again stops it" in r.stderr
+
+
+@pytest.mark.parametrize("keep_datapath", [False, True], ids=["down", "keep-datapath"])
+def test_down_of_an_instance_stopping_already_waits_for_its_stop(run_dir, monkeypatch,
+                                                                 keep_datapath):
+    """A second `xlb down` (two operators', or a script's) exited 1,
+    "xlb is stopping: not done". It waits for that stop as for its own, and
+    forgets the state that a stop by a signal keeps; --keep-datapath fails
+    where that stop detached the data path."""
+    from xlb import cli, ctl, state
+    listener, asked = ctl.Listener(), []
+
+    def stop():                         # the `down`, then a `ping` of its wait
+        for _ in range(2):
+            conn, _ = listener.socket.accept()
+            with conn:
+                asked.append(json.loads(conn.makefile("rb").readline())["cmd"])
+                conn.sendall(STOPPING)
+        listener.close()
+    server = threading.Thread(target=stop, daemon=True)
+    server.start()
+    state.save(state.State(None, "", {("was", "was1"): "drain"}))
+    monkeypatch.setattr(cli, "_check_state_dir", lambda: None)
+    monkeypatch.setattr(cli, "_orphan", lambda detach=False: None)     # it detached
+    r = CliRunner().invoke(cli.cli, ["down", *(["--keep-datapath"] if keep_datapath else [])])
+    server.join(10)
+    assert asked == ["down", "ping"]
+    if keep_datapath:
+        assert r.exit_code == 1 and r.stderr.endswith(
+            "xlb was stopping already (a signal, or `xlb down`), and detached its data path: "
+            "not kept\n")
+    else:
+        assert (r.exit_code, r.stdout, r.stderr) == (0, "xlb: stopped\n", "")
+    assert (state.load() is None) != keep_datapath
 
 
 def _follow(cli, fifo: Path, keepalived: int, handle):

@@ -181,6 +181,9 @@ def test_an_instance_that_resets_the_connection_is_a_control_error():
             ctl.request("status")
 
 
+STOPPING = b'{"ok": false, "error": "xlb is stopping: not done", "stopping": true}\n'
+
+
 def test_an_answer_before_the_request_was_read_is_the_answer():
     """The instance refuses an oversized request before it has read it all,
     and closes: the client's send fails (EPIPE), the answer is still read."""

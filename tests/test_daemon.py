@@ -395,13 +395,13 @@ def queued(fd: int) -> int:
     return held[0]
 
 
-def test_an_apply_under_way_when_a_stop_comes_is_answered(root, fibnet, tmp_path):
-    """SIGTERM (SIGINT, `xlb down`) while an apply is carried out: its client
-    said "closed the connection without answering" and failed, while the
-    apply took effect (maps written, state saved). The stop waits for it and
-    its answer; a request that comes meanwhile is refused, said so. The apply
-    is held where it saves the state: the temporary file it writes is a FIFO
-    of one page, which the state does not fit, read by the test only then."""
+@contextlib.contextmanager
+def stopping_during_an_apply(tmp_path):
+    """`xlb up`, sent SIGTERM while an `xlb apply` is carried out, held where
+    it saves the state: the temporary file it writes is a FIFO of one page,
+    which the state does not fit. Yields (up, apply, release) once the stop
+    has begun (a request is refused); release() reads the FIFO to its end (the
+    apply goes on, then the stop) and returns what it read."""
     from labctl import XLB
     from xlb import state
 
@@ -428,29 +428,71 @@ def test_an_apply_under_way_when_a_stop_comes_is_answered(root, fibnet, tmp_path
             assert apply.poll() is None and time.monotonic() < deadline, "the apply: not held"
             time.sleep(0.01)
         up.send_signal(signal.SIGTERM)
-        refused = None
-        while refused is None and apply.poll() is None:     # until the stop has begun
-            assert time.monotonic() < deadline, "the stop: not begun"
-            try:
+        with pytest.raises(ctl.ControlError, match="^xlb is stopping: not done$"):
+            while apply.poll() is None:         # until the stop has begun
+                assert time.monotonic() < deadline, "the stop: not begun"
                 ctl.request("ping", timeout=1)
-            except ctl.ControlError as e:
-                refused = str(e)
-        os.set_blocking(saved, True)
-        text = b""
-        while chunk := os.read(saved, 65536):           # to its end: the writer closes it
-            text += chunk
-        os.close(saved)
-        out, err = apply.communicate(timeout=30)
-        assert (apply.returncode, refused) == (0, "xlb is stopping: not done"), err
-        assert "100 servers" in out and '"s99"' in json.loads(text)["config_text"]
-        out, err = up.communicate(timeout=30)
-        assert (up.returncode, out.splitlines()[-1:]) == (0, ["xlb: stopped, XDP detached"]), err
+
+        def release() -> bytes:
+            os.set_blocking(saved, True)
+            text = b""
+            while chunk := os.read(saved, 65536):       # to its end: the writer closes it
+                text += chunk
+            os.close(saved)
+            return text
+        yield up, apply, release
     finally:
         for process in (up, apply):
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
     assert find_running() is None
+
+
+def test_an_apply_under_way_when_a_stop_comes_is_answered(root, fibnet, tmp_path):
+    """SIGTERM (SIGINT, `xlb down`) while an apply is carried out: its client
+    said "closed the connection without answering" and failed, while the
+    apply took effect (maps written, state saved). The stop waits for it and
+    its answer; a request that comes meanwhile is refused, said so."""
+    with stopping_during_an_apply(tmp_path) as (up, apply, release):
+        text = release()
+        out, err = apply.communicate(timeout=30)
+        assert apply.returncode == 0, err
+        assert "100 servers" in out and '"s99"' in json.loads(text)["config_text"]
+        out, err = up.communicate(timeout=30)
+        assert (up.returncode, out.splitlines()[-1:]) == (0, ["xlb: stopped, XDP detached"]), err
+
+
+def test_down_while_a_stop_is_under_way_waits_for_it(root, fibnet, tmp_path):
+    """`xlb down` after SIGTERM (`systemctl stop` beside an operator's `xlb
+    down`) exited 1, "xlb is stopping: not done". It waits for that stop, says
+    "stopped" (exit 0), and forgets the state that a stop by a signal keeps."""
+    from labctl import XLB
+    from xlb import state
+
+    with stopping_during_an_apply(tmp_path) as (up, apply, release):
+        down = subprocess.Popen([str(XLB), "down"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        watchdog = threading.Timer(30, up.kill)     # ends the read below, if nothing else
+        watchdog.start()
+        try:
+            # The instance refuses it (and logs so) while the apply is held.
+            for line in up.stderr:
+                if "event=down" in line:
+                    assert 'error="xlb is stopping: not done"' in line
+                    break
+            else:
+                pytest.fail("`xlb down`: not refused while the stop was held")
+            release()
+            out, err = down.communicate(timeout=30)
+        finally:
+            watchdog.cancel()
+            if down.poll() is None:
+                down.kill()
+                down.wait()
+        assert (down.returncode, out, err) == (0, "xlb: stopped\n", "")
+        assert (up.wait(30), apply.wait(30)) == (0, 0)
+    assert state.load() is None
 
 
 def test_check_durations_are_those_of_the_servers_checked_now(balancer):
