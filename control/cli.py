@@ -488,7 +488,7 @@ def down(keep_datapath: bool) -> None:
     stopping = False
     try:
         ctl.request("down", keep_datapath=keep_datapath)
-    except ctl.Stopping:
+    except (ctl.Stopping, ctl.Ended):
         # Stopping already (a signal, another `xlb down`): that stop is waited
         # for as this one's would be: a stop is asked twice by those who cannot
         # know of each other (`systemctl stop` beside an operator's `xlb down`).

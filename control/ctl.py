@@ -32,9 +32,11 @@ import contextlib
 import fcntl
 import json
 import os
+import select
 import socket
 import stat
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,8 +56,8 @@ RESTORE_WAIT = 3.0       # seconds a client waits for a running instance to make
 
 
 class NotRunning(Exception):
-    def __init__(self):
-        super().__init__("no xlb instance runs in this network namespace")
+    def __init__(self, message: str = "no xlb instance runs in this network namespace"):
+        super().__init__(message)
 
 
 class AlreadyRunning(Exception):
@@ -79,6 +81,15 @@ class Stopping(ControlError):
     """The instance is stopping (a signal, `xlb down`): it refused the request, not done."""
 
 
+class Ended(NotRunning):
+    """The instance ended (it stopped, or was killed) before it answered, and
+    none runs now: the request was not read if it stopped."""
+
+    def __init__(self):
+        super().__init__("the instance ended before it answered; no xlb instance runs in "
+                         "this network namespace now")
+
+
 def directory() -> Path:
     return RUN_DIR / namespace_dirname()
 
@@ -93,6 +104,7 @@ class Listener:
 
     def __init__(self):
         self._dirfd, self.socket, self._file = _claim()
+        self._refusing: tuple[threading.Thread, socket.socket] | None = None
 
     def lost(self) -> bool:
         """True when clients no longer find this socket where they look for
@@ -114,12 +126,41 @@ class Listener:
         self._dirfd, self.socket, self._file = dirfd, sock, file
         return sock
 
+    def refuse(self, answer: bytes) -> None:
+        """From now until close(), answers every connection with `answer`, at
+        once and unread: a stopping instance serves no request, and its clients
+        hear so rather than wait, unaccepted, for the reset of close(). Once."""
+        if self._refusing is None:
+            wake, woken = socket.socketpair()
+            thread = threading.Thread(target=self._refuse, args=(answer, woken), daemon=True)
+            self._refusing = thread, wake
+            thread.start()
+
+    def _refuse(self, answer: bytes, woken: socket.socket) -> None:
+        with woken:
+            while woken not in select.select([self.socket, woken], [], [])[0]:
+                self._answer(answer)
+        # close() removed the socket's file: what the backlog holds is all that is left.
+        self.socket.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self._answer(answer)
+
+    def _answer(self, answer: bytes) -> None:
+        conn, _ = self.socket.accept()
+        with conn, contextlib.suppress(OSError):     # a client gone: its loss
+            conn.sendall(answer)
+
     def close(self) -> None:
         """Clients see nothing listening from here on, and the next `xlb up` may start."""
         try:
             os.unlink(SOCKET, dir_fd=self._dirfd)
         except FileNotFoundError:
             pass
+        if self._refusing is not None:
+            thread, wake = self._refusing
+            wake.close()          # wakes its thread
+            thread.join()
         self.socket.close()
         _let_go(self._dirfd)
 
@@ -298,10 +339,20 @@ def _own_directory() -> int:
 
 
 def request(cmd: str, timeout: float = 10.0, **args) -> object:
-    """Sends one request and returns its result; raises NotRunning or ControlError
-    (Stopping)."""
+    """Sends one request and returns its result; raises NotRunning (Ended) or
+    ControlError (Stopping)."""
     try:
         return _request(cmd, timeout, args)
+    except _Unanswered:
+        # A stop cuts off what its last moments left unanswered, a kill all:
+        # what runs now, if anything, says which.
+        try:
+            _request("ping", min(timeout, 2.0), {})
+        except (NotRunning, Stopping) as e:
+            raise (Ended() if isinstance(e, NotRunning) else e) from None
+        except (ControlError, TimeoutError, _Unanswered):
+            pass
+        raise ControlError("the instance closed the connection without answering") from None
     except TimeoutError:
         raise ControlError(f"the instance did not answer within {timeout:g} s (starting, "
                            f"or stopped)") from None
@@ -363,7 +414,7 @@ def _request(cmd: str, timeout: float, args: dict) -> object:
             except ConnectionResetError:     # stopping: it closed what it had not accepted
                 chunk = b""
             if not chunk:
-                raise ControlError("the instance closed the connection without answering")
+                raise _Unanswered()
             buf += chunk
     reply = json.loads(buf)
     if reply.get("stopping"):
@@ -372,6 +423,10 @@ def _request(cmd: str, timeout: float, args: dict) -> object:
         raise ControlError(reply.get("error", "request failed"), reply.get("problems"),
                            reply.get("bad_input", False))
     return reply.get("result")
+
+
+class _Unanswered(Exception):
+    """The instance closed the connection without answering."""
 
 
 def running() -> bool:

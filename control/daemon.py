@@ -806,6 +806,9 @@ def up(config: Config, config_path: Path | None = None,
         # nor kill the process as it exits.
         _ignore_stops()
         _hold_hangups()
+        # Until its socket is closed, a client is told at once that it stops
+        # (unread, unlogged), not left to wait for the close to cut it off.
+        control.refuse(json.dumps(REFUSED).encode() + b"\n")
         if exporter is not None:
             if serving:
                 exporter.shutdown()

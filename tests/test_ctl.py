@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import types
 
 import pytest
 
@@ -182,6 +183,60 @@ def test_an_instance_that_resets_the_connection_is_a_control_error():
 
 
 STOPPING = b'{"ok": false, "error": "xlb is stopping: not done", "stopping": true}\n'
+
+
+def test_an_instance_that_ended_before_it_answered_is_not_running():
+    """Cut off by a stop's last moments (or killed), the client said "closed
+    the connection without answering" of an instance that none runs now."""
+    listener = ctl.Listener()
+
+    def stop():
+        conn, _ = listener.socket.accept()
+        with conn:
+            conn.recv(65536)
+            listener.close()            # gone before the client looks again
+    server = threading.Thread(target=stop, daemon=True)
+    server.start()
+    with pytest.raises(ctl.Ended, match="^the instance ended before it answered; no xlb "
+                                        "instance runs in this network namespace now$"):
+        ctl.request("apply", text="", path="/etc/xlb.toml")
+    server.join(10)
+
+
+def test_an_instance_that_cuts_off_a_request_as_it_stops_is_stopping():
+    """Asked again, it says it stops: the request was not done."""
+    def unanswered_then_stopping(conn):
+        if conn.recv(65536).startswith(b'{"cmd": "ping"'):
+            conn.sendall(STOPPING)
+    with serving(unanswered_then_stopping, connections=2):
+        with pytest.raises(ctl.Stopping, match="^xlb is stopping: not done$"):
+            ctl.request("status")
+
+
+@pytest.mark.parametrize("select_socket", [True, False], ids=["while-open", "as-it-closes"])
+def test_a_stopping_instance_answers_each_client_until_its_socket_is_closed(monkeypatch,
+                                                                          select_socket):
+    """Its loop ended, it accepted no more while it detached: a client waited,
+    unread, until the close reset it ("closed the connection without
+    answering"), or its timeout. It is told at once, also one queued before;
+    those the backlog holds as the socket closes are told too (as-it-closes:
+    the refusing thread is kept from seeing any before)."""
+    if not select_socket:
+        monkeypatch.setattr(ctl, "select", types.SimpleNamespace(
+            select=lambda r, w, x: select.select(r[1:], w, x)))
+    listener = ctl.Listener()
+    queued = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        queued.connect(ctl.address())
+        queued.sendall(b'{"cmd": "status"}\n')
+        listener.refuse(STOPPING)
+        if select_socket:
+            with pytest.raises(ctl.Stopping, match="^xlb is stopping: not done$"):
+                ctl.request("server", action="drain", pool="was", server="was1")
+    finally:
+        listener.close()
+    with queued:
+        assert queued.makefile("rb").readline() == STOPPING
 
 
 def test_an_answer_before_the_request_was_read_is_the_answer():
