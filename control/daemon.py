@@ -113,8 +113,7 @@ class Balancer:
             ours = self.datapath.program()["id"]
             fresh = [link for link in links if link.xdp_prog_id != ours]
             _check_host(config, fresh, warned)
-            _refuse_taken((link for link in fresh if not self.datapath.holds(link)),
-                          bool(config.attach_names()))
+            _refuse_taken((link for link in fresh if not self.datapath.holds(link)), config)
         else:
             links, fresh = list(self.links.values()), []
         endpoints = {(p.name, s.name): (s.address, s.port)
@@ -495,16 +494,16 @@ def _select(config: Config, holds: Callable[[netif.Link], bool] = lambda link: F
     return links
 
 
-def _refuse_taken(links: Iterable[netif.Link], named: bool) -> None:
+def _refuse_taken(links: Iterable[netif.Link], config: Config) -> None:
     """Raises LookupError for a link that runs an XDP program not xlb's, which
     the attach would not replace (XDP_FLAGS_UPDATE_IF_NOEXIST): found there,
-    it came after the compile (`up`) or the map writes (`apply`). named: the
-    config names its links; else the link is one of every up Ethernet link,
-    and the error says how to leave it out."""
+    it came after the compile (`up`) or the map writes (`apply`). Where the
+    config names no links, the link is one of every up Ethernet link, and the
+    error says how to leave it out."""
     for link in links:
         if link.xdp_prog_id:
             raise LookupError(f"{link.name}: another XDP program (id {link.xdp_prog_id}) is "
-                              f"attached already" + ("" if named else
+                              f"attached already" + ("" if config.attach_names() else
                                                      "; no interface is named, so xlb runs on "
                                                      "every up Ethernet link: name those it "
                                                      "serves on (--iface, a frontend's "
@@ -733,8 +732,7 @@ def up(config: Config, config_path: Path | None = None,
         signals.check()
         running = find_running()
         _refuse_taken((link for link in links
-                       if running is None or link.index not in running.attached),
-                      bool(config.attach_names()))
+                       if running is None or link.index not in running.attached), config)
         if limits is None:
             limits = running.limits() if running is not None else Limits()
         if running is not None:
