@@ -521,19 +521,23 @@ def age_keys(t, keys, seconds: int) -> None:
         t[k] = value
 
 
+# syn, established, closing, udp: entries are aged by moving their last packet
+# back in time, which cannot go before the machine booted.
+SHORT_TIMEOUTS = (3, 5, 3, 3)
+
+
 @pytest.fixture
 def short_timeouts(lb):
-    """Timeouts of a few seconds: entries are aged by moving their last packet
-    back in time, which cannot go before the machine booted."""
-    lb.dp.set_timeouts(SVC_TCP, 3, 5, 3, 3)
+    """Timeouts of a few seconds (SHORT_TIMEOUTS)."""
+    lb.dp.set_timeouts(SVC_TCP, *SHORT_TIMEOUTS)
     yield
     lb.dp.set_timeouts(SVC_TCP, *TIMEOUTS.values())
 
 
 def shorten_timeouts(balancer) -> None:
-    """The balancer's services get short_timeouts' timeouts."""
+    """The balancer's services get SHORT_TIMEOUTS."""
     for svc in balancer.datapath._maps["services"].values():
-        balancer.datapath.set_timeouts(svc.id, 3, 5, 3, 3)
+        balancer.datapath.set_timeouts(svc.id, *SHORT_TIMEOUTS)
 
 
 def test_an_idle_connection_is_a_new_flow_at_its_next_packet(lb, fibnet, short_timeouts):
