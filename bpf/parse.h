@@ -48,6 +48,12 @@ static __always_inline int parse_ethhdr(struct cursor *c, struct ethhdr **eth)
 	return h->h_proto;
 }
 
+/* Addressed to a broadcast or multicast MAC: the I/G bit. */
+static __always_inline int eth_is_group(const struct ethhdr *eth)
+{
+	return eth->h_dest[0] & 1;
+}
+
 /* The fixed 20 bytes only: enough to know the addresses and protocol. */
 static __always_inline int parse_iphdr_fixed(struct cursor *c, struct iphdr **ip)
 {

@@ -941,6 +941,11 @@ int xlb_xdp(struct xdp_md *ctx)
 		if (!xlb_may_be_backend(cfg, ip->saddr, ports->source))
 			return count_exit(XLB_PASS_NOT_VIP, frame_len);
 	}
+	/* A frame to a group MAC reaches every node on the link, each of which
+	 * would balance it: a router forwards none (RFC 1812 5.3.4), and the
+	 * kernel drops it so. */
+	if (eth_is_group(eth))
+		return count_exit(XLB_PASS_NOT_UNICAST, frame_len);
 	return count_exit(classify(ctx, &c, eth, ip, cfg, is_vip, frame_len), frame_len);
 }
 

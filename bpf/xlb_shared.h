@@ -236,7 +236,9 @@ struct tally {
 	X(ICMP_TO_CLIENT, XDP_PASS)   /* an error about a forwarded packet, made the \
 				       * client's */                               \
 	X(DROP_NO_SERVICE, XDP_DROP)  /* to a VIP, for no service of it (new ones \
-				       * go last: an upgrade keeps the counts) */
+				       * go last: an upgrade keeps the counts) */ \
+	X(PASS_NOT_UNICAST, XDP_PASS) /* to a broadcast or multicast MAC: every \
+				       * node on the link has it */
 
 #define XLB_REASON_ENUM(name, action) XLB_##name,
 enum xlb_reason { XLB_REASONS(XLB_REASON_ENUM) XLB_REASON_MAX };

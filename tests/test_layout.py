@@ -238,6 +238,8 @@ TRIGGERS = {
     "fib_fwd_disabled": ((), _syn(CLIENT, 30014), "nofwd", True),
     "ttl_expired": ((), _syn(CLIENT, 30015, ttl=1), "ext", True),
     "drop_no_service": ((), tcp_frame(CLIENT, VIP, 30019, 22), 0, False),
+    "pass_not_unicast": ((), tcp_frame(CLIENT, VIP, 30020, 80, eth_dst="ff:ff:ff:ff:ff:ff"), 0,
+                         False),
 }
 
 

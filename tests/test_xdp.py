@@ -308,6 +308,40 @@ def test_tcp_with_ip_options(lb, sport, options, ihl):
     lb.expect("forward", flow=("in", SVC_TCP, bid, True))
 
 
+def test_a_flows_packets_to_a_group_mac_pass_and_leave_it_as_it_was(lb):
+    """A flooding switch, or a frame to a broadcast or multicast MAC, shows
+    another node's traffic to this one too: a flow this node balances is not
+    forwarded twice by its packets, and they do not touch its entry."""
+    syn = tcp_frame(CLIENT, VIP, 43100, 80)
+    first = chosen_backend(lb.send(syn).data, SVC_TCP)
+    lb.expect("forward", flow=("in", SVC_TCP, first, True))
+    addr, port = BACKENDS[first]
+    flows = lb.dp.flow_entries()
+    for frame in (tcp_frame(CLIENT, VIP, 43100, 80, flags="PA", payload=b"x",
+                            eth_dst="ff:ff:ff:ff:ff:ff"),
+                  tcp_frame(addr, CLIENT, port, 43100, flags="SA",
+                            eth_src=BACKEND_MAC, eth_dst="01:00:5e:00:00:01")):
+        res = lb.send(frame)
+        assert (res.action, res.data) == (XDP_PASS, frame)
+        lb.expect("pass_not_unicast")
+    assert lb.dp.flow_entries() == flows
+    # To the balancer's own MAC, the connection goes on where it went.
+    reply = tcp_frame(addr, CLIENT, port, 43100, flags="SA", eth_src=BACKEND_MAC)
+    res = lb.send(reply)
+    assert res.data == tcp_frame(VIP, CLIENT, 80, 43100, flags="SA", eth_src=BACKEND_MAC)
+    lb.expect("reply", flow=("out", SVC_TCP, first, False))
+
+
+def test_a_locally_administered_unicast_mac_is_balanced(lb):
+    """The group bit is the first octet's lowest: 02:... is a unicast MAC
+    (a VM's, a veth's), the balancer's own."""
+    mac = "02:00:00:00:00:01"
+    res = lb.send(tcp_frame(CLIENT, VIP, 43101, 80, eth_dst=mac))
+    bid = chosen_backend(res.data, SVC_TCP)
+    assert res.data == tcp_frame(CLIENT, BACKENDS[bid][0], 43101, 8080, eth_dst=mac)
+    lb.expect("forward", flow=("in", SVC_TCP, bid, True))
+
+
 # 5. What is not for a service: passed untouched, or dropped at a VIP -----------------
 
 def arp_frame(op, psrc, pdst, hwsrc=CLIENT_MAC, hwdst="00:00:00:00:00:00",
@@ -344,6 +378,17 @@ PASS_THROUGH = [
     ("backend-reply-without-flow", tcp_frame(BACKENDS[1][0], CLIENT, 8080, 49999, flags="SA",
                                              eth_src=BACKEND_MAC), 0, "pass_not_vip"),
     ("udp-to-other-address", udp_frame(CLIENT, OTHER, 43005, 80), 0, "pass_not_vip"),
+    # A group MAC reaches every node on the link: none balances it.
+    ("broadcast-syn-to-vip", tcp_frame(CLIENT, VIP, 43006, 80, eth_dst="ff:ff:ff:ff:ff:ff"), 0,
+     "pass_not_unicast"),
+    ("multicast-udp-to-vip", udp_frame(CLIENT, VIP, 43007, 80, eth_dst="01:00:5e:01:01:65"), 0,
+     "pass_not_unicast"),
+    ("broadcast-ping-of-vip", raw(Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff")
+                                  / IP(src=str(CLIENT), dst=str(VIP))
+                                  / ICMP(id=7, seq=1) / Raw(b"ping")), 0, "pass_not_unicast"),
+    ("multicast-backend-reply", tcp_frame(BACKENDS[1][0], CLIENT, 8080, 49998, flags="SA",
+                                          eth_src=BACKEND_MAC, eth_dst="33:33:00:00:00:01"), 0,
+     "pass_not_unicast"),
 ]
 
 
