@@ -11,14 +11,15 @@ share of the frames hit services, backends' replies on known flows and ARP
 for the VIPs; the rest is odd or random: IPv4 options, bad version, IHL and
 total length, fragments, every TCP flag and option, UDP checksum 0, wrong IP
 and L4 checksums, ICMP echo and errors quoting flows, frames over a backend
-link's MTU, IPv6, VLAN, ARP of every shape, truncation at any length, random
-bytes.
+link's MTU, IPv6, VLAN, ARP of every shape, broadcast and multicast MACs,
+truncation at any length, random bytes.
 
 Per frame (`check`):
 - the action is a known one and never XDP_ABORTED; XDP_TX and XDP_REDIRECT
   never send a frame back unchanged;
 - an ARP request for a VIP on the link that answers for it gets exactly the
   reply (TX); any other ARP frame is untouched;
+- IPv4 to a broadcast or multicast MAC passes untouched;
 - a ping of a VIP gets exactly its echo reply (TX); a frame that changes
   length is exactly xlb's "fragmentation needed" (TX) about a DF packet over
   its backend link's MTU;
@@ -545,7 +546,10 @@ def other_frame(world: World, v: Values, kind: str) -> bytes:
 MODES = ["seed", "seed", "reply", "reply", "new", "new", "any"]
 ODD_IP = [None] * 8 + ["options", "frag", "version", "ihl", "tot_len", "ttl", "tos", "l4len"]
 CHECKS = ["right"] * 4 + ["ip-wrong", "l4-wrong", "l4-zero", "l4-ffff", "zero-after-nat"]
-EDGES = [None] * 6 + ["cut", "pad"]
+EDGES = [None] * 6 + ["cut", "pad", "group"]
+# Broadcast, IPv4 multicast, IPv6 multicast, a group address of no protocol.
+GROUP_MACS = [mac(m) for m in ("ff:ff:ff:ff:ff:ff", "01:00:5e:01:01:65", "33:33:00:00:00:01",
+                               "03:00:00:00:00:00")]
 
 
 # family: (share in percent, its recipes: (family, variant, odd field, checksums))
@@ -587,6 +591,8 @@ def build(world: World, v: Values, recipe: tuple) -> bytes:
         frame = frame[:v.rng.randint(14, len(frame) - 1)]
     elif edge == "pad":
         frame += v.bytes(1, 24)
+    elif edge == "group":
+        frame = v.pick(GROUP_MACS) + frame[6:]
     return frame
 
 
@@ -635,6 +641,9 @@ def check(world: World, frame: bytes, ifindex: int, action: int, out: bytes) -> 
     if mac is not None:
         assert (action, out) == (TX, arp_reply_to(frame, mac)), "ARP request for a VIP not answered"
         return "arp_reply"
+    if frame[0] & 1 and frame[12:14] == b"\x08\x00":
+        assert (action, out) == (PASS, frame), "acted on IPv4 to a broadcast or multicast MAC"
+        return "pass"
     if out == frame:
         assert action in (DROP, PASS), "sent back or redirected unchanged"
         return "drop" if action == DROP else "pass"
