@@ -148,6 +148,7 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
         config = _load(config_path)
         _echo_warnings(config_path, config.warnings)
     elif not flags:
+        _need_root()        # the config to take over is in root's state directory
         config, config_path = saved_config()
     else:
         try:
@@ -177,8 +178,7 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
     from .datapath import DatapathError     # imports bcc only when it is needed
     limits = None if flow_table is None else _flow_table(flow_table)
     fast_path = None if forwarding is None else forwarding == "fast"
-    if os.geteuid() != 0:
-        raise Failure("xlb up needs root, to load and attach XDP programs")
+    _need_root()
     from . import daemon
     from .planner import CapacityError
     try:
@@ -192,6 +192,11 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
         raise Failure(str(e)) from None
     if code:
         raise click.exceptions.Exit(code)
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        raise Failure("xlb up needs root, to load and attach XDP programs")
 
 
 def _check_state_dir() -> None:

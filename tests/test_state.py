@@ -217,6 +217,19 @@ def test_a_bare_xlb_up_takes_over_the_saved_config(root):
         cli.saved_config()
 
 
+def test_a_bare_xlb_up_of_another_user_is_told_it_needs_root(root, monkeypatch):
+    """The config to take over is in root's state directory, which no other
+    user may read: "nothing to serve" (or that directory's "Permission
+    denied") would be no answer; the missing root is, with its exit 1."""
+    from click.testing import CliRunner
+
+    from xlb import cli
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 1000)
+    r = CliRunner().invoke(cli.cli, ["up"])
+    assert (r.exit_code, r.output) == \
+        (1, "Error: xlb up needs root, to load and attach XDP programs\n")
+
+
 def test_a_saved_config_of_an_earlier_build_is_taken_over(root):
     """Its `dump` wrote a none monitor's check settings and every frontend's
     four timeouts (here an operator's, of the other protocol, which did
