@@ -309,8 +309,9 @@ def check(file: Path) -> None:
     """Validate a config file, like `haproxy -c`.
 
     Lists every problem with its key path and exits 1, or says what the file
-    holds (and warns of what nothing uses) and exits 0. Needs no root and no
-    running instance.
+    holds (and warns of what would not act as written: what nothing uses, a
+    weighted ring that strays from its weights, ...) and exits 0. Needs no
+    root and no running instance.
     """
     try:
         cfg = configfile.load_file(file)
