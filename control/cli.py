@@ -833,6 +833,11 @@ class _KeepalivedStops(Exception):
 
 
 def _keepalived_stops(signum, frame):
+    # The stop comes as more than one SIGTERM (systemd signals every process of
+    # keepalived's unit, keepalived its scripts' group; a killed keepalived's
+    # VRRP process, then follow's parent dying): another, raised while follow
+    # tells xlb backup, would end it with xlb still active.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise _KeepalivedStops
 
 

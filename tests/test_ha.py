@@ -642,6 +642,42 @@ def test_keepalived_stopping_leaves_a_role_of_backup_for_xlb_to_adopt(tmp_path, 
     assert "the next `xlb up` that adopts its data path starts as backup" in r.stderr
 
 
+@pytest.mark.usefixtures("sigterm_kept")
+def test_keepalived_stopping_twice_over_still_makes_xlb_backup(tmp_path, monkeypatch):
+    """keepalived's stop reaches follow as more than one SIGTERM: `systemctl
+    stop` signals every process of keepalived's unit at once, and keepalived
+    its scripts' process group; keepalived killed (kill -9), its VRRP process
+    ends follow's group and follow's parent dying signals it again. One that
+    comes as follow tells xlb backup must not end it untold: the node would
+    answer ARP for the VIPs beside the peer that takes over. Real signals,
+    sent as xlb is asked."""
+    from xlb import cli as climod, ctl
+    monkeypatch.setenv("XLB_STATE_DIR", str(tmp_path / "state"))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    writer = os.open(fifo, os.O_RDWR)
+    os.write(writer, b'INSTANCE "xlb" MASTER 250\n')
+    told = []
+
+    def request(cmd, timeout=10.0, **args):
+        if cmd == "role":
+            if args["role"] == "backup":
+                os.kill(os.getpid(), signal.SIGTERM)      # systemd's, after keepalived's
+            told.append(args["role"])
+        elif told:
+            os.kill(os.getpid(), signal.SIGTERM)          # keepalived stops
+        return {"pid": 4242, "cut_off": []}
+
+    monkeypatch.setattr(ctl, "request", request)
+    monkeypatch.setattr(climod, "FOLLOW_POLL", 0.01)
+    try:
+        r = CliRunner().invoke(cli, ["ha", "follow", str(fifo)])
+    finally:
+        os.close(writer)
+    assert r.exception is None and r.exit_code == 0, r.output
+    assert told == ["active", "backup"]
+
+
 def test_no_flock_here_is_warned_of(monkeypatch):
     """keepalived disables the check that `xlb ha follow` runs when flock(1)
     is not there ("Disabling track script xlb_follows since not found"), in
