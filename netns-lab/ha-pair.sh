@@ -66,12 +66,15 @@ start_keepalived() {
         </dev/null >>"$RUN/$node-keepalived.log" 2>&1 &
 }
 
-# stop-keepalived NODE: keepalived stops as `systemctl stop` stops it (SIGTERM):
-# it resigns (priority 0), gives up the gateway and ends `xlb ha follow`.
+# stop-keepalived NODE: keepalived stops as `systemctl stop` stops it: SIGTERM to
+# every process of its unit at once (KillMode=control-group), here of its session
+# (setsid): keepalived, its VRRP process and `xlb ha follow`, which keepalived ends
+# too (SIGTERM again). keepalived resigns (priority 0) and gives up the gateway.
 stop_keepalived() {
     local pid i
     pid=$(cat "$RUN/$1-keepalived.pid") || die "no keepalived runs on '$1'"
-    kill -TERM "$pid"
+    # shellcheck disable=SC2046
+    kill -TERM $(ps -o pid= -s "$pid") 2>/dev/null || true    # one may have ended since
     for i in $(seq 50); do
         kill -0 "$pid" 2>/dev/null || return 0
         sleep 0.1
