@@ -688,7 +688,10 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
         if wanted and lock is not None:
             _save_followed(keepalived, wanted)      # ended, not killed: the next may trust it
         try:
-            ctl.request("role", role="backup", timeout=2.0)
+            # keepalived kills follow a second after its SIGTERM: an instance
+            # slower than that (a long apply under way) makes itself backup
+            # all the same once it gets to the request (stands).
+            ctl.request("role", role="backup", timeout=2.0, stands=True)
         except ctl.NotRunning as e:
             # Its data path may serve on, active, without it: the `xlb up` that
             # adopts it keeps the role saved, and no follow runs any more to

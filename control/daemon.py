@@ -1369,10 +1369,12 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, stop: as
         async with lock:
             if stop.is_set():   # a signal or `xlb down` came while it waited its turn
                 return _refused(cmd)
-            if (isinstance(deadline, (int, float)) and time.monotonic() > deadline
+            if not req.get("stands") and (
+                    isinstance(deadline, (int, float)) and time.monotonic() > deadline
                     or _hung_up(writer)):
                 # Its client (same machine, same clock) stopped waiting and said it
                 # failed, or was ended meanwhile (Ctrl-C, a supervisor's timeout).
+                # One that stands told nobody so (see `xlb ha follow`'s stop).
                 log.event(cmd, level="warning", error="its client stopped waiting: not done")
                 return {"ok": False, "error": "the client stopped waiting: not done"}
             try:

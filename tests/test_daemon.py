@@ -837,6 +837,20 @@ def test_a_request_whose_client_hung_up_before_its_turn_is_not_done(balancer, tm
     assert len(balancer.config.pools) == 1 and balancer.applies == {"ok": 0, "error": 0}
 
 
+@pytest.mark.parametrize("gone", ["hung-up", "deadline-passed"])
+def test_a_request_that_stands_is_done_when_its_client_is_gone(balancer, gone):
+    """`xlb ha follow` tells xlb backup when keepalived stops, which kills it a
+    second later: an instance slower than that must still go silent, or it
+    answers ARP for the VIPs beside the peer that took them over."""
+    balancer.set_role("active")
+    request = {"cmd": "role", "role": "backup", "stands": True}
+    if gone == "hung-up":
+        answer(balancer, request, no_sync, then=socket.socket.close)
+    else:
+        answer(balancer, {**request, "deadline": time.monotonic() - 1}, no_sync)
+    assert balancer.role == "backup"
+
+
 def test_a_request_whose_client_shut_down_its_writing_is_done(balancer):
     """socat and `nc -N` shut down their writing once the request is sent, and
     wait for the answer."""
