@@ -24,10 +24,9 @@ struct icmp_error {
 
 /* The ICMP header of an IPv4 packet that is not a fragment and lies whole in
  * the frame, or NULL. */
-static __always_inline struct icmphdr *parse_icmp(struct cursor *c, struct iphdr *ip,
-						 __u32 frame_len)
+static __always_inline struct icmphdr *parse_icmp(struct cursor *c, struct iphdr *ip)
 {
-	int hlen = ip_header_len(ip, frame_len);
+	int hlen = ip_header_len(c, ip);
 	struct icmphdr *icmp;
 
 	if (hlen < 0 || ip_is_fragment(ip) || bpf_ntohs(ip->tot_len) < hlen + sizeof(*icmp))
@@ -142,10 +141,11 @@ static __always_inline __sum16 csum_of(void *start, __u32 size)
 }
 
 #define XLB_QUOTE_MAX (60 + XLB_ICMP_QUOTE)	/* the longest IP header, and 8 bytes */
-#define XLB_FRAG_NEEDED_MAX (sizeof(struct ethhdr) + sizeof(struct iphdr) + \
-			     sizeof(struct icmphdr) + XLB_QUOTE_MAX)
+/* The bytes from the IP header on that the error needs, and the frame's. */
+#define XLB_FRAG_NEEDED_IP_MAX (sizeof(struct iphdr) + sizeof(struct icmphdr) + XLB_QUOTE_MAX)
+#define XLB_FRAG_NEEDED_MAX (sizeof(struct ethhdr) + XLB_FRAG_NEEDED_IP_MAX)
 
-/* Turns the frame (an IPv4 packet as its sender sent it, of at least
+/* Turns the frame (an untagged IPv4 packet as its sender sent it, of at least
  * XLB_FRAG_NEEDED_MAX bytes) into ICMP "fragmentation needed" with next-hop
  * MTU mtu, from `from` back to the sender, quoting its IP header, options and
  * all (RFC 792: the sender finds its connection by the ports after them), and

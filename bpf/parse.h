@@ -1,5 +1,6 @@
 /* Bounds-checked header parsing with a cursor, as in xdp-tutorial's
- * parsing_helpers.h. Each parser checks `hdr + 1 > end` before any read. */
+ * parsing_helpers.h. Each parser checks `hdr + 1 > end` before any read. The
+ * priority tag that parse_ethhdr steps over is removed here too. */
 #ifndef XLB_PARSE_H
 #define XLB_PARSE_H
 
@@ -36,16 +37,58 @@ struct packet {
 	__u8 first_fragment;	/* of a fragmented datagram: see frags */
 };
 
-/* Returns the EtherType (network order) or -1 if the header is cut short. */
+/* An 802.1Q tag, after the MACs (linux/if_vlan.h is not UAPI). */
+struct vlan_hdr {
+	__be16 h_vlan_TCI;
+	__be16 h_vlan_encapsulated_proto;
+};
+
+#define XLB_VLAN_VID_MASK 0x0fff
+
+/* Returns the EtherType (network order) or -1 if the header is cut short.
+ * A priority tag (802.1p: 802.1Q's TPID, VLAN ID 0) marks the link's own
+ * untagged traffic with a priority alone, and Linux clears it on receive: it
+ * is stepped over, the cursor moves past it and the EtherType is the one
+ * under it. Any other tag (a VLAN's, 802.1ad's, a second one) is the
+ * EtherType returned: not xlb's. An untagged frame pays one compare for it. */
 static __always_inline int parse_ethhdr(struct cursor *c, struct ethhdr **eth)
 {
 	struct ethhdr *h = c->pos;
+	struct vlan_hdr *tag;
 
 	if ((void *)(h + 1) > c->end)
 		return -1;
 	c->pos = h + 1;
 	*eth = h;
-	return h->h_proto;
+	if (h->h_proto != bpf_htons(ETH_P_8021Q))
+		return h->h_proto;
+	tag = c->pos;
+	if ((void *)(tag + 1) > c->end)
+		return -1;
+	if (tag->h_vlan_TCI & bpf_htons(XLB_VLAN_VID_MASK))
+		return h->h_proto;
+	c->pos = tag + 1;
+	return tag->h_vlan_encapsulated_proto;
+}
+
+/* Removes the priority tag that parse_ethhdr stepped over, if the frame
+ * starting at eth has one (the caller parsed past it: the frame holds it):
+ * the MACs move up over it. What xlb sends out itself (the fast path's
+ * packets, its answers) leaves untagged, as the kernel sends what it routes
+ * or answers (it cleared the tag on receive): the same frames in both
+ * forwarding modes, and no tag for a link whose hosts or switch may drop one
+ * (a priority-tagging host takes untagged frames, the link's own). Every
+ * pointer into the frame is stale after. */
+static __always_inline void priority_tag_pop(struct xdp_md *ctx, struct ethhdr *eth)
+{
+	__u8 macs[2 * ETH_ALEN];
+
+	if (eth->h_proto != bpf_htons(ETH_P_8021Q))
+		return;
+	__builtin_memcpy(macs, eth, sizeof(macs));
+	__builtin_memcpy((void *)eth + sizeof(struct vlan_hdr), macs, sizeof(macs));
+	/* Cannot fail: the frame keeps more than an Ethernet header. */
+	bpf_xdp_adjust_head(ctx, sizeof(struct vlan_hdr));
 }
 
 /* Addressed to a broadcast or multicast MAC: the I/G bit. */
@@ -102,15 +145,16 @@ static __always_inline int ip_is_later_fragment(const struct iphdr *ip)
 }
 
 /* The IP header's length, or -1 unless it is IPv4's, at least 20 bytes, and
- * the frame holds the whole datagram (its total length; frame_len is
- * data_end - data). */
-static __always_inline int ip_header_len(const struct iphdr *ip, __u32 frame_len)
+ * the frame holds the whole datagram (its total length from ip, wherever the
+ * link's header put it, to c's end). */
+static __always_inline int ip_header_len(const struct cursor *c, const struct iphdr *ip)
 {
 	__u32 hlen = ip->ihl * 4;
+	__u32 room = c->end - (void *)ip;
 
 	if (ip->version != 4 || hlen < sizeof(*ip))
 		return -1;
-	if (frame_len < sizeof(struct ethhdr) + bpf_ntohs(ip->tot_len))
+	if (room < bpf_ntohs(ip->tot_len))
 		return -1;
 	return hlen;
 }
@@ -118,11 +162,10 @@ static __always_inline int ip_header_len(const struct iphdr *ip, __u32 frame_len
 /* Moves past the IPv4 header and its options to the TCP or UDP header and
  * fills pkt. Returns 0, or -1 for a header that is bad or cut short, a frame
  * shorter than the IP total length, or a total length too short for the
- * headers. frame_len is data_end - data. */
-static __always_inline int parse_l4(struct cursor *c, struct iphdr *ip,
-				    __u32 frame_len, struct packet *pkt)
+ * headers. */
+static __always_inline int parse_l4(struct cursor *c, struct iphdr *ip, struct packet *pkt)
 {
-	int hlen = ip_header_len(ip, frame_len);
+	int hlen = ip_header_len(c, ip);
 	void *l4;
 
 	if (hlen < 0)

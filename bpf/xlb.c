@@ -1,12 +1,12 @@
 /* xlb: the XDP program.
  *
- * Pure packet helpers live in headers by concern: parse.h (headers), csum.h
- * and nat.h (rewrites), fwd.h (next hop, TTL), hash.h (flow hash, address
- * filters), icmp.h (echo, errors), arp.h (ARP for VIPs), stats.h (reason ->
- * action), clock.h (time); consts.h and xlb_shared.h hold the sizes and the
- * layouts shared with the control plane. This file declares the maps and
- * holds every function that touches them: bcc rewrites map calls (.lookup,
- * .update) in the main file only.
+ * Pure packet helpers live in headers by concern: parse.h (headers, priority
+ * tags), csum.h and nat.h (rewrites), fwd.h (next hop, TTL), hash.h (flow
+ * hash, address filters), icmp.h (echo, errors), arp.h (ARP for VIPs),
+ * stats.h (reason -> action), clock.h (time); consts.h and xlb_shared.h hold
+ * the sizes and the layouts shared with the control plane. This file declares
+ * the maps and holds every function that touches them: bcc rewrites map calls
+ * (.lookup, .update) in the main file only.
  *
  * Every packet ends in exactly one reason (xlb_shared.h), counted on its way
  * out (count_exit), which decides the action. Traffic that is neither for a
@@ -112,6 +112,7 @@ static __always_inline enum xlb_reason answer_arp(struct xdp_md *ctx, struct cur
 	if (!mac)
 		return XLB_PASS_ARP;
 	arp_make_reply(eth, req, mac->mac);
+	priority_tag_pop(ctx, eth);	/* untagged, as Linux answers a tagged request */
 	return XLB_ARP_REPLY;
 }
 
@@ -447,9 +448,10 @@ static __always_inline enum xlb_reason too_big(struct xdp_md *ctx, struct packet
 		return fragment;
 	}
 	if (!(pkt->ip->frag_off & bpf_htons(XLB_IP_DF)) ||
-	    (void *)(long)ctx->data + XLB_FRAG_NEEDED_MAX > (void *)(long)ctx->data_end)
+	    (void *)pkt->ip + XLB_FRAG_NEEDED_IP_MAX > (void *)(long)ctx->data_end)
 		return fragment;
 	nat_flow(pkt, reply, sent_addr, sent_port);
+	priority_tag_pop(ctx, pkt->eth);	/* the answer is untagged, as the kernel's */
 	if (icmp_frag_needed(ctx, vip, mtu) < 0)
 		return fragment;	/* cannot be: the frame was checked above */
 	return XLB_ICMP_TOO_BIG;
@@ -515,13 +517,14 @@ static __always_inline enum xlb_reason unresolved(int rc)
 	return XLB_FIB_NO_ROUTE;
 }
 
-/* The fast path's end for pkt (rewritten): TTL - 1, the next hop's MACs, out
- * its link. */
+/* The fast path's end for pkt (rewritten): TTL - 1, the next hop's MACs, no
+ * priority tag (as the kernel routes it: priority_tag_pop), out its link. */
 static __always_inline enum xlb_reason transmit(struct xdp_md *ctx, struct packet *pkt,
 						const struct hop *hop, int reply)
 {
 	ip_decrease_ttl(pkt->ip);
 	hop_apply(pkt->eth, hop);
+	priority_tag_pop(ctx, pkt->eth);
 	if (hop->ifindex == ctx->ingress_ifindex)
 		return reply ? XLB_REPLY_TX : XLB_FORWARD_TX;
 	bpf_redirect(hop->ifindex, 0);
@@ -777,9 +780,9 @@ static __always_inline enum xlb_reason icmp_to_backend(struct icmp_error *err, s
  * about a reply, the client's for one about a forwarded packet) and handed
  * to the kernel to route. Found by the quoted packet, reversed: that is the
  * key of the flow entry that rewrote it. */
-static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethhdr *eth,
-						   struct iphdr *ip, struct xlb_config *cfg,
-						   int is_vip, __u32 frame_len)
+static __always_inline enum xlb_reason handle_icmp(struct xdp_md *ctx, struct cursor *c,
+						   struct ethhdr *eth, struct iphdr *ip,
+						   struct xlb_config *cfg, int is_vip)
 {
 	struct icmphdr *icmp;
 	struct icmp_error err;
@@ -792,11 +795,12 @@ static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethh
 	is_vip = is_vip && vips.lookup(&ip->daddr);
 	if (ip_is_fragment(ip))
 		return is_vip ? XLB_DROP_FRAGMENT : XLB_PASS_NOT_VIP;
-	icmp = parse_icmp(c, ip, frame_len);
+	icmp = parse_icmp(c, ip);
 	if (!icmp)
 		return is_vip ? XLB_DROP_MALFORMED : XLB_PASS_SHORT;
 	if (is_vip && icmp->type == ICMP_ECHO && icmp->code == 0) {
 		icmp_echo_reply(eth, ip, icmp);
+		priority_tag_pop(ctx, eth);	/* untagged, as Linux answers */
 		return XLB_ICMP_ECHO_REPLY;
 	}
 	if (parse_icmp_error(c, ip, icmp, &err) < 0)
@@ -839,9 +843,10 @@ static __always_inline enum xlb_reason handle_icmp(struct cursor *c, struct ethh
  * conntrack does, would hold them for a first fragment it never gets). One
  * whose first fragment this node did not see is dropped if to a VIP, and
  * passed if not (a gateway's traffic). */
-static __always_inline enum xlb_reason later_fragment(struct xdp_md *ctx, struct ethhdr *eth,
-						      struct iphdr *ip, struct xlb_config *cfg,
-						      int is_vip, __u32 frame_len)
+static __always_inline enum xlb_reason later_fragment(struct xdp_md *ctx, struct cursor *c,
+						      struct ethhdr *eth, struct iphdr *ip,
+						      struct xlb_config *cfg, int is_vip,
+						      __u32 frame_len)
 {
 	struct frag_key fk = frag_key_of(ip);
 	struct flow *f = frags.lookup(&fk);
@@ -858,7 +863,7 @@ static __always_inline enum xlb_reason later_fragment(struct xdp_md *ctx, struct
 		return vip_or_pass(ip, is_vip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP);
 	/* Checked only for a known datagram's: the fragments of traffic not
 	 * xlb's pay nothing for it. */
-	hlen = ip_header_len(ip, frame_len);
+	hlen = ip_header_len(c, ip);
 	if (hlen < 0 || bpf_ntohs(ip->tot_len) < hlen)
 		return vip_or_pass(ip, is_vip, XLB_DROP_MALFORMED, XLB_PASS_SHORT);
 	if (ttl_runs_out(ip))
@@ -884,12 +889,12 @@ static __always_inline enum xlb_reason classify(struct xdp_md *ctx, struct curso
 	struct packet pkt = {};
 
 	if (ip->protocol == IPPROTO_ICMP)
-		return handle_icmp(c, eth, ip, cfg, is_vip, frame_len);
+		return handle_icmp(ctx, c, eth, ip, cfg, is_vip);
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return vip_or_pass(ip, is_vip, unserved(ip, XLB_DROP_NO_SERVICE), XLB_PASS_NOT_VIP);
 	if (ip_is_later_fragment(ip))
-		return later_fragment(ctx, eth, ip, cfg, is_vip, frame_len);
-	if (parse_l4(c, ip, frame_len, &pkt) < 0)
+		return later_fragment(ctx, c, eth, ip, cfg, is_vip, frame_len);
+	if (parse_l4(c, ip, &pkt) < 0)
 		return vip_or_pass(ip, is_vip, XLB_DROP_MALFORMED, XLB_PASS_SHORT);
 	pkt.eth = eth;
 	pkt.first_fragment = ip_is_fragment(ip);

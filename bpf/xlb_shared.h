@@ -210,7 +210,7 @@ struct tally {
 /* Why the program returned what it did: one counter each, recorded at the one
  * exit. Each reason has exactly one action, so per-action counts are sums. */
 #define XLB_REASONS(X)                                                          \
-	X(PASS_NOT_IP, XDP_PASS)      /* not IPv4 nor ARP: IPv6, VLAN, ... */       \
+	X(PASS_NOT_IP, XDP_PASS)      /* not IPv4 nor ARP: IPv6, a VLAN's tag, ... */ \
 	X(PASS_ARP, XDP_PASS)         /* ARP that is not a request for a VIP here */ \
 	X(PASS_SHORT, XDP_PASS)       /* IPv4 header cut short: the kernel judges */ \
 	X(PASS_NOT_VIP, XDP_PASS)     /* IPv4 neither to a service nor a reply */   \

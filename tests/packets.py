@@ -58,6 +58,19 @@ def udp_frame(src, dst, sport, dport, *, payload=b"hello", chksum=None,
                / IP(src=str(src), dst=str(dst), id=0x4321, ttl=61, flags="DF") / udp / Raw(payload))
 
 
+def priority_tagged(frame: bytes, prio: int = 5, vid: int = 0, tpid: int = 0x8100) -> bytes:
+    """The Ethernet frame with a tag after its MACs: by default a priority tag
+    (802.1p: 802.1Q's TPID, VLAN ID 0, priority `prio`), as a host or switch
+    that priority-tags adds it to the link's untagged frames."""
+    return frame[:12] + struct.pack("!HH", tpid, prio << 13 | vid) + frame[12:]
+
+
+def untagged(frame: bytes) -> bytes:
+    """The frame of `priority_tagged` without its tag."""
+    assert frame[12:14] == b"\x81\x00", "no 802.1Q tag"
+    return frame[:12] + frame[16:]
+
+
 # Checksums, computed here and not by scapy ----------------------------------
 
 def ip_header(frame: bytes) -> bytes:

@@ -12,7 +12,8 @@ for the VIPs; the rest is odd or random: IPv4 options, bad version, IHL and
 total length, fragments, every TCP flag and option, UDP checksum 0, wrong IP
 and L4 checksums, ICMP echo and errors quoting flows, frames over a backend
 link's MTU, IPv6, VLAN, ARP of every shape, broadcast and multicast MACs,
-truncation at any length, random bytes.
+truncation at any length, random bytes; a tenth of every kind priority-tagged
+(802.1Q, VLAN ID 0).
 
 Per frame (`check`):
 - the action is a known one and never XDP_ABORTED; XDP_TX and XDP_REDIRECT
@@ -34,6 +35,9 @@ Per frame (`check`):
   flow changes only the quoted packet's end (between a service and its
   backend, with its checksums), the outer address that goes with it, and the
   ICMP and IP checksums.
+- A priority-tagged frame is checked as the untagged frame it is to the
+  program: what it passes or drops keeps the tag, what it sends (TX,
+  REDIRECT) leaves without it.
 - What "the checksums verify" means, including for inputs whose checksum was
   wrong: a checksum is right when the ones' complement sum of what it covers
   (IP header; pseudo-header and whole TCP/UDP segment; ICMP message) is 0
@@ -550,6 +554,7 @@ EDGES = [None] * 6 + ["cut", "pad", "group"]
 # Broadcast, IPv4 multicast, IPv6 multicast, a group address of no protocol.
 GROUP_MACS = [mac(m) for m in ("ff:ff:ff:ff:ff:ff", "01:00:5e:01:01:65", "33:33:00:00:00:01",
                                "03:00:00:00:00:00")]
+TAGS = [None] * 9 + ["priority"]
 
 
 # family: (share in percent, its recipes: (family, variant, odd field, checksums))
@@ -570,11 +575,11 @@ RECIPES = {
 def recipe(v: Values) -> tuple:
     (share, recipes), = v.rng.choices(list(RECIPES.values()),
                                       [share for share, _ in RECIPES.values()])
-    return (*v.pick(recipes), v.pick(EDGES))
+    return (*v.pick(recipes), v.pick(EDGES), v.pick(TAGS))
 
 
 def build(world: World, v: Values, recipe: tuple) -> bytes:
-    family, variant, odd, checks, edge = recipe
+    family, variant, odd, checks, edge, tag = recipe
     if family == "l4":
         frame = l4_frame(world, v, *variant, odd, checks)
     elif family == "icmp":
@@ -587,6 +592,8 @@ def build(world: World, v: Values, recipe: tuple) -> bytes:
         frame = l4_frame(world, v, variant, v.pick(["seed", "reply"]), None, checks, big=True)
     else:
         frame = v.bytes(14, 120)
+    if tag == "priority":       # any priority and DEI, VLAN ID 0
+        frame = frame[:12] + struct.pack("!HH", ETH_VLAN, v.bits(4) << 12) + frame[12:]
     if edge == "cut" and len(frame) > 14:
         frame = frame[:v.rng.randint(14, len(frame) - 1)]
     elif edge == "pad":
@@ -633,10 +640,26 @@ def is_arp_request(frame: bytes) -> bool:
             and frame[28:32] != frame[38:42])
 
 
+def priority_tag(frame: bytes) -> bytes | None:
+    """The frame's tag after its MACs if it is a priority tag (802.1Q, VLAN ID 0)."""
+    tag = frame[12:16]
+    if len(tag) == 4 and tag[:2] == b"\x81\x00" and not struct.unpack("!H", tag[2:])[0] & 0x0fff:
+        return tag
+    return None
+
+
 def check(world: World, frame: bytes, ifindex: int, action: int, out: bytes) -> str:
     """Asserts the invariants of one run; returns what the program did."""
     assert action != ABORTED, "XDP_ABORTED"
     assert action in (DROP, PASS, TX, REDIRECT), f"unknown action {action}"
+    tag = priority_tag(frame)
+    if tag is not None:         # as the untagged frame it is to the program
+        frame = frame[:12] + frame[16:]
+        if action in (DROP, PASS):
+            assert out[12:16] == tag, "passed or dropped without its priority tag"
+            out = out[:12] + out[16:]
+        else:
+            assert out[12:14] != b"\x81\x00", "sent out with its priority tag"
     mac = world.arp.get((ifindex, frame[38:42])) if is_arp_request(frame) else None
     if mac is not None:
         assert (action, out) == (TX, arp_reply_to(frame, mac)), "ARP request for a VIP not answered"
@@ -857,6 +880,8 @@ def run_batch(dp, world, batch, per_packet=False):
                                  f"\n action {res.action}") from None
         RAN[outcome] += 1
         RAN[outcome, res.action] += 1
+        if priority_tag(frame):
+            RAN["priority-tagged", outcome] += 1
         acted[res.action, "packets"] += 1
         acted[res.action, "bytes"] += len(frame)
         if per_packet:
@@ -915,8 +940,8 @@ def test_counters_per_packet(datapath, world, seed):
 
 def test_the_fuzzing_ran_and_reached_every_path():
     """At least 100,000 frames ran, and each of them sometimes did everything
-    a frame can make the program do: a fuzzer that only ever reaches
-    `pass` proves nothing."""
+    a frame can make the program do, priority-tagged frames too: a fuzzer
+    that only ever reaches `pass` proves nothing."""
     if DONE != {"kernel", "fast", "per packet"}:
         pytest.skip("the fuzz tests of this module did not all run")
     ran = sum(n for key, n in RAN.items() if isinstance(key, str))
@@ -925,7 +950,11 @@ def test_the_fuzzing_ran_and_reached_every_path():
                            ("echo_reply", 50), ("icmp_error", 150), ("too_big", 20),
                            ("drop", 5_000), ("pass", 30_000), (("forward", TX), 500),
                            (("forward", REDIRECT), 3_000), (("reply", TX), 150),
-                           (("reply", REDIRECT), 150)):
+                           (("reply", REDIRECT), 150),
+                           *((("priority-tagged", outcome), least) for outcome, least in (
+                               ("forward", 1_000), ("reply", 400), ("arp_reply", 50),
+                               ("echo_reply", 5), ("icmp_error", 20), ("too_big", 5),
+                               ("drop", 500)))):
         assert RAN[outcome] >= least, dict(RAN)
 
 

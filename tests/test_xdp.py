@@ -26,8 +26,8 @@ from scapy.packet import Raw, raw
 from fibnet import FibNet
 from packets import (BACKEND_MAC, CLIENT_MAC, LB_MAC, SYN_OPTIONS, VIP_MAC, XDP_DROP, XDP_PASS,
                      XDP_TX, Harness, assert_checksums, ip_checksum_ok, ip_of, l4_checksum_ok,
-                     ones_sum, pseudo_header, l4_segment, tcp_frame, udp_frame,
-                     word_for_zero_checksum)
+                     ones_sum, priority_tagged, pseudo_header, l4_segment, tcp_frame, udp_frame,
+                     untagged, word_for_zero_checksum)
 
 pytestmark = pytest.mark.kernel
 
@@ -155,6 +155,41 @@ def test_tcp_connection_forward_and_reply(lb):
     assert (res.action, res.data) == (XDP_PASS, frame)
     lb.expect("pass_not_vip")
     assert dp.flow_entries() == flows_before + 4
+
+
+def test_a_priority_tagged_connection_is_balanced_as_an_untagged_one(lb):
+    """A priority tag (802.1p: VLAN ID 0) marks the link's own untagged
+    traffic with a priority alone, and Linux clears it on receive: xlb
+    balances such frames, both ways, as untagged ones of the same connection.
+    The kernel routes them here (no fast path): it gets them rewritten, tag
+    and all, and clears the tag itself."""
+    def syn(dst, dport, flags="S", **kw):
+        return tcp_frame(CLIENT, dst, 43100, dport, flags=flags, seq=1000, options=SYN_OPTIONS,
+                         **kw)
+
+    frame = priority_tagged(syn(VIP, 80))
+    res = lb.send(frame)
+    assert res.action == XDP_PASS
+    bid = chosen_backend(untagged(res.data), SVC_TCP)
+    be_addr, be_port = BACKENDS[bid]
+    assert res.data == priority_tagged(syn(be_addr, be_port))
+    assert changed_offsets(untagged(frame), untagged(res.data)) <= \
+        IP_CSUM | IP_DST | L4_DPORT | TCP_CSUM
+    assert_checksums(untagged(res.data))
+    lb.expect("forward", flow=("in", SVC_TCP, bid, True))
+
+    def synack(src, sport):
+        return tcp_frame(src, CLIENT, sport, 43100, flags="SA", seq=5000, ack=1001,
+                         options=SYN_OPTIONS, eth_src=BACKEND_MAC)
+    res = lb.send(priority_tagged(synack(be_addr, be_port), prio=3))
+    assert (res.action, res.data) == (XDP_PASS, priority_tagged(synack(VIP, 80), prio=3))
+    assert_checksums(untagged(res.data))
+    lb.expect("reply", flow=("out", SVC_TCP, bid, False))
+
+    # Untagged, the client's next packet is the same connection's.
+    res = lb.send(syn(VIP, 80, ack=5001, flags="A"))
+    assert (res.action, res.data) == (XDP_PASS, syn(be_addr, be_port, ack=5001, flags="A"))
+    lb.expect("forward", flow=("in", SVC_TCP, bid, False))
 
 
 def test_round_robin_starts_at_the_cpu_number(lb, cpus):
@@ -362,6 +397,28 @@ PASS_THROUGH = [
     ("vlan-tagged-tcp-to-vip", raw(Ether(src=CLIENT_MAC, dst=LB_MAC) / Dot1Q(vlan=10)
                                    / IP(src=str(CLIENT), dst=str(VIP))
                                    / TCP(sport=43004, dport=80, flags="S")), 0, "pass_not_ip"),
+    # No priority tag (VLAN ID 0 under 802.1Q's TPID, treated as untagged):
+    # a VLAN's, 802.1ad's with VLAN ID 0, a VLAN's under a priority tag.
+    ("vlan-tagged-arp-request-for-vip", priority_tagged(arp_frame(1, CLIENT, VIP), vid=10), 1,
+     "pass_not_ip"),
+    ("802.1ad-vlan-0-tcp-to-vip", priority_tagged(tcp_frame(CLIENT, VIP, 43007, 80),
+                                                  tpid=0x88a8), 0, "pass_not_ip"),
+    ("802.1ad-vlan-0-arp-request-for-vip", priority_tagged(arp_frame(1, CLIENT, VIP),
+                                                           tpid=0x88a8), 1, "pass_not_ip"),
+    ("vlan-tagged-under-a-priority-tag-tcp-to-vip",
+     priority_tagged(priority_tagged(tcp_frame(CLIENT, VIP, 43008, 80), vid=10)), 0,
+     "pass_not_ip"),
+    # Priority-tagged, as untagged: what is not xlb's passes as it came, tag and all.
+    ("priority-tagged-tcp-to-other-address",
+     priority_tagged(tcp_frame(CLIENT, OTHER, 43009, 80)), 0, "pass_not_vip"),
+    ("priority-tagged-arp-request-other-address", priority_tagged(arp_frame(1, CLIENT, OTHER)),
+     1, "pass_arp"),
+    ("priority-tagged-ipv6", priority_tagged(raw(Ether(src=CLIENT_MAC, dst=LB_MAC, type=0x86dd)
+                                                 / IPv6(src="fd00::10", dst="fd00::101")
+                                                 / TCP(sport=43010, dport=80, flags="S"))),
+     0, "pass_not_ip"),
+    ("priority-tag-cut-short", raw(Ether(src=CLIENT_MAC, dst=LB_MAC, type=0x8100)) + b"\0", 0,
+     "pass_short"),
     ("arp-request-other-address", arp_frame(1, CLIENT, OTHER), 1, "pass_arp"),
     ("arp-reply-about-vip", arp_frame(2, VIP, CLIENT, hwsrc=VIP_MAC, hwdst=CLIENT_MAC,
                                       eth_src=VIP_MAC, eth_dst=CLIENT_MAC), 1, "pass_arp"),
@@ -426,6 +483,16 @@ def test_arp_request_for_vip_is_answered(lb, pad, sender, eth_src):
     lb.expect("arp_reply")
 
 
+@pytest.mark.parametrize("pad", [0, 14], ids=["46-bytes", "padded-to-60"])
+def test_a_priority_tagged_arp_request_for_vip_is_answered_untagged(lb, pad):
+    """As Linux answers a priority-tagged request for its own address (it
+    clears the tag on receive, and its reply has none): the tag only gave
+    the request a priority on the asker's link."""
+    res = lb.send(priority_tagged(arp_frame(1, CLIENT, VIP, pad=pad)), ifindex=1)
+    assert (res.action, res.data) == (XDP_TX, arp_reply_for_vip(pad))
+    lb.expect("arp_reply")
+
+
 def test_arp_request_for_vip_on_another_ifindex_passes(lb):
     # Test-run needs an ifindex that exists, and only lo (1) is sure to:
     # VIP2 has its ARP entry on another ifindex, so a request for it on 1 is not ours.
@@ -469,6 +536,7 @@ NOT_SERVED = [
                                             / IP(src=str(CLIENT), dst=str(VIP))
                                             / ICMP(type=3, code=3)
                                             / Raw(tcp_frame(VIP, CLIENT, 80, 43006)[14:42]))),
+    ("priority-tagged-vip-other-tcp-port", priority_tagged(tcp_frame(CLIENT, VIP, 43012, 22))),
 ]
 
 
@@ -677,6 +745,19 @@ def test_malformed_icmp(lb, ip_fields, dst, action, reason):
     res = lb.send(frame)
     assert (res.action, res.data) == (action, frame)
     lb.expect(reason)
+
+
+@pytest.mark.parametrize("frame", [
+    priority_tagged(tcp_frame(CLIENT, VIP, 46300, 80, payload=b"x" * 10))[:-2],
+    priority_tagged(icmp_echo(VIP))[:-2],
+], ids=["tcp", "icmp-echo"])
+def test_a_priority_tagged_frame_cut_short_of_its_ip_total_length_is_malformed(lb, frame):
+    """The datagram starts after the tag: a tagged frame two bytes short of
+    its IP total length is cut, though its length is more than an untagged
+    frame's Ethernet header and total length."""
+    res = lb.send(frame)
+    assert (res.action, res.data) == (XDP_DROP, frame)
+    lb.expect("drop_malformed")
 
 
 # 9. A service without backends ----------------------------------------------------------

@@ -21,8 +21,8 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
 from packets import (BACKEND_MAC, CLIENT_MAC, LB_MAC, XDP_DROP, XDP_PASS, XDP_TX, Harness,
-                     assert_checksums, ip_id_for_zero_checksum, ip_of, ones_sum, pseudo_header,
-                     tcp_frame, udp_frame, word_for_zero_checksum)
+                     assert_checksums, ip_id_for_zero_checksum, ip_of, ones_sum, priority_tagged,
+                     pseudo_header, tcp_frame, udp_frame, untagged, word_for_zero_checksum)
 from xlb import flowtable, layout
 from xlb.datapath import filter_slot
 from xlb.maglev import flow_hash
@@ -1927,6 +1927,124 @@ def test_over_the_mtu_with_df_the_sender_learns_the_path_mtu(lb, fibnet, mode, c
                                   eth_src=LB_MAC, eth_dst=BACKEND_MAC,
                                   tos=0xc0, id=0, flags=0, ttl=64)
     lb.expect("icmp_too_big", flow=("out", SVC_TCP, bid, False))
+
+
+# Priority-tagged frames (802.1p: VLAN ID 0), balanced as untagged ones -----------------------
+#
+# What xlb sends out itself leaves untagged, as the kernel would send it (it
+# clears the tag on receive): the fast path's packets, the answers. What it
+# hands to the kernel keeps the tag, which the kernel clears.
+
+@pytest.mark.parametrize("ifname, action, way", [("ext", XDP_REDIRECT, "_redirect"),
+                                                 ("int", XDP_TX, "_tx")])
+def test_the_fast_path_sends_priority_tagged_packets_on_untagged(lb, fibnet, ifname, action, way):
+    """As a router does (Linux routes such a packet untagged): the same frames
+    as the kernel forwarding mode would put on the wire, and no tag for a
+    link whose hosts or switch may not take one."""
+    sport = 58000 + (ifname == "int")
+    res = lb.send(priority_tagged(syn(sport, ttl=9)), fibnet.ifindex[ifname])
+    assert res.action == action
+    bid = backend_of(res.data)
+    be_addr, be_port = BACKENDS[bid]
+    assert res.data == tcp_frame(CLIENT, be_addr, sport, be_port, flags="S", ttl=8,
+                                 eth_src=fibnet.MACS["int"], eth_dst=BACKEND_MAC)
+    assert_checksums(res.data)
+    lb.expect("forward" + way, flow=("in", SVC_TCP, bid, True))
+
+    res = lb.send(priority_tagged(from_backend(bid, sport, "SA"), prio=2), fibnet.ifindex["int"])
+    assert res.action == XDP_REDIRECT
+    assert res.data == tcp_frame(VIP, CLIENT, 80, sport, flags="SA", ttl=63,
+                                 eth_src=fibnet.MACS["ext"], eth_dst=CLIENT_MAC)
+    assert_checksums(res.data)
+    lb.expect("reply_redirect", flow=("out", SVC_TCP, bid, False))
+
+
+def test_kernel_forwarding_passes_priority_tagged_packets_rewritten_tag_and_all(lb, fibnet):
+    sport = 58010
+    with forwarding(lb, "kernel"):
+        res = lb.send(priority_tagged(syn(sport)), fibnet.ifindex["ext"])
+        assert res.action == XDP_PASS
+        bid = backend_of(untagged(res.data))
+        be_addr, be_port = BACKENDS[bid]
+        assert res.data == priority_tagged(tcp_frame(CLIENT, be_addr, sport, be_port, flags="S"))
+        lb.expect("forward", flow=("in", SVC_TCP, bid, True))
+        res = lb.send(priority_tagged(from_backend(bid, sport, "SA")), fibnet.ifindex["int"])
+    assert res.action == XDP_PASS
+    assert res.data == priority_tagged(tcp_frame(VIP, CLIENT, 80, sport, flags="SA",
+                                                 eth_src=BACKEND_MAC))
+    assert_checksums(untagged(res.data))
+    lb.expect("reply", flow=("out", SVC_TCP, bid, False))
+
+
+@pytest.mark.parametrize("mode", ["fast", "kernel"])
+def test_a_priority_tagged_packet_whose_ttl_runs_out_goes_to_the_kernel_as_it_came(lb, fibnet,
+                                                                                   mode):
+    sport = 58020 + len(mode)
+    frame = priority_tagged(syn(sport, ttl=1))
+    with forwarding(lb, mode):
+        res = lb.send(frame, fibnet.ifindex["ext"])
+    assert (res.action, res.data) == (XDP_PASS, frame)
+    _, fwd, _ = connection(lb.dp, sport)
+    lb.expect("ttl_expired", flow=("in", SVC_TCP, fwd.backend_id, True))
+
+
+def test_a_priority_tagged_ping_of_a_vip_is_answered_untagged(lb, fibnet):
+    """As Linux answers one for its own address."""
+    frame = icmp_frame(CLIENT, VIP, ICMP(id=7, seq=4), b"ping" * 10, ttl=61, id=0x78)
+    res = lb.send(priority_tagged(frame), fibnet.ifindex["ext"])
+    assert res.action == XDP_TX
+    assert res.data == icmp_frame(VIP, CLIENT, ICMP(type=0, id=7, seq=4), b"ping" * 10,
+                                  eth_src=LB_MAC, eth_dst=CLIENT_MAC, ttl=64, id=0x78)
+    lb.expect("icmp_echo_reply")
+
+
+@pytest.mark.parametrize("mode, client", [("fast", "10.1.13.54"), ("kernel", "10.1.13.55")])
+def test_a_priority_tagged_packet_over_the_mtu_with_df_is_answered_untagged(lb, fibnet, mode,
+                                                                            client):
+    """xlb's "fragmentation needed" quotes the packet as the backend sent it,
+    from its IP header (after the tag), and leaves untagged, as the kernel's
+    answers do."""
+    sport = 58030 + len(mode)
+    with forwarding(lb, mode):
+        bid = backend_of(lb.send(tcp_frame(client, VIP, sport, 80, flags="S"),
+                                 fibnet.ifindex["ext"]).data)
+        be_addr, be_port = BACKENDS[bid]
+        reply = tcp_frame(be_addr, client, be_port, sport, flags="A", payload=b"x" * 1300,
+                          eth_src=BACKEND_MAC)
+        res = lb.send(priority_tagged(reply), fibnet.ifindex["int"])
+    assert res.action == XDP_TX
+    assert res.data == icmp_frame(VIP, be_addr, ICMP(type=3, code=4, nexthopmtu=1280),
+                                  quote(reply), eth_src=LB_MAC, eth_dst=BACKEND_MAC,
+                                  tos=0xc0, id=0, flags=0, ttl=64)
+    lb.expect("icmp_too_big", flow=("out", SVC_TCP, bid, False))
+
+
+def test_a_priority_tagged_fragmented_datagram_goes_on_untagged(lb, fibnet):
+    """Its later fragments, which go where the first went, too."""
+    sport, ip_id = 58040, 0x5801
+    out = [lb.send(priority_tagged(f), fibnet.ifindex["ext"])
+           for f in fragments(CLIENT, VIP, sport, 80, ip_id)]
+    bid = backend_of(out[0].data)
+    be_addr, be_port = BACKENDS[bid]
+    assert [(r.action, r.data) for r in out] == [
+        (XDP_REDIRECT, f) for f in fragments(CLIENT, be_addr, sport, be_port, ip_id,
+                                             eth_src=fibnet.MACS["int"], eth_dst=BACKEND_MAC,
+                                             ttl=63)]
+    lb.expect("forward_redirect", flow=("in", SVC_UDP, bid, False))
+
+
+def test_a_priority_tagged_error_about_a_reply_goes_to_the_backend_tag_and_all(lb, fibnet):
+    sport = 58050
+    bid = backend_of(lb.send(syn(sport), fibnet.ifindex["ext"]).data)
+    be_addr, be_port = BACKENDS[bid]
+    about = tcp_frame(VIP, CLIENT, 80, sport, flags="SA")
+    frame = icmp_frame("10.1.1.2", VIP, ICMP(type=3, code=3), quote(about))
+    res = lb.send(priority_tagged(frame), fibnet.ifindex["ext"])
+    assert res.action == XDP_PASS
+    assert res.data == priority_tagged(icmp_frame(
+        "10.1.1.2", be_addr, ICMP(type=3, code=3),
+        quote(tcp_frame(be_addr, CLIENT, be_port, sport, flags="SA"))))
+    lb.expect("icmp_to_backend")
 
 
 def test_next_hops_that_share_a_cache_slot_are_each_resolved(root, fibnet):
