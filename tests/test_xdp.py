@@ -347,23 +347,23 @@ def test_a_flows_packets_to_a_group_mac_pass_and_leave_it_as_it_was(lb):
     """A flooding switch, or a frame to a broadcast or multicast MAC, shows
     another node's traffic to this one too: a flow this node balances is not
     forwarded twice by its packets, and they do not touch its entry."""
-    syn = tcp_frame(CLIENT, VIP, 43100, 80)
+    syn = tcp_frame(CLIENT, VIP, 43120, 80)
     first = chosen_backend(lb.send(syn).data, SVC_TCP)
     lb.expect("forward", flow=("in", SVC_TCP, first, True))
     addr, port = BACKENDS[first]
     flows = lb.dp.flow_entries()
-    for frame in (tcp_frame(CLIENT, VIP, 43100, 80, flags="PA", payload=b"x",
+    for frame in (tcp_frame(CLIENT, VIP, 43120, 80, flags="PA", payload=b"x",
                             eth_dst="ff:ff:ff:ff:ff:ff"),
-                  tcp_frame(addr, CLIENT, port, 43100, flags="SA",
+                  tcp_frame(addr, CLIENT, port, 43120, flags="SA",
                             eth_src=BACKEND_MAC, eth_dst="01:00:5e:00:00:01")):
         res = lb.send(frame)
         assert (res.action, res.data) == (XDP_PASS, frame)
         lb.expect("pass_not_unicast")
     assert lb.dp.flow_entries() == flows
     # To the balancer's own MAC, the connection goes on where it went.
-    reply = tcp_frame(addr, CLIENT, port, 43100, flags="SA", eth_src=BACKEND_MAC)
+    reply = tcp_frame(addr, CLIENT, port, 43120, flags="SA", eth_src=BACKEND_MAC)
     res = lb.send(reply)
-    assert res.data == tcp_frame(VIP, CLIENT, 80, 43100, flags="SA", eth_src=BACKEND_MAC)
+    assert res.data == tcp_frame(VIP, CLIENT, 80, 43120, flags="SA", eth_src=BACKEND_MAC)
     lb.expect("reply", flow=("out", SVC_TCP, first, False))
 
 
@@ -371,9 +371,9 @@ def test_a_locally_administered_unicast_mac_is_balanced(lb):
     """The group bit is the first octet's lowest: 02:... is a unicast MAC
     (a VM's, a veth's), the balancer's own."""
     mac = "02:00:00:00:00:01"
-    res = lb.send(tcp_frame(CLIENT, VIP, 43101, 80, eth_dst=mac))
+    res = lb.send(tcp_frame(CLIENT, VIP, 43121, 80, eth_dst=mac))
     bid = chosen_backend(res.data, SVC_TCP)
-    assert res.data == tcp_frame(CLIENT, BACKENDS[bid][0], 43101, 8080, eth_dst=mac)
+    assert res.data == tcp_frame(CLIENT, BACKENDS[bid][0], 43121, 8080, eth_dst=mac)
     lb.expect("forward", flow=("in", SVC_TCP, bid, True))
 
 
