@@ -654,10 +654,10 @@ def check(world: World, frame: bytes, ifindex: int, action: int, out: bytes) -> 
     assert action in (DROP, PASS, TX, REDIRECT), f"unknown action {action}"
     tag = priority_tag(frame)
     if tag is not None:         # as the untagged frame it is to the program
-        frame = frame[:12] + frame[16:]
+        frame = packets.untagged(frame)
         if action in (DROP, PASS):
             assert out[12:16] == tag, "passed or dropped without its priority tag"
-            out = out[:12] + out[16:]
+            out = packets.untagged(out)
         else:
             assert out[12:14] != b"\x81\x00", "sent out with its priority tag"
     mac = world.arp.get((ifindex, frame[38:42])) if is_arp_request(frame) else None
