@@ -26,6 +26,13 @@ static __always_inline __u32 xlb_flow_hash(__be32 saddr, __be32 daddr, __be16 sp
 	return xlb_mix(saddr ^ xlb_mix(daddr ^ xlb_mix(ports ^ xlb_mix(proto ^ 0x9e3779b9))));
 }
 
+/* The Maglev hash of a SERVICE_SOURCE flow: its client's address alone, so
+ * that every flow of one client has one slot. */
+static __always_inline __u32 xlb_source_hash(__be32 saddr)
+{
+	return xlb_mix(saddr ^ 0x9e3779b9);
+}
+
 /* The slot of a next hop in the hops cache (struct hop). */
 static __always_inline __u32 xlb_hop_slot(__be32 daddr, __u32 in_ifindex)
 {

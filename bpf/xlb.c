@@ -118,17 +118,20 @@ static __always_inline enum xlb_reason answer_arp(struct xdp_md *ctx, struct cur
 
 /* Round-robin: the next slot of the service's active ring, per CPU; the CPU
  * number offsets the start so that CPUs do not all begin with the ring's first
- * backend. Maglev: the slot of the flow's hash in the active table. */
+ * backend. Maglev: the slot of the flow's hash in the active table (with
+ * SERVICE_SOURCE, of its client's address). */
 static __always_inline struct backend *pick_backend(struct service *svc, struct flow_key *key,
 						     __u32 *backend_id)
 {
 	__u32 len = svc->ring_len;
-	__u32 *cursor, *id, slot, idx;
+	__u32 *cursor, *id, slot, idx, hash;
 
 	if (svc->flags & SERVICE_MAGLEV) {
 		if (len == 0 || len > XLB_MAGLEV_SIZE || svc->ring >= XLB_MAX_MAGLEV_TABLES)
 			return NULL;
-		slot = xlb_flow_hash(key->saddr, key->daddr, key->sport, key->dport, key->proto) % len;
+		hash = svc->flags & SERVICE_SOURCE ? xlb_source_hash(key->saddr) :
+			xlb_flow_hash(key->saddr, key->daddr, key->sport, key->dport, key->proto);
+		slot = hash % len;
 		idx = svc->ring * XLB_MAGLEV_SIZE + slot;
 		id = maglev.lookup(&idx);
 	} else {

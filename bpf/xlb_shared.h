@@ -25,8 +25,10 @@ struct service {
 
 /* service.flags. MAGLEV: new flows pick maglev[ring][flow_hash % ring_len], so
  * every node with the same table sends a flow to the same backend, even a flow
- * it meets in the middle (a non-SYN packet it has no entry for). */
-enum { SERVICE_MAGLEV = 1 };
+ * it meets in the middle (a non-SYN packet it has no entry for). SOURCE, only
+ * with MAGLEV: source_hash (the client's address alone) instead of flow_hash,
+ * so every flow of a client goes to one backend. */
+enum { SERVICE_MAGLEV = 1, SERVICE_SOURCE = 2 };
 
 /* timeouts: array indexed by service id. Idle seconds after which a flow in
  * that state is dead (as IPVS: a new connection's first packet is a new flow

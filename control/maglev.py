@@ -1,7 +1,8 @@
 """Maglev consistent hashing (Eisenbud et al., NSDI 2016, section 3.4), weighted.
 
 `table` fills a lookup table of M slots (M prime) with backend ids; the data
-plane picks the slot `flow_hash(...) % M` for a flow it does not know, so a
+plane picks the slot `flow_hash(...) % M` (`source_hash(client) % M` for a
+pool of algorithm "source") for a flow it does not know, so a
 node that never saw a flow (or lost it) sends it to the same backend as the
 node that did. Two nodes with the same config build the same table: a
 backend's permutation depends only on its address and port, never on xlb's
@@ -121,3 +122,9 @@ def flow_hash(saddr: IPv4Address, daddr: IPv4Address, sport: int, dport: int,
     ports = (int.from_bytes(sport.to_bytes(2, "big"), "little")
              | int.from_bytes(dport.to_bytes(2, "big"), "little") << 16)
     return _mix(src ^ _mix(dst ^ _mix(ports ^ _mix(proto ^ 0x9E3779B9))))
+
+
+def source_hash(saddr: IPv4Address) -> int:
+    """The data plane's hash of a client's address alone (algorithm "source"), as
+    flow_hash reads it."""
+    return _mix(int.from_bytes(saddr.packed, "little") ^ 0x9E3779B9)

@@ -191,17 +191,17 @@ def reference_hash(saddr, daddr, sport, dport, proto):
     ip = struct.pack("!4s4s", saddr.packed, daddr.packed)
     l4 = struct.pack("!HH", sport, dport)
     (src, dst), (ports,) = struct.unpack("<II", ip), struct.unpack("<I", l4)
-
-    def mix(h):
-        h = ctypes.c_uint32(h)
-        h.value ^= h.value >> 16
-        h.value *= 0x85EBCA6B
-        h.value ^= h.value >> 13
-        h.value *= 0xC2B2AE35
-        h.value ^= h.value >> 16
-        return h.value
-
     return mix(src ^ mix(dst ^ mix(ports ^ mix(proto ^ 0x9E3779B9))))
+
+
+def mix(h):
+    h = ctypes.c_uint32(h)
+    h.value ^= h.value >> 16
+    h.value *= 0x85EBCA6B
+    h.value ^= h.value >> 13
+    h.value *= 0xC2B2AE35
+    h.value ^= h.value >> 16
+    return h.value
 
 
 def test_flow_hash_is_the_packet_bytes_hash():
@@ -218,6 +218,40 @@ def test_flows_spread_over_the_backends():
     vip = A("10.1.1.101")
     counts = Counter(table[maglev.flow_hash(A(f"10.2.0.{c}"), vip, port, 80, 6) % M]
                      for c in range(1, 21) for port in range(32768, 32768 + 2500))
+    assert len(counts) == 10
+    for n in counts.values():
+        assert abs(n / 50000 - 0.1) < 0.005
+
+
+# --- the source hash (algorithm "source") --------------------------------------
+
+# By the same C program, with xlb_source_hash: mix(saddr ^ 0x9e3779b9).
+SOURCE_VECTORS = [
+    ("10.1.1.1", 0x778adc70),
+    ("10.1.1.2", 0x087d2671),
+    ("192.168.0.1", 0xc72a78fa),
+    ("0.0.0.0", 0x92ca2f0e),
+    ("255.255.255.255", 0x3b66b2aa),
+]
+
+
+@pytest.mark.parametrize("saddr,expected", SOURCE_VECTORS)
+def test_source_hash_vectors(saddr, expected):
+    assert maglev.source_hash(A(saddr)) == expected
+
+
+def test_source_hash_is_the_packet_bytes_hash():
+    for i in range(2000):
+        saddr = A(0x0A000000 + i * 7919)
+        (src,) = struct.unpack("<I", saddr.packed)
+        assert maglev.source_hash(saddr) == mix(src ^ 0x9E3779B9)
+
+
+def test_clients_spread_over_the_backends():
+    """Clients (sequential addresses, as a subnet's) land on each of 10
+    backends about equally: the spread is by client address."""
+    table = maglev.table(backends(10))
+    counts = Counter(table[maglev.source_hash(A(0x0A020000 + c)) % M] for c in range(50000))
     assert len(counts) == 10
     for n in counts.values():
         assert abs(n / 50000 - 0.1) < 0.005
