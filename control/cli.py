@@ -72,10 +72,12 @@ def cli() -> None:
                    "Repeatable; all VIPs share the backends.")
 @click.option("--backend", "backends", multiple=True, metavar="IP:PORT",
               help="A real server. Repeatable.")
-@click.option("--algorithm", type=click.Choice(["roundrobin", "maglev"]), default="roundrobin",
-              show_default=True,
-              help="How new flows are spread over the backends: round-robin, or maglev "
-                   "(a consistent hash of the flow: every balancer picks the same backend).")
+@click.option("--algorithm", type=click.Choice(["roundrobin", "maglev", "source"]),
+              default="roundrobin", show_default=True,
+              help="How new flows are spread over the backends: round-robin, maglev "
+                   "(a consistent hash of the flow: every balancer picks the same backend), "
+                   "or source (maglev of the client's address alone: all of a client's "
+                   "connections go to one backend; clients behind one NAT address too).")
 @click.option("--iface", "ifaces", multiple=True, metavar="DEV",
               help="Attach to DEV. Repeatable. Default: every up Ethernet interface "
                    "(not the loopback, nor tun, tunnel or wireguard links).")

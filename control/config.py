@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import scheduler
-from .model import (ALGORITHMS, BODY_LIMIT, MAGLEV_SERVERS_MAX, MAGLEV_SIZE_MAX,
+from .model import (ALGORITHMS, BODY_LIMIT, MAGLEV_ALGORITHMS, MAGLEV_SERVERS_MAX, MAGLEV_SIZE_MAX,
                     MAGLEV_SLOTS_PER_SERVER, MAX_BACKENDS, MAX_FRONTENDS, MAX_MAGLEV_FRONTENDS,
                     MONITOR_TYPES, ON_SERVER_DOWN, PROTOCOL_TIMEOUTS, RING_SIZE, TIMEOUT_RANGE,
                     WEIGHT_RANGE, Config, ConfigError, Frontend, Monitor, Pool, Server,
@@ -489,10 +489,10 @@ class _Loader:
         checks = {"servers": members, "algorithm": _one_of(ALGORITHMS),
                   "monitor": self.ref("monitors", "monitor"),
                   "on_server_down": _one_of(ON_SERVER_DOWN), "maglev_size": _maglev_size}
-        if algorithm in ALGORITHMS and algorithm != "maglev":
-            checks["maglev_size"] = _only('algorithm "maglev"')
+        if algorithm in ALGORITHMS and algorithm not in MAGLEV_ALGORITHMS:
+            checks["maglev_size"] = _only('algorithm "maglev" or "source"')
         values = self.fields(path, obj, checks, defaults={}, required=("servers",))
-        if algorithm == "maglev" and "servers" in values:
+        if algorithm in MAGLEV_ALGORITHMS and "servers" in values:
             self.check_maglev(path, len(values["servers"]), values.get("maglev_size"))
         if len(self.problems) > before or not NAME_RE.fullmatch(name):
             return None
@@ -529,14 +529,15 @@ class _Loader:
     def check_capacity(self, frontends: list[Frontend], pools: dict[str, Pool]) -> None:
         """No more than the data plane's maps hold, as `xlb up` and `apply` would
         find (planner.CapacityError)."""
-        maglev = [f for f in frontends if f.pool in pools and pools[f.pool].algorithm == "maglev"]
+        maglev = [f for f in frontends
+                  if f.pool in pools and pools[f.pool].algorithm in MAGLEV_ALGORITHMS]
         for what, n, limit in (
                 ("frontends", len(frontends), MAX_FRONTENDS),
                 ("frontends with a Maglev pool", len(maglev), MAX_MAGLEV_FRONTENDS)):
             if n > limit:
                 self.problem("frontends", f"{n} {what}: the data plane holds {limit}")
         for pool in pools.values():
-            if pool.algorithm != "maglev" and len(pool.servers) > RING_SIZE:
+            if pool.algorithm not in MAGLEV_ALGORITHMS and len(pool.servers) > RING_SIZE:
                 self.problem(f"{key_path('pools', pool.name)}.servers",
                              f"{len(pool.servers)} servers do not fit a ring of {RING_SIZE}")
         total = sum(len(p.servers) for p in pools.values())
@@ -624,8 +625,8 @@ class _Loader:
             if not fe.adopt_replies or pool is None:
                 continue
             path = f"{key_path('frontends', fe.name)}.adopt_replies"
-            if pool.algorithm != "maglev":
-                self.problem(path, f'needs a pool with algorithm "maglev" '
+            if pool.algorithm not in MAGLEV_ALGORITHMS:
+                self.problem(path, f'needs a pool with algorithm "maglev" or "source" '
                                    f'({key_path("pools", pool.name)} '
                                    f'is "{pool.algorithm}"): every node must send a client to '
                                    'the same server')
@@ -725,7 +726,8 @@ def dump(config: Config) -> str:
         table("pools", p.name, [("servers", [s.name for s in p.servers]),
                                 ("algorithm", p.algorithm), ("monitor", p.monitor),
                                 ("on_server_down", p.on_server_down),
-                                ("maglev_size", p.maglev_size if p.algorithm == "maglev" else None)])
+                                ("maglev_size",
+                                 p.maglev_size if p.algorithm in MAGLEV_ALGORITHMS else None)])
     for f in config.frontends:
         table("frontends", f.name, [("vip", f.vip), ("port", f.port), ("protocol", f.protocol),
                                     ("pool", f.pool), ("interfaces", list(f.interfaces)),

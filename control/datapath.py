@@ -688,7 +688,8 @@ class Datapath:
 
     def set_service(self, vip: IPv4Address, port: int, proto: int, service_id: int,
                     ring: int, ring_len: int, flags: int = 0) -> None:
-        """flags: layout.SERVICE_MAGLEV makes `ring` a Maglev table."""
+        """flags: layout.SERVICE_MAGLEV makes `ring` a Maglev table, picked by the
+        client's address alone with layout.SERVICE_SOURCE too."""
         self._maps["services"][self._service_key(vip, port, proto)] = \
             layout.Service(service_id, ring, ring_len, flags)
 
@@ -824,7 +825,7 @@ class Datapath:
             t = self._maps["timeouts"][ct.c_int(svc.id)]
             services[(_addr(key.vip), socket.ntohs(key.port), key.proto)] = ServiceState(
                 svc.id, svc.ring, slots, maglev,
-                (t.syn, t.established, t.closing, t.udp))
+                (t.syn, t.established, t.closing, t.udp), bool(svc.flags & layout.SERVICE_SOURCE))
         backends = {i: BackendState(i, _addr(b.addr), socket.ntohs(b.port),
                                     bool(b.flags & layout.BACKEND_NO_NEW_FLOWS))
                     for i, b in enumerate(self._read_values(self._maps["backends"]))

@@ -93,13 +93,15 @@ def table(backends: list[Backend], size: int = DEFAULT_SIZE) -> list[int]:
     return [ids[i] for i in slots]
 
 
-def digest(slots: Sequence[int], endpoints: Mapping[int, tuple[IPv4Address, int]]) -> str:
+def digest(slots: Sequence[int], endpoints: Mapping[int, tuple[IPv4Address, int]],
+           source: bool = False) -> str:
     """A short digest of a table as nodes can compare it: the address and port
     of each slot's backend (`endpoints` by id), in slot order, never the ids
-    (which are each node's own). Two tables of one digest send every flow to
-    the same server."""
+    (which are each node's own), and whether flows pick a slot by source_hash.
+    Two tables of one digest send every flow to the same server."""
     packed = {i: a.packed + p.to_bytes(2, "big") for i, (a, p) in endpoints.items()}
-    return hashlib.blake2b(b"".join(map(packed.__getitem__, slots)), digest_size=8).hexdigest()
+    return hashlib.blake2b(b"".join(map(packed.__getitem__, slots)), digest_size=8,
+                           person=b"source" if source else b"").hexdigest()
 
 
 def _mix(h: int) -> int:

@@ -15,7 +15,10 @@ from ipaddress import AddressValueError, IPv4Address
 from . import maglev
 
 PROTOCOLS = {"tcp": 6, "udp": 17}
-ALGORITHMS = ("roundrobin", "weighted", "maglev")
+ALGORITHMS = ("roundrobin", "weighted", "maglev", "source")
+# The algorithms of a Maglev table: maglev hashes a flow's 5-tuple, source its
+# client's address alone (every flow of a client goes to one server).
+MAGLEV_ALGORITHMS = ("maglev", "source")
 MAGLEV_SIZE_MAX = maglev.DEFAULT_SIZE   # the data plane's table (datapath.Limits.maglev_size)
 MAGLEV_SLOTS_PER_SERVER = 100           # the paper's advice: M >= 100 N keeps shares within 1%
 MAGLEV_SERVERS_MAX = MAGLEV_SIZE_MAX // MAGLEV_SLOTS_PER_SERVER
@@ -89,7 +92,7 @@ class Pool:
     algorithm: str = "roundrobin"
     monitor: str | None = None      # None: the servers are not checked
     on_server_down: str = "keep"
-    maglev_size: int = maglev.DEFAULT_SIZE  # slots of the Maglev table (algorithm "maglev")
+    maglev_size: int = maglev.DEFAULT_SIZE  # slots of the Maglev table (MAGLEV_ALGORITHMS)
 
 
 @dataclass(frozen=True)
@@ -350,8 +353,8 @@ def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
         problems.append(("--vip", "at least one VIP is required"))
     if not backends:
         problems.append(("--backend", "at least one backend is required"))
-    if algorithm == "maglev" and len(backends) > MAGLEV_SERVERS_MAX:
-        problems.append(("--backend", f"{len(backends)} backends are too many for maglev: "
+    if algorithm in MAGLEV_ALGORITHMS and len(backends) > MAGLEV_SERVERS_MAX:
+        problems.append(("--backend", f"{len(backends)} backends are too many for {algorithm}: "
                                       f"at most {MAGLEV_SERVERS_MAX}"))
 
     # Sets, not a scan of the list each time: thousands of flags (refused
@@ -398,12 +401,13 @@ def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
                                   interfaces=tuple(interfaces)))
 
     # What the data plane's maps hold, as a config file's check_capacity says it.
-    most = MAX_MAGLEV_FRONTENDS if algorithm == "maglev" else MAX_FRONTENDS
+    hashed = algorithm in MAGLEV_ALGORITHMS
+    most = MAX_MAGLEV_FRONTENDS if hashed else MAX_FRONTENDS
     if len(frontends) > most:
         problems.append(("--vip", f"{len(frontends)} VIPs"
-                                  f"{' with --algorithm maglev' if algorithm == 'maglev' else ''}:"
+                                  f"{f' with --algorithm {algorithm}' if hashed else ''}:"
                                   f" the data plane holds {most}"))
-    if algorithm != "maglev" and len(servers) > RING_SIZE:
+    if not hashed and len(servers) > RING_SIZE:
         problems.append(("--backend", f"{len(servers)} backends do not fit a ring of "
                                       f"{RING_SIZE}"))
 

@@ -16,8 +16,8 @@ from ipaddress import IPv4Address
 from typing import Collection, Iterable, Mapping, Protocol
 
 from . import maglev, scheduler
-from .layout import SERVICE_MAGLEV
-from .model import MAX_ARP, Config, Pool, Server
+from .layout import SERVICE_MAGLEV, SERVICE_SOURCE
+from .model import MAGLEV_ALGORITHMS, MAX_ARP, Config, Pool, Server
 
 ServiceKey = tuple[IPv4Address, int, int]       # vip, port, protocol number
 BackendKey = tuple[str, str]                    # pool, server
@@ -36,6 +36,12 @@ class ServiceState:
     # syn, established, closing, udp, in seconds; None when not known (maps read
     # back by a control plane that adopts them): plan sets them again.
     timeouts: tuple[int, int, int, int] | None = None
+    source: bool = False            # Maglev by the client's address alone (algorithm "source")
+
+    @property
+    def flags(self) -> int:
+        """The data plane's service.flags."""
+        return (SERVICE_MAGLEV if self.maglev else 0) | (SERVICE_SOURCE if self.source else 0)
 
 
 @dataclass(frozen=True)
@@ -195,7 +201,7 @@ def table_digests(config: Config, state: DataplaneState) -> dict[str, str]:
     for fe in config.frontends:
         svc = state.services[(fe.vip, fe.port, fe.proto_number)]
         if svc.maglev and fe.pool not in out:
-            out[fe.pool] = maglev.digest(svc.slots, endpoints)
+            out[fe.pool] = maglev.digest(svc.slots, endpoints, svc.source)
     return out
 
 
@@ -241,7 +247,7 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
     backend_ids = {k[:2]: i for k, i in ids.items()}
     backends = {}
     for pool in config.pools:
-        if pool.algorithm != "maglev" and len(pool.servers) > ring_size:
+        if pool.algorithm not in MAGLEV_ALGORITHMS and len(pool.servers) > ring_size:
             raise CapacityError(f"pool {pool.name}: {len(pool.servers)} servers do not fit "
                                 f"a ring of {ring_size}")
         for s in pool.servers:
@@ -255,7 +261,7 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
                                               previous.retired_services, max_services,
                                               "frontends")
     maglev_keys = [key for f, key in zip(config.frontends, service_keys)
-                   if config.pool(f.pool).algorithm == "maglev"]
+                   if config.pool(f.pool).algorithm in MAGLEV_ALGORITHMS]
     maglev_ids, _ = _allocate(maglev_keys,
                               {k: s.ring // 2 for k, s in previous.services.items() if s.maglev},
                               frozenset(), max_maglev, "frontends with a Maglev pool")
@@ -279,7 +285,8 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
             ring = old.ring
         else:
             ring = old.ring ^ 1          # the one not in use
-        services[key] = ServiceState(service_ids[key], ring, slots, is_maglev, fe.timeouts)
+        services[key] = ServiceState(service_ids[key], ring, slots, is_maglev, fe.timeouts,
+                                     pool.algorithm == "source")
 
     arp = {(link.index, vip): link.mac for link, vip in arp_links(config, links)}
     if len(arp) > max_arp:
@@ -425,10 +432,9 @@ def plan(current: DataplaneState, target: DataplaneState) -> list[Op]:
             ops.append(("clear_service_counters", svc.id))
         if old is None or old.id != svc.id or old.timeouts != svc.timeouts:
             ops.append(("set_timeouts", svc.id, *svc.timeouts))
-        if old is None or (old.id, old.ring, len(old.slots), old.maglev) != (
-                svc.id, svc.ring, len(svc.slots), svc.maglev):
-            ops.append(("set_service", *key, svc.id, svc.ring, len(svc.slots),
-                        SERVICE_MAGLEV if svc.maglev else 0))
+        if old is None or (old.id, old.ring, len(old.slots), old.flags) != (
+                svc.id, svc.ring, len(svc.slots), svc.flags):
+            ops.append(("set_service", *key, svc.id, svc.ring, len(svc.slots), svc.flags))
     return ops
 
 

@@ -50,6 +50,9 @@ def test_a_new_program_keeps_every_running_map():
         old.write_maglev(3, [3] * 7)
         old.set_timeouts(1, 5, 6, 7, 8)
         old.set_service(VIP, 81, 17, 1, 3, 7, layout.SERVICE_MAGLEV)
+        old.write_maglev(4, [3] * 7)
+        old.set_timeouts(2, 5, 6, 7, 8)
+        old.set_service(VIP, 82, 6, 2, 4, 7, layout.SERVICE_MAGLEV | layout.SERVICE_SOURCE)
         old.set_timeouts(5, 9, 9, 9, 9)         # a removed frontend's: its id is retired
         add_flows(old, 5)
         running = running_of(old)
@@ -66,7 +69,9 @@ def test_a_new_program_keeps_every_running_map():
         held, backends = new.held()
         assert backends == {3: BackendState(3, IPv4Address("10.1.11.101"), 8080)}
         assert held.services == {(VIP, 80, 6): ServiceState(0, 1, (3, 3), False, (1, 2, 3, 4)),
-                            (VIP, 81, 17): ServiceState(1, 3, (3,) * 7, True, (5, 6, 7, 8))}
+                            (VIP, 81, 17): ServiceState(1, 3, (3,) * 7, True, (5, 6, 7, 8)),
+                            (VIP, 82, 6): ServiceState(2, 4, (3,) * 7, True, (5, 6, 7, 8),
+                                                       source=True)}
         assert held.retired_services == {5}
         assert new.flow_entries() == 5
     finally:

@@ -604,7 +604,7 @@ def test_a_state_directory_that_is_not_absolute_is_bad_input(root, command):
 
 def test_up_algorithm_is_checked_before_anything_runs():
     r = xlb("up", "--vip", "10.1.1.101:80", "--backend", "10.1.11.101:80", "--algorithm", "rr")
-    assert r.returncode == 2 and "'rr' is not one of 'roundrobin', 'maglev'" in r.stderr, r.stderr
+    assert r.returncode == 2 and "'rr' is not one of 'roundrobin', 'maglev', 'source'" in r.stderr, r.stderr
     r = xlb("up", "--algorithm", "maglev", "--config", str(SEED))
     assert (r.returncode, r.stderr) == (2, "xlb: error: --config FILE replaces the one-line "
                                            "options (--vip, --backend, --algorithm, --iface and "

@@ -409,6 +409,16 @@ def test_adopt_replies_round_trips():
     assert load(dump(cfg)) == cfg
 
 
+def test_source_pool_is_a_maglev_pool():
+    """algorithm "source" takes maglev_size and adopt_replies as "maglev" does,
+    and dumps them."""
+    cfg = load(doc(pool=POOL + '\nalgorithm = "source"\nmaglev_size = 211',
+                   frontend=FE + "\nadopt_replies = true"))
+    (pool,), (fe,) = cfg.pools, cfg.frontends
+    assert (pool.algorithm, pool.maglev_size, fe.adopt_replies) == ("source", 211, True)
+    assert load(dump(cfg)) == cfg
+
+
 def test_same_vip_and_port_on_both_protocols():
     cfg = load(doc(frontend=FE + "\n[frontends.udp]\n" + FE + '\nprotocol = "udp"'))
     assert [f.endpoint for f in cfg.frontends] == ["10.1.1.101:80/tcp", "10.1.1.101:80/udp"]
@@ -663,7 +673,7 @@ BAD = [
                         pool=POOL + '\nalgorithm = "rr"\non_server_down = "drop"',
                         frontend=FE + '\nprotocol = "SCTP"'),
      [("monitors.m.type", "expected tcp, http or none, got 'https'"),
-      ("pools.web.algorithm", "expected roundrobin, weighted or maglev, got 'rr'"),
+      ("pools.web.algorithm", "expected roundrobin, weighted, maglev or source, got 'rr'"),
       ("pools.web.on_server_down", "expected keep or reset, got 'drop'"),
       ("frontends.www.protocol", "protocol 'SCTP' is not tcp or udp")]),
     # pools
@@ -741,11 +751,16 @@ BAD = [
                                   extra='[servers.was2]\naddress = "10.1.11.102"\nport = 1'),
      [("pools.web.maglev_size", "101 slots are too few for 2 servers: 100 per server needs a "
                                 "prime of at least 200, such as 211")]),
+    ("maglev-size-too-small-for-source",
+     doc(pool='servers = ["was1", "was2"]\nalgorithm = "source"\nmaglev_size = 101',
+         extra='[servers.was2]\naddress = "10.1.11.102"\nport = 1'),
+     [("pools.web.maglev_size", "101 slots are too few for 2 servers: 100 per server needs a "
+                                "prime of at least 200, such as 211")]),
     ("maglev-size-only-for-maglev", doc(pool=POOL + '\nmaglev_size = 65537',
                                         extra='[pools.w]\nservers = ["was1"]\n'
                                               'algorithm = "weighted"\nmaglev_size = 4'),
-     [("pools.web.maglev_size", 'only for algorithm "maglev"'),
-      ("pools.w.maglev_size", 'only for algorithm "maglev"')]),
+     [("pools.web.maglev_size", 'only for algorithm "maglev" or "source"'),
+      ("pools.w.maglev_size", 'only for algorithm "maglev" or "source"')]),
     ("maglev-too-many-servers", doc(pool='algorithm = "maglev"\nservers = '
                                          + str([f"s{i}" for i in range(656)]).replace("'", '"'),
                                     extra="".join(f'[servers.s{i}]\naddress = "10.2.{i // 250}.'
@@ -754,9 +769,9 @@ BAD = [
      [("pools.web.servers", "656 servers are too many for a Maglev pool: at most 655 "
                             "(100 slots each in 65537)")]),
     ("adopt-replies-not-maglev", doc(frontend=FE + "\nadopt_replies = true"),
-     [("frontends.www.adopt_replies", 'needs a pool with algorithm "maglev" (pools.web is '
-                                      '"roundrobin"): every node must send a client to the '
-                                      'same server')]),
+     [("frontends.www.adopt_replies", 'needs a pool with algorithm "maglev" or "source" '
+                                      '(pools.web is "roundrobin"): every node must send a '
+                                      'client to the same server')]),
     ("adopt-replies-shared-server",
      doc(pool=POOL + '\nalgorithm = "maglev"', frontend=FE + "\nadopt_replies = true",
          extra='[frontends.www2]\nvip = "10.1.1.102"\nport = 80\npool = "web"'),
@@ -826,7 +841,7 @@ BAD = [
       ('servers."bad name".address', "required"),
       ("pools.web.servers[1]", "no server 'was3'"),
       ("pools.web.servers[2]", "'was1' is listed twice"),
-      ("pools.web.algorithm", "expected roundrobin, weighted or maglev, got 'rr'"),
+      ("pools.web.algorithm", "expected roundrobin, weighted, maglev or source, got 'rr'"),
       ("frontends.a.interfaces[0]", "an interface name cannot be empty"),
       ("frontends.b.pool", "no pool 'nope'"),
       ("frontends.b", "duplicate of frontends.a (10.1.1.101:80/tcp)"),
@@ -873,9 +888,9 @@ def servers_and_pool(n, algorithm="roundrobin", pool="p"):
     return servers + f'[pools.{pool}]\nservers = [{members}]\nalgorithm = "{algorithm}"\n'
 
 
-def frontends(n, pool):
+def frontends(n, pool, first=0):
     return "".join(f'[frontends.f{i}]\nvip = "10.1.{i // 250}.{i % 250 + 1}"\nport = 80\n'
-                   f'pool = "{pool}"\n' for i in range(n))
+                   f'pool = "{pool}"\n' for i in range(first, first + n))
 
 
 @pytest.mark.parametrize("text,problem", [
@@ -883,6 +898,13 @@ def frontends(n, pool):
      ("frontends", "257 frontends: the data plane holds 256")),
     (servers_and_pool(1, "maglev") + frontends(17, "p"),
      ("frontends", "17 frontends with a Maglev pool: the data plane holds 16")),
+    # source pools hold Maglev tables too, counted with maglev's
+    (servers_and_pool(1, "source") + '[pools.q]\nservers = ["s0"]\nalgorithm = "maglev"\n'
+     + frontends(9, "p") + frontends(8, "q", first=9),
+     ("frontends", "17 frontends with a Maglev pool: the data plane holds 16")),
+    (servers_and_pool(656, "source") + frontends(1, "p"),
+     ("pools.p.servers", "656 servers are too many for a Maglev pool: at most 655 "
+                         "(100 slots each in 65537)")),
     (servers_and_pool(1025) + frontends(1, "p"),
      ("pools.p.servers", "1025 servers do not fit a ring of 1024")),
     (servers_and_pool(600, "maglev") + "".join(
@@ -900,6 +922,7 @@ def test_a_config_larger_than_the_data_plane_holds_fails_check(text, problem):
 
 def test_what_the_data_plane_holds_passes():
     load(servers_and_pool(1024) + frontends(256, "p"))
+    load(servers_and_pool(655, "source") + frontends(16, "p"))
 
 
 def test_frontends_sharing_a_pool_cost_no_check_per_frontend_and_server(monkeypatch):

@@ -184,6 +184,18 @@ def test_one_line_form_with_maglev():
     assert e.value.problems == [("--backend", "656 backends are too many for maglev: at most 655")]
 
 
+def test_one_line_form_with_source():
+    """--algorithm source: a Maglev pool, held to maglev's limits."""
+    (pool,) = from_flags(["10.1.1.101:80"], B, algorithm="source").pools
+    assert (pool.algorithm, pool.maglev_size) == ("source", 65537)
+    many = [f"10.1.{11 + i // 250}.{1 + i % 250}:80" for i in range(MAGLEV_SERVERS_MAX + 1)]
+    with pytest.raises(ConfigError) as e:
+        from_flags(addresses(MAX_MAGLEV_FRONTENDS + 1), many, algorithm="source")
+    assert e.value.problems == [
+        ("--backend", "656 backends are too many for source: at most 655"),
+        ("--vip", "17 VIPs with --algorithm source: the data plane holds 16")]
+
+
 def addresses(n: int, port: int = 80) -> list[str]:
     return [f"10.2.{i // 250}.{1 + i % 250}:{port}" for i in range(n)]
 

@@ -433,10 +433,10 @@ def test_pool_larger_than_a_ring():
 WWW = (A("10.1.1.101"), 80, 6)
 
 
-def _maglev(*servers, size=1009, frontends=(("www", "10.1.1.101"),)):
+def _maglev(*servers, size=1009, frontends=(("www", "10.1.1.101"),), algorithm="maglev"):
     return Config(frontends=tuple(Frontend(name, A(vip), 80, "tcp", "p")
                                   for name, vip in frontends),
-                  pools=(Pool("p", tuple(servers), "maglev", maglev_size=size),))
+                  pools=(Pool("p", tuple(servers), algorithm, maglev_size=size),))
 
 
 def _table(size, *servers_ids):
@@ -552,6 +552,48 @@ def test_only_maglev_pools_that_serve_a_frontend_have_a_table_digest():
                         Pool("w", (S1,), "weighted"), Pool("idle", (S2,), "maglev")))
     digests = planner.table_digests(cfg, desired(cfg))
     assert digests == planner.table_digests(_maglev(S1, S2), desired(_maglev(S1, S2)))
+
+
+SOURCE = layout.SERVICE_MAGLEV | layout.SERVICE_SOURCE
+
+
+def test_source_pool_is_a_maglev_table_picked_by_the_client_address():
+    """algorithm "source": maglev's table, flagged so that the data plane hashes
+    the client's address alone. Switching between the two rewrites no table:
+    the flag changes in the service's one write."""
+    mg, src = _maglev(S1, S2), _maglev(S1, S2, algorithm="source")
+    st = desired(src)
+    assert (st.services[WWW].maglev, st.services[WWW].slots) == (
+        True, desired(mg).services[WWW].slots)
+    assert planner.plan(planner.DataplaneState(), st)[-1] == (
+        "set_service", *WWW, 0, 0, 1009, SOURCE)
+    to_maglev = desired(mg, st)
+    assert planner.plan(st, to_maglev) == [("set_service", *WWW, 0, 0, 1009,
+                                            layout.SERVICE_MAGLEV)]
+    assert planner.plan(to_maglev, desired(src, to_maglev)) == [
+        ("set_service", *WWW, 0, 0, 1009, SOURCE)]
+    down = desired(src, st, {("p", "s1"): "down"})
+    assert planner.plan(st, down)[-2:] == [("write_maglev", 1, _table(1009, (S2, 1))),
+                                           ("set_service", *WWW, 0, 1, 1009, SOURCE)]
+
+
+def test_source_and_maglev_tables_of_one_slots_have_other_digests():
+    """They send a client's flows to other servers: nodes must not take them
+    for alike."""
+    def digest_of(algorithm):
+        config = _maglev(S1, S2, algorithm=algorithm)
+        return planner.table_digests(config, desired(config))["p"]
+    assert digest_of("source") != digest_of("maglev")
+
+
+def test_source_frontends_count_among_the_maglev_frontends():
+    both = Config(frontends=(Frontend("a", A("10.1.1.101"), 80, "tcp", "p"),
+                             Frontend("b", A("10.1.1.102"), 80, "tcp", "p"),
+                             Frontend("c", A("10.1.1.103"), 80, "tcp", "q")),
+                  pools=(Pool("p", (S1,), "maglev", maglev_size=1009),
+                         Pool("q", (S2,), "source", maglev_size=1009)))
+    with pytest.raises(planner.CapacityError, match="frontends with a Maglev pool"):
+        desired(both)
 
 
 def test_maglev_table_of_the_backups_while_no_primary_is_up():
