@@ -25,7 +25,7 @@ from packets import (BACKEND_MAC, CLIENT_MAC, LB_MAC, XDP_DROP, XDP_PASS, XDP_TX
                      pseudo_header, tcp_frame, udp_frame, untagged, word_for_zero_checksum)
 from xlb import flowtable, layout
 from xlb.datapath import filter_slot
-from xlb.maglev import flow_hash
+from xlb.maglev import flow_hash, source_hash
 
 pytestmark = pytest.mark.kernel
 
@@ -1623,6 +1623,103 @@ def test_an_error_about_a_reply_no_entry_knows_goes_where_maglev_sends_its_clien
             lb.expect("drop_no_service")
             continue
         be_addr, be_port = BACKENDS[maglev_backend(CLIENT, sport)]
+        reply = tcp_frame(be_addr, CLIENT, be_port, sport, flags="PA", payload=b"r" * 40)
+        assert (res.action, res.data) == (
+            XDP_PASS, icmp_frame("10.1.1.2", be_addr, error, quote(reply)))
+        lb.expect("icmp_to_backend")
+
+
+# Source affinity (algorithm "source") -------------------------------------------------
+
+SVIP = IPv4Address("10.1.1.104")          # the source-affinity services' VIP, tcp and udp
+SVC_SOURCE, SVC_SOURCE_UDP = 5, 6
+SOURCE_TABLE = 2                          # MAGLEV_TABLE's pair is 0 and 1
+CLIENTS = [IPv4Address("10.1.1.20") + i for i in range(24)]
+
+
+def source_backend(client) -> int:
+    """The backend every node's table picks for every flow of client to SVIP."""
+    return MAGLEV_SLOTS[source_hash(client) % len(MAGLEV_SLOTS)]
+
+
+@pytest.fixture
+def by_source(lb):
+    """SVIP:80, tcp and udp, Maglev by the client's address over MAGLEV_SLOTS,
+    for one test."""
+    dp = lb.dp
+    dp.write_maglev(SOURCE_TABLE, MAGLEV_SLOTS)
+    for sid, proto in ((SVC_SOURCE, TCP_P), (SVC_SOURCE_UDP, UDP_P)):
+        dp.set_timeouts(sid, *TIMEOUTS.values())
+        dp.set_service(SVIP, 80, proto, sid, SOURCE_TABLE, len(MAGLEV_SLOTS),
+                       layout.SERVICE_MAGLEV | layout.SERVICE_SOURCE)
+    dp.set_vip(SVIP)
+    yield Harness(dp, service_ids=(SVC_SOURCE, SVC_SOURCE_UDP), backend_ids=BACKENDS)
+    for proto in (TCP_P, UDP_P):
+        dp.del_service(SVIP, 80, proto)
+    dp.del_vip(SVIP)
+
+
+def test_source_sends_every_flow_of_a_client_to_one_backend(by_source, fibnet):
+    """Two connections of a client (two source ports) and its datagram flow
+    reach one backend, the table's at source_hash(client) as every node
+    computes it; clients are spread over the backends by the table."""
+    lb = by_source
+    reached = set()
+    for client in CLIENTS:
+        bid = source_backend(client)
+        for frame, sid in ((tcp_frame(client, SVIP, 40000, 80, flags="S"), SVC_SOURCE),
+                           (tcp_frame(client, SVIP, 40001, 80, flags="S"), SVC_SOURCE),
+                           (udp_frame(client, SVIP, 40002, 80, payload=b"q"), SVC_SOURCE_UDP)):
+            res = lb.send(frame, fibnet.ifindex["ext"])
+            assert (res.action, backend_of(res.data)) == (XDP_REDIRECT, bid)
+            lb.expect("forward_redirect", flow=("in", sid, bid, True))
+        reached.add(bid)
+    assert reached == {1, 2}
+
+
+@pytest.mark.parametrize("flags", ["A", "PA"])
+def test_source_picks_by_the_client_even_mid_connection(by_source, fibnet, flags):
+    """A packet of a connection this node never saw goes to the backend of its
+    client's address, whichever its port: where the node that saw it sent it."""
+    lb = by_source
+    for client in CLIENTS:
+        sport = 41000 + 100 * len(flags)
+        res = lb.send(tcp_frame(client, SVIP, sport, 80, flags=flags), fibnet.ifindex["ext"])
+        assert backend_of(res.data) == source_backend(client)
+        lb.expect("forward_redirect", flow=("in", SVC_SOURCE, source_backend(client), True))
+
+
+def test_a_backends_packet_is_adopted_where_source_sends_its_client(by_source, fibnet):
+    """adopt_replies with a source pool: the backend of the client's address
+    has its packet adopted, whatever the client's port; the other's passes."""
+    lb, dp = by_source, by_source.dp
+    bid = source_backend(CLIENT)
+    for addr, port in BACKENDS.values():
+        dp.set_owner(addr, port, TCP_P, SVIP, 80)
+    try:
+        for sport in range(42000, 42008):
+            other = from_backend(3 - bid, sport, "PA", payload=b"late")
+            res = lb.send(other, fibnet.ifindex["int"])
+            assert (res.action, res.data) == (XDP_PASS, other)
+            res = lb.send(from_backend(bid, sport, "PA", payload=b"late"), fibnet.ifindex["int"])
+            assert res.data == tcp_frame(SVIP, CLIENT, 80, sport, flags="PA", payload=b"late",
+                                         ttl=63, eth_src=fibnet.MACS["ext"], eth_dst=CLIENT_MAC)
+            lb.expect("reply_redirect", flow=("out", SVC_SOURCE, bid, False))
+            assert connection(dp, sport, vip=SVIP)[1].backend_id == bid
+    finally:
+        for addr, port in BACKENDS.values():
+            dp.del_owner(addr, port, TCP_P)
+
+
+def test_an_error_about_a_reply_no_entry_knows_goes_where_source_sends_its_client(
+        by_source, fibnet):
+    """As with maglev (ECMP, a failover): to the backend of the client's address."""
+    lb = by_source
+    error = ICMP(type=3, code=4, nexthopmtu=1200)
+    be_addr, be_port = BACKENDS[source_backend(CLIENT)]
+    for sport in range(43000, 43008):
+        reply = tcp_frame(SVIP, CLIENT, 80, sport, flags="PA", payload=b"r" * 40)
+        res = lb.send(icmp_frame("10.1.1.2", SVIP, error, quote(reply)), fibnet.ifindex["ext"])
         reply = tcp_frame(be_addr, CLIENT, be_port, sport, flags="PA", payload=b"r" * 40)
         assert (res.action, res.data) == (
             XDP_PASS, icmp_frame("10.1.1.2", be_addr, error, quote(reply)))
