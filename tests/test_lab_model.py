@@ -256,6 +256,17 @@ def test_weights_three_to_one(lab, tmp_path, xlb):
     assert names(lab, 200) == {"WAS1": 150, "WAS2": 50}
 
 
+def test_source_sends_every_connection_of_a_client_to_one_server(lab, tmp_path, xlb):
+    """The client's connections, each from a new port: with "source" all reach
+    the one server of its address, with "maglev" (the whole flow hashed) both."""
+    web = ["was1", "was2"]
+    apply(lab, tmp_path, config({"web": ("source", "keep", web)}, {"www": (VIP, 80, "web")}))
+    (reached,) = names(lab, 40).items()
+    assert reached[0] in {"WAS1", "WAS2"} and reached[1] == 40
+    apply(lab, tmp_path, config({"web": ("maglev", "keep", web)}, {"www": (VIP, 80, "web")}))
+    assert set(names(lab, 40)) == {"WAS1", "WAS2"}
+
+
 def test_many_frontends_each_with_its_own_pool(lab, tmp_path, xlb):
     apply(lab, tmp_path, config(
         {"a": ("roundrobin", "keep", ["was1"]), "b": ("roundrobin", "keep", ["was2"]),
