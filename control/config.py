@@ -29,7 +29,7 @@ from .model import (ALGORITHMS, BODY_LIMIT, MAGLEV_ALGORITHMS, MAGLEV_SERVERS_MA
                     MAGLEV_SLOTS_PER_SERVER, MAX_BACKENDS, MAX_FRONTENDS, MAX_MAGLEV_FRONTENDS,
                     MONITOR_TYPES, ON_SERVER_DOWN, PROTOCOL_TIMEOUTS, RING_SIZE, TIMEOUT_RANGE,
                     WEIGHT_RANGE, Config, ConfigError, Frontend, Monitor, Pool, Server,
-                    check_count, check_http_path, check_interface, check_maglev_servers,
+                    check_count, check_hex, check_http_path, check_interface, check_maglev_servers,
                     check_maglev_size, check_port, check_seconds, default_timeout, has_space,
                     parse_host, parse_protocol)
 
@@ -37,6 +37,7 @@ SECTIONS = ("monitors", "servers", "pools", "frontends")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 BAD_NAME = "bad name: use letters, digits, '_', '.' and '-', starting with a letter or digit"
 HTTP_ONLY = ("path", "expect_status", "expect_body", "host")
+UDP_ONLY = ("send_hex", "expect_hex")
 CHECKING = ("port", "interval", "timeout", "rise", "fall")     # of a monitor that checks
 TIMEOUTS = tuple(key for keys in PROTOCOL_TIMEOUTS.values() for key in keys)
 MAX_FILE = 2 << 20                  # 10,000 servers take under 1 MiB; the control socket's
@@ -204,6 +205,7 @@ _maglev_size = _model(check_maglev_size, _integer)
 _count = _model(check_count, _integer)
 _address = _model(parse_host, _string)
 _http_path = _model(check_http_path, _string)
+_hex = _model(check_hex, _string)
 _interface = _model(check_interface, _string)
 _protocol = _model(parse_protocol, _string)
 
@@ -445,15 +447,20 @@ class _Loader:
         checks = {"type": _one_of(MONITOR_TYPES), "port": _port,
                   "path": _http_path, "expect_status": _status,
                   "expect_body": _body, "host": _host,
+                  "send_hex": _hex, "expect_hex": _hex,
                   "interval": _seconds, "timeout": _seconds,
                   "rise": _count, "fall": _count}
         if mtype in MONITOR_TYPES and mtype != "http":
             checks.update(dict.fromkeys(HTTP_ONLY, _only('type "http"')))
+        if mtype in MONITOR_TYPES and mtype != "udp":
+            checks.update(dict.fromkeys(UDP_ONLY, _only('type "udp"')))
         if mtype == "none":
             # Ignored, they would make the operator believe the servers checked.
-            checks.update(dict.fromkeys(CHECKING, _only('type "tcp" or "http" (type "none" '
-                                                         'never checks)')))
-        values = self.fields(path, obj, checks, defaults={"interval": Monitor.interval})
+            checks.update(dict.fromkeys(CHECKING, _only('type "tcp", "http" or "udp" (type '
+                                                         '"none" never checks)')))
+        # A udp check needs a request: most services ignore an empty datagram.
+        values = self.fields(path, obj, checks, defaults={"interval": Monitor.interval},
+                             required=("send_hex",) if mtype == "udp" else ())
         timeout, interval = values.get("timeout"), values.get("interval")
         if "timeout" not in obj and interval is not None:
             values["timeout"] = default_timeout(interval)
@@ -715,7 +722,8 @@ def dump(config: Config) -> str:
     for m in config.monitors:
         http = [("path", m.path), ("expect_status", m.expect_status),
                 ("expect_body", m.expect_body), ("host", m.host)] if m.type == "http" else []
-        checking = [("port", m.port), *http, ("interval", float(m.interval)),
+        udp = [("send_hex", m.send_hex), ("expect_hex", m.expect_hex)] if m.type == "udp" else []
+        checking = [("port", m.port), *http, *udp, ("interval", float(m.interval)),
                     ("timeout", float(m.timeout)), ("rise", m.rise), ("fall", m.fall)]
         table("monitors", m.name, [("type", m.type), *(checking if m.type != "none" else ())])
     for s in servers.values():

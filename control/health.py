@@ -1,4 +1,4 @@
-"""Active health checks (tcp connect, http GET), standard library only.
+"""Active health checks (tcp connect, http GET, udp request), standard library only.
 
 A `Target` is one (pool, server) pair with the address, port and `Monitor` to
 check it with; `HealthChecker.set_targets` may replace the set at any time, and
@@ -31,6 +31,12 @@ Semantics:
   Healthy iff the status is `expect_status` (by default any 2xx or 3xx, as
   HAProxy's `option httpchk`) and the body contains `expect_body`.
   The whole check, connect included, is bounded by `timeout`.
+- udp: send the datagram `send_hex` from a fresh connected socket and wait
+  for one back: healthy iff it comes (from the server's address and port)
+  within `timeout` and, with `expect_hex`, begins with those bytes. An ICMP
+  error about the datagram (port, host or network unreachable) fails at
+  once; a server that answers nothing (a dead host, a service that drops
+  the request) fails by the timeout.
 - Fixed rate: a target's checks start every `interval` seconds, counted from
   the previous check's scheduled start, so a slow check does not push later
   ones back; one that overruns the interval is followed at once by the next.
@@ -87,7 +93,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 
-from .model import BODY_LIMIT, MONITOR_TYPES, Monitor, Server
+from .model import BODY_LIMIT, MONITOR_TYPES, Monitor, Server, check_hex
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +128,8 @@ class Transition:
 
 class _Entry:
     """A target's state, its next scheduled check and its check in flight."""
-    __slots__ = ("target", "sockaddr", "request", "slack", "state", "checked", "successes",
-                 "failures", "last", "next_start", "seq", "probe")
+    __slots__ = ("target", "sockaddr", "request", "expect", "probe_type", "slack", "state",
+                 "checked", "successes", "failures", "last", "next_start", "seq", "probe")
 
     def __init__(self, target: Target):
         self.aim(target)
@@ -142,8 +148,13 @@ class _Entry:
         self.target = target
         self.sockaddr = (str(target.address), target.port)
         self.slack = min(_SLACK, m.interval / 10)
-        self.request = b""
-        if m.type == "http":
+        self.request = self.expect = b""
+        self.probe_type = _Probe
+        if m.type == "udp":
+            self.probe_type = _UdpProbe
+            self.request = bytes.fromhex(m.send_hex)
+            self.expect = bytes.fromhex(m.expect_hex or "")
+        elif m.type == "http":
             # As a client writes the authority of http://ADDRESS:PORT/ (RFC 9110 7.2).
             host = m.host or (f"{target.address}" if target.port == 80
                               else f"{target.address}:{target.port}")
@@ -172,6 +183,14 @@ def _validate(t: Target) -> None:
         raise ValueError(f"{t.key}: rise and fall must be at least 1")
     if not 1 <= t.port <= 65535:
         raise ValueError(f"{t.key}: port {t.port} is out of range 1-65535")
+    if m.type == "udp":
+        if m.send_hex is None:
+            raise ValueError(f"{t.key}: a udp monitor needs send_hex")
+        try:
+            check_hex(m.send_hex)
+            m.expect_hex is None or check_hex(m.expect_hex)
+        except ValueError as e:
+            raise ValueError(f"{t.key}: {e}") from None
 
 
 def _same_server(old: Target, new: Target) -> bool:
@@ -488,7 +507,7 @@ class HealthChecker:
             heapq.heappush(heap, item)
 
     def _fire(self, entry: _Entry) -> None:
-        probe = entry.probe = _Probe(self, entry)
+        probe = entry.probe = entry.probe_type(self, entry)
         probe.begin()
 
     def _on_events(self) -> None:
@@ -561,6 +580,8 @@ _PHASES = {"connect": "connect", "send": "sending the request",
            "recv": "waiting for the response"}
 _EPOLLOUT, _EPOLLIN, _ONESHOT = select.EPOLLOUT, select.EPOLLIN, select.EPOLLONESHOT
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK   # one syscall, not two
+_DGRAM_NONBLOCK = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+_IP_RECVERR = getattr(socket, "IP_RECVERR", 11)     # <linux/in.h>; Python 3.11 lacks the name
 _Socket = socket.SocketType     # the C socket type: no Python-level wrapper per check
 _POOL_MAX = 256                 # idle tcp sockets kept for reuse
 
@@ -605,18 +626,15 @@ class _Probe:
         self.registered = False         # in the checker's epoll
         self.mapped = False             # in checker._probes (its events come here)
         self.phase = "connect"
-        self.start = 0.0
-        self.timeout = 0.0
-        self.seq = 0                    # the heap item of this check's timeout
+        self.start = _now()
+        # Its own: an edit of the monitor meanwhile applies from the next check on.
+        self.timeout = entry.target.monitor.timeout
+        self.seq = checker._push(self.start + self.timeout, _TIMEOUT, self)   # of its timeout
         self.ended = False
         self.again = False              # check_now came meanwhile: HealthChecker._finished
 
     def begin(self) -> None:
         checker, entry = self.checker, self.entry
-        self.start = _now()
-        # Its own: an edit of the monitor meanwhile applies from the next check on.
-        self.timeout = entry.target.monitor.timeout
-        self.seq = checker._push(self.start + self.timeout, _TIMEOUT, self)
         tcp = not entry.request
         try:
             if tcp and checker._idle:
@@ -637,13 +655,17 @@ class _Probe:
             else:
                 self._end((False, _os_reason("connect", err)))
         except OSError as e:
-            if e.errno in _LOCAL_ERRORS:
-                self._not_made(e.errno)
-            else:
-                self._end((False, _os_reason(self.phase, e.errno) if e.errno
-                           else f"{self.phase}: {e}"))
+            self._failed(e)
         except Exception:
             self._broken()
+
+    def _failed(self, e: OSError) -> None:
+        """The check ends with `e`, or is not made for want of the checker's own."""
+        if e.errno in _LOCAL_ERRORS:
+            self._not_made(e.errno)
+        else:
+            self._end((False, _os_reason(self.phase, e.errno) if e.errno
+                       else f"{self.phase}: {e}"))
 
     def _not_made(self, code: int) -> None:
         """The check could not begin, for want of the checker's own (_LOCAL_ERRORS)."""
@@ -765,6 +787,65 @@ class _Probe:
             verdict = (False, str(e))
         if verdict is not None:
             self._end(verdict)
+
+
+class _UdpProbe(_Probe):
+    """A udp check: one datagram from a fresh connected socket, and one awaited
+    back. Connected, the socket takes datagrams from the server's address and
+    port alone, and hears of the ICMP errors its own met: port unreachable
+    (ECONNREFUSED) and, with IP_RECVERR, those a router sends (host or
+    network unreachable) too. No socket is reused: one that heard of an
+    error, or whose reply came late, would tell the next check of it."""
+    __slots__ = ()
+
+    def begin(self) -> None:
+        entry = self.entry
+        try:
+            self.sock = sock = _Socket(socket.AF_INET, _DGRAM_NONBLOCK)
+            self.fd = sock.fileno()
+            sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+            sock.connect(entry.sockaddr)        # a route lookup: no packet is sent
+            self.phase = "send"
+            sock.send(entry.request)
+            self.phase = "recv"
+            self._watch(_EPOLLIN)
+        except OSError as e:
+            self._failed(e)
+        except Exception:
+            self._broken()
+
+    def on_event(self, events: int) -> None:
+        want = self.entry.expect
+        try:
+            # A byte past what is expected tells a longer reply; the rest is not read.
+            data = self.sock.recv(len(want) + 1)
+        except (BlockingIOError, InterruptedError):
+            return
+        except ConnectionRefusedError:
+            # strerror's words are TCP's: here no socket was bound to the port.
+            return self._end((False, _os_reason(self.phase, errno.ECONNREFUSED)
+                              + " (port unreachable)"))
+        except OSError as e:
+            return self._failed(e)
+        except Exception:
+            return self._broken()
+        if data.startswith(want):
+            return self._end((True, "check passed"))
+        self._end((False, f"udp: {_shown('reply ', data, len(want)) if data else 'empty reply'},"
+                          f" expected one beginning {_shown('', want, len(want))}"))
+
+    def _doing(self) -> str:
+        return "waiting for a reply"
+
+
+_SHOWN_BYTES = 32       # of a reply and of expect_hex, in a failed udp check's reason
+
+
+def _shown(prefix: str, data: bytes, upto: int) -> str:
+    """prefix and data's first bytes (up to upto, at most _SHOWN_BYTES) in hex,
+    with "..." if it has more."""
+    n = min(upto, _SHOWN_BYTES)
+    return prefix + data[:n].hex() + ("..." if len(data) > n else "")
 
 
 _HEAD_END = re.compile(rb"\n\r?\n")     # the blank line after the headers

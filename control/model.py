@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import string
 from dataclasses import dataclass, field
 from ipaddress import AddressValueError, IPv4Address
 
@@ -26,7 +27,7 @@ TIMEOUT_RANGE = (1, 7 * 86400)          # idle timeouts of flows, seconds
 # The idle timeouts a protocol's flows take (bpf/xlb.c state_timeout), Frontend's fields.
 PROTOCOL_TIMEOUTS = {"tcp": ("timeout_syn", "timeout_established", "timeout_closing"),
                      "udp": ("timeout_udp",)}
-MONITOR_TYPES = ("tcp", "http", "none")
+MONITOR_TYPES = ("tcp", "http", "udp", "none")
 ON_SERVER_DOWN = ("keep", "reset")   # what happens to a gone server's established flows
 WEIGHT_RANGE = (1, 256)
 # What the data plane's maps hold (datapath.Limits' defaults), checked with the config.
@@ -40,6 +41,7 @@ CHECK_SECONDS_MAX = 86400               # a monitor's interval and timeout: a da
 CHECK_SECONDS_MIN = 0.01                # and 10 ms at least: shorter would check in a busy loop
 CHECK_COUNT_MAX = 1000                  # a monitor's rise and fall
 BODY_LIMIT = 64 * 1024                  # http: the most body a check reads for expect_body
+DATAGRAM_MAX = 65507                    # udp: the most an IPv4 datagram carries (65535 - 20 - 8)
 
 
 class ConfigError(ValueError):
@@ -62,6 +64,10 @@ class Monitor:
     expect_status: int | None = None
     expect_body: str | None = None  # http: a substring the body must contain
     host: str | None = None         # http: the Host header (default: the address)
+    # udp: the datagram sent, and the bytes the reply must begin with (None:
+    # any reply), as check_hex writes them.
+    send_hex: str | None = None
+    expect_hex: str | None = None
     interval: float = 2.0
     timeout: float = 1.0
     rise: int = 2
@@ -225,6 +231,23 @@ def check_http_path(path: str) -> str:
     if _BAD_PERCENT.search(path):
         raise ValueError(f"{path!r} has a '%' not followed by two hex digits: write '%' as %25")
     return path
+
+
+def check_hex(text: str) -> str:
+    """Bytes as hex digits, either case, whitespace anywhere ignored ("1b 00 00"),
+    written back as lowercase digits alone."""
+    digits = "".join(text.split())
+    bad = next((c for c in digits if c not in string.hexdigits), None)
+    if bad is not None:
+        raise ValueError(f"{bad!r} is not a hex digit (0-9, a-f; whitespace is ignored)")
+    if not digits:
+        raise ValueError("no bytes: give them as hex digits, such as 1b00")
+    if len(digits) % 2:
+        raise ValueError(f"{len(digits)} hex digits, an odd number: two make a byte")
+    if len(digits) // 2 > DATAGRAM_MAX:
+        raise ValueError(f"{len(digits) // 2} bytes: a UDP datagram carries at most "
+                         f"{DATAGRAM_MAX}")
+    return digits.lower()
 
 
 def check_maglev_size(size: int) -> int:

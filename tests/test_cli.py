@@ -132,7 +132,7 @@ def test_a_none_monitor_refuses_what_it_would_ignore(tmp_path):
     """A monitor switched to "none" keeps no check setting that would seem to act."""
     path = tmp_path / "none.toml"
     path.write_text(SEED.read_text().replace('type = "http"', 'type = "none"'))
-    ignored = 'only for type "tcp" or "http" (type "none" never checks)'
+    ignored = 'only for type "tcp", "http" or "udp" (type "none" never checks)'
     assert_refused(path, [(f"monitors.was-http.{key}", reason) for key, reason in [
         ("port", ignored), ("path", 'only for type "http"'),
         ("expect_status", 'only for type "http"'), ("interval", ignored),

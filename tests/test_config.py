@@ -232,6 +232,23 @@ def test_an_http_monitor_without_expect_status_takes_any_2xx_or_3xx_and_round_tr
     assert "expect_status" not in dump(cfg) and load(dump(cfg)) == cfg
 
 
+NTP = '[monitors.m]\ntype = "udp"\nsend_hex = """\n1b 00 00 00\n00 00 00 00\n"""\nexpect_hex = "1C"'
+DNS = '[frontends.dns]\nvip = "10.1.1.101"\nport = 53\nprotocol = "udp"\npool = "web"\n'
+
+
+def test_a_udp_monitor_takes_hex_with_whitespace_and_round_trips():
+    cfg = load(doc(NTP, pool=POOL + '\nmonitor = "m"', frontend=DNS[len("[frontends.dns]\n"):]))
+    (m,) = cfg.monitors
+    assert (m.type, m.send_hex, m.expect_hex) == ("udp", "1b" + "00" * 7, "1c")
+    assert 'send_hex = "1b00000000000000"\nexpect_hex = "1c"\n' in dump(cfg)
+    assert load(dump(cfg)) == cfg
+    # expect_hex is optional: any reply passes
+    cfg = load(doc(NTP.replace('expect_hex = "1C"', ""), pool=POOL + '\nmonitor = "m"',
+                   frontend=DNS[len("[frontends.dns]\n"):]))
+    assert cfg.monitors[0].expect_hex is None and "expect_hex" not in dump(cfg)
+    assert load(dump(cfg)) == cfg
+
+
 # What an earlier build's `dump` wrote of a `none` monitor (given interval 5 and port 1).
 NONE_DUMPED = ('[monitors.m]\ntype = "none"\nport = 1\ninterval = 5.0\ntimeout = 1.0\n'
                'rise = 2\nfall = 3\n')
@@ -488,7 +505,7 @@ def monitor(*lines):
     return "\n".join(["[monitors.m]", *lines])
 
 
-NONE_ONLY = 'only for type "tcp" or "http" (type "none" never checks)'
+NONE_ONLY = 'only for type "tcp", "http" or "udp" (type "none" never checks)'
 BAD = [
     # TOML itself
     ("toml-syntax", '[servers.was1]\naddress = 10.1.11.101\n',
@@ -669,10 +686,28 @@ BAD = [
      doc(monitor('type = "http"', f'expect_body = "{"é" * 32769}"')),
      [("monitors.m.expect_body", "65538 bytes: a check reads 65536 bytes of the body, so it "
                                  "would never find it")]),
+    ("udp-monitor-keys", doc(monitor('type = "udp"', 'expect_hex = "1c0"', 'path = "/"',
+                                     'expect_body = "x"') +
+                             "\n[monitors.n]\nsend_hex = \"1b\"\nexpect_hex = \"1c\"\n"
+                             "[monitors.o]\ntype = \"none\"\nsend_hex = \"1b\"\n"
+                             "[monitors.p]\ntype = \"udp\"\nsend_hex = \"1b zz\"\n"
+                             "[monitors.q]\ntype = \"udp\"\nsend_hex = 27\nexpect_hex = \" \"\n"
+                             f"[monitors.r]\ntype = \"udp\"\nsend_hex = \"{'00' * 65508}\"\n"),
+     [("monitors.m.expect_hex", "3 hex digits, an odd number: two make a byte"),
+      ("monitors.m.path", 'only for type "http"'),
+      ("monitors.m.expect_body", 'only for type "http"'),
+      ("monitors.m.send_hex", "required"),
+      ("monitors.n.send_hex", 'only for type "udp"'),
+      ("monitors.n.expect_hex", 'only for type "udp"'),
+      ("monitors.o.send_hex", 'only for type "udp"'),
+      ("monitors.p.send_hex", "'z' is not a hex digit (0-9, a-f; whitespace is ignored)"),
+      ("monitors.q.send_hex", "expected a string, got integer"),
+      ("monitors.q.expect_hex", "no bytes: give them as hex digits, such as 1b00"),
+      ("monitors.r.send_hex", "65508 bytes: a UDP datagram carries at most 65507")]),
     ("bad-choices", doc(monitor('type = "https"', 'path = "/"'),
                         pool=POOL + '\nalgorithm = "rr"\non_server_down = "drop"',
                         frontend=FE + '\nprotocol = "SCTP"'),
-     [("monitors.m.type", "expected tcp, http or none, got 'https'"),
+     [("monitors.m.type", "expected tcp, http, udp or none, got 'https'"),
       ("pools.web.algorithm", "expected roundrobin, weighted, maglev or source, got 'rr'"),
       ("pools.web.on_server_down", "expected keep or reset, got 'drop'"),
       ("frontends.www.protocol", "protocol 'SCTP' is not tcp or udp")]),

@@ -53,6 +53,15 @@ def http_monitor(**kw) -> Monitor:
     return Monitor("h", "http", **kw)
 
 
+NTP_REQUEST = "1b" + "00" * 47          # an NTP v3 client request (mode 3)
+
+
+def udp_monitor(**kw) -> Monitor:
+    kw = {"interval": INTERVAL, "timeout": TIMEOUT, "rise": 2, "fall": 2,
+          "send_hex": NTP_REQUEST, **kw}
+    return Monitor("u", "udp", **kw)
+
+
 # -- the namespace thread ------------------------------------------------------
 
 def _lo_up() -> None:
@@ -203,6 +212,50 @@ class HttpBehaviour:
         writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
                      % (status, len(body), body))
         await writer.drain()
+
+
+class UdpServer:
+    """A UDP socket on 127.0.0.1:port, read on the loop, that answers each
+    datagram with answer(data) (None: none), sent from the UdpServer `source`
+    (default: itself). A socket, not an asyncio transport: that sends no
+    empty datagram."""
+
+    def __init__(self, port: int, answer=lambda data: data, source: UdpServer | None = None):
+        self.port, self.answer, self.source = port, answer, source
+        self.requests: list[bytes] = []
+        self.sock: socket.socket | None = None
+
+    async def start(self) -> UdpServer:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.bind((str(LOCAL), self.port))
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_datagram)
+        return self
+
+    def _on_datagram(self) -> None:
+        data, addr = self.sock.recvfrom(65535)
+        self.requests.append(data)
+        reply = self.answer(data)
+        if reply is not None:
+            (self.source or self).sock.sendto(reply, addr)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+
+@asynccontextmanager
+async def serving(*servers: UdpServer):
+    """The servers started, and closed at the end."""
+    try:
+        for srv in servers:
+            await srv.start()
+        yield servers
+    finally:
+        for srv in servers:
+            srv.close()
 
 
 class Recorder:
@@ -715,6 +768,88 @@ def test_tcp_connect_timeout_when_syns_go_unanswered(netns):
 
 
 @pytest.mark.netns
+def test_udp_down_when_its_port_is_unreachable_up_when_it_answers(netns):
+    """Each check sends send_hex in one datagram; a reply passes. Once nothing
+    listens on the port, the ICMP port unreachable fails each check at once."""
+    async def main():
+        m = udp_monitor(rise=3, fall=2)
+        key = ("ntp", "a")
+        srv = UdpServer(8101, lambda data: b"\x1c" + data[1:])
+        async with serving(srv), checker([Target(key, LOCAL, 8101, m)]) as (hc, rec):
+            await until(lambda: rec.checks(key), "the first check")
+            assert rec.checks(key)[0][:2] == (True, "check passed")
+            assert srv.requests[0] == bytes.fromhex(NTP_REQUEST)
+            assert rec.transitions == []
+
+            srv.close()
+            died = rec.mark()
+            await until(lambda: rec.of(key), "down")
+            (tr,) = rec.of(key)
+            refused = "recv: connection refused (port unreachable)"
+            assert (tr.old, tr.new, tr.reason) == ("up", "down", refused)
+            assert_decided(rec, tr)
+            down = ["fail"] * m.fall + ["down"]
+            assert rec.story(key, died, through="down") in (down, ["pass"] + down)
+            assert {r for ok, r, _ in rec.checks(key, died) if not ok} == {refused}
+
+            back = rec.mark()
+            await srv.start()
+            await until(lambda: len(rec.of(key)) == 2, "up")
+            up = rec.of(key)[1]
+            assert (up.old, up.new, up.reason) == ("down", "up", "check passed")
+            s = rec.story(key, back, through="up")
+            assert s[s.index("pass"):] == ["pass"] * m.rise + ["up"], s
+
+    netns.run(main())
+
+
+@pytest.mark.netns
+def test_udp_server_that_never_answers_times_out(netns):
+    """A server that takes the datagram and answers nothing, or answers from
+    another port (which no connected socket takes), fails by the timeout."""
+    async def main():
+        elsewhere = UdpServer(8104, lambda data: None)
+        silent, stray = UdpServer(8102, lambda data: None), UdpServer(8103, source=elsewhere)
+        keys = ("dns", "mute"), ("dns", "stray")
+        async with serving(silent, stray, elsewhere), \
+                checker([Target(keys[0], LOCAL, 8102, udp_monitor()),
+                         Target(keys[1], LOCAL, 8103, udp_monitor())]) as (hc, rec):
+            await until(lambda: all(rec.of(k) for k in keys), "down")
+            for key in keys:
+                (tr,) = rec.of(key)
+                assert tr.reason == f"timeout after {TIMEOUT}s (waiting for a reply)"
+                assert tr.duration >= TIMEOUT - 1e-6     # never early (1e-6: float rounding)
+            assert silent.requests and stray.requests     # both were asked
+
+    netns.run(main())
+
+
+@pytest.mark.netns
+def test_udp_reply_must_begin_with_expect_hex(netns):
+    async def main():
+        servers = (UdpServer(8105, lambda data: b"\x1c" + bytes(47)),
+                   UdpServer(8106, lambda data: b"\x1c"), UdpServer(8107, lambda data: b""))
+        targets = {
+            ("ntp", "good"): (8105, "1C 00", (True, "check passed")),
+            ("ntp", "any"): (8107, None, (True, "check passed")),
+            ("ntp", "wrong"): (8105, "24", (False, "udp: reply 1c..., expected one beginning 24")),
+            ("ntp", "long"): (8105, "1c" + "00" * 47 + "ff",
+                              (False, f"udp: reply 1c{'00' * 31}..., expected one beginning "
+                                      f"1c{'00' * 31}...")),
+            ("ntp", "short"): (8106, "1c04", (False, "udp: reply 1c, expected one beginning 1c04")),
+            ("ntp", "empty"): (8107, "1c", (False, "udp: empty reply, expected one beginning 1c")),
+        }
+        async with serving(*servers), \
+                checker([Target(key, LOCAL, port, udp_monitor(expect_hex=expect))
+                         for key, (port, expect, _) in targets.items()]) as (hc, rec):
+            await until(lambda: all(rec.checks(k) for k in targets), "a check each")
+            assert {k: rec.checks(k)[0][:2] for k in targets} == \
+                {k: want for k, (_, _, want) in targets.items()}
+
+    netns.run(main())
+
+
+@pytest.mark.netns
 def test_separate_check_port(netns):
     async def main():
         service = await Listener(8006).start()
@@ -1194,7 +1329,11 @@ def test_validation():
     with pytest.raises(ValueError, match="given twice"):
         hc.set_targets([t, t])
     with pytest.raises(ValueError, match="monitor type"):
+        hc.set_targets([Target(("p", "y"), LOCAL, 80, Monitor("m", "icmp"))])
+    with pytest.raises(ValueError, match="needs send_hex"):
         hc.set_targets([Target(("p", "y"), LOCAL, 80, Monitor("m", "udp"))])
+    with pytest.raises(ValueError, match="odd number"):
+        hc.set_targets([Target(("p", "y"), LOCAL, 80, udp_monitor(expect_hex="1c0"))])
     with pytest.raises(ValueError, match="positive"):
         hc.set_targets([Target(("p", "y"), LOCAL, 80, tcp_monitor(interval=0))])
     for counts in ({"rise": 0}, {"fall": 0}):
