@@ -82,9 +82,10 @@ def cli() -> None:
               help="Attach to DEV. Repeatable. Default: every up Ethernet interface "
                    "(not the loopback, nor tun, tunnel or wireguard links).")
 @click.option("--check", "check_kind", default="tcp", show_default=True,
-              metavar="tcp|http:/PATH|none",
+              metavar="tcp|http:/PATH|udp:HEX|none",
               help="Health check of the --backend servers: a TCP connect, an HTTP GET "
-                   "of PATH expecting a 2xx or 3xx status, or none.")
+                   "of PATH expecting a 2xx or 3xx status, a UDP datagram of the bytes HEX "
+                   "expecting any datagram back, or none.")
 @click.option("--check-port", metavar="N",
               help="Port to check. Default: each backend's own port.")
 @click.option("--interval", type=float, default=Monitor.interval, show_default=True,
@@ -168,7 +169,13 @@ def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise
             # A server of UDP alone (syslog, NTP) refuses the connect: all would go down.
             _error("xlb: warning: every --vip is UDP, but the default check connects over "
                    "TCP to the backends' ports: a server of UDP alone goes down; give "
-                   "--check none, --check-port N or --check tcp")
+                   "--check udp:HEX (a request they answer), --check none, --check-port N "
+                   "or --check tcp")
+        if (monitor is not None and monitor.type == "udp" and monitor.port is None
+                and all(f.protocol == "tcp" for f in config.frontends)):
+            _error("xlb: warning: every --vip is TCP, but --check udp sends to the backends' "
+                   "ports over UDP: a server of TCP alone answers port unreachable and goes "
+                   "down; give --check-port N or --check tcp")
     from . import metrics              # prometheus-client: only `up` needs it
     try:
         metrics_address = metrics.parse_address(metrics_at)

@@ -347,8 +347,11 @@ def monitor_from_flags(kind: str, port: str | None, interval: float, rise: int,
     if kind.startswith("http:/"):
         mtype, path = "http", kind[len("http:"):]
         checks.append(("--check", check_http_path, path))
+    elif kind.startswith("udp:"):
+        mtype = "udp"
+        checks.append(("--check", check_hex, kind[len("udp:"):]))
     elif kind not in ("tcp", "none"):
-        problems.append(("--check", f"{kind!r} is not tcp, http:/PATH or none"))
+        problems.append(("--check", f"{kind!r} is not tcp, http:/PATH, udp:HEX or none"))
     if port is not None:
         checks.append(("--check-port", parse_port, port))
     checks += [("--interval", check_seconds, interval), ("--rise", check_count, rise),
@@ -363,7 +366,7 @@ def monitor_from_flags(kind: str, port: str | None, interval: float, rise: int,
     if kind == "none":
         return None
     return Monitor(name="default", type=mtype, port=parsed.get("--check-port"), path=path,
-                   interval=interval, timeout=default_timeout(interval), rise=rise, fall=fall)
+                   send_hex=parsed.get("--check") if mtype == "udp" else None, interval=interval, timeout=default_timeout(interval), rise=rise, fall=fall)
 
 
 def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),

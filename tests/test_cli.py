@@ -157,18 +157,30 @@ def test_check_warns_of_the_timeouts_of_the_other_protocol(tmp_path):
         f"(UDP flows take timeout_udp): ignored"]
 
 
-def test_up_warns_that_its_default_check_is_tcp_for_udp_vips_alone():
-    """A syslog or NTP server answers no TCP connect on its port: the default
-    check, which the operator did not choose, would take every server down."""
-    udp = ("--vip", "10.1.1.101:514/udp", "--backend", "10.1.11.101:514",
-           "--iface", "xlb-no-such-if", "--metrics", "224.0.0.1:9717")
-    r = xlb("up", *udp)
-    assert (r.returncode, r.stderr.splitlines()[0]) == (
-        2, "xlb: warning: every --vip is UDP, but the default check connects over TCP to "
-           "the backends' ports: a server of UDP alone goes down; give --check none, "
-           "--check-port N or --check tcp")
-    for chosen in (("--check", "tcp"), ("--check-port", "22"), ("--vip", "10.1.1.101:514")):
-        r = xlb("up", *udp, *chosen)
+@pytest.mark.parametrize("flags,warning,chosen", [
+    (("--vip", "10.1.1.101:514/udp", "--backend", "10.1.11.101:514"),
+     "xlb: warning: every --vip is UDP, but the default check connects over TCP to the "
+     "backends' ports: a server of UDP alone goes down; give --check udp:HEX (a request they "
+     "answer), --check none, --check-port N or --check tcp",
+     [("--check", "tcp"), ("--check-port", "22"), ("--vip", "10.1.1.101:514"),
+      ("--check", "udp:3c31333e7465737420")]),
+    (("--vip", "10.1.1.101:80", "--backend", "10.1.11.101:80", "--check", "udp:00"),
+     "xlb: warning: every --vip is TCP, but --check udp sends to the backends' ports over UDP: "
+     "a server of TCP alone answers port unreachable and goes down; give --check-port N or "
+     "--check tcp",
+     [("--check-port", "53"), ("--vip", "10.1.1.101:80/udp"), ("--check", "tcp")]),
+])
+def test_up_warns_of_a_check_that_every_vip_serves_over_the_other_protocol(flags, warning,
+                                                                            chosen):
+    """A syslog or NTP server answers no TCP connect on its port, a web server
+    no datagram: such a check of its port (the default check, which the
+    operator did not choose; or udp:HEX of TCP VIPs alone) would take every
+    server down."""
+    args = (*flags, "--iface", "xlb-no-such-if", "--metrics", "224.0.0.1:9717")
+    r = xlb("up", *args)
+    assert (r.returncode, r.stderr.splitlines()[0]) == (2, warning)
+    for more in chosen:
+        r = xlb("up", *args, *more)
         assert r.returncode == 2 and "warning" not in r.stderr, r.stderr
 
 
