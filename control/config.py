@@ -334,7 +334,8 @@ class _Loader:
             raise ConfigError(self.problems)
         return Config(frontends=tuple(frontends), pools=tuple(pools), monitors=tuple(monitors),
                       warnings=(*self.notes, *self.unused(frontends, pools, servers, monitors),
-                                *self.overridden(pools), *self.strayed(pools)))
+                                *self.overridden(pools), *self.strayed(pools),
+                                *self.crossed(frontends, pools, monitors)))
 
     @staticmethod
     def unused(frontends: list[Frontend], pools: list[Pool], servers: dict[str, Server],
@@ -365,6 +366,30 @@ class _Loader:
                       f"{key_path('monitors', p.monitor)} checks none of them")
                      for p in pools
                      if p.monitor and all(s.monitor not in (None, p.monitor) for s in p.servers))
+
+    @staticmethod
+    def crossed(frontends: list[Frontend], pools: list[Pool],
+                monitors: list[Monitor]) -> tuple[tuple[str, str], ...]:
+        """udp monitors that check servers on their own port (no `port`) where
+        every frontend of their pool is TCP (all valid here): a server of a
+        TCP service alone answers port unreachable, and every one goes down.
+        Said, not refused: a server may serve its port over both (DNS)."""
+        udp = {m.name: m for m in monitors if m.type == "udp" and m.port is None}
+        found = {}
+        for pool in pools:
+            protocols = {f.protocol for f in frontends if f.pool == pool.name}
+            if protocols != {"tcp"}:
+                continue
+            for s in pool.servers:
+                name = s.monitor or pool.monitor
+                if name in udp:
+                    found.setdefault((name, pool.name), (
+                        key_path("monitors", name),
+                        f"it checks the servers of {key_path('pools', pool.name)} over UDP on "
+                        f"their own port, and every frontend of that pool is TCP: a server of "
+                        f"TCP alone there answers port unreachable and goes down (give the "
+                        f"monitor its port)"))
+        return tuple(found.values())
 
     @staticmethod
     def strayed(pools: list[Pool]) -> tuple[tuple[str, str], ...]:

@@ -241,12 +241,28 @@ def test_a_udp_monitor_takes_hex_with_whitespace_and_round_trips():
     (m,) = cfg.monitors
     assert (m.type, m.send_hex, m.expect_hex) == ("udp", "1b" + "00" * 7, "1c")
     assert 'send_hex = "1b00000000000000"\nexpect_hex = "1c"\n' in dump(cfg)
-    assert load(dump(cfg)) == cfg
+    assert load(dump(cfg)) == cfg and cfg.warnings == ()
     # expect_hex is optional: any reply passes
     cfg = load(doc(NTP.replace('expect_hex = "1C"', ""), pool=POOL + '\nmonitor = "m"',
                    frontend=DNS[len("[frontends.dns]\n"):]))
     assert cfg.monitors[0].expect_hex is None and "expect_hex" not in dump(cfg)
     assert load(dump(cfg)) == cfg
+
+
+def test_a_udp_monitor_of_tcp_frontends_alone_on_the_servers_port_is_said():
+    """Checked over UDP on their own port, servers of a TCP service alone
+    answer port unreachable: all go down. Said, not refused (a DNS server
+    serves its port over both); a port given, or a UDP frontend, silences it."""
+    tcp_only = load(doc(NTP, pool=POOL + '\nmonitor = "m"'))
+    assert tcp_only.warnings == (
+        ("monitors.m", "it checks the servers of pools.web over UDP on their own port, and "
+                       "every frontend of that pool is TCP: a server of TCP alone there answers "
+                       "port unreachable and goes down (give the monitor its port)"),)
+    assert load(doc(NTP + "\nport = 53", pool=POOL + '\nmonitor = "m"')).warnings == ()
+    assert load(doc(NTP, pool=POOL + '\nmonitor = "m"', extra=DNS)).warnings == ()
+    # a server's own monitor, once for its pool
+    own = load(doc(NTP, server=SERVER + '\nport = 8080\nmonitor = "m"'))
+    assert [path for path, _ in own.warnings] == ["monitors.m"]
 
 
 # What an earlier build's `dump` wrote of a `none` monitor (given interval 5 and port 1).
