@@ -13,7 +13,7 @@ from datetime import datetime
 
 import pytest
 
-from labctl import HERE, PY, VIP, running_lab
+from labctl import HERE, PY, VIP, running_lab, wait_for
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -39,9 +39,12 @@ def seed(monitor: str, port: int | None = None, servers=(("was1", "10.1.11.101",
     return "\n".join(out)
 
 
+def server_status(lab, server: str) -> dict:
+    return next(s for s in lab.status()["pools"][0]["servers"] if s["name"] == server)
+
+
 def health(lab, server: str) -> str:
-    st = lab.status()
-    return next(s["health"] for s in st["pools"][0]["servers"] if s["name"] == server)
+    return server_status(lab, server)["health"]
 
 
 def wait_health(lab, server: str, want: str) -> float:
@@ -188,6 +191,51 @@ def test_all_down_drops_and_counts_then_resumes(lab, tmp_path):
         wait_health(lab, "was1", "up")
         out = lab.client("client", "http", VIP, "80", "--count", "4")
         assert out["errors"] == [] and "WAS1" in out["names"]
+
+
+def test_udp_check_takes_out_a_server_whose_udp_listener_is_gone(lab, tmp_path):
+    """A UDP frontend's servers checked with a udp monitor: a request, and a
+    reply that begins "WAS" (the lab's servers answer with their name). One
+    whose UDP listener is gone, its TCP one still there, is taken out by the
+    ICMP port unreachable its check gets, and its share of new flows goes to
+    the other; its UDP listener back, it comes back."""
+    port = 9053
+    text = (f'[monitors.m]\ntype = "udp"\nsend_hex = "{b"ping".hex()}"\n'
+            f'expect_hex = "{b"WAS".hex()}"\ninterval = {INTERVAL}\ntimeout = {TIMEOUT}\n'
+            f'rise = {RISE}\nfall = {FALL}\n'
+            + "".join(f'[servers.{name}]\naddress = "{addr}"\nport = {port}\n'
+                      for name, addr in (("was1", "10.1.11.101"), ("was2", "10.1.11.102")))
+            + '[pools.dns]\nservers = ["was1", "was2"]\nmonitor = "m"\n'
+            + f'[frontends.dns]\nvip = "{VIP}"\nport = 53\nprotocol = "udp"\npool = "dns"\n')
+    names = lambda out: sorted({name for name, *_ in out["replies"]})    # noqa: E731
+    procs = [lab.web_server(node, node.upper(), port) for node in ("was1", "was2")]
+    try:
+        with start_xlb(lab, tmp_path, text) as x:
+            wait_for(lambda: all(server_status(lab, s)["last_check"] for s in ("was1", "was2")),
+                     10, "the first checks")
+            assert [health(lab, s) for s in ("was1", "was2")] == ["up", "up"]
+            before = lab.client("client", "udp", VIP, "53", "--count", "10")
+            procs[1].terminate()
+            procs[1].wait(5)
+            procs[1] = lab.web_server("was2", "WAS2", port, kind="db")     # TCP alone
+            wait_health(lab, "was2", "down")
+            after = lab.client("client", "udp", VIP, "53", "--count", "10", "--timeout", "1")
+            procs[1].terminate()
+            procs[1].wait(5)
+            procs[1] = lab.web_server("was2", "WAS2", port)
+            wait_health(lab, "was2", "up")
+            back = lab.client("client", "udp", VIP, "53", "--count", "10")
+            shown = tomllib.loads(lab.xlb_cmd("show", check=True).stdout)["monitors"]["m"]
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(5)
+    assert before["errors"] == [] and names(before) == ["WAS1", "WAS2"]
+    assert after["errors"] == [] and names(after) == ["WAS1"]
+    assert back["errors"] == [] and names(back) == ["WAS1", "WAS2"]
+    assert [(new, reason) for _, new, reason in transitions(x.stderr, "was2")] == [
+        ("down", "recv: connection refused (port unreachable)"), ("up", "check passed")]
+    assert (shown["send_hex"], shown["expect_hex"]) == ("70696e67", "574153")
 
 
 def test_one_line_form_checks_by_default(lab):
