@@ -187,8 +187,9 @@ def _validate(t: Target) -> None:
         if m.send_hex is None:
             raise ValueError(f"{t.key}: a udp monitor needs send_hex")
         try:
-            check_hex(m.send_hex)
-            m.expect_hex is None or check_hex(m.expect_hex)
+            for text in (m.send_hex, m.expect_hex):
+                if text is not None:
+                    check_hex(text)
         except ValueError as e:
             raise ValueError(f"{t.key}: {e}") from None
 
@@ -831,8 +832,8 @@ class _UdpProbe(_Probe):
             return self._broken()
         if data.startswith(want):
             return self._end((True, "check passed"))
-        self._end((False, f"udp: {_shown('reply ', data, len(want)) if data else 'empty reply'},"
-                          f" expected one beginning {_shown('', want, len(want))}"))
+        got = f"reply {_hex_start(data, len(want))}" if data else "empty reply"
+        self._end((False, f"udp: {got}, expected one beginning {_hex_start(want, len(want))}"))
 
     def _doing(self) -> str:
         return "waiting for a reply"
@@ -841,11 +842,11 @@ class _UdpProbe(_Probe):
 _SHOWN_BYTES = 32       # of a reply and of expect_hex, in a failed udp check's reason
 
 
-def _shown(prefix: str, data: bytes, upto: int) -> str:
-    """prefix and data's first bytes (up to upto, at most _SHOWN_BYTES) in hex,
-    with "..." if it has more."""
+def _hex_start(data: bytes, upto: int) -> str:
+    """data's first bytes (up to upto, at most _SHOWN_BYTES) in hex, with "..."
+    if it has more."""
     n = min(upto, _SHOWN_BYTES)
-    return prefix + data[:n].hex() + ("..." if len(data) > n else "")
+    return data[:n].hex() + ("..." if len(data) > n else "")
 
 
 _HEAD_END = re.compile(rb"\n\r?\n")     # the blank line after the headers

@@ -235,6 +235,7 @@ class UdpServer:
     def _on_datagram(self) -> None:
         data, addr = self.sock.recvfrom(65535)
         self.requests.append(data)
+        self.addr = addr
         reply = self.answer(data)
         if reply is not None:
             (self.source or self).sock.sendto(reply, addr)
@@ -820,6 +821,46 @@ def test_udp_server_that_never_answers_times_out(netns):
                 assert tr.reason == f"timeout after {TIMEOUT}s (waiting for a reply)"
                 assert tr.duration >= TIMEOUT - 1e-6     # never early (1e-6: float rounding)
             assert silent.requests and stray.requests     # both were asked
+
+    netns.run(main())
+
+
+def _checksum(data: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data + b"\0" * (len(data) % 2)))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def host_unreachable(icmp: socket.socket, port: int, data: bytes, addr) -> None:
+    """Sends over the raw ICMP socket what a router sends for a datagram to
+    127.0.0.1:port from addr that it cannot deliver: host unreachable, quoting
+    its IP header and the UDP header."""
+    udp = struct.pack("!HHHH", addr[1], port, 8 + len(data), 0)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp) + len(data), 0, 0, 64,
+                     socket.IPPROTO_UDP, 0, socket.inet_aton(addr[0]), LOCAL.packed)
+    body = struct.pack("!I", 0) + ip + udp
+    head = struct.pack("!BBH", 3, 1, 0)                 # destination unreachable: host
+    icmp.sendto(head[:2] + struct.pack("!H", _checksum(head + body)) + body, (addr[0], 0))
+
+
+@pytest.mark.netns
+def test_udp_icmp_host_unreachable_fails_at_once(netns):
+    """A router's ICMP host unreachable about the check's datagram (a soft
+    error, which a connected UDP socket hears of only with IP_RECVERR) fails
+    the check as it comes, not by the timeout."""
+    async def main():
+        icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        srv = UdpServer(8108, lambda data: host_unreachable(icmp, 8108, data, srv.addr))
+        key = ("dns", "gone")
+        try:
+            async with serving(srv), checker([Target(key, LOCAL, 8108, udp_monitor(
+                    interval=1.0, timeout=0.9))]) as (hc, rec):
+                await until(lambda: rec.of(key), "down")
+                (tr,) = rec.of(key)
+                assert tr.reason == "recv: no route to host"        # not the timeout
+        finally:
+            icmp.close()
 
     netns.run(main())
 
