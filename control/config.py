@@ -39,6 +39,7 @@ BAD_NAME = "bad name: use letters, digits, '_', '.' and '-', starting with a let
 HTTP_ONLY = ("path", "expect_status", "expect_body", "host")
 UDP_ONLY = ("send_hex", "expect_hex")
 CHECKING = ("port", "interval", "timeout", "rise", "fall")     # of a monitor that checks
+_OTHER = {"tcp": "udp", "udp": "tcp"}     # a check's protocol, and the one it is not
 TIMEOUTS = tuple(key for keys in PROTOCOL_TIMEOUTS.values() for key in keys)
 MAX_FILE = 2 << 20                  # 10,000 servers take under 1 MiB; the control socket's
                                     # limit (ctl.MAX_REQUEST) holds it JSON-escaped, for `apply`
@@ -310,6 +311,7 @@ class _Loader:
         self.addresses: dict[str, IPv4Address] = {}                 # server -> address
         self.services: list[tuple[str, IPv4Address, int, str]] = []  # frontend, vip, port, proto
         self.notes: list[tuple[str, str]] = []      # warnings found while reading the objects
+        self.untyped: set[str] = set()              # monitors of no `type` (tcp by default)
 
     def problem(self, path: str, reason: str) -> None:
         self.problems.append((path, reason))
@@ -367,28 +369,34 @@ class _Loader:
                      for p in pools
                      if p.monitor and all(s.monitor not in (None, p.monitor) for s in p.servers))
 
-    @staticmethod
-    def crossed(frontends: list[Frontend], pools: list[Pool],
+    def crossed(self, frontends: list[Frontend], pools: list[Pool],
                 monitors: list[Monitor]) -> tuple[tuple[str, str], ...]:
-        """udp monitors that check servers on their own port (no `port`) where
-        every frontend of their pool is TCP (all valid here): a server of a
-        TCP service alone answers port unreachable, and every one goes down.
-        Said, not refused: a server may serve its port over both (DNS)."""
-        udp = {m.name: m for m in monitors if m.type == "udp" and m.port is None}
+        """Monitors that check servers on their own port (no `port`) over the
+        protocol that no frontend of their pool serves (all valid here): udp
+        ones of TCP frontends alone, and those of no `type` (tcp by default,
+        which the operator may not have chosen, as the one-line form's
+        default check) of UDP frontends alone. A server of the one protocol
+        alone fails the other's check, and every one goes down. Said, not
+        refused: a server may serve its port over both (DNS)."""
+        over = {m.name: "udp" for m in monitors if m.type == "udp" and m.port is None}
+        over.update({m.name: "tcp" for m in monitors if m.name in self.untyped and m.port is None})
         found = {}
         for pool in pools:
             protocols = {f.protocol for f in frontends if f.pool == pool.name}
-            if protocols != {"tcp"}:
-                continue
             for s in pool.servers:
                 name = s.monitor or pool.monitor
-                if name in udp:
-                    found.setdefault((name, pool.name), (
-                        key_path("monitors", name),
-                        f"it checks the servers of {key_path('pools', pool.name)} over UDP on "
-                        f"their own port, and every frontend of that pool is TCP: a server of "
-                        f"TCP alone there answers port unreachable and goes down (give the "
-                        f"monitor its port)"))
+                checks = over.get(name)
+                if checks is None or protocols != {_OTHER[checks]}:
+                    continue
+                tcp = checks == "tcp"
+                serves = _OTHER[checks].upper()
+                found.setdefault((name, pool.name), (
+                    key_path("monitors", name),
+                    f"{'no type: by default it' if tcp else 'it'} checks the servers of "
+                    f"{key_path('pools', pool.name)} over {checks.upper()} on their own port, "
+                    f"and every frontend of that pool is {serves}: a server of {serves} alone "
+                    f"there {'refuses the connect' if tcp else 'answers port unreachable'} and "
+                    f"goes down (give the monitor its port{', or its type' if tcp else ''})"))
         return tuple(found.values())
 
     @staticmethod
@@ -469,6 +477,8 @@ class _Loader:
     def monitor(self, path: str, name: str, obj: dict) -> Monitor | None:
         before = len(self.problems)
         mtype = obj.get("type", "tcp")
+        if "type" not in obj:
+            self.untyped.add(name)
         checks = {"type": _one_of(MONITOR_TYPES), "port": _port,
                   "path": _http_path, "expect_status": _status,
                   "expect_body": _body, "host": _host,

@@ -265,6 +265,21 @@ def test_a_udp_monitor_of_tcp_frontends_alone_on_the_servers_port_is_said():
     assert [path for path, _ in own.warnings] == ["monitors.m"]
 
 
+def test_a_monitor_of_no_type_of_udp_frontends_alone_on_the_servers_port_is_said():
+    """No type is tcp, which the operator may not have chosen (as the one-line
+    form's default check): a server of UDP alone refuses the connect. A type
+    or a port given silences it, as does a TCP frontend of the pool."""
+    dns_only = dict(pool=POOL + '\nmonitor = "m"', frontend=DNS[len("[frontends.dns]\n"):])
+    assert load(doc("[monitors.m]", **dns_only)).warnings == (
+        ("monitors.m", "no type: by default it checks the servers of pools.web over TCP on "
+                       "their own port, and every frontend of that pool is UDP: a server of UDP "
+                       "alone there refuses the connect and goes down (give the monitor its "
+                       "port, or its type)"),)
+    for given in ('type = "tcp"', "port = 53"):
+        assert load(doc("[monitors.m]\n" + given, **dns_only)).warnings == ()
+    assert load(doc("[monitors.m]", pool=POOL + '\nmonitor = "m"', extra=DNS)).warnings == ()
+
+
 # What an earlier build's `dump` wrote of a `none` monitor (given interval 5 and port 1).
 NONE_DUMPED = ('[monitors.m]\ntype = "none"\nport = 1\ninterval = 5.0\ntimeout = 1.0\n'
                'rise = 2\nfall = 3\n')
