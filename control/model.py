@@ -366,7 +366,8 @@ def monitor_from_flags(kind: str, port: str | None, interval: float, rise: int,
     if kind == "none":
         return None
     return Monitor(name="default", type=mtype, port=parsed.get("--check-port"), path=path,
-                   send_hex=parsed.get("--check") if mtype == "udp" else None, interval=interval, timeout=default_timeout(interval), rise=rise, fall=fall)
+                   send_hex=parsed.get("--check") if mtype == "udp" else None,
+                   interval=interval, timeout=default_timeout(interval), rise=rise, fall=fall)
 
 
 def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
