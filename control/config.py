@@ -25,18 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from . import scheduler
-from .model import (ALGORITHMS, BODY_LIMIT, MAGLEV_ALGORITHMS, MAGLEV_SERVERS_MAX, MAGLEV_SIZE_MAX,
-                    MAGLEV_SLOTS_PER_SERVER, MAX_BACKENDS, MAX_FRONTENDS, MAX_MAGLEV_FRONTENDS,
-                    MONITOR_TYPES, ON_SERVER_DOWN, PROTOCOL_TIMEOUTS, RING_SIZE, TIMEOUT_RANGE,
-                    WEIGHT_RANGE, Config, ConfigError, Frontend, Monitor, Pool, Server,
-                    check_count, check_hex, check_http_path, check_interface, check_maglev_servers,
-                    check_maglev_size, check_port, check_seconds, default_timeout, has_space,
-                    parse_host, parse_protocol)
+from .model import (ALGORITHMS, BODY_LIMIT, HTTP_TYPES, MAGLEV_ALGORITHMS, MAGLEV_SERVERS_MAX,
+                    MAGLEV_SIZE_MAX, MAGLEV_SLOTS_PER_SERVER, MAX_BACKENDS, MAX_FRONTENDS,
+                    MAX_MAGLEV_FRONTENDS, MONITOR_TYPES, ON_SERVER_DOWN, PROTOCOL_TIMEOUTS,
+                    RING_SIZE, TIMEOUT_RANGE, WEIGHT_RANGE, Config, ConfigError, Frontend,
+                    Monitor, Pool, Server, check_count, check_hex, check_http_path,
+                    check_interface, check_maglev_servers, check_maglev_size, check_port,
+                    check_seconds, default_timeout, has_space, parse_host, parse_protocol)
 
 SECTIONS = ("monitors", "servers", "pools", "frontends")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 BAD_NAME = "bad name: use letters, digits, '_', '.' and '-', starting with a letter or digit"
-HTTP_ONLY = ("path", "expect_status", "expect_body", "host")
+HTTP_ONLY = ("path", "expect_status", "expect_body", "host")     # of HTTP_TYPES
 UDP_ONLY = ("send_hex", "expect_hex")
 CHECKING = ("port", "interval", "timeout", "rise", "fall")     # of a monitor that checks
 _OTHER = {"tcp": "udp", "udp": "tcp"}     # a check's protocol, and the one it is not
@@ -485,14 +485,14 @@ class _Loader:
                   "send_hex": _hex, "expect_hex": _hex,
                   "interval": _seconds, "timeout": _seconds,
                   "rise": _count, "fall": _count}
-        if mtype in MONITOR_TYPES and mtype != "http":
-            checks.update(dict.fromkeys(HTTP_ONLY, _only('type "http"')))
+        if mtype in MONITOR_TYPES and mtype not in HTTP_TYPES:
+            checks.update(dict.fromkeys(HTTP_ONLY, _only('type "http" or "https"')))
         if mtype in MONITOR_TYPES and mtype != "udp":
             checks.update(dict.fromkeys(UDP_ONLY, _only('type "udp"')))
         if mtype == "none":
             # Ignored, they would make the operator believe the servers checked.
-            checks.update(dict.fromkeys(CHECKING, _only('type "tcp", "http" or "udp" (type '
-                                                         '"none" never checks)')))
+            checks.update(dict.fromkeys(CHECKING, _only('type "tcp", "http", "https" or "udp" '
+                                                         '(type "none" never checks)')))
         # A udp check needs a request: most services ignore an empty datagram.
         values = self.fields(path, obj, checks, defaults={"interval": Monitor.interval},
                              required=("send_hex",) if mtype == "udp" else ())
@@ -756,7 +756,7 @@ def dump(config: Config) -> str:
 
     for m in config.monitors:
         http = [("path", m.path), ("expect_status", m.expect_status),
-                ("expect_body", m.expect_body), ("host", m.host)] if m.type == "http" else []
+                ("expect_body", m.expect_body), ("host", m.host)] if m.type in HTTP_TYPES else []
         udp = [("send_hex", m.send_hex), ("expect_hex", m.expect_hex)] if m.type == "udp" else []
         checking = [("port", m.port), *http, *udp, ("interval", float(m.interval)),
                     ("timeout", float(m.timeout)), ("rise", m.rise), ("fall", m.fall)]

@@ -1,4 +1,4 @@
-"""Active health checks (tcp connect, http GET, udp request), standard library only.
+"""Active health checks (tcp connect, http GET, https GET, udp request), standard library only.
 
 A `Target` is one (pool, server) pair with the address, port and `Monitor` to
 check it with; `HealthChecker.set_targets` may replace the set at any time, and
@@ -31,6 +31,14 @@ Semantics:
   Healthy iff the status is `expect_status` (by default any 2xx or 3xx, as
   HAProxy's `option httpchk`) and the body contains `expect_body`.
   The whole check, connect included, is bounded by `timeout`.
+- https: the http check over TLS: connect, the TLS handshake, then the same
+  request, read the same way (the Host header's default port is 443), all
+  within `timeout`. The certificate is not verified (HAProxy's `verify
+  none`: the check asks whether the service answers, and backends carry
+  internal or self-signed certificates); the server name (SNI) is `host`'s
+  name, none when it is an address or not given. A TLS error fails the
+  check (`tls: ...`): a handshake refused, a plain-HTTP answer, a
+  connection closed during the handshake.
 - udp: send the datagram `send_hex` from a fresh connected socket and wait
   for one back: healthy iff it comes (from the server's address and port)
   within `timeout` and, with `expect_hex`, begins with those bytes. An ICMP
@@ -86,6 +94,7 @@ import re
 import resource
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -93,7 +102,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 
-from .model import BODY_LIMIT, MONITOR_TYPES, Monitor, Server, check_hex
+from .model import BODY_LIMIT, HTTP_TYPES, MONITOR_TYPES, Monitor, Server, check_hex
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +137,7 @@ class Transition:
 
 class _Entry:
     """A target's state, its next scheduled check and its check in flight."""
-    __slots__ = ("target", "sockaddr", "request", "expect", "probe_type", "slack", "state",
+    __slots__ = ("target", "sockaddr", "request", "expect", "sni", "probe_type", "slack", "state",
                  "checked", "successes", "failures", "last", "next_start", "seq", "probe")
 
     def __init__(self, target: Target):
@@ -149,14 +158,18 @@ class _Entry:
         self.sockaddr = (str(target.address), target.port)
         self.slack = min(_SLACK, m.interval / 10)
         self.request = self.expect = b""
+        self.sni = None
         self.probe_type = _Probe
         if m.type == "udp":
             self.probe_type = _UdpProbe
             self.request = bytes.fromhex(m.send_hex)
             self.expect = bytes.fromhex(m.expect_hex or "")
-        elif m.type == "http":
-            # As a client writes the authority of http://ADDRESS:PORT/ (RFC 9110 7.2).
-            host = m.host or (f"{target.address}" if target.port == 80
+        elif m.type in HTTP_TYPES:
+            default_port = 80
+            if m.type == "https":
+                self.probe_type, self.sni, default_port = _HttpsProbe, _server_name(m.host), 443
+            # As a client writes the authority of http(s)://ADDRESS:PORT/ (RFC 9110 7.2).
+            host = m.host or (f"{target.address}" if target.port == default_port
                               else f"{target.address}:{target.port}")
             self.request = (f"GET {m.path} HTTP/1.1\r\nHost: {host}\r\n"
                             f"Connection: close\r\nUser-Agent: {USER_AGENT}\r\n"
@@ -577,7 +590,7 @@ class HealthChecker:
             log.exception("health on_change callback failed for %s", tr)
 
 
-_PHASES = {"connect": "connect", "send": "sending the request",
+_PHASES = {"connect": "connect", "tls": "the TLS handshake", "send": "sending the request",
            "recv": "waiting for the response"}
 _EPOLLOUT, _EPOLLIN, _ONESHOT = select.EPOLLOUT, select.EPOLLIN, select.EPOLLONESHOT
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK   # one syscall, not two
@@ -760,17 +773,25 @@ class _Probe:
     def _connected(self) -> None:
         if not self.entry.request:
             return self._end((True, "check passed"), reuse=self.registered)
+        self._request(self.entry.request)
+
+    def _request(self, out: bytes) -> None:
+        """Sends `out` (the request, as it goes on the wire), then reads the answer."""
         self.phase = "send"
-        self.out = self.entry.request
+        self.out = out
         self.reader = _HttpReader(self.entry.target.monitor)
         self._send()
 
-    def _send(self) -> None:
+    def _put(self) -> None:
+        """Sends what of `out` the socket takes now."""
         try:
             n = self.sock.send(self.out)
         except (BlockingIOError, InterruptedError):
             n = 0
         self.out = self.out[n:]
+
+    def _send(self) -> None:
+        self._put()
         if self.out:
             self._watch(_EPOLLOUT)
         else:
@@ -782,12 +803,137 @@ class _Probe:
             data = self.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
             return
+        self._feed(data, not data)
+
+    def _feed(self, data: bytes, eof: bool) -> None:
+        """The response's next bytes (eof: the server closed) to its reader."""
         try:
-            verdict = self.reader.feed(data, not data)
+            verdict = self.reader.feed(data, eof)
         except _CheckFailed as e:
             verdict = (False, str(e))
         if verdict is not None:
             self._end(verdict)
+
+
+_tls_context: ssl.SSLContext | None = None     # made by the first https check
+
+
+def _tls() -> ssl.SSLContext:
+    """The https checks' TLS client context: no certificate verified, hence no
+    host name checked either (module docstring)."""
+    global _tls_context
+    if _tls_context is None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        _tls_context = context
+    return _tls_context
+
+
+def _server_name(host: str | None) -> str | None:
+    """The SNI of the Host header `host`: its name, without port or final
+    dot; None for an address (RFC 6066 has no place for one) or a name that
+    is no DNS name (an empty or overlong label), which TLS cannot carry."""
+    if host is None or host.startswith("["):
+        return None
+    name = host.partition(":")[0].rstrip(".")
+    try:
+        IPv4Address(name)
+        return None
+    except ValueError:
+        pass
+    try:
+        name.encode("idna")
+    except UnicodeError:
+        return None
+    return name or None
+
+
+_PLAIN_HTTP = b"HTTP/"      # a plain-HTTP server's answer to the TLS hello begins so
+
+
+class _HttpsProbe(_Probe):
+    """An https check: the http check (_Probe's request, _HttpReader) over TLS.
+    TLS runs in memory (ssl.MemoryBIO) over the probe's own non-blocking
+    socket, so the handshake is more events of the same epoll, in phase
+    "tls"; the base's on_event hands every event after the connect and
+    outside "send" to _recv. No socket is reused (_release: it has a request)."""
+    __slots__ = ("tls", "tls_in", "tls_out", "heard")
+
+    def _connected(self) -> None:
+        self.tls_in, self.tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = _tls().wrap_bio(self.tls_in, self.tls_out,
+                                   server_hostname=self.entry.sni)
+        self.phase, self.out, self.heard = "tls", b"", b""
+        self._tls_step(self._handshake)
+
+    def _recv(self) -> None:
+        self._tls_step(self._shake if self.phase == "tls" else self._read)
+
+    def _tls_step(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except ssl.SSLError as e:
+            if self.phase == "tls" and self.heard.startswith(_PLAIN_HTTP):
+                reason = "the server answered in plain HTTP, not TLS"
+            else:       # OpenSSL's reason, as its tools print it: "wrong version number"
+                reason = (e.reason or str(e)).lower().replace("_", " ")
+            self._end((False, f"tls: {reason}"))
+
+    def _handshake(self) -> None:
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self.out += self.tls_out.read()
+            self._put()
+            self._watch(_EPOLLOUT if self.out else _EPOLLIN)
+            return
+        self.tls.write(self.entry.request)
+        self._request(self.tls_out.read())     # the handshake's last flight, then the request
+
+    def _shake(self) -> None:
+        """The handshake's event: room for what it has to send, or the server's bytes."""
+        if self.out:
+            self._put()
+            if not self.out:
+                self._watch(_EPOLLIN)
+            return
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            return self._end((False, "tls: connection closed during the handshake"))
+        if len(self.heard) < len(_PLAIN_HTTP):
+            self.heard += data[:len(_PLAIN_HTTP)]
+        self.tls_in.write(data)
+        self._handshake()
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        if data:
+            self.tls_in.write(data)
+        else:
+            self.tls_in.write_eof()
+        plain, eof = bytearray(), not data
+        while True:
+            try:
+                chunk = self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            # Closed with TLS's close_notify (b"" or SSLZeroReturnError) or, as
+            # many servers do, without.
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                chunk = b""
+            if not chunk:
+                eof = True
+                break
+            plain += chunk
+        if plain or eof:
+            self._feed(bytes(plain), eof)
 
 
 class _UdpProbe(_Probe):

@@ -27,7 +27,8 @@ TIMEOUT_RANGE = (1, 7 * 86400)          # idle timeouts of flows, seconds
 # The idle timeouts a protocol's flows take (bpf/xlb.c state_timeout), Frontend's fields.
 PROTOCOL_TIMEOUTS = {"tcp": ("timeout_syn", "timeout_established", "timeout_closing"),
                      "udp": ("timeout_udp",)}
-MONITOR_TYPES = ("tcp", "http", "udp", "none")
+MONITOR_TYPES = ("tcp", "http", "https", "udp", "none")
+HTTP_TYPES = ("http", "https")          # monitors that GET a path (https: over TLS)
 ON_SERVER_DOWN = ("keep", "reset")   # what happens to a gone server's established flows
 WEIGHT_RANGE = (1, 256)
 # What the data plane's maps hold (datapath.Limits' defaults), checked with the config.
@@ -58,12 +59,13 @@ class Monitor:
     name: str
     type: str = "tcp"
     port: int | None = None
-    path: str = "/"                 # http: the GET path
-    # http: the status that means healthy; None: any 2xx or 3xx, as HAProxy's
-    # `option httpchk` takes it (a health URL may well redirect).
+    path: str = "/"                 # http and https: the GET path
+    # http and https: the status that means healthy; None: any 2xx or 3xx, as
+    # HAProxy's `option httpchk` takes it (a health URL may well redirect).
     expect_status: int | None = None
-    expect_body: str | None = None  # http: a substring the body must contain
-    host: str | None = None         # http: the Host header (default: the address)
+    expect_body: str | None = None  # http and https: a substring the body must contain
+    # http and https: the Host header (default: the address), and https's SNI when a name
+    host: str | None = None
     # udp: the datagram sent, and the bytes the reply must begin with (None:
     # any reply), as check_hex writes them.
     send_hex: str | None = None

@@ -13,9 +13,10 @@ die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
 # prometheus (with promtool) is for the metrics tests only; keepalived and bird2 for the
 # high-availability lab (netns-lab/ha-*.sh), which runs its own instances; nginx, haproxy,
 # nftables and netsniff-ng (trafgen) for `make bench`'s backends and the balancers it compares;
-# systemd (systemd-analyze) for the test of contrib/xlb.service.
+# systemd (systemd-analyze) for the test of contrib/xlb.service; openssl for the https checks'
+# tests' self-signed certificates.
 PKGS="python3-bpfcc linux-headers-amd64 python3-venv iproute2 iputils-ping ethtool wrk curl prometheus keepalived bird2
-      nginx haproxy nftables netsniff-ng systemd"
+      nginx haproxy nftables netsniff-ng systemd openssl"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed' || missing="$missing $p"

@@ -1,6 +1,8 @@
 import contextlib
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import traceback
@@ -99,6 +101,22 @@ def state_root(tmp_path_factory):
 def root():
     if os.geteuid() != 0:
         pytest.skip("needs root: loads the XDP program with bcc and runs BPF_PROG_TEST_RUN")
+
+
+@pytest.fixture(scope="session")
+def tls_pem(tmp_path_factory) -> Path:
+    """A self-signed certificate and its key, in one PEM file (as HAProxy's
+    `crt` and servers.py's --tls take them), for the https checks' servers."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command (make setup installs it)")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                    "/CN=xlb-test", "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+                   check=True, capture_output=True)
+    pem = d / "server.pem"
+    pem.write_text((d / "key.pem").read_text() + (d / "cert.pem").read_text())
+    return pem
 
 
 @pytest.fixture(scope="session")

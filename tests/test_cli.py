@@ -132,10 +132,10 @@ def test_a_none_monitor_refuses_what_it_would_ignore(tmp_path):
     """A monitor switched to "none" keeps no check setting that would seem to act."""
     path = tmp_path / "none.toml"
     path.write_text(SEED.read_text().replace('type = "http"', 'type = "none"'))
-    ignored = 'only for type "tcp", "http" or "udp" (type "none" never checks)'
+    ignored = 'only for type "tcp", "http", "https" or "udp" (type "none" never checks)'
     assert_refused(path, [(f"monitors.was-http.{key}", reason) for key, reason in [
-        ("port", ignored), ("path", 'only for type "http"'),
-        ("expect_status", 'only for type "http"'), ("interval", ignored),
+        ("port", ignored), ("path", 'only for type "http" or "https"'),
+        ("expect_status", 'only for type "http" or "https"'), ("interval", ignored),
         ("timeout", ignored), ("rise", ignored), ("fall", ignored)]])
 
 

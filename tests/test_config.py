@@ -232,6 +232,22 @@ def test_an_http_monitor_without_expect_status_takes_any_2xx_or_3xx_and_round_tr
     assert "expect_status" not in dump(cfg) and load(dump(cfg)) == cfg
 
 
+def test_an_https_monitor_takes_the_http_keys_and_round_trips():
+    """https is http over TLS: the same keys, written back; udp's are not its."""
+    cfg = load(doc(monitor('type = "https"', "port = 8443", 'path = "/health"',
+                           "expect_status = 204", 'expect_body = "ok"', 'host = "svc.example"'),
+                   pool=POOL + '\nmonitor = "m"'))
+    (m,) = cfg.monitors
+    assert (m.type, m.port, m.path, m.expect_status, m.expect_body, m.host) == \
+        ("https", 8443, "/health", 204, "ok", "svc.example")
+    assert ('type = "https"\nport = 8443\npath = "/health"\nexpect_status = 204\n'
+            'expect_body = "ok"\nhost = "svc.example"\n') in dump(cfg)
+    assert load(dump(cfg)) == cfg and cfg.warnings == ()
+    with pytest.raises(ConfigError) as e:
+        load(doc(monitor('type = "https"', 'send_hex = "1b"'), pool=POOL + '\nmonitor = "m"'))
+    assert e.value.problems == [("monitors.m.send_hex", 'only for type "udp"')]
+
+
 NTP = '[monitors.m]\ntype = "udp"\nsend_hex = """\n1b 00 00 00\n00 00 00 00\n"""\nexpect_hex = "1C"'
 DNS = '[frontends.dns]\nvip = "10.1.1.101"\nport = 53\nprotocol = "udp"\npool = "web"\n'
 
@@ -536,7 +552,8 @@ def monitor(*lines):
     return "\n".join(["[monitors.m]", *lines])
 
 
-NONE_ONLY = 'only for type "tcp", "http" or "udp" (type "none" never checks)'
+NONE_ONLY = 'only for type "tcp", "http", "https" or "udp" (type "none" never checks)'
+HTTP_ONLY = 'only for type "http" or "https"'
 BAD = [
     # TOML itself
     ("toml-syntax", '[servers.was1]\naddress = 10.1.11.101\n',
@@ -677,17 +694,17 @@ BAD = [
     ("http-only-keys", doc(monitor('path = "/"', 'expect_status = 200', 'expect_body = "x"',
                                    'host = "h"'))
      + '\n[monitors.n]\ntype = "none"\npath = "/"',
-     [("monitors.m.path", 'only for type "http"'),
-      ("monitors.m.expect_status", 'only for type "http"'),
-      ("monitors.m.expect_body", 'only for type "http"'),
-      ("monitors.m.host", 'only for type "http"'),
-      ("monitors.n.path", 'only for type "http"')]),
+     [("monitors.m.path", HTTP_ONLY),
+      ("monitors.m.expect_status", HTTP_ONLY),
+      ("monitors.m.expect_body", HTTP_ONLY),
+      ("monitors.m.host", HTTP_ONLY),
+      ("monitors.n.path", HTTP_ONLY)]),
     ("none-monitor-check-settings", doc(monitor('type = "none"', "port = 8080", "interval = 5",
                                                 "timeout = 1", "rise = 3", "fall = 4",
                                                 'path = "/health"')),
      [("monitors.m.port", NONE_ONLY), ("monitors.m.interval", NONE_ONLY),
       ("monitors.m.timeout", NONE_ONLY), ("monitors.m.rise", NONE_ONLY),
-      ("monitors.m.fall", NONE_ONLY), ("monitors.m.path", 'only for type "http"')]),
+      ("monitors.m.fall", NONE_ONLY), ("monitors.m.path", HTTP_ONLY)]),
     ("http-values", doc(monitor('type = "http"', 'path = "health"', 'expect_status = 600',
                                 'expect_body = ""', 'host = "a b"'))
      + '\n[monitors.n]\ntype = "http"\npath = "/a\\r\\nX: y"\nexpect_status = 99',
@@ -725,8 +742,8 @@ BAD = [
                              "[monitors.q]\ntype = \"udp\"\nsend_hex = 27\nexpect_hex = \" \"\n"
                              f"[monitors.r]\ntype = \"udp\"\nsend_hex = \"{'00' * 65508}\"\n"),
      [("monitors.m.expect_hex", "3 hex digits, an odd number: two make a byte"),
-      ("monitors.m.path", 'only for type "http"'),
-      ("monitors.m.expect_body", 'only for type "http"'),
+      ("monitors.m.path", HTTP_ONLY),
+      ("monitors.m.expect_body", HTTP_ONLY),
       ("monitors.m.send_hex", "required"),
       ("monitors.n.send_hex", 'only for type "udp"'),
       ("monitors.n.expect_hex", 'only for type "udp"'),
@@ -735,10 +752,10 @@ BAD = [
       ("monitors.q.send_hex", "expected a string, got integer"),
       ("monitors.q.expect_hex", "no bytes: give them as hex digits, such as 1b00"),
       ("monitors.r.send_hex", "65508 bytes: a UDP datagram carries at most 65507")]),
-    ("bad-choices", doc(monitor('type = "https"', 'path = "/"'),
+    ("bad-choices", doc(monitor('type = "ftp"', 'path = "/"'),
                         pool=POOL + '\nalgorithm = "rr"\non_server_down = "drop"',
                         frontend=FE + '\nprotocol = "SCTP"'),
-     [("monitors.m.type", "expected tcp, http, udp or none, got 'https'"),
+     [("monitors.m.type", "expected tcp, http, https, udp or none, got 'ftp'"),
       ("pools.web.algorithm", "expected roundrobin, weighted, maglev or source, got 'rr'"),
       ("pools.web.on_server_down", "expected keep or reset, got 'drop'"),
       ("frontends.www.protocol", "protocol 'SCTP' is not tcp or udp")]),
@@ -896,7 +913,7 @@ BAD = [
         [extra]
         '''),
      [("extra", "unknown section"),
-      ("monitors.m.path", 'only for type "http"'),
+      ("monitors.m.path", HTTP_ONLY),
       ("monitors.m.rise", "must be at least 1, got 0"),
       ("monitors.m.timeout", "5.0 is longer than the interval 2.0"),
       ("servers.was1.port", "expected an integer, got boolean"),

@@ -19,6 +19,7 @@ import fcntl
 import functools
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -48,9 +49,9 @@ def tcp_monitor(**kw) -> Monitor:
     return Monitor("m", "tcp", **kw)
 
 
-def http_monitor(**kw) -> Monitor:
+def http_monitor(type: str = "http", **kw) -> Monitor:
     kw = {"interval": INTERVAL, "timeout": TIMEOUT, "rise": 2, "fall": 2, **kw}
-    return Monitor("h", "http", **kw)
+    return Monitor("h", type, **kw)
 
 
 NTP_REQUEST = "1b" + "00" * 47          # an NTP v3 client request (mode 3)
@@ -143,10 +144,11 @@ until = functools.partial(waiting.until, seconds=PATIENCE)
 
 
 class Listener:
-    """An asyncio server on 127.0.0.1:port whose connections are counted."""
+    """An asyncio server on 127.0.0.1:port whose connections are counted; with
+    `tls`, a TLS server (its connections counted once their handshake is done)."""
 
-    def __init__(self, port: int, handle=None):
-        self.port = port
+    def __init__(self, port: int, handle=None, tls: ssl.SSLContext | None = None):
+        self.port, self.tls = port, tls
         self.connections: list[float] = []
         self.requests: list[tuple[str, dict[str, str]]] = []
         self._handle = handle
@@ -155,7 +157,7 @@ class Listener:
 
     async def start(self) -> Listener:
         self.server = await asyncio.start_server(self._on_conn, str(LOCAL), self.port,
-                                                 reuse_address=True)
+                                                 reuse_address=True, ssl=self.tls)
         return self
 
     async def _on_conn(self, reader, writer) -> None:
@@ -697,6 +699,105 @@ def test_http_body_without_the_expected_text_left_open_times_out_saying_so(netns
             assert tr.reason == \
                 f"timeout after {TIMEOUT}s (reading the body, no 'ready' in it so far)"
         await srv.close()
+
+    netns.run(main())
+
+
+def tls_server(pem, names: list | None = None) -> ssl.SSLContext:
+    """A TLS server context with the self-signed `pem`; `names` hears each
+    client's server name (SNI: None if it sent none)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pem)
+    if names is not None:
+        context.sni_callback = lambda sslobj, name, ctx: names.append(name)
+    return context
+
+
+@pytest.mark.netns
+def test_https_status_body_host_and_server_name(netns, tls_pem):
+    """The http check over TLS, against a server of a self-signed certificate
+    (not verified): the same request, statuses and body, the same reasons;
+    the server name (SNI) is `host`'s name, none for an address."""
+    async def main():
+        names = []
+        behaviour = HttpBehaviour(hosts={"/a": "svc.example:8443", "/b": "127.0.0.1:8443"})
+        srv = await Listener(8443, behaviour, tls_server(tls_pem, names)).start()
+        ma = http_monitor("https", path="/a", host="svc.example:8443", expect_body="good")
+        mb = http_monitor("https", path="/b")
+        ka, kb = ("api", "a"), ("api", "b")
+        async with checker([Target(ka, LOCAL, 8443, ma), Target(kb, LOCAL, 8443, mb)]) \
+                as (hc, rec):
+            await until(lambda: hc.last_check(ka) and hc.last_check(kb), "the first checks")
+            assert hc.last_check(ka)[:2] == (True, "check passed"), hc.last_check(ka)
+            assert hc.last_check(kb)[:2] == (True, "check passed"), hc.last_check(kb)
+            line, headers = next(r for r in srv.requests if r[0].startswith("GET /a "))
+            assert (line, headers["user-agent"]) == ("GET /a HTTP/1.1", "xlb-health")
+            assert set(names) == {"svc.example", None}
+
+            behaviour.status = 500
+            await until(lambda: len(rec.of(ka)) == 1 and len(rec.of(kb)) == 1, "both down")
+            assert {tr.reason for tr in rec.transitions} == \
+                {"http status 500, expected 2xx or 3xx"}
+            behaviour.status, behaviour.body = 200, b"not what you want"
+            await until(lambda: len(rec.of(kb)) == 2, "b up")
+            await until(lambda: hc.last_check(ka)[0] is False
+                        and hc.last_check(ka)[1] != rec.of(ka)[0].reason, "a checked anew")
+            assert hc.last_check(ka)[1] == "body lacks 'good'" and hc.state(ka) == "down"
+        await srv.close()
+
+    netns.run(main())
+
+
+def test_https_host_header_and_server_name():
+    """https's Host header leaves out its default port, 443, as http's does 80;
+    the server name is `host`'s name (no port, no final dot), never an address."""
+    def request(mtype, port, **kw):
+        return health._Entry(Target(("p", "s"), LOCAL, port, Monitor("m", mtype, **kw)))
+
+    assert b"Host: 127.0.0.1\r\n" in request("https", 443).request
+    assert b"Host: 127.0.0.1:443\r\n" in request("http", 443).request
+    assert b"Host: 127.0.0.1:80\r\n" in request("https", 80).request
+    for host, name in [(None, None), ("svc.example", "svc.example"),
+                       ("Svc.Example.:8443", "Svc.Example"), ("10.0.0.1:443", None),
+                       ("[::1]:443", None), ("a..b", None)]:
+        assert request("https", 443, host=host).sni == name, host
+    assert request("http", 80, host="svc.example").sni is None
+
+
+@pytest.mark.netns
+def test_https_tls_failures(netns, tls_pem):
+    """A plain-HTTP server on the port, a server that closes during the
+    handshake and one that never handshakes each fail the check with a tls
+    reason (the last by the timeout, saying where it was)."""
+    async def plain_http(srv, reader, writer):
+        await reader.read(65536)                # the TLS hello, read as a bad request
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
+                     b"Connection: close\r\n\r\n")
+        writer.write_eof()
+        await reader.read()                     # closed only after the client: no RST
+
+    async def closes(srv, reader, writer):
+        await reader.read(65536)
+        writer.write_eof()
+        await reader.read()
+
+    async def mute(srv, reader, writer):
+        await asyncio.sleep(5)                  # cancelled by Listener.close long before
+
+    async def main():
+        servers = [await Listener(port, handle).start()
+                   for port, handle in ((8030, plain_http), (8031, closes), (8032, mute))]
+        keys = [("api", name) for name in ("plain", "closes", "mute")]
+        targets = [Target(key, LOCAL, srv.port, http_monitor("https"))
+                   for key, srv in zip(keys, servers)]
+        async with checker(targets) as (hc, rec):
+            await until(lambda: all(rec.of(key) for key in keys), "all down")
+            assert [rec.of(key)[0].reason for key in keys] == [
+                "tls: the server answered in plain HTTP, not TLS",
+                "tls: connection closed during the handshake",
+                f"timeout after {TIMEOUT}s (the TLS handshake)"]
+        for srv in servers:
+            await srv.close()
 
     netns.run(main())
 
