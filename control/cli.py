@@ -82,9 +82,10 @@ def cli() -> None:
               help="Attach to DEV. Repeatable. Default: every up Ethernet interface "
                    "(not the loopback, nor tun, tunnel or wireguard links).")
 @click.option("--check", "check_kind", default="tcp", show_default=True,
-              metavar="tcp|http:/PATH|udp:HEX|none",
+              metavar="tcp|http:/PATH|https:/PATH|udp:HEX|none",
               help="Health check of the --backend servers: a TCP connect, an HTTP GET "
-                   "of PATH expecting a 2xx or 3xx status, a UDP datagram of the bytes HEX "
+                   "of PATH expecting a 2xx or 3xx status, that GET over TLS (the "
+                   "certificate not verified), a UDP datagram of the bytes HEX "
                    "expecting any datagram back, or none.")
 @click.option("--check-port", metavar="N",
               help="Port to check. Default: each backend's own port.")

@@ -346,14 +346,16 @@ def monitor_from_flags(kind: str, port: str | None, interval: float, rise: int,
     port: --check-port as given, read as --vip's port."""
     problems, checks, parsed = [], [], {}
     mtype, path = "tcp", "/"
-    if kind.startswith("http:/"):
-        mtype, path = "http", kind[len("http:"):]
+    scheme, _, rest = kind.partition(":")
+    if scheme in HTTP_TYPES and rest.startswith("/"):
+        mtype, path = scheme, rest
         checks.append(("--check", check_http_path, path))
     elif kind.startswith("udp:"):
         mtype = "udp"
         checks.append(("--check", check_hex, kind[len("udp:"):]))
     elif kind not in ("tcp", "none"):
-        problems.append(("--check", f"{kind!r} is not tcp, http:/PATH, udp:HEX or none"))
+        problems.append(("--check", f"{kind!r} is not tcp, http:/PATH, https:/PATH, udp:HEX "
+                                    "or none"))
     if port is not None:
         checks.append(("--check-port", parse_port, port))
     checks += [("--interval", check_seconds, interval), ("--rise", check_count, rise),

@@ -94,6 +94,18 @@ def test_one_line_http_monitor_and_short_interval():
     assert monitor_from_flags("none", None, 2.0, 2, 3) is None
 
 
+def test_one_line_https_monitor():
+    """https:/PATH: http:/PATH's check over TLS, its path checked the same way."""
+    m = monitor_from_flags("https:/health", "8443", 2.0, 2, 3)
+    assert (m.type, m.path, m.port, m.expect_status) == ("https", "/health", 8443, None)
+    for kind, problem in [("https:health", "'https:health' is not tcp, http:/PATH, "
+                                           "https:/PATH, udp:HEX or none"),
+                          ("https:/a b", "'/a b' contains whitespace or control characters")]:
+        with pytest.raises(ConfigError) as e:
+            monitor_from_flags(kind, None, 2.0, 2, 3)
+        assert e.value.problems == [("--check", problem)]
+
+
 def test_one_line_udp_monitor():
     """udp:HEX: the datagram each check sends, whitespace ignored, written back
     in lowercase; any reply passes (expect_hex is the config file's)."""
@@ -101,7 +113,7 @@ def test_one_line_udp_monitor():
     assert (m.type, m.send_hex, m.expect_hex, m.port) == ("udp", "1b000a", None, 53)
     assert monitor_from_flags("tcp", None, 2.0, 2, 3).send_hex is None
     for kind, problem in [("udp:", "no bytes: give them as hex digits, such as 1b00"),
-                          ("udp", "'udp' is not tcp, http:/PATH, udp:HEX or none"),
+                          ("udp", "'udp' is not tcp, http:/PATH, https:/PATH, udp:HEX or none"),
                           ("udp:0x1b", "'x' is not a hex digit (0-9, a-f; whitespace is ignored)"),
                           ("udp:1b0", "3 hex digits, an odd number: two make a byte"),
                           ("udp:" + "00" * 65508,
@@ -115,7 +127,7 @@ def test_one_line_monitor_errors():
     with pytest.raises(ConfigError) as e:
         monitor_from_flags("https", "0", 0, 0, 1)
     assert e.value.problems == [
-        ("--check", "'https' is not tcp, http:/PATH, udp:HEX or none"),
+        ("--check", "'https' is not tcp, http:/PATH, https:/PATH, udp:HEX or none"),
         ("--check-port", "port 0 is out of range 1-65535"),
         ("--interval", "must be a positive number of seconds, got 0"),
         ("--rise", "must be at least 1, got 0")]
