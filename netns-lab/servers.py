@@ -10,6 +10,9 @@
         TCP: sends "DB1\\n" to each connection, then closes it.
     servers.py web ... --status 500
         The same web server, answering every GET with that status.
+    servers.py web ... --tls PEM
+        The same web server, HTTPS on its TCP port: PEM holds the certificate
+        and its key (each connection's handshake on its own thread).
     servers.py hang --name X --port N
         Accepts TCP connections and never answers (a stuck server).
     servers.py udp-probe HOST PORT [--timeout S]
@@ -25,6 +28,7 @@ import os
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -85,6 +89,24 @@ class QuietHTTPServer(LabServer, http.server.ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
 
+class QuietHTTPSServer(QuietHTTPServer):
+
+    def __init__(self, address, handler, pem):
+        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.tls.load_cert_chain(pem)
+        super().__init__(address, handler)
+
+    def finish_request(self, request, client_address):
+        # On the connection's thread: a client slow to shake hands holds no other.
+        request.settimeout(IDLE_TIMEOUT)
+        try:
+            tls = self.tls.wrap_socket(request, server_side=True)
+        except OSError:     # no TLS client, or gone: nothing to answer
+            return
+        with tls:
+            super().finish_request(tls, client_address)
+
+
 def make_web_handler(body, status=200):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: needs Content-Length
@@ -140,8 +162,13 @@ def run_web(args):
     udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     udp.bind((args.host, args.port))
     threading.Thread(target=udp_echo_name, args=(udp, body), daemon=True).start()
-    httpd = QuietHTTPServer((args.host, args.port), make_web_handler(body, args.status))
-    serve(httpd, args, f"{args.name}: http+udp on {args.host}:{args.port}")
+    handler = make_web_handler(body, args.status)
+    if args.tls:
+        httpd = QuietHTTPSServer((args.host, args.port), handler, args.tls)
+    else:
+        httpd = QuietHTTPServer((args.host, args.port), handler)
+    serve(httpd, args, f"{args.name}: {'https' if args.tls else 'http'}+udp on "
+                       f"{args.host}:{args.port}")
     udp.close()
 
 
@@ -226,6 +253,7 @@ def main(argv=None):
         p.add_argument("--pidfile")
         if cmd == "web":
             p.add_argument("--status", type=int, default=200)
+            p.add_argument("--tls", metavar="PEM")
     p = sub.add_parser("udp-probe")
     p.add_argument("host")
     p.add_argument("port", type=int)

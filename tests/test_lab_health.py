@@ -172,6 +172,40 @@ def test_separate_check_port(lab, tmp_path):
             proc.wait(5)
 
 
+def test_https_check_listener_lost_and_back(lab, tmp_path, tls_pem):
+    """An https monitor of each server's HTTPS check listener (port 9443, a
+    self-signed certificate, which the check does not verify): both pass;
+    was2's listener gone, was2 goes down while its service port still
+    answers; the listener back, was2 comes back."""
+    def listener(node):
+        return lab.web_server(node, f"{node}-check", 9443, "--tls", str(tls_pem))
+
+    checks = {node: listener(node) for node in ("was1", "was2")}
+    try:
+        with start_xlb(lab, tmp_path, seed("https", port=9443)) as x:
+            wait_for(lambda: all(server_status(lab, s)["last_check"] for s in ("was1", "was2")),
+                     10, "the first checks")
+            assert [(s["health"], s["last_check"]["reason"])
+                    for s in lab.status()["pools"][0]["servers"]] == [("up", "check passed")] * 2
+            checks["was2"].terminate()
+            checks["was2"].wait(5)
+            wait_health(lab, "was2", "down")
+            assert lab.client("client", "http", VIP, "80", "--count", "6")["names"] == ["WAS1"] * 6
+            assert lab.client("client", "http", "10.1.11.102", "8080")["names"] == ["WAS2"]
+            checks["was2"] = listener("was2")
+            wait_health(lab, "was2", "up")
+            back = lab.client("client", "http", VIP, "80", "--count", "6")
+            shown = tomllib.loads(lab.xlb_cmd("show", check=True).stdout)["monitors"]["m"]
+    finally:
+        for proc in checks.values():
+            proc.terminate()
+            proc.wait(5)
+    assert back["errors"] == [] and set(back["names"]) == {"WAS1", "WAS2"}
+    assert [(new, reason) for _, new, reason in transitions(x.stderr, "was2")] == [
+        ("down", "connect: connection refused"), ("up", "check passed")]
+    assert (shown["type"], shown["port"], shown["path"]) == ("https", 9443, "/")
+
+
 def test_all_down_drops_and_counts_then_resumes(lab, tmp_path):
     with start_xlb(lab, tmp_path, seed("tcp")):
         lab.server("stop", "was1")
