@@ -764,11 +764,17 @@ def test_https_host_header_and_server_name():
     assert request("http", 80, host="svc.example").sni is None
 
 
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((str(LOCAL), port)) == 0
+
+
 @pytest.mark.netns
 def test_https_tls_failures(netns, tls_pem):
     """A plain-HTTP server on the port, a server that closes during the
-    handshake and one that never handshakes each fail the check with a tls
-    reason (the last by the timeout, saying where it was)."""
+    handshake, one that never handshakes and one that refuses the handshake
+    (OpenSSL's own server, wanting a client certificate) each fail the check
+    with a tls reason (the third by the timeout, saying where it was)."""
     async def plain_http(srv, reader, writer):
         await reader.read(65536)                # the TLS hello, read as a bad request
         writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
@@ -787,15 +793,25 @@ def test_https_tls_failures(netns, tls_pem):
     async def main():
         servers = [await Listener(port, handle).start()
                    for port, handle in ((8030, plain_http), (8031, closes), (8032, mute))]
-        keys = [("api", name) for name in ("plain", "closes", "mute")]
-        targets = [Target(key, LOCAL, srv.port, http_monitor("https"))
-                   for key, srv in zip(keys, servers)]
-        async with checker(targets) as (hc, rec):
-            await until(lambda: all(rec.of(key) for key in keys), "all down")
-            assert [rec.of(key)[0].reason for key in keys] == [
-                "tls: the server answered in plain HTTP, not TLS",
-                "tls: connection closed during the handshake",
-                f"timeout after {TIMEOUT}s (the TLS handshake)"]
+        # Started from this thread, it is in the test's namespace.
+        refuses = await asyncio.create_subprocess_exec(
+            "openssl", "s_server", "-quiet", "-www", "-accept", "8033", "-cert", str(tls_pem),
+            "-tls1_2", "-Verify", "1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            await until(lambda: listening(8033), "openssl s_server")
+            keys = [("api", name) for name in ("plain", "closes", "mute", "refuses")]
+            targets = [Target(key, LOCAL, port, http_monitor("https"))
+                       for key, port in zip(keys, (8030, 8031, 8032, 8033))]
+            async with checker(targets) as (hc, rec):
+                await until(lambda: all(rec.of(key) for key in keys), "all down")
+                assert [rec.of(key)[0].reason for key in keys] == [
+                    "tls: the server answered in plain HTTP, not TLS",
+                    "tls: connection closed during the handshake",
+                    f"timeout after {TIMEOUT}s (the TLS handshake)",
+                    "tls: sslv3 alert handshake failure"]     # OpenSSL's words for its alert
+        finally:
+            refuses.terminate()
+            await refuses.wait()
         for srv in servers:
             await srv.close()
 
