@@ -884,8 +884,9 @@ class _HttpsProbe(_Probe):
         try:
             self.tls.do_handshake()
         except ssl.SSLWantReadError:
-            self.out += self.tls_out.read()
-            self._put()
+            self.out = self.tls_out.read()      # none when the server's flight is not all in
+            if self.out:
+                self._put()
             self._watch(_EPOLLOUT if self.out else _EPOLLIN)
             return
         self.tls.write(self.entry.request)
