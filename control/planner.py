@@ -265,6 +265,10 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
     maglev_ids, _ = _allocate(maglev_keys,
                               {k: s.ring // 2 for k, s in previous.services.items() if s.maglev},
                               frozenset(), max_maglev, "frontends with a Maglev pool")
+    # The Maglev tables read now: a frontend that leaves Maglev in this change
+    # reads its table until its service switches (plan), and one that takes
+    # its pair fills the other table of it.
+    read = {s.ring for s in previous.services.values() if s.maglev}
     services = {}
     for fe, key in zip(config.frontends, service_keys):
         pool = config.pool(fe.pool)
@@ -280,7 +284,7 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
             index = service_ids[key]      # and so are rings 2*index and 2*index+1
         old = previous.services.get(key)
         if old is None or old.maglev != is_maglev or old.ring // 2 != index:
-            ring = 2 * index
+            ring = 2 * index + 1 if is_maglev and 2 * index in read else 2 * index
         elif old.slots == slots:
             ring = old.ring
         else:

@@ -596,6 +596,45 @@ def test_source_frontends_count_among_the_maglev_frontends():
         desired(both)
 
 
+def _tables_written_in_use(current, ops):
+    """The writes of `ops` to a ring or Maglev table that a service still
+    reads when they come (its set_service, or del_service, not yet done)."""
+    reads = {key: (svc.maglev, svc.ring) for key, svc in current.services.items()}
+    clashes = []
+    for name, *args in ops:
+        if name == "set_service":
+            reads[tuple(args[:3])] = (bool(args[-1] & layout.SERVICE_MAGLEV), args[4])
+        elif name == "del_service":
+            reads.pop(tuple(args))
+        elif name in ("write_ring", "write_maglev") and \
+                (name == "write_maglev", args[0]) in reads.values():
+            clashes.append((name, args[0]))
+    return clashes
+
+
+def test_a_maglev_table_left_by_a_switched_frontend_is_not_written_while_it_reads_it():
+    """With every Maglev table pair taken, frontend a leaves Maglev while c
+    comes to "source" in one apply: c takes a's pair, and must fill the table
+    of it that a does not read, or a's new flows go to c's servers until a
+    switches to its ring."""
+    def config(a, b, c):
+        return Config(frontends=(Frontend("a", A("10.1.1.101"), 80, "tcp", a),
+                                 Frontend("b", A("10.1.1.102"), 80, "tcp", b),
+                                 Frontend("c", A("10.1.1.103"), 80, "tcp", c)),
+                      pools=(Pool("mg", (S1,), "maglev", maglev_size=1009),
+                             Pool("src", (S2,), "source", maglev_size=1009),
+                             Pool("rr", (B1,))))
+    st = desired(config("mg", "mg", "rr"))
+    switched = desired(config("rr", "mg", "src"), st)
+    ops = planner.plan(st, switched)
+    assert _tables_written_in_use(st, ops) == []
+    c = switched.services[(A("10.1.1.103"), 80, 6)]
+    assert (c.ring // 2, c.source) == (st.services[(A("10.1.1.101"), 80, 6)].ring // 2, True)
+    # and back: a takes the pair c leaves, beside the table c reads
+    back = desired(config("mg", "mg", "rr"), switched)
+    assert _tables_written_in_use(switched, planner.plan(switched, back)) == []
+
+
 def test_maglev_table_of_the_backups_while_no_primary_is_up():
     st = desired(_maglev(S1, S2, B1), states={("p", "s1"): "down", ("p", "s2"): "drain"})
     assert set(st.services[WWW].slots) == {2}
