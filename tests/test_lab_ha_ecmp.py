@@ -2,7 +2,8 @@
 three xlb nodes announce the VIP over BGP (real BIRD) to a router that spreads
 flows with ECMP; one node goes silent under load and BFD takes its route
 away; a node whose pool has no server up, or that becomes backup, withdraws,
-and so does one whose link toward the servers goes, at once."""
+and so does one whose link toward the servers goes, at once; with a "source"
+pool, a client's connections reach one server whichever node they cross."""
 
 from __future__ import annotations
 
@@ -164,6 +165,36 @@ def test_a_node_that_loses_its_servers_link_withdraws_at_once(ecmp, tmp_path):
         wait_for(lambda: nexthops(lab) == set(NODES.values()), 10, "node1's route comes back")
 
 
+def test_a_source_pool_sends_a_clients_connections_through_any_node_to_one_server(ecmp,
+                                                                                   tmp_path):
+    """The router hashes ports too: one client's connections reach every node.
+    With algorithm "source" on each, they all reach one server, and the nodes
+    show one digest, another than maglev's."""
+    lab = ecmp
+    normal = pair_config(tmp_path)
+    source = tmp_path / "source.toml"
+    source.write_text(normal.read_text().replace('algorithm = "maglev"', 'algorithm = "source"'))
+
+    def digests():
+        return {lab.status(node)["pools"][0]["table_digest"] for node in NODES}
+    wait_for(lambda: nexthops(lab) == set(NODES.values()), 30, "three next hops")
+    wait_for(lambda: len(digests()) == 1, 20, "one digest on every node")
+    (maglev_digest,) = digests()
+    try:
+        for node in NODES:
+            lab.xlb_cmd("apply", str(source), node=node, check=True)
+        assert len(digests()) == 1 and maglev_digest not in digests()
+        before = {node: lab.status(node)["frontends"][0]["new_flows"] for node in NODES}
+        out = lab.client("client", "http", VIP, "80", "--count", "60")
+        assert out["errors"] == [] and len(set(out["names"])) == 1, out
+        through = {node for node in NODES
+                   if lab.status(node)["frontends"][0]["new_flows"] > before[node]}
+        assert len(through) > 1, through
+    finally:
+        for node in NODES:
+            lab.xlb_cmd("apply", str(normal), node=node, check=True)
+
+
 def test_a_silent_node_loses_its_route_by_bfd_and_flows_survive(ecmp):
     """The route goes because BFD saw node3 fall silent: its BFD session is
     down and BIRD ended the BGP session for that reason (the BGP hold timer,
@@ -200,4 +231,3 @@ def test_a_silent_node_loses_its_route_by_bfd_and_flows_survive(ecmp):
     assert seen["new"] >= 200 and seen["failed"] == seen["unanswered"]
     # Maglev on every node: a flow the router moves reaches the same server.
     assert seen["held_survived"] == seen["held"]
-
