@@ -84,8 +84,9 @@ def test_seed_config_serves_round_robin(lab):
 @pytest.mark.parametrize("keepalive", [False, True], ids=["close", "keepalive"])
 def test_applies_under_load_lose_no_request(lab, xlb, tmp_path, keepalive):
     """Add, reweight and remove servers, switch between a ring and a Maglev
-    table and between Maglev tables, add and remove a frontend, 21 times in
-    all (three rounds), while clients keep sending: not one request fails."""
+    table, between Maglev tables and between maglev and source, add and remove
+    a frontend, 27 times in all (three rounds), while clients keep sending:
+    not one request fails."""
     steps = [
         config({"web": ("roundrobin", "keep", ["was1", "was2", "was1b"])},
                {"www": (VIP, 80, "web")}),
@@ -96,6 +97,10 @@ def test_applies_under_load_lose_no_request(lab, xlb, tmp_path, keepalive):
         config({"web": ("maglev", "keep", ["was1", "was2", "was2b"])},   # to a Maglev table
                {"www": (VIP, 80, "web")}, {"was1": (2, False)}),
         config({"web": ("maglev", "keep", ["was1", "was2"])}, {"www": (VIP, 80, "web")}),
+        # the same table picked by the client's address: the service's flag alone
+        config({"web": ("source", "keep", ["was1", "was2"])}, {"www": (VIP, 80, "web")}),
+        config({"web": ("source", "keep", ["was1", "was2", "was2b"])},
+               {"www": (VIP, 80, "web")}),
         config({"web": ("roundrobin", "keep", ["was1", "was2"]),
                 "alt": ("roundrobin", "keep", ["was2b"])},
                {"www": (VIP, 80, "web"), "alt": ("10.1.1.102", 80, "alt")}),
