@@ -709,6 +709,37 @@ def test_status_shows_the_digest_of_the_maglev_table_the_maps_hold(balancer):
         again.close()
 
 
+def test_an_adoption_reads_a_source_pool_back_and_a_maglev_config_flips_its_flag_alone(
+        balancer, monkeypatch):
+    """A source pool's digest (not maglev's of the same slots) is read back as
+    the running instance showed it; an adoption by a config that says "maglev"
+    writes the service's flags alone, the table it shares with "source" kept."""
+    from test_adopt import running_of
+    from xlb import planner
+    from xlb.layout import SERVICE_MAGLEV
+
+    servers = ["10.1.11.101:8080", "10.1.11.102:8080"]
+    source = from_flags(["10.1.1.101:80"], servers, algorithm="source")
+    maglev = from_flags(["10.1.1.101:80"], servers, algorithm="maglev")
+    balancer.apply(source, relink=False)
+    shown = balancer.status()["pools"][0]["table_digest"]
+    again = Datapath(running=running_of(balancer.datapath))
+    try:
+        adopted = daemon.Balancer(again)
+        adopted.adopt(source)
+        assert adopted.status()["pools"][0]["table_digest"] == shown
+        writes = []
+        execute = planner.execute
+        monkeypatch.setattr(planner, "execute", lambda dp, ops: (writes.extend(ops),
+                                                                 execute(dp, ops)))
+        adopted.apply(maglev, relink=False)
+        assert writes == [("set_service", IPv4Address("10.1.1.101"), 80, 6, 0, 0,
+                           again.limits.maglev_size, SERVICE_MAGLEV)]
+        assert adopted.status()["pools"][0]["table_digest"] not in (None, shown)
+    finally:
+        again.close()
+
+
 def test_a_maglev_tables_digest_is_computed_once_per_apply(balancer, monkeypatch):
     """Each digest hashes the table's 65,537 slots: 16 Maglev pools cost a
     status (each scrape, each second of `xlb top`) some 80 ms, with the lock
