@@ -51,9 +51,11 @@ FAMILIES = {
     "xlb_pool_servers": ("gauge", "Servers in the pool."),
     "xlb_pool_servers_up": ("gauge", "Servers of the pool in state up."),
     "xlb_pool_table_info": ("gauge", "A Maglev pool's table as the data path holds it (the "
-                                     "servers taking flows): a digest of each slot's server, "
-                                     "the same on every node that sends each flow where this "
-                                     "one does; none for a round-robin or weighted pool."),
+                                     "servers taking flows): a digest of each slot's server "
+                                     "and of the hash that picks the slot (maglev's or "
+                                     "source's), the same on every node that sends each flow "
+                                     "where this one does; none for a round-robin or weighted "
+                                     "pool."),
     "xlb_server_info": ("gauge", "A server of a pool: its address, port and whether it is a "
                                  "backup."),
     "xlb_server_packets": ("counter", "Packets of the server's flows."),
