@@ -245,7 +245,8 @@ def check_hex(text: str) -> str:
     if not digits:
         raise ValueError("no bytes: give them as hex digits, such as 1b00")
     if len(digits) % 2:
-        raise ValueError(f"{len(digits)} hex digits, an odd number: two make a byte")
+        raise ValueError(f"{len(digits)} hex digit{'s' * (len(digits) > 1)}, an odd number: "
+                         "two make a byte")
     if len(digits) // 2 > DATAGRAM_MAX:
         raise ValueError(f"{len(digits) // 2} bytes: a UDP datagram carries at most "
                          f"{DATAGRAM_MAX}")

@@ -116,6 +116,7 @@ def test_one_line_udp_monitor():
                           ("udp", "'udp' is not tcp, http:/PATH, https:/PATH, udp:HEX or none"),
                           ("udp:0x1b", "'x' is not a hex digit (0-9, a-f; whitespace is ignored)"),
                           ("udp:1b0", "3 hex digits, an odd number: two make a byte"),
+                          ("udp:1", "1 hex digit, an odd number: two make a byte"),
                           ("udp:" + "00" * 65508,
                            "65508 bytes: a UDP datagram carries at most 65507")]:
         with pytest.raises(ConfigError) as e:
