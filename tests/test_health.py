@@ -769,6 +769,22 @@ def listening(port: int) -> bool:
         return s.connect_ex((str(LOCAL), port)) == 0
 
 
+@asynccontextmanager
+async def s_server(port: int, pem, *args: str):
+    """OpenSSL's own TLS server (-www) on port, with the certificate `pem`
+    and s_server's `args`; started from the namespace's thread, it is in the
+    test's namespace."""
+    proc = await asyncio.create_subprocess_exec(
+        "openssl", "s_server", "-quiet", "-www", "-accept", str(port), "-cert", str(pem),
+        *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await until(lambda: listening(port), "openssl s_server")
+        yield
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
 @pytest.mark.netns
 def test_https_tls_failures(netns, tls_pem):
     """A plain-HTTP server on the port, a server that closes during the
@@ -793,12 +809,7 @@ def test_https_tls_failures(netns, tls_pem):
     async def main():
         servers = [await Listener(port, handle).start()
                    for port, handle in ((8030, plain_http), (8031, closes), (8032, mute))]
-        # Started from this thread, it is in the test's namespace.
-        refuses = await asyncio.create_subprocess_exec(
-            "openssl", "s_server", "-quiet", "-www", "-accept", "8033", "-cert", str(tls_pem),
-            "-tls1_2", "-Verify", "1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            await until(lambda: listening(8033), "openssl s_server")
+        async with s_server(8033, tls_pem, "-tls1_2", "-Verify", "1"):
             keys = [("api", name) for name in ("plain", "closes", "mute", "refuses")]
             targets = [Target(key, LOCAL, port, http_monitor("https"))
                        for key, port in zip(keys, (8030, 8031, 8032, 8033))]
@@ -809,9 +820,49 @@ def test_https_tls_failures(netns, tls_pem):
                     "tls: connection closed during the handshake",
                     f"timeout after {TIMEOUT}s (the TLS handshake)",
                     "tls: sslv3 alert handshake failure"]     # OpenSSL's words for its alert
-        finally:
-            refuses.terminate()
-            await refuses.wait()
+        for srv in servers:
+            await srv.close()
+
+    netns.run(main())
+
+
+@pytest.mark.netns
+def test_https_long_chain_tls12_long_chunked_body_and_close_after_the_handshake(netns, tls_pem,
+                                                                              tmp_path):
+    """A TLS 1.2 server (OpenSSL's) sending a long certificate chain (its
+    flight in many reads) passes; so does a chunked body whose expect_body
+    comes after 48 KiB of TLS records. A server that closes right after the
+    handshake has not answered: the http check's reason, not a TLS one."""
+    chain = tmp_path / "chain.pem"
+    chain.write_text(tls_pem.read_text().split("-----END PRIVATE KEY-----")[1] * 40)
+
+    async def chunked(srv, reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + (b"10\r\n" + b"x" * 16 + b"\r\n") * 3000
+                     + b"5\r\nready\r\n0\r\n\r\n")
+        await writer.drain()
+
+    async def closes(srv, reader, writer):
+        pass            # Listener closes it, the handshake done
+
+    async def main():
+        servers = [await Listener(port, handle, tls_server(tls_pem)).start()
+                   for port, handle in ((8035, chunked), (8036, closes))]
+        async with s_server(8034, tls_pem, "-cert_chain", str(chain), "-tls1_2"):
+            m = {"interval": 0.5, "timeout": 0.4}
+            passing = [Target(("api", "chain"), LOCAL, 8034, http_monitor("https", **m)),
+                       Target(("api", "chunked"), LOCAL, 8035,
+                              http_monitor("https", expect_body="ready", **m))]
+            closed = ("api", "closes")
+            async with checker([*passing, Target(closed, LOCAL, 8036,
+                                                 http_monitor("https", **m))]) as (hc, rec):
+                await until(lambda: all(len(rec.checks(t.key)) >= 2 for t in passing)
+                            and rec.checks(closed), "two checks each")
+                assert {c[:2] for t in passing for c in rec.checks(t.key)} \
+                    == {(True, "check passed")}
+                assert rec.checks(closed)[0][:2] == \
+                    (False, "http: connection closed without a response")
         for srv in servers:
             await srv.close()
 
