@@ -1034,6 +1034,40 @@ def test_udp_icmp_host_unreachable_fails_at_once(netns):
 
 
 @pytest.mark.netns
+def test_udp_what_comes_after_its_check_reaches_no_later_check(netns):
+    """Each check has a socket of its own: a second reply, or a router's ICMP
+    error about a datagram once its check has ended, passes or fails no later
+    check; nor does a reply that comes after its check's timeout."""
+    async def main():
+        icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        loop = asyncio.get_running_loop()
+
+        def twice_then_unreachable(data: bytes) -> bytes:
+            addr, after = twice.addr, TIMEOUT * 1.2
+            loop.call_later(after / 2, twice.sock.sendto, b"\x1c second", addr)
+            loop.call_later(after, host_unreachable, icmp, 8109, data, addr)
+            return b"\x1c" + data[1:]
+
+        def late(data: bytes) -> None:
+            loop.call_later(TIMEOUT * 1.3, slow.sock.sendto, b"\x1c" + data[1:], slow.addr)
+
+        twice, slow = UdpServer(8109, twice_then_unreachable), UdpServer(8110, late)
+        keys = ("ntp", "twice"), ("ntp", "late")
+        try:
+            async with serving(twice, slow), \
+                    checker([Target(keys[0], LOCAL, 8109, udp_monitor(expect_hex="1c")),
+                             Target(keys[1], LOCAL, 8110, udp_monitor())]) as (hc, rec):
+                await until(lambda: all(len(rec.checks(k)) >= 4 for k in keys), "four checks each")
+                assert {c[:2] for c in rec.checks(keys[0])} == {(True, "check passed")}
+                assert {c[:2] for c in rec.checks(keys[1])} == \
+                    {(False, f"timeout after {TIMEOUT}s (waiting for a reply)")}
+        finally:
+            icmp.close()
+
+    netns.run(main())
+
+
+@pytest.mark.netns
 def test_udp_reply_must_begin_with_expect_hex(netns):
     async def main():
         servers = (UdpServer(8105, lambda data: b"\x1c" + bytes(47)),
