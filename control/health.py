@@ -981,8 +981,7 @@ class _UdpProbe(_Probe):
             return self._broken()
         if data.startswith(want):
             return self._end((True, "check passed"))
-        got = f"reply {_hex_start(data, len(want))}" if data else "empty reply"
-        self._end((False, f"udp: {got}, expected one beginning {_hex_start(want, len(want))}"))
+        self._end((False, _udp_mismatch(data, want)))
 
     def _doing(self) -> str:
         return "waiting for a reply"
@@ -996,6 +995,19 @@ def _hex_start(data: bytes, upto: int) -> str:
     if it has more."""
     n = min(upto, _SHOWN_BYTES)
     return data[:n].hex() + ("..." if len(data) > n else "")
+
+
+def _udp_mismatch(data: bytes, want: bytes) -> str:
+    """A failed udp check's reason: the reply (data, read up to a byte past
+    want) and expect_hex from where they part, when their first bytes shown
+    are the same (else the two would read alike)."""
+    at = next((i for i, (a, b) in enumerate(zip(data, want)) if a != b), len(data))
+    if at < _SHOWN_BYTES:
+        got = f"reply {_hex_start(data, len(want))}" if data else "empty reply"
+        return f"udp: {got}, expected one beginning {_hex_start(want, len(want))}"
+    then = _hex_start(data[at:], len(want) - at) if data[at:] else "its end"
+    return (f"udp: reply as expected for {at} bytes, then {then}, expected "
+            f"{_hex_start(want[at:], len(want) - at)}")
 
 
 _HEAD_END = re.compile(rb"\n\r?\n")     # the blank line after the headers

@@ -1077,8 +1077,11 @@ def test_udp_reply_must_begin_with_expect_hex(netns):
             ("ntp", "any"): (8107, None, (True, "check passed")),
             ("ntp", "wrong"): (8105, "24", (False, "udp: reply 1c..., expected one beginning 24")),
             ("ntp", "long"): (8105, "1c" + "00" * 47 + "ff",
-                              (False, f"udp: reply 1c{'00' * 31}..., expected one beginning "
-                                      f"1c{'00' * 31}...")),
+                              (False, "udp: reply as expected for 48 bytes, then its end, "
+                                      "expected ff")),
+            ("ntp", "late"): (8105, "1c" + "00" * 40 + "ff" + "00" * 7,
+                              (False, f"udp: reply as expected for 41 bytes, then {'00' * 7}, "
+                                      f"expected ff{'00' * 7}")),
             ("ntp", "short"): (8106, "1c04", (False, "udp: reply 1c, expected one beginning 1c04")),
             ("ntp", "empty"): (8107, "1c", (False, "udp: empty reply, expected one beginning 1c")),
         }
