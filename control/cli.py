@@ -445,7 +445,7 @@ def status(as_json: bool) -> None:
         click.echo(format_status(result))
 
 
-def _no_control_process(e: ctl.NotRunning, as_json: bool = False) -> NoReturn:
+def _no_control_process(e: Exception, as_json: bool = False) -> NoReturn:
     """Exits 3 describing the data path that runs here without its control
     process, or 1 (Failure) when none runs."""
     orphan = _orphan()
@@ -472,16 +472,19 @@ def top(interval: float, once: bool) -> None:
     live view (exit 0), SIGTERM too (exit 143); Ctrl-C interrupts --once as
     any command (exit 130). Exits 1 when none runs, or when the
     instance stops while top runs; 3, as status, when its data path runs
-    without its control process.
+    without its control process (also when the control process is killed, or
+    stopped by `xlb down --keep-datapath`, while top runs).
     """
     if math.isnan(interval):           # FloatRange lets NaN through
         raise BadInput("--interval: nan is not a number of seconds")
     from . import top as view           # imports rich only when it is needed
     try:
         code = view.run(interval, once)
-    except ctl.NotRunning as e:
+    except (ctl.NotRunning, view.Stopped) as e:
+        # Gone while top ran: killed (a crash, OOM, `xlb down --keep-datapath`)
+        # it leaves its data path forwarding, which is told as status tells it.
         _no_control_process(e)
-    except (ctl.ControlError, view.Stopped) as e:
+    except ctl.ControlError as e:
         raise Failure(str(e)) from None
     if code:
         raise click.exceptions.Exit(code)

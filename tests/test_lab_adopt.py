@@ -335,7 +335,18 @@ def test_status_and_down_of_a_data_path_without_its_control_process(lab):
         assert lab.client("client", "http", VIP, "80", "--count", "4",
                           "--keepalive")["errors"] == []
         program = lab.status()["program"]
+        watching = lab.spawn("lb", str(XLB), "top", "--interval", "0.2")
+        drawn = ""
+        while "backend2" not in drawn:      # a frame: top watched before the kill
+            line = watching.stdout.readline()
+            assert line, watching.communicate(timeout=10)
+            drawn += line
         x.stop(signal.SIGKILL)
+    # top, watching, says what runs now as status does: not that xlb stopped.
+    out, err = watching.communicate(timeout=30)
+    assert (watching.returncode, err) == (3, ""), (watching.returncode, err)
+    assert out.splitlines()[-1].startswith(
+        f"xlb: the data path runs without its control process: program {program['id']} ")
     # It keeps forwarding with its last state.
     out = lab.client("client", "http", VIP, "80", "--count", "10")
     assert out["errors"] == [] and set(out["names"]) == {"WAS1", "WAS2"}
