@@ -348,8 +348,9 @@ def apply(file: Path | None) -> None:
     that remain are untouched, flows of removed servers follow their pool's
     on_server_down; a server renamed (or its pool) at the same address and port
     is the same server, whose flows go on. Drain and maint set with `xlb server`
-    stay with each server the file keeps in that pool; one it forgets (the
-    server gone from the pool, the server or pool renamed) is warned of. The
+    stay with each server the file keeps in that pool, a renamed one too; one
+    it forgets (the server gone from the pool, its name taken by another) is
+    warned of. The
     links it attaches to (up since) and detaches from (gone, or no longer
     named) are named in its answer.
     """
