@@ -768,7 +768,7 @@ def up(config: Config, config_path: Path | None = None,
                                        sorted(balancer.admin.items())) or None,
                       forgotten="; ".join(forgotten) or None)
         signals.check()
-        datapath.settle()
+        let_go = datapath.settle()
         if kept is not None and kept.announce_table not in (None, announce_table):
             # The routes a killed instance left where this one announces nothing:
             # BIRD would go on announcing them. Withdrawn before remember()
@@ -779,11 +779,15 @@ def up(config: Config, config_path: Path | None = None,
             metrics.serve(exporter, balancer, balancer.check_durations)
         serving = True
         attached = _interfaces(datapath)
+        # The links an adoption let go (no longer named), said as an apply says them.
+        adopted = (" (adopted the running data path"
+                   + (f"; detached from {', '.join(let_go)}" if let_go else "") + ")")
         _say(f"xlb: serving {_summary(config)} on {interfaces(attached)}"
-             f"{' (adopted the running data path)' if running else ''}")
+             f"{adopted if running else ''}")
         log.event("start", pid=os.getpid(), frontends=len(config.frontends),
                   servers=config.server_count(),
                   interfaces=",".join(i["name"] for i in attached),
+                  detached=",".join(let_go) or None,
                   config=config_path, adopted=running is not None,
                   # As `xlb apply` says it: the adopted flows its config ended.
                   flows_ended=applied["flows_ended"] if running is not None else None,

@@ -620,16 +620,20 @@ class Datapath:
                                 f"{e.strerror}") from None
         self._attached[ifindex] = old
 
-    def settle(self) -> None:
+    def settle(self) -> list[str]:
         """Ends an adoption: the running program leaves the interfaces this one
-        did not take over (the config no longer names them) and is let go."""
+        did not take over (the config no longer names them) and is let go.
+        Returns the names of those interfaces."""
         self._replaced.clear()
-        for ifindex, (fd, _) in list(self._attached.items()):
+        let_go = []
+        for ifindex, (fd, att) in list(self._attached.items()):
             if fd != self._prog.fd:
                 self.detach(ifindex)
+                let_go.append(att.ifname)
         if self._running is not None:
             self._running.close()
             self._running = None
+        return let_go
 
     def detach_all(self) -> None:
         """Detaches every program this one knows of: its own, and the running one's."""

@@ -287,6 +287,20 @@ def test_a_link_that_is_down_keeps_the_program_across_an_adoption(lab):
     assert len(answers) == 119 and {a.get("name") for a in answers} == {name}, answers
 
 
+def test_an_adoption_that_names_fewer_links_says_which_it_detached(lab):
+    """A restart whose --iface (or config) no longer names a link lets the
+    program there go, as `xlb apply` does, and says so as apply does: it went
+    without a word but for the shorter list of links served."""
+    with lab.xlb(*SEED_ARGS) as first:
+        first.stop(signal.SIGKILL)
+    with lab.xlb(*SEED_ARGS, "--iface", "eth0") as second:
+        assert second.serving_line.endswith(
+            "(adopted the running data path; detached from eth1)"), second.serving_line
+        assert lab.xdp_attached("lb") == ["eth0"]
+    [start] = [line for line in second.stderr.splitlines() if "event=start" in line]
+    assert "detached=eth1" in start.split(), start
+
+
 # `xlb up` on a machine with `{}` bytes of memory available (MemAvailable).
 SHORT_OF_MEMORY = ("import sys; from xlb import cli\n"
                    "cli.mem_available = lambda: {}\n"
