@@ -113,7 +113,12 @@ def load() -> State | None:
         saved = d["namespace"]
         if (saved["boot_id"] == ns["boot_id"] and ns["cookie"] is not None
                 and saved["cookie"] != ns["cookie"]):
-            return None          # an earlier namespace's, with the same inode
+            # Said, as after a reboot: a bare `xlb up` points to it, and the
+            # drain and maint states it held are not taken back.
+            log.event("state", level="warning", file=path,
+                      error="left by an earlier network namespace that had this one's inode "
+                            "(deleted since), not this one; ignored")
+            return None
         if saved["boot_id"] != ns["boot_id"] and saved.get("name", ns["name"]) != ns["name"]:
             # Namespaces made anew at boot get inodes in the order they are
             # made: one of another name may have this one's from before.
