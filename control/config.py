@@ -255,7 +255,7 @@ def _body(value: Any) -> str:
 
 
 # RFC 3986's host (a name, IPv4, or [IPv6]) and an optional port, as a Host header has them
-_HOST = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=%-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])"
+_HOST = re.compile(r"(?:([A-Za-z0-9._~!$&'()*+,;=%-]{1,253})|\[[0-9A-Fa-f:.]{2,45}\])"
                    r"(?::([0-9]{1,5}))?")
 
 
@@ -266,9 +266,14 @@ def _host(value: Any) -> str:
     if not host.isascii():
         raise _bad(f"{host!r} is not ASCII: give an internationalized name in its xn-- form")
     match = _HOST.fullmatch(host)
-    if not match or not 1 <= int(match[1] or 80) <= 65535:
+    if not match or not 1 <= int(match[2] or 80) <= 65535:
         raise _bad(f"{host!r} is not a host name, IPv4 address or [IPv6] address, "
                    "with an optional :port (1-65535)")
+    name = match[1] or ""
+    if ".." in name or name == ".":
+        # nginx and Apache answer such a Host with 400: every server would stay down.
+        raise _bad(f"{host!r} is not a host name: it has an empty label (two dots in a row, "
+                   f"or a lone dot), which servers refuse")
     return host
 
 

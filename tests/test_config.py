@@ -730,6 +730,17 @@ BAD = [
       ("monitors.o.path", "4097 bytes: at most 4096"),
       ("monitors.o.host", f"'{'h' * 254}' is not a host name, IPv4 address or [IPv6] address, "
                           "with an optional :port (1-65535)")]),
+    # nginx answers 400 (and Apache) to a name with an empty label; a trailing dot is a
+    # fully qualified name, and a leading one it takes
+    ("http-host-with-an-empty-label",
+     doc(monitor('type = "http"', 'host = "www..example.com"'))
+     + '\n[monitors.n]\ntype = "https"\nhost = ".:8443"'
+     + '\n[monitors.ok]\ntype = "http"\nhost = "www.example.com.:8080"'
+     + '\n[monitors.ok2]\ntype = "http"\nhost = ".example.com"',
+     [("monitors.m.host", "'www..example.com' is not a host name: it has an empty label (two "
+                          "dots in a row, or a lone dot), which servers refuse"),
+      ("monitors.n.host", "'.:8443' is not a host name: it has an empty label (two dots in a "
+                          "row, or a lone dot), which servers refuse")]),
     ("body-longer-than-a-check-reads",
      doc(monitor('type = "http"', f'expect_body = "{"é" * 32769}"')),
      [("monitors.m.expect_body", "65538 bytes: a check reads 65536 bytes of the body, so it "
