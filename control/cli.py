@@ -916,7 +916,9 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
     state reaches xlb through `xlb ha follow`, which keepalived checks is
     running (a node where it is not goes FAULT).
     """
-    from . import ha as hamod
+    from . import ha as hamod, netif
+    # Said once the config is sure to be printed: bad input is one line.
+    warnings = []
     peer_ip = _valid("--peer", parse_host, peer)
     _valid("--interface", hamod.check_keepalived_word, interface)
     if interface == "lo":
@@ -933,13 +935,13 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
         # runs (no FIFO) or is never heard (no track file). Written for another
         # host, the directory may be there only: a warning.
         if not os.path.isdir(os.path.dirname(path)):
-            _error(f"xlb: warning: {option} {path}: no directory {os.path.dirname(path)} here; "
-                   f"keepalived does not make it, and would hold the node in FAULT")
+            warnings.append(f"{option} {path}: no directory {os.path.dirname(path)} here; "
+                            f"keepalived does not make it, and would hold the node in FAULT")
     if not os.access(hamod.FLOCK, os.X_OK):
         # keepalived disables a check whose program is not there, and says so only
         # in its log: a follow killed alone would go unnoticed again.
-        _error(f"xlb: warning: no {hamod.FLOCK} here (util-linux): keepalived would not "
-               f"check that `xlb ha follow` runs")
+        warnings.append(f"no {hamod.FLOCK} here (util-linux): keepalived would not check "
+                        f"that `xlb ha follow` runs")
     if xlb_path is None:
         try:
             xlb_path = hamod.check_keepalived_path(os.path.abspath(sys.argv[0]))
@@ -962,15 +964,6 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
     owners = _config_addresses(cfg)
     if what := owners.get(peer_ip):
         raise BadInput(f"--peer {peer_ip}: {what}, not the other node's address")
-    # Written on the node (README: `> /etc/keepalived/keepalived.conf`): its own
-    # address as --peer (the other node's command copied as it is) has keepalived
-    # send its adverts to itself; neither node hears the other, both are MASTER.
-    # A warning, not a refusal: the peer's config may be written from this node.
-    here = _local_addresses()
-    if peer_ip in here:
-        _error(f"xlb: warning: --peer {peer_ip}: an address of this host (on "
-               f"{here[peer_ip]}): keepalived here would send its adverts to itself and both "
-               f"nodes would become MASTER; give the other node's address")
     for g in gws:
         if what := owners.get(g.address.ip):
             raise BadInput(f"--gateway {g.address}: {what}, which keepalived would make "
@@ -978,6 +971,22 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
         if g.address.ip == peer_ip:
             raise BadInput(f"--gateway {g.address}: the peer's own address, which cannot "
                            f"move between the nodes")
+        if g.interface == "lo":
+            raise BadInput(f"--gateway {g.address}@lo: the loopback reaches no backend")
+    # Written on the node (README: `> /etc/keepalived/keepalived.conf`): its own
+    # address as --peer (the other node's command copied as it is) has keepalived
+    # send its adverts to itself; neither node hears the other, both are MASTER.
+    # Warnings, not refusals: the peer's config may be written from this node.
+    links = _links()
+    here = netif.local_addresses(links)
+    if peer_ip in here:
+        warnings.append(f"--peer {peer_ip}: an address of this host (on {here[peer_ip]}): "
+                        f"keepalived here would send its adverts to itself and both nodes "
+                        f"would become MASTER; give the other node's address")
+    elif links:     # a config for this host, whose links tell what would not work
+        warnings += hamod.link_problems(links, interface, peer_ip, gws)
+    for warning in warnings:
+        _error(f"xlb: warning: {warning}")
     click.echo(hamod.keepalived_conf(cfg, xlb=xlb_path,
                                      peer=peer_ip,
                                      interface=interface, priority=priority,
@@ -985,14 +994,14 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
                                      track_file=track_file, gateways=gws), nl=False)
 
 
-def _local_addresses() -> dict:
-    """This host's IPv4 addresses (this network namespace's), and the link of
-    each; none when the links cannot be listed."""
+def _links() -> list:
+    """This host's links (this network namespace's), with their IPv4
+    addresses; none when they cannot be listed."""
     from . import netif
     try:
-        return netif.local_addresses(netif.links())
+        return netif.links()
     except (OSError, netif.NetlinkError):     # netlink refused: nothing to warn of
-        return {}
+        return []
 
 
 @ha.command()

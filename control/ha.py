@@ -175,6 +175,41 @@ class Gateway:
         return cls(iface, check_keepalived_word(dev) if at else None)
 
 
+def link_problems(links: Iterable, interface: str, peer: IPv4Address,
+                  gateways: Iterable[Gateway]) -> list[str]:
+    """What would not work if the keepalived config were for this host, whose
+    links (netif.links()) are given: a link it names that is not here
+    (keepalived refuses the config: "Non-existent interface"), a peer or a
+    gateway on a subnet that another link of this host holds, and not the
+    one it is given (keepalived sends and hears VRRP on --interface only:
+    neither node hears the other and both become MASTER; a gateway on the
+    wrong link is out of the backends' reach)."""
+    by_name = {link.name: link for link in links}
+
+    def holder(addr: IPv4Address) -> str | None:
+        return next((name for name, link in by_name.items() if link.holds(addr)), None)
+
+    said = []
+    if interface not in by_name:
+        said.append(f"--interface {interface}: no such link here; keepalived here would refuse "
+                    f"the config (Non-existent interface)")
+    elif not by_name[interface].holds(peer) and (other := holder(peer)):
+        said.append(f"--peer {peer}: on a subnet of {other} here, not of --interface "
+                    f"{interface}, on which keepalived sends and hears VRRP: neither node would "
+                    f"hear the other and both would become MASTER; give --interface {other}")
+    for g in gateways:
+        dev = g.interface or interface
+        if dev not in by_name:
+            if g.interface:
+                said.append(f"--gateway {g.address}@{dev}: no link {dev} here; keepalived here "
+                            f"would refuse the config (Non-existent interface)")
+        elif not by_name[dev].holds(g.address.ip) and (other := holder(g.address.ip)):
+            said.append(f"--gateway {g.address}: would be on {dev}, but {g.address.network} is "
+                        f"on {other} here: the backends would not reach it; give "
+                        f"{g.address}@{other}")
+    return said
+
+
 # What keepalived's config parser reads as more than a character: comments,
 # blocks, quotes and escapes (keepalived -t refuses or splits a word with them).
 KEEPALIVED_SPECIAL = "#!{}\"'\\"

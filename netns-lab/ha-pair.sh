@@ -46,8 +46,9 @@ pair_up() {
     say "up: client 10.1.1.10, lb1 10.1.1.11/10.1.11.11, lb2 10.1.1.12/10.1.11.12, was1/2 10.1.11.101/102 (gateway 10.1.11.1)"
 }
 
-# keepalived NODE CONFIG: keepalived's config from `xlb ha keepalived`, then
-# keepalived (VRRP only) in the background of NODE; its log is $RUN/NODE-keepalived.log.
+# keepalived NODE CONFIG: keepalived's config from `xlb ha keepalived`, run in
+# NODE as on a real node (it checks the links it names there), then keepalived
+# (VRRP only) in the background of NODE; its log is $RUN/NODE-keepalived.log.
 start_keepalived() {
     local node=$1 config=$2 peer prio conf
     case $node in
@@ -56,7 +57,7 @@ start_keepalived() {
         *) die "keepalived runs on lb1 or lb2, not '$node'" ;;
     esac
     conf=$RUN/$node-keepalived.conf
-    "$XLB" ha keepalived --peer "$peer" --interface eth1 --priority "$prio" \
+    nsx "$node" "$XLB" ha keepalived --peer "$peer" --interface eth1 --priority "$prio" \
         --advert-int "$ADVERT_INT" --gateway 10.1.11.1/24 --fifo "$RUN/$node-keepalived.fifo" \
         --track-file "$RUN/$node-xlb.serving" "$config" >"$conf"
     # Own pid files: the defaults under /run are shared by every namespace.

@@ -807,7 +807,10 @@ def test_ha_follow_overwrites_no_file_but_a_track_file(tmp_path):
 def test_an_answer_that_cannot_be_written_is_one_line():
     """`xlb ha keepalived ... > FILE` on a full disk (/dev/full) ended in a
     traceback."""
-    for args in (("ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1",
+    import socket
+    # A link of this host's: one that is not here would be warned of.
+    link = next(name for _, name in socket.if_nameindex() if name != "lo")
+    for args in (("ha", "keepalived", "--peer", "10.1.11.12", "--interface", link,
                   "--gateway", "10.1.11.1/24", str(SEED)), ("check", str(SEED))):
         with open("/dev/full", "w") as full:
             r = subprocess.run([str(XLB), *args], stdout=full, stderr=subprocess.PIPE,

@@ -156,7 +156,7 @@ def test_bird_parses_what_xlb_writes(tmp_path):
     assert r.exit_code == 0, r.output
     assert "protocol bgp" in r.output
     conf = tmp_path / "bird.conf"
-    conf.write_text(r.output)
+    conf.write_text(r.stdout)
     bird_parse(conf)
 
 
@@ -179,7 +179,7 @@ def test_examples_are_what_the_commands_print():
     for name, args in cases.items():
         r = run(*args)
         assert r.exit_code == 0, r.output
-        assert r.output == (EXAMPLES / name).read_text(), name
+        assert r.stdout == (EXAMPLES / name).read_text(), name
 
 
 @pytest.mark.netns
@@ -200,7 +200,7 @@ def test_keepalived_accepts_what_xlb_writes(tmp_path):
                     str(SEED))
             assert r.exit_code == 0, r.output
             conf = tmp_path / "keepalived.conf"
-            conf.write_text(r.output)
+            conf.write_text(r.stdout)
             r = subprocess.run(["ip", "netns", "exec", ns, "keepalived", "-t", "-f", str(conf)],
                                capture_output=True, text=True, timeout=30)
             assert r.returncode == 0, r.stdout + r.stderr
@@ -236,7 +236,7 @@ def test_what_follow_says_under_keepalived_reaches_syslog(tmp_path):
             "--track-file", str(tmp_path / "serving"),
             "--xlb", str(ROOT / ".venv" / "bin" / "xlb"), str(SEED))
     assert r.exit_code == 0, r.output
-    conf.write_text(r.output)
+    conf.write_text(r.stdout)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as log:
         log.bind(str(tmp_path / "log"))
         log.settimeout(30)
@@ -319,6 +319,10 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
     ([*KA, "--xlb", "/opt/my xlb/xlb", str(SEED)], "--xlb: '/opt/my xlb/xlb' contains"),
     (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "lo", "--gateway",
       "10.1.11.1/24", str(SEED)], "--interface lo: the loopback reaches no other node"),
+    ([*KA, "--gateway", "10.1.11.1/24@lo", str(SEED)],
+     "--gateway 10.1.11.1/24@lo: the loopback reaches no backend"),
+    # A warning found before the error is not said: bad input is one line.
+    ([*KA, "--fifo", "/nonexistent-xlb/k.fifo", str(SEED)], "--gateway: at least one is needed"),
     (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth#0", str(SEED)],
      "--interface: 'eth#0': keepalived reads # ! { } quotes and backslashes specially"),
     (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "e{1", str(SEED)],
@@ -681,10 +685,22 @@ def test_keepalived_stopping_twice_over_still_makes_xlb_backup(tmp_path, monkeyp
     assert told == [("active", False), ("backup", True)]
 
 
+def lb1_links(monkeypatch):
+    """This host's links as the lab pair's lb1 has them (the README's first
+    node): its client link eth0 and eth1 on the servers' subnet."""
+    from xlb import netif
+    links = [netif.Link(index=i, name=name, mac=bytes([2, 0, 0, 0, 0, i]), up=True,
+                        loopback=False, addresses=(IPv4Interface(address),))
+             for i, (name, address) in enumerate((("eth0", "10.1.1.11/24"),
+                                                   ("eth1", "10.1.11.11/24")), 2)]
+    monkeypatch.setattr(netif, "links", lambda: links)
+
+
 def test_no_flock_here_is_warned_of(monkeypatch):
     """keepalived disables the check that `xlb ha follow` runs when flock(1)
     is not there ("Disabling track script xlb_follows since not found"), in
     its log only: a follow killed alone would go unnoticed again."""
+    lb1_links(monkeypatch)
     monkeypatch.setattr(ha, "FLOCK", "/nonexistent-xlb/flock")
     r = run(*KA, "--gateway", "10.1.11.1/24", str(SEED))
     assert r.exit_code == 0 and "/nonexistent-xlb/flock --shared" in r.stdout
@@ -692,13 +708,48 @@ def test_no_flock_here_is_warned_of(monkeypatch):
                         "keepalived would not check that `xlb ha follow` runs\n")
 
 
-def test_a_file_in_a_directory_not_here_is_warned_of():
+def test_a_file_in_a_directory_not_here_is_warned_of(monkeypatch):
     """keepalived makes its FIFO and track file, not their directory: it logs
     "Unable to create vrrp_notify fifo" and the node stays in FAULT."""
-    r = subprocess.run([str(ROOT / ".venv" / "bin" / "xlb"), *KA, "--gateway", "10.1.11.1/24",
-                        "--fifo", "/nonexistent-xlb/k.fifo", str(SEED)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0 and "vrrp_notify_fifo /nonexistent-xlb/k.fifo" in r.stdout
+    lb1_links(monkeypatch)
+    r = run(*KA, "--gateway", "10.1.11.1/24", "--fifo", "/nonexistent-xlb/k.fifo", str(SEED))
+    assert r.exit_code == 0 and "vrrp_notify_fifo /nonexistent-xlb/k.fifo" in r.stdout
     assert r.stderr == ("xlb: warning: --fifo /nonexistent-xlb/k.fifo: no directory "
                         "/nonexistent-xlb here; keepalived does not make it, and would hold "
                         "the node in FAULT\n")
+
+
+def test_a_link_that_would_not_work_is_warned_of(monkeypatch):
+    """README's first node with the wrong --interface (eth0, its client link):
+    keepalived sends and hears VRRP on eth0 only, the peer's adverts arrive
+    on eth1, and both nodes become MASTER (both xlb answer ARP for the VIPs),
+    the gateway on the client link, out of the backends' reach. A link that
+    is not here has keepalived refuse the config ("Non-existent interface").
+    Said on the node, as warnings: the config may be for another host."""
+    lb1_links(monkeypatch)
+    gw = ["--gateway", "10.1.11.1/24"]
+    r = run("ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth0", *gw, str(SEED))
+    assert r.exit_code == 0 and "    interface eth0\n" in r.stdout
+    assert r.stderr.splitlines() == [
+        "xlb: warning: --peer 10.1.11.12: on a subnet of eth1 here, not of --interface eth0, "
+        "on which keepalived sends and hears VRRP: neither node would hear the other and both "
+        "would become MASTER; give --interface eth1",
+        "xlb: warning: --gateway 10.1.11.1/24: would be on eth0, but 10.1.11.0/24 is on eth1 "
+        "here: the backends would not reach it; give 10.1.11.1/24@eth1"]
+    r = run("ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth0",
+            "--gateway", "10.1.11.1/24@eth1", str(SEED))
+    assert r.exit_code == 0 and r.stderr.startswith("xlb: warning: --peer 10.1.11.12: on a")
+    assert r.stderr.count("\n") == 1
+    r = run("ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eht1", *gw,
+            "--gateway", "10.1.12.1/24@eth2", str(SEED))
+    assert r.exit_code == 0 and r.stderr.splitlines() == [
+        "xlb: warning: --interface eht1: no such link here; keepalived here would refuse the "
+        "config (Non-existent interface)",
+        "xlb: warning: --gateway 10.1.12.1/24@eth2: no link eth2 here; keepalived here would "
+        "refuse the config (Non-existent interface)"]
+    # The README's commands: the first node's says nothing; the second's,
+    # written on the first, warns of its peer only (the config is not for here).
+    r = run(*KA, *gw, str(SEED))
+    assert r.exit_code == 0 and r.stderr == ""
+    r = run("ha", "keepalived", "--peer", "10.1.11.11", "--interface", "eth1", *gw, str(SEED))
+    assert r.exit_code == 0 and r.stderr.count("\n") == 1 and "an address of this host" in r.stderr
