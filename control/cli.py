@@ -973,9 +973,9 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
                            f"move between the nodes")
         if g.interface == "lo":
             raise BadInput(f"--gateway {g.address}@lo: the loopback reaches no backend")
-    # Written on the node (README: `> /etc/keepalived/keepalived.conf`): its own
-    # address as --peer (the other node's command copied as it is) has keepalived
-    # send its adverts to itself; neither node hears the other, both are MASTER.
+    # Written on the node (as README has it): its own address as --peer (the
+    # other node's command copied as it is) has keepalived send its adverts to
+    # itself; neither node hears the other, both are MASTER.
     # Warnings, not refusals: the peer's config may be written from this node.
     links = _links()
     here = netif.local_addresses(links)
