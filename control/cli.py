@@ -930,6 +930,14 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
     _valid("--track-file", hamod.check_keepalived_file, track_file)
     if os.path.normpath(track_file) == os.path.normpath(fifo):
         raise BadInput("--track-file: the same path as --fifo")
+    # keepalived writes both when it starts, whatever is there (the xlb
+    # config's path given by mistake): its states into the FIFO's path, 1 over
+    # the track file (init_file ... overwrite). Paths not here are its to make.
+    if os.path.exists(fifo) and not stat.S_ISFIFO(os.stat(fifo).st_mode):
+        raise BadInput(f"--fifo {fifo}: not a FIFO, which keepalived would write its states "
+                       f"into")
+    if os.path.lexists(track_file):
+        _check_track_file(Path(track_file))
     for option, path in (("--fifo", fifo), ("--track-file", track_file)):
         # keepalived makes the file, not its directory: without it, follow never
         # runs (no FIFO) or is never heard (no track file). Written for another

@@ -753,3 +753,33 @@ def test_a_link_that_would_not_work_is_warned_of(monkeypatch):
     assert r.exit_code == 0 and r.stderr == ""
     r = run("ha", "keepalived", "--peer", "10.1.11.11", "--interface", "eth1", *gw, str(SEED))
     assert r.exit_code == 0 and r.stderr.count("\n") == 1 and "an address of this host" in r.stderr
+
+
+def test_a_file_keepalived_would_write_over_is_refused(tmp_path, monkeypatch):
+    """keepalived writes 1 over its track file when it starts (init_file ...
+    overwrite) and its states into the FIFO's path, whatever is there: the
+    xlb config given as either was lost (`xlb ha follow`, which refuses such
+    a track file, runs only later). Refused, the file left as it was; a
+    track file keepalived or follow wrote, and a FIFO, are taken."""
+    lb1_links(monkeypatch)
+    config = tmp_path / "xlb.toml"
+    config.write_text(SEED.read_text())
+    (tmp_path / "link").symlink_to(tmp_path / "serving")
+    for option, path, why in (
+            ("--track-file", config, "holds more than a track file's number: not overwritten"),
+            ("--track-file", tmp_path / "link", "a symbolic link, which follow does not "
+                                                "write through: give the file itself"),
+            ("--track-file", tmp_path, "is a directory"),
+            ("--fifo", config, "not a FIFO, which keepalived would write its states into")):
+        r = subprocess.run([str(ROOT / ".venv" / "bin" / "xlb"), *KA, "--gateway",
+                            "10.1.11.1/24", option, str(path), str(config)],
+                           capture_output=True, text=True)
+        assert (r.returncode, r.stdout) == (2, ""), r.stderr
+        assert r.stderr.count("\n") == 1 and why in r.stderr, r.stderr
+        assert r.stderr.startswith(f"xlb: error: {option}")
+        assert config.read_text() == SEED.read_text()
+    (tmp_path / "serving").write_text("1\n")
+    os.mkfifo(tmp_path / "fifo", 0o600)
+    r = run(*KA, "--gateway", "10.1.11.1/24", "--track-file", str(tmp_path / "serving"),
+            "--fifo", str(tmp_path / "fifo"), str(config))
+    assert r.exit_code == 0 and r.stderr == "", r.stderr
