@@ -1041,6 +1041,14 @@ def bird(router, local_as, peer_as, table, router_id, config) -> None:
     cfg = _ha_config(config)
     if what := _config_addresses(cfg).get(router_ip):
         raise BadInput(f"--router {router_ip}: {what}, not the router's address")
+    # Written on the node (as README has it): BIRD's eBGP, single-hop, waits
+    # for ever (Idle, not a word in its log) for a router on no link of the
+    # node's (its loopback address, say). A warning: the config may be for
+    # another host.
+    if (links := _links()) and not any(link.holds(router_ip) for link in links):
+        _error(f"xlb: warning: --router {router_ip}: on no subnet of this host's links: "
+               f"BIRD's eBGP session (not multihop) would never come up; give the router's "
+               f"address on a link it shares with this node")
     click.echo(hamod.bird_conf(cfg, router=router_ip, local_as=local_as, peer_as=peer_as,
                                table=table, router_id=rid), nl=False)
 

@@ -100,13 +100,14 @@ start_bird() {
         </dev/null >>"$RUN/$1-bird.log" 2>&1 &
 }
 
-# bird NODE CONFIG: the node's BIRD config from `xlb ha bird` for CONFIG, then BIRD.
+# bird NODE CONFIG: the node's BIRD config from `xlb ha bird` for CONFIG, run in
+# NODE as on a real node (it checks that the router is on a link there), then BIRD.
 node_bird() {
     local node=$1 config=$2 n conf
     case " $LB_NODES " in *" $node "*) ;; *) die "BIRD for xlb runs on $LB_NODES" ;; esac
     n=${node#node}
     conf=$RUN/$node-bird.conf
-    "$XLB" ha bird --router 10.1.2.1 --as 65001 --peer-as 65000 --table "$TABLE" \
+    nsx "$node" "$XLB" ha bird --router 10.1.2.1 --as 65001 --peer-as 65000 --table "$TABLE" \
         --router-id "10.1.2.1$n" "$config" >"$conf"
     start_bird "$node" "$conf"
 }

@@ -154,7 +154,7 @@ def test_bird_parses_what_xlb_writes(tmp_path):
     """`xlb ha bird`'s output for the seed, as BIRD 2 reads it (bird -p)."""
     r = run(*BIRD_ARGS)
     assert r.exit_code == 0, r.output
-    assert "protocol bgp" in r.output
+    assert "protocol bgp" in r.stdout
     conf = tmp_path / "bird.conf"
     conf.write_text(r.stdout)
     bird_parse(conf)
@@ -783,3 +783,22 @@ def test_a_file_keepalived_would_write_over_is_refused(tmp_path, monkeypatch):
     r = run(*KA, "--gateway", "10.1.11.1/24", "--track-file", str(tmp_path / "serving"),
             "--fifo", str(tmp_path / "fifo"), str(config))
     assert r.exit_code == 0 and r.stderr == "", r.stderr
+
+
+def test_a_router_on_no_link_of_the_node_is_warned_of(monkeypatch):
+    """BIRD's eBGP session (single-hop) with a router on no link of the node's
+    (its loopback address given, say) stays Idle for ever, and BIRD logs
+    nothing: the VIPs are never announced. Said on the node, as a warning."""
+    from xlb import netif
+    node1 = [netif.Link(index=i, name=name, mac=bytes([2, 0, 0, 0, 1, i]), up=True,
+                        loopback=False, addresses=(IPv4Interface(address),))
+             for i, (name, address) in enumerate((("eth0", "10.1.2.11/24"),
+                                                   ("eth1", "10.1.11.11/24")), 2)]
+    monkeypatch.setattr(netif, "links", lambda: node1)
+    r = run(*BIRD_ARGS)
+    assert r.exit_code == 0 and r.stderr == ""
+    r = run(*[("203.0.113.1" if a == "10.1.2.1" else a) for a in BIRD_ARGS])
+    assert r.exit_code == 0 and "neighbor 203.0.113.1 as 65000;" in r.stdout
+    assert r.stderr == ("xlb: warning: --router 203.0.113.1: on no subnet of this host's "
+                        "links: BIRD's eBGP session (not multihop) would never come up; give "
+                        "the router's address on a link it shares with this node\n")
