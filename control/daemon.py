@@ -424,7 +424,8 @@ def _check_dict(last) -> dict | None:
     if last is None:
         return None
     ok, reason, duration = last
-    return {"ok": ok, "reason": reason, "duration_seconds": round(duration, 6)}
+    return {"ok": ok, "reason": reason,
+            "duration_seconds": None if duration is None else round(duration, 6)}
 
 
 def _counters(c) -> dict:

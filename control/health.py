@@ -56,8 +56,9 @@ Semantics:
   `fall * interval + timeout` (+ 100 ms of scheduling noise) later.
 - `mark_down(keys, reason)`: down at once, without waiting for `fall` (the
   link toward the servers went), the reason reported and kept as the last
-  check's; a check in flight is dropped, and `rise` passing checks bring
-  it back. Targets of type "none" are left as they are.
+  check's, with no duration (no check ran); a check in flight is dropped,
+  and `rise` passing checks bring it back. Targets of type "none" are left
+  as they are.
 - `check_now(keys)`: checks them at once, not at their turn (their link is
   back), the next an interval later; a check in flight goes on, and should
   it fail (begun while the link was away), the next starts as it ends.
@@ -134,7 +135,7 @@ class Transition:
     old: str                    # "up" / "down"
     new: str
     reason: str                 # the deciding check's outcome, e.g. "connect: connection refused"
-    duration: float             # seconds the deciding check took
+    duration: float | None      # seconds the deciding check took; None: no check (mark_down)
 
 
 class _Entry:
@@ -148,7 +149,7 @@ class _Entry:
         self.checked = False            # the first check has decided
         self.successes = 0
         self.failures = 0
-        self.last: tuple[bool, str, float] | None = None
+        self.last: tuple[bool, str, float | None] | None = None
         self.next_start = 0.0           # loop time the next check is due
         self.seq = 0                    # the heap item of the next check; 0: none
         self.probe: _Probe | None = None
@@ -278,8 +279,9 @@ class HealthChecker:
     def states(self) -> dict[tuple[str, str], str]:
         return {k: e.state for k, e in list(self._entries.items())}
 
-    def last_check(self, key: tuple[str, str]) -> tuple[bool, str, float] | None:
-        """(ok, reason, duration) of the latest check; None before the first."""
+    def last_check(self, key: tuple[str, str]) -> tuple[bool, str, float | None] | None:
+        """(ok, reason, duration) of the latest check; None before the first.
+        A duration of None: no check ran, mark_down took the target down."""
         return self._entries[key].last
 
     # -- control ---------------------------------------------------------------
@@ -329,10 +331,11 @@ class HealthChecker:
                 entry.probe = None
                 entry.next_start = max(entry.next_start + entry.target.monitor.interval, _now())
                 entry.seq = self._push(entry.next_start, _FIRE, entry)
-            entry.checked, entry.last = True, (False, reason, 0.0)
+            # No check ran: no duration to show, log or count (on_check hears nothing).
+            entry.checked, entry.last = True, (False, reason, None)
             if entry.state == "up":
                 entry.state = "down"
-                self._report(Transition(key, "up", "down", reason, 0.0))
+                self._report(Transition(key, "up", "down", reason, None))
 
     def check_now(self, keys: Iterable[tuple[str, str]]) -> None:
         """Checks these targets now, not at their turn (their link is back:

@@ -1589,6 +1589,23 @@ def test_validation():
     assert hc.states() == {t.key: "up"} and hc.last_check(t.key) is None
 
 
+def test_a_server_its_link_took_down_shows_no_check_duration():
+    """mark_down runs no check: `xlb status` and `xlb top` showed "link eth1
+    lost its carrier (0.0 ms)" as if one had run and taken 0.0 ms, and the
+    log its check_duration=0.0. No duration is told, and none is counted
+    (on_check, which feeds the check-duration histogram, hears nothing)."""
+    from xlb.daemon import _check_dict
+    from xlb.units import last_check
+    changes, checks = [], []
+    hc = HealthChecker(changes.append, lambda *check: checks.append(check))
+    key, reason = ("web", "a"), "link eth1 lost its carrier"
+    hc.set_targets([Target(key, LOCAL, 80, tcp_monitor())])
+    hc.mark_down([key], reason)
+    assert changes == [Transition(key, "up", "down", reason, None)] and checks == []
+    shown = {"monitor": "m", "last_check": _check_dict(hc.last_check(key))}
+    assert last_check(shown) == reason
+
+
 # -- the http response parser (no sockets) ----------------------------------------
 
 def verdict(data: bytes, eof: bool = False, **kw):
