@@ -470,8 +470,9 @@ def top(interval: float, once: bool) -> None:
     --once lists all, and so does each frame on a stdout that is no terminal,
     printed after the last); each flow table's fill, drops by reason, and health
     changes the data path lacks (their apply failed). q or Ctrl-C quits the
-    live view (exit 0), SIGTERM too (exit 143); Ctrl-C interrupts --once as
-    any command (exit 130). Exits 1 when none runs, or when the
+    live view (exit 0), SIGTERM too (exit 143), and so does a reader of its
+    output that goes away (`xlb top | head`: exit 0, quietly); Ctrl-C
+    interrupts --once as any command (exit 130). Exits 1 when none runs, or when the
     instance stops while top runs; 3, as status, when its data path runs
     without its control process (also when the control process is killed, or
     stopped by `xlb down --keep-datapath`, while top runs).

@@ -266,11 +266,28 @@ def once(interval: float, console: Console | None = None) -> None:
     (console or _console()).print(frame(second, first))
 
 
+class ReaderGone(Exception):
+    """stdout is a pipe whose reader went away (`xlb top | head`)."""
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits 1 here. A reader that has read what it wanted and gone
+        # ends a piped view as q ends the live one: quietly, exit 0.
+        self.quiet = True
+        # What is left in the buffers goes nowhere at exit, not to the broken
+        # pipe (Python would say so, and exit 120).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.file.fileno())
+        os.close(devnull)
+        raise ReaderGone()
+
+
 def _console() -> Console:
     """stdout's: 160 columns wide when it is no terminal and COLUMNS is not set
     (rich would take 80, and cut the rows short)."""
     plain = not sys.stdout.isatty() and "COLUMNS" not in os.environ
-    return Console(width=160 if plain else None)
+    return _Console(width=160 if plain else None)
 
 
 class _Printed:
@@ -330,7 +347,8 @@ def _signals():
 def live(interval: float, console: Console | None = None) -> int:
     """Redraws every `interval` seconds until q or Ctrl-C (returns 0) or SIGTERM
     (returns 143); raises NotRunning/ControlError if no instance answers at the
-    start, and Stopped if the instance goes away while it runs."""
+    start, Stopped if the instance goes away while it runs, and ReaderGone
+    (_console's) if stdout's reader does."""
     prev: Sample | None = None
     note: str | None = None
     console = console or _console()
@@ -407,7 +425,10 @@ def live(interval: float, console: Console | None = None) -> int:
 
 def run(interval: float, one_frame: bool = False) -> int:
     """`xlb top`: the exit status to return (errors are raised)."""
-    if one_frame:
-        once(interval)
+    try:
+        if one_frame:
+            once(interval)
+            return 0
+        return live(interval)
+    except ReaderGone:
         return 0
-    return live(interval)

@@ -19,6 +19,7 @@ import select
 import signal
 import struct
 import subprocess
+import sys
 import termios
 import threading
 import time
@@ -424,6 +425,30 @@ def test_live_prints_each_frame_after_the_last_when_piped(monkeypatch):
     assert row(first, "was2")[2:4] == ["up", "up"]
     assert row(second, "was2")[2:4] == ["down", "down"]
     assert "\x1b" not in out and "more servers" not in out
+
+
+@pytest.mark.parametrize("frames", [0, 1])
+def test_a_piped_view_whose_reader_goes_ends_quietly_as_q_ends_it(monkeypatch, capfd, frames):
+    """`xlb top | head -1`: the reader goes once it has read what it wanted
+    (before the first frame, or after it), and the next frame finds the pipe
+    broken. The view ends as q ends it, exit 0, nothing said (rich exited 1),
+    and what is left of stdout is closed without a word; so does --once, as
+    `xlb status | head -1` does."""
+    Clock(monkeypatch)
+    read, write = os.pipe()
+    if frames == 0:
+        os.close(read)
+    with os.fdopen(write, "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        FakeInstance(monkeypatch, [STATUS, lambda: os.close(read), STATUS])
+        assert top.run(1.0) == 0
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        FakeInstance(monkeypatch, [STATUS, STATUS])
+        assert top.run(1.0, one_frame=True) == 0
+    assert capfd.readouterr().err == ""
 
 
 class Clock:
