@@ -869,9 +869,9 @@ static __always_inline enum xlb_reason later_fragment(struct xdp_md *ctx, struct
 	hlen = ip_header_len(c, ip);
 	if (hlen < 0 || bpf_ntohs(ip->tot_len) < hlen)
 		return vip_or_pass(ip, is_vip, XLB_DROP_MALFORMED, XLB_PASS_SHORT);
-	if (ttl_runs_out(ip))
-		return XLB_TTL_EXPIRED;		/* as send() */
 	count_flow(f, frame_len, 0);
+	if (ttl_runs_out(ip))
+		return XLB_TTL_EXPIRED;		/* counted, as send()'s */
 	reply = f->dir == FLOW_REPLY;
 	nat_ip_address(ip, reply ? &ip->saddr : &ip->daddr, f->addr);
 	if (!(cfg->flags & CONFIG_FAST_PATH))

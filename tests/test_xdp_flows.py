@@ -1932,7 +1932,7 @@ def test_a_later_fragment_of_a_reused_ip_id_is_not_the_earlier_datagrams(lb, fib
 
 def test_a_later_fragment_whose_ttl_runs_out_goes_to_the_kernel_as_it_came(lb, fibnet):
     """As a first fragment's (send): unrewritten, so that the kernel's "time
-    exceeded" quotes what the sender sent."""
+    exceeded" quotes what the sender sent, and counted for its flow."""
     ext = fibnet.ifindex["ext"]
     sport = 57200
     query = fragments(CLIENT, VIP, sport, 80, 0x5401)
@@ -1942,7 +1942,7 @@ def test_a_later_fragment_whose_ttl_runs_out_goes_to_the_kernel_as_it_came(lb, f
     late = fragments(CLIENT, VIP, sport, 80, 0x5401, ttl=1)[1]
     res = lb.send(late, ext)
     assert (res.action, res.data) == (XDP_PASS, late)
-    lb.expect("ttl_expired")
+    lb.expect("ttl_expired", flow=("in", SVC_UDP, bid, False))
 
 
 MALFORMED_LATER = {"tot-len-beyond-frame": lambda f: f[:-1],
