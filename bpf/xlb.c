@@ -915,6 +915,19 @@ static __always_inline enum xlb_reason not_ipv4(struct xdp_md *ctx, struct curso
 	return XLB_PASS_NOT_IP;
 }
 
+/* Why an IPv4 frame to a group MAC passes untouched: pass_not_unicast if xlb
+ * would act on it to a unicast MAC (to a VIP; TCP or UDP that the filter took
+ * for a backend's; ICMP, which may be an error about a balanced flow), else
+ * pass_not_vip, as to a unicast MAC: the link's multicast protocols (IGMP,
+ * OSPF, VRRP) are not VIP traffic that every node receives. */
+static __always_inline enum xlb_reason to_group(struct iphdr *ip, int is_vip)
+{
+	if (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP ||
+	    ip->protocol == IPPROTO_ICMP)
+		return XLB_PASS_NOT_UNICAST;
+	return vip_or_pass(ip, is_vip, XLB_PASS_NOT_UNICAST, XLB_PASS_NOT_VIP);
+}
+
 int xlb_xdp(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -953,7 +966,7 @@ int xlb_xdp(struct xdp_md *ctx)
 	 * would balance it: a router forwards none (RFC 1812 5.3.4), and the
 	 * kernel drops it so. */
 	if (eth_is_group(eth))
-		return count_exit(XLB_PASS_NOT_UNICAST, frame_len);
+		return count_exit(to_group(ip, is_vip), frame_len);
 	return count_exit(classify(ctx, &c, eth, ip, cfg, is_vip, frame_len), frame_len);
 }
 

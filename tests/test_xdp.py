@@ -446,6 +446,22 @@ PASS_THROUGH = [
     ("multicast-backend-reply", tcp_frame(BACKENDS[1][0], CLIENT, 8080, 49998, flags="SA",
                                           eth_src=BACKEND_MAC, eth_dst="33:33:00:00:00:01"), 0,
      "pass_not_unicast"),
+    ("broadcast-other-protocol-to-vip", raw(Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff")
+                                            / IP(src=str(CLIENT), dst=str(VIP), proto=47)
+                                            / Raw(b"g" * 16)), 0, "pass_not_unicast"),
+    # Any ICMP to a group MAC may be an error about a balanced flow.
+    ("broadcast-ping-of-other-address", raw(Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff")
+                                            / IP(src=str(CLIENT), dst="10.1.1.255")
+                                            / ICMP(id=7, seq=1) / Raw(b"ping")), 0,
+     "pass_not_unicast"),
+    # The link's multicast protocols are not xlb's, as to a unicast MAC.
+    ("multicast-igmp-query", raw(Ether(src=CLIENT_MAC, dst="01:00:5e:00:00:01")
+                                 / IP(src=str(CLIENT), dst="224.0.0.1", proto=2, ttl=1)
+                                 / Raw(bytes.fromhex("11640000") + bytes(4))), 0, "pass_not_vip"),
+    ("multicast-vrrp-advert", raw(Ether(src="00:00:5e:00:01:33", dst="01:00:5e:00:00:12")
+                                  / IP(src=str(CLIENT), dst="224.0.0.18", proto=112, ttl=255)
+                                  / Raw(bytes.fromhex("3133640100640000") + VIP.packed)), 0,
+     "pass_not_vip"),
 ]
 
 
