@@ -24,7 +24,9 @@ class FibNet:
     """The namespace, which the calling thread enters with `entered`. Links (veth pairs, both ends here):
     ext 10.1.1.1/24 (clients), int 10.1.11.1/24 (backends), small 10.1.13.1/24
     with MTU 1280, nofwd 10.1.14.1/24 with forwarding off; 198.51.100.0/24 via
-    10.1.1.2, which has no neighbour entry; 203.0.113.0/24 is a blackhole."""
+    10.1.1.2, which has no neighbour entry; 203.0.113.0/24 is a blackhole,
+    192.0.2.128/26 unreachable, 192.0.2.192/26 prohibited, and the rest of
+    192.0.2.0/24 has no route."""
 
     MACS = {"ext": "02:00:00:00:01:01", "int": "02:00:00:00:01:02",
             "small": "02:00:00:00:01:03", "nofwd": "02:00:00:00:01:04"}
@@ -49,6 +51,8 @@ class FibNet:
         self.sh("sysctl", "-qw", "net.ipv4.conf.nofwd.forwarding=0")
         self.sh("ip", "route", "add", "198.51.100.0/24", "via", "10.1.1.2")
         self.sh("ip", "route", "add", "blackhole", "203.0.113.0/24")
+        self.sh("ip", "route", "add", "unreachable", "192.0.2.128/26")
+        self.sh("ip", "route", "add", "prohibit", "192.0.2.192/26")
         for addr, (mac, dev) in neighbours.items():
             self.sh("ip", "neigh", "replace", addr, "lladdr", mac, "dev", dev, "nud", "permanent")
 

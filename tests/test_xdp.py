@@ -367,6 +367,30 @@ def test_a_flows_packets_to_a_group_mac_pass_and_leave_it_as_it_was(lb):
     lb.expect("reply", flow=("out", SVC_TCP, first, False))
 
 
+@pytest.mark.parametrize("mac", ["02:00:00:00:00:77", "00:16:3e:12:34:56"],
+                         ids=["locally-administered", "globally-administered"])
+def test_a_frame_to_another_hosts_unicast_mac_is_balanced_as_the_links_own(lb, mac):
+    """xlb does not look at the destination MAC but for its group bit: a
+    frame that a switch floods, or that a link in promiscuous mode lets in,
+    is balanced (README), its MACs left to the kernel."""
+    sport = 43122 + mac.startswith("00")
+    res = lb.send(tcp_frame(CLIENT, VIP, sport, 80, eth_dst=mac))
+    bid = chosen_backend(res.data, SVC_TCP)
+    assert (res.action, res.data) == (XDP_PASS, tcp_frame(CLIENT, BACKENDS[bid][0], sport, 8080,
+                                                          eth_dst=mac))
+    lb.expect("forward", flow=("in", SVC_TCP, bid, True))
+
+
+@pytest.mark.parametrize("source", ["0.0.0.1", "127.0.0.1", "224.0.0.5"])
+def test_a_martian_source_is_balanced(lb, source):
+    """What the fast path leaves out of a router's work (README): it does not
+    drop martian sources (0/8, 127/8, multicast), as the kernel would."""
+    res = lb.send(tcp_frame(source, VIP, 43124, 80))
+    bid = chosen_backend(res.data, SVC_TCP)
+    assert (res.action, res.data) == (XDP_PASS, tcp_frame(source, BACKENDS[bid][0], 43124, 8080))
+    lb.expect("forward", flow=("in", SVC_TCP, bid, True))
+
+
 def test_a_locally_administered_unicast_mac_is_balanced(lb):
     """The group bit is the first octet's lowest: 02:... is a unicast MAC
     (a VM's, a veth's), the balancer's own."""
@@ -590,6 +614,30 @@ def test_a_vips_unserved_packet_whose_ttl_runs_out_goes_to_the_kernel_as_it_came
     res = lb.send(frame)
     assert (res.action, res.data) == (XDP_PASS, frame)
     lb.expect("ttl_expired")
+    assert lb.dp.flow_entries() == flows
+
+
+UNSERVED_ICMP = {
+    "icmp-timestamp": lambda ttl: raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
+                                      / IP(src=str(CLIENT), dst=str(VIP), ttl=ttl)
+                                      / ICMP(type=13) / Raw(b"t" * 12)),
+    "icmp-error-about-no-flow": lambda ttl: raw(Ether(src=CLIENT_MAC, dst=LB_MAC)
+                                                / IP(src=str(CLIENT), dst=str(VIP), ttl=ttl)
+                                                / ICMP(type=3, code=3)
+                                                / Raw(tcp_frame(VIP, CLIENT, 80, 43014)[14:42])),
+}
+
+
+@pytest.mark.parametrize("ttl", [1, 0])
+@pytest.mark.parametrize("make", UNSERVED_ICMP.values(), ids=UNSERVED_ICMP.keys())
+def test_a_vips_unserved_icmp_is_dropped_whatever_its_ttl(lb, make, ttl):
+    """ICMP to a VIP is for the VIP itself, where its TTL ends: one that xlb
+    does not answer nor translate is dropped as with any TTL, not passed for
+    the kernel to answer "time exceeded" as a router on the way would."""
+    flows, frame = lb.dp.flow_entries(), make(ttl)
+    res = lb.send(frame)
+    assert (res.action, res.data) == (XDP_DROP, frame)
+    lb.expect("drop_no_service")
     assert lb.dp.flow_entries() == flows
 
 

@@ -185,6 +185,13 @@ def test_out_the_link_it_came_in_is_xdp_tx(lb, fibnet):
                                  eth_src=fibnet.MACS["int"], eth_dst=BACKEND_MAC)
     lb.expect("forward_tx", flow=("in", SVC_TCP, bid, True))
 
+    # A reply that comes in by the client's link leaves by it too.
+    res = lb.send(from_backend(bid, 50001, "SA"), fibnet.ifindex["ext"])
+    assert (res.action, res.data) == (XDP_TX, tcp_frame(VIP, CLIENT, 80, 50001, flags="SA", ttl=63,
+                                                        eth_src=fibnet.MACS["ext"],
+                                                        eth_dst=CLIENT_MAC))
+    lb.expect("reply_tx", flow=("out", SVC_TCP, bid, False))
+
 
 def test_checksums_that_compute_to_zero_are_sent_as_zero(lb, fibnet):
     """The incremental updates (csum.h: NAT, then TTL - 1) give 0x0000 where
@@ -214,6 +221,9 @@ def test_checksums_that_compute_to_zero_are_sent_as_zero(lb, fibnet):
 @pytest.mark.parametrize("client, ifname, reason", [
     ("198.51.100.10", "ext", "fib_no_neigh"),   # the reply's next hop 10.1.1.2 is unresolved
     ("203.0.113.10", "ext", "fib_no_route"),    # blackholed
+    ("192.0.2.130", "ext", "fib_no_route"),     # unreachable
+    ("192.0.2.194", "ext", "fib_no_route"),     # prohibited
+    ("192.0.2.10", "ext", "fib_no_route"),      # no route at all
     ("10.1.1.10", "nofwd", "fib_fwd_disabled"),
 ])
 def test_what_the_fib_cannot_resolve_goes_to_the_kernel_rewritten_only(lb, fibnet, client, ifname,
@@ -1902,6 +1912,36 @@ def test_a_fragmented_datagram_goes_both_ways_as_its_flow(lb, fibnet, mode):
             (action, f) for f in fragments(VIP, CLIENT, 80, sport, answer_id, **hop)]
 
 
+@pytest.mark.parametrize("mode", ["fast", "kernel"])
+def test_a_fragment_over_its_next_hops_mtu_goes_to_the_kernel_to_fragment_again(lb, fibnet, mode):
+    """A reply's fragments of 1,500 bytes to a client behind the link of MTU
+    1280: each one over that MTU (no DF) goes to the kernel rewritten, to be
+    fragmented again, the first as a balanced packet, a later one with its
+    address alone; with the fast path the last, small enough, goes straight
+    on to its next hop."""
+    ext, int_ = fibnet.ifindex["ext"], fibnet.ifindex["int"]
+    client, fast = IPv4Address("10.1.13.101"), mode == "fast"
+    sport, ip_id = 57010 + len(mode), 0x5111 + len(mode)
+    with forwarding(lb, mode):
+        bid = backend_of(lb.send(udp_frame(client, VIP, sport, 80), ext).data)
+        be_addr, be_port = BACKENDS[bid]
+        answer = fragments(be_addr, client, be_port, sport, ip_id, eth_src=BACKEND_MAC)
+        assert [len(f) for f in answer] == [1514, 1514, 154]
+        out = []
+        for frag, reason in zip(answer, ["fib_frag_needed"] * 2 + ["reply_redirect"] if fast
+                                else ["reply"] * 3):
+            out.append(lb.send(frag, int_))
+            lb.expect(reason, flow=("out", SVC_UDP, bid, False))
+    passed = fragments(VIP, client, 80, sport, ip_id, eth_src=BACKEND_MAC)
+    if not fast:
+        assert [(r.action, r.data) for r in out] == [(XDP_PASS, f) for f in passed]
+        return
+    sent = fragments(VIP, client, 80, sport, ip_id, eth_src=fibnet.MACS["small"],
+                     eth_dst=BACKEND_MAC, ttl=63)
+    assert [(r.action, r.data) for r in out] == [(XDP_PASS, passed[0]), (XDP_PASS, passed[1]),
+                                                 (XDP_REDIRECT, sent[2])]
+
+
 def test_a_later_fragment_of_a_reused_ip_id_is_not_the_earlier_datagrams(lb, fibnet):
     """A later fragment whose IP id's first fragment came longer ago than a
     reassembly may last (30 s) belongs to a later datagram, whose first this
@@ -2026,6 +2066,34 @@ def test_over_the_mtu_with_df_the_sender_learns_the_path_mtu(lb, fibnet, mode, c
     lb.expect("icmp_too_big", flow=("out", SVC_TCP, bid, False))
 
 
+@pytest.mark.parametrize("mode", ["fast", "kernel"])
+def test_a_clients_packet_over_its_servers_mtu_with_df_is_answered_from_the_vip(lb, fibnet,
+                                                                               mode):
+    """The other way: a client's 1300-byte segment to VIP:81, whose server
+    (10.1.13.101:5353) is behind the link of MTU 1280. xlb answers the client
+    from the VIP, quoting the segment as the client sent it (to VIP:81, not
+    to the server), in either forwarding mode."""
+    dp, sid, bid, ring = lb.dp, 7, 3, 8
+    dp.set_backend(bid, IPv4Address("10.1.13.101"), 5353)
+    dp.write_ring(ring, [bid])
+    dp.set_service(VIP, 81, TCP_P, sid, ring, 1)
+    dp.set_timeouts(sid, *TIMEOUTS.values())
+    counted = Harness(dp, service_ids=(sid,), backend_ids=(bid,))
+    sport = 56300 + len(mode)
+    big = tcp_frame(CLIENT, VIP, sport, 81, flags="A", payload=b"x" * 1300)
+    try:
+        with forwarding(lb, mode):
+            counted.send(tcp_frame(CLIENT, VIP, sport, 81, flags="S"), fibnet.ifindex["ext"])
+            res = counted.send(big, fibnet.ifindex["ext"])
+    finally:
+        dp.del_service(VIP, 81, TCP_P)
+    assert res.action == XDP_TX
+    assert res.data == icmp_frame(VIP, CLIENT, ICMP(type=3, code=4, nexthopmtu=1280), quote(big),
+                                  eth_src=LB_MAC, eth_dst=CLIENT_MAC,
+                                  tos=0xc0, id=0, flags=0, ttl=64)
+    counted.expect("icmp_too_big", flow=("in", sid, bid, False))
+
+
 # Priority-tagged frames (802.1p: VLAN ID 0), balanced as untagged ones -----------------------
 #
 # What xlb sends out itself leaves untagged, as the kernel would send it (it
@@ -2071,6 +2139,37 @@ def test_kernel_forwarding_passes_priority_tagged_packets_rewritten_tag_and_all(
                                                  eth_src=BACKEND_MAC))
     assert_checksums(untagged(res.data))
     lb.expect("reply", flow=("out", SVC_TCP, bid, False))
+
+
+@pytest.mark.parametrize("client, ifname, reason", [
+    ("198.51.100.11", "ext", "fib_no_neigh"),
+    ("203.0.113.11", "ext", "fib_no_route"),
+    ("10.1.13.57", "ext", "fib_frag_needed"),   # a reply of 1,340 bytes, no DF, to MTU 1280
+    ("10.1.1.10", "nofwd", "fib_fwd_disabled"),
+])
+def test_what_the_fast_path_leaves_to_the_kernel_keeps_its_priority_tag(lb, fibnet, client,
+                                                                        ifname, reason):
+    """The kernel gets it rewritten, tag and all, and clears the tag itself,
+    as it does for every packet it routes."""
+    sport = 58060
+    if reason == "fib_fwd_disabled":
+        res = lb.send(priority_tagged(tcp_frame(client, VIP, sport, 80, flags="S")),
+                      fibnet.ifindex[ifname])
+        bid = backend_of(untagged(res.data))
+        be_addr, be_port = BACKENDS[bid]
+        assert (res.action, res.data) == (XDP_PASS, priority_tagged(
+            tcp_frame(client, be_addr, sport, be_port, flags="S")))
+        lb.expect(reason, flow=("in", SVC_TCP, bid, True))
+        return
+    bid = backend_of(lb.send(tcp_frame(client, VIP, sport, 80, flags="S"),
+                             fibnet.ifindex[ifname]).data)
+    be_addr, be_port = BACKENDS[bid]
+    big = dict(payload=b"x" * 1300, ip_flags=0) if reason == "fib_frag_needed" else {}
+    reply = tcp_frame(be_addr, client, be_port, sport, flags="SA", eth_src=BACKEND_MAC, **big)
+    res = lb.send(priority_tagged(reply), fibnet.ifindex["int"])
+    assert (res.action, res.data) == (XDP_PASS, priority_tagged(
+        tcp_frame(VIP, client, 80, sport, flags="SA", eth_src=BACKEND_MAC, **big)))
+    lb.expect(reason, flow=("out", SVC_TCP, bid, False))
 
 
 @pytest.mark.parametrize("mode", ["fast", "kernel"])
@@ -2142,6 +2241,48 @@ def test_a_priority_tagged_error_about_a_reply_goes_to_the_backend_tag_and_all(l
         "10.1.1.2", be_addr, ICMP(type=3, code=3),
         quote(tcp_frame(be_addr, CLIENT, be_port, sport, flags="SA"))))
     lb.expect("icmp_to_backend")
+
+
+@pytest.mark.parametrize("tagged", [False, True], ids=["untagged", "priority-tagged"])
+def test_a_routers_error_about_a_forwarded_packet_goes_to_the_client_from_the_router(
+        lb, fibnet, tagged):
+    """A router between the balancer and the server (10.1.11.254) lets a
+    client's datagram expire: its "time exceeded" reaches the client about
+    the datagram as the client sent it (to VIP:80), from the router, whose
+    address is its own (only the server's own error comes from the VIP).
+    The kernel routes it, a priority tag and all."""
+    sport = 58070 + tagged
+    bid = backend_of(lb.send(udp_frame(CLIENT, VIP, sport, 80, payload=b"q"),
+                             fibnet.ifindex["ext"]).data)
+    be_addr, be_port = BACKENDS[bid]
+    error, router = ICMP(type=11, code=0), "10.1.11.254"
+    frame = icmp_frame(router, CLIENT, error,
+                       quote(udp_frame(CLIENT, be_addr, sport, be_port, payload=b"q")),
+                       eth_src=BACKEND_MAC)
+    want = icmp_frame(router, CLIENT, error, quote(udp_frame(CLIENT, VIP, sport, 80, payload=b"q")),
+                      eth_src=BACKEND_MAC)
+    tag = priority_tagged if tagged else bytes
+    res = lb.send(tag(frame), fibnet.ifindex["int"])
+    assert (res.action, res.data) == (XDP_PASS, tag(want))
+    lb.expect("icmp_to_client")
+
+
+@pytest.mark.parametrize("mode", ["fast", "kernel"])
+def test_ethernet_padding_goes_on_as_it_came(lb, fibnet, mode):
+    """Bytes past the IP total length (a short frame padded up to Ethernet's
+    60, here not zeros) are no part of the packet: they go on as they came,
+    in either forwarding mode."""
+    sport, pad = 58080 + len(mode), b"\xa5" * 6
+    with forwarding(lb, mode):
+        res = lb.send(syn(sport) + pad, fibnet.ifindex["ext"])
+    bid = backend_of(res.data)
+    be_addr, be_port = BACKENDS[bid]
+    hop = dict(ttl=63, eth_src=fibnet.MACS["int"], eth_dst=BACKEND_MAC) if mode == "fast" else {}
+    assert (res.action, res.data) == (XDP_REDIRECT if mode == "fast" else XDP_PASS,
+                                      tcp_frame(CLIENT, be_addr, sport, be_port, flags="S", **hop)
+                                      + pad)
+    lb.expect("forward_redirect" if mode == "fast" else "forward",
+              flow=("in", SVC_TCP, bid, True))
 
 
 def test_next_hops_that_share_a_cache_slot_are_each_resolved(root, fibnet):
