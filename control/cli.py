@@ -636,11 +636,7 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     st = os.fstat(fd)
     if not stat.S_ISFIFO(st.st_mode):     # replaced since
         raise BadInput(f"{fifo}: {_NOT_FIFO}")
-    if not state.alone(st, state.WRITABLE):
-        # keepalived takes a FIFO that exists as it is: one that another user
-        # made (in /tmp, say) would let that user switch this node's role.
-        raise BadInput(f"{fifo}: another user may write it (owner uid {st.st_uid}, mode "
-                       f"{stat.S_IMODE(st.st_mode):o}): it would tell this node's role")
+    _check_fifo_writers(st, str(fifo))
     # A stopping keepalived gives up the gateway and ends this with SIGTERM,
     # writing no line that says so.
     signal.signal(signal.SIGTERM, _keepalived_stops)
@@ -781,6 +777,16 @@ def _lock(track_file: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _check_fifo_writers(st: os.stat_result, what: str) -> None:
+    """Bad input when another user may write the FIFO of st: keepalived takes
+    one that exists as it is, and one that another user made (in /tmp, say)
+    would let that user switch this node's role."""
+    from . import state
+    if not state.alone(st, state.WRITABLE):
+        raise BadInput(f"{what}: another user may write it (owner uid {st.st_uid}, mode "
+                       f"{stat.S_IMODE(st.st_mode):o}): it would tell this node's role")
 
 
 def _check_track_file(path: Path) -> None:
@@ -934,9 +940,12 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
     # keepalived writes both when it starts, whatever is there (the xlb
     # config's path given by mistake): its states into the FIFO's path, 1 over
     # the track file (init_file ... overwrite). Paths not here are its to make.
-    if os.path.exists(fifo) and not stat.S_ISFIFO(os.stat(fifo).st_mode):
-        raise BadInput(f"--fifo {fifo}: not a FIFO, which keepalived would write its states "
-                       f"into")
+    if os.path.exists(fifo):
+        st = os.stat(fifo)
+        if not stat.S_ISFIFO(st.st_mode):
+            raise BadInput(f"--fifo {fifo}: not a FIFO, which keepalived would write its "
+                           f"states into")
+        _check_fifo_writers(st, f"--fifo {fifo}")
     if os.path.lexists(track_file):
         _check_track_file(Path(track_file))
     for option, path in (("--fifo", fifo), ("--track-file", track_file)):

@@ -765,12 +765,19 @@ def test_a_file_keepalived_would_write_over_is_refused(tmp_path, monkeypatch):
     config = tmp_path / "xlb.toml"
     config.write_text(SEED.read_text())
     (tmp_path / "link").symlink_to(tmp_path / "serving")
+    others_fifo = tmp_path / "others"
+    os.mkfifo(others_fifo)
+    os.chmod(others_fifo, 0o622)
     for option, path, why in (
             ("--track-file", config, "holds more than a track file's number: not overwritten"),
             ("--track-file", tmp_path / "link", "a symbolic link, which follow does not "
                                                 "write through: give the file itself"),
             ("--track-file", tmp_path, "is a directory"),
-            ("--fifo", config, "not a FIFO, which keepalived would write its states into")):
+            ("--fifo", config, "not a FIFO, which keepalived would write its states into"),
+            # Taken as it is by keepalived: its writer would tell the role (follow
+            # refuses it, but only once keepalived runs: the node stays in FAULT).
+            ("--fifo", others_fifo, f"another user may write it (owner uid {os.geteuid()}, "
+                                    f"mode 622): it would tell this node's role")):
         r = subprocess.run([str(ROOT / ".venv" / "bin" / "xlb"), *KA, "--gateway",
                             "10.1.11.1/24", option, str(path), str(config)],
                            capture_output=True, text=True)
