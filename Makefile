@@ -23,6 +23,7 @@ test: setup
 # Tests that need no kernel, namespace or lab (model, config, scheduler, planner,
 # Maglev, metrics text, ...): no root needed; tests whose tools are missing are skipped.
 unit:
+	@[ -x $(PY) ] || { echo "make unit: no $(PY): run 'make setup' (as root) first" >&2; exit 1; }
 	$(PY) -m pytest -ra -m "not kernel and not netns and not lab" tests
 
 bench: setup

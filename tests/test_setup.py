@@ -1,4 +1,5 @@
-"""scripts/setup.sh repairs a half-done setup, and an installed xlb carries its C.
+"""scripts/setup.sh repairs a half-done setup, `make unit` without one says to run it,
+and an installed xlb carries its C.
 
 setup.sh runs on a copy of this checkout, in a mount namespace of its own whose
 /lib/modules is a tmpfs: it may relink the kernel headers there without touching
@@ -122,3 +123,13 @@ def test_a_dangling_build_link_is_replaced(checkout):
     out, build, source = setup(checkout, Path("/usr/src/linux-headers-0.0.0-gone-amd64"), good_links()[1])
     assert "setup: linking" in out
     assert (build, source) == good_links()
+
+
+def test_make_unit_before_setup_says_to_run_it(tmp_path):
+    """`make unit` needs no root, so it sets nothing up: in a checkout without
+    .venv it says what to run, rather than that the shell found no .venv/bin/python."""
+    shutil.copy(ROOT / "Makefile", tmp_path)
+    r = subprocess.run(["make", "-s", "unit"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert (r.returncode, r.stderr.splitlines()[0]) == \
+        (2, "make unit: no .venv/bin/python: run 'make setup' (as root) first"), r.stderr
