@@ -48,15 +48,18 @@ def test_every_test_that_makes_a_namespace_is_marked_so():
 
 def test_every_test_file_is_in_the_readme_and_developers_md():
     """Their lists of what each test file covers (DEVELOPERS.md may name a
-    pattern, `test_lab*.py`) go with the files."""
+    pattern, `test_lab*.py`) go with the files: each file is named, and each
+    name is a file's (not one renamed or removed)."""
+    files = [path.name for path in sorted(TESTS.glob("test_*.py"))]
     for doc, heading in (("README.md", "\n## Tests\n"),
                          ("DEVELOPERS.md", "\n## Tests, by layer\n")):
         text = (TESTS.parent / doc).read_text()
         section = text[text.index(heading) + len(heading):].split("\n## ")[0]
         named = re.findall(r"\b(test_[\w*]*\.py)\b", section)
-        unnamed = [path.name for path in sorted(TESTS.glob("test_*.py"))
-                   if not any(fnmatch.fnmatch(path.name, n) for n in named)]
+        unnamed = [name for name in files if not any(fnmatch.fnmatch(name, n) for n in named)]
         assert unnamed == [], doc
+        stale = [n for n in named if not fnmatch.filter(files, n)]
+        assert stale == [], doc
 
 
 # Run with conftest.py as a plugin, its bound made 1 s, and its repeat.
