@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import bisect
 import http.server
+import io
 import socketserver
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from ipaddress import IPv4Address
 
@@ -283,11 +285,36 @@ def render(st: dict, durations: dict[tuple[str, str], tuple[list[int], float]]) 
 
 
 # A scrape takes a fraction of a second. Each connection costs a thread and a
-# descriptor of xlb up, which its health checks need too: one that sends or reads
-# nothing for CLIENT_TIMEOUT seconds is closed, one beyond MAX_CLIENTS at once
-# is closed unanswered.
+# descriptor of xlb up, which its health checks need too: one whose request has
+# not all come CLIENT_TIMEOUT seconds after its connect, or that takes longer
+# to read its answer, is closed; one beyond MAX_CLIENTS at once is closed
+# unanswered.
 CLIENT_TIMEOUT = 5.0
 MAX_CLIENTS = 32
+
+
+class _RequestReads(io.RawIOBase):
+    """A connection's reads, CLIENT_TIMEOUT seconds for them all: with the
+    socket's timeout alone, a client that sends its request a byte at a time,
+    each in time (a slowloris), held its slot as long as it went on, and
+    MAX_CLIENTS such kept every scrape out."""
+
+    def __init__(self, sock, seconds: float):
+        self._sock, self._timeout = sock, seconds
+        self._until = time.monotonic() + seconds
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self._until - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took too long to come")
+        self._sock.settimeout(left)
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            self._sock.settimeout(self._timeout)   # the answer's writes have their own
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -338,6 +365,11 @@ def serve(server: _Server, balancer, durations: CheckDurations) -> None:
 
     class Handler(http.server.BaseHTTPRequestHandler):
         timeout = CLIENT_TIMEOUT
+
+        def setup(self):
+            super().setup()
+            self.rfile.close()      # the socket's own reader: each read in time, not all
+            self.rfile = io.BufferedReader(_RequestReads(self.connection, self.timeout))
 
         def do_GET(self):
             if self.path.split("?")[0] != "/metrics":

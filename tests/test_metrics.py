@@ -541,6 +541,65 @@ def test_a_scraper_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_clients_that_trickle_their_request_do_not_keep_scrapes_out(monkeypatch):
+    """MAX_CLIENTS connections that each send a byte of their request less than
+    CLIENT_TIMEOUT apart (a slowloris: any local user, on the default address)
+    held every slot for as long as they went on: each scrape was closed
+    unanswered. A request has CLIENT_TIMEOUT in all to arrive."""
+    import socket
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    monkeypatch.setattr(metrics, "CLIENT_TIMEOUT", 3.0)
+
+    class Balancer:
+        lock = threading.RLock()
+
+        def status(self):
+            return STATUS
+
+    server = metrics.bind(("127.0.0.1", 0))
+    metrics.serve(server, Balancer(), metrics.CheckDurations())
+    slow: list[socket.socket] = []
+    held, stop = threading.Event(), threading.Event()
+
+    def trickle():
+        while not stop.wait(0.05):       # a byte each, well within CLIENT_TIMEOUT
+            # A few a round: the server's listen backlog holds 5.
+            for _ in range(min(4, metrics.MAX_CLIENTS - len(slow))):
+                slow.append(socket.create_connection(server.server_address[:2]))
+                slow[-1].sendall(b"GET /metrics HTTP/1.0\r\n")
+            if len(slow) == metrics.MAX_CLIENTS and server._slots._value == 0:
+                held.set()
+            for s in slow:
+                try:
+                    s.send(b"X")
+                except OSError:             # closed by the server: what a fix does
+                    pass
+
+    trickling = threading.Thread(target=trickle)
+    trickling.start()
+    try:
+        assert held.wait(30)
+        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+        deadline, answered = time.monotonic() + 10 * metrics.CLIENT_TIMEOUT, None
+        while answered is None and time.monotonic() < deadline:
+            try:
+                answered = urllib.request.urlopen(url, timeout=5).read()
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.05)
+        assert answered is not None and b"xlb_server_up" in answered
+    finally:
+        stop.set()
+        trickling.join()
+        for s in slow:
+            s.close()
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_scrape_during_an_apply_has_the_histograms_of_the_servers_it_shows():
     """An apply that renamed servers between the scrape's status and its look at
     the check durations left a server shown without its histogram, and its
