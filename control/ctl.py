@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .config import MAX_FILE
-from .state import PRIVATE, namespace_dirname, open_own
+from .state import PRIVATE, alone, namespace_dirname, open_own
 
 RUN_DIR = Path("/run/xlb")
 SOCKET = "control.sock"
@@ -291,7 +291,10 @@ def holder() -> int | None:
     """The pid of another process of this network namespace that holds the
     lock of a directory by this namespace's name, or None: the running
     instance, also when its directory was removed or replaced since (the lock
-    is the directory's own, not its name's). Only root can see another root
+    is the directory's own, not its name's). Only a directory of this user
+    that no one else may enter counts, as _own_directory makes it: any user
+    can make and lock one by the name elsewhere (/tmp), which passed for an
+    instance and kept `xlb up` from starting. Only root can see another root
     process's: anyone else is told None."""
     name, netns = namespace_dirname(), os.stat("/proc/self/ns/net")
     try:
@@ -315,7 +318,7 @@ def holder() -> int | None:
                 path = f"/proc/{pid}/fd/{fd}"
                 st = os.stat(path)
                 if ((st.st_dev, st.st_ino) == locked and stat.S_ISDIR(st.st_mode)
-                        and os.readlink(path).removesuffix(" (deleted)")
+                        and alone(st, PRIVATE) and os.readlink(path).removesuffix(" (deleted)")
                         .rsplit("/", 1)[-1] == name):
                     return pid
         except (OSError, ValueError):      # gone meanwhile, or not ours to see

@@ -400,36 +400,47 @@ def test_exclusive_keeps_an_instance_from_starting_and_waits_for_none(run_dir):
 
 # In a network namespace of its own (other runs' `xlb` would take the lock for
 # an instance's), children lock directories as a running instance does: one of
-# another name, one by this namespace's name from another namespace, then one
-# by this namespace's name, which is then removed; what holder() says at each
-# step, and when this process holds the lock itself.
+# another name, one by this namespace's name from another namespace, one by
+# this namespace's name that another user made (private) in a directory anyone
+# may write, then one by this namespace's name, which is then removed; what
+# holder() says at each step, and when this process holds the lock itself.
 HOLDERS = r"""
-import ctypes, fcntl, json, os, sys
+import ctypes, fcntl, json, os, sys, tempfile
 from pathlib import Path
 from xlb import ctl
 ctl.RUN_DIR = Path(sys.argv[1])
 def locked(path):
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(path.parent, exist_ok=True)
+    os.makedirs(path, 0o700, exist_ok=True)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
-def holding(path, elsewhere=False):
+def holding(path, elsewhere=False, user=None):
     ready, go = os.pipe(), os.pipe()
     pid = os.fork()
     if pid == 0:
         if elsewhere and ctypes.CDLL(None).unshare(0x40000000) != 0:    # CLONE_NEWNET
             os._exit(1)
+        if user is not None:
+            os.setgid(user)
+            os.setuid(user)
         locked(path)
         os.write(ready[1], b"!")
         os.read(go[0], 1)
         os._exit(0)
     assert os.read(ready[0], 1) == b"!"
     return pid, lambda: (os.write(go[1], b"!"), os.waitpid(pid, 0))
+anyones = Path(tempfile.mkdtemp(dir="/tmp"))
+anyones.chmod(0o1777)
 said = []
-for path, elsewhere in ((ctl.RUN_DIR / "netns-other", False), (ctl.directory(), True)):
-    _, release = holding(path, elsewhere)
+for path, elsewhere, user in ((ctl.RUN_DIR / "netns-other", False, None),
+                              (ctl.directory(), True, None),
+                              (anyones / ctl.directory().name, False, 65534)):
+    _, release = holding(path, elsewhere, user)
     said.append(ctl.holder())
     release()
+os.rmdir(anyones / ctl.directory().name)
+anyones.rmdir()
 pid, release = holding(ctl.directory())
 said.append(ctl.holder() == pid)
 os.rmdir(ctl.directory())
@@ -445,8 +456,9 @@ print(json.dumps(said))
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a network namespace of its own")
 def test_holder_is_the_process_here_that_locked_this_namespaces_directory(tmp_path):
     """Also once the directory is removed; not a lock of another name, nor of
-    another namespace, nor this process's own."""
+    another namespace, nor of another user's directory (which kept `xlb up`
+    from starting), nor this process's own."""
     r = subprocess.run(["unshare", "--net", sys.executable, "-c", HOLDERS, str(tmp_path / "run")],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == [None, None, True, True, None]
+    assert json.loads(r.stdout) == [None, None, None, True, True, None]
