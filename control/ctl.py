@@ -301,28 +301,39 @@ def holder() -> int | None:
         locks = Path("/proc/locks").read_text()
     except OSError:
         return None
+    held: dict[int, set[tuple[int, int]]] = {}      # pid -> the files it locks
     for line in locks.splitlines():
         # "1: FLOCK  ADVISORY  WRITE 4242 00:1a:678 0 EOF"; a waiter's has "->"
         fields = line.split()
         if len(fields) < 6 or fields[1:4] != ["FLOCK", "ADVISORY", "WRITE"]:
             continue
-        pid = int(fields[4])
-        major, minor, ino = fields[5].split(":")
-        locked = (os.makedev(int(major, 16), int(minor, 16)), int(ino))
-        if pid == os.getpid():
+        try:
+            major, minor, ino = fields[5].split(":")
+            held.setdefault(int(fields[4]), set()).add(
+                (os.makedev(int(major, 16), int(minor, 16)), int(ino)))
+        except ValueError:       # no line of a lock as this reads it
             continue
+    held.pop(os.getpid(), None)
+    # Each process's descriptors are looked at once, however many locks it
+    # holds: looked at again for each lock, a user's thousands of locks made
+    # each look take minutes (and `xlb up` start as late).
+    for pid, locked in held.items():
         try:
             if not _same(os.stat(f"/proc/{pid}/ns/net"), netns):
                 continue
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                path = f"/proc/{pid}/fd/{fd}"
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:          # gone meanwhile, or not ours to see
+            continue
+        for fd in fds:
+            path = f"/proc/{pid}/fd/{fd}"
+            try:
                 st = os.stat(path)
-                if ((st.st_dev, st.st_ino) == locked and stat.S_ISDIR(st.st_mode)
+                if ((st.st_dev, st.st_ino) in locked and stat.S_ISDIR(st.st_mode)
                         and alone(st, PRIVATE) and os.readlink(path).removesuffix(" (deleted)")
                         .rsplit("/", 1)[-1] == name):
                     return pid
-        except (OSError, ValueError):      # gone meanwhile, or not ours to see
-            continue
+            except OSError:      # closed meanwhile
+                continue
     return None
 
 
