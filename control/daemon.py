@@ -846,14 +846,11 @@ def _say(line: str) -> None:
     is gone, as in `xlb up | head -1`) is dropped, as log.event drops its own:
     what it tells of happens all the same (serving, a clean stop and its exit
     status), not a crash that leaves the data path without its control
-    process. stdout is /dev/null from then on, so that nothing written later,
-    nor Python's flush at exit, fails again."""
+    process. stdout is /dev/null from then on (log.silence)."""
     try:
         print(line, flush=True)
     except OSError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        log.silence(sys.stdout)
 
 
 def _carry(states: dict[Key, str], renamed: dict[Key, Key],

@@ -5,6 +5,7 @@ operator can grep them or ship them as they are."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime, timezone
 
@@ -29,3 +30,12 @@ def event(name: str, level: str = "info", **fields) -> None:
         # lost, but what it tells of must still happen (a health change
         # applied, a clean stop), not end with it.
         pass
+
+
+def silence(stream) -> None:
+    """Points stream's descriptor at /dev/null for good: its reader is gone (a
+    pipe closed, as in `xlb up | head -1`), and nothing written later, nor
+    Python's flush at exit, must fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)

@@ -27,7 +27,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import ctl
+from . import ctl, log
 from .units import count, full, interfaces, last_check, shown, si, unapplied
 
 NO_RATE = "—"       # a rate needs two samples of the same counter
@@ -277,9 +277,7 @@ class _Console(Console):
         self.quiet = True
         # What is left in the buffers goes nowhere at exit, not to the broken
         # pipe (Python would say so, and exit 120).
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self.file.fileno())
-        os.close(devnull)
+        log.silence(self.file)
         raise ReaderGone()
 
 
