@@ -22,7 +22,7 @@ from typing import NoReturn
 
 import click
 
-from . import __version__, config as configfile, ctl
+from . import __version__, config as configfile, ctl, log
 from .model import (ConfigError, Monitor, from_flags, has_space, monitor_from_flags,
                     parse_host)
 from .units import count, full, interfaces, last_check, shown, si, unapplied
@@ -287,9 +287,20 @@ def _error(message: str) -> None:
 _to_syslog = False
 
 
+def _out(text: str, nl: bool = True) -> None:
+    """The command's answer on stdout. A reader that went away (`xlb status |
+    head -1`, `| grep -q`) loses the rest of it, not the command's exit status,
+    which says what was done or found (click alone would exit 1: "no instance
+    runs", for status)."""
+    try:
+        click.echo(text, nl=nl)
+    except BrokenPipeError:
+        log.silence(sys.stdout)
+
+
 def _say(message: str) -> None:
     """A line on stdout that names what the operator gave (a file)."""
-    click.echo(shown(message))
+    _out(shown(message))
 
 
 def _echo_problems(file: Path, problems) -> None:
@@ -398,7 +409,7 @@ def _warn(reply: dict) -> None:
 def show() -> None:
     """Print the effective config of the running instance, as TOML."""
     r = _request("show")
-    click.echo(r["text"], nl=False)
+    _out(r["text"], nl=False)
 
 
 @cli.command()
@@ -418,7 +429,7 @@ def server(action: str, pool: str, server: str) -> None:
     """
     r = _request("server", action=action, pool=pool, server=server)
     _warn(r)
-    click.echo(f"xlb: {pool}/{server} is {r['state']}; {r['flows_ended']} flows ended")
+    _out(f"xlb: {pool}/{server} is {r['state']}; {r['flows_ended']} flows ended")
     if r["state"] == "maint" and action != "disable":
         # No run-time state is left to make it maint: the file's is, which this cannot override.
         _error(f"xlb: warning: {pool}/{server} stays maint: the config disables it "
@@ -441,9 +452,9 @@ def status(as_json: bool) -> None:
     except ctl.ControlError as e:
         raise Failure(str(e)) from None
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        _out(json.dumps(result, indent=2))
     else:
-        click.echo(format_status(result))
+        _out(format_status(result))
 
 
 def _no_control_process(e: Exception, as_json: bool = False) -> NoReturn:
@@ -452,7 +463,7 @@ def _no_control_process(e: Exception, as_json: bool = False) -> NoReturn:
     orphan = _orphan()
     if orphan is None:
         raise Failure(str(e)) from None
-    click.echo(json.dumps(orphan, indent=2) if as_json else format_orphan(orphan))
+    _out(json.dumps(orphan, indent=2) if as_json else format_orphan(orphan))
     raise click.exceptions.Exit(3) from None
 
 
@@ -521,7 +532,7 @@ def down(keep_datapath: bool) -> None:
             # With the instance lock: an `xlb up` starting now could adopt the
             # data path and take the state that this removes.
             with ctl.exclusive():
-                click.echo(_forget_the_dead(e))
+                _out(_forget_the_dead(e))
         except ctl.AlreadyRunning:
             raise Failure("an xlb up started here meanwhile: `xlb down` again stops it") \
                 from None
@@ -546,11 +557,11 @@ def down(keep_datapath: bool) -> None:
                 raise Failure("xlb was stopping already (a signal, or `xlb down`), and "
                               "detached its data path: not kept")
             if left is not None:
-                click.echo(f"xlb: the instance stopped before it detached; removed the data "
-                           f"path it left ({_program_on(left)})")
+                _out(f"xlb: the instance stopped before it detached; removed the data "
+                     f"path it left ({_program_on(left)})")
                 return
-            click.echo("xlb: stopped; the data path keeps running" if keep_datapath
-                       else "xlb: stopped")
+            _out("xlb: stopped; the data path keeps running" if keep_datapath
+                 else "xlb: stopped")
             return
         time.sleep(0.1)
     raise Failure("the instance did not stop within 15 s")
@@ -581,8 +592,8 @@ def role(role: str) -> None:
     r = _request("role", role=role)
     _warn(r)
     unsent = r["gratuitous_arps_unsent"]
-    click.echo(f"xlb: {r['previous']} -> {r['role']}; {r['gratuitous_arps']} gratuitous ARPs sent"
-               + (f", not sent: {'; '.join(unsent)}" if unsent else ""))
+    _out(f"xlb: {r['previous']} -> {r['role']}; {r['gratuitous_arps']} gratuitous ARPs sent"
+         + (f", not sent: {'; '.join(unsent)}" if unsent else ""))
 
 
 @ha.command()
@@ -1005,11 +1016,11 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
         warnings += hamod.link_problems(links, interface, peer_ip, gws)
     for warning in warnings:
         _error(f"xlb: warning: {warning}")
-    click.echo(hamod.keepalived_conf(cfg, xlb=xlb_path,
-                                     peer=peer_ip,
-                                     interface=interface, priority=priority,
-                                     advert_int=advert_int, vrid=vrid, fifo=fifo,
-                                     track_file=track_file, gateways=gws), nl=False)
+    _out(hamod.keepalived_conf(cfg, xlb=xlb_path,
+                               peer=peer_ip,
+                               interface=interface, priority=priority,
+                               advert_int=advert_int, vrid=vrid, fifo=fifo,
+                               track_file=track_file, gateways=gws), nl=False)
 
 
 def _links() -> list:
@@ -1059,8 +1070,8 @@ def bird(router, local_as, peer_as, table, router_id, config) -> None:
         _error(f"xlb: warning: --router {router_ip}: on no subnet of this host's links: "
                f"BIRD's eBGP session (not multihop) would never come up; give the router's "
                f"address on a link it shares with this node")
-    click.echo(hamod.bird_conf(cfg, router=router_ip, local_as=local_as, peer_as=peer_as,
-                               table=table, router_id=rid), nl=False)
+    _out(hamod.bird_conf(cfg, router=router_ip, local_as=local_as, peer_as=peer_as,
+                         table=table, router_id=rid), nl=False)
 
 
 def _request(cmd: str, **args):
