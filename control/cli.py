@@ -113,11 +113,10 @@ def cli() -> None:
               type=CONFIG_FILE,
               help="Serve the config file FILE instead of --vip/--backend "
                    "(xlb reads it, never writes it; `xlb apply` reads it again).")
-@click.option("--role", type=click.Choice(["active", "backup"]), default="active",
-              show_default=True,
+@click.option("--role", type=click.Choice(["active", "backup"]),
               help="backup: answer no ARP for the VIPs (and announce none) until "
-                   "`xlb ha role active`, as keepalived's backup node. A restart that "
-                   "adopts the running data path keeps its role.")
+                   "`xlb ha role active`, as keepalived's backup node. Default: active. "
+                   "A restart that adopts the running data path keeps its role.")
 @click.option("--announce-table", type=int, metavar="TABLE",
               help="Keep a /32 route for each VIP served (some server of its pools up, role "
                    "active) in kernel routing table TABLE, for BIRD to announce (`xlb ha bird`).")

@@ -693,7 +693,7 @@ def _more_open_files() -> None:
 
 def up(config: Config, config_path: Path | None = None,
        metrics_address: tuple[str, int] | None = None, limits: Limits | None = None,
-       fast_path: bool | None = None, role: str = "active",
+       fast_path: bool | None = None, role: str | None = None,
        announce_table: int | None = None) -> int:
     """Runs the balancer in the foreground until SIGINT or SIGTERM (or `xlb down`).
 
@@ -751,12 +751,13 @@ def up(config: Config, config_path: Path | None = None,
         kept = saved.load()
         if running is not None:
             ran, admin, kept_role = _running_state(config, _describing(kept, running))
-            if kept_role is not None and kept_role != role:
+            if kept_role is not None and role is not None and kept_role != role:
                 # keepalived says a role once, when it changes: a restart must
                 # not make an active node silent, or a backup answer too.
                 log.event("adopt", role=kept_role, given=role,
                           reason="the running data path's role; --role is for a fresh start")
             role = kept_role or role
+        role = role or "active"
         balancer = Balancer(datapath, config_path, role, announcer)
         if running is not None:
             balancer.adopt(ran, admin)

@@ -121,6 +121,11 @@ def test_a_restart_keeps_the_role_of_the_running_data_path(pair, config):
             pair.run("client", "ip", "neigh", "flush", "dev", "eth0")
             assert curl_ok(pair)
             assert neighbour(pair, "client", VIP) == mac(pair, "lb2", "eth0")
+    # The role given and not taken is named; none given, none is named
+    # (the default is no choice of the operator's to be told about).
+    assert ("event=adopt role=active given=backup reason=\"the running data path's role; "
+            "--role is for a fresh start\"") in y2.stderr
+    assert "given=" not in y1.stderr
     gateway_on(pair, None)
 
 
