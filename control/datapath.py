@@ -589,20 +589,24 @@ class Datapath:
     def attachments(self) -> list[Attachment]:
         """Where this program was attached, as the kernel has it now: each link
         under the name it has now (a renamed link keeps its program), in its
-        state (netif.LINK_STATES). A link deleted is listed gone until the next apply
+        state (netif.LINK_STATES). A link deleted is listed gone, under the name it
+        was last listed by, until the next apply
         (which attaches to one made again under its name)."""
         now = {link.index: link for link in netif.links()}
         ours = bpfsys.prog_info(self._prog.fd).id
         listed = []
-        for fd, att in self._attached.values():
+        for ifindex, (fd, att) in self._attached.items():
             if fd != self._prog.fd:
                 continue
-            link = now.get(att.ifindex)
+            link = now.get(ifindex)
             if link is None:
                 listed.append(replace(att, state="gone"))
-            else:
-                listed.append(replace(att, ifname=link.name, state=(
-                    "detached" if link.xdp_prog_id != ours else link.state)))
+                continue
+            # Kept: once deleted, it is gone under the name it was last seen by.
+            att = replace(att, ifname=link.name)
+            self._attached[ifindex] = (fd, att)
+            listed.append(replace(att, state=(
+                "detached" if link.xdp_prog_id != ours else link.state)))
         return listed
 
     def detach(self, ifindex: int) -> None:

@@ -650,6 +650,21 @@ def test_status_tells_a_link_deleted_gone_until_an_apply(balancer, fibnet):
     fibnet.sh("ip", "link", "del", "deleted")
 
 
+def test_a_link_renamed_then_deleted_is_gone_under_the_name_it_had_last(balancer, fibnet):
+    """The name status showed last, which `xlb apply` says it detached from,
+    not the one it was attached under (which another link may have by now)."""
+    config = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["ext", "old"])
+    index = fibnet.add_veth("old")
+    balancer.apply(config, relink=True)
+    fibnet.sh("ip", "link", "set", "old", "down")
+    fibnet.sh("ip", "link", "set", "old", "name", "new")
+    try:
+        assert attached(balancer)[1] == ("new", index, "down")
+    finally:
+        fibnet.sh("ip", "link", "del", "new")
+    assert attached(balancer)[1] == ("new", index, "gone")
+
+
 def test_status_tells_a_link_down_renamed_or_detached_as_the_kernel_has_it(balancer, fibnet):
     """A link set down, or without carrier, keeps its program (it serves again
     once up); one renamed keeps it too, under its new name; one whose program was removed
