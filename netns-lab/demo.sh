@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make demo`: the seed topology in namespaces, xlb serving VIP 10.1.1.101:80
 # round-robin to WAS1 and WAS2 from netns-lab/seed.toml, ten requests from the
-# on-subnet client and four from the routed one, a drained server, `xlb status`,
-# then everything torn down (also on failure).
+# on-subnet client and four from the routed one, a drained server, a failed
+# server taken out by its health checks and back, `xlb status`, then everything
+# torn down (also on failure).
 set -eu
 cd "$(dirname "$(readlink -f "$0")")/.."
 export XLB_LAB=${XLB_LAB:-xlb}
@@ -64,6 +65,36 @@ for i in $(seq 4); do
 done
 echo "+ xlb server enable was was2"
 ip netns exec "$P-lb" .venv/bin/xlb server enable was was2
+
+step "WAS2 fails: its health checks take it out, then bring it back"
+# Polls `xlb status --json` (20 s at most) until server $1 is in state $2,
+# checked by now, then shows its line; the demo fails if it never is.
+wait_state() {
+    local i
+    for i in $(seq 200); do
+        ip netns exec "$P-lb" .venv/bin/xlb status --json | .venv/bin/python -c '
+import json, sys
+s = next(s for s in json.load(sys.stdin)["pools"][0]["servers"] if s["name"] == sys.argv[1])
+sys.exit(not (s["state"] == sys.argv[2] and s["last_check"]))
+' "$1" "$2" && break
+        [ "$i" = 200 ] && { echo "$1 is not $2 after 20 s"; exit 1; }
+        sleep 0.1
+    done
+    ip netns exec "$P-lb" .venv/bin/xlb status | grep -E "^  (SERVER|$1) "
+}
+wait_state was2 up      # its first check (a server counts as up until then)
+echo "+ lab.sh server stop was2   (down after 3 failed checks, 2 s apart: fall x interval)"
+$LAB server stop was2 >/dev/null
+wait_state was2 down
+for i in $(seq 4); do
+    printf 'request %2d -> %s\n' "$i" "$(ip netns exec "$P-client" curl -s -m 3 http://10.1.1.101/)"
+done
+echo "+ lab.sh server start was2   (up after 2 good checks: rise x interval)"
+$LAB server start was2 >/dev/null
+wait_state was2 up
+for i in $(seq 4); do
+    printf 'request %2d -> %s\n' "$i" "$(ip netns exec "$P-client" curl -s -m 3 http://10.1.1.101/)"
+done
 
 step "xlb status"
 ip netns exec "$P-lb" .venv/bin/xlb status
