@@ -238,6 +238,29 @@ def test_a_restart_with_a_smaller_flow_table_keeps_the_open_connections(lab):
     assert "connections did not fit" in second.stderr
 
 
+def test_a_restart_with_a_table_too_small_sends_maglev_connections_to_their_servers(lab):
+    """The connections that do not fit a smaller table are balanced anew at
+    their next packet: with Maglev to the server they had, so none is reset
+    (README, Upgrades), and each counts as evicted."""
+    maglev = (*SEED_ARGS, "--algorithm", "maglev")
+    with lab.xlb(*maglev, "--flow-table", "4096") as first:
+        holders = [lab.hold("--pause", "0.2", "--count", "600")[0] for _ in range(12)]
+        try:
+            first.stop(signal.SIGKILL)
+            with lab.xlb(*maglev, "--flow-table", "4") as second:
+                time.sleep(2)           # some 10 requests on each connection
+                flows = lab.status()["flows"]
+        finally:
+            for h in holders:
+                h.kill()
+    assert "8 connections did not fit" in second.stderr, second.stderr
+    assert flows["removed"]["evicted"] >= 8 and flows["removed"]["ended"] == 0, flows
+    for h in holders:
+        replies = [json.loads(line) for line in h.stdout.read().splitlines()]
+        assert [r for r in replies if "error" in r] == [] and len(replies) > 10
+        assert len({r["name"] for r in replies}) == 1
+
+
 def test_an_upgrade_that_ends_connections_says_how_many(lab, tmp_path):
     """The config an adoption applies may end connections, as `xlb apply` may:
     here WAS2 leaves a pool whose policy is reset. The start says how many, as
