@@ -93,9 +93,11 @@ FAMILIES = {
                                               "connections, put back by the sweep: evictions "
                                               "that xlb_flows_removed_total does not count."),
     "xlb_flows_removed": ("counter", "Connections that left the flow tables, by reason: expired "
-                                     "(idle past their timeout), reopened (a SYN on a closed "
-                                     "one), ended (by a server's state or a removed frontend), "
-                                     "evicted (by the LRU when full; derived: a lower bound)."),
+                                     "(idle past their timeout), reopened (a SYN on a closing "
+                                     "one, or on one whose server takes no new flows), ended "
+                                     "(by a server's state or a removed frontend), evicted (by "
+                                     "the LRU when full, or left out of a smaller table by a "
+                                     "restart; derived: a lower bound)."),
     "xlb_bpf_map_memory_bytes": ("gauge", "Kernel memory the BPF maps hold."),
     "xlb_config_applies": ("counter", "Config applies, by result."),
     "xlb_config_last_apply_timestamp_seconds": ("gauge", "When the last successful apply (or "
