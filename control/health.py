@@ -60,8 +60,9 @@ Semantics:
   and `rise` passing checks bring it back. Targets of type "none" are left
   as they are.
 - `check_now(keys)`: checks them at once, not at their turn (their link is
-  back), the next an interval later; a check in flight goes on, and should
-  it fail (begun while the link was away), the next starts as it ends.
+  back), the next an interval later; a check in flight is dropped for it
+  (begun while the link was away, its packets lost, it would fail only by
+  its timeout).
 - `set_targets`: new keys start checking, removed keys stop (a check in flight
   is abandoned, the state forgotten). A key given again at the same address,
   or renamed (given as such), is the same server: it keeps its state, counts
@@ -339,8 +340,11 @@ class HealthChecker:
 
     def check_now(self, keys: Iterable[tuple[str, str]]) -> None:
         """Checks these targets now, not at their turn (their link is back:
-        daemon.LinkWatch), the next an interval later; one in flight goes on,
-        and another starts as it ends if it fails. Runs on the loop's thread."""
+        daemon.LinkWatch), the next an interval later. A check in flight is
+        dropped, counting nothing: it began while the link was away
+        (mark_down dropped those from before), its packets were lost with
+        it, and it would hold the server down until its timeout. Runs on the
+        loop's thread."""
         if self._loop is None:
             return
         for key in keys:
@@ -348,10 +352,12 @@ class HealthChecker:
             if entry is None:
                 continue
             if entry.probe is not None:
-                entry.probe.again = True
-            elif entry.seq:
-                entry.next_start = _now()
-                entry.seq = self._push(entry.next_start, _FIRE, entry)
+                entry.probe.abort()
+                entry.probe = None
+            elif not entry.seq:         # not checked (type none)
+                continue
+            entry.next_start = _now()
+            entry.seq = self._push(entry.next_start, _FIRE, entry)
 
     def stop(self) -> None:
         with self._lock:
@@ -536,10 +542,9 @@ class HealthChecker:
             if probe is not None:
                 probe.on_event(events)
 
-    def _finished(self, entry: _Entry, result: tuple[bool, str] | None, duration: float,
-                  again: bool) -> None:
-        """A check ended (result None: it broke unexpectedly; no state change);
-        again: check_now came while it ran, and a failure is followed at once."""
+    def _finished(self, entry: _Entry, result: tuple[bool, str] | None,
+                  duration: float) -> None:
+        """A check ended (result None: it broke unexpectedly; no state change)."""
         entry.probe = None
         if result is not None:
             self._record(entry, result[0], result[1], duration)
@@ -550,7 +555,7 @@ class HealthChecker:
             return
         now = _now()
         entry.next_start += entry.target.monitor.interval
-        if entry.next_start < now or again and result is not None and not result[0]:
+        if entry.next_start < now:
             entry.next_start = now
         entry.seq = self._push(entry.next_start, _FIRE, entry)
 
@@ -636,7 +641,7 @@ class _Probe:
     abort, an immediate connect error) are closed, not pooled.
     """
     __slots__ = ("checker", "entry", "sock", "fd", "registered", "mapped", "phase",
-                 "start", "timeout", "seq", "out", "reader", "ended", "again")
+                 "start", "timeout", "seq", "out", "reader", "ended")
 
     def __init__(self, checker: HealthChecker, entry: _Entry):
         self.checker, self.entry = checker, entry
@@ -650,7 +655,6 @@ class _Probe:
         self.timeout = entry.target.monitor.timeout
         self.seq = checker._push(self.start + self.timeout, _TIMEOUT, self)   # of its timeout
         self.ended = False
-        self.again = False              # check_now came meanwhile: HealthChecker._finished
 
     def begin(self) -> None:
         checker, entry = self.checker, self.entry
@@ -740,7 +744,7 @@ class _Probe:
             self._release(reuse)
         except Exception:
             log.exception("health checker: releasing a socket failed")
-        self.checker._finished(self.entry, result, _now() - self.start, self.again)
+        self.checker._finished(self.entry, result, _now() - self.start)
 
     def _broken(self) -> None:
         log.exception("health check of %s failed unexpectedly", self.entry.target.key)
