@@ -3,7 +3,9 @@
 
     servers.py web --name WAS1 --port 8080 [--pidfile F]
         HTTP/1.1 (keep-alive) on TCP PORT: every GET answers 200 "WAS1\\n",
-        GET /delay/S after S seconds (at most MAX_DELAY: a response in flight);
+        GET /delay/S after S seconds (at most MAX_DELAY: a response in flight),
+        GET /pad/N the name padded with dots to N bytes (at most MAX_PAD: a
+        response in many full-size segments);
         UDP on the same port: every datagram is answered with "WAS1\\n", padded
         with dots to the datagram's length where that is longer (a large answer).
     servers.py db --name DB1 --port 5432 [--pidfile F]
@@ -39,6 +41,7 @@ BACKLOG = 1024
 # clients that vanish (e.g. flows the balancer dropped) do not pin threads forever.
 IDLE_TIMEOUT = 120
 MAX_DELAY = 10.0
+MAX_PAD = 1 << 20
 
 
 def log(msg):
@@ -119,13 +122,13 @@ def make_web_handler(body, status=200):
         # handle_one_request flushes after every response.
         wbufsize = -1
 
-        def _answer(self, with_body):
+        def _answer(self, with_body, answer=body):
             self.send_response(status)
             self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(len(answer)))
             self.end_headers()
             if with_body:
-                self.wfile.write(body)
+                self.wfile.write(answer)
 
         def do_GET(self):
             prefix, _, seconds = self.path.partition("/delay/")
@@ -134,6 +137,10 @@ def make_web_handler(body, status=200):
                     time.sleep(min(max(float(seconds), 0.0), MAX_DELAY))
                 except ValueError:
                     pass
+            prefix, _, size = self.path.partition("/pad/")
+            if not prefix and size.isdigit():
+                self._answer(True, body.ljust(min(int(size), MAX_PAD), b"."))
+                return
             self._answer(True)
 
         def do_HEAD(self):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 from servers import make_web_handler
@@ -51,3 +52,24 @@ def test_get_delay_answers_after_that_many_seconds():
         answer = theirs.recv(65536)
     assert time.monotonic() - start >= 0.3          # sleep() waits at least that long
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"WAS1\n")
+
+
+def test_get_pad_answers_that_many_bytes():
+    """GET /pad/N: the name padded with dots to N bytes, a large answer (for
+    path MTU discovery of the servers' replies)."""
+    ours, theirs = socket.socketpair()
+    theirs.sendall(b"GET /pad/100000 HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
+
+    def serve():        # in a thread: the answer is larger than the pair's buffers
+        with ours:
+            make_web_handler(b"WAS1\n")(ours, ("10.1.1.10", 40000), None)
+    server = threading.Thread(target=serve)
+    server.start()
+    with theirs:
+        answer = b""
+        while chunk := theirs.recv(65536):
+            answer += chunk
+    server.join()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 100000" in head
+    assert body == b"WAS1\n" + b"." * (100000 - 5)
