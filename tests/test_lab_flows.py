@@ -212,21 +212,46 @@ def test_a_probe_whose_ttl_runs_out_at_xlb_is_answered_as_by_a_router(lab, forwa
         assert lab.client("client", "hop", VIP, "80", "--ttl", "2") == {"connected": True}
 
 
+# What the servers' firewalls send the client instead of an answer.
+REJECT = """table inet xlbrej {
+	chain input {
+		type filter hook input priority filter; policy accept;
+		ip saddr 10.1.1.10 tcp dport 8080 reject with icmp admin-prohibited
+	}
+}
+"""
+
+
 @pytest.mark.parametrize("forwarding", ["fast", "kernel"])
-def test_the_readmes_firewall_on_the_balancer_serves_both_clients(lab, forwarding):
+def test_the_readmes_firewall_on_the_balancer_serves_both_clients(lab, forwarding, tmp_path):
     """lb-firewall.nft (forward policy drop; balanced packets untracked, by
     address) on lb, its neighbour table flushed so that the fast path's first
     packets go through the kernel too: both clients are served, the rules saw
-    balanced packets, and a forward they do not allow is dropped."""
+    balanced packets, and a forward they do not allow is dropped. The ICMP
+    errors about balanced packets that xlb rewrites and hands to the kernel
+    get through too: a server's large replies reach the remote client over
+    fwex's narrower link (its "fragmentation needed" to the VIP goes on to the
+    server: without it, the download stalled), and a server's own "prohibited"
+    reaches the client at once (without it, the client waited out its timeout)."""
     ruleset = HERE / "lb-firewall.nft"
     assert ruleset.read_text() in (HERE.parent / "README.md").read_text()
+    reject = tmp_path / "reject.nft"
+    reject.write_text(REJECT)
     lab.run("lb", "nft", "-f", str(ruleset), check=True)
+    lab.run("fwex", "ip", "link", "set", "eth1", "mtu", "1000", check=True)
     try:
         lab.run("lb", "ip", "neigh", "flush", "all", check=True)
         with lab.xlb("--vip", f"{VIP}:80", *BACKENDS, "--forwarding", forwarding):
             for node in ("client", REMOTE):
                 http = lab.client(node, "http", VIP, "80", "--count", "4")
                 assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
+            big = lab.run(REMOTE, "curl", "-sS", "--max-time", "10", "-o", "/dev/null",
+                          "-w", "%{size_download}", f"http://{VIP}/pad/100000")
+            assert big.stdout == "100000", big.stderr
+            for was in ("was1", "was2"):
+                lab.run(was, "nft", "-f", str(reject), check=True)
+            refused = lab.run("client", "curl", "-sS", "--max-time", "3", f"http://{VIP}/")
+            assert refused.returncode == 7, refused.stderr      # not 28: timed out
         chain = json.loads(lab.run("lb", "nft", "-j", "list", "chain", "inet", "lbfw", "forward",
                                    check=True).stdout)["nftables"]
         untracked = [e["counter"]["packets"] for r in chain if "rule" in r
@@ -237,6 +262,10 @@ def test_the_readmes_firewall_on_the_balancer_serves_both_clients(lab, forwardin
         assert closed_port.returncode == 28, closed_port.stderr    # dropped, not refused
     finally:
         lab.run("lb", "nft", "delete", "table", "inet", "lbfw", check=True)
+        lab.run("fwex", "ip", "link", "set", "eth1", "mtu", "1500", check=True)
+        for node in ("was1", "was2"):
+            lab.run(node, "nft", "delete", "table", "inet", "xlbrej")
+            lab.run(node, "ip", "route", "flush", "cache")     # the path MTU it learnt
 
 
 # Any rule that uses conntrack has lb's kernel reassemble what it forwards.
