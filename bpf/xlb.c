@@ -53,6 +53,12 @@ BPF_PERCPU_ARRAY(backend_stats, struct counters, XLB_MAX_BACKENDS);
 BPF_PERCPU_ARRAY(reason_stats, struct tally, XLB_REASON_MAX);
 BPF_PERCPU_ARRAY(flow_stats, struct flow_counters, 1);
 BPF_PERCPU_ARRAY(hops, struct hop, XLB_MAX_HOPS);
+/* The links the fast path may redirect to (ifindex -> 1): those xlb runs on
+ * natively (control/datapath.py). A native program's XDP_REDIRECT reaches only
+ * a driver that takes XDP frames: into a bridge, a VLAN or a tunnel, the frame
+ * is lost. A packet routed out of any other link goes to the kernel. */
+#define XLB_MAX_TX_LINKS 1024
+BPF_HASH(tx_links, __u32, __u32, XLB_MAX_TX_LINKS);
 /* The program does not use it: control/datapath.py binds it to the program
  * (BPF_PROG_BIND_MAP), so that it is among the maps an adoption finds. */
 BPF_ARRAY(control_stats, struct control_counters, 1);
@@ -479,6 +485,7 @@ static __always_inline struct hop *next_hop(struct xdp_md *ctx, struct packet *p
 		*rc = fib_resolve(ctx, pkt, hop, mtu);
 		if (*rc != BPF_FIB_LKUP_RET_SUCCESS)
 			return NULL;
+		hop->xmit = hop->ifindex == ctx->ingress_ifindex || tx_links.lookup(&hop->ifindex);
 		hop->daddr = daddr;
 		hop->in_ifindex = ctx->ingress_ifindex;
 		hop->mtu = *mtu;
@@ -521,10 +528,13 @@ static __always_inline enum xlb_reason unresolved(int rc)
 }
 
 /* The fast path's end for pkt (rewritten): TTL - 1, the next hop's MACs, no
- * priority tag (as the kernel routes it: priority_tag_pop), out its link. */
+ * priority tag (as the kernel routes it: priority_tag_pop), out its link; to
+ * the kernel, as with kernel forwarding, where XDP cannot send out of it. */
 static __always_inline enum xlb_reason transmit(struct xdp_md *ctx, struct packet *pkt,
 						const struct hop *hop, int reply)
 {
+	if (!hop->xmit)
+		return reply ? XLB_REPLY : XLB_FORWARD;
 	ip_decrease_ttl(pkt->ip);
 	hop_apply(pkt->eth, hop);
 	priority_tag_pop(ctx, pkt->eth);

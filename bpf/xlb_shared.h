@@ -162,7 +162,8 @@ struct hop {
 	__u16 mtu;		/* of the route: bigger packets are "too big" */
 	__u8 dmac[6];
 	__u8 smac[6];
-	__u8 pad[6];
+	__u8 xmit;		/* XDP can send out of ifindex (tx_links in xlb.c) */
+	__u8 pad[5];
 	__u64 checked;		/* xlb_now() of the lookup; 0: empty */
 };
 

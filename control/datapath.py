@@ -550,7 +550,22 @@ class Datapath:
                     raise DatapathError(f"{ifname}: cannot attach XDP: {e2.strerror}") from None
                 att = Attachment(ifindex, ifname, "generic", e.strerror)
         self._attached[ifindex] = (self._prog.fd, att)
+        self.set_tx_link(ifindex, att.mode == "native")
         return att
+
+    def set_tx_link(self, ifindex: int, native: bool) -> None:
+        """Whether the fast path may send packets out of ifindex from XDP: one
+        this program runs on natively (bpf/xlb.c, tx_links). Into a link that
+        takes no XDP frames (a bridge, a VLAN, a tunnel) they would be lost:
+        out of any other, the kernel forwards them."""
+        links = self._maps["tx_links"]
+        if native:
+            links[ct.c_uint32(ifindex)] = ct.c_uint32(1)
+            return
+        try:
+            del links[ct.c_uint32(ifindex)]
+        except KeyError:
+            pass
 
     def swapped(self) -> None:
         """Called once this program is swapped in on every interface of an
@@ -616,6 +631,7 @@ class Datapath:
         old = self._replaced.pop(ifindex, None)
         if old is None:
             _detach(ifindex, fd, att.mode)
+            self.set_tx_link(ifindex, False)
             return
         try:
             netif.xdp_set(ifindex, old[0], att.mode, expected_fd=fd)

@@ -51,7 +51,8 @@ class FragKey(ct.Structure):
 
 class Hop(ct.Structure):
     _fields_ = [("daddr", u32), ("in_ifindex", u32), ("ifindex", u32), ("mtu", u16),
-                ("dmac", u8 * 6), ("smac", u8 * 6), ("pad", u8 * 6), ("checked", u64)]
+                ("dmac", u8 * 6), ("smac", u8 * 6), ("xmit", u8), ("pad", u8 * 5),
+                ("checked", u64)]
 
 
 class Timeouts(ct.Structure):
@@ -149,6 +150,7 @@ MAPS: dict[str, tuple[type | None, type]] = {
     "flows_new": (FlowKey, Flow),
     "frags": (FragKey, Flow),
     "hops": (None, Hop),
+    "tx_links": (None, u32),
     "rr_cursor": (None, u32),
     "service_stats": (None, Counters),
     "backend_stats": (None, Counters),

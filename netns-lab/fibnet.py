@@ -67,6 +67,12 @@ class FibNet:
                              capture_output=True, text=True).stdout
         return json.loads(out)[0]["ifindex"]
 
+    def as_native(self, datapath) -> None:
+        """Lets datapath's fast path send out of every link here (Datapath.set_tx_link)
+        as out of the links it runs on natively: its test-runs attach it to none."""
+        for index in self.ifindex.values():
+            datapath.set_tx_link(index, True)
+
     def remove(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 

@@ -171,6 +171,7 @@ def balancer(root, fibnet):
     dp = Datapath()
     try:
         dp.set_forwarding(True)
+        fibnet.as_native(dp)
         b = Balancer(dp)
         b.apply(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"]), relink=False)
         yield b

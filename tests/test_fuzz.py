@@ -226,6 +226,7 @@ def world(datapath, fibnet):
     VIP and VIP2 on the link ext, for VIP_ELSEWHERE on int."""
     cfg = config.load(CONFIG)
     ifindex = fibnet.ifindex
+    fibnet.as_native(datapath)
     links = [FakeLink(ifindex["ext"], "ext", VIP_MAC, IPv4Network("10.1.1.0/24")),
              FakeLink(ifindex["int"], "int", VIP_MAC, IPv4Network("10.1.2.0/24"))]
     state = _apply(datapath, cfg, links, planner.DataplaneState(), {})

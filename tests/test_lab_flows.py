@@ -68,6 +68,36 @@ def test_http_and_udp_from_both_clients(lab, forwarding, forward, reply):
     assert "veth peer" not in x.stderr       # the lab's switch ports run XDP
 
 
+def test_servers_behind_a_bridge_on_the_balancer_are_served(lab):
+    """lb's link to the servers a port of a bridge that holds its address, as
+    on a router whose LAN is a bridge: xlb attaches to the port natively and to
+    the bridge generically. XDP cannot send into a bridge (every connection
+    timed out, counted forward_redirect): the kernel forwards what goes out of
+    it, and both clients are served, the replies still by the fast path."""
+    lab.run("lb", "ip", "addr", "del", "10.1.11.1/24", "dev", "eth1", check=True)
+    lab.run("lb", "ip", "link", "add", "br0", "type", "bridge", check=True)
+    try:
+        lab.run("lb", "ip", "link", "set", "br0", "type", "bridge", "stp_state", "0",
+                "forward_delay", "0", check=True)
+        lab.run("lb", "ip", "link", "set", "eth1", "master", "br0", check=True)
+        lab.run("lb", "ip", "link", "set", "br0", "up", check=True)
+        lab.run("lb", "ip", "addr", "add", "10.1.11.1/24", "dev", "br0", check=True)
+        with lab.xlb("--vip", f"{VIP}:80", *BACKENDS) as x:
+            assert "br0 (generic)" in x.serving_line and "eth1 (native)" in x.serving_line
+            before = reasons(lab)
+            for node in ("client", REMOTE):
+                http = lab.client(node, "http", VIP, "80", "--count", "4")
+                assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
+            moved = delta(reasons(lab), before)
+            # Each connection is at least 5 packets in and 4 out; a few may wait for
+            # the kernel to resolve a neighbour first.
+            assert moved.get("forward", 0) >= 0.9 * 2 * 4 * 5 and "forward_redirect" not in moved
+            assert moved.get("reply_redirect", 0) >= 0.9 * 2 * 4 * 4
+    finally:
+        lab.run("lb", "ip", "link", "del", "br0", check=True)
+        lab.run("lb", "ip", "addr", "add", "10.1.11.1/24", "dev", "eth1", check=True)
+
+
 def test_a_veth_peer_without_xdp_is_warned_about(lab):
     """The switch port facing lb's eth1 loses its XDP program: xlb says what
     will be lost and where to attach one."""

@@ -251,6 +251,7 @@ def lb(datapath, fibnet):
     datapath.set_service(VIP, 443, socket.IPPROTO_TCP, 2, 4, 0)
     datapath.set_vip(VIP)
     datapath.set_arp(1, VIP, bytes.fromhex(VIP_MAC.replace(":", "")))
+    fibnet.as_native(datapath)
     return Harness(datapath, service_ids=(1, 2), backend_ids=(1,))
 
 

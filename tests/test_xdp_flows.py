@@ -62,6 +62,7 @@ def lb(datapath, fibnet):
     for vip in (VIP, MVIP):
         dp.set_vip(vip)
     dp.set_forwarding(True)
+    fibnet.as_native(dp)
     return Harness(dp, service_ids=(SVC_TCP, SVC_UDP, SVC_MAGLEV), backend_ids=BACKENDS)
 
 
@@ -141,9 +142,9 @@ def handshake(lb, fibnet, sport) -> int:
     return bid
 
 
-def one_backend(limits):
+def one_backend(limits, fibnet):
     """A Datapath of its own with these limits: the TCP service on VIP:80 with
-    backend 1 alone, fast path on."""
+    backend 1 alone, fast path on, out of fibnet's links."""
     from xlb.datapath import Datapath
 
     dp = Datapath(limits)
@@ -153,6 +154,7 @@ def one_backend(limits):
     dp.set_service(VIP, 80, TCP_P, SVC_TCP, 2, 1)
     dp.set_vip(VIP)
     dp.set_forwarding(True)
+    fibnet.as_native(dp)
     return dp
 
 
@@ -1455,6 +1457,7 @@ def test_a_flood_of_new_flows_evicts_no_established_connection(root, fibnet, cpu
         dp.set_timeouts(SVC_TCP, *TIMEOUTS.values())
         dp.set_vip(VIP)
         dp.set_forwarding(True)
+        fibnet.as_native(dp)
         flood = Harness(dp, service_ids=(SVC_TCP,), backend_ids=BACKENDS)
         ext, int_ = fibnet.ifindex["ext"], fibnet.ifindex["int"]
         kept = {sport: handshake(flood, fibnet, sport) for sport in range(55000, 55032)}
@@ -1488,7 +1491,7 @@ def test_a_million_connections(root, fibnet, cpus):
 
     n = 1_000_000
     limits = Limits.for_connections(n)
-    dp = one_backend(limits)
+    dp = one_backend(limits, fibnet)
     memory = dp.map_memory()
     assert 0 <= memory["flows"] + memory["flows_new"] - limits.flow_table_bytes() < 4096
     allowed = os.sched_getaffinity(0)
@@ -2291,7 +2294,7 @@ def test_next_hops_that_share_a_cache_slot_are_each_resolved(root, fibnet):
     still leaves by its own link with its own next hop's MACs."""
     from xlb.datapath import Limits
 
-    dp = one_backend(Limits(max_hops=1))
+    dp = one_backend(Limits(max_hops=1), fibnet)
     try:
         be_addr, be_port = BACKENDS[1]
         ext, intf = fibnet.ifindex["ext"], fibnet.ifindex["int"]
@@ -2314,13 +2317,43 @@ def test_a_next_hop_is_cached_for_the_link_its_packets_came_in_by(root, fibnet):
     even in the same cache slot."""
     from xlb.datapath import Limits
 
-    dp = one_backend(Limits(max_hops=1))
+    dp = one_backend(Limits(max_hops=1), fibnet)
     try:
         be_addr, be_port = BACKENDS[1]
         res = dp.test_run(tcp_frame(CLIENT, VIP, 57110, 80), fibnet.ifindex["ext"])
         assert res.action == XDP_REDIRECT
         res = dp.test_run(tcp_frame(CLIENT, VIP, 57111, 80), fibnet.ifindex["nofwd"])
         assert (res.action, res.data) == (XDP_PASS, tcp_frame(CLIENT, be_addr, 57111, be_port))
+    finally:
+        dp.close()
+
+
+def test_out_of_a_link_xdp_cannot_send_into_the_kernel_forwards(root, fibnet):
+    """A native program's XDP_REDIRECT into a link whose driver takes no XDP
+    frames (a bridge, a VLAN, a tunnel) is lost (seen in the lab: a bridge on
+    lb's servers' side, every connection timed out). Out of a link the program
+    does not run on natively, a forward and a reply go to the kernel, rewritten
+    as with kernel forwarding; out of the link they came in by, XDP_TX."""
+    from xlb.datapath import Limits
+
+    dp = one_backend(Limits(), fibnet)
+    try:
+        lb = Harness(dp, service_ids=(SVC_TCP,), backend_ids={1: BACKENDS[1]})
+        be_addr, be_port = BACKENDS[1]
+        ext, intf = fibnet.ifindex["ext"], fibnet.ifindex["int"]
+        dp.set_tx_link(intf, False)
+        res = lb.send(syn(57120), ext)
+        assert (res.action, res.data) == (XDP_PASS, tcp_frame(CLIENT, be_addr, 57120, be_port,
+                                                              flags="S"))
+        lb.expect("forward", flow=("in", SVC_TCP, 1, True))
+        dp.set_tx_link(ext, False)
+        res = lb.send(from_backend(1, 57120, "SA"), intf)
+        assert (res.action, res.data) == (XDP_PASS, tcp_frame(VIP, CLIENT, 80, 57120, flags="SA",
+                                                              eth_src=BACKEND_MAC))
+        lb.expect("reply", flow=("out", SVC_TCP, 1, False))
+        res = lb.send(syn(57121), intf)
+        assert res.action == XDP_TX
+        lb.expect("forward_tx", flow=("in", SVC_TCP, 1, True))
     finally:
         dp.close()
 
