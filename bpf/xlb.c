@@ -53,10 +53,8 @@ BPF_PERCPU_ARRAY(backend_stats, struct counters, XLB_MAX_BACKENDS);
 BPF_PERCPU_ARRAY(reason_stats, struct tally, XLB_REASON_MAX);
 BPF_PERCPU_ARRAY(flow_stats, struct flow_counters, 1);
 BPF_PERCPU_ARRAY(hops, struct hop, XLB_MAX_HOPS);
-/* The links the fast path may redirect to (ifindex -> 1): those xlb runs on
- * natively (control/datapath.py). A native program's XDP_REDIRECT reaches only
- * a driver that takes XDP frames: into a bridge, a VLAN or a tunnel, the frame
- * is lost. A packet routed out of any other link goes to the kernel. */
+/* The links xlb runs on (ifindex -> LINK_NATIVE or LINK_GENERIC), which say
+ * where the fast path may send (xdp_can_send; control/datapath.py keeps it). */
 #define XLB_MAX_TX_LINKS 1024
 BPF_HASH(tx_links, __u32, __u32, XLB_MAX_TX_LINKS);
 /* The program does not use it: control/datapath.py binds it to the program
@@ -466,6 +464,25 @@ static __always_inline enum xlb_reason too_big(struct xdp_md *ctx, struct packet
 	return XLB_ICMP_TOO_BIG;
 }
 
+/* Whether a packet that came in by ctx's link can leave by link out from XDP.
+ * Generic XDP sends an skb, which every link takes; a native program's
+ * XDP_REDIRECT reaches only a driver that takes XDP frames (into a bridge, a
+ * VLAN or a tunnel the frame is lost), and those are the links it runs on
+ * natively. Out of any other, the packet goes to the kernel. */
+static __always_inline int xdp_can_send(struct xdp_md *ctx, __u32 out)
+{
+	__u32 in = ctx->ingress_ifindex;
+	__u32 *mode;
+
+	if (out == in)
+		return 1;
+	mode = tx_links.lookup(&in);
+	if (mode && *mode == LINK_GENERIC)
+		return 1;
+	mode = tx_links.lookup(&out);
+	return mode && *mode == LINK_NATIVE;
+}
+
 /* The next hop of pkt (rewritten), from this CPU's cache, which resolves a
  * destination at most once a second. NULL, as bpf_fib_lookup answers, where
  * the FIB cannot resolve it or pkt is over the route's MTU: *rc says why
@@ -485,7 +502,7 @@ static __always_inline struct hop *next_hop(struct xdp_md *ctx, struct packet *p
 		*rc = fib_resolve(ctx, pkt, hop, mtu);
 		if (*rc != BPF_FIB_LKUP_RET_SUCCESS)
 			return NULL;
-		hop->xmit = hop->ifindex == ctx->ingress_ifindex || tx_links.lookup(&hop->ifindex);
+		hop->xmit = xdp_can_send(ctx, hop->ifindex);
 		hop->daddr = daddr;
 		hop->in_ifindex = ctx->ingress_ifindex;
 		hop->mtu = *mtu;

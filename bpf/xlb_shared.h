@@ -162,7 +162,7 @@ struct hop {
 	__u16 mtu;		/* of the route: bigger packets are "too big" */
 	__u8 dmac[6];
 	__u8 smac[6];
-	__u8 xmit;		/* XDP can send out of ifindex (tx_links in xlb.c) */
+	__u8 xmit;		/* XDP can send out of ifindex (xdp_can_send in xlb.c) */
 	__u8 pad[5];
 	__u64 checked;		/* xlb_now() of the lookup; 0: empty */
 };
@@ -176,6 +176,9 @@ struct hop {
 enum { XLB_FILTER_SHIFT = 20 };		/* 4,096 bits a set: 512 bytes stay in cache */
 enum { XLB_FILTER_WORDS = 64 };		/* (1 << (32 - XLB_FILTER_SHIFT)) / 64 */
 enum { CONFIG_FAST_PATH = 1 };
+
+/* tx_links (xlb.c): how the program runs on a link, where it does. */
+enum { LINK_NATIVE = 1, LINK_GENERIC = 2 };
 
 struct xlb_config {
 	__u32 flags;		/* CONFIG_FAST_PATH: forward with bpf_fib_lookup + TX/REDIRECT */

@@ -102,8 +102,8 @@ def cli() -> None:
 @click.option("--forwarding", type=click.Choice(["fast", "kernel"]),
               help="fast: send rewritten packets to their next hop from XDP (bpf_fib_lookup, "
                    "XDP_TX/XDP_REDIRECT), leaving to the kernel only what it must resolve, "
-                   "and what leaves by a link that XDP cannot send into (one xlb does not run "
-                   "on natively: a bridge, a VLAN, a tunnel); "
+                   "and what a native program cannot send out of its link (one xlb does not "
+                   "run on natively: a bridge, a VLAN, a tunnel); "
                    "kernel: hand them to the kernel's IP stack (XDP_PASS). Either way xlb "
                    "itself tells the sender of a packet too big for its next hop. Default: "
                    "as the running data path, which `xlb up` adopts, forwards, else fast.")

@@ -550,17 +550,17 @@ class Datapath:
                     raise DatapathError(f"{ifname}: cannot attach XDP: {e2.strerror}") from None
                 att = Attachment(ifindex, ifname, "generic", e.strerror)
         self._attached[ifindex] = (self._prog.fd, att)
-        self.set_tx_link(ifindex, att.mode == "native")
+        self.set_tx_link(ifindex, att.mode)
         return att
 
-    def set_tx_link(self, ifindex: int, native: bool) -> None:
-        """Whether the fast path may send packets out of ifindex from XDP: one
-        this program runs on natively (bpf/xlb.c, tx_links). Into a link that
-        takes no XDP frames (a bridge, a VLAN, a tunnel) they would be lost:
-        out of any other, the kernel forwards them."""
+    def set_tx_link(self, ifindex: int, mode: str | None) -> None:
+        """How this program runs on ifindex ("native", "generic"; None: not
+        there), which says where the fast path may send from XDP (bpf/xlb.c,
+        xdp_can_send): into a link that takes no XDP frames (a bridge, a VLAN,
+        a tunnel) a native program's would be lost."""
         links = self._maps["tx_links"]
-        if native:
-            links[ct.c_uint32(ifindex)] = ct.c_uint32(1)
+        if mode is not None:
+            links[ct.c_uint32(ifindex)] = ct.c_uint32(layout.LINK_MODES[mode])
             return
         try:
             del links[ct.c_uint32(ifindex)]
@@ -631,7 +631,7 @@ class Datapath:
         old = self._replaced.pop(ifindex, None)
         if old is None:
             _detach(ifindex, fd, att.mode)
-            self.set_tx_link(ifindex, False)
+            self.set_tx_link(ifindex, None)
             return
         try:
             netif.xdp_set(ifindex, old[0], att.mode, expected_fd=fd)

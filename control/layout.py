@@ -183,6 +183,7 @@ _SERVICE = read_enum("SERVICE_")
 SERVICE_MAGLEV = _SERVICE["SERVICE_MAGLEV"]
 SERVICE_SOURCE = _SERVICE["SERVICE_SOURCE"]
 CONFIG_FAST_PATH = read_enum("CONFIG_")["CONFIG_FAST_PATH"]
+LINK_MODES = {k[5:].lower(): v for k, v in read_enum("LINK_").items()}   # tx_links' values
 
 
 def describe(ctype) -> object:

@@ -71,7 +71,7 @@ class FibNet:
         """Lets datapath's fast path send out of every link here (Datapath.set_tx_link)
         as out of the links it runs on natively: its test-runs attach it to none."""
         for index in self.ifindex.values():
-            datapath.set_tx_link(index, True)
+            datapath.set_tx_link(index, "native")
 
     def remove(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)

@@ -2333,7 +2333,9 @@ def test_out_of_a_link_xdp_cannot_send_into_the_kernel_forwards(root, fibnet):
     frames (a bridge, a VLAN, a tunnel) is lost (seen in the lab: a bridge on
     lb's servers' side, every connection timed out). Out of a link the program
     does not run on natively, a forward and a reply go to the kernel, rewritten
-    as with kernel forwarding; out of the link they came in by, XDP_TX."""
+    as with kernel forwarding; out of the link they came in by, XDP_TX; from a
+    link it runs on generically (an skb, which every link takes), XDP_REDIRECT
+    to any."""
     from xlb.datapath import Limits
 
     dp = one_backend(Limits(), fibnet)
@@ -2341,12 +2343,12 @@ def test_out_of_a_link_xdp_cannot_send_into_the_kernel_forwards(root, fibnet):
         lb = Harness(dp, service_ids=(SVC_TCP,), backend_ids={1: BACKENDS[1]})
         be_addr, be_port = BACKENDS[1]
         ext, intf = fibnet.ifindex["ext"], fibnet.ifindex["int"]
-        dp.set_tx_link(intf, False)
+        dp.set_tx_link(intf, None)
         res = lb.send(syn(57120), ext)
         assert (res.action, res.data) == (XDP_PASS, tcp_frame(CLIENT, be_addr, 57120, be_port,
                                                               flags="S"))
         lb.expect("forward", flow=("in", SVC_TCP, 1, True))
-        dp.set_tx_link(ext, False)
+        dp.set_tx_link(ext, None)
         res = lb.send(from_backend(1, 57120, "SA"), intf)
         assert (res.action, res.data) == (XDP_PASS, tcp_frame(VIP, CLIENT, 80, 57120, flags="SA",
                                                               eth_src=BACKEND_MAC))
@@ -2354,6 +2356,14 @@ def test_out_of_a_link_xdp_cannot_send_into_the_kernel_forwards(root, fibnet):
         res = lb.send(syn(57121), intf)
         assert res.action == XDP_TX
         lb.expect("forward_tx", flow=("in", SVC_TCP, 1, True))
+        dp.set_tx_link(ext, "generic")
+        res = lb.send(syn(57122), ext)      # its cached hop was resolved for ext as native
+        assert res.action == XDP_PASS
+        lb.expect("forward", flow=("in", SVC_TCP, 1, True))
+        dp._maps["hops"].clear()            # cached a second: not waited for here
+        res = lb.send(syn(57123), ext)
+        assert res.action == XDP_REDIRECT
+        lb.expect("forward_redirect", flow=("in", SVC_TCP, 1, True))
     finally:
         dp.close()
 
