@@ -434,6 +434,8 @@ class Datapath:
             self.close()
             raise DatapathError(f"cannot bind control_stats to the program: {e.strerror}") \
                 from None
+        if running is not None and not self.kept("config"):
+            self._refill_filters()
 
     @staticmethod
     def _compile(cflags: list[str]) -> BPF:
@@ -493,6 +495,26 @@ class Datapath:
         chosen = set(places)
         self._copied[name] = {k for i, k in enumerate(flowtable.key_list(keys)) if i not in chosen}
         return left
+
+    def _refill_filters(self) -> None:
+        """Sets the address filters of a config map that started empty from
+        the maps kept: their VIPs, their backends and the servers of their
+        connections (a removed server's may go on). The control plane sets a
+        bit as it writes a VIP or backend, and an adoption writes none that it
+        finds there already: without them the program passed the VIPs'
+        packets, and the servers' replies, as none of its own."""
+        vips = [k.value for k in self._maps["vips"].keys()]
+        servers = {(b.addr, b.port) for b in self._read_values(self._maps["backends"])
+                   if b.addr or b.port}
+        for keys, values in self.flow_dumps().values():
+            servers |= flowtable.servers(keys, values)
+
+        def fill(c):
+            for addr in vips:
+                _set_bit(c.vip_bits, addr)
+            for addr, port in servers:
+                _set_bit(c.backend_bits, (addr + (port << 16)) & 0xffffffff)
+        self._update_config(fill)
 
     def kept(self, name: str) -> bool:
         """Whether map `name` holds what the adopted data path's held."""

@@ -168,13 +168,21 @@ def open_count(forward: list[Row], read: list[Row], now: int) -> int:
 _IS_FORWARD = bytes(int(d == layout.FLOW_FORWARD) for d in range(256))
 
 
-def _column(values: bytes, name: str):
-    """One field of every value (layout.Flow) as a strided view: read in
-    bulk without decoding the rest, as a million connections' rows take
-    gigabytes and seconds to build."""
-    f = getattr(layout.Flow, name)
+def _column(values: bytes, name: str, ctype=layout.Flow):
+    """One field of every value (layout.Flow), or key (layout.FlowKey), as a
+    strided view: read in bulk without decoding the rest, as a million
+    connections' rows take gigabytes and seconds to build."""
+    f = getattr(ctype, name)
     column = memoryview(values).cast(layout.UNSIGNED_FORMATS[f.size])
-    return column[f.offset // f.size::_VALUE.size // f.size]
+    return column[f.offset // f.size::layout.ct.sizeof(ctype) // f.size]
+
+
+def servers(keys: bytes, values: bytes) -> set[tuple[int, int]]:
+    """The server ends of a dump's connections, each the source address and
+    port of a reply entry's key, as the key holds them."""
+    replies = [d == layout.FLOW_REPLY for d in _column(values, "dir")]
+    return set(compress(zip(_column(keys, "saddr", layout.FlowKey),
+                            _column(keys, "sport", layout.FlowKey)), replies))
 
 
 def census(tables: dict[str, tuple[bytes, bytes]], now: int) -> Census:

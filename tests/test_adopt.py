@@ -3,6 +3,7 @@ taken from a loaded program, as `xlb up` takes them from an attached one)."""
 
 from __future__ import annotations
 
+import ctypes as ct
 import os
 import shutil
 import subprocess
@@ -239,9 +240,10 @@ def test_a_smaller_flow_table_keeps_the_open_connections(fibnet):
         let_go(old, new, running)
 
 
-def adopt_older_build(tmp_path, file: str, old_text: str, new_text: str):
+def adopt_older_build(tmp_path, file: str, old_text: str, new_text: str, fill=None):
     """A Datapath adopting the maps of a build whose bpf/`file` has new_text
-    for old_text; returns it and the older build's map ids."""
+    for old_text, which fill(its BPF) writes first; returns it and the older
+    build's map ids."""
     from bcc import BPF
     from xlb.datapath import PROG_NAME, Datapath, Limits, Running, defines, maps_of
     src = tmp_path / "bpf"
@@ -254,6 +256,8 @@ def adopt_older_build(tmp_path, file: str, old_text: str, new_text: str):
               cflags=[f"-I{src}", "-w", *defines(Limits())])
     try:
         info = bpfsys.prog_info(old.load_func(PROG_NAME.encode(), BPF.XDP).fd)
+        if fill is not None:
+            fill(old)
         running = Running(info, {}, maps_of(info))
         before = map_ids(running)
         return Datapath(running=running), before
@@ -297,6 +301,50 @@ def test_a_map_whose_layout_changed_starts_empty_and_the_rest_is_kept(tmp_path):
         after.close()
         assert ids["config"] != before["config"]
         assert {k: ids[k] for k in kept} == {k: before[k] for k in kept}
+    finally:
+        new.close()
+
+
+WAS1, GONE, CLIENT = (IPv4Address(a) for a in ("10.1.11.101", "10.1.11.109", "10.1.1.10"))
+
+
+def serving(old) -> None:
+    """What an older build's maps hold (written as its tables have them): VIP
+    port 80 over WAS1, and a connection to a server removed since (GONE),
+    which goes on (on_server_down "keep")."""
+    from xlb.datapath import _be16, _be32
+    old[b"vips"][ct.c_uint32(_be32(VIP))] = ct.c_uint32(1)
+    old[b"backends"][ct.c_int(1)] = old[b"backends"].Leaf(_be32(WAS1), _be16(8080), 0)
+    old[b"rings"][ct.c_int(0)] = ct.c_uint32(1)
+    services = old[b"services"]
+    services[services.Key(_be32(VIP), _be16(80), 6)] = services.Leaf(0, 0, 1, 0)
+    flows = old[b"flows"]
+    for key, to, direction in (((CLIENT, VIP, 40000, 80), (GONE, 8080), layout.FLOW_FORWARD),
+                               ((GONE, CLIENT, 8080, 40000), (VIP, 80), layout.FLOW_REPLY)):
+        k, v = flows.Key(), flows.Leaf()
+        k.saddr, k.daddr, k.sport, k.dport = _be32(key[0]), _be32(key[1]), *map(_be16, key[2:])
+        k.proto = 6
+        v.addr, v.port, v.dir, v.backend_id = _be32(to[0]), _be16(to[1]), direction, 7
+        v.state = layout.FLOW_STATES["established"]
+        flows[k] = v
+
+
+def test_an_emptied_config_map_filters_the_kept_vips_and_servers(tmp_path):
+    """Beside the forwarding flag, the config map holds the bit sets that let
+    a packet neither to a VIP nor from a server leave at once: the control
+    plane sets a bit as it writes a VIP or a server, and an adoption writes
+    none that it finds there already. An upgrade whose config map was emptied
+    (its layout changed) passed every packet of the VIPs, and the servers'
+    replies, as none of the balancer's: the service ended."""
+    from packets import tcp_frame
+    new, _ = adopt_older_build(tmp_path, "xlb_shared.h", "\t__u32 pad;\n\t__u64 vip_bits",
+                               "\t__u32 pad;\n\t__u64 older;\n\t__u64 vip_bits", serving)
+    try:
+        assert new.fresh_maps == ["config (emptied: its layout changed)"]
+        syn = new.test_run(tcp_frame(CLIENT, VIP, 40001, 80))
+        assert syn.data == tcp_frame(CLIENT, WAS1, 40001, 8080)
+        reply = new.test_run(tcp_frame(GONE, CLIENT, 8080, 40000, flags="A"))
+        assert reply.data == tcp_frame(VIP, CLIENT, 80, 40000, flags="A")
     finally:
         new.close()
 
