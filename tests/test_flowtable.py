@@ -259,3 +259,14 @@ def test_a_forward_entry_without_its_reply_entry_is_taken_alone():
     keys, values = dump(*rows)
     assert flowtable.fitting(keys, values, 3) == ([2, 0, 1], 0)
     assert flowtable.fitting(keys, values, 2) == ([1], 1)
+
+
+def test_the_servers_of_a_dump_are_the_sources_of_its_reply_entries():
+    """A connection's server end, as a packet from it carries it (the address
+    filter's key): its reply entry's source, never its client's."""
+    other = int.from_bytes(IPv4Address("10.1.11.109").packed, "little")
+    rows = [*connection(40000), *connection(40001)]
+    rows[3] = rows[3]._replace(saddr=other)        # the second connection is another server's
+    assert flowtable.servers(*dump(*rows)) == {(BACKEND, socket.htons(8080)),
+                                               (other, socket.htons(8080))}
+    assert flowtable.servers(b"", b"") == set()
