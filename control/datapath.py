@@ -143,6 +143,11 @@ def _set_bit(words, value: int) -> None:
     words[slot >> 6] |= 1 << (slot & 63)
 
 
+def _set_endpoint_bit(words, be32: int, be16: int) -> None:
+    """A server's bit (address and port as the packet has them) in backend_bits."""
+    _set_bit(words, (be32 + (be16 << 16)) & 0xffffffff)
+
+
 @functools.cache
 def kernel_hz() -> int:
     """The running kernel's CONFIG_HZ (ticks a second), from its build config:
@@ -513,7 +518,7 @@ class Datapath:
             for addr in vips:
                 _set_bit(c.vip_bits, addr)
             for addr, port in servers:
-                _set_bit(c.backend_bits, (addr + (port << 16)) & 0xffffffff)
+                _set_endpoint_bit(c.backend_bits, addr, port)
         self._update_config(fill)
 
     def kept(self, name: str) -> bool:
@@ -698,8 +703,7 @@ class Datapath:
         Its replies are recognised from then on: a backend's bit in the address
         filter is never cleared, since flows to it may outlive its removal."""
         flags = layout.BACKEND_NO_NEW_FLOWS if closed else 0
-        self._update_config(lambda c: _set_bit(c.backend_bits,
-                                               (_be32(addr) + (_be16(port) << 16)) & 0xffffffff))
+        self._update_config(lambda c: _set_endpoint_bit(c.backend_bits, _be32(addr), _be16(port)))
         self._maps["backends"][ct.c_int(backend_id)] = \
             layout.Backend(_be32(addr), _be16(port), flags)
 
