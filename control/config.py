@@ -54,8 +54,9 @@ def load(text: str, *, dumped: bool = False) -> Config:
     """The Config the TOML `text` describes; ConfigError lists every problem.
 
     dumped: `text` is `dump`'s, kept in xlb's state, maybe by an earlier
-    build, which wrote a `none` monitor's CHECKING settings (refused now) and
-    every frontend's four timeouts (the other protocol's warned of now): they
+    build, which wrote a `none` monitor's CHECKING settings and the weight of
+    a server only in roundrobin pools (refused now), and every frontend's four
+    timeouts (the other protocol's warned of now): they acted on nothing and
     are dropped, so that an upgrade takes over its config, and silently."""
     try:
         doc = tomllib.loads(text)
@@ -81,7 +82,28 @@ def load(text: str, *, dumped: bool = False) -> Config:
         if isinstance(frontend, dict):
             for key in _other_timeouts(frontend.get("protocol", "tcp")):
                 frontend.pop(key, None)
+    if dumped:
+        _drop_ignored_weights(doc)
     return _Loader(doc).config()
+
+
+def _drop_ignored_weights(doc: dict) -> None:
+    """Drops the weight of each server of a dump that is in roundrobin pools
+    alone (_Loader.check_weights refuses one other than 1)."""
+    pools, servers = doc.get("pools"), doc.get("servers")
+    if not isinstance(pools, dict) or not isinstance(servers, dict):
+        return
+    roundrobin, honouring = set(), set()
+    for pool in pools.values():
+        if isinstance(pool, dict) and isinstance(pool.get("servers"), list):
+            names = {name for name in pool["servers"] if isinstance(name, str)}
+            if pool.get("algorithm", "roundrobin") == "roundrobin":
+                roundrobin |= names
+            else:
+                honouring |= names
+    for name in roundrobin - honouring:
+        if isinstance(servers.get(name), dict):
+            servers[name].pop("weight", None)
 
 
 def _other_timeouts(protocol: Any) -> dict[str, str]:

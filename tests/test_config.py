@@ -351,6 +351,24 @@ def test_an_earlier_dump_with_every_timeout_loads_back():
     assert load(earlier).frontends == cfg.frontends      # a file made of it: warned of
 
 
+def test_an_earlier_dump_with_a_weight_that_roundrobin_ignored_loads_back():
+    """A build before `xlb check` refused it took a weight that no pool of its
+    server honours (roundrobin gives every server the same share) and
+    ignored it; its dump, in xlb's state, has it. A bare `xlb up` after the
+    upgrade refused that config (exit 2, the data path left without its
+    control process): dropped there, as what acted on nothing. A weight that
+    another pool of the server honours stays."""
+    weighted = SERVER + "\nport = 8080\nweight = 3"
+    earlier = doc(server=weighted)
+    assert load(earlier, dumped=True) == load(doc())
+    with pytest.raises(ConfigError):
+        load(earlier)
+    honoured = doc(server=weighted,
+                   extra='[pools.w]\nservers = ["was1"]\nalgorithm = "weighted"')
+    assert load(honoured, dumped=True) == load(honoured)
+    assert load(honoured).pools[1].servers[0].weight == 3
+
+
 def test_a_frontend_warns_of_the_timeouts_of_the_other_protocol():
     """A UDP flow takes timeout_udp alone, a TCP connection the other three
     (bpf/xlb.c state_timeout): the others would seem to act. Warned of, not
