@@ -255,6 +255,14 @@ class Balancer:
         backend is closed for no other reason was down by its health checks,
         and starts down until its first check."""
         state = planner.recover(config, *self.datapath.held())
+        if self.datapath.emptied("backends"):
+            # Taken from the connections (another layout emptied the map), and
+            # written back: a server's open to new flows (the apply closes one
+            # that is not up), a removed one's closed.
+            for b in state.backends.values():
+                self.datapath.set_backend(b.id, b.address, b.port)
+            for i, (address, port) in state.retired_backends.items():
+                self.datapath.set_backend(i, address, port, closed=True)
         keys = {(p.name, s.name) for p in config.pools for s in p.servers}
         admin = {k: v for k, v in (admin or {}).items() if k in keys}
         enabled = {(p.name, s.name) for p in config.pools for s in p.servers if s.enabled}

@@ -410,8 +410,10 @@ class Datapath:
         # Flow tables copied (another size), caught up around the swaps, and
         # the keys that did not fit (left out of the catch-up too).
         self._copied: dict[str, set[bytes]] = {}
-        # Running maps whose contents this one holds (kept, or copied).
+        # Running maps whose contents this one holds (kept, or copied), and
+        # those it could not keep (another layout): they started empty.
         self._kept: set[str] = set(running.maps) if running else set()
+        self._emptied: set[str] = set()
         try:
             if running is None:
                 self._bpf = self._compile(cflags)
@@ -439,7 +441,7 @@ class Datapath:
             self.close()
             raise DatapathError(f"cannot bind control_stats to the program: {e.strerror}") \
                 from None
-        if running is not None and not self.kept("config"):
+        if self.emptied("config"):
             self._refill_filters()
 
     @staticmethod
@@ -482,6 +484,7 @@ class Datapath:
                 self.fresh_maps.append(copied + ")")
             else:
                 self._kept.discard(name)
+                self._emptied.add(name)
                 self.fresh_maps.append(f"{name} (emptied: its layout changed)")
         return bpf
 
@@ -524,6 +527,11 @@ class Datapath:
     def kept(self, name: str) -> bool:
         """Whether map `name` holds what the adopted data path's held."""
         return name in self._kept
+
+    def emptied(self, name: str) -> bool:
+        """Whether map `name` started empty where the adopted data path's held
+        what this build could not keep (another layout)."""
+        return name in self._emptied
 
     @property
     def prog_fd(self) -> int:
@@ -876,10 +884,16 @@ class Datapath:
             services[(_addr(key.vip), socket.ntohs(key.port), key.proto)] = ServiceState(
                 svc.id, svc.ring, slots, maglev,
                 (t.syn, t.established, t.closing, t.udp), bool(svc.flags & layout.SERVICE_SOURCE))
-        backends = {i: BackendState(i, _addr(b.addr), socket.ntohs(b.port),
-                                    bool(b.flags & layout.BACKEND_NO_NEW_FLOWS))
-                    for i, b in enumerate(self._read_values(self._maps["backends"]))
-                    if b.addr or b.port}
+        if self.emptied("backends"):
+            # The connections tell the ids they name, and their servers, which
+            # the adoption writes back (daemon.Balancer.adopt).
+            entries = [(i, addr, port, False) for dump in self.flow_dumps().values()
+                       for i, (addr, port) in flowtable.backends(*dump).items()]
+        else:
+            entries = [(i, b.addr, b.port, bool(b.flags & layout.BACKEND_NO_NEW_FLOWS))
+                       for i, b in enumerate(self._read_values(self._maps["backends"]))]
+        backends = {i: BackendState(i, _addr(addr), socket.ntohs(port), closed)
+                    for i, addr, port, closed in entries if addr or port}
         vips = frozenset(_addr(k.value) for k in self._maps["vips"].keys())
         arp = {(k.ifindex, _addr(k.addr)): bytes(v.mac) for k, v in self._maps["arp_vips"].items()}
         owners = {(_addr(k.addr), socket.ntohs(k.port), k.proto):

@@ -185,6 +185,14 @@ def servers(keys: bytes, values: bytes) -> set[tuple[int, int]]:
                             _column(keys, "sport", layout.FlowKey)), replies))
 
 
+def backends(keys: bytes, values: bytes) -> dict[int, tuple[int, int]]:
+    """The backend of each connection of a dump, by id: its forward entry's
+    address and port, as the value holds them."""
+    forward = [d == layout.FLOW_FORWARD for d in _column(values, "dir")]
+    return dict(compress(zip(_column(values, "backend_id"),
+                             zip(_column(values, "addr"), _column(values, "port"))), forward))
+
+
 def census(tables: dict[str, tuple[bytes, bytes]], now: int) -> Census:
     """tables: each flow table's keys and values, as Datapath.flow_dumps reads
     them. A connection is live while either of its entries was seen within

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from ipaddress import IPv4Address
@@ -310,23 +311,33 @@ WAS1, GONE, CLIENT = (IPv4Address(a) for a in ("10.1.11.101", "10.1.11.109", "10
 
 def serving(old) -> None:
     """What an older build's maps hold (written as its tables have them): VIP
-    port 80 over WAS1, and a connection to a server removed since (GONE),
-    which goes on (on_server_down "keep")."""
-    from xlb.datapath import _be16, _be32
+    port 80 over WAS1 (backend 5, as after some applies), a connection to it
+    from client port 40002, and one from 40000 to a server removed since
+    (GONE, backend 7), which goes on (on_server_down "keep")."""
+    from xlb.datapath import _be16, _be32, _set_bit, _set_endpoint_bit
     old[b"vips"][ct.c_uint32(_be32(VIP))] = ct.c_uint32(1)
-    old[b"backends"][ct.c_int(1)] = old[b"backends"].Leaf(_be32(WAS1), _be16(8080), 0)
-    old[b"rings"][ct.c_int(0)] = ct.c_uint32(1)
+    config = old[b"config"][ct.c_int(0)]
+    _set_bit(config.vip_bits, _be32(VIP))
+    for server in (WAS1, GONE):
+        _set_endpoint_bit(config.backend_bits, _be32(server), _be16(8080))
+    old[b"config"][ct.c_int(0)] = config
+    old[b"backends"][ct.c_int(5)] = old[b"backends"].Leaf(_be32(WAS1), _be16(8080), 0)
+    old[b"backends"][ct.c_int(7)] = old[b"backends"].Leaf(_be32(GONE), _be16(8080),
+                                                          layout.BACKEND_NO_NEW_FLOWS)
+    old[b"rings"][ct.c_int(0)] = ct.c_uint32(5)
     services = old[b"services"]
     services[services.Key(_be32(VIP), _be16(80), 6)] = services.Leaf(0, 0, 1, 0)
     flows = old[b"flows"]
-    for key, to, direction in (((CLIENT, VIP, 40000, 80), (GONE, 8080), layout.FLOW_FORWARD),
-                               ((GONE, CLIENT, 8080, 40000), (VIP, 80), layout.FLOW_REPLY)):
-        k, v = flows.Key(), flows.Leaf()
-        k.saddr, k.daddr, k.sport, k.dport = _be32(key[0]), _be32(key[1]), *map(_be16, key[2:])
-        k.proto = 6
-        v.addr, v.port, v.dir, v.backend_id = _be32(to[0]), _be16(to[1]), direction, 7
-        v.state = layout.FLOW_STATES["established"]
-        flows[k] = v
+    for server, backend_id, sport in ((GONE, 7, 40000), (WAS1, 5, 40002)):
+        for key, to, direction in (((CLIENT, VIP, sport, 80), (server, 8080), layout.FLOW_FORWARD),
+                                   ((server, CLIENT, 8080, sport), (VIP, 80), layout.FLOW_REPLY)):
+            k, v = flows.Key(), flows.Leaf()
+            k.saddr, k.daddr = _be32(key[0]), _be32(key[1])
+            k.sport, k.dport = _be16(key[2]), _be16(key[3])
+            k.proto = 6
+            v.addr, v.port, v.dir, v.backend_id = _be32(to[0]), _be16(to[1]), direction, backend_id
+            v.state = layout.FLOW_STATES["established"]
+            flows[k] = v
 
 
 def test_an_emptied_config_map_filters_the_kept_vips_and_servers(tmp_path):
@@ -345,6 +356,38 @@ def test_an_emptied_config_map_filters_the_kept_vips_and_servers(tmp_path):
         assert syn.data == tcp_frame(CLIENT, WAS1, 40001, 8080)
         reply = new.test_run(tcp_frame(GONE, CLIENT, 8080, 40000, flags="A"))
         assert reply.data == tcp_frame(VIP, CLIENT, 80, 40000, flags="A")
+    finally:
+        new.close()
+
+
+def test_an_emptied_backends_map_keeps_the_ids_that_the_connections_name(tmp_path):
+    """The flows name their server by backend id, and so do the counters: an
+    adoption reads the ids back from the backends map. Emptied (its layout
+    changed), it gave its servers new ids, which the connections' ids then
+    named: a server's maint ended another's connections and left its own
+    going, and each server showed another's counters and active flows. The
+    connections' forward entries tell each id's address and port."""
+    from packets import tcp_frame
+    from xlb import daemon
+    from xlb.model import from_flags
+    new, _ = adopt_older_build(tmp_path, "xlb_shared.h", "\t__be16 port;\n\t__u16 flags;\n};",
+                               "\t__be16 port;\n\t__u16 flags;\n\t__u32 older;\n};", serving)
+    try:
+        assert new.fresh_maps == ["backends (emptied: its layout changed)"]
+        config = from_flags([f"{VIP}:80"], [f"{WAS1}:8080", "10.1.11.102:8080"])
+        balancer = daemon.Balancer(new)
+        balancer.adopt(config)
+        balancer.apply(config, relink=False)
+        assert balancer.state.backends[("default", "backend1")].id == 5
+        assert balancer.state.retired_backends == {7: (GONE, 8080)}
+        to = {new.test_run(tcp_frame(CLIENT, VIP, sport, 80)).data[30:34] for sport in range(9)}
+        assert to == {WAS1.packed, IPv4Address("10.1.11.102").packed}
+        assert balancer.set_admin("disable", "default", "backend1")["flows_ended"] >= 1
+        left = {socket.ntohs(k.sport) for k in new._maps["flows"].keys()
+                if k.daddr == int.from_bytes(VIP.packed, "little")}
+        assert 40000 in left and 40002 not in left     # GONE's goes on (keep)
+        # GONE takes no new flows: a SYN on its connection's port is balanced anew.
+        assert new.test_run(tcp_frame(CLIENT, VIP, 40000, 80)).data[30:34] != GONE.packed
     finally:
         new.close()
 

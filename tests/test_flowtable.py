@@ -270,3 +270,14 @@ def test_the_servers_of_a_dump_are_the_sources_of_its_reply_entries():
     assert flowtable.servers(*dump(*rows)) == {(BACKEND, socket.htons(8080)),
                                                (other, socket.htons(8080))}
     assert flowtable.servers(b"", b"") == set()
+
+
+def test_the_backends_of_a_dump_are_those_its_forward_entries_name():
+    """Each id with the address and port that its connections' forward
+    entries send to (a reply entry's are the client's)."""
+    other = int.from_bytes(IPv4Address("10.1.11.109").packed, "little")
+    rows = [*connection(40000), *connection(40001, backend_id=9)]
+    rows[2] = rows[2]._replace(addr=other)
+    assert flowtable.backends(*dump(*rows)) == {7: (BACKEND, socket.htons(8080)),
+                                                9: (other, socket.htons(8080))}
+    assert flowtable.backends(b"", b"") == {}
