@@ -310,9 +310,11 @@ def recover(config: Config, held: DataplaneState,
     were written for, so that every id stays what it is. `held` is what the
     maps hold with no backend named, `backends` their entries by id. The maps
     know a backend by address and port only: a server that is in several pools is
-    told apart by the rings of each pool's frontends, then by id order (the
-    order `desired` gives ids in). Entries that no server matches stay
-    unnamed (removed servers, closed to new flows): retired."""
+    told apart by the rings of each pool's frontends (one in none of its own
+    pool's, drained or down, is not one in another pool's), then by id order
+    (the order `desired` gives ids in, until a server joins a pool later).
+    Entries that no server matches stay unnamed (removed servers, closed to
+    new flows): retired."""
     in_rings: dict[str, set[int]] = {}
     for fe in config.frontends:
         svc = held.services.get((fe.vip, fe.port, fe.proto_number))
@@ -322,11 +324,12 @@ def recover(config: Config, held: DataplaneState,
     taken: set[int] = set()
     for pool in config.pools:
         ringed = in_rings.get(pool.name, set())
+        others = set().union(*(ids for name, ids in in_rings.items() if name != pool.name))
         for s in pool.servers:
             candidates = [b for b in backends.values() if b.id not in taken
                           and (b.address, b.port) == (s.address, s.port)]
             if candidates:
-                b = min(candidates, key=lambda b: (b.id not in ringed, b.id))
+                b = min(candidates, key=lambda b: (b.id not in ringed, b.id in others, b.id))
                 taken.add(b.id)
                 named[(pool.name, s.name)] = b
     return replace(held, backends=named, retired_backends={

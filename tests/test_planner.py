@@ -736,6 +736,20 @@ class FakeMaps:
         return lambda *args: None
 
 
+def applied(*steps):
+    """Each (config, server states) planned and written in turn into FakeMaps:
+    the last state, what the maps hold with no backend named (as
+    Datapath.held reads them back) and their backend entries."""
+    maps, st = FakeMaps(), planner.DataplaneState()
+    for cfg, states in steps:
+        target = desired(cfg, st, states)
+        planner.execute(maps, planner.plan(st, target))
+        st = target
+    held = planner.DataplaneState({k: st.services[k] for k in maps.services}, {},
+                                  frozenset(maps.vips), maps.arp)
+    return st, held, maps.backends
+
+
 def test_recover_names_the_maps_after_their_config():
     """recover names the backend entries that a series of applies left in the
     maps (known there by id, address and port only) after the config: every
@@ -758,18 +772,30 @@ def test_recover_names_the_maps_after_their_config():
                     pools=(Pool("pb", (S2, shared, s4)),
                            Pool("pa", (shared, Server("s3", A("10.1.11.3"), 80), s4))))
     down = {("pb", "s2"): "down", ("pb", "s4"): "down", ("pa", "s4"): "down"}
-    maps, st = FakeMaps(), planner.DataplaneState()
-    for cfg, states in ((first, {}), (second, down)):
-        target = desired(cfg, st, states)
-        planner.execute(maps, planner.plan(st, target))
-        st = target
-    held = planner.DataplaneState({k: st.services[k] for k in maps.services}, {},
-                                  frozenset(maps.vips), maps.arp)
-    got = planner.recover(second, held, maps.backends)
+    st, held, backends = applied((first, {}), (second, down))
+    got = planner.recover(second, held, backends)
     assert got.backends == st.backends
     assert got.retired_backends.keys() == st.retired_backends.keys() == {0}       # S1's
     assert planner.plan(got, desired(second, got, down)) == []
     assert desired(second).backends != st.backends  # rebuilding from scratch moves ids
+
+
+def test_recover_leaves_a_server_in_another_pools_ring_to_that_pool():
+    """A server added to pool pa, where it is drained, after pool pb had it:
+    pa's entry is newer, in no ring, and pb's is in pb's ring. recover names
+    pb's after pb: by id order pa took it, and pb's server, named after the
+    closed entry, started down after a restart (its frontend dropping every
+    new flow until its first check), each pool counting the other's traffic."""
+    shared = Server("shared", A("10.1.11.50"), 80)
+    frontends = (Frontend("a", A("10.1.1.101"), 80, "tcp", "pa"),
+                 Frontend("b", A("10.1.1.101"), 81, "tcp", "pb"))
+    first = Config(frontends=frontends, pools=(Pool("pa", (S2,)), Pool("pb", (shared,))))
+    second = replace(first, pools=(Pool("pa", (S2, shared)), Pool("pb", (shared,))))
+    drained = {("pa", "shared"): "drain"}
+    st, held, backends = applied((first, {}), (second, drained))
+    got = planner.recover(second, held, backends)
+    assert got.backends == st.backends
+    assert planner.plan(got, desired(second, got, drained)) == []
 
 
 @pytest.mark.parametrize("restart", [False, True], ids=["same instance", "restarted"])
