@@ -221,6 +221,19 @@ def test_disable_stops_new_flows_and_ends_open_ones(lab, xlb):
     assert even_split(names(lab, 10), {"WAS1", "WAS2"}, 10)
 
 
+def test_disable_of_the_last_server_up_drops_its_open_connection_unreset(lab, xlb):
+    """No server of the pool left to take new flows: the packets of the
+    connection that the disable ended are dropped (drop_no_backend), not
+    reset, and its client times out."""
+    xlb_ok(lab, "server", "disable", "web", "was2")
+    hold, first = lab.hold("--count", "2", "--pause", "0.3", "--timeout", "2")
+    assert first == "WAS1"
+    assert "1 flows ended" in xlb_ok(lab, "server", "disable", "web", "was1")
+    rest = [json.loads(line) for line in hold.communicate(timeout=30)[0].splitlines()]
+    assert [r.get("error") for r in rest] == ["TimeoutError: timed out"], rest
+    assert lab.status()["reasons"]["drop_no_backend"]["packets"] > 0
+
+
 def test_renaming_servers_and_their_pool_keeps_open_connections(lab, tmp_path, xlb):
     """Under on_server_down = "reset": was1 renamed was-1, and the pool web
     renamed www-pool, are the same real servers; an open connection goes on
