@@ -248,13 +248,15 @@ class Balancer:
         return {"role": role, "previous": was, "gratuitous_arps": garps,
                 "gratuitous_arps_unsent": unsent}
 
-    def adopt(self, config: Config, admin: dict[Key, str] | None = None) -> None:
+    def adopt(self, config: Config, admin: dict[Key, str] | None = None,
+              ids: dict[Key, int] | None = None) -> None:
         """Takes over maps that a previous control process filled for `config`
-        (with `admin` server states): reads back what they hold instead of
+        (with `admin` server states and the backend `ids` it saved, which
+        planner.recover goes by): reads back what they hold instead of
         writing them anew, so every id, flow and counter stays. A server whose
         backend is closed for no other reason was down by its health checks,
         and starts down until its first check."""
-        state = planner.recover(config, *self.datapath.held())
+        state = planner.recover(config, *self.datapath.held(), ids or {})
         if self.datapath.emptied("backends"):
             # Taken from the connections (another layout emptied the map), and
             # written back: a server's open to new flows (the apply closes one
@@ -313,7 +315,8 @@ class Balancer:
             saved.save(saved.State(str(self.config_path) if self.config_path else None,
                                    configfile.dump(self.config), dict(self.admin), self.role,
                                    self.announcer and self.announcer.table,
-                                   self.datapath.identity))
+                                   self.datapath.identity,
+                                   {k: b.id for k, b in self.state.backends.items()}))
         except OSError as e:
             warning = (f"state not saved in {saved.directory()} ({e.strerror}): a restart "
                        f"would not find this change")
@@ -758,7 +761,7 @@ def up(config: Config, config_path: Path | None = None,
                              "as it is")
         kept = saved.load()
         if running is not None:
-            ran, admin, kept_role = _running_state(config, _describing(kept, running))
+            ran, admin, kept_role, ids = _running_state(config, _describing(kept, running))
             if kept_role is not None and role is not None and kept_role != role:
                 # keepalived says a role once, when it changes: a restart must
                 # not make an active node silent, or a backup answer too.
@@ -768,7 +771,7 @@ def up(config: Config, config_path: Path | None = None,
         role = role or "active"
         balancer = Balancer(datapath, config_path, role, announcer)
         if running is not None:
-            balancer.adopt(ran, admin)
+            balancer.adopt(ran, admin, ids)
         forgotten = balancer.restore(kept, config)
         applied = balancer.apply(config, relink=True)
         forgotten += applied["admin_forgotten"]
@@ -886,18 +889,19 @@ def _describing(kept: saved.State | None, running) -> saved.State | None:
 
 
 def _running_state(given: Config, kept: saved.State | None
-                   ) -> tuple[Config, dict[Key, str], str | None]:
+                   ) -> tuple[Config, dict[Key, str], str | None, dict[Key, int]]:
     """The config a running data path was written for, its servers' run-time
-    states and its role, as its control process saved them in `kept` (the
-    given config, none and None when it saved none)."""
+    states, its role and its servers' backend ids, as its control process saved
+    them in `kept` (the given config, none, None and none when it saved none)."""
     if kept is None:
-        return given, {}, None
+        return given, {}, None, {}
     try:
-        return configfile.load(kept.config_text, dumped=True), kept.admin, kept.role
+        return (configfile.load(kept.config_text, dumped=True), kept.admin, kept.role,
+                kept.backends)
     except ConfigError:
         log.event("adopt", level="warning", error="the saved config is not valid; "
                   "the maps are read back by the given one")
-        return given, {}, kept.role
+        return given, {}, kept.role, {}
 
 
 def _summary(config: Config, most: int = 4) -> str:

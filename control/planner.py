@@ -303,18 +303,19 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
                           owners, retired_backends, retired_services)
 
 
-def recover(config: Config, held: DataplaneState,
-            backends: dict[int, BackendState]) -> DataplaneState:
+def recover(config: Config, held: DataplaneState, backends: dict[int, BackendState],
+            ids: Mapping[BackendKey, int] = {}) -> DataplaneState:
     """The state that running maps hold (read back by a control plane that
     adopts them), with their backends named after `config`, the config they
     were written for, so that every id stays what it is. `held` is what the
     maps hold with no backend named, `backends` their entries by id. The maps
     know a backend by address and port only: a server that is in several pools is
     told apart by the rings of each pool's frontends (one in none of its own
-    pool's, drained or down, is not one in another pool's), then by id order
-    (the order `desired` gives ids in, until a server joins a pool later).
-    Entries that no server matches stay unnamed (removed servers, closed to
-    new flows): retired."""
+    pool's, drained or down, is not one in another pool's), then by `ids`, the
+    ids its control process saved (none from a build before it saved them),
+    then by id order (the order `desired` gives ids in, until a server joins
+    a pool later). Entries that no server matches stay unnamed (removed
+    servers, closed to new flows): retired."""
     in_rings: dict[str, set[int]] = {}
     for fe in config.frontends:
         svc = held.services.get((fe.vip, fe.port, fe.proto_number))
@@ -329,7 +330,9 @@ def recover(config: Config, held: DataplaneState,
             candidates = [b for b in backends.values() if b.id not in taken
                           and (b.address, b.port) == (s.address, s.port)]
             if candidates:
-                b = min(candidates, key=lambda b: (b.id not in ringed, b.id in others, b.id))
+                saved = ids.get((pool.name, s.name))
+                b = min(candidates, key=lambda b: (b.id not in ringed, b.id in others,
+                                                   b.id != saved, b.id))
                 taken.add(b.id)
                 named[(pool.name, s.name)] = b
     return replace(held, backends=named, retired_backends={

@@ -1,9 +1,9 @@
 """xlb's own state: what a restart of `xlb up` must find again and no file of
 the operator holds. Which file the instance serves, the config it runs (as
 canonical TOML), the server states set at run time (`xlb server drain`,
-`disable`), the HA role (`xlb ha role`) and the routing table of its VIP
-routes (`--announce-table`): after a crash, the next `xlb up` or `xlb down`
-withdraws them there.
+`disable`), the ids of the servers' backend entries, the HA role (`xlb ha
+role`) and the routing table of its VIP routes (`--announce-table`): after a
+crash, the next `xlb up` or `xlb down` withdraws them there.
 
 One directory per network namespace, `/var/lib/xlb/netns-<inode of its
 /proc/self/ns/net>` (`$XLB_STATE_DIR` replaces `/var/lib/xlb`), holding one
@@ -24,7 +24,7 @@ import json
 import os
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import log
@@ -47,6 +47,10 @@ class State:
     # instance takes the rest for the running data path's only when it is that
     # one's. None: saved before xlb kept it.
     datapath: int | None = None
+    # (pool, server) -> the id of its backend entry in the maps: a server in
+    # two pools has an entry in each, at one address and port, which an
+    # adopting instance tells apart by them. Empty: saved before xlb kept them.
+    backends: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def namespace_dirname() -> str:
@@ -128,17 +132,20 @@ def load() -> State | None:
                             f"({ns['name'] or 'no name'}); ignored")
             return None
         admin = {(pool, server): value for pool, server, value in d["admin"]}
+        backends = {(pool, server): i for pool, server, i in d.get("backends", [])}
         role, table, datapath = d.get("role"), d.get("announce_table"), d.get("datapath")
         if not (isinstance(d["config_path"], (str, type(None)))
                 and isinstance(d["config_text"], str)
                 and all(type(pool) is str and type(server) is str and v in ("drain", "maint")
                         for (pool, server), v in admin.items())
+                and all(type(pool) is str and type(server) is str and type(i) is int
+                        for (pool, server), i in backends.items())
                 and role in (None, *ROLES)
                 and (table is None or type(table) is int)
                 and (datapath is None or type(datapath) is int)):
             raise ValueError("a field has the wrong type")
         return State(d["config_path"], d["config_text"], admin, role,
-                     table if table is None else check_table(table), datapath)
+                     table if table is None else check_table(table), datapath, backends)
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         # ValueError: also bytes that are not UTF-8; RecursionError: JSON nested past the stack
         why = (f"not UTF-8: {e.reason} at byte {e.start}" if isinstance(e, UnicodeDecodeError)
@@ -155,6 +162,7 @@ def save(state: State) -> None:
             "admin": [[pool, server, value] for (pool, server), value in sorted(state.admin.items())],
             "role": state.role, "announce_table": state.announce_table,
             "datapath": state.datapath,
+            "backends": [[pool, server, i] for (pool, server), i in sorted(state.backends.items())],
             "namespace": _namespace()}
     _write(FILE, data)
 

@@ -796,6 +796,12 @@ def test_recover_leaves_a_server_in_another_pools_ring_to_that_pool():
     got = planner.recover(second, held, backends)
     assert got.backends == st.backends
     assert planner.plan(got, desired(second, got, drained)) == []
+    # Drained in both pools, so in no ring: the ids its control process
+    # saved tell them apart (by id order each pool took the other's).
+    both = {**drained, ("pb", "shared"): "drain"}
+    st, held, backends = applied((first, {}), (second, both))
+    ids = {k: b.id for k, b in st.backends.items()}
+    assert planner.recover(second, held, backends, ids).backends == st.backends
 
 
 @pytest.mark.parametrize("restart", [False, True], ids=["same instance", "restarted"])

@@ -12,7 +12,8 @@ from xlb import state
 from xlb.state import State
 
 KEPT = State("/etc/xlb/xlb.toml", '[pools.web]\nservers = ["was1"]\n',
-             {("web", "was1"): "drain", ("web", "was2"): "maint"}, "backup", 100, 4242)
+             {("web", "was1"): "drain", ("web", "was2"): "maint"}, "backup", 100, 4242,
+             {("web", "was1"): 3, ("web", "was2"): 0})
 
 
 @pytest.fixture(autouse=True)
@@ -144,7 +145,9 @@ def test_a_state_of_bad_bytes_or_nested_too_deep_is_a_warning_not_a_failure(root
                                          ("admin", [[1, "was1", "drain"], ["web", "w", "maint"]]),
                                          ("role", "primary"), ("announce_table", "100"),
                                          ("announce_table", True), ("announce_table", 254),
-                                         ("datapath", "12"), ("datapath", 1.5)])
+                                         ("datapath", "12"), ("datapath", 1.5),
+                                         ("backends", [["web", "was1", "3"]]),
+                                         ("backends", [["web", "was1"]])])
 def test_a_state_with_an_unknown_server_state_role_or_table_is_refused(root, capsys, field,
                                                                        value):
     state.save(KEPT)
@@ -153,11 +156,13 @@ def test_a_state_with_an_unknown_server_state_role_or_table_is_refused(root, cap
     assert "not an xlb state" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("field", ["role", "announce_table", "datapath"])
-def test_a_state_saved_before_the_role_table_or_datapath_was_kept_has_none(root, field):
+@pytest.mark.parametrize("field,none", [("role", None), ("announce_table", None),
+                                        ("datapath", None), ("backends", {})])
+def test_a_state_saved_before_the_role_table_datapath_or_ids_were_kept_has_none(root, field,
+                                                                                none):
     state.save(KEPT)
     rewrite(drop=(field,))
-    assert state.load() == dataclasses.replace(KEPT, **{field: None})
+    assert state.load() == dataclasses.replace(KEPT, **{field: none})
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o720, 0o702])     # anyone, the group, the others
