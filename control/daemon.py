@@ -256,7 +256,7 @@ class Balancer:
         writing them anew, so every id, flow and counter stays. A server whose
         backend is closed for no other reason was down by its health checks,
         and starts down until its first check."""
-        state = planner.recover(config, *self.datapath.held(), ids or {})
+        state = planner.recover(config, *self.datapath.held(), ids)
         if self.datapath.emptied("backends"):
             # Taken from the connections (another layout emptied the map), and
             # written back: a server's open to new flows (the apply closes one

@@ -304,7 +304,7 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
 
 
 def recover(config: Config, held: DataplaneState, backends: dict[int, BackendState],
-            ids: Mapping[BackendKey, int] = {}) -> DataplaneState:
+            ids: Mapping[BackendKey, int] | None = None) -> DataplaneState:
     """The state that running maps hold (read back by a control plane that
     adopts them), with their backends named after `config`, the config they
     were written for, so that every id stays what it is. `held` is what the
@@ -330,7 +330,7 @@ def recover(config: Config, held: DataplaneState, backends: dict[int, BackendSta
             candidates = [b for b in backends.values() if b.id not in taken
                           and (b.address, b.port) == (s.address, s.port)]
             if candidates:
-                saved = ids.get((pool.name, s.name))
+                saved = (ids or {}).get((pool.name, s.name))
                 b = min(candidates, key=lambda b: (b.id not in ringed, b.id in others,
                                                    b.id != saved, b.id))
                 taken.add(b.id)
