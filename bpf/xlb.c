@@ -311,12 +311,18 @@ static __always_inline int flow_alive(struct flow_key *key, struct flow *f, int 
 
 /* Whether the forward entry f (of key, in flows_new if in_new) still carries
  * this packet. A SYN on a closing flow, or on one whose backend takes no new
- * flows, opens a new connection (a client reusing its port); a dead
- * connection (flow_alive) is gone. */
+ * flows, opens a new connection (a client reusing its port); so does a UDP
+ * datagram of a flow its backend never answered, as a SYN's retry does: a
+ * one-way flow (syslog) would else stay on a down server while its client
+ * sends. A dead connection (flow_alive) is gone. */
 static __always_inline int flow_fate(struct flow_key *key, struct packet *pkt, struct flow *f,
 				     int in_new, __u64 now)
 {
-	if (packet_opens(pkt) && (f->state == FLOW_CLOSING || backend_closed(f)))
+	int opens = packet_opens(pkt);
+
+	if (opens && f->state == FLOW_CLOSING)
+		return FLOW_REOPENED;
+	if ((opens || (!pkt->tcp && f->state == FLOW_NEW)) && backend_closed(f))
 		return FLOW_REOPENED;
 	return flow_alive(key, f, in_new, now) ? FLOW_ALIVE : FLOW_EXPIRED;
 }

@@ -94,7 +94,8 @@ FAMILIES = {
                                               "that xlb_flows_removed_total does not count."),
     "xlb_flows_removed": ("counter", "Connections that left the flow tables, by reason: expired "
                                      "(idle past their timeout), reopened (a SYN on a closing "
-                                     "one, or on one whose server takes no new flows), ended "
+                                     "one, or a SYN or a datagram it never answered on one "
+                                     "whose server takes no new flows), ended "
                                      "(by a server's state or a removed frontend), evicted (by "
                                      "the LRU when full, or left out of a smaller table by a "
                                      "restart; derived: a lower bound)."),

@@ -178,7 +178,8 @@ def build():
            "closing (after a FIN or RST), half-open (the handshake not complete).",
            (f"sum by (state) (xlb_flows{{{SEL}}})", "{{state}}")).min(0),
         ts("Connections removed/s by reason", "cps", "expired (idle past their timeout), "
-           "reopened (a SYN on a closing one, or on one whose server takes no new flows), "
+           "reopened (a SYN on a closing one, or a SYN or a datagram it never answered on one "
+           "whose server takes no new flows), "
            "ended (a server's state, a removed frontend), evicted (by the LRU when a table "
            "is full, or left out of a smaller table by a restart).",
            (_rate("xlb_flows_removed_total", "reason"), "{{reason}}")).min(0),

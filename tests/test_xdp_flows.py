@@ -486,6 +486,37 @@ def test_a_syn_on_a_closing_connection_opens_a_new_one(lb, fibnet):
     assert (CLIENT, VIP, 51300, 80, TCP_P) not in entries(dp, "flows")
 
 
+def test_a_datagram_its_server_never_answered_is_balanced_anew_once_it_takes_no_new_flows(
+        lb, fibnet):
+    """A UDP flow its server never answered (syslog's, one-way) is half-open,
+    as a connection whose SYN is unanswered: once the server takes no new
+    flows (drained, disabled, down), its next datagram goes where a new
+    flow's would, counted as reopened, as a SYN's retry does. It stayed on
+    the server while its client sent, a down one too. A flow the server
+    answered stays (its pool's on_server_down decides)."""
+    dp, ext, int_ = lb.dp, fibnet.ifindex["ext"], fibnet.ifindex["int"]
+
+    def datagram(sport):
+        return lb.send(udp_frame(CLIENT, VIP, sport, 80, payload=b"<13>log"), ext)
+
+    first = backend_of(datagram(52010).data)
+    answered = next(p for p in range(52011, 52015) if backend_of(datagram(p).data) == first)
+    addr, port = BACKENDS[first]
+    lb.send(udp_frame(addr, CLIENT, port, answered, payload=b"a", eth_src=BACKEND_MAC), int_)
+    dp.set_backend(first, addr, port, closed=True)
+    try:
+        before = counters(dp)
+        moved = backend_of(datagram(52010).data)
+        lb.expect("forward_redirect", flow=("in", SVC_UDP, moved, True))
+        assert moved != first and counters(dp)["reopened"] - before["reopened"] == 1
+        table, fwd, _ = connection(dp, 52010, UDP_P)
+        assert (table, fwd.backend_id, fwd.state) == ("flows_new", moved, STATE["new"])
+        assert backend_of(datagram(answered).data) == first
+        assert counters(dp)["reopened"] == before["reopened"] + 1
+    finally:
+        dp.set_backend(first, addr, port)
+
+
 def test_udp_is_established_once_the_client_speaks_after_an_answer(lb, fibnet):
     ext, int_ = fibnet.ifindex["ext"], fibnet.ifindex["int"]
     res = lb.send(udp_frame(CLIENT, VIP, 52000, 80, payload=b"q1"), ext)
