@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import json
 import os
+import subprocess
 import time
 
 import pytest
@@ -231,3 +232,46 @@ def test_a_silent_node_loses_its_route_by_bfd_and_flows_survive(ecmp):
     assert seen["new"] >= 200 and seen["failed"] == seen["unanswered"]
     # Maglev on every node: a flow the router moves reaches the same server.
     assert seen["held_survived"] == seen["held"]
+
+
+def test_a_node_stopped_loses_the_answers_on_their_way_through_it_unless_made_backup_first(
+        ecmp):
+    """Clients wait for a slow answer (/delay), silent meanwhile. The node
+    holding most of them is made backup: it withdraws, its data path still
+    serves the answers that come back through it, and none is lost. Active
+    again, then stopped at once by `xlb down` (which withdraws and removes
+    its data path together), it loses every one it held: the server resends
+    each through it (the connection's mark), so no other node sees it, with
+    adopt_replies or without. Run last: the node stays stopped."""
+    lab = ecmp
+    wait_for(lambda: len(nexthops(lab)) >= 2, 30, "two next hops")
+
+    def created() -> dict[str, int]:
+        return {node: lab.status(node)["flows"]["created"] for node in NODES}
+
+    def waiting_clients(count: int) -> tuple[list[subprocess.Popen], str, int]:
+        """count clients waiting for their answer; the node holding the most
+        of their connections, and how many it holds."""
+        before = created()
+        clients = [lab.spawn("client", "curl", "-s", "--noproxy", "*", "-m", "15",
+                             "-o", "/dev/null", "-w", "%{http_code}", f"http://{VIP}/delay/5")
+                   for _ in range(count)]
+        wait_for(lambda: sum(created().values()) - sum(before.values()) >= count, 5,
+                 "every connection created on some node")
+        held = {node: n - before[node] for node, n in created().items()}
+        node = max(held, key=held.get)
+        return clients, node, held[node]
+
+    def answered(clients: list[subprocess.Popen]) -> int:
+        return sum(c.communicate(timeout=30)[0] == "200" for c in clients)
+
+    clients, node, _ = waiting_clients(8)
+    lab.xlb_cmd("ha", "role", "backup", node=node, check=True)
+    wait_for(lambda: NODES[node] not in nexthops(lab), 10, f"{node}'s route goes")
+    assert answered(clients) == 8
+    lab.xlb_cmd("ha", "role", "active", node=node, check=True)
+    wait_for(lambda: NODES[node] in nexthops(lab), 30, f"{node}'s route comes back")
+
+    clients, node, held = waiting_clients(8)
+    lab.xlb_cmd("down", node=node, check=True)
+    assert answered(clients) == 8 - held
