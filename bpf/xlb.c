@@ -655,7 +655,8 @@ static __always_inline int routed_elsewhere(struct xdp_md *ctx, const struct iph
  * reaches the backend directly and that Maglev sends elsewhere, and what is
  * for this host (its own connections, the health checks). A connection this
  * node has the forward entry of only lost its reply entry (the LRU evicts
- * entries, not connections): that entry is written again. */
+ * entries, not connections): that entry is written again; a packet of another
+ * server on its client's port passes. */
 static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct packet *pkt,
 						  struct xlb_config *cfg, struct flow_key *key,
 						  __u32 bytes, __u64 now)
@@ -697,6 +698,10 @@ static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct pac
 		else
 			flows.update(key, &reply);
 	} else {
+		/* This node's own live connection, on another server than Maglev
+		 * picks now (its pick was drained then): not another node's. */
+		if (f && f->dir == FLOW_FORWARD && flow_alive(&fkey, f, in_new, now))
+			return XLB_PASS_NOT_VIP;
 		be = pick_backend(svc, &fkey, &backend_id);
 		if (!be || be->addr != key->saddr || be->port != key->sport ||
 		    !routed_elsewhere(ctx, pkt->ip))

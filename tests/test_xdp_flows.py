@@ -1139,6 +1139,33 @@ def test_a_connection_of_this_node_whose_reply_entry_went_is_not_adopted(adoptin
     assert (fwd.state, reply.state) == (STATE["closing"], STATE["closing"])
 
 
+def test_a_connection_of_this_node_on_another_server_than_maglevs_is_not_taken(adopting,
+                                                                                 fibnet):
+    """This node's live connection went to the other server (the table sent
+    its client there then: Maglev's pick drained, say); a packet from the
+    server Maglev picks now, on the same client port, is no other node's
+    connection to adopt: it passes, and the connection stays where it is."""
+    lb, dp = adopting, adopting.dp
+    ext, int_ = fibnet.ifindex["ext"], fibnet.ifindex["int"]
+    sport = 56700
+    bid = maglev_backend(CLIENT, sport)
+    other = 3 - bid
+    dp.write_maglev(MAGLEV_TABLE, [other] * len(MAGLEV_SLOTS))
+    try:
+        res = lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="S"), ext)
+        assert backend_of(res.data) == other
+    finally:
+        dp.write_maglev(MAGLEV_TABLE, MAGLEV_SLOTS)
+    lb.send(from_backend(other, sport, "SA"), int_)
+    before = counters(dp)
+    stray = from_backend(bid, sport, "PA", payload=b"stray")
+    res = lb.send(stray, int_)
+    assert (res.action, res.data) == (XDP_PASS, stray)
+    lb.expect("pass_not_vip")
+    assert counters(dp) == before
+    assert connection(dp, sport, vip=MVIP)[1].backend_id == other
+
+
 def test_what_cannot_be_balanced_to_an_address_on_a_vips_filter_bit_passes(lb, fibnet):
     """The VIP filter takes such an address for a VIP's: what xlb cannot
     balance (another protocol, a later fragment no entry knows) is dropped
