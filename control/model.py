@@ -10,6 +10,7 @@ import itertools
 import math
 import re
 import string
+import urllib.parse
 from dataclasses import dataclass, field
 from ipaddress import AddressValueError, IPv4Address
 
@@ -232,6 +233,19 @@ def check_http_path(path: str) -> str:
         raise ValueError(f"{path!r} has a fragment ('#'), which a request does not carry")
     if _BAD_PERCENT.search(path):
         raise ValueError(f"{path!r} has a '%' not followed by two hex digits: write '%' as %25")
+    # What servers decode before they map the path (nginx, Apache: 400); the
+    # query is not decoded.
+    target = path.split("?", 1)[0]
+    if "%00" in target:
+        raise ValueError(f"{path!r} has a NUL (%00) before its query, which servers refuse")
+    depth = 0
+    for segment in urllib.parse.unquote(target).split("/"):
+        if segment == "..":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"{path!r} climbs above the root ('..'), which servers refuse")
+        elif segment not in ("", "."):
+            depth += 1
     return path
 
 

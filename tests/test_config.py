@@ -748,6 +748,17 @@ BAD = [
       ("monitors.o.path", "4097 bytes: at most 4096"),
       ("monitors.o.host", f"'{'h' * 254}' is not a host name, IPv4 address or [IPv6] address, "
                           "with an optional :port (1-65535)")]),
+    # nginx answers 400 to a path that climbs above the root or holds a NUL; a `..`
+    # that stays under it, and a %00 in the query, it takes
+    ("http-path-a-server-refuses",
+     doc(monitor('type = "http"', 'path = "/a/../../x"'))
+     + '\n[monitors.n]\ntype = "https"\npath = "/%2e%2E/x"'
+     + '\n[monitors.o]\ntype = "http"\npath = "/a%00b"'
+     + '\n[monitors.ok]\ntype = "http"\npath = "/a/../x/./y/.."'
+     + '\n[monitors.ok2]\ntype = "http"\npath = "//x?q=%00&r=/../.."',
+     [("monitors.m.path", "'/a/../../x' climbs above the root ('..'), which servers refuse"),
+      ("monitors.n.path", "'/%2e%2E/x' climbs above the root ('..'), which servers refuse"),
+      ("monitors.o.path", "'/a%00b' has a NUL (%00) before its query, which servers refuse")]),
     # nginx answers 400 (and Apache) to a name with an empty label; a trailing dot is a
     # fully qualified name, and a leading one it takes
     ("http-host-with-an-empty-label",
