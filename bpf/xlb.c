@@ -720,14 +720,20 @@ static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct pac
 	return send(ctx, pkt, cfg, key, 1, reply.addr, reply.port, now);
 }
 
+/* Whether ip is to a VIP: is_vip, from the config's filter, may be wrong. */
+static __always_inline int to_a_vip(struct iphdr *ip, int is_vip)
+{
+	return is_vip && vips.lookup(&ip->daddr);
+}
+
 /* For packets that cannot be balanced: dropped if addressed to a VIP. The
  * kernel does not own a VIP: passed, they would make it ARP for the VIP, or
  * route them back where they came from (an ICMP redirect, or a loop with the
- * router that sent them). is_vip, from the config's filter, may be wrong. */
+ * router that sent them). */
 static __always_inline enum xlb_reason vip_or_pass(struct iphdr *ip, int is_vip,
 						   enum xlb_reason if_vip, enum xlb_reason otherwise)
 {
-	return is_vip && vips.lookup(&ip->daddr) ? if_vip : otherwise;
+	return to_a_vip(ip, is_vip) ? if_vip : otherwise;
 }
 
 /* The service of a connection key (client -> VIP), or NULL. */
@@ -833,7 +839,7 @@ static __always_inline enum xlb_reason handle_icmp(struct xdp_md *ctx, struct cu
 	int in_new;
 
 	/* Which way an error goes hangs on it: the filter's word is not enough. */
-	is_vip = is_vip && vips.lookup(&ip->daddr);
+	is_vip = to_a_vip(ip, is_vip);
 	if (ip_is_fragment(ip))
 		return is_vip ? XLB_DROP_FRAGMENT : XLB_PASS_NOT_VIP;
 	icmp = parse_icmp(c, ip);
@@ -920,6 +926,22 @@ static __always_inline enum xlb_reason later_fragment(struct xdp_md *ctx, struct
 	return transmit(ctx, &pkt, hop, reply);
 }
 
+/* A packet of a protocol xlb does not balance (not TCP, UDP or ICMP): passed
+ * if not to a VIP, and as for a VIP's, dropped, a bad IP header told apart
+ * (checked only then: traffic not xlb's pays nothing for it). */
+static __always_inline enum xlb_reason other_protocol(struct cursor *c, struct iphdr *ip,
+						      int is_vip)
+{
+	int hlen;
+
+	if (!to_a_vip(ip, is_vip))
+		return XLB_PASS_NOT_VIP;
+	hlen = ip_header_len(c, ip);
+	if (hlen < 0 || bpf_ntohs(ip->tot_len) < hlen)
+		return XLB_DROP_MALFORMED;
+	return unserved(ip, XLB_DROP_NO_SERVICE);
+}
+
 /* An IPv4 packet that may be for xlb: to a VIP (is_vip), or TCP or UDP from
  * where a backend may be (xlb_xdp found its ports inside the frame), or ICMP
  * or another protocol. */
@@ -932,7 +954,7 @@ static __always_inline enum xlb_reason classify(struct xdp_md *ctx, struct curso
 	if (ip->protocol == IPPROTO_ICMP)
 		return handle_icmp(ctx, c, eth, ip, cfg, is_vip);
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
-		return vip_or_pass(ip, is_vip, unserved(ip, XLB_DROP_NO_SERVICE), XLB_PASS_NOT_VIP);
+		return other_protocol(c, ip, is_vip);
 	if (ip_is_later_fragment(ip))
 		return later_fragment(ctx, c, eth, ip, cfg, is_vip, frame_len);
 	if (parse_l4(c, ip, &pkt) < 0)

@@ -811,6 +811,24 @@ def test_malformed_icmp(lb, ip_fields, dst, action, reason):
     lb.expect(reason)
 
 
+@pytest.mark.parametrize("dst, action, reason", [(VIP, XDP_DROP, "drop_malformed"),
+                                                 (OTHER, XDP_PASS, "pass_not_vip")],
+                         ids=["vip", "other"])
+@pytest.mark.parametrize("ip_fields", [dict(len=20 + 12 + 1), dict(len=19), dict(ihl=4),
+                                       dict(version=6)],
+                         ids=["tot-len-beyond-frame", "tot-len-below-header", "ihl-below-5",
+                              "version-6-in-ipv4-ethertype"])
+def test_malformed_packet_of_another_protocol(lb, ip_fields, dst, action, reason):
+    """GRE (12 bytes) in no sound IPv4 packet: to a VIP, malformed (it counted
+    as for no service); to another address, not xlb's, passed before it is
+    looked at."""
+    frame = raw(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=str(CLIENT), dst=str(dst), proto=47,
+                                                       **ip_fields) / Raw(b"g" * 12))
+    res = lb.send(frame)
+    assert (res.action, res.data) == (action, frame)
+    lb.expect(reason)
+
+
 @pytest.mark.parametrize("frame", [
     priority_tagged(tcp_frame(CLIENT, VIP, 46300, 80, payload=b"x" * 10))[:-2],
     priority_tagged(icmp_echo(VIP))[:-2],
