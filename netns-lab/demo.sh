@@ -26,6 +26,13 @@ cleanup() {
 trap cleanup EXIT
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# $1 requests to the VIP from node $2, each with the WAS that answered it.
+requests() {
+    local i
+    for i in $(seq "$1"); do
+        printf 'request %2d -> %s\n' "$i" "$(ip netns exec "$P-$2" curl -s -m 3 http://10.1.1.101/)"
+    done
+}
 
 step "seed topology (netns-lab/lab.sh up)"
 $LAB up
@@ -47,22 +54,16 @@ done
 grep serving "$LOG" || { echo "xlb did not start within 60 s"; cat "$LOG"; exit 1; }
 
 step "10 requests from the client on the VIP's subnet (10.1.1.10, resolves the VIP by ARP)"
-for i in $(seq 10); do
-    printf 'request %2d -> %s\n' "$i" "$(ip netns exec "$P-client" curl -s -m 3 http://10.1.1.101/)"
-done
+requests 10 client
 echo "(round-robin keeps a cursor per CPU: requests that land on different CPUs may meet one server twice in a row; the split evens out)"
 
 step "4 requests from the routed client (198.51.100.10, through the external firewall)"
-for i in $(seq 4); do
-    printf 'request %2d -> %s\n' "$i" "$(ip netns exec "$P-remote" curl -s -m 3 http://10.1.1.101/)"
-done
+requests 4 remote
 
 step "drain WAS2: no new connections for it (open ones would finish)"
 echo "+ xlb server drain was was2"
 ip netns exec "$P-lb" .venv/bin/xlb server drain was was2
-for i in $(seq 4); do
-    printf 'request %2d -> %s\n' "$i" "$(ip netns exec "$P-client" curl -s -m 3 http://10.1.1.101/)"
-done
+requests 4 client
 echo "+ xlb server enable was was2"
 ip netns exec "$P-lb" .venv/bin/xlb server enable was was2
 
@@ -86,15 +87,11 @@ wait_state was2 up      # its first check (a server counts as up until then)
 echo "+ lab.sh server stop was2   (down after 3 failed checks, 2 s apart: fall x interval)"
 $LAB server stop was2 >/dev/null
 wait_state was2 down
-for i in $(seq 4); do
-    printf 'request %2d -> %s\n' "$i" "$(ip netns exec "$P-client" curl -s -m 3 http://10.1.1.101/)"
-done
+requests 4 client
 echo "+ lab.sh server start was2   (up after 2 good checks: rise x interval)"
 $LAB server start was2 >/dev/null
 wait_state was2 up
-for i in $(seq 4); do
-    printf 'request %2d -> %s\n' "$i" "$(ip netns exec "$P-client" curl -s -m 3 http://10.1.1.101/)"
-done
+requests 4 client
 
 step "xlb status"
 ip netns exec "$P-lb" .venv/bin/xlb status
