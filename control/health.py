@@ -327,9 +327,7 @@ class HealthChecker:
             # No pass from before the link went counts toward rise, nor one
             # in flight as it went.
             entry.successes, entry.failures = 0, entry.target.monitor.fall
-            if entry.probe is not None:
-                entry.probe.abort()
-                entry.probe = None
+            if _drop_probe(entry):
                 entry.next_start = max(entry.next_start + entry.target.monitor.interval, _now())
                 entry.seq = self._push(entry.next_start, _FIRE, entry)
             # No check ran: no duration to show, log or count (on_check hears nothing).
@@ -351,10 +349,7 @@ class HealthChecker:
             entry = self._entries.get(key)
             if entry is None:
                 continue
-            if entry.probe is not None:
-                entry.probe.abort()
-                entry.probe = None
-            elif not entry.seq:         # not checked (type none)
+            if not _drop_probe(entry) and not entry.seq:     # not checked (type none)
                 continue
             entry.next_start = _now()
             entry.seq = self._push(entry.next_start, _FIRE, entry)
@@ -457,9 +452,7 @@ class HealthChecker:
         last = None
         if not _same_check(old, target):
             entry.successes = entry.failures = 0
-            if entry.probe is not None:
-                entry.probe.abort()
-                entry.probe = None
+            if _drop_probe(entry):
                 last = entry.next_start
         if last is None and entry.seq and target.monitor.interval != old.monitor.interval:
             last = entry.next_start - old.monitor.interval
@@ -476,9 +469,7 @@ class HealthChecker:
 
     def _halt(self, entry: _Entry) -> None:
         entry.seq = 0
-        if entry.probe is not None:
-            entry.probe.abort()
-            entry.probe = None
+        _drop_probe(entry)
 
     def _push(self, when: float, kind: int, obj: object) -> int:
         self._seq += 1
@@ -623,6 +614,15 @@ def _libc_disconnect():
 
 
 _disconnect = _libc_disconnect()
+
+
+def _drop_probe(entry: _Entry) -> bool:
+    """Drops entry's check in flight, which reports nothing; whether one was."""
+    if entry.probe is None:
+        return False
+    entry.probe.abort()
+    entry.probe = None
+    return True
 
 
 class _Probe:
