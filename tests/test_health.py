@@ -1532,15 +1532,28 @@ def test_stop_from_another_thread_and_before_run(netns):
     netns.run(asyncio.wait_for(hc.run(), PATIENCE))
 
 
+SIOCGSKNS = 0x894C      # a socket's network namespace, as an fd
+
+
 def sockets_and_epolls() -> set[tuple[str, str]]:
-    """This process's open sockets and epoll instances, by fd and what it
-    names (a socket's inode): a number reused is another file. Counting every
-    fd failed when another thread's file closed meanwhile."""
+    """The sockets of the calling thread's network namespace and the epoll
+    instances that this process has open, by fd and what it names (a socket's
+    inode): a number reused is another file. Counting every fd failed when
+    another thread's file closed meanwhile; a socket of another namespace is
+    another thread's (the checker's are made in the namespace's loop)."""
+    here = os.stat("/proc/thread-self/ns/net").st_ino
     out = set()
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
-        except FileNotFoundError:
+            if target.startswith("socket:"):
+                ns = fcntl.ioctl(int(fd), SIOCGSKNS)
+                try:
+                    if os.fstat(ns).st_ino != here:
+                        continue
+                finally:
+                    os.close(ns)
+        except OSError:         # closed meanwhile, or no longer a socket
             continue
         if target.startswith(("socket:", "anon_inode:[eventpoll]")):
             out.add((fd, target))
@@ -1567,7 +1580,8 @@ def test_cancelling_run_closes_every_socket(netns):
             await task
         await srv.close()
         # (the server's own accepted connections may take a moment to close)
-        await until(lambda: not sockets_and_epolls() - before, "no fd left open")
+        await until(lambda: not sockets_and_epolls() - before,
+                    lambda: f"no fd left open: {sorted(sockets_and_epolls() - before)}")
         assert hc.states() == states                         # the state survives run()
 
     netns.run(main())
