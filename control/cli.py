@@ -1263,6 +1263,11 @@ def format_status(s: dict) -> str:
                  "evicted from live connections, put back by the sweep)"]
                 if fl["replies_restored"] else []),
               "xdp actions: " + ", ".join(f"{k[4:].lower()} {si(v)}" for k, v in a.items()),
+              # Each packet's reason, as README's table names them: the count that
+              # tells what the data path did (fib_no_neigh, icmp_too_big, ...).
+              "packets by reason: " + (", ".join(f"{k} {si(v['packets'])}"
+                                                 for k, v in s["reasons"].items()
+                                                 if v["packets"]) or "none"),
               "drops: " + ", ".join(f"{k} {si(v)}" for k, v in drops.items())]
     return "\n".join(lines)
 

@@ -259,6 +259,21 @@ def test_status_counts_a_flow_tables_entries_as_top_does():
     assert ("flow tables (two entries a connection): flows 40/262,144 entries, <0.1% full; "
             "flows_new 1,234/65,536 entries, 1.9% full") in out.splitlines()
 
+def test_status_counts_packets_by_reason():
+    """README: every packet ends in one reason, and `xlb status` shows them
+    (a firewall's or a capture's puzzle is read there): those that counted
+    any, in the data path's order; the drops' line stays as it was."""
+    from xlb import cli
+    reasons = {"pass_not_vip": {"packets": 13, "bytes": 962},
+               "drop_no_backend": {"packets": 0, "bytes": 0},
+               "forward_redirect": {"packets": 24_500, "bytes": 1912},
+               "fib_no_neigh": {"packets": 1, "bytes": 74}}
+    lines = cli.format_status({**STATUS, "reasons": reasons}).splitlines()
+    assert "packets by reason: pass_not_vip 13, forward_redirect 24.5k, fib_no_neigh 1" in lines
+    assert "drops: no_backend 0" in lines
+    assert "packets by reason: none" in cli.format_status(STATUS).splitlines()
+
+
 UNAPPLIED = {"failed": 3, "unapplied_since": 1796338405.3,
              "error": "Could not update table:\nOperation not permitted"}
 UNAPPLIED_LINE = ("health changes not in the data path since 2026-12-03T22:53:25Z, tried "
