@@ -52,8 +52,36 @@ class _FileName(click.Path):
 CONFIG_FILE = _FileName(readable=False, path_type=Path)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="xlb")
+def _show_help(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        _out(ctx.get_help())    # click's own echo exits 1 when the reader has gone
+        ctx.exit()
+
+
+def _show_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        _out(f"xlb, version {__version__}")
+        ctx.exit()
+
+
+class _Command(click.Command):
+    """A command whose --help is written as every answer is (_out)."""
+
+    def get_help_option(self, ctx: click.Context) -> click.Option | None:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.callback = _show_help
+        return option
+
+
+class _Group(_Command, click.Group):
+    command_class = _Command
+    group_class = type          # its groups are of its class
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_show_version, help="Show the version and exit.")
 def cli() -> None:
     """xlb: a kernel-accelerated L4 load balancer.
 

@@ -41,14 +41,17 @@ def test_check_of_a_valid_file_says_what_it_holds():
     assert r.stderr == ""
 
 
-def test_a_reader_that_goes_away_leaves_the_exit_status_as_it_was():
-    """`xlb status | head -1`, `| grep -q`: the rest of the answer is lost,
-    not what the exit status says (1 is "no instance runs", for status), nor a
-    word said of it (click alone exited 1 and said nothing)."""
+@pytest.mark.parametrize("args", [("check", str(SEED)), ("--help",), ("ha", "bird", "-h"),
+                                  ("--version",)])
+def test_a_reader_that_goes_away_leaves_the_exit_status_as_it_was(args):
+    """`xlb status | head -1`, `| grep -q`, `xlb --help | head`: the rest of
+    the answer is lost, not what the exit status says (1 is "no instance
+    runs", for status), nor a word said of it (click alone exited 1 and said
+    nothing)."""
     read, write = os.pipe()
     os.close(read)    # the reader is gone before xlb writes
     try:
-        r = subprocess.run([str(XLB), "check", str(SEED)], stdout=write, stderr=subprocess.PIPE,
+        r = subprocess.run([str(XLB), *args], stdout=write, stderr=subprocess.PIPE,
                            text=True, timeout=60)
     finally:
         os.close(write)
