@@ -858,7 +858,10 @@ def _server_name(host: str | None) -> str | None:
     return name or None
 
 
-_PLAIN_HTTP = b"HTTP/"      # a plain-HTTP server's answer to the TLS hello begins so
+# How a plain-HTTP server's answer to the TLS hello begins: its status line,
+# or a page with none (HTTP/0.9's way, as Python's http.server answers a
+# request line it cannot read).
+_PLAIN_HTTP = (b"HTTP/", b"<")
 
 
 class _HttpsProbe(_Probe):
@@ -914,8 +917,8 @@ class _HttpsProbe(_Probe):
             return
         if not data:
             return self._end((False, "tls: connection closed during the handshake"))
-        if len(self.heard) < len(_PLAIN_HTTP):
-            self.heard += data[:len(_PLAIN_HTTP)]
+        if len(self.heard) < len(_PLAIN_HTTP[0]):
+            self.heard += data[:len(_PLAIN_HTTP[0])]
         self.tls_in.write(data)
         self._handshake()
 

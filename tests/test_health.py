@@ -791,16 +791,24 @@ async def s_server(port: int, pem, *args: str):
 
 @pytest.mark.netns
 def test_https_tls_failures(netns, tls_pem):
-    """A plain-HTTP server on the port, a server that closes during the
-    handshake, one that never handshakes and one that refuses the handshake
-    (OpenSSL's own server, wanting a client certificate) each fail the check
-    with a tls reason (the third by the timeout, saying where it was)."""
+    """A plain-HTTP server on the port (with a status line, or with a page
+    alone, as Python's http.server, the lab's, answers the hello), a server
+    that closes during the handshake, one that never handshakes and one that
+    refuses the handshake (OpenSSL's own server, wanting a client
+    certificate) each fail the check with a tls reason (the fourth by the
+    timeout, saying where it was)."""
     async def plain_http(srv, reader, writer):
         await reader.read(65536)                # the TLS hello, read as a bad request
         writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
                      b"Connection: close\r\n\r\n")
         writer.write_eof()
         await reader.read()                     # closed only after the client: no RST
+
+    async def page(srv, reader, writer):
+        await reader.read(65536)
+        writer.write(b'<!DOCTYPE HTML>\n<html lang="en">\n<p>Error code: 400</p>\n</html>\n')
+        writer.write_eof()
+        await reader.read()
 
     async def closes(srv, reader, writer):
         await reader.read(65536)
@@ -812,14 +820,16 @@ def test_https_tls_failures(netns, tls_pem):
 
     async def main():
         servers = [await Listener(port, handle).start()
-                   for port, handle in ((8030, plain_http), (8031, closes), (8032, mute))]
+                   for port, handle in ((8030, plain_http), (8034, page), (8031, closes),
+                                        (8032, mute))]
         async with s_server(8033, tls_pem, "-tls1_2", "-Verify", "1"):
-            keys = [("api", name) for name in ("plain", "closes", "mute", "refuses")]
+            keys = [("api", name) for name in ("plain", "page", "closes", "mute", "refuses")]
             targets = [Target(key, LOCAL, port, http_monitor("https"))
-                       for key, port in zip(keys, (8030, 8031, 8032, 8033))]
+                       for key, port in zip(keys, (8030, 8034, 8031, 8032, 8033))]
             async with checker(targets) as (hc, rec):
                 await until(lambda: all(rec.of(key) for key in keys), "all down")
                 assert [rec.of(key)[0].reason for key in keys] == [
+                    "tls: the server answered in plain HTTP, not TLS",
                     "tls: the server answered in plain HTTP, not TLS",
                     "tls: connection closed during the handshake",
                     f"timeout after {TIMEOUT}s (the TLS handshake)",
