@@ -133,6 +133,11 @@ static __always_inline void icmp_echo_reply(struct ethhdr *eth, struct iphdr *ip
 	xlb_csum_apply(&ip->check, xlb_csum_diff16(old_ttl, *ttl));
 	icmp->type = ICMP_ECHOREPLY;
 	xlb_csum_apply(&icmp->checksum, xlb_csum_diff16(old, *word));
+	/* A reply of all zeros (id, sequence, data) sums to +0, which the update
+	 * takes for -0: its 0x0000 fails the sender's check. 0xffff (Linux's for
+	 * it) verifies for either zero. */
+	if (!icmp->checksum)
+		icmp->checksum = (__sum16)0xffff;
 }
 
 static __always_inline __sum16 csum_of(void *start, __u32 size)

@@ -1621,12 +1621,19 @@ def icmp_frame(src, dst, icmp, payload=b"", eth_src=CLIENT_MAC, eth_dst=LB_MAC, 
                / icmp / Raw(payload))
 
 
-def test_a_ping_of_a_vip_is_answered(lb, fibnet):
-    frame = icmp_frame(CLIENT, VIP, ICMP(id=7, seq=3), b"ping" * 10, ttl=61, id=0x77)
+@pytest.mark.parametrize("ident, seq, payload", [(7, 3, b"ping" * 10), (0, 0, b""),
+                                                   (0, 0, bytes(8))],
+                         ids=["ping", "all-zero", "all-zero-payload"])
+def test_a_ping_of_a_vip_is_answered(lb, fibnet, ident, seq, payload):
+    """An echo of all zeros (id, sequence, data, as a crafted probe sends)
+    sums to +0: its reply's checksum is 0xffff, as Linux computes it; 0x0000
+    (-0's, where the incremental update leads) fails the sender's check."""
+    frame = icmp_frame(CLIENT, VIP, ICMP(id=ident, seq=seq), payload, ttl=61, id=0x77)
     res = lb.send(frame, fibnet.ifindex["ext"])
     assert res.action == XDP_TX
-    assert res.data == icmp_frame(VIP, CLIENT, ICMP(type=0, id=7, seq=3), b"ping" * 10,
+    assert res.data == icmp_frame(VIP, CLIENT, ICMP(type=0, id=ident, seq=seq), payload,
                                   eth_src=LB_MAC, eth_dst=CLIENT_MAC, ttl=64, id=0x77)
+    assert ones_sum(res.data[34:]) == 0xffff, "the ICMP checksum does not verify"
     lb.expect("icmp_echo_reply")
 
 
