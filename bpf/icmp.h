@@ -118,19 +118,26 @@ static __always_inline void swap_macs(struct ethhdr *eth)
 	__builtin_memcpy(eth->h_dest, tmp, ETH_ALEN);
 }
 
-/* Turns an echo request in place into its reply, back where it came from. */
+/* Turns an echo request in place into its reply, back where it came from.
+ * Without DF, as Linux answers (its ICMP socket's IP_PMTUDISC_DONT): a router
+ * before a narrower link on the way back fragments it, where its "too big"
+ * about a reply with DF would reach the VIP, about no flow (iputils' ping
+ * sets DF on its requests). */
 static __always_inline void icmp_echo_reply(struct ethhdr *eth, struct iphdr *ip,
 					    struct icmphdr *icmp)
 {
 	__be32 addr = ip->saddr;
 	__be16 *word = (__be16 *)icmp, old = *word;
 	__be16 *ttl = (__be16 *)&ip->ttl, old_ttl = *ttl;
+	__be16 old_frag = ip->frag_off;
 
 	swap_macs(eth);
 	ip->saddr = ip->daddr;		/* a swap leaves the IP checksum as it is */
 	ip->daddr = addr;
 	ip->ttl = 64;
-	xlb_csum_apply(&ip->check, xlb_csum_diff16(old_ttl, *ttl));
+	ip->frag_off &= ~bpf_htons(XLB_IP_DF);
+	xlb_csum_apply(&ip->check, xlb_csum_diff16(old_ttl, *ttl) +
+				   xlb_csum_diff16(old_frag, ip->frag_off));
 	icmp->type = ICMP_ECHOREPLY;
 	xlb_csum_apply(&icmp->checksum, xlb_csum_diff16(old, *word));
 	/* A reply of all zeros (id, sequence, data) sums to +0, which the update

@@ -242,6 +242,23 @@ def test_path_mtu_discovery_and_ping_through_xlb(lab, forwarding):
         lab.run("client", "ip", "route", "flush", "cache")
 
 
+def test_a_large_ping_of_the_vip_is_answered_over_a_narrower_way_back(lab):
+    """fwex sends remote's traffic on by a route of MTU 1000, which remote's
+    requests do not take: ping's 1,428-byte requests (DF set, as iputils
+    sends them) reach the VIP whole, and the replies, without DF as a Linux
+    host sends them, are fragmented by fwex. With DF, fwex's "fragmentation
+    needed" went to the VIP about no flow, and no reply came back."""
+    lab.run("fwex", "ip", "route", "replace", "198.51.100.10", "dev", "eth1",
+            "mtu", "lock", "1000", check=True)
+    try:
+        with lab.xlb("--vip", f"{VIP}:80", *BACKENDS):
+            for dst in (WAS["WAS1"], VIP):      # a server's Linux, then xlb
+                ping = lab.run(REMOTE, "ping", "-c", "2", "-W", "2", "-s", "1400", dst)
+                assert ping.returncode == 0, ping.stdout + ping.stderr
+    finally:
+        lab.run("fwex", "ip", "route", "del", "198.51.100.10", "dev", "eth1", check=True)
+
+
 @pytest.mark.parametrize("forwarding", ["fast", "kernel"])
 def test_a_probe_whose_ttl_runs_out_at_xlb_is_answered_as_by_a_router(lab, forwarding):
     """A TCP connect to the VIP with TTL 1, as `traceroute -T` sends: lb's
