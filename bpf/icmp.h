@@ -122,22 +122,28 @@ static __always_inline void swap_macs(struct ethhdr *eth)
  * Without DF, as Linux answers (its ICMP socket's IP_PMTUDISC_DONT): a router
  * before a narrower link on the way back fragments it, where its "too big"
  * about a reply with DF would reach the VIP, about no flow (iputils' ping
- * sets DF on its requests). */
+ * sets DF on its requests). A request with DF is atomic, and its id need not
+ * be unique (RFC 6864; Linux sends 0 from some sockets): the reply, which may
+ * be fragmented, gets its own. */
 static __always_inline void icmp_echo_reply(struct ethhdr *eth, struct iphdr *ip,
 					    struct icmphdr *icmp)
 {
 	__be32 addr = ip->saddr;
 	__be16 *word = (__be16 *)icmp, old = *word;
 	__be16 *ttl = (__be16 *)&ip->ttl, old_ttl = *ttl;
-	__be16 old_frag = ip->frag_off;
+	__be16 old_frag = ip->frag_off, old_id = ip->id;
 
 	swap_macs(eth);
 	ip->saddr = ip->daddr;		/* a swap leaves the IP checksum as it is */
 	ip->daddr = addr;
 	ip->ttl = 64;
-	ip->frag_off &= ~bpf_htons(XLB_IP_DF);
+	if (ip->frag_off & bpf_htons(XLB_IP_DF)) {
+		ip->frag_off &= ~bpf_htons(XLB_IP_DF);
+		ip->id = bpf_get_prandom_u32();
+	}
 	xlb_csum_apply(&ip->check, xlb_csum_diff16(old_ttl, *ttl) +
-				   xlb_csum_diff16(old_frag, ip->frag_off));
+				   xlb_csum_diff16(old_frag, ip->frag_off) +
+				   xlb_csum_diff16(old_id, ip->id));
 	icmp->type = ICMP_ECHOREPLY;
 	xlb_csum_apply(&icmp->checksum, xlb_csum_diff16(old, *word));
 	/* A reply of all zeros (id, sequence, data) sums to +0, which the update

@@ -780,7 +780,9 @@ def check_icmp_rewrite(world: World, frame: bytes, action: int, out: bytes) -> s
         assert icmp_sum_kept, "the ICMP checksum is not as right (or as wrong) as before"
         reply = bytearray(frame[6:12] + frame[0:6] + frame[12:26] + frame[30:34] + frame[26:30]
                           + frame[34:])
-        reply[20] &= ~0x40      # no DF, as Linux answers
+        if reply[20] & 0x40:    # no DF, as Linux answers, and an id of its own
+            reply[20] &= ~0x40
+            reply[18:20] = out[18:20]
         reply[22], reply[l4] = 64, 0
         for at in (24, 25, l4 + 2, l4 + 3):     # the checksums, checked above
             reply[at] = out[at]

@@ -1639,16 +1639,24 @@ def test_a_ping_of_a_vip_is_answered(lb, fibnet, ident, seq, payload):
 
 def test_a_ping_of_a_vip_with_df_is_answered_without(lb, fibnet):
     """iputils' ping sets DF on its requests; Linux answers without it (its
-    ICMP socket's IP_PMTUDISC_DONT), so that a router before a narrower link
-    on the way back fragments the reply. With DF, that router's
-    "fragmentation needed" went to the VIP, about no flow, and was dropped:
-    a large ping of the VIP went unanswered where a server's was answered."""
-    frame = icmp_frame(CLIENT, VIP, ICMP(id=7, seq=3), b"ping" * 350, flags="DF", id=0x77)
-    res = lb.send(frame, fibnet.ifindex["ext"])
-    assert res.action == XDP_TX
-    assert res.data == icmp_frame(VIP, CLIENT, ICMP(type=0, id=7, seq=3), b"ping" * 350,
-                                  eth_src=LB_MAC, eth_dst=CLIENT_MAC, ttl=64, id=0x77)
-    lb.expect("icmp_echo_reply")
+    ICMP socket's IP_PMTUDISC_DONT), and with an id of its own, so that a
+    router before a narrower link on the way back fragments the reply. With
+    DF, that router's "fragmentation needed" went to the VIP, about no flow,
+    and was dropped: a large ping of the VIP went unanswered where a
+    server's was answered."""
+    ids = set()
+    for seq in range(8):
+        frame = icmp_frame(CLIENT, VIP, ICMP(id=7, seq=seq), b"ping" * 350, flags="DF", id=0)
+        res = lb.send(frame, fibnet.ifindex["ext"])
+        assert res.action == XDP_TX
+        ident, = struct.unpack("!H", res.data[18:20])
+        assert res.data == icmp_frame(VIP, CLIENT, ICMP(type=0, id=7, seq=seq), b"ping" * 350,
+                                      eth_src=LB_MAC, eth_dst=CLIENT_MAC, ttl=64, id=ident)
+        ids.add(ident)
+        lb.expect("icmp_echo_reply")
+    # An atomic request's id (0: as Linux sends from some sockets) would not
+    # tell a fragmented reply from the next one.
+    assert len(ids) > 1, "every reply has the request's id 0"
 
 
 def quote(frame: bytes, size: int = 28) -> bytes:
