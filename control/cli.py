@@ -508,7 +508,8 @@ def top(interval: float, once: bool) -> None:
     bytes per second; per server new connections and packets per second,
     states and last checks (as many servers as the terminal has lines;
     --once lists all, and so does each frame on a stdout that is no terminal,
-    printed after the last); each flow table's fill, drops by reason, and health
+    or a terminal that cannot redraw (TERM=dumb), printed after the last); each
+    flow table's fill, drops by reason, and health
     changes the data path lacks (their apply failed). q or Ctrl-C quits the
     live view (exit 0), SIGTERM too (exit 143), and so does a reader of its
     output that goes away (`xlb top | head`: exit 0, quietly); Ctrl-C

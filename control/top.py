@@ -289,9 +289,9 @@ def _console() -> Console:
 
 
 class _Printed:
-    """Where stdout is no terminal (a file, a pipe), each frame printed after
-    the one before, every server listed, as --once: rich's Live, which redraws
-    in place, prints nothing there."""
+    """Where stdout is no terminal (a file, a pipe) or one that cannot redraw
+    (TERM=dumb), each frame printed after the one before, every server listed,
+    as --once: rich's Live, which redraws in place, prints nothing there."""
 
     def __init__(self, renderable: RenderableType, console: Console):
         self.console = console
@@ -351,6 +351,9 @@ def live(interval: float, console: Console | None = None) -> int:
     note: str | None = None
     console = console or _console()
     keys = sys.stdin.fileno() if sys.stdin.isatty() else None
+    # A terminal that cannot redraw in place (TERM=dumb, Emacs' shell) gets no
+    # frame at all from rich's Live: printed one after another, as in a pipe.
+    redraws = console.is_terminal and not console.is_dumb_terminal
     view: Live | _Printed | None = None     # none until the first sample
     with _signals() as (got, wake), _cbreak(keys):
 
@@ -358,7 +361,7 @@ def live(interval: float, console: Console | None = None) -> int:
             """The frame of the last samples and note: as many servers as the
             terminal has lines (all where it is none), and that q quits where
             keys are read."""
-            return frame(cur, prev, note, console.height if console.is_terminal else None,
+            return frame(cur, prev, note, console.height if redraws else None,
                          keys is not None)
 
         def wait(due: float | None = None, answer: int | None = None) -> int | None:
@@ -385,7 +388,7 @@ def live(interval: float, console: Console | None = None) -> int:
                     return 128 + signal.SIGTERM
                 if signal.SIGWINCH in got:     # drawn anew: as many rows as it has lines now
                     got.discard(signal.SIGWINCH)
-                    if view is not None and console.is_terminal:   # printed frames list all
+                    if view is not None and redraws:   # printed frames list all
                         view.update(drawn(), refresh=True)
                 if answer in ready or due is not None and due <= time.monotonic():
                     return None
@@ -396,7 +399,7 @@ def live(interval: float, console: Console | None = None) -> int:
             cur = asking.result()
         with (Live(drawn(), console=console, screen=True, auto_refresh=False,
                    redirect_stdout=False, redirect_stderr=False)
-              if console.is_terminal else _Printed(drawn(), console)) as view:
+              if redraws else _Printed(drawn(), console)) as view:
             due = cur.at + interval
             while True:
                 # Keys and signals are read between any two frames, even when the

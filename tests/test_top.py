@@ -427,6 +427,23 @@ def test_live_prints_each_frame_after_the_last_when_piped(monkeypatch):
     assert "\x1b" not in out and "more servers" not in out
 
 
+@pytest.mark.parametrize("term", ["dumb", "unknown"])
+def test_live_prints_each_frame_after_the_last_on_a_terminal_that_cannot_redraw(monkeypatch,
+                                                                                term):
+    """A terminal of TERM=dumb (Emacs' shell) or unknown: rich's Live, which
+    redraws in place, printed nothing there for as long as top ran."""
+    Clock(monkeypatch)
+    FakeInstance(monkeypatch, [STATUS, later(), lambda: os.kill(os.getpid(), signal.SIGINT)])
+    console = Console(file=io.StringIO(), width=160, force_terminal=True,
+                      _environ={"TERM": term})
+    assert top.live(1.0, console) == 0
+    out = console.file.getvalue()
+    first, second = out.split("rates need a second sample")[1].split("rates per second")
+    assert row(first, "was2")[2:4] == ["up", "up"]
+    assert row(second, "was2")[2:4] == ["down", "down"]
+    assert "\x1b" not in out and "more servers" not in out
+
+
 @pytest.mark.parametrize("frames", [0, 1])
 def test_a_piped_view_whose_reader_goes_ends_quietly_as_q_ends_it(monkeypatch, capfd, frames):
     """`xlb top | head -1`: the reader goes once it has read what it wanted
