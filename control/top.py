@@ -284,7 +284,8 @@ class _Console(Console):
 def _console() -> Console:
     """stdout's: 160 columns wide when it is no terminal and COLUMNS is not set
     (rich would take 80, and cut the rows short)."""
-    plain = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    # A closed stdout (`>&-`) is None: rich writes nothing there, as to /dev/null.
+    plain = not (sys.stdout and sys.stdout.isatty()) and "COLUMNS" not in os.environ
     return _Console(width=160 if plain else None)
 
 
@@ -350,7 +351,7 @@ def live(interval: float, console: Console | None = None) -> int:
     prev: Sample | None = None
     note: str | None = None
     console = console or _console()
-    keys = sys.stdin.fileno() if sys.stdin.isatty() else None
+    keys = sys.stdin.fileno() if sys.stdin and sys.stdin.isatty() else None    # None: closed
     # A terminal that cannot redraw in place (TERM=dumb, Emacs' shell) gets no
     # frame at all from rich's Live: printed one after another, as in a pipe.
     redraws = console.is_terminal and not console.is_dumb_terminal

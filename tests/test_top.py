@@ -468,6 +468,19 @@ def test_a_piped_view_whose_reader_goes_ends_quietly_as_q_ends_it(monkeypatch, c
     assert capfd.readouterr().err == ""
 
 
+@pytest.mark.parametrize("closed", ["stdin", "stdout"])
+def test_a_closed_stdin_or_stdout_is_taken_as_dev_null(monkeypatch, closed):
+    """`xlb top <&-`, `xlb top >&-` (a script's): Python makes the closed one
+    None, and asking it isatty() ended top with a traceback. Closed, stdin reads
+    no keys and stdout shows nothing, as /dev/null would."""
+    Clock(monkeypatch)
+    monkeypatch.setattr(sys, closed, None)
+    FakeInstance(monkeypatch, [STATUS, lambda: os.kill(os.getpid(), signal.SIGINT)])
+    assert top.run(1.0) == 0
+    FakeInstance(monkeypatch, [STATUS, STATUS])
+    assert top.run(1.0, one_frame=True) == 0
+
+
 class Clock:
     """The loop's time, made up: `monotonic()` reads it, and `select()` looks
     at the real descriptors (the signals' pipe, a terminal) and, when none is
