@@ -23,6 +23,8 @@ def event(name: str, level: str = "info", **fields) -> None:
     ts = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     parts = [f"ts={ts}", f"level={level}", f"event={name}"]
     parts += [f"{k}={_value(v)}" for k, v in fields.items() if v is not None]
+    if sys.stderr is None:      # closed (`2>&-`): print(file=None) would write to stdout
+        return
     try:
         print(" ".join(parts), file=sys.stderr, flush=True)
     except OSError:

@@ -36,3 +36,11 @@ def test_a_log_nobody_reads_stops_nothing(monkeypatch):
         monkeypatch.undo()
         with contextlib.suppress(BrokenPipeError):      # what the file still holds
             gone.close()
+
+
+def test_a_closed_stderr_puts_no_line_on_stdout(monkeypatch, capsys):
+    """`xlb up 2>&-`: Python makes a closed stderr None, and print(file=None)
+    wrote the line to stdout, among the answer that a script reads there."""
+    monkeypatch.setattr(sys, "stderr", None)
+    log.event("state", level="warning", error="Not a directory")
+    assert capsys.readouterr().out == ""
