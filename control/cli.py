@@ -1301,7 +1301,20 @@ def format_status(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _standard_fds() -> None:
+    """Opens /dev/null on each of fds 0-2 that the caller closed (`xlb up
+    2>&-`), as daemons do: else the first files xlb opens take those numbers,
+    and what writes to fd 2 below Python (bcc, clang's diagnostics) writes
+    into them. Python has made the stream None; that stays so."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)      # the lowest free number: fd
+
+
 def main() -> None:
+    _standard_fds()
     try:
         code = cli.main(standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:

@@ -58,6 +58,22 @@ def test_a_reader_that_goes_away_leaves_the_exit_status_as_it_was(args):
     assert (r.returncode, r.stderr) == (0, "")
 
 
+@pytest.mark.parametrize("closed", [(0,), (2,), (0, 1, 2)])
+def test_standard_fds_closed_by_the_caller_are_dev_null(tmp_path, closed):
+    """`xlb up 2>&-`: the first files xlb opened took fds 0-2 (its run
+    directory, its control socket), where bcc and clang write below Python."""
+    out = tmp_path / "fds"
+    script = ("import os, sys; from xlb import cli; cli._standard_fds(); "
+              "open(sys.argv[1], 'w').write(' '.join(os.readlink(f'/proc/self/fd/{fd}') "
+              f"for fd in {closed}))")
+    r = subprocess.run([sys.executable, "-c", script, str(out)], timeout=60,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True,
+                       preexec_fn=lambda: [os.close(fd) for fd in closed])
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == " ".join(["/dev/null"] * len(closed))
+
+
 def test_check_warns_of_what_nothing_uses(tmp_path):
     """A server in no pool is valid, but the operator meant it to serve."""
     spare = tmp_path / "spare.toml"
