@@ -127,6 +127,12 @@ static __always_inline int packet_opens(const struct packet *pkt)
 	return pkt->tcp && pkt->tcp->syn && !pkt->tcp->ack;
 }
 
+/* A TCP SYN-ACK: the server accepts the connection. */
+static __always_inline int packet_accepts(const struct packet *pkt)
+{
+	return pkt->tcp && pkt->tcp->syn && pkt->tcp->ack && !pkt->tcp->fin && !pkt->tcp->rst;
+}
+
 /* A TCP FIN or RST: the connection is closing. */
 static __always_inline int packet_closes(const struct packet *pkt)
 {

@@ -379,6 +379,18 @@ static __always_inline void flow_progress(struct flow_key *key, struct flow *f, 
 	struct flow *r;
 
 	if (f->dir == FLOW_REPLY) {
+		if (f->state == FLOW_CLOSING && packet_accepts(pkt)) {
+			/* The server accepts a connection closed before it was
+			 * established: by the client's RST of a stray packet that
+			 * reached it (one of its port's earlier connection, to the
+			 * same server). Both ends go on, and so does it. */
+			flow_set_state(f, key->proto, FLOW_ANSWERED);
+			partner_key(key, f, &other);
+			r = flows_new.lookup(&other);
+			if (r)
+				flow_set_state(r, key->proto, FLOW_ANSWERED);
+			return;
+		}
 		if (f->state != FLOW_NEW)
 			return;
 		f->state = FLOW_ANSWERED;

@@ -486,6 +486,36 @@ def test_a_syn_on_a_closing_connection_opens_a_new_one(lb, fibnet):
     assert (CLIENT, VIP, 51300, 80, TCP_P) not in entries(dp, "flows")
 
 
+def test_a_syn_ack_opens_again_a_connection_that_a_stray_packet_closed(lb, fibnet):
+    """A client that aborts (RST) and at once connects again from its port
+    meets the same server (Maglev). A packet of the old connection, still on
+    its way from that server, reaches the new one; the client, not connected
+    yet, answers it with a RST, which closes the new connection. The server's
+    SYN-ACK opens it again: both ends are connected, and so is it here,
+    established at the client's ACK, not closing in the half-open table (not
+    counted open, ended after timeout_closing idle)."""
+    ext, int_, sport = fibnet.ifindex["ext"], fibnet.ifindex["int"], 51360
+
+    def client(flags):
+        return lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags=flags), ext)
+
+    bid = backend_of(client("S").data)
+    lb.send(from_backend(bid, sport, "SA"), int_)
+    client("A")
+    client("RA")
+    assert backend_of(client("S").data) == bid
+    lb.send(from_backend(bid, sport, "PA", payload=b"old"), int_)
+    client("R")
+    lb.send(from_backend(bid, sport, "SA"), int_)
+    table, fwd, rep = connection(lb.dp, sport, vip=MVIP)
+    assert (table, fwd.state, fwd.timeout, rep.state, rep.timeout) == \
+        ("flows_new", STATE["answered"], 60, STATE["answered"], 60)
+    client("A")
+    table, fwd, rep = connection(lb.dp, sport, vip=MVIP)
+    assert (table, fwd.state, fwd.timeout, rep.state, rep.timeout) == \
+        ("flows", STATE["established"], 900, STATE["established"], 900)
+
+
 def test_a_datagram_its_server_never_answered_is_balanced_anew_once_it_takes_no_new_flows(
         lb, fibnet):
     """A UDP flow its server never answered (syslog's, one-way) is half-open,
