@@ -240,6 +240,7 @@ _FIRE, _TIMEOUT = 0, 1          # kinds of heap items
 _LOCAL_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
                            errno.EADDRNOTAVAIL))
 _UNMADE_WARN_SECONDS = 10.0     # at most one warning of checks not made so often
+_SWEEP_SLACK = 64               # stale heap items beyond the live ones' bound before a sweep
 _SLACK = 0.025                  # a check may start this much early (at most interval/10)
                                 # to share a wake-up: each wake-up of an idle thread
                                 # costs about what ten checks do
@@ -473,7 +474,17 @@ class HealthChecker:
 
     def _push(self, when: float, kind: int, obj: object) -> int:
         self._seq += 1
-        heapq.heappush(self._heap, (when, self._seq, kind, obj))
+        heap = self._heap
+        # Stale items wait for their time, up to an interval (a day at most),
+        # a removed target's entry with them: a link that flaps (check_now), or
+        # applies that remove or edit targets, added one each time, without
+        # end. Swept once they may outnumber the live ones, at most two a
+        # target (its next check, its check's timeout): amortized O(1) a push.
+        # In place: _run_due holds the list.
+        if len(heap) > 4 * len(self._entries) + _SWEEP_SLACK:
+            heap[:] = [item for item in heap if _live(item)]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (when, self._seq, kind, obj))
         if not self._ticking and (self._timer is None or when < self._timer_when):
             self._arm(when)
         return self._seq
@@ -504,19 +515,18 @@ class HealthChecker:
             item = heapq.heappop(heap)
             when, seq, kind, obj = item
             try:
+                if not _live(item):
+                    continue                # the target was removed or restarted, the check ended
                 if kind == _FIRE:
-                    if obj.seq != seq:
-                        continue                # the target was removed or restarted
                     if when - obj.slack > now:
                         later.append(item)
                         continue
                     obj.seq = 0
                     self._fire(obj)
-                elif obj.seq == seq and not obj.ended:
-                    if when > now:
-                        later.append(item)
-                    else:
-                        obj.on_timeout()
+                elif when > now:
+                    later.append(item)
+                else:
+                    obj.on_timeout()
             except Exception:
                 log.exception("health checker: scheduling failed")
         for item in later:
@@ -614,6 +624,13 @@ def _libc_disconnect():
 
 
 _disconnect = _libc_disconnect()
+
+
+def _live(item: tuple[float, int, int, object]) -> bool:
+    """Whether a heap item still stands: a target's next check (its seq still
+    the entry's), or the timeout of a check in flight."""
+    _, seq, kind, obj = item
+    return obj.seq == seq and (kind == _FIRE or not obj.ended)
 
 
 def _drop_probe(entry: _Entry) -> bool:

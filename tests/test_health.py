@@ -450,6 +450,34 @@ def test_a_check_in_flight_as_check_now_comes_is_dropped_for_one_at_once(netns):
 
 
 @pytest.mark.netns
+def test_checks_put_forward_and_targets_removed_leave_no_heap_items_piling_up(netns):
+    """A check put forward (check_now: a link back, a link that flaps) leaves
+    the one it replaces in the heap until its time, as a removed target does
+    its next check, its entry with it: with an interval of an hour, one more
+    each time for an hour. They are swept; the heap stays within a bound of
+    the targets it checks."""
+    async def main():
+        m = tcp_monitor(interval=3600.0)
+        key = ("web", "a")
+        srv = await Listener(8014).start()
+        async with checker([Target(key, LOCAL, 8014, m)]) as (hc, rec):
+            await asyncio.sleep(0)              # run() begins: its first check is within the hour
+            for _ in range(300):
+                n = len(rec.checks(key))
+                hc.check_now([key])
+                await until(lambda: len(rec.checks(key)) > n, "the check put forward")
+            for i in range(300):
+                hc.set_targets([Target(key, LOCAL, 8014, m), Target(("web", f"b{i}"), LOCAL, 8014, m)])
+            assert len(hc.states()) == 2
+            # Two live items a target at most, twice over, and the sweep's
+            # slack (64); without the sweep, some 900 (300 + 300 + the timeouts).
+            assert len(hc._heap) <= 4 * 2 + 64, len(hc._heap)
+        await srv.close()
+
+    netns.run(main())
+
+
+@pytest.mark.netns
 def test_first_check_failing_marks_down_at_once(netns):
     async def main():
         m = tcp_monitor(fall=3)
