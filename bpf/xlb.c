@@ -782,8 +782,13 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 	int in_new = 0, fate;
 
 	f = flow_find(&key, &in_new);
-	if (f && f->dir == FLOW_FORWARD) {
-		fate = flow_fate(&key, pkt, f, in_new, now);
+	if (f) {
+		/* Dead at its next packet either way, as the sweep would have it:
+		 * a server's, revived here, would have met no entry after it. */
+		if (f->dir == FLOW_FORWARD)
+			fate = flow_fate(&key, pkt, f, in_new, now);
+		else
+			fate = flow_alive(&key, f, in_new, now) ? FLOW_ALIVE : FLOW_EXPIRED;
 		if (fate != FLOW_ALIVE) {
 			flow_forget(&key, f, in_new, fate);
 			f = NULL;

@@ -664,6 +664,24 @@ def test_a_connection_whose_backend_alone_speaks_is_counted_open(lb, fibnet, sho
     assert connection(dp, 53020) == (None, None, None)
 
 
+def test_a_server_that_speaks_first_after_both_ways_idle_meets_a_dead_connection(
+        lb, fibnet, short_timeouts):
+    """Idle past its timeout both ways, a connection is dead at its next
+    packet, a server's too: it passes as no connection's, as it would once
+    the sweep had run. It brought the connection back before, until a sweep
+    (every 3 to 4 minutes with a million connections) happened to come first."""
+    dp = lb.dp
+    bid = handshake(lb, fibnet, 53030)
+    age(dp, "flows", (CLIENT, VIP, 53030, 80, TCP_P), 6)
+    age(dp, "flows", (BACKENDS[bid][0], CLIENT, 8080, 53030, TCP_P), 6)
+    before = counters(dp)
+    push = from_backend(bid, 53030, "PA", payload=b"push")
+    assert lb.send(push, fibnet.ifindex["int"]).data == push        # not rewritten
+    lb.expect("pass_not_vip")
+    assert counters(dp)["expired"] - before["expired"] == 1
+    assert connection(dp, 53030) == (None, None, None)
+
+
 def test_a_dead_half_open_connection_is_counted_out_of_the_half_open_table(
         lb, fibnet, short_timeouts):
     """Never answered, idle past its SYN timeout: at its next packet it goes
