@@ -309,21 +309,25 @@ static __always_inline int flow_alive(struct flow_key *key, struct flow *f, int 
 	return o && !flow_idle(f, o->seen, now);
 }
 
-/* Whether the forward entry f (of key, in flows_new if in_new) still carries
- * this packet. A SYN on a closing flow, or on one whose backend takes no new
+/* Whether the entry f (of key, in flows_new if in_new) still carries this
+ * packet. A SYN on a closing flow, or on one whose backend takes no new
  * flows, opens a new connection (a client reusing its port); so does a UDP
  * datagram of a flow its backend never answered, as a SYN's retry does: a
  * one-way flow (syslog) would else stay on a down server while its client
- * sends. A dead connection (flow_alive) is gone. */
+ * sends. A dead connection (flow_alive) is gone at its next packet either
+ * way, as the sweep would have it: a server's, revived here, would have met
+ * no entry after it. */
 static __always_inline int flow_fate(struct flow_key *key, struct packet *pkt, struct flow *f,
 				     int in_new, __u64 now)
 {
 	int opens = packet_opens(pkt);
 
-	if (opens && f->state == FLOW_CLOSING)
-		return FLOW_REOPENED;
-	if ((opens || (!pkt->tcp && f->state == FLOW_NEW)) && backend_closed(f))
-		return FLOW_REOPENED;
+	if (f->dir == FLOW_FORWARD) {
+		if (opens && f->state == FLOW_CLOSING)
+			return FLOW_REOPENED;
+		if ((opens || (!pkt->tcp && f->state == FLOW_NEW)) && backend_closed(f))
+			return FLOW_REOPENED;
+	}
 	return flow_alive(key, f, in_new, now) ? FLOW_ALIVE : FLOW_EXPIRED;
 }
 
@@ -783,12 +787,7 @@ static __always_inline enum xlb_reason balance(struct xdp_md *ctx, struct packet
 
 	f = flow_find(&key, &in_new);
 	if (f) {
-		/* Dead at its next packet either way, as the sweep would have it:
-		 * a server's, revived here, would have met no entry after it. */
-		if (f->dir == FLOW_FORWARD)
-			fate = flow_fate(&key, pkt, f, in_new, now);
-		else
-			fate = flow_alive(&key, f, in_new, now) ? FLOW_ALIVE : FLOW_EXPIRED;
+		fate = flow_fate(&key, pkt, f, in_new, now);
 		if (fate != FLOW_ALIVE) {
 			flow_forget(&key, f, in_new, fate);
 			f = NULL;
