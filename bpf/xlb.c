@@ -40,7 +40,8 @@ BPF_ARRAY(timeouts, struct timeouts, XLB_MAX_SERVICES);
  * packets to them are dropped, not passed to a kernel that does not own them. */
 BPF_HASH(vips, __be32, __u32, XLB_MAX_SERVICES);
 BPF_HASH(arp_vips, struct arp_key, struct arp_mac, XLB_MAX_ARP);
-BPF_HASH(owners, struct endpoint, struct service_key, XLB_MAX_BACKENDS);
+/* An endpoint a protocol: a pool's servers may serve a TCP and a UDP frontend. */
+BPF_HASH(owners, struct endpoint, struct service_key, 2 * XLB_MAX_BACKENDS);
 BPF_ARRAY(config, struct xlb_config, 1);
 BPF_TABLE("lru_hash", struct flow_key, struct flow, flows, XLB_MAX_FLOWS);
 BPF_TABLE("lru_hash", struct flow_key, struct flow, flows_new, XLB_MAX_NEW_FLOWS);
@@ -664,15 +665,16 @@ static __always_inline int routed_elsewhere(struct xdp_md *ctx, const struct iph
 }
 
 /* A backend's packet that no flow entry knows, from an endpoint of a frontend
- * with adopt_replies (owners): the reply of a connection another node balanced
- * (the pair's old active node, before a failover), if Maglev sends the client
- * to this backend, as it did there. Such a connection gets both entries, as
- * answered, and this packet its reverse NAT. The rest passes: a client that
- * reaches the backend directly and that Maglev sends elsewhere, and what is
- * for this host (its own connections, the health checks). A connection this
- * node has the forward entry of only lost its reply entry (the LRU evicts
- * entries, not connections): that entry is written again; a packet of another
- * server on its client's port passes. */
+ * (owners). A connection whose forward entry this node has, alive and naming
+ * this endpoint, is its own: the LRU evicted its reply entry alone, which is
+ * written again. With SERVICE_ADOPT (adopt_replies), another is the reply of
+ * a connection another node balanced (the pair's old active node, before a
+ * failover), if Maglev sends the client to this backend, as it did there:
+ * such a connection gets both entries, as answered, and this packet its
+ * reverse NAT. The rest passes: a client that reaches the backend directly
+ * (and, with SERVICE_ADOPT, that Maglev sends elsewhere), and what is for this
+ * host (its own connections, the health checks); a packet of another server
+ * on its client's port too. */
 static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct packet *pkt,
 						  struct xlb_config *cfg, struct flow_key *key,
 						  __u32 bytes, __u64 now)
@@ -691,7 +693,7 @@ static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct pac
 	if (!skey)
 		return XLB_PASS_NOT_VIP;
 	svc = services.lookup(skey);
-	if (!svc || !(svc->flags & SERVICE_MAGLEV))
+	if (!svc)
 		return XLB_PASS_NOT_VIP;
 	fkey.saddr = key->daddr;
 	fkey.daddr = skey->vip;
@@ -699,7 +701,8 @@ static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct pac
 	fkey.dport = skey->port;
 	fkey.proto = key->proto;
 	f = flow_find(&fkey, &in_new);
-	if (f && f->dir == FLOW_FORWARD && f->addr == key->saddr && f->port == key->sport) {
+	if (f && f->dir == FLOW_FORWARD && f->addr == key->saddr && f->port == key->sport &&
+	    !flow_idle(f, f->seen, now)) {
 		/* This node's own connection, whose reply entry the LRU evicted
 		 * alone: written again, not adopted, with what this packet, its
 		 * first, tells (flow_progress, flow_track_close). */
@@ -714,9 +717,11 @@ static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct pac
 		else
 			flows.update(key, &reply);
 	} else {
-		/* This node's own live connection, on another server than Maglev
-		 * picks now (its pick was drained then): not another node's. */
-		if (f && f->dir == FLOW_FORWARD && flow_alive(&fkey, f, in_new, now))
+		/* Another node's, only with SERVICE_ADOPT; not this node's own
+		 * live connection on another server than Maglev picks now (its
+		 * pick was drained then). */
+		if (!(svc->flags & SERVICE_ADOPT) ||
+		    (f && f->dir == FLOW_FORWARD && flow_alive(&fkey, f, in_new, now)))
 			return XLB_PASS_NOT_VIP;
 		be = pick_backend(svc, &fkey, &backend_id);
 		if (!be || be->addr != key->saddr || be->port != key->sport ||

@@ -27,8 +27,10 @@ struct service {
  * every node with the same table sends a flow to the same backend, even a flow
  * it meets in the middle (a non-SYN packet it has no entry for). SOURCE, only
  * with MAGLEV: source_hash (the client's address alone) instead of flow_hash,
- * so every flow of a client goes to one backend. */
-enum { SERVICE_MAGLEV = 1, SERVICE_SOURCE = 2 };
+ * so every flow of a client goes to one backend. ADOPT, only with MAGLEV
+ * (adopt_replies): a backend's packet that no entry knows may be another
+ * node's connection (owners). */
+enum { SERVICE_MAGLEV = 1, SERVICE_SOURCE = 2, SERVICE_ADOPT = 4 };
 
 /* timeouts: array indexed by service id. Idle seconds after which a flow in
  * that state is dead (as IPVS: a new connection's first packet is a new flow
@@ -53,11 +55,12 @@ struct backend {
  * connection and is balanced anew. */
 enum { BACKEND_NO_NEW_FLOWS = 1 };
 
-/* owners: a backend endpoint (address, port, protocol) of a frontend with
- * adopt_replies -> that frontend's service. A packet from the endpoint that no
- * flow entry knows (a connection the other node of a pair balanced before a
- * failover) is taken for that service's reply when Maglev sends its client to
- * this endpoint. */
+/* owners: a backend endpoint (address, port, protocol) -> the service of the
+ * first frontend it serves. A packet from the endpoint that no reply entry
+ * knows is that service's reply where the forward entry names the endpoint
+ * (the LRU evicted the reply entry alone), or, with SERVICE_ADOPT, where
+ * Maglev sends its client to the endpoint (a connection the other node of a
+ * pair balanced before a failover). */
 struct endpoint {
 	__be32 addr;
 	__be16 port;

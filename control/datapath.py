@@ -747,7 +747,8 @@ class Datapath:
     def set_service(self, vip: IPv4Address, port: int, proto: int, service_id: int,
                     ring: int, ring_len: int, flags: int = 0) -> None:
         """flags: layout.SERVICE_MAGLEV makes `ring` a Maglev table, picked by the
-        client's address alone with layout.SERVICE_SOURCE too."""
+        client's address alone with layout.SERVICE_SOURCE too; with
+        layout.SERVICE_ADOPT the service takes over another node's connections."""
         self._maps["services"][self._service_key(vip, port, proto)] = \
             layout.Service(service_id, ring, ring_len, flags)
 
@@ -883,7 +884,8 @@ class Datapath:
             t = self._maps["timeouts"][ct.c_int(svc.id)]
             services[(_addr(key.vip), socket.ntohs(key.port), key.proto)] = ServiceState(
                 svc.id, svc.ring, slots, maglev,
-                (t.syn, t.established, t.closing, t.udp), bool(svc.flags & layout.SERVICE_SOURCE))
+                (t.syn, t.established, t.closing, t.udp), bool(svc.flags & layout.SERVICE_SOURCE),
+                bool(svc.flags & layout.SERVICE_ADOPT))
         if self.emptied("backends"):
             # The connections tell the ids they name, and their servers, which
             # the adoption writes back (daemon.Balancer.adopt).

@@ -16,7 +16,7 @@ from ipaddress import IPv4Address
 from typing import Collection, Iterable, Mapping, Protocol
 
 from . import maglev, scheduler
-from .layout import SERVICE_MAGLEV, SERVICE_SOURCE
+from .layout import SERVICE_ADOPT, SERVICE_MAGLEV, SERVICE_SOURCE
 from .model import MAGLEV_ALGORITHMS, MAX_ARP, Config, Pool, Server
 
 ServiceKey = tuple[IPv4Address, int, int]       # vip, port, protocol number
@@ -37,11 +37,13 @@ class ServiceState:
     # back by a control plane that adopts them): plan sets them again.
     timeouts: tuple[int, int, int, int] | None = None
     source: bool = False            # Maglev by the client's address alone (algorithm "source")
+    adopt: bool = False             # adopt_replies: takes over another node's connections
 
     @property
     def flags(self) -> int:
         """The data plane's service.flags."""
-        return (SERVICE_MAGLEV if self.maglev else 0) | (SERVICE_SOURCE if self.source else 0)
+        return ((SERVICE_MAGLEV if self.maglev else 0) | (SERVICE_SOURCE if self.source else 0)
+                | (SERVICE_ADOPT if self.adopt else 0))
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,8 @@ class DataplaneState:
     backends: dict[BackendKey, BackendState] = field(default_factory=dict)
     vips: frozenset[IPv4Address] = frozenset()
     arp: dict[tuple[int, IPv4Address], bytes] = field(default_factory=dict)
-    # (address, port, protocol) of a server of a frontend with adopt_replies ->
-    # (vip, port) of that frontend: its packets no flow entry knows may be replies
+    # (address, port, protocol) of a server -> (vip, port) of the first frontend
+    # it serves: its packets no reply entry knows may be that frontend's replies
     owners: dict[tuple[IPv4Address, int, int], tuple[IPv4Address, int]] = \
         field(default_factory=dict)
     # Ids of removed servers and frontends: their counters, and a removed
@@ -290,15 +292,19 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
         else:
             ring = old.ring ^ 1          # the one not in use
         services[key] = ServiceState(service_ids[key], ring, slots, is_maglev, fe.timeouts,
-                                     pool.algorithm == "source")
+                                     pool.algorithm == "source", fe.adopt_replies)
 
     arp = {(link.index, vip): link.mac for link, vip in arp_links(config, links)}
     if len(arp) > max_arp:
         raise CapacityError(f"{len(arp)} ARP answers (VIPs times the links on their subnets): "
                             f"the data plane holds {max_arp}")
-    owners = {(s.address, s.port, fe.proto_number): (fe.vip, fe.port)
-              for fe in config.frontends if fe.adopt_replies
-              for s in config.pool(fe.pool).servers}
+    # A server that frontends share is the first's: the others' connections
+    # that lose their reply entry get it back from the sweep alone (config
+    # refuses adopt_replies on such a server).
+    owners: dict[tuple[IPv4Address, int, int], tuple[IPv4Address, int]] = {}
+    for fe in config.frontends:
+        for s in config.pool(fe.pool).servers:
+            owners.setdefault((s.address, s.port, fe.proto_number), (fe.vip, fe.port))
     return DataplaneState(services, backends, frozenset(f.vip for f in config.frontends), arp,
                           owners, retired_backends, retired_services)
 

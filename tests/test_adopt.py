@@ -51,7 +51,7 @@ def test_a_new_program_keeps_every_running_map():
         old.set_service(VIP, 80, 6, 0, 1, 2)
         old.write_maglev(3, [3] * 7)
         old.set_timeouts(1, 5, 6, 7, 8)
-        old.set_service(VIP, 81, 17, 1, 3, 7, layout.SERVICE_MAGLEV)
+        old.set_service(VIP, 81, 17, 1, 3, 7, layout.SERVICE_MAGLEV | layout.SERVICE_ADOPT)
         old.write_maglev(4, [3] * 7)
         old.set_timeouts(2, 5, 6, 7, 8)
         old.set_service(VIP, 82, 6, 2, 4, 7, layout.SERVICE_MAGLEV | layout.SERVICE_SOURCE)
@@ -71,7 +71,8 @@ def test_a_new_program_keeps_every_running_map():
         held, backends = new.held()
         assert backends == {3: BackendState(3, IPv4Address("10.1.11.101"), 8080)}
         assert held.services == {(VIP, 80, 6): ServiceState(0, 1, (3, 3), False, (1, 2, 3, 4)),
-                            (VIP, 81, 17): ServiceState(1, 3, (3,) * 7, True, (5, 6, 7, 8)),
+                            (VIP, 81, 17): ServiceState(1, 3, (3,) * 7, True, (5, 6, 7, 8),
+                                                        adopt=True),
                             (VIP, 82, 6): ServiceState(2, 4, (3,) * 7, True, (5, 6, 7, 8),
                                                        source=True)}
         assert held.retired_services == {5}

@@ -48,7 +48,7 @@ def test_first_plan_writes_the_service_last():
     ops = planner.plan(planner.DataplaneState(), desired(SEED))
     names = [op[0] for op in ops]
     assert names == ["set_backend", "set_backend", "write_ring", "set_vip", "set_arp",
-                     "set_timeouts", "set_service"]
+                     "set_owner", "set_owner", "set_timeouts", "set_service"]
     assert ops[-2:] == [("set_timeouts", 0, 60, 900, 120, 300),
                         ("set_service", A("10.1.1.101"), 80, 6, 0, 0, 2, 0)]
 
@@ -395,7 +395,7 @@ def test_replacing_every_frontend_never_holds_more_keys_than_the_maps_do():
         (held[table].add if verb == "set" else held[table].discard)(key)
         most[table] = max(most[table], len(held[table]))
     assert held == keys(tgt)
-    assert most == {"services": 8, "vips": 8, "arp": 8, "owners": 0}
+    assert most == {"services": 8, "vips": 8, "arp": 8, "owners": 1}
 
 
 def test_too_many_frontends():
@@ -451,25 +451,39 @@ def test_maglev_pool_gets_a_table_written_before_the_service():
     assert list(svc.slots) == _table(1009, (S1, 0), (S2, 1))
     ops = planner.plan(planner.DataplaneState(), st)
     assert [op[0] for op in ops] == ["set_backend", "set_backend", "write_maglev", "set_vip",
-                                     "set_arp", "set_timeouts", "set_service"]
+                                     "set_arp", "set_owner", "set_owner", "set_timeouts",
+                                     "set_service"]
     assert ops[2] == ("write_maglev", 0, list(svc.slots))
     assert ops[-1] == ("set_service", *WWW, 0, 0, 1009, layout.SERVICE_MAGLEV)
 
 
-def test_servers_of_a_frontend_that_adopts_replies_are_its_owners():
+def test_every_server_is_owned_by_the_first_frontend_that_it_serves():
+    """owners: a server's packet that no reply entry knows may be the reply
+    of a connection of its first frontend (whose reply entry the LRU evicted
+    alone), with or without adopt_replies; a server that two frontends share
+    is the first's."""
+    both = _maglev(S1, S2, frontends=(("www", "10.1.1.101"), ("www2", "10.1.1.102")))
+    assert desired(both).owners == {(S1.address, 80, 6): (A("10.1.1.101"), 80),
+                                    (S2.address, 80, 6): (A("10.1.1.101"), 80)}
+    second = Config(frontends=both.frontends[1:], pools=both.pools)
+    ops = planner.plan(desired(both), desired(second, desired(both)))
+    assert [op for op in ops if "owner" in op[0]] == [
+        ("set_owner", S1.address, 80, 6, A("10.1.1.102"), 80),
+        ("set_owner", S2.address, 80, 6, A("10.1.1.102"), 80)]
+
+
+def test_a_frontend_that_adopts_replies_flags_its_service():
+    """Only adopt_replies lets a service take over another node's connections
+    (SERVICE_ADOPT): its owners are the same either way."""
     plain = _maglev(S1, S2)
     adopting = Config(frontends=(replace(plain.frontends[0], adopt_replies=True),),
                       pools=plain.pools)
-    assert desired(plain).owners == {}
+    assert desired(plain).services[WWW].flags == layout.SERVICE_MAGLEV
     st = desired(adopting, desired(plain))
-    assert st.owners == {(S1.address, 80, 6): (A("10.1.1.101"), 80),
-                         (S2.address, 80, 6): (A("10.1.1.101"), 80)}
+    assert st.owners == desired(plain).owners
     assert planner.plan(desired(plain), st) == [
-        ("set_owner", S1.address, 80, 6, A("10.1.1.101"), 80),
-        ("set_owner", S2.address, 80, 6, A("10.1.1.101"), 80)]
+        ("set_service", *WWW, 0, 0, 1009, layout.SERVICE_MAGLEV | layout.SERVICE_ADOPT)]
     assert planner.plan(st, desired(adopting, st)) == []
-    assert planner.plan(st, desired(plain, st)) == [("del_owner", S1.address, 80, 6),
-                                                    ("del_owner", S2.address, 80, 6)]
 
 
 def test_changed_maglev_table_is_written_beside_and_switched_in_one_write():
@@ -699,7 +713,7 @@ def test_unknown_timeouts_are_set_again():
     st = desired(SEED)
     svc = st.services[WWW]
     adopted = planner.DataplaneState({WWW: planner.ServiceState(svc.id, svc.ring, svc.slots)},
-                                     st.backends, st.vips, st.arp)
+                                     st.backends, st.vips, st.arp, st.owners)
     assert planner.plan(adopted, st) == [("set_timeouts", 0, 60, 900, 120, 300)]
 
 
@@ -710,6 +724,7 @@ class FakeMaps:
 
     def __init__(self):
         self.services, self.backends, self.arp, self.vips = set(), {}, {}, set()
+        self.owners = {}
 
     def set_backend(self, i, addr, port, closed=False):
         self.backends[i] = planner.BackendState(i, addr, port, closed)
@@ -732,6 +747,12 @@ class FakeMaps:
     def del_arp(self, ifindex, vip):
         del self.arp[(ifindex, vip)]
 
+    def set_owner(self, addr, port, proto, vip, vip_port):
+        self.owners[(addr, port, proto)] = (vip, vip_port)
+
+    def del_owner(self, addr, port, proto):
+        del self.owners[(addr, port, proto)]
+
     def __getattr__(self, name):        # write_ring, write_maglev, set_timeouts
         return lambda *args: None
 
@@ -746,7 +767,7 @@ def applied(*steps):
         planner.execute(maps, planner.plan(st, target))
         st = target
     held = planner.DataplaneState({k: st.services[k] for k in maps.services}, {},
-                                  frozenset(maps.vips), maps.arp)
+                                  frozenset(maps.vips), maps.arp, maps.owners)
     return st, held, maps.backends
 
 
@@ -756,8 +777,8 @@ def test_recover_names_the_maps_after_their_config():
     (pool, server) gets the id the running control plane gave it, servers in
     both pools included, so applying the same config again writes nothing.
     Only the backends are recover's work: the rest of `held` (services, VIPs,
-    ARP) it returns as given, here the services of the running state and the
-    VIPs and ARP entries the writes left."""
+    ARP, owners) it returns as given, here the services of the running state
+    and the VIPs, ARP entries and owners the writes left."""
     shared = Server("shared", A("10.1.11.50"), 80)
     first = Config(frontends=(Frontend("a", A("10.1.1.101"), 80, "tcp", "pa"),
                               Frontend("b", A("10.1.1.102"), 80, "tcp", "pb")),
@@ -830,7 +851,7 @@ def test_a_server_back_at_its_address_takes_its_retired_id(restart):
     assert ops.index(("clear_backend_counters", 1)) < ops.index(
         ("set_backend", 1, S2.address, S2.port, True))
     held = planner.DataplaneState({k: st.services[k] for k in maps.services}, {},
-                                  frozenset(maps.vips), maps.arp)
+                                  frozenset(maps.vips), maps.arp, maps.owners)
     assert planner.recover(_pool(S1, S2), held, maps.backends).backends == st.backends
 
 

@@ -1074,14 +1074,28 @@ def maglev_backend(client, sport) -> int:
     return MAGLEV_SLOTS[flow_hash(client, MVIP, sport, 80, TCP_P) % len(MAGLEV_SLOTS)]
 
 
+@contextlib.contextmanager
+def owned_by(dp, vip):
+    """The backends' TCP endpoints are owned by vip:80's service (owners)."""
+    for addr, port in BACKENDS.values():
+        dp.set_owner(addr, port, TCP_P, vip, 80)
+    try:
+        yield
+    finally:
+        for addr, port in BACKENDS.values():
+            dp.del_owner(addr, port, TCP_P)
+
+
 @pytest.fixture
 def adopting(lb):
-    """The Maglev service adopts its backends' replies (owners), for one test."""
-    for addr, port in BACKENDS.values():
-        lb.dp.set_owner(addr, port, TCP_P, MVIP, 80)
-    yield lb
-    for addr, port in BACKENDS.values():
-        lb.dp.del_owner(addr, port, TCP_P)
+    """The Maglev service adopts its backends' replies (adopt_replies: its
+    owners, SERVICE_ADOPT), for one test."""
+    lb.dp.set_service(MVIP, 80, TCP_P, SVC_MAGLEV, MAGLEV_TABLE, len(MAGLEV_SLOTS),
+                      layout.SERVICE_MAGLEV | layout.SERVICE_ADOPT)
+    with owned_by(lb.dp, MVIP):
+        yield lb
+    lb.dp.set_service(MVIP, 80, TCP_P, SVC_MAGLEV, MAGLEV_TABLE, len(MAGLEV_SLOTS),
+                      layout.SERVICE_MAGLEV)
 
 
 def test_a_backends_packet_no_entry_knows_is_adopted_where_maglev_sends_its_client(
@@ -1279,12 +1293,48 @@ def test_a_backends_packet_for_this_host_is_never_adopted(adopting, fibnet):
     lb.expect("pass_not_vip")
 
 
-def test_without_owners_a_backends_packet_no_entry_knows_passes(lb, fibnet):
+@pytest.mark.parametrize("owned", [False, True])
+def test_without_adopt_replies_a_backends_packet_no_entry_knows_passes(lb, fibnet, owned):
+    """Without adopt_replies (no SERVICE_ADOPT), a Maglev service takes over
+    no other node's connection, though its servers' endpoints are its own
+    (owners: for the reply entries its own connections lose)."""
     sport = 56100
     frame = from_backend(maglev_backend(CLIENT, sport), sport, "PA", payload=b"late")
-    res = lb.send(frame, fibnet.ifindex["int"])
+    with owned_by(lb.dp, MVIP) if owned else contextlib.nullcontext():
+        res = lb.send(frame, fibnet.ifindex["int"])
     assert (res.action, res.data) == (XDP_PASS, frame)
     lb.expect("pass_not_vip")
+
+
+def test_a_connection_whose_reply_entry_went_gets_it_back_at_its_servers_packet(
+        lb, fibnet, short_timeouts):
+    """A round-robin connection (no adopt_replies) whose reply entry the LRU
+    evicted alone: its server's next packet writes it again and leaves from
+    the VIP. It left from the server's own address until a sweep put the
+    entry back, and the client's host answered it with a reset, which ended
+    the connection at the server. Once the forward entry is idle past its
+    timeout, the connection is dead: the server's packet is no one's."""
+    dp, ext, int_ = lb.dp, fibnet.ifindex["ext"], fibnet.ifindex["int"]
+    sport = 56150
+    bid = handshake(lb, fibnet, sport)
+    addr, port = BACKENDS[bid]
+    reply_key = (addr, CLIENT, port, sport, TCP_P)
+    with owned_by(dp, VIP):
+        evict(dp, "flows", reply_key)
+        before = counters(dp)
+        res = lb.send(from_backend(bid, sport, "PA", payload=b"data"), int_)
+        assert res.data == tcp_frame(VIP, CLIENT, 80, sport, flags="PA", payload=b"data",
+                                     ttl=63, eth_src=fibnet.MACS["ext"], eth_dst=CLIENT_MAC)
+        lb.expect("reply_redirect", flow=("out", SVC_TCP, bid, False))
+        table, fwd, reply = connection(dp, sport)
+        assert (table, reply.backend_id, reply.state) == ("flows", bid, STATE["established"])
+        assert counters(dp) == before           # nothing adopted, created or removed
+        evict(dp, "flows", reply_key)
+        age(dp, "flows", (CLIENT, VIP, sport, 80, TCP_P), 6)     # past its 5 s
+        stray = from_backend(bid, sport, "PA", payload=b"late")
+        res = lb.send(stray, int_)
+        assert (res.action, res.data) == (XDP_PASS, stray)
+        lb.expect("pass_not_vip")
 
 
 # What left the tables, counted -------------------------------------------------------------
@@ -1844,6 +1894,8 @@ def test_a_backends_packet_is_adopted_where_source_sends_its_client(by_source, f
     bid = source_backend(CLIENT)
     for addr, port in BACKENDS.values():
         dp.set_owner(addr, port, TCP_P, SVIP, 80)
+    dp.set_service(SVIP, 80, TCP_P, SVC_SOURCE, SOURCE_TABLE, len(MAGLEV_SLOTS),
+                   layout.SERVICE_MAGLEV | layout.SERVICE_SOURCE | layout.SERVICE_ADOPT)
     try:
         for sport in range(42000, 42008):
             other = from_backend(3 - bid, sport, "PA", payload=b"late")
