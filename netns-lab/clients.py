@@ -19,7 +19,8 @@
         "error_count": n, "error_times": [unix time of each failure]}
     clients.py hold HOST PORT --count N --pause S
         N GETs on ONE keep-alive connection, S seconds apart; prints a JSON
-        line per request as it completes: {"i": i, "name": ...} or {"i": i, "error": ...}
+        line per request as it completes: {"i": i, "name": ..., "t": unix time} or
+        {"i": i, "error": ..., "t": unix time}
     clients.py hop HOST PORT [--ttl T] [--timeout S]
         One TCP connect with IP TTL T, as `traceroute -T` probes: the ICMP error the
         kernel matched to it, {"error": ..., "icmp": [type, code], "from": address},
@@ -126,9 +127,11 @@ def hold(host, port, count, pause, timeout):
         try:
             conn.request("GET", "/")
             resp = conn.getresponse()
-            print(json.dumps({"i": i, "name": resp.read().decode().strip()}), flush=True)
+            print(json.dumps({"i": i, "name": resp.read().decode().strip(),
+                              "t": round(time.time(), 3)}), flush=True)
         except OSError as e:
-            print(json.dumps({"i": i, "error": f"{type(e).__name__}: {e}"}), flush=True)
+            print(json.dumps({"i": i, "error": f"{type(e).__name__}: {e}",
+                              "t": round(time.time(), 3)}), flush=True)
             conn.close()
             conn = http.client.HTTPConnection(host, port, timeout=timeout)
     conn.close()
