@@ -23,6 +23,7 @@ from typing import NoReturn
 import click
 
 from . import __version__, config as configfile, ctl, log
+from .ha import KEEPALIVED_INSTANCE
 from .model import (ConfigError, Monitor, from_flags, has_space, monitor_from_flags,
                     parse_host)
 from .units import count, full, interfaces, last_check, shown, si, unapplied
@@ -627,7 +628,7 @@ def role(role: str) -> None:
 
 
 @ha.command()
-@click.option("--instance", default="xlb", show_default=True, metavar="NAME",
+@click.option("--instance", default=KEEPALIVED_INSTANCE, show_default=True, metavar="NAME",
               help="The vrrp_instance whose state xlb follows.")
 @click.option("--track-file", type=_FileName(dir_okay=False, path_type=Path), metavar="PATH",
               help="keepalived's track file: kept at 0 while xlb serves on this node, "

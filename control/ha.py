@@ -34,6 +34,8 @@ ROLES = ("active", "backup")
 # state that means "not master" (BACKUP, FAULT, STOP) makes it silent.
 KEEPALIVED_STATES = {"MASTER": "active", "BACKUP": "backup", "FAULT": "backup",
                      "STOP": "backup"}
+# The vrrp_instance `xlb ha keepalived` writes, which `xlb ha follow` follows by default.
+KEEPALIVED_INSTANCE = "xlb"
 BFD_INTERVAL_MS = 100      # BFD between router and nodes: 100 ms x 3, a failure seen in 0.3 s
 BFD_MULTIPLIER = 3
 RTPROT_STATIC = 4          # the announce table's routes are the operator's (static), not BIRD's
@@ -326,7 +328,7 @@ def _unless_followed(track_file: str) -> str:
 
 def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: str,
                     priority: int, advert_int: float, vrid: int, fifo: str, track_file: str,
-                    gateways: Iterable[Gateway], instance: str = "xlb") -> str:
+                    gateways: Iterable[Gateway]) -> str:
     """A keepalived config for one node of a pair: VRRPv3 (fractional
     advert_int), unicast to the peer, both nodes starting as BACKUP without
     preemption (a node that comes back does not take over again); the
@@ -357,7 +359,7 @@ def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: s
         "    script_user root",
         "    enable_script_security",
         f"    vrrp_notify_fifo {fifo}",
-        f'    vrrp_notify_fifo_script "{xlb} ha follow --instance {instance} '
+        f'    vrrp_notify_fifo_script "{xlb} ha follow --instance {KEEPALIVED_INSTANCE} '
         f'--track-file {track_file}"',
         "}",
         "",
@@ -381,7 +383,7 @@ def keepalived_conf(config: Config, *, xlb: str, peer: IPv4Address, interface: s
         "    rise 1",
         "}",
         "",
-        f"vrrp_instance {instance} {{",
+        f"vrrp_instance {KEEPALIVED_INSTANCE} {{",
         "    state BACKUP",
         "    nopreempt",
         f"    interface {interface}",
