@@ -918,7 +918,7 @@ class Datapath:
         """What the control planes that ran this data path removed and put back."""
         return self._maps["control_stats"][ct.c_int(0)]
 
-    def flow_ledger(self, now: int | None = None) -> FlowLedger:
+    def flow_ledger(self) -> FlowLedger:
         """The census of the flow tables, and the connections that came and
         went. The LRU's evictions, what went in less what left and what is
         there, are read so as never to count more than there were: what went
@@ -927,7 +927,7 @@ class Datapath:
         (self._mending): none is seen gone and not counted. The largest count
         so far is kept in control_stats."""
         came = self.flow_counters()
-        census = self.flow_census(now)
+        census = self.flow_census()
         with self._mending:
             left = self.flow_counters()
             evicted = _evictions(came, left, self.control_counters(), census)
@@ -945,8 +945,8 @@ class Datapath:
         """Entries in both flow tables (two per connection: forward and reply)."""
         return sum(len(keys) // ct.sizeof(layout.FlowKey) for keys, _ in self.flow_dumps().values())
 
-    def flow_census(self, now: int | None = None) -> flowtable.Census:
-        return flowtable.census(self.flow_dumps(), self.now() if now is None else now)
+    def flow_census(self) -> flowtable.Census:
+        return flowtable.census(self.flow_dumps(), self.now())
 
     def delete_flows(self, backend_ids: set[int], service_ids: set[int],
                      crossed: tuple[set[int], set[int]] = (set(), set())) -> dict[str, int]:
