@@ -91,10 +91,10 @@ class Tally(ct.Structure):
     _fields_ = [("packets", u64), ("bytes", u64)]
 
 
-def read_enum(prefix: str, header: Path = SHARED_HEADER) -> dict[str, int]:
-    """The NAME = value pairs of the anonymous enums whose names start with prefix."""
+def read_enum(prefix: str) -> dict[str, int]:
+    """The NAME = value pairs of xlb_shared.h's anonymous enums whose names start with prefix."""
     found = {}
-    for body in re.findall(rf"enum\s*\{{\s*({prefix}[^}}]*)\}}", header.read_text()):
+    for body in re.findall(rf"enum\s*\{{\s*({prefix}[^}}]*)\}}", SHARED_HEADER.read_text()):
         found.update({k: int(v) for k, v in re.findall(rf"({prefix}\w+)\s*=\s*(\d+)", body)})
     return found
 
