@@ -425,8 +425,8 @@ def apply(file: Path | None) -> None:
     for warning in [*r.get("unserved", ()), *r.get("attach_warnings", ())]:
         _error(f"xlb: warning: {warning}")
     for forgotten in r["admin_forgotten"]:
-        click.echo(f"xlb: warning: forgot {forgotten}: the config has no such server in "
-                   f"that pool", err=True)
+        # Its server left the pool: gone, moved, or its name taken by another server.
+        _error(f"xlb: warning: forgot {forgotten}: its server is no longer in that pool")
 
 
 def _warn(reply: dict) -> None:

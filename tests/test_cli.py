@@ -425,6 +425,25 @@ def test_apply_says_which_links_it_attached_to_and_detached_from(run_dir, tmp_pa
                         f"0 flows ended; serving {path}{said}\n")
 
 
+def test_apply_says_a_state_it_forgot_left_with_its_server(run_dir, tmp_path):
+    """A drain or maint goes with its server; one whose name another server of
+    the pool has taken is forgotten: the config has that name in that pool, but
+    the server it was set on is no longer there."""
+    from xlb import cli
+    path = tmp_path / "x.toml"
+    path.write_text(SEED.read_text())
+    answer = {"ok": True, "result": {
+        "frontends": 1, "pools": 1, "servers": 2, "flows_ended": 0,
+        "admin_forgotten": ["maint of was1 in pool was"], "warnings": [],
+        "validate_seconds": 0.001, "apply_seconds": 0.002, "config": str(path),
+        "warning": None}}
+    with answering(lambda req: answer):
+        r = CliRunner().invoke(cli.cli, ["apply", str(path)])
+    assert r.exit_code == 0
+    assert r.stderr == ("xlb: warning: forgot maint of was1 in pool was: its server is no "
+                        "longer in that pool\n")
+
+
 def test_down_of_what_a_dead_instance_left_holds_off_an_instance_starting(run_dir,
                                                                         monkeypatch):
     """`xlb down` finds no instance, then removes its data path and state with
