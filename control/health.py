@@ -91,7 +91,6 @@ import asyncio
 import ctypes
 import errno
 import heapq
-import logging
 import os
 import random
 import re
@@ -100,20 +99,28 @@ import select
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 
+from . import log
 from .model import BODY_LIMIT, HTTP_TYPES, MONITOR_TYPES, Monitor, Server, check_hex
-
-log = logging.getLogger(__name__)
 
 HEAD_LIMIT = 64 * 1024          # http: the most status line + headers read
 USER_AGENT = "xlb-health"
 _LINGER_RST = struct.pack("ii", 1, 0)
 _now = time.monotonic           # heap times; the loop's timer is armed relative to it
+
+
+def _bug(what: str) -> None:
+    """In an except block: a bug of the checker's (or of a callback's), logged
+    as xlb logs, with its traceback; the checks go on."""
+    log.event("health", level="error", error=f"{what}: {sys.exception()!r}")
+    traceback.print_exc()
 
 
 @dataclass(frozen=True)
@@ -528,7 +535,7 @@ class HealthChecker:
                 else:
                     obj.on_timeout()
             except Exception:
-                log.exception("health checker: scheduling failed")
+                _bug("scheduling failed")
         for item in later:
             heapq.heappush(heap, item)
 
@@ -566,7 +573,7 @@ class HealthChecker:
             try:
                 self._on_check(entry.target.key, ok, duration)
             except Exception:       # a metrics bug must not stop this target's checks
-                log.exception("health on_check callback failed for %s", entry.target.key)
+                _bug(f"on_check callback failed for {'/'.join(entry.target.key)}")
         old = entry.state
         if ok:
             entry.successes += 1
@@ -588,17 +595,19 @@ class HealthChecker:
         self._unmade += 1
         now = _now()
         if now - self._unmade_warned >= _UNMADE_WARN_SECONDS:
-            log.warning("health checker: %d check(s) not made, no server's state changed for "
-                        "them (%s, the last of %s); open files at most %s (ulimit -n, systemd's "
-                        "LimitNOFILE)", self._unmade, os.strerror(code).lower(),
-                        "/".join(entry.target.key), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+            log.event("health", level="warning",
+                      error=f"{self._unmade} check(s) not made, no server's state changed for "
+                            f"them ({os.strerror(code).lower()}, the last of "
+                            f"{'/'.join(entry.target.key)}); open files at most "
+                            f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]} (ulimit -n, "
+                            f"systemd's LimitNOFILE)")
             self._unmade, self._unmade_warned = 0, now
 
     def _report(self, tr: Transition) -> None:
         try:
             self._on_change(tr)
         except Exception:
-            log.exception("health on_change callback failed for %s", tr)
+            _bug(f"on_change callback failed for {tr}")
 
 
 _PHASES = {"connect": "connect", "tls": "the TLS handshake", "send": "sending the request",
@@ -744,8 +753,9 @@ class _Probe:
                 checker._idle.append((sock, self.fd))
                 return
             checker._pooling = False
-            log.warning("health checker: connect(AF_UNSPEC) failed (%s); not reusing sockets",
-                        os.strerror(ctypes.get_errno()))
+            log.event("health", level="warning",
+                      error=f"connect(AF_UNSPEC) failed ({os.strerror(ctypes.get_errno())}); "
+                            f"not reusing sockets")
         if self.registered:
             # Unregister before closing: a copy of the fd in a forked child would
             # otherwise keep the registration, and its events, alive.
@@ -760,11 +770,11 @@ class _Probe:
         try:
             self._release(reuse)
         except Exception:
-            log.exception("health checker: releasing a socket failed")
+            _bug("releasing a socket failed")
         self.checker._finished(self.entry, result, _now() - self.start)
 
     def _broken(self) -> None:
-        log.exception("health check of %s failed unexpectedly", self.entry.target.key)
+        _bug(f"the check of {'/'.join(self.entry.target.key)} failed unexpectedly")
         self._end(None)
 
     def on_timeout(self) -> None:

@@ -18,6 +18,7 @@ import ctypes
 import fcntl
 import functools
 import os
+import re
 import socket
 import ssl
 import struct
@@ -912,12 +913,13 @@ def test_https_long_chain_tls12_long_chunked_body_and_close_after_the_handshake(
 
 
 @pytest.mark.netns
-def test_no_server_goes_down_for_the_checkers_own_lack_of_file_descriptors(netns):
+def test_no_server_goes_down_for_the_checkers_own_lack_of_file_descriptors(netns, capfd):
     """A check the checker cannot make (no socket: its process at its limit of
     open files, as systemd's default soft limit of 1024 is reached while
     checks of a thousand unreachable servers wait out their timeouts) says
     nothing of the server: it is not counted, and takes no server down (all
-    of them would go, a whole pool with them); the next is made in its turn."""
+    of them would go, a whole pool with them); the next is made in its turn.
+    It is a warning in xlb's log, a logfmt line as every other."""
     import resource
 
     async def main():
@@ -951,6 +953,9 @@ def test_no_server_goes_down_for_the_checkers_own_lack_of_file_descriptors(netns
         await srv.close()
 
     netns.run(main())
+    warned = [line for line in capfd.readouterr().err.splitlines() if "not made" in line]
+    assert warned and all(re.match(r'ts=\S+ level=warning event=health error="\d+ check\(s\) '
+                                   r'not made, ', line) for line in warned), warned
 
 
 @pytest.mark.netns
