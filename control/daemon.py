@@ -100,7 +100,8 @@ class Balancer:
     def apply(self, config: Config, admin: dict[Key, str] | None = None, *,
               relink: bool) -> dict:
         """Takes the data plane to `config`. Raises (LookupError, CapacityError,
-        DatapathError) with nothing changed. relink: a new config, whose links
+        DatapathError, bcc's error of a map write the kernel refused) with
+        nothing changed. relink: a new config, whose links
         are looked at again (attached, detached); a change of state (health,
         admin, role) keeps the links as they are, so that no link's trouble
         keeps it from taking effect."""
@@ -144,12 +145,17 @@ class Balancer:
                                     renamed)
 
         dp = self.datapath
-        planner.execute(dp, planner.plan(self.state, target))
         attached = []
         try:
+            planner.execute(dp, planner.plan(self.state, target))
             for link in fresh:
                 attached.append(_attach(dp, link, warned))
-        except DatapathError:
+        except Exception:
+            # A write the kernel refused, or a link that takes no program: what
+            # was written is written back (writes are idempotent, and a delete
+            # of what was never written is none), or the maps would hold part
+            # of the change while self.state says none, and each apply after
+            # would fail on it (a delete of what is gone) or leave it there.
             for att in attached:
                 dp.detach(att.ifindex)
             planner.execute(dp, planner.plan(target, self.state))

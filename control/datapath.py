@@ -759,14 +759,14 @@ class Datapath:
             layout.Timeouts(syn, established, closing, udp)
 
     def del_service(self, vip: IPv4Address, port: int, proto: int) -> None:
-        del self._maps["services"][self._service_key(vip, port, proto)]
+        self._delete("services", self._service_key(vip, port, proto))
 
     def set_vip(self, vip: IPv4Address) -> None:
         self._maps["vips"][ct.c_uint32(_be32(vip))] = ct.c_uint32(1)
         self._update_config(lambda c: _set_bit(c.vip_bits, _be32(vip)))
 
     def del_vip(self, vip: IPv4Address) -> None:
-        del self._maps["vips"][ct.c_uint32(_be32(vip))]
+        self._delete("vips", ct.c_uint32(_be32(vip)))
         remaining = [k.value for k in self._maps["vips"].keys()]
 
         def rebuild(c):
@@ -817,14 +817,22 @@ class Datapath:
             self._service_key(vip, vip_port, proto)
 
     def del_owner(self, addr: IPv4Address, port: int, proto: int) -> None:
-        del self._maps["owners"][self._endpoint(addr, port, proto)]
+        self._delete("owners", self._endpoint(addr, port, proto))
 
     def set_arp(self, ifindex: int, vip: IPv4Address, mac: bytes) -> None:
         self._maps["arp_vips"][layout.ArpKey(ifindex, _be32(vip))] = \
             layout.ArpMac((ct.c_uint8 * 6)(*mac), 0)
 
     def del_arp(self, ifindex: int, vip: IPv4Address) -> None:
-        del self._maps["arp_vips"][layout.ArpKey(ifindex, _be32(vip))]
+        self._delete("arp_vips", layout.ArpKey(ifindex, _be32(vip)))
+
+    def _delete(self, name: str, key) -> None:
+        """Deletes key from hash map `name`; a key not there is deleted already:
+        undoing a change that failed part way deletes what it had not written yet
+        (daemon.Balancer.apply)."""
+        if lib.bpf_delete_elem(self._maps[name].map_fd, ct.byref(key)) != 0 \
+                and ct.get_errno() != errno.ENOENT:
+            raise DatapathError(f"cannot delete from {name}: {os.strerror(ct.get_errno())}")
 
     @staticmethod
     def _service_key(vip: IPv4Address, port: int, proto: int) -> layout.ServiceKey:

@@ -1339,6 +1339,34 @@ def test_a_health_change_the_kernel_refuses_is_counted_and_shown(checked):
     assert got[("xlb_health_unapplied_since_timestamp_seconds", ())] == lag["unapplied_since"]
 
 
+def test_an_apply_whose_map_write_the_kernel_refuses_changes_nothing(balancer):
+    """The kernel refuses a write part way through an apply: what the apply
+    wrote before it is written back, so that the maps hold the config the
+    balancer says it serves. Left there, a frontend the apply removed was
+    no longer served while status still listed it, and every later apply
+    that removed it too failed (a delete of a key that is gone)."""
+    two = from_flags(["10.1.1.101:80", "10.1.1.102:80"], ["10.1.11.101:8080"])
+    balancer.apply(two, relink=False)
+    held = balancer.datapath.held()[0]
+    # Without 10.1.1.102, with a new frontend on a Maglev pool: its table's
+    # write is refused, after the deletes of 10.1.1.102's service and VIP.
+    maglev = configfile.load(
+        '[servers.backend1]\naddress = "10.1.11.101"\nport = 8080\n'
+        '[pools.default]\nservers = ["backend1"]\n'
+        '[pools.hashed]\nservers = ["backend1"]\nalgorithm = "maglev"\n'
+        '[frontends.vip1]\nvip = "10.1.1.101"\nport = 80\npool = "default"\n'
+        '[frontends.vip3]\nvip = "10.1.1.103"\nport = 80\npool = "hashed"\n')
+    freeze(balancer.datapath, "maglev")
+    with pytest.raises(Exception, match="Operation not permitted"):
+        balancer.apply(maglev, relink=False)
+    now = balancer.datapath.held()[0]
+    assert (now.services, now.vips) == (held.services, held.vips)
+    assert balancer.config is two
+    one = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"])
+    balancer.apply(one, relink=False)
+    assert balancer.datapath.held()[0].vips == {IPv4Address("10.1.1.101")}
+
+
 def test_status_tells_an_unchecked_server_from_one_whose_first_check_is_to_come(checked):
     """`not checked` is for a server that no monitor checks (none, or one of
     type `none`); a checked server before its first check (the checks are
