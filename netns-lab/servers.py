@@ -42,6 +42,7 @@ BACKLOG = 1024
 IDLE_TIMEOUT = 120
 MAX_DELAY = 10.0
 MAX_PAD = 1 << 20
+ANY = "0.0.0.0"     # the servers listen on every address of their namespace
 
 
 def log(msg):
@@ -167,15 +168,15 @@ def run_web(args):
     # UDP first: once the TCP listener accepts (what lab.sh waits for), both are ready.
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    udp.bind((args.host, args.port))
+    udp.bind((ANY, args.port))
     threading.Thread(target=udp_echo_name, args=(udp, body), daemon=True).start()
     handler = make_web_handler(body, args.status)
     if args.tls:
-        httpd = QuietHTTPSServer((args.host, args.port), handler, args.tls)
+        httpd = QuietHTTPSServer((ANY, args.port), handler, args.tls)
     else:
-        httpd = QuietHTTPServer((args.host, args.port), handler)
+        httpd = QuietHTTPServer((ANY, args.port), handler)
     serve(httpd, args, f"{args.name}: {'https' if args.tls else 'http'}+udp on "
-                       f"{args.host}:{args.port}")
+                       f"{ANY}:{args.port}")
     udp.close()
 
 
@@ -199,9 +200,9 @@ class DBServer(LabServer, socketserver.ThreadingTCPServer):
 
 
 def run_db(args):
-    server = DBServer((args.host, args.port), DBHandler)
+    server = DBServer((ANY, args.port), DBHandler)
     server.body = f"{args.name}\n".encode()
-    serve(server, args, f"{args.name}: tcp on {args.host}:{args.port}")
+    serve(server, args, f"{args.name}: tcp on {ANY}:{args.port}")
 
 
 def serve(server, args, what):
@@ -233,7 +234,7 @@ def run_udp_probe(args):
 def run_hang(args):
     """Accepts connections and never answers: a server that is up but stuck."""
     held = []
-    with socket.create_server((args.host, args.port), backlog=BACKLOG, reuse_port=False) as srv:
+    with socket.create_server((ANY, args.port), backlog=BACKLOG, reuse_port=False) as srv:
         srv.settimeout(0.2)
         write_pidfile(args.pidfile)
         signal.signal(signal.SIGTERM, _terminate)
@@ -256,7 +257,6 @@ def main(argv=None):
         p = sub.add_parser(cmd)
         p.add_argument("--name", required=True)
         p.add_argument("--port", type=int, required=True)
-        p.add_argument("--host", default="0.0.0.0")
         p.add_argument("--pidfile")
         if cmd == "web":
             p.add_argument("--status", type=int, default=200)
