@@ -142,10 +142,12 @@ class Config:
     frontends: tuple[Frontend, ...]
     pools: tuple[Pool, ...]
     monitors: tuple[Monitor, ...] = ()
-    # What the file defines and nothing uses (a pool's monitor that each of its
-    # servers replaces too), weights a ring cannot honour, as
-    # (key path, what that means): said, not refused. Not part of the config (a
-    # server in no pool is not even kept, see config.dump).
+    # What would not act as written, as (key path, what that means): what the
+    # file defines and nothing uses (a pool's monitor that each of its servers
+    # replaces too), weights a ring cannot honour, a monitor over the protocol
+    # its pool's frontends do not serve, a frontend's timeouts of the other
+    # protocol: said, not refused. Not part of the config (a server in no pool
+    # is not even kept, see config.dump).
     warnings: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     def pool(self, name: str) -> Pool:
