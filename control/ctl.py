@@ -23,7 +23,9 @@ upgrade can hand over (`xlb down --keep-datapath`, then the new `xlb up`), and
 listener that runs as root is taken for xlb; another is ignored and told
 nothing.
 
-Protocol: one JSON object per line each way, one request per connection.
+Protocol: one JSON object per line each way, one request per connection;
+before its answer, a request that asks for it ("progress") is told when the
+instance begins to carry it out (BEGUN), and waited for from then on.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ MAX_REQUEST = 6 * MAX_FILE + (1 << 20)
 ROOT_ONLY = "permission denied: the control socket is root-only"
 EARLIER = "\0xlb/control"  # where an instance of a build before the file socket listens
 RESTORE_WAIT = 3.0       # seconds a client waits for a running instance to make its socket again
+# What the instance answers first, to a request that asks for it ("progress"),
+# once it carries the request out: no longer queued, not to be given up.
+BEGUN = b'{"begun": true}\n'
 
 
 class NotRunning(Exception):
@@ -415,8 +420,8 @@ def _request(cmd: str, timeout: float, args: dict) -> object:
     deadline = time.monotonic() + timeout
     with _connect(timeout) as sock:
         try:
-            sock.sendall(json.dumps({"cmd": cmd, **args, "deadline": deadline}).encode()
-                         + b"\n")
+            sock.sendall(json.dumps({"cmd": cmd, **args, "deadline": deadline,
+                                     "progress": True}).encode() + b"\n")
         except (BrokenPipeError, ConnectionResetError):
             # The instance may answer before it has read all (an oversized request)
             # and close: its answer is still ours to read. (Left to click, EPIPE would exit 1 without a word.)
@@ -430,6 +435,12 @@ def _request(cmd: str, timeout: float, args: dict) -> object:
             if not chunk:
                 raise _Unanswered()
             buf += chunk
+            if buf.startswith(BEGUN):
+                # Carried out from now on (an earlier build's instance never
+                # says so): the timeout was for its turn, and a change that
+                # takes effect must not be told as failed.
+                del buf[:len(BEGUN)]
+                sock.settimeout(None)
     reply = json.loads(buf)
     if reply.get("stopping"):
         raise Stopping(reply["error"])

@@ -1398,6 +1398,10 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, stop: as
                 # One that stands told nobody so (see `xlb ha follow`'s stop).
                 log.event(cmd, level="warning", error="its client stopped waiting: not done")
                 return {"ok": False, "error": "the client stopped waiting: not done"}
+            if req.get("progress") is True:
+                # From here on its client waits for the answer, however long the
+                # change takes: at its deadline it said failed of a change made.
+                writer.write(ctl.BEGUN)
             try:
                 result = await asyncio.to_thread(_dispatch, balancer, request_stop, cmd, req)
                 if cmd == "apply" and (unapplied := await sync_targets()):

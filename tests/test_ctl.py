@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import types
 
 import pytest
@@ -149,7 +150,23 @@ def test_a_request_is_a_json_line_with_its_deadline_and_the_answer_its_result(mo
     Clock(monkeypatch)
     with answering(lambda req: {"ok": True, "result": {"pid": 4242}}) as read:
         assert ctl.request("server", timeout=7.0, action="drain", pool="was") == {"pid": 4242}
-    assert read == [{"cmd": "server", "action": "drain", "pool": "was", "deadline": 107.0}]
+    assert read == [{"cmd": "server", "action": "drain", "pool": "was", "deadline": 107.0,
+                     "progress": True}]
+
+
+def test_a_request_the_instance_has_begun_is_waited_for_past_its_timeout():
+    """Its timeout is for its turn: told so past it, the client said the
+    instance "did not answer" of a change that took effect."""
+    def handle(conn):
+        with conn.makefile("rb") as f:
+            req = json.loads(f.readline())
+        conn.sendall(ctl.BEGUN)
+        while time.monotonic() < req["deadline"] + 0.2:      # the change takes long
+            time.sleep(0.01)
+        conn.sendall(json.dumps({"ok": True, "result": "done"}).encode() + b"\n")
+
+    with serving(handle):
+        assert ctl.request("server", timeout=0.05) == "done"
 
 
 def test_a_refusal_is_a_control_error_that_says_why():

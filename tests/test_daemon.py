@@ -865,6 +865,49 @@ def test_a_request_its_client_stopped_waiting_for_is_not_done(balancer, tmp_path
     assert len(balancer.config.pools) == 2
 
 
+def test_a_request_begun_before_its_deadline_is_waited_for_past_it(root, fibnet, own_control,
+                                                                     monkeypatch):
+    """A request whose turn came just before its client's deadline (queued
+    behind a long apply), and whose change took it past the deadline: the
+    client said "did not answer within 1 s" and failed, while the change took
+    effect. Once the instance has begun it, the client waits for its answer.
+    Held here where the instance saves its state, the maps written."""
+    saving, release, outcome = threading.Event(), threading.Event(), []
+    save = daemon.saved.save
+
+    def held_save(state):
+        if state.admin:             # the drain's, not the start's
+            saving.set()
+            release.wait(30)
+        save(state)
+
+    monkeypatch.setattr(daemon.saved, "save", held_save)
+
+    def drain():
+        try:
+            outcome.append(ctl.request("server", action="drain", pool="default",
+                                       server="backend1", timeout=1.0))
+        except Exception as e:      # told as the CLI tells it: failed
+            outcome.append(e)
+
+    def drain_held_past_its_deadline():
+        client = threading.Thread(target=drain)
+        past = time.monotonic() + 1.0
+        client.start()
+        try:
+            assert saving.wait(30), "the drain: not held"
+            while client.is_alive() and time.monotonic() < past + 0.5:
+                time.sleep(0.05)
+        finally:
+            release.set()
+        client.join(30)
+        ctl.request("down")
+
+    assert up_in_process(drain_held_past_its_deadline) == (0, False)
+    assert isinstance(outcome[0], dict), outcome
+    assert outcome[0]["state"] == "drain"
+
+
 def test_a_request_nested_deeper_than_json_decodes_is_answered_as_malformed(balancer):
     """The decoder gives up on deep nesting with a RecursionError, no ValueError:
     the client got no answer, and the log a traceback."""
