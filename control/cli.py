@@ -548,9 +548,13 @@ def down(keep_datapath: bool) -> None:
     the same way (exit 0); with --keep-datapath, exit 1 if that stop detached
     the data path."""
     _check_state_dir()
-    stopping = False
+    stopping, pid = False, None
     try:
-        ctl.request("down", keep_datapath=keep_datapath)
+        answer = ctl.request("down", keep_datapath=keep_datapath)
+        # The instance that stops: an `xlb up` may start as soon as it lets go,
+        # whose answers are no sign that this one runs. (An earlier build's
+        # instance does not say.)
+        pid = answer.get("pid") if isinstance(answer, dict) else None
     except (ctl.Stopping, ctl.Ended):
         # Stopping already (a signal, another `xlb down`): that stop is waited
         # for as this one's would be: a stop is asked twice by those who cannot
@@ -572,7 +576,7 @@ def down(keep_datapath: bool) -> None:
         raise Failure(str(e)) from None
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        if not ctl.running():
+        if not ctl.running(pid):
             # An instance listens until it has detached; one killed in between
             # (OOM, a supervisor's SIGKILL) stops listening with its program
             # still attached, which is removed here as a crash's would be, with

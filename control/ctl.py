@@ -454,12 +454,15 @@ class _Unanswered(Exception):
     """The instance closed the connection without answering."""
 
 
-def running() -> bool:
-    """False once nothing listens here; an instance that is shutting down still counts."""
+def running(pid: int | None = None) -> bool:
+    """False once nothing listens here, or (pid) once another instance than
+    process pid answers: one that started as soon as it let go. An instance
+    that is shutting down still counts, and so does one that does not answer
+    (starting)."""
     try:
-        request("ping", timeout=2.0)
+        reply = request("ping", timeout=2.0)
     except NotRunning:
         return False
     except (ControlError, OSError):
-        pass
-    return True
+        return True
+    return pid is None or not isinstance(reply, dict) or reply.get("pid") == pid

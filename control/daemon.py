@@ -1506,5 +1506,5 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
         request_stop(keep)
         if not keep:
             saved.clear()     # the service ends here: the next `xlb up` starts afresh
-        return "stopping"
+        return {"pid": os.getpid()}     # `xlb down` waits until this process is gone
     raise BadRequest(f"unknown command {cmd!r}")

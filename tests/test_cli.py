@@ -5,6 +5,7 @@ and an answer from a stand-in for the instance. No root, no kernel."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -498,6 +499,38 @@ def test_down_of_an_instance_stopping_already_waits_for_its_stop(run_dir, monkey
     else:
         assert (r.exit_code, r.stdout, r.stderr) == (0, "xlb: stopped\n", "")
     assert (state.load() is None) != keep_datapath
+
+
+def test_down_waits_for_the_instance_it_stopped_not_for_the_next(run_dir, monkeypatch):
+    """An `xlb up` that starts as soon as the instance lets go (a script's, a
+    second operator's) answers the pings of down's wait: `xlb down` waited 15 s
+    and said "the instance did not stop within 15 s" (exit 1) of an instance
+    that had stopped."""
+    from xlb import cli, ctl
+    listener, done, asked = ctl.Listener(), threading.Event(), []
+    listener.socket.settimeout(0.1)
+
+    def stop_then_another():
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                conn, _ = listener.socket.accept()
+                with conn:
+                    asked.append(json.loads(conn.makefile("rb").readline())["cmd"])
+                    pid = 4242 if asked == ["down"] else 4343       # the next instance
+                    conn.sendall(json.dumps({"ok": True, "result": {"pid": pid}}).encode()
+                                 + b"\n")
+    server = threading.Thread(target=stop_then_another, daemon=True)
+    server.start()
+    monkeypatch.setattr(cli, "_check_state_dir", lambda: None)
+    monkeypatch.setattr(cli, "_orphan", lambda detach=False: None)
+    try:
+        r = CliRunner().invoke(cli.cli, ["down"])
+    finally:
+        done.set()
+        server.join(10)
+        listener.close()
+    assert asked[:2] == ["down", "ping"]
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "xlb: stopped\n", "")
 
 
 def _follow(cli, fifo: Path, keepalived: int, handle):

@@ -158,7 +158,7 @@ def test_a_stop_holds_hang_ups_while_it_waits_for_a_sweep(balancer, own_control,
             if stop == "SIGTERM":
                 os.kill(os.getpid(), signal.SIGTERM)
             else:
-                assert ctl.request("down", keep_datapath=True) == "stopping"
+                assert ctl.request("down", keep_datapath=True) == {"pid": os.getpid()}
             deadline = time.monotonic() + 5
             while signal.getsignal(signal.SIGHUP) != signal.SIG_IGN and \
                     time.monotonic() < deadline:
