@@ -555,11 +555,11 @@ def down(keep_datapath: bool) -> None:
         # whose answers are no sign that this one runs. (An earlier build's
         # instance does not say.)
         pid = answer.get("pid") if isinstance(answer, dict) else None
-    except (ctl.Stopping, ctl.Ended):
+    except (ctl.Stopping, ctl.Ended) as e:
         # Stopping already (a signal, another `xlb down`): that stop is waited
         # for as this one's would be: a stop is asked twice by those who cannot
         # know of each other (`systemctl stop` beside an operator's `xlb down`).
-        stopping = True
+        stopping, pid = True, getattr(e, "pid", None)
     except ctl.NotRunning as e:
         if keep_datapath:
             raise _not_running(e) from None

@@ -83,7 +83,12 @@ class ControlError(Exception):
 
 
 class Stopping(ControlError):
-    """The instance is stopping (a signal, `xlb down`): it refused the request, not done."""
+    """The instance is stopping (a signal, `xlb down`): it refused the request, not done.
+    `pid`: its process (None: an earlier build's instance does not say)."""
+
+    def __init__(self, message: str, pid: int | None = None):
+        super().__init__(message)
+        self.pid = pid
 
 
 class Ended(NotRunning):
@@ -443,7 +448,7 @@ def _request(cmd: str, timeout: float, args: dict) -> object:
                 sock.settimeout(None)
     reply = json.loads(buf)
     if reply.get("stopping"):
-        raise Stopping(reply["error"])
+        raise Stopping(reply["error"], reply.get("pid"))
     if not reply.get("ok"):
         raise ControlError(reply.get("error", "request failed"), reply.get("problems"),
                            reply.get("bad_input", False))

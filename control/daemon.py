@@ -829,7 +829,7 @@ def up(config: Config, config_path: Path | None = None,
         _hold_hangups()
         # Until its socket is closed, a client is told at once that it stops
         # (unread, unlogged), not left to wait for the close to cut it off.
-        control.refuse(json.dumps(REFUSED).encode() + b"\n")
+        control.refuse(json.dumps(_refusal()).encode() + b"\n")
         if exporter is not None:
             if serving:
                 exporter.shutdown()
@@ -1434,9 +1434,14 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, stop: as
 REFUSED = {"ok": False, "error": "xlb is stopping: not done", "stopping": True}
 
 
+def _refusal() -> dict:
+    """REFUSED, naming the process that stops: `xlb down` waits for it alone."""
+    return {**REFUSED, "pid": os.getpid()}
+
+
 def _refused(cmd: str) -> dict:
     log.event(cmd, level="warning", error=REFUSED["error"])
-    return REFUSED
+    return _refusal()
 
 
 def _hung_up(writer: asyncio.StreamWriter) -> bool:

@@ -501,14 +501,17 @@ def test_down_of_an_instance_stopping_already_waits_for_its_stop(run_dir, monkey
     assert (state.load() is None) != keep_datapath
 
 
-def test_down_waits_for_the_instance_it_stopped_not_for_the_next(run_dir, monkeypatch):
+@pytest.mark.parametrize("stop", ["asked", "under-way"])
+def test_down_waits_for_the_instance_it_stopped_not_for_the_next(run_dir, monkeypatch, stop):
     """An `xlb up` that starts as soon as the instance lets go (a script's, a
     second operator's) answers the pings of down's wait: `xlb down` waited 15 s
     and said "the instance did not stop within 15 s" (exit 1) of an instance
-    that had stopped."""
+    that had stopped, at its request or by a signal already (under-way)."""
     from xlb import cli, ctl
     listener, done, asked = ctl.Listener(), threading.Event(), []
     listener.socket.settimeout(0.1)
+    stopping = ({"ok": True, "result": {"pid": 4242}} if stop == "asked" else
+                {**json.loads(STOPPING), "pid": 4242})
 
     def stop_then_another():
         while not done.is_set():
@@ -516,9 +519,9 @@ def test_down_waits_for_the_instance_it_stopped_not_for_the_next(run_dir, monkey
                 conn, _ = listener.socket.accept()
                 with conn:
                     asked.append(json.loads(conn.makefile("rb").readline())["cmd"])
-                    pid = 4242 if asked == ["down"] else 4343       # the next instance
-                    conn.sendall(json.dumps({"ok": True, "result": {"pid": pid}}).encode()
-                                 + b"\n")
+                    answer = stopping if asked == ["down"] else \
+                        {"ok": True, "result": {"pid": 4343}}       # the next instance
+                    conn.sendall(json.dumps(answer).encode() + b"\n")
     server = threading.Thread(target=stop_then_another, daemon=True)
     server.start()
     monkeypatch.setattr(cli, "_check_state_dir", lambda: None)
