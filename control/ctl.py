@@ -24,8 +24,9 @@ listener that runs as root is taken for xlb; another is ignored and told
 nothing.
 
 Protocol: one JSON object per line each way, one request per connection;
-before its answer, a request that asks for it ("progress") is told when the
-instance begins to carry it out (BEGUN), and waited for from then on.
+before its answer, a request that asks for it ("progress") and changes
+something is told when the instance begins to carry it out (BEGUN), and
+waited for from then on.
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ from .units import interfaces
 
 EMPTY = Config(frontends=(), pools=())
 ADMIN_ACTIONS = {"disable": "maint", "drain": "drain", "enable": None}
+# The requests that change something: told begun (ctl.BEGUN), their clients
+# wait for the answer. A status or ping of a hung instance still times out.
+CHANGES = frozenset({"apply", "server", "role", "down"})
 
 Key = tuple[str, str]
 
@@ -1398,7 +1401,7 @@ async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, stop: as
                 # One that stands told nobody so (see `xlb ha follow`'s stop).
                 log.event(cmd, level="warning", error="its client stopped waiting: not done")
                 return {"ok": False, "error": "the client stopped waiting: not done"}
-            if req.get("progress") is True:
+            if req.get("progress") is True and cmd in CHANGES:
                 # From here on its client waits for the answer, however long the
                 # change takes: at its deadline it said failed of a change made.
                 writer.write(ctl.BEGUN)

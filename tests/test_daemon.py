@@ -908,6 +908,26 @@ def test_a_request_begun_before_its_deadline_is_waited_for_past_it(root, fibnet,
     assert outcome[0]["state"] == "drain"
 
 
+@pytest.mark.parametrize(("cmd", "told"), [("server", ctl.BEGUN), ("status", b"")])
+def test_only_a_change_is_told_begun(balancer, cmd, told):
+    """A status (or ping) that a hung instance never answers times out still,
+    as `xlb top` says: only a change is waited for past its client's timeout."""
+    async def told_before_the_answer() -> bytes:
+        ours, theirs = socket.socketpair()
+        with theirs:
+            reader, writer = await asyncio.open_unix_connection(sock=ours)
+            theirs.sendall(json.dumps({"cmd": cmd, "action": "drain", "pool": "default",
+                                       "server": "backend1", "progress": True}).encode()
+                           + b"\n")
+            assert (await daemon._answer(balancer, lambda: None, asyncio.Lock(),
+                                         asyncio.Event(), no_sync, reader, writer))["ok"]
+            writer.close()
+            await writer.wait_closed()
+            return theirs.recv(4096)
+
+    assert asyncio.run(told_before_the_answer()) == told
+
+
 def test_a_request_nested_deeper_than_json_decodes_is_answered_as_malformed(balancer):
     """The decoder gives up on deep nesting with a RecursionError, no ValueError:
     the client got no answer, and the log a traceback."""
