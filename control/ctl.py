@@ -26,7 +26,7 @@ nothing.
 Protocol: one JSON object per line each way, one request per connection;
 before its answer, a request that asks for it ("progress") and changes
 something is told when the instance begins to carry it out (BEGUN), and
-waited for from then on.
+waited for from then on as long again as for its turn.
 """
 
 from __future__ import annotations
@@ -378,6 +378,9 @@ def request(cmd: str, timeout: float = 10.0, **args) -> object:
         except (ControlError, TimeoutError, _Unanswered):
             pass
         raise ControlError("the instance closed the connection without answering") from None
+    except _Unfinished:
+        raise ControlError(f"the instance began this change and has not finished it within "
+                           f"{timeout:g} s: it may yet take effect (xlb status tells)") from None
     except TimeoutError:
         raise ControlError(f"the instance did not answer within {timeout:g} s (starting, "
                            f"or stopped)") from None
@@ -432,21 +435,28 @@ def _request(cmd: str, timeout: float, args: dict) -> object:
             # The instance may answer before it has read all (an oversized request)
             # and close: its answer is still ours to read. (Left to click, EPIPE would exit 1 without a word.)
             pass
-        buf = bytearray()
+        buf, begun = bytearray(), False
         while not buf.endswith(b"\n"):
             try:
                 chunk = sock.recv(65536)
             except ConnectionResetError:     # stopping: it closed what it had not accepted
                 chunk = b""
+            except TimeoutError:
+                if begun:
+                    raise _Unfinished() from None
+                raise
             if not chunk:
                 raise _Unanswered()
             buf += chunk
             if buf.startswith(BEGUN):
                 # Carried out from now on (an earlier build's instance never
                 # says so): the timeout was for its turn, and a change that
-                # takes effect must not be told as failed.
+                # takes effect must not be told as failed. It gets as long
+                # again: a client (`xlb ha follow`'s role) is not held for ever
+                # by an instance that hangs.
                 del buf[:len(BEGUN)]
-                sock.settimeout(None)
+                sock.settimeout(timeout)
+                begun = True
     reply = json.loads(buf)
     if reply.get("stopping"):
         raise Stopping(reply["error"], reply.get("pid"))
@@ -458,6 +468,10 @@ def _request(cmd: str, timeout: float, args: dict) -> object:
 
 class _Unanswered(Exception):
     """The instance closed the connection without answering."""
+
+
+class _Unfinished(Exception):
+    """The instance began the change (BEGUN) and did not answer in time."""
 
 
 def running(pid: int | None = None) -> bool:

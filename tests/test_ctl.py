@@ -155,18 +155,30 @@ def test_a_request_is_a_json_line_with_its_deadline_and_the_answer_its_result(mo
 
 
 def test_a_request_the_instance_has_begun_is_waited_for_past_its_timeout():
-    """Its timeout is for its turn: told so past it, the client said the
-    instance "did not answer" of a change that took effect."""
-    def handle(conn):
+    """Its timeout is for its turn, and the change gets as long again: told
+    so past it, the client said the instance "did not answer" of a change
+    that took effect. An instance that never finishes it is not waited for
+    for ever (`xlb ha follow` would stop following), and the client says
+    what it knows."""
+    def handle(conn, answer=True):
         with conn.makefile("rb") as f:
             req = json.loads(f.readline())
-        conn.sendall(ctl.BEGUN)
-        while time.monotonic() < req["deadline"] + 0.2:      # the change takes long
+        while time.monotonic() < req["deadline"] - 1.5:       # queued
             time.sleep(0.01)
-        conn.sendall(json.dumps({"ok": True, "result": "done"}).encode() + b"\n")
+        conn.sendall(ctl.BEGUN)
+        while time.monotonic() < req["deadline"] + 0.5:       # the change takes long
+            time.sleep(0.01)
+        if answer:
+            conn.sendall(json.dumps({"ok": True, "result": "done"}).encode() + b"\n")
+        else:
+            time.sleep(3)
 
     with serving(handle):
-        assert ctl.request("server", timeout=0.05) == "done"
+        assert ctl.request("server", timeout=2.5) == "done"
+    with serving(lambda conn: handle(conn, answer=False)):
+        with pytest.raises(ctl.ControlError, match=r"^the instance began this change and has "
+                           r"not finished it within 2.5 s: it may yet take effect"):
+            ctl.request("server", timeout=2.5)
 
 
 def test_a_refusal_is_a_control_error_that_says_why():
