@@ -868,44 +868,55 @@ def test_a_request_its_client_stopped_waiting_for_is_not_done(balancer, tmp_path
 def test_a_request_begun_before_its_deadline_is_waited_for_past_it(root, fibnet, own_control,
                                                                      monkeypatch):
     """A request whose turn came just before its client's deadline (queued
-    behind a long apply), and whose change took it past the deadline: the
+    behind a long change), and whose change took it past the deadline: the
     client said "did not answer within 1 s" and failed, while the change took
-    effect. Once the instance has begun it, the client waits for its answer.
-    Held here where the instance saves its state, the maps written."""
-    saving, release, outcome = threading.Event(), threading.Event(), []
+    effect. Once the instance has begun it, the client waits for its answer
+    (as long again). Held here where the instance saves its state, the maps
+    written: a drain first, the server's disable queued behind it."""
+    held = {state: (threading.Event(), threading.Event()) for state in ("drain", "maint")}
+    outcome = []
     save = daemon.saved.save
 
     def held_save(state):
-        if state.admin:             # the drain's, not the start's
-            saving.set()
-            release.wait(30)
+        if state.admin:             # the drain's, then the disable's; not the start's
+            saving, release = held[state.admin[("default", "backend1")]]
+            if not saving.is_set():
+                saving.set()
+                release.wait(30)
         save(state)
 
     monkeypatch.setattr(daemon.saved, "save", held_save)
 
-    def drain():
+    def change(action, timeout):
         try:
-            outcome.append(ctl.request("server", action="drain", pool="default",
-                                       server="backend1", timeout=1.0))
+            outcome.append(ctl.request("server", action=action, pool="default",
+                                       server="backend1", timeout=timeout))
         except Exception as e:      # told as the CLI tells it: failed
             outcome.append(e)
 
     def drain_held_past_its_deadline():
-        client = threading.Thread(target=drain)
+        first = threading.Thread(target=change, args=("drain", 30))
+        first.start()
+        assert held["drain"][0].wait(30), "the drain: not held"
+        client = threading.Thread(target=change, args=("disable", 1.0))
         past = time.monotonic() + 1.0
         client.start()
         try:
-            assert saving.wait(30), "the drain: not held"
-            while client.is_alive() and time.monotonic() < past + 0.5:
+            time.sleep(0.7)                             # queued behind the first
+            held["drain"][1].set()
+            first.join(30)
+            assert held["maint"][0].wait(30), "the disable: not held"
+            while client.is_alive() and time.monotonic() < past + 0.3:
                 time.sleep(0.05)
         finally:
-            release.set()
+            for _, release in held.values():
+                release.set()
         client.join(30)
         ctl.request("down")
 
     assert up_in_process(drain_held_past_its_deadline) == (0, False)
-    assert isinstance(outcome[0], dict), outcome
-    assert outcome[0]["state"] == "drain"
+    assert isinstance(outcome[1], dict), outcome
+    assert outcome[1]["state"] == "maint"
 
 
 @pytest.mark.parametrize(("cmd", "told"), [("server", ctl.BEGUN), ("status", b"")])
