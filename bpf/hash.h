@@ -33,7 +33,7 @@ static __always_inline __u32 xlb_source_hash(__be32 saddr)
 	return xlb_mix(saddr ^ 0x9e3779b9);
 }
 
-/* The slot of a next hop in the hops cache (struct hop). */
+/* The slot of a next hop in the hops cache (struct hop): the program's alone. */
 static __always_inline __u32 xlb_hop_slot(__be32 daddr, __u32 in_ifindex)
 {
 	return xlb_mix(daddr ^ (in_ifindex * 0x9e3779b9u)) & (XLB_MAX_HOPS - 1);

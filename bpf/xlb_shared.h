@@ -52,7 +52,8 @@ struct backend {
 /* backend.flags. NO_NEW_FLOWS: the backend is not up (down, drained, disabled
  * or removed). Its established flows follow the pool's policy, but a TCP SYN
  * that hits one of its flow entries (a client reusing a port) is a new
- * connection and is balanced anew. */
+ * connection and is balanced anew, and so is a datagram of a flow it never
+ * answered (flow_fate in xlb.c). */
 enum { BACKEND_NO_NEW_FLOWS = 1 };
 
 /* owners: a backend endpoint (address, port, protocol) -> the service of the
@@ -130,8 +131,9 @@ struct flow_counters {
 	__u64 created;		/* into flows_new */
 	__u64 established;	/* flows_new -> flows */
 	__u64 expired;		/* found idle past their timeout, removed */
-	__u64 reopened;		/* a SYN on a closing flow or one whose backend takes
-				 * no new flows: removed, balanced anew */
+	__u64 reopened;		/* a SYN on a closing flow, or a SYN or an unanswered
+				 * flow's datagram on one whose backend takes no new
+				 * flows: removed, balanced anew */
 	__u64 new_removed;	/* of expired + reopened + established: those from flows_new */
 	__u64 adopted;		/* of created: another node's, met at a backend's packet
 				 * (owners) */
@@ -221,13 +223,15 @@ struct tally {
 #define XLB_REASONS(X)                                                          \
 	X(PASS_NOT_IP, XDP_PASS)      /* not IPv4 nor ARP: IPv6, a VLAN's tag, ... */ \
 	X(PASS_ARP, XDP_PASS)         /* ARP that is not a request for a VIP here */ \
-	X(PASS_SHORT, XDP_PASS)       /* IPv4 header cut short: the kernel judges */ \
+	X(PASS_SHORT, XDP_PASS)       /* a header cut short, or bad and not to a VIP: \
+				       * the kernel judges */                      \
 	X(PASS_NOT_VIP, XDP_PASS)     /* IPv4 neither to a service nor a reply */   \
 	X(FORWARD, XDP_PASS)          /* to a service: DNAT, the kernel routes it */ \
 	X(REPLY, XDP_PASS)            /* from a backend: reverse NAT, kernel routes */ \
 	X(ARP_REPLY, XDP_TX)          /* ARP request for a VIP: answered here */    \
 	X(DROP_MALFORMED, XDP_DROP)   /* to a VIP, headers cut short or bad */      \
-	X(DROP_FRAGMENT, XDP_DROP)    /* to a VIP, a fragment before its first */ \
+	X(DROP_FRAGMENT, XDP_DROP)    /* to a VIP, a later fragment whose first xlb \
+				       * did not see, or an ICMP fragment */       \
 	X(DROP_NO_BACKEND, XDP_DROP)  /* new flow to a service with no backend up */ \
 	X(FORWARD_TX, XDP_TX)         /* fast path: DNAT, out the port it came in */ \
 	X(FORWARD_REDIRECT, XDP_REDIRECT) /* fast path: DNAT, out another port */   \
