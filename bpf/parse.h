@@ -165,6 +165,16 @@ static __always_inline int ip_header_len(const struct cursor *c, const struct ip
 	return hlen;
 }
 
+/* Whether ip is IPv4 whose datagram lies whole in the frame and holds its
+ * own header: all there is to check of a packet without an L4 header to
+ * parse (a later fragment, another protocol). */
+static __always_inline int ip_datagram_ok(const struct cursor *c, const struct iphdr *ip)
+{
+	int hlen = ip_header_len(c, ip);
+
+	return hlen >= 0 && bpf_ntohs(ip->tot_len) >= hlen;
+}
+
 /* Moves past the IPv4 header and its options to the TCP or UDP header and
  * fills pkt. Returns 0, or -1 for a header that is bad or cut short, a frame
  * shorter than the IP total length, or a total length too short for the

@@ -920,7 +920,7 @@ static __always_inline enum xlb_reason later_fragment(struct xdp_md *ctx, struct
 	struct flow *f = frags.lookup(&fk);
 	struct l4ports no_ports = {};	/* for the FIB: Linux hashes a fragment by addresses */
 	struct packet pkt = { .eth = eth, .ip = ip, .ports = &no_ports };
-	int hlen, reply, rc;
+	int reply, rc;
 	struct hop *hop;
 	__u16 mtu = 0;
 	__u64 now;
@@ -931,8 +931,7 @@ static __always_inline enum xlb_reason later_fragment(struct xdp_md *ctx, struct
 		return vip_or_pass(ip, is_vip, XLB_DROP_FRAGMENT, XLB_PASS_NOT_VIP);
 	/* Checked only for a known datagram's: the fragments of traffic not
 	 * xlb's pay nothing for it. */
-	hlen = ip_header_len(c, ip);
-	if (hlen < 0 || bpf_ntohs(ip->tot_len) < hlen)
+	if (!ip_datagram_ok(c, ip))
 		return vip_or_pass(ip, is_vip, XLB_DROP_MALFORMED, XLB_PASS_SHORT);
 	count_flow(f, frame_len, 0);
 	if (ttl_runs_out(ip))
@@ -953,12 +952,9 @@ static __always_inline enum xlb_reason later_fragment(struct xdp_md *ctx, struct
 static __always_inline enum xlb_reason other_protocol(struct cursor *c, struct iphdr *ip,
 						      int is_vip)
 {
-	int hlen;
-
 	if (!to_a_vip(ip, is_vip))
 		return XLB_PASS_NOT_VIP;
-	hlen = ip_header_len(c, ip);
-	if (hlen < 0 || bpf_ntohs(ip->tot_len) < hlen)
+	if (!ip_datagram_ok(c, ip))
 		return XLB_DROP_MALFORMED;
 	return unserved(ip, XLB_DROP_NO_SERVICE);
 }
