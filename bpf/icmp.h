@@ -22,14 +22,14 @@ struct icmp_error {
 	__sum16 *inner_l4_csum;	/* NULL when the quote does not reach it */
 };
 
-/* The ICMP header of an IPv4 packet that is not a fragment and lies whole in
- * the frame, or NULL. */
+/* The ICMP header of an IPv4 packet that lies whole in the frame, or NULL.
+ * A fragment's is not all of the message: the caller turns fragments away. */
 static __always_inline struct icmphdr *parse_icmp(struct cursor *c, struct iphdr *ip)
 {
 	int hlen = ip_header_len(c, ip);
 	struct icmphdr *icmp;
 
-	if (hlen < 0 || ip_is_fragment(ip) || bpf_ntohs(ip->tot_len) < hlen + sizeof(*icmp))
+	if (hlen < 0 || bpf_ntohs(ip->tot_len) < hlen + sizeof(*icmp))
 		return NULL;
 	icmp = (void *)ip + hlen;
 	if ((void *)(icmp + 1) > c->end)
