@@ -701,8 +701,13 @@ static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct pac
 	fkey.dport = skey->port;
 	fkey.proto = key->proto;
 	f = flow_find(&fkey, &in_new);
-	if (f && f->dir == FLOW_FORWARD && f->addr == key->saddr && f->port == key->sport &&
-	    !flow_idle(f, f->seen, now)) {
+	/* Dead, it is gone at this packet, as the sweep would have it (flow_fate),
+	 * and the packet is taken as after a sweep. */
+	if (f && f->dir == FLOW_FORWARD && !flow_alive(&fkey, f, in_new, now)) {
+		flow_forget(&fkey, f, in_new, FLOW_EXPIRED);
+		f = NULL;
+	}
+	if (f && f->dir == FLOW_FORWARD && f->addr == key->saddr && f->port == key->sport) {
 		/* This node's own connection, whose reply entry the LRU evicted
 		 * alone: written again, not adopted, with what this packet, its
 		 * first, tells (flow_progress, flow_track_close). */
@@ -720,8 +725,7 @@ static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct pac
 		/* Another node's, only with SERVICE_ADOPT; not this node's own
 		 * live connection on another server than Maglev picks now (its
 		 * pick was drained then). */
-		if (!(svc->flags & SERVICE_ADOPT) ||
-		    (f && f->dir == FLOW_FORWARD && flow_alive(&fkey, f, in_new, now)))
+		if (!(svc->flags & SERVICE_ADOPT) || (f && f->dir == FLOW_FORWARD))
 			return XLB_PASS_NOT_VIP;
 		be = pick_backend(svc, &fkey, &backend_id);
 		if (!be || be->addr != key->saddr || be->port != key->sport ||

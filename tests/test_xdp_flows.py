@@ -1228,6 +1228,51 @@ def test_a_connection_of_this_node_on_another_server_than_maglevs_is_not_taken(a
     assert connection(dp, sport, vip=MVIP)[1].backend_id == other
 
 
+@pytest.mark.parametrize("server", ["maglevs", "another"])
+def test_a_dead_connection_is_gone_at_the_packet_of_the_server_maglev_picks(adopting, fibnet,
+                                                                            server):
+    """This node's connection, idle past its timeout both ways (its reply
+    entry evicted, or on another server than Maglev picks now), is dead at
+    the packet of the server Maglev picks, as the sweep would have it: counted
+    expired, and the packet adopted as another node's connection, as after a
+    sweep. It brought the connection back before, or (another server's) left
+    it in the established table beside the adopted one, until a sweep."""
+    lb, dp = adopting, adopting.dp
+    ext, int_ = fibnet.ifindex["ext"], fibnet.ifindex["int"]
+    sport = 56800 + (server == "another")
+    bid = maglev_backend(CLIENT, sport)
+    went = bid if server == "maglevs" else 3 - bid
+    dp.set_timeouts(SVC_MAGLEV, *SHORT_TIMEOUTS)
+    dp.write_maglev(MAGLEV_TABLE, [went] * len(MAGLEV_SLOTS))
+    try:
+        lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="S"), ext)
+    finally:
+        dp.write_maglev(MAGLEV_TABLE, MAGLEV_SLOTS)
+    try:
+        lb.send(from_backend(went, sport, "SA"), int_)
+        lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="A"), ext)
+        assert connection(dp, sport, vip=MVIP)[0] == "flows"
+        addr, port = BACKENDS[went]
+        if server == "maglevs":
+            evict(dp, "flows", (addr, CLIENT, port, sport, TCP_P))
+        else:
+            age(dp, "flows", (addr, CLIENT, port, sport, TCP_P), 6)
+        age(dp, "flows", (CLIENT, MVIP, sport, 80, TCP_P), 6)
+        before = counters(dp)
+        res = lb.send(from_backend(bid, sport, "PA", payload=b"late"), int_)
+    finally:
+        dp.set_timeouts(SVC_MAGLEV, *TIMEOUTS.values())
+    assert (res.action, ip_of(res.data, "src")) == (XDP_REDIRECT, MVIP)
+    lb.expect("reply_redirect", flow=("out", SVC_MAGLEV, bid, False))
+    after = counters(dp)
+    assert {k: after[k] - before[k] for k in ("expired", "created", "adopted")} == \
+        {"expired": 1, "created": 1, "adopted": 1}
+    assert not [k for k in entries(dp, "flows") if sport in (k[2], k[3])]
+    table, fwd, reply = connection(dp, sport, vip=MVIP)
+    assert (table, fwd.backend_id, fwd.state, reply.state) == (
+        "flows_new", bid, STATE["answered"], STATE["answered"])
+
+
 def test_what_cannot_be_balanced_to_an_address_on_a_vips_filter_bit_passes(lb, fibnet):
     """The VIP filter takes such an address for a VIP's: what xlb cannot
     balance (another protocol, a later fragment no entry knows) is dropped
