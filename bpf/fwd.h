@@ -73,9 +73,10 @@ static __always_inline int fib_resolve(struct xdp_md *ctx, struct packet *pkt, s
 	__builtin_memcpy(hop->dmac, fib.dmac, ETH_ALEN);
 	__builtin_memcpy(hop->smac, fib.smac, ETH_ALEN);
 	/* The MTU comes only with "too big" (checked before the neighbour): ask
-	 * again for the largest packet. */
-	fib.ifindex = ctx->ingress_ifindex;
-	fib.ipv4_dst = ip->daddr;
+	 * again for the largest packet, with the query as it was: the answer
+	 * wrote over it (the link out, a gateway, and the route's metric, which
+	 * shares a union with the TOS). */
+	fib_query(&fib, ctx, ip);
 	fib.tot_len = 0xffff;
 	*mtu = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) ==
 	       BPF_FIB_LKUP_RET_FRAG_NEEDED ? fib.mtu_result : 0xffff;

@@ -2329,6 +2329,40 @@ def test_a_clients_packet_over_its_servers_mtu_with_df_is_answered_from_the_vip(
     counted.expect("icmp_too_big", flow=("in", sid, bid, False))
 
 
+def test_the_route_mtu_is_asked_with_the_packets_tos_not_its_routes_metric(lb, fibnet):
+    """The route's MTU is asked for in a second lookup, after the first, whose
+    answer wrote the route's metric over the query's TOS (a union in struct
+    bpf_fib_lookup): with metric 8 the second query asked for TOS 0x08, and
+    the MTU of a route of that TOS (1280, locked: forwarding takes the link's
+    otherwise) was taken for every packet's. A 1400-byte reply with DF (TOS
+    0x10) to a client whose route (metric 8) has its link's MTU, 1500, goes on."""
+    client, sport = IPv4Address("10.1.15.10"), 56400
+    routes = [("10.1.15.0/24", "dev", "ext", "metric", "8"),
+              ("10.1.15.0/24", "tos", "0x08", "dev", "ext", "mtu", "lock", "1280")]
+    fibnet.sh("ip", "neigh", "replace", str(client), "lladdr", CLIENT_MAC, "dev", "ext",
+              "nud", "permanent")
+    try:
+        for route in routes:
+            fibnet.sh("ip", "route", "add", *route)
+        bid = backend_of(lb.send(tcp_frame(client, VIP, sport, 80, flags="S"),
+                                 fibnet.ifindex["ext"]).data)
+        be_addr, be_port = BACKENDS[bid]
+        lb.send(tcp_frame(be_addr, client, be_port, sport, flags="SA", eth_src=BACKEND_MAC),
+                fibnet.ifindex["int"])
+        lb.expect("reply_redirect", flow=("out", SVC_TCP, bid, False))
+        big = tcp_frame(be_addr, client, be_port, sport, flags="A", payload=b"x" * 1400,
+                        eth_src=BACKEND_MAC)
+        res = lb.send(big, fibnet.ifindex["int"])
+    finally:
+        for route in routes:
+            fibnet.sh("ip", "route", "del", *route)
+        fibnet.sh("ip", "neigh", "del", str(client), "dev", "ext")
+    assert (res.action, res.data) == (
+        XDP_REDIRECT, tcp_frame(VIP, client, 80, sport, flags="A", payload=b"x" * 1400, ttl=63,
+                                eth_src=fibnet.MACS["ext"], eth_dst=CLIENT_MAC))
+    lb.expect("reply_redirect", flow=("out", SVC_TCP, bid, False))
+
+
 # Priority-tagged frames (802.1p: VLAN ID 0), balanced as untagged ones -----------------------
 #
 # What xlb sends out itself leaves untagged, as the kernel would send it (it
