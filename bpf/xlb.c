@@ -521,7 +521,7 @@ static __always_inline struct hop *next_hop(struct xdp_md *ctx, struct packet *p
 	if (!hop)
 		return NULL;	/* cannot be: the slot is in range */
 	if (hop->daddr != daddr || hop->in_ifindex != ctx->ingress_ifindex || !hop->checked ||
-	    now < hop->checked || now - hop->checked > NSEC_PER_SEC) {
+	    now - hop->checked > NSEC_PER_SEC) {
 		*rc = fib_resolve(ctx, pkt, hop, mtu);
 		if (*rc != BPF_FIB_LKUP_RET_SUCCESS)
 			return NULL;
