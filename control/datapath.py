@@ -707,7 +707,8 @@ class Datapath:
 
     def set_backend(self, backend_id: int, addr: IPv4Address, port: int,
                     closed: bool = False) -> None:
-        """closed: the backend takes no new flows (a SYN on one of its flows is rebalanced).
+        """closed: the backend takes no new flows (a SYN on one of its flows, or a
+        datagram of one it never answered, is balanced anew).
         Its replies are recognised from then on: a backend's bit in the address
         filter is never cleared, since flows to it may outlive its removal."""
         flags = layout.BACKEND_NO_NEW_FLOWS if closed else 0
