@@ -28,6 +28,7 @@ import pytest
 from rich.console import Console
 
 from xlb import ctl, top
+from xlb.units import last_check
 
 from labctl import HERE, PY, VIP, XLB, Lab, running_lab
 from test_ctl import run_dir, serving  # noqa: F401 (run_dir: a fixture)
@@ -276,6 +277,39 @@ def test_a_narrow_terminal_cuts_the_last_check_first(width):
     assert row(out, "SERVER")[:4] == ["SERVER", "ADDRESS", "STATE", "HEALTH"]
     assert row(out, "was1")[:4] == ["was1", "10.1.11.101:8080", "drain", "up"]
     assert row(out, "was2")[:4] == ["was2", "10.1.11.102:8080", "down", "down"]
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_each_server_is_one_row_whose_cells_stand_under_their_headers(width):
+    """A pool's servers, of names, addresses, states and checks of every width
+    (the rows are drawn together, for speed), each on one line of its own,
+    each cell under its column's header, as wide as the terminal or less."""
+    status, prev = later(), STATUS
+    server = status["pools"][0]["servers"][1]
+    states = ("up", "drain", "down", "maint")
+    status["pools"][0]["servers"] = [
+        {**server, "name": "s" * (1 + i % 13) + str(i), "address": f"10.1.{i}.{i % 200 + 1}",
+         "backup": i % 7 == 0, "state": states[i % 4], "active_flows": 10 ** (i % 6),
+         "last_check": {"ok": i % 2 == 0, "reason": "r" * (i % 30), "duration_seconds": 0.001}}
+        for i in range(150)]
+    console = Console(record=True, width=width)
+    console.print(top.render(status, prev, 2.0))
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= width
+    header = next(x for x in lines if x.startswith("SERVER "))
+    head = lines.index(header)
+    while not lines[head + 1].startswith("s"):     # a header rich wrapped on a narrow terminal
+        head += 1
+    rows = lines[head + 1:head + 151]
+    assert [r.split()[0] for r in rows] == [b["name"] for b in status["pools"][0]["servers"]]
+    state_at = header.index("STATE")
+    assert header.index("HEALTH") > state_at
+    for r, b in zip(rows, status["pools"][0]["servers"]):
+        assert r[state_at:].split()[0] == b["state"], r
+        assert (" (backup) " in r) == b["backup"], r
+        if width == 160:
+            assert r.rstrip().endswith(last_check(b)), r
+    assert lines[head + 151] == ""
 
 
 def test_a_note_is_shown():
