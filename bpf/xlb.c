@@ -885,15 +885,16 @@ static __always_inline enum xlb_reason handle_icmp(struct xdp_md *ctx, struct cu
 	key.dport = err.ports->source;
 	key.proto = err.inner->protocol;
 	f = flow_find(&key, &in_new);
-	/* About a reply of a connection this node never saw: to the server every
-	 * node's Maglev table sends its client (path MTU discovery in an ECMP
-	 * group). */
+	/* A dead connection is none, as after the sweep: its server may serve
+	 * another client on that port by now, and the error is not about it. */
+	if (f && !flow_alive(&key, f, in_new, xlb_now()))
+		f = NULL;
+	/* About a reply of a connection this node never saw (or no longer
+	 * has): to the server every node's Maglev table sends its client (path
+	 * MTU discovery in an ECMP group). */
 	if (!f && is_vip && (be = maglev_backend(&key)))
 		return icmp_to_backend(&err, ip, be->addr, be->port);
-	/* A dead connection's server may serve another client on that port by
-	 * now: its error is not about it. */
-	if (!f || f->dir != (is_vip ? FLOW_FORWARD : FLOW_REPLY) ||
-	    !flow_alive(&key, f, in_new, xlb_now()))
+	if (!f || f->dir != (is_vip ? FLOW_FORWARD : FLOW_REPLY))
 		return is_vip ? XLB_DROP_NO_SERVICE : XLB_PASS_NOT_VIP;
 	if (is_vip)	/* about a reply, VIP -> client: the backend sent it */
 		return icmp_to_backend(&err, ip, f->addr, f->port);

@@ -2096,6 +2096,36 @@ def test_an_error_about_a_dead_connection_is_about_no_flow(lb, fibnet, short_tim
     lb.expect(dead)
 
 
+def test_an_error_about_a_dead_maglev_connection_goes_where_maglev_sends_its_client(lb,
+                                                                                   fibnet):
+    """Dead (idle past its timeout both ways), a Maglev frontend's connection
+    is as after the sweep: an error about its reply goes where one about a
+    connection no entry knows goes, to the server Maglev picks for its
+    client. It was dropped until a sweep happened to come first."""
+    dp, ext, int_ = lb.dp, fibnet.ifindex["ext"], fibnet.ifindex["int"]
+    sport = 57150
+    bid = maglev_backend(CLIENT, sport)
+    be_addr, be_port = BACKENDS[bid]
+    error = ICMP(type=3, code=4, nexthopmtu=1200)
+    frame = icmp_frame("10.1.1.2", MVIP, error, quote(tcp_frame(MVIP, CLIENT, 80, sport,
+                                                                flags="A")))
+    translated = icmp_frame("10.1.1.2", be_addr, error,
+                            quote(tcp_frame(be_addr, CLIENT, be_port, sport, flags="A")))
+    dp.set_timeouts(SVC_MAGLEV, *SHORT_TIMEOUTS)
+    try:
+        lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="S"), ext)
+        lb.send(from_backend(bid, sport, "SA"), int_)
+        lb.send(tcp_frame(CLIENT, MVIP, sport, 80, flags="A"), ext)
+        assert connection(dp, sport, vip=MVIP)[0] == "flows"
+        age(dp, "flows", (CLIENT, MVIP, sport, 80, TCP_P), 6)
+        age(dp, "flows", (be_addr, CLIENT, be_port, sport, TCP_P), 6)
+        res = lb.send(frame, ext)
+        assert (res.action, res.data) == (XDP_PASS, translated)
+        lb.expect("icmp_to_backend")
+    finally:
+        dp.set_timeouts(SVC_MAGLEV, *TIMEOUTS.values())
+
+
 # Fragments ---------------------------------------------------------------------------------
 
 def fragments(src, dst, sport, dport, ip_id, eth_src=CLIENT_MAC, eth_dst=LB_MAC, ttl=64,
