@@ -56,7 +56,6 @@ BPF_PERCPU_ARRAY(flow_stats, struct flow_counters, 1);
 BPF_PERCPU_ARRAY(hops, struct hop, XLB_MAX_HOPS);
 /* The links xlb runs on (ifindex -> LINK_NATIVE or LINK_GENERIC), which say
  * where the fast path may send (xdp_can_send; control/datapath.py keeps it). */
-#define XLB_MAX_TX_LINKS 1024
 BPF_HASH(tx_links, __u32, __u32, XLB_MAX_TX_LINKS);
 /* The program does not use it: control/datapath.py binds it to the program
  * (BPF_PROG_BIND_MAP), so that it is among the maps an adoption finds. */

@@ -60,6 +60,7 @@ class Limits:
     maglev_size: int = model.MAGLEV_SIZE_MAX        # slots of a Maglev table, at most
     max_hops: int = 16384                       # next-hop cache slots per CPU (a power of 2)
     max_frags: int = 8192                       # fragmented datagrams in flight
+    max_tx_links: int = 1024                    # links xlb runs on (where the fast path sends)
 
     @classmethod
     def for_connections(cls, connections: int) -> "Limits":
@@ -94,7 +95,8 @@ class Limits:
                 f"-DXLB_MAX_MAGLEV={self.max_maglev}",
                 f"-DXLB_MAGLEV_SIZE={self.maglev_size}",
                 f"-DXLB_MAX_HOPS={self.max_hops}",
-                f"-DXLB_MAX_FRAGS={self.max_frags}"]
+                f"-DXLB_MAX_FRAGS={self.max_frags}",
+                f"-DXLB_MAX_TX_LINKS={self.max_tx_links}"]
 
 
 def _round8(n: int) -> int:
