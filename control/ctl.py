@@ -452,10 +452,9 @@ def _request(cmd: str, timeout: float, args: dict) -> object:
                 # Carried out from now on (an earlier build's instance never
                 # says so): the timeout was for its turn, and a change that
                 # takes effect must not be told as failed. It gets as long
-                # again: a client (`xlb ha follow`'s role) is not held for ever
-                # by an instance that hangs.
+                # again, the next recv's own timeout: a client (`xlb ha
+                # follow`'s role) is not held for ever by an instance that hangs.
                 del buf[:len(BEGUN)]
-                sock.settimeout(timeout)
                 begun = True
     reply = json.loads(buf)
     if reply.get("stopping"):
