@@ -595,14 +595,10 @@ class Datapath:
         there), which says where the fast path may send from XDP (bpf/xlb.c,
         xdp_can_send): into a link that takes no XDP frames (a bridge, a VLAN,
         a tunnel) a native program's would be lost."""
-        links = self._maps["tx_links"]
         if mode is not None:
-            links[ct.c_uint32(ifindex)] = ct.c_uint32(layout.LINK_MODES[mode])
-            return
-        try:
-            del links[ct.c_uint32(ifindex)]
-        except KeyError:
-            pass
+            self._maps["tx_links"][ct.c_uint32(ifindex)] = ct.c_uint32(layout.LINK_MODES[mode])
+        else:
+            self._delete("tx_links", ct.c_uint32(ifindex))
 
     def swapped(self) -> None:
         """Called once this program is swapped in on every interface of an
