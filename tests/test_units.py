@@ -18,6 +18,12 @@ def test_si_a_number_that_rounds_up_to_the_next_step_is_said_in_it():
     assert [units.si(x) for x in (999.6, 9.96, -9.96)] == ["1.0k", "10", "-10"]
 
 
+def test_si_past_the_largest_unit_stays_in_it():
+    # A 64-bit counter (bytes) can pass 1000P: still said in P, not an error.
+    assert [units.si(n) for n in (10**15, 999_949 * 10**12, 2**64 - 1)] == \
+        ["1.0P", "999.9P", "18446.7P"]
+
+
 def test_count_is_exact_with_thousands_apart():
     assert [units.count(n) for n in (0, 999, 1000, 262_144, 2_500_000)] == \
         ["0", "999", "1,000", "262,144", "2,500,000"]
