@@ -391,6 +391,31 @@ def test_check_durations_track_the_servers_checked_now():
     assert got[("xlb_server_check_duration_seconds_bucket", (("le", "+Inf"),) + two)] == 0
 
 
+
+def test_check_durations_a_renamed_server_keeps_its_histogram_a_moved_one_starts_anew():
+    """track's `stays`: a server renamed at its address goes on with its checks
+    so far; one at another address (the same name) is a new server's."""
+    d = metrics.CheckDurations()
+    d.track({("was", "was1"), ("was", "moved")}, {})
+    d.observe(("was", "was1"), 0.002)
+    d.observe(("was", "moved"), 0.002)
+    d.track({("was", "www1"), ("was", "moved")}, {("was", "was1"): ("was", "www1")})
+    snap = d.snapshot()
+    assert set(snap) == {("was", "www1"), ("was", "moved")}
+    assert (sum(snap[("was", "www1")][0]), snap[("was", "www1")][1]) == (1, 0.002)
+    assert snap[("was", "moved")] == ([0] * (len(metrics.CHECK_BUCKETS) + 1), 0.0)
+
+
+def test_a_check_as_long_as_a_bucket_bound_counts_in_that_bucket():
+    """Prometheus' `le`: a duration equal to a bound is in that bound's bucket."""
+    d = metrics.CheckDurations()
+    d.track({("was", "was1")}, {})
+    d.observe(("was", "was1"), 0.001)
+    got = samples(metrics.render(STATUS, d.snapshot()))
+    one = (("pool", "was"), ("server", "was1"))
+    assert [got[("xlb_server_check_duration_seconds_bucket", (("le", le),) + one)]
+            for le in ("0.0005", "0.001")] == [0, 1]
+
 def test_dashboard_and_alerts_name_the_metrics_xlb_serves():
     """The dashboard and the alert rules read no metric that xlb does not write."""
     root = Path(__file__).resolve().parent.parent
