@@ -58,6 +58,16 @@ def test_same_config_plans_nothing():
     assert planner.plan(st, desired(SEED, st)) == []
 
 
+
+@pytest.mark.parametrize("health,closes", [("up", True), ("down", False)])
+def test_a_removed_server_is_closed_once(health, closes):
+    """A removed server's entry stays, closed to new flows: written closed
+    if it took new flows, and not written again if it took none already."""
+    cur = desired(SEED, states={("default", "backend2"): health})
+    ops = planner.plan(cur, desired(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"]), cur))
+    assert [op for op in ops if op[:2] == ("set_backend", 1)] == \
+        ([("set_backend", 1, A("10.1.11.102"), 8080, True)] if closes else [])
+
 def test_changed_backends_go_to_the_other_ring_before_the_switch():
     st = desired(SEED)
     cfg = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080", "10.1.11.102:8080",
@@ -306,6 +316,17 @@ def test_a_renamed_server_is_the_same_server(policy, server, pool):
     assert ends == planner.FlowsToEnd(frozenset(), frozenset())
     assert planner.plan(cur, tgt) == []
 
+
+
+def test_a_server_renamed_in_its_pool_is_the_same_server_whatever_the_pool_serves_now():
+    """The pool keeps its name and serves another VIP from this change on: a
+    server renamed in it at its address and port keeps its id all the same."""
+    old = _pool(S1, S2, on_server_down="reset")
+    new = Config(frontends=(replace(old.frontends[0], vip=A("10.1.1.102")),),
+                 pools=(replace(old.pools[0], servers=(replace(S1, name="s-1"), S2)),))
+    cur, tgt, ends = _renamed(old, new)
+    assert {k[1]: b.id for k, b in tgt.backends.items()} == {"s-1": 0, "s2": 1}
+    assert ends.backend_ids == set()
 
 def test_names_swapped_stay_with_the_addresses():
     """s1 and s2 trade addresses (or s1 takes a new one and another name its
@@ -868,6 +889,19 @@ def test_of_two_retired_ids_at_one_address_a_server_back_takes_one():
     assert new.retired_backends == {i: retired[i] for i in (1, 2, 3)
                                     if i != new.backends[("p", "s2")].id}
 
+
+
+def test_a_server_back_in_two_pools_takes_its_retired_id_in_one_alone():
+    """s2 back at its address and port in two pools at once: one of its
+    entries takes the retired id, the other a new one (two pools' servers
+    sharing an id would be one entry for both)."""
+    st = replace(desired(_pool(S1)), retired_backends={1: (S2.address, S2.port)})
+    alt = Frontend("alt", A("10.1.1.102"), 80, "tcp", "q")
+    both = Config(frontends=(*_pool(S1).frontends, alt),
+                  pools=(Pool("p", (S1, S2)), Pool("q", (S2,))))
+    new = desired(both, st)
+    assert sorted(new.backends[(p, "s2")].id for p in ("p", "q")) == [1, 2]
+    assert new.retired_backends == {}
 
 def _frontends(*pools):
     """Frontends www0, www1, ... on ports 80, 81, ... of one VIP, to these pools."""
