@@ -5,8 +5,8 @@ from ipaddress import IPv4Address
 import pytest
 
 from xlb.model import (MAGLEV_SERVERS_MAX, MAX_FRONTENDS, MAX_MAGLEV_FRONTENDS, RING_SIZE,
-                       ConfigError, check_maglev_servers, check_maglev_size, from_flags,
-                       monitor_from_flags, parse_port, parse_vip)
+                       Config, ConfigError, Monitor, Pool, Server, check_maglev_servers,
+                       check_maglev_size, from_flags, monitor_from_flags, parse_port, parse_vip)
 
 B = ["10.1.11.101:8080", "10.1.11.102:8080"]
 
@@ -87,6 +87,19 @@ def test_one_line_monitor_defaults():
     cfg = from_flags(["10.1.1.101:80"], B, monitor=m)
     assert cfg.monitor_for(cfg.pools[0], cfg.pools[0].servers[0]) == m
 
+
+
+def test_a_server_under_a_monitor_of_type_none_is_not_checked():
+    """monitor_for: the server's own monitor, else its pool's; none for type
+    "none", whichever names it (status says "not checked", no check runs)."""
+    servers = [Server("a", IPv4Address("10.1.11.1"), 80),
+               Server("b", IPv4Address("10.1.11.2"), 80, monitor="tcp"),
+               Server("c", IPv4Address("10.1.11.3"), 80, monitor="off")]
+    cfg = Config(frontends=(), monitors=(Monitor("off", type="none"), Monitor("tcp")),
+                 pools=(Pool("p", tuple(servers[:2]), monitor="off"),
+                        Pool("q", tuple(servers[2:]), monitor="tcp")))
+    checked = {s.name: cfg.monitor_for(p, s) for p in cfg.pools for s in p.servers}
+    assert {name: m and m.name for name, m in checked.items()} == {"a": None, "b": "tcp", "c": None}
 
 def test_one_line_http_monitor_and_short_interval():
     m = monitor_from_flags("http:/health", "9000", 0.5, 1, 1)
