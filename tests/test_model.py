@@ -137,6 +137,14 @@ def test_one_line_udp_monitor():
         assert e.value.problems == [("--check", problem)]
 
 
+
+def test_one_line_monitor_takes_each_limit_itself():
+    """The largest datagram, path, rise and fall are taken; one more is
+    refused (above)."""
+    m = monitor_from_flags("udp:" + "00" * 65507, None, 2.0, 1000, 1000)
+    assert (len(m.send_hex), m.rise, m.fall) == (2 * 65507, 1000, 1000)
+    assert monitor_from_flags("http:/" + "a" * 4095, None, 2.0, 2, 3).path == "/" + "a" * 4095
+
 def test_one_line_monitor_errors():
     with pytest.raises(ConfigError) as e:
         monitor_from_flags("https", "0", 0, 0, 1)
