@@ -152,6 +152,17 @@ def test_census_counts_a_connection_live_while_either_entry_is():
     assert c.open == {1: 1}
 
 
+
+def test_census_counts_a_connection_whose_later_entry_is_idle_exactly_its_timeout_open():
+    """As the sweep takes it (not dead yet): whichever entry was seen later,
+    forward or reply, exactly the timeout ago."""
+    at, old = NOW - 900 * SEC, NOW - 901 * SEC
+    rows = [*connection(1, backend_id=1, seen_fwd=at, seen_reply=old),
+            *connection(2, backend_id=2, seen_fwd=old, seen_reply=at),
+            *connection(3, backend_id=3, seen_fwd=old, seen_reply=old)]
+    c = flowtable.census({"flows": dump(*rows)}, NOW)
+    assert (c.established, c.open) == (2, {1: 1, 2: 1})
+
 def test_a_catch_up_takes_the_entries_missing_or_seen_earlier_in_the_new_table():
     """Datapath._catch_up: after the swap, a resized table takes from the old
     one a connection opened since the copy and one that went on; not one the
