@@ -704,6 +704,8 @@ BAD = [
      [("servers.was1.weight", "3, but its pools are roundrobin (pools.web), which gives "
                               "every server the same share: algorithm = \"weighted\" honours "
                               "weights")]),
+    ("interval-wrong-timeout-left-out", doc(monitor("interval = '2s'")),
+     [("monitors.m.interval", "expected a number, got string")]),
     ("interval-not-finite", doc(monitor("interval = inf", "timeout = nan")),
      [("monitors.m.interval", "must be a positive number of seconds, got inf"),
       ("monitors.m.timeout", "must be a positive number of seconds, got nan")]),
@@ -737,6 +739,7 @@ BAD = [
      doc(monitor('type = "http"', 'path = "/x?y=1#top"', 'host = "a/b"'))
      + '\n[monitors.n]\ntype = "http"\npath = "/%zz"\nhost = "h:99999"'
      + f'\n[monitors.o]\ntype = "http"\npath = "/{"a" * 4096}"\nhost = "{"h" * 254}"'
+     + '\n[monitors.p]\ntype = "http"\nhost = "h:65536"'
      + '\n[monitors.ok]\ntype = "http"\npath = "/a%20b?c=%2F"\nhost = "[::1]:8080"'
      + '\n[monitors.ok2]\ntype = "http"\nhost = "xn--caf-dma.example:443"',
      [("monitors.m.path", "'/x?y=1#top' has a fragment ('#'), which a request does not carry"),
@@ -747,7 +750,9 @@ BAD = [
                           "an optional :port (1-65535)"),
       ("monitors.o.path", "4097 bytes: at most 4096"),
       ("monitors.o.host", f"'{'h' * 254}' is not a host name, IPv4 address or [IPv6] address, "
-                          "with an optional :port (1-65535)")]),
+                          "with an optional :port (1-65535)"),
+      ("monitors.p.host", "'h:65536' is not a host name, IPv4 address or [IPv6] address, with "
+                          "an optional :port (1-65535)")]),
     # nginx answers 400 to a path that climbs above the root or holds a NUL; a `..`
     # that stays under it, and a %00 in the query, it takes
     ("http-path-a-server-refuses",
@@ -1045,6 +1050,9 @@ def test_a_config_larger_than_the_data_plane_holds_fails_check(text, problem):
 
 def test_what_the_data_plane_holds_passes():
     load(servers_and_pool(1024) + frontends(256, "p"))
+    members = ", ".join(f'"s{i}"' for i in range(1024))       # 16 pools of them: 16,384
+    load(servers_and_pool(1024) + "".join(f"[pools.q{k}]\nservers = [{members}]\n"
+                                          for k in range(15)) + frontends(1, "p"))
     load(servers_and_pool(655, "source") + frontends(16, "p"))
 
 
@@ -1182,6 +1190,7 @@ def weighted_pool(*weights: int) -> str:
 @pytest.mark.parametrize("weights, astray", [
     ([1] * 1000 + [256] * 20, "81%"),       # the README's: 2% of new flows, not 84%
     ([1] * 600 + [2] * 400, "17%"),
+    ([10, 256] * 13, "1%"),                 # 1.2%: past 1%, if not by much
 ])
 def test_a_weighted_pool_whose_ring_strays_from_its_weights_is_warned_of(weights, astray):
     assert load(weighted_pool(*weights)).warnings == ((
