@@ -101,6 +101,15 @@ def test_a_server_under_a_monitor_of_type_none_is_not_checked():
     checked = {s.name: cfg.monitor_for(p, s) for p in cfg.pools for s in p.servers}
     assert {name: m and m.name for name, m in checked.items()} == {"a": None, "b": "tcp", "c": None}
 
+
+def test_a_server_at_one_address_and_port_counts_once_whatever_its_names():
+    """server_count, as check, apply and the start say it: the same server in
+    two pools, under two names, is one server."""
+    a = IPv4Address("10.1.11.1")
+    cfg = Config(frontends=(), pools=(Pool("p", (Server("a", a, 80), Server("b", a, 81))),
+                                      Pool("q", (Server("web-a", a, 80),))))
+    assert cfg.server_count() == 2
+
 def test_one_line_http_monitor_and_short_interval():
     m = monitor_from_flags("http:/health", "9000", 0.5, 1, 1)
     assert (m.type, m.path, m.port, m.timeout) == ("http", "/health", 9000, 0.5)
