@@ -1776,6 +1776,9 @@ def test_http_parser():
         (False, "body lacks 'status: ok'")
     assert verdict(lines + b"0\r\nX-Trailer: 1\r\n", expect_body="status: ok") == \
         (False, "body lacks 'status: ok'")                          # trailers: no body
+    # Header names and transfer codings are case-insensitive (RFC 9110, 9112).
+    shouted = b"HTTP/1.1 200 OK\r\nTRANSFER-ENCODING: Chunked\r\n\r\n3\r\nwor\r\n3\r\nld!\r\n"
+    assert verdict(shouted, expect_body="world!") == ok
     lf = b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n3\nwor\n3;x=1\nld!\n"
     assert verdict(lf, expect_body="world!") == ok
     assert verdict(lf, expect_body="world!!") is None
