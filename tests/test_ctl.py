@@ -65,6 +65,25 @@ def test_a_start_beside_a_stopping_instance_listens_where_clients_look(monkeypat
         starting.close()
 
 
+
+@pytest.mark.parametrize("removed", ["socket", "directory"])
+def test_a_listener_whose_socket_is_gone_makes_it_again_where_clients_look(removed):
+    """Its socket file removed, in the directory it holds, or with its
+    directory: lost, then restored, a client reaches it again."""
+    listener = ctl.Listener()
+    try:
+        os.unlink(ctl.address())
+        if removed == "directory":
+            ctl.directory().rmdir()
+        assert listener.lost()
+        sock = listener.restore()
+        assert not listener.lost()
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(ctl.address())
+            sock.accept()[0].close()
+    finally:
+        listener.close()
+
 def test_a_stop_leaves_a_directory_that_replaced_its_own(tmp_path):
     """Another's, empty as a start that is about to lock it leaves it."""
     listener = ctl.Listener()
