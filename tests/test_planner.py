@@ -933,14 +933,15 @@ def test_a_server_that_stays_takes_no_other_ones_id():
     assert ends.backend_ids == {1}
 
 
-@pytest.mark.parametrize("rename,kept", [("c", ("p", "a")), ("s1", ("p", "s1"))],
-                         ids=["its pool", "its name"])
-def test_a_renamed_server_is_found_in_its_pool_first_then_by_its_name(rename, kept):
+@pytest.mark.parametrize("rename,other,kept", [("c", "b", ("p", "a")), ("c", "c", ("p", "a")),
+                                                ("s1", "b", ("p", "s1"))],
+                         ids=["its pool", "its pool before its name", "its name"])
+def test_a_renamed_server_is_found_in_its_pool_first_then_by_its_name(rename, other, kept):
     """Of two old servers at its address and port, both of pools that served
-    its frontends, a server is the one of its own pool, else the one of its
-    name (not the one of the lower id)."""
+    its frontends, a server is the one of its own pool (though the other has
+    its name), else the one of its name (not the one of the lower id)."""
     old = Config(frontends=_frontends("q", "p"),
-                 pools=(Pool("q", (replace(S1, name="b"),)),
+                 pools=(Pool("q", (replace(S1, name=other),)),
                         Pool("p", (replace(S1, name="a" if rename == "c" else "s1"),))))
     pool = "p" if rename == "c" else "r"
     new = Config(frontends=_frontends(pool, pool), pools=(Pool(pool, (replace(S1, name=rename),)),))
