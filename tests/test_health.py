@@ -1811,6 +1811,9 @@ def test_a_redirect_whose_body_lacks_the_text_says_it_was_a_redirect():
     assert verdict(moved, expect_body="healthy") == \
         (False, "http status 302 (not followed): body lacks 'healthy'")
     assert verdict(moved, expect_body="Go") == (True, "check passed")
+    choices = b"HTTP/1.1 300 Multiple Choices\r\nContent-Length: 2\r\n\r\nGo"
+    assert verdict(choices, expect_body="healthy") == \
+        (False, "http status 300 (not followed): body lacks 'healthy'")
     plain = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nGo there."
     assert verdict(plain, expect_body="healthy") == (False, "body lacks 'healthy'")
 
