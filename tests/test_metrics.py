@@ -530,6 +530,33 @@ def test_dashboard_and_alerts_use_labels_their_metrics_have():
         assert used <= have, (sorted(used - have), text)
 
 
+
+def test_metrics_is_answered_with_a_query_and_no_other_path_is():
+    """A scrape config's `params` come as a query (/metrics?x=y): the same
+    answer; another path is 404."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    class Balancer:
+        lock = threading.RLock()
+
+        def status(self):
+            return STATUS
+
+    server = metrics.bind(("127.0.0.1", 0))
+    metrics.serve(server, Balancer(), metrics.CheckDurations())
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        scraped = urllib.request.urlopen(url + "/metrics?module=xlb", timeout=10).read().decode()
+        assert "xlb_build_info" in scraped
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + "/metric", timeout=10)
+        assert e.value.code == 404
+    finally:
+        server.shutdown()
+        server.server_close()
+
 def test_a_scraper_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
     """A scrape given up (a scraper's timeout) broke the answer's write, and the
     HTTP server printed a traceback on xlb up's log."""
