@@ -347,6 +347,17 @@ def test_names_swapped_stay_with_the_addresses():
     assert ends.backend_ids == set()
 
 
+
+def test_a_drain_goes_with_its_server_when_two_swap_names():
+    """s1 and s2 trade names at their addresses: s1's drain goes with its
+    server, now s2, though s1 is a name the change keeps."""
+    old = _pool(S1, S2)
+    swapped = _pool(replace(S2, name="s1"), replace(S1, name="s2"))
+    renamed = planner.renames(old, desired(old), swapped)
+    assert renamed == {("p", "s1"): ("p", "s2"), ("p", "s2"): ("p", "s1")}
+    assert planner.carried({("p", "s1"): "drain"}, renamed, {("p", "s1"), ("p", "s2")}) == \
+        {("p", "s1"): ("p", "s2")}
+
 def test_an_address_moved_to_a_pool_of_another_frontend_is_a_new_server():
     """The same address and port, in a pool that serves none of the frontends
     its old pool served: a new server, and gone from its old pool, whose
