@@ -1726,6 +1726,10 @@ def test_http_parser():
         (False, "http status 101, expected 2xx or 3xx")
     assert verdict(b"HTTP/1.1 102 Processing\r\n\r\n", expect_status=102) == ok
     assert verdict(b"SSH-2.0-OpenSSH\r\n")[0] == "failed"            # not http
+    # A status is three digits: 0200 is no 200, nor 2000 a status at all.
+    for line in (b"HTTP/1.1 0200 OK", b"HTTP/1.1 2000 OK", b"HTTP/1.1 20 OK"):
+        assert verdict(line + b"\r\n\r\n") == \
+            ("failed", f"http: malformed status line {line!r}"), line
     assert "malformed status line" in verdict(b"SSH-2.0-OpenSSH\r\n")[1]
 
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n"
