@@ -4,6 +4,7 @@ same text as prometheus-client itself would write it. No kernel needed."""
 import itertools
 import json
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,14 @@ def durations():
         d.observe(("was", "was1"), seconds)
     return d.snapshot()
 
+
+
+class Answering:
+    """A balancer for metrics.serve whose status is STATUS."""
+    lock = threading.RLock()
+
+    def status(self):
+        return STATUS
 
 def families(text):
     return {f.name: f for f in text_string_to_metric_families(text)}
@@ -534,18 +543,11 @@ def test_dashboard_and_alerts_use_labels_their_metrics_have():
 def test_metrics_is_answered_with_a_query_and_no_other_path_is():
     """A scrape config's `params` come as a query (/metrics?x=y): the same
     answer; another path is 404."""
-    import threading
     import urllib.error
     import urllib.request
 
-    class Balancer:
-        lock = threading.RLock()
-
-        def status(self):
-            return STATUS
-
     server = metrics.bind(("127.0.0.1", 0))
-    metrics.serve(server, Balancer(), metrics.CheckDurations())
+    metrics.serve(server, Answering(), metrics.CheckDurations())
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         scraped = urllib.request.urlopen(url + "/metrics?module=xlb", timeout=10).read().decode()
@@ -562,7 +564,6 @@ def test_a_scraper_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
     HTTP server printed a traceback on xlb up's log."""
     import socket
     import struct
-    import threading
     import time
 
     asked, gone = threading.Event(), threading.Event()
@@ -599,21 +600,13 @@ def test_clients_that_trickle_their_request_do_not_keep_scrapes_out(monkeypatch)
     held every slot for as long as they went on: each scrape was closed
     unanswered. A request has CLIENT_TIMEOUT in all to arrive."""
     import socket
-    import threading
     import time
     import urllib.error
     import urllib.request
 
     monkeypatch.setattr(metrics, "CLIENT_TIMEOUT", 3.0)
-
-    class Balancer:
-        lock = threading.RLock()
-
-        def status(self):
-            return STATUS
-
     server = metrics.bind(("127.0.0.1", 0))
-    metrics.serve(server, Balancer(), metrics.CheckDurations())
+    metrics.serve(server, Answering(), metrics.CheckDurations())
     slow: list[socket.socket] = []
     held, stop = threading.Event(), threading.Event()
 
@@ -656,7 +649,6 @@ def test_a_scrape_during_an_apply_has_the_histograms_of_the_servers_it_shows():
     """An apply that renamed servers between the scrape's status and its look at
     the check durations left a server shown without its histogram, and its
     new name's count went unseen: both are read under the balancer's lock."""
-    import threading
     import urllib.request
 
     class Lock:
