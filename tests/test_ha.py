@@ -285,6 +285,7 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
     ([*KA, "--advert-int", "nan", str(SEED)], "--advert-int: nan is not a whole number of "
                                                "hundredths of a second"),
     ([*KA, "--advert-int", "0.015", str(SEED)], "--advert-int: 0.015 is not a whole number"),
+    ([*KA, "--advert-int", "0.1001", str(SEED)], "--advert-int: 0.1001 is not a whole number"),
     ([*KA, "--fifo", "", str(SEED)], "--fifo: a path cannot be empty"),
     ([*KA, "--fifo", "run/xlb.fifo", str(SEED)], "--fifo: 'run/xlb.fifo' is not absolute"),
     ([*KA, "--track-file", "xlb.serving", str(SEED)],
