@@ -386,6 +386,30 @@ def test_tcp_down_at_fall_failures_up_at_rise_successes(netns):
     netns.run(main())
 
 
+
+@pytest.mark.netns
+def test_failures_with_passes_between_them_take_no_server_down(netns):
+    """fall failures in a row take a server down: a pass between two starts
+    the count again. The server fails every other check."""
+    async def main():
+        behaviour, asked = HttpBehaviour(), []
+
+        def every_other(path):
+            asked.append(path)
+            behaviour.status = 200 if len(asked) % 2 else 503
+        behaviour.on_request = every_other
+        srv = await Listener(8040, behaviour).start()
+        key = ("web", "a")
+        # A timeout of a whole interval: no check of a busy machine fails by its own slowness.
+        m = http_monitor(interval=0.5, timeout=0.5, fall=2)
+        async with checker([Target(key, LOCAL, 8040, m)]) as (hc, rec):
+            await until(lambda: len(rec.checks(key)) >= 6, "six checks", seconds=PATIENCE + 3)
+            assert rec.story(key)[:6] == ["pass", "fail"] * 3
+            assert rec.of(key) == []
+        await srv.close()
+
+    netns.run(main())
+
 @pytest.mark.netns
 def test_marked_down_at_once_and_back_by_rise_checks(netns):
     """mark_down (the link toward the server went): down with no check failed,
