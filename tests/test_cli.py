@@ -279,6 +279,30 @@ def test_status_counts_a_flow_tables_entries_as_top_does():
     assert ("flow tables (two entries a connection): flows 40/262,144 entries, <0.1% full; "
             "flows_new 1,234/65,536 entries, 1.9% full") in out.splitlines()
 
+
+def test_status_says_the_flows_by_state_and_a_frontend_that_drops_every_new_flow():
+    """The flows' line in its states' order and the maps' memory in MiB; the
+    adopted ones only when there are; a frontend of no server up, in a line
+    of its own with the drops it causes."""
+    from xlb import cli
+    fe = {"name": "www", "vip": "10.1.1.101", "port": 80, "protocol": "tcp", "pool": "was",
+          "servers_taking_flows": 0, "new_flows": 0, "packets_in": 0, "packets_out": 0,
+          "bytes_in": 0, "bytes_out": 0}
+    flows = {**STATUS["flows"], "established": 5, "closing": 6, "half_open": 7}
+    status = {**STATUS, "frontends": [fe], "flows": flows, "map_memory_bytes": 3 * 2**20,
+              "reasons": {"drop_no_backend": {"packets": 9, "bytes": 540}}}
+    lines = cli.format_status(status).splitlines()
+    assert ("flows: 5 established, 6 closing, 7 half-open; room for 1.0k connections; maps "
+            "hold 3.0 MiB") in lines
+    assert ("! frontend www: no server of pool was is up; new flows are dropped "
+            "(drop_no_backend: 9 in all)") in lines
+    assert not any(x.startswith("flows adopted") for x in lines)
+    taking = cli.format_status({**status, "frontends": [{**fe, "servers_taking_flows": 1}],
+                                "flows": {**flows, "adopted": 3}}).splitlines()
+    assert not any(x.startswith("! frontend") for x in taking)
+    assert ("flows adopted: 3 (another node's connections, taken over at their server's "
+            "packet)") in taking
+
 def test_status_counts_packets_by_reason():
     """README: every packet ends in one reason, and `xlb status` shows them
     (a firewall's or a capture's puzzle is read there): those that counted
@@ -355,7 +379,9 @@ def test_status_columns_are_as_wide_as_their_widest_cell():
               "pools": [{"name": "was", "algorithm": "roundrobin", "on_server_down": "keep",
                          "servers": [_server("was1"),
                                      _server("a-server-with-a-long-name", backup=True,
-                                             state="drain", weight=100, active_flows=12345)]},
+                                             state="drain", weight=100, active_flows=12345,
+                                             new_flows=7, packets_in=41, packets_out=42,
+                                             bytes_in=3400, bytes_out=5_600_000)]},
                         {"name": "a-pool-with-a-long-name", "algorithm": "maglev",
                          "on_server_down": "reset", "table_digest": "5b0f3e2a9c1d4e67",
                          "servers": [_server("was2", port=65535)]}]}
@@ -382,7 +408,7 @@ def test_status_columns_are_as_wide_as_their_widest_cell():
         header,
         ["was1", "10.1.11.101:8080", "up", "1", "0", "0", "0", "0", "0", "0", "not checked"],
         ["a-server-with-a-long-name (backup)", "10.1.11.101:8080", "drain", "100", "12.3k",
-         "0", "0", "0", "0", "0", "not checked"],
+         "7", "41", "42", "3.4k", "5.6M", "not checked"],
         header,
         ["was2", "10.1.11.101:65535", "up", "1", "0", "0", "0", "0", "0", "0",
          "not checked"]], left={0, 1, 2, 10})
