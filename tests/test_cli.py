@@ -303,6 +303,7 @@ def test_status_says_the_flows_by_state_and_a_frontend_that_drops_every_new_flow
     assert ("flows adopted: 3 (another node's connections, taken over at their server's "
             "packet)") in taking
 
+
 def test_status_counts_packets_by_reason():
     """README: every packet ends in one reason, and `xlb status` shows them
     (a firewall's or a capture's puzzle is read there): those that counted

@@ -65,7 +65,6 @@ def test_a_start_beside_a_stopping_instance_listens_where_clients_look(monkeypat
         starting.close()
 
 
-
 @pytest.mark.parametrize("removed", ["socket", "directory"])
 def test_a_listener_whose_socket_is_gone_makes_it_again_where_clients_look(removed):
     """Its socket file removed, in the directory it holds, or with its
@@ -83,6 +82,7 @@ def test_a_listener_whose_socket_is_gone_makes_it_again_where_clients_look(remov
             sock.accept()[0].close()
     finally:
         listener.close()
+
 
 def test_a_stop_leaves_a_directory_that_replaced_its_own(tmp_path):
     """Another's, empty as a start that is about to lock it leaves it."""

@@ -152,7 +152,6 @@ def test_census_counts_a_connection_live_while_either_entry_is():
     assert c.open == {1: 1}
 
 
-
 def test_census_counts_a_connection_whose_later_entry_is_idle_exactly_its_timeout_open():
     """As the sweep takes it (not dead yet): whichever entry was seen later,
     forward or reply, exactly the timeout ago."""
@@ -162,6 +161,7 @@ def test_census_counts_a_connection_whose_later_entry_is_idle_exactly_its_timeou
             *connection(3, backend_id=3, seen_fwd=old, seen_reply=old)]
     c = flowtable.census({"flows": dump(*rows)}, NOW)
     assert (c.established, c.open) == (2, {1: 1, 2: 1})
+
 
 def test_a_catch_up_takes_the_entries_missing_or_seen_earlier_in_the_new_table():
     """Datapath._catch_up: after the swap, a resized table takes from the old

@@ -386,7 +386,6 @@ def test_tcp_down_at_fall_failures_up_at_rise_successes(netns):
     netns.run(main())
 
 
-
 @pytest.mark.netns
 def test_failures_with_passes_between_them_take_no_server_down(netns):
     """fall failures in a row take a server down: a pass between two starts
@@ -409,6 +408,7 @@ def test_failures_with_passes_between_them_take_no_server_down(netns):
         await srv.close()
 
     netns.run(main())
+
 
 @pytest.mark.netns
 def test_marked_down_at_once_and_back_by_rise_checks(netns):

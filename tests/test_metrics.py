@@ -61,13 +61,13 @@ def durations():
     return d.snapshot()
 
 
-
 class Answering:
     """A balancer for metrics.serve whose status is STATUS."""
     lock = threading.RLock()
 
     def status(self):
         return STATUS
+
 
 def families(text):
     return {f.name: f for f in text_string_to_metric_families(text)}
@@ -400,7 +400,6 @@ def test_check_durations_track_the_servers_checked_now():
     assert got[("xlb_server_check_duration_seconds_bucket", (("le", "+Inf"),) + two)] == 0
 
 
-
 def test_check_durations_a_renamed_server_keeps_its_histogram_a_moved_one_starts_anew():
     """track's `stays`: a server renamed at its address goes on with its checks
     so far; one at another address (the same name) is a new server's."""
@@ -424,6 +423,7 @@ def test_a_check_as_long_as_a_bucket_bound_counts_in_that_bucket():
     one = (("pool", "was"), ("server", "was1"))
     assert [got[("xlb_server_check_duration_seconds_bucket", (("le", le),) + one)]
             for le in ("0.0005", "0.001")] == [0, 1]
+
 
 def test_dashboard_and_alerts_name_the_metrics_xlb_serves():
     """The dashboard and the alert rules read no metric that xlb does not write."""
@@ -539,7 +539,6 @@ def test_dashboard_and_alerts_use_labels_their_metrics_have():
         assert used <= have, (sorted(used - have), text)
 
 
-
 def test_metrics_is_answered_with_a_query_and_no_other_path_is():
     """A scrape config's `params` come as a query (/metrics?x=y): the same
     answer; another path is 404."""
@@ -558,6 +557,7 @@ def test_metrics_is_answered_with_a_query_and_no_other_path_is():
     finally:
         server.shutdown()
         server.server_close()
+
 
 def test_a_scraper_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
     """A scrape given up (a scraper's timeout) broke the answer's write, and the

@@ -88,7 +88,6 @@ def test_one_line_monitor_defaults():
     assert cfg.monitor_for(cfg.pools[0], cfg.pools[0].servers[0]) == m
 
 
-
 def test_a_server_under_a_monitor_of_type_none_is_not_checked():
     """monitor_for: the server's own monitor, else its pool's; none for type
     "none", whichever names it (status says "not checked", no check runs)."""
@@ -109,6 +108,7 @@ def test_a_server_at_one_address_and_port_counts_once_whatever_its_names():
     cfg = Config(frontends=(), pools=(Pool("p", (Server("a", a, 80), Server("b", a, 81))),
                                       Pool("q", (Server("web-a", a, 80),))))
     assert cfg.server_count() == 2
+
 
 def test_one_line_http_monitor_and_short_interval():
     m = monitor_from_flags("http:/health", "9000", 0.5, 1, 1)
@@ -146,13 +146,13 @@ def test_one_line_udp_monitor():
         assert e.value.problems == [("--check", problem)]
 
 
-
 def test_one_line_monitor_takes_each_limit_itself():
     """The largest datagram, path, rise and fall are taken; one more is
     refused (above)."""
     m = monitor_from_flags("udp:" + "00" * 65507, None, 2.0, 1000, 1000)
     assert (len(m.send_hex), m.rise, m.fall) == (2 * 65507, 1000, 1000)
     assert monitor_from_flags("http:/" + "a" * 4095, None, 2.0, 2, 3).path == "/" + "a" * 4095
+
 
 def test_one_line_monitor_errors():
     with pytest.raises(ConfigError) as e:

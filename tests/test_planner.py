@@ -58,7 +58,6 @@ def test_same_config_plans_nothing():
     assert planner.plan(st, desired(SEED, st)) == []
 
 
-
 @pytest.mark.parametrize("health,closes", [("up", True), ("down", False)])
 def test_a_removed_server_is_closed_once(health, closes):
     """A removed server's entry stays, closed to new flows: written closed
@@ -67,6 +66,7 @@ def test_a_removed_server_is_closed_once(health, closes):
     ops = planner.plan(cur, desired(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"]), cur))
     assert [op for op in ops if op[:2] == ("set_backend", 1)] == \
         ([("set_backend", 1, A("10.1.11.102"), 8080, True)] if closes else [])
+
 
 def test_changed_backends_go_to_the_other_ring_before_the_switch():
     st = desired(SEED)
@@ -317,7 +317,6 @@ def test_a_renamed_server_is_the_same_server(policy, server, pool):
     assert planner.plan(cur, tgt) == []
 
 
-
 def test_a_server_renamed_in_its_pool_is_the_same_server_whatever_the_pool_serves_now():
     """The pool keeps its name and serves another VIP from this change on: a
     server renamed in it at its address and port keeps its id all the same."""
@@ -327,6 +326,7 @@ def test_a_server_renamed_in_its_pool_is_the_same_server_whatever_the_pool_serve
     cur, tgt, ends = _renamed(old, new)
     assert {k[1]: b.id for k, b in tgt.backends.items()} == {"s-1": 0, "s2": 1}
     assert ends.backend_ids == set()
+
 
 def test_names_swapped_stay_with_the_addresses():
     """s1 and s2 trade addresses (or s1 takes a new one and another name its
@@ -347,7 +347,6 @@ def test_names_swapped_stay_with_the_addresses():
     assert ends.backend_ids == set()
 
 
-
 def test_a_drain_goes_with_its_server_when_two_swap_names():
     """s1 and s2 trade names at their addresses: s1's drain goes with its
     server, now s2, though s1 is a name the change keeps."""
@@ -357,6 +356,7 @@ def test_a_drain_goes_with_its_server_when_two_swap_names():
     assert renamed == {("p", "s1"): ("p", "s2"), ("p", "s2"): ("p", "s1")}
     assert planner.carried({("p", "s1"): "drain"}, renamed, {("p", "s1"), ("p", "s2")}) == \
         {("p", "s1"): ("p", "s2")}
+
 
 def test_an_address_moved_to_a_pool_of_another_frontend_is_a_new_server():
     """The same address and port, in a pool that serves none of the frontends
@@ -901,7 +901,6 @@ def test_of_two_retired_ids_at_one_address_a_server_back_takes_one():
                                     if i != new.backends[("p", "s2")].id}
 
 
-
 def test_a_server_back_in_two_pools_takes_its_retired_id_in_one_alone():
     """s2 back at its address and port in two pools at once: one of its
     entries takes the retired id, the other a new one (two pools' servers
@@ -913,6 +912,7 @@ def test_a_server_back_in_two_pools_takes_its_retired_id_in_one_alone():
     new = desired(both, st)
     assert sorted(new.backends[(p, "s2")].id for p in ("p", "q")) == [1, 2]
     assert new.retired_backends == {}
+
 
 def _frontends(*pools):
     """Frontends www0, www1, ... on ports 80, 81, ... of one VIP, to these pools."""

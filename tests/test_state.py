@@ -101,7 +101,6 @@ def test_after_a_reboot_another_namespaces_state_at_this_inode_is_not_taken(root
     assert state.load() == KEPT
 
 
-
 def test_after_a_reboot_a_named_namespace_takes_a_state_that_names_none(root, monkeypatch):
     """A state by an earlier build, which kept no namespace's name: taken after
     a reboot in a namespace of any name, as before."""
@@ -109,6 +108,7 @@ def test_after_a_reboot_a_named_namespace_takes_a_state_that_names_none(root, mo
     state.save(KEPT)
     rewrite(boot_id="00000000-0000-0000-0000-000000000000", cookie=12345, drop=("name",))
     assert state.load() == KEPT
+
 
 @pytest.mark.netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace: needs root")
