@@ -6,7 +6,8 @@ history), and this build with kernel and with fast forwarding.
 
 Runs in a FibNet (netns-lab/fibnet.py), so the fast path resolves real next
 hops. Each packet is one test-run of a fresh frame (with repeat > 1 the kernel
-reuses one buffer, which a rewrite changes), each of another connection;
+reuses one buffer, which a rewrite changes), each of another connection, in
+a shuffled order (see `visit_order`);
 the programs take turns in blocks (see `turns`); the figure is the mean of the middle half
 (see `middle_mean`). Each program is attached to a veth of its own, as one at
 work is (see `dispatched`), after an unmeasured stand-in of this build took
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import statistics
 import subprocess
 import tempfile
@@ -105,10 +107,22 @@ def turns(names: list[str], runs: int = RUNS, block: int = BLOCK) -> list[tuple[
     return out
 
 
+def visit_order(ports: range) -> list[int]:
+    """The connections (by client port) in the order their established and
+    reply packets come: shuffled, the same for every program and run. In the
+    order they were opened, a program meets its flow entries in the order
+    they lie in memory, and its figure hung on their size and on the run
+    (README, Benchmarks); traffic meets its connections in no such order."""
+    order = list(ports)
+    random.Random(0).shuffle(order)
+    return order
+
+
 def costs(progs: dict[str, int], ext: int, intf: int) -> dict[str, dict[str, float]]:
     """ns (see `middle_mean`), per program, of: a new flow (SYN), an
-    established one (data after the handshake), a backend's reply, and a
-    packet for no VIP, the programs taking turns (see `turns`)."""
+    established one (data after the handshake), a backend's reply (both in
+    `visit_order`), and a packet for no VIP, the programs taking turns (see
+    `turns`)."""
     ports = range(20000, 20000 + RUNS)
     out: dict[str, dict[str, float]] = {name: {} for name in progs}
 
@@ -122,16 +136,17 @@ def costs(progs: dict[str, int], ext: int, intf: int) -> dict[str, dict[str, flo
 
     balancers = [name for name in progs if name not in REFERENCES]
     measure("syn", {n: [frame(CLIENT, VIP, p, 80, "S") for p in ports] for n in balancers}, ext)
-    backends = {n: [str(IPv4Address(run(progs[n], frame(CLIENT, VIP, p, 80, "A"), ext).data[30:34]))
-                    for p in ports] for n in balancers}
+    backends = {n: {p: str(IPv4Address(run(progs[n], frame(CLIENT, VIP, p, 80, "A"), ext).data[30:34]))
+                    for p in ports} for n in balancers}
     for n in balancers:
-        for p, be in zip(ports, backends[n]):
+        for p, be in backends[n].items():
             run(progs[n], frame(be, CLIENT, 8080, p, "SA", eth_src=BACKEND_MAC), intf)
             run(progs[n], frame(CLIENT, VIP, p, 80, "A"), ext)
-    measure("established", {n: [frame(CLIENT, VIP, p, 80, "PA", b"x" * 64) for p in ports]
+    visits = visit_order(ports)
+    measure("established", {n: [frame(CLIENT, VIP, p, 80, "PA", b"x" * 64) for p in visits]
                             for n in balancers}, ext)
-    measure("reply", {n: [frame(be, CLIENT, 8080, p, "PA", b"y" * 64, BACKEND_MAC)
-                          for p, be in zip(ports, backends[n])] for n in balancers}, intf)
+    measure("reply", {n: [frame(backends[n][p], CLIENT, 8080, p, "PA", b"y" * 64, BACKEND_MAC)
+                          for p in visits] for n in balancers}, intf)
     measure("non-VIP", {n: [frame(CLIENT, OTHER, 40000, 80, "S")] * RUNS for n in progs}, ext)
     return out
 

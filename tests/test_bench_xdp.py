@@ -1,6 +1,7 @@
 """The test-run benchmark (netns-lab/bench_xdp.py): its estimator, finer than
-the kernel's clock steps and deaf to interrupts, and the order in which the
-programs take turns, the same for all."""
+the kernel's clock steps and deaf to interrupts, the order in which the
+programs take turns, the same for all, and the order in which each meets its
+connections."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import collections
 
 import pytest
 
-from bench_xdp import middle_mean, turns
+from bench_xdp import middle_mean, turns, visit_order
 
 
 def test_middle_mean_resolves_between_clock_steps():
@@ -40,3 +41,13 @@ def test_no_program_runs_two_blocks_in_a_row_and_each_takes_every_place(n):
 def test_two_programs_run_two_blocks_in_a_row_alike():
     order = [name for name, _ in turns(["a", "b"], runs=40, block=10)]
     assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]
+
+
+def test_connections_are_met_shuffled_and_alike_every_run():
+    # In the order they were opened, a program walks its flow entries in the
+    # order they lie in memory, and its figure hung on their size.
+    ports = range(20000, 21000)
+    order = visit_order(ports)
+    assert sorted(order) == list(ports)
+    assert sum(b == a + 1 for a, b in zip(order, order[1:])) < 10
+    assert order == visit_order(ports)
