@@ -1,6 +1,7 @@
 """The /metrics text: what the parser of prometheus-client reads in it, and the
 same text as prometheus-client itself would write it. No kernel needed."""
 
+import contextlib
 import itertools
 import json
 import re
@@ -67,6 +68,19 @@ class Answering:
 
     def status(self):
         return STATUS
+
+
+@contextlib.contextmanager
+def served(balancer, checked=None):
+    """metrics.serve of `balancer` on a free port of 127.0.0.1 while the block
+    runs; yields the server."""
+    server = metrics.bind(("127.0.0.1", 0))
+    metrics.serve(server, balancer, metrics.CheckDurations() if checked is None else checked)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def families(text):
@@ -545,18 +559,13 @@ def test_metrics_is_answered_with_a_query_and_no_other_path_is():
     import urllib.error
     import urllib.request
 
-    server = metrics.bind(("127.0.0.1", 0))
-    metrics.serve(server, Answering(), metrics.CheckDurations())
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with served(Answering()) as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
         scraped = urllib.request.urlopen(url + "/metrics?module=xlb", timeout=10).read().decode()
         assert "xlb_build_info" in scraped
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(url + "/metric", timeout=10)
         assert e.value.code == 404
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_scraper_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
@@ -576,9 +585,7 @@ def test_a_scraper_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
             gone.wait(10)
             return STATUS
 
-    server = metrics.bind(("127.0.0.1", 0))
-    metrics.serve(server, Balancer(), metrics.CheckDurations())
-    try:
+    with served(Balancer()) as server:
         with socket.create_connection(server.server_address[:2]) as s:
             s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
             assert asked.wait(10)
@@ -588,9 +595,6 @@ def test_a_scraper_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
         while server._slots._value < metrics.MAX_CLIENTS and time.monotonic() < deadline:
             time.sleep(0.01)            # the request's thread gives its slot back last
         assert server._slots._value == metrics.MAX_CLIENTS
-    finally:
-        server.shutdown()
-        server.server_close()
     assert "Traceback" not in capfd.readouterr().err
 
 
@@ -605,44 +609,41 @@ def test_clients_that_trickle_their_request_do_not_keep_scrapes_out(monkeypatch)
     import urllib.request
 
     monkeypatch.setattr(metrics, "CLIENT_TIMEOUT", 3.0)
-    server = metrics.bind(("127.0.0.1", 0))
-    metrics.serve(server, Answering(), metrics.CheckDurations())
     slow: list[socket.socket] = []
     held, stop = threading.Event(), threading.Event()
 
-    def trickle():
-        while not stop.wait(0.05):       # a byte each, well within CLIENT_TIMEOUT
-            # A few a round: the server's listen backlog holds 5.
-            for _ in range(min(4, metrics.MAX_CLIENTS - len(slow))):
-                slow.append(socket.create_connection(server.server_address[:2]))
-                slow[-1].sendall(b"GET /metrics HTTP/1.0\r\n")
-            if len(slow) == metrics.MAX_CLIENTS and server._slots._value == 0:
-                held.set()
-            for s in slow:
-                try:
-                    s.send(b"X")
-                except OSError:             # closed by the server: what a fix does
-                    pass
+    with served(Answering()) as server:
+        def trickle():
+            while not stop.wait(0.05):       # a byte each, well within CLIENT_TIMEOUT
+                # A few a round: the server's listen backlog holds 5.
+                for _ in range(min(4, metrics.MAX_CLIENTS - len(slow))):
+                    slow.append(socket.create_connection(server.server_address[:2]))
+                    slow[-1].sendall(b"GET /metrics HTTP/1.0\r\n")
+                if len(slow) == metrics.MAX_CLIENTS and server._slots._value == 0:
+                    held.set()
+                for s in slow:
+                    try:
+                        s.send(b"X")
+                    except OSError:             # closed by the server: what a fix does
+                        pass
 
-    trickling = threading.Thread(target=trickle)
-    trickling.start()
-    try:
-        assert held.wait(30)
-        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
-        deadline, answered = time.monotonic() + 10 * metrics.CLIENT_TIMEOUT, None
-        while answered is None and time.monotonic() < deadline:
-            try:
-                answered = urllib.request.urlopen(url, timeout=5).read()
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.05)
-        assert answered is not None and b"xlb_server_up" in answered
-    finally:
-        stop.set()
-        trickling.join()
-        for s in slow:
-            s.close()
-        server.shutdown()
-        server.server_close()
+        trickling = threading.Thread(target=trickle)
+        trickling.start()
+        try:
+            assert held.wait(30)
+            url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+            deadline, answered = time.monotonic() + 10 * metrics.CLIENT_TIMEOUT, None
+            while answered is None and time.monotonic() < deadline:
+                try:
+                    answered = urllib.request.urlopen(url, timeout=5).read()
+                except (urllib.error.URLError, ConnectionError):
+                    time.sleep(0.05)
+            assert answered is not None and b"xlb_server_up" in answered
+        finally:
+            stop.set()
+            trickling.join()
+            for s in slow:
+                s.close()
 
 
 def test_a_scrape_during_an_apply_has_the_histograms_of_the_servers_it_shows():
@@ -684,14 +685,9 @@ def test_a_scrape_during_an_apply_has_the_histograms_of_the_servers_it_shows():
             return st
 
     balancer = Balancer()
-    server = metrics.bind(("127.0.0.1", 0))
-    metrics.serve(server, balancer, checked)
-    try:
+    with served(balancer, checked) as server:
         url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
         text = urllib.request.urlopen(url, timeout=30).read().decode()
-    finally:
-        server.shutdown()
-        server.server_close()
     histograms = {(s.labels["pool"], s.labels["server"]) for s in
                   families(text)["xlb_server_check_duration_seconds"].samples}
     assert histograms == {("was", "was1"), ("was", "was2")}
