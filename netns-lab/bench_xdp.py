@@ -16,6 +16,7 @@ the place of the first balancer loaded, which runs slower (see `bench`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -259,16 +260,28 @@ def warm_costs(progs: dict[str, int], ext: int) -> dict[str, float]:
     return out
 
 
+@contextlib.contextmanager
+def on_one_cpu():
+    """This process on one of its CPUs while inside (the programs take turns on it), on
+    its CPUs as they were after: what it starts later (the lab's processes, in make
+    bench) inherits them."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+
 def bench() -> dict[str, float]:
     """Prints the tables; returns the ratios issue 9 sets targets on."""
     from bcc import BPF
 
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     # WARM_VIP is a neighbour on ext for the warm flow, whose backend it is.
     neighbours = {CLIENT: (CLIENT_MAC, "ext"), WARM_VIP: (BACKEND_MAC, "ext"),
                   **{b: (BACKEND_MAC, "int") for b in BACKENDS}}
     keep = []
-    with FibNet(f"xlbx-bench-{os.getpid()}").entered(neighbours) as net:
+    with on_one_cpu(), FibNet(f"xlbx-bench-{os.getpid()}").entered(neighbours) as net:
         ext, intf = net.ifindex["ext"], net.ifindex["int"]
         try:
             progs = {}

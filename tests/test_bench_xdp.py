@@ -6,10 +6,11 @@ connections."""
 from __future__ import annotations
 
 import collections
+import os
 
 import pytest
 
-from bench_xdp import middle_mean, turns, visit_order
+from bench_xdp import middle_mean, on_one_cpu, turns, visit_order
 
 
 def test_middle_mean_resolves_between_clock_steps():
@@ -51,3 +52,19 @@ def test_connections_are_met_shuffled_and_alike_every_run():
     assert sorted(order) == list(ports)
     assert sum(b == a + 1 for a, b in zip(order, order[1:])) < 10
     assert order == visit_order(ports)
+
+
+def test_one_cpu_while_the_programs_run_and_every_cpu_back_after(cpus):
+    # make bench starts the lab's processes after the test-runs: pinned, they would all
+    # share one CPU (wrk, nginx, the balancers: every lab figure from 2026-11-30 to
+    # 2026-12-05).
+    if len(cpus) < 2:
+        pytest.skip("one CPU: nothing to pin")
+    found = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        with on_one_cpu():
+            assert os.sched_getaffinity(0) == {min(cpus)}
+        assert os.sched_getaffinity(0) == cpus
+    finally:
+        os.sched_setaffinity(0, found)
