@@ -155,6 +155,7 @@ def print_targets(test_run: dict[str, float], lab: dict) -> None:
 
 
 if __name__ == "__main__":
+    bench_balancers.check_cpus()
     test_run = bench_xdp.bench()
     print()
     lab_targets = bench_lab()

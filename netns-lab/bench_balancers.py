@@ -20,7 +20,9 @@ answering every GET with a small static body, access log off. UDP needs no
 answer: an nftables rule in each WAS counts and drops what arrives for :8080.
 
 Three rounds over every scenario (each: wrk keep-alive, wrk `Connection: close`,
-trafgen UDP), medians printed. Every load is bounded in time.
+trafgen UDP), medians printed. Every load is bounded in time. For UDP the sender
+has a CPU of its own and the path (switch, lb, servers) the other, so that
+packets/s is set by the path's cost, not the sender's (sender_apart).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ WRK_ARGS = ("-t2", "-c32", f"-d{WRK_SECONDS}s", "--timeout", "2s", "--latency")
 UDP_WARMUP, UDP_SECONDS = 1.0, 3.0
 UDP_FLOWS = 1024            # source ports 1024.. per destination: steady flows, no churn
 PORT = 8080
+SENDER_CPU, PATH_CPU = 0, 1  # UDP: trafgen on one, the switch, lb and servers on the other
+FIRST_PORT = "client-eth0"  # the switch port the client sends into
 CLOCK_TICK = 100            # USER_HZ: the unit of /proc/<pid>/stat times
 
 
@@ -76,6 +80,8 @@ class Figures:
     cpu_us: dict[str, list[float]] = field(default_factory=dict)
     pps: list[float] = field(default_factory=list)                  # counted at the backends
     sent_pps: list[float] = field(default_factory=list)             # sent by the client
+    path_busy: list[float] = field(default_factory=list)            # PATH_CPU's busy share
+    sender_busy: list[float] = field(default_factory=list)          # SENDER_CPU's
     other_load: list[float] = field(default_factory=list)           # others' share of the CPUs
     reasons: dict[str, int] = field(default_factory=dict)          # xlb's, summed over rounds
 
@@ -289,12 +295,18 @@ def lab_pids(lab: Lab) -> list[int]:
         out = subprocess.run(["ip", "netns", "pids", lab.ns(node)], capture_output=True,
                              text=True).stdout
         pids += [int(p) for p in out.split()]
+    return pids + sorted(named("ksoftirqd/"))
+
+
+def named(prefix: str) -> set[int]:
+    """The machine's processes (kernel threads, say) whose name begins with prefix."""
+    out = set()
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             with contextlib.suppress(OSError):
-                if (proc / "comm").read_text().startswith("ksoftirqd/"):
-                    pids.append(int(proc.name))
-    return pids
+                if (proc / "comm").read_text().startswith(prefix):
+                    out.add(int(proc.name))
+    return out
 
 
 def cpu_seconds(pids: list[int]) -> dict[int, float]:
@@ -306,10 +318,27 @@ def cpu_seconds(pids: list[int]) -> dict[int, float]:
     return out
 
 
+def cpu_ticks() -> dict[str, tuple[int, int]]:
+    """Per CPU line of /proc/stat ("cpu" all of them, "cpu0", ...): ticks spent on anything
+    but idle and iowait, and ticks in all."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu"):
+            name, *f = line.split()
+            f = [int(x) for x in f[:8]]
+            out[name] = (sum(f) - f[3] - f[4], sum(f))
+    return out
+
+
 def machine_busy() -> float:
     """Seconds all CPUs spent on anything but idle and iowait."""
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(f[:8]) - f[3] - f[4]) / CLOCK_TICK
+    return cpu_ticks()["cpu"][0] / CLOCK_TICK
+
+
+def busy_share(t0: dict[str, tuple[int, int]], t1: dict[str, tuple[int, int]], cpu: int) -> float:
+    """The share of the span between two cpu_ticks() that the CPU was busy."""
+    (b0, a0), (b1, a1) = t0[f"cpu{cpu}"], t1[f"cpu{cpu}"]
+    return (b1 - b0) / max(a1 - a0, 1)
 
 
 class CpuMeter:
@@ -394,29 +423,70 @@ def trafgen_conf(lab: Lab, sc: Scenario) -> str:
         for dst, dport in dests)
 
 
+def napi_threads() -> set[int]:
+    """The kernel's threaded-NAPI threads (named napi/DEV-ID, in no namespace's view)."""
+    return named("napi/")
+
+
+@contextlib.contextmanager
+def sender_apart(lab: Lab):
+    """The whole path after the sender (switch, lb, servers) on PATH_CPU, as if the client
+    were a machine of its own. A veth delivers in its sender's softirq: left alone, the
+    trafgen process's CPU would carry the path too, and its own cost would dilute every
+    ratio. The switch port the client sends into runs a pass-through XDP program, which
+    makes it take frames through its NAPI, and that NAPI runs as a thread on PATH_CPU;
+    the rest of the path follows in that thread's softirq."""
+    before = napi_threads()
+    lab.run("sw", PY, str(HERE / "xdp_pass.py"), FIRST_PORT, check=True)
+    try:
+        lab.run("sw", "sh", "-c", f"echo 1 > /sys/class/net/{FIRST_PORT}/threaded", check=True)
+        ours = napi_threads() - before
+        if len(ours) != 1:
+            raise RuntimeError(f"expected one new NAPI thread for {FIRST_PORT}, found {len(ours)}")
+        os.sched_setaffinity(ours.pop(), {PATH_CPU})
+        yield
+    finally:
+        lab.run("sw", "sh", "-c", f"echo 0 > /sys/class/net/{FIRST_PORT}/threaded")
+        lab.run("sw", "ip", "link", "set", "dev", FIRST_PORT, "xdp", "off")
+
+
 def udp(lab: Lab, sc: Scenario, run: Path, fig: Figures) -> None:
     conf = run / "udp.trafgen"
     conf.write_text(trafgen_conf(lab, sc))
-    # One sender process (pinned to one CPU), leaving the machine's socket memory
-    # and IRQ settings alone. `timeout` bounds it if we fail to stop it.
-    proc = lab.spawn("client", "timeout", "-s", "INT", str(int(UDP_WARMUP + UDP_SECONDS + 10)),
-                     "trafgen", "--dev", "eth0", "--conf", str(conf), "--cpus", "1", "--no-sock-mem",
-                     "--notouch-irq")
-    try:
-        time.sleep(UDP_WARMUP)
-        s0, c0, t0 = udp_sent(lab), udp_counted(lab), time.monotonic()
-        time.sleep(UDP_SECONDS)
-        s1, c1, t1 = udp_sent(lab), udp_counted(lab), time.monotonic()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        stop([proc])
+    # One sender process on SENDER_CPU, leaving the machine's socket memory and IRQ
+    # settings alone. It sends with sendto(2), which blocks while the socket's packets
+    # wait for the path (its TX ring mode gives up). `timeout` bounds it if we fail to
+    # stop it.
+    with sender_apart(lab):
+        proc = lab.spawn("client", "taskset", "-c", str(SENDER_CPU), "timeout", "-s", "INT",
+                         str(int(UDP_WARMUP + UDP_SECONDS + 10)), "trafgen", "--dev", "eth0",
+                         "--conf", str(conf), "--cpus", "1", "--gap", "0", "--no-sock-mem",
+                         "--notouch-irq")
+        try:
+            time.sleep(UDP_WARMUP)
+            s0, c0, t0, k0 = udp_sent(lab), udp_counted(lab), time.monotonic(), cpu_ticks()
+            time.sleep(UDP_SECONDS)
+            s1, c1, t1, k1 = udp_sent(lab), udp_counted(lab), time.monotonic(), cpu_ticks()
+        finally:
+            proc.send_signal(signal.SIGINT)
+            stop([proc])
     if proc.returncode not in (0, 130, -signal.SIGINT):
         raise RuntimeError(f"trafgen failed: {proc.stderr.read()}")
     fig.pps.append((c1 - c0) / (t1 - t0))
     fig.sent_pps.append((s1 - s0) / (t1 - t0))
+    fig.path_busy.append(busy_share(k0, k1, PATH_CPU))
+    fig.sender_busy.append(busy_share(k0, k1, SENDER_CPU))
+
+
+def check_cpus() -> None:
+    if not {SENDER_CPU, PATH_CPU} <= os.sched_getaffinity(0):
+        raise SystemExit(f"bench: the UDP runs put the sender on CPU {SENDER_CPU} and the path "
+                         f"on CPU {PATH_CPU}; this process may run on CPUs "
+                         f"{sorted(os.sched_getaffinity(0))} only")
 
 
 def measure(lab: Lab, run: Path) -> list[tuple[Scenario, Figures | None]]:
+    check_cpus()
     # Connection: close opens tens of thousands of connections in a few seconds: HAProxy
     # in lb may reuse its source ports while they are in TIME_WAIT.
     lab.run("lb", "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65535",
@@ -486,18 +556,20 @@ def report(results: list[tuple[Scenario, Figures | None]]) -> dict:
                   f"{med(fig.p99[mode]):8.2f} {sum(fig.errors[mode]):7d} "
                   f"{med(fig.cpu_us[mode]):11.1f}")
     print(f"\nUDP through the VIP: trafgen, 64-byte frames, {UDP_FLOWS} flows per destination, "
-          f"one sender process; counted at the backends over {UDP_SECONDS:.0f} s.\n"
-          "  A veth delivers in its sender's softirq, so the sender's CPU carries most of the "
-          "path:\n  packets/s follows the path's CPU cost per packet (sent/s = what left the "
-          "client)")
-    print(f"  {'':<36}{'packets/s':>10} {'/direct':>7} {'/nft':>6} {'sent/s':>10}")
+          f"one sender process on CPU {SENDER_CPU};\n  counted at the backends over "
+          f"{UDP_SECONDS:.0f} s. The switch, lb and the servers on CPU {PATH_CPU}, whose cost "
+          "per packet sets\n  packets/s: sent/s = what left the client, busy = each CPU's "
+          "share of the count's time")
+    print(f"  {'':<36}{'packets/s':>10} {'/direct':>7} {'/nft':>6} {'sent/s':>10} "
+          f"{'busy path':>9} {'sender':>6}")
     for sc, fig in results:
         if fig is None or not sc.udp:
             print(f"  {sc.name:<36}{sc.unavailable or 'n/a (TCP only)'}")
             continue
         pps = med(fig.pps)
         print(f"  {sc.name:<36}{pps:10.0f} {ratio(pps, med(direct.pps)):>7} "
-              f"{ratio(pps, med(nft.pps)):>6} {med(fig.sent_pps):10.0f}")
+              f"{ratio(pps, med(nft.pps)):>6} {med(fig.sent_pps):10.0f} "
+              f"{med(fig.path_busy):9.0%} {med(fig.sender_busy):6.0%}")
     for sc, fig in results:
         if fig is not None and fig.reasons:
             counts = sorted(((n, c) for n, c in fig.reasons.items() if c), key=lambda x: -x[1])
