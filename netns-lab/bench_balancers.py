@@ -2,7 +2,7 @@
 
 Scenarios, in turn in the same lab (client -> lb -> WAS1/WAS2):
   direct    no balancer: wrk's two threads each talk to one backend, trafgen sends
-            to both; lb's kernel only routes (the limit any balancer is held to)
+            to both; lb's kernel only routes (the path without a balancer)
   direct, lb routing in XDP
             the same, with lb forwarding in XDP (netns-lab/xdp_fwd.py: the fast
             path's forwarding alone, no balancing): what XDP is worth on these
