@@ -290,12 +290,29 @@ class _Console(Console):
         raise ReaderGone()
 
 
+# The most columns or lines that COLUMNS and LINES are taken at: a frame of
+# 1,000 by 1,000 takes rich 0.08 s, one of 10,000 by 10,000 seven seconds
+# (and q waited for it).
+MOST_CELLS = 1000            # four digits: int() is not asked to read a million
+
+
+def _environ() -> dict[str, str]:
+    """os.environ without a COLUMNS or LINES that is no terminal's size: 0
+    (rich drew every frame 0 wide: nothing at all) or more than MOST_CELLS.
+    Left out, they are the terminal's own size, as if unset."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("COLUMNS", "LINES")
+            or v.isascii() and v.isdigit() and len(v) <= 4 and 0 < int(v) <= MOST_CELLS}
+
+
 def _console() -> Console:
     """stdout's: 160 columns wide when it is no terminal and COLUMNS is not set
     (rich would take 80, and cut the rows short)."""
+    environ = _environ()
     # A closed stdout (`>&-`) is None: rich writes nothing there, as to /dev/null.
-    plain = not (sys.stdout and sys.stdout.isatty()) and "COLUMNS" not in os.environ
-    return _Console(width=160 if plain else None)
+    plain = not (sys.stdout and sys.stdout.isatty()) and "COLUMNS" not in environ
+    # _environ: the environment rich reads COLUMNS and LINES from (os.environ by default)
+    return _Console(width=160 if plain else None, _environ=environ)
 
 
 class _Printed:

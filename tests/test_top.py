@@ -394,6 +394,37 @@ def test_once_is_160_columns_wide_when_piped(monkeypatch, capsys):
     assert max(map(len, capsys.readouterr().out.splitlines())) == 100
 
 
+@pytest.mark.parametrize("columns", ["0", "9" * 100_000, "\u0661\u0660\u0660"])
+def test_a_nonsense_columns_is_taken_as_unset(monkeypatch, capsys, columns):
+    """COLUMNS=0 made rich draw every frame 0 wide: --once printed nothing.
+    One of more than MOST_CELLS (or of digits not ASCII) is no terminal's either."""
+    monkeypatch.setenv("COLUMNS", columns)
+    Clock(monkeypatch)
+    FakeInstance(monkeypatch, [STATUS, later()])
+    top.once(2.0)
+    out = capsys.readouterr().out
+    assert row(out, "was2")[1] == "10.1.11.102:8080"
+    assert max(map(len, out.splitlines())) > 100
+
+
+@pytest.mark.parametrize("lines", ["0", "1000000"])
+def test_a_nonsense_lines_is_the_terminals_own_height(monkeypatch, lines):
+    """A frame is drawn as high as the terminal: LINES=1000000 took rich
+    seconds a frame, and q waited for it."""
+    monkeypatch.setenv("LINES", lines)
+    monkeypatch.setenv("COLUMNS", "1000000")
+    console = top._console()
+    monkeypatch.delenv("LINES")
+    monkeypatch.delenv("COLUMNS")
+    assert console.size == top._console().size
+
+
+def test_a_sane_terminal_size_is_kept(monkeypatch):
+    monkeypatch.setenv("LINES", str(top.MOST_CELLS))
+    monkeypatch.setenv("COLUMNS", "1")
+    assert tuple(top._console().size) == (1, top.MOST_CELLS)
+
+
 def test_no_rates_over_no_time():
     """Two samples the monotonic clock cannot tell apart."""
     out = text(top.render(later(), STATUS, 0.0))
