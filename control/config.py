@@ -27,11 +27,12 @@ from typing import Any
 from . import scheduler
 from .model import (ALGORITHMS, BODY_LIMIT, HTTP_TYPES, MAGLEV_ALGORITHMS, MAGLEV_SERVERS_MAX,
                     MAGLEV_SIZE_MAX, MAGLEV_SLOTS_PER_SERVER, MAX_BACKENDS, MAX_FRONTENDS,
-                    MAX_MAGLEV_FRONTENDS, MONITOR_TYPES, ON_SERVER_DOWN, PROTOCOL_TIMEOUTS,
-                    RING_SIZE, TIMEOUT_RANGE, WEIGHT_RANGE, Config, ConfigError, Frontend,
-                    Monitor, Pool, Server, check_count, check_hex, check_http_path,
-                    check_interface, check_maglev_servers, check_maglev_size, check_port,
-                    check_seconds, default_timeout, has_space, parse_host, parse_protocol)
+                    MAX_LINKS, MAX_MAGLEV_FRONTENDS, MONITOR_TYPES, ON_SERVER_DOWN,
+                    PROTOCOL_TIMEOUTS, RING_SIZE, TIMEOUT_RANGE, WEIGHT_RANGE, Config,
+                    ConfigError, Frontend, Monitor, Pool, Server, check_count, check_hex,
+                    check_http_path, check_interface, check_maglev_servers, check_maglev_size,
+                    check_port, check_seconds, default_timeout, has_space, parse_host,
+                    parse_protocol)
 
 SECTIONS = ("monitors", "servers", "pools", "frontends")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -609,6 +610,9 @@ class _Loader:
             if pool.algorithm not in MAGLEV_ALGORITHMS and len(pool.servers) > RING_SIZE:
                 self.problem(f"{key_path('pools', pool.name)}.servers",
                              f"{len(pool.servers)} servers do not fit a ring of {RING_SIZE}")
+        named = len({i for f in frontends for i in f.interfaces})
+        if named > MAX_LINKS:
+            self.problem("frontends", f"{named} interfaces: the data plane holds {MAX_LINKS}")
         total = sum(len(p.servers) for p in pools.values())
         if total > MAX_BACKENDS:
             self.problem("pools", f"{total} servers in pools (one counts once in each of "

@@ -35,7 +35,7 @@ from . import state as saved
 from .datapath import Datapath, DatapathError, FlowLedger, Limits, find_running
 from .health import HealthChecker, Target, Transition
 from .layout import REASON_ACTIONS, XDP_ACTIONS
-from .model import Config, ConfigError
+from .model import UNNAMED_LINKS, Config, ConfigError
 from .units import interfaces
 
 EMPTY = Config(frontends=(), pools=())
@@ -141,7 +141,8 @@ class Balancer:
         states = self._server_states(config, admin, health)
         lim = self.datapath.limits
         target = planner.desired(config, links, self.state, lim.max_services, lim.max_backends,
-                                 lim.ring_size, lim.max_maglev, states, lim.max_arp, renamed)
+                                 lim.ring_size, lim.max_maglev, states, lim.max_arp, renamed,
+                                 lim.max_tx_links)
         if self.role == "backup":
             target = dataclasses.replace(target, arp={})
         ends = planner.flows_to_end(self.config, self.states, self.state, config, states, target,
@@ -524,11 +525,8 @@ def _refuse_taken(links: Iterable[netif.Link], config: Config) -> None:
     for link in links:
         if link.xdp_prog_id:
             raise LookupError(f"{link.name}: another XDP program (id {link.xdp_prog_id}) is "
-                              f"attached already" + ("" if config.attach_names() else
-                                                     "; no interface is named, so xlb runs on "
-                                                     "every up Ethernet link: name those it "
-                                                     "serves on (--iface, a frontend's "
-                                                     "interfaces)"))
+                              f"attached already"
+                              + ("" if config.attach_names() else f"; {UNNAMED_LINKS}"))
 
 
 def _check_host(config: Config, new_links: list[netif.Link], warned: list[str]) -> None:
@@ -743,7 +741,7 @@ def up(config: Config, config_path: Path | None = None,
         cap = limits or Limits()        # the flow table's size is no capacity of a config
         planner.desired(config, links, planner.DataplaneState(), cap.max_services,
                         cap.max_backends, cap.ring_size, cap.max_maglev,
-                        max_arp=cap.max_arp)  # capacity
+                        max_arp=cap.max_arp, max_links=cap.max_tx_links)  # capacity
         if metrics_address is not None:
             try:
                 exporter = metrics.bind(metrics_address)

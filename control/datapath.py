@@ -60,7 +60,7 @@ class Limits:
     maglev_size: int = model.MAGLEV_SIZE_MAX        # slots of a Maglev table, at most
     max_hops: int = 16384                       # next-hop cache slots per CPU (a power of 2)
     max_frags: int = 8192                       # fragmented datagrams in flight
-    max_tx_links: int = 1024                    # links xlb runs on (where the fast path sends)
+    max_tx_links: int = model.MAX_LINKS
 
     @classmethod
     def for_connections(cls, connections: int) -> "Limits":

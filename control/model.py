@@ -38,6 +38,10 @@ MAX_MAGLEV_FRONTENDS = 16
 MAX_BACKENDS = 16384                    # servers of all pools together
 RING_SIZE = 1024                        # servers of a round-robin or weighted pool, at most
 MAX_ARP = 256                           # ARP answers: VIPs times the links on their subnets
+MAX_LINKS = 1024                        # links xlb runs on (tx_links: where the fast path sends)
+# What a refusal of the links a config names none of (every up Ethernet one) adds.
+UNNAMED_LINKS = ("no interface is named, so xlb runs on every up Ethernet link: name those it "
+                 "serves on (--iface, a frontend's interfaces)")
 IFNAMSIZ = 16                           # the kernel's limit, with the terminating NUL
 CHECK_SECONDS_MAX = 86400               # a monitor's interval and timeout: a day at most
 CHECK_SECONDS_MIN = 0.01                # and 10 ms at least: shorter would check in a busy loop
@@ -455,6 +459,9 @@ def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
         problems.append(("--vip", f"{len(frontends)} VIPs"
                                   f"{f' with --algorithm {algorithm}' if hashed else ''}:"
                                   f" the data plane holds {most}"))
+    if len(seen_interfaces) > MAX_LINKS:
+        problems.append(("--iface", f"{len(seen_interfaces)} interfaces: the data plane "
+                                    f"holds {MAX_LINKS}"))
     if not hashed and len(servers) > RING_SIZE:
         problems.append(("--backend", f"{len(servers)} backends do not fit a ring of "
                                       f"{RING_SIZE}"))

@@ -17,7 +17,7 @@ from typing import Collection, Iterable, Mapping, Protocol
 
 from . import maglev, scheduler
 from .layout import SERVICE_ADOPT, SERVICE_MAGLEV, SERVICE_SOURCE
-from .model import MAGLEV_ALGORITHMS, MAX_ARP, Config, Pool, Server
+from .model import MAGLEV_ALGORITHMS, MAX_ARP, MAX_LINKS, UNNAMED_LINKS, Config, Pool, Server
 
 ServiceKey = tuple[IPv4Address, int, int]       # vip, port, protocol number
 BackendKey = tuple[str, str]                    # pool, server
@@ -219,9 +219,15 @@ def arp_links(config: Config, links: Iterable[ArpLink]) -> list[tuple[ArpLink, I
 def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
             max_services: int, max_backends: int, ring_size: int, max_maglev: int,
             states: Mapping[BackendKey, str] = {}, max_arp: int = MAX_ARP,
-            renamed: Mapping[BackendKey, BackendKey] = {}) -> DataplaneState:
+            renamed: Mapping[BackendKey, BackendKey] = {},
+            max_links: int = MAX_LINKS) -> DataplaneState:
     """`states` maps (pool, server) to server_state(); a missing key is "up".
-    `renamed` (see renames) gives servers of `previous` their names in `config`."""
+    `renamed` (see renames) gives servers of `previous` their names in `config`.
+    `links`: those the data plane runs on, at most `max_links` (tx_links)."""
+    links = list(links)
+    if len(links) > max_links:     # else the attach past the last fails, after the rest
+        raise CapacityError(f"{len(links)} interfaces: the data plane holds {max_links}"
+                            + ("" if config.attach_names() else f"; {UNNAMED_LINKS}"))
     # Ids go by a server's name and where it is: a server given another address
     # or port is a new server (a new id), and the flows still going to its old
     # address stay on the old id, retired, as a removed server's do. A renamed

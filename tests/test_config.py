@@ -1040,6 +1040,10 @@ def frontends(n, pool, first=0):
         f'algorithm = "maglev"\n' for k in range(27)) + frontends(1, "p"),
      ("pools", "16800 servers in pools (one counts once in each of its pools): the data "
                "plane holds 16384")),
+    # the links xlb runs on (tx_links): the 1,025th attach failed, after the others
+    (servers_and_pool(1) + frontends(1, "p")
+     + "interfaces = [" + ", ".join(f'"v{i}"' for i in range(1025)) + "]\n",
+     ("frontends", "1025 interfaces: the data plane holds 1024")),
 ])
 def test_a_config_larger_than_the_data_plane_holds_fails_check(text, problem):
     """As `xlb up` and `apply` would find it (planner.CapacityError), at once."""

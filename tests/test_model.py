@@ -4,8 +4,8 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from xlb.model import (MAGLEV_SERVERS_MAX, MAX_FRONTENDS, MAX_MAGLEV_FRONTENDS, RING_SIZE,
-                       Config, ConfigError, Monitor, Pool, Server, check_maglev_servers,
+from xlb.model import (MAGLEV_SERVERS_MAX, MAX_FRONTENDS, MAX_LINKS, MAX_MAGLEV_FRONTENDS,
+                       RING_SIZE, Config, ConfigError, Monitor, Pool, Server, check_maglev_servers,
                        check_maglev_size, from_flags, monitor_from_flags, parse_port, parse_vip)
 
 B = ["10.1.11.101:8080", "10.1.11.102:8080"]
@@ -258,6 +258,15 @@ def test_one_line_form_with_source():
 
 def addresses(n: int, port: int = 80) -> list[str]:
     return [f"10.2.{i // 250}.{1 + i % 250}:{port}" for i in range(n)]
+
+
+def test_one_line_form_runs_on_no_more_links_than_the_data_plane_holds():
+    """tx_links holds MAX_LINKS: the attach past them failed, after the others."""
+    names = [f"v{i}" for i in range(MAX_LINKS + 1)]
+    assert from_flags(["10.1.1.101:80"], B, names[:-1]).attach_names() == tuple(names[:-1])
+    with pytest.raises(ConfigError) as e:
+        from_flags(["10.1.1.101:80"], B, names)
+    assert e.value.problems == [("--iface", "1025 interfaces: the data plane holds 1024")]
 
 
 def test_one_line_form_holds_what_the_data_plane_holds():

@@ -450,6 +450,23 @@ def test_more_arp_answers_than_the_map_holds():
         planner.desired(cfg, both, planner.DataplaneState(), **LIMITS, max_arp=5)
 
 
+@pytest.mark.parametrize("named", [False, True])
+def test_more_links_than_the_map_holds(named):
+    """The links xlb runs on are tx_links' entries: the attach past them failed
+    with what the kernel said, after the others. Refused by up and apply
+    before anything is written; where none is named, every up Ethernet link
+    is one, a host fact that `xlb check` cannot know."""
+    links = [FakeLink(i, f"v{i}", b"\x02" * 6, IPv4Network("10.9.0.0/24")) for i in range(1, 6)]
+    cfg = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"],
+                     [link.name for link in links] if named else [])
+    assert planner.desired(cfg, links, planner.DataplaneState(), **LIMITS, max_links=5)
+    with pytest.raises(planner.CapacityError) as e:
+        planner.desired(cfg, links, planner.DataplaneState(), **LIMITS, max_links=4)
+    assert str(e.value) == "5 interfaces: the data plane holds 4" + (
+        "" if named else "; no interface is named, so xlb runs on every up Ethernet link: "
+                         "name those it serves on (--iface, a frontend's interfaces)")
+
+
 def test_pool_larger_than_a_ring():
     def pool(n):
         return from_flags(["10.1.1.101:80"], [f"10.1.11.{i}:80" for i in range(1, n + 1)])
