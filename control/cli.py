@@ -26,7 +26,8 @@ from . import __version__, config as configfile, ctl, log
 from .ha import KEEPALIVED_INSTANCE
 from .model import (ConfigError, Monitor, from_flags, has_space, monitor_from_flags,
                     parse_host)
-from .units import count, full, interfaces, last_check, shown, si, unapplied
+from .units import (LONG, clipped, count, full, interfaces, last_check, quoted, shown,
+                    si, unapplied)
 
 
 class Failure(click.ClickException):
@@ -244,7 +245,7 @@ def _check_state_dir() -> None:
     which is no directory) would put xlb's state wherever the command runs."""
     root = os.environ.get("XLB_STATE_DIR")
     if root is not None and not os.path.isabs(root):
-        raise BadInput(f"XLB_STATE_DIR: {root!r} is not an absolute path")
+        raise BadInput(f"XLB_STATE_DIR: {quoted(root)} is not an absolute path")
 
 
 def _flow_table(connections: int):
@@ -335,23 +336,24 @@ def _say(message: str) -> None:
 
 def _echo_problems(file: Path, problems) -> None:
     """One line a problem, as `xlb check` and `xlb apply` report a config file."""
+    name = clipped(file)
     for path, reason in problems:
-        # a file that cannot be read is its own key path: named once
-        _error(f"{file}: {reason}" if path == str(file) else f"{file}: {path}: {reason}")
+        # a file that cannot be read is its own key path (config.read): named once
+        _error(f"{name}: {reason}" if path == name else f"{name}: {path}: {reason}")
 
 
 def _echo_warnings(file: Path, warnings) -> None:
     """One line a warning of the file's (Config.warnings)."""
     for path, reason in warnings:
-        _error(f"xlb: warning: {file}: {path}: {reason}")
+        _error(f"xlb: warning: {clipped(file)}: {path}: {reason}")
 
 
 def _load(path: Path):
     try:
         return configfile.load_file(path)
     except ConfigError as e:
-        raise BadInput(str(e) if [p for p, _ in e.problems] == [str(path)]
-                       else f"{path}: {e}") from None
+        raise BadInput(str(e) if [p for p, _ in e.problems] == [clipped(path)]
+                       else f"{clipped(path)}: {e}") from None
 
 
 @cli.command()
@@ -668,21 +670,21 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     _to_syslog = True
     _check_state_dir()      # where it keeps the role keepalived last said
     if has_space(instance) or not instance:
-        raise BadInput(f"--instance: {instance!r} is not a vrrp_instance name")
+        raise BadInput(f"--instance: {quoted(instance)} is not a vrrp_instance name")
     if track_file is not None:
         _check_track_file(track_file)
     # What the path is, said as the system says it (click's check would call a
     # FIFO behind a directory it may not enter, or a symlink loop, missing).
     try:
         if not stat.S_ISFIFO(fifo.stat().st_mode):     # not opened: a device may act on it
-            raise BadInput(f"{fifo}: {_NOT_FIFO}")
+            raise BadInput(f"{clipped(fifo)}: {_NOT_FIFO}")
         fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)   # a reader that is also a writer
     except OSError as e:                               # never sees EOF
-        raise BadInput(f"{fifo}: {e.strerror}") from None
+        raise BadInput(f"{clipped(fifo)}: {e.strerror}") from None
     st = os.fstat(fd)
     if not stat.S_ISFIFO(st.st_mode):     # replaced since
-        raise BadInput(f"{fifo}: {_NOT_FIFO}")
-    _check_fifo_writers(st, str(fifo))
+        raise BadInput(f"{clipped(fifo)}: {_NOT_FIFO}")
+    _check_fifo_writers(st, clipped(fifo))
     # A stopping keepalived gives up the gateway and ends this with SIGTERM,
     # writing no line that says so.
     signal.signal(signal.SIGTERM, _keepalived_stops)
@@ -719,8 +721,8 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
                         # ever, and say nothing.
                         strangers = True
                         _error(f"xlb ha follow: keepalived tells the state of vrrp_instance "
-                               f"{other!r}, not of {instance!r} (--instance), which this "
-                               f"follows")
+                               f"{quoted(other)}, not of {quoted(instance)} (--instance), which "
+                               f"this follows")
             if not (wanted or track_file):
                 continue
             answered, was_cut_off, cut_off = False, cut_off, []
@@ -848,16 +850,16 @@ def _check_track_file(path: Path) -> None:
             os.stat(path.parent)      # follow makes the file there
             return
         if stat.S_ISLNK(st.st_mode):
-            raise BadInput(f"--track-file {path}: a symbolic link, which follow does not "
+            raise BadInput(f"--track-file {clipped(path)}: a symbolic link, which follow does not "
                            f"write through: give the file itself")
         if not stat.S_ISREG(st.st_mode):
-            raise BadInput(f"--track-file {path}: not a regular file (keepalived's "
+            raise BadInput(f"--track-file {clipped(path)}: not a regular file (keepalived's "
                            f"track_file)")
         if st.st_size > TRACK_FILE_MAX or not re.fullmatch(rb"\s*-?\d*\s*", path.read_bytes()):
-            raise BadInput(f"--track-file {path}: holds more than a track file's number: "
+            raise BadInput(f"--track-file {clipped(path)}: holds more than a track file's number: "
                            f"not overwritten")
     except OSError as e:
-        raise BadInput(f"--track-file {path}: {e.strerror}") from None
+        raise BadInput(f"--track-file {clipped(path)}: {e.strerror}") from None
 
 
 def _datapath_runs() -> bool:
@@ -887,7 +889,7 @@ def _track(path: Path, serving: bool) -> None:
         finally:
             os.close(fd)
     except OSError as e:
-        _error(f"xlb ha follow: {path}: {e.strerror}")
+        _error(f"xlb ha follow: {clipped(path)}: {e.strerror}")
 
 
 # A file or device would be read to its end over and over, at once.
@@ -922,7 +924,7 @@ def _valid(option: str, check, value):
 def _ha_config(path: Path):
     cfg = _load(path)
     if not cfg.frontends:
-        raise BadInput(f"{path}: no frontend, so no VIP to make highly available")
+        raise BadInput(f"{clipped(path)}: no frontend, so no VIP to make highly available")
     return cfg
 
 
@@ -989,9 +991,9 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
     if os.path.exists(fifo):
         st = os.stat(fifo)
         if not stat.S_ISFIFO(st.st_mode):
-            raise BadInput(f"--fifo {fifo}: not a FIFO, which keepalived would write its "
+            raise BadInput(f"--fifo {clipped(fifo)}: not a FIFO, which keepalived would write its "
                            f"states into")
-        _check_fifo_writers(st, f"--fifo {fifo}")
+        _check_fifo_writers(st, f"--fifo {clipped(fifo)}")
     if os.path.lexists(track_file):
         _check_track_file(Path(track_file))
     for option, path in (("--fifo", fifo), ("--track-file", track_file)):
@@ -999,8 +1001,9 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
         # runs (no FIFO) or is never heard (no track file). Written for another
         # host, the directory may be there only: a warning.
         if not os.path.isdir(os.path.dirname(path)):
-            warnings.append(f"{option} {path}: no directory {os.path.dirname(path)} here; "
-                            f"keepalived does not make it, and would hold the node in FAULT")
+            warnings.append(f"{option} {clipped(path)}: no directory "
+                            f"{clipped(os.path.dirname(path))} here; keepalived does not make "
+                            f"it, and would hold the node in FAULT")
     if not os.access(hamod.FLOCK, os.X_OK):
         # keepalived disables a check whose program is not there, and says so only
         # in its log: a follow killed alone would go unnoticed again.
@@ -1015,7 +1018,7 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
     else:
         _valid("--xlb", hamod.check_keepalived_path, xlb_path)
     if unsafe := hamod.script_unsafe(xlb_path):
-        raise BadInput(f"--xlb {xlb_path}: keepalived would not run it: {unsafe}")
+        raise BadInput(f"--xlb {clipped(xlb_path)}: keepalived would not run it: {unsafe}")
     if not gateways:
         raise BadInput("--gateway: at least one is needed (keepalived's VRRPv3 refuses an "
                        "instance with no address to move)")
@@ -1306,6 +1309,16 @@ def format_status(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _clip_given(message: str) -> str:
+    """click's own message (a value of the wrong type, an unknown option or
+    command), which echoes what was given whole, with each long argument
+    (or an --option=VALUE's value) cut short as xlb's own messages cut theirs."""
+    given = {a for arg in sys.argv[1:] for a in (arg, arg.partition("=")[2]) if len(a) > LONG}
+    for value in sorted(given, key=len, reverse=True):
+        message = message.replace(repr(value), quoted(value)).replace(value, clipped(value))
+    return message
+
+
 def _standard_fds() -> None:
     """Opens /dev/null on each of fds 0-2 that the caller closed (`xlb up
     2>&-`), as daemons do: else the first files xlb opens take those numbers,
@@ -1331,6 +1344,8 @@ def main() -> None:
         if isinstance(e, click.MissingParameter):
             # click lists a choice's values one a line ("Choose from:\n\tdisable,\n\t...")
             message = message.replace(":\n\t", ": ").replace(",\n\t", ", ")
+        if isinstance(e, click.UsageError):
+            message = _clip_given(message)
         _error(f"xlb: error: {message}")
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
@@ -1339,7 +1354,7 @@ def main() -> None:
         # Left to Python, a traceback: writing the answer failed (stdout a
         # file on a full disk, `xlb ha keepalived ... > FILE`), or another call
         # of the system's that no command expects to fail.
-        _error(f"xlb: error: {e.filename}: {e.strerror}" if e.filename
+        _error(f"xlb: error: {clipped(e.filename)}: {e.strerror}" if e.filename
                else f"xlb: error: {e.strerror or e}")
         sys.exit(1)
     sys.exit(code or 0)

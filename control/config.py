@@ -33,6 +33,7 @@ from .model import (ALGORITHMS, BODY_LIMIT, HTTP_TYPES, MAGLEV_ALGORITHMS, MAGLE
                     check_http_path, check_interface, check_maglev_servers, check_maglev_size,
                     check_port, check_seconds, default_timeout, has_space, parse_host,
                     parse_protocol)
+from .units import clipped, quoted
 
 SECTIONS = ("monitors", "servers", "pools", "frontends")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -63,7 +64,8 @@ def load(text: str, *, dumped: bool = False) -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         # tomllib names a table as a Python tuple: "Cannot declare ('frontends', 'f') twice"
-        keys = lambda m: ".".join(map(_toml_key, re.findall(r"'([^'\\]*)'", m[0])))  # noqa: E731
+        keys = lambda m: ".".join(clipped(k, _toml_key)  # noqa: E731
+                                  for k in re.findall(r"'([^'\\]*)'", m[0]))
         message = _TOML_KEY.sub(keys, str(e))
         raise ConfigError([("toml", message)]) from None
     except RecursionError:
@@ -128,27 +130,28 @@ def read(path: str | Path) -> str:
         _regular(path, os.stat(path).st_mode)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
-        raise ConfigError([(str(path), e.strerror or str(e))]) from None
+        raise ConfigError([(clipped(path), e.strerror or str(e))]) from None
     try:
         _regular(path, os.fstat(fd).st_mode)     # replaced since
         with open(fd, "rb", closefd=False) as f:
             data = f.read(MAX_FILE + 1)
     except OSError as e:            # a disk's or a network file system's error
-        raise ConfigError([(str(path), e.strerror or str(e))]) from None
+        raise ConfigError([(clipped(path), e.strerror or str(e))]) from None
     finally:
         os.close(fd)
     if len(data) > MAX_FILE:
-        raise ConfigError([(str(path), f"larger than {MAX_FILE} bytes")])
+        raise ConfigError([(clipped(path), f"larger than {MAX_FILE} bytes")])
     try:
         # Without the byte-order mark some editors write, which TOML does not take.
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
-        raise ConfigError([(str(path), f"not UTF-8 text ({e.reason} at byte {e.start})")]) from None
+        raise ConfigError([(clipped(path), f"not UTF-8 text ({e.reason} at byte {e.start})")]) \
+            from None
 
 
 def _regular(path: str | Path, mode: int) -> None:
     if not stat.S_ISREG(mode):
-        raise ConfigError([(str(path), "Is a directory" if stat.S_ISDIR(mode)
+        raise ConfigError([(clipped(path), "Is a directory" if stat.S_ISDIR(mode)
                             else "not a regular file")])
 
 
@@ -257,7 +260,7 @@ def _status(value: Any) -> int:
 def _one_of(allowed) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         if _string(value) not in allowed:
-            raise _bad(f"expected {_choices(allowed)}, got {value!r}")
+            raise _bad(f"expected {_choices(allowed)}, got {quoted(value)}")
         return value
     return check
 
@@ -285,17 +288,17 @@ _HOST = re.compile(r"(?:([A-Za-z0-9._~!$&'()*+,;=%-]{1,253})|\[[0-9A-Fa-f:.]{2,4
 def _host(value: Any) -> str:
     host = _nonempty(value)
     if has_space(host):
-        raise _bad(f"{host!r} contains whitespace or control characters")
+        raise _bad(f"{quoted(host)} contains whitespace or control characters")
     if not host.isascii():
-        raise _bad(f"{host!r} is not ASCII: give an internationalized name in its xn-- form")
+        raise _bad(f"{quoted(host)} is not ASCII: give an internationalized name in its xn-- form")
     match = _HOST.fullmatch(host)
     if not match or not 1 <= int(match[2] or 80) <= 65535:
-        raise _bad(f"{host!r} is not a host name, IPv4 address or [IPv6] address, "
+        raise _bad(f"{quoted(host)} is not a host name, IPv4 address or [IPv6] address, "
                    "with an optional :port (1-65535)")
     name = match[1] or ""
     if ".." in name or name == ".":
         # nginx and Apache answer such a Host with 400: every server would stay down.
-        raise _bad(f"{host!r} is not a host name: it has an empty label (two dots in a row, "
+        raise _bad(f"{quoted(host)} is not a host name: it has an empty label (two dots in a row, "
                    f"or a lone dot), which servers refuse")
     return host
 
@@ -319,7 +322,7 @@ def _items(check: Callable[[Any], Any], value: Any) -> list:
             problems += [(f"[{i}]{suffix}", reason) for suffix, reason in e.problems]
             continue
         if item in seen:
-            problems.append((f"[{i}]", f"{item!r} is listed twice"))
+            problems.append((f"[{i}]", f"{quoted(item)} is listed twice"))
         seen.add(item)
         items.append(item)
     if problems:
@@ -347,7 +350,7 @@ class _Loader:
     def config(self) -> Config:
         for key in self.doc:
             if key not in SECTIONS:
-                self.problem(key, "unknown section")
+                self.problem(clipped(key), "unknown section")
         # Each section refers only to those before it: its names are known.
         monitors = [self.monitor(*t) for t in self.section("monitors")]
         servers = {t[1]: self.server(*t) for t in self.section("servers")}
@@ -471,7 +474,7 @@ class _Loader:
             name = _string(value)
             known = self.names[section]
             if known is not None and name not in known:
-                raise _bad(f"no {what} {name!r}")
+                raise _bad(f"no {what} {quoted(name)}")
             return name
         return check
 
@@ -490,7 +493,7 @@ class _Loader:
         for key, raw in obj.items():
             check = checks.get(key)
             if check is None:
-                self.problem(f"{path}.{key}", "unknown key")
+                self.problem(f"{path}.{clipped(key)}", "unknown key")
                 continue
             try:
                 values[key] = check(raw)
@@ -573,8 +576,8 @@ class _Loader:
         for i, s in enumerate(members):
             other = first.setdefault((s.address, s.port), s.name)
             if other != s.name:
-                self.problem(f"{path}.servers[{i}]", f"{s.name!r} is {s.address}:{s.port}, as "
-                                                     f"{other!r}: one server twice")
+                self.problem(f"{path}.servers[{i}]", f"{quoted(s.name)} is {s.address}:{s.port}, "
+                                                     f"as {quoted(other)}: one server twice")
         return Pool(name=name, servers=members, **values)
 
     def check_weights(self, pools: list[Pool]) -> None:
@@ -747,7 +750,7 @@ def _toml_key(key: str) -> str:
 def key_path(section: str, name: str) -> str:
     """An object's key as the file must spell it: `servers."was1.example.com"`,
     not `servers.was1.example.com`, which names a table in a table."""
-    return f"{section}.{_toml_key(name)}"
+    return f"{section}.{clipped(name, _toml_key)}"
 
 
 def _toml_value(value: Any) -> str:

@@ -36,7 +36,7 @@ from .datapath import Datapath, DatapathError, FlowLedger, Limits, find_running
 from .health import HealthChecker, Target, Transition
 from .layout import REASON_ACTIONS, XDP_ACTIONS
 from .model import UNNAMED_LINKS, Config, ConfigError
-from .units import interfaces
+from .units import interfaces, quoted
 
 EMPTY = Config(frontends=(), pools=())
 ADMIN_ACTIONS = {"disable": "maint", "drain": "drain", "enable": None}
@@ -287,9 +287,9 @@ class Balancer:
 
     def set_admin(self, action: str, pool: str, server: str) -> dict:
         if not any(p.name == pool for p in self.config.pools):
-            raise LookupError(f"no pool {pool!r}")
+            raise LookupError(f"no pool {quoted(pool)}")
         if not any(s.name == server for s in self.config.pool(pool).servers):
-            raise LookupError(f"no server {server!r} in pool {pool!r}")
+            raise LookupError(f"no server {quoted(server)} in pool {quoted(pool)}")
         admin = dict(self.admin)
         admin.pop((pool, server), None)
         if ADMIN_ACTIONS[action]:

@@ -28,6 +28,7 @@ from ipaddress import IPv4Address, IPv4Interface
 from typing import Iterable, Mapping
 
 from .model import Config, check_interface, has_space, parse_address, parse_host
+from .units import quoted
 
 ROLES = ("active", "backup")
 # keepalived's FIFO lines name a state; MASTER makes xlb active, every other
@@ -163,16 +164,16 @@ class Gateway:
         """IP/PREFIX[@DEV]; raises ValueError naming the problem."""
         addr, at, dev = text.partition("@")
         if "/" not in addr:
-            raise ValueError(f"{text!r}: give the address with its prefix, IP/PREFIX[@DEV]")
+            raise ValueError(f"{quoted(text)}: give the address with its prefix, IP/PREFIX[@DEV]")
         try:
             iface = IPv4Interface(addr)
         except ValueError:
-            raise ValueError(f"{text!r} is not IP/PREFIX[@DEV]") from None
+            raise ValueError(f"{quoted(text)} is not IP/PREFIX[@DEV]") from None
         parse_host(str(iface.ip))
         net = iface.network
         if net.prefixlen == 0 or (net.prefixlen < 31 and iface.ip in (net.network_address,
                                                                       net.broadcast_address)):
-            raise ValueError(f"{text!r}: not a host's address on {net}, which the backends "
+            raise ValueError(f"{quoted(text)}: not a host's address on {net}, which the backends "
                              f"could route through")
         return cls(iface, check_keepalived_word(dev) if at else None)
 
@@ -222,7 +223,7 @@ def check_keepalived_word(name: str) -> str:
     character that keepalived's config parser reads specially."""
     check_interface(name)
     if any(c in name for c in KEEPALIVED_SPECIAL):
-        raise ValueError(f"{name!r}: keepalived reads # ! {{ }} quotes and backslashes "
+        raise ValueError(f"{quoted(name)}: keepalived reads # ! {{ }} quotes and backslashes "
                          f"specially")
     return name
 
@@ -233,10 +234,10 @@ def check_keepalived_path(path: str) -> str:
     if not path:
         raise ValueError("a path cannot be empty")
     if not path.startswith("/"):
-        raise ValueError(f"{path!r} is not absolute (keepalived runs from a directory of "
+        raise ValueError(f"{quoted(path)} is not absolute (keepalived runs from a directory of "
                          f"its own)")
     if has_space(path) or any(c in path for c in KEEPALIVED_SPECIAL):
-        raise ValueError(f"{path!r} contains whitespace, # ! {{ }}, a quote or a backslash, "
+        raise ValueError(f"{quoted(path)} contains whitespace, # ! {{ }}, a quote or a backslash, "
                          f"which keepalived would misread")
     return path
 
@@ -248,7 +249,7 @@ def check_keepalived_file(path: str) -> str:
     heard: the node in FAULT for ever)."""
     check_keepalived_path(path)
     if path.endswith("/") or os.path.isdir(path):
-        raise ValueError(f"{path!r} is a directory, not a file keepalived can make")
+        raise ValueError(f"{quoted(path)} is a directory, not a file keepalived can make")
     return path
 
 

@@ -109,6 +109,7 @@ from ipaddress import IPv4Address
 
 from . import log
 from .model import BODY_LIMIT, HTTP_TYPES, MONITOR_TYPES, Monitor, Server, check_hex
+from .units import quoted
 
 HEAD_LIMIT = 64 * 1024          # http: the most status line + headers read
 USER_AGENT = "xlb-health"
@@ -785,7 +786,7 @@ class _Probe:
         lacks expect_body so far (one left open, no length nor chunks, or
         shorter than its length) is no server that has not answered."""
         if self.phase == "recv" and self.reader.body_at is not None:
-            return f"reading the body, no {self.reader.m.expect_body!r} in it so far"
+            return f"reading the body, no {quoted(self.reader.m.expect_body)} in it so far"
         return _PHASES[self.phase]
 
     def on_event(self, events: int) -> None:
@@ -1163,7 +1164,7 @@ class _HttpReader:
             # A 3xx passes the status test unfollowed: said, as its body is no page's.
             status = self.status
             moved = f"http status {status} (not followed): " if 300 <= status < 400 else ""
-            return False, f"{moved}body lacks {self.m.expect_body!r}"
+            return False, f"{moved}body lacks {quoted(self.m.expect_body)}"
         return None
 
     def _dechunk(self) -> None:

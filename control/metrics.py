@@ -33,6 +33,7 @@ from . import __version__
 from . import model
 from .netif import LINK_STATES
 from .planner import STATES
+from .units import quoted
 
 # Check durations: a local TCP connect takes ~0.1 ms, a timeout ends at 1-2 s.
 CHECK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -122,13 +123,13 @@ def parse_address(text: str) -> tuple[str, int] | None:
         return None
     host, sep, port = text.rpartition(":")
     if not sep:
-        raise ValueError(f"{text!r} is not ADDR:PORT or off")
+        raise ValueError(f"{quoted(text)} is not ADDR:PORT or off")
     number = model.parse_port(port)
     addr = model.parse_address(host)
     # 0.0.0.0 (every address) and loopback are a listener's; the others no host
     # has, though Linux lets a TCP socket bind one and listen where nobody can connect.
     if not (addr.is_unspecified or addr.is_loopback) and model.no_host_kind(addr):
-        raise ValueError(f"{host!r} is not an address of this host to listen on")
+        raise ValueError(f"{quoted(host)} is not an address of this host to listen on")
     return host, number
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ipaddress import AddressValueError, IPv4Address
 
 from . import maglev
+from .units import clipped, quoted
 
 PROTOCOLS = {"tcp": 6, "udp": 17}
 ALGORITHMS = ("roundrobin", "weighted", "maglev", "source")
@@ -212,10 +213,10 @@ def check_interface(name: str) -> str:
     # The kernel counts bytes: "é" takes two (a name from the command line that
     # is not UTF-8 comes as surrogates, its bytes given back).
     if len(name.encode("utf-8", "surrogateescape")) >= IFNAMSIZ:
-        raise ValueError(f"{name!r} is longer than {IFNAMSIZ - 1} bytes")
+        raise ValueError(f"{quoted(name)} is longer than {IFNAMSIZ - 1} bytes")
     # '%' is no link's: the kernel takes a name with one for a template (eth%d)
     if name in (".", "..") or any(c in name for c in "/:%") or has_space(name):
-        raise ValueError(f"{name!r} is not an interface name (not . or .., no '/', ':', '%' "
+        raise ValueError(f"{quoted(name)} is not an interface name (not . or .., no '/', ':', '%' "
                          f"or whitespace)")
     return name
 
@@ -228,28 +229,30 @@ def check_http_path(path: str) -> str:
     """The path an HTTP check asks for, sent as it is on the request line: one
     that a server answers with 400 or 414 would keep the server down."""
     if not path.startswith("/"):
-        raise ValueError(f"must start with '/', got {path!r}")
+        raise ValueError(f"must start with '/', got {quoted(path)}")
     if has_space(path):
-        raise ValueError(f"{path!r} contains whitespace or control characters")
+        raise ValueError(f"{quoted(path)} contains whitespace or control characters")
     if not path.isascii():
-        raise ValueError(f"{path!r} is not ASCII: percent-encode it")
+        raise ValueError(f"{quoted(path)} is not ASCII: percent-encode it")
     if len(path) > HTTP_PATH_MAX:
         raise ValueError(f"{len(path)} bytes: at most {HTTP_PATH_MAX}")
     if "#" in path:
-        raise ValueError(f"{path!r} has a fragment ('#'), which a request does not carry")
+        raise ValueError(f"{quoted(path)} has a fragment ('#'), which a request does not carry")
     if _BAD_PERCENT.search(path):
-        raise ValueError(f"{path!r} has a '%' not followed by two hex digits: write '%' as %25")
+        raise ValueError(f"{quoted(path)} has a '%' not followed by two hex digits: "
+                         "write '%' as %25")
     # What servers decode before they map the path (nginx, Apache: 400); the
     # query is not decoded.
     target = path.split("?", 1)[0]
     if "%00" in target:
-        raise ValueError(f"{path!r} has a NUL (%00) before its query, which servers refuse")
+        raise ValueError(f"{quoted(path)} has a NUL (%00) before its query, which servers refuse")
     depth = 0
     for segment in urllib.parse.unquote(target).split("/"):
         if segment == "..":
             depth -= 1
             if depth < 0:
-                raise ValueError(f"{path!r} climbs above the root ('..'), which servers refuse")
+                raise ValueError(f"{quoted(path)} climbs above the root ('..'), "
+                                 "which servers refuse")
         elif segment not in ("", "."):
             depth += 1
     return path
@@ -301,11 +304,11 @@ def parse_port(text: str) -> int:
     """A port as a flag gives it: decimal digits, no leading zero (TOML's
     `port = 080` is no number either, and "080" may be a mistyped 8080)."""
     if not (text.isascii() and text.isdigit()):
-        raise ValueError(f"port {text!r} is not a number")
+        raise ValueError(f"port {quoted(text)} is not a number")
     if len(text) > 1 and text.startswith("0"):
-        raise ValueError(f"port {text!r} has a leading zero")
+        raise ValueError(f"port {quoted(text)} has a leading zero")
     if len(text) > 5:       # before int(), which reads no more than 4300 digits
-        raise ValueError(f"port {text} is out of range 1-65535")
+        raise ValueError(f"port {clipped(text)} is out of range 1-65535")
     return check_port(int(text))
 
 
@@ -313,7 +316,7 @@ def parse_address(text: str) -> IPv4Address:
     try:
         return IPv4Address(text)
     except AddressValueError:
-        raise ValueError(f"{text!r} is not an IPv4 address") from None
+        raise ValueError(f"{quoted(text)} is not an IPv4 address") from None
 
 
 def no_host_kind(addr: IPv4Address) -> str | None:
@@ -332,7 +335,7 @@ def parse_host(text: str) -> IPv4Address:
     addr = parse_address(text)
     kind = no_host_kind(addr)
     if kind:
-        raise ValueError(f"{text!r} is {kind} address, not a host's")
+        raise ValueError(f"{quoted(text)} is {kind} address, not a host's")
     return addr
 
 
@@ -340,7 +343,7 @@ def parse_endpoint(text: str) -> tuple[IPv4Address, int]:
     """IP:PORT."""
     host, sep, port = text.rpartition(":")
     if not sep or not host:
-        raise ValueError(f"{text!r} is not IP:PORT")
+        raise ValueError(f"{quoted(text)} is not IP:PORT")
     return parse_host(host), parse_port(port)
 
 
@@ -348,7 +351,7 @@ def parse_protocol(text: str) -> str:
     """tcp or udp, in either case (keepalived's configs write TCP), as PROTOCOLS
     names it."""
     if text.lower() not in PROTOCOLS:
-        raise ValueError(f"protocol {text!r} is not tcp or udp")
+        raise ValueError(f"protocol {quoted(text)} is not tcp or udp")
     return text.lower()
 
 
@@ -375,7 +378,7 @@ def monitor_from_flags(kind: str, port: str | None, interval: float, rise: int,
         mtype = "udp"
         checks.append(("--check", check_hex, kind[len("udp:"):]))
     elif kind not in ("tcp", "none"):
-        problems.append(("--check", f"{kind!r} is not tcp, http:/PATH, https:/PATH, udp:HEX "
+        problems.append(("--check", f"{quoted(kind)} is not tcp, http:/PATH, https:/PATH, udp:HEX "
                                     "or none"))
     if port is not None:
         checks.append(("--check-port", parse_port, port))
@@ -417,10 +420,10 @@ def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
         try:
             addr, port = parse_endpoint(text)
         except ValueError as e:
-            problems.append((f"--backend {text}", str(e)))
+            problems.append((f"--backend {clipped(text)}", str(e)))
             continue
         if (addr, port) in endpoints:
-            problems.append((f"--backend {text}", "given twice"))
+            problems.append((f"--backend {clipped(text)}", "given twice"))
             continue
         endpoints.add((addr, port))
         servers.append(Server(name=f"backend{len(servers) + 1}", address=addr, port=port))
@@ -442,10 +445,10 @@ def from_flags(vips: list[str], backends: list[str], interfaces: list[str] = (),
         try:
             addr, port, proto = parse_vip(text)
         except ValueError as e:
-            problems.append((f"--vip {text}", str(e)))
+            problems.append((f"--vip {clipped(text)}", str(e)))
             continue
         if (addr, port, proto) in services:
-            problems.append((f"--vip {text}", "given twice"))
+            problems.append((f"--vip {clipped(text)}", "given twice"))
             continue
         services.add((addr, port, proto))
         frontends.append(Frontend(name=f"vip{len(frontends) + 1}", vip=addr, port=port,

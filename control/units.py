@@ -1,7 +1,10 @@
 """Short numbers for narrow columns, exact counts, how full a flow table is, a server's
-latest health check, health changes the data path lacks, the links attached, and names
-shown on one line: shared by `xlb status`, `xlb top` and the other commands' answers."""
+latest health check, health changes the data path lacks, the links attached, names
+shown on one line, and values echoed cut short: shared by `xlb status`, `xlb top` and
+the other commands' answers and errors."""
 
+import os
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 
@@ -23,6 +26,26 @@ _ESCAPES = ({c: f"\\x{c:02x}" for c in (*range(32), *range(127, 160))}
 def shown(text: str) -> str:
     """text on one line that any terminal can print (_ESCAPES)."""
     return text.translate(_ESCAPES)
+
+
+# A value longer than LONG characters is echoed as its first SHOWN, "..." and
+# its length: one of 100,000 (a flag's, a config file's) made a line of 100 KB.
+LONG = 100
+SHOWN = 60
+
+
+def clipped(value: str | os.PathLike, spelt: Callable[[str], str] = str) -> str:
+    """value (a file's name too) as a message echoes it, written by `spelt`
+    (repr: quoted; a TOML key's spelling): whole, or cut short (LONG)."""
+    text = os.fspath(value)
+    if len(text) <= LONG:
+        return spelt(text)
+    return f"{spelt(text[:SHOWN])}... ({len(text):,} characters)"
+
+
+def quoted(value: str) -> str:
+    """repr(value), cut short as clipped() cuts it."""
+    return clipped(value, repr)
 
 
 def interfaces(attached: list[dict]) -> str:

@@ -139,6 +139,53 @@ def test_a_newline_in_what_the_operator_gave_stays_on_its_line(tmp_path):
     assert r.stderr.startswith("xlb: error: --vip 10.1.1.101:80\\nxlb: serving: ")
 
 
+LONG = "1" * 100_000      # as long as a value the command line takes (131,072 bytes) nearly
+CUT = f"{'1' * 60}... (100,000 characters)"
+
+
+@pytest.mark.parametrize("args,error", [
+    (["--vip", LONG], f"--vip {CUT}: '{CUT[:60]}'{CUT[60:]} is not IP:PORT"),
+    (["--backend", LONG], f"--backend {CUT}: '{CUT[:60]}'{CUT[60:]} is not IP:PORT"),
+    (["--iface", LONG], f"--iface: '{CUT[:60]}'{CUT[60:]} is longer than 15 bytes"),
+    (["--check-port", LONG], f"--check-port: port {CUT} is out of range 1-65535"),
+    (["--metrics", LONG], f"--metrics: '{CUT[:60]}'{CUT[60:]} is not ADDR:PORT or off"),
+    # click's own messages
+    (["--algorithm", LONG], f"Invalid value for '--algorithm': '{CUT[:60]}'{CUT[60:]} is not "
+                            f"one of 'roundrobin', 'maglev', 'source'."),
+    ([f"--rise={LONG}"], f"Invalid value for '--rise': '{CUT[:60]}'{CUT[60:]} is not a valid "
+                         f"integer."),
+    ([LONG], f"Got unexpected extra argument ({CUT})"),
+])
+def test_a_long_value_is_echoed_cut_short(args, error):
+    """A value of 100,000 characters made a line of 100 KB (--vip's twice);
+    whatever echoes it, its first 60 characters and its length."""
+    flags = list(SEED_FLAGS[:4]) + ["--check", "none"]
+    if args[0] in flags:
+        del flags[flags.index(args[0]):flags.index(args[0]) + 2]
+    r = xlb("up", *flags, *args)
+    assert (r.returncode, r.stderr) == (2, f"xlb: error: {error}\n")
+
+
+def test_a_long_key_or_value_of_a_config_file_is_echoed_cut_short(tmp_path):
+    path = tmp_path / "long.toml"
+    path.write_text(SEED.read_text() + f'[{LONG}]\n[servers.was1.{LONG}]\n'
+                    f'[pools.p]\nservers = ["{LONG}"]\n')
+    r = xlb("check", str(path))
+    assert r.returncode == 1
+    assert sorted(r.stderr.splitlines()) == [
+        f"{path}: {CUT}: unknown section",
+        f"{path}: pools.p.servers[0]: no server '{CUT[:60]}'{CUT[60:]}",
+        f"{path}: servers.was1.{CUT}: unknown key"]
+    # A table declared twice: tomllib's message, which names its key
+    path.write_text(f'[servers.{LONG}]\n[servers.{LONG}]\n')
+    r = xlb("check", str(path))
+    assert r.stderr == f"{path}: toml: Cannot declare servers.{CUT} twice (at line 2, column " \
+                       f"100010)\n"
+    # A file's name, which the kernel refuses past 4,095 bytes
+    r = xlb("check", "/" + LONG)
+    assert r.stderr == f"/{CUT[:59]}... (100,001 characters): File name too long\n"
+
+
 def test_a_file_name_that_is_not_utf8_is_shown_escaped(tmp_path):
     """Its bytes come in as lone surrogates, which a UTF-8 locale's strict
     stdout (not C.UTF-8's) cannot write: shown as \\xNN, not a traceback."""

@@ -749,8 +749,8 @@ BAD = [
       ("monitors.n.host", "'h:99999' is not a host name, IPv4 address or [IPv6] address, with "
                           "an optional :port (1-65535)"),
       ("monitors.o.path", "4097 bytes: at most 4096"),
-      ("monitors.o.host", f"'{'h' * 254}' is not a host name, IPv4 address or [IPv6] address, "
-                          "with an optional :port (1-65535)"),
+      ("monitors.o.host", f"'{'h' * 60}'... (254 characters) is not a host name, IPv4 "
+                          "address or [IPv6] address, with an optional :port (1-65535)"),
       ("monitors.p.host", "'h:65536' is not a host name, IPv4 address or [IPv6] address, with "
                           "an optional :port (1-65535)")]),
     # nginx answers 400 to a path that climbs above the root or holds a NUL; a `..`

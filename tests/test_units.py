@@ -1,4 +1,4 @@
-"""control/units.py: short numbers for narrow columns, and counts."""
+"""control/units.py: short numbers for narrow columns, counts, and values echoed."""
 
 from xlb import units
 
@@ -58,3 +58,13 @@ def test_last_check_shows_its_reason_on_one_line_that_any_terminal_prints():
     assert units.last_check({"monitor": "m", "last_check": {
         "ok": True, "reason": "check passed", "duration_seconds": 0.0012}}) == \
         "check passed (1.2 ms)"
+
+
+def test_a_long_value_is_echoed_as_its_first_characters_and_its_length():
+    """A value of 100,000 characters made a message of 100 KB."""
+    assert units.quoted("a" * units.LONG) == repr("a" * units.LONG)
+    assert units.clipped("a" * units.LONG) == "a" * units.LONG
+    assert units.quoted("b" * 100_000) == f"'{'b' * units.SHOWN}'... (100,000 characters)"
+    assert units.clipped("/" + "c" * 100) == f"/{'c' * (units.SHOWN - 1)}... (101 characters)"
+    assert units.clipped("d" * 101, lambda s: f"<{s}>") == \
+        f"<{'d' * units.SHOWN}>... (101 characters)"
