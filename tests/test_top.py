@@ -820,7 +820,6 @@ def test_a_resize_is_drawn_at_once_while_the_instance_is_slow_to_answer(monkeypa
     assert drawn == [(30, False), (50, True)]   # drawn anew while the request was held
 
 
-
 def test_a_resize_prints_no_frame_again_when_piped(monkeypatch, run_dir):
     """Where stdout is no terminal, each frame lists every server whatever the
     terminal's size: a resize of the terminal it runs in (`xlb top | tee`)
