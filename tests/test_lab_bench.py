@@ -1,6 +1,7 @@
-"""The bench lab's UDP arrangement (netns-lab/bench_balancers.py sender_apart):
-the path after the client's sender runs in a NAPI thread on a CPU of its own,
-and nothing of it is left after."""
+"""The bench lab's UDP arrangement (netns-lab/bench_balancers.py): the path
+after the client's sender runs in a NAPI thread on a CPU of its own
+(sender_apart), the switch sends each frame to its destination's port alone
+(switch_learned), and nothing of either is left after."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bench_balancers import FIRST_PORT, PATH_CPU, napi_threads, sender_apart
+from bench_balancers import (FIRST_PORT, PATH_CPU, UDP_SINK, Scenario, napi_threads, nft,
+                             sender_apart, switch_learned, trafgen_conf)
 from labctl import running_lab
 
 pytestmark = pytest.mark.lab
@@ -44,3 +46,36 @@ def test_the_client_s_frames_cross_a_thread_bound_to_the_path_cpu(lab):
         assert run_ns(pid) > ran
     assert port_state(lab) == (False, "0")
     assert pid not in napi_threads()
+
+
+def rx_packets(lab, node: str) -> int:
+    return int(lab.run(node, "cat", "/sys/class/net/eth0/statistics/rx_packets",
+                       check=True).stdout)
+
+
+def test_one_way_udp_is_not_flooded_by_a_switch_that_forgot_the_path(lab, tmp_path):
+    # lb and the servers answer no UDP in the bench (its sink drops it): a bridge whose
+    # entries for them aged out sends every frame to every port of the segment (fwex,
+    # the other server), and UDP run alone measured that, not the path (2026-12-05: a
+    # third fewer packets/s).
+    conf = tmp_path / "udp.trafgen"
+    conf.write_text(trafgen_conf(lab, Scenario("direct", direct=True)))
+    sent = 1000
+    for node in ("was1", "was2"):
+        nft(lab, node, tmp_path, UDP_SINK)
+    try:
+        with switch_learned(lab):
+            for bridge in ("br-ext", "br-int"):
+                lab.run("sw", "ip", "link", "set", bridge, "type", "bridge", "fdb_flush",
+                        check=True)
+            before = {node: rx_packets(lab, node) for node in ("fwex", "was1", "was2")}
+            lab.run("client", "trafgen", "--dev", "eth0", "--conf", str(conf), "--cpus", "1",
+                    "--num", str(sent), "--gap", "100", "--no-sock-mem", "--notouch-irq",
+                    check=True)
+            got = {node: rx_packets(lab, node) - n for node, n in before.items()}
+    finally:
+        for node in ("was1", "was2"):
+            lab.run(node, "nft", "delete", "table", "ip", "xlbbench", check=True)
+    assert got["was1"] + got["was2"] >= sent, got
+    assert got["fwex"] < sent // 100, got
+    assert " static" not in lab.run("sw", "bridge", "fdb", "show", check=True).stdout
