@@ -84,6 +84,8 @@ class Figures:
     pps: list[float] = field(default_factory=list)                  # counted at the backends
     sent_pps: list[float] = field(default_factory=list)             # sent by the client
     path_busy: list[float] = field(default_factory=list)            # PATH_CPU's busy share
+    path_own: list[float] = field(default_factory=list)             # the path's threads' share
+    path_us: list[float] = field(default_factory=list)              # their CPU µs a packet
     sender_busy: list[float] = field(default_factory=list)          # SENDER_CPU's
     other_load: list[float] = field(default_factory=list)           # others' share of the CPUs
     reasons: dict[str, int] = field(default_factory=dict)          # xlb's, summed over rounds
@@ -321,6 +323,11 @@ def cpu_seconds(pids: list[int]) -> dict[int, float]:
     return out
 
 
+def run_seconds(pids: list[int]) -> float:
+    """Seconds the threads have run (schedstat: nanoseconds, not ticks)."""
+    return sum(int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) for pid in pids) / 1e9
+
+
 def cpu_ticks() -> dict[str, tuple[int, int]]:
     """Per CPU line of /proc/stat ("cpu" all of them, "cpu0", ...): ticks spent on anything
     but idle and iowait, and ticks in all."""
@@ -429,6 +436,12 @@ def trafgen_conf(lab: Lab, sc: Scenario) -> str:
         for dst, dport in dests)
 
 
+def ksoftirqd(cpu: int) -> int:
+    (pid,) = (p for p in named("ksoftirqd/")
+              if Path(f"/proc/{p}/comm").read_text().strip() == f"ksoftirqd/{cpu}")
+    return pid
+
+
 def napi_threads() -> set[int]:
     """The kernel's threaded-NAPI threads (named napi/DEV-ID, in no namespace's view)."""
     return named("napi/")
@@ -441,7 +454,7 @@ def sender_apart(lab: Lab):
     trafgen process's CPU would carry the path too, and its own cost would dilute every
     ratio. The switch port the client sends into runs a pass-through XDP program, which
     makes it take frames through its NAPI, and that NAPI runs as a thread on PATH_CPU;
-    the rest of the path follows in that thread's softirq."""
+    the rest of the path follows in that thread's softirq. Yields the thread's pid."""
     before = napi_threads()
     lab.run("sw", PY, str(HERE / "xdp_pass.py"), FIRST_PORT, check=True)
     try:
@@ -449,8 +462,9 @@ def sender_apart(lab: Lab):
         ours = napi_threads() - before
         if len(ours) != 1:
             raise RuntimeError(f"expected one new NAPI thread for {FIRST_PORT}, found {len(ours)}")
-        os.sched_setaffinity(ours.pop(), {PATH_CPU})
-        yield
+        (thread,) = ours
+        os.sched_setaffinity(thread, {PATH_CPU})
+        yield thread
     finally:
         lab.run("sw", "sh", "-c", f"echo 0 > /sys/class/net/{FIRST_PORT}/threaded")
         lab.run("sw", "ip", "link", "set", "dev", FIRST_PORT, "xdp", "off")
@@ -483,16 +497,21 @@ def udp(lab: Lab, sc: Scenario, run: Path, fig: Figures) -> None:
     # settings alone. It sends with sendto(2), which blocks while the socket's packets
     # wait for the path (its TX ring mode gives up). `timeout` bounds it if we fail to
     # stop it.
-    with switch_learned(lab), sender_apart(lab):
+    with switch_learned(lab), sender_apart(lab) as napi:
+        # The path's own CPU: the NAPI thread and, for softirq work it defers, PATH_CPU's
+        # ksoftirqd. The CPU's busy share also holds whatever else the machine ran there.
+        path = [napi, ksoftirqd(PATH_CPU)]
         proc = lab.spawn("client", "taskset", "-c", str(SENDER_CPU), "timeout", "-s", "INT",
                          str(int(UDP_WARMUP + UDP_SECONDS + 10)), "trafgen", "--dev", "eth0",
                          "--conf", str(conf), "--cpus", "1", "--gap", "0", "--no-sock-mem",
                          "--notouch-irq")
         try:
             time.sleep(UDP_WARMUP)
-            s0, c0, t0, k0 = udp_sent(lab), udp_counted(lab), time.monotonic(), cpu_ticks()
+            s0, c0, t0, k0, r0 = (udp_sent(lab), udp_counted(lab), time.monotonic(),
+                                  cpu_ticks(), run_seconds(path))
             time.sleep(UDP_SECONDS)
-            s1, c1, t1, k1 = udp_sent(lab), udp_counted(lab), time.monotonic(), cpu_ticks()
+            s1, c1, t1, k1, r1 = (udp_sent(lab), udp_counted(lab), time.monotonic(),
+                                  cpu_ticks(), run_seconds(path))
         finally:
             proc.send_signal(signal.SIGINT)
             stop([proc])
@@ -501,6 +520,8 @@ def udp(lab: Lab, sc: Scenario, run: Path, fig: Figures) -> None:
     fig.pps.append((c1 - c0) / (t1 - t0))
     fig.sent_pps.append((s1 - s0) / (t1 - t0))
     fig.path_busy.append(busy_share(k0, k1, PATH_CPU))
+    fig.path_own.append((r1 - r0) / (t1 - t0))
+    fig.path_us.append((r1 - r0) / max(c1 - c0, 1) * 1e6)
     fig.sender_busy.append(busy_share(k0, k1, SENDER_CPU))
 
 
@@ -585,9 +606,11 @@ def report(results: list[tuple[Scenario, Figures | None]]) -> dict:
           f"one sender process on CPU {SENDER_CPU};\n  counted at the backends over "
           f"{UDP_SECONDS:.0f} s. The switch, lb and the servers on CPU {PATH_CPU}, whose cost "
           "per packet sets\n  packets/s: sent/s = what left the client, busy = each CPU's "
-          "share of the count's time")
+          "share of the count's time, own = the\n  path's threads' share of it (the rest is "
+          "other work on the machine), µs/packet = their\n  CPU time per packet counted: the "
+          "path's cost, which sets packets/s where its CPU is its own")
     print(f"  {'':<36}{'packets/s':>10} {'/direct':>7} {'/nft':>6} {'sent/s':>10} "
-          f"{'busy path':>9} {'sender':>6}")
+          f"{'busy path':>9} {'sender':>6} {'own':>5} {'µs/packet':>9}")
     for sc, fig in results:
         if fig is None or not sc.udp:
             print(f"  {sc.name:<36}{sc.unavailable or 'n/a (TCP only)'}")
@@ -595,7 +618,8 @@ def report(results: list[tuple[Scenario, Figures | None]]) -> dict:
         pps = med(fig.pps)
         print(f"  {sc.name:<36}{pps:10.0f} {ratio(pps, med(direct.pps)):>7} "
               f"{ratio(pps, med(nft.pps)):>6} {med(fig.sent_pps):10.0f} "
-              f"{med(fig.path_busy):9.0%} {med(fig.sender_busy):6.0%}")
+              f"{med(fig.path_busy):9.0%} {med(fig.sender_busy):6.0%} {med(fig.path_own):5.0%} "
+              f"{med(fig.path_us):9.2f}")
     for sc, fig in results:
         if fig is not None and fig.reasons:
             counts = sorted(((n, c) for n, c in fig.reasons.items() if c), key=lambda x: -x[1])

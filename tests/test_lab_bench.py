@@ -1,7 +1,8 @@
 """The bench lab's UDP arrangement (netns-lab/bench_balancers.py): the path
 after the client's sender runs in a NAPI thread on a CPU of its own
 (sender_apart), the switch sends each frame to its destination's port alone
-(switch_learned), and nothing of either is left after."""
+(switch_learned), and nothing of either is left after; the path's own CPU
+is told from other work on its CPU."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench_balancers import (FIRST_PORT, PATH_CPU, UDP_SINK, Scenario, napi_threads, nft,
-                             sender_apart, switch_learned, trafgen_conf)
+from bench_balancers import (FIRST_PORT, PATH_CPU, UDP_SINK, Figures, Scenario, napi_threads,
+                             nft, sender_apart, stop, switch_learned, trafgen_conf, udp)
 from labctl import running_lab
 
 pytestmark = pytest.mark.lab
@@ -37,8 +38,8 @@ def port_state(lab) -> tuple[bool, str]:
 
 def test_the_client_s_frames_cross_a_thread_bound_to_the_path_cpu(lab):
     before = napi_threads()
-    with sender_apart(lab):
-        (pid,) = napi_threads() - before
+    with sender_apart(lab) as pid:
+        assert napi_threads() - before == {pid}
         assert os.sched_getaffinity(pid) == {PATH_CPU}
         assert port_state(lab) == (True, "1")
         ran = run_ns(pid)
@@ -79,3 +80,22 @@ def test_one_way_udp_is_not_flooded_by_a_switch_that_forgot_the_path(lab, tmp_pa
     assert got["was1"] + got["was2"] >= sent, got
     assert got["fwex"] < sent // 100, got
     assert " static" not in lab.run("sw", "bridge", "fdb", "show", check=True).stdout
+
+
+def test_the_path_s_own_cpu_leaves_out_other_work_on_its_cpu(lab, tmp_path):
+    # The machine is shared: a CPU hog on the path's CPU takes about half of it, which
+    # its busy share counts as the path's. A packet costs the path its own threads' time.
+    for node in ("was1", "was2"):
+        nft(lab, node, tmp_path, UDP_SINK)
+    hog = lab.spawn("client", "taskset", "-c", str(PATH_CPU), "timeout", "20", "sh", "-c",
+                    "while :; do :; done")
+    fig = Figures()
+    try:
+        udp(lab, Scenario("direct", direct=True), tmp_path, fig)
+    finally:
+        stop([hog])
+        for node in ("was1", "was2"):
+            lab.run(node, "nft", "delete", "table", "ip", "xlbbench", check=True)
+    (busy,), (own,), (pps,), (us,) = fig.path_busy, fig.path_own, fig.pps, fig.path_us
+    assert busy > 0.9 and own < busy - 0.2, (busy, own)
+    assert us == pytest.approx(own / pps * 1e6, rel=0.05)
