@@ -2,17 +2,20 @@
 after the client's sender runs in a NAPI thread on a CPU of its own
 (sender_apart), the switch sends each frame to its destination's port alone
 (switch_learned), and nothing of either is left after; the path's own CPU
-is told from other work on its CPU."""
+is told from other work on its CPU. And the health bench's veth
+(netns-lab/bench_health.py): each side receives on its own CPU."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from bench_balancers import (FIRST_PORT, PATH_CPU, UDP_SINK, Figures, Scenario, napi_threads,
                              nft, sender_apart, stop, switch_learned, trafgen_conf, udp)
+from bench_health import veth_between
 from labctl import running_lab
 
 pytestmark = pytest.mark.lab
@@ -99,3 +102,21 @@ def test_the_path_s_own_cpu_leaves_out_other_work_on_its_cpu(lab, tmp_path):
     (busy,), (own,), (pps,), (us,) = fig.path_busy, fig.path_own, fig.pps, fig.path_us
     assert busy > 0.9 and own < busy - 0.2, (busy, own)
     assert us == pytest.approx(own / pps * 1e6, rel=0.05)
+
+
+def test_each_side_of_the_health_bench_receives_on_its_own_cpu():
+    # Without RPS a veth receives on the CPU that sent: the answers to the checker were
+    # processed on the listeners' CPU and charged to them, a third of the checker's cost.
+    chk, srv = f"xlbn-chk-{os.getpid()}", f"xlbn-srv-{os.getpid()}"
+    try:
+        for ns in (chk, srv):
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+        veth_between(chk, srv, 0, 1)
+        masks = {dev: subprocess.run(
+            ["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/queues/rx-0/rps_cpus"],
+            check=True, capture_output=True, text=True).stdout.strip()
+            for ns, dev in ((chk, "xlbh0"), (srv, "xlbh1"))}
+    finally:
+        for ns in (chk, srv):
+            subprocess.run(["ip", "netns", "del", ns])
+    assert {dev: int(mask, 16) for dev, mask in masks.items()} == {"xlbh0": 1, "xlbh1": 2}
