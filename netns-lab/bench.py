@@ -124,7 +124,8 @@ def print_targets(test_run: dict[str, float], lab: dict) -> None:
     """Issue 9's targets beside what this run measured: printed, never asserted. Under
     each lab target, the same ratio for lb routing in XDP with no balancing at all:
     what forwarding in XDP is worth on this lab's veths, which an XDP balancer can
-    approach but, with a table to keep, not pass (beyond the runs' noise). Under the
+    approach but, with a table to keep, not pass by more than the FIB lookup a packet
+    that it makes and xlb's fast path caches (and the runs' noise). Under the
     non-VIP target, the same ratio for programs that only read the headers or only
     count the packet: the floor under it."""
     xlb, alone = lab["xlb"], lab["xdp alone"]

@@ -7,7 +7,8 @@ Scenarios, in turn in the same lab (client -> lb -> WAS1/WAS2):
             the same, with lb forwarding in XDP (netns-lab/xdp_fwd.py: the fast
             path's forwarding alone, no balancing): what XDP is worth on these
             veths, which an XDP balancer with a table to keep can approach but
-            not pass, beyond the runs' noise
+            not pass by more than a FIB lookup a packet (xdp_fwd.py asks the
+            FIB for each, xlb keeps its answer a second) and the runs' noise
   nftables  DNAT `numgen inc mod 2` (conntrack) in lb, the VIP an address of lb
   haproxy   HAProxy `mode tcp`, `balance roundrobin`, default threads (one per
             CPU), in lb, bound to the VIP (an address of lb); TCP only

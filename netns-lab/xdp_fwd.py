@@ -4,9 +4,11 @@ path's forwarding alone (bpf/fwd.h's TTL and MACs, one bpf_fib_lookup a
 packet, XDP_TX/XDP_REDIRECT), with no balancing, no table and no counters.
 
 `make bench` runs it in lb for traffic addressed to the backends themselves:
-what forwarding in XDP is worth on this lab's veths, the most any XDP
-balancer could gain here. What the FIB does not resolve (ARP, a missing
-neighbour, a packet over the MTU) goes to the kernel.
+what forwarding in XDP is worth on this lab's veths. It asks the FIB for
+every packet, where xlb's fast path keeps the answer a second (its `hops`
+cache): an XDP balancer can pass it by that lookup's cost, not by more. What
+the FIB does not resolve (ARP, a missing neighbour, a packet over the MTU)
+goes to the kernel.
 
 The attachment is made over netlink, so it outlives this process; `ip link
 set DEV xdp off` removes it. Run with Debian's /usr/bin/python3, which has bcc.
