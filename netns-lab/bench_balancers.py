@@ -607,9 +607,9 @@ def report(results: list[tuple[Scenario, Figures | None]]) -> dict:
           f"one sender process on CPU {SENDER_CPU};\n  counted at the backends over "
           f"{UDP_SECONDS:.0f} s. The switch, lb and the servers on CPU {PATH_CPU}, whose cost "
           "per packet sets\n  packets/s: sent/s = what left the client, busy = each CPU's "
-          "share of the count's time, own = the\n  path's threads' share of it (the rest is "
-          "other work on the machine), µs/packet = their\n  CPU time per packet counted: the "
-          "path's cost, which sets packets/s where its CPU is its own")
+          "share of the count's time, own = the\n  path's threads' share of it (the rest of "
+          "busy path is other work of the machine), µs/packet =\n  their CPU time per packet "
+          "counted: the path's cost, which sets packets/s where its CPU is its own")
     print(f"  {'':<36}{'packets/s':>10} {'/direct':>7} {'/nft':>6} {'sent/s':>10} "
           f"{'busy path':>9} {'sender':>6} {'own':>5} {'µs/packet':>9}")
     for sc, fig in results:
