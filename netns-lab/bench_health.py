@@ -19,8 +19,10 @@ with setns(2).
   steers its receive processing (RPS) to its own CPU, the listener's and the
   checker thread's (pinned to another), so this process is charged what a
   checker host pays (its sockets, its SYN/ACK/RST sends, the answers it
-  receives), as with servers on other machines (see `veth_between`). Needs
-  two CPUs; falls back to --loopback.
+  receives), as with servers on other machines (see `veth_between`); an
+  answer that arrives while the checker's CPU idles is processed in the
+  idle task's interrupt and charged to no process. Needs two CPUs; falls
+  back to --loopback.
 
 Measured:
 1. this process's CPU time (time.process_time: user + system, precise) over
