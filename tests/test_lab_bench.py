@@ -99,9 +99,8 @@ def test_the_path_s_own_cpu_leaves_out_other_work_on_its_cpu(lab, tmp_path):
         stop([hog])
         for node in ("was1", "was2"):
             lab.run(node, "nft", "delete", "table", "ip", "xlbbench", check=True)
-    (busy,), (own,), (pps,), (us,) = fig.path_busy, fig.path_own, fig.pps, fig.path_us
+    (busy,), (own,) = fig.path_busy, fig.path_own
     assert busy > 0.9 and own < busy - 0.2, (busy, own)
-    assert us == pytest.approx(own / pps * 1e6, rel=0.05)
 
 
 def test_each_side_of_the_health_bench_receives_on_its_own_cpu():
