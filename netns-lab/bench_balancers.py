@@ -588,7 +588,7 @@ def report(results: list[tuple[Scenario, Figures | None]]) -> dict:
     direct = by_name["direct to the backends"]
     nft = by_name["nftables DNAT (numgen, conntrack)"]
     print(f"Balancers side by side: client -> lb -> nginx on WAS1 and WAS2 (one worker each), "
-          f"{RUNS} rounds over every scenario, medians")
+          f"{RUNS} rounds over every scenario, medians (errors: the rounds' sum)")
     for mode, title in (("keep-alive", "keep-alive"), ("close", "Connection: close")):
         print(f"\nHTTP {title}: wrk {' '.join(WRK_ARGS)}"
               f"{' -H ' + repr('Connection: close') if mode == 'close' else ''}")
