@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from bench_balancers import (FIRST_PORT, PATH_CPU, UDP_SINK, Figures, Scenario, napi_threads,
-                             nft, sender_apart, stop, switch_learned, trafgen_conf, udp)
+                             nft, run_seconds, sender_apart, stop, switch_learned,
+                             trafgen_conf, udp)
 from bench_health import veth_between
 from labctl import running_lab
 
@@ -25,11 +25,6 @@ pytestmark = pytest.mark.lab
 def lab():
     with running_lab("xlbn") as lab:
         yield lab
-
-
-def run_ns(pid: int) -> int:
-    """Nanoseconds the thread has run (the first field of /proc/PID/schedstat)."""
-    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
 def port_state(lab) -> tuple[bool, str]:
@@ -45,11 +40,21 @@ def test_the_client_s_frames_cross_a_thread_bound_to_the_path_cpu(lab):
         assert napi_threads() - before == {pid}
         assert os.sched_getaffinity(pid) == {PATH_CPU}
         assert port_state(lab) == (True, "1")
-        ran = run_ns(pid)
+        ran = run_seconds([pid])
         lab.run("client", "ping", "-q", "-c", "20", "-i", "0.01", "10.1.1.1", check=True)
-        assert run_ns(pid) > ran
+        assert run_seconds([pid]) > ran
     assert port_state(lab) == (False, "0")
     assert pid not in napi_threads()
+
+
+@pytest.fixture
+def sinks(lab, tmp_path):
+    """The bench's UDP sink (count and drop :8080) in each server, removed after."""
+    for node in ("was1", "was2"):
+        nft(lab, node, tmp_path, UDP_SINK)
+    yield
+    for node in ("was1", "was2"):
+        lab.run(node, "nft", "delete", "table", "ip", "xlbbench", check=True)
 
 
 def rx_packets(lab, node: str) -> int:
@@ -57,7 +62,7 @@ def rx_packets(lab, node: str) -> int:
                        check=True).stdout)
 
 
-def test_one_way_udp_is_not_flooded_by_a_switch_that_forgot_the_path(lab, tmp_path):
+def test_one_way_udp_is_not_flooded_by_a_switch_that_forgot_the_path(lab, sinks, tmp_path):
     # lb and the servers answer no UDP in the bench (its sink drops it): a bridge whose
     # entries for them aged out sends every frame to every port of the segment (fwex,
     # the other server), and UDP run alone measured that, not the path (2026-12-05: a
@@ -65,31 +70,23 @@ def test_one_way_udp_is_not_flooded_by_a_switch_that_forgot_the_path(lab, tmp_pa
     conf = tmp_path / "udp.trafgen"
     conf.write_text(trafgen_conf(lab, Scenario("direct", direct=True)))
     sent = 1000
-    for node in ("was1", "was2"):
-        nft(lab, node, tmp_path, UDP_SINK)
-    try:
-        with switch_learned(lab):
-            for bridge in ("br-ext", "br-int"):
-                lab.run("sw", "ip", "link", "set", bridge, "type", "bridge", "fdb_flush",
-                        check=True)
-            before = {node: rx_packets(lab, node) for node in ("fwex", "was1", "was2")}
-            lab.run("client", "trafgen", "--dev", "eth0", "--conf", str(conf), "--cpus", "1",
-                    "--num", str(sent), "--gap", "100", "--no-sock-mem", "--notouch-irq",
+    with switch_learned(lab):
+        for bridge in ("br-ext", "br-int"):
+            lab.run("sw", "ip", "link", "set", bridge, "type", "bridge", "fdb_flush",
                     check=True)
-            got = {node: rx_packets(lab, node) - n for node, n in before.items()}
-    finally:
-        for node in ("was1", "was2"):
-            lab.run(node, "nft", "delete", "table", "ip", "xlbbench", check=True)
+        before = {node: rx_packets(lab, node) for node in ("fwex", "was1", "was2")}
+        lab.run("client", "trafgen", "--dev", "eth0", "--conf", str(conf), "--cpus", "1",
+                "--num", str(sent), "--gap", "100", "--no-sock-mem", "--notouch-irq",
+                check=True)
+        got = {node: rx_packets(lab, node) - n for node, n in before.items()}
     assert got["was1"] + got["was2"] >= sent, got
     assert got["fwex"] < sent // 100, got
     assert " static" not in lab.run("sw", "bridge", "fdb", "show", check=True).stdout
 
 
-def test_the_path_s_own_cpu_leaves_out_other_work_on_its_cpu(lab, tmp_path):
+def test_the_path_s_own_cpu_leaves_out_other_work_on_its_cpu(lab, sinks, tmp_path):
     # The machine is shared: a CPU hog on the path's CPU takes about half of it, which
     # its busy share counts as the path's. A packet costs the path its own threads' time.
-    for node in ("was1", "was2"):
-        nft(lab, node, tmp_path, UDP_SINK)
     hog = lab.spawn("client", "taskset", "-c", str(PATH_CPU), "timeout", "20", "sh", "-c",
                     "while :; do :; done")
     fig = Figures()
@@ -97,8 +94,6 @@ def test_the_path_s_own_cpu_leaves_out_other_work_on_its_cpu(lab, tmp_path):
         udp(lab, Scenario("direct", direct=True), tmp_path, fig)
     finally:
         stop([hog])
-        for node in ("was1", "was2"):
-            lab.run(node, "nft", "delete", "table", "ip", "xlbbench", check=True)
     (busy,), (own,) = fig.path_busy, fig.path_own
     assert busy > 0.9 and own < busy - 0.2, (busy, own)
 
