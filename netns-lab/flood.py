@@ -3,7 +3,8 @@
 
     flood.py syn DEV DST_MAC VIP PORT --seconds S
         Random-source TCP SYNs to VIP:PORT out of DEV (AF_PACKET) for S
-        seconds; prints {"sent": N}. Sources 10.A.B.C outside the lab's
+        seconds; prints {"sent": N, "refused": M}, M the frames that the
+        kernel refused (ENOBUFS: a full queue on the way out). Sources 10.A.B.C outside the lab's
         subnets, client ports 1024-65535: millions of distinct flows. Every
         frame is a template with the source address, the source port and the
         sequence number chosen so that both checksums stay the template's.
@@ -19,6 +20,7 @@ Only for the lab's own namespaces: run it with `ip netns exec`.
 from __future__ import annotations
 
 import http.client
+import errno
 import json
 import random
 import signal
@@ -56,7 +58,8 @@ def syn_template(src_mac: bytes, dst_mac: bytes, vip: str, port: int) -> bytearr
     return bytearray(dst_mac + src_mac + struct.pack("!H", ETH_P_IP) + ip + tcp)
 
 
-def flood(dev: str, dst_mac: str, vip: str, port: int, seconds: float) -> int:
+def flood(dev: str, dst_mac: str, vip: str, port: int, seconds: float) -> tuple[int, int]:
+    """(frames sent, frames the kernel refused)."""
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     sock.bind((dev, 0))
     src_mac = sock.getsockname()[4]
@@ -68,7 +71,7 @@ def flood(dev: str, dst_mac: str, vip: str, port: int, seconds: float) -> int:
     sport, seq_hi = struct.unpack_from("!HH", frame, 34)[0], struct.unpack_from("!H", frame, 38)[0]
     port_sum = (sport + seq_hi) % 0xffff
     rng = random.Random(7)
-    sent, deadline = 0, time.monotonic() + seconds
+    sent, refused, deadline = 0, 0, time.monotonic() + seconds
     while time.monotonic() < deadline:
         a = rng.randrange(2, 256)                      # 10.2.x.x to 10.255.x.x: not the lab's
         hi = 0x0a00 | a
@@ -76,10 +79,18 @@ def flood(dev: str, dst_mac: str, vip: str, port: int, seconds: float) -> int:
         for s in rng.sample(range(1024, 65536), 256):
             struct.pack_into("!H", frame, 34, s)
             struct.pack_into("!H", frame, 38, fold_sub(port_sum, s))
-            sock.send(frame)
-        sent += 256
+            try:
+                sock.send(frame)
+                sent += 1
+            except OSError as e:
+                # A busy machine fills the veth's backlog (or a qdisc): the
+                # frame is dropped, the flood goes on once the queue drains.
+                if e.errno != errno.ENOBUFS:
+                    raise
+                refused += 1
+                time.sleep(0.001)
     sock.close()
-    return sent
+    return sent, refused
 
 
 def hold(host: str, port: int, n: int) -> None:
@@ -105,7 +116,8 @@ def main() -> None:
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "syn":
         seconds = float(args[args.index("--seconds") + 1])
-        print(json.dumps({"sent": flood(args[0], args[1], args[2], int(args[3]), seconds)}))
+        sent, refused = flood(args[0], args[1], args[2], int(args[3]), seconds)
+        print(json.dumps({"sent": sent, "refused": refused}))
     elif cmd == "hold":
         hold(args[0], int(args[1]), int(args[2]))
     else:

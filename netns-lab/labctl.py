@@ -112,8 +112,13 @@ class Lab:
 
     def run(self, node: str, *cmd: str, check: bool = False, timeout: float = 60,
             user: str | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([*self._in(node, user), *cmd],
-                              check=check, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run([*self._in(node, user), *cmd],
+                           capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            # The command's own words, which CalledProcessError alone leaves out.
+            raise AssertionError(f"{' '.join(cmd)} in {node}: exit {r.returncode}: "
+                                 f"{r.stderr.strip()[-2000:]}")
+        return r
 
     def spawn(self, node: str, *cmd: str, user: str | None = None,
               stdin: int | None = None) -> subprocess.Popen:

@@ -429,6 +429,26 @@ def test_connections_whose_reply_entries_were_evicted_answer_after_the_sweep(lab
         assert answers == ready
 
 
+def test_the_flood_goes_on_when_the_kernel_refuses_frames_and_counts_what_left(lab):
+    """A queue on the client's way out that fills (here a rate limit; in CI a
+    busy CPU's backlog) refuses frames with ENOBUFS: the flood counts them
+    apart and goes on, and every frame it counts as sent reaches xlb."""
+    lb_mac = json.loads(lab.run("lb", "ip", "-j", "link", "show", "eth0",
+                                check=True).stdout)[0]["address"]
+    lab.run("client", "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "1mbit",
+            "burst", "10k", "limit", "10k", check=True)
+    try:
+        with lab.xlb("--vip", f"{VIP}:80", *BACKENDS):
+            out = json.loads(lab.run("client", PY, str(HERE / "flood.py"), "syn", "eth0",
+                                     lb_mac, VIP, "80", "--seconds", "1", check=True).stdout)
+            assert out["refused"] > 0 and out["sent"] > 0
+            wait_for(lambda: lab.status()["flows"]["created"] >= out["sent"], 10,
+                     "xlb to see every frame sent")
+            assert lab.status()["flows"]["created"] == out["sent"]
+    finally:
+        lab.run("client", "tc", "qdisc", "del", "dev", "eth0", "root", check=True)
+
+
 def test_a_syn_flood_costs_no_established_connection(lab):
     """32 idle keep-alive connections, then 5 s of random-source SYNs from
     one sender CPU (several times the half-open table): every connection
