@@ -21,7 +21,7 @@ answering every GET with a small static body, access log off. UDP needs no
 answer: an nftables rule in each WAS counts and drops what arrives for :8080.
 
 Three rounds over every scenario (each: wrk keep-alive, wrk `Connection: close`,
-trafgen UDP), medians printed. Every load is bounded in time. For UDP the sender
+trafgen UDP), the order turned each round (rounds), medians printed. Every load is bounded in time. For UDP the sender
 has a CPU of its own and the path (switch, lb, servers) the other, so that
 packets/s is set by the path's cost, not the sender's (sender_apart), and the
 switch sends each frame to its node's port alone (switch_learned).
@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench_xdp import turns
 from labctl import HERE, PY, VIP, WAS, XLB, Lab
 
 RUNS = 3
@@ -275,6 +276,16 @@ def xlb_scenario(mode: str | None):
         with lab.xlb(*args):
             yield
     return setup
+
+
+def rounds(plan: list[Scenario]) -> list[Scenario]:
+    """The available scenarios in the order they run: round after round over
+    every one, so that a change in the machine's other load (it is shared)
+    falls on all alike, the order turned by one each round (bench_xdp.turns),
+    so that no scenario always runs first, after the lab's setup, or always
+    after the same neighbour."""
+    available = {sc.name: sc for sc in plan if not sc.unavailable}
+    return [available[name] for name, _ in turns(list(available), runs=RUNS, block=1)]
 
 
 def scenarios() -> list[Scenario]:
@@ -548,22 +559,17 @@ def measure(lab: Lab, run: Path) -> list[tuple[Scenario, Figures | None]]:
     plan = scenarios()
     figures = {sc.name: Figures() for sc in plan if not sc.unavailable}
     try:
-        # Round after round over every scenario, so that a change in the machine's other
-        # load (it is shared) falls on all of them alike.
-        for _ in range(RUNS):
-            for sc in plan:
-                if sc.unavailable:
-                    continue
-                fig = figures[sc.name]
-                lab.run("client", "ip", "neigh", "flush", "all")
-                with sc.setup(lab, run) if sc.setup else contextlib.nullcontext():
-                    wrk(lab, sc, run, False, fig, "keep-alive")
-                    wrk(lab, sc, run, True, fig, "close")
-                    if sc.udp:
-                        udp(lab, sc, run, fig)
-                    if sc.xlb:
-                        for name, t in lab.status()["reasons"].items():
-                            fig.reasons[name] = fig.reasons.get(name, 0) + t["packets"]
+        for sc in rounds(plan):
+            fig = figures[sc.name]
+            lab.run("client", "ip", "neigh", "flush", "all")
+            with sc.setup(lab, run) if sc.setup else contextlib.nullcontext():
+                wrk(lab, sc, run, False, fig, "keep-alive")
+                wrk(lab, sc, run, True, fig, "close")
+                if sc.udp:
+                    udp(lab, sc, run, fig)
+                if sc.xlb:
+                    for name, t in lab.status()["reasons"].items():
+                        fig.reasons[name] = fig.reasons.get(name, 0) + t["packets"]
     finally:
         stop(backends)
         for name in WAS:

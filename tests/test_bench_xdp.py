@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from bench_balancers import RUNS, Scenario, rounds
 from bench_xdp import middle_mean, on_one_cpu, turns, visit_order
 
 
@@ -42,6 +43,13 @@ def test_no_program_runs_two_blocks_in_a_row_and_each_takes_every_place(n):
 def test_two_programs_run_two_blocks_in_a_row_alike():
     order = [name for name, _ in turns(["a", "b"], runs=40, block=10)]
     assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]
+
+
+def test_the_lab_s_rounds_run_every_available_scenario_each_in_a_turned_order():
+    plan = [Scenario(name, None) for name in "abcd"]
+    plan[2].unavailable = "not installed"
+    order = [sc.name for sc in rounds(plan)]
+    assert RUNS == 3 and order == ["a", "b", "d", "b", "d", "a", "d", "a", "b"]
 
 
 def test_connections_are_met_shuffled_and_alike_every_run():
