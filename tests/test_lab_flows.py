@@ -442,6 +442,8 @@ def test_the_flood_goes_on_when_the_kernel_refuses_frames_and_counts_what_left(l
             out = json.loads(lab.run("client", PY, str(HERE / "flood.py"), "syn", "eth0",
                                      lb_mac, VIP, "80", "--seconds", "1", check=True).stdout)
             assert out["refused"] > 0 and out["sent"] > 0
+            # Every SYN another flow: at this rate the flood's sources repeat
+            # no connection (its first repeat is in its 21st batch of 256).
             wait_for(lambda: lab.status()["flows"]["created"] >= out["sent"], 10,
                      "xlb to see every frame sent")
             assert lab.status()["flows"]["created"] == out["sent"]
