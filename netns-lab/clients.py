@@ -17,8 +17,10 @@
         keep-alive connection per thread; with I, each thread starts one every I
         seconds (as long as each takes less). {"ok": n, "names": {...}, "errors": [...],
         "error_count": n, "error_times": [unix time of each failure]}
-    clients.py hold HOST PORT --count N --pause S
-        N GETs on ONE keep-alive connection, S seconds apart; prints a JSON
+    clients.py hold HOST PORT --count N (--pause S | --step)
+        N GETs on ONE keep-alive connection, S seconds apart, or with --step each
+        after the first once a line (or the end) comes on stdin: a test that acts
+        between two requests says when, however slow the machine; prints a JSON
         line per request as it completes: {"i": i, "name": ..., "t": unix time} or
         {"i": i, "error": ..., "t": unix time}
     clients.py hop HOST PORT [--ttl T] [--timeout S]
@@ -33,6 +35,7 @@ import http.client
 import json
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -119,10 +122,12 @@ def load(host, port, seconds, concurrency, keepalive, timeout, interval=0.0):
             "error_count": len(errors), "error_times": sorted(t for t, _ in errors)}
 
 
-def hold(host, port, count, pause, timeout):
+def hold(host, port, count, pause, timeout, step):
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     for i in range(count):
-        if i:
+        if step and i:
+            sys.stdin.readline()
+        elif i:
             time.sleep(pause)
         try:
             conn.request("GET", "/")
@@ -177,12 +182,13 @@ def main():
         p.add_argument("--seconds", type=float, default=5.0)
         p.add_argument("--concurrency", type=int, default=8)
         p.add_argument("--pause", type=float, default=0.5)
+        p.add_argument("--step", action="store_true")
         p.add_argument("--interval", type=float, default=0.0)
         p.add_argument("--ttl", type=int, default=1)
         p.add_argument("--size", type=int, default=0)
     a = ap.parse_args()
     if a.cmd == "hold":
-        hold(a.host, a.port, a.count, a.pause, a.timeout)
+        hold(a.host, a.port, a.count, a.pause, a.timeout, a.step)
         return
     if a.cmd == "hop":
         print(json.dumps(hop(a.host, a.port, a.ttl, a.timeout)))

@@ -146,8 +146,10 @@ class Lab:
     def hold(self, *args: str) -> tuple[subprocess.Popen, str]:
         """A keep-alive connection from client to the VIP making requests in the
         background (clients.py hold ARGS), once its first answer is in: the
-        process (its stdout: a JSON line a request) and that first answer."""
-        proc = self.spawn("client", PY, str(HERE / "clients.py"), "hold", VIP, "80", *args)
+        process (its stdout: a JSON line a request; its stdin a pipe, which
+        --step reads) and that first answer."""
+        proc = self.spawn("client", PY, str(HERE / "clients.py"), "hold", VIP, "80", *args,
+                          stdin=subprocess.PIPE)
         return proc, json.loads(proc.stdout.readline())["name"]
 
     def client(self, node: str, *args: str, timeout: float = 120) -> dict:

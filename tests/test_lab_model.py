@@ -189,13 +189,13 @@ def held_connection(lab, *args):
 
 
 def test_drain_lets_an_open_connection_finish(lab, xlb):
-    hold, first, server, other = held_connection(lab, "--count", "6", "--pause", "0.3")
+    hold, first, server, other = held_connection(lab, "--count", "6", "--step")
     out = xlb_ok(lab, "server", "drain", "web", server)
     assert f"web/{server} is drain" in out
     # New connections go to the other server only...
     assert names(lab, 10) == {other: 10}
     # ...while the open one keeps its server to the end.
-    rest = [json.loads(line) for line in hold.communicate(timeout=30)[0].splitlines()]
+    rest = [json.loads(line) for line in hold.communicate("\n" * 5, timeout=30)[0].splitlines()]
     assert [r.get("name") for r in rest] == [first] * 5
     assert next(s for s in lab.status()["pools"][0]["servers"]
                 if s["name"] == server)["state"] == "drain"
@@ -204,13 +204,13 @@ def test_drain_lets_an_open_connection_finish(lab, xlb):
 
 
 def test_disable_stops_new_flows_and_ends_open_ones(lab, xlb):
-    hold, first, server, other = held_connection(lab, "--count", "3", "--pause", "0.5",
+    hold, first, server, other = held_connection(lab, "--count", "3", "--step",
                                                  "--timeout", "2")
     out = xlb_ok(lab, "server", "disable", "web", server)
     assert f"web/{server} is maint" in out
     # The command returns once the maps are written: new flows avoid it at once.
     assert names(lab, 10) == {other: 10}
-    rest = [json.loads(line) for line in hold.communicate(timeout=30)[0].splitlines()]
+    rest = [json.loads(line) for line in hold.communicate("\n" * 2, timeout=30)[0].splitlines()]
     # The open connection's next packet is balanced anew, to a server that
     # knows nothing of it: the connection ends instead of going on.
     assert "error" in rest[0], rest
@@ -226,10 +226,10 @@ def test_disable_of_the_last_server_up_drops_its_open_connection_unreset(lab, xl
     connection that the disable ended are dropped (drop_no_backend), not
     reset, and its client times out."""
     xlb_ok(lab, "server", "disable", "web", "was2")
-    hold, first = lab.hold("--count", "2", "--pause", "0.3", "--timeout", "2")
+    hold, first = lab.hold("--count", "2", "--step", "--timeout", "2")
     assert first == "WAS1"
     assert "1 flows ended" in xlb_ok(lab, "server", "disable", "web", "was1")
-    rest = [json.loads(line) for line in hold.communicate(timeout=30)[0].splitlines()]
+    rest = [json.loads(line) for line in hold.communicate("\n", timeout=30)[0].splitlines()]
     assert [r.get("error") for r in rest] == ["TimeoutError: timed out"], rest
     assert lab.status()["reasons"]["drop_no_backend"]["packets"] > 0
 
@@ -240,7 +240,7 @@ def test_renaming_servers_and_their_pool_keeps_open_connections(lab, tmp_path, x
     with its server, counted as that server's under its new name."""
     reset = SEED.replace('"keep"', '"reset"')
     apply(lab, tmp_path, reset)
-    hold, first, server, other = held_connection(lab, "--count", "6", "--pause", "0.3",
+    hold, first, server, other = held_connection(lab, "--count", "6", "--step",
                                                  "--timeout", "2")
     renamed = (reset.replace("[servers.was1]", "[servers.was-1]")
                .replace('["was1", "was2"]', '["was-1", "was2"]')
@@ -251,7 +251,7 @@ def test_renaming_servers_and_their_pool_keeps_open_connections(lab, tmp_path, x
     name = {"was1": "was-1", "was2": "was2"}[server]
     assert pool["name"] == "www-pool"
     assert {s["name"]: s["active_flows"] for s in pool["servers"]}[name] == 1
-    rest = [json.loads(line) for line in hold.communicate(timeout=30)[0].splitlines()]
+    rest = [json.loads(line) for line in hold.communicate("\n" * 5, timeout=30)[0].splitlines()]
     assert [r.get("name") for r in rest] == [first] * 5, rest
     assert even_split(names(lab, 10), {"WAS1", "WAS2"}, 10)
 
