@@ -165,24 +165,15 @@ def test_a_veth_pair_xlb_attaches_both_ends_of_is_not_warned_about(lab):
     assert "veth peer" not in x.stderr, x.stderr
 
 
-def hold(lab, count: int, pause: float, port: int = 80):
-    """A keep-alive HTTP connection from the client making `count` requests
-    `pause` seconds apart; returns the process once its first answer is in."""
-    proc = lab.spawn("client", PY, str(HERE / "clients.py"), "hold", VIP, str(port),
-                     "--count", str(count), "--pause", str(pause))
-    first = json.loads(proc.stdout.readline())
-    assert "name" in first, first
-    return proc
-
-
 def test_active_counts_open_connections_and_returns_to_zero(lab):
     with lab.xlb("--vip", f"{VIP}:80", *BACKENDS):
-        held = [hold(lab, 3, 1.0) for _ in range(4)]
+        held = [lab.hold("--count", "3", "--step")[0] for _ in range(4)]
         st = lab.status()
         assert active(st) == 4
         assert st["flows"]["established"] == 4
         for proc in held:
-            rest = [json.loads(line) for line in proc.communicate(timeout=30)[0].splitlines()]
+            rest = [json.loads(line)
+                    for line in proc.communicate("\n" * 2, timeout=30)[0].splitlines()]
             assert all("name" in r for r in rest), rest
         deadline = time.monotonic() + 5
         while active(lab.status()) and time.monotonic() < deadline:
@@ -193,7 +184,7 @@ def test_active_counts_open_connections_and_returns_to_zero(lab):
 
 
 def test_an_idle_connection_expires_after_its_timeout(lab, tmp_path):
-    """timeout_established = 2: a keep-alive connection idle for 4 s is gone
+    """timeout_established = 2: a keep-alive connection idle for 3 s is gone
     from the table (ACTIVE 0, counted expired); its next request is a new flow
     to the only server, which still knows the connection, so it is answered."""
     config = tmp_path / "xlb.toml"
@@ -202,13 +193,13 @@ def test_an_idle_connection_expires_after_its_timeout(lab, tmp_path):
                       f'[frontends.www]\nvip = "{VIP}"\nport = 80\npool = "web"\n'
                       f'timeout_established = 2\n')
     with lab.xlb("--config", str(config)):
-        proc = hold(lab, 2, 4.0)
+        proc, _ = lab.hold("--count", "2", "--step")
         st = lab.status()
         assert active(st) == 1 and st["frontends"][0]["new_flows"] == 1
         time.sleep(3)
         st = lab.status()
         assert active(st) == 0                         # idle past its timeout
-        rest = [json.loads(line) for line in proc.communicate(timeout=30)[0].splitlines()]
+        rest = [json.loads(line) for line in proc.communicate("\n", timeout=30)[0].splitlines()]
         assert [(r["i"], r.get("name")) for r in rest] == [(1, "WAS1")], rest
         st = lab.status()
         assert st["frontends"][0]["new_flows"] == 2    # balanced anew

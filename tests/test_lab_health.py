@@ -330,14 +330,15 @@ def test_established_flows_of_a_server_that_goes_down_follow_on_server_down(
                                               f'monitor = "m"\non_server_down = "{policy}"\n')
         with start_xlb(lab, tmp_path, text):
             wait_health(lab, "was2", "up")
-            hold, first = lab.hold("--count", "12", "--pause", "0.4", "--timeout", "2")
+            hold, first = lab.hold("--count", "12", "--step", "--timeout", "2")
             server = {"WAS1": "was1", "WAS2": "was2"}[first]
             if drained:
                 lab.xlb_cmd("server", "drain", "web", server, check=True)
             checks[server].terminate()
             checks[server].wait(5)
             wait_health(lab, server, "down")
-            rest = [json.loads(line) for line in hold.communicate(timeout=30)[0].splitlines()]
+            rest = [json.loads(line)
+                    for line in hold.communicate("\n" * 11, timeout=30)[0].splitlines()]
         if policy == "keep":
             assert [r.get("name") for r in rest] == [first] * 11, rest
         else:
