@@ -124,10 +124,11 @@ def test_sighup_ends_xlb_up_as_a_crash_does(lab):
     assert lab.xdp_attached("lb") == []
 
 
-def ignored(pid: int) -> set[int]:
-    """The signals process pid ignores."""
+def signals(pid: int, field: str) -> set[int]:
+    """The signals of field in /proc/PID/status: those it ignores (SigIgn),
+    those it catches (SigCgt)."""
     status = Path(f"/proc/{pid}/status").read_text()
-    mask = int(re.search(r"^SigIgn:\s*(\w+)$", status, re.M).group(1), 16)
+    mask = int(re.search(rf"^{field}:\s*(\w+)$", status, re.M).group(1), 16)
     return {n for n in range(1, 64) if mask >> (n - 1) & 1}
 
 
@@ -140,7 +141,8 @@ def test_a_hang_up_while_it_stops_does_not_cut_the_stop_short(lab):
         x.proc.send_signal(signal.SIGTERM)
         # Once the stop has begun: it ignores SIGTERM by its clean-up at the latest.
         wait_for(lambda: x.proc.poll() is not None
-                 or ignored(x.proc.pid) & {signal.SIGHUP, signal.SIGTERM}, 20, "the stop begins")
+                 or signals(x.proc.pid, "SigIgn") & {signal.SIGHUP, signal.SIGTERM}, 20,
+                 "the stop begins")
         while x.proc.poll() is None:
             x.proc.send_signal(signal.SIGHUP)
             time.sleep(0.002)
@@ -734,7 +736,11 @@ def test_a_signal_while_starting_or_stopping_stops_cleanly(lab):
     failure to load the program; a second SIGTERM while it stops does not cut
     the clean-up short: XDP is detached either way."""
     starting = lab.spawn("lb", str(XLB), "up", *SEED_ARGS)
-    time.sleep(1)                           # compiling takes seconds
+    # Before its handler (Python's start, imports: over a second on a busy
+    # machine) SIGTERM kills it; a second after, it compiles (for seconds).
+    wait_for(lambda: signal.SIGTERM in signals(starting.pid, "SigCgt"), 60,
+             "xlb up catches SIGTERM")
+    time.sleep(1)
     starting.send_signal(signal.SIGTERM)
     _, err = starting.communicate(timeout=60)
     assert starting.returncode == 0, err
