@@ -64,7 +64,7 @@ def gateway_on(lab: Lab, node: str | None) -> None:
 
 
 def curl_ok(lab: Lab) -> bool:
-    r = lab.run("client", "curl", "-s", "--noproxy", "*", "-m", "1", f"http://{VIP}/")
+    r = lab.run("client", "curl", "-s", "--noproxy", "*", "-m", "5", f"http://{VIP}/")
     return r.returncode == 0 and r.stdout.strip() in ("WAS1", "WAS2")
 
 
@@ -145,10 +145,10 @@ def test_keepalived_is_followed_across_a_restart_of_xlb_and_its_own_stop(pair, c
         pair.xlb_cmd("down", node="lb1", check=True)
         assert x1.proc.wait(15) == 0
     with pair.xlb("--config", str(config), "--role", "backup", node="lb1"):
-        wait_for(lambda: role(pair, "lb1") == "active", 5, "follow tells the new instance")
+        wait_for(lambda: role(pair, "lb1") == "active", 30, "follow tells the new instance")
         assert curl_ok(pair)
         pair._lab("stop-keepalived", "lb1")
-        wait_for(lambda: role(pair, "lb1") == "backup", 5, "xlb follows keepalived's stop")
+        wait_for(lambda: role(pair, "lb1") == "backup", 30, "xlb follows keepalived's stop")
     gateway_on(pair, None)
 
 
@@ -190,11 +190,11 @@ def test_a_killed_keepalived_leaves_no_follow_behind(pair, config):
         assert len(first) == 1
         kill("lb1-keepalived-vrrp.pid")
         wait_for(lambda: len(follows(pair, "lb1")) == 1 and not follows(pair, "lb1") & first,
-                 5, "the new VRRP process's follow alone")
+                 30, "the new VRRP process's follow alone")
         wait_for(lambda: role(pair, "lb1") == "active", 10, "keepalived is MASTER again")
         kill("lb1-keepalived.pid", "lb1-keepalived-vrrp.pid")
-        wait_for(lambda: not follows(pair, "lb1"), 5, "follow ends with keepalived")
-        wait_for(lambda: role(pair, "lb1") == "backup", 5, "the node goes silent")
+        wait_for(lambda: not follows(pair, "lb1"), 30, "follow ends with keepalived")
+        wait_for(lambda: role(pair, "lb1") == "backup", 30, "the node goes silent")
     gateway_on(pair, None)
 
 
@@ -209,13 +209,13 @@ def test_a_reloaded_keepalived_keeps_its_node_active(pair, config):
         wait_for(lambda: role(pair, "lb1") == "active", 10, "keepalived alone is MASTER")
         first = follows(pair, "lb1")
         os.kill(int((run / "lb1-keepalived.pid").read_text()), signal.SIGHUP)
-        wait_for(lambda: follows(pair, "lb1") and not follows(pair, "lb1") & first, 5,
+        wait_for(lambda: follows(pair, "lb1") and not follows(pair, "lb1") & first, 30,
                  "the reload's new follow")
-        wait_for(lambda: role(pair, "lb1") == "active", 5, "the node is active again")
+        wait_for(lambda: role(pair, "lb1") == "active", 10, "the node is active again")
         pair.run("client", "ip", "neigh", "flush", "dev", "eth0")
         assert curl_ok(pair)
         pair._lab("stop-keepalived", "lb1")
-        wait_for(lambda: role(pair, "lb1") == "backup", 5, "xlb follows keepalived's stop")
+        wait_for(lambda: role(pair, "lb1") == "backup", 30, "xlb follows keepalived's stop")
     gateway_on(pair, None)
 
 

@@ -101,18 +101,18 @@ def test_every_node_announces_and_withdraws_when_it_cannot_serve(ecmp):
     # No server of its pool up on node2 (both disabled): it withdraws, and comes back.
     for server in ("was1", "was2"):
         lab.xlb_cmd("server", "disable", "was", server, node="node2", check=True)
-    wait_for(lambda: nexthops(lab) == {NODES["node1"], NODES["node3"]}, 5,
+    wait_for(lambda: nexthops(lab) == {NODES["node1"], NODES["node3"]}, 30,
              "node2's route goes when its pool has no server up")
     assert lab.status("node2")["ha"]["announcing"] == []
     for server in ("was1", "was2"):
         lab.xlb_cmd("server", "enable", "was", server, node="node2", check=True)
-    wait_for(lambda: nexthops(lab) == set(NODES.values()), 5, "node2's route comes back")
+    wait_for(lambda: nexthops(lab) == set(NODES.values()), 30, "node2's route comes back")
     # A backup announces nothing either.
     lab.xlb_cmd("ha", "role", "backup", node="node2", check=True)
-    wait_for(lambda: nexthops(lab) == {NODES["node1"], NODES["node3"]}, 5,
+    wait_for(lambda: nexthops(lab) == {NODES["node1"], NODES["node3"]}, 30,
              "node2's route goes when it becomes backup")
     lab.xlb_cmd("ha", "role", "active", node="node2", check=True)
-    wait_for(lambda: nexthops(lab) == set(NODES.values()), 5, "node2's route comes back")
+    wait_for(lambda: nexthops(lab) == set(NODES.values()), 30, "node2's route comes back")
 
 
 def test_the_nodes_show_one_maglev_table_digest_until_one_drains_a_server(ecmp):
