@@ -23,6 +23,7 @@ import sys
 import termios
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -30,7 +31,7 @@ from rich.console import Console
 from xlb import ctl, top
 from xlb.units import last_check
 
-from labctl import HERE, PY, VIP, XLB, Lab, running_lab
+from labctl import HERE, PY, VIP, XLB, Lab, running_lab, wait_for
 from test_ctl import run_dir, serving  # noqa: F401 (run_dir: a fixture)
 
 NO_INSTANCE = "xlb: error: no xlb instance runs in this network namespace"
@@ -848,6 +849,14 @@ def test_a_resize_prints_no_frame_again_when_piped(monkeypatch, run_dir):
 CSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][0-9A-Za-z]|\x1b[=>78]")
 
 
+def in_sleep(pid: int) -> bool:
+    """Whether process pid waits in clock_nanosleep (time.sleep; 230 on x86-64)."""
+    try:
+        return Path(f"/proc/{pid}/syscall").read_text().split()[0] == "230"
+    except (OSError, IndexError):
+        return False
+
+
 class Pty:
     """A command in a lab node with a pseudo-terminal (160x50) as its controlling
     terminal, so that typed keys reach it and Ctrl-C signals it."""
@@ -948,10 +957,10 @@ def test_lab_top_shows_rates_and_quits_on_q(lab, seeded):
         return rate != "—" and float(rate.rstrip("kM")) > 0
 
     load = lab.spawn("client", PY, str(HERE / "clients.py"), "load", VIP, "80",
-                     "--seconds", "6", "--concurrency", "2")
+                     "--seconds", "30", "--concurrency", "2")
     term = Pty(lab, "lb", "top")
     try:
-        deadline = time.monotonic() + 5     # a frame a second: the second one has rates
+        deadline = time.monotonic() + 20    # a frame a second: the second one has rates
         while time.monotonic() < deadline and not any(map(busy, frontend_rates(term.text))):
             term.read(0.25)
         out = term.text
@@ -961,7 +970,7 @@ def test_lab_top_shows_rates_and_quits_on_q(lab, seeded):
         assert any(map(busy, rates[1:])), rates
         assert term.cbreak()
         term.send(b"q")
-        assert term.wait(3) == 0, term.text
+        assert term.wait(20) == 0, term.text
         assert term.restored()
         assert b"\x1b[?25h" in term.raw                                # the cursor is back
         assert b"\x1b[?1049l" in term.raw                              # the screen too
@@ -976,10 +985,10 @@ def test_lab_top_shows_rates_and_quits_on_q(lab, seeded):
 def test_lab_top_quits_on_ctrl_c(lab, seeded):
     term = Pty(lab, "lb", "top", "--interval", "0.5")
     try:
-        assert term.read_until("was2", 5), term.text
+        assert term.read_until("was2", 20), term.text
         assert term.cbreak()
         term.send(b"\x03")
-        assert term.wait(3) == 0, term.text
+        assert term.wait(20) == 0, term.text
         assert term.restored()
         assert b"\x1b[?25h" in term.raw
         assert "Traceback" not in term.text
@@ -993,9 +1002,12 @@ def test_lab_top_once_is_interrupted_by_ctrl_c_as_any_command(lab, seeded):
     ends `xlb status`, exit 130, without a frame or a traceback."""
     term = Pty(lab, "lb", "top", "--once", "--interval", "30")
     try:
-        term.read(1.0)          # its first sample taken, the second 30 s away
+        # Its first sample taken, the second 30 s away; not a fixed pause: a
+        # Ctrl-C during Python's start (over a second on a busy machine) ends
+        # any Python program with a traceback.
+        wait_for(lambda: in_sleep(term.proc.pid), 30, "top --once waits for its second sample")
         term.send(b"\x03")
-        assert term.wait(5) == 130, term.text
+        assert term.wait(20) == 130, term.text
         assert "frontends" not in term.text and "Traceback" not in term.text, term.text
     finally:
         term.close()
@@ -1024,7 +1036,7 @@ def test_lab_top_without_instance(lab):
         assert (r.returncode, r.stdout, r.stderr) == (1, "", NO_INSTANCE + "\n"), args
     term = Pty(lab, "client", "top")
     try:
-        assert term.wait(5) == 1
+        assert term.wait(20) == 1
         assert term.text.strip() == NO_INSTANCE
     finally:
         term.close()
@@ -1039,9 +1051,9 @@ def test_lab_top_exits_1_when_the_instance_stops(lab):
     with x:
         term = Pty(lab, "remote", "top", "--interval", "0.3")
         try:
-            assert term.read_until("198.51.100.1:8080", 5), term.text
+            assert term.read_until("198.51.100.1:8080", 20), term.text
             assert x.stop() == 0
-            assert term.wait(5) == 1, term.text
+            assert term.wait(20) == 1, term.text
             assert term.restored()
             last = term.text.splitlines()[-1].strip()    # after the last frame
             assert last == "xlb: error: the xlb instance in this network namespace stopped"
