@@ -253,8 +253,11 @@ def test_a_node_stopped_loses_the_answers_on_their_way_through_it_unless_made_ba
         """count clients waiting for their answer; the node holding the most
         of their connections, and how many it holds."""
         before = created()
-        clients = [lab.spawn("client", "curl", "-s", "--noproxy", "*", "-m", "15",
-                             "-o", "/dev/null", "-w", "%{http_code}", f"http://{VIP}/delay/5")
+        # The answers come 10 s after the requests (the servers' longest delay):
+        # what the test does to the node must land before them, on a busy
+        # machine too (a status of each node per poll, a Python start each).
+        clients = [lab.spawn("client", "curl", "-s", "--noproxy", "*", "-m", "25",
+                             "-o", "/dev/null", "-w", "%{http_code}", f"http://{VIP}/delay/10")
                    for _ in range(count)]
         wait_for(lambda: sum(created().values()) - sum(before.values()) >= count, 5,
                  "every connection created on some node")
