@@ -241,36 +241,33 @@ def test_a_restart_with_a_smaller_flow_table_keeps_the_open_connections(lab):
 def test_a_restart_with_a_table_too_small_sends_maglev_connections_to_their_servers(lab):
     """The connections that do not fit a smaller table are balanced anew at
     their next packet: with Maglev to the server they had, so none is reset
-    (README, Upgrades), and each counts as evicted."""
+    (README, Upgrades), and each counts as evicted. One connection speaks at
+    a time: a table smaller than the connections moving data at once loses
+    answers on their way (README, What the XDP program does with each
+    packet), which is not what this tests (seen once in CI, before)."""
     maglev = (*SEED_ARGS, "--algorithm", "maglev")
-    marks = {}                          # wall clock, as the replies' "t"
     with lab.xlb(*maglev, "--flow-table", "4096") as first:
-        holders = [lab.hold("--pause", "0.2", "--count", "600")[0] for _ in range(12)]
+        held = [lab.hold("--step", "--count", "4") for _ in range(12)]
         try:
-            marks["killed"] = time.time()
             first.stop(signal.SIGKILL)
             with lab.xlb(*maglev, "--flow-table", "4") as second:
-                marks["served"] = time.time()
-                time.sleep(2)           # some 10 requests on each connection
+                replies = {proc.pid: [] for proc, _ in held}
+                for _ in range(3):
+                    for proc, _ in held:
+                        proc.stdin.write("\n")
+                        proc.stdin.flush()
+                        replies[proc.pid].append(json.loads(proc.stdout.readline()))
                 st = lab.status()
-                marks["status"] = time.time()
-            marks["stopped"] = time.time()
         finally:
-            for h in holders:
-                h.kill()
+            for proc, _ in held:
+                proc.kill()
+                proc.wait()
     flows = st["flows"]
     assert "8 connections did not fit" in second.stderr, second.stderr
     assert flows["removed"]["evicted"] >= 8 and flows["removed"]["ended"] == 0, flows
-    # What a failure needs told: when each error came (seen once in CI: a
-    # reset, unexplained), and what the data path counted by then.
-    t0 = marks["killed"]
-    told = ({k: round(t - t0, 2) for k, t in marks.items()},
-            {k: v["packets"] for k, v in st["reasons"].items() if v["packets"]}, second.stderr)
-    for h in holders:
-        replies = [json.loads(line) for line in h.stdout.read().splitlines()]
-        errors = [{**r, "t": round(r["t"] - t0, 2)} for r in replies if "error" in r]
-        assert errors == [] and len(replies) > 10, (errors, *told)
-        assert len({r["name"] for r in replies}) == 1, told
+    reasons = {k: v["packets"] for k, v in st["reasons"].items() if v["packets"]}
+    for proc, name in held:
+        assert [r.get("name", r.get("error")) for r in replies[proc.pid]] == [name] * 3, reasons
 
 
 def test_an_upgrade_that_ends_connections_says_how_many(lab, tmp_path):
