@@ -21,10 +21,11 @@ answering every GET with a small static body, access log off. UDP needs no
 answer: an nftables rule in each WAS counts and drops what arrives for :8080.
 
 Three rounds over every scenario (each: wrk keep-alive, wrk `Connection: close`,
-trafgen UDP), the order turned each round (rounds), medians printed. Every load is bounded in time. For UDP the sender
-has a CPU of its own and the path (switch, lb, servers) the other, so that
-packets/s is set by the path's cost, not the sender's (sender_apart), and the
-switch sends each frame to its node's port alone (switch_learned).
+trafgen UDP), the order turned each round (rounds), medians printed. Every load
+is bounded in time. For UDP the sender has a CPU of its own and the path
+(switch, lb, servers) the other, so that packets/s is set by the path's cost,
+not the sender's (sender_apart), and the switch sends each frame to its node's
+port alone (switch_learned).
 """
 
 from __future__ import annotations
@@ -432,13 +433,8 @@ def _latency(out: str, pct: str) -> float:
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
 
-def link_mac(lab: Lab, node: str, dev: str) -> str:
-    out = lab.run(node, "ip", "-j", "link", "show", dev, check=True).stdout
-    return json.loads(out)[0]["address"]
-
-
 def trafgen_conf(lab: Lab, sc: Scenario) -> str:
-    lb_mac, src_mac = link_mac(lab, "lb", "eth0"), link_mac(lab, "client", "eth0")
+    lb_mac, src_mac = lab.mac("lb", "eth0"), lab.mac("client", "eth0")
     dests = [(a, PORT) for a in WAS.values()] if sc.direct else [(VIP, 80)]
     # One packet per destination, cycled; the source port walks UDP_FLOWS values.
     return "\n".join(
@@ -491,7 +487,7 @@ def switch_learned(lab: Lab):
     the other server). Only the HTTP load before UDP in each scenario taught it: the UDP
     part run alone got 246,000-302,000 packets/s direct, flooding, against 420,000-435,000
     (2026-12-05)."""
-    ports = [(link_mac(lab, node, dev), f"{node}-{dev}") for node, dev in SWITCHED]
+    ports = [(lab.mac(node, dev), f"{node}-{dev}") for node, dev in SWITCHED]
     for mac, port in ports:
         lab.run("sw", "bridge", "fdb", "replace", mac, "dev", port, "master", "static",
                 check=True)

@@ -4,10 +4,11 @@
     flood.py syn DEV DST_MAC VIP PORT --seconds S
         Random-source TCP SYNs to VIP:PORT out of DEV (AF_PACKET) for S
         seconds; prints {"sent": N, "refused": M}, M the frames that the
-        kernel refused (ENOBUFS: a full queue on the way out). Sources 10.A.B.C outside the lab's
-        subnets, client ports 1024-65535: millions of distinct flows. Every
-        frame is a template with the source address, the source port and the
-        sequence number chosen so that both checksums stay the template's.
+        kernel refused (ENOBUFS: a full queue on the way out). Sources
+        10.A.B.C outside the lab's subnets, client ports 1024-65535: millions
+        of distinct flows. Every frame is a template with the source address,
+        the source port and the sequence number chosen so that both checksums
+        stay the template's.
 
     flood.py hold HOST PORT N
         Opens N HTTP keep-alive connections, makes one request on each, prints
@@ -19,8 +20,8 @@ Only for the lab's own namespaces: run it with `ip netns exec`.
 
 from __future__ import annotations
 
-import http.client
 import errno
+import http.client
 import json
 import random
 import signal

@@ -120,6 +120,11 @@ class Lab:
                                  f"{r.stderr.strip()[-2000:]}")
         return r
 
+    def mac(self, node: str, dev: str) -> str:
+        """The MAC address of node's link dev."""
+        out = self.run(node, "ip", "-j", "link", "show", dev, check=True).stdout
+        return json.loads(out)[0]["address"]
+
     def spawn(self, node: str, *cmd: str, user: str | None = None,
               stdin: int | None = None) -> subprocess.Popen:
         """A background command in node; the caller ends it (lab.sh down also does)."""

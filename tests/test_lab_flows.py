@@ -424,8 +424,7 @@ def test_the_flood_goes_on_when_the_kernel_refuses_frames_and_counts_what_left(l
     """A queue on the client's way out that fills (here a rate limit; in CI a
     busy CPU's backlog) refuses frames with ENOBUFS: the flood counts them
     apart and goes on, and every frame it counts as sent reaches xlb."""
-    lb_mac = json.loads(lab.run("lb", "ip", "-j", "link", "show", "eth0",
-                                check=True).stdout)[0]["address"]
+    lb_mac = lab.mac("lb", "eth0")
     lab.run("client", "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "1mbit",
             "burst", "10k", "limit", "10k", check=True)
     try:
@@ -446,8 +445,7 @@ def test_a_syn_flood_costs_no_established_connection(lab):
     """32 idle keep-alive connections, then 5 s of random-source SYNs from
     one sender CPU (several times the half-open table): every connection
     still answers, and xlb counts what the flood did."""
-    lb_mac = json.loads(lab.run("lb", "ip", "-j", "link", "show", "eth0",
-                                check=True).stdout)[0]["address"]
+    lb_mac = lab.mac("lb", "eth0")
     with lab.xlb("--vip", f"{VIP}:80", *BACKENDS, "--flow-table", "4096"):
         holder = lab.spawn("client", PY, str(HERE / "flood.py"), "hold", VIP, "80", "32")
         ready = json.loads(holder.stdout.readline())["ready"]

@@ -30,11 +30,6 @@ pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
 
 
-def mac(lab: Lab, node: str, dev: str) -> str:
-    out = lab.run(node, "ip", "-j", "link", "show", dev, check=True).stdout
-    return json.loads(out)[0]["address"]
-
-
 def neighbour(lab: Lab, node: str, addr: str) -> str | None:
     out = lab.run(node, "ip", "-j", "neigh", "show", addr, check=True).stdout
     entries = [e for e in json.loads(out) if "lladdr" in e]
@@ -80,13 +75,13 @@ def test_only_the_active_node_answers_arp_and_it_announces_itself(pair, config):
         out = pair.xlb_cmd("ha", "role", "active", node="lb2", check=True).stdout
         assert "backup -> active; 1 gratuitous ARPs sent" in out
         assert curl_ok(pair)
-        assert neighbour(pair, "client", VIP) == mac(pair, "lb2", "eth0")
+        assert neighbour(pair, "client", VIP) == pair.mac("lb2", "eth0")
         # The switch to lb1: its gratuitous ARP repoints the client at once, although
         # the client's entry for the VIP is fresh (no ARP request is needed).
         pair.xlb_cmd("ha", "role", "backup", node="lb2", check=True)
         gateway_on(pair, "lb1")
         pair.xlb_cmd("ha", "role", "active", node="lb1", check=True)
-        assert neighbour(pair, "client", VIP) == mac(pair, "lb1", "eth0")
+        assert neighbour(pair, "client", VIP) == pair.mac("lb1", "eth0")
         assert curl_ok(pair)
         st = pair.status("lb1")
         assert st["ha"] == {"role": "active", "announce_table": None, "announcing": []}
@@ -120,7 +115,7 @@ def test_a_restart_keeps_the_role_of_the_running_data_path(pair, config):
             assert pair.status("lb1")["ha"]["role"] == "backup"
             pair.run("client", "ip", "neigh", "flush", "dev", "eth0")
             assert curl_ok(pair)
-            assert neighbour(pair, "client", VIP) == mac(pair, "lb2", "eth0")
+            assert neighbour(pair, "client", VIP) == pair.mac("lb2", "eth0")
     # The role given and not taken is named; none given, none is named
     # (the default is no choice of the operator's to be told about).
     assert ("event=adopt role=active given=backup reason=\"the running data path's role; "
@@ -315,13 +310,13 @@ def test_a_node_whose_follow_is_killed_hands_the_vips_to_its_peer(pair, config):
         wait_for(lambda: role(pair, other) == "active", 10, "the peer takes over")
         wait_for(lambda: role(pair, first) == "backup", 10, "the node without follow is silent")
         pair.run("client", "ip", "neigh", "flush", "dev", "eth0")
-        assert curl_ok(pair) and neighbour(pair, "client", VIP) == mac(pair, other, "eth0")
+        assert curl_ok(pair) and neighbour(pair, "client", VIP) == pair.mac(other, "eth0")
         logged = (run / f"{first}-keepalived.log").stat().st_size
         os.kill(int((run / f"{first}-keepalived.pid").read_text()), signal.SIGHUP)
         wait_for(lambda: keepalived_said(pair, first, "Entering BACKUP STATE", logged), 10,
                  "the reloaded node leaves FAULT, as the backup")
         assert role(pair, first) == "backup" and role(pair, other) == "active"
-        assert neighbour(pair, "client", VIP) == mac(pair, other, "eth0") and curl_ok(pair)
+        assert neighbour(pair, "client", VIP) == pair.mac(other, "eth0") and curl_ok(pair)
 
 
 @contextlib.contextmanager
