@@ -5,7 +5,10 @@
         HTTP/1.1 (keep-alive) on TCP PORT: every GET answers 200 "WAS1\\n",
         GET /delay/S after S seconds (at most MAX_DELAY: a response in flight),
         GET /pad/N the name padded with dots to N bytes (at most MAX_PAD: a
-        response in many full-size segments);
+        response in many full-size segments),
+        GET /hold/NAME once a file NAME (letters, digits, _) exists beside the
+        pidfile (at most MAX_HOLD seconds: a response in flight until a test
+        releases it);
         UDP on the same port: every datagram is answered with "WAS1\\n", padded
         with dots to the datagram's length where that is longer (a large answer).
     servers.py db --name DB1 --port 5432 [--pidfile F]
@@ -41,6 +44,7 @@ BACKLOG = 1024
 # clients that vanish (e.g. flows the balancer dropped) do not pin threads forever.
 IDLE_TIMEOUT = 120
 MAX_DELAY = 10.0
+MAX_HOLD = 60.0
 MAX_PAD = 1 << 20
 ANY = "0.0.0.0"     # the servers listen on every address of their namespace
 
@@ -111,7 +115,14 @@ class QuietHTTPSServer(QuietHTTPServer):
             super().finish_request(tls, client_address)
 
 
-def make_web_handler(body, status=200):
+def held(path):
+    """Waits until path exists, at most MAX_HOLD seconds."""
+    deadline = time.monotonic() + MAX_HOLD
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def make_web_handler(body, status=200, run_dir=None):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: needs Content-Length
         timeout = IDLE_TIMEOUT
@@ -138,6 +149,9 @@ def make_web_handler(body, status=200):
                     time.sleep(min(max(float(seconds), 0.0), MAX_DELAY))
                 except ValueError:
                     pass
+            prefix, _, name = self.path.partition("/hold/")
+            if not prefix and run_dir and name.isidentifier():
+                held(os.path.join(run_dir, name))
             prefix, _, size = self.path.partition("/pad/")
             if not prefix and size.isdigit():
                 self._answer(True, body.ljust(min(int(size), MAX_PAD), b"."))
@@ -170,7 +184,8 @@ def run_web(args):
     udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     udp.bind((ANY, args.port))
     threading.Thread(target=udp_echo_name, args=(udp, body), daemon=True).start()
-    handler = make_web_handler(body, args.status)
+    handler = make_web_handler(body, args.status,
+                               args.pidfile and os.path.dirname(os.path.abspath(args.pidfile)))
     if args.tls:
         httpd = QuietHTTPSServer((ANY, args.port), handler, args.tls)
     else:

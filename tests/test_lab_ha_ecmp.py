@@ -13,6 +13,8 @@ import json
 import os
 import subprocess
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -236,7 +238,7 @@ def test_a_silent_node_loses_its_route_by_bfd_and_flows_survive(ecmp):
 
 def test_a_node_stopped_loses_the_answers_on_their_way_through_it_unless_made_backup_first(
         ecmp):
-    """Clients wait for a slow answer (/delay), silent meanwhile. The node
+    """Clients wait for an answer the servers hold (/hold), silent meanwhile. The node
     holding most of them is made backup: it withdraws, its data path still
     serves the answers that come back through it, and none is lost. Active
     again, then stopped at once by `xlb down` (which withdraws and removes
@@ -249,32 +251,36 @@ def test_a_node_stopped_loses_the_answers_on_their_way_through_it_unless_made_ba
     def created() -> dict[str, int]:
         return {node: lab.status(node)["flows"]["created"] for node in NODES}
 
-    def waiting_clients(count: int) -> tuple[list[subprocess.Popen], str, int]:
-        """count clients waiting for their answer; the node holding the most
-        of their connections, and how many it holds."""
+    def waiting_clients(count: int) -> tuple[list[subprocess.Popen], str, str, int]:
+        """count clients waiting for their answer, which the servers hold until
+        answered() releases it (servers.py /hold/); the release's name, the
+        node holding the most of their connections, and how many it holds."""
         before = created()
-        # The answers come 10 s after the requests (the servers' longest delay):
-        # what the test does to the node must land before them, on a busy
-        # machine too (a status of each node per poll, a Python start each).
-        clients = [lab.spawn("client", "curl", "-s", "--noproxy", "*", "-m", "25",
-                             "-o", "/dev/null", "-w", "%{http_code}", f"http://{VIP}/delay/10")
+        release = f"release_{uuid.uuid4().hex}"
+        clients = [lab.spawn("client", "curl", "-s", "--noproxy", "*", "-m", "60", "-o",
+                             "/dev/null", "-w", "%{http_code}", f"http://{VIP}/hold/{release}")
                    for _ in range(count)]
-        wait_for(lambda: sum(created().values()) - sum(before.values()) >= count, 5,
+        wait_for(lambda: sum(created().values()) - sum(before.values()) >= count, 30,
                  "every connection created on some node")
         held = {node: n - before[node] for node, n in created().items()}
         node = max(held, key=held.get)
-        return clients, node, held[node]
+        return clients, release, node, held[node]
 
-    def answered(clients: list[subprocess.Popen]) -> int:
-        return sum(c.communicate(timeout=30)[0] == "200" for c in clients)
+    def answered(clients: list[subprocess.Popen], release: str) -> int:
+        """The servers answer, and how many clients got theirs."""
+        (Path(f"/run/xlb-lab/{lab.prefix}") / release).touch()
+        return sum(c.communicate(timeout=90)[0] == "200" for c in clients)
 
-    clients, node, _ = waiting_clients(8)
+    # The answers wait for what the test does to the node, however long it
+    # takes to land on a busy machine.
+    clients, release, node, _ = waiting_clients(8)
     lab.xlb_cmd("ha", "role", "backup", node=node, check=True)
-    wait_for(lambda: NODES[node] not in nexthops(lab), 10, f"{node}'s route goes")
-    assert answered(clients) == 8
+    wait_for(lambda: NODES[node] not in nexthops(lab), 30, f"{node}'s route goes")
+    assert answered(clients, release) == 8
     lab.xlb_cmd("ha", "role", "active", node=node, check=True)
     wait_for(lambda: NODES[node] in nexthops(lab), 30, f"{node}'s route comes back")
 
-    clients, node, held = waiting_clients(8)
+    clients, release, node, held = waiting_clients(8)
     lab.xlb_cmd("down", node=node, check=True)
-    assert answered(clients) == 8 - held
+    assert not lab.xdp_attached(node)
+    assert answered(clients, release) == 8 - held

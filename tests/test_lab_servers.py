@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 
+import pytest
 from servers import make_web_handler
 
 
@@ -51,6 +52,25 @@ def test_get_delay_answers_after_that_many_seconds():
         make_web_handler(b"WAS1\n")(ours, ("10.1.1.10", 40000), None)
         answer = theirs.recv(65536)
     assert time.monotonic() - start >= 0.3          # sleep() waits at least that long
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"WAS1\n")
+
+
+def test_get_hold_answers_once_its_file_exists_beside_the_pidfile(tmp_path):
+    """GET /hold/NAME: a response in flight until the test creates NAME in the
+    server's run directory, for the tests whose action must land first."""
+    ours, theirs = socket.socketpair()
+    theirs.sendall(b"GET /hold/release_1 HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
+    theirs.settimeout(0.5)
+    server = threading.Thread(target=make_web_handler(b"WAS1\n", run_dir=str(tmp_path)),
+                              args=(ours, ("10.1.1.10", 40000), None))
+    server.start()
+    with ours, theirs:
+        with pytest.raises(socket.timeout):
+            theirs.recv(65536)                      # held: no answer yet
+        (tmp_path / "release_1").touch()
+        theirs.settimeout(10)
+        answer = theirs.recv(65536)
+        server.join()
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"WAS1\n")
 
 
