@@ -80,7 +80,8 @@ class Balancer:
         # and why the maps lack its latest states (None while they hold them).
         # Replaced whole, never changed: status() reads one or the next.
         self.health_applies = {"failed": 0, "unapplied_since": None, "error": None}
-        self.started = self.last_apply = time.time()
+        self.last_apply = time.time()
+        self.started = time.monotonic()     # uptime: a step of the clock moves no start
         # status() (the CLI, metrics scrapes) sees one applied state or the next,
         # never half of each.
         self.lock = threading.RLock()
@@ -385,7 +386,7 @@ class Balancer:
             actions[action] += tally.packets
         return {
             "version": __version__, "pid": os.getpid(),
-            "uptime_seconds": round(time.time() - self.started, 1),
+            "uptime_seconds": round(time.monotonic() - self.started, 1),
             "config": str(self.config_path) if self.config_path else None,
             "interfaces": _interfaces(dp),
             "forwarding": "fast" if dp.fast_path else "kernel",

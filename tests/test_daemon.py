@@ -495,6 +495,15 @@ def test_down_while_a_stop_is_under_way_waits_for_it(root, fibnet, tmp_path):
     assert state.load() is None
 
 
+def test_uptime_does_not_move_with_a_step_of_the_clock(balancer, monkeypatch):
+    """The clock set back an hour (NTP, an operator) leaves the uptime as it
+    was, not negative."""
+    up = balancer.status()["uptime_seconds"]
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() - 3600)
+    assert balancer.status()["uptime_seconds"] >= up
+
+
 def test_check_durations_are_those_of_the_servers_checked_now(balancer):
     """A server checked has its histogram from the apply on, at zero before its
     first check (which rate() would not see if the series began with it). Its
