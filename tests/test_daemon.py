@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from xlb import config as configfile, ctl, daemon, metrics
+from xlb import config as configfile, ctl, daemon, healthsync, metrics
 from xlb.datapath import Datapath, DatapathError, Limits, find_running
 from xlb.model import Monitor, from_flags
 
@@ -1167,7 +1167,7 @@ async def checking(balancer, config):
     """A HealthSync of the balancer, which serves config, and the lock its
     changes hold; its checker runs meanwhile."""
     lock = asyncio.Lock()
-    sync = daemon.HealthSync(balancer, lock)
+    sync = healthsync.HealthSync(balancer, lock)
     balancer.apply(config, relink=False)
     async with lock:
         await sync.sync_targets()
