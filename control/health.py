@@ -325,7 +325,7 @@ class HealthChecker:
 
     def mark_down(self, keys: Iterable[tuple[str, str]], reason: str) -> None:
         """Takes these targets down at once, without waiting for `fall` failed
-        checks (their link toward the servers went: daemon.LinkWatch), as a
+        checks (their link toward the servers went: linkwatch.LinkWatch), as a
         failed check would: the change reported with `reason`, which their
         last check shows; they come back after `rise` passing checks. Runs on
         the loop's thread."""
@@ -347,7 +347,7 @@ class HealthChecker:
 
     def check_now(self, keys: Iterable[tuple[str, str]]) -> None:
         """Checks these targets now, not at their turn (their link is back:
-        daemon.LinkWatch), the next an interval later. A check in flight is
+        linkwatch.LinkWatch), the next an interval later. A check in flight is
         dropped, counting nothing: it began while the link was away
         (mark_down dropped those from before), its packets were lost with
         it, and it would hold the server down until its timeout. Runs on the

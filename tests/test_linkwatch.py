@@ -1,4 +1,4 @@
-"""What xlb's watch of its links (daemon.LinkWatch) reads from the kernel, in
+"""What xlb's watch of its links (linkwatch.LinkWatch) reads from the kernel, in
 a network namespace of the test's own: the link each server is routed
 through, and the links that lose their carrier, are set down or deleted."""
 
@@ -20,8 +20,8 @@ from fibnet import FibNet
 from pyroute2 import IPRoute
 
 from waiting import until
-from xlb import daemon, netif
-from xlb.daemon import LOOKUP_SECONDS, LinkWatch
+from xlb import linkwatch, netif
+from xlb.linkwatch import LOOKUP_SECONDS, LinkWatch
 from xlb.health import HealthChecker, Target
 from xlb.model import Monitor
 from xlb.netif import LinkEvents, route_links
@@ -571,7 +571,7 @@ def test_a_loss_in_an_overrun_takes_its_servers_down_before_the_next_round(monke
     """After an overrun the carriers are read again at once, not with the next
     round of route lookups (here ten minutes away): a loss among the events
     lost takes its servers down then."""
-    monkeypatch.setattr(daemon, "LOOKUP_SECONDS", 600.0)
+    monkeypatch.setattr(linkwatch, "LOOKUP_SECONDS", 600.0)
 
     batch = tmp_path / "routes"
     batch.write_text("".join(f"route add 10.2.{n}.0/24 via 10.1.11.2\n" for n in range(200)))
@@ -595,7 +595,7 @@ def test_an_overrun_while_the_carriers_are_read_again_has_them_read_again(monkey
     (a burst goes on) have them read again at once too, not with the next
     round of route lookups (here ten minutes away): a loss among them takes
     its servers down then."""
-    monkeypatch.setattr(daemon, "LOOKUP_SECONDS", 600.0)
+    monkeypatch.setattr(linkwatch, "LOOKUP_SECONDS", 600.0)
     batches = []
     for first in (2, 3):
         batches.append(tmp_path / f"routes{first}")

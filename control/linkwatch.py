@@ -1,0 +1,192 @@
+"""Takes checked servers down when the link that routes them is lost, and
+checks them at once when they are routed again (LinkWatch)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from ipaddress import IPv4Address
+from typing import TYPE_CHECKING
+
+from . import log, netif
+from .health import HealthChecker, Target
+from .healthsync import RETRY_SECONDS
+
+if TYPE_CHECKING:       # annotations only: daemon imports this module
+    from .daemon import Balancer, Key
+
+
+# Route lookups under churn take a fifth of a core at most.
+LOOKUP_SECONDS, LOOKUP_SPACING = 1.0, 4.0
+
+
+class LinkWatch:
+    """Marks a checked server down the moment the link the kernel routes it
+    through (`ip route get`: a gateway's link for a server behind one, the
+    one picked for a server reached through several) loses its carrier, is
+    set down or deleted: its health checks would take `fall` intervals to
+    fail, all the while its VIPs announced (BGP) or held (VRRP on another
+    link) by a node that can only drop their flows. Its checks bring it back
+    (`rise`), the first at once when they are routed again through a link
+    with carrier: theirs back (the kernel tells its carrier before it puts
+    back the routes it flushed when the link was set down, and a gateway's
+    route may come back later, from a routing daemon or an ifup script),
+    another (the route moved), or theirs deleted and made again under
+    another index. Servers no monitor checks are left as they are: nothing
+    would bring them back. The routes are looked up again after
+    changes of routes or links and applies, and used as they were before a
+    loss. A node whose routing daemon imports its router's routes sees
+    changes every second: the changes coalesce, and a round starts
+    LOOKUP_SECONDS after the last ended at the soonest, or LOOKUP_SPACING
+    times its length if longer (a round of 10,000 servers is some 20 ms)."""
+
+    def __init__(self, balancer: Balancer, checker: HealthChecker):
+        self.balancer, self.checker = balancer, checker
+        self.events = netif.LinkEvents()
+        self.routes: dict[IPv4Address, int] = {}    # server address: link index
+        # Each server at its address that the last round routed (through
+        # routes[address]): one new there (another pool's, another port's) is
+        # new behind its link.
+        self._placed: set[tuple[Key, IPv4Address]] = set()
+        # The addresses of the servers a link's loss took down (a server renamed
+        # keeps its own), until they are routed through it again with its
+        # carrier: the link, and when (the loop's time).
+        self._downed: dict[IPv4Address, tuple[int, float]] = {}
+        self._recarrier: asyncio.Task | None = None
+        # The servers of links regained, to be looked up before the next round.
+        self._regained: set[IPv4Address] = set()
+        self._rerouting: asyncio.Task | None = None
+        self._lookup: asyncio.Task | None = None
+        self._again = False
+
+    def start(self) -> None:
+        asyncio.get_running_loop().add_reader(self.events.fileno(), self._read)
+        self.stale()
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.events.fileno())
+        self.events.close()
+        for task in (self._lookup, self._recarrier, self._rerouting):
+            if task is not None:
+                task.cancel()
+
+    def stale(self) -> None:
+        """Routes may have changed: looks them up again."""
+        if self._lookup is None or self._lookup.done():
+            self._lookup = asyncio.get_running_loop().create_task(self._look_up())
+        else:
+            self._again = True
+
+    async def _look_up(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._again = True
+        while self._again:
+            self._again = False
+            started = loop.time()
+            try:
+                found = await asyncio.to_thread(
+                    self._routes, {t.address for t in self.balancer.health_targets()})
+            except Exception as e:      # a task's own: nobody else would hear of it
+                log.event("link", level="error", error=f"routes to the servers not read: {e}",
+                          retry_in=RETRY_SECONDS[0])
+                await asyncio.sleep(RETRY_SECONDS[0])
+                self._again = True
+                continue
+            self._read()    # a loss told meanwhile goes by the routes before it
+            if self.events.overrun:     # events lost: the carriers read again before they judge
+                await self._carrier_again()
+            # Servers newly routed through a link without carrier (an apply
+            # while it is down): down now, not at their first failed check;
+            # those a loss took down, newly routed through another with:
+            # checked now, and again when theirs is back.
+            targets = self.balancer.health_targets()
+            dead: dict[int, list[Target]] = {}
+            moved: list[Key] = []
+            for t in targets:
+                index = found.get(t.address)
+                if index is None or (t.key, t.address) in self._placed \
+                        and index == self.routes.get(t.address):
+                    continue
+                if self.events.lacks_carrier(index):
+                    dead.setdefault(index, []).append(t)
+                elif t.address in self._downed and self._downed[t.address][0] != index:
+                    moved.append(t.key)
+            self.routes = found
+            self._placed = {(t.key, t.address) for t in targets if t.address in found}
+            checked = {t.address for t in targets}
+            self._downed = {a: d for a, d in self._downed.items() if a in checked}
+            for index, behind in dead.items():
+                with contextlib.suppress(OSError):      # gone since: its loss is told
+                    self._take_down(index, socket.if_indextoname(index), "has no carrier", behind)
+            self.checker.check_now(moved)
+            self._routed_again(found, started)
+            await asyncio.sleep(max(LOOKUP_SECONDS, LOOKUP_SPACING * (loop.time() - started)))
+
+    def _routes(self, addresses: set[IPv4Address]) -> dict[IPv4Address, int]:
+        self.events.carrier()
+        return netif.route_links(addresses)
+
+    def _routed_again(self, found: dict[IPv4Address, int], since: float) -> None:
+        """Checks now the servers a loss before `since` took down that `found`
+        (looked up since: one from before may hold a route the loss removed)
+        routes through their link again, with carrier."""
+        back = {a for a, (index, when) in self._downed.items()
+                if when < since and found.get(a) == index and not self.events.lacks_carrier(index)}
+        for address in back:
+            del self._downed[address]
+        self.checker.check_now([t.key for t in self.balancer.health_targets()
+                                if t.address in back])
+
+    async def _reroute(self) -> None:
+        # Only the servers of links regained, sooner than the next round; as
+        # a round, at most 1/LOOKUP_SPACING of a CPU while links flap.
+        loop = asyncio.get_running_loop()
+        while self._regained:
+            addresses = {a for a in self._regained if a in self._downed}
+            self._regained = set()
+            started = loop.time()
+            try:
+                found = await asyncio.to_thread(netif.route_links, addresses)
+            except Exception as e:      # the next round looks them up
+                log.event("link", level="error", error=f"routes to the servers not read: {e}")
+                return
+            self._routed_again(found, started)
+            await asyncio.sleep(LOOKUP_SPACING * (loop.time() - started))
+
+    def _take_down(self, index: int, name: str, how: str, targets: list[Target]) -> None:
+        log.event("link", level="warning", link=name, reason=how,
+                  servers_down=",".join("/".join(t.key) for t in targets))
+        self.checker.mark_down([t.key for t in targets], f"link {name} {how}")
+        now = asyncio.get_running_loop().time()
+        self._downed.update((t.address, (index, now)) for t in targets)
+
+    def _read(self) -> None:
+        announcer = self.balancer.announcer
+        lost, regained, changed = self.events.read(announcer and announcer.table)
+        for loss in lost:
+            if behind := [t for t in self.balancer.health_targets()
+                          if self.routes.get(t.address) == loss.index]:
+                self._take_down(loss.index, loss.name, loss.how, behind)
+        for index in regained:
+            # Back an interval sooner: rise - 1 intervals after they are routed.
+            if back := {a for a, (i, _) in self._downed.items() if i == index}:
+                self._regained |= back
+                if self._rerouting is None or self._rerouting.done():
+                    self._rerouting = asyncio.get_running_loop().create_task(self._reroute())
+        if self.events.overrun and (self._recarrier is None or self._recarrier.done()):
+            # Its losses told now, not with the next round, which may be seconds away.
+            self._recarrier = asyncio.get_running_loop().create_task(self._carrier_again())
+        if lost or changed:
+            self.stale()
+
+    async def _carrier_again(self) -> None:
+        # Until no overrun is left: one found meanwhile (by the reads here, or
+        # the reader's) starts no other task while the reader's runs.
+        while self.events.overrun:
+            try:
+                await asyncio.to_thread(self.events.carrier)
+            except Exception as e:      # the next round reads them again
+                log.event("link", level="error", error=f"links not read: {e}")
+                return
+            self._read()
