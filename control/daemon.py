@@ -38,6 +38,7 @@ from .healthsync import HealthSync
 from .layout import REASON_ACTIONS, XDP_ACTIONS
 from .linkwatch import LinkWatch
 from .model import UNNAMED_LINKS, Config, ConfigError
+from .sweep import sweep_forever
 from .units import interfaces, quoted
 
 EMPTY = Config(frontends=(), pools=())
@@ -986,7 +987,7 @@ async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignal
         await sync_targets()
     checks = loop.create_task(checker.run())
     links.start()
-    sweeps = loop.create_task(_sweep_forever(balancer))
+    sweeps = loop.create_task(sweep_forever(balancer))
     # A copy: the server closes it when the loop ends, while the control
     # socket stays bound until the data path is detached, so that `xlb down`
     # (which waits until nothing listens) returns only then.
@@ -1075,39 +1076,6 @@ async def _keep_reachable(control: ctl.Listener, handle, servers: list) -> None:
                                                        limit=ctl.MAX_REQUEST))
         log.event("control", level="warning", socket=ctl.address(),
                   reason="it was gone (its directory removed?); made again")
-
-
-SWEEP_COST = 100        # the sweep may take at most 1/SWEEP_COST of a CPU,
-SWEEP_MIN_INTERVAL = 1.0  # at intervals of a second or more
-
-
-def _sweep(datapath: Datapath) -> tuple[dict[str, int], int, float]:
-    """Datapath.sweep_flows, and the CPU time it took in this thread (waiting
-    for the GIL or a CPU is no cost of the sweep)."""
-    t0 = time.thread_time()
-    expired, restored = datapath.sweep_flows()
-    return expired, restored, time.thread_time() - t0
-
-
-async def _sweep_forever(balancer: Balancer) -> None:
-    """Removes idle flows, and puts back evicted reply entries. The program
-    already treats an idle flow as dead when its next packet comes; this gives
-    the memory back and counts them. A large table takes longer to read, so
-    the interval grows with the sweep's cost, without bound: a million
-    connections cost seconds a sweep, and a cap of 30 s let it take a fifth
-    of a CPU."""
-    while True:
-        cost = 0.0
-        try:
-            expired, restored, cost = await asyncio.to_thread(_sweep, balancer.datapath)
-            if any(expired.values()) or restored:
-                log.event("sweep", level="debug", restored_replies=restored,
-                          **{f"expired_{t}": n for t, n in expired.items()})
-        except Exception as e:
-            # Any failure (the kernel refusing a test-run or a map write) is
-            # one sweep's: ending the task would end the sweeps, unsaid.
-            log.event("sweep", level="warning", error=str(e) or type(e).__name__)
-        await asyncio.sleep(max(cost * SWEEP_COST, SWEEP_MIN_INTERVAL))
 
 
 async def _answer(balancer: Balancer, request_stop, lock: asyncio.Lock, stop: asyncio.Event,

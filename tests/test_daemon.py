@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from xlb import config as configfile, ctl, daemon, healthsync, metrics
+from xlb import config as configfile, ctl, daemon, healthsync, metrics, sweep
 from xlb.datapath import Datapath, DatapathError, Limits, find_running
 from xlb.model import Monitor, from_flags
 
@@ -120,10 +120,10 @@ def test_the_sweep_waits_a_hundred_times_what_it_cost(monkeypatch):
 
     balancer = type("Balancer", (), {})()
     balancer.datapath = type("Datapath", (), {"sweep_flows": staticmethod(sweep_flows)})()
-    monkeypatch.setattr(daemon.time, "thread_time", lambda: clock[0])
-    monkeypatch.setattr(daemon.asyncio, "sleep", sleep)
+    monkeypatch.setattr(sweep.time, "thread_time", lambda: clock[0])
+    monkeypatch.setattr(sweep.asyncio, "sleep", sleep)
     with pytest.raises(Stop):
-        asyncio.run(daemon._sweep_forever(balancer))
+        asyncio.run(sweep.sweep_forever(balancer))
     assert waits == [300.0]
 
 
@@ -166,7 +166,7 @@ def test_a_stop_holds_hang_ups_while_it_waits_for_a_sweep(balancer, own_control,
             held.append(signal.getsignal(signal.SIGHUP) == signal.SIG_IGN)
         swept.set()
 
-    monkeypatch.setattr(daemon, "_sweep", sweep_in_flight)
+    monkeypatch.setattr(sweep, "_sweep", sweep_in_flight)
     control = ctl.Listener()
     stopper = threading.Thread(target=stop_then_look)
     stopper.start()
@@ -325,7 +325,7 @@ def test_a_signal_another_thread_takes_stops_xlb_up_at_once(root, fibnet, own_co
     async def no_sweep(balancer):
         await never.wait()
 
-    monkeypatch.setattr(daemon, "_sweep_forever", no_sweep)
+    monkeypatch.setattr(daemon, "sweep_forever", no_sweep)
     monkeypatch.setattr(daemon, "RESTORE_SECONDS", 3600)
     unchecked = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["ext"],
                            monitor=Monitor("none", type="none"))

@@ -1491,7 +1491,7 @@ def test_a_sweep_that_fails_is_warned_of_and_the_sweeps_go_on(balancer, fibnet, 
     import asyncio
 
     from test_daemon import freeze
-    from xlb import daemon
+    from xlb import sweep
 
     class Stop(Exception):
         pass
@@ -1505,9 +1505,9 @@ def test_a_sweep_that_fails_is_warned_of_and_the_sweeps_go_on(balancer, fibnet, 
     age(dp, "flows", (CLIENT, VIP, 53500, 80, TCP_P), 10)
     age(dp, "flows", (BACKENDS[1][0], CLIENT, 8080, 53500, TCP_P), 10)
     freeze(dp, "control_stats")
-    monkeypatch.setattr(daemon.asyncio, "sleep", sleep)
+    monkeypatch.setattr(sweep.asyncio, "sleep", sleep)
     with pytest.raises(Stop):           # it waits for the next sweep
-        asyncio.run(daemon._sweep_forever(balancer))
+        asyncio.run(sweep.sweep_forever(balancer))
     [line] = [x for x in capsys.readouterr().err.splitlines() if "event=sweep" in x]
     assert "level=warning" in line and "Could not update table" in line
 
