@@ -21,8 +21,8 @@ from pyroute2 import IPRoute
 
 from waiting import until
 from xlb import linkwatch, netif
-from xlb.linkwatch import LOOKUP_SECONDS, LinkWatch
 from xlb.health import HealthChecker, Target
+from xlb.linkwatch import LOOKUP_SECONDS, LinkWatch
 from xlb.model import Monitor
 from xlb.netif import LinkEvents, route_links
 
