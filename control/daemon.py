@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import resource
@@ -23,600 +22,24 @@ import select
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Callable, Collection, Iterable
-from ipaddress import IPv4Address
 from pathlib import Path
 
-from . import __version__, config as configfile, ctl, flowtable, ha, log, metrics, netif, planner
+from . import config as configfile, ctl, ha, log, metrics, planner
 from . import state as saved
-from .datapath import Datapath, DatapathError, FlowLedger, Limits, find_running
-from .health import HealthChecker, Target
+from .balancer import (ADMIN_ACTIONS, Balancer, BadRequest, Key, attached_interfaces, check_host,
+                       refuse_taken, select_links, sync_routes)
+from .datapath import Datapath, DatapathError, Limits, find_running
 from .healthsync import HealthSync
-from .layout import REASON_ACTIONS, XDP_ACTIONS
 from .linkwatch import LinkWatch
-from .model import UNNAMED_LINKS, Config, ConfigError
+from .model import Config, ConfigError
 from .sweep import sweep_forever
-from .units import interfaces, quoted
+from .units import interfaces
 
-EMPTY = Config(frontends=(), pools=())
-ADMIN_ACTIONS = {"disable": "maint", "drain": "drain", "enable": None}
 # The requests that change something: told begun (ctl.BEGUN), their clients
 # wait for the answer. A status or ping of a hung instance still times out.
 CHANGES = frozenset({"apply", "server", "role", "down"})
-
-Key = tuple[str, str]
-
-
-class Balancer:
-    """A running instance: the config it serves, the runtime state of its
-    servers, and the data path serving them."""
-
-    def __init__(self, datapath: Datapath, config_path: Path | None = None,
-                 role: str = "active", announcer: ha.Announcer | None = None):
-        self.datapath = datapath
-        self.config_path = config_path
-        self.role = role                          # ha.ROLES: a backup answers no ARP
-        self.announcer = announcer                # the VIP routes BIRD announces
-        self.config = EMPTY
-        self.links: dict[str, netif.Link] = {}    # attached, by name
-        self.state = planner.DataplaneState()     # what the maps hold
-        self.states: dict[Key, str] = {}          # server states the maps reflect
-        self.admin: dict[Key, str] = {}           # `xlb server drain|disable`: drain, maint
-        self.server_rows: dict[Key, dict] = {}
-        self.health: dict[Key, str] = {}          # health checks: up, down
-        self.health_changes: dict[Key, int] = {}
-        # The checker counts changes and check durations in the loop's thread
-        # while an apply, in a worker thread, carries them over to the config
-        # it applies.
-        self._changes_lock = threading.Lock()
-        # The last apply's renames (old name: new, or None for a server gone or
-        # moved), for the checker's reports under a server's old name until it
-        # has the new names (checker_synced).
-        self._checked_as: dict[Key, Key | None] = {}
-        self.checker: HealthChecker | None = None
-        self.check_durations = metrics.CheckDurations()
-        self.applies = {"ok": 0, "error": 0}       # `xlb apply` requests, by result
-        # Applies of the checker's states (HealthSync) that failed; since when
-        # and why the maps lack its latest states (None while they hold them).
-        # Replaced whole, never changed: status() reads one or the next.
-        self.health_applies = {"failed": 0, "unapplied_since": None, "error": None}
-        self.last_apply = time.time()
-        self.started = time.monotonic()     # uptime: a step of the clock moves no start
-        # status() (the CLI, metrics scrapes) sees one applied state or the next,
-        # never half of each.
-        self.lock = threading.RLock()
-        # The Maglev tables' digests of (config, state): each hashes 65,537 slots,
-        # too many for every status while only an apply changes them.
-        self._digests: tuple[Config, planner.DataplaneState, dict[str, str]] | None = None
-
-    def health_targets(self) -> list[Target]:
-        """Every server whose pool or own monitor checks it."""
-        return [Target.for_server(p.name, s, m) for p in self.config.pools for s in p.servers
-                if (m := self.config.monitor_for(p, s)) is not None]
-
-    @staticmethod
-    def _server_states(config: Config, admin: dict[Key, str],
-                       health: dict[Key, str]) -> dict[Key, str]:
-        return {(p.name, s.name): planner.server_state(s, admin.get((p.name, s.name)),
-                                                       health.get((p.name, s.name), "up"))
-                for p in config.pools for s in p.servers}
-
-    def apply(self, config: Config, admin: dict[Key, str] | None = None, *,
-              relink: bool) -> dict:
-        """Takes the data plane to `config`. Raises (LookupError, CapacityError,
-        DatapathError, bcc's error of a map write the kernel refused) with
-        nothing changed. relink: a new config, whose links
-        are looked at again (attached, detached); a change of state (health,
-        admin, role) keeps the links as they are, so that no link's trouble
-        keeps it from taking effect."""
-        warned: list[str] = []      # about the links attached: logged, and answered
-        if relink:
-            links = _select(config, self.datapath.holds)
-            # Those that do not run this program: new links, one made again
-            # under a name (another ifindex), one whose program was removed or
-            # replaced by hand, one running the program an adoption takes over.
-            ours = self.datapath.program()["id"]
-            fresh = [link for link in links if link.xdp_prog_id != ours]
-            _check_host(config, fresh, warned)
-            _refuse_taken((link for link in fresh if not self.datapath.holds(link)), config)
-        else:
-            links, fresh = list(self.links.values()), []
-        endpoints = {(p.name, s.name): (s.address, s.port)
-                     for p in config.pools for s in p.servers}
-        keys = set(endpoints)
-        # A server given another address or port is a new server (planner.desired):
-        # up until its first check there, whatever the checks of its old address said,
-        # its health changes and check durations counted from zero. One renamed at the
-        # same address and port is the same server, as checked, with its counts, and
-        # drained or in maint as it was; the name it left is no longer its state's.
-        renamed = planner.renames(self.config, self.state, config)
-        admin, forgotten = _carry(self.admin if admin is None else admin, renamed, keys)
-        stays = {k: renamed.get(k, k) for k, b in self.state.backends.items()
-                 if endpoints.get(renamed.get(k, k)) == (b.address, b.port)}
-        checked_as = {k: stays.get(k) for k in self.state.backends if stays.get(k) != k}
-
-        def carried(values: dict[Key, int | str]) -> dict:
-            """values of the servers that stay, under their names in config."""
-            return {stays[k]: v for k, v in values.items() if k in stays}
-        health = carried(self.health)
-        states = self._server_states(config, admin, health)
-        lim = self.datapath.limits
-        target = planner.desired(config, links, self.state, lim.max_services, lim.max_backends,
-                                 lim.ring_size, lim.max_maglev, states, lim.max_arp, renamed,
-                                 lim.max_tx_links)
-        if self.role == "backup":
-            target = dataclasses.replace(target, arp={})
-        ends = planner.flows_to_end(self.config, self.states, self.state, config, states, target,
-                                    renamed)
-
-        dp = self.datapath
-        attached = []
-        try:
-            planner.execute(dp, planner.plan(self.state, target))
-            for link in fresh:
-                attached.append(_attach(dp, link, warned))
-        except Exception:
-            # A write the kernel refused, or a link that takes no program: what
-            # was written is written back (writes are idempotent, and a delete
-            # of what was never written is none), or the maps would hold part
-            # of the change while self.state says none, and each apply after
-            # would fail on it (a delete of what is gone) or leave it there.
-            for att in attached:
-                dp.detach(att.ifindex)
-            planner.execute(dp, planner.plan(target, self.state))
-            raise
-        dp.swapped()                # an adoption's copied flow tables catch up
-        for att in attached:        # once all are attached: a veth whose peer xlb
-            _warn_veth(dp, att, warned)     # attaches too has a program at its peer
-        ended = dp.delete_flows(set(ends.backend_ids), set(ends.service_ids), ends.retired)
-        kept = {link.index for link in links}
-        unserved = _unserved(config, links) if relink and config.attach_names() else []
-        let_go = [old for old in self.links.values() if old.index not in kept]
-        for old in let_go:
-            dp.detach(old.index)
-
-        rows = _server_rows(config)
-        with self.lock:
-            self.config, self.state, self.states, self.admin = config, target, states, admin
-            self.server_rows = rows
-            self.health = health
-            # The maps now hold the checks' latest states, whichever apply wrote them.
-            self.health_applies = {**self.health_applies, "unapplied_since": None, "error": None}
-            with self._changes_lock:
-                self.health_changes = carried(self.health_changes)
-                self._checked_as = checked_as
-                self.check_durations.track({t.key for t in self.health_targets()}, stays)
-            self.links = {link.name: link for link in links}
-            if relink:                      # a new config, not a change of state
-                self.last_apply = time.time()
-        self._announce()
-        return {"frontends": len(config.frontends), "pools": len(config.pools),
-                "servers": config.server_count(), "flows_ended": sum(ended.values()),
-                "admin_forgotten": forgotten, "attached": [att.ifname for att in attached],
-                "detached": [old.name for old in let_go], "unserved": unserved,
-                "attach_warnings": warned}
-
-    def _announce(self) -> None:
-        """Announces the VIPs served while active. A route that cannot be written
-        is a warning, not a failed apply: the maps already serve the config."""
-        if self.announcer is None:
-            return
-        taking = {fe.name: len(set(self.state.services[(fe.vip, fe.port, fe.proto_number)].slots))
-                  for fe in self.config.frontends}
-        _sync_routes(self.announcer,
-                     ha.served_vips(self.config, taking) if self.role == "active" else ())
-
-    def count_health_change(self, key: Key) -> None:
-        with self._changes_lock:
-            key = self._checked_as.get(key, key)
-            if key is not None:
-                self.health_changes[key] = self.health_changes.get(key, 0) + 1
-
-    def observe_check(self, key: Key, seconds: float) -> None:
-        """A check's duration, counted as count_health_change counts a change."""
-        with self._changes_lock:
-            key = self._checked_as.get(key, key)
-            if key is not None:
-                self.check_durations.observe(key, seconds)
-
-    def checker_synced(self) -> dict[Key, Key | None]:
-        """The checker takes the config's names: it reports under them from now
-        on. Returns the last apply's renames, for it to follow (old: new)."""
-        with self._changes_lock:
-            renamed, self._checked_as = self._checked_as, {}
-        return renamed
-
-    def cut_off(self) -> list[str]:
-        """The VIPs this node cannot answer for: every link xlb runs on that
-        their ARP requests arrive on has lost its carrier (or was set down),
-        as "VIP (LINK, ...)". keepalived cannot see it when VRRP runs on
-        another link; `xlb ha follow` tells it."""
-        with self.lock:
-            on = planner.arp_links(self.config, self.links.values())
-        carrier = {link.index for link in netif.links() if link.carrier}
-        links: dict[IPv4Address, list[str]] = {}
-        for link, vip in on:
-            links.setdefault(vip, []).append(link.name)
-        live = {vip for link, vip in on if link.index in carrier}
-        return [f"{vip} ({', '.join(names)})" for vip, names in sorted(links.items())
-                if vip not in live]
-
-    def set_role(self, role: str) -> dict:
-        """active: answer ARP for the VIPs (a gratuitous ARP for each on becoming
-        active) and announce them; backup: silent, still checking health."""
-        if role not in ha.ROLES:
-            raise BadRequest(f"unknown role {role!r} (active or backup)")
-        was, self.role = self.role, role
-        try:
-            self.apply(self.config, relink=False)
-        except Exception:
-            self.role = was
-            raise
-        garps, unsent = ha.send_garp(self.state.arp) if role == "active" and was != "active" \
-            else (0, [])
-        log.event("role", level="warning" if unsent else "info", old=was, new=role,
-                  gratuitous_arps=garps, unsent="; ".join(unsent) or None)
-        return {"role": role, "previous": was, "gratuitous_arps": garps,
-                "gratuitous_arps_unsent": unsent}
-
-    def adopt(self, config: Config, admin: dict[Key, str] | None = None,
-              ids: dict[Key, int] | None = None) -> None:
-        """Takes over maps that a previous control process filled for `config`
-        (with `admin` server states and the backend `ids` it saved, which
-        planner.recover goes by): reads back what they hold instead of
-        writing them anew, so every id, flow and counter stays. A server whose
-        backend is closed for no other reason was down by its health checks,
-        and starts down until its first check."""
-        state = planner.recover(config, *self.datapath.held(), ids)
-        if self.datapath.emptied("backends"):
-            # Taken from the connections (another layout emptied the map), and
-            # written back: a server's open to new flows (the apply closes one
-            # that is not up), a removed one's closed.
-            for b in state.backends.values():
-                self.datapath.set_backend(b.id, b.address, b.port)
-            for i, (address, port) in state.retired_backends.items():
-                self.datapath.set_backend(i, address, port, closed=True)
-        keys = {(p.name, s.name) for p in config.pools for s in p.servers}
-        admin = {k: v for k, v in (admin or {}).items() if k in keys}
-        enabled = {(p.name, s.name) for p in config.pools for s in p.servers if s.enabled}
-        health = {k: "down" for k, b in state.backends.items()
-                  if b.closed and k in enabled and k not in admin}
-        with self.lock:
-            self.config, self.state, self.admin, self.health = config, state, admin, health
-            self.states = self._server_states(config, admin, health)
-            self.server_rows = _server_rows(config)
-
-    def set_admin(self, action: str, pool: str, server: str) -> dict:
-        if not any(p.name == pool for p in self.config.pools):
-            raise LookupError(f"no pool {quoted(pool)}")
-        if not any(s.name == server for s in self.config.pool(pool).servers):
-            raise LookupError(f"no server {quoted(server)} in pool {quoted(pool)}")
-        admin = dict(self.admin)
-        admin.pop((pool, server), None)
-        if ADMIN_ACTIONS[action]:
-            admin[(pool, server)] = ADMIN_ACTIONS[action]
-        result = self.apply(self.config, admin, relink=False)
-        return {"pool": pool, "server": server, "state": self.states[(pool, server)],
-                "flows_ended": result["flows_ended"]}
-
-    def restore(self, kept: saved.State | None, config: Config) -> list[str]:
-        """Takes back the server states set at run time before a restart (drain,
-        maint; `kept`, the saved state), to apply `config` next. The apply keeps
-        those of the servers config still has, or has renamed from the data
-        path adopted. A fresh start has none: the saved config tells renamed
-        servers instead, their states named anew here. Returns the states
-        forgotten meanwhile (as apply's admin_forgotten)."""
-        self.admin = dict(kept.admin) if kept else {}
-        if kept is None or self.state.backends:
-            return []
-        try:
-            old = configfile.load(kept.config_text, dumped=True)
-        except ConfigError:
-            return []               # the apply keeps those of the same names
-        renamed = planner.renames(old, planner.named_after(old), config)
-        self.admin, forgotten = _carry(
-            self.admin, renamed, {(p.name, s.name) for p in config.pools for s in p.servers})
-        return forgotten
-
-    def remember(self) -> str | None:
-        """Saves in xlb's state directory what no file holds: the file served,
-        the config that runs, drain and maint, the role, the announce table.
-        Returns a warning if it could not."""
-        try:
-            saved.save(saved.State(str(self.config_path) if self.config_path else None,
-                                   configfile.dump(self.config), dict(self.admin), self.role,
-                                   self.announcer and self.announcer.table,
-                                   self.datapath.identity,
-                                   {k: b.id for k, b in self.state.backends.items()}))
-        except OSError as e:
-            warning = (f"state not saved in {saved.directory()} ({e.strerror}): a restart "
-                       f"would not find this change")
-            log.event("state", level="warning", error=warning)
-            return warning
-        return None
-
-    def _last_check(self, key: Key) -> dict | None:
-        """The latest check of a checked server; None when it is not checked."""
-        if self.checker is None:
-            return None
-        try:
-            return _check_dict(self.checker.last_check(key))
-        except KeyError:                      # a server it does not check
-            return None
-
-    def status(self) -> dict:
-        with self.lock:
-            return self._status()
-
-    def _status(self) -> dict:
-        dp = self.datapath
-        frontends = []
-        for fe in self.config.frontends:
-            svc = self.state.services[(fe.vip, fe.port, fe.proto_number)]
-            frontends.append({"name": fe.name, "vip": str(fe.vip), "port": fe.port,
-                              "protocol": fe.protocol, "pool": fe.pool,
-                              "servers_taking_flows": len(set(svc.slots)),
-                              **_counters(dp.service_counters(svc.id))})
-        ledger = dp.flow_ledger()
-        census = ledger.census
-        counters = dp.backend_counters_many({b.id for b in self.state.backends.values()})
-        config, state, digests = self._digests or (None, None, {})
-        if config is not self.config or state is not self.state:   # an apply since
-            digests = planner.table_digests(self.config, self.state)
-            self._digests = (self.config, self.state, digests)
-        pools = []
-        for pool in self.config.pools:
-            servers = []
-            for s in pool.servers:
-                key = (pool.name, s.name)
-                b = self.state.backends[key]
-                servers.append({**self.server_rows[key],
-                                "state": self.states[key],
-                                "health": self.health.get(key, "up"),
-                                "last_check": self._last_check(key),
-                                "health_changes": self.health_changes.get(key, 0),
-                                "active_flows": census.open.get(b.id, 0),
-                                **counters[b.id]})
-            pools.append({"name": pool.name, "algorithm": pool.algorithm,
-                          "on_server_down": pool.on_server_down,
-                          "table_digest": digests.get(pool.name), "servers": servers})
-        reasons = dp.reason_counters()
-        actions = dict.fromkeys(XDP_ACTIONS, 0)
-        for tally, action in zip(reasons.values(), REASON_ACTIONS):
-            actions[action] += tally.packets
-        return {
-            "version": __version__, "pid": os.getpid(),
-            "uptime_seconds": round(time.monotonic() - self.started, 1),
-            "config": str(self.config_path) if self.config_path else None,
-            "interfaces": _interfaces(dp),
-            "forwarding": "fast" if dp.fast_path else "kernel",
-            "program": dp.program(),
-            "frontends": frontends, "pools": pools,
-            "flows": self._flows(ledger),
-            "map_memory_bytes": sum(dp.map_memory().values()),
-            "applies": dict(self.applies), "last_apply": self.last_apply,
-            "health_applies": self.health_applies,
-            "ha": {"role": self.role,
-                   "announce_table": self.announcer and self.announcer.table,
-                   "announcing": sorted(map(str, self.announcer.announced))
-                   if self.announcer else []},
-            "actions": actions,
-            "reasons": {name: {"packets": t.packets, "bytes": t.bytes}
-                        for name, t in reasons.items()},
-        }
-
-
-    def _flows(self, ledger: FlowLedger) -> dict:
-        """The flow tables: connections by state, what came and went, and the
-        LRU's evictions (Datapath.flow_ledger)."""
-        census, fc, lim = ledger.census, ledger.program, self.datapath.limits
-        capacity = {"flows": lim.max_flows, "flows_new": lim.max_new_flows}
-        return {
-            "entries": sum(census.entries.values()), "capacity": sum(capacity.values()),
-            "connections_capacity": lim.connections,
-            "established": census.established, "closing": census.closing,
-            "half_open": census.half_open,
-            "tables": {t: {"entries": census.entries[t], "capacity": capacity[t]}
-                       for t in flowtable.TABLES},
-            "created": fc.created, "promoted": fc.established, "adopted": fc.adopted,
-            "replies_restored": ledger.control.replies_restored,
-            "removed": {"expired": fc.expired + ledger.control_total("expired"),
-                        "reopened": fc.reopened, "ended": ledger.control_total("ended"),
-                        "evicted": ledger.control_total("evicted")},
-        }
-
-
-def _sync_routes(announcer: ha.Announcer, vips) -> None:
-    try:
-        announcer.sync(vips)
-    except OSError as e:
-        log.event("announce", level="warning", table=announcer.table, error=str(e),
-                  announcing=",".join(map(str, sorted(announcer.announced))) or None)
-
-def _server_rows(config: Config) -> dict[Key, dict]:
-    """What status shows of each server that only apply changes; `monitor`:
-    the name of the monitor that checks it, None when none does."""
-    return {(p.name, s.name): {"name": s.name, "address": str(s.address), "port": s.port,
-                               "weight": s.weight, "backup": s.backup,
-                               "monitor": m.name if (m := config.monitor_for(p, s)) else None}
-            for p in config.pools for s in p.servers}
-
-
-def _check_dict(last) -> dict | None:
-    if last is None:
-        return None
-    ok, reason, duration = last
-    return {"ok": ok, "reason": reason,
-            "duration_seconds": None if duration is None else round(duration, 6)}
-
-
-def _counters(c) -> dict:
-    return {"packets_in": c.packets_in, "bytes_in": c.bytes_in, "packets_out": c.packets_out,
-            "bytes_out": c.bytes_out, "new_flows": c.new_flows}
-
-
-def _interfaces(datapath: Datapath) -> list[dict]:
-    """The links the data path is attached to, as the kernel has them now."""
-    return [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode, "state": a.state}
-            for a in datapath.attachments()]
-
-
-def _warn_link(warned: list[str], event: str, name: str, reason: str, **fields) -> None:
-    """Logs a warning about link `name` and adds it to warned, which an apply
-    answers with: `xlb apply` says it where the instance's log is not seen."""
-    log.event(event, level="warning", interface=name, reason=reason, **fields)
-    warned.append(f"{name}: {reason}")
-
-
-def _attach(datapath: Datapath, link: netif.Link, warned: list[str]):
-    """Native XDP where the driver takes it, generic with a warning elsewhere."""
-    att = datapath.attach(link.index, link.name)
-    if att.mode != "native":
-        _warn_link(warned, "attach", link.name, f"native XDP refused ({att.note}); generic "
-                   f"XDP is slower", mode="generic")
-    return att
-
-
-def _warn_veth(datapath: Datapath, att, warned: list[str]) -> None:
-    """A warning where a veth's peer would lose what xlb transmits: asked once
-    every link of the apply is attached, as xlb may attach the peer itself."""
-    if att.mode != "native":
-        return
-    peer = netif.veth_peer_without_xdp(att.ifindex)
-    if peer is not None:
-        lost = ("answers for VIPs (ARP, ping, fragmentation needed)"
-                + (" and fast-path packets" if datapath.fast_path else ""))
-        _warn_link(warned, "attach", att.ifname,
-                   f"its veth peer {peer} runs no XDP program, so the {lost} that "
-                   f"xlb sends out of {att.ifname} are lost; attach one to {peer} "
-                   f"(one that passes everything will do)", mode="native")
-
-
-def _select(config: Config, holds: Callable[[netif.Link], bool] = lambda link: False
-            ) -> list[netif.Link]:
-    """The links a config attaches to (raises LookupError): those it names, or
-    every up Ethernet one (not the loopback) and those that run the program
-    already, by ifindex (a link that goes down keeps its program, and serves
-    again when it comes back up; so does one that runs the program an adoption
-    takes over)."""
-    names = config.attach_names()
-    if names:
-        links = netif.select(names)
-        for link in links:
-            if link.loopback:   # what a host sends to a VIP leaves by a link, not lo
-                raise LookupError(f"interface {link.name!r} is the loopback: no packet for a "
-                                  f"VIP arrives there")
-            if not link.ethernet:   # the program would parse IP packets as frames
-                raise LookupError(f"interface {link.name!r} carries no Ethernet frames (a tun, "
-                                  f"tunnel or wireguard link): no ARP for a VIP arrives there")
-        return links
-    links = [link for link in netif.links()
-             if link.ethernet and (link.up or holds(link))]
-    if not links:
-        raise LookupError("no up Ethernet interface in this network namespace")
-    return links
-
-
-def _refuse_taken(links: Iterable[netif.Link], config: Config) -> None:
-    """Raises LookupError for a link that runs an XDP program not xlb's, which
-    the attach would not replace (XDP_FLAGS_UPDATE_IF_NOEXIST): found there,
-    it came after the compile (`up`) or the map writes (`apply`). Where the
-    config names no links, the link is one of every up Ethernet link, and the
-    error says how to leave it out."""
-    for link in links:
-        if link.xdp_prog_id:
-            raise LookupError(f"{link.name}: another XDP program (id {link.xdp_prog_id}) is "
-                              f"attached already"
-                              + ("" if config.attach_names() else f"; {UNNAMED_LINKS}"))
-
-
-def _check_host(config: Config, new_links: list[netif.Link], warned: list[str]) -> None:
-    """Refuses VIPs and servers that are the host's own addresses; warns (into
-    warned), once per link it is about to attach, where replies would be filtered."""
-    found = netif.links()
-    local, routes = netif.local_addresses(found), netif.local_routes(found)
-
-    def owned(addr: IPv4Address) -> tuple[str, str] | None:
-        """How the kernel owns addr ("local" or "broadcast", and where), or None.
-        Not only a link's address: an address of a `local` route, and a
-        subnet's broadcast address (which clients send to every host of the link)."""
-        if addr in local:
-            return "local", f"a local address (on {local[addr]})"
-        for prefix, kind, dev in routes:
-            if addr in prefix:
-                return kind, (f"a broadcast address of this host (of {dev}'s subnet)"
-                              if kind == "broadcast" else
-                              f"a local address (local route {prefix} on {dev})")
-        return None
-
-    for fe in config.frontends:
-        if found := owned(fe.vip):
-            kind, what = found
-            raise LookupError(f"VIP {fe.vip} is {what}: " + (
-                "no client can reach a server there" if kind == "broadcast" else
-                "reverse-NATed replies would look martian; remove it from the host"))
-    for pool in config.pools:
-        for s in pool.servers:
-            if found := owned(s.address):
-                # The host's own answers leave by its stack, never through XDP
-                # (nor does it get a subnet's broadcast as one host's traffic).
-                raise LookupError(f"server {s.name} ({s.address}:{s.port}) is {found[1]}: "
-                                  f"its replies would not pass xlb to be reverse-NATed")
-    for link in new_links:
-        if netif.strict_rp_filter(link.name):
-            _warn_link(warned, "rp_filter", link.name,
-                       f"strict rp_filter drops reverse-NATed replies (their source is "
-                       f"the VIP); set net.ipv4.conf.{link.name}.rp_filter=0 or 2")
-
-
-def _unserved(config: Config, links: list[netif.Link]) -> list[str]:
-    """Where a config names its links (and so may leave one out), what the
-    links left out keep from working, as warnings (also logged): a VIP on the
-    subnet of one, whose ARP requests nothing answers there; servers routed
-    through one, whose replies come back there, where no program NATs them
-    back to the VIP (they leave from the server's own address, which no
-    client takes), as the kernel routes them (netif.route_links). Not
-    refused: a router may route the VIP to this node another way, and
-    replies may come back another way."""
-    warnings = []
-    answered = {(link.index, vip) for link, vip in planner.arp_links(config, links)}
-    found = netif.links()
-    for link in found:
-        for fe in config.frontends:
-            if link.up and link.ethernet and not link.loopback and link.holds(fe.vip) \
-                    and (link.index, fe.vip) not in answered:
-                warnings.append(("arp", link.name,
-                                 f"VIP {fe.vip} of {configfile.key_path('frontends', fe.name)} "
-                                 f"is on {link.name}'s subnet, where xlb answers no ARP for "
-                                 f"it (the interfaces named leave {link.name} out): clients "
-                                 f"there cannot reach it; name {link.name} in its interfaces"))
-    servers: dict[IPv4Address, list[str]] = {}
-    for pool in config.pools:
-        for s in pool.servers:
-            servers.setdefault(s.address, []).append(s.name)
-    on = {link.index for link in links}
-    behind: dict[int, list[str]] = {}
-    for address, index in netif.route_links(servers).items():
-        if index not in on:
-            behind.setdefault(index, []).extend(servers[address])
-    link_names = {link.index: link.name for link in found}
-    for index, names in behind.items():
-        if (name := link_names.get(index)) is None:     # made since the links were read
-            continue
-        names = sorted(set(names))
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        warnings.append(("route", name,
-                         f"{'servers' if len(names) > 1 else 'server'} {shown} "
-                         f"{'are' if len(names) > 1 else 'is'} routed through {name}, which "
-                         f"xlb does not run on (the interfaces named leave it out): replies "
-                         f"come back there and leave from the server's address, not NATed "
-                         f"back to the VIP; name {name} too"))
-    for event, name, warning in warnings:
-        log.event(event, level="warning", interface=name, reason=warning)
-    return [warning for _, _, warning in warnings]
 
 
 # The exit status of `xlb up` after `xlb down --keep-datapath` (EX_TEMPFAIL):
@@ -740,8 +163,8 @@ def up(config: Config, config_path: Path | None = None,
     serving = stopping = False
     announcer = ha.Announcer(announce_table) if announce_table is not None else None
     try:
-        links = _select(config)
-        _check_host(config, [], [])    # local VIPs; the warnings come with the attach
+        links = select_links(config)
+        check_host(config, [], [])    # local VIPs; the warnings come with the attach
         cap = limits or Limits()        # the flow table's size is no capacity of a config
         planner.desired(config, links, planner.DataplaneState(), cap.max_services,
                         cap.max_backends, cap.ring_size, cap.max_maglev,
@@ -754,7 +177,7 @@ def up(config: Config, config_path: Path | None = None,
                                   f"{e.strerror}") from None
         signals.check()
         running = find_running()
-        _refuse_taken((link for link in links
+        refuse_taken((link for link in links
                        if running is None or link.index not in running.attached), config)
         if limits is None:
             limits = running.limits() if running is not None else Limits()
@@ -797,12 +220,12 @@ def up(config: Config, config_path: Path | None = None,
             # The routes a killed instance left where this one announces nothing:
             # BIRD would go on announcing them. Withdrawn before remember()
             # forgets the table.
-            _sync_routes(ha.Announcer(kept.announce_table), ())
+            sync_routes(ha.Announcer(kept.announce_table), ())
         balancer.remember()
         if exporter is not None:
             metrics.serve(exporter, balancer, balancer.check_durations)
         serving = True
-        attached = _interfaces(datapath)
+        attached = attached_interfaces(datapath)
         # The links an adoption let go (no longer named), said as an apply says them.
         adopted = (" (adopted the running data path"
                    + (f"; detached from {', '.join(let_go)}" if let_go else "") + ")")
@@ -840,7 +263,7 @@ def up(config: Config, config_path: Path | None = None,
                 exporter.shutdown()
             exporter.server_close()
         if announcer is not None and stopping:     # withdraw before the data path goes
-            _sync_routes(announcer, ())
+            sync_routes(announcer, ())
         if datapath is not None:
             # A failed adoption leaves the running data path as it was found.
             if stopping or (running is None and not serving):
@@ -874,17 +297,6 @@ def _say(line: str) -> None:
         print(line, flush=True)
     except OSError:
         log.silence(sys.stdout)
-
-
-def _carry(states: dict[Key, str], renamed: dict[Key, Key],
-           keys: Collection[Key]) -> tuple[dict[Key, str], list[str]]:
-    """states (drain, maint) under their servers' names after `renamed`
-    (planner.carried), and "drain of was1 in pool web" for each one lost with
-    its server, which the operator should hear of."""
-    names = planner.carried(states, renamed, keys)
-    return ({names[k]: v for k, v in states.items() if k in names},
-            [f"{state} of {server} in pool {pool}"
-             for (pool, server), state in sorted(states.items()) if (pool, server) not in names])
 
 
 def _describing(kept: saved.State | None, running) -> saved.State | None:
@@ -1161,10 +573,6 @@ def _hung_up(writer: asyncio.StreamWriter) -> bool:
     poller = select.poll()
     poller.register(writer.get_extra_info("socket").fileno(), 0)
     return any(events & select.POLLHUP for _, events in poller.poll(0))
-
-
-class BadRequest(Exception):
-    """A request that names no known command or lacks what its command needs."""
 
 
 def _field(req: dict, name: str) -> str:

@@ -828,7 +828,7 @@ class Datapath:
     def _delete(self, name: str, key) -> None:
         """Deletes key from hash map `name`; a key not there is deleted already:
         undoing a change that failed part way deletes what it had not written yet
-        (daemon.Balancer.apply)."""
+        (balancer.Balancer.apply)."""
         if lib.bpf_delete_elem(self._maps[name].map_fd, ct.byref(key)) != 0 \
                 and ct.get_errno() != errno.ENOENT:
             raise DatapathError(f"cannot delete from {name}: {os.strerror(ct.get_errno())}")
@@ -895,7 +895,7 @@ class Datapath:
                 bool(svc.flags & layout.SERVICE_ADOPT))
         if self.emptied("backends"):
             # The connections tell the ids they name, and their servers, which
-            # the adoption writes back (daemon.Balancer.adopt).
+            # the adoption writes back (balancer.Balancer.adopt).
             entries = [(i, addr, port, False) for dump in self.flow_dumps().values()
                        for i, (addr, port) in flowtable.backends(*dump).items()]
         else:

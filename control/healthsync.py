@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 from . import log
 from .health import HealthChecker, Transition
 
-if TYPE_CHECKING:       # annotations only: daemon imports this module
-    from .daemon import Balancer
+if TYPE_CHECKING:       # annotations only: balancer imports bcc, through the data path
+    from .balancer import Balancer
 
 
 # A health change that could not be applied is tried again after 1 s, then

@@ -13,8 +13,8 @@ from . import log, netif
 from .health import HealthChecker, Target
 from .healthsync import RETRY_SECONDS
 
-if TYPE_CHECKING:       # annotations only: daemon imports this module
-    from .daemon import Balancer, Key
+if TYPE_CHECKING:       # annotations only: balancer imports bcc, through the data path
+    from .balancer import Balancer, Key
 
 
 # Route lookups under churn take a fifth of a core at most.

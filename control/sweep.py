@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from . import log
 from .datapath import Datapath
 
-if TYPE_CHECKING:       # annotations only: daemon imports this module
-    from .daemon import Balancer
+if TYPE_CHECKING:       # annotations only
+    from .balancer import Balancer
 
 
 SWEEP_COST = 100        # the sweep may take at most 1/SWEEP_COST of a CPU,

@@ -164,7 +164,7 @@ def balancer(root, fibnet):
     """A Balancer serving 10.1.1.101:80 by 10.1.11.101:8080 alone (as `xlb up`
     does, without links) on a Datapath of its own: nothing was ever evicted
     from its tables."""
-    from xlb.daemon import Balancer
+    from xlb.balancer import Balancer
     from xlb.datapath import Datapath
     from xlb.model import from_flags
 

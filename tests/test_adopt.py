@@ -369,14 +369,14 @@ def test_an_emptied_backends_map_keeps_the_ids_that_the_connections_name(tmp_pat
     going, and each server showed another's counters and active flows. The
     connections' forward entries tell each id's address and port."""
     from packets import tcp_frame
-    from xlb import daemon
+    from xlb.balancer import Balancer
     from xlb.model import from_flags
     new, _ = adopt_older_build(tmp_path, "xlb_shared.h", "\t__be16 port;\n\t__u16 flags;\n};",
                                "\t__be16 port;\n\t__u16 flags;\n\t__u32 older;\n};", serving)
     try:
         assert new.fresh_maps == ["backends (emptied: its layout changed)"]
         config = from_flags([f"{VIP}:80"], [f"{WAS1}:8080", "10.1.11.102:8080"])
-        balancer = daemon.Balancer(new)
+        balancer = Balancer(new)
         balancer.adopt(config)
         balancer.apply(config, relink=False)
         assert balancer.state.backends[("default", "backend1")].id == 5

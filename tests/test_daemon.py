@@ -1,5 +1,5 @@
-"""The control process (daemon.py): its answers to requests, and its Balancer, on a real
-data path."""
+"""The control process (daemon.py): its answers to requests, and its Balancer
+(balancer.py), on a real data path."""
 
 import array
 import asyncio
@@ -26,6 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from xlb import config as configfile, ctl, daemon, healthsync, metrics, sweep
+from xlb.balancer import Balancer, select_links
 from xlb.datapath import Datapath, DatapathError, Limits, find_running
 from xlb.model import Monitor, from_flags
 
@@ -82,7 +83,7 @@ def test_a_newcomer_given_a_used_id_starts_its_counters_at_zero(root, fibnet):
 
     dp = Datapath(Limits(max_services=2, max_backends=2))
     try:
-        b = daemon.Balancer(dp)
+        b = Balancer(dp)
         b.apply(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"]), relink=False)
         for sport in range(40000, 40003):
             dp.test_run(tcp_frame("10.1.1.10", "10.1.1.101", sport, 80))
@@ -624,8 +625,8 @@ def test_a_link_that_carries_no_ethernet_frames_is_refused_or_left_out(fibnet):
         fibnet.sh("ip", "link", "set", "xtun0", "up")
         with pytest.raises(LookupError, match=r"^interface 'xtun0' carries no Ethernet "
                                               r"frames \(a tun, tunnel or wireguard link\)"):
-            daemon._select(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["xtun0"]))
-        everywhere = daemon._select(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"]))
+            select_links(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["xtun0"]))
+        everywhere = select_links(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"]))
         assert everywhere and "xtun0" not in [link.name for link in everywhere]
     finally:
         fibnet.sh("ip", "link", "del", "xtun0")
@@ -726,7 +727,7 @@ def test_status_shows_the_digest_of_the_maglev_table_the_maps_hold(balancer):
     drained = planner.table_digests(config, fresh({("default", "backend1"): "drain"}))
     again = Datapath(running=running_of(balancer.datapath))
     try:
-        adopted = daemon.Balancer(again)
+        adopted = Balancer(again)
         adopted.adopt(config, balancer.admin)
         assert adopted.status()["pools"][0]["table_digest"] == drained["default"] != same
     finally:
@@ -749,7 +750,7 @@ def test_an_adoption_reads_a_source_pool_back_and_a_maglev_config_flips_its_flag
     shown = balancer.status()["pools"][0]["table_digest"]
     again = Datapath(running=running_of(balancer.datapath))
     try:
-        adopted = daemon.Balancer(again)
+        adopted = Balancer(again)
         adopted.adopt(source)
         assert adopted.status()["pools"][0]["table_digest"] == shown
         writes = []
@@ -884,7 +885,8 @@ def test_a_request_begun_before_its_deadline_is_waited_for_past_it(root, fibnet,
     written: a drain first, the server's disable queued behind it."""
     held = {state: (threading.Event(), threading.Event()) for state in ("drain", "maint")}
     outcome = []
-    save = daemon.saved.save
+    from xlb import state as saved
+    save = saved.save
 
     def held_save(state):
         if state.admin:             # the drain's, then the disable's; not the start's
@@ -894,7 +896,7 @@ def test_a_request_begun_before_its_deadline_is_waited_for_past_it(root, fibnet,
                 release.wait(30)
         save(state)
 
-    monkeypatch.setattr(daemon.saved, "save", held_save)
+    monkeypatch.setattr(saved, "save", held_save)
 
     def change(action, timeout):
         try:
@@ -1043,7 +1045,7 @@ def test_a_fresh_start_tells_renamed_servers_by_the_saved_config():
     kept = saved.State(None, configfile.dump(web), {("web", "a"): "drain", ("web", "b"): "maint"})
 
     def restored(new, kept=kept):
-        b = daemon.Balancer(None)
+        b = Balancer(None)
         return b.restore(kept, new), b.admin
 
     assert restored(config("www", ("a", 101), ("x", 102))) == (

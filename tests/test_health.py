@@ -1679,7 +1679,7 @@ def test_a_server_its_link_took_down_shows_no_check_duration():
     lost its carrier (0.0 ms)" as if one had run and taken 0.0 ms, and the
     log its check_duration=0.0. No duration is told, and none is counted
     (on_check, which feeds the check-duration histogram, hears nothing)."""
-    from xlb.daemon import _check_dict
+    from xlb.balancer import _check_dict
     from xlb.units import last_check
     changes, checks = [], []
     hc = HealthChecker(changes.append, lambda *check: checks.append(check))

@@ -498,7 +498,7 @@ STOPPED = "import os, sys, signal, time; from xlb import daemon, datapath\n{}\n"
 SIGTERM_SELF = "lambda *args: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30))"
 
 
-@pytest.mark.parametrize("patch", [f"daemon._select = {SIGTERM_SELF}",
+@pytest.mark.parametrize("patch", [f"daemon.select_links = {SIGTERM_SELF}",
                                    f"datapath.Datapath._compile = staticmethod({SIGTERM_SELF})"],
                          ids=["starting", "compiling"])
 def test_a_signal_while_adopting_removes_the_data_path(lab, patch):

@@ -1454,7 +1454,7 @@ def test_a_control_process_that_adopts_the_data_path_goes_on_counting(balancer, 
     program built on them (a restart of `xlb up`) shows the same, and the
     LRU's evictions are not the previous process's removals."""
     from test_adopt import running_of
-    from xlb.daemon import Balancer
+    from xlb.balancer import Balancer
     from xlb.datapath import Datapath
 
     dp = balancer.datapath
@@ -1621,7 +1621,7 @@ def test_a_restart_with_the_server_renamed_keeps_its_connections(balancer, fibne
     """`xlb up` with a file that renames the server, adopting the data path
     that the old config filled (as it saved it): the same server still."""
     from test_adopt import running_of
-    from xlb.daemon import Balancer
+    from xlb.balancer import Balancer
     from xlb.datapath import Datapath
 
     lb, config, pool, old_id = one_connection(balancer, fibnet, "reset", 53420)
