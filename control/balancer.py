@@ -386,7 +386,6 @@ class Balancer:
                         for name, t in reasons.items()},
         }
 
-
     def _flows(self, ledger: FlowLedger) -> dict:
         """The flow tables: connections by state, what came and went, and the
         LRU's evictions (Datapath.flow_ledger)."""
@@ -413,6 +412,7 @@ def sync_routes(announcer: ha.Announcer, vips) -> None:
     except OSError as e:
         log.event("announce", level="warning", table=announcer.table, error=str(e),
                   announcing=",".join(map(str, sorted(announcer.announced))) or None)
+
 
 def _server_rows(config: Config) -> dict[Key, dict]:
     """What status shows of each server that only apply changes; `monitor`:
