@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable
@@ -89,7 +90,8 @@ class Balancer:
         nothing changed. relink: a new config, whose links
         are looked at again (attached, detached); a change of state (health,
         admin, role) keeps the links as they are, so that no link's trouble
-        keeps it from taking effect."""
+        keeps it from taking effect, but for one deleted and made again under
+        its name, which it attaches (_made_again)."""
         warned: list[str] = []      # about the links attached: logged, and answered
         if relink:
             links = select_links(config, self.datapath.holds)
@@ -101,7 +103,7 @@ class Balancer:
             check_host(config, fresh, warned)
             refuse_taken((link for link in fresh if not self.datapath.holds(link)), config)
         else:
-            links, fresh = list(self.links.values()), []
+            links, fresh = _made_again(self.links)
         endpoints = {(p.name, s.name): (s.address, s.port)
                      for p in config.pools for s in p.servers}
         keys = set(endpoints)
@@ -471,6 +473,34 @@ def _warn_veth(datapath: Datapath, att, warned: list[str]) -> None:
                    f"its veth peer {peer} runs no XDP program, so the {lost} that "
                    f"xlb sends out of {att.ifname} are lost; attach one to {peer} "
                    f"(one that passes everything will do)", mode="native")
+
+
+def _index_of(name: str) -> int | None:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
+
+
+def _made_again(attached: dict[str, netif.Link]) -> tuple[list[netif.Link], list[netif.Link]]:
+    """The links attached, as they are, but each one deleted and made again
+    under its name since (a veth, a VLAN, a NIC whose driver was reloaded:
+    another ifindex, no program) as it is now; and those, to attach. Left
+    unattached, the made one let the servers' replies reach the clients
+    un-NATed, every connection failing, until an `xlb apply`."""
+    if all(_index_of(name) == old.index for name, old in attached.items()):
+        return list(attached.values()), []      # the usual case, without a dump of the links
+    now = netif.links()
+    indexes = {link.index for link in now}
+    made = {link.name: link for link in now
+            if link.ethernet and not link.xdp_prog_id}
+    links, fresh = [], []
+    for name, old in attached.items():
+        new = made.get(name) if old.index not in indexes else None
+        links.append(new or old)
+        if new:
+            fresh.append(new)
+    return links, fresh
 
 
 def select_links(config: Config, holds: Callable[[netif.Link], bool] = lambda link: False

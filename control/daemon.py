@@ -371,7 +371,7 @@ async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignal
 
     health = HealthSync(balancer, lock)
     checker = health.checker
-    links = LinkWatch(balancer, checker)
+    links = LinkWatch(balancer, checker, lock)
 
     async def sync_targets() -> str | None:
         unapplied = await health.sync_targets()

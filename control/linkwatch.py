@@ -41,8 +41,8 @@ class LinkWatch:
     LOOKUP_SECONDS after the last ended at the soonest, or LOOKUP_SPACING
     times its length if longer (a round of 10,000 servers is some 20 ms)."""
 
-    def __init__(self, balancer: Balancer, checker: HealthChecker):
-        self.balancer, self.checker = balancer, checker
+    def __init__(self, balancer: Balancer, checker: HealthChecker, lock: asyncio.Lock):
+        self.balancer, self.checker, self.lock = balancer, checker, lock
         self.events = netif.LinkEvents()
         self.routes: dict[IPv4Address, int] = {}    # server address: link index
         # Each server at its address that the last round routed (through
@@ -59,6 +59,7 @@ class LinkWatch:
         self._rerouting: asyncio.Task | None = None
         self._lookup: asyncio.Task | None = None
         self._again = False
+        self._attaching: asyncio.Task | None = None
 
     def start(self) -> None:
         asyncio.get_running_loop().add_reader(self.events.fileno(), self._read)
@@ -67,7 +68,7 @@ class LinkWatch:
     def close(self) -> None:
         asyncio.get_running_loop().remove_reader(self.events.fileno())
         self.events.close()
-        for task in (self._lookup, self._recarrier, self._rerouting):
+        for task in (self._lookup, self._recarrier, self._rerouting, self._attaching):
             if task is not None:
                 task.cancel()
 
@@ -174,11 +175,36 @@ class LinkWatch:
                 self._regained |= back
                 if self._rerouting is None or self._rerouting.done():
                     self._rerouting = asyncio.get_running_loop().create_task(self._reroute())
+        if any(self._made_again(index) for index in regained):
+            self._attaching = asyncio.get_running_loop().create_task(self._attach_again())
         if self.events.overrun and (self._recarrier is None or self._recarrier.done()):
             # Its losses told now, not with the next round, which may be seconds away.
             self._recarrier = asyncio.get_running_loop().create_task(self._carrier_again())
         if lost or changed:
             self.stale()
+
+    def _made_again(self, index: int) -> bool:
+        """Whether link index has the name of one the data path was attached to
+        under another index (deleted since, or renamed: Balancer.apply tells)."""
+        try:
+            name = socket.if_indextoname(index)
+        except OSError:     # gone again
+            return False
+        old = self.balancer.links.get(name)
+        return old is not None and old.index != index
+
+    async def _attach_again(self) -> None:
+        """Attaches the links made again under their names, as a change of state
+        does (Balancer.apply), now rather than at the next one."""
+        async with self.lock:
+            try:
+                result = await asyncio.to_thread(self.balancer.apply, self.balancer.config,
+                                                 relink=False)
+            except Exception as e:      # a task's own: nobody else would hear of it
+                log.event("link", level="error", error=f"a link made again not attached: {e}")
+                return
+        for name in result["attached"]:
+            log.event("link", link=name, reason="was made again: attached")
 
     async def _carrier_again(self) -> None:
         # Until no overrun is left: one found meanwhile (by the reads here, or

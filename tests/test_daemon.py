@@ -594,26 +594,33 @@ def test_a_check_the_checker_reports_under_an_old_name_counts_for_its_server(bal
     assert counts() == {"a": (0, 0), "b": (2, 2)}
 
 
-def test_an_apply_attaches_to_a_link_made_again_under_its_name(balancer, fibnet):
+@pytest.mark.parametrize("relink", [True, False])
+def test_an_apply_attaches_to_a_link_made_again_under_its_name(balancer, fibnet, relink):
     """A link deleted and made again (a veth, a VLAN or a NIC's driver
     reloaded) has the same name and a new ifindex: it came up since, and an
-    apply attaches to it, as to any link that came up (README)."""
+    apply attaches to it, as to any link that came up (README); so does a
+    change of state (the link watch's, once it is up), and the fast path
+    may send out of it."""
     from xlb import netif
 
     def program_on(name):
         return next(link.xdp_prog_id for link in netif.links() if link.name == name)
 
     config = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["again"])
-    fibnet.add_veth("again")
+    gone = fibnet.add_veth("again")
     balancer.apply(config, relink=True)
     assert program_on("again")
     fibnet.sh("ip", "link", "del", "again")
     index = fibnet.add_veth("again")
-
-    balancer.apply(config, relink=True)
-    assert program_on("again")
-    assert [(i["name"], i["ifindex"]) for i in balancer.status()["interfaces"]] == \
-        [("again", index)]
+    try:
+        balancer.apply(config, relink=relink)
+        assert program_on("again")
+        assert [(i["name"], i["ifindex"]) for i in balancer.status()["interfaces"]] == \
+            [("again", index)]
+        tx_links = {k.value for k in balancer.datapath._maps["tx_links"]}
+        assert index in tx_links and gone not in tx_links
+    finally:
+        fibnet.sh("ip", "link", "del", "again")
 
 
 def test_a_link_that_carries_no_ethernet_frames_is_refused_or_left_out(fibnet):

@@ -711,6 +711,34 @@ def test_a_link_that_goes_down_keeps_its_program(lab, tmp_path):
         assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
 
 
+def test_a_link_deleted_and_made_again_under_its_name_is_attached_at_once(lab):
+    """lb's link to the servers is deleted and made again (a veth, a VLAN, a
+    NIC whose driver was reloaded: its name, another ifindex): xlb attaches to
+    it as soon as it is up, with no `xlb apply` (which the one-line form has
+    no file for). Without its program there, every server's reply reached
+    the client un-NATed and no connection was served for good, while status
+    said both servers were up."""
+    with lab.xlb(*SEED_ARGS, "--interval", "0.5"):
+        index = {i["name"]: i["ifindex"] for i in lab.status()["interfaces"]}["eth1"]
+        lab.run("lb", "ip", "link", "del", "eth1", check=True)     # and its peer, lb-eth1
+        subprocess.run(["ip", "-n", lab.ns("lb"), "link", "add", "eth1", "type", "veth", "peer",
+                        "name", "lb-eth1", "netns", lab.ns("sw")], check=True)
+        for node, dev in (("lb", "eth1"), ("sw", "lb-eth1")):      # as lab.sh plugs a link
+            lab.run(node, "ethtool", "-K", dev, "tx", "off", check=True)
+        lab.run("sw", "ip", "link", "set", "lb-eth1", "master", "br-int", "up", check=True)
+        lab.run("sw", PY, str(HERE / "xdp_pass.py"), "lb-eth1", check=True)
+        lab.run("lb", "ip", "addr", "add", "10.1.11.1/24", "dev", "eth1", check=True)
+        lab.run("lb", "ip", "link", "set", "eth1", "up", check=True)
+
+        def served(status):
+            links = {i["name"]: (i["ifindex"], i["state"]) for i in status["interfaces"]}
+            return links["eth1"][0] != index and links["eth1"][1] == "up" and \
+                all(s["health"] == "up" for s in status["pools"][0]["servers"])
+        wait_for(lambda: served(lab.status()), 20, "eth1 attached again, both servers up")
+        http = lab.client("client", "http", VIP, "80", "--count", "6")
+        assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
+
+
 def test_a_named_link_that_went_away_keeps_no_health_change_from_taking_effect(lab):
     """Attached to links it was told (--iface), one of which is then deleted:
     a server that goes down is still taken out (a health change keeps the

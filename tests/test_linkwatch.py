@@ -167,8 +167,9 @@ def test_a_port_taken_out_of_its_bridge_is_not_told_deleted():
 
 class Servers:
     """The part of a Balancer that LinkWatch reads: the servers checked (here
-    all by one tcp monitor), and no announcer."""
+    all by one tcp monitor), no announcer and no link attached."""
     announcer = None
+    links: dict = {}
 
     def __init__(self, addresses: list[str]):
         m = Monitor("m", "tcp", interval=1.0, timeout=0.5, rise=2, fall=2)
@@ -192,7 +193,7 @@ def watching(servers: Servers, on_change=lambda tr: None):
     """A running CountedWatch of these servers, its checker not running."""
     hc = HealthChecker(on_change)
     hc.set_targets(servers.targets)
-    watch = CountedWatch(servers, hc)
+    watch = CountedWatch(servers, hc, asyncio.Lock())
     watch.start()
     try:
         yield watch, hc
