@@ -26,7 +26,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import config as configfile, ctl, ha, log, metrics, planner
+from . import config as configfile, ctl, ha, log, metrics, netif, planner
 from . import state as saved
 from .balancer import (ADMIN_ACTIONS, Balancer, BadRequest, Key, attached_interfaces, check_host,
                        refuse_taken, select_links, sync_routes)
@@ -400,6 +400,7 @@ async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignal
     checks = loop.create_task(checker.run())
     links.start()
     sweeps = loop.create_task(sweep_forever(balancer))
+    neighbours = loop.create_task(_renew_neighbours_forever(balancer.datapath))
     # A copy: the server closes it when the loop ends, while the control
     # socket stays bound until the data path is detached, so that `xlb down`
     # (which waits until nothing listens) returns only then.
@@ -428,6 +429,7 @@ async def _serve(balancer: Balancer, control: ctl.Listener, signals: _StopSignal
         checker.stop()
         links.close()
         sweeps.cancel()
+        neighbours.cancel()
         await checks
     return bool(downs) and downs[-1]
 
@@ -456,6 +458,30 @@ class _SignalWakeup:
         self._loop.remove_reader(self._read.fileno())
         self._read.close()
         self._write.close()
+
+
+NEIGHBOUR_SECONDS = 5.0    # the kernel's delay_first_probe_time: a probe is no sooner
+
+
+async def _renew_neighbours_forever(datapath: Datapath) -> None:
+    """Every NEIGHBOUR_SECONDS, has the kernel check the stale neighbour
+    entries the fast path sent to meanwhile (netif.renew_stale), as it checks
+    those it sends to itself (with kernel forwarding, every packet)."""
+    since = datapath.now()
+    while True:
+        await asyncio.sleep(NEIGHBOUR_SECONDS)
+        now = datapath.now()
+        if not datapath.fast_path:
+            since = now
+            continue
+        try:
+            renewed = await asyncio.to_thread(
+                lambda: netif.renew_stale(hops) if (hops := datapath.next_hops(since)) else [])
+            if renewed:
+                log.event("neighbours", level="debug", renewed=",".join(renewed))
+        except Exception as e:      # one round's: ending the task would end them, unsaid
+            log.event("neighbours", level="warning", error=str(e) or type(e).__name__)
+        since = now
 
 
 STOP_ANSWER_SECONDS = 5.0   # how long a stop waits for clients to read their answers

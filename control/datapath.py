@@ -14,6 +14,7 @@ import gzip
 import os
 import re
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -862,6 +863,22 @@ class Datapath:
             columns = [words[c * nf + f::stride] for c in range(ncpu)]
             totals.append(list(map(sum, zip(*columns))))
         return {i: {name: totals[f][i] for f, name in enumerate(fields)} for i in ids}
+
+    def next_hops(self, since: int) -> set[tuple[int, bytes]]:
+        """The next hops (link index, MAC) the fast path resolved since `since`
+        (its clock, now()) and sends to from XDP, on any CPU: one read of its
+        cache (bpf/xlb.c, next_hop), whose entries only those stamps decode."""
+        raw = memoryview(self._read_values(self._maps["hops"])).cast("B")
+        size, hop = ct.sizeof(layout.Hop), layout.Hop
+        checked = raw.cast("Q")[hop.checked.offset // 8::size // 8]
+        found = set()
+        for i, stamp in enumerate(checked):
+            at = i * size
+            if stamp >= since and raw[at + hop.xmit.offset]:
+                index = int.from_bytes(raw[at + hop.ifindex.offset:at + hop.ifindex.offset + 4],
+                                       sys.byteorder)
+                found.add((index, bytes(raw[at + hop.dmac.offset:at + hop.dmac.offset + 6])))
+        return found
 
     @staticmethod
     def _read_values(table, start: int = 0, n: int | None = None):

@@ -23,6 +23,7 @@ IFF_UP = 0x1
 IFF_LOOPBACK = 0x8
 IFF_LOWER_UP = 0x10000      # the link has carrier (a cable in, the veth's peer up)
 ARPHRD_ETHER = 1            # a link's type: Ethernet frames (NICs, veth, bridges, VLANs, bonds)
+NUD_STALE, NTF_USE = 0x04, 0x01     # linux/neighbour.h
 # IFLA_XDP_ATTACHED as pyroute2 names it, and the XDP_FLAGS_* that ask for each mode.
 XDP_MODES = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload"}
 _XDP_MODE_FLAGS = {"generic": 1 << 1, "native": 1 << 2, "offload": 1 << 3}
@@ -186,6 +187,32 @@ def xdp_set(ifindex: int, fd: int, mode: str, expected_fd: int | None = None) ->
             ipr.link("set", index=ifindex, xdp={"attrs": attrs})
         except NetlinkError as e:
             raise OSError(e.code, os.strerror(e.code)) from None
+
+
+def renew_stale(hops: set[tuple[int, bytes]]) -> list[str]:
+    """Has the kernel check each stale neighbour entry that is one of these
+    next hops (link index, MAC) as a packet it sent there would (NTF_USE):
+    a probe after delay_first_probe_time, and, unanswered (the neighbour's
+    MAC changed: its NIC or VM replaced), the entry fails and is resolved
+    anew. The fast path sends past the kernel, which so never saw an entry
+    in use: stale, it was used for good. Returns their addresses."""
+    renewed = []
+    with IPRoute() as ipr:
+        for msg in ipr.get_neighbours(family=socket.AF_INET):
+            mac = msg.get_attr("NDA_LLADDR")
+            if msg["state"] != NUD_STALE or mac is None or \
+                    (msg["ifindex"], bytes.fromhex(mac.replace(":", ""))) not in hops:
+                continue
+            address = msg.get_attr("NDA_DST")
+            try:
+                ipr.neigh("change", dst=address, ifindex=msg["ifindex"], flags=NTF_USE,
+                          family=socket.AF_INET)
+            except NetlinkError as e:
+                if e.code != errno.ENOENT:      # gone since the dump
+                    raise
+                continue
+            renewed.append(address)
+    return renewed
 
 
 # A route lookup as `ip route get ADDR` asks it: nlmsghdr, rtmsg (IPv4, dst_len

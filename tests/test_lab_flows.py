@@ -350,6 +350,32 @@ def test_fragments_get_through_a_balancer_whose_kernel_reassembles(lab, forwardi
         lab.run("lb", "nft", "delete", "table", "inet", "xlbct", check=True)
 
 
+def test_a_server_whose_mac_changed_is_reached_again_with_no_check(lab):
+    """A server's MAC changes (its NIC or VM replaced, `ip link set address`)
+    and no health check runs: xlb up has the kernel check the stale
+    neighbour entries the fast path sends to, as it checks those it sends to
+    itself; it probes the server's, finds it dead and resolves the new MAC.
+    Nothing the fast path sends does that: the entry stayed stale with the
+    old MAC, and every connection to that server was lost for good."""
+    mac = lab.mac("was1", "eth0")
+    with lab.xlb("--vip", f"{VIP}:80", *BACKENDS, "--check", "none"):
+        http = lab.client("client", "http", VIP, "80", "--count", "2")
+        assert http["errors"] == [] and sorted(http["names"]) == ["WAS1", "WAS2"]
+        lab.run("was1", "ip", "link", "set", "eth0", "address", "02:00:00:00:0a:01", check=True)
+        try:
+            # Stale, as the fast path leaves every entry once its reachable
+            # time is over (nothing it sends confirms one); a reachable one is
+            # used up to 45 s more, as the kernel's forwarding uses it.
+            lab.run("lb", "ip", "neigh", "change", WAS["WAS1"], "dev", "eth1", "lladdr", mac,
+                    "nud", "stale", check=True)
+            wait_for(lambda: "WAS1" in lab.client("client", "http", VIP, "80", "--count", "2",
+                                                  "--timeout", "1")["names"],
+                     30, "WAS1 answering at its new MAC")
+        finally:
+            lab.run("was1", "ip", "link", "set", "eth0", "address", mac, check=True)
+            lab.run("lb", "ip", "neigh", "flush", "dev", "eth1", check=True)
+
+
 def test_a_port_the_vip_does_not_serve_is_dropped_not_routed(lab):
     """VIP:443, no service: xlb drops it, from either client. Passed, lb's
     kernel (which does not own the VIP) would ARP for the VIP on the client

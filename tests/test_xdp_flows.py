@@ -2687,6 +2687,20 @@ def test_the_clock_is_monotonic_time_counted_in_ticks(lb, fibnet):
     assert c1 <= fwd.seen <= lb.dp.now() and c1 <= reply.seen <= lb.dp.now()
 
 
+def test_the_next_hops_sent_to_since_a_time_are_read_back(lb, fibnet):
+    """Datapath.next_hops: the links and MACs that the fast path resolved
+    since a time and sends to from XDP, whose stale neighbour entries
+    `xlb up` has the kernel check (netif.renew_stale)."""
+    lb.dp._maps["hops"].clear()
+    since = lb.dp.now()
+    assert lb.dp.next_hops(since) == set()
+    handshake(lb, fibnet, 57010)
+    macs = {name: bytes.fromhex(mac.replace(":", "")) for name, mac in
+            (("int", BACKEND_MAC), ("ext", CLIENT_MAC))}
+    assert lb.dp.next_hops(since) == {(fibnet.ifindex[name], mac) for name, mac in macs.items()}
+    assert lb.dp.next_hops(lb.dp.now() + 1) == set()
+
+
 def test_a_next_hop_is_resolved_again_after_a_second(lb, fibnet):
     """The fast path keeps each destination's next hop for a second: a
     neighbour whose MAC changed is followed once its entry is that old."""
