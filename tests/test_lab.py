@@ -711,6 +711,33 @@ def test_a_link_that_goes_down_keeps_its_program(lab, tmp_path):
         assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
 
 
+def test_the_balancers_address_removed_and_added_back_serves_both_clients_again(lab):
+    """lb's address on the clients' link is removed (its subnet's route and
+    the gateway route through it with it) and added back, a health change
+    applied meanwhile: xlb keeps answering ARP for the VIP on that link (a
+    change of state keeps the links as they were), and both clients are
+    served again once the routes are back (the gateway's is the operator's
+    to put back, as for any route the kernel flushed)."""
+    def health(status):
+        return [s["health"] for s in status["pools"][0]["servers"]]
+
+    with lab.xlb(*SEED_ARGS, "--interval", "0.5"):
+        lab.run("lb", "ip", "addr", "del", "10.1.1.1/24", "dev", "eth0", check=True)
+        try:
+            lab.server("stop", "was2")
+            wait_for(lambda: health(lab.status()) == ["up", "down"], 20, "backend2 down")
+        finally:
+            lab.server("start", "was2")
+            lab.run("lb", "ip", "addr", "replace", "10.1.1.1/24", "dev", "eth0", check=True)
+            lab.run("lb", "ip", "route", "replace", "198.51.100.0/24", "via", "10.1.1.2",
+                    check=True)
+        wait_for(lambda: health(lab.status()) == ["up", "up"], 20, "backend2 up again")
+        lab.run("client", "ip", "neigh", "flush", "dev", "eth0", check=True)    # ARPs anew
+        for node in ("client", "remote"):
+            http = lab.client(node, "http", VIP, "80", "--count", "6")
+            assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
+
+
 def test_a_link_deleted_and_made_again_under_its_name_is_attached_at_once(lab):
     """lb's link to the servers is deleted and made again (a veth, a VLAN, a
     NIC whose driver was reloaded: its name, another ifindex): xlb attaches to
