@@ -84,14 +84,16 @@ class Balancer:
                 for p in config.pools for s in p.servers}
 
     def apply(self, config: Config, admin: dict[Key, str] | None = None, *,
-              relink: bool) -> dict:
+              relink: bool, reread: bool = False) -> dict:
         """Takes the data plane to `config`. Raises (LookupError, CapacityError,
         DatapathError, bcc's error of a map write the kernel refused) with
         nothing changed. relink: a new config, whose links
         are looked at again (attached, detached); a change of state (health,
         admin, role) keeps the links as they are, so that no link's trouble
         keeps it from taking effect, but for one deleted and made again under
-        its name, which it attaches (_made_again)."""
+        its name, which it attaches (_made_again); reread (LinkWatch, after
+        an address or MAC of one changed): their addresses and MACs as they
+        are now, which the ARP answers go by."""
         warned: list[str] = []      # about the links attached: logged, and answered
         if relink:
             links = select_links(config, self.datapath.holds)
@@ -103,7 +105,7 @@ class Balancer:
             check_host(config, fresh, warned)
             refuse_taken((link for link in fresh if not self.datapath.holds(link)), config)
         else:
-            links, fresh = _made_again(self.links)
+            links, fresh = _made_again(self.links, reread)
         endpoints = {(p.name, s.name): (s.address, s.port)
                      for p in config.pools for s in p.servers}
         keys = set(endpoints)
@@ -482,24 +484,29 @@ def _index_of(name: str) -> int | None:
         return None
 
 
-def _made_again(attached: dict[str, netif.Link]) -> tuple[list[netif.Link], list[netif.Link]]:
+def _made_again(attached: dict[str, netif.Link], reread: bool = False
+                ) -> tuple[list[netif.Link], list[netif.Link]]:
     """The links attached, as they are, but each one deleted and made again
     under its name since (a veth, a VLAN, a NIC whose driver was reloaded:
     another ifindex, no program) as it is now; and those, to attach. Left
     unattached, the made one let the servers' replies reach the clients
-    un-NATed, every connection failing, until an `xlb apply`."""
-    if all(_index_of(name) == old.index for name, old in attached.items()):
+    un-NATed, every connection failing, until an `xlb apply`. Where the
+    links are read (one made again, or reread), those still there have
+    their addresses and MACs as they are now, under the names attached."""
+    if not reread and all(_index_of(name) == old.index for name, old in attached.items()):
         return list(attached.values()), []      # the usual case, without a dump of the links
-    now = netif.links()
-    indexes = {link.index for link in now}
-    made = {link.name: link for link in now
+    now = {link.index: link for link in netif.links()}
+    made = {link.name: link for link in now.values()
             if link.ethernet and not link.xdp_prog_id}
     links, fresh = [], []
     for name, old in attached.items():
-        new = made.get(name) if old.index not in indexes else None
-        links.append(new or old)
-        if new:
+        if (same := now.get(old.index)) is not None:
+            links.append(dataclasses.replace(old, mac=same.mac, addresses=same.addresses))
+        elif new := made.get(name):
+            links.append(new)
             fresh.append(new)
+        else:
+            links.append(old)
     return links, fresh
 
 

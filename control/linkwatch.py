@@ -60,6 +60,7 @@ class LinkWatch:
         self._lookup: asyncio.Task | None = None
         self._again = False
         self._attaching: asyncio.Task | None = None
+        self._reapply = False    # a link made again, or readdressed: to apply
 
     def start(self) -> None:
         asyncio.get_running_loop().add_reader(self.events.fileno(), self._read)
@@ -164,7 +165,9 @@ class LinkWatch:
 
     def _read(self) -> None:
         announcer = self.balancer.announcer
-        lost, regained, changed = self.events.read(announcer and announcer.table)
+        attached = {link.index: link.mac for link in self.balancer.links.values()}
+        lost, regained, changed, readdressed = self.events.read(announcer and announcer.table,
+                                                                attached)
         for loss in lost:
             if behind := [t for t in self.balancer.health_targets()
                           if self.routes.get(t.address) == loss.index]:
@@ -175,8 +178,13 @@ class LinkWatch:
                 self._regained |= back
                 if self._rerouting is None or self._rerouting.done():
                     self._rerouting = asyncio.get_running_loop().create_task(self._reroute())
-        if any(self._made_again(index) for index in regained):
-            self._attaching = asyncio.get_running_loop().create_task(self._attach_again())
+        # The ARP answers go by the attached links' addresses and MACs: those of
+        # one made again (attached or not yet) too.
+        if any(self._made_again(index) for index in regained) or \
+                any(index in attached or self._made_again(index) for index in readdressed):
+            self._reapply = True
+            if self._attaching is None or self._attaching.done():
+                self._attaching = asyncio.get_running_loop().create_task(self._attach_again())
         if self.events.overrun and (self._recarrier is None or self._recarrier.done()):
             # Its losses told now, not with the next round, which may be seconds away.
             self._recarrier = asyncio.get_running_loop().create_task(self._carrier_again())
@@ -195,16 +203,21 @@ class LinkWatch:
 
     async def _attach_again(self) -> None:
         """Attaches the links made again under their names, as a change of state
-        does (Balancer.apply), now rather than at the next one."""
-        async with self.lock:
-            try:
-                result = await asyncio.to_thread(self.balancer.apply, self.balancer.config,
-                                                 relink=False)
-            except Exception as e:      # a task's own: nobody else would hear of it
-                log.event("link", level="error", error=f"a link made again not attached: {e}")
-                return
-        for name in result["attached"]:
-            log.event("link", link=name, reason="was made again: attached")
+        does (Balancer.apply), now rather than at the next one, and has the
+        ARP answers take the attached links' addresses and MACs as they are
+        now (reread): until one is told by an apply that began after it."""
+        while self._reapply:
+            self._reapply = False
+            async with self.lock:
+                try:
+                    result = await asyncio.to_thread(self.balancer.apply, self.balancer.config,
+                                                     relink=False, reread=True)
+                except Exception as e:      # a task's own: nobody else would hear of it
+                    log.event("link", level="error",
+                              error=f"links made again or readdressed not applied: {e}")
+                    return
+            for name in result["attached"]:
+                log.event("link", link=name, reason="was made again: attached")
 
     async def _carrier_again(self) -> None:
         # Until no overrun is left: one found meanwhile (by the reads here, or

@@ -8,15 +8,15 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 from pyroute2 import IPRoute, NetlinkError
 from pyroute2.netlink import NLM_F_REQUEST, NLMSG_ERROR
-from pyroute2.netlink.rtnl import (RTM_DELLINK, RTM_DELROUTE, RTM_GETROUTE, RTM_NEWLINK,
-                                   RTM_NEWROUTE)
+from pyroute2.netlink.rtnl import (RTM_DELADDR, RTM_DELLINK, RTM_DELROUTE, RTM_GETROUTE,
+                                   RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE)
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 IFF_UP = 0x1
@@ -295,7 +295,7 @@ def _attr_u32(data: bytes, at: int, end: int, kind: int) -> int:
 
 
 # rtnetlink's multicast groups (RTMGRP_*, linux/rtnetlink.h).
-_RTMGRP_LINK, _RTMGRP_IPV4_ROUTE = 0x1, 0x40
+_RTMGRP_LINK, _RTMGRP_IPV4_IFADDR, _RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
 
 
 @dataclass(frozen=True)
@@ -308,16 +308,17 @@ class LinkLoss:
 
 
 class LinkEvents:
-    """Link and IPv4 route changes as the kernel announces them (rtnetlink's
-    multicast groups), read without blocking from `fileno()` when it is
-    readable: a socket of its own, which an event loop can watch (pyroute2's
-    IPRoute runs a loop of its own), its messages parsed by pyroute2."""
+    """Link, IPv4 address and IPv4 route changes as the kernel announces them
+    (rtnetlink's multicast groups), read without blocking from `fileno()`
+    when it is readable: a socket of its own, which an event loop can watch
+    (pyroute2's IPRoute runs a loop of its own), its messages parsed by
+    pyroute2."""
 
     def __init__(self):
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
                                    socket.NETLINK_ROUTE)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        self._sock.bind((0, _RTMGRP_LINK | _RTMGRP_IPV4_ROUTE))
+        self._sock.bind((0, _RTMGRP_LINK | _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV4_ROUTE))
         # Links with carrier, by index, with their names: a loss is a change
         # from that, not every message about a link down (its statistics, an
         # address, XDP attached). None: not known (at the start, after an
@@ -378,26 +379,31 @@ class LinkEvents:
     def close(self) -> None:
         self._sock.close()
 
-    def read(self, ignore_table: int | None = None) -> tuple[list[LinkLoss], list[int], bool]:
+    def read(self, ignore_table: int | None = None, macs: Mapping[int, bytes] = {}
+             ) -> tuple[list[LinkLoss], list[int], bool, set[int]]:
         """The links lost since the last read, the indexes of those that
-        regained their carrier, and whether routing may have changed
+        regained their carrier, whether routing may have changed
         meanwhile (a route changed, other than in ignore_table, or a link
-        came up). An overrun socket (ENOBUFS: events were lost) counts
-        as a change; no loss is told until carrier() is called (not in an
-        event loop's thread: pyroute2 runs one of its own), and the read
-        after it tells those the lost events held."""
+        came up), and the indexes of the links whose IPv4 addresses changed
+        or, of those in `macs` (index: MAC), whose MAC is another now. An
+        overrun socket (ENOBUFS: events were lost) counts as a change, and
+        as a change of the addresses of every link in macs; no loss is told
+        until carrier() is called (not in an event loop's thread: pyroute2
+        runs one of its own), and the read after it tells those the lost
+        events held."""
         with self._reading:             # not while carrier() tells them
-            return self._read(ignore_table)
+            return self._read(ignore_table, macs)
 
-    def _read(self, ignore_table: int | None) -> tuple[list[LinkLoss], list[int], bool]:
+    def _read(self, ignore_table: int | None, macs: Mapping[int, bytes]
+              ) -> tuple[list[LinkLoss], list[int], bool, set[int]]:
         lost, self._missed = self._missed, []
         regained, self._found = self._found, []
-        changed = False
+        changed, readdressed = False, set()
         while True:
             try:
                 data = self._sock.recv(1 << 16)
             except BlockingIOError:
-                return lost, regained, changed
+                return lost, regained, changed, readdressed
             except OSError as e:
                 if e.errno != errno.ENOBUFS:
                     raise
@@ -405,9 +411,17 @@ class LinkEvents:
                     self._before = self._carrier
                 self._carrier, changed = None, True
                 self._unheeded += 1
+                readdressed.update(macs)
                 continue
             for msg in self._marshal.parse(data):
                 kind = msg["header"]["type"]
+                if kind in (RTM_NEWADDR, RTM_DELADDR):
+                    readdressed.add(msg["index"])
+                elif kind == RTM_NEWLINK and msg["index"] in macs and \
+                        msg["family"] != socket.AF_BRIDGE and \
+                        (mac := msg.get_attr("IFLA_ADDRESS")) and \
+                        bytes.fromhex(mac.replace(":", "")) != macs[msg["index"]]:
+                    readdressed.add(msg["index"])
                 if kind in (RTM_NEWLINK, RTM_DELLINK) and self._carrier is None:
                     self._unheeded += 1
                 # A bridge tells its ports' joining and leaving (RTM_DELLINK

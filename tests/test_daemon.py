@@ -623,6 +623,33 @@ def test_an_apply_attaches_to_a_link_made_again_under_its_name(balancer, fibnet,
         fibnet.sh("ip", "link", "del", "again")
 
 
+def test_a_change_of_state_takes_the_links_addresses_and_macs_as_they_are_when_told(
+        balancer, fibnet):
+    """The ARP answers go by the attached links' addresses and MACs: a change
+    of state keeps those the last apply read (no dump of the links), but for
+    one told to read them again (reread: the link watch's, after an address
+    or a MAC changed), which answers ARP only where the VIP's subnet is a
+    link's now, with its MAC now."""
+    vip = IPv4Address("10.1.40.101")
+    config = from_flags([f"{vip}:80"], ["10.1.11.101:8080"], ["readdr"])
+    index = fibnet.add_veth("readdr", "02:00:00:00:40:01")
+    try:
+        fibnet.sh("ip", "addr", "add", "10.1.40.1/24", "dev", "readdr")
+        balancer.apply(config, relink=True)
+        assert balancer.state.arp == {(index, vip): bytes.fromhex("020000004001")}
+        fibnet.sh("ip", "addr", "del", "10.1.40.1/24", "dev", "readdr")
+        fibnet.sh("ip", "link", "set", "readdr", "address", "02:00:00:00:40:02")
+        balancer.apply(config, relink=False)
+        assert balancer.state.arp == {(index, vip): bytes.fromhex("020000004001")}
+        balancer.apply(config, relink=False, reread=True)
+        assert balancer.state.arp == {}
+        fibnet.sh("ip", "addr", "add", "10.1.40.1/24", "dev", "readdr")
+        balancer.apply(config, relink=False, reread=True)
+        assert balancer.state.arp == {(index, vip): bytes.fromhex("020000004002")}
+    finally:
+        fibnet.sh("ip", "link", "del", "readdr")
+
+
 def test_a_link_that_carries_no_ethernet_frames_is_refused_or_left_out(fibnet):
     """A TUN device (a VPN's tun0) hands the program IP packets, which it
     would parse as Ethernet frames: no ARP for a VIP comes there. Named, it

@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.netns,
 
 
 def told(events: LinkEvents, ignore_table: int | None = None) -> tuple[list[tuple], bool]:
-    lost, _, changed = events.read(ignore_table)
+    lost, _, changed, _ = events.read(ignore_table)
     return [(loss.name, loss.how) for loss in lost], changed
 
 
@@ -107,7 +107,7 @@ def test_each_loss_of_a_link_is_told_once_with_how():
             assert told(events)[0] == []
             net.sh("ip", "link", "set", "int", "up")
             net.sh("ip", "link", "set", "int-peer", "up")       # back: routes to look up
-            lost, regained, changed = events.read()
+            lost, regained, changed, _ = events.read()
             assert (lost, changed) == ([], True) and net.ifindex["int"] in regained
             net.sh("ip", "link", "set", "small", "down")
             net.sh("ip", "link", "del", "nofwd")
@@ -139,10 +139,34 @@ def test_a_carrier_back_in_an_overrun_is_told_once_the_carriers_are_read_again()
             for n in range(200):            # overruns it: what follows is lost
                 ipr.route("add", dst=f"10.2.{n}.0/24", gateway="10.1.11.2")
             net.sh("ip", "link", "set", "int-peer", "up")
-            assert events.read() == ([], [], True)
+            assert events.read() == ([], [], True, set())
             events.carrier()
             assert sorted(events.read()[1]) == sorted(
                 [net.ifindex["int"], *ipr.link_lookup(ifname="int-peer")])
+        finally:
+            events.close()
+
+
+def test_a_links_address_or_mac_changed_is_told():
+    """An IPv4 address added to or removed from a link, and another MAC given
+    to one of the links it is asked about (those xlb answers ARP on), are
+    told by their indexes; a link's other news (set down) is not, nor the
+    MAC of a link it is not asked about."""
+    with FibNet("xlbt-links").entered({}) as net, IPRoute() as ipr:
+        ext, small = net.ifindex["ext"], net.ifindex["small"]
+        events = LinkEvents()
+        try:
+            events.carrier()
+            mac = bytes.fromhex(ipr.get_links(ext)[0].get_attr("IFLA_ADDRESS").replace(":", ""))
+            net.sh("ip", "addr", "add", "10.1.40.1/24", "dev", "ext")
+            assert events.read(macs={ext: mac})[3] == {ext}
+            net.sh("ip", "addr", "del", "10.1.40.1/24", "dev", "ext")
+            assert events.read(macs={ext: mac})[3] == {ext}
+            net.sh("ip", "link", "set", "small", "down")
+            net.sh("ip", "link", "set", "small", "address", "02:00:00:00:40:02")
+            assert events.read(macs={ext: mac})[3] == set()
+            net.sh("ip", "link", "set", "ext", "address", "02:00:00:00:40:01")
+            assert events.read(macs={ext: mac, small: bytes.fromhex("020000004002")})[3] == {ext}
         finally:
             events.close()
 
@@ -159,7 +183,7 @@ def test_a_port_taken_out_of_its_bridge_is_not_told_deleted():
         try:
             events.carrier()
             net.sh("ip", "link", "set", "small", "nomaster")
-            assert events.read() == ([], [], False)
+            assert events.read() == ([], [], False, set())
             assert not events.lacks_carrier(net.ifindex["small"])
         finally:
             events.close()
