@@ -714,9 +714,9 @@ def test_a_link_that_goes_down_keeps_its_program(lab, tmp_path):
 def test_the_balancers_address_removed_and_added_back_serves_both_clients_again(lab):
     """lb's address on the clients' link is removed (its subnet's route and
     the gateway route through it with it) and added back, a health change
-    applied meanwhile: xlb keeps answering ARP for the VIP on that link (a
-    change of state keeps the links as they were), and both clients are
-    served again once the routes are back (the gateway's is the operator's
+    applied meanwhile: xlb answers ARP for the VIP on that link again once
+    the address is back, and both clients are served again once the routes
+    are back (the gateway's is the operator's
     to put back, as for any route the kernel flushed)."""
     def health(status):
         return [s["health"] for s in status["pools"][0]["servers"]]
@@ -738,30 +738,84 @@ def test_the_balancers_address_removed_and_added_back_serves_both_clients_again(
             assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
 
 
-def test_a_link_deleted_and_made_again_under_its_name_is_attached_at_once(lab):
-    """lb's link to the servers is deleted and made again (a veth, a VLAN, a
-    NIC whose driver was reloaded: its name, another ifindex): xlb attaches to
-    it as soon as it is up, with no `xlb apply` (which the one-line form has
-    no file for). Without its program there, every server's reply reached
-    the client un-NATed and no connection was served for good, while status
-    said both servers were up."""
-    with lab.xlb(*SEED_ARGS, "--interval", "0.5"):
-        index = {i["name"]: i["ifindex"] for i in lab.status()["interfaces"]}["eth1"]
-        lab.run("lb", "ip", "link", "del", "eth1", check=True)     # and its peer, lb-eth1
-        subprocess.run(["ip", "-n", lab.ns("lb"), "link", "add", "eth1", "type", "veth", "peer",
-                        "name", "lb-eth1", "netns", lab.ns("sw")], check=True)
-        for node, dev in (("lb", "eth1"), ("sw", "lb-eth1")):      # as lab.sh plugs a link
-            lab.run(node, "ethtool", "-K", dev, "tx", "off", check=True)
-        lab.run("sw", "ip", "link", "set", "lb-eth1", "master", "br-int", "up", check=True)
-        lab.run("sw", PY, str(HERE / "xdp_pass.py"), "lb-eth1", check=True)
-        lab.run("lb", "ip", "addr", "add", "10.1.11.1/24", "dev", "eth1", check=True)
-        lab.run("lb", "ip", "link", "set", "eth1", "up", check=True)
+def test_the_vip_is_answered_again_once_an_address_missing_at_an_apply_is_back(lab, tmp_path):
+    """`xlb apply` while lb's address on the clients' link is missing leaves
+    the VIP unanswered there (its subnet is no longer the link's); once the
+    address is back, xlb answers ARP for the VIP there again with no other
+    apply: the clients on the link resolved it no more (INCOMPLETE)."""
+    with lab.xlb_seed(tmp_path):
+        lab.run("lb", "ip", "addr", "del", "10.1.1.1/24", "dev", "eth0", check=True)
+        try:
+            lab.xlb_cmd("apply", check=True)
+        finally:
+            lab.run("lb", "ip", "addr", "replace", "10.1.1.1/24", "dev", "eth0", check=True)
+            lab.run("lb", "ip", "route", "replace", "198.51.100.0/24", "via", "10.1.1.2",
+                    check=True)
+        lab.run("client", "ip", "neigh", "flush", "dev", "eth0", check=True)    # ARPs anew
+        http = lab.client("client", "http", VIP, "80", "--count", "6")
+        assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
 
-        def served(status):
+
+def test_the_vip_is_answered_with_the_mac_lb_has_now_on_the_clients_link(lab):
+    """lb's MAC on the clients' link is changed (`ip link set dev eth0
+    address`): xlb answers ARP for the VIP with the new one, with no apply,
+    as the client's neighbour entry for the VIP shows; it answered with the
+    old one until the next `xlb apply`."""
+    old = lab.mac("lb", "eth0")
+
+    def answered():
+        lab.run("client", "ip", "neigh", "flush", "dev", "eth0", check=True)
+        lab.run("client", "ping", "-c", "1", "-W", "1", VIP)
+        out = lab.run("client", "ip", "-j", "neigh", "show", VIP, "dev", "eth0",
+                      check=True).stdout
+        return [n.get("lladdr") for n in json.loads(out)]
+
+    with lab.xlb(*SEED_ARGS):
+        lab.run("lb", "ip", "link", "set", "dev", "eth0", "address", "02:00:00:00:99:01",
+                check=True)
+        try:
+            wait_for(lambda: answered() == ["02:00:00:00:99:01"], 20,
+                     "the VIP answered with lb's new MAC")
+        finally:
+            lab.run("lb", "ip", "link", "set", "dev", "eth0", "address", old, check=True)
+        wait_for(lambda: answered() == [old], 20, "the VIP answered with lb's MAC again")
+
+
+@pytest.mark.parametrize("link,bridge,address", [("eth1", "br-int", "10.1.11.1/24"),
+                                                 ("eth0", "br-ext", "10.1.1.1/24")])
+def test_a_link_deleted_and_made_again_under_its_name_is_attached_at_once(
+        lab, link, bridge, address):
+    """lb's link to the servers (or to the clients) is deleted and made again
+    (a veth, a VLAN, a NIC whose driver was reloaded: its name, another
+    ifindex), up before its address (as ifupdown has it): xlb attaches to it
+    as soon as it is up, with no `xlb apply` (which the one-line form has no
+    file for), and answers ARP for the VIP there once its address is back.
+    Without its program there, every server's reply reached the client
+    un-NATed and no connection was served for good, while status said both
+    servers were up; attached before its address, the clients' link had no
+    ARP answer for the VIP."""
+    with lab.xlb(*SEED_ARGS, "--interval", "0.5"):
+        index = {i["name"]: i["ifindex"] for i in lab.status()["interfaces"]}[link]
+        lab.run("lb", "ip", "link", "del", link, check=True)     # and its peer, lb-LINK
+        subprocess.run(["ip", "-n", lab.ns("lb"), "link", "add", link, "type", "veth", "peer",
+                        "name", f"lb-{link}", "netns", lab.ns("sw")], check=True)
+        for node, dev in (("lb", link), ("sw", f"lb-{link}")):      # as lab.sh plugs a link
+            lab.run(node, "ethtool", "-K", dev, "tx", "off", check=True)
+        lab.run("sw", "ip", "link", "set", f"lb-{link}", "master", bridge, "up", check=True)
+        lab.run("sw", PY, str(HERE / "xdp_pass.py"), f"lb-{link}", check=True)
+        lab.run("lb", "ip", "link", "set", link, "up", check=True)
+
+        def attached(status):
             links = {i["name"]: (i["ifindex"], i["state"]) for i in status["interfaces"]}
-            return links["eth1"][0] != index and links["eth1"][1] == "up" and \
-                all(s["health"] == "up" for s in status["pools"][0]["servers"])
-        wait_for(lambda: served(lab.status()), 20, "eth1 attached again, both servers up")
+            return links[link][0] != index and links[link][1] == "up"
+        wait_for(lambda: attached(lab.status()), 20, f"{link} attached again")
+        lab.run("lb", "ip", "addr", "add", address, "dev", link, check=True)
+        if link == "eth0":      # the route to the remote client went with the link
+            lab.run("lb", "ip", "route", "replace", "198.51.100.0/24", "via", "10.1.1.2",
+                    check=True)
+        wait_for(lambda: all(s["health"] == "up" for s in lab.status()["pools"][0]["servers"]),
+                 20, "both servers up")
+        lab.run("client", "ip", "neigh", "flush", "dev", "eth0", check=True)    # ARPs anew
         http = lab.client("client", "http", VIP, "80", "--count", "6")
         assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
 
