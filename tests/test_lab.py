@@ -711,6 +711,15 @@ def test_a_link_that_goes_down_keeps_its_program(lab, tmp_path):
         assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
 
 
+def vip_mac(lab) -> list[str]:
+    """The MAC the client's link resolves the VIP to now (none: unanswered),
+    asked afresh: its neighbour entries flushed, one ping."""
+    lab.run("client", "ip", "neigh", "flush", "dev", "eth0", check=True)
+    lab.run("client", "ping", "-c", "1", "-W", "1", VIP)
+    out = lab.run("client", "ip", "-j", "neigh", "show", VIP, "dev", "eth0", check=True).stdout
+    return [n["lladdr"] for n in json.loads(out) if "lladdr" in n]
+
+
 def test_the_balancers_address_removed_and_added_back_serves_both_clients_again(lab):
     """lb's address on the clients' link is removed (its subnet's route and
     the gateway route through it with it) and added back, a health change
@@ -732,7 +741,7 @@ def test_the_balancers_address_removed_and_added_back_serves_both_clients_again(
             lab.run("lb", "ip", "route", "replace", "198.51.100.0/24", "via", "10.1.1.2",
                     check=True)
         wait_for(lambda: health(lab.status()) == ["up", "up"], 20, "backend2 up again")
-        lab.run("client", "ip", "neigh", "flush", "dev", "eth0", check=True)    # ARPs anew
+        wait_for(lambda: vip_mac(lab), 20, "the VIP answered by ARP again")
         for node in ("client", "remote"):
             http = lab.client(node, "http", VIP, "80", "--count", "6")
             assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
@@ -751,7 +760,7 @@ def test_the_vip_is_answered_again_once_an_address_missing_at_an_apply_is_back(l
             lab.run("lb", "ip", "addr", "replace", "10.1.1.1/24", "dev", "eth0", check=True)
             lab.run("lb", "ip", "route", "replace", "198.51.100.0/24", "via", "10.1.1.2",
                     check=True)
-        lab.run("client", "ip", "neigh", "flush", "dev", "eth0", check=True)    # ARPs anew
+        wait_for(lambda: vip_mac(lab), 20, "the VIP answered by ARP again")
         http = lab.client("client", "http", VIP, "80", "--count", "6")
         assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
 
@@ -762,23 +771,15 @@ def test_the_vip_is_answered_with_the_mac_lb_has_now_on_the_clients_link(lab):
     as the client's neighbour entry for the VIP shows; it answered with the
     old one until the next `xlb apply`."""
     old = lab.mac("lb", "eth0")
-
-    def answered():
-        lab.run("client", "ip", "neigh", "flush", "dev", "eth0", check=True)
-        lab.run("client", "ping", "-c", "1", "-W", "1", VIP)
-        out = lab.run("client", "ip", "-j", "neigh", "show", VIP, "dev", "eth0",
-                      check=True).stdout
-        return [n.get("lladdr") for n in json.loads(out)]
-
     with lab.xlb(*SEED_ARGS):
         lab.run("lb", "ip", "link", "set", "dev", "eth0", "address", "02:00:00:00:99:01",
                 check=True)
         try:
-            wait_for(lambda: answered() == ["02:00:00:00:99:01"], 20,
+            wait_for(lambda: vip_mac(lab) == ["02:00:00:00:99:01"], 20,
                      "the VIP answered with lb's new MAC")
         finally:
             lab.run("lb", "ip", "link", "set", "dev", "eth0", "address", old, check=True)
-        wait_for(lambda: answered() == [old], 20, "the VIP answered with lb's MAC again")
+        wait_for(lambda: vip_mac(lab) == [old], 20, "the VIP answered with lb's MAC again")
 
 
 @pytest.mark.parametrize("link,bridge,address", [("eth1", "br-int", "10.1.11.1/24"),
@@ -815,7 +816,7 @@ def test_a_link_deleted_and_made_again_under_its_name_is_attached_at_once(
                     check=True)
         wait_for(lambda: all(s["health"] == "up" for s in lab.status()["pools"][0]["servers"]),
                  20, "both servers up")
-        lab.run("client", "ip", "neigh", "flush", "dev", "eth0", check=True)    # ARPs anew
+        wait_for(lambda: vip_mac(lab), 20, "the VIP answered by ARP")
         http = lab.client("client", "http", VIP, "80", "--count", "6")
         assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
 
