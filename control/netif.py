@@ -62,6 +62,11 @@ class Link:
         return any(addr in net for net in self.networks)
 
 
+def _mac(text: str) -> bytes:
+    """A MAC as netlink attributes give it ("02:00:00:00:0a:01"), as bytes."""
+    return bytes.fromhex(text.replace(":", ""))
+
+
 def links() -> list[Link]:
     with IPRoute() as ipr:
         addrs: dict[int, list[IPv4Interface]] = {}
@@ -75,7 +80,7 @@ def links() -> list[Link]:
             result.append(Link(
                 index=msg["index"],
                 name=msg.get_attr("IFLA_IFNAME"),
-                mac=bytes.fromhex(mac.replace(":", "")),
+                mac=_mac(mac),
                 up=bool(msg["flags"] & IFF_UP),
                 loopback=bool(msg["flags"] & IFF_LOOPBACK),
                 addresses=tuple(addrs.get(msg["index"], ())),
@@ -201,7 +206,7 @@ def renew_stale(hops: set[tuple[int, bytes]]) -> list[str]:
         for msg in ipr.get_neighbours(family=socket.AF_INET):
             mac = msg.get_attr("NDA_LLADDR")
             if msg["state"] != NUD_STALE or mac is None or \
-                    (msg["ifindex"], bytes.fromhex(mac.replace(":", ""))) not in hops:
+                    (msg["ifindex"], _mac(mac)) not in hops:
                 continue
             address = msg.get_attr("NDA_DST")
             try:
@@ -420,7 +425,7 @@ class LinkEvents:
                 elif kind == RTM_NEWLINK and msg["index"] in macs and \
                         msg["family"] != socket.AF_BRIDGE and \
                         (mac := msg.get_attr("IFLA_ADDRESS")) and \
-                        bytes.fromhex(mac.replace(":", "")) != macs[msg["index"]]:
+                        _mac(mac) != macs[msg["index"]]:
                     readdressed.add(msg["index"])
                 if kind in (RTM_NEWLINK, RTM_DELLINK) and self._carrier is None:
                     self._unheeded += 1

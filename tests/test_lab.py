@@ -85,7 +85,7 @@ def test_on_subnet_client_resolves_vip_by_arp(lab, xlb):
     out = lab.client("client", "http", VIP, "80", "--count", "2")
     assert out["errors"] == [] and len(out["names"]) == 2
     neigh = lab.run("client", "ip", "neigh", "show", VIP, check=True).stdout
-    lb_mac = lab.run("lb", "cat", "/sys/class/net/eth0/address", check=True).stdout.strip()
+    lb_mac = lab.mac("lb", "eth0")
     assert lb_mac in neigh
     assert lab.status()["reasons"]["arp_reply"]["packets"] >= 1
 
