@@ -475,10 +475,8 @@ async def _renew_neighbours_forever(datapath: Datapath) -> None:
             since = now
             continue
         try:
-            renewed = await asyncio.to_thread(
-                lambda: netif.renew_stale(hops) if (hops := datapath.next_hops(since)) else [])
-            if renewed:
-                log.event("neighbours", level="debug", renewed=",".join(renewed))
+            if hops := await asyncio.to_thread(datapath.next_hops, since):
+                await asyncio.to_thread(netif.renew_stale, hops)
         except Exception as e:      # one round's: ending the task would end them, unsaid
             log.event("neighbours", level="warning", error=str(e) or type(e).__name__)
         since = now

@@ -194,14 +194,14 @@ def xdp_set(ifindex: int, fd: int, mode: str, expected_fd: int | None = None) ->
             raise OSError(e.code, os.strerror(e.code)) from None
 
 
-def renew_stale(hops: set[tuple[int, bytes]]) -> list[str]:
+def renew_stale(hops: set[tuple[int, bytes]]) -> None:
     """Has the kernel check each stale neighbour entry that is one of these
     next hops (link index, MAC) as a packet it sent there would (NTF_USE):
     a probe after delay_first_probe_time, and, unanswered (the neighbour's
     MAC changed: its NIC or VM replaced), the entry fails and is resolved
     anew. The fast path sends past the kernel, which so never saw an entry
-    in use: stale, it was used for good. Returns their addresses."""
-    renewed = []
+    in use: stale, it was used for good. Not logged: on a busy balancer,
+    every reachable time (~30 s) would tell the same next hops again."""
     with IPRoute() as ipr:
         for msg in ipr.get_neighbours(family=socket.AF_INET):
             mac = msg.get_attr("NDA_LLADDR")
@@ -215,9 +215,6 @@ def renew_stale(hops: set[tuple[int, bytes]]) -> list[str]:
             except NetlinkError as e:
                 if e.code != errno.ENOENT:      # gone since the dump
                     raise
-                continue
-            renewed.append(address)
-    return renewed
 
 
 # A route lookup as `ip route get ADDR` asks it: nlmsghdr, rtmsg (IPv4, dst_len
