@@ -92,8 +92,9 @@ class Balancer:
         admin, role) keeps the links as they are, so that no link's trouble
         keeps it from taking effect, but for one deleted and made again under
         its name, which it attaches (_made_again); reread (LinkWatch, after
-        an address or MAC of one changed): their addresses and MACs as they
-        are now, which the ARP answers go by."""
+        an address or MAC of one changed, or a link came up): their addresses
+        and MACs as they are now, which the ARP answers go by, and where no
+        link is named, every up Ethernet link that came up since, attached."""
         warned: list[str] = []      # about the links attached: logged, and answered
         if relink:
             links = select_links(config, self.datapath.holds)
@@ -106,6 +107,9 @@ class Balancer:
             refuse_taken((link for link in fresh if not self.datapath.holds(link)), config)
         else:
             links, fresh = _made_again(self.links, reread)
+            if reread and not config.attach_names():
+                came = _came_up(links, warned)
+                links, fresh = links + came, fresh + came
         endpoints = {(p.name, s.name): (s.address, s.port)
                      for p in config.pools for s in p.servers}
         keys = set(endpoints)
@@ -508,6 +512,25 @@ def _made_again(attached: dict[str, netif.Link], reread: bool = False
         else:
             links.append(old)
     return links, fresh
+
+
+def _came_up(attached: list[netif.Link], warned: list[str]) -> list[netif.Link]:
+    """The up Ethernet links not among those attached (new, or set up since
+    the last apply), which a config that names no link runs on: left out, the
+    servers' replies that the kernel routes through one (a VLAN added for
+    them, say) reached the clients un-NATed until an `xlb apply`. One running
+    another XDP program is left to it, with a warning (`xlb up` refuses it)."""
+    known = {link.index for link in attached}
+    came = []
+    for link in netif.links():
+        if link.index in known or not (link.ethernet and link.up):
+            continue
+        if link.xdp_prog_id:
+            _warn_link(warned, "attach", link.name, f"came up running another XDP program "
+                       f"(id {link.xdp_prog_id}): not attached; {UNNAMED_LINKS}")
+        else:
+            came.append(link)
+    return came
 
 
 def select_links(config: Config, holds: Callable[[netif.Link], bool] = lambda link: False

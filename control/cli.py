@@ -109,8 +109,9 @@ def cli() -> None:
                    "or source (maglev of the client's address alone: all of a client's "
                    "connections go to one backend; clients behind one NAT address too).")
 @click.option("--iface", "ifaces", multiple=True, metavar="DEV",
-              help="Attach to DEV. Repeatable. Default: every up Ethernet interface "
-                   "(not the loopback, nor tun, tunnel or wireguard links).")
+              help="Attach to DEV. Repeatable. Default: every up Ethernet interface, "
+                   "also one that comes up later (not the loopback, nor tun, tunnel or "
+                   "wireguard links).")
 @click.option("--check", "check_kind", default="tcp", show_default=True,
               metavar="tcp|http:/PATH|https:/PATH|udp:HEX|none",
               help="Health check of the --backend servers: a TCP connect, an HTTP GET "

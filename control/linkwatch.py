@@ -1,5 +1,7 @@
 """Takes checked servers down when the link that routes them is lost, and
-checks them at once when they are routed again (LinkWatch)."""
+checks them at once when they are routed again; attaches the links that come
+up (made again under their names, or any where none is named) and follows
+their addresses and MACs (LinkWatch)."""
 
 from __future__ import annotations
 
@@ -179,8 +181,11 @@ class LinkWatch:
                 if self._rerouting is None or self._rerouting.done():
                     self._rerouting = asyncio.get_running_loop().create_task(self._reroute())
         # The ARP answers go by the attached links' addresses and MACs: those of
-        # one made again (attached or not yet) too.
-        if any(self._made_again(index) for index in regained) or \
+        # one made again (attached or not yet) too. Where no link is named,
+        # xlb runs on every up Ethernet link: one that came up since too.
+        joined = not self.balancer.config.attach_names()
+        if any(self._made_again(index) or joined and index not in attached
+               for index in regained) or \
                 any(index in attached or self._made_again(index) for index in readdressed):
             self._reapply = True
             if self._attaching is None or self._attaching.done():
@@ -203,9 +208,13 @@ class LinkWatch:
 
     async def _attach_again(self) -> None:
         """Attaches the links made again under their names, as a change of state
-        does (Balancer.apply), now rather than at the next one, and has the
-        ARP answers take the attached links' addresses and MACs as they are
-        now (reread): until one is told by an apply that began after it."""
+        does (Balancer.apply), now rather than at the next one, those that
+        came up where no link is named, and has the ARP answers take the
+        attached links' addresses and MACs as they are now (reread): until
+        one is told by an apply that began after it. One that fails is tried
+        again as HealthSync's are: a link left without the program, or a VIP
+        unanswered, would stay so until the next event."""
+        backoff = RETRY_SECONDS[0]
         while self._reapply:
             self._reapply = False
             async with self.lock:
@@ -213,11 +222,17 @@ class LinkWatch:
                     result = await asyncio.to_thread(self.balancer.apply, self.balancer.config,
                                                      relink=False, reread=True)
                 except Exception as e:      # a task's own: nobody else would hear of it
-                    log.event("link", level="error",
-                              error=f"links made again or readdressed not applied: {e}")
-                    return
+                    result = None
+                    log.event("link", level="error", error=f"links not applied: {e}",
+                              retry_in=backoff)
+            if result is None:
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, RETRY_SECONDS[1])
+                self._reapply = True
+                continue
+            backoff = RETRY_SECONDS[0]
             for name in result["attached"]:
-                log.event("link", link=name, reason="was made again: attached")
+                log.event("link", link=name, reason="came up: attached")
 
     async def _carrier_again(self) -> None:
         # Until no overrun is left: one found meanwhile (by the reads here, or

@@ -623,6 +623,39 @@ def test_an_apply_attaches_to_a_link_made_again_under_its_name(balancer, fibnet,
         fibnet.sh("ip", "link", "del", "again")
 
 
+def test_a_change_of_state_told_to_read_the_links_attaches_those_that_came_up(balancer, fibnet):
+    """Where no link is named xlb runs on every up Ethernet link: the link
+    watch's apply (reread, once one came up) attaches one that came up since
+    (here a veth pair, both ends), and leaves one running another program to
+    it, with a warning; a health change's does not look (no dump, and no
+    link's trouble keeps it from taking effect)."""
+    from bcc import BPF
+    from xlb import netif
+
+    config = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"])
+    balancer.apply(config, relink=True)
+    before = {i["name"] for i in balancer.status()["interfaces"]}
+    other = BPF(text="int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+    try:
+        fibnet.add_veth("late")
+        taken = fibnet.add_veth("taken")
+        netif.xdp_set(taken, other.load_func(b"xdp_pass", BPF.XDP).fd, "native")
+        balancer.apply(config, relink=False)
+        assert {i["name"] for i in balancer.status()["interfaces"]} == before
+        result = balancer.apply(config, relink=False, reread=True)
+        assert sorted(result["attached"]) == ["late", "late-peer", "taken-peer"]
+        [warning] = result["attach_warnings"]
+        assert warning.startswith("taken: came up running another XDP program (id "), warning
+        assert {i["name"] for i in balancer.status()["interfaces"]} == \
+            before | {"late", "late-peer", "taken-peer"}
+        assert next(link.xdp_prog_id for link in netif.links() if link.name == "taken") != \
+            balancer.datapath.program()["id"]
+    finally:
+        fibnet.sh("ip", "link", "del", "late")
+        fibnet.sh("ip", "link", "del", "taken")
+        other.cleanup()
+
+
 def test_a_change_of_state_takes_the_links_addresses_and_macs_as_they_are_when_told(
         balancer, fibnet):
     """The ARP answers go by the attached links' addresses and MACs: a change

@@ -782,6 +782,17 @@ def test_the_vip_is_answered_with_the_mac_lb_has_now_on_the_clients_link(lab):
         wait_for(lambda: vip_mac(lab) == [old], 20, "the VIP answered with lb's MAC again")
 
 
+def plug(lab, link: str, bridge: str) -> None:
+    """A new veth, link in lb, down, its peer lb-LINK a port of the switch's
+    bridge, as lab.sh plugs a link."""
+    subprocess.run(["ip", "-n", lab.ns("lb"), "link", "add", link, "type", "veth", "peer",
+                    "name", f"lb-{link}", "netns", lab.ns("sw")], check=True)
+    for node, dev in (("lb", link), ("sw", f"lb-{link}")):
+        lab.run(node, "ethtool", "-K", dev, "tx", "off", check=True)
+    lab.run("sw", "ip", "link", "set", f"lb-{link}", "master", bridge, "up", check=True)
+    lab.run("sw", PY, str(HERE / "xdp_pass.py"), f"lb-{link}", check=True)
+
+
 @pytest.mark.parametrize("link,bridge,address", [("eth1", "br-int", "10.1.11.1/24"),
                                                  ("eth0", "br-ext", "10.1.1.1/24")])
 def test_a_link_deleted_and_made_again_under_its_name_is_attached_at_once(
@@ -798,12 +809,7 @@ def test_a_link_deleted_and_made_again_under_its_name_is_attached_at_once(
     with lab.xlb(*SEED_ARGS, "--interval", "0.5"):
         index = {i["name"]: i["ifindex"] for i in lab.status()["interfaces"]}[link]
         lab.run("lb", "ip", "link", "del", link, check=True)     # and its peer, lb-LINK
-        subprocess.run(["ip", "-n", lab.ns("lb"), "link", "add", link, "type", "veth", "peer",
-                        "name", f"lb-{link}", "netns", lab.ns("sw")], check=True)
-        for node, dev in (("lb", link), ("sw", f"lb-{link}")):      # as lab.sh plugs a link
-            lab.run(node, "ethtool", "-K", dev, "tx", "off", check=True)
-        lab.run("sw", "ip", "link", "set", f"lb-{link}", "master", bridge, "up", check=True)
-        lab.run("sw", PY, str(HERE / "xdp_pass.py"), f"lb-{link}", check=True)
+        plug(lab, link, bridge)
         lab.run("lb", "ip", "link", "set", link, "up", check=True)
 
         def attached(status):
@@ -819,6 +825,35 @@ def test_a_link_deleted_and_made_again_under_its_name_is_attached_at_once(
         wait_for(lambda: vip_mac(lab), 20, "the VIP answered by ARP")
         http = lab.client("client", "http", VIP, "80", "--count", "6")
         assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
+
+
+def test_a_link_that_comes_up_is_attached_at_once_where_none_is_named(lab):
+    """With no link named, xlb runs on every up Ethernet link, also one that
+    comes up while it runs: here a new link into the servers' switch (a VLAN
+    or a bond taking over from eth1) that lb's address there moves to, so
+    that the servers' replies come back by it. Attached as soon as it is
+    up, with no `xlb apply`, both clients are served; left without the
+    program, as it was, every reply reached the client un-NATed."""
+    try:
+        with lab.xlb(*SEED_ARGS, "--interval", "0.5"):
+            plug(lab, "srv0", "br-int")
+            lab.run("lb", "ip", "link", "set", "srv0", "up", check=True)
+            wait_for(lambda: ("srv0", "up") in {(i["name"], i["state"])
+                                               for i in lab.status()["interfaces"]},
+                     20, "srv0 attached")
+            lab.run("lb", "ip", "addr", "del", "10.1.11.1/24", "dev", "eth1", check=True)
+            lab.run("lb", "ip", "addr", "add", "10.1.11.1/24", "dev", "srv0", check=True)
+            wait_for(lambda: all(s["health"] == "up"
+                                 for s in lab.status()["pools"][0]["servers"]),
+                     20, "both servers up")
+            for node in ("client", "remote"):
+                http = lab.client(node, "http", VIP, "80", "--count", "6")
+                assert http["errors"] == [] and sorted(set(http["names"])) == ["WAS1", "WAS2"]
+    finally:
+        lab.run("lb", "ip", "link", "del", "srv0")
+        lab.run("lb", "ip", "addr", "replace", "10.1.11.1/24", "dev", "eth1", check=True)
+        for node in ("was1", "was2"):       # their gateway's MAC was srv0's
+            lab.run(node, "ip", "neigh", "flush", "all", check=True)
 
 
 def test_a_named_link_that_went_away_keeps_no_health_change_from_taking_effect(lab):

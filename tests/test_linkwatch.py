@@ -23,7 +23,7 @@ from waiting import until
 from xlb import linkwatch, netif
 from xlb.health import HealthChecker, Target
 from xlb.linkwatch import LOOKUP_SECONDS, LinkWatch
-from xlb.model import Monitor
+from xlb.model import Monitor, from_flags
 from xlb.netif import LinkEvents, route_links
 
 pytestmark = [pytest.mark.netns,
@@ -191,9 +191,11 @@ def test_a_port_taken_out_of_its_bridge_is_not_told_deleted():
 
 class Servers:
     """The part of a Balancer that LinkWatch reads: the servers checked (here
-    all by one tcp monitor), no announcer and no link attached."""
+    all by one tcp monitor), no announcer and no link attached, of a config
+    that names its links (so that no link that comes up is to be attached)."""
     announcer = None
     links: dict = {}
+    config = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["ext", "int"])
 
     def __init__(self, addresses: list[str]):
         m = Monitor("m", "tcp", interval=1.0, timeout=0.5, rise=2, fall=2)
@@ -425,6 +427,52 @@ def test_servers_of_a_link_deleted_are_checked_as_soon_as_it_is_made_again():
                                                           "10.1.11.101"):
         asyncio.run(back_at_once(net, "10.1.11.101",
                                  lambda: net.sh("ip", "link", "del", "int"), remake))
+
+
+class Attaching(Servers):
+    """Servers of a config that names no link (so every up Ethernet link is
+    served), whose applies are recorded; the first fails."""
+    config = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"])
+
+    def __init__(self, addresses: list[str]):
+        super().__init__(addresses)
+        self.applies: list[tuple[bool, bool]] = []
+
+    def apply(self, config, *, relink: bool, reread: bool = False) -> dict:
+        self.applies.append((relink, reread))
+        if len(self.applies) == 1:
+            raise OSError("a netlink error")
+        return {"attached": ["late"]}
+
+
+def test_a_link_that_comes_up_is_applied_where_no_link_is_named_again_until_it_is(
+        monkeypatch, capsys):
+    """Where no link is named, xlb runs on every up Ethernet link: one that
+    comes up (here made, as a VLAN added for the servers would be) has the
+    watch apply the links as they are (Balancer.apply attaches it), without
+    an `xlb apply`. An apply that fails is tried again: it was logged, and
+    the link left without the program, its servers' replies un-NATed, until
+    the next event. Where the links are named, none comes of it."""
+    monkeypatch.setattr(linkwatch, "RETRY_SECONDS", (0.1, 1.0))
+
+    async def main(servers):
+        with watching(servers) as (watch, _):
+            await until(lambda: not watch.events.overrun, "the carriers read", 5.0)
+            net.add_veth("late")
+            if isinstance(servers, Attaching):
+                await until(lambda: len(servers.applies) == 2, "applied again", 10.0)
+            else:
+                await asyncio.sleep(1.0)
+
+    with FibNet("xlbt-links").entered({}) as net:
+        asyncio.run(main(Servers([])))
+        net.sh("ip", "link", "del", "late")
+        attaching = Attaching([])
+        asyncio.run(main(attaching))
+    assert attaching.applies == [(False, True), (False, True)]
+    log = capsys.readouterr().err
+    assert "level=error event=link error=\"links not applied: a netlink error\" retry_in=0.1" \
+        in log and "event=link link=late reason=\"came up: attached\"" in log, log
 
 
 def test_servers_a_link_took_down_renamed_meanwhile_are_checked_as_soon_as_it_is_back():
