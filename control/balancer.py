@@ -96,6 +96,7 @@ class Balancer:
         and MACs as they are now, which the ARP answers go by, and where no
         link is named, every up Ethernet link that came up since, attached."""
         warned: list[str] = []      # about the links attached: logged, and answered
+        answered = self.state.arp
         if relink:
             links = select_links(config, self.datapath.holds)
             # Those that do not run this program: new links, one made again
@@ -179,11 +180,13 @@ class Balancer:
             if relink:                      # a new config, not a change of state
                 self.last_apply = time.time()
         self._announce()
+        garps, unsent = _announce_arp(answered, target.arp)
         return {"frontends": len(config.frontends), "pools": len(config.pools),
                 "servers": config.server_count(), "flows_ended": sum(ended.values()),
                 "admin_forgotten": forgotten, "attached": [att.ifname for att in attached],
                 "detached": [old.name for old in let_go], "unserved": unserved,
-                "attach_warnings": warned}
+                "attach_warnings": warned, "gratuitous_arps": garps,
+                "gratuitous_arps_unsent": unsent}
 
     def _announce(self) -> None:
         """Announces the VIPs served while active. A route that cannot be written
@@ -237,12 +240,11 @@ class Balancer:
             raise BadRequest(f"unknown role {role!r} (active or backup)")
         was, self.role = self.role, role
         try:
-            self.apply(self.config, relink=False)
+            result = self.apply(self.config, relink=False)
         except Exception:
             self.role = was
             raise
-        garps, unsent = ha.send_garp(self.state.arp) if role == "active" and was != "active" \
-            else (0, [])
+        garps, unsent = result["gratuitous_arps"], result["gratuitous_arps_unsent"]
         log.event("role", level="warning" if unsent else "info", old=was, new=role,
                   gratuitous_arps=garps, unsent="; ".join(unsent) or None)
         return {"role": role, "previous": was, "gratuitous_arps": garps,
@@ -448,6 +450,22 @@ def attached_interfaces(datapath: Datapath) -> list[dict]:
     """The links the data path is attached to, as the kernel has them now."""
     return [{"name": a.ifname, "ifindex": a.ifindex, "mode": a.mode, "state": a.state}
             for a in datapath.attachments()]
+
+
+def _announce_arp(answered: dict, answering: dict) -> tuple[int, list[str]]:
+    """Announces by a gratuitous ARP each VIP answered on a link now that was
+    not, or with another MAC (ARP entries, planner.desired's: a backup has
+    none): one that moved here from another box (at the start, becoming
+    active, by an `xlb apply`), a link that came up or was given its address
+    back, lb's MAC changed. Clients that knew the VIP at another MAC use this
+    one at once, not once their entry expires (tens of seconds, all lost).
+    Returns how many went out, and why the others did not (a link down)."""
+    news = {key: mac for key, mac in answering.items() if answered.get(key) != mac}
+    if not news:
+        return 0, []
+    garps, unsent = ha.send_garp(news)
+    log.event("arp", gratuitous_arps=garps, unsent="; ".join(unsent) or None)
+    return garps, unsent
 
 
 def _warn_link(warned: list[str], event: str, name: str, reason: str, **fields) -> None:

@@ -632,6 +632,8 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
         # Logged as they were found: what the links left out keep from working,
         # and what the links attached warn of.
         warned = {k: result.pop(k) for k in ("unserved", "attach_warnings")}
+        for k in ("gratuitous_arps", "gratuitous_arps_unsent"):     # logged as they went
+            result.pop(k)
         log.event("apply", result="ok", seconds=t2 - t0, config=path, **result,
                   **{k: ",".join(names) or None for k, names in links.items()},
                   admin_forgotten="; ".join(forgotten) or None)

@@ -683,6 +683,44 @@ def test_a_change_of_state_takes_the_links_addresses_and_macs_as_they_are_when_t
         fibnet.sh("ip", "link", "del", "readdr")
 
 
+def test_a_vip_newly_answered_on_a_link_is_announced_by_a_gratuitous_arp(balancer, fibnet):
+    """Clients that knew a VIP at another MAC (the box it moved from, lb's
+    link before its MAC changed) kept sending there until their entry
+    expired. Each VIP answered on a link where it was not, or with another
+    MAC, is announced once by a gratuitous ARP: at the first apply, not by
+    one that changes nothing there, with the link's new MAC once told, not
+    by a backup, and on becoming active again."""
+    from xlb import ha
+    vip = IPv4Address("10.1.40.101")
+    config = from_flags([f"{vip}:80"], ["10.1.11.101:8080"], ["garp"])
+    fibnet.add_veth("garp", "02:00:00:00:40:01")
+    listen = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+
+    def announced(result) -> list[str]:
+        """The MACs the VIP was announced at, as the apply counted them and
+        as they came to garp's peer."""
+        frames = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                frames.append(listen.recv(100, socket.MSG_DONTWAIT)[:42])
+        macs = [f[6:12].hex() for f in frames if f == ha.garp_frame(f[6:12], vip)]
+        assert len(macs) == result["gratuitous_arps"] and result["gratuitous_arps_unsent"] == []
+        return macs
+    try:
+        listen.bind(("garp-peer", 0))
+        fibnet.sh("ip", "addr", "add", "10.1.40.1/24", "dev", "garp")
+        assert announced(balancer.apply(config, relink=True)) == ["020000004001"]
+        assert announced(balancer.apply(config, relink=True)) == []
+        fibnet.sh("ip", "link", "set", "garp", "address", "02:00:00:00:40:02")
+        assert announced(balancer.apply(config, relink=False)) == []    # not told yet
+        assert announced(balancer.apply(config, relink=False, reread=True)) == ["020000004002"]
+        assert announced(balancer.set_role("backup")) == []
+        assert announced(balancer.set_role("active")) == ["020000004002"]
+    finally:
+        listen.close()
+        fibnet.sh("ip", "link", "del", "garp")
+
+
 def test_a_link_that_carries_no_ethernet_frames_is_refused_or_left_out(fibnet):
     """A TUN device (a VPN's tun0) hands the program IP packets, which it
     would parse as Ethernet frames: no ARP for a VIP comes there. Named, it
