@@ -716,6 +716,11 @@ def vip_mac(lab) -> list[str]:
     asked afresh: its neighbour entries flushed, one ping."""
     lab.run("client", "ip", "neigh", "flush", "dev", "eth0", check=True)
     lab.run("client", "ping", "-c", "1", "-W", "1", VIP)
+    return known_mac(lab)
+
+
+def known_mac(lab) -> list[str]:
+    """The MAC the client's neighbour entry for the VIP holds (none: no entry)."""
     out = lab.run("client", "ip", "-j", "neigh", "show", VIP, "dev", "eth0", check=True).stdout
     return [n["lladdr"] for n in json.loads(out) if "lladdr" in n]
 
@@ -769,12 +774,17 @@ def test_the_vip_is_answered_with_the_mac_lb_has_now_on_the_clients_link(lab):
     """lb's MAC on the clients' link is changed (`ip link set dev eth0
     address`): xlb answers ARP for the VIP with the new one, with no apply,
     as the client's neighbour entry for the VIP shows; it answered with the
-    old one until the next `xlb apply`."""
+    old one until the next `xlb apply`. A client that knew the VIP takes the
+    new MAC at once, from a gratuitous ARP: its entry would have kept the old
+    one, unanswered, for as long as it was stale."""
     old = lab.mac("lb", "eth0")
     with lab.xlb(*SEED_ARGS):
+        wait_for(lambda: vip_mac(lab) == [old], 20, "the VIP answered by ARP")
         lab.run("lb", "ip", "link", "set", "dev", "eth0", "address", "02:00:00:00:99:01",
                 check=True)
         try:
+            wait_for(lambda: known_mac(lab) == ["02:00:00:00:99:01"], 20,
+                     "the client's entry for the VIP at lb's new MAC, unasked")
             wait_for(lambda: vip_mac(lab) == ["02:00:00:00:99:01"], 20,
                      "the VIP answered with lb's new MAC")
         finally:
