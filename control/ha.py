@@ -59,9 +59,14 @@ def send_garp(arp: Mapping[tuple[int, IPv4Address], bytes]) -> tuple[int, list[s
     """Sends a gratuitous ARP for each (ifindex, VIP) -> link MAC, as the planner's
     ARP entries list them. Returns how many were sent, and why the others were
     not ("VIP on LINK: reason"): a link that is down, or gone, takes none, and
-    the other links still get theirs."""
+    the other links still get theirs. Never raises: an apply calls it once
+    the maps are written."""
     sent, unsent = 0, []
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+    try:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    except OSError as e:    # no CAP_NET_RAW (a unit that drops it), say
+        return 0, [f"{vip} on ifindex {ifindex}: {e.strerror}" for ifindex, vip in arp]
+    with s:
         for (ifindex, vip), mac in arp.items():
             name = f"ifindex {ifindex}"
             try:

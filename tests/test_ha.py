@@ -426,6 +426,17 @@ def test_a_gratuitous_arp_that_cannot_go_out_leaves_the_others_going(tmp_path):
         subprocess.run(["ip", "netns", "del", ns])
 
 
+def test_gratuitous_arps_without_a_packet_socket_are_said_unsent(monkeypatch):
+    """An apply announces the VIPs once the maps are written: a process that
+    may not open a packet socket (no CAP_NET_RAW) gets every announcement
+    named unsent, not an exception that would fail an apply that took effect."""
+    def refused(*args):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(socket, "socket", refused)
+    assert ha.send_garp({(7, IPv4Address("10.1.1.101")): b"\2" * 6}) == \
+        (0, ["10.1.1.101 on ifindex 7: Operation not permitted"])
+
+
 def test_a_peer_that_is_an_address_of_this_host_is_warned_of(monkeypatch):
     """README's command run as it is on both nodes gives the second one its own
     address as --peer: its keepalived sends its adverts to itself, never hears
