@@ -65,8 +65,24 @@ class LinkWatch:
         self._reapply = False    # a link made again, or readdressed: to apply
 
     def start(self) -> None:
-        asyncio.get_running_loop().add_reader(self.events.fileno(), self._read)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.events.fileno(), self._read)
         self.stale()
+        if not self.balancer.config.attach_names():
+            self._attaching = loop.create_task(self._attach_meanwhile())
+
+    async def _attach_meanwhile(self) -> None:
+        """Where no link is named, attaches those that came up while xlb up
+        started: after it chose its links, before these events were heard (it
+        compiles meanwhile, for seconds), none is told. Once the carriers are
+        known, for one that comes up after to be told."""
+        try:
+            await asyncio.to_thread(self.events.carrier)
+        except Exception as e:      # a task's own: nobody else would hear of it
+            log.event("link", level="error", error=f"links not read: {e}")
+        self._read()
+        self._reapply = True
+        await self._attach_again()
 
     def close(self) -> None:
         asyncio.get_running_loop().remove_reader(self.events.fileno())
