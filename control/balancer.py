@@ -156,8 +156,10 @@ class Balancer:
             planner.execute(dp, planner.plan(target, self.state))
             raise
         dp.swapped()                # an adoption's copied flow tables catch up
-        for att in attached:        # once all are attached: a veth whose peer xlb
-            _warn_veth(dp, att, warned)     # attaches too has a program at its peer
+        # Once all are attached: a veth whose peer xlb attaches too (now, or once
+        # it is set up where no link is named) has a program at its peer.
+        for att in attached:
+            _warn_veth(dp, att, warned, not config.attach_names())
         ended = dp.delete_flows(set(ends.backend_ids), set(ends.service_ids), ends.retired)
         kept = {link.index for link in links}
         unserved = _unserved(config, links) if relink and config.attach_names() else []
@@ -484,12 +486,13 @@ def _attach(datapath: Datapath, link: netif.Link, warned: list[str]):
     return att
 
 
-def _warn_veth(datapath: Datapath, att, warned: list[str]) -> None:
+def _warn_veth(datapath: Datapath, att, warned: list[str], joins: bool) -> None:
     """A warning where a veth's peer would lose what xlb transmits: asked once
-    every link of the apply is attached, as xlb may attach the peer itself."""
+    every link of the apply is attached, as xlb may attach the peer itself,
+    now or, where no link is named (joins), once it is set up."""
     if att.mode != "native":
         return
-    peer = netif.veth_peer_without_xdp(att.ifindex)
+    peer = netif.veth_peer_without_xdp(att.ifindex, joins)
     if peer is not None:
         lost = ("answers for VIPs (ARP, ping, fragmentation needed)"
                 + (" and fast-path packets" if datapath.fast_path else ""))

@@ -152,11 +152,14 @@ def strict_rp_filter(name: str) -> bool:
     return max(values, default=0) == 1
 
 
-def veth_peer_without_xdp(index: int) -> str | None:
+def veth_peer_without_xdp(index: int, joins: bool = False) -> str | None:
     """For a veth whose peer runs no XDP program, the peer's name: frames sent
     into such a veth with XDP_TX or XDP_REDIRECT are lost (seen on 6.18; the
     peer's XDP program, even one that passes everything, makes them arrive).
-    None for other links, a peer with a program, or a peer that cannot be seen."""
+    None for other links, a peer with a program, or a peer that cannot be seen;
+    with joins (xlb attaches every link that comes up), also for a peer in this
+    namespace that is down: it runs xlb's program once up, as nothing reaches
+    it before."""
     with IPRoute() as ipr:
         (link,) = ipr.get_links(index)
         info = link.get_attr("IFLA_LINKINFO")
@@ -170,6 +173,8 @@ def veth_peer_without_xdp(index: int) -> str | None:
             return None
         xdp = other.get_attr("IFLA_XDP")
         if xdp is not None and xdp.get_attr("IFLA_XDP_PROG_ID"):
+            return None
+        if joins and nsid is None and not other["flags"] & IFF_UP:
             return None
         return other.get_attr("IFLA_IFNAME")
 

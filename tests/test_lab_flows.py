@@ -165,6 +165,31 @@ def test_a_veth_pair_xlb_attaches_both_ends_of_is_not_warned_about(lab):
     assert "veth peer" not in x.stderr, x.stderr
 
 
+def test_a_veth_whose_peer_in_lb_is_down_is_warned_about_only_where_named(lab):
+    """One end of a veth pair in lb is up at the start, its peer down: where
+    no link is named, xlb attaches the peer as it is set up, so nothing is
+    lost and nothing is warned of (it told that what it sent out of the first
+    end was lost, then attached the peer); where the links are named and the
+    peer is not, what it sends there will be lost once the peer is up: warned."""
+    lab.run("lb", "ip", "link", "add", "vt0", "type", "veth", "peer", "name", "vt1", check=True)
+    try:
+        lab.run("lb", "ip", "link", "set", "vt0", "up", check=True)
+        with lab.xlb("--vip", f"{VIP}:80", *BACKENDS) as unnamed:
+            lab.run("lb", "ip", "link", "set", "vt1", "up", check=True)
+            wait_for(lambda: {("vt0", "up"), ("vt1", "up")} <= {
+                (i["name"], i["state"]) for i in lab.status()["interfaces"]}, 20,
+                "both ends attached")
+        lab.run("lb", "ip", "link", "set", "vt1", "down", check=True)
+        with lab.xlb("--vip", f"{VIP}:80", *BACKENDS, "--iface", "eth0", "--iface", "eth1",
+                     "--iface", "vt0") as named:
+            pass
+    finally:
+        lab.run("lb", "ip", "link", "del", "vt0", check=True)
+    assert "veth peer" not in unnamed.stderr, unnamed.stderr
+    (warning,) = [line for line in named.stderr.splitlines() if "veth peer" in line]
+    assert "interface=vt0" in warning and "peer vt1" in warning
+
+
 def test_active_counts_open_connections_and_returns_to_zero(lab):
     with lab.xlb("--vip", f"{VIP}:80", *BACKENDS):
         held = [lab.hold("--count", "3", "--step")[0] for _ in range(4)]
