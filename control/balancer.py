@@ -109,8 +109,8 @@ class Balancer:
         else:
             links, fresh = _made_again(self.links, reread)
             if reread and not config.attach_names():
-                came = _came_up(links, warned)
-                links, fresh = links + came, fresh + came
+                links, came = _came_up(links, warned)
+                fresh += came
         endpoints = {(p.name, s.name): (s.address, s.port)
                      for p in config.pools for s in p.servers}
         keys = set(endpoints)
@@ -535,15 +535,22 @@ def _made_again(attached: dict[str, netif.Link], reread: bool = False
     return links, fresh
 
 
-def _came_up(attached: list[netif.Link], warned: list[str]) -> list[netif.Link]:
-    """The up Ethernet links not among those attached (new, or set up since
-    the last apply), which a config that names no link runs on: left out, the
-    servers' replies that the kernel routes through one (a VLAN added for
-    them, say) reached the clients un-NATed until an `xlb apply`. One running
-    another XDP program is left to it, with a warning (`xlb up` refuses it)."""
+def _came_up(attached: list[netif.Link], warned: list[str]
+             ) -> tuple[list[netif.Link], list[netif.Link]]:
+    """The links a config that names no link runs on: those attached that
+    are still there, and the up Ethernet links not among them (new, or set
+    up since the last apply); and those, to attach. Left out, the servers'
+    replies that the kernel routes through one (a VLAN added for them, say)
+    reached the clients un-NATed until an `xlb apply`. One running another
+    XDP program is left to it, with a warning (`xlb up` refuses it). One gone
+    is let go: kept until an `xlb apply` (none in the one-line form), links
+    that come and go (containers' veths) took every place of the data plane's
+    links, and each apply failed on its capacity."""
+    now = netif.links()
+    there = {link.index for link in now}
     known = {link.index for link in attached}
     came = []
-    for link in netif.links():
+    for link in now:
         if link.index in known or not (link.ethernet and link.up):
             continue
         if link.xdp_prog_id:
@@ -551,7 +558,7 @@ def _came_up(attached: list[netif.Link], warned: list[str]) -> list[netif.Link]:
                        f"(id {link.xdp_prog_id}): not attached; {UNNAMED_LINKS}")
         else:
             came.append(link)
-    return came
+    return [link for link in attached if link.index in there] + came, came
 
 
 def select_links(config: Config, holds: Callable[[netif.Link], bool] = lambda link: False

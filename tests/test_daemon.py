@@ -656,6 +656,34 @@ def test_a_change_of_state_told_to_read_the_links_attaches_those_that_came_up(ba
         other.cleanup()
 
 
+def test_links_that_come_and_go_where_none_is_named_are_let_go_once_gone(root, fibnet):
+    """Where no link is named, each link that comes up is attached (a
+    container's veth, say); one deleted since is let go by the apply that
+    reads the links, not kept as `gone` until an `xlb apply` (which the
+    one-line form has none of): kept, each took a place of the data plane's
+    links (tx_links), until every apply failed on its capacity, health
+    changes too, and no link that came up was attached."""
+    from xlb import netif
+
+    config = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"])
+    ours = sum(link.ethernet and link.up for link in netif.links())
+    dp = Datapath(Limits(max_tx_links=ours + 4))    # two veth pairs more
+    try:
+        b = Balancer(dp)
+        b.apply(config, relink=True)
+        for name in ("veth0", "veth1", "veth2", "veth3"):     # a name each, as containers'
+            fibnet.add_veth(name)
+            assert sorted(b.apply(config, relink=False, reread=True)["attached"]) == \
+                [name, f"{name}-peer"]
+            fibnet.sh("ip", "link", "del", name)
+            b.apply(config, relink=False)       # a health change
+        b.apply(config, relink=False, reread=True)
+        assert len(b.status()["interfaces"]) == ours
+    finally:
+        dp.detach_all()
+        dp.close()
+
+
 def test_a_change_of_state_takes_the_links_addresses_and_macs_as_they_are_when_told(
         balancer, fibnet):
     """The ARP answers go by the attached links' addresses and MACs: a change
