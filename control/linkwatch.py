@@ -73,9 +73,10 @@ class LinkWatch:
 
     async def _attach_meanwhile(self) -> None:
         """Where no link is named, attaches those that came up while xlb up
-        started: after it chose its links, before these events were heard (it
-        compiles meanwhile, for seconds), none is told. Once the carriers are
-        known, for one that comes up after to be told."""
+        started: after its first apply chose its links, before these events
+        were heard (the start's first health sync comes between), none is
+        told. Once the carriers are known, for one that comes up after to be
+        told."""
         try:
             await asyncio.to_thread(self.events.carrier)
         except Exception as e:      # a task's own: nobody else would hear of it

@@ -478,9 +478,9 @@ def test_a_link_that_comes_up_is_applied_where_no_link_is_named_again_until_it_i
 
 
 def test_a_link_that_came_up_while_xlb_up_started_is_applied_where_no_link_is_named(capsys):
-    """xlb up chooses its links seconds before its watch hears the kernel (it
-    compiles the program meanwhile): a link that comes up then (at boot, as
-    the network comes up) is told by no event, and was left without the
+    """xlb up chooses its links before its watch hears the kernel (its first
+    health sync comes between): a link that comes up then (at boot, as the
+    network comes up) is told by no event, and was left without the
     program until an `xlb apply`. Where no link is named, the watch applies
     the links as they are once it knows their carriers; where they are named,
     it does not."""
