@@ -18,7 +18,7 @@ cleanup() {
     if [ -n "$XLB_PID" ]; then
         kill -TERM "$XLB_PID" 2>/dev/null || true
         wait "$XLB_PID" 2>/dev/null || true
-        sed -n '2,$p' "$LOG"
+        grep -v '^xlb: serving' "$LOG"     # its log; the serving line was shown
     fi
     $LAB down >/dev/null
     rm -f "$LOG" "$CONFIG"
