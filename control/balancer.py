@@ -107,9 +107,10 @@ class Balancer:
             check_host(config, fresh, warned)
             refuse_taken((link for link in fresh if not self.datapath.holds(link)), config)
         else:
-            links, fresh = _made_again(self.links, reread)
-            if reread and not config.attach_names():
-                links, came = _came_up(links, warned)
+            now = netif.links() if reread else None     # one dump for both
+            links, fresh = _made_again(self.links, now)
+            if now is not None and not config.attach_names():
+                links, came = _came_up(links, now, warned)
                 fresh += came
         endpoints = {(p.name, s.name): (s.address, s.port)
                      for p in config.pools for s in p.servers}
@@ -509,23 +510,24 @@ def _index_of(name: str) -> int | None:
         return None
 
 
-def _made_again(attached: dict[str, netif.Link], reread: bool = False
+def _made_again(attached: dict[str, netif.Link], now: list[netif.Link] | None = None
                 ) -> tuple[list[netif.Link], list[netif.Link]]:
     """The links attached, as they are, but each one deleted and made again
     under its name since (a veth, a VLAN, a NIC whose driver was reloaded:
     another ifindex, no program) as it is now; and those, to attach. Left
     unattached, the made one let the servers' replies reach the clients
     un-NATed, every connection failing, until an `xlb apply`. Where the
-    links are read (one made again, or reread), those still there have
-    their addresses and MACs as they are now, under the names attached."""
-    if not reread and all(_index_of(name) == old.index for name, old in attached.items()):
+    links are read (one made again, or `now`, read by the caller), those
+    still there have their addresses and MACs as they are now, under the
+    names attached."""
+    if now is None and all(_index_of(name) == old.index for name, old in attached.items()):
         return list(attached.values()), []      # the usual case, without a dump of the links
-    now = {link.index: link for link in netif.links()}
-    made = {link.name: link for link in now.values()
+    by_index = {link.index: link for link in (netif.links() if now is None else now)}
+    made = {link.name: link for link in by_index.values()
             if link.ethernet and not link.xdp_prog_id}
     links, fresh = [], []
     for name, old in attached.items():
-        if (same := now.get(old.index)) is not None:
+        if (same := by_index.get(old.index)) is not None:
             links.append(dataclasses.replace(old, mac=same.mac, addresses=same.addresses))
         elif new := made.get(name):
             links.append(new)
@@ -535,18 +537,17 @@ def _made_again(attached: dict[str, netif.Link], reread: bool = False
     return links, fresh
 
 
-def _came_up(attached: list[netif.Link], warned: list[str]
+def _came_up(attached: list[netif.Link], now: list[netif.Link], warned: list[str]
              ) -> tuple[list[netif.Link], list[netif.Link]]:
     """The links a config that names no link runs on: those attached that
-    are still there, and the up Ethernet links not among them (new, or set
-    up since the last apply); and those, to attach. Left out, the servers'
+    are still there, and the up Ethernet links (`now`: as they are) not
+    among them (new, or set up since the last apply); and those, to attach. Left out, the servers'
     replies that the kernel routes through one (a VLAN added for them, say)
     reached the clients un-NATed until an `xlb apply`. One running another
     XDP program is left to it, with a warning (`xlb up` refuses it). One gone
     is let go: kept until an `xlb apply` (none in the one-line form), links
     that come and go (containers' veths) took every place of the data plane's
     links, and each apply failed on its capacity."""
-    now = netif.links()
     there = {link.index for link in now}
     known = {link.index for link in attached}
     came = []
