@@ -41,6 +41,10 @@ class Balancer:
         self.announcer = announcer                # the VIP routes BIRD announces
         self.config = EMPTY
         self.links: dict[str, netif.Link] = {}    # attached, by name
+        # Links that came up running another XDP program, as (index, program
+        # id), warned of once each: the watch's applies read the links at
+        # each address change.
+        self._foreign: frozenset[tuple[int, int]] = frozenset()
         self.state = planner.DataplaneState()     # what the maps hold
         self.states: dict[Key, str] = {}          # server states the maps reflect
         self.admin: dict[Key, str] = {}           # `xlb server drain|disable`: drain, maint
@@ -110,7 +114,7 @@ class Balancer:
             now = netif.links() if reread else None     # one dump for both
             links, fresh = _made_again(self.links, now)
             if now is not None and not config.attach_names():
-                links, came = _came_up(links, now, warned)
+                links, came, self._foreign = _came_up(links, now, warned, self._foreign)
                 fresh += came
         endpoints = {(p.name, s.name): (s.address, s.port)
                      for p in config.pools for s in p.servers}
@@ -537,29 +541,34 @@ def _made_again(attached: dict[str, netif.Link], now: list[netif.Link] | None = 
     return links, fresh
 
 
-def _came_up(attached: list[netif.Link], now: list[netif.Link], warned: list[str]
-             ) -> tuple[list[netif.Link], list[netif.Link]]:
+def _came_up(attached: list[netif.Link], now: list[netif.Link], warned: list[str],
+             foreign: frozenset[tuple[int, int]]
+             ) -> tuple[list[netif.Link], list[netif.Link], frozenset[tuple[int, int]]]:
     """The links a config that names no link runs on: those attached that
     are still there, and the up Ethernet links (`now`: as they are) not
-    among them (new, or set up since the last apply); and those, to attach. Left out, the servers'
-    replies that the kernel routes through one (a VLAN added for them, say)
-    reached the clients un-NATed until an `xlb apply`. One running another
-    XDP program is left to it, with a warning (`xlb up` refuses it). One gone
-    is let go: kept until an `xlb apply` (none in the one-line form), links
-    that come and go (containers' veths) took every place of the data plane's
-    links, and each apply failed on its capacity."""
+    among them (new, or set up since the last apply); those, to attach; and
+    those of them left to another XDP program, as (index, program id).
+    Left out, the servers' replies that the kernel routes through one (a
+    VLAN added for them, say) reached the clients un-NATed until an `xlb
+    apply`. One running another XDP program is left to it, with a warning
+    (`xlb up` refuses it) unless it is among `foreign`, warned of already.
+    One gone is let go: kept until an `xlb apply` (none in the one-line
+    form), links that come and go (containers' veths) took every place of
+    the data plane's links, and each apply failed on its capacity."""
     there = {link.index for link in now}
     known = {link.index for link in attached}
-    came = []
+    came, left = [], set()
     for link in now:
         if link.index in known or not (link.ethernet and link.up):
             continue
-        if link.xdp_prog_id:
+        if not link.xdp_prog_id:
+            came.append(link)
+            continue
+        left.add((link.index, link.xdp_prog_id))
+        if (link.index, link.xdp_prog_id) not in foreign:
             _warn_link(warned, "attach", link.name, f"came up running another XDP program "
                        f"(id {link.xdp_prog_id}): not attached; {UNNAMED_LINKS}")
-        else:
-            came.append(link)
-    return [link for link in attached if link.index in there] + came, came
+    return [link for link in attached if link.index in there] + came, came, frozenset(left)
 
 
 def select_links(config: Config, holds: Callable[[netif.Link], bool] = lambda link: False

@@ -627,7 +627,8 @@ def test_a_change_of_state_told_to_read_the_links_attaches_those_that_came_up(ba
     """Where no link is named xlb runs on every up Ethernet link: the link
     watch's apply (reread, once one came up) attaches one that came up since
     (here a veth pair, both ends), and leaves one running another program to
-    it, with a warning; a health change's does not look (no dump, and no
+    it, with a warning, given once (the watch's applies read the links at
+    each address change); a health change's does not look (no dump, and no
     link's trouble keeps it from taking effect)."""
     from bcc import BPF
     from xlb import netif
@@ -648,6 +649,7 @@ def test_a_change_of_state_told_to_read_the_links_attaches_those_that_came_up(ba
         assert warning.startswith("taken: came up running another XDP program (id "), warning
         assert {i["name"] for i in balancer.status()["interfaces"]} == \
             before | {"late", "late-peer", "taken-peer"}
+        assert balancer.apply(config, relink=False, reread=True)["attach_warnings"] == []
         assert next(link.xdp_prog_id for link in netif.links() if link.name == "taken") != \
             balancer.datapath.program()["id"]
     finally:
