@@ -195,6 +195,16 @@ class Balancer:
                 "attach_warnings": warned, "gratuitous_arps": garps,
                 "gratuitous_arps_unsent": unsent}
 
+    def carrier_back(self, index: int, name: str) -> int:
+        """Announces again the VIPs answered on link index, whose carrier is
+        back, as the kernel announces a link's own addresses (arp_notify):
+        what was announced while it had none was lost (a VIP that moved here,
+        lb's MAC changed), and the switch may have forgotten where lb's MAC
+        is. Returns how many gratuitous ARPs went out."""
+        with self.lock:
+            entries = {key: mac for key, mac in self.state.arp.items() if key[0] == index}
+        return _announce_arp({}, entries, link=name, reason="carrier back")[0]
+
     def _announce(self) -> None:
         """Announces the VIPs served while active. A route that cannot be written
         is a warning, not a failed apply: the maps already serve the config."""
@@ -459,7 +469,7 @@ def attached_interfaces(datapath: Datapath) -> list[dict]:
             for a in datapath.attachments()]
 
 
-def _announce_arp(answered: dict, answering: dict) -> tuple[int, list[str]]:
+def _announce_arp(answered: dict, answering: dict, **why) -> tuple[int, list[str]]:
     """Announces by a gratuitous ARP each VIP answered on a link now that was
     not, or with another MAC (ARP entries, planner.desired's: a backup has
     none): one that moved here from another box (at the start, becoming
@@ -471,7 +481,7 @@ def _announce_arp(answered: dict, answering: dict) -> tuple[int, list[str]]:
     if not news:
         return 0, []
     garps, unsent = ha.send_garp(news)
-    log.event("arp", gratuitous_arps=garps, unsent="; ".join(unsent) or None)
+    log.event("arp", **why, gratuitous_arps=garps, unsent="; ".join(unsent) or None)
     return garps, unsent
 
 

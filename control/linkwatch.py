@@ -192,6 +192,9 @@ class LinkWatch:
                           if self.routes.get(t.address) == loss.index]:
                 self._take_down(loss.index, loss.name, loss.how, behind)
         for index in regained:
+            if index in attached:
+                with contextlib.suppress(OSError):      # gone again: nothing to announce
+                    self.balancer.carrier_back(index, socket.if_indextoname(index))
             # Back an interval sooner: rise - 1 intervals after they are routed.
             if back := {a for a, (i, _) in self._downed.items() if i == index}:
                 self._regained |= back

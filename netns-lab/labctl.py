@@ -214,6 +214,12 @@ class Xlb:
         self.serving_line = line.strip()
         return self
 
+    def logged(self) -> str:
+        """What xlb up has logged so far: read where it is, not moving the
+        offset it writes at."""
+        fd = self._log.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode()
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         if self.proc is None:
             return 0

@@ -719,11 +719,12 @@ def test_a_vip_newly_answered_on_a_link_is_announced_by_a_gratuitous_arp(balance
     expired. Each VIP answered on a link where it was not, or with another
     MAC, is announced once by a gratuitous ARP: at the first apply, not by
     one that changes nothing there, with the link's new MAC once told, not
-    by a backup, and on becoming active again."""
+    by a backup, and on becoming active again; again when the link's carrier
+    is back (the link watch tells), but by a backup."""
     from xlb import ha
     vip = IPv4Address("10.1.40.101")
     config = from_flags([f"{vip}:80"], ["10.1.11.101:8080"], ["garp"])
-    fibnet.add_veth("garp", "02:00:00:00:40:01")
+    index = fibnet.add_veth("garp", "02:00:00:00:40:01")
     listen = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
 
     def announced(result) -> list[str]:
@@ -736,6 +737,10 @@ def test_a_vip_newly_answered_on_a_link_is_announced_by_a_gratuitous_arp(balance
         macs = [f[6:12].hex() for f in frames if f == ha.garp_frame(f[6:12], vip)]
         assert len(macs) == result["gratuitous_arps"] and result["gratuitous_arps_unsent"] == []
         return macs
+
+    def back(index: int) -> dict:
+        return {"gratuitous_arps": balancer.carrier_back(index, "garp"),
+                "gratuitous_arps_unsent": []}
     try:
         listen.bind(("garp-peer", 0))
         fibnet.sh("ip", "addr", "add", "10.1.40.1/24", "dev", "garp")
@@ -745,7 +750,10 @@ def test_a_vip_newly_answered_on_a_link_is_announced_by_a_gratuitous_arp(balance
         assert announced(balancer.apply(config, relink=False)) == []    # not told yet
         assert announced(balancer.apply(config, relink=False, reread=True)) == ["020000004002"]
         assert announced(balancer.set_role("backup")) == []
+        assert announced(back(index)) == []
         assert announced(balancer.set_role("active")) == ["020000004002"]
+        assert announced(back(index)) == ["020000004002"]
+        assert announced(back(socket.if_nametoindex("garp-peer"))) == []    # no VIP there
     finally:
         listen.close()
         fibnet.sh("ip", "link", "del", "garp")

@@ -792,6 +792,32 @@ def test_the_vip_is_answered_with_the_mac_lb_has_now_on_the_clients_link(lab):
         wait_for(lambda: vip_mac(lab) == [old], 20, "the VIP answered with lb's MAC again")
 
 
+def test_the_vip_is_announced_again_once_the_carrier_of_its_link_is_back(lab):
+    """lb's MAC on the clients' link changes while the link has no carrier
+    (its switch port down): the gratuitous ARP for the VIP at the new MAC
+    goes nowhere. Once the carrier is back, xlb announces the VIP again: a
+    client that knew it takes the new MAC unasked; its entry kept the old
+    one, unanswered, for as long as it was stale."""
+    old, new = lab.mac("lb", "eth0"), "02:00:00:00:99:02"
+    with lab.xlb(*SEED_ARGS) as x:
+        wait_for(lambda: vip_mac(lab) == [old], 20, "the VIP answered by ARP")
+        lab.run("sw", "ip", "link", "set", "lb-eth0", "down", check=True)
+        try:
+            lab.run("lb", "ip", "link", "set", "dev", "eth0", "address", new, check=True)
+            wait_for(lambda: x.logged().count("event=arp ") == 2, 20,
+                     "the VIP announced at lb's new MAC, without carrier")
+            assert known_mac(lab) == [old]
+            lab.run("sw", "ip", "link", "set", "lb-eth0", "up", check=True)
+            wait_for(lambda: known_mac(lab) == [new], 20,
+                     "the client's entry for the VIP at lb's new MAC, unasked")
+            wait_for(lambda: 'event=arp link=eth0 reason="carrier back" gratuitous_arps=1'
+                     in x.logged(), 20, "the announcement logged")
+        finally:
+            lab.run("sw", "ip", "link", "set", "lb-eth0", "up", check=True)
+            lab.run("lb", "ip", "link", "set", "dev", "eth0", "address", old, check=True)
+        wait_for(lambda: vip_mac(lab) == [old], 20, "the VIP answered with lb's MAC again")
+
+
 def plug(lab, link: str, bridge: str) -> None:
     """A new veth, link in lb, down, its peer lb-LINK a port of the switch's
     bridge, as lab.sh plugs a link."""

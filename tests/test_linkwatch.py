@@ -429,6 +429,43 @@ def test_servers_of_a_link_deleted_are_checked_as_soon_as_it_is_made_again():
                                  lambda: net.sh("ip", "link", "del", "int"), remake))
 
 
+class Announcing(Servers):
+    """Servers whose data path is attached to link int (its index given),
+    with the links whose carrier came back recorded."""
+
+    def __init__(self, int_index: int):
+        super().__init__([])
+        self.links = {"int": netif.Link(int_index, "int", b"\x02" * 6, True, False, ())}
+        self.carriers_back: list[tuple[int, str]] = []
+
+    def carrier_back(self, index: int, name: str) -> int:
+        self.carriers_back.append((index, name))
+        return 1
+
+
+def test_a_link_attached_whose_carrier_is_back_has_its_vips_announced_again():
+    """An attached link's carrier back (its cable plugged again, its switch
+    port up) has the balancer announce its VIPs again (gratuitous ARP), once:
+    one announced while it had no carrier was lost; a link not attached, or a
+    carrier lost, has none."""
+    async def main():
+        with watching(servers) as (watch, _):
+            await until(lambda: not watch.events.overrun, "the carriers read", 5.0)
+            for peer in ("int-peer", "ext-peer"):
+                net.sh("ip", "link", "set", peer, "down")
+            await asyncio.sleep(0.5)
+            assert servers.carriers_back == []
+            for peer in ("int-peer", "ext-peer"):
+                net.sh("ip", "link", "set", peer, "up")
+            await until(lambda: servers.carriers_back, "announced", 5.0)
+            await asyncio.sleep(0.5)
+
+    with FibNet("xlbt-links").entered({}) as net:
+        servers = Announcing(net.ifindex["int"])
+        asyncio.run(main())
+    assert servers.carriers_back == [(net.ifindex["int"], "int")]
+
+
 class Attaching(Servers):
     """Servers of a config that names no link (so every up Ethernet link is
     served), whose applies are recorded; the first fails."""
