@@ -263,7 +263,7 @@ class Balancer:
             raise
         garps, unsent = result["gratuitous_arps"], result["gratuitous_arps_unsent"]
         log.event("role", level="warning" if unsent else "info", old=was, new=role,
-                  gratuitous_arps=garps, unsent="; ".join(unsent) or None)
+                  gratuitous_arps=garps, unsent=log.some(unsent, sep="; "))
         return {"role": role, "previous": was, "gratuitous_arps": garps,
                 "gratuitous_arps_unsent": unsent}
 
@@ -438,7 +438,7 @@ def sync_routes(announcer: ha.Announcer, vips) -> None:
         announcer.sync(vips)
     except OSError as e:
         log.event("announce", level="warning", table=announcer.table, error=str(e),
-                  announcing=",".join(map(str, sorted(announcer.announced))) or None)
+                  announcing=log.some(map(str, sorted(announcer.announced))))
 
 
 def _server_rows(config: Config) -> dict[Key, dict]:
@@ -481,7 +481,7 @@ def _announce_arp(answered: dict, answering: dict, **why) -> tuple[int, list[str
     if not news:
         return 0, []
     garps, unsent = ha.send_garp(news)
-    log.event("arp", **why, gratuitous_arps=garps, unsent="; ".join(unsent) or None)
+    log.event("arp", **why, gratuitous_arps=garps, unsent=log.some(unsent, sep="; "))
     return garps, unsent
 
 

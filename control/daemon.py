@@ -211,9 +211,9 @@ def up(config: Config, config_path: Path | None = None,
         forgotten += applied["admin_forgotten"]
         if balancer.admin or forgotten:
             log.event("restore", level="warning" if forgotten else "info",
-                      servers=",".join(f"{p}/{s}={v}" for (p, s), v in
-                                       sorted(balancer.admin.items())) or None,
-                      forgotten="; ".join(forgotten) or None)
+                      servers=log.some(f"{p}/{s}={v}" for (p, s), v in
+                                       sorted(balancer.admin.items())),
+                      forgotten=log.some(forgotten, sep="; "))
         signals.check()
         let_go = datapath.settle()
         if kept is not None and kept.announce_table not in (None, announce_table):
@@ -330,9 +330,7 @@ def _running_state(given: Config, kept: saved.State | None
 def _summary(config: Config, most: int = 4) -> str:
     """"10.1.1.101:80/tcp -> 10.1.11.101:8080, 10.1.11.102:8080", shortened when long."""
     def some(items):
-        items = list(dict.fromkeys(items))
-        return ", ".join(items[:most]) + (f" and {len(items) - most} more"
-                                          if len(items) > most else "")
+        return log.some(dict.fromkeys(items), most, ", ") or ""
     return (some(f.endpoint for f in config.frontends) + " -> "
             + some(f"{s.address}:{s.port}" for p in config.pools for s in p.servers))
 
@@ -636,7 +634,7 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
             result.pop(k)
         log.event("apply", result="ok", seconds=t2 - t0, config=path, **result,
                   **{k: ",".join(names) or None for k, names in links.items()},
-                  admin_forgotten="; ".join(forgotten) or None)
+                  admin_forgotten=log.some(forgotten, sep="; "))
         return {**result, **links, "admin_forgotten": forgotten, "warnings": cfg.warnings,
                 **warned, "validate_seconds": t1 - t0,
                 "apply_seconds": t2 - t1, "config": path, "warning": balancer.remember()}

@@ -177,7 +177,7 @@ class LinkWatch:
 
     def _take_down(self, index: int, name: str, how: str, targets: list[Target]) -> None:
         log.event("link", level="warning", link=name, reason=how,
-                  servers_down=",".join("/".join(t.key) for t in targets))
+                  servers_down=log.some("/".join(t.key) for t in targets))
         self.checker.mark_down([t.key for t in targets], f"link {name} {how}")
         now = asyncio.get_running_loop().time()
         self._downed.update((t.address, (index, now)) for t in targets)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterable
 from datetime import datetime, timezone
 
 
@@ -32,6 +33,17 @@ def event(name: str, level: str = "info", **fields) -> None:
         # lost, but what it tells of must still happen (a health change
         # applied, a clean stop), not end with it.
         pass
+
+
+def some(items: Iterable[str], most: int = 20, sep: str = ",") -> str | None:
+    """items joined, the first `most` of them and how many more (None for
+    none): a line about 10,000 servers stays readable, and whole where log
+    shippers take it (journald splits a line over 48 KiB)."""
+    items = list(items)
+    if not items:
+        return None
+    return sep.join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most
+                                     else "")
 
 
 def silence(stream) -> None:

@@ -429,6 +429,21 @@ def test_servers_of_a_link_deleted_are_checked_as_soon_as_it_is_made_again():
                                  lambda: net.sh("ip", "link", "del", "int"), remake))
 
 
+def test_a_links_loss_names_twenty_of_its_servers_and_counts_the_rest(capsys):
+    """The line that tells a link's loss names the servers it takes down:
+    the first twenty, and how many more (each has its own health line)."""
+    async def main():
+        with watching(servers) as (watch, _):
+            watch._take_down(net.ifindex["int"], "int", "lost its carrier", servers.targets)
+
+    servers = Servers([f"10.1.{11 + i // 250}.{i % 250 + 1}" for i in range(1000)])
+    with FibNet("xlbt-links").entered({}) as net:
+        asyncio.run(main())
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "servers_down" in x]
+    assert line.endswith(' servers_down="' + ",".join(f"web/10.1.11.{i}" for i in range(1, 21))
+                         + ' and 980 more"'), line
+
+
 class Announcing(Servers):
     """Servers whose data path is attached to link int (its index given),
     with the links whose carrier came back recorded."""

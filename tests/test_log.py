@@ -44,3 +44,15 @@ def test_a_closed_stderr_puts_no_line_on_stdout(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stderr", None)
     log.event("state", level="warning", error="Not a directory")
     assert capsys.readouterr().out == ""
+
+
+def test_a_long_list_is_cut_to_its_first_items_and_a_count():
+    """A line about every server of a big balancer (a link's loss, the admin
+    states restored) names the first twenty and counts the rest: 10,000
+    names made a line of some 200 KiB, which journald splits and log
+    shippers drop."""
+    names = [f"web/s{i}" for i in range(10_000)]
+    assert log.some(names) == ",".join(names[:20]) + " and 9980 more"
+    assert log.some(names[:20]) == ",".join(names[:20])
+    assert log.some(["a", "b", "c"], 2, "; ") == "a; b and 1 more"
+    assert log.some([]) is None
