@@ -43,7 +43,7 @@ UDP_ONLY = ("send_hex", "expect_hex")
 CHECKING = ("port", "interval", "timeout", "rise", "fall")     # of a monitor that checks
 _OTHER = {"tcp": "udp", "udp": "tcp"}     # a check's protocol, and the one it is not
 TIMEOUTS = tuple(key for keys in PROTOCOL_TIMEOUTS.values() for key in keys)
-MAX_FILE = 2 << 20                  # 10,000 servers take under 1 MiB; the control socket's
+MAX_FILE = 8 << 20                  # 512 bytes for each of 16,384 servers; the control socket's
                                     # limit (ctl.MAX_REQUEST) holds it JSON-escaped, for `apply`
 
 
