@@ -309,7 +309,13 @@ def saved_config():
 
 
 def _error(message: str) -> None:
-    click.echo(shown(message), err=True)
+    try:
+        click.echo(shown(message), err=True)
+    except OSError:
+        # stderr a full disk, or a pipe whose reader is gone: the line is
+        # lost, not what the command goes on to do (its answer on stdout, its
+        # exit status), as log.event loses its own.
+        pass
     if _to_syslog:
         syslog.syslog(syslog.LOG_ERR, shown(message))
 
@@ -333,6 +339,18 @@ def _out(text: str, nl: bool = True) -> None:
 def _say(message: str) -> None:
     """A line on stdout that names what the operator gave (a file)."""
     _out(shown(message))
+
+
+def _done(message: str) -> None:
+    """The answer (_say) of a command that changed something. One that cannot
+    be written (stdout a file on a full disk) fails the command, as any answer
+    lost does, with a line that says the change was made, and what it was: a
+    bare "No space left on device" read as nothing done."""
+    try:
+        _say(message)
+    except OSError as e:
+        raise Failure(f"done, but its answer could not be written ({e.strerror or e}): "
+                      f"{message.removeprefix('xlb: ')}") from None
 
 
 def _echo_problems(file: Path, problems) -> None:
@@ -420,7 +438,7 @@ def apply(file: Path | None) -> None:
     # earlier build's instance).
     links = "".join(f"; {verb} {', '.join(r[key])}" for key, verb in
                     (("attached", "attached to"), ("detached", "detached from")) if r.get(key))
-    _say(f"xlb: applied {file} in {r['validate_seconds'] + r['apply_seconds']:.3f}s: "
+    _done(f"xlb: applied {file} in {r['validate_seconds'] + r['apply_seconds']:.3f}s: "
          f"{r['frontends']} frontends, {r['pools']} pools, {r['servers']} servers; "
          f"{r['flows_ended']} flows ended; serving {r['config']}{links}")
     _echo_warnings(file, r.get("warnings", r.get("unused", ())))  # "unused": an older instance's
@@ -462,7 +480,7 @@ def server(action: str, pool: str, server: str) -> None:
     """
     r = _request("server", action=action, pool=pool, server=server)
     _warn(r)
-    _out(f"xlb: {pool}/{server} is {r['state']}; {r['flows_ended']} flows ended")
+    _done(f"xlb: {pool}/{server} is {r['state']}; {r['flows_ended']} flows ended")
     if r["state"] == "maint" and action != "disable":
         # No run-time state is left to make it maint: the file's is, which this cannot override.
         _error(f"xlb: warning: {pool}/{server} stays maint: the config disables it "
@@ -570,7 +588,7 @@ def down(keep_datapath: bool) -> None:
             # With the instance lock: an `xlb up` starting now could adopt the
             # data path and take the state that this removes.
             with ctl.exclusive():
-                _out(_forget_the_dead(e))
+                _done(_forget_the_dead(e))
         except ctl.AlreadyRunning:
             raise Failure("an xlb up started here meanwhile: `xlb down` again stops it") \
                 from None
@@ -595,10 +613,10 @@ def down(keep_datapath: bool) -> None:
                 raise Failure("xlb was stopping already (a signal, or `xlb down`), and "
                               "detached its data path: not kept")
             if left is not None:
-                _out(f"xlb: the instance stopped before it detached; removed the data "
+                _done(f"xlb: the instance stopped before it detached; removed the data "
                      f"path it left ({_program_on(left)})")
                 return
-            _out("xlb: stopped; the data path keeps running" if keep_datapath
+            _done("xlb: stopped; the data path keeps running" if keep_datapath
                  else "xlb: stopped")
             return
         time.sleep(0.1)
@@ -630,7 +648,7 @@ def role(role: str) -> None:
     r = _request("role", role=role)
     _warn(r)
     unsent = r["gratuitous_arps_unsent"]
-    _out(f"xlb: {r['previous']} -> {r['role']}; {r['gratuitous_arps']} gratuitous ARPs sent"
+    _done(f"xlb: {r['previous']} -> {r['role']}; {r['gratuitous_arps']} gratuitous ARPs sent"
          + (f", not sent: {'; '.join(unsent)}" if unsent else ""))
 
 

@@ -995,6 +995,57 @@ def test_an_answer_that_cannot_be_written_is_one_line():
         assert (r.returncode, r.stderr) == (1, "xlb: error: No space left on device\n"), args
 
 
+# `xlb ARGS` as a process, against the test's RUN_DIR (run_dir) and the stand-in
+# instances of test_ctl: a data path without its control process is none.
+_XLB_HERE = """
+import sys
+from pathlib import Path
+from xlb import cli, ctl
+ctl.RUN_DIR = Path(sys.argv[1])
+ctl.holder = lambda: None
+ctl._earlier_instance = lambda timeout=2.0: None
+cli._orphan = lambda detach=False: None
+sys.argv = ["xlb", *sys.argv[2:]]
+cli.main()
+"""
+
+
+def xlb_here(run_dir: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _XLB_HERE, str(run_dir), *args],
+                          text=True, timeout=60, **kw)
+
+
+@pytest.mark.parametrize(("args", "result", "done"), [
+    (("server", "drain", "was", "was1"), {"state": "drain", "flows_ended": 3},
+     "was/was1 is drain; 3 flows ended"),
+    (("ha", "role", "active"), {"previous": "backup", "role": "active", "gratuitous_arps": 2,
+                                "gratuitous_arps_unsent": []},
+     "backup -> active; 2 gratuitous ARPs sent"),
+    (("apply", str(SEED)), {"frontends": 1, "pools": 1, "servers": 2, "flows_ended": 0,
+                            "admin_forgotten": [], "warnings": [], "validate_seconds": 0.001,
+                            "apply_seconds": 0.002, "config": str(SEED)},
+     f"applied {SEED} in 0.003s: 1 frontends, 1 pools, 2 servers; 0 flows ended; "
+     f"serving {SEED}"),
+    (("down",), {"pid": 4242}, "stopped")], ids=["server", "ha-role", "apply", "down"])
+def test_a_change_whose_answer_cannot_be_written_says_it_was_made(run_dir, args, result,
+                                                                  done):
+    """`xlb server drain ... > FILE` on a full disk (/dev/full) said "No space
+    left on device" alone, exit 1, of a change made: read as nothing done (and
+    done again, or not undone). It still fails (the answer is lost), saying
+    what was done. A warning that cannot be written (stderr full) is lost, not
+    the answer."""
+    with answering(lambda req: {"ok": True, "result": result}, stops=True), \
+            open("/dev/full", "w") as full:
+        r = xlb_here(run_dir, *args, stdout=full, stderr=subprocess.PIPE)
+    assert (r.returncode, r.stderr) == \
+        (1, f"xlb: error: done, but its answer could not be written (No space left on "
+            f"device): {done}\n")
+    with answering(lambda req: {"ok": True, "result": {**result, "warning": "not saved"}},
+                   stops=True), open("/dev/full", "w") as full:
+        r = xlb_here(run_dir, *args, stdout=subprocess.PIPE, stderr=full)
+    assert (r.returncode, r.stdout) == (0, f"xlb: {done}\n")
+
+
 def test_an_instance_that_does_not_answer_is_one_line(monkeypatch, tmp_path):
     """An instance busy starting (compiling a large flow table) or stopped
     (SIGSTOP) accepts but does not answer: the request fails with one line,

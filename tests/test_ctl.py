@@ -125,9 +125,10 @@ class Clock:
 
 
 @contextlib.contextmanager
-def serving(handle, connections: int = 1):
+def serving(handle, connections: int = 1, stops: bool = False):
     """A stand-in for the running instance on its real socket (ctl.Listener):
-    a thread hands each of `connections` connections to `handle`."""
+    a thread hands each of `connections` connections to `handle`; then, if
+    it `stops`, it is gone (as an instance that `xlb down` stopped)."""
     listener = ctl.Listener()
 
     def serve():
@@ -135,6 +136,8 @@ def serving(handle, connections: int = 1):
             conn, _ = listener.socket.accept()
             with conn:
                 handle(conn)
+        if stops:
+            listener.close()
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()
@@ -142,14 +145,16 @@ def serving(handle, connections: int = 1):
         yield
     finally:
         server.join(10)
-        listener.close()
+        if not stops:
+            listener.close()
 
 
 @contextlib.contextmanager
-def answering(answer):
+def answering(answer, stops: bool = False):
     """An instance that reads one request, a JSON line as the daemon reads it,
     and answers with what `answer(request)` returns, as a JSON line (None:
-    it closes unanswered). Yields the requests it read."""
+    it closes unanswered); then, if it `stops`, it is gone. Yields the
+    requests it read."""
     read = []
 
     def handle(conn):
@@ -159,7 +164,7 @@ def answering(answer):
         if reply is not None:
             conn.sendall(json.dumps(reply).encode() + b"\n")
 
-    with serving(handle):
+    with serving(handle, stops=stops):
         yield read
 
 
