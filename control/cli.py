@@ -567,7 +567,8 @@ def down(keep_datapath: bool) -> None:
     signal left is forgotten, as is a state file xlb cannot take (damaged).
     An instance stopping already (a signal, another `xlb down`) is waited for
     the same way (exit 0); with --keep-datapath, exit 1 if that stop detached
-    the data path."""
+    the data path. So is another `xlb down` removing what a dead instance
+    left (exit 0). With nothing to stop or remove, exit 1."""
     _check_state_dir()
     stopping, pid = False, None
     try:
@@ -584,18 +585,11 @@ def down(keep_datapath: bool) -> None:
     except ctl.NotRunning as e:
         if keep_datapath:
             raise _not_running(e) from None
-        try:
-            # With the instance lock: an `xlb up` starting now could adopt the
-            # data path and take the state that this removes.
-            with ctl.exclusive():
-                _done(_forget_the_dead(e))
-        except ctl.AlreadyRunning:
-            raise Failure("an xlb up started here meanwhile: `xlb down` again stops it") \
-                from None
+        _done(_remove_the_dead(e))
         return
     except ctl.ControlError as e:
         raise Failure(str(e)) from None
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + STOP_WAIT
     while time.monotonic() < deadline:
         if not ctl.running(pid):
             # An instance listens until it has detached; one killed in between
@@ -620,7 +614,10 @@ def down(keep_datapath: bool) -> None:
                  else "xlb: stopped")
             return
         time.sleep(0.1)
-    raise Failure("the instance did not stop within 15 s")
+    raise Failure(f"the instance did not stop within {STOP_WAIT} s")
+
+
+STOP_WAIT = 15      # seconds `xlb down` waits for a stop, or for another down's removal
 
 
 @cli.group()
@@ -1140,17 +1137,48 @@ def _request(cmd: str, **args):
         raise _not_running(e) from None
 
 
-def _forget_the_dead(e: ctl.NotRunning) -> str:
+def _remove_the_dead(e: ctl.NotRunning) -> str:
+    """What a dead instance left, removed (_forget_the_dead) with the instance
+    lock: an `xlb up` starting now could adopt the data path and take the
+    state that this removes. Another `xlb down` removing it already (two at
+    once: an operator's and a script's) is waited for, and its work is done
+    (Failure: nothing was left to remove)."""
+    deadline, held, unmarked = time.monotonic() + STOP_WAIT, False, None
+    while True:
+        try:
+            with ctl.exclusive():
+                said = _forget_the_dead()
+            break
+        except ctl.AlreadyRunning:
+            now = time.monotonic()
+            # A down holds the lock a moment before it says so, and after.
+            unmarked = None if ctl.removing() else unmarked or now
+            if unmarked is not None and now - unmarked > UNMARKED_GRACE:
+                raise Failure("an xlb up started here meanwhile: `xlb down` again stops it") \
+                    from None
+            if now > deadline:
+                raise Failure(f"another `xlb down` has been removing what the instance "
+                              f"left for {STOP_WAIT} s, and has not finished") from None
+            held = True
+            time.sleep(0.1)
+    if said is None and held:
+        return "xlb: another `xlb down` removed what the instance left meanwhile"
+    if said is None:
+        raise Failure(str(e))
+    return said
+
+
+UNMARKED_GRACE = 1.0    # seconds the lock is held unsaid before it is taken for an `xlb up`'s
+
+
+def _forget_the_dead() -> str | None:
     """Removes what no control process runs: a data path and its VIP routes,
-    or else the state an instance left; what was done, said (Failure: none)."""
+    or else the state an instance left; what was done, said (None: none)."""
     orphan = _orphan(detach=True)
     if orphan is not None:
         return (f"xlb: removed the data path that ran without its control process "
                 f"({_program_on(orphan)})")
-    forgot = _forget_state()
-    if forgot is None:
-        raise Failure(str(e)) from None
-    return forgot
+    return _forget_state()
 
 
 def _forget_state() -> str | None:

@@ -49,6 +49,7 @@ from .state import PRIVATE, alone, namespace_dirname, open_own
 
 RUN_DIR = Path("/run/xlb")
 SOCKET = "control.sock"
+REMOVING = "removing"      # there while `xlb down` removes what a dead instance left
 # An apply carries a config file of up to MAX_FILE bytes, which JSON writes up
 # to six times as long (a control character as \u0000: such a file is the
 # instance's to refuse with its line and column), and the file's name.
@@ -207,16 +208,27 @@ def exclusive() -> Iterator[None]:
     """Holds this namespace's instance lock, as a running `xlb up` does, while
     what a dead instance left (its data path, its state, its socket file) is
     removed: an `xlb up` that starts meanwhile is refused, and one that
-    started before is running (AlreadyRunning)."""
+    started before is running (AlreadyRunning). REMOVING says so meanwhile:
+    the lock alone, held with no socket, is also an instance whose socket
+    was removed (holder()), which clients would wait for."""
     dirfd = _locked_directory()
     try:
+        os.close(os.open(REMOVING, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600,
+                         dir_fd=dirfd))
         yield
     finally:
-        try:
-            os.unlink(SOCKET, dir_fd=dirfd)
-        except FileNotFoundError:
-            pass
+        for name in (SOCKET, REMOVING):
+            try:
+                os.unlink(name, dir_fd=dirfd)
+            except FileNotFoundError:
+                pass
         _let_go(dirfd)
+
+
+def removing() -> bool:
+    """Whether the instance lock is held by a process that removes what a
+    dead instance left (exclusive), not by a running instance."""
+    return (directory() / REMOVING).exists() and holder() is not None
 
 
 def _claim(held: int | None = None) -> tuple[int, socket.socket, os.stat_result]:
@@ -235,10 +247,11 @@ def _claim(held: int | None = None) -> tuple[int, socket.socket, os.stat_result]
             raise AlreadyRunning()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        try:
-            os.unlink(SOCKET, dir_fd=dirfd)   # a crashed instance's
-        except FileNotFoundError:
-            pass
+        for name in (SOCKET, REMOVING):     # a crashed instance's, a killed down's
+            try:
+                os.unlink(name, dir_fd=dirfd)
+            except FileNotFoundError:
+                pass
         # Bound in the directory that is locked, whatever its path holds by now.
         sock.bind(f"/proc/self/fd/{dirfd}/{SOCKET}")
         sock.listen(16)
@@ -409,6 +422,8 @@ def _connect(timeout: float) -> socket.socket:
         except PermissionError:
             sock.close()
             raise ControlError(ROOT_ONLY) from None
+        if removing():
+            raise NotRunning()
         pid = holder()
         if pid is None:
             earlier = _earlier_instance(timeout)

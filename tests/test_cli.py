@@ -530,7 +530,7 @@ def test_down_of_what_a_dead_instance_left_holds_off_an_instance_starting(run_di
         raise ctl.NotRunning()
     monkeypatch.setattr(ctl, "request", none_runs)
     monkeypatch.setattr(cli, "_check_state_dir", lambda: None)
-    monkeypatch.setattr(cli, "_forget_the_dead", lambda e: "xlb: forgot")
+    monkeypatch.setattr(cli, "_forget_the_dead", lambda: "xlb: forgot")
     assert CliRunner().invoke(cli.cli, ["down"]).stdout == "xlb: forgot\n"
     listener = ctl.Listener()
     try:
@@ -539,6 +539,50 @@ def test_down_of_what_a_dead_instance_left_holds_off_an_instance_starting(run_di
         listener.close()
     assert r.exit_code == 1
     assert "an xlb up started here meanwhile: `xlb down` again stops it" in r.stderr
+
+
+def test_two_downs_at_once_of_what_a_dead_instance_left_both_succeed(run_dir, monkeypatch):
+    """Two `xlb down` at once (an operator's and a script's) where `xlb up` was
+    killed, its data path left: the second exited 1 ("an xlb up started here
+    meanwhile", or, asked while the first held the lock, "xlb runs here ...,
+    but its control socket is gone"). It waits for the first, whose work is
+    its own, and says so (exit 0)."""
+    from xlb import cli, ctl
+    holds, removed, said_removing = threading.Event(), threading.Event(), []
+    real_removing = ctl.removing
+
+    def removing():
+        said_removing.append(real_removing())
+        return said_removing[-1]
+
+    def first_down():
+        with ctl.exclusive():
+            holds.set()
+            # Until the second down waits for it (asked, then refused the lock).
+            while said_removing.count(True) < 2 and not removed.is_set():
+                removed.wait(0.01)
+            removed.set()
+        holds.clear()
+    monkeypatch.setattr(ctl, "holder", lambda: 4242 if holds.is_set() else None)
+    monkeypatch.setattr(ctl, "removing", removing)
+    monkeypatch.setattr(cli, "_check_state_dir", lambda: None)
+    monkeypatch.setattr(cli, "_forget_the_dead",
+                        lambda: None if removed.is_set() else "xlb: removed the data path")
+    first = threading.Thread(target=first_down, daemon=True)
+    first.start()
+    holds.wait(10)
+    try:
+        r = CliRunner().invoke(cli.cli, ["down"])
+    finally:
+        removed.set()
+        first.join(10)
+    assert (r.exit_code, r.stdout, r.stderr) == \
+        (0, "xlb: another `xlb down` removed what the instance left meanwhile\n", "")
+    assert said_removing[:2] == [True, True]
+    # After it, nothing is left, as ever: no instance runs.
+    r = CliRunner().invoke(cli.cli, ["down"])
+    assert r.exit_code == 1
+    assert r.stderr.endswith("no xlb instance runs in this network namespace\n")
 
 
 @pytest.mark.parametrize("keep_datapath", [False, True], ids=["down", "keep-datapath"])
