@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import math
@@ -655,7 +656,8 @@ def role(role: str) -> None:
 @click.option("--track-file", type=_FileName(dir_okay=False, path_type=Path), metavar="PATH",
               help="keepalived's track file: kept at 0 while xlb serves on this node, "
                    "1 (keepalived's FAULT) while no data path runs here or no link is up "
-                   "on which a VIP's ARP requests arrive.")
+                   "on which a VIP's ARP requests arrive. Refused where another user may "
+                   "write it, its directory (/tmp too) or a directory on its way.")
 @click.argument("fifo", type=CONFIG_FILE)
 def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     """Follow keepalived's notify FIFO: MASTER makes xlb active; BACKUP, FAULT
@@ -860,6 +862,10 @@ def _check_track_file(path: Path) -> None:
     have no end; and it writes over anything else (the config's path, given
     by mistake)."""
     try:
+        if unsafe := _others_may_place(path):
+            raise BadInput(f"--track-file {clipped(path)}: {unsafe}: another user could put "
+                           f"a file of their choosing at that path, for follow to write or "
+                           f"keepalived to read; give a path only root may change (in /run)")
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -871,11 +877,56 @@ def _check_track_file(path: Path) -> None:
         if not stat.S_ISREG(st.st_mode):
             raise BadInput(f"--track-file {clipped(path)}: not a regular file (keepalived's "
                            f"track_file)")
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            raise BadInput(f"--track-file {clipped(path)}: another user may write it (owner "
+                           f"uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): they would "
+                           f"tell keepalived whether this node serves")
         if st.st_size > TRACK_FILE_MAX or not re.fullmatch(rb"\s*-?\d*\s*", path.read_bytes()):
             raise BadInput(f"--track-file {clipped(path)}: holds more than a track file's number: "
                            f"not overwritten")
     except OSError as e:
         raise BadInput(f"--track-file {clipped(path)}: {e.strerror}") from None
+
+
+def _others_may_place(path: Path) -> str | None:
+    """The directory where another user could put another file at path (as
+    OpenSSH checks its files' directories), described; None where none can.
+    follow writes the file as root, through the path's directories, again
+    and again: one that another user owns, or may write and is not sticky,
+    lets them swap what comes next for a link (O_NOFOLLOW guards the file's
+    own name alone) to a file of root's, which follow then empties; one that
+    is sticky (/tmp) lets them swap no entry of root's, but make the file
+    first in it. Symbolic links on the way are followed as the kernel does,
+    each checked in its own directory."""
+    trusted = (0, os.geteuid())
+    todo = list(Path(os.getcwd(), path).parts)      # ".." kept: a link's parent is not lexical
+    here, st, links = Path(todo.pop(0)), os.stat("/"), 0
+    while True:
+        name = todo.pop(0)
+        if st.st_uid not in trusted:
+            return f"directory {clipped(here)} is owned by uid {st.st_uid}"
+        if st.st_mode & 0o022 and (not todo or not st.st_mode & stat.S_ISVTX
+                                   or os.lstat(here / name).st_uid not in trusted):
+            return f"directory {clipped(here)} may be written by others (mode " \
+                   f"{stat.S_IMODE(st.st_mode):o})"
+        if not todo:
+            return None
+        if name == "..":
+            here = here.parent
+            st = os.stat(here)
+            continue
+        entry = here / name
+        est = os.lstat(entry)
+        if stat.S_ISLNK(est.st_mode):
+            links += 1
+            if links > 40:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            target = Path(os.readlink(entry))
+            todo = [*target.parts[1:], *todo] if target.is_absolute() else [*target.parts, *todo]
+            if target.is_absolute():
+                here, st = Path("/"), os.stat("/")
+            continue
+        here, st = entry, est
 
 
 def _datapath_runs() -> bool:
@@ -1010,7 +1061,7 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
             raise BadInput(f"--fifo {clipped(fifo)}: not a FIFO, which keepalived would write its "
                            f"states into")
         _check_fifo_writers(st, f"--fifo {clipped(fifo)}")
-    if os.path.lexists(track_file):
+    if os.path.lexists(track_file) or os.path.isdir(os.path.dirname(track_file)):
         _check_track_file(Path(track_file))
     for option, path in (("--fifo", fifo), ("--track-file", track_file)):
         # keepalived makes the file, not its directory: without it, follow never

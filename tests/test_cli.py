@@ -996,6 +996,50 @@ def test_ha_follow_refuses_a_track_file_it_cannot_keep(tmp_path):
         assert (r.returncode, r.stderr) == (2, f"xlb: error: --track-file {track}: {reason}\n")
 
 
+def test_ha_follow_refuses_a_track_file_another_user_could_place(tmp_path):
+    """follow, as root, writes the track file again and again: in a directory
+    that another user owns or may write (or behind a link in one), they could
+    swap the path for a link to a file of root's, which follow emptied, or
+    make the track file first and tell keepalived what they like. Refused at
+    once, as OpenSSH refuses such files; a sticky directory's entry of root's
+    (/tmp/pytest-of-root) is no such way. A file others may write, too."""
+    # The notify FIFO, checked next, is none: follow ends there, not waits for keepalived.
+    not_fifo = f"xlb: error: {SEED}: not a FIFO (keepalived's vrrp_notify_fifo)\n"
+    for name, mode in (("open", 0o777), ("sticky", 0o1777), ("safe", 0o755)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name).chmod(mode)
+    (tmp_path / "safe" / "link").symlink_to("../open")
+    writable = tmp_path / "safe" / "writable"
+    writable.write_text("0\n")
+    writable.chmod(0o666)
+    cases = [(tmp_path / "open" / "serving", f"directory {tmp_path / 'open'} may be written by "
+                                              f"others (mode 777)"),
+             (tmp_path / "sticky" / "serving", f"directory {tmp_path / 'sticky'} may be written "
+                                                f"by others (mode 1777)"),
+             (tmp_path / "safe" / "link" / "serving", f"directory {tmp_path / 'open'} may be "
+                                                       f"written by others (mode 777)")]
+    if os.geteuid() == 0:
+        (tmp_path / "theirs").mkdir()
+        os.chown(tmp_path / "theirs", 65534, -1)
+        cases.append((tmp_path / "theirs" / "serving",
+                      f"directory {tmp_path / 'theirs'} is owned by uid 65534"))
+    for track, unsafe in cases:
+        r = xlb("ha", "follow", "--track-file", str(track), str(SEED))
+        assert (r.returncode, r.stderr) == (
+            2, f"xlb: error: --track-file {track}: {unsafe}: another user could put a file of "
+               f"their choosing at that path, for follow to write or keepalived to read; give "
+               f"a path only root may change (in /run)\n")
+        assert not track.exists()
+    r = xlb("ha", "follow", "--track-file", str(writable), str(SEED))
+    assert (r.returncode, r.stderr) == (
+        2, f"xlb: error: --track-file {writable}: another user may write it (owner uid "
+           f"{os.geteuid()}, mode 666): they would tell keepalived whether this node serves\n")
+    (tmp_path / "sticky" / "mine").mkdir()
+    for track in (tmp_path / "sticky" / "mine" / "serving", tmp_path / "safe" / "serving"):
+        r = xlb("ha", "follow", "--track-file", str(track), str(SEED))
+        assert (r.returncode, r.stderr) == (2, not_fifo)
+
+
 def test_ha_follow_names_an_empty_track_file_as_given(tmp_path):
     """click made "" the directory ".", and follow refused "--track-file .",
     a name the operator never gave."""
