@@ -685,7 +685,7 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     from . import state
     from .ha import keepalived_instance, keepalived_role
     syslog.openlog("xlb", syslog.LOG_PID, syslog.LOG_DAEMON)
-    _to_syslog = True
+    _to_syslog = not isinstance(sys.stderr, log.Syslog)     # not twice
     _check_state_dir()      # where it keeps the role keepalived last said
     if has_space(instance) or not instance:
         raise BadInput(f"--instance: {quoted(instance)} is not a vrrp_instance name")
@@ -1421,12 +1421,15 @@ def _standard_fds() -> None:
     """Opens /dev/null on each of fds 0-2 that the caller closed (`xlb up
     2>&-`), as daemons do: else the first files xlb opens take those numbers,
     and what writes to fd 2 below Python (bcc, clang's diagnostics) writes
-    into them. Python has made the stream None; that stays so."""
+    into them. Python has made the stream None; stdin and stdout stay so,
+    stderr's lines go to syslog (log.Syslog)."""
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
         except OSError:
             os.open(os.devnull, os.O_RDWR)      # the lowest free number: fd
+    if sys.stderr is None:
+        sys.stderr = log.Syslog()
 
 
 def main() -> None:

@@ -4,9 +4,11 @@ operator can grep them or ship them as they are."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
+import syslog
 from collections.abc import Iterable
 from datetime import datetime, timezone
 
@@ -53,3 +55,34 @@ def silence(stream) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, stream.fileno())
     os.close(devnull)
+
+
+class Syslog(io.TextIOBase):
+    """stderr where the caller closed fd 2 (`xlb up 2>&-`): each line goes to
+    syslog (the journal), as a daemon's do. Python makes that stream None,
+    which lost every error and warning, and what writes there regardless (a
+    traceback, print_exc) wrote on stdout instead, among the answer."""
+
+    def __init__(self):
+        super().__init__()
+        syslog.openlog("xlb", syslog.LOG_PID, syslog.LOG_DAEMON)
+        self._rest = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._rest = (self._rest + text).split("\n")
+        for line in lines:
+            syslog.syslog(_priority(line), line)
+        return len(text)
+
+
+def _priority(line: str) -> int:
+    """A line's syslog priority: as its logfmt level or its `xlb: ...:` says;
+    anything else written to stderr (a traceback) is an error."""
+    if "level=info" in line:
+        return syslog.LOG_INFO
+    if "level=warning" in line or line.startswith("xlb: warning:"):
+        return syslog.LOG_WARNING
+    return syslog.LOG_ERR

@@ -13,6 +13,7 @@ import select
 import signal
 import subprocess
 import sys
+import syslog
 import threading
 import types
 from pathlib import Path
@@ -73,6 +74,32 @@ def test_standard_fds_closed_by_the_caller_are_dev_null(tmp_path, closed):
                        preexec_fn=lambda: [os.close(fd) for fd in closed])
     assert r.returncode == 0, r.stderr
     assert out.read_text() == " ".join(["/dev/null"] * len(closed))
+
+
+def test_a_closed_stderr_goes_to_syslog(tmp_path):
+    """`xlb up 2>&-`: Python makes the stream None. Every error was lost (bad
+    input: exit 2, not a word anywhere), and a traceback (print_exc, of a
+    request's bug) was printed on stdout, among the lines a script reads
+    there. Its lines go to syslog, each at its level, as a daemon's do."""
+    logged = tmp_path / "syslog"
+    script = ("import sys, syslog, traceback\n"
+              "out = open(sys.argv[1], 'w')\n"
+              "syslog.syslog = lambda pri, line: print(pri, line, file=out, flush=True)\n"
+              "from xlb import cli, log\n"
+              "cli._standard_fds()\n"
+              "log.event('start', pid=4242)\n"
+              "try:\n    1 / 0\nexcept ZeroDivisionError:\n    traceback.print_exc()\n"
+              f"sys.argv = ['xlb', 'up', {SEED_FLAGS[0]!r}, {SEED_FLAGS[1]!r}, '--check', 'no']\n"
+              "cli.main()\n")
+    r = subprocess.run([sys.executable, "-c", script, str(logged)], timeout=60,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                       preexec_fn=lambda: os.close(2))
+    assert (r.returncode, r.stdout) == (2, "")
+    lines = logged.read_text().splitlines()
+    assert re.fullmatch(rf"{syslog.LOG_INFO} ts=\S+ level=info event=start pid=4242", lines[0])
+    assert lines[1] == f"{syslog.LOG_ERR} Traceback (most recent call last):"
+    assert lines[-1] == (f"{syslog.LOG_ERR} xlb: error: --check: 'no' is not tcp, "
+                         f"http:/PATH, https:/PATH, udp:HEX or none")
 
 
 def test_check_warns_of_what_nothing_uses(tmp_path):
