@@ -440,8 +440,8 @@ def apply(file: Path | None) -> None:
     links = "".join(f"; {verb} {', '.join(r[key])}" for key, verb in
                     (("attached", "attached to"), ("detached", "detached from")) if r.get(key))
     _done(f"xlb: applied {file} in {r['validate_seconds'] + r['apply_seconds']:.3f}s: "
-         f"{r['frontends']} frontends, {r['pools']} pools, {r['servers']} servers; "
-         f"{r['flows_ended']} flows ended; serving {r['config']}{links}")
+          f"{r['frontends']} frontends, {r['pools']} pools, {r['servers']} servers; "
+          f"{r['flows_ended']} flows ended; serving {r['config']}{links}")
     _echo_warnings(file, r.get("warnings", r.get("unused", ())))  # "unused": an older instance's
     # (neither told by an earlier build's instance)
     for warning in [*r.get("unserved", ()), *r.get("attach_warnings", ())]:
@@ -609,10 +609,10 @@ def down(keep_datapath: bool) -> None:
                               "detached its data path: not kept")
             if left is not None:
                 _done(f"xlb: the instance stopped before it detached; removed the data "
-                     f"path it left ({_program_on(left)})")
+                      f"path it left ({_program_on(left)})")
                 return
             _done("xlb: stopped; the data path keeps running" if keep_datapath
-                 else "xlb: stopped")
+                  else "xlb: stopped")
             return
         time.sleep(0.1)
     raise Failure(f"the instance did not stop within {STOP_WAIT} s")
@@ -647,7 +647,7 @@ def role(role: str) -> None:
     _warn(r)
     unsent = r["gratuitous_arps_unsent"]
     _done(f"xlb: {r['previous']} -> {r['role']}; {r['gratuitous_arps']} gratuitous ARPs sent"
-         + (f", not sent: {'; '.join(unsent)}" if unsent else ""))
+          + (f", not sent: {'; '.join(unsent)}" if unsent else ""))
 
 
 @ha.command()
@@ -894,7 +894,7 @@ def _others_may_place(path: Path) -> str | None:
     follow writes the file as root, through the path's directories, again
     and again: one that another user owns, or may write and is not sticky,
     lets them swap what comes next for a link (O_NOFOLLOW guards the file's
-    own name alone) to a file of root's, which follow then empties; one that
+    own name alone) to a file of root's, which follow then writes over; one that
     is sticky (/tmp) lets them swap no entry of root's, but make the file
     first in it. Symbolic links on the way are followed as the kernel does,
     each checked in its own directory."""

@@ -217,12 +217,18 @@ def exclusive() -> Iterator[None]:
                          dir_fd=dirfd))
         yield
     finally:
-        for name in (SOCKET, REMOVING):
-            try:
-                os.unlink(name, dir_fd=dirfd)
-            except FileNotFoundError:
-                pass
+        _remove_left(dirfd)
         _let_go(dirfd)
+
+
+def _remove_left(dirfd: int) -> None:
+    """Removes the socket file and the REMOVING mark from the directory
+    dirfd: a crashed instance's, a killed `xlb down`'s, or this process's."""
+    for name in (SOCKET, REMOVING):
+        try:
+            os.unlink(name, dir_fd=dirfd)
+        except FileNotFoundError:
+            pass
 
 
 def removing() -> bool:
@@ -247,11 +253,7 @@ def _claim(held: int | None = None) -> tuple[int, socket.socket, os.stat_result]
             raise AlreadyRunning()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        for name in (SOCKET, REMOVING):     # a crashed instance's, a killed down's
-            try:
-                os.unlink(name, dir_fd=dirfd)
-            except FileNotFoundError:
-                pass
+        _remove_left(dirfd)
         # Bound in the directory that is locked, whatever its path holds by now.
         sock.bind(f"/proc/self/fd/{dirfd}/{SOCKET}")
         sock.listen(16)
