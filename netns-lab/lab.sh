@@ -20,6 +20,9 @@
 #
 # Usage: lab.sh up | down | status | check | exec NODE CMD... | server stop|start NODE
 set -eu
+# Whatever the caller's: $RUN holds the HA pairs' track files, which `xlb ha
+# follow` refuses in a directory others may write.
+umask 022
 
 P=${XLB_LAB:-xlb}
 HERE=$(dirname "$(readlink -f "$0")")
