@@ -20,6 +20,7 @@ import pytest
 from labctl import HERE, PY, SEED_ARGS, VIP, WAS, XLB, even_split, running_lab, wait_for
 
 from xlb import ctl
+from xlb.config import MAX_FILE
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")]
@@ -536,9 +537,9 @@ def test_control_socket_rejects_malformed_and_oversized_requests(lab, xlb, tmp_p
     # A file larger than a config may be is refused before anything is sent;
     # what the socket itself does with an oversized request, PROBE tries.
     big = tmp_path / "big.toml"
-    big.write_text("#" * (9 << 20) + "\n")
+    big.write_text("#" * MAX_FILE + "\n")
     r = lab.xlb_cmd("apply", str(big))
-    assert (r.returncode, r.stderr) == (2, f"xlb: error: {big}: larger than 2097152 bytes\n")
+    assert (r.returncode, r.stderr) == (2, f"xlb: error: {big}: larger than {MAX_FILE} bytes\n")
     out = lab.run("lb", "/usr/bin/python3", "-c", PROBE, control_address(lab),
                   str(ctl.MAX_REQUEST + 1), check=True, timeout=60).stdout
     replies = [json.loads(r) for r in json.loads(out)]
