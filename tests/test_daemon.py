@@ -753,6 +753,20 @@ def test_a_vip_newly_answered_on_a_link_is_announced_by_a_gratuitous_arp(balance
         assert announced(back(index)) == []
         assert announced(balancer.set_role("active")) == ["020000004002"]
         assert announced(back(index)) == ["020000004002"]
+        # In the event loop, while a status holds the lock through its map reads.
+        held, release, answered = threading.Event(), threading.Event(), []
+        holder = threading.Thread(target=lambda: (balancer.lock.acquire(), held.set(),
+                                                  release.wait(30), balancer.lock.release()))
+        holder.start()
+        held.wait(10)
+        backing = threading.Thread(target=lambda: answered.append(back(index)))
+        backing.start()
+        backing.join(10)
+        waited = backing.is_alive()
+        release.set()
+        holder.join()
+        backing.join()
+        assert not waited and announced(answered[0]) == ["020000004002"]
         assert announced(back(socket.if_nametoindex("garp-peer"))) == []    # no VIP there
     finally:
         listen.close()
