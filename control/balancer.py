@@ -694,7 +694,7 @@ def _unserved(config: Config, links: list[netif.Link]) -> list[str]:
         if (name := link_names.get(index)) is None:     # made since the links were read
             continue
         names = sorted(set(names))
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        shown = log.some(names, 3, ", ")
         warnings.append(("route", name,
                          f"{'servers' if len(names) > 1 else 'server'} {shown} "
                          f"{'are' if len(names) > 1 else 'is'} routed through {name}, which "
