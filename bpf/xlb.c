@@ -41,7 +41,7 @@ BPF_ARRAY(timeouts, struct timeouts, XLB_MAX_SERVICES);
 BPF_HASH(vips, __be32, __u32, XLB_MAX_SERVICES);
 BPF_HASH(arp_vips, struct arp_key, struct arp_mac, XLB_MAX_ARP);
 /* An endpoint a protocol: a pool's servers may serve a TCP and a UDP frontend. */
-BPF_HASH(owners, struct endpoint, struct service_key, 2 * XLB_MAX_BACKENDS);
+BPF_HASH(owners, struct endpoint, struct owner_services, 2 * XLB_MAX_BACKENDS);
 BPF_ARRAY(config, struct xlb_config, 1);
 BPF_TABLE("lru_hash", struct flow_key, struct flow, flows, XLB_MAX_FLOWS);
 BPF_TABLE("lru_hash", struct flow_key, struct flow, flows_new, XLB_MAX_NEW_FLOWS);
@@ -663,50 +663,57 @@ static __always_inline int routed_elsewhere(struct xdp_md *ctx, const struct iph
 	       rc == BPF_FIB_LKUP_RET_FRAG_NEEDED;
 }
 
-/* A backend's packet that no flow entry knows, from an endpoint of a frontend
- * (owners). A connection whose forward entry this node has, alive and naming
- * this endpoint, is its own: the LRU evicted its reply entry alone, which is
- * written again. With SERVICE_ADOPT (adopt_replies), another is the reply of
- * a connection another node balanced (the pair's old active node, before a
- * failover), if Maglev sends the client to this backend, as it did there:
- * such a connection gets both entries, as answered, and this packet its
- * reverse NAT. The rest passes: a client that reaches the backend directly
- * (and, with SERVICE_ADOPT, that Maglev sends elsewhere), and what is for this
- * host (its own connections, the health checks); a packet of another server
- * on its client's port too. */
+/* A backend's packet that no flow entry knows, from an endpoint of frontends
+ * (owners). A connection whose forward entry this node has, through one of
+ * them, alive and naming this endpoint, is its own: the LRU evicted its reply
+ * entry alone, which is written again. With SERVICE_ADOPT (adopt_replies),
+ * another is the reply of a connection another node balanced (the pair's old
+ * active node, before a failover), if Maglev sends the client to this
+ * backend, as it did there: such a connection gets both entries, as
+ * answered, and this packet its reverse NAT. The rest passes: a client that
+ * reaches the backend directly (and, with SERVICE_ADOPT, that Maglev sends
+ * elsewhere), and what is for this host (its own connections, the health
+ * checks); a packet of another server on its client's port too. */
 static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct packet *pkt,
 						  struct xlb_config *cfg, struct flow_key *key,
 						  __u32 bytes, __u64 now)
 {
 	struct endpoint ep = { .addr = key->saddr, .port = key->sport, .proto = key->proto };
-	struct flow_key fkey = {}, reply_key;
+	struct flow_key fkey = { .saddr = key->daddr, .sport = key->dport, .proto = key->proto };
+	struct flow_key reply_key;
+	struct owner_services *owned;
 	struct flow_counters *fc;
-	struct service_key *skey;
+	struct service_key *skey = NULL;
 	struct service *svc;
 	struct backend *be;
-	struct flow fwd = {}, reply, *f;
-	__u32 backend_id = 0;
-	int in_new;
+	struct flow fwd = {}, reply, *f = NULL;
+	__u32 backend_id = 0, i;
+	int in_new = 0, own = 0;
 
-	skey = owners.lookup(&ep);
+	owned = owners.lookup(&ep);
+	if (!owned)
+		return XLB_PASS_NOT_VIP;
+	for (i = 0; i < XLB_OWNER_SLOTS; i++) {
+		if (!owned->services[i].port)
+			break;
+		skey = &owned->services[i];
+		fkey.daddr = skey->vip;
+		fkey.dport = skey->port;
+		f = flow_find(&fkey, &in_new);
+		/* Dead, it is gone at this packet, as the sweep would have it
+		 * (flow_fate), and the packet is taken as after a sweep. */
+		if (f && f->dir == FLOW_FORWARD && !flow_alive(&fkey, f, in_new, now)) {
+			flow_forget(&fkey, f, in_new, FLOW_EXPIRED);
+			f = NULL;
+		}
+		own = f && f->dir == FLOW_FORWARD && f->addr == key->saddr &&
+		      f->port == key->sport;
+		if (own)
+			break;
+	}
 	if (!skey)
 		return XLB_PASS_NOT_VIP;
-	svc = services.lookup(skey);
-	if (!svc)
-		return XLB_PASS_NOT_VIP;
-	fkey.saddr = key->daddr;
-	fkey.daddr = skey->vip;
-	fkey.sport = key->dport;
-	fkey.dport = skey->port;
-	fkey.proto = key->proto;
-	f = flow_find(&fkey, &in_new);
-	/* Dead, it is gone at this packet, as the sweep would have it (flow_fate),
-	 * and the packet is taken as after a sweep. */
-	if (f && f->dir == FLOW_FORWARD && !flow_alive(&fkey, f, in_new, now)) {
-		flow_forget(&fkey, f, in_new, FLOW_EXPIRED);
-		f = NULL;
-	}
-	if (f && f->dir == FLOW_FORWARD && f->addr == key->saddr && f->port == key->sport) {
+	if (own) {
 		/* This node's own connection, whose reply entry the LRU evicted
 		 * alone: written again, not adopted, with what this packet, its
 		 * first, tells (flow_progress, flow_track_close). */
@@ -721,10 +728,12 @@ static __always_inline enum xlb_reason flow_adopt(struct xdp_md *ctx, struct pac
 		else
 			flows.update(key, &reply);
 	} else {
-		/* Another node's, only with SERVICE_ADOPT; not this node's own
-		 * live connection on another server than Maglev picks now (its
-		 * pick was drained then). */
-		if (!(svc->flags & SERVICE_ADOPT) || (f && f->dir == FLOW_FORWARD))
+		/* Another node's, only with SERVICE_ADOPT (the last service
+		 * looked at: such a service is its endpoints' only one); not this
+		 * node's own live connection on another server than Maglev picks
+		 * now (its pick was drained then). */
+		svc = services.lookup(skey);
+		if (!svc || !(svc->flags & SERVICE_ADOPT) || (f && f->dir == FLOW_FORWARD))
 			return XLB_PASS_NOT_VIP;
 		be = pick_backend(svc, &fkey, &backend_id);
 		if (!be || be->addr != key->saddr || be->port != key->sport ||

@@ -56,12 +56,19 @@ struct backend {
  * answered (flow_fate in xlb.c). */
 enum { BACKEND_NO_NEW_FLOWS = 1 };
 
-/* owners: a backend endpoint (address, port, protocol) -> the service of the
- * first frontend it serves. A packet from the endpoint that no reply entry
- * knows is that service's reply where the forward entry names the endpoint
- * (the LRU evicted the reply entry alone), or, with SERVICE_ADOPT, where
- * Maglev sends its client to the endpoint (a connection the other node of a
- * pair balanced before a failover). */
+/* owners: a backend endpoint (address, port, protocol) -> the services of the
+ * first XLB_OWNER_SLOTS frontends it serves, in the config's order (the rest
+ * empty: port 0). A packet from the endpoint that no reply entry knows is one
+ * of those services' replies where its forward entry names the endpoint (the
+ * LRU evicted the reply entry alone), or, with SERVICE_ADOPT, where Maglev
+ * sends its client to the endpoint (a connection the other node of a pair
+ * balanced before a failover; such a service is its endpoints' only one). */
+enum { XLB_OWNER_SLOTS = 4 };
+
+struct owner_services {
+	struct service_key services[XLB_OWNER_SLOTS];
+};
+
 struct endpoint {
 	__be32 addr;
 	__be16 port;

@@ -16,7 +16,7 @@ import re
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -808,13 +808,15 @@ class Datapath:
         """Adds n to a control_stats counter (the caller holds self._mending)."""
         self._update_one("control_stats", lambda c: setattr(c, counter, getattr(c, counter) + n))
 
-    def set_owner(self, addr: IPv4Address, port: int, proto: int, vip: IPv4Address,
-                  vip_port: int) -> None:
+    def set_owner(self, addr: IPv4Address, port: int, proto: int,
+                  services: Sequence[tuple[IPv4Address, int]]) -> None:
         """Packets from backend endpoint (addr, port, proto) that no flow entry
-        knows may be replies of service (vip, vip_port, proto) (see owners in
-        bpf/xlb_shared.h)."""
-        self._maps["owners"][self._endpoint(addr, port, proto)] = \
-            self._service_key(vip, vip_port, proto)
+        knows may be replies of these services ((vip, vip_port) with proto; at
+        most layout.OWNER_SLOTS: see owners in bpf/xlb_shared.h)."""
+        owned = layout.OwnerServices()
+        for i, (vip, vip_port) in enumerate(services):
+            owned.services[i] = self._service_key(vip, vip_port, proto)
+        self._maps["owners"][self._endpoint(addr, port, proto)] = owned
 
     def del_owner(self, addr: IPv4Address, port: int, proto: int) -> None:
         self._delete("owners", self._endpoint(addr, port, proto))
@@ -923,7 +925,8 @@ class Datapath:
         vips = frozenset(_addr(k.value) for k in self._maps["vips"].keys())
         arp = {(k.ifindex, _addr(k.addr)): bytes(v.mac) for k, v in self._maps["arp_vips"].items()}
         owners = {(_addr(k.addr), socket.ntohs(k.port), k.proto):
-                  (_addr(v.vip), socket.ntohs(v.port)) for k, v in self._maps["owners"].items()}
+                  tuple((_addr(s.vip), socket.ntohs(s.port)) for s in v.services if s.port)
+                  for k, v in self._maps["owners"].items()}
         # A removed frontend's timeouts stay (its id is retired, planner.DataplaneState).
         in_use = {svc.id for svc in services.values()}
         retired = frozenset(i for i, t in enumerate(self._read_values(self._maps["timeouts"]))

@@ -102,6 +102,11 @@ def read_enum(prefix: str) -> dict[str, int]:
 FILTER_WORDS = read_enum("XLB_FILTER_")["XLB_FILTER_WORDS"]
 FILTER_SHIFT = read_enum("XLB_FILTER_")["XLB_FILTER_SHIFT"]
 assert FILTER_WORDS * 64 == 1 << (32 - FILTER_SHIFT), "xlb_shared.h: filter size and shift disagree"
+OWNER_SLOTS = read_enum("XLB_OWNER_")["XLB_OWNER_SLOTS"]
+
+
+class OwnerServices(ct.Structure):
+    _fields_ = [("services", ServiceKey * OWNER_SLOTS)]
 
 
 class ReapHead(ct.Structure):
@@ -144,7 +149,7 @@ MAPS: dict[str, tuple[type | None, type]] = {
     "timeouts": (None, Timeouts),
     "vips": (None, u32),
     "arp_vips": (ArpKey, ArpMac),
-    "owners": (Endpoint, ServiceKey),
+    "owners": (Endpoint, OwnerServices),
     "config": (None, Config),
     "flows": (FlowKey, Flow),
     "flows_new": (FlowKey, Flow),

@@ -16,7 +16,7 @@ from ipaddress import IPv4Address
 from typing import Collection, Iterable, Mapping, Protocol
 
 from . import maglev, scheduler
-from .layout import SERVICE_ADOPT, SERVICE_MAGLEV, SERVICE_SOURCE
+from .layout import OWNER_SLOTS, SERVICE_ADOPT, SERVICE_MAGLEV, SERVICE_SOURCE
 from .model import MAGLEV_ALGORITHMS, MAX_ARP, MAX_LINKS, UNNAMED_LINKS, Config, Pool, Server
 
 ServiceKey = tuple[IPv4Address, int, int]       # vip, port, protocol number
@@ -60,9 +60,10 @@ class DataplaneState:
     backends: dict[BackendKey, BackendState] = field(default_factory=dict)
     vips: frozenset[IPv4Address] = frozenset()
     arp: dict[tuple[int, IPv4Address], bytes] = field(default_factory=dict)
-    # (address, port, protocol) of a server -> (vip, port) of the first frontend
-    # it serves: its packets no reply entry knows may be that frontend's replies
-    owners: dict[tuple[IPv4Address, int, int], tuple[IPv4Address, int]] = \
+    # (address, port, protocol) of a server -> (vip, port) of the first frontends
+    # it serves (layout.OWNER_SLOTS): its packets no reply entry knows may be
+    # those frontends' replies
+    owners: dict[tuple[IPv4Address, int, int], tuple[tuple[IPv4Address, int], ...]] = \
         field(default_factory=dict)
     # Ids of removed servers and frontends: their counters, and a removed
     # server's kept flows, still name them, so a newcomer takes one only when
@@ -304,13 +305,16 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
     if len(arp) > max_arp:
         raise CapacityError(f"{len(arp)} ARP answers (VIPs times the links on their subnets): "
                             f"the data plane holds {max_arp}")
-    # A server that frontends share is the first's: the others' connections
-    # that lose their reply entry get it back from the sweep alone (config
-    # refuses adopt_replies on such a server).
-    owners: dict[tuple[IPv4Address, int, int], tuple[IPv4Address, int]] = {}
+    # A server that more frontends share than the data plane's slots has the
+    # connections of the others mended by the sweep alone, when they lose
+    # their reply entry (config refuses adopt_replies on a shared server).
+    owners: dict[tuple[IPv4Address, int, int], tuple[tuple[IPv4Address, int], ...]] = {}
     for fe in config.frontends:
         for s in config.pool(fe.pool).servers:
-            owners.setdefault((s.address, s.port, fe.proto_number), (fe.vip, fe.port))
+            endpoint = (s.address, s.port, fe.proto_number)
+            held = owners.get(endpoint, ())
+            if len(held) < OWNER_SLOTS:
+                owners[endpoint] = (*held, (fe.vip, fe.port))
     return DataplaneState(services, backends, frozenset(f.vip for f in config.frontends), arp,
                           owners, retired_backends, retired_services)
 
@@ -443,9 +447,9 @@ def plan(current: DataplaneState, target: DataplaneState) -> list[Op]:
     for (ifindex, vip), mac in target.arp.items():
         if current.arp.get((ifindex, vip)) != mac:
             ops.append(("set_arp", ifindex, vip, mac))
-    for endpoint, owner in target.owners.items():
-        if current.owners.get(endpoint) != owner:
-            ops.append(("set_owner", *endpoint, *owner))
+    for endpoint, owned in target.owners.items():
+        if current.owners.get(endpoint) != owned:
+            ops.append(("set_owner", *endpoint, owned))
     held_services = {s.id: k for k, s in current.services.items()}
     for key, svc in target.services.items():
         old = current.services.get(key)

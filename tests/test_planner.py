@@ -506,19 +506,24 @@ def test_maglev_pool_gets_a_table_written_before_the_service():
     assert ops[-1] == ("set_service", *WWW, 0, 0, 1009, layout.SERVICE_MAGLEV)
 
 
-def test_every_server_is_owned_by_the_first_frontend_that_it_serves():
+def test_every_server_is_owned_by_the_first_frontends_that_it_serves():
     """owners: a server's packet that no reply entry knows may be the reply
-    of a connection of its first frontend (whose reply entry the LRU evicted
-    alone), with or without adopt_replies; a server that two frontends share
-    is the first's."""
+    of a connection of its frontends (whose reply entry the LRU evicted
+    alone), with or without adopt_replies: the first OWNER_SLOTS of them, in
+    the config's order."""
     both = _maglev(S1, S2, frontends=(("www", "10.1.1.101"), ("www2", "10.1.1.102")))
-    assert desired(both).owners == {(S1.address, 80, 6): (A("10.1.1.101"), 80),
-                                    (S2.address, 80, 6): (A("10.1.1.101"), 80)}
+    pair = ((A("10.1.1.101"), 80), (A("10.1.1.102"), 80))
+    assert desired(both).owners == {(S1.address, 80, 6): pair, (S2.address, 80, 6): pair}
     second = Config(frontends=both.frontends[1:], pools=both.pools)
     ops = planner.plan(desired(both), desired(second, desired(both)))
     assert [op for op in ops if "owner" in op[0]] == [
-        ("set_owner", S1.address, 80, 6, A("10.1.1.102"), 80),
-        ("set_owner", S2.address, 80, 6, A("10.1.1.102"), 80)]
+        ("set_owner", S1.address, 80, 6, ((A("10.1.1.102"), 80),)),
+        ("set_owner", S2.address, 80, 6, ((A("10.1.1.102"), 80),))]
+    vips = [f"10.1.1.{101 + i}" for i in range(layout.OWNER_SLOTS + 2)]
+    many = _maglev(S1, frontends=tuple((f"www{i}", vip) for i, vip in enumerate(vips)),
+                   algorithm="roundrobin")
+    assert desired(many).owners == {
+        (S1.address, 80, 6): tuple((A(vip), 80) for vip in vips[:layout.OWNER_SLOTS])}
 
 
 def test_a_frontend_that_adopts_replies_flags_its_service():
@@ -796,8 +801,8 @@ class FakeMaps:
     def del_arp(self, ifindex, vip):
         del self.arp[(ifindex, vip)]
 
-    def set_owner(self, addr, port, proto, vip, vip_port):
-        self.owners[(addr, port, proto)] = (vip, vip_port)
+    def set_owner(self, addr, port, proto, services):
+        self.owners[(addr, port, proto)] = tuple(services)
 
     def del_owner(self, addr, port, proto):
         del self.owners[(addr, port, proto)]

@@ -63,7 +63,7 @@ def lb(datapath, fibnet):
         dp.set_vip(vip)
     dp.set_forwarding(True)
     fibnet.as_native(dp)
-    return Harness(dp, service_ids=(SVC_TCP, SVC_UDP, SVC_MAGLEV), backend_ids=BACKENDS)
+    return Harness(dp, service_ids=(SVC_TCP, SVC_UDP, SVC_MAGLEV, SVC_UDP2), backend_ids=BACKENDS)
 
 
 def flow_rows(dp) -> dict[str, list]:
@@ -980,6 +980,33 @@ def test_the_sweep_leaves_a_reply_key_that_another_vips_connection_holds(second_
     assert ip_of(lb.send(answer, fibnet.ifindex["int"]).data, "src") == VIP2
 
 
+@pytest.mark.parametrize("owners", [[(VIP, 80), (VIP2, 80)], [(VIP2, 80), (VIP, 80)]])
+def test_a_shared_servers_flow_through_any_of_its_frontends_gets_its_reply_entry_back(
+        second_vip, fibnet, owners):
+    """Backend 1 serves VIP:80/udp and VIP2:80/udp (owners: both, in the
+    config's order): a flow through either that lost its reply entry alone
+    gets it back at its server's datagram, which leaves from its own VIP. The
+    second frontend's left from the server's own address until a sweep put
+    the entry back (owners held the first alone)."""
+    lb, dp = second_vip, second_vip.dp
+    addr, port = BACKENDS[1]
+    dp.set_owner(addr, port, UDP_P, owners)
+    try:
+        for vip, svc, ports in ((VIP, SVC_UDP, range(53700, 53710)),
+                                (VIP2, SVC_UDP2, range(53710, 53720))):
+            sport = next(p for p in ports if udp_established(lb, fibnet, p, vip=vip) == 1)
+            evict(dp, "flows", (addr, CLIENT, port, sport, UDP_P))
+            before = counters(dp)
+            res = lb.send(from_backend_udp(1, sport), fibnet.ifindex["int"])
+            assert (ip_of(res.data, "src"), ip_of(res.data, "dst")) == (vip, CLIENT)
+            assert res.data[34:36] == (80).to_bytes(2, "big")      # the VIP's port
+            lb.expect("reply_redirect", flow=("out", svc, 1, False))
+            assert connection(dp, sport, UDP_P, vip=vip)[2].dir == layout.FLOW_REPLY
+            assert counters(dp) == before           # nothing adopted, created or removed
+    finally:
+        dp.del_owner(addr, port, UDP_P)
+
+
 def test_the_sweep_removes_the_old_reply_entry_of_a_flow_opened_again(lb, fibnet):
     """A UDP flow lost its forward entry (its server streaming, its client
     quiet): the client's next datagram opens it again in the half-open table,
@@ -1078,7 +1105,7 @@ def maglev_backend(client, sport) -> int:
 def owned_by(dp, vip):
     """The backends' TCP endpoints are owned by vip:80's service (owners)."""
     for addr, port in BACKENDS.values():
-        dp.set_owner(addr, port, TCP_P, vip, 80)
+        dp.set_owner(addr, port, TCP_P, [(vip, 80)])
     try:
         yield
     finally:
@@ -1295,7 +1322,7 @@ def test_a_packet_from_another_port_of_the_chosen_servers_address_is_not_adopted
     sport = 56520
     addr, _ = BACKENDS[maglev_backend(CLIENT, sport)]
     dp.set_backend(9, addr, 9090)           # in no Maglev slot
-    dp.set_owner(addr, 9090, TCP_P, MVIP, 80)
+    dp.set_owner(addr, 9090, TCP_P, [(MVIP, 80)])
     try:
         frame = tcp_frame(addr, CLIENT, 9090, sport, flags="A", eth_src=BACKEND_MAC)
         res = lb.send(frame, fibnet.ifindex["int"])
@@ -1938,7 +1965,7 @@ def test_a_backends_packet_is_adopted_where_source_sends_its_client(by_source, f
     lb, dp = by_source, by_source.dp
     bid = source_backend(CLIENT)
     for addr, port in BACKENDS.values():
-        dp.set_owner(addr, port, TCP_P, SVIP, 80)
+        dp.set_owner(addr, port, TCP_P, [(SVIP, 80)])
     dp.set_service(SVIP, 80, TCP_P, SVC_SOURCE, SOURCE_TABLE, len(MAGLEV_SLOTS),
                    layout.SERVICE_MAGLEV | layout.SERVICE_SOURCE | layout.SERVICE_ADOPT)
     try:
