@@ -23,6 +23,7 @@
         between two requests says when, however slow the machine; prints a JSON
         line per request as it completes: {"i": i, "name": ..., "t": unix time} or
         {"i": i, "error": ..., "t": unix time}
+    A request that fails ends its connection with a reset (abort), not a close.
     clients.py hop HOST PORT [--ttl T] [--timeout S]
         One TCP connect with IP TTL T, as `traceroute -T` probes: the ICMP error the
         kernel matched to it, {"error": ..., "icmp": [type, code], "from": address},
@@ -35,15 +36,26 @@ import http.client
 import json
 import os
 import socket
+import struct
 import sys
 import threading
 import time
 
 
+def abort(conn):
+    """Ends conn with a reset. A close would leave its unanswered request to
+    be sent again for minutes (FIN-WAIT-1), into the tests that run next:
+    where another instance sends it to a server still holding the connection
+    (one that a disable took it from), the connection comes back to life."""
+    if conn.sock is not None:
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
 def get(conn, host, port, timeout, keepalive):
     """GET / on conn, or on a new connection if it is None: the status, the
     body and the connection to reuse (None unless keepalive). An OSError
-    closes the connection and goes to the caller."""
+    aborts the connection and goes to the caller."""
     try:
         if conn is None:
             conn = http.client.HTTPConnection(host, port, timeout=timeout)
@@ -55,7 +67,7 @@ def get(conn, host, port, timeout, keepalive):
             conn = None
     except OSError:
         if conn is not None:
-            conn.close()
+            abort(conn)
         raise
     return resp.status, body, conn
 
@@ -137,7 +149,7 @@ def hold(host, port, count, pause, timeout, step):
         except OSError as e:
             print(json.dumps({"i": i, "error": f"{type(e).__name__}: {e}",
                               "t": round(time.time(), 3)}), flush=True)
-            conn.close()
+            abort(conn)
             conn = http.client.HTTPConnection(host, port, timeout=timeout)
     conn.close()
 

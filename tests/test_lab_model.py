@@ -232,6 +232,11 @@ def test_disable_of_the_last_server_up_drops_its_open_connection_unreset(lab, xl
     rest = [json.loads(line) for line in hold.communicate("\n", timeout=30)[0].splitlines()]
     assert [r.get("error") for r in rest] == ["TimeoutError: timed out"], rest
     assert lab.status()["reasons"]["drop_no_backend"]["packets"] > 0
+    # The client aborted it (clients.abort): closed, its request would be sent
+    # again for minutes, into the next tests' instances, and to was1, which
+    # holds the connection still, brought back to life (counted open there).
+    assert lab.run("client", "ss", "-Htn", "state", "fin-wait-1", "dst", VIP,
+                   check=True).stdout == ""
 
 
 def test_renaming_servers_and_their_pool_keeps_open_connections(lab, tmp_path, xlb):
