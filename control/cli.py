@@ -481,11 +481,12 @@ def server(action: str, pool: str, server: str) -> None:
     """
     r = _request("server", action=action, pool=pool, server=server)
     _warn(r)
-    _done(f"xlb: {pool}/{server} is {r['state']}; {r['flows_ended']} flows ended")
     if r["state"] == "maint" and action != "disable":
-        # No run-time state is left to make it maint: the file's is, which this cannot override.
+        # No run-time state is left to make it maint: the file's is, which this
+        # cannot override. Said before the answer, which may fail to be written.
         _error(f"xlb: warning: {pool}/{server} stays maint: the config disables it "
                f"(enabled = false); enable it there, then `xlb apply`")
+    _done(f"xlb: {pool}/{server} is {r['state']}; {r['flows_ended']} flows ended")
 
 
 @cli.command()

@@ -1161,6 +1161,21 @@ def test_a_change_whose_answer_cannot_be_written_says_it_was_made(run_dir, args,
     assert (r.returncode, r.stdout) == (0, f"xlb: {done}\n")
 
 
+def test_a_server_the_config_disables_is_said_to_stay_maint_though_the_answer_is_lost(run_dir):
+    """`xlb server enable` of a server the file disables: the warning that it
+    stays maint came after the answer, and went with it when the answer
+    could not be written."""
+    with answering(lambda req: {"ok": True, "result": {"state": "maint", "flows_ended": 0}},
+                   stops=True), open("/dev/full", "w") as full:
+        r = xlb_here(run_dir, "server", "enable", "was", "was1", stdout=full,
+                     stderr=subprocess.PIPE)
+    assert (r.returncode, r.stderr.splitlines()) == (1, [
+        "xlb: warning: was/was1 stays maint: the config disables it (enabled = false); "
+        "enable it there, then `xlb apply`",
+        "xlb: error: done, but its answer could not be written (No space left on device): "
+        "was/was1 is maint; 0 flows ended"])
+
+
 def test_an_instance_that_does_not_answer_is_one_line(monkeypatch, tmp_path):
     """An instance busy starting (compiling a large flow table) or stopped
     (SIGSTOP) accepts but does not answer: the request fails with one line,
