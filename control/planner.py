@@ -310,11 +310,15 @@ def desired(config: Config, links: Iterable[ArpLink], previous: DataplaneState,
     # their reply entry (config refuses adopt_replies on a shared server).
     owners: dict[tuple[IPv4Address, int, int], tuple[tuple[IPv4Address, int], ...]] = {}
     for fe in config.frontends:
+        owner = (fe.vip, fe.port)
+        first = (owner,)
         for s in config.pool(fe.pool).servers:
+            # One lookup for a server that no other frontend serves: the
+            # addresses' hashes are dear at 10,000 servers.
             endpoint = (s.address, s.port, fe.proto_number)
-            held = owners.get(endpoint, ())
-            if len(held) < OWNER_SLOTS:
-                owners[endpoint] = (*held, (fe.vip, fe.port))
+            held = owners.setdefault(endpoint, first)
+            if held is not first and len(held) < OWNER_SLOTS:
+                owners[endpoint] = (*held, owner)
     return DataplaneState(services, backends, frozenset(f.vip for f in config.frontends), arp,
                           owners, retired_backends, retired_services)
 
