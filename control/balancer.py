@@ -145,9 +145,16 @@ class Balancer:
                                     renamed)
 
         dp = self.datapath
+        kept = {link.index for link in links}
+        let_go = [old for old in self.links.values() if old.index not in kept]
         attached = []
         try:
             planner.execute(dp, planner.plan(self.state, target))
+            # The links let go leave tx_links before the new take their places:
+            # many swapped for as many others would not fit both. Their packets
+            # go by the kernel meanwhile, as once they are detached.
+            for old in let_go:
+                dp.set_tx_link(old.index, None)
             for link in fresh:
                 attached.append(_attach(dp, link, warned))
         except Exception:
@@ -158,6 +165,8 @@ class Balancer:
             # would fail on it (a delete of what is gone) or leave it there.
             for att in attached:
                 dp.detach(att.ifindex)
+            for old in let_go:
+                dp.restore_tx_link(old.index)
             planner.execute(dp, planner.plan(target, self.state))
             raise
         dp.swapped()                # an adoption's copied flow tables catch up
@@ -166,9 +175,7 @@ class Balancer:
         for att in attached:
             _warn_veth(dp, att, warned, not config.attach_names())
         ended = dp.delete_flows(set(ends.backend_ids), set(ends.service_ids), ends.retired)
-        kept = {link.index for link in links}
         unserved = _unserved(config, links) if relink and config.attach_names() else []
-        let_go = [old for old in self.links.values() if old.index not in kept]
         for old in let_go:
             dp.detach(old.index)
 

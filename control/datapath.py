@@ -601,6 +601,10 @@ class Datapath:
         else:
             self._delete("tx_links", ct.c_uint32(ifindex))
 
+    def restore_tx_link(self, ifindex: int) -> None:
+        """Puts back ifindex's tx_links entry as its attachment has it."""
+        self.set_tx_link(ifindex, self._attached[ifindex][1].mode)
+
     def swapped(self) -> None:
         """Called once this program is swapped in on every interface of an
         apply. Between two swaps the interfaces run programs on different

@@ -686,6 +686,69 @@ def test_links_that_come_and_go_where_none_is_named_are_let_go_once_gone(root, f
         dp.close()
 
 
+def test_an_apply_that_swaps_links_for_as_many_others_fits_the_data_planes_links(root, fibnet):
+    """An apply that lets links go and attaches as many others needs room for
+    the new only (tx_links): the links let go leave it before the new take
+    their places. Taking both at once, it failed on capacity midway (the
+    kernel refused the map write), and was rolled back."""
+    from xlb import netif
+
+    def running(name):
+        return next(link.xdp_prog_id for link in netif.links() if link.name == name)
+
+    for name in ("old0", "old1", "new0", "new1"):
+        fibnet.add_veth(name)
+    dp = Datapath(Limits(max_tx_links=2))
+    try:
+        b = Balancer(dp)
+        b.apply(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["old0", "old1"]),
+                relink=True)
+        result = b.apply(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["new0", "new1"]),
+                         relink=True)
+        assert (sorted(result["attached"]), sorted(result["detached"])) == \
+            (["new0", "new1"], ["old0", "old1"])
+        assert {i["name"] for i in b.status()["interfaces"]} == {"new0", "new1"}
+        ours = dp.program()["id"]
+        assert [running(n) == ours for n in ("old0", "old1", "new0", "new1")] == \
+            [False, False, True, True]
+        assert {k.value for k in dp._maps["tx_links"]} == \
+            {socket.if_nametoindex(n) for n in ("new0", "new1")}
+    finally:
+        dp.detach_all()
+        dp.close()
+        for name in ("old0", "old1", "new0", "new1"):
+            fibnet.sh("ip", "link", "del", name)
+
+
+def test_a_failed_apply_leaves_the_links_let_go_in_the_data_planes_links(root, fibnet,
+                                                                          monkeypatch):
+    """An apply that fails once the links it lets go left tx_links (here a
+    link that takes no program, as the kernel would refuse one) puts them
+    back: they still run the program, and the fast path sends out of them."""
+    for name in ("old0", "new0"):
+        fibnet.add_veth(name)
+    dp = Datapath(Limits(max_tx_links=2))
+    try:
+        b = Balancer(dp)
+        b.apply(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["old0"]), relink=True)
+        before = {k.value: v.value for k, v in dp._maps["tx_links"].items()}
+        assert list(before) == [socket.if_nametoindex("old0")]
+
+        def refused(ifindex, ifname):
+            raise DatapathError(f"{ifname}: cannot attach XDP: refused")
+        monkeypatch.setattr(dp, "attach", refused)
+        with pytest.raises(DatapathError, match="new0: cannot attach"):
+            b.apply(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"], ["new0"]), relink=True)
+        assert {k.value: v.value for k, v in dp._maps["tx_links"].items()} == before
+        assert [(i["name"], i["state"]) for i in b.status()["interfaces"]] == [("old0", "up")]
+    finally:
+        monkeypatch.undo()
+        dp.detach_all()
+        dp.close()
+        for name in ("old0", "new0"):
+            fibnet.sh("ip", "link", "del", name)
+
+
 def test_a_change_of_state_takes_the_links_addresses_and_macs_as_they_are_when_told(
         balancer, fibnet):
     """The ARP answers go by the attached links' addresses and MACs: a change
