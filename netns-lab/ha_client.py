@@ -8,6 +8,7 @@ For S seconds it opens a new connection every --every seconds (one GET each,
 "Connection: close", in its own thread, so a stalled one does not hold back the
 next), and keeps --hold long-lived keep-alive connections sending a GET every
 --hold-every seconds; a long-lived connection that fails once is not reopened.
+A request that fails ends its connection with a reset (clients.abort).
 
     {"new": [[start, seconds, name, error, acked], ...]
                                                    one per new connection: its
@@ -32,6 +33,8 @@ import socket
 import struct
 import threading
 import time
+
+from clients import abort
 
 TCP_ESTABLISHED = 1
 TCPI_UNACKED = 24   # offset of tcpi_unacked in struct tcp_info (linux/tcp.h)
@@ -59,6 +62,7 @@ def one_request(host, port, timeout, out, lock):
     except OSError as e:
         error = f"{type(e).__name__}: {e}"
         acked = conn.sock is not None and request_acked(conn.sock)
+        abort(conn)
     conn.close()
     with lock:
         out.append([start, time.time() - start, name, error, acked])
@@ -74,6 +78,7 @@ def held(host, port, deadline, every, timeout, rec):
             names.append(conn.getresponse().read().decode().strip())
         except OSError as e:
             rec["error"], rec["error_at"] = f"{type(e).__name__}: {e}", time.time()
+            abort(conn)
             break
         rec["requests"] += 1
         time.sleep(every)
