@@ -241,6 +241,7 @@ class LinkWatch:
                 try:
                     result = await asyncio.to_thread(self.balancer.apply, self.balancer.config,
                                                      relink=False, reread=True)
+                    links = self.balancer.links     # as this apply read them
                 except Exception as e:      # a task's own: nobody else would hear of it
                     result = None
                     log.event("link", level="error", error=f"links not applied: {e}",
@@ -252,7 +253,11 @@ class LinkWatch:
                 continue
             backoff = RETRY_SECONDS[0]
             for name in result["attached"]:
-                log.event("link", link=name, reason="came up: attached")
+                # Attached as it is: one without carrier (its cable out, its veth's
+                # peer down) receives nothing until it has one.
+                log.event("link", link=name,
+                          reason="came up: attached" if links[name].carrier else
+                          "attached without carrier: serves once it has carrier")
 
     async def _carrier_again(self) -> None:
         # Until no overrun is left: one found meanwhile (by the reads here, or

@@ -483,8 +483,10 @@ def test_a_link_attached_whose_carrier_is_back_has_its_vips_announced_again():
 
 class Attaching(Servers):
     """Servers of a config that names no link (so every up Ethernet link is
-    served), whose applies are recorded; the first fails."""
+    served), whose applies are recorded and attach link late, with carrier;
+    the first fails."""
     config = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"])
+    links = {"late": netif.Link(0, "late", b"\x02" * 6, True, False, ())}
 
     def __init__(self, addresses: list[str]):
         super().__init__(addresses)
@@ -551,6 +553,53 @@ def test_a_link_that_came_up_while_xlb_up_started_is_applied_where_no_link_is_na
         attaching = Attaching([])
         asyncio.run(main(attaching))
     assert attaching.applies == [(False, True)] * 2
+
+
+class AttachingAll(Servers):
+    """Servers of a config that names no link, whose applies attach every up
+    Ethernet link of the namespace not attached yet, as Balancer.apply does
+    (reread): self.links, as the kernel had them then; with the links whose
+    carrier came back recorded."""
+    config = Attaching.config
+
+    def __init__(self):
+        super().__init__([])
+        self.links: dict[str, netif.Link] = {}
+        self.carriers_back: list[str] = []
+
+    def apply(self, config, *, relink: bool, reread: bool = False) -> dict:
+        came = [link for link in netif.links()
+                if link.ethernet and link.up and link.name not in self.links]
+        self.links = {**self.links, **{link.name: link for link in came}}
+        return {"attached": [link.name for link in came]}
+
+    def carrier_back(self, index: int, name: str) -> int:
+        self.carriers_back.append(name)
+        return 0
+
+
+def test_a_link_attached_without_carrier_is_logged_so(capsys):
+    """Where no link is named, every up Ethernet link is attached, one
+    without carrier too (a veth whose peer is down, a cable out): the line
+    that tells it says so, and that it serves once it has carrier, where it
+    said "came up: attached", as of one with carrier."""
+    async def main():
+        with watching(servers) as (watch, _):
+            await until(lambda: "dark" in servers.links, "the start's apply", 10.0)
+            net.sh("ip", "link", "set", "dark-peer", "up")
+            await until(lambda: "dark-peer" in servers.links and servers.carriers_back,
+                        "dark's carrier back", 10.0)
+
+    with FibNet("xlbt-links").entered({}) as net:
+        net.sh("ip", "link", "add", "dark", "type", "veth", "peer", "name", "dark-peer")
+        net.sh("ip", "link", "set", "dark", "up")
+        servers = AttachingAll()
+        asyncio.run(main())
+    assert servers.carriers_back == ["dark"]
+    log = capsys.readouterr().err
+    assert 'event=link link=dark reason="attached without carrier: serves once it has ' \
+           'carrier"' in log and 'event=link link=dark-peer reason="came up: attached"' \
+           in log and 'link=dark reason="came up: attached"' not in log, log
 
 
 def test_servers_a_link_took_down_renamed_meanwhile_are_checked_as_soon_as_it_is_back():
