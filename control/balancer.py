@@ -207,9 +207,10 @@ class Balancer:
         back, as the kernel announces a link's own addresses (arp_notify):
         what was announced while it had none was lost (a VIP that moved here,
         lb's MAC changed), and the switch may have forgotten where lb's MAC
-        is. Returns how many gratuitous ARPs went out. Called in the event
-        loop: without the lock, which a status holds through its map reads,
-        as an apply replaces the state whole."""
+        is. Returns how many gratuitous ARPs went out. Called in a worker
+        thread, under the event loop's lock (LinkWatch), as an apply; without
+        self.lock, which a status holds through its map reads: an apply
+        replaces the state whole."""
         entries = {key: mac for key, mac in self.state.arp.items() if key[0] == index}
         return _announce_arp({}, entries, link=name, reason="carrier back")[0]
 

@@ -63,6 +63,9 @@ class LinkWatch:
         self._again = False
         self._attaching: asyncio.Task | None = None
         self._reapply = False    # a link made again, or readdressed: to apply
+        # The attached links whose carrier came back, to announce again (index: name).
+        self._carriers_back: dict[int, str] = {}
+        self._announcing: asyncio.Task | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -88,7 +91,8 @@ class LinkWatch:
     def close(self) -> None:
         asyncio.get_running_loop().remove_reader(self.events.fileno())
         self.events.close()
-        for task in (self._lookup, self._recarrier, self._rerouting, self._attaching):
+        for task in (self._lookup, self._recarrier, self._rerouting, self._attaching,
+                     self._announcing):
             if task is not None:
                 task.cancel()
 
@@ -194,12 +198,14 @@ class LinkWatch:
         for index in regained:
             if index in attached:
                 with contextlib.suppress(OSError):      # gone again: nothing to announce
-                    self.balancer.carrier_back(index, socket.if_indextoname(index))
+                    self._carriers_back[index] = socket.if_indextoname(index)
             # Back an interval sooner: rise - 1 intervals after they are routed.
             if back := {a for a, (i, _) in self._downed.items() if i == index}:
                 self._regained |= back
                 if self._rerouting is None or self._rerouting.done():
                     self._rerouting = asyncio.get_running_loop().create_task(self._reroute())
+        if self._carriers_back and (self._announcing is None or self._announcing.done()):
+            self._announcing = asyncio.get_running_loop().create_task(self._announce_again())
         # The ARP answers go by the attached links' addresses and MACs: those of
         # one made again (attached or not yet) too. Where no link is named,
         # xlb runs on every up Ethernet link: one that came up since too.
@@ -258,6 +264,24 @@ class LinkWatch:
                 log.event("link", link=name,
                           reason="came up: attached" if links[name].carrier else
                           "attached without carrier: serves once it has carrier")
+
+    async def _announce_again(self) -> None:
+        """Has the VIPs of the links whose carrier came back announced again
+        (Balancer.carrier_back), a link at a time, in a worker thread: up to
+        256 frames a link, sent from the loop's thread, held up the health
+        checks and the control socket. Under the lock, as an apply, which
+        announces too: an apply that takes another MAC of a link (told
+        meanwhile) announces it after these frames or before they read the
+        state, never amid them, which could leave the clients at the MAC
+        before; a backup's apply (set_role) waits for them. A link whose
+        carrier comes back again while it is announced is announced once
+        more, after; one whose carrier comes back many times while it waits
+        its turn, once."""
+        while self._carriers_back:
+            async with self.lock:
+                index = next(iter(self._carriers_back))
+                name = self._carriers_back.pop(index)
+                await asyncio.to_thread(self.balancer.carrier_back, index, name)
 
     async def _carrier_again(self) -> None:
         # Until no overrun is left: one found meanwhile (by the reads here, or

@@ -816,7 +816,8 @@ def test_a_vip_newly_answered_on_a_link_is_announced_by_a_gratuitous_arp(balance
         assert announced(back(index)) == []
         assert announced(balancer.set_role("active")) == ["020000004002"]
         assert announced(back(index)) == ["020000004002"]
-        # In the event loop, while a status holds the lock through its map reads.
+        # In a worker thread, as the link watch calls it: not waiting for a
+        # status that holds the balancer's lock through its map reads.
         held, release, answered = threading.Event(), threading.Event(), []
         holder = threading.Thread(target=lambda: (balancer.lock.acquire(), held.set(),
                                                   release.wait(30), balancer.lock.release()))

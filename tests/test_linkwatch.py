@@ -481,6 +481,60 @@ def test_a_link_attached_whose_carrier_is_back_has_its_vips_announced_again():
     assert servers.carriers_back == [(net.ifindex["int"], "int")]
 
 
+class SlowAnnouncing(Announcing):
+    """Announcing, each announcement held until `release` is set (a slow
+    send), or ten seconds have passed: whether it was set then is recorded."""
+
+    def __init__(self, int_index: int):
+        super().__init__(int_index)
+        self.release = threading.Event()
+        self.released: list[bool] = []
+        self.running = self.most = 0
+
+    def carrier_back(self, index: int, name: str) -> int:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            self.carriers_back.append((index, name))
+            self.released.append(self.release.wait(10))
+            return 1
+        finally:
+            self.running -= 1
+
+
+def test_a_links_vips_are_announced_again_off_the_event_loop_one_announcement_at_a_time():
+    """A link's VIPs announced again once its carrier is back (up to 256
+    frames) are sent in a worker thread: the loop goes on meanwhile (health
+    checks, the control socket; here, the link watch reads the next carrier
+    back, and this test's coroutine ends the send). Under the lock, as an
+    apply: not while one holds it. A carrier back again meanwhile is
+    announced once more, after, not alongside."""
+    def flap():
+        net.sh("ip", "link", "set", "int-peer", "down")
+        net.sh("ip", "link", "set", "int-peer", "up")
+
+    async def main():
+        with watching(servers) as (watch, _):
+            await until(lambda: not watch.events.overrun, "the carriers read", 5.0)
+            async with watch.lock:          # an apply under way
+                await asyncio.to_thread(flap)
+                await until(lambda: watch._carriers_back, "the carrier back read", 5.0)
+                assert servers.carriers_back == []
+            await until(lambda: servers.running, "announcing", 5.0)
+            await asyncio.to_thread(flap)
+            await until(lambda: watch._carriers_back, "the carrier back read meanwhile", 5.0)
+            assert servers.running == 1 and len(servers.carriers_back) == 1
+            servers.release.set()
+            await until(lambda: len(servers.carriers_back) == 2 and not servers.running,
+                        "announced again", 5.0)
+
+    with FibNet("xlbt-links").entered({}) as net:
+        servers = SlowAnnouncing(net.ifindex["int"])
+        asyncio.run(main())
+    assert servers.released == [True, True] and servers.most == 1
+    assert servers.carriers_back == [(net.ifindex["int"], "int")] * 2
+
+
 class Attaching(Servers):
     """Servers of a config that names no link (so every up Ethernet link is
     served), whose applies are recorded and attach link late, with carrier;
