@@ -323,6 +323,9 @@ class _RequestReads(io.RawIOBase):
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's backlog is 5: connections beyond it at once waited seconds
+    # in the kernel (the SYN-ACK's retries), not served nor closed.
+    request_queue_size = MAX_CLIENTS
 
     def __init__(self, *args, **kw):
         self._slots = threading.BoundedSemaphore(MAX_CLIENTS)

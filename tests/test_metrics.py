@@ -598,6 +598,20 @@ def test_a_scraper_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_the_listener_queues_as_many_connections_as_it_serves_at_once():
+    """The listen backlog was socketserver's 5: of MAX_CLIENTS + 1 connections
+    made at once, most waited in the kernel for the SYN-ACK's retries (seconds),
+    and the one beyond MAX_CLIENTS was not closed at once, as README says."""
+    import subprocess
+
+    with served(Answering()) as server:
+        port = server.server_address[1]
+        out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True,
+                             text=True, check=True).stdout.split()
+    backlog = int(out[2])       # State Recv-Q Send-Q: a listener's Send-Q is its backlog
+    assert backlog >= metrics.MAX_CLIENTS
+
+
 def test_clients_that_trickle_their_request_do_not_keep_scrapes_out(monkeypatch):
     """MAX_CLIENTS connections that each send a byte of their request less than
     CLIENT_TIMEOUT apart (a slowloris: any local user, on the default address)
@@ -615,7 +629,7 @@ def test_clients_that_trickle_their_request_do_not_keep_scrapes_out(monkeypatch)
     with served(Answering()) as server:
         def trickle():
             while not stop.wait(0.05):       # a byte each, well within CLIENT_TIMEOUT
-                # A few a round: the server's listen backlog holds 5.
+                # A few a round, as clients come.
                 for _ in range(min(4, metrics.MAX_CLIENTS - len(slow))):
                     slow.append(socket.create_connection(server.server_address[:2]))
                     slow[-1].sendall(b"GET /metrics HTTP/1.0\r\n")
