@@ -524,11 +524,11 @@ def _no_control_process(e: Exception, as_json: bool = False) -> NoReturn:
 @click.option("--interval", type=click.FloatRange(0.1, 3600), default=1.0, show_default=True,
               metavar="SECONDS", help="Seconds between samples.")
 @click.option("--once", is_flag=True,
-              help="Print one frame (rates over two samples INTERVAL apart) and exit.")
+              help="Print one frame (rates over two samples --interval apart) and exit.")
 def top(interval: float, once: bool) -> None:
     """A live view of the instance running in this network namespace.
 
-    Redraws every INTERVAL seconds: per frontend new connections, packets and
+    Redraws every --interval seconds: per frontend new connections, packets and
     bytes per second; per server new connections and packets per second,
     states and last checks (as many servers as the terminal has lines;
     --once lists all, and so does each frame on a stdout that is no terminal,
