@@ -191,7 +191,9 @@ def link_problems(links: Iterable, interface: str, peer: IPv4Address,
     gateway on a subnet that another link of this host holds, and not the
     one it is given (keepalived sends and hears VRRP on --interface only:
     neither node hears the other and both become MASTER; a gateway on the
-    wrong link is out of the backends' reach)."""
+    wrong link is out of the backends' reach), and a gateway that is an
+    address of this host already, not as keepalived's on the active node
+    (held here while the other node is active too, both answer ARP for it)."""
     by_name = {link.name: link for link in links}
 
     def holder(addr: IPv4Address) -> str | None:
@@ -207,6 +209,13 @@ def link_problems(links: Iterable, interface: str, peer: IPv4Address,
                     f"hear the other and both would become MASTER; give --interface {other}")
     for g in gateways:
         dev = g.interface or interface
+        if owner := next((name for name, link in by_name.items()
+                          if any(a.ip == g.address.ip for a in link.addresses)), None):
+            # keepalived's own, on the active node, looks the same.
+            said.append(f"--gateway {g.address}: an address of this host already (on "
+                        f"{owner}); unless keepalived added it (this node active), remove "
+                        f"it: held here while the other node is active, both would answer "
+                        f"ARP for the backends' gateway")
         if dev not in by_name:
             if g.interface:
                 said.append(f"--gateway {g.address}@{dev}: no link {dev} here; keepalived here "

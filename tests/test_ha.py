@@ -458,6 +458,25 @@ def test_a_peer_that_is_an_address_of_this_host_is_warned_of(monkeypatch):
     assert r.exit_code == 0 and r.stderr == ""
 
 
+def test_a_gateway_that_is_an_address_of_this_host_is_warned_of(monkeypatch):
+    """The backends' gateway is keepalived's to move: a node that holds it as
+    its own address (the single balancer's setup, turned into a pair) holds
+    it while the other node is active too, and both answer ARP for it. On the
+    active node keepalived's own looks the same: the warning says so."""
+    from xlb import netif
+    here = netif.Link(index=2, name="eth1", mac=b"\2" * 6, up=True, loopback=False,
+                      addresses=(IPv4Interface("10.1.11.11/24"), IPv4Interface("10.1.11.1/24")))
+    monkeypatch.setattr(netif, "links", lambda: [here])
+    r = CliRunner().invoke(cli, [*KA, "--gateway", "10.1.11.1/24", str(SEED)])
+    assert r.exit_code == 0 and "10.1.11.1/24 dev eth1" in r.stdout
+    assert r.stderr == ("xlb: warning: --gateway 10.1.11.1/24: an address of this host "
+                        "already (on eth1); unless keepalived added it (this node active), "
+                        "remove it: held here while the other node is active, both would "
+                        "answer ARP for the backends' gateway\n")
+    r = CliRunner().invoke(cli, [*KA, "--gateway", "10.1.11.254/24", str(SEED)])
+    assert r.exit_code == 0 and r.stderr == ""
+
+
 @pytest.fixture
 def sigterm_kept():
     """follow, run here, takes SIGTERM (keepalived's stop) for good: a SIGTERM
