@@ -152,7 +152,7 @@ def strict_rp_filter(name: str) -> bool:
     return max(values, default=0) == 1
 
 
-def veth_peer_without_xdp(index: int, joins: bool = False) -> str | None:
+def veth_peer_without_xdp(index: int, joins: bool) -> str | None:
     """For a veth whose peer runs no XDP program, the peer's name: frames sent
     into such a veth with XDP_TX or XDP_REDIRECT are lost (seen on 6.18; the
     peer's XDP program, even one that passes everything, makes them arrive).
