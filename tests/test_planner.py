@@ -291,13 +291,13 @@ def test_a_server_given_another_address_or_port_is_a_new_server(policy, ended, m
     assert ("set_backend", 2, s2.address, s2.port, False) in ops
 
 
-def _renamed(old, new, old_states={}, new_states={}):
+def _renamed(old, new, new_states={}):
     """The target of applying `new` over `old` (as Balancer.apply does), and
     the flows that ends."""
-    cur = desired(old, states=old_states)
+    cur = desired(old)
     renamed = planner.renames(old, cur, new)
     tgt = planner.desired(new, LINKS, cur, **LIMITS, states=new_states, renamed=renamed)
-    return cur, tgt, planner.flows_to_end(old, old_states, cur, new, new_states, tgt, renamed)
+    return cur, tgt, planner.flows_to_end(old, {}, cur, new, new_states, tgt, renamed)
 
 
 @pytest.mark.parametrize("policy", ["reset", "keep"])
