@@ -59,7 +59,7 @@ def timed_apply(lab: Lab, path: Path) -> tuple[float, str]:
 
 def scrape_seconds(lab: Lab, runs: int = 5) -> tuple[float, int]:
     """Median time of a whole /metrics scrape (curl in lb), and the series it returned."""
-    times, lines = [], 0
+    times = []
     for _ in range(runs):
         out = lab.run("lb", "curl", "-s", "-o", "/dev/null", "-w", "%{time_total} %{size_download}",
                       "http://127.0.0.1:9717/metrics", check=True).stdout.split()

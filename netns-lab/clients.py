@@ -87,7 +87,7 @@ def http_requests(host, port, count, keepalive, timeout):
     return {"names": names, "errors": errors}
 
 
-def udp_requests(host, port, count, timeout, size=0):
+def udp_requests(host, port, count, timeout, size):
     replies, errors = [], []
     for i in range(count):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
