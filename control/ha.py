@@ -28,6 +28,7 @@ from ipaddress import IPv4Address, IPv4Interface
 from typing import Iterable, Mapping
 
 from .model import Config, check_interface, has_space, parse_address, parse_host
+from .netif import local_addresses
 from .units import quoted
 
 ROLES = ("active", "backup")
@@ -195,6 +196,7 @@ def link_problems(links: Iterable, interface: str, peer: IPv4Address,
     address of this host already, not as keepalived's on the active node
     (held here while the other node is active too, both answer ARP for it)."""
     by_name = {link.name: link for link in links}
+    here = local_addresses(by_name.values())
 
     def holder(addr: IPv4Address) -> str | None:
         return next((name for name, link in by_name.items() if link.holds(addr)), None)
@@ -209,8 +211,7 @@ def link_problems(links: Iterable, interface: str, peer: IPv4Address,
                     f"hear the other and both would become MASTER; give --interface {other}")
     for g in gateways:
         dev = g.interface or interface
-        if owner := next((name for name, link in by_name.items()
-                          if any(a.ip == g.address.ip for a in link.addresses)), None):
+        if owner := here.get(g.address.ip):
             # keepalived's own, on the active node, looks the same.
             said.append(f"--gateway {g.address}: an address of this host already (on "
                         f"{owner}); unless keepalived added it (this node active), remove "

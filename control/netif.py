@@ -121,7 +121,7 @@ def select(names: list[str] | tuple[str, ...]) -> list[Link]:
     return [by_name[n] for n in dict.fromkeys(names)]
 
 
-def local_addresses(found: list[Link]) -> dict[IPv4Address, str]:
+def local_addresses(found: Iterable[Link]) -> dict[IPv4Address, str]:
     """Every local IPv4 address of these links (links()), and the link that has it."""
     return {a.ip: link.name for link in found for a in link.addresses}
 
