@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -423,8 +424,16 @@ def test_status_and_down_of_a_data_path_without_its_control_process(lab):
             1, "", "xlb: error: permission denied: the control socket is root-only\n")
     assert set(lab.xdp_attached("lb")) == {"eth0", "eth1"}
     # Two at once (an operator's and a script's): one removes it, the other waits
-    # for that and says so; neither fails (the second exited 1).
+    # for that and says so; neither fails (the second exited 1). They overlap for
+    # sure only while the lock is held as a removal holds it: let go once both
+    # wait for it (one done before the other looked would rightly say none runs).
+    removal = lab.spawn("lb", str(XLB.parent / "python3"), "-c", HOLDING_THE_REMOVAL,
+                        stdin=subprocess.PIPE)
+    assert removal.stdout.readline() == "held\n", removal.communicate(timeout=10)
     downs = [lab.spawn("lb", str(XLB), "down") for _ in range(2)]
+    wait_for(lambda: all(waiting_for_the_lock(d) for d in downs), 30,
+             "both `xlb down` waiting for the instance lock")
+    assert removal.communicate("\n", timeout=10) == ("", "")
     said = sorted((d.communicate(timeout=60), d.returncode) for d in downs)
     assert said == [(("xlb: another `xlb down` removed what the instance left meanwhile\n",
                       ""), 0),
@@ -435,6 +444,20 @@ def test_status_and_down_of_a_data_path_without_its_control_process(lab):
     assert not run_directory(lab, "lb").exists()
     gone = lab.xlb_cmd("status")
     assert gone.returncode == 1 and "no xlb instance runs" in gone.stderr
+
+
+# Holds the instance lock as `xlb down` removing a dead instance's data path
+# does, until a line on stdin.
+HOLDING_THE_REMOVAL = ("import sys; from xlb import ctl\n"
+                       "with ctl.exclusive():\n"
+                       "    print('held', flush=True); sys.stdin.readline()")
+
+
+def waiting_for_the_lock(down) -> bool:
+    """Whether `xlb down` (a process still running) sleeps between its tries of
+    the instance lock: the one sleep it makes where the lock is held so."""
+    assert down.poll() is None, down.communicate()
+    return Path(f"/proc/{down.pid}/wchan").read_text() == "hrtimer_nanosleep"
 
 
 def run_directory(lab, node: str) -> Path:
