@@ -443,10 +443,18 @@ class Balancer:
 
 
 def sync_routes(announcer: ha.Announcer, vips) -> None:
+    """Logs a refusal as it begins or changes, and its end: not again at each
+    apply while it lasts (a start makes three)."""
+    before = announcer.refused
     try:
         announcer.sync(vips)
     except OSError as e:
-        log.event("announce", level="warning", table=announcer.table, error=str(e),
+        if str(e) != before:
+            log.event("announce", level="warning", table=announcer.table, error=str(e),
+                      announcing=log.some(map(str, sorted(announcer.announced))))
+        return
+    if before is not None:
+        log.event("announce", table=announcer.table, reason="no route refused now",
                   announcing=log.some(map(str, sorted(announcer.announced))))
 
 

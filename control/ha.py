@@ -113,6 +113,7 @@ class Announcer:
     def __init__(self, table: int):
         self.table = table
         self.announced: frozenset[IPv4Address] = frozenset()
+        self.refused: str | None = None     # what the last sync's OSError said
 
     def _held(self, ipr) -> set[IPv4Address]:
         """The VIPs of the routes xlb writes (/32, blackhole, proto static): a
@@ -126,7 +127,16 @@ class Announcer:
         on its own: one the kernel refuses (the operator's route to the same
         VIP, say) keeps no other from being announced or withdrawn;
         `announced` is then what the table holds (what BIRD announces), and
-        an OSError names each route refused."""
+        an OSError names each route refused (`refused` says it until a
+        sync succeeds)."""
+        try:
+            self._sync(vips)
+        except OSError as e:
+            self.refused = str(e)
+            raise
+        self.refused = None
+
+    def _sync(self, vips: Iterable[IPv4Address]) -> None:
         from pyroute2 import IPRoute, NetlinkError
         want = set(vips)
         refused = []

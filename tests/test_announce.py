@@ -11,6 +11,7 @@ from ipaddress import IPv4Address
 import pytest
 from fibnet import FibNet
 
+from xlb.balancer import sync_routes
 from xlb.ha import Announcer
 
 pytestmark = [pytest.mark.netns,
@@ -59,3 +60,30 @@ def test_a_route_the_kernel_refuses_keeps_no_other_out_and_is_not_said_announced
                                    "blackhole 10.1.1.103 proto static",
                                    "blackhole 10.1.1.104 proto static"}
         assert announcer.announced == {vips[0], vips[2], vips[3]}
+
+
+def test_a_refusal_is_logged_as_it_begins_changes_and_ends_not_at_each_sync(capsys):
+    """Each apply syncs the routes (a start makes three): a refusal that lasts
+    is one warning, a new one another, and its end is told."""
+    vips = [IPv4Address("10.1.1.101"), IPv4Address("10.1.1.102")]
+    with FibNet("xlbt-announce").entered({}) as net:
+        net.sh("ip", "route", "add", "unreachable", "10.1.1.102", "proto", "static",
+               "table", "100")
+        announcer = Announcer(100)
+        for _ in range(3):
+            sync_routes(announcer, vips)
+        net.sh("ip", "route", "add", "unreachable", "10.1.1.103", "proto", "static",
+               "table", "100")
+        sync_routes(announcer, [*vips, IPv4Address("10.1.1.103")])
+        sync_routes(announcer, [*vips, IPv4Address("10.1.1.103")])
+        net.sh("ip", "route", "del", "unreachable", "10.1.1.102", "table", "100")
+        net.sh("ip", "route", "del", "unreachable", "10.1.1.103", "table", "100")
+        sync_routes(announcer, vips)
+        sync_routes(announcer, vips)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "event=announce" in line]
+    assert len(lines) == 3, lines
+    assert "level=warning" in lines[0] and "add 10.1.1.102/32" in lines[0] \
+        and "10.1.1.103" not in lines[0], lines
+    assert "level=warning" in lines[1] and "add 10.1.1.103/32" in lines[1], lines
+    assert "level=warning" not in lines[2] and 'reason="no route refused now"' in lines[2] \
+        and "announcing=10.1.1.101,10.1.1.102" in lines[2], lines
