@@ -76,6 +76,23 @@ class _Command(click.Command):
             option.callback = _show_help
         return option
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Bad input when an option of one value is given twice: click keeps
+        the last without a word (`--role active --role backup` serves as
+        backup). Checked after click's own parse, so that --help still wins."""
+        given = list(args)      # click's parse consumes the list
+        rest = super().parse_args(ctx, args)
+        _, _, order = self.make_parser(ctx).parse_args(args=given)
+        seen = set()
+        for param in order:
+            if isinstance(param, click.Option) and not (param.multiple or param.is_flag
+                                                        or param.count):
+                if param in seen:
+                    raise click.BadOptionUsage(param.name, f"{param.opts[0]}: given twice "
+                                                           f"(it takes one value)", ctx)
+                seen.add(param)
+        return rest
+
 
 class _Group(_Command, click.Group):
     command_class = _Command

@@ -824,6 +824,39 @@ def test_a_command_group_alone_shows_its_help():
         assert r.stderr.startswith(f"Usage: xlb {' '.join((*args, ''))}[OPTIONS] COMMAND")
 
 
+@pytest.mark.parametrize("args, option", [
+    (("up", *SEED_FLAGS, "--role", "active", "--role", "backup"), "--role"),
+    (("top", "--interval", "1", "--interval", "2"), "--interval"),
+    (("ha", "bird", "--router", "10.1.2.1", "--as", "65001", "--as", "65002", "--peer-as",
+      "65000", str(SEED)), "--as"),
+    (("ha", "follow", "--instance", "a", "--instance", "b", "/nonexistent.fifo"), "--instance"),
+], ids=["up", "top", "ha bird", "ha follow"])
+def test_an_option_of_one_value_given_twice_is_bad_input(args, option):
+    """click would keep the last, and say nothing of the first."""
+    r = xlb(*args)
+    assert (r.returncode, r.stdout, r.stderr) == \
+        (2, "", f"xlb: error: {option}: given twice (it takes one value)\n")
+
+
+@pytest.mark.parametrize("args", [
+    ("up", "--vip", "10.1.1.101:80", "--vip", "10.1.1.102:80", "--backend", "10.1.11.101:8080",
+     "--iface", "xlb-no-such-if", "--iface", "xlb-no-such-if2"),
+    ("down", "--keep-datapath", "--keep-datapath"),
+], ids=["repeatable", "flag"])
+def test_a_repeatable_option_or_a_flag_given_twice_is_no_mistake(args):
+    """Taken, up to the first check after the options' (the state directory's)."""
+    r = subprocess.run([str(XLB), *args], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "XLB_STATE_DIR": ""})
+    assert (r.returncode, r.stderr) == \
+        (2, "xlb: error: XLB_STATE_DIR: '' is not an absolute path\n")
+
+
+def test_help_comes_before_an_option_given_twice():
+    r = xlb("up", "--role", "active", "--role", "backup", "--help")
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout.startswith("Usage: xlb up [OPTIONS]")
+
+
 def test_a_missing_choice_is_named_on_one_readable_line():
     """click lists the choices one a line; on xlb's one line they are a list."""
     r = xlb("server")
