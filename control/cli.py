@@ -1101,7 +1101,7 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
             raise BadInput(f"--xlb not given, and this xlb's own path: {e}; give --xlb") \
                 from None
     else:
-        _valid("--xlb", hamod.check_keepalived_path, xlb_path)
+        _valid("--xlb", hamod.check_keepalived_program, xlb_path)
     if unsafe := hamod.script_unsafe(xlb_path):
         raise BadInput(f"--xlb {clipped(xlb_path)}: keepalived would not run it: {unsafe}")
     if not gateways:

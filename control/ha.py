@@ -278,6 +278,17 @@ def check_keepalived_file(path: str) -> str:
     return path
 
 
+def check_keepalived_program(path: str) -> str:
+    """The xlb that keepalived runs (--xlb): a path as check_keepalived_path
+    takes it that, if it is here, is an executable file: keepalived disables
+    a notify script it cannot execute, and `xlb ha follow` would never run
+    (the node in FAULT for ever)."""
+    check_keepalived_path(path)
+    if os.path.exists(path) and not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise ValueError(f"{quoted(path)} is no executable file: keepalived would not run it")
+    return path
+
+
 # keepalived reads its config a line at a time into a buffer of 1024 bytes:
 # the rest of a longer line is read as a line of its own, a comment's tail as
 # keywords (`keepalived -t` fails). A comment naming 256 VIPs is 3.5 kB.

@@ -644,6 +644,26 @@ def test_an_xlb_keepalived_would_not_run_is_refused(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="a path root owns needs root")
+def test_an_xlb_keepalived_cannot_execute_is_refused(tmp_path):
+    """keepalived disables a notify script that is not executable (and fails to
+    run a directory): `xlb ha follow` would never run, the node in FAULT."""
+    plain = tmp_path / "xlb"
+    plain.write_text("#!/bin/sh\n")
+    plain.chmod(0o644)
+    for path in plain, tmp_path:
+        r = subprocess.run([str(ROOT / ".venv" / "bin" / "xlb"), *KA, "--gateway",
+                            "10.1.11.1/24", "--xlb", str(path), str(SEED)],
+                           capture_output=True, text=True)
+        assert (r.returncode, r.stdout, r.stderr) == \
+            (2, "", f"xlb: error: --xlb: '{path}' is no executable file: keepalived would not "
+                    f"run it\n")
+    plain.chmod(0o755)
+    r = subprocess.run([str(ROOT / ".venv" / "bin" / "xlb"), *KA, "--gateway", "10.1.11.1/24",
+                        "--xlb", str(plain), str(SEED)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.usefixtures("sigterm_kept")
 def test_keepalived_stopping_leaves_a_role_of_backup_for_xlb_to_adopt(tmp_path, monkeypatch):
     """keepalived stops (its peer takes the gateway) while xlb's control process
