@@ -4,6 +4,7 @@ shown on one line, and values echoed cut short: shared by `xlb status`, `xlb top
 the other commands' answers and errors."""
 
 import os
+import re
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -44,8 +45,14 @@ def clipped(value: str | os.PathLike, spelt: Callable[[str], str] = str) -> str:
 
 
 def quoted(value: str) -> str:
-    """repr(value), cut short as clipped() cuts it."""
-    return clipped(value, repr)
+    """repr(value), cut short as clipped() cuts it; a byte that was not UTF-8
+    (a lone surrogate, which repr writes \\udcff) written as the byte it was,
+    as shown() writes it in the rest of the line."""
+    return clipped(value, lambda text: _SURROGATE.sub(r"\1\\x\2", repr(text)))
+
+
+# In repr's text: \udc80-\udcff, not after a backslash that is itself escaped (\\).
+_SURROGATE = re.compile(r"(?<!\\)((?:\\\\)*)\\udc([89a-f][0-9a-f])")
 
 
 def interfaces(attached: list[dict]) -> str:

@@ -224,6 +224,13 @@ def test_a_file_name_that_is_not_utf8_is_shown_escaped(tmp_path):
         (0, f"{tmp_path}/x\\xff.toml: ok: 1 frontends, 1 pools, 2 servers, 1 monitors\n", "")
 
 
+def test_a_flags_byte_that_is_not_utf8_is_shown_alike_in_its_message():
+    r = subprocess.run([str(XLB).encode(), b"up", b"--vip", b"10.1.1.101:\xff", b"--backend",
+                        b"10.1.11.101:8080"], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == \
+        (2, "", "xlb: error: --vip 10.1.1.101:\\xff: port '\\xff' is not a number\n")
+
+
 def assert_refused(path: Path, problems: list[tuple[str, str]]) -> None:
     """Each problem is named, by `check` one a line, by `up` on one line
     before anything runs."""

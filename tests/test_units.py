@@ -46,6 +46,16 @@ def test_shown_escapes_what_would_break_a_line_or_a_terminal():
     assert units.shown("x\udcff\udc80\ud800") == "x\\xff\\x80\\ud800"
 
 
+def test_a_value_quoted_shows_a_byte_that_was_not_utf8_as_that_byte():
+    """As shown() shows it in the rest of the line: `--vip 10.1.1.101:\\xff: port
+    '\\xff' is not a number`, not '\\udcff', which the operator never typed."""
+    assert units.quoted("x\udcff\udc80") == "'x\\xff\\x80'"
+    # a backslash typed before "udcff" is no surrogate; one before a surrogate is kept
+    assert units.quoted("\\udcff") == "'\\\\udcff'"
+    assert units.quoted("\\\udcff") == "'\\\\\\xff'"
+    assert units.quoted("\ud800") == "'\\ud800'"
+
+
 def test_last_check_shows_its_reason_on_one_line_that_any_terminal_prints():
     # A reason may carry a link's name ("link NAME lost its carrier"), which
     # the kernel lets hold an ESC or other control characters (no '/', ':' nor
