@@ -168,7 +168,9 @@ class Balancer:
             for old in let_go:
                 dp.restore_tx_link(old.index)
             planner.execute(dp, planner.plan(target, self.state))
+            dp.counters_cleared(undo=True)
             raise
+        dp.counters_cleared(undo=False)
         dp.swapped()                # an adoption's copied flow tables catch up
         # Once all are attached: a veth whose peer xlb attaches too (now, or once
         # it is set up where no link is named) has a program at its peer.

@@ -417,6 +417,8 @@ class Datapath:
         # those it could not keep (another layout): they started empty.
         self._kept: set[str] = set(running.maps) if running else set()
         self._emptied: set[str] = set()
+        # (map, id) -> the per-CPU counters a change cleared: put back if it fails.
+        self._cleared: dict[tuple[str, int], ct.Array] = {}
         try:
             if running is None:
                 self._bpf = self._compile(cflags)
@@ -721,11 +723,24 @@ class Datapath:
 
     def clear_backend_counters(self, backend_id: int) -> None:
         """Zeroes a backend id's counters, every CPU's: the id is another server's now."""
-        self._maps["backend_stats"].clearitem(ct.c_int(backend_id))
+        self._clear_counters("backend_stats", backend_id)
 
     def clear_service_counters(self, service_id: int) -> None:
         """Zeroes a service id's counters, every CPU's: the id is another frontend's now."""
-        self._maps["service_stats"].clearitem(ct.c_int(service_id))
+        self._clear_counters("service_stats", service_id)
+
+    def _clear_counters(self, name: str, key: int) -> None:
+        # The first value kept: a rollback clears the id again, of the newcomer's.
+        self._cleared.setdefault((name, key), self._maps[name][ct.c_int(key)])
+        self._maps[name].clearitem(ct.c_int(key))
+
+    def counters_cleared(self, undo: bool) -> None:
+        """Ends a change's clearing of counters: undo (the change was rolled
+        back) puts back those it cleared, where the server or frontend that
+        had the id still has it."""
+        cleared, self._cleared = self._cleared, {}
+        for (name, key), values in cleared.items() if undo else ():
+            self._maps[name][ct.c_int(key)] = values
 
     def write_ring(self, ring: int, backend_ids: list[int]) -> None:
         if len(backend_ids) > self.limits.ring_size:

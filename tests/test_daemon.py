@@ -75,18 +75,28 @@ def test_a_config_whose_every_vip_is_new_replaces_a_full_one(balancer):
     assert len(list(maps["services"].keys())) == 256
 
 
-def test_a_newcomer_given_a_used_id_starts_its_counters_at_zero(root, fibnet):
-    """Room for two frontends and two servers: once every id was used, a new
-    frontend or server takes a removed one's. Its counters (status, metrics)
-    start at zero, not with the traffic of the one it replaces."""
+@contextlib.contextmanager
+def three_flows_through(limits: Limits):
+    """A balancer of one frontend and one server, within limits, that three
+    new connections went through (test-run)."""
     from packets import tcp_frame
 
-    dp = Datapath(Limits(max_services=2, max_backends=2))
+    dp = Datapath(limits)
     try:
         b = Balancer(dp)
         b.apply(from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"]), relink=False)
         for sport in range(40000, 40003):
             dp.test_run(tcp_frame("10.1.1.10", "10.1.1.101", sport, 80))
+        yield dp, b
+    finally:
+        dp.close()
+
+
+def test_a_newcomer_given_a_used_id_starts_its_counters_at_zero(root, fibnet):
+    """Room for two frontends and two servers: once every id was used, a new
+    frontend or server takes a removed one's. Its counters (status, metrics)
+    start at zero, not with the traffic of the one it replaces."""
+    with three_flows_through(Limits(max_services=2, max_backends=2)) as (dp, b):
         st = b.status()
         assert st["frontends"][0]["new_flows"] == 3
         assert st["pools"][0]["servers"][0]["new_flows"] == 3
@@ -99,8 +109,34 @@ def test_a_newcomer_given_a_used_id_starts_its_counters_at_zero(root, fibnet):
             {f["name"]: [0] * 5 for f in st["frontends"]}
         assert {s["name"]: [s[c] for c in counts] for s in st["pools"][0]["servers"]} == \
             {"backend1": [0] * 5, "backend2": [0] * 5}
-    finally:
-        dp.close()
+
+
+def test_a_failed_apply_puts_back_the_counters_its_newcomers_cleared(root, fibnet,
+                                                                     monkeypatch):
+    """At capacity a newcomer takes the id of a server or frontend that the
+    same change removes, and its counters start at zero; when the change
+    fails and is rolled back, the one that keeps the id keeps its counters."""
+    with three_flows_through(Limits(max_services=1, max_backends=1)) as (dp, b):
+        counts = ("new_flows", "packets_in", "bytes_in")
+
+        def seen():
+            st = b.status()
+            return [[f[c] for c in counts] for f in st["frontends"]] + \
+                [[s[c] for c in counts] for s in st["pools"][0]["servers"]]
+        before = seen()
+        assert before[0][0] == before[1][0] == 3, before
+        writes = dp.set_service
+
+        def refused_once(*args):            # after the clears, as a kernel's refusal
+            monkeypatch.setattr(dp, "set_service", writes)
+            raise DatapathError("service: refused")
+        monkeypatch.setattr(dp, "set_service", refused_once)
+        with pytest.raises(DatapathError, match="refused"):
+            b.apply(from_flags(["10.1.1.102:80"], ["10.1.11.102:8080"]), relink=False)
+        assert seen() == before
+        # And a change that succeeds after it clears them for good.
+        b.apply(from_flags(["10.1.1.102:80"], ["10.1.11.102:8080"]), relink=False)
+        assert seen() == [[0] * 3, [0] * 3]
 
 
 def test_the_sweep_waits_a_hundred_times_what_it_cost(monkeypatch):
