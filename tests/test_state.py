@@ -150,7 +150,10 @@ def test_a_state_of_bad_bytes_or_nested_too_deep_is_a_warning_not_a_failure(root
     assert state.followed("100 5 xlb") is None
 
 
-@pytest.mark.parametrize("field,value", [("admin", [["web", "was1", "up"]]),
+# A whole state but for one field: '{"config_path": 1}' above is refused for the
+# namespace it lacks, before its config_path is looked at.
+@pytest.mark.parametrize("field,value", [("config_path", 1), ("config_text", None),
+                                         ("admin", [["web", "was1", "up"]]),
                                          ("admin", [[1, "was1", "drain"], ["web", "w", "maint"]]),
                                          ("role", "primary"), ("announce_table", "100"),
                                          ("announce_table", True), ("announce_table", 254),
