@@ -259,6 +259,10 @@ def test_a_smaller_table_takes_whole_connections_open_ones_first():
     assert fitting(3) == ([lone_reply, newer[0], newer[1]], 2)
     assert fitting(7) == ([lone_reply, closing[0], closing[1], *older, newer[0], newer[1]], 0)
     assert fitting(0) == ([], 3)
+    # A connection is as recent as its later entry (older's and newer's agree
+    # with their earlier ones): one whose server spoke last comes before newer.
+    pushed = connection(40036, seen_fwd=NOW - 60 * SEC, seen_reply=NOW - 20 * SEC)
+    assert flowtable.fitting(*dump(*newer, *pushed), 2) == ([2, 3], 1)
 
 
 def test_a_forward_entry_without_its_reply_entry_is_taken_alone():
