@@ -311,6 +311,10 @@ def test_a_none_monitor_dumps_and_loads_back_without_check_settings():
     assert load(earlier, dumped=True) == cfg
     with pytest.raises(ConfigError):
         load(earlier)
+    # A monitor that checks keeps its own: a restart checks as the file said.
+    checking = load(doc(monitor("port = 9000", "interval = 5", "timeout = 2", "rise = 4",
+                                "fall = 6"), pool=POOL + '\nmonitor = "m"'))
+    assert load(dump(checking), dumped=True) == checking
 
 
 def test_maglev_pool_default_size_round_trips():
