@@ -1063,6 +1063,8 @@ def test_what_the_data_plane_holds_passes():
     load(servers_and_pool(1024) + "".join(f"[pools.q{k}]\nservers = [{members}]\n"
                                           for k in range(15)) + frontends(1, "p"))
     load(servers_and_pool(655, "source") + frontends(16, "p"))
+    load(servers_and_pool(1) + frontends(1, "p")
+         + "interfaces = [" + ", ".join(f'"v{i}"' for i in range(1024)) + "]\n")
 
 
 def test_frontends_sharing_a_pool_cost_no_check_per_frontend_and_server(monkeypatch):
