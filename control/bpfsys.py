@@ -6,6 +6,8 @@
   private bpffs, so that a new program is built on the running one's maps);
   binding a map the program does not use to it, so that it is among them.
 - BPF_PROG_TEST_RUN: runs the program on a crafted packet, without a network.
+- BPF_ENABLE_STATS: the kernel's count of a program's runs and their time,
+  which the benchmark reads on a live path.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_BIND_MAP = 35
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
 _ATTR_SIZE = 128  # larger than any used command's part of union bpf_attr; the rest is zero
 _OBJ_NAME_LEN = 16
 
@@ -52,6 +56,10 @@ class _ObjPin(ct.Structure):
 
 class _ProgBindMap(ct.Structure):
     _fields_ = [("prog_fd", ct.c_uint32), ("map_fd", ct.c_uint32), ("flags", ct.c_uint32)]
+
+
+class _EnableStats(ct.Structure):
+    _fields_ = [("type", ct.c_uint32)]
 
 
 class _ProgInfo(ct.Structure):
@@ -149,6 +157,29 @@ def prog_bind_map(prog_fd: int, map_fd: int) -> None:
     """Makes a map one of the program's (its map ids, its lifetime) without
     the program's code using it."""
     _bpf(BPF_PROG_BIND_MAP, _ProgBindMap(prog_fd=prog_fd, map_fd=map_fd))
+
+
+@contextlib.contextmanager
+def run_stats():
+    """Every program's runs counted and timed while the block runs (the kernel
+    stops when the last holder's fd closes): two clock reads a run, so never
+    while a figure that holds programs is measured."""
+    fd = _bpf(BPF_ENABLE_STATS, _EnableStats(type=BPF_STATS_RUN_TIME))
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def prog_run_totals(prog_id: int) -> tuple[int, int]:
+    """The program's nanoseconds run and runs counted so far (while run_stats)."""
+    fd = prog_fd_by_id(prog_id)
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            info = dict(line.split(":", 1) for line in f.read().splitlines())
+    finally:
+        os.close(fd)
+    return int(info["run_time_ns"]), int(info["run_cnt"])
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from bench_xdp import turns
 from labctl import HERE, PY, VIP, WAS, XLB, Lab
+from xlb import bpfsys
 
 RUNS = 3
 XDP_ALONE = "direct, lb routing in XDP"
@@ -92,6 +93,9 @@ class Figures:
     sender_busy: list[float] = field(default_factory=list)          # SENDER_CPU's
     other_load: list[float] = field(default_factory=list)           # others' share of the CPUs
     reasons: dict[str, int] = field(default_factory=dict)          # xlb's, summed over rounds
+    prog_ns: float | None = None        # lb's XDP program a run, in a run of its own
+    prog_runs: float | None = None      # its runs a packet counted
+    prog_path_us: float | None = None   # the path's µs a packet in that run
 
 
 # --- backends -------------------------------------------------------------------------
@@ -498,7 +502,9 @@ def switch_learned(lab: Lab):
             lab.run("sw", "bridge", "fdb", "del", mac, "dev", port, "master")
 
 
-def udp(lab: Lab, sc: Scenario, run: Path, fig: Figures) -> None:
+def udp(lab: Lab, sc: Scenario, run: Path, fig: Figures, programs: list[int] = ()) -> None:
+    """One UDP run's figures into fig; with programs (ids, while bpfsys.run_stats),
+    their runs and run time a packet counted, read at the same moments."""
     conf = run / "udp.trafgen"
     conf.write_text(trafgen_conf(lab, sc))
     # One sender process on SENDER_CPU, leaving the machine's socket memory and IRQ
@@ -517,9 +523,11 @@ def udp(lab: Lab, sc: Scenario, run: Path, fig: Figures) -> None:
             time.sleep(UDP_WARMUP)
             s0, c0, t0, k0, r0 = (udp_sent(lab), udp_counted(lab), time.monotonic(),
                                   cpu_ticks(), run_seconds(path))
+            p0 = [bpfsys.prog_run_totals(p) for p in programs]
             time.sleep(UDP_SECONDS)
             s1, c1, t1, k1, r1 = (udp_sent(lab), udp_counted(lab), time.monotonic(),
                                   cpu_ticks(), run_seconds(path))
+            p1 = [bpfsys.prog_run_totals(p) for p in programs]
         finally:
             proc.send_signal(signal.SIGINT)
             stop([proc])
@@ -531,6 +539,27 @@ def udp(lab: Lab, sc: Scenario, run: Path, fig: Figures) -> None:
     fig.path_own.append((r1 - r0) / (t1 - t0))
     fig.path_us.append((r1 - r0) / max(c1 - c0, 1) * 1e6)
     fig.sender_busy.append(busy_share(k0, k1, SENDER_CPU))
+    if programs:
+        ns, runs = (sum(b[i] - a[i] for a, b in zip(p0, p1)) for i in (0, 1))
+        fig.prog_ns, fig.prog_runs = ns / max(runs, 1), runs / max(c1 - c0, 1)
+
+
+def lb_programs(lab: Lab) -> list[int]:
+    """The ids of the XDP programs on lb's links, each once."""
+    links = json.loads(lab.run("lb", "ip", "-j", "-d", "link", "show", check=True).stdout)
+    return sorted({link["xdp"]["prog"]["id"] for link in links
+                   if link.get("xdp", {}).get("prog", {}).get("id")})
+
+
+def program_time(lab: Lab, sc: Scenario, run: Path, fig: Figures) -> None:
+    """One more UDP run with the kernel timing every program run: lb's XDP
+    program's own time a packet on the live path, beside the path's. Apart from
+    the rounds, whose figures the timing (two clock reads a run) would take
+    from the XDP scenarios alone."""
+    probe = Figures()
+    with sc.setup(lab, run), bpfsys.run_stats():
+        udp(lab, sc, run, probe, lb_programs(lab))
+    fig.prog_ns, fig.prog_runs, fig.prog_path_us = probe.prog_ns, probe.prog_runs, probe.path_us[0]
 
 
 def check_cpus() -> None:
@@ -566,6 +595,9 @@ def measure(lab: Lab, run: Path) -> list[tuple[Scenario, Figures | None]]:
                 if sc.xlb:
                     for name, t in lab.status()["reasons"].items():
                         fig.reasons[name] = fig.reasons.get(name, 0) + t["packets"]
+        for sc in plan:
+            if sc.name in figures and sc.udp and (sc.xlb or sc.name == XDP_ALONE):
+                program_time(lab, sc, run, figures[sc.name])
     finally:
         stop(backends)
         for name in WAS:
@@ -623,6 +655,15 @@ def report(results: list[tuple[Scenario, Figures | None]]) -> dict:
               f"{ratio(pps, med(nft.pps)):>6} {med(fig.sent_pps):10.0f} "
               f"{med(fig.path_busy):9.0%} {med(fig.sender_busy):6.0%} {med(fig.path_own):5.0%} "
               f"{med(fig.path_us):9.2f}")
+    print("\n  lb's XDP program on this path: one more UDP run each, the kernel timing every "
+          "run of it (its\n  BPF run-time stats, which add two clock reads a run); "
+          "ns a run, runs a packet counted, and\n  their share of the path's µs a packet "
+          "in that run:")
+    for sc, fig in results:
+        if fig is not None and fig.prog_ns is not None:
+            us = fig.prog_ns * fig.prog_runs / 1000
+            print(f"  {sc.name:<36}{fig.prog_ns:6.0f} ns {fig.prog_runs:5.2f} runs "
+                  f"{us:5.2f} µs of {fig.prog_path_us:.2f} ({us / fig.prog_path_us:.0%})")
     for sc, fig in results:
         if fig is not None and fig.reasons:
             counts = sorted(((n, c) for n, c in fig.reasons.items() if c), key=lambda x: -x[1])

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from bench_balancers import RUNS, Scenario, rounds
-from bench_xdp import middle_mean, on_one_cpu, turns, visit_order
+from bench_xdp import EMPTY, REFERENCES, middle_mean, on_one_cpu, turns, visit_order
 
 
 def test_middle_mean_resolves_between_clock_steps():
@@ -76,3 +76,28 @@ def test_one_cpu_while_the_programs_run_and_every_cpu_back_after(cpus):
         assert os.sched_getaffinity(0) == cpus
     finally:
         os.sched_setaffinity(0, found)
+
+
+@pytest.mark.kernel
+def test_run_stats_count_a_program_s_runs_and_their_time_while_on(root):
+    """What `make bench` reads of the program on the live path: the kernel
+    counts a program's runs and times them while run_stats holds, not after."""
+    from bcc import BPF
+
+    from xlb import bpfsys
+
+    bpf = BPF(text=REFERENCES[EMPTY])
+    try:
+        fd = bpf.load_func(b"xdp_ref", BPF.XDP).fd
+        prog = bpfsys.prog_info(fd).id
+        with bpfsys.run_stats():
+            t0, n0 = bpfsys.prog_run_totals(prog)
+            for _ in range(5):
+                bpfsys.prog_test_run(fd, bytes(64))
+            t1, n1 = bpfsys.prog_run_totals(prog)
+        bpfsys.prog_test_run(fd, bytes(64))
+        t2, n2 = bpfsys.prog_run_totals(prog)
+    finally:
+        bpf.cleanup()
+    assert (n0, n1, n2) == (0, 5, 5)
+    assert 0 == t0 < t1 == t2

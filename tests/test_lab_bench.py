@@ -2,7 +2,8 @@
 after the client's sender runs in a NAPI thread on a CPU of its own
 (sender_apart), the switch sends each frame to its destination's port alone
 (switch_learned), and nothing of either is left after; the path's own CPU
-is told from other work on its CPU. And the health bench's veth
+is told from other work on its CPU; lb's program's own time on the path is
+read. And the health bench's veth
 (netns-lab/bench_health.py): each side receives on its own CPU."""
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import subprocess
 
 import pytest
 
-from bench_balancers import (FIRST_PORT, PATH_CPU, UDP_SINK, Figures, Scenario, napi_threads,
-                             nft, run_seconds, sender_apart, stop, switch_learned,
-                             trafgen_conf, udp)
+from bench_balancers import (FIRST_PORT, PATH_CPU, UDP_SINK, XDP_ALONE, Figures, Scenario,
+                             napi_threads, nft, program_time, run_seconds, sender_apart, stop,
+                             switch_learned, trafgen_conf, udp, xdp_forwarding)
 from bench_health import veth_between
 from labctl import running_lab
 
@@ -96,6 +97,16 @@ def test_the_path_s_own_cpu_leaves_out_other_work_on_its_cpu(lab, sinks, tmp_pat
         stop([hog])
     (busy,), (own,) = fig.path_busy, fig.path_own
     assert busy > 0.9 and own < busy - 0.2, (busy, own)
+
+
+def test_the_program_s_time_is_read_for_each_packet_of_the_live_path(lab, sinks, tmp_path):
+    # lb forwarding in XDP: each datagram counted at the servers ran lb's program
+    # once, on the link it came in by; the timing was on meanwhile, and only then.
+    fig = Figures()
+    program_time(lab, Scenario(XDP_ALONE, xdp_forwarding, direct=True), tmp_path, fig)
+    assert 0.95 < fig.prog_runs < 1.05 and fig.prog_ns > 0, (fig.prog_runs, fig.prog_ns)
+    assert fig.prog_path_us > 0 and not fig.pps
+    assert lab.xdp_attached("lb") == []
 
 
 def test_each_side_of_the_health_bench_receives_on_its_own_cpu():
