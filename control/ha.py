@@ -28,7 +28,6 @@ from ipaddress import IPv4Address, IPv4Interface
 from typing import Iterable, Mapping
 
 from .model import Config, check_interface, has_space, parse_address, parse_host
-from .netif import local_addresses
 from .units import quoted
 
 ROLES = ("active", "backup")
@@ -205,6 +204,9 @@ def link_problems(links: Iterable, interface: str, peer: IPv4Address,
     wrong link is out of the backends' reach), and a gateway that is an
     address of this host already, not as keepalived's on the active node
     (held here while the other node is active too, both answer ARP for it)."""
+    # Imported here, not at the top: netif imports pyroute2, which took a quarter
+    # of a second of every command (all import ha, through state).
+    from .netif import local_addresses
     by_name = {link.name: link for link in links}
     here = local_addresses(by_name.values())
 
