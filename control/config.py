@@ -682,6 +682,8 @@ class _Loader:
         no other frontend: a server's packet that no flow entry knows must be
         this frontend's, and Maglev is what sends its client to that server on
         every node."""
+        if not any(fe.adopt_replies for fe in frontends):
+            return      # most configs: no look at every server (10,000 took 50 ms)
         # The frontends of each pool and protocol, for a look at each pool's
         # servers once, not once per frontend (thousands of frontends on one
         # pool took seconds); of those that serve a server, the first two in
@@ -733,7 +735,13 @@ _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
             "\f": "\\f", "\r": "\\r"}
 
 
+_PLAIN = re.compile(r'[^"\\\x00-\x1f\x7f]*')     # what a TOML string holds unescaped
+
+
 def _toml_string(text: str) -> str:
+    if _PLAIN.fullmatch(text):      # most: a dump of 10,000 servers escaped them in 50 ms
+        return f'"{text}"'
+
     def escape(c: str) -> str:
         if c in _ESCAPES:
             return _ESCAPES[c]

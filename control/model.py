@@ -319,13 +319,16 @@ def parse_address(text: str) -> IPv4Address:
         raise ValueError(f"{quoted(text)} is not an IPv4 address") from None
 
 
+BROADCAST = IPv4Address("255.255.255.255")     # made once: 10,000 servers parsed it 10,000 times
+
+
 def no_host_kind(addr: IPv4Address) -> str | None:
     """What kind of address addr is ("a loopback", ...) if it is none a host can
     be reached at: 0.0.0.0, loopback, multicast, broadcast or the reserved
     240.0.0.0/4. None for a host's."""
     return ("an unspecified" if addr.is_unspecified else "a loopback" if addr.is_loopback
             else "a multicast" if addr.is_multicast
-            else "a broadcast" if addr == IPv4Address("255.255.255.255")
+            else "a broadcast" if addr == BROADCAST
             else "a reserved" if addr.is_reserved else None)
 
 
