@@ -29,7 +29,7 @@ from pathlib import Path
 from . import config as configfile, ctl, ha, log, metrics, netif, planner
 from . import state as saved
 from .balancer import (ADMIN_ACTIONS, Balancer, BadRequest, Key, attached_interfaces, check_host,
-                       refuse_taken, select_links, sync_routes)
+                       collector_paused, refuse_taken, select_links, sync_routes)
 from .datapath import Datapath, DatapathError, Limits, find_running
 from .healthsync import HealthSync
 from .linkwatch import LinkWatch
@@ -619,7 +619,8 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
         if not os.path.isabs(path):
             raise BadRequest("malformed 'apply' request: 'path' must be absolute")
         t0 = time.perf_counter()
-        cfg = configfile.load(text)
+        with collector_paused():        # as the apply's: its objects live on
+            cfg = configfile.load(text)
         t1 = time.perf_counter()
         result = balancer.apply(cfg, relink=True)
         t2 = time.perf_counter()

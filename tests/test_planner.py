@@ -1,5 +1,6 @@
 """From config to map writes: ids, rings, ARP placement and the order of writes."""
 
+import gc
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 
@@ -1022,3 +1023,42 @@ def test_a_pool_of_another_name_serving_another_protocol_is_another_pool():
     new = Config(frontends=(udp,), pools=(Pool("q", (replace(S1, name="t"),)),))
     cur, tgt, ends = _renamed(old, new)
     assert tgt.backends[("q", "t")].id == 1 and tgt.retired_backends.keys() == {0}
+
+
+def test_an_apply_holds_the_garbage_collector_off_and_gives_it_back():
+    """The objects an apply makes live on (the config, the state): collections
+    set off meanwhile, some of the whole heap, found nothing and took a third
+    of its time. The collector runs again after it, one that fails too, and
+    one held off by its caller stays off."""
+    from xlb.balancer import Balancer, collector_paused
+    from xlb.datapath import Limits
+
+    running = []
+
+    class Maps:             # takes every write, and notes whether the collector ran at each server
+        limits = Limits()
+
+        def set_backend(self, *args):
+            running.append(gc.isenabled())
+            if len(running) == 3:
+                raise OSError("refused")
+
+        def delete_flows(self, *args):
+            return {"flows": 0, "flows_new": 0}
+
+        def __getattr__(self, name):
+            return lambda *args, **kw: None
+
+    b = Balancer(Maps())
+    b.apply(SEED, relink=False)
+    assert running == [False, False] and gc.isenabled()
+    with pytest.raises(OSError):
+        b.apply(from_flags(["10.1.1.101:80"], ["10.1.11.103:8080"]), relink=False)
+    assert running[2:] == [False] * len(running[2:]) and gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
