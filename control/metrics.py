@@ -180,6 +180,13 @@ def _num(v: float) -> str:
     return repr(float(v))
 
 
+# A server's xlb_server_state samples after its labels, by its state: each
+# joined after the labels (the "" first puts them before the first), one join a
+# server where a call per sample took a quarter of the rendering of 10,000.
+_STATE_SAMPLES = {now: ["", *(f',state="{state}"}} {int(state == now)}\n' for state in STATES)]
+                  for now in STATES}
+
+
 def render(st: dict, durations: dict[tuple[str, str], tuple[list[int], float]]) -> str:
     """The text exposition of a status (Balancer.status()) and check durations."""
     out: dict[str, list[str]] = {name: [] for name in FAMILIES}
@@ -231,9 +238,8 @@ def render(st: dict, durations: dict[tuple[str, str], tuple[list[int], float]]) 
             sv["xlb_server_active_flows"].append(
                 f"xlb_server_active_flows{{{lv}}} {s['active_flows']}\n")
             sv["xlb_server_up"].append(f"xlb_server_up{{{lv}}} {int(s['health'] == 'up')}\n")
-            sv["xlb_server_state"].append("".join(
-                f'xlb_server_state{{{lv},state="{state}"}} {int(s["state"] == state)}\n'
-                for state in STATES))
+            sv["xlb_server_state"].append(
+                f"xlb_server_state{{{lv}".join(_STATE_SAMPLES[s["state"]]))
             sv["xlb_server_weight"].append(f"xlb_server_weight{{{lv}}} {s['weight']}\n")
             sv["xlb_server_health_changes"].append(
                 f"xlb_server_health_changes_total{{{lv}}} {s['health_changes']}\n")
