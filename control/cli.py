@@ -9,7 +9,6 @@ import dataclasses
 import errno
 import fcntl
 import json
-import math
 import os
 import re
 import select
@@ -47,6 +46,47 @@ class _FileName(click.Path):
         if value == "":
             self.fail("a file name cannot be empty", param, ctx)
         return super().convert(value, param, ctx)
+
+
+class _Spelt:
+    """A number option's value as a shell user types it (`spelling`), before
+    click reads it: Python's int() and float() would also take ' 2 ', '1_0',
+    '+2' and another script's digits ('٣'), and float() '1e3', 'nan' and
+    'inf'. A '-' is let through for the option's range check to name (`--rise
+    -1`: must be at least 1). One longer than any number an option takes is
+    refused as such: int() reads no more than 4300 digits, and a message would
+    echo it whole."""
+
+    spelling: re.Pattern
+    said: str
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str):      # not a default, which is a number
+            if len(value) > LONG:
+                self.fail(f"{quoted(value)} is too long for a number.", param, ctx)
+            if not self.spelling.fullmatch(value):
+                self.fail(f"{quoted(value)} is not {self.said}.", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class _Int(_Spelt, click.types.IntParamType):
+    """Of an option whose range its own check says (click's help would show an
+    IntRange of no bounds as "x<=None")."""
+    spelling, said = re.compile(r"-?[0-9]+"), "a whole number in digits 0-9"
+
+
+class _Float(_Spelt, click.types.FloatParamType):
+    """As _Int: a number of seconds."""
+    spelling = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)")
+    said = "a number in digits 0-9, with a '.' fraction (no exponent)"
+
+
+class _IntRange(_Int, click.IntRange):
+    """An _Int in click's range, which --help shows."""
+
+
+class _FloatRange(_Float, click.FloatRange):
+    """A _Float in click's range, which --help shows."""
 
 
 # A config file's name (or keepalived's FIFO's). What the file is (a
@@ -138,12 +178,12 @@ def cli() -> None:
                    "expecting any datagram back, or none.")
 @click.option("--check-port", metavar="N",
               help="Port to check. Default: each backend's own port.")
-@click.option("--interval", type=float, default=Monitor.interval, show_default=True,
+@click.option("--interval", type=_Float(), default=Monitor.interval, show_default=True,
               metavar="SECONDS",
               help="Seconds between checks (the timeout is 1 s, or the interval if shorter).")
-@click.option("--rise", type=int, default=Monitor.rise, show_default=True, metavar="N",
+@click.option("--rise", type=_Int(), default=Monitor.rise, show_default=True, metavar="N",
               help="Passed checks in a row that bring a down server back.")
-@click.option("--fall", type=int, default=Monitor.fall, show_default=True, metavar="N",
+@click.option("--fall", type=_Int(), default=Monitor.fall, show_default=True, metavar="N",
               help="Failed checks in a row that take a server out.")
 @click.option("--metrics", "metrics_at", default="127.0.0.1:9717", show_default=True,
               metavar="ADDR:PORT|off",
@@ -156,7 +196,7 @@ def cli() -> None:
                    "kernel: hand them to the kernel's IP stack (XDP_PASS). Either way xlb "
                    "itself tells the sender of a packet too big for its next hop. Default: "
                    "as the running data path, which `xlb up` adopts, forwards, else fast.")
-@click.option("--flow-table", "flow_table", type=click.IntRange(min=1), metavar="CONNECTIONS",
+@click.option("--flow-table", "flow_table", type=_IntRange(min=1), metavar="CONNECTIONS",
               help="Established connections the flow table holds (two entries each; "
                    "default: the size of the running data path's, which `xlb up` adopts, "
                    "else 131072); half-open ones have a table of their own.")
@@ -168,7 +208,7 @@ def cli() -> None:
               help="backup: answer no ARP for the VIPs (and announce none) until "
                    "`xlb ha role active`, as keepalived's backup node. Default: active. "
                    "A restart that adopts the running data path keeps its role.")
-@click.option("--announce-table", type=int, metavar="TABLE",
+@click.option("--announce-table", type=_Int(), metavar="TABLE",
               help="Keep a /32 route for each VIP served (some server of its pools up, role "
                    "active) in kernel routing table TABLE, for BIRD to announce (`xlb ha bird`).")
 def up(vips, backends, algorithm, ifaces, check_kind, check_port, interval, rise, fall,
@@ -538,7 +578,7 @@ def _no_control_process(e: Exception, as_json: bool = False) -> NoReturn:
 
 
 @cli.command()
-@click.option("--interval", type=click.FloatRange(0.1, 3600), default=1.0, show_default=True,
+@click.option("--interval", type=_FloatRange(0.1, 3600), default=1.0, show_default=True,
               metavar="SECONDS", help="Seconds between samples.")
 @click.option("--once", is_flag=True,
               help="Print one frame (rates over two samples --interval apart) and exit.")
@@ -559,8 +599,6 @@ def top(interval: float, once: bool) -> None:
     without its control process (also when the control process is killed, or
     stopped by `xlb down --keep-datapath`, while top runs).
     """
-    if math.isnan(interval):           # FloatRange lets NaN through
-        raise BadInput("--interval: nan is not a number of seconds")
     from . import top as view           # imports rich only when it is needed
     try:
         code = view.run(interval, once)
@@ -1024,13 +1062,13 @@ def _config_addresses(cfg) -> dict:
 @ha.command()
 @click.option("--peer", required=True, metavar="IP", help="The other node's address on DEV.")
 @click.option("--interface", required=True, metavar="DEV", help="The link VRRP runs on.")
-@click.option("--priority", type=click.IntRange(1, 254), default=100, show_default=True,
+@click.option("--priority", type=_IntRange(1, 254), default=100, show_default=True,
               metavar="N", help="The higher one is elected; the lower one waits about "
                    "(256 - N)/256 of an advert interval longer before it takes over.")
-@click.option("--advert-int", type=click.FloatRange(0.01, 40.95), default=1.0,
+@click.option("--advert-int", type=_FloatRange(0.01, 40.95), default=1.0,
               show_default=True, metavar="SECONDS",
               help="Seconds between adverts; a failure is seen after 3 missed ones.")
-@click.option("--vrid", type=click.IntRange(1, 255), default=51, show_default=True,
+@click.option("--vrid", type=_IntRange(1, 255), default=51, show_default=True,
               metavar="N", help="virtual_router_id: the same on both nodes, unique on the link.")
 @click.option("--gateway", "gateways", multiple=True, metavar="IP/PREFIX[@DEV]",
               help="An address that moves with the active node: the backends' default "
@@ -1063,7 +1101,7 @@ def keepalived(peer, interface, priority, advert_int, vrid, gateways, fifo, trac
     _valid("--interface", hamod.check_keepalived_word, interface)
     if interface == "lo":
         raise BadInput("--interface lo: the loopback reaches no other node")
-    if math.isnan(advert_int) or abs(advert_int * 100 - round(advert_int * 100)) > 1e-6:
+    if abs(advert_int * 100 - round(advert_int * 100)) > 1e-6:
         raise BadInput(f"--advert-int: {advert_int:g} is not a whole number of "
                        f"hundredths of a second (keepalived's unit)")
     _valid("--fifo", hamod.check_keepalived_file, fifo)
@@ -1158,11 +1196,11 @@ def _links() -> list:
 
 @ha.command()
 @click.option("--router", required=True, metavar="IP", help="The router's address (BGP peer).")
-@click.option("--as", "local_as", required=True, type=click.IntRange(1, 2**32 - 1),
+@click.option("--as", "local_as", required=True, type=_IntRange(1, 2**32 - 1),
               metavar="N", help="This node's AS number.")
-@click.option("--peer-as", required=True, type=click.IntRange(1, 2**32 - 1), metavar="N",
+@click.option("--peer-as", required=True, type=_IntRange(1, 2**32 - 1), metavar="N",
               help="The router's AS number.")
-@click.option("--table", type=int, default=100, show_default=True, metavar="N",
+@click.option("--table", type=_Int(), default=100, show_default=True, metavar="N",
               help="The routing table of `xlb up --announce-table`.")
 @click.option("--router-id", metavar="IP", help="BIRD's router id (default: BIRD picks one).")
 @click.argument("config", type=CONFIG_FILE)

@@ -191,8 +191,8 @@ CUT = f"{'1' * 60}... (100,000 characters)"
     # click's own messages
     (["--algorithm", LONG], f"Invalid value for '--algorithm': '{CUT[:60]}'{CUT[60:]} is not "
                             f"one of 'roundrobin', 'maglev', 'source'."),
-    ([f"--rise={LONG}"], f"Invalid value for '--rise': '{CUT[:60]}'{CUT[60:]} is not a valid "
-                         f"integer."),
+    ([f"--rise={LONG}"], f"Invalid value for '--rise': '{CUT[:60]}'{CUT[60:]} is too long "
+                         f"for a number."),
     ([LONG], f"Got unexpected extra argument ({CUT})"),
 ])
 def test_a_long_value_is_echoed_cut_short(args, error):
@@ -1011,11 +1011,90 @@ def test_apply_reads_no_fifo_and_top_takes_no_interval_it_cannot_sleep(tmp_path)
     os.mkfifo(fifo)                         # reading it would wait for a writer for ever
     r = xlb("apply", str(fifo))
     assert (r.returncode, r.stderr) == (2, f"xlb: error: {fifo}: not a regular file\n")
-    for interval, message in (("nan", "--interval: nan is not a number of seconds"),
-                              ("inf", "Invalid value for '--interval': inf is not in the "
-                                      "range 0.1<=x<=3600.")):
+    for interval, message in (("nan", "'nan' is not a number in digits 0-9, with a '.' "
+                                      "fraction (no exponent)."),
+                              ("inf", "'inf' is not a number in digits 0-9, with a '.' "
+                                      "fraction (no exponent)."),
+                              ("0", "0.0 is not in the range 0.1<=x<=3600.")):
         r = xlb("top", "--once", "--interval", interval)
-        assert (r.returncode, r.stderr) == (2, f"xlb: error: {message}\n")
+        assert (r.returncode, r.stderr) == \
+            (2, f"xlb: error: Invalid value for '--interval': {message}\n")
+
+
+def _parsed(monkeypatch, capsys, args: list[str]) -> tuple[int, str, dict | None]:
+    """`xlb ARGS` run in this process up to its command, which is not run: its
+    exit status, its stderr and what it would have been given (by option)."""
+    from xlb import cli
+    command = cli.cli.commands[args[0]]
+    if args[0] == "ha":
+        command = command.commands[args[1]]
+    given = []
+    monkeypatch.setattr(command, "callback", lambda **options: given.append(options))
+    monkeypatch.setattr(sys, "argv", ["xlb", *args])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    options = {p.opts[0]: given[0][p.name] for p in command.params if given and p.opts}
+    return e.value.code, capsys.readouterr().err, options or None
+
+
+# Each numeric option after its command and the others it needs, a good
+# spelling and the number it is.
+UP = ["up", *SEED_FLAGS[:4]]
+KEEPALIVED = ["ha", "keepalived", "--peer", "10.1.2.3", "--interface", "eth0", str(SEED)]
+BIRD = ["ha", "bird", "--router", "10.1.2.1", "--as", "65001", "--peer-as", "65000", str(SEED)]
+NUMBERS = [
+    (UP, "--rise", "3", 3),
+    (UP, "--fall", "03", 3),
+    (UP, "--interval", "2.5", 2.5),
+    (UP, "--flow-table", "1000", 1000),
+    (UP, "--announce-table", "100", 100),
+    (["top"], "--interval", ".5", 0.5),
+    (KEEPALIVED, "--priority", "200", 200),
+    (KEEPALIVED, "--vrid", "7", 7),
+    (KEEPALIVED, "--advert-int", "2.", 2.0),
+    (BIRD[:4] + BIRD[6:], "--as", "65002", 65002),
+    (BIRD[:6] + BIRD[8:], "--peer-as", "65003", 65003),
+    (BIRD, "--table", "10", 10),
+]
+
+
+@pytest.mark.parametrize("spelling", [" 2 ", "2 ", "1_0", "٣", "+2", "0x10", "1e3", "nan",
+                                      "inf", "", "-"],
+                         ids=["spaces", "space", "underscore", "arabic-indic", "plus", "hex",
+                              "exponent", "nan", "inf", "empty", "minus"])
+@pytest.mark.parametrize("before, option, good, number", NUMBERS,
+                         ids=[f"{b[0] if b[0] != 'ha' else b[1]} {o}" for b, o, _, _ in NUMBERS])
+def test_a_number_option_takes_digits_as_a_shell_user_types_them(monkeypatch, capsys, before,
+                                                                  option, good, number, spelling):
+    """Python's int() and float() read spaces around a number, '_' between its
+    digits, another script's digits, and float() an exponent, nan and inf:
+    `--rise ' 2 '` served with rise 2, `--vrid ٣` wrote virtual_router_id 3.
+    A port (--check-port, a --vip's) was refused so already."""
+    from xlb.units import quoted
+    code, err, given = _parsed(monkeypatch, capsys, [*before, option, good])
+    assert (code, err, given and given[option]) == (0, "", number)
+    said = ("is not a number in digits 0-9, with a '.' fraction (no exponent)."
+            if isinstance(number, float) else "is not a whole number in digits 0-9.")
+    code, err, given = _parsed(monkeypatch, capsys, [*before, option, spelling])
+    assert (code, err, given) == \
+        (2, f"xlb: error: Invalid value for '{option}': {quoted(spelling)} {said}\n", None)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([*KEEPALIVED, "--priority", "-1"], "-1 is not in the range 1<=x<=254."),
+    ([*UP, "--rise", "1" * 101], f"'{'1' * 60}'... (101 characters) is too long for a number."),
+    (["top", "--interval", "2.5" * 40], f"'{('2.5' * 20)}'... (120 characters) is too long for "
+                                        f"a number."),
+], ids=["negative", "long int", "long float"])
+def test_a_number_option_refuses_a_negative_by_its_range_and_a_long_one_short(monkeypatch, capsys,
+                                                                              args, message):
+    """A '-' is a shell user's spelling, which the option's range refuses in
+    its words. A number too long for any option is not echoed whole (int()
+    refused one of over 4300 digits as no integer; a message echoed one of
+    4000 whole)."""
+    code, err, given = _parsed(monkeypatch, capsys, args)
+    assert (code, err, given) == \
+        (2, f"xlb: error: Invalid value for '{args[-2]}': {message}\n", None)
 
 
 def test_ha_follow_reads_a_fifo_only(tmp_path):

@@ -282,8 +282,8 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
       "10.1.11.1/24", str(SEED)], "--peer 10.1.1.101: a VIP, not the other node's address"),
     # What keepalived would refuse or misread (keepalived -t).
     ([*KA, str(SEED)], "--gateway: at least one is needed"),
-    ([*KA, "--advert-int", "nan", str(SEED)], "--advert-int: nan is not a whole number of "
-                                               "hundredths of a second"),
+    ([*KA, "--advert-int", "nan", str(SEED)], "Invalid value for '--advert-int': 'nan' is "
+                                               "not a number in digits 0-9"),
     ([*KA, "--advert-int", "0.015", str(SEED)], "--advert-int: 0.015 is not a whole number"),
     ([*KA, "--advert-int", "0.1001", str(SEED)], "--advert-int: 0.1001 is not a whole number"),
     ([*KA, "--fifo", "", str(SEED)], "--fifo: a path cannot be empty"),
