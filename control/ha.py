@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Iterable, Mapping
 
-from .model import Config, check_interface, has_space, parse_address, parse_host
+from .model import Config, check_interface, has_space, not_utf8, parse_address, parse_host
 from .units import quoted
 
 ROLES = ("active", "backup")
@@ -263,6 +263,8 @@ def check_keepalived_path(path: str) -> str:
     if not path.startswith("/"):
         raise ValueError(f"{quoted(path)} is not absolute (keepalived runs from a directory of "
                          f"its own)")
+    if not_utf8(path):      # else said to hold whitespace (has_space)
+        raise ValueError(f"{quoted(path)} is not UTF-8, as the keepalived config xlb writes is")
     if has_space(path) or any(c in path for c in KEEPALIVED_SPECIAL):
         raise ValueError(f"{quoted(path)} contains whitespace, # ! {{ }}, a quote or a backslash, "
                          f"which keepalived would misread")

@@ -206,6 +206,16 @@ def has_space(text: str) -> bool:
     return any(c.isspace() or not c.isprintable() for c in text)
 
 
+def not_utf8(text: str) -> bool:
+    """Whether text holds bytes that are not UTF-8: a flag's value comes with
+    them as lone surrogates, which has_space counts too (not printable)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def check_interface(name: str) -> str:
     """A network interface's name, as the kernel allows it (dev_valid_name)."""
     if not name:
@@ -214,6 +224,10 @@ def check_interface(name: str) -> str:
     # is not UTF-8 comes as surrogates, its bytes given back).
     if len(name.encode("utf-8", "surrogateescape")) >= IFNAMSIZ:
         raise ValueError(f"{quoted(name)} is longer than {IFNAMSIZ - 1} bytes")
+    # The kernel takes any bytes but '/', ':' and whitespace; pyroute2 gives a
+    # name that is not UTF-8 as bytes, which no str names.
+    if not_utf8(name):
+        raise ValueError(f"{quoted(name)} is not UTF-8: xlb takes interface names in UTF-8 only")
     # '%' is no link's: the kernel takes a name with one for a template (eth%d)
     if name in (".", "..") or any(c in name for c in "/:%") or has_space(name):
         raise ValueError(f"{quoted(name)} is not an interface name (not . or .., no '/', ':', '%' "
@@ -230,10 +244,11 @@ def check_http_path(path: str) -> str:
     that a server answers with 400 or 414 would keep the server down."""
     if not path.startswith("/"):
         raise ValueError(f"must start with '/', got {quoted(path)}")
-    if has_space(path):
-        raise ValueError(f"{quoted(path)} contains whitespace or control characters")
+    # ASCII first: a byte that is not UTF-8 (a lone surrogate) is no whitespace.
     if not path.isascii():
         raise ValueError(f"{quoted(path)} is not ASCII: percent-encode it")
+    if has_space(path):
+        raise ValueError(f"{quoted(path)} contains whitespace or control characters")
     if len(path) > HTTP_PATH_MAX:
         raise ValueError(f"{len(path)} bytes: at most {HTTP_PATH_MAX}")
     if "#" in path:

@@ -991,6 +991,25 @@ def test_up_refuses_an_iface_name_as_a_config_file_does(tmp_path, name, reason):
     assert (r.returncode, r.stderr) == (1, f"{path}: frontends.www.interfaces[0]: {reason}\n")
 
 
+@pytest.mark.parametrize("args, option", [
+    ([b"up", b"--vip", b"10.1.1.101:80", b"--backend", b"10.1.11.101:8080", b"--iface"],
+     "--iface"),
+    ([b"ha", b"keepalived", b"--peer", b"10.1.2.3", b"--gateway", b"10.1.11.1/24",
+      str(SEED).encode(), b"--interface"], "--interface"),
+], ids=["up --iface", "ha keepalived --interface"])
+@pytest.mark.parametrize("name", [b"\xff", b"eth\xe90"], ids=["byte", "latin-1"])
+def test_an_interface_name_that_is_not_utf8_is_said_to_be_so(args, option, name):
+    """Its bytes come as lone surrogates, which has_space counts: refused as
+    holding whitespace, which it did not. (A config file's are UTF-8: the
+    file is refused whole otherwise.)"""
+    r = subprocess.run([str(XLB).encode(), *args, name], capture_output=True, text=True,
+                       timeout=60)
+    shown = "".join(chr(b) if b < 0x80 else f"\\x{b:02x}" for b in name)
+    assert (r.returncode, r.stdout, r.stderr) == \
+        (2, "", f"xlb: error: {option}: '{shown}' is not UTF-8: xlb takes interface names in "
+                f"UTF-8 only\n")
+
+
 def test_up_refuses_an_iface_given_twice_as_a_config_file_does(tmp_path):
     """--iface eth0 --iface eth0 is a slip (another link meant?), refused as a
     file's repeated interface is, not quietly taken as one."""

@@ -291,6 +291,10 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
     ([*KA, "--track-file", "xlb.serving", str(SEED)],
      "--track-file: 'xlb.serving' is not absolute"),
     ([*KA, "--track-file", "/run/a#b", str(SEED)], "--track-file: '/run/a#b' contains"),
+    # A byte that is not UTF-8 (a lone surrogate) was said to be whitespace.
+    ([*KA, "--fifo", "/run/\udcff", str(SEED)], "--fifo: '/run/\\xff' is not UTF-8, as the "
+                                                "keepalived config xlb writes is"),
+    ([*KA, "--xlb", "/opt/\udcff", str(SEED)], "--xlb: '/opt/\\xff' is not UTF-8"),
     ([*KA, "--gateway", "10.1.11.1/24", "--track-file", "/run/xlb-keepalived.fifo", str(SEED)],
      "--track-file: the same path as --fifo"),
     ([*KA, "--gateway", "10.1.11.1/24", "--fifo", "/run/a", "--track-file", "/run//a",

@@ -181,6 +181,9 @@ def test_one_line_monitor_errors():
                                                  "characters")),
     (("http:/caf\u00e9", None, 2.0, 2, 3), ("--check", "'/caf\u00e9' is not ASCII: "
                                                         "percent-encode it")),
+    # a flag's byte that is not UTF-8 (a lone surrogate) is no whitespace
+    (("http:/caf\udce9", None, 2.0, 2, 3), ("--check", "'/caf\\xe9' is not ASCII: "
+                                                        "percent-encode it")),
 ])
 def test_one_line_monitor_takes_what_a_file_takes(args, problem):
     """The one-line form refuses what a config file refuses: a saved config of
