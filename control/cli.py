@@ -301,10 +301,25 @@ def _need_root() -> None:
 
 def _check_state_dir() -> None:
     """$XLB_STATE_DIR, if set, is absolute: a relative one (or an empty one,
-    which is no directory) would put xlb's state wherever the command runs."""
+    which is no directory) would put xlb's state wherever the command runs.
+    Nothing on the way to this namespace's state directory is other than a
+    directory (what is not there yet, the first save makes): a file there
+    left the state unread and unsaved, with a warning, after the compile
+    (`up`), or said that no instance left any (`down`)."""
+    from . import state
     root = os.environ.get("XLB_STATE_DIR")
     if root is not None and not os.path.isabs(root):
         raise BadInput(f"XLB_STATE_DIR: {quoted(root)} is not an absolute path")
+    target = state.directory()
+    for path in (*reversed(target.parents), target):
+        try:
+            if not stat.S_ISDIR(os.stat(path).st_mode):
+                raise BadInput(f"{'XLB_STATE_DIR' if root is not None else 'state directory'}: "
+                               f"{quoted(str(path))} is not a directory" +
+                               ("" if path in (target, target.parent)
+                                else f" (on the way to {quoted(str(target.parent))})"))
+        except OSError:     # not there yet, or not this user's to see: as before
+            return
 
 
 def _flow_table(connections: int):

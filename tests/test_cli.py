@@ -914,6 +914,39 @@ def test_a_state_directory_that_is_not_absolute_is_bad_input(root, command):
         (2, f"xlb: error: XLB_STATE_DIR: {root!r} is not an absolute path\n")
 
 
+@pytest.mark.parametrize("under", [False, True], ids=["file", "under a file"])
+@pytest.mark.parametrize("command", [("up", *SEED_FLAGS), ("up",), ("down",),
+                                     ("ha", "follow", "/nonexistent.fifo")],
+                         ids=["up", "bare up", "down", "ha follow"])
+def test_a_state_directory_that_is_a_file_is_bad_input(tmp_path, command, under):
+    """Said first, alone, and nothing done: `up` warned that its state could
+    not be read, compiled and attached the program, and served without one
+    (unsaved, with a warning); a bare `up` said no instance had left a config,
+    and `down` that none ran. `up` on no interface stops before the compile:
+    a check made after it would not be reached."""
+    file = tmp_path / "state"
+    file.write_text("not a directory\n")
+    root = file / "xlb" if under else file
+    r = subprocess.run([str(XLB), *command], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "XLB_STATE_DIR": str(root)})
+    way = f" (on the way to '{root}')" if under else ""
+    assert (r.returncode, r.stdout, r.stderr) == \
+        (2, "", f"xlb: error: XLB_STATE_DIR: '{file}' is not a directory{way}\n")
+    assert file.read_text() == "not a directory\n"
+
+
+def test_a_default_state_directory_that_is_a_file_is_named_so(tmp_path, monkeypatch):
+    """/var/lib/xlb a file (as a stand-in here): not said to be XLB_STATE_DIR."""
+    from xlb import cli, state
+    file = tmp_path / "xlb"
+    file.write_text("")
+    monkeypatch.delenv("XLB_STATE_DIR", raising=False)
+    monkeypatch.setattr(state, "ROOT", str(file))
+    with pytest.raises(cli.BadInput) as e:
+        cli._check_state_dir()
+    assert e.value.message == f"state directory: '{file}' is not a directory"
+
+
 def test_up_algorithm_is_checked_before_anything_runs():
     r = xlb("up", "--vip", "10.1.1.101:80", "--backend", "10.1.11.101:80", "--algorithm", "rr")
     assert r.returncode == 2 and "'rr' is not one of 'roundrobin', 'maglev', 'source'" in r.stderr, r.stderr
