@@ -1155,6 +1155,18 @@ def test_a_request_begun_before_its_deadline_is_waited_for_past_it(root, fibnet,
 
     monkeypatch.setattr(saved, "save", held_save)
 
+    connected, at = threading.Event(), []     # the disable's client, and when
+    connect = ctl._connect
+
+    def connecting(timeout):
+        sock = connect(timeout)
+        if held["drain"][0].is_set():
+            at.append(time.monotonic())
+            connected.set()
+        return sock
+
+    monkeypatch.setattr(ctl, "_connect", connecting)
+
     def change(action, timeout):
         try:
             outcome.append(ctl.request("server", action=action, pool="default",
@@ -1166,16 +1178,24 @@ def test_a_request_begun_before_its_deadline_is_waited_for_past_it(root, fibnet,
         first = threading.Thread(target=change, args=("drain", 30))
         first.start()
         assert held["drain"][0].wait(30), "the drain: not held"
-        client = threading.Thread(target=change, args=("disable", 1.0))
-        past = time.monotonic() + 1.0
+        timeout = 3.0
+        client = threading.Thread(target=change, args=("disable", timeout))
+        halfway = time.monotonic() + timeout / 2
         client.start()
         try:
-            time.sleep(0.7)                             # queued behind the first
+            # Queued behind the first until halfway to its deadline (a time on
+            # the clock, which the instance reads): a busy machine has the
+            # other half to finish the drain and give it its turn before it
+            # (a fixed 0.7 s of a 1 s timeout left it 0.3 s).
+            assert connected.wait(30), "the disable: not sent"
+            while time.monotonic() < halfway:
+                time.sleep(0.01)
             held["drain"][1].set()
             first.join(30)
             assert held["maint"][0].wait(30), "the disable: not held"
-            while client.is_alive() and time.monotonic() < past + 0.3:
-                time.sleep(0.05)
+            # Its deadline, read before it connected, is past: the change ends after it.
+            while client.is_alive() and time.monotonic() <= at[0] + timeout:
+                time.sleep(0.01)
         finally:
             for _, release in held.values():
                 release.set()
