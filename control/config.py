@@ -735,20 +735,16 @@ _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
             "\f": "\\f", "\r": "\\r"}
 
 
-_PLAIN = re.compile(r'[^"\\\x00-\x1f\x7f]*')     # what a TOML string holds unescaped
+# What a TOML basic string must escape. Found by one regex, not looked at a
+# character at a time: a dump of 10,000 servers took 50 ms so.
+_TO_ESCAPE = re.compile(r'["\\\x00-\x1f\x7f]')
 
 
 def _toml_string(text: str) -> str:
-    if _PLAIN.fullmatch(text):      # most: a dump of 10,000 servers escaped them in 50 ms
-        return f'"{text}"'
-
-    def escape(c: str) -> str:
-        if c in _ESCAPES:
-            return _ESCAPES[c]
-        if c < " " or c == "\x7f":
-            return f"\\u{ord(c):04X}"
-        return c
-    return '"' + "".join(map(escape, text)) + '"'
+    def escape(m: re.Match) -> str:
+        c = m.group()
+        return _ESCAPES.get(c) or f"\\u{ord(c):04X}"
+    return '"' + _TO_ESCAPE.sub(escape, text) + '"'
 
 
 def _toml_key(key: str) -> str:
