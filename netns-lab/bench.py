@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""`make bench`: figures measured side by side in one run, printed as ratios.
+"""`make bench`: figures measured side by side in one run, printed as ratios,
+after a line naming the machine (`machine`).
 
 1. The XDP program alone (BPF_PROG_TEST_RUN, bench_xdp.py), ns per packet for:
    a new flow to the VIP, a packet of an established flow, a backend's reply,
@@ -24,6 +25,7 @@ Every load is bounded in time and stops by itself.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import statistics
@@ -120,6 +122,18 @@ def bench_lab() -> dict[str, float]:
     return targets
 
 
+def machine(cpuinfo: str) -> str:
+    """The machine a run measured: its figures move with the host's CPU, which a
+    virtual machine's name for it may hide (README, Benchmarks)."""
+    info = dict(re.findall(r"^(model name|cpu family|model|cpu MHz)\s*:\s*(.*)$", cpuinfo, re.M))
+    cpus = len(re.findall(r"^processor\s*:", cpuinfo, re.M))
+    details = [f"{name.split()[-1]} {info[name]}" for name in ("cpu family", "model") if name in info]
+    if "cpu MHz" in info:
+        details.append(f"{float(info['cpu MHz']):.0f} MHz")
+    shown = f" ({', '.join(details)})" if details else ""
+    return f"Machine: {info.get('model name', 'CPU')}{shown}, {cpus} CPUs, kernel {os.uname().release}"
+
+
 def print_targets(test_run: dict[str, float], lab: dict) -> None:
     """Issue 9's targets beside what this run measured: printed, never asserted. Under
     each lab target, the same ratio for lb routing in XDP with no balancing at all:
@@ -157,6 +171,7 @@ def print_targets(test_run: dict[str, float], lab: dict) -> None:
 
 if __name__ == "__main__":
     bench_balancers.check_cpus()
+    print(machine(Path("/proc/cpuinfo").read_text()))
     test_run = bench_xdp.bench()
     print()
     lab_targets = bench_lab()

@@ -1,11 +1,14 @@
 """The bench's table of issue 9's targets (netns-lab/bench.py): each ratio
 judged against its target, under each lab target the same ratio for routing
 in XDP with no balancing, what forwarding alone reaches on the veths, and under
-the non-VIP target the floor programs' ratios."""
+the non-VIP target the floor programs' ratios; and the line naming the
+machine a run measured."""
 
 from __future__ import annotations
 
-from bench import print_targets
+import os
+
+from bench import machine, print_targets
 
 TEST_RUN = {"non-vip/empty": 1.10, "syn/before": 1.20, "established/before": 0.95,
             "reads/empty": 1.12, "counts/empty": 1.18}
@@ -44,3 +47,25 @@ def test_a_run_without_the_old_build_leaves_its_targets_out(capsys):
     print_targets({k: TEST_RUN[k] for k in ("non-vip/empty", "reads/empty", "counts/empty")}, LAB)
     out = capsys.readouterr().out
     assert "before the fast path" not in out and "non-VIP" in out
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 207
+model name\t: Intel(R) Xeon(R) Processor
+cpu MHz\t\t: 2100.000
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 207
+model name\t: Intel(R) Xeon(R) Processor
+cpu MHz\t\t: 2100.000
+"""
+
+
+def test_the_machine_is_named_by_its_cpu_s_model_numbers_count_and_kernel():
+    """A VM's CPU name can be the same on two hosts: family and model tell them apart."""
+    assert machine(CPUINFO) == (f"Machine: Intel(R) Xeon(R) Processor (family 6, model 207, "
+                                f"2100 MHz), 2 CPUs, kernel {os.uname().release}")
