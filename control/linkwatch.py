@@ -79,14 +79,31 @@ class LinkWatch:
         started: after its first apply chose its links, before these events
         were heard (the start's first health sync comes between), none is
         told. Once the carriers are known, for one that comes up after to be
-        told."""
+        told; and only if the links read then differ from those the start
+        applied: another apply changes nothing otherwise, and costs as much
+        as the start's (0.4 s of CPU at 10,000 servers)."""
         try:
             await asyncio.to_thread(self.events.carrier)
+            now = await asyncio.to_thread(netif.links)    # after these events are heard
         except Exception as e:      # a task's own: nobody else would hear of it
             log.event("link", level="error", error=f"links not read: {e}")
+            now = None
         self._read()
-        self._reapply = True
+        if now is None or self._unapplied(now):
+            self._reapply = True
         await self._attach_again()
+
+    def _unapplied(self, now: list[netif.Link]) -> bool:
+        """Whether the links as read (`now`) hold what an apply that reads
+        them would take, where no link is named: an attached one gone (made
+        again, maybe), renamed, given another address or MAC, or an up
+        Ethernet link not attached (to attach, or to warn of)."""
+        by_index = {link.index: link for link in now}
+        attached = {link.index: link for link in self.balancer.links.values()}
+        return any((same := by_index.get(index)) is None
+                   or (same.name, same.mac, same.addresses) != (old.name, old.mac, old.addresses)
+                   for index, old in attached.items()) or \
+            any(link.ethernet and link.up and link.index not in attached for link in now)
 
     def close(self) -> None:
         asyncio.get_running_loop().remove_reader(self.events.fileno())
