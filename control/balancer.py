@@ -206,6 +206,9 @@ class Balancer:
             dp.detach(old.index)
 
         rows = _server_rows(config)
+        was = {old.index: old.name for old in self.links.values()}
+        relabelled = [(was[link.index], link.name) for link in links
+                      if was.get(link.index, link.name) != link.name]
         with self.lock:
             self.config, self.state, self.states, self.admin = config, target, states, admin
             self.server_rows = rows
@@ -219,6 +222,8 @@ class Balancer:
             self.links = {link.name: link for link in links}
             if relink:                      # a new config, not a change of state
                 self.last_apply = time.time()
+        for old_name, name in relabelled:
+            _link_renamed(config, old_name, name)
         self._announce()
         garps, unsent = _announce_arp(answered, target.arp)
         return {"frontends": len(config.frontends), "pools": len(config.pools),
@@ -528,6 +533,18 @@ def _announce_arp(answered: dict, answering: dict, **why) -> tuple[int, list[str
     return garps, unsent
 
 
+def _link_renamed(config: Config, old: str, name: str) -> None:
+    """Logs a link renamed, as the link watch logs a link's news; a warning
+    where the config names the old name and not the new: the frontends that
+    name it have their VIPs answered there (ARP) no more."""
+    named = config.attach_names()
+    lost = old in named and name not in named
+    log.event("link", level="warning" if lost else "info", link=name,
+              reason=f"renamed from {old}" + (
+                  f": the frontends that name {old} have their VIPs answered on it (ARP) "
+                  f"no more; name {name} in their interfaces" if lost else ""))
+
+
 def _warn_link(warned: list[str], event: str, name: str, reason: str, **fields) -> None:
     """Logs a warning about link `name` and adds it to warned, which an apply
     answers with: `xlb apply` says it where the instance's log is not seen."""
@@ -575,8 +592,8 @@ def _made_again(attached: dict[str, netif.Link], now: list[netif.Link] | None = 
     unattached, the made one let the servers' replies reach the clients
     un-NATed, every connection failing, until an `xlb apply`. Where the
     links are read (one made again, or `now`, read by the caller), those
-    still there have their addresses and MACs as they are now, under the
-    names attached."""
+    still there have their names, addresses and MACs as they are now (a
+    renamed link keeps the program)."""
     if now is None and all(_index_of(name) == old.index for name, old in attached.items()):
         return list(attached.values()), []      # the usual case, without a dump of the links
     by_index = {link.index: link for link in (netif.links() if now is None else now)}
@@ -585,7 +602,8 @@ def _made_again(attached: dict[str, netif.Link], now: list[netif.Link] | None = 
     links, fresh = [], []
     for name, old in attached.items():
         if (same := by_index.get(old.index)) is not None:
-            links.append(dataclasses.replace(old, mac=same.mac, addresses=same.addresses))
+            links.append(dataclasses.replace(old, name=same.name, mac=same.mac,
+                                             addresses=same.addresses))
         elif new := made.get(name):
             links.append(new)
             fresh.append(new)

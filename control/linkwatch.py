@@ -205,9 +205,10 @@ class LinkWatch:
 
     def _read(self) -> None:
         announcer = self.balancer.announcer
-        attached = {link.index: link.mac for link in self.balancer.links.values()}
-        lost, regained, changed, readdressed = self.events.read(announcer and announcer.table,
-                                                                attached)
+        links = self.balancer.links.values()
+        attached = {link.index: link.mac for link in links}
+        lost, regained, changed, readdressed = self.events.read(
+            announcer and announcer.table, attached, {link.index: link.name for link in links})
         for loss in lost:
             if behind := [t for t in self.balancer.health_targets()
                           if self.routes.get(t.address) == loss.index]:
@@ -223,8 +224,9 @@ class LinkWatch:
                     self._rerouting = asyncio.get_running_loop().create_task(self._reroute())
         if self._carriers_back and (self._announcing is None or self._announcing.done()):
             self._announcing = asyncio.get_running_loop().create_task(self._announce_again())
-        # The ARP answers go by the attached links' addresses and MACs: those of
-        # one made again (attached or not yet) too. Where no link is named,
+        # The ARP answers go by the attached links' addresses and MACs (and
+        # names, which frontends name): those of one made again (attached or
+        # not yet) too. Where no link is named,
         # xlb runs on every up Ethernet link: one that came up since too.
         joined = not self.balancer.config.attach_names()
         if any(self._made_again(index) or joined and index not in attached

@@ -979,6 +979,34 @@ def test_a_link_renamed_then_deleted_is_gone_under_the_name_it_had_last(balancer
     assert attached(balancer)[1] == ("new", index, "gone")
 
 
+@pytest.mark.parametrize("named", [True, False])
+def test_an_apply_lists_a_renamed_link_under_its_new_name(balancer, fibnet, capsys, named):
+    """A link renamed keeps the program; the next apply, a change of state's
+    too, lists it under its new name (which the link watch, `xlb ha follow`
+    and the logs read), and logs that once; as a warning where the config
+    names the old name, and not the new: the frontends that name it are
+    answered there (ARP) no more, as after an `xlb apply` naming it."""
+    config = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"],
+                        ["ext", "old"] if named else [])
+    index = fibnet.add_veth("old")
+    balancer.apply(config, relink=True)
+    fibnet.sh("ip", "link", "set", "old", "down")
+    fibnet.sh("ip", "link", "set", "old", "name", "new")
+    try:
+        capsys.readouterr()
+        balancer.apply(config, relink=False)
+        balancer.apply(config, relink=False)
+        assert "old" not in balancer.links and balancer.links["new"].index == index
+    finally:
+        fibnet.sh("ip", "link", "del", "new")
+    told = [line for line in capsys.readouterr().err.splitlines() if "event=link" in line]
+    assert len(told) == 1, told
+    assert ('level=warning event=link link=new reason="renamed from old: the frontends that '
+            'name old have their VIPs answered on it (ARP) no more; name new in their '
+            'interfaces"' if named else
+            'level=info event=link link=new reason="renamed from old"') in told[0], told
+
+
 def test_status_tells_a_link_down_renamed_or_detached_as_the_kernel_has_it(balancer, fibnet):
     """A link set down, or without carrier, keeps its program (it serves again
     once up); one renamed keeps it too, under its new name; one whose program was removed

@@ -171,6 +171,27 @@ def test_a_links_address_or_mac_changed_is_told():
             events.close()
 
 
+def test_a_link_renamed_is_told_among_those_readdressed():
+    """A link renamed (set down first, as the kernel asks) is told by its
+    index among those to read again, if it is among the `names` it is asked
+    about (those xlb runs on, by the names they had then), not otherwise.
+    The kernel tells a link's IPv4 addresses again when it is renamed: not
+    those of one without any (here), which was not told."""
+    with FibNet("xlbt-links").entered({}) as net:
+        bare, other = net.add_veth("bare"), net.add_veth("other")
+        events = LinkEvents()
+        try:
+            events.carrier()
+            net.sh("ip", "link", "set", "other", "down")
+            net.sh("ip", "link", "set", "other", "name", "another")
+            assert events.read(names={bare: "bare"})[3] == set()
+            net.sh("ip", "link", "set", "bare", "down")
+            net.sh("ip", "link", "set", "bare", "name", "renamed")
+            assert events.read(names={bare: "bare", other: "another"})[3] == {bare}
+        finally:
+            events.close()
+
+
 def test_a_port_taken_out_of_its_bridge_is_not_told_deleted():
     """The kernel tells a port's leaving its bridge as an RTM_DELLINK of the
     bridge family (AF_BRIDGE) about the port, which is still there, carrier
@@ -654,6 +675,43 @@ def test_a_link_attached_without_carrier_is_logged_so(capsys):
     assert 'event=link link=dark reason="attached without carrier: serves once it has ' \
            'carrier"' in log and 'event=link link=dark-peer reason="came up: attached"' \
            in log and 'link=dark reason="came up: attached"' not in log, log
+
+
+class Renaming(Servers):
+    """Servers of a config that names its links, one attached (as the kernel
+    has it), whose applies are recorded."""
+
+    def __init__(self, index: int, name: str, mac: str):
+        super().__init__([])
+        self.links = {name: netif.Link(index, name, bytes.fromhex(mac.replace(":", "")), True,
+                                       False, ())}
+        self.applies: list[tuple[bool, bool]] = []
+
+    def apply(self, config, *, relink: bool, reread: bool = False) -> dict:
+        self.applies.append((relink, reread))
+        return {"attached": []}
+
+
+def test_a_link_renamed_is_applied_under_its_new_name():
+    """An attached link renamed (`ip link set bare name renamed`, once it is
+    down) has the watch apply the links as they are (reread: Balancer.apply
+    takes its new name, and logs it): one without an IPv4 address, whose
+    rename the kernel tells by no address message, kept its old name in the
+    list of links xlb runs on, which the logs, the watch and `xlb ha
+    follow` read, and the ARP answers go by (a frontend's interfaces), until
+    an `xlb apply`."""
+    async def main():
+        with watching(servers) as (watch, _):
+            await until(lambda: not watch.events.overrun, "the carriers read", 5.0)
+            await asyncio.to_thread(net.sh, "ip", "link", "set", "bare", "down")
+            await asyncio.to_thread(net.sh, "ip", "link", "set", "bare", "name", "renamed")
+            await until(lambda: servers.applies, "applied", 10.0)
+
+    with FibNet("xlbt-links").entered({}) as net:
+        mac = "02:00:00:00:40:01"
+        servers = Renaming(net.add_veth("bare", mac), "bare", mac)
+        asyncio.run(main())
+    assert servers.applies[0] == (False, True)
 
 
 def test_servers_a_link_took_down_renamed_meanwhile_are_checked_as_soon_as_it_is_back():
