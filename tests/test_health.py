@@ -952,6 +952,12 @@ def test_no_server_goes_down_for_the_checkers_own_lack_of_file_descriptors(netns
         m = http_monitor(rise=1, fall=1)            # http: no socket kept for reuse
         async with checker([Target(key, LOCAL, 8026, m)]) as (hc, rec):
             await until(lambda: len(rec.checks(key)) >= 1, "a first check")
+            unmade, not_made = [], hc._not_made
+
+            def counted(entry, code):       # the checks tried and not made
+                unmade.append(entry.target.key)
+                not_made(entry, code)
+            hc._not_made = counted
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             held = []
             mark = rec.mark()
@@ -964,7 +970,7 @@ def test_no_server_goes_down_for_the_checkers_own_lack_of_file_descriptors(netns
                         held.append(os.open("/dev/null", os.O_RDONLY))
                 except OSError:
                     pass
-                await asyncio.sleep(4 * INTERVAL)
+                await until(lambda: unmade.count(key) >= 3, "three checks not made")
                 assert rec.transitions == [] and hc.state(key) == "up"
                 assert all(ok for ok, _, _ in rec.checks(key, mark)), rec.checks(key, mark)
             finally:
@@ -1194,14 +1200,19 @@ def test_separate_check_port(netns):
 @pytest.mark.netns
 def test_type_none_is_never_checked(netns):
     async def main():
-        srv = await Listener(8008).start()
-        key = ("web", "unchecked")
+        srv, clock_srv = await Listener(8008).start(), await Listener(8009).start()
+        key, clock = ("web", "unchecked"), ("web", "clock")
         m = Monitor("n", "none", interval=INTERVAL, timeout=TIMEOUT)
-        async with checker([Target(key, LOCAL, 8008, m)]) as (hc, rec):
-            await asyncio.sleep(3 * INTERVAL)
+        # A target checked at the same interval: by its third check, one checked
+        # by mistake has had its first, and that one has ended (its timeout is
+        # shorter than an interval).
+        async with checker([Target(key, LOCAL, 8008, m),
+                            Target(clock, LOCAL, 8009, tcp_monitor())]) as (hc, rec):
+            await until(lambda: len(rec.checks(clock)) >= 3, "three checks of another")
             assert hc.state(key) == "up" and hc.last_check(key) is None
-            assert rec.events == [] and srv.connections == []
+            assert rec.checks(key) == [] and rec.of(key) == [] and srv.connections == []
         await srv.close()
+        await clock_srv.close()
 
     netns.run(main())
 

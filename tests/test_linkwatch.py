@@ -483,18 +483,27 @@ def test_a_link_attached_whose_carrier_is_back_has_its_vips_announced_again():
     """An attached link's carrier back (its cable plugged again, its switch
     port up) has the balancer announce its VIPs again (gratuitous ARP), once:
     one announced while it had no carrier was lost; a link not attached, or a
-    carrier lost, has none."""
+    carrier lost, has none. The lock held (an apply under way), what the
+    watch asks to announce as it reads each event waits its turn, to be seen."""
+    def without_carrier(watch, *links):
+        return lambda: not watch.events.overrun and \
+            all(watch.events.lacks_carrier(net.ifindex[name]) == (name in links)
+                for name in ("int", "ext"))
+
     async def main():
         with watching(servers) as (watch, _):
             await until(lambda: not watch.events.overrun, "the carriers read", 5.0)
-            for peer in ("int-peer", "ext-peer"):
-                net.sh("ip", "link", "set", peer, "down")
-            await asyncio.sleep(0.5)
-            assert servers.carriers_back == []
-            for peer in ("int-peer", "ext-peer"):
-                net.sh("ip", "link", "set", peer, "up")
-            await until(lambda: servers.carriers_back, "announced", 5.0)
-            await asyncio.sleep(0.5)
+            async with watch.lock:
+                for peer in ("int-peer", "ext-peer"):
+                    await asyncio.to_thread(net.sh, "ip", "link", "set", peer, "down")
+                await until(without_carrier(watch, "int", "ext"), "the losses read", 5.0)
+                assert watch._carriers_back == {} and servers.carriers_back == []
+                for peer in ("int-peer", "ext-peer"):
+                    await asyncio.to_thread(net.sh, "ip", "link", "set", peer, "up")
+                await until(without_carrier(watch), "the carriers back read", 5.0)
+                assert watch._carriers_back == {net.ifindex["int"]: "int"}
+            await until(lambda: not watch._carriers_back and servers.carriers_back,
+                        "announced", 5.0)
 
     with FibNet("xlbt-links").entered({}) as net:
         servers = Announcing(net.ifindex["int"])
