@@ -8,7 +8,8 @@
         response in many full-size segments),
         GET /hold/NAME once a file NAME (letters, digits, _) exists beside the
         pidfile (at most MAX_HOLD seconds: a response in flight until a test
-        releases it);
+        releases it), the file NAME.held made there as the request comes (for
+        a test to know it reached a server);
         UDP on the same port: every datagram is answered with "WAS1\\n", padded
         with dots to the datagram's length where that is longer (a large answer).
     servers.py db --name DB1 --port 5432 [--pidfile F]
@@ -151,6 +152,7 @@ def make_web_handler(body, status=200, run_dir=None):
                     pass
             prefix, _, name = self.path.partition("/hold/")
             if not prefix and run_dir and name.isidentifier():
+                open(os.path.join(run_dir, f"{name}.held"), "w").close()
                 held(os.path.join(run_dir, name))
             prefix, _, size = self.path.partition("/pad/")
             if not prefix and size.isdigit():

@@ -19,6 +19,7 @@ import select
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -385,16 +386,22 @@ def test_failover_when_the_active_node_crashes(pair, config):
                             "--seconds", "4", "--every", "0.02", "--hold", "4",
                             "--hold-every", "0.1", "--timeout", "3")
         # A response in flight at the crash: the request goes through the active
-        # node, the server answers 2 s later through the new one, which never saw
-        # the connection, to a client that stays silent.
+        # node, the server holds it (servers.py /hold/) and answers once the new
+        # one, which never saw the connection, is active, to a client that stays
+        # silent.
         time.sleep(1.0)
-        late = pair.spawn("client", "curl", "-s", "--noproxy", "*", "-m", "8",
-                          f"http://{VIP}/delay/2")
-        time.sleep(0.5)
+        release = f"release_{uuid.uuid4().hex}"
+        late = pair.spawn("client", "curl", "-s", "--noproxy", "*", "-m", "20",
+                          f"http://{VIP}/hold/{release}")
+        run = Path(f"/run/xlb-lab/{pair.prefix}")
+        wait_for(lambda: (run / f"{release}.held").exists(), 10,
+                 "the late request reaches a server")
         killed_at = float(pair._lab("crash", first).stdout)
+        wait_for(lambda: role(pair, other) == "active", 10, "the peer takes over")
+        (run / release).touch()
         out, err = client.communicate(timeout=30)
         result = json.loads(out)
-        late_out, _ = late.communicate(timeout=15)
+        late_out, _ = late.communicate(timeout=30)
         assert pair.status(other)["ha"]["role"] == "active"
         adopted = pair.status(other)["flows"]["adopted"]
         status_text = pair.xlb_cmd("status", node=other, check=True).stdout

@@ -57,7 +57,8 @@ def test_get_delay_answers_after_that_many_seconds():
 
 def test_get_hold_answers_once_its_file_exists_beside_the_pidfile(tmp_path):
     """GET /hold/NAME: a response in flight until the test creates NAME in the
-    server's run directory, for the tests whose action must land first."""
+    server's run directory, for the tests whose action must land first; NAME.held
+    made there as it comes, for them to know when it reached the server."""
     ours, theirs = socket.socketpair()
     theirs.sendall(b"GET /hold/release_1 HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
     theirs.settimeout(0.5)
@@ -67,6 +68,7 @@ def test_get_hold_answers_once_its_file_exists_beside_the_pidfile(tmp_path):
     with ours, theirs:
         with pytest.raises(socket.timeout):
             theirs.recv(65536)                      # held: no answer yet
+        assert (tmp_path / "release_1.held").exists()
         (tmp_path / "release_1").touch()
         theirs.settimeout(10)
         answer = theirs.recv(65536)
