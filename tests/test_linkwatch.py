@@ -598,11 +598,13 @@ def test_a_link_that_comes_up_is_applied_where_no_link_is_named_again_until_it_i
             await until(lambda: not watch.events.overrun, "the carriers read", 5.0)
             if isinstance(servers, Attaching):      # the start's, failed and tried again
                 await until(lambda: len(servers.applies) == 2, "applied again", 10.0)
-            net.add_veth("late")
+            late = net.add_veth("late")
             if isinstance(servers, Attaching):
                 await until(lambda: len(servers.applies) == 3, "applied", 10.0)
             else:
-                await asyncio.sleep(1.0)
+                await until(lambda: not watch.events.overrun and
+                            not watch.events.lacks_carrier(late), "its carrier read", 5.0)
+                assert watch._attaching is None     # no apply asked for
 
     with FibNet("xlbt-links").entered({}) as net:
         asyncio.run(main(Servers([])))
@@ -628,7 +630,7 @@ def test_a_link_that_came_up_while_xlb_up_started_is_applied_where_no_link_is_na
                 await until(lambda: len(servers.applies) == 2, "applied", 10.0)
             else:
                 await until(lambda: not watch.events.overrun, "the carriers read", 5.0)
-                await asyncio.sleep(1.0)
+                assert watch._attaching is None     # no apply asked for
 
     with FibNet("xlbt-links").entered({}) as net:
         net.add_veth("early")
