@@ -179,7 +179,7 @@ def test_killed_control_process_leaves_the_data_path_and_a_restart_adopts_it(lab
         orphan = lab.xlb_cmd("status")
         assert orphan.returncode == 3, orphan.stderr
         assert "the data path runs without its control process" in orphan.stdout
-        time.sleep(1.5)
+        traffic.wait_past("stopped")            # served by the data path alone
         with lab.xlb(*SEED_ARGS) as second:
             traffic.mark("served")
             assert "adopted the running data path" in second.serving_line
