@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Iterable, Mapping
 
-from .model import Config, check_interface, has_space, not_utf8, parse_address, parse_host
+from .model import (Config, check_interface, has_space, not_utf8, parse_address, parse_host,
+                    unprintable)
 from .units import quoted
 
 ROLES = ("active", "backup")
@@ -265,6 +266,9 @@ def check_keepalived_path(path: str) -> str:
                          f"its own)")
     if not_utf8(path):      # else said to hold whitespace (has_space)
         raise ValueError(f"{quoted(path)} is not UTF-8, as the keepalived config xlb writes is")
+    if odd := unprintable(path):
+        raise ValueError(f"{quoted(path)} contains {odd}, which the keepalived config xlb "
+                         f"writes cannot hold")
     if has_space(path) or any(c in path for c in KEEPALIVED_SPECIAL):
         raise ValueError(f"{quoted(path)} contains whitespace, # ! {{ }}, a quote or a backslash, "
                          f"which keepalived would misread")

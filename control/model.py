@@ -10,6 +10,7 @@ import itertools
 import math
 import re
 import string
+import unicodedata
 import urllib.parse
 from dataclasses import dataclass, field
 from ipaddress import AddressValueError, IPv4Address
@@ -206,6 +207,20 @@ def has_space(text: str) -> bool:
     return any(c.isspace() or not c.isprintable() for c in text)
 
 
+def unprintable(text: str) -> str | None:
+    """The first character of text that is neither whitespace nor printable
+    (has_space counts both), named for a message: "a control character
+    ('\\x01')", or one that does not print (a format character such as a
+    bidirectional override, one unassigned); None where there is none. Python's
+    whitespace takes in some controls (\\x1c-\\x1f, NEL): named controls here."""
+    for c in text:
+        if unicodedata.category(c) == "Cc" and c not in "\t\n\v\f\r":
+            return f"a control character ({quoted(c)})"
+        if not (c.isspace() or c.isprintable()):
+            return f"a character that does not print ({quoted(c)})"
+    return None
+
+
 def not_utf8(text: str) -> bool:
     """Whether text holds bytes that are not UTF-8: a flag's value comes with
     them as lone surrogates, which has_space counts too (not printable)."""
@@ -228,6 +243,10 @@ def check_interface(name: str) -> str:
     # name that is not UTF-8 as bytes, which no str names.
     if not_utf8(name):
         raise ValueError(f"{quoted(name)} is not UTF-8: xlb takes interface names in UTF-8 only")
+    # The kernel takes these, but such a name reads as another, or as none, where
+    # it is shown (`ip link`, a log line): refused as what it is, not as whitespace.
+    if odd := unprintable(name):
+        raise ValueError(f"{quoted(name)} contains {odd}: xlb takes none in an interface name")
     # '%' is no link's: the kernel takes a name with one for a template (eth%d)
     if name in (".", "..") or any(c in name for c in "/:%") or has_space(name):
         raise ValueError(f"{quoted(name)} is not an interface name (not . or .., no '/', ':', '%' "

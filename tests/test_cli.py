@@ -1002,6 +1002,7 @@ def test_up_refuses_more_flags_than_the_data_plane_holds():
 
 
 NOT_IFNAME = "is not an interface name (not . or .., no '/', ':', '%' or whitespace)"
+NO_ODD_IFNAME = "xlb takes none in an interface name"
 
 
 @pytest.mark.parametrize("name,reason", [
@@ -1011,11 +1012,17 @@ NOT_IFNAME = "is not an interface name (not . or .., no '/', ':', '%' or whitesp
     ("veth/1", f"'veth/1' {NOT_IFNAME}"),
     ("eth 0", f"'eth 0' {NOT_IFNAME}"),
     ("eth%d", f"'eth%d' {NOT_IFNAME}"),     # a template: the kernel names no link so
+    # The kernel takes these: said for what they are, not whitespace (as they were).
+    ("a\x01", f"'a\\x01' contains a control character ('\\x01'): {NO_ODD_IFNAME}"),
+    ("eth\x1f", f"'eth\\x1f' contains a control character ('\\x1f'): {NO_ODD_IFNAME}"),
+    ("eth\u202e0", f"'eth\\u202e0' contains a character that does not print ('\\u202e'): "
+                   f"{NO_ODD_IFNAME}"),
 ])
 def test_up_refuses_an_iface_name_as_a_config_file_does(tmp_path, name, reason):
     """A name no interface can have is the operator's mistake, said in the
     file's words before anything runs: not taken for a link that is missing."""
-    r = xlb("up", "--vip", "10.1.1.101:80", "--backend", "10.1.11.101:8080", "--iface", name)
+    r = xlb("up", "--vip", "10.1.1.101:80", "--backend", "10.1.11.101:8080", "--iface", name,
+            "--iface", "xlb-no-such-if")
     assert (r.returncode, r.stdout, r.stderr) == (2, "", f"xlb: error: --iface: {reason}\n")
     path = tmp_path / "iface.toml"
     path.write_text(SEED.read_text().replace('pool = "was"',

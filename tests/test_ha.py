@@ -336,6 +336,17 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
      "--interface: 'q\"1': keepalived reads"),
     ([*KA, "--gateway", "10.1.11.1/24@e}2", str(SEED)], "--gateway: 'e}2': keepalived"),
     ([*KA, "--gateway", "10.1.11.1/24@eth!2", str(SEED)], "--gateway: 'eth!2': keepalived"),
+    # A control character was said to be whitespace.
+    (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth\x01", str(SEED)],
+     "--interface: 'eth\\x01' contains a control character ('\\x01'): xlb takes none in an "
+     "interface name"),
+    ([*KA, "--gateway", "10.1.11.1/24@e\x7f", str(SEED)],
+     "--gateway: 'e\\x7f' contains a control character ('\\x7f')"),
+    ([*KA, "--gateway", "10.1.11.1/24", "--fifo", "/run/x\x1b[2Jy", str(SEED)],
+     "--fifo: '/run/x\\x1b[2Jy' contains a control character ('\\x1b'), which the keepalived "
+     "config xlb writes cannot hold"),
+    ([*KA, "--gateway", "10.1.11.1/24", "--xlb", "/opt/x\u202ey", str(SEED)],
+     "--xlb: '/opt/x\\u202ey' contains a character that does not print ('\\u202e')"),
     (["ha", "bird", "--router", "10.1.2.1", "--as", "65001", "--peer-as", "65001", str(SEED)],
      "--peer-as 65001: the same as --as"),
     (["ha", "bird", "--router", "10.1.1.101", "--as", "65001", "--peer-as", "65000", str(SEED)],
