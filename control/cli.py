@@ -55,7 +55,11 @@ class _Spelt:
     'inf'. A '-' is let through for the option's range check to name (`--rise
     -1`: must be at least 1). One longer than any number an option takes is
     refused as such: int() reads no more than 4300 digits, and a message would
-    echo it whole."""
+    echo it whole. A leading zero is refused, as a port's is (and a TOML
+    file's number's, the config's `interval = 01.5` too): `--priority 0100`
+    may be a mistyped 100 or 1000, and `ip route show table 0100` reads table
+    64 (octal) where `--announce-table 0100` would be 100; a bare 0, and
+    0.5, are fine."""
 
     spelling: re.Pattern
     said: str
@@ -66,6 +70,9 @@ class _Spelt:
                 self.fail(f"{quoted(value)} is too long for a number.", param, ctx)
             if not self.spelling.fullmatch(value):
                 self.fail(f"{quoted(value)} is not {self.said}.", param, ctx)
+            whole = value.lstrip("-").partition(".")[0]
+            if len(whole) > 1 and whole.startswith("0"):
+                self.fail(f"{quoted(value)} has a leading zero.", param, ctx)
         return super().convert(value, param, ctx)
 
 

@@ -1103,7 +1103,7 @@ KEEPALIVED = ["ha", "keepalived", "--peer", "10.1.2.3", "--interface", "eth0", s
 BIRD = ["ha", "bird", "--router", "10.1.2.1", "--as", "65001", "--peer-as", "65000", str(SEED)]
 NUMBERS = [
     (UP, "--rise", "3", 3),
-    (UP, "--fall", "03", 3),
+    (UP, "--fall", "3", 3),
     (UP, "--interval", "2.5", 2.5),
     (UP, "--flow-table", "1000", 1000),
     (UP, "--announce-table", "100", 100),
@@ -1137,6 +1137,29 @@ def test_a_number_option_takes_digits_as_a_shell_user_types_them(monkeypatch, ca
     code, err, given = _parsed(monkeypatch, capsys, [*before, option, spelling])
     assert (code, err, given) == \
         (2, f"xlb: error: Invalid value for '{option}': {quoted(spelling)} {said}\n", None)
+
+
+@pytest.mark.parametrize("before, option, good, number", NUMBERS,
+                         ids=[f"{b[0] if b[0] != 'ha' else b[1]} {o}" for b, o, _, _ in NUMBERS])
+def test_a_number_option_refuses_a_leading_zero_as_a_port_does(monkeypatch, capsys, before,
+                                                               option, good, number):
+    """`--priority 0100` was read as 100 and `--interval 01.5` as 1.5, where a
+    port's `:080` is refused (maybe a mistyped 8080), as a TOML file's 0100
+    and 01.5 are; `ip route show table 0100` reads table 64. A bare 0, and
+    the 0 of 0.5, are no leading zero."""
+    from xlb.units import quoted
+    spelling = ("00" if good.startswith(".") else "0") + good
+    code, err, given = _parsed(monkeypatch, capsys, [*before, option, spelling])
+    assert (code, err, given) == \
+        (2, f"xlb: error: Invalid value for '{option}': {quoted(spelling)} has a leading "
+            f"zero.\n", None)
+    code, err, given = _parsed(monkeypatch, capsys, [*before, option, f"-0{good.lstrip('.')}"])
+    assert "has a leading zero" in err
+    zero = "0.5" if isinstance(number, float) else "0"
+    code, err, given = _parsed(monkeypatch, capsys, [*before, option, zero])
+    assert "leading zero" not in err
+    if isinstance(number, float):
+        assert (code, given[option]) == (0, 0.5)
 
 
 @pytest.mark.parametrize("args, message", [
