@@ -25,7 +25,7 @@ import click
 from . import __version__, config as configfile, ctl, log
 from .ha import KEEPALIVED_INSTANCE
 from .model import (ConfigError, Monitor, from_flags, has_space, monitor_from_flags,
-                    parse_host)
+                    not_utf8, parse_host)
 from .units import (LONG, clipped, count, full, interfaces, last_check, quoted, shown,
                     si, unapplied)
 
@@ -1488,8 +1488,10 @@ def format_status(s: dict) -> str:
 def _clip_given(message: str) -> str:
     """click's own message (a value of the wrong type, an unknown option or
     command), which echoes what was given whole, with each long argument
-    (or an --option=VALUE's value) cut short as xlb's own messages cut theirs."""
-    given = {a for arg in sys.argv[1:] for a in (arg, arg.partition("=")[2]) if len(a) > LONG}
+    (or an --option=VALUE's value) cut short as xlb's own messages cut theirs,
+    and a byte that is not UTF-8 shown as the byte it was (repr wrote '\\udcff')."""
+    given = {a for arg in sys.argv[1:] for a in (arg, arg.partition("=")[2])
+             if len(a) > LONG or not_utf8(a)}
     for value in sorted(given, key=len, reverse=True):
         message = message.replace(repr(value), quoted(value)).replace(value, clipped(value))
     return message

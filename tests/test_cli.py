@@ -833,6 +833,22 @@ def test_unknown_command_or_option_is_bad_input():
     assert (r.returncode, r.stderr) == (2, "xlb: error: No such option '--frobnicate'.\n")
 
 
+@pytest.mark.parametrize("args, error", [
+    ([b"fr\xffob"], "No such command 'fr\\xffob'."),
+    ([b"status", b"--fr\xffob"], "No such option '--fr\\xffob'."),
+    ([b"server", b"dr\xffain", b"was", b"was1"], "Invalid value for '{disable|enable|drain}': "
+                                                 "'dr\\xffain' is not one of 'disable', "
+                                                 "'enable', 'drain'."),
+    ([b"ha", b"role", b"\xff"], "Invalid value for '{active|backup}': '\\xff' is not one of "
+                                 "'active', 'backup'."),
+], ids=["command", "option", "choice", "role"])
+def test_click_echoes_a_byte_that_is_not_utf8_as_the_byte_it_was(args, error):
+    """click's own messages wrote it as repr does, '\\udcff', where xlb's own
+    write '\\xff' (units.quoted)."""
+    r = subprocess.run([str(XLB).encode(), *args], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"xlb: error: {error}\n")
+
+
 def test_a_command_group_alone_shows_its_help():
     """`xlb` or `xlb ha` with no command: the help as --help shows it, not
     squeezed into one error line with its newlines escaped."""
