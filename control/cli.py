@@ -24,7 +24,7 @@ import click
 
 from . import __version__, config as configfile, ctl, log
 from .ha import KEEPALIVED_INSTANCE
-from .model import (ConfigError, Monitor, from_flags, has_space, monitor_from_flags,
+from .model import (ConfigError, Monitor, from_flags, monitor_from_flags,
                     not_utf8, parse_host)
 from .units import (LONG, clipped, count, full, interfaces, last_check, quoted, shown,
                     si, unapplied)
@@ -761,12 +761,11 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     """
     global _to_syslog
     from . import state
-    from .ha import keepalived_instance, keepalived_role
+    from .ha import check_instance, keepalived_instance, keepalived_role
     syslog.openlog("xlb", syslog.LOG_PID, syslog.LOG_DAEMON)
     _to_syslog = not isinstance(sys.stderr, log.Syslog)     # not twice
     _check_state_dir()      # where it keeps the role keepalived last said
-    if has_space(instance) or not instance:
-        raise BadInput(f"--instance: {quoted(instance)} is not a vrrp_instance name")
+    _valid("--instance", check_instance, instance)
     if track_file is not None:
         _check_track_file(track_file)
     # What the path is, said as the system says it (click's check would call a

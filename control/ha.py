@@ -244,6 +244,9 @@ def link_problems(links: Iterable, interface: str, peer: IPv4Address,
 # What keepalived's config parser reads as more than a character: comments,
 # blocks, quotes and escapes (keepalived -t refuses or splits a word with them).
 KEEPALIVED_SPECIAL = "#!{}\"'\\"
+# keepalived reads its config a line at a time into a buffer of this many bytes
+# (MAXBUF): the rest of a longer line is read as a line of its own.
+KEEPALIVED_LINE = 1024
 
 
 def check_keepalived_word(name: str) -> str:
@@ -253,6 +256,21 @@ def check_keepalived_word(name: str) -> str:
     if any(c in name for c in KEEPALIVED_SPECIAL):
         raise ValueError(f"{quoted(name)}: keepalived reads # ! {{ }} quotes and backslashes "
                          f"specially")
+    return name
+
+
+def check_instance(name: str) -> str:
+    """A vrrp_instance's name, as keepalived's config holds it (`xlb ha follow
+    --instance`): one word of a line."""
+    if not name:
+        raise ValueError("a vrrp_instance name cannot be empty")
+    if odd := unprintable(name):
+        raise ValueError(f"{quoted(name)} contains {odd}: no vrrp_instance name does")
+    if has_space(name):
+        raise ValueError(f"{quoted(name)} is not a vrrp_instance name")
+    if len(name.encode("utf-8", "surrogateescape")) >= KEEPALIVED_LINE:
+        raise ValueError(f"{quoted(name)} is longer than a line of keepalived's config "
+                         f"({KEEPALIVED_LINE} bytes): no vrrp_instance has that name")
     return name
 
 
@@ -297,9 +315,8 @@ def check_keepalived_program(path: str) -> str:
     return path
 
 
-# keepalived reads its config a line at a time into a buffer of 1024 bytes:
-# the rest of a longer line is read as a line of its own, a comment's tail as
-# keywords (`keepalived -t` fails). A comment naming 256 VIPs is 3.5 kB.
+# A comment's tail past KEEPALIVED_LINE would be read as keywords (`keepalived
+# -t` fails). A comment naming 256 VIPs is 3.5 kB.
 COMMENT_WIDTH = 100
 
 

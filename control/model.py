@@ -210,12 +210,15 @@ def has_space(text: str) -> bool:
 def unprintable(text: str) -> str | None:
     """The first character of text that is neither whitespace nor printable
     (has_space counts both), named for a message: "a control character
-    ('\\x01')", or one that does not print (a format character such as a
-    bidirectional override, one unassigned); None where there is none. Python's
-    whitespace takes in some controls (\\x1c-\\x1f, NEL): named controls here."""
+    ('\\x01')", a byte that is not UTF-8, or one that does not print (a format
+    character such as a bidirectional override, one unassigned); None where
+    there is none. Python's whitespace takes in some controls (\\x1c-\\x1f,
+    NEL): named controls here."""
     for c in text:
         if unicodedata.category(c) == "Cc" and c not in "\t\n\v\f\r":
             return f"a control character ({quoted(c)})"
+        if 0xdc80 <= ord(c) <= 0xdcff:      # a byte that was not UTF-8 (not_utf8)
+            return f"a byte that is not UTF-8 ({quoted(c)})"
         if not (c.isspace() or c.isprintable()):
             return f"a character that does not print ({quoted(c)})"
     return None

@@ -1210,6 +1210,25 @@ def test_ha_follow_reads_a_fifo_only(tmp_path):
         (2, "xlb: error: --instance: 'x y' is not a vrrp_instance name\n")
 
 
+@pytest.mark.parametrize("instance, reason", [
+    ("", "a vrrp_instance name cannot be empty"),
+    ("x\x1b[2Jy", "'x\\x1b[2Jy' contains a control character ('\\x1b'): no vrrp_instance name "
+                  "does"),
+    ("x\udcffy", "'x\\xffy' contains a byte that is not UTF-8 ('\\xff'): no vrrp_instance name "
+                 "does"),
+    ("a" * 1024, f"'{'a' * 60}'... (1,024 characters) is longer than a line of keepalived's "
+                 f"config (1024 bytes): no vrrp_instance has that name"),
+], ids=["empty", "control", "not utf-8", "long"])
+def test_ha_follow_says_why_an_instance_name_is_none(tmp_path, instance, reason):
+    """One of 10 kB, which no line of keepalived's config holds, was taken:
+    follow waited for ever for a state keepalived can never tell; the others
+    were "not a vrrp_instance name", with no word of why."""
+    os.mkfifo(tmp_path / "fifo", 0o600)
+    r = subprocess.run([XLB, "ha", "follow", "--instance", instance, tmp_path / "fifo"],
+                       capture_output=True, text=True, timeout=20, errors="surrogateescape")
+    assert (r.returncode, r.stderr) == (2, f"xlb: error: --instance: {reason}\n")
+
+
 def test_ha_follow_says_why_it_cannot_open_the_fifo(tmp_path):
     """As the system says it: click's check called all of these missing."""
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
