@@ -247,6 +247,9 @@ KEEPALIVED_SPECIAL = "#!{}\"'\\"
 # keepalived reads its config a line at a time into a buffer of this many bytes
 # (MAXBUF): the rest of a longer line is read as a line of its own.
 KEEPALIVED_LINE = 1024
+# Two paths share a line of the config xlb writes (the FAULT notify: the track
+# file's and the xlb's), with some 100 bytes of other words.
+KEEPALIVED_PATH_MAX = 400
 
 
 def check_keepalived_word(name: str) -> str:
@@ -282,6 +285,9 @@ def check_keepalived_path(path: str) -> str:
     if not path.startswith("/"):
         raise ValueError(f"{quoted(path)} is not absolute (keepalived runs from a directory of "
                          f"its own)")
+    if len(path.encode("utf-8", "surrogateescape")) > KEEPALIVED_PATH_MAX:
+        raise ValueError(f"{quoted(path)} is longer than {KEEPALIVED_PATH_MAX} bytes: keepalived "
+                         f"reads a line of its config into {KEEPALIVED_LINE}")
     if not_utf8(path):      # else said to hold whitespace (has_space)
         raise ValueError(f"{quoted(path)} is not UTF-8, as the keepalived config xlb writes is")
     if odd := unprintable(path):

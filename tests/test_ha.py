@@ -130,6 +130,16 @@ def test_keepalived_config_lines_fit_keepalived_buffer():
     assert len(named) == 256          # every VIP still named
 
 
+def test_keepalived_config_lines_fit_keepalived_buffer_with_the_longest_paths():
+    """Paths as long as check_keepalived_path takes them (a 3 kB one was
+    written whole): the FAULT notify's line holds two of them."""
+    longest = {name: ha.check_keepalived_path(f"/{name[0]}/" + "x" * (ha.KEEPALIVED_PATH_MAX - 3))
+               for name in ("xlb", "fifo", "track_file")}
+    text = keepalived_text(**longest)
+    assert max(len(line.encode()) for line in text.splitlines()) < KEEPALIVED_MAXBUF - 1
+    assert ha.KEEPALIVED_LINE == KEEPALIVED_MAXBUF
+
+
 def test_bird_config_announces_the_table_with_bfd():
     text = ha.bird_conf(seed(), router=IPv4Address("10.1.2.1"), local_as=65001, peer_as=65000,
                         table=100)
@@ -336,6 +346,13 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
      "--interface: 'q\"1': keepalived reads"),
     ([*KA, "--gateway", "10.1.11.1/24@e}2", str(SEED)], "--gateway: 'e}2': keepalived"),
     ([*KA, "--gateway", "10.1.11.1/24@eth!2", str(SEED)], "--gateway: 'eth!2': keepalived"),
+    # A line of keepalived's config is at most 1023 bytes: what is beyond is read as
+    # another line. Both paths of the FAULT notify's line, each at most 400, fit.
+    ([*KA, "--gateway", "10.1.11.1/24", "--fifo", "/run/" + "f" * 396, str(SEED)],
+     f"--fifo: '/run/{'f' * 55}'... (401 characters) is longer than 400 bytes: keepalived "
+     f"reads a line of its config into 1024"),
+    ([*KA, "--gateway", "10.1.11.1/24", "--xlb", "/opt/" + "é" * 200, str(SEED)],
+     "--xlb: '/opt/" + "é" * 55 + "'... (205 characters) is longer than 400 bytes"),
     # A control character was said to be whitespace.
     (["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth\x01", str(SEED)],
      "--interface: 'eth\\x01' contains a control character ('\\x01'): xlb takes none in an "
