@@ -181,6 +181,10 @@ class Gateway:
         addr, at, dev = text.partition("@")
         if "/" not in addr:
             raise ValueError(f"{quoted(text)}: give the address with its prefix, IP/PREFIX[@DEV]")
+        # IPv4Interface takes /024 for /24; `ip addr add` reads it as octal, /20.
+        prefix = addr.partition("/")[2]
+        if len(prefix) > 1 and prefix.startswith("0") and prefix.isdigit():
+            raise ValueError(f"{quoted(text)}: prefix {quoted(prefix)} has a leading zero")
         try:
             iface = IPv4Interface(addr)
         except ValueError:

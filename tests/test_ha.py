@@ -346,6 +346,9 @@ KA = ["ha", "keepalived", "--peer", "10.1.11.12", "--interface", "eth1"]
      "--interface: 'q\"1': keepalived reads"),
     ([*KA, "--gateway", "10.1.11.1/24@e}2", str(SEED)], "--gateway: 'e}2': keepalived"),
     ([*KA, "--gateway", "10.1.11.1/24@eth!2", str(SEED)], "--gateway: 'eth!2': keepalived"),
+    # IPv4Interface reads /024 as /24, `ip addr add` as /20 (octal).
+    ([*KA, "--gateway", "10.1.11.1/024", str(SEED)],
+     "--gateway: '10.1.11.1/024': prefix '024' has a leading zero"),
     # A line of keepalived's config is at most 1023 bytes: what is beyond is read as
     # another line. Both paths of the FAULT notify's line, each at most 400, fit.
     ([*KA, "--gateway", "10.1.11.1/24", "--fifo", "/run/" + "f" * 396, str(SEED)],
