@@ -761,12 +761,15 @@ def follow(instance: str, track_file: Path | None, fifo: Path) -> None:
     """
     global _to_syslog
     from . import state
-    from .ha import check_instance, keepalived_instance, keepalived_role
+    from .ha import check_instance, check_keepalived_file, keepalived_instance, keepalived_role
     syslog.openlog("xlb", syslog.LOG_PID, syslog.LOG_DAEMON)
     _to_syslog = not isinstance(sys.stderr, log.Syslog)     # not twice
     _check_state_dir()      # where it keeps the role keepalived last said
     _valid("--instance", check_instance, instance)
     if track_file is not None:
+        # The path keepalived's config names (`xlb ha keepalived` checks it so):
+        # one it cannot hold (relative, a control character) is no track file of its.
+        _valid("--track-file", check_keepalived_file, str(track_file))
         _check_track_file(track_file)
     # What the path is, said as the system says it (click's check would call a
     # FIFO behind a directory it may not enter, or a symlink loop, missing).

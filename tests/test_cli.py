@@ -1325,6 +1325,32 @@ def test_ha_follow_names_an_empty_track_file_as_given(tmp_path):
         (2, "xlb: error: Invalid value for '--track-file': a file name cannot be empty\n")
 
 
+@pytest.mark.parametrize("name, reason", [
+    ("a\x01b", "contains a control character ('\\x01'), which the keepalived config xlb "
+               "writes cannot hold"),
+    ("a b", "contains whitespace, # ! { }, a quote or a backslash, which keepalived would "
+            "misread"),
+    ("a" * 250, "is longer than 400 bytes: keepalived reads a line of its config into 1024"),
+], ids=["control", "space", "long"])
+def test_ha_follow_refuses_a_track_file_that_keepalived_cannot_name(tmp_path, name, reason):
+    """follow took them, and wrote them: keepalived tracks the path its
+    config names, as `xlb ha keepalived` checks it, and never that one."""
+    from xlb.units import quoted
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    # The long one in a directory of 150 bytes (a file's name is at most 255)
+    track = f"{tmp_path}/{'x' * 150 + '/' if len(name) > 200 else ''}{name}"
+    r = subprocess.run([XLB, "ha", "follow", "--track-file", track, fifo], capture_output=True,
+                       text=True, timeout=20)
+    assert (r.returncode, r.stderr) == (2, f"xlb: error: --track-file: {quoted(track)} "
+                                           f"{reason}\n")
+    r = subprocess.run([XLB, "ha", "follow", "--track-file", "serving", fifo], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=20)
+    assert (r.returncode, r.stderr) == (2, "xlb: error: --track-file: 'serving' is not absolute "
+                                           "(keepalived runs from a directory of its own)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
+
+
 def test_ha_follow_overwrites_no_file_but_a_track_file(tmp_path):
     """A --track-file that holds more than keepalived's number (the config's
     path given by mistake) is refused and left as it was: follow wrote 0 or 1
