@@ -318,15 +318,24 @@ def _check_state_dir() -> None:
     if root is not None and not os.path.isabs(root):
         raise BadInput(f"XLB_STATE_DIR: {quoted(root)} is not an absolute path")
     target = state.directory()
+    what = "XLB_STATE_DIR" if root is not None else "state directory"
+    # A name of over 255 bytes, or a path of 4096, no save can make; told by its
+    # length, as the walk below stops at the first directory not there yet.
+    if (len(os.fsencode(target / state.FILE)) >= PATH_MAX
+            or any(len(os.fsencode(part)) > NAME_MAX for part in target.parts)):
+        raise BadInput(f"{what}: {quoted(str(target.parent))}: "
+                       f"{os.strerror(errno.ENAMETOOLONG)}")
     for path in (*reversed(target.parents), target):
         try:
             if not stat.S_ISDIR(os.stat(path).st_mode):
-                raise BadInput(f"{'XLB_STATE_DIR' if root is not None else 'state directory'}: "
-                               f"{quoted(str(path))} is not a directory" +
+                raise BadInput(f"{what}: {quoted(str(path))} is not a directory" +
                                ("" if path in (target, target.parent)
                                 else f" (on the way to {quoted(str(target.parent))})"))
         except OSError:     # not there yet, or not this user's to see: as before
             return
+
+
+NAME_MAX, PATH_MAX = 255, 4096      # Linux's: bytes of a file's name, of a path with its NUL
 
 
 def _flow_table(connections: int):

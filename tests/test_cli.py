@@ -930,6 +930,22 @@ def test_a_state_directory_that_is_not_absolute_is_bad_input(root, command):
         (2, f"xlb: error: XLB_STATE_DIR: {root!r} is not an absolute path\n")
 
 
+@pytest.mark.parametrize("root", ["/nonexistent-xlb/" + "a" * 256,
+                                  "/nonexistent-xlb" + "/a" * 2040, "/" + "a" * 10_000],
+                         ids=["name", "path", "10 kB"])
+@pytest.mark.parametrize("command", [("up", *SEED_FLAGS), ("ha", "follow", "/nonexistent.fifo")],
+                         ids=["up", "ha follow"])
+def test_a_state_directory_too_long_to_make_is_bad_input(root, command):
+    """A name of over 255 bytes, or a path of 4096, which no save can make:
+    taken (the walk stopped at the first directory not there), `up` would
+    warn that it could not save its state after the compile and attach."""
+    from xlb.units import quoted
+    r = subprocess.run([str(XLB), *command], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "XLB_STATE_DIR": root})
+    assert (r.returncode, r.stdout, r.stderr) == \
+        (2, "", f"xlb: error: XLB_STATE_DIR: {quoted(root)}: File name too long\n")
+
+
 @pytest.mark.parametrize("under", [False, True], ids=["file", "under a file"])
 @pytest.mark.parametrize("command", [("up", *SEED_FLAGS), ("up",), ("down",),
                                      ("ha", "follow", "/nonexistent.fifo")],
