@@ -320,10 +320,10 @@ class Balancer:
             # Taken from the connections (another layout emptied the map), and
             # written back: a server's open to new flows (the apply closes one
             # that is not up), a removed one's closed.
-            for b in state.backends.values():
-                self.datapath.set_backend(b.id, b.address, b.port)
-            for i, (address, port) in state.retired_backends.items():
-                self.datapath.set_backend(i, address, port, closed=True)
+            self.datapath.set_backends(
+                [(b.id, b.address, b.port, False) for b in state.backends.values()]
+                + [(i, address, port, True)
+                   for i, (address, port) in state.retired_backends.items()])
         keys = {(p.name, s.name) for p in config.pools for s in p.servers}
         admin = {k: v for k, v in (admin or {}).items() if k in keys}
         enabled = {(p.name, s.name) for p in config.pools for s in p.servers if s.enabled}

@@ -716,10 +716,24 @@ class Datapath:
         datagram of one it never answered, is balanced anew).
         Its replies are recognised from then on: a backend's bit in the address
         filter is never cleared, since flows to it may outlive its removal."""
-        flags = layout.BACKEND_NO_NEW_FLOWS if closed else 0
-        self._update_config(lambda c: _set_endpoint_bit(c.backend_bits, _be32(addr), _be16(port)))
-        self._maps["backends"][ct.c_int(backend_id)] = \
-            layout.Backend(_be32(addr), _be16(port), flags)
+        self.set_backends([(backend_id, addr, port, closed)])
+
+    def set_backends(self, backends: Sequence[tuple[int, IPv4Address, int, bool]]) -> None:
+        """set_backend of each (id, address, port, closed), in this order: the
+        filter bits of all in one write of config first (a set bit may be
+        another address's: the exact maps decide), then the entries in one
+        batch (_write_batch)."""
+        entries = [(i, _be32(addr), _be16(port),
+                    layout.BACKEND_NO_NEW_FLOWS if closed else 0)
+                   for i, addr, port, closed in backends]
+
+        def bits(c):
+            for _, be32, be16, _ in entries:
+                _set_endpoint_bit(c.backend_bits, be32, be16)
+        self._update_config(bits)
+        n = len(entries)
+        self._write_batch("backends", (ct.c_int * n)(*(e[0] for e in entries)),
+                          (layout.Backend * n)(*(layout.Backend(*e[1:]) for e in entries)))
 
     def clear_backend_counters(self, backend_id: int) -> None:
         """Zeroes a backend id's counters, every CPU's: the id is another server's now."""
@@ -759,9 +773,23 @@ class Datapath:
 
     def _write_slots(self, name: str, base: int, backend_ids: list[int]) -> None:
         n = len(backend_ids)
-        if n:
-            keys = (ct.c_int * n)(*range(base, base + n))
-            self._maps[name].items_update_batch(keys, (ct.c_uint32 * n)(*backend_ids))
+        self._write_batch(name, (ct.c_int * n)(*range(base, base + n)),
+                          (ct.c_uint32 * n)(*backend_ids))
+
+    def _write_batch(self, name: str, keys: ct.Array, values: ct.Array) -> None:
+        """Writes values[i] at keys[i] in map `name` (arrays of its key and value
+        types, as long) in one BPF_MAP_UPDATE_BATCH: the kernel writes them one
+        by one in this order, each seen by the program once written, as single
+        updates would be, and stops at the first it refuses. Then this raises,
+        those before it written, as single updates stopped there would have left
+        them (an apply's undo writes them back: balancer.Balancer.apply)."""
+        n = len(keys)
+        if not n:
+            return
+        count = ct.c_uint32(n)
+        if lib.bpf_update_batch(self._maps[name].map_fd, ct.byref(keys), ct.byref(values),
+                                ct.byref(count)) != 0:
+            raise DatapathError(f"cannot write {name}: {os.strerror(ct.get_errno())}")
 
     def set_service(self, vip: IPv4Address, port: int, proto: int, service_id: int,
                     ring: int, ring_len: int, flags: int = 0) -> None:
@@ -832,10 +860,22 @@ class Datapath:
         """Packets from backend endpoint (addr, port, proto) that no flow entry
         knows may be replies of these services ((vip, vip_port) with proto; at
         most layout.OWNER_SLOTS: see owners in bpf/xlb_shared.h)."""
-        owned = layout.OwnerServices()
-        for i, (vip, vip_port) in enumerate(services):
-            owned.services[i] = self._service_key(vip, vip_port, proto)
-        self._maps["owners"][self._endpoint(addr, port, proto)] = owned
+        self.set_owners([(addr, port, proto, services)])
+
+    def set_owners(self, owners: Sequence[tuple[IPv4Address, int, int,
+                                               Sequence[tuple[IPv4Address, int]]]]) -> None:
+        """set_owner of each (addr, port, proto, services), in this order, in one
+        batch (_write_batch)."""
+        keys, values = [], []
+        for addr, port, proto, services in owners:
+            owned = layout.OwnerServices()
+            for i, (vip, vip_port) in enumerate(services):
+                owned.services[i] = self._service_key(vip, vip_port, proto)
+            keys.append(self._endpoint(addr, port, proto))
+            values.append(owned)
+        n = len(keys)
+        self._write_batch("owners", (layout.Endpoint * n)(*keys),
+                          (layout.OwnerServices * n)(*values))
 
     def del_owner(self, addr: IPv4Address, port: int, proto: int) -> None:
         self._delete("owners", self._endpoint(addr, port, proto))

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from ipaddress import IPv4Address
+from itertools import groupby
+from operator import itemgetter
 from typing import Collection, Iterable, Mapping, Protocol
 
 from . import maglev, scheduler
@@ -468,6 +470,20 @@ def plan(current: DataplaneState, target: DataplaneState) -> list[Op]:
     return ops
 
 
+# Ops of which plan lists many in a row (one a server), and the Datapath
+# method that takes a run of them at once.
+BATCHED = {"set_backend": "set_backends", "set_owner": "set_owners"}
+
+
 def execute(datapath, ops: list[Op]) -> None:
-    for name, *args in ops:
-        getattr(datapath, name)(*args)
+    """Runs ops in order; each run of consecutive BATCHED ops in one call, which
+    writes them in the same order (Datapath._write_batch): a packet sees the
+    maps as it could between two of the ops, never another state (but for
+    the address filter's bits of a run of backends, set before their
+    entries: a set bit may be another address's, the exact maps decide)."""
+    for name, run in groupby(ops, key=itemgetter(0)):
+        if name in BATCHED:
+            getattr(datapath, BATCHED[name])([op[1:] for op in run])
+        else:
+            for _, *args in run:
+                getattr(datapath, name)(*args)

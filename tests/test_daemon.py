@@ -27,8 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from xlb import config as configfile, ctl, daemon, healthsync, metrics, sweep
 from xlb.balancer import Balancer, select_links
-from xlb.datapath import Datapath, DatapathError, Limits, find_running
-from xlb.model import Monitor, from_flags
+from xlb.datapath import Datapath, DatapathError, Limits, filter_slot, find_running
+from xlb.model import Config, Monitor, from_flags
+from xlb.planner import BackendState
 
 import waiting
 
@@ -1767,7 +1768,7 @@ def test_a_health_change_the_kernel_refuses_is_counted_and_shown(checked):
         listener.close()
     lag = st["health_applies"]
     assert lag["failed"] >= 1 and lag["unapplied_since"] >= before
-    assert lag["error"] == "Could not update table: Operation not permitted"
+    assert lag["error"] == "cannot write backends: Operation not permitted"
     server = st["pools"][0]["servers"][0]
     assert (server["health"], server["state"]) == ("down", "up")
     got = {(s.name, tuple(s.labels.items())): s.value
@@ -1802,6 +1803,91 @@ def test_an_apply_whose_map_write_the_kernel_refuses_changes_nothing(balancer):
     one = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"])
     balancer.apply(one, relink=False)
     assert balancer.datapath.held()[0].vips == {IPv4Address("10.1.1.101")}
+
+
+
+def _pools(ports: dict[str, int], frontends: str) -> Config:
+    """150 servers a pool, at 10.2.<pool number>.<1-150> and the pool's port."""
+    text = []
+    for p, (pool, port) in enumerate(ports.items()):
+        names = [f"{pool}-{i}" for i in range(150)]
+        text += [f'[servers."{n}"]\naddress = "10.2.{p}.{i + 1}"\nport = {port}\n'
+                 for i, n in enumerate(names)]
+        text.append(f"[pools.{pool}]\nservers = {json.dumps(names)}\n")
+    return configfile.load("".join(text) + frontends)
+
+
+def test_an_apply_writes_each_servers_entries_as_its_plan_says(balancer):
+    """An apply writes the backend and owner entries of its servers in batches
+    (planner.execute): each holds what its op said, at its op's key, and the
+    address filter has every server's bit; so after a change that closes some
+    (removed, drained) and writes others (a pool's servers on another port)."""
+    dp = balancer.datapath
+
+    def check():
+        state = balancer.state
+        held, entries = dp.held()
+        assert entries == {**{i: BackendState(i, a, p, True)
+                              for i, (a, p) in state.retired_backends.items()},
+                           **{b.id: b for b in state.backends.values()}}
+        assert held.owners == state.owners
+        bits = set()
+        for addr, port in state.endpoints().values():
+            value = int.from_bytes(addr.packed, "little") + (socket.htons(port) << 16)
+            bits.add(filter_slot(value & 0xffffffff))
+        words = dp._config().backend_bits
+        assert {i for i in range(64 * len(words)) if words[i // 64] >> (i % 64) & 1} == bits
+    frontends = ('[frontends.a]\nvip = "10.1.1.101"\nport = 80\npool = "a"\n'
+                 '[frontends.b]\nvip = "10.1.1.102"\nport = 80\npool = "b"\n'
+                 '[frontends.dns]\nvip = "10.1.1.101"\nport = 53\nprotocol = "udp"\n'
+                 'pool = "a"\n')
+    balancer.apply(_pools({"a": 8080, "b": 8081, "c": 8082}, frontends
+                          + '[frontends.c]\nvip = "10.1.1.103"\nport = 80\npool = "c"\n'),
+                   relink=False)
+    assert len(balancer.state.backends) == 450 and len(balancer.state.owners) == 600
+    check()
+    balancer.apply(_pools({"a": 8080, "b": 9090}, frontends), relink=False)
+    balancer.set_admin("drain", "a", "a-7")
+    assert balancer.state.backends[("a", "a-7")].closed
+    assert len(balancer.state.retired_backends) == 301
+    check()
+
+
+
+def test_an_apply_whose_batch_the_kernel_refuses_part_way_changes_nothing(root, fibnet):
+    """The kernel writes a batch entry by entry and stops at the first it
+    refuses (here: a full owners map): those before it are written, as a
+    series of single writes stopped there would have left them, and the
+    apply writes them back as it does any write before a refused one."""
+    dp = Datapath(Limits(max_backends=4))       # owners: room for 8
+    try:
+        b = Balancer(dp)
+        one = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080"])
+        b.apply(one, relink=False)
+        vip = [(IPv4Address("10.1.1.101"), 80)]
+        others = [(IPv4Address(f"10.9.0.{i}"), 80, 6, vip) for i in range(5)]
+        dp.set_owners(others)                   # room left for 2
+        three = [(IPv4Address(f"10.1.11.{i}"), 8080, 6, vip) for i in (102, 103, 104)]
+        with pytest.raises(DatapathError, match="^cannot write owners: Argument list too long"):
+            dp.set_owners(three)
+        assert dp.held()[0].owners.keys() >= {(a, p, 6) for a, p, _, _ in three[:2]}
+        assert (three[2][0], 8080, 6) not in dp.held()[0].owners
+        for addr, port, proto, _ in three[:2]:
+            dp.del_owner(addr, port, proto)
+
+        held = dp.held()[0]
+        four = from_flags(["10.1.1.101:80"], [f"10.1.11.{i}:8080" for i in range(101, 105)])
+        with pytest.raises(DatapathError, match="^cannot write owners"):
+            b.apply(four, relink=False)
+        now = dp.held()[0]
+        assert (now.services, now.vips, now.owners) == (held.services, held.vips, held.owners)
+        assert b.config is one
+        for addr, port, proto, _ in others:
+            dp.del_owner(addr, port, proto)
+        b.apply(four, relink=False)
+        assert dp.held()[0].owners == b.state.owners and len(b.state.owners) == 4
+    finally:
+        dp.close()
 
 
 def test_status_tells_an_unchecked_server_from_one_whose_first_check_is_to_come(checked):

@@ -772,6 +772,29 @@ def test_unknown_timeouts_are_set_again():
     assert planner.plan(adopted, st) == [("set_timeouts", 0, 60, 900, 120, 300)]
 
 
+def test_execute_writes_each_run_of_server_entries_in_one_call_in_its_order():
+    """execute hands each run of consecutive set_backend (set_owner) ops to one
+    set_backends (set_owners) call, in their order, and every other op to its
+    own call between them: the maps are written in the plan's order."""
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            return lambda *args: calls.append((name, *args))
+    x, y = A("10.1.11.1"), A("10.1.11.2")
+    owned = ((A("10.1.1.1"), 80),)
+    planner.execute(Recorder(), [
+        ("del_owner", x, 80, 6), ("set_backend", 0, x, 80, True), ("set_backend", 1, y, 80, False),
+        ("clear_backend_counters", 2), ("set_backend", 2, x, 81, False), ("write_ring", 0, [1, 2]),
+        ("set_owner", y, 80, 6, owned), ("set_owner", x, 81, 6, owned),
+        ("set_service", A("10.1.1.1"), 80, 6, 0, 0, 2, 0), ("set_owner", y, 80, 17, owned)])
+    assert calls == [
+        ("del_owner", x, 80, 6), ("set_backends", [(0, x, 80, True), (1, y, 80, False)]),
+        ("clear_backend_counters", 2), ("set_backends", [(2, x, 81, False)]),
+        ("write_ring", 0, [1, 2]), ("set_owners", [(y, 80, 6, owned), (x, 81, 6, owned)]),
+        ("set_service", A("10.1.1.1"), 80, 6, 0, 0, 2, 0), ("set_owners", [(y, 80, 17, owned)])]
+
+
 class FakeMaps:
     """What the maps hold after a series of plans: which services, and every
     backend entry ever written (removed servers stay, closed). Rings, Maglev
@@ -781,8 +804,9 @@ class FakeMaps:
         self.services, self.backends, self.arp, self.vips = set(), {}, {}, set()
         self.owners = {}
 
-    def set_backend(self, i, addr, port, closed=False):
-        self.backends[i] = planner.BackendState(i, addr, port, closed)
+    def set_backends(self, backends):
+        for i, addr, port, closed in backends:
+            self.backends[i] = planner.BackendState(i, addr, port, closed)
 
     def set_service(self, vip, port, proto, *args):
         self.services.add((vip, port, proto))
@@ -802,8 +826,9 @@ class FakeMaps:
     def del_arp(self, ifindex, vip):
         del self.arp[(ifindex, vip)]
 
-    def set_owner(self, addr, port, proto, services):
-        self.owners[(addr, port, proto)] = tuple(services)
+    def set_owners(self, owners):
+        for addr, port, proto, services in owners:
+            self.owners[(addr, port, proto)] = tuple(services)
 
     def del_owner(self, addr, port, proto):
         del self.owners[(addr, port, proto)]
@@ -1038,10 +1063,11 @@ def test_an_apply_holds_the_garbage_collector_off_and_gives_it_back():
     class Maps:             # takes every write, and notes whether the collector ran at each server
         limits = Limits()
 
-        def set_backend(self, *args):
-            running.append(gc.isenabled())
-            if len(running) == 3:
-                raise OSError("refused")
+        def set_backends(self, backends):
+            for _ in backends:
+                running.append(gc.isenabled())
+                if len(running) == 3:
+                    raise OSError("refused")
 
         def delete_flows(self, *args):
             return {"flows": 0, "flows_new": 0}
