@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import inspect
 import io
 import json
 import os
@@ -833,12 +834,29 @@ def test_a_resize_prints_no_frame_again_when_piped(monkeypatch, run_dir):
         drawn.append(lines)
         return render(current, previous, seconds, note, lines, keys)
 
+    # Read by top's loop before the Ctrl-C, which would win if both waited:
+    # once its handler has noted the SIGWINCH (in the set `got`), and the loop
+    # has taken it from there.
+    noted, got, install = threading.Event(), [], signal.signal
+
+    def installing(signum, handler):
+        if signum == signal.SIGWINCH and callable(handler):     # top's
+            got.append(inspect.getclosurevars(handler).nonlocals["got"])
+
+            def noting(n, frame):
+                handler(n, frame)
+                noted.set()
+            return install(signum, noting)
+        return install(signum, handler)
+
     def resize():
         os.kill(os.getpid(), signal.SIGWINCH)
-        time.sleep(0.5)                 # taken in before the Ctrl-C, which would win
+        wait_for(lambda: noted.is_set() and signal.SIGWINCH not in got[0], 10,
+                 "top's loop reads the SIGWINCH")
         os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(top, "render", drawing)
+    monkeypatch.setattr(signal, "signal", installing)
     Clock(monkeypatch)
     with slow_instance(resize):
         assert top.live(60.0, console) == 0
