@@ -214,13 +214,20 @@ def test_a_restart_with_a_smaller_flow_table_keeps_the_open_connections(lab):
     copy in hash order reset some of them, although all of them fitted."""
     with lab.xlb(*SEED_ARGS, "--flow-table", "4096") as first:
         holders = [lab.hold("--pause", "0.2", "--count", "600")[0] for _ in range(20)]
+        replies: list[list[tuple[float, dict]]] = [[] for _ in holders]
+        readers = [threading.Thread(target=Traffic._read, args=(h, r), daemon=True)
+                   for h, r in zip(holders, replies)]
+        for t in readers:
+            t.start()
         try:
             closed = lab.client("client", "load", VIP, "80", "--seconds", "2",
                                 "--concurrency", "1", "--interval", "0.01")
             assert closed["error_count"] == 0 and closed["ok"] > 64
             first.stop(signal.SIGKILL)
             with lab.xlb(*SEED_ARGS, "--flow-table", "64") as second:
-                time.sleep(3)           # some 15 requests on each connection
+                restarted = time.monotonic()
+                wait_for(lambda: all(sum(t > restarted for t, _ in r) >= 15 for r in replies),
+                         120, "15 answers on each connection since the restart")
                 after = lab.status()["flows"]
                 # Closed while xlb serves: a FIN resent after it stopped would
                 # be a later test's new flow.
@@ -231,10 +238,12 @@ def test_a_restart_with_a_smaller_flow_table_keeps_the_open_connections(lab):
         finally:
             for h in holders:
                 h.kill()
-    for h in holders:
-        replies = [json.loads(line) for line in h.stdout.read().splitlines()]
-        assert [r for r in replies if "error" in r] == [] and len(replies) > 20
-        assert len({r["name"] for r in replies}) == 1
+            for t in readers:
+                t.join(30)
+    for read in replies:
+        answers = [r for _, r in read]
+        assert [r for r in answers if "error" in r] == [] and len(answers) > 20
+        assert len({r["name"] for r in answers}) == 1
     assert after["connections_capacity"] == 64 and after["established"] == 20
     assert "connections did not fit" in second.stderr
 
