@@ -367,13 +367,21 @@ def test_the_config_applies_panel_counts_each_apply_once(lab, xlb, tmp_path):
     for var, value in (("$__rate_interval", "4s"), ("$__interval", "1s"),
                        ("${instance}", ".*"), ("$instance", ".*")):
         expr = expr.replace(var, value)
+    def applied() -> float:
+        """The successful applies in Prometheus's last scrape."""
+        return sum(float(r["value"][1])
+                   for r in query(lab, 'xlb_config_applies_total{result="ok"}'))
+
     with prometheus(lab, tmp_path):
+        before = applied()
         start = time.time()
         for _ in range(2):
             assert lab.xlb_cmd("apply", str(SEED), timeout=60).returncode == 0
             time.sleep(3)
-        end = time.time()
-        time.sleep(2)           # the last bars' scrapes
+        # Until Prometheus holds the second apply, and a bar after it (a step
+        # is a second): a fixed 2 s left a late scrape of it out of the bars.
+        wait_for("Prometheus scrapes the second apply", 30, lambda: applied() == before + 2)
+        end = time.time() + 1
         answer = prom_get(lab, "/api/v1/query_range", query=expr, start=f"{start:.3f}",
                           end=f"{end:.3f}", step="1")
     assert answer["status"] == "success", answer
