@@ -24,7 +24,7 @@ import click
 
 from . import __version__, config as configfile, ctl, log
 from .ha import KEEPALIVED_INSTANCE
-from .model import (ConfigError, Monitor, from_flags, monitor_from_flags,
+from .model import (ConfigError, Monitor, from_flags, has_leading_zero, monitor_from_flags,
                     not_utf8, parse_host)
 from .units import (LONG, clipped, count, full, interfaces, last_check, quoted, shown,
                     si, unapplied)
@@ -70,8 +70,7 @@ class _Spelt:
                 self.fail(f"{quoted(value)} is too long for a number.", param, ctx)
             if not self.spelling.fullmatch(value):
                 self.fail(f"{quoted(value)} is not {self.said}.", param, ctx)
-            whole = value.lstrip("-").partition(".")[0]
-            if len(whole) > 1 and whole.startswith("0"):
+            if has_leading_zero(value.lstrip("-").partition(".")[0]):
                 self.fail(f"{quoted(value)} has a leading zero.", param, ctx)
         return super().convert(value, param, ctx)
 
@@ -306,6 +305,9 @@ def _need_root() -> None:
         raise Failure("xlb up needs root, to load and attach XDP programs")
 
 
+NAME_MAX, PATH_MAX = 255, 4096      # Linux's: bytes of a file's name, of a path with its NUL
+
+
 def _check_state_dir() -> None:
     """$XLB_STATE_DIR, if set, is absolute: a relative one (or an empty one,
     which is no directory) would put xlb's state wherever the command runs.
@@ -333,9 +335,6 @@ def _check_state_dir() -> None:
                                 else f" (on the way to {quoted(str(target.parent))})"))
         except OSError:     # not there yet, or not this user's to see: as before
             return
-
-
-NAME_MAX, PATH_MAX = 255, 4096      # Linux's: bytes of a file's name, of a path with its NUL
 
 
 def _flow_table(connections: int):

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Iterable, Mapping
 
-from .model import (Config, check_interface, has_space, not_utf8, parse_address, parse_host,
-                    unprintable)
+from .model import (Config, check_interface, has_leading_zero, has_space, not_utf8,
+                    parse_address, parse_host, unprintable)
 from .units import quoted
 
 ROLES = ("active", "backup")
@@ -183,7 +183,7 @@ class Gateway:
             raise ValueError(f"{quoted(text)}: give the address with its prefix, IP/PREFIX[@DEV]")
         # IPv4Interface takes /024 for /24; `ip addr add` reads it as octal, /20.
         prefix = addr.partition("/")[2]
-        if len(prefix) > 1 and prefix.startswith("0") and prefix.isdigit():
+        if prefix.isdigit() and has_leading_zero(prefix):
             raise ValueError(f"{quoted(text)}: prefix {quoted(prefix)} has a leading zero")
         try:
             iface = IPv4Interface(addr)

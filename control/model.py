@@ -337,12 +337,18 @@ def check_maglev_servers(size: int, servers: int) -> None:
                          f"{need}, such as {fit}")
 
 
+def has_leading_zero(digits: str) -> bool:
+    """Whether a number's digits start with a zero that is not the number: a
+    likely typo ("080" for 8080), and octal to some readers (iproute2)."""
+    return len(digits) > 1 and digits.startswith("0")
+
+
 def parse_port(text: str) -> int:
     """A port as a flag gives it: decimal digits, no leading zero (TOML's
     `port = 080` is no number either, and "080" may be a mistyped 8080)."""
     if not (text.isascii() and text.isdigit()):
         raise ValueError(f"port {quoted(text)} is not a number")
-    if len(text) > 1 and text.startswith("0"):
+    if has_leading_zero(text):
         raise ValueError(f"port {quoted(text)} has a leading zero")
     if len(text) > 5:       # before int(), which reads no more than 4300 digits
         raise ValueError(f"port {clipped(text)} is out of range 1-65535")
