@@ -115,12 +115,13 @@ class Announcer:
         self.announced: frozenset[IPv4Address] = frozenset()
         self.refused: str | None = None     # what the last sync's OSError said
 
-    def _held(self, ipr) -> set[IPv4Address]:
+    def _held(self) -> set[IPv4Address]:
         """The VIPs of the routes xlb writes (/32, blackhole, proto static): a
         route the operator put in the table is not xlb's to remove."""
-        return {IPv4Address(r.get_attr("RTA_DST")) for r in ipr.get_routes(table=self.table)
-                if r["dst_len"] == 32 and r["type"] == RTN_BLACKHOLE
-                and r["proto"] == RTPROT_STATIC and r.get_attr("RTA_TABLE") == self.table}
+        from . import netif
+        return {r.dst.network_address for r in netif.table_routes(self.table)
+                if r.dst.prefixlen == 32 and r.type == RTN_BLACKHOLE
+                and r.protocol == RTPROT_STATIC}
 
     def sync(self, vips: Iterable[IPv4Address]) -> None:
         """Makes xlb's routes in the table exactly vips/32. Each route is tried
@@ -150,17 +151,14 @@ class Announcer:
                 refused.append(f"{op} {vip}/32: {os.strerror(e.code)}")
                 return False
 
-        try:
-            with IPRoute() as ipr:
-                held = self._held(ipr)
-                for vip in sorted(want - held):
-                    if route(ipr, "add", vip):
-                        held.add(vip)
-                for vip in sorted(held - want):
-                    if route(ipr, "del", vip):
-                        held.discard(vip)
-        except NetlinkError as e:        # the table not read: nothing was written
-            raise OSError(e.code, f"routing table {self.table}: {e}") from None
+        held = self._held()         # raises with nothing written if the table is not read
+        with IPRoute() as ipr:
+            for vip in sorted(want - held):
+                if route(ipr, "add", vip):
+                    held.add(vip)
+            for vip in sorted(held - want):
+                if route(ipr, "del", vip):
+                    held.discard(vip)
         self.announced = frozenset(held)
         if refused:
             raise OSError(f"routing table {self.table}: {'; '.join(refused)}")

@@ -93,6 +93,50 @@ def test_route_links_answers_as_ip_route_get_does():
         assert route_links([]) == {}
 
 
+def test_table_routes_reads_one_table_as_ip_route_show_does(monkeypatch):
+    """netif.table_routes lists a table's routes as `ip route show table N`
+    does (a table above 255 too, none for a table that does not exist), and
+    asks the kernel for that table alone: beside 20,000 routes in main, the
+    local table's few take one small answer, not a dump of every table (a
+    host that speaks BGP may hold a full table: every apply reads this)."""
+    received = []
+
+    class Counted(socket.socket):
+        def recv(self, *args):
+            data = super().recv(*args)
+            received.append(len(data))
+            return data
+
+    def shown(table):
+        out = subprocess.run(["ip", "-j", "route", "show", "table", str(table)], check=True,
+                             capture_output=True, text=True).stdout
+        return {(r["dst"] if "/" in r["dst"] or r["dst"] == "default" else f"{r['dst']}/32",
+                 r.get("type", "unicast"), r.get("dev")) for r in json.loads(out or "[]")}
+
+    def read(table):
+        names = {index: name for name, index in net.ifindex.items()}
+        types = dict(enumerate(("unspec", "unicast", "local", "broadcast", "anycast",
+                                "multicast", "blackhole", "unreachable", "prohibit", "throw")))
+        return {(str(r.dst).replace("0.0.0.0/0", "default"), types[r.type], names.get(r.oif))
+                for r in netif.table_routes(table)}
+
+    with FibNet("xlbt-links").entered({}) as net:
+        net.ifindex["lo"] = socket.if_nametoindex("lo")
+        net.sh("ip", "route", "add", "local", "10.9.0.0/16", "dev", "lo", "table", "local")
+        net.sh("ip", "route", "add", "blackhole", "10.1.1.101", "proto", "static",
+               "table", "70000")
+        net.sh("ip", "route", "add", "10.1.20.0/24", "via", "10.1.11.2", "table", "100")
+        routes = "".join(f"route add 172.16.{i // 256}.{i % 256}/32 via 10.1.11.2\n"
+                         for i in range(20_000))
+        subprocess.run(["ip", "-batch", "-"], input=routes, text=True, check=True)
+        for table in (255, 254, 100, 70000):
+            assert read(table) == shown(table)
+        assert netif.table_routes(4242) == []
+        assert {r.protocol for r in netif.table_routes(70000)} == {4}      # static
+        monkeypatch.setattr(netif.socket, "socket", Counted)
+        assert ("10.9.0.0/16", "local", "lo") in read(255)
+        assert 0 < sum(received) < 4096
+
 def test_each_loss_of_a_link_is_told_once_with_how():
     with FibNet("xlbt-links").entered({}) as net:
         events = LinkEvents()
