@@ -137,6 +137,30 @@ def test_table_routes_reads_one_table_as_ip_route_show_does(monkeypatch):
         assert ("10.9.0.0/16", "local", "lo") in read(255)
         assert 0 < sum(received) < 4096
 
+def test_the_stale_neighbours_of_the_next_hops_are_checked_and_no_other():
+    """netif.renew_stale has the kernel check (a probe soon: DELAY) the stale
+    entries of the next hops given (link, MAC), among hundreds of others: not
+    another MAC on that link, nor that MAC on another link, nor an entry of
+    theirs that is not stale."""
+    def states():
+        out = subprocess.run(["ip", "-j", "neigh", "show"], check=True, capture_output=True,
+                             text=True).stdout
+        return {(n["dst"], n["dev"]): n["state"][0] for n in json.loads(out)}
+
+    used = "02:00:00:00:0a:01"
+    with FibNet("xlbt-links").entered({}) as net:
+        entries = "".join(f"neigh add 10.1.11.{i} lladdr 02:00:00:00:0b:{i:02x} dev int "
+                          f"nud stale\n" for i in range(2, 250))
+        subprocess.run(["ip", "-batch", "-"], input=entries, text=True, check=True)
+        for addr, dev, nud in (("10.1.11.250", "int", "stale"), ("10.1.1.250", "ext", "stale"),
+                               ("10.1.11.251", "int", "permanent")):
+            net.sh("ip", "neigh", "add", addr, "lladdr", used, "dev", dev, "nud", nud)
+        before = states()
+        netif.renew_stale({(net.ifindex["int"], bytes.fromhex(used.replace(":", "")))})
+        assert states() == {**before, ("10.1.11.250", "int"): "DELAY"}
+        assert before[("10.1.11.250", "int")] == "STALE"
+
+
 def test_each_loss_of_a_link_is_told_once_with_how():
     with FibNet("xlbt-links").entered({}) as net:
         events = LinkEvents()
