@@ -26,6 +26,13 @@ from .model import UNNAMED_LINKS, Config, ConfigError
 from .units import quoted
 
 EMPTY = Config(frontends=(), pools=())
+# A status (each scrape, each `xlb top` frame) reads the flow tables whole:
+# 1.1 s of CPU beside a million connections. A read that took more than
+# LEDGER_SLOW seconds stands for LEDGER_REUSE times as long (until an apply),
+# so that however often they ask, reading them takes a tenth of a CPU at
+# most; a quicker one is read anew each time, exact right after a change.
+LEDGER_SLOW = 0.05
+LEDGER_REUSE = 10
 ADMIN_ACTIONS = {"disable": "maint", "drain": "drain", "enable": None}
 
 Key = tuple[str, str]
@@ -93,6 +100,7 @@ class Balancer:
         # The Maglev tables' digests of (config, state): each hashes 65,537 slots,
         # too many for every status while only an apply changes them.
         self._digests: tuple[Config, planner.DataplaneState, dict[str, str]] | None = None
+        self._ledger_kept: tuple[FlowLedger, float] | None = None   # and until when (_ledger)
 
     def health_targets(self) -> list[Target]:
         """Every server whose pool or own monitor checks it."""
@@ -213,6 +221,7 @@ class Balancer:
             self.config, self.state, self.states, self.admin = config, target, states, admin
             self.server_rows = rows
             self.health = health
+            self._ledger_kept = None        # connections it ended, servers it took away
             # The maps now hold the checks' latest states, whichever apply wrote them.
             self.health_applies = {**self.health_applies, "unapplied_since": None, "error": None}
             with self._changes_lock:
@@ -405,7 +414,7 @@ class Balancer:
                               "protocol": fe.protocol, "pool": fe.pool,
                               "servers_taking_flows": len(set(svc.slots)),
                               **_counters(dp.service_counters(svc.id))})
-        ledger = dp.flow_ledger()
+        ledger = self._ledger()
         census = ledger.census
         counters = dp.backend_counters_many({b.id for b in self.state.backends.values()})
         config, state, digests = self._digests or (None, None, {})
@@ -452,6 +461,17 @@ class Balancer:
             "reasons": {name: {"packets": t.packets, "bytes": t.bytes}
                         for name, t in reasons.items()},
         }
+
+    def _ledger(self) -> FlowLedger:
+        """The flow tables' census and counters: the last read while it
+        stands (LEDGER_SLOW), else read anew."""
+        start = time.monotonic()
+        if self._ledger_kept is not None and start < self._ledger_kept[1]:
+            return self._ledger_kept[0]
+        ledger = self.datapath.flow_ledger()
+        took = time.monotonic() - start
+        self._ledger_kept = (ledger, start + LEDGER_REUSE * took) if took > LEDGER_SLOW else None
+        return ledger
 
     def _flows(self, ledger: FlowLedger) -> dict:
         """The flow tables: connections by state, what came and went, and the

@@ -1555,6 +1555,36 @@ def test_flows_ended_are_the_open_connections_that_ended(balancer, fibnet):
     assert entries(balancer.datapath, "flows") == {}
 
 
+def test_a_slow_read_of_the_flow_tables_stands_for_a_while(balancer, fibnet, monkeypatch):
+    """A status whose read of the flow tables was slow (a million connections)
+    shows that read again for a while, not a connection opened since, until
+    an apply; a quick read is read anew at each status."""
+    from xlb import balancer as balancer_module
+
+    lb = Harness(balancer.datapath)
+
+    def active():
+        return balancer.status()["pools"][0]["servers"][0]["active_flows"]
+
+    assert active() == 0
+    handshake(lb, fibnet, 53600)
+    assert active() == 1                        # a quick read: anew
+    monkeypatch.setattr(balancer_module, "LEDGER_SLOW", 0.0)
+    monkeypatch.setattr(balancer_module, "LEDGER_REUSE", 1e6)
+    assert active() == 1                        # read, and "slow": it stands
+    handshake(lb, fibnet, 53601)
+    assert active() == 1
+    balancer.apply(balancer.config, relink=False)
+    assert active() == 2
+    handshake(lb, fibnet, 53602)
+    assert active() == 2
+    monkeypatch.setattr(balancer_module, "LEDGER_REUSE", 0)     # its time is up at once
+    balancer.apply(balancer.config, relink=False)
+    assert active() == 3
+    handshake(lb, fibnet, 53603)
+    assert active() == 4
+
+
 def one_connection(balancer, fibnet, policy, sport):
     """The balancer's pool given `policy`, and one connection to its server
     10.1.11.101: (harness, config, pool, the server's backend id)."""
