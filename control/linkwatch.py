@@ -205,10 +205,9 @@ class LinkWatch:
 
     def _read(self) -> None:
         announcer = self.balancer.announcer
-        links = self.balancer.links.values()
-        attached = {link.index: link.mac for link in links}
+        attached = {link.index: link for link in self.balancer.links.values()}
         lost, regained, changed, readdressed = self.events.read(
-            announcer and announcer.table, attached, {link.index: link.name for link in links})
+            announcer and announcer.table, attached)
         for loss in lost:
             if behind := [t for t in self.balancer.health_targets()
                           if self.routes.get(t.address) == loss.index]:

@@ -473,25 +473,23 @@ class LinkEvents:
     def close(self) -> None:
         self._sock.close()
 
-    def read(self, ignore_table: int | None = None, macs: Mapping[int, bytes] = {},
-             names: Mapping[int, str] = {}
+    def read(self, ignore_table: int | None = None, known: Mapping[int, Link] = {}
              ) -> tuple[list[LinkLoss], list[int], bool, set[int]]:
         """The links lost since the last read, the indexes of those that
         regained their carrier, whether routing may have changed
         meanwhile (a route changed, other than in ignore_table, or a link
         came up), and the indexes of the links whose IPv4 addresses changed
-        or, of those in `macs` (index: MAC), whose MAC is another now, or, of
-        those in `names` (index: name), whose name is. An
-        overrun socket (ENOBUFS: events were lost) counts as a change, and
-        as a change of the addresses of every link in macs and names; no loss is told
-        until carrier() is called (not in an event loop's thread: pyroute2
-        runs one of its own), and the read after it tells those the lost
-        events held."""
+        or, of those in `known` (by index, as read before), whose MAC or
+        name is another now. An overrun socket (ENOBUFS: events were lost)
+        counts as a change, and as a change of the addresses of every link
+        in `known`; no loss is told until carrier() is called (not in an
+        event loop's thread: pyroute2 runs one of its own), and the read
+        after it tells those the lost events held."""
         with self._reading:             # not while carrier() tells them
-            return self._read(ignore_table, macs, names)
+            return self._read(ignore_table, known)
 
-    def _read(self, ignore_table: int | None, macs: Mapping[int, bytes],
-              names: Mapping[int, str]) -> tuple[list[LinkLoss], list[int], bool, set[int]]:
+    def _read(self, ignore_table: int | None, known: Mapping[int, Link]
+              ) -> tuple[list[LinkLoss], list[int], bool, set[int]]:
         lost, self._missed = self._missed, []
         regained, self._found = self._found, []
         changed, readdressed = False, set()
@@ -507,18 +505,16 @@ class LinkEvents:
                     self._before = self._carrier
                 self._carrier, changed = None, True
                 self._unheeded += 1
-                readdressed.update(macs)
-                readdressed.update(names)
+                readdressed.update(known)
                 continue
             for msg in self._marshal.parse(data):
                 kind = msg["header"]["type"]
                 if kind in (RTM_NEWADDR, RTM_DELADDR):
                     readdressed.add(msg["index"])
                 elif kind == RTM_NEWLINK and msg["family"] != socket.AF_BRIDGE and (
-                        msg["index"] in macs and (mac := msg.get_attr("IFLA_ADDRESS"))
-                        and _mac(mac) != macs[msg["index"]]
-                        or msg["index"] in names
-                        and msg.get_attr("IFLA_IFNAME") != names[msg["index"]]):
+                        (link := known.get(msg["index"])) is not None
+                        and ((mac := msg.get_attr("IFLA_ADDRESS")) and _mac(mac) != link.mac
+                             or msg.get_attr("IFLA_IFNAME") != link.name)):
                     readdressed.add(msg["index"])
                 if kind in (RTM_NEWLINK, RTM_DELLINK) and self._carrier is None:
                     self._unheeded += 1

@@ -35,6 +35,11 @@ def told(events: LinkEvents, ignore_table: int | None = None) -> tuple[list[tupl
     return [(loss.name, loss.how) for loss in lost], changed
 
 
+def read_links(*indexes: int) -> dict[int, netif.Link]:
+    """The links at these indexes as read now: those LinkEvents.read is asked about."""
+    return {link.index: link for link in netif.links() if link.index in indexes}
+
+
 def test_servers_are_routed_as_the_kernel_routes_them():
     """A server on a link's subnet by that link, one behind a gateway by the
     gateway's link, one with no route left out."""
@@ -220,29 +225,30 @@ def test_a_links_address_or_mac_changed_is_told():
     to one of the links it is asked about (those xlb answers ARP on), are
     told by their indexes; a link's other news (set down) is not, nor the
     MAC of a link it is not asked about."""
-    with FibNet("xlbt-links").entered({}) as net, IPRoute() as ipr:
+    with FibNet("xlbt-links").entered({}) as net:
         ext, small = net.ifindex["ext"], net.ifindex["small"]
         events = LinkEvents()
         try:
             events.carrier()
-            mac = bytes.fromhex(ipr.get_links(ext)[0].get_attr("IFLA_ADDRESS").replace(":", ""))
+            known = read_links(ext)
             net.sh("ip", "addr", "add", "10.1.40.1/24", "dev", "ext")
-            assert events.read(macs={ext: mac})[3] == {ext}
+            assert events.read(known=known)[3] == {ext}
             net.sh("ip", "addr", "del", "10.1.40.1/24", "dev", "ext")
-            assert events.read(macs={ext: mac})[3] == {ext}
+            assert events.read(known=known)[3] == {ext}
             net.sh("ip", "link", "set", "small", "down")
             net.sh("ip", "link", "set", "small", "address", "02:00:00:00:40:02")
-            assert events.read(macs={ext: mac})[3] == set()
+            assert events.read(known=known)[3] == set()
+            known.update(read_links(small))
             net.sh("ip", "link", "set", "ext", "address", "02:00:00:00:40:01")
-            assert events.read(macs={ext: mac, small: bytes.fromhex("020000004002")})[3] == {ext}
+            assert events.read(known=known)[3] == {ext}
         finally:
             events.close()
 
 
 def test_a_link_renamed_is_told_among_those_readdressed():
     """A link renamed (set down first, as the kernel asks) is told by its
-    index among those to read again, if it is among the `names` it is asked
-    about (those xlb runs on, by the names they had then), not otherwise.
+    index among those to read again, if it is among the links it is asked
+    about (those xlb runs on, as they were read then), not otherwise.
     The kernel tells a link's IPv4 addresses again when it is renamed: not
     those of one without any (here), which was not told."""
     with FibNet("xlbt-links").entered({}) as net:
@@ -250,12 +256,14 @@ def test_a_link_renamed_is_told_among_those_readdressed():
         events = LinkEvents()
         try:
             events.carrier()
+            known = read_links(bare)
             net.sh("ip", "link", "set", "other", "down")
             net.sh("ip", "link", "set", "other", "name", "another")
-            assert events.read(names={bare: "bare"})[3] == set()
+            assert events.read(known=known)[3] == set()
+            known.update(read_links(other))
             net.sh("ip", "link", "set", "bare", "down")
             net.sh("ip", "link", "set", "bare", "name", "renamed")
-            assert events.read(names={bare: "bare", other: "another"})[3] == {bare}
+            assert events.read(known=known)[3] == {bare}
         finally:
             events.close()
 
