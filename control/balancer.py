@@ -622,8 +622,7 @@ def _made_again(attached: dict[str, netif.Link], now: list[netif.Link] | None = 
     links, fresh = [], []
     for name, old in attached.items():
         if (same := by_index.get(old.index)) is not None:
-            links.append(dataclasses.replace(old, name=same.name, mac=same.mac,
-                                             addresses=same.addresses))
+            links.append(old.reread(same))
         elif new := made.get(name):
             links.append(new)
             fresh.append(new)

@@ -100,8 +100,7 @@ class LinkWatch:
         Ethernet link not attached (to attach, or to warn of)."""
         by_index = {link.index: link for link in now}
         attached = {link.index: link for link in self.balancer.links.values()}
-        return any((same := by_index.get(index)) is None
-                   or (same.name, same.mac, same.addresses) != (old.name, old.mac, old.addresses)
+        return any((same := by_index.get(index)) is None or old.reread(same) != old
                    for index, old in attached.items()) or \
             any(link.ethernet and link.up and link.index not in attached for link in now)
 

@@ -62,6 +62,12 @@ class Link:
         """True if addr is on one of this link's IPv4 subnets (so ARP for it arrives here)."""
         return any(addr in net for net in self.networks)
 
+    def reread(self, now: Link) -> Link:
+        """This link as attached, with what an apply takes from `now` (the
+        same link read again): its name, which frontends name, and its MAC
+        and addresses, which the ARP answers go by. A rename keeps the program."""
+        return dataclasses.replace(self, name=now.name, mac=now.mac, addresses=now.addresses)
+
 
 def _mac(text: str) -> bytes:
     """A MAC as netlink attributes give it ("02:00:00:00:0a:01"), as bytes."""
