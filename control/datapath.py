@@ -723,7 +723,10 @@ class Datapath:
         """set_backend of each (id, address, port, closed), in this order: the
         filter bits of all in one write of config first (a set bit may be
         another address's: the exact maps decide), then the entries in one
-        batch (_write_batch)."""
+        batch (_write_batch). None (an adoption of maps that hold no server):
+        config is not even read."""
+        if not backends:
+            return
         entries = [(i, _be32(addr), _be16(port),
                     layout.BACKEND_NO_NEW_FLOWS if closed else 0)
                    for i, addr, port, closed in backends]
