@@ -882,7 +882,24 @@ class Datapath:
                           (layout.OwnerServices * n)(*values))
 
     def del_owner(self, addr: IPv4Address, port: int, proto: int) -> None:
-        self._delete("owners", self._endpoint(addr, port, proto))
+        self.del_owners([(addr, port, proto)])
+
+    def del_owners(self, endpoints: Sequence[tuple[IPv4Address, int, int]]) -> None:
+        """del_owner of each (addr, port, proto), in this order, in one
+        BPF_MAP_DELETE_BATCH, which deletes them one by one and stops at the
+        first it cannot: at one not there (deleted already, as _delete takes
+        it) it goes on after it; at another refusal this raises, those
+        before it deleted (an apply's undo writes them back)."""
+        n = len(endpoints)
+        keys = (layout.Endpoint * n)(*(self._endpoint(*e) for e in endpoints))
+        fd, size, done = self._maps["owners"].map_fd, ct.sizeof(layout.Endpoint), 0
+        while done < n:
+            count = ct.c_uint32(n - done)
+            if lib.bpf_delete_batch(fd, ct.byref(keys, done * size), ct.byref(count)) == 0:
+                return
+            if ct.get_errno() != errno.ENOENT:
+                raise DatapathError(f"cannot delete from owners: {os.strerror(ct.get_errno())}")
+            done += count.value + 1     # count: those deleted before the one not there
 
     def set_arp(self, ifindex: int, vip: IPv4Address, mac: bytes) -> None:
         self._maps["arp_vips"][layout.ArpKey(ifindex, _be32(vip))] = \

@@ -472,12 +472,12 @@ def plan(current: DataplaneState, target: DataplaneState) -> list[Op]:
 
 # Ops of which plan lists many in a row (one a server), and the Datapath
 # method that takes a run of them at once.
-BATCHED = {"set_backend": "set_backends", "set_owner": "set_owners"}
+BATCHED = {"set_backend": "set_backends", "set_owner": "set_owners", "del_owner": "del_owners"}
 
 
 def execute(datapath, ops: list[Op]) -> None:
     """Runs ops in order; each run of consecutive BATCHED ops in one call, which
-    writes them in the same order (Datapath._write_batch): a packet sees the
+    writes them in the same order (Datapath._write_batch, del_owners): a packet sees the
     maps as it could between two of the ops, never another state (but for
     the address filter's bits of a run of backends, set before their
     entries: a set bit may be another address's, the exact maps decide)."""

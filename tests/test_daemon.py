@@ -1890,6 +1890,48 @@ def test_an_apply_whose_batch_the_kernel_refuses_part_way_changes_nothing(root, 
         dp.close()
 
 
+def test_owners_deleted_in_a_batch_step_over_those_not_there(root, fibnet):
+    """del_owners deletes each endpoint given in one batch, which the kernel
+    stops at the first key not there: those after it are deleted too, as a
+    series of single deletes would have (an apply's undo deletes what a
+    refused write had not written yet), and none there is no error."""
+    dp = Datapath()
+    try:
+        vip = [(IPv4Address("10.1.1.101"), 80)]
+        there = [(IPv4Address(f"10.1.11.{i}"), 8080, 6) for i in (101, 103, 105)]
+        dp.set_owners([(*e, vip) for e in there])
+        gone = [(IPv4Address(f"10.1.11.{i}"), 8080, 6) for i in (102, 104)]
+        dp.del_owners([there[0], gone[0], there[1], gone[1], there[2]])
+        assert dp.held()[0].owners == {}
+        dp.del_owners(gone)
+    finally:
+        dp.close()
+
+
+def test_an_apply_refused_after_it_deleted_owners_changes_nothing(root, fibnet):
+    """An apply that deletes servers' owner entries (one batch) and is refused
+    a write after (here: the owners map full, the third of three new servers)
+    is undone: the deleted are written back, and the written deleted, the
+    batch stepping over the one never written (sorted before the last
+    written), or the map held a server of neither config."""
+    dp = Datapath(Limits(max_backends=8))       # owners: room for 16
+    try:
+        b = Balancer(dp)
+        old = from_flags(["10.1.1.101:80"], ["10.1.11.105:8080", "10.1.11.106:8080"])
+        b.apply(old, relink=False)
+        vip = [(IPv4Address("10.1.1.101"), 80)]
+        dp.set_owners([(IPv4Address(f"10.9.0.{i}"), 80, 6, vip) for i in range(14)])   # full
+        held = dp.held()[0]
+        new = from_flags(["10.1.1.101:80"], [f"10.1.11.{i}:8080" for i in (104, 102, 103)])
+        with pytest.raises(DatapathError, match="^cannot write owners: Argument list too long"):
+            b.apply(new, relink=False)
+        now = dp.held()[0]
+        assert (now.services, now.vips, now.owners) == (held.services, held.vips, held.owners)
+        assert b.config is old
+    finally:
+        dp.close()
+
+
 def test_status_tells_an_unchecked_server_from_one_whose_first_check_is_to_come(checked):
     """`not checked` is for a server that no monitor checks (none, or one of
     type `none`); a checked server before its first check (the checks are

@@ -773,9 +773,10 @@ def test_unknown_timeouts_are_set_again():
 
 
 def test_execute_writes_each_run_of_server_entries_in_one_call_in_its_order():
-    """execute hands each run of consecutive set_backend (set_owner) ops to one
-    set_backends (set_owners) call, in their order, and every other op to its
-    own call between them: the maps are written in the plan's order."""
+    """execute hands each run of consecutive set_backend (set_owner, del_owner)
+    ops to one set_backends (set_owners, del_owners) call, in their order, and
+    every other op to its own call between them: the maps are written in the
+    plan's order."""
     calls = []
 
     class Recorder:
@@ -784,12 +785,14 @@ def test_execute_writes_each_run_of_server_entries_in_one_call_in_its_order():
     x, y = A("10.1.11.1"), A("10.1.11.2")
     owned = ((A("10.1.1.1"), 80),)
     planner.execute(Recorder(), [
-        ("del_owner", x, 80, 6), ("set_backend", 0, x, 80, True), ("set_backend", 1, y, 80, False),
+        ("del_owner", x, 80, 6), ("del_owner", y, 80, 6), ("del_vip", A("10.1.1.2")),
+        ("set_backend", 0, x, 80, True), ("set_backend", 1, y, 80, False),
         ("clear_backend_counters", 2), ("set_backend", 2, x, 81, False), ("write_ring", 0, [1, 2]),
         ("set_owner", y, 80, 6, owned), ("set_owner", x, 81, 6, owned),
         ("set_service", A("10.1.1.1"), 80, 6, 0, 0, 2, 0), ("set_owner", y, 80, 17, owned)])
     assert calls == [
-        ("del_owner", x, 80, 6), ("set_backends", [(0, x, 80, True), (1, y, 80, False)]),
+        ("del_owners", [(x, 80, 6), (y, 80, 6)]), ("del_vip", A("10.1.1.2")),
+        ("set_backends", [(0, x, 80, True), (1, y, 80, False)]),
         ("clear_backend_counters", 2), ("set_backends", [(2, x, 81, False)]),
         ("write_ring", 0, [1, 2]), ("set_owners", [(y, 80, 6, owned), (x, 81, 6, owned)]),
         ("set_service", A("10.1.1.1"), 80, 6, 0, 0, 2, 0), ("set_owners", [(y, 80, 17, owned)])]
@@ -830,8 +833,9 @@ class FakeMaps:
         for addr, port, proto, services in owners:
             self.owners[(addr, port, proto)] = tuple(services)
 
-    def del_owner(self, addr, port, proto):
-        del self.owners[(addr, port, proto)]
+    def del_owners(self, endpoints):
+        for endpoint in endpoints:
+            del self.owners[endpoint]
 
     def __getattr__(self, name):        # write_ring, write_maglev, set_timeouts
         return lambda *args: None
