@@ -20,10 +20,14 @@ import termios
 import threading
 import time
 import tty
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from rich.console import Console, Group, RenderableType
+from rich.cells import cell_len, set_cell_size
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
+from rich.measure import Measurement
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
@@ -64,21 +68,24 @@ class _Rates:
             return None
         return (b - a) / self.seconds
 
-    def text(self, key: str, style_if_nonzero: str = "") -> Text:
+    def cell(self, key: str, style_if_nonzero: str = "") -> tuple[str, str]:
+        """The rate as shown, and its style."""
         v = self.value(key)
         if v is None:
-            return Text(NO_RATE, style="dim")
-        return Text(si(v), style=style_if_nonzero if v > 0 else "")
+            return NO_RATE, "dim"
+        return si(v), style_if_nonzero if v > 0 else ""
+
+    def text(self, key: str, style_if_nonzero: str = "") -> Text:
+        return Text(*self.cell(key, style_if_nonzero))
 
 
 def _by_name(items: list[dict] | None) -> dict[str, dict]:
     return {i["name"]: i for i in items or []}
 
 
-def _last_check(server: dict) -> Text:
+def _last_check(server: dict) -> tuple[str, str]:
     check = server.get("last_check")
-    style = "dim" if check is None else "" if check.get("ok", True) else "red"
-    return Text(last_check(server), style=style, no_wrap=True, overflow="ellipsis")
+    return last_check(server), "dim" if check is None else "" if check.get("ok", True) else "red"
 
 
 def _header(s: dict, seconds: float | None, keys: bool) -> Text:
@@ -121,7 +128,7 @@ def _frontends(s: dict, prev: dict | None, seconds: float | None) -> Table:
     return t
 
 
-def _pool(p: dict, prev_pool: dict | None, seconds: float | None, rows: int) -> Table:
+def _pool(p: dict, prev_pool: dict | None, seconds: float | None, rows: int) -> _Rows:
     t = _table(f"pool {p['name']} ({p.get('algorithm', '?')}, "
                f"on_server_down {p.get('on_server_down', '?')})")
     # A narrow terminal cuts the columns that may wrap: the last check's free
@@ -135,28 +142,138 @@ def _pool(p: dict, prev_pool: dict | None, seconds: float | None, rows: int) -> 
     t.add_column("LAST CHECK")
     old = _by_name(prev_pool and prev_pool.get("servers"))
     servers = p.get("servers", [])
-    # All the servers' rows are one row of rich's, each cell a column of lines,
-    # one per server: rich's cost is per cell, and 10,000 servers of ten cells
-    # took 5 s a frame (2.7 s so). Each line is one (free text is escaped onto
-    # one) and is cut, never wrapped, so a server's cells stay side by side.
-    columns: list[list[Text]] = [[] for _ in t.columns]
+    cells = []
     for b in servers[:rows]:
         r = _Rates(b, old.get(b["name"]), seconds)
         state, health = b.get("state", "?"), b.get("health", "?")
-        cells = (Text(b["name"] + (" (backup)" if b.get("backup") else "")),
-                 Text(f"{b['address']}:{b['port']}"),
-                 Text(state, style=STATE_STYLES.get(state, "")),
-                 Text(health, style=HEALTH_STYLES.get(health, "")),
-                 Text(str(b.get("weight", ""))), Text(si(b.get("active_flows", 0))),
-                 r.text("new_flows", "bold"), r.text("packets_in"), r.text("packets_out"),
-                 _last_check(b))
-        for column, cell in zip(columns, cells):
-            column.append(cell)
-    if columns[0]:
-        t.add_row(*(Text("\n", no_wrap=True, overflow="ellipsis").join(c) for c in columns))
+        cells.append(((b["name"] + (" (backup)" if b.get("backup") else ""), ""),
+                      (f"{b['address']}:{b['port']}", ""),
+                      (state, STATE_STYLES.get(state, "")),
+                      (health, HEALTH_STYLES.get(health, "")),
+                      (str(b.get("weight", "")), ""), (si(b.get("active_flows", 0)), ""),
+                      r.cell("new_flows", "bold"), r.cell("packets_in"), r.cell("packets_out"),
+                      _last_check(b)))
+    view = _Rows(t, cells)
     if len(servers) > rows:
         t.add_row(Text(f"… {count(len(servers) - rows)} more servers", style="dim"))
-    return t
+    return view
+
+
+def _sizes(texts: list[str]) -> list[int]:
+    """The cells each text takes on a terminal, as rich counts them: its
+    length where all are printable ASCII (told apart at once, for 10,000)."""
+    joined = "".join(texts)
+    return list(map(len if joined.isascii() and joined.isprintable() else cell_len, texts))
+
+
+class _Column:
+    """One column of _Rows' rows, in one cell of rich's table: measured as
+    rich measures a Text of them, one a line, so that the table lays the
+    column out for them. Drawn as nothing, only told its width (_Rows draws
+    the rows), or, `drawn`, line by line as rich draws that Text, each line
+    cut (an ellipsis at its end), never wrapped."""
+
+    def __init__(self, cells: list[tuple[str, str]]):
+        self.texts, self.styles = [t for t, _ in cells], [s for _, s in cells]
+        self.sizes = _sizes(self.texts)
+        self.width = 0
+        self.drawn = False
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        # As Text measures: its longest word, and its longest line.
+        widest = max(self.sizes)
+        words = " ".join(self.texts).split()
+        return Measurement(max(_sizes(words)) if words else widest, widest)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        self.width = options.max_width
+        if self.drawn:
+            right = options.justify == "right"
+            for (text, pad), style in zip(_cut(self.texts, self.sizes, self.width), self.styles):
+                cell = Segment(text, console.get_style(style))
+                yield from (Segment(pad), cell) if right else (cell, Segment(pad))
+                yield Segment.line()
+
+
+def _cut(texts: list[str], sizes: list[int], width: int) -> Iterator[tuple[str, str]]:
+    """Each text cut to `width` as rich cuts a Text with an ellipsis, and the
+    spaces that pad it to that width."""
+    for text, size in zip(texts, sizes):
+        if size > width:
+            text, size = set_cell_size(text, width - 1) + "…", width
+        yield text, " " * (width - size)
+
+
+class _Rows:
+    """A row of rich's table that stands for many rows, each a list of cells
+    (text, style), drawn here: rich's cost is per cell and per line, and it
+    took 2.3 s a frame to draw 10,000 servers. rich still lays the table out
+    (the columns as wide as for these cells, cut to a narrow terminal), and
+    draws its title, headers and other rows. Each cell is drawn as rich draws
+    a Text that is cut, never wrapped, so that each row is one line (free
+    text is escaped onto one)."""
+
+    GAP = "  "      # _table's padding: a space each side of a cell, none at the edges
+
+    def __init__(self, table: Table, rows: list[tuple[tuple[str, str], ...]]):
+        self.table = table
+        self.columns = [_Column(list(cells)) for cells in zip(*rows)]
+        self.at = len(table.rows)
+        if rows:
+            table.add_row(*self.columns)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if not self.columns:
+            yield from console.render(self.table, options)
+            return
+        lines = console.render_lines(self.table, options, pad=False)
+        widths = [c.width for c in self.columns]
+        if 0 in widths:
+            # A column too narrow for a character (a terminal far too narrow):
+            # how much narrower, rich alone knows, and it draws the rows.
+            for c in self.columns:
+                c.drawn = True
+            try:
+                yield from console.render(self.table, options)
+            finally:
+                for c in self.columns:
+                    c.drawn = False
+            return
+        # Each row of the table is one line; ours, as rich drew it, a blank one.
+        ours = len(lines) - (len(self.table.rows) - self.at)
+        for line in lines[:ours]:
+            yield from line
+            yield Segment.line()
+        yield from self._drawn(console, widths)
+        for line in lines[ours + 1:]:
+            yield from line
+            yield Segment.line()
+
+    def _drawn(self, console: Console, widths: list[int]) -> RenderResult:
+        rights = [column.justify == "right" for column in self.table.columns]
+        # Where the console draws no styles (a pipe, TERM=dumb) all is one
+        # segment: rich's cost is per segment too.
+        styled = console.color_system is not None
+        styles = {name: console.get_style(name) for c in self.columns for name in set(c.styles)}
+        columns = [zip(_cut(c.texts, c.sizes, width), c.styles)
+                   for c, width in zip(self.columns, widths)]
+        plain = ""      # unstyled text so far, drawn as one segment
+        for row in zip(*columns):
+            for i, (((text, pad), style), right) in enumerate(zip(row, rights)):
+                if i:
+                    plain += self.GAP
+                if right:
+                    plain += pad
+                if style and styled:
+                    yield Segment(plain)
+                    yield Segment(text, styles[style])
+                    plain = ""
+                else:
+                    plain += text
+                if not right:
+                    plain += pad
+            plain += "\n"
+        yield Segment(plain)
 
 
 def _flows_and_drops(s: dict, prev: dict | None, seconds: float | None) -> Group:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from rich.text import Text
 
 from xlb import ctl, top
 from xlb.units import last_check
@@ -312,6 +313,156 @@ def test_each_server_is_one_row_whose_cells_stand_under_their_headers(width):
         if width == 160:
             assert r.rstrip().endswith(last_check(b)), r
     assert lines[head + 151] == ""
+
+
+def two_pools(status: dict) -> dict:
+    """status with a second pool, api: a server in maint with many flows, a
+    backup of a long name whose first check is pending, and one whose check
+    failed without a duration."""
+    s = copy.deepcopy(status)
+    was2 = s["pools"][0]["servers"][1]
+    s["pools"].append({"name": "api", "algorithm": "maglev", "on_server_down": "reset", "servers": [
+        {**was2, "name": "api1", "address": "10.1.12.101", "port": 9000, "weight": 3,
+         "state": "maint", "health": "up", "active_flows": 123456},
+        {**was2, "name": "api2-with-a-long-name", "address": "10.1.12.102", "port": 9000,
+         "weight": 1, "backup": True, "monitor": "api-tcp", "last_check": None},
+        {**was2, "name": "api3", "address": "10.1.12.103", "port": 9000,
+         "last_check": {"ok": False, "reason": "link v0 lost its carrier",
+                        "duration_seconds": None}}]})
+    return s
+
+
+# What `xlb top | cat` printed of two_pools(later()) before top drew the servers'
+# rows itself (control/top.py at d2cb4e0), each line up to its "|": 160 columns
+# wide, and 60 (COLUMNS=60) with 3 servers' rows at most, where rich squeezes the
+# numbers' columns of pool was to a character or two, and those of pool api to
+# none at all (rich draws its rows then).
+PIPED_160 = """\
+xlb 0.1.0  pid 15985  up 12s  on eth0 (native), eth1 (native)  config /tmp/xlbv-seed.toml|
+rates per second over the last 2.0 s|
+|
+frontends                                                                                      |
+FRONTEND  VIP                POOL  TAKING  CONN/S  PKT/S IN  PKT/S OUT  BYTES/S IN  BYTES/S OUT|
+www       10.1.1.101:80/tcp  was        0      20      1.2k        600      100.0k         1.5M|
+|
+pool was (roundrobin, on_server_down keep)                                                                                |
+SERVER  ADDRESS           STATE  HEALTH  WEIGHT  ACTIVE  CONN/S  PKT/S IN  PKT/S OUT  LAST CHECK                          |
+was1    10.1.11.101:8080  drain  up           1      31      15       900          0  not checked                         |
+was2    10.1.11.102:8080  down   down         1      10     5.0         0          0  connect: connection refused (0.2 ms)|
+|
+pool api (maglev, on_server_down reset)                                                                                                           |
+SERVER                          ADDRESS           STATE  HEALTH  WEIGHT  ACTIVE  CONN/S  PKT/S IN  PKT/S OUT  LAST CHECK                          |
+api1                            10.1.12.101:9000  maint  up           3  123.5k     5.0         0          0  connect: connection refused (0.2 ms)|
+api2-with-a-long-name (backup)  10.1.12.102:9000  down   down         1      10     5.0         0          0  first check pending                 |
+api3                            10.1.12.103:9000  down   down         1      10     5.0         0          0  link v0 lost its carrier            |
+|
+flow table 131,072/327,680 entries: flows 50.0% full, flows_new 0.0% full  ·  two entries per connection|
+|
+drops                     |
+REASON      DROPS/S  TOTAL|
+malformed         0      0|
+fragment          0      0|
+no_backend      3.0      6|
+|
+|
+"""
+
+PIPED_60 = """\
+xlb 0.1.0  pid 15985  up 12s  on eth0 (native), eth1 |
+(native)  config /tmp/xlbv-seed.toml|
+rates per second over the last 2.0 s|
+|
+frontends                                                   |
+                                           P…  PK…  B…  BYT…|
+FRONTEND  VIP                POOL  T…  C…  IN  OUT  IN   OUT|
+www       10.1.1.101:80/tcp  was    0  20  1…  600  1…  1.5M|
+|
+pool was (roundrobin, on_server_down keep)                  |
+                                                   …  P…  L…|
+SERVER  ADDRESS           STATE  HEALTH  …  …  C…  …  O…  C…|
+was1    10.1.11.101:8080  drain  up      1  …  15  …   0  n…|
+was2    10.1.11.102:8080  down   down    1  …  5…  0   0  c…|
+|
+pool api (maglev, on_server_down reset)                     |
+SERVER            ADDRESS           STATE  HEALTH           |
+api1              10.1.12.101:9000  maint  up               |
+… 2 more servers                                            |
+|
+flow table 131,072/327,680 entries: flows 50.0% full, |
+flows_new 0.0% full  ·  two entries per connection|
+|
+drops                     |
+REASON      DROPS/S  TOTAL|
+malformed         0      0|
+fragment          0      0|
+no_backend      3.0      6|
+|
+|
+"""
+
+
+@pytest.mark.parametrize(("columns", "lines", "expected"), [(None, None, PIPED_160),
+                                                            ("60", 3, PIPED_60)])
+def test_a_piped_frame_is_printed_as_it_was(monkeypatch, columns, lines, expected):
+    """To the byte, trailing spaces and all: the servers' rows are drawn by
+    top, the rest by rich."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    if columns:
+        monkeypatch.setenv("COLUMNS", columns)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    top._Printed(top.render(two_pools(later()), two_pools(STATUS), 2.0, lines=lines),
+                 top._console())
+    assert sys.stdout.getvalue() == "\n".join(x[:-1] for x in expected.splitlines())
+
+
+def pools(status: dict, n: int, size: int) -> dict:
+    """status with n pools of `size` servers each, named p<pool>-s<server>."""
+    s = copy.deepcopy(status)
+    was = s["pools"][0]
+    s["pools"] = [{**was, "name": f"p{p}", "servers": [
+        {**was["servers"][i % 2], "name": f"p{p}-s{i}", "address": f"10.{p}.{i // 250}.{i % 250}"}
+        for i in range(size)]} for p in range(n)]
+    return s
+
+
+def piped(renderable) -> str:
+    """What a console on a pipe prints (no styles, 160 columns, as _console's)."""
+    console = Console(file=io.StringIO(), width=160)
+    console.print(renderable)
+    return console.file.getvalue()
+
+
+def test_a_piped_frame_lists_10000_servers_in_order():
+    out = piped(top.render(pools(later(), 100, 100), pools(STATUS, 100, 100), 2.0))
+    names = [x.split()[0] for x in out.splitlines() if re.match(r"p\d+-s\d+ ", x)]
+    assert names == [f"p{p}-s{i}" for p in range(100) for i in range(100)]
+    assert out.count("SERVER  ") == 100 and "more servers" not in out
+    assert row(out, "p99-s98") == ["p99-s98", "10.99.0.98:8080", "drain", "up", "1", "31",
+                                   "15", "900", "0", "not checked"]
+    assert row(out, "p99-s99") == ["p99-s99", "10.99.0.99:8080", "down", "down", "1", "10",
+                                   "5.0", "0", "0", "connect: connection refused (0.2 ms)"]
+
+
+@pytest.mark.parametrize("draw", [piped, text])
+def test_rich_makes_nothing_per_server(monkeypatch, draw):
+    """rich's cost was per cell: 10,000 servers took 2.3 s a frame. It makes
+    as many Texts to draw a frame of 10 pools of 1,000 servers as of 10
+    (on a pipe, and where styles are drawn)."""
+    made = 0
+    init = Text.__init__
+
+    def counted(self, *args, **kwargs):
+        nonlocal made
+        made += 1
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Text, "__init__", counted)
+    counts = []
+    for size in (10, 1000):
+        made = 0
+        draw(top.render(pools(later(), 10, size), pools(STATUS, 10, size), 2.0))
+        counts.append(made)
+    assert counts[0] == counts[1]
 
 
 def test_a_note_is_shown():
