@@ -108,24 +108,27 @@ def _table(title: str) -> Table:
                  box=None, pad_edge=False, padding=(0, 1))
 
 
-def _frontends(s: dict, prev: dict | None, seconds: float | None) -> Table:
+def _frontends(s: dict, prev: dict | None, seconds: float | None) -> _Rows:
     t = _table("frontends")
     t.add_column("FRONTEND", no_wrap=True)
     t.add_column("VIP", no_wrap=True)
     t.add_column("POOL", no_wrap=True)
+    # Numbers, one word each: wrapped or not, a narrow column cuts them alike.
     for col in ("TAKING", "CONN/S", "PKT/S IN", "PKT/S OUT", "BYTES/S IN", "BYTES/S OUT"):
         t.add_column(col, justify="right")
     old = _by_name(prev and prev.get("frontends"))
+    cells = []
     for f in s.get("frontends", []):
         r = _Rates(f, old.get(f["name"]), seconds)
         taking = f.get("servers_taking_flows", 0)
-        t.add_row(f["name"], f"{f['vip']}:{f['port']}/{f['protocol']}", f["pool"],
-                  Text(str(taking), style="" if taking else "bold red"),
-                  r.text("new_flows", "bold"), r.text("packets_in"), r.text("packets_out"),
-                  r.text("bytes_in"), r.text("bytes_out"))
-    if not s.get("frontends"):
+        cells.append(((f["name"], ""), (f"{f['vip']}:{f['port']}/{f['protocol']}", ""),
+                      (f["pool"], ""), (str(taking), "" if taking else "bold red"),
+                      r.cell("new_flows", "bold"), r.cell("packets_in"), r.cell("packets_out"),
+                      r.cell("bytes_in"), r.cell("bytes_out")))
+    view = _Rows(t, cells)
+    if not cells:
         t.add_row(Text("no frontend", style="dim"))
-    return t
+    return view
 
 
 def _pool(p: dict, prev_pool: dict | None, seconds: float | None, rows: int) -> _Rows:

@@ -443,11 +443,18 @@ def test_a_piped_frame_lists_10000_servers_in_order():
                                    "5.0", "0", "0", "connect: connection refused (0.2 ms)"]
 
 
+def many(status: dict, n: int) -> dict:
+    """status with n frontends, and 10 pools of n servers each (pools())."""
+    s = pools(status, 10, n)
+    s["frontends"] = [{**s["frontends"][0], "name": f"f{i}"} for i in range(n)]
+    return s
+
+
 @pytest.mark.parametrize("draw", [piped, text])
-def test_rich_makes_nothing_per_server(monkeypatch, draw):
+def test_rich_makes_nothing_per_server_or_frontend(monkeypatch, draw):
     """rich's cost was per cell: 10,000 servers took 2.3 s a frame. It makes
-    as many Texts to draw a frame of 10 pools of 1,000 servers as of 10
-    (on a pipe, and where styles are drawn)."""
+    as many Texts to draw a frame of 1,000 frontends and 10 pools of 1,000
+    servers as of 10 (on a pipe, and where styles are drawn)."""
     made = 0
     init = Text.__init__
 
@@ -460,7 +467,7 @@ def test_rich_makes_nothing_per_server(monkeypatch, draw):
     counts = []
     for size in (10, 1000):
         made = 0
-        draw(top.render(pools(later(), 10, size), pools(STATUS, 10, size), 2.0))
+        draw(top.render(many(later(), size), many(STATUS, size), 2.0))
         counts.append(made)
     assert counts[0] == counts[1]
 
