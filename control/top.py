@@ -233,7 +233,8 @@ class _Rows:
         widths = [c.width for c in self.columns]
         if 0 in widths:
             # A column too narrow for a character (a terminal far too narrow):
-            # how much narrower, rich alone knows, and it draws the rows.
+            # how much narrower, rich alone knows, and it draws the rows (as
+            # slowly as it did all of them).
             for c in self.columns:
                 c.drawn = True
             try:
@@ -242,7 +243,8 @@ class _Rows:
                 for c in self.columns:
                     c.drawn = False
             return
-        # Each row of the table is one line; ours, as rich drew it, a blank one.
+        # The rows after ours are a line each (cut, never wrapped); ours, as
+        # rich drew it, is a blank line.
         ours = len(lines) - (len(self.table.rows) - self.at)
         for line in lines[:ours]:
             yield from line
