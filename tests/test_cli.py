@@ -215,7 +215,7 @@ def test_a_long_key_or_value_of_a_config_file_is_echoed_cut_short(tmp_path):
         f"{path}: {CUT}: unknown section",
         f"{path}: pools.p.servers[0]: no server '{CUT[:60]}'{CUT[60:]}",
         f"{path}: servers.was1.{CUT}: unknown key"]
-    # A table declared twice: tomllib's message, which names its key
+    # A table declared twice: the TOML parser's message, which names its key
     path.write_text(f'[servers.{LONG}]\n[servers.{LONG}]\n')
     r = xlb("check", str(path))
     assert r.stderr == f"{path}: toml: Cannot declare servers.{CUT} twice (at line 2, column " \

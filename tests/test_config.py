@@ -1128,6 +1128,14 @@ def test_nesting_too_deep_is_one_problem():
     assert e.value.problems == [("toml", "arrays or tables nested too deeply")]
 
 
+def test_the_file_is_toml_1_1():
+    """README: TOML 1.1, as tomli reads it: an inline table over several lines,
+    with a trailing comma (which TOML 1.0, the standard library's tomllib, refuses)."""
+    spread = 'servers.was1 = {\n    address = "10.1.11.101",\n    port = 8080,\n}'
+    assert load(doc().replace("[servers.was1]\n" + SERVER + "\nport = 8080", spread)) \
+        == load(doc())
+
+
 def test_read_takes_regular_files_of_at_most_max_file_bytes(tmp_path):
     import os
     from xlb.config import MAX_FILE, read
