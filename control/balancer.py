@@ -703,7 +703,11 @@ def check_host(config: Config, new_links: list[netif.Link], warned: list[str]) -
     """Refuses VIPs and servers that are the host's own addresses; warns (into
     warned), once per link it is about to attach, where replies would be filtered."""
     found = netif.links()
-    local, routes = netif.local_addresses(found), netif.local_routes(found)
+    local = netif.local_addresses(found)
+    # Each prefix as the numbers `addr in prefix` compares: 10,000 servers
+    # against five routes took 28 ms with `in`, 11-19 ms so.
+    routes = [(int(prefix.network_address), int(prefix.netmask), prefix, kind, dev)
+              for prefix, kind, dev in netif.local_routes(found)]
 
     def owned(addr: IPv4Address) -> tuple[str, str] | None:
         """How the kernel owns addr ("local" or "broadcast", and where), or None.
@@ -711,8 +715,9 @@ def check_host(config: Config, new_links: list[netif.Link], warned: list[str]) -
         subnet's broadcast address (which clients send to every host of the link)."""
         if addr in local:
             return "local", f"a local address (on {local[addr]})"
-        for prefix, kind, dev in routes:
-            if addr in prefix:
+        number = int(addr)
+        for network, mask, prefix, kind, dev in routes:
+            if number & mask == network:
                 return kind, (f"a broadcast address of this host (of {dev}'s subnet)"
                               if kind == "broadcast" else
                               f"a local address (local route {prefix} on {dev})")
