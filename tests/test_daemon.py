@@ -1854,6 +1854,28 @@ def test_an_apply_writes_each_servers_entries_as_its_plan_says(balancer):
 
 
 
+def test_a_batch_of_owners_holds_each_server_s_own_services(root):
+    """set_owners makes one value for the servers that share their services:
+    each entry holds its own, protocol too, not another's made before it."""
+    dp = Datapath()
+    try:
+        a, b = (IPv4Address("10.1.1.101"), 80), (IPv4Address("10.1.1.102"), 443)
+        dp.set_owners([(IPv4Address("10.9.0.1"), 8080, 6, [a]),
+                       (IPv4Address("10.9.0.2"), 8080, 6, [a, b]),
+                       (IPv4Address("10.9.0.3"), 8080, 17, [a]),
+                       (IPv4Address("10.9.0.4"), 8080, 6, (a,))])
+        held = {(str(IPv4Address(k.addr.to_bytes(4, "little"))), k.proto):
+                [(str(IPv4Address(s.vip.to_bytes(4, "little"))), socket.ntohs(s.port), s.proto)
+                 for s in v.services if s.port]
+                for k, v in dp._maps["owners"].items()}
+        assert held == {("10.9.0.1", 6): [("10.1.1.101", 80, 6)],
+                        ("10.9.0.2", 6): [("10.1.1.101", 80, 6), ("10.1.1.102", 443, 6)],
+                        ("10.9.0.3", 17): [("10.1.1.101", 80, 17)],
+                        ("10.9.0.4", 6): [("10.1.1.101", 80, 6)]}
+    finally:
+        dp.close()
+
+
 def test_an_apply_whose_batch_the_kernel_refuses_part_way_changes_nothing(root, fibnet):
     """The kernel writes a batch entry by entry and stops at the first it
     refuses (here: a full owners map): those before it are written, as a
