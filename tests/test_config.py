@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 import textwrap
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -1126,6 +1128,33 @@ def test_nesting_too_deep_is_one_problem():
     with pytest.raises(ConfigError) as e:
         load("a = " + "[" * 1000 + "]" * 1000)
     assert e.value.problems == [("toml", "arrays or tables nested too deeply")]
+
+
+def test_nesting_is_refused_within_a_worker_thread_s_stack():
+    """The instance reads a file in a worker thread (asyncio.to_thread), and
+    tomli's compiled parser recurses on the C stack, where a file nested too
+    deep ends the process: tomli 2.5 refuses past 400 levels, which 1 MiB of
+    stack holds (2.4.1, up to 1,000, crashed there). In a process of its own,
+    so that a crash fails this test, not the run."""
+    code = textwrap.dedent("""
+        import threading
+        from xlb.config import load
+        from xlb.model import ConfigError
+
+        def read():
+            for depth in (399, 1000):
+                try:
+                    load("a = " + "{b = " * depth + "1" + "}" * depth)
+                except ConfigError as e:
+                    print(e.problems[0][1])
+
+        threading.stack_size(1 << 20)
+        thread = threading.Thread(target=read)
+        thread.start()
+        thread.join()
+        """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "unknown section\narrays or tables nested too deeply\n")
 
 
 def test_the_file_is_toml_1_1():
