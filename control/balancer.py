@@ -101,6 +101,7 @@ class Balancer:
         # too many for every status while only an apply changes them.
         self._digests: tuple[Config, planner.DataplaneState, dict[str, str]] | None = None
         self._ledger_kept: tuple[FlowLedger, float] | None = None   # and until when (_ledger)
+        self._dumped: tuple[Config, str] | None = None              # (dumped)
 
     def health_targets(self) -> list[Target]:
         """Every server whose pool or own monitor checks it."""
@@ -375,13 +376,23 @@ class Balancer:
             self.admin, renamed, {(p.name, s.name) for p in config.pools for s in p.servers})
         return forgotten
 
+    def dumped(self) -> str:
+        """The config served, as TOML (config.dump), kept until an apply
+        replaces it: at 10,000 servers a dump took 0.2 s, which `xlb show`
+        and each state save (a drain, an enable) spent anew."""
+        config = self.config
+        kept = self._dumped
+        if kept is None or kept[0] is not config:
+            kept = self._dumped = (config, configfile.dump(config))
+        return kept[1]
+
     def remember(self) -> str | None:
         """Saves in xlb's state directory what no file holds: the file served,
         the config that runs, drain and maint, the role, the announce table.
         Returns a warning if it could not."""
         try:
             saved.save(saved.State(str(self.config_path) if self.config_path else None,
-                                   configfile.dump(self.config), dict(self.admin), self.role,
+                                   self.dumped(), dict(self.admin), self.role,
                                    self.announcer and self.announcer.table,
                                    self.datapath.identity,
                                    {k: b.id for k, b in self.state.backends.items()}))

@@ -612,7 +612,7 @@ def _dispatch(balancer: Balancer, request_stop, cmd, req: dict):
     if cmd == "status":
         return balancer.status()
     if cmd == "show":
-        return {"text": configfile.dump(balancer.config),
+        return {"text": balancer.dumped(),
                 "config": str(balancer.config_path) if balancer.config_path else None}
     if cmd == "apply":
         text, path = _field(req, "text"), _field(req, "path")
