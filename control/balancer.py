@@ -214,7 +214,8 @@ class Balancer:
         for old in let_go:
             dp.detach(old.index)
 
-        rows = _server_rows(config)
+        # A change of state (drain, health) keeps the config and its rows.
+        rows = self.server_rows if config is self.config else _server_rows(config)
         was = {old.index: old.name for old in self.links.values()}
         relabelled = [(was[link.index], link.name) for link in links
                       if was.get(link.index, link.name) != link.name]

@@ -1151,6 +1151,24 @@ def test_the_config_is_dumped_once_per_apply(balancer, monkeypatch, tmp_path):
     assert dumped == [(two,), (one,)]
 
 
+def test_a_change_of_state_keeps_the_rows_status_shows(balancer, monkeypatch):
+    """A drain, an enable, a health change apply the config served: the rows
+    of its servers that status shows (balancer._server_rows, a dict each of
+    10,000 servers) are made again only for another config."""
+    from xlb import balancer as module
+    made = counted(monkeypatch, module, "_server_rows")
+    two = from_flags(["10.1.1.101:80"], ["10.1.11.101:8080", "10.1.11.102:8080"])
+    balancer.apply(two, relink=False)
+    balancer.set_admin("drain", "default", "backend2")
+    balancer.apply(balancer.config, relink=False)
+    servers = balancer.status()["pools"][0]["servers"]
+    assert [(s["name"], s["address"], s["state"]) for s in servers] == \
+        [("backend1", "10.1.11.101", "up"), ("backend2", "10.1.11.102", "drain")]
+    assert made == [(two,)]
+    balancer.apply(from_flags(["10.1.1.101:80"], ["10.1.11.103:8080"]), relink=False)
+    assert [s["address"] for s in balancer.status()["pools"][0]["servers"]] == ["10.1.11.103"]
+
+
 def test_an_apply_attaches_again_where_the_program_was_removed_by_hand(balancer, fibnet):
     """`ip link set dev X xdp off` (or another tool's program put there): status
     says detached, and an apply takes the link back to the config, as a link
