@@ -890,21 +890,11 @@ class Datapath:
         self.del_owners([(addr, port, proto)])
 
     def del_owners(self, endpoints: Sequence[tuple[IPv4Address, int, int]]) -> None:
-        """del_owner of each (addr, port, proto), in this order, in one
-        BPF_MAP_DELETE_BATCH, which deletes them one by one and stops at the
-        first it cannot: at one not there (deleted already, as _delete takes
-        it) it goes on after it; at another refusal this raises, those
-        before it deleted (an apply's undo writes them back)."""
-        n = len(endpoints)
-        keys = (layout.Endpoint * n)(*(self._endpoint(*e) for e in endpoints))
-        fd, size, done = self._maps["owners"].map_fd, ct.sizeof(layout.Endpoint), 0
-        while done < n:
-            count = ct.c_uint32(n - done)
-            if lib.bpf_delete_batch(fd, ct.byref(keys, done * size), ct.byref(count)) == 0:
-                return
-            if ct.get_errno() != errno.ENOENT:
-                raise DatapathError(f"cannot delete from owners: {os.strerror(ct.get_errno())}")
-            done += count.value + 1     # count: those deleted before the one not there
+        """del_owner of each (addr, port, proto), in this order, in one batch
+        (_delete_keys); at a refusal, those before it are deleted (an apply's
+        undo writes them back)."""
+        self._delete_keys("owners", b"".join(bytes(self._endpoint(*e)) for e in endpoints),
+                          ct.sizeof(layout.Endpoint))
 
     def set_arp(self, ifindex: int, vip: IPv4Address, mac: bytes) -> None:
         self._maps["arp_vips"][layout.ArpKey(ifindex, _be32(vip))] = \
@@ -1163,22 +1153,34 @@ class Datapath:
         return layout.ReapHead.from_buffer_copy(data).removed
 
     def _delete_batch(self, name: str, rows: list[flowtable.Row]) -> list[flowtable.Row]:
-        """Deletes these entries in one call, or more where one is gone (it
-        stops the call, which goes on after it); returns the forward entries
+        """Deletes these entries (_delete_keys); returns the forward entries
         that went."""
-        fd, ksize = self._maps[name].map_fd, ct.sizeof(layout.FlowKey)
-        keys, start, gone = ct.create_string_buffer(b"".join(r.key() for r in rows)), 0, []
-        while start < len(rows):
-            count = ct.c_uint32(len(rows) - start)
-            rc = lib.bpf_delete_batch(fd, ct.byref(keys, start * ksize), ct.byref(count))
+        gone = []
+        for first, n in self._delete_keys(name, b"".join(r.key() for r in rows),
+                                          ct.sizeof(layout.FlowKey)):
+            gone += [r for r in rows[first:first + n] if r.dir == layout.FLOW_FORWARD]
+        return gone
+
+    def _delete_keys(self, name: str, keys: bytes, size: int) -> list[tuple[int, int]]:
+        """Deletes keys (of `size` bytes each, one after another) from hash
+        map `name`, in their order, in one BPF_MAP_DELETE_BATCH, or more where
+        one is not there: it stops the call, which goes on after it (deleted
+        already, as _delete takes it). Returns the runs deleted, as (index of
+        the first, how many). Raises at another refusal, those before it
+        deleted."""
+        fd, buf, runs = self._maps[name].map_fd, ct.create_string_buffer(keys), []
+        start, n = 0, len(keys) // size
+        while start < n:
+            count = ct.c_uint32(n - start)
+            rc = lib.bpf_delete_batch(fd, ct.byref(buf, start * size), ct.byref(count))
             err = ct.get_errno()
-            gone += [r for r in rows[start:start + count.value] if r.dir == layout.FLOW_FORWARD]
+            runs.append((start, count.value))
             if rc == 0:
                 break
             if err != errno.ENOENT:
                 raise DatapathError(f"cannot delete from {name}: {os.strerror(err)}")
             start += count.value + 1
-        return gone
+        return runs
 
     def _put_back(self, orphans: list[flowtable.Row]) -> int:
         """Writes the reply entries of these forward entries of the established
