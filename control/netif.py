@@ -173,7 +173,7 @@ def table_routes(table: int) -> list[Route]:
                 continue
             _, dst_len, _, _, _, protocol, _, rtype = struct.unpack_from("=8B", data, body)
             attrs = _attributes(data, body + _RTMSG_LEN, end)
-            dst = data[attrs[RTA_DST][0]:attrs[RTA_DST][1]] if RTA_DST in attrs else bytes(4)
+            dst = data[slice(*attrs[RTA_DST])] if RTA_DST in attrs else bytes(4)
             routes.append(Route(IPv4Network((dst, dst_len)), rtype, protocol,
                                 _u32(data, attrs.get(RTA_OIF))))
     except OSError as e:
